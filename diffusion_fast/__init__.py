@@ -1,0 +1,38 @@
+"""diffusion_fast: fused Triton and C++ kernels for diffusion-model sampling, checked against a PyTorch reference.
+
+    import diffusion_fast
+    pipe = diffusion_fast.StableDiffusionPipeline.from_pretrained("path/to/sd-folder", dtype=torch.float16, device="cuda")
+    image = pipe("a photo of a cat", generator=torch.Generator("cuda").manual_seed(0)).images[0]
+
+    diffusion_fast.accelerate(diffusers_pipe)      # patch a diffusers pipeline in place
+    with diffusion_fast.backend("reference"):      # run every op through the plain PyTorch reference
+        ...
+"""
+from . import ops, reference
+from ._backend import BACKENDS, backend, current_backend
+from ._cpp import load_ops as _load_cpp_ops
+
+__version__ = "0.1.0"
+
+_load_cpp_ops()  # registers torch.ops.diffusion_fast.* (prebuilt, else JIT-built, else one warning)
+
+_LAZY = {
+    "StableDiffusionPipeline": ("pipeline", "StableDiffusionPipeline"),
+    "accelerate": ("accelerate", "accelerate"),
+    "restore": ("accelerate", "restore"),
+    "models": ("models", None),
+    "schedulers": ("schedulers", None),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module_name, attr = _LAZY[name]
+        module = importlib.import_module(f".{module_name}", __name__)
+        return module if attr is None else getattr(module, attr)
+    raise AttributeError(f"module 'diffusion_fast' has no attribute {name!r}")
+
+
+__all__ = ["ops", "reference", "backend", "current_backend", "BACKENDS", *_LAZY]

@@ -1,0 +1,204 @@
+"""Plain PyTorch references for every fast op.
+
+Each function here is written to be obviously correct, not fast: it is what the Triton kernels, the C++ ops, the
+tests, the benchmarks and the ``check`` command are judged against. ``upcast=True`` computes in float32 and casts the
+result back to the input dtype (what the fast kernels do); ``upcast=False`` computes in the input dtype (what plain
+PyTorch does, the baseline of the "2x the error of PyTorch" rule). For a float64 reference pass float64 tensors.
+
+Alphas and sigmas may be Python floats or tensors broadcastable over the batch: a 0-d tensor, or a 1-d tensor of
+length B (one value per sample, for per-sample timesteps), or any shape that broadcasts against the sample.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def _compute_dtype(x: torch.Tensor, upcast: bool) -> torch.dtype:
+    if upcast and x.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return x.dtype
+
+
+def per_sample(value, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float or tensor coefficient shaped to broadcast over ``like`` (batch first)."""
+    if not torch.is_tensor(value):
+        return torch.tensor(float(value), dtype=dtype, device=like.device)
+    value = value.to(device=like.device, dtype=dtype)
+    if value.dim() == 1 and like.dim() > 1 and value.shape[0] == like.shape[0]:
+        value = value.view(-1, *([1] * (like.dim() - 1)))
+    return value
+
+
+def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=True, upcast=False):
+    """GroupNorm over (C/G, *spatial) per (sample, group), optional affine, then optional SiLU."""
+    dtype = _compute_dtype(x, upcast)
+    n, c = x.shape[:2]
+    xg = x.to(dtype).reshape(n, num_groups, -1)
+    mean = xg.mean(dim=-1, keepdim=True)
+    var = ((xg - mean) ** 2).mean(dim=-1, keepdim=True)
+    y = ((xg - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+    affine_shape = (1, c) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.to(dtype).reshape(affine_shape)
+    if bias is not None:
+        y = y + bias.to(dtype).reshape(affine_shape)
+    if silu:
+        y = y * torch.sigmoid(y)
+    return y.to(x.dtype)
+
+
+def attention(q, k, v, *, scale=None, upcast=False):
+    """softmax(q k^T * scale) v with q (B, H, Lq, D) and k, v (B, H, Lk, D); scale defaults to 1/sqrt(D)."""
+    dtype = _compute_dtype(q, upcast)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, v.to(dtype)).to(q.dtype)
+
+
+def pred_original_and_epsilon(model_output, sample, alpha_prod_t, prediction_type):
+    """DDIM/DDPM's x0 and epsilon from the model output, per prediction type (diffusers' formulas)."""
+    beta_prod_t = 1 - alpha_prod_t
+    if prediction_type == "epsilon":
+        x0 = (sample - beta_prod_t**0.5 * model_output) / alpha_prod_t**0.5
+        eps = model_output
+    elif prediction_type == "sample":
+        x0 = model_output
+        eps = (sample - alpha_prod_t**0.5 * x0) / beta_prod_t**0.5
+    elif prediction_type == "v_prediction":
+        x0 = alpha_prod_t**0.5 * sample - beta_prod_t**0.5 * model_output
+        eps = alpha_prod_t**0.5 * model_output + beta_prod_t**0.5 * sample
+    else:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return x0, eps
+
+
+def ddim_step(
+    model_output,
+    sample,
+    alpha_prod_t,
+    alpha_prod_t_prev,
+    *,
+    eta=0.0,
+    variance_noise=None,
+    prediction_type="epsilon",
+    clip_sample_range=None,
+    use_clipped_model_output=False,
+    upcast=False,
+):
+    """One DDIM update (diffusers' DDIMScheduler.step, thresholding excluded). Returns (prev_sample, pred_x0)."""
+    dtype = _compute_dtype(sample, upcast)
+    mo, x = model_output.to(dtype), sample.to(dtype)
+    a_t = per_sample(alpha_prod_t, x, dtype)
+    a_prev = per_sample(alpha_prod_t_prev, x, dtype)
+    x0, eps = pred_original_and_epsilon(mo, x, a_t, prediction_type)
+    if clip_sample_range is not None:
+        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = eta * variance**0.5
+    if use_clipped_model_output:
+        eps = (x - a_t**0.5 * x0) / (1 - a_t) ** 0.5
+    prev = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
+    if eta > 0:
+        if variance_noise is None:
+            raise ValueError("ddim_step: eta > 0 needs variance_noise (a tensor shaped like sample)")
+        prev = prev + std * variance_noise.to(dtype)
+    return prev.to(sample.dtype), x0.to(sample.dtype)
+
+
+def cfg_combine(noise_pred_uncond, noise_pred_text, guidance_scale):
+    """Classifier-free guidance: uncond + s * (text - uncond)."""
+    return noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+
+
+def cfg_ddim_step(
+    noise_pred_uncond, noise_pred_text, guidance_scale, sample, alpha_prod_t, alpha_prod_t_prev, **kwargs
+):
+    """Classifier-free guidance combine followed by one DDIM update; keywords as ``ddim_step``."""
+    upcast = kwargs.get("upcast", False)
+    dtype = _compute_dtype(sample, upcast)
+    model_output = cfg_combine(noise_pred_uncond.to(dtype), noise_pred_text.to(dtype), guidance_scale)
+    return ddim_step(model_output, sample.to(dtype), alpha_prod_t, alpha_prod_t_prev, **kwargs)
+
+
+def ddpm_step(
+    model_output,
+    sample,
+    alpha_prod_t,
+    alpha_prod_t_prev,
+    *,
+    std=0.0,
+    variance_noise=None,
+    prediction_type="epsilon",
+    clip_sample_range=None,
+    upcast=False,
+):
+    """One DDPM ancestral update (diffusers' DDPMScheduler.step, thresholding excluded).
+
+    ``std`` is the noise scale the scheduler derives from its variance_type (0 at the last step); the noise term is
+    ``std * variance_noise``. Returns (prev_sample, pred_x0).
+    """
+    dtype = _compute_dtype(sample, upcast)
+    mo, x = model_output.to(dtype), sample.to(dtype)
+    a_t = per_sample(alpha_prod_t, x, dtype)
+    a_prev = per_sample(alpha_prod_t_prev, x, dtype)
+    beta_prod_t, beta_prod_t_prev = 1 - a_t, 1 - a_prev
+    current_alpha_t = a_t / a_prev
+    current_beta_t = 1 - current_alpha_t
+    x0, _ = pred_original_and_epsilon(mo, x, a_t, prediction_type)
+    if clip_sample_range is not None:
+        x0 = x0.clamp(-clip_sample_range, clip_sample_range)
+    x0_coeff = a_prev**0.5 * current_beta_t / beta_prod_t
+    sample_coeff = current_alpha_t**0.5 * beta_prod_t_prev / beta_prod_t
+    prev = x0_coeff * x0 + sample_coeff * x
+    std = per_sample(std, x, dtype)
+    if variance_noise is not None:
+        prev = prev + std * variance_noise.to(dtype)
+    elif bool(torch.any(std != 0)):
+        raise ValueError("ddpm_step: a non-zero std needs variance_noise (a tensor shaped like sample)")
+    return prev.to(sample.dtype), x0.to(sample.dtype)
+
+
+def euler_step(
+    model_output,
+    sample,
+    sigma,
+    sigma_next,
+    *,
+    gamma=0.0,
+    s_noise=1.0,
+    noise=None,
+    prediction_type="epsilon",
+    upcast=True,
+):
+    """One Euler (Karras et al. Algorithm 2) update, as diffusers' EulerDiscreteScheduler.step.
+
+    diffusers computes this step in float32 whatever the sample dtype (hence ``upcast=True`` by default) and casts
+    the result to ``model_output``'s dtype. With ``gamma > 0`` the sample is first churned:
+    ``sample += noise * s_noise * sqrt(sigma_hat^2 - sigma^2)``. Returns (prev_sample, pred_x0).
+    Note the diffusers quirk kept here: epsilon uses sigma_hat, v_prediction uses sigma.
+    """
+    dtype = torch.float32 if upcast and sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
+    mo, x = model_output.to(dtype), sample.to(dtype)
+    sigma_t = per_sample(sigma, x, dtype)
+    sigma_next_t = per_sample(sigma_next, x, dtype)
+    sigma_hat = sigma_t * (gamma + 1)
+    if gamma > 0:
+        if noise is None:
+            raise ValueError("euler_step: gamma > 0 needs noise (a tensor shaped like sample)")
+        x = x + noise.to(dtype) * s_noise * (sigma_hat**2 - sigma_t**2) ** 0.5
+    if prediction_type == "epsilon":
+        x0 = x - sigma_hat * mo
+    elif prediction_type == "v_prediction":
+        x0 = mo * (-sigma_t / (sigma_t**2 + 1) ** 0.5) + x / (sigma_t**2 + 1)
+    elif prediction_type == "sample":
+        x0 = mo
+    else:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    derivative = (x - x0) / sigma_hat
+    prev = x + derivative * (sigma_next_t - sigma_hat)
+    return prev.to(model_output.dtype), x0.to(model_output.dtype)
