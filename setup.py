@@ -22,8 +22,10 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def extension():
+def extensions():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    if not cpp_sources:
+        return []
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     cxx_flags = ["-O3", "-std=c++17"]
     if not os.environ.get("DIFFUSION_FAST_NO_OPENMP"):
@@ -32,19 +34,19 @@ def extension():
     if os.environ.get("DIFFUSION_FAST_NO_CUDA"):
         use_cuda = False
     if use_cuda:
-        return CUDAExtension(
+        return [CUDAExtension(
             "diffusion_fast._C",
             cpp_sources + cuda_sources,
             define_macros=[("DIFFUSION_FAST_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
             extra_link_args=["-fopenmp"] if "-fopenmp" in cxx_flags else [],
-        )
-    return CppExtension(
+        )]
+    return [CppExtension(
         "diffusion_fast._C",
         cpp_sources,
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=["-fopenmp"] if "-fopenmp" in cxx_flags else [],
-    )
+    )]
 
 
 setup(
@@ -61,7 +63,7 @@ setup(
         "diffusion_fast.kernels",
     ],
     package_dir={"diffusion_fast.kernels": "kernels"},
-    ext_modules=[extension()],
+    ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=[
         "torch>=2.4",
