@@ -130,6 +130,26 @@ _SCHEDULER = {
 
 VARIANTS = tuple(_UNET)
 
+# Stable Diffusion 1.5's real architecture (the published config), for benchmarks with random weights.
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, attention_head_dim=8, cross_attention_dim=768,
+    norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0,
+)
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, norm_num_groups=32,
+    sample_size=512, scaling_factor=0.18215,
+)
+
+
+def sd15_text_encoder_config() -> dict:
+    """CLIP ViT-L/14's text tower (SD1.5's text encoder) over our offline byte vocabulary."""
+    return dict(text_encoder_config("sd1"), hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                num_hidden_layers=12, projection_dim=768)
+
 
 def _check_variant(variant):
     if variant not in VARIANTS:
@@ -157,28 +177,42 @@ def _write_json(path, data):
 
 
 def write_tiny_pipeline(folder: str, variant: str = "sd1", seed: int = 0) -> str:
-    """Write a diffusers-layout SD folder with random weights (our classes; diffusers not needed) and return it."""
+    """Write a diffusers-layout tiny SD folder with random weights (our classes; diffusers not needed)."""
+    _check_variant(variant)
+    return write_random_pipeline(folder, unet_config(variant), vae_config(), text_encoder_config(variant),
+                                 scheduler_config(variant), seed)
+
+
+def write_sd15_pipeline(folder: str, seed: int = 0) -> str:
+    """Write a diffusers-layout folder with SD1.5's architecture and random weights (fp16 files, ~2 GB)."""
+    import torch
+
+    return write_random_pipeline(folder, copy.deepcopy(SD15_UNET), copy.deepcopy(SD15_VAE), sd15_text_encoder_config(),
+                                 scheduler_config("sd1"), seed, dtype=torch.float16)
+
+
+def write_random_pipeline(folder, unet_cfg, vae_cfg, text_cfg, sched_cfg, seed=0, dtype=None) -> str:
+    """Write model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/ with random weights."""
     import torch
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from .models import AutoencoderKL, UNet2DConditionModel
 
-    _check_variant(variant)
     torch.manual_seed(seed)
     for name, cls, config in (
-        ("unet", UNet2DConditionModel, dict(unet_config(variant), _class_name="UNet2DConditionModel")),
-        ("vae", AutoencoderKL, dict(vae_config(), _class_name="AutoencoderKL")),
+        ("unet", UNet2DConditionModel, dict(unet_cfg, _class_name="UNet2DConditionModel")),
+        ("vae", AutoencoderKL, dict(vae_cfg, _class_name="AutoencoderKL")),
     ):
         model = cls.from_config(config)
         _write_json(os.path.join(folder, name, "config.json"), config)
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        state = {k: v.to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
         save_file(state, os.path.join(folder, name, "diffusion_pytorch_model.safetensors"))
-    CLIPTextModel(CLIPTextConfig(**text_encoder_config(variant))).save_pretrained(os.path.join(folder, "text_encoder"))
+        del model, state
+    CLIPTextModel(CLIPTextConfig(**text_cfg)).save_pretrained(os.path.join(folder, "text_encoder"))
     write_tokenizer(os.path.join(folder, "tokenizer"))
     _write_json(
-        os.path.join(folder, "scheduler", "scheduler_config.json"),
-        dict(scheduler_config(variant), _class_name="DDIMScheduler"),
+        os.path.join(folder, "scheduler", "scheduler_config.json"), dict(sched_cfg, _class_name="DDIMScheduler")
     )
     _write_json(
         os.path.join(folder, "model_index.json"),

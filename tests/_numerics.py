@@ -30,8 +30,7 @@ def poisoned_allocations():
             setattr(torch, name, fn)
 
 
-def max_abs_err(out: torch.Tensor, ref64: torch.Tensor) -> float:
-    return (out.double() - ref64.double()).abs().max().item()
+from diffusion_fast.numerics import max_abs_err  # noqa: E402  (one definition, shared with `check`)
 
 
 def assert_2x_rule(out, ref64, torch_out, *, floor, what=""):

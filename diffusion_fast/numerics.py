@@ -1,0 +1,39 @@
+"""The tolerances we state and how we measure them: shared by the tests, the benchmarks and ``diffusion-fast check``.
+
+- An op's fast path passes when its error against a float64 reference is at most twice the error of plain PyTorch
+  run in the same dtype, plus a small floor (flash-attention's rule).
+- A whole pipeline's fast image passes against its reference image when, in fp32, the max abs pixel difference is
+  at most ``PIPELINE_FP32_MAX_ABS`` (pixels in [0, 1]), and in fp16/bf16 when the PSNR is at least
+  ``PIPELINE_LOWP_MIN_PSNR`` dB against the fp32 reference image.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+PIPELINE_FP32_MAX_ABS = 1e-3
+PIPELINE_LOWP_MIN_PSNR = 35.0
+# The floor added to the 2x rule, per dtype: a few ulps at the magnitudes our tests use (values of order 1).
+TWO_X_FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
+
+
+def max_abs_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return (out.double() - ref.double()).abs().max().item()
+
+
+def two_x_rule(out, ref64, torch_out, floor=None):
+    """(passed, err, torch_err): |out - ref64| <= 2 * |torch_out - ref64| + floor, and out all finite."""
+    floor = TWO_X_FLOOR.get(out.dtype, 1e-5) if floor is None else floor
+    if not bool(torch.isfinite(out).all()):
+        return False, float("nan"), max_abs_err(torch_out, ref64)
+    err, base = max_abs_err(out, ref64), max_abs_err(torch_out, ref64)
+    return err <= 2 * base + floor, err, base
+
+
+def psnr(image, reference, peak: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB of two images with values in [0, peak] (inf when identical)."""
+    image = torch.as_tensor(image, dtype=torch.float64)
+    reference = torch.as_tensor(reference, dtype=torch.float64)
+    mse = torch.mean((image - reference) ** 2).item()
+    return float("inf") if mse == 0 else 10 * math.log10(peak**2 / mse)
