@@ -1,0 +1,28 @@
+"""Schedulers with diffusers' config fields, defaults and numbers; their step arithmetic runs as one fused op."""
+import warnings
+
+from .common import FrozenConfig, SchedulerOutput, randn_tensor, read_config
+from .ddim import DDIMScheduler
+from .ddpm import DDPMScheduler
+from .euler import EulerDiscreteScheduler
+
+SCHEDULERS = {cls.__name__: cls for cls in (DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler)}
+
+
+def load_scheduler(folder_or_config, default="DDIMScheduler"):
+    """Our scheduler for a diffusers scheduler folder/config, by its ``_class_name``.
+
+    A class we don't implement (SD1.5 ships PNDMScheduler) has its config loaded into ``default`` with a warning, as
+    diffusers' ``DDIMScheduler.from_config(pipe.scheduler.config)`` would.
+    """
+    config = folder_or_config if isinstance(folder_or_config, dict) else read_config(folder_or_config)
+    name = config.get("_class_name", default)
+    if name not in SCHEDULERS:
+        warnings.warn(f"diffusion_fast: scheduler {name} is not implemented; using {default} with its config",
+                      RuntimeWarning, stacklevel=2)
+        name = default
+    return SCHEDULERS[name].from_config(config)
+
+
+__all__ = ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "load_scheduler", "randn_tensor",
+           "SchedulerOutput", "FrozenConfig", "SCHEDULERS"]

@@ -1,0 +1,191 @@
+"""What the schedulers share: configs, beta schedules, noise drawn the way diffusers draws it, the output type."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+class FrozenConfig(dict):
+    """A read-only config readable as a dict and as attributes (``config.num_train_timesteps``)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"config has no field {name!r}") from None
+
+    def _readonly(self, *args, **kwargs):
+        raise TypeError("scheduler configs are read-only; build a new scheduler with from_config(config, **changes)")
+
+    __setitem__ = __delitem__ = update = pop = setdefault = _readonly
+
+
+@dataclass
+class SchedulerOutput:
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor = None
+
+    def __iter__(self):  # allows `prev, x0 = scheduler.step(...)` like a tuple
+        return iter((self.prev_sample, self.pred_original_sample))
+
+
+def randn_tensor(shape, generator=None, device=None, dtype=None):
+    """Gaussian noise drawn exactly as diffusers' randn_tensor draws it (so images match diffusers').
+
+    The noise is drawn on the generator's device (CPU generators on CUDA targets draw on the CPU, then move); a list
+    of generators draws one sample each.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    rand_device = device
+    if generator is not None:
+        gen_type = (generator[0] if isinstance(generator, (list, tuple)) else generator).device.type
+        if gen_type != device.type and gen_type == "cpu":
+            rand_device = torch.device("cpu")
+        elif gen_type != device.type:
+            raise ValueError(f"generator is on {gen_type} but the noise is for {device.type}: use a CPU or {device.type} generator")
+    if isinstance(generator, (list, tuple)) and len(generator) == 1:
+        generator = generator[0]
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"generator is a list of {len(generator)} but the batch size is {shape[0]}")
+        one = (1,) + tuple(shape[1:])
+        noise = torch.cat([torch.randn(one, generator=g, device=rand_device, dtype=dtype) for g in generator])
+        return noise.to(device)
+    return torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=dtype).to(device)
+
+
+def betas_for_alpha_bar(num_steps, max_beta=0.999):
+    """The squaredcos_cap_v2 (cosine) schedule: betas from alpha_bar(t) = cos((t + 0.008) / 1.008 * pi / 2)^2."""
+
+    def alpha_bar(t):
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta) for i in range(num_steps)]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+def rescale_zero_terminal_snr(betas):
+    """Rescale betas to zero terminal SNR (Lin et al. 2023, Algorithm 1), as diffusers does."""
+    alphas_bar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))  # diffusers' rounding order
+    alphas_bar = alphas_bar_sqrt**2
+    alphas = torch.cat([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return 1 - alphas
+
+
+def make_betas(config) -> torch.Tensor:
+    if config.trained_betas is not None:
+        return torch.tensor(config.trained_betas, dtype=torch.float32)
+    n = config.num_train_timesteps
+    if config.beta_schedule == "linear":
+        betas = torch.linspace(config.beta_start, config.beta_end, n, dtype=torch.float32)
+    elif config.beta_schedule == "scaled_linear":
+        betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=torch.float32) ** 2
+    elif config.beta_schedule == "squaredcos_cap_v2":
+        betas = betas_for_alpha_bar(n)
+    else:
+        raise ValueError(f"beta_schedule must be linear, scaled_linear or squaredcos_cap_v2, got {config.beta_schedule!r}")
+    if config.get("rescale_betas_zero_snr"):
+        betas = rescale_zero_terminal_snr(betas)
+    return betas
+
+
+def spaced_timesteps(config, num_inference_steps, dtype=np.int64):
+    """Inference timesteps per timestep_spacing (leading, trailing, linspace), highest first, as diffusers."""
+    n_train = config.num_train_timesteps
+    spacing = config.timestep_spacing
+    if spacing == "linspace":
+        return np.linspace(0, n_train - 1, num_inference_steps).round()[::-1].copy().astype(dtype)
+    if spacing == "leading":
+        ratio = n_train // num_inference_steps
+        return (np.arange(0, num_inference_steps) * ratio).round()[::-1].copy().astype(dtype) + config.steps_offset
+    if spacing == "trailing":
+        return np.round(np.arange(n_train, 0, -n_train / num_inference_steps)).astype(dtype) - 1
+    raise ValueError(f"timestep_spacing must be leading, trailing or linspace, got {spacing!r}")
+
+
+def threshold_sample(sample, ratio, max_value):
+    """Dynamic thresholding (Imagen): clamp each sample to its ratio-quantile of |x| (at least 1), rescale."""
+    dtype = sample.dtype
+    batch = sample.shape[0]
+    flat = sample.float().reshape(batch, -1) if dtype not in (torch.float32, torch.float64) else sample.reshape(batch, -1)
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(sample.shape).to(dtype)
+
+
+def as_timestep_tensor(timestep, device) -> torch.Tensor:
+    """A timestep (int, float, 0-d or (B,) tensor) as a 1-d tensor on ``device``; never reads a device value."""
+    t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
+    return t.to(device).reshape(-1)
+
+
+class SchedulerBase:
+    """Config handling shared by the schedulers: defaults, from_config, from_pretrained, unsupported fields."""
+
+    defaults: dict = {}
+    unsupported: dict = {}  # field -> the only value we implement
+    order = 1
+
+    def __init__(self, **kwargs):
+        for field, allowed in self.unsupported.items():
+            if field in kwargs:
+                if kwargs[field] != allowed:
+                    raise ValueError(
+                        f"{type(self).__name__}: {field}={kwargs[field]!r} is not supported (only {allowed!r})")
+                kwargs.pop(field)
+        unknown = sorted(set(kwargs) - set(self.defaults))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unknown config fields {unknown}")
+        config = dict(self.defaults, **kwargs)
+        self.config = FrozenConfig(config)
+        self.num_inference_steps = None
+
+    @classmethod
+    def from_config(cls, config, **overrides):
+        """Build from a dict/config (keys of other schedulers and ``_``-keys are ignored, as in diffusers)."""
+        if isinstance(config, (str, os.PathLike)):
+            return cls.from_pretrained(config, **overrides)
+        known = set(cls.defaults) | set(cls.unsupported)
+        config = dict(config)
+        # diffusers marks the fields its writer left at that class's default; another class takes its own default.
+        implicit = set(config.get("_use_default_values", ())) if config.get("_class_name") != cls.__name__ else set()
+        fields = {k: v for k, v in config.items() if k in known and k not in implicit}
+        fields.update(overrides)
+        return cls(**fields)
+
+    @classmethod
+    def from_pretrained(cls, folder, subfolder=None, **overrides):
+        return cls.from_config(read_config(folder, subfolder), **overrides)
+
+    def _check_steps(self, num_inference_steps):
+        n_train = self.config.num_train_timesteps
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+            raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}")
+        if not 0 < num_inference_steps <= n_train:
+            raise ValueError(f"num_inference_steps must be in [1, {n_train}] (num_train_timesteps), got {num_inference_steps}")
+
+    def _table(self, name, device):
+        """A coefficient table cached on ``device`` (tables live on the sample's device: no host round trips)."""
+        cache = self.__dict__.setdefault("_device_tables", {})
+        key = (name, str(device))
+        if key not in cache:
+            cache[key] = getattr(self, name).to(device)
+        return cache[key]
+
+
+def read_config(folder, subfolder=None) -> dict:
+    path = os.fspath(folder)
+    if subfolder:
+        path = os.path.join(path, subfolder)
+    if os.path.isdir(path):
+        path = os.path.join(path, "scheduler_config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no scheduler config at {path!r}")
+    with open(path) as f:
+        return json.load(f)
