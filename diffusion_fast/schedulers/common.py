@@ -9,20 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-
-class FrozenConfig(dict):
-    """A read-only config readable as a dict and as attributes (``config.num_train_timesteps``)."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(f"config has no field {name!r}") from None
-
-    def _readonly(self, *args, **kwargs):
-        raise TypeError("scheduler configs are read-only; build a new scheduler with from_config(config, **changes)")
-
-    __setitem__ = __delitem__ = update = pop = setdefault = _readonly
+from .._config import FrozenConfig  # noqa: F401  (re-exported)
 
 
 @dataclass

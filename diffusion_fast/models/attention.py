@@ -1,0 +1,127 @@
+"""Attention blocks: multi-head attention on our flash-attention op, the transformer block and Transformer2DModel.
+
+q, k and v reach ``ops.attention`` as (B, H, L, D) views of the projection outputs (view + transpose, no copy): the
+Triton kernel takes any strides with a unit last stride. Parameter names are diffusers' (to_q, to_k, to_v, to_out.0,
+norm1..3, ff.net.0.proj, ff.net.2, proj_in, proj_out).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .layers import GroupNorm
+
+
+class Attention(nn.Module):
+    """Multi-head (self or cross) attention; ``upcast`` computes the attention itself in fp32 (SD 2.x)."""
+
+    def __init__(self, query_dim, heads, dim_head, cross_attention_dim=None, bias=False, upcast=False,
+                 group_norm: GroupNorm | None = None, residual_connection=False):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads, self.dim_head, self.upcast = heads, dim_head, upcast
+        self.scale = dim_head**-0.5
+        self.group_norm = group_norm
+        self.residual_connection = residual_connection
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k = nn.Linear(cross_attention_dim or query_dim, inner, bias=bias)
+        self.to_v = nn.Linear(cross_attention_dim or query_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(0.0)])
+
+    def _heads(self, x):
+        b, length, _ = x.shape
+        return x.view(b, length, self.heads, self.dim_head).transpose(1, 2)  # (B, H, L, D) view, no copy
+
+    def forward(self, hidden_states, encoder_hidden_states=None):
+        residual = hidden_states
+        spatial = hidden_states.dim() == 4
+        if spatial:  # the VAE's attention: (B, C, H, W) in, GroupNorm over channels, tokens = pixels
+            b, c, h, w = hidden_states.shape
+            if self.group_norm is not None:
+                hidden_states = self.group_norm(hidden_states)
+            hidden_states = hidden_states.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q, k, v = self._heads(self.to_q(hidden_states)), self._heads(self.to_k(context)), self._heads(self.to_v(context))
+        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+            out = ops.attention(q.float(), k.float(), v.float(), scale=self.scale).to(q.dtype)
+        else:
+            out = ops.attention(q, k, v, scale=self.scale)
+        out = out.transpose(1, 2).reshape(out.shape[0], -1, self.heads * self.dim_head)
+        out = self.to_out[0](out)
+        if spatial:
+            out = out.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        return out + residual if self.residual_connection else out
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x):
+        hidden, gate = self.proj(x).chunk(2, dim=-1)
+        return hidden * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, mult=4):
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x):
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    """LayerNorm -> self-attention -> LayerNorm -> cross-attention -> LayerNorm -> GEGLU feed-forward, residuals."""
+
+    def __init__(self, dim, heads, dim_head, cross_attention_dim, upcast=False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, dim_head, upcast=upcast)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, dim_head, cross_attention_dim=cross_attention_dim, upcast=upcast)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x, context):
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class Transformer2DModel(nn.Module):
+    """GroupNorm -> project in -> transformer blocks on H*W tokens -> project out, plus the input."""
+
+    def __init__(self, heads, dim_head, in_channels, num_layers, cross_attention_dim, groups, use_linear_projection,
+                 upcast=False):
+        super().__init__()
+        inner = heads * dim_head
+        self.use_linear_projection = use_linear_projection
+        self.norm = GroupNorm(groups, in_channels, eps=1e-6)
+        self.proj_in = nn.Linear(in_channels, inner) if use_linear_projection else nn.Conv2d(in_channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, dim_head, cross_attention_dim, upcast) for _ in range(num_layers)
+        )
+        self.proj_out = nn.Linear(inner, in_channels) if use_linear_projection else nn.Conv2d(inner, in_channels, 1)
+
+    def forward(self, x, context):
+        b, _, h, w = x.shape
+        residual = x
+        x = self.norm(x)
+        if not self.use_linear_projection:
+            x = self.proj_in(x)
+        inner = x.shape[1]
+        x = x.permute(0, 2, 3, 1).reshape(b, h * w, inner)  # a free view when x is channels_last
+        if self.use_linear_projection:
+            x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.use_linear_projection:
+            x = self.proj_out(x)
+        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # channels_last strides, no copy
+        if not self.use_linear_projection:
+            x = self.proj_out(x)
+        return x + residual

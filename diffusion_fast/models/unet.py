@@ -1,0 +1,199 @@
+"""UNet2DConditionModel for SD 1.x, SD 2.x (and SDXL's text-time conditioning), with diffusers' parameter names.
+
+``unet(sample, timestep, encoder_hidden_states)`` returns the noise prediction tensor. The timestep (int, float, 0-d
+or (B,) tensor, on any device) is broadcast to the batch without reading it on the host, so the forward can be
+captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import loading
+from .attention import Transformer2DModel
+from .layers import Downsample2D, GroupNorm, ResnetBlock2D, TimestepEmbedding, Upsample2D, timestep_embedding
+
+DEFAULTS = dict(
+    sample_size=None, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    only_cross_attention=False, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, downsample_padding=1,
+    mid_block_scale_factor=1.0, dropout=0.0, act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=1280,
+    transformer_layers_per_block=1, attention_head_dim=8, num_attention_heads=None, use_linear_projection=False,
+    upcast_attention=False, addition_embed_type=None, addition_time_embed_dim=None,
+    projection_class_embeddings_input_dim=None, resnet_out_scale_factor=1.0, conv_in_kernel=3, conv_out_kernel=3,
+)
+# Fields we accept only at diffusers' default (anything else is a clear error naming the field).
+UNSUPPORTED = dict(
+    class_embed_type=None, num_class_embeds=None, encoder_hid_dim=None, encoder_hid_dim_type=None,
+    dual_cross_attention=False, resnet_time_scale_shift="default", resnet_skip_time_act=False,
+    time_embedding_type="positional", time_embedding_dim=None, time_embedding_act_fn=None, timestep_post_act=None,
+    time_cond_proj_dim=None, attention_type="default", class_embeddings_concat=False,
+    mid_block_only_cross_attention=None, cross_attention_norm=None, reverse_transformer_layers_per_block=None,
+    addition_embed_type_num_heads=64,
+)
+DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+
+def _per_block(value, n, name):
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"UNet2DConditionModel: {name} has {len(values)} entries for {n} blocks")
+    return values
+
+
+class DownBlock(nn.Module):
+    def __init__(self, kind, in_ch, out_ch, temb, layers, groups, eps, downsample, pad, heads=None, depth=1,
+                 cross_dim=None, linear=False, upcast=False):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb, groups, eps) for i in range(layers))
+        if kind == "CrossAttnDownBlock2D":
+            self.attentions = nn.ModuleList(
+                Transformer2DModel(heads, out_ch // heads, out_ch, depth, cross_dim, groups, linear, upcast)
+                for _ in range(layers))
+        self.downsamplers = nn.ModuleList([Downsample2D(out_ch, pad)]) if downsample else None
+
+    def forward(self, h, temb, context):
+        states = ()
+        attentions = getattr(self, "attentions", None)
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(h, temb)
+            if attentions is not None:
+                h = attentions[i](h, context)
+            states += (h,)
+        if self.downsamplers is not None:
+            h = self.downsamplers[0](h)
+            states += (h,)
+        return h, states
+
+
+class UpBlock(nn.Module):
+    def __init__(self, kind, in_ch, out_ch, prev_ch, temb, layers, groups, eps, upsample, heads=None, depth=1,
+                 cross_dim=None, linear=False, upcast=False):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D((prev_ch if i == 0 else out_ch) + (in_ch if i == layers - 1 else out_ch), out_ch, temb,
+                          groups, eps) for i in range(layers))
+        if kind == "CrossAttnUpBlock2D":
+            self.attentions = nn.ModuleList(
+                Transformer2DModel(heads, out_ch // heads, out_ch, depth, cross_dim, groups, linear, upcast)
+                for _ in range(layers))
+        self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if upsample else None
+
+    def forward(self, h, skips, temb, context, upsample_size=None):
+        attentions = getattr(self, "attentions", None)
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(torch.cat([h, skips[-1 - i]], dim=1), temb)
+            if attentions is not None:
+                h = attentions[i](h, context)
+        if self.upsamplers is not None:
+            h = self.upsamplers[0](h, upsample_size)
+        return h
+
+
+class MidBlock(nn.Module):
+    def __init__(self, ch, temb, groups, eps, heads, depth, cross_dim, linear, upcast, scale):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock2D(ch, ch, temb, groups, eps, scale) for _ in range(2))
+        self.attentions = nn.ModuleList([Transformer2DModel(heads, ch // heads, ch, depth, cross_dim, groups, linear, upcast)])
+
+    def forward(self, h, temb, context):
+        h = self.resnets[0](h, temb)
+        return self.resnets[1](self.attentions[0](h, context), temb)
+
+
+class UNet2DConditionModel(nn.Module):
+    def __init__(self, config: dict):
+        super().__init__()
+        c = self.config = loading.make_config("UNet2DConditionModel", DEFAULTS, UNSUPPORTED, config)
+        for field, value, allowed in (("mid_block_type", c.mid_block_type, ("UNetMidBlock2DCrossAttn",)),
+                                      ("act_fn", c.act_fn, ("silu",)),
+                                      ("addition_embed_type", c.addition_embed_type, (None, "text_time"))):
+            if value not in allowed:
+                raise ValueError(f"UNet2DConditionModel: config field {field}={value!r} is not supported ({allowed})")
+        if c.only_cross_attention not in (False, None) and any(_per_block(c.only_cross_attention, 1, "x")):
+            raise ValueError("UNet2DConditionModel: config field only_cross_attention=True is not supported")
+        for kind in c.down_block_types:
+            if kind not in DOWN_BLOCKS:
+                raise ValueError(f"UNet2DConditionModel: unknown down block type {kind!r} (supported: {DOWN_BLOCKS})")
+        for kind in c.up_block_types:
+            if kind not in UP_BLOCKS:
+                raise ValueError(f"UNet2DConditionModel: unknown up block type {kind!r} (supported: {UP_BLOCKS})")
+        chans, n = list(c.block_out_channels), len(c.block_out_channels)
+        heads = _per_block(c.num_attention_heads or c.attention_head_dim, n, "attention heads")  # legacy name
+        layers = _per_block(c.layers_per_block, n, "layers_per_block")
+        depth = _per_block(c.transformer_layers_per_block, n, "transformer_layers_per_block")
+        cross = _per_block(c.cross_attention_dim, n, "cross_attention_dim")
+        groups, eps, temb = c.norm_num_groups, c.norm_eps, chans[0] * 4
+        kin, kout = c.conv_in_kernel, c.conv_out_kernel
+
+        self.conv_in = nn.Conv2d(c.in_channels, chans[0], kin, padding=(kin - 1) // 2)
+        self.time_embedding = TimestepEmbedding(chans[0], temb)
+        if c.addition_embed_type == "text_time":
+            self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, temb)
+        self.down_blocks = nn.ModuleList(
+            DownBlock(kind, chans[max(i - 1, 0)], chans[i], temb, layers[i], groups, eps, i < n - 1,
+                      c.downsample_padding, heads[i], depth[i], cross[i], c.use_linear_projection, c.upcast_attention)
+            for i, kind in enumerate(c.down_block_types))
+        self.mid_block = MidBlock(chans[-1], temb, groups, eps, heads[-1], depth[-1], cross[-1],
+                                  c.use_linear_projection, c.upcast_attention, c.mid_block_scale_factor)
+        rchans, rheads, rlayers, rdepth, rcross = (list(reversed(v)) for v in (chans, heads, layers, depth, cross))
+        self.up_blocks = nn.ModuleList(
+            UpBlock(kind, rchans[min(i + 1, n - 1)], rchans[i], rchans[max(i - 1, 0)], temb, rlayers[i] + 1, groups,
+                    eps, i < n - 1, rheads[i], rdepth[i], rcross[i], c.use_linear_projection, c.upcast_attention)
+            for i, kind in enumerate(c.up_block_types))
+        self.conv_norm_out = GroupNorm(groups, chans[0], eps, silu=True)  # + conv_act (SiLU), fused
+        self.conv_out = nn.Conv2d(chans[0], c.out_channels, kout, padding=(kout - 1) // 2)
+
+    @classmethod
+    def from_config(cls, config):
+        if not isinstance(config, dict):
+            config = loading.read_config(config)
+        return cls(config)
+
+    @classmethod
+    def from_pretrained(cls, folder, subfolder=None, dtype=None, device=None, variant=None):
+        return loading.from_pretrained(cls, folder, subfolder, dtype, device, variant)
+
+    @property
+    def dtype(self):
+        return self.conv_in.weight.dtype
+
+    @property
+    def device(self):
+        return self.conv_in.weight.device
+
+    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
+        c = self.config
+        if self.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep, device=sample.device)
+        t = t.to(sample.device).reshape(-1).expand(sample.shape[0])
+        emb = self.time_embedding(timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
+                                  .to(sample.dtype))
+        if c.addition_embed_type == "text_time":
+            if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
+                raise ValueError("added_cond_kwargs must hold 'text_embeds' and 'time_ids' (addition_embed_type='text_time')")
+            text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
+            time_embeds = timestep_embedding(time_ids.flatten(), c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
+            add = torch.cat([text_embeds, time_embeds.reshape(text_embeds.shape[0], -1)], dim=-1).to(emb.dtype)
+            emb = emb + self.add_embedding(add)
+
+        h = self.conv_in(sample)
+        skips = (h,)
+        for block in self.down_blocks:
+            h, states = block(h, emb, encoder_hidden_states)
+            skips += states
+        h = self.mid_block(h, emb, encoder_hidden_states)
+        # Odd latent sizes: upsample to the skip's size instead of exactly 2x (diffusers' forward_upsample_size).
+        factor = 2 ** (len(self.up_blocks) - 1)
+        odd = any(s % factor != 0 for s in sample.shape[-2:])
+        for i, block in enumerate(self.up_blocks):
+            n = len(block.resnets)
+            block_skips, skips = skips[-n:], skips[:-n]
+            size = skips[-1].shape[2:] if odd and i < len(self.up_blocks) - 1 else None
+            h = block(h, block_skips, emb, encoder_hidden_states, size)
+        return self.conv_out(self.conv_norm_out(h))

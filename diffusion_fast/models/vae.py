@@ -1,0 +1,179 @@
+"""AutoencoderKL (the SD VAE) with diffusers' parameter names; legacy attention key names are converted on load."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..schedulers.common import randn_tensor
+from . import loading
+from .attention import Attention
+from .layers import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
+
+DEFAULTS = dict(
+    in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D"],
+    block_out_channels=[64], layers_per_block=1, act_fn="silu", latent_channels=4, norm_num_groups=32,
+    sample_size=32, scaling_factor=0.18215, shift_factor=None, latents_mean=None, latents_std=None, force_upcast=True,
+    use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True,
+)
+UNSUPPORTED = dict(act_fn="silu")
+EPS = 1e-6  # the VAE's GroupNorms all use 1e-6
+_LEGACY = {"query.": "to_q.", "key.": "to_k.", "value.": "to_v.", "proj_attn.": "to_out.0."}
+
+
+class DiagonalGaussianDistribution:
+    """The encoder's posterior: mean and log-variance split on channels (log-variance clamped to [-30, 20])."""
+
+    def __init__(self, parameters: torch.Tensor):
+        self.parameters = parameters
+        self.mean, logvar = torch.chunk(parameters, 2, dim=1)
+        self.logvar = torch.clamp(logvar, -30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator=None):
+        noise = randn_tensor(self.mean.shape, generator=generator, device=self.parameters.device,
+                             dtype=self.parameters.dtype)
+        return self.mean + self.std * noise
+
+    def mode(self):
+        return self.mean
+
+    @property
+    def latent_dist(self):  # so `vae.encode(x).latent_dist.sample()` (diffusers' spelling) works too
+        return self
+
+
+class MidBlock(nn.Module):
+    def __init__(self, ch, groups, attention=True):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock2D(ch, ch, None, groups, EPS) for _ in range(2))
+        self.attentions = nn.ModuleList([Attention(ch, 1, ch, bias=True, group_norm=GroupNorm(groups, ch, EPS),
+                                                   residual_connection=True)]) if attention else None
+
+    def forward(self, h):
+        h = self.resnets[0](h)
+        if self.attentions is not None:
+            h = self.attentions[0](h)
+        return self.resnets[1](h)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, in_ch, out_ch, layers, groups, downsample):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, None, groups, EPS)
+                                     for i in range(layers))
+        self.downsamplers = nn.ModuleList([Downsample2D(out_ch, padding=0)]) if downsample else None
+
+    def forward(self, h):
+        for resnet in self.resnets:
+            h = resnet(h)
+        return self.downsamplers[0](h) if self.downsamplers is not None else h
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, in_ch, out_ch, layers, groups, upsample):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, None, groups, EPS)
+                                     for i in range(layers))
+        self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if upsample else None
+
+    def forward(self, h):
+        for resnet in self.resnets:
+            h = resnet(h)
+        return self.upsamplers[0](h) if self.upsamplers is not None else h
+
+
+class Encoder(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        chans, groups = list(c.block_out_channels), c.norm_num_groups
+        self.conv_in = nn.Conv2d(c.in_channels, chans[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(EncoderBlock(chans[max(i - 1, 0)], chans[i], c.layers_per_block, groups,
+                                                      i < len(chans) - 1) for i in range(len(chans)))
+        self.mid_block = MidBlock(chans[-1], groups, c.mid_block_add_attention)
+        self.conv_norm_out = GroupNorm(groups, chans[-1], EPS, silu=True)
+        self.conv_out = nn.Conv2d(chans[-1], 2 * c.latent_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for block in self.down_blocks:
+            h = block(h)
+        return self.conv_out(self.conv_norm_out(self.mid_block(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        rchans, groups = list(reversed(c.block_out_channels)), c.norm_num_groups
+        self.conv_in = nn.Conv2d(c.latent_channels, rchans[0], 3, padding=1)
+        self.mid_block = MidBlock(rchans[0], groups, c.mid_block_add_attention)
+        self.up_blocks = nn.ModuleList(DecoderBlock(rchans[max(i - 1, 0)], rchans[i], c.layers_per_block + 1, groups,
+                                                    i < len(rchans) - 1) for i in range(len(rchans)))
+        self.conv_norm_out = GroupNorm(groups, rchans[-1], EPS, silu=True)
+        self.conv_out = nn.Conv2d(rchans[-1], c.out_channels, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            h = block(h)
+        return self.conv_out(self.conv_norm_out(h))
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, config: dict):
+        super().__init__()
+        c = self.config = loading.make_config("AutoencoderKL", DEFAULTS, UNSUPPORTED, config)
+        for field, kinds, allowed in (("down_block_types", c.down_block_types, "DownEncoderBlock2D"),
+                                      ("up_block_types", c.up_block_types, "UpDecoderBlock2D")):
+            if len(kinds) != len(c.block_out_channels):
+                raise ValueError(f"AutoencoderKL: {field} has {len(kinds)} entries for {len(c.block_out_channels)} blocks")
+            for kind in kinds:
+                if kind != allowed:
+                    raise ValueError(f"AutoencoderKL: unknown block type {kind!r} in {field} (supported: {allowed})")
+        self.encoder, self.decoder = Encoder(c), Decoder(c)
+        latent = c.latent_channels
+        self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if c.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(latent, latent, 1) if c.use_post_quant_conv else None
+
+    @classmethod
+    def from_config(cls, config):
+        if not isinstance(config, dict):
+            config = loading.read_config(config)
+        return cls(config)
+
+    @classmethod
+    def from_pretrained(cls, folder, subfolder=None, dtype=None, device=None, variant=None):
+        return loading.from_pretrained(cls, folder, subfolder, dtype, device, variant, convert=convert_legacy_keys)
+
+    @property
+    def dtype(self):
+        return self.decoder.conv_in.weight.dtype
+
+    def encode(self, x) -> DiagonalGaussianDistribution:
+        moments = self.encoder(x)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        return DiagonalGaussianDistribution(moments)
+
+    def decode(self, z) -> torch.Tensor:
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def forward(self, x, sample_posterior=False, generator=None):
+        posterior = self.encode(x)
+        return self.decode(posterior.sample(generator) if sample_posterior else posterior.mode())
+
+
+def convert_legacy_keys(state: dict) -> dict:
+    """Old SD VAE files name the mid-block attention query/key/value/proj_attn, some with 1x1-conv shaped weights."""
+    out = {}
+    for key, value in state.items():
+        if ".attentions." in key:
+            for old, new in _LEGACY.items():
+                if f".{old}" in key:
+                    key = key.replace(f".{old}", f".{new}")
+                    if value.dim() == 4:
+                        value = value[:, :, 0, 0]
+        out[key] = value
+    return out
