@@ -1,0 +1,274 @@
+"""Our Stable Diffusion pipeline: text encoding, classifier-free guidance, the denoising loop and VAE decode.
+
+Same seed and weights give the same image as diffusers' StableDiffusionPipeline with its DDIMScheduler: the initial
+latents are drawn the way diffusers draws them, prompts are tokenized and encoded the same way, and the scheduler
+reproduces diffusers' arithmetic. What differs is how the work runs:
+
+- the CFG combine and the DDIM update are one fused op per step (``DDIMScheduler.step_cfg``);
+- timesteps and coefficient tables stay on the device, so the loop never waits on the host;
+- on CUDA the whole denoising step (UNet on the doubled batch, CFG, DDIM update) is captured once per
+  (shape, dtype, guidance) as a CUDA graph and replayed for every step; where capture is not possible (CPU,
+  ``eta > 0``, a non-DDIM scheduler, the reference backend) the loop runs eagerly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ._backend import current_backend
+from .cuda_graph import GraphedCallable
+from .models import AutoencoderKL, UNet2DConditionModel
+from .schedulers import DDIMScheduler, load_scheduler
+from .schedulers.common import randn_tensor
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class StableDiffusionPipelineOutput:
+    images: object  # list of PIL images, a numpy (B, H, W, 3) array, a (B, 3, H, W) tensor, or latents
+    seconds: float = 0.0  # wall time of the denoising loop (synchronised)
+
+
+def _resolve_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"dtype must be a torch.dtype or one of {sorted(names)}, got {dtype!r}")
+    return names[dtype]
+
+
+class StableDiffusionPipeline:
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, cuda_graph="auto"):
+        if cuda_graph not in ("auto", True, False):
+            raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
+        self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler = (
+            unet, vae, text_encoder, tokenizer, scheduler)
+        self.cuda_graph = cuda_graph
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self._progress = {}
+        self._graphed_step = None
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, folder, dtype=None, device=None, *, variant=None, cuda_graph="auto"):
+        """Load a diffusers-layout folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        folder = os.fspath(folder)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"model folder {folder!r} does not exist")
+        index = os.path.join(folder, "model_index.json")
+        if not os.path.isfile(index):
+            raise FileNotFoundError(f"{folder!r} is not a diffusers pipeline folder: no model_index.json")
+        with open(index) as f:
+            components = json.load(f)
+        missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+                   if c not in components or not os.path.isdir(os.path.join(folder, c))]
+        if missing:
+            raise FileNotFoundError(f"{folder!r} lacks the pipeline components {missing}")
+        dtype = _resolve_dtype(dtype)
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=dtype, device=device, variant=variant)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=dtype, device=device, variant=variant)
+        text_encoder = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"))
+        text_encoder = text_encoder.to(device=device, dtype=dtype or text_encoder.dtype).eval()
+        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+        scheduler = load_scheduler(os.path.join(folder, "scheduler"))
+        return cls(unet, vae, text_encoder, tokenizer, scheduler, cuda_graph=cuda_graph)
+
+    @classmethod
+    def from_tiny(cls, variant="sd1", seed=0, dtype=None, device=None, *, cuda_graph="auto"):
+        """A small SD-architecture pipeline with random weights (the built-in default model)."""
+        import tempfile
+
+        from . import tiny
+
+        with tempfile.TemporaryDirectory(prefix="diffusion-fast-tiny-") as folder:
+            tiny.write_tiny_pipeline(folder, variant, seed)
+            return cls.from_pretrained(folder, dtype=dtype, device=device, cuda_graph=cuda_graph)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def to(self, device=None, dtype=None):
+        dtype = _resolve_dtype(dtype)
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        self._graphed_step = None
+        return self
+
+    def set_progress_bar_config(self, **kwargs):
+        self._progress = kwargs
+
+    # ---- the pieces of a call -----------------------------------------------------------------------------------
+    def encode_prompt(self, prompt, device, num_images_per_prompt, do_cfg, negative_prompt=None,
+                      prompt_embeds=None, negative_prompt_embeds=None):
+        """Text embeddings as diffusers computes them: max-length padding, last hidden state, repeated per image."""
+        if prompt_embeds is None:
+            prompt_embeds = self._encode_text(prompt, device)
+        batch = prompt_embeds.shape[0]
+        prompt_embeds = prompt_embeds.to(dtype=self.text_encoder.dtype, device=device)
+        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        if not do_cfg:
+            return prompt_embeds, None
+        if negative_prompt_embeds is None:
+            if negative_prompt is None:
+                negative = [""] * batch
+            elif isinstance(negative_prompt, str):
+                negative = [negative_prompt] * batch
+            else:
+                negative = list(negative_prompt)
+            negative_prompt_embeds = self._encode_text(negative, device, max_length=prompt_embeds.shape[1])
+        negative_prompt_embeds = negative_prompt_embeds.to(dtype=self.text_encoder.dtype, device=device)
+        negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        return prompt_embeds, negative_prompt_embeds
+
+    @torch.no_grad()
+    def _encode_text(self, texts, device, max_length=None):
+        tokens = self.tokenizer(
+            texts, padding="max_length", max_length=max_length or self.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        )
+        mask = tokens.attention_mask.to(device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
+        return self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+
+    def _check_inputs(self, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+                      num_images_per_prompt, prompt_embeds, negative_prompt_embeds, latents, output_type):
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("prompt: give a prompt (str or list of str) or prompt_embeds")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("prompt and prompt_embeds: give one, not both")
+        if prompt is not None:
+            if isinstance(prompt, str):
+                prompt = [prompt]
+            if not isinstance(prompt, (list, tuple)) or not all(isinstance(p, str) for p in prompt):
+                raise TypeError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+            if len(prompt) == 0:
+                raise ValueError("prompt is an empty list: give at least one prompt")
+        batch = len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        if isinstance(negative_prompt, (list, tuple)) and len(negative_prompt) != batch:
+            raise ValueError(f"negative_prompt has {len(negative_prompt)} entries but there are {batch} prompts")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("negative_prompt and negative_prompt_embeds: give one, not both")
+        if prompt_embeds is not None and negative_prompt_embeds is not None and prompt_embeds.shape != negative_prompt_embeds.shape:
+            raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+                             f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % 8 != 0:
+                raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
+            if value % self.vae_scale_factor != 0:
+                raise ValueError(f"{name} must be a multiple of the VAE scale factor {self.vae_scale_factor}, got {value}")
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps <= 0:
+            raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale):
+            raise TypeError(f"guidance_scale must be a finite float, got {guidance_scale!r}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt <= 0:
+            raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        shape = (batch * num_images_per_prompt, self.unet.config.in_channels,
+                 height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}")
+        return shape
+
+    # ---- the denoising step, eager or graphed -------------------------------------------------------------------
+    def _denoise_step(self, latents, t, embeds, guidance_scale, do_cfg, eta, generator):
+        model_input = torch.cat([latents, latents]) if do_cfg else latents
+        model_input = self.scheduler.scale_model_input(model_input, t)
+        noise_pred = self.unet(model_input, t, embeds)
+        if do_cfg and isinstance(self.scheduler, DDIMScheduler):
+            uncond, text = noise_pred.chunk(2)
+            return self.scheduler.step_cfg(uncond, text, guidance_scale, t, latents, eta=eta, generator=generator).prev_sample
+        if do_cfg:
+            uncond, text = noise_pred.chunk(2)
+            noise_pred = uncond + guidance_scale * (text - uncond)
+        kwargs = {"eta": eta, "generator": generator} if isinstance(self.scheduler, DDIMScheduler) else {"generator": generator}
+        return self.scheduler.step(noise_pred, t, latents, **kwargs).prev_sample
+
+    def _graph_step(self, latents, t, embeds, guidance_scale, do_cfg, num_inference_steps):
+        """The step as captured in a CUDA graph: deterministic (eta = 0), no generator, no host state.
+
+        ``num_inference_steps`` is unused here but part of the graph's key: the step bakes ``N // n`` into the
+        captured kernels, so a different step count needs its own graph.
+        """
+        return self._denoise_step(latents, t, embeds, guidance_scale, do_cfg, 0.0, None)
+
+    def _use_graph(self, device, eta):
+        if self.cuda_graph is False or device.type != "cuda":
+            if self.cuda_graph is True and device.type != "cuda":
+                raise ValueError("cuda_graph=True needs the pipeline on a CUDA device")
+            return False
+        # A graph replays fixed kernels: it needs a step with no host-side state (DDIM) and no fresh noise (eta=0).
+        return isinstance(self.scheduler, DDIMScheduler) and eta == 0 and current_backend() != "reference"
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5, eta=0.0,
+                 generator=None, height=None, width=None, num_images_per_prompt=1, prompt_embeds=None,
+                 negative_prompt_embeds=None, latents=None, output_type="pil"):
+        height = height if height is not None else self.unet.config.sample_size * self.vae_scale_factor
+        width = width if width is not None else self.unet.config.sample_size * self.vae_scale_factor
+        shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+                                   num_images_per_prompt, prompt_embeds, negative_prompt_embeds, latents, output_type)
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        device = self.device
+        do_cfg = guidance_scale > 1.0
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
+        embeds = embeds.to(self.dtype)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype)
+        latents = latents.to(device=device, dtype=embeds.dtype) * self.scheduler.init_noise_sigma
+
+        graphed = self._use_graph(device, eta)
+        if graphed and self._graphed_step is None:
+            self._graphed_step = GraphedCallable(self._graph_step)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for t in tqdm(timesteps, **{"desc": "denoising", **self._progress}):
+            if graphed:  # replays write a static buffer, which the next replay copies in as its input
+                latents = self._graphed_step(latents, t, embeds, float(guidance_scale), do_cfg, num_inference_steps)
+            else:
+                latents = self._denoise_step(latents, t, embeds, guidance_scale, do_cfg, eta, generator)
+        latents = latents.clone() if graphed else latents
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        if output_type == "latent":
+            return StableDiffusionPipelineOutput(images=latents, seconds=seconds)
+        image = self.vae.decode(latents / self.vae.config.scaling_factor)
+        return StableDiffusionPipelineOutput(images=postprocess(image, output_type), seconds=seconds)
+
+
+def postprocess(image: torch.Tensor, output_type: str):
+    """(B, 3, H, W) in [-1, 1] -> diffusers' output: [0, 1] floats (np/pt) or 8-bit PIL images (its rounding)."""
+    image = (image / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return image
+    array = image.cpu().permute(0, 2, 3, 1).float().numpy()
+    if output_type == "np":
+        return array
+    from PIL import Image
+
+    return [Image.fromarray(img) for img in (array * 255).round().astype("uint8")]

@@ -1,0 +1,120 @@
+"""Our StableDiffusionPipeline against diffusers' on tiny SD1- and SD2-shaped models written by save_pretrained.
+
+Stated tolerance: fp32 images within 1e-3 max abs pixel difference (pixels in [0, 1]) of diffusers' for the same seed
+and weights, on both the fast and the reference path.
+"""
+import numpy as np
+import pytest
+import torch
+from conftest import DEVICE, ON_GPU
+
+import _tiny_diffusers
+import diffusion_fast
+from diffusion_fast import StableDiffusionPipeline
+from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def pair(request, tmp_path_factory):
+    """(diffusers pipeline, our pipeline) sharing the same saved weights."""
+    folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    theirs, folder = _tiny_diffusers.saved_pipeline(folder, request.param, seed=1)
+    ours = StableDiffusionPipeline.from_pretrained(folder)
+    ours.set_progress_bar_config(disable=True)
+    return theirs, ours
+
+
+def _both(pair, backend_name="fast", **kwargs):
+    theirs, ours = pair
+    kwargs.setdefault("num_inference_steps", STEPS)
+    kwargs.setdefault("output_type", "np")
+    a = theirs(generator=torch.Generator().manual_seed(3), **kwargs).images
+    with diffusion_fast.backend(backend_name):
+        b = ours(generator=torch.Generator().manual_seed(3), **kwargs).images
+    return a, b
+
+
+@pytest.mark.parametrize("backend_name", ["fast", "reference"])
+def test_same_image_as_diffusers(pair, backend_name):
+    a, b = _both(pair, backend_name, prompt="a red cube", negative_prompt="blurry")
+    assert a.shape == b.shape
+    assert np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS
+
+
+def test_batch_of_prompts_several_images_non_square_and_eta(pair):
+    # Two prompts x two images each, a 48x64 image (latent 12x16: non-square), and eta > 0 so the DDIM noise is
+    # drawn from the generator at every step exactly as diffusers draws it.
+    a, b = _both(pair, prompt=["a cat", "a dog"], num_images_per_prompt=2, height=48, width=64, eta=0.7)
+    assert a.shape == b.shape == (4, 48, 64, 3)
+    assert np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS
+
+
+def test_prompt_embeds_and_no_guidance(pair):
+    theirs, ours = pair
+    embeds = torch.randn(1, 77, theirs.text_encoder.config.hidden_size)
+    # guidance_scale <= 1 disables classifier-free guidance (the UNet runs on batch 1), as in diffusers.
+    a, b = _both(pair, prompt_embeds=embeds, guidance_scale=1.0)
+    assert np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS
+
+
+def test_given_latents_and_output_types(pair):
+    theirs, ours = pair
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    a, b = _both(pair, prompt="x", latents=latents, output_type="latent")
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    pil = ours("x", num_inference_steps=1).images
+    assert len(pil) == 1 and pil[0].size == (32, 32) and pil[0].mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompt="x", height=30), "height must be a positive multiple of 8"),
+        (dict(prompt="x", width=36), "width must be a positive multiple of 8"),
+        (dict(prompt=[]), "prompt is an empty list"),
+        (dict(prompt=None), "give a prompt"),
+        (dict(prompt="x", guidance_scale=-2.0), "guidance_scale must be >= 0"),
+        (dict(prompt="x", num_inference_steps=0), "num_inference_steps must be a positive int"),
+        (dict(prompt=["a", "b"], negative_prompt=["c"]), "negative_prompt has 1 entries but there are 2 prompts"),
+        (dict(prompt="x", prompt_embeds=torch.zeros(1, 77, 32)), "prompt and prompt_embeds"),
+        (dict(prompt_embeds=torch.zeros(1, 77, 32), negative_prompt_embeds=torch.zeros(2, 77, 32)),
+         "must have the same shape"),
+        (dict(prompt="x", output_type="jpeg"), "output_type must be one of"),
+        (dict(prompt="x", latents=torch.randn(1, 4, 4, 4)), "latents must have shape"),
+    ],
+)
+def test_bad_input_is_a_clear_error(pair, kwargs, message):
+    _, ours = pair
+    with pytest.raises((ValueError, TypeError), match=message):
+        ours(**{"num_inference_steps": 1, **kwargs})
+
+
+def test_missing_folder_and_components(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        StableDiffusionPipeline.from_pretrained(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+        StableDiffusionPipeline.from_pretrained(tmp_path)
+
+
+def test_builtin_tiny_model_runs_both_paths():
+    pipe = StableDiffusionPipeline.from_tiny("sd1", seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    outs = []
+    for name in ("fast", "reference"):
+        with diffusion_fast.backend(name):
+            outs.append(pipe("a", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images)
+    assert np.isfinite(outs[0]).all() and np.abs(outs[0] - outs[1]).max() <= PIPELINE_FP32_MAX_ABS
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_cuda_graph_loop_matches_eager_on_gpu(tmp_path):
+    pipe = StableDiffusionPipeline.from_tiny("sd1", seed=0, dtype=torch.float16, device=DEVICE)
+    pipe.set_progress_bar_config(disable=True)
+    outs = []
+    for graph in (False, "auto", "auto"):  # eager, first graphed call (capture), second graphed call (replay)
+        pipe.cuda_graph = graph
+        outs.append(pipe("a", num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="latent").images)
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(outs[2], outs[1], rtol=0, atol=0)
