@@ -1,0 +1,126 @@
+"""Flash-attention forward: softmax(q k^T * scale) v without materialising the Lq x Lk score matrix.
+
+One program computes a BLOCK_M tile of query rows for one (batch, head): it streams the keys and values in BLOCK_N
+tiles, keeping a running row maximum and row sum (the online softmax), and rescales its fp32 accumulator as the
+maximum grows. Scores use exp2 with log2(e) folded into the scale.
+
+Head dims that are not powers of two (SD1.5's 40, 80, 160) are padded to the next power of two with masked loads
+(zeros contribute nothing to q k^T or to p v); key and query lengths that are not block multiples (77 text tokens)
+are masked, masked scores set to -inf before the row maximum. q, k and v may be any strided views with a unit last
+stride, so the models pass (B, L, H*D) projections viewed as (B, H, L, D) without a copy. fp32 inputs use IEEE fp32
+dot products (no tf32), so an fp32 caller gets fp32 accuracy.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from diffusion_fast import _validate
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_HEAD_DIM = 256
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _flash_attention_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr,  # q (B, H, Lq, D), k and v (B, H, Lk, D), o (B, H, Lq, D) contiguous
+    stride_qb, stride_qh, stride_qm,  # q strides (the last is 1)
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    heads, len_q, len_k, head_dim,  # H, Lq, Lk, D
+    qk_scale,  # scale * log2(e)
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # keys per loop iteration
+    BLOCK_D: tl.constexpr,  # head dim padded to a power of two (>= 16)
+    PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, "tf32" (ignored for 16-bit inputs) otherwise
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // heads
+    h = pid_bh % heads
+    q_ptr += b * stride_qb + h * stride_qh
+    k_ptr += b * stride_kb + h * stride_kh
+    v_ptr += b * stride_vb + h * stride_vh
+    o_ptr += b * stride_ob + h * stride_oh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    q = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=(offs_m[:, None] < len_q) & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, len_k, BLOCK_N):
+        n = start_n + offs_n
+        n_mask = n < len_k
+        k = tl.load(k_ptr + n[None, :] * stride_kn + offs_d[:, None], mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + n[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(o_ptr + offs_m[:, None] * stride_om + offs_d[None, :], acc.to(o_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < len_q) & d_mask[None, :])
+
+
+def supports(q: torch.Tensor) -> bool:
+    """Whether the kernel covers q's head dim and dtype (the VAE's single 512-wide head is out of range)."""
+    return q.shape[-1] <= MAX_HEAD_DIM and q.dtype in DTYPES
+
+
+def _config(block_d: int, len_k: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), by head-dim block and key length (measured on an H100)."""
+    if INTERPRET:
+        return 32, 32, 4, 1
+    if block_d >= 256:
+        return 64, 64, 8, 2
+    if block_d >= 128:
+        return 128, 64, 8, 3
+    if len_k <= 128:  # cross-attention over 77 text tokens: one key tile
+        return 128, 128, 8, 2
+    return 128, 64, 4, 3
+
+
+def attention(q, k, v, *, scale=None):
+    """Flash attention of q (B, H, Lq, D) against k, v (B, H, Lk, D); returns (B, H, Lq, D) contiguous."""
+    _validate.attention_args(q, k, v, scale)
+    if not supports(q):
+        raise ValueError(f"q: head dim {q.shape[-1]} / dtype {q.dtype} is outside the kernel's range "
+                         f"(head dim <= {MAX_HEAD_DIM}, dtype in {DTYPES}); use diffusion_fast.ops.attention")
+    if q.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("q is on the CPU: the Triton kernel needs CUDA tensors or TRITON_INTERPRET=1")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    batch, heads, len_q, head_dim = q.shape
+    len_k = k.shape[2]
+    out = torch.empty((batch, heads, len_q, head_dim), device=q.device, dtype=q.dtype)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m, block_n, num_warps, num_stages = _config(block_d, len_k)
+    grid = (triton.cdiv(len_q, block_m), batch * heads)
+    _flash_attention_kernel[grid](
+        q, k, v, out,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        heads, len_q, len_k, head_dim, scale * LOG2E,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out

@@ -1,0 +1,91 @@
+"""The Triton flash-attention kernel against the float64 reference, by flash-attention's 2x rule."""
+import warnings
+
+import pytest
+import torch
+from conftest import DEVICE, ON_GPU
+
+import diffusion_fast.ops as ops
+from _numerics import assert_2x_rule, poisoned_allocations
+from diffusion_fast import reference
+from diffusion_fast.kernels import attention as kernel
+
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+
+CASES = [  # (B, H, Lq, Lk, D)
+    (2, 3, 50, 77, 40),  # SD1.5's head dim 40 (padded to 64) against 77 text tokens: neither a block multiple
+    (1, 2, 97, 97, 80),  # head dim 80 (padded to 128), self-attention of odd length 97
+    (3, 2, 33, 33, 64),  # batch 3, a power-of-two head dim, a length just past a block
+    (1, 1, 40, 40, 160),  # head dim 160 (SD1.5's deepest blocks), padded to 256
+    (2, 1, 1, 77, 40),  # a single query row
+    (1, 2, 20, 20, 8),  # head dim below the 16-wide minimum of a dot: padded up
+]
+if ON_GPU:
+    CASES += [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 8, 1024, 1024, 80), (2, 8, 256, 256, 160),
+              (1, 10, 4096, 4096, 64)]  # real SD1.5 / SDXL shapes
+
+
+def _qkv(shape, dtype, gen, as_views):
+    b, h, lq, lk, d = shape
+    if as_views:  # (B, L, H*D) projections viewed as (B, H, L, D): the layout the models pass, no copy
+        mk = lambda length: torch.randn(b, length, h * d, generator=gen).to(DEVICE, dtype).view(b, length, h, d).transpose(1, 2)
+        return mk(lq), mk(lk), mk(lk)
+    return tuple(torch.randn(b, h, n, d, generator=gen).to(DEVICE, dtype) for n in (lq, lk, lk))
+
+
+@pytest.mark.parametrize("shape", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("as_views", [False, True])
+def test_matches_reference(shape, dtype, as_views):
+    q, k, v = _qkv(shape, dtype, torch.Generator().manual_seed(sum(shape)), as_views)
+    if as_views and shape[1] > 1 and shape[2] > 1:  # one head or one row is trivially contiguous
+        assert not q.is_contiguous()
+    with poisoned_allocations():
+        out = kernel.attention(q, k, v)
+    ref64 = reference.attention(q.double(), k.double(), v.double())
+    plain = reference.attention(q, k, v)
+    assert_2x_rule(out, ref64, plain, floor=FLOOR[dtype], what=f"{shape} {dtype}")
+
+
+def test_custom_scale():
+    q, k, v = _qkv((1, 2, 30, 45, 24), torch.float32, torch.Generator().manual_seed(1), False)
+    out = kernel.attention(q, k, v, scale=0.05)
+    assert_2x_rule(out, reference.attention(q.double(), k.double(), v.double(), scale=0.05),
+                   reference.attention(q, k, v, scale=0.05), floor=1e-5)
+
+
+def test_head_dim_512_falls_back_once_with_a_warning():
+    """The VAE's mid-block attention has one head of dim 512: outside the kernel, routed to SDPA, announced once."""
+    q = torch.randn(1, 1, 16, 512, device=DEVICE)
+    assert not kernel.supports(q)
+    ops._warned.discard(f"attn-fallback-512-{q.dtype}")
+    with pytest.warns(RuntimeWarning, match="head dim 512"):
+        out = ops.attention(q, q, q, backend="triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.attention(q, q, q, backend="triton")  # the second call is silent
+    torch.testing.assert_close(out, reference.attention(q, q, q), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="outside the kernel's range"):
+        kernel.attention(q, q, q)
+
+
+@pytest.mark.parametrize("q_shape, k_shape, message", [
+    ((2, 3, 5, 8), (2, 4, 7, 8), "must agree on B, H and D"),
+    ((2, 3, 5, 8), (2, 3, 7, 16), "must agree on B, H and D"),
+    ((3, 5, 8), (3, 7, 8), "q must be 4-d"),
+])
+def test_bad_shapes_name_the_argument(q_shape, k_shape, message):
+    q, k = torch.randn(q_shape, device=DEVICE), torch.randn(k_shape, device=DEVICE)
+    with pytest.raises(ValueError, match=message):
+        kernel.attention(q, k, k)
+
+
+def test_bad_dtypes_name_the_argument():
+    q = torch.randn(1, 1, 4, 8, device=DEVICE)
+    with pytest.raises(TypeError, match="k has dtype torch.float16 but q has dtype torch.float32"):
+        ops.attention(q, q.half(), q.half(), backend="triton")
+    with pytest.raises(TypeError, match="q must have dtype in"):
+        ops.attention(q.int(), q.int(), q.int())
+    with pytest.raises(ValueError, match="v has shape"):
+        ops.attention(q, q, torch.randn(1, 1, 5, 8, device=DEVICE))

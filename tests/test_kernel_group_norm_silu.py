@@ -1,0 +1,85 @@
+"""The Triton GroupNorm(+SiLU) kernel against the float64 reference, by flash-attention's 2x rule.
+
+Runs under Triton's interpreter on CPU (conftest sets TRITON_INTERPRET=1) and compiled on a GPU.
+"""
+import pytest
+import torch
+from conftest import DEVICE, ON_GPU
+
+from _numerics import assert_2x_rule, poisoned_allocations
+from diffusion_fast import ops, reference
+from diffusion_fast.kernels.group_norm_silu import group_norm_silu
+
+FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])  # no bf16 arithmetic in the interpreter
+
+SHAPES = [
+    ((2, 64, 16, 16), 32),  # SD-like: 2 channels a group, a square power-of-two map
+    ((3, 96, 7, 9), 32),  # C=96 with 32 groups (3 channels a group, not a power of two), odd 7x9 map, batch 3
+    ((2, 64, 1, 1), 32),  # a 1x1 map: two elements per group
+    ((1, 32, 48, 40), 4),  # 8*1920 = 15360 elements a group: several chunks, so the partial-statistics combine runs
+    ((2, 40, 300), 8),  # a 3-d (N, C, L) input, as a 1-d sequence
+]
+if ON_GPU:
+    SHAPES += [((2, 320, 64, 64), 32), ((1, 512, 128, 128), 32)]  # real SD1.5 UNet and VAE-decoder shapes
+
+
+def _inputs(shape, dtype, channels_last, gen):
+    x = (torch.randn(shape, generator=gen) * 3 + 0.7).to(DEVICE, dtype)  # non-zero mean, non-unit variance
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(shape[1], generator=gen) + 1).to(DEVICE, dtype)
+    b = torch.randn(shape[1], generator=gen).to(DEVICE, dtype)
+    return x, w, b
+
+
+@pytest.mark.parametrize("shape, groups", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_matches_reference(shape, groups, dtype, channels_last):
+    if channels_last and len(shape) != 4:
+        pytest.skip("channels_last is a 4-d memory format")
+    gen = torch.Generator().manual_seed(hash((shape, groups)) % 2**31)
+    x, w, b = _inputs(shape, dtype, channels_last, gen)
+    for weight, bias, silu in ((w, b, True), (w, None, False), (None, b, True), (None, None, False)):
+        with poisoned_allocations():
+            out = group_norm_silu(x, groups, weight, bias, 1e-5, silu=silu)
+        ref64 = reference.group_norm_silu(x.double(), groups, None if weight is None else weight.double(),
+                                          None if bias is None else bias.double(), 1e-5, silu=silu)
+        plain = reference.group_norm_silu(x, groups, weight, bias, 1e-5, silu=silu)
+        assert_2x_rule(out, ref64, plain, floor=FLOOR[dtype], what=f"{shape} {dtype} cl={channels_last} silu={silu}")
+        assert out.dtype == x.dtype
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_other_layouts_are_copied_and_still_right():
+    x = torch.randn(2, 16, 5, 6, device=DEVICE)[:, :, :, ::2]  # a strided view: neither NCHW nor channels_last
+    out = group_norm_silu(x, 4)
+    assert_2x_rule(out, reference.group_norm_silu(x.double(), 4), reference.group_norm_silu(x, 4), floor=1e-5)
+
+
+def test_ops_dispatch_with_triton_backend():
+    x = torch.randn(2, 32, 5, 5, device=DEVICE)
+    out = ops.group_norm_silu(x, 8, backend="triton")
+    torch.testing.assert_close(out, reference.group_norm_silu(x, 8), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("args, error, message", [
+    ((torch.randn(2, 30, 4, 4), 8), ValueError, "num_groups=8 must be positive and divide the channel count 30"),
+    ((torch.randn(2, 32, 4, 4), 8, torch.ones(16)), ValueError, "weight must have 32 elements"),
+    ((torch.randn(2, 32, 4, 4), 8, None, torch.ones(32, 1)), ValueError, "bias must be 1-d"),
+    ((torch.ones(2, 32, 4, 4, dtype=torch.int32), 8), TypeError, "x must have dtype in"),
+    ((torch.randn(0, 32, 4, 4), 8), ValueError, "x is empty"),
+    ((torch.randn(2, 32, 4, 4), 8.0), TypeError, "num_groups must be an int"),
+    ((torch.randn(32), 8), ValueError, "x must have at least 2 dims"),
+    ((torch.randn(2, 32, 4, 4, dtype=torch.float64), 8), TypeError, "takes float16, bfloat16 or float32"),
+])
+def test_bad_input_names_the_argument(args, error, message):
+    args = tuple(a.to(DEVICE) if torch.is_tensor(a) else a for a in args)
+    with pytest.raises(error, match=message):
+        group_norm_silu(*args)
+
+
+def test_bad_eps():
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        ops.group_norm_silu(torch.randn(1, 4, 2, 2, device=DEVICE), 2, eps=0.0, backend="triton")
