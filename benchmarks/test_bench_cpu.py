@@ -1,0 +1,55 @@
+"""CPU benchmarks (pytest-benchmark), side by side in one run; not part of `pytest tests`.
+
+    python -m pytest benchmarks/test_bench_cpu.py --benchmark-only \
+        --benchmark-json benchmarks/results/cpu_$(date +%Y%m%d).json
+
+Groups: the fused CFG+DDIM step (C++ op) vs our reference vs diffusers' CFG combine + DDIMScheduler.step, on
+1x4x64x64, 2x4x128x128 and 8x4x128x128 fp32 latents; group_norm_silu (C++ op) vs F.group_norm + F.silu on SD
+shapes in both memory layouts. `python benchmarks/results_table.py` turns the JSON into the README's table.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import diffusion_fast  # noqa: F401  (registers torch.ops.diffusion_fast)
+from diffusion_fast import ops
+
+LATENTS = [(1, 4, 64, 64), (2, 4, 128, 128), (8, 4, 128, 128)]
+GN_SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (1, 512, 128, 128)]
+
+
+def _latents(shape):
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(shape, generator=gen) for _ in range(3))
+
+
+@pytest.mark.parametrize("shape", LATENTS, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("impl", ["cpp fused", "reference", "diffusers"])
+def test_cfg_ddim_step(benchmark, shape, impl):
+    benchmark.group = f"cfg_ddim_step {'x'.join(map(str, shape))} fp32"
+    uncond, text, sample = _latents(shape)
+    if impl == "diffusers":
+        diffusers = pytest.importorskip("diffusers")
+        sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)
+        sched.set_timesteps(50)
+        t = sched.timesteps[10]
+        benchmark(lambda: sched.step(uncond + 7.5 * (text - uncond), t, sample).prev_sample)
+        return
+    a_t, a_prev = torch.tensor(0.3), torch.tensor(0.4)
+    backend = "cpp" if impl == "cpp fused" else "reference"
+    benchmark(lambda: ops.cfg_ddim_step(uncond, text, 7.5, sample, a_t, a_prev, backend=backend))
+
+
+@pytest.mark.parametrize("shape", GN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
+@pytest.mark.parametrize("impl", ["cpp fused", "F.group_norm + F.silu"])
+def test_group_norm_silu(benchmark, shape, layout, impl):
+    benchmark.group = f"group_norm_silu {'x'.join(map(str, shape))} {layout} fp32"
+    x = torch.randn(shape)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(shape[1]), torch.randn(shape[1])
+    if impl == "cpp fused":
+        benchmark(lambda: ops.group_norm_silu(x, 32, w, b, backend="cpp"))
+    else:
+        benchmark(lambda: F.silu(F.group_norm(x, 32, w, b)))

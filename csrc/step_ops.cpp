@@ -1,0 +1,230 @@
+// Sampler-step ops registered as torch ops (torch.ops.diffusion_fast.*): schemas and CPU implementations.
+//
+// Each op makes one parallel pass over the latents: inputs of any strides are read contiguously (a copy only when
+// they are not contiguous already), per-sample coefficients are computed once per sample from that sample's
+// alphas, and the inner loop over a sample's elements is branch-free so the compiler vectorises it. Storage may be
+// fp32, fp16, bf16 (computed in fp32) or fp64.
+#include <Python.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <limits>
+#include <string>
+
+#include "step_math.h"
+
+namespace diffusion_fast {
+
+int prediction_index(const std::string& prediction_type) {
+  if (prediction_type == "epsilon") return kEpsilon;
+  if (prediction_type == "v_prediction") return kVPrediction;
+  if (prediction_type == "sample") return kSample;
+  TORCH_CHECK_VALUE(false, "prediction_type must be one of ('epsilon', 'v_prediction', 'sample'), got '",
+                    prediction_type, "'");
+  return -1;
+}
+
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& sample, bool same_dtype = true) {
+  TORCH_CHECK_VALUE(t.sizes() == sample.sizes(), name, " has shape ", t.sizes(), " but sample has shape ",
+                    sample.sizes());
+  TORCH_CHECK_VALUE(t.device() == sample.device(), name, " is on ", t.device(), " but sample is on ", sample.device());
+  if (same_dtype) {
+    TORCH_CHECK_TYPE(t.scalar_type() == sample.scalar_type(), name, " has dtype ", t.scalar_type(),
+                     " but sample has dtype ", sample.scalar_type());
+  }
+}
+
+at::Tensor check_coeff(const at::Tensor& a, const char* name, const at::Tensor& sample) {
+  TORCH_CHECK_VALUE(a.dim() == 1 && a.size(0) == sample.size(0), name, " must be a (", sample.size(0),
+                    ",) tensor (one value per sample), got shape ", a.sizes());
+  TORCH_CHECK_VALUE(a.device() == sample.device(), name, " is on ", a.device(), " but sample is on ",
+                    sample.device());
+  at::Tensor f = a.to(at::kFloat).contiguous();
+  if (f.device().is_cpu()) {
+    TORCH_CHECK_VALUE(at::isfinite(f).all().item<bool>(), name, " contains NaN or inf");
+  }
+  return f;
+}
+
+void check_sample(const at::Tensor& sample) {
+  TORCH_CHECK_TYPE(at::isFloatingType(sample.scalar_type()), "sample must be a floating-point tensor, got ",
+                   sample.scalar_type());
+  TORCH_CHECK_VALUE(sample.dim() >= 1 && sample.numel() > 0, "sample must be a non-empty tensor with a batch dim");
+}
+
+// DDIM and DDPM share one loop: per sample, coefficients; per element, apply_step.
+template <typename scalar_t, bool CFG, bool NOISE>
+void step_loop(const scalar_t* __restrict__ m, const scalar_t* __restrict__ t, const scalar_t* __restrict__ x,
+               const scalar_t* __restrict__ n, scalar_t* __restrict__ prev, scalar_t* __restrict__ x0, const StepCoeffs* coeffs, float guidance, float clip, int64_t per_sample, int64_t numel) {
+  at::parallel_for(0, numel, 8192, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end;) {
+      const int64_t b = i / per_sample;
+      const int64_t stop = std::min(end, (b + 1) * per_sample);
+      const StepCoeffs c = coeffs[b];
+#pragma omp simd
+      for (int64_t j = i; j < stop; ++j) {
+        float mo = static_cast<float>(m[j]);
+        if (CFG) mo = mo + guidance * (static_cast<float>(t[j]) - mo);
+        float x0v;
+        const float p = apply_step(c, static_cast<float>(x[j]), mo, NOISE ? static_cast<float>(n[j]) : 0.0f, clip, &x0v);
+        prev[j] = static_cast<scalar_t>(p);
+        x0[j] = static_cast<scalar_t>(x0v);
+      }
+      i = stop;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> run_step(const at::Tensor& m_in, const c10::optional<at::Tensor>& t_in,
+                                            const at::Tensor& x_in, const c10::optional<at::Tensor>& noise_in,
+                                            const std::vector<StepCoeffs>& coeffs, double guidance,
+                                            c10::optional<double> clip) {
+  const at::Tensor m = m_in.contiguous(), x = x_in.contiguous();
+  const at::Tensor t = t_in.has_value() ? t_in->contiguous() : m;
+  const at::Tensor n = noise_in.has_value() ? noise_in->contiguous() : x;
+  at::Tensor prev = at::empty_like(x), x0 = at::empty_like(x);
+  const float clip_f = clip.has_value() ? static_cast<float>(*clip) : std::numeric_limits<float>::infinity();
+  const int64_t numel = x.numel(), per_sample = numel / x.size(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "diffusion_fast_step", [&] {
+    auto go = [&](auto cfg, auto noise) {
+      step_loop<scalar_t, decltype(cfg)::value, decltype(noise)::value>(
+          m.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), n.data_ptr<scalar_t>(),
+          prev.data_ptr<scalar_t>(), x0.data_ptr<scalar_t>(), coeffs.data(), static_cast<float>(guidance), clip_f,
+          per_sample, numel);
+    };
+    const bool cfg = t_in.has_value(), noise = noise_in.has_value();
+    if (cfg && noise) go(std::true_type{}, std::true_type{});
+    else if (cfg) go(std::true_type{}, std::false_type{});
+    else if (noise) go(std::false_type{}, std::true_type{});
+    else go(std::false_type{}, std::false_type{});
+  });
+  return {prev, x0};
+}
+
+std::vector<StepCoeffs> ddim_coeff_table(const at::Tensor& a_t, const at::Tensor& a_prev, double eta, int pred,
+                                         bool use_clipped) {
+  std::vector<StepCoeffs> out(a_t.size(0));
+  const float* at_p = a_t.data_ptr<float>();
+  const float* ap_p = a_prev.data_ptr<float>();
+  for (int64_t b = 0; b < a_t.size(0); ++b) out[b] = ddim_coeffs(at_p[b], ap_p[b], static_cast<float>(eta), pred, use_clipped);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> cfg_ddim_step_cpu(const at::Tensor& uncond, const c10::optional<at::Tensor>& text,
+                                                     double guidance, const at::Tensor& sample,
+                                                     const at::Tensor& alpha_t, const at::Tensor& alpha_prev,
+                                                     double eta, const c10::optional<at::Tensor>& noise,
+                                                     const std::string& prediction_type, c10::optional<double> clip,
+                                                     bool use_clipped) {
+  check_sample(sample);
+  check_like(uncond, text.has_value() ? "noise_pred_uncond" : "model_output", sample);
+  if (text.has_value()) check_like(*text, "noise_pred_text", sample);
+  if (noise.has_value()) check_like(*noise, "variance_noise", sample);
+  TORCH_CHECK_VALUE(eta == 0.0 || noise.has_value(), "variance_noise is required when eta > 0");
+  const int pred = prediction_index(prediction_type);
+  const at::Tensor a_t = check_coeff(alpha_t, "alpha_prod_t", sample);
+  const at::Tensor a_p = check_coeff(alpha_prev, "alpha_prod_t_prev", sample);
+  auto coeffs = ddim_coeff_table(a_t, a_p, eta, pred, use_clipped);
+  return run_step(uncond, text, sample, eta > 0 ? noise : c10::nullopt, coeffs, guidance, clip);
+}
+
+std::tuple<at::Tensor, at::Tensor> ddim_step_cpu(const at::Tensor& model_output, const at::Tensor& sample,
+                                                 const at::Tensor& alpha_t, const at::Tensor& alpha_prev, double eta,
+                                                 const c10::optional<at::Tensor>& noise,
+                                                 c10::string_view prediction_type, c10::optional<double> clip,
+                                                 bool use_clipped) {
+  return cfg_ddim_step_cpu(model_output, c10::nullopt, 0.0, sample, alpha_t, alpha_prev, eta, noise,
+                           std::string(prediction_type), clip, use_clipped);
+}
+
+std::tuple<at::Tensor, at::Tensor> cfg_ddim_step_cpu_op(const at::Tensor& uncond, const at::Tensor& text,
+                                                        double guidance, const at::Tensor& sample,
+                                                        const at::Tensor& alpha_t, const at::Tensor& alpha_prev,
+                                                        double eta, const c10::optional<at::Tensor>& noise,
+                                                        c10::string_view prediction_type, c10::optional<double> clip,
+                                                        bool use_clipped) {
+  return cfg_ddim_step_cpu(uncond, text, guidance, sample, alpha_t, alpha_prev, eta, noise,
+                           std::string(prediction_type), clip, use_clipped);
+}
+
+std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(const at::Tensor& model_output, const at::Tensor& sample,
+                                                 const at::Tensor& alpha_t, const at::Tensor& alpha_prev,
+                                                 const at::Tensor& std_t, const c10::optional<at::Tensor>& noise,
+                                                 c10::string_view prediction_type, c10::optional<double> clip) {
+  check_sample(sample);
+  check_like(model_output, "model_output", sample);
+  if (noise.has_value()) check_like(*noise, "variance_noise", sample);
+  const int pred = prediction_index(std::string(prediction_type));
+  const at::Tensor a_t = check_coeff(alpha_t, "alpha_prod_t", sample);
+  const at::Tensor a_p = check_coeff(alpha_prev, "alpha_prod_t_prev", sample);
+  const at::Tensor s = check_coeff(std_t, "std", sample);
+  std::vector<StepCoeffs> coeffs(sample.size(0));
+  for (int64_t b = 0; b < sample.size(0); ++b) {
+    coeffs[b] = ddpm_coeffs(a_t.data_ptr<float>()[b], a_p.data_ptr<float>()[b], s.data_ptr<float>()[b], pred);
+  }
+  return run_step(model_output, c10::nullopt, sample, noise, coeffs, 0.0, clip);
+}
+
+std::tuple<at::Tensor, at::Tensor> euler_step_cpu(const at::Tensor& model_output_in, const at::Tensor& sample_in,
+                                                  const at::Tensor& sigma, const at::Tensor& sigma_next, double gamma,
+                                                  double s_noise, const c10::optional<at::Tensor>& noise_in,
+                                                  c10::string_view prediction_type) {
+  check_sample(sample_in);
+  check_like(model_output_in, "model_output", sample_in, /*same_dtype=*/false);
+  if (noise_in.has_value()) check_like(*noise_in, "noise", sample_in, false);
+  TORCH_CHECK_VALUE(gamma == 0.0 || noise_in.has_value(), "noise is required when gamma > 0");
+  const int pred = prediction_index(std::string(prediction_type));
+  const at::Tensor sg = check_coeff(sigma, "sigma", sample_in), sn = check_coeff(sigma_next, "sigma_next", sample_in);
+  // diffusers computes this step in fp32 and returns model_output's dtype
+  const at::Tensor m = model_output_in.to(at::kFloat).contiguous(), x = sample_in.to(at::kFloat).contiguous();
+  const at::Tensor n = noise_in.has_value() ? noise_in->to(at::kFloat).contiguous() : x;
+  at::Tensor prev = at::empty_like(x), x0 = at::empty_like(x);
+  const float *mp = m.data_ptr<float>(), *xp = x.data_ptr<float>(), *np = n.data_ptr<float>();
+  const float *sp = sg.data_ptr<float>(), *snp = sn.data_ptr<float>();
+  float *pp = prev.data_ptr<float>(), *x0p = x0.data_ptr<float>();
+  const int64_t numel = x.numel(), per_sample = numel / x.size(0);
+  const bool has_noise = noise_in.has_value();
+  const float g = static_cast<float>(gamma), s = static_cast<float>(s_noise);
+  at::parallel_for(0, numel, 8192, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / per_sample;
+      pp[i] = euler_element(xp[i], mp[i], has_noise ? np[i] : 0.0f, sp[b], snp[b], g, s, pred, &x0p[i]);
+    }
+  });
+  const auto out_type = model_output_in.scalar_type();
+  return {prev.to(out_type), x0.to(out_type)};
+}
+
+at::Tensor group_norm_silu_cpu(const at::Tensor& x, int64_t num_groups, const c10::optional<at::Tensor>& weight,
+                               const c10::optional<at::Tensor>& bias, double eps, bool silu);
+
+}  // namespace diffusion_fast
+
+TORCH_LIBRARY(diffusion_fast, m) {
+  m.def("ddim_step(Tensor model_output, Tensor sample, Tensor alpha_prod_t, Tensor alpha_prod_t_prev, float eta, "
+        "Tensor? variance_noise, str prediction_type, float? clip_sample_range, bool use_clipped_model_output) "
+        "-> (Tensor, Tensor)");
+  m.def("cfg_ddim_step(Tensor noise_pred_uncond, Tensor noise_pred_text, float guidance_scale, Tensor sample, "
+        "Tensor alpha_prod_t, Tensor alpha_prod_t_prev, float eta, Tensor? variance_noise, str prediction_type, "
+        "float? clip_sample_range, bool use_clipped_model_output) -> (Tensor, Tensor)");
+  m.def("ddpm_step(Tensor model_output, Tensor sample, Tensor alpha_prod_t, Tensor alpha_prod_t_prev, Tensor std, "
+        "Tensor? variance_noise, str prediction_type, float? clip_sample_range) -> (Tensor, Tensor)");
+  m.def("euler_step(Tensor model_output, Tensor sample, Tensor sigma, Tensor sigma_next, float gamma, "
+        "float s_noise, Tensor? noise, str prediction_type) -> (Tensor, Tensor)");
+  m.def("group_norm_silu(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, bool silu) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(diffusion_fast, CPU, m) {
+  m.impl("ddim_step", &diffusion_fast::ddim_step_cpu);
+  m.impl("cfg_ddim_step", &diffusion_fast::cfg_ddim_step_cpu_op);
+  m.impl("ddpm_step", &diffusion_fast::ddpm_step_cpu);
+  m.impl("euler_step", &diffusion_fast::euler_step_cpu);
+  m.impl("group_norm_silu", &diffusion_fast::group_norm_silu_cpu);
+}
+
+// `import diffusion_fast._C` loads this library (registering the ops above); it defines no Python functions.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,185 @@
+"""The C++ extension's ops (torch.ops.diffusion_fast.*): parity with the reference and diffusers, opcheck, errors."""
+import itertools
+import warnings
+
+import pytest
+import torch
+
+import diffusion_fast
+from _numerics import assert_2x_rule
+from diffusion_fast import _cpp, ops, reference
+
+pytestmark = pytest.mark.skipif(_cpp.load_ops() is None, reason="C++ extension not built")
+FLOOR = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-12}
+A_T, A_PREV = torch.tensor([0.05, 0.5, 0.93]), torch.tensor([0.1, 0.62, 1.0])  # per sample; the last at the final step
+
+
+def test_ops_exist_after_import():
+    for name in _cpp.OPS:
+        assert hasattr(torch.ops.diffusion_fast, name)
+    assert diffusion_fast.ops._resolve("ddim_step", "auto", torch.device("cpu")) == "cpp"
+
+
+def _randn(gen, dtype, shape=(3, 4, 7, 9)):
+    return torch.randn(shape, generator=gen).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("prediction_type, eta, clip, use_clipped", [
+    c for c in itertools.product(["epsilon", "v_prediction", "sample"], [0.0, 0.8], [None, 1.5], [False, True])
+    if not (c[3] and c[2] is None)
+])
+def test_cfg_ddim_and_ddim_match_reference(dtype, prediction_type, eta, clip, use_clipped):
+    gen = torch.Generator().manual_seed(1)
+    u, t, x, noise = (_randn(gen, dtype) for _ in range(4))
+    kw = dict(eta=eta, variance_noise=noise if eta > 0 else None, prediction_type=prediction_type,
+              clip_sample_range=clip, use_clipped_model_output=use_clipped)
+    for cfg in (False, True):
+        args = (u, t, 7.5) if cfg else (u,)
+        out = (ops.cfg_ddim_step if cfg else ops.ddim_step)(*args, x, A_T, A_PREV, backend="cpp", **kw)
+        fn = reference.cfg_ddim_step if cfg else reference.ddim_step
+
+        def run(d):
+            kwd = dict(kw, variance_noise=noise.to(d) if eta > 0 else None)
+            return fn(*[a.to(d) if torch.is_tensor(a) else a for a in args], x.to(d), A_T.to(d), A_PREV.to(d), **kwd)
+
+        ref64, plain = run(torch.float64), run(dtype)
+        for i in range(2):
+            scale = max(1.0, ref64[i].abs().max().item())
+            assert_2x_rule(out[i] / scale, ref64[i] / scale, plain[i] / scale, floor=FLOOR[dtype], what=f"cfg={cfg} {i}")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ddpm_and_euler_match_reference(prediction_type, dtype):
+    gen = torch.Generator().manual_seed(2)
+    m, x, noise = (_randn(gen, dtype) for _ in range(3))
+    std = torch.tensor([0.0, 0.1, 0.3])
+    out = ops.ddpm_step(m, x, A_T, A_PREV, std=std, variance_noise=noise, prediction_type=prediction_type,
+                        clip_sample_range=2.0, backend="cpp")
+    run = lambda d: reference.ddpm_step(m.to(d), x.to(d), A_T.to(d), A_PREV.to(d), std=std.to(d),  # noqa: E731
+                                        variance_noise=noise.to(d), prediction_type=prediction_type,
+                                        clip_sample_range=2.0)
+    for i in range(2):
+        ref64 = run(torch.float64)[i]
+        s = max(1.0, ref64.abs().max().item())
+        assert_2x_rule(out[i] / s, ref64 / s, run(dtype)[i] / s, floor=FLOOR[dtype])
+    sig, sig_next = torch.tensor([14.6, 3.0, 0.5]), torch.tensor([10.0, 2.0, 0.0])
+    for gamma in (0.0, 0.4):
+        out = ops.euler_step(m, x, sig, sig_next, gamma=gamma, s_noise=1.0, noise=noise,
+                             prediction_type=prediction_type, backend="cpp")
+        ref64 = reference.euler_step(m.double(), x.double(), sig.double(), sig_next.double(), gamma=gamma,
+                                     noise=noise.double(), prediction_type=prediction_type)
+        plain = reference.euler_step(m, x, sig, sig_next, gamma=gamma, noise=noise, prediction_type=prediction_type)
+        for i in range(2):
+            s = max(1.0, ref64[i].abs().max().item())
+            assert_2x_rule(out[i] / s, ref64[i] / s, plain[i] / s, floor=FLOOR[dtype])
+            assert out[i].dtype == dtype
+
+
+@pytest.mark.parametrize("shape, groups", [
+    ((2, 64, 16, 16), 32),  # SD-like
+    ((3, 96, 7, 9), 32),  # C=96 over 32 groups, odd 7x9, batch 3
+    ((2, 64, 1, 1), 32),  # a 1x1 map
+    ((2, 40, 300), 8),  # 3-d input
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_silu_matches_reference(shape, groups, dtype, channels_last):
+    if channels_last and len(shape) != 4:
+        pytest.skip("channels_last is 4-d")
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(shape, generator=gen) * 3 + 0.7).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = (torch.randn(shape[1], generator=gen).to(dtype) for _ in range(2))
+    for weight, bias, silu in ((w, b, True), (None, None, False)):
+        out = ops.group_norm_silu(x, groups, weight, bias, silu=silu, backend="cpp")
+        ref64 = reference.group_norm_silu(x.double(), groups, None if weight is None else weight.double(),
+                                          None if bias is None else bias.double(), silu=silu)
+        assert_2x_rule(out, ref64, reference.group_norm_silu(x, groups, weight, bias, silu=silu), floor=FLOOR[dtype])
+        assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_non_contiguous_inputs():
+    base = torch.randn(3, 4, 9, 7)
+    m, x = base.transpose(2, 3), torch.randn(6, 4, 7, 9)[::2]  # a transposed view and a strided slice
+    out = ops.ddim_step(m, x, A_T, A_PREV, prediction_type="v_prediction", backend="cpp")
+    ref = reference.ddim_step(m, x, A_T, A_PREV, prediction_type="v_prediction")
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=1e-5)
+    g = torch.randn(2, 32, 6, 10)[:, :, :, ::2]
+    torch.testing.assert_close(ops.group_norm_silu(g, 8, backend="cpp"), reference.group_norm_silu(g, 8),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_matches_diffusers_schedulers(prediction_type):
+    diffusers = pytest.importorskip("diffusers")
+    gen = torch.Generator().manual_seed(4)
+    m, x, noise = (torch.randn(2, 4, 8, 8, generator=gen) for _ in range(3))
+    ddim = diffusers.DDIMScheduler(beta_schedule="scaled_linear", prediction_type=prediction_type)
+    ddim.set_timesteps(20)
+    t = ddim.timesteps[5]
+    a_t, a_prev = ddim.alphas_cumprod[t], ddim.alphas_cumprod[t - 50]
+    theirs = ddim.step(m, t, x, eta=0.3, variance_noise=noise)
+    ours = ops.ddim_step(m, x, a_t, a_prev, eta=0.3, variance_noise=noise, prediction_type=prediction_type,
+                         clip_sample_range=1.0, backend="cpp")
+    torch.testing.assert_close(ours[0], theirs.prev_sample, rtol=1e-5, atol=1e-5)
+    euler = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", prediction_type=prediction_type)
+    euler.set_timesteps(20)
+    theirs = euler.step(m, euler.timesteps[0], x)
+    ours = ops.euler_step(m, x, euler.sigmas[0], euler.sigmas[1], prediction_type=prediction_type, backend="cpp")
+    torch.testing.assert_close(ours[0], theirs.prev_sample, rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck_every_op():
+    x, m, n = torch.randn(2, 4, 3, 5), torch.randn(2, 4, 3, 5), torch.randn(2, 4, 3, 5)
+    a, ap, s = torch.tensor([0.3, 0.5]), torch.tensor([0.4, 0.7]), torch.tensor([0.1, 0.0])
+    lib = torch.ops.diffusion_fast
+    cases = [
+        (lib.ddim_step, (m, x, a, ap, 0.5, n, "epsilon", 1.0, True)),
+        (lib.cfg_ddim_step, (m, n, 7.5, x, a, ap, 0.0, None, "v_prediction", None, False)),
+        (lib.ddpm_step, (m, x, a, ap, s, n, "sample", None)),
+        (lib.euler_step, (m, x, a + 1, ap, 0.2, 1.0, n, "epsilon")),
+        (lib.group_norm_silu, (torch.randn(2, 8, 3, 3), 4, torch.randn(8), None, 1e-5, True)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda x: ops.ddim_step(x[:, :2], x, 0.3, 0.4, backend="cpp"), ValueError, "model_output has shape"),
+    (lambda x: ops.ddim_step(x.double(), x, 0.3, 0.4, backend="cpp"), TypeError, "model_output has dtype"),
+    (lambda x: ops.ddim_step(x, x, 0.3, 0.4, eta=0.2, variance_noise=x[:1], backend="cpp"), ValueError,
+     "variance_noise has shape"),
+    (lambda x: ops.ddim_step(x, x, torch.tensor([0.1, float("nan"), 0.3]), 0.4, backend="cpp"), ValueError,
+     "alpha_prod_t contains NaN"),
+    (lambda x: ops.ddpm_step(x, x, 0.3, 0.4, std=0.2, backend="cpp"), ValueError, "variance_noise is required"),
+    (lambda x: ops.euler_step(x, x, 1.0, 0.5, gamma=0.3, backend="cpp"), ValueError, "noise is required"),
+    (lambda x: ops.euler_step(x, x, 1.0, 0.5, prediction_type="flow", backend="cpp"), ValueError, "prediction_type"),
+    (lambda x: ops.attention(x, x, x, backend="cpp"), ValueError, "attention has no C\\+\\+ implementation"),
+])
+def test_bad_input_names_the_argument(call, error, message):
+    with pytest.raises(error, match=message):
+        call(torch.randn(3, 4, 5, 5))
+
+
+def test_the_op_itself_also_checks(capsys):
+    """A direct torch.ops call (bypassing diffusion_fast.ops) still gets a clear error, not garbage."""
+    x = torch.randn(3, 4, 5, 5)
+    with pytest.raises(ValueError, match="alpha_prod_t must be a \\(3,\\) tensor"):
+        torch.ops.diffusion_fast.ddim_step(x, x, torch.ones(2), torch.ones(3), 0.0, None, "epsilon", None, False)
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        torch.ops.diffusion_fast.ddim_step(x, x, torch.ones(3), torch.ones(3), 0.0, None, "eps", None, False)
+
+
+def test_missing_extension_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(_cpp, "load_ops", lambda: None)
+    monkeypatch.setattr(ops, "_warned", set())
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ extension unavailable, ddim_step runs the reference"):
+        out = ops.ddim_step(x, x, 0.3, 0.4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.ddim_step(x, x, 0.3, 0.4)  # announced once
+    torch.testing.assert_close(out[0], reference.ddim_step(x, x, 0.3, 0.4)[0])
