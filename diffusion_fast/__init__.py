@@ -18,8 +18,8 @@ _load_cpp_ops()  # registers torch.ops.diffusion_fast.* (prebuilt, else JIT-buil
 
 _LAZY = {
     "StableDiffusionPipeline": ("pipeline", "StableDiffusionPipeline"),
-    "accelerate": ("accelerate", "accelerate"),
-    "restore": ("accelerate", "restore"),
+    "accelerate": ("diffusers_patch", "accelerate"),
+    "restore": ("diffusers_patch", "restore"),
     "models": ("models", None),
     "schedulers": ("schedulers", None),
 }

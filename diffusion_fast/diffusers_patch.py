@@ -1,0 +1,244 @@
+"""Drop-in acceleration of a diffusers Stable Diffusion pipeline, in place, with ``restore`` to undo it.
+
+``accelerate(pipe)`` patches instances, never classes, so other pipelines in the process are untouched:
+
+- every ``ResnetBlock2D`` (UNet and VAE) runs its two GroupNorm->SiLU pairs as our fused op (blocks with settings we
+  do not mirror — scale_shift time norm, resampling inside the resnet, a non-SiLU activation — are left alone);
+- the UNet's and VAE's ``conv_norm_out`` + ``conv_act`` become one fused op;
+- every ``Attention`` module without features we do not mirror (masks, added KV projections, spatial norm, q/k norms,
+  custom processors) gets our processor, which calls ``diffusion_fast.ops.attention`` with (B, H, L, D) views;
+- a ``DDIMScheduler``'s ``step`` becomes our one-pass fused step (noise drawn exactly as diffusers draws it);
+- on CUDA (``cuda_graph="auto"``), the UNet forward is captured per input shape as a CUDA graph.
+
+No compile step: any resolution that is a multiple of 8 works at once. What it leaves alone is logged in one line and
+kept in ``pipe._diffusion_fast_report``.
+"""
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .cuda_graph import GraphedCallable
+from .schedulers.common import randn_tensor
+
+log = logging.getLogger("diffusion_fast")
+_STATE = "_diffusion_fast_state"
+
+
+def _fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
+    """diffusers' ResnetBlock2D.forward (time_embedding_norm="default", SiLU) with fused GroupNorm+SiLU."""
+    h = ops.group_norm_silu(input_tensor, self.norm1.num_groups, self.norm1.weight, self.norm1.bias, self.norm1.eps)
+    h = self.conv1(h)
+    if self.time_emb_proj is not None and temb is not None:
+        t = temb if self.skip_time_act else F.silu(temb)
+        h = h + self.time_emb_proj(t)[:, :, None, None]
+    h = ops.group_norm_silu(h, self.norm2.num_groups, self.norm2.weight, self.norm2.bias, self.norm2.eps)
+    h = self.conv2(self.dropout(h))
+    x = self.conv_shortcut(input_tensor) if self.conv_shortcut is not None else input_tensor
+    return (x + h) / self.output_scale_factor
+
+
+def _resnet_supported(block):
+    # "group" without a time embedding (the VAE decoder's resnets) computes exactly what "default" does
+    time_norm_ok = block.time_embedding_norm == "default" or (
+        block.time_embedding_norm == "group" and block.time_emb_proj is None)
+    return (time_norm_ok and block.upsample is None and block.downsample is None
+            and isinstance(block.nonlinearity, torch.nn.SiLU) and isinstance(block.norm1, torch.nn.GroupNorm)
+            and isinstance(block.norm2, torch.nn.GroupNorm) and block.norm1.affine and block.norm2.affine)
+
+
+class DiffusionFastAttnProcessor:
+    """diffusers' AttnProcessor2_0 with the attention itself on ``diffusion_fast.ops.attention``."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        if attention_mask is not None:  # masks are not supported by our kernel: the same math, unfused
+            return attn._diffusion_fast_original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        residual = hidden_states
+        ndim = hidden_states.ndim
+        if ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        q, k, v = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        out = ops.attention(q, k, v)  # default scale 1/sqrt(head_dim), as SDPA in AttnProcessor2_0
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def _attention_supported(attn):
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    return (type(attn.processor) in (AttnProcessor, AttnProcessor2_0) and attn.spatial_norm is None
+            and getattr(attn, "norm_q", None) is None and getattr(attn, "norm_k", None) is None
+            and getattr(attn, "add_k_proj", None) is None and not getattr(attn, "is_cross_attention_added", False))
+
+
+def _fused_ddim_step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
+                     variance_noise=None, return_dict=True):
+    """diffusers' DDIMScheduler.step as one fused op; thresholding keeps diffusers' own step."""
+    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+
+    if self.config.thresholding or self.num_inference_steps is None:
+        return self._diffusion_fast_original_step(model_output, timestep, sample, eta, use_clipped_model_output,
+                                                  generator, variance_noise, return_dict)
+    prev_t = timestep - self.config.num_train_timesteps // self.num_inference_steps
+    alpha_t = self.alphas_cumprod[timestep]
+    alpha_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+    if generator is not None and variance_noise is not None:
+        raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either `generator` or"
+                         " `variance_noise` stays `None`.")
+    if eta > 0 and variance_noise is None:
+        variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                      dtype=model_output.dtype)
+    prev, x0 = ops.ddim_step(
+        model_output, sample, alpha_t, alpha_prev, eta=eta, variance_noise=variance_noise if eta > 0 else None,
+        prediction_type=self.config.prediction_type,
+        clip_sample_range=self.config.clip_sample_range if self.config.clip_sample else None,
+        use_clipped_model_output=use_clipped_model_output,
+    )
+    return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
+
+
+def _fuse_norm_out(module, report):
+    """conv_norm_out + conv_act (SiLU) of a UNet/VAE encoder/decoder -> one fused op (conv_act becomes Identity)."""
+    norm, act = getattr(module, "conv_norm_out", None), getattr(module, "conv_act", None)
+    if norm is None or act is None:
+        return
+    if not isinstance(norm, torch.nn.GroupNorm) or not isinstance(act, torch.nn.SiLU):
+        report["skipped"].append(f"{type(module).__name__}.conv_norm_out ({type(norm).__name__}, {type(act).__name__})")
+        return
+
+    def fused(self, x):
+        return ops.group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps)
+
+    module._diffusion_fast_act = act
+    norm.forward = types.MethodType(fused, norm)
+    module.conv_act = torch.nn.Identity()
+    report["norm_out"] += 1
+
+
+def accelerate(pipe, *, group_norm_silu=True, attention=True, scheduler=True, cuda_graph="auto"):
+    """Patch a diffusers StableDiffusion(XL)Pipeline in place to run on diffusion_fast's ops; returns ``pipe``."""
+    if not all(hasattr(pipe, name) for name in ("unet", "vae", "scheduler")):
+        raise TypeError(f"pipe must be a diffusers Stable Diffusion pipeline (with unet, vae and scheduler), got "
+                        f"{type(pipe).__name__}")
+    if cuda_graph not in ("auto", True, False):
+        raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
+    if getattr(pipe, _STATE, None) is not None:
+        return pipe  # already accelerated: idempotent
+    from diffusers import DDIMScheduler
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    report = {"resnets": 0, "norm_out": 0, "attention": 0, "scheduler": 0, "cuda_graph": 0, "skipped": []}
+    state = {"resnets": [], "attention": [], "norm_out": [], "scheduler": None, "unet_forward": None}
+    for model_name in ("unet", "vae"):
+        model = getattr(pipe, model_name)
+        for name, module in model.named_modules():
+            if group_norm_silu and isinstance(module, ResnetBlock2D):
+                if _resnet_supported(module):
+                    module.forward = types.MethodType(_fused_resnet_forward, module)
+                    state["resnets"].append(module)
+                    report["resnets"] += 1
+                else:
+                    report["skipped"].append(f"{model_name}.{name} (resnet settings not mirrored)")
+            if attention and isinstance(module, Attention):
+                if _attention_supported(module):
+                    module._diffusion_fast_original = module.processor
+                    module.set_processor(DiffusionFastAttnProcessor())
+                    state["attention"].append(module)
+                    report["attention"] += 1
+                else:
+                    report["skipped"].append(f"{model_name}.{name} (attention processor {type(module.processor).__name__})")
+        if group_norm_silu:
+            for owner in (model, getattr(model, "encoder", None), getattr(model, "decoder", None)):
+                if owner is not None and hasattr(owner, "conv_norm_out"):
+                    before = report["norm_out"]
+                    _fuse_norm_out(owner, report)
+                    if report["norm_out"] > before:
+                        state["norm_out"].append(owner)
+    if scheduler:
+        if isinstance(pipe.scheduler, DDIMScheduler):
+            pipe.scheduler._diffusion_fast_original_step = pipe.scheduler.step
+            pipe.scheduler.step = types.MethodType(_fused_ddim_step, pipe.scheduler)
+            state["scheduler"] = pipe.scheduler
+            report["scheduler"] = 1
+        else:
+            report["skipped"].append(f"scheduler {type(pipe.scheduler).__name__} (only DDIMScheduler is fused)")
+    on_cuda = pipe.unet.device.type == "cuda"
+    if cuda_graph is True and not on_cuda:
+        raise ValueError("cuda_graph=True needs the pipeline on a CUDA device (pipe.to('cuda') first)")
+    if cuda_graph and on_cuda:
+        state["unet_forward"] = _graph_unet(pipe.unet)
+        report["cuda_graph"] = 1
+    setattr(pipe, _STATE, state)
+    pipe._diffusion_fast_report = report
+    log.info("diffusion_fast.accelerate: %d resnets, %d norm_out, %d attention, scheduler %s, cuda graph %s; "
+             "left alone: %s", report["resnets"], report["norm_out"], report["attention"], bool(report["scheduler"]),
+             bool(report["cuda_graph"]), "; ".join(report["skipped"]) or "nothing")
+    return pipe
+
+
+def _graph_unet(unet):
+    """Replace unet.forward by a per-shape CUDA graph of the plain-tensor call the SD pipelines make."""
+    original = unet.forward
+
+    def tensor_forward(sample, timestep, encoder_hidden_states):
+        return original(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+    graphed = GraphedCallable(tensor_forward)
+
+    def forward(sample, timestep, encoder_hidden_states=None, *args, return_dict=True, **kwargs):
+        simple = (not args and torch.is_tensor(timestep) and encoder_hidden_states is not None
+                  and all(v is None for v in kwargs.values()))
+        if not simple:  # extra conditioning (ControlNet residuals, SDXL added_cond_kwargs...): eager
+            return original(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
+        out = graphed(sample, timestep.reshape(()) if timestep.numel() == 1 else timestep, encoder_hidden_states)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+    unet.forward = forward
+    return original
+
+
+def restore(pipe):
+    """Undo ``accelerate(pipe)`` exactly; a no-op on a pipeline that is not accelerated."""
+    state = getattr(pipe, _STATE, None)
+    if state is None:
+        return pipe
+    for module in state["resnets"]:
+        del module.forward  # the instance attribute shadowed the class method
+    for module in state["attention"]:
+        module.set_processor(module._diffusion_fast_original)
+        del module._diffusion_fast_original
+    for owner in state["norm_out"]:
+        del owner.conv_norm_out.forward
+        owner.conv_act = owner._diffusion_fast_act
+        del owner._diffusion_fast_act
+    if state["scheduler"] is not None:
+        del state["scheduler"].step
+        del state["scheduler"]._diffusion_fast_original_step
+    if state["unet_forward"] is not None:
+        del pipe.unet.forward
+    setattr(pipe, _STATE, None)
+    pipe._diffusion_fast_report = None
+    return pipe
