@@ -19,12 +19,15 @@ import torch.nn.functional as F
 from . import backend, ops, reference
 
 CONFIGS = {
-    # (group-norm shapes, attention (B, H, Lq, Lk, D) shapes, latent shapes)
+    # (group-norm shapes, attention (B, H, Lq, Lk, D) shapes, latent shapes); GroupNorm groups in GROUPS
     "tiny": ([(2, 48, 32, 32), (2, 64, 16, 16)], [(2, 4, 1024, 1024, 12), (2, 4, 1024, 77, 12)], [(2, 4, 32, 32)]),
     "sd15": ([(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (1, 512, 128, 128)],
              [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 8, 1024, 1024, 80), (2, 8, 256, 256, 160)],
              [(1, 4, 64, 64), (2, 4, 64, 64)]),
 }
+
+
+GROUPS = {"tiny": 16, "sd15": 32}
 
 
 def _sync(device):
@@ -47,6 +50,7 @@ def median_seconds(fn, device, repeats, warmup=1):
 
 def kernel_rows(config, device, dtype, repeats):
     gn_shapes, attn_shapes, latent_shapes = CONFIGS[config]
+    groups = GROUPS[config]
     rows = []
     esize = torch.finfo(dtype).bits // 8
 
@@ -67,9 +71,9 @@ def kernel_rows(config, device, dtype, repeats):
             x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
             w, b = torch.randn(shape[1], device=device, dtype=dtype), torch.randn(shape[1], device=device, dtype=dtype)
             add(f"group_norm_silu {layout}", shape, [
-                ("fast", lambda: ops.group_norm_silu(x, 32, w, b)),
-                ("reference", lambda: ops.group_norm_silu(x, 32, w, b, backend="reference")),
-                ("pytorch eager", lambda: F.silu(F.group_norm(x, 32, w, b))),
+                ("fast", lambda: ops.group_norm_silu(x, groups, w, b)),
+                ("reference", lambda: ops.group_norm_silu(x, groups, w, b, backend="reference")),
+                ("pytorch eager", lambda: F.silu(F.group_norm(x, groups, w, b))),
             ], 2 * x.numel() * esize, "GB/s")
     for bsz, heads, lq, lk, d in attn_shapes:
         q = torch.randn(bsz, heads, lq, d, device=device, dtype=dtype)

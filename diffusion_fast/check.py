@@ -1,0 +1,116 @@
+"""``diffusion-fast check``: every op and a whole pipeline, fast path vs reference, on fresh random inputs.
+
+Ops pass by the 2x rule (error against a float64 reference at most twice plain PyTorch's error in the same dtype,
+plus a floor). The pipeline passes in fp32 when the max abs pixel difference between the fast and reference images
+is at most 1e-3, and in fp16/bf16 when the fast image's PSNR against the fp32 reference image is at least 35 dB.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from . import backend, ops, reference
+from .numerics import PIPELINE_FP32_MAX_ABS, PIPELINE_LOWP_MIN_PSNR, max_abs_err, psnr, two_x_rule
+
+
+def _op_cases(device, dtype, gen):
+    """(name, fast_fn, reference_fn(dtype, upcast)) on awkward SD-like shapes with fresh random inputs."""
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    # GroupNorm: C=96 over 32 groups (3 channels a group), odd 7x9 map, batch 3; both layouts.
+    x = rand(3, 96, 7, 9, scale=2.0) + 0.5
+    w, b = rand(96), rand(96)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    # Attention: SD1.5's head dim 40 (not a power of two) against 77 text keys (not a block multiple).
+    q, k, v = rand(2, 3, 50, 40), rand(2, 3, 77, 40), rand(2, 3, 77, 40)
+    # Steps: batch 3 with a different timestep per sample, odd latent size.
+    mo, uncond, text, sample, noise = (rand(3, 4, 7, 9) for _ in range(5))
+    a_t = torch.tensor([0.2, 0.5, 0.9], device=device)
+    a_prev = torch.tensor([0.35, 0.6, 0.95], device=device)
+    cases = [
+        ("group_norm_silu (NCHW)", lambda: ops.group_norm_silu(x, 32, w, b),
+         lambda d, up: reference.group_norm_silu(x.to(d), 32, w.to(d), b.to(d), upcast=up)),
+        ("group_norm_silu (channels_last)", lambda: ops.group_norm_silu(x_cl, 32, w, b),
+         lambda d, up: reference.group_norm_silu(x_cl.to(d), 32, w.to(d), b.to(d), upcast=up)),
+        ("attention (D=40, Lk=77)", lambda: ops.attention(q, k, v),
+         lambda d, up: reference.attention(q.to(d), k.to(d), v.to(d), upcast=up)),
+        ("ddim_step (v_prediction, eta=0.5)",
+         lambda: ops.ddim_step(mo, sample, a_t, a_prev, eta=0.5, variance_noise=noise, prediction_type="v_prediction")[0],
+         lambda d, up: reference.ddim_step(mo.to(d), sample.to(d), a_t.to(d), a_prev.to(d), eta=0.5,
+                                           variance_noise=noise.to(d), prediction_type="v_prediction", upcast=up)[0]),
+        ("cfg_ddim_step (epsilon, s=7.5)",
+         lambda: ops.cfg_ddim_step(uncond, text, 7.5, sample, a_t, a_prev)[0],
+         lambda d, up: reference.cfg_ddim_step(uncond.to(d), text.to(d), 7.5, sample.to(d), a_t.to(d),
+                                               a_prev.to(d), upcast=up)[0]),
+        ("ddpm_step (epsilon, std)",
+         lambda: ops.ddpm_step(mo, sample, a_t, a_prev, std=0.1, variance_noise=noise)[0],
+         lambda d, up: reference.ddpm_step(mo.to(d), sample.to(d), a_t.to(d), a_prev.to(d), std=0.1,
+                                           variance_noise=noise.to(d), upcast=up)[0]),
+        ("euler_step (epsilon)",
+         lambda: ops.euler_step(mo, sample, 2.5, 1.7)[0],
+         lambda d, up: reference.euler_step(mo.to(d), sample.to(d), 2.5, 1.7, upcast=up)[0]),
+    ]
+    return cases
+
+
+def check_ops(device, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for name, fast_fn, ref_fn in _op_cases(device, dtype, gen):
+        out = fast_fn()
+        ref64 = ref_fn(torch.float64, False)
+        eager = ref_fn(dtype, False)
+        if name.startswith("euler"):  # diffusers computes Euler in fp32 whatever the dtype: so does plain PyTorch
+            eager = ref_fn(dtype, True)
+        ok, err, base = two_x_rule(out, ref64, eager)
+        rows.append({"check": name, "max_abs_err": err, "pytorch_err": base, "passed": ok})
+    return rows
+
+
+def check_pipeline(args, device, dtype):
+    from .pipeline import StableDiffusionPipeline
+
+    def load(dt):
+        if args.model:
+            return StableDiffusionPipeline.from_pretrained(args.model, dtype=dt, device=device)
+        return StableDiffusionPipeline.from_tiny("sd1", seed=args.seed, dtype=dt, device=device)
+
+    def run(pipe, name):
+        pipe.set_progress_bar_config(disable=True)
+        with backend(name):
+            return pipe("a red cube on a table", num_inference_steps=args.steps, guidance_scale=7.5,
+                        generator=torch.Generator("cpu").manual_seed(args.seed), output_type="np").images
+
+    pipe = load(dtype)
+    fast = run(pipe, "fast")
+    ref_pipe = pipe if dtype == torch.float32 else load(torch.float32)
+    ref = run(ref_pipe, "reference")
+    diff = max_abs_err(torch.from_numpy(fast), torch.from_numpy(ref))
+    quality = psnr(fast, ref)
+    if dtype == torch.float32:
+        ok, rule = diff <= PIPELINE_FP32_MAX_ABS, f"max abs <= {PIPELINE_FP32_MAX_ABS:g}"
+    else:
+        ok, rule = quality >= PIPELINE_LOWP_MIN_PSNR, f"PSNR >= {PIPELINE_LOWP_MIN_PSNR:g} dB vs fp32 reference"
+    return {"check": f"pipeline ({args.steps} DDIM steps, {str(dtype).replace('torch.', '')})",
+            "max_abs_err": diff, "psnr_db": quality, "rule": rule, "passed": ok}
+
+
+def run_check(args, device, dtype) -> int:
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    print(f"diffusion-fast check on {device} ({dtype}); ops: 2x rule vs float64 reference")
+    rows = check_ops(device, dtype, args.seed)
+    print(f"{'check':40s} {'max abs err':>12s} {'PyTorch err':>12s}  result")
+    for r in rows:
+        print(f"{r['check']:40s} {r['max_abs_err']:12.3e} {r['pytorch_err']:12.3e}  {'PASS' if r['passed'] else 'FAIL'}")
+    p = check_pipeline(args, device, dtype)
+    psnr_text = "inf" if math.isinf(p["psnr_db"]) else f"{p['psnr_db']:.1f}"
+    print(f"{p['check']:40s} max abs pixel diff {p['max_abs_err']:.3e}, PSNR {psnr_text} dB ({p['rule']})  "
+          f"{'PASS' if p['passed'] else 'FAIL'}")
+    failed = [r["check"] for r in rows + [p] if not r["passed"]]
+    print(f"{len(rows) + 1 - len(failed)} passed, {len(failed)} failed in {time.perf_counter() - start:.1f} s")
+    return 1 if failed else 0

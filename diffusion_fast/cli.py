@@ -1,0 +1,178 @@
+"""The ``diffusion-fast`` command: generate images, benchmark kernels and pipelines, check numerics.
+
+    diffusion-fast generate                      # built-in tiny model: fast vs reference, times, max diff, a PNG
+    diffusion-fast generate --model DIR --prompt "a cat" --steps 30 --seed 1 --output cat.png
+    diffusion-fast bench [--config tiny|sd15]    # kernel throughput + end-to-end it/s, CSV + PNG plot
+    diffusion-fast check [--model DIR]           # fast vs reference on fresh random inputs; exit 1 on failure
+
+Bad arguments print one line and exit with status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A bad command-line value: reported as one line, exit status 2."""
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _size(text):
+    value = _positive_int(text)
+    if value % 8 != 0:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8, got {value}")
+    return value
+
+
+def _model_folder(text):
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"model folder {text!r} does not exist")
+    if not os.path.isfile(os.path.join(text, "model_index.json")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a diffusers pipeline folder (no model_index.json)")
+    return text
+
+
+def _add_common(p, *, model=True):
+    if model:
+        p.add_argument("--model", type=_model_folder, default=None,
+                       help="diffusers-layout SD folder (default: the built-in tiny random model)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                   help="auto: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffusion-fast", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate images (and compare fast vs reference)")
+    _add_common(g)
+    g.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--steps", type=_positive_int, default=None, help="default: 50 (20 for the built-in model)")
+    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--eta", type=float, default=0.0)
+    g.add_argument("--height", type=_size, default=None)
+    g.add_argument("--width", type=_size, default=None)
+    g.add_argument("--batch", type=_positive_int, default=1, help="images per prompt")
+    g.add_argument("--output", default="diffusion_fast.png", help="PNG path (index appended for a batch)")
+    g.add_argument("--compare", action="store_true",
+                   help="also run the reference path and print the max difference (always on without --model)")
+    g.add_argument("--no-progress", action="store_true")
+
+    b = sub.add_parser("bench", help="kernel throughput and end-to-end it/s, fast vs reference vs eager")
+    _add_common(b, model=False)
+    b.add_argument("--config", choices=("tiny", "sd15"), default="tiny",
+                   help="tiny: small SD-shaped model (CPU-friendly); sd15: SD1.5 shapes with random weights")
+    b.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default 10 tiny, 50 sd15)")
+    b.add_argument("--repeats", type=_positive_int, default=5)
+    b.add_argument("--csv", default="diffusion_fast_bench.csv")
+    b.add_argument("--plot", default="diffusion_fast_bench.png")
+    b.add_argument("--skip-kernels", action="store_true")
+    b.add_argument("--skip-e2e", action="store_true")
+
+    c = sub.add_parser("check", help="fast vs reference on fresh random inputs; exit 1 on failure")
+    _add_common(c)
+    c.add_argument("--steps", type=_positive_int, default=4)
+    return parser
+
+
+def generate(args) -> int:
+    from . import backend
+    from .numerics import max_abs_err, psnr
+    from .pipeline import StableDiffusionPipeline
+
+    device = _device(args.device)
+    dtype = _dtype(args.dtype, device)
+    compare = args.compare or args.model is None
+    steps = args.steps or (50 if args.model else 20)
+    t0 = time.perf_counter()
+    if args.model:
+        pipe = StableDiffusionPipeline.from_pretrained(args.model, dtype=dtype, device=device)
+    else:
+        pipe = StableDiffusionPipeline.from_tiny("sd1", seed=args.seed, dtype=dtype, device=device)
+    print(f"loaded {'built-in tiny SD1-shaped model (random weights)' if not args.model else args.model} "
+          f"on {device} in {dtype} in {time.perf_counter() - t0:.1f} s")
+    pipe.set_progress_bar_config(disable=args.no_progress)
+
+    def run(path_name):
+        generator = torch.Generator("cpu").manual_seed(args.seed)
+        with backend(path_name):
+            return pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=steps,
+                        guidance_scale=args.guidance, eta=args.eta, generator=generator, height=args.height,
+                        width=args.width, num_images_per_prompt=args.batch, output_type="np")
+
+    fast = run("fast")
+    print(f"fast path:      {steps} steps in {fast.seconds:.3f} s ({steps / fast.seconds:.2f} it/s)")
+    if compare:
+        ref = run("reference")
+        print(f"reference path: {steps} steps in {ref.seconds:.3f} s ({steps / ref.seconds:.2f} it/s)")
+        diff = max_abs_err(torch.from_numpy(fast.images), torch.from_numpy(ref.images))
+        print(f"speedup {ref.seconds / fast.seconds:.2f}x; max abs pixel difference {diff:.2e} "
+              f"(pixels in [0, 1]); PSNR {psnr(fast.images, ref.images):.1f} dB")
+    from PIL import Image
+
+    images = (fast.images * 255).round().astype("uint8")
+    root, ext = os.path.splitext(args.output)
+    ext = ext or ".png"
+    for i, img in enumerate(images):
+        path = f"{root}{ext}" if len(images) == 1 else f"{root}_{i}{ext}"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        Image.fromarray(img).save(path)
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse prints one usage line and exits 2 on bad arguments
+    try:
+        if args.command == "generate":
+            return generate(args)
+        if args.command == "bench":
+            from .bench import run_bench
+
+            return run_bench(args, _device(args.device), _dtype(args.dtype, _device(args.device)))
+        from .check import run_check
+
+        return run_check(args, _device(args.device), _dtype(args.dtype, _device(args.device)))
+    except (UsageError, ValueError, TypeError, FileNotFoundError) as exc:
+        if os.environ.get("DIFFUSION_FAST_DEBUG"):
+            raise
+        print(f"diffusion-fast {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

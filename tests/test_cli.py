@@ -1,0 +1,93 @@
+"""The diffusion-fast command: generate, bench, check on the built-in tiny model, and its error paths."""
+import csv
+import shutil
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from diffusion_fast.cli import main
+
+
+def test_generate_default_model_compares_both_paths(tmp_path, capsys):
+    out = tmp_path / "img.png"
+    assert main(["generate", "--steps", "2", "--output", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "fast path:" in text and "reference path:" in text and "max abs pixel difference" in text
+    assert Image.open(out).size == (32, 32)
+
+
+def test_generate_from_folder_batch(tmp_path, capsys):
+    from diffusion_fast import tiny
+
+    folder = tiny.write_tiny_pipeline(str(tmp_path / "model"), "sd2", seed=0)
+    rc = main(["generate", "--model", folder, "--steps", "2", "--batch", "2", "--height", "48", "--width", "64",
+               "--output", str(tmp_path / "o.png"), "--no-progress", "--prompt", "a cat"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "it/s" in text and "reference path" not in text
+    assert Image.open(tmp_path / "o_1.png").size == (64, 48)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--height", "30"], "must be a multiple of 8"),
+        (["generate", "--steps", "0"], "must be a positive integer"),
+        (["generate", "--model", "/no/such/folder"], "does not exist"),
+        (["check", "--model", "/no/such/folder"], "does not exist"),
+        (["bench", "--config", "sdxxl"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_one_line_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_error_inside_command_is_one_line(tmp_path, capsys):
+    (tmp_path / "model_index.json").write_text("{}")
+    assert main(["generate", "--model", str(tmp_path), "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lacks the pipeline components" in err[0]
+
+
+def test_check_passes_on_default_model(capsys):
+    assert main(["check", "--steps", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "FAIL" not in text and "0 failed" in text and "group_norm_silu (channels_last)" in text
+
+
+def test_check_fails_when_fast_path_is_wrong(monkeypatch, capsys):
+    import diffusion_fast.ops as ops
+
+    real = ops.group_norm_silu
+
+    def broken(x, *a, **k):  # a fast path that is off by a little must be caught
+        out = real(x, *a, **k)
+        return out + 1e-2 if k.get("backend", "auto") == "auto" else out
+
+    monkeypatch.setattr(ops, "group_norm_silu", broken)
+    assert main(["check", "--steps", "1"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_bench_writes_csv_and_plot(tmp_path, capsys):
+    csv_path, png = tmp_path / "b.csv", tmp_path / "b.png"
+    assert main(["bench", "--repeats", "1", "--steps", "1", "--csv", str(csv_path), "--plot", str(png)]) == 0
+    rows = list(csv.DictReader(open(csv_path)))
+    impls = {r["impl"] for r in rows}
+    assert {"fast", "reference", "pytorch eager", "diffusion_fast pipeline (fast)", "diffusers eager",
+            "diffusers + accelerate"} <= impls
+    assert all(float(r["median_ms"]) > 0 for r in rows)
+    assert Image.open(png).size[0] > 0
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("diffusion-fast")
+    cmd = [exe] if exe else [sys.executable, "-m", "diffusion_fast.cli"]
+    proc = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "generate" in proc.stdout and "check" in proc.stdout
