@@ -38,23 +38,51 @@ def read_config(folder, subfolder=None) -> dict:
         return json.load(f)
 
 
-def read_state_dict(folder, subfolder=None, variant=None) -> dict:
+def weight_files(path, variant=None) -> tuple:
+    """The weight files we look for, in order: one safetensors, a sharded safetensors index, a pickle ``.bin``.
+
+    Variant names follow diffusers' ``_add_variant`` (the variant goes before the last suffix:
+    ``diffusion_pytorch_model.fp16.safetensors``, ``diffusion_pytorch_model.safetensors.index.fp16.json``).
+    """
+    def named(name):
+        if not variant:
+            return os.path.join(path, name)
+        parts = name.split(".")
+        return os.path.join(path, ".".join(parts[:-1] + [variant] + parts[-1:]))
+
+    return named(f"{WEIGHTS}.safetensors"), named(f"{WEIGHTS}.safetensors.index.json"), named(f"{WEIGHTS}.bin")
+
+
+def read_state_dict(folder, subfolder=None, variant=None, device=None) -> dict:
     from safetensors.torch import load_file
 
     path = os.path.join(os.fspath(folder), subfolder) if subfolder else os.fspath(folder)
-    stem = f"{WEIGHTS}.{variant}" if variant else WEIGHTS
-    single, index, pickle = (os.path.join(path, stem + ext) for ext in (".safetensors", ".safetensors.index.json", ".bin"))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder {path!r} does not exist")
+    target = str(device) if device is not None else "cpu"
+    single, index, pickle = weight_files(path, variant)
     if os.path.isfile(single):
-        return load_file(single)
+        return load_file(single, device=target)
     if os.path.isfile(index):
         with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index!r} has no 'weight_map' (expected a sharded safetensors index)")
         state = {}
-        for shard in shards:
-            state.update(load_file(os.path.join(path, shard)))
+        for shard in sorted(set(weight_map.values())):
+            shard_path = os.path.join(path, shard)
+            if not os.path.isfile(shard_path):
+                raise FileNotFoundError(f"{index!r} names shard {shard!r}, which is not in {path!r}")
+            state.update(load_file(shard_path, device=target))
         return state
     if os.path.isfile(pickle):
-        return torch.load(pickle, map_location="cpu", weights_only=True)
+        try:  # weights_only: a pickle may hold only tensors and plain containers, never code to run
+            state = torch.load(pickle, map_location=target, weights_only=True)
+        except Exception as err:  # noqa: BLE001  (UnpicklingError and friends: report which file, why)
+            raise ValueError(f"{pickle!r} could not be loaded with torch.load(weights_only=True): {err}") from None
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise ValueError(f"{pickle!r} does not hold a state dict (a dict of name -> tensor)")
+        return state
     looked = ", ".join(os.path.basename(p) for p in (single, index, pickle))
     raise FileNotFoundError(f"no weights in {path!r} (looked for {looked})")
 
@@ -74,12 +102,19 @@ def load_strict(model: torch.nn.Module, state: dict, name: str) -> None:
     model.load_state_dict(state, strict=True, assign=True)
 
 
-def from_pretrained(cls, folder, subfolder=None, dtype=None, device=None, variant=None, convert=None):
+def from_pretrained(cls, folder, dtype=None, device=None, subfolder=None, variant=None, convert=None):
     """Shared by the models: config -> meta-device model -> strict assign-load -> cast and move."""
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device {device!r} is not a valid torch device: {err}") from None
     config = read_config(folder, subfolder)
-    with torch.device("meta"):
+    with torch.device("meta"):  # no random init of hundreds of millions of parameters that are overwritten anyway
         model = cls.from_config(config)
-    state = read_state_dict(folder, subfolder, variant)
+    state = read_state_dict(folder, subfolder, variant, device)
     if convert is not None:
         state = convert(state)
     load_strict(model, state, cls.__name__)

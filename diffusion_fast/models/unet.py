@@ -6,6 +6,8 @@ captured in a CUDA graph.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -42,6 +44,24 @@ def _per_block(value, n, name):
     if len(values) != n:
         raise ValueError(f"UNet2DConditionModel: {name} has {len(values)} entries for {n} blocks")
     return values
+
+
+def broadcast_timestep(timestep, sample: torch.Tensor) -> torch.Tensor:
+    """An int/float, a 0-d tensor or a (B,) tensor as a (B,) tensor on sample's device, without a host sync."""
+    batch = sample.shape[0]
+    if torch.is_tensor(timestep):
+        if timestep.dtype == torch.bool or timestep.is_complex():
+            raise TypeError(f"timestep must be an int or float tensor, got dtype {timestep.dtype}")
+        if timestep.numel() not in (1, batch) or timestep.dim() > 1:
+            raise ValueError(f"timestep must be a number, a 0-d tensor or a ({batch},) tensor, "
+                             f"got shape {tuple(timestep.shape)}")
+        t = timestep
+    elif isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
+        t = torch.tensor(timestep, dtype=torch.int64 if isinstance(timestep, int) else torch.float32)
+    else:
+        raise TypeError(f"timestep must be an int, a float or a tensor, got {type(timestep).__name__}")
+    # .to() of a CPU tensor is an async-safe copy, and expand is a view: no value is read on the host.
+    return t.to(sample.device).reshape(-1).expand(batch)
 
 
 class DownBlock(nn.Module):
@@ -114,8 +134,15 @@ class UNet2DConditionModel(nn.Module):
                                       ("addition_embed_type", c.addition_embed_type, (None, "text_time"))):
             if value not in allowed:
                 raise ValueError(f"UNet2DConditionModel: config field {field}={value!r} is not supported ({allowed})")
-        if c.only_cross_attention not in (False, None) and any(_per_block(c.only_cross_attention, 1, "x")):
-            raise ValueError("UNet2DConditionModel: config field only_cross_attention=True is not supported")
+        flags = c.only_cross_attention if isinstance(c.only_cross_attention, (list, tuple)) else [c.only_cross_attention]
+        if any(flags):
+            raise ValueError(f"UNet2DConditionModel: config field only_cross_attention={c.only_cross_attention!r} "
+                             "is not supported (only False)")
+        if c.addition_embed_type == "text_time":
+            for field in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+                if not isinstance(c[field], int) or c[field] <= 0:
+                    raise ValueError(f"UNet2DConditionModel: addition_embed_type='text_time' needs config field "
+                                     f"{field} (a positive int), got {c[field]!r}")
         for kind in c.down_block_types:
             if kind not in DOWN_BLOCKS:
                 raise ValueError(f"UNet2DConditionModel: unknown down block type {kind!r} (supported: {DOWN_BLOCKS})")
@@ -126,6 +153,9 @@ class UNet2DConditionModel(nn.Module):
         heads = _per_block(c.num_attention_heads or c.attention_head_dim, n, "attention heads")  # legacy name
         layers = _per_block(c.layers_per_block, n, "layers_per_block")
         depth = _per_block(c.transformer_layers_per_block, n, "transformer_layers_per_block")
+        if not all(isinstance(d, int) and d > 0 for d in depth):  # diffusers also allows per-layer nested lists
+            raise ValueError(f"UNet2DConditionModel: config field transformer_layers_per_block="
+                             f"{c.transformer_layers_per_block!r} is not supported (an int or one int per block)")
         cross = _per_block(c.cross_attention_dim, n, "cross_attention_dim")
         groups, eps, temb = c.norm_num_groups, c.norm_eps, chans[0] * 4
         kin, kout = c.conv_in_kernel, c.conv_out_kernel
@@ -149,14 +179,18 @@ class UNet2DConditionModel(nn.Module):
         self.conv_out = nn.Conv2d(chans[0], c.out_channels, kout, padding=(kout - 1) // 2)
 
     @classmethod
-    def from_config(cls, config):
-        if not isinstance(config, dict):
+    def from_config(cls, config, **changes):
+        """A randomly initialised model from a config dict or a folder holding config.json (``changes`` override)."""
+        if isinstance(config, (str, os.PathLike)):
             config = loading.read_config(config)
-        return cls(config)
+        if not isinstance(config, dict):
+            raise TypeError(f"config must be a dict or a folder path, got {type(config).__name__}")
+        return cls({**config, **changes})
 
     @classmethod
-    def from_pretrained(cls, folder, subfolder=None, dtype=None, device=None, variant=None):
-        return loading.from_pretrained(cls, folder, subfolder, dtype, device, variant)
+    def from_pretrained(cls, folder, dtype=None, device=None, subfolder=None, variant=None):
+        """Load a diffusers folder unchanged: config.json + weights, strictly (every key present, none extra)."""
+        return loading.from_pretrained(cls, folder, dtype, device, subfolder, variant)
 
     @property
     def dtype(self):
@@ -166,12 +200,30 @@ class UNet2DConditionModel(nn.Module):
     def device(self):
         return self.conv_in.weight.device
 
-    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
+    def _check_inputs(self, sample, encoder_hidden_states):
+        """Shapes only (never values: reading a device tensor on the host would break CUDA-graph capture)."""
         c = self.config
+        if not torch.is_tensor(sample) or sample.dim() != 4 or sample.shape[1] != c.in_channels:
+            got = tuple(sample.shape) if torch.is_tensor(sample) else type(sample).__name__
+            raise ValueError(f"sample must be a (B, {c.in_channels}, H, W) tensor, got {got}")
+        cross = c.cross_attention_dim if isinstance(c.cross_attention_dim, int) else None
+        if not torch.is_tensor(encoder_hidden_states) or encoder_hidden_states.dim() != 3 or (
+                cross is not None and encoder_hidden_states.shape[-1] != cross):
+            got = tuple(encoder_hidden_states.shape) if torch.is_tensor(encoder_hidden_states) else \
+                type(encoder_hidden_states).__name__
+            raise ValueError(f"encoder_hidden_states must be a (B, L, {cross or 'cross_attention_dim'}) tensor, "
+                             f"got {got}")
+        if encoder_hidden_states.shape[0] != sample.shape[0]:
+            raise ValueError(f"encoder_hidden_states has batch {encoder_hidden_states.shape[0]} but sample has "
+                             f"batch {sample.shape[0]}")
+
+    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
+        """The noise (or v) prediction for ``sample`` at ``timestep``, conditioned on ``encoder_hidden_states``."""
+        c = self.config
+        self._check_inputs(sample, encoder_hidden_states)
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
-        t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep, device=sample.device)
-        t = t.to(sample.device).reshape(-1).expand(sample.shape[0])
+        t = broadcast_timestep(timestep, sample)
         emb = self.time_embedding(timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
                                   .to(sample.dtype))
         if c.addition_embed_type == "text_time":

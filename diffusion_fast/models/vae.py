@@ -1,6 +1,8 @@
 """AutoencoderKL (the SD VAE) with diffusers' parameter names; legacy attention key names are converted on load."""
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -136,26 +138,43 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(latent, latent, 1) if c.use_post_quant_conv else None
 
     @classmethod
-    def from_config(cls, config):
-        if not isinstance(config, dict):
+    def from_config(cls, config, **changes):
+        """A randomly initialised model from a config dict or a folder holding config.json (``changes`` override)."""
+        if isinstance(config, (str, os.PathLike)):
             config = loading.read_config(config)
-        return cls(config)
+        if not isinstance(config, dict):
+            raise TypeError(f"config must be a dict or a folder path, got {type(config).__name__}")
+        return cls({**config, **changes})
 
     @classmethod
-    def from_pretrained(cls, folder, subfolder=None, dtype=None, device=None, variant=None):
-        return loading.from_pretrained(cls, folder, subfolder, dtype, device, variant, convert=convert_legacy_keys)
+    def from_pretrained(cls, folder, dtype=None, device=None, subfolder=None, variant=None):
+        """Load a diffusers folder unchanged: config.json + weights, strictly (every key present, none extra)."""
+        return loading.from_pretrained(cls, folder, dtype, device, subfolder, variant, convert=convert_legacy_keys)
 
     @property
     def dtype(self):
         return self.decoder.conv_in.weight.dtype
 
+    @property
+    def device(self):
+        return self.decoder.conv_in.weight.device
+
+    def _check(self, name, x, channels):
+        if not torch.is_tensor(x) or x.dim() != 4 or x.shape[1] != channels:
+            got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"{name} must be a (B, {channels}, H, W) tensor, got {got}")
+
     def encode(self, x) -> DiagonalGaussianDistribution:
+        """The posterior over latents for images ``x`` in [-1, 1]; ``.latent_dist`` returns itself (diffusers' spelling)."""
+        self._check("x", x, self.config.in_channels)
         moments = self.encoder(x)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         return DiagonalGaussianDistribution(moments)
 
     def decode(self, z) -> torch.Tensor:
+        """Images (B, out_channels, 8H, 8W for SD) from latents ``z`` (already divided by config.scaling_factor)."""
+        self._check("z", z, self.config.latent_channels)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
