@@ -9,6 +9,10 @@ import diffusers
 from diffusion_fast import schedulers as S
 
 SHAPE = (2, 4, 5, 7)  # odd latent size, batch 2
+# fp32 parity with diffusers, relative to max(|x|, 1). The linear schedule's alpha_prod at t=999 is 4e-5, so x0 =
+# (x - sqrt(1-a) eps) / sqrt(a) amplifies one fp32 rounding (6e-8) by 1/sqrt(a) = 158: two implementations that
+# round in a different order (FMA contraction, a fused kernel) differ by up to ~2e-5 there, and by ~1e-7 elsewhere.
+TOL = 3e-5
 
 
 def _loop(ours, theirs, steps=4, dtype=torch.float32, **step_kwargs):
@@ -48,7 +52,7 @@ def test_ddim_matches_diffusers(beta_schedule, spacing, prediction_type, steps_o
                steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one, clip_sample=clip,
                thresholding=thresholding, sample_max_value=1.5, clip_sample_range=1.2)
     for eta in (0.0, 0.6):  # eta > 0 draws the variance noise from the generator exactly as diffusers
-        assert _loop(S.DDIMScheduler(**cfg), diffusers.DDIMScheduler(**cfg), eta=eta) <= 1e-5
+        assert _loop(S.DDIMScheduler(**cfg), diffusers.DDIMScheduler(**cfg), eta=eta) <= TOL
 
 
 @pytest.mark.parametrize("rescale, use_clipped", [(True, False), (False, True), (True, True)])
@@ -56,7 +60,7 @@ def test_ddim_zero_snr_and_clipped_model_output(rescale, use_clipped):
     cfg = dict(rescale_betas_zero_snr=rescale, timestep_spacing="trailing", prediction_type="v_prediction",
                clip_sample=True, beta_schedule="scaled_linear")
     assert _loop(S.DDIMScheduler(**cfg), diffusers.DDIMScheduler(**cfg), steps=6, eta=0.3,
-                 use_clipped_model_output=use_clipped) <= 1e-5
+                 use_clipped_model_output=use_clipped) <= TOL
 
 
 def test_ddim_variance_noise_and_step_cfg_equal_combine_then_step():
@@ -81,7 +85,7 @@ def test_ddim_variance_noise_and_step_cfg_equal_combine_then_step():
 def test_ddpm_matches_diffusers(beta_schedule, spacing, prediction_type, variance_type, clip, thresholding):
     cfg = dict(beta_schedule=beta_schedule, timestep_spacing=spacing, prediction_type=prediction_type,
                variance_type=variance_type, clip_sample=clip, thresholding=thresholding, steps_offset=1)
-    assert _loop(S.DDPMScheduler(**cfg), diffusers.DDPMScheduler(**cfg)) <= 1e-5
+    assert _loop(S.DDPMScheduler(**cfg), diffusers.DDPMScheduler(**cfg)) <= TOL
 
 
 @pytest.mark.parametrize("beta_schedule, spacing, prediction_type, interpolation, karras, final_sigmas", list(
@@ -92,7 +96,7 @@ def test_euler_matches_diffusers(beta_schedule, spacing, prediction_type, interp
                interpolation_type=interpolation, use_karras_sigmas=karras, final_sigmas_type=final_sigmas,
                steps_offset=1)
     for churn in (0.0, 0.7):  # churn > 0 adds generator noise before the step
-        assert _loop(S.EulerDiscreteScheduler(**cfg), diffusers.EulerDiscreteScheduler(**cfg), s_churn=churn) <= 1e-5
+        assert _loop(S.EulerDiscreteScheduler(**cfg), diffusers.EulerDiscreteScheduler(**cfg), s_churn=churn) <= TOL
 
 
 @pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler"])
@@ -136,7 +140,7 @@ def test_from_config_of_another_scheduler_and_load_scheduler(tmp_path):
     assert isinstance(sched, S.DDIMScheduler) and sched.config.steps_offset == 1
     assert sched.config["beta_schedule"] == "scaled_linear"
     theirs = diffusers.DDIMScheduler.from_config(pndm.config)
-    assert _loop(S.DDIMScheduler.from_config(dict(pndm.config)), theirs) <= 1e-5
+    assert _loop(S.DDIMScheduler.from_config(dict(pndm.config)), theirs) <= TOL
 
 
 @pytest.mark.parametrize("make, message", [

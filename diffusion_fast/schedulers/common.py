@@ -76,8 +76,11 @@ def make_betas(config) -> torch.Tensor:
         betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=torch.float32) ** 2
     elif config.beta_schedule == "squaredcos_cap_v2":
         betas = betas_for_alpha_bar(n)
+    elif config.beta_schedule == "sigmoid":  # GeoDiff's schedule (diffusers' DDPM has it)
+        betas = torch.sigmoid(torch.linspace(-6, 6, n)) * (config.beta_end - config.beta_start) + config.beta_start
     else:
-        raise ValueError(f"beta_schedule must be linear, scaled_linear or squaredcos_cap_v2, got {config.beta_schedule!r}")
+        raise ValueError(
+            f"beta_schedule must be linear, scaled_linear, squaredcos_cap_v2 or sigmoid, got {config.beta_schedule!r}")
     if config.get("rescale_betas_zero_snr"):
         betas = rescale_zero_terminal_snr(betas)
     return betas
@@ -109,7 +112,7 @@ def threshold_sample(sample, ratio, max_value):
 def as_timestep_tensor(timestep, device) -> torch.Tensor:
     """A timestep (int, float, 0-d or (B,) tensor) as a 1-d tensor on ``device``; never reads a device value."""
     t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
-    return t.to(device).reshape(-1)
+    return t.to(device=device, dtype=torch.long).reshape(-1)
 
 
 class SchedulerBase:
@@ -158,12 +161,40 @@ class SchedulerBase:
             raise ValueError(f"num_inference_steps must be in [1, {n_train}] (num_train_timesteps), got {num_inference_steps}")
 
     def _table(self, name, device):
-        """A coefficient table cached on ``device`` (tables live on the sample's device: no host round trips)."""
+        """A coefficient table cached on ``device`` (tables live on the sample's device: no host round trips).
+
+        ``set_timesteps`` empties the cache (the schedule-dependent tables change) and, given a device, fills it.
+        """
         cache = self.__dict__.setdefault("_device_tables", {})
-        key = (name, str(device))
+        key = (name, str(torch.device(device)))
         if key not in cache:
             cache[key] = getattr(self, name).to(device)
         return cache[key]
+
+    def _reset_tables(self, device, names=("alphas_cumprod",)):
+        self.__dict__.pop("_device_tables", None)
+        if device is not None:
+            for name in names:
+                self._table(name, device)
+
+    def _alphas(self, timesteps, like):
+        """alphas_cumprod at ``timesteps`` (int, 0-d or (B,)), in like's dtype, shaped to broadcast over ``like``."""
+        table = self._table("alphas_cumprod", like.device).to(like.dtype)
+        a = table.index_select(0, as_timestep_tensor(timesteps, like.device).long())
+        return a.view(-1, *([1] * (like.dim() - 1)))
+
+    def add_noise(self, original_samples, noise, timesteps):
+        """sqrt(a_t) * x + sqrt(1 - a_t) * noise, with one timestep for all samples or one per sample."""
+        a = self._alphas(timesteps, original_samples)
+        return a**0.5 * original_samples + (1 - a) ** 0.5 * noise
+
+    def get_velocity(self, sample, noise, timesteps):
+        """The v-prediction target sqrt(a_t) * noise - sqrt(1 - a_t) * sample (diffusers' get_velocity)."""
+        a = self._alphas(timesteps, sample)
+        return a**0.5 * noise - (1 - a) ** 0.5 * sample
+
+    def __len__(self):
+        return self.config.num_train_timesteps
 
 
 def read_config(folder, subfolder=None) -> dict:

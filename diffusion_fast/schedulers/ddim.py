@@ -49,14 +49,18 @@ class DDIMScheduler(SchedulerBase):
         self._check_steps(num_inference_steps)
         self.num_inference_steps = int(num_inference_steps)
         self.timesteps = torch.from_numpy(spaced_timesteps(self.config, self.num_inference_steps)).to(device)
+        self._reset_tables(device, ("alphas_cumprod", "final_alpha_cumprod"))
 
     def scale_model_input(self, sample, timestep=None):
         return sample
 
-    def alphas_at(self, timestep, device):
-        """(alpha_prod_t, alpha_prod_t_prev) as 1-d device tensors, without reading the timestep on the host."""
+    def alphas_at(self, timestep, device=None):
+        """(alpha_prod_t, alpha_prod_t_prev) as 1-d tensors on ``device`` (default: the timestep's device, else the
+        device given to set_timesteps), looked up without reading the timestep on the host."""
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps(num_inference_steps) before step")
+        if device is None:
+            device = timestep.device if torch.is_tensor(timestep) else self.timesteps.device
         t = as_timestep_tensor(timestep, device)
         table = self._table("alphas_cumprod", device)
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
@@ -67,12 +71,15 @@ class DDIMScheduler(SchedulerBase):
         return alpha_t, alpha_prev
 
     def _noise(self, eta, model_output, generator, variance_noise):
+        """The variance noise for eta > 0: given, or drawn as diffusers draws it (same generator, device, dtype)."""
+        if eta <= 0:
+            return None  # diffusers ignores generator and variance_noise at eta = 0, and so do we
         if generator is not None and variance_noise is not None:
             raise ValueError("Cannot pass both generator and variance_noise. Use one of them.")
-        if eta > 0 and variance_noise is None:
+        if variance_noise is None:
             variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                           dtype=model_output.dtype)
-        return variance_noise if eta > 0 else None
+        return variance_noise
 
     def step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
              variance_noise=None, return_dict=True):
@@ -122,13 +129,3 @@ class DDIMScheduler(SchedulerBase):
         if noise is not None:
             prev = prev + std * noise
         return prev, x0
-
-    def add_noise(self, original_samples, noise, timesteps):
-        """sqrt(a_t) * x + sqrt(1 - a_t) * noise, with a timestep per sample (or one for all)."""
-        table = self._table("alphas_cumprod", original_samples.device).to(original_samples.dtype)
-        a = table.index_select(0, as_timestep_tensor(timesteps, original_samples.device))
-        a = a.view(-1, *([1] * (original_samples.dim() - 1)))
-        return a**0.5 * original_samples + (1 - a) ** 0.5 * noise
-
-    def __len__(self):
-        return self.config.num_train_timesteps

@@ -1,7 +1,14 @@
 """DDPM (Ho et al. 2020) ancestral sampling with diffusers' semantics, its arithmetic in one fused op per step.
 
 The previous timestep is the next entry of ``timesteps`` (found on the device, without a host read), the noise scale
-follows ``variance_type`` (fixed_small, fixed_small_log, fixed_large), and no noise is added at the final step.
+follows ``variance_type`` (fixed_small, fixed_small_log, fixed_large, fixed_large_log), and no noise is added at the
+final step.
+
+One deliberate difference: diffusers' ``fixed_large_log`` computes ``log(beta_t) ** 0.5``, the square root of a
+negative number, so every noisy step is NaN there. We use what the name means (GLIDE's max_log: the log-variance
+is log(beta_t), so the noise scale is exp(0.5 * log(beta_t)) = sqrt(beta_t)), i.e. the numbers of ``fixed_large``.
+
+The learned variance types need a model that predicts its variance and are rejected with a ValueError.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ from .common import (
     threshold_sample,
 )
 
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
 
 
 class DDPMScheduler(SchedulerBase):
@@ -50,7 +57,7 @@ class DDPMScheduler(SchedulerBase):
         timesteps = spaced_timesteps(self.config, self.num_inference_steps)
         self.timesteps = torch.from_numpy(timesteps).to(device)
         self._ext = torch.cat([torch.from_numpy(timesteps), torch.tensor([-1])])
-        self.__dict__.pop("_device_tables", None)
+        self._reset_tables(device, ("alphas_cumprod", "_ext"))
 
     def scale_model_input(self, sample, timestep=None):
         return sample
@@ -59,6 +66,10 @@ class DDPMScheduler(SchedulerBase):
         """The timestep after ``t`` in the schedule (-1 after the last), looked up on t's device."""
         if self.num_inference_steps is None:
             return t - 1
+        if t.device.type == "cpu":  # a host timestep may be checked freely (diffusers fails with an IndexError)
+            missing = [int(v) for v in t.reshape(-1) if not bool((self._ext[:-1] == v).any())]
+            if missing:
+                raise ValueError(f"timestep {missing} is not in this scheduler's timesteps {self._ext[:-1].tolist()}")
         ext = self._table("_ext", t.device)
         index = (ext[:-1].unsqueeze(0) == t.unsqueeze(1)).int().argmax(dim=1)
         return ext.index_select(0, index + 1)
@@ -70,7 +81,7 @@ class DDPMScheduler(SchedulerBase):
         alpha_t = table.index_select(0, t)
         alpha_prev = torch.where(prev_t >= 0, table.index_select(0, prev_t.clamp(min=0)), torch.ones_like(alpha_t))
         current_beta = 1 - alpha_t / alpha_prev
-        if self.config.variance_type == "fixed_large":
+        if self.config.variance_type in ("fixed_large", "fixed_large_log"):  # see the module docstring for _log
             std = current_beta**0.5
         else:  # fixed_small, and fixed_small_log (exp(0.5 * log var) is the same std)
             std = ((1 - alpha_prev) / (1 - alpha_t) * current_beta).clamp(min=1e-20) ** 0.5
@@ -104,12 +115,3 @@ class DDPMScheduler(SchedulerBase):
         if noise is not None:
             prev = prev + std.view(shape).to(sample.dtype) * noise
         return prev, x0
-
-    def add_noise(self, original_samples, noise, timesteps):
-        table = self._table("alphas_cumprod", original_samples.device).to(original_samples.dtype)
-        a = table.index_select(0, as_timestep_tensor(timesteps, original_samples.device))
-        a = a.view(-1, *([1] * (original_samples.dim() - 1)))
-        return a**0.5 * original_samples + (1 - a) ** 0.5 * noise
-
-    def __len__(self):
-        return self.config.num_train_timesteps

@@ -1,7 +1,10 @@
 """Euler (Karras et al. 2022, Algorithm 2) with diffusers' EulerDiscreteScheduler semantics.
 
-Like diffusers, the sigma table is kept on the CPU and the step index is Python state, so the churn condition and the
-table lookups never read the device; the arithmetic runs as one fused op (computed in fp32, as diffusers does).
+Like diffusers, the step index is Python state. Unlike diffusers (whose churn test ``s_tmin <= sigma <= s_tmax``
+reads a device sigma every step), the churn decision reads a CPU copy of the sigmas and the arithmetic takes its
+sigmas from a device copy sliced by the step index: ``step`` never waits on the device. The one host read left is
+diffusers' own: the first step finds its index by looking the timestep up in the schedule, unless the caller set
+``set_begin_index`` (as diffusers' pipelines do). The arithmetic runs as one fused op, in fp32 as diffusers does.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ class EulerDiscreteScheduler(SchedulerBase):
         self.timesteps = torch.tensor([0.25 * s.log() for s in sigmas]) if self._continuous_v() else timesteps
         self.sigmas = torch.cat([sigmas, torch.zeros(1)])
         self._step_index = None
+        self._begin_index = None
 
     def _continuous_v(self):
         return self.config.timestep_type == "continuous" and self.config.prediction_type == "v_prediction"
@@ -49,7 +53,18 @@ class EulerDiscreteScheduler(SchedulerBase):
 
     @property
     def step_index(self):
+        """The index of the next step into ``sigmas`` (None before the first step)."""
         return self._step_index
+
+    @property
+    def begin_index(self):
+        """The first step's index, set by a pipeline with ``set_begin_index`` (img2img starts mid-schedule)."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index=0):
+        if isinstance(begin_index, bool) or not isinstance(begin_index, int) or begin_index < 0:
+            raise ValueError(f"begin_index must be a non-negative int, got {begin_index!r}")
+        self._begin_index = begin_index
 
     def set_timesteps(self, num_inference_steps, device=None):
         self._check_steps(num_inference_steps)
@@ -59,7 +74,7 @@ class EulerDiscreteScheduler(SchedulerBase):
             timesteps = np.linspace(0, c.num_train_timesteps - 1, n, dtype=np.float32)[::-1].copy()
         else:
             timesteps = spaced_timesteps(c, n, dtype=np.float32)
-        base = np.array(((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5)
+        base = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
         log_sigmas = np.log(base)
         if c.interpolation_type == "linear":
             sigmas = np.interp(timesteps, np.arange(0, len(base)), base)
@@ -78,17 +93,23 @@ class EulerDiscreteScheduler(SchedulerBase):
             self.timesteps = torch.tensor([0.25 * s.log() for s in sigmas[:-1]]).to(device)
         else:
             self.timesteps = torch.from_numpy(timesteps.astype(np.float32)).to(device)
-        self.sigmas = sigmas  # CPU, like diffusers: looked up by a Python step index
+        self.sigmas = sigmas  # CPU; a device copy is made per device (no host read when stepping)
+        self._reset_tables(device, ("sigmas",))
         self._step_index = None
+        self._begin_index = None
 
-    def _init_step_index(self, timestep):
-        """The index of ``timestep`` in the schedule (the second match if it appears twice, as diffusers)."""
-        schedule = self.timesteps.cpu()
+    def index_for_timestep(self, timestep, schedule_timesteps=None):
+        """The index of ``timestep`` in the schedule: the second match if it appears twice, as diffusers (so that
+        starting mid-schedule does not skip a sigma). Reads the timestep on the host."""
+        schedule = (self.timesteps if schedule_timesteps is None else schedule_timesteps).cpu()
         t = timestep.cpu() if torch.is_tensor(timestep) else torch.tensor(timestep)
         matches = (schedule == t).nonzero()
         if len(matches) == 0:
             raise ValueError(f"timestep {float(t)} is not in this scheduler's timesteps (call set_timesteps first)")
-        self._step_index = int(matches[1 if len(matches) > 1 else 0])
+        return int(matches[1 if len(matches) > 1 else 0])
+
+    def _init_step_index(self, timestep):
+        self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
 
     def scale_model_input(self, sample, timestep):
         if self._step_index is None:
@@ -108,27 +129,36 @@ class EulerDiscreteScheduler(SchedulerBase):
         if gamma > 0:
             noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                  dtype=model_output.dtype)
-        prev, x0 = ops.euler_step(model_output, sample, self.sigmas[self._step_index],
-                                  self.sigmas[self._step_index + 1], gamma=gamma, s_noise=s_noise, noise=noise,
-                                  prediction_type=self.config.prediction_type)
+        i = self._step_index
+        sigmas = self._table("sigmas", sample.device)  # sliced, not read: no host sync
+        if i + 1 >= len(self.sigmas):
+            raise ValueError(f"step called {i + 1} times for a {self.num_inference_steps}-step schedule")
+        prev, x0 = ops.euler_step(model_output, sample, sigmas[i:i + 1], sigmas[i + 1:i + 2], gamma=gamma,
+                                  s_noise=s_noise, noise=noise, prediction_type=self.config.prediction_type)
         self._step_index += 1
         return SchedulerOutput(prev, x0) if return_dict else (prev, x0)
 
+    def _step_indices(self, timesteps):
+        """Per-sample sigma indices for add_noise, as diffusers: looked up per timestep when no begin index is set
+        (training), else the current step (inpainting, after the first step) or the begin index (img2img)."""
+        ts = timesteps.reshape(-1) if torch.is_tensor(timesteps) else torch.tensor([timesteps], dtype=torch.float32)
+        if self._begin_index is None:
+            return [self.index_for_timestep(t) for t in ts]
+        return [self._step_index if self._step_index is not None else self._begin_index] * ts.shape[0]
+
     def add_noise(self, original_samples, noise, timesteps):
-        """x + sigma(t) * noise, sigma looked up per sample by the timestep's index in the schedule."""
-        schedule = self.timesteps.cpu()
-        ts = timesteps.reshape(-1).cpu() if torch.is_tensor(timesteps) else torch.tensor([timesteps]).reshape(-1)
-        idx = []
-        for t in ts:
-            matches = (schedule == t).nonzero()
-            if len(matches) == 0:
-                raise ValueError(f"timesteps: {float(t)} is not in this scheduler's timesteps")
-            idx.append(int(matches[1 if len(matches) > 1 else 0]))
-        sigma = self.sigmas[idx].to(original_samples.device, original_samples.dtype)
+        """x + sigma * noise, sigma per sample (see _step_indices)."""
+        sigma = self.sigmas[self._step_indices(timesteps)].to(original_samples.device, original_samples.dtype)
         return original_samples + noise * sigma.view(-1, *([1] * (original_samples.dim() - 1)))
 
-    def __len__(self):
-        return self.config.num_train_timesteps
+    def get_velocity(self, sample, noise, timesteps):
+        """diffusers' Euler get_velocity: alphas_cumprod indexed by the timesteps' step indices (its quirk)."""
+        if isinstance(timesteps, int) or (torch.is_tensor(timesteps) and not timesteps.is_floating_point()):
+            raise ValueError("EulerDiscreteScheduler.get_velocity takes scheduler.timesteps (floats), not indices")
+        ts = timesteps.reshape(-1) if torch.is_tensor(timesteps) else torch.tensor([timesteps], dtype=torch.float32)
+        a = self.alphas_cumprod[[self.index_for_timestep(t) for t in ts]].to(sample.device, sample.dtype)
+        a = a.view(-1, *([1] * (sample.dim() - 1)))
+        return a**0.5 * noise - (1 - a) ** 0.5 * sample
 
 
 def _sigma_to_t(sigma, log_sigmas):
