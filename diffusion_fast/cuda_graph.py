@@ -3,7 +3,9 @@
 ``GraphedCallable(fn)(*args)``: for CUDA tensor inputs, the first call with a given signature (each tensor's shape,
 dtype, device and strides, plus the values of the non-tensor arguments) warms ``fn`` up on a side stream, then
 captures it into a graph whose input buffers are static; later calls copy the inputs into those buffers and replay.
-All graphs share one memory pool, so a graph per resolution costs little extra memory.
+All graphs of one GraphedCallable share one memory pool (the first graph's), so a graph per resolution costs little
+extra memory; the pool lives exactly as long as its graphs (a process-wide pool outliving freed graphs trips an
+allocator assert in torch 2.11).
 
 What a replay returns is the graph's static output: valid until the next call with the same signature (callers
 consume it immediately, or clone it). Weights are read by address: changing parameters in place (``.copy_()``, LoRA
@@ -40,15 +42,15 @@ def _map_tensors(obj, fn):
 
 
 class GraphedCallable:
-    _pool = None  # one memory pool for every graph in the process
-
     def __init__(self, fn, *, num_warmup: int = 2):
         self.fn, self.num_warmup = fn, num_warmup
         self._graphs = {}  # signature -> (graph, static inputs, static output) or None (eager)
+        self._pool = None  # the first graph's memory pool, shared by the later ones
 
     def reset(self):
         """Drop every captured graph (after replacing parameter tensors, or to free their memory)."""
         self._graphs.clear()
+        self._pool = None
 
     def __len__(self):
         return sum(1 for g in self._graphs.values() if g is not None)
@@ -79,11 +81,11 @@ class GraphedCallable:
                 for _ in range(self.num_warmup):
                     self.fn(*static_args)
             torch.cuda.current_stream().wait_stream(side)
-            if GraphedCallable._pool is None:
-                GraphedCallable._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=GraphedCallable._pool):
+            with torch.cuda.graph(graph, pool=self._pool):
                 static_out = self.fn(*static_args)
+            if self._pool is None:
+                self._pool = graph.pool()
             return graph, static_args, static_out
         except Exception as exc:  # capture is an optimisation: fall back to eager, loudly
             warnings.warn(f"diffusion_fast: CUDA graph capture failed ({type(exc).__name__}: {exc}); running eagerly",

@@ -1,0 +1,183 @@
+"""End-to-end sampling benchmark on a CUDA GPU, one command:
+
+    python benchmarks/gpu_e2e.py [--steps 50] [--repeats 3] [--out benchmarks/results/gpu_e2e.jsonl] [--no-compile]
+
+SD1.5's architecture with random weights (nothing is downloaded), fp16, 512x512, CFG 7.5, DDIM, batch 1. Measured
+side by side in one run, medians of --repeats whole calls (text encoding and the loop, latents out, no VAE decode):
+diffusers eager (SDPA), diffusers + torch.compile (default mode; skipped with --no-compile), diffusers +
+diffusion_fast.accelerate, and our pipeline (fast with CUDA graphs, fast without, reference). Quality: PSNR of our
+fp16 image (and diffusers' fp16 image) against our fp32 reference-path image for the same seed. Also the time from a
+fresh process start to its first image (``diffusion-fast generate`` in a subprocess, cold Triton cache or not as
+found). Appends one JSON record to --out and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import diffusion_fast
+from diffusion_fast import backend, tiny
+from diffusion_fast.numerics import psnr
+from diffusion_fast.pipeline import StableDiffusionPipeline
+
+PROMPT = "a photograph of an astronaut riding a horse"
+
+
+def timed(fn, repeats):
+    fn()  # warm-up: Triton compilation/autotune, graph capture, cuDNN algorithm choice
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def first_image_seconds(folder, steps):
+    """Seconds from starting a fresh process to its first image written, as a new user would see it."""
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "diffusion_fast.cli", "generate", "--model", folder, "--steps", str(steps),
+             "--no-progress", "--output", os.path.join(out, "first.png")],
+            capture_output=True, text=True, timeout=600,
+        )
+        seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return None, proc.stderr[-2000:]
+    return seconds, proc.stdout[-500:]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "gpu_e2e.jsonl"))
+    parser.add_argument("--no-compile", action="store_true", help="skip diffusers + torch.compile")
+    parser.add_argument("--folder", default=None, help="reuse an SD-layout folder instead of writing a random one")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_e2e.py needs a CUDA GPU")
+    import diffusers
+    import triton
+
+    device, dtype, steps = torch.device("cuda"), torch.float16, args.steps
+    folder = args.folder or tempfile.mkdtemp(prefix="sd15-random-")
+    if not args.folder:
+        t0 = time.perf_counter()
+        tiny.write_sd15_pipeline(folder, seed=0)
+        print(f"wrote SD1.5-architecture random weights to {folder} in {time.perf_counter() - t0:.1f} s", flush=True)
+    rows, notes = [], []
+
+    def add(system, seconds, times, **extra):
+        rows.append({"system": system, "it_per_s": steps / seconds, "median_s": seconds,
+                     "times_s": [round(t, 4) for t in times], **extra})
+        print(f"{system:45s} {steps / seconds:8.2f} it/s  (median {seconds:.3f} s)", flush=True)
+
+    def gen():
+        return torch.Generator("cpu").manual_seed(0)
+
+    # ---- our pipeline --------------------------------------------------------------------------------------------
+    ours = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, device=device)
+    ours.set_progress_bar_config(disable=True)
+
+    def run_ours(name, graph=True):
+        ours.cuda_graph = "auto" if graph else False
+        with backend(name):
+            return ours(PROMPT, num_inference_steps=steps, generator=gen(), output_type="latent")
+
+    for label, name, graph in (("diffusion_fast pipeline (fast, CUDA graph)", "fast", True),
+                               ("diffusion_fast pipeline (fast, no graph)", "fast", False),
+                               ("diffusion_fast pipeline (reference)", "reference", False)):
+        try:
+            add(label, *timed(lambda: run_ours(name, graph), args.repeats))
+        except Exception as exc:  # one failing system must not hide the others
+            notes.append(f"{label}: {type(exc).__name__}: {exc}")
+            print(notes[-1], flush=True)
+    ours.cuda_graph = "auto"
+    with backend("fast"):
+        img_fast = ours(PROMPT, num_inference_steps=steps, generator=gen(), output_type="np").images
+    del ours
+    torch.cuda.empty_cache()
+    ref32 = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, device=device)
+    ref32.set_progress_bar_config(disable=True)
+    with backend("reference"):
+        img_ref32 = ref32(PROMPT, num_inference_steps=steps, generator=gen(), output_type="np").images
+    del ref32
+    torch.cuda.empty_cache()
+
+    # ---- diffusers -----------------------------------------------------------------------------------------------
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run_diffusers(output_type="latent"):
+        return pipe(PROMPT, num_inference_steps=steps, generator=gen(), output_type=output_type).images
+
+    add("diffusers eager (SDPA)", *timed(run_diffusers, args.repeats))
+    img_diffusers = run_diffusers("np")
+    try:
+        diffusion_fast.accelerate(pipe)
+        add("diffusers + diffusion_fast.accelerate", *timed(run_diffusers, args.repeats),
+            report=str(getattr(pipe, "_diffusion_fast_report", "")))
+        img_accel = run_diffusers("np")
+        diffusion_fast.restore(pipe)
+    except Exception as exc:
+        notes.append(f"accelerate: {type(exc).__name__}: {exc}")
+        print(notes[-1], flush=True)
+        img_accel = None
+    if not args.no_compile:
+        try:
+            original = pipe.unet
+            pipe.unet = torch.compile(pipe.unet)
+            t0 = time.perf_counter()
+            run_diffusers()
+            compile_s = time.perf_counter() - t0
+            add("diffusers + torch.compile (default mode)", *timed(run_diffusers, args.repeats),
+                compile_seconds=round(compile_s, 1))
+            pipe.unet = original
+        except Exception as exc:
+            notes.append(f"torch.compile: {type(exc).__name__}: {str(exc)[:300]}")
+            print(notes[-1], flush=True)
+    del pipe
+    torch.cuda.empty_cache()
+
+    first_s, first_log = first_image_seconds(folder, steps)
+    quality = {"psnr_ours_fp16_vs_fp32_reference_db": psnr(img_fast, img_ref32),
+               "psnr_diffusers_fp16_vs_our_fp32_reference_db": psnr(img_diffusers, img_ref32)}
+    if img_accel is not None:
+        quality["psnr_accelerated_vs_diffusers_fp16_db"] = psnr(img_accel, img_diffusers)
+    eager = next(r["it_per_s"] for r in rows if r["system"].startswith("diffusers eager"))
+    for r in rows:
+        r["speedup_vs_diffusers_eager"] = r["it_per_s"] / eager
+    record = {
+        "benchmark": "gpu_e2e", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
+        "config": f"SD1.5 architecture, random weights, fp16, 512x512, CFG 7.5, {steps} DDIM steps, batch 1",
+        "rows": rows, "quality": quality, "first_image_seconds": first_s, "notes": notes,
+    }
+    if first_s is None:
+        notes.append(f"first-image subprocess failed: {first_log}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print("\n" + "\n".join(f"{r['system']:45s} {r['it_per_s']:8.2f} it/s  {r['speedup_vs_diffusers_eager']:5.2f}x"
+                            for r in rows))
+    print(json.dumps(quality, indent=1), f"\nfirst image from process start: {first_s} s", "\nnotes:", notes)
+    print(f"appended to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
