@@ -1,0 +1,364 @@
+"""Our UNet and VAE against diffusers' own models: same folders, same weights, same outputs.
+
+diffusers is the reference here (imported by the tests only; the package never imports it). Each diffusers model is
+built from the tiny configs in ``diffusion_fast.tiny`` with a fixed seed, written with ``save_pretrained`` and read
+back by our ``from_pretrained``. fp32 outputs must agree to a relative error (||ours - theirs|| / ||theirs||) of 1e-5
+under the "reference" backend (plain PyTorch ops) and the default "fast" one (C++ GroupNorm, SDPA on CPU).
+"""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import diffusion_fast
+from diffusion_fast import ops, tiny
+from diffusion_fast.models import AutoencoderKL, UNet2DConditionModel
+
+diffusers = pytest.importorskip("diffusers")
+
+REL = 1e-5
+BACKENDS = ("reference", "fast")
+
+# SDXL-shaped, tiny: text_time conditioning, per-block transformer depth (1, 2), linear projections, a down block
+# without attention first (SDXL's order), head dims 16 and 16.
+SDXL_TINY = dict(
+    sample_size=8, in_channels=4, out_channels=4,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+    block_out_channels=[32, 64], layers_per_block=1, attention_head_dim=[2, 4], transformer_layers_per_block=[1, 2],
+    use_linear_projection=True, cross_attention_dim=40, norm_num_groups=16, addition_embed_type="text_time",
+    addition_time_embed_dim=8, projection_class_embeddings_input_dim=24 + 6 * 8,
+)
+
+
+def rel_err(ours, theirs):
+    assert ours.shape == theirs.shape, f"shape {tuple(ours.shape)} != {tuple(theirs.shape)}"
+    assert torch.isfinite(ours).all(), "non-finite output"
+    return ((ours.double() - theirs.double()).norm() / theirs.double().norm()).item()
+
+
+def _save(model, folder, **kwargs):
+    model.save_pretrained(folder, safe_serialization=True, **kwargs)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """diffusers models (seeded) and the folders they were written to, built once for the module."""
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for name, build in (
+        ("sd1", lambda: diffusers.UNet2DConditionModel(**tiny.unet_config("sd1"))),
+        ("sd2", lambda: diffusers.UNet2DConditionModel(**tiny.unet_config("sd2"))),
+        ("sdxl", lambda: diffusers.UNet2DConditionModel(**SDXL_TINY)),
+        ("vae", lambda: diffusers.AutoencoderKL(**tiny.vae_config())),
+    ):
+        torch.manual_seed({"sd1": 0, "sd2": 1, "sdxl": 2, "vae": 3}[name])
+        model = build().eval()
+        out[name] = (model, _save(model, root / name))
+    return out
+
+
+def unet_inputs(variant, batch=2, hw=(8, 8), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cross = (SDXL_TINY if variant == "sdxl" else tiny.unet_config(variant))["cross_attention_dim"]
+    sample = torch.randn(batch, 4, *hw, generator=g)
+    # 77 keys: CLIP's real sequence length, not a multiple of any block size.
+    context = torch.randn(batch, 77, cross, generator=g)
+    return sample, context
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["sd1", "sd2"])
+def test_unet_matches_diffusers(saved, variant, backend):
+    theirs, folder = saved[variant]
+    ours = UNet2DConditionModel.from_pretrained(folder)
+    sample, context = unet_inputs(variant)
+    # One timestep per sample (the pipeline's CFG batch shares one; img2img batches need not), and a shared int one.
+    for timestep in (torch.tensor([981, 3]), 500):
+        with torch.no_grad(), diffusion_fast.backend(backend):
+            out = ours(sample, timestep, context)
+        with torch.no_grad():
+            ref = theirs(sample, timestep, context).sample
+        assert rel_err(out, ref) <= REL, (variant, backend, timestep)
+
+
+@pytest.mark.parametrize("hw", [(7, 9), (8, 10)])
+def test_unet_odd_latent_sizes(saved, hw):
+    # 7x9: odd on both sides, so the upsampler must take the skip's size, not 2x; 8x10 (64x80 px): 10 is not a
+    # multiple of 4 (two upsamplers in the sd2 config), so the first upsample must be told its output size.
+    theirs, folder = saved["sd2"]
+    ours = UNet2DConditionModel.from_pretrained(folder)
+    sample, context = unet_inputs("sd2", batch=1, hw=hw)
+    with torch.no_grad():
+        out = ours(sample, 250, context)
+        ref = theirs(sample, 250, context).sample
+    assert rel_err(out, ref) <= REL
+
+
+@pytest.mark.parametrize("timestep", [
+    7, 7.0,  # Python int and float
+    torch.tensor(7), torch.tensor(7.0, dtype=torch.float64),  # 0-d int and float tensors
+    torch.tensor([7, 7]),  # already per-sample
+], ids=["int", "float", "0d-int", "0d-float64", "per-sample"])
+def test_unet_timestep_forms(saved, timestep):
+    theirs, folder = saved["sd1"]
+    ours = UNet2DConditionModel.from_pretrained(folder)
+    sample, context = unet_inputs("sd1", hw=(4, 4))
+    with torch.no_grad():
+        ref = theirs(sample, torch.tensor([7, 7]), context).sample
+        assert rel_err(ours(sample, timestep, context), ref) <= REL
+
+
+def test_unet_forward_never_reads_values_on_host():
+    # Meta tensors have no values: any .item(), bool() or Python branch on a device value raises. A forward that runs
+    # on meta can be captured in a CUDA graph (no host sync).
+    with torch.device("meta"):
+        model = UNet2DConditionModel.from_config(tiny.unet_config("sd1"))
+        sample, t, context = torch.randn(2, 4, 7, 9), torch.tensor([1.0, 500.0]), torch.randn(2, 5, 32)
+    with diffusion_fast.backend("reference"):  # our kernels need real memory; the reference ops run on meta
+        assert model(sample, t, context).shape == (2, 4, 7, 9)
+
+
+def test_unet_bad_inputs_name_the_argument(saved):
+    ours = UNet2DConditionModel.from_pretrained(saved["sd1"][1])
+    sample, context = unet_inputs("sd1", hw=(4, 4))
+    with pytest.raises(ValueError, match="timestep"):
+        ours(sample, torch.tensor([1, 2, 3]), context)
+    with pytest.raises(TypeError, match="timestep"):
+        ours(sample, "10", context)
+    with pytest.raises(ValueError, match="sample"):
+        ours(sample[:, :3], 10, context)
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        ours(sample, 10, context[..., :31])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vae_matches_diffusers(saved, backend):
+    theirs, folder = saved["vae"]
+    ours = AutoencoderKL.from_pretrained(folder)
+    g = torch.Generator().manual_seed(1)
+    # 24x40 px: 3x5 latents, odd, and wider than tall.
+    image, latents = torch.randn(2, 3, 24, 40, generator=g), torch.randn(2, 4, 6, 10, generator=g)
+    with torch.no_grad(), diffusion_fast.backend(backend):
+        decoded = ours.decode(latents)
+        posterior = ours.encode(image)
+        drawn = posterior.sample(generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref_decoded = theirs.decode(latents).sample
+        ref_posterior = theirs.encode(image).latent_dist
+        ref_drawn = ref_posterior.sample(generator=torch.Generator().manual_seed(5))
+    assert rel_err(decoded, ref_decoded) <= REL
+    assert rel_err(posterior.mean, ref_posterior.mean) <= REL
+    assert rel_err(posterior.std, ref_posterior.std) <= REL
+    assert rel_err(drawn, ref_drawn) <= REL  # noise drawn exactly as diffusers draws it
+    assert posterior.latent_dist is posterior and torch.equal(posterior.mode(), posterior.mean)
+    assert ours.config.scaling_factor == theirs.config.scaling_factor
+    with pytest.raises(ValueError, match="z"):
+        ours.decode(latents[:, :3])
+
+
+def test_vae_legacy_attention_keys_load(saved, tmp_path):
+    # Old SD VAE files name the mid-block attention query/key/value/proj_attn, some as 1x1-conv (C, C, 1, 1) weights.
+    theirs, folder = saved["vae"]
+    state = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    legacy = {}
+    for key, value in state.items():
+        for new, old in (("to_q.", "query."), ("to_k.", "key."), ("to_v.", "value."), ("to_out.0.", "proj_attn.")):
+            if ".attentions.0." in key and new in key:
+                key = key.replace(new, old)
+                value = value[:, :, None, None] if value.dim() == 2 and old != "value." else value
+        legacy[key] = value.contiguous()
+    assert any("proj_attn" in k for k in legacy)
+    (tmp_path / "config.json").write_text(open(os.path.join(folder, "config.json")).read())
+    save_file(legacy, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    ours = AutoencoderKL.from_pretrained(tmp_path)
+    latents = torch.randn(1, 4, 3, 5)
+    with torch.no_grad():
+        assert rel_err(ours.decode(latents), theirs.decode(latents).sample) <= REL
+
+
+def test_triton_path_matches_reference(saved):
+    # The Triton kernels (interpreter on CPU, compiled on GPU) inside a whole UNet: batch 1 and 3x5 latents keep the
+    # interpreter fast; 3x5 is odd, so the upsampler gets an explicit size. sd1 has head dim 12 (not a power of 2).
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ours = UNet2DConditionModel.from_pretrained(saved["sd1"][1], device=device)
+    sample, context = unet_inputs("sd1", batch=1, hw=(3, 5))
+    sample, context = sample.to(device), context.to(device)
+    with torch.no_grad():
+        with diffusion_fast.backend("reference"):
+            ref = ours(sample, 321, context)
+        with diffusion_fast.backend("triton"):
+            out = ours(sample, 321, context)
+    assert rel_err(out, ref) <= 1e-4
+
+
+def test_fused_ops_run_at_every_site(saved, monkeypatch):
+    """Every GroupNorm->SiLU site calls the fused op once, every transformer GroupNorm calls it without SiLU, and
+    attention gets (B, H, L, D) views of the projections (no copies)."""
+    ours = UNet2DConditionModel.from_pretrained(saved["sd1"][1])
+    calls = {"gn_silu": 0, "gn": 0, "attention": 0, "views": 0}
+    real_gn, real_attn = ops.group_norm_silu, ops.attention
+
+    def gn_spy(x, groups, weight=None, bias=None, eps=1e-5, *, silu=True, **kw):
+        calls["gn_silu" if silu else "gn"] += 1
+        return real_gn(x, groups, weight, bias, eps, silu=silu, **kw)
+
+    def attn_spy(q, k, v, **kw):
+        calls["attention"] += 1
+        calls["views"] += all(t._base is not None for t in (q, k, v))
+        return real_attn(q, k, v, **kw)
+
+    monkeypatch.setattr(ops, "group_norm_silu", gn_spy)
+    monkeypatch.setattr(ops, "attention", attn_spy)
+    sample, context = unet_inputs("sd1", hw=(4, 4))
+    with torch.no_grad():
+        ours(sample, 10, context)
+    names = [type(m).__name__ for m in ours.modules()]
+    # Two GN+SiLU per resnet plus conv_norm_out; one plain GN per Transformer2DModel; self + cross per block.
+    assert calls["gn_silu"] == 2 * names.count("ResnetBlock2D") + 1
+    assert calls["gn"] == names.count("Transformer2DModel") > 0
+    assert calls["attention"] == 2 * names.count("BasicTransformerBlock") > 0
+    assert calls["views"] == calls["attention"]
+
+
+def test_channels_last_model_same_output(saved):
+    ours = UNet2DConditionModel.from_pretrained(saved["sd2"][1])
+    sample, context = unet_inputs("sd2", hw=(7, 9))  # odd sizes: channels_last strides are not trivially NCHW's
+    with torch.no_grad():
+        ref = ours(sample, 99, context)
+        ours = ours.to(memory_format=torch.channels_last)
+        assert ours.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        out = ours(sample.to(memory_format=torch.channels_last), 99, context)
+    assert rel_err(out, ref) <= REL
+
+
+def test_sdxl_text_time_matches_diffusers(saved):
+    theirs, folder = saved["sdxl"]
+    ours = UNet2DConditionModel.from_pretrained(folder)
+    sample, context = unet_inputs("sdxl")
+    g = torch.Generator().manual_seed(3)
+    added = {"text_embeds": torch.randn(2, 24, generator=g),
+             "time_ids": torch.tensor([[64.0, 80.0, 0.0, 0.0, 64.0, 80.0]] * 2)}  # SDXL's size/crop conditioning
+    with torch.no_grad():
+        out = ours(sample, torch.tensor([10, 900]), context, added_cond_kwargs=added)
+        ref = theirs(sample, torch.tensor([10, 900]), context, added_cond_kwargs=added).sample
+    assert rel_err(out, ref) <= REL
+    with pytest.raises(ValueError, match="added_cond_kwargs"):
+        ours(sample, 10, context)
+
+
+def test_config_and_properties(saved):
+    ours = UNet2DConditionModel.from_pretrained(saved["sd1"][1], dtype=torch.float64)
+    assert ours.config.in_channels == 4 and ours.config["sample_size"] == 8
+    assert ours.config.norm_eps == 1e-5 and ours.config.upcast_attention is False  # diffusers' defaults filled in
+    assert ours.dtype == torch.float64 and ours.device == torch.device("cpu")
+    assert not ours.training
+    with pytest.raises(TypeError):
+        ours.config["in_channels"] = 3
+    changed = UNet2DConditionModel.from_config(ours.config, cross_attention_dim=16)
+    assert changed.config.cross_attention_dim == 16
+    vae = AutoencoderKL.from_pretrained(saved["vae"][1], dtype=torch.float16)
+    assert vae.dtype == torch.float16 and vae.config.force_upcast is True
+    with pytest.raises(TypeError, match="dtype"):
+        AutoencoderKL.from_pretrained(saved["vae"][1], dtype="fp16")
+
+
+# ---------------------------------------------------------------------------------------------------------- loading
+
+
+def _copy_folder(src, dst, state=None, config=None):
+    os.makedirs(dst, exist_ok=True)
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump({**cfg, **(config or {})}, f)
+    if state is not None:
+        save_file(state, os.path.join(dst, "diffusion_pytorch_model.safetensors"))
+    return str(dst)
+
+
+def test_missing_unexpected_and_misshaped_keys_in_one_error(saved, tmp_path):
+    folder = saved["sd1"][1]
+    state = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    del state["conv_in.bias"]
+    state["extra.weight"] = torch.zeros(3)
+    state["conv_out.weight"] = torch.zeros(4, 48, 1, 1)
+    bad = _copy_folder(folder, tmp_path / "bad", state)
+    with pytest.raises(ValueError) as info:
+        UNet2DConditionModel.from_pretrained(bad)
+    msg = str(info.value)
+    assert "missing" in msg and "conv_in.bias" in msg
+    assert "unexpected" in msg and "extra.weight" in msg
+    assert "mis-shaped" in msg and "conv_out.weight" in msg and "(4, 48, 1, 1)" in msg
+
+
+def test_pickle_bin_loads_through_weights_only(saved, tmp_path):
+    theirs, folder = saved["vae"]
+    state = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    dst = _copy_folder(folder, tmp_path / "bin")
+    torch.save(state, os.path.join(dst, "diffusion_pytorch_model.bin"))
+    ours = AutoencoderKL.from_pretrained(dst)
+    latents = torch.randn(1, 4, 2, 3)
+    with torch.no_grad():
+        assert rel_err(ours.decode(latents), theirs.decode(latents).sample) <= REL
+    # A pickle that would run code (any non-tensor object) is refused, naming the file.
+    torch.save({"conv_in.weight": _NotATensor()}, os.path.join(dst, "diffusion_pytorch_model.bin"))
+    with pytest.raises(ValueError, match=r"diffusion_pytorch_model\.bin.*weights_only"):
+        AutoencoderKL.from_pretrained(dst)
+
+
+class _NotATensor:
+    pass
+
+
+def test_variant_and_sharded_weights(saved, tmp_path):
+    theirs, _ = saved["sd1"]
+    sample, context = unet_inputs("sd1", hw=(4, 4))
+    with torch.no_grad():
+        ref = theirs(sample, 10, context).sample
+    variant = _save(theirs, tmp_path / "variant", variant="fp16")  # the name only: the data stays fp32
+    sharded = _save(theirs, tmp_path / "sharded", max_shard_size="200KB")
+    assert any(name.endswith(".index.json") for name in os.listdir(sharded))
+    for folder, kwargs in ((variant, {"variant": "fp16"}), (sharded, {})):
+        ours = UNet2DConditionModel.from_pretrained(folder, **kwargs)
+        with torch.no_grad():
+            assert rel_err(ours(sample, 10, context), ref) <= REL, folder
+    with pytest.raises(FileNotFoundError, match=r"diffusion_pytorch_model\.safetensors"):
+        UNet2DConditionModel.from_pretrained(variant)  # no variant asked: the plain file is not there
+
+
+def test_missing_folder_and_missing_weights(saved, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        UNet2DConditionModel.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        UNet2DConditionModel.from_pretrained(tmp_path)
+    no_weights = _copy_folder(saved["sd1"][1], tmp_path / "noweights")
+    with pytest.raises(FileNotFoundError) as info:
+        UNet2DConditionModel.from_pretrained(no_weights)
+    for looked_for in ("diffusion_pytorch_model.safetensors", "safetensors.index.json", "diffusion_pytorch_model.bin"):
+        assert looked_for in str(info.value)
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("down_block_types", ["CrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"], "SimpleCrossAttnDownBlock2D"),
+    ("up_block_types", ["AttnUpBlock2D", "CrossAttnUpBlock2D"], "AttnUpBlock2D"),
+    ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn", "mid_block_type"),
+    ("class_embed_type", "timestep", "class_embed_type"),
+    ("resnet_time_scale_shift", "scale_shift", "resnet_time_scale_shift"),
+    ("only_cross_attention", [True, False], "only_cross_attention"),
+    ("time_cond_proj_dim", 16, "time_cond_proj_dim"),
+    ("attention_type", "gated", "attention_type"),
+    ("addition_embed_type", "text_time", "addition_time_embed_dim"),  # text_time without its sizes
+])
+def test_unsupported_unet_config_names_the_field(field, value, named):
+    with pytest.raises(ValueError, match=named):
+        UNet2DConditionModel.from_config({**tiny.unet_config("sd1"), field: value})
+
+
+def test_unsupported_vae_config_names_the_field():
+    with pytest.raises(ValueError, match="'AttnDownEncoderBlock2D'"):
+        AutoencoderKL.from_config({**tiny.vae_config(), "down_block_types": ["AttnDownEncoderBlock2D"] * 3})
+    with pytest.raises(ValueError, match="act_fn"):
+        AutoencoderKL.from_config({**tiny.vae_config(), "act_fn": "gelu"})
