@@ -166,7 +166,7 @@ def _prune_configs(configs, named_args, **kwargs):
         else:
             ok = n in (32, 64) and s in (2, 3) and (block_d <= 128 or s == 2)
         if block_d >= 256:
-            ok = ok and m == 64  # a 64 x 256 fp32 accumulator is already 64 registers a thread on 8 warps
+            ok = ok and m == 64  # a 64 x 256 fp32 accumulator alone: 64 registers a thread on 8 warps
         elif m == 64 and w == 8:
             ok = False  # 8 warps on 64 rows only for the 256-wide heads
         if m == 128 and len_q <= 64:
@@ -188,7 +188,7 @@ def attention(q, k, v, *, scale=None):
         raise ValueError(f"q: head dim {q.shape[-1]} / dtype {q.dtype} is outside the kernel's range "
                          f"(head dim <= {MAX_HEAD_DIM}, dtype in {DTYPES}); use diffusion_fast.ops.attention")
     if q.device.type != "cuda" and not INTERPRET:
-        raise RuntimeError("q is on the CPU: the Triton kernel needs CUDA tensors or TRITON_INTERPRET=1")
+        raise ValueError(f"q is on {q.device}: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1)")
     # Row offsets inside one head are int32: a view whose rows lie 2^31 elements apart is copied first.
     q, k, v = (t if t.stride(-1) == 1 and t.stride(2) * t.shape[2] < 2**31 else t.contiguous() for t in (q, k, v))
     batch, heads, len_q, head_dim = q.shape
