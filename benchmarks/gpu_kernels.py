@@ -1,13 +1,19 @@
 """Kernel benchmark on a CUDA GPU, one command:
 
-    python benchmarks/gpu_kernels.py [--out benchmarks/results/gpu_kernels.jsonl] [--quick]
+    python benchmarks/gpu_kernels.py [--out benchmarks/results/gpu_kernels.jsonl] [--quick] [--dry-run]
 
-Measures, in one run with triton.testing.do_bench (medians): the GPU's ceilings (device-to-device copy bandwidth,
-counting bytes read + written; an fp16 8192^3 matrix product), then each kernel against PyTorch eager on SD1.5 and
-SDXL shapes: group_norm_silu vs F.group_norm + F.silu (fp16, NCHW and channels_last), flash attention vs
-F.scaled_dot_product_attention (fp16), and the fused CFG+DDIM step vs diffusers' CFG combine + DDIMScheduler.step.
-Each row: time, GB/s or TFLOP/s, the fraction of the measured ceiling, and the speedup. Appends one JSON record
-(GPU, versions, date, rows) to --out and prints a table. One failing row is recorded with its error; the run goes on.
+Measures in one run, with triton.testing.do_bench medians (do_bench clears the L2 cache before every timed call, so
+each row is a cold-cache time: small tensors that would stay in L2 inside a real pipeline are marked fits_L2):
+  (a) the ceilings: device-to-device copy bandwidth (1 GiB, bytes read + written) and 8192^3 fp16/bf16 matmul rates;
+  (b) group_norm_silu (ours, Triton) vs F.group_norm + F.silu, fp16, NCHW and channels_last, SD1.5 and SDXL UNet and
+      VAE-decoder shapes: time, GB/s (ideal bytes: read once + write once), fraction of copy bandwidth, speedup;
+  (c) attention (ours) vs F.scaled_dot_product_attention, fp16, SD1.5 and SDXL shapes: TFLOP/s (4*B*H*Lq*Lk*D) and
+      fraction of the fp16 matmul rate;
+  (d) cfg_ddim_step (ours, one launch) vs diffusers' CFG combine + DDIMScheduler.step, fp16 latents: GPU time, GB/s
+      (read uncond, text, sample; write prev and x0), fraction of copy bandwidth, speedup; plus the wall time per
+      call with Python launch cost (what an ungraphed loop pays) and the time inside a CUDA graph.
+Prints a table and appends one JSON record (GPU, torch/triton/CUDA versions, date, ceilings, rows) to --out.
+A failing row records its error and the run goes on. Needs the package installed (benchmarks/run_gpu.sh does it).
 """
 from __future__ import annotations
 
@@ -16,36 +22,75 @@ import datetime
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
 
-GN = {  # (N, C, H, W) per model at its native size; VAE decoder shapes are batch 1
+GN = {  # (N, C, H, W): UNet shapes carry the CFG batch of 2, VAE decoder shapes batch 1
     "SD1.5 UNet 512px": [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 1280, 8, 8)],
     "SD1.5 VAE dec 512px": [(1, 512, 64, 64), (1, 512, 128, 128), (1, 512, 256, 256), (1, 256, 512, 512),
                             (1, 128, 512, 512)],
     "SDXL UNet 1024px": [(2, 320, 128, 128), (2, 640, 64, 64), (2, 1280, 32, 32)],
+    # the decoder's up blocks at 1024px: 512 channels at 128 and 256, 256 at 512, 128 at 1024
     "SDXL VAE dec 1024px": [(1, 512, 128, 128), (1, 512, 256, 256), (1, 256, 512, 512), (1, 128, 1024, 1024)],
 }
-ATTN = {  # (B, H, Lq, Lk, D)
+ATTN = {  # (B, H, Lq, Lk, D): self-attention Lk = Lq, cross-attention Lk = 77 text tokens
     "SD1.5 512px": [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 8, 1024, 1024, 80), (2, 8, 1024, 77, 80),
-                    (2, 8, 256, 256, 160), (2, 8, 256, 77, 160), (2, 8, 64, 64, 160)],
+                    (2, 8, 256, 256, 160), (2, 8, 256, 77, 160), (2, 8, 64, 64, 160), (2, 8, 64, 77, 160)],
     "SDXL 1024px": [(2, 10, 4096, 4096, 64), (2, 10, 4096, 77, 64), (2, 20, 1024, 1024, 64), (2, 20, 1024, 77, 64)],
 }
 LATENTS = {"SD1.5 512px": [(1, 4, 64, 64), (2, 4, 64, 64)], "SDXL 1024px": [(1, 4, 128, 128), (4, 4, 128, 128)]}
+FP16_BYTES = 2
 
+
+def plan(quick=False):
+    """Every row the run will measure, as dicts without tensors (what --dry-run prints)."""
+    rows = []
+    for model, shapes in GN.items():
+        for shape in shapes[:2] if quick else shapes:
+            numel = shape[0] * shape[1] * shape[2] * shape[3]
+            for layout in ("NCHW", "channels_last"):
+                rows.append(dict(kernel="group_norm_silu", model=model, shape=shape, layout=layout, unit="GB/s",
+                                 amount=2 * numel * FP16_BYTES, baseline="F.group_norm + F.silu"))
+    for model, shapes in ATTN.items():
+        for bsz, heads, lq, lk, d in shapes[:2] if quick else shapes:
+            rows.append(dict(kernel="attention", model=model, shape=(bsz, heads, lq, lk, d), layout="fp16",
+                             unit="TFLOP/s", amount=4 * bsz * heads * lq * lk * d, baseline="F.sdpa"))
+    for model, shapes in LATENTS.items():
+        for shape in shapes:
+            numel = shape[0] * shape[1] * shape[2] * shape[3]
+            rows.append(dict(kernel="cfg_ddim_step", model=model, shape=shape, layout="fp16", unit="GB/s",
+                             amount=5 * numel * FP16_BYTES, baseline="diffusers CFG + DDIMScheduler.step"))
+    for row in rows:
+        row["shape"] = "x".join(map(str, row["shape"]))
+    return rows
+
+
+# ---- timing -------------------------------------------------------------------------------------------------------
 
 def median_ms(fn):
     import triton.testing
 
     try:
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    except TypeError:  # older triton: no return_mode
+    except TypeError:  # a triton without return_mode
         return triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5])[0]
 
 
-def graphed_ms(fn, replays=200):
-    """Median time of fn as one replay of a CUDA graph holding 20 back-to-back calls (per call)."""
+def wall_ms(fn, calls=200):
+    """Host wall time per call for back-to-back calls, synchronised at the end: includes Python launch cost."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / calls
+
+
+def graphed_ms(fn, calls=20):
+    """Per-call time of fn replayed from a CUDA graph holding `calls` back-to-back calls: no Python, no launch gaps."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -53,114 +98,196 @@ def graphed_ms(fn, replays=200):
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(20):
+        for _ in range(calls):
             fn()
-    return median_ms(graph.replay) / 20
+    return median_ms(graph.replay) / calls
 
 
 def ceilings():
     big = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")  # 1 GiB: far past L2
     dst = torch.empty_like(big)
     copy_gbs = 2 * big.numel() / (median_ms(lambda: dst.copy_(big)) * 1e-3) / 1e9
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
-    mm_tflops = 2 * 8192**3 / (median_ms(lambda: a @ b) * 1e-3) / 1e12
-    del big, dst, a, b
+    del big, dst
+    rates = {}
+    for dtype in (torch.float16, torch.bfloat16):
+        a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+        b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+        rates[str(dtype).replace("torch.", "")] = 2 * 8192**3 / (median_ms(lambda: a @ b) * 1e-3) / 1e12
+        del a, b
     torch.cuda.empty_cache()
-    return copy_gbs, mm_tflops
+    return {"copy_GBps": copy_gbs, "matmul_TFLOPs": rates}
 
 
-def run(quick=False):
-    import diffusion_fast  # noqa: F401
+# ---- the three kernels: each returns (ours, baseline or None, extra) for one planned row; extra() gives more columns
+
+def _shape(row):
+    return tuple(int(s) for s in row["shape"].split("x"))
+
+
+def group_norm_fns(row, ops):
+    shape = _shape(row)
+    fmt = torch.channels_last if row["layout"] == "channels_last" else torch.contiguous_format
+    x = torch.randn(shape, device="cuda", dtype=torch.float16).contiguous(memory_format=fmt)
+    w, b = (torch.randn(shape[1], device="cuda", dtype=torch.float16) for _ in range(2))
+    return lambda: ops.group_norm_silu(x, 32, w, b), lambda: F.silu(F.group_norm(x, 32, w, b)), dict
+
+
+def attention_fns(row, ops):
+    from diffusion_fast.kernels import attention as kernel
+
+    bsz, heads, lq, lk, d = _shape(row)
+    q = torch.randn(bsz, heads, lq, d, device="cuda", dtype=torch.float16)
+    k, v = (torch.randn(bsz, heads, lk, d, device="cuda", dtype=torch.float16) for _ in range(2))
+    note = {} if kernel.supports(q) else {"note": "outside the Triton kernel's range: ops falls back to SDPA"}
+    return lambda: ops.attention(q, k, v), lambda: F.scaled_dot_product_attention(q, k, v), lambda: note
+
+
+def cfg_ddim_fns(row, ops, sched):
+    shape = _shape(row)
+    u, t, x = (torch.randn(shape, device="cuda", dtype=torch.float16) for _ in range(3))
+    # (B,) fp32 device alphas, as diffusion_fast's scheduler hands them to the op: no conversion kernels
+    a_t = torch.full((shape[0],), 0.3, device="cuda")
+    a_prev = torch.full((shape[0],), 0.4, device="cuda")
+
+    def ours():
+        return ops.cfg_ddim_step(u, t, 7.5, x, a_t, a_prev)
+
+    if sched is None:
+        return ours, None, lambda: {"ours_wall_ms": wall_ms(ours), "ours_graphed_ms": graphed_ms(ours),
+                                    "note": "diffusers not importable: no baseline column"}
+    timestep = sched.timesteps[10]  # a 0-d CUDA tensor, as the pipeline's loop passes it
+
+    def diffusers_step():  # what diffusers' pipeline runs per step: the CFG combine, then the scheduler
+        return sched.step(u + 7.5 * (t - u), timestep, x)
+
+    return ours, diffusers_step, lambda: {"ours_wall_ms": wall_ms(ours), "baseline_wall_ms": wall_ms(diffusers_step),
+                                          "ours_graphed_ms": graphed_ms(ours)}
+
+
+def measure(row, fns, ceiling):
+    """Fill one row in place; an exception is recorded in the row and the run goes on."""
+    try:
+        ours, baseline, extra = fns()
+        ours()  # compile, autotune, warm up
+        if baseline is not None:
+            baseline()
+        scale = 1e9 if row["unit"] == "GB/s" else 1e12
+        row["ours_ms"] = median_ms(ours)
+        row["ours_rate"] = row["amount"] / (row["ours_ms"] * 1e-3) / scale
+        row["ours_fraction"] = row["ours_rate"] / ceiling
+        if baseline is not None:
+            row["baseline_ms"] = median_ms(baseline)
+            row["baseline_rate"] = row["amount"] / (row["baseline_ms"] * 1e-3) / scale
+            row["baseline_fraction"] = row["baseline_rate"] / ceiling
+            row["speedup"] = row["baseline_ms"] / row["ours_ms"]
+        row.update(extra())
+        if "ours_graphed_ms" in row:
+            row["ours_graphed_fraction"] = row["amount"] / (row["ours_graphed_ms"] * 1e-3) / scale / ceiling
+    except Exception as exc:  # noqa: BLE001 - one failing row must not end the run
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    finally:
+        torch.cuda.empty_cache()
+    print(format_row(row), flush=True)
+
+
+# ---- output -------------------------------------------------------------------------------------------------------
+
+HEADER = (f"{'kernel':16s} {'model':20s} {'shape':22s} {'layout':13s} {'ours ms':>9s} {'rate':>8s} {'unit':7s} "
+          f"{'of ceil':>7s} {'base ms':>9s} {'speedup':>7s}  notes")
+
+
+def _num(row, key, fmt):
+    value = row.get(key)
+    return format(value, fmt) if isinstance(value, (int, float)) else "-"
+
+
+def format_row(row):
+    notes = []
+    if "error" in row:
+        notes.append("ERROR " + row["error"])
+    if row.get("ours_wall_ms") is not None:
+        notes.append(f"wall {row['ours_wall_ms']:.4f} ms (diffusers {_num(row, 'baseline_wall_ms', '.4f')})")
+    if row.get("ours_graphed_ms") is not None:
+        notes.append(f"in a CUDA graph {row['ours_graphed_ms']:.4f} ms ({_num(row, 'ours_graphed_fraction', '.1%')})")
+    if row.get("fits_L2"):
+        notes.append("fits L2")
+    if row.get("note"):
+        notes.append(row["note"])
+    speedup = f"x{row['speedup']:.2f}" if isinstance(row.get("speedup"), float) else "-"
+    return (f"{row['kernel']:16s} {row['model']:20s} {row['shape']:22s} {row['layout']:13s} "
+            f"{_num(row, 'ours_ms', '9.4f'):>9s} {_num(row, 'ours_rate', '8.1f'):>8s} {row['unit']:7s} "
+            f"{_num(row, 'ours_fraction', '.1%'):>7s} {_num(row, 'baseline_ms', '9.4f'):>9s} {speedup:>7s}  "
+            + "; ".join(notes))
+
+
+def write_record(path, record):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(f"appended to {path}")
+
+
+def run(rows):
+    import diffusion_fast  # noqa: F401  (registers the ops)
     from diffusion_fast import ops
 
-    copy_gbs, mm_tflops = ceilings()
-    print(f"ceilings: copy {copy_gbs:.0f} GB/s (read + write), fp16 matmul {mm_tflops:.0f} TFLOP/s", flush=True)
-    rows = []
-
-    def add(kernel, model, shape, layout, ours_fn, eager_fn, amount, unit):
-        row = {"kernel": kernel, "model": model, "shape": "x".join(map(str, shape)), "layout": layout}
-        try:
-            ours_fn(), eager_fn()  # compile / warm up
-            t_ours, t_eager = median_ms(ours_fn), median_ms(eager_fn)
-            ceiling = copy_gbs if unit == "GB/s" else mm_tflops
-            scale = 1e9 if unit == "GB/s" else 1e12
-            row.update(ours_ms=t_ours, eager_ms=t_eager, unit=unit, ours_rate=amount / (t_ours * 1e-3) / scale,
-                       eager_rate=amount / (t_eager * 1e-3) / scale, speedup=t_eager / t_ours)
-            row["ours_fraction_of_ceiling"] = row["ours_rate"] / ceiling
-            row["eager_fraction_of_ceiling"] = row["eager_rate"] / ceiling
-        except Exception as exc:  # noqa: BLE001 - record and go on
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-        rows.append(row)
-        if "error" in row:
-            print(f"{kernel:16s} {model:20s} {row['shape']:22s} {layout:14s} ERROR {row['error']}", flush=True)
-        else:
-            print(f"{kernel:16s} {model:20s} {row['shape']:22s} {layout:14s} ours {row['ours_ms']:8.4f} ms "
-                  f"{row['ours_rate']:7.1f} {unit} ({row['ours_fraction_of_ceiling']:5.1%})  eager "
-                  f"{row['eager_ms']:8.4f} ms  x{row['speedup']:.2f}", flush=True)
-
-    for model, shapes in GN.items():
-        for shape in shapes[:2] if quick else shapes:
-            for layout, fmt in (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)):
-                x = torch.randn(shape, device="cuda", dtype=torch.float16).contiguous(memory_format=fmt)
-                w = torch.randn(shape[1], device="cuda", dtype=torch.float16)
-                b = torch.randn(shape[1], device="cuda", dtype=torch.float16)
-                add("group_norm_silu", model, shape, layout, lambda: ops.group_norm_silu(x, 32, w, b),
-                    lambda: F.silu(F.group_norm(x, 32, w, b)), 2 * x.numel() * 2, "GB/s")
-                del x
-    for model, shapes in ATTN.items():
-        for bsz, heads, lq, lk, d in shapes[:2] if quick else shapes:
-            q = torch.randn(bsz, heads, lq, d, device="cuda", dtype=torch.float16)
-            k = torch.randn(bsz, heads, lk, d, device="cuda", dtype=torch.float16)
-            v = torch.randn(bsz, heads, lk, d, device="cuda", dtype=torch.float16)
-            add("attention", model, (bsz, heads, lq, lk, d), "fp16", lambda: ops.attention(q, k, v),
-                lambda: F.scaled_dot_product_attention(q, k, v), 4 * bsz * heads * lq * lk * d, "TFLOP/s")
+    ceil = ceilings()
+    print(f"ceilings: copy {ceil['copy_GBps']:.0f} GB/s (read + write); matmul 8192^3 "
+          + ", ".join(f"{k} {v:.0f} TFLOP/s" for k, v in ceil["matmul_TFLOPs"].items()), flush=True)
+    l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)
     try:
         import diffusers
 
-        sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)
+        sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                                        steps_offset=1)
         sched.set_timesteps(50, device="cuda")
     except ImportError:
         sched = None
-        print("diffusers is not importable: the cfg_ddim_step rows compare against our unfused reference instead")
-    for model, shapes in LATENTS.items():
-        for shape in shapes:
-            u, t, x = (torch.randn(shape, device="cuda", dtype=torch.float16) for _ in range(3))
-            a_t, a_prev = torch.tensor(0.3, device="cuda"), torch.tensor(0.4, device="cuda")
-            timestep = sched.timesteps[10] if sched is not None else None
-            eager = (lambda: sched.step(u + 7.5 * (t - u), timestep, x)) if sched is not None else \
-                (lambda: ops.cfg_ddim_step(u, t, 7.5, x, a_t, a_prev, backend="reference"))
-            add("cfg_ddim_step", model, shape, "vs diffusers" if sched is not None else "vs reference",
-                lambda: ops.cfg_ddim_step(u, t, 7.5, x, a_t, a_prev), eager, 5 * u.numel() * 2, "GB/s")
-            # The same op as the pipeline runs it, inside a CUDA graph: the kernel's own time, no Python launch cost.
-            graph_ms = graphed_ms(lambda: ops.cfg_ddim_step(u, t, 7.5, x, a_t, a_prev))
-            rows[-1]["ours_graphed_ms"] = graph_ms
-            rows[-1]["ours_graphed_fraction_of_ceiling"] = 5 * u.numel() * 2 / (graph_ms * 1e-3) / 1e9 / copy_gbs
-            rows[-1]["graphed_speedup_vs_eager"] = rows[-1].get("eager_ms", float("nan")) / graph_ms
-            print(f"{'':16s} {'':20s} {'':22s} {'in a CUDA graph':14s} ours {graph_ms:8.4f} ms "
-                  f"({rows[-1]['ours_graphed_fraction_of_ceiling']:5.1%} of copy)  "
-                  f"x{rows[-1]['graphed_speedup_vs_eager']:.1f} vs eager", flush=True)
-    return {"copy_GBps": copy_gbs, "matmul_fp16_TFLOPs": mm_tflops}, rows
+        print("diffusers is not importable: the cfg_ddim_step rows have no diffusers column", flush=True)
+    print(HEADER)
+    for row in rows:
+        row["fits_L2"] = bool(l2_bytes) and row["unit"] == "GB/s" and row["amount"] < l2_bytes
+        if row["kernel"] == "group_norm_silu":
+            measure(row, lambda: group_norm_fns(row, ops), ceil["copy_GBps"])
+        elif row["kernel"] == "attention":
+            measure(row, lambda: attention_fns(row, ops), ceil["matmul_TFLOPs"]["float16"])
+        else:
+            measure(row, lambda: cfg_ddim_fns(row, ops, sched), ceil["copy_GBps"])
+    return ceil
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "gpu_kernels.jsonl"))
-    parser.add_argument("--quick", action="store_true", help="two shapes per group")
-    args = parser.parse_args()
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Time our Triton kernels against PyTorch eager and diffusers on SD1.5/SDXL shapes (CUDA).")
+    parser.add_argument("--out", default=None,
+                        help="JSON-lines file to append the record to (default benchmarks/results/gpu_kernels.jsonl)")
+    parser.add_argument("--quick", action="store_true", help="two shapes per model in (b) and (c)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the planned rows without CUDA; writes a record only when --out is given")
+    args = parser.parse_args(argv)
+    rows = plan(args.quick)
+    record = {"benchmark": "gpu_kernels", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "torch": torch.__version__, "cuda": torch.version.cuda}
+    if args.dry_run:
+        print(HEADER)
+        for row in rows:
+            print(format_row(row))
+        print(f"{len(rows)} rows planned")
+        if args.out:
+            write_record(args.out, dict(record, dry_run=True, rows=rows))
+        return 0
     if not torch.cuda.is_available():
-        sys.exit("gpu_kernels.py needs a CUDA GPU")
+        sys.exit("gpu_kernels.py needs a CUDA GPU (--dry-run lists the rows without one)")
     import triton
 
-    ceiling, rows = run(args.quick)
-    record = {"benchmark": "gpu_kernels", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "cuda": torch.version.cuda, "ceilings": ceiling, "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(f"appended to {args.out}")
+    ceil = run(rows)
+    record.update(gpu=torch.cuda.get_device_name(), triton=triton.__version__, ceilings=ceil, rows=rows)
+    write_record(args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gpu_kernels.jsonl"),
+                 record)
+    errors = sum("error" in row for row in rows)
+    print(f"{len(rows)} rows, {errors} failed")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

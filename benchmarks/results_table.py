@@ -1,0 +1,149 @@
+"""Markdown tables from the benchmark results, for the README:
+
+    python benchmarks/results_table.py [FILE_OR_DIR ...]      (default: benchmarks/results/)
+
+Per file, the latest record: *.jsonl files hold one JSON record per run (gpu_kernels.jsonl from gpu_kernels.py,
+gpu_e2e.jsonl from gpu_e2e.py; --dry-run records are skipped), *.json files are pytest-benchmark reports (the CPU
+benchmarks). Records of an unknown kind are printed as a generic table of their rows.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def fmt(value, spec=".3g"):
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else str(value)
+    if isinstance(value, (int, float)):
+        return format(value, spec)
+    return str(value)
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def latest_record(path):
+    if path.endswith(".jsonl"):
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        records = [r for r in records if not r.get("dry_run")]
+        return records[-1] if records else None
+    with open(path) as f:
+        return json.load(f)
+
+
+def machine(record):
+    return ", ".join(f"{k} {record[k]}" for k in ("gpu", "torch", "triton", "cuda", "diffusers") if record.get(k))
+
+
+def gpu_kernels(record):
+    c = record.get("ceilings", {})
+    mm = ", ".join(f"{k} {v:.0f} TFLOP/s" for k, v in c.get("matmul_TFLOPs", {}).items())
+    out = [f"Kernels, {machine(record)}, {record.get('date', '')}. Ceilings measured in the same run: copy "
+           f"{fmt(c.get('copy_GBps'), '.0f')} GB/s (read + write), matmul 8192^3 {mm}. Medians of "
+           "triton.testing.do_bench (L2 cleared before each call, so cold-cache times; (L2) marks tensors that fit in L2)."]
+    rows = record.get("rows", [])
+    for kernel, baseline, extra in (("group_norm_silu", "F.group_norm + F.silu", False),
+                                    ("attention", "F.scaled_dot_product_attention", False),
+                                    ("cfg_ddim_step", "diffusers CFG + DDIMScheduler.step", True)):
+        mine = [r for r in rows if r["kernel"] == kernel]
+        if not mine:
+            continue
+        unit = mine[0]["unit"]
+        header = ["model", "shape", "layout", "ours ms", f"ours {unit}", "of ceiling", f"{baseline} ms", "speedup"]
+        if extra:
+            header += ["ours in CUDA graph ms", "wall ms ours / diffusers"]
+        body = []
+        for r in mine:
+            if "error" in r:
+                body.append([r["model"], r["shape"], r["layout"], "error: " + r["error"][:80]]
+                            + [""] * (len(header) - 4))
+                continue
+            shape = r["shape"] + (" (L2)" if r.get("fits_L2") else "")
+            layout = r["layout"] + (f" ({r['note']})" if r.get("note") else "")
+            line = [r["model"], shape, layout, fmt(r.get("ours_ms"), ".4f"), fmt(r.get("ours_rate"), ".0f"),
+                    fmt(r.get("ours_fraction"), ".0%"), fmt(r.get("baseline_ms"), ".4f"),
+                    f"{r['speedup']:.2f}x" if "speedup" in r else "n/a"]
+            if extra:
+                line += [fmt(r.get("ours_graphed_ms"), ".4f"),
+                         f"{fmt(r.get('ours_wall_ms'), '.4f')} / {fmt(r.get('baseline_wall_ms'), '.4f')}"]
+            body.append(line)
+        out.append(f"**{kernel}** vs {baseline} (fp16):\n\n" + table(header, body))
+    return "\n\n".join(out)
+
+
+def gpu_e2e(record):
+    out = [f"End to end: {record.get('config', '')}; {machine(record)}, {record.get('date', '')}."]
+    body = [[r.get("system"), fmt(r.get("it_per_s"), ".2f"), fmt(r.get("median_s"), ".3f"),
+             fmt(r.get("speedup_vs_diffusers_eager"), ".2f") + "x" if "speedup_vs_diffusers_eager" in r else ""]
+            for r in record.get("rows", [])]
+    out.append(table(["system", "it/s", "median s", "vs diffusers eager"], body))
+    if record.get("quality"):
+        out.append(table(["quality", "value"], [[k, fmt(v, ".2f")] for k, v in record["quality"].items()]))
+    if record.get("first_image_seconds") is not None:
+        out.append(f"First image from process start: {fmt(record['first_image_seconds'], '.1f')} s.")
+    return "\n\n".join(out)
+
+
+def pytest_benchmark(record):
+    info = record.get("machine_info", {})
+    cpu = info.get("cpu", {}).get("brand_raw", "")
+    groups = {}
+    for b in record.get("benchmarks", []):
+        groups.setdefault(b.get("group") or b["name"].split("[")[0], []).append(b)
+    out = [f"CPU benchmarks ({cpu}, {info.get('cpu', {}).get('count', '?')} cores, {record.get('datetime', '')[:10]}), "
+           "pytest-benchmark medians; speedup is against the slowest entry of the group."]
+    body = []
+    for group, items in groups.items():
+        slowest = max(b["stats"]["median"] for b in items)
+        for b in items:
+            impl = b.get("params", {}).get("impl") or b.get("param", "")
+            body.append([group, impl, fmt(b["stats"]["median"] * 1e3, ".3f"),
+                         f"{slowest / b['stats']['median']:.2f}x"])
+    out.append(table(["benchmark", "implementation", "median ms", "speedup"], body))
+    return "\n\n".join(out)
+
+
+def generic(record):
+    rows = record.get("rows", [])
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if all(not isinstance(r.get(k), (list, dict))
+                                                                         for r in rows)]
+    return f"{record.get('benchmark', 'results')}, {record.get('date', '')}:\n\n" + table(
+        keys, [[r.get(k) for k in keys] for r in rows])
+
+
+def render(path):
+    record = latest_record(path)
+    if record is None:
+        return f"_{os.path.basename(path)}: no records_"
+    if "benchmarks" in record and "machine_info" in record:
+        return pytest_benchmark(record)
+    kind = record.get("benchmark")
+    return {"gpu_kernels": gpu_kernels, "gpu_e2e": gpu_e2e}.get(kind, generic)(record)
+
+
+def main(argv=None):
+    paths = []
+    for arg in (argv if argv is not None else sys.argv[1:]) or [RESULTS]:
+        if os.path.isdir(arg):
+            paths += sorted(glob.glob(os.path.join(arg, "*.jsonl")) + glob.glob(os.path.join(arg, "*.json")))
+        else:
+            paths.append(arg)
+    if not paths:
+        print(f"no results files found in {RESULTS}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(f"### {os.path.basename(path)}\n\n{render(path)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
