@@ -2,8 +2,8 @@
 
     python benchmarks/tune_attention.py
 
-The launcher in kernels/attention.py uses a fixed table (no autotuning at run time, so no compile-time surprise at the
-first image); this script is how that table is chosen. Times are triton.testing.do_bench medians, fp16.
+The launcher in kernels/attention.py uses a fixed table by default (no tuning at run time, so no minute of tuning
+before the first image; DIFFUSION_FAST_ATTENTION_AUTOTUNE=1 opts in); this script is how that table is chosen. Times are triton.testing.do_bench medians, fp16.
 """
 import itertools
 import math
@@ -48,7 +48,7 @@ for shape in SHAPES:
         except Exception:  # noqa: BLE001 - out of shared memory / registers: skip the config
             continue
     results.sort()
-    current = A._config(max(16, triton.next_power_of_2(d)), lk)
+    current = A._config(max(16, triton.next_power_of_2(d)), lk, torch.float16)
     cur_ms = next((t for t, c in results if c == current), float("nan"))
     print(f"{shape}: sdpa {sdpa*1e3:.1f} us | current {current} {cur_ms*1e3:.1f} us | best "
           + ", ".join(f"{c} {t*1e3:.1f} us" for t, c in results[:3]), flush=True)

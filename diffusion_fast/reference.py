@@ -122,7 +122,7 @@ def cfg_ddim_step(
     upcast = kwargs.get("upcast", False)
     dtype = _compute_dtype(sample, upcast)
     model_output = cfg_combine(noise_pred_uncond.to(dtype), noise_pred_text.to(dtype), guidance_scale)
-    return ddim_step(model_output, sample.to(dtype), alpha_prod_t, alpha_prod_t_prev, **kwargs)
+    return ddim_step(model_output, sample, alpha_prod_t, alpha_prod_t_prev, **kwargs)  # outputs in sample's dtype
 
 
 def ddpm_step(

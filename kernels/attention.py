@@ -14,9 +14,10 @@ mask and finishes with one masked tile when Lk is not a block multiple (77 text 
 before the row maximum. q, k and v may be any strided views with a unit last stride, so the models pass (B, L, H*D)
 projections viewed as (B, H, L, D) without a copy.
 
-On a GPU the tile sizes are autotuned (triton.autotune over a small pruned list, keyed on Lq, Lk and the head-dim
-block: each new key costs a few seconds of tuning once per process). DIFFUSION_FAST_ATTENTION_AUTOTUNE=0 uses the
-fixed table in ``_config`` instead (no tuning). Under TRITON_INTERPRET=1 one small config is pinned.
+On a GPU the tile sizes come from the fixed table in ``_config`` (chosen with benchmarks/tune_attention.py on an
+H100), so the first image pays no tuning. DIFFUSION_FAST_ATTENTION_AUTOTUNE=1 autotunes instead (triton.autotune over
+a small pruned list keyed on Lq, Lk and the head-dim block: a few seconds per new key, once per process). Under
+TRITON_INTERPRET=1 one small config is pinned.
 """
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ import triton.language as tl
 from diffusion_fast import _validate
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-AUTOTUNE = not INTERPRET and os.environ.get("DIFFUSION_FAST_ATTENTION_AUTOTUNE", "1") != "0"
+# Off by default: tuning costs about a minute across SD1.5's shapes before the first image (the promise is no
+# minutes-long warm-up); DIFFUSION_FAST_ATTENTION_AUTOTUNE=1 opts in for long-running services.
+AUTOTUNE = not INTERPRET and os.environ.get("DIFFUSION_FAST_ATTENTION_AUTOTUNE", "0") == "1"
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
@@ -133,11 +136,11 @@ def _config(block_d: int, len_k: int, dtype: torch.dtype = torch.float16):
         return (32 if block_d >= 256 else 64), 32, 4, 1
     if block_d >= 256:
         return 64, 64, 8, 2
-    if block_d >= 128:
-        return 128, 64, 8, 3
-    if len_k <= 128:  # cross-attention over 77 text tokens: one key tile
-        return 128, 128, 8, 2
-    return 128, 64, 4, 3
+    if block_d >= 128:  # head dim 80: 64-row tiles won the H100 sweep (26.9 us vs 28.2 at 2x8x1024x1024)
+        return 64, 64, 4, 3
+    if len_k <= 128:  # cross-attention over 77 text tokens: 32-key tiles won (22.0 us vs 29.5 for one 128 tile)
+        return 128, 32, 4, 3
+    return 128, 64, 4, 2
 
 
 # The tuning space: BLOCK_M x warps (64 rows on 4 warps, 128 rows on 4 or 8), BLOCK_N, stages; pruned per call.

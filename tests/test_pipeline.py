@@ -108,6 +108,16 @@ def test_builtin_tiny_model_runs_both_paths():
     assert np.isfinite(outs[0]).all() and np.abs(outs[0] - outs[1]).max() <= PIPELINE_FP32_MAX_ABS
 
 
+@pytest.mark.parametrize("backend_name", ["fast", "reference"])
+def test_half_precision_runs_both_paths(backend_name):
+    # fp16 weights through both paths: every op must return the model's dtype (the reference upcasts internally)
+    pipe = StableDiffusionPipeline.from_tiny("sd1", seed=0, dtype=torch.float16, device=DEVICE)
+    pipe.set_progress_bar_config(disable=True)
+    with diffusion_fast.backend(backend_name):
+        latents = pipe("a", num_inference_steps=2, output_type="latent").images
+    assert latents.dtype == torch.float16 and bool(torch.isfinite(latents).all())
+
+
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
 def test_cuda_graph_loop_matches_eager_on_gpu(tmp_path):
     pipe = StableDiffusionPipeline.from_tiny("sd1", seed=0, dtype=torch.float16, device=DEVICE)
