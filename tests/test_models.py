@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 import diffusion_fast
 from diffusion_fast import ops, tiny
 from diffusion_fast.models import AutoencoderKL, UNet2DConditionModel
+from diffusion_fast.models.attention import fuse_qkv_projections
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -186,6 +187,8 @@ def test_triton_path_matches_reference(saved):
     ours = UNet2DConditionModel.from_pretrained(saved["sd1"][1], device=device)
     sample, context = unet_inputs("sd1", batch=1, hw=(3, 5))
     sample, context = sample.to(device), context.to(device)
+    # Fused q/k/v in the down blocks only: the kernel sees both the fused (B, L, 3, H, D) strides and plain views.
+    fuse_qkv_projections(ours.down_blocks)
     with torch.no_grad():
         with diffusion_fast.backend("reference"):
             ref = ours(sample, 321, context)
@@ -221,6 +224,32 @@ def test_fused_ops_run_at_every_site(saved, monkeypatch):
     assert calls["gn"] == names.count("Transformer2DModel") > 0
     assert calls["attention"] == 2 * names.count("BasicTransformerBlock") > 0
     assert calls["views"] == calls["attention"]
+
+
+@pytest.mark.parametrize("kind", ["sd2", "vae"])
+def test_fused_qkv_matches_diffusers_and_keeps_names(saved, kind, monkeypatch):
+    theirs, folder = saved[kind]
+    ours = (AutoencoderKL if kind == "vae" else UNet2DConditionModel).from_pretrained(folder)
+    names = set(ours.state_dict())
+    ours.fuse_qkv_projections()
+    assert set(ours.state_dict()) == names  # fused weights are private: saving/loading is unchanged
+    strides = []
+    real_attn = ops.attention
+    monkeypatch.setattr(ops, "attention",
+                        lambda q, k, v, **kw: strides.append((q.stride(2), q.shape)) or real_attn(q, k, v, **kw))
+    with torch.no_grad():
+        if kind == "vae":
+            latents = torch.randn(1, 4, 3, 5)
+            out, ref = ours.decode(latents), theirs.decode(latents).sample
+        else:
+            sample, context = unet_inputs(kind, hw=(4, 6))
+            out, ref = ours(sample, 42, context), theirs(sample, 42, context).sample
+    assert rel_err(out, ref) <= REL
+    # q's token stride is 3 x (heads x head dim) when q, k and v are views of one GEMM's output: the fused path ran.
+    token_stride, shape = strides[0]
+    assert token_stride == 3 * shape[1] * shape[3]
+    ours.unfuse_qkv_projections()
+    assert all(a.fused_qkv_weight is None for a in ours.modules() if hasattr(a, "fused_qkv_weight"))
 
 
 def test_channels_last_model_same_output(saved):

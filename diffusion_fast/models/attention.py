@@ -29,6 +29,23 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(cross_attention_dim or query_dim, inner, bias=bias)
         self.to_v = nn.Linear(cross_attention_dim or query_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(0.0)])
+        self.is_cross = cross_attention_dim is not None
+        # Optional fused q/k/v projection for self-attention (one GEMM instead of three). Non-persistent buffers:
+        # state_dict keeps diffusers' names; built by fuse_qkv() from the current weights, dropped by unfuse_qkv().
+        self.register_buffer("fused_qkv_weight", None, persistent=False)
+        self.register_buffer("fused_qkv_bias", None, persistent=False)
+
+    @torch.no_grad()
+    def fuse_qkv(self):
+        """Concatenate to_q/to_k/to_v into one projection (self-attention only; call again after changing weights)."""
+        if self.is_cross:
+            return
+        projections = (self.to_q, self.to_k, self.to_v)
+        self.fused_qkv_weight = torch.cat([p.weight for p in projections]).detach().clone()
+        self.fused_qkv_bias = None if self.to_q.bias is None else torch.cat([p.bias for p in projections]).detach().clone()
+
+    def unfuse_qkv(self):
+        self.fused_qkv_weight = self.fused_qkv_bias = None
 
     def _heads(self, x):
         b, length, _ = x.shape
@@ -42,8 +59,13 @@ class Attention(nn.Module):
             if self.group_norm is not None:
                 hidden_states = self.group_norm(hidden_states)
             hidden_states = hidden_states.permute(0, 2, 3, 1).reshape(b, h * w, c)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        q, k, v = self._heads(self.to_q(hidden_states)), self._heads(self.to_k(context)), self._heads(self.to_v(context))
+        if self.fused_qkv_weight is not None and encoder_hidden_states is None:
+            qkv = F.linear(hidden_states, self.fused_qkv_weight, self.fused_qkv_bias)  # (B, L, 3 * H * D)
+            qkv = qkv.view(qkv.shape[0], qkv.shape[1], 3, self.heads, self.dim_head)
+            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, L, D) views, unit last stride
+        else:
+            context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+            q, k, v = self._heads(self.to_q(hidden_states)), self._heads(self.to_k(context)), self._heads(self.to_v(context))
         if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
             out = ops.attention(q.float(), k.float(), v.float(), scale=self.scale).to(q.dtype)
         else:
@@ -52,7 +74,15 @@ class Attention(nn.Module):
         out = self.to_out[0](out)
         if spatial:
             out = out.reshape(b, h, w, c).permute(0, 3, 1, 2)
-        return out + residual if self.residual_connection else out
+        return residual + out if self.residual_connection else out
+
+
+def fuse_qkv_projections(model: nn.Module, fuse: bool = True) -> nn.Module:
+    """Fuse (or unfuse) the q/k/v projections of every self-attention in ``model``; state_dict names are unchanged."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.fuse_qkv() if fuse else module.unfuse_qkv()
+    return model
 
 
 class GEGLU(nn.Module):
@@ -124,4 +154,4 @@ class Transformer2DModel(nn.Module):
         x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # channels_last strides, no copy
         if not self.use_linear_projection:
             x = self.proj_out(x)
-        return x + residual
+        return residual + x  # residual first: the sum takes its memory layout (NCHW model stays NCHW)

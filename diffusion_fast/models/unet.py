@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import loading
-from .attention import Transformer2DModel
+from .attention import Transformer2DModel, fuse_qkv_projections
 from .layers import Downsample2D, GroupNorm, ResnetBlock2D, TimestepEmbedding, Upsample2D, timestep_embedding
 
 DEFAULTS = dict(
@@ -191,6 +191,14 @@ class UNet2DConditionModel(nn.Module):
     def from_pretrained(cls, folder, dtype=None, device=None, subfolder=None, variant=None):
         """Load a diffusers folder unchanged: config.json + weights, strictly (every key present, none extra)."""
         return loading.from_pretrained(cls, folder, dtype, device, subfolder, variant)
+
+    def fuse_qkv_projections(self):
+        """One q/k/v GEMM per self-attention (weights concatenated into non-persistent buffers; names unchanged).
+        Call again after loading new weights (e.g. a LoRA), or call unfuse_qkv_projections()."""
+        return fuse_qkv_projections(self, True)
+
+    def unfuse_qkv_projections(self):
+        return fuse_qkv_projections(self, False)
 
     @property
     def dtype(self):

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..schedulers.common import randn_tensor
 from . import loading
-from .attention import Attention
+from .attention import Attention, fuse_qkv_projections
 from .layers import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
 
 DEFAULTS = dict(
@@ -150,6 +150,14 @@ class AutoencoderKL(nn.Module):
     def from_pretrained(cls, folder, dtype=None, device=None, subfolder=None, variant=None):
         """Load a diffusers folder unchanged: config.json + weights, strictly (every key present, none extra)."""
         return loading.from_pretrained(cls, folder, dtype, device, subfolder, variant, convert=convert_legacy_keys)
+
+    def fuse_qkv_projections(self):
+        """One q/k/v GEMM per self-attention (weights concatenated into non-persistent buffers; names unchanged).
+        Call again after loading new weights (e.g. a LoRA), or call unfuse_qkv_projections()."""
+        return fuse_qkv_projections(self, True)
+
+    def unfuse_qkv_projections(self):
+        return fuse_qkv_projections(self, False)
 
     @property
     def dtype(self):
