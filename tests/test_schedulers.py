@@ -111,6 +111,36 @@ def test_ddim_variance_noise_and_step_cfg_equal_combine_then_step():
     torch.testing.assert_close(b.pred_original_sample, a.pred_original_sample, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="both generator and variance_noise"):
         ours.step(combined, t, x, eta=0.5, variance_noise=noise, generator=torch.Generator())
+    theirs.step(combined, t, x, eta=0.0, variance_noise=noise, generator=torch.Generator())  # diffusers: fine at eta=0
+    ours.step(combined, t, x, eta=0.0, variance_noise=noise, generator=torch.Generator())
+
+
+@pytest.mark.parametrize("thresholding", [False, True])  # thresholding falls back to combine + step
+def test_step_cfg_equals_combine_then_our_step(thresholding):
+    sched = S.DDIMScheduler(beta_schedule="scaled_linear", thresholding=thresholding, prediction_type="v_prediction")
+    sched.set_timesteps(7)  # 7 steps: N // n = 142, prev_t not a multiple of 100
+    u, c, x = (torch.randn(SHAPE) for _ in range(3))
+    for t in (sched.timesteps[0], int(sched.timesteps[6])):  # a 0-d tensor and a Python int; the last has prev_t < 0
+        combined = u + 5.0 * (c - u)
+        a = sched.step(combined, t, x, eta=0.4, generator=torch.Generator().manual_seed(3))
+        b = sched.step_cfg(u, c, 5.0, t, x, eta=0.4, generator=torch.Generator().manual_seed(3), return_dict=False)
+        torch.testing.assert_close(b[0], a.prev_sample, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(b[1], a.pred_original_sample, rtol=1e-6, atol=1e-6)
+    a_t, a_prev = sched.alphas_at(sched.timesteps[6])
+    assert a_t.device == x.device and float(a_prev) == 1.0  # set_alpha_to_one at prev_t < 0
+    torch.testing.assert_close(a_t, sched.alphas_cumprod[sched.timesteps[6]].reshape(1))
+
+
+def test_ddim_trained_betas_and_per_sample_timesteps_in_step():
+    betas = torch.linspace(1e-4, 2e-2, 1000) ** 1.1  # a schedule no named beta_schedule makes
+    cfg = dict(trained_betas=betas.tolist(), clip_sample=False)
+    assert _loop(S.DDIMScheduler(**cfg), diffusers.DDIMScheduler(**cfg)) <= 1
+    sched = S.DDIMScheduler(**cfg)
+    sched.set_timesteps(10)
+    m, x = torch.randn(SHAPE), torch.randn(SHAPE)
+    both = sched.step(m, sched.timesteps[[2, 5]], x).prev_sample  # one timestep per sample
+    for i, t in enumerate(sched.timesteps[[2, 5]]):
+        torch.testing.assert_close(both[i:i + 1], sched.step(m[i:i + 1], t, x[i:i + 1]).prev_sample)
 
 
 @pytest.mark.parametrize("beta_schedule, spacing, prediction_type, variance_type, clip, thresholding", list(
@@ -123,6 +153,28 @@ def test_ddpm_matches_diffusers(beta_schedule, spacing, prediction_type, varianc
     assert _loop(S.DDPMScheduler(**cfg), diffusers.DDPMScheduler(**cfg)) <= 1
 
 
+@pytest.mark.parametrize("cfg", [
+    dict(beta_schedule="sigmoid"),  # GeoDiff's schedule, DDPM-only in diffusers
+    dict(beta_schedule="squaredcos_cap_v2", clip_sample=False),
+    dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"),
+    dict(steps_offset=0, timestep_spacing="leading", variance_type="fixed_small_log"),
+])
+def test_ddpm_other_schedules(cfg):
+    assert _loop(S.DDPMScheduler(**cfg), diffusers.DDPMScheduler(**cfg), steps=5) <= 1
+
+
+def test_ddpm_fixed_large_log_is_fixed_large_and_training_style_step():
+    # diffusers' fixed_large_log takes sqrt(log(beta)) (NaN); ours is GLIDE's max_log: noise scale sqrt(beta).
+    assert _loop(S.DDPMScheduler(variance_type="fixed_large_log"), diffusers.DDPMScheduler(variance_type="fixed_large")) <= 1
+    # Without set_timesteps, diffusers steps t -> t - 1 (the training chain); so do we.
+    ours, theirs = S.DDPMScheduler(), diffusers.DDPMScheduler()
+    m, x = torch.randn(SHAPE), torch.randn(SHAPE)
+    for t in (500, 1, 0):
+        a = theirs.step(m, t, x, generator=torch.Generator().manual_seed(2))
+        b = ours.step(m, t, x, generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(b.prev_sample, a.prev_sample, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("beta_schedule, spacing, prediction_type, interpolation, karras, final_sigmas", list(
     itertools.product(["linear", "scaled_linear"], ["leading", "trailing", "linspace"], ["epsilon", "v_prediction"],
                       ["linear", "log_linear"], [False, True], ["zero", "sigma_min"])))
@@ -132,6 +184,60 @@ def test_euler_matches_diffusers(beta_schedule, spacing, prediction_type, interp
                steps_offset=1)
     for churn in (0.0, 0.7):  # churn > 0 adds generator noise before the step
         assert _loop(S.EulerDiscreteScheduler(**cfg), diffusers.EulerDiscreteScheduler(**cfg), s_churn=churn) <= 1
+
+
+@pytest.mark.parametrize("cfg, step_kwargs", [
+    (dict(prediction_type="sample"), {}),
+    (dict(prediction_type="v_prediction", timestep_type="continuous"), {}),  # timesteps = 0.25 log(sigma)
+    (dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing"), {}),
+    (dict(use_karras_sigmas=True, sigma_min=0.1, sigma_max=10.0), {}),  # config sigma range overrides the table
+    (dict(beta_schedule="scaled_linear"), dict(s_churn=2.0, s_tmin=0.5, s_tmax=5.0, s_noise=1.003)),  # churn window
+])
+def test_euler_other_options(cfg, step_kwargs):
+    assert _loop(S.EulerDiscreteScheduler(**cfg), diffusers.EulerDiscreteScheduler(**cfg), steps=5, **step_kwargs) <= 1
+
+
+def test_euler_begin_index_add_noise_and_velocity():
+    ours, theirs = S.EulerDiscreteScheduler(), diffusers.EulerDiscreteScheduler()
+    ours.set_timesteps(10), theirs.set_timesteps(10)
+    x, noise = torch.randn(SHAPE), torch.randn(SHAPE)
+    ts = theirs.timesteps[[1, 6]]
+    torch.testing.assert_close(ours.get_velocity(x, noise, ts), theirs.get_velocity(x, noise, ts))
+    torch.testing.assert_close(ours.add_noise(x, noise, ts), theirs.add_noise(x, noise, ts))  # looked up per sample
+    ours.set_begin_index(3), theirs.set_begin_index(3)  # img2img: every sample at the begin index
+    torch.testing.assert_close(ours.add_noise(x, noise, ts), theirs.add_noise(x, noise, ts))
+    m = torch.randn(SHAPE)
+    t = theirs.timesteps[3]
+    a = theirs.step(m, t, theirs.scale_model_input(x, t))
+    b = ours.step(m, t, ours.scale_model_input(x, t))
+    torch.testing.assert_close(b.prev_sample, a.prev_sample, rtol=1e-6, atol=1e-6)
+    assert ours.step_index == theirs.step_index == 4
+    torch.testing.assert_close(ours.add_noise(x, noise, ts), theirs.add_noise(x, noise, ts))  # inpainting: step index
+    with pytest.raises(ValueError, match="not an index"):
+        ours.step(m, 3, x)
+    with pytest.raises(ValueError, match="begin_index must be"):
+        ours.set_begin_index(-1)
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler"])
+def test_get_velocity(name):
+    ours, theirs = S.SCHEDULERS[name](), getattr(diffusers, name)()
+    x, noise, ts = torch.randn(SHAPE), torch.randn(SHAPE), torch.tensor([10, 990])
+    torch.testing.assert_close(ours.get_velocity(x, noise, ts), theirs.get_velocity(x, noise, ts))
+
+
+def test_randn_tensor_draws_as_diffusers():
+    from diffusers.utils.torch_utils import randn_tensor
+
+    for generator in (torch.Generator().manual_seed(5), [torch.Generator().manual_seed(i) for i in (5, 6, 7)],
+                      [torch.Generator().manual_seed(8)]):
+        clone = [torch.Generator().manual_seed(g.initial_seed()) for g in generator] if isinstance(generator, list) \
+            else torch.Generator().manual_seed(generator.initial_seed())
+        shape = (len(generator) if isinstance(generator, list) and len(generator) > 1 else 3, 4, 3, 5)
+        ours = S.randn_tensor(shape, generator=generator, dtype=torch.float16)
+        torch.testing.assert_close(ours, randn_tensor(shape, generator=clone, dtype=torch.float16), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="generator is a list of 2"):
+        S.randn_tensor((3, 4), generator=[torch.Generator(), torch.Generator()])
 
 
 @pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler"])
@@ -147,24 +253,58 @@ def test_add_noise_per_sample_timesteps_and_fp16(name):
         assert _loop(S.SCHEDULERS[name](**cfg), getattr(diffusers, name)(**cfg), dtype=torch.float16) <= 2e-2
 
 
-@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler"])
-def test_step_does_not_read_device_values(name):
+def _sampling_setup(name, device, thresholding=False):
+    sched = S.SCHEDULERS[name](beta_schedule="scaled_linear", **({"thresholding": True} if thresholding else {}))
+    sched.set_timesteps(10, device=device)  # moves the coefficient tables to the device, once
+    if name == "EulerDiscreteScheduler":
+        sched.set_begin_index(0)  # as diffusers' pipelines do; otherwise the first step looks its timestep up
+    return sched, torch.randn(SHAPE, device=device), torch.randn(SHAPE, device=device)
+
+
+def _sampling_steps(name, sched, x, mo):
+    """Every per-step call a sampling loop makes, with the timestep as a 0-d tensor on the schedule's device."""
+    outs = []
+    for t in sched.timesteps[:3]:
+        x_in = sched.scale_model_input(x, t)
+        if name == "DDIMScheduler":
+            outs.append(sched.step_cfg(mo, mo * 0.5, 7.5, t, x_in, eta=0.5))  # eta > 0: noise drawn on the device
+            outs.append(sched.step(mo, sched.timesteps[[2, 4]], x_in))  # per-sample timesteps
+            sched.alphas_at(t)
+        else:
+            outs.append(sched.step(mo, t, x_in))
+    if name != "EulerDiscreteScheduler":
+        outs.append(sched.add_noise(x, mo, sched.timesteps[[1, 3]]))
+    return outs
+
+
+@pytest.mark.parametrize("name, thresholding", [("DDIMScheduler", False), ("DDIMScheduler", True),
+                                                ("DDPMScheduler", False), ("DDPMScheduler", True),
+                                                ("EulerDiscreteScheduler", False)])
+def test_step_does_not_read_device_values(name, thresholding):
     """The step must never read a device value on the host (on a GPU, a sync per step). Meta tensors have no values:
-    any .item()/bool()/nonzero on them raises, so a step that completes on meta tensors cannot have synced."""
+    any .item()/bool()/nonzero/.cpu() on them raises, so a loop that completes on meta tensors cannot have synced."""
     import diffusion_fast
 
-    sched = S.SCHEDULERS[name](beta_schedule="scaled_linear", clip_sample=False)
-    sched.set_timesteps(10, device="meta")
-    x, mo = torch.randn(SHAPE, device="meta"), torch.randn(SHAPE, device="meta")
-    t = sched.timesteps[4]
     with diffusion_fast.backend("reference"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if name == "DDIMScheduler":
-            out = sched.step_cfg(mo, mo * 0.5, 7.5, t, x)
-            sched.step(mo, sched.timesteps[[2, 4]], x)  # per-sample timesteps too
-        else:
-            out = sched.step(mo, t, x)
-    assert out.prev_sample.shape == SHAPE and out.prev_sample.device.type == "meta"
+        outs = _sampling_steps(name, *_sampling_setup(name, "meta", thresholding))
+    for out in outs:
+        prev = out.prev_sample if hasattr(out, "prev_sample") else out
+        assert prev.shape == SHAPE and prev.device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA sync detection needs a GPU (meta test covers CPU)")
+@pytest.mark.parametrize("name, thresholding", [("DDIMScheduler", False), ("DDIMScheduler", True),
+                                                ("DDPMScheduler", False), ("EulerDiscreteScheduler", False)])
+def test_step_does_not_sync_on_cuda(name, thresholding):
+    setup = _sampling_setup(name, "cuda", thresholding)
+    _sampling_steps(name, *_sampling_setup(name, "cuda", thresholding))  # warm up: kernels compiled
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _sampling_steps(name, *setup)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_from_config_of_another_scheduler_and_load_scheduler(tmp_path):
@@ -176,6 +316,16 @@ def test_from_config_of_another_scheduler_and_load_scheduler(tmp_path):
     assert sched.config["beta_schedule"] == "scaled_linear"
     theirs = diffusers.DDIMScheduler.from_config(pndm.config)
     assert _loop(S.DDIMScheduler.from_config(dict(pndm.config)), theirs) <= 1
+    # overrides win, as in diffusers' from_config(config, **kwargs); a dict with our class name picks our class
+    over = S.EulerDiscreteScheduler.from_config(pndm.config, use_karras_sigmas=True)
+    assert over.config.use_karras_sigmas and over.config.beta_schedule == "scaled_linear"
+    assert isinstance(S.load_scheduler(dict(over.config, _class_name="EulerDiscreteScheduler")), S.EulerDiscreteScheduler)
+    (tmp_path / "scheduler").mkdir()
+    diffusers.DDPMScheduler(variance_type="fixed_large").save_config(tmp_path / "scheduler")
+    ddpm = S.DDPMScheduler.from_pretrained(tmp_path, subfolder="scheduler")
+    assert ddpm.config.variance_type == "fixed_large"
+    with pytest.raises(FileNotFoundError, match="no scheduler config"):
+        S.DDIMScheduler.from_pretrained(tmp_path / "missing")
 
 
 @pytest.mark.parametrize("make, message", [
@@ -187,10 +337,35 @@ def test_from_config_of_another_scheduler_and_load_scheduler(tmp_path):
     (lambda: S.DDPMScheduler(variance_type="learned"), "variance_type='learned' is not supported"),
     (lambda: S.EulerDiscreteScheduler(use_beta_sigmas=True), "use_beta_sigmas=True is not supported"),
     (lambda: S.DDIMScheduler().step(torch.randn(1, 4, 2, 2), 10, torch.randn(1, 4, 2, 2)), "call set_timesteps"),
+    (lambda: S.DDPMScheduler(variance_type="learned_range"), "variance_type='learned_range' is not supported"),
+    (lambda: S.EulerDiscreteScheduler(use_exponential_sigmas=True), "use_exponential_sigmas=True is not supported"),
+    (lambda: S.EulerDiscreteScheduler(interpolation_type="cubic"), "interpolation_type must be"),
+    (lambda: S.EulerDiscreteScheduler(final_sigmas_type="one"), "final_sigmas_type must be"),
+    (lambda: _ddpm_10().step(torch.randn(1, 4, 2, 2), 7, torch.randn(1, 4, 2, 2)), r"timestep \[7\] is not in"),
+    (lambda: _euler_10().step(torch.randn(1, 4, 2, 2), torch.tensor(7.5), torch.randn(1, 4, 2, 2)), "7.5 is not in"),
 ])
 def test_bad_input_errors(make, message):
+    """Each bad input is a ValueError whose message names the argument (never an assert or a deep IndexError)."""
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def _ddpm_10():
+    sched = S.DDPMScheduler()
+    sched.set_timesteps(10)
+    return sched
+
+
+def _euler_10():
+    sched = S.EulerDiscreteScheduler()
+    sched.set_timesteps(10)
+    return sched
+
+
+def test_num_inference_steps_must_be_an_int():
+    for bad in (2.5, True, "10"):
+        with pytest.raises(TypeError, match="num_inference_steps must be an int"):
+            S.DDIMScheduler().set_timesteps(bad)
 
 
 def test_config_is_read_only_and_unknown_fields_rejected():

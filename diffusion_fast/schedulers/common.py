@@ -143,8 +143,8 @@ class SchedulerBase:
             return cls.from_pretrained(config, **overrides)
         known = set(cls.defaults) | set(cls.unsupported)
         config = dict(config)
-        # diffusers marks the fields its writer left at that class's default; another class takes its own default.
-        implicit = set(config.get("_use_default_values", ())) if config.get("_class_name") != cls.__name__ else set()
+        # diffusers marks the fields its writer left at their default: the reader takes its own default (as diffusers).
+        implicit = set(config.get("_use_default_values", ()))
         fields = {k: v for k, v in config.items() if k in known and k not in implicit}
         fields.update(overrides)
         return cls(**fields)
