@@ -44,13 +44,18 @@ def machine(record):
     return ", ".join(f"{k} {record[k]}" for k in ("gpu", "torch", "triton", "cuda", "diffusers") if record.get(k))
 
 
+OLD_KEYS = {"eager_ms": "baseline_ms", "eager_rate": "baseline_rate", "ours_fraction_of_ceiling": "ours_fraction",
+            "eager_fraction_of_ceiling": "baseline_fraction"}  # names used by the first gpu_kernels.py records
+
+
 def gpu_kernels(record):
     c = record.get("ceilings", {})
-    mm = ", ".join(f"{k} {v:.0f} TFLOP/s" for k, v in c.get("matmul_TFLOPs", {}).items())
+    matmul = c.get("matmul_TFLOPs") or {"float16": c.get("matmul_fp16_TFLOPs")}
+    mm = ", ".join(f"{k} {fmt(v, '.0f')} TFLOP/s" for k, v in matmul.items())
     out = [f"Kernels, {machine(record)}, {record.get('date', '')}. Ceilings measured in the same run: copy "
            f"{fmt(c.get('copy_GBps'), '.0f')} GB/s (read + write), matmul 8192^3 {mm}. Medians of "
            "triton.testing.do_bench (L2 cleared before each call, so cold-cache times; (L2) marks tensors that fit in L2)."]
-    rows = record.get("rows", [])
+    rows = [{OLD_KEYS.get(k, k): v for k, v in r.items()} for r in record.get("rows", [])]
     for kernel, baseline, extra in (("group_norm_silu", "F.group_norm + F.silu", False),
                                     ("attention", "F.scaled_dot_product_attention", False),
                                     ("cfg_ddim_step", "diffusers CFG + DDIMScheduler.step", True)):
@@ -73,8 +78,8 @@ def gpu_kernels(record):
                     fmt(r.get("ours_fraction"), ".0%"), fmt(r.get("baseline_ms"), ".4f"),
                     f"{r['speedup']:.2f}x" if "speedup" in r else "n/a"]
             if extra:
-                line += [fmt(r.get("ours_graphed_ms"), ".4f"),
-                         f"{fmt(r.get('ours_wall_ms'), '.4f')} / {fmt(r.get('baseline_wall_ms'), '.4f')}"]
+                wall = f"{fmt(r.get('ours_wall_ms'), '.4f')} / {fmt(r.get('baseline_wall_ms'), '.4f')}"
+                line += [fmt(r.get("ours_graphed_ms"), ".4f"), wall if "ours_wall_ms" in r else ""]
             body.append(line)
         out.append(f"**{kernel}** vs {baseline} (fp16):\n\n" + table(header, body))
     return "\n\n".join(out)
