@@ -65,7 +65,7 @@ def gpu_kernels(record):
         unit = mine[0]["unit"]
         header = ["model", "shape", "layout", "ours ms", f"ours {unit}", "of ceiling", f"{baseline} ms", "speedup"]
         if extra:
-            header += ["ours in CUDA graph ms", "wall ms ours / diffusers"]
+            header += ["ours in CUDA graph ms", "wall ms per call: ops / launcher alone / diffusers"]
         body = []
         for r in mine:
             if "error" in r:
@@ -78,7 +78,7 @@ def gpu_kernels(record):
                     fmt(r.get("ours_fraction"), ".0%"), fmt(r.get("baseline_ms"), ".4f"),
                     f"{r['speedup']:.2f}x" if "speedup" in r else "n/a"]
             if extra:
-                wall = f"{fmt(r.get('ours_wall_ms'), '.4f')} / {fmt(r.get('baseline_wall_ms'), '.4f')}"
+                wall = " / ".join(fmt(r.get(k), ".4f") for k in ("ours_wall_ms", "launcher_wall_ms", "baseline_wall_ms"))
                 line += [fmt(r.get("ours_graphed_ms"), ".4f"), wall if "ours_wall_ms" in r else ""]
             body.append(line)
         out.append(f"**{kernel}** vs {baseline} (fp16):\n\n" + table(header, body))
