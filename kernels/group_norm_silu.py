@@ -59,15 +59,16 @@ def _group_stats_kernel(
     x_ptr,  # input: (N, C, HW) contiguous, or (N, HW, C) memory for channels_last
     mean_ptr, m2_ptr, count_ptr,  # fp32 partials out, each (N*G, split)
     hw,  # H*W (L for 3-d input)
-    cpg,  # channels per group, C/G
     channels,  # C
     chunk_len,  # elements (NCHW) or positions (channels_last) per chunk
     split,  # chunks per group
     num_groups,  # G
+    CPG: tl.constexpr,  # channels per group, C/G: a constant, so channels_last rows get known alignment and vector
+                        # loads (SD uses a handful of values: 4 to 40)
     CHANNELS_LAST: tl.constexpr,
     BLOCK: tl.constexpr,  # NCHW tile: elements
     BLOCK_P: tl.constexpr,  # channels_last tile: positions ...
-    BLOCK_CPG: tl.constexpr,  # ... x channels (next power of two >= cpg)
+    BLOCK_CPG: tl.constexpr,  # ... x channels (next power of two >= CPG)
 ):
     pid_group = tl.program_id(0).to(tl.int64)  # n * G + g
     pid_chunk = tl.program_id(1)
@@ -78,23 +79,23 @@ def _group_stats_kernel(
     mean = 0.0
     m2 = 0.0
     if CHANNELS_LAST:
-        base = n * hw * channels + g * cpg
+        base = n * hw * channels + g * CPG
         c = tl.arange(0, BLOCK_CPG)
-        cmask = c < cpg
+        cmask = c < CPG
         end = tl.minimum(start + chunk_len, hw)
         for p_start in range(start, end, BLOCK_P):
             p = p_start + tl.arange(0, BLOCK_P)
             mask = (p < end)[:, None] & cmask[None, :]
             offs = p.to(tl.int64)[:, None] * channels + c[None, :]
             x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-            b_count = (tl.minimum(end - p_start, BLOCK_P) * cpg).to(tl.float32)
+            b_count = (tl.minimum(end - p_start, BLOCK_P) * CPG).to(tl.float32)
             b_mean = tl.sum(tl.sum(x, axis=1), axis=0) / b_count
             d = tl.where(mask, x - b_mean, 0.0)
             b_m2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
             count, mean, m2 = _merge(count, mean, m2, b_count, b_mean, b_m2)
     else:
-        base = n * hw * channels + g * cpg * hw
-        end = tl.minimum(start + chunk_len, cpg * hw)
+        base = n * hw * channels + g * CPG * hw
+        end = tl.minimum(start + chunk_len, CPG * hw)
         for e_start in range(start, end, BLOCK):
             e = e_start + tl.arange(0, BLOCK)
             mask = e < end
@@ -115,8 +116,9 @@ def _group_apply_kernel(
     x_ptr, y_ptr,  # input and output, same shape and memory format (see _group_stats_kernel)
     w_ptr, b_ptr,  # (C,) weight and bias (not read unless HAS_WEIGHT / HAS_BIAS)
     mean_ptr, m2_ptr, count_ptr,  # fp32 partials from _group_stats_kernel, each (N*G, split)
-    hw, cpg, channels, chunk_len, split, num_groups,  # as in _group_stats_kernel
+    hw, channels, chunk_len, split, num_groups,  # as in _group_stats_kernel
     eps,  # float
+    CPG: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -144,16 +146,16 @@ def _group_apply_kernel(
 
     start = pid_chunk * chunk_len
     if CHANNELS_LAST:
-        base = n * hw * channels + g * cpg
+        base = n * hw * channels + g * CPG
         c = tl.arange(0, BLOCK_CPG)
-        cmask = c < cpg
+        cmask = c < CPG
         # y = x * scale + shift per channel: folded once per program, so the tile loop is one FMA per element.
         scale = tl.zeros([BLOCK_CPG], dtype=tl.float32) + rstd
         if HAS_WEIGHT:
-            scale = scale * tl.load(w_ptr + g * cpg + c, mask=cmask, other=1.0).to(tl.float32)
+            scale = scale * tl.load(w_ptr + g * CPG + c, mask=cmask, other=1.0).to(tl.float32)
         shift = -mean * scale
         if HAS_BIAS:
-            shift = shift + tl.load(b_ptr + g * cpg + c, mask=cmask, other=0.0).to(tl.float32)
+            shift = shift + tl.load(b_ptr + g * CPG + c, mask=cmask, other=0.0).to(tl.float32)
         end = tl.minimum(start + chunk_len, hw)
         for p_start in range(start, end, BLOCK_P):
             p = p_start + tl.arange(0, BLOCK_P)
@@ -165,14 +167,14 @@ def _group_apply_kernel(
                 y = y / (1.0 + tl.exp(-y))
             tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        base = n * hw * channels + g * cpg * hw
-        end = tl.minimum(start + chunk_len, cpg * hw)
+        base = n * hw * channels + g * CPG * hw
+        end = tl.minimum(start + chunk_len, CPG * hw)
         for e_start in range(start, end, BLOCK):
             e = e_start + tl.arange(0, BLOCK)
             mask = e < end
             x = tl.load(x_ptr + base + e, mask=mask, other=0.0).to(tl.float32)
             y = (x - mean) * rstd
-            channel = g * cpg + e // hw
+            channel = g * CPG + e // hw
             if HAS_WEIGHT:
                 y = y * tl.load(w_ptr + channel, mask=mask, other=1.0).to(tl.float32)
             if HAS_BIAS:
@@ -207,6 +209,10 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=Tru
         raise TypeError(f"x: the Triton group_norm_silu kernel takes float16, bfloat16 or float32, got {x.dtype}")
     if x.device.type != "cuda" and not INTERPRET:
         raise ValueError(f"x is on {x.device}: the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU)")
+    group_len = x[0].numel() // num_groups
+    if group_len >= 2**31:  # element indices within a group are int32 (sample and group bases are int64)
+        raise ValueError(f"x: a group of {group_len} elements (>= 2^31) is too large for the Triton kernel; "
+                         "use more groups or the torch backend")
     x, channels_last = _layout(x)
     n, c = x.shape[:2]
     hw = x[0, 0].numel()
@@ -227,10 +233,10 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=Tru
     grid = (n * num_groups, split)
     w = weight.contiguous() if weight is not None else x  # x stands in for an absent pointer; never read
     b = bias.contiguous() if bias is not None else x
-    tiles = dict(CHANNELS_LAST=channels_last, BLOCK=BLOCK, BLOCK_P=block_p, BLOCK_CPG=block_cpg, num_warps=NUM_WARPS)
-    _group_stats_kernel[grid](x, partials[0], partials[1], partials[2], hw, cpg, c, chunk_len, split, num_groups,
-                              **tiles)
-    _group_apply_kernel[grid](x, y, w, b, partials[0], partials[1], partials[2], hw, cpg, c, chunk_len, split,
+    tiles = dict(CPG=cpg, CHANNELS_LAST=channels_last, BLOCK=BLOCK, BLOCK_P=block_p, BLOCK_CPG=block_cpg,
+                 num_warps=NUM_WARPS)
+    _group_stats_kernel[grid](x, partials[0], partials[1], partials[2], hw, c, chunk_len, split, num_groups, **tiles)
+    _group_apply_kernel[grid](x, y, w, b, partials[0], partials[1], partials[2], hw, c, chunk_len, split,
                               num_groups, float(eps), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
                               SILU=bool(silu), SPLIT_BLOCK=triton.next_power_of_2(split), **tiles)
     return y

@@ -132,6 +132,12 @@ def test_bad_input_names_the_argument(args, error, message):
         group_norm_silu(*args)
 
 
+def test_group_past_int32_indexing_is_refused_before_any_copy():
+    x = torch.ones(1, device=DEVICE).expand(1, 2, 2**15, 2**16)  # a 2^32-element group as a stride-0 view: no memory
+    with pytest.raises(ValueError, match="x: a group of 4294967296 elements"):
+        group_norm_silu(x, 1)
+
+
 def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setattr(gn_module, "INTERPRET", False)  # on CPU machines the interpreter is on: pretend it is off
     with pytest.raises(ValueError, match="x is on cpu"):
