@@ -133,8 +133,10 @@ class EulerDiscreteScheduler(SchedulerBase):
         sigmas = self._table("sigmas", sample.device)  # sliced, not read: no host sync
         if i + 1 >= len(self.sigmas):
             raise ValueError(f"step called {i + 1} times for a {self.num_inference_steps}-step schedule")
-        prev, x0 = ops.euler_step(model_output, sample, sigmas[i:i + 1], sigmas[i + 1:i + 2], gamma=gamma,
-                                  s_noise=s_noise, noise=noise, prediction_type=self.config.prediction_type)
+        # As diffusers: the sample is upcast to fp32, x0 stays fp32, prev_sample takes model_output's dtype.
+        prev, x0 = ops.euler_step(model_output.float(), sample.float(), sigmas[i:i + 1], sigmas[i + 1:i + 2],
+                                  gamma=gamma, s_noise=s_noise, noise=noise, prediction_type=self.config.prediction_type)
+        prev = prev.to(model_output.dtype)
         self._step_index += 1
         return SchedulerOutput(prev, x0) if return_dict else (prev, x0)
 
