@@ -252,6 +252,22 @@ def test_fused_qkv_matches_diffusers_and_keeps_names(saved, kind, monkeypatch):
     assert all(a.fused_qkv_weight is None for a in ours.modules() if hasattr(a, "fused_qkv_weight"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_within_2x_of_diffusers(saved, dtype):
+    # flash-attention's rule at model level: our half-precision error against the fp64 model is at most twice
+    # diffusers' own error in the same dtype (plus a small floor). sd2 has upcast_attention: the fp32 attention path.
+    theirs, folder = saved["sd2"]
+    sample, context = unet_inputs("sd2", batch=1, hw=(5, 7))  # small: fp16 matmuls are slow on CPU
+    with torch.no_grad():
+        ref64 = UNet2DConditionModel.from_pretrained(folder, dtype=torch.float64)(sample.double(), 77, context.double())
+        ours = UNet2DConditionModel.from_pretrained(folder, dtype=dtype)(sample.to(dtype), 77, context.to(dtype))
+        half = diffusers.UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype).eval()
+        base = half(sample.to(dtype), 77, context.to(dtype)).sample
+    assert ours.dtype == dtype
+    err, base_err = rel_err(ours, ref64), rel_err(base, ref64)
+    assert err <= 2 * base_err + 1e-3, f"{dtype}: ours {err:.2e} vs diffusers {base_err:.2e}"
+
+
 def test_channels_last_model_same_output(saved):
     ours = UNet2DConditionModel.from_pretrained(saved["sd2"][1])
     sample, context = unet_inputs("sd2", hw=(7, 9))  # odd sizes: channels_last strides are not trivially NCHW's
