@@ -25,6 +25,7 @@ Bytes moved: x read twice (statistics, then apply) and y written once, the floor
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -235,8 +236,11 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=Tru
     b = bias.contiguous() if bias is not None else x
     tiles = dict(CPG=cpg, CHANNELS_LAST=channels_last, BLOCK=BLOCK, BLOCK_P=block_p, BLOCK_CPG=block_cpg,
                  num_warps=NUM_WARPS)
-    _group_stats_kernel[grid](x, partials[0], partials[1], partials[2], hw, c, chunk_len, split, num_groups, **tiles)
-    _group_apply_kernel[grid](x, y, w, b, partials[0], partials[1], partials[2], hw, c, chunk_len, split,
-                              num_groups, float(eps), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                              SILU=bool(silu), SPLIT_BLOCK=triton.next_power_of_2(split), **tiles)
+    # Triton launches on the current CUDA device: make it x's (a no-op on single-GPU machines and on the CPU).
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _group_stats_kernel[grid](x, partials[0], partials[1], partials[2], hw, c, chunk_len, split, num_groups,
+                                  **tiles)
+        _group_apply_kernel[grid](x, y, w, b, partials[0], partials[1], partials[2], hw, c, chunk_len, split,
+                                  num_groups, float(eps), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                                  SILU=bool(silu), SPLIT_BLOCK=triton.next_power_of_2(split), **tiles)
     return y
