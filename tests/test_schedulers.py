@@ -165,7 +165,8 @@ def test_ddpm_other_schedules(cfg):
 
 def test_ddpm_fixed_large_log_is_fixed_large_and_training_style_step():
     # diffusers' fixed_large_log takes sqrt(log(beta)) (NaN); ours is GLIDE's max_log: noise scale sqrt(beta).
-    assert _loop(S.DDPMScheduler(variance_type="fixed_large_log"), diffusers.DDPMScheduler(variance_type="fixed_large")) <= 1
+    ours = S.DDPMScheduler(variance_type="fixed_large_log")
+    assert _loop(ours, diffusers.DDPMScheduler(variance_type="fixed_large")) <= 1
     # Without set_timesteps, diffusers steps t -> t - 1 (the training chain); so do we.
     ours, theirs = S.DDPMScheduler(), diffusers.DDPMScheduler()
     m, x = torch.randn(SHAPE), torch.randn(SHAPE)
@@ -342,7 +343,8 @@ def test_from_config_of_another_scheduler_and_load_scheduler(tmp_path):
     # overrides win, as in diffusers' from_config(config, **kwargs); a dict with our class name picks our class
     over = S.EulerDiscreteScheduler.from_config(pndm.config, use_karras_sigmas=True)
     assert over.config.use_karras_sigmas and over.config.beta_schedule == "scaled_linear"
-    assert isinstance(S.load_scheduler(dict(over.config, _class_name="EulerDiscreteScheduler")), S.EulerDiscreteScheduler)
+    euler_config = dict(over.config, _class_name="EulerDiscreteScheduler")
+    assert isinstance(S.load_scheduler(euler_config), S.EulerDiscreteScheduler)
     (tmp_path / "scheduler").mkdir()
     diffusers.DDPMScheduler(variance_type="fixed_large").save_config(tmp_path / "scheduler")
     ddpm = S.DDPMScheduler.from_pretrained(tmp_path, subfolder="scheduler")

@@ -34,7 +34,8 @@ def randn_tensor(shape, generator=None, device=None, dtype=None):
         if gen_type != device.type and gen_type == "cpu":
             rand_device = torch.device("cpu")
         elif gen_type != device.type:
-            raise ValueError(f"generator is on {gen_type} but the noise is for {device.type}: use a CPU or {device.type} generator")
+            raise ValueError(
+                f"generator is on {gen_type} but the noise is for {device.type}: use a CPU or {device.type} generator")
     if isinstance(generator, (list, tuple)) and len(generator) == 1:
         generator = generator[0]
     if isinstance(generator, (list, tuple)):
@@ -104,7 +105,8 @@ def threshold_sample(sample, ratio, max_value):
     """Dynamic thresholding (Imagen): clamp each sample to its ratio-quantile of |x| (at least 1), rescale."""
     dtype = sample.dtype
     batch = sample.shape[0]
-    flat = sample.float().reshape(batch, -1) if dtype not in (torch.float32, torch.float64) else sample.reshape(batch, -1)
+    upcast = dtype not in (torch.float32, torch.float64)  # quantile needs fp32/fp64
+    flat = (sample.float() if upcast else sample).reshape(batch, -1)
     s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
     return (torch.clamp(flat, -s, s) / s).reshape(sample.shape).to(dtype)
 
@@ -158,7 +160,8 @@ class SchedulerBase:
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
             raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}")
         if not 0 < num_inference_steps <= n_train:
-            raise ValueError(f"num_inference_steps must be in [1, {n_train}] (num_train_timesteps), got {num_inference_steps}")
+            raise ValueError(
+                f"num_inference_steps must be in [1, {n_train}] (num_train_timesteps), got {num_inference_steps}")
 
     def _table(self, name, device):
         """A coefficient table cached on ``device`` (tables live on the sample's device: no host round trips).

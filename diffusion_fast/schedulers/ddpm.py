@@ -9,6 +9,10 @@ negative number, so every noisy step is NaN there. We use what the name means (G
 is log(beta_t), so the noise scale is exp(0.5 * log(beta_t)) = sqrt(beta_t)), i.e. the numbers of ``fixed_large``.
 
 The learned variance types need a model that predicts its variance and are rejected with a ValueError.
+
+No noise is added at t = 0. An int or CPU-tensor timestep is read on the host to skip drawing it, as diffusers does;
+a CUDA timestep is never read (that would sync): the noise is drawn and scaled by zero on the device, so on the final
+step the generator advances once more than diffusers' does (the images are the same).
 """
 from __future__ import annotations
 
@@ -45,7 +49,8 @@ class DDPMScheduler(SchedulerBase):
                 f"variance_type={self.config.variance_type!r} is not supported (one of {VARIANCE_TYPES}; the learned "
                 "variance types need a model that predicts its variance)")
         if self.config.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {self.config.prediction_type!r}")
+            raise ValueError(
+                f"prediction_type must be epsilon, v_prediction or sample, got {self.config.prediction_type!r}")
         self.betas = make_betas(self.config)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
         self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
@@ -111,7 +116,9 @@ class DDPMScheduler(SchedulerBase):
         x0, _ = pred_original_and_epsilon(model_output, sample, a_t, self.config.prediction_type)
         x0 = threshold_sample(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
         current_alpha = a_t / a_prev
-        prev = (a_prev**0.5 * (1 - current_alpha) / (1 - a_t)) * x0 + (current_alpha**0.5 * (1 - a_prev) / (1 - a_t)) * sample
+        x0_coeff = a_prev**0.5 * (1 - current_alpha) / (1 - a_t)
+        sample_coeff = current_alpha**0.5 * (1 - a_prev) / (1 - a_t)
+        prev = x0_coeff * x0 + sample_coeff * sample
         if noise is not None:
             prev = prev + std.view(shape).to(sample.dtype) * noise
         return prev, x0

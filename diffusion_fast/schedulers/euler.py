@@ -27,7 +27,8 @@ class EulerDiscreteScheduler(SchedulerBase):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         c = self.config
-        for field, allowed in (("interpolation_type", ("linear", "log_linear")), ("final_sigmas_type", ("zero", "sigma_min")),
+        for field, allowed in (("interpolation_type", ("linear", "log_linear")),
+                               ("final_sigmas_type", ("zero", "sigma_min")),
                                ("timestep_type", ("discrete", "continuous")),
                                ("prediction_type", ("epsilon", "v_prediction", "sample"))):
             if c[field] not in allowed:
@@ -37,7 +38,8 @@ class EulerDiscreteScheduler(SchedulerBase):
         if c.rescale_betas_zero_snr:
             self.alphas_cumprod[-1] = 2**-24  # so the last sigma is finite, as diffusers does
         sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).flip(0)
-        timesteps = torch.from_numpy(np.linspace(0, c.num_train_timesteps - 1, c.num_train_timesteps)[::-1].copy()).float()
+        n = c.num_train_timesteps
+        timesteps = torch.from_numpy(np.linspace(0, n - 1, n)[::-1].copy()).float()
         self.timesteps = torch.tensor([0.25 * s.log() for s in sigmas]) if self._continuous_v() else timesteps
         self.sigmas = torch.cat([sigmas, torch.zeros(1)])
         self._step_index = None
@@ -87,7 +89,8 @@ class EulerDiscreteScheduler(SchedulerBase):
             rho = 7.0
             sigmas = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
             timesteps = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
-        last = ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5 if c.final_sigmas_type == "sigma_min" else 0
+        a0 = self.alphas_cumprod[0]
+        last = ((1 - a0) / a0) ** 0.5 if c.final_sigmas_type == "sigma_min" else 0
         sigmas = torch.from_numpy(np.concatenate([sigmas, [float(last)]]).astype(np.float32))
         if self._continuous_v():
             self.timesteps = torch.tensor([0.25 * s.log() for s in sigmas[:-1]]).to(device)
@@ -135,7 +138,8 @@ class EulerDiscreteScheduler(SchedulerBase):
             raise ValueError(f"step called {i + 1} times for a {self.num_inference_steps}-step schedule")
         # As diffusers: the sample is upcast to fp32, x0 stays fp32, prev_sample takes model_output's dtype.
         prev, x0 = ops.euler_step(model_output.float(), sample.float(), sigmas[i:i + 1], sigmas[i + 1:i + 2],
-                                  gamma=gamma, s_noise=s_noise, noise=noise, prediction_type=self.config.prediction_type)
+                                  gamma=gamma, s_noise=s_noise, noise=noise,
+                                  prediction_type=self.config.prediction_type)
         prev = prev.to(model_output.dtype)
         self._step_index += 1
         return SchedulerOutput(prev, x0) if return_dict else (prev, x0)
