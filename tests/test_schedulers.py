@@ -8,6 +8,9 @@ import torch
 import diffusers
 from diffusion_fast import schedulers as S
 
+# diffusers' Euler calls np.array on a tensor (a numpy 2 DeprecationWarning inside diffusers, not in our code)
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 SHAPE = (2, 4, 5, 7)  # odd latent size, batch 2
 # fp32 parity with diffusers, relative to max(|x|, 1): 2e-6, widened only where the step is ill-conditioned. With
 # alpha_prod_t = 4e-5 (linear schedule, t=999), x0 = (x - sqrt(1-a) eps) / sqrt(a) amplifies one fp32 rounding by
@@ -35,14 +38,14 @@ def _compare(ta, tb):
     return ((ta - tb).abs()[finite].max() / ta[finite].abs().max().clamp(min=1)).item()
 
 
-def _loop(ours, theirs, steps=4, dtype=torch.float32, noise="generator", **step_kwargs):
+def _loop(ours, theirs, steps=4, dtype=torch.float32, noise="generator", schedule=None, **step_kwargs):
     """Run both schedulers on the same random model outputs; return the worst difference / its allowed value.
 
     noise="generator": both draw their step noise from equally seeded generators (diffusers' randn_tensor rules);
-    noise="given": DDIM gets the same variance_noise tensor instead.
+    noise="given": DDIM gets the same variance_noise tensor instead. schedule: set_timesteps keywords (else steps).
     """
-    ours.set_timesteps(steps)
-    theirs.set_timesteps(steps)
+    ours.set_timesteps(**(schedule or {"num_inference_steps": steps}))
+    theirs.set_timesteps(**(schedule or {"num_inference_steps": steps}))
     torch.testing.assert_close(ours.timesteps, theirs.timesteps, rtol=0, atol=0)  # values and dtype (int64/fp32)
     torch.testing.assert_close(torch.as_tensor(ours.init_noise_sigma).double(),
                                torch.as_tensor(theirs.init_noise_sigma).double(), rtol=1e-6, atol=0)
@@ -161,6 +164,24 @@ def test_ddpm_matches_diffusers(beta_schedule, spacing, prediction_type, varianc
 ])
 def test_ddpm_other_schedules(cfg):
     assert _loop(S.DDPMScheduler(**cfg), diffusers.DDPMScheduler(**cfg), steps=5) <= 1
+
+
+def test_custom_schedules():
+    # DDPM custom integer timesteps (uneven gaps): previous_timestep follows the given list
+    assert _loop(S.DDPMScheduler(), diffusers.DDPMScheduler(), schedule=dict(timesteps=[937, 700, 411, 90, 3])) <= 1
+    # Euler: custom float timesteps (sigmas interpolated) and custom sigmas (timesteps interpolated)
+    assert _loop(S.EulerDiscreteScheduler(), diffusers.EulerDiscreteScheduler(),
+                 schedule=dict(timesteps=[950.5, 600.0, 301.25, 20.0])) <= 1
+    assert _loop(S.EulerDiscreteScheduler(), diffusers.EulerDiscreteScheduler(),
+                 schedule=dict(sigmas=[14.6, 5.0, 1.7, 0.3, 0.0])) <= 1
+    with pytest.raises(ValueError, match="timesteps must be in descending order"):
+        S.DDPMScheduler().set_timesteps(timesteps=[10, 500])
+    with pytest.raises(ValueError, match="pass num_inference_steps or timesteps, not both"):
+        S.DDPMScheduler().set_timesteps(5, timesteps=[500, 10])
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 1000\)"):
+        S.DDPMScheduler().set_timesteps(timesteps=[1000, 10])
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        S.EulerDiscreteScheduler(use_karras_sigmas=True).set_timesteps(timesteps=[500.0, 10.0])
 
 
 def test_ddpm_fixed_large_log_is_fixed_large_and_training_style_step():

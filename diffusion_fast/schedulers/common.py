@@ -163,6 +163,19 @@ class SchedulerBase:
             raise ValueError(
                 f"num_inference_steps must be in [1, {n_train}] (num_train_timesteps), got {num_inference_steps}")
 
+    def _custom_schedule(self, name, values, num_inference_steps, *, descending=True, below=None):
+        """A user-given schedule (diffusers' ``timesteps=`` / ``sigmas=``) as a 1-d float64 array, checked."""
+        if num_inference_steps is not None:
+            raise ValueError(f"pass num_inference_steps or {name}, not both")
+        array = np.asarray(values.cpu() if torch.is_tensor(values) else values, dtype=np.float64)
+        if array.ndim != 1 or array.size < 1 or not np.isfinite(array).all():
+            raise ValueError(f"{name} must be a non-empty 1-d list of finite numbers, got {values!r}")
+        if descending and (np.diff(array) >= 0).any():
+            raise ValueError(f"{name} must be in descending order, got {array.tolist()}")
+        if below is not None and (array[0] >= below or array.min() < 0):
+            raise ValueError(f"{name} must lie in [0, {below}) (num_train_timesteps), got {array.tolist()}")
+        return array
+
     def _table(self, name, device):
         """A coefficient table cached on ``device`` (tables live on the sample's device: no host round trips).
 

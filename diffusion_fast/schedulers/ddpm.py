@@ -16,6 +16,7 @@ step the generator advances once more than diffusers' does (the images are the s
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .. import ops
@@ -56,10 +57,17 @@ class DDPMScheduler(SchedulerBase):
         self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
         self._ext = torch.cat([self.timesteps, torch.tensor([-1])])
 
-    def set_timesteps(self, num_inference_steps, device=None):
-        self._check_steps(num_inference_steps)
-        self.num_inference_steps = int(num_inference_steps)
-        timesteps = spaced_timesteps(self.config, self.num_inference_steps)
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None):
+        """The inference schedule: ``num_inference_steps`` spaced per timestep_spacing, or custom descending
+        integer ``timesteps`` (diffusers' custom_timesteps)."""
+        if timesteps is not None:
+            timesteps = self._custom_schedule("timesteps", timesteps, num_inference_steps,
+                                              below=self.config.num_train_timesteps).astype(np.int64)
+            self.num_inference_steps = len(timesteps)
+        else:
+            self._check_steps(num_inference_steps)
+            self.num_inference_steps = int(num_inference_steps)
+            timesteps = spaced_timesteps(self.config, self.num_inference_steps)
         self.timesteps = torch.from_numpy(timesteps).to(device)
         self._ext = torch.cat([torch.from_numpy(timesteps), torch.tensor([-1])])
         self._reset_tables(device, ("alphas_cumprod", "_ext"))

@@ -68,16 +68,35 @@ class EulerDiscreteScheduler(SchedulerBase):
             raise ValueError(f"begin_index must be a non-negative int, got {begin_index!r}")
         self._begin_index = begin_index
 
-    def set_timesteps(self, num_inference_steps, device=None):
-        self._check_steps(num_inference_steps)
-        c, n = self.config, int(num_inference_steps)
-        self.num_inference_steps = n
-        if c.timestep_spacing == "linspace":  # float spacing here (not rounded), as diffusers' Euler
-            timesteps = np.linspace(0, c.num_train_timesteps - 1, n, dtype=np.float32)[::-1].copy()
-        else:
-            timesteps = spaced_timesteps(c, n, dtype=np.float32)
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None):
+        """The inference schedule: ``num_inference_steps`` per the config, or custom ``timesteps`` (then sigmas are
+        interpolated) or custom ``sigmas`` (n + 1 values, the last the final sigma; timesteps are interpolated)."""
+        c = self.config
         base = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
         log_sigmas = np.log(base)
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("pass timesteps or sigmas, not both")
+        if timesteps is not None and (c.use_karras_sigmas or self._continuous_v()):
+            raise ValueError("custom timesteps cannot be used with use_karras_sigmas or continuous v_prediction")
+        if sigmas is not None:
+            sigmas = self._custom_schedule("sigmas", sigmas, num_inference_steps, descending=False)
+            if len(sigmas) < 2:
+                raise ValueError("sigmas must have n + 1 values (the last is the final sigma), got 1")
+            sigmas = sigmas.astype(np.float32)
+            timesteps = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas[:-1]])
+            self._finish_schedule(sigmas, timesteps, len(sigmas) - 1, device)
+            return
+        if timesteps is not None:
+            timesteps = self._custom_schedule("timesteps", timesteps, num_inference_steps, descending=False,
+                                              below=c.num_train_timesteps).astype(np.float32)
+            n = len(timesteps)
+        else:
+            self._check_steps(num_inference_steps)
+            n = int(num_inference_steps)
+            if c.timestep_spacing == "linspace":  # float spacing here (not rounded), as diffusers' Euler
+                timesteps = np.linspace(0, c.num_train_timesteps - 1, n, dtype=np.float32)[::-1].copy()
+            else:
+                timesteps = spaced_timesteps(c, n, dtype=np.float32)
         if c.interpolation_type == "linear":
             sigmas = np.interp(timesteps, np.arange(0, len(base)), base)
         else:
@@ -91,7 +110,11 @@ class EulerDiscreteScheduler(SchedulerBase):
             timesteps = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
         a0 = self.alphas_cumprod[0]
         last = ((1 - a0) / a0) ** 0.5 if c.final_sigmas_type == "sigma_min" else 0
-        sigmas = torch.from_numpy(np.concatenate([sigmas, [float(last)]]).astype(np.float32))
+        self._finish_schedule(np.concatenate([sigmas, [float(last)]]).astype(np.float32), timesteps, n, device)
+
+    def _finish_schedule(self, sigmas, timesteps, n, device):
+        self.num_inference_steps = n
+        sigmas = torch.from_numpy(sigmas)
         if self._continuous_v():
             self.timesteps = torch.tensor([0.25 * s.log() for s in sigmas[:-1]]).to(device)
         else:
