@@ -51,7 +51,8 @@ def extensions():
             "diffusion_fast._C",
             cpp_sources + cuda_sources,
             define_macros=[("DIFFUSION_FAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]  # no --use_fast_math: a_t / a_prev must be exactly 1 when equal},
+            # no --use_fast_math: a_t / a_prev must be exactly 1 when they are equal (no noise at the last step)
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             extra_link_args=["-fopenmp"] if "-fopenmp" in cxx_flags else [],
         )]
     return [CppExtension(
