@@ -20,8 +20,23 @@ def test_ops_exist_after_import():
     assert diffusion_fast.ops._resolve("ddim_step", "auto", torch.device("cpu")) == "cpp"
 
 
-def _randn(gen, dtype, shape=(3, 4, 7, 9)):
+def _randn(gen, dtype, shape=(3, 4, 7, 9)):  # batch 3 (per-sample alphas), odd 7x9 spatial
     return torch.randn(shape, generator=gen).to(dtype)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs():
+    """Outputs start as NaN: the C++ ops allocate with at::empty_like (not torch.empty, so _numerics'
+    poisoned_allocations cannot reach them); PyTorch's deterministic mode fills every fresh float tensor with NaN,
+    C++ allocations included. An element an op forgets to write then fails the finiteness check of the 2x rule."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.isnan(torch.empty(4)).all()  # the poison really is on
+    yield
+    torch.use_deterministic_algorithms(previous)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -78,12 +93,13 @@ def test_ddpm_and_euler_match_reference(prediction_type, dtype):
 
 
 @pytest.mark.parametrize("shape, groups", [
-    ((2, 64, 16, 16), 32),  # SD-like
-    ((3, 96, 7, 9), 32),  # C=96 over 32 groups, odd 7x9, batch 3
-    ((2, 64, 1, 1), 32),  # a 1x1 map
+    ((2, 64, 16, 16), 32),  # SD-like: N*G >= threads, one task per (sample, group)
+    ((3, 96, 7, 9), 32),  # C=96 over 32 groups (3 channels each), odd 7x9, batch 3
+    ((2, 64, 1, 1), 32),  # a 1x1 map: 2 values per group, variance near eps
     ((2, 40, 300), 8),  # 3-d input
+    ((1, 8, 70, 70), 1),  # N*G = 1 < threads: statistics split over chunks; 39200 values is not a chunk multiple
 ])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_group_norm_silu_matches_reference(shape, groups, dtype, channels_last):
     if channels_last and len(shape) != 4:
@@ -112,6 +128,28 @@ def test_non_contiguous_inputs():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_group_norm_statistics_survive_a_large_mean():
+    """|mean| >> std: sum(x^2) - n mean^2 would cancel in fp32; chunked mean + M2 (Chan's merge) does not."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 32, 33, 31, generator=gen) * 1e-2 + 300.0  # odd 33x31 so chunks do not divide the run
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.contiguous(memory_format=layout)
+        out = ops.group_norm_silu(xl, 8, silu=False, backend="cpp")
+        ref64 = reference.group_norm_silu(x.double(), 8, silu=False)
+        assert_2x_rule(out, ref64, reference.group_norm_silu(x, 8, silu=False), floor=1e-4, what=str(layout))
+
+
+def test_silu_extremes():
+    """The vectorised exp inside SiLU: huge and tiny inputs give SiLU's limits (v, 0), +inf stays inf, NaN NaN."""
+    # weight 0: the SiLU input is exactly the bias, so the bias probes the exp's range ends
+    bias = torch.tensor([1e30, -1e30, 90.0, -90.0, 20.0, -20.0, 0.5, 0.0, float("inf")])
+    out = torch.ops.diffusion_fast.group_norm_silu(torch.randn(1, 9, 2, 2), 9, torch.zeros(9), bias, 1e-5, True)
+    expect = bias.double() * torch.sigmoid(bias.double())
+    torch.testing.assert_close(out[0, :, 0, 0].double(), expect, rtol=1e-6, atol=1e-8)
+    nan_in = torch.ops.diffusion_fast.group_norm_silu(torch.full((1, 2, 2, 2), float("nan")), 1, None, None, 1e-5, True)
+    assert torch.isnan(nan_in).all()
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_matches_diffusers_schedulers(prediction_type):
     diffusers = pytest.importorskip("diffusers")
@@ -125,6 +163,22 @@ def test_matches_diffusers_schedulers(prediction_type):
     ours = ops.ddim_step(m, x, a_t, a_prev, eta=0.3, variance_noise=noise, prediction_type=prediction_type,
                          clip_sample_range=1.0, backend="cpp")
     torch.testing.assert_close(ours[0], theirs.prev_sample, rtol=1e-5, atol=1e-5)
+    clipped = ops.ddim_step(m, x, a_t, a_prev, eta=0.3, variance_noise=noise, prediction_type=prediction_type,
+                            clip_sample_range=1.0, use_clipped_model_output=True, backend="cpp")
+    theirs = ddim.step(m, t, x, eta=0.3, variance_noise=noise, use_clipped_model_output=True)
+    torch.testing.assert_close(clipped[0], theirs.prev_sample, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(clipped[1], theirs.pred_original_sample, rtol=1e-5, atol=1e-5)
+    ddpm = diffusers.DDPMScheduler(beta_schedule="scaled_linear", prediction_type=prediction_type)
+    ddpm.set_timesteps(20)
+    t, t_prev = ddpm.timesteps[5], ddpm.timesteps[6]
+    a_t, a_prev = ddpm.alphas_cumprod[t], ddpm.alphas_cumprod[t_prev]
+    std = ddpm._get_variance(t) ** 0.5  # variance_type "fixed_small": the scheduler's own noise scale
+    theirs = ddpm.step(m, t, x, generator=torch.Generator().manual_seed(7))
+    drawn = torch.randn(m.shape, generator=torch.Generator().manual_seed(7))  # diffusers' randn_tensor draw
+    ours = ops.ddpm_step(m, x, a_t, a_prev, std=std, variance_noise=drawn, prediction_type=prediction_type,
+                         clip_sample_range=1.0, backend="cpp")
+    torch.testing.assert_close(ours[0], theirs.prev_sample, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1], theirs.pred_original_sample, rtol=1e-5, atol=1e-5)
     euler = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", prediction_type=prediction_type)
     euler.set_timesteps(20)
     theirs = euler.step(m, euler.timesteps[0], x)
@@ -171,6 +225,22 @@ def test_the_op_itself_also_checks(capsys):
         torch.ops.diffusion_fast.ddim_step(x, x, torch.ones(2), torch.ones(3), 0.0, None, "epsilon", None, False)
     with pytest.raises(ValueError, match="prediction_type must be one of"):
         torch.ops.diffusion_fast.ddim_step(x, x, torch.ones(3), torch.ones(3), 0.0, None, "eps", None, False)
+
+
+def test_no_prebuilt_and_no_jit_gives_one_warning_and_none(monkeypatch):
+    """DIFFUSION_FAST_NO_JIT=1 with the prebuilt module missing: load_ops() warns once and returns None."""
+    import sys
+
+    monkeypatch.delattr(diffusion_fast, "_C", raising=False)
+    monkeypatch.setitem(sys.modules, "diffusion_fast._C", None)  # `from . import _C` now raises ImportError
+    monkeypatch.setenv("DIFFUSION_FAST_NO_JIT", "1")
+    monkeypatch.setattr(_cpp, "_state", {"loaded": None, "tried": False})
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ extension unavailable"):
+        assert _cpp.load_ops() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _cpp.load_ops() is None  # cached: no second attempt, no second warning
+    assert not _cpp.has_cuda()
 
 
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
