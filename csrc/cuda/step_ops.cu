@@ -79,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> launch_step(int kind, const at::Tensor& m_in,
                                                const at::Tensor& a_t, const at::Tensor& a_prev, const at::Tensor& std_t,
                                                double guidance, double eta, const std::string& prediction_type,
                                                c10::optional<double> clip, bool use_clipped) {
-  check_cuda_like(m_in, "model_output", x_in);
+  check_cuda_like(m_in, t_in.has_value() ? "noise_pred_uncond" : "model_output", x_in);
   if (t_in.has_value()) check_cuda_like(*t_in, "noise_pred_text", x_in);
   if (n_in.has_value()) check_cuda_like(*n_in, "variance_noise", x_in);
   const int pred = prediction_index(prediction_type);
