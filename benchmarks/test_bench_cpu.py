@@ -5,7 +5,7 @@
 
 Groups: the fused CFG+DDIM step (C++ op) vs our reference vs diffusers' CFG combine + DDIMScheduler.step, on
 1x4x64x64, 2x4x128x128 and 8x4x128x128 fp32 latents; group_norm_silu (C++ op) vs F.group_norm + F.silu on SD
-shapes in both memory layouts. `python benchmarks/results_table.py` turns the JSON into the README's table.
+shapes in both memory layouts. Each group's rows are the implementations side by side; compare medians.
 """
 import pytest
 import torch
