@@ -122,3 +122,26 @@ def from_pretrained(cls, folder, dtype=None, device=None, subfolder=None, varian
         if buf.is_meta:
             raise ValueError(f"{cls.__name__}: buffer {name} was not loaded")
     return model.to(device=device, dtype=dtype).eval()
+
+
+class PretrainedMixin:
+    """``from_config`` and ``from_pretrained`` for the models; a subclass may override ``convert_state_dict``."""
+
+    @staticmethod
+    def convert_state_dict(state: dict) -> dict:
+        """Rename or reshape checkpoint keys before the strict load (identity unless overridden)."""
+        return state
+
+    @classmethod
+    def from_config(cls, config, **changes):
+        """A randomly initialised model from a config dict or a folder holding config.json (``changes`` override)."""
+        if isinstance(config, (str, os.PathLike)):
+            config = read_config(config)
+        if not isinstance(config, dict):
+            raise TypeError(f"config must be a dict or a folder path, got {type(config).__name__}")
+        return cls({**config, **changes})
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype=None, device=None, subfolder=None, variant=None):
+        """Load a diffusers folder unchanged: config.json + weights, strictly (every key present, none extra)."""
+        return from_pretrained(cls, folder, dtype, device, subfolder, variant, convert=cls.convert_state_dict)

@@ -6,7 +6,6 @@ captured in a CUDA graph.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 from torch import nn
@@ -125,7 +124,7 @@ class MidBlock(nn.Module):
         return self.resnets[1](self.attentions[0](h, context), temb)
 
 
-class UNet2DConditionModel(nn.Module):
+class UNet2DConditionModel(loading.PretrainedMixin, nn.Module):
     def __init__(self, config: dict):
         super().__init__()
         c = self.config = loading.make_config("UNet2DConditionModel", DEFAULTS, UNSUPPORTED, config)
@@ -177,20 +176,6 @@ class UNet2DConditionModel(nn.Module):
             for i, kind in enumerate(c.up_block_types))
         self.conv_norm_out = GroupNorm(groups, chans[0], eps, silu=True)  # + conv_act (SiLU), fused
         self.conv_out = nn.Conv2d(chans[0], c.out_channels, kout, padding=(kout - 1) // 2)
-
-    @classmethod
-    def from_config(cls, config, **changes):
-        """A randomly initialised model from a config dict or a folder holding config.json (``changes`` override)."""
-        if isinstance(config, (str, os.PathLike)):
-            config = loading.read_config(config)
-        if not isinstance(config, dict):
-            raise TypeError(f"config must be a dict or a folder path, got {type(config).__name__}")
-        return cls({**config, **changes})
-
-    @classmethod
-    def from_pretrained(cls, folder, dtype=None, device=None, subfolder=None, variant=None):
-        """Load a diffusers folder unchanged: config.json + weights, strictly (every key present, none extra)."""
-        return loading.from_pretrained(cls, folder, dtype, device, subfolder, variant)
 
     def fuse_qkv_projections(self):
         """One q/k/v GEMM per self-attention (weights concatenated into non-persistent buffers; names unchanged).

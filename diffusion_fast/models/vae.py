@@ -1,7 +1,6 @@
 """AutoencoderKL (the SD VAE) with diffusers' parameter names; legacy attention key names are converted on load."""
 from __future__ import annotations
 
-import os
 
 import torch
 from torch import nn
@@ -121,7 +120,7 @@ class Decoder(nn.Module):
         return self.conv_out(self.conv_norm_out(h))
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(loading.PretrainedMixin, nn.Module):
     def __init__(self, config: dict):
         super().__init__()
         c = self.config = loading.make_config("AutoencoderKL", DEFAULTS, UNSUPPORTED, config)
@@ -137,19 +136,9 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if c.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent, latent, 1) if c.use_post_quant_conv else None
 
-    @classmethod
-    def from_config(cls, config, **changes):
-        """A randomly initialised model from a config dict or a folder holding config.json (``changes`` override)."""
-        if isinstance(config, (str, os.PathLike)):
-            config = loading.read_config(config)
-        if not isinstance(config, dict):
-            raise TypeError(f"config must be a dict or a folder path, got {type(config).__name__}")
-        return cls({**config, **changes})
-
-    @classmethod
-    def from_pretrained(cls, folder, dtype=None, device=None, subfolder=None, variant=None):
-        """Load a diffusers folder unchanged: config.json + weights, strictly (every key present, none extra)."""
-        return loading.from_pretrained(cls, folder, dtype, device, subfolder, variant, convert=convert_legacy_keys)
+    @staticmethod
+    def convert_state_dict(state):
+        return convert_legacy_keys(state)
 
     def fuse_qkv_projections(self):
         """One q/k/v GEMM per self-attention (weights concatenated into non-persistent buffers; names unchanged).
