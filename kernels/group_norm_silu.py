@@ -40,6 +40,19 @@ def _element_offsets(e, hw, cpg, channels, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
+def _group_chunk(pid_group, pid_chunk, hw, cpg, channels, group_len, chunk_len, num_groups, CHANNELS_LAST: tl.constexpr):
+    """Group index g, the group's first element's offset, and this chunk's [start, end) in the group's elements."""
+    n = pid_group // num_groups
+    g = pid_group % num_groups
+    if CHANNELS_LAST:
+        base = n * hw * channels + g * cpg
+    else:
+        base = n * hw * channels + g * cpg * hw
+    start = pid_chunk * chunk_len
+    return g, base, start, tl.minimum(start + chunk_len, group_len)
+
+
+@triton.jit
 def _group_stats_kernel(
     x_ptr,  # input, (N, C, *spatial) NCHW-contiguous or channels_last
     mean_ptr, m2_ptr, count_ptr,  # fp32 partials, (N * G * SPLIT,)
@@ -50,14 +63,8 @@ def _group_stats_kernel(
 ):
     pid_group = tl.program_id(0).to(tl.int64)  # n * G + g
     pid_chunk = tl.program_id(1)
-    n = pid_group // num_groups
-    g = pid_group % num_groups
-    if CHANNELS_LAST:
-        base = n * hw * channels + g * cpg
-    else:
-        base = n * hw * channels + g * cpg * hw
-    start = pid_chunk * chunk_len
-    end = tl.minimum(start + chunk_len, group_len)
+    _, base, start, end = _group_chunk(pid_group, pid_chunk, hw, cpg, channels, group_len, chunk_len, num_groups,
+                                       CHANNELS_LAST)
     count = 0.0
     mean = 0.0
     m2 = 0.0
@@ -96,8 +103,8 @@ def _group_apply_kernel(
 ):
     pid_group = tl.program_id(0).to(tl.int64)
     pid_chunk = tl.program_id(1)
-    n = pid_group // num_groups
-    g = pid_group % num_groups
+    g, base, start, end = _group_chunk(pid_group, pid_chunk, hw, cpg, channels, group_len, chunk_len, num_groups,
+                                       CHANNELS_LAST)
     # Combine the group's partials (Chan): mean = sum(c_i m_i) / sum(c_i), M2 = sum(M2_i) + sum(c_i (m_i - mean)^2).
     s = tl.arange(0, SPLIT_BLOCK)
     smask = s < split
@@ -110,12 +117,6 @@ def _group_apply_kernel(
     var = (tl.sum(m2s, axis=0) + tl.sum(counts * d * d, axis=0)) / total
     rstd = 1.0 / tl.sqrt(var + eps)
 
-    if CHANNELS_LAST:
-        base = n * hw * channels + g * cpg
-    else:
-        base = n * hw * channels + g * cpg * hw
-    start = pid_chunk * chunk_len
-    end = tl.minimum(start + chunk_len, group_len)
     for block_start in range(start, end, BLOCK):
         e = block_start + tl.arange(0, BLOCK)
         mask = e < end
