@@ -29,18 +29,6 @@ def _signature(args):
     return tuple(parts)
 
 
-def _map_tensors(obj, fn):
-    if torch.is_tensor(obj):
-        return fn(obj)
-    if isinstance(obj, tuple):
-        return tuple(_map_tensors(o, fn) for o in obj)
-    if isinstance(obj, list):
-        return [_map_tensors(o, fn) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
-    return obj
-
-
 class GraphedCallable:
     def __init__(self, fn, *, num_warmup: int = 2):
         self.fn, self.num_warmup = fn, num_warmup
