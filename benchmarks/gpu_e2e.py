@@ -152,10 +152,19 @@ def main():
             print(notes[-1], flush=True)
     del pipe
     torch.cuda.empty_cache()
+    # diffusers in fp32 on this GPU: is our fp32 reference image the one diffusers makes here (TF32 convs included)?
+    pipe32 = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32).to(device)
+    pipe32.scheduler = diffusers.DDIMScheduler.from_config(pipe32.scheduler.config)
+    pipe32.set_progress_bar_config(disable=True)
+    img_diffusers32 = pipe32(PROMPT, num_inference_steps=steps, generator=gen(), output_type="np").images
+    del pipe32
+    torch.cuda.empty_cache()
 
     first_s, first_log = first_image_seconds(folder, steps)
     quality = {"psnr_ours_fp16_vs_fp32_reference_db": psnr(img_fast, img_ref32),
-               "psnr_diffusers_fp16_vs_our_fp32_reference_db": psnr(img_diffusers, img_ref32)}
+               "psnr_diffusers_fp16_vs_our_fp32_reference_db": psnr(img_diffusers, img_ref32),
+               "psnr_diffusers_fp32_vs_our_fp32_reference_db": psnr(img_diffusers32, img_ref32),
+               "psnr_ours_fp16_vs_diffusers_fp16_db": psnr(img_fast, img_diffusers)}
     if img_accel is not None:
         quality["psnr_accelerated_vs_diffusers_fp16_db"] = psnr(img_accel, img_diffusers)
     eager = next(r["it_per_s"] for r in rows if r["system"].startswith("diffusers eager"))

@@ -72,6 +72,13 @@ def check_ops(device, dtype, seed=0):
 
 
 def check_pipeline(args, device, dtype):
+    """The whole pipeline, fast vs reference, plus where any difference comes from.
+
+    Besides the image, three stages are compared against the fp32 reference run, so a failure points at its
+    source: the UNet's first noise prediction (same inputs), the latents after the loop, and the VAE decode of the
+    reference latents. In fp16/bf16 the plain-PyTorch run in the same dtype (the reference path) is measured too:
+    it shows how far that dtype alone moves this model's image.
+    """
     from .pipeline import StableDiffusionPipeline
 
     def load(dt):
@@ -80,23 +87,61 @@ def check_pipeline(args, device, dtype):
         return StableDiffusionPipeline.from_tiny("sd1", seed=args.seed, dtype=dt, device=device)
 
     def run(pipe, name):
+        """(final latents, image, first noise prediction) of one pipeline run on one backend."""
         pipe.set_progress_bar_config(disable=True)
         with backend(name):
-            return pipe("a red cube on a table", num_inference_steps=args.steps, guidance_scale=7.5,
-                        generator=torch.Generator("cpu").manual_seed(args.seed), output_type="np").images
+            latents = pipe("a red cube on a table", num_inference_steps=args.steps, guidance_scale=7.5,
+                           generator=torch.Generator("cpu").manual_seed(args.seed), output_type="latent").images
+        return latents, decode(pipe, latents, name), first_noise_pred(pipe, name)
+
+    def decode(pipe, latents, name):
+        from .pipeline import postprocess
+
+        with backend(name), torch.no_grad():
+            image = pipe.vae.decode(latents.to(pipe.dtype) / pipe.vae.config.scaling_factor)
+        return postprocess(image, "np")
+
+    gen = torch.Generator("cpu").manual_seed(args.seed + 1)
+    probe = None  # the same UNet inputs for every run: (latents, timestep, text embeddings)
+
+    def first_noise_pred(pipe, name):
+        nonlocal probe
+        if probe is None:
+            cfg = pipe.unet.config
+            probe = (torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen),
+                     torch.tensor(pipe.scheduler.config.num_train_timesteps - 1),
+                     torch.randn(2, 77, cfg.cross_attention_dim, generator=gen))
+        with backend(name), torch.no_grad():
+            x, t, emb = (v.to(device=device, dtype=pipe.dtype if v.is_floating_point() else v.dtype) for v in probe)
+            return pipe.unet(x, t, emb).float().cpu()
 
     pipe = load(dtype)
-    fast = run(pipe, "fast")
+    fast_latents, fast, fast_eps = run(pipe, "fast")
     ref_pipe = pipe if dtype == torch.float32 else load(torch.float32)
-    ref = run(ref_pipe, "reference")
+    ref_latents, ref, ref_eps = run(ref_pipe, "reference")
+
+    def rel(a, b):
+        return ((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm()).item()
+
+    stages = {"unet_rel_err": rel(fast_eps, ref_eps), "latents_rel_err": rel(fast_latents, ref_latents),
+              "vae_psnr_db": psnr(decode(pipe, ref_latents, "fast"), decode(ref_pipe, ref_latents, "reference"))}
     diff = max_abs_err(torch.from_numpy(fast), torch.from_numpy(ref))
     quality = psnr(fast, ref)
+    row = {"check": f"pipeline ({args.steps} DDIM steps, {str(dtype).replace('torch.', '')})",
+           "max_abs_err": diff, "psnr_db": quality, "stages": stages}
     if dtype == torch.float32:
-        ok, rule = diff <= PIPELINE_FP32_MAX_ABS, f"max abs <= {PIPELINE_FP32_MAX_ABS:g}"
+        row.update(passed=diff <= PIPELINE_FP32_MAX_ABS, rule=f"max abs <= {PIPELINE_FP32_MAX_ABS:g}")
     else:
-        ok, rule = quality >= PIPELINE_LOWP_MIN_PSNR, f"PSNR >= {PIPELINE_LOWP_MIN_PSNR:g} dB vs fp32 reference"
-    return {"check": f"pipeline ({args.steps} DDIM steps, {str(dtype).replace('torch.', '')})",
-            "max_abs_err": diff, "psnr_db": quality, "rule": rule, "passed": ok}
+        base_latents, base, base_eps = run(pipe, "reference")  # plain PyTorch in the same low precision
+        row["baseline"] = {"psnr_db": psnr(base, ref), "unet_rel_err": rel(base_eps, ref_eps),
+                           "latents_rel_err": rel(base_latents, ref_latents)}
+        row.update(passed=quality >= PIPELINE_LOWP_MIN_PSNR,
+                   rule=f"PSNR >= {PIPELINE_LOWP_MIN_PSNR:g} dB vs fp32 reference")
+    return row
+
+
+def _db(value):
+    return "inf" if math.isinf(value) else f"{value:.1f}"
 
 
 def run_check(args, device, dtype) -> int:
@@ -108,9 +153,15 @@ def run_check(args, device, dtype) -> int:
     for r in rows:
         print(f"{r['check']:40s} {r['max_abs_err']:12.3e} {r['pytorch_err']:12.3e}  {'PASS' if r['passed'] else 'FAIL'}")
     p = check_pipeline(args, device, dtype)
-    psnr_text = "inf" if math.isinf(p["psnr_db"]) else f"{p['psnr_db']:.1f}"
-    print(f"{p['check']:40s} max abs pixel diff {p['max_abs_err']:.3e}, PSNR {psnr_text} dB ({p['rule']})  "
+    print(f"{p['check']:40s} max abs pixel diff {p['max_abs_err']:.3e}, PSNR {_db(p['psnr_db'])} dB ({p['rule']})  "
           f"{'PASS' if p['passed'] else 'FAIL'}")
+    st = p["stages"]
+    print(f"  stages vs fp32 reference: UNet noise prediction rel err {st['unet_rel_err']:.2e}, final latents rel "
+          f"err {st['latents_rel_err']:.2e}, VAE decode PSNR {_db(st['vae_psnr_db'])} dB")
+    if "baseline" in p:
+        b = p["baseline"]
+        print(f"  plain PyTorch in {str(dtype).replace('torch.', '')} (reference path) for comparison: PSNR "
+              f"{_db(b['psnr_db'])} dB, UNet rel err {b['unet_rel_err']:.2e}, latents rel err {b['latents_rel_err']:.2e}")
     failed = [r["check"] for r in rows + [p] if not r["passed"]]
     print(f"{len(rows) + 1 - len(failed)} passed, {len(failed)} failed in {time.perf_counter() - start:.1f} s")
     return 1 if failed else 0

@@ -55,7 +55,7 @@ class StableDiffusionPipeline:
         self.cuda_graph = cuda_graph
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._progress = {}
-        self._graphed_step = None
+        self._graphed_step = self._graphed_for = None
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -107,7 +107,7 @@ class StableDiffusionPipeline:
         dtype = _resolve_dtype(dtype)
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device=device, dtype=dtype)
-        self._graphed_step = None
+        self._graphed_step = self._graphed_for = None
         return self
 
     def set_progress_bar_config(self, **kwargs):
@@ -241,8 +241,12 @@ class StableDiffusionPipeline:
         latents = latents.to(device=device, dtype=embeds.dtype) * self.scheduler.init_noise_sigma
 
         graphed = self._use_graph(device, eta)
-        if graphed and self._graphed_step is None:
+        if graphed and (self._graphed_step is None or self._graphed_for[0] is not self.unet
+                        or self._graphed_for[1] is not self.scheduler):
+            # A graph reads the UNet's weights and the scheduler's device tables by address: a swapped-in UNet or
+            # scheduler needs fresh graphs (holding the old ones here also keeps their memory from being reused).
             self._graphed_step = GraphedCallable(self._graph_step)
+            self._graphed_for = (self.unet, self.scheduler)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()

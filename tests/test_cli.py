@@ -59,6 +59,13 @@ def test_check_passes_on_default_model(capsys):
     assert main(["check", "--steps", "2"]) == 0
     text = capsys.readouterr().out
     assert "FAIL" not in text and "0 failed" in text and "group_norm_silu (channels_last)" in text
+    assert "stages vs fp32 reference: UNet noise prediction rel err" in text  # where a difference would come from
+
+
+def test_check_reports_the_plain_pytorch_baseline_in_half_precision(capsys):
+    assert main(["check", "--steps", "1", "--dtype", "fp16"]) == 0
+    text = capsys.readouterr().out
+    assert "plain PyTorch in float16 (reference path) for comparison" in text and "0 failed" in text
 
 
 def test_check_fails_when_fast_path_is_wrong(monkeypatch, capsys):

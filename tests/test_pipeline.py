@@ -128,3 +128,47 @@ def test_cuda_graph_loop_matches_eager_on_gpu(tmp_path):
         outs.append(pipe("a", num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="latent").images)
     torch.testing.assert_close(outs[1], outs[0], rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(outs[2], outs[1], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_cuda_graph_survives_eager_runs_and_a_swapped_scheduler():
+    """Regression: set_timesteps used to free and reallocate the scheduler's device tables, which a captured graph
+    reads by address; an eager run in between reused that memory and the next graphed image was NaN (H100, fp16)."""
+    pipe = StableDiffusionPipeline.from_tiny("sd1", seed=0, dtype=torch.float16, device=DEVICE)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(graph, backend_name="fast"):
+        pipe.cuda_graph = graph
+        with diffusion_fast.backend(backend_name):
+            return pipe("a", num_inference_steps=5, generator=torch.Generator().manual_seed(0),
+                        output_type="latent").images
+
+    graphed = run("auto")  # capture
+    eager = run(False)
+    churn = [torch.randn(1 << 14, device=DEVICE) for _ in range(64)]  # small blocks: what a freed table would get
+    run(False, "reference")
+    del churn
+    torch.testing.assert_close(run("auto"), graphed, rtol=0, atol=0)  # replay after eager work: unchanged
+    torch.testing.assert_close(graphed, eager, rtol=2e-3, atol=2e-3)
+    pipe.scheduler = diffusion_fast.schedulers.DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=False)
+    torch.testing.assert_close(run("auto"), run(False), rtol=2e-3, atol=2e-3)  # new scheduler, new graphs
+
+
+def test_graphed_step_is_rebuilt_for_a_swapped_unet_or_scheduler(monkeypatch):
+    # On the CPU the graphed callable runs eagerly, so the bookkeeping can be checked here: a graph belongs to the
+    # UNet and scheduler it was captured with (it reads their tensors by address).
+    pipe = StableDiffusionPipeline.from_tiny("sd1", seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    monkeypatch.setattr(pipe, "_use_graph", lambda device, eta: True)
+    call = lambda: pipe("a", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent")
+    first = call().images
+    graphs = pipe._graphed_step
+    call()
+    assert pipe._graphed_step is graphs  # same components: graphs kept
+    pipe.scheduler = diffusion_fast.schedulers.DDIMScheduler.from_config(pipe.scheduler.config)
+    torch.testing.assert_close(call().images, first, rtol=0, atol=0)
+    assert pipe._graphed_step is not graphs and pipe._graphed_for[1] is pipe.scheduler
+    graphs = pipe._graphed_step
+    pipe.unet = type(pipe.unet).from_config(pipe.unet.config).eval()
+    call()
+    assert pipe._graphed_step is not graphs and pipe._graphed_for[0] is pipe.unet

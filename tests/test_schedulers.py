@@ -352,6 +352,29 @@ def test_step_does_not_sync_on_cuda(name, thresholding):
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.parametrize("name, tables", [("DDIMScheduler", ("alphas_cumprod", "final_alpha_cumprod")),
+                                          ("DDPMScheduler", ("alphas_cumprod", "_ext")),
+                                          ("EulerDiscreteScheduler", ("sigmas",))])
+def test_set_timesteps_refreshes_device_tables_in_place(name, tables, device):
+    """A CUDA graph captured with the scheduler reads its device tables by address. set_timesteps must keep a table's
+    storage when its shape allows (updating the values), never free it: a freed table is reused by the allocator and
+    the graph then reads garbage (this gave NaN images on the H100 after an eager run between two graphed ones)."""
+    sched = S.SCHEDULERS[name](beta_schedule="scaled_linear")
+    sched.set_timesteps(10, device=device)
+    before = {n: sched._table(n, device) for n in tables}
+    for steps in (10, 25, 25, 10):  # same length, a longer schedule (Euler's sigmas and DDPM's _ext grow), back
+        sched.set_timesteps(steps, device=device)
+        for n in tables:
+            table = sched._table(n, device)
+            torch.testing.assert_close(table.cpu(), getattr(sched, n), rtol=0, atol=0)  # current values
+            assert table.device.type == device.type
+            if table.shape == before[n].shape:
+                assert table.data_ptr() == before[n].data_ptr(), f"{n} was reallocated by set_timesteps({steps})"
+            before[n] = table
+    getattr(sched, tables[0]).add_(0)  # the cache is a copy: the scheduler's own tensor is never aliased
+    assert sched._table(tables[0], device).data_ptr() != getattr(sched, tables[0]).data_ptr()
+
+
 def test_from_config_of_another_scheduler_and_load_scheduler(tmp_path):
     pndm = diffusers.PNDMScheduler(beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1)
     pndm.save_config(tmp_path)

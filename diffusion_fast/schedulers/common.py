@@ -179,16 +179,27 @@ class SchedulerBase:
     def _table(self, name, device):
         """A coefficient table cached on ``device`` (tables live on the sample's device: no host round trips).
 
-        ``set_timesteps`` empties the cache (the schedule-dependent tables change) and, given a device, fills it.
+        ``set_timesteps`` refreshes the cache (see ``_reset_tables``) and, given a device, fills it.
         """
         cache = self.__dict__.setdefault("_device_tables", {})
         key = (name, str(torch.device(device)))
         if key not in cache:
-            cache[key] = getattr(self, name).to(device)
+            cache[key] = getattr(self, name).to(device, copy=True)  # our own copy, updated in place later
         return cache[key]
 
     def _reset_tables(self, device, names=("alphas_cumprod",)):
-        self.__dict__.pop("_device_tables", None)
+        """Bring the cached device tables up to date after ``set_timesteps``, in place where the shape allows.
+
+        In place matters: a captured CUDA graph reads a table by its address, so a table that was freed and
+        reallocated would leave the graph reading whatever the allocator put there next (garbage, NaN images).
+        """
+        cache = self.__dict__.setdefault("_device_tables", {})
+        for key, cached in list(cache.items()):
+            fresh = getattr(self, key[0])
+            if fresh.shape == cached.shape and fresh.dtype == cached.dtype:
+                cached.copy_(fresh)
+            else:  # a schedule-dependent table changed length (Euler's sigmas): nothing graphed reads these
+                del cache[key]
         if device is not None:
             for name in names:
                 self._table(name, device)
