@@ -6,13 +6,34 @@
 Groups: the fused CFG+DDIM step (C++ op) vs our reference vs diffusers' CFG combine + DDIMScheduler.step, on
 1x4x64x64, 2x4x128x128 and 8x4x128x128 fp32 latents; group_norm_silu (C++ op) vs F.group_norm + F.silu on SD
 shapes in both memory layouts. Each group's rows are the implementations side by side; compare medians.
+
+The allocator is pinned first (see ``_steady_allocator``): glibc otherwise moves between two regimes at random,
+and in one of them every multi-MB temporary is page-faulted in afresh. That would slow the implementations that
+allocate more temporaries (eager PyTorch) by 4-5x at 2x320x64x64 in some runs and not others.
 """
+import ctypes
+import ctypes.util
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import diffusion_fast  # noqa: F401  (registers torch.ops.diffusion_fast)
 from diffusion_fast import ops
+
+def _steady_allocator():
+    """Stop glibc from returning freed heap memory to the OS (trim) and fix its mmap threshold at the maximum (32 MiB),
+    so a freed multi-MB buffer is reused without page faults by whichever implementation allocates next."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+
+
+_steady_allocator()
 
 LATENTS = [(1, 4, 64, 64), (2, 4, 128, 128), (8, 4, 128, 128)]
 GN_SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (1, 512, 128, 128)]

@@ -3,20 +3,25 @@
 // Statistics are fp32 per chunk (a chunk small enough to stay in L1: its mean, then the sum of squared deviations
 // from that mean, i.e. two passes over cached data) merged across chunks in double with Chan's parallel formula —
 // robust when |mean| >> std, unlike sum(x^2) - n*mean^2. The output pass computes silu(x * scale[c] + shift[c])
-// in one vectorised loop (a polynomial exp the compiler vectorises; no intermediate tensor).
+// in one vectorised loop (a polynomial exp the compiler vectorises; no intermediate tensor). Both loops are also
+// built for AVX-512 and picked at run time where the CPU has it (the output pass is compute-bound: exp and divide).
 //
 // NCHW: each (sample, group) is one contiguous run. With at least as many runs as threads, one task owns a run: its
 // statistics, then the output pass while the run is still in L2 — memory sees one read and one write. With fewer
 // runs (a batch-1 model with few groups) the chunks and the output elements are spread over the threads instead.
-// channels_last: per sample, the H*W positions are split over the threads; each thread merges per-channel chunk
-// statistics of its positions, channels are merged into groups, then the output pass runs over the positions again
-// with the channels contiguous in the inner loop.
+// channels_last: per sample, the H*W positions are split over the threads; each thread merges per-channel block
+// statistics of its positions (one vectorised merge per block: every channel has the same count), channels are
+// merged into groups, then the output pass runs over the positions again with the channels contiguous.
 #include <ATen/Parallel.h>
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#include "silu_avx512.h"
 
 namespace diffusion_fast {
 namespace {
@@ -61,59 +66,119 @@ inline float exp_approx(float x) {
   return p * scale;
 }
 
-// y[i] = f((x[i] - mean) * scale + shift), f = SiLU or identity, computed in fp32. (Subtracting the mean first
-// avoids the cancellation of x * scale - mean * scale when |mean| >> std and scale is large.)
-template <typename scalar_t, bool SILU>
-void affine_run(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t len, float mean, float scale,
-                float shift) {
+// The hot loops are compute-bound in fp32 (the output pass: an exp and a divide per element), so where the CPU has
+// AVX-512 they run a 16-wide build of the same code, picked at run time; the extension itself is built for the
+// baseline ISA. widest(f) runs f (an always_inline lambda, inlined into the AVX-512 function) one way or the other.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__AVX512F__)
+#define DIFFUSION_FAST_INLINE_LAMBDA __attribute__((always_inline))
+#define DIFFUSION_FAST_AVX512_BUILDS 1
+template <typename F>
+__attribute__((target("avx512f"), noinline)) void on_avx512(const F& f) {
+  f();
+}
+inline bool has_avx512() {  // DIFFUSION_FAST_NO_AVX512=1 forces the baseline build (to test it on AVX-512 CPUs)
+  static const bool yes = __builtin_cpu_supports("avx512f") && std::getenv("DIFFUSION_FAST_NO_AVX512") == nullptr;
+  return yes;
+}
+template <typename F>
+inline void widest(const F& f) {
+  if (has_avx512()) on_avx512(f);
+  else f();
+}
+#else
+#define DIFFUSION_FAST_INLINE_LAMBDA
+template <typename F>
+inline void widest(const F& f) {
+  f();
+}
+#endif
+
+// y[i] = f((x[i] - mean[i]) * scale[i] + shift[i]), f = SiLU or identity, computed in fp32; the parameters are per
+// row (STRIDE 0: one value for the whole row, NCHW) or per element (STRIDE 1: the channels of a channels_last row).
+// Subtracting the mean first avoids the cancellation of x * scale - mean * scale when |mean| >> std.
+template <bool SILU>
+__attribute__((always_inline)) inline float affine_one(float x, float mean, float scale, float shift) {
+  float v = (x - mean) * scale + shift;
+  if (SILU) v = v / (1.0f + exp_approx(-v));
+  return v;
+}
+
+template <typename scalar_t, bool SILU, int STRIDE>
+__attribute__((always_inline)) inline void affine_body(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+                                                        int64_t len, const float* __restrict__ mean,
+                                                        const float* __restrict__ scale,
+                                                        const float* __restrict__ shift) {
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
-    float v = (static_cast<float>(x[i]) - mean) * scale + shift;
-    if (SILU) v = v / (1.0f + exp_approx(-v));
-    y[i] = static_cast<scalar_t>(v);
+    y[i] = static_cast<scalar_t>(
+        affine_one<SILU>(static_cast<float>(x[i]), mean[i * STRIDE], scale[i * STRIDE], shift[i * STRIDE]));
   }
 }
 
-// Mean and M2 of one chunk of a contiguous run, in fp32 (two passes over L1-resident data). kLanes independent
-// partial sums (four 8-wide vectors) so the adds are not serialised on one accumulator's latency.
-constexpr int64_t kLanes = 32;
+template <typename scalar_t, bool SILU, int STRIDE>
+void affine(const scalar_t* x, scalar_t* y, int64_t len, const float* mean, const float* scale, const float* shift) {
+#if defined(DIFFUSION_FAST_SILU_AVX512) && defined(DIFFUSION_FAST_AVX512_BUILDS)
+  if constexpr (SILU && std::is_same<scalar_t, float>::value) {
+    if (has_avx512()) return silu_affine_avx512<STRIDE>(x, y, len, mean, scale, shift);
+  }
+#endif
+  widest([&]() DIFFUSION_FAST_INLINE_LAMBDA { affine_body<scalar_t, SILU, STRIDE>(x, y, len, mean, scale, shift); });
+}
 
-template <typename scalar_t>
-void chunk_moments(const scalar_t* __restrict__ x, int64_t len, float* mean, float* m2) {
+// sum(f(x[i])) in fp32 with kLanes independent partial sums (several vectors), so a loop that does little else is
+// not serialised on one accumulator's add latency.
+constexpr int64_t kLanes = 64;
+
+template <typename scalar_t, typename F>
+__attribute__((always_inline)) inline float lane_sum(const scalar_t* __restrict__ x, int64_t len, F f) {
   const int64_t whole = len - len % kLanes;
   float acc[kLanes] = {};
   for (int64_t i = 0; i < whole; i += kLanes)
-    for (int64_t k = 0; k < kLanes; ++k) acc[k] += static_cast<float>(x[i + k]);
+    for (int64_t k = 0; k < kLanes; ++k) acc[k] += f(static_cast<float>(x[i + k]));
+  float total = 0.0f;
+  for (int64_t k = 0; k < kLanes; ++k) total += acc[k];
+  for (int64_t i = whole; i < len; ++i) total += f(static_cast<float>(x[i]));
+  return total;
+}
+
+// Mean and M2 of a chunk of `next` (fp32; its mean, then the squared deviations in a second pass over the now
+// L1-resident chunk), fused with the output pass over as many elements of x -> y (skipped when x is null): one
+// stream is compute-bound, the other memory-bound, so they overlap.
+template <typename scalar_t, bool SILU>
+__attribute__((always_inline)) inline void affine_and_moments_body(const scalar_t* __restrict__ x,
+                                                                    scalar_t* __restrict__ y, int64_t len,
+                                                                    float mean, float scale, float shift,
+                                                                    const scalar_t* __restrict__ next,
+                                                                    float* mu_out, float* m2_out) {
   float s = 0.0f;
-  for (int64_t k = 0; k < kLanes; ++k) s += acc[k];
-  for (int64_t i = whole; i < len; ++i) s += static_cast<float>(x[i]);
-  const float mu = s / static_cast<float>(len);
-  float sq[kLanes] = {};
-  for (int64_t i = 0; i < whole; i += kLanes)
-    for (int64_t k = 0; k < kLanes; ++k) {
-      const float d = static_cast<float>(x[i + k]) - mu;
-      sq[k] += d * d;
+  bool summed = false;
+#if defined(DIFFUSION_FAST_SILU_AVX512) && defined(DIFFUSION_FAST_AVX512_BUILDS)
+  if constexpr (SILU && std::is_same<scalar_t, float>::value) {
+    if (x != nullptr && has_avx512()) {
+      s = silu_affine_and_sum_avx512(x, y, len, mean, scale, shift, next);
+      summed = true;
     }
-  float q = 0.0f;
-  for (int64_t k = 0; k < kLanes; ++k) q += sq[k];
-  for (int64_t i = whole; i < len; ++i) {
-    const float d = static_cast<float>(x[i]) - mu;
-    q += d * d;
   }
-  *mean = mu;
-  *m2 = q;
+#endif
+  if (!summed && x != nullptr) {
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < len; ++i) {
+      y[i] = static_cast<scalar_t>(affine_one<SILU>(static_cast<float>(x[i]), mean, scale, shift));
+      s += static_cast<float>(next[i]);
+    }
+  } else if (!summed) {
+    s = lane_sum(next, len, [](float v) { return v; });
+  }
+  const float mu = s / static_cast<float>(len);
+  *mu_out = mu;
+  *m2_out = lane_sum(next, len, [mu](float v) { return (v - mu) * (v - mu); });
 }
 
 template <typename scalar_t>
-Moments run_moments(const scalar_t* x, int64_t len) {
-  Moments m;
-  for (int64_t s = 0; s < len; s += kChunk) {
-    const int64_t e = std::min(len, s + kChunk);
-    float mu, q;
-    chunk_moments(x + s, e - s, &mu, &q);
-    m.merge(static_cast<double>(e - s), mu, q);
-  }
-  return m;
+void chunk_moments(const scalar_t* x, int64_t len, float* mean, float* m2) {
+  widest([&]() DIFFUSION_FAST_INLINE_LAMBDA {
+    affine_and_moments_body<scalar_t, false>(nullptr, nullptr, len, 0.0f, 0.0f, 0.0f, x, mean, m2);
+  });
 }
 
 // Per-channel mean, scale and shift of the output pass, from one group's moments: y = (x - mean) * scale + shift.
@@ -135,15 +200,35 @@ void nchw(const scalar_t* x, scalar_t* y, const float* w, const float* b, int64_
           double eps) {
   const int64_t cpg = C / G, len = cpg * HW;
   Affine af(N * C);
-  if (N * G >= at::get_num_threads()) {  // one task per run: statistics, then the output pass while it is in L2
+  if (N * G >= at::get_num_threads()) {
+    // Each task owns consecutive runs and pipelines them: one pass writes run r's output (compute-bound, its input
+    // still in L2 from the statistics pass) while it reads run r + 1 for its statistics (memory-bound).
     at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t ng = begin; ng < end; ++ng) {
-        const int64_t n = ng / G, g = ng % G;
-        af.set_group(run_moments(x + ng * len, len), g, cpg, eps, w, b, n * C);
-        for (int64_t r = n * C + g * cpg; r < n * C + (g + 1) * cpg; ++r) {
-          affine_run<scalar_t, SILU>(x + r * HW, y + r * HW, HW, af.mean[r], af.scale[r], af.shift[r]);
+      auto pass = [&](int64_t out, int64_t in) {  // output pass of run `out` (if >= 0) + statistics of run `in`
+        Moments m;
+        for (int64_t c = 0; c < cpg; ++c) {
+          const int64_t row = out * cpg + c;  // a run's rows are its group's channels: af row == run * cpg + c
+          for (int64_t s = 0; s < HW; s += kChunk) {
+            const int64_t n = std::min(kChunk, HW - s), off = c * HW + s;
+            if (in >= end) {
+              affine<scalar_t, SILU, 0>(x + out * len + off, y + out * len + off, n, &af.mean[row], &af.scale[row],
+                                        &af.shift[row]);
+              continue;
+            }
+            float mu, q;
+            widest([&]() DIFFUSION_FAST_INLINE_LAMBDA {
+              affine_and_moments_body<scalar_t, SILU>(
+                  out >= 0 ? x + out * len + off : nullptr, out >= 0 ? y + out * len + off : nullptr, n,
+                  out >= 0 ? af.mean[row] : 0.0f, out >= 0 ? af.scale[row] : 0.0f, out >= 0 ? af.shift[row] : 0.0f,
+                  x + in * len + off, &mu, &q);
+            });
+            m.merge(static_cast<double>(n), mu, q);
+          }
         }
-      }
+        if (in < end) af.set_group(m, in % G, cpg, eps, w, b, (in / G) * C);
+      };
+      pass(-1, begin);
+      for (int64_t ng = begin; ng < end; ++ng) pass(ng, ng + 1);
     });
     return;
   }
@@ -166,17 +251,80 @@ void nchw(const scalar_t* x, scalar_t* y, const float* w, const float* b, int64_
   at::parallel_for(0, N * C * HW, kChunk, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {
       const int64_t row = i / HW, stop = std::min(end, (row + 1) * HW);
-      affine_run<scalar_t, SILU>(x + i, y + i, stop - i, af.mean[row], af.scale[row], af.shift[row]);
+      affine<scalar_t, SILU, 0>(x + i, y + i, stop - i, &af.mean[row], &af.scale[row], &af.shift[row]);
       i = stop;
     }
   });
 }
 
+// Per-channel mean and M2 of `rows` channels_last rows (C wide, fp32). With k (per-channel values near the means:
+// the running means of the earlier blocks) it is one pass of shifted sums, sum(x - k) and sum((x - k)^2), which do
+// not cancel because k is close to the mean; without k (a thread's first block) the squared deviations from the
+// block means take a second pass over the L2-resident block.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void cl_block_moments_body(const scalar_t* __restrict__ x, int64_t rows,
+                                                                  int64_t C, const float* __restrict__ k,
+                                                                  float* __restrict__ mu, float* __restrict__ m2) {
+  std::fill(mu, mu + C, 0.0f);
+  std::fill(m2, m2 + C, 0.0f);
+  if (k != nullptr) {
+    for (int64_t p = 0; p < rows; ++p) {
+      const scalar_t* __restrict__ row = x + p * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const float d = static_cast<float>(row[c]) - k[c];
+        mu[c] += d;
+        m2[c] += d * d;
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const float d = mu[c] / static_cast<float>(rows);
+      m2[c] = std::max(0.0f, m2[c] - mu[c] * d);
+      mu[c] = k[c] + d;
+    }
+    return;
+  }
+  for (int64_t p = 0; p < rows; ++p) {
+    const scalar_t* __restrict__ row = x + p * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) mu[c] += static_cast<float>(row[c]);
+  }
+  for (int64_t c = 0; c < C; ++c) mu[c] /= static_cast<float>(rows);
+  for (int64_t p = 0; p < rows; ++p) {
+    const scalar_t* __restrict__ row = x + p * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const float d = static_cast<float>(row[c]) - mu[c];
+      m2[c] += d * d;
+    }
+  }
+}
+
+// Per-channel moments of a run of channels_last rows, accumulated block by block. Every channel of a block has the
+// same count, so merging a block costs one shared pair of factors and a vectorised loop (no divide per channel).
+struct ChannelMoments {
+  double n = 0.0;
+  std::vector<double> mean, m2;
+  explicit ChannelMoments(int64_t C) : mean(C, 0.0), m2(C, 0.0) {}
+  void merge(double nb, const float* mean_b, const float* m2_b, int64_t C) {
+    if (nb == 0.0) return;
+    const double total = n + nb, f_mean = nb / total, f_m2 = n * nb / total;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const double delta = static_cast<double>(mean_b[c]) - mean[c];
+      mean[c] += delta * f_mean;
+      m2[c] += static_cast<double>(m2_b[c]) + delta * delta * f_m2;
+    }
+    n = total;
+  }
+};
+
 template <typename scalar_t, bool SILU>
 void channels_last(const scalar_t* x, scalar_t* y, const float* w, const float* b, int64_t N, int64_t C, int64_t HW,
                    int64_t G, double eps) {
   const int64_t cpg = C / G;
-  // positions per statistics chunk: ~64 KiB of fp32 (stays in L2 for the second pass; few per-chunk merges)
+  // positions per statistics block: ~64 KiB of fp32, and few enough values per channel that fp32 block sums are exact
+  // enough; merging a block is one vectorised loop over the channels
   const int64_t block = std::max<int64_t>(1, 8 * kChunk / C);
   const int threads = at::get_num_threads();
   Affine af(C);
@@ -184,51 +332,29 @@ void channels_last(const scalar_t* x, scalar_t* y, const float* w, const float* 
   for (int64_t n = 0; n < N; ++n) {
     const scalar_t* xn = x + n * HW * C;
     scalar_t* yn = y + n * HW * C;
-    std::vector<Moments> per_thread(static_cast<size_t>(threads) * C);
+    std::vector<ChannelMoments> per_thread(static_cast<size_t>(threads), ChannelMoments(C));
     at::parallel_for(0, HW, block, [&](int64_t begin, int64_t end) {
-      Moments* acc = per_thread.data() + static_cast<int64_t>(at::get_thread_num()) * C;
-      std::vector<float> sum(C), m2(C);
+      ChannelMoments& acc = per_thread[at::get_thread_num()];
+      std::vector<float> mu(C), m2(C), k(C);
       for (int64_t p0 = begin; p0 < end; p0 += block) {
-        const int64_t p1 = std::min(end, p0 + block), count = p1 - p0;
-        std::fill(sum.begin(), sum.end(), 0.0f);
-        std::fill(m2.begin(), m2.end(), 0.0f);
-        for (int64_t p = p0; p < p1; ++p) {
-          const scalar_t* row = xn + p * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) sum[c] += static_cast<float>(row[c]);
-        }
-        for (int64_t c = 0; c < C; ++c) sum[c] /= static_cast<float>(count);  // now the chunk's channel means
-        for (int64_t p = p0; p < p1; ++p) {
-          const scalar_t* row = xn + p * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const float d = static_cast<float>(row[c]) - sum[c];
-            m2[c] += d * d;
-          }
-        }
-        for (int64_t c = 0; c < C; ++c) acc[c].merge(static_cast<double>(count), sum[c], m2[c]);
+        const int64_t rows = std::min(end, p0 + block) - p0;
+        const bool shifted = acc.n > 0;  // the running means so far shift this block's sums
+        if (shifted)
+          for (int64_t c = 0; c < C; ++c) k[c] = static_cast<float>(acc.mean[c]);
+        widest([&]() DIFFUSION_FAST_INLINE_LAMBDA {
+          cl_block_moments_body(xn + p0 * C, rows, C, shifted ? k.data() : nullptr, mu.data(), m2.data());
+        });
+        acc.merge(static_cast<double>(rows), mu.data(), m2.data(), C);
       }
     });
     for (int64_t g = 0; g < G; ++g) {
       Moments m;
-      for (int t = 0; t < threads; ++t)
-        for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
-          const Moments& part = per_thread[static_cast<size_t>(t) * C + c];
-          m.merge(part.n, part.mean, part.m2);
-        }
+      for (const ChannelMoments& part : per_thread)
+        for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) m.merge(part.n, part.mean[c], part.m2[c]);
       af.set_group(m, g, cpg, eps, w, b, 0);
     }
     at::parallel_for(0, HW, block, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const scalar_t* __restrict__ xr = xn + p * C;
-        scalar_t* __restrict__ yr = yn + p * C;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          float v = (static_cast<float>(xr[c]) - mean[c]) * scale[c] + shift[c];
-          if (SILU) v = v / (1.0f + exp_approx(-v));
-          yr[c] = static_cast<scalar_t>(v);
-        }
-      }
+      for (int64_t p = begin; p < end; ++p) affine<scalar_t, SILU, 1>(xn + p * C, yn + p * C, C, mean, scale, shift);
     });
   }
 }

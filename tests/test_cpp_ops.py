@@ -132,6 +132,7 @@ def test_group_norm_statistics_survive_a_large_mean():
     """|mean| >> std: sum(x^2) - n mean^2 would cancel in fp32; chunked mean + M2 (Chan's merge) does not."""
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 32, 33, 31, generator=gen) * 1e-2 + 300.0  # odd 33x31 so chunks do not divide the run
+    x[:, :, 0, 0] += 2.0  # an outlier (200 std) where a block's statistics start: no use as a shift either
     for layout in (torch.contiguous_format, torch.channels_last):
         xl = x.contiguous(memory_format=layout)
         out = ops.group_norm_silu(xl, 8, silu=False, backend="cpp")
@@ -139,13 +140,19 @@ def test_group_norm_statistics_survive_a_large_mean():
         assert_2x_rule(out, ref64, reference.group_norm_silu(x, 8, silu=False), floor=1e-4, what=str(layout))
 
 
-def test_silu_extremes():
-    """The vectorised exp inside SiLU: huge and tiny inputs give SiLU's limits (v, 0), +inf stays inf, NaN NaN."""
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("batch", [1, 3])  # batch 3: the pipelined NCHW pass (output fused with the next run's sums)
+def test_silu_extremes(layout, batch):
+    """The vectorised exp inside SiLU: huge and tiny inputs give SiLU's limits (v, 0), +inf stays inf, -inf gives NaN
+    as in PyTorch (-inf * sigmoid(-inf)), NaN stays NaN. 17 channels: a full 16-lane vector plus a masked tail."""
     # weight 0: the SiLU input is exactly the bias, so the bias probes the exp's range ends
-    bias = torch.tensor([1e30, -1e30, 90.0, -90.0, 20.0, -20.0, 0.5, 0.0, float("inf")])
-    out = torch.ops.diffusion_fast.group_norm_silu(torch.randn(1, 9, 2, 2), 9, torch.zeros(9), bias, 1e-5, True)
-    expect = bias.double() * torch.sigmoid(bias.double())
-    torch.testing.assert_close(out[0, :, 0, 0].double(), expect, rtol=1e-6, atol=1e-8)
+    bias = torch.tensor([1e30, -1e30, 90.0, -90.0, 20.0, -20.0, 0.5, 0.0, float("inf"), -float("inf"), 1e-3, -1e-3,
+                         88.7, -88.7, 104.0, -104.0, 3.0])
+    x = torch.randn(batch, 17, 3, 7).contiguous(memory_format=layout)
+    out = torch.ops.diffusion_fast.group_norm_silu(x, 17, torch.zeros(17), bias, 1e-5, True)
+    expect = (bias.double() * torch.sigmoid(bias.double())).expand(batch, 17)
+    torch.testing.assert_close(out[:, :, 2, 6].double(), expect, rtol=1e-6, atol=1e-8, equal_nan=True)
+    torch.testing.assert_close(out[:, :, 0, 0].double(), expect, rtol=1e-6, atol=1e-8, equal_nan=True)
     nan_in = torch.ops.diffusion_fast.group_norm_silu(torch.full((1, 2, 2, 2), float("nan")), 1, None, None, 1e-5, True)
     assert torch.isnan(nan_in).all()
 
@@ -253,3 +260,33 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
         warnings.simplefilter("error")
         ops.ddim_step(x, x, 0.3, 0.4)  # announced once
     torch.testing.assert_close(out[0], reference.ddim_step(x, x, 0.3, 0.4)[0])
+
+
+_BASELINE_SCRIPT = """
+import torch, diffusion_fast
+from diffusion_fast import reference
+gen = torch.Generator().manual_seed(3)
+for shape, groups in (((3, 96, 7, 9), 32), ((2, 64, 16, 16), 32), ((1, 17, 5, 5), 17)):
+    for layout in (torch.contiguous_format, torch.channels_last):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = (torch.randn(shape, generator=gen) * 2 + 0.5).to(dtype).contiguous(memory_format=layout)
+            w, b = torch.randn(shape[1], generator=gen), torch.randn(shape[1], generator=gen)
+            out = torch.ops.diffusion_fast.group_norm_silu(x, groups, w, b, 1e-5, True)
+            ref = reference.group_norm_silu(x.double(), groups, w.double(), b.double())
+            err = (out.double() - ref).abs().max().item()
+            assert err < (1e-5 if dtype == torch.float32 else 5e-2), (shape, layout, dtype, err)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(_cpp.load_ops() is None, reason="C++ extension not built")
+def test_group_norm_baseline_build_without_avx512():
+    """CPUs without AVX-512 run the baseline build of the loops (the AVX-512 one is picked at run time): force it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DIFFUSION_FAST_NO_AVX512": "1"}
+    proc = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
