@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "silu_avx512.h"
+#include "vectorize.h"
 
 namespace diffusion_fast {
 namespace {
@@ -65,33 +66,6 @@ inline float exp_approx(float x) {
   p = p * r * r + r + 1.0f;
   return p * scale;
 }
-
-// The hot loops are compute-bound in fp32 (the output pass: an exp and a divide per element), so where the CPU has
-// AVX-512 they run a 16-wide build of the same code, picked at run time; the extension itself is built for the
-// baseline ISA. widest(f) runs f (an always_inline lambda, inlined into the AVX-512 function) one way or the other.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__AVX512F__)
-#define DIFFUSION_FAST_INLINE_LAMBDA __attribute__((always_inline))
-#define DIFFUSION_FAST_AVX512_BUILDS 1
-template <typename F>
-__attribute__((target("avx512f"), noinline)) void on_avx512(const F& f) {
-  f();
-}
-inline bool has_avx512() {  // DIFFUSION_FAST_NO_AVX512=1 forces the baseline build (to test it on AVX-512 CPUs)
-  static const bool yes = __builtin_cpu_supports("avx512f") && std::getenv("DIFFUSION_FAST_NO_AVX512") == nullptr;
-  return yes;
-}
-template <typename F>
-inline void widest(const F& f) {
-  if (has_avx512()) on_avx512(f);
-  else f();
-}
-#else
-#define DIFFUSION_FAST_INLINE_LAMBDA
-template <typename F>
-inline void widest(const F& f) {
-  f();
-}
-#endif
 
 // y[i] = f((x[i] - mean[i]) * scale[i] + shift[i]), f = SiLU or identity, computed in fp32; the parameters are per
 // row (STRIDE 0: one value for the whole row, NCHW) or per element (STRIDE 1: the channels of a channels_last row).

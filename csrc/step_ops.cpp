@@ -14,6 +14,7 @@
 #include <string>
 
 #include "step_math.h"
+#include "vectorize.h"
 
 namespace diffusion_fast {
 
@@ -66,15 +67,19 @@ void step_loop(const scalar_t* __restrict__ m, const scalar_t* __restrict__ t, c
       const int64_t b = i / per_sample;
       const int64_t stop = std::min(end, (b + 1) * per_sample);
       const StepCoeffs c = coeffs[b];
+      widest([&]() DIFFUSION_FAST_INLINE_LAMBDA {
+        const float g = guidance, lim = clip;
 #pragma omp simd
-      for (int64_t j = i; j < stop; ++j) {
-        float mo = static_cast<float>(m[j]);
-        if (CFG) mo = mo + guidance * (static_cast<float>(t[j]) - mo);
-        float x0v;
-        const float p = apply_step(c, static_cast<float>(x[j]), mo, NOISE ? static_cast<float>(n[j]) : 0.0f, clip, &x0v);
-        prev[j] = static_cast<scalar_t>(p);
-        x0[j] = static_cast<scalar_t>(x0v);
-      }
+        for (int64_t j = i; j < stop; ++j) {
+          float mo = static_cast<float>(m[j]);
+          if (CFG) mo = mo + g * (static_cast<float>(t[j]) - mo);
+          float x0v;
+          const float p = apply_step(c, static_cast<float>(x[j]), mo, NOISE ? static_cast<float>(n[j]) : 0.0f, lim,
+                                     &x0v);
+          prev[j] = static_cast<scalar_t>(p);
+          x0[j] = static_cast<scalar_t>(x0v);
+        }
+      });
       i = stop;
     }
   });

@@ -113,6 +113,11 @@ def per_sample_coefficient(name: str, value, sample: torch.Tensor, *, positive=F
         return torch.full((batch,), v, dtype=torch.float32, device=sample.device)
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a float or a floating-point tensor, got dtype {value.dtype}")
+    if value.dim() == 0 and value.device.type == "cpu":  # the common per-step case: read it (free on the CPU)
+        v = float(value)
+        if not math.isfinite(v):
+            raise ValueError(f"{name} contains NaN or inf: {[v] * batch}")
+        return torch.full((batch,), v, dtype=torch.float32, device=sample.device)
     if value.dim() == 0:
         value = value.reshape(1).expand(batch)
     else:

@@ -15,7 +15,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import _validate, reference
+from . import _cpp, _validate, reference
 from ._backend import current_backend
 
 IMPLEMENTATIONS = ("auto", "triton", "cpp", "reference")
@@ -29,9 +29,7 @@ def warn_once(key: str, message: str) -> None:
 
 
 def _cpp_ops():
-    from ._cpp import load_ops
-
-    return load_ops()  # torch.ops.diffusion_fast, or None with a warning already given
+    return _cpp.load_ops()  # torch.ops.diffusion_fast, or None with a warning already given
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -83,9 +81,7 @@ def _resolve(op: str, backend: str, device: torch.device, *, has_triton=True, ha
 
 
 def _cpp_has_cuda() -> bool:
-    from ._cpp import has_cuda
-
-    return has_cuda()
+    return _cpp.has_cuda()
 
 
 def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=True, backend="auto"):
