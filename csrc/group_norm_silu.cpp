@@ -28,6 +28,7 @@ namespace diffusion_fast {
 namespace {
 
 constexpr int64_t kChunk = 2048;  // elements per statistics chunk (8 KiB of fp32: stays in L1 between the passes)
+constexpr int64_t kSmallMap = 512;  // NCHW maps with fewer positions take the unpipelined path
 
 // Running statistics of a set of values: count, mean and M2 = sum((x - mean)^2), merged with Chan et al.'s formula.
 struct Moments {
@@ -89,14 +90,16 @@ __attribute__((always_inline)) inline void affine_body(const scalar_t* __restric
   }
 }
 
+// The output pass over one row, for use inside widest(): fp32 SiLU takes the AVX-512 intrinsics where available.
 template <typename scalar_t, bool SILU, int STRIDE>
-void affine(const scalar_t* x, scalar_t* y, int64_t len, const float* mean, const float* scale, const float* shift) {
+__attribute__((always_inline)) inline void affine_row(const scalar_t* x, scalar_t* y, int64_t len, const float* mean,
+                                                       const float* scale, const float* shift) {
 #if defined(DIFFUSION_FAST_SILU_AVX512) && defined(DIFFUSION_FAST_AVX512_BUILDS)
   if constexpr (SILU && std::is_same<scalar_t, float>::value) {
     if (has_avx512()) return silu_affine_avx512<STRIDE>(x, y, len, mean, scale, shift);
   }
 #endif
-  widest([&]() DIFFUSION_FAST_INLINE_LAMBDA { affine_body<scalar_t, SILU, STRIDE>(x, y, len, mean, scale, shift); });
+  affine_body<scalar_t, SILU, STRIDE>(x, y, len, mean, scale, shift);
 }
 
 // sum(f(x[i])) in fp32 with kLanes independent partial sums (several vectors), so a loop that does little else is
@@ -177,32 +180,51 @@ void nchw(const scalar_t* x, scalar_t* y, const float* w, const float* b, int64_
   if (N * G >= at::get_num_threads()) {
     // Each task owns consecutive runs and pipelines them: one pass writes run r's output (compute-bound, its input
     // still in L2 from the statistics pass) while it reads run r + 1 for its statistics (memory-bound).
-    at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
-      auto pass = [&](int64_t out, int64_t in) {  // output pass of run `out` (if >= 0) + statistics of run `in`
+    // at least ~32K elements per task: a small tensor runs inline, without waking the thread pool
+    at::parallel_for(0, N * G, std::max<int64_t>(1, (1 << 15) / len), [&](int64_t begin, int64_t end) {
+      // output pass of run `out` (if >= 0) + statistics of run `in` (if < end)
+      auto pass = [&](int64_t out, int64_t in) DIFFUSION_FAST_INLINE_LAMBDA {
         Moments m;
         for (int64_t c = 0; c < cpg; ++c) {
           const int64_t row = out * cpg + c;  // a run's rows are its group's channels: af row == run * cpg + c
           for (int64_t s = 0; s < HW; s += kChunk) {
             const int64_t n = std::min(kChunk, HW - s), off = c * HW + s;
             if (in >= end) {
-              affine<scalar_t, SILU, 0>(x + out * len + off, y + out * len + off, n, &af.mean[row], &af.scale[row],
-                                        &af.shift[row]);
+              affine_row<scalar_t, SILU, 0>(x + out * len + off, y + out * len + off, n, &af.mean[row],
+                                            &af.scale[row], &af.shift[row]);
               continue;
             }
             float mu, q;
-            widest([&]() DIFFUSION_FAST_INLINE_LAMBDA {
-              affine_and_moments_body<scalar_t, SILU>(
-                  out >= 0 ? x + out * len + off : nullptr, out >= 0 ? y + out * len + off : nullptr, n,
-                  out >= 0 ? af.mean[row] : 0.0f, out >= 0 ? af.scale[row] : 0.0f, out >= 0 ? af.shift[row] : 0.0f,
-                  x + in * len + off, &mu, &q);
-            });
+            affine_and_moments_body<scalar_t, SILU>(
+                out >= 0 ? x + out * len + off : nullptr, out >= 0 ? y + out * len + off : nullptr, n,
+                out >= 0 ? af.mean[row] : 0.0f, out >= 0 ? af.scale[row] : 0.0f, out >= 0 ? af.shift[row] : 0.0f,
+                x + in * len + off, &mu, &q);
             m.merge(static_cast<double>(n), mu, q);
           }
         }
         if (in < end) af.set_group(m, in % G, cpg, eps, w, b, (in / G) * C);
       };
-      pass(-1, begin);
-      for (int64_t ng = begin; ng < end; ++ng) pass(ng, ng + 1);
+      // Small maps (rows shorter than a vector loop's worth): statistics over the whole contiguous run at once,
+      // then the rows, instead of per-row fused calls whose fixed cost would dominate.
+      auto small_maps = [&]() DIFFUSION_FAST_INLINE_LAMBDA {
+        for (int64_t ng = begin; ng < end; ++ng) {
+          Moments m;
+          for (int64_t s = 0; s < len; s += kChunk) {
+            const int64_t n = std::min(kChunk, len - s);
+            float mu, q;
+            affine_and_moments_body<scalar_t, false>(nullptr, nullptr, n, 0.0f, 0.0f, 0.0f, x + ng * len + s, &mu, &q);
+            m.merge(static_cast<double>(n), mu, q);
+          }
+          af.set_group(m, ng % G, cpg, eps, w, b, (ng / G) * C);
+          for (int64_t r = ng * cpg; r < (ng + 1) * cpg; ++r)
+            affine_row<scalar_t, SILU, 0>(x + r * HW, y + r * HW, HW, &af.mean[r], &af.scale[r], &af.shift[r]);
+        }
+      };
+      widest([&]() DIFFUSION_FAST_INLINE_LAMBDA {  // one dispatch per task: the passes inline into it
+        if (HW < kSmallMap) return small_maps();
+        pass(-1, begin);
+        for (int64_t ng = begin; ng < end; ++ng) pass(ng, ng + 1);
+      });
     });
     return;
   }
@@ -223,11 +245,13 @@ void nchw(const scalar_t* x, scalar_t* y, const float* w, const float* b, int64_
     af.set_group(m, ng % G, cpg, eps, w, b, (ng / G) * C);
   }
   at::parallel_for(0, N * C * HW, kChunk, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end;) {
-      const int64_t row = i / HW, stop = std::min(end, (row + 1) * HW);
-      affine<scalar_t, SILU, 0>(x + i, y + i, stop - i, &af.mean[row], &af.scale[row], &af.shift[row]);
-      i = stop;
-    }
+    widest([&]() DIFFUSION_FAST_INLINE_LAMBDA {
+      for (int64_t i = begin; i < end;) {
+        const int64_t row = i / HW, stop = std::min(end, (row + 1) * HW);
+        affine_row<scalar_t, SILU, 0>(x + i, y + i, stop - i, &af.mean[row], &af.scale[row], &af.shift[row]);
+        i = stop;
+      }
+    });
   });
 }
 
@@ -328,7 +352,9 @@ void channels_last(const scalar_t* x, scalar_t* y, const float* w, const float* 
       af.set_group(m, g, cpg, eps, w, b, 0);
     }
     at::parallel_for(0, HW, block, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) affine<scalar_t, SILU, 1>(xn + p * C, yn + p * C, C, mean, scale, shift);
+      widest([&]() DIFFUSION_FAST_INLINE_LAMBDA {
+        for (int64_t p = begin; p < end; ++p) affine_row<scalar_t, SILU, 1>(xn + p * C, yn + p * C, C, mean, scale, shift);
+      });
     });
   }
 }

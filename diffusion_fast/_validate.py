@@ -63,14 +63,19 @@ def group_norm_args(x, num_groups, weight, bias, eps):
     channels = x.shape[1]
     if num_groups <= 0 or channels % num_groups != 0:
         raise ValueError(f"num_groups={num_groups} must be positive and divide the channel count {channels} of x")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None:
-            tensor(name, t, dim=1)
-            if t.shape[0] != channels:
-                raise ValueError(f"{name} must have {channels} elements (the channels of x), got {t.shape[0]}")
-            if t.device != x.device:
-                raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if weight is not None:  # two plain calls, no loop over a tuple: this runs for every GroupNorm of a model
+        _channel_vector("weight", weight, x, channels)
+    if bias is not None:
+        _channel_vector("bias", bias, x, channels)
     finite_float("eps", eps, positive=True)
+
+
+def _channel_vector(name, t, x, channels):
+    tensor(name, t, dim=1)
+    if t.shape[0] != channels:
+        raise ValueError(f"{name} must have {channels} elements (the channels of x), got {t.shape[0]}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
 def attention_args(q, k, v, scale):

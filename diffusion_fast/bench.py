@@ -3,7 +3,8 @@
 Kernels: each op on the config's shapes, three ways — our fast path, our reference, and PyTorch eager (F.group_norm +
 F.silu; F.scaled_dot_product_attention; the unfused CFG combine + DDIM arithmetic). End to end: our pipeline fast and
 reference, and diffusers eager and diffusers + ``diffusion_fast.accelerate`` when diffusers is installed, all from the
-same random weights. Medians of ``--repeats`` runs. Writes a CSV and a PNG bar chart of speedups; prints a table.
+same random weights, timed round robin (each system once per round). Medians of ``--repeats`` runs (kernels: at
+least 20). Writes a CSV and a PNG bar chart of speedups; prints a table.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn, device, repeats, warmup=1):
+def median_seconds(fn, device, repeats, warmup=3):
     for _ in range(warmup):
         fn()
     times = []
@@ -57,7 +58,7 @@ def kernel_rows(config, device, dtype, repeats):
     def add(op, shape, impls, amount, unit):
         eager_s = None
         for impl, fn in impls:
-            seconds = median_seconds(fn, device, repeats)
+            seconds = median_seconds(fn, device, max(repeats, 20))  # kernels are cheap: at least 20 samples
             eager_s = seconds if impl == "pytorch eager" else eager_s
             rows.append({"section": "kernel", "op": op, "shape": "x".join(map(str, shape)), "impl": impl,
                          "dtype": str(dtype).replace("torch.", ""), "median_ms": seconds * 1e3,
@@ -139,13 +140,24 @@ def e2e_rows(config, device, dtype, steps, repeats, seed=0):
                 return time.perf_counter() - t0
 
             systems += [("diffusers eager", run_diffusers), ("diffusers + accelerate", run_diffusers)]
-        for name, fn in systems:
+        def timed(name, fn):
             if name == "diffusers + accelerate":
                 accelerate(pipe)
-            fn()  # warm-up: kernel compilation, graph capture
-            seconds = statistics.median(fn() for _ in range(repeats))
-            if name == "diffusers + accelerate":
-                restore(pipe)
+            try:
+                return fn()
+            finally:
+                if name == "diffusers + accelerate":
+                    restore(pipe)
+
+        for name, fn in systems:
+            timed(name, fn)  # warm-up: kernel compilation, graph capture
+        # round robin: every system once per round, so drifts in machine load hit all of them alike
+        times = {name: [] for name, _ in systems}
+        for _ in range(repeats):
+            for name, fn in systems:
+                times[name].append(timed(name, fn))
+        for name, _ in systems:
+            seconds = statistics.median(times[name])
             rows.append({"section": "e2e", "op": f"{config} {height}px, {steps} DDIM steps, CFG 7.5", "impl": name,
                          "dtype": str(dtype).replace("torch.", ""), "median_ms": seconds * 1e3,
                          "throughput": steps / seconds, "unit": "it/s", "shape": f"1x{height}x{height}"})
@@ -193,7 +205,7 @@ def run_bench(args, device, dtype) -> int:
     print(f"diffusion-fast bench --config {args.config} on {name}, {dtype}, torch {torch.__version__}")
     rows = [] if args.skip_kernels else kernel_rows(args.config, device, dtype, args.repeats)
     if not args.skip_e2e:
-        rows += e2e_rows(args.config, device, dtype, steps, max(1, min(args.repeats, 3)), args.seed)
+        rows += e2e_rows(args.config, device, dtype, steps, args.repeats, args.seed)
     print(f"{'op':42s} {'shape':20s} {'impl':36s} {'median ms':>10s} {'throughput':>16s} {'vs eager':>8s}")
     for r in rows:
         print(f"{r['op'][:42]:42s} {r['shape'][:20]:20s} {r['impl']:36s} {r['median_ms']:10.3f} "

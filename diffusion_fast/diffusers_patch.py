@@ -6,7 +6,9 @@
   do not mirror — scale_shift time norm, resampling inside the resnet, a non-SiLU activation — are left alone);
 - the UNet's and VAE's ``conv_norm_out`` + ``conv_act`` become one fused op;
 - every ``Attention`` module without features we do not mirror (masks, added KV projections, spatial norm, q/k norms,
-  custom processors) gets our processor, which calls ``diffusion_fast.ops.attention`` with (B, H, L, D) views;
+  custom processors) gets our processor, which calls ``diffusion_fast.ops.attention`` with (B, H, L, D) views. With
+  ``attention="auto"`` that happens on CUDA only: on the CPU our attention is the same SDPA call diffusers' own
+  processor makes, so patching it would add only Python overhead (``attention=True`` patches it anyway);
 - a ``DDIMScheduler``'s ``step`` becomes our one-pass fused step (noise drawn exactly as diffusers draws it);
 - on CUDA (``cuda_graph="auto"``), the UNet forward is captured per input shape as a CUDA graph.
 
@@ -31,12 +33,12 @@ _STATE = "_diffusion_fast_state"
 
 def _fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
     """diffusers' ResnetBlock2D.forward (time_embedding_norm="default", SiLU) with fused GroupNorm+SiLU."""
-    h = ops.group_norm_silu(input_tensor, self.norm1.num_groups, self.norm1.weight, self.norm1.bias, self.norm1.eps)
+    h = ops._group_norm_silu(input_tensor, self.norm1.num_groups, self.norm1.weight, self.norm1.bias, self.norm1.eps)
     h = self.conv1(h)
     if self.time_emb_proj is not None and temb is not None:
         t = temb if self.skip_time_act else F.silu(temb)
         h = h + self.time_emb_proj(t)[:, :, None, None]
-    h = ops.group_norm_silu(h, self.norm2.num_groups, self.norm2.weight, self.norm2.bias, self.norm2.eps)
+    h = ops._group_norm_silu(h, self.norm2.num_groups, self.norm2.weight, self.norm2.bias, self.norm2.eps)
     h = self.conv2(self.dropout(h))
     x = self.conv_shortcut(input_tensor) if self.conv_shortcut is not None else input_tensor
     return (x + h) / self.output_scale_factor
@@ -127,7 +129,7 @@ def _fuse_norm_out(module, report):
         return
 
     def fused(self, x):
-        return ops.group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps)
+        return ops._group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps)
 
     module._diffusion_fast_act = act
     norm.forward = types.MethodType(fused, norm)
@@ -135,13 +137,18 @@ def _fuse_norm_out(module, report):
     report["norm_out"] += 1
 
 
-def accelerate(pipe, *, group_norm_silu=True, attention=True, scheduler=True, cuda_graph="auto"):
-    """Patch a diffusers StableDiffusion(XL)Pipeline in place to run on diffusion_fast's ops; returns ``pipe``."""
+def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, cuda_graph="auto"):
+    """Patch a diffusers StableDiffusion(XL)Pipeline in place to run on diffusion_fast's ops; returns ``pipe``.
+
+    Accelerate after moving the pipeline to its device: ``"auto"`` settings (attention, CUDA graphs) are decided for
+    the device the UNet is on then.
+    """
     if not all(hasattr(pipe, name) for name in ("unet", "vae", "scheduler")):
         raise TypeError(f"pipe must be a diffusers Stable Diffusion pipeline (with unet, vae and scheduler), got "
                         f"{type(pipe).__name__}")
-    if cuda_graph not in ("auto", True, False):
-        raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
+    for name, value in (("attention", attention), ("cuda_graph", cuda_graph)):
+        if value not in ("auto", True, False):
+            raise ValueError(f"{name} must be 'auto', True or False, got {value!r}")
     if getattr(pipe, _STATE, None) is not None:
         return pipe  # already accelerated: idempotent
     from diffusers import DDIMScheduler
@@ -149,6 +156,10 @@ def accelerate(pipe, *, group_norm_silu=True, attention=True, scheduler=True, cu
     from diffusers.models.resnet import ResnetBlock2D
 
     report = {"resnets": 0, "norm_out": 0, "attention": 0, "scheduler": 0, "cuda_graph": 0, "skipped": []}
+    on_cuda = pipe.unet.device.type == "cuda"
+    if attention == "auto" and not on_cuda:
+        attention = False
+        report["skipped"].append("attention (on CPU ours is the same SDPA call as diffusers'; attention=True patches it)")
     state = {"resnets": [], "attention": [], "norm_out": [], "scheduler": None, "unet_forward": None}
     for model_name in ("unet", "vae"):
         model = getattr(pipe, model_name)
@@ -183,7 +194,6 @@ def accelerate(pipe, *, group_norm_silu=True, attention=True, scheduler=True, cu
             report["scheduler"] = 1
         else:
             report["skipped"].append(f"scheduler {type(pipe.scheduler).__name__} (only DDIMScheduler is fused)")
-    on_cuda = pipe.unet.device.type == "cuda"
     if cuda_graph is True and not on_cuda:
         raise ValueError("cuda_graph=True needs the pipeline on a CUDA device (pipe.to('cuda') first)")
     if cuda_graph and on_cuda:

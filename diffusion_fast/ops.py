@@ -87,6 +87,14 @@ def _cpp_has_cuda() -> bool:
 def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=True, backend="auto"):
     """GroupNorm (statistics in fp32) with optional affine and optional fused SiLU; NCHW or channels_last."""
     _validate.group_norm_args(x, num_groups, weight, bias, eps)
+    return _group_norm_silu(x, num_groups, weight, bias, eps, silu, backend)
+
+
+def _group_norm_silu(x, num_groups, weight, bias, eps, silu=True, backend="auto"):
+    """``group_norm_silu`` without the Python argument checks, for callers whose arguments are valid by construction
+    (a GroupNorm module's own parameters: our models, the accelerate patches). In a model this Python runs cold
+    between convolutions, where the checks cost as much as a small GroupNorm; each implementation (Triton launcher,
+    C++ op, F.group_norm) still refuses input it cannot run."""
     impl = _resolve("group_norm_silu", backend, x.device)
     if impl == "triton":
         from .kernels.group_norm_silu import group_norm_silu as kernel

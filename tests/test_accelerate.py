@@ -24,7 +24,7 @@ def pipe(request):
 def test_same_images_and_exact_restore(pipe, kwargs):
     # eta > 0 draws DDIM noise from the generator inside our fused step; 48x64 is a non-square size (no rebuild).
     before = _images(pipe, **kwargs)
-    diffusion_fast.accelerate(pipe)
+    diffusion_fast.accelerate(pipe, attention=True)  # our attention processor too, wherever the tests run
     fast = _images(pipe, **kwargs)
     assert np.abs(fast - before).max() <= PIPELINE_FP32_MAX_ABS
     diffusion_fast.restore(pipe)
@@ -32,7 +32,7 @@ def test_same_images_and_exact_restore(pipe, kwargs):
 
 
 def test_patched_modules_really_run_our_ops(pipe, monkeypatch):
-    counts = {"group_norm_silu": 0, "attention": 0, "ddim_step": 0}
+    counts = {"_group_norm_silu": 0, "attention": 0, "ddim_step": 0}  # the patches call the unchecked GN entry
     for name in counts:
         real = getattr(ops, name)
 
@@ -41,13 +41,13 @@ def test_patched_modules_really_run_our_ops(pipe, monkeypatch):
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(ops, name, spy)
-    diffusion_fast.accelerate(pipe)
+    diffusion_fast.accelerate(pipe, attention=True)  # on the CPU "auto" leaves attention to diffusers (see below)
     report = pipe._diffusion_fast_report
     _images(pipe, num_inference_steps=2)
     unet_resnets = sum(1 for m in pipe.unet.modules() if type(m).__name__ == "ResnetBlock2D")
     vae_dec_resnets = sum(1 for m in pipe.vae.decoder.modules() if type(m).__name__ == "ResnetBlock2D")
     # per UNet call: 2 fused ops per resnet + conv_norm_out; 2 UNet calls (steps); then one VAE decode
-    assert counts["group_norm_silu"] == 2 * (2 * unet_resnets + 1) + 2 * vae_dec_resnets + 1
+    assert counts["_group_norm_silu"] == 2 * (2 * unet_resnets + 1) + 2 * vae_dec_resnets + 1
     assert counts["attention"] > 0 and counts["ddim_step"] == 2
     assert report["resnets"] > 0 and report["attention"] > 0 and report["scheduler"] == 1
     diffusion_fast.restore(pipe)
@@ -93,3 +93,19 @@ def test_cuda_graph_unet_on_gpu():
     first, second = _images(pipe), _images(pipe)  # capture, then replay
     assert np.abs(first - before).max() < 2e-2 and np.array_equal(first, second)
     diffusion_fast.restore(pipe)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CPU default")
+def test_cpu_default_leaves_attention_to_diffusers_and_says_so(caplog):
+    import logging
+
+    pipe = _tiny_diffusers.pipeline("sd1")
+    processors = [type(m.processor) for m in pipe.unet.modules() if type(m).__name__ == "Attention"]
+    with caplog.at_level(logging.INFO, logger="diffusion_fast"):
+        diffusion_fast.accelerate(pipe)
+    assert [type(m.processor) for m in pipe.unet.modules() if type(m).__name__ == "Attention"] == processors
+    report = pipe._diffusion_fast_report
+    assert report["attention"] == 0 and report["resnets"] > 0 and any("attention" in s for s in report["skipped"])
+    assert "attention=True patches it" in caplog.text
+    with pytest.raises(ValueError, match="attention must be 'auto', True or False"):
+        diffusion_fast.accelerate(_tiny_diffusers.pipeline("sd1"), attention="yes")

@@ -24,7 +24,7 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x):
-        return ops.group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps, silu=self.silu)
+        return ops._group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps, self.silu)
 
     def extra_repr(self):
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, silu={self.silu}"
