@@ -117,6 +117,17 @@ def pytest_benchmark(record):
     return "\n\n".join(out)
 
 
+def cli_bench(record):
+    out = [f"`{record['benchmark']}` ({record.get('steps')} steps end to end, {record.get('dtype')}) on "
+           f"{record.get('device')}, torch {record.get('torch')}, diffusers {record.get('diffusers')}, "
+           f"{record.get('date', '')}. Medians; systems timed round robin; speedup against PyTorch/diffusers eager."]
+    body = [[r.get("op"), r.get("shape"), r.get("impl"), fmt(r.get("median_ms"), ".3f"),
+             f"{fmt(r.get('throughput'), '.2f')} {r.get('unit', '')}", fmt(r.get("speedup_vs_eager"), ".2f") + "x"]
+            for r in record.get("rows", [])]
+    out.append(table(["op", "shape", "implementation", "median ms", "throughput", "vs eager"], body))
+    return "\n\n".join(out)
+
+
 def generic(record):
     rows = record.get("rows", [])
     keys = [k for k in dict.fromkeys(k for r in rows for k in r) if all(not isinstance(r.get(k), (list, dict))
@@ -131,7 +142,9 @@ def render(path):
         return f"_{os.path.basename(path)}: no records_"
     if "benchmarks" in record and "machine_info" in record:
         return pytest_benchmark(record)
-    kind = record.get("benchmark")
+    kind = record.get("benchmark", "")
+    if kind.startswith("diffusion-fast bench"):
+        return cli_bench(record)
     return {"gpu_kernels": gpu_kernels, "gpu_e2e": gpu_e2e}.get(kind, generic)(record)
 
 

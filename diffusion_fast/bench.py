@@ -213,4 +213,29 @@ def run_bench(args, device, dtype) -> int:
     write_csv(rows, args.csv)
     write_plot(rows, args.plot, f"diffusion-fast bench {args.config} on {name}")
     print(f"wrote {args.csv} and {args.plot}")
+    if getattr(args, "jsonl", None):
+        append_record(rows, args.jsonl, name, dtype, args.config, steps)
+        print(f"appended the run to {args.jsonl}")
     return 0
+
+
+def append_record(rows, path, device_name, dtype, config, steps):
+    """One JSON line per run: what ran where (device, versions, date) and every row, for the README's tables."""
+    import datetime
+    import json
+    import platform
+
+    try:
+        import diffusers
+
+        diffusers_version = diffusers.__version__
+    except ImportError:
+        diffusers_version = None
+    record = {"benchmark": f"diffusion-fast bench --config {config}", "date": datetime.datetime.now().isoformat(
+        timespec="seconds"), "device": device_name, "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "diffusers": diffusers_version, "dtype": str(dtype).replace("torch.", ""),
+        "steps": steps, "rows": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
+                                  if k != "section"} for r in rows]}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", default="diffusion_fast_bench.png")
     b.add_argument("--skip-kernels", action="store_true")
     b.add_argument("--skip-e2e", action="store_true")
+    b.add_argument("--jsonl", default=None,
+                   help="also append the run as one JSON record (machine, versions, rows) to this file")
 
     c = sub.add_parser("check", help="fast vs reference on fresh random inputs; exit 1 on failure")
     _add_common(c)

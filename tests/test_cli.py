@@ -1,10 +1,12 @@
 """The diffusion-fast command: generate, bench, check on the built-in tiny model, and its error paths."""
 import csv
+import json
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 from diffusion_fast.cli import main
@@ -83,8 +85,11 @@ def test_check_fails_when_fast_path_is_wrong(monkeypatch, capsys):
 
 
 def test_bench_writes_csv_and_plot(tmp_path, capsys):
-    csv_path, png = tmp_path / "b.csv", tmp_path / "b.png"
-    assert main(["bench", "--repeats", "1", "--steps", "1", "--csv", str(csv_path), "--plot", str(png)]) == 0
+    csv_path, png, jsonl = tmp_path / "b.csv", tmp_path / "b.png", tmp_path / "r.jsonl"
+    assert main(["bench", "--repeats", "1", "--steps", "1", "--csv", str(csv_path), "--plot", str(png),
+                 "--jsonl", str(jsonl)]) == 0
+    record = json.loads(jsonl.read_text().splitlines()[-1])
+    assert record["torch"] == torch.__version__ and record["device"] and len(record["rows"]) > 10
     rows = list(csv.DictReader(open(csv_path)))
     impls = {r["impl"] for r in rows}
     assert {"fast", "reference", "pytorch eager", "diffusion_fast pipeline (fast)", "diffusers eager",
