@@ -1,27 +1,30 @@
 // GroupNorm with an optional fused SiLU on the CPU, for NCHW and channels_last tensors without a layout copy.
 //
-// Statistics are fp32 per chunk (a chunk small enough to stay in L1: its mean, then the sum of squared deviations
-// from that mean, i.e. two passes over cached data) merged across chunks in double with Chan's parallel formula —
-// robust when |mean| >> std, unlike sum(x^2) - n*mean^2. The output pass computes silu(x * scale[c] + shift[c])
-// in one vectorised loop (a polynomial exp the compiler vectorises; no intermediate tensor). Both loops are also
-// built for AVX-512 and picked at run time where the CPU has it (the output pass is compute-bound: exp and divide).
+// Statistics are fp32 per chunk or block, merged in double with Chan's parallel formula, and robust when
+// |mean| >> std (no sum(x^2) - n*mean^2). The output pass computes silu((x - mean) * scale[c] + shift[c]) in one
+// vectorised loop with no intermediate tensor. It is compute-bound (an exp and a divide per element), so fp32 SiLU
+// uses AVX-512 intrinsics (silu_avx512.h) where the CPU has them, and the other loops run an AVX-512 build of the
+// same code (vectorize.h).
 //
-// NCHW: each (sample, group) is one contiguous run. With at least as many runs as threads, one task owns a run: its
-// statistics, then the output pass while the run is still in L2 — memory sees one read and one write. With fewer
-// runs (a batch-1 model with few groups) the chunks and the output elements are spread over the threads instead.
-// channels_last: per sample, the H*W positions are split over the threads; each thread merges per-channel block
-// statistics of its positions (one vectorised merge per block: every channel has the same count), channels are
-// merged into groups, then the output pass runs over the positions again with the channels contiguous.
+// NCHW: each (sample, group) is one contiguous run. With at least as many runs as threads, each task owns
+// consecutive runs and pipelines them. One pass writes run r's output, whose input is still in L2 from its
+// statistics pass, while it reads run r + 1 for its own statistics (a chunk's mean, then its squared deviations from
+// L1). So the memory-bound reads overlap the compute-bound output, and memory sees one read and one write. Maps under
+// kSmallMap positions skip the pipelining, where per-row costs would dominate. With fewer runs than threads (a
+// batch-1 model with few groups), the chunks and the output elements are spread over the threads instead.
+// channels_last: per sample, the H*W positions are split over the threads. Each thread accumulates per-channel block
+// statistics: its first block in two passes, later blocks in one pass of sums shifted by the running means (close
+// to the mean, so they do not cancel). Channels are merged into groups, then the output pass runs over the
+// positions again with the channels contiguous.
 #include <ATen/Parallel.h>
 #include <torch/torch.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
-#include "silu_avx512.h"
+#include "silu.h"
 #include "vectorize.h"
 
 namespace diffusion_fast {
@@ -41,32 +44,6 @@ struct Moments {
     n = total;
   }
 };
-
-// exp(x) for fp32 in plain arithmetic the compiler vectorises (Cephes' degree-6 polynomial on x - n ln2, relative
-// error < 1e-7 over the fp32 range). n is rounded with the 1.5 * 2^23 trick and clamped as an integer: that keeps
-// the loop branch-free (no float clamp the compiler would split into denormal-producing paths).
-inline float exp_approx(float x) {
-  const float t = x * 1.44269504088896341f + 12582912.0f;
-  int32_t n;
-  std::memcpy(&n, &t, sizeof(n));
-  n -= 0x4B400000;
-  n = n < -126 ? -126 : n;
-  n = n > 127 ? 127 : n;
-  const float nf = static_cast<float>(n);
-  const int32_t bits = (n + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const float xc = std::min(std::max(x, -88.0f), 88.0f);  // beyond this, exp is 0 or inf either way
-  const float r = (xc - nf * 0.693359375f) + nf * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * scale;
-}
 
 // y[i] = f((x[i] - mean[i]) * scale[i] + shift[i]), f = SiLU or identity, computed in fp32; the parameters are per
 // row (STRIDE 0: one value for the whole row, NCHW) or per element (STRIDE 1: the channels of a channels_last row).
