@@ -75,7 +75,7 @@ class DiffusionFastAttnProcessor:
         key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
         head_dim = key.shape[-1] // attn.heads
         q, k, v = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-        out = ops.attention(q, k, v, scale=attn.scale)  # the module's own scale (1/sqrt(D) unless scale_qk=False)
+        out = ops._attention(q, k, v, attn.scale)  # the module's own scale (1/sqrt(D) unless scale_qk=False)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if ndim == 4:

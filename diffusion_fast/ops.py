@@ -108,6 +108,12 @@ def _group_norm_silu(x, num_groups, weight, bias, eps, silu=True, backend="auto"
 def attention(q, k, v, *, scale=None, backend="auto"):
     """softmax(q k^T * scale) v, q (B, H, Lq, D), k and v (B, H, Lk, D), without materialising Lq x Lk on the GPU."""
     _validate.attention_args(q, k, v, scale)
+    return _attention(q, k, v, scale, backend)
+
+
+def _attention(q, k, v, scale=None, backend="auto"):
+    """``attention`` without the Python argument checks, for our models and the accelerate processor, which build
+    q, k and v themselves (the Triton launcher and SDPA still refuse what they cannot run)."""
     impl = _resolve("attention", backend, q.device, has_cpp=False)
     if impl == "triton":
         from .kernels import attention as kernel

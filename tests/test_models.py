@@ -202,19 +202,19 @@ def test_fused_ops_run_at_every_site(saved, monkeypatch):
     attention gets (B, H, L, D) views of the projections (no copies)."""
     ours = UNet2DConditionModel.from_pretrained(saved["sd1"][1])
     calls = {"gn_silu": 0, "gn": 0, "attention": 0, "views": 0}
-    real_gn, real_attn = ops._group_norm_silu, ops.attention  # the models call the unchecked entry point
+    real_gn, real_attn = ops._group_norm_silu, ops._attention  # the models call the unchecked entry points
 
     def gn_spy(x, groups, weight, bias, eps, silu=True, backend="auto"):
         calls["gn_silu" if silu else "gn"] += 1
         return real_gn(x, groups, weight, bias, eps, silu, backend)
 
-    def attn_spy(q, k, v, **kw):
+    def attn_spy(q, k, v, scale=None, backend="auto"):
         calls["attention"] += 1
         calls["views"] += all(t._base is not None for t in (q, k, v))
-        return real_attn(q, k, v, **kw)
+        return real_attn(q, k, v, scale, backend)
 
     monkeypatch.setattr(ops, "_group_norm_silu", gn_spy)
-    monkeypatch.setattr(ops, "attention", attn_spy)
+    monkeypatch.setattr(ops, "_attention", attn_spy)
     sample, context = unet_inputs("sd1", hw=(4, 4))
     with torch.no_grad():
         ours(sample, 10, context)
@@ -234,9 +234,9 @@ def test_fused_qkv_matches_diffusers_and_keeps_names(saved, kind, monkeypatch):
     ours.fuse_qkv_projections()
     assert set(ours.state_dict()) == names  # fused weights are private: saving/loading is unchanged
     strides = []
-    real_attn = ops.attention
-    monkeypatch.setattr(ops, "attention",
-                        lambda q, k, v, **kw: strides.append((q.stride(2), q.shape)) or real_attn(q, k, v, **kw))
+    real_attn = ops._attention
+    monkeypatch.setattr(ops, "_attention",
+                        lambda q, k, v, *a: strides.append((q.stride(2), q.shape)) or real_attn(q, k, v, *a))
     with torch.no_grad():
         if kind == "vae":
             latents = torch.randn(1, 4, 3, 5)

@@ -1,7 +1,7 @@
 """Attention blocks: multi-head attention on our flash-attention op, the transformer block and Transformer2DModel.
 
-q, k and v reach ``ops.attention`` as (B, H, L, D) views of the projection outputs (view + transpose, no copy): the
-Triton kernel takes any strides with a unit last stride. Parameter names are diffusers' (to_q, to_k, to_v, to_out.0,
+q, k and v reach ``ops._attention`` (``ops.attention`` without the Python re-checks) as (B, H, L, D) views of the
+projection outputs (view + transpose, no copy): the Triton kernel takes any strides with a unit last stride. Parameter names are diffusers' (to_q, to_k, to_v, to_out.0,
 norm1..3, ff.net.0.proj, ff.net.2, proj_in, proj_out).
 """
 from __future__ import annotations
@@ -67,9 +67,9 @@ class Attention(nn.Module):
             context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
             q, k, v = self._heads(self.to_q(hidden_states)), self._heads(self.to_k(context)), self._heads(self.to_v(context))
         if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
-            out = ops.attention(q.float(), k.float(), v.float(), scale=self.scale).to(q.dtype)
+            out = ops._attention(q.float(), k.float(), v.float(), self.scale).to(q.dtype)
         else:
-            out = ops.attention(q, k, v, scale=self.scale)
+            out = ops._attention(q, k, v, self.scale)
         out = out.transpose(1, 2).reshape(out.shape[0], -1, self.heads * self.dim_head)
         out = self.to_out[0](out)
         if spatial:
