@@ -1,13 +1,17 @@
 """GroupNorm forward with an optional fused SiLU, for NCHW and channels_last tensors.
 
-Two launches, both split across many programs so that a small batch still fills the GPU (SD1.5 at batch 2 has only
-64 (sample, group) pairs for 132 SMs):
+Large tensors take two launches, both split across many programs so that a small batch still fills the GPU (SD1.5 at
+batch 2 has only 64 (sample, group) pairs for 132 SMs):
 
 1. ``_group_stats_kernel``: program (group, chunk) reduces one chunk of one group's elements to a partial
    (count, mean, M2), combining block by block with Chan's parallel formula — numerically robust in fp32 even for
    groups of 262,144 elements (SD's VAE decoder), where a plain sum of squares loses digits.
 2. ``_group_apply_kernel``: program (group, chunk) combines its group's partials into mean and 1/std, then
    normalizes its chunk, applies weight and bias, and SiLU, writing the input's dtype and memory format.
+
+Tensors of at most ``ONE_PASS_MAX_ELEMENTS`` (SD's 8x8 to 32x32 UNet levels) are launch-bound rather than
+bandwidth-bound: ``_group_norm_one_pass_kernel`` has one program per group compute the statistics and then normalize,
+in a single launch with no partials buffer (its second read of the group comes from L2).
 
 No program waits on another. Element addresses are computed in int64. A group's elements are walked in memory order:
 in NCHW a group is one contiguous run of (C/G)*H*W elements; in channels_last it is C/G contiguous channels at each of
@@ -27,6 +31,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 256 if INTERPRET else 2048  # elements per loop iteration
 NUM_WARPS = 8
 TARGET_PROGRAMS = 4 * 132  # a few waves on an H100 (132 SMs)
+ONE_PASS_MAX_ELEMENTS = 1 << 20  # up to this size one launch (one program per group) beats two split launches
 
 
 @triton.jit
@@ -53,18 +58,8 @@ def _group_chunk(pid_group, pid_chunk, hw, cpg, channels, group_len, chunk_len, 
 
 
 @triton.jit
-def _group_stats_kernel(
-    x_ptr,  # input, (N, C, *spatial) NCHW-contiguous or channels_last
-    mean_ptr, m2_ptr, count_ptr,  # fp32 partials, (N * G * SPLIT,)
-    hw, cpg, channels, group_len, chunk_len, split,  # H*W, C/G, C, (C/G)*H*W, elements per chunk, chunks per group
-    num_groups,  # G
-    CHANNELS_LAST: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    pid_group = tl.program_id(0).to(tl.int64)  # n * G + g
-    pid_chunk = tl.program_id(1)
-    _, base, start, end = _group_chunk(pid_group, pid_chunk, hw, cpg, channels, group_len, chunk_len, num_groups,
-                                       CHANNELS_LAST)
+def _chunk_moments(x_ptr, base, start, end, hw, cpg, channels, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """(count, mean, M2) of a group's elements [start, end), merged block by block with Chan's formula."""
     count = 0.0
     mean = 0.0
     m2 = 0.0
@@ -82,6 +77,44 @@ def _group_stats_kernel(
         mean = mean + delta * (n_b / total)
         m2 = m2 + b_m2 + delta * delta * (count * n_b / total)
         count = total
+    return count, mean, m2
+
+
+@triton.jit
+def _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, cpg, channels,
+                     CHANNELS_LAST: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SILU: tl.constexpr, BLOCK: tl.constexpr):
+    """y = f((x - mean) * rstd * w + b) over a group's elements [start, end), f = SiLU or identity."""
+    for block_start in range(start, end, BLOCK):
+        e = block_start + tl.arange(0, BLOCK)
+        mask = e < end
+        offs, c_local = _element_offsets(e, hw, cpg, channels, CHANNELS_LAST)
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        y = (x - mean) * rstd
+        channel = g * cpg + c_local
+        if HAS_WEIGHT:
+            y = y * tl.load(w_ptr + channel, mask=mask, other=1.0).to(tl.float32)
+        if HAS_BIAS:
+            y = y + tl.load(b_ptr + channel, mask=mask, other=0.0).to(tl.float32)
+        if SILU:
+            y = y / (1.0 + tl.exp(-y))
+        tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _group_stats_kernel(
+    x_ptr,  # input, (N, C, *spatial) NCHW-contiguous or channels_last
+    mean_ptr, m2_ptr, count_ptr,  # fp32 partials, (N * G * SPLIT,)
+    hw, cpg, channels, group_len, chunk_len, split,  # H*W, C/G, C, (C/G)*H*W, elements per chunk, chunks per group
+    num_groups,  # G
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid_group = tl.program_id(0).to(tl.int64)  # n * G + g
+    pid_chunk = tl.program_id(1)
+    _, base, start, end = _group_chunk(pid_group, pid_chunk, hw, cpg, channels, group_len, chunk_len, num_groups,
+                                       CHANNELS_LAST)
+    count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, cpg, channels, CHANNELS_LAST, BLOCK)
     out = pid_group * split + pid_chunk
     tl.store(mean_ptr + out, mean)
     tl.store(m2_ptr + out, m2)
@@ -116,21 +149,28 @@ def _group_apply_kernel(
     d = tl.where(smask, means - mean, 0.0)
     var = (tl.sum(m2s, axis=0) + tl.sum(counts * d * d, axis=0)) / total
     rstd = 1.0 / tl.sqrt(var + eps)
+    _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, cpg, channels, CHANNELS_LAST,
+                     HAS_WEIGHT, HAS_BIAS, SILU, BLOCK)
 
-    for block_start in range(start, end, BLOCK):
-        e = block_start + tl.arange(0, BLOCK)
-        mask = e < end
-        offs, c_local = _element_offsets(e, hw, cpg, channels, CHANNELS_LAST)
-        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        y = (x - mean) * rstd
-        channel = g * cpg + c_local
-        if HAS_WEIGHT:
-            y = y * tl.load(w_ptr + channel, mask=mask, other=1.0).to(tl.float32)
-        if HAS_BIAS:
-            y = y + tl.load(b_ptr + channel, mask=mask, other=0.0).to(tl.float32)
-        if SILU:
-            y = y / (1.0 + tl.exp(-y))
-        tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+@triton.jit
+def _group_norm_one_pass_kernel(
+    x_ptr, y_ptr,  # input and output, (N, C, *spatial), same shape and memory format
+    w_ptr, b_ptr,  # (C,) weight and bias (ignored unless HAS_WEIGHT / HAS_BIAS)
+    hw, cpg, channels, group_len, num_groups, eps,  # H*W, C/G, C, (C/G)*H*W, G, epsilon
+    CHANNELS_LAST: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid_group = tl.program_id(0).to(tl.int64)  # n * G + g: one program per group, statistics then output
+    g, base, start, end = _group_chunk(pid_group, 0, hw, cpg, channels, group_len, group_len, num_groups,
+                                       CHANNELS_LAST)
+    count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, cpg, channels, CHANNELS_LAST, BLOCK)
+    rstd = 1.0 / tl.sqrt(m2 / count + eps)
+    _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, cpg, channels, CHANNELS_LAST,
+                     HAS_WEIGHT, HAS_BIAS, SILU, BLOCK)
 
 
 def _layout(x: torch.Tensor):
@@ -154,18 +194,22 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=Tru
     hw = x[0, 0].numel()
     cpg = c // num_groups
     group_len = cpg * hw
+    y = torch.empty_like(x)  # same memory format as x
+    w = weight.contiguous() if weight is not None else x
+    b = bias.contiguous() if bias is not None else x
+    flags = dict(CHANNELS_LAST=channels_last, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                 SILU=bool(silu), BLOCK=BLOCK, num_warps=NUM_WARPS)
+    if x.numel() <= ONE_PASS_MAX_ELEMENTS:
+        _group_norm_one_pass_kernel[(n * num_groups,)](x, y, w, b, hw, cpg, c, group_len, num_groups, float(eps),
+                                                       **flags)
+        return y
     split = max(1, min(triton.cdiv(TARGET_PROGRAMS, n * num_groups), triton.cdiv(group_len, BLOCK)))
     chunk_len = triton.cdiv(triton.cdiv(group_len, split), BLOCK) * BLOCK
     split = triton.cdiv(group_len, chunk_len)
     partials = torch.empty((3, n * num_groups * split), device=x.device, dtype=torch.float32)
-    y = torch.empty_like(x)  # same memory format as x
     grid = (n * num_groups, split)
-    w = weight.contiguous() if weight is not None else x
-    b = bias.contiguous() if bias is not None else x
     _group_stats_kernel[grid](x, partials[0], partials[1], partials[2], hw, cpg, c, group_len, chunk_len, split,
                               num_groups, CHANNELS_LAST=channels_last, BLOCK=BLOCK, num_warps=NUM_WARPS)
     _group_apply_kernel[grid](x, y, w, b, partials[0], partials[1], partials[2], hw, cpg, c, group_len, chunk_len,
-                              split, num_groups, float(eps), CHANNELS_LAST=channels_last, HAS_WEIGHT=weight is not None,
-                              HAS_BIAS=bias is not None, SILU=bool(silu),
-                              SPLIT_BLOCK=triton.next_power_of_2(split), BLOCK=BLOCK, num_warps=NUM_WARPS)
+                              split, num_groups, float(eps), SPLIT_BLOCK=triton.next_power_of_2(split), **flags)
     return y

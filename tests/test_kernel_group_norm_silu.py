@@ -8,6 +8,7 @@ from conftest import DEVICE, ON_GPU
 
 from _numerics import assert_2x_rule, poisoned_allocations
 from diffusion_fast import ops, reference
+from diffusion_fast.kernels import group_norm_silu as gn_module
 from diffusion_fast.kernels.group_norm_silu import group_norm_silu
 
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -33,10 +34,21 @@ def _inputs(shape, dtype, channels_last, gen):
     return x, w, b
 
 
+@pytest.fixture(params=["one pass", "split"])
+def path(request, monkeypatch):
+    """Both launch plans on every shape: one program per group (small tensors), and the split two-launch reduction
+    (large tensors), forced here by moving the size threshold."""
+    if request.param == "split":
+        monkeypatch.setattr(gn_module, "ONE_PASS_MAX_ELEMENTS", 0)
+    else:
+        monkeypatch.setattr(gn_module, "ONE_PASS_MAX_ELEMENTS", 1 << 62)
+    return request.param
+
+
 @pytest.mark.parametrize("shape, groups", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_matches_reference(shape, groups, dtype, channels_last):
+def test_matches_reference(shape, groups, dtype, channels_last, path):
     if channels_last and len(shape) != 4:
         pytest.skip("channels_last is a 4-d memory format")
     gen = torch.Generator().manual_seed(hash((shape, groups)) % 2**31)
