@@ -7,6 +7,17 @@ import torch
 
 from diffusion_fast import tiny
 
+# SDXL-shaped, tiny: text_time conditioning, per-block transformer depth (1, 2), linear projections, a down block
+# without attention first (SDXL's order), head dims 16 and 16. Cross width 40 = the two text encoders' 16 + 24;
+# the added embedding takes the pooled 24 plus six 8-wide time ids.
+SDXL_TINY = dict(
+    sample_size=8, in_channels=4, out_channels=4,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+    block_out_channels=[32, 64], layers_per_block=1, attention_head_dim=[2, 4], transformer_layers_per_block=[1, 2],
+    use_linear_projection=True, cross_attention_dim=40, norm_num_groups=16, addition_embed_type="text_time",
+    addition_time_embed_dim=8, projection_class_embeddings_input_dim=24 + 6 * 8,
+)
+
 
 @functools.lru_cache(maxsize=None)
 def _tokenizer_dir():
@@ -44,3 +55,24 @@ def saved_pipeline(folder, variant="sd1", seed=0):
     pipe = pipeline(variant, seed)
     pipe.save_pretrained(folder)
     return pipe, str(folder)
+
+
+def sdxl_pipeline(seed=0):
+    """A diffusers StableDiffusionXLPipeline (fp32, CPU, DDIMScheduler): two text encoders (16 and 24 wide, the second
+    with a 24-wide projection), the SDXL_TINY UNet and the tiny VAE, random weights from ``seed``."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    base = tiny.text_encoder_config("sd1")
+    text_encoder = CLIPTextModel(CLIPTextConfig(**dict(base, hidden_size=16, intermediate_size=32,
+                                                       num_attention_heads=2)))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**dict(base, hidden_size=24, intermediate_size=48,
+                                                                       num_attention_heads=2, projection_dim=24)))
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**tiny.vae_config()), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer(), tokenizer_2=tokenizer(), unet=UNet2DConditionModel(**SDXL_TINY),
+        scheduler=DDIMScheduler(**tiny.scheduler_config("sd1")),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(torch.float32)

@@ -109,3 +109,17 @@ def test_cpu_default_leaves_attention_to_diffusers_and_says_so(caplog):
     assert "attention=True patches it" in caplog.text
     with pytest.raises(ValueError, match="attention must be 'auto', True or False"):
         diffusion_fast.accelerate(_tiny_diffusers.pipeline("sd1"), attention="yes")
+
+
+def test_sdxl_pipeline_same_images_and_exact_restore():
+    """StableDiffusionXLPipeline: its resnets, attention and DDIM step are ours; the UNet's text_time conditioning
+    (added_cond_kwargs) keeps the UNet call itself eager. Same images within the fp32 tolerance, exact restore."""
+    pipe = _tiny_diffusers.sdxl_pipeline(seed=3)
+    before = _images(pipe)
+    assert np.isfinite(before).all() and before.shape == (1, 32, 32, 3)
+    diffusion_fast.accelerate(pipe, attention=True)
+    report = pipe._diffusion_fast_report
+    assert report["resnets"] > 0 and report["attention"] > 0 and report["scheduler"] == 1
+    assert np.abs(_images(pipe) - before).max() <= PIPELINE_FP32_MAX_ABS
+    diffusion_fast.restore(pipe)
+    assert np.array_equal(_images(pipe), before)

@@ -22,15 +22,7 @@ diffusers = pytest.importorskip("diffusers")
 REL = 1e-5
 BACKENDS = ("reference", "fast")
 
-# SDXL-shaped, tiny: text_time conditioning, per-block transformer depth (1, 2), linear projections, a down block
-# without attention first (SDXL's order), head dims 16 and 16.
-SDXL_TINY = dict(
-    sample_size=8, in_channels=4, out_channels=4,
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
-    block_out_channels=[32, 64], layers_per_block=1, attention_head_dim=[2, 4], transformer_layers_per_block=[1, 2],
-    use_linear_projection=True, cross_attention_dim=40, norm_num_groups=16, addition_embed_type="text_time",
-    addition_time_embed_dim=8, projection_class_embeddings_input_dim=24 + 6 * 8,
-)
+from _tiny_diffusers import SDXL_TINY  # noqa: E402  (after the diffusers importorskip)
 
 
 def rel_err(ours, theirs):
