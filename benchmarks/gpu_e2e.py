@@ -92,20 +92,23 @@ def main():
     ours = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, device=device)
     ours.set_progress_bar_config(disable=True)
 
-    def run_ours(name, graph=True):
+    def run_ours(name, graph=True, channels_last="auto"):
         ours.cuda_graph = "auto" if graph else False
+        ours.channels_last = channels_last
         with backend(name):
             return ours(PROMPT, num_inference_steps=steps, generator=gen(), output_type="latent")
 
-    for label, name, graph in (("diffusion_fast pipeline (fast, CUDA graph)", "fast", True),
-                               ("diffusion_fast pipeline (fast, no graph)", "fast", False),
-                               ("diffusion_fast pipeline (reference)", "reference", False)):
+    for label, name, graph, layout in (
+            ("diffusion_fast pipeline (fast, CUDA graph)", "fast", True, "auto"),
+            ("diffusion_fast pipeline (fast, CUDA graph, channels_last)", "fast", True, True),
+            ("diffusion_fast pipeline (fast, no graph)", "fast", False, "auto"),
+            ("diffusion_fast pipeline (reference)", "reference", False, "auto")):
         try:
-            add(label, *timed(lambda: run_ours(name, graph), args.repeats))
+            add(label, *timed(lambda: run_ours(name, graph, layout), args.repeats))
         except Exception as exc:  # one failing system must not hide the others
             notes.append(f"{label}: {type(exc).__name__}: {exc}")
             print(notes[-1], flush=True)
-    ours.cuda_graph = "auto"
+    ours.cuda_graph, ours.channels_last = "auto", "auto"
     with backend("fast"):
         img_fast = ours(PROMPT, num_inference_steps=steps, generator=gen(), output_type="np").images
     del ours

@@ -109,17 +109,23 @@ def e2e_rows(config, device, dtype, steps, repeats, seed=0):
     rows = []
     with tempfile.TemporaryDirectory(prefix="diffusion-fast-bench-") as folder:
         _write_random_folder(config, folder, seed)
-        ours = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, device=device)
-        ours.set_progress_bar_config(disable=True)
-        height = ours.unet.config.sample_size * ours.vae_scale_factor
+        # one pipeline per memory format, so the round robin never converts weights (or recaptures graphs) between runs
+        layouts = {"NCHW": False, "channels_last": True}
+        auto = "channels_last" if device.type == "cpu" else "NCHW"  # what channels_last="auto" picks on this device
+        pipes = {name: StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, device=device,
+                                                               channels_last=flag) for name, flag in layouts.items()}
+        for p in pipes.values():
+            p.set_progress_bar_config(disable=True)
+        height = pipes[auto].unet.config.sample_size * pipes[auto].vae_scale_factor
 
-        def run_ours(name):
+        def run_ours(layout, name):
             with backend(name):
-                return ours("a photo", num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(seed),
-                            output_type="latent").seconds
+                return pipes[layout]("a photo", num_inference_steps=steps, output_type="latent",
+                                     generator=torch.Generator("cpu").manual_seed(seed)).seconds
 
-        systems = [("diffusion_fast pipeline (fast)", lambda: run_ours("fast")),
-                   ("diffusion_fast pipeline (reference)", lambda: run_ours("reference"))]
+        systems = [(f"diffusion_fast pipeline (fast, {layout}{', the auto choice' if layout == auto else ''})",
+                    lambda layout=layout: run_ours(layout, "fast")) for layout in layouts]
+        systems.append(("diffusion_fast pipeline (reference)", lambda: run_ours(auto, "reference")))
         try:
             import diffusers
         except ImportError:

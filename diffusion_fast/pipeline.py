@@ -8,7 +8,11 @@ reproduces diffusers' arithmetic. What differs is how the work runs:
 - timesteps and coefficient tables stay on the device, so the loop never waits on the host;
 - on CUDA the whole denoising step (UNet on the doubled batch, CFG, DDIM update) is captured once per
   (shape, dtype, guidance) as a CUDA graph and replayed for every step; where capture is not possible (CPU,
-  ``eta > 0``, a non-DDIM scheduler, the reference backend) the loop runs eagerly.
+  ``eta > 0``, a non-DDIM scheduler, the reference backend) the loop runs eagerly;
+- ``channels_last="auto"`` runs the UNet and VAE in channels_last where it was measured to pay: on the CPU
+  (``diffusion-fast bench`` times both layouts). On CUDA "auto" keeps NCHW until the GPU benchmark
+  (``benchmarks/gpu_e2e.py`` times both) has shown which is faster; ``True`` forces channels_last. The conv weights
+  are converted once, and the activations follow them.
 """
 from __future__ import annotations
 
@@ -47,9 +51,12 @@ def _resolve_dtype(dtype):
 
 
 class StableDiffusionPipeline:
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, cuda_graph="auto"):
-        if cuda_graph not in ("auto", True, False):
-            raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, cuda_graph="auto", channels_last="auto"):
+        for name, value in (("cuda_graph", cuda_graph), ("channels_last", channels_last)):
+            if value not in ("auto", True, False):
+                raise ValueError(f"{name} must be 'auto', True or False, got {value!r}")
+        self.channels_last = channels_last
+        self._layout = torch.contiguous_format  # the models' current memory format
         self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler = (
             unet, vae, text_encoder, tokenizer, scheduler)
         self.cuda_graph = cuda_graph
@@ -59,7 +66,8 @@ class StableDiffusionPipeline:
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, folder, dtype=None, device=None, *, variant=None, cuda_graph="auto"):
+    def from_pretrained(cls, folder, dtype=None, device=None, *, variant=None, cuda_graph="auto",
+                        channels_last="auto"):
         """Load a diffusers-layout folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -82,10 +90,10 @@ class StableDiffusionPipeline:
         text_encoder = text_encoder.to(device=device, dtype=dtype or text_encoder.dtype).eval()
         tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
         scheduler = load_scheduler(os.path.join(folder, "scheduler"))
-        return cls(unet, vae, text_encoder, tokenizer, scheduler, cuda_graph=cuda_graph)
+        return cls(unet, vae, text_encoder, tokenizer, scheduler, cuda_graph=cuda_graph, channels_last=channels_last)
 
     @classmethod
-    def from_tiny(cls, variant="sd1", seed=0, dtype=None, device=None, *, cuda_graph="auto"):
+    def from_tiny(cls, variant="sd1", seed=0, dtype=None, device=None, *, cuda_graph="auto", channels_last="auto"):
         """A small SD-architecture pipeline with random weights (the built-in default model)."""
         import tempfile
 
@@ -93,7 +101,8 @@ class StableDiffusionPipeline:
 
         with tempfile.TemporaryDirectory(prefix="diffusion-fast-tiny-") as folder:
             tiny.write_tiny_pipeline(folder, variant, seed)
-            return cls.from_pretrained(folder, dtype=dtype, device=device, cuda_graph=cuda_graph)
+            return cls.from_pretrained(folder, dtype=dtype, device=device, cuda_graph=cuda_graph,
+                                       channels_last=channels_last)
 
     @property
     def device(self) -> torch.device:
@@ -209,6 +218,16 @@ class StableDiffusionPipeline:
         """
         return self._denoise_step(latents, t, embeds, guidance_scale, do_cfg, 0.0, None)
 
+    def _apply_layout(self, device):
+        """Put the UNet's and VAE's weights in the memory format ``channels_last`` asks for on ``device`` (once)."""
+        wanted = self.channels_last is True or (self.channels_last == "auto" and device.type == "cpu")
+        layout = torch.channels_last if wanted else torch.contiguous_format
+        if layout != self._layout:
+            for module in (self.unet, self.vae):
+                module.to(memory_format=layout)
+            self._layout = layout
+            self._graphed_step = self._graphed_for = None  # the weights are new tensors: graphs must be recaptured
+
     def _use_graph(self, device, eta):
         if self.cuda_graph is False or device.type != "cuda":
             if self.cuda_graph is True and device.type != "cuda":
@@ -240,6 +259,7 @@ class StableDiffusionPipeline:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype)
         latents = latents.to(device=device, dtype=embeds.dtype) * self.scheduler.init_noise_sigma
 
+        self._apply_layout(device)
         graphed = self._use_graph(device, eta)
         if graphed and (self._graphed_step is None or self._graphed_for[0] is not self.unet
                         or self._graphed_for[1] is not self.scheduler):

@@ -92,7 +92,8 @@ def test_bench_writes_csv_and_plot(tmp_path, capsys):
     assert record["torch"] == torch.__version__ and record["device"] and len(record["rows"]) > 10
     rows = list(csv.DictReader(open(csv_path)))
     impls = {r["impl"] for r in rows}
-    assert {"fast", "reference", "pytorch eager", "diffusion_fast pipeline (fast)", "diffusers eager",
+    assert {"fast", "reference", "pytorch eager", "diffusion_fast pipeline (fast, NCHW)", "diffusers eager",
+            "diffusion_fast pipeline (fast, channels_last, the auto choice)",
             "diffusers + accelerate"} <= impls
     assert all(float(r["median_ms"]) > 0 for r in rows)
     assert Image.open(png).size[0] > 0

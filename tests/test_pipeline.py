@@ -172,3 +172,27 @@ def test_graphed_step_is_rebuilt_for_a_swapped_unet_or_scheduler(monkeypatch):
     pipe.unet = type(pipe.unet).from_config(pipe.unet.config).eval()
     call()
     assert pipe._graphed_step is not graphs and pipe._graphed_for[0] is pipe.unet
+
+
+@pytest.mark.parametrize("layout", [True, False])
+def test_channels_last_choice_keeps_the_image_and_converts_the_weights(layout):
+    """channels_last=True/False/"auto": the same image (fp32 rounding apart), and the conv weights really are in the
+    chosen memory format after a call ("auto" is channels_last on the CPU, NCHW on CUDA)."""
+    pipe = StableDiffusionPipeline.from_tiny("sd1", seed=0, device=DEVICE, channels_last="auto")
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe("a", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    auto = run()
+    auto_is_cl = pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert auto_is_cl == (DEVICE.type == "cpu")
+    pipe.channels_last = layout
+    out = run()
+    fmt = torch.channels_last if layout else torch.contiguous_format
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=fmt)
+    assert pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=fmt)
+    assert np.abs(out - auto).max() <= 1e-5
+    with pytest.raises(ValueError, match="channels_last must be 'auto', True or False"):
+        StableDiffusionPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+                                channels_last="yes")
