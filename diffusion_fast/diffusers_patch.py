@@ -10,7 +10,9 @@
   ``attention="auto"`` that happens on CUDA only: on the CPU our attention is the same SDPA call diffusers' own
   processor makes, so patching it would add only Python overhead (``attention=True`` patches it anyway);
 - a ``DDIMScheduler``'s ``step`` becomes our one-pass fused step (noise drawn exactly as diffusers draws it);
-- on CUDA (``cuda_graph="auto"``), the UNet forward is captured per input shape as a CUDA graph.
+- on CUDA (``cuda_graph="auto"``), the UNet forward is captured per input shape as a CUDA graph;
+- with ``channels_last="auto"``, the UNet and VAE weights go to channels_last on the CPU, where our pipeline
+  measured it to pay (NCHW on CUDA until measured there); restore converts them back.
 
 No compile step: any resolution that is a multiple of 8 works at once. What it leaves alone is logged in one line and
 kept in ``pipe._diffusion_fast_report``.
@@ -137,16 +139,17 @@ def _fuse_norm_out(module, report):
     report["norm_out"] += 1
 
 
-def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, cuda_graph="auto"):
+def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, cuda_graph="auto",
+               channels_last="auto"):
     """Patch a diffusers StableDiffusion(XL)Pipeline in place to run on diffusion_fast's ops; returns ``pipe``.
 
-    Accelerate after moving the pipeline to its device: ``"auto"`` settings (attention, CUDA graphs) are decided for
-    the device the UNet is on then.
+    Accelerate after moving the pipeline to its device: ``"auto"`` settings (attention, CUDA graphs, channels_last)
+    are decided for the device the UNet is on then.
     """
     if not all(hasattr(pipe, name) for name in ("unet", "vae", "scheduler")):
         raise TypeError(f"pipe must be a diffusers Stable Diffusion pipeline (with unet, vae and scheduler), got "
                         f"{type(pipe).__name__}")
-    for name, value in (("attention", attention), ("cuda_graph", cuda_graph)):
+    for name, value in (("attention", attention), ("cuda_graph", cuda_graph), ("channels_last", channels_last)):
         if value not in ("auto", True, False):
             raise ValueError(f"{name} must be 'auto', True or False, got {value!r}")
     if getattr(pipe, _STATE, None) is not None:
@@ -155,12 +158,21 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
     from diffusers.models.attention_processor import Attention
     from diffusers.models.resnet import ResnetBlock2D
 
-    report = {"resnets": 0, "norm_out": 0, "attention": 0, "scheduler": 0, "cuda_graph": 0, "skipped": []}
+    report = {"resnets": 0, "norm_out": 0, "attention": 0, "scheduler": 0, "cuda_graph": 0, "channels_last": 0,
+              "skipped": []}
     on_cuda = pipe.unet.device.type == "cuda"
     if attention == "auto" and not on_cuda:
         attention = False
         report["skipped"].append("attention (on CPU ours is the same SDPA call as diffusers'; attention=True patches it)")
-    state = {"resnets": [], "attention": [], "norm_out": [], "scheduler": None, "unet_forward": None}
+    state = {"resnets": [], "attention": [], "norm_out": [], "scheduler": None, "unet_forward": None,
+             "channels_last": []}
+    if channels_last is True or (channels_last == "auto" and not on_cuda):
+        for model in (pipe.unet, pipe.vae):
+            convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+            if convs and not convs[0].is_contiguous(memory_format=torch.channels_last):  # a user's choice stands
+                model.to(memory_format=torch.channels_last)
+                state["channels_last"].append(model)
+        report["channels_last"] = len(state["channels_last"])
     for model_name in ("unet", "vae"):
         model = getattr(pipe, model_name)
         for name, module in model.named_modules():
@@ -201,9 +213,10 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
         report["cuda_graph"] = 1
     setattr(pipe, _STATE, state)
     pipe._diffusion_fast_report = report
-    log.info("diffusion_fast.accelerate: %d resnets, %d norm_out, %d attention, scheduler %s, cuda graph %s; "
-             "left alone: %s", report["resnets"], report["norm_out"], report["attention"], bool(report["scheduler"]),
-             bool(report["cuda_graph"]), "; ".join(report["skipped"]) or "nothing")
+    log.info("diffusion_fast.accelerate: %d resnets, %d norm_out, %d attention, scheduler %s, cuda graph %s, "
+             "channels_last %d models; left alone: %s", report["resnets"], report["norm_out"], report["attention"],
+             bool(report["scheduler"]), bool(report["cuda_graph"]), report["channels_last"],
+             "; ".join(report["skipped"]) or "nothing")
     return pipe
 
 
@@ -247,6 +260,8 @@ def restore(pipe):
     if state["scheduler"] is not None:
         del state["scheduler"].step
         del state["scheduler"]._diffusion_fast_original_step
+    for model in state["channels_last"]:
+        model.to(memory_format=torch.contiguous_format)
     if state["unet_forward"] is not None:
         del pipe.unet.forward
     setattr(pipe, _STATE, None)

@@ -107,6 +107,11 @@ def test_cpu_default_leaves_attention_to_diffusers_and_says_so(caplog):
     report = pipe._diffusion_fast_report
     assert report["attention"] == 0 and report["resnets"] > 0 and any("attention" in s for s in report["skipped"])
     assert "attention=True patches it" in caplog.text
+    # channels_last on the CPU: the conv weights are converted, and converted back by restore
+    assert report["channels_last"] == 2
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    diffusion_fast.restore(pipe)
+    assert pipe.unet.conv_in.weight.is_contiguous() and pipe.vae.decoder.conv_in.weight.is_contiguous()
     with pytest.raises(ValueError, match="attention must be 'auto', True or False"):
         diffusion_fast.accelerate(_tiny_diffusers.pipeline("sd1"), attention="yes")
 
