@@ -192,7 +192,9 @@ def test_channels_last_choice_keeps_the_image_and_converts_the_weights(layout):
     fmt = torch.channels_last if layout else torch.contiguous_format
     assert pipe.unet.conv_in.weight.is_contiguous(memory_format=fmt)
     assert pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=fmt)
-    assert np.abs(out - auto).max() <= 1e-5
+    # fp32 on the CPU: only summation order differs. On CUDA, cuDNN may run fp32 convs in TF32 (PyTorch's default),
+    # and NCHW and channels_last pick different algorithms.
+    assert np.abs(out - auto).max() <= (1e-5 if DEVICE.type == "cpu" else 2e-3)
     with pytest.raises(ValueError, match="channels_last must be 'auto', True or False"):
         StableDiffusionPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
                                 channels_last="yes")
