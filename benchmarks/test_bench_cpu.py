@@ -5,7 +5,8 @@
 
 Groups: the fused CFG+DDIM step (C++ op) vs our reference vs diffusers' CFG combine + DDIMScheduler.step, on
 1x4x64x64, 2x4x128x128 and 8x4x128x128 fp32 latents; group_norm_silu (C++ op) vs F.group_norm + F.silu on SD
-shapes in both memory layouts. Each group's rows are the implementations side by side; compare medians.
+shapes in both memory layouts; and fp16/bf16 storage for both at SD1.5's shapes. Each group's rows are the
+implementations side by side; compare medians.
 
 The allocator is pinned first (see ``_steady_allocator``): glibc otherwise moves between two regimes at random,
 and in one of them every multi-MB temporary is page-faulted in afresh. That would slow the implementations that
@@ -74,3 +75,32 @@ def test_group_norm_silu(benchmark, shape, layout, impl):
         benchmark(lambda: ops.group_norm_silu(x, 32, w, b, backend="cpp"))
     else:
         benchmark(lambda: F.silu(F.group_norm(x, 32, w, b)))
+
+
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.mark.parametrize("dtype", list(HALF))
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
+@pytest.mark.parametrize("impl", ["cpp fused", "F.group_norm + F.silu"])
+def test_group_norm_silu_half(benchmark, dtype, layout, impl):
+    """fp16/bf16 storage at SD1.5's 2x320x64x64: the C++ op converts to fp32 around its fp32 kernel."""
+    benchmark.group = f"group_norm_silu 2x320x64x64 {layout} {dtype}"
+    x = torch.randn(2, 320, 64, 64).to(HALF[dtype])
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(320).to(HALF[dtype]), torch.randn(320).to(HALF[dtype])
+    if impl == "cpp fused":
+        benchmark(lambda: ops.group_norm_silu(x, 32, w, b, backend="cpp"))
+    else:
+        benchmark(lambda: F.silu(F.group_norm(x, 32, w, b)))
+
+
+@pytest.mark.parametrize("dtype", list(HALF))
+@pytest.mark.parametrize("impl", ["cpp fused", "reference"])
+def test_cfg_ddim_step_half(benchmark, dtype, impl):
+    benchmark.group = f"cfg_ddim_step 2x4x128x128 {dtype}"
+    uncond, text, sample = (t.to(HALF[dtype]) for t in _latents((2, 4, 128, 128)))
+    a_t, a_prev = torch.tensor(0.3), torch.tensor(0.4)
+    backend = "cpp" if impl == "cpp fused" else "reference"
+    benchmark(lambda: ops.cfg_ddim_step(uncond, text, 7.5, sample, a_t, a_prev, backend=backend))

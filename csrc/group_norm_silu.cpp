@@ -364,9 +364,10 @@ at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups, const
     return apply_silu ? at::silu_(y) : y;
   }
   if (x_in.scalar_type() != at::kFloat) {
-    // fp16/bf16: element-wise c10::Half/BFloat16 conversions do not vectorise inside these loops (10-20x slower than
-    // ATen). Convert with ATen's vectorised copy, run the fp32 kernel, round once on the way back: the same fp32
-    // arithmetic, at the cost of two conversion passes. The memory format is preserved both ways.
+    // fp16/bf16: element-wise c10::Half/BFloat16 conversions do not vectorise inside these loops, which made them
+    // far slower than ATen. Convert with ATen's vectorised copy, run the fp32 kernel, round once on the way back: the
+    // same fp32 arithmetic, at the cost of two conversion passes (benchmarks/test_bench_cpu.py times fp16 and bf16).
+    // The memory format is preserved both ways.
     const at::Tensor y = group_norm_silu_cpu(x_in.to(at::kFloat), num_groups, weight, bias, eps, apply_silu);
     return y.to(x_in.scalar_type());
   }

@@ -90,8 +90,9 @@ std::tuple<at::Tensor, at::Tensor> run_step(const at::Tensor& m_in, const c10::o
                                             const std::vector<StepCoeffs>& coeffs, double guidance,
                                             c10::optional<double> clip) {
   if (x_in.scalar_type() == at::kHalf || x_in.scalar_type() == at::kBFloat16) {
-    // c10::Half/BFloat16 element conversions do not vectorise in the loop (15x slower than fp32): convert with ATen's
-    // vectorised copies, step in fp32 (the arithmetic is fp32 either way), round once on the way back.
+    // c10::Half/BFloat16 element conversions do not vectorise in the loop, which made it far slower than in fp32:
+    // convert with ATen's vectorised copies, step in fp32 (the arithmetic is fp32 either way), round once on the way
+    // back (benchmarks/test_bench_cpu.py times bf16).
     const auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat); };
     const auto opt = [&](const c10::optional<at::Tensor>& t) {
       return t.has_value() ? c10::optional<at::Tensor>(f32(*t)) : c10::nullopt;

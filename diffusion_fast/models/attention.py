@@ -1,8 +1,8 @@
 """Attention blocks: multi-head attention on our flash-attention op, the transformer block and Transformer2DModel.
 
 q, k and v reach ``ops._attention`` (``ops.attention`` without the Python re-checks) as (B, H, L, D) views of the
-projection outputs (view + transpose, no copy): the Triton kernel takes any strides with a unit last stride. Parameter names are diffusers' (to_q, to_k, to_v, to_out.0,
-norm1..3, ff.net.0.proj, ff.net.2, proj_in, proj_out).
+projection outputs (view + transpose, no copy): the Triton kernel takes any strides with a unit last stride.
+Parameter names are diffusers' (to_q, to_k, to_v, to_out.0, norm1..3, ff.net.0.proj, ff.net.2, proj_in, proj_out).
 """
 from __future__ import annotations
 

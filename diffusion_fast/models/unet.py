@@ -6,7 +6,6 @@ captured in a CUDA graph.
 """
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

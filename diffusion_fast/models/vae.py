@@ -1,7 +1,6 @@
 """AutoencoderKL (the SD VAE) with diffusers' parameter names; legacy attention key names are converted on load."""
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
