@@ -50,6 +50,13 @@ def finite_float(name: str, value, *, positive=False, non_negative=False) -> flo
     return value
 
 
+def auto_or_bool(name: str, value):
+    """A setting that is "auto", True or False (cuda_graph, channels_last, attention...)."""
+    if value is not True and value is not False and not (isinstance(value, str) and value == "auto"):
+        raise ValueError(f"{name} must be 'auto', True or False, got {value!r}")
+    return value
+
+
 def prediction_type(value) -> str:
     if value not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {value!r}")

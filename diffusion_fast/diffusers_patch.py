@@ -25,7 +25,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import _validate, ops
 from .cuda_graph import GraphedCallable
 from .schedulers.common import randn_tensor
 
@@ -150,8 +150,7 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
         raise TypeError(f"pipe must be a diffusers Stable Diffusion pipeline (with unet, vae and scheduler), got "
                         f"{type(pipe).__name__}")
     for name, value in (("attention", attention), ("cuda_graph", cuda_graph), ("channels_last", channels_last)):
-        if value not in ("auto", True, False):
-            raise ValueError(f"{name} must be 'auto', True or False, got {value!r}")
+        _validate.auto_or_bool(name, value)
     if getattr(pipe, _STATE, None) is not None:
         return pipe  # already accelerated: idempotent
     from diffusers import DDIMScheduler

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import _validate
 from ._backend import current_backend
 from .cuda_graph import GraphedCallable
 from .models import AutoencoderKL, UNet2DConditionModel
@@ -52,10 +53,7 @@ def _resolve_dtype(dtype):
 
 class StableDiffusionPipeline:
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, cuda_graph="auto", channels_last="auto"):
-        for name, value in (("cuda_graph", cuda_graph), ("channels_last", channels_last)):
-            if value not in ("auto", True, False):
-                raise ValueError(f"{name} must be 'auto', True or False, got {value!r}")
-        self.channels_last = channels_last
+        self.channels_last = channels_last  # validated by the property setters below
         self._layout = torch.contiguous_format  # the models' current memory format
         self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler = (
             unet, vae, text_encoder, tokenizer, scheduler)
@@ -103,6 +101,24 @@ class StableDiffusionPipeline:
             tiny.write_tiny_pipeline(folder, variant, seed)
             return cls.from_pretrained(folder, dtype=dtype, device=device, cuda_graph=cuda_graph,
                                        channels_last=channels_last)
+
+    @property
+    def cuda_graph(self):
+        """"auto" (capture on CUDA where possible), True (CUDA required) or False."""
+        return self._cuda_graph
+
+    @cuda_graph.setter
+    def cuda_graph(self, value):
+        self._cuda_graph = _validate.auto_or_bool("cuda_graph", value)
+
+    @property
+    def channels_last(self):
+        """"auto" (channels_last on the CPU, NCHW on CUDA), True or False: the UNet's and VAE's memory format."""
+        return self._channels_last
+
+    @channels_last.setter
+    def channels_last(self, value):
+        self._channels_last = _validate.auto_or_bool("channels_last", value)
 
     @property
     def device(self) -> torch.device:

@@ -198,3 +198,6 @@ def test_channels_last_choice_keeps_the_image_and_converts_the_weights(layout):
     with pytest.raises(ValueError, match="channels_last must be 'auto', True or False"):
         StableDiffusionPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
                                 channels_last="yes")
+    for name, bad in (("channels_last", 1), ("cuda_graph", "on")):  # set later: refused at the assignment
+        with pytest.raises(ValueError, match=f"{name} must be 'auto', True or False"):
+            setattr(pipe, name, bad)
