@@ -371,8 +371,21 @@ def test_set_timesteps_refreshes_device_tables_in_place(name, tables, device):
             if table.shape == before[n].shape:
                 assert table.data_ptr() == before[n].data_ptr(), f"{n} was reallocated by set_timesteps({steps})"
             before[n] = table
-    getattr(sched, tables[0]).add_(0)  # the cache is a copy: the scheduler's own tensor is never aliased
-    assert sched._table(tables[0], device).data_ptr() != getattr(sched, tables[0]).data_ptr()
+    assert sched._table(tables[0], device).data_ptr() != getattr(sched, tables[0]).data_ptr()  # a copy, not an alias
+    # an unchanged source is not copied again (on CUDA that copy would wait for the device); an in-place change is seen
+    table = sched._table(tables[0], device)
+    version = table._version
+    sched.set_timesteps(10, device=device)
+    assert table._version == version or tables[0] != "alphas_cumprod"
+    getattr(sched, tables[0]).mul_(0.5)
+    sched.set_timesteps(10, device=device)
+    torch.testing.assert_close(sched._table(tables[0], device).cpu(), getattr(sched, tables[0]), rtol=0, atol=0)
+    with torch.inference_mode():  # inference tensors carry no version counter: still correct, just always copied
+        fresh = S.SCHEDULERS[name](beta_schedule="scaled_linear")
+        for steps in (10, 10, 25):
+            fresh.set_timesteps(steps, device=device)
+            for n in tables:
+                torch.testing.assert_close(fresh._table(n, device).cpu(), getattr(fresh, n), rtol=0, atol=0)
 
 
 def test_from_config_of_another_scheduler_and_load_scheduler(tmp_path):

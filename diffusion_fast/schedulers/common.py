@@ -117,6 +117,14 @@ def as_timestep_tensor(timestep, device) -> torch.Tensor:
     return t.to(device=device, dtype=torch.long).reshape(-1)
 
 
+def _version_of(t: torch.Tensor):
+    """t's in-place modification counter, or None for an inference-mode tensor (which has none: always re-copied)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 class SchedulerBase:
     """Config handling shared by the schedulers: defaults, from_config, from_pretrained, unsupported fields."""
 
@@ -184,8 +192,10 @@ class SchedulerBase:
         cache = self.__dict__.setdefault("_device_tables", {})
         key = (name, str(torch.device(device)))
         if key not in cache:
-            cache[key] = getattr(self, name).to(device, copy=True)  # our own copy, updated in place later
-        return cache[key]
+            source = getattr(self, name)
+            # [the table's source, its version when copied, our own copy (updated in place later)]
+            cache[key] = [source, _version_of(source), source.to(device, copy=True)]
+        return cache[key][2]
 
     def _reset_tables(self, device, names=("alphas_cumprod",)):
         """Bring the cached device tables up to date after ``set_timesteps``, in place where the shape allows.
@@ -194,10 +204,14 @@ class SchedulerBase:
         reallocated would leave the graph reading whatever the allocator put there next (garbage, NaN images).
         """
         cache = self.__dict__.setdefault("_device_tables", {})
-        for key, cached in list(cache.items()):
+        for key, entry in list(cache.items()):
+            source, version, table = entry
             fresh = getattr(self, key[0])
-            if fresh.shape == cached.shape and fresh.dtype == cached.dtype:
-                cached.copy_(fresh)
+            if fresh is source and version is not None and _version_of(fresh) == version:
+                continue  # unchanged (DDIM's alphas_cumprod): no copy, which on CUDA would wait for the device
+            if fresh.shape == table.shape and fresh.dtype == table.dtype:
+                table.copy_(fresh)
+                entry[0], entry[1] = fresh, _version_of(fresh)
             else:  # a schedule-dependent table changed length (Euler's sigmas): nothing graphed reads these
                 del cache[key]
         if device is not None:
