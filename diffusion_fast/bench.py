@@ -201,11 +201,13 @@ def write_plot(rows, path, title):
         draw.text((label_w + s * scale + 4, y + 2), f"{s:.2f}x", fill="black")
     one = label_w + scale
     draw.line([one, 28, one, img.height], fill="gray")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
 
 
 def run_bench(args, device, dtype) -> int:
+    for path in (args.csv, args.plot, getattr(args, "jsonl", None)):  # fail before the run, not after it
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise FileNotFoundError(f"the folder of {path!r} does not exist")
     steps = args.steps or (10 if args.config == "tiny" else 50)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"diffusion-fast bench --config {args.config} on {name}, {dtype}, torch {torch.__version__}")
@@ -242,6 +244,5 @@ def append_record(rows, path, device_name, dtype, config, steps):
         "torch": torch.__version__, "diffusers": diffusers_version, "dtype": str(dtype).replace("torch.", ""),
         "steps": steps, "rows": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
                                   if k != "section"} for r in rows]}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")

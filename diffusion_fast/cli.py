@@ -169,7 +169,7 @@ def main(argv=None) -> int:
         from .check import run_check
 
         return run_check(args, _device(args.device), _dtype(args.dtype, _device(args.device)))
-    except (UsageError, ValueError, TypeError, FileNotFoundError) as exc:
+    except (UsageError, ValueError, TypeError, OSError) as exc:  # OSError: a missing folder, an unwritable file
         if os.environ.get("DIFFUSION_FAST_DEBUG"):
             raise
         print(f"diffusion-fast {args.command}: error: {exc}", file=sys.stderr)

@@ -50,6 +50,13 @@ def test_bad_arguments_one_line_exit_2(argv, message, capsys):
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("option", ["--csv", "--plot", "--jsonl"])
+def test_bench_output_folder_missing_fails_before_the_run(option, capsys):
+    assert main(["bench", option, "/no/such/folder/out.x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "/no/such/folder/out.x" in err[0] and "does not exist" in err[0]
+
+
 def test_error_inside_command_is_one_line(tmp_path, capsys):
     (tmp_path / "model_index.json").write_text("{}")
     assert main(["generate", "--model", str(tmp_path), "--steps", "1"]) == 2
