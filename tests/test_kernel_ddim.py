@@ -94,6 +94,8 @@ def test_non_contiguous_inputs():
     (lambda x: ops.ddim_step(x, x, 0.3, 0.4, eta=0.5, variance_noise=x[:, :2]), ValueError, "variance_noise has shape"),
     (lambda x: ops.ddim_step(x, x, 0.3, 0.4, eta=0.5, variance_noise=x.half()), TypeError, "variance_noise has dtype"),
     (lambda x: ops.ddim_step(x, x, float("nan"), 0.4), ValueError, "alpha_prod_t must be finite"),
+    # a 0-d CPU tensor (the per-step case, read on the host): its own fast path, the same check
+    (lambda x: ops.ddim_step(x, x, torch.tensor(float("inf")), 0.4), ValueError, "alpha_prod_t contains NaN or inf"),
     (lambda x: ops.ddim_step(x, x, 0.3, torch.tensor([0.4, float("nan"), 0.2])), ValueError,
      "alpha_prod_t_prev contains NaN"),
     (lambda x: ops.ddim_step(x, x, torch.tensor([0.3, 0.4]), 0.4), ValueError, r"alpha_prod_t must be .* shape \(3,\)"),
