@@ -9,6 +9,15 @@ Head dims that are not powers of two (SD1.5's 40, 80, 160) are padded to the nex
 are masked, masked scores set to -inf before the row maximum. q, k and v may be any strided views with a unit last
 stride, so the models pass (B, L, H*D) projections viewed as (B, H, L, D) without a copy. fp32 inputs use IEEE fp32
 dot products (no tf32), so an fp32 caller gets fp32 accuracy.
+
+Alignment. Triton vectorises a load (and pipelines it through shared memory with 16-byte async copies) only when it
+can prove each row starts 16 bytes apart. It learns that from integer arguments divisible by 16, which head dim 40's
+strides (40, or 320 and 40 in the models' views) are not: compiled for sm_90, the plain kernel issued one 2-byte load
+per element, no async copies, and spilled registers at head dim 40 (SD1.5's 4096-token level, its costliest
+attention), against 16-byte pipelined loads at head dims 64, 80 and 160. So the launcher passes every stride divided
+by ALIGN (the largest power of two, at most 16 bytes' worth of elements, dividing all of them) and the kernel
+multiplies it back: the compiler then knows each row offset is a multiple of ALIGN. HEAD_DIM is a compile-time
+constant for the same reason: the head-dim mask is then known constant over ALIGN-wide runs.
 """
 from __future__ import annotations
 
@@ -25,35 +34,42 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_HEAD_DIM = 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis
 
 
 @triton.jit
 def _flash_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr,  # q (B, H, Lq, D), k and v (B, H, Lk, D), o (B, H, Lq, D) contiguous
-    stride_qb, stride_qh, stride_qm,  # q strides (the last is 1)
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om,
-    heads, len_q, len_k, head_dim,  # H, Lq, Lk, D
+    stride_qb, stride_qh, stride_qm,  # q strides in units of ALIGN elements (the last stride is 1)
+    stride_kb, stride_kh, stride_kn,  # k strides, in units of ALIGN
+    stride_vb, stride_vh, stride_vn,  # v strides, in units of ALIGN
+    stride_ob, stride_oh, stride_om,  # o strides, in units of ALIGN
+    heads, len_q, len_k,  # H, Lq, Lk
     qk_scale,  # scale * log2(e)
+    HEAD_DIM: tl.constexpr,  # D
+    ALIGN: tl.constexpr,  # a power of two dividing every stride above (in elements)
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per loop iteration
     BLOCK_D: tl.constexpr,  # head dim padded to a power of two (>= 16)
     PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, "tf32" (ignored for 16-bit inputs) otherwise
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)  # int64: b * stride_qb can pass 2^31 elements
     b = pid_bh // heads
     h = pid_bh % heads
-    q_ptr += b * stride_qb + h * stride_qh
-    k_ptr += b * stride_kb + h * stride_kh
-    v_ptr += b * stride_vb + h * stride_vh
-    o_ptr += b * stride_ob + h * stride_oh
+    q_ptr += (b * stride_qb + h * stride_qh) * ALIGN
+    k_ptr += (b * stride_kb + h * stride_kh) * ALIGN
+    v_ptr += (b * stride_vb + h * stride_vh) * ALIGN
+    o_ptr += (b * stride_ob + h * stride_oh) * ALIGN
+    stride_qm *= ALIGN  # multiplying by the constexpr is what tells the compiler the rows are ALIGN-aligned
+    stride_kn *= ALIGN
+    stride_vn *= ALIGN
+    stride_om *= ALIGN
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < head_dim
+    d_mask = offs_d < HEAD_DIM
     q = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_d[None, :],
                 mask=(offs_m[:, None] < len_q) & d_mask[None, :], other=0.0)
 
@@ -96,6 +112,42 @@ def _config(block_d: int, len_k: int):
     return 128, 64, 4, 3
 
 
+def _alignment(strides, element_size: int) -> int:
+    """The largest power of two, at most 16 bytes' worth of elements, that divides every stride."""
+    align = 16 // element_size
+    while align > 1 and any(s % align for s in strides):
+        align //= 2
+    return align
+
+
+def _launch(q, k, v, out, scale, config):
+    """Launch the kernel on validated q, k, v (unit last strides) into out with config = (BLOCK_M, BLOCK_N,
+    num_warps, num_stages); benchmarks/tune_attention.py sweeps configs through this same function."""
+    block_m, block_n, num_warps, num_stages = config
+    batch, heads, len_q, head_dim = q.shape
+    len_k = k.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    # a size-1 dim's stride never multiplies a nonzero index: 0, so it cannot lower the alignment
+    strides = [t.stride(i) if t.shape[i] > 1 else 0 for t in (q, k, v, out) for i in range(3)]
+    align = _alignment(strides, q.element_size())
+    # the grid's second axis (one program column per (batch, head)) stops at MAX_GRID_Y: launch batch chunks beyond
+    if heads > MAX_GRID_Y:
+        raise ValueError(f"q has {heads} heads; the kernel launches at most {MAX_GRID_Y} per batch element")
+    chunk = MAX_GRID_Y // heads
+    for b0 in range(0, batch, chunk):
+        tensors = (q, k, v, out) if batch <= chunk else (t[b0:b0 + chunk] for t in (q, k, v, out))
+        grid = (triton.cdiv(len_q, block_m), min(chunk, batch - b0) * heads)
+        _flash_attention_kernel[grid](
+            *tensors,
+            *(s // align for s in strides),
+            heads, len_q, len_k, scale * LOG2E,
+            HEAD_DIM=head_dim, ALIGN=align, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
+
+
 def attention(q, k, v, *, scale=None):
     """Flash attention of q (B, H, Lq, D) against k, v (B, H, Lk, D); returns (B, H, Lq, D) contiguous."""
     _validate.attention_args(q, k, v, scale)
@@ -104,23 +156,9 @@ def attention(q, k, v, *, scale=None):
                          f"(head dim <= {MAX_HEAD_DIM}, dtype in {DTYPES}); use diffusion_fast.ops.attention")
     if q.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("q is on the CPU: the Triton kernel needs CUDA tensors or TRITON_INTERPRET=1")
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    batch, heads, len_q, head_dim = q.shape
-    len_k = k.shape[2]
-    out = torch.empty((batch, heads, len_q, head_dim), device=q.device, dtype=q.dtype)
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m, block_n, num_warps, num_stages = _config(block_d, len_k)
-    grid = (triton.cdiv(len_q, block_m), batch * heads)
-    _flash_attention_kernel[grid](
-        q, k, v, out,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        heads, len_q, len_k, head_dim, scale * LOG2E,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    # unit last stride, and row offsets inside one head that fit the kernel's int32 arithmetic: else a copy
+    q, k, v = (t if t.stride(-1) == 1 and t.stride(2) * t.shape[2] < 2**31 else t.contiguous() for t in (q, k, v))
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+    _launch(q, k, v, out, scale, _config(block_d, k.shape[2]))
     return out

@@ -89,3 +89,49 @@ def test_bad_dtypes_name_the_argument():
         ops.attention(q.int(), q.int(), q.int())
     with pytest.raises(ValueError, match="v has shape"):
         ops.attention(q, q, torch.randn(1, 1, 5, 8, device=DEVICE))
+
+
+@pytest.mark.parametrize("strides, element_size, expected", [
+    ([320, 40, 320, 0], 2, 8),  # SD1.5's head dim 40 as the models' (B, L, H*D) view: 16-byte rows in fp16
+    ([163840, 40, 40], 4, 4),  # the same in fp32: 16 bytes is 4 elements
+    ([40, 20, 12], 2, 4),  # 12 elements: 8-byte rows at best
+    ([41, 320], 2, 1),  # an odd stride anywhere: element-aligned only
+])
+def test_alignment_is_the_largest_power_of_two_dividing_every_stride(strides, element_size, expected):
+    assert kernel._alignment(strides, element_size) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_odd_row_stride_views(dtype):
+    """Rows 41 elements apart (a slice of a wider tensor): ALIGN drops to 1 and the answer is still right."""
+    gen = torch.Generator().manual_seed(7)
+    wide = [torch.randn(2, 3, n, 41, generator=gen).to(DEVICE, dtype) for n in (19, 23, 23)]
+    q, k, v = (t[..., :40] for t in wide)
+    assert q.stride(2) == 41
+    with poisoned_allocations():
+        out = kernel.attention(q, k, v)
+    assert_2x_rule(out, reference.attention(q.double(), k.double(), v.double()), reference.attention(q, k, v),
+                   floor=FLOOR[dtype])
+
+
+def test_batches_past_the_grid_limit_launch_in_chunks(monkeypatch):
+    """More (batch, head) columns than the grid's second axis holds: launched in batch chunks, every row written.
+    The limit is lowered to 4 so batch 3 x 2 heads needs two launches (65535 real columns would take hours here)."""
+    monkeypatch.setattr(kernel, "MAX_GRID_Y", 4)
+    grids, real = [], kernel._flash_attention_kernel
+
+    class Recording:  # records each launch's grid, then launches the real kernel
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(kernel, "_flash_attention_kernel", Recording())
+    q, k, v = _qkv((3, 2, 9, 13, 16), torch.float32, torch.Generator().manual_seed(3), as_views=True)
+    with poisoned_allocations():
+        out = kernel.attention(q, k, v)
+    assert [g[1] for g in grids] == [4, 2]  # batches {0, 1} then {2}, two heads each
+    assert_2x_rule(out, reference.attention(q.double(), k.double(), v.double()), reference.attention(q, k, v),
+                   floor=FLOOR[torch.float32])
+    monkeypatch.setattr(kernel, "MAX_GRID_Y", 1)
+    with pytest.raises(ValueError, match="q has 2 heads"):
+        kernel.attention(q, k, v)

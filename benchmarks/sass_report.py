@@ -1,0 +1,168 @@
+"""What our Triton kernels compile to on an H100 (sm_90), without a GPU: registers, spills, load widths, MMAs.
+
+    python benchmarks/sass_report.py [--json] [--kernel attention|group_norm_silu|cfg_ddim_step]
+
+Triton ships ptxas and nvdisasm, so a kernel can be compiled for sm_90 on any machine and its machine code read.
+That cannot time anything, but it shows the structure that decides speed: whether global loads are 16-byte vectors
+or one element at a time, whether loads go through shared memory asynchronously (software pipelining), whether the
+kernel spills registers to the stack, and which tensor-core instructions run. Each case is compiled with the tile
+config and constexprs its launcher picks for a real SD shape, and with the integer specialisation Triton applies at
+launch (an int argument divisible by 16 is marked so; an int equal to 1 becomes a constant), emulated from the
+strides the launcher would pass. tests/test_sass.py asserts the properties that matter on these reports.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("sass_report.py compiles for a GPU: unset TRITON_INTERPRET")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)  # H100
+TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+INSTRUCTION = re.compile(r"\b((?:LDGSTS|LDG|STG|UTMALDG|HGMMA|HMMA|MUFU\.EX2)\b(?:\.\w+)*)")
+
+
+def compile_case(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int):
+    """Compile ``kernel`` for sm_90. args: name -> tensor (a pointer, assumed 16-byte aligned), int or float."""
+    signature, attrs, constants = {}, {}, dict(constexprs)
+    for index, name in enumerate(kernel.arg_names):
+        if name in constants:
+            signature[name] = "constexpr"
+            continue
+        value = args[name]
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[value.dtype]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value == 1:  # Triton turns an int argument equal to 1 into a constant
+            signature[name] = "constexpr"
+            constants[name] = 1
+        else:
+            signature[name] = "i32" if abs(value) < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def machine_code_summary(compiled) -> dict:
+    """Registers, stack (spill) bytes, and a count of each global-memory and tensor-core instruction."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([os.path.join(TOOLS, "cuobjdump"), "--dump-resource-usage", path],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(TOOLS, "nvdisasm"), path], capture_output=True, text=True,
+                              check=True).stdout
+    field = lambda name: int(re.search(rf"{name}:(\d+)", usage).group(1))  # noqa: E731
+    counts = collections.Counter(m.group(1) for line in sass.splitlines() if (m := INSTRUCTION.search(line)))
+    return {"registers": field("REG"), "stack_bytes": field("STACK"), "instructions": dict(sorted(counts.items()))}
+
+
+# ---- the cases: each builds (kernel, args, constexprs, warps, stages) the way its launcher would -----------------
+
+def attention_cases():
+    from diffusion_fast.kernels import attention as A
+
+    shapes = {"SD1.5 64x64 self": (2, 8, 4096, 4096, 40), "SD1.5 64x64 cross": (2, 8, 4096, 77, 40),
+              "SD1.5 32x32 self": (2, 8, 1024, 1024, 80), "SD1.5 16x16 self": (2, 8, 256, 256, 160),
+              "SDXL 64x64 self": (2, 10, 4096, 4096, 64)}
+    for name, (b, h, lq, lk, d) in shapes.items():
+        # the models' layout: (B, L, H*D) projections viewed as (B, H, L, D); meta tensors carry strides only
+        view = lambda length: torch.empty(b, length, h * d, device="meta", dtype=torch.float16).view(  # noqa: E731
+            b, length, h, d).transpose(1, 2)
+        q, k, v = view(lq), view(lk), view(lk)
+        out = torch.empty(q.shape, device="meta", dtype=q.dtype)
+        strides = [t.stride(i) if t.shape[i] > 1 else 0 for t in (q, k, v, out) for i in range(3)]
+        align = A._alignment(strides, q.element_size())
+        block_d = max(16, triton.next_power_of_2(d))
+        block_m, block_n, warps, stages = A._config(block_d, lk)
+        names = [f"stride_{t}{s}" for t in "qkvo" for s in ("b", "h", "m" if t in "qo" else "n")]
+        args = dict(zip(names, (s // align for s in strides)), q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, heads=h,
+                    len_q=lq, len_k=lk, qk_scale=0.5)
+        constexprs = dict(HEAD_DIM=d, ALIGN=align, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                          PRECISION="tf32")
+        yield (f"attention {name} {b}x{h}x{lq}x{lk}x{d} fp16", A._flash_attention_kernel, args, constexprs, warps,
+               stages)
+
+
+def group_norm_cases():
+    from diffusion_fast.kernels import group_norm_silu as G
+
+    for n, c, hw_side in ((2, 320, 64), (2, 1280, 16), (1, 512, 256)):
+        hw, groups = hw_side * hw_side, 32
+        cpg = c // groups
+        x = torch.empty(n, c, hw_side, hw_side, device="meta", dtype=torch.float16)
+        for channels_last in (False, True):
+            flags = dict(CHANNELS_LAST=channels_last, HAS_WEIGHT=True, HAS_BIAS=True, SILU=True, BLOCK=G.BLOCK)
+            layout = "channels_last" if channels_last else "NCHW"
+            common = dict(x_ptr=x, y_ptr=x, w_ptr=x, b_ptr=x, hw=hw, cpg=cpg, channels=c, group_len=cpg * hw,
+                          num_groups=groups, eps=1e-5)
+            if x.numel() <= G.ONE_PASS_MAX_ELEMENTS:
+                yield (f"group_norm_silu one-pass {n}x{c}x{hw_side}x{hw_side} {layout} fp16",
+                       G._group_norm_one_pass_kernel, common, flags, G.NUM_WARPS, 3)
+            else:
+                yield (f"group_norm_silu apply {n}x{c}x{hw_side}x{hw_side} {layout} fp16", G._group_apply_kernel,
+                       dict(common, mean_ptr=x.float(), m2_ptr=x.float(), count_ptr=x.float(), chunk_len=4096,
+                            split=16), dict(flags, SPLIT_BLOCK=16), G.NUM_WARPS, 3)
+
+
+def cfg_ddim_cases():
+    from diffusion_fast.kernels import ddim as K
+
+    x = torch.empty(2, 4, 64, 64, device="meta", dtype=torch.float16)
+    alphas = torch.empty(2, device="meta")
+    args = dict(out_ptr=x, text_ptr=x, sample_ptr=x, noise_ptr=x, prev_ptr=x, x0_ptr=x, alpha_t_ptr=alphas,
+                alpha_prev_ptr=alphas, guidance_scale=7.5, eta=0.0, clip_range=0.0, per_sample=x[0].numel(),
+                numel=x.numel())
+    constexprs = dict(CFG=True, PRED=0, CLIP=False, USE_CLIPPED=False, HAS_NOISE=False, BLOCK=K.BLOCK)
+    yield "cfg_ddim_step 2x4x64x64 fp16", K._cfg_ddim_kernel, args, constexprs, 4, 3
+
+
+CASES = {"attention": attention_cases, "group_norm_silu": group_norm_cases, "cfg_ddim_step": cfg_ddim_cases}
+
+
+def report(kernels=tuple(CASES)):
+    rows = []
+    for kernel_name in kernels:
+        for name, kernel, args, constexprs, warps, stages in CASES[kernel_name]():
+            summary = machine_code_summary(compile_case(kernel, args, constexprs, warps, stages))
+            rows.append(dict(case=name, kernel=kernel_name, num_warps=warps, num_stages=stages,
+                             constexprs={k: v for k, v in constexprs.items() if k != "PRECISION"}, **summary))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead of the table")
+    parser.add_argument("--kernel", choices=sorted(CASES), action="append", help="only this kernel (repeatable)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # newer Tritons warn when it is unset; 1 is the default
+    rows = report(args.kernel or tuple(CASES))
+    if args.json:
+        print(json.dumps({"target": "sm_90", "triton": triton.__version__, "rows": rows}))
+        return 0
+    print(f"Triton {triton.__version__}, compiled for sm_90 (H100); instruction counts are static, not executed")
+    for row in rows:
+        print(f"{row['case']:58s} regs {row['registers']:3d}  stack {row['stack_bytes']:3d} B  "
+              f"warps {row['num_warps']} stages {row['num_stages']}")
+        print("    " + ", ".join(f"{k} x{v}" for k, v in row["instructions"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
