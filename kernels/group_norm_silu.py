@@ -35,30 +35,32 @@ ONE_PASS_MAX_ELEMENTS = 1 << 20  # up to this size: one launch, one program per 
 
 
 @triton.jit
-def _element_offsets(e, hw, cpg, channels, CHANNELS_LAST: tl.constexpr):
+def _element_offsets(e, hw, CPG: tl.constexpr, channels, CHANNELS_LAST: tl.constexpr):
     """Memory offset (within a sample, from its group's first channel) and channel-in-group of element index e."""
-    if CHANNELS_LAST:  # e = position * cpg + channel_in_group
-        c_local = e % cpg
-        return (e // cpg) * channels + c_local, c_local
+    if CHANNELS_LAST:  # e = position * CPG + channel_in_group; CPG constant: a multiply-shift, runs known contiguous
+        c_local = e % CPG
+        return (e // CPG) * channels + c_local, c_local
     else:  # e = channel_in_group * hw + position: the group is one contiguous run
         return e, e // hw
 
 
 @triton.jit
-def _group_chunk(pid_group, pid_chunk, hw, cpg, channels, group_len, chunk_len, num_groups, CHANNELS_LAST: tl.constexpr):
+def _group_chunk(pid_group, pid_chunk, hw, CPG: tl.constexpr, channels, group_len, chunk_len, num_groups,
+                 CHANNELS_LAST: tl.constexpr):
     """Group index g, the group's first element's offset, and this chunk's [start, end) in the group's elements."""
     n = pid_group // num_groups
     g = pid_group % num_groups
     if CHANNELS_LAST:
-        base = n * hw * channels + g * cpg
+        base = n * hw * channels + g * CPG
     else:
-        base = n * hw * channels + g * cpg * hw
+        base = n * hw * channels + g * CPG * hw
     start = pid_chunk * chunk_len
     return g, base, start, tl.minimum(start + chunk_len, group_len)
 
 
 @triton.jit
-def _chunk_moments(x_ptr, base, start, end, hw, cpg, channels, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+def _chunk_moments(x_ptr, base, start, end, hw, CPG: tl.constexpr, channels, CHANNELS_LAST: tl.constexpr,
+                   BLOCK: tl.constexpr):
     """(count, mean, M2) of a group's elements [start, end), merged block by block with Chan's formula."""
     count = 0.0
     mean = 0.0
@@ -66,7 +68,7 @@ def _chunk_moments(x_ptr, base, start, end, hw, cpg, channels, CHANNELS_LAST: tl
     for block_start in range(start, end, BLOCK):
         e = block_start + tl.arange(0, BLOCK)
         mask = e < end
-        offs, _ = _element_offsets(e, hw, cpg, channels, CHANNELS_LAST)
+        offs, _ = _element_offsets(e, hw, CPG, channels, CHANNELS_LAST)
         x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         n_b = tl.minimum(end - block_start, BLOCK).to(tl.float32)
         b_mean = tl.sum(x, axis=0) / n_b
@@ -81,21 +83,31 @@ def _chunk_moments(x_ptr, base, start, end, hw, cpg, channels, CHANNELS_LAST: tl
 
 
 @triton.jit
-def _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, cpg, channels,
+def _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, CPG: tl.constexpr, channels,
                      CHANNELS_LAST: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     SILU: tl.constexpr, BLOCK: tl.constexpr):
-    """y = f((x - mean) * rstd * w + b) over a group's elements [start, end), f = SiLU or identity."""
+                     SILU: tl.constexpr, CHANNEL_PER_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    """y = f((x - mean) * rstd * w + b) over a group's elements [start, end), f = SiLU or identity.
+
+    CHANNEL_PER_BLOCK (NCHW with H*W a multiple of BLOCK, blocks starting at multiples of BLOCK): every block lies in
+    one channel, so weight and bias are one scalar load per block instead of a per-element divide and gather."""
     for block_start in range(start, end, BLOCK):
         e = block_start + tl.arange(0, BLOCK)
         mask = e < end
-        offs, c_local = _element_offsets(e, hw, cpg, channels, CHANNELS_LAST)
+        offs, c_local = _element_offsets(e, hw, CPG, channels, CHANNELS_LAST)
         x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         y = (x - mean) * rstd
-        channel = g * cpg + c_local
-        if HAS_WEIGHT:
-            y = y * tl.load(w_ptr + channel, mask=mask, other=1.0).to(tl.float32)
-        if HAS_BIAS:
-            y = y + tl.load(b_ptr + channel, mask=mask, other=0.0).to(tl.float32)
+        if CHANNEL_PER_BLOCK:
+            channel = g * CPG + block_start // hw
+            if HAS_WEIGHT:
+                y = y * tl.load(w_ptr + channel).to(tl.float32)
+            if HAS_BIAS:
+                y = y + tl.load(b_ptr + channel).to(tl.float32)
+        else:
+            channel = g * CPG + c_local
+            if HAS_WEIGHT:
+                y = y * tl.load(w_ptr + channel, mask=mask, other=1.0).to(tl.float32)
+            if HAS_BIAS:
+                y = y + tl.load(b_ptr + channel, mask=mask, other=0.0).to(tl.float32)
         if SILU:
             y = y / (1.0 + tl.exp(-y))
         tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -105,16 +117,17 @@ def _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd
 def _group_stats_kernel(
     x_ptr,  # input, (N, C, *spatial) NCHW-contiguous or channels_last
     mean_ptr, m2_ptr, count_ptr,  # fp32 partials, (N * G * SPLIT,)
-    hw, cpg, channels, group_len, chunk_len, split,  # H*W, C/G, C, (C/G)*H*W, elements per chunk, chunks per group
+    hw, channels, group_len, chunk_len, split,  # H*W, C, (C/G)*H*W, elements per chunk, chunks per group
     num_groups,  # G
+    CPG: tl.constexpr,  # C/G, channels per group
     CHANNELS_LAST: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid_group = tl.program_id(0).to(tl.int64)  # n * G + g
     pid_chunk = tl.program_id(1)
-    _, base, start, end = _group_chunk(pid_group, pid_chunk, hw, cpg, channels, group_len, chunk_len, num_groups,
+    _, base, start, end = _group_chunk(pid_group, pid_chunk, hw, CPG, channels, group_len, chunk_len, num_groups,
                                        CHANNELS_LAST)
-    count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, cpg, channels, CHANNELS_LAST, BLOCK)
+    count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, CPG, channels, CHANNELS_LAST, BLOCK)
     out = pid_group * split + pid_chunk
     tl.store(mean_ptr + out, mean)
     tl.store(m2_ptr + out, m2)
@@ -126,17 +139,19 @@ def _group_apply_kernel(
     x_ptr, y_ptr,  # input and output, same shape and memory format
     w_ptr, b_ptr,  # (C,) weight and bias (ignored unless HAS_WEIGHT / HAS_BIAS)
     mean_ptr, m2_ptr, count_ptr,  # fp32 partials from _group_stats_kernel, (N * G * SPLIT,)
-    hw, cpg, channels, group_len, chunk_len, split, num_groups, eps,
+    hw, channels, group_len, chunk_len, split, num_groups, eps,
+    CPG: tl.constexpr,  # C/G
     CHANNELS_LAST: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SILU: tl.constexpr,
+    CHANNEL_PER_BLOCK: tl.constexpr,  # NCHW and H*W % BLOCK == 0 (see _normalize_chunk)
     SPLIT_BLOCK: tl.constexpr,  # next power of two >= split
     BLOCK: tl.constexpr,
 ):
     pid_group = tl.program_id(0).to(tl.int64)
     pid_chunk = tl.program_id(1)
-    g, base, start, end = _group_chunk(pid_group, pid_chunk, hw, cpg, channels, group_len, chunk_len, num_groups,
+    g, base, start, end = _group_chunk(pid_group, pid_chunk, hw, CPG, channels, group_len, chunk_len, num_groups,
                                        CHANNELS_LAST)
     # Combine the group's partials (Chan): mean = sum(c_i m_i) / sum(c_i), M2 = sum(M2_i) + sum(c_i (m_i - mean)^2).
     s = tl.arange(0, SPLIT_BLOCK)
@@ -149,28 +164,30 @@ def _group_apply_kernel(
     d = tl.where(smask, means - mean, 0.0)
     var = (tl.sum(m2s, axis=0) + tl.sum(counts * d * d, axis=0)) / total
     rstd = 1.0 / tl.sqrt(var + eps)
-    _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, cpg, channels, CHANNELS_LAST,
-                     HAS_WEIGHT, HAS_BIAS, SILU, BLOCK)
+    _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, CPG, channels, CHANNELS_LAST,
+                     HAS_WEIGHT, HAS_BIAS, SILU, CHANNEL_PER_BLOCK, BLOCK)
 
 
 @triton.jit
 def _group_norm_one_pass_kernel(
     x_ptr, y_ptr,  # input and output, (N, C, *spatial), same shape and memory format
     w_ptr, b_ptr,  # (C,) weight and bias (ignored unless HAS_WEIGHT / HAS_BIAS)
-    hw, cpg, channels, group_len, num_groups, eps,  # H*W, C/G, C, (C/G)*H*W, G, epsilon
+    hw, channels, group_len, num_groups, eps,  # H*W, C, (C/G)*H*W, G, epsilon
+    CPG: tl.constexpr,  # C/G
     CHANNELS_LAST: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SILU: tl.constexpr,
+    CHANNEL_PER_BLOCK: tl.constexpr,  # NCHW and H*W % BLOCK == 0 (see _normalize_chunk)
     BLOCK: tl.constexpr,
 ):
     pid_group = tl.program_id(0).to(tl.int64)  # n * G + g: one program per group, statistics then output
-    g, base, start, end = _group_chunk(pid_group, 0, hw, cpg, channels, group_len, group_len, num_groups,
+    g, base, start, end = _group_chunk(pid_group, 0, hw, CPG, channels, group_len, group_len, num_groups,
                                        CHANNELS_LAST)
-    count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, cpg, channels, CHANNELS_LAST, BLOCK)
+    count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, CPG, channels, CHANNELS_LAST, BLOCK)
     rstd = 1.0 / tl.sqrt(m2 / count + eps)
-    _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, cpg, channels, CHANNELS_LAST,
-                     HAS_WEIGHT, HAS_BIAS, SILU, BLOCK)
+    _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, CPG, channels, CHANNELS_LAST,
+                     HAS_WEIGHT, HAS_BIAS, SILU, CHANNEL_PER_BLOCK, BLOCK)
 
 
 def _layout(x: torch.Tensor):
@@ -197,19 +214,21 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=Tru
     y = torch.empty_like(x)  # same memory format as x
     w = weight.contiguous() if weight is not None else x
     b = bias.contiguous() if bias is not None else x
-    flags = dict(CHANNELS_LAST=channels_last, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                 SILU=bool(silu), BLOCK=BLOCK, num_warps=NUM_WARPS)
+    # CPG is a compile-time constant (SD uses 4 to 40: a handful of compiles, none per resolution), so channels_last
+    # offsets are multiply-shifts with known contiguous runs, which the compiler vectorises (benchmarks/sass_report.py)
+    flags = dict(CPG=cpg, CHANNELS_LAST=channels_last, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                 SILU=bool(silu), CHANNEL_PER_BLOCK=not channels_last and hw % BLOCK == 0, BLOCK=BLOCK,
+                 num_warps=NUM_WARPS)
     if x.numel() <= ONE_PASS_MAX_ELEMENTS:
-        _group_norm_one_pass_kernel[(n * num_groups,)](x, y, w, b, hw, cpg, c, group_len, num_groups, float(eps),
-                                                       **flags)
+        _group_norm_one_pass_kernel[(n * num_groups,)](x, y, w, b, hw, c, group_len, num_groups, float(eps), **flags)
         return y
     split = max(1, min(triton.cdiv(TARGET_PROGRAMS, n * num_groups), triton.cdiv(group_len, BLOCK)))
     chunk_len = triton.cdiv(triton.cdiv(group_len, split), BLOCK) * BLOCK
     split = triton.cdiv(group_len, chunk_len)
     partials = torch.empty((3, n * num_groups * split), device=x.device, dtype=torch.float32)
     grid = (n * num_groups, split)
-    _group_stats_kernel[grid](x, partials[0], partials[1], partials[2], hw, cpg, c, group_len, chunk_len, split,
-                              num_groups, CHANNELS_LAST=channels_last, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    _group_apply_kernel[grid](x, y, w, b, partials[0], partials[1], partials[2], hw, cpg, c, group_len, chunk_len,
+    _group_stats_kernel[grid](x, partials[0], partials[1], partials[2], hw, c, group_len, chunk_len, split,
+                              num_groups, CPG=cpg, CHANNELS_LAST=channels_last, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    _group_apply_kernel[grid](x, y, w, b, partials[0], partials[1], partials[2], hw, c, group_len, chunk_len,
                               split, num_groups, float(eps), SPLIT_BLOCK=triton.next_power_of_2(split), **flags)
     return y

@@ -20,9 +20,13 @@ SHAPES = [
     ((2, 64, 1, 1), 32),  # a 1x1 map: two elements per group
     ((1, 32, 48, 40), 4),  # 8*1920 = 15360 elements a group: several chunks, so the partial-statistics combine runs
     ((2, 40, 300), 8),  # a 3-d (N, C, L) input, as a 1-d sequence
+    # H*W = 512, a multiple of the block (256 interpreted, 2048 compiled: the GPU's (1, 16, 64, 64) case below), so
+    # NCHW takes weight and bias once per block; two blocks per channel move the channel on every other block
+    ((1, 64, 16, 32), 16),
 ]
 if ON_GPU:
-    SHAPES += [((2, 320, 64, 64), 32), ((1, 512, 128, 128), 32)]  # real SD1.5 UNet and VAE-decoder shapes
+    SHAPES += [((2, 320, 64, 64), 32), ((1, 512, 128, 128), 32),  # real SD1.5 UNet and VAE-decoder shapes
+               ((1, 16, 64, 64), 4)]  # 4096 = two compiled blocks a channel (see (1, 64, 16, 32))
 
 
 def _inputs(shape, dtype, channels_last, gen):

@@ -58,3 +58,31 @@ def test_attention_pipelines_loads_and_uses_tensor_cores(attention_rows):
 def test_attention_does_not_spill(attention_rows):
     for row in attention_rows:
         assert row["stack_bytes"] == 0, f"{row['case']}: {row['stack_bytes']} bytes of stack (register spills)"
+
+
+@pytest.fixture(scope="module")
+def group_norm_rows():
+    return sass_report("group_norm_silu")
+
+
+def test_group_norm_never_stores_one_element_at_a_time(group_norm_rows):
+    """Outputs go out at least 4 bytes at a time in both layouts. In channels_last a group's C/G channels are the
+    contiguous run: with C/G a compile-time constant the compiler vectorises it (2-byte stores before, at SD's
+    C/G of 10, 20 and 40)."""
+    for row in group_norm_rows:
+        stores = [op for op in row["instructions"] if op.startswith("STG")]
+        assert stores and "STG.E.U16" not in stores, f"{row['case']}: {stores}"
+
+
+def test_group_norm_channels_last_loads_are_vectors(group_norm_rows):
+    for row in group_norm_rows:
+        if row["constexprs"]["CHANNELS_LAST"]:
+            assert "LDG.E.U16" not in row["instructions"], f"{row['case']}: {row['instructions']}"
+
+
+def test_group_norm_nchw_reads_weight_and_bias_once_per_block(group_norm_rows):
+    """NCHW with H*W a multiple of the block: two scalar loads (weight, bias) a block, not a gather per element."""
+    per_block = [row for row in group_norm_rows if row["constexprs"]["CHANNEL_PER_BLOCK"]]
+    assert per_block
+    for row in per_block:
+        assert row["instructions"].get("LDG.E.U16", 0) <= 2, f"{row['case']}: {row['instructions']}"
