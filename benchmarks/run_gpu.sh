@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One command on a CUDA machine: build the extension (CUDA kernels included), run the test suite on the GPU, then the
-# kernel benchmark and (with "e2e") the end-to-end benchmark. Results append to benchmarks/results/*.jsonl.
-#   bash benchmarks/run_gpu.sh [tests] [kernels] [e2e]     (default: all three)
+# One command on a CUDA machine: build the extension (CUDA kernels included), check that the C++ ops' argument errors
+# reach Python on this build (benchmarks/diagnose_op_errors.py), run the test suite on the GPU, then the kernel
+# benchmark and the end-to-end benchmark. Results append to benchmarks/results/*.jsonl.
+#   bash benchmarks/run_gpu.sh [diagnose] [tests] [kernels] [e2e]     (default: all four)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-steps=("$@"); [[ ${#steps[@]} -eq 0 ]] && steps=(tests kernels e2e)
+steps=("$@"); [[ ${#steps[@]} -eq 0 ]] && steps=(diagnose tests kernels e2e)
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 python3 -c "import diffusion_fast._C" 2>/dev/null || \
   python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . || exit 1
@@ -12,6 +13,7 @@ python3 -c "import torch, diffusion_fast; print('CUDA kernels in the extension:'
 status=0
 for step in "${steps[@]}"; do
   case $step in
+    diagnose) python3 benchmarks/diagnose_op_errors.py || status=1 ;;
     tests) python3 -m pytest tests -q -p no:cacheprovider -n 8 || status=1 ;;
     kernels) python3 benchmarks/gpu_kernels.py || status=1 ;;
     e2e) python3 benchmarks/gpu_e2e.py || status=1 ;;
