@@ -8,7 +8,8 @@ each row is a cold-cache time: small tensors that would stay in L2 inside a real
   (b) group_norm_silu (ours, Triton) vs F.group_norm + F.silu, fp16, NCHW and channels_last, SD1.5 and SDXL UNet and
       VAE-decoder shapes: time, GB/s (ideal bytes: read once + write once), fraction of copy bandwidth, speedup;
   (c) attention (ours) vs F.scaled_dot_product_attention, fp16, SD1.5 and SDXL shapes: TFLOP/s (4*B*H*Lq*Lk*D) and
-      fraction of the fp16 matmul rate;
+      fraction of the fp16 matmul rate; at head dims 40, 80 and 160 also the same kernel with the head dim padded to
+      a power of two instead of split (kernels/attention.py, SPLIT_HEAD_DIM), an A/B in the same run;
   (d) cfg_ddim_step (ours, one launch) vs diffusers' CFG combine + DDIMScheduler.step, fp16 latents: GPU time, GB/s
       (read uncond, text, sample; write prev and x0), fraction of copy bandwidth, speedup; plus the wall time per
       call with Python launch cost (what an ungraphed loop pays).
@@ -138,13 +139,27 @@ def group_norm_fns(row, ops):
 
 
 def attention_fns(row, ops):
+    import triton
+
     from diffusion_fast.kernels import attention as kernel
 
     bsz, heads, lq, lk, d = _shape(row)
     q = torch.randn(bsz, heads, lq, d, device="cuda", dtype=torch.float16)
     k, v = (torch.randn(bsz, heads, lk, d, device="cuda", dtype=torch.float16) for _ in range(2))
-    note = {} if kernel.supports(q) else {"note": "outside the Triton kernel's range: ops falls back to SDPA"}
-    return lambda: ops.attention(q, k, v), lambda: F.scaled_dot_product_attention(q, k, v), lambda: note
+    if not kernel.supports(q):
+        note = {"note": "outside the Triton kernel's range: ops falls back to SDPA"}
+        return lambda: ops.attention(q, k, v), lambda: F.scaled_dot_product_attention(q, k, v), lambda: note
+
+    def padded_variant():  # the same kernel with the head dim padded to a power of two instead of split (A/B)
+        if not kernel._head_dim_blocks(d, True)[1]:
+            return {}
+        out = torch.empty_like(q)
+        config = kernel._config(max(16, triton.next_power_of_2(d)), lk)
+        padded = lambda: kernel._launch(q, k, v, out, None, config, split=False)  # noqa: E731
+        padded()
+        return {"padded_ms": median_ms(padded), "padded_graphed_ms": graphed_ms(padded)}
+
+    return lambda: ops.attention(q, k, v), lambda: F.scaled_dot_product_attention(q, k, v), padded_variant
 
 
 def cfg_ddim_fns(row, ops, sched):
@@ -227,6 +242,9 @@ def format_row(row):
     if row.get("ours_graphed_ms") is not None:
         notes.append(f"in a CUDA graph {row['ours_graphed_ms']:.4f} ms ({_num(row, 'ours_graphed_fraction', '.1%')}) "
                      f"vs {_num(row, 'baseline_graphed_ms', '.4f')} ms: x{_num(row, 'graphed_speedup', '.2f')}")
+    if row.get("padded_ms") is not None:
+        notes.append(f"head dim padded instead of split: {row['padded_ms']:.4f} ms, in a CUDA graph "
+                     f"{_num(row, 'padded_graphed_ms', '.4f')} ms")
     if row.get("baseline_graph_error"):
         notes.append("baseline not capturable: " + row["baseline_graph_error"][:80])
     if row.get("fits_L2"):

@@ -75,6 +75,9 @@ def gpu_kernels(record):
                 continue
             shape = r["shape"] + (" (L2)" if r.get("fits_L2") else "")
             layout = r["layout"] + (f" ({r['note']})" if r.get("note") else "")
+            if "padded_ms" in r:
+                layout += (f" (head dim padded, not split: {fmt(r['padded_ms'], '.4f')} ms, in a graph "
+                           f"{fmt(r.get('padded_graphed_ms'), '.4f')} ms)")
             line = [r["model"], shape, layout, fmt(r.get("ours_ms"), ".4f"), fmt(r.get("ours_rate"), ".0f"),
                     fmt(r.get("ours_fraction"), ".0%"), fmt(r.get("baseline_ms"), ".4f"),
                     f"{r['speedup']:.2f}x" if "speedup" in r else "n/a"]

@@ -89,15 +89,17 @@ def attention_cases():
         out = torch.empty(q.shape, device="meta", dtype=q.dtype)
         strides = [t.stride(i) if t.shape[i] > 1 else 0 for t in (q, k, v, out) for i in range(3)]
         align = A._alignment(strides, q.element_size())
-        block_d = max(16, triton.next_power_of_2(d))
-        block_m, block_n, warps, stages = A._config(block_d, lk)
+        block_m, block_n, warps, stages = A._config(max(16, triton.next_power_of_2(d)), lk)
         names = [f"stride_{t}{s}" for t in "qkvo" for s in ("b", "h", "m" if t in "qo" else "n")]
         args = dict(zip(names, (s // align for s in strides)), q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, heads=h,
                     len_q=lq, len_k=lk, qk_scale=0.5)
-        constexprs = dict(HEAD_DIM=d, ALIGN=align, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                          PRECISION="tf32")
-        yield (f"attention {name} {b}x{h}x{lq}x{lk}x{d} fp16", A._flash_attention_kernel, args, constexprs, warps,
-               stages)
+        variants = {"split": True, "padded": False} if A._head_dim_blocks(d, True)[1] else {"": False}
+        for label, split in variants.items():
+            d_main, d_tail = A._head_dim_blocks(d, split)
+            constexprs = dict(HEAD_DIM=d, ALIGN=align, BLOCK_M=block_m, BLOCK_N=block_n, D_MAIN=d_main,
+                              D_TAIL=d_tail, PRECISION="tf32")
+            yield (f"attention {name} {b}x{h}x{lq}x{lk}x{d} fp16 {label}".rstrip(), A._flash_attention_kernel, args,
+                   constexprs, warps, stages)
 
 
 def group_norm_cases():

@@ -4,9 +4,12 @@ One program computes a BLOCK_M tile of query rows for one (batch, head): it stre
 tiles, keeping a running row maximum and row sum (the online softmax), and rescales its fp32 accumulator as the
 maximum grows. Scores use exp2 with log2(e) folded into the scale.
 
-Head dims that are not powers of two (SD1.5's 40, 80, 160) are padded to the next power of two with masked loads
-(zeros contribute nothing to q k^T or to p v); key and query lengths that are not block multiples (77 text tokens)
-are masked, masked scores set to -inf before the row maximum. q, k and v may be any strided views with a unit last
+Head dims that are not powers of two (SD1.5's 40, 80, 160) are split into a power-of-two main block and a
+power-of-two tail of at least 16 lanes: 40 = 32 + 16 (8 masked), 80 = 64 + 16, 160 = 128 + 32. Each product is then
+two tl.dots, and the padded work is 17% at head dim 40 and none at 80 and 160, against 37.5% for all three when
+padded to the next power of two (masked lanes load zeros, which contribute nothing to q k^T or to p v).
+``SPLIT_HEAD_DIM = False`` pads instead; benchmarks/gpu_kernels.py times both. Key and query lengths that are not
+block multiples (77 text tokens) are masked, masked scores set to -inf before the row maximum. q, k and v may be any strided views with a unit last
 stride, so the models pass (B, L, H*D) projections viewed as (B, H, L, D) without a copy. fp32 inputs use IEEE fp32
 dot products (no tf32), so an fp32 caller gets fp32 accuracy.
 
@@ -35,6 +38,7 @@ MAX_HEAD_DIM = 256
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis
+SPLIT_HEAD_DIM = True  # a power-of-two main block plus a tail (see above); False pads to the next power of two
 
 
 @triton.jit
@@ -50,7 +54,8 @@ def _flash_attention_kernel(
     ALIGN: tl.constexpr,  # a power of two dividing every stride above (in elements)
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # keys per loop iteration
-    BLOCK_D: tl.constexpr,  # head dim padded to a power of two (>= 16)
+    D_MAIN: tl.constexpr,  # head-dim lanes [0, D_MAIN): a power of two >= 16, masked where >= HEAD_DIM
+    D_TAIL: tl.constexpr,  # lanes [D_MAIN, D_MAIN + D_TAIL): a power of two >= 16, masked where >= HEAD_DIM; 0: none
     PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, "tf32" (ignored for 16-bit inputs) otherwise
 ):
     pid_m = tl.program_id(0)
@@ -68,30 +73,48 @@ def _flash_attention_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < len_q
+    offs_d = tl.arange(0, D_MAIN)
     d_mask = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=(offs_m[:, None] < len_q) & d_mask[None, :], other=0.0)
+    q = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :],
+                other=0.0)
+    acc = tl.zeros([BLOCK_M, D_MAIN], dtype=tl.float32)
+    if D_TAIL > 0:
+        offs_t = D_MAIN + tl.arange(0, D_TAIL)
+        t_mask = offs_t < HEAD_DIM
+        q_tail = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_t[None, :], mask=m_mask[:, None] & t_mask[None, :],
+                         other=0.0)
+        acc_tail = tl.zeros([BLOCK_M, D_TAIL], dtype=tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, len_k, BLOCK_N):
         n = start_n + offs_n
         n_mask = n < len_k
         k = tl.load(k_ptr + n[None, :] * stride_kn + offs_d[:, None], mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
-        s = tl.where(n_mask[None, :], s, float("-inf"))
+        s = tl.dot(q, k, input_precision=PRECISION)
+        if D_TAIL > 0:
+            k_tail = tl.load(k_ptr + n[None, :] * stride_kn + offs_t[:, None], mask=n_mask[None, :] & t_mask[:, None],
+                             other=0.0)
+            s = tl.dot(q_tail, k_tail, s, input_precision=PRECISION)
+        s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + n[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        if D_TAIL > 0:
+            v_tail = tl.load(v_ptr + n[:, None] * stride_vn + offs_t[None, :], mask=n_mask[:, None] & t_mask[None, :],
+                             other=0.0)
+            acc_tail = acc_tail * alpha[:, None] + tl.dot(p.to(v.dtype), v_tail, input_precision=PRECISION)
         m_i = m_new
-    acc = acc / l_i[:, None]
-    tl.store(o_ptr + offs_m[:, None] * stride_om + offs_d[None, :], acc.to(o_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < len_q) & d_mask[None, :])
+    out_rows = o_ptr + offs_m[:, None] * stride_om
+    tl.store(out_rows + offs_d[None, :], (acc / l_i[:, None]).to(o_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & d_mask[None, :])
+    if D_TAIL > 0:
+        tl.store(out_rows + offs_t[None, :], (acc_tail / l_i[:, None]).to(o_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & t_mask[None, :])
 
 
 def supports(q: torch.Tensor) -> bool:
@@ -120,14 +143,25 @@ def _alignment(strides, element_size: int) -> int:
     return align
 
 
-def _launch(q, k, v, out, scale, config):
+def _head_dim_blocks(head_dim: int, split: bool):
+    """(D_MAIN, D_TAIL): a power-of-two main block and tail covering head_dim (tail 0 when one block does)."""
+    padded = max(16, triton.next_power_of_2(head_dim))
+    main = padded // 2
+    tail = max(16, triton.next_power_of_2(head_dim - main)) if head_dim > main else 0
+    if not split or head_dim <= main or main + tail >= padded:  # the split would not save lanes (e.g. 24 = 16 + 16)
+        return padded, 0
+    return main, tail
+
+
+def _launch(q, k, v, out, scale, config, split=None):
     """Launch the kernel on validated q, k, v (unit last strides) into out with config = (BLOCK_M, BLOCK_N,
-    num_warps, num_stages); benchmarks/tune_attention.py sweeps configs through this same function."""
+    num_warps, num_stages); split overrides SPLIT_HEAD_DIM. benchmarks/tune_attention.py sweeps configs through this
+    same function."""
     block_m, block_n, num_warps, num_stages = config
     batch, heads, len_q, head_dim = q.shape
     len_k = k.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    d_main, d_tail = _head_dim_blocks(head_dim, SPLIT_HEAD_DIM if split is None else split)
     # a size-1 dim's stride never multiplies a nonzero index: 0, so it cannot lower the alignment
     strides = [t.stride(i) if t.shape[i] > 1 else 0 for t in (q, k, v, out) for i in range(3)]
     align = _alignment(strides, q.element_size())
@@ -142,7 +176,7 @@ def _launch(q, k, v, out, scale, config):
             *tensors,
             *(s // align for s in strides),
             heads, len_q, len_k, scale * LOG2E,
-            HEAD_DIM=head_dim, ALIGN=align, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            HEAD_DIM=head_dim, ALIGN=align, BLOCK_M=block_m, BLOCK_N=block_n, D_MAIN=d_main, D_TAIL=d_tail,
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             num_warps=num_warps, num_stages=num_stages,
         )

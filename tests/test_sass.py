@@ -40,12 +40,31 @@ def test_attention_covers_the_sd_head_dims(attention_rows):
     assert {40, 64, 80, 160} <= head_dims
 
 
-def test_attention_moves_memory_in_16_byte_vectors(attention_rows):
-    """Every global load, asynchronous copy and store is 128 bits wide, at every SD head dim, self and cross."""
+def test_attention_moves_memory_in_vectors(attention_rows):
+    """Every global load, asynchronous copy and store moves 16 bytes, at every SD head dim, self and cross; only a
+    head-dim tail tile too small to give each thread 8 elements (80's 16-lane tail over 8 warps) moves 8."""
     for row in attention_rows:
         memory = {op: n for op, n in row["instructions"].items() if op.split(".")[0] in ("LDG", "LDGSTS", "STG")}
-        narrow = {op: n for op, n in memory.items() if not op.endswith(".128")}
+        narrow = {op: n for op, n in memory.items() if not op.endswith((".128", ".64"))}
         assert memory and not narrow, f"{row['case']}: narrow memory instructions {narrow}"
+        if not row["constexprs"]["D_TAIL"]:
+            assert all(op.endswith(".128") for op in memory), f"{row['case']}: {memory}"
+
+
+def test_attention_head_dim_split_saves_tensor_core_work(attention_rows):
+    """40 = 32 + 16, 80 = 64 + 16, 160 = 128 + 32: MMA work (the sum of the instructions' N widths) drops by a
+    quarter at 40 and by 37.5% at 80 and 160 against padding to the next power of two."""
+    def mma_work(row):
+        return sum(int(op.split(".")[1].split("x")[1]) * n for op, n in row["instructions"].items()
+                   if op.startswith("HGMMA"))
+
+    by_case = {row["case"]: row for row in attention_rows}
+    pairs = [(by_case[c], by_case[c[:-len("split")] + "padded"]) for c in by_case if c.endswith(" split")]
+    assert {row["constexprs"]["HEAD_DIM"] for row, _ in pairs} == {40, 80, 160}
+    for split, padded in pairs:
+        d = split["constexprs"]["HEAD_DIM"]
+        expected = (split["constexprs"]["D_MAIN"] + split["constexprs"]["D_TAIL"]) / padded["constexprs"]["D_MAIN"]
+        assert mma_work(split) <= expected * mma_work(padded) + 1e-9, (d, mma_work(split), mma_work(padded))
 
 
 def test_attention_pipelines_loads_and_uses_tensor_cores(attention_rows):
