@@ -135,3 +135,22 @@ def test_batches_past_the_grid_limit_launch_in_chunks(monkeypatch):
     monkeypatch.setattr(kernel, "MAX_GRID_Y", 1)
     with pytest.raises(ValueError, match="q has 2 heads"):
         kernel.attention(q, k, v)
+
+
+@pytest.mark.parametrize("shape", [c for c in CASES if c[-1] in (40, 80, 160)][:3])
+def test_padded_head_dim_variant_matches_reference(shape, monkeypatch):
+    """SPLIT_HEAD_DIM = False (the A/B the GPU benchmark times) pads the head dim instead: also right."""
+    monkeypatch.setattr(kernel, "SPLIT_HEAD_DIM", False)
+    assert kernel._head_dim_blocks(shape[-1], False)[1] == 0
+    q, k, v = _qkv(shape, torch.float16, torch.Generator().manual_seed(11), as_views=True)
+    with poisoned_allocations():
+        out = kernel.attention(q, k, v)
+    assert_2x_rule(out, reference.attention(q.double(), k.double(), v.double()), reference.attention(q, k, v),
+                   floor=FLOOR[torch.float16])
+
+
+@pytest.mark.parametrize("head_dim, blocks", [(40, (32, 16)), (80, (64, 16)), (160, (128, 32)), (64, (64, 0)),
+                                              (24, (32, 0)), (8, (16, 0))])
+def test_head_dim_blocks(head_dim, blocks):
+    """A split only where it saves lanes: 24 would be 16 + 16, no better than padding to 32."""
+    assert kernel._head_dim_blocks(head_dim, True) == blocks
