@@ -110,10 +110,11 @@ def group_norm_cases():
         cpg = c // groups
         x = torch.empty(n, c, hw_side, hw_side, device="meta", dtype=torch.float16)
         for channels_last in (False, True):
-            flags = dict(CPG=cpg, CHANNELS_LAST=channels_last, HAS_WEIGHT=True, HAS_BIAS=True, SILU=True,
-                         CHANNEL_PER_BLOCK=not channels_last and hw % G.BLOCK == 0, BLOCK=G.BLOCK)
+            flags = dict(CPG=cpg if channels_last else 0, CHANNELS_LAST=channels_last, HAS_WEIGHT=True,
+                         HAS_BIAS=True, SILU=True, CHANNEL_PER_BLOCK=not channels_last and hw % G.BLOCK == 0,
+                         BLOCK=G.BLOCK)
             layout = "channels_last" if channels_last else "NCHW"
-            common = dict(x_ptr=x, y_ptr=x, w_ptr=x, b_ptr=x, hw=hw, channels=c, group_len=cpg * hw,
+            common = dict(x_ptr=x, y_ptr=x, w_ptr=x, b_ptr=x, hw=hw, cpg=cpg, channels=c, group_len=cpg * hw,
                           num_groups=groups, eps=1e-5)
             if x.numel() <= G.ONE_PASS_MAX_ELEMENTS:
                 yield (f"group_norm_silu one-pass {n}x{c}x{hw_side}x{hw_side} {layout} fp16",

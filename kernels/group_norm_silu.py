@@ -35,7 +35,7 @@ ONE_PASS_MAX_ELEMENTS = 1 << 20  # up to this size: one launch, one program per 
 
 
 @triton.jit
-def _element_offsets(e, hw, CPG: tl.constexpr, channels, CHANNELS_LAST: tl.constexpr):
+def _element_offsets(e, hw, CPG: tl.constexpr, channels, CHANNELS_LAST: tl.constexpr):  # CPG: channels_last only
     """Memory offset (within a sample, from its group's first channel) and channel-in-group of element index e."""
     if CHANNELS_LAST:  # e = position * CPG + channel_in_group; CPG constant: a multiply-shift, runs known contiguous
         c_local = e % CPG
@@ -45,7 +45,7 @@ def _element_offsets(e, hw, CPG: tl.constexpr, channels, CHANNELS_LAST: tl.const
 
 
 @triton.jit
-def _group_chunk(pid_group, pid_chunk, hw, CPG: tl.constexpr, channels, group_len, chunk_len, num_groups,
+def _group_chunk(pid_group, pid_chunk, hw, cpg, CPG: tl.constexpr, channels, group_len, chunk_len, num_groups,
                  CHANNELS_LAST: tl.constexpr):
     """Group index g, the group's first element's offset, and this chunk's [start, end) in the group's elements."""
     n = pid_group // num_groups
@@ -53,7 +53,7 @@ def _group_chunk(pid_group, pid_chunk, hw, CPG: tl.constexpr, channels, group_le
     if CHANNELS_LAST:
         base = n * hw * channels + g * CPG
     else:
-        base = n * hw * channels + g * CPG * hw
+        base = n * hw * channels + g * cpg * hw
     start = pid_chunk * chunk_len
     return g, base, start, tl.minimum(start + chunk_len, group_len)
 
@@ -83,7 +83,7 @@ def _chunk_moments(x_ptr, base, start, end, hw, CPG: tl.constexpr, channels, CHA
 
 
 @triton.jit
-def _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, CPG: tl.constexpr, channels,
+def _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, cpg, CPG: tl.constexpr, channels,
                      CHANNELS_LAST: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                      SILU: tl.constexpr, CHANNEL_PER_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
     """y = f((x - mean) * rstd * w + b) over a group's elements [start, end), f = SiLU or identity.
@@ -97,13 +97,16 @@ def _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd
         x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         y = (x - mean) * rstd
         if CHANNEL_PER_BLOCK:
-            channel = g * CPG + block_start // hw
+            channel = g * cpg + block_start // hw
             if HAS_WEIGHT:
                 y = y * tl.load(w_ptr + channel).to(tl.float32)
             if HAS_BIAS:
                 y = y + tl.load(b_ptr + channel).to(tl.float32)
         else:
-            channel = g * CPG + c_local
+            if CHANNELS_LAST:
+                channel = g * CPG + c_local
+            else:
+                channel = g * cpg + c_local
             if HAS_WEIGHT:
                 y = y * tl.load(w_ptr + channel, mask=mask, other=1.0).to(tl.float32)
             if HAS_BIAS:
@@ -117,15 +120,15 @@ def _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd
 def _group_stats_kernel(
     x_ptr,  # input, (N, C, *spatial) NCHW-contiguous or channels_last
     mean_ptr, m2_ptr, count_ptr,  # fp32 partials, (N * G * SPLIT,)
-    hw, channels, group_len, chunk_len, split,  # H*W, C, (C/G)*H*W, elements per chunk, chunks per group
+    hw, cpg, channels, group_len, chunk_len, split,  # H*W, C/G, C, (C/G)*H*W, elements per chunk, chunks per group
     num_groups,  # G
-    CPG: tl.constexpr,  # C/G, channels per group
+    CPG: tl.constexpr,  # C/G as a compile-time constant in channels_last; 0 in NCHW (which reads cpg)
     CHANNELS_LAST: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid_group = tl.program_id(0).to(tl.int64)  # n * G + g
     pid_chunk = tl.program_id(1)
-    _, base, start, end = _group_chunk(pid_group, pid_chunk, hw, CPG, channels, group_len, chunk_len, num_groups,
+    _, base, start, end = _group_chunk(pid_group, pid_chunk, hw, cpg, CPG, channels, group_len, chunk_len, num_groups,
                                        CHANNELS_LAST)
     count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, CPG, channels, CHANNELS_LAST, BLOCK)
     out = pid_group * split + pid_chunk
@@ -139,8 +142,8 @@ def _group_apply_kernel(
     x_ptr, y_ptr,  # input and output, same shape and memory format
     w_ptr, b_ptr,  # (C,) weight and bias (ignored unless HAS_WEIGHT / HAS_BIAS)
     mean_ptr, m2_ptr, count_ptr,  # fp32 partials from _group_stats_kernel, (N * G * SPLIT,)
-    hw, channels, group_len, chunk_len, split, num_groups, eps,
-    CPG: tl.constexpr,  # C/G
+    hw, cpg, channels, group_len, chunk_len, split, num_groups, eps,
+    CPG: tl.constexpr,  # C/G as a compile-time constant in channels_last; 0 in NCHW
     CHANNELS_LAST: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -151,7 +154,7 @@ def _group_apply_kernel(
 ):
     pid_group = tl.program_id(0).to(tl.int64)
     pid_chunk = tl.program_id(1)
-    g, base, start, end = _group_chunk(pid_group, pid_chunk, hw, CPG, channels, group_len, chunk_len, num_groups,
+    g, base, start, end = _group_chunk(pid_group, pid_chunk, hw, cpg, CPG, channels, group_len, chunk_len, num_groups,
                                        CHANNELS_LAST)
     # Combine the group's partials (Chan): mean = sum(c_i m_i) / sum(c_i), M2 = sum(M2_i) + sum(c_i (m_i - mean)^2).
     s = tl.arange(0, SPLIT_BLOCK)
@@ -164,7 +167,8 @@ def _group_apply_kernel(
     d = tl.where(smask, means - mean, 0.0)
     var = (tl.sum(m2s, axis=0) + tl.sum(counts * d * d, axis=0)) / total
     rstd = 1.0 / tl.sqrt(var + eps)
-    _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, CPG, channels, CHANNELS_LAST,
+    _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, cpg, CPG, channels,
+                     CHANNELS_LAST,
                      HAS_WEIGHT, HAS_BIAS, SILU, CHANNEL_PER_BLOCK, BLOCK)
 
 
@@ -172,8 +176,8 @@ def _group_apply_kernel(
 def _group_norm_one_pass_kernel(
     x_ptr, y_ptr,  # input and output, (N, C, *spatial), same shape and memory format
     w_ptr, b_ptr,  # (C,) weight and bias (ignored unless HAS_WEIGHT / HAS_BIAS)
-    hw, channels, group_len, num_groups, eps,  # H*W, C, (C/G)*H*W, G, epsilon
-    CPG: tl.constexpr,  # C/G
+    hw, cpg, channels, group_len, num_groups, eps,  # H*W, C/G, C, (C/G)*H*W, G, epsilon
+    CPG: tl.constexpr,  # C/G as a compile-time constant in channels_last; 0 in NCHW
     CHANNELS_LAST: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -182,11 +186,12 @@ def _group_norm_one_pass_kernel(
     BLOCK: tl.constexpr,
 ):
     pid_group = tl.program_id(0).to(tl.int64)  # n * G + g: one program per group, statistics then output
-    g, base, start, end = _group_chunk(pid_group, 0, hw, CPG, channels, group_len, group_len, num_groups,
+    g, base, start, end = _group_chunk(pid_group, 0, hw, cpg, CPG, channels, group_len, group_len, num_groups,
                                        CHANNELS_LAST)
     count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, CPG, channels, CHANNELS_LAST, BLOCK)
     rstd = 1.0 / tl.sqrt(m2 / count + eps)
-    _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, CPG, channels, CHANNELS_LAST,
+    _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, cpg, CPG, channels,
+                     CHANNELS_LAST,
                      HAS_WEIGHT, HAS_BIAS, SILU, CHANNEL_PER_BLOCK, BLOCK)
 
 
@@ -214,21 +219,24 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=Tru
     y = torch.empty_like(x)  # same memory format as x
     w = weight.contiguous() if weight is not None else x
     b = bias.contiguous() if bias is not None else x
-    # CPG is a compile-time constant (SD uses 4 to 40: a handful of compiles, none per resolution), so channels_last
-    # offsets are multiply-shifts with known contiguous runs, which the compiler vectorises (benchmarks/sass_report.py)
-    flags = dict(CPG=cpg, CHANNELS_LAST=channels_last, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                 SILU=bool(silu), CHANNEL_PER_BLOCK=not channels_last and hw % BLOCK == 0, BLOCK=BLOCK,
-                 num_warps=NUM_WARPS)
+    # In channels_last C/G is a compile-time constant, so the offsets are multiply-shifts with known contiguous runs,
+    # which the compiler vectorises (benchmarks/sass_report.py); one compile per C/G value (SD's UNet has nine, none
+    # per resolution). NCHW gains nothing from it (a group is one contiguous run) and keeps one compile for all C/G.
+    flags = dict(CPG=cpg if channels_last else 0, CHANNELS_LAST=channels_last, HAS_WEIGHT=weight is not None,
+                 HAS_BIAS=bias is not None, SILU=bool(silu), CHANNEL_PER_BLOCK=not channels_last and hw % BLOCK == 0,
+                 BLOCK=BLOCK, num_warps=NUM_WARPS)
     if x.numel() <= ONE_PASS_MAX_ELEMENTS:
-        _group_norm_one_pass_kernel[(n * num_groups,)](x, y, w, b, hw, c, group_len, num_groups, float(eps), **flags)
+        _group_norm_one_pass_kernel[(n * num_groups,)](x, y, w, b, hw, cpg, c, group_len, num_groups, float(eps),
+                                                       **flags)
         return y
     split = max(1, min(triton.cdiv(TARGET_PROGRAMS, n * num_groups), triton.cdiv(group_len, BLOCK)))
     chunk_len = triton.cdiv(triton.cdiv(group_len, split), BLOCK) * BLOCK
     split = triton.cdiv(group_len, chunk_len)
     partials = torch.empty((3, n * num_groups * split), device=x.device, dtype=torch.float32)
     grid = (n * num_groups, split)
-    _group_stats_kernel[grid](x, partials[0], partials[1], partials[2], hw, c, group_len, chunk_len, split,
-                              num_groups, CPG=cpg, CHANNELS_LAST=channels_last, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    _group_apply_kernel[grid](x, y, w, b, partials[0], partials[1], partials[2], hw, c, group_len, chunk_len,
+    _group_stats_kernel[grid](x, partials[0], partials[1], partials[2], hw, cpg, c, group_len, chunk_len, split,
+                              num_groups, CPG=flags["CPG"], CHANNELS_LAST=channels_last, BLOCK=BLOCK,
+                              num_warps=NUM_WARPS)
+    _group_apply_kernel[grid](x, y, w, b, partials[0], partials[1], partials[2], hw, cpg, c, group_len, chunk_len,
                               split, num_groups, float(eps), SPLIT_BLOCK=triton.next_power_of_2(split), **flags)
     return y
