@@ -6,7 +6,8 @@ SD1.5's architecture with random weights (nothing is downloaded), fp16, 512x512,
 side by side in one run, medians of --repeats whole calls (text encoding and the loop, latents out, no VAE decode):
 diffusers eager (SDPA), diffusers + torch.compile (default mode; skipped with --no-compile), diffusers +
 diffusion_fast.accelerate, and our pipeline (fast with CUDA graphs, fast without, reference). Quality: PSNR of our
-fp16 image (and diffusers' fp16 image) against our fp32 reference-path image for the same seed. Also the time from a
+fp16 image (and diffusers' fp16 image) against our fp32 reference-path image for the same seed, computed with TF32
+off (and how far TF32, PyTorch's default for fp32 convolutions, moves that image). Also the time from a
 fresh process start to its first image (``diffusion-fast generate`` in a subprocess, cold Triton cache or not as
 found). Appends one JSON record to --out and prints a table.
 """
@@ -26,7 +27,7 @@ import torch
 
 import diffusion_fast
 from diffusion_fast import backend, tiny
-from diffusion_fast.numerics import psnr
+from diffusion_fast.numerics import psnr, strict_fp32
 from diffusion_fast.pipeline import StableDiffusionPipeline
 
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -116,7 +117,9 @@ def main():
     ref32 = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, device=device)
     ref32.set_progress_bar_config(disable=True)
     with backend("reference"):
-        img_ref32 = ref32(PROMPT, num_inference_steps=steps, generator=gen(), output_type="np").images
+        with strict_fp32():  # the fp32 reference in IEEE fp32 (PyTorch's default lets cuDNN convolutions use TF32)
+            img_ref32 = ref32(PROMPT, num_inference_steps=steps, generator=gen(), output_type="np").images
+        img_ref32_tf32 = ref32(PROMPT, num_inference_steps=steps, generator=gen(), output_type="np").images
     del ref32
     torch.cuda.empty_cache()
 
@@ -155,11 +158,12 @@ def main():
             print(notes[-1], flush=True)
     del pipe
     torch.cuda.empty_cache()
-    # diffusers in fp32 on this GPU: is our fp32 reference image the one diffusers makes here (TF32 convs included)?
+    # diffusers in fp32 on this GPU (TF32 off, like our reference): is our fp32 reference the image diffusers makes?
     pipe32 = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32).to(device)
     pipe32.scheduler = diffusers.DDIMScheduler.from_config(pipe32.scheduler.config)
     pipe32.set_progress_bar_config(disable=True)
-    img_diffusers32 = pipe32(PROMPT, num_inference_steps=steps, generator=gen(), output_type="np").images
+    with strict_fp32():
+        img_diffusers32 = pipe32(PROMPT, num_inference_steps=steps, generator=gen(), output_type="np").images
     del pipe32
     torch.cuda.empty_cache()
 
@@ -167,7 +171,8 @@ def main():
     quality = {"psnr_ours_fp16_vs_fp32_reference_db": psnr(img_fast, img_ref32),
                "psnr_diffusers_fp16_vs_our_fp32_reference_db": psnr(img_diffusers, img_ref32),
                "psnr_diffusers_fp32_vs_our_fp32_reference_db": psnr(img_diffusers32, img_ref32),
-               "psnr_ours_fp16_vs_diffusers_fp16_db": psnr(img_fast, img_diffusers)}
+               "psnr_ours_fp16_vs_diffusers_fp16_db": psnr(img_fast, img_diffusers),
+               "psnr_our_fp32_reference_with_tf32_vs_without_db": psnr(img_ref32_tf32, img_ref32)}
     if img_accel is not None:
         quality["psnr_accelerated_vs_diffusers_fp16_db"] = psnr(img_accel, img_diffusers)
     eager = next(r["it_per_s"] for r in rows if r["system"].startswith("diffusers eager"))

@@ -4,10 +4,13 @@
   run in the same dtype, plus a small floor (flash-attention's rule).
 - A whole pipeline's fast image passes against its reference image when, in fp32, the max abs pixel difference is
   at most ``PIPELINE_FP32_MAX_ABS`` (pixels in [0, 1]), and in fp16/bf16 when the PSNR is at least
-  ``PIPELINE_LOWP_MIN_PSNR`` dB against the fp32 reference image.
+  ``PIPELINE_LOWP_MIN_PSNR`` dB against the fp32 reference image. That fp32 reference runs inside ``strict_fp32()``:
+  on CUDA, PyTorch lets cuDNN convolutions use TF32 (a 10-bit mantissa) for fp32 tensors by default, which would make
+  the "fp32" reference itself a reduced-precision image.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -37,3 +40,15 @@ def psnr(image, reference, peak: float = 1.0) -> float:
     reference = torch.as_tensor(reference, dtype=torch.float64)
     mse = torch.mean((image - reference) ** 2).item()
     return float("inf") if mse == 0 else 10 * math.log10(peak**2 / mse)
+
+
+@contextlib.contextmanager
+def strict_fp32():
+    """Inside the block, fp32 matmuls and convolutions on CUDA run in IEEE fp32, not TF32; the flags are restored."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -201,3 +201,19 @@ def test_channels_last_choice_keeps_the_image_and_converts_the_weights(layout):
     for name, bad in (("channels_last", 1), ("cuda_graph", "on")):  # set later: refused at the assignment
         with pytest.raises(ValueError, match=f"{name} must be 'auto', True or False"):
             setattr(pipe, name, bad)
+
+
+def test_strict_fp32_turns_tf32_off_inside_and_restores_it():
+    """The fp32 reference image (check, gpu_e2e) is computed with TF32 off; the caller's settings come back."""
+    from diffusion_fast.numerics import strict_fp32
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with pytest.raises(KeyError):
+            with strict_fp32():
+                assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+                raise KeyError("restored even when the block raises")
+        assert torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
