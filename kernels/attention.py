@@ -97,17 +97,17 @@ def _flash_attention_kernel(
             k_tail = tl.load(k_ptr + n[None, :] * stride_kn + offs_t[:, None], mask=n_mask[None, :] & t_mask[:, None],
                              other=0.0)
             s = tl.dot(q_tail, k_tail, s, input_precision=PRECISION)
-        s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)  # qk_scale > 0: the max commutes with the scale
+        p = tl.exp2(s * qk_scale - m_new[:, None])  # the scale and the shift in one FMA per score
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + n[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)  # accumulates in place
         if D_TAIL > 0:
             v_tail = tl.load(v_ptr + n[:, None] * stride_vn + offs_t[None, :], mask=n_mask[:, None] & t_mask[None, :],
                              other=0.0)
-            acc_tail = acc_tail * alpha[:, None] + tl.dot(p.to(v.dtype), v_tail, input_precision=PRECISION)
+            acc_tail = tl.dot(p.to(v.dtype), v_tail, acc_tail * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     out_rows = o_ptr + offs_m[:, None] * stride_om
     tl.store(out_rows + offs_d[None, :], (acc / l_i[:, None]).to(o_ptr.dtype.element_ty),
