@@ -128,13 +128,15 @@ def group_norm_cases():
 def cfg_ddim_cases():
     from diffusion_fast.kernels import ddim as K
 
-    x = torch.empty(2, 4, 64, 64, device="meta", dtype=torch.float16)
-    alphas = torch.empty(2, device="meta")
-    args = dict(out_ptr=x, text_ptr=x, sample_ptr=x, noise_ptr=x, prev_ptr=x, x0_ptr=x, alpha_t_ptr=alphas,
-                alpha_prev_ptr=alphas, guidance_scale=7.5, eta=0.0, clip_range=0.0, per_sample=x[0].numel(),
-                numel=x.numel())
-    constexprs = dict(CFG=True, PRED=0, CLIP=False, USE_CLIPPED=False, HAS_NOISE=False, BLOCK=K.BLOCK)
-    yield "cfg_ddim_step 2x4x64x64 fp16", K._cfg_ddim_kernel, args, constexprs, 4, 3
+    alphas = torch.empty(4, device="meta")
+    for shape in ((2, 4, 64, 64), (4, 4, 128, 128), (3, 4, 7, 9)):  # the last: a block spans samples
+        x = torch.empty(shape, device="meta", dtype=torch.float16)
+        args = dict(out_ptr=x, text_ptr=x, sample_ptr=x, noise_ptr=x, prev_ptr=x, x0_ptr=x, alpha_t_ptr=alphas,
+                    alpha_prev_ptr=alphas, guidance_scale=7.5, eta=0.0, clip_range=0.0, per_sample=x[0].numel(),
+                    numel=x.numel())
+        constexprs = dict(CFG=True, PRED=0, CLIP=False, USE_CLIPPED=False, HAS_NOISE=False,
+                          SAMPLE_PER_BLOCK=x[0].numel() % K.BLOCK == 0, BLOCK=K.BLOCK)
+        yield f"cfg_ddim_step {'x'.join(map(str, shape))} fp16", K._cfg_ddim_kernel, args, constexprs, 4, 3
 
 
 CASES = {"attention": attention_cases, "group_norm_silu": group_norm_cases, "cfg_ddim_step": cfg_ddim_cases}

@@ -34,13 +34,20 @@ def _cfg_ddim_kernel(
     CLIP: tl.constexpr,
     USE_CLIPPED: tl.constexpr,
     HAS_NOISE: tl.constexpr,
+    SAMPLE_PER_BLOCK: tl.constexpr,  # per_sample % BLOCK == 0: each block lies in one sample (see below)
     BLOCK: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    block_start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = block_start + tl.arange(0, BLOCK)
     mask = offs < numel
-    b = offs // per_sample
-    a_t = tl.load(alpha_t_ptr + b, mask=mask, other=0.5)
-    a_prev = tl.load(alpha_prev_ptr + b, mask=mask, other=0.5)
+    if SAMPLE_PER_BLOCK:  # the alphas, and every coefficient below, are scalars: computed once, not per element
+        b = block_start // per_sample
+        a_t = tl.load(alpha_t_ptr + b)
+        a_prev = tl.load(alpha_prev_ptr + b)
+    else:  # small latents: a block spans samples, so each element looks up its own
+        b = offs // per_sample
+        a_t = tl.load(alpha_t_ptr + b, mask=mask, other=0.5)
+        a_prev = tl.load(alpha_prev_ptr + b, mask=mask, other=0.5)
     x = tl.load(sample_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     mo = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if CFG:
@@ -87,7 +94,8 @@ def _launch(first, text, sample, alpha_t, alpha_prev, guidance_scale, eta, varia
         first, text, sample, noise, prev, x0, alpha_t, alpha_prev,
         float(guidance_scale), float(eta), float(clip_sample_range or 0.0), numel // sample.shape[0], numel,
         CFG=text is not first, PRED=PREDICTION[prediction_type], CLIP=clip_sample_range is not None,
-        USE_CLIPPED=bool(use_clipped_model_output), HAS_NOISE=variance_noise is not None, BLOCK=BLOCK, num_warps=4,
+        USE_CLIPPED=bool(use_clipped_model_output), HAS_NOISE=variance_noise is not None,
+        SAMPLE_PER_BLOCK=(numel // sample.shape[0]) % BLOCK == 0, BLOCK=BLOCK, num_warps=4,
     )
     return prev, x0
 

@@ -10,7 +10,9 @@ from diffusion_fast import ops, reference
 
 FLOOR = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
-SHAPE = (3, 4, 7, 9)  # batch 3 with a different alpha per sample; an odd latent size
+SHAPE = (3, 4, 7, 9)  # batch 3 with a different alpha per sample; an odd latent size (a block spans samples)
+# 2048 elements a sample, two whole kernel blocks each: the kernel reads each block's alphas once, as scalars
+SHAPES = [SHAPE, (3, 4, 16, 32)]
 
 
 def _alphas(kind):
@@ -33,9 +35,10 @@ def _d(a, dtype):
 @pytest.mark.parametrize("alphas", ["float", "0-d", "per-sample"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cfg", [False, True])
-def test_matches_reference(prediction_type, eta, clip, use_clipped, alphas, dtype, cfg):
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference(prediction_type, eta, clip, use_clipped, alphas, dtype, cfg, shape):
     gen = torch.Generator().manual_seed(7)
-    u, t, x, noise = (torch.randn(SHAPE, generator=gen).to(DEVICE, dtype) for _ in range(4))
+    u, t, x, noise = (torch.randn(shape, generator=gen).to(DEVICE, dtype) for _ in range(4))
     a_t, a_prev = _alphas(alphas)
     kw = dict(eta=eta, variance_noise=noise if eta > 0 else None, prediction_type=prediction_type,
               clip_sample_range=clip, use_clipped_model_output=use_clipped)

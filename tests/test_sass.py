@@ -105,3 +105,17 @@ def test_group_norm_nchw_reads_weight_and_bias_once_per_block(group_norm_rows):
     assert per_block
     for row in per_block:
         assert row["instructions"].get("LDG.E.U16", 0) <= 2, f"{row['case']}: {row['instructions']}"
+
+
+def test_cfg_ddim_reads_alphas_once_per_block_and_moves_16_bytes():
+    """Latents of a whole number of blocks per sample: two scalar alpha loads a program (not a gather and an int64
+    divide per element, with the coefficients' IEEE square roots and divides per element: 72 -> 40 registers, 2391 ->
+    1295 instructions), and the latents in 16-byte vectors."""
+    rows = sass_report("cfg_ddim_step")
+    per_block = [row for row in rows if row["constexprs"]["SAMPLE_PER_BLOCK"]]
+    assert per_block and len(per_block) < len(rows)  # the fallback (a block spanning samples) is compiled too
+    for row in per_block:
+        ops = row["instructions"]
+        assert ops.get("LDG.E", 0) == 2, f"{row['case']}: {ops}"  # alpha_t, alpha_prev
+        latent = {op: n for op, n in ops.items() if op.startswith(("LDG", "STG")) and op != "LDG.E"}
+        assert latent and all(op.endswith(".128") for op in latent), f"{row['case']}: {latent}"
