@@ -12,7 +12,8 @@ each row is a cold-cache time: small tensors that would stay in L2 inside a real
       a power of two instead of split (kernels/attention.py, SPLIT_HEAD_DIM), an A/B in the same run;
   (d) cfg_ddim_step (ours, one launch) vs diffusers' CFG combine + DDIMScheduler.step, fp16 latents: GPU time, GB/s
       (read uncond, text, sample; write prev and x0), fraction of copy bandwidth, speedup; plus the wall time per
-      call with Python launch cost (what an ungraphed loop pays).
+      call with Python launch cost (what an ungraphed loop pays), and a device copy of the same bytes in a CUDA
+      graph: a 2.6 MB step cannot approach the 1 GiB copy rate, so "fraction of a same-size copy" is its ceiling.
 Every row is also timed inside a CUDA graph, ours and the baseline alike (20 back-to-back calls captured once,
 replayed, per-call median): device time without the host's launch cost, which is what our graphed sampling loop
 pays. A small kernel's do_bench time is mostly that launch cost (the last H100 run had a floor of about 33 us per
@@ -177,16 +178,23 @@ def cfg_ddim_fns(row, ops, sched):
     def launcher_only():  # the Triton launcher without ops' validation: splits the host cost in two
         return kernel(u, t, 7.5, x, a_t, a_prev, 0.0, None, "epsilon", None, False)
 
+    src = torch.empty(row["amount"] // 2, dtype=torch.uint8, device="cuda")  # reads + writes = the step's bytes
+    dst = torch.empty_like(src)
+
+    def same_size_copy():  # the best any kernel moving these bytes can do at this size, launch latency included
+        graphed = graphed_ms(lambda: dst.copy_(src))
+        return {"copy_same_bytes_graphed_ms": graphed}
+
     if sched is None:
         return ours, None, lambda: {"ours_wall_ms": wall_ms(ours), "launcher_wall_ms": wall_ms(launcher_only),
-                                    "note": "diffusers not importable: no baseline column"}
+                                    **same_size_copy(), "note": "diffusers not importable: no baseline column"}
     timestep = sched.timesteps[10]  # a 0-d CUDA tensor, as the pipeline's loop passes it
 
     def diffusers_step():  # what diffusers' pipeline runs per step: the CFG combine, then the scheduler
         return sched.step(u + 7.5 * (t - u), timestep, x)
 
     return ours, diffusers_step, lambda: {"ours_wall_ms": wall_ms(ours), "launcher_wall_ms": wall_ms(launcher_only),
-                                          "baseline_wall_ms": wall_ms(diffusers_step)}
+                                          "baseline_wall_ms": wall_ms(diffusers_step), **same_size_copy()}
 
 
 def measure(row, fns, ceiling):
@@ -208,6 +216,8 @@ def measure(row, fns, ceiling):
         row.update(extra())
         row["ours_graphed_ms"] = graphed_ms(ours)
         row["ours_graphed_fraction"] = row["amount"] / (row["ours_graphed_ms"] * 1e-3) / scale / ceiling
+        if "copy_same_bytes_graphed_ms" in row:  # a 2.6 MB step cannot reach the 1 GiB copy rate: compare like sizes
+            row["ours_fraction_of_same_size_copy"] = row["copy_same_bytes_graphed_ms"] / row["ours_graphed_ms"]
         if baseline is not None:
             try:
                 row["baseline_graphed_ms"] = graphed_ms(baseline)
@@ -242,6 +252,9 @@ def format_row(row):
     if row.get("ours_graphed_ms") is not None:
         notes.append(f"in a CUDA graph {row['ours_graphed_ms']:.4f} ms ({_num(row, 'ours_graphed_fraction', '.1%')}) "
                      f"vs {_num(row, 'baseline_graphed_ms', '.4f')} ms: x{_num(row, 'graphed_speedup', '.2f')}")
+    if row.get("ours_fraction_of_same_size_copy") is not None:
+        notes.append(f"a same-size copy in a graph {row['copy_same_bytes_graphed_ms']:.4f} ms: ours at "
+                     f"{row['ours_fraction_of_same_size_copy']:.0%} of it")
     if row.get("padded_ms") is not None:
         notes.append(f"head dim padded instead of split: {row['padded_ms']:.4f} ms, in a CUDA graph "
                      f"{_num(row, 'padded_graphed_ms', '.4f')} ms")

@@ -66,7 +66,7 @@ def gpu_kernels(record):
         header = ["model", "shape", "layout", "ours ms", f"ours {unit}", "of ceiling", f"{baseline} ms", "speedup",
                   "in a CUDA graph: ours ms / baseline ms / speedup"]
         if extra:
-            header += ["wall ms per call: ops / launcher alone / diffusers"]
+            header += ["wall ms per call: ops / launcher alone / diffusers", "of a same-size copy (graphed)"]
         body = []
         for r in mine:
             if "error" in r:
@@ -86,7 +86,7 @@ def gpu_kernels(record):
             line.append(" / ".join(graphed) if "ours_graphed_ms" in r else "")
             if extra:
                 wall = " / ".join(fmt(r.get(k), ".4f") for k in ("ours_wall_ms", "launcher_wall_ms", "baseline_wall_ms"))
-                line += [wall if "ours_wall_ms" in r else ""]
+                line += [wall if "ours_wall_ms" in r else "", fmt(r.get("ours_fraction_of_same_size_copy"), ".0%")]
             body.append(line)
         out.append(f"**{kernel}** vs {baseline} (fp16):\n\n" + table(header, body))
     return "\n\n".join(out)
