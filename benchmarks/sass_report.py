@@ -1,6 +1,6 @@
 """What our Triton kernels compile to on an H100 (sm_90), without a GPU: registers, spills, load widths, MMAs.
 
-    python benchmarks/sass_report.py [--json] [--kernel attention|group_norm_silu|cfg_ddim_step]
+    python benchmarks/sass_report.py [--json] [--kernel attention|attention_fp32|group_norm_silu|cfg_ddim_step]
 
 Triton ships ptxas and nvdisasm, so a kernel can be compiled for sm_90 on any machine and its machine code read.
 That cannot time anything, but it shows the structure that decides speed: whether global loads are 16-byte vectors
@@ -75,21 +75,28 @@ def machine_code_summary(compiled) -> dict:
 
 # ---- the cases: each builds (kernel, args, constexprs, warps, stages) the way its launcher would -----------------
 
-def attention_cases():
+ATTENTION_SHAPES = {"SD1.5 64x64 self": (2, 8, 4096, 4096, 40), "SD1.5 64x64 cross": (2, 8, 4096, 77, 40),
+                    "SD1.5 32x32 self": (2, 8, 1024, 1024, 80), "SD1.5 16x16 self": (2, 8, 256, 256, 160),
+                    "SDXL 64x64 self": (2, 10, 4096, 4096, 64)}
+
+
+def attention_fp32_cases():
+    return attention_cases(torch.float32, {k: v for k, v in ATTENTION_SHAPES.items() if k.startswith("SD1.5")})
+
+
+def attention_cases(dtype=torch.float16, shapes=ATTENTION_SHAPES):
     from diffusion_fast.kernels import attention as A
 
-    shapes = {"SD1.5 64x64 self": (2, 8, 4096, 4096, 40), "SD1.5 64x64 cross": (2, 8, 4096, 77, 40),
-              "SD1.5 32x32 self": (2, 8, 1024, 1024, 80), "SD1.5 16x16 self": (2, 8, 256, 256, 160),
-              "SDXL 64x64 self": (2, 10, 4096, 4096, 64)}
+    dtype_name = str(dtype).replace("torch.float", "fp")
     for name, (b, h, lq, lk, d) in shapes.items():
         # the models' layout: (B, L, H*D) projections viewed as (B, H, L, D); meta tensors carry strides only
-        view = lambda length: torch.empty(b, length, h * d, device="meta", dtype=torch.float16).view(  # noqa: E731
+        view = lambda length: torch.empty(b, length, h * d, device="meta", dtype=dtype).view(  # noqa: E731
             b, length, h, d).transpose(1, 2)
         q, k, v = view(lq), view(lk), view(lk)
         out = torch.empty(q.shape, device="meta", dtype=q.dtype)
         strides = [t.stride(i) if t.shape[i] > 1 else 0 for t in (q, k, v, out) for i in range(3)]
         align = A._alignment(strides, q.element_size())
-        block_m, block_n, warps, stages = A._config(max(16, triton.next_power_of_2(d)), lk)
+        block_m, block_n, warps, stages = A._config(max(16, triton.next_power_of_2(d)), lk, dtype)
         names = [f"stride_{t}{s}" for t in "qkvo" for s in ("b", "h", "m" if t in "qo" else "n")]
         args = dict(zip(names, (s // align for s in strides)), q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, heads=h,
                     len_q=lq, len_k=lk, qk_scale=0.5)
@@ -97,9 +104,9 @@ def attention_cases():
         for label, split in variants.items():
             d_main, d_tail = A._head_dim_blocks(d, split)
             constexprs = dict(HEAD_DIM=d, ALIGN=align, BLOCK_M=block_m, BLOCK_N=block_n, D_MAIN=d_main,
-                              D_TAIL=d_tail, PRECISION="tf32")
-            yield (f"attention {name} {b}x{h}x{lq}x{lk}x{d} fp16 {label}".rstrip(), A._flash_attention_kernel, args,
-                   constexprs, warps, stages)
+                              D_TAIL=d_tail, PRECISION="ieee" if dtype == torch.float32 else "tf32")
+            yield (f"attention {name} {b}x{h}x{lq}x{lk}x{d} {dtype_name} {label}".rstrip(), A._flash_attention_kernel,
+                   args, constexprs, warps, stages)
 
 
 def group_norm_cases():
@@ -139,16 +146,18 @@ def cfg_ddim_cases():
         yield f"cfg_ddim_step {'x'.join(map(str, shape))} fp16", K._cfg_ddim_kernel, args, constexprs, 4, 3
 
 
-CASES = {"attention": attention_cases, "group_norm_silu": group_norm_cases, "cfg_ddim_step": cfg_ddim_cases}
+CASES = {"attention": attention_cases, "attention_fp32": attention_fp32_cases, "group_norm_silu": group_norm_cases,
+         "cfg_ddim_step": cfg_ddim_cases}
 
 
 def report(kernels=tuple(CASES)):
     rows = []
     for kernel_name in kernels:
         for name, kernel, args, constexprs, warps, stages in CASES[kernel_name]():
-            summary = machine_code_summary(compile_case(kernel, args, constexprs, warps, stages))
+            compiled = compile_case(kernel, args, constexprs, warps, stages)
             rows.append(dict(case=name, kernel=kernel_name, num_warps=warps, num_stages=stages,
-                             constexprs={k: v for k, v in constexprs.items() if k != "PRECISION"}, **summary))
+                             constexprs={k: v for k, v in constexprs.items() if k != "PRECISION"},
+                             shared_bytes=compiled.metadata.shared, **machine_code_summary(compiled)))
     return rows
 
 
@@ -164,8 +173,8 @@ def main(argv=None):
         return 0
     print(f"Triton {triton.__version__}, compiled for sm_90 (H100); instruction counts are static, not executed")
     for row in rows:
-        print(f"{row['case']:58s} regs {row['registers']:3d}  stack {row['stack_bytes']:3d} B  "
-              f"warps {row['num_warps']} stages {row['num_stages']}")
+        print(f"{row['case']:58s} regs {row['registers']:3d}  stack {row['stack_bytes']:3d} B  shared "
+              f"{row['shared_bytes'] // 1024:3d} KB  warps {row['num_warps']} stages {row['num_stages']}")
         print("    " + ", ".join(f"{k} x{v}" for k, v in row["instructions"].items()))
     return 0
 

@@ -122,10 +122,17 @@ def supports(q: torch.Tensor) -> bool:
     return q.shape[-1] <= MAX_HEAD_DIM and q.dtype in DTYPES
 
 
-def _config(block_d: int, len_k: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages), by head-dim block and key length (measured on an H100)."""
+def _config(block_d: int, len_k: int, dtype: torch.dtype = torch.float16):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), by head-dim block and key length (16-bit: measured on an H100)."""
     if INTERPRET:
         return 32, 32, 4, 1
+    if dtype == torch.float32:
+        # IEEE fp32 dots run without tensor cores and hold twice the bytes: the 16-bit tiles spilled 0.5-9.7 KB of
+        # registers a thread compiled for sm_90 (benchmarks/sass_report.py). These tiles spill nothing at head dims
+        # up to 128 and 136 bytes at 160. Not a speed path (fp32 callers get fp32 accuracy), but no reason to crawl.
+        if block_d <= 64:
+            return 64, 32, 4, 1
+        return (32, 32, 4, 1) if block_d <= 128 else (32, 32, 8, 1)
     if block_d >= 256:
         return 64, 64, 8, 2
     if block_d >= 128:
@@ -194,5 +201,5 @@ def attention(q, k, v, *, scale=None):
     q, k, v = (t if t.stride(-1) == 1 and t.stride(2) * t.shape[2] < 2**31 else t.contiguous() for t in (q, k, v))
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     block_d = max(16, triton.next_power_of_2(q.shape[-1]))
-    _launch(q, k, v, out, scale, _config(block_d, k.shape[2]))
+    _launch(q, k, v, out, scale, _config(block_d, k.shape[2], q.dtype))
     return out

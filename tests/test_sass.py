@@ -119,3 +119,13 @@ def test_cfg_ddim_reads_alphas_once_per_block_and_moves_16_bytes():
         assert ops.get("LDG.E", 0) == 2, f"{row['case']}: {ops}"  # alpha_t, alpha_prev
         latent = {op: n for op, n in ops.items() if op.startswith(("LDG", "STG")) and op != "LDG.E"}
         assert latent and all(op.endswith(".128") for op in latent), f"{row['case']}: {latent}"
+
+
+def test_fp32_attention_tiles_fit_without_spilling():
+    """fp32 attention (IEEE dots, no tensor cores) gets its own small tiles: with the 16-bit tiles it spilled
+    0.5-9.7 KB of registers a thread at SD's head dims. At most a small spill at 160, and within shared memory."""
+    for row in sass_report("attention_fp32"):
+        if row["case"].endswith("padded"):  # the benchmark's A/B variant, not what the launcher runs
+            continue
+        assert row["stack_bytes"] <= 256, f"{row['case']}: {row['stack_bytes']} bytes of stack"
+        assert row["shared_bytes"] <= 227 * 1024, f"{row['case']}: {row['shared_bytes']} bytes of shared memory"
