@@ -6,7 +6,9 @@ Measures in one run, with triton.testing.do_bench medians (do_bench clears the L
 each row is a cold-cache time: small tensors that would stay in L2 inside a real pipeline are marked fits_L2):
   (a) the ceilings: device-to-device copy bandwidth (1 GiB, bytes read + written) and 8192^3 fp16/bf16 matmul rates;
   (b) group_norm_silu (ours, Triton) vs F.group_norm + F.silu, fp16, NCHW and channels_last, SD1.5 and SDXL UNet and
-      VAE-decoder shapes: time, GB/s (ideal bytes: read once + write once), fraction of copy bandwidth, speedup;
+      VAE-decoder shapes: time, GB/s (ideal bytes: read once + write once), fraction of copy bandwidth, speedup; for
+      tensors that take the one-launch plan, the split two-launch plan too (an A/B for ONE_PASS_MAX_ELEMENTS, which
+      was chosen against eager launch costs, not graphed ones);
   (c) attention (ours) vs F.scaled_dot_product_attention, fp16, SD1.5 and SDXL shapes: TFLOP/s (4*B*H*Lq*Lk*D) and
       fraction of the fp16 matmul rate; at head dims 40, 80 and 160 also the same kernel with the head dim padded to
       a power of two instead of split (kernels/attention.py, SPLIT_HEAD_DIM), an A/B in the same run;
@@ -136,7 +138,21 @@ def group_norm_fns(row, ops):
     fmt = torch.channels_last if row["layout"] == "channels_last" else torch.contiguous_format
     x = torch.randn(shape, device="cuda", dtype=torch.float16).contiguous(memory_format=fmt)
     w, b = (torch.randn(shape[1], device="cuda", dtype=torch.float16) for _ in range(2))
-    return lambda: ops.group_norm_silu(x, 32, w, b), lambda: F.silu(F.group_norm(x, 32, w, b)), dict
+
+    def other_plan():  # A/B: a tensor small enough for the one-launch plan, timed with the split two-launch plan too
+        from diffusion_fast.kernels import group_norm_silu as kernel
+
+        if x.numel() > kernel.ONE_PASS_MAX_ELEMENTS:
+            return {}
+        saved, kernel.ONE_PASS_MAX_ELEMENTS = kernel.ONE_PASS_MAX_ELEMENTS, 0
+        try:
+            split = lambda: kernel.group_norm_silu(x, 32, w, b)  # noqa: E731
+            split()
+            return {"two_launch_ms": median_ms(split), "two_launch_graphed_ms": graphed_ms(split)}
+        finally:
+            kernel.ONE_PASS_MAX_ELEMENTS = saved
+
+    return lambda: ops.group_norm_silu(x, 32, w, b), lambda: F.silu(F.group_norm(x, 32, w, b)), other_plan
 
 
 def attention_fns(row, ops):
@@ -255,6 +271,9 @@ def format_row(row):
     if row.get("ours_fraction_of_same_size_copy") is not None:
         notes.append(f"a same-size copy in a graph {row['copy_same_bytes_graphed_ms']:.4f} ms: ours at "
                      f"{row['ours_fraction_of_same_size_copy']:.0%} of it")
+    if row.get("two_launch_ms") is not None:
+        notes.append(f"split two-launch plan instead: {row['two_launch_ms']:.4f} ms, in a CUDA graph "
+                     f"{_num(row, 'two_launch_graphed_ms', '.4f')} ms")
     if row.get("padded_ms") is not None:
         notes.append(f"head dim padded instead of split: {row['padded_ms']:.4f} ms, in a CUDA graph "
                      f"{_num(row, 'padded_graphed_ms', '.4f')} ms")

@@ -75,6 +75,9 @@ def gpu_kernels(record):
                 continue
             shape = r["shape"] + (" (L2)" if r.get("fits_L2") else "")
             layout = r["layout"] + (f" ({r['note']})" if r.get("note") else "")
+            if "two_launch_ms" in r:
+                layout += (f" (two-launch plan: {fmt(r['two_launch_ms'], '.4f')} ms, in a graph "
+                           f"{fmt(r.get('two_launch_graphed_ms'), '.4f')} ms)")
             if "padded_ms" in r:
                 layout += (f" (head dim padded, not split: {fmt(r['padded_ms'], '.4f')} ms, in a graph "
                            f"{fmt(r.get('padded_graphed_ms'), '.4f')} ms)")
