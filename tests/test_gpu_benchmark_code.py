@@ -1,0 +1,85 @@
+"""benchmarks/gpu_kernels.py's row code, run on the CPU with its timers replaced, so a slip in it is caught here.
+
+The GPU benchmark records a failing row's exception and goes on (one bad row must not end a GPU run), so a Python
+error in a row function would only show up as a column of errors at the end of a scarce GPU session. Here each kind
+of row runs end to end on small shapes: CUDA tensors become CPU tensors, the kernels run under the interpreter,
+and the timers call their function once and return a fixed time.
+"""
+import os
+import sys
+
+import pytest
+import torch
+from conftest import ON_GPU
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import gpu_kernels  # noqa: E402
+
+from diffusion_fast import ops  # noqa: E402
+
+pytestmark = pytest.mark.skipif(ON_GPU, reason="on a GPU, benchmarks/run_gpu.sh runs the real benchmark")
+
+
+@pytest.fixture
+def cpu_benchmark(monkeypatch):
+    """Timers that run the function once and return 1 ms; tensor factories that put "cuda" tensors on the CPU."""
+    calls = []
+
+    def timer(fn, *args, **kwargs):
+        calls.append(fn)
+        fn()
+        return 1.0
+
+    for name in ("median_ms", "graphed_ms", "wall_ms"):
+        monkeypatch.setattr(gpu_kernels, name, timer)
+    for name in ("randn", "empty", "full"):
+        factory = getattr(torch, name)
+
+        def on_cpu(*args, _factory=factory, **kwargs):
+            if kwargs.get("device") == "cuda":
+                kwargs["device"] = "cpu"
+            return _factory(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, on_cpu)
+    return calls
+
+
+def _row(kernel, shape, layout, unit):
+    dims = [int(s) for s in shape.split("x")]
+    numel = dims[0] * dims[1] * dims[2] * dims[3]
+    amount = {"group_norm_silu": 2 * numel * 2, "cfg_ddim_step": 5 * numel * 2}.get(
+        kernel, 4 * dims[0] * dims[1] * dims[2] * dims[3] * dims[-1])
+    return dict(kernel=kernel, model="test", shape=shape, layout=layout, unit=unit, amount=amount)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
+def test_group_norm_row(cpu_benchmark, layout):
+    row = _row("group_norm_silu", "1x64x8x8", layout, "GB/s")
+    gpu_kernels.measure(row, lambda: gpu_kernels.group_norm_fns(row, ops), 1000.0)
+    assert "error" not in row, row.get("error")
+    assert row["speedup"] == 1.0 and row["graphed_speedup"] == 1.0
+    assert row["two_launch_ms"] == 1.0 and row["two_launch_graphed_ms"] == 1.0  # the one-launch shape's A/B ran
+
+
+def test_attention_row_with_the_padded_variant(cpu_benchmark):
+    row = _row("attention", "1x2x16x16x40", "fp16", "TFLOP/s")
+    row["shape"] = "1x2x16x16x40"
+    gpu_kernels.measure(row, lambda: gpu_kernels.attention_fns(row, ops), 1000.0)
+    assert "error" not in row, row.get("error")
+    assert row["padded_ms"] == 1.0 and row["padded_graphed_ms"] == 1.0
+
+
+@pytest.mark.parametrize("with_diffusers", [True, False])
+def test_cfg_ddim_row(cpu_benchmark, with_diffusers):
+    sched = None
+    if with_diffusers:
+        diffusers = pytest.importorskip("diffusers")
+        sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                                        steps_offset=1)
+        sched.set_timesteps(50)
+    row = _row("cfg_ddim_step", "2x4x16x16", "fp16", "GB/s")
+    gpu_kernels.measure(row, lambda: gpu_kernels.cfg_ddim_fns(row, ops, sched), 1000.0)
+    assert "error" not in row, row.get("error")
+    assert row["ours_fraction_of_same_size_copy"] == 1.0
+    assert ("baseline_wall_ms" in row) == with_diffusers
+    assert gpu_kernels.format_row(row)  # the printed line renders every column it has
