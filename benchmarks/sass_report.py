@@ -104,7 +104,8 @@ def attention_cases(dtype=torch.float16, shapes=ATTENTION_SHAPES):
         for label, split in variants.items():
             d_main, d_tail = A._head_dim_blocks(d, split)
             constexprs = dict(HEAD_DIM=d, ALIGN=align, BLOCK_M=block_m, BLOCK_N=block_n, D_MAIN=d_main,
-                              D_TAIL=d_tail, PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                              D_TAIL=d_tail, EVEN_M=lq % block_m == 0, EVEN_N=lk % block_n == 0,
+                              PRECISION="ieee" if dtype == torch.float32 else "tf32")
             yield (f"attention {name} {b}x{h}x{lq}x{lk}x{d} {dtype_name} {label}".rstrip(), A._flash_attention_kernel,
                    args, constexprs, warps, stages)
 

@@ -42,6 +42,20 @@ SPLIT_HEAD_DIM = True  # a power-of-two main block plus a tail (see above); Fals
 
 
 @triton.jit
+def _load_tile(ptrs, rows_ok, cols_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """Load a 2-d tile, masking only the dimensions that can run past the tensor (masked lanes read 0)."""
+    if MASK_ROWS and MASK_COLS:
+        tile = tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
+    elif MASK_ROWS:
+        tile = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+    elif MASK_COLS:
+        tile = tl.load(ptrs, mask=cols_ok[None, :], other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
 def _flash_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr,  # q (B, H, Lq, D), k and v (B, H, Lk, D), o (B, H, Lq, D) contiguous
     stride_qb, stride_qh, stride_qm,  # q strides in units of ALIGN elements (the last stride is 1)
@@ -56,6 +70,8 @@ def _flash_attention_kernel(
     BLOCK_N: tl.constexpr,  # keys per loop iteration
     D_MAIN: tl.constexpr,  # head-dim lanes [0, D_MAIN): a power of two >= 16, masked where >= HEAD_DIM
     D_TAIL: tl.constexpr,  # lanes [D_MAIN, D_MAIN + D_TAIL): a power of two >= 16, masked where >= HEAD_DIM; 0: none
+    EVEN_M: tl.constexpr,  # Lq % BLOCK_M == 0: no query-row masks
+    EVEN_N: tl.constexpr,  # Lk % BLOCK_N == 0: no key masks (self-attention at SD's lengths)
     PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, "tf32" (ignored for 16-bit inputs) otherwise
 ):
     pid_m = tl.program_id(0)
@@ -73,48 +89,47 @@ def _flash_attention_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    m_mask = offs_m < len_q
+    m_ok = offs_m < len_q
     offs_d = tl.arange(0, D_MAIN)
-    d_mask = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :],
-                other=0.0)
+    d_ok = offs_d < HEAD_DIM
+    MASK_D: tl.constexpr = D_MAIN > HEAD_DIM  # the main block runs past the head dim (padded, no tail)
+    q = _load_tile(q_ptr + offs_m[:, None] * stride_qm + offs_d[None, :], m_ok, d_ok, not EVEN_M, MASK_D)
     acc = tl.zeros([BLOCK_M, D_MAIN], dtype=tl.float32)
     if D_TAIL > 0:
         offs_t = D_MAIN + tl.arange(0, D_TAIL)
-        t_mask = offs_t < HEAD_DIM
-        q_tail = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_t[None, :], mask=m_mask[:, None] & t_mask[None, :],
-                         other=0.0)
+        t_ok = offs_t < HEAD_DIM
+        MASK_T: tl.constexpr = D_MAIN + D_TAIL > HEAD_DIM
+        q_tail = _load_tile(q_ptr + offs_m[:, None] * stride_qm + offs_t[None, :], m_ok, t_ok, not EVEN_M, MASK_T)
         acc_tail = tl.zeros([BLOCK_M, D_TAIL], dtype=tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(0, len_k, BLOCK_N):
         n = start_n + offs_n
-        n_mask = n < len_k
-        k = tl.load(k_ptr + n[None, :] * stride_kn + offs_d[:, None], mask=n_mask[None, :] & d_mask[:, None], other=0.0)
+        n_ok = n < len_k
+        k = _load_tile(k_ptr + n[None, :] * stride_kn + offs_d[:, None], d_ok, n_ok, MASK_D, not EVEN_N)  # (D, N)
         s = tl.dot(q, k, input_precision=PRECISION)
         if D_TAIL > 0:
-            k_tail = tl.load(k_ptr + n[None, :] * stride_kn + offs_t[:, None], mask=n_mask[None, :] & t_mask[:, None],
-                             other=0.0)
+            k_tail = _load_tile(k_ptr + n[None, :] * stride_kn + offs_t[:, None], t_ok, n_ok, MASK_T, not EVEN_N)
             s = tl.dot(q_tail, k_tail, s, input_precision=PRECISION)
-        s = tl.where(n_mask[None, :], s, float("-inf"))
+        if not EVEN_N:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)  # qk_scale > 0: the max commutes with the scale
         p = tl.exp2(s * qk_scale - m_new[:, None])  # the scale and the shift in one FMA per score
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + n[:, None] * stride_vn + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        v = _load_tile(v_ptr + n[:, None] * stride_vn + offs_d[None, :], n_ok, d_ok, not EVEN_N, MASK_D)  # (N, D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)  # accumulates in place
         if D_TAIL > 0:
-            v_tail = tl.load(v_ptr + n[:, None] * stride_vn + offs_t[None, :], mask=n_mask[:, None] & t_mask[None, :],
-                             other=0.0)
+            v_tail = _load_tile(v_ptr + n[:, None] * stride_vn + offs_t[None, :], n_ok, t_ok, not EVEN_N, MASK_T)
             acc_tail = tl.dot(p.to(v.dtype), v_tail, acc_tail * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     out_rows = o_ptr + offs_m[:, None] * stride_om
     tl.store(out_rows + offs_d[None, :], (acc / l_i[:, None]).to(o_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & d_mask[None, :])
+             mask=m_ok[:, None] & d_ok[None, :])
     if D_TAIL > 0:
         tl.store(out_rows + offs_t[None, :], (acc_tail / l_i[:, None]).to(o_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & t_mask[None, :])
+                 mask=m_ok[:, None] & t_ok[None, :])
 
 
 def supports(q: torch.Tensor) -> bool:
@@ -184,6 +199,7 @@ def _launch(q, k, v, out, scale, config, split=None):
             *(s // align for s in strides),
             heads, len_q, len_k, scale * LOG2E,
             HEAD_DIM=head_dim, ALIGN=align, BLOCK_M=block_m, BLOCK_N=block_n, D_MAIN=d_main, D_TAIL=d_tail,
+            EVEN_M=len_q % block_m == 0, EVEN_N=len_k % block_n == 0,
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             num_warps=num_warps, num_stages=num_stages,
         )

@@ -20,6 +20,10 @@ CASES = [  # (B, H, Lq, Lk, D)
     (1, 1, 40, 40, 160),  # head dim 160 (SD1.5's deepest blocks), padded to 256
     (2, 1, 1, 77, 40),  # a single query row
     (1, 2, 20, 20, 8),  # head dim below the 16-wide minimum of a dot: padded up
+    # lengths that are multiples of the blocks (32 interpreted; SD's 4096/1024/256 compiled): the unmasked
+    # EVEN_M/EVEN_N path, at a split head dim (40) and at a padded one (24)
+    (2, 2, 64, 64, 40),
+    (1, 3, 32, 96, 24),
 ]
 if ON_GPU:
     CASES += [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 8, 1024, 1024, 80), (2, 8, 256, 256, 160),
