@@ -138,6 +138,20 @@ def cli_bench(record):
     return "\n\n".join(out)
 
 
+def attention_tiles(record):
+    out = [f"Attention tile sweep (benchmarks/tune_attention.py), {machine(record)}, {record.get('date', '')}, head "
+           f"dim {'split' if record.get('split_head_dim') else 'padded'}. do_bench medians, fp16."]
+    body = []
+    for r in record.get("shapes", []):
+        best = min(r.get("configs") or [[None, float("nan")]], key=lambda c: c[1])
+        body.append(["x".join(map(str, r["shape"])), fmt(r.get("sdpa_ms"), ".4f"), str(tuple(r.get("current", ()))),
+                     fmt(r.get("current_ms"), ".4f"), str(tuple(best[0] or ())), fmt(best[1], ".4f"),
+                     fmt(r["sdpa_ms"] / best[1], ".2f") + "x" if best[1] == best[1] else "n/a"])
+    out.append(table(["shape (B, H, Lq, Lk, D)", "SDPA ms", "table config", "table ms", "best config", "best ms",
+                      "best vs SDPA"], body))
+    return "\n\n".join(out)
+
+
 def generic(record):
     rows = record.get("rows", [])
     keys = [k for k in dict.fromkeys(k for r in rows for k in r) if all(not isinstance(r.get(k), (list, dict))
@@ -155,7 +169,8 @@ def render(path):
     kind = record.get("benchmark", "")
     if kind.startswith("diffusion-fast bench"):
         return cli_bench(record)
-    return {"gpu_kernels": gpu_kernels, "gpu_e2e": gpu_e2e}.get(kind, generic)(record)
+    renderers = {"gpu_kernels": gpu_kernels, "gpu_e2e": gpu_e2e, "attention_tiles": attention_tiles}
+    return renderers.get(kind, generic)(record)
 
 
 def main(argv=None):

@@ -2,7 +2,9 @@
 # One command on a CUDA machine: build the extension (CUDA kernels included), check that the C++ ops' argument errors
 # reach Python on this build (benchmarks/diagnose_op_errors.py), run the test suite on the GPU, then the kernel
 # benchmark and the end-to-end benchmark. Results append to benchmarks/results/*.jsonl.
-#   bash benchmarks/run_gpu.sh [diagnose] [tests] [kernels] [e2e]     (default: all four)
+#   bash benchmarks/run_gpu.sh [diagnose] [tests] [kernels] [e2e] [tune]   (default: the first four; "tune" sweeps
+#   the attention tiles, benchmarks/tune_attention.py, a few minutes). On a lent machine with a per-command time limit,
+#   run the steps as separate commands.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 steps=("$@"); [[ ${#steps[@]} -eq 0 ]] && steps=(diagnose tests kernels e2e)
@@ -17,6 +19,7 @@ for step in "${steps[@]}"; do
     tests) python3 -m pytest tests -q -p no:cacheprovider -n 8 || status=1 ;;
     kernels) python3 benchmarks/gpu_kernels.py || status=1 ;;
     e2e) python3 benchmarks/gpu_e2e.py || status=1 ;;
+    tune) python3 benchmarks/tune_attention.py || status=1 ;;
   esac
 done
 exit $status

@@ -1,14 +1,19 @@
 """Sweep the flash-attention kernel's tile configs on SD shapes (CUDA only) and print the best per shape.
 
-    python benchmarks/tune_attention.py
+    python benchmarks/tune_attention.py [--out benchmarks/results/attention_tiles.jsonl]
 
 kernels/attention.py launches a fixed tile table (``_config``), so the first image pays no tuning; this script is
 how that table is chosen. It launches through the kernel's own ``_launch`` (the same strides, alignment and grid as
 the library), checks each config's output against SDPA before timing it, and prints SDPA, the current table entry
 and the three fastest configs. Times are triton.testing.do_bench medians, fp16, inputs laid out as the models pass
-them ((B, L, H*D) projections viewed as (B, H, L, D)).
+them ((B, L, H*D) projections viewed as (B, H, L, D)). Appends one JSON record (GPU, versions, date, and per shape:
+SDPA, the current entry and every config's time) to --out.
 """
+import argparse
+import datetime
 import itertools
+import json
+import os
 import sys
 
 import torch
@@ -23,7 +28,11 @@ def model_view(b, length, h, d):
     return torch.randn(b, length, h * d, device="cuda", dtype=torch.float16).view(b, length, h, d).transpose(1, 2)
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                      "attention_tiles.jsonl"))
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("tune_attention.py needs a CUDA GPU")
     import triton
@@ -31,6 +40,9 @@ def main():
 
     from diffusion_fast.kernels import attention as A
 
+    record = {"benchmark": "attention_tiles", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "split_head_dim": A.SPLIT_HEAD_DIM, "shapes": []}
     for b, h, lq, lk, d in SHAPES:
         q, k, v = model_view(b, lq, h, d), model_view(b, lk, h, d), model_view(b, lk, h, d)
         out = torch.empty(q.shape, device="cuda", dtype=q.dtype)
@@ -52,6 +64,12 @@ def main():
         cur_ms = next((t for t, c in results if c == current), float("nan"))
         print(f"{(b, h, lq, lk, d)}: sdpa {sdpa * 1e3:.1f} us | current {current} {cur_ms * 1e3:.1f} us | best "
               + ", ".join(f"{c} {t * 1e3:.1f} us" for t, c in results[:3]), flush=True)
+        record["shapes"].append({"shape": [b, h, lq, lk, d], "sdpa_ms": sdpa, "current": list(current),
+                                 "current_ms": cur_ms, "configs": [[list(c), t] for t, c in results]})
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(f"appended to {args.out}")
 
 
 if __name__ == "__main__":

@@ -83,3 +83,18 @@ def test_cfg_ddim_row(cpu_benchmark, with_diffusers):
     assert row["ours_fraction_of_same_size_copy"] == 1.0
     assert ("baseline_wall_ms" in row) == with_diffusers
     assert gpu_kernels.format_row(row)  # the printed line renders every column it has
+
+
+def test_attention_tile_sweep_record_renders(tmp_path):
+    """tune_attention.py's record (written on a GPU) becomes a README table: SDPA, the table's config, the best."""
+    import json
+
+    import results_table
+
+    record = {"benchmark": "attention_tiles", "date": "2026-11-23", "gpu": "H100", "split_head_dim": True,
+              "shapes": [{"shape": [2, 8, 4096, 4096, 40], "sdpa_ms": 0.17, "current": [128, 64, 4, 3],
+                          "current_ms": 0.2, "configs": [[[128, 64, 4, 3], 0.2], [[128, 128, 8, 2], 0.1]]}]}
+    path = tmp_path / "attention_tiles.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    text = results_table.render(str(path))
+    assert "| 2x8x4096x4096x40 | 0.1700 | (128, 64, 4, 3) | 0.2000 | (128, 128, 8, 2) | 0.1000 | 1.70x |" in text
