@@ -258,6 +258,9 @@ def _num(row, key, fmt):
     return format(value, fmt) if isinstance(value, (int, float)) else "-"
 
 
+A_B_VARIANTS = {"two_launch": "split two-launch plan instead", "padded": "head dim padded instead of split"}
+
+
 def format_row(row):
     notes = []
     if "error" in row:
@@ -271,12 +274,10 @@ def format_row(row):
     if row.get("ours_fraction_of_same_size_copy") is not None:
         notes.append(f"a same-size copy in a graph {row['copy_same_bytes_graphed_ms']:.4f} ms: ours at "
                      f"{row['ours_fraction_of_same_size_copy']:.0%} of it")
-    if row.get("two_launch_ms") is not None:
-        notes.append(f"split two-launch plan instead: {row['two_launch_ms']:.4f} ms, in a CUDA graph "
-                     f"{_num(row, 'two_launch_graphed_ms', '.4f')} ms")
-    if row.get("padded_ms") is not None:
-        notes.append(f"head dim padded instead of split: {row['padded_ms']:.4f} ms, in a CUDA graph "
-                     f"{_num(row, 'padded_graphed_ms', '.4f')} ms")
+    for variant, what in A_B_VARIANTS.items():
+        if row.get(f"{variant}_ms") is not None:
+            notes.append(f"{what}: {row[f'{variant}_ms']:.4f} ms, in a CUDA graph "
+                         f"{_num(row, f'{variant}_graphed_ms', '.4f')} ms")
     if row.get("baseline_graph_error"):
         notes.append("baseline not capturable: " + row["baseline_graph_error"][:80])
     if row.get("fits_L2"):
