@@ -7,8 +7,9 @@ reproduces diffusers' arithmetic. What differs is how the work runs:
 - the CFG combine and the DDIM update are one fused op per step (``DDIMScheduler.step_cfg``);
 - timesteps and coefficient tables stay on the device, so the loop never waits on the host;
 - on CUDA the whole denoising step (UNet on the doubled batch, CFG, DDIM update) is captured once per
-  (shape, dtype, guidance) as a CUDA graph and replayed for every step; where capture is not possible (CPU,
-  ``eta > 0``, a non-DDIM scheduler, the reference backend) the loop runs eagerly;
+  (shape, dtype, guidance) as a CUDA graph and replayed for every step. Where the step holds host-side state or
+  fresh noise (a non-DDIM scheduler, ``eta > 0``), the UNet call alone is graphed and the scheduler runs eagerly; on
+  the CPU and on the reference backend the loop runs eagerly;
 - ``channels_last="auto"`` runs the UNet and VAE in channels_last where it was measured to pay: on the CPU
   (``diffusion-fast bench`` times both layouts). On CUDA "auto" keeps NCHW until the GPU benchmark
   (``benchmarks/gpu_e2e.py`` times both) has shown which is faster; ``True`` forces channels_last. The conv weights
@@ -60,7 +61,7 @@ class StableDiffusionPipeline:
         self.cuda_graph = cuda_graph
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._progress = {}
-        self._graphed_step = self._graphed_for = None
+        self._graphs = self._graphed_for = None  # {"step": ..., "unet": ...} GraphedCallables, and their components
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -132,7 +133,7 @@ class StableDiffusionPipeline:
         dtype = _resolve_dtype(dtype)
         for module in (self.unet, self.vae, self.text_encoder):
             module.to(device=device, dtype=dtype)
-        self._graphed_step = self._graphed_for = None
+        self._graphs = self._graphed_for = None
         return self
 
     def set_progress_bar_config(self, **kwargs):
@@ -213,10 +214,10 @@ class StableDiffusionPipeline:
         return shape
 
     # ---- the denoising step, eager or graphed -------------------------------------------------------------------
-    def _denoise_step(self, latents, t, embeds, guidance_scale, do_cfg, eta, generator):
+    def _denoise_step(self, latents, t, embeds, guidance_scale, do_cfg, eta, generator, unet=None):
         model_input = torch.cat([latents, latents]) if do_cfg else latents
         model_input = self.scheduler.scale_model_input(model_input, t)
-        noise_pred = self.unet(model_input, t, embeds)
+        noise_pred = (unet or self.unet)(model_input, t, embeds)
         if do_cfg and isinstance(self.scheduler, DDIMScheduler):
             uncond, text = noise_pred.chunk(2)
             return self.scheduler.step_cfg(uncond, text, guidance_scale, t, latents, eta=eta, generator=generator).prev_sample
@@ -234,6 +235,10 @@ class StableDiffusionPipeline:
         """
         return self._denoise_step(latents, t, embeds, guidance_scale, do_cfg, 0.0, None)
 
+    def _unet_call(self, model_input, t, embeds):
+        """The UNet call as graphed when the step itself cannot be (see ``_graph_mode``)."""
+        return self.unet(model_input, t, embeds)
+
     def _apply_layout(self, device):
         """Put the UNet's and VAE's weights in the memory format ``channels_last`` asks for on ``device`` (once)."""
         wanted = self.channels_last is True or (self.channels_last == "auto" and device.type == "cpu")
@@ -242,15 +247,27 @@ class StableDiffusionPipeline:
             for module in (self.unet, self.vae):
                 module.to(memory_format=layout)
             self._layout = layout
-            self._graphed_step = self._graphed_for = None  # the weights are new tensors: graphs must be recaptured
+            self._graphs = self._graphed_for = None  # the weights are new tensors: graphs must be recaptured
 
-    def _use_graph(self, device, eta):
+    def _graph_mode(self, device, eta):
+        """"step" (the whole step in one CUDA graph), "unet" (the UNet call graphed, the scheduler eager) or None."""
         if self.cuda_graph is False or device.type != "cuda":
             if self.cuda_graph is True and device.type != "cuda":
                 raise ValueError("cuda_graph=True needs the pipeline on a CUDA device")
-            return False
-        # A graph replays fixed kernels: it needs a step with no host-side state (DDIM) and no fresh noise (eta=0).
-        return isinstance(self.scheduler, DDIMScheduler) and eta == 0 and current_backend() != "reference"
+            return None
+        if current_backend() == "reference":  # the reference path stays plain PyTorch
+            return None
+        # A graph replays fixed kernels: a whole step needs no host-side state (DDIM) and no fresh noise (eta=0).
+        # Any other step still spends nearly all its time in the UNet, whose call is a pure function of its tensors.
+        return "step" if isinstance(self.scheduler, DDIMScheduler) and eta == 0 else "unet"
+
+    def _graphs_for_components(self):
+        """The GraphedCallables for the current UNet and scheduler: a graph reads their weights and device tables by
+        address, so a swapped-in UNet or scheduler gets fresh graphs (dropping the old ones frees their memory)."""
+        if self._graphs is None or self._graphed_for[0] is not self.unet or self._graphed_for[1] is not self.scheduler:
+            self._graphs = {"step": GraphedCallable(self._graph_step), "unet": GraphedCallable(self._unet_call)}
+            self._graphed_for = (self.unet, self.scheduler)
+        return self._graphs
 
     @torch.no_grad()
     def __call__(self, prompt=None, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5, eta=0.0,
@@ -276,21 +293,22 @@ class StableDiffusionPipeline:
         latents = latents.to(device=device, dtype=embeds.dtype) * self.scheduler.init_noise_sigma
 
         self._apply_layout(device)
-        graphed = self._use_graph(device, eta)
-        if graphed and (self._graphed_step is None or self._graphed_for[0] is not self.unet
-                        or self._graphed_for[1] is not self.scheduler):
-            # A graph reads the UNet's weights and the scheduler's device tables by address: a swapped-in UNet or
-            # scheduler needs fresh graphs (holding the old ones here also keeps their memory from being reused).
-            self._graphed_step = GraphedCallable(self._graph_step)
-            self._graphed_for = (self.unet, self.scheduler)
+        mode = self._graph_mode(device, eta)
+        graphs = self._graphs_for_components() if mode else None
+        graphed = mode == "step"
+
+        def graphed_unet(model_input, t, embeds):  # the replay's static output, copied before the next replay
+            return graphs["unet"](model_input, t, embeds).clone()
+
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         for t in tqdm(timesteps, **{"desc": "denoising", **self._progress}):
             if graphed:  # replays write a static buffer, which the next replay copies in as its input
-                latents = self._graphed_step(latents, t, embeds, float(guidance_scale), do_cfg, num_inference_steps)
+                latents = graphs["step"](latents, t, embeds, float(guidance_scale), do_cfg, num_inference_steps)
             else:
-                latents = self._denoise_step(latents, t, embeds, guidance_scale, do_cfg, eta, generator)
+                latents = self._denoise_step(latents, t, embeds, guidance_scale, do_cfg, eta, generator,
+                                             graphed_unet if mode == "unet" else None)
         latents = latents.clone() if graphed else latents
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -159,19 +159,71 @@ def test_graphed_step_is_rebuilt_for_a_swapped_unet_or_scheduler(monkeypatch):
     # UNet and scheduler it was captured with (it reads their tensors by address).
     pipe = StableDiffusionPipeline.from_tiny("sd1", seed=0)
     pipe.set_progress_bar_config(disable=True)
-    monkeypatch.setattr(pipe, "_use_graph", lambda device, eta: True)
+    monkeypatch.setattr(pipe, "_graph_mode", lambda device, eta: "step")
     call = lambda: pipe("a", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent")
     first = call().images
-    graphs = pipe._graphed_step
+    graphs = pipe._graphs
     call()
-    assert pipe._graphed_step is graphs  # same components: graphs kept
+    assert pipe._graphs is graphs  # same components: graphs kept
     pipe.scheduler = diffusion_fast.schedulers.DDIMScheduler.from_config(pipe.scheduler.config)
     torch.testing.assert_close(call().images, first, rtol=0, atol=0)
-    assert pipe._graphed_step is not graphs and pipe._graphed_for[1] is pipe.scheduler
-    graphs = pipe._graphed_step
+    assert pipe._graphs is not graphs and pipe._graphed_for[1] is pipe.scheduler
+    graphs = pipe._graphs
     pipe.unet = type(pipe.unet).from_config(pipe.unet.config).eval()
     call()
-    assert pipe._graphed_step is not graphs and pipe._graphed_for[0] is pipe.unet
+    assert pipe._graphs is not graphs and pipe._graphed_for[0] is pipe.unet
+
+
+def test_graph_mode_whole_step_unet_only_or_none():
+    """DDIM at eta 0 graphs the whole step; any other step graphs the UNet call (nearly all of a step's time) and
+    runs the scheduler eagerly; the CPU, the reference backend and cuda_graph=False never graph."""
+    pipe = StableDiffusionPipeline.from_tiny("sd1", seed=0)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # the choice reads the device type only
+    assert pipe._graph_mode(cuda, 0.0) == "step"
+    assert pipe._graph_mode(cuda, 0.5) == "unet"  # fresh noise each step
+    assert pipe._graph_mode(cpu, 0.0) is None
+    with diffusion_fast.backend("reference"):
+        assert pipe._graph_mode(cuda, 0.0) is None
+    pipe.scheduler = diffusion_fast.schedulers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    assert pipe._graph_mode(cuda, 0.0) == "unet"
+    pipe.cuda_graph = False
+    assert pipe._graph_mode(cuda, 0.0) is None
+    pipe.cuda_graph = True
+    with pytest.raises(ValueError, match="cuda_graph=True needs the pipeline on a CUDA device"):
+        pipe._graph_mode(cpu, 0.0)
+
+
+@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DDPMScheduler"])
+def test_unet_only_graph_runs_every_step_and_keeps_the_image(monkeypatch, scheduler):
+    """Non-DDIM schedulers: every UNet call goes through the UNet's graph (run eagerly on the CPU), whose output is
+    copied before the scheduler uses it; the image is the eager loop's, bit for bit."""
+    pipe = StableDiffusionPipeline.from_tiny("sd1", seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = getattr(diffusion_fast.schedulers, scheduler).from_config(pipe.scheduler.config)
+    call = lambda: pipe("a", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="latent")
+    eager = call().images
+    calls = []
+    real = pipe._unet_call
+    monkeypatch.setattr(pipe, "_unet_call", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(pipe, "_graph_mode", lambda device, eta: "unet")
+    pipe._graphs = None  # built afresh, around the spied call
+    torch.testing.assert_close(call().images, eager, rtol=0, atol=0)
+    assert len(calls) == 3
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_unet_only_graph_matches_eager_on_gpu():
+    pipe = StableDiffusionPipeline.from_tiny("sd1", seed=0, dtype=torch.float16, device=DEVICE)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = diffusion_fast.schedulers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    outs = []
+    for graph in (False, "auto", "auto"):  # eager, capture, replay
+        pipe.cuda_graph = graph
+        outs.append(pipe("a", num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                         output_type="latent").images)
+    assert pipe._graphs is not None and len(pipe._graphs["unet"]) == 1
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(outs[2], outs[1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layout", [True, False])
