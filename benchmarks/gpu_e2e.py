@@ -5,7 +5,8 @@
 SD1.5's architecture with random weights (nothing is downloaded), fp16, 512x512, CFG 7.5, DDIM, batch 1. Measured
 side by side in one run, medians of --repeats whole calls (text encoding and the loop, latents out, no VAE decode):
 diffusers eager (SDPA), diffusers + torch.compile (default mode; skipped with --no-compile), diffusers +
-diffusion_fast.accelerate, and our pipeline (fast with CUDA graphs, fast without, reference). Quality: PSNR of our
+diffusion_fast.accelerate, and our pipeline (fast with CUDA graphs in both memory formats, fast with only the UNet
+graphed as for a non-DDIM scheduler, fast without graphs, reference). Quality: PSNR of our
 fp16 image (and diffusers' fp16 image) against our fp32 reference-path image for the same seed, computed with TF32
 off (and how far TF32, PyTorch's default for fp32 convolutions, moves that image). Also the time from a
 fresh process start to its first image (``diffusion-fast generate`` in a subprocess, cold Triton cache or not as
@@ -93,19 +94,22 @@ def main():
     ours = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, device=device)
     ours.set_progress_bar_config(disable=True)
 
-    def run_ours(name, graph=True, channels_last="auto"):
+    def run_ours(name, graph=True, channels_last="auto", eta=0.0):
         ours.cuda_graph = "auto" if graph else False
         ours.channels_last = channels_last
         with backend(name):
-            return ours(PROMPT, num_inference_steps=steps, generator=gen(), output_type="latent")
+            return ours(PROMPT, num_inference_steps=steps, generator=gen(), output_type="latent", eta=eta)
 
-    for label, name, graph, layout in (
-            ("diffusion_fast pipeline (fast, CUDA graph)", "fast", True, "auto"),
-            ("diffusion_fast pipeline (fast, CUDA graph, channels_last)", "fast", True, True),
-            ("diffusion_fast pipeline (fast, no graph)", "fast", False, "auto"),
-            ("diffusion_fast pipeline (reference)", "reference", False, "auto")):
+    for label, name, graph, layout, eta in (
+            ("diffusion_fast pipeline (fast, CUDA graph)", "fast", True, "auto", 0.0),
+            ("diffusion_fast pipeline (fast, CUDA graph, channels_last)", "fast", True, True, 0.0),
+            # eta > 0 draws fresh noise each step, so only the UNet call is graphed: the speed a non-DDIM
+            # scheduler (Euler, DDPM) gets, on the same UNet and step count
+            ("diffusion_fast pipeline (fast, UNet-only graph: DDIM eta 0.5)", "fast", True, "auto", 0.5),
+            ("diffusion_fast pipeline (fast, no graph)", "fast", False, "auto", 0.0),
+            ("diffusion_fast pipeline (reference)", "reference", False, "auto", 0.0)):
         try:
-            add(label, *timed(lambda: run_ours(name, graph, layout), args.repeats))
+            add(label, *timed(lambda: run_ours(name, graph, layout, eta), args.repeats))
         except Exception as exc:  # one failing system must not hide the others
             notes.append(f"{label}: {type(exc).__name__}: {exc}")
             print(notes[-1], flush=True)
