@@ -85,7 +85,8 @@ def _check_pipeline(args, device, dtype):
     Besides the image, three stages are compared against the fp32 reference run, so a failure points at its
     source: the UNet's first noise prediction (same inputs), the latents after the loop, and the VAE decode of the
     reference latents. In fp16/bf16 the plain-PyTorch run in the same dtype (the reference path) is measured too:
-    it shows how far that dtype alone moves this model's image.
+    it shows how far that dtype alone moves this model's image. On CUDA the fast path also runs without CUDA graphs,
+    which separates a replay problem from a kernel problem.
     """
     from .pipeline import StableDiffusionPipeline
 
@@ -146,6 +147,15 @@ def _check_pipeline(args, device, dtype):
                            "latents_rel_err": rel(base_latents, ref_latents)}
         row.update(passed=quality >= PIPELINE_LOWP_MIN_PSNR,
                    rule=f"PSNR >= {PIPELINE_LOWP_MIN_PSNR:g} dB vs fp32 reference")
+    if pipe.device.type == "cuda" and pipe.cuda_graph is not False:
+        # The fast path once more without CUDA graphs: separates a graph's replay from the kernels it replays.
+        setting, pipe.cuda_graph = pipe.cuda_graph, False
+        try:
+            no_graph_latents, no_graph, _ = run(pipe, "fast")
+        finally:
+            pipe.cuda_graph = setting
+        row["fast_without_graph"] = {"psnr_db": psnr(no_graph, ref), "latents_rel_err": rel(no_graph_latents,
+                                                                                            ref_latents)}
     return row
 
 
@@ -167,6 +177,10 @@ def run_check(args, device, dtype) -> int:
     st = p["stages"]
     print(f"  stages vs fp32 reference: UNet noise prediction rel err {st['unet_rel_err']:.2e}, final latents rel "
           f"err {st['latents_rel_err']:.2e}, VAE decode PSNR {_db(st['vae_psnr_db'])} dB")
+    if "fast_without_graph" in p:
+        g = p["fast_without_graph"]
+        print(f"  the fast path without CUDA graphs: PSNR {_db(g['psnr_db'])} dB, latents rel err "
+              f"{g['latents_rel_err']:.2e}")
     if "baseline" in p:
         b = p["baseline"]
         print(f"  plain PyTorch in {str(dtype).replace('torch.', '')} (reference path) for comparison: PSNR "
