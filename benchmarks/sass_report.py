@@ -1,6 +1,7 @@
 """What our Triton kernels compile to on an H100 (sm_90), without a GPU: registers, spills, load widths, MMAs.
 
-    python benchmarks/sass_report.py [--json] [--kernel attention|attention_fp32|group_norm_silu|cfg_ddim_step]
+    python benchmarks/sass_report.py [--json] [--kernel NAME]  (NAME: attention,
+    attention_fp32, group_norm_silu, cfg_ddim_step, variants)
 
 Triton ships ptxas and nvdisasm, so a kernel can be compiled for sm_90 on any machine and its machine code read.
 That cannot time anything, but it shows the structure that decides speed: whether global loads are 16-byte vectors
@@ -147,8 +148,56 @@ def cfg_ddim_cases():
         yield f"cfg_ddim_step {'x'.join(map(str, shape))} fp16", K._cfg_ddim_kernel, args, constexprs, 4, 3
 
 
+def variant_cases():
+    """Every kind of constexpr combination the launchers can produce, beyond the SD shapes above: each must compile
+    (the interpreter runs all of them, but it accepts code the compiler may reject)."""
+    for dtype in (torch.bfloat16, torch.float32):
+        yield from attention_cases(dtype, {"SD1.5 64x64 self": ATTENTION_SHAPES["SD1.5 64x64 self"]})
+    yield from attention_cases(torch.float16, {
+        "uneven, head dim 24 (padded, masked)": (1, 2, 50, 77, 24), "uneven, head dim 80 (split)": (3, 2, 50, 77, 80),
+        "head dim 8": (1, 2, 20, 20, 8), "head dim 256": (1, 2, 64, 64, 256), "single query row": (2, 1, 1, 77, 40)})
+
+    from diffusion_fast.kernels import ddim as K
+    from diffusion_fast.kernels import group_norm_silu as G
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        shapes = (((3, 96, 7, 9), 32), ((2, 64, 1, 1), 32), ((2, 320, 64, 64), 32))
+        for shape, groups in shapes if dtype == torch.float16 else shapes[:1]:
+            x = torch.empty(shape, device="meta", dtype=dtype)
+            n, c, hw = shape[0], shape[1], shape[2] * shape[3]
+            cpg = c // groups
+            for channels_last, affine, silu in ((False, True, True), (True, False, False), (True, True, False)):
+                flags = dict(CPG=cpg if channels_last else 0, CHANNELS_LAST=channels_last, HAS_WEIGHT=affine,
+                             HAS_BIAS=affine, SILU=silu, CHANNEL_PER_BLOCK=not channels_last and hw % G.BLOCK == 0,
+                             BLOCK=G.BLOCK)
+                common = dict(x_ptr=x, y_ptr=x, w_ptr=x, b_ptr=x, hw=hw, cpg=cpg, channels=c, group_len=cpg * hw,
+                              num_groups=groups, eps=1e-5)
+                label = f"{'x'.join(map(str, shape))} {'channels_last' if channels_last else 'NCHW'} {dtype}"
+                yield (f"group_norm_silu one-pass {label}", G._group_norm_one_pass_kernel, common, flags,
+                       G.NUM_WARPS, 3)
+                partials = torch.empty(16, device="meta")
+                yield (f"group_norm_silu stats {label}", G._group_stats_kernel,
+                       dict(x_ptr=x, mean_ptr=partials, m2_ptr=partials, count_ptr=partials, hw=hw, cpg=cpg,
+                            channels=c, group_len=cpg * hw, chunk_len=4096, split=3, num_groups=groups),
+                       dict(CPG=flags["CPG"], CHANNELS_LAST=channels_last, BLOCK=G.BLOCK), G.NUM_WARPS, 3)
+                yield (f"group_norm_silu apply {label}", G._group_apply_kernel,
+                       dict(common, mean_ptr=partials, m2_ptr=partials, count_ptr=partials, chunk_len=4096,
+                            split=3), dict(flags, SPLIT_BLOCK=4), G.NUM_WARPS, 3)
+        alphas = torch.empty(3, device="meta")
+        for pred in (0, 1, 2):
+            for shape in ((3, 4, 7, 9), (3, 4, 16, 32)):
+                x = torch.empty(shape, device="meta", dtype=dtype)
+                args = dict(out_ptr=x, text_ptr=x, sample_ptr=x, noise_ptr=x, prev_ptr=x, x0_ptr=x,
+                            alpha_t_ptr=alphas, alpha_prev_ptr=alphas, guidance_scale=7.5, eta=0.5, clip_range=1.5,
+                            per_sample=x[0].numel(), numel=x.numel())
+                constexprs = dict(CFG=pred == 0, PRED=pred, CLIP=pred != 1, USE_CLIPPED=pred == 2, HAS_NOISE=True,
+                                  SAMPLE_PER_BLOCK=x[0].numel() % K.BLOCK == 0, BLOCK=K.BLOCK)
+                yield (f"cfg_ddim_step pred {pred} {'x'.join(map(str, shape))} {dtype}", K._cfg_ddim_kernel, args,
+                       constexprs, 4, 3)
+
+
 CASES = {"attention": attention_cases, "attention_fp32": attention_fp32_cases, "group_norm_silu": group_norm_cases,
-         "cfg_ddim_step": cfg_ddim_cases}
+         "cfg_ddim_step": cfg_ddim_cases, "variants": variant_cases}
 
 
 def report(kernels=tuple(CASES)):

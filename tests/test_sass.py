@@ -129,3 +129,16 @@ def test_fp32_attention_tiles_fit_without_spilling():
             continue
         assert row["stack_bytes"] <= 256, f"{row['case']}: {row['stack_bytes']} bytes of stack"
         assert row["shared_bytes"] <= 227 * 1024, f"{row['case']}: {row['shared_bytes']} bytes of shared memory"
+
+
+def test_every_kind_of_launch_compiles_for_sm90():
+    """The interpreter runs every constexpr combination the launchers make, but it accepts code the compiler can
+    reject: each kind (dtypes, layouts, affine or not, SiLU or not, all three passes of GroupNorm, all prediction
+    types and flags of the DDIM step, padded/split/unmasked/masked attention) must compile for sm_90, fit in shared
+    memory, and not spill (the fp32 padded attention, an A/B variant only, spills a little)."""
+    rows = sass_report("variants")
+    assert len(rows) > 60
+    for row in rows:
+        assert row["shared_bytes"] <= 227 * 1024, f"{row['case']}: {row['shared_bytes']} bytes of shared memory"
+        allowed = 256 if row["case"].endswith("fp32 padded") else 0
+        assert row["stack_bytes"] <= allowed, f"{row['case']}: {row['stack_bytes']} bytes of stack"
