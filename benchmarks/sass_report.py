@@ -111,6 +111,26 @@ def attention_cases(dtype=torch.float16, shapes=ATTENTION_SHAPES):
                    args, constexprs, warps, stages)
 
 
+def _cl_split_cases(x, groups, label, has_affine=True, silu=True):
+    """The three kernels of the large channels_last plan, as group_norm_silu launches them for x."""
+    from diffusion_fast.kernels import group_norm_silu as G
+
+    n, c = x.shape[:2]
+    hw, cpg = x.shape[2] * x.shape[3], c // groups
+    block_c = min(G.CL_BLOCK_C, triton.next_power_of_2(c))
+    partials, stats = torch.empty(64, device="meta"), torch.empty(2 * n * groups, device="meta")
+    sizes = dict(hw=hw, channels=c, chunk=8 * (G.BLOCK // block_c), split=3)
+    tiles = dict(BLOCK_P=G.BLOCK // block_c, BLOCK_C=block_c)
+    yield (f"group_norm_silu cl-stats {label}", G._cl_channel_stats_kernel,
+           dict(sizes, x_ptr=x, mean_ptr=partials, m2_ptr=partials), tiles, G.NUM_WARPS, 3)
+    yield (f"group_norm_silu cl-groups {label}", G._cl_group_stats_kernel,
+           dict(sizes, mean_ptr=partials, m2_ptr=partials, stats_ptr=stats, cpg=cpg, num_groups=groups, eps=1e-5),
+           dict(SPLIT_BLOCK=4, CPG_BLOCK=triton.next_power_of_2(cpg)), 4, 3)
+    yield (f"group_norm_silu cl-apply {label}", G._cl_apply_kernel,
+           dict(sizes, x_ptr=x, y_ptr=x, w_ptr=x, b_ptr=x, stats_ptr=stats, cpg=cpg, num_groups=groups),
+           dict(tiles, HAS_WEIGHT=has_affine, HAS_BIAS=has_affine, SILU=silu), G.NUM_WARPS, 3)
+
+
 def group_norm_cases():
     from diffusion_fast.kernels import group_norm_silu as G
 
@@ -123,13 +143,16 @@ def group_norm_cases():
                          HAS_BIAS=True, SILU=True, CHANNEL_PER_BLOCK=not channels_last and hw % G.BLOCK == 0,
                          BLOCK=G.BLOCK)
             layout = "channels_last" if channels_last else "NCHW"
+            label = f"{n}x{c}x{hw_side}x{hw_side} {layout} fp16"
             common = dict(x_ptr=x, y_ptr=x, w_ptr=x, b_ptr=x, hw=hw, cpg=cpg, channels=c, group_len=cpg * hw,
                           num_groups=groups, eps=1e-5)
             if x.numel() <= G.ONE_PASS_MAX_ELEMENTS:
-                yield (f"group_norm_silu one-pass {n}x{c}x{hw_side}x{hw_side} {layout} fp16",
-                       G._group_norm_one_pass_kernel, common, flags, G.NUM_WARPS, 3)
+                yield f"group_norm_silu one-pass {label}", G._group_norm_one_pass_kernel, common, flags, G.NUM_WARPS, 3
+            elif channels_last:
+                yield from _cl_split_cases(x, groups, label)
             else:
-                yield (f"group_norm_silu apply {n}x{c}x{hw_side}x{hw_side} {layout} fp16", G._group_apply_kernel,
+                del flags["CPG"], flags["CHANNELS_LAST"]
+                yield (f"group_norm_silu apply {label}", G._group_apply_kernel,
                        dict(common, mean_ptr=x.float(), m2_ptr=x.float(), count_ptr=x.float(), chunk_len=4096,
                             split=16), dict(flags, SPLIT_BLOCK=16), G.NUM_WARPS, 3)
 
@@ -175,11 +198,15 @@ def variant_cases():
                 label = f"{'x'.join(map(str, shape))} {'channels_last' if channels_last else 'NCHW'} {dtype}"
                 yield (f"group_norm_silu one-pass {label}", G._group_norm_one_pass_kernel, common, flags,
                        G.NUM_WARPS, 3)
+                if channels_last:
+                    yield from _cl_split_cases(x, groups, label, affine, silu)
+                    continue
                 partials = torch.empty(16, device="meta")
+                del flags["CPG"], flags["CHANNELS_LAST"]
                 yield (f"group_norm_silu stats {label}", G._group_stats_kernel,
                        dict(x_ptr=x, mean_ptr=partials, m2_ptr=partials, count_ptr=partials, hw=hw, cpg=cpg,
                             channels=c, group_len=cpg * hw, chunk_len=4096, split=3, num_groups=groups),
-                       dict(CPG=flags["CPG"], CHANNELS_LAST=channels_last, BLOCK=G.BLOCK), G.NUM_WARPS, 3)
+                       dict(BLOCK=G.BLOCK), G.NUM_WARPS, 3)
                 yield (f"group_norm_silu apply {label}", G._group_apply_kernel,
                        dict(common, mean_ptr=partials, m2_ptr=partials, count_ptr=partials, chunk_len=4096,
                             split=3), dict(flags, SPLIT_BLOCK=4), G.NUM_WARPS, 3)

@@ -1,17 +1,23 @@
 """GroupNorm forward with an optional fused SiLU, for NCHW and channels_last tensors.
 
-Large tensors take two launches, both split across many programs so that a small batch still fills the GPU (SD1.5 at
-batch 2 has only 64 (sample, group) pairs for 132 SMs):
+Large NCHW tensors take two launches, both split across many programs so that a small batch still fills the GPU (SD1.5
+at batch 2 has only 64 (sample, group) pairs for 132 SMs):
 
 1. ``_group_stats_kernel``: program (group, chunk) reduces one chunk of one group's elements to a partial
    (count, mean, M2), combining block by block with Chan's parallel formula — numerically robust in fp32 even for
    groups of 262,144 elements (SD's VAE decoder), where a plain sum of squares loses digits.
 2. ``_group_apply_kernel``: program (group, chunk) combines its group's partials into mean and 1/std, then
-   normalizes its chunk, applies weight and bias, and SiLU, writing the input's dtype and memory format.
+   normalizes its chunk, applies weight and bias, and SiLU, writing the input's dtype.
 
 Tensors of at most ``ONE_PASS_MAX_ELEMENTS`` (SD's 8x8 to 32x32 UNet levels) are launch-bound rather than
 bandwidth-bound: ``_group_norm_one_pass_kernel`` has one program per group compute the statistics and then normalize,
 in a single launch with no partials buffer (its second read of the group comes from L2).
+
+Large channels_last tensors take three launches instead (``_cl_*`` below). A group's C/G channels are a short run
+inside each position's C contiguous channels (10 elements at SD's 320 channels), too short and too unaligned for
+16-byte loads; so programs tile (positions x 64 channels) across groups, reduce per-channel partials over chunks of
+positions, a small kernel turns them into each group's mean and 1/std, and the output pass reads whole aligned
+rows again.
 
 No program waits on another. Element addresses are computed in int64. A group's elements are walked in memory order:
 in NCHW a group is one contiguous run of (C/G)*H*W elements; in channels_last it is C/G contiguous channels at each of
@@ -32,6 +38,7 @@ BLOCK = 256 if INTERPRET else 2048  # elements per loop iteration
 NUM_WARPS = 8
 TARGET_PROGRAMS = 4 * 132  # a few waves on an H100 (132 SMs)
 ONE_PASS_MAX_ELEMENTS = 1 << 20  # up to this size: one launch, one program per group (not yet timed on a GPU)
+CL_BLOCK_C = 64  # channels_last, large tensors: channels per tile (128 bytes of fp16 a row)
 
 
 @triton.jit
@@ -118,19 +125,17 @@ def _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd
 
 @triton.jit
 def _group_stats_kernel(
-    x_ptr,  # input, (N, C, *spatial) NCHW-contiguous or channels_last
+    x_ptr,  # input, (N, C, *spatial) NCHW-contiguous (large channels_last tensors take the _cl_* kernels)
     mean_ptr, m2_ptr, count_ptr,  # fp32 partials, (N * G * SPLIT,)
     hw, cpg, channels, group_len, chunk_len, split,  # H*W, C/G, C, (C/G)*H*W, elements per chunk, chunks per group
     num_groups,  # G
-    CPG: tl.constexpr,  # C/G as a compile-time constant in channels_last; 0 in NCHW (which reads cpg)
-    CHANNELS_LAST: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid_group = tl.program_id(0).to(tl.int64)  # n * G + g
     pid_chunk = tl.program_id(1)
-    _, base, start, end = _group_chunk(pid_group, pid_chunk, hw, cpg, CPG, channels, group_len, chunk_len, num_groups,
-                                       CHANNELS_LAST)
-    count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, CPG, channels, CHANNELS_LAST, BLOCK)
+    _, base, start, end = _group_chunk(pid_group, pid_chunk, hw, cpg, 0, channels, group_len, chunk_len, num_groups,
+                                       False)
+    count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, 0, channels, False, BLOCK)
     out = pid_group * split + pid_chunk
     tl.store(mean_ptr + out, mean)
     tl.store(m2_ptr + out, m2)
@@ -139,23 +144,21 @@ def _group_stats_kernel(
 
 @triton.jit
 def _group_apply_kernel(
-    x_ptr, y_ptr,  # input and output, same shape and memory format
+    x_ptr, y_ptr,  # input and output, (N, C, *spatial) NCHW-contiguous
     w_ptr, b_ptr,  # (C,) weight and bias (ignored unless HAS_WEIGHT / HAS_BIAS)
     mean_ptr, m2_ptr, count_ptr,  # fp32 partials from _group_stats_kernel, (N * G * SPLIT,)
     hw, cpg, channels, group_len, chunk_len, split, num_groups, eps,
-    CPG: tl.constexpr,  # C/G as a compile-time constant in channels_last; 0 in NCHW
-    CHANNELS_LAST: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SILU: tl.constexpr,
-    CHANNEL_PER_BLOCK: tl.constexpr,  # NCHW and H*W % BLOCK == 0 (see _normalize_chunk)
+    CHANNEL_PER_BLOCK: tl.constexpr,  # H*W % BLOCK == 0 (see _normalize_chunk)
     SPLIT_BLOCK: tl.constexpr,  # next power of two >= split
     BLOCK: tl.constexpr,
 ):
     pid_group = tl.program_id(0).to(tl.int64)
     pid_chunk = tl.program_id(1)
-    g, base, start, end = _group_chunk(pid_group, pid_chunk, hw, cpg, CPG, channels, group_len, chunk_len, num_groups,
-                                       CHANNELS_LAST)
+    g, base, start, end = _group_chunk(pid_group, pid_chunk, hw, cpg, 0, channels, group_len, chunk_len, num_groups,
+                                       False)
     # Combine the group's partials (Chan): mean = sum(c_i m_i) / sum(c_i), M2 = sum(M2_i) + sum(c_i (m_i - mean)^2).
     s = tl.arange(0, SPLIT_BLOCK)
     smask = s < split
@@ -167,8 +170,7 @@ def _group_apply_kernel(
     d = tl.where(smask, means - mean, 0.0)
     var = (tl.sum(m2s, axis=0) + tl.sum(counts * d * d, axis=0)) / total
     rstd = 1.0 / tl.sqrt(var + eps)
-    _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, cpg, CPG, channels,
-                     CHANNELS_LAST,
+    _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, cpg, 0, channels, False,
                      HAS_WEIGHT, HAS_BIAS, SILU, CHANNEL_PER_BLOCK, BLOCK)
 
 
@@ -191,8 +193,135 @@ def _group_norm_one_pass_kernel(
     count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, CPG, channels, CHANNELS_LAST, BLOCK)
     rstd = 1.0 / tl.sqrt(m2 / count + eps)
     _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, cpg, CPG, channels,
-                     CHANNELS_LAST,
-                     HAS_WEIGHT, HAS_BIAS, SILU, CHANNEL_PER_BLOCK, BLOCK)
+                     CHANNELS_LAST, HAS_WEIGHT, HAS_BIAS, SILU, CHANNEL_PER_BLOCK, BLOCK)
+
+
+@triton.jit
+def _cl_channel_stats_kernel(
+    x_ptr,  # (N, C, H, W) channels_last: element (n, c, position p) at n*HW*C + p*C + c
+    mean_ptr, m2_ptr,  # fp32 (N, SPLIT, C) out: each channel's mean and M2 over one chunk of positions
+    hw, channels, chunk, split,  # H*W, C, positions per chunk (a multiple of BLOCK_P), chunks per sample
+    BLOCK_P: tl.constexpr,  # positions per tile
+    BLOCK_C: tl.constexpr,  # channels per tile
+):
+    pid = tl.program_id(0).to(tl.int64)  # n * split + chunk index
+    n = pid // split
+    p_start = (pid % split) * chunk
+    p_end = tl.minimum(p_start + chunk, hw)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < channels
+    x_ptr += n * hw * channels
+    count = 0.0
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for p0 in range(p_start, p_end, BLOCK_P):  # Chan's formula per channel, tile by tile
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_ok = p < p_end
+        x = tl.load(x_ptr + p[:, None] * channels + c[None, :], mask=p_ok[:, None] & c_ok[None, :],
+                    other=0.0).to(tl.float32)
+        n_b = tl.minimum(p_end - p0, BLOCK_P).to(tl.float32)
+        b_mean = tl.sum(x, axis=0) / n_b
+        diff = tl.where(p_ok[:, None], x - b_mean[None, :], 0.0)
+        b_m2 = tl.sum(diff * diff, axis=0)
+        total = count + n_b
+        delta = b_mean - mean
+        mean = mean + delta * (n_b / total)
+        m2 = m2 + b_m2 + delta * delta * (count * n_b / total)
+        count = total
+    tl.store(mean_ptr + pid * channels + c, mean, mask=c_ok)
+    tl.store(m2_ptr + pid * channels + c, m2, mask=c_ok)
+
+
+@triton.jit
+def _cl_group_stats_kernel(
+    mean_ptr, m2_ptr,  # fp32 (N, SPLIT, C): per-channel partials from _cl_channel_stats_kernel
+    stats_ptr,  # fp32 (N * G, 2) out: each group's mean and 1/std
+    hw, channels, chunk, split, cpg, num_groups, eps,  # H*W, C, positions per chunk, chunks, C/G, G, epsilon
+    SPLIT_BLOCK: tl.constexpr,  # next power of two >= split
+    CPG_BLOCK: tl.constexpr,  # next power of two >= C/G
+):
+    pid = tl.program_id(0).to(tl.int64)  # n * G + g
+    n = pid // num_groups
+    g = pid % num_groups
+    s = tl.arange(0, SPLIT_BLOCK)
+    j = tl.arange(0, CPG_BLOCK)
+    ok = (s[:, None] < split) & (j[None, :] < cpg)
+    offs = (n * split + s[:, None]) * channels + g * cpg + j[None, :]
+    means = tl.load(mean_ptr + offs, mask=ok, other=0.0)
+    m2s = tl.load(m2_ptr + offs, mask=ok, other=0.0)
+    # Chan over (chunk, channel) pairs: a pair's count is its chunk's number of positions
+    counts = tl.where(ok, tl.minimum(hw - s * chunk, chunk).to(tl.float32)[:, None], 0.0)
+    total = tl.sum(tl.sum(counts, axis=1), axis=0)
+    mean = tl.sum(tl.sum(counts * means, axis=1), axis=0) / total
+    d = tl.where(ok, means - mean, 0.0)
+    var = tl.sum(tl.sum(m2s + counts * d * d, axis=1), axis=0) / total
+    tl.store(stats_ptr + pid * 2, mean)
+    tl.store(stats_ptr + pid * 2 + 1, 1.0 / tl.sqrt(var + eps))
+
+
+@triton.jit
+def _cl_apply_kernel(
+    x_ptr, y_ptr,  # (N, C, H, W) channels_last, input and output
+    w_ptr, b_ptr,  # (C,) weight and bias (ignored unless HAS_WEIGHT / HAS_BIAS)
+    stats_ptr,  # fp32 (N * G, 2): each group's mean and 1/std
+    hw, channels, chunk, split, cpg, num_groups,  # H*W, C, positions per chunk, chunks per sample, C/G, G
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)  # n * split + chunk index
+    n = pid // split
+    p_start = (pid % split) * chunk
+    p_end = tl.minimum(p_start + chunk, hw)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < channels
+    group = n * num_groups + c // cpg  # per channel, once per program
+    mean = tl.load(stats_ptr + group * 2, mask=c_ok, other=0.0)
+    scale = tl.load(stats_ptr + group * 2 + 1, mask=c_ok, other=0.0)
+    if HAS_WEIGHT:
+        scale = scale * tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    shift = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_BIAS:
+        shift = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    x_ptr += n * hw * channels
+    y_ptr += n * hw * channels
+    for p0 in range(p_start, p_end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = (p < p_end)[:, None] & c_ok[None, :]
+        offs = p[:, None] * channels + c[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = (x - mean[None, :]) * scale[None, :] + shift[None, :]  # x - mean first: no cancellation at large means
+        if SILU:
+            y = y / (1.0 + tl.exp(-y))
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _channels_last_split(x, y, w, b, num_groups, eps, has_weight, has_bias, silu):
+    """The three-launch channels_last plan for large tensors (see the module docstring)."""
+    n, c = x.shape[:2]
+    hw = x.shape[2] * x.shape[3]
+    cpg = c // num_groups
+    block_c = min(CL_BLOCK_C, triton.next_power_of_2(c))
+    block_p = BLOCK // block_c
+    c_tiles = triton.cdiv(c, block_c)
+    # enough programs to fill the GPU, and few enough chunks for the group kernel's (chunks x C/G) tile
+    cpg_block = triton.next_power_of_2(cpg)
+    split = max(1, min(triton.cdiv(TARGET_PROGRAMS, n * c_tiles), triton.cdiv(hw, block_p), 8192 // cpg_block))
+    chunk = triton.cdiv(triton.cdiv(hw, split), block_p) * block_p
+    split = triton.cdiv(hw, chunk)
+    partials = torch.empty((2, n * split * c), device=x.device, dtype=torch.float32)
+    stats = torch.empty((n * num_groups, 2), device=x.device, dtype=torch.float32)
+    grid = (n * split, c_tiles)
+    _cl_channel_stats_kernel[grid](x, partials[0], partials[1], hw, c, chunk, split, BLOCK_P=block_p,
+                                   BLOCK_C=block_c, num_warps=NUM_WARPS)
+    _cl_group_stats_kernel[(n * num_groups,)](partials[0], partials[1], stats, hw, c, chunk, split, cpg, num_groups,
+                                              float(eps), SPLIT_BLOCK=triton.next_power_of_2(split),
+                                              CPG_BLOCK=cpg_block, num_warps=4)
+    _cl_apply_kernel[grid](x, y, w, b, stats, hw, c, chunk, split, cpg, num_groups, HAS_WEIGHT=has_weight,
+                           HAS_BIAS=has_bias, SILU=silu, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=NUM_WARPS)
+    return y
 
 
 def _layout(x: torch.Tensor):
@@ -229,14 +358,16 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=Tru
         _group_norm_one_pass_kernel[(n * num_groups,)](x, y, w, b, hw, cpg, c, group_len, num_groups, float(eps),
                                                        **flags)
         return y
+    if channels_last:
+        return _channels_last_split(x, y, w, b, num_groups, eps, weight is not None, bias is not None, bool(silu))
     split = max(1, min(triton.cdiv(TARGET_PROGRAMS, n * num_groups), triton.cdiv(group_len, BLOCK)))
     chunk_len = triton.cdiv(triton.cdiv(group_len, split), BLOCK) * BLOCK
     split = triton.cdiv(group_len, chunk_len)
     partials = torch.empty((3, n * num_groups * split), device=x.device, dtype=torch.float32)
     grid = (n * num_groups, split)
     _group_stats_kernel[grid](x, partials[0], partials[1], partials[2], hw, cpg, c, group_len, chunk_len, split,
-                              num_groups, CPG=flags["CPG"], CHANNELS_LAST=channels_last, BLOCK=BLOCK,
-                              num_warps=NUM_WARPS)
+                              num_groups, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    del flags["CPG"], flags["CHANNELS_LAST"]  # NCHW here
     _group_apply_kernel[grid](x, y, w, b, partials[0], partials[1], partials[2], hw, cpg, c, group_len, chunk_len,
                               split, num_groups, float(eps), SPLIT_BLOCK=triton.next_power_of_2(split), **flags)
     return y

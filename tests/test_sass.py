@@ -95,13 +95,25 @@ def test_group_norm_never_stores_one_element_at_a_time(group_norm_rows):
 
 def test_group_norm_channels_last_loads_are_vectors(group_norm_rows):
     for row in group_norm_rows:
-        if row["constexprs"]["CHANNELS_LAST"]:
+        if row["constexprs"].get("CHANNELS_LAST") or " cl-" in row["case"]:
             assert "LDG.E.U16" not in row["instructions"], f"{row['case']}: {row['instructions']}"
+
+
+def test_large_channels_last_tensors_move_16_bytes_at_every_channels_per_group(group_norm_rows):
+    """The three-launch channels_last plan tiles 64 whole channels across groups, so its input and output passes
+    move 16 bytes at a time whatever C/G is (10, 20 or 4 here; the one-launch plan gets 4 or 8 there)."""
+    cl = {row["case"]: row["instructions"] for row in group_norm_rows if " cl-" in row["case"]}
+    assert {case.split()[2] for case in cl} >= {"2x320x64x64", "2x640x32x32", "1x128x1024x1024"}
+    for case, ops in cl.items():
+        if "cl-stats" in case or "cl-apply" in case:
+            assert "LDG.E.128" in ops, f"{case}: {ops}"
+        if "cl-apply" in case:
+            assert [op for op in ops if op.startswith("STG")] == ["STG.E.128"], f"{case}: {ops}"
 
 
 def test_group_norm_nchw_reads_weight_and_bias_once_per_block(group_norm_rows):
     """NCHW with H*W a multiple of the block: two scalar loads (weight, bias) a block, not a gather per element."""
-    per_block = [row for row in group_norm_rows if row["constexprs"]["CHANNEL_PER_BLOCK"]]
+    per_block = [row for row in group_norm_rows if row["constexprs"].get("CHANNEL_PER_BLOCK")]
     assert per_block
     for row in per_block:
         assert row["instructions"].get("LDG.E.U16", 0) <= 2, f"{row['case']}: {row['instructions']}"
