@@ -101,6 +101,9 @@ def test_bad_eps():
         ops.group_norm_silu(torch.randn(1, 4, 2, 2, device=DEVICE), 2, eps=0.0, backend="triton")
 
 
+# The interpreter computes masked-off lanes too: their zero-filled inputs normalise to about -500, and SiLU's exp
+# overflows there (NumPy warns; those lanes are never stored).
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_large_mean_keeps_fp32_accuracy(channels_last, path):
     """|mean| = 500 x std: the variance by Chan's formula keeps fp32 accuracy, where E[x^2] - E[x]^2 would leave
