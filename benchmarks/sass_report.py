@@ -125,7 +125,11 @@ def _cl_split_cases(x, groups, label, has_affine=True, silu=True):
            dict(sizes, x_ptr=x, mean_ptr=partials, m2_ptr=partials), tiles, G.NUM_WARPS, 3)
     yield (f"group_norm_silu cl-groups {label}", G._cl_group_stats_kernel,
            dict(sizes, mean_ptr=partials, m2_ptr=partials, stats_ptr=stats, cpg=cpg, num_groups=groups, eps=1e-5),
-           dict(SPLIT_BLOCK=4, CPG_BLOCK=triton.next_power_of_2(cpg)), 4, 3)
+           dict(SPLIT_BLOCK=4, CPG_BLOCK=triton.next_power_of_2(cpg)), 8, 3)
+    # the largest chunks x C/G tile the launcher allows (4096 values)
+    yield (f"group_norm_silu cl-groups {label} largest tile", G._cl_group_stats_kernel,
+           dict(sizes, mean_ptr=partials, m2_ptr=partials, stats_ptr=stats, cpg=cpg, num_groups=groups, eps=1e-5),
+           dict(SPLIT_BLOCK=4096 // triton.next_power_of_2(cpg), CPG_BLOCK=triton.next_power_of_2(cpg)), 8, 3)
     yield (f"group_norm_silu cl-apply {label}", G._cl_apply_kernel,
            dict(sizes, x_ptr=x, y_ptr=x, w_ptr=x, b_ptr=x, stats_ptr=stats, cpg=cpg, num_groups=groups),
            dict(tiles, HAS_WEIGHT=has_affine, HAS_BIAS=has_affine, SILU=silu), G.NUM_WARPS, 3)

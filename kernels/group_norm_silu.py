@@ -306,9 +306,10 @@ def _channels_last_split(x, y, w, b, num_groups, eps, has_weight, has_bias, silu
     block_c = min(CL_BLOCK_C, triton.next_power_of_2(c))
     block_p = BLOCK // block_c
     c_tiles = triton.cdiv(c, block_c)
-    # enough programs to fill the GPU, and few enough chunks for the group kernel's (chunks x C/G) tile
+    # enough programs to fill the GPU, and few enough chunks that the group kernel's (chunks x C/G) tile stays at
+    # 4096 values or fewer (8 warps hold that without spilling, compiled for sm_90)
     cpg_block = triton.next_power_of_2(cpg)
-    split = max(1, min(triton.cdiv(TARGET_PROGRAMS, n * c_tiles), triton.cdiv(hw, block_p), 8192 // cpg_block))
+    split = max(1, min(triton.cdiv(TARGET_PROGRAMS, n * c_tiles), triton.cdiv(hw, block_p), 4096 // cpg_block))
     chunk = triton.cdiv(triton.cdiv(hw, split), block_p) * block_p
     split = triton.cdiv(hw, chunk)
     partials = torch.empty((2, n * split * c), device=x.device, dtype=torch.float32)
@@ -318,7 +319,7 @@ def _channels_last_split(x, y, w, b, num_groups, eps, has_weight, has_bias, silu
                                    BLOCK_C=block_c, num_warps=NUM_WARPS)
     _cl_group_stats_kernel[(n * num_groups,)](partials[0], partials[1], stats, hw, c, chunk, split, cpg, num_groups,
                                               float(eps), SPLIT_BLOCK=triton.next_power_of_2(split),
-                                              CPG_BLOCK=cpg_block, num_warps=4)
+                                              CPG_BLOCK=cpg_block, num_warps=8)
     _cl_apply_kernel[grid](x, y, w, b, stats, hw, c, chunk, split, cpg, num_groups, HAS_WEIGHT=has_weight,
                            HAS_BIAS=has_bias, SILU=silu, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=NUM_WARPS)
     return y
