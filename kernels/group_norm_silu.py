@@ -66,6 +66,14 @@ def _group_chunk(pid_group, pid_chunk, hw, cpg, CPG: tl.constexpr, channels, gro
 
 
 @triton.jit
+def _chan_merge(count, mean, m2, n_b, b_mean, b_m2):
+    """Chan's parallel formula: (count, mean, M2) of a set merged with a block's (n_b, b_mean, b_m2)."""
+    total = count + n_b
+    delta = b_mean - mean
+    return total, mean + delta * (n_b / total), m2 + b_m2 + delta * delta * (count * n_b / total)
+
+
+@triton.jit
 def _chunk_moments(x_ptr, base, start, end, hw, CPG: tl.constexpr, channels, CHANNELS_LAST: tl.constexpr,
                    BLOCK: tl.constexpr):
     """(count, mean, M2) of a group's elements [start, end), merged block by block with Chan's formula."""
@@ -81,11 +89,7 @@ def _chunk_moments(x_ptr, base, start, end, hw, CPG: tl.constexpr, channels, CHA
         b_mean = tl.sum(x, axis=0) / n_b
         diff = tl.where(mask, x - b_mean, 0.0)
         b_m2 = tl.sum(diff * diff, axis=0)
-        total = count + n_b
-        delta = b_mean - mean
-        mean = mean + delta * (n_b / total)
-        m2 = m2 + b_m2 + delta * delta * (count * n_b / total)
-        count = total
+        count, mean, m2 = _chan_merge(count, mean, m2, n_b, b_mean, b_m2)
     return count, mean, m2
 
 
@@ -197,6 +201,17 @@ def _group_norm_one_pass_kernel(
 
 
 @triton.jit
+def _cl_tile(hw, channels, chunk, split, BLOCK_C: tl.constexpr):
+    """Program (n * split + s, channel tile): its index, sample n, positions [p_start, p_end), channels c, c < C."""
+    pid = tl.program_id(0).to(tl.int64)
+    n = pid // split
+    p_start = (pid % split) * chunk
+    p_end = tl.minimum(p_start + chunk, hw)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return pid, n, p_start, p_end, c, c < channels
+
+
+@triton.jit
 def _cl_channel_stats_kernel(
     x_ptr,  # (N, C, H, W) channels_last: element (n, c, position p) at n*HW*C + p*C + c
     mean_ptr, m2_ptr,  # fp32 (N, SPLIT, C) out: each channel's mean and M2 over one chunk of positions
@@ -204,12 +219,7 @@ def _cl_channel_stats_kernel(
     BLOCK_P: tl.constexpr,  # positions per tile
     BLOCK_C: tl.constexpr,  # channels per tile
 ):
-    pid = tl.program_id(0).to(tl.int64)  # n * split + chunk index
-    n = pid // split
-    p_start = (pid % split) * chunk
-    p_end = tl.minimum(p_start + chunk, hw)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < channels
+    pid, n, p_start, p_end, c, c_ok = _cl_tile(hw, channels, chunk, split, BLOCK_C)
     x_ptr += n * hw * channels
     count = 0.0
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -223,11 +233,7 @@ def _cl_channel_stats_kernel(
         b_mean = tl.sum(x, axis=0) / n_b
         diff = tl.where(p_ok[:, None], x - b_mean[None, :], 0.0)
         b_m2 = tl.sum(diff * diff, axis=0)
-        total = count + n_b
-        delta = b_mean - mean
-        mean = mean + delta * (n_b / total)
-        m2 = m2 + b_m2 + delta * delta * (count * n_b / total)
-        count = total
+        count, mean, m2 = _chan_merge(count, mean, m2, n_b, b_mean, b_m2)
     tl.store(mean_ptr + pid * channels + c, mean, mask=c_ok)
     tl.store(m2_ptr + pid * channels + c, m2, mask=c_ok)
 
@@ -271,12 +277,7 @@ def _cl_apply_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)  # n * split + chunk index
-    n = pid // split
-    p_start = (pid % split) * chunk
-    p_end = tl.minimum(p_start + chunk, hw)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < channels
+    pid, n, p_start, p_end, c, c_ok = _cl_tile(hw, channels, chunk, split, BLOCK_C)
     group = n * num_groups + c // cpg  # per channel, once per program
     mean = tl.load(stats_ptr + group * 2, mask=c_ok, other=0.0)
     scale = tl.load(stats_ptr + group * 2 + 1, mask=c_ok, other=0.0)
