@@ -299,8 +299,9 @@ def _cl_apply_kernel(
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _channels_last_split(x, y, w, b, num_groups, eps, has_weight, has_bias, silu):
-    """The three-launch channels_last plan for large tensors (see the module docstring)."""
+def _channels_last_split(x, y, w, b, num_groups, eps, output):
+    """The three-launch channels_last plan for large tensors (see the module docstring); output: the HAS_WEIGHT,
+    HAS_BIAS and SILU constexprs."""
     n, c = x.shape[:2]
     hw = x.shape[2] * x.shape[3]
     cpg = c // num_groups
@@ -321,8 +322,8 @@ def _channels_last_split(x, y, w, b, num_groups, eps, has_weight, has_bias, silu
     _cl_group_stats_kernel[(n * num_groups,)](partials[0], partials[1], stats, hw, c, chunk, split, cpg, num_groups,
                                               float(eps), SPLIT_BLOCK=triton.next_power_of_2(split),
                                               CPG_BLOCK=cpg_block, num_warps=8)
-    _cl_apply_kernel[grid](x, y, w, b, stats, hw, c, chunk, split, cpg, num_groups, HAS_WEIGHT=has_weight,
-                           HAS_BIAS=has_bias, SILU=silu, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=NUM_WARPS)
+    _cl_apply_kernel[grid](x, y, w, b, stats, hw, c, chunk, split, cpg, num_groups, **output, BLOCK_P=block_p,
+                           BLOCK_C=block_c, num_warps=NUM_WARPS)
     return y
 
 
@@ -353,15 +354,15 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=Tru
     # In channels_last C/G is a compile-time constant, so the offsets are multiply-shifts with known contiguous runs,
     # which the compiler vectorises (benchmarks/sass_report.py); one compile per C/G value (SD's UNet has nine, none
     # per resolution). NCHW gains nothing from it (a group is one contiguous run) and keeps one compile for all C/G.
-    flags = dict(CPG=cpg if channels_last else 0, CHANNELS_LAST=channels_last, HAS_WEIGHT=weight is not None,
-                 HAS_BIAS=bias is not None, SILU=bool(silu), CHANNEL_PER_BLOCK=not channels_last and hw % BLOCK == 0,
-                 BLOCK=BLOCK, num_warps=NUM_WARPS)
+    output = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=bool(silu))
+    flags = dict(output, CHANNEL_PER_BLOCK=not channels_last and hw % BLOCK == 0, BLOCK=BLOCK, num_warps=NUM_WARPS)
     if x.numel() <= ONE_PASS_MAX_ELEMENTS:
         _group_norm_one_pass_kernel[(n * num_groups,)](x, y, w, b, hw, cpg, c, group_len, num_groups, float(eps),
+                                                       CPG=cpg if channels_last else 0, CHANNELS_LAST=channels_last,
                                                        **flags)
         return y
     if channels_last:
-        return _channels_last_split(x, y, w, b, num_groups, eps, weight is not None, bias is not None, bool(silu))
+        return _channels_last_split(x, y, w, b, num_groups, eps, output)
     split = max(1, min(triton.cdiv(TARGET_PROGRAMS, n * num_groups), triton.cdiv(group_len, BLOCK)))
     chunk_len = triton.cdiv(triton.cdiv(group_len, split), BLOCK) * BLOCK
     split = triton.cdiv(group_len, chunk_len)
@@ -369,7 +370,6 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=Tru
     grid = (n * num_groups, split)
     _group_stats_kernel[grid](x, partials[0], partials[1], partials[2], hw, cpg, c, group_len, chunk_len, split,
                               num_groups, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    del flags["CPG"], flags["CHANNELS_LAST"]  # NCHW here
     _group_apply_kernel[grid](x, y, w, b, partials[0], partials[1], partials[2], hw, cpg, c, group_len, chunk_len,
                               split, num_groups, float(eps), SPLIT_BLOCK=triton.next_power_of_2(split), **flags)
     return y
