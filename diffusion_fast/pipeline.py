@@ -52,6 +52,13 @@ def _resolve_dtype(dtype):
     return names[dtype]
 
 
+def _auto_or_bool_setting(name: str, doc: str) -> property:
+    """A pipeline setting that is "auto", True or False, refused at the assignment otherwise."""
+    attr = "_" + name
+    return property(lambda self: getattr(self, attr),
+                    lambda self, value: setattr(self, attr, _validate.auto_or_bool(name, value)), doc=doc)
+
+
 class StableDiffusionPipeline:
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, cuda_graph="auto", channels_last="auto"):
         self.channels_last = channels_last  # validated by the property setters below
@@ -103,23 +110,10 @@ class StableDiffusionPipeline:
             return cls.from_pretrained(folder, dtype=dtype, device=device, cuda_graph=cuda_graph,
                                        channels_last=channels_last)
 
-    @property
-    def cuda_graph(self):
-        """"auto" (capture on CUDA where possible), True (CUDA required) or False."""
-        return self._cuda_graph
-
-    @cuda_graph.setter
-    def cuda_graph(self, value):
-        self._cuda_graph = _validate.auto_or_bool("cuda_graph", value)
-
-    @property
-    def channels_last(self):
-        """"auto" (channels_last on the CPU, NCHW on CUDA), True or False: the UNet's and VAE's memory format."""
-        return self._channels_last
-
-    @channels_last.setter
-    def channels_last(self, value):
-        self._channels_last = _validate.auto_or_bool("channels_last", value)
+    cuda_graph = _auto_or_bool_setting("cuda_graph", '"auto" (capture on CUDA where possible), True (CUDA required) '
+                                                     'or False.')
+    channels_last = _auto_or_bool_setting("channels_last", '"auto" (channels_last on the CPU, NCHW on CUDA), True or '
+                                                           "False: the UNet's and VAE's memory format.")
 
     @property
     def device(self) -> torch.device:
@@ -217,7 +211,7 @@ class StableDiffusionPipeline:
     def _denoise_step(self, latents, t, embeds, guidance_scale, do_cfg, eta, generator, unet=None):
         model_input = torch.cat([latents, latents]) if do_cfg else latents
         model_input = self.scheduler.scale_model_input(model_input, t)
-        noise_pred = (unet or self.unet)(model_input, t, embeds)
+        noise_pred = (self.unet if unet is None else unet)(model_input, t, embeds)
         if do_cfg and isinstance(self.scheduler, DDIMScheduler):
             uncond, text = noise_pred.chunk(2)
             return self.scheduler.step_cfg(uncond, text, guidance_scale, t, latents, eta=eta, generator=generator).prev_sample
