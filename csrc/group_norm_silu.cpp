@@ -3,7 +3,7 @@
 // Statistics are fp32 per chunk or block, merged in double with Chan's parallel formula, and robust when
 // |mean| >> std (no sum(x^2) - n*mean^2). The output pass computes silu((x - mean) * scale[c] + shift[c]) in one
 // vectorised loop with no intermediate tensor. It is compute-bound (an exp and a divide per element), so fp32 SiLU
-// uses AVX-512 intrinsics (silu_avx512.h) where the CPU has them, and the other loops run an AVX-512 build of the
+// uses AVX-512 intrinsics (silu.h) where the CPU has them, and the other loops run an AVX-512 build of the
 // same code (vectorize.h).
 //
 // NCHW: each (sample, group) is one contiguous run. With at least as many runs as threads, each task owns

@@ -17,19 +17,21 @@ namespace diffusion_fast {
 
 // exp(x) for fp32 in plain arithmetic the compiler vectorises (Cephes' degree-6 polynomial on x - n ln2, relative
 // error < 1e-7 over the fp32 range). n is rounded with the 1.5 * 2^23 trick and clamped as an integer: that keeps
-// the loop branch-free (no float clamp the compiler would split into denormal-producing paths).
+// the loop branch-free (no float clamp the compiler would split into denormal-producing paths). 2^n is applied as
+// 2^(n-1) * 2 so that n reaches 128: exp(x) overflows to inf above ~88.72 as expf does (SiLU's limits depend on it:
+// v = -1e30 gives -0 and v = -inf gives NaN, as v * sigmoid(v) does), instead of stopping at a finite 2^127.
 inline float exp_approx(float x) {
   const float t = x * 1.44269504088896341f + 12582912.0f;
   int32_t n;
   std::memcpy(&n, &t, sizeof(n));
   n -= 0x4B400000;
-  n = n < -126 ? -126 : n;
-  n = n > 127 ? 127 : n;
+  n = n < -125 ? -125 : n;
+  n = n > 128 ? 128 : n;
   const float nf = static_cast<float>(n);
-  const int32_t bits = (n + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const float xc = std::min(std::max(x, -88.0f), 88.0f);  // beyond this, exp is 0 or inf either way
+  const int32_t bits = (n - 1 + 127) << 23;
+  float half_scale;
+  std::memcpy(&half_scale, &bits, sizeof(half_scale));
+  const float xc = std::min(std::max(x, -88.0f), 89.0f);  // beyond this, exp is 0 or inf either way
   const float r = (xc - nf * 0.693359375f) + nf * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -38,7 +40,7 @@ inline float exp_approx(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  return p * scale;
+  return p * half_scale * 2.0f;
 }
 
 }  // namespace diffusion_fast
