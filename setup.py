@@ -40,7 +40,9 @@ def extensions():
     if not cpp_sources:
         return []
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    cxx_flags = ["-O3", "-std=c++17", "-fno-trapping-math"] + native_vector_flags()
+    # no -std: BuildExtension adds the standard its torch wants (C++20 in torch 2.13 and 2.14). A fixed -std=c++17
+    # overrode it, and torch 2.14's headers refuse C++17 ("C++20 or later compatible compiler is required").
+    cxx_flags = ["-O3", "-fno-trapping-math"] + native_vector_flags()
     if not os.environ.get("DIFFUSION_FAST_NO_OPENMP"):
         cxx_flags.append("-fopenmp")
     use_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
