@@ -3,7 +3,7 @@
 // Statistics are fp32 per chunk or block, merged in double with Chan's parallel formula, and robust when
 // |mean| >> std (no sum(x^2) - n*mean^2). The output pass computes silu((x - mean) * scale[c] + shift[c]) in one
 // vectorised loop with no intermediate tensor. It is compute-bound (an exp and a divide per element), so fp32 SiLU
-// uses AVX-512 intrinsics (silu.h) where the CPU has them, and the other loops run an AVX-512 build of the
+// uses AVX-512 or AVX2 intrinsics (silu.h), and the other loops run an AVX-512 build of the
 // same code (vectorize.h).
 //
 // NCHW: each (sample, group) is one contiguous run. With at least as many runs as threads, each task owns
@@ -67,7 +67,8 @@ __attribute__((always_inline)) inline void affine_body(const scalar_t* __restric
   }
 }
 
-// The output pass over one row, for use inside widest(): fp32 SiLU takes the AVX-512 intrinsics where available.
+// The output pass over one row, for use inside widest(): fp32 SiLU takes the AVX-512 intrinsics where the CPU has
+// them, else the AVX2 ones where the build targets AVX2.
 template <typename scalar_t, bool SILU, int STRIDE>
 __attribute__((always_inline)) inline void affine_row(const scalar_t* x, scalar_t* y, int64_t len, const float* mean,
                                                        const float* scale, const float* shift) {
@@ -75,6 +76,9 @@ __attribute__((always_inline)) inline void affine_row(const scalar_t* x, scalar_
   if constexpr (SILU && std::is_same<scalar_t, float>::value) {
     if (has_avx512()) return silu_affine_avx512<STRIDE>(x, y, len, mean, scale, shift);
   }
+#endif
+#if defined(DIFFUSION_FAST_SILU_AVX2)
+  if constexpr (SILU && std::is_same<scalar_t, float>::value) return silu_affine_avx2<STRIDE>(x, y, len, mean, scale, shift);
 #endif
   affine_body<scalar_t, SILU, STRIDE>(x, y, len, mean, scale, shift);
 }
@@ -110,6 +114,14 @@ __attribute__((always_inline)) inline void affine_and_moments_body(const scalar_
   if constexpr (SILU && std::is_same<scalar_t, float>::value) {
     if (x != nullptr && has_avx512()) {
       s = silu_affine_and_sum_avx512(x, y, len, mean, scale, shift, next);
+      summed = true;
+    }
+  }
+#endif
+#if defined(DIFFUSION_FAST_SILU_AVX2)
+  if constexpr (SILU && std::is_same<scalar_t, float>::value) {
+    if (x != nullptr && !summed) {
+      s = silu_affine_and_sum_avx2(x, y, len, mean, scale, shift, next);
       summed = true;
     }
   }

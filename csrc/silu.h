@@ -1,12 +1,12 @@
 // SiLU for the output pass of group_norm_silu.cpp: a portable exp the compiler vectorises, and fp32 SiLU in AVX-512
-// intrinsics for y = silu((x - mean) * scale + shift).
+// and AVX2 intrinsics for y = silu((x - mean) * scale + shift).
 //
-// The output pass is compute-bound, so on AVX-512 it is written in intrinsics rather than left to the vectoriser:
+// The output pass is compute-bound, so it is written in intrinsics rather than left to the vectoriser:
 // exp(-v) = 2^n * 2^f with n = round(-v log2 e), f = -v log2 e - n in [-1/2, 1/2], 2^f by its degree-6 Taylor
-// polynomial (relative error < 1.3e-7) and 2^n applied by scalef; then v / (1 + exp(-v)) with an IEEE divide.
-// -v log2 e is clamped to [-150, 200] first, so inf - inf never happens inside: exp(-v) underflows to 0 (v = +inf
-// gives inf) or overflows to inf (v = -1e30 gives -0, like v * sigmoid(v)); the clamps keep NaN, as max/min return
-// their second operand, the input, when either is NaN.
+// polynomial (relative error < 1.3e-7) and 2^n applied by scalef (AVX-512) or built in the exponent bits (AVX2);
+// then v / (1 + exp(-v)) with an IEEE divide. -v log2 e is clamped first, so inf - inf never happens inside:
+// exp(-v) underflows to ~0 (v = +inf gives inf) or overflows to inf (v = -1e30 gives -0 and v = -inf gives NaN, like
+// v * sigmoid(v)); the clamps keep NaN, as max/min return their second operand, the input, when either is NaN.
 #pragma once
 
 #include <algorithm>
@@ -105,6 +105,84 @@ __attribute__((target("avx512f"), noinline)) inline float silu_affine_and_sum_av
     acc[j] = _mm512_add_ps(acc[j], _mm512_maskz_loadu_ps(k, next + i));
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+}
+
+}  // namespace diffusion_fast
+#endif
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__AVX2__) && defined(__FMA__)
+#define DIFFUSION_FAST_SILU_AVX2 1
+#include <immintrin.h>
+
+namespace diffusion_fast {
+
+// silu16 in 8 lanes, for CPUs with AVX2 but not AVX-512 (the build's baseline when setup.py passes -mavx2 -mfma).
+// No scalef: -v log2 e is clamped to [-125, 128] and 2^n is built in the exponent bits as 2^(n-1), times 2, so that
+// n = 128 still overflows to inf (exp(-v) for v < -88.7); at -125, exp(-v) is 2^-125 instead of smaller, which
+// leaves v / (1 + exp(-v)) = v unchanged in fp32.
+__attribute__((always_inline)) inline __m256 silu8(__m256 v) {
+  const __m256 t = _mm256_min_ps(_mm256_set1_ps(128.0f),
+                                 _mm256_max_ps(_mm256_set1_ps(-125.0f),
+                                               _mm256_mul_ps(v, _mm256_set1_ps(-1.44269504088896341f))));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(t, n);
+  __m256 p = _mm256_set1_ps(1.5403530393381609954e-4f);  // the same polynomial as silu16
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443423e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284771620e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821579953e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071233e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994530942e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256 half_scale = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(126)), 23));  // 2^(n-1)
+  const __m256 e = _mm256_mul_ps(p, half_scale);
+  return _mm256_div_ps(v, _mm256_fmadd_ps(e, _mm256_set1_ps(2.0f), _mm256_set1_ps(1.0f)));
+}
+
+// Lanes [0, left) of a vector (left < 8) for the masked tail: maskload/maskstore are slow on some CPUs, so whole
+// vectors go unmasked.
+__attribute__((always_inline)) inline __m256i tail_mask8(int64_t left) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// silu_affine_avx512 in 8 lanes.
+template <int STRIDE>
+__attribute__((noinline)) void silu_affine_avx2(const float* x, float* y, int64_t len, const float* mean,
+                                                const float* scale, const float* shift) {
+  const __m256 m0 = _mm256_set1_ps(mean[0]), s0 = _mm256_set1_ps(scale[0]), b0 = _mm256_set1_ps(shift[0]);
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    const __m256 m = STRIDE ? _mm256_loadu_ps(mean + i) : m0, s = STRIDE ? _mm256_loadu_ps(scale + i) : s0,
+                 b = STRIDE ? _mm256_loadu_ps(shift + i) : b0;
+    _mm256_storeu_ps(y + i, silu8(_mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), m), s, b)));
+  }
+  if (i < len) {
+    const __m256i k = tail_mask8(len - i);
+    const __m256 m = STRIDE ? _mm256_maskload_ps(mean + i, k) : m0, s = STRIDE ? _mm256_maskload_ps(scale + i, k) : s0,
+                 b = STRIDE ? _mm256_maskload_ps(shift + i, k) : b0;
+    _mm256_maskstore_ps(y + i, k, silu8(_mm256_fmadd_ps(_mm256_sub_ps(_mm256_maskload_ps(x + i, k), m), s, b)));
+  }
+}
+
+// silu_affine_and_sum_avx512 in 8 lanes: returns sum(next[0..len)).
+__attribute__((noinline)) inline float silu_affine_and_sum_avx2(const float* x, float* y, int64_t len, float mean,
+                                                                float scale, float shift, const float* next) {
+  const __m256 m = _mm256_set1_ps(mean), s = _mm256_set1_ps(scale), b = _mm256_set1_ps(shift);
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t i = 0;
+  for (int64_t j = 0; i + 8 <= len; i += 8, j = (j + 1) & 3) {
+    _mm256_storeu_ps(y + i, silu8(_mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), m), s, b)));
+    acc[j] = _mm256_add_ps(acc[j], _mm256_loadu_ps(next + i));
+  }
+  if (i < len) {
+    const __m256i k = tail_mask8(len - i);
+    _mm256_maskstore_ps(y + i, k, silu8(_mm256_fmadd_ps(_mm256_sub_ps(_mm256_maskload_ps(x + i, k), m), s, b)));
+    acc[0] = _mm256_add_ps(acc[0], _mm256_maskload_ps(next + i, k));
+  }
+  const __m256 a = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
 }
 
 }  // namespace diffusion_fast
