@@ -7,6 +7,7 @@ with CUDAExtension when this torch has CUDA and nvcc is found, otherwise with Cp
 """
 import glob
 import os
+import runpy
 
 from setuptools import setup
 
@@ -22,17 +23,9 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def native_vector_flags():
-    """-mavx2 -mfma when the building machine has them (the extension is built where it runs), so the step and
-    GroupNorm loops vectorise 8 floats wide; nothing otherwise. DIFFUSION_FAST_PORTABLE=1 turns this off."""
-    if os.environ.get("DIFFUSION_FAST_PORTABLE"):
-        return []
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return []
-    return ["-mavx2", "-mfma"] if {"avx2", "fma"} <= flags else []
+# the flags live in the package so that the just-in-time build (diffusion_fast/_cpp.py) uses the same ones; loaded by
+# path because the package itself cannot be imported before it is built
+BUILD_FLAGS = runpy.run_path(os.path.join(HERE, "diffusion_fast", "_build_flags.py"))
 
 
 def extensions():
@@ -40,11 +33,7 @@ def extensions():
     if not cpp_sources:
         return []
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    # no -std: BuildExtension adds the standard its torch wants (C++20 in torch 2.13 and 2.14). A fixed -std=c++17
-    # overrode it, and torch 2.14's headers refuse C++17 ("C++20 or later compatible compiler is required").
-    cxx_flags = ["-O3", "-fno-trapping-math"] + native_vector_flags()
-    if not os.environ.get("DIFFUSION_FAST_NO_OPENMP"):
-        cxx_flags.append("-fopenmp")
+    cxx_flags, link_flags = BUILD_FLAGS["cxx_flags"](), BUILD_FLAGS["link_flags"]()
     use_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
     if os.environ.get("DIFFUSION_FAST_NO_CUDA"):
         use_cuda = False
@@ -55,13 +44,13 @@ def extensions():
             define_macros=[("DIFFUSION_FAST_WITH_CUDA", "1")],
             # no --use_fast_math: a_t / a_prev must be exactly 1 when they are equal (no noise at the last step)
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
-            extra_link_args=["-fopenmp"] if "-fopenmp" in cxx_flags else [],
+            extra_link_args=link_flags,
         )]
     return [CppExtension(
         "diffusion_fast._C",
         cpp_sources,
         extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"] if "-fopenmp" in cxx_flags else [],
+        extra_link_args=link_flags,
     )]
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ._build_flags import cxx_flags, link_flags
+
 _lock = threading.Lock()
 _state = {"loaded": None, "tried": False}
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -29,11 +31,12 @@ def _jit_build():
     if not sources:
         raise FileNotFoundError(f"no C++ sources in {CSRC} (an installed wheel without a built extension?)")
     cuda = sorted(glob.glob(str(CSRC / "cuda" / "*.cu")))
-    use_cuda = bool(cuda) and torch.version.cuda is not None and CUDA_HOME is not None
+    use_cuda = (bool(cuda) and torch.version.cuda is not None and CUDA_HOME is not None
+                and not os.environ.get("DIFFUSION_FAST_NO_CUDA"))  # as in setup.py
     warnings.warn("diffusion_fast: the prebuilt C++ extension is missing; building it now (about a minute, once)",
                   RuntimeWarning, stacklevel=4)
-    load(name="diffusion_fast_C", sources=sources + (cuda if use_cuda else []), extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math"],
-         extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3"], is_python_module=False, verbose=False)
+    load(name="diffusion_fast_C", sources=sources + (cuda if use_cuda else []), extra_cflags=cxx_flags(),
+         extra_ldflags=link_flags(), extra_cuda_cflags=["-O3"], is_python_module=False, verbose=False)
 
 
 def load_ops():

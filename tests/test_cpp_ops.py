@@ -257,6 +257,28 @@ def test_no_prebuilt_and_no_jit_gives_one_warning_and_none(monkeypatch):
     assert not _cpp.has_cuda()
 
 
+def test_jit_build_compiles_with_the_install_build_flags(monkeypatch):
+    """The just-in-time build passes the same C++ flags as setup.py (before, it lacked -mavx2 -mfma, so a JIT-built
+    extension silently left out the AVX2 SiLU path)."""
+    import runpy
+    from pathlib import Path
+
+    import torch.utils.cpp_extension as cpp_extension
+
+    seen = {}
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: seen.update(kwargs))
+    with pytest.warns(RuntimeWarning, match="building it now"):
+        _cpp._jit_build()
+    setup_flags = runpy.run_path(str(Path(_cpp.__file__).parent / "_build_flags.py"))
+    assert seen["extra_cflags"] == setup_flags["cxx_flags"]() and seen["extra_ldflags"] == setup_flags["link_flags"]()
+    try:
+        with open("/proc/cpuinfo") as f:
+            has_avx2 = {"avx2", "fma"} <= set(f.read().split())
+    except OSError:
+        has_avx2 = False
+    assert ("-mavx2" in seen["extra_cflags"]) == has_avx2
+
+
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(_cpp, "load_ops", lambda: None)
     monkeypatch.setattr(ops, "_warned", set())
