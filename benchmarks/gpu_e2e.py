@@ -7,8 +7,9 @@ side by side in one run, medians of --repeats whole calls (text encoding and the
 diffusers eager (SDPA), diffusers + torch.compile (default mode; skipped with --no-compile), diffusers +
 diffusion_fast.accelerate, and our pipeline (fast with CUDA graphs in both memory formats, fast with only the UNet
 graphed as for a non-DDIM scheduler, fast without graphs, reference). Quality: PSNR of our
-fp16 image (and diffusers' fp16 image) against our fp32 reference-path image for the same seed, computed with TF32
-off (and how far TF32, PyTorch's default for fp32 convolutions, moves that image). Also the time from a
+fp16 image (and diffusers' fp16 image) against our fp32 reference-path image from the same float32 noise (in torch
+2.11 a float16 randn is not the float32 one rounded, so a shared seed alone would compare different images),
+computed with TF32 off (and how far TF32, PyTorch's default for fp32 convolutions, moves that image). Also the time from a
 fresh process start to its first image (``diffusion-fast generate`` in a subprocess, cold Triton cache or not as
 found). Appends one JSON record to --out and prints a table.
 """
@@ -28,7 +29,7 @@ import torch
 
 import diffusion_fast
 from diffusion_fast import backend, tiny
-from diffusion_fast.numerics import psnr, strict_fp32
+from diffusion_fast.numerics import psnr, seed_latents, strict_fp32
 from diffusion_fast.pipeline import StableDiffusionPipeline
 
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -93,6 +94,9 @@ def main():
     # ---- our pipeline --------------------------------------------------------------------------------------------
     ours = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, device=device)
     ours.set_progress_bar_config(disable=True)
+    # The images compared across dtypes start from one float32 noise: in torch 2.11 a float16 randn is not the
+    # float32 one rounded, so the same seed would give each dtype a different image (numerics.seed_latents).
+    noise = seed_latents(ours.unet.config, 0)
 
     def run_ours(name, graph=True, channels_last="auto", eta=0.0):
         ours.cuda_graph = "auto" if graph else False
@@ -115,15 +119,15 @@ def main():
             print(notes[-1], flush=True)
     ours.cuda_graph, ours.channels_last = "auto", "auto"
     with backend("fast"):
-        img_fast = ours(PROMPT, num_inference_steps=steps, generator=gen(), output_type="np").images
+        img_fast = ours(PROMPT, num_inference_steps=steps, latents=noise, output_type="np").images
     del ours
     torch.cuda.empty_cache()
     ref32 = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, device=device)
     ref32.set_progress_bar_config(disable=True)
     with backend("reference"):
         with strict_fp32():  # the fp32 reference in IEEE fp32 (PyTorch's default lets cuDNN convolutions use TF32)
-            img_ref32 = ref32(PROMPT, num_inference_steps=steps, generator=gen(), output_type="np").images
-        img_ref32_tf32 = ref32(PROMPT, num_inference_steps=steps, generator=gen(), output_type="np").images
+            img_ref32 = ref32(PROMPT, num_inference_steps=steps, latents=noise, output_type="np").images
+        img_ref32_tf32 = ref32(PROMPT, num_inference_steps=steps, latents=noise, output_type="np").images
     del ref32
     torch.cuda.empty_cache()
 
@@ -133,6 +137,8 @@ def main():
     pipe.set_progress_bar_config(disable=True)
 
     def run_diffusers(output_type="latent"):
+        if output_type == "np":  # an image compared across dtypes: the shared noise, in this pipeline's dtype
+            return pipe(PROMPT, num_inference_steps=steps, latents=noise.to(device, dtype), output_type="np").images
         return pipe(PROMPT, num_inference_steps=steps, generator=gen(), output_type=output_type).images
 
     add("diffusers eager (SDPA)", *timed(run_diffusers, args.repeats))
@@ -167,7 +173,7 @@ def main():
     pipe32.scheduler = diffusers.DDIMScheduler.from_config(pipe32.scheduler.config)
     pipe32.set_progress_bar_config(disable=True)
     with strict_fp32():
-        img_diffusers32 = pipe32(PROMPT, num_inference_steps=steps, generator=gen(), output_type="np").images
+        img_diffusers32 = pipe32(PROMPT, num_inference_steps=steps, latents=noise.to(device), output_type="np").images
     del pipe32
     torch.cuda.empty_cache()
 

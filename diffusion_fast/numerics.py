@@ -6,7 +6,9 @@
   at most ``PIPELINE_FP32_MAX_ABS`` (pixels in [0, 1]), and in fp16/bf16 when the PSNR is at least
   ``PIPELINE_LOWP_MIN_PSNR`` dB against the fp32 reference image. That fp32 reference runs inside ``strict_fp32()``:
   on CUDA, PyTorch lets cuDNN convolutions use TF32 (a 10-bit mantissa) for fp32 tensors by default, which would make
-  the "fp32" reference itself a reduced-precision image.
+  the "fp32" reference itself a reduced-precision image. Both images start from the same noise, ``seed_latents()``:
+  torch.randn gives different numbers for one seed in float16 than in float32 (on the CPU in torch 2.11; 2.13 and
+  2.14 draw the same; CUDA's draws were not checked), so two runs with the same seed in two dtypes would otherwise compare two different images.
 """
 from __future__ import annotations
 
@@ -52,3 +54,16 @@ def strict_fp32():
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def seed_latents(unet_config, seed: int, batch: int = 1) -> torch.Tensor:
+    """The initial latents for ``seed`` at the UNet's default size, drawn in float32 on the CPU.
+
+    Pass them as ``latents=`` (cast to the pipeline's dtype and device) to every run that is compared across dtypes.
+    A pipeline given only a generator draws its noise in its own dtype, as diffusers does, and in torch 2.11 a
+    float16 draw is not the float32 draw rounded. With torch 2.11 on the CPU, a 1-step run of the tiny
+    model then gave 13.1 dB between float16 and float32, for the fast path and plain PyTorch alike, and 70.0 dB from
+    one noise.
+    """
+    shape = (batch, unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)

@@ -77,6 +77,23 @@ def test_check_reports_the_plain_pytorch_baseline_in_half_precision(capsys):
     assert "plain PyTorch in float16 (reference path) for comparison" in text and "0 failed" in text
 
 
+def test_check_compares_dtypes_from_one_noise(monkeypatch, capsys):
+    """In torch 2.11 (the GPU image's version) a float16 randn is not the float32 one rounded. Simulate that: the
+    pipeline's own draw depends on the dtype. check must still compare the float16 image with the float32 one from the
+    same starting noise (it gave 13 dB for every implementation when it relied on the generator)."""
+    import diffusion_fast.pipeline as pipeline_module
+
+    real = pipeline_module.randn_tensor
+
+    def dtype_dependent(shape, generator=None, device=None, dtype=None):
+        noise = real(shape, generator=generator, device=device, dtype=torch.float32)
+        return (noise.flip(-1) if dtype == torch.float16 else noise).to(dtype)
+
+    monkeypatch.setattr(pipeline_module, "randn_tensor", dtype_dependent)
+    assert main(["check", "--steps", "1", "--dtype", "fp16"]) == 0, capsys.readouterr().out
+    assert "0 failed" in capsys.readouterr().out
+
+
 def test_check_fails_when_fast_path_is_wrong(monkeypatch, capsys):
     import diffusion_fast.ops as ops
 
