@@ -17,6 +17,32 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
 
 
+def pytest_sessionstart(session):
+    """Triton 3.6's interpreter (torch 2.11's) reads a runtime loop bound with int() of a 1-element array, which
+    numpy 2.4 refuses (2.3 warns); Triton 3.8 squeezes it first. Our kernels loop to runtime bounds, so that pairing
+    fails ~90 kernel tests with one cryptic TypeError each: say so once instead."""
+    if ON_GPU:
+        return
+    import numpy
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _loop_to_a_runtime_bound(out_ptr, n):
+        total = 0
+        for _ in range(0, n, 1):
+            total += 1
+        tl.store(out_ptr, total)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _loop_to_a_runtime_bound[(1,)](out, 3)
+    except Exception as exc:  # noqa: BLE001 - reported whole, below
+        pytest.exit(f"Triton {triton.__version__}'s interpreter cannot run a loop to a runtime bound with numpy "
+                    f"{numpy.__version__} ({type(exc).__name__}: {exc}); install numpy<2.4 or a newer Triton "
+                    "(3.8 works)", returncode=3)
+
+
 @pytest.fixture
 def device():
     return DEVICE
