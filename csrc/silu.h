@@ -43,6 +43,12 @@ inline float exp_approx(float x) {
   return p * half_scale * 2.0f;
 }
 
+// 2^f for f in [-1/2, 1/2] by its degree-6 Taylor polynomial, in Horner order: ln(2)^k / k! for k = 6 .. 0. Shared by
+// the AVX-512 and AVX2 SiLU below.
+constexpr float kExp2Taylor[7] = {1.5403530393381609954e-4f, 1.3333558146428443423e-3f, 9.6181291076284771620e-3f,
+                                  5.5504108664821579953e-2f, 2.4022650695910071233e-1f, 6.9314718055994530942e-1f,
+                                  1.0f};
+
 }  // namespace diffusion_fast
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -57,13 +63,8 @@ __attribute__((target("avx512f"), always_inline)) inline __m512 silu16(__m512 v)
                                                _mm512_mul_ps(v, _mm512_set1_ps(-1.44269504088896341f))));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381609954e-4f);  // ln(2)^k / k!, k = 6 .. 0
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443423e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284771620e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821579953e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071233e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994530942e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  __m512 p = _mm512_set1_ps(kExp2Taylor[0]);
+  for (int k = 1; k < 7; ++k) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Taylor[k]));
   return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_scalef_ps(p, n)));
 }
 
@@ -126,13 +127,8 @@ __attribute__((always_inline)) inline __m256 silu8(__m256 v) {
                                                _mm256_mul_ps(v, _mm256_set1_ps(-1.44269504088896341f))));
   const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(t, n);
-  __m256 p = _mm256_set1_ps(1.5403530393381609954e-4f);  // the same polynomial as silu16
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443423e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284771620e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821579953e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071233e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994530942e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  __m256 p = _mm256_set1_ps(kExp2Taylor[0]);
+  for (int k = 1; k < 7; ++k) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Taylor[k]));
   const __m256 half_scale = _mm256_castsi256_ps(
       _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(126)), 23));  // 2^(n-1)
   const __m256 e = _mm256_mul_ps(p, half_scale);
