@@ -3,8 +3,8 @@
 // Statistics are fp32 per chunk or block, merged in double with Chan's parallel formula, and robust when
 // |mean| >> std (no sum(x^2) - n*mean^2). The output pass computes silu((x - mean) * scale[c] + shift[c]) in one
 // vectorised loop with no intermediate tensor. It is compute-bound (an exp and a divide per element), so fp32 SiLU
-// uses AVX-512 or AVX2 intrinsics (silu.h), and the other loops run an AVX-512 build of the
-// same code (vectorize.h).
+// uses AVX-512 or AVX2 intrinsics (silu.h), and the other loops run an AVX-512 build of the same code where the CPU
+// has it (vectorize.h).
 //
 // NCHW: each (sample, group) is one contiguous run. With at least as many runs as threads, each task owns
 // consecutive runs and pipelines them. One pass writes run r's output, whose input is still in L2 from its
@@ -78,7 +78,9 @@ __attribute__((always_inline)) inline void affine_row(const scalar_t* x, scalar_
   }
 #endif
 #if defined(DIFFUSION_FAST_SILU_AVX2)
-  if constexpr (SILU && std::is_same<scalar_t, float>::value) return silu_affine_avx2<STRIDE>(x, y, len, mean, scale, shift);
+  if constexpr (SILU && std::is_same<scalar_t, float>::value) {
+    return silu_affine_avx2<STRIDE>(x, y, len, mean, scale, shift);
+  }
 #endif
   affine_body<scalar_t, SILU, STRIDE>(x, y, len, mean, scale, shift);
 }
