@@ -9,8 +9,8 @@ diffusion_fast.accelerate, and our pipeline (fast with CUDA graphs in both memor
 graphed as for a non-DDIM scheduler, fast without graphs, reference). Quality: PSNR of our
 fp16 image (and diffusers' fp16 image) against our fp32 reference-path image from the same float32 noise (in torch
 2.11 a float16 randn is not the float32 one rounded, so a shared seed alone would compare different images),
-computed with TF32 off (and how far TF32, PyTorch's default for fp32 convolutions, moves that image). Also the time from a
-fresh process start to its first image (``diffusion-fast generate`` in a subprocess, cold Triton cache or not as
+computed with TF32 off (and how far TF32, PyTorch's default for fp32 convolutions, moves that image). Also the time
+from a fresh process start to its first image (``diffusion-fast generate`` in a subprocess, cold Triton cache or not as
 found). Appends one JSON record to --out and prints a table.
 """
 from __future__ import annotations

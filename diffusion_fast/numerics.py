@@ -8,7 +8,8 @@
   on CUDA, PyTorch lets cuDNN convolutions use TF32 (a 10-bit mantissa) for fp32 tensors by default, which would make
   the "fp32" reference itself a reduced-precision image. Both images start from the same noise, ``seed_latents()``:
   torch.randn gives different numbers for one seed in float16 than in float32 (on the CPU in torch 2.11; 2.13 and
-  2.14 draw the same; CUDA's draws were not checked), so two runs with the same seed in two dtypes would otherwise compare two different images.
+  2.14 draw the same; CUDA's draws were not checked), so two runs with the same seed in two dtypes would otherwise
+  compare two different images.
 """
 from __future__ import annotations
 
