@@ -1,11 +1,12 @@
 // The sampler-step arithmetic shared by the CPU (csrc/step_ops.cpp) and CUDA (csrc/cuda/step_ops.cu) kernels.
 //
-// For each prediction type, x0 and epsilon are linear in (sample, model_output), so one sample's update is
+// For each prediction type, x0 and epsilon are linear in (sample, model_output), and so is prev given x0, so one
+// sample's update is
 //   x0   = clamp(cx * x + cm * m, -clip, clip)
-//   eps  = ex * x + em * m + e0 * x0
-//   prev = px0 * x0 + peps * eps + px * x + std * noise
-// with per-sample coefficients computed once from that sample's alphas. Semantics: diffusers' DDIMScheduler.step,
-// DDPMScheduler.step and EulerDiscreteScheduler.step (see diffusion_fast/reference.py).
+//   prev = p0 * x0 + px * x + pm * m + std * noise
+// with six per-sample coefficients computed once from that sample's alphas (epsilon = ex * x + em * m + e0 * x0 is
+// folded into p0, px and pm). Semantics: diffusers' DDIMScheduler.step, DDPMScheduler.step and
+// EulerDiscreteScheduler.step (see diffusion_fast/reference.py).
 #pragma once
 #include <cmath>
 
@@ -20,59 +21,77 @@ namespace diffusion_fast {
 enum Prediction { kEpsilon = 0, kVPrediction = 1, kSample = 2 };
 
 struct StepCoeffs {
-  float cx, cm;        // x0 from (sample, model_output)
-  float ex, em, e0;    // epsilon from (sample, model_output, x0)
-  float px0, peps, px; // prev from (x0, epsilon, sample)
-  float std;           // noise scale
+  float cx, cm;      // x0 from (sample, model_output)
+  float p0, px, pm;  // prev from (x0, sample, model_output)
+  float std;         // noise scale
+};
+
+// The unfolded form: epsilon from (x, m, x0), prev from (x0, epsilon, x).
+struct LinearForms {
+  float cx, cm, ex, em, e0, px0, peps, px;
 };
 
 // x0 and epsilon as linear forms of (x, m), per prediction type; sa = sqrt(alpha_t), sb = sqrt(1 - alpha_t).
-DF_HD void x0_eps_coeffs(int pred, float sa, float sb, StepCoeffs& c) {
+DF_HD void x0_eps_forms(int pred, float sa, float sb, LinearForms& f) {
   if (pred == kEpsilon) {
-    c.cx = 1.0f / sa; c.cm = -sb / sa; c.ex = 0.0f; c.em = 1.0f;
+    f.cx = 1.0f / sa; f.cm = -sb / sa; f.ex = 0.0f; f.em = 1.0f;
   } else if (pred == kVPrediction) {
-    c.cx = sa; c.cm = -sb; c.ex = sb; c.em = sa;
+    f.cx = sa; f.cm = -sb; f.ex = sb; f.em = sa;
   } else {
-    c.cx = 0.0f; c.cm = 1.0f; c.ex = 1.0f / sb; c.em = -sa / sb;
+    f.cx = 0.0f; f.cm = 1.0f; f.ex = 1.0f / sb; f.em = -sa / sb;
   }
-  c.e0 = 0.0f;
+  f.e0 = 0.0f;
 }
 
-DF_HD StepCoeffs ddim_coeffs(float a_t, float a_prev, float eta, int pred, bool use_clipped) {
+// prev = px0 * x0 + peps * (ex * x + em * m + e0 * x0) + px * x, regrouped by x0, x and m. For epsilon prediction
+// without use_clipped (SD's case) ex = e0 = px = 0 and em = 1, so p0 = px0, px = 0, pm = peps exactly.
+DF_HD StepCoeffs fold(const LinearForms& f, float std) {
   StepCoeffs c;
-  const float sa = sqrtf(a_t), sb = sqrtf(1.0f - a_t);
-  x0_eps_coeffs(pred, sa, sb, c);
-  if (use_clipped) {  // epsilon re-derived from the clipped x0
-    c.ex = 1.0f / sb; c.em = 0.0f; c.e0 = -sa / sb;
-  }
-  const float variance = (1.0f - a_prev) / (1.0f - a_t) * (1.0f - a_t / a_prev);
-  c.std = eta * sqrtf(variance);
-  c.px0 = sqrtf(a_prev);
-  c.peps = sqrtf(1.0f - a_prev - c.std * c.std);
-  c.px = 0.0f;
-  return c;
-}
-
-DF_HD StepCoeffs ddpm_coeffs(float a_t, float a_prev, float std, int pred) {
-  StepCoeffs c;
-  x0_eps_coeffs(pred, sqrtf(a_t), sqrtf(1.0f - a_t), c);
-  c.ex = c.em = c.e0 = 0.0f;
-  const float current_alpha = a_t / a_prev, beta_t = 1.0f - a_t;
-  c.px0 = sqrtf(a_prev) * (1.0f - current_alpha) / beta_t;
-  c.px = sqrtf(current_alpha) * (1.0f - a_prev) / beta_t;
-  c.peps = 0.0f;
+  c.cx = f.cx; c.cm = f.cm;
+  c.p0 = f.px0 + f.peps * f.e0;
+  c.px = f.peps * f.ex + f.px;
+  c.pm = f.peps * f.em;
   c.std = std;
   return c;
 }
 
+DF_HD StepCoeffs ddim_coeffs(float a_t, float a_prev, float eta, int pred, bool use_clipped) {
+  LinearForms f;
+  const float sa = sqrtf(a_t), sb = sqrtf(1.0f - a_t);
+  x0_eps_forms(pred, sa, sb, f);
+  if (use_clipped) {  // epsilon re-derived from the clipped x0
+    f.ex = 1.0f / sb; f.em = 0.0f; f.e0 = -sa / sb;
+  }
+  const float variance = (1.0f - a_prev) / (1.0f - a_t) * (1.0f - a_t / a_prev);
+  const float std = eta * sqrtf(variance);
+  f.px0 = sqrtf(a_prev);
+  f.peps = sqrtf(1.0f - a_prev - std * std);
+  f.px = 0.0f;
+  return fold(f, std);
+}
+
+DF_HD StepCoeffs ddpm_coeffs(float a_t, float a_prev, float std, int pred) {
+  LinearForms f;
+  x0_eps_forms(pred, sqrtf(a_t), sqrtf(1.0f - a_t), f);
+  f.ex = f.em = f.e0 = 0.0f;
+  const float current_alpha = a_t / a_prev, beta_t = 1.0f - a_t;
+  f.px0 = sqrtf(a_prev) * (1.0f - current_alpha) / beta_t;
+  f.px = sqrtf(current_alpha) * (1.0f - a_prev) / beta_t;
+  f.peps = 0.0f;
+  return fold(f, std);
+}
+
 DF_HD float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
-// One element of a DDIM/DDPM step: returns prev, writes x0.
+// One element of a DDIM/DDPM step: returns prev, writes x0. CLIP = false skips the clamp (the same result as clip =
+// inf, NaN included) and NOISE = false the noise term, so the CPU loop's common case is five FMAs per element.
+template <bool CLIP = true, bool NOISE = true>
 DF_HD float apply_step(const StepCoeffs& c, float x, float m, float noise, float clip, float* x0_out) {
-  const float x0 = clampf(c.cx * x + c.cm * m, -clip, clip);
-  const float eps = c.ex * x + c.em * m + c.e0 * x0;
+  float x0 = c.cx * x + c.cm * m;
+  if (CLIP) x0 = clampf(x0, -clip, clip);
   *x0_out = x0;
-  return c.px0 * x0 + c.peps * eps + c.px * x + c.std * noise;
+  const float prev = c.p0 * x0 + c.px * x + c.pm * m;
+  return NOISE ? prev + c.std * noise : prev;
 }
 
 // One element of an Euler step (Karras Algorithm 2); gamma > 0 churns the sample with `noise` first.

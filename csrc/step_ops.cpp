@@ -37,12 +37,28 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& sample,
   }
 }
 
-at::Tensor check_coeff(const at::Tensor& a, const char* name, const at::Tensor& sample) {
-  TORCH_CHECK_VALUE(a.dim() == 1 && a.size(0) == sample.size(0), name, " must be a (", sample.size(0),
-                    ",) tensor (one value per sample), got shape ", a.sizes());
+// A per-sample coefficient: a (B,) tensor, or one value for every sample (0-d or (1,)). Returns its values as a
+// contiguous float32 tensor of B or 1 elements (read with value_at); nothing is copied when it is float32 already.
+at::Tensor coeff_values(const at::Tensor& a, const char* name, const at::Tensor& sample) {
+  const int64_t batch = sample.size(0);
+  TORCH_CHECK_VALUE((a.dim() <= 1 && a.numel() == 1) || (a.dim() == 1 && a.size(0) == batch), name, " must be a (",
+                    batch, ",) tensor (one value per sample) or a single value (0-d or (1,)), got shape ", a.sizes());
   TORCH_CHECK_VALUE(a.device() == sample.device(), name, " is on ", a.device(), " but sample is on ",
                     sample.device());
-  at::Tensor f = a.to(at::kFloat).contiguous();
+  return a.to(at::kFloat).contiguous();
+}
+
+// Sample b's value of a coeff_values tensor (host memory).
+inline float value_at(const at::Tensor& f, int64_t b) { return f.data_ptr<float>()[f.numel() == 1 ? 0 : b]; }
+
+// coeff_values as a (B,) tensor, for kernels that index it by sample (the CUDA ops).
+at::Tensor per_sample(const at::Tensor& a, const char* name, const at::Tensor& sample) {
+  const at::Tensor f = coeff_values(a, name, sample);
+  return f.dim() == 1 && f.size(0) == sample.size(0) ? f : f.reshape({1}).expand({sample.size(0)}).contiguous();
+}
+
+at::Tensor check_coeff(const at::Tensor& a, const char* name, const at::Tensor& sample) {
+  at::Tensor f = coeff_values(a, name, sample);
   if (f.device().is_cpu()) {  // a plain loop: B values, far cheaper than isfinite().all().item()
     const float* p = f.data_ptr<float>();
     for (int64_t i = 0; i < f.numel(); ++i) {
@@ -58,24 +74,27 @@ void check_sample(const at::Tensor& sample) {
   TORCH_CHECK_VALUE(sample.dim() >= 1 && sample.numel() > 0, "sample must be a non-empty tensor with a batch dim");
 }
 
-// DDIM and DDPM share one loop: per sample, coefficients; per element, apply_step.
-template <typename scalar_t, bool CFG, bool NOISE>
+// DDIM and DDPM share one loop: per sample, coefficients; per element, apply_step (five FMAs, plus the CFG combine,
+// the clamp and the noise term where the call has them).
+template <typename scalar_t, bool CFG, bool NOISE, bool CLIP>
 void step_loop(const scalar_t* __restrict__ m, const scalar_t* __restrict__ t, const scalar_t* __restrict__ x,
-               const scalar_t* __restrict__ n, scalar_t* __restrict__ prev, scalar_t* __restrict__ x0, const StepCoeffs* coeffs, float guidance, float clip, int64_t per_sample, int64_t numel) {
+               const scalar_t* __restrict__ n, scalar_t* __restrict__ prev, scalar_t* __restrict__ x0,
+               const StepCoeffs* coeffs, float guidance, float clip, int64_t per_sample, int64_t numel) {
   at::parallel_for(0, numel, 8192, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {
       const int64_t b = i / per_sample;
       const int64_t stop = std::min(end, (b + 1) * per_sample);
       const StepCoeffs c = coeffs[b];
       widest([&]() DIFFUSION_FAST_INLINE_LAMBDA {
+        const StepCoeffs k = c;  // a copy local to the vectorised body, so its fields stay in registers
         const float g = guidance, lim = clip;
 #pragma omp simd
         for (int64_t j = i; j < stop; ++j) {
           float mo = static_cast<float>(m[j]);
           if (CFG) mo = mo + g * (static_cast<float>(t[j]) - mo);
           float x0v;
-          const float p = apply_step(c, static_cast<float>(x[j]), mo, NOISE ? static_cast<float>(n[j]) : 0.0f, lim,
-                                     &x0v);
+          const float p = apply_step<CLIP, NOISE>(k, static_cast<float>(x[j]), mo,
+                                                  NOISE ? static_cast<float>(n[j]) : 0.0f, lim, &x0v);
           prev[j] = static_cast<scalar_t>(p);
           x0[j] = static_cast<scalar_t>(x0v);
         }
@@ -107,27 +126,31 @@ std::tuple<at::Tensor, at::Tensor> run_step(const at::Tensor& m_in, const c10::o
   const float clip_f = clip.has_value() ? static_cast<float>(*clip) : std::numeric_limits<float>::infinity();
   const int64_t numel = x.numel(), per_sample = numel / x.size(0);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "diffusion_fast_step", [&] {
-    auto go = [&](auto cfg, auto noise) {
-      step_loop<scalar_t, decltype(cfg)::value, decltype(noise)::value>(
+    auto go = [&](auto cfg, auto noise, auto clipped) {
+      step_loop<scalar_t, decltype(cfg)::value, decltype(noise)::value, decltype(clipped)::value>(
           m.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), n.data_ptr<scalar_t>(),
           prev.data_ptr<scalar_t>(), x0.data_ptr<scalar_t>(), coeffs.data(), static_cast<float>(guidance), clip_f,
           per_sample, numel);
     };
+    auto with_clip = [&](auto cfg, auto noise) {
+      if (clip.has_value()) go(cfg, noise, std::true_type{});
+      else go(cfg, noise, std::false_type{});
+    };
     const bool cfg = t_in.has_value(), noise = noise_in.has_value();
-    if (cfg && noise) go(std::true_type{}, std::true_type{});
-    else if (cfg) go(std::true_type{}, std::false_type{});
-    else if (noise) go(std::false_type{}, std::true_type{});
-    else go(std::false_type{}, std::false_type{});
+    if (cfg && noise) with_clip(std::true_type{}, std::true_type{});
+    else if (cfg) with_clip(std::true_type{}, std::false_type{});
+    else if (noise) with_clip(std::false_type{}, std::true_type{});
+    else with_clip(std::false_type{}, std::false_type{});
   });
   return {prev, x0};
 }
 
-std::vector<StepCoeffs> ddim_coeff_table(const at::Tensor& a_t, const at::Tensor& a_prev, double eta, int pred,
-                                         bool use_clipped) {
-  std::vector<StepCoeffs> out(a_t.size(0));
-  const float* at_p = a_t.data_ptr<float>();
-  const float* ap_p = a_prev.data_ptr<float>();
-  for (int64_t b = 0; b < a_t.size(0); ++b) out[b] = ddim_coeffs(at_p[b], ap_p[b], static_cast<float>(eta), pred, use_clipped);
+std::vector<StepCoeffs> ddim_coeff_table(const at::Tensor& a_t, const at::Tensor& a_prev, int64_t batch, double eta,
+                                         int pred, bool use_clipped) {
+  std::vector<StepCoeffs> out(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    out[b] = ddim_coeffs(value_at(a_t, b), value_at(a_prev, b), static_cast<float>(eta), pred, use_clipped);
+  }
   return out;
 }
 
@@ -145,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> cfg_ddim_step_cpu(const at::Tensor& uncond, c
   const int pred = prediction_index(prediction_type);
   const at::Tensor a_t = check_coeff(alpha_t, "alpha_prod_t", sample);
   const at::Tensor a_p = check_coeff(alpha_prev, "alpha_prod_t_prev", sample);
-  auto coeffs = ddim_coeff_table(a_t, a_p, eta, pred, use_clipped);
+  auto coeffs = ddim_coeff_table(a_t, a_p, sample.size(0), eta, pred, use_clipped);
   return run_step(uncond, text, sample, eta > 0 ? noise : c10::nullopt, coeffs, guidance, clip);
 }
 
@@ -181,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(const at::Tensor& model_output,
   const at::Tensor s = check_coeff(std_t, "std", sample);
   std::vector<StepCoeffs> coeffs(sample.size(0));
   for (int64_t b = 0; b < sample.size(0); ++b) {
-    coeffs[b] = ddpm_coeffs(a_t.data_ptr<float>()[b], a_p.data_ptr<float>()[b], s.data_ptr<float>()[b], pred);
+    coeffs[b] = ddpm_coeffs(value_at(a_t, b), value_at(a_p, b), value_at(s, b), pred);
   }
   return run_step(model_output, c10::nullopt, sample, noise, coeffs, 0.0, clip);
 }
@@ -202,6 +225,7 @@ std::tuple<at::Tensor, at::Tensor> euler_step_cpu(const at::Tensor& model_output
   at::Tensor prev = at::empty_like(x), x0 = at::empty_like(x);
   const float *mp = m.data_ptr<float>(), *xp = x.data_ptr<float>(), *np = n.data_ptr<float>();
   const float *sp = sg.data_ptr<float>(), *snp = sn.data_ptr<float>();
+  const int64_t s_step = sg.numel() == 1 ? 0 : 1, sn_step = sn.numel() == 1 ? 0 : 1;  // one sigma for all samples
   float *pp = prev.data_ptr<float>(), *x0p = x0.data_ptr<float>();
   const int64_t numel = x.numel(), per_sample = numel / x.size(0);
   const bool has_noise = noise_in.has_value();
@@ -209,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor> euler_step_cpu(const at::Tensor& model_output
   at::parallel_for(0, numel, 8192, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {  // one sample's stretch of [begin, end) at a time: sigmas hoisted
       const int64_t b = i / per_sample, stop = std::min(end, (b + 1) * per_sample);
-      const float sig = sp[b], sig_next = snp[b];
+      const float sig = sp[b * s_step], sig_next = snp[b * sn_step];
 #pragma omp simd
       for (int64_t j = i; j < stop; ++j) {
         pp[j] = euler_element(xp[j], mp[j], has_noise ? np[j] : 0.0f, sig, sig_next, g, s, pred, &x0p[j]);

@@ -103,20 +103,28 @@ def attention_args(q, k, v, scale):
 def step_tensors(named: dict, ref_name: str):
     """Check the latent-shaped step inputs: same shape, dtype and device as ``ref_name``."""
     ref = tensor(ref_name, named[ref_name], min_dim=1)
+    shape, dtype, device = ref.shape, ref.dtype, ref.device  # read once: each tensor attribute read costs
     for name, t in named.items():
         if t is None or name == ref_name:
             continue
+        if torch.is_tensor(t) and t.shape == shape and t.dtype == dtype and t.device == device:
+            continue  # like ref in every checked respect, so valid as ref is
         tensor(name, t, min_dim=1)
         same(name, t, ref_name, ref)
     return ref
 
 
-def per_sample_coefficient(name: str, value, sample: torch.Tensor, *, positive=False) -> torch.Tensor:
+def per_sample_coefficient(name: str, value, sample: torch.Tensor, *, positive=False, single_ok=False) -> torch.Tensor:
     """A float or tensor coefficient as a float32 (B,) tensor on sample's device.
 
     Accepts a Python float, a 0-d tensor, a (B,) tensor, or a (B, 1, ..., 1) tensor. NaN/inf are rejected for floats
-    and CPU tensors; CUDA tensors are not inspected (that would force a host sync).
+    and CPU tensors; CUDA tensors are not inspected (that would force a host sync). ``single_ok``: the caller's
+    implementation (the C++ ops) takes one float32 value for all samples, a 0-d or (1,) tensor on sample's device,
+    and checks it itself, so such a tensor is returned as it is.
     """
+    if (single_ok and torch.is_tensor(value) and value.dtype is torch.float32 and value.ndim <= 1
+            and value.numel() == 1 and value.device == sample.device):
+        return value
     batch = sample.shape[0]
     if not torch.is_tensor(value):
         v = finite_float(name, value)
@@ -125,11 +133,19 @@ def per_sample_coefficient(name: str, value, sample: torch.Tensor, *, positive=F
         return torch.full((batch,), v, dtype=torch.float32, device=sample.device)
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a float or a floating-point tensor, got dtype {value.dtype}")
-    if value.dim() == 0 and value.device.type == "cpu":  # the common per-step case: read it (free on the CPU)
+    # This runs twice per sampler step, so the two common cases take the fewest torch calls (each costs microseconds,
+    # as much as the C++ step itself on small latents): a 0-d CPU tensor is read (free on the CPU), and a (B,) float32
+    # tensor already on sample's device is returned as it is.
+    if value.ndim == 0 and value.is_cpu:
         v = float(value)
         if not math.isfinite(v):
             raise ValueError(f"{name} contains NaN or inf: {[v] * batch}")
         return torch.full((batch,), v, dtype=torch.float32, device=sample.device)
+    if (value.ndim == 1 and value.shape[0] == batch and value.dtype is torch.float32 and value.device == sample.device
+            and value.is_contiguous()):
+        if value.is_cpu and not all(map(math.isfinite, value.tolist())):
+            raise ValueError(f"{name} contains NaN or inf: {value.tolist()}")
+        return value
     if value.dim() == 0:
         value = value.reshape(1).expand(batch)
     else:

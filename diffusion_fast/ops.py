@@ -131,17 +131,22 @@ def _attention(q, k, v, scale=None, backend="auto"):
     return reference.attention(q, k, v, scale=scale, upcast=True)
 
 
-def _step_common(named, ref_name, alpha_prod_t, alpha_prod_t_prev, eta, variance_noise, prediction_type, clip):
+def _step_common(op, backend, named, ref_name, alpha_prod_t, alpha_prod_t_prev, eta, variance_noise, prediction_type,
+                 clip, **resolve_kw):
+    """The checks every step op shares; returns (sample, impl, a_t, a_prev, eta, clip). The C++ op broadcasts a
+    single alpha (0-d or (1,)) itself, so for it such a tensor is passed as it is: two fewer tensors built per step."""
     sample = _validate.step_tensors(named, ref_name)
-    a_t = _validate.per_sample_coefficient("alpha_prod_t", alpha_prod_t, sample)
-    a_prev = _validate.per_sample_coefficient("alpha_prod_t_prev", alpha_prod_t_prev, sample)
+    impl = _resolve(op, backend, sample.device, **resolve_kw)
+    single_ok = impl == "cpp"
+    a_t = _validate.per_sample_coefficient("alpha_prod_t", alpha_prod_t, sample, single_ok=single_ok)
+    a_prev = _validate.per_sample_coefficient("alpha_prod_t_prev", alpha_prod_t_prev, sample, single_ok=single_ok)
     eta = _validate.finite_float("eta", eta, non_negative=True)
     _validate.prediction_type(prediction_type)
     if clip is not None:
         clip = _validate.finite_float("clip_sample_range", clip, positive=True)
     if eta > 0 and variance_noise is None:
         raise ValueError("variance_noise is required when eta > 0 (a tensor shaped like sample)")
-    return sample, a_t, a_prev, eta, clip
+    return sample, impl, a_t, a_prev, eta, clip
 
 
 def ddim_step(
@@ -159,10 +164,10 @@ def ddim_step(
 ):
     """One DDIM update in one pass (computed in fp32). Returns (prev_sample, pred_original_sample)."""
     named = {"sample": sample, "model_output": model_output, "variance_noise": variance_noise}
-    sample, a_t, a_prev, eta, clip = _step_common(
-        named, "sample", alpha_prod_t, alpha_prod_t_prev, eta, variance_noise, prediction_type, clip_sample_range
+    sample, impl, a_t, a_prev, eta, clip = _step_common(
+        "ddim_step", backend, named, "sample", alpha_prod_t, alpha_prod_t_prev, eta, variance_noise, prediction_type,
+        clip_sample_range,
     )
-    impl = _resolve("ddim_step", backend, sample.device)
     args = (eta, variance_noise if eta > 0 else None, prediction_type, clip, bool(use_clipped_model_output))
     if impl == "triton":
         from .kernels.ddim import ddim_step as kernel
@@ -196,11 +201,11 @@ def cfg_ddim_step(
         "sample": sample, "noise_pred_uncond": noise_pred_uncond, "noise_pred_text": noise_pred_text,
         "variance_noise": variance_noise,
     }
-    sample, a_t, a_prev, eta, clip = _step_common(
-        named, "sample", alpha_prod_t, alpha_prod_t_prev, eta, variance_noise, prediction_type, clip_sample_range
+    sample, impl, a_t, a_prev, eta, clip = _step_common(
+        "cfg_ddim_step", backend, named, "sample", alpha_prod_t, alpha_prod_t_prev, eta, variance_noise,
+        prediction_type, clip_sample_range,
     )
     guidance_scale = _validate.finite_float("guidance_scale", guidance_scale)
-    impl = _resolve("cfg_ddim_step", backend, sample.device)
     args = (eta, variance_noise if eta > 0 else None, prediction_type, clip, bool(use_clipped_model_output))
     if impl == "triton":
         from .kernels.ddim import cfg_ddim_step as kernel
@@ -231,13 +236,13 @@ def ddpm_step(
 ):
     """One DDPM ancestral update; ``std`` (float or per-sample) scales ``variance_noise``. Returns (prev, x0)."""
     named = {"sample": sample, "model_output": model_output, "variance_noise": variance_noise}
-    sample, a_t, a_prev, _, clip = _step_common(
-        named, "sample", alpha_prod_t, alpha_prod_t_prev, 0.0, None, prediction_type, clip_sample_range
+    sample, impl, a_t, a_prev, _, clip = _step_common(
+        "ddpm_step", backend, named, "sample", alpha_prod_t, alpha_prod_t_prev, 0.0, None, prediction_type,
+        clip_sample_range, has_triton=False,
     )
     if variance_noise is None and (torch.is_tensor(std) or std != 0):
         raise ValueError("variance_noise is required when std is non-zero or a tensor (a tensor shaped like sample)")
-    std_t = _validate.per_sample_coefficient("std", std, sample)
-    impl = _resolve("ddpm_step", backend, sample.device, has_triton=False)
+    std_t = _validate.per_sample_coefficient("std", std, sample, single_ok=impl == "cpp")
     if impl == "cpp":
         return tuple(_cpp_ops().ddpm_step(model_output, sample, a_t, a_prev, std_t, variance_noise, prediction_type, clip))
     return reference.ddpm_step(
@@ -264,14 +269,14 @@ def euler_step(
         if t is not None:
             _validate.tensor(name, t, min_dim=1)
             _validate.same(name, t, "sample", sample, dtype=False)
-    sigma_t = _validate.per_sample_coefficient("sigma", sigma, sample)
-    sigma_next_t = _validate.per_sample_coefficient("sigma_next", sigma_next, sample)
+    impl = _resolve("euler_step", backend, sample.device, has_triton=False)
+    sigma_t = _validate.per_sample_coefficient("sigma", sigma, sample, single_ok=impl == "cpp")
+    sigma_next_t = _validate.per_sample_coefficient("sigma_next", sigma_next, sample, single_ok=impl == "cpp")
     gamma = _validate.finite_float("gamma", gamma, non_negative=True)
     s_noise = _validate.finite_float("s_noise", s_noise)
     _validate.prediction_type(prediction_type)
     if gamma > 0 and noise is None:
         raise ValueError("noise is required when gamma > 0 (a tensor shaped like sample)")
-    impl = _resolve("euler_step", backend, sample.device, has_triton=False)
     if impl == "cpp":
         return tuple(
             _cpp_ops().euler_step(model_output, sample, sigma_t, sigma_next_t, gamma, s_noise, noise, prediction_type)

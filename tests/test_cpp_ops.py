@@ -7,7 +7,7 @@ import torch
 
 import diffusion_fast
 from _numerics import assert_2x_rule
-from diffusion_fast import _cpp, ops, reference
+from diffusion_fast import _cpp, _validate, ops, reference
 
 pytestmark = pytest.mark.skipif(_cpp.load_ops() is None, reason="C++ extension not built")
 FLOOR = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-12}
@@ -203,6 +203,43 @@ def test_matches_diffusers_schedulers(prediction_type):
     torch.testing.assert_close(ours[0], theirs.prev_sample, rtol=1e-5, atol=1e-5)
 
 
+def test_one_alpha_for_every_sample_broadcasts():
+    """The step ops take a single value (0-d or (1,)) for all samples, read in place (ops.* passes a 0-d float32
+    alpha through uncopied): the same numbers as the (B,) tensor repeating it."""
+    gen = torch.Generator().manual_seed(5)
+    m, t, x, n = (torch.randn(3, 4, 5, 7, generator=gen) for _ in range(4))
+    lib = torch.ops.diffusion_fast
+    calls = [
+        lambda a, b: lib.ddim_step(m, x, a, b, 0.5, n, "v_prediction", 1.0, True),
+        lambda a, b: lib.cfg_ddim_step(m, t, 7.5, x, a, b, 0.0, None, "epsilon", None, False),
+        lambda a, b: lib.ddpm_step(m, x, a, b, b * 0.5, n, "sample", None),
+        lambda a, b: lib.euler_step(m, x, a + 1, b, 0.2, 1.0, n, "epsilon"),
+    ]
+    for call in calls:
+        per_sample = call(torch.full((3,), 0.3), torch.full((3,), 0.45))
+        for single in (torch.tensor(0.3), torch.tensor([0.3])):
+            got = call(single, torch.tensor(0.45) if single.dim() == 0 else torch.tensor([0.45]))
+            for ours, want in zip(got, per_sample):
+                torch.testing.assert_close(ours, want, rtol=0, atol=0)
+    a = torch.tensor(0.3)
+    assert _validate.per_sample_coefficient("alpha_prod_t", a, x, single_ok=True) is a
+    assert _validate.per_sample_coefficient("alpha_prod_t", a, x).shape == (3,)  # Triton and reference: (B,)
+    assert _validate.per_sample_coefficient("alpha_prod_t", a.double(), x, single_ok=True).dtype == torch.float32
+
+
+@pytest.mark.parametrize("clip", [None, 1.5])
+def test_nan_propagates_like_the_reference(clip):
+    """A NaN in the model output stays NaN in both outputs, clamped or not (the clamp keeps NaN as torch.clamp
+    does, and the unclamped loop skips it): a broken UNet step must not turn into plausible latents."""
+    gen = torch.Generator().manual_seed(6)
+    u, t, x = (torch.randn(2, 4, 3, 5, generator=gen) for _ in range(3))
+    u[0, 1, 2, 3] = float("nan")
+    ours = ops.cfg_ddim_step(u, t, 7.5, x, 0.3, 0.4, clip_sample_range=clip, backend="cpp")
+    ref = reference.cfg_ddim_step(u, t, 7.5, x, torch.full((2,), 0.3), torch.full((2,), 0.4), clip_sample_range=clip)
+    for o, r in zip(ours, ref):
+        assert torch.equal(torch.isnan(o), torch.isnan(r)) and torch.isnan(o).sum() == 1
+
+
 def test_opcheck_every_op():
     x, m, n = torch.randn(2, 4, 3, 5), torch.randn(2, 4, 3, 5), torch.randn(2, 4, 3, 5)
     a, ap, s = torch.tensor([0.3, 0.5]), torch.tensor([0.4, 0.7]), torch.tensor([0.1, 0.0])
@@ -210,6 +247,7 @@ def test_opcheck_every_op():
     cases = [
         (lib.ddim_step, (m, x, a, ap, 0.5, n, "epsilon", 1.0, True)),
         (lib.cfg_ddim_step, (m, n, 7.5, x, a, ap, 0.0, None, "v_prediction", None, False)),
+        (lib.cfg_ddim_step, (m, n, 7.5, x, a[0], ap[:1], 0.0, None, "epsilon", None, False)),  # one alpha for all
         (lib.ddpm_step, (m, x, a, ap, s, n, "sample", None)),
         (lib.euler_step, (m, x, a + 1, ap, 0.2, 1.0, n, "epsilon")),
         (lib.group_norm_silu, (torch.randn(2, 8, 3, 3), 4, torch.randn(8), None, 1e-5, True)),
@@ -238,8 +276,13 @@ def test_bad_input_names_the_argument(call, error, message):
 def test_the_op_itself_also_checks(capsys):
     """A direct torch.ops call (bypassing diffusion_fast.ops) still gets a clear error, not garbage."""
     x = torch.randn(3, 4, 5, 5)
-    with pytest.raises(ValueError, match="alpha_prod_t must be a \\(3,\\) tensor"):
+    with pytest.raises(ValueError, match="alpha_prod_t must be a \\(3,\\) tensor .* or a single value"):
         torch.ops.diffusion_fast.ddim_step(x, x, torch.ones(2), torch.ones(3), 0.0, None, "epsilon", None, False)
+    with pytest.raises(ValueError, match="alpha_prod_t_prev must be a \\(3,\\) tensor"):  # one value, but 2-d
+        torch.ops.diffusion_fast.ddim_step(x, x, torch.ones(3), torch.ones(1, 1), 0.0, None, "epsilon", None, False)
+    with pytest.raises(ValueError, match="alpha_prod_t contains NaN or inf"):  # a single value is checked too
+        torch.ops.diffusion_fast.ddim_step(x, x, torch.tensor(float("nan")), torch.ones(3), 0.0, None, "epsilon",
+                                           None, False)
     with pytest.raises(ValueError, match="prediction_type must be one of"):
         torch.ops.diffusion_fast.ddim_step(x, x, torch.ones(3), torch.ones(3), 0.0, None, "eps", None, False)
 

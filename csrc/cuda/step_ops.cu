@@ -14,7 +14,8 @@
 
 namespace diffusion_fast {
 
-int prediction_index(const std::string& prediction_type);  // step_ops.cpp
+int prediction_index(const std::string& prediction_type);                            // step_ops.cpp
+at::Tensor per_sample(const at::Tensor& a, const char* name, const at::Tensor& sample);  // step_ops.cpp
 
 namespace {
 
@@ -69,9 +70,8 @@ void check_cuda_like(const at::Tensor& t, const char* name, const at::Tensor& sa
 }
 
 at::Tensor coeff(const at::Tensor& a, const char* name, const at::Tensor& sample) {
-  TORCH_CHECK_VALUE(a.dim() == 1 && a.size(0) == sample.size(0), name, " must be a (", sample.size(0),
-                    ",) tensor (one value per sample), got shape ", a.sizes());
-  return a.to(sample.device(), at::kFloat).contiguous();
+  // (B,) float32 on sample's device (alphas on the host are copied over); one value broadcast to every sample
+  return per_sample(a.to(sample.device()), name, sample);
 }
 
 std::tuple<at::Tensor, at::Tensor> launch_step(int kind, const at::Tensor& m_in, const c10::optional<at::Tensor>& t_in,
