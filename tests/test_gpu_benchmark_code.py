@@ -98,3 +98,25 @@ def test_attention_tile_sweep_record_renders(tmp_path):
     path.write_text(json.dumps(record) + "\n")
     text = results_table.render(str(path))
     assert "| 2x8x4096x4096x40 | 0.1700 | (128, 64, 4, 3) | 0.2000 | (128, 128, 8, 2) | 0.1000 | 1.70x |" in text
+
+
+def test_cpu_record_speedups_are_against_the_eager_baseline(tmp_path):
+    """The CPU targets are stated against diffusers' step and F.group_norm + F.silu, not the slowest row: a group's
+    speedups divide that baseline's median (the reference is slower than diffusers here, as it often is)."""
+    import json
+
+    import results_table
+
+    def bench(group, impl, median):
+        return {"group": group, "name": f"t[{impl}]", "params": {"impl": impl}, "stats": {"median": median}}
+
+    record = {"machine_info": {"cpu": {"brand_raw": "AMD EPYC", "count": 2}}, "datetime": "2026-12-01T20:00:00",
+              "benchmarks": [bench("step", "cpp fused", 1e-4), bench("step", "reference", 6e-4),
+                             bench("step", "diffusers", 5e-4), bench("half", "cpp fused", 2e-4),
+                             bench("half", "reference", 5e-4)]}
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(record))
+    text = results_table.render(str(path))
+    assert "| step | cpp fused | 0.100 | 5.00x vs diffusers |" in text
+    assert "| step | reference | 0.600 | 0.83x vs diffusers |" in text
+    assert "| half | cpp fused | 0.200 | 2.50x vs reference |" in text
