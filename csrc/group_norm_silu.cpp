@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "half.h"
 #include "silu.h"
 #include "vectorize.h"
 
@@ -70,8 +71,9 @@ __attribute__((always_inline)) inline void affine_body(const scalar_t* __restric
 // The output pass over one row, for use inside widest(): fp32 SiLU takes the AVX-512 intrinsics where the CPU has
 // them, else the AVX2 ones where the build targets AVX2.
 template <typename scalar_t, bool SILU, int STRIDE>
-__attribute__((always_inline)) inline void affine_row(const scalar_t* x, scalar_t* y, int64_t len, const float* mean,
-                                                       const float* scale, const float* shift) {
+__attribute__((always_inline)) inline void affine_row_native(const scalar_t* x, scalar_t* y, int64_t len,
+                                                              const float* mean, const float* scale,
+                                                              const float* shift) {
 #if defined(DIFFUSION_FAST_SILU_AVX512) && defined(DIFFUSION_FAST_AVX512_BUILDS)
   if constexpr (SILU && std::is_same<scalar_t, float>::value) {
     if (has_avx512()) return silu_affine_avx512<STRIDE>(x, y, len, mean, scale, shift);
@@ -83,6 +85,23 @@ __attribute__((always_inline)) inline void affine_row(const scalar_t* x, scalar_
   }
 #endif
   affine_body<scalar_t, SILU, STRIDE>(x, y, len, mean, scale, shift);
+}
+
+// The output pass over one row; fp16/bf16 rows run the fp32 code on converted chunks that stay in L1 (half.h).
+template <typename scalar_t, bool SILU, int STRIDE>
+__attribute__((always_inline)) inline void affine_row(const scalar_t* x, scalar_t* y, int64_t len, const float* mean,
+                                                       const float* scale, const float* shift) {
+  if constexpr (is_half_v<scalar_t>) {
+    alignas(64) float in[kChunk], out[kChunk];
+    for (int64_t s = 0; s < len; s += kChunk) {
+      const int64_t n = std::min(kChunk, len - s);
+      to_float(x + s, in, n);
+      affine_row_native<float, SILU, STRIDE>(in, out, n, mean + s * STRIDE, scale + s * STRIDE, shift + s * STRIDE);
+      from_float(out, y + s, n);
+    }
+  } else {
+    affine_row_native<scalar_t, SILU, STRIDE>(x, y, len, mean, scale, shift);
+  }
 }
 
 // sum(f(x[i])) in fp32 with kLanes independent partial sums (several vectors), so a loop that does little else is
@@ -105,7 +124,7 @@ __attribute__((always_inline)) inline float lane_sum(const scalar_t* __restrict_
 // L1-resident chunk), fused with the output pass over as many elements of x -> y (skipped when x is null): one
 // stream is compute-bound, the other memory-bound, so they overlap.
 template <typename scalar_t, bool SILU>
-__attribute__((always_inline)) inline void affine_and_moments_body(const scalar_t* __restrict__ x,
+__attribute__((always_inline)) inline void affine_and_moments_native(const scalar_t* __restrict__ x,
                                                                     scalar_t* __restrict__ y, int64_t len,
                                                                     float mean, float scale, float shift,
                                                                     const scalar_t* __restrict__ next,
@@ -140,6 +159,24 @@ __attribute__((always_inline)) inline void affine_and_moments_body(const scalar_
   const float mu = s / static_cast<float>(len);
   *mu_out = mu;
   *m2_out = lane_sum(next, len, [mu](float v) { return (v - mu) * (v - mu); });
+}
+
+// affine_and_moments_native for any storage; fp16/bf16 chunks (len <= kChunk at every call) are converted first.
+template <typename scalar_t, bool SILU>
+__attribute__((always_inline)) inline void affine_and_moments_body(const scalar_t* x, scalar_t* y, int64_t len,
+                                                                    float mean, float scale, float shift,
+                                                                    const scalar_t* next, float* mu_out,
+                                                                    float* m2_out) {
+  if constexpr (is_half_v<scalar_t>) {
+    alignas(64) float nx[kChunk], in[kChunk], out[kChunk];
+    to_float(next, nx, len);
+    if (x != nullptr) to_float(x, in, len);
+    affine_and_moments_native<float, SILU>(x ? in : nullptr, x ? out : nullptr, len, mean, scale, shift, nx, mu_out,
+                                           m2_out);
+    if (x != nullptr) from_float(out, y, len);
+  } else {
+    affine_and_moments_native<scalar_t, SILU>(x, y, len, mean, scale, shift, next, mu_out, m2_out);
+  }
 }
 
 template <typename scalar_t>
@@ -251,7 +288,7 @@ void nchw(const scalar_t* x, scalar_t* y, const float* w, const float* b, int64_
 // not cancel because k is close to the mean; without k (a thread's first block) the squared deviations from the
 // block means take a second pass over the L2-resident block.
 template <typename scalar_t>
-__attribute__((always_inline)) inline void cl_block_moments_body(const scalar_t* __restrict__ x, int64_t rows,
+__attribute__((always_inline)) inline void cl_block_moments_native(const scalar_t* __restrict__ x, int64_t rows,
                                                                   int64_t C, const float* __restrict__ k,
                                                                   float* __restrict__ mu, float* __restrict__ m2) {
   std::fill(mu, mu + C, 0.0f);
@@ -289,6 +326,20 @@ __attribute__((always_inline)) inline void cl_block_moments_body(const scalar_t*
   }
 }
 
+
+// cl_block_moments_native for any storage; a fp16/bf16 block (<= 8 * kChunk values) is converted once first.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void cl_block_moments_body(const scalar_t* x, int64_t rows, int64_t C,
+                                                                  const float* k, float* mu, float* m2) {
+  if constexpr (is_half_v<scalar_t>) {
+    thread_local std::vector<float> block;
+    block.resize(static_cast<size_t>(rows * C));
+    to_float(x, block.data(), rows * C);
+    cl_block_moments_native<float>(block.data(), rows, C, k, mu, m2);
+  } else {
+    cl_block_moments_native<scalar_t>(x, rows, C, k, mu, m2);
+  }
+}
 // Per-channel moments of a run of channels_last rows, accumulated block by block. Every channel of a block has the
 // same count, so merging a block costs one shared pair of factors and a vectorised loop (no divide per channel).
 struct ChannelMoments {
@@ -377,27 +428,37 @@ at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups, const
                                   b.defined() ? b.to(at::kDouble) : b, eps);
     return apply_silu ? at::silu_(y) : y;
   }
-  if (x_in.scalar_type() != at::kFloat) {
-    // fp16/bf16: element-wise c10::Half/BFloat16 conversions do not vectorise inside these loops, which made them
-    // far slower than ATen. Convert with ATen's vectorised copy, run the fp32 kernel, round once on the way back: the
-    // same fp32 arithmetic, at the cost of two conversion passes (benchmarks/test_bench_cpu.py times fp16 and bf16).
-    // The memory format is preserved both ways.
+#if !defined(DIFFUSION_FAST_FP16)
+  if (x_in.scalar_type() == at::kHalf) {
+    // A build without F16C has no vectorised fp16 conversion: convert with ATen's copy, run the fp32 kernel, round
+    // once on the way back (the same fp32 arithmetic, at the cost of two conversion passes).
     const at::Tensor y = group_norm_silu_cpu(x_in.to(at::kFloat), num_groups, weight, bias, eps, apply_silu);
     return y.to(x_in.scalar_type());
   }
+#endif
   // channels_last is read in place; any other strides are made contiguous (NCHW) first.
   const bool cl = x_in.dim() == 4 && !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor x = cl ? x_in : x_in.contiguous();
-  at::Tensor y = at::empty_like(x);  // keeps the memory format
+  at::Tensor y = at::empty_like(x);  // keeps the memory format and the dtype
   const int64_t HW = x.numel() / (N * C);
   const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  if (cl && apply_silu) channels_last<float, true>(xp, yp, wp, bp, N, C, HW, num_groups, eps);
-  else if (cl) channels_last<float, false>(xp, yp, wp, bp, N, C, HW, num_groups, eps);
-  else if (apply_silu) nchw<float, true>(xp, yp, wp, bp, N, C, HW, num_groups, eps);
-  else nchw<float, false>(xp, yp, wp, bp, N, C, HW, num_groups, eps);
+  // fp16/bf16 stay in their storage and are converted chunk by chunk in L1 (half.h): the same fp32 arithmetic as
+  // for fp32 input, with half its memory traffic.
+  auto run = [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    const auto* xp = static_cast<const scalar_t*>(x.data_ptr());
+    auto* yp = static_cast<scalar_t*>(y.data_ptr());
+    if (cl && apply_silu) channels_last<scalar_t, true>(xp, yp, wp, bp, N, C, HW, num_groups, eps);
+    else if (cl) channels_last<scalar_t, false>(xp, yp, wp, bp, N, C, HW, num_groups, eps);
+    else if (apply_silu) nchw<scalar_t, true>(xp, yp, wp, bp, N, C, HW, num_groups, eps);
+    else nchw<scalar_t, false>(xp, yp, wp, bp, N, C, HW, num_groups, eps);
+  };
+  if (x.scalar_type() == at::kBFloat16) run(static_cast<bf16*>(nullptr));
+#if defined(DIFFUSION_FAST_FP16)
+  else if (x.scalar_type() == at::kHalf) run(static_cast<fp16*>(nullptr));
+#endif
+  else run(static_cast<float*>(nullptr));
   return y;
 }
 

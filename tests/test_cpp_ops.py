@@ -120,6 +120,41 @@ def test_group_norm_silu_matches_reference(shape, groups, dtype, channels_last):
         assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+GN_HALF_SHAPES = [
+    ((2, 64, 16, 16), 32),
+    ((3, 96, 7, 9), 32),  # 63 positions: every chunk conversion ends in a scalar tail
+    ((1, 8, 70, 70), 1),  # N*G < threads: the chunked statistics path
+    ((2, 32, 23, 25), 8),  # the pipelined NCHW pass
+    ((1, 1280, 9, 11), 32),  # channels_last blocks of 12 rows x 1280 channels
+]
+
+
+@pytest.mark.parametrize("shape, groups", GN_HALF_SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_half_storage_is_the_fp32_kernel_rounded_once(shape, groups, dtype, channels_last):
+    """fp16/bf16 are converted chunk by chunk in L1 (csrc/half.h) around the fp32 code, so the output must be bit for
+    bit the fp32 op's output on x.float(), rounded once as torch rounds it: that checks every conversion, tails
+    included, against torch's own, on values that round both ways, overflow bf16's range or are NaN or inf."""
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(shape, generator=gen) * 3 + 0.7).to(dtype)
+    if groups > 1:  # NaN and inf in the first group of the first sample only: they poison its statistics
+        first = x[0, : shape[1] // groups].view(-1)
+        first[::5], first[1::7], first[2::11] = float("nan"), float("inf"), -float("inf")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = (torch.randn(shape[1], generator=gen) for _ in range(2))
+    w[::7] *= 4e4  # a few channels whose fp16 outputs overflow to inf
+    w, b = w.to(dtype), b.to(dtype)
+    for weight, bias, silu in ((w, b, True), (None, None, False)):
+        out = ops.group_norm_silu(x, groups, weight, bias, silu=silu, backend="cpp")
+        want = ops.group_norm_silu(x.float(), groups, weight, bias, silu=silu, backend="cpp").to(dtype)
+        assert out.dtype == dtype and out.stride() == want.stride()
+        same = (out.view(torch.int16) == want.view(torch.int16)) | (out.isnan() & want.isnan())
+        assert same.all(), f"{(~same).sum().item()} elements differ from the fp32 op rounded once"
+        assert out.isfinite().float().mean() > 0.5  # most of the comparison is on finite values
+
+
 def test_non_contiguous_inputs():
     base = torch.randn(3, 4, 9, 7)
     m, x = base.transpose(2, 3), torch.randn(6, 4, 7, 9)[::2]  # a transposed view and a strided slice
