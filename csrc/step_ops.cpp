@@ -3,7 +3,8 @@
 // Each op makes one parallel pass over the latents: inputs of any strides are read contiguously (a copy only when
 // they are not contiguous already), per-sample coefficients are computed once per sample from that sample's
 // alphas, and the inner loop over a sample's elements is branch-free so the compiler vectorises it. Storage may be
-// fp32, fp16, bf16 (converted to fp32 around the loop, computed in fp32) or fp64.
+// fp32, fp16, bf16 (converted to fp32 in L1-sized chunks around the loop: csrc/half.h) or fp64; the arithmetic is
+// fp32.
 #include <Python.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -13,6 +14,7 @@
 #include <limits>
 #include <string>
 
+#include "half.h"
 #include "step_math.h"
 #include "vectorize.h"
 
@@ -74,12 +76,33 @@ void check_sample(const at::Tensor& sample) {
   TORCH_CHECK_VALUE(sample.dim() >= 1 && sample.numel() > 0, "sample must be a non-empty tensor with a batch dim");
 }
 
-// DDIM and DDPM share one loop: per sample, coefficients; per element, apply_step (five FMAs, plus the CFG combine,
-// the clamp and the noise term where the call has them).
+// One sample's stretch of a DDIM/DDPM step: apply_step per element (five FMAs, plus the CFG combine, the clamp and
+// the noise term where the call has them), in fp32 whatever the storage.
 template <typename scalar_t, bool CFG, bool NOISE, bool CLIP>
-void step_loop(const scalar_t* __restrict__ m, const scalar_t* __restrict__ t, const scalar_t* __restrict__ x,
-               const scalar_t* __restrict__ n, scalar_t* __restrict__ prev, scalar_t* __restrict__ x0,
-               const StepCoeffs* coeffs, float guidance, float clip, int64_t per_sample, int64_t numel) {
+__attribute__((always_inline)) inline void step_elements(const StepCoeffs& k, float g, float lim,
+                                                          const scalar_t* __restrict__ m, const scalar_t* __restrict__ t,
+                                                          const scalar_t* __restrict__ x, const scalar_t* __restrict__ n,
+                                                          scalar_t* __restrict__ prev, scalar_t* __restrict__ x0,
+                                                          int64_t len) {
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) {
+    float mo = static_cast<float>(m[j]);
+    if (CFG) mo = mo + g * (static_cast<float>(t[j]) - mo);
+    float x0v;
+    const float p = apply_step<CLIP, NOISE>(k, static_cast<float>(x[j]), mo, NOISE ? static_cast<float>(n[j]) : 0.0f,
+                                            lim, &x0v);
+    prev[j] = static_cast<scalar_t>(p);
+    x0[j] = static_cast<scalar_t>(x0v);
+  }
+}
+
+constexpr int64_t kStepChunk = 512;  // fp16/bf16 values converted per chunk: six fp32 buffers, 12 KiB, stay in L1
+
+// DDIM and DDPM share one loop: per sample, coefficients; per element, step_elements. fp16/bf16 storage is converted
+// chunk by chunk into L1 buffers around the fp32 loop (csrc/half.h).
+template <typename scalar_t, bool CFG, bool NOISE, bool CLIP>
+void step_loop(const scalar_t* m, const scalar_t* t, const scalar_t* x, const scalar_t* n, scalar_t* prev,
+               scalar_t* x0, const StepCoeffs* coeffs, float guidance, float clip, int64_t per_sample, int64_t numel) {
   at::parallel_for(0, numel, 8192, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {
       const int64_t b = i / per_sample;
@@ -87,16 +110,22 @@ void step_loop(const scalar_t* __restrict__ m, const scalar_t* __restrict__ t, c
       const StepCoeffs c = coeffs[b];
       widest([&]() DIFFUSION_FAST_INLINE_LAMBDA {
         const StepCoeffs k = c;  // a copy local to the vectorised body, so its fields stay in registers
-        const float g = guidance, lim = clip;
-#pragma omp simd
-        for (int64_t j = i; j < stop; ++j) {
-          float mo = static_cast<float>(m[j]);
-          if (CFG) mo = mo + g * (static_cast<float>(t[j]) - mo);
-          float x0v;
-          const float p = apply_step<CLIP, NOISE>(k, static_cast<float>(x[j]), mo,
-                                                  NOISE ? static_cast<float>(n[j]) : 0.0f, lim, &x0v);
-          prev[j] = static_cast<scalar_t>(p);
-          x0[j] = static_cast<scalar_t>(x0v);
+        if constexpr (is_half_v<scalar_t>) {
+          alignas(64) float fm[kStepChunk], ft[kStepChunk], fx[kStepChunk], fn[kStepChunk], fp[kStepChunk],
+              f0[kStepChunk];
+          for (int64_t s = i; s < stop; s += kStepChunk) {
+            const int64_t len = std::min(kStepChunk, stop - s);
+            to_float(m + s, fm, len);
+            if (CFG) to_float(t + s, ft, len);
+            to_float(x + s, fx, len);
+            if (NOISE) to_float(n + s, fn, len);
+            step_elements<float, CFG, NOISE, CLIP>(k, guidance, clip, fm, ft, fx, fn, fp, f0, len);
+            from_float(fp, prev + s, len);
+            from_float(f0, x0 + s, len);
+          }
+        } else {
+          step_elements<scalar_t, CFG, NOISE, CLIP>(k, guidance, clip, m + i, t + i, x + i, n + i, prev + i, x0 + i,
+                                                    stop - i);
         }
       });
       i = stop;
@@ -108,10 +137,9 @@ std::tuple<at::Tensor, at::Tensor> run_step(const at::Tensor& m_in, const c10::o
                                             const at::Tensor& x_in, const c10::optional<at::Tensor>& noise_in,
                                             const std::vector<StepCoeffs>& coeffs, double guidance,
                                             c10::optional<double> clip) {
-  if (x_in.scalar_type() == at::kHalf || x_in.scalar_type() == at::kBFloat16) {
-    // c10::Half/BFloat16 element conversions do not vectorise in the loop, which made it far slower than in fp32:
-    // convert with ATen's vectorised copies, step in fp32 (the arithmetic is fp32 either way), round once on the way
-    // back (benchmarks/test_bench_cpu.py times bf16).
+#if !defined(DIFFUSION_FAST_FP16)
+  if (x_in.scalar_type() == at::kHalf) {
+    // A build without F16C has no vectorised fp16 conversion: convert with ATen's copies, step in fp32, round once.
     const auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat); };
     const auto opt = [&](const c10::optional<at::Tensor>& t) {
       return t.has_value() ? c10::optional<at::Tensor>(f32(*t)) : c10::nullopt;
@@ -119,18 +147,21 @@ std::tuple<at::Tensor, at::Tensor> run_step(const at::Tensor& m_in, const c10::o
     auto [prev, x0] = run_step(f32(m_in), opt(t_in), f32(x_in), opt(noise_in), coeffs, guidance, clip);
     return {prev.to(x_in.scalar_type()), x0.to(x_in.scalar_type())};
   }
+#endif
   const at::Tensor m = m_in.contiguous(), x = x_in.contiguous();
   const at::Tensor t = t_in.has_value() ? t_in->contiguous() : m;
   const at::Tensor n = noise_in.has_value() ? noise_in->contiguous() : x;
   at::Tensor prev = at::empty_like(x), x0 = at::empty_like(x);
   const float clip_f = clip.has_value() ? static_cast<float>(*clip) : std::numeric_limits<float>::infinity();
   const int64_t numel = x.numel(), per_sample = numel / x.size(0);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "diffusion_fast_step", [&] {
+  auto run = [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    const auto ptr = [](const at::Tensor& v) { return static_cast<const scalar_t*>(v.data_ptr()); };
     auto go = [&](auto cfg, auto noise, auto clipped) {
       step_loop<scalar_t, decltype(cfg)::value, decltype(noise)::value, decltype(clipped)::value>(
-          m.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), n.data_ptr<scalar_t>(),
-          prev.data_ptr<scalar_t>(), x0.data_ptr<scalar_t>(), coeffs.data(), static_cast<float>(guidance), clip_f,
-          per_sample, numel);
+          ptr(m), ptr(t), ptr(x), ptr(n), static_cast<scalar_t*>(prev.data_ptr()),
+          static_cast<scalar_t*>(x0.data_ptr()), coeffs.data(), static_cast<float>(guidance), clip_f, per_sample,
+          numel);
     };
     auto with_clip = [&](auto cfg, auto noise) {
       if (clip.has_value()) go(cfg, noise, std::true_type{});
@@ -141,7 +172,16 @@ std::tuple<at::Tensor, at::Tensor> run_step(const at::Tensor& m_in, const c10::o
     else if (cfg) with_clip(std::true_type{}, std::false_type{});
     else if (noise) with_clip(std::false_type{}, std::true_type{});
     else with_clip(std::false_type{}, std::false_type{});
-  });
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat: run(static_cast<float*>(nullptr)); break;
+    case at::kDouble: run(static_cast<double*>(nullptr)); break;
+    case at::kBFloat16: run(static_cast<bf16*>(nullptr)); break;
+#if defined(DIFFUSION_FAST_FP16)
+    case at::kHalf: run(static_cast<fp16*>(nullptr)); break;
+#endif
+    default: TORCH_CHECK_TYPE(false, "sample must be fp16, bf16, fp32 or fp64, got ", x.scalar_type());
+  }
   return {prev, x0};
 }
 
