@@ -112,6 +112,10 @@ def gpu_e2e(record):
 CPU_BASELINES = ("diffusers", "F.group_norm + F.silu", "reference")
 
 
+def _impl(bench):
+    return bench.get("params", {}).get("impl") or bench.get("param", "")
+
+
 def pytest_benchmark(record):
     info = record.get("machine_info", {})
     cpu = info.get("cpu", {}).get("brand_raw", "")
@@ -122,14 +126,13 @@ def pytest_benchmark(record):
            "pytest-benchmark medians of one run; speedup is against the group's eager baseline (diffusers' CFG "
            "combine + DDIMScheduler.step, F.group_norm + F.silu, or our reference where neither ran)."]
     body = []
-    impl_of = lambda b: b.get("params", {}).get("impl") or b.get("param", "")  # noqa: E731
     for group, items in groups.items():
-        by_impl = {impl_of(b): b for b in items}
+        by_impl = {_impl(b): b for b in items}
         base = next((by_impl[name] for name in CPU_BASELINES if name in by_impl), None)
         base = base or max(items, key=lambda b: b["stats"]["median"])
         for b in items:
-            body.append([group, impl_of(b), fmt(b["stats"]["median"] * 1e3, ".3f"),
-                         f"{base['stats']['median'] / b['stats']['median']:.2f}x vs {impl_of(base)}"])
+            body.append([group, _impl(b), fmt(b["stats"]["median"] * 1e3, ".3f"),
+                         f"{base['stats']['median'] / b['stats']['median']:.2f}x vs {_impl(base)}"])
     out.append(table(["benchmark", "implementation", "median ms", "speedup"], body))
     return "\n\n".join(out)
 

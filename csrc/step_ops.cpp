@@ -80,10 +80,11 @@ void check_sample(const at::Tensor& sample) {
 // the noise term where the call has them), in fp32 whatever the storage.
 template <typename scalar_t, bool CFG, bool NOISE, bool CLIP>
 __attribute__((always_inline)) inline void step_elements(const StepCoeffs& k, float g, float lim,
-                                                          const scalar_t* __restrict__ m, const scalar_t* __restrict__ t,
-                                                          const scalar_t* __restrict__ x, const scalar_t* __restrict__ n,
-                                                          scalar_t* __restrict__ prev, scalar_t* __restrict__ x0,
-                                                          int64_t len) {
+                                                          const scalar_t* __restrict__ m,
+                                                          const scalar_t* __restrict__ t,
+                                                          const scalar_t* __restrict__ x,
+                                                          const scalar_t* __restrict__ n, scalar_t* __restrict__ prev,
+                                                          scalar_t* __restrict__ x0, int64_t len) {
 #pragma omp simd
   for (int64_t j = 0; j < len; ++j) {
     float mo = static_cast<float>(m[j]);
@@ -264,8 +265,6 @@ std::tuple<at::Tensor, at::Tensor> euler_step_cpu(const at::Tensor& model_output
   const at::Tensor n = noise_in.has_value() ? noise_in->to(at::kFloat).contiguous() : x;
   at::Tensor prev = at::empty_like(x), x0 = at::empty_like(x);
   const float *mp = m.data_ptr<float>(), *xp = x.data_ptr<float>(), *np = n.data_ptr<float>();
-  const float *sp = sg.data_ptr<float>(), *snp = sn.data_ptr<float>();
-  const int64_t s_step = sg.numel() == 1 ? 0 : 1, sn_step = sn.numel() == 1 ? 0 : 1;  // one sigma for all samples
   float *pp = prev.data_ptr<float>(), *x0p = x0.data_ptr<float>();
   const int64_t numel = x.numel(), per_sample = numel / x.size(0);
   const bool has_noise = noise_in.has_value();
@@ -273,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor> euler_step_cpu(const at::Tensor& model_output
   at::parallel_for(0, numel, 8192, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {  // one sample's stretch of [begin, end) at a time: sigmas hoisted
       const int64_t b = i / per_sample, stop = std::min(end, (b + 1) * per_sample);
-      const float sig = sp[b * s_step], sig_next = snp[b * sn_step];
+      const float sig = value_at(sg, b), sig_next = value_at(sn, b);
 #pragma omp simd
       for (int64_t j = i; j < stop; ++j) {
         pp[j] = euler_element(xp[j], mp[j], has_noise ? np[j] : 0.0f, sig, sig_next, g, s, pred, &x0p[j]);

@@ -114,18 +114,19 @@ def step_tensors(named: dict, ref_name: str):
     return ref
 
 
-def per_sample_coefficient(name: str, value, sample: torch.Tensor, *, positive=False, single_ok=False) -> torch.Tensor:
+def per_sample_coefficient(name: str, value, sample: torch.Tensor, *, positive=False, op_checks=False) -> torch.Tensor:
     """A float or tensor coefficient as a float32 (B,) tensor on sample's device.
 
     Accepts a Python float, a 0-d tensor, a (B,) tensor, or a (B, 1, ..., 1) tensor. NaN/inf are rejected for floats
-    and CPU tensors; CUDA tensors are not inspected (that would force a host sync). ``single_ok``: the caller's
-    implementation (the C++ ops) takes one float32 value for all samples, a 0-d or (1,) tensor on sample's device,
-    and checks it itself, so such a tensor is returned as it is.
+    and CPU tensors; CUDA tensors are not inspected (that would force a host sync). ``op_checks``: the caller's
+    implementation (the C++ ops) takes a float32 tensor on sample's device holding B values or one value for all
+    samples (0-d or (1,)), and checks its shape and, on the CPU, its values itself, so such a tensor is returned as it
+    is: no tensor is built and nothing is checked twice per step.
     """
-    if (single_ok and torch.is_tensor(value) and value.dtype is torch.float32 and value.ndim <= 1
-            and value.numel() == 1 and value.device == sample.device):
-        return value
     batch = sample.shape[0]
+    if (op_checks and torch.is_tensor(value) and value.dtype is torch.float32 and value.ndim <= 1
+            and value.numel() in (1, batch) and value.device == sample.device):
+        return value
     if not torch.is_tensor(value):
         v = finite_float(name, value)
         if positive and v <= 0:

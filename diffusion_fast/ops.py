@@ -133,13 +133,13 @@ def _attention(q, k, v, scale=None, backend="auto"):
 
 def _step_common(op, backend, named, ref_name, alpha_prod_t, alpha_prod_t_prev, eta, variance_noise, prediction_type,
                  clip, **resolve_kw):
-    """The checks every step op shares; returns (sample, impl, a_t, a_prev, eta, clip). The C++ op broadcasts a
-    single alpha (0-d or (1,)) itself, so for it such a tensor is passed as it is: two fewer tensors built per step."""
+    """The checks every step op shares; returns (sample, impl, a_t, a_prev, eta, clip). The C++ ops check float32
+    alphas themselves and broadcast a single one (0-d or (1,)), so for them such tensors are passed as they are."""
     sample = _validate.step_tensors(named, ref_name)
     impl = _resolve(op, backend, sample.device, **resolve_kw)
-    single_ok = impl == "cpp"
-    a_t = _validate.per_sample_coefficient("alpha_prod_t", alpha_prod_t, sample, single_ok=single_ok)
-    a_prev = _validate.per_sample_coefficient("alpha_prod_t_prev", alpha_prod_t_prev, sample, single_ok=single_ok)
+    op_checks = impl == "cpp"
+    a_t = _validate.per_sample_coefficient("alpha_prod_t", alpha_prod_t, sample, op_checks=op_checks)
+    a_prev = _validate.per_sample_coefficient("alpha_prod_t_prev", alpha_prod_t_prev, sample, op_checks=op_checks)
     eta = _validate.finite_float("eta", eta, non_negative=True)
     _validate.prediction_type(prediction_type)
     if clip is not None:
@@ -242,7 +242,7 @@ def ddpm_step(
     )
     if variance_noise is None and (torch.is_tensor(std) or std != 0):
         raise ValueError("variance_noise is required when std is non-zero or a tensor (a tensor shaped like sample)")
-    std_t = _validate.per_sample_coefficient("std", std, sample, single_ok=impl == "cpp")
+    std_t = _validate.per_sample_coefficient("std", std, sample, op_checks=impl == "cpp")
     if impl == "cpp":
         return tuple(_cpp_ops().ddpm_step(model_output, sample, a_t, a_prev, std_t, variance_noise, prediction_type, clip))
     return reference.ddpm_step(
@@ -270,8 +270,8 @@ def euler_step(
             _validate.tensor(name, t, min_dim=1)
             _validate.same(name, t, "sample", sample, dtype=False)
     impl = _resolve("euler_step", backend, sample.device, has_triton=False)
-    sigma_t = _validate.per_sample_coefficient("sigma", sigma, sample, single_ok=impl == "cpp")
-    sigma_next_t = _validate.per_sample_coefficient("sigma_next", sigma_next, sample, single_ok=impl == "cpp")
+    sigma_t = _validate.per_sample_coefficient("sigma", sigma, sample, op_checks=impl == "cpp")
+    sigma_next_t = _validate.per_sample_coefficient("sigma_next", sigma_next, sample, op_checks=impl == "cpp")
     gamma = _validate.finite_float("gamma", gamma, non_negative=True)
     s_noise = _validate.finite_float("s_noise", s_noise)
     _validate.prediction_type(prediction_type)

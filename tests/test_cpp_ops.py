@@ -129,7 +129,8 @@ GN_HALF_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("shape, groups", GN_HALF_SHAPES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("shape, groups", GN_HALF_SHAPES,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_group_norm_half_storage_is_the_fp32_kernel_rounded_once(shape, groups, dtype, channels_last):
@@ -256,10 +257,11 @@ def test_one_alpha_for_every_sample_broadcasts():
             got = call(single, torch.tensor(0.45) if single.dim() == 0 else torch.tensor([0.45]))
             for ours, want in zip(got, per_sample):
                 torch.testing.assert_close(ours, want, rtol=0, atol=0)
-    a = torch.tensor(0.3)
-    assert _validate.per_sample_coefficient("alpha_prod_t", a, x, single_ok=True) is a
+    a, per_sample = torch.tensor(0.3), torch.full((3,), 0.3)
+    assert _validate.per_sample_coefficient("alpha_prod_t", a, x, op_checks=True) is a
+    assert _validate.per_sample_coefficient("alpha_prod_t", per_sample, x, op_checks=True) is per_sample
     assert _validate.per_sample_coefficient("alpha_prod_t", a, x).shape == (3,)  # Triton and reference: (B,)
-    assert _validate.per_sample_coefficient("alpha_prod_t", a.double(), x, single_ok=True).dtype == torch.float32
+    assert _validate.per_sample_coefficient("alpha_prod_t", a.double(), x, op_checks=True).dtype == torch.float32
 
 
 @pytest.mark.parametrize("clip", [None, 1.5])
