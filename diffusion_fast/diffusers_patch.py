@@ -10,7 +10,8 @@
   ``attention="auto"`` that happens on CUDA only: on the CPU our attention is the same SDPA call diffusers' own
   processor makes, so patching it would add only Python overhead (``attention=True`` patches it anyway);
 - a ``DDIMScheduler``'s ``step`` becomes our one-pass fused step (noise drawn exactly as diffusers draws it);
-- on CUDA (``cuda_graph="auto"``), the UNet forward is captured per input shape as a CUDA graph;
+- on CUDA (``cuda_graph="auto"``), the UNet forward is captured per input shape as a CUDA graph, SDXL's
+  ``added_cond_kwargs`` included (calls with other extras, e.g. ControlNet residuals, run eagerly, announced once);
 - with ``channels_last="auto"``, the UNet and VAE weights go to channels_last on the CPU, where our pipeline
   measured it to pay (NCHW on CUDA until measured there); restore converts them back.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import types
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -220,26 +222,56 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
 
 
 def _graph_unet(unet):
-    """Replace unet.forward by a per-shape CUDA graph of the plain-tensor call the SD pipelines make."""
-    original = unet.forward
+    """Replace unet.forward by a per-shape CUDA graph of the tensor call the SD and SDXL pipelines make.
 
-    def tensor_forward(sample, timestep, encoder_hidden_states):
-        return original(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    Graphed: sample, timestep, encoder_hidden_states, and optionally timestep_cond and added_cond_kwargs whose values
+    are all tensors (SDXL's text_embeds and time_ids). A call with anything else (ControlNet residuals, a
+    cross_attention_kwargs dict, IP-Adapter image lists, positional extras) runs eagerly, announced once per reason.
+    """
+    original = unet.forward
+    announced = set()
+
+    def tensor_forward(sample, timestep, encoder_hidden_states, timestep_cond, cond_names, *cond_values):
+        added = dict(zip(cond_names, cond_values)) if cond_names else None
+        return original(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
+                        added_cond_kwargs=added, return_dict=False)[0]
 
     graphed = GraphedCallable(tensor_forward)
 
     def forward(sample, timestep, encoder_hidden_states=None, *args, return_dict=True, **kwargs):
-        simple = (not args and torch.is_tensor(timestep) and encoder_hidden_states is not None
-                  and all(v is None for v in kwargs.values()))
-        if not simple:  # extra conditioning (ControlNet residuals, SDXL added_cond_kwargs...): eager
+        added = kwargs.get("added_cond_kwargs") or {}
+        timestep_cond = kwargs.get("timestep_cond")
+        reason = _eager_reason(args, timestep, encoder_hidden_states, timestep_cond, added, kwargs)
+        if reason:
+            if reason not in announced:
+                announced.add(reason)
+                warnings.warn(f"diffusion_fast: this UNet call has {reason}; it runs without the CUDA graph",
+                              RuntimeWarning, stacklevel=2)
             return original(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
-        out = graphed(sample, timestep.reshape(()) if timestep.numel() == 1 else timestep, encoder_hidden_states)
+        names = tuple(sorted(added))
+        out = graphed(sample, timestep.reshape(()) if timestep.numel() == 1 else timestep, encoder_hidden_states,
+                      timestep_cond, names, *(added[n] for n in names))
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
+    forward.graphed = graphed  # for tests and for reset() after replacing weights
     unet.forward = forward
     return original
+
+
+def _eager_reason(args, timestep, encoder_hidden_states, timestep_cond, added, kwargs):
+    """Why a UNet call cannot be replayed from the graph, or "" when it can."""
+    if args:
+        return f"{len(args)} extra positional argument(s)"
+    if not torch.is_tensor(timestep) or encoder_hidden_states is None:
+        return "a non-tensor timestep or no encoder_hidden_states"
+    if timestep_cond is not None and not torch.is_tensor(timestep_cond):
+        return "a non-tensor timestep_cond"
+    if not isinstance(added, dict) or not all(torch.is_tensor(v) for v in added.values()):
+        return "added_cond_kwargs that are not all tensors (e.g. IP-Adapter image embeds)"
+    others = sorted(k for k, v in kwargs.items() if k not in ("added_cond_kwargs", "timestep_cond") and v is not None)
+    return f"extra conditioning ({', '.join(others)})" if others else ""
 
 
 def restore(pipe):

@@ -85,14 +85,55 @@ def test_idempotent_and_bad_arguments(pipe):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
-def test_cuda_graph_unet_on_gpu():
-    pipe = _tiny_diffusers.pipeline("sd1").to(DEVICE, torch.float16)
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])  # sdxl: the UNet call carries added_cond_kwargs
+def test_cuda_graph_unet_on_gpu(kind):
+    pipe = (_tiny_diffusers.pipeline("sd1") if kind == "sd1" else _tiny_diffusers.sdxl_pipeline()).to(
+        DEVICE, torch.float16)
     before = _images(pipe)
     diffusion_fast.accelerate(pipe)
     assert pipe._diffusion_fast_report["cuda_graph"] == 1
     first, second = _images(pipe), _images(pipe)  # capture, then replay
+    assert len(pipe.unet.forward.graphed) == 1  # one graph for the one shape: no call fell back to eager
     assert np.abs(first - before).max() < 2e-2 and np.array_equal(first, second)
     diffusion_fast.restore(pipe)
+
+
+def test_unet_graph_wrapper_takes_sdxl_conditioning_and_announces_eager_calls():
+    """The graph wrapper's call path, run on the CPU (where the graph helper calls through eagerly): SDXL's UNet call,
+    with its added_cond_kwargs, goes through the graph helper at every step and gives the same images bit for bit.
+    A call with extras the graph does not take (a ControlNet residual) runs eagerly, with one warning naming it."""
+    import warnings
+
+    from diffusion_fast import diffusers_patch
+
+    pipe = _tiny_diffusers.sdxl_pipeline(seed=3)
+    before = _images(pipe)
+    diffusers_patch._graph_unet(pipe.unet)
+    graphed = pipe.unet.forward.graphed
+    calls, fn = [], graphed.fn
+    graphed.fn = lambda *args: calls.append(args[4]) or fn(*args)  # args[4]: the conditioning tensors' names
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(_images(pipe), before)
+    assert calls == [("text_embeds", "time_ids")] * 3  # one batched (CFG) call per step, all through the helper
+
+    sample = torch.randn(2, 4, 4, 4)
+    hidden = torch.randn(2, 77, pipe.unet.config.cross_attention_dim)
+    added = {"text_embeds": torch.randn(2, 24), "time_ids": torch.randn(2, 6)}
+    mid_shapes = []
+    hook = pipe.unet.mid_block.register_forward_hook(lambda module, inputs, out: mid_shapes.append(out.shape))
+    plain = pipe.unet(sample, torch.tensor(10), hidden, added_cond_kwargs=added).sample
+    hook.remove()
+    zero_residual = torch.zeros(mid_shapes[0])  # adds nothing: the output must not change
+    with pytest.warns(RuntimeWarning, match="mid_block_additional_residual.*without the CUDA graph"):
+        out = pipe.unet(sample, torch.tensor(10), hidden, added_cond_kwargs=added,
+                        mid_block_additional_residual=zero_residual).sample
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # announced once
+        pipe.unet(sample, torch.tensor(10), hidden, added_cond_kwargs=added, mid_block_additional_residual=zero_residual)
+    assert len(calls) == 4  # the plain call went through the helper, the two with a residual did not
+    del pipe.unet.forward
 
 
 @pytest.mark.skipif(ON_GPU, reason="the CPU default")
@@ -117,8 +158,7 @@ def test_cpu_default_leaves_attention_to_diffusers_and_says_so(caplog):
 
 
 def test_sdxl_pipeline_same_images_and_exact_restore():
-    """StableDiffusionXLPipeline: its resnets, attention and DDIM step are ours; the UNet's text_time conditioning
-    (added_cond_kwargs) keeps the UNet call itself eager. Same images within the fp32 tolerance, exact restore."""
+    """StableDiffusionXLPipeline: its resnets, attention and DDIM step are ours. Same images within the fp32 tolerance, exact restore."""
     pipe = _tiny_diffusers.sdxl_pipeline(seed=3)
     before = _images(pipe)
     assert np.isfinite(before).all() and before.shape == (1, 32, 32, 3)
