@@ -18,7 +18,8 @@ SHAPES = [
     ((2, 64, 16, 16), 32),  # SD-like: 2 channels a group, a square power-of-two map
     ((3, 96, 7, 9), 32),  # C=96 with 32 groups (3 channels a group, not a power of two), odd 7x9 map, batch 3
     ((2, 64, 1, 1), 32),  # a 1x1 map: two elements per group
-    ((1, 32, 48, 40), 4),  # 8*1920 = 15360 elements a group: several chunks, so the partial-statistics combine runs
+    ((1, 32, 24, 40), 4),  # 8*960 = 7680 elements a group: 30 interpreted blocks, so several chunks (the partial-
+    # statistics combine runs) and the one-pass loop takes many iterations
     ((2, 40, 300), 8),  # a 3-d (N, C, L) input, as a 1-d sequence
     # H*W = 512, a multiple of the block (256 interpreted, 2048 compiled: the GPU's (1, 16, 64, 64) case below), so
     # NCHW takes weight and bias once per block; two blocks per channel move the channel on every other block
