@@ -60,7 +60,8 @@ def _resnet_supported(block):
 class DiffusionFastAttnProcessor:
     """diffusers' AttnProcessor2_0 with the attention itself on ``diffusion_fast.ops.attention``."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
         if attention_mask is not None:  # masks are not supported by our kernel: the same math, unfused
             return attn._diffusion_fast_original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         residual = hidden_states
@@ -164,7 +165,8 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
     on_cuda = pipe.unet.device.type == "cuda"
     if attention == "auto" and not on_cuda:
         attention = False
-        report["skipped"].append("attention (on CPU ours is the same SDPA call as diffusers'; attention=True patches it)")
+        report["skipped"].append(
+            "attention (on CPU ours is the same SDPA call as diffusers'; attention=True patches it)")
     state = {"resnets": [], "attention": [], "norm_out": [], "scheduler": None, "unet_forward": None,
              "channels_last": []}
     if channels_last is True or (channels_last == "auto" and not on_cuda):
@@ -191,7 +193,8 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
                     state["attention"].append(module)
                     report["attention"] += 1
                 else:
-                    report["skipped"].append(f"{model_name}.{name} (attention processor {type(module.processor).__name__})")
+                    processor = type(module.processor).__name__
+                    report["skipped"].append(f"{model_name}.{name} (attention processor {processor})")
         if group_norm_silu:
             for owner in (model, getattr(model, "encoder", None), getattr(model, "decoder", None)):
                 if owner is not None and hasattr(owner, "conv_norm_out"):

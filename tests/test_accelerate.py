@@ -131,7 +131,8 @@ def test_unet_graph_wrapper_takes_sdxl_conditioning_and_announces_eager_calls():
     torch.testing.assert_close(out, plain, rtol=0, atol=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # announced once
-        pipe.unet(sample, torch.tensor(10), hidden, added_cond_kwargs=added, mid_block_additional_residual=zero_residual)
+        pipe.unet(sample, torch.tensor(10), hidden, added_cond_kwargs=added,
+                  mid_block_additional_residual=zero_residual)
     assert len(calls) == 4  # the plain call went through the helper, the two with a residual did not
     del pipe.unet.forward
 
@@ -158,7 +159,8 @@ def test_cpu_default_leaves_attention_to_diffusers_and_says_so(caplog):
 
 
 def test_sdxl_pipeline_same_images_and_exact_restore():
-    """StableDiffusionXLPipeline: its resnets, attention and DDIM step are ours. Same images within the fp32 tolerance, exact restore."""
+    """StableDiffusionXLPipeline: its resnets, attention and DDIM step are ours. Same images within the fp32
+    tolerance, exact restore."""
     pipe = _tiny_diffusers.sdxl_pipeline(seed=3)
     before = _images(pipe)
     assert np.isfinite(before).all() and before.shape == (1, 32, 32, 3)
