@@ -8,6 +8,7 @@ benchmarks). Records of an unknown kind are printed as a generic table of their 
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -78,6 +79,9 @@ def gpu_kernels(record):
             if "two_launch_ms" in r:
                 layout += (f" (two-launch plan: {fmt(r['two_launch_ms'], '.4f')} ms, in a graph "
                            f"{fmt(r.get('two_launch_graphed_ms'), '.4f')} ms)")
+            if "launch_order_ms" in r:
+                layout += (f" (output pass in launch order, no cache hints: {fmt(r['launch_order_ms'], '.4f')} ms, "
+                           f"in a graph {fmt(r.get('launch_order_graphed_ms'), '.4f')} ms)")
             if "padded_ms" in r:
                 layout += (f" (head dim padded, not split: {fmt(r['padded_ms'], '.4f')} ms, in a graph "
                            f"{fmt(r.get('padded_graphed_ms'), '.4f')} ms)")
@@ -184,12 +188,17 @@ def render(path):
 
 
 def main(argv=None):
+    parser = argparse.ArgumentParser(description="Render committed results files as the README's Markdown tables.")
+    parser.add_argument("paths", nargs="*", default=[RESULTS], help=f"results files or folders (default: {RESULTS})")
+    args = parser.parse_args(argv)
     paths = []
-    for arg in (argv if argv is not None else sys.argv[1:]) or [RESULTS]:
+    for arg in args.paths:
         if os.path.isdir(arg):
             paths += sorted(glob.glob(os.path.join(arg, "*.jsonl")) + glob.glob(os.path.join(arg, "*.json")))
-        else:
+        elif os.path.isfile(arg):
             paths.append(arg)
+        else:
+            parser.error(f"paths: no such file or folder: {arg}")
     if not paths:
         print(f"no results files found in {RESULTS}", file=sys.stderr)
         return 1

@@ -111,8 +111,9 @@ def attention_cases(dtype=torch.float16, shapes=ATTENTION_SHAPES):
                    args, constexprs, warps, stages)
 
 
-def _cl_split_cases(x, groups, label, has_affine=True, silu=True):
-    """The three kernels of the large channels_last plan, as group_norm_silu launches them for x."""
+def _cl_split_cases(x, groups, label, has_affine=True, silu=True, l2_reuse=None):
+    """The three kernels of the large channels_last plan, as group_norm_silu launches them for x (l2_reuse: the
+    output pass's APPLY_L2_REUSE, the module's setting by default)."""
     from diffusion_fast.kernels import group_norm_silu as G
 
     n, c = x.shape[:2]
@@ -132,7 +133,8 @@ def _cl_split_cases(x, groups, label, has_affine=True, silu=True):
            dict(SPLIT_BLOCK=4096 // triton.next_power_of_2(cpg), CPG_BLOCK=triton.next_power_of_2(cpg)), 8, 3)
     yield (f"group_norm_silu cl-apply {label}", G._cl_apply_kernel,
            dict(sizes, x_ptr=x, y_ptr=x, w_ptr=x, b_ptr=x, stats_ptr=stats, cpg=cpg, num_groups=groups),
-           dict(tiles, HAS_WEIGHT=has_affine, HAS_BIAS=has_affine, SILU=silu), G.NUM_WARPS, 3)
+           dict(tiles, HAS_WEIGHT=has_affine, HAS_BIAS=has_affine, SILU=silu,
+                L2_REUSE=G.APPLY_L2_REUSE if l2_reuse is None else l2_reuse), G.NUM_WARPS, 3)
 
 
 def group_norm_cases():
@@ -158,7 +160,7 @@ def group_norm_cases():
                 del flags["CPG"], flags["CHANNELS_LAST"]
                 yield (f"group_norm_silu apply {label}", G._group_apply_kernel,
                        dict(common, mean_ptr=x.float(), m2_ptr=x.float(), count_ptr=x.float(), chunk_len=4096,
-                            split=16), dict(flags, SPLIT_BLOCK=16), G.NUM_WARPS, 3)
+                            split=16), dict(flags, SPLIT_BLOCK=16, L2_REUSE=G.APPLY_L2_REUSE), G.NUM_WARPS, 3)
 
 
 def cfg_ddim_cases():
@@ -203,7 +205,7 @@ def variant_cases():
                 yield (f"group_norm_silu one-pass {label}", G._group_norm_one_pass_kernel, common, flags,
                        G.NUM_WARPS, 3)
                 if channels_last:
-                    yield from _cl_split_cases(x, groups, label, affine, silu)
+                    yield from _cl_split_cases(x, groups, label, affine, silu, l2_reuse=not G.APPLY_L2_REUSE)
                     continue
                 partials = torch.empty(16, device="meta")
                 del flags["CPG"], flags["CHANNELS_LAST"]
@@ -213,7 +215,7 @@ def variant_cases():
                        dict(BLOCK=G.BLOCK), G.NUM_WARPS, 3)
                 yield (f"group_norm_silu apply {label}", G._group_apply_kernel,
                        dict(common, mean_ptr=partials, m2_ptr=partials, count_ptr=partials, chunk_len=4096,
-                            split=3), dict(flags, SPLIT_BLOCK=4), G.NUM_WARPS, 3)
+                            split=3), dict(flags, SPLIT_BLOCK=4, L2_REUSE=not G.APPLY_L2_REUSE), G.NUM_WARPS, 3)
         alphas = torch.empty(3, device="meta")
         for pred in (0, 1, 2):
             for shape in ((3, 4, 7, 9), (3, 4, 16, 32)):

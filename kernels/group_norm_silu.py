@@ -9,6 +9,12 @@ at batch 2 has only 64 (sample, group) pairs for 132 SMs):
 2. ``_group_apply_kernel``: program (group, chunk) combines its group's partials into mean and 1/std, then
    normalizes its chunk, applies weight and bias, and SiLU, writing the input's dtype.
 
+With ``APPLY_L2_REUSE`` (the default) the output pass of both large-tensor plans runs its programs in the reverse of
+the statistics pass's order and marks its loads and stores evict-first. The statistics pass leaves the last chunks it
+read in L2 (50 MB on an H100); reversed, the output pass re-reads those first, and its own traffic, which is never
+read again, is the first to leave L2, so more of that second read comes from L2 rather than HBM. The GPU benchmark
+times the launch-order variant beside it (an A/B not yet run on a GPU).
+
 Tensors of at most ``ONE_PASS_MAX_ELEMENTS`` (SD's 8x8 to 32x32 UNet levels) are launch-bound rather than
 bandwidth-bound: ``_group_norm_one_pass_kernel`` has one program per group compute the statistics and then normalize,
 in a single launch with no partials buffer (its second read of the group comes from L2).
@@ -38,6 +44,7 @@ BLOCK = 256 if INTERPRET else 2048  # elements per loop iteration
 NUM_WARPS = 8
 TARGET_PROGRAMS = 4 * 132  # a few waves on an H100 (132 SMs)
 ONE_PASS_MAX_ELEMENTS = 1 << 20  # up to this size: one launch, one program per group (not yet timed on a GPU)
+APPLY_L2_REUSE = True  # large tensors: output pass in reverse order with evict-first hints (module docstring)
 CL_BLOCK_C = 64  # channels_last, large tensors: channels per tile (128 bytes of fp16 a row)
 
 
@@ -96,8 +103,10 @@ def _chunk_moments(x_ptr, base, start, end, hw, CPG: tl.constexpr, channels, CHA
 @triton.jit
 def _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, cpg, CPG: tl.constexpr, channels,
                      CHANNELS_LAST: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     SILU: tl.constexpr, CHANNEL_PER_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
-    """y = f((x - mean) * rstd * w + b) over a group's elements [start, end), f = SiLU or identity.
+                     SILU: tl.constexpr, CHANNEL_PER_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+                     EVICT: tl.constexpr):
+    """y = f((x - mean) * rstd * w + b) over a group's elements [start, end), f = SiLU or identity. EVICT: the L2
+    eviction policy of the x loads and y stores ("" or "evict_first": the last touch of both).
 
     CHANNEL_PER_BLOCK (NCHW with H*W a multiple of BLOCK, blocks starting at multiples of BLOCK): every block lies in
     one channel, so weight and bias are one scalar load per block instead of a per-element divide and gather."""
@@ -105,7 +114,7 @@ def _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd
         e = block_start + tl.arange(0, BLOCK)
         mask = e < end
         offs, c_local = _element_offsets(e, hw, CPG, channels, CHANNELS_LAST)
-        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
         y = (x - mean) * rstd
         if CHANNEL_PER_BLOCK:
             channel = g * cpg + block_start // hw
@@ -124,7 +133,7 @@ def _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd
                 y = y + tl.load(b_ptr + channel, mask=mask, other=0.0).to(tl.float32)
         if SILU:
             y = y / (1.0 + tl.exp(-y))
-        tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask, eviction_policy=EVICT)
 
 
 @triton.jit
@@ -158,9 +167,13 @@ def _group_apply_kernel(
     CHANNEL_PER_BLOCK: tl.constexpr,  # H*W % BLOCK == 0 (see _normalize_chunk)
     SPLIT_BLOCK: tl.constexpr,  # next power of two >= split
     BLOCK: tl.constexpr,
+    L2_REUSE: tl.constexpr,  # programs in reverse launch order, evict-first traffic (module docstring)
 ):
     pid_group = tl.program_id(0).to(tl.int64)
     pid_chunk = tl.program_id(1)
+    if L2_REUSE:  # the statistics pass ran (group, chunk) in launch order: start where it ended
+        pid_group = tl.num_programs(0) - 1 - pid_group
+        pid_chunk = tl.num_programs(1) - 1 - pid_chunk
     g, base, start, end = _group_chunk(pid_group, pid_chunk, hw, cpg, 0, channels, group_len, chunk_len, num_groups,
                                        False)
     # Combine the group's partials (Chan): mean = sum(c_i m_i) / sum(c_i), M2 = sum(M2_i) + sum(c_i (m_i - mean)^2).
@@ -175,7 +188,7 @@ def _group_apply_kernel(
     var = (tl.sum(m2s, axis=0) + tl.sum(counts * d * d, axis=0)) / total
     rstd = 1.0 / tl.sqrt(var + eps)
     _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, cpg, 0, channels, False,
-                     HAS_WEIGHT, HAS_BIAS, SILU, CHANNEL_PER_BLOCK, BLOCK)
+                     HAS_WEIGHT, HAS_BIAS, SILU, CHANNEL_PER_BLOCK, BLOCK, "evict_first" if L2_REUSE else "")
 
 
 @triton.jit
@@ -197,17 +210,22 @@ def _group_norm_one_pass_kernel(
     count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, CPG, channels, CHANNELS_LAST, BLOCK)
     rstd = 1.0 / tl.sqrt(m2 / count + eps)
     _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, cpg, CPG, channels,
-                     CHANNELS_LAST, HAS_WEIGHT, HAS_BIAS, SILU, CHANNEL_PER_BLOCK, BLOCK)
+                     CHANNELS_LAST, HAS_WEIGHT, HAS_BIAS, SILU, CHANNEL_PER_BLOCK, BLOCK, "")
 
 
 @triton.jit
-def _cl_tile(hw, channels, chunk, split, BLOCK_C: tl.constexpr):
-    """Program (n * split + s, channel tile): its index, sample n, positions [p_start, p_end), channels c, c < C."""
+def _cl_tile(hw, channels, chunk, split, BLOCK_C: tl.constexpr, REVERSE: tl.constexpr):
+    """Program (n * split + s, channel tile): its index, sample n, positions [p_start, p_end), channels c, c < C.
+    REVERSE: the programs take their tiles in the reverse of launch order."""
     pid = tl.program_id(0).to(tl.int64)
+    tile_c = tl.program_id(1)
+    if REVERSE:
+        pid = tl.num_programs(0) - 1 - pid
+        tile_c = tl.num_programs(1) - 1 - tile_c
     n = pid // split
     p_start = (pid % split) * chunk
     p_end = tl.minimum(p_start + chunk, hw)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = tile_c * BLOCK_C + tl.arange(0, BLOCK_C)
     return pid, n, p_start, p_end, c, c < channels
 
 
@@ -219,7 +237,7 @@ def _cl_channel_stats_kernel(
     BLOCK_P: tl.constexpr,  # positions per tile
     BLOCK_C: tl.constexpr,  # channels per tile
 ):
-    pid, n, p_start, p_end, c, c_ok = _cl_tile(hw, channels, chunk, split, BLOCK_C)
+    pid, n, p_start, p_end, c, c_ok = _cl_tile(hw, channels, chunk, split, BLOCK_C, False)
     x_ptr += n * hw * channels
     count = 0.0
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -276,8 +294,10 @@ def _cl_apply_kernel(
     SILU: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    L2_REUSE: tl.constexpr,  # tiles in reverse launch order, evict-first traffic (module docstring)
 ):
-    pid, n, p_start, p_end, c, c_ok = _cl_tile(hw, channels, chunk, split, BLOCK_C)
+    pid, n, p_start, p_end, c, c_ok = _cl_tile(hw, channels, chunk, split, BLOCK_C, L2_REUSE)
+    evict: tl.constexpr = "evict_first" if L2_REUSE else ""
     group = n * num_groups + c // cpg  # per channel, once per program
     mean = tl.load(stats_ptr + group * 2, mask=c_ok, other=0.0)
     scale = tl.load(stats_ptr + group * 2 + 1, mask=c_ok, other=0.0)
@@ -292,11 +312,11 @@ def _cl_apply_kernel(
         p = p0 + tl.arange(0, BLOCK_P)
         mask = (p < p_end)[:, None] & c_ok[None, :]
         offs = p[:, None] * channels + c[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy=evict).to(tl.float32)
         y = (x - mean[None, :]) * scale[None, :] + shift[None, :]  # x - mean first: no cancellation at large means
         if SILU:
             y = y / (1.0 + tl.exp(-y))
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask, eviction_policy=evict)
 
 
 def _channels_last_split(x, y, w, b, num_groups, eps, output):
@@ -323,7 +343,7 @@ def _channels_last_split(x, y, w, b, num_groups, eps, output):
                                               float(eps), SPLIT_BLOCK=triton.next_power_of_2(split),
                                               CPG_BLOCK=cpg_block, num_warps=8)
     _cl_apply_kernel[grid](x, y, w, b, stats, hw, c, chunk, split, cpg, num_groups, **output, BLOCK_P=block_p,
-                           BLOCK_C=block_c, num_warps=NUM_WARPS)
+                           BLOCK_C=block_c, L2_REUSE=APPLY_L2_REUSE, num_warps=NUM_WARPS)
     return y
 
 
@@ -371,5 +391,6 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=Tru
     _group_stats_kernel[grid](x, partials[0], partials[1], partials[2], hw, cpg, c, group_len, chunk_len, split,
                               num_groups, BLOCK=BLOCK, num_warps=NUM_WARPS)
     _group_apply_kernel[grid](x, y, w, b, partials[0], partials[1], partials[2], hw, cpg, c, group_len, chunk_len,
-                              split, num_groups, float(eps), SPLIT_BLOCK=triton.next_power_of_2(split), **flags)
+                              split, num_groups, float(eps), SPLIT_BLOCK=triton.next_power_of_2(split),
+                              L2_REUSE=APPLY_L2_REUSE, **flags)
     return y

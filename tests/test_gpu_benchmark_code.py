@@ -61,6 +61,18 @@ def test_group_norm_row(cpu_benchmark, layout):
     assert row["two_launch_ms"] == 1.0 and row["two_launch_graphed_ms"] == 1.0  # the one-launch shape's A/B ran
 
 
+def test_large_group_norm_row_times_the_launch_order_variant(cpu_benchmark, monkeypatch):
+    """A tensor past the one-launch size: its A/B is the output pass in launch order, and the setting comes back."""
+    from diffusion_fast.kernels import group_norm_silu as kernel
+
+    monkeypatch.setattr(kernel, "ONE_PASS_MAX_ELEMENTS", 0)
+    row = _row("group_norm_silu", "1x64x8x8", "NCHW", "GB/s")
+    gpu_kernels.measure(row, lambda: gpu_kernels.group_norm_fns(row, ops), 1000.0)
+    assert "error" not in row, row.get("error")
+    assert row["launch_order_ms"] == 1.0 and row["launch_order_graphed_ms"] == 1.0 and "two_launch_ms" not in row
+    assert kernel.APPLY_L2_REUSE is True and "launch order" in gpu_kernels.format_row(row)
+
+
 def test_attention_row_with_the_padded_variant(cpu_benchmark):
     row = _row("attention", "1x2x16x16x40", "fp16", "TFLOP/s")
     row["shape"] = "1x2x16x16x40"
@@ -120,3 +132,24 @@ def test_cpu_record_speedups_are_against_the_eager_baseline(tmp_path):
     assert "| step | cpp fused | 0.100 | 5.00x vs diffusers |" in text
     assert "| step | reference | 0.600 | 0.83x vs diffusers |" in text
     assert "| half | cpp fused | 0.200 | 2.50x vs reference |" in text
+
+
+def test_group_norm_a_b_columns_render(tmp_path):
+    """Both GroupNorm A/B variants reach the README table: the split plan beside a one-launch row, the launch-order
+    output pass beside a large one."""
+    import json
+
+    import results_table
+
+    def row(shape, **extra):
+        return dict(kernel="group_norm_silu", model="VAE", shape=shape, layout="NCHW", unit="GB/s", ours_ms=0.1,
+                    ours_rate=1000.0, ours_fraction=0.5, baseline_ms=1.0, speedup=10.0, **extra)
+
+    record = {"benchmark": "gpu_kernels", "date": "2026-12-01", "gpu": "H100", "ceilings": {"copy_GBps": 3000.0},
+              "rows": [row("1x512x64x64", two_launch_ms=0.05, two_launch_graphed_ms=0.04),
+                       row("1x128x512x512", launch_order_ms=0.12, launch_order_graphed_ms=0.11)]}
+    path = tmp_path / "gpu_kernels.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    text = results_table.render(str(path))
+    assert "NCHW (two-launch plan: 0.0500 ms, in a graph 0.0400 ms)" in text
+    assert "NCHW (output pass in launch order, no cache hints: 0.1200 ms, in a graph 0.1100 ms)" in text
