@@ -3,16 +3,50 @@
 # reach Python on this build (benchmarks/diagnose_op_errors.py), run the test suite on the GPU, then the kernel
 # benchmark and the end-to-end benchmark. Results append to benchmarks/results/*.jsonl.
 #   bash benchmarks/run_gpu.sh [diagnose] [tests] [kernels] [e2e] [tune]   (default: the first four; "tune" sweeps
-#   the attention tiles, benchmarks/tune_attention.py, a few minutes). On a lent machine with a per-command time limit,
-#   run the steps as separate commands.
+#   the attention tile sizes, benchmarks/tune_attention.py, a few minutes). On a lent machine with a per-command time
+#   limit, run the steps as separate commands.
+#   bash benchmarks/run_gpu.sh lease   one short lease (the device tool lends 15 minutes, machine start included): the
+#   most telling steps first, each cut off at LEASE_SECONDS (default 510) from the start: diagnose, the end-to-end
+#   benchmark without torch.compile, the quick kernel benchmark, then the GPU tests in whatever time is left. Results
+#   files and logs are copied to $OUT (the device tool brings that folder back) after every step.
+# Offline machines: pure-Python wheels in .whl/ (diffusers, importlib_metadata, ...) are installed into /tmp/site;
+# where pip cannot install the package without an index, the extension is built in place instead.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 steps=("$@"); [[ ${#steps[@]} -eq 0 ]] && steps=(diagnose tests kernels e2e)
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
-python3 -c "import diffusion_fast._C" 2>/dev/null || \
-  python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . || exit 1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+if ! python3 -c "import diffusion_fast._C" 2>/dev/null; then
+  if ! python3 -m pip install -q --no-build-isolation --no-deps --no-index -e .; then
+    echo "pip could not install the package offline: building the extension in place" >&2
+    python3 setup.py -q build_ext --inplace || exit 1
+    ln -sfn ../kernels diffusion_fast/kernels
+    export PYTHONPATH=$PWD:${PYTHONPATH:-}
+  fi
+fi
 python3 -c "import torch, diffusion_fast; print('CUDA kernels in the extension:', diffusion_fast._cpp.has_cuda(), torch.cuda.get_device_name())"
+
 status=0
+out=${OUT:-}
+deadline=$((SECONDS + ${LEASE_SECONDS:-510}))
+save() {  # lease: copy the results and logs written so far to $OUT
+  [[ -n $out ]] && cp benchmarks/results/gpu_*.jsonl /tmp/lease_*.log "$out"/ 2>/dev/null
+  return 0
+}
+left() { echo $((deadline - SECONDS)); }
+bounded() {  # bounded NAME CMD...: run under the time left, log to /tmp/lease_NAME.log, then save
+  local name=$1; shift
+  if (($(left) < 30)); then echo "lease: no time left for $name" | tee -a /tmp/lease_skipped.log; status=1; return; fi
+  echo "== $name ($(left) s left)"
+  timeout --signal=INT --kill-after=20 "$(left)" "$@" 2>&1 | tee "/tmp/lease_$name.log"  # INT: pytest still reports
+  local rc=${PIPESTATUS[0]}
+  ((rc == 124)) && echo "lease: $name cut off at the deadline" | tee -a "/tmp/lease_$name.log"
+  ((rc != 0)) && status=1
+  save
+}
+
 for step in "${steps[@]}"; do
   case $step in
     diagnose) python3 benchmarks/diagnose_op_errors.py || status=1 ;;
@@ -20,6 +54,13 @@ for step in "${steps[@]}"; do
     kernels) python3 benchmarks/gpu_kernels.py || status=1 ;;
     e2e) python3 benchmarks/gpu_e2e.py || status=1 ;;
     tune) python3 benchmarks/tune_attention.py || status=1 ;;
+    lease)
+      bounded diagnose python3 benchmarks/diagnose_op_errors.py
+      bounded e2e python3 benchmarks/gpu_e2e.py --no-compile --repeats 2
+      bounded kernels python3 benchmarks/gpu_kernels.py --quick
+      bounded tests python3 -m pytest tests -q -p no:cacheprovider -n 8 -rfE
+      ;;
+    *) echo "unknown step '$step' (diagnose, tests, kernels, e2e, tune, lease)" >&2; exit 2 ;;
   esac
 done
 exit $status
