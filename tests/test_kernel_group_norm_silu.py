@@ -122,13 +122,14 @@ def test_output_pass_order_does_not_change_the_result(channels_last, monkeypatch
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_large_mean_keeps_fp32_accuracy(channels_last, path):
     """|mean| = 500 x std: the variance by Chan's formula keeps fp32 accuracy, where E[x^2] - E[x]^2 would leave
-    about 2 of fp32's 7 digits (E[x^2] ~ 250001, its ulp 0.03 against a variance of 1)."""
+    about 2 of fp32's 7 digits (E[x^2] ~ 250001, its ulp 0.03 against a variance of 1). 8 groups of 3840 elements,
+    so the split plans combine several chunks a group (interpreted: two in NCHW, the last one short)."""
     gen = torch.Generator().manual_seed(5)
     x = (torch.randn(2, 64, 24, 20, generator=gen) + 500.0).to(DEVICE)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     w, b = (torch.randn(64, generator=gen).to(DEVICE) for _ in range(2))
     with poisoned_allocations():
-        out = group_norm_silu(x, 32, w, b, 1e-5)
-    ref64 = reference.group_norm_silu(x.double(), 32, w.double(), b.double(), 1e-5)
-    assert_2x_rule(out, ref64, reference.group_norm_silu(x, 32, w, b, 1e-5), floor=FLOOR[torch.float32])
+        out = group_norm_silu(x, 8, w, b, 1e-5)
+    ref64 = reference.group_norm_silu(x.double(), 8, w.double(), b.double(), 1e-5)
+    assert_2x_rule(out, ref64, reference.group_norm_silu(x, 8, w, b, 1e-5), floor=FLOOR[torch.float32])
