@@ -65,6 +65,14 @@ class StableDiffusionPipeline:
         self._layout = torch.contiguous_format  # the models' current memory format
         self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler = (
             unet, vae, text_encoder, tokenizer, scheduler)
+        width, cross = text_encoder.config.hidden_size, unet.config.cross_attention_dim
+        per_block = cross if isinstance(cross, (list, tuple)) else [cross]
+        if any(c != width for c in per_block) or unet.config.addition_embed_type is not None:
+            extra = (f", addition_embed_type={unet.config.addition_embed_type!r}"
+                     if unet.config.addition_embed_type is not None else "")
+            raise ValueError(f"unet (cross_attention_dim={cross}{extra}) does not fit text_encoder (hidden_size="
+                             f"{width}): this pipeline conditions the UNet on one CLIP text encoder's hidden states "
+                             "and nothing else (SD 1.x/2.x)")
         self.cuda_graph = cuda_graph
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._progress = {}
@@ -89,6 +97,11 @@ class StableDiffusionPipeline:
                    if c not in components or not os.path.isdir(os.path.join(folder, c))]
         if missing:
             raise FileNotFoundError(f"{folder!r} lacks the pipeline components {missing}")
+        if "text_encoder_2" in components:
+            raise ValueError(f"{folder!r} is a {components.get('_class_name', 'pipeline')} folder with two text "
+                             "encoders (SDXL): diffusion_fast's own pipeline runs SD 1.x/2.x checkpoints (one CLIP "
+                             "text encoder). For SDXL, load it with diffusers' StableDiffusionXLPipeline and call "
+                             "diffusion_fast.accelerate(pipe)")
         dtype = _resolve_dtype(dtype)
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=dtype, device=device, variant=variant)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=dtype, device=device, variant=variant)

@@ -98,6 +98,29 @@ def test_missing_folder_and_components(tmp_path):
         StableDiffusionPipeline.from_pretrained(tmp_path)
 
 
+def test_sdxl_folder_and_mismatched_models_are_refused_up_front(tmp_path):
+    """An SDXL folder (two text encoders) is refused before any weight loads, pointing at accelerate; before, it
+    loaded and failed at the first UNet call with a shape error. A UNet whose cross-attention width is not the text
+    encoder's is refused when the pipeline is built."""
+    import json
+
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+        (tmp_path / name).mkdir()
+    index = {name: ["diffusers", "X"] for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer",
+                                                    "tokenizer_2", "scheduler")}
+    (tmp_path / "model_index.json").write_text(json.dumps(dict(index, _class_name="StableDiffusionXLPipeline")))
+    with pytest.raises(ValueError, match=r"StableDiffusionXLPipeline folder with two text encoders \(SDXL\).*"
+                                         r"diffusion_fast.accelerate\(pipe\)"):
+        StableDiffusionPipeline.from_pretrained(tmp_path)
+
+    sd1, sd2 = StableDiffusionPipeline.from_tiny("sd1"), StableDiffusionPipeline.from_tiny("sd2")
+    width = sd1.text_encoder.config.hidden_size
+    assert sd2.unet.config.cross_attention_dim != width  # the two tiny variants differ there
+    with pytest.raises(ValueError, match=f"unet \\(cross_attention_dim={sd2.unet.config.cross_attention_dim}\\) "
+                                         f"does not fit text_encoder \\(hidden_size={width}\\)"):
+        StableDiffusionPipeline(sd2.unet, sd1.vae, sd1.text_encoder, sd1.tokenizer, sd1.scheduler)
+
+
 def test_builtin_tiny_model_runs_both_paths():
     pipe = StableDiffusionPipeline.from_tiny("sd1", seed=0)
     pipe.set_progress_bar_config(disable=True)
