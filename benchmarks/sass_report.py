@@ -233,10 +233,15 @@ CASES = {"attention": attention_cases, "attention_fp32": attention_fp32_cases, "
          "cfg_ddim_step": cfg_ddim_cases, "variants": variant_cases}
 
 
-def report(kernels=tuple(CASES)):
+def report(kernels=tuple(CASES), shard=(0, 1)):
+    """Compile every case of these kernels; shard (k, n): only cases k, k + n, k + 2n, ... (one of n processes)."""
     rows = []
+    index = -1
     for kernel_name in kernels:
         for name, kernel, args, constexprs, warps, stages in CASES[kernel_name]():
+            index += 1
+            if index % shard[1] != shard[0]:
+                continue
             compiled = compile_case(kernel, args, constexprs, warps, stages)
             rows.append(dict(case=name, kernel=kernel_name, num_warps=warps, num_stages=stages,
                              constexprs={k: v for k, v in constexprs.items() if k != "PRECISION"},
@@ -248,9 +253,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of the table")
     parser.add_argument("--kernel", choices=sorted(CASES), action="append", help="only this kernel (repeatable)")
+    parser.add_argument("--shard", default="0/1", metavar="K/N",
+                        help="compile only cases K, K+N, K+2N, ... (to split a long report over N processes)")
     args = parser.parse_args(argv)
+    try:
+        shard = tuple(int(v) for v in args.shard.split("/"))
+        if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--shard must be K/N with 0 <= K < N, got {args.shard!r}")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # newer Tritons warn when it is unset; 1 is the default
-    rows = report(args.kernel or tuple(CASES))
+    rows = report(args.kernel or tuple(CASES), shard)
     if args.json:
         print(json.dumps({"target": "sm_90", "triton": triton.__version__, "rows": rows}))
         return 0
