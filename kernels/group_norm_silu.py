@@ -43,7 +43,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 256 if INTERPRET else 2048  # elements per loop iteration
 NUM_WARPS = 8
 # a few waves on an H100 (132 SMs); interpreted, where every program costs milliseconds, fewer and larger chunks (the
-# tests' shapes still get several chunks a group, the last one short)
+# tests' multi-chunk shapes still get several chunks a group in both layouts, some with a short last one)
 TARGET_PROGRAMS = 32 if INTERPRET else 4 * 132
 ONE_PASS_MAX_ELEMENTS = 1 << 20  # up to this size: one launch, one program per group (not yet timed on a GPU)
 APPLY_L2_REUSE = True  # large tensors: output pass in reverse order with evict-first hints (module docstring)
@@ -176,6 +176,7 @@ def _group_apply_kernel(
     if L2_REUSE:  # the statistics pass ran (group, chunk) in launch order: start where it ended
         pid_group = tl.num_programs(0) - 1 - pid_group
         pid_chunk = tl.num_programs(1) - 1 - pid_chunk
+    evict: tl.constexpr = "evict_first" if L2_REUSE else ""
     g, base, start, end = _group_chunk(pid_group, pid_chunk, hw, cpg, 0, channels, group_len, chunk_len, num_groups,
                                        False)
     # Combine the group's partials (Chan): mean = sum(c_i m_i) / sum(c_i), M2 = sum(M2_i) + sum(c_i (m_i - mean)^2).
@@ -190,7 +191,7 @@ def _group_apply_kernel(
     var = (tl.sum(m2s, axis=0) + tl.sum(counts * d * d, axis=0)) / total
     rstd = 1.0 / tl.sqrt(var + eps)
     _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, cpg, 0, channels, False,
-                     HAS_WEIGHT, HAS_BIAS, SILU, CHANNEL_PER_BLOCK, BLOCK, "evict_first" if L2_REUSE else "")
+                     HAS_WEIGHT, HAS_BIAS, SILU, CHANNEL_PER_BLOCK, BLOCK, evict)
 
 
 @triton.jit
