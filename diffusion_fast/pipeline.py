@@ -65,6 +65,11 @@ class StableDiffusionPipeline:
         self._layout = torch.contiguous_format  # the models' current memory format
         self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler = (
             unet, vae, text_encoder, tokenizer, scheduler)
+        for name, model, field in (("unet", unet, "cross_attention_dim"),
+                                   ("text_encoder", text_encoder, "hidden_size")):
+            if not hasattr(getattr(model, "config", None), field):
+                raise TypeError(f"{name} must be a model with config.{field} (a UNet2DConditionModel / a transformers "
+                                f"CLIPTextModel), got {type(model).__name__}")
         width, cross = text_encoder.config.hidden_size, unet.config.cross_attention_dim
         per_block = cross if isinstance(cross, (list, tuple)) else [cross]
         if any(c != width for c in per_block) or unet.config.addition_embed_type is not None:

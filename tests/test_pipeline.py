@@ -119,6 +119,8 @@ def test_sdxl_folder_and_mismatched_models_are_refused_up_front(tmp_path):
     with pytest.raises(ValueError, match=f"unet \\(cross_attention_dim={sd2.unet.config.cross_attention_dim}\\) "
                                          f"does not fit text_encoder \\(hidden_size={width}\\)"):
         StableDiffusionPipeline(sd2.unet, sd1.vae, sd1.text_encoder, sd1.tokenizer, sd1.scheduler)
+    with pytest.raises(TypeError, match="text_encoder must be a model with config.hidden_size .* got Linear"):
+        StableDiffusionPipeline(sd1.unet, sd1.vae, torch.nn.Linear(2, 2), sd1.tokenizer, sd1.scheduler)
 
 
 def test_builtin_tiny_model_runs_both_paths():
