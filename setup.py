@@ -80,7 +80,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "diffusers>=0.30", "accelerate"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "diffusers>=0.30", "accelerate",
+                 "peft"],
         "diffusers": ["diffusers>=0.30"],
     },
     entry_points={"console_scripts": ["diffusion-fast=diffusion_fast.cli:main"]},

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _validate, ops
-from .cuda_graph import GraphedCallable
+from .cuda_graph import GraphedCallable, ModuleState
 from .schedulers.common import randn_tensor
 
 log = logging.getLogger("diffusion_fast")
@@ -239,7 +239,7 @@ def _graph_unet(unet):
         return original(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
                         added_cond_kwargs=added, return_dict=False)[0]
 
-    graphed = GraphedCallable(tensor_forward)
+    graphed = GraphedCallable(tensor_forward, state=ModuleState(unet))  # recaptured after new weights or LoRA scales
 
     def forward(sample, timestep, encoder_hidden_states=None, *args, return_dict=True, **kwargs):
         added = kwargs.get("added_cond_kwargs") or {}

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import _validate
 from ._backend import current_backend
-from .cuda_graph import GraphedCallable
+from .cuda_graph import GraphedCallable, ModuleState
 from .models import AutoencoderKL, UNet2DConditionModel
 from .schedulers import DDIMScheduler, load_scheduler
 from .schedulers.common import randn_tensor
@@ -277,7 +277,9 @@ class StableDiffusionPipeline:
         """The GraphedCallables for the current UNet and scheduler: a graph reads their weights and device tables by
         address, so a swapped-in UNet or scheduler gets fresh graphs (dropping the old ones frees their memory)."""
         if self._graphs is None or self._graphed_for[0] is not self.unet or self._graphed_for[1] is not self.scheduler:
-            self._graphs = {"step": GraphedCallable(self._graph_step), "unet": GraphedCallable(self._unet_call)}
+            weights = ModuleState(self.unet)  # weights replaced in place of the UNet (unet.to, a new LoRA): recapture
+            self._graphs = {"step": GraphedCallable(self._graph_step, state=weights),
+                            "unet": GraphedCallable(self._unet_call, state=weights)}
             self._graphed_for = (self.unet, self.scheduler)
         return self._graphs
 

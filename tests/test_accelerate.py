@@ -98,6 +98,55 @@ def test_cuda_graph_unet_on_gpu(kind):
     diffusion_fast.restore(pipe)
 
 
+def _add_lora(pipe, name="a"):
+    """A PEFT LoRA on the attention projections and the resnet convs, as pipe.load_lora_weights would add; random
+    (not zero) up-projections, so the adapter changes the image."""
+    # CI installs peft (the test extra); the offline GPU image may lack it or its dependencies: skip there, said so
+    peft = pytest.importorskip("peft", reason="peft (LoRA) is not installed") if ON_GPU else __import__("peft")
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+    pipe.unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=targets),
+                          adapter_name=name)
+
+
+def test_lora_adapters_run_through_the_patched_modules():
+    """A user's LoRA lives in PEFT layers wrapping the projections and convs our patched resnets and attention
+    processor call: the same images as diffusers with the same adapter, also after a scale change made after
+    accelerate."""
+    pipe = _tiny_diffusers.pipeline("sd1", seed=2)
+    base = _images(pipe)
+    _add_lora(pipe)
+    with_lora = _images(pipe)
+    assert np.abs(with_lora - base).max() > 0.05  # the adapter matters, so skipping it would fail below
+    diffusion_fast.accelerate(pipe, attention=True)
+    assert pipe._diffusion_fast_report["resnets"] > 0 and pipe._diffusion_fast_report["attention"] > 0
+    assert np.abs(_images(pipe) - with_lora).max() <= PIPELINE_FP32_MAX_ABS
+    pipe.set_adapters(["a"], adapter_weights=[0.5])
+    half = _images(pipe)
+    diffusion_fast.restore(pipe)
+    assert np.abs(half - _images(pipe)).max() <= PIPELINE_FP32_MAX_ABS
+    assert np.abs(half - with_lora).max() > 0.02
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_cuda_graph_follows_a_lora_added_and_rescaled_after_capture():
+    """A graph bakes in the modules and the Python scales it captured: a LoRA added, or rescaled, after the first
+    image must reach the next image (the graph is recaptured), as in diffusers without accelerate."""
+    pipe = _tiny_diffusers.pipeline("sd1", seed=2).to(DEVICE, torch.float16)
+    diffusion_fast.accelerate(pipe)
+    before = _images(pipe)  # captured without the adapter
+    _add_lora(pipe)
+    graphed_lora = _images(pipe)
+    pipe.set_adapters(["a"], adapter_weights=[0.5])
+    graphed_half = _images(pipe)
+    assert len(pipe.unet.forward.graphed) == 1  # the stale graphs were dropped
+    diffusion_fast.restore(pipe)
+    eager_half = _images(pipe)
+    pipe.set_adapters(["a"], adapter_weights=[1.0])
+    eager_lora = _images(pipe)
+    assert np.abs(graphed_lora - before).max() > 0.05 and np.abs(graphed_half - graphed_lora).max() > 0.02
+    assert np.abs(graphed_lora - eager_lora).max() < 2e-2 and np.abs(graphed_half - eager_half).max() < 2e-2
+
+
 def test_unet_graph_wrapper_takes_sdxl_conditioning_and_announces_eager_calls():
     """The graph wrapper's call path, run on the CPU (where the graph helper calls through eagerly): SDXL's UNet call,
     with its added_cond_kwargs, goes through the graph helper at every step and gives the same images bit for bit.

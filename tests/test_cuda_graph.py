@@ -1,9 +1,13 @@
-"""GraphedCallable: eager on CPU, capture + replay per signature on a GPU, loud fallback when capture fails."""
+"""GraphedCallable: eager on CPU, capture + replay per signature on a GPU, loud fallback when capture fails, and
+recapture when the model's weights or adapters change (ModuleState)."""
+import types
+
 import pytest
 import torch
 from conftest import ON_GPU
 
-from diffusion_fast.cuda_graph import GraphedCallable, _signature
+import _tiny_diffusers
+from diffusion_fast.cuda_graph import GraphedCallable, ModuleState, _signature
 
 
 def test_signature_keys_shapes_dtypes_strides_and_values():
@@ -40,3 +44,100 @@ def test_replay_matches_eager_for_two_shapes_and_a_failed_capture_warns():
     with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
         out = bad(torch.ones(3, device="cuda"))
     torch.testing.assert_close(out, torch.full((3,), 3.0, device="cuda"))
+
+
+class _CountedGraphs(GraphedCallable):
+    """GraphedCallable's bookkeeping on the CPU: every call counts as capturable, and a "capture" is counted and
+    recorded as a replay of the call on the static inputs."""
+
+    captures = 0
+
+    @staticmethod
+    def _capturable(tensors):
+        return True
+
+    def _capture(self, args):
+        self.captures += 1
+        static_args = tuple(a.clone() if torch.is_tensor(a) else a for a in args)
+        static_out = self.fn(*static_args)
+        return types.SimpleNamespace(replay=lambda: static_out.copy_(self.fn(*static_args))), static_args, static_out
+
+
+def test_graphs_are_recaptured_when_the_weights_are_replaced_not_when_changed_in_place():
+    lin = torch.nn.Linear(4, 3)
+    fn = _CountedGraphs(lambda x: lin(x), state=ModuleState(lin))
+    x = torch.randn(2, 4)
+    fn(x), fn(x)
+    assert fn.captures == 1
+    with torch.no_grad():
+        lin.weight.mul_(2)  # in place: a real graph reads the new values at the old address
+    torch.testing.assert_close(fn(x), lin(x))
+    assert fn.captures == 1
+    lin.weight = torch.nn.Parameter(torch.randn(3, 4))  # a new tensor: a real graph would read the old (freed) one
+    torch.testing.assert_close(fn(x), lin(x))
+    assert fn.captures == 2 and len(fn) == 1  # the stale graph was dropped, not kept beside the new one
+    lin.to(torch.float64)
+    x = x.double()
+    torch.testing.assert_close(fn(x), lin(x))
+    assert fn.captures == 3
+    plain = _CountedGraphs(lambda x: lin(x))  # no state: graphs are kept whatever happens to the weights
+    plain(x)
+    lin.weight = torch.nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+    plain(x)
+    assert plain.captures == 1
+
+
+def test_module_state_key_changes_with_replaced_tensors_only():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    state = ModuleState(model)
+    key = state()
+    assert state() == key
+    with torch.no_grad():
+        model[0].weight.add_(1)
+    model.load_state_dict(model.state_dict())  # copies into the existing tensors
+    assert state() == key
+    changes = {
+        "channels_last": lambda: model.to(memory_format=torch.channels_last),  # every 4-d weight is a new tensor
+        "dtype": lambda: model.to(torch.float64),
+        "assign": lambda: model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True),
+        "new buffer": lambda: model[1].register_buffer("extra", torch.zeros(1)),
+        "new submodule": lambda: model.append(torch.nn.ReLU()),  # no tensors, but the walk is redone; key unchanged
+    }
+    for name, change in changes.items():
+        change()
+        new = state()
+        assert (new == key) == (name == "new submodule"), name
+        key = new
+    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)  # .to() then swaps the dicts' entries: no hook
+    try:
+        model.to(torch.float32)
+        assert state() != key
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute")  # the second adapter, on purpose
+def test_module_state_key_follows_lora_adapters():
+    """A PEFT LoRA layer's forward reads Python numbers (its scale, which adapters are active, whether it is merged)
+    that a captured graph bakes in: each change must change the key, so the graph is recaptured."""
+    # CI installs peft (the test extra); the offline GPU image may lack it or its dependencies: skip there, said so
+    peft = pytest.importorskip("peft", reason="peft is not installed") if ON_GPU else __import__("peft")
+    pipe = _tiny_diffusers.pipeline("sd1", seed=2)
+    state = ModuleState(pipe.unet)
+    keys = [state()]
+    config = dict(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v", "conv1"])
+    pipe.unet.add_adapter(peft.LoraConfig(**config), adapter_name="a")
+    keys.append(state())
+    pipe.set_adapters(["a"], adapter_weights=[0.5])
+    keys.append(state())
+    pipe.unet.add_adapter(peft.LoraConfig(**config), adapter_name="b")
+    pipe.set_adapters(["a", "b"], adapter_weights=[0.5, 1.0])
+    keys.append(state())
+    pipe.disable_lora()
+    keys.append(state())
+    pipe.enable_lora()
+    assert state() == keys[-2]  # back to both adapters at the same scales
+    pipe.fuse_lora(adapter_names=["a"])
+    keys.append(state())
+    assert len(set(keys)) == len(keys)

@@ -179,6 +179,28 @@ def test_cuda_graph_survives_eager_runs_and_a_swapped_scheduler():
     torch.testing.assert_close(run("auto"), run(False), rtol=2e-3, atol=2e-3)  # new scheduler, new graphs
 
 
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_cuda_graph_is_recaptured_after_the_unet_weights_are_replaced():
+    """load_state_dict(assign=True) gives the UNet new tensors and frees the ones the graph read: the next graphed
+    image must use the new weights (recaptured), not whatever reused the freed memory."""
+    pipe = StableDiffusionPipeline.from_tiny("sd1", seed=0, dtype=torch.float16, device=DEVICE)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(graph):
+        pipe.cuda_graph = graph
+        return pipe("a", num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+    first = run("auto")  # capture
+    pipe.unet.load_state_dict({k: v * 0.9 if v.is_floating_point() else v.clone()
+                               for k, v in pipe.unet.state_dict().items()}, assign=True)
+    churn = [torch.randn(1 << 14, device=DEVICE) for _ in range(64)]  # reuse the freed weights' memory
+    graphed = run("auto")
+    del churn
+    eager = run(False)
+    assert (graphed - first).abs().max() > 1e-3
+    torch.testing.assert_close(graphed, eager, rtol=2e-3, atol=2e-3)
+
+
 def test_graphed_step_is_rebuilt_for_a_swapped_unet_or_scheduler(monkeypatch):
     # On the CPU the graphed callable runs eagerly, so the bookkeeping can be checked here: a graph belongs to the
     # UNet and scheduler it was captured with (it reads their tensors by address).
