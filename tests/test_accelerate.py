@@ -98,6 +98,29 @@ def test_cuda_graph_unet_on_gpu(kind):
     diffusion_fast.restore(pipe)
 
 
+@pytest.mark.parametrize("task", ["img2img", "inpaint"])
+def test_img2img_and_inpaint_pipelines_keep_their_images(task):
+    """accelerate takes any SD pipeline built on the same components: img2img starts part-way through the
+    timesteps (strength), inpainting blends a masked init image at every step."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+
+    components = _tiny_diffusers.pipeline("sd1", seed=2).components
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    if task == "img2img":
+        pipe, extra = StableDiffusionImg2ImgPipeline(**components), {"image": image, "strength": 0.6}
+    else:
+        mask = torch.zeros(1, 1, 32, 32)
+        mask[..., 8:24, 8:24] = 1
+        pipe, extra = StableDiffusionInpaintPipeline(**components), {"image": image, "mask_image": mask}
+    pipe.set_progress_bar_config(disable=True)
+    before = _images(pipe, num_inference_steps=4, **extra)
+    diffusion_fast.accelerate(pipe, attention=True)
+    assert pipe._diffusion_fast_report["scheduler"] == 1 and pipe._diffusion_fast_report["resnets"] > 0
+    assert np.abs(_images(pipe, num_inference_steps=4, **extra) - before).max() <= PIPELINE_FP32_MAX_ABS
+    diffusion_fast.restore(pipe)
+    assert np.array_equal(_images(pipe, num_inference_steps=4, **extra), before)
+
+
 def _add_lora(pipe, name="a"):
     """A PEFT LoRA on the attention projections and the resnet convs, as pipe.load_lora_weights would add; random
     (not zero) up-projections, so the adapter changes the image."""
