@@ -8,11 +8,12 @@ extra memory; the pool lives exactly as long as its graphs (a process-wide pool 
 allocator assert in torch 2.11).
 
 What a replay returns is the graph's static output: valid until the next call with the same signature (callers
-consume it immediately, or clone it). Weights are read by address: changing parameters in place (``.copy_()``, LoRA
-fused in place) is picked up by the next replay. ``state`` (e.g. a ``ModuleState`` of the model) is checked at every
-call: when its key changes (weights replaced, a LoRA added or rescaled), every graph is dropped and recaptured. A
-signature whose capture fails runs eagerly from then on, announced by one warning. Inputs not on CUDA run ``fn``
-eagerly.
+consume it immediately, or pass ``clone_output=True`` for a fresh copy of a tensor output, as a drop-in must: some
+diffusers pipelines keep one UNet output while they call the UNet again). Weights are read by address: changing
+parameters in place (``.copy_()``, LoRA fused in place) is picked up by the next replay. ``state`` (e.g. a
+``ModuleState`` of the model) is checked at every call: when its key changes (weights replaced, a LoRA added or
+rescaled), every graph is dropped and recaptured. A signature whose capture fails runs eagerly from then on,
+announced by one warning. Inputs not on CUDA run ``fn`` eagerly.
 """
 from __future__ import annotations
 
@@ -86,8 +87,8 @@ def _signature(args):
 
 
 class GraphedCallable:
-    def __init__(self, fn, *, num_warmup: int = 2, state=None):
-        self.fn, self.num_warmup, self.state = fn, num_warmup, state
+    def __init__(self, fn, *, num_warmup: int = 2, state=None, clone_output: bool = False):
+        self.fn, self.num_warmup, self.state, self.clone_output = fn, num_warmup, state, clone_output
         self._graphs = {}  # signature -> (graph, static inputs, static output) or None (eager)
         self._pool = None  # the first graph's memory pool, shared by the later ones
         self._state_key = None  # state() when the graphs in _graphs were captured
@@ -122,7 +123,7 @@ class GraphedCallable:
             if torch.is_tensor(dst) and dst.data_ptr() != src.data_ptr():
                 dst.copy_(src)
         graph.replay()
-        return static_out
+        return static_out.clone() if self.clone_output else static_out
 
     @staticmethod
     def _capturable(tensors):

@@ -239,7 +239,9 @@ def _graph_unet(unet):
         return original(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
                         added_cond_kwargs=added, return_dict=False)[0]
 
-    graphed = GraphedCallable(tensor_forward, state=ModuleState(unet))  # recaptured after new weights or LoRA scales
+    # state: recaptured after new weights or LoRA scales; clone_output: pipelines such as diffusers' SAG keep one
+    # output while calling the UNet again with the same shape, which would overwrite a shared static output
+    graphed = GraphedCallable(tensor_forward, state=ModuleState(unet), clone_output=True)
 
     def forward(sample, timestep, encoder_hidden_states=None, *args, return_dict=True, **kwargs):
         added = kwargs.get("added_cond_kwargs") or {}

@@ -279,7 +279,7 @@ class StableDiffusionPipeline:
         if self._graphs is None or self._graphed_for[0] is not self.unet or self._graphed_for[1] is not self.scheduler:
             weights = ModuleState(self.unet)  # weights replaced in place of the UNet (unet.to, a new LoRA): recapture
             self._graphs = {"step": GraphedCallable(self._graph_step, state=weights),
-                            "unet": GraphedCallable(self._unet_call, state=weights)}
+                            "unet": GraphedCallable(self._unet_call, state=weights, clone_output=True)}
             self._graphed_for = (self.unet, self.scheduler)
         return self._graphs
 
@@ -311,9 +311,6 @@ class StableDiffusionPipeline:
         graphs = self._graphs_for_components() if mode else None
         graphed = mode == "step"
 
-        def graphed_unet(model_input, t, embeds):  # the replay's static output, copied before the next replay
-            return graphs["unet"](model_input, t, embeds).clone()
-
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -322,7 +319,7 @@ class StableDiffusionPipeline:
                 latents = graphs["step"](latents, t, embeds, float(guidance_scale), do_cfg, num_inference_steps)
             else:
                 latents = self._denoise_step(latents, t, embeds, guidance_scale, do_cfg, eta, generator,
-                                             graphed_unet if mode == "unet" else None)
+                                             graphs["unet"] if mode == "unet" else None)  # hands out copies
         latents = latents.clone() if graphed else latents
         if device.type == "cuda":
             torch.cuda.synchronize(device)

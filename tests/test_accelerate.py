@@ -5,6 +5,7 @@ import torch
 from conftest import DEVICE, ON_GPU
 
 import _tiny_diffusers
+from _fake_graphs import use_fake_graphs
 import diffusion_fast
 from diffusion_fast import ops
 from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
@@ -206,6 +207,27 @@ def test_unet_graph_wrapper_takes_sdxl_conditioning_and_announces_eager_calls():
         pipe.unet(sample, torch.tensor(10), hidden, added_cond_kwargs=added,
                   mid_block_additional_residual=zero_residual)
     assert len(calls) == 4  # the plain call went through the helper, the two with a residual did not
+    del pipe.unet.forward
+
+
+def test_graphed_unet_outputs_survive_the_next_call():
+    """diffusers' SAG pipeline keeps one UNet output while it calls the UNet again at the same shape, and a replay
+    overwrites the graph's static output: the wrapper must hand out copies. Run on the CPU with capture stood in for
+    (every call is "captured"; a replay runs the call into the static output, as a real one writes it)."""
+    from diffusion_fast import diffusers_patch
+
+    pipe = _tiny_diffusers.pipeline("sd1", seed=2)
+    diffusers_patch._graph_unet(pipe.unet)
+    graphed = use_fake_graphs(pipe.unet.forward.graphed)
+    hidden = torch.randn(2, 77, pipe.unet.config.cross_attention_dim)
+    first = pipe.unet(torch.randn(2, 4, 4, 4), torch.tensor(10), hidden).sample
+    kept = first.clone()
+    second = pipe.unet(torch.randn(2, 4, 4, 4), torch.tensor(10), hidden).sample
+    assert graphed.captures == 1 and len(graphed) == 1  # the second call replayed the first call's graph
+    assert torch.equal(first, kept) and not torch.equal(first, second)
+    _add_lora(pipe)  # the graph watches the UNet (ModuleState): new LoRA layers mean a new capture
+    pipe.unet(torch.randn(2, 4, 4, 4), torch.tensor(10), hidden)
+    assert graphed.captures == 2
     del pipe.unet.forward
 
 

@@ -1,12 +1,11 @@
 """GraphedCallable: eager on CPU, capture + replay per signature on a GPU, loud fallback when capture fails, and
 recapture when the model's weights or adapters change (ModuleState)."""
-import types
-
 import pytest
 import torch
 from conftest import ON_GPU
 
 import _tiny_diffusers
+from _fake_graphs import use_fake_graphs
 from diffusion_fast.cuda_graph import GraphedCallable, ModuleState, _signature
 
 
@@ -46,26 +45,9 @@ def test_replay_matches_eager_for_two_shapes_and_a_failed_capture_warns():
     torch.testing.assert_close(out, torch.full((3,), 3.0, device="cuda"))
 
 
-class _CountedGraphs(GraphedCallable):
-    """GraphedCallable's bookkeeping on the CPU: every call counts as capturable, and a "capture" is counted and
-    recorded as a replay of the call on the static inputs."""
-
-    captures = 0
-
-    @staticmethod
-    def _capturable(tensors):
-        return True
-
-    def _capture(self, args):
-        self.captures += 1
-        static_args = tuple(a.clone() if torch.is_tensor(a) else a for a in args)
-        static_out = self.fn(*static_args)
-        return types.SimpleNamespace(replay=lambda: static_out.copy_(self.fn(*static_args))), static_args, static_out
-
-
 def test_graphs_are_recaptured_when_the_weights_are_replaced_not_when_changed_in_place():
     lin = torch.nn.Linear(4, 3)
-    fn = _CountedGraphs(lambda x: lin(x), state=ModuleState(lin))
+    fn = use_fake_graphs(GraphedCallable(lambda x: lin(x), state=ModuleState(lin)))
     x = torch.randn(2, 4)
     fn(x), fn(x)
     assert fn.captures == 1
@@ -80,11 +62,20 @@ def test_graphs_are_recaptured_when_the_weights_are_replaced_not_when_changed_in
     x = x.double()
     torch.testing.assert_close(fn(x), lin(x))
     assert fn.captures == 3
-    plain = _CountedGraphs(lambda x: lin(x))  # no state: graphs are kept whatever happens to the weights
+    plain = use_fake_graphs(GraphedCallable(lambda x: lin(x)))  # no state: graphs kept whatever the weights do
     plain(x)
     lin.weight = torch.nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
     plain(x)
     assert plain.captures == 1
+
+
+def test_clone_output_hands_out_copies_that_the_next_replay_leaves_alone():
+    shared = use_fake_graphs(GraphedCallable(lambda x: x * 2))
+    copies = use_fake_graphs(GraphedCallable(lambda x: x * 2, clone_output=True))
+    for fn, kept in ((shared, False), (copies, True)):
+        first = fn(torch.ones(3))
+        fn(torch.full((3,), 5.0))  # same signature: the same graph replays into its static output
+        assert torch.equal(first, torch.full((3,), 2.0)) == kept
 
 
 def test_module_state_key_changes_with_replaced_tensors_only():

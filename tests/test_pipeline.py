@@ -6,6 +6,7 @@ and weights, on both the fast and the reference path.
 import numpy as np
 import pytest
 import torch
+from _fake_graphs import use_fake_graphs
 from conftest import DEVICE, ON_GPU
 
 import _tiny_diffusers
@@ -219,6 +220,22 @@ def test_graphed_step_is_rebuilt_for_a_swapped_unet_or_scheduler(monkeypatch):
     pipe.unet = type(pipe.unet).from_config(pipe.unet.config).eval()
     call()
     assert pipe._graphs is not graphs and pipe._graphed_for[0] is pipe.unet
+
+
+def test_graphs_are_recaptured_after_the_unet_weights_are_replaced(monkeypatch):
+    """The graphs watch the UNet's weights (ModuleState): replaced tensors mean a new capture. On the CPU, with capture
+    stood in for (a replay runs the call into the static output)."""
+    pipe = StableDiffusionPipeline.from_tiny("sd1", seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    monkeypatch.setattr(pipe, "_graph_mode", lambda device, eta: "step")
+    call = lambda: pipe("a", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent")
+    first = call().images  # the first call also sets the weights' layout, which drops the graphs
+    step = use_fake_graphs(pipe._graphs_for_components()["step"])
+    call(), call()
+    assert step.captures == 1
+    pipe.unet.load_state_dict({k: v.clone() for k, v in pipe.unet.state_dict().items()}, assign=True)
+    torch.testing.assert_close(call().images, first, rtol=0, atol=0)
+    assert step.captures == 2 and pipe._graphs["step"] is step
 
 
 def test_graph_mode_whole_step_unet_only_or_none():
