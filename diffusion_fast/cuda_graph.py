@@ -115,6 +115,8 @@ class GraphedCallable:
         key = _signature(args)
         if key not in self._graphs:
             self._graphs[key] = self._capture(args)
+            if self.state is not None:  # the call may have moved the weights (an offload hook puts them on the GPU)
+                self._state_key = self.state()
         entry = self._graphs[key]
         if entry is None:
             return self.fn(*args)

@@ -146,8 +146,8 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
                channels_last="auto"):
     """Patch a diffusers StableDiffusion(XL)Pipeline in place to run on diffusion_fast's ops; returns ``pipe``.
 
-    Accelerate after moving the pipeline to its device: ``"auto"`` settings (attention, CUDA graphs, channels_last)
-    are decided for the device the UNet is on then.
+    Accelerate after moving the pipeline to its device (or after ``enable_model_cpu_offload()``): ``"auto"`` settings
+    (attention, CUDA graphs, channels_last) are decided for the device the UNet runs on then.
     """
     if not all(hasattr(pipe, name) for name in ("unet", "vae", "scheduler")):
         raise TypeError(f"pipe must be a diffusers Stable Diffusion pipeline (with unet, vae and scheduler), got "
@@ -162,7 +162,7 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
 
     report = {"resnets": 0, "norm_out": 0, "attention": 0, "scheduler": 0, "cuda_graph": 0, "channels_last": 0,
               "skipped": []}
-    on_cuda = pipe.unet.device.type == "cuda"
+    on_cuda = _execution_device(pipe).type == "cuda"
     if attention == "auto" and not on_cuda:
         attention = False
         report["skipped"].append(
@@ -224,6 +224,16 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
     return pipe
 
 
+def _execution_device(pipe) -> torch.device:
+    """Where the UNet runs: diffusers' ``_execution_device`` sees through CPU offload hooks, which keep the UNet on
+    the CPU between calls."""
+    try:
+        device = pipe._execution_device
+    except (AttributeError, RuntimeError, ValueError):  # not a DiffusionPipeline, or hooks it cannot read
+        device = None
+    return torch.device(device) if device is not None else pipe.unet.device
+
+
 def _graph_unet(unet):
     """Replace unet.forward by a per-shape CUDA graph of the tensor call the SD and SDXL pipelines make.
 
@@ -269,6 +279,8 @@ def _eager_reason(args, timestep, encoder_hidden_states, timestep_cond, added, k
     """Why a UNet call cannot be replayed from the graph, or "" when it can."""
     if args:
         return f"{len(args)} extra positional argument(s)"
+    if torch.is_grad_enabled():
+        return "autograd enabled (a replay records no gradients; diffusers' pipelines call the UNet without)"
     if not torch.is_tensor(timestep) or encoder_hidden_states is None:
         return "a non-tensor timestep or no encoder_hidden_states"
     if timestep_cond is not None and not torch.is_tensor(timestep_cond):

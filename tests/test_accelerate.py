@@ -171,6 +171,23 @@ def test_cuda_graph_follows_a_lora_added_and_rescaled_after_capture():
     assert np.abs(graphed_lora - eager_lora).max() < 2e-2 and np.abs(graphed_half - eager_half).max() < 2e-2
 
 
+@pytest.mark.skipif(not ON_GPU, reason="CPU offload hooks need a GPU")
+def test_model_cpu_offload_then_accelerate_graphs_and_keeps_images():
+    """enable_model_cpu_offload keeps the UNet on the CPU between calls: accelerate must see the GPU it runs on (our
+    attention, a graph), and the UNet's return to the GPU for each image (new addresses) must not replay stale ones."""
+    pytest.importorskip("accelerate", reason="enable_model_cpu_offload needs Hugging Face accelerate")
+    pipe = _tiny_diffusers.pipeline("sd1", seed=2).to(torch.float16)
+    pipe.enable_model_cpu_offload()
+    before = _images(pipe)
+    diffusion_fast.accelerate(pipe)
+    report = pipe._diffusion_fast_report
+    assert report["cuda_graph"] == 1 and report["attention"] > 0 and report["channels_last"] == 0
+    first, second = _images(pipe), _images(pipe)
+    assert np.abs(first - before).max() < 2e-2 and np.abs(second - first).max() < 2e-2
+    diffusion_fast.restore(pipe)
+
+
+@torch.no_grad()  # as diffusers' pipelines call the UNet: with autograd on, it runs eagerly
 def test_unet_graph_wrapper_takes_sdxl_conditioning_and_announces_eager_calls():
     """The graph wrapper's call path, run on the CPU (where the graph helper calls through eagerly): SDXL's UNet call,
     with its added_cond_kwargs, goes through the graph helper at every step and gives the same images bit for bit.
@@ -210,6 +227,7 @@ def test_unet_graph_wrapper_takes_sdxl_conditioning_and_announces_eager_calls():
     del pipe.unet.forward
 
 
+@torch.no_grad()
 def test_graphed_unet_outputs_survive_the_next_call():
     """diffusers' SAG pipeline keeps one UNet output while it calls the UNet again at the same shape, and a replay
     overwrites the graph's static output: the wrapper must hand out copies. Run on the CPU with capture stood in for
@@ -228,6 +246,9 @@ def test_graphed_unet_outputs_survive_the_next_call():
     _add_lora(pipe)  # the graph watches the UNet (ModuleState): new LoRA layers mean a new capture
     pipe.unet(torch.randn(2, 4, 4, 4), torch.tensor(10), hidden)
     assert graphed.captures == 2
+    with torch.enable_grad(), pytest.warns(RuntimeWarning, match="autograd enabled"):
+        out = pipe.unet(torch.randn(2, 4, 4, 4), torch.tensor(10), hidden).sample  # e.g. attend-and-excite
+    assert out.requires_grad and graphed.captures == 2  # eager: a replay would have recorded no gradients
     del pipe.unet.forward
 
 

@@ -69,6 +69,22 @@ def test_graphs_are_recaptured_when_the_weights_are_replaced_not_when_changed_in
     assert plain.captures == 1
 
 
+def test_weights_moved_by_the_captured_call_itself_are_no_change():
+    """An offload hook moves the weights onto the GPU inside the first call: the key is read again after capture, so
+    the next call replays instead of capturing again."""
+    lin = torch.nn.Linear(4, 3)
+
+    def call(x):
+        if lin.weight.dtype != torch.float64:  # the first call moves the weights, as an offload hook's pre-forward does
+            lin.to(torch.float64)
+        return lin(x)
+
+    fn = use_fake_graphs(GraphedCallable(call, state=ModuleState(lin)))
+    x = torch.randn(2, 4, dtype=torch.float64)
+    fn(x), fn(x)
+    assert fn.captures == 1
+
+
 def test_clone_output_hands_out_copies_that_the_next_replay_leaves_alone():
     shared = use_fake_graphs(GraphedCallable(lambda x: x * 2))
     copies = use_fake_graphs(GraphedCallable(lambda x: x * 2, clone_output=True))
