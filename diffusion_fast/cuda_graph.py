@@ -46,6 +46,8 @@ class ModuleState:
     """
 
     def __init__(self, module: torch.nn.Module):
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         if not _registrations[1:]:  # install the counting hooks once, process-wide
             for register in (_module_hooks.register_module_parameter_registration_hook,
                              _module_hooks.register_module_buffer_registration_hook,
@@ -88,6 +90,10 @@ def _signature(args):
 
 class GraphedCallable:
     def __init__(self, fn, *, num_warmup: int = 2, state=None, clone_output: bool = False):
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        if state is not None and not callable(state):
+            raise TypeError(f"state must be callable (e.g. a ModuleState), got {type(state).__name__}")
         self.fn, self.num_warmup, self.state, self.clone_output = fn, num_warmup, state, clone_output
         self._graphs = {}  # signature -> (graph, static inputs, static output) or None (eager)
         self._pool = None  # the first graph's memory pool, shared by the later ones

@@ -148,3 +148,12 @@ def test_module_state_key_follows_lora_adapters():
     pipe.fuse_lora(adapter_names=["a"])
     keys.append(state())
     assert len(set(keys)) == len(keys)
+
+
+def test_bad_arguments_name_themselves():
+    with pytest.raises(TypeError, match="module must be a torch.nn.Module, got dict"):
+        ModuleState({})
+    with pytest.raises(TypeError, match="fn must be callable, got NoneType"):
+        GraphedCallable(None)
+    with pytest.raises(TypeError, match=r"state must be callable \(e.g. a ModuleState\), got tuple"):
+        GraphedCallable(torch.relu, state=ModuleState(torch.nn.Linear(2, 2))())  # the key, not the state
