@@ -8,12 +8,13 @@ extra memory; the pool lives exactly as long as its graphs (a process-wide pool 
 allocator assert in torch 2.11).
 
 What a replay returns is the graph's static output: valid until the next call with the same signature (callers
-consume it immediately, or pass ``clone_output=True`` for a fresh copy of a tensor output, as a drop-in must: some
-diffusers pipelines keep one UNet output while they call the UNet again). Weights are read by address: changing
+consume it immediately, or pass ``clone_output=True`` for a fresh copy of the output (a tensor, or tuples and lists
+of them), as a drop-in must: some diffusers pipelines keep one UNet output while they call the UNet again). Weights are read by address: changing
 parameters in place (``.copy_()``, LoRA fused in place) is picked up by the next replay. ``state`` (e.g. a
 ``ModuleState`` of the model) is checked at every call: when its key changes (weights replaced, a LoRA added or
 rescaled), every graph is dropped and recaptured. A signature whose capture fails runs eagerly from then on,
-announced by one warning. Inputs not on CUDA run ``fn`` eagerly.
+announced by one warning. Past ``max_graphs`` signatures, new ones run eagerly (one warning): a Python number that
+changes at every call would otherwise capture a graph per call. Inputs not on CUDA run ``fn`` eagerly.
 """
 from __future__ import annotations
 
@@ -78,6 +79,10 @@ def _adapter_state(layer):
             tuple(layer.merged_adapters), tuple(sorted(scaling.items())) if isinstance(scaling, dict) else ())
 
 
+def _clone(out):
+    return out.clone() if torch.is_tensor(out) else type(out)(_clone(o) for o in out)
+
+
 def _signature(args):
     parts = []
     for a in args:
@@ -89,12 +94,13 @@ def _signature(args):
 
 
 class GraphedCallable:
-    def __init__(self, fn, *, num_warmup: int = 2, state=None, clone_output: bool = False):
+    def __init__(self, fn, *, num_warmup: int = 2, state=None, clone_output: bool = False, max_graphs: int = 16):
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
         if state is not None and not callable(state):
             raise TypeError(f"state must be callable (e.g. a ModuleState), got {type(state).__name__}")
         self.fn, self.num_warmup, self.state, self.clone_output = fn, num_warmup, state, clone_output
+        self.max_graphs, self._warned_full = max_graphs, False
         self._graphs = {}  # signature -> (graph, static inputs, static output) or None (eager)
         self._pool = None  # the first graph's memory pool, shared by the later ones
         self._state_key = None  # state() when the graphs in _graphs were captured
@@ -120,6 +126,12 @@ class GraphedCallable:
                 self._state_key = state_key
         key = _signature(args)
         if key not in self._graphs:
+            if len(self._graphs) >= self.max_graphs:
+                if not self._warned_full:
+                    self._warned_full = True
+                    warnings.warn(f"diffusion_fast: more than {self.max_graphs} input signatures (shapes, dtypes or "
+                                  "Python values); new ones run without a CUDA graph", RuntimeWarning, stacklevel=2)
+                return self.fn(*args)
             self._graphs[key] = self._capture(args)
             if self.state is not None:  # the call may have moved the weights (an offload hook puts them on the GPU)
                 self._state_key = self.state()
@@ -131,7 +143,7 @@ class GraphedCallable:
             if torch.is_tensor(dst) and dst.data_ptr() != src.data_ptr():
                 dst.copy_(src)
         graph.replay()
-        return static_out.clone() if self.clone_output else static_out
+        return _clone(static_out) if self.clone_output else static_out
 
     @staticmethod
     def _capturable(tensors):

@@ -2,18 +2,20 @@
 
 ``accelerate(pipe)`` patches instances, never classes, so other pipelines in the process are untouched:
 
-- every ``ResnetBlock2D`` (UNet and VAE) runs its two GroupNorm->SiLU pairs as our fused op (blocks with settings we
-  do not mirror — scale_shift time norm, resampling inside the resnet, a non-SiLU activation — are left alone);
+- every ``ResnetBlock2D`` (UNet, VAE, ControlNets) runs its two GroupNorm->SiLU pairs as our fused op (blocks with
+  settings we do not mirror — scale_shift time norm, resampling inside the resnet, a non-SiLU activation — are left
+  alone);
 - the UNet's and VAE's ``conv_norm_out`` + ``conv_act`` become one fused op;
 - every ``Attention`` module without features we do not mirror (masks, added KV projections, spatial norm, q/k norms,
   custom processors) gets our processor, which calls ``diffusion_fast.ops.attention`` with (B, H, L, D) views. With
   ``attention="auto"`` that happens on CUDA only: on the CPU our attention is the same SDPA call diffusers' own
   processor makes, so patching it would add only Python overhead (``attention=True`` patches it anyway);
 - a ``DDIMScheduler``'s ``step`` becomes our one-pass fused step (noise drawn exactly as diffusers draws it);
-- on CUDA (``cuda_graph="auto"``), the UNet forward is captured per input shape as a CUDA graph, SDXL's
-  ``added_cond_kwargs`` included (calls with other extras, e.g. ControlNet residuals, run eagerly, announced once);
-- with ``channels_last="auto"``, the UNet and VAE weights go to channels_last on the CPU, where our pipeline
-  measured it to pay (NCHW on CUDA until measured there); restore converts them back.
+- on CUDA (``cuda_graph="auto"``), the UNet's and each ControlNet's forward are replayed from CUDA graphs, one per
+  input signature, every tensor argument a graph input (SDXL's ``added_cond_kwargs``, ControlNet residuals); see
+  ``model_graphs``;
+- with ``channels_last="auto"``, the UNet, VAE and ControlNet weights go to channels_last on the CPU, where our
+  pipeline measured it to pay (NCHW on CUDA until measured there); restore converts them back.
 
 No compile step: any resolution that is a multiple of 8 works at once. What it leaves alone is logged in one line and
 kept in ``pipe._diffusion_fast_report``.
@@ -22,13 +24,12 @@ from __future__ import annotations
 
 import logging
 import types
-import warnings
 
 import torch
 import torch.nn.functional as F
 
 from . import _validate, ops
-from .cuda_graph import GraphedCallable, ModuleState
+from .model_graphs import graph_forward
 from .schedulers.common import randn_tensor
 
 log = logging.getLogger("diffusion_fast")
@@ -167,17 +168,18 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
         attention = False
         report["skipped"].append(
             "attention (on CPU ours is the same SDPA call as diffusers'; attention=True patches it)")
-    state = {"resnets": [], "attention": [], "norm_out": [], "scheduler": None, "unet_forward": None,
+    state = {"resnets": [], "attention": [], "norm_out": [], "scheduler": None, "graphed": [],
              "channels_last": []}
     if channels_last is True or (channels_last == "auto" and not on_cuda):
-        for model in (pipe.unet, pipe.vae):
+        for model in (pipe.unet, pipe.vae, *_controlnets(pipe)):
             convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
             if convs and not convs[0].is_contiguous(memory_format=torch.channels_last):  # a user's choice stands
                 model.to(memory_format=torch.channels_last)
                 state["channels_last"].append(model)
         report["channels_last"] = len(state["channels_last"])
-    for model_name in ("unet", "vae"):
-        model = getattr(pipe, model_name)
+    models = [("unet", pipe.unet), ("vae", pipe.vae)] + [(f"controlnet{i or ''}", net)
+                                                        for i, net in enumerate(_controlnets(pipe))]
+    for model_name, model in models:
         for name, module in model.named_modules():
             if group_norm_silu and isinstance(module, ResnetBlock2D):
                 if _resnet_supported(module):
@@ -213,13 +215,13 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
     if cuda_graph is True and not on_cuda:
         raise ValueError("cuda_graph=True needs the pipeline on a CUDA device (pipe.to('cuda') first)")
     if cuda_graph and on_cuda:
-        state["unet_forward"] = _graph_unet(pipe.unet)
-        report["cuda_graph"] = 1
+        state["graphed"] = _graph_models(pipe)
+        report["cuda_graph"] = len(state["graphed"])
     setattr(pipe, _STATE, state)
     pipe._diffusion_fast_report = report
-    log.info("diffusion_fast.accelerate: %d resnets, %d norm_out, %d attention, scheduler %s, cuda graph %s, "
-             "channels_last %d models; left alone: %s", report["resnets"], report["norm_out"], report["attention"],
-             bool(report["scheduler"]), bool(report["cuda_graph"]), report["channels_last"],
+    log.info("diffusion_fast.accelerate: %d resnets, %d norm_out, %d attention, scheduler %s, CUDA graphs for %d "
+             "models, channels_last %d models; left alone: %s", report["resnets"], report["norm_out"],
+             report["attention"], bool(report["scheduler"]), report["cuda_graph"], report["channels_last"],
              "; ".join(report["skipped"]) or "nothing")
     return pipe
 
@@ -234,61 +236,27 @@ def _execution_device(pipe) -> torch.device:
     return torch.device(device) if device is not None else pipe.unet.device
 
 
-def _graph_unet(unet):
-    """Replace unet.forward by a per-shape CUDA graph of the tensor call the SD and SDXL pipelines make.
+def _graph_models(pipe):
+    """Graph the UNet's call and each ControlNet's (one per net of a MultiControlNetModel); returns the models."""
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-    Graphed: sample, timestep, encoder_hidden_states, and optionally timestep_cond and added_cond_kwargs whose values
-    are all tensors (SDXL's text_embeds and time_ids). A call with anything else (ControlNet residuals, a
-    cross_attention_kwargs dict, IP-Adapter image lists, positional extras) runs eagerly, announced once per reason.
-    """
-    original = unet.forward
-    announced = set()
+    graph_forward(pipe.unet, lambda out: UNet2DConditionOutput(sample=out[0]))
+    graphed = [pipe.unet]
+    for net in _controlnets(pipe):
+        from diffusers.models.controlnets.controlnet import ControlNetOutput
 
-    def tensor_forward(sample, timestep, encoder_hidden_states, timestep_cond, cond_names, *cond_values):
-        added = dict(zip(cond_names, cond_values)) if cond_names else None
-        return original(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
-                        added_cond_kwargs=added, return_dict=False)[0]
-
-    # state: recaptured after new weights or LoRA scales; clone_output: pipelines such as diffusers' SAG keep one
-    # output while calling the UNet again with the same shape, which would overwrite a shared static output
-    graphed = GraphedCallable(tensor_forward, state=ModuleState(unet), clone_output=True)
-
-    def forward(sample, timestep, encoder_hidden_states=None, *args, return_dict=True, **kwargs):
-        added = kwargs.get("added_cond_kwargs") or {}
-        timestep_cond = kwargs.get("timestep_cond")
-        reason = _eager_reason(args, timestep, encoder_hidden_states, timestep_cond, added, kwargs)
-        if reason:
-            if reason not in announced:
-                announced.add(reason)
-                warnings.warn(f"diffusion_fast: this UNet call has {reason}; it runs without the CUDA graph",
-                              RuntimeWarning, stacklevel=2)
-            return original(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
-        names = tuple(sorted(added))
-        out = graphed(sample, timestep.reshape(()) if timestep.numel() == 1 else timestep, encoder_hidden_states,
-                      timestep_cond, names, *(added[n] for n in names))
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
-
-    forward.graphed = graphed  # for tests and for reset() after replacing weights
-    unet.forward = forward
-    return original
+        graph_forward(net, lambda out: ControlNetOutput(down_block_res_samples=out[0], mid_block_res_sample=out[1]))
+        graphed.append(net)
+    return graphed
 
 
-def _eager_reason(args, timestep, encoder_hidden_states, timestep_cond, added, kwargs):
-    """Why a UNet call cannot be replayed from the graph, or "" when it can."""
-    if args:
-        return f"{len(args)} extra positional argument(s)"
-    if torch.is_grad_enabled():
-        return "autograd enabled (a replay records no gradients; diffusers' pipelines call the UNet without)"
-    if not torch.is_tensor(timestep) or encoder_hidden_states is None:
-        return "a non-tensor timestep or no encoder_hidden_states"
-    if timestep_cond is not None and not torch.is_tensor(timestep_cond):
-        return "a non-tensor timestep_cond"
-    if not isinstance(added, dict) or not all(torch.is_tensor(v) for v in added.values()):
-        return "added_cond_kwargs that are not all tensors (e.g. IP-Adapter image embeds)"
-    others = sorted(k for k, v in kwargs.items() if k not in ("added_cond_kwargs", "timestep_cond") and v is not None)
-    return f"extra conditioning ({', '.join(others)})" if others else ""
+def _controlnets(pipe):
+    """The pipeline's ControlNetModels: its ``controlnet`` itself, or the nets of a MultiControlNetModel."""
+    controlnet = getattr(pipe, "controlnet", None)
+    if not isinstance(controlnet, torch.nn.Module):
+        return []
+    nets = getattr(controlnet, "nets", None)
+    return list(nets) if isinstance(nets, torch.nn.ModuleList) else [controlnet]
 
 
 def restore(pipe):
@@ -310,8 +278,8 @@ def restore(pipe):
         del state["scheduler"]._diffusion_fast_original_step
     for model in state["channels_last"]:
         model.to(memory_format=torch.contiguous_format)
-    if state["unet_forward"] is not None:
-        del pipe.unet.forward
+    for model in state["graphed"]:
+        del model.forward
     setattr(pipe, _STATE, None)
     pipe._diffusion_fast_report = None
     return pipe

@@ -10,7 +10,16 @@ def _fake_capture(self, args):
     self.captures = getattr(self, "captures", 0) + 1
     static_args = tuple(a.clone() if torch.is_tensor(a) else a for a in args)
     static_out = self.fn(*static_args)
-    return types.SimpleNamespace(replay=lambda: static_out.copy_(self.fn(*static_args))), static_args, static_out
+    return types.SimpleNamespace(replay=lambda: _copy_into(static_out, self.fn(*static_args))), static_args, static_out
+
+
+def _copy_into(dst, src):
+    """Copy ``src`` into ``dst``: a tensor, or tuples and lists of them (a ControlNet returns both)."""
+    if torch.is_tensor(dst):
+        dst.copy_(src)
+    else:
+        for d, s in zip(dst, src, strict=True):
+            _copy_into(d, s)
 
 
 def use_fake_graphs(graphed):

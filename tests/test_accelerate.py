@@ -188,42 +188,53 @@ def test_model_cpu_offload_then_accelerate_graphs_and_keeps_images():
 
 
 @torch.no_grad()  # as diffusers' pipelines call the UNet: with autograd on, it runs eagerly
-def test_unet_graph_wrapper_takes_sdxl_conditioning_and_announces_eager_calls():
-    """The graph wrapper's call path, run on the CPU (where the graph helper calls through eagerly): SDXL's UNet call,
-    with its added_cond_kwargs, goes through the graph helper at every step and gives the same images bit for bit.
-    A call with extras the graph does not take (a ControlNet residual) runs eagerly, with one warning naming it."""
+def test_graph_wrapper_takes_every_tensor_argument_and_announces_eager_calls():
+    """The graph wrapper's call path, run on the CPU (where the graph helper calls through eagerly): SDXL's UNet call
+    goes through the helper at every step with its added_cond_kwargs as graph inputs, and gives the same images bit
+    for bit. A ControlNet residual is a graph input too. A timestep given as a Python number runs eagerly (each value
+    would need a graph of its own), with one warning naming it."""
     import warnings
 
     from diffusion_fast import diffusers_patch
 
     pipe = _tiny_diffusers.sdxl_pipeline(seed=3)
     before = _images(pipe)
-    diffusers_patch._graph_unet(pipe.unet)
+    diffusers_patch._graph_models(pipe)
     graphed = pipe.unet.forward.graphed
     calls, fn = [], graphed.fn
-    graphed.fn = lambda *args: calls.append(args[4]) or fn(*args)  # args[4]: the conditioning tensors' names
+    graphed.fn = lambda spec, *tensors: calls.append(len(tensors)) or fn(spec, *tensors)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert np.array_equal(_images(pipe), before)
-    assert calls == [("text_embeds", "time_ids")] * 3  # one batched (CFG) call per step, all through the helper
+    assert calls == [5] * 3  # sample, t, prompt embeds, text_embeds, time_ids: one batched (CFG) call per step
 
     sample = torch.randn(2, 4, 4, 4)
     hidden = torch.randn(2, 77, pipe.unet.config.cross_attention_dim)
     added = {"text_embeds": torch.randn(2, 24), "time_ids": torch.randn(2, 6)}
-    mid_shapes = []
-    hook = pipe.unet.mid_block.register_forward_hook(lambda module, inputs, out: mid_shapes.append(out.shape))
+    shapes = []  # what a ControlNet returns: a residual per down-block output (conv_in's first), one for the mid block
+    hooks = [pipe.unet.conv_in.register_forward_hook(lambda m, i, out: shapes.append(out.shape))]
+    hooks += [block.register_forward_hook(lambda m, i, out: shapes.extend(r.shape for r in out[1]))
+              for block in pipe.unet.down_blocks]
+    hooks.append(pipe.unet.mid_block.register_forward_hook(lambda m, i, out: shapes.append(out.shape)))
     plain = pipe.unet(sample, torch.tensor(10), hidden, added_cond_kwargs=added).sample
-    hook.remove()
-    zero_residual = torch.zeros(mid_shapes[0])  # adds nothing: the output must not change
-    with pytest.warns(RuntimeWarning, match="mid_block_additional_residual.*without the CUDA graph"):
-        out = pipe.unet(sample, torch.tensor(10), hidden, added_cond_kwargs=added,
-                        mid_block_additional_residual=zero_residual).sample
+    for hook in hooks:
+        hook.remove()
+    residuals = {"down_block_additional_residuals": tuple(torch.randn(shape) for shape in shapes[:-1]),
+                 "mid_block_additional_residual": torch.randn(shapes[-1])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = pipe.unet(sample, torch.tensor(10), hidden, added_cond_kwargs=added, **residuals).sample
+    assert calls[-1] == 5 + len(shapes) and not torch.equal(out, plain)  # the residuals went in, as graph inputs
+    eager = type(pipe.unet).forward(pipe.unet, sample, torch.tensor(10), hidden, added_cond_kwargs=added,
+                                    **residuals).sample  # the class's own forward
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    with pytest.warns(RuntimeWarning, match="UNet2DConditionModel call has a timestep that is not a tensor"):
+        out = pipe.unet(sample, 10, hidden, added_cond_kwargs=added).sample
     torch.testing.assert_close(out, plain, rtol=0, atol=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # announced once
-        pipe.unet(sample, torch.tensor(10), hidden, added_cond_kwargs=added,
-                  mid_block_additional_residual=zero_residual)
-    assert len(calls) == 4  # the plain call went through the helper, the two with a residual did not
+        pipe.unet(sample, 10, hidden, added_cond_kwargs=added)
+    assert len(calls) == 5  # the two calls with a Python-number timestep did not go through the helper
     del pipe.unet.forward
 
 
@@ -235,7 +246,7 @@ def test_graphed_unet_outputs_survive_the_next_call():
     from diffusion_fast import diffusers_patch
 
     pipe = _tiny_diffusers.pipeline("sd1", seed=2)
-    diffusers_patch._graph_unet(pipe.unet)
+    diffusers_patch._graph_models(pipe)
     graphed = use_fake_graphs(pipe.unet.forward.graphed)
     hidden = torch.randn(2, 77, pipe.unet.config.cross_attention_dim)
     first = pipe.unet(torch.randn(2, 4, 4, 4), torch.tensor(10), hidden).sample
@@ -250,6 +261,54 @@ def test_graphed_unet_outputs_survive_the_next_call():
         out = pipe.unet(torch.randn(2, 4, 4, 4), torch.tensor(10), hidden).sample  # e.g. attend-and-excite
     assert out.requires_grad and graphed.captures == 2  # eager: a replay would have recorded no gradients
     del pipe.unet.forward
+
+
+def _controlnet_images(pipe, nets, **kwargs):
+    cond = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    return _images(pipe, image=cond if nets == 1 else [cond, cond.flip(-1)], **kwargs)
+
+
+@pytest.mark.parametrize("nets", [1, 2])  # 2: a MultiControlNetModel, whose nets are called with keywords only
+def test_controlnet_pipelines_keep_their_images_and_every_call_can_be_graphed(nets):
+    """ControlNet pipelines: the ControlNets' resnets and attention are ours too, the images stay within the fp32
+    tolerance and come back bit-identical after restore. With capture stood in for on the CPU, the UNet's call (with
+    the ControlNet residuals as graph inputs) and each ControlNet's call are graphed once and replayed at every step,
+    and the image is the eager one bit for bit."""
+    import warnings
+
+    from diffusion_fast import diffusers_patch
+
+    pipe = _tiny_diffusers.controlnet_pipeline(seed=4, nets=nets)
+    before = _controlnet_images(pipe, nets)
+    no_control = _controlnet_images(pipe, nets, controlnet_conditioning_scale=0.0 if nets == 1 else [0.0, 0.0])
+    assert np.abs(before - no_control).max() > 0.05  # the residuals matter, so dropping one would fail below
+    unet_only = _tiny_diffusers.pipeline("sd1", seed=4)
+    diffusion_fast.accelerate(unet_only, attention=True)
+    diffusion_fast.accelerate(pipe, attention=True)
+    report, report_without = pipe._diffusion_fast_report, unet_only._diffusion_fast_report
+    assert report["resnets"] > report_without["resnets"] and report["attention"] > report_without["attention"]
+    assert np.abs(_controlnet_images(pipe, nets) - before).max() <= PIPELINE_FP32_MAX_ABS
+    diffusion_fast.restore(pipe)
+    assert np.array_equal(_controlnet_images(pipe, nets), before)
+
+    graphed = [use_fake_graphs(model.forward.graphed) for model in diffusers_patch._graph_models(pipe)]
+    assert len(graphed) == 1 + nets
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no call fell back to eager
+        assert np.array_equal(_controlnet_images(pipe, nets), before)
+    assert [g.captures for g in graphed] == [1] * (1 + nets) and all(len(g) == 1 for g in graphed)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_controlnet_pipeline_graphs_on_gpu():
+    pipe = _tiny_diffusers.controlnet_pipeline(seed=4).to(DEVICE, torch.float16)
+    before = _controlnet_images(pipe, 1)
+    diffusion_fast.accelerate(pipe)
+    assert pipe._diffusion_fast_report["cuda_graph"] == 2  # the UNet and the ControlNet
+    first, second = _controlnet_images(pipe, 1), _controlnet_images(pipe, 1)  # capture, then replay
+    assert len(pipe.unet.forward.graphed) == 1 and len(pipe.controlnet.forward.graphed) == 1
+    assert np.abs(first - before).max() < 2e-2 and np.array_equal(first, second)
+    diffusion_fast.restore(pipe)
 
 
 @pytest.mark.skipif(ON_GPU, reason="the CPU default")
