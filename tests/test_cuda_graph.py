@@ -150,6 +150,24 @@ def test_module_state_key_follows_lora_adapters():
     assert len(set(keys)) == len(keys)
 
 
+def test_module_state_key_follows_attention_processors():
+    """diffusers swaps processors (set_attn_processor; the PAG pipeline at every call) and rewrites their settings
+    (set_ip_adapter_scale sets a list of floats): a graph would replay the captured ones."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    pipe = _tiny_diffusers.pipeline("sd1", seed=2)
+    state = ModuleState(pipe.unet)
+    keys = [state()]
+    pipe.unet.set_attn_processor(AttnProcessor())
+    keys.append(state())
+    processor = next(iter(pipe.unet.attn_processors.values()))
+    processor.scale = [1.0]
+    keys.append(state())
+    processor.scale = [0.5]
+    keys.append(state())
+    assert len(set(keys)) == len(keys) and state() == keys[-1]
+
+
 def test_bad_arguments_name_themselves():
     with pytest.raises(TypeError, match="module must be a torch.nn.Module, got dict"):
         ModuleState({})
