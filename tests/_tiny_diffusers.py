@@ -78,14 +78,14 @@ def sdxl_pipeline(seed=0):
     return pipe.to(torch.float32)
 
 
-def controlnet_pipeline(seed=0, nets=1):
-    """A diffusers StableDiffusionControlNetPipeline on the tiny SD1 components, with ``nets`` ControlNets built from
-    its UNet (a MultiControlNetModel when nets > 1). A ControlNet's zero convolutions start at zero, so it would add
-    nothing; here they are random, so the residuals change the image. Conditioning images are 4x the latent size (the
-    tiny VAE's factor): two stride-2 convolutions in the conditioning embedding."""
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+def controlnet_pipeline(seed=0, nets=1, variant="sd1"):
+    """A diffusers StableDiffusion(XL)ControlNetPipeline on the tiny SD1 (or SDXL) components, with ``nets``
+    ControlNets built from its UNet (a MultiControlNetModel when nets > 1). A ControlNet's zero convolutions start at
+    zero, so it would add nothing; here they are random, so the residuals change the image. Conditioning images are
+    4x the latent size (the tiny VAE's factor): two stride-2 convolutions in the conditioning embedding."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
-    base = pipeline("sd1", seed)
+    base = pipeline("sd1", seed) if variant == "sd1" else sdxl_pipeline(seed)
     torch.manual_seed(seed + 1)
     controlnets = []
     for _ in range(nets):
@@ -94,6 +94,7 @@ def controlnet_pipeline(seed=0, nets=1):
             for zero_conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
                 zero_conv.weight.normal_(std=0.05)
         controlnets.append(net)
-    pipe = StableDiffusionControlNetPipeline(**base.components, controlnet=controlnets[0] if nets == 1 else controlnets)
+    cls = StableDiffusionControlNetPipeline if variant == "sd1" else StableDiffusionXLControlNetPipeline
+    pipe = cls(**base.components, controlnet=controlnets[0] if nets == 1 else controlnets)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(torch.float32)

@@ -268,8 +268,12 @@ def _controlnet_images(pipe, nets, **kwargs):
     return _images(pipe, image=cond if nets == 1 else [cond, cond.flip(-1)], **kwargs)
 
 
-@pytest.mark.parametrize("nets", [1, 2])  # 2: a MultiControlNetModel, whose nets are called with keywords only
-def test_controlnet_pipelines_keep_their_images_and_every_call_can_be_graphed(nets):
+@pytest.mark.parametrize("variant, nets", [
+    ("sd1", 1),
+    ("sd1", 2),  # a MultiControlNetModel, whose nets are called with keywords only
+    ("sdxl", 1),  # SDXL's ControlNet takes added_cond_kwargs too
+])
+def test_controlnet_pipelines_keep_their_images_and_every_call_can_be_graphed(variant, nets):
     """ControlNet pipelines: the ControlNets' resnets and attention are ours too, the images stay within the fp32
     tolerance and come back bit-identical after restore. With capture stood in for on the CPU, the UNet's call (with
     the ControlNet residuals as graph inputs) and each ControlNet's call are graphed once and replayed at every step,
@@ -278,11 +282,11 @@ def test_controlnet_pipelines_keep_their_images_and_every_call_can_be_graphed(ne
 
     from diffusion_fast import diffusers_patch
 
-    pipe = _tiny_diffusers.controlnet_pipeline(seed=4, nets=nets)
+    pipe = _tiny_diffusers.controlnet_pipeline(seed=4, nets=nets, variant=variant)
     before = _controlnet_images(pipe, nets)
     no_control = _controlnet_images(pipe, nets, controlnet_conditioning_scale=0.0 if nets == 1 else [0.0, 0.0])
     assert np.abs(before - no_control).max() > 0.05  # the residuals matter, so dropping one would fail below
-    unet_only = _tiny_diffusers.pipeline("sd1", seed=4)
+    unet_only = _tiny_diffusers.pipeline("sd1", seed=4) if variant == "sd1" else _tiny_diffusers.sdxl_pipeline(seed=4)
     diffusion_fast.accelerate(unet_only, attention=True)
     diffusion_fast.accelerate(pipe, attention=True)
     report, report_without = pipe._diffusion_fast_report, unet_only._diffusion_fast_report
