@@ -49,6 +49,26 @@ def _fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
     return (x + h) / self.output_scale_factor
 
 
+def _hooked(module) -> bool:
+    """Whether a hook of Hugging Face accelerate (CPU offload) or of diffusers (group offloading, layerwise casting)
+    acts when this module is called: it may load or cast the module's weights at call time."""
+    return hasattr(module, "_hf_hook") or hasattr(module, "_diffusers_hook")
+
+
+def _only_forward(module) -> bool:
+    """Whether calling the module does nothing but its class's forward, so a fused op may read its weights and skip
+    the call: no offload or casting hook, no torch forward hook, no forward replaced on the instance."""
+    return (not _hooked(module) and not module._forward_hooks and not module._forward_pre_hooks
+            and "forward" not in vars(module))
+
+
+def _hooks_inside(model) -> bool:
+    """Whether offload or casting hooks act on the model's submodules (sequential CPU offload, leaf-level group
+    offloading): weights then live elsewhere (meta, CPU) until each submodule's call. A hook on the model itself
+    (enable_model_cpu_offload) moves all of it before its forward, which leaves nothing to work around."""
+    return any(_hooked(m) for m in model.modules() if m is not model)
+
+
 def _resnet_supported(block):
     # "group" without a time embedding (the VAE decoder's resnets) computes exactly what "default" does
     time_norm_ok = block.time_embedding_norm == "default" or (
@@ -133,6 +153,9 @@ def _fuse_norm_out(module, report):
     if not isinstance(norm, torch.nn.GroupNorm) or not isinstance(act, torch.nn.SiLU):
         report["skipped"].append(f"{type(module).__name__}.conv_norm_out ({type(norm).__name__}, {type(act).__name__})")
         return
+    if not (_only_forward(norm) and _only_forward(act)):
+        report["skipped"].append(f"{type(module).__name__}.conv_norm_out (hooks on it, e.g. sequential CPU offload)")
+        return
 
     def fused(self, x):
         return ops._group_norm_silu(x, self.num_groups, self.weight, self.bias, self.eps)
@@ -172,6 +195,9 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
              "channels_last": []}
     if channels_last is True or (channels_last == "auto" and not on_cuda):
         for model in (pipe.unet, pipe.vae, *_controlnets(pipe)):
+            if _hooks_inside(model):
+                report["skipped"].append(f"channels_last for {type(model).__name__} (offload hooks hold its weights)")
+                continue
             convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
             if convs and not convs[0].is_contiguous(memory_format=torch.channels_last):  # a user's choice stands
                 model.to(memory_format=torch.channels_last)
@@ -182,7 +208,10 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
     for model_name, model in models:
         for name, module in model.named_modules():
             if group_norm_silu and isinstance(module, ResnetBlock2D):
-                if _resnet_supported(module):
+                if not (_only_forward(module) and _only_forward(module.norm1) and _only_forward(module.norm2)):
+                    report["skipped"].append(f"{model_name}.{name} (hooks on the resnet or its norms, e.g. "
+                                             "sequential CPU offload loading their weights at call time)")
+                elif _resnet_supported(module):
                     module.forward = types.MethodType(_fused_resnet_forward, module)
                     state["resnets"].append(module)
                     report["resnets"] += 1
@@ -215,7 +244,7 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
     if cuda_graph is True and not on_cuda:
         raise ValueError("cuda_graph=True needs the pipeline on a CUDA device (pipe.to('cuda') first)")
     if cuda_graph and on_cuda:
-        state["graphed"] = _graph_models(pipe)
+        state["graphed"] = _graph_models(pipe, report)
         report["cuda_graph"] = len(state["graphed"])
     setattr(pipe, _STATE, state)
     pipe._diffusion_fast_report = report
@@ -236,17 +265,29 @@ def _execution_device(pipe) -> torch.device:
     return torch.device(device) if device is not None else pipe.unet.device
 
 
-def _graph_models(pipe):
-    """Graph the UNet's call and each ControlNet's (one per net of a MultiControlNetModel); returns the models."""
+def _graph_models(pipe, report):
+    """Graph the UNet's call and each ControlNet's (one per net of a MultiControlNetModel), except models whose
+    submodules have offload hooks (they move weights during the call); returns [(model, its instance forward or
+    None)] for restore: a model-level offload hook is an instance forward, which the graph wraps and restore puts
+    back."""
+    from diffusers.models.controlnets.controlnet import ControlNetOutput
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-    graph_forward(pipe.unet, lambda out: UNet2DConditionOutput(sample=out[0]))
-    graphed = [pipe.unet]
-    for net in _controlnets(pipe):
-        from diffusers.models.controlnets.controlnet import ControlNetOutput
+    def unet_output(out):
+        return UNet2DConditionOutput(sample=out[0])
 
-        graph_forward(net, lambda out: ControlNetOutput(down_block_res_samples=out[0], mid_block_res_sample=out[1]))
-        graphed.append(net)
+    def controlnet_output(out):
+        return ControlNetOutput(down_block_res_samples=out[0], mid_block_res_sample=out[1])
+
+    graphed = []
+    for model, make_output in [(pipe.unet, unet_output)] + [(net, controlnet_output) for net in _controlnets(pipe)]:
+        if _hooks_inside(model):
+            report["skipped"].append(f"CUDA graph for {type(model).__name__} (offload hooks move its weights during "
+                                     "each call)")
+            continue
+        previous = vars(model).get("forward")
+        graph_forward(model, make_output)
+        graphed.append((model, previous))
     return graphed
 
 
@@ -278,8 +319,11 @@ def restore(pipe):
         del state["scheduler"]._diffusion_fast_original_step
     for model in state["channels_last"]:
         model.to(memory_format=torch.contiguous_format)
-    for model in state["graphed"]:
-        del model.forward
+    for model, previous in state["graphed"]:
+        if previous is None:
+            del model.forward
+        else:
+            model.forward = previous  # a model-level offload hook's forward, which the graph wrapped
     setattr(pipe, _STATE, None)
     pipe._diffusion_fast_report = None
     return pipe

@@ -171,6 +171,47 @@ def test_cuda_graph_follows_a_lora_added_and_rescaled_after_capture():
     assert np.abs(graphed_lora - eager_lora).max() < 2e-2 and np.abs(graphed_half - eager_half).max() < 2e-2
 
 
+def test_sequential_offload_hooks_keep_their_modules():
+    """Sequential CPU offload leaves the weights on the meta device and loads each leaf's weights in a hook at its
+    call. A fused op that read a norm's weights without calling it got meta tensors (NaN images, then restore failed
+    on channels_last). Now hooked norms keep their own calls, hooked models keep their layout, and the images match.
+    The hooks run here with the CPU as the execution device."""
+    from accelerate import cpu_offload
+
+    pipe = _tiny_diffusers.pipeline("sd1", seed=2)
+    before = _images(pipe)
+    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+        cpu_offload(model, execution_device=torch.device("cpu"))
+    assert pipe.unet.conv_norm_out.weight.device.type == "meta"
+    diffusion_fast.accelerate(pipe, attention=True)
+    report = pipe._diffusion_fast_report
+    assert report["resnets"] == report["norm_out"] == report["channels_last"] == 0 and report["attention"] > 0
+    assert any("sequential CPU offload" in item for item in report["skipped"])
+    assert np.abs(_images(pipe) - before).max() <= PIPELINE_FP32_MAX_ABS
+    diffusion_fast.restore(pipe)
+    assert np.array_equal(_images(pipe), before)
+
+
+def test_model_level_hook_is_wrapped_by_the_graph_and_put_back(monkeypatch):
+    """enable_model_cpu_offload puts one hook on the whole UNet (an instance forward that moves it before each call).
+    The graph wraps that forward, and restore puts it back rather than deleting it. Run on the CPU with accelerate
+    told the pipeline runs on CUDA, so the CUDA configuration is built (its graph helper calls through eagerly)."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    from diffusion_fast import diffusers_patch
+
+    pipe = _tiny_diffusers.pipeline("sd1", seed=2)
+    before = _images(pipe)
+    add_hook_to_module(pipe.unet, ModelHook())
+    hooked_forward = vars(pipe.unet)["forward"]
+    monkeypatch.setattr(diffusers_patch, "_execution_device", lambda pipe: torch.device("cuda"))
+    diffusion_fast.accelerate(pipe)
+    assert pipe._diffusion_fast_report["cuda_graph"] == 1 and pipe.unet.forward is not hooked_forward
+    assert np.abs(_images(pipe) - before).max() <= PIPELINE_FP32_MAX_ABS
+    diffusion_fast.restore(pipe)
+    assert vars(pipe.unet)["forward"] is hooked_forward and np.array_equal(_images(pipe), before)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="CPU offload hooks need a GPU")
 def test_model_cpu_offload_then_accelerate_graphs_and_keeps_images():
     """enable_model_cpu_offload keeps the UNet on the CPU between calls: accelerate must see the GPU it runs on (our
@@ -199,7 +240,7 @@ def test_graph_wrapper_takes_every_tensor_argument_and_announces_eager_calls():
 
     pipe = _tiny_diffusers.sdxl_pipeline(seed=3)
     before = _images(pipe)
-    diffusers_patch._graph_models(pipe)
+    diffusers_patch._graph_models(pipe, {"skipped": []})
     graphed = pipe.unet.forward.graphed
     calls, fn = [], graphed.fn
     graphed.fn = lambda spec, *tensors: calls.append(len(tensors)) or fn(spec, *tensors)
@@ -246,7 +287,7 @@ def test_graphed_unet_outputs_survive_the_next_call():
     from diffusion_fast import diffusers_patch
 
     pipe = _tiny_diffusers.pipeline("sd1", seed=2)
-    diffusers_patch._graph_models(pipe)
+    diffusers_patch._graph_models(pipe, {"skipped": []})
     graphed = use_fake_graphs(pipe.unet.forward.graphed)
     hidden = torch.randn(2, 77, pipe.unet.config.cross_attention_dim)
     first = pipe.unet(torch.randn(2, 4, 4, 4), torch.tensor(10), hidden).sample
@@ -295,7 +336,8 @@ def test_controlnet_pipelines_keep_their_images_and_every_call_can_be_graphed(va
     diffusion_fast.restore(pipe)
     assert np.array_equal(_controlnet_images(pipe, nets), before)
 
-    graphed = [use_fake_graphs(model.forward.graphed) for model in diffusers_patch._graph_models(pipe)]
+    graphed = [use_fake_graphs(model.forward.graphed)
+               for model, _ in diffusers_patch._graph_models(pipe, {"skipped": []})]
     assert len(graphed) == 1 + nets
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no call fell back to eager
