@@ -266,10 +266,10 @@ def _execution_device(pipe) -> torch.device:
 
 
 def _graph_models(pipe, report):
-    """Graph the UNet's call and each ControlNet's (one per net of a MultiControlNetModel), except models whose
-    submodules have offload hooks (they move weights during the call); returns [(model, its instance forward or
-    None)] for restore: a model-level offload hook is an instance forward, which the graph wraps and restore puts
-    back."""
+    """Graph the UNet's call and each ControlNet's (one per net of a MultiControlNetModel), except models with hooks
+    that act during the call (offload or casting hooks on submodules move or cast weights; diffusers' caching hooks
+    choose per step what to compute, which a replay would freeze); returns [(model, its instance forward or None)]
+    for restore: a model-level offload hook is an instance forward, which the graph wraps and restore puts back."""
     from diffusers.models.controlnets.controlnet import ControlNetOutput
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
@@ -281,9 +281,9 @@ def _graph_models(pipe, report):
 
     graphed = []
     for model, make_output in [(pipe.unet, unet_output)] + [(net, controlnet_output) for net in _controlnets(pipe)]:
-        if _hooks_inside(model):
-            report["skipped"].append(f"CUDA graph for {type(model).__name__} (offload hooks move its weights during "
-                                     "each call)")
+        if _hooks_inside(model) or hasattr(model, "_diffusers_hook"):  # diffusers' caching hooks decide per step
+            report["skipped"].append(f"CUDA graph for {type(model).__name__} (hooks act during each call: offload, "
+                                     "casting or step caching)")
             continue
         previous = vars(model).get("forward")
         graph_forward(model, make_output)

@@ -212,6 +212,25 @@ def test_model_level_hook_is_wrapped_by_the_graph_and_put_back(monkeypatch):
     assert vars(pipe.unet)["forward"] is hooked_forward and np.array_equal(_images(pipe), before)
 
 
+def test_layerwise_casting_keeps_the_model_out_of_graphs(monkeypatch):
+    """diffusers' layerwise casting stores weights in fp8 and casts each leaf's weights in a hook at its call (new
+    tensors every call): such a model stays eager, and says so. The CUDA configuration, built on the CPU as above."""
+    from diffusion_fast import diffusers_patch
+
+    pipe = _tiny_diffusers.pipeline("sd1", seed=2)
+    pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    before = _images(pipe)
+    monkeypatch.setattr(diffusers_patch, "_execution_device", lambda pipe: torch.device("cuda"))
+    diffusion_fast.accelerate(pipe)
+    report = pipe._diffusion_fast_report
+    assert report["cuda_graph"] == 0 and not hasattr(pipe.unet.forward, "graphed")
+    assert any(item.startswith("CUDA graph for UNet2DConditionModel") for item in report["skipped"])
+    assert report["resnets"] > 0  # the norms are not cast (diffusers skips them), so the resnets are still fused
+    assert np.abs(_images(pipe) - before).max() <= PIPELINE_FP32_MAX_ABS
+    diffusion_fast.restore(pipe)
+    assert np.array_equal(_images(pipe), before)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="CPU offload hooks need a GPU")
 def test_model_cpu_offload_then_accelerate_graphs_and_keeps_images():
     """enable_model_cpu_offload keeps the UNet on the CPU between calls: accelerate must see the GPU it runs on (our
