@@ -108,7 +108,7 @@ def test_module_state_key_changes_with_replaced_tensors_only():
         "dtype": lambda: model.to(torch.float64),
         "assign": lambda: model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True),
         "new buffer": lambda: model[1].register_buffer("extra", torch.zeros(1)),
-        "new submodule": lambda: model.append(torch.nn.ReLU()),  # no tensors, but the walk is redone; key unchanged
+        "new submodule": lambda: model.append(torch.nn.ReLU()),  # no tensors: the walk is redone, nothing changes
     }
     for name, change in changes.items():
         change()
@@ -150,9 +150,10 @@ def test_module_state_key_follows_lora_adapters():
     assert len(set(keys)) == len(keys)
 
 
-def test_module_state_key_follows_attention_processors():
-    """diffusers swaps processors (set_attn_processor; the PAG pipeline at every call) and rewrites their settings
-    (set_ip_adapter_scale sets a list of floats): a graph would replay the captured ones."""
+def test_module_state_key_follows_attention_processors_and_block_settings():
+    """diffusers swaps processors (set_attn_processor; the PAG pipeline at every call), rewrites their settings
+    (set_ip_adapter_scale sets a list of floats) and the blocks' (enable_freeu): a graph would replay the captured
+    ones."""
     from diffusers.models.attention_processor import AttnProcessor
 
     pipe = _tiny_diffusers.pipeline("sd1", seed=2)
@@ -164,6 +165,10 @@ def test_module_state_key_follows_attention_processors():
     processor.scale = [1.0]
     keys.append(state())
     processor.scale = [0.5]
+    keys.append(state())
+    pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)  # plain numbers on the up blocks, read by their forward
+    keys.append(state())
+    pipe.disable_freeu()
     keys.append(state())
     assert len(set(keys)) == len(keys) and state() == keys[-1]
 
