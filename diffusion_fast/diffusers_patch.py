@@ -270,13 +270,16 @@ def _graph_models(pipe, report):
     that act during the call (offload or casting hooks on submodules move or cast weights; diffusers' caching hooks
     choose per step what to compute, which a replay would freeze); returns [(model, its instance forward or None)]
     for restore: a model-level offload hook is an instance forward, which the graph wraps and restore puts back."""
-    from diffusers.models.controlnets.controlnet import ControlNetOutput
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
     def unet_output(out):
         return UNet2DConditionOutput(sample=out[0])
 
     def controlnet_output(out):
+        try:
+            from diffusers.models.controlnets.controlnet import ControlNetOutput
+        except ImportError:  # diffusers < 0.31
+            from diffusers.models.controlnet import ControlNetOutput
         return ControlNetOutput(down_block_res_samples=out[0], mid_block_res_sample=out[1])
 
     graphed = []

@@ -362,6 +362,12 @@ def test_controlnet_pipelines_keep_their_images_and_every_call_can_be_graphed(va
         warnings.simplefilter("error")  # no call fell back to eager
         assert np.array_equal(_controlnet_images(pipe, nets), before)
     assert [g.captures for g in graphed] == [1] * (1 + nets) and all(len(g) == 1 for g in graphed)
+    if variant == "sd1" and nets == 1:  # a direct call with return_dict=True gets diffusers' output class
+        with torch.no_grad():
+            out = pipe.controlnet(torch.randn(2, 4, 8, 8), torch.tensor(10), torch.randn(2, 77, 32),
+                                  controlnet_cond=torch.rand(2, 3, 32, 32))
+        assert type(out).__name__ == "ControlNetOutput" and out.mid_block_res_sample.shape[0] == 2
+        assert graphed[1].captures == 2  # its own signature, through the graph helper
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
