@@ -249,11 +249,15 @@ at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups, const
   if (weight.has_value()) {
     TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == C, "weight must have ", C, " elements, got shape ",
                       weight->sizes());
+    // a meta weight (sequential CPU offload keeps weights there between calls) would be read as garbage
+    TORCH_CHECK_VALUE(weight->device() == x_in.device(), "weight is on ", weight->device(), " but x is on ",
+                      x_in.device());
     w = weight->to(at::kFloat).contiguous();
   }
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == C, "bias must have ", C, " elements, got shape ",
                       bias->sizes());
+    TORCH_CHECK_VALUE(bias->device() == x_in.device(), "bias is on ", bias->device(), " but x is on ", x_in.device());
     b = bias->to(at::kFloat).contiguous();
   }
   if (x_in.scalar_type() == at::kDouble) {  // fp64 keeps fp64 arithmetic: ATen's GroupNorm, then SiLU in place

@@ -68,6 +68,15 @@ def has_cuda() -> bool:
     return load_ops() is not None and torch._C._dispatch_has_kernel_for_dispatch_key("diffusion_fast::ddim_step", "CUDA")
 
 
+def _same_device(anchor_name, anchor, **tensors):
+    """The real ops' first check, in their fakes: every tensor argument on the anchor's device. The dispatcher also
+    routes a call with a meta tensor among real ones to the fake (Meta outranks CPU), which would otherwise hand back
+    uninitialised memory for, say, a meta weight left by sequential CPU offload."""
+    for name, t in tensors.items():
+        if t is not None and t.device != anchor.device:
+            raise ValueError(f"{name} is on {t.device} but {anchor_name} is on {anchor.device}")
+
+
 def _register_fakes():
     if getattr(_register_fakes, "done", False):
         return
@@ -78,24 +87,32 @@ def _register_fakes():
     @torch.library.register_fake("diffusion_fast::ddim_step")
     def _(model_output, sample, alpha_prod_t, alpha_prod_t_prev, eta, variance_noise, prediction_type,
           clip_sample_range, use_clipped_model_output):
+        _same_device("sample", sample, model_output=model_output, alpha_prod_t=alpha_prod_t,
+                     alpha_prod_t_prev=alpha_prod_t_prev, variance_noise=variance_noise)
         return two_like(sample)
 
     @torch.library.register_fake("diffusion_fast::cfg_ddim_step")
     def _(noise_pred_uncond, noise_pred_text, guidance_scale, sample, alpha_prod_t, alpha_prod_t_prev, eta,
           variance_noise, prediction_type, clip_sample_range, use_clipped_model_output):
+        _same_device("sample", sample, noise_pred_uncond=noise_pred_uncond, noise_pred_text=noise_pred_text,
+                     alpha_prod_t=alpha_prod_t, alpha_prod_t_prev=alpha_prod_t_prev, variance_noise=variance_noise)
         return two_like(sample)
 
     @torch.library.register_fake("diffusion_fast::ddpm_step")
     def _(model_output, sample, alpha_prod_t, alpha_prod_t_prev, std, variance_noise, prediction_type,
           clip_sample_range):
+        _same_device("sample", sample, model_output=model_output, alpha_prod_t=alpha_prod_t,
+                     alpha_prod_t_prev=alpha_prod_t_prev, std=std, variance_noise=variance_noise)
         return two_like(sample)
 
     @torch.library.register_fake("diffusion_fast::euler_step")
     def _(model_output, sample, sigma, sigma_next, gamma, s_noise, noise, prediction_type):
+        _same_device("sample", sample, model_output=model_output, sigma=sigma, sigma_next=sigma_next, noise=noise)
         return torch.empty_like(sample, dtype=model_output.dtype), torch.empty_like(sample, dtype=model_output.dtype)
 
     @torch.library.register_fake("diffusion_fast::group_norm_silu")
     def _(x, num_groups, weight, bias, eps, silu):
+        _same_device("x", x, weight=weight, bias=bias)
         return torch.empty_like(x)
 
     _register_fakes.done = True

@@ -326,6 +326,15 @@ def test_opcheck_every_op():
     (lambda x: ops.euler_step(x, x, 1.0, 0.5, gamma=0.3, backend="cpp"), ValueError, "noise is required"),
     (lambda x: ops.euler_step(x, x, 1.0, 0.5, prediction_type="flow", backend="cpp"), ValueError, "prediction_type"),
     (lambda x: ops.attention(x, x, x, backend="cpp"), ValueError, "attention has no C\\+\\+ implementation"),
+    # the op itself, as the unchecked internal entry calls it: a meta weight (sequential CPU offload keeps weights
+    # there between calls) used to be read as garbage
+    (lambda x: ops._group_norm_silu(x, 2, torch.empty(4, device="meta"), None, 1e-5, backend="cpp"), ValueError,
+     "weight is on meta but x is on cpu"),
+    (lambda x: ops._group_norm_silu(x, 2, None, torch.empty(4, device="meta"), 1e-5, backend="cpp"), ValueError,
+     "bias is on meta but x is on cpu"),
+    (lambda x: torch.ops.diffusion_fast.ddim_step(x, x, torch.ones(3, device="meta"), torch.ones(3), 0.0, None,
+                                                  "epsilon", None, False), ValueError,
+     "alpha_prod_t is on meta but sample is on cpu"),
 ])
 def test_bad_input_names_the_argument(call, error, message):
     with pytest.raises(error, match=message):
