@@ -89,13 +89,14 @@ class ModuleState:
                 tuple([_plain_settings(m) for m in self._blocks]))
 
 
-_PLAIN = (type(None), bool, int, float, str)
+PLAIN_TYPES = (type(None), bool, int, float, str)  # values a key holds as they are
 
 
 def _plain_settings(obj):
     """An object's attributes that are numbers, strings, None, or lists and tuples of them."""
     return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in vars(obj).items()
-                 if isinstance(v, _PLAIN) or isinstance(v, (list, tuple)) and all(isinstance(x, _PLAIN) for x in v))
+                 if isinstance(v, PLAIN_TYPES)
+                 or isinstance(v, (list, tuple)) and all(isinstance(x, PLAIN_TYPES) for x in v))
 
 
 def _processor_state(processor):
@@ -129,6 +130,8 @@ class GraphedCallable:
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
         if state is not None and not callable(state):
             raise TypeError(f"state must be callable (e.g. a ModuleState), got {type(state).__name__}")
+        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs must be a positive int, got {max_graphs!r}")
         self.fn, self.num_warmup, self.state, self.clone_output = fn, num_warmup, state, clone_output
         self.max_graphs, self._warned_full = max_graphs, False
         self._graphs = {}  # signature -> (graph, static inputs, static output) or None (eager)

@@ -15,9 +15,7 @@ import warnings
 
 import torch
 
-from .cuda_graph import GraphedCallable, ModuleState
-
-_SCALARS = (type(None), bool, int, float, str)
+from .cuda_graph import PLAIN_TYPES, GraphedCallable, ModuleState
 
 
 class _NotGraphable(Exception):
@@ -29,7 +27,7 @@ def _flatten(value, tensors: list, where: str):
     if torch.is_tensor(value):
         tensors.append(value)
         return "T"
-    if isinstance(value, _SCALARS):
+    if isinstance(value, PLAIN_TYPES):
         return ("V", (type(value), value))  # the type too: True == 1 == 1.0, but a model may tell them apart
     if isinstance(value, (tuple, list)):
         return ("L" if isinstance(value, list) else "U",
@@ -79,11 +77,12 @@ def graph_forward(model, make_output):
         elif "timestep" in kwargs:  # diffusers' MultiControlNetModel calls its nets with keywords only
             kwargs = {**kwargs, "timestep": _zero_dim(kwargs["timestep"])}
         tensors = []
-        try:
-            reason = _eager_reason(args, kwargs)
-            spec = _flatten((args, kwargs), tensors, "the call")
-        except _NotGraphable as exc:
-            reason = str(exc)
+        reason = _eager_reason(args, kwargs)
+        if not reason:
+            try:
+                spec = _flatten((args, kwargs), tensors, "the call")
+            except _NotGraphable as exc:
+                reason = str(exc)
         if reason:
             if reason not in announced:
                 announced.add(reason)

@@ -180,3 +180,6 @@ def test_bad_arguments_name_themselves():
         GraphedCallable(None)
     with pytest.raises(TypeError, match=r"state must be callable \(e.g. a ModuleState\), got tuple"):
         GraphedCallable(torch.relu, state=ModuleState(torch.nn.Linear(2, 2))())  # the key, not the state
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_graphs must be a positive int"):
+            GraphedCallable(torch.relu, max_graphs=bad)
