@@ -117,7 +117,8 @@ CPU_BASELINES = ("diffusers", "F.group_norm + F.silu", "reference")
 
 
 def _impl(bench):
-    return bench.get("params", {}).get("impl") or bench.get("param", "")
+    """The implementation a row times: its impl parameter, else the test's name (an unparametrized benchmark)."""
+    return (bench.get("params") or {}).get("impl") or bench.get("param") or bench["name"].split("[")[0]
 
 
 def pytest_benchmark(record):
@@ -134,9 +135,10 @@ def pytest_benchmark(record):
         by_impl = {_impl(b): b for b in items}
         base = next((by_impl[name] for name in CPU_BASELINES if name in by_impl), None)
         base = base or max(items, key=lambda b: b["stats"]["median"])
-        for b in items:
-            body.append([group, _impl(b), fmt(b["stats"]["median"] * 1e3, ".3f"),
-                         f"{base['stats']['median'] / b['stats']['median']:.2f}x vs {_impl(base)}"])
+        for b in items:  # a group of one row has nothing to compare against
+            ratio = base["stats"]["median"] / b["stats"]["median"]
+            speedup = f"{ratio:.2f}x vs {_impl(base)}" if len(items) > 1 else ""
+            body.append([group, _impl(b), fmt(b["stats"]["median"] * 1e3, ".3f"), speedup])
     out.append(table(["benchmark", "implementation", "median ms", "speedup"], body))
     return "\n\n".join(out)
 

@@ -5,7 +5,8 @@
 
 Groups: the fused CFG+DDIM step (C++ op) vs our reference vs diffusers' CFG combine + DDIMScheduler.step, on
 1x4x64x64, 2x4x128x128 and 8x4x128x128 fp32 latents; group_norm_silu (C++ op) vs F.group_norm + F.silu on SD
-shapes in both memory layouts; and fp16/bf16 storage for both at SD1.5's shapes. Each group's rows are the
+shapes in both memory layouts; fp16/bf16 storage for both at SD1.5's shapes; and the weights key a graphed UNet
+call checks (ModuleState, SD1.5's UNet on the meta device). Each group's rows are the
 implementations side by side; compare medians.
 
 The allocator is pinned first (see ``_steady_allocator``): glibc otherwise moves between two regimes at random,
@@ -104,3 +105,20 @@ def test_cfg_ddim_step_half(benchmark, dtype, impl):
     a_t, a_prev = torch.tensor(0.3), torch.tensor(0.4)
     backend = "cpp" if impl == "cpp fused" else "reference"
     benchmark(lambda: ops.cfg_ddim_step(uncond, text, 7.5, sample, a_t, a_prev, backend=backend))
+
+
+def test_graph_weights_key(benchmark):
+    """The check a graphed UNet call makes before each replay (ModuleState: every tensor's address and dtype, the
+    adapters, processors and block settings) on SD1.5's UNet, built on the meta device (addresses are all 0 there,
+    the work per tensor is the same)."""
+    from diffusers import UNet2DConditionModel
+
+    from diffusion_fast import tiny
+    from diffusion_fast.cuda_graph import ModuleState
+
+    benchmark.group = "graph weights key, SD1.5 UNet"
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**tiny.SD15_UNET)
+    state = ModuleState(unet)
+    state()  # the walk, once
+    benchmark(state)

@@ -132,6 +132,11 @@ def test_cpu_record_speedups_are_against_the_eager_baseline(tmp_path):
     assert "| step | cpp fused | 0.100 | 5.00x vs diffusers |" in text
     assert "| step | reference | 0.600 | 0.83x vs diffusers |" in text
     assert "| half | cpp fused | 0.200 | 2.50x vs reference |" in text
+    # an unparametrized benchmark (params None), alone in its group: named by its test, no speedup column value
+    record["benchmarks"] = [{"group": "key", "name": "test_graph_weights_key", "params": None,
+                             "stats": {"median": 4.7e-4}}]
+    path.write_text(json.dumps(record))
+    assert "| key | test_graph_weights_key | 0.470 |  |" in results_table.render(str(path))
 
 
 def test_group_norm_a_b_columns_render(tmp_path):
