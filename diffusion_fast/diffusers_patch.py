@@ -10,7 +10,8 @@
   custom processors) gets our processor, which calls ``diffusion_fast.ops.attention`` with (B, H, L, D) views. With
   ``attention="auto"`` that happens on CUDA only: on the CPU our attention is the same SDPA call diffusers' own
   processor makes, so patching it would add only Python overhead (``attention=True`` patches it anyway);
-- a ``DDIMScheduler``'s ``step`` becomes our one-pass fused step (noise drawn exactly as diffusers draws it);
+- a ``DDIMScheduler``'s, ``EulerDiscreteScheduler``'s or ``DDPMScheduler``'s ``step`` becomes our one-pass fused
+  step (noise drawn exactly as diffusers draws it; see ``diffusers_schedulers``);
 - on CUDA (``cuda_graph="auto"``), the UNet's and each ControlNet's forward are replayed from CUDA graphs, one per
   input signature, every tensor argument a graph input (SDXL's ``added_cond_kwargs``, ControlNet residuals); see
   ``model_graphs``;
@@ -29,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _validate, ops
+from .diffusers_schedulers import fuse_step, unfuse_step
 from .model_graphs import graph_forward
-from .schedulers.common import randn_tensor
 
 log = logging.getLogger("diffusion_fast")
 _STATE = "_diffusion_fast_state"
@@ -119,32 +120,6 @@ def _attention_supported(attn):
             and getattr(attn, "add_k_proj", None) is None and not getattr(attn, "is_cross_attention_added", False))
 
 
-def _fused_ddim_step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
-                     variance_noise=None, return_dict=True):
-    """diffusers' DDIMScheduler.step as one fused op; thresholding keeps diffusers' own step."""
-    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
-
-    if self.config.thresholding or self.num_inference_steps is None:
-        return self._diffusion_fast_original_step(model_output, timestep, sample, eta, use_clipped_model_output,
-                                                  generator, variance_noise, return_dict)
-    prev_t = timestep - self.config.num_train_timesteps // self.num_inference_steps
-    alpha_t = self.alphas_cumprod[timestep]
-    alpha_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
-    if generator is not None and variance_noise is not None:
-        raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either `generator` or"
-                         " `variance_noise` stays `None`.")
-    if eta > 0 and variance_noise is None:
-        variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                                      dtype=model_output.dtype)
-    prev, x0 = ops.ddim_step(
-        model_output, sample, alpha_t, alpha_prev, eta=eta, variance_noise=variance_noise if eta > 0 else None,
-        prediction_type=self.config.prediction_type,
-        clip_sample_range=self.config.clip_sample_range if self.config.clip_sample else None,
-        use_clipped_model_output=use_clipped_model_output,
-    )
-    return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
-
-
 def _fuse_norm_out(module, report):
     """conv_norm_out + conv_act (SiLU) of a UNet/VAE encoder/decoder -> one fused op (conv_act becomes Identity)."""
     norm, act = getattr(module, "conv_norm_out", None), getattr(module, "conv_act", None)
@@ -180,7 +155,6 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
         _validate.auto_or_bool(name, value)
     if getattr(pipe, _STATE, None) is not None:
         return pipe  # already accelerated: idempotent
-    from diffusers import DDIMScheduler
     from diffusers.models.attention_processor import Attention
     from diffusers.models.resnet import ResnetBlock2D
 
@@ -234,13 +208,12 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
                     if report["norm_out"] > before:
                         state["norm_out"].append(owner)
     if scheduler:
-        if isinstance(pipe.scheduler, DDIMScheduler):
-            pipe.scheduler._diffusion_fast_original_step = pipe.scheduler.step
-            pipe.scheduler.step = types.MethodType(_fused_ddim_step, pipe.scheduler)
+        left_alone = fuse_step(pipe.scheduler, _execution_device(pipe))
+        if left_alone is None:
             state["scheduler"] = pipe.scheduler
             report["scheduler"] = 1
         else:
-            report["skipped"].append(f"scheduler {type(pipe.scheduler).__name__} (only DDIMScheduler is fused)")
+            report["skipped"].append(left_alone)
     if cuda_graph is True and not on_cuda:
         raise ValueError("cuda_graph=True needs the pipeline on a CUDA device (pipe.to('cuda') first)")
     if cuda_graph and on_cuda:
@@ -250,7 +223,7 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
     pipe._diffusion_fast_report = report
     log.info("diffusion_fast.accelerate: %d resnets, %d norm_out, %d attention, scheduler %s, CUDA graphs for %d "
              "models, channels_last %d models; left alone: %s", report["resnets"], report["norm_out"],
-             report["attention"], bool(report["scheduler"]), report["cuda_graph"], report["channels_last"],
+             report["attention"], type(pipe.scheduler).__name__ if report["scheduler"] else "not fused", report["cuda_graph"], report["channels_last"],
              "; ".join(report["skipped"]) or "nothing")
     return pipe
 
@@ -318,8 +291,7 @@ def restore(pipe):
         owner.conv_act = owner._diffusion_fast_act
         del owner._diffusion_fast_act
     if state["scheduler"] is not None:
-        del state["scheduler"].step
-        del state["scheduler"]._diffusion_fast_original_step
+        unfuse_step(state["scheduler"])
     for model in state["channels_last"]:
         model.to(memory_format=torch.contiguous_format)
     for model, previous in state["graphed"]:

@@ -1,0 +1,140 @@
+"""Fused ``step`` methods for diffusers' DDIM, Euler and DDPM schedulers, patched on the instance by ``accelerate``.
+
+Each replacement computes what the scheduler's own ``step`` computes, as one fused op (``diffusion_fast.ops``),
+drawing its noise from the generator exactly as diffusers does. Whatever it does not mirror (thresholding, learned
+variances, a prediction type it does not know, a call diffusers would warn about or reject) goes to the scheduler's
+own ``step``, so behaviour outside the fused cases is diffusers' own.
+
+Which schedulers are fused, and where:
+
+- ``DDIMScheduler``: CPU (C++ op) and CUDA (Triton kernel);
+- ``EulerDiscreteScheduler`` (SDXL's default) and ``DDPMScheduler``: CPU, and CUDA when the C++ extension was built
+  with CUDA (these have no Triton kernel; without it the scheduler is left alone and listed).
+
+A subclass that overrides ``step`` is left alone: its step is not the one we mirror.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _cpp, ops
+from .schedulers.common import randn_tensor
+
+_ORIGINAL = "_diffusion_fast_original_step"
+
+
+def _original(self, *args, **kwargs):
+    return getattr(self, _ORIGINAL)(*args, **kwargs)
+
+
+def _fused_ddim_step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
+                     variance_noise=None, return_dict=True):
+    """diffusers' DDIMScheduler.step as one fused op; thresholding keeps diffusers' own step."""
+    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+
+    if self.config.thresholding or self.num_inference_steps is None:
+        return _original(self, model_output, timestep, sample, eta, use_clipped_model_output, generator,
+                         variance_noise, return_dict)
+    prev_t = timestep - self.config.num_train_timesteps // self.num_inference_steps
+    alpha_t = self.alphas_cumprod[timestep]
+    alpha_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+    if generator is not None and variance_noise is not None:
+        raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either `generator` or"
+                         " `variance_noise` stays `None`.")
+    if eta > 0 and variance_noise is None:
+        variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                      dtype=model_output.dtype)
+    prev, x0 = ops.ddim_step(
+        model_output, sample, alpha_t, alpha_prev, eta=eta, variance_noise=variance_noise if eta > 0 else None,
+        prediction_type=self.config.prediction_type,
+        clip_sample_range=self.config.clip_sample_range if self.config.clip_sample else None,
+        use_clipped_model_output=use_clipped_model_output,
+    )
+    return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
+
+
+def _fused_euler_step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"),
+                      s_noise=1.0, generator=None, return_dict=True):
+    """diffusers' EulerDiscreteScheduler.step (churn included) as one fused op, in fp32 as diffusers computes it:
+    prev_sample in model_output's dtype, pred_original_sample in fp32 (model_output itself for "sample")."""
+    from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
+
+    prediction = self.config.prediction_type
+    if (isinstance(timestep, (int, torch.IntTensor, torch.LongTensor))  # diffusers raises its own error
+            or not getattr(self, "is_scale_input_called", True)  # diffusers warns about it
+            or prediction not in ("epsilon", "v_prediction", "sample", "original_sample")):
+        return _original(self, model_output, timestep, sample, s_churn, s_tmin, s_tmax, s_noise, generator,
+                         return_dict)
+    if self.step_index is None:
+        self._init_step_index(timestep)
+    sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
+    gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    noise = None
+    if gamma > 0:
+        noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
+                             generator=generator)
+    as_sample = prediction in ("sample", "original_sample")
+    prev, x0 = ops.euler_step(model_output.float(), sample.float(), sigma, sigma_next, gamma=float(gamma),
+                              s_noise=s_noise, noise=noise, prediction_type="sample" if as_sample else prediction)
+    prev = prev.to(model_output.dtype)
+    if as_sample:
+        x0 = model_output
+    self._step_index += 1
+    return EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
+
+
+def _fused_ddpm_step(self, model_output, timestep, sample, generator=None, return_dict=True):
+    """diffusers' DDPMScheduler.step for the fixed variances (fixed_small, fixed_small_log, fixed_large) as one fused
+    op; thresholding, the learned variances and fixed_large_log (NaN in diffusers) keep diffusers' own step."""
+    from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+
+    config = self.config
+    if (config.thresholding or config.variance_type not in ("fixed_small", "fixed_small_log", "fixed_large")
+            or config.prediction_type not in ("epsilon", "v_prediction", "sample")):
+        return _original(self, model_output, timestep, sample, generator, return_dict)
+    t = timestep
+    prev_t = self.previous_timestep(t)
+    alpha_t = self.alphas_cumprod[t]
+    alpha_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
+    std, noise = 0.0, None
+    if t > 0:  # as diffusers: no noise (and no draw from the generator) at the last step
+        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                             dtype=model_output.dtype)
+        variance = self._get_variance(t)  # diffusers' own numbers; fixed_small_log returns the std itself
+        std = variance if config.variance_type == "fixed_small_log" else variance**0.5
+    prev, x0 = ops.ddpm_step(model_output, sample, alpha_t, alpha_prev, std=std, variance_noise=noise,
+                             prediction_type=config.prediction_type,
+                             clip_sample_range=config.clip_sample_range if config.clip_sample else None)
+    return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
+
+
+def _fusable():
+    """[(diffusers scheduler class, its fused step, our op, whether the op has a Triton kernel)]."""
+    from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
+
+    return [(DDIMScheduler, _fused_ddim_step, "ddim_step", True),
+            (EulerDiscreteScheduler, _fused_euler_step, "euler_step", False),
+            (DDPMScheduler, _fused_ddpm_step, "ddpm_step", False)]
+
+
+def fuse_step(scheduler, device: torch.device):
+    """Patch ``scheduler.step`` on the instance with its fused step; returns None, or why it was left alone."""
+    name = type(scheduler).__name__
+    for cls, fused, op, has_triton in _fusable():
+        if not isinstance(scheduler, cls):
+            continue
+        if type(scheduler).step is not cls.step:
+            return f"scheduler {name} (its own step overrides {cls.__name__}.step)"
+        if device.type == "cuda" and not has_triton and not _cpp.has_cuda():
+            return f"scheduler {name} (its {op} runs on CUDA only through a CUDA build of the C++ extension)"
+        setattr(scheduler, _ORIGINAL, scheduler.step)
+        scheduler.step = fused.__get__(scheduler)
+        return None
+    names = ", ".join(cls.__name__ for cls, *_ in _fusable())
+    return f"scheduler {name} (fused: {names})"
+
+
+def unfuse_step(scheduler):
+    """Undo ``fuse_step``."""
+    del scheduler.step  # the instance attribute shadowed the class method
+    delattr(scheduler, _ORIGINAL)

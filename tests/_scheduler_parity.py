@@ -1,0 +1,63 @@
+"""Scheduler parity with diffusers, step by step: shared by test_schedulers (our schedulers) and
+test_accelerate_schedulers (diffusers' schedulers with accelerate's fused steps)."""
+import diffusers
+import torch
+
+SHAPE = (2, 4, 5, 7)  # odd latent size, batch 2
+# fp32 parity with diffusers, relative to max(|x|, 1): 2e-6, widened only where the step is ill-conditioned. With
+# alpha_prod_t = 4e-5 (linear schedule, t=999), x0 = (x - sqrt(1-a) eps) / sqrt(a) amplifies one fp32 rounding by
+# 1/sqrt(a) = 158, so two implementations that round in a different order (FMA contraction, a fused kernel) differ
+# by ~1.4e-5 there (measured), while every step with alpha_prod_t >= 0.01 agrees within ~1e-6.
+TOL = 2e-6
+
+
+def _allowed(theirs, t):
+    """The per-step tolerance: TOL, times the x0 amplification 1/sqrt(alpha_prod_t) / 10 where that exceeds 1."""
+    if isinstance(theirs, diffusers.EulerDiscreteScheduler):  # its metric is already relative to |x| ~ sigma
+        return TOL
+    alpha = float(theirs.alphas_cumprod[int(t)])
+    return TOL * max(1.0, 0.1 / max(alpha, 1e-30) ** 0.5)
+
+
+def _compare(ta, tb):
+    """Worst |a - b| / max(|a|, 1) over finite entries; NaN/inf must sit at the same places in both."""
+    ta, tb = ta.double(), tb.double()
+    for check in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(check(ta), check(tb)), f"non-finite values differ ({check.__name__})"
+    finite = torch.isfinite(ta)
+    if not finite.any():
+        return 0.0
+    return ((ta - tb).abs()[finite].max() / ta[finite].abs().max().clamp(min=1)).item()
+
+
+def _loop(ours, theirs, steps=4, dtype=torch.float32, noise="generator", schedule=None, **step_kwargs):
+    """Run both schedulers on the same random model outputs; return the worst difference / its allowed value.
+
+    noise="generator": both draw their step noise from equally seeded generators (diffusers' randn_tensor rules);
+    noise="given": DDIM gets the same variance_noise tensor instead. schedule: set_timesteps keywords (else steps).
+    """
+    ours.set_timesteps(**(schedule or {"num_inference_steps": steps}))
+    theirs.set_timesteps(**(schedule or {"num_inference_steps": steps}))
+    torch.testing.assert_close(ours.timesteps, theirs.timesteps, rtol=0, atol=0)  # values and dtype (int64/fp32)
+    torch.testing.assert_close(torch.as_tensor(ours.init_noise_sigma).double(),
+                               torch.as_tensor(theirs.init_noise_sigma).double(), rtol=1e-6, atol=0)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(SHAPE, generator=gen) * float(theirs.init_noise_sigma)).to(dtype)
+    worst = 0.0
+    for t in theirs.timesteps:
+        model_output = torch.randn(SHAPE, generator=gen).to(dtype)
+        scaled_theirs, scaled_ours = theirs.scale_model_input(x, t), ours.scale_model_input(x.clone(), t)
+        torch.testing.assert_close(scaled_ours, scaled_theirs, rtol=1e-6, atol=1e-6)
+        if noise == "given":
+            kw_a = kw_b = dict(step_kwargs, variance_noise=torch.randn(SHAPE, generator=gen).to(dtype))
+        else:
+            kw_a = dict(step_kwargs, generator=torch.Generator().manual_seed(1))
+            kw_b = dict(step_kwargs, generator=torch.Generator().manual_seed(1))
+        a = theirs.step(model_output, t, scaled_theirs, **kw_a)
+        b = ours.step(model_output, t, scaled_ours, **kw_b)
+        allowed = _allowed(theirs, t) if dtype == torch.float32 else 1.0
+        for ta, tb in ((a.prev_sample, b.prev_sample), (a.pred_original_sample, b.pred_original_sample)):
+            assert tb.dtype == ta.dtype and tb.shape == ta.shape
+            worst = max(worst, _compare(ta, tb) / allowed)
+        x = a.prev_sample
+    return worst

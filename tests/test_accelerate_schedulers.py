@@ -1,0 +1,157 @@
+"""accelerate's fused scheduler steps: diffusers' DDIM, Euler and DDPM schedulers, patched, against the same
+schedulers unpatched, step by step and through whole pipelines; which schedulers are left alone, and why."""
+import numpy as np
+import pytest
+import torch
+
+import _tiny_diffusers
+import diffusers
+import diffusion_fast
+from _scheduler_parity import _loop
+from diffusion_fast import diffusers_schedulers, ops
+from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
+
+# diffusers' Euler calls np.array on a tensor (a numpy 2 DeprecationWarning inside diffusers, not in our code)
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+OP = {"DDIMScheduler": "ddim_step", "EulerDiscreteScheduler": "euler_step", "DDPMScheduler": "ddpm_step"}
+SDXL_EULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
+                  steps_offset=1)  # the scheduler config SDXL checkpoints ship
+
+
+def _count_op_calls(monkeypatch, op):
+    calls = []
+    real = getattr(ops, op)
+
+    def spy(*args, **kwargs):
+        calls.append(op)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, op, spy)
+    return calls
+
+
+def _images(pipe):
+    return pipe("a red cube", num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                output_type="np").images
+
+
+def _fused(name, **cfg):
+    sched = getattr(diffusers, name)(**cfg)
+    assert diffusers_schedulers.fuse_step(sched, torch.device("cpu")) is None
+    return sched
+
+
+@pytest.mark.parametrize("name, cfg, step_kwargs", [
+    ("EulerDiscreteScheduler", {}, {}),
+    ("EulerDiscreteScheduler", SDXL_EULER, {}),
+    ("EulerDiscreteScheduler", dict(prediction_type="v_prediction", use_karras_sigmas=True), {}),
+    ("EulerDiscreteScheduler", dict(prediction_type="v_prediction", timestep_type="continuous"), {}),
+    ("EulerDiscreteScheduler", dict(prediction_type="sample", final_sigmas_type="sigma_min"), {}),
+    # churn inside a sigma window: noise from the generator on some steps only
+    ("EulerDiscreteScheduler", {}, dict(s_churn=2.0, s_tmin=0.5, s_tmax=5.0, s_noise=1.003)),
+    ("DDPMScheduler", {}, {}),
+    ("DDPMScheduler", dict(variance_type="fixed_small_log", prediction_type="v_prediction"), {}),
+    ("DDPMScheduler", dict(variance_type="fixed_large", prediction_type="sample", clip_sample=False), {}),
+    ("DDPMScheduler", dict(beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing"), {}),
+    ("DDIMScheduler", dict(clip_sample=False, set_alpha_to_one=False, steps_offset=1), {"eta": 0.7}),
+    ("DDIMScheduler", dict(prediction_type="v_prediction", timestep_spacing="trailing"), {}),
+])
+def test_fused_step_matches_the_schedulers_own(monkeypatch, name, cfg, step_kwargs):
+    steps = 5
+    calls = _count_op_calls(monkeypatch, OP[name])
+    ours, theirs = _fused(name, **cfg), getattr(diffusers, name)(**cfg)
+    assert _loop(ours, theirs, steps=steps, **step_kwargs) <= 1
+    assert len(calls) == steps  # every step ran the fused op: nothing went back to diffusers' step
+
+
+@pytest.mark.parametrize("name, cfg", [
+    ("EulerDiscreteScheduler", SDXL_EULER),
+    ("DDPMScheduler", {}),
+    ("DDIMScheduler", {}),
+])
+def test_fused_step_in_half_precision(name, cfg):
+    # fp16 model outputs and samples, as in an fp16 pipeline: output dtypes as diffusers' (Euler's x0 stays fp32).
+    # DDPM and DDIM compute in fp32 where diffusers computes in fp16, hence the wider bound there.
+    tol = 2e-3 if name == "EulerDiscreteScheduler" else 2e-2
+    assert _loop(_fused(name, **cfg), getattr(diffusers, name)(**cfg), dtype=torch.float16) <= tol
+
+
+@pytest.mark.parametrize("name, cfg", [
+    ("DDPMScheduler", dict(thresholding=True)),
+    ("DDPMScheduler", dict(variance_type="fixed_large_log")),  # diffusers' NaN, kept as it is
+    ("DDIMScheduler", dict(thresholding=True)),
+])
+def test_what_is_not_mirrored_runs_the_schedulers_own_step(monkeypatch, name, cfg):
+    calls = _count_op_calls(monkeypatch, OP[name])
+    ours, theirs = _fused(name, **cfg), getattr(diffusers, name)(**cfg)
+    for sched in (ours, theirs):
+        sched.set_timesteps(4)
+    gen = torch.Generator().manual_seed(0)
+    x, model_output = torch.randn(2, 4, 5, 7, generator=gen), torch.randn(2, 4, 5, 7, generator=gen)
+    for t in theirs.timesteps[:2]:  # a noisy step; the very same numbers, NaN included
+        a = theirs.step(model_output, t, x, generator=torch.Generator().manual_seed(1))
+        b = ours.step(model_output, t, x, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(b.prev_sample, a.prev_sample, rtol=0, atol=0, equal_nan=True)
+    assert calls == []
+
+
+def test_euler_keeps_diffusers_errors_and_warnings(caplog):
+    sched = _fused("EulerDiscreteScheduler")
+    sched.set_timesteps(3)
+    x = torch.randn(1, 4, 5, 7)
+    with pytest.raises(ValueError, match="Passing integer indices"):  # diffusers' own check
+        sched.step(x, 3, x)
+    with caplog.at_level("WARNING"):  # diffusers warns when scale_model_input was skipped; the step still runs
+        out = sched.step(x, sched.timesteps[0], x)
+    assert "scale_model_input" in caplog.text and out.prev_sample.shape == x.shape
+
+
+@pytest.mark.parametrize("name, cfg", [
+    ("EulerDiscreteScheduler", {}),
+    ("EulerDiscreteScheduler", dict(use_karras_sigmas=True, prediction_type="v_prediction")),
+    ("DDPMScheduler", dict(variance_type="fixed_small_log")),
+])
+def test_pipelines_keep_their_images(monkeypatch, name, cfg):
+    """The SD1 pipeline with the fused scheduler: the same images within the fp32 tolerance, and restore gives back
+    the scheduler's own step exactly."""
+    pipe = _tiny_diffusers.pipeline("sd1", seed=4)
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **cfg)
+    before = _images(pipe)
+    calls = _count_op_calls(monkeypatch, OP[name])
+    diffusion_fast.accelerate(pipe)
+    assert pipe._diffusion_fast_report["scheduler"] == 1
+    fast = _images(pipe)
+    assert len(calls) == 3 and np.abs(fast - before).max() <= PIPELINE_FP32_MAX_ABS
+    diffusion_fast.restore(pipe)
+    assert "step" not in vars(pipe.scheduler)
+    assert np.array_equal(_images(pipe), before)
+
+
+def test_sdxl_pipeline_with_its_default_euler_scheduler(monkeypatch):
+    pipe = _tiny_diffusers.sdxl_pipeline(seed=5)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler(**SDXL_EULER)
+    before = _images(pipe)
+    calls = _count_op_calls(monkeypatch, "euler_step")
+    diffusion_fast.accelerate(pipe)
+    fast = _images(pipe)
+    assert len(calls) == 3 and np.abs(fast - before).max() <= PIPELINE_FP32_MAX_ABS
+    diffusion_fast.restore(pipe)
+    assert np.array_equal(_images(pipe), before)
+
+
+def test_which_schedulers_are_left_alone_and_why(monkeypatch):
+    class OwnStep(diffusers.EulerDiscreteScheduler):
+        def step(self, *args, **kwargs):  # a user's subclass: its step is not the one we mirror
+            return super().step(*args, **kwargs)
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # only the device's type is read: no GPU needed
+    assert "overrides EulerDiscreteScheduler.step" in diffusers_schedulers.fuse_step(OwnStep(), cpu)
+    pndm = diffusers.PNDMScheduler()  # SD1.5's shipped default: no fused step
+    assert "PNDMScheduler (fused: DDIMScheduler, EulerDiscreteScheduler, DDPMScheduler)" in (
+        diffusers_schedulers.fuse_step(pndm, cpu))
+    assert "step" not in vars(pndm)
+    monkeypatch.setattr(diffusers_schedulers._cpp, "has_cuda", lambda: False)
+    reason = diffusers_schedulers.fuse_step(diffusers.EulerDiscreteScheduler(), cuda)
+    assert "CUDA build of the C++ extension" in reason
+    assert diffusers_schedulers.fuse_step(diffusers.DDIMScheduler(), cuda) is None  # DDIM has its Triton kernel
