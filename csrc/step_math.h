@@ -94,21 +94,30 @@ DF_HD float apply_step(const StepCoeffs& c, float x, float m, float noise, float
   return NOISE ? prev + c.std * noise : prev;
 }
 
-// One element of an Euler step (Karras Algorithm 2); gamma > 0 churns the sample with `noise` first.
-DF_HD float euler_element(float x, float m, float noise, float sigma, float sigma_next, float gamma, float s_noise,
-                          int pred, float* x0_out) {
+// An Euler step (Karras Algorithm 2, diffusers' EulerDiscreteScheduler.step) in the same linear form, so it runs
+// through the DDIM/DDPM loops. x0 = cx * x + cm * m, and diffusers' prev = x + (x - x0) / sigma_hat * dt with
+// dt = sigma_next - sigma_hat is (1 + k) * x - k * x0 with k = dt / sigma_hat, in [-1, 0] for a descending schedule.
+// With gamma > 0 the sample is churned first (euler_churn); x here is the churned sample.
+DF_HD StepCoeffs euler_coeffs(float sigma, float sigma_next, float gamma, int pred) {
   const float sigma_hat = sigma * (gamma + 1.0f);
-  if (gamma > 0.0f) x += noise * s_noise * sqrtf(sigma_hat * sigma_hat - sigma * sigma);
-  float x0;
+  LinearForms f;
   if (pred == kEpsilon) {
-    x0 = x - sigma_hat * m;  // diffusers uses sigma_hat here...
+    f.cx = 1.0f; f.cm = -sigma_hat;  // diffusers uses sigma_hat here...
   } else if (pred == kVPrediction) {
-    x0 = m * (-sigma / sqrtf(sigma * sigma + 1.0f)) + x / (sigma * sigma + 1.0f);  // ...and sigma here
+    f.cx = 1.0f / (sigma * sigma + 1.0f); f.cm = -sigma / sqrtf(sigma * sigma + 1.0f);  // ...and sigma here
   } else {
-    x0 = m;
+    f.cx = 0.0f; f.cm = 1.0f;
   }
-  *x0_out = x0;
-  return x + (x - x0) / sigma_hat * (sigma_next - sigma_hat);
+  const float k = (sigma_next - sigma_hat) / sigma_hat;
+  f.px0 = -k; f.px = 1.0f + k;
+  f.peps = f.ex = f.em = f.e0 = 0.0f;
+  return fold(f, 0.0f);
+}
+
+// The churn's noise scale: the sample becomes x + euler_churn * noise (s_noise * sqrt(sigma_hat^2 - sigma^2)).
+DF_HD float euler_churn(float sigma, float gamma, float s_noise) {
+  const float sigma_hat = sigma * (gamma + 1.0f);
+  return gamma > 0.0f ? s_noise * sqrtf(sigma_hat * sigma_hat - sigma * sigma) : 0.0f;
 }
 
 }  // namespace diffusion_fast

@@ -250,37 +250,37 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(const at::Tensor& model_output,
   return run_step(model_output, c10::nullopt, sample, noise, coeffs, 0.0, clip);
 }
 
-std::tuple<at::Tensor, at::Tensor> euler_step_cpu(const at::Tensor& model_output_in, const at::Tensor& sample_in,
+std::tuple<at::Tensor, at::Tensor> euler_step_cpu(const at::Tensor& model_output, const at::Tensor& sample,
                                                   const at::Tensor& sigma, const at::Tensor& sigma_next, double gamma,
-                                                  double s_noise, const c10::optional<at::Tensor>& noise_in,
+                                                  double s_noise, const c10::optional<at::Tensor>& noise,
                                                   c10::string_view prediction_type) {
-  check_sample(sample_in);
-  check_like(model_output_in, "model_output", sample_in, /*same_dtype=*/false);
-  if (noise_in.has_value()) check_like(*noise_in, "noise", sample_in, false);
-  TORCH_CHECK_VALUE(gamma == 0.0 || noise_in.has_value(), "noise is required when gamma > 0");
+  check_sample(sample);
+  check_like(model_output, "model_output", sample, /*same_dtype=*/false);
+  if (noise.has_value()) check_like(*noise, "noise", sample, false);
+  TORCH_CHECK_VALUE(gamma == 0.0 || noise.has_value(), "noise is required when gamma > 0");
   const int pred = prediction_index(std::string(prediction_type));
-  const at::Tensor sg = check_coeff(sigma, "sigma", sample_in), sn = check_coeff(sigma_next, "sigma_next", sample_in);
-  // diffusers computes this step in fp32 and returns model_output's dtype
-  const at::Tensor m = model_output_in.to(at::kFloat).contiguous(), x = sample_in.to(at::kFloat).contiguous();
-  const at::Tensor n = noise_in.has_value() ? noise_in->to(at::kFloat).contiguous() : x;
-  at::Tensor prev = at::empty_like(x), x0 = at::empty_like(x);
-  const float *mp = m.data_ptr<float>(), *xp = x.data_ptr<float>(), *np = n.data_ptr<float>();
-  float *pp = prev.data_ptr<float>(), *x0p = x0.data_ptr<float>();
-  const int64_t numel = x.numel(), per_sample = numel / x.size(0);
-  const bool has_noise = noise_in.has_value();
-  const float g = static_cast<float>(gamma), s = static_cast<float>(s_noise);
-  at::parallel_for(0, numel, 8192, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end;) {  // one sample's stretch of [begin, end) at a time: sigmas hoisted
-      const int64_t b = i / per_sample, stop = std::min(end, (b + 1) * per_sample);
-      const float sig = value_at(sg, b), sig_next = value_at(sn, b);
-#pragma omp simd
-      for (int64_t j = i; j < stop; ++j) {
-        pp[j] = euler_element(xp[j], mp[j], has_noise ? np[j] : 0.0f, sig, sig_next, g, s, pred, &x0p[j]);
-      }
-      i = stop;
-    }
-  });
-  const auto out_type = model_output_in.scalar_type();
+  const at::Tensor sg = check_coeff(sigma, "sigma", sample), sn = check_coeff(sigma_next, "sigma_next", sample);
+  const int64_t batch = sample.size(0);
+  const float g = static_cast<float>(gamma);
+  std::vector<StepCoeffs> coeffs(batch);
+  std::vector<float> churn(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    coeffs[b] = euler_coeffs(value_at(sg, b), value_at(sn, b), g, pred);
+    churn[b] = euler_churn(value_at(sg, b), g, static_cast<float>(s_noise));
+  }
+  // diffusers computes this step in fp32 and returns model_output's dtype. With both in one dtype, the shared loop
+  // computes in fp32 whatever the storage; otherwise (and for the churned sample, which diffusers keeps in fp32) the
+  // step runs on fp32 copies.
+  const bool churned = gamma > 0.0, fp32 = churned || model_output.scalar_type() != sample.scalar_type();
+  const at::Tensor m = fp32 ? model_output.to(at::kFloat) : model_output;
+  at::Tensor x = fp32 ? sample.to(at::kFloat) : sample;
+  if (churned) {
+    std::vector<int64_t> shape(sample.dim(), 1);
+    shape[0] = batch;
+    x = x + noise->to(at::kFloat) * at::tensor(churn).view(shape);
+  }
+  auto [prev, x0] = run_step(m, c10::nullopt, x, c10::nullopt, coeffs, 0.0, c10::nullopt);
+  const auto out_type = model_output.scalar_type();
   return {prev.to(out_type), x0.to(out_type)};
 }
 

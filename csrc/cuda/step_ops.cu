@@ -48,12 +48,13 @@ __global__ void step_kernel(const scalar_t* __restrict__ m, const scalar_t* __re
 __global__ void euler_kernel(const float* __restrict__ m, const float* __restrict__ x, const float* __restrict__ noise,
                              float* __restrict__ prev, float* __restrict__ x0, const float* __restrict__ sigma,
                              const float* __restrict__ sigma_next, float gamma, float s_noise, int pred,
-                             bool has_noise, int64_t per_sample, int64_t numel) {
+                             bool churn, int64_t per_sample, int64_t numel) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t b = i / per_sample;
-    prev[i] = euler_element(x[i], m[i], has_noise ? noise[i] : 0.0f, sigma[b], sigma_next[b], gamma, s_noise, pred,
-                            &x0[i]);
+    const StepCoeffs c = euler_coeffs(sigma[b], sigma_next[b], gamma, pred);
+    const float xc = churn ? x[i] + euler_churn(sigma[b], gamma, s_noise) * noise[i] : x[i];
+    prev[i] = apply_step<false, false>(c, xc, m[i], 0.0f, 0.0f, &x0[i]);
   }
 }
 
@@ -148,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor> euler_step_cuda(const at::Tensor& model_outpu
   euler_kernel<<<blocks_for(numel), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       m.data_ptr<float>(), x.data_ptr<float>(), n.data_ptr<float>(), prev.data_ptr<float>(), x0.data_ptr<float>(),
       s.data_ptr<float>(), sn.data_ptr<float>(), static_cast<float>(gamma), static_cast<float>(s_noise), pred,
-      noise.has_value(), numel / x.size(0), numel);
+      noise.has_value() && gamma > 0.0, numel / x.size(0), numel);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {prev.to(model_output.scalar_type()), x0.to(model_output.scalar_type())};
 }
