@@ -21,6 +21,7 @@ from . import _cpp, ops
 from .schedulers.common import randn_tensor
 
 _ORIGINAL = "_diffusion_fast_original_step"
+_SIGMAS = "_diffusion_fast_sigmas"
 
 
 def _original(self, *args, **kwargs):
@@ -67,20 +68,33 @@ def _fused_euler_step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=
                          return_dict)
     if self.step_index is None:
         self._init_step_index(timestep)
-    sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
-    gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    i = self.step_index
+    values, table = _sigma_tables(self, sample.device)
+    gamma = min(s_churn / (len(values) - 1), 2**0.5 - 1) if s_tmin <= values[i] <= s_tmax else 0.0
     noise = None
     if gamma > 0:
         noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
                              generator=generator)
     as_sample = prediction in ("sample", "original_sample")
-    prev, x0 = ops.euler_step(model_output.float(), sample.float(), sigma, sigma_next, gamma=float(gamma),
+    prev, x0 = ops.euler_step(model_output.float(), sample.float(), table[i:i + 1], table[i + 1:i + 2], gamma=gamma,
                               s_noise=s_noise, noise=noise, prediction_type="sample" if as_sample else prediction)
     prev = prev.to(model_output.dtype)
     if as_sample:
         x0 = model_output
     self._step_index += 1
     return EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
+
+
+def _sigma_tables(self, device):
+    """The Euler scheduler's sigmas as Python floats (for the churn window test) and as a float32 table on the
+    sample's device (sliced for the op, so a step neither reads the device nor copies to it), made again whenever
+    ``self.sigmas`` is replaced (set_timesteps) or changed in place."""
+    sigmas = self.sigmas
+    cached = getattr(self, _SIGMAS, None)
+    if cached is None or cached[0] is not sigmas or cached[1] != sigmas._version or cached[2] != device:
+        cached = (sigmas, sigmas._version, device, sigmas.tolist(), sigmas.to(device, torch.float32))
+        setattr(self, _SIGMAS, cached)
+    return cached[3], cached[4]
 
 
 def _fused_ddpm_step(self, model_output, timestep, sample, generator=None, return_dict=True):
@@ -138,3 +152,5 @@ def unfuse_step(scheduler):
     """Undo ``fuse_step``."""
     del scheduler.step  # the instance attribute shadowed the class method
     delattr(scheduler, _ORIGINAL)
+    if hasattr(scheduler, _SIGMAS):
+        delattr(scheduler, _SIGMAS)

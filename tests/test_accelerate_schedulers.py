@@ -65,6 +65,26 @@ def test_fused_step_matches_the_schedulers_own(monkeypatch, name, cfg, step_kwar
     assert len(calls) == steps  # every step ran the fused op: nothing went back to diffusers' step
 
 
+def test_euler_sigma_tables_follow_the_schedule():
+    # The fused Euler step keeps the sigmas as floats and as a table on the sample's device, made once per schedule:
+    # a new schedule (set_timesteps) and sigmas changed in place must both be seen.
+    ours, theirs = _fused("EulerDiscreteScheduler"), diffusers.EulerDiscreteScheduler()
+    assert _loop(ours, theirs, steps=5) <= 1
+    assert _loop(ours, theirs, steps=7) <= 1
+    x, m = torch.randn(2, 4, 5, 7), torch.randn(2, 4, 5, 7)
+    for sched in (ours, theirs):
+        sched.set_timesteps(4)
+        sched.scale_model_input(x, sched.timesteps[0])
+        sched.step(m, sched.timesteps[0], x)
+        sched.sigmas.mul_(0.5)  # in place, after the tables were made: the same tensor object, a new version
+    # with churn below 0.75 * the old sigma: only the halved sigma is inside the window, so it draws and adds noise
+    window = dict(s_churn=1.0, s_tmax=0.75 * float(theirs.sigmas[1]) / 0.5)
+    torch.testing.assert_close(
+        ours.step(m, ours.timesteps[1], x, generator=torch.Generator().manual_seed(3), **window).prev_sample,
+        theirs.step(m, theirs.timesteps[1], x, generator=torch.Generator().manual_seed(3), **window).prev_sample,
+        rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("name, cfg", [
     ("EulerDiscreteScheduler", SDXL_EULER),
     ("DDPMScheduler", {}),
