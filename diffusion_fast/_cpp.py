@@ -81,8 +81,11 @@ def _register_fakes():
     if getattr(_register_fakes, "done", False):
         return
 
-    def two_like(sample):
-        return torch.empty_like(sample), torch.empty_like(sample)
+    # The outputs' strides must be the real ops': the step ops read their inputs contiguously and write contiguous
+    # outputs whatever the sample's layout; the GroupNorm keeps channels_last and makes any other layout contiguous.
+    # (empty_like would keep a channels_last or permuted sample's strides, which torch.compile would then trust.)
+    def two_like(sample, dtype=None):
+        return tuple(sample.new_empty(sample.shape, dtype=dtype) for _ in range(2))
 
     @torch.library.register_fake("diffusion_fast::ddim_step")
     def _(model_output, sample, alpha_prod_t, alpha_prod_t_prev, eta, variance_noise, prediction_type,
@@ -108,11 +111,12 @@ def _register_fakes():
     @torch.library.register_fake("diffusion_fast::euler_step")
     def _(model_output, sample, sigma, sigma_next, gamma, s_noise, noise, prediction_type):
         _same_device("sample", sample, model_output=model_output, sigma=sigma, sigma_next=sigma_next, noise=noise)
-        return torch.empty_like(sample, dtype=model_output.dtype), torch.empty_like(sample, dtype=model_output.dtype)
+        return two_like(sample, model_output.dtype)
 
     @torch.library.register_fake("diffusion_fast::group_norm_silu")
     def _(x, num_groups, weight, bias, eps, silu):
         _same_device("x", x, weight=weight, bias=bias)
-        return torch.empty_like(x)
+        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        return torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     _register_fakes.done = True

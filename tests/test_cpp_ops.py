@@ -299,8 +299,22 @@ def test_half_steps_are_the_fp32_step_rounded_once(dtype):
             assert g.dtype == dtype and torch.equal(g.view(torch.int16), w.to(dtype).view(torch.int16))
 
 
-def test_opcheck_every_op():
-    x, m, n = torch.randn(2, 4, 3, 5), torch.randn(2, 4, 3, 5), torch.randn(2, 4, 3, 5)
+def _in_layout(t, layout):
+    """t's values in a layout: NCHW, channels_last, dense but permuted (H and W strides swapped), or a strided slice."""
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "permuted":
+        return t.transpose(2, 3).contiguous().transpose(2, 3)
+    if layout == "sliced":
+        return torch.cat([t, t], dim=3)[..., ::2]
+    return t
+
+
+# The fake's output strides must be the real op's, or torch.compile trusts wrong strides: before, a channels_last or
+# permuted sample got outputs that were contiguous in the op and kept the sample's layout in the fake.
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last", "permuted", "sliced"])
+def test_opcheck_every_op(layout):
+    x, m, n = (_in_layout(torch.randn(2, 4, 3, 5), layout) for _ in range(3))
     a, ap, s = torch.tensor([0.3, 0.5]), torch.tensor([0.4, 0.7]), torch.tensor([0.1, 0.0])
     lib = torch.ops.diffusion_fast
     cases = [
@@ -309,7 +323,8 @@ def test_opcheck_every_op():
         (lib.cfg_ddim_step, (m, n, 7.5, x, a[0], ap[:1], 0.0, None, "epsilon", None, False)),  # one alpha for all
         (lib.ddpm_step, (m, x, a, ap, s, n, "sample", None)),
         (lib.euler_step, (m, x, a + 1, ap, 0.2, 1.0, n, "epsilon")),
-        (lib.group_norm_silu, (torch.randn(2, 8, 3, 3), 4, torch.randn(8), None, 1e-5, True)),
+        (lib.euler_step, (m.half(), x, a + 1, ap, 0.0, 1.0, None, "v_prediction")),  # output in model_output's dtype
+        (lib.group_norm_silu, (_in_layout(torch.randn(2, 8, 3, 3), layout), 4, torch.randn(8), None, 1e-5, True)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
