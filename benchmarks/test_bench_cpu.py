@@ -5,9 +5,9 @@
 
 Groups: the fused CFG+DDIM step (C++ op) vs our reference vs diffusers' CFG combine + DDIMScheduler.step, on
 1x4x64x64, 2x4x128x128 and 8x4x128x128 fp32 latents; group_norm_silu (C++ op) vs F.group_norm + F.silu on SD
-shapes in both memory layouts; fp16/bf16 storage for both at SD1.5's shapes; diffusers' Euler and DDPM
-scheduler steps as accelerate patches them vs their own, and the Euler op alone; and the weights key a graphed UNet call checks
-(ModuleState, SD1.5's UNet on the meta device). Each group's rows are the
+shapes in both memory layouts; fp16/bf16 storage for both at SD1.5's shapes; diffusers' Euler, Euler ancestral
+and DDPM scheduler steps as accelerate patches them vs their own, and the Euler op alone; and the weights key a
+graphed UNet call checks (ModuleState, SD1.5's UNet on the meta device). Each group's rows are the
 implementations side by side; compare medians.
 
 The allocator is pinned first (see ``_steady_allocator``): glibc otherwise moves between two regimes at random,
@@ -118,11 +118,12 @@ def test_euler_step(benchmark, impl):
     benchmark(lambda: ops.euler_step(model_output, sample, sigma, sigma_next, backend=backend))
 
 
-@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DDPMScheduler"])
+@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DDPMScheduler"])
 @pytest.mark.parametrize("impl", ["accelerate fused", "diffusers"])
 def test_diffusers_scheduler_step(benchmark, scheduler, impl):
     """One step of a diffusers scheduler at 2x4x128x128 fp32 (SDXL's scheduler config, step 10 of 50): its own step
-    vs the fused step accelerate patches in. DDPM draws its noise from a generator in both (part of the step)."""
+    vs the fused step accelerate patches in. Euler ancestral and DDPM draw their noise from a generator in both (part
+    of the step)."""
     diffusers = pytest.importorskip("diffusers")
     from diffusion_fast.diffusers_schedulers import fuse_step
 
@@ -134,12 +135,13 @@ def test_diffusers_scheduler_step(benchmark, scheduler, impl):
         assert fuse_step(sched, torch.device("cpu")) is None
     model_output, sample, _ = _latents((2, 4, 128, 128))
     t, gen = sched.timesteps[10], torch.Generator().manual_seed(0)
-    if scheduler == "EulerDiscreteScheduler":
+    if scheduler.startswith("Euler"):
         sched.is_scale_input_called = True
+        kwargs = {} if scheduler == "EulerDiscreteScheduler" else {"generator": gen}
 
         def step():
             sched._step_index = 10  # the step advances it; time the same step every call
-            return sched.step(model_output, t, sample).prev_sample
+            return sched.step(model_output, t, sample, **kwargs).prev_sample
     else:
         def step():
             return sched.step(model_output, t, sample, generator=gen).prev_sample

@@ -120,4 +120,15 @@ DF_HD float euler_churn(float sigma, float gamma, float s_noise) {
   return gamma > 0.0f ? s_noise * sqrtf(sigma_hat * sigma_hat - sigma * sigma) : 0.0f;
 }
 
+// An ancestral Euler step (diffusers' EulerAncestralDiscreteScheduler.step): the Euler step from sigma down to
+// sigma_down, then sigma_up * noise, where sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2 and
+// sigma_up^2 + sigma_down^2 = sigma_next^2.
+DF_HD StepCoeffs euler_ancestral_coeffs(float sigma, float sigma_next, int pred) {
+  const float sigma_up = sqrtf(sigma_next * sigma_next * (sigma * sigma - sigma_next * sigma_next) / (sigma * sigma));
+  const float sigma_down = sqrtf(sigma_next * sigma_next - sigma_up * sigma_up);
+  StepCoeffs c = euler_coeffs(sigma, sigma_down, 0.0f, pred);
+  c.std = sigma_up;
+  return c;
+}
+
 }  // namespace diffusion_fast

@@ -284,6 +284,27 @@ std::tuple<at::Tensor, at::Tensor> euler_step_cpu(const at::Tensor& model_output
   return {prev.to(out_type), x0.to(out_type)};
 }
 
+std::tuple<at::Tensor, at::Tensor> euler_ancestral_step_cpu(const at::Tensor& model_output, const at::Tensor& sample,
+                                                            const at::Tensor& sigma, const at::Tensor& sigma_next,
+                                                            const at::Tensor& noise,
+                                                            c10::string_view prediction_type) {
+  check_sample(sample);
+  check_like(model_output, "model_output", sample, /*same_dtype=*/false);
+  check_like(noise, "noise", sample, false);
+  const int pred = prediction_index(std::string(prediction_type));
+  const at::Tensor sg = check_coeff(sigma, "sigma", sample), sn = check_coeff(sigma_next, "sigma_next", sample);
+  std::vector<StepCoeffs> coeffs(sample.size(0));
+  for (int64_t b = 0; b < sample.size(0); ++b) {
+    coeffs[b] = euler_ancestral_coeffs(value_at(sg, b), value_at(sn, b), pred);
+  }
+  // In fp32 whatever the storage (the shared loop converts fp16/bf16 chunk by chunk); mixed dtypes run on fp32 copies.
+  const bool fp32 = model_output.scalar_type() != sample.scalar_type() || noise.scalar_type() != sample.scalar_type();
+  const auto f = [&](const at::Tensor& t) { return fp32 ? t.to(at::kFloat) : t; };
+  auto [prev, x0] = run_step(f(model_output), c10::nullopt, f(sample), f(noise), coeffs, 0.0, c10::nullopt);
+  const auto out_type = model_output.scalar_type();
+  return {prev.to(out_type), x0.to(out_type)};
+}
+
 at::Tensor group_norm_silu_cpu(const at::Tensor& x, int64_t num_groups, const c10::optional<at::Tensor>& weight,
                                const c10::optional<at::Tensor>& bias, double eps, bool silu);
 
@@ -300,6 +321,8 @@ TORCH_LIBRARY(diffusion_fast, m) {
         "Tensor? variance_noise, str prediction_type, float? clip_sample_range) -> (Tensor, Tensor)");
   m.def("euler_step(Tensor model_output, Tensor sample, Tensor sigma, Tensor sigma_next, float gamma, "
         "float s_noise, Tensor? noise, str prediction_type) -> (Tensor, Tensor)");
+  m.def("euler_ancestral_step(Tensor model_output, Tensor sample, Tensor sigma, Tensor sigma_next, Tensor noise, "
+        "str prediction_type) -> (Tensor, Tensor)");
   m.def("group_norm_silu(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, bool silu) -> Tensor");
 }
 
@@ -308,6 +331,7 @@ TORCH_LIBRARY_IMPL(diffusion_fast, CPU, m) {
   m.impl("cfg_ddim_step", &diffusion_fast::cfg_ddim_step_cpu_op);
   m.impl("ddpm_step", &diffusion_fast::ddpm_step_cpu);
   m.impl("euler_step", &diffusion_fast::euler_step_cpu);
+  m.impl("euler_ancestral_step", &diffusion_fast::euler_ancestral_step_cpu);
   m.impl("group_norm_silu", &diffusion_fast::group_norm_silu_cpu);
 }
 

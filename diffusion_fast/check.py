@@ -55,6 +55,10 @@ def _op_cases(device, dtype, gen):
         ("euler_step (epsilon)",
          lambda: ops.euler_step(mo, sample, 2.5, 1.7)[0],
          lambda d, up: reference.euler_step(mo.to(d), sample.to(d), 2.5, 1.7, upcast=up)[0]),
+        ("euler_ancestral_step (v_prediction)",
+         lambda: ops.euler_ancestral_step(mo, sample, 2.5, 1.7, noise, prediction_type="v_prediction")[0],
+         lambda d, up: reference.euler_ancestral_step(mo.to(d), sample.to(d), 2.5, 1.7, noise.to(d),
+                                                      prediction_type="v_prediction", upcast=up)[0]),
     ]
     return cases
 

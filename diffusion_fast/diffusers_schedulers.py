@@ -1,4 +1,5 @@
-"""Fused ``step`` methods for diffusers' DDIM, Euler and DDPM schedulers, patched on the instance by ``accelerate``.
+"""Fused ``step`` methods for diffusers' DDIM, Euler, Euler ancestral and DDPM schedulers, patched on the instance by
+``accelerate``.
 
 Each replacement computes what the scheduler's own ``step`` computes, as one fused op (``diffusion_fast.ops``),
 drawing its noise from the generator exactly as diffusers does. Whatever it does not mirror (thresholding, learned
@@ -8,8 +9,9 @@ own ``step``, so behaviour outside the fused cases is diffusers' own.
 Which schedulers are fused, and where:
 
 - ``DDIMScheduler``: CPU (C++ op) and CUDA (Triton kernel);
-- ``EulerDiscreteScheduler`` (SDXL's default) and ``DDPMScheduler``: CPU, and CUDA when the C++ extension was built
-  with CUDA (these have no Triton kernel; without it the scheduler is left alone and listed).
+- ``EulerDiscreteScheduler`` (SDXL's default), ``EulerAncestralDiscreteScheduler`` and ``DDPMScheduler``: CPU, and
+  CUDA when the C++ extension was built with CUDA (these have no Triton kernel; without it the scheduler is left
+  alone and listed).
 
 A subclass that overrides ``step`` is left alone: its step is not the one we mirror.
 """
@@ -85,8 +87,33 @@ def _fused_euler_step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=
     return EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
 
 
+def _fused_euler_ancestral_step(self, model_output, timestep, sample, generator=None, return_dict=True):
+    """diffusers' EulerAncestralDiscreteScheduler.step as one fused op, in fp32 as diffusers computes it: prev_sample
+    in model_output's dtype, pred_original_sample in fp32. The step's noise is drawn as diffusers draws it."""
+    from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
+
+    prediction = self.config.prediction_type
+    if (isinstance(timestep, (int, torch.IntTensor, torch.LongTensor))  # diffusers raises its own error
+            or not getattr(self, "is_scale_input_called", True)  # diffusers warns about it
+            or prediction not in ("epsilon", "v_prediction")):  # diffusers raises for "sample"
+        return _original(self, model_output, timestep, sample, generator, return_dict)
+    if self.step_index is None:
+        self._init_step_index(timestep)
+    i = self.step_index
+    _, table = _sigma_tables(self, sample.device)
+    noise = randn_tensor(model_output.shape, dtype=model_output.dtype, device=model_output.device,
+                         generator=generator)
+    prev, x0 = ops.euler_ancestral_step(model_output.float(), sample.float(), table[i:i + 1], table[i + 1:i + 2],
+                                        noise, prediction_type=prediction)
+    prev = prev.to(model_output.dtype)
+    self._step_index += 1
+    if not return_dict:
+        return prev, x0
+    return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
 def _sigma_tables(self, device):
-    """The Euler scheduler's sigmas as Python floats (for the churn window test) and as a float32 table on the
+    """An Euler scheduler's sigmas as Python floats (for the churn window test) and as a float32 table on the
     sample's device (sliced for the op, so a step neither reads the device nor copies to it), made again whenever
     ``self.sigmas`` is replaced (set_timesteps) or changed in place."""
     sigmas = self.sigmas
@@ -124,10 +151,11 @@ def _fused_ddpm_step(self, model_output, timestep, sample, generator=None, retur
 
 def _fusable():
     """[(diffusers scheduler class, its fused step, our op, whether the op has a Triton kernel)]."""
-    from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
     return [(DDIMScheduler, _fused_ddim_step, "ddim_step", True),
             (EulerDiscreteScheduler, _fused_euler_step, "euler_step", False),
+            (EulerAncestralDiscreteScheduler, _fused_euler_ancestral_step, "euler_ancestral_step", False),
             (DDPMScheduler, _fused_ddpm_step, "ddpm_step", False)]
 
 

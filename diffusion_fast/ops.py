@@ -285,3 +285,22 @@ def euler_step(
         model_output, sample, sigma_t, sigma_next_t, gamma=gamma, s_noise=s_noise, noise=noise,
         prediction_type=prediction_type, upcast=True,
     )
+
+
+def euler_ancestral_step(model_output, sample, sigma, sigma_next, noise, *, prediction_type="epsilon",
+                         backend="auto"):
+    """One ancestral Euler update (diffusers' EulerAncestralDiscreteScheduler.step), computed in fp32; ``noise`` is
+    the step's fresh noise, shaped like sample. Returns (prev, x0) in model_output's dtype."""
+    _validate.tensor("sample", sample, min_dim=1)
+    for name, t in (("model_output", model_output), ("noise", noise)):
+        _validate.tensor(name, t, min_dim=1)
+        _validate.same(name, t, "sample", sample, dtype=False)
+    impl = _resolve("euler_ancestral_step", backend, sample.device, has_triton=False)
+    sigma_t = _validate.per_sample_coefficient("sigma", sigma, sample, op_checks=impl == "cpp")
+    sigma_next_t = _validate.per_sample_coefficient("sigma_next", sigma_next, sample, op_checks=impl == "cpp")
+    _validate.prediction_type(prediction_type)
+    if impl == "cpp":
+        return tuple(_cpp_ops().euler_ancestral_step(model_output, sample, sigma_t, sigma_next_t, noise,
+                                                     prediction_type))
+    return reference.euler_ancestral_step(model_output, sample, sigma_t, sigma_next_t, noise,
+                                          prediction_type=prediction_type, upcast=True)

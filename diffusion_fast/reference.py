@@ -202,3 +202,27 @@ def euler_step(
     derivative = (x - x0) / sigma_hat
     prev = x + derivative * (sigma_next_t - sigma_hat)
     return prev.to(model_output.dtype), x0.to(model_output.dtype)
+
+
+def euler_ancestral_step(model_output, sample, sigma, sigma_next, noise, *, prediction_type="epsilon", upcast=True):
+    """One ancestral Euler update, as diffusers' EulerAncestralDiscreteScheduler.step: an Euler step from sigma down to
+    sigma_down, then ``noise * sigma_up``, where sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2 and
+    sigma_down^2 = sigma_next^2 - sigma_up^2. In float32 for fp16/bf16 storage (``upcast``), as diffusers; the result
+    takes ``model_output``'s dtype. Returns (prev_sample, pred_x0).
+    """
+    dtype = torch.float32 if upcast and sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
+    mo, x = model_output.to(dtype), sample.to(dtype)
+    sigma_t = per_sample(sigma, x, dtype)
+    sigma_next_t = per_sample(sigma_next, x, dtype)
+    if prediction_type == "epsilon":
+        x0 = x - sigma_t * mo
+    elif prediction_type == "v_prediction":
+        x0 = mo * (-sigma_t / (sigma_t**2 + 1) ** 0.5) + x / (sigma_t**2 + 1)
+    elif prediction_type == "sample":
+        x0 = mo
+    else:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    sigma_up = (sigma_next_t**2 * (sigma_t**2 - sigma_next_t**2) / sigma_t**2) ** 0.5
+    sigma_down = (sigma_next_t**2 - sigma_up**2) ** 0.5
+    prev = x + (x - x0) / sigma_t * (sigma_down - sigma_t) + noise.to(dtype) * sigma_up
+    return prev.to(model_output.dtype), x0.to(model_output.dtype)

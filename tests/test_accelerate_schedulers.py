@@ -14,7 +14,8 @@ from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
 # diffusers' Euler calls np.array on a tensor (a numpy 2 DeprecationWarning inside diffusers, not in our code)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
-OP = {"DDIMScheduler": "ddim_step", "EulerDiscreteScheduler": "euler_step", "DDPMScheduler": "ddpm_step"}
+OP = {"DDIMScheduler": "ddim_step", "EulerDiscreteScheduler": "euler_step", "DDPMScheduler": "ddpm_step",
+      "EulerAncestralDiscreteScheduler": "euler_ancestral_step"}
 SDXL_EULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
                   steps_offset=1)  # the scheduler config SDXL checkpoints ship
 
@@ -50,6 +51,10 @@ def _fused(name, **cfg):
     ("EulerDiscreteScheduler", dict(prediction_type="sample", final_sigmas_type="sigma_min"), {}),
     # churn inside a sigma window: noise from the generator on some steps only
     ("EulerDiscreteScheduler", {}, dict(s_churn=2.0, s_tmin=0.5, s_tmax=5.0, s_noise=1.003)),
+    ("EulerAncestralDiscreteScheduler", {}, {}),
+    ("EulerAncestralDiscreteScheduler", dict(SDXL_EULER, prediction_type="v_prediction"), {}),
+    ("EulerAncestralDiscreteScheduler", dict(rescale_betas_zero_snr=True, prediction_type="v_prediction",
+                                             timestep_spacing="trailing"), {}),  # zero SNR: the first sigma is huge
     ("DDPMScheduler", {}, {}),
     ("DDPMScheduler", dict(variance_type="fixed_small_log", prediction_type="v_prediction"), {}),
     ("DDPMScheduler", dict(variance_type="fixed_large", prediction_type="sample", clip_sample=False), {}),
@@ -87,13 +92,14 @@ def test_euler_sigma_tables_follow_the_schedule():
 
 @pytest.mark.parametrize("name, cfg", [
     ("EulerDiscreteScheduler", SDXL_EULER),
+    ("EulerAncestralDiscreteScheduler", SDXL_EULER),
     ("DDPMScheduler", {}),
     ("DDIMScheduler", {}),
 ])
 def test_fused_step_in_half_precision(name, cfg):
     # fp16 model outputs and samples, as in an fp16 pipeline: output dtypes as diffusers' (Euler's x0 stays fp32).
     # DDPM and DDIM compute in fp32 where diffusers computes in fp16, hence the wider bound there.
-    tol = 2e-3 if name == "EulerDiscreteScheduler" else 2e-2
+    tol = 2e-3 if name.startswith("Euler") else 2e-2
     assert _loop(_fused(name, **cfg), getattr(diffusers, name)(**cfg), dtype=torch.float16) <= tol
 
 
@@ -116,7 +122,7 @@ def test_what_is_not_mirrored_runs_the_schedulers_own_step(monkeypatch, name, cf
     assert calls == []
 
 
-def test_euler_keeps_diffusers_errors_and_warnings(caplog):
+def test_euler_steps_keep_diffusers_errors_and_warnings(caplog):
     sched = _fused("EulerDiscreteScheduler")
     sched.set_timesteps(3)
     x = torch.randn(1, 4, 5, 7)
@@ -125,11 +131,16 @@ def test_euler_keeps_diffusers_errors_and_warnings(caplog):
     with caplog.at_level("WARNING"):  # diffusers warns when scale_model_input was skipped; the step still runs
         out = sched.step(x, sched.timesteps[0], x)
     assert "scale_model_input" in caplog.text and out.prev_sample.shape == x.shape
+    ancestral = _fused("EulerAncestralDiscreteScheduler", prediction_type="sample")
+    ancestral.set_timesteps(3)
+    with pytest.raises(NotImplementedError, match="sample"):  # diffusers' own error, from its own step
+        ancestral.step(x, ancestral.timesteps[0], ancestral.scale_model_input(x, ancestral.timesteps[0]))
 
 
 @pytest.mark.parametrize("name, cfg", [
     ("EulerDiscreteScheduler", {}),
     ("EulerDiscreteScheduler", dict(use_karras_sigmas=True, prediction_type="v_prediction")),
+    ("EulerAncestralDiscreteScheduler", {}),
     ("DDPMScheduler", dict(variance_type="fixed_small_log")),
 ])
 def test_pipelines_keep_their_images(monkeypatch, name, cfg):
@@ -168,8 +179,8 @@ def test_which_schedulers_are_left_alone_and_why(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # only the device's type is read: no GPU needed
     assert "overrides EulerDiscreteScheduler.step" in diffusers_schedulers.fuse_step(OwnStep(), cpu)
     pndm = diffusers.PNDMScheduler()  # SD1.5's shipped default: no fused step
-    assert "PNDMScheduler (fused: DDIMScheduler, EulerDiscreteScheduler, DDPMScheduler)" in (
-        diffusers_schedulers.fuse_step(pndm, cpu))
+    fused = "DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DDPMScheduler"
+    assert f"PNDMScheduler (fused: {fused})" in diffusers_schedulers.fuse_step(pndm, cpu)
     assert "step" not in vars(pndm)
     monkeypatch.setattr(diffusers_schedulers._cpp, "has_cuda", lambda: False)
     reason = diffusers_schedulers.fuse_step(diffusers.EulerDiscreteScheduler(), cuda)

@@ -90,6 +90,15 @@ def test_ddpm_and_euler_match_reference(prediction_type, dtype):
             s = max(1.0, ref64[i].abs().max().item())
             assert_2x_rule(out[i] / s, ref64[i] / s, plain[i] / s, floor=FLOOR[dtype])
             assert out[i].dtype == dtype
+    # ancestral: sigma_next 0 on the last sample (the final step: no noise, sigma_down 0)
+    out = ops.euler_ancestral_step(m, x, sig, sig_next, noise, prediction_type=prediction_type, backend="cpp")
+    ref64 = reference.euler_ancestral_step(m.double(), x.double(), sig.double(), sig_next.double(), noise.double(),
+                                           prediction_type=prediction_type)
+    plain = reference.euler_ancestral_step(m, x, sig, sig_next, noise, prediction_type=prediction_type)
+    for i in range(2):
+        s = max(1.0, ref64[i].abs().max().item())
+        assert_2x_rule(out[i] / s, ref64[i] / s, plain[i] / s, floor=FLOOR[dtype])
+        assert out[i].dtype == dtype
 
 
 @pytest.mark.parametrize("shape, groups", [
@@ -237,6 +246,16 @@ def test_matches_diffusers_schedulers(prediction_type):
     theirs = euler.step(m, euler.timesteps[0], x)
     ours = ops.euler_step(m, x, euler.sigmas[0], euler.sigmas[1], prediction_type=prediction_type, backend="cpp")
     torch.testing.assert_close(ours[0], theirs.prev_sample, rtol=1e-5, atol=1e-5)
+    if prediction_type != "sample":  # diffusers' ancestral Euler raises NotImplementedError for "sample"
+        ancestral = diffusers.EulerAncestralDiscreteScheduler(beta_schedule="scaled_linear",
+                                                              prediction_type=prediction_type)
+        ancestral.set_timesteps(20)
+        theirs = ancestral.step(m, ancestral.timesteps[3], x, generator=torch.Generator().manual_seed(8))
+        drawn = torch.randn(m.shape, generator=torch.Generator().manual_seed(8))
+        ours = ops.euler_ancestral_step(m, x, ancestral.sigmas[3], ancestral.sigmas[4], drawn,
+                                        prediction_type=prediction_type, backend="cpp")
+        torch.testing.assert_close(ours[0], theirs.prev_sample, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours[1], theirs.pred_original_sample, rtol=1e-5, atol=1e-5)
 
 
 def test_one_alpha_for_every_sample_broadcasts():
@@ -250,6 +269,7 @@ def test_one_alpha_for_every_sample_broadcasts():
         lambda a, b: lib.cfg_ddim_step(m, t, 7.5, x, a, b, 0.0, None, "epsilon", None, False),
         lambda a, b: lib.ddpm_step(m, x, a, b, b * 0.5, n, "sample", None),
         lambda a, b: lib.euler_step(m, x, a + 1, b, 0.2, 1.0, n, "epsilon"),
+        lambda a, b: lib.euler_ancestral_step(m, x, a + 1, b, n, "v_prediction"),
     ]
     for call in calls:
         per_sample = call(torch.full((3,), 0.3), torch.full((3,), 0.45))
@@ -324,6 +344,8 @@ def test_opcheck_every_op(layout):
         (lib.ddpm_step, (m, x, a, ap, s, n, "sample", None)),
         (lib.euler_step, (m, x, a + 1, ap, 0.2, 1.0, n, "epsilon")),
         (lib.euler_step, (m.half(), x, a + 1, ap, 0.0, 1.0, None, "v_prediction")),  # output in model_output's dtype
+        (lib.euler_ancestral_step, (m, x, a + 1, ap, n, "epsilon")),
+        (lib.euler_ancestral_step, (m.half(), x, a + 1, ap, n.half(), "sample")),  # mixed dtypes: fp32 copies
         (lib.group_norm_silu, (_in_layout(torch.randn(2, 8, 3, 3), layout), 4, torch.randn(8), None, 1e-5, True)),
     ]
     for op, args in cases:
@@ -340,6 +362,11 @@ def test_opcheck_every_op(layout):
     (lambda x: ops.ddpm_step(x, x, 0.3, 0.4, std=0.2, backend="cpp"), ValueError, "variance_noise is required"),
     (lambda x: ops.euler_step(x, x, 1.0, 0.5, gamma=0.3, backend="cpp"), ValueError, "noise is required"),
     (lambda x: ops.euler_step(x, x, 1.0, 0.5, prediction_type="flow", backend="cpp"), ValueError, "prediction_type"),
+    (lambda x: ops.euler_ancestral_step(x, x, 1.0, 0.5, x[:, :1], backend="cpp"), ValueError, "noise has shape"),
+    (lambda x: ops.euler_ancestral_step(x, x, torch.tensor([1.0, float("inf"), 2.0]), 0.5, x, backend="cpp"),
+     ValueError, "sigma contains NaN or inf"),
+    (lambda x: ops.euler_ancestral_step(x, x, 1.0, 0.5, None, backend="cpp"), TypeError,
+     "noise must be a torch.Tensor"),
     (lambda x: ops.attention(x, x, x, backend="cpp"), ValueError, "attention has no C\\+\\+ implementation"),
     # the op itself, as the unchecked internal entry calls it: a meta weight (sequential CPU offload keeps weights
     # there between calls) used to be read as garbage

@@ -21,7 +21,7 @@ namespace {
 
 constexpr int kThreads = 256;
 
-enum Kind { kDDIM = 0, kDDPM = 1 };
+enum Kind { kDDIM = 0, kDDPM = 1, kEulerAncestral = 2 };  // Euler ancestral: a_t = sigma, a_prev = sigma_next
 
 template <typename scalar_t>
 __global__ void step_kernel(const scalar_t* __restrict__ m, const scalar_t* __restrict__ t,
@@ -33,8 +33,9 @@ __global__ void step_kernel(const scalar_t* __restrict__ m, const scalar_t* __re
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t b = i / per_sample;
-    const StepCoeffs c = kind == kDDIM ? ddim_coeffs(a_t[b], a_prev[b], eta, pred, use_clipped)
-                                       : ddpm_coeffs(a_t[b], a_prev[b], std_t[b], pred);
+    const StepCoeffs c = kind == kDDIM   ? ddim_coeffs(a_t[b], a_prev[b], eta, pred, use_clipped)
+                         : kind == kDDPM ? ddpm_coeffs(a_t[b], a_prev[b], std_t[b], pred)
+                                         : euler_ancestral_coeffs(a_t[b], a_prev[b], pred);
     float mo = static_cast<float>(m[i]);
     if (cfg) mo = mo + guidance * (static_cast<float>(t[i]) - mo);
     float x0v;
@@ -154,6 +155,23 @@ std::tuple<at::Tensor, at::Tensor> euler_step_cuda(const at::Tensor& model_outpu
   return {prev.to(model_output.scalar_type()), x0.to(model_output.scalar_type())};
 }
 
+std::tuple<at::Tensor, at::Tensor> euler_ancestral_step_cuda(const at::Tensor& model_output, const at::Tensor& sample,
+                                                             const at::Tensor& sigma, const at::Tensor& sigma_next,
+                                                             const at::Tensor& noise,
+                                                             c10::string_view prediction_type) {
+  TORCH_CHECK_VALUE(model_output.sizes() == sample.sizes(), "model_output has shape ", model_output.sizes(),
+                    " but sample has shape ", sample.sizes());
+  TORCH_CHECK_VALUE(noise.sizes() == sample.sizes(), "noise has shape ", noise.sizes(), " but sample has shape ",
+                    sample.sizes());
+  // named here, so a bad sigma's error names it; (B,) float32 on the device afterwards
+  const at::Tensor s = coeff(sigma, "sigma", sample), sn = coeff(sigma_next, "sigma_next", sample);
+  const bool fp32 = model_output.scalar_type() != sample.scalar_type() || noise.scalar_type() != sample.scalar_type();
+  const auto f = [&](const at::Tensor& t) { return fp32 ? t.to(at::kFloat) : t; };
+  auto [prev, x0] = launch_step(kEulerAncestral, f(model_output), c10::nullopt, f(sample), f(noise), s, sn, s, 0.0,
+                                0.0, std::string(prediction_type), c10::nullopt, false);
+  return {prev.to(model_output.scalar_type()), x0.to(model_output.scalar_type())};
+}
+
 }  // namespace
 }  // namespace diffusion_fast
 
@@ -162,4 +180,5 @@ TORCH_LIBRARY_IMPL(diffusion_fast, CUDA, m) {
   m.impl("cfg_ddim_step", &diffusion_fast::cfg_ddim_step_cuda);
   m.impl("ddpm_step", &diffusion_fast::ddpm_step_cuda);
   m.impl("euler_step", &diffusion_fast::euler_step_cuda);
+  m.impl("euler_ancestral_step", &diffusion_fast::euler_ancestral_step_cuda);
 }
