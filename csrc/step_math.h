@@ -122,10 +122,12 @@ DF_HD float euler_churn(float sigma, float gamma, float s_noise) {
 
 // An ancestral Euler step (diffusers' EulerAncestralDiscreteScheduler.step): the Euler step from sigma down to
 // sigma_down, then sigma_up * noise, where sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2 and
-// sigma_up^2 + sigma_down^2 = sigma_next^2.
+// sigma_up^2 + sigma_down^2 = sigma_next^2, so sigma_down = sigma_next^2 / sigma. diffusers takes
+// sqrt(sigma_next^2 - sigma_up^2), which cancels when sigma >> sigma_next (zero-SNR or cosine schedules' first step,
+// sigma ~ 2e4): in fp32 that difference can round below zero, and its square root is NaN.
 DF_HD StepCoeffs euler_ancestral_coeffs(float sigma, float sigma_next, int pred) {
   const float sigma_up = sqrtf(sigma_next * sigma_next * (sigma * sigma - sigma_next * sigma_next) / (sigma * sigma));
-  const float sigma_down = sqrtf(sigma_next * sigma_next - sigma_up * sigma_up);
+  const float sigma_down = sigma_next * sigma_next / sigma;
   StepCoeffs c = euler_coeffs(sigma, sigma_down, 0.0f, pred);
   c.std = sigma_up;
   return c;

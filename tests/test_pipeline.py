@@ -44,6 +44,23 @@ def test_same_image_as_diffusers(pair, backend_name):
     assert np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS
 
 
+@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DDPMScheduler"])
+def test_other_schedulers_same_image_as_diffusers(pair, scheduler):
+    # Euler ancestral and DDPM draw noise at every step, from the generator, exactly as diffusers does
+    import diffusers
+
+    theirs, ours = pair
+    saved = theirs.scheduler, ours.scheduler
+    try:
+        theirs.scheduler = getattr(diffusers, scheduler).from_config(saved[0].config)
+        ours.scheduler = diffusion_fast.schedulers.load_scheduler(dict(theirs.scheduler.config))  # by _class_name
+        assert type(ours.scheduler).__name__ == scheduler
+        a, b = _both(pair, prompt="a red cube")
+        assert np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS
+    finally:
+        theirs.scheduler, ours.scheduler = saved
+
+
 def test_batch_of_prompts_several_images_non_square_and_eta(pair):
     # Two prompts x two images each, a 48x64 image (latent 12x16: non-square), and eta > 0 so the DDIM noise is
     # drawn from the generator at every step exactly as diffusers draws it.

@@ -160,6 +160,38 @@ def test_euler_other_options(cfg, step_kwargs):
     assert _loop(S.EulerDiscreteScheduler(**cfg), diffusers.EulerDiscreteScheduler(**cfg), steps=5, **step_kwargs) <= 1
 
 
+# Every combination but zero-SNR with epsilon prediction (see DDIM_SWEEP). The cosine schedule's first sigma is
+# ~2e4: diffusers' sigma_down = sqrt(sigma_next^2 - sigma_up^2) cancels there, and in fp32 it went negative (NaN)
+# in our op until it took the exact sigma_next^2 / sigma.
+@pytest.mark.parametrize("beta_schedule, spacing, prediction_type, zero_snr", [combo for combo in itertools.product(
+    ["linear", "scaled_linear", "squaredcos_cap_v2"], ["leading", "trailing", "linspace"],
+    ["epsilon", "v_prediction"], [False, True]) if not (combo[2] == "epsilon" and combo[3])])
+def test_euler_ancestral_matches_diffusers(beta_schedule, spacing, prediction_type, zero_snr):
+    cfg = dict(beta_schedule=beta_schedule, timestep_spacing=spacing, prediction_type=prediction_type,
+               rescale_betas_zero_snr=zero_snr, steps_offset=1)
+    ours, theirs = S.EulerAncestralDiscreteScheduler(**cfg), diffusers.EulerAncestralDiscreteScheduler(**cfg)
+    assert _loop(ours, theirs, steps=5) <= 1  # each step draws its noise from an equally seeded generator
+
+
+def test_euler_ancestral_config_and_errors():
+    # diffusers' ancestral scheduler has none of Euler's schedule options; from_config drops them (as diffusers does
+    # for another scheduler's fields), a constructor given one rejects it
+    sched = S.EulerAncestralDiscreteScheduler.from_config(dict(S.EulerDiscreteScheduler().config, steps_offset=1))
+    assert sched.config.steps_offset == 1 and "use_karras_sigmas" not in sched.config
+    with pytest.raises(TypeError, match="unknown config fields \\['use_karras_sigmas'\\]"):
+        S.EulerAncestralDiscreteScheduler(use_karras_sigmas=True)
+    with pytest.raises(ValueError, match="prediction_type must be one of"):  # diffusers' step raises for "sample"
+        S.EulerAncestralDiscreteScheduler(prediction_type="sample")
+    sched.set_timesteps(2)
+    x = torch.randn(SHAPE)
+    with pytest.raises(ValueError, match="not an index"):
+        sched.step(x, 3, x)
+    for t in sched.timesteps:
+        sched.step(x, t, x)
+    with pytest.raises(ValueError, match="step called 3 times for a 2-step schedule"):
+        sched.step(x, sched.timesteps[-1], x)
+
+
 def test_euler_begin_index_add_noise_and_velocity():
     ours, theirs = S.EulerDiscreteScheduler(), diffusers.EulerDiscreteScheduler()
     ours.set_timesteps(10), theirs.set_timesteps(10)
@@ -203,7 +235,8 @@ def test_randn_tensor_draws_as_diffusers():
         S.randn_tensor((3, 4), generator=[torch.Generator(), torch.Generator()])
 
 
-@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler"])
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
+                                  "EulerAncestralDiscreteScheduler"])
 def test_add_noise_per_sample_timesteps_and_fp16(name):
     cfg = dict(beta_schedule="scaled_linear")
     ours, theirs = S.SCHEDULERS[name](**cfg), getattr(diffusers, name)(**cfg)
@@ -213,11 +246,12 @@ def test_add_noise_per_sample_timesteps_and_fp16(name):
     torch.testing.assert_close(ours.add_noise(x, noise, ts), theirs.add_noise(x, noise, ts), rtol=1e-6, atol=1e-6)
     # fp16 latents: diffusers computes DDIM/DDPM in fp16, we compute in fp32 and round once: close, not equal.
     # Euler: both compute in fp32 and round the result once, so only the rounding of fp32 differences remains.
-    tol = 2e-3 if name == "EulerDiscreteScheduler" else 2e-2
+    tol = 2e-3 if name.startswith("Euler") else 2e-2
     assert _loop(S.SCHEDULERS[name](**cfg), getattr(diffusers, name)(**cfg), dtype=torch.float16) <= tol
 
 
-@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler"])
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
+                                  "EulerAncestralDiscreteScheduler"])
 def test_outputs_fully_written_under_poisoned_allocations(name):
     """torch.empty* return NaN inside the block: an output element the op leaves unwritten would show as NaN."""
     from _numerics import poisoned_allocations
@@ -242,7 +276,7 @@ def test_outputs_fully_written_under_poisoned_allocations(name):
 def _sampling_setup(name, device, thresholding=False):
     sched = S.SCHEDULERS[name](beta_schedule="scaled_linear", **({"thresholding": True} if thresholding else {}))
     sched.set_timesteps(10, device=device)  # moves the coefficient tables to the device, once
-    if name == "EulerDiscreteScheduler":
+    if name.startswith("Euler"):
         sched.set_begin_index(0)  # as diffusers' pipelines do; otherwise the first step looks its timestep up
     return sched, torch.randn(SHAPE, device=device), torch.randn(SHAPE, device=device)
 
@@ -258,14 +292,15 @@ def _sampling_steps(name, sched, x, mo):
             sched.alphas_at(t)
         else:
             outs.append(sched.step(mo, t, x_in))
-    if name != "EulerDiscreteScheduler":
+    if not name.startswith("Euler"):
         outs.append(sched.add_noise(x, mo, sched.timesteps[[1, 3]]))
     return outs
 
 
 @pytest.mark.parametrize("name, thresholding", [("DDIMScheduler", False), ("DDIMScheduler", True),
                                                 ("DDPMScheduler", False), ("DDPMScheduler", True),
-                                                ("EulerDiscreteScheduler", False)])
+                                                ("EulerDiscreteScheduler", False),
+                                                ("EulerAncestralDiscreteScheduler", False)])
 def test_step_does_not_read_device_values(name, thresholding):
     """The step must never read a device value on the host (on a GPU, a sync per step). Meta tensors have no values:
     any .item()/bool()/nonzero/.cpu() on them raises, so a loop that completes on meta tensors cannot have synced."""
@@ -281,7 +316,8 @@ def test_step_does_not_read_device_values(name, thresholding):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA sync detection needs a GPU (meta test covers CPU)")
 @pytest.mark.parametrize("name, thresholding", [("DDIMScheduler", False), ("DDIMScheduler", True),
-                                                ("DDPMScheduler", False), ("EulerDiscreteScheduler", False)])
+                                                ("DDPMScheduler", False), ("EulerDiscreteScheduler", False),
+                                                ("EulerAncestralDiscreteScheduler", False)])
 def test_step_does_not_sync_on_cuda(name, thresholding):
     setup = _sampling_setup(name, "cuda", thresholding)
     _sampling_steps(name, *_sampling_setup(name, "cuda", thresholding))  # warm up: kernels compiled
@@ -295,7 +331,8 @@ def test_step_does_not_sync_on_cuda(name, thresholding):
 
 @pytest.mark.parametrize("name, tables", [("DDIMScheduler", ("alphas_cumprod", "final_alpha_cumprod")),
                                           ("DDPMScheduler", ("alphas_cumprod", "_ext")),
-                                          ("EulerDiscreteScheduler", ("sigmas",))])
+                                          ("EulerDiscreteScheduler", ("sigmas",)),
+                                          ("EulerAncestralDiscreteScheduler", ("sigmas",))])
 def test_set_timesteps_refreshes_device_tables_in_place(name, tables, device):
     """A CUDA graph captured with the scheduler reads its device tables by address. set_timesteps must keep a table's
     storage when its shape allows (updating the values), never free it: a freed table is reused by the allocator and

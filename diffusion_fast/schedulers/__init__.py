@@ -5,8 +5,10 @@ from .common import FrozenConfig, SchedulerOutput, randn_tensor, read_config
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
 from .euler import EulerDiscreteScheduler
+from .euler_ancestral import EulerAncestralDiscreteScheduler
 
-SCHEDULERS = {cls.__name__: cls for cls in (DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler)}
+SCHEDULERS = {cls.__name__: cls for cls in (DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler,
+                                            EulerAncestralDiscreteScheduler)}
 
 
 def load_scheduler(folder_or_config, default="DDIMScheduler"):
@@ -24,5 +26,6 @@ def load_scheduler(folder_or_config, default="DDIMScheduler"):
     return SCHEDULERS[name].from_config(config)
 
 
-__all__ = ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "load_scheduler", "randn_tensor",
+__all__ = ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+           "load_scheduler", "randn_tensor",
            "SchedulerOutput", "FrozenConfig", "SCHEDULERS"]

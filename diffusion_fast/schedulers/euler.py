@@ -26,7 +26,7 @@ class EulerDiscreteScheduler(SchedulerBase):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        c = self.config
+        c = self._schedule_config()
         for field, allowed in (("interpolation_type", ("linear", "log_linear")),
                                ("final_sigmas_type", ("zero", "sigma_min")),
                                ("timestep_type", ("discrete", "continuous")),
@@ -45,8 +45,13 @@ class EulerDiscreteScheduler(SchedulerBase):
         self._step_index = None
         self._begin_index = None
 
+    def _schedule_config(self):
+        """The config the schedule is built from (the ancestral subclass adds the options it fixes)."""
+        return self.config
+
     def _continuous_v(self):
-        return self.config.timestep_type == "continuous" and self.config.prediction_type == "v_prediction"
+        c = self._schedule_config()
+        return c.timestep_type == "continuous" and c.prediction_type == "v_prediction"
 
     @property
     def init_noise_sigma(self):
@@ -71,7 +76,7 @@ class EulerDiscreteScheduler(SchedulerBase):
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None):
         """The inference schedule: ``num_inference_steps`` per the config, or custom ``timesteps`` (then sigmas are
         interpolated) or custom ``sigmas`` (n + 1 values, the last the final sigma; timesteps are interpolated)."""
-        c = self.config
+        c = self._schedule_config()
         base = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
         log_sigmas = np.log(base)
         if timesteps is not None and sigmas is not None:
