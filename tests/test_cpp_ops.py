@@ -319,6 +319,46 @@ def test_half_steps_are_the_fp32_step_rounded_once(dtype):
             assert g.dtype == dtype and torch.equal(g.view(torch.int16), w.to(dtype).view(torch.int16))
 
 
+STEP_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not (torch.cuda.is_available() and _cpp.has_cuda()), reason="needs a GPU and the C++ extension's CUDA build"))]
+
+
+@pytest.mark.parametrize("device", STEP_DEVICES)  # cuda: the kernels of csrc/cuda/step_ops.cu
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_every_step_op_on_each_device_and_layout(device, layout, dtype):
+    """Every step op with its options on (noise, clipping, churn, per-sample coefficients, the final step's zero
+    sigma), inputs in either layout, by the 2x rule against the float64 reference."""
+    gen = torch.Generator().manual_seed(11)
+    m, t, x, n = (_in_layout(_randn(gen, dtype), layout).to(device) for _ in range(4))
+    a_t, a_prev, std = A_T.to(device), A_PREV.to(device), torch.tensor([0.0, 0.1, 0.3], device=device)
+    sig, sig_next = torch.tensor([14.6, 3.0, 0.5], device=device), torch.tensor([10.0, 2.0, 0.0], device=device)
+    ddim = dict(eta=0.8, prediction_type="v_prediction", clip_sample_range=1.5)
+    cases = {
+        "ddim_step": (lambda: ops.ddim_step(m, x, a_t, a_prev, variance_noise=n, backend="cpp", **ddim),
+                      lambda d: reference.ddim_step(m.to(d), x.to(d), a_t.to(d), a_prev.to(d), variance_noise=n.to(d),
+                                                    **ddim)),
+        "cfg_ddim_step": (lambda: ops.cfg_ddim_step(m, t, 7.5, x, a_t, a_prev, backend="cpp"),
+                          lambda d: reference.cfg_ddim_step(m.to(d), t.to(d), 7.5, x.to(d), a_t.to(d), a_prev.to(d))),
+        "ddpm_step": (lambda: ops.ddpm_step(m, x, a_t, a_prev, std=std, variance_noise=n, clip_sample_range=2.0,
+                                            backend="cpp"),
+                      lambda d: reference.ddpm_step(m.to(d), x.to(d), a_t.to(d), a_prev.to(d), std=std.to(d),
+                                                    variance_noise=n.to(d), clip_sample_range=2.0)),
+        "euler_step": (lambda: ops.euler_step(m, x, sig, sig_next, gamma=0.4, noise=n, backend="cpp"),
+                       lambda d: reference.euler_step(m.to(d), x.to(d), sig.to(d), sig_next.to(d), gamma=0.4,
+                                                      noise=n.to(d))),
+        "euler_ancestral_step": (lambda: ops.euler_ancestral_step(m, x, sig, sig_next, n, backend="cpp"),
+                                 lambda d: reference.euler_ancestral_step(m.to(d), x.to(d), sig.to(d),
+                                                                          sig_next.to(d), n.to(d))),
+    }
+    for name, (fast, ref) in cases.items():
+        out, ref64, plain = fast(), ref(torch.float64), ref(dtype)
+        for i in range(2):
+            assert out[i].device.type == device and out[i].dtype == dtype
+            s = max(1.0, ref64[i].abs().max().item())
+            assert_2x_rule(out[i] / s, ref64[i] / s, plain[i] / s, floor=FLOOR[dtype], what=f"{name} output {i}")
+
+
 def _in_layout(t, layout):
     """t's values in a layout: NCHW, channels_last, dense but permuted (H and W strides swapped), or a strided slice."""
     if layout == "channels_last":
