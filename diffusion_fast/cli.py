@@ -2,6 +2,7 @@
 
     diffusion-fast generate                      # built-in tiny model: fast vs reference, times, max diff, a PNG
     diffusion-fast generate --model DIR --prompt "a cat" --steps 30 --seed 1 --output cat.png
+    diffusion-fast generate --scheduler euler-ancestral   # any of our schedulers, from the model's config
     diffusion-fast bench [--config tiny|sd15]    # kernel throughput + end-to-end it/s, CSV + PNG plot
     diffusion-fast check [--model DIR]           # fast vs reference on fresh random inputs; exit 1 on failure
 
@@ -17,6 +18,10 @@ import time
 import torch
 
 EXIT_USAGE = 2
+
+
+SCHEDULER_CHOICES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
+                     "euler-ancestral": "EulerAncestralDiscreteScheduler"}
 
 
 class UsageError(Exception):
@@ -82,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--steps", type=_positive_int, default=None, help="default: 50 (20 for the built-in model)")
     g.add_argument("--guidance", type=float, default=7.5)
-    g.add_argument("--eta", type=float, default=0.0)
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
+    g.add_argument("--scheduler", choices=("model", *SCHEDULER_CHOICES), default="model",
+                   help="the sampler: the model folder's own (default; DDIM for the built-in model) or one of ours, "
+                        "built from the model's scheduler config")
     g.add_argument("--height", type=_size, default=None)
     g.add_argument("--width", type=_size, default=None)
     g.add_argument("--batch", type=_positive_int, default=1, help="images per prompt")
@@ -110,11 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_eta(eta, scheduler_name):
+    if eta != 0 and scheduler_name != "DDIMScheduler":
+        raise UsageError(f"--eta is DDIM's; the scheduler is {scheduler_name} (--scheduler ddim)")
+
+
 def generate(args) -> int:
     from . import backend
     from .numerics import max_abs_err, psnr
     from .pipeline import StableDiffusionPipeline
+    from .schedulers import SCHEDULERS
 
+    if args.eta != 0 and args.scheduler not in ("model", "ddim"):  # known before loading anything
+        _check_eta(args.eta, SCHEDULER_CHOICES[args.scheduler])
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
     compare = args.compare or args.model is None
@@ -124,8 +140,11 @@ def generate(args) -> int:
         pipe = StableDiffusionPipeline.from_pretrained(args.model, dtype=dtype, device=device)
     else:
         pipe = StableDiffusionPipeline.from_tiny("sd1", seed=args.seed, dtype=dtype, device=device)
+    if args.scheduler != "model":
+        pipe.scheduler = SCHEDULERS[SCHEDULER_CHOICES[args.scheduler]].from_config(pipe.scheduler.config)
+    _check_eta(args.eta, type(pipe.scheduler).__name__)
     print(f"loaded {'built-in tiny SD1-shaped model (random weights)' if not args.model else args.model} "
-          f"on {device} in {dtype} in {time.perf_counter() - t0:.1f} s")
+          f"on {device} in {dtype} in {time.perf_counter() - t0:.1f} s; scheduler {type(pipe.scheduler).__name__}")
     pipe.set_progress_bar_config(disable=args.no_progress)
 
     def run(path_name, num_steps=steps):

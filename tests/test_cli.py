@@ -50,10 +50,26 @@ def test_generate_from_folder_batch(tmp_path, capsys):
     assert Image.open(tmp_path / "o_1.png").size == (64, 48)
 
 
+def test_generate_with_another_scheduler(tmp_path, capsys):
+    # the built-in model's scheduler is DDIM; Euler ancestral is built from its config and draws noise every step
+    rc = main(["generate", "--scheduler", "euler-ancestral", "--steps", "2", "--output", str(tmp_path / "a.png"),
+               "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "scheduler EulerAncestralDiscreteScheduler" in text and (tmp_path / "a.png").exists()
+    assert "max abs pixel difference" in text  # the fast and reference paths agree with this scheduler too
+
+
+def test_eta_with_another_scheduler_is_refused_before_loading(capsys):
+    assert main(["generate", "--scheduler", "euler", "--eta", "0.5"]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip() == ("diffusion-fast generate: error: --eta is DDIM's; the scheduler is EulerDiscreteScheduler "
+                           "(--scheduler ddim)") and "loaded" not in out
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["generate", "--height", "30"], "must be a multiple of 8"),
+        (["generate", "--scheduler", "pndm"], "invalid choice"),
         (["generate", "--steps", "0"], "must be a positive integer"),
         (["generate", "--model", "/no/such/folder"], "does not exist"),
         (["check", "--model", "/no/such/folder"], "does not exist"),
