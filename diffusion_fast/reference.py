@@ -180,48 +180,46 @@ def euler_step(
     diffusers computes this step in float32 whatever the sample dtype (hence ``upcast=True`` by default) and casts
     the result to ``model_output``'s dtype. With ``gamma > 0`` the sample is first churned:
     ``sample += noise * s_noise * sqrt(sigma_hat^2 - sigma^2)``. Returns (prev_sample, pred_x0).
-    Note the diffusers quirk kept here: epsilon uses sigma_hat, v_prediction uses sigma.
     """
-    dtype = torch.float32 if upcast and sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
-    mo, x = model_output.to(dtype), sample.to(dtype)
-    sigma_t = per_sample(sigma, x, dtype)
-    sigma_next_t = per_sample(sigma_next, x, dtype)
+    dtype, mo, x, sigma_t, sigma_next_t = _euler_inputs(model_output, sample, sigma, sigma_next, upcast)
     sigma_hat = sigma_t * (gamma + 1)
     if gamma > 0:
         if noise is None:
             raise ValueError("euler_step: gamma > 0 needs noise (a tensor shaped like sample)")
         x = x + noise.to(dtype) * s_noise * (sigma_hat**2 - sigma_t**2) ** 0.5
-    if prediction_type == "epsilon":
-        x0 = x - sigma_hat * mo
-    elif prediction_type == "v_prediction":
-        x0 = mo * (-sigma_t / (sigma_t**2 + 1) ** 0.5) + x / (sigma_t**2 + 1)
-    elif prediction_type == "sample":
-        x0 = mo
-    else:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    x0 = _euler_x0(mo, x, sigma_t, sigma_hat, prediction_type)
     derivative = (x - x0) / sigma_hat
     prev = x + derivative * (sigma_next_t - sigma_hat)
     return prev.to(model_output.dtype), x0.to(model_output.dtype)
 
 
+def _euler_inputs(model_output, sample, sigma, sigma_next, upcast):
+    """The Euler steps' operands: diffusers computes them in float32 for fp16/bf16 storage (``upcast``)."""
+    dtype = torch.float32 if upcast and sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
+    x = sample.to(dtype)
+    return dtype, model_output.to(dtype), x, per_sample(sigma, x, dtype), per_sample(sigma_next, x, dtype)
+
+
+def _euler_x0(mo, x, sigma, sigma_hat, prediction_type):
+    """pred_x0 of the Euler steps. The diffusers quirk kept here: epsilon uses sigma_hat, v_prediction uses sigma."""
+    if prediction_type == "epsilon":
+        return x - sigma_hat * mo
+    if prediction_type == "v_prediction":
+        return mo * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+    if prediction_type == "sample":
+        return mo
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
 def euler_ancestral_step(model_output, sample, sigma, sigma_next, noise, *, prediction_type="epsilon", upcast=True):
     """One ancestral Euler update, as diffusers' EulerAncestralDiscreteScheduler.step: an Euler step from sigma down to
     sigma_down, then ``noise * sigma_up``, where sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2 and
-    sigma_down^2 = sigma_next^2 - sigma_up^2. In float32 for fp16/bf16 storage (``upcast``), as diffusers; the result
-    takes ``model_output``'s dtype. Returns (prev_sample, pred_x0).
+    sigma_down^2 = sigma_next^2 - sigma_up^2, computed as diffusers computes it (the C++ op takes the exact
+    sigma_next^2 / sigma, which does not cancel). In float32 for fp16/bf16 storage (``upcast``), as diffusers; the
+    result takes ``model_output``'s dtype. Returns (prev_sample, pred_x0).
     """
-    dtype = torch.float32 if upcast and sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
-    mo, x = model_output.to(dtype), sample.to(dtype)
-    sigma_t = per_sample(sigma, x, dtype)
-    sigma_next_t = per_sample(sigma_next, x, dtype)
-    if prediction_type == "epsilon":
-        x0 = x - sigma_t * mo
-    elif prediction_type == "v_prediction":
-        x0 = mo * (-sigma_t / (sigma_t**2 + 1) ** 0.5) + x / (sigma_t**2 + 1)
-    elif prediction_type == "sample":
-        x0 = mo
-    else:
-        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    dtype, mo, x, sigma_t, sigma_next_t = _euler_inputs(model_output, sample, sigma, sigma_next, upcast)
+    x0 = _euler_x0(mo, x, sigma_t, sigma_t, prediction_type)
     sigma_up = (sigma_next_t**2 * (sigma_t**2 - sigma_next_t**2) / sigma_t**2) ** 0.5
     sigma_down = (sigma_next_t**2 - sigma_up**2) ** 0.5
     prev = x + (x - x0) / sigma_t * (sigma_down - sigma_t) + noise.to(dtype) * sigma_up
