@@ -5,9 +5,9 @@
 
 Groups: the fused CFG+DDIM step (C++ op) vs our reference vs diffusers' CFG combine + DDIMScheduler.step, on
 1x4x64x64, 2x4x128x128 and 8x4x128x128 fp32 latents; group_norm_silu (C++ op) vs F.group_norm + F.silu on SD
-shapes in both memory layouts; fp16/bf16 storage for both at SD1.5's shapes; diffusers' Euler, Euler ancestral
-and DDPM scheduler steps as accelerate patches them vs their own, and the Euler op alone; and the weights key a
-graphed UNet call checks (ModuleState, SD1.5's UNet on the meta device). Each group's rows are the
+shapes in both memory layouts; fp16/bf16 storage for both at SD1.5's shapes; diffusers' Euler, Euler ancestral,
+DPM-Solver++ 2M and DDPM scheduler steps as accelerate patches them vs their own, and the Euler op alone; and the
+weights key a graphed UNet call checks (ModuleState, SD1.5's UNet on the meta device). Each group's rows are the
 implementations side by side; compare medians.
 
 The allocator is pinned first (see ``_steady_allocator``): glibc otherwise moves between two regimes at random,
@@ -118,7 +118,8 @@ def test_euler_step(benchmark, impl):
     benchmark(lambda: ops.euler_step(model_output, sample, sigma, sigma_next, backend=backend))
 
 
-@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DDPMScheduler"])
+@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                                       "DPMSolverMultistepScheduler", "DDPMScheduler"])
 @pytest.mark.parametrize("impl", ["accelerate fused", "diffusers"])
 def test_diffusers_scheduler_step(benchmark, scheduler, impl):
     """One step of a diffusers scheduler at 2x4x128x128 fp32 (SDXL's scheduler config, step 10 of 50): its own step
@@ -142,6 +143,12 @@ def test_diffusers_scheduler_step(benchmark, scheduler, impl):
         def step():
             sched._step_index = 10  # the step advances it; time the same step every call
             return sched.step(model_output, t, sample, **kwargs).prev_sample
+    elif scheduler == "DPMSolverMultistepScheduler":  # DPM++ 2M: a second-order step, the previous x0 at hand
+        sched.model_outputs, sched.lower_order_nums = [sample.clone(), sample.clone()], 2
+
+        def step():
+            sched._step_index = 10
+            return sched.step(model_output, t, sample).prev_sample
     else:
         def step():
             return sched.step(model_output, t, sample, generator=gen).prev_sample

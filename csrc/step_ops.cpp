@@ -305,6 +305,30 @@ std::tuple<at::Tensor, at::Tensor> euler_ancestral_step_cpu(const at::Tensor& mo
   return {prev.to(out_type), x0.to(out_type)};
 }
 
+// A step whose update is linear in (sample, model_output, one extra tensor) with coefficients the caller computed:
+// x0 = cx * x + cm * m, prev = p0 * x0 + px * x + pm * m + pe * extra (DPM-Solver++ multistep: extra is the previous
+// step's x0). The same for every sample, so a CUDA graph can capture it with its values.
+std::tuple<at::Tensor, at::Tensor> linear_step_cpu(const at::Tensor& model_output, const at::Tensor& sample,
+                                                   const c10::optional<at::Tensor>& extra, double cx, double cm,
+                                                   double p0, double px, double pm, double pe) {
+  check_sample(sample);
+  check_like(model_output, "model_output", sample, /*same_dtype=*/false);
+  if (extra.has_value()) check_like(*extra, "extra", sample, false);
+  for (const double v : {cx, cm, p0, px, pm, pe}) {
+    TORCH_CHECK_VALUE(std::isfinite(v), "linear_step: coefficients must be finite, got ", v);
+  }
+  const StepCoeffs c{static_cast<float>(cx), static_cast<float>(cm), static_cast<float>(p0),
+                     static_cast<float>(px), static_cast<float>(pm), static_cast<float>(pe)};
+  const std::vector<StepCoeffs> coeffs(sample.size(0), c);
+  const bool fp32 = model_output.scalar_type() != sample.scalar_type() ||
+                    (extra.has_value() && extra->scalar_type() != sample.scalar_type());
+  const auto f = [&](const at::Tensor& t) { return fp32 ? t.to(at::kFloat) : t; };
+  const c10::optional<at::Tensor> e = extra.has_value() ? c10::optional<at::Tensor>(f(*extra)) : c10::nullopt;
+  auto [prev, x0] = run_step(f(model_output), c10::nullopt, f(sample), e, coeffs, 0.0, c10::nullopt);
+  const auto out_type = model_output.scalar_type();
+  return {prev.to(out_type), x0.to(out_type)};
+}
+
 at::Tensor group_norm_silu_cpu(const at::Tensor& x, int64_t num_groups, const c10::optional<at::Tensor>& weight,
                                const c10::optional<at::Tensor>& bias, double eps, bool silu);
 
@@ -323,6 +347,8 @@ TORCH_LIBRARY(diffusion_fast, m) {
         "float s_noise, Tensor? noise, str prediction_type) -> (Tensor, Tensor)");
   m.def("euler_ancestral_step(Tensor model_output, Tensor sample, Tensor sigma, Tensor sigma_next, Tensor noise, "
         "str prediction_type) -> (Tensor, Tensor)");
+  m.def("linear_step(Tensor model_output, Tensor sample, Tensor? extra, float cx, float cm, float p0, float px, "
+        "float pm, float pe) -> (Tensor, Tensor)");
   m.def("group_norm_silu(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, bool silu) -> Tensor");
 }
 
@@ -332,6 +358,7 @@ TORCH_LIBRARY_IMPL(diffusion_fast, CPU, m) {
   m.impl("ddpm_step", &diffusion_fast::ddpm_step_cpu);
   m.impl("euler_step", &diffusion_fast::euler_step_cpu);
   m.impl("euler_ancestral_step", &diffusion_fast::euler_ancestral_step_cpu);
+  m.impl("linear_step", &diffusion_fast::linear_step_cpu);
   m.impl("group_norm_silu", &diffusion_fast::group_norm_silu_cpu);
 }
 

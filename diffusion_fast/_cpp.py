@@ -21,7 +21,8 @@ from ._build_flags import cxx_flags, link_flags
 _lock = threading.Lock()
 _state = {"loaded": None, "tried": False}
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-OPS = ("ddim_step", "cfg_ddim_step", "ddpm_step", "euler_step", "euler_ancestral_step", "group_norm_silu")
+OPS = ("ddim_step", "cfg_ddim_step", "ddpm_step", "euler_step", "euler_ancestral_step", "linear_step",
+       "group_norm_silu")
 
 
 def _jit_build():
@@ -116,6 +117,11 @@ def _register_fakes():
     @torch.library.register_fake("diffusion_fast::euler_ancestral_step")
     def _(model_output, sample, sigma, sigma_next, noise, prediction_type):
         _same_device("sample", sample, model_output=model_output, sigma=sigma, sigma_next=sigma_next, noise=noise)
+        return two_like(sample, model_output.dtype)
+
+    @torch.library.register_fake("diffusion_fast::linear_step")
+    def _(model_output, sample, extra, cx, cm, p0, px, pm, pe):
+        _same_device("sample", sample, model_output=model_output, extra=extra)
         return two_like(sample, model_output.dtype)
 
     @torch.library.register_fake("diffusion_fast::group_norm_silu")

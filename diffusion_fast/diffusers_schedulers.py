@@ -1,5 +1,5 @@
-"""Fused ``step`` methods for diffusers' DDIM, Euler, Euler ancestral and DDPM schedulers, patched on the instance by
-``accelerate``.
+"""Fused ``step`` methods for diffusers' DDIM, Euler, Euler ancestral, DPM-Solver++ multistep and DDPM schedulers,
+patched on the instance by ``accelerate``.
 
 Each replacement computes what the scheduler's own ``step`` computes, as one fused op (``diffusion_fast.ops``),
 drawing its noise from the generator exactly as diffusers does. Whatever it does not mirror (thresholding, learned
@@ -9,13 +9,15 @@ own ``step``, so behaviour outside the fused cases is diffusers' own.
 Which schedulers are fused, and where:
 
 - ``DDIMScheduler``: CPU (C++ op) and CUDA (Triton kernel);
-- ``EulerDiscreteScheduler`` (SDXL's default), ``EulerAncestralDiscreteScheduler`` and ``DDPMScheduler``: CPU, and
-  CUDA when the C++ extension was built with CUDA (these have no Triton kernel; without it the scheduler is left
-  alone and listed).
+- ``EulerDiscreteScheduler`` (SDXL's default), ``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler``
+  and ``DDPMScheduler``: CPU, and CUDA when the C++ extension was built with CUDA (these have no Triton kernel;
+  without it the scheduler is left alone and listed).
 
 A subclass that overrides ``step`` is left alone: its step is not the one we mirror.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -112,8 +114,75 @@ def _fused_euler_ancestral_step(self, model_output, timestep, sample, generator=
     return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
 
+def _dpm_coefficients(sigmas, i, prediction, solver_type, second_order):
+    """DPM-Solver++'s update at step ``i`` of ``sigmas`` (Python floats) as the linear_step coefficients, with
+    diffusers' DPMSolverMultistepScheduler formulas (VP sigmas) in float64: x0 = cx * x + cm * m at sigma_s0, then the
+    first-order update, or the second-order one with the previous step's x0 (m1) as the extra term, D1 = (m0 - m1) /
+    r0 expanded. A final sigma of 0 gives lambda_t = inf, as in diffusers (the update is then x0); a step diffusers
+    computes as 0 / 0 gives NaN coefficients, which the caller leaves to diffusers' own step. (In float32 tensors,
+    as diffusers computes them, these few scalars cost more than the fused op itself.)"""
+    def alpha_sigma(sigma):
+        alpha = 1.0 / math.sqrt(sigma * sigma + 1.0)
+        return alpha, sigma * alpha
+
+    def lam(alpha, sigma):
+        return math.log(alpha) - math.log(sigma) if sigma > 0 else math.inf
+
+    alpha_t, sigma_t = alpha_sigma(sigmas[i + 1])
+    alpha_s0, sigma_s0 = alpha_sigma(sigmas[i])
+    cx, cm = {"epsilon": (1 / alpha_s0, -sigma_s0 / alpha_s0), "v_prediction": (alpha_s0, -sigma_s0),
+              "sample": (0.0, 1.0)}[prediction]
+    h = lam(alpha_t, sigma_t) - lam(alpha_s0, sigma_s0)
+    c = alpha_t * (math.exp(-h) - 1.0)
+    p0, pe = -c, 0.0
+    if second_order:
+        r0 = (lam(alpha_s0, sigma_s0) - lam(*alpha_sigma(sigmas[i - 1]))) / h if h not in (0, math.inf) else 0.0
+        if r0 == 0:
+            return [math.nan] * 6
+        d = 0.5 * c if solver_type == "midpoint" else -(alpha_t * ((math.exp(-h) - 1.0) / h + 1.0))
+        p0, pe = -c - d / r0, d / r0  # x_t = px x - c D0 - d D1
+    return [cx, cm, p0, sigma_t / sigma_s0, 0.0, pe]
+
+
+def _fused_dpm_multistep_step(self, model_output, timestep, sample, generator=None, variance_noise=None,
+                              return_dict=True):
+    """diffusers' DPMSolverMultistepScheduler.step for DPM-Solver++ of order 1 or 2 (midpoint or heun), the "DPM++ 2M"
+    sampler, as one fused op: x0 and the update in one pass, the step's x0 kept in ``model_outputs`` as diffusers
+    keeps it (in model_output's dtype). The SDE and noise-prediction variants, order 3, thresholding, learned
+    variances and flow sigmas keep diffusers' own step."""
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+    config = self.config
+    if (self.num_inference_steps is None or config.algorithm_type != "dpmsolver++" or config.solver_order > 2
+            or config.solver_type not in ("midpoint", "heun") or config.thresholding
+            or config.variance_type is not None or getattr(config, "use_flow_sigmas", False)
+            or config.prediction_type not in ("epsilon", "v_prediction", "sample")):
+        return _original(self, model_output, timestep, sample, generator, variance_noise, return_dict)
+    if self.step_index is None:
+        self._init_step_index(timestep)
+    n, i = len(self.timesteps), self.step_index
+    # diffusers' order choice, as it makes it (its lower_order_second only steps down from order 3)
+    lower_order_final = i == n - 1 and (config.euler_at_final or (config.lower_order_final and n < 15)
+                                        or config.final_sigmas_type == "zero")
+    first_order = config.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final
+    values, _ = _sigma_tables(self, torch.device("cpu"))  # the sigmas as floats, made once per schedule
+    coefficients = _dpm_coefficients(values, i, config.prediction_type, config.solver_type, not first_order)
+    if not all(map(math.isfinite, coefficients)):  # a schedule diffusers' arithmetic handles with infinities
+        return _original(self, model_output, timestep, sample, generator, variance_noise, return_dict)
+    cx, cm, p0, px, pm, pe = coefficients
+    prev, x0 = ops.linear_step(model_output, sample.float(), None if first_order else self.model_outputs[-1],
+                               cx=cx, cm=cm, p0=p0, px=px, pm=pm, pe=pe)
+    for j in range(config.solver_order - 1):
+        self.model_outputs[j] = self.model_outputs[j + 1]
+    self.model_outputs[-1] = x0
+    if self.lower_order_nums < config.solver_order:
+        self.lower_order_nums += 1
+    self._step_index += 1
+    return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
 def _sigma_tables(self, device):
-    """An Euler scheduler's sigmas as Python floats (for the churn window test) and as a float32 table on the
+    """A scheduler's sigmas as Python floats (for the churn window test) and as a float32 table on the
     sample's device (sliced for the op, so a step neither reads the device nor copies to it), made again whenever
     ``self.sigmas`` is replaced (set_timesteps) or changed in place."""
     sigmas = self.sigmas
@@ -151,11 +220,13 @@ def _fused_ddpm_step(self, model_output, timestep, sample, generator=None, retur
 
 def _fusable():
     """[(diffusers scheduler class, its fused step, our op, whether the op has a Triton kernel)]."""
-    from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+    from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                           EulerDiscreteScheduler)
 
     return [(DDIMScheduler, _fused_ddim_step, "ddim_step", True),
             (EulerDiscreteScheduler, _fused_euler_step, "euler_step", False),
             (EulerAncestralDiscreteScheduler, _fused_euler_ancestral_step, "euler_ancestral_step", False),
+            (DPMSolverMultistepScheduler, _fused_dpm_multistep_step, "linear_step", False),
             (DDPMScheduler, _fused_ddpm_step, "ddpm_step", False)]
 
 

@@ -304,3 +304,20 @@ def euler_ancestral_step(model_output, sample, sigma, sigma_next, noise, *, pred
                                                      prediction_type))
     return reference.euler_ancestral_step(model_output, sample, sigma_t, sigma_next_t, noise,
                                           prediction_type=prediction_type, upcast=True)
+
+
+def linear_step(model_output, sample, extra=None, *, cx, cm, p0, px, pm=0.0, pe=0.0, backend="auto"):
+    """One pass of ``x0 = cx * sample + cm * model_output``, ``prev = p0 * x0 + px * sample + pm * model_output +
+    pe * extra``, computed in fp32, with coefficients the caller computed (the same for every sample). Returns
+    (prev, x0) in model_output's dtype."""
+    _validate.tensor("sample", sample, min_dim=1)
+    named = (("model_output", model_output),) + ((("extra", extra),) if extra is not None else ())
+    for name, t in named:
+        _validate.tensor(name, t, min_dim=1)
+        _validate.same(name, t, "sample", sample, dtype=False)
+    coefficients = {name: _validate.finite_float(name, value)
+                    for name, value in (("cx", cx), ("cm", cm), ("p0", p0), ("px", px), ("pm", pm), ("pe", pe))}
+    impl = _resolve("linear_step", backend, sample.device, has_triton=False)
+    if impl == "cpp":
+        return tuple(_cpp_ops().linear_step(model_output, sample, extra, *coefficients.values()))
+    return reference.linear_step(model_output, sample, extra, upcast=True, **coefficients)

@@ -224,3 +224,17 @@ def euler_ancestral_step(model_output, sample, sigma, sigma_next, noise, *, pred
     sigma_down = (sigma_next_t**2 - sigma_up**2) ** 0.5
     prev = x + (x - x0) / sigma_t * (sigma_down - sigma_t) + noise.to(dtype) * sigma_up
     return prev.to(model_output.dtype), x0.to(model_output.dtype)
+
+
+def linear_step(model_output, sample, extra=None, *, cx, cm, p0, px, pm=0.0, pe=0.0, upcast=True):
+    """A step whose update is linear with the caller's coefficients: ``x0 = cx * sample + cm * model_output`` and
+    ``prev = p0 * x0 + px * sample + pm * model_output + pe * extra`` (DPM-Solver++ multistep: ``extra`` is the
+    previous step's x0). In float32 for fp16/bf16 storage (``upcast``); results in ``model_output``'s dtype.
+    Returns (prev_sample, pred_x0)."""
+    dtype = torch.float32 if upcast and sample.dtype in (torch.float16, torch.bfloat16) else sample.dtype
+    mo, x = model_output.to(dtype), sample.to(dtype)
+    x0 = cx * x + cm * mo
+    prev = p0 * x0 + px * x + pm * mo
+    if extra is not None:
+        prev = prev + pe * extra.to(dtype)
+    return prev.to(model_output.dtype), x0.to(model_output.dtype)

@@ -56,7 +56,10 @@ def _loop(ours, theirs, steps=4, dtype=torch.float32, noise="generator", schedul
         a = theirs.step(model_output, t, scaled_theirs, **kw_a)
         b = ours.step(model_output, t, scaled_ours, **kw_b)
         allowed = _allowed(theirs, t) if dtype == torch.float32 else 1.0
-        for ta, tb in ((a.prev_sample, b.prev_sample), (a.pred_original_sample, b.pred_original_sample)):
+        pairs = [(a.prev_sample, b.prev_sample)]
+        if hasattr(a, "pred_original_sample"):  # DPM-Solver's output has none
+            pairs.append((a.pred_original_sample, b.pred_original_sample))
+        for ta, tb in pairs:
             assert tb.dtype == ta.dtype and tb.shape == ta.shape
             worst = max(worst, _compare(ta, tb) / allowed)
         x = a.prev_sample

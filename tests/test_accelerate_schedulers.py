@@ -1,5 +1,7 @@
 """accelerate's fused scheduler steps: diffusers' DDIM, Euler and DDPM schedulers, patched, against the same
 schedulers unpatched, step by step and through whole pipelines; which schedulers are left alone, and why."""
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -12,10 +14,12 @@ from diffusion_fast import diffusers_schedulers, ops
 from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
 
 # diffusers' Euler calls np.array on a tensor (a numpy 2 DeprecationWarning inside diffusers, not in our code)
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              # a deliberately tested configuration that diffusers deprecates
+              pytest.mark.filterwarnings("ignore:`algorithm_types dpmsolver:FutureWarning")]
 
 OP = {"DDIMScheduler": "ddim_step", "EulerDiscreteScheduler": "euler_step", "DDPMScheduler": "ddpm_step",
-      "EulerAncestralDiscreteScheduler": "euler_ancestral_step"}
+      "EulerAncestralDiscreteScheduler": "euler_ancestral_step", "DPMSolverMultistepScheduler": "linear_step"}
 SDXL_EULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
                   steps_offset=1)  # the scheduler config SDXL checkpoints ship
 
@@ -90,9 +94,33 @@ def test_euler_sigma_tables_follow_the_schedule():
         rtol=1e-6, atol=1e-6)
 
 
+# DPM-Solver++ ("DPM++ 2M" at order 2): first and second order, both solver types, every prediction type, Karras
+# sigmas, lower_order_final on and off; 5 steps (lower_order_final steps down near the end) and 20 (it does not).
+@pytest.mark.parametrize("order, solver_type, prediction_type, karras, lower_order_final, steps", list(
+    itertools.product([1, 2], ["midpoint", "heun"], ["epsilon", "v_prediction", "sample"], [False, True],
+                      [True, False], [5, 20])))
+def test_fused_dpm_solver_matches_its_own(monkeypatch, order, solver_type, prediction_type, karras,
+                                          lower_order_final, steps):
+    cfg = dict(SDXL_EULER, solver_order=order, solver_type=solver_type, prediction_type=prediction_type,
+               use_karras_sigmas=karras, lower_order_final=lower_order_final)
+    calls = _count_op_calls(monkeypatch, "linear_step")
+    ours, theirs = _fused("DPMSolverMultistepScheduler", **cfg), diffusers.DPMSolverMultistepScheduler(**cfg)
+    assert _loop(ours, theirs, steps=steps) <= 1  # each step's x0 is also what the next step reads
+    assert len(calls) == steps
+
+
+def test_dpm_solver_step_diffusers_computes_with_infinities_is_its_own():
+    # Karras sigmas ending at sigma_min repeat the last sigma, so the last step has h = 0: heun's (e^-h - 1) / h is
+    # 0 / 0 and diffusers' image is NaN there. The coefficients are not finite, so that step is diffusers' own.
+    cfg = dict(solver_order=2, solver_type="heun", use_karras_sigmas=True, final_sigmas_type="sigma_min")
+    ours, theirs = _fused("DPMSolverMultistepScheduler", **cfg), diffusers.DPMSolverMultistepScheduler(**cfg)
+    assert _loop(ours, theirs, steps=5) <= 1  # NaN at the same places (checked by the comparison)
+
+
 @pytest.mark.parametrize("name, cfg", [
     ("EulerDiscreteScheduler", SDXL_EULER),
     ("EulerAncestralDiscreteScheduler", SDXL_EULER),
+    ("DPMSolverMultistepScheduler", SDXL_EULER),
     ("DDPMScheduler", {}),
     ("DDIMScheduler", {}),
 ])
@@ -107,6 +135,10 @@ def test_fused_step_in_half_precision(name, cfg):
     ("DDPMScheduler", dict(thresholding=True)),
     ("DDPMScheduler", dict(variance_type="fixed_large_log")),  # diffusers' NaN, kept as it is
     ("DDIMScheduler", dict(thresholding=True)),
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++")),  # draws noise
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min")),  # eps solver
+    ("DPMSolverMultistepScheduler", dict(solver_order=3)),
+    ("DPMSolverMultistepScheduler", dict(thresholding=True)),
 ])
 def test_what_is_not_mirrored_runs_the_schedulers_own_step(monkeypatch, name, cfg):
     calls = _count_op_calls(monkeypatch, OP[name])
@@ -141,6 +173,7 @@ def test_euler_steps_keep_diffusers_errors_and_warnings(caplog):
     ("EulerDiscreteScheduler", {}),
     ("EulerDiscreteScheduler", dict(use_karras_sigmas=True, prediction_type="v_prediction")),
     ("EulerAncestralDiscreteScheduler", {}),
+    ("DPMSolverMultistepScheduler", {}),
     ("DDPMScheduler", dict(variance_type="fixed_small_log")),
 ])
 def test_pipelines_keep_their_images(monkeypatch, name, cfg):
@@ -179,7 +212,8 @@ def test_which_schedulers_are_left_alone_and_why(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # only the device's type is read: no GPU needed
     assert "overrides EulerDiscreteScheduler.step" in diffusers_schedulers.fuse_step(OwnStep(), cpu)
     pndm = diffusers.PNDMScheduler()  # SD1.5's shipped default: no fused step
-    fused = "DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DDPMScheduler"
+    fused = ("DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, "
+             "DDPMScheduler")
     assert f"PNDMScheduler (fused: {fused})" in diffusers_schedulers.fuse_step(pndm, cpu)
     assert "step" not in vars(pndm)
     monkeypatch.setattr(diffusers_schedulers._cpp, "has_cuda", lambda: False)

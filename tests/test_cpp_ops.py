@@ -334,6 +334,7 @@ def test_every_step_op_on_each_device_and_layout(device, layout, dtype):
     a_t, a_prev, std = A_T.to(device), A_PREV.to(device), torch.tensor([0.0, 0.1, 0.3], device=device)
     sig, sig_next = torch.tensor([14.6, 3.0, 0.5], device=device), torch.tensor([10.0, 2.0, 0.0], device=device)
     ddim = dict(eta=0.8, prediction_type="v_prediction", clip_sample_range=1.5)
+    linear = dict(cx=1.4, cm=-0.9, p0=0.8, px=0.3, pm=0.1, pe=-0.2)  # DPM-Solver++ 2M's shape of update
     cases = {
         "ddim_step": (lambda: ops.ddim_step(m, x, a_t, a_prev, variance_noise=n, backend="cpp", **ddim),
                       lambda d: reference.ddim_step(m.to(d), x.to(d), a_t.to(d), a_prev.to(d), variance_noise=n.to(d),
@@ -347,6 +348,8 @@ def test_every_step_op_on_each_device_and_layout(device, layout, dtype):
         "euler_step": (lambda: ops.euler_step(m, x, sig, sig_next, gamma=0.4, noise=n, backend="cpp"),
                        lambda d: reference.euler_step(m.to(d), x.to(d), sig.to(d), sig_next.to(d), gamma=0.4,
                                                       noise=n.to(d))),
+        "linear_step": (lambda: ops.linear_step(m, x, n, backend="cpp", **linear),
+                        lambda d: reference.linear_step(m.to(d), x.to(d), n.to(d), **linear)),
         "euler_ancestral_step": (lambda: ops.euler_ancestral_step(m, x, sig, sig_next, n, backend="cpp"),
                                  lambda d: reference.euler_ancestral_step(m.to(d), x.to(d), sig.to(d),
                                                                           sig_next.to(d), n.to(d))),
@@ -385,6 +388,8 @@ def test_opcheck_every_op(layout):
         (lib.euler_step, (m, x, a + 1, ap, 0.2, 1.0, n, "epsilon")),
         (lib.euler_step, (m.half(), x, a + 1, ap, 0.0, 1.0, None, "v_prediction")),  # output in model_output's dtype
         (lib.euler_ancestral_step, (m, x, a + 1, ap, n, "epsilon")),
+        (lib.linear_step, (m, x, n, 1.4, -0.9, 0.8, 0.3, 0.1, -0.2)),
+        (lib.linear_step, (m.half(), x, None, 1.0, 0.0, 0.5, 0.5, 0.0, 0.0)),  # no extra; mixed dtypes
         (lib.euler_ancestral_step, (m.half(), x, a + 1, ap, n.half(), "sample")),  # mixed dtypes: fp32 copies
         (lib.group_norm_silu, (_in_layout(torch.randn(2, 8, 3, 3), layout), 4, torch.randn(8), None, 1e-5, True)),
     ]
@@ -407,6 +412,11 @@ def test_opcheck_every_op(layout):
      ValueError, "sigma contains NaN or inf"),
     (lambda x: ops.euler_ancestral_step(x, x, 1.0, 0.5, None, backend="cpp"), TypeError,
      "noise must be a torch.Tensor"),
+    (lambda x: ops.linear_step(x, x, x[:1], cx=1.0, cm=0.0, p0=1.0, px=0.0, backend="cpp"), ValueError,
+     "extra has shape"),
+    (lambda x: ops.linear_step(x, x, cx=float("nan"), cm=0.0, p0=1.0, px=0.0, backend="cpp"), ValueError, "cx"),
+    (lambda x: torch.ops.diffusion_fast.linear_step(x, x, None, 1.0, 0.0, float("inf"), 0.0, 0.0, 0.0), ValueError,
+     "coefficients must be finite"),  # the op's own check
     (lambda x: ops.attention(x, x, x, backend="cpp"), ValueError, "attention has no C\\+\\+ implementation"),
     # the op itself, as the unchecked internal entry calls it: a meta weight (sequential CPU offload keeps weights
     # there between calls) used to be read as garbage

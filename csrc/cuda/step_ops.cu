@@ -7,6 +7,7 @@
 #include <torch/library.h>
 #include <torch/torch.h>
 
+#include <cmath>
 #include <limits>
 #include <string>
 
@@ -56,6 +57,20 @@ __global__ void euler_kernel(const float* __restrict__ m, const float* __restric
     const StepCoeffs c = euler_coeffs(sigma[b], sigma_next[b], gamma, pred);
     const float xc = churn ? x[i] + euler_churn(sigma[b], gamma, s_noise) * noise[i] : x[i];
     prev[i] = apply_step<false, false>(c, xc, m[i], 0.0f, 0.0f, &x0[i]);
+  }
+}
+
+template <typename scalar_t>
+__global__ void linear_kernel(const scalar_t* __restrict__ m, const scalar_t* __restrict__ x,
+                              const scalar_t* __restrict__ extra, scalar_t* __restrict__ prev,
+                              scalar_t* __restrict__ x0, StepCoeffs c, bool has_extra, int64_t numel) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float x0v;
+    const float p = apply_step<false, true>(c, static_cast<float>(x[i]), static_cast<float>(m[i]),
+                                            has_extra ? static_cast<float>(extra[i]) : 0.0f, 0.0f, &x0v);
+    prev[i] = static_cast<scalar_t>(p);
+    x0[i] = static_cast<scalar_t>(x0v);
   }
 }
 
@@ -172,6 +187,35 @@ std::tuple<at::Tensor, at::Tensor> euler_ancestral_step_cuda(const at::Tensor& m
   return {prev.to(model_output.scalar_type()), x0.to(model_output.scalar_type())};
 }
 
+std::tuple<at::Tensor, at::Tensor> linear_step_cuda(const at::Tensor& model_output, const at::Tensor& sample,
+                                                    const c10::optional<at::Tensor>& extra, double cx, double cm,
+                                                    double p0, double px, double pm, double pe) {
+  TORCH_CHECK_VALUE(model_output.sizes() == sample.sizes(), "model_output has shape ", model_output.sizes(),
+                    " but sample has shape ", sample.sizes());
+  if (extra.has_value()) {
+    TORCH_CHECK_VALUE(extra->sizes() == sample.sizes(), "extra has shape ", extra->sizes(), " but sample has shape ",
+                      sample.sizes());
+  }
+  for (const double v : {cx, cm, p0, px, pm, pe}) {
+    TORCH_CHECK_VALUE(std::isfinite(v), "linear_step: coefficients must be finite, got ", v);
+  }
+  const bool fp32 = model_output.scalar_type() != sample.scalar_type() ||
+                    (extra.has_value() && extra->scalar_type() != sample.scalar_type());
+  const auto f = [&](const at::Tensor& t) { return (fp32 ? t.to(at::kFloat) : t).contiguous(); };
+  const at::Tensor m = f(model_output), x = f(sample), e = extra.has_value() ? f(*extra) : x;
+  at::Tensor prev = at::empty_like(x), x0 = at::empty_like(x);
+  const StepCoeffs c{static_cast<float>(cx), static_cast<float>(cm), static_cast<float>(p0),
+                     static_cast<float>(px), static_cast<float>(pm), static_cast<float>(pe)};
+  const int64_t numel = x.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "diffusion_fast_linear_step", [&] {
+    linear_kernel<scalar_t><<<blocks_for(numel), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        m.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), prev.data_ptr<scalar_t>(),
+        x0.data_ptr<scalar_t>(), c, extra.has_value(), numel);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {prev.to(model_output.scalar_type()), x0.to(model_output.scalar_type())};
+}
+
 }  // namespace
 }  // namespace diffusion_fast
 
@@ -181,4 +225,5 @@ TORCH_LIBRARY_IMPL(diffusion_fast, CUDA, m) {
   m.impl("ddpm_step", &diffusion_fast::ddpm_step_cuda);
   m.impl("euler_step", &diffusion_fast::euler_step_cuda);
   m.impl("euler_ancestral_step", &diffusion_fast::euler_ancestral_step_cuda);
+  m.impl("linear_step", &diffusion_fast::linear_step_cuda);
 }
