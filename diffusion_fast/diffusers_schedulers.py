@@ -162,8 +162,10 @@ def _fused_dpm_multistep_step(self, model_output, timestep, sample, generator=No
         self._init_step_index(timestep)
     n, i = len(self.timesteps), self.step_index
     # diffusers' order choice, as it makes it (its lower_order_second only steps down from order 3)
-    lower_order_final = i == n - 1 and (config.euler_at_final or (config.lower_order_final and n < 15)
-                                        or config.final_sigmas_type == "zero")
+    # (getattr: fields an older diffusers lacks, and whose test its step then lacks too)
+    lower_order_final = i == n - 1 and (getattr(config, "euler_at_final", False)
+                                        or (config.lower_order_final and n < 15)
+                                        or getattr(config, "final_sigmas_type", None) == "zero")
     first_order = config.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final
     values, _ = _sigma_tables(self, torch.device("cpu"))  # the sigmas as floats, made once per schedule
     coefficients = _dpm_coefficients(values, i, config.prediction_type, config.solver_type, not first_order)
