@@ -6,9 +6,9 @@
 Groups: the fused CFG+DDIM step (C++ op) vs our reference vs diffusers' CFG combine + DDIMScheduler.step, on
 1x4x64x64, 2x4x128x128 and 8x4x128x128 fp32 latents; group_norm_silu (C++ op) vs F.group_norm + F.silu on SD
 shapes in both memory layouts; fp16/bf16 storage for both at SD1.5's shapes; diffusers' Euler, Euler ancestral,
-DPM-Solver++ 2M and DDPM scheduler steps as accelerate patches them vs their own, and the Euler op alone; and the
-weights key a graphed UNet call checks (ModuleState, SD1.5's UNet on the meta device). Each group's rows are the
-implementations side by side; compare medians.
+DPM-Solver++ 2M, PNDM (PLMS) and DDPM scheduler steps as accelerate patches them vs their own, and the Euler op
+alone; and the weights key a graphed UNet call checks (ModuleState, SD1.5's UNet on the meta device). Each group's
+rows are the implementations side by side; compare medians.
 
 The allocator is pinned first (see ``_steady_allocator``): glibc otherwise moves between two regimes at random,
 and in one of them every multi-MB temporary is page-faulted in afresh. That would slow the implementations that
@@ -119,7 +119,7 @@ def test_euler_step(benchmark, impl):
 
 
 @pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                                       "DPMSolverMultistepScheduler", "DDPMScheduler"])
+                                       "DPMSolverMultistepScheduler", "PNDMScheduler", "DDPMScheduler"])
 @pytest.mark.parametrize("impl", ["accelerate fused", "diffusers"])
 def test_diffusers_scheduler_step(benchmark, scheduler, impl):
     """One step of a diffusers scheduler at 2x4x128x128 fp32 (SDXL's scheduler config, step 10 of 50): its own step
@@ -129,8 +129,9 @@ def test_diffusers_scheduler_step(benchmark, scheduler, impl):
     from diffusion_fast.diffusers_schedulers import fuse_step
 
     benchmark.group = f"diffusers {scheduler}.step 2x4x128x128 fp32"
+    extra = {"skip_prk_steps": True} if scheduler == "PNDMScheduler" else {}  # as SD1.5 ships it
     sched = getattr(diffusers, scheduler)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                          timestep_spacing="leading", steps_offset=1)
+                                          timestep_spacing="leading", steps_offset=1, **extra)
     sched.set_timesteps(50)
     if impl == "accelerate fused":
         assert fuse_step(sched, torch.device("cpu")) is None
@@ -148,6 +149,11 @@ def test_diffusers_scheduler_step(benchmark, scheduler, impl):
 
         def step():
             sched._step_index = 10
+            return sched.step(model_output, t, sample).prev_sample
+    elif scheduler == "PNDMScheduler":  # PLMS with three earlier outputs: the four-term combination
+        sched.ets, sched.counter = [sample.clone() for _ in range(3)], 5
+
+        def step():
             return sched.step(model_output, t, sample).prev_sample
     else:
         def step():

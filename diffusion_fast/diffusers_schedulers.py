@@ -183,6 +183,55 @@ def _fused_dpm_multistep_step(self, model_output, timestep, sample, generator=No
     return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
 
+# PLMS's weights for the current model output and the earlier ones (newest first), by how many it has (diffusers')
+_PLMS_WEIGHTS = {2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+def _fused_pndm_step(self, model_output, timestep, sample, return_dict=True):
+    """diffusers' PNDMScheduler.step in its PLMS mode (``skip_prk_steps``, SD1.5's shipped config): the linear
+    multistep combination of this and up to three earlier model outputs, then the PNDM update, as one fused pass over
+    (sample, model output, the earlier outputs' part of the combination), with ``ets``, ``counter`` and
+    ``cur_sample`` kept as diffusers keeps them (the second call re-steps from the first sample with the average of
+    the first two outputs). The Runge-Kutta warm-up steps and other prediction types keep diffusers' own step."""
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+    config = self.config
+    if (self.num_inference_steps is None or not config.skip_prk_steps
+            or config.prediction_type not in ("epsilon", "v_prediction")):
+        return _original(self, model_output, timestep, sample, return_dict)
+    stride = config.num_train_timesteps // self.num_inference_steps
+    prev_timestep = timestep - stride
+    if self.counter != 1:
+        self.ets = self.ets[-3:]
+        self.ets.append(model_output)
+    else:
+        prev_timestep, timestep = timestep, timestep + stride
+    earlier = None
+    if len(self.ets) == 1 and self.counter == 0:
+        weight = 1.0
+        self.cur_sample = sample
+    elif len(self.ets) == 1 and self.counter == 1:  # (m + ets[-1]) / 2, from the first step's sample
+        weight, earlier = 0.5, self.ets[-1] * 0.5
+        sample, self.cur_sample = self.cur_sample, None
+    else:
+        weight, *rest = _PLMS_WEIGHTS[len(self.ets)]
+        earlier = self.ets[-2] * rest[0]
+        for w, e in zip(rest[1:], reversed(self.ets[:-2])):
+            earlier = earlier.add(e, alpha=w)
+    # _get_prev_sample: prev = sample_coeff * x - k * eps, eps = combined (or, for v, sqrt(a) combined + sqrt(b) x)
+    alpha_t = float(self.alphas_cumprod[timestep])
+    alpha_prev = float(self.alphas_cumprod[prev_timestep]) if prev_timestep >= 0 else float(self.final_alpha_cumprod)
+    beta_t, beta_prev = 1 - alpha_t, 1 - alpha_prev
+    k = (alpha_prev - alpha_t) / (alpha_t * beta_prev**0.5 + (alpha_t * beta_t * alpha_prev) ** 0.5)
+    px = (alpha_prev / alpha_t) ** 0.5
+    if config.prediction_type == "v_prediction":
+        px, k = px - k * beta_t**0.5, k * alpha_t**0.5
+    prev, _ = ops.linear_step(model_output, sample, earlier, cx=0.0, cm=0.0, p0=0.0, px=px, pm=-k * weight,
+                              pe=-k if earlier is not None else 0.0)
+    self.counter += 1
+    return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
 def _sigma_tables(self, device):
     """A scheduler's sigmas as Python floats (for the churn window test) and as a float32 table on the
     sample's device (sliced for the op, so a step neither reads the device nor copies to it), made again whenever
@@ -223,12 +272,13 @@ def _fused_ddpm_step(self, model_output, timestep, sample, generator=None, retur
 def _fusable():
     """[(diffusers scheduler class, its fused step, our op, whether the op has a Triton kernel)]."""
     from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                           EulerDiscreteScheduler)
+                           EulerDiscreteScheduler, PNDMScheduler)
 
     return [(DDIMScheduler, _fused_ddim_step, "ddim_step", True),
             (EulerDiscreteScheduler, _fused_euler_step, "euler_step", False),
             (EulerAncestralDiscreteScheduler, _fused_euler_ancestral_step, "euler_ancestral_step", False),
             (DPMSolverMultistepScheduler, _fused_dpm_multistep_step, "linear_step", False),
+            (PNDMScheduler, _fused_pndm_step, "linear_step", False),
             (DDPMScheduler, _fused_ddpm_step, "ddpm_step", False)]
 
 

@@ -34,7 +34,8 @@ def _loop(ours, theirs, steps=4, dtype=torch.float32, noise="generator", schedul
     """Run both schedulers on the same random model outputs; return the worst difference / its allowed value.
 
     noise="generator": both draw their step noise from equally seeded generators (diffusers' randn_tensor rules);
-    noise="given": DDIM gets the same variance_noise tensor instead. schedule: set_timesteps keywords (else steps).
+    noise="given": DDIM gets the same variance_noise tensor instead; None: no noise argument at all.
+    schedule: set_timesteps keywords (else steps).
     """
     ours.set_timesteps(**(schedule or {"num_inference_steps": steps}))
     theirs.set_timesteps(**(schedule or {"num_inference_steps": steps}))
@@ -48,7 +49,9 @@ def _loop(ours, theirs, steps=4, dtype=torch.float32, noise="generator", schedul
         model_output = torch.randn(SHAPE, generator=gen).to(dtype)
         scaled_theirs, scaled_ours = theirs.scale_model_input(x, t), ours.scale_model_input(x.clone(), t)
         torch.testing.assert_close(scaled_ours, scaled_theirs, rtol=1e-6, atol=1e-6)
-        if noise == "given":
+        if noise is None:  # a deterministic scheduler whose step takes no generator (PNDM)
+            kw_a = kw_b = dict(step_kwargs)
+        elif noise == "given":
             kw_a = kw_b = dict(step_kwargs, variance_noise=torch.randn(SHAPE, generator=gen).to(dtype))
         else:
             kw_a = dict(step_kwargs, generator=torch.Generator().manual_seed(1))

@@ -1,5 +1,6 @@
 """accelerate's fused scheduler steps: diffusers' DDIM, Euler and DDPM schedulers, patched, against the same
 schedulers unpatched, step by step and through whole pipelines; which schedulers are left alone, and why."""
+import inspect
 import itertools
 
 import numpy as np
@@ -10,7 +11,8 @@ import _tiny_diffusers
 import diffusers
 from conftest import ON_GPU
 import diffusion_fast
-from _scheduler_parity import _loop
+from _numerics import assert_2x_rule
+from _scheduler_parity import SHAPE, _loop
 from diffusion_fast import diffusers_schedulers, ops
 from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
 
@@ -20,7 +22,8 @@ pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:Deprec
               pytest.mark.filterwarnings("ignore:`algorithm_types dpmsolver:FutureWarning")]
 
 OP = {"DDIMScheduler": "ddim_step", "EulerDiscreteScheduler": "euler_step", "DDPMScheduler": "ddpm_step",
-      "EulerAncestralDiscreteScheduler": "euler_ancestral_step", "DPMSolverMultistepScheduler": "linear_step"}
+      "EulerAncestralDiscreteScheduler": "euler_ancestral_step", "DPMSolverMultistepScheduler": "linear_step",
+      "PNDMScheduler": "linear_step"}
 SDXL_EULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
                   steps_offset=1)  # the scheduler config SDXL checkpoints ship
 
@@ -110,6 +113,32 @@ def test_fused_dpm_solver_matches_its_own(monkeypatch, order, solver_type, predi
     assert len(calls) == steps
 
 
+# PNDM in its PLMS mode (SD1.5's shipped scheduler): 1 to 4 model outputs combined, the second call's re-step, every
+# spacing, both prediction types, final alpha 1 or not. Judged by the 2x rule against diffusers' own step run in
+# float64: with v_prediction at t=999, diffusers' fp32 update cancels (sample coefficient ~158 against a term almost
+# as large), so our folded float64 coefficients are closer to the exact result than diffusers' fp32 numbers are.
+@pytest.mark.parametrize("prediction_type, spacing, steps", list(itertools.product(
+    ["epsilon", "v_prediction"], ["leading", "trailing", "linspace"], [1, 2, 3, 5, 20])))
+def test_fused_pndm_matches_its_own_by_the_2x_rule(monkeypatch, prediction_type, spacing, steps):
+    cfg = dict(skip_prk_steps=True, prediction_type=prediction_type, timestep_spacing=spacing, steps_offset=1,
+               beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False)
+    calls = _count_op_calls(monkeypatch, "linear_step")
+    ours, theirs, exact = _fused("PNDMScheduler", **cfg), diffusers.PNDMScheduler(**cfg), diffusers.PNDMScheduler(**cfg)
+    for sched in (ours, theirs, exact):
+        sched.set_timesteps(steps)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
+    for i, t in enumerate(exact.timesteps):
+        m = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
+        ref = exact.step(m, t, x).prev_sample  # diffusers' arithmetic in float64
+        plain = theirs.step(m.float(), t, x.float()).prev_sample
+        fast = ours.step(m.float(), t, x.float()).prev_sample
+        s = max(1.0, ref.abs().max().item())
+        assert_2x_rule(fast / s, ref / s, plain / s, floor=1e-6, what=f"step {i}")
+        x = ref
+    assert len(calls) == len(exact.timesteps) and ours.counter == theirs.counter and len(ours.ets) == len(theirs.ets)
+
+
 def test_dpm_solver_step_diffusers_computes_with_infinities_is_its_own():
     # Karras sigmas ending at sigma_min repeat the last sigma, so the last step has h = 0: heun's (e^-h - 1) / h is
     # 0 / 0 and diffusers' image is NaN there. The coefficients are not finite, so that step is diffusers' own.
@@ -140,6 +169,7 @@ def test_fused_step_in_half_precision(name, cfg):
     ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min")),  # eps solver
     ("DPMSolverMultistepScheduler", dict(solver_order=3)),
     ("DPMSolverMultistepScheduler", dict(thresholding=True)),
+    ("PNDMScheduler", dict(skip_prk_steps=False)),  # the Runge-Kutta warm-up steps
 ])
 def test_what_is_not_mirrored_runs_the_schedulers_own_step(monkeypatch, name, cfg):
     calls = _count_op_calls(monkeypatch, OP[name])
@@ -148,9 +178,10 @@ def test_what_is_not_mirrored_runs_the_schedulers_own_step(monkeypatch, name, cf
         sched.set_timesteps(4)
     gen = torch.Generator().manual_seed(0)
     x, model_output = torch.randn(2, 4, 5, 7, generator=gen), torch.randn(2, 4, 5, 7, generator=gen)
+    noisy = "generator" in inspect.signature(theirs.step).parameters  # PNDM's step takes none
     for t in theirs.timesteps[:2]:  # a noisy step; the very same numbers, NaN included
-        a = theirs.step(model_output, t, x, generator=torch.Generator().manual_seed(1))
-        b = ours.step(model_output, t, x, generator=torch.Generator().manual_seed(1))
+        a = theirs.step(model_output, t, x, **({"generator": torch.Generator().manual_seed(1)} if noisy else {}))
+        b = ours.step(model_output, t, x, **({"generator": torch.Generator().manual_seed(1)} if noisy else {}))
         torch.testing.assert_close(b.prev_sample, a.prev_sample, rtol=0, atol=0, equal_nan=True)
     assert calls == []
 
@@ -175,6 +206,7 @@ def test_euler_steps_keep_diffusers_errors_and_warnings(caplog):
     ("EulerDiscreteScheduler", dict(use_karras_sigmas=True, prediction_type="v_prediction")),
     ("EulerAncestralDiscreteScheduler", {}),
     ("DPMSolverMultistepScheduler", {}),
+    ("PNDMScheduler", dict(skip_prk_steps=True)),  # as SD1.5 ships it
     ("DDPMScheduler", dict(variance_type="fixed_small_log")),
 ])
 def test_pipelines_keep_their_images(monkeypatch, name, cfg):
@@ -187,7 +219,8 @@ def test_pipelines_keep_their_images(monkeypatch, name, cfg):
     diffusion_fast.accelerate(pipe)
     assert pipe._diffusion_fast_report["scheduler"] == 1
     fast = _images(pipe)
-    assert len(calls) == 3 and np.abs(fast - before).max() <= PIPELINE_FP32_MAX_ABS
+    steps = len(pipe.scheduler.timesteps)  # 3, or 4 for PLMS (its second timestep is stepped twice)
+    assert len(calls) == steps and np.abs(fast - before).max() <= PIPELINE_FP32_MAX_ABS
     diffusion_fast.restore(pipe)
     assert "step" not in vars(pipe.scheduler)
     assert np.array_equal(_images(pipe), before)
@@ -230,11 +263,11 @@ def test_which_schedulers_are_left_alone_and_why(monkeypatch):
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # only the device's type is read: no GPU needed
     assert "overrides EulerDiscreteScheduler.step" in diffusers_schedulers.fuse_step(OwnStep(), cpu)
-    pndm = diffusers.PNDMScheduler()  # SD1.5's shipped default: no fused step
+    heun = diffusers.HeunDiscreteScheduler()  # no fused step
     fused = ("DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, "
-             "DDPMScheduler")
-    assert f"PNDMScheduler (fused: {fused})" in diffusers_schedulers.fuse_step(pndm, cpu)
-    assert "step" not in vars(pndm)
+             "PNDMScheduler, DDPMScheduler")
+    assert f"HeunDiscreteScheduler (fused: {fused})" in diffusers_schedulers.fuse_step(heun, cpu)
+    assert "step" not in vars(heun)
     monkeypatch.setattr(diffusers_schedulers._cpp, "has_cuda", lambda: False)
     reason = diffusers_schedulers.fuse_step(diffusers.EulerDiscreteScheduler(), cuda)
     assert "CUDA build of the C++ extension" in reason
