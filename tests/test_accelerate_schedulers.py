@@ -253,7 +253,8 @@ def test_fused_steps_on_gpu_in_half_precision(monkeypatch, name):
     diffusion_fast.accelerate(pipe)
     assert pipe._diffusion_fast_report["scheduler"] == 1
     first, second = _images(pipe), _images(pipe)
-    assert len(calls) == 2 * len(pipe.scheduler.timesteps) and np.abs(first - before).max() < 2e-2 and np.array_equal(first, second)
+    assert len(calls) == 2 * len(pipe.scheduler.timesteps)
+    assert np.abs(first - before).max() < 2e-2 and np.array_equal(first, second)
     diffusion_fast.restore(pipe)
 
 
