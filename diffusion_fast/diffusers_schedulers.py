@@ -37,7 +37,7 @@ def _fused_ddim_step(self, model_output, timestep, sample, eta=0.0, use_clipped_
     """diffusers' DDIMScheduler.step as one fused op; thresholding keeps diffusers' own step."""
     from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
-    if self.config.thresholding or self.num_inference_steps is None:
+    if _config_gap(self) or self.num_inference_steps is None:
         return _original(self, model_output, timestep, sample, eta, use_clipped_model_output, generator,
                          variance_noise, return_dict)
     prev_t = timestep - self.config.num_train_timesteps // self.num_inference_steps
@@ -67,7 +67,7 @@ def _fused_euler_step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=
     prediction = self.config.prediction_type
     if (isinstance(timestep, (int, torch.IntTensor, torch.LongTensor))  # diffusers raises its own error
             or not getattr(self, "is_scale_input_called", True)  # diffusers warns about it
-            or prediction not in ("epsilon", "v_prediction", "sample", "original_sample")):
+            or _config_gap(self)):
         return _original(self, model_output, timestep, sample, s_churn, s_tmin, s_tmax, s_noise, generator,
                          return_dict)
     if self.step_index is None:
@@ -97,7 +97,7 @@ def _fused_euler_ancestral_step(self, model_output, timestep, sample, generator=
     prediction = self.config.prediction_type
     if (isinstance(timestep, (int, torch.IntTensor, torch.LongTensor))  # diffusers raises its own error
             or not getattr(self, "is_scale_input_called", True)  # diffusers warns about it
-            or prediction not in ("epsilon", "v_prediction")):  # diffusers raises for "sample"
+            or _config_gap(self)):
         return _original(self, model_output, timestep, sample, generator, return_dict)
     if self.step_index is None:
         self._init_step_index(timestep)
@@ -153,10 +153,7 @@ def _fused_dpm_multistep_step(self, model_output, timestep, sample, generator=No
     from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
     config = self.config
-    if (self.num_inference_steps is None or config.algorithm_type != "dpmsolver++" or config.solver_order > 2
-            or config.solver_type not in ("midpoint", "heun") or config.thresholding
-            or config.variance_type is not None or getattr(config, "use_flow_sigmas", False)
-            or config.prediction_type not in ("epsilon", "v_prediction", "sample")):
+    if self.num_inference_steps is None or _config_gap(self):
         return _original(self, model_output, timestep, sample, generator, variance_noise, return_dict)
     if self.step_index is None:
         self._init_step_index(timestep)
@@ -196,8 +193,7 @@ def _fused_pndm_step(self, model_output, timestep, sample, return_dict=True):
     from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
     config = self.config
-    if (self.num_inference_steps is None or not config.skip_prk_steps
-            or config.prediction_type not in ("epsilon", "v_prediction")):
+    if self.num_inference_steps is None or _config_gap(self):
         return _original(self, model_output, timestep, sample, return_dict)
     stride = config.num_train_timesteps // self.num_inference_steps
     prev_timestep = timestep - stride
@@ -250,8 +246,7 @@ def _fused_ddpm_step(self, model_output, timestep, sample, generator=None, retur
     from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 
     config = self.config
-    if (config.thresholding or config.variance_type not in ("fixed_small", "fixed_small_log", "fixed_large")
-            or config.prediction_type not in ("epsilon", "v_prediction", "sample")):
+    if _config_gap(self):
         return _original(self, model_output, timestep, sample, generator, return_dict)
     t = timestep
     prev_t = self.previous_timestep(t)
@@ -267,6 +262,36 @@ def _fused_ddpm_step(self, model_output, timestep, sample, generator=None, retur
                              prediction_type=config.prediction_type,
                              clip_sample_range=config.clip_sample_range if config.clip_sample else None)
     return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
+
+
+def _config_gap(scheduler):
+    """What in the scheduler's config its fused step does not mirror (every step would be the scheduler's own), or
+    None. ``fuse_step`` leaves such a scheduler alone and says why; each fused step checks again, in case the config
+    was changed afterwards (``register_to_config``)."""
+    c = scheduler.config
+    prediction = {"DDIMScheduler": ("epsilon", "v_prediction", "sample"),
+                  "EulerDiscreteScheduler": ("epsilon", "v_prediction", "sample", "original_sample"),
+                  "EulerAncestralDiscreteScheduler": ("epsilon", "v_prediction"),  # diffusers raises for "sample"
+                  "DPMSolverMultistepScheduler": ("epsilon", "v_prediction", "sample"),
+                  "PNDMScheduler": ("epsilon", "v_prediction"),
+                  "DDPMScheduler": ("epsilon", "v_prediction", "sample")}[_fused_class(scheduler).__name__]
+    variance = getattr(c, "variance_type", None)  # DDPM's and DPM-Solver's
+    algorithm, solver = getattr(c, "algorithm_type", "dpmsolver++"), getattr(c, "solver_type", "midpoint")  # DPM's
+    gaps = [
+        (getattr(c, "thresholding", False), "thresholding"),
+        (c.prediction_type not in prediction, f"prediction_type {c.prediction_type!r}"),
+        (variance not in (None, "fixed_small", "fixed_small_log", "fixed_large"), f"variance_type {variance!r}"),
+        (algorithm != "dpmsolver++", f"algorithm_type {algorithm!r}"),
+        (getattr(c, "solver_order", 1) > 2, f"solver_order {getattr(c, 'solver_order', 1)}"),
+        (solver not in ("midpoint", "heun"), f"solver_type {solver!r}"),
+        (getattr(c, "use_flow_sigmas", False), "flow sigmas"),
+        (not getattr(c, "skip_prk_steps", True), "the Runge-Kutta warm-up steps (skip_prk_steps=False)"),  # PNDM's
+    ]
+    return next((why for gap, why in gaps if gap), None)
+
+
+def _fused_class(scheduler):
+    return next(cls for cls, *_ in _fusable() if isinstance(scheduler, cls))
 
 
 def _fusable():
@@ -292,6 +317,9 @@ def fuse_step(scheduler, device: torch.device):
             return f"scheduler {name} (its own step overrides {cls.__name__}.step)"
         if device.type == "cuda" and not has_triton and not _cpp.has_cuda():
             return f"scheduler {name} (its {op} runs on CUDA only through a CUDA build of the C++ extension)"
+        gap = _config_gap(scheduler)
+        if gap:
+            return f"scheduler {name} ({gap}: its own step)"
         setattr(scheduler, _ORIGINAL, scheduler.step)
         scheduler.step = fused.__get__(scheduler)
         return None
