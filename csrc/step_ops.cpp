@@ -250,6 +250,21 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step_cpu(const at::Tensor& model_output,
   return run_step(model_output, c10::nullopt, sample, noise, coeffs, 0.0, clip);
 }
 
+// The steps that return model_output's dtype (Euler, ancestral Euler, linear), as diffusers' Euler steps do: when
+// every tensor shares the sample's dtype the shared loop runs on the storage (computing in fp32 whatever it is);
+// mixed dtypes run on fp32 copies.
+std::tuple<at::Tensor, at::Tensor> run_step_in_model_dtype(const at::Tensor& model_output, const at::Tensor& sample,
+                                                           const c10::optional<at::Tensor>& extra,
+                                                           const std::vector<StepCoeffs>& coeffs) {
+  const bool fp32 = model_output.scalar_type() != sample.scalar_type() ||
+                    (extra.has_value() && extra->scalar_type() != sample.scalar_type());
+  const auto f = [&](const at::Tensor& t) { return fp32 ? t.to(at::kFloat) : t; };
+  const c10::optional<at::Tensor> e = extra.has_value() ? c10::optional<at::Tensor>(f(*extra)) : c10::nullopt;
+  auto [prev, x0] = run_step(f(model_output), c10::nullopt, f(sample), e, coeffs, 0.0, c10::nullopt);
+  const auto out_type = model_output.scalar_type();
+  return {prev.to(out_type), x0.to(out_type)};
+}
+
 std::tuple<at::Tensor, at::Tensor> euler_step_cpu(const at::Tensor& model_output, const at::Tensor& sample,
                                                   const at::Tensor& sigma, const at::Tensor& sigma_next, double gamma,
                                                   double s_noise, const c10::optional<at::Tensor>& noise,
@@ -268,20 +283,12 @@ std::tuple<at::Tensor, at::Tensor> euler_step_cpu(const at::Tensor& model_output
     coeffs[b] = euler_coeffs(value_at(sg, b), value_at(sn, b), g, pred);
     churn[b] = euler_churn(value_at(sg, b), g, static_cast<float>(s_noise));
   }
-  // diffusers computes this step in fp32 and returns model_output's dtype. With both in one dtype, the shared loop
-  // computes in fp32 whatever the storage; otherwise (and for the churned sample, which diffusers keeps in fp32) the
-  // step runs on fp32 copies.
-  const bool churned = gamma > 0.0, fp32 = churned || model_output.scalar_type() != sample.scalar_type();
-  const at::Tensor m = fp32 ? model_output.to(at::kFloat) : model_output;
-  at::Tensor x = fp32 ? sample.to(at::kFloat) : sample;
-  if (churned) {
-    std::vector<int64_t> shape(sample.dim(), 1);
-    shape[0] = batch;
-    x = x + noise->to(at::kFloat) * at::tensor(churn).view(shape);
-  }
-  auto [prev, x0] = run_step(m, c10::nullopt, x, c10::nullopt, coeffs, 0.0, c10::nullopt);
-  const auto out_type = model_output.scalar_type();
-  return {prev.to(out_type), x0.to(out_type)};
+  if (gamma == 0.0) return run_step_in_model_dtype(model_output, sample, c10::nullopt, coeffs);
+  // the churned sample, formed first and kept in fp32 as diffusers keeps it
+  std::vector<int64_t> shape(sample.dim(), 1);
+  shape[0] = batch;
+  const at::Tensor churned = sample.to(at::kFloat) + noise->to(at::kFloat) * at::tensor(churn).view(shape);
+  return run_step_in_model_dtype(model_output, churned, c10::nullopt, coeffs);
 }
 
 std::tuple<at::Tensor, at::Tensor> euler_ancestral_step_cpu(const at::Tensor& model_output, const at::Tensor& sample,
@@ -297,12 +304,7 @@ std::tuple<at::Tensor, at::Tensor> euler_ancestral_step_cpu(const at::Tensor& mo
   for (int64_t b = 0; b < sample.size(0); ++b) {
     coeffs[b] = euler_ancestral_coeffs(value_at(sg, b), value_at(sn, b), pred);
   }
-  // In fp32 whatever the storage (the shared loop converts fp16/bf16 chunk by chunk); mixed dtypes run on fp32 copies.
-  const bool fp32 = model_output.scalar_type() != sample.scalar_type() || noise.scalar_type() != sample.scalar_type();
-  const auto f = [&](const at::Tensor& t) { return fp32 ? t.to(at::kFloat) : t; };
-  auto [prev, x0] = run_step(f(model_output), c10::nullopt, f(sample), f(noise), coeffs, 0.0, c10::nullopt);
-  const auto out_type = model_output.scalar_type();
-  return {prev.to(out_type), x0.to(out_type)};
+  return run_step_in_model_dtype(model_output, sample, noise, coeffs);
 }
 
 // A step whose update is linear in (sample, model_output, one extra tensor) with coefficients the caller computed:
@@ -319,14 +321,7 @@ std::tuple<at::Tensor, at::Tensor> linear_step_cpu(const at::Tensor& model_outpu
   }
   const StepCoeffs c{static_cast<float>(cx), static_cast<float>(cm), static_cast<float>(p0),
                      static_cast<float>(px), static_cast<float>(pm), static_cast<float>(pe)};
-  const std::vector<StepCoeffs> coeffs(sample.size(0), c);
-  const bool fp32 = model_output.scalar_type() != sample.scalar_type() ||
-                    (extra.has_value() && extra->scalar_type() != sample.scalar_type());
-  const auto f = [&](const at::Tensor& t) { return fp32 ? t.to(at::kFloat) : t; };
-  const c10::optional<at::Tensor> e = extra.has_value() ? c10::optional<at::Tensor>(f(*extra)) : c10::nullopt;
-  auto [prev, x0] = run_step(f(model_output), c10::nullopt, f(sample), e, coeffs, 0.0, c10::nullopt);
-  const auto out_type = model_output.scalar_type();
-  return {prev.to(out_type), x0.to(out_type)};
+  return run_step_in_model_dtype(model_output, sample, extra, std::vector<StepCoeffs>(sample.size(0), c));
 }
 
 at::Tensor group_norm_silu_cpu(const at::Tensor& x, int64_t num_groups, const c10::optional<at::Tensor>& weight,
