@@ -150,20 +150,14 @@ class EulerDiscreteScheduler(SchedulerBase):
 
     def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
              generator=None, return_dict=True):
-        if isinstance(timestep, int) or (torch.is_tensor(timestep) and not timestep.is_floating_point()):
-            raise ValueError("EulerDiscreteScheduler.step takes one of scheduler.timesteps (floats), not an index")
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        sigma = float(self.sigmas[self._step_index])
+        i = self._next_index(timestep)
+        sigma = float(self.sigmas[i])
         gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
         noise = None
         if gamma > 0:
             noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                  dtype=model_output.dtype)
-        i = self._step_index
         sigmas = self._table("sigmas", sample.device)  # sliced, not read: no host sync
-        if i + 1 >= len(self.sigmas):
-            raise ValueError(f"step called {i + 1} times for a {self.num_inference_steps}-step schedule")
         # As diffusers: the sample is upcast to fp32, x0 stays fp32, prev_sample takes model_output's dtype.
         prev, x0 = ops.euler_step(model_output.float(), sample.float(), sigmas[i:i + 1], sigmas[i + 1:i + 2],
                                   gamma=gamma, s_noise=s_noise, noise=noise,
@@ -171,6 +165,17 @@ class EulerDiscreteScheduler(SchedulerBase):
         prev = prev.to(model_output.dtype)
         self._step_index += 1
         return SchedulerOutput(prev, x0) if return_dict else (prev, x0)
+
+    def _next_index(self, timestep):
+        """This step's index into ``sigmas``, checked: a timestep from the schedule (a float, not an index, as
+        diffusers requires) and a step left in the schedule."""
+        if isinstance(timestep, int) or (torch.is_tensor(timestep) and not timestep.is_floating_point()):
+            raise ValueError(f"{type(self).__name__}.step takes one of scheduler.timesteps (floats), not an index")
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        if self._step_index + 1 >= len(self.sigmas):
+            raise ValueError(f"step called {self._step_index + 1} times for a {self.num_inference_steps}-step schedule")
+        return self._step_index
 
     def _step_indices(self, timesteps):
         """Per-sample sigma indices for add_noise, as diffusers: looked up per timestep when no begin index is set

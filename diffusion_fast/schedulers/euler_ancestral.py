@@ -8,8 +8,6 @@ drawn as diffusers draws it. The sigmas come from a device table sliced by the s
 """
 from __future__ import annotations
 
-import torch
-
 from .. import ops
 from .common import FrozenConfig, SchedulerOutput, randn_tensor
 from .euler import EulerDiscreteScheduler
@@ -36,14 +34,7 @@ class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
         return FrozenConfig(dict(self.config, **FIXED_SCHEDULE))
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
-        if isinstance(timestep, int) or (torch.is_tensor(timestep) and not timestep.is_floating_point()):
-            raise ValueError("EulerAncestralDiscreteScheduler.step takes one of scheduler.timesteps (floats), not an "
-                             "index")
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
-        if i + 1 >= len(self.sigmas):
-            raise ValueError(f"step called {i + 1} times for a {self.num_inference_steps}-step schedule")
+        i = self._next_index(timestep)
         noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                              dtype=model_output.dtype)
         sigmas = self._table("sigmas", sample.device)  # sliced, not read: no host sync
