@@ -10,8 +10,9 @@
   custom processors) gets our processor, which calls ``diffusion_fast.ops.attention`` with (B, H, L, D) views. With
   ``attention="auto"`` that happens on CUDA only: on the CPU our attention is the same SDPA call diffusers' own
   processor makes, so patching it would add only Python overhead (``attention=True`` patches it anyway);
-- a ``DDIMScheduler``'s, ``EulerDiscreteScheduler``'s or ``DDPMScheduler``'s ``step`` becomes our one-pass fused
-  step (noise drawn exactly as diffusers draws it; see ``diffusers_schedulers``);
+- the scheduler's ``step`` becomes our one-pass fused step for DDIM, Euler, Euler ancestral, DPM-Solver++ (order
+  1-2), PNDM (PLMS) and DDPM, noise drawn exactly as diffusers draws it; see ``diffusers_schedulers`` for what each
+  mirrors;
 - on CUDA (``cuda_graph="auto"``), the UNet's and each ControlNet's forward are replayed from CUDA graphs, one per
   input signature, every tensor argument a graph input (SDXL's ``added_cond_kwargs``, ControlNet residuals); see
   ``model_graphs``;

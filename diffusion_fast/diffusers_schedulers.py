@@ -26,6 +26,7 @@ from .schedulers.common import randn_tensor
 
 _ORIGINAL = "_diffusion_fast_original_step"
 _SIGMAS = "_diffusion_fast_sigmas"
+_CHECKED = "_diffusion_fast_checked_config"
 
 
 def _original(self, *args, **kwargs):
@@ -37,7 +38,7 @@ def _fused_ddim_step(self, model_output, timestep, sample, eta=0.0, use_clipped_
     """diffusers' DDIMScheduler.step as one fused op; thresholding keeps diffusers' own step."""
     from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
-    if _config_gap(self) or self.num_inference_steps is None:
+    if _config_gap_now(self) or self.num_inference_steps is None:
         return _original(self, model_output, timestep, sample, eta, use_clipped_model_output, generator,
                          variance_noise, return_dict)
     prev_t = timestep - self.config.num_train_timesteps // self.num_inference_steps
@@ -67,7 +68,7 @@ def _fused_euler_step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=
     prediction = self.config.prediction_type
     if (isinstance(timestep, (int, torch.IntTensor, torch.LongTensor))  # diffusers raises its own error
             or not getattr(self, "is_scale_input_called", True)  # diffusers warns about it
-            or _config_gap(self)):
+            or _config_gap_now(self)):
         return _original(self, model_output, timestep, sample, s_churn, s_tmin, s_tmax, s_noise, generator,
                          return_dict)
     if self.step_index is None:
@@ -97,7 +98,7 @@ def _fused_euler_ancestral_step(self, model_output, timestep, sample, generator=
     prediction = self.config.prediction_type
     if (isinstance(timestep, (int, torch.IntTensor, torch.LongTensor))  # diffusers raises its own error
             or not getattr(self, "is_scale_input_called", True)  # diffusers warns about it
-            or _config_gap(self)):
+            or _config_gap_now(self)):
         return _original(self, model_output, timestep, sample, generator, return_dict)
     if self.step_index is None:
         self._init_step_index(timestep)
@@ -153,7 +154,7 @@ def _fused_dpm_multistep_step(self, model_output, timestep, sample, generator=No
     from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
     config = self.config
-    if self.num_inference_steps is None or _config_gap(self):
+    if self.num_inference_steps is None or _config_gap_now(self):
         return _original(self, model_output, timestep, sample, generator, variance_noise, return_dict)
     if self.step_index is None:
         self._init_step_index(timestep)
@@ -193,7 +194,7 @@ def _fused_pndm_step(self, model_output, timestep, sample, return_dict=True):
     from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
     config = self.config
-    if self.num_inference_steps is None or _config_gap(self):
+    if self.num_inference_steps is None or _config_gap_now(self):
         return _original(self, model_output, timestep, sample, return_dict)
     stride = config.num_train_timesteps // self.num_inference_steps
     prev_timestep = timestep - stride
@@ -246,7 +247,7 @@ def _fused_ddpm_step(self, model_output, timestep, sample, generator=None, retur
     from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 
     config = self.config
-    if _config_gap(self):
+    if _config_gap_now(self):
         return _original(self, model_output, timestep, sample, generator, return_dict)
     t = timestep
     prev_t = self.previous_timestep(t)
@@ -290,6 +291,17 @@ def _config_gap(scheduler):
     return next((why for gap, why in gaps if gap), None)
 
 
+def _config_gap_now(scheduler):
+    """``_config_gap`` as a fused step checks it: worked out again only when the config object was replaced since
+    (``register_to_config`` makes a new one), so a step pays one identity test, not the whole check."""
+    config = scheduler.config
+    checked = getattr(scheduler, _CHECKED, None)
+    if checked is None or checked[0] is not config:
+        checked = (config, _config_gap(scheduler))
+        setattr(scheduler, _CHECKED, checked)
+    return checked[1]
+
+
 def _fused_class(scheduler):
     return next(cls for cls, *_ in _fusable() if isinstance(scheduler, cls))
 
@@ -331,5 +343,6 @@ def unfuse_step(scheduler):
     """Undo ``fuse_step``."""
     del scheduler.step  # the instance attribute shadowed the class method
     delattr(scheduler, _ORIGINAL)
-    if hasattr(scheduler, _SIGMAS):
-        delattr(scheduler, _SIGMAS)
+    for cache in (_SIGMAS, _CHECKED):
+        if hasattr(scheduler, cache):
+            delattr(scheduler, cache)
