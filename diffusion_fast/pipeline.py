@@ -1,10 +1,11 @@
 """Our Stable Diffusion pipeline: text encoding, classifier-free guidance, the denoising loop and VAE decode.
 
-Same seed and weights give the same image as diffusers' StableDiffusionPipeline with its DDIMScheduler: the initial
-latents are drawn the way diffusers draws them, prompts are tokenized and encoded the same way, and the scheduler
-reproduces diffusers' arithmetic. What differs is how the work runs:
+Same seed and weights give the same image as diffusers' StableDiffusionPipeline with the same scheduler (the
+folder's own: DDIM, DDPM, PNDM, Euler, Euler ancestral or DPM-Solver++ multistep): the initial latents are drawn
+the way diffusers draws them, prompts are tokenized and encoded the same way, and the scheduler reproduces diffusers'
+arithmetic. What differs is how the work runs:
 
-- the CFG combine and the DDIM update are one fused op per step (``DDIMScheduler.step_cfg``);
+- each scheduler's update is one fused op per step; with DDIM the CFG combine joins it (``DDIMScheduler.step_cfg``);
 - timesteps and coefficient tables stay on the device, so the loop never waits on the host;
 - on CUDA the whole denoising step (UNet on the doubled batch, CFG, DDIM update) is captured once per
   (shape, dtype, guidance) as a CUDA graph and replayed for every step. Where the step holds host-side state or
@@ -17,6 +18,7 @@ reproduces diffusers' arithmetic. What differs is how the work runs:
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -236,7 +238,10 @@ class StableDiffusionPipeline:
         if do_cfg:
             uncond, text = noise_pred.chunk(2)
             noise_pred = uncond + guidance_scale * (text - uncond)
-        kwargs = {"eta": eta, "generator": generator} if isinstance(self.scheduler, DDIMScheduler) else {"generator": generator}
+        if isinstance(self.scheduler, DDIMScheduler):
+            kwargs = {"eta": eta, "generator": generator}
+        else:  # as diffusers' prepare_extra_step_kwargs: a generator only for a step that takes one (not PNDM's)
+            kwargs = {"generator": generator} if _takes(self.scheduler.step, "generator") else {}
         return self.scheduler.step(noise_pred, t, latents, **kwargs).prev_sample
 
     def _graph_step(self, latents, t, embeds, guidance_scale, do_cfg, num_inference_steps):
@@ -328,6 +333,10 @@ class StableDiffusionPipeline:
             return StableDiffusionPipelineOutput(images=latents, seconds=seconds)
         image = self.vae.decode(latents / self.vae.config.scaling_factor)
         return StableDiffusionPipelineOutput(images=postprocess(image, output_type), seconds=seconds)
+
+
+def _takes(function, name) -> bool:
+    return name in inspect.signature(function).parameters
 
 
 def postprocess(image: torch.Tensor, output_type: str):

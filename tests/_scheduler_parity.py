@@ -67,3 +67,27 @@ def _loop(ours, theirs, steps=4, dtype=torch.float32, noise="generator", schedul
             worst = max(worst, _compare(ta, tb) / allowed)
         x = a.prev_sample
     return worst
+
+
+def _loop_by_2x_rule(ours, theirs, exact, steps):
+    """PNDM's parity: each step of ``ours`` (fp32) within the 2x rule of ``theirs`` (diffusers, fp32) against
+    ``exact`` (diffusers' arithmetic in float64), all three fed the same float64 trajectory. With v_prediction at
+    t=999 diffusers' fp32 update cancels (a sample coefficient ~158 against a term almost as large), so a plain
+    tolerance around diffusers' fp32 numbers would fault the more exact result. Returns the number of steps."""
+    from _numerics import assert_2x_rule
+
+    for sched in (ours, theirs, exact):
+        sched.set_timesteps(steps)
+    torch.testing.assert_close(ours.timesteps, exact.timesteps, rtol=0, atol=0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
+    for i, t in enumerate(exact.timesteps):
+        m = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
+        ref = exact.step(m, t, x).prev_sample
+        plain = theirs.step(m.float(), t, x.float()).prev_sample
+        fast = ours.step(m.float(), t, x.float()).prev_sample
+        assert fast.dtype == plain.dtype and fast.shape == plain.shape
+        s = max(1.0, ref.abs().max().item())
+        assert_2x_rule(fast / s, ref / s, plain / s, floor=1e-6, what=f"step {i} (t={int(t)})")
+        x = ref
+    return len(exact.timesteps)

@@ -44,18 +44,26 @@ def test_same_image_as_diffusers(pair, backend_name):
     assert np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS
 
 
-@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DDPMScheduler"])
-def test_other_schedulers_same_image_as_diffusers(pair, scheduler):
-    # Euler ancestral and DDPM draw noise at every step, from the generator, exactly as diffusers does
+@pytest.mark.parametrize("scheduler, cfg, steps", [
+    ("EulerDiscreteScheduler", {}, STEPS),
+    ("EulerAncestralDiscreteScheduler", {}, STEPS),
+    ("DDPMScheduler", {}, STEPS),
+    ("PNDMScheduler", dict(skip_prk_steps=True), STEPS),  # as SD1.5 ships it
+    ("PNDMScheduler", dict(skip_prk_steps=False), 4),  # diffusers' default: 12 Runge-Kutta calls, then PLMS
+    ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True), 5),  # "DPM++ 2M Karras"
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", solver_order=3), 5),
+])
+def test_other_schedulers_same_image_as_diffusers(pair, scheduler, cfg, steps):
+    # Euler ancestral, DDPM and the SDE DPM-Solver draw noise at every step, from the generator, as diffusers does
     import diffusers
 
     theirs, ours = pair
     saved = theirs.scheduler, ours.scheduler
     try:
-        theirs.scheduler = getattr(diffusers, scheduler).from_config(saved[0].config)
+        theirs.scheduler = getattr(diffusers, scheduler).from_config(saved[0].config, **cfg)
         ours.scheduler = diffusion_fast.schedulers.load_scheduler(dict(theirs.scheduler.config))  # by _class_name
         assert type(ours.scheduler).__name__ == scheduler
-        a, b = _both(pair, prompt="a red cube")
+        a, b = _both(pair, prompt="a red cube", num_inference_steps=steps)
         assert np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS
     finally:
         theirs.scheduler, ours.scheduler = saved

@@ -7,7 +7,7 @@ import torch
 
 import diffusers
 from diffusion_fast import schedulers as S
-from _scheduler_parity import SHAPE, _loop
+from _scheduler_parity import SHAPE, _loop, _loop_by_2x_rule
 
 # diffusers' Euler calls np.array on a tensor (a numpy 2 DeprecationWarning inside diffusers, not in our code)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -192,6 +192,149 @@ def test_euler_ancestral_config_and_errors():
         sched.step(x, sched.timesteps[-1], x)
 
 
+# PNDM, SD1.5's shipped scheduler: PLMS from the first step (skip_prk_steps) or after diffusers' Runge-Kutta warm-up,
+# every spacing and prediction type, the cosine schedule (alpha ~ 0 at t = 999), a final alpha of 1 or not; 1 to 3
+# steps reach PLMS's special first steps only; 20 reach its four-output combination. Judged by the 2x rule against
+# diffusers' own step in float64 (see _loop_by_2x_rule).
+@pytest.mark.parametrize("skip_prk_steps, prediction_type, beta_schedule", list(itertools.product(
+    [True, False], ["epsilon", "v_prediction"], ["scaled_linear", "squaredcos_cap_v2"])))
+def test_pndm_matches_diffusers_by_the_2x_rule(skip_prk_steps, prediction_type, beta_schedule):
+    for spacing, set_alpha_to_one, steps in itertools.product(
+            ["leading", "trailing", "linspace"], [False, True], [1, 2, 3, 4, 20] if skip_prk_steps else [4, 5, 20]):
+        cfg = dict(skip_prk_steps=skip_prk_steps, prediction_type=prediction_type, beta_schedule=beta_schedule,
+                   timestep_spacing=spacing, set_alpha_to_one=set_alpha_to_one, steps_offset=1)
+        ours, theirs, exact = S.PNDMScheduler(**cfg), diffusers.PNDMScheduler(**cfg), diffusers.PNDMScheduler(**cfg)
+        _loop_by_2x_rule(ours, theirs, exact, steps)
+        assert ours.counter == theirs.counter and len(ours.ets) == len(theirs.ets)
+
+
+@pytest.mark.parametrize("skip_prk_steps", [True, False])
+def test_pndm_as_sd15_ships_it_in_fp32_and_fp16(skip_prk_steps):
+    cfg = dict(skip_prk_steps=skip_prk_steps, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+               set_alpha_to_one=False, steps_offset=1)
+    assert _loop(S.PNDMScheduler(**cfg), diffusers.PNDMScheduler(**cfg), steps=10, noise=None) <= 1
+    # fp16: diffusers computes in fp16, our fused pass in fp32 (and rounds once)
+    assert _loop(S.PNDMScheduler(**cfg), diffusers.PNDMScheduler(**cfg), steps=10, noise=None,
+                 dtype=torch.float16) <= 2e-2
+
+
+def test_pndm_config_and_errors():
+    sched = S.PNDMScheduler(skip_prk_steps=True)
+    with pytest.raises(ValueError, match="call set_timesteps first"):
+        sched.step(torch.randn(SHAPE), 10, torch.randn(SHAPE))
+    sched.set_timesteps(3)
+    x = torch.randn(SHAPE)
+    with pytest.raises(ValueError, match="timestep 5 is not this step's timestep 666"):  # steps go in order
+        sched.step(x, 5, x)
+    for t in sched.timesteps:
+        x = sched.step(torch.randn(SHAPE), t, x).prev_sample
+    with pytest.raises(ValueError, match="step called 5 times for a schedule of 4 timesteps"):
+        sched.step(x, 0, x)
+    sched.set_timesteps(3)  # a new schedule starts over
+    assert sched.counter == 0 and sched.ets == [] and sched.cur_sample is None
+    with pytest.raises(ValueError, match="at least 4 for PNDM's Runge-Kutta warm-up"):
+        S.PNDMScheduler().set_timesteps(3)  # diffusers fails with a numpy broadcast error
+    with pytest.raises(ValueError, match="prediction_type must be epsilon or v_prediction"):
+        S.PNDMScheduler(prediction_type="sample")
+    with pytest.raises(ValueError, match="beta_schedule must be linear, scaled_linear or squaredcos_cap_v2"):
+        S.PNDMScheduler(beta_schedule="sigmoid")
+
+
+# DPM-Solver++ multistep: orders 1 to 3, ODE and SDE, both solver types, and each sigma schedule; inside, every
+# prediction type, both final sigmas and lower_order_final on and off, over 6 steps (so that order 3 runs). Where a
+# step is 0 / 0 (equal last sigmas with heun or order 3; diffusers' image is NaN) ours refuses with a ValueError.
+@pytest.mark.parametrize("algorithm, order, solver_type, sigmas", list(itertools.product(
+    ["dpmsolver++", "sde-dpmsolver++"], [1, 2, 3], ["midpoint", "heun"], ["default", "karras", "lu", "exponential"])))
+def test_dpm_solver_matches_diffusers(algorithm, order, solver_type, sigmas):
+    refused = 0
+    for prediction_type, final, lower_order_final in itertools.product(
+            ["epsilon", "v_prediction", "sample"], ["zero", "sigma_min"], [True, False]):
+        cfg = dict(algorithm_type=algorithm, solver_order=order, solver_type=solver_type, beta_schedule="scaled_linear",
+                   prediction_type=prediction_type, final_sigmas_type=final, lower_order_final=lower_order_final,
+                   use_karras_sigmas=sigmas == "karras", use_lu_lambdas=sigmas == "lu",
+                   use_exponential_sigmas=sigmas == "exponential")
+        try:
+            assert _loop(S.DPMSolverMultistepScheduler(**cfg), diffusers.DPMSolverMultistepScheduler(**cfg),
+                         steps=6) <= 1, cfg
+        except ValueError as error:
+            assert "0 / 0" in str(error), cfg
+            theirs = diffusers.DPMSolverMultistepScheduler(**cfg)
+            theirs.set_timesteps(6)
+            x = torch.randn(SHAPE)
+            for t in theirs.timesteps:
+                x = theirs.step(torch.randn(SHAPE), t, x, generator=torch.Generator().manual_seed(0)).prev_sample
+            assert x.isnan().all(), cfg
+            refused += 1
+    # only the repeated final sigma (sigma_min schedules without lower_order_final) with heun or order 3 is refused
+    expected = 3 if sigmas != "default" and order > 1 and (solver_type == "heun" or order == 3) else 0
+    assert refused == expected
+
+
+@pytest.mark.parametrize("spacing, beta_schedule", list(itertools.product(
+    ["leading", "trailing", "linspace"], ["linear", "scaled_linear", "squaredcos_cap_v2"])))
+def test_dpm_solver_schedules_and_options(spacing, beta_schedule):
+    base = dict(timestep_spacing=spacing, beta_schedule=beta_schedule, steps_offset=1)
+    for extra in ({}, dict(lambda_min_clipped=-5.1), dict(thresholding=True, prediction_type="sample"),
+                  dict(rescale_betas_zero_snr=True, prediction_type="v_prediction"),
+                  dict(euler_at_final=True, lower_order_final=False, solver_order=3)):
+        cfg = dict(base, **extra)
+        for steps in (4, 20):
+            assert _loop(S.DPMSolverMultistepScheduler(**cfg), diffusers.DPMSolverMultistepScheduler(**cfg),
+                         steps=steps) <= 1, (cfg, steps)
+
+
+def test_dpm_solver_noise_custom_timesteps_fp16_and_add_noise():
+    sde = dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True)  # "DPM++ 2M SDE Karras"
+    assert _loop(S.DPMSolverMultistepScheduler(**sde), diffusers.DPMSolverMultistepScheduler(**sde),
+                 noise="given") <= 1  # variance_noise instead of the generator
+    for timesteps in ([999, 800, 500, 200, 10], [901, 500, 1]):
+        assert _loop(S.DPMSolverMultistepScheduler(), diffusers.DPMSolverMultistepScheduler(),
+                     schedule=dict(timesteps=timesteps)) <= 1
+    sd = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, use_karras_sigmas=True)
+    assert _loop(S.DPMSolverMultistepScheduler(**sd), diffusers.DPMSolverMultistepScheduler(**sd), steps=10,
+                 dtype=torch.float16) <= 2e-2
+    ours, theirs = S.DPMSolverMultistepScheduler(**sd), diffusers.DPMSolverMultistepScheduler(**sd)
+    ours.set_timesteps(10), theirs.set_timesteps(10)
+    x, noise = torch.randn(SHAPE), torch.randn(SHAPE)
+    ts = theirs.timesteps[[1, 6]]  # no begin index: each sample's sigma found from its timestep (Karras sigmas)
+    torch.testing.assert_close(ours.add_noise(x, noise, ts), theirs.add_noise(x, noise, ts))
+    ours.set_begin_index(3), theirs.set_begin_index(3)  # img2img: every sample at the begin index's sigma
+    torch.testing.assert_close(ours.add_noise(x, noise, ts), theirs.add_noise(x, noise, ts))
+
+
+def test_dpm_solver_config_and_errors():
+    # Another algorithm's config loaded into DPM-Solver keeps its nearest settings, as diffusers does
+    unipc = diffusers.UniPCMultistepScheduler(solver_type="bh2")
+    assert S.DPMSolverMultistepScheduler.from_config(dict(unipc.config)).config.solver_type == "midpoint"
+    assert S.DPMSolverMultistepScheduler(algorithm_type="deis").config.algorithm_type == "dpmsolver++"
+    for bad, message in ((dict(algorithm_type="dpmsolver"), "deprecated in diffusers"),
+                         (dict(solver_order=4), "solver_order must be one of"),
+                         (dict(solver_order=True), "solver_order must be one of"),
+                         (dict(prediction_type="flow_prediction"), "prediction_type must be one of"),
+                         (dict(final_sigmas_type="one"), "final_sigmas_type must be one of"),
+                         (dict(use_karras_sigmas=True, use_exponential_sigmas=True), "choose one"),
+                         (dict(use_flow_sigmas=True), "use_flow_sigmas=True is not supported"),
+                         (dict(variance_type="learned_range"), "variance_type='learned_range' is not supported"),
+                         (dict(use_beta_sigmas=True), "use_beta_sigmas=True is not supported")):
+        with pytest.raises(ValueError, match=message):
+            S.DPMSolverMultistepScheduler(**bad)
+    sched = S.DPMSolverMultistepScheduler()
+    x = torch.randn(SHAPE)
+    with pytest.raises(ValueError, match="call set_timesteps first"):
+        sched.step(x, 10, x)
+    with pytest.raises(ValueError, match="custom timesteps cannot be used with Karras"):
+        S.DPMSolverMultistepScheduler(use_karras_sigmas=True).set_timesteps(timesteps=[900, 500])
+    with pytest.raises(ValueError, match="pass num_inference_steps or timesteps, not both"):
+        sched.set_timesteps(3, timesteps=[900, 500])
+    sched.set_timesteps(2)
+    with pytest.raises(ValueError, match="timestep 7.0 is not in this scheduler's timesteps"):
+        sched.step(x, 7, x)
+    for t in sched.timesteps:
+        sched.step(x, t, x)
+    with pytest.raises(ValueError, match="step called 3 times for a 2-step schedule"):
+        sched.step(x, sched.timesteps[-1], x)
+
+
 def test_euler_begin_index_add_noise_and_velocity():
     ours, theirs = S.EulerDiscreteScheduler(), diffusers.EulerDiscreteScheduler()
     ours.set_timesteps(10), theirs.set_timesteps(10)
@@ -236,7 +379,7 @@ def test_randn_tensor_draws_as_diffusers():
 
 
 @pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
-                                  "EulerAncestralDiscreteScheduler"])
+                                  "EulerAncestralDiscreteScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler"])
 def test_add_noise_per_sample_timesteps_and_fp16(name):
     cfg = dict(beta_schedule="scaled_linear")
     ours, theirs = S.SCHEDULERS[name](**cfg), getattr(diffusers, name)(**cfg)
@@ -247,28 +390,38 @@ def test_add_noise_per_sample_timesteps_and_fp16(name):
     # fp16 latents: diffusers computes DDIM/DDPM in fp16, we compute in fp32 and round once: close, not equal.
     # Euler: both compute in fp32 and round the result once, so only the rounding of fp32 differences remains.
     tol = 2e-3 if name.startswith("Euler") else 2e-2
-    assert _loop(S.SCHEDULERS[name](**cfg), getattr(diffusers, name)(**cfg), dtype=torch.float16) <= tol
+    noise = None if name == "PNDMScheduler" else "generator"  # PNDM's step takes no generator
+    assert _loop(S.SCHEDULERS[name](**cfg), getattr(diffusers, name)(**cfg), dtype=torch.float16,
+                 noise=noise) <= tol
 
 
 @pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
-                                  "EulerAncestralDiscreteScheduler"])
+                                  "EulerAncestralDiscreteScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler"])
 def test_outputs_fully_written_under_poisoned_allocations(name):
     """torch.empty* return NaN inside the block: an output element the op leaves unwritten would show as NaN."""
     from _numerics import poisoned_allocations
 
     def one_step():
-        sched = S.SCHEDULERS[name](beta_schedule="scaled_linear")
+        # the SDE DPM-Solver adds noise; PNDM's third call combines three model outputs
+        extra = {"algorithm_type": "sde-dpmsolver++"} if name == "DPMSolverMultistepScheduler" else {}
+        sched = S.SCHEDULERS[name](beta_schedule="scaled_linear", **extra)
         sched.set_timesteps(6)
         gen = torch.Generator().manual_seed(4)
         x, m = torch.randn(3, 4, 7, 9, generator=gen), torch.randn(3, 4, 7, 9, generator=gen)  # batch 3, odd 7x9
-        t = sched.timesteps[1]
         kw = {"eta": 0.5} if name == "DDIMScheduler" else {}
-        return sched.step(m, t, sched.scale_model_input(x, t), generator=torch.Generator().manual_seed(9), **kw)
+        if name != "PNDMScheduler":
+            kw["generator"] = torch.Generator().manual_seed(9)
+        for t in sched.timesteps[:3]:  # the multistep schedulers' third step reads two earlier outputs
+            out = sched.step(m, t, sched.scale_model_input(x, t), **kw)
+            m = m * 0.9
+        return out
 
     clean = one_step()
     with poisoned_allocations():
         poisoned = one_step()
     for a, b in zip(clean, poisoned):
+        if a is None:  # PNDM's output has no x0
+            continue
         assert torch.isfinite(b).all()
         torch.testing.assert_close(b, a, rtol=0, atol=0)
 
@@ -276,7 +429,7 @@ def test_outputs_fully_written_under_poisoned_allocations(name):
 def _sampling_setup(name, device, thresholding=False):
     sched = S.SCHEDULERS[name](beta_schedule="scaled_linear", **({"thresholding": True} if thresholding else {}))
     sched.set_timesteps(10, device=device)  # moves the coefficient tables to the device, once
-    if name.startswith("Euler"):
+    if hasattr(sched, "set_begin_index"):  # Euler, DPM-Solver
         sched.set_begin_index(0)  # as diffusers' pipelines do; otherwise the first step looks its timestep up
     return sched, torch.randn(SHAPE, device=device), torch.randn(SHAPE, device=device)
 
@@ -292,7 +445,7 @@ def _sampling_steps(name, sched, x, mo):
             sched.alphas_at(t)
         else:
             outs.append(sched.step(mo, t, x_in))
-    if not name.startswith("Euler"):
+    if not hasattr(sched, "set_begin_index"):  # (theirs looks each timestep up on the host, as diffusers')
         outs.append(sched.add_noise(x, mo, sched.timesteps[[1, 3]]))
     return outs
 
@@ -300,7 +453,9 @@ def _sampling_steps(name, sched, x, mo):
 @pytest.mark.parametrize("name, thresholding", [("DDIMScheduler", False), ("DDIMScheduler", True),
                                                 ("DDPMScheduler", False), ("DDPMScheduler", True),
                                                 ("EulerDiscreteScheduler", False),
-                                                ("EulerAncestralDiscreteScheduler", False)])
+                                                ("EulerAncestralDiscreteScheduler", False), ("PNDMScheduler", False),
+                                                ("DPMSolverMultistepScheduler", False),
+                                                ("DPMSolverMultistepScheduler", True)])
 def test_step_does_not_read_device_values(name, thresholding):
     """The step must never read a device value on the host (on a GPU, a sync per step). Meta tensors have no values:
     any .item()/bool()/nonzero/.cpu() on them raises, so a loop that completes on meta tensors cannot have synced."""
@@ -317,7 +472,8 @@ def test_step_does_not_read_device_values(name, thresholding):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA sync detection needs a GPU (meta test covers CPU)")
 @pytest.mark.parametrize("name, thresholding", [("DDIMScheduler", False), ("DDIMScheduler", True),
                                                 ("DDPMScheduler", False), ("EulerDiscreteScheduler", False),
-                                                ("EulerAncestralDiscreteScheduler", False)])
+                                                ("EulerAncestralDiscreteScheduler", False), ("PNDMScheduler", False),
+                                                ("DPMSolverMultistepScheduler", False)])
 def test_step_does_not_sync_on_cuda(name, thresholding):
     setup = _sampling_setup(name, "cuda", thresholding)
     _sampling_steps(name, *_sampling_setup(name, "cuda", thresholding))  # warm up: kernels compiled
@@ -367,12 +523,15 @@ def test_set_timesteps_refreshes_device_tables_in_place(name, tables, device):
 
 
 def test_from_config_of_another_scheduler_and_load_scheduler(tmp_path):
-    pndm = diffusers.PNDMScheduler(beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1)
-    pndm.save_config(tmp_path)
-    with pytest.warns(RuntimeWarning, match="PNDMScheduler is not implemented; using DDIMScheduler"):
+    unipc = diffusers.UniPCMultistepScheduler(beta_schedule="scaled_linear", steps_offset=1)
+    unipc.save_config(tmp_path)
+    with pytest.warns(RuntimeWarning, match="UniPCMultistepScheduler is not implemented; using DDIMScheduler"):
         sched = S.load_scheduler(str(tmp_path))
     assert isinstance(sched, S.DDIMScheduler) and sched.config.steps_offset == 1
     assert sched.config["beta_schedule"] == "scaled_linear"
+    pndm = diffusers.PNDMScheduler(beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1)
+    pndm.save_config(tmp_path / "sd15")
+    assert isinstance(S.load_scheduler(str(tmp_path / "sd15")), S.PNDMScheduler)  # SD1.5's folder: its own scheduler
     theirs = diffusers.DDIMScheduler.from_config(pndm.config)
     assert _loop(S.DDIMScheduler.from_config(dict(pndm.config)), theirs) <= 1
     # overrides win, as in diffusers' from_config(config, **kwargs); a dict with our class name picks our class

@@ -4,17 +4,19 @@ import warnings
 from .common import FrozenConfig, SchedulerOutput, randn_tensor, read_config
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
+from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
+from .pndm import PNDMScheduler
 
-SCHEDULERS = {cls.__name__: cls for cls in (DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler,
-                                            EulerAncestralDiscreteScheduler)}
+SCHEDULERS = {cls.__name__: cls for cls in (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                                            EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, PNDMScheduler)}
 
 
 def load_scheduler(folder_or_config, default="DDIMScheduler"):
     """Our scheduler for a diffusers scheduler folder/config, by its ``_class_name``.
 
-    A class we don't implement (SD1.5 ships PNDMScheduler) has its config loaded into ``default`` with a warning, as
+    A class we don't implement (UniPC, Heun, LMS, ...) has its config loaded into ``default`` with a warning, as
     diffusers' ``DDIMScheduler.from_config(pipe.scheduler.config)`` would.
     """
     config = folder_or_config if isinstance(folder_or_config, dict) else read_config(folder_or_config)
@@ -26,6 +28,7 @@ def load_scheduler(folder_or_config, default="DDIMScheduler"):
     return SCHEDULERS[name].from_config(config)
 
 
-__all__ = ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+__all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
+           "EulerAncestralDiscreteScheduler", "PNDMScheduler",
            "load_scheduler", "randn_tensor",
            "SchedulerOutput", "FrozenConfig", "SCHEDULERS"]

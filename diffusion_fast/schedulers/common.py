@@ -101,6 +101,22 @@ def spaced_timesteps(config, num_inference_steps, dtype=np.int64):
     raise ValueError(f"timestep_spacing must be leading, trailing or linspace, got {spacing!r}")
 
 
+def karras_sigmas(sigma_min, sigma_max, n, rho=7.0):
+    """Karras et al. (2022)'s n sigmas from sigma_max down to sigma_min, evenly spaced in sigma^(1/rho)."""
+    ramp = np.linspace(0, 1, n)
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def sigma_to_t(sigma, log_sigmas):
+    """Interpolate a timestep for ``sigma`` in log-sigma space (diffusers' _sigma_to_t)."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high = low + 1
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
+    return ((1 - w) * low + w * high).reshape(np.shape(sigma))
+
+
 def threshold_sample(sample, ratio, max_value):
     """Dynamic thresholding (Imagen): clamp each sample to its ratio-quantile of |x| (at least 1), rescale."""
     dtype = sample.dtype
@@ -236,6 +252,50 @@ class SchedulerBase:
 
     def __len__(self):
         return self.config.num_train_timesteps
+
+
+class SigmaScheduleBase(SchedulerBase):
+    """What the sigma-schedule schedulers (Euler, DPM-Solver) share with diffusers': a step index kept as Python state
+    (found from the first step's timestep, or set by a pipeline with ``set_begin_index``) and add_noise's indices."""
+
+    _step_index = None
+    _begin_index = None
+
+    @property
+    def step_index(self):
+        """The index of the next step into ``sigmas`` (None before the first step)."""
+        return self._step_index
+
+    @property
+    def begin_index(self):
+        """The first step's index, set by a pipeline with ``set_begin_index`` (img2img starts mid-schedule)."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index=0):
+        if isinstance(begin_index, bool) or not isinstance(begin_index, int) or begin_index < 0:
+            raise ValueError(f"begin_index must be a non-negative int, got {begin_index!r}")
+        self._begin_index = begin_index
+
+    def index_for_timestep(self, timestep, schedule_timesteps=None):
+        """The index of ``timestep`` in the schedule: the second match if it appears twice, as diffusers (so that
+        starting mid-schedule does not skip a sigma). Reads the timestep on the host."""
+        schedule = (self.timesteps if schedule_timesteps is None else schedule_timesteps).cpu()
+        t = timestep.cpu() if torch.is_tensor(timestep) else torch.tensor(timestep)
+        matches = (schedule == t).nonzero()
+        if len(matches) == 0:
+            raise ValueError(f"timestep {float(t)} is not in this scheduler's timesteps (call set_timesteps first)")
+        return int(matches[1 if len(matches) > 1 else 0])
+
+    def _init_step_index(self, timestep):
+        self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
+
+    def _step_indices(self, timesteps):
+        """Per-sample sigma indices for add_noise, as diffusers: looked up per timestep when no begin index is set
+        (training), else the current step (inpainting, after the first step) or the begin index (img2img)."""
+        ts = timesteps.reshape(-1) if torch.is_tensor(timesteps) else torch.tensor([timesteps], dtype=torch.float32)
+        if self._begin_index is None:
+            return [self.index_for_timestep(t) for t in ts]
+        return [self._step_index if self._step_index is not None else self._begin_index] * ts.shape[0]
 
 
 def read_config(folder, subfolder=None) -> dict:

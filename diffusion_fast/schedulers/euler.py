@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 from .. import ops
-from .common import SchedulerBase, SchedulerOutput, make_betas, randn_tensor, spaced_timesteps
+from .common import (SchedulerOutput, SigmaScheduleBase, make_betas, karras_sigmas, randn_tensor, sigma_to_t,
+                     spaced_timesteps)
 
 
-class EulerDiscreteScheduler(SchedulerBase):
+class EulerDiscreteScheduler(SigmaScheduleBase):
     defaults = dict(
         num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
         prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False, sigma_min=None,
@@ -58,21 +59,6 @@ class EulerDiscreteScheduler(SchedulerBase):
         max_sigma = self.sigmas.max()
         return max_sigma if self.config.timestep_spacing in ("linspace", "trailing") else (max_sigma**2 + 1) ** 0.5
 
-    @property
-    def step_index(self):
-        """The index of the next step into ``sigmas`` (None before the first step)."""
-        return self._step_index
-
-    @property
-    def begin_index(self):
-        """The first step's index, set by a pipeline with ``set_begin_index`` (img2img starts mid-schedule)."""
-        return self._begin_index
-
-    def set_begin_index(self, begin_index=0):
-        if isinstance(begin_index, bool) or not isinstance(begin_index, int) or begin_index < 0:
-            raise ValueError(f"begin_index must be a non-negative int, got {begin_index!r}")
-        self._begin_index = begin_index
-
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None):
         """The inference schedule: ``num_inference_steps`` per the config, or custom ``timesteps`` (then sigmas are
         interpolated) or custom ``sigmas`` (n + 1 values, the last the final sigma; timesteps are interpolated)."""
@@ -88,7 +74,7 @@ class EulerDiscreteScheduler(SchedulerBase):
             if len(sigmas) < 2:
                 raise ValueError("sigmas must have n + 1 values (the last is the final sigma), got 1")
             sigmas = sigmas.astype(np.float32)
-            timesteps = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas[:-1]])
+            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas[:-1]])
             self._finish_schedule(sigmas, timesteps, len(sigmas) - 1, device)
             return
         if timesteps is not None:
@@ -109,10 +95,8 @@ class EulerDiscreteScheduler(SchedulerBase):
         if c.use_karras_sigmas:
             sigma_min = c.sigma_min if c.sigma_min is not None else float(sigmas[-1])
             sigma_max = c.sigma_max if c.sigma_max is not None else float(sigmas[0])
-            ramp = np.linspace(0, 1, n)
-            rho = 7.0
-            sigmas = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-            timesteps = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
+            sigmas = karras_sigmas(sigma_min, sigma_max, n)
+            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
         a0 = self.alphas_cumprod[0]
         last = ((1 - a0) / a0) ** 0.5 if c.final_sigmas_type == "sigma_min" else 0
         self._finish_schedule(np.concatenate([sigmas, [float(last)]]).astype(np.float32), timesteps, n, device)
@@ -128,19 +112,6 @@ class EulerDiscreteScheduler(SchedulerBase):
         self._reset_tables(device, ("sigmas",))
         self._step_index = None
         self._begin_index = None
-
-    def index_for_timestep(self, timestep, schedule_timesteps=None):
-        """The index of ``timestep`` in the schedule: the second match if it appears twice, as diffusers (so that
-        starting mid-schedule does not skip a sigma). Reads the timestep on the host."""
-        schedule = (self.timesteps if schedule_timesteps is None else schedule_timesteps).cpu()
-        t = timestep.cpu() if torch.is_tensor(timestep) else torch.tensor(timestep)
-        matches = (schedule == t).nonzero()
-        if len(matches) == 0:
-            raise ValueError(f"timestep {float(t)} is not in this scheduler's timesteps (call set_timesteps first)")
-        return int(matches[1 if len(matches) > 1 else 0])
-
-    def _init_step_index(self, timestep):
-        self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
 
     def scale_model_input(self, sample, timestep):
         if self._step_index is None:
@@ -177,14 +148,6 @@ class EulerDiscreteScheduler(SchedulerBase):
             raise ValueError(f"step called {self._step_index + 1} times for a {self.num_inference_steps}-step schedule")
         return self._step_index
 
-    def _step_indices(self, timesteps):
-        """Per-sample sigma indices for add_noise, as diffusers: looked up per timestep when no begin index is set
-        (training), else the current step (inpainting, after the first step) or the begin index (img2img)."""
-        ts = timesteps.reshape(-1) if torch.is_tensor(timesteps) else torch.tensor([timesteps], dtype=torch.float32)
-        if self._begin_index is None:
-            return [self.index_for_timestep(t) for t in ts]
-        return [self._step_index if self._step_index is not None else self._begin_index] * ts.shape[0]
-
     def add_noise(self, original_samples, noise, timesteps):
         """x + sigma * noise, sigma per sample (see _step_indices)."""
         sigma = self.sigmas[self._step_indices(timesteps)].to(original_samples.device, original_samples.dtype)
@@ -199,12 +162,3 @@ class EulerDiscreteScheduler(SchedulerBase):
         a = a.view(-1, *([1] * (sample.dim() - 1)))
         return a**0.5 * noise - (1 - a) ** 0.5 * sample
 
-
-def _sigma_to_t(sigma, log_sigmas):
-    """Interpolate a timestep for ``sigma`` in log-sigma space (diffusers' _sigma_to_t)."""
-    log_sigma = np.log(np.maximum(sigma, 1e-10))
-    dists = log_sigma - log_sigmas[:, np.newaxis]
-    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
-    high = low + 1
-    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
-    return ((1 - w) * low + w * high).reshape(np.shape(sigma))

@@ -1,0 +1,263 @@
+"""DPM-Solver++ multistep (Lu et al. 2022) with diffusers' DPMSolverMultistepScheduler semantics: the samplers
+people call "DPM++ 2M", "DPM++ 2M Karras" and "DPM++ 2M SDE".
+
+Supported, as diffusers computes them: ``algorithm_type`` dpmsolver++ and sde-dpmsolver++; ``solver_order`` 1 to 3;
+``solver_type`` midpoint and heun; Karras, exponential and Lu-lambda sigmas; ``lambda_min_clipped``;
+``lower_order_final`` and ``euler_at_final``; a final sigma of zero or sigma_min; thresholding; the epsilon,
+v_prediction and sample prediction types; custom timesteps. Rejected with an error naming the field: the deprecated
+noise-prediction algorithms (dpmsolver, sde-dpmsolver), learned variances, beta sigmas, and flow sigmas and dynamic
+shifting (flow-matching models).
+
+Each step is linear in the sample, this step's x0 and the earlier steps' x0 (plus noise for the SDE variant).
+``solver_coefficients`` works those coefficients out on the host in float64 from the schedule's sigmas (diffusers
+computes them as fp32 tensors, which costs more than the update itself); ``solver_step`` runs the update as one
+fused pass (``ops.linear_step``). ``accelerate``'s fused step for diffusers' own scheduler uses both.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+
+from .. import ops
+from .common import (
+    SchedulerOutput,
+    SigmaScheduleBase,
+    karras_sigmas,
+    make_betas,
+    randn_tensor,
+    sigma_to_t,
+    threshold_sample,
+)
+
+ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
+# x0 = cx * sample + cm * model_output, with (alpha_s, sigma_s) the step's VP alpha and sigma
+_X0 = {"epsilon": lambda a, s: (1 / a, -s / a), "v_prediction": lambda a, s: (a, -s), "sample": lambda a, s: (0.0, 1.0)}
+
+
+def solver_coefficients(sigmas, i, order, prediction, algorithm="dpmsolver++", solver_type="midpoint"):
+    """DPM-Solver++'s update at step ``i`` of ``sigmas`` (host floats, the final sigma last), with diffusers' formulas:
+    ``(cx, cm, p0, px, weights, noise_scale)`` such that x0 = cx * x + cm * m and prev = p0 * x0 + px * x +
+    sum(w * x0 of the step j back, for j, w in enumerate(weights, 1)) + noise_scale * noise; or None where diffusers'
+    arithmetic gives NaN (0 / 0: two equal sigmas with the heun or third-order terms, or a higher order onto a final
+    sigma of 0). Divisions by zero follow IEEE rules as in diffusers' tensors: an infinite r0 makes D1 zero.
+
+    The multistep differences D1, D2 of diffusers' second- and third-order updates are expanded into weights on the
+    x0s, written as coefficient vectors over (x0 now, x0 one step back, x0 two steps back)."""
+
+    def alpha_sigma(sigma):
+        alpha = 1.0 / math.sqrt(sigma * sigma + 1.0)
+        return alpha, sigma * alpha
+
+    def lam(sigma):  # log(alpha) - log(sigma): the half log-SNR
+        alpha, s = alpha_sigma(sigma)
+        return math.log(alpha) - math.log(s) if s > 0 else math.inf
+
+    alpha_t, sigma_t = alpha_sigma(sigmas[i + 1])
+    alpha_s0, sigma_s0 = alpha_sigma(sigmas[i])
+    cx, cm = _X0[prediction](alpha_s0, sigma_s0)
+    lams = [lam(sigmas[i - j]) for j in range(order)]  # lambda at s0, s1, s2
+    h = np.float64(lam(sigmas[i + 1]) - lams[0])  # numpy: x / 0 is inf or NaN, as in diffusers' tensors
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if algorithm == "dpmsolver++":
+            em = np.expm1(-h)  # e^-h - 1
+            px, noise = sigma_t / sigma_s0, 0.0
+            a = [lambda: -alpha_t * em,
+                 lambda: (-0.5 * alpha_t * em if order == 2 and solver_type == "midpoint"
+                          else alpha_t * (em / h + 1.0)),
+                 lambda: -alpha_t * ((em + h) / h**2 - 0.5)]
+        else:  # sde-dpmsolver++
+            e2 = -np.expm1(-2.0 * h)  # 1 - e^-2h
+            px, noise = sigma_t / sigma_s0 * np.exp(-h), sigma_t * np.sqrt(e2)
+            a = [lambda: alpha_t * e2,
+                 lambda: (0.5 * alpha_t * e2 if order == 2 and solver_type == "midpoint"
+                          else alpha_t * (e2 / (-2.0 * h) + 1.0)),
+                 lambda: alpha_t * ((e2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5)]
+        combined = [a[0](), 0.0, 0.0]  # a0 * D0, D0 = x0 now
+        if order >= 2:
+            r0 = (lams[0] - lams[1]) / h
+            d1_0 = [1 / r0, -1 / r0, 0.0]
+            d1, d2 = d1_0, [0.0, 0.0, 0.0]
+            if order == 3:
+                r1 = (lams[1] - lams[2]) / h
+                diff = [p - q for p, q in zip(d1_0, [0.0, 1 / r1, -1 / r1])]  # D1_0 - D1_1
+                d1 = [p + r0 / (r0 + r1) * q for p, q in zip(d1_0, diff)]
+                d2 = [q / (r0 + r1) for q in diff]
+            a1, a2 = a[1](), (a[2]() if order == 3 else 0.0)
+            combined = [c + a1 * p + a2 * q for c, p, q in zip(combined, d1, d2)]
+    values = [float(v) for v in (cx, cm, combined[0], px, *combined[1:order], noise)]
+    if not all(map(math.isfinite, values)):
+        return None
+    return (*values[:4], tuple(values[4:-1]), values[-1])
+
+
+def solver_step(model_output, sample, earlier_x0, coefficients, noise=None, threshold=None):
+    """One step as ``solver_coefficients`` describes it: (prev, x0) in model_output's dtype, computed in fp32.
+    ``earlier_x0``: the earlier steps' x0, newest first (as many as there are weights); ``threshold``: a function
+    applied to x0 first (diffusers' dynamic thresholding), which costs a pass of its own."""
+    cx, cm, p0, px, weights, noise_scale = coefficients
+    terms = list(zip(weights, earlier_x0)) + ([(noise_scale, noise)] if noise_scale else [])
+    extra, pe = None, 0.0
+    if len(terms) == 1:
+        (pe, extra), = terms
+    elif terms:  # several terms: combined first (a few small ops), then passed as one
+        extra, pe = terms[0][1].float() * terms[0][0], 1.0
+        for w, t in terms[1:]:
+            extra = extra.add(t, alpha=w)
+    if threshold is not None:  # as diffusers: x0 in the model output's dtype, thresholded, then the update
+        model_output = threshold((cx * sample + cm * model_output).to(model_output.dtype))
+        cx, cm = 0.0, 1.0
+    return ops.linear_step(model_output, sample.float(), extra, cx=cx, cm=cm, p0=p0, px=px, pm=0.0, pe=pe)
+
+
+def solver_order_now(config, step_index, num_steps, lower_order_nums):
+    """The order diffusers' step uses at ``step_index`` (lower near the end of short schedules and at a final sigma
+    of zero, and while fewer earlier x0s exist). getattr: fields an older diffusers' config lacks."""
+    final = step_index == num_steps - 1 and (getattr(config, "euler_at_final", False)
+                                             or (config.lower_order_final and num_steps < 15)
+                                             or getattr(config, "final_sigmas_type", "zero") == "zero")
+    second = step_index == num_steps - 2 and config.lower_order_final and num_steps < 15
+    if config.solver_order == 1 or lower_order_nums < 1 or final:
+        return 1
+    if config.solver_order == 2 or lower_order_nums < 2 or second:
+        return 2
+    return 3
+
+
+class DPMSolverMultistepScheduler(SigmaScheduleBase):
+    defaults = dict(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
+        solver_order=2, prediction_type="epsilon", thresholding=False, dynamic_thresholding_ratio=0.995,
+        sample_max_value=1.0, algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=True,
+        euler_at_final=False, use_karras_sigmas=False, use_exponential_sigmas=False, use_lu_lambdas=False,
+        final_sigmas_type="zero", lambda_min_clipped=-math.inf, timestep_spacing="linspace", steps_offset=0,
+        rescale_betas_zero_snr=False,
+        flow_shift=1.0, time_shift_type="exponential",  # kept for round trips; they act only with flow sigmas
+    )
+    unsupported = dict(use_beta_sigmas=False, use_flow_sigmas=False, variance_type=None, use_dynamic_shifting=False)
+    init_noise_sigma = 1.0
+
+    def __init__(self, **kwargs):
+        # As diffusers: a DEIS or UniPC config loaded into this scheduler keeps its own algorithm's nearest settings
+        if kwargs.get("algorithm_type") == "deis":
+            kwargs["algorithm_type"] = "dpmsolver++"
+        if kwargs.get("solver_type") in ("logrho", "bh1", "bh2"):
+            kwargs["solver_type"] = "midpoint"
+        super().__init__(**kwargs)
+        c = self.config
+        for field, allowed in (("algorithm_type", ALGORITHMS), ("solver_type", ("midpoint", "heun")),
+                               ("solver_order", (1, 2, 3)), ("prediction_type", tuple(_X0)),
+                               ("final_sigmas_type", ("zero", "sigma_min")),
+                               ("timestep_spacing", ("linspace", "leading", "trailing")),
+                               ("beta_schedule", ("linear", "scaled_linear", "squaredcos_cap_v2"))):
+            if c[field] not in allowed or isinstance(c[field], bool):
+                hint = (" (dpmsolver and sde-dpmsolver, the noise-prediction variants, are deprecated in diffusers)"
+                        if field == "algorithm_type" else "")
+                raise ValueError(f"{field} must be one of {allowed}, got {c[field]!r}{hint}")
+        if c.use_karras_sigmas and c.use_exponential_sigmas:
+            raise ValueError("use_karras_sigmas and use_exponential_sigmas: choose one")
+        self.betas = make_betas(c)
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        if c.rescale_betas_zero_snr:
+            self.alphas_cumprod[-1] = 2**-24  # so the last sigma is finite, as diffusers does
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        n = c.num_train_timesteps
+        self.timesteps = torch.from_numpy(np.linspace(0, n - 1, n, dtype=np.float32)[::-1].copy())
+        self.model_outputs = [None] * c.solver_order
+        self.lower_order_nums = 0
+
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None):
+        """diffusers' schedule: ``num_inference_steps`` spaced per the config (within lambda_min_clipped), or custom
+        descending integer ``timesteps``; then Karras, exponential or Lu-lambda sigmas if the config asks."""
+        c = self.config
+        n_train = c.num_train_timesteps
+        if timesteps is not None:
+            if c.use_karras_sigmas or c.use_lu_lambdas or c.use_exponential_sigmas:
+                raise ValueError("custom timesteps cannot be used with Karras, Lu-lambda or exponential sigmas")
+            timesteps = self._custom_schedule("timesteps", timesteps, num_inference_steps, below=n_train)
+            timesteps = timesteps.astype(np.int64)
+        else:
+            self._check_steps(num_inference_steps)
+            n = int(num_inference_steps)
+            lambdas = torch.log(torch.sqrt(self.alphas_cumprod)) - torch.log(torch.sqrt(1 - self.alphas_cumprod))
+            last = n_train - int(torch.searchsorted(torch.flip(lambdas, [0]), c.lambda_min_clipped))
+            if c.timestep_spacing == "linspace":
+                timesteps = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+            elif c.timestep_spacing == "leading":
+                ratio = last // (n + 1)
+                timesteps = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + c.steps_offset
+            else:
+                timesteps = np.arange(last, 0, -n_train / n).round().copy().astype(np.int64) - 1
+        base = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+        log_sigmas = np.log(base)
+        rounded = c.beta_schedule != "squaredcos_cap_v2"  # diffusers rounds these timesteps, except for cosine
+        if c.use_karras_sigmas:
+            sigmas = karras_sigmas(float(base[0]), float(base[-1]), num_inference_steps)
+            timesteps = _timesteps_for(sigmas, log_sigmas, rounded)
+        elif c.use_lu_lambdas:
+            lam_max, lam_min = float(log_sigmas[-1]), float(log_sigmas[0])
+            sigmas = np.exp(lam_max + np.linspace(0, 1, num_inference_steps) * (lam_min - lam_max))
+            timesteps = _timesteps_for(sigmas, log_sigmas, rounded)
+        elif c.use_exponential_sigmas:
+            sigmas = np.exp(np.linspace(math.log(base[-1]), math.log(base[0]), num_inference_steps))
+            timesteps = _timesteps_for(sigmas, log_sigmas, False)
+        else:
+            sigmas = np.interp(timesteps, np.arange(0, len(base)), base)
+        last_sigma = float(base[0]) if c.final_sigmas_type == "sigma_min" else 0.0
+        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [last_sigma]]).astype(np.float32))
+        self._sigma_values = self.sigmas.tolist()  # host floats: a step's coefficients never read the device
+        self.timesteps = torch.from_numpy(np.asarray(timesteps)).to(device=device, dtype=torch.int64)
+        self.num_inference_steps = len(timesteps)
+        self.model_outputs = [None] * c.solver_order
+        self.lower_order_nums = 0
+        self._step_index = self._begin_index = None
+
+    def scale_model_input(self, sample, timestep=None):
+        return sample
+
+    def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
+        c = self.config
+        if self.num_inference_steps is None:
+            raise ValueError("DPMSolverMultistepScheduler.step: call set_timesteps first")
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        i, n = self._step_index, len(self.timesteps)
+        if i >= n:
+            raise ValueError(f"step called {i + 1} times for a {n}-step schedule")
+        order = solver_order_now(c, i, n, self.lower_order_nums)
+        coefficients = solver_coefficients(self._sigma_values, i, order, c.prediction_type, c.algorithm_type,
+                                           c.solver_type)
+        if coefficients is None:
+            raise ValueError(
+                f"the order-{order} DPM-Solver update at step {i} is 0 / 0 for this schedule (sigmas "
+                f"{self._sigma_values[max(i - order + 1, 0):i + 2]}: two equal, or a final sigma of 0); diffusers "
+                "returns NaN there. Use lower_order_final=True, solver_type='midpoint' or final_sigmas_type='zero'")
+        noise = None
+        if c.algorithm_type == "sde-dpmsolver++":  # drawn as diffusers draws it, in fp32, even when scaled by 0
+            noise = (variance_noise.to(model_output.device, torch.float32) if variance_noise is not None else
+                     randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                  dtype=torch.float32))
+        threshold = None
+        if c.thresholding:  # diffusers' dynamic thresholding of x0
+            threshold = functools.partial(threshold_sample, ratio=c.dynamic_thresholding_ratio,
+                                          max_value=c.sample_max_value)
+        earlier = [self.model_outputs[-j] for j in range(1, order)]
+        prev, x0 = solver_step(model_output, sample, earlier, coefficients, noise, threshold)
+        self.model_outputs = self.model_outputs[1:] + [x0]
+        self.lower_order_nums = min(self.lower_order_nums + 1, c.solver_order)
+        self._step_index += 1
+        return SchedulerOutput(prev, x0) if return_dict else (prev,)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        """alpha_t * x + sigma_t * noise at the schedule's sigma per sample (see _step_indices), as diffusers."""
+        sigma = self.sigmas[self._step_indices(timesteps)].to(original_samples.device, original_samples.dtype)
+        sigma = sigma.view(-1, *([1] * (original_samples.dim() - 1)))
+        alpha = 1 / (sigma**2 + 1) ** 0.5
+        return alpha * original_samples + sigma * alpha * noise
+
+
+def _timesteps_for(sigmas, log_sigmas, rounded):
+    timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
+    return timesteps.round() if rounded else timesteps
