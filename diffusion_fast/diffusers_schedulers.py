@@ -1,5 +1,5 @@
-"""Fused ``step`` methods for diffusers' DDIM, Euler, Euler ancestral, DPM-Solver++ multistep and DDPM schedulers,
-patched on the instance by ``accelerate``.
+"""Fused ``step`` methods for diffusers' DDIM, Euler, Euler ancestral, DPM-Solver++ multistep, PNDM and DDPM
+schedulers, patched on the instance by ``accelerate``.
 
 Each replacement computes what the scheduler's own ``step`` computes, as one fused op (``diffusion_fast.ops``),
 drawing its noise from the generator exactly as diffusers does. Whatever it does not mirror (thresholding, learned
@@ -9,19 +9,21 @@ own ``step``, so behaviour outside the fused cases is diffusers' own.
 Which schedulers are fused, and where:
 
 - ``DDIMScheduler``: CPU (C++ op) and CUDA (Triton kernel);
-- ``EulerDiscreteScheduler`` (SDXL's default), ``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler``
-  and ``DDPMScheduler``: CPU, and CUDA when the C++ extension was built with CUDA (these have no Triton kernel;
-  without it the scheduler is left alone and listed).
+- ``EulerDiscreteScheduler`` (SDXL's default), ``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler``,
+  ``PNDMScheduler`` (SD1.5's default) and ``DDPMScheduler``: CPU, and CUDA when the C++ extension was built with
+  CUDA (these have no Triton kernel; without it the scheduler is left alone and listed).
+
+DPM-Solver++ and PNDM run the same update functions as our own schedulers (``schedulers.dpm_solver``,
+``schedulers.pndm``), on the state diffusers' scheduler keeps.
 
 A subclass that overrides ``step`` is left alone: its step is not the one we mirror.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import _cpp, ops
+from .schedulers import dpm_solver, pndm
 from .schedulers.common import randn_tensor
 
 _ORIGINAL = "_diffusion_fast_original_step"
@@ -115,42 +117,13 @@ def _fused_euler_ancestral_step(self, model_output, timestep, sample, generator=
     return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
 
-def _dpm_coefficients(sigmas, i, prediction, solver_type, second_order):
-    """DPM-Solver++'s update at step ``i`` of ``sigmas`` (Python floats) as the linear_step coefficients, with
-    diffusers' DPMSolverMultistepScheduler formulas (VP sigmas) in float64: x0 = cx * x + cm * m at sigma_s0, then the
-    first-order update, or the second-order one with the previous step's x0 (m1) as the extra term, D1 = (m0 - m1) /
-    r0 expanded. A final sigma of 0 gives lambda_t = inf, as in diffusers (the update is then x0); a step diffusers
-    computes as 0 / 0 gives NaN coefficients, which the caller leaves to diffusers' own step. (In float32 tensors,
-    as diffusers computes them, these few scalars cost more than the fused op itself.)"""
-    def alpha_sigma(sigma):
-        alpha = 1.0 / math.sqrt(sigma * sigma + 1.0)
-        return alpha, sigma * alpha
-
-    def lam(alpha, sigma):
-        return math.log(alpha) - math.log(sigma) if sigma > 0 else math.inf
-
-    alpha_t, sigma_t = alpha_sigma(sigmas[i + 1])
-    alpha_s0, sigma_s0 = alpha_sigma(sigmas[i])
-    cx, cm = {"epsilon": (1 / alpha_s0, -sigma_s0 / alpha_s0), "v_prediction": (alpha_s0, -sigma_s0),
-              "sample": (0.0, 1.0)}[prediction]
-    h = lam(alpha_t, sigma_t) - lam(alpha_s0, sigma_s0)
-    c = alpha_t * (math.exp(-h) - 1.0)
-    p0, pe = -c, 0.0
-    if second_order:
-        r0 = (lam(alpha_s0, sigma_s0) - lam(*alpha_sigma(sigmas[i - 1]))) / h if h not in (0, math.inf) else 0.0
-        if r0 == 0:
-            return [math.nan] * 6
-        d = 0.5 * c if solver_type == "midpoint" else -(alpha_t * ((math.exp(-h) - 1.0) / h + 1.0))
-        p0, pe = -c - d / r0, d / r0  # x_t = px x - c D0 - d D1
-    return [cx, cm, p0, sigma_t / sigma_s0, 0.0, pe]
-
-
 def _fused_dpm_multistep_step(self, model_output, timestep, sample, generator=None, variance_noise=None,
                               return_dict=True):
-    """diffusers' DPMSolverMultistepScheduler.step for DPM-Solver++ of order 1 or 2 (midpoint or heun), the "DPM++ 2M"
-    sampler, as one fused op: x0 and the update in one pass, the step's x0 kept in ``model_outputs`` as diffusers
-    keeps it (in model_output's dtype). The SDE and noise-prediction variants, order 3, thresholding, learned
-    variances and flow sigmas keep diffusers' own step."""
+    """diffusers' DPMSolverMultistepScheduler.step for DPM-Solver++ (orders 1 to 3, midpoint or heun, ODE or SDE:
+    "DPM++ 2M", "DPM++ 2M SDE", "DPM++ 3M") as our scheduler computes it (``schedulers.dpm_solver``): x0 and the
+    update in one pass, the step's x0 kept in ``model_outputs`` as diffusers keeps it (in model_output's dtype), the
+    SDE noise drawn as diffusers draws it. The noise-prediction variants, thresholding, learned variances and flow
+    sigmas keep diffusers' own step, and so does a step diffusers computes as 0 / 0 (NaN in its image too)."""
     from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
     config = self.config
@@ -159,19 +132,19 @@ def _fused_dpm_multistep_step(self, model_output, timestep, sample, generator=No
     if self.step_index is None:
         self._init_step_index(timestep)
     n, i = len(self.timesteps), self.step_index
-    # diffusers' order choice, as it makes it (its lower_order_second only steps down from order 3)
-    # (getattr: fields an older diffusers lacks, and whose test its step then lacks too)
-    lower_order_final = i == n - 1 and (getattr(config, "euler_at_final", False)
-                                        or (config.lower_order_final and n < 15)
-                                        or getattr(config, "final_sigmas_type", None) == "zero")
-    first_order = config.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final
+    order = dpm_solver.solver_order_now(config, i, n, self.lower_order_nums)
     values, _ = _sigma_tables(self, torch.device("cpu"))  # the sigmas as floats, made once per schedule
-    coefficients = _dpm_coefficients(values, i, config.prediction_type, config.solver_type, not first_order)
-    if not all(map(math.isfinite, coefficients)):  # a schedule diffusers' arithmetic handles with infinities
+    coefficients = dpm_solver.solver_coefficients(values, i, order, config.prediction_type, config.algorithm_type,
+                                                  config.solver_type)
+    if coefficients is None:  # 0 / 0 in diffusers' arithmetic: its own step (and its NaN)
         return _original(self, model_output, timestep, sample, generator, variance_noise, return_dict)
-    cx, cm, p0, px, pm, pe = coefficients
-    prev, x0 = ops.linear_step(model_output, sample.float(), None if first_order else self.model_outputs[-1],
-                               cx=cx, cm=cm, p0=p0, px=px, pm=pm, pe=pe)
+    noise = None
+    if config.algorithm_type == "sde-dpmsolver++":
+        noise = (variance_noise.to(model_output.device, torch.float32) if variance_noise is not None else
+                 randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                              dtype=torch.float32))
+    earlier = [self.model_outputs[-j] for j in range(1, order)]
+    prev, x0 = dpm_solver.solver_step(model_output, sample, earlier, coefficients, noise)
     for j in range(config.solver_order - 1):
         self.model_outputs[j] = self.model_outputs[j + 1]
     self.model_outputs[-1] = x0
@@ -181,51 +154,19 @@ def _fused_dpm_multistep_step(self, model_output, timestep, sample, generator=No
     return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
 
-# PLMS's weights for the current model output and the earlier ones (newest first), by how many it has (diffusers')
-_PLMS_WEIGHTS = {2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
-
-
 def _fused_pndm_step(self, model_output, timestep, sample, return_dict=True):
-    """diffusers' PNDMScheduler.step in its PLMS mode (``skip_prk_steps``, SD1.5's shipped config): the linear
-    multistep combination of this and up to three earlier model outputs, then the PNDM update, as one fused pass over
-    (sample, model output, the earlier outputs' part of the combination), with ``ets``, ``counter`` and
-    ``cur_sample`` kept as diffusers keeps them (the second call re-steps from the first sample with the average of
-    the first two outputs). The Runge-Kutta warm-up steps and other prediction types keep diffusers' own step."""
+    """diffusers' PNDMScheduler.step as our scheduler computes it (``schedulers.pndm.pndm_update``): the Runge-Kutta
+    warm-up steps unless ``skip_prk_steps``, then the linear multistep ones, each one fused pass, with ``ets``,
+    ``counter``, ``cur_sample`` and ``cur_model_output`` kept as diffusers keeps them. A call diffusers rejects
+    (before set_timesteps, or PLMS without the warm-up's outputs) is diffusers' own."""
     from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
     config = self.config
-    if self.num_inference_steps is None or _config_gap_now(self):
+    warming_up = not config.skip_prk_steps and self.counter < len(self.prk_timesteps)
+    if (self.num_inference_steps is None or _config_gap_now(self)
+            or (not config.skip_prk_steps and not warming_up and len(self.ets) < 3)):
         return _original(self, model_output, timestep, sample, return_dict)
-    stride = config.num_train_timesteps // self.num_inference_steps
-    prev_timestep = timestep - stride
-    if self.counter != 1:
-        self.ets = self.ets[-3:]
-        self.ets.append(model_output)
-    else:
-        prev_timestep, timestep = timestep, timestep + stride
-    earlier = None
-    if len(self.ets) == 1 and self.counter == 0:
-        weight = 1.0
-        self.cur_sample = sample
-    elif len(self.ets) == 1 and self.counter == 1:  # (m + ets[-1]) / 2, from the first step's sample
-        weight, earlier = 0.5, self.ets[-1] * 0.5
-        sample, self.cur_sample = self.cur_sample, None
-    else:
-        weight, *rest = _PLMS_WEIGHTS[len(self.ets)]
-        earlier = self.ets[-2] * rest[0]
-        for w, e in zip(rest[1:], reversed(self.ets[:-2])):
-            earlier = earlier.add(e, alpha=w)
-    # _get_prev_sample: prev = sample_coeff * x - k * eps, eps = combined (or, for v, sqrt(a) combined + sqrt(b) x)
-    alpha_t = float(self.alphas_cumprod[timestep])
-    alpha_prev = float(self.alphas_cumprod[prev_timestep]) if prev_timestep >= 0 else float(self.final_alpha_cumprod)
-    beta_t, beta_prev = 1 - alpha_t, 1 - alpha_prev
-    k = (alpha_prev - alpha_t) / (alpha_t * beta_prev**0.5 + (alpha_t * beta_t * alpha_prev) ** 0.5)
-    px = (alpha_prev / alpha_t) ** 0.5
-    if config.prediction_type == "v_prediction":
-        px, k = px - k * beta_t**0.5, k * alpha_t**0.5
-    prev, _ = ops.linear_step(model_output, sample, earlier, cx=0.0, cm=0.0, p0=0.0, px=px, pm=-k * weight,
-                              pe=-k if earlier is not None else 0.0)
-    self.counter += 1
+    prev = pndm.pndm_update(self, model_output, sample, int(timestep))
     return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
 
@@ -282,11 +223,9 @@ def _config_gap(scheduler):
         (getattr(c, "thresholding", False), "thresholding"),
         (c.prediction_type not in prediction, f"prediction_type {c.prediction_type!r}"),
         (variance not in (None, "fixed_small", "fixed_small_log", "fixed_large"), f"variance_type {variance!r}"),
-        (algorithm != "dpmsolver++", f"algorithm_type {algorithm!r}"),
-        (getattr(c, "solver_order", 1) > 2, f"solver_order {getattr(c, 'solver_order', 1)}"),
+        (algorithm not in dpm_solver.ALGORITHMS, f"algorithm_type {algorithm!r}"),
         (solver not in ("midpoint", "heun"), f"solver_type {solver!r}"),
         (getattr(c, "use_flow_sigmas", False), "flow sigmas"),
-        (not getattr(c, "skip_prk_steps", True), "the Runge-Kutta warm-up steps (skip_prk_steps=False)"),  # PNDM's
     ]
     return next((why for gap, why in gaps if gap), None)
 

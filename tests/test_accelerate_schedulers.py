@@ -1,4 +1,4 @@
-"""accelerate's fused scheduler steps: diffusers' DDIM, Euler and DDPM schedulers, patched, against the same
+"""accelerate's fused scheduler steps: diffusers' DDIM, Euler, DPM-Solver++, PNDM and DDPM schedulers, patched, against the same
 schedulers unpatched, step by step and through whole pipelines; which schedulers are left alone, and why."""
 import itertools
 
@@ -10,8 +10,7 @@ import _tiny_diffusers
 import diffusers
 from conftest import ON_GPU
 import diffusion_fast
-from _numerics import assert_2x_rule
-from _scheduler_parity import SHAPE, _loop
+from _scheduler_parity import SHAPE, _loop, _loop_by_2x_rule
 from diffusion_fast import diffusers_schedulers, ops
 from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
 
@@ -39,8 +38,8 @@ def _count_op_calls(monkeypatch, op):
     return calls
 
 
-def _images(pipe):
-    return pipe("a red cube", num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+def _images(pipe, steps=3):
+    return pipe("a red cube", num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
                 output_type="np").images
 
 
@@ -97,45 +96,47 @@ def test_euler_sigma_tables_follow_the_schedule():
         rtol=1e-6, atol=1e-6)
 
 
-# DPM-Solver++ ("DPM++ 2M" at order 2): first and second order, both solver types, every prediction type, Karras
-# sigmas, lower_order_final on and off; 5 steps (lower_order_final steps down near the end) and 20 (it does not).
-@pytest.mark.parametrize("order, solver_type, prediction_type, karras, lower_order_final, steps", list(
-    itertools.product([1, 2], ["midpoint", "heun"], ["epsilon", "v_prediction", "sample"], [False, True],
-                      [True, False], [5, 20])))
-def test_fused_dpm_solver_matches_its_own(monkeypatch, order, solver_type, prediction_type, karras,
-                                          lower_order_final, steps):
-    cfg = dict(SDXL_EULER, solver_order=order, solver_type=solver_type, prediction_type=prediction_type,
-               use_karras_sigmas=karras, lower_order_final=lower_order_final)
+# DPM-Solver++: orders 1 to 3 ("DPM++ 2M" is order 2, "3M" order 3), ODE and SDE ("DPM++ 2M SDE"), both solver
+# types, Karras sigmas or not; inside, every prediction type, lower_order_final on and off, 5 steps (lower_order_final
+# steps down near the end) and 20 (it does not). The SDE variant draws its noise from equally seeded generators.
+@pytest.mark.parametrize("algorithm, order, solver_type, karras", list(
+    itertools.product(["dpmsolver++", "sde-dpmsolver++"], [1, 2, 3], ["midpoint", "heun"], [False, True])))
+def test_fused_dpm_solver_matches_its_own(monkeypatch, algorithm, order, solver_type, karras):
     calls = _count_op_calls(monkeypatch, "linear_step")
-    ours, theirs = _fused("DPMSolverMultistepScheduler", **cfg), diffusers.DPMSolverMultistepScheduler(**cfg)
-    assert _loop(ours, theirs, steps=steps) <= 1  # each step's x0 is also what the next step reads
-    assert len(calls) == steps
+    for prediction_type, lower_order_final, steps in itertools.product(
+            ["epsilon", "v_prediction", "sample"], [True, False], [5, 20]):
+        cfg = dict(SDXL_EULER, algorithm_type=algorithm, solver_order=order, solver_type=solver_type,
+                   prediction_type=prediction_type, use_karras_sigmas=karras, lower_order_final=lower_order_final)
+        ours, theirs = _fused("DPMSolverMultistepScheduler", **cfg), diffusers.DPMSolverMultistepScheduler(**cfg)
+        calls.clear()
+        assert _loop(ours, theirs, steps=steps) <= 1, cfg  # each step's x0 is also what the next step reads
+        assert len(calls) == steps, cfg
 
 
-# PNDM in its PLMS mode (SD1.5's shipped scheduler): 1 to 4 model outputs combined, the second call's re-step, every
-# spacing, both prediction types, final alpha 1 or not. Judged by the 2x rule against diffusers' own step run in
-# float64: with v_prediction at t=999, diffusers' fp32 update cancels (sample coefficient ~158 against a term almost
-# as large), so our folded float64 coefficients are closer to the exact result than diffusers' fp32 numbers are.
-@pytest.mark.parametrize("prediction_type, spacing, steps", list(itertools.product(
-    ["epsilon", "v_prediction"], ["leading", "trailing", "linspace"], [1, 2, 3, 5, 20])))
-def test_fused_pndm_matches_its_own_by_the_2x_rule(monkeypatch, prediction_type, spacing, steps):
-    cfg = dict(skip_prk_steps=True, prediction_type=prediction_type, timestep_spacing=spacing, steps_offset=1,
-               beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, set_alpha_to_one=False)
+# PNDM in its PLMS mode (SD1.5's shipped scheduler) and with diffusers' default Runge-Kutta warm-up (four calls a
+# step for three steps): 1 to 4 model outputs combined, the second call's re-step, every spacing, both prediction
+# types. Judged by the 2x rule against diffusers' own step run in float64 (see _loop_by_2x_rule).
+# (diffusers' warm-up needs 4 inference steps or more)
+@pytest.mark.parametrize("skip_prk_steps, prediction_type, spacing, steps", [
+    (skip, *combo) for skip in (True, False) for combo in itertools.product(
+        ["epsilon", "v_prediction"], ["leading", "trailing", "linspace"], [1, 2, 3, 5, 20] if skip else [4, 5, 20])])
+def test_fused_pndm_matches_its_own_by_the_2x_rule(monkeypatch, skip_prk_steps, prediction_type, spacing, steps):
+    cfg = dict(skip_prk_steps=skip_prk_steps, prediction_type=prediction_type, timestep_spacing=spacing,
+               steps_offset=1, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+               set_alpha_to_one=False)
     calls = _count_op_calls(monkeypatch, "linear_step")
     ours, theirs, exact = _fused("PNDMScheduler", **cfg), diffusers.PNDMScheduler(**cfg), diffusers.PNDMScheduler(**cfg)
-    for sched in (ours, theirs, exact):
-        sched.set_timesteps(steps)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
-    for i, t in enumerate(exact.timesteps):
-        m = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
-        ref = exact.step(m, t, x).prev_sample  # diffusers' arithmetic in float64
-        plain = theirs.step(m.float(), t, x.float()).prev_sample
-        fast = ours.step(m.float(), t, x.float()).prev_sample
-        s = max(1.0, ref.abs().max().item())
-        assert_2x_rule(fast / s, ref / s, plain / s, floor=1e-6, what=f"step {i}")
-        x = ref
-    assert len(calls) == len(exact.timesteps) and ours.counter == theirs.counter and len(ours.ets) == len(theirs.ets)
+    n = _loop_by_2x_rule(ours, theirs, exact, steps)
+    assert len(calls) == n and ours.counter == theirs.counter and len(ours.ets) == len(theirs.ets)
+
+
+def test_fused_pndm_keeps_diffusers_errors():
+    sched = _fused("PNDMScheduler")  # skip_prk_steps=False: PLMS needs the warm-up's outputs first
+    sched.set_timesteps(5)
+    sched.counter = len(sched.prk_timesteps)  # a caller that skipped the warm-up
+    x = torch.randn(SHAPE)
+    with pytest.raises(ValueError, match="can only be run AFTER scheduler has been run in 'prk' mode"):
+        sched.step(x, sched.timesteps[-1], x)
 
 
 def test_dpm_solver_step_diffusers_computes_with_infinities_is_its_own():
@@ -164,12 +165,11 @@ def test_fused_step_in_half_precision(name, cfg):
     ("DDPMScheduler", dict(thresholding=True), "thresholding"),
     ("DDPMScheduler", dict(variance_type="fixed_large_log"), "variance_type 'fixed_large_log'"),  # NaN in diffusers
     ("DDIMScheduler", dict(thresholding=True), "thresholding"),
-    ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), "algorithm_type 'sde-dpmsolver++'"),
     ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
-     "algorithm_type 'dpmsolver'"),  # the noise-prediction solver
-    ("DPMSolverMultistepScheduler", dict(solver_order=3), "solver_order 3"),
+     "algorithm_type 'dpmsolver'"),  # the noise-prediction solvers
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"),
+     "algorithm_type 'sde-dpmsolver'"),
     ("DPMSolverMultistepScheduler", dict(thresholding=True), "thresholding"),
-    ("PNDMScheduler", dict(skip_prk_steps=False), "Runge-Kutta warm-up"),
     ("EulerAncestralDiscreteScheduler", dict(prediction_type="sample"), "prediction_type 'sample'"),  # diffusers raises
 ])
 def test_configs_not_mirrored_are_left_alone_and_say_why(name, cfg, why):
@@ -211,7 +211,9 @@ def test_euler_steps_keep_diffusers_errors_and_warnings(caplog):
     ("EulerDiscreteScheduler", dict(use_karras_sigmas=True, prediction_type="v_prediction")),
     ("EulerAncestralDiscreteScheduler", {}),
     ("DPMSolverMultistepScheduler", {}),
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True)),
     ("PNDMScheduler", dict(skip_prk_steps=True)),  # as SD1.5 ships it
+    ("PNDMScheduler", dict(skip_prk_steps=False)),  # diffusers' default: 12 warm-up calls first
     ("DDPMScheduler", dict(variance_type="fixed_small_log")),
 ])
 def test_pipelines_keep_their_images(monkeypatch, name, cfg):
@@ -219,16 +221,17 @@ def test_pipelines_keep_their_images(monkeypatch, name, cfg):
     the scheduler's own step exactly."""
     pipe = _tiny_diffusers.pipeline("sd1", seed=4)
     pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **cfg)
-    before = _images(pipe)
+    n = 3 if cfg.get("skip_prk_steps", True) else 4  # diffusers' Runge-Kutta warm-up needs 4 steps or more
+    before = _images(pipe, n)
     calls = _count_op_calls(monkeypatch, OP[name])
     diffusion_fast.accelerate(pipe)
     assert pipe._diffusion_fast_report["scheduler"] == 1
-    fast = _images(pipe)
-    steps = len(pipe.scheduler.timesteps)  # 3, or 4 for PLMS (its second timestep is stepped twice)
+    fast = _images(pipe, n)
+    steps = len(pipe.scheduler.timesteps)  # 3; 4 for PLMS (it steps its first timestep twice); 13 with RK warm-up
     assert len(calls) == steps and np.abs(fast - before).max() <= PIPELINE_FP32_MAX_ABS
     diffusion_fast.restore(pipe)
     assert "step" not in vars(pipe.scheduler)
-    assert np.array_equal(_images(pipe), before)
+    assert np.array_equal(_images(pipe, n), before)
 
 
 def test_sdxl_pipeline_with_its_default_euler_scheduler(monkeypatch):
