@@ -3,6 +3,7 @@
     diffusion-fast generate                      # built-in tiny model: fast vs reference, times, max diff, a PNG
     diffusion-fast generate --model DIR --prompt "a cat" --steps 30 --seed 1 --output cat.png
     diffusion-fast generate --scheduler euler-ancestral   # any of our schedulers, from the model's config
+    diffusion-fast generate --scheduler dpm++-2m --karras   # "DPM++ 2M Karras"
     diffusion-fast bench [--config tiny|sd15]    # kernel throughput + end-to-end it/s, CSV + PNG plot
     diffusion-fast check [--model DIR]           # fast vs reference on fresh random inputs; exit 1 on failure
 
@@ -20,8 +21,15 @@ import torch
 EXIT_USAGE = 2
 
 
-SCHEDULER_CHOICES = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
-                     "euler-ancestral": "EulerAncestralDiscreteScheduler"}
+# --scheduler NAME: (our scheduler class, config fields set over the model's scheduler config)
+SCHEDULER_CHOICES = {"ddim": ("DDIMScheduler", {}), "ddpm": ("DDPMScheduler", {}),
+                     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),  # PLMS, as SD1.5 ships it
+                     "euler": ("EulerDiscreteScheduler", {}),
+                     "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
+                     "dpm++-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+                     "dpm++-2m-sde": ("DPMSolverMultistepScheduler",
+                                      {"algorithm_type": "sde-dpmsolver++", "solver_order": 2})}
+KARRAS_SCHEDULERS = ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler")  # the ones with use_karras_sigmas
 
 
 class UsageError(Exception):
@@ -91,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", choices=("model", *SCHEDULER_CHOICES), default="model",
                    help="the sampler: the model folder's own (default; DDIM for the built-in model) or one of ours, "
                         "built from the model's scheduler config")
+    g.add_argument("--karras", action="store_true",
+                   help="Karras sigmas (Euler and DPM-Solver++: e.g. --scheduler dpm++-2m --karras)")
     g.add_argument("--height", type=_size, default=None)
     g.add_argument("--width", type=_size, default=None)
     g.add_argument("--batch", type=_positive_int, default=1, help="images per prompt")
@@ -118,9 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_eta(eta, scheduler_name):
-    if eta != 0 and scheduler_name != "DDIMScheduler":
+def _check_scheduler_options(args, scheduler_name):
+    if args.eta != 0 and scheduler_name != "DDIMScheduler":
         raise UsageError(f"--eta is DDIM's; the scheduler is {scheduler_name} (--scheduler ddim)")
+    if args.karras and scheduler_name not in KARRAS_SCHEDULERS:
+        raise UsageError(f"--karras is for Euler and DPM-Solver++; the scheduler is {scheduler_name} "
+                         "(--scheduler euler, dpm++-2m or dpm++-2m-sde)")
 
 
 def generate(args) -> int:
@@ -129,8 +142,8 @@ def generate(args) -> int:
     from .pipeline import StableDiffusionPipeline
     from .schedulers import SCHEDULERS
 
-    if args.eta != 0 and args.scheduler not in ("model", "ddim"):  # known before loading anything
-        _check_eta(args.eta, SCHEDULER_CHOICES[args.scheduler])
+    if args.scheduler != "model":  # known before loading anything
+        _check_scheduler_options(args, SCHEDULER_CHOICES[args.scheduler][0])
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
     compare = args.compare or args.model is None
@@ -140,9 +153,11 @@ def generate(args) -> int:
         pipe = StableDiffusionPipeline.from_pretrained(args.model, dtype=dtype, device=device)
     else:
         pipe = StableDiffusionPipeline.from_tiny("sd1", seed=args.seed, dtype=dtype, device=device)
-    if args.scheduler != "model":
-        pipe.scheduler = SCHEDULERS[SCHEDULER_CHOICES[args.scheduler]].from_config(pipe.scheduler.config)
-    _check_eta(args.eta, type(pipe.scheduler).__name__)
+    name, fields = SCHEDULER_CHOICES.get(args.scheduler, (type(pipe.scheduler).__name__, {}))
+    _check_scheduler_options(args, name)
+    fields = dict(fields, **({"use_karras_sigmas": True} if args.karras else {}))
+    if args.scheduler != "model" or fields:
+        pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config, **fields)
     print(f"loaded {'built-in tiny SD1-shaped model (random weights)' if not args.model else args.model} "
           f"on {device} in {dtype} in {time.perf_counter() - t0:.1f} s; scheduler {type(pipe.scheduler).__name__}")
     pipe.set_progress_bar_config(disable=args.no_progress)

@@ -50,26 +50,54 @@ def test_generate_from_folder_batch(tmp_path, capsys):
     assert Image.open(tmp_path / "o_1.png").size == (64, 48)
 
 
-def test_generate_with_another_scheduler(tmp_path, capsys):
-    # the built-in model's scheduler is DDIM; Euler ancestral is built from its config and draws noise every step
-    rc = main(["generate", "--scheduler", "euler-ancestral", "--steps", "2", "--output", str(tmp_path / "a.png"),
+# the built-in model's scheduler is DDIM; the others are built from its config. Euler ancestral and the SDE
+# DPM-Solver draw noise every step; PNDM keeps earlier model outputs; --karras changes the sigmas.
+@pytest.mark.parametrize("choice, options, name", [
+    ("euler-ancestral", [], "EulerAncestralDiscreteScheduler"),
+    ("pndm", [], "PNDMScheduler"),
+    ("dpm++-2m-sde", ["--karras"], "DPMSolverMultistepScheduler"),
+])
+def test_generate_with_another_scheduler(tmp_path, capsys, choice, options, name):
+    rc = main(["generate", "--scheduler", choice, *options, "--steps", "3", "--output", str(tmp_path / "a.png"),
                "--no-progress"])
     text = capsys.readouterr().out
-    assert rc == 0 and "scheduler EulerAncestralDiscreteScheduler" in text and (tmp_path / "a.png").exists()
+    assert rc == 0 and f"scheduler {name}" in text and (tmp_path / "a.png").exists()
     assert "max abs pixel difference" in text  # the fast and reference paths agree with this scheduler too
 
 
-def test_eta_with_another_scheduler_is_refused_before_loading(capsys):
-    assert main(["generate", "--scheduler", "euler", "--eta", "0.5"]) == 2
+def test_generate_karras_sets_the_schedulers_field(monkeypatch, tmp_path):
+    from diffusion_fast import pipeline
+
+    seen = []
+    real_call = pipeline.StableDiffusionPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(dict(self.scheduler.config))
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.StableDiffusionPipeline, "__call__", spy)
+    assert main(["generate", "--scheduler", "dpm++-2m", "--karras", "--steps", "2", "--no-progress",
+                 "--output", str(tmp_path / "k.png")]) == 0
+    assert seen and all(c["use_karras_sigmas"] and c["algorithm_type"] == "dpmsolver++" for c in seen)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--scheduler", "euler", "--eta", "0.5"],
+     "--eta is DDIM's; the scheduler is EulerDiscreteScheduler (--scheduler ddim)"),
+    (["--scheduler", "pndm", "--karras"],
+     "--karras is for Euler and DPM-Solver++; the scheduler is PNDMScheduler (--scheduler euler, dpm++-2m or "
+     "dpm++-2m-sde)"),
+])
+def test_scheduler_options_refused_before_loading(capsys, argv, message):
+    assert main(["generate", *argv]) == 2
     out, err = capsys.readouterr()
-    assert err.strip() == ("diffusion-fast generate: error: --eta is DDIM's; the scheduler is EulerDiscreteScheduler "
-                           "(--scheduler ddim)") and "loaded" not in out
+    assert err.strip() == f"diffusion-fast generate: error: {message}" and "loaded" not in out
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["generate", "--scheduler", "pndm"], "invalid choice"),
+        (["generate", "--scheduler", "heun"], "invalid choice"),
         (["generate", "--steps", "0"], "must be a positive integer"),
         (["generate", "--model", "/no/such/folder"], "does not exist"),
         (["check", "--model", "/no/such/folder"], "does not exist"),
