@@ -6,9 +6,9 @@
 Groups: the fused CFG+DDIM step (C++ op) vs our reference vs diffusers' CFG combine + DDIMScheduler.step, on
 1x4x64x64, 2x4x128x128 and 8x4x128x128 fp32 latents; group_norm_silu (C++ op) vs F.group_norm + F.silu on SD
 shapes in both memory layouts; fp16/bf16 storage for both at SD1.5's shapes; diffusers' Euler, Euler ancestral,
-DPM-Solver++ 2M, PNDM (PLMS) and DDPM scheduler steps as accelerate patches them vs their own, and the Euler op
-alone; and the weights key a graphed UNet call checks (ModuleState, SD1.5's UNet on the meta device). Each group's
-rows are the implementations side by side; compare medians.
+DPM-Solver++ 2M and 3M SDE, PNDM (PLMS) and DDPM scheduler steps as accelerate patches them vs their own, and the
+Euler op alone; and the weights key a graphed UNet call checks (ModuleState, SD1.5's UNet on the meta device). Each
+group's rows are the implementations side by side; compare medians.
 
 The allocator is pinned first (see ``_steady_allocator``): glibc otherwise moves between two regimes at random,
 and in one of them every multi-MB temporary is page-faulted in afresh. That would slow the implementations that
@@ -118,18 +118,25 @@ def test_euler_step(benchmark, impl):
     benchmark(lambda: ops.euler_step(model_output, sample, sigma, sigma_next, backend=backend))
 
 
-@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                                       "DPMSolverMultistepScheduler", "PNDMScheduler", "DDPMScheduler"])
+# (scheduler, variant, config fields): PNDM as SD1.5 ships it; DPM-Solver++ as "2M" and as "3M SDE" (a third-order
+# step whose two earlier x0s and noise are combined before the fused pass)
+SCHEDULER_STEPS = [("EulerDiscreteScheduler", "", {}), ("EulerAncestralDiscreteScheduler", "", {}),
+                   ("DPMSolverMultistepScheduler", "", {}),
+                   ("DPMSolverMultistepScheduler", " 3M SDE", {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}),
+                   ("PNDMScheduler", "", {"skip_prk_steps": True}), ("DDPMScheduler", "", {})]
+
+
+@pytest.mark.parametrize("scheduler, variant, extra", SCHEDULER_STEPS,
+                         ids=[name + variant.replace(" ", "-") for name, variant, _ in SCHEDULER_STEPS])
 @pytest.mark.parametrize("impl", ["accelerate fused", "diffusers"])
-def test_diffusers_scheduler_step(benchmark, scheduler, impl):
+def test_diffusers_scheduler_step(benchmark, scheduler, variant, extra, impl):
     """One step of a diffusers scheduler at 2x4x128x128 fp32 (SDXL's scheduler config, step 10 of 50): its own step
-    vs the fused step accelerate patches in. Euler ancestral and DDPM draw their noise from a generator in both (part
-    of the step)."""
+    vs the fused step accelerate patches in. Euler ancestral, DDPM and the SDE DPM-Solver draw their noise from a
+    generator in both (part of the step)."""
     diffusers = pytest.importorskip("diffusers")
     from diffusion_fast.diffusers_schedulers import fuse_step
 
-    benchmark.group = f"diffusers {scheduler}.step 2x4x128x128 fp32"
-    extra = {"skip_prk_steps": True} if scheduler == "PNDMScheduler" else {}  # as SD1.5 ships it
+    benchmark.group = f"diffusers {scheduler}{variant}.step 2x4x128x128 fp32"
     sched = getattr(diffusers, scheduler)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                           timestep_spacing="leading", steps_offset=1, **extra)
     sched.set_timesteps(50)
@@ -144,12 +151,13 @@ def test_diffusers_scheduler_step(benchmark, scheduler, impl):
         def step():
             sched._step_index = 10  # the step advances it; time the same step every call
             return sched.step(model_output, t, sample, **kwargs).prev_sample
-    elif scheduler == "DPMSolverMultistepScheduler":  # DPM++ 2M: a second-order step, the previous x0 at hand
-        sched.model_outputs, sched.lower_order_nums = [sample.clone(), sample.clone()], 2
+    elif scheduler == "DPMSolverMultistepScheduler":  # a step of the solver's full order, the earlier x0s at hand
+        order = sched.config.solver_order
+        sched.model_outputs, sched.lower_order_nums = [sample.clone() for _ in range(order)], order
 
         def step():
             sched._step_index = 10
-            return sched.step(model_output, t, sample).prev_sample
+            return sched.step(model_output, t, sample, generator=gen).prev_sample
     elif scheduler == "PNDMScheduler":  # PLMS with three earlier outputs: the four-term combination
         sched.ets, sched.counter = [sample.clone() for _ in range(3)], 5
 
