@@ -186,6 +186,11 @@ def test_euler_ancestral_config_and_errors():
     x = torch.randn(SHAPE)
     with pytest.raises(ValueError, match="not an index"):
         sched.step(x, 3, x)
+    _step_past_the_end(sched, x)
+
+
+def _step_past_the_end(sched, x):
+    """Every step of a 2-step schedule, then one more: a ValueError that counts the calls (not an IndexError)."""
     for t in sched.timesteps:
         sched.step(x, t, x)
     with pytest.raises(ValueError, match="step called 3 times for a 2-step schedule"):
@@ -329,10 +334,7 @@ def test_dpm_solver_config_and_errors():
     sched.set_timesteps(2)
     with pytest.raises(ValueError, match="timestep 7.0 is not in this scheduler's timesteps"):
         sched.step(x, 7, x)
-    for t in sched.timesteps:
-        sched.step(x, t, x)
-    with pytest.raises(ValueError, match="step called 3 times for a 2-step schedule"):
-        sched.step(x, sched.timesteps[-1], x)
+    _step_past_the_end(sched, x)
 
 
 def test_euler_begin_index_add_noise_and_velocity():
