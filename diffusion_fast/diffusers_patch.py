@@ -1,6 +1,7 @@
 """Drop-in acceleration of a diffusers Stable Diffusion pipeline, in place, with ``restore`` to undo it.
 
-``accelerate(pipe)`` patches instances, never classes, so other pipelines in the process are untouched:
+``accelerate(pipe)`` patches instances, never classes, so other pipelines in the process are untouched (the pipeline
+itself gets a subclass of its own class, with the same name, only to catch a scheduler assigned later):
 
 - every ``ResnetBlock2D`` (UNet, VAE, ControlNets) runs its two GroupNorm->SiLU pairs as our fused op (blocks with
   settings we do not mirror — scale_shift time norm, resampling inside the resnet, a non-SiLU activation — are left
@@ -10,9 +11,10 @@
   custom processors) gets our processor, which calls ``diffusion_fast.ops.attention`` with (B, H, L, D) views. With
   ``attention="auto"`` that happens on CUDA only: on the CPU our attention is the same SDPA call diffusers' own
   processor makes, so patching it would add only Python overhead (``attention=True`` patches it anyway);
-- the scheduler's ``step`` becomes our one-pass fused step for DDIM, Euler, Euler ancestral, DPM-Solver++ (order
-  1-2), PNDM (PLMS) and DDPM, noise drawn exactly as diffusers draws it; see ``diffusers_schedulers`` for what each
-  mirrors;
+- the scheduler's ``step`` becomes our one-pass fused step for DDIM, Euler, Euler ancestral, DPM-Solver++ (orders
+  1-3, ODE and SDE), PNDM and DDPM, noise drawn exactly as diffusers draws it; see ``diffusers_schedulers`` for what
+  each mirrors. A scheduler assigned to the pipeline afterwards (``pipe.scheduler = X.from_config(...)``, the usual
+  way to change samplers) is fused at the assignment, or left alone and listed;
 - on CUDA (``cuda_graph="auto"``), the UNet's and each ControlNet's forward are replayed from CUDA graphs, one per
   input signature, every tensor argument a graph input (SDXL's ``added_cond_kwargs``, ControlNet residuals); see
   ``model_graphs``;
@@ -36,6 +38,7 @@ from .model_graphs import graph_forward
 
 log = logging.getLogger("diffusion_fast")
 _STATE = "_diffusion_fast_state"
+_WATCHING = {}  # a pipeline class -> its subclass that fuses a scheduler assigned after accelerate
 
 
 def _fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
@@ -166,8 +169,8 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
         attention = False
         report["skipped"].append(
             "attention (on CPU ours is the same SDPA call as diffusers'; attention=True patches it)")
-    state = {"resnets": [], "attention": [], "norm_out": [], "scheduler": None, "graphed": [],
-             "channels_last": []}
+    state = {"resnets": [], "attention": [], "norm_out": [], "schedulers": [], "graphed": [],
+             "channels_last": [], "class": type(pipe), "device": _execution_device(pipe)}
     if channels_last is True or (channels_last == "auto" and not on_cuda):
         for model in (pipe.unet, pipe.vae, *_controlnets(pipe)):
             if _hooks_inside(model):
@@ -209,12 +212,7 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
                     if report["norm_out"] > before:
                         state["norm_out"].append(owner)
     if scheduler:
-        left_alone = fuse_step(pipe.scheduler, _execution_device(pipe))
-        if left_alone is None:
-            state["scheduler"] = pipe.scheduler
-            report["scheduler"] = 1
-        else:
-            report["skipped"].append(left_alone)
+        _fuse_scheduler(pipe.scheduler, state, report)
     if cuda_graph is True and not on_cuda:
         raise ValueError("cuda_graph=True needs the pipeline on a CUDA device (pipe.to('cuda') first)")
     if cuda_graph and on_cuda:
@@ -222,11 +220,44 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
         report["cuda_graph"] = len(state["graphed"])
     setattr(pipe, _STATE, state)
     pipe._diffusion_fast_report = report
+    if scheduler:
+        pipe.__class__ = _watching_class(type(pipe))
     log.info("diffusion_fast.accelerate: %d resnets, %d norm_out, %d attention, scheduler %s, CUDA graphs for %d "
              "models, channels_last %d models; left alone: %s", report["resnets"], report["norm_out"],
              report["attention"], type(pipe.scheduler).__name__ if report["scheduler"] else "not fused", report["cuda_graph"], report["channels_last"],
              "; ".join(report["skipped"]) or "nothing")
     return pipe
+
+
+def _fuse_scheduler(scheduler, state, report):
+    """Fuse ``scheduler``'s step (kept for restore), or list why it is left alone; report["scheduler"] says whether
+    the pipeline's current scheduler is fused."""
+    left_alone = fuse_step(scheduler, state["device"])
+    if left_alone is None and not any(s is scheduler for s in state["schedulers"]):
+        state["schedulers"].append(scheduler)
+    report["skipped"] = [why for why in report["skipped"] if not why.startswith("scheduler ")]  # the earlier one's
+    if left_alone is not None:
+        report["skipped"].append(left_alone)
+    report["scheduler"] = int(left_alone is None)
+    return left_alone
+
+
+def _watching_class(cls):
+    """A subclass of the pipeline's class (same name, module and qualified name, so ``save_pretrained`` and reprs
+    are unchanged) whose ``__setattr__`` fuses a scheduler assigned after ``accelerate``; ``restore`` gives the
+    pipeline its own class back. One per pipeline class."""
+    if cls not in _WATCHING:
+        def __setattr__(self, name, value):
+            cls.__setattr__(self, name, value)  # diffusers' own bookkeeping (the pipeline config) first
+            state = getattr(self, _STATE, None)
+            if name == "scheduler" and state is not None:
+                left_alone = _fuse_scheduler(value, state, self._diffusion_fast_report)
+                log.info("diffusion_fast: the scheduler assigned after accelerate, %s, is %s", type(value).__name__,
+                         "fused" if left_alone is None else f"left alone: {left_alone}")
+
+        _WATCHING[cls] = type(cls.__name__, (cls,), {"__setattr__": __setattr__, "__module__": cls.__module__,
+                                                     "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
+    return _WATCHING[cls]
 
 
 def _execution_device(pipe) -> torch.device:
@@ -291,8 +322,9 @@ def restore(pipe):
         del owner.conv_norm_out.forward
         owner.conv_act = owner._diffusion_fast_act
         del owner._diffusion_fast_act
-    if state["scheduler"] is not None:
-        unfuse_step(state["scheduler"])
+    pipe.__class__ = state["class"]  # first: no assignment below is watched
+    for scheduler in state["schedulers"]:
+        unfuse_step(scheduler)
     for model in state["channels_last"]:
         model.to(memory_format=torch.contiguous_format)
     for model, previous in state["graphed"]:

@@ -259,7 +259,10 @@ def _fusable():
 
 
 def fuse_step(scheduler, device: torch.device):
-    """Patch ``scheduler.step`` on the instance with its fused step; returns None, or why it was left alone."""
+    """Patch ``scheduler.step`` on the instance with its fused step; returns None, or why it was left alone. A
+    scheduler already fused stays as it is (fusing it twice would make the fused step its own fallback)."""
+    if _ORIGINAL in vars(scheduler):
+        return None
     name = type(scheduler).__name__
     for cls, fused, op, has_triton in _fusable():
         if not isinstance(scheduler, cls):

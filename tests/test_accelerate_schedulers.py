@@ -282,3 +282,44 @@ def test_which_schedulers_are_left_alone_and_why(monkeypatch):
     reason = diffusers_schedulers.fuse_step(diffusers.EulerDiscreteScheduler(), cuda)
     assert "CUDA build of the C++ extension" in reason
     assert diffusers_schedulers.fuse_step(diffusers.DDIMScheduler(), cuda) is None  # DDIM has its Triton kernel
+
+
+def test_a_scheduler_assigned_after_accelerate_is_fused(monkeypatch, tmp_path):
+    """Changing samplers by assigning pipe.scheduler (diffusers' documented way) after accelerate: the new scheduler
+    is fused at the assignment (or left alone and listed), images as unpatched; restore undoes every one of them."""
+    pipe = _tiny_diffusers.pipeline("sd1", seed=4)
+    cls, config = type(pipe), pipe.scheduler.config
+    dpm_before = _images(_with(pipe, diffusers.DPMSolverMultistepScheduler.from_config(config)))
+    heun_before = _images(_with(pipe, diffusers.HeunDiscreteScheduler.from_config(config)))
+    ddim = pipe.scheduler = diffusers.DDIMScheduler.from_config(config)
+    diffusion_fast.accelerate(pipe)
+    assert isinstance(pipe, cls) and type(pipe).__name__ == cls.__name__ and "step" in vars(ddim)
+    calls = _count_op_calls(monkeypatch, "linear_step")
+    dpm = pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(config)
+    report = pipe._diffusion_fast_report
+    assert report["scheduler"] == 1 and "step" in vars(dpm)
+    assert pipe.config.scheduler[1] == "DPMSolverMultistepScheduler"  # diffusers' own bookkeeping still ran
+    assert np.abs(_images(pipe) - dpm_before).max() <= PIPELINE_FP32_MAX_ABS and len(calls) == 3
+    pipe.scheduler = diffusers.HeunDiscreteScheduler.from_config(config)  # not fused: listed, its own step runs
+    assert report["scheduler"] == 0 and any("HeunDiscreteScheduler (fused:" in why for why in report["skipped"])
+    assert np.abs(_images(pipe) - heun_before).max() <= PIPELINE_FP32_MAX_ABS  # (the UNet is still accelerated)
+    pipe.scheduler = dpm  # fused once, not twice (its fused step would otherwise be its own fallback)
+    pipe.scheduler = dpm
+    assert report["scheduler"] == 1 and not any(why.startswith("scheduler ") for why in report["skipped"])
+    fresh = pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(config)
+    pipe.scheduler = fresh
+    with pytest.raises(ValueError, match="Number of inference steps is 'None'"):  # diffusers' own step, not a loop
+        fresh.step(torch.randn(SHAPE), 10, torch.randn(SHAPE))
+    pipe.scheduler = dpm
+    assert np.abs(_images(pipe) - dpm_before).max() <= PIPELINE_FP32_MAX_ABS
+    pipe.save_pretrained(tmp_path)  # the pipeline's class name is written as diffusers writes it
+    assert '"_class_name": "StableDiffusionPipeline"' in (tmp_path / "model_index.json").read_text()
+    diffusion_fast.restore(pipe)
+    assert type(pipe) is cls and "step" not in vars(dpm) and "step" not in vars(ddim)
+    euler = pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(config)
+    assert "step" not in vars(euler)  # no longer watched
+
+
+def _with(pipe, scheduler):
+    pipe.scheduler = scheduler
+    return pipe
