@@ -70,14 +70,18 @@ def _loop(ours, theirs, steps=4, dtype=torch.float32, noise="generator", schedul
 
 
 def _loop_by_2x_rule(ours, theirs, exact, steps):
-    """PNDM's parity: each step of ``ours`` (fp32) within the 2x rule of ``theirs`` (diffusers, fp32) against
-    ``exact`` (diffusers' arithmetic in float64), all three fed the same float64 trajectory. With v_prediction at
-    t=999 diffusers' fp32 update cancels (a sample coefficient ~158 against a term almost as large), so a plain
-    tolerance around diffusers' fp32 numbers would fault the more exact result. Returns the number of steps."""
+    """PNDM's and UniPC's parity: each step of ``ours`` (fp32) within the 2x rule of ``theirs`` (diffusers, fp32)
+    against ``exact`` (diffusers' arithmetic in float64: its tables too, so its coefficients are float64 like ours),
+    all three fed the same float64 trajectory. With v_prediction at t=999 PNDM's fp32 update cancels (a sample
+    coefficient ~158 against a term almost as large), and UniPC's high orders solve an ill-conditioned system, so a
+    plain tolerance around diffusers' fp32 numbers would fault the more exact result. Returns the number of steps."""
     from _numerics import assert_2x_rule
 
     for sched in (ours, theirs, exact):
         sched.set_timesteps(steps)
+    for name in ("sigmas", "alphas_cumprod", "final_alpha_cumprod"):  # the same values, computed with in float64
+        if torch.is_tensor(getattr(exact, name, None)):
+            setattr(exact, name, getattr(exact, name).double())
     torch.testing.assert_close(ours.timesteps, exact.timesteps, rtol=0, atol=0)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
@@ -91,3 +95,20 @@ def _loop_by_2x_rule(ours, theirs, exact, steps):
         assert_2x_rule(fast / s, ref / s, plain / s, floor=1e-6, what=f"step {i} (t={int(t)})")
         x = ref
     return len(exact.timesteps)
+
+
+def _run_schedule(sched, steps, **step_kwargs):
+    """The sample after every step of a ``steps``-step schedule, on random samples and model outputs."""
+    sched.set_timesteps(steps)
+    x = torch.randn(SHAPE)
+    for t in sched.timesteps:
+        x = sched.step(torch.randn(SHAPE), t, x, **step_kwargs).prev_sample
+    return x
+
+
+def _diffusers_unipc_is_finite(cfg, steps):
+    """Whether diffusers' own UniPC gives a finite sample for this config (it can raise, or give NaN or inf)."""
+    try:
+        return bool(_run_schedule(diffusers.UniPCMultistepScheduler(**cfg), steps).isfinite().all())
+    except RuntimeError:  # torch.linalg.solve on a singular system (repeated sigmas)
+        return False

@@ -52,6 +52,7 @@ def test_same_image_as_diffusers(pair, backend_name):
     ("PNDMScheduler", dict(skip_prk_steps=False), 4),  # diffusers' default: 12 Runge-Kutta calls, then PLMS
     ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True), 5),  # "DPM++ 2M Karras"
     ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", solver_order=3), 5),
+    ("UniPCMultistepScheduler", {}, 5),  # corrector and predictor
 ])
 def test_other_schedulers_same_image_as_diffusers(pair, scheduler, cfg, steps):
     # Euler ancestral, DDPM and the SDE DPM-Solver draw noise at every step, from the generator, as diffusers does

@@ -7,7 +7,7 @@ import torch
 
 import diffusers
 from diffusion_fast import schedulers as S
-from _scheduler_parity import SHAPE, _loop, _loop_by_2x_rule
+from _scheduler_parity import SHAPE, _diffusers_unipc_is_finite, _loop, _loop_by_2x_rule, _run_schedule
 
 # diffusers' Euler calls np.array on a tensor (a numpy 2 DeprecationWarning inside diffusers, not in our code)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -189,6 +189,14 @@ def test_euler_ancestral_config_and_errors():
     _step_past_the_end(sched, x)
 
 
+def _step_before_set_timesteps_is_refused(cls):
+    """A fresh scheduler's step before set_timesteps: a ValueError saying so. Returns (the scheduler, a sample)."""
+    sched, x = cls(), torch.randn(SHAPE)
+    with pytest.raises(ValueError, match="call set_timesteps first"):
+        sched.step(x, 10, x)
+    return sched, x
+
+
 def _step_past_the_end(sched, x):
     """Every step of a 2-step schedule, then one more: a ValueError that counts the calls (not an IndexError)."""
     for t in sched.timesteps:
@@ -263,11 +271,8 @@ def test_dpm_solver_matches_diffusers(algorithm, order, solver_type, sigmas):
                          steps=6) <= 1, cfg
         except ValueError as error:
             assert "0 / 0" in str(error), cfg
-            theirs = diffusers.DPMSolverMultistepScheduler(**cfg)
-            theirs.set_timesteps(6)
-            x = torch.randn(SHAPE)
-            for t in theirs.timesteps:
-                x = theirs.step(torch.randn(SHAPE), t, x, generator=torch.Generator().manual_seed(0)).prev_sample
+            x = _run_schedule(diffusers.DPMSolverMultistepScheduler(**cfg), 6,
+                              generator=torch.Generator().manual_seed(0))
             assert x.isnan().all(), cfg
             refused += 1
     # only the repeated final sigma (sigma_min schedules without lower_order_final) with heun or order 3 is refused
@@ -323,10 +328,7 @@ def test_dpm_solver_config_and_errors():
                          (dict(use_beta_sigmas=True), "use_beta_sigmas=True is not supported")):
         with pytest.raises(ValueError, match=message):
             S.DPMSolverMultistepScheduler(**bad)
-    sched = S.DPMSolverMultistepScheduler()
-    x = torch.randn(SHAPE)
-    with pytest.raises(ValueError, match="call set_timesteps first"):
-        sched.step(x, 10, x)
+    sched, x = _step_before_set_timesteps_is_refused(S.DPMSolverMultistepScheduler)
     with pytest.raises(ValueError, match="custom timesteps cannot be used with Karras"):
         S.DPMSolverMultistepScheduler(use_karras_sigmas=True).set_timesteps(timesteps=[900, 500])
     with pytest.raises(ValueError, match="pass num_inference_steps or timesteps, not both"):
@@ -334,6 +336,79 @@ def test_dpm_solver_config_and_errors():
     sched.set_timesteps(2)
     with pytest.raises(ValueError, match="timestep 7.0 is not in this scheduler's timesteps"):
         sched.step(x, 7, x)
+    _step_past_the_end(sched, x)
+
+
+def _unipc_outcome(cfg, steps=6):
+    """'parity': diffusers is finite and ours is within the 2x rule of it against its float64 self at every step;
+    'refused': diffusers is not, and ours raises a ValueError that says so; 'finite': diffusers is not, ours is."""
+    if _diffusers_unipc_is_finite(cfg, steps):
+        ours, theirs, exact = (S.UniPCMultistepScheduler(**cfg), diffusers.UniPCMultistepScheduler(**cfg),
+                               diffusers.UniPCMultistepScheduler(**cfg))
+        _loop_by_2x_rule(ours, theirs, exact, steps)
+        return "parity"
+    try:
+        x = _run_schedule(S.UniPCMultistepScheduler(**cfg), steps)
+    except ValueError as error:
+        assert "not finite for this schedule" in str(error)
+        return "refused"
+    assert x.isfinite().all()
+    return "finite"
+
+
+# UniPC: every order (1-3), B(h) variant, data or noise prediction and sigma schedule; inside, every prediction type,
+# final sigma and lower_order_final. Where diffusers' result is not finite, ours refuses with a ValueError, except
+# bh1 onto a final sigma of 0, where diffusers multiplies B(h) = -inf by a zero residual (NaN) and ours takes the
+# plain first-order update.
+@pytest.mark.parametrize("order, solver_type, predict_x0, sigmas", list(itertools.product(
+    [1, 2, 3], ["bh1", "bh2"], [True, False], ["default", "karras", "exponential"])))
+def test_unipc_matches_diffusers(order, solver_type, predict_x0, sigmas):
+    outcomes = {}
+    for prediction_type, final, lower_order_final in itertools.product(
+            ["epsilon", "v_prediction", "sample"], ["zero", "sigma_min"], [True, False]):
+        cfg = dict(solver_order=order, solver_type=solver_type, predict_x0=predict_x0, beta_schedule="scaled_linear",
+                   prediction_type=prediction_type, final_sigmas_type=final, lower_order_final=lower_order_final,
+                   use_karras_sigmas=sigmas == "karras", use_exponential_sigmas=sigmas == "exponential")
+        outcomes[(prediction_type, final, lower_order_final)] = _unipc_outcome(cfg)
+    for (_, final, lower_order_final), outcome in outcomes.items():
+        if outcome == "finite":
+            assert solver_type == "bh1" and final == "zero" and predict_x0
+        if lower_order_final and predict_x0 and final == "zero" and solver_type == "bh2":  # the default settings
+            assert outcome == "parity"
+
+
+@pytest.mark.parametrize("spacing, beta_schedule", list(itertools.product(
+    ["leading", "trailing", "linspace"], ["linear", "scaled_linear", "squaredcos_cap_v2"])))
+def test_unipc_schedules_and_options(spacing, beta_schedule):
+    base = dict(timestep_spacing=spacing, beta_schedule=beta_schedule, steps_offset=1)
+    for extra in ({}, dict(disable_corrector=[0, 2]), dict(thresholding=True, prediction_type="sample"),
+                  dict(rescale_betas_zero_snr=True, prediction_type="v_prediction"), dict(solver_order=4),
+                  dict(use_karras_sigmas=True, sigma_min=0.1, sigma_max=10.0)):
+        cfg = dict(base, **extra)
+        for steps in (4, 20):
+            ours, theirs, exact = (S.UniPCMultistepScheduler(**cfg), diffusers.UniPCMultistepScheduler(**cfg),
+                                   diffusers.UniPCMultistepScheduler(**cfg))
+            _loop_by_2x_rule(ours, theirs, exact, steps)
+
+
+def test_unipc_as_sd_runs_it_in_fp32_and_fp16_and_config_errors():
+    sd = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
+              steps_offset=1)
+    assert _loop(S.UniPCMultistepScheduler(**sd), diffusers.UniPCMultistepScheduler(**sd), steps=10, noise=None) <= 1
+    assert _loop(S.UniPCMultistepScheduler(**sd), diffusers.UniPCMultistepScheduler(**sd), steps=10, noise=None,
+                 dtype=torch.float16) <= 2e-2
+    dpm = diffusers.DPMSolverMultistepScheduler(solver_type="heun")  # a DPM config: diffusers maps it to bh2
+    assert S.UniPCMultistepScheduler.from_config(dict(dpm.config)).config.solver_type == "bh2"
+    for bad, message in ((dict(solver_order=0), "solver_order must be a positive int"),
+                         (dict(solver_type="bh3"), "solver_type must be one of"),
+                         (dict(prediction_type="flow_prediction"), "prediction_type must be one of"),
+                         (dict(disable_corrector=["first"]), "disable_corrector must be a list of step indices"),
+                         (dict(use_flow_sigmas=True), "use_flow_sigmas=True is not supported"),
+                         (dict(solver_p=S.DDIMScheduler()), "solver_p=.* is not supported")):
+        with pytest.raises(ValueError, match=message):
+            S.UniPCMultistepScheduler(**bad)
+    sched, x = _step_before_set_timesteps_is_refused(S.UniPCMultistepScheduler)
+    sched.set_timesteps(2)
     _step_past_the_end(sched, x)
 
 
@@ -381,7 +456,8 @@ def test_randn_tensor_draws_as_diffusers():
 
 
 @pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
-                                  "EulerAncestralDiscreteScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler"])
+                                  "EulerAncestralDiscreteScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
+                                  "UniPCMultistepScheduler"])
 def test_add_noise_per_sample_timesteps_and_fp16(name):
     cfg = dict(beta_schedule="scaled_linear")
     ours, theirs = S.SCHEDULERS[name](**cfg), getattr(diffusers, name)(**cfg)
@@ -392,13 +468,14 @@ def test_add_noise_per_sample_timesteps_and_fp16(name):
     # fp16 latents: diffusers computes DDIM/DDPM in fp16, we compute in fp32 and round once: close, not equal.
     # Euler: both compute in fp32 and round the result once, so only the rounding of fp32 differences remains.
     tol = 2e-3 if name.startswith("Euler") else 2e-2
-    noise = None if name == "PNDMScheduler" else "generator"  # PNDM's step takes no generator
+    noise = None if name in ("PNDMScheduler", "UniPCMultistepScheduler") else "generator"  # (steps without one)
     assert _loop(S.SCHEDULERS[name](**cfg), getattr(diffusers, name)(**cfg), dtype=torch.float16,
                  noise=noise) <= tol
 
 
 @pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
-                                  "EulerAncestralDiscreteScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler"])
+                                  "EulerAncestralDiscreteScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
+                                  "UniPCMultistepScheduler"])
 def test_outputs_fully_written_under_poisoned_allocations(name):
     """torch.empty* return NaN inside the block: an output element the op leaves unwritten would show as NaN."""
     from _numerics import poisoned_allocations
@@ -411,7 +488,7 @@ def test_outputs_fully_written_under_poisoned_allocations(name):
         gen = torch.Generator().manual_seed(4)
         x, m = torch.randn(3, 4, 7, 9, generator=gen), torch.randn(3, 4, 7, 9, generator=gen)  # batch 3, odd 7x9
         kw = {"eta": 0.5} if name == "DDIMScheduler" else {}
-        if name != "PNDMScheduler":
+        if name not in ("PNDMScheduler", "UniPCMultistepScheduler"):  # (their steps take no generator)
             kw["generator"] = torch.Generator().manual_seed(9)
         for t in sched.timesteps[:3]:  # the multistep schedulers' third step reads two earlier outputs
             out = sched.step(m, t, sched.scale_model_input(x, t), **kw)
@@ -457,7 +534,9 @@ def _sampling_steps(name, sched, x, mo):
                                                 ("EulerDiscreteScheduler", False),
                                                 ("EulerAncestralDiscreteScheduler", False), ("PNDMScheduler", False),
                                                 ("DPMSolverMultistepScheduler", False),
-                                                ("DPMSolverMultistepScheduler", True)])
+                                                ("DPMSolverMultistepScheduler", True),
+                                                ("UniPCMultistepScheduler", False),
+                                                ("UniPCMultistepScheduler", True)])
 def test_step_does_not_read_device_values(name, thresholding):
     """The step must never read a device value on the host (on a GPU, a sync per step). Meta tensors have no values:
     any .item()/bool()/nonzero/.cpu() on them raises, so a loop that completes on meta tensors cannot have synced."""
@@ -475,7 +554,8 @@ def test_step_does_not_read_device_values(name, thresholding):
 @pytest.mark.parametrize("name, thresholding", [("DDIMScheduler", False), ("DDIMScheduler", True),
                                                 ("DDPMScheduler", False), ("EulerDiscreteScheduler", False),
                                                 ("EulerAncestralDiscreteScheduler", False), ("PNDMScheduler", False),
-                                                ("DPMSolverMultistepScheduler", False)])
+                                                ("DPMSolverMultistepScheduler", False),
+                                                ("UniPCMultistepScheduler", False)])
 def test_step_does_not_sync_on_cuda(name, thresholding):
     setup = _sampling_setup(name, "cuda", thresholding)
     _sampling_steps(name, *_sampling_setup(name, "cuda", thresholding))  # warm up: kernels compiled
@@ -525,9 +605,9 @@ def test_set_timesteps_refreshes_device_tables_in_place(name, tables, device):
 
 
 def test_from_config_of_another_scheduler_and_load_scheduler(tmp_path):
-    unipc = diffusers.UniPCMultistepScheduler(beta_schedule="scaled_linear", steps_offset=1)
-    unipc.save_config(tmp_path)
-    with pytest.warns(RuntimeWarning, match="UniPCMultistepScheduler is not implemented; using DDIMScheduler"):
+    heun = diffusers.HeunDiscreteScheduler(beta_schedule="scaled_linear", steps_offset=1)
+    heun.save_config(tmp_path)
+    with pytest.warns(RuntimeWarning, match="HeunDiscreteScheduler is not implemented; using DDIMScheduler"):
         sched = S.load_scheduler(str(tmp_path))
     assert isinstance(sched, S.DDIMScheduler) and sched.config.steps_offset == 1
     assert sched.config["beta_schedule"] == "scaled_linear"

@@ -8,15 +8,17 @@ from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .pndm import PNDMScheduler
+from .unipc import UniPCMultistepScheduler
 
 SCHEDULERS = {cls.__name__: cls for cls in (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                                            EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, PNDMScheduler)}
+                                            EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, PNDMScheduler,
+                                            UniPCMultistepScheduler)}
 
 
 def load_scheduler(folder_or_config, default="DDIMScheduler"):
     """Our scheduler for a diffusers scheduler folder/config, by its ``_class_name``.
 
-    A class we don't implement (UniPC, Heun, LMS, ...) has its config loaded into ``default`` with a warning, as
+    A class we don't implement (Heun, LMS, DEIS, ...) has its config loaded into ``default`` with a warning, as
     diffusers' ``DDIMScheduler.from_config(pipe.scheduler.config)`` would.
     """
     config = folder_or_config if isinstance(folder_or_config, dict) else read_config(folder_or_config)
@@ -29,6 +31,6 @@ def load_scheduler(folder_or_config, default="DDIMScheduler"):
 
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
-           "EulerAncestralDiscreteScheduler", "PNDMScheduler",
+           "EulerAncestralDiscreteScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
            "load_scheduler", "randn_tensor",
            "SchedulerOutput", "FrozenConfig", "SCHEDULERS"]

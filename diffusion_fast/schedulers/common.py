@@ -107,6 +107,18 @@ def karras_sigmas(sigma_min, sigma_max, n, rho=7.0):
     return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
+def vp_alpha_sigma(sigma):
+    """(alpha_t, sigma_t) of the VP process at the noise level sigma (sigma = sigma_t / alpha_t)."""
+    alpha = 1.0 / math.sqrt(sigma * sigma + 1.0)
+    return alpha, sigma * alpha
+
+
+def half_log_snr(sigma):
+    """lambda = log(alpha_t) - log(sigma_t), infinite at sigma = 0 (DPM-Solver's and UniPC's time variable)."""
+    alpha, s = vp_alpha_sigma(sigma)
+    return math.log(alpha) - math.log(s) if s > 0 else math.inf
+
+
 def sigma_to_t(sigma, log_sigmas):
     """Interpolate a timestep for ``sigma`` in log-sigma space (diffusers' _sigma_to_t)."""
     log_sigma = np.log(np.maximum(sigma, 1e-10))
@@ -116,6 +128,25 @@ def sigma_to_t(sigma, log_sigmas):
     w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
     return ((1 - w) * low + w * high).reshape(np.shape(sigma))
 
+
+def linear_terms(terms):
+    """``(extra, pe)`` for ``ops.linear_step``'s ``pe * extra`` from [(weight, tensor), ...]: one term passed as it
+    is (no extra pass), several added up first (in fp32: a few small ops), none as (None, 0.0)."""
+    if not terms:
+        return None, 0.0
+    if len(terms) == 1:
+        return terms[0][1], terms[0][0]
+    extra = terms[0][1].float() * terms[0][0]
+    for weight, tensor in terms[1:]:
+        extra = extra.add(tensor, alpha=weight)
+    return extra, 1.0
+
+
+
+def timesteps_for_sigmas(sigmas, log_sigmas, rounded):
+    """The (fractional, or ``rounded``) training timestep of each sigma, interpolated as diffusers does."""
+    timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
+    return timesteps.round() if rounded else timesteps
 
 def threshold_sample(sample, ratio, max_value):
     """Dynamic thresholding (Imagen): clamp each sample to its ratio-quantile of |x| (at least 1), rescale."""
@@ -296,6 +327,60 @@ class SigmaScheduleBase(SchedulerBase):
         if self._begin_index is None:
             return [self.index_for_timestep(t) for t in ts]
         return [self._step_index if self._step_index is not None else self._begin_index] * ts.shape[0]
+
+
+
+class VPSigmaScheduleBase(SigmaScheduleBase):
+    """The multistep solvers on VP sigmas (DPM-Solver++, UniPC): spaced timesteps as diffusers spaces them for these,
+    the model input not scaled, and add_noise putting each sample at its schedule sigma as alpha * x + sigma_vp *
+    noise, as diffusers does. A subclass resets its solver state in ``_reset_state``."""
+
+    init_noise_sigma = 1.0
+
+    def _training_schedule(self):
+        """The training tables diffusers makes (zero-SNR's last alpha kept finite, as diffusers does), and no
+        inference schedule yet; refuses two sigma schedules at once."""
+        c = self.config
+        if c.use_karras_sigmas and c.use_exponential_sigmas:
+            raise ValueError("use_karras_sigmas and use_exponential_sigmas: choose one")
+        self.betas = make_betas(c)
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        if c.rescale_betas_zero_snr:
+            self.alphas_cumprod[-1] = 2**-24
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        n = c.num_train_timesteps
+        self.timesteps = torch.from_numpy(np.linspace(0, n - 1, n, dtype=np.float32)[::-1].copy())
+
+    def _spaced_timesteps(self, n, last=None):
+        """n timesteps per timestep_spacing: n + 1 points, the last dropped, for linspace and leading. ``last``: the
+        first timestep past the schedule (num_train_timesteps, or less where DPM-Solver's lambda_min_clipped cuts)."""
+        c = self.config
+        n_train = c.num_train_timesteps
+        last = n_train if last is None else last
+        if c.timestep_spacing == "linspace":
+            return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+        if c.timestep_spacing == "leading":
+            ratio = last // (n + 1)
+            return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + c.steps_offset
+        return np.arange(last, 0, -n_train / n).round().copy().astype(np.int64) - 1
+
+    def _finish_schedule(self, sigmas, last_sigma, timesteps, device):
+        """Keep the schedule (the sigmas also as host floats: a step's coefficients never read the device)."""
+        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [last_sigma]]).astype(np.float32))
+        self._sigma_values = self.sigmas.tolist()
+        self.timesteps = torch.from_numpy(np.asarray(timesteps)).to(device=device, dtype=torch.int64)
+        self.num_inference_steps = len(timesteps)
+        self._reset_state()
+
+    def scale_model_input(self, sample, timestep=None):
+        return sample
+
+    def add_noise(self, original_samples, noise, timesteps):
+        """alpha_t * x + sigma_t * noise at the schedule's sigma per sample (see _step_indices), as diffusers."""
+        sigma = self.sigmas[self._step_indices(timesteps)].to(original_samples.device, original_samples.dtype)
+        sigma = sigma.view(-1, *([1] * (original_samples.dim() - 1)))
+        alpha = 1 / (sigma**2 + 1) ** 0.5
+        return alpha * original_samples + sigma * alpha * noise
 
 
 def read_config(folder, subfolder=None) -> dict:

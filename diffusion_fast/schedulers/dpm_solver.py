@@ -24,12 +24,14 @@ import torch
 from .. import ops
 from .common import (
     SchedulerOutput,
-    SigmaScheduleBase,
+    VPSigmaScheduleBase,
+    half_log_snr,
     karras_sigmas,
-    make_betas,
+    linear_terms,
     randn_tensor,
-    sigma_to_t,
     threshold_sample,
+    timesteps_for_sigmas,
+    vp_alpha_sigma,
 )
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
@@ -46,20 +48,11 @@ def solver_coefficients(sigmas, i, order, prediction, algorithm="dpmsolver++", s
 
     The multistep differences D1, D2 of diffusers' second- and third-order updates are expanded into weights on the
     x0s, written as coefficient vectors over (x0 now, x0 one step back, x0 two steps back)."""
-
-    def alpha_sigma(sigma):
-        alpha = 1.0 / math.sqrt(sigma * sigma + 1.0)
-        return alpha, sigma * alpha
-
-    def lam(sigma):  # log(alpha) - log(sigma): the half log-SNR
-        alpha, s = alpha_sigma(sigma)
-        return math.log(alpha) - math.log(s) if s > 0 else math.inf
-
-    alpha_t, sigma_t = alpha_sigma(sigmas[i + 1])
-    alpha_s0, sigma_s0 = alpha_sigma(sigmas[i])
+    alpha_t, sigma_t = vp_alpha_sigma(sigmas[i + 1])
+    alpha_s0, sigma_s0 = vp_alpha_sigma(sigmas[i])
     cx, cm = _X0[prediction](alpha_s0, sigma_s0)
-    lams = [lam(sigmas[i - j]) for j in range(order)]  # lambda at s0, s1, s2
-    h = np.float64(lam(sigmas[i + 1]) - lams[0])  # numpy: x / 0 is inf or NaN, as in diffusers' tensors
+    lams = [half_log_snr(sigmas[i - j]) for j in range(order)]  # lambda at s0, s1, s2
+    h = np.float64(half_log_snr(sigmas[i + 1]) - lams[0])  # numpy: x / 0 is inf or NaN, as in diffusers' tensors
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if algorithm == "dpmsolver++":
             em = np.expm1(-h)  # e^-h - 1
@@ -98,14 +91,7 @@ def solver_step(model_output, sample, earlier_x0, coefficients, noise=None, thre
     ``earlier_x0``: the earlier steps' x0, newest first (as many as there are weights); ``threshold``: a function
     applied to x0 first (diffusers' dynamic thresholding), which costs a pass of its own."""
     cx, cm, p0, px, weights, noise_scale = coefficients
-    terms = list(zip(weights, earlier_x0)) + ([(noise_scale, noise)] if noise_scale else [])
-    extra, pe = None, 0.0
-    if len(terms) == 1:
-        (pe, extra), = terms
-    elif terms:  # several terms: combined first (a few small ops), then passed as one
-        extra, pe = terms[0][1].float() * terms[0][0], 1.0
-        for w, t in terms[1:]:
-            extra = extra.add(t, alpha=w)
+    extra, pe = linear_terms(list(zip(weights, earlier_x0)) + ([(noise_scale, noise)] if noise_scale else []))
     if threshold is not None:  # as diffusers: x0 in the model output's dtype, thresholded, then the update
         model_output = threshold((cx * sample + cm * model_output).to(model_output.dtype))
         cx, cm = 0.0, 1.0
@@ -126,7 +112,7 @@ def solver_order_now(config, step_index, num_steps, lower_order_nums):
     return 3
 
 
-class DPMSolverMultistepScheduler(SigmaScheduleBase):
+class DPMSolverMultistepScheduler(VPSigmaScheduleBase):
     defaults = dict(
         num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
         solver_order=2, prediction_type="epsilon", thresholding=False, dynamic_thresholding_ratio=0.995,
@@ -137,7 +123,6 @@ class DPMSolverMultistepScheduler(SigmaScheduleBase):
         flow_shift=1.0, time_shift_type="exponential",  # kept for round trips; they act only with flow sigmas
     )
     unsupported = dict(use_beta_sigmas=False, use_flow_sigmas=False, variance_type=None, use_dynamic_shifting=False)
-    init_noise_sigma = 1.0
 
     def __init__(self, **kwargs):
         # As diffusers: a DEIS or UniPC config loaded into this scheduler keeps its own algorithm's nearest settings
@@ -156,17 +141,8 @@ class DPMSolverMultistepScheduler(SigmaScheduleBase):
                 hint = (" (dpmsolver and sde-dpmsolver, the noise-prediction variants, are deprecated in diffusers)"
                         if field == "algorithm_type" else "")
                 raise ValueError(f"{field} must be one of {allowed}, got {c[field]!r}{hint}")
-        if c.use_karras_sigmas and c.use_exponential_sigmas:
-            raise ValueError("use_karras_sigmas and use_exponential_sigmas: choose one")
-        self.betas = make_betas(c)
-        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
-        if c.rescale_betas_zero_snr:
-            self.alphas_cumprod[-1] = 2**-24  # so the last sigma is finite, as diffusers does
-        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
-        n = c.num_train_timesteps
-        self.timesteps = torch.from_numpy(np.linspace(0, n - 1, n, dtype=np.float32)[::-1].copy())
-        self.model_outputs = [None] * c.solver_order
-        self.lower_order_nums = 0
+        self._training_schedule()
+        self._reset_state()
 
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None):
         """diffusers' schedule: ``num_inference_steps`` spaced per the config (within lambda_min_clipped), or custom
@@ -180,42 +156,31 @@ class DPMSolverMultistepScheduler(SigmaScheduleBase):
             timesteps = timesteps.astype(np.int64)
         else:
             self._check_steps(num_inference_steps)
-            n = int(num_inference_steps)
             lambdas = torch.log(torch.sqrt(self.alphas_cumprod)) - torch.log(torch.sqrt(1 - self.alphas_cumprod))
             last = n_train - int(torch.searchsorted(torch.flip(lambdas, [0]), c.lambda_min_clipped))
-            if c.timestep_spacing == "linspace":
-                timesteps = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-            elif c.timestep_spacing == "leading":
-                ratio = last // (n + 1)
-                timesteps = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + c.steps_offset
-            else:
-                timesteps = np.arange(last, 0, -n_train / n).round().copy().astype(np.int64) - 1
+            timesteps = self._spaced_timesteps(int(num_inference_steps), last)
         base = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
         log_sigmas = np.log(base)
         rounded = c.beta_schedule != "squaredcos_cap_v2"  # diffusers rounds these timesteps, except for cosine
         if c.use_karras_sigmas:
             sigmas = karras_sigmas(float(base[0]), float(base[-1]), num_inference_steps)
-            timesteps = _timesteps_for(sigmas, log_sigmas, rounded)
+            timesteps = timesteps_for_sigmas(sigmas, log_sigmas, rounded)
         elif c.use_lu_lambdas:
             lam_max, lam_min = float(log_sigmas[-1]), float(log_sigmas[0])
             sigmas = np.exp(lam_max + np.linspace(0, 1, num_inference_steps) * (lam_min - lam_max))
-            timesteps = _timesteps_for(sigmas, log_sigmas, rounded)
+            timesteps = timesteps_for_sigmas(sigmas, log_sigmas, rounded)
         elif c.use_exponential_sigmas:
             sigmas = np.exp(np.linspace(math.log(base[-1]), math.log(base[0]), num_inference_steps))
-            timesteps = _timesteps_for(sigmas, log_sigmas, False)
+            timesteps = timesteps_for_sigmas(sigmas, log_sigmas, False)
         else:
             sigmas = np.interp(timesteps, np.arange(0, len(base)), base)
         last_sigma = float(base[0]) if c.final_sigmas_type == "sigma_min" else 0.0
-        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [last_sigma]]).astype(np.float32))
-        self._sigma_values = self.sigmas.tolist()  # host floats: a step's coefficients never read the device
-        self.timesteps = torch.from_numpy(np.asarray(timesteps)).to(device=device, dtype=torch.int64)
-        self.num_inference_steps = len(timesteps)
-        self.model_outputs = [None] * c.solver_order
+        self._finish_schedule(sigmas, last_sigma, timesteps, device)
+
+    def _reset_state(self):
+        self.model_outputs = [None] * self.config.solver_order
         self.lower_order_nums = 0
         self._step_index = self._begin_index = None
-
-    def scale_model_input(self, sample, timestep=None):
-        return sample
 
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
         c = self.config
@@ -250,14 +215,4 @@ class DPMSolverMultistepScheduler(SigmaScheduleBase):
         self._step_index += 1
         return SchedulerOutput(prev, x0) if return_dict else (prev,)
 
-    def add_noise(self, original_samples, noise, timesteps):
-        """alpha_t * x + sigma_t * noise at the schedule's sigma per sample (see _step_indices), as diffusers."""
-        sigma = self.sigmas[self._step_indices(timesteps)].to(original_samples.device, original_samples.dtype)
-        sigma = sigma.view(-1, *([1] * (original_samples.dim() - 1)))
-        alpha = 1 / (sigma**2 + 1) ** 0.5
-        return alpha * original_samples + sigma * alpha * noise
 
-
-def _timesteps_for(sigmas, log_sigmas, rounded):
-    timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
-    return timesteps.round() if rounded else timesteps

@@ -12,8 +12,15 @@ import numpy as np
 import torch
 
 from .. import ops
-from .common import (SchedulerOutput, SigmaScheduleBase, make_betas, karras_sigmas, randn_tensor, sigma_to_t,
-                     spaced_timesteps)
+from .common import (
+    SchedulerOutput,
+    SigmaScheduleBase,
+    karras_sigmas,
+    make_betas,
+    randn_tensor,
+    spaced_timesteps,
+    timesteps_for_sigmas,
+)
 
 
 class EulerDiscreteScheduler(SigmaScheduleBase):
@@ -74,7 +81,7 @@ class EulerDiscreteScheduler(SigmaScheduleBase):
             if len(sigmas) < 2:
                 raise ValueError("sigmas must have n + 1 values (the last is the final sigma), got 1")
             sigmas = sigmas.astype(np.float32)
-            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas[:-1]])
+            timesteps = timesteps_for_sigmas(sigmas[:-1], log_sigmas, rounded=False)
             self._finish_schedule(sigmas, timesteps, len(sigmas) - 1, device)
             return
         if timesteps is not None:
@@ -96,7 +103,7 @@ class EulerDiscreteScheduler(SigmaScheduleBase):
             sigma_min = c.sigma_min if c.sigma_min is not None else float(sigmas[-1])
             sigma_max = c.sigma_max if c.sigma_max is not None else float(sigmas[0])
             sigmas = karras_sigmas(sigma_min, sigma_max, n)
-            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
+            timesteps = timesteps_for_sigmas(sigmas, log_sigmas, rounded=False)
         a0 = self.alphas_cumprod[0]
         last = ((1 - a0) / a0) ** 0.5 if c.final_sigmas_type == "sigma_min" else 0
         self._finish_schedule(np.concatenate([sigmas, [float(last)]]).astype(np.float32), timesteps, n, device)
