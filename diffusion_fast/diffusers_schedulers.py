@@ -1,4 +1,4 @@
-"""Fused ``step`` methods for diffusers' DDIM, Euler, Euler ancestral, DPM-Solver++ multistep, PNDM and DDPM
+"""Fused ``step`` methods for diffusers' DDIM, Euler, Euler ancestral, DPM-Solver++ multistep, PNDM, UniPC and DDPM
 schedulers, patched on the instance by ``accelerate``.
 
 Each replacement computes what the scheduler's own ``step`` computes, as one fused op (``diffusion_fast.ops``),
@@ -10,11 +10,11 @@ Which schedulers are fused, and where:
 
 - ``DDIMScheduler``: CPU (C++ op) and CUDA (Triton kernel);
 - ``EulerDiscreteScheduler`` (SDXL's default), ``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler``,
-  ``PNDMScheduler`` (SD1.5's default) and ``DDPMScheduler``: CPU, and CUDA when the C++ extension was built with
-  CUDA (these have no Triton kernel; without it the scheduler is left alone and listed).
+  ``PNDMScheduler`` (SD1.5's default), ``UniPCMultistepScheduler`` and ``DDPMScheduler``: CPU, and CUDA when the C++
+  extension was built with CUDA (these have no Triton kernel; without it the scheduler is left alone and listed).
 
-DPM-Solver++ and PNDM run the same update functions as our own schedulers (``schedulers.dpm_solver``,
-``schedulers.pndm``), on the state diffusers' scheduler keeps.
+DPM-Solver++, PNDM and UniPC run the same update functions as our own schedulers (``schedulers.dpm_solver``,
+``schedulers.pndm``, ``schedulers.unipc``), on the state diffusers' scheduler keeps.
 
 A subclass that overrides ``step`` is left alone: its step is not the one we mirror.
 """
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import _cpp, ops
-from .schedulers import dpm_solver, pndm
+from .schedulers import dpm_solver, pndm, unipc
 from .schedulers.common import randn_tensor
 
 _ORIGINAL = "_diffusion_fast_original_step"
@@ -170,6 +170,24 @@ def _fused_pndm_step(self, model_output, timestep, sample, return_dict=True):
     return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
 
+def _fused_unipc_step(self, model_output, timestep, sample, return_dict=True):
+    """diffusers' UniPCMultistepScheduler.step as our scheduler computes it (``schedulers.unipc.unipc_update``): the
+    corrector and the predictor each one fused pass, coefficients in float64 on the host, the state kept as diffusers
+    keeps it. ``solver_p``, flow sigmas and thresholding keep diffusers' own step, and so does a step whose
+    arithmetic diffusers computes as not finite (its image is NaN or inf there too)."""
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+    if self.num_inference_steps is None or _config_gap_now(self) or self.solver_p is not None:
+        return _original(self, model_output, timestep, sample, return_dict)
+    if self.step_index is None:
+        self._init_step_index(timestep)
+    values, _ = _sigma_tables(self, torch.device("cpu"))  # the sigmas as floats, made once per schedule
+    prev = unipc.unipc_update(self, model_output, timestep, sample, values, as_diffusers=True)
+    if prev is None:
+        return _original(self, model_output, timestep, sample, return_dict)
+    return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
 def _sigma_tables(self, device):
     """A scheduler's sigmas as Python floats (for the churn window test) and as a float32 table on the
     sample's device (sliced for the op, so a step neither reads the device nor copies to it), made again whenever
@@ -216,6 +234,7 @@ def _config_gap(scheduler):
                   "EulerAncestralDiscreteScheduler": ("epsilon", "v_prediction"),  # diffusers raises for "sample"
                   "DPMSolverMultistepScheduler": ("epsilon", "v_prediction", "sample"),
                   "PNDMScheduler": ("epsilon", "v_prediction"),
+                  "UniPCMultistepScheduler": ("epsilon", "v_prediction", "sample"),
                   "DDPMScheduler": ("epsilon", "v_prediction", "sample")}[_fused_class(scheduler).__name__]
     variance = getattr(c, "variance_type", None)  # DDPM's and DPM-Solver's
     algorithm, solver = getattr(c, "algorithm_type", "dpmsolver++"), getattr(c, "solver_type", "midpoint")  # DPM's
@@ -224,8 +243,9 @@ def _config_gap(scheduler):
         (c.prediction_type not in prediction, f"prediction_type {c.prediction_type!r}"),
         (variance not in (None, "fixed_small", "fixed_small_log", "fixed_large"), f"variance_type {variance!r}"),
         (algorithm not in dpm_solver.ALGORITHMS, f"algorithm_type {algorithm!r}"),
-        (solver not in ("midpoint", "heun"), f"solver_type {solver!r}"),
+        (solver not in ("midpoint", "heun", "bh1", "bh2"), f"solver_type {solver!r}"),  # DPM's, UniPC's
         (getattr(c, "use_flow_sigmas", False), "flow sigmas"),
+        (getattr(scheduler, "solver_p", None) is not None, "solver_p: another scheduler as UniPC's predictor"),
     ]
     return next((why for gap, why in gaps if gap), None)
 
@@ -248,13 +268,14 @@ def _fused_class(scheduler):
 def _fusable():
     """[(diffusers scheduler class, its fused step, our op, whether the op has a Triton kernel)]."""
     from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                           EulerDiscreteScheduler, PNDMScheduler)
+                           EulerDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
 
     return [(DDIMScheduler, _fused_ddim_step, "ddim_step", True),
             (EulerDiscreteScheduler, _fused_euler_step, "euler_step", False),
             (EulerAncestralDiscreteScheduler, _fused_euler_ancestral_step, "euler_ancestral_step", False),
             (DPMSolverMultistepScheduler, _fused_dpm_multistep_step, "linear_step", False),
             (PNDMScheduler, _fused_pndm_step, "linear_step", False),
+            (UniPCMultistepScheduler, _fused_unipc_step, "linear_step", False),
             (DDPMScheduler, _fused_ddpm_step, "ddpm_step", False)]
 
 

@@ -10,7 +10,7 @@ import _tiny_diffusers
 import diffusers
 from conftest import ON_GPU
 import diffusion_fast
-from _scheduler_parity import SHAPE, _loop, _loop_by_2x_rule
+from _scheduler_parity import SHAPE, _diffusers_unipc_is_finite, _loop, _loop_by_2x_rule
 from diffusion_fast import diffusers_schedulers, ops
 from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
 
@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:Deprec
 
 OP = {"DDIMScheduler": "ddim_step", "EulerDiscreteScheduler": "euler_step", "DDPMScheduler": "ddpm_step",
       "EulerAncestralDiscreteScheduler": "euler_ancestral_step", "DPMSolverMultistepScheduler": "linear_step",
-      "PNDMScheduler": "linear_step"}
+      "PNDMScheduler": "linear_step", "UniPCMultistepScheduler": "linear_step"}
 SDXL_EULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
                   steps_offset=1)  # the scheduler config SDXL checkpoints ship
 
@@ -130,6 +130,40 @@ def test_fused_pndm_matches_its_own_by_the_2x_rule(monkeypatch, skip_prk_steps, 
     assert len(calls) == n and ours.counter == theirs.counter and len(ours.ets) == len(theirs.ets)
 
 
+# UniPC: orders 1-3, both B(h) variants, data or noise prediction, Karras sigmas or not; inside, every prediction
+# type, lower_order_final and 5/20 steps. Judged by the 2x rule against diffusers in float64 (UniPC's third order
+# solves a small ill-conditioned system); a config whose diffusers result is not finite runs diffusers' own step.
+# A step after the first is two fused passes (corrector, predictor), the first step one.
+@pytest.mark.parametrize("order, solver_type, predict_x0, karras", list(
+    itertools.product([1, 2, 3], ["bh1", "bh2"], [True, False], [False, True])))
+def test_fused_unipc_matches_its_own(monkeypatch, order, solver_type, predict_x0, karras):
+    calls = _count_op_calls(monkeypatch, "linear_step")
+    checked = 0
+    for prediction_type, lower_order_final, steps in itertools.product(
+            ["epsilon", "v_prediction", "sample"], [True, False], [5, 20]):
+        # (onto a final sigma of 0, diffusers' noise-prediction and bh1 updates are NaN: see the next test)
+        final = "zero" if predict_x0 and solver_type == "bh2" else "sigma_min"
+        cfg = dict(SDXL_EULER, solver_order=order, solver_type=solver_type, predict_x0=predict_x0,
+                   prediction_type=prediction_type, use_karras_sigmas=karras, lower_order_final=lower_order_final,
+                   final_sigmas_type=final)
+        ours = _fused("UniPCMultistepScheduler", **cfg)
+        theirs, exact = diffusers.UniPCMultistepScheduler(**cfg), diffusers.UniPCMultistepScheduler(**cfg)
+        calls.clear()
+        if not _diffusers_unipc_is_finite(cfg, steps):
+            continue
+        assert _loop_by_2x_rule(ours, theirs, exact, steps) == steps
+        assert len(calls) == 2 * steps - 1, cfg
+        checked += 1
+    assert checked >= 6  # lower_order_final=True is finite everywhere (repeated final sigmas need it)
+
+
+def test_fused_unipc_leaves_what_diffusers_computes_as_nan_to_diffusers():
+    # bh1 onto a final sigma of 0: diffusers multiplies B(h) = -inf by a zero residual (NaN); fused, the same NaN
+    cfg = dict(solver_type="bh1")
+    ours, theirs = _fused("UniPCMultistepScheduler", **cfg), diffusers.UniPCMultistepScheduler(**cfg)
+    assert _loop(ours, theirs, steps=5, noise=None) <= 1  # NaN at the same places (checked by the comparison)
+
+
 def test_fused_pndm_keeps_diffusers_errors():
     sched = _fused("PNDMScheduler")  # skip_prk_steps=False: PLMS needs the warm-up's outputs first
     sched.set_timesteps(5)
@@ -170,6 +204,7 @@ def test_fused_step_in_half_precision(name, cfg):
     ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"),
      "algorithm_type 'sde-dpmsolver'"),
     ("DPMSolverMultistepScheduler", dict(thresholding=True), "thresholding"),
+    ("UniPCMultistepScheduler", dict(solver_p=diffusers.DDIMScheduler()), "solver_p"),
     ("EulerAncestralDiscreteScheduler", dict(prediction_type="sample"), "prediction_type 'sample'"),  # diffusers raises
 ])
 def test_configs_not_mirrored_are_left_alone_and_say_why(name, cfg, why):
@@ -214,6 +249,7 @@ def test_euler_steps_keep_diffusers_errors_and_warnings(caplog):
     ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True)),
     ("PNDMScheduler", dict(skip_prk_steps=True)),  # as SD1.5 ships it
     ("PNDMScheduler", dict(skip_prk_steps=False)),  # diffusers' default: 12 warm-up calls first
+    ("UniPCMultistepScheduler", {}),
     ("DDPMScheduler", dict(variance_type="fixed_small_log")),
 ])
 def test_pipelines_keep_their_images(monkeypatch, name, cfg):
@@ -228,7 +264,8 @@ def test_pipelines_keep_their_images(monkeypatch, name, cfg):
     assert pipe._diffusion_fast_report["scheduler"] == 1
     fast = _images(pipe, n)
     steps = len(pipe.scheduler.timesteps)  # 3; 4 for PLMS (it steps its first timestep twice); 13 with RK warm-up
-    assert len(calls) == steps and np.abs(fast - before).max() <= PIPELINE_FP32_MAX_ABS
+    passes = 2 * steps - 1 if name == "UniPCMultistepScheduler" else steps  # UniPC: corrector + predictor
+    assert len(calls) == passes and np.abs(fast - before).max() <= PIPELINE_FP32_MAX_ABS
     diffusion_fast.restore(pipe)
     assert "step" not in vars(pipe.scheduler)
     assert np.array_equal(_images(pipe, n), before)
@@ -249,7 +286,8 @@ def test_sdxl_pipeline_with_its_default_euler_scheduler(monkeypatch):
 @pytest.mark.skipif(not (ON_GPU and diffusers_schedulers._cpp.has_cuda()),
                     reason="needs a GPU and the C++ extension's CUDA build")
 @pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                                  "DPMSolverMultistepScheduler", "PNDMScheduler", "DDPMScheduler"])
+                                  "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
+                                  "DDPMScheduler"])
 def test_fused_steps_on_gpu_in_half_precision(monkeypatch, name):
     """The CUDA kernels of the fused steps inside an fp16 pipeline on the GPU, with the UNet graphed: the image stays
     within fp16 noise of the unpatched pipeline's, every step runs our op, replays are bit-identical."""
@@ -261,7 +299,8 @@ def test_fused_steps_on_gpu_in_half_precision(monkeypatch, name):
     diffusion_fast.accelerate(pipe)
     assert pipe._diffusion_fast_report["scheduler"] == 1
     first, second = _images(pipe), _images(pipe)
-    assert len(calls) == 2 * len(pipe.scheduler.timesteps)
+    steps = len(pipe.scheduler.timesteps)
+    assert len(calls) == 2 * (2 * steps - 1 if name == "UniPCMultistepScheduler" else steps)
     assert np.abs(first - before).max() < 2e-2 and np.array_equal(first, second)
     diffusion_fast.restore(pipe)
 
@@ -275,7 +314,7 @@ def test_which_schedulers_are_left_alone_and_why(monkeypatch):
     assert "overrides EulerDiscreteScheduler.step" in diffusers_schedulers.fuse_step(OwnStep(), cpu)
     heun = diffusers.HeunDiscreteScheduler()  # no fused step
     fused = ("DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, "
-             "PNDMScheduler, DDPMScheduler")
+             "PNDMScheduler, UniPCMultistepScheduler, DDPMScheduler")
     assert f"HeunDiscreteScheduler (fused: {fused})" in diffusers_schedulers.fuse_step(heun, cpu)
     assert "step" not in vars(heun)
     monkeypatch.setattr(diffusers_schedulers._cpp, "has_cuda", lambda: False)
