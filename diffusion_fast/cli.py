@@ -28,8 +28,10 @@ SCHEDULER_CHOICES = {"ddim": ("DDIMScheduler", {}), "ddpm": ("DDPMScheduler", {}
                      "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
                      "dpm++-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
                      "dpm++-2m-sde": ("DPMSolverMultistepScheduler",
-                                      {"algorithm_type": "sde-dpmsolver++", "solver_order": 2})}
-KARRAS_SCHEDULERS = ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler")  # the ones with use_karras_sigmas
+                                      {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+                     "unipc": ("UniPCMultistepScheduler", {})}
+# the ones with use_karras_sigmas
+KARRAS_SCHEDULERS = ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
 
 
 class UsageError(Exception):
@@ -100,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the sampler: the model folder's own (default; DDIM for the built-in model) or one of ours, "
                         "built from the model's scheduler config")
     g.add_argument("--karras", action="store_true",
-                   help="Karras sigmas (Euler and DPM-Solver++: e.g. --scheduler dpm++-2m --karras)")
+                   help="Karras sigmas (Euler, DPM-Solver++, UniPC: e.g. --scheduler dpm++-2m --karras)")
     g.add_argument("--height", type=_size, default=None)
     g.add_argument("--width", type=_size, default=None)
     g.add_argument("--batch", type=_positive_int, default=1, help="images per prompt")
@@ -132,8 +134,8 @@ def _check_scheduler_options(args, scheduler_name):
     if args.eta != 0 and scheduler_name != "DDIMScheduler":
         raise UsageError(f"--eta is DDIM's; the scheduler is {scheduler_name} (--scheduler ddim)")
     if args.karras and scheduler_name not in KARRAS_SCHEDULERS:
-        raise UsageError(f"--karras is for Euler and DPM-Solver++; the scheduler is {scheduler_name} "
-                         "(--scheduler euler, dpm++-2m or dpm++-2m-sde)")
+        raise UsageError(f"--karras is for Euler, DPM-Solver++ and UniPC; the scheduler is {scheduler_name} "
+                         "(--scheduler euler, dpm++-2m, dpm++-2m-sde or unipc)")
 
 
 def generate(args) -> int:

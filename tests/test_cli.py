@@ -56,6 +56,7 @@ def test_generate_from_folder_batch(tmp_path, capsys):
     ("euler-ancestral", [], "EulerAncestralDiscreteScheduler"),
     ("pndm", [], "PNDMScheduler"),
     ("dpm++-2m-sde", ["--karras"], "DPMSolverMultistepScheduler"),
+    ("unipc", [], "UniPCMultistepScheduler"),
 ])
 def test_generate_with_another_scheduler(tmp_path, capsys, choice, options, name):
     rc = main(["generate", "--scheduler", choice, *options, "--steps", "3", "--output", str(tmp_path / "a.png"),
@@ -85,8 +86,8 @@ def test_generate_karras_sets_the_schedulers_field(monkeypatch, tmp_path):
     (["--scheduler", "euler", "--eta", "0.5"],
      "--eta is DDIM's; the scheduler is EulerDiscreteScheduler (--scheduler ddim)"),
     (["--scheduler", "pndm", "--karras"],
-     "--karras is for Euler and DPM-Solver++; the scheduler is PNDMScheduler (--scheduler euler, dpm++-2m or "
-     "dpm++-2m-sde)"),
+     "--karras is for Euler, DPM-Solver++ and UniPC; the scheduler is PNDMScheduler (--scheduler euler, dpm++-2m, "
+     "dpm++-2m-sde or unipc)"),
 ])
 def test_scheduler_options_refused_before_loading(capsys, argv, message):
     assert main(["generate", *argv]) == 2
