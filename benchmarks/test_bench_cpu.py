@@ -6,7 +6,7 @@
 Groups: the fused CFG+DDIM step (C++ op) vs our reference vs diffusers' CFG combine + DDIMScheduler.step, on
 1x4x64x64, 2x4x128x128 and 8x4x128x128 fp32 latents; group_norm_silu (C++ op) vs F.group_norm + F.silu on SD
 shapes in both memory layouts; fp16/bf16 storage for both at SD1.5's shapes; diffusers' Euler, Euler ancestral,
-DPM-Solver++ 2M and 3M SDE, PNDM (PLMS) and DDPM scheduler steps as accelerate patches them vs their own, and the
+DPM-Solver++ 2M and 3M SDE, PNDM (PLMS), UniPC and DDPM scheduler steps as accelerate patches them vs their own, the
 Euler op alone; and the weights key a graphed UNet call checks (ModuleState, SD1.5's UNet on the meta device). Each
 group's rows are the implementations side by side; compare medians.
 
@@ -123,7 +123,8 @@ def test_euler_step(benchmark, impl):
 SCHEDULER_STEPS = [("EulerDiscreteScheduler", "", {}), ("EulerAncestralDiscreteScheduler", "", {}),
                    ("DPMSolverMultistepScheduler", "", {}),
                    ("DPMSolverMultistepScheduler", " 3M SDE", {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}),
-                   ("PNDMScheduler", "", {"skip_prk_steps": True}), ("DDPMScheduler", "", {})]
+                   ("PNDMScheduler", "", {"skip_prk_steps": True}), ("UniPCMultistepScheduler", "", {}),
+                   ("DDPMScheduler", "", {})]
 
 
 @pytest.mark.parametrize("scheduler, variant, extra", SCHEDULER_STEPS,
@@ -158,6 +159,13 @@ def test_diffusers_scheduler_step(benchmark, scheduler, variant, extra, impl):
         def step():
             sched._step_index = 10
             return sched.step(model_output, t, sample, generator=gen).prev_sample
+    elif scheduler == "UniPCMultistepScheduler":  # UniPC-2: corrector and predictor, the earlier x0 at hand
+        order = sched.config.solver_order
+
+        def step():
+            sched.model_outputs, sched.lower_order_nums = [sample.clone() for _ in range(order)], order
+            sched.last_sample, sched.this_order, sched._step_index = sample.clone(), order, 10
+            return sched.step(model_output, t, sample).prev_sample
     elif scheduler == "PNDMScheduler":  # PLMS with three earlier outputs: the four-term combination
         sched.ets, sched.counter = [sample.clone() for _ in range(3)], 5
 
