@@ -16,7 +16,11 @@ each row is a cold-cache time: small tensors that would stay in L2 inside a real
   (d) cfg_ddim_step (ours, one launch) vs diffusers' CFG combine + DDIMScheduler.step, fp16 latents: GPU time, GB/s
       (read uncond, text, sample; write prev and x0), fraction of copy bandwidth, speedup; plus the wall time per
       call with Python launch cost (what an ungraphed loop pays), and a device copy of the same bytes in a CUDA
-      graph: a 2.6 MB step cannot approach the 1 GiB copy rate, so "fraction of a same-size copy" is its ceiling.
+      graph: a 2.6 MB step cannot approach the 1 GiB copy rate, so "fraction of a same-size copy" is its ceiling;
+  (e) linear_step (ours, one launch: DPM-Solver++ 2M's second-order update, as our DPM-Solver and accelerate's fused
+      diffusers step run it; PNDM and UniPC use the same kernel) vs diffusers' DPMSolverMultistepScheduler.step at
+      a second-order step, fp16 latents: the same columns as (d) (bytes: read model output, sample, previous x0;
+      write prev and x0).
 Every row is also timed inside a CUDA graph, ours and the baseline alike (20 back-to-back calls captured once,
 replayed, per-call median): device time without the host's launch cost, which is what our graphed sampling loop
 pays. A small kernel's do_bench time is mostly that launch cost (the last H100 run had a floor of about 33 us per
@@ -72,6 +76,8 @@ def plan(quick=False):
             numel = shape[0] * shape[1] * shape[2] * shape[3]
             rows.append(dict(kernel="cfg_ddim_step", model=model, shape=shape, layout="fp16", unit="GB/s",
                              amount=5 * numel * FP16_BYTES, baseline="diffusers CFG + DDIMScheduler.step"))
+            rows.append(dict(kernel="linear_step", model=model, shape=shape, layout="fp16", unit="GB/s",
+                             amount=5 * numel * FP16_BYTES, baseline="diffusers DPMSolverMultistepScheduler.step"))
     for row in rows:
         row["shape"] = "x".join(map(str, row["shape"]))
     return rows
@@ -217,6 +223,41 @@ def cfg_ddim_fns(row, ops, sched):
                                           "baseline_wall_ms": wall_ms(diffusers_step), **same_size_copy()}
 
 
+def linear_step_fns(row, ops, dpm):
+    from diffusion_fast.kernels.linear_step import linear_step as kernel
+    from diffusion_fast.schedulers import dpm_solver
+
+    shape = _shape(row)
+    mo, x, earlier = (torch.randn(shape, device="cuda", dtype=torch.float16) for _ in range(3))
+    sigmas = [14.6, 9.7, 6.4, 4.1, 0.0]  # a second-order step at index 2
+    cx, cm, p0, px, (w,), _ = dpm_solver.solver_coefficients(sigmas, 2, 2, "epsilon")
+    coefficients = dict(cx=cx, cm=cm, p0=p0, px=px, pe=w)
+
+    def ours():
+        return ops.linear_step(mo, x, earlier, **coefficients)
+
+    def launcher_only():
+        return kernel(mo, x, earlier, **coefficients)
+
+    src = torch.empty(row["amount"] // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+
+    def same_size_copy():
+        return {"copy_same_bytes_graphed_ms": graphed_ms(lambda: dst.copy_(src))}
+
+    if dpm is None:
+        return ours, None, lambda: {"ours_wall_ms": wall_ms(ours), "launcher_wall_ms": wall_ms(launcher_only),
+                                    **same_size_copy(), "note": "diffusers not importable: no baseline column"}
+    timestep = dpm.timesteps[10]
+
+    def diffusers_step():  # a second-order step of DPM++ 2M, its earlier x0 at hand
+        dpm.model_outputs, dpm.lower_order_nums, dpm._step_index = [earlier, earlier], 2, 10
+        return dpm.step(mo, timestep, x)
+
+    return ours, diffusers_step, lambda: {"ours_wall_ms": wall_ms(ours), "launcher_wall_ms": wall_ms(launcher_only),
+                                          "baseline_wall_ms": wall_ms(diffusers_step), **same_size_copy()}
+
+
 def measure(row, fns, ceiling):
     """Fill one row in place; an exception is recorded in the row and the run goes on."""
     try:
@@ -317,9 +358,13 @@ def run(rows):
         sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
                                         steps_offset=1)
         sched.set_timesteps(50, device="cuda")
+        dpm = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                    beta_end=0.012, use_karras_sigmas=True)
+        dpm.set_timesteps(25, device="cuda")
     except ImportError:
-        sched = None
-        print("diffusers is not importable: the cfg_ddim_step rows have no diffusers column", flush=True)
+        sched = dpm = None
+        print("diffusers is not importable: the cfg_ddim_step and linear_step rows have no diffusers column",
+              flush=True)
     print(HEADER)
     for row in rows:
         row["fits_L2"] = bool(l2_bytes) and row["unit"] == "GB/s" and row["amount"] < l2_bytes
@@ -327,6 +372,8 @@ def run(rows):
             measure(row, lambda: group_norm_fns(row, ops), ceil["copy_GBps"])
         elif row["kernel"] == "attention":
             measure(row, lambda: attention_fns(row, ops), ceil["matmul_TFLOPs"]["float16"])
+        elif row["kernel"] == "linear_step":
+            measure(row, lambda: linear_step_fns(row, ops, dpm), ceil["copy_GBps"])
         else:
             measure(row, lambda: cfg_ddim_fns(row, ops, sched), ceil["copy_GBps"])
     return ceil

@@ -59,7 +59,8 @@ def gpu_kernels(record):
     rows = [{OLD_KEYS.get(k, k): v for k, v in r.items()} for r in record.get("rows", [])]
     for kernel, baseline, extra in (("group_norm_silu", "F.group_norm + F.silu", False),
                                     ("attention", "F.scaled_dot_product_attention", False),
-                                    ("cfg_ddim_step", "diffusers CFG + DDIMScheduler.step", True)):
+                                    ("cfg_ddim_step", "diffusers CFG + DDIMScheduler.step", True),
+                                    ("linear_step", "diffusers DPMSolverMultistepScheduler.step", True)):
         mine = [r for r in rows if r["kernel"] == kernel]
         if not mine:
             continue

@@ -1,7 +1,7 @@
 """What our Triton kernels compile to on an H100 (sm_90), without a GPU: registers, spills, load widths, MMAs.
 
     python benchmarks/sass_report.py [--json] [--kernel NAME]  (NAME: attention,
-    attention_fp32, group_norm_silu, cfg_ddim_step, variants)
+    attention_fp32, group_norm_silu, cfg_ddim_step, linear_step, variants)
 
 Triton ships ptxas and nvdisasm, so a kernel can be compiled for sm_90 on any machine and its machine code read.
 That cannot time anything, but it shows the structure that decides speed: whether global loads are 16-byte vectors
@@ -177,6 +177,19 @@ def cfg_ddim_cases():
         yield f"cfg_ddim_step {'x'.join(map(str, shape))} fp16", K._cfg_ddim_kernel, args, constexprs, 4, 3
 
 
+def linear_step_cases():
+    from diffusion_fast.kernels import linear_step as L
+
+    for shape in ((2, 4, 64, 64), (2, 4, 128, 128)):
+        mo = torch.empty(shape, device="meta", dtype=torch.float16)
+        for sample_dtype, extra in ((torch.float16, True), (torch.float32, True), (torch.float16, False)):
+            x = torch.empty(shape, device="meta", dtype=sample_dtype)  # the schedulers pass an fp32 sample
+            args = dict(mo_ptr=mo, x_ptr=x, extra_ptr=mo, prev_ptr=mo, x0_ptr=mo, cx=1.4, cm=-0.9, p0=0.8, px=0.3,
+                        pm=0.1, pe=-0.2, numel=mo.numel())
+            label = f"{'x'.join(map(str, shape))} fp16, sample {str(sample_dtype)[6:]}{'' if extra else ', no extra'}"
+            yield f"linear_step {label}", L._linear_step_kernel, args, dict(HAS_EXTRA=extra, BLOCK=L.BLOCK), 4, 3
+
+
 def variant_cases():
     """Every kind of constexpr combination the launchers can produce, beyond the SD shapes above: each must compile
     (the interpreter runs all of them, but it accepts code the compiler may reject)."""
@@ -188,6 +201,7 @@ def variant_cases():
 
     from diffusion_fast.kernels import ddim as K
     from diffusion_fast.kernels import group_norm_silu as G
+    from diffusion_fast.kernels import linear_step as L
 
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         shapes = (((3, 96, 7, 9), 32), ((2, 64, 1, 1), 32), ((2, 320, 64, 64), 32))
@@ -227,10 +241,14 @@ def variant_cases():
                                   SAMPLE_PER_BLOCK=x[0].numel() % K.BLOCK == 0, BLOCK=K.BLOCK)
                 yield (f"cfg_ddim_step pred {pred} {'x'.join(map(str, shape))} {dtype}", K._cfg_ddim_kernel, args,
                        constexprs, 4, 3)
+        x = torch.empty((3, 4, 7, 9), device="meta", dtype=dtype)  # a partial last block
+        yield (f"linear_step 3x4x7x9 {dtype}", L._linear_step_kernel,
+               dict(mo_ptr=x, x_ptr=x, extra_ptr=x, prev_ptr=x, x0_ptr=x, cx=1.0, cm=-1.0, p0=0.5, px=0.5, pm=0.0,
+                    pe=1.0, numel=x.numel()), dict(HAS_EXTRA=True, BLOCK=L.BLOCK), 4, 3)
 
 
 CASES = {"attention": attention_cases, "attention_fp32": attention_fp32_cases, "group_norm_silu": group_norm_cases,
-         "cfg_ddim_step": cfg_ddim_cases, "variants": variant_cases}
+         "cfg_ddim_step": cfg_ddim_cases, "linear_step": linear_step_cases, "variants": variant_cases}
 
 
 def report(kernels=tuple(CASES), shard=(0, 1)):

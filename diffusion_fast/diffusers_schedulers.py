@@ -8,10 +8,11 @@ own ``step``, so behaviour outside the fused cases is diffusers' own.
 
 Which schedulers are fused, and where:
 
-- ``DDIMScheduler``: CPU (C++ op) and CUDA (Triton kernel);
-- ``EulerDiscreteScheduler`` (SDXL's default), ``EulerAncestralDiscreteScheduler``, ``DPMSolverMultistepScheduler``,
-  ``PNDMScheduler`` (SD1.5's default), ``UniPCMultistepScheduler`` and ``DDPMScheduler``: CPU, and CUDA when the C++
-  extension was built with CUDA (these have no Triton kernel; without it the scheduler is left alone and listed).
+- ``DDIMScheduler``, ``DPMSolverMultistepScheduler``, ``PNDMScheduler`` (SD1.5's default) and
+  ``UniPCMultistepScheduler``: CPU (C++ ops) and CUDA (Triton kernels: the last three run ``linear_step``);
+- ``EulerDiscreteScheduler`` (SDXL's default), ``EulerAncestralDiscreteScheduler`` and ``DDPMScheduler``: CPU, and
+  CUDA when the C++ extension was built with CUDA (these have no Triton kernel; without it the scheduler is left
+  alone and listed).
 
 DPM-Solver++, PNDM and UniPC run the same update functions as our own schedulers (``schedulers.dpm_solver``,
 ``schedulers.pndm``, ``schedulers.unipc``), on the state diffusers' scheduler keeps.
@@ -273,9 +274,9 @@ def _fusable():
     return [(DDIMScheduler, _fused_ddim_step, "ddim_step", True),
             (EulerDiscreteScheduler, _fused_euler_step, "euler_step", False),
             (EulerAncestralDiscreteScheduler, _fused_euler_ancestral_step, "euler_ancestral_step", False),
-            (DPMSolverMultistepScheduler, _fused_dpm_multistep_step, "linear_step", False),
-            (PNDMScheduler, _fused_pndm_step, "linear_step", False),
-            (UniPCMultistepScheduler, _fused_unipc_step, "linear_step", False),
+            (DPMSolverMultistepScheduler, _fused_dpm_multistep_step, "linear_step", True),
+            (PNDMScheduler, _fused_pndm_step, "linear_step", True),
+            (UniPCMultistepScheduler, _fused_unipc_step, "linear_step", True),
             (DDPMScheduler, _fused_ddpm_step, "ddpm_step", False)]
 
 

@@ -317,7 +317,11 @@ def linear_step(model_output, sample, extra=None, *, cx, cm, p0, px, pm=0.0, pe=
         _validate.same(name, t, "sample", sample, dtype=False)
     coefficients = {name: _validate.finite_float(name, value)
                     for name, value in (("cx", cx), ("cm", cm), ("p0", p0), ("px", px), ("pm", pm), ("pe", pe))}
-    impl = _resolve("linear_step", backend, sample.device, has_triton=False)
+    impl = _resolve("linear_step", backend, sample.device)
+    if impl == "triton":
+        from .kernels.linear_step import linear_step as kernel
+
+        return kernel(model_output, sample, extra, **coefficients)
     if impl == "cpp":
         return tuple(_cpp_ops().linear_step(model_output, sample, extra, *coefficients.values()))
     return reference.linear_step(model_output, sample, extra, upcast=True, **coefficients)

@@ -321,6 +321,8 @@ def test_which_schedulers_are_left_alone_and_why(monkeypatch):
     reason = diffusers_schedulers.fuse_step(diffusers.EulerDiscreteScheduler(), cuda)
     assert "CUDA build of the C++ extension" in reason
     assert diffusers_schedulers.fuse_step(diffusers.DDIMScheduler(), cuda) is None  # DDIM has its Triton kernel
+    for name in ("DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler"):  # Triton linear_step
+        assert diffusers_schedulers.fuse_step(getattr(diffusers, name)(), cuda) is None
 
 
 def test_a_scheduler_assigned_after_accelerate_is_fused(monkeypatch, tmp_path):

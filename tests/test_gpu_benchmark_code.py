@@ -47,7 +47,7 @@ def cpu_benchmark(monkeypatch):
 def _row(kernel, shape, layout, unit):
     dims = [int(s) for s in shape.split("x")]
     numel = dims[0] * dims[1] * dims[2] * dims[3]
-    amount = {"group_norm_silu": 2 * numel * 2, "cfg_ddim_step": 5 * numel * 2}.get(
+    amount = {"group_norm_silu": 2 * numel * 2, "cfg_ddim_step": 5 * numel * 2, "linear_step": 5 * numel * 2}.get(
         kernel, 4 * dims[0] * dims[1] * dims[2] * dims[3] * dims[-1])
     return dict(kernel=kernel, model="test", shape=shape, layout=layout, unit=unit, amount=amount)
 
@@ -95,6 +95,21 @@ def test_cfg_ddim_row(cpu_benchmark, with_diffusers):
     assert row["ours_fraction_of_same_size_copy"] == 1.0
     assert ("baseline_wall_ms" in row) == with_diffusers
     assert gpu_kernels.format_row(row)  # the printed line renders every column it has
+
+
+@pytest.mark.parametrize("with_diffusers", [True, False])
+def test_linear_step_row(cpu_benchmark, with_diffusers):
+    dpm = None
+    if with_diffusers:
+        diffusers = pytest.importorskip("diffusers")
+        dpm = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", use_karras_sigmas=True)
+        dpm.set_timesteps(25)
+    row = _row("linear_step", "2x4x16x16", "fp16", "GB/s")
+    gpu_kernels.measure(row, lambda: gpu_kernels.linear_step_fns(row, ops, dpm), 1000.0)
+    assert "error" not in row, row.get("error")
+    assert row["ours_fraction_of_same_size_copy"] == 1.0
+    assert ("baseline_wall_ms" in row) == with_diffusers
+    assert gpu_kernels.format_row(row)
 
 
 def test_attention_tile_sweep_record_renders(tmp_path):

@@ -155,6 +155,17 @@ def test_cfg_ddim_reads_alphas_once_per_block_and_moves_16_bytes():
         assert latent and all(op.endswith(".128") for op in latent), f"{row['case']}: {latent}"
 
 
+def test_linear_step_moves_16_bytes_at_a_time():
+    """The linear step streams SD latents in 16-byte vectors: fp16 tensors 8 elements a load, the schedulers' fp32
+    sample two 16-byte loads for the same 8; nothing moves element by element."""
+    rows = sass_report("linear_step")
+    assert len(rows) == 6
+    for row in rows:
+        memory = {op: n for op, n in row["instructions"].items() if op.startswith(("LDG", "STG"))}
+        assert memory and all(op.endswith(".128") for op in memory), f"{row['case']}: {memory}"
+        assert row["stack_bytes"] == 0
+
+
 def test_fp32_attention_tiles_fit_without_spilling():
     """fp32 attention (IEEE dots, no tensor cores) gets its own small tiles: with the 16-bit tiles it spilled
     0.5-9.7 KB of registers a thread at SD's head dims. At most a small spill at 160, and within shared memory."""
