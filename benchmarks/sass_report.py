@@ -1,7 +1,7 @@
 """What our Triton kernels compile to on an H100 (sm_90), without a GPU: registers, spills, load widths, MMAs.
 
     python benchmarks/sass_report.py [--json] [--kernel NAME]  (NAME: attention,
-    attention_fp32, group_norm_silu, cfg_ddim_step, linear_step, variants)
+    attention_fp32, group_norm_silu, cfg_ddim_step, linear_step, euler, variants)
 
 Triton ships ptxas and nvdisasm, so a kernel can be compiled for sm_90 on any machine and its machine code read.
 That cannot time anything, but it shows the structure that decides speed: whether global loads are 16-byte vectors
@@ -190,6 +190,22 @@ def linear_step_cases():
             yield f"linear_step {label}", L._linear_step_kernel, args, dict(HAS_EXTRA=extra, BLOCK=L.BLOCK), 4, 3
 
 
+def euler_cases():
+    from diffusion_fast.kernels import euler as E
+
+    sigmas = torch.empty(4, device="meta")
+    for shape in ((2, 4, 128, 128), (3, 4, 7, 9)):  # SDXL's latents with CFG; a block spanning samples
+        mo = torch.empty(shape, device="meta", dtype=torch.float16)
+        x = torch.empty(shape, device="meta", dtype=torch.float32)  # the schedulers pass an fp32 sample
+        args = dict(mo_ptr=mo, x_ptr=x, noise_ptr=mo, prev_ptr=mo, x0_ptr=mo, sigma_ptr=sigmas,
+                    sigma_next_ptr=sigmas, gamma=0.0, s_noise=1.0, per_sample=mo[0].numel(), numel=mo.numel())
+        for ancestral in (False, True):
+            constexprs = dict(PRED=0, ANCESTRAL=ancestral, HAS_NOISE=ancestral,
+                              SAMPLE_PER_BLOCK=mo[0].numel() % E.BLOCK == 0, BLOCK=E.BLOCK)
+            yield (f"{'euler_ancestral_step' if ancestral else 'euler_step'} {'x'.join(map(str, shape))} fp16",
+                   E._euler_kernel, args, constexprs, 4, 3)
+
+
 def variant_cases():
     """Every kind of constexpr combination the launchers can produce, beyond the SD shapes above: each must compile
     (the interpreter runs all of them, but it accepts code the compiler may reject)."""
@@ -200,6 +216,7 @@ def variant_cases():
         "head dim 8": (1, 2, 20, 20, 8), "head dim 256": (1, 2, 64, 64, 256), "single query row": (2, 1, 1, 77, 40)})
 
     from diffusion_fast.kernels import ddim as K
+    from diffusion_fast.kernels import euler as E
     from diffusion_fast.kernels import group_norm_silu as G
     from diffusion_fast.kernels import linear_step as L
 
@@ -241,6 +258,13 @@ def variant_cases():
                                   SAMPLE_PER_BLOCK=x[0].numel() % K.BLOCK == 0, BLOCK=K.BLOCK)
                 yield (f"cfg_ddim_step pred {pred} {'x'.join(map(str, shape))} {dtype}", K._cfg_ddim_kernel, args,
                        constexprs, 4, 3)
+        x = torch.empty((3, 4, 16, 32), device="meta", dtype=dtype)
+        sigmas = torch.empty(3, device="meta")
+        for pred in (0, 1, 2):  # Euler with churn (noise), every prediction type
+            yield (f"euler_step churn pred {pred} 3x4x16x32 {dtype}", E._euler_kernel,
+                   dict(mo_ptr=x, x_ptr=x, noise_ptr=x, prev_ptr=x, x0_ptr=x, sigma_ptr=sigmas, sigma_next_ptr=sigmas,
+                        gamma=0.3, s_noise=1.0, per_sample=x[0].numel(), numel=x.numel()),
+                   dict(PRED=pred, ANCESTRAL=False, HAS_NOISE=True, SAMPLE_PER_BLOCK=True, BLOCK=E.BLOCK), 4, 3)
         x = torch.empty((3, 4, 7, 9), device="meta", dtype=dtype)  # a partial last block
         yield (f"linear_step 3x4x7x9 {dtype}", L._linear_step_kernel,
                dict(mo_ptr=x, x_ptr=x, extra_ptr=x, prev_ptr=x, x0_ptr=x, cx=1.0, cm=-1.0, p0=0.5, px=0.5, pm=0.0,
@@ -248,7 +272,8 @@ def variant_cases():
 
 
 CASES = {"attention": attention_cases, "attention_fp32": attention_fp32_cases, "group_norm_silu": group_norm_cases,
-         "cfg_ddim_step": cfg_ddim_cases, "linear_step": linear_step_cases, "variants": variant_cases}
+         "cfg_ddim_step": cfg_ddim_cases, "linear_step": linear_step_cases, "euler": euler_cases,
+         "variants": variant_cases}
 
 
 def report(kernels=tuple(CASES), shard=(0, 1)):

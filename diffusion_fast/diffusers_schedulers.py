@@ -8,11 +8,11 @@ own ``step``, so behaviour outside the fused cases is diffusers' own.
 
 Which schedulers are fused, and where:
 
-- ``DDIMScheduler``, ``DPMSolverMultistepScheduler``, ``PNDMScheduler`` (SD1.5's default) and
-  ``UniPCMultistepScheduler``: CPU (C++ ops) and CUDA (Triton kernels: the last three run ``linear_step``);
-- ``EulerDiscreteScheduler`` (SDXL's default), ``EulerAncestralDiscreteScheduler`` and ``DDPMScheduler``: CPU, and
-  CUDA when the C++ extension was built with CUDA (these have no Triton kernel; without it the scheduler is left
-  alone and listed).
+- ``DDIMScheduler``, ``EulerDiscreteScheduler`` (SDXL's default), ``EulerAncestralDiscreteScheduler``,
+  ``DPMSolverMultistepScheduler``, ``PNDMScheduler`` (SD1.5's default) and ``UniPCMultistepScheduler``: CPU (C++ ops)
+  and CUDA (Triton kernels; the last three run ``linear_step``);
+- ``DDPMScheduler``: CPU, and CUDA when the C++ extension was built with CUDA (it has no Triton kernel; without it
+  the scheduler is left alone and listed).
 
 DPM-Solver++, PNDM and UniPC run the same update functions as our own schedulers (``schedulers.dpm_solver``,
 ``schedulers.pndm``, ``schedulers.unipc``), on the state diffusers' scheduler keeps.
@@ -272,8 +272,8 @@ def _fusable():
                            EulerDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
 
     return [(DDIMScheduler, _fused_ddim_step, "ddim_step", True),
-            (EulerDiscreteScheduler, _fused_euler_step, "euler_step", False),
-            (EulerAncestralDiscreteScheduler, _fused_euler_ancestral_step, "euler_ancestral_step", False),
+            (EulerDiscreteScheduler, _fused_euler_step, "euler_step", True),
+            (EulerAncestralDiscreteScheduler, _fused_euler_ancestral_step, "euler_ancestral_step", True),
             (DPMSolverMultistepScheduler, _fused_dpm_multistep_step, "linear_step", True),
             (PNDMScheduler, _fused_pndm_step, "linear_step", True),
             (UniPCMultistepScheduler, _fused_unipc_step, "linear_step", True),

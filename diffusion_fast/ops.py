@@ -269,7 +269,7 @@ def euler_step(
         if t is not None:
             _validate.tensor(name, t, min_dim=1)
             _validate.same(name, t, "sample", sample, dtype=False)
-    impl = _resolve("euler_step", backend, sample.device, has_triton=False)
+    impl = _resolve("euler_step", backend, sample.device)
     sigma_t = _validate.per_sample_coefficient("sigma", sigma, sample, op_checks=impl == "cpp")
     sigma_next_t = _validate.per_sample_coefficient("sigma_next", sigma_next, sample, op_checks=impl == "cpp")
     gamma = _validate.finite_float("gamma", gamma, non_negative=True)
@@ -277,6 +277,10 @@ def euler_step(
     _validate.prediction_type(prediction_type)
     if gamma > 0 and noise is None:
         raise ValueError("noise is required when gamma > 0 (a tensor shaped like sample)")
+    if impl == "triton":
+        from .kernels.euler import euler_step as kernel
+
+        return kernel(model_output, sample, sigma_t, sigma_next_t, gamma, s_noise, noise, prediction_type)
     if impl == "cpp":
         return tuple(
             _cpp_ops().euler_step(model_output, sample, sigma_t, sigma_next_t, gamma, s_noise, noise, prediction_type)
@@ -295,10 +299,14 @@ def euler_ancestral_step(model_output, sample, sigma, sigma_next, noise, *, pred
     for name, t in (("model_output", model_output), ("noise", noise)):
         _validate.tensor(name, t, min_dim=1)
         _validate.same(name, t, "sample", sample, dtype=False)
-    impl = _resolve("euler_ancestral_step", backend, sample.device, has_triton=False)
+    impl = _resolve("euler_ancestral_step", backend, sample.device)
     sigma_t = _validate.per_sample_coefficient("sigma", sigma, sample, op_checks=impl == "cpp")
     sigma_next_t = _validate.per_sample_coefficient("sigma_next", sigma_next, sample, op_checks=impl == "cpp")
     _validate.prediction_type(prediction_type)
+    if impl == "triton":
+        from .kernels.euler import euler_ancestral_step as kernel
+
+        return kernel(model_output, sample, sigma_t, sigma_next_t, noise, prediction_type)
     if impl == "cpp":
         return tuple(_cpp_ops().euler_ancestral_step(model_output, sample, sigma_t, sigma_next_t, noise,
                                                      prediction_type))

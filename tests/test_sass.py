@@ -166,6 +166,20 @@ def test_linear_step_moves_16_bytes_at_a_time():
         assert row["stack_bytes"] == 0
 
 
+def test_euler_reads_sigmas_once_per_block_and_moves_16_bytes():
+    """SDXL latents (whole blocks per sample): two scalar sigma loads a program, not a gather per element, and the
+    latents (the fp16 model output and the schedulers' fp32 sample) in 16-byte vectors; no spills."""
+    rows = sass_report("euler")
+    per_block = [row for row in rows if row["constexprs"]["SAMPLE_PER_BLOCK"]]
+    assert len(per_block) == 2 and len(rows) == 4  # Euler and ancestral; the spanning fallback compiles too
+    for row in per_block:
+        ops = row["instructions"]
+        assert ops.get("LDG.E", 0) == 2, f"{row['case']}: {ops}"  # sigma, sigma_next
+        latent = {op: n for op, n in ops.items() if op.startswith(("LDG", "STG")) and op != "LDG.E"}
+        assert latent and all(op.endswith(".128") for op in latent), f"{row['case']}: {latent}"
+    assert all(row["stack_bytes"] == 0 for row in rows)
+
+
 def test_fp32_attention_tiles_fit_without_spilling():
     """fp32 attention (IEEE dots, no tensor cores) gets its own small tiles: with the 16-bit tiles it spilled
     0.5-9.7 KB of registers a thread at SD's head dims. At most a small spill at 160, and within shared memory."""

@@ -1,0 +1,110 @@
+"""The Euler and ancestral Euler updates (diffusers' EulerDiscreteScheduler and EulerAncestralDiscreteScheduler
+steps: SDXL's default sampler and "Euler a") in one launch each.
+
+Each program reads a block of latent elements (model output, sample[, noise]) and its sample's sigmas (one per
+sample; device tensors, so nothing is read on the host), computes in fp32 — the churned sample (Euler with
+gamma > 0), x0 for the prediction type, the step — and writes prev_sample and pred_original_sample in the model
+output's dtype. The arithmetic is the C++ ops' (csrc/step_math.h): x0 = cx * x + cm * m, prev = (1 + k) x - k x0
+with k = (sigma_next - sigma_hat) / sigma_hat; the ancestral step goes down to sigma_down = sigma_next^2 / sigma
+(exact, where diffusers' sqrt(sigma_next^2 - sigma_up^2) cancels) and adds sigma_up * noise.
+Semantics are diffusion_fast.reference.euler_step's and euler_ancestral_step's.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+BLOCK = 1024
+PREDICTION = {"epsilon": 0, "v_prediction": 1, "sample": 2}
+
+
+@triton.jit
+def _euler_kernel(
+    mo_ptr,  # model output, (B, *latent) contiguous
+    x_ptr,  # sample, like mo_ptr (its dtype may differ)
+    noise_ptr,  # the churn's or the ancestral step's noise (HAS_NOISE only), like mo_ptr
+    prev_ptr, x0_ptr,  # outputs, like mo_ptr, in the model output's dtype
+    sigma_ptr, sigma_next_ptr,  # fp32 (B,): this step's sigma and the next one
+    gamma, s_noise,  # floats: Euler's churn (0 for none) and its noise scale
+    per_sample, numel,  # elements per sample, total elements
+    PRED: tl.constexpr,  # 0 epsilon, 1 v_prediction, 2 sample
+    ANCESTRAL: tl.constexpr,  # the ancestral step (noise always), else Euler (noise only with churn)
+    HAS_NOISE: tl.constexpr,
+    SAMPLE_PER_BLOCK: tl.constexpr,  # per_sample % BLOCK == 0: each block lies in one sample
+    BLOCK: tl.constexpr,
+):
+    block_start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = block_start + tl.arange(0, BLOCK)
+    mask = offs < numel
+    if SAMPLE_PER_BLOCK:  # the sigmas, and every coefficient below, are scalars: computed once, not per element
+        b = block_start // per_sample
+        sigma = tl.load(sigma_ptr + b)
+        sigma_next = tl.load(sigma_next_ptr + b)
+    else:  # small latents: a block spans samples, so each element looks up its own
+        b = offs // per_sample
+        sigma = tl.load(sigma_ptr + b, mask=mask, other=1.0)
+        sigma_next = tl.load(sigma_next_ptr + b, mask=mask, other=1.0)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mo = tl.load(mo_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NOISE:
+        noise = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if ANCESTRAL:
+        sigma_up = tl.sqrt_rn(tl.div_rn(sigma_next * sigma_next * (sigma * sigma - sigma_next * sigma_next),
+                                        sigma * sigma))
+        target = tl.div_rn(sigma_next * sigma_next, sigma)  # sigma_down
+        sigma_hat = sigma
+    else:
+        target = sigma_next
+        sigma_hat = sigma * (gamma + 1.0)
+        if HAS_NOISE:  # the churn: x + s_noise * sqrt(sigma_hat^2 - sigma^2) * noise
+            x = x + s_noise * tl.sqrt_rn(sigma_hat * sigma_hat - sigma * sigma) * noise
+    if PRED == 0:
+        x0 = x - sigma_hat * mo  # diffusers uses sigma_hat here...
+    elif PRED == 1:
+        x0 = tl.div_rn(x, sigma * sigma + 1.0) - tl.div_rn(sigma, tl.sqrt_rn(sigma * sigma + 1.0)) * mo  # ...sigma
+    else:
+        x0 = mo
+    k = tl.div_rn(target - sigma_hat, sigma_hat)
+    prev = (1.0 + k) * x - k * x0
+    if ANCESTRAL:
+        prev += sigma_up * noise
+    tl.store(prev_ptr + offs, prev.to(prev_ptr.dtype.element_ty), mask=mask)
+    tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(model_output, sample, sigma, sigma_next, noise, gamma, s_noise, prediction_type, ancestral):
+    if sample.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("sample is on the CPU: the Triton kernel needs CUDA tensors or TRITON_INTERPRET=1")
+    for name, t in (("model_output", model_output), ("sample", sample), ("noise", noise)):
+        if t is not None and t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{name}: the Triton Euler kernels take float16, bfloat16 or float32, got {t.dtype}")
+    mo, x = model_output.contiguous(), sample.contiguous()
+    n = noise.contiguous() if noise is not None else mo
+    # (B,) fp32 sigmas; an expanded (stride 0) tensor is materialised so that each sample's entry can be indexed
+    sigma, sigma_next = sigma.float().contiguous(), sigma_next.float().contiguous()
+    prev = torch.empty(sample.shape, dtype=model_output.dtype, device=sample.device)
+    x0 = torch.empty(sample.shape, dtype=model_output.dtype, device=sample.device)
+    numel = sample.numel()
+    per_sample = numel // sample.shape[0]
+    _euler_kernel[(triton.cdiv(numel, BLOCK),)](
+        mo, x, n, prev, x0, sigma, sigma_next, float(gamma), float(s_noise), per_sample, numel,
+        PRED=PREDICTION[prediction_type], ANCESTRAL=ancestral, HAS_NOISE=noise is not None,
+        SAMPLE_PER_BLOCK=per_sample % BLOCK == 0, BLOCK=BLOCK, num_warps=4,
+    )
+    return prev, x0
+
+
+def euler_step(model_output, sample, sigma, sigma_next, gamma=0.0, s_noise=1.0, noise=None, prediction_type="epsilon"):
+    """One Euler update; sigma/sigma_next: fp32 (B,) tensors on sample's device (diffusion_fast.ops prepares them);
+    ``noise`` only with ``gamma > 0`` (the churn)."""
+    return _launch(model_output, sample, sigma, sigma_next, noise if gamma > 0 else None, gamma, s_noise,
+                   prediction_type, ancestral=False)
+
+
+def euler_ancestral_step(model_output, sample, sigma, sigma_next, noise, prediction_type="epsilon"):
+    """One ancestral Euler update: the step down to sigma_down plus sigma_up * noise."""
+    return _launch(model_output, sample, sigma, sigma_next, noise, 0.0, 1.0, prediction_type, ancestral=True)
