@@ -1,7 +1,7 @@
 """What our Triton kernels compile to on an H100 (sm_90), without a GPU: registers, spills, load widths, MMAs.
 
     python benchmarks/sass_report.py [--json] [--kernel NAME]  (NAME: attention,
-    attention_fp32, group_norm_silu, cfg_ddim_step, linear_step, euler, variants)
+    attention_fp32, group_norm_silu, cfg_ddim_step, linear_step, euler, ddpm_step, variants)
 
 Triton ships ptxas and nvdisasm, so a kernel can be compiled for sm_90 on any machine and its machine code read.
 That cannot time anything, but it shows the structure that decides speed: whether global loads are 16-byte vectors
@@ -206,6 +206,20 @@ def euler_cases():
                    E._euler_kernel, args, constexprs, 4, 3)
 
 
+def ddpm_cases():
+    from diffusion_fast.kernels import ddpm as D
+
+    coefficients = torch.empty(4, device="meta")
+    for shape in ((2, 4, 64, 64), (3, 4, 7, 9)):  # whole blocks per sample; a block spanning samples
+        x = torch.empty(shape, device="meta", dtype=torch.float16)
+        args = dict(mo_ptr=x, x_ptr=x, noise_ptr=x, prev_ptr=x, x0_ptr=x, alpha_t_ptr=coefficients,
+                    alpha_prev_ptr=coefficients, std_ptr=coefficients, clip_range=1.0, per_sample=x[0].numel(),
+                    numel=x.numel())
+        constexprs = dict(PRED=0, CLIP=True, HAS_NOISE=True, SAMPLE_PER_BLOCK=x[0].numel() % D.BLOCK == 0,
+                          BLOCK=D.BLOCK)
+        yield f"ddpm_step {'x'.join(map(str, shape))} fp16", D._ddpm_kernel, args, constexprs, 4, 3
+
+
 def variant_cases():
     """Every kind of constexpr combination the launchers can produce, beyond the SD shapes above: each must compile
     (the interpreter runs all of them, but it accepts code the compiler may reject)."""
@@ -216,6 +230,7 @@ def variant_cases():
         "head dim 8": (1, 2, 20, 20, 8), "head dim 256": (1, 2, 64, 64, 256), "single query row": (2, 1, 1, 77, 40)})
 
     from diffusion_fast.kernels import ddim as K
+    from diffusion_fast.kernels import ddpm as D
     from diffusion_fast.kernels import euler as E
     from diffusion_fast.kernels import group_norm_silu as G
     from diffusion_fast.kernels import linear_step as L
@@ -259,12 +274,18 @@ def variant_cases():
                 yield (f"cfg_ddim_step pred {pred} {'x'.join(map(str, shape))} {dtype}", K._cfg_ddim_kernel, args,
                        constexprs, 4, 3)
         x = torch.empty((3, 4, 16, 32), device="meta", dtype=dtype)
-        sigmas = torch.empty(3, device="meta")
+        values = torch.empty(3, device="meta")  # the per-sample sigmas or alphas
         for pred in (0, 1, 2):  # Euler with churn (noise), every prediction type
             yield (f"euler_step churn pred {pred} 3x4x16x32 {dtype}", E._euler_kernel,
-                   dict(mo_ptr=x, x_ptr=x, noise_ptr=x, prev_ptr=x, x0_ptr=x, sigma_ptr=sigmas, sigma_next_ptr=sigmas,
+                   dict(mo_ptr=x, x_ptr=x, noise_ptr=x, prev_ptr=x, x0_ptr=x, sigma_ptr=values, sigma_next_ptr=values,
                         gamma=0.3, s_noise=1.0, per_sample=x[0].numel(), numel=x.numel()),
                    dict(PRED=pred, ANCESTRAL=False, HAS_NOISE=True, SAMPLE_PER_BLOCK=True, BLOCK=E.BLOCK), 4, 3)
+        for pred in (1, 2):  # DDPM's other prediction types, without clipping or noise (the last step)
+            yield (f"ddpm_step pred {pred} 3x4x16x32 {dtype}", D._ddpm_kernel,
+                   dict(mo_ptr=x, x_ptr=x, noise_ptr=x, prev_ptr=x, x0_ptr=x, alpha_t_ptr=values,
+                        alpha_prev_ptr=values, std_ptr=values, clip_range=0.0, per_sample=x[0].numel(),
+                        numel=x.numel()),
+                   dict(PRED=pred, CLIP=False, HAS_NOISE=False, SAMPLE_PER_BLOCK=True, BLOCK=D.BLOCK), 4, 3)
         x = torch.empty((3, 4, 7, 9), device="meta", dtype=dtype)  # a partial last block
         yield (f"linear_step 3x4x7x9 {dtype}", L._linear_step_kernel,
                dict(mo_ptr=x, x_ptr=x, extra_ptr=x, prev_ptr=x, x0_ptr=x, cx=1.0, cm=-1.0, p0=0.5, px=0.5, pm=0.0,
@@ -273,6 +294,7 @@ def variant_cases():
 
 CASES = {"attention": attention_cases, "attention_fp32": attention_fp32_cases, "group_norm_silu": group_norm_cases,
          "cfg_ddim_step": cfg_ddim_cases, "linear_step": linear_step_cases, "euler": euler_cases,
+         "ddpm_step": ddpm_cases,
          "variants": variant_cases}
 
 

@@ -170,7 +170,7 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
         report["skipped"].append(
             "attention (on CPU ours is the same SDPA call as diffusers'; attention=True patches it)")
     state = {"resnets": [], "attention": [], "norm_out": [], "schedulers": [], "graphed": [],
-             "channels_last": [], "class": type(pipe), "device": _execution_device(pipe)}
+             "channels_last": [], "class": type(pipe)}
     if channels_last is True or (channels_last == "auto" and not on_cuda):
         for model in (pipe.unet, pipe.vae, *_controlnets(pipe)):
             if _hooks_inside(model):
@@ -232,7 +232,7 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
 def _fuse_scheduler(scheduler, state, report):
     """Fuse ``scheduler``'s step (kept for restore), or list why it is left alone; report["scheduler"] says whether
     the pipeline's current scheduler is fused."""
-    left_alone = fuse_step(scheduler, state["device"])
+    left_alone = fuse_step(scheduler)
     if left_alone is None and not any(s is scheduler for s in state["schedulers"]):
         state["schedulers"].append(scheduler)
     report["skipped"] = [why for why in report["skipped"] if not why.startswith("scheduler ")]  # the earlier one's

@@ -8,11 +8,10 @@ own ``step``, so behaviour outside the fused cases is diffusers' own.
 
 Which schedulers are fused, and where:
 
-- ``DDIMScheduler``, ``EulerDiscreteScheduler`` (SDXL's default), ``EulerAncestralDiscreteScheduler``,
-  ``DPMSolverMultistepScheduler``, ``PNDMScheduler`` (SD1.5's default) and ``UniPCMultistepScheduler``: CPU (C++ ops)
-  and CUDA (Triton kernels; the last three run ``linear_step``);
-- ``DDPMScheduler``: CPU, and CUDA when the C++ extension was built with CUDA (it has no Triton kernel; without it
-  the scheduler is left alone and listed).
+``DDIMScheduler``, ``EulerDiscreteScheduler`` (SDXL's default), ``EulerAncestralDiscreteScheduler``,
+``DPMSolverMultistepScheduler``, ``PNDMScheduler`` (SD1.5's default), ``UniPCMultistepScheduler`` and
+``DDPMScheduler``, on the CPU (C++ ops) and on CUDA (Triton kernels; DPM-Solver++, PNDM and UniPC run
+``linear_step``).
 
 DPM-Solver++, PNDM and UniPC run the same update functions as our own schedulers (``schedulers.dpm_solver``,
 ``schedulers.pndm``, ``schedulers.unipc``), on the state diffusers' scheduler keeps.
@@ -23,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _cpp, ops
+from . import ops
 from .schedulers import dpm_solver, pndm, unipc
 from .schedulers.common import randn_tensor
 
@@ -267,32 +266,28 @@ def _fused_class(scheduler):
 
 
 def _fusable():
-    """[(diffusers scheduler class, its fused step, our op, whether the op has a Triton kernel)]."""
+    """[(diffusers scheduler class, its fused step)]."""
     from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                            EulerDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
 
-    return [(DDIMScheduler, _fused_ddim_step, "ddim_step", True),
-            (EulerDiscreteScheduler, _fused_euler_step, "euler_step", True),
-            (EulerAncestralDiscreteScheduler, _fused_euler_ancestral_step, "euler_ancestral_step", True),
-            (DPMSolverMultistepScheduler, _fused_dpm_multistep_step, "linear_step", True),
-            (PNDMScheduler, _fused_pndm_step, "linear_step", True),
-            (UniPCMultistepScheduler, _fused_unipc_step, "linear_step", True),
-            (DDPMScheduler, _fused_ddpm_step, "ddpm_step", False)]
+    return [(DDIMScheduler, _fused_ddim_step), (EulerDiscreteScheduler, _fused_euler_step),
+            (EulerAncestralDiscreteScheduler, _fused_euler_ancestral_step),
+            (DPMSolverMultistepScheduler, _fused_dpm_multistep_step), (PNDMScheduler, _fused_pndm_step),
+            (UniPCMultistepScheduler, _fused_unipc_step), (DDPMScheduler, _fused_ddpm_step)]
 
 
-def fuse_step(scheduler, device: torch.device):
+def fuse_step(scheduler):
     """Patch ``scheduler.step`` on the instance with its fused step; returns None, or why it was left alone. A
-    scheduler already fused stays as it is (fusing it twice would make the fused step its own fallback)."""
+    scheduler already fused stays as it is (fusing it twice would make the fused step its own fallback). Every fused
+    step's op has a C++ kernel for the CPU and a Triton kernel for CUDA, so the device decides nothing here."""
     if _ORIGINAL in vars(scheduler):
         return None
     name = type(scheduler).__name__
-    for cls, fused, op, has_triton in _fusable():
+    for cls, fused in _fusable():
         if not isinstance(scheduler, cls):
             continue
         if type(scheduler).step is not cls.step:
             return f"scheduler {name} (its own step overrides {cls.__name__}.step)"
-        if device.type == "cuda" and not has_triton and not _cpp.has_cuda():
-            return f"scheduler {name} (its {op} runs on CUDA only through a CUDA build of the C++ extension)"
         gap = _config_gap(scheduler)
         if gap:
             return f"scheduler {name} ({gap}: its own step)"

@@ -238,11 +238,15 @@ def ddpm_step(
     named = {"sample": sample, "model_output": model_output, "variance_noise": variance_noise}
     sample, impl, a_t, a_prev, _, clip = _step_common(
         "ddpm_step", backend, named, "sample", alpha_prod_t, alpha_prod_t_prev, 0.0, None, prediction_type,
-        clip_sample_range, has_triton=False,
+        clip_sample_range,
     )
     if variance_noise is None and (torch.is_tensor(std) or std != 0):
         raise ValueError("variance_noise is required when std is non-zero or a tensor (a tensor shaped like sample)")
     std_t = _validate.per_sample_coefficient("std", std, sample, op_checks=impl == "cpp")
+    if impl == "triton":
+        from .kernels.ddpm import ddpm_step as kernel
+
+        return kernel(model_output, sample, a_t, a_prev, std_t, variance_noise, prediction_type, clip)
     if impl == "cpp":
         return tuple(_cpp_ops().ddpm_step(model_output, sample, a_t, a_prev, std_t, variance_noise, prediction_type, clip))
     return reference.ddpm_step(

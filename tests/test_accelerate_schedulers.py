@@ -45,7 +45,7 @@ def _images(pipe, steps=3):
 
 def _fused(name, **cfg):
     sched = getattr(diffusers, name)(**cfg)
-    assert diffusers_schedulers.fuse_step(sched, torch.device("cpu")) is None
+    assert diffusers_schedulers.fuse_step(sched) is None
     return sched
 
 
@@ -209,7 +209,7 @@ def test_fused_step_in_half_precision(name, cfg):
 ])
 def test_configs_not_mirrored_are_left_alone_and_say_why(name, cfg, why):
     sched = getattr(diffusers, name)(**cfg)
-    reason = diffusers_schedulers.fuse_step(sched, torch.device("cpu"))
+    reason = diffusers_schedulers.fuse_step(sched)
     assert reason is not None and why in reason and "step" not in vars(sched)
 
 
@@ -289,10 +289,7 @@ def test_sdxl_pipeline_with_its_default_euler_scheduler(monkeypatch):
                                   "DDPMScheduler"])
 def test_fused_steps_on_gpu_in_half_precision(monkeypatch, name):
     """The CUDA kernels of the fused steps inside an fp16 pipeline on the GPU, with the UNet graphed: the image stays
-    within fp16 noise of the unpatched pipeline's, every step runs our op, replays are bit-identical. (Triton kernels
-    for all but DDPM, whose CUDA kernel is the C++ extension's.)"""
-    if name == "DDPMScheduler" and not diffusers_schedulers._cpp.has_cuda():
-        pytest.skip("DDPM's CUDA step needs the C++ extension's CUDA build")
+    within fp16 noise of the unpatched pipeline's, every step runs our op (a Triton kernel), replays are bit-identical."""
     pipe = _tiny_diffusers.pipeline("sd1", seed=4).to("cuda", torch.float16)
     extra = {"skip_prk_steps": True} if name == "PNDMScheduler" else {}  # PNDM as SD1.5 ships it
     pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
@@ -307,24 +304,17 @@ def test_fused_steps_on_gpu_in_half_precision(monkeypatch, name):
     diffusion_fast.restore(pipe)
 
 
-def test_which_schedulers_are_left_alone_and_why(monkeypatch):
+def test_which_schedulers_are_left_alone_and_why():
     class OwnStep(diffusers.EulerDiscreteScheduler):
         def step(self, *args, **kwargs):  # a user's subclass: its step is not the one we mirror
             return super().step(*args, **kwargs)
 
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # only the device's type is read: no GPU needed
-    assert "overrides EulerDiscreteScheduler.step" in diffusers_schedulers.fuse_step(OwnStep(), cpu)
+    assert "overrides EulerDiscreteScheduler.step" in diffusers_schedulers.fuse_step(OwnStep())
     heun = diffusers.HeunDiscreteScheduler()  # no fused step
     fused = ("DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, "
              "PNDMScheduler, UniPCMultistepScheduler, DDPMScheduler")
-    assert f"HeunDiscreteScheduler (fused: {fused})" in diffusers_schedulers.fuse_step(heun, cpu)
+    assert f"HeunDiscreteScheduler (fused: {fused})" in diffusers_schedulers.fuse_step(heun)
     assert "step" not in vars(heun)
-    monkeypatch.setattr(diffusers_schedulers._cpp, "has_cuda", lambda: False)
-    reason = diffusers_schedulers.fuse_step(diffusers.DDPMScheduler(), cuda)  # DDPM has no Triton kernel
-    assert "CUDA build of the C++ extension" in reason
-    for name in ("DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                 "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler"):  # Triton kernels
-        assert diffusers_schedulers.fuse_step(getattr(diffusers, name)(), cuda) is None, name
 
 
 def test_a_scheduler_assigned_after_accelerate_is_fused(monkeypatch, tmp_path):

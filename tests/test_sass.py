@@ -180,6 +180,18 @@ def test_euler_reads_sigmas_once_per_block_and_moves_16_bytes():
     assert all(row["stack_bytes"] == 0 for row in rows)
 
 
+def test_ddpm_reads_its_coefficients_once_per_block_and_moves_16_bytes():
+    """Whole blocks per sample: three scalar loads a program (alpha_t, alpha_prev, std) and 16-byte latent vectors."""
+    rows = sass_report("ddpm_step")
+    per_block = [row for row in rows if row["constexprs"]["SAMPLE_PER_BLOCK"]]
+    assert len(per_block) == 1 and len(rows) == 2
+    ops = per_block[0]["instructions"]
+    assert ops.get("LDG.E", 0) == 3, ops
+    latent = {op: n for op, n in ops.items() if op.startswith(("LDG", "STG")) and op != "LDG.E"}
+    assert latent and all(op.endswith(".128") for op in latent), latent
+    assert all(row["stack_bytes"] == 0 for row in rows)
+
+
 def test_fp32_attention_tiles_fit_without_spilling():
     """fp32 attention (IEEE dots, no tensor cores) gets its own small tiles: with the 16-bit tiles it spilled
     0.5-9.7 KB of registers a thread at SD's head dims. At most a small spill at 160, and within shared memory."""

@@ -1,0 +1,91 @@
+"""The DDPM ancestral update (diffusers' DDPMScheduler.step, fixed variances) in one launch.
+
+Each program reads a block of latent elements (model output, sample[, noise]) and its sample's alphas and noise scale
+(one per sample; device tensors, so nothing is read on the host), computes in fp32 — x0 for the prediction type, the
+optional clamp, the posterior mean and the noise — and writes prev_sample and pred_original_sample in the sample's
+dtype. Semantics are diffusion_fast.reference.ddpm_step's.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+BLOCK = 1024
+PREDICTION = {"epsilon": 0, "v_prediction": 1, "sample": 2}
+
+
+@triton.jit
+def _ddpm_kernel(
+    mo_ptr,  # model output, (B, *latent) contiguous
+    x_ptr,  # x_t, like mo_ptr
+    noise_ptr,  # variance noise (HAS_NOISE only), like mo_ptr
+    prev_ptr, x0_ptr,  # outputs: x_{t-1} and predicted x_0, like x_ptr
+    alpha_t_ptr, alpha_prev_ptr, std_ptr,  # fp32 (B,): alphas_cumprod at t and at the previous timestep; noise scale
+    clip_range,  # float
+    per_sample, numel,  # elements per sample, total elements
+    PRED: tl.constexpr,  # 0 epsilon, 1 v_prediction, 2 sample
+    CLIP: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    SAMPLE_PER_BLOCK: tl.constexpr,  # per_sample % BLOCK == 0: each block lies in one sample
+    BLOCK: tl.constexpr,
+):
+    block_start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = block_start + tl.arange(0, BLOCK)
+    mask = offs < numel
+    if SAMPLE_PER_BLOCK:  # the alphas, and every coefficient below, are scalars: computed once, not per element
+        b = block_start // per_sample
+        a_t = tl.load(alpha_t_ptr + b)
+        a_prev = tl.load(alpha_prev_ptr + b)
+        std = tl.load(std_ptr + b)
+    else:  # small latents: a block spans samples, so each element looks up its own
+        b = offs // per_sample
+        a_t = tl.load(alpha_t_ptr + b, mask=mask, other=0.5)
+        a_prev = tl.load(alpha_prev_ptr + b, mask=mask, other=0.5)
+        std = tl.load(std_ptr + b, mask=mask, other=0.0)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mo = tl.load(mo_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    sqrt_a = tl.sqrt_rn(a_t)
+    sqrt_b = tl.sqrt_rn(1.0 - a_t)
+    if PRED == 0:
+        x0 = tl.div_rn(x - sqrt_b * mo, sqrt_a)
+    elif PRED == 1:
+        x0 = sqrt_a * x - sqrt_b * mo
+    else:
+        x0 = mo
+    if CLIP:
+        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+    current_alpha = tl.div_rn(a_t, a_prev)
+    x0_coeff = tl.div_rn(tl.sqrt_rn(a_prev) * (1.0 - current_alpha), 1.0 - a_t)
+    sample_coeff = tl.div_rn(tl.sqrt_rn(current_alpha) * (1.0 - a_prev), 1.0 - a_t)
+    prev = x0_coeff * x0 + sample_coeff * x
+    if HAS_NOISE:
+        prev += std * tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(prev_ptr + offs, prev.to(prev_ptr.dtype.element_ty), mask=mask)
+    tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+def ddpm_step(model_output, sample, alpha_t, alpha_prev, std, variance_noise=None, prediction_type="epsilon",
+              clip_sample_range=None):
+    """One DDPM update. alpha_t/alpha_prev/std: fp32 (B,) tensors on sample's device (diffusion_fast.ops prepares
+    them); ``variance_noise`` None means no noise term (the last step)."""
+    if sample.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("sample is on the CPU: the Triton kernel needs CUDA tensors or TRITON_INTERPRET=1")
+    if sample.dtype == torch.float64:
+        raise TypeError("sample: the Triton DDPM kernel takes float16, bfloat16 or float32, got float64")
+    mo, x = model_output.contiguous(), sample.contiguous()
+    noise = variance_noise.contiguous() if variance_noise is not None else x
+    # (B,) fp32 coefficients; an expanded (stride 0) tensor is materialised so that each sample's entry can be indexed
+    a_t, a_prev, std = (t.float().contiguous() for t in (alpha_t, alpha_prev, std))
+    prev, x0 = torch.empty_like(x), torch.empty_like(x)
+    numel = x.numel()
+    per_sample = numel // x.shape[0]
+    _ddpm_kernel[(triton.cdiv(numel, BLOCK),)](
+        mo, x, noise, prev, x0, a_t, a_prev, std, float(clip_sample_range or 0.0), per_sample, numel,
+        PRED=PREDICTION[prediction_type], CLIP=clip_sample_range is not None, HAS_NOISE=variance_noise is not None,
+        SAMPLE_PER_BLOCK=per_sample % BLOCK == 0, BLOCK=BLOCK, num_warps=4,
+    )
+    return prev, x0
