@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._per_sample import per_sample_value
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 1024
 PREDICTION = {"epsilon": 0, "v_prediction": 1, "sample": 2}
@@ -34,20 +36,14 @@ def _cfg_ddim_kernel(
     CLIP: tl.constexpr,
     USE_CLIPPED: tl.constexpr,
     HAS_NOISE: tl.constexpr,
-    SAMPLE_PER_BLOCK: tl.constexpr,  # per_sample % BLOCK == 0: each block lies in one sample (see below)
+    SAMPLE_PER_BLOCK: tl.constexpr,  # per_sample % BLOCK == 0: each block lies in one sample
     BLOCK: tl.constexpr,
 ):
     block_start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = block_start + tl.arange(0, BLOCK)
     mask = offs < numel
-    if SAMPLE_PER_BLOCK:  # the alphas, and every coefficient below, are scalars: computed once, not per element
-        b = block_start // per_sample
-        a_t = tl.load(alpha_t_ptr + b)
-        a_prev = tl.load(alpha_prev_ptr + b)
-    else:  # small latents: a block spans samples, so each element looks up its own
-        b = offs // per_sample
-        a_t = tl.load(alpha_t_ptr + b, mask=mask, other=0.5)
-        a_prev = tl.load(alpha_prev_ptr + b, mask=mask, other=0.5)
+    a_t = per_sample_value(alpha_t_ptr, block_start, offs, mask, per_sample, 0.5, SAMPLE_PER_BLOCK)
+    a_prev = per_sample_value(alpha_prev_ptr, block_start, offs, mask, per_sample, 0.5, SAMPLE_PER_BLOCK)
     x = tl.load(sample_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     mo = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if CFG:

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._per_sample import per_sample_value
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 1024
 PREDICTION = {"epsilon": 0, "v_prediction": 1, "sample": 2}
@@ -40,14 +42,8 @@ def _euler_kernel(
     block_start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = block_start + tl.arange(0, BLOCK)
     mask = offs < numel
-    if SAMPLE_PER_BLOCK:  # the sigmas, and every coefficient below, are scalars: computed once, not per element
-        b = block_start // per_sample
-        sigma = tl.load(sigma_ptr + b)
-        sigma_next = tl.load(sigma_next_ptr + b)
-    else:  # small latents: a block spans samples, so each element looks up its own
-        b = offs // per_sample
-        sigma = tl.load(sigma_ptr + b, mask=mask, other=1.0)
-        sigma_next = tl.load(sigma_next_ptr + b, mask=mask, other=1.0)
+    sigma = per_sample_value(sigma_ptr, block_start, offs, mask, per_sample, 1.0, SAMPLE_PER_BLOCK)
+    sigma_next = per_sample_value(sigma_next_ptr, block_start, offs, mask, per_sample, 1.0, SAMPLE_PER_BLOCK)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     mo = tl.load(mo_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_NOISE:

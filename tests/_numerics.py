@@ -45,3 +45,9 @@ def assert_2x_rule(out, ref64, torch_out, *, floor, what=""):
     base = max_abs_err(torch_out, ref64)
     assert err <= 2 * base + floor, f"{what}: error {err:.3e} > 2 x PyTorch's {base:.3e} + {floor:.1e}"
     return err, base
+
+
+# The scheduler-step kernels' 2x-rule floors (each step's few roundings, relative to max(|x|, 1)), and the dtypes
+# their tests run: bf16 only on a GPU (the interpreter has no bf16 arithmetic)
+STEP_FLOOR = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+STEP_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])

@@ -81,35 +81,32 @@ def test_attention_row_with_the_padded_variant(cpu_benchmark):
     assert row["padded_ms"] == 1.0 and row["padded_graphed_ms"] == 1.0
 
 
+def _ddim_scheduler(diffusers):
+    sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                                    steps_offset=1)
+    sched.set_timesteps(50)
+    return sched
+
+
+def _dpm_scheduler(diffusers):
+    sched = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", use_karras_sigmas=True)
+    sched.set_timesteps(25)
+    return sched
+
+
+# the step kernels' rows: (d) the CFG+DDIM step against diffusers' combine + DDIM step, (e) the linear step
+# against diffusers' DPM-Solver++ 2M step; with diffusers importable and without (no baseline column)
+@pytest.mark.parametrize("kernel, fns, make_scheduler", [("cfg_ddim_step", "cfg_ddim_fns", _ddim_scheduler),
+                                                         ("linear_step", "linear_step_fns", _dpm_scheduler)])
 @pytest.mark.parametrize("with_diffusers", [True, False])
-def test_cfg_ddim_row(cpu_benchmark, with_diffusers):
-    sched = None
-    if with_diffusers:
-        diffusers = pytest.importorskip("diffusers")
-        sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-                                        steps_offset=1)
-        sched.set_timesteps(50)
-    row = _row("cfg_ddim_step", "2x4x16x16", "fp16", "GB/s")
-    gpu_kernels.measure(row, lambda: gpu_kernels.cfg_ddim_fns(row, ops, sched), 1000.0)
+def test_step_kernel_rows(cpu_benchmark, with_diffusers, kernel, fns, make_scheduler):
+    sched = make_scheduler(pytest.importorskip("diffusers")) if with_diffusers else None
+    row = _row(kernel, "2x4x16x16", "fp16", "GB/s")
+    gpu_kernels.measure(row, lambda: getattr(gpu_kernels, fns)(row, ops, sched), 1000.0)
     assert "error" not in row, row.get("error")
     assert row["ours_fraction_of_same_size_copy"] == 1.0
     assert ("baseline_wall_ms" in row) == with_diffusers
     assert gpu_kernels.format_row(row)  # the printed line renders every column it has
-
-
-@pytest.mark.parametrize("with_diffusers", [True, False])
-def test_linear_step_row(cpu_benchmark, with_diffusers):
-    dpm = None
-    if with_diffusers:
-        diffusers = pytest.importorskip("diffusers")
-        dpm = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", use_karras_sigmas=True)
-        dpm.set_timesteps(25)
-    row = _row("linear_step", "2x4x16x16", "fp16", "GB/s")
-    gpu_kernels.measure(row, lambda: gpu_kernels.linear_step_fns(row, ops, dpm), 1000.0)
-    assert "error" not in row, row.get("error")
-    assert row["ours_fraction_of_same_size_copy"] == 1.0
-    assert ("baseline_wall_ms" in row) == with_diffusers
-    assert gpu_kernels.format_row(row)
 
 
 def test_attention_tile_sweep_record_renders(tmp_path):

@@ -2,13 +2,12 @@
 reference."""
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU
+from conftest import DEVICE
 
-from _numerics import assert_2x_rule, poisoned_allocations
+from _numerics import STEP_DTYPES, STEP_FLOOR, assert_2x_rule, poisoned_allocations
 from diffusion_fast import ops, reference
 
-FLOOR = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+FLOOR, DTYPES = STEP_FLOOR, STEP_DTYPES
 SHAPES = [
     (3, 4, 7, 9),  # batch 3, odd latent size: a block spans samples, each element looks its sigmas up
     (2, 4, 16, 32),  # 2048 elements a sample, two whole blocks: the sigmas are read once per block

@@ -1,13 +1,12 @@
 """The linear-step Triton kernel (DPM-Solver++, PNDM and UniPC updates on CUDA) against the float64 reference."""
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU
+from conftest import DEVICE
 
-from _numerics import assert_2x_rule, poisoned_allocations
+from _numerics import STEP_DTYPES, STEP_FLOOR, assert_2x_rule, poisoned_allocations
 from diffusion_fast import ops, reference
 
-FLOOR = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+FLOOR, DTYPES = STEP_FLOOR, STEP_DTYPES
 SHAPES = [
     (2, 4, 64, 64),  # SD1.5's latents at 512 px with CFG's batch: whole kernel blocks
     (3, 4, 7, 9),  # batch 3 and an odd latent size: the last block is partial
