@@ -412,6 +412,22 @@ def test_unipc_as_sd_runs_it_in_fp32_and_fp16_and_config_errors():
     _step_past_the_end(sched, x)
 
 
+@pytest.mark.parametrize("name", ["PNDMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+def test_multistep_schedulers_refuse_a_new_shape_mid_run(name):
+    """These combine a step with tensors kept from earlier steps: a sample of another shape without set_timesteps
+    (a new batch) is refused by name, where it used to fail inside the op with a message about an internal 'extra'."""
+    sched = S.SCHEDULERS[name]()
+    sched.set_timesteps(5)
+    t0, t1 = sched.timesteps[:2]
+    sched.step(torch.randn(2, 4, 8, 8), t0, torch.randn(2, 4, 8, 8))
+    with pytest.raises(ValueError, match=r"sample has shape \(1, 4, 8, 8\), but the earlier steps of this run had "
+                                         r"\(2, 4, 8, 8\): call set_timesteps"):
+        sched.step(torch.randn(1, 4, 8, 8), t1, torch.randn(1, 4, 8, 8))
+    sched.set_timesteps(5)  # a new run takes the new shape
+    for t in sched.timesteps[:3]:
+        sched.step(torch.randn(1, 4, 8, 8), t, torch.randn(1, 4, 8, 8))
+
+
 def test_euler_begin_index_add_noise_and_velocity():
     ours, theirs = S.EulerDiscreteScheduler(), diffusers.EulerDiscreteScheduler()
     ours.set_timesteps(10), theirs.set_timesteps(10)

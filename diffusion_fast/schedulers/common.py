@@ -148,6 +148,14 @@ def timesteps_for_sigmas(sigmas, log_sigmas, rounded):
     timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
     return timesteps.round() if rounded else timesteps
 
+def check_same_run(sample, kept):
+    """A multistep step combines this sample with tensors ``kept`` from the earlier steps of the run: a sample of
+    another shape (a new batch or size without set_timesteps) is refused by name, not left to fail deep in the op."""
+    for t in kept:
+        if torch.is_tensor(t) and t.shape != sample.shape:
+            raise ValueError(f"sample has shape {tuple(sample.shape)}, but the earlier steps of this run had "
+                             f"{tuple(t.shape)}: call set_timesteps to start a new run")
+
 def threshold_sample(sample, ratio, max_value):
     """Dynamic thresholding (Imagen): clamp each sample to its ratio-quantile of |x| (at least 1), rescale."""
     dtype = sample.dtype

@@ -25,6 +25,7 @@ from .. import ops
 from .common import (
     SchedulerOutput,
     VPSigmaScheduleBase,
+    check_same_run,
     half_log_snr,
     karras_sigmas,
     linear_terms,
@@ -90,6 +91,7 @@ def solver_step(model_output, sample, earlier_x0, coefficients, noise=None, thre
     """One step as ``solver_coefficients`` describes it: (prev, x0) in model_output's dtype, computed in fp32.
     ``earlier_x0``: the earlier steps' x0, newest first (as many as there are weights); ``threshold``: a function
     applied to x0 first (diffusers' dynamic thresholding), which costs a pass of its own."""
+    check_same_run(sample, earlier_x0)
     cx, cm, p0, px, weights, noise_scale = coefficients
     extra, pe = linear_terms(list(zip(weights, earlier_x0)) + ([(noise_scale, noise)] if noise_scale else []))
     if threshold is not None:  # as diffusers: x0 in the model output's dtype, thresholded, then the update

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .. import ops
-from .common import SchedulerBase, SchedulerOutput, make_betas, spaced_timesteps
+from .common import SchedulerBase, SchedulerOutput, check_same_run, make_betas, spaced_timesteps
 
 # PLMS's weights for the current model output and the earlier ones (newest first), by how many it has (diffusers')
 PLMS_WEIGHTS = {2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
@@ -28,6 +28,7 @@ def pndm_update(self, model_output, sample, timestep: int):
     (``counter``, ``ets``, ``cur_sample``, ``cur_model_output``, ``prk_timesteps``, ``alphas_cumprod``,
     ``final_alpha_cumprod``, ``config``, ``num_inference_steps``). Updates that state as diffusers' ``step`` does and
     returns the previous sample."""
+    check_same_run(sample, [self.cur_sample, *self.ets])
     config = self.config
     stride = config.num_train_timesteps // self.num_inference_steps
     earlier = None  # the earlier outputs' part of the combined model output, if any

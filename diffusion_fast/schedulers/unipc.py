@@ -23,6 +23,7 @@ from .. import ops
 from .common import (
     SchedulerOutput,
     VPSigmaScheduleBase,
+    check_same_run,
     half_log_snr,
     karras_sigmas,
     linear_terms,
@@ -101,6 +102,7 @@ def unipc_update(self, model_output, timestep, sample, sigmas, as_diffusers=Fals
     and returns the next sample, or returns None (state untouched) where the update is not finite (``as_diffusers``:
     where diffusers' way of computing it is not, see ``bh_coefficients``)."""
     c, i, n = self.config, self._step_index, len(self.timesteps)
+    check_same_run(sample, [self.last_sample, *self.model_outputs])
     x0_now = self.predict_x0
     corrector = None
     use_corrector = i > 0 and (i - 1) not in self.disable_corrector and self.last_sample is not None
