@@ -18,6 +18,7 @@ arithmetic. What differs is how the work runs:
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -335,8 +336,14 @@ class StableDiffusionPipeline:
         return StableDiffusionPipelineOutput(images=postprocess(image, output_type), seconds=seconds)
 
 
-def _takes(function, name) -> bool:
-    return name in inspect.signature(function).parameters
+def _takes(method, name) -> bool:
+    """Whether ``method`` has a parameter ``name``; read once per function (this runs every denoising step)."""
+    return name in _parameters(getattr(method, "__func__", method))
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(function):
+    return frozenset(inspect.signature(function).parameters)
 
 
 def postprocess(image: torch.Tensor, output_type: str):
