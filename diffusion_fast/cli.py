@@ -4,6 +4,7 @@
     diffusion-fast generate --model DIR --prompt "a cat" --steps 30 --seed 1 --output cat.png
     diffusion-fast generate --scheduler euler-ancestral   # any of our schedulers, from the model's config
     diffusion-fast generate --scheduler dpm++-2m --karras   # "DPM++ 2M Karras"
+    diffusion-fast generate --model DIR --scheduler lcm --steps 4 --guidance 1   # an LCM(-LoRA fused) model
     diffusion-fast bench [--config tiny|sd15]    # kernel throughput + end-to-end it/s, CSV + PNG plot
     diffusion-fast check [--model DIR]           # fast vs reference on fresh random inputs; exit 1 on failure
 
@@ -29,7 +30,8 @@ SCHEDULER_CHOICES = {"ddim": ("DDIMScheduler", {}), "ddpm": ("DDPMScheduler", {}
                      "dpm++-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
                      "dpm++-2m-sde": ("DPMSolverMultistepScheduler",
                                       {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-                     "unipc": ("UniPCMultistepScheduler", {})}
+                     "unipc": ("UniPCMultistepScheduler", {}),
+                     "lcm": ("LCMScheduler", {})}  # for LCM and LCM-LoRA models (--steps 4 --guidance 1)
 # the ones with use_karras_sigmas
 KARRAS_SCHEDULERS = ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
 

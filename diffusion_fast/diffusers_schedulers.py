@@ -1,5 +1,5 @@
-"""Fused ``step`` methods for diffusers' DDIM, Euler, Euler ancestral, DPM-Solver++ multistep, PNDM, UniPC and DDPM
-schedulers, patched on the instance by ``accelerate``.
+"""Fused ``step`` methods for diffusers' DDIM, Euler, Euler ancestral, DPM-Solver++ multistep, PNDM, UniPC, LCM and
+DDPM schedulers, patched on the instance by ``accelerate``.
 
 Each replacement computes what the scheduler's own ``step`` computes, as one fused op (``diffusion_fast.ops``),
 drawing its noise from the generator exactly as diffusers does. Whatever it does not mirror (thresholding, learned
@@ -9,12 +9,12 @@ own ``step``, so behaviour outside the fused cases is diffusers' own.
 Which schedulers are fused, and where:
 
 ``DDIMScheduler``, ``EulerDiscreteScheduler`` (SDXL's default), ``EulerAncestralDiscreteScheduler``,
-``DPMSolverMultistepScheduler``, ``PNDMScheduler`` (SD1.5's default), ``UniPCMultistepScheduler`` and
-``DDPMScheduler``, on the CPU (C++ ops) and on CUDA (Triton kernels; DPM-Solver++, PNDM and UniPC run
-``linear_step``).
+``DPMSolverMultistepScheduler``, ``PNDMScheduler`` (SD1.5's default), ``UniPCMultistepScheduler``, ``LCMScheduler``
+(LCM-LoRA's) and ``DDPMScheduler``, on the CPU (C++ ops) and on CUDA (Triton kernels; DPM-Solver++, PNDM, UniPC and
+LCM run ``linear_step``).
 
-DPM-Solver++, PNDM and UniPC run the same update functions as our own schedulers (``schedulers.dpm_solver``,
-``schedulers.pndm``, ``schedulers.unipc``), on the state diffusers' scheduler keeps.
+DPM-Solver++, PNDM, UniPC and LCM run the same update functions as our own schedulers (``schedulers.dpm_solver``,
+``schedulers.pndm``, ``schedulers.unipc``, ``schedulers.lcm``), on the state diffusers' scheduler keeps.
 
 A subclass that overrides ``step`` is left alone: its step is not the one we mirror.
 """
@@ -23,12 +23,13 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .schedulers import dpm_solver, pndm, unipc
+from .schedulers import dpm_solver, lcm, pndm, unipc
 from .schedulers.common import randn_tensor
 
 _ORIGINAL = "_diffusion_fast_original_step"
 _SIGMAS = "_diffusion_fast_sigmas"
 _CHECKED = "_diffusion_fast_checked_config"
+_LCM_TABLES = "_diffusion_fast_lcm_tables"
 
 
 def _original(self, *args, **kwargs):
@@ -188,6 +189,42 @@ def _fused_unipc_step(self, model_output, timestep, sample, return_dict=True):
     return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
 
+def _fused_lcm_step(self, model_output, timestep, sample, generator=None, return_dict=True):
+    """diffusers' LCMScheduler.step as our scheduler computes it (``schedulers.lcm.lcm_update``): x0, the boundary
+    condition and the next step's noise in one fused pass, coefficients in float64 on the host, the noise drawn as
+    diffusers draws it (none at the last step). This step's timestep is the schedule's at the step index (diffusers'
+    own reading of it); a host timestep that is not, a step past the schedule, epsilon at a zero alpha (zero terminal
+    SNR; diffusers' x0 is NaN) and thresholding keep diffusers' own step."""
+    from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
+
+    if self.num_inference_steps is None or _config_gap_now(self):
+        return _original(self, model_output, timestep, sample, generator, return_dict)
+    if self.step_index is None:
+        self._init_step_index(timestep)
+    schedule, alphas = _lcm_tables(self)
+    i = self.step_index
+    on_host = not torch.is_tensor(timestep) or timestep.device.type == "cpu"
+    if (i >= len(schedule) or (on_host and int(timestep) != schedule[i])
+            or (self.config.prediction_type == "epsilon" and alphas[schedule[i]] == 0)):  # x0 = x / 0: NaN there too
+        return _original(self, model_output, timestep, sample, generator, return_dict)
+    prev, denoised = lcm.lcm_update(self, model_output, sample, i, schedule, alphas, generator)
+    self._step_index += 1
+    return LCMSchedulerOutput(prev_sample=prev, denoised=denoised) if return_dict else (prev, denoised)
+
+
+def _lcm_tables(self):
+    """An LCM scheduler's timesteps and alphas_cumprod as host lists, made again whenever set_timesteps replaces the
+    timesteps or add_noise moves alphas_cumprod (diffusers' add_noise puts it on the sample's device): one device
+    read per schedule, none per step."""
+    timesteps, alphas = self.timesteps, self.alphas_cumprod
+    cached = getattr(self, _LCM_TABLES, None)
+    if (cached is None or cached[0] is not timesteps or cached[1] != timesteps._version or cached[2] is not alphas
+            or cached[3] != alphas._version):
+        cached = (timesteps, timesteps._version, alphas, alphas._version, timesteps.tolist(), alphas.double().tolist())
+        setattr(self, _LCM_TABLES, cached)
+    return cached[4], cached[5]
+
+
 def _sigma_tables(self, device):
     """A scheduler's sigmas as Python floats (for the churn window test) and as a float32 table on the
     sample's device (sliced for the op, so a step neither reads the device nor copies to it), made again whenever
@@ -235,6 +272,7 @@ def _config_gap(scheduler):
                   "DPMSolverMultistepScheduler": ("epsilon", "v_prediction", "sample"),
                   "PNDMScheduler": ("epsilon", "v_prediction"),
                   "UniPCMultistepScheduler": ("epsilon", "v_prediction", "sample"),
+                  "LCMScheduler": ("epsilon", "v_prediction", "sample"),
                   "DDPMScheduler": ("epsilon", "v_prediction", "sample")}[_fused_class(scheduler).__name__]
     variance = getattr(c, "variance_type", None)  # DDPM's and DPM-Solver's
     algorithm, solver = getattr(c, "algorithm_type", "dpmsolver++"), getattr(c, "solver_type", "midpoint")  # DPM's
@@ -268,12 +306,13 @@ def _fused_class(scheduler):
 def _fusable():
     """[(diffusers scheduler class, its fused step)]."""
     from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                           EulerDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
+                           EulerDiscreteScheduler, LCMScheduler, PNDMScheduler, UniPCMultistepScheduler)
 
     return [(DDIMScheduler, _fused_ddim_step), (EulerDiscreteScheduler, _fused_euler_step),
             (EulerAncestralDiscreteScheduler, _fused_euler_ancestral_step),
             (DPMSolverMultistepScheduler, _fused_dpm_multistep_step), (PNDMScheduler, _fused_pndm_step),
-            (UniPCMultistepScheduler, _fused_unipc_step), (DDPMScheduler, _fused_ddpm_step)]
+            (UniPCMultistepScheduler, _fused_unipc_step), (LCMScheduler, _fused_lcm_step),
+            (DDPMScheduler, _fused_ddpm_step)]
 
 
 def fuse_step(scheduler):
@@ -302,6 +341,6 @@ def unfuse_step(scheduler):
     """Undo ``fuse_step``."""
     del scheduler.step  # the instance attribute shadowed the class method
     delattr(scheduler, _ORIGINAL)
-    for cache in (_SIGMAS, _CHECKED):
+    for cache in (_SIGMAS, _CHECKED, _LCM_TABLES):
         if hasattr(scheduler, cache):
             delattr(scheduler, cache)

@@ -60,8 +60,9 @@ def _loop(ours, theirs, steps=4, dtype=torch.float32, noise="generator", schedul
         b = ours.step(model_output, t, scaled_ours, **kw_b)
         allowed = _allowed(theirs, t) if dtype == torch.float32 else 1.0
         pairs = [(a.prev_sample, b.prev_sample)]
-        if hasattr(a, "pred_original_sample"):  # DPM-Solver's output has none
-            pairs.append((a.pred_original_sample, b.pred_original_sample))
+        for field in ("pred_original_sample", "denoised"):  # (DPM-Solver's output has neither, LCM's the second)
+            if hasattr(a, field):
+                pairs.append((getattr(a, field), getattr(b, field)))
         for ta, tb in pairs:
             assert tb.dtype == ta.dtype and tb.shape == ta.shape
             worst = max(worst, _compare(ta, tb) / allowed)

@@ -1,5 +1,5 @@
-"""accelerate's fused scheduler steps: diffusers' DDIM, Euler, DPM-Solver++, PNDM and DDPM schedulers, patched, against the same
-schedulers unpatched, step by step and through whole pipelines; which schedulers are left alone, and why."""
+"""accelerate's fused scheduler steps: diffusers' DDIM, Euler, DPM-Solver++, PNDM, UniPC, LCM and DDPM schedulers,
+patched, against the same schedulers unpatched, step by step and through whole pipelines; which schedulers are left alone, and why."""
 import itertools
 
 import numpy as np
@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:Deprec
 
 OP = {"DDIMScheduler": "ddim_step", "EulerDiscreteScheduler": "euler_step", "DDPMScheduler": "ddpm_step",
       "EulerAncestralDiscreteScheduler": "euler_ancestral_step", "DPMSolverMultistepScheduler": "linear_step",
-      "PNDMScheduler": "linear_step", "UniPCMultistepScheduler": "linear_step"}
+      "PNDMScheduler": "linear_step", "UniPCMultistepScheduler": "linear_step", "LCMScheduler": "linear_step"}
 SDXL_EULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
                   steps_offset=1)  # the scheduler config SDXL checkpoints ship
 
@@ -187,6 +187,7 @@ def test_dpm_solver_step_diffusers_computes_with_infinities_is_its_own():
     ("DPMSolverMultistepScheduler", SDXL_EULER),
     ("DDPMScheduler", {}),
     ("DDIMScheduler", {}),
+    ("LCMScheduler", {}),
 ])
 def test_fused_step_in_half_precision(name, cfg):
     # fp16 model outputs and samples, as in an fp16 pipeline: output dtypes as diffusers' (Euler's x0 stays fp32).
@@ -205,6 +206,7 @@ def test_fused_step_in_half_precision(name, cfg):
      "algorithm_type 'sde-dpmsolver'"),
     ("DPMSolverMultistepScheduler", dict(thresholding=True), "thresholding"),
     ("UniPCMultistepScheduler", dict(solver_p=diffusers.DDIMScheduler()), "solver_p"),
+    ("LCMScheduler", dict(thresholding=True), "thresholding"),
     ("EulerAncestralDiscreteScheduler", dict(prediction_type="sample"), "prediction_type 'sample'"),  # diffusers raises
 ])
 def test_configs_not_mirrored_are_left_alone_and_say_why(name, cfg, why):
@@ -250,6 +252,7 @@ def test_euler_steps_keep_diffusers_errors_and_warnings(caplog):
     ("PNDMScheduler", dict(skip_prk_steps=True)),  # as SD1.5 ships it
     ("PNDMScheduler", dict(skip_prk_steps=False)),  # diffusers' default: 12 warm-up calls first
     ("UniPCMultistepScheduler", {}),
+    ("LCMScheduler", {}),  # LCM-LoRA's sampler
     ("DDPMScheduler", dict(variance_type="fixed_small_log")),
 ])
 def test_pipelines_keep_their_images(monkeypatch, name, cfg):
@@ -286,7 +289,7 @@ def test_sdxl_pipeline_with_its_default_euler_scheduler(monkeypatch):
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
                                   "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
-                                  "DDPMScheduler"])
+                                  "LCMScheduler", "DDPMScheduler"])
 def test_fused_steps_on_gpu_in_half_precision(monkeypatch, name):
     """The CUDA kernels of the fused steps inside an fp16 pipeline on the GPU, with the UNet graphed: the image stays
     within fp16 noise of the unpatched pipeline's, every step runs our op (a Triton kernel), replays are bit-identical."""
@@ -312,7 +315,7 @@ def test_which_schedulers_are_left_alone_and_why():
     assert "overrides EulerDiscreteScheduler.step" in diffusers_schedulers.fuse_step(OwnStep())
     heun = diffusers.HeunDiscreteScheduler()  # no fused step
     fused = ("DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, "
-             "PNDMScheduler, UniPCMultistepScheduler, DDPMScheduler")
+             "PNDMScheduler, UniPCMultistepScheduler, LCMScheduler, DDPMScheduler")
     assert f"HeunDiscreteScheduler (fused: {fused})" in diffusers_schedulers.fuse_step(heun)
     assert "step" not in vars(heun)
 

@@ -57,6 +57,7 @@ def test_generate_from_folder_batch(tmp_path, capsys):
     ("pndm", [], "PNDMScheduler"),
     ("dpm++-2m-sde", ["--karras"], "DPMSolverMultistepScheduler"),
     ("unipc", [], "UniPCMultistepScheduler"),
+    ("lcm", ["--guidance", "1"], "LCMScheduler"),  # no CFG batch, as LCM-LoRA runs
 ])
 def test_generate_with_another_scheduler(tmp_path, capsys, choice, options, name):
     rc = main(["generate", "--scheduler", choice, *options, "--steps", "3", "--output", str(tmp_path / "a.png"),
@@ -118,6 +119,14 @@ def test_bench_output_folder_missing_fails_before_the_run(option, capsys):
     assert main(["bench", option, "/no/such/folder/out.x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "/no/such/folder/out.x" in err[0] and "does not exist" in err[0]
+
+
+def test_lcm_steps_past_its_distillation_schedule_is_one_line(capsys):
+    assert main(["generate", "--scheduler", "lcm", "--steps", "60", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]  # (stderr also has transformers' load bars)
+    assert len(errors) == 1 and "Traceback" not in err
+    assert "num_inference_steps must be in [1, 50] (original_inference_steps" in errors[0]
 
 
 def test_error_inside_command_is_one_line(tmp_path, capsys):

@@ -473,7 +473,7 @@ def test_randn_tensor_draws_as_diffusers():
 
 @pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
                                   "EulerAncestralDiscreteScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
-                                  "UniPCMultistepScheduler"])
+                                  "UniPCMultistepScheduler", "LCMScheduler"])
 def test_add_noise_per_sample_timesteps_and_fp16(name):
     cfg = dict(beta_schedule="scaled_linear")
     ours, theirs = S.SCHEDULERS[name](**cfg), getattr(diffusers, name)(**cfg)
@@ -491,7 +491,7 @@ def test_add_noise_per_sample_timesteps_and_fp16(name):
 
 @pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
                                   "EulerAncestralDiscreteScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
-                                  "UniPCMultistepScheduler"])
+                                  "UniPCMultistepScheduler", "LCMScheduler"])
 def test_outputs_fully_written_under_poisoned_allocations(name):
     """torch.empty* return NaN inside the block: an output element the op leaves unwritten would show as NaN."""
     from _numerics import poisoned_allocations
@@ -552,7 +552,8 @@ def _sampling_steps(name, sched, x, mo):
                                                 ("DPMSolverMultistepScheduler", False),
                                                 ("DPMSolverMultistepScheduler", True),
                                                 ("UniPCMultistepScheduler", False),
-                                                ("UniPCMultistepScheduler", True)])
+                                                ("UniPCMultistepScheduler", True), ("LCMScheduler", False),
+                                                ("LCMScheduler", True)])
 def test_step_does_not_read_device_values(name, thresholding):
     """The step must never read a device value on the host (on a GPU, a sync per step). Meta tensors have no values:
     any .item()/bool()/nonzero/.cpu() on them raises, so a loop that completes on meta tensors cannot have synced."""
@@ -571,7 +572,7 @@ def test_step_does_not_read_device_values(name, thresholding):
                                                 ("DDPMScheduler", False), ("EulerDiscreteScheduler", False),
                                                 ("EulerAncestralDiscreteScheduler", False), ("PNDMScheduler", False),
                                                 ("DPMSolverMultistepScheduler", False),
-                                                ("UniPCMultistepScheduler", False)])
+                                                ("UniPCMultistepScheduler", False), ("LCMScheduler", False)])
 def test_step_does_not_sync_on_cuda(name, thresholding):
     setup = _sampling_setup(name, "cuda", thresholding)
     _sampling_steps(name, *_sampling_setup(name, "cuda", thresholding))  # warm up: kernels compiled

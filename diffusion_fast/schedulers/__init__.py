@@ -7,12 +7,13 @@ from .ddpm import DDPMScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
+from .lcm import LCMScheduler, LCMSchedulerOutput
 from .pndm import PNDMScheduler
 from .unipc import UniPCMultistepScheduler
 
 SCHEDULERS = {cls.__name__: cls for cls in (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                                            EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, PNDMScheduler,
-                                            UniPCMultistepScheduler)}
+                                            EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, LCMScheduler,
+                                            PNDMScheduler, UniPCMultistepScheduler)}
 
 
 def load_scheduler(folder_or_config, default="DDIMScheduler"):
@@ -31,6 +32,6 @@ def load_scheduler(folder_or_config, default="DDIMScheduler"):
 
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
-           "EulerAncestralDiscreteScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
-           "load_scheduler", "randn_tensor",
+           "EulerAncestralDiscreteScheduler", "LCMScheduler", "LCMSchedulerOutput", "PNDMScheduler",
+           "UniPCMultistepScheduler", "load_scheduler", "randn_tensor",
            "SchedulerOutput", "FrozenConfig", "SCHEDULERS"]
