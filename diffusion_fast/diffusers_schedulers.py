@@ -1,5 +1,5 @@
-"""Fused ``step`` methods for diffusers' DDIM, Euler, Euler ancestral, DPM-Solver++ multistep, PNDM, UniPC, LCM and
-DDPM schedulers, patched on the instance by ``accelerate``.
+"""Fused ``step`` methods for diffusers' DDIM, Euler, Euler ancestral, Heun, DPM-Solver++ multistep, PNDM, UniPC, LCM
+and DDPM schedulers, patched on the instance by ``accelerate``.
 
 Each replacement computes what the scheduler's own ``step`` computes, as one fused op (``diffusion_fast.ops``),
 drawing its noise from the generator exactly as diffusers does. Whatever it does not mirror (thresholding, learned
@@ -9,12 +9,13 @@ own ``step``, so behaviour outside the fused cases is diffusers' own.
 Which schedulers are fused, and where:
 
 ``DDIMScheduler``, ``EulerDiscreteScheduler`` (SDXL's default), ``EulerAncestralDiscreteScheduler``,
-``DPMSolverMultistepScheduler``, ``PNDMScheduler`` (SD1.5's default), ``UniPCMultistepScheduler``, ``LCMScheduler``
-(LCM-LoRA's) and ``DDPMScheduler``, on the CPU (C++ ops) and on CUDA (Triton kernels; DPM-Solver++, PNDM, UniPC and
-LCM run ``linear_step``).
+``HeunDiscreteScheduler``, ``DPMSolverMultistepScheduler``, ``PNDMScheduler`` (SD1.5's default), ``UniPCMultistepScheduler``, ``LCMScheduler``
+(LCM-LoRA's) and ``DDPMScheduler``, on the CPU (C++ ops) and on CUDA (Triton kernels; Heun, DPM-Solver++, PNDM, UniPC
+and LCM run ``linear_step``).
 
-DPM-Solver++, PNDM, UniPC and LCM run the same update functions as our own schedulers (``schedulers.dpm_solver``,
-``schedulers.pndm``, ``schedulers.unipc``, ``schedulers.lcm``), on the state diffusers' scheduler keeps.
+Heun, DPM-Solver++, PNDM, UniPC and LCM run the same update functions as our own schedulers (``schedulers.heun``,
+``schedulers.dpm_solver``, ``schedulers.pndm``, ``schedulers.unipc``, ``schedulers.lcm``), on the state diffusers'
+scheduler keeps.
 
 A subclass that overrides ``step`` is left alone: its step is not the one we mirror.
 """
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .schedulers import dpm_solver, lcm, pndm, unipc
+from .schedulers import dpm_solver, heun, lcm, pndm, unipc
 from .schedulers.common import randn_tensor
 
 _ORIGINAL = "_diffusion_fast_original_step"
@@ -116,6 +117,25 @@ def _fused_euler_ancestral_step(self, model_output, timestep, sample, generator=
     if not return_dict:
         return prev, x0
     return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+def _fused_heun_step(self, model_output, timestep, sample, return_dict=True):
+    """diffusers' HeunDiscreteScheduler.step as our scheduler computes it (``schedulers.heun.heun_update``): each of
+    a step's two calls one fused pass (the second after one small op combining the kept tensors), coefficients in
+    float64 from the sigmas as host floats, ``prev_derivative``, ``dt`` and ``sample`` kept as diffusers keeps them
+    (``dt`` a float). A call past the schedule keeps diffusers' own step (its NaN, or its IndexError)."""
+    from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteSchedulerOutput
+
+    if _config_gap_now(self):
+        return _original(self, model_output, timestep, sample, return_dict)
+    if self.step_index is None:
+        self._init_step_index(timestep)
+    values, _ = _sigma_tables(self, torch.device("cpu"))  # the sigmas as floats, made once per schedule
+    if self.step_index >= len(values) - 1:  # a call past the schedule: diffusers' own (NaN or IndexError)
+        return _original(self, model_output, timestep, sample, return_dict)
+    prev, x0 = heun.heun_update(self, model_output, sample, values)
+    self._step_index += 1
+    return HeunDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
 
 
 def _fused_dpm_multistep_step(self, model_output, timestep, sample, generator=None, variance_noise=None,
@@ -269,6 +289,7 @@ def _config_gap(scheduler):
     prediction = {"DDIMScheduler": ("epsilon", "v_prediction", "sample"),
                   "EulerDiscreteScheduler": ("epsilon", "v_prediction", "sample", "original_sample"),
                   "EulerAncestralDiscreteScheduler": ("epsilon", "v_prediction"),  # diffusers raises for "sample"
+                  "HeunDiscreteScheduler": ("epsilon", "v_prediction", "sample"),
                   "DPMSolverMultistepScheduler": ("epsilon", "v_prediction", "sample"),
                   "PNDMScheduler": ("epsilon", "v_prediction"),
                   "UniPCMultistepScheduler": ("epsilon", "v_prediction", "sample"),
@@ -306,10 +327,11 @@ def _fused_class(scheduler):
 def _fusable():
     """[(diffusers scheduler class, its fused step)]."""
     from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                           EulerDiscreteScheduler, LCMScheduler, PNDMScheduler, UniPCMultistepScheduler)
+                           EulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler, PNDMScheduler,
+                           UniPCMultistepScheduler)
 
     return [(DDIMScheduler, _fused_ddim_step), (EulerDiscreteScheduler, _fused_euler_step),
-            (EulerAncestralDiscreteScheduler, _fused_euler_ancestral_step),
+            (EulerAncestralDiscreteScheduler, _fused_euler_ancestral_step), (HeunDiscreteScheduler, _fused_heun_step),
             (DPMSolverMultistepScheduler, _fused_dpm_multistep_step), (PNDMScheduler, _fused_pndm_step),
             (UniPCMultistepScheduler, _fused_unipc_step), (LCMScheduler, _fused_lcm_step),
             (DDPMScheduler, _fused_ddpm_step)]

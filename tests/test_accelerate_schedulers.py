@@ -1,4 +1,4 @@
-"""accelerate's fused scheduler steps: diffusers' DDIM, Euler, DPM-Solver++, PNDM, UniPC, LCM and DDPM schedulers,
+"""accelerate's fused scheduler steps: diffusers' DDIM, Euler, Heun, DPM-Solver++, PNDM, UniPC, LCM and DDPM schedulers,
 patched, against the same schedulers unpatched, step by step and through whole pipelines; which schedulers are left alone, and why."""
 import itertools
 
@@ -21,7 +21,8 @@ pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:Deprec
 
 OP = {"DDIMScheduler": "ddim_step", "EulerDiscreteScheduler": "euler_step", "DDPMScheduler": "ddpm_step",
       "EulerAncestralDiscreteScheduler": "euler_ancestral_step", "DPMSolverMultistepScheduler": "linear_step",
-      "PNDMScheduler": "linear_step", "UniPCMultistepScheduler": "linear_step", "LCMScheduler": "linear_step"}
+      "PNDMScheduler": "linear_step", "UniPCMultistepScheduler": "linear_step", "LCMScheduler": "linear_step",
+      "HeunDiscreteScheduler": "linear_step"}
 SDXL_EULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
                   steps_offset=1)  # the scheduler config SDXL checkpoints ship
 
@@ -188,12 +189,14 @@ def test_dpm_solver_step_diffusers_computes_with_infinities_is_its_own():
     ("DDPMScheduler", {}),
     ("DDIMScheduler", {}),
     ("LCMScheduler", {}),
+    ("HeunDiscreteScheduler", SDXL_EULER),
 ])
 def test_fused_step_in_half_precision(name, cfg):
     # fp16 model outputs and samples, as in an fp16 pipeline: output dtypes as diffusers' (Euler's x0 stays fp32).
     # DDPM and DDIM compute in fp32 where diffusers computes in fp16, hence the wider bound there.
     tol = 2e-3 if name.startswith("Euler") else 2e-2
-    assert _loop(_fused(name, **cfg), getattr(diffusers, name)(**cfg), dtype=torch.float16) <= tol
+    noise = None if name == "HeunDiscreteScheduler" else "generator"  # (its step takes no generator)
+    assert _loop(_fused(name, **cfg), getattr(diffusers, name)(**cfg), dtype=torch.float16, noise=noise) <= tol
 
 
 @pytest.mark.parametrize("name, cfg, why", [
@@ -253,6 +256,7 @@ def test_euler_steps_keep_diffusers_errors_and_warnings(caplog):
     ("PNDMScheduler", dict(skip_prk_steps=False)),  # diffusers' default: 12 warm-up calls first
     ("UniPCMultistepScheduler", {}),
     ("LCMScheduler", {}),  # LCM-LoRA's sampler
+    ("HeunDiscreteScheduler", {}),  # two model calls a step but the last
     ("DDPMScheduler", dict(variance_type="fixed_small_log")),
 ])
 def test_pipelines_keep_their_images(monkeypatch, name, cfg):
@@ -289,7 +293,7 @@ def test_sdxl_pipeline_with_its_default_euler_scheduler(monkeypatch):
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
                                   "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
-                                  "LCMScheduler", "DDPMScheduler"])
+                                  "LCMScheduler", "HeunDiscreteScheduler", "DDPMScheduler"])
 def test_fused_steps_on_gpu_in_half_precision(monkeypatch, name):
     """The CUDA kernels of the fused steps inside an fp16 pipeline on the GPU, with the UNet graphed: the image stays
     within fp16 noise of the unpatched pipeline's, every step runs our op (a Triton kernel), replays are bit-identical."""
@@ -313,11 +317,11 @@ def test_which_schedulers_are_left_alone_and_why():
             return super().step(*args, **kwargs)
 
     assert "overrides EulerDiscreteScheduler.step" in diffusers_schedulers.fuse_step(OwnStep())
-    heun = diffusers.HeunDiscreteScheduler()  # no fused step
-    fused = ("DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, "
-             "PNDMScheduler, UniPCMultistepScheduler, LCMScheduler, DDPMScheduler")
-    assert f"HeunDiscreteScheduler (fused: {fused})" in diffusers_schedulers.fuse_step(heun)
-    assert "step" not in vars(heun)
+    kdpm2 = diffusers.KDPM2DiscreteScheduler()  # no fused step
+    fused = ("DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, "
+             "DPMSolverMultistepScheduler, PNDMScheduler, UniPCMultistepScheduler, LCMScheduler, DDPMScheduler")
+    assert f"KDPM2DiscreteScheduler (fused: {fused})" in diffusers_schedulers.fuse_step(kdpm2)
+    assert "step" not in vars(kdpm2)
 
 
 def test_a_scheduler_assigned_after_accelerate_is_fused(monkeypatch, tmp_path):
@@ -326,7 +330,7 @@ def test_a_scheduler_assigned_after_accelerate_is_fused(monkeypatch, tmp_path):
     pipe = _tiny_diffusers.pipeline("sd1", seed=4)
     cls, config = type(pipe), pipe.scheduler.config
     dpm_before = _images(_with(pipe, diffusers.DPMSolverMultistepScheduler.from_config(config)))
-    heun_before = _images(_with(pipe, diffusers.HeunDiscreteScheduler.from_config(config)))
+    kdpm2_before = _images(_with(pipe, diffusers.KDPM2DiscreteScheduler.from_config(config)))
     ddim = pipe.scheduler = diffusers.DDIMScheduler.from_config(config)
     diffusion_fast.accelerate(pipe)
     assert isinstance(pipe, cls) and type(pipe).__name__ == cls.__name__ and "step" in vars(ddim)
@@ -336,9 +340,9 @@ def test_a_scheduler_assigned_after_accelerate_is_fused(monkeypatch, tmp_path):
     assert report["scheduler"] == 1 and "step" in vars(dpm)
     assert pipe.config.scheduler[1] == "DPMSolverMultistepScheduler"  # diffusers' own bookkeeping still ran
     assert np.abs(_images(pipe) - dpm_before).max() <= PIPELINE_FP32_MAX_ABS and len(calls) == 3
-    pipe.scheduler = diffusers.HeunDiscreteScheduler.from_config(config)  # not fused: listed, its own step runs
-    assert report["scheduler"] == 0 and any("HeunDiscreteScheduler (fused:" in why for why in report["skipped"])
-    assert np.abs(_images(pipe) - heun_before).max() <= PIPELINE_FP32_MAX_ABS  # (the UNet is still accelerated)
+    pipe.scheduler = diffusers.KDPM2DiscreteScheduler.from_config(config)  # not fused: listed, its own step runs
+    assert report["scheduler"] == 0 and any("KDPM2DiscreteScheduler (fused:" in why for why in report["skipped"])
+    assert np.abs(_images(pipe) - kdpm2_before).max() <= PIPELINE_FP32_MAX_ABS  # (the UNet is still accelerated)
     pipe.scheduler = dpm  # fused once, not twice (its fused step would otherwise be its own fallback)
     pipe.scheduler = dpm
     assert report["scheduler"] == 1 and not any(why.startswith("scheduler ") for why in report["skipped"])

@@ -58,6 +58,7 @@ def test_generate_from_folder_batch(tmp_path, capsys):
     ("dpm++-2m-sde", ["--karras"], "DPMSolverMultistepScheduler"),
     ("unipc", [], "UniPCMultistepScheduler"),
     ("lcm", ["--guidance", "1"], "LCMScheduler"),  # no CFG batch, as LCM-LoRA runs
+    ("heun", ["--karras"], "HeunDiscreteScheduler"),  # two UNet calls a step
 ])
 def test_generate_with_another_scheduler(tmp_path, capsys, choice, options, name):
     rc = main(["generate", "--scheduler", choice, *options, "--steps", "3", "--output", str(tmp_path / "a.png"),
@@ -87,8 +88,8 @@ def test_generate_karras_sets_the_schedulers_field(monkeypatch, tmp_path):
     (["--scheduler", "euler", "--eta", "0.5"],
      "--eta is DDIM's; the scheduler is EulerDiscreteScheduler (--scheduler ddim)"),
     (["--scheduler", "pndm", "--karras"],
-     "--karras is for Euler, DPM-Solver++ and UniPC; the scheduler is PNDMScheduler (--scheduler euler, dpm++-2m, "
-     "dpm++-2m-sde or unipc)"),
+     "--karras is for Euler, Heun, DPM-Solver++ and UniPC; the scheduler is PNDMScheduler (--scheduler euler, heun, "
+     "dpm++-2m, dpm++-2m-sde or unipc)"),
 ])
 def test_scheduler_options_refused_before_loading(capsys, argv, message):
     assert main(["generate", *argv]) == 2
@@ -99,7 +100,7 @@ def test_scheduler_options_refused_before_loading(capsys, argv, message):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["generate", "--scheduler", "heun"], "invalid choice"),
+        (["generate", "--scheduler", "kdpm2"], "invalid choice"),
         (["generate", "--steps", "0"], "must be a positive integer"),
         (["generate", "--model", "/no/such/folder"], "does not exist"),
         (["check", "--model", "/no/such/folder"], "does not exist"),

@@ -54,6 +54,7 @@ def test_same_image_as_diffusers(pair, backend_name):
     ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", solver_order=3), 5),
     ("UniPCMultistepScheduler", {}, 5),  # corrector and predictor
     ("LCMScheduler", {}, 4),  # LCM-LoRA's: fresh noise at every step but the last
+    ("HeunDiscreteScheduler", {}, 3),  # two model calls a step but the last: 5 calls
 ])
 def test_other_schedulers_same_image_as_diffusers(pair, scheduler, cfg, steps):
     # Euler ancestral, DDPM and the SDE DPM-Solver draw noise at every step, from the generator, as diffusers does

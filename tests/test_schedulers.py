@@ -471,9 +471,12 @@ def test_randn_tensor_draws_as_diffusers():
         S.randn_tensor((3, 4), generator=[torch.Generator(), torch.Generator()])
 
 
+NO_GENERATOR = ("PNDMScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler")  # their steps take none
+
+
 @pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
                                   "EulerAncestralDiscreteScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
-                                  "UniPCMultistepScheduler", "LCMScheduler"])
+                                  "UniPCMultistepScheduler", "LCMScheduler", "HeunDiscreteScheduler"])
 def test_add_noise_per_sample_timesteps_and_fp16(name):
     cfg = dict(beta_schedule="scaled_linear")
     ours, theirs = S.SCHEDULERS[name](**cfg), getattr(diffusers, name)(**cfg)
@@ -484,14 +487,14 @@ def test_add_noise_per_sample_timesteps_and_fp16(name):
     # fp16 latents: diffusers computes DDIM/DDPM in fp16, we compute in fp32 and round once: close, not equal.
     # Euler: both compute in fp32 and round the result once, so only the rounding of fp32 differences remains.
     tol = 2e-3 if name.startswith("Euler") else 2e-2
-    noise = None if name in ("PNDMScheduler", "UniPCMultistepScheduler") else "generator"  # (steps without one)
+    noise = None if name in NO_GENERATOR else "generator"
     assert _loop(S.SCHEDULERS[name](**cfg), getattr(diffusers, name)(**cfg), dtype=torch.float16,
                  noise=noise) <= tol
 
 
 @pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
                                   "EulerAncestralDiscreteScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
-                                  "UniPCMultistepScheduler", "LCMScheduler"])
+                                  "UniPCMultistepScheduler", "LCMScheduler", "HeunDiscreteScheduler"])
 def test_outputs_fully_written_under_poisoned_allocations(name):
     """torch.empty* return NaN inside the block: an output element the op leaves unwritten would show as NaN."""
     from _numerics import poisoned_allocations
@@ -504,7 +507,7 @@ def test_outputs_fully_written_under_poisoned_allocations(name):
         gen = torch.Generator().manual_seed(4)
         x, m = torch.randn(3, 4, 7, 9, generator=gen), torch.randn(3, 4, 7, 9, generator=gen)  # batch 3, odd 7x9
         kw = {"eta": 0.5} if name == "DDIMScheduler" else {}
-        if name not in ("PNDMScheduler", "UniPCMultistepScheduler"):  # (their steps take no generator)
+        if name not in NO_GENERATOR:
             kw["generator"] = torch.Generator().manual_seed(9)
         for t in sched.timesteps[:3]:  # the multistep schedulers' third step reads two earlier outputs
             out = sched.step(m, t, sched.scale_model_input(x, t), **kw)
@@ -553,7 +556,7 @@ def _sampling_steps(name, sched, x, mo):
                                                 ("DPMSolverMultistepScheduler", True),
                                                 ("UniPCMultistepScheduler", False),
                                                 ("UniPCMultistepScheduler", True), ("LCMScheduler", False),
-                                                ("LCMScheduler", True)])
+                                                ("LCMScheduler", True), ("HeunDiscreteScheduler", False)])
 def test_step_does_not_read_device_values(name, thresholding):
     """The step must never read a device value on the host (on a GPU, a sync per step). Meta tensors have no values:
     any .item()/bool()/nonzero/.cpu() on them raises, so a loop that completes on meta tensors cannot have synced."""
@@ -572,7 +575,8 @@ def test_step_does_not_read_device_values(name, thresholding):
                                                 ("DDPMScheduler", False), ("EulerDiscreteScheduler", False),
                                                 ("EulerAncestralDiscreteScheduler", False), ("PNDMScheduler", False),
                                                 ("DPMSolverMultistepScheduler", False),
-                                                ("UniPCMultistepScheduler", False), ("LCMScheduler", False)])
+                                                ("UniPCMultistepScheduler", False), ("LCMScheduler", False),
+                                                ("HeunDiscreteScheduler", False)])
 def test_step_does_not_sync_on_cuda(name, thresholding):
     setup = _sampling_setup(name, "cuda", thresholding)
     _sampling_steps(name, *_sampling_setup(name, "cuda", thresholding))  # warm up: kernels compiled
@@ -622,9 +626,9 @@ def test_set_timesteps_refreshes_device_tables_in_place(name, tables, device):
 
 
 def test_from_config_of_another_scheduler_and_load_scheduler(tmp_path):
-    heun = diffusers.HeunDiscreteScheduler(beta_schedule="scaled_linear", steps_offset=1)
-    heun.save_config(tmp_path)
-    with pytest.warns(RuntimeWarning, match="HeunDiscreteScheduler is not implemented; using DDIMScheduler"):
+    kdpm2 = diffusers.KDPM2DiscreteScheduler(beta_schedule="scaled_linear", steps_offset=1)
+    kdpm2.save_config(tmp_path)
+    with pytest.warns(RuntimeWarning, match="KDPM2DiscreteScheduler is not implemented; using DDIMScheduler"):
         sched = S.load_scheduler(str(tmp_path))
     assert isinstance(sched, S.DDIMScheduler) and sched.config.steps_offset == 1
     assert sched.config["beta_schedule"] == "scaled_linear"

@@ -7,19 +7,20 @@ from .ddpm import DDPMScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
+from .heun import HeunDiscreteScheduler
 from .lcm import LCMScheduler, LCMSchedulerOutput
 from .pndm import PNDMScheduler
 from .unipc import UniPCMultistepScheduler
 
 SCHEDULERS = {cls.__name__: cls for cls in (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                                            EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, LCMScheduler,
-                                            PNDMScheduler, UniPCMultistepScheduler)}
+                                            EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
+                                            LCMScheduler, PNDMScheduler, UniPCMultistepScheduler)}
 
 
 def load_scheduler(folder_or_config, default="DDIMScheduler"):
     """Our scheduler for a diffusers scheduler folder/config, by its ``_class_name``.
 
-    A class we don't implement (Heun, LMS, DEIS, ...) has its config loaded into ``default`` with a warning, as
+    A class we don't implement (LMS, DEIS, KDPM2, ...) has its config loaded into ``default`` with a warning, as
     diffusers' ``DDIMScheduler.from_config(pipe.scheduler.config)`` would.
     """
     config = folder_or_config if isinstance(folder_or_config, dict) else read_config(folder_or_config)
@@ -32,6 +33,6 @@ def load_scheduler(folder_or_config, default="DDIMScheduler"):
 
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
-           "EulerAncestralDiscreteScheduler", "LCMScheduler", "LCMSchedulerOutput", "PNDMScheduler",
+           "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "LCMScheduler", "LCMSchedulerOutput", "PNDMScheduler",
            "UniPCMultistepScheduler", "load_scheduler", "randn_tensor",
            "SchedulerOutput", "FrozenConfig", "SCHEDULERS"]
