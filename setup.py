@@ -81,7 +81,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "diffusers>=0.30", "accelerate",
-                 "peft"],
+                 "peft", "scipy"],  # scipy: diffusers' LMS scheduler, the reference for ours
         "diffusers": ["diffusers>=0.30"],
     },
     entry_points={"console_scripts": ["diffusion-fast=diffusion_fast.cli:main"]},

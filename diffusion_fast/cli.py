@@ -28,14 +28,15 @@ SCHEDULER_CHOICES = {"ddim": ("DDIMScheduler", {}), "ddpm": ("DDPMScheduler", {}
                      "euler": ("EulerDiscreteScheduler", {}),
                      "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
                      "heun": ("HeunDiscreteScheduler", {}),  # two model calls a step
+                     "lms": ("LMSDiscreteScheduler", {}),
                      "dpm++-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
                      "dpm++-2m-sde": ("DPMSolverMultistepScheduler",
                                       {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
                      "unipc": ("UniPCMultistepScheduler", {}),
                      "lcm": ("LCMScheduler", {})}  # for LCM and LCM-LoRA models (--steps 4 --guidance 1)
 # the ones with use_karras_sigmas
-KARRAS_SCHEDULERS = ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
-                     "UniPCMultistepScheduler")
+KARRAS_SCHEDULERS = ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
+                     "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
 
 
 class UsageError(Exception):
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the sampler: the model folder's own (default; DDIM for the built-in model) or one of ours, "
                         "built from the model's scheduler config")
     g.add_argument("--karras", action="store_true",
-                   help="Karras sigmas (Euler, Heun, DPM-Solver++, UniPC: e.g. --scheduler dpm++-2m --karras)")
+                   help="Karras sigmas (Euler, Heun, LMS, DPM-Solver++, UniPC: e.g. --scheduler dpm++-2m --karras)")
     g.add_argument("--height", type=_size, default=None)
     g.add_argument("--width", type=_size, default=None)
     g.add_argument("--batch", type=_positive_int, default=1, help="images per prompt")
@@ -138,8 +139,8 @@ def _check_scheduler_options(args, scheduler_name):
     if args.eta != 0 and scheduler_name != "DDIMScheduler":
         raise UsageError(f"--eta is DDIM's; the scheduler is {scheduler_name} (--scheduler ddim)")
     if args.karras and scheduler_name not in KARRAS_SCHEDULERS:
-        raise UsageError(f"--karras is for Euler, Heun, DPM-Solver++ and UniPC; the scheduler is {scheduler_name} "
-                         "(--scheduler euler, heun, dpm++-2m, dpm++-2m-sde or unipc)")
+        raise UsageError(f"--karras is for Euler, Heun, LMS, DPM-Solver++ and UniPC; the scheduler is "
+                         f"{scheduler_name} (--scheduler euler, heun, lms, dpm++-2m, dpm++-2m-sde or unipc)")
 
 
 def generate(args) -> int:

@@ -1,5 +1,5 @@
-"""Fused ``step`` methods for diffusers' DDIM, Euler, Euler ancestral, Heun, DPM-Solver++ multistep, PNDM, UniPC, LCM
-and DDPM schedulers, patched on the instance by ``accelerate``.
+"""Fused ``step`` methods for diffusers' DDIM, Euler, Euler ancestral, Heun, LMS, DPM-Solver++ multistep, PNDM, UniPC,
+LCM and DDPM schedulers, patched on the instance by ``accelerate``.
 
 Each replacement computes what the scheduler's own ``step`` computes, as one fused op (``diffusion_fast.ops``),
 drawing its noise from the generator exactly as diffusers does. Whatever it does not mirror (thresholding, learned
@@ -9,13 +9,13 @@ own ``step``, so behaviour outside the fused cases is diffusers' own.
 Which schedulers are fused, and where:
 
 ``DDIMScheduler``, ``EulerDiscreteScheduler`` (SDXL's default), ``EulerAncestralDiscreteScheduler``,
-``HeunDiscreteScheduler``, ``DPMSolverMultistepScheduler``, ``PNDMScheduler`` (SD1.5's default), ``UniPCMultistepScheduler``, ``LCMScheduler``
-(LCM-LoRA's) and ``DDPMScheduler``, on the CPU (C++ ops) and on CUDA (Triton kernels; Heun, DPM-Solver++, PNDM, UniPC
-and LCM run ``linear_step``).
+``HeunDiscreteScheduler``, ``LMSDiscreteScheduler``, ``DPMSolverMultistepScheduler``, ``PNDMScheduler`` (SD1.5's default), ``UniPCMultistepScheduler``, ``LCMScheduler``
+(LCM-LoRA's) and ``DDPMScheduler``, on the CPU (C++ ops) and on CUDA (Triton kernels; Heun, LMS, DPM-Solver++, PNDM,
+UniPC and LCM run ``linear_step``).
 
-Heun, DPM-Solver++, PNDM, UniPC and LCM run the same update functions as our own schedulers (``schedulers.heun``,
-``schedulers.dpm_solver``, ``schedulers.pndm``, ``schedulers.unipc``, ``schedulers.lcm``), on the state diffusers'
-scheduler keeps.
+Heun, LMS, DPM-Solver++, PNDM, UniPC and LCM run the same update functions as our own schedulers
+(``schedulers.heun``, ``schedulers.lms``, ``schedulers.dpm_solver``, ``schedulers.pndm``, ``schedulers.unipc``,
+``schedulers.lcm``), on the state diffusers' scheduler keeps.
 
 A subclass that overrides ``step`` is left alone: its step is not the one we mirror.
 """
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .schedulers import dpm_solver, heun, lcm, pndm, unipc
+from .schedulers import dpm_solver, heun, lcm, lms, pndm, unipc
 from .schedulers.common import randn_tensor
 
 _ORIGINAL = "_diffusion_fast_original_step"
@@ -136,6 +136,26 @@ def _fused_heun_step(self, model_output, timestep, sample, return_dict=True):
     prev, x0 = heun.heun_update(self, model_output, sample, values)
     self._step_index += 1
     return HeunDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
+
+
+def _fused_lms_step(self, model_output, timestep, sample, order=4, return_dict=True):
+    """diffusers' LMSDiscreteScheduler.step as our scheduler computes it (``schedulers.lms.lms_update``): the
+    Lagrange weights integrated exactly in float64 (where diffusers calls scipy's quad), the update one fused pass
+    after the earlier derivatives are combined, ``derivatives`` kept as diffusers keeps them. A call diffusers warns
+    about (scale_model_input skipped), an order below 1 and a call past the schedule keep diffusers' own step."""
+    from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteSchedulerOutput
+
+    if (not getattr(self, "is_scale_input_called", True) or _config_gap_now(self)
+            or isinstance(order, bool) or not isinstance(order, int) or order < 1):
+        return _original(self, model_output, timestep, sample, order, return_dict)
+    if self.step_index is None:
+        self._init_step_index(timestep)
+    values, _ = _sigma_tables(self, torch.device("cpu"))  # the sigmas as floats, made once per schedule
+    if self.step_index >= len(values) - 1:
+        return _original(self, model_output, timestep, sample, order, return_dict)
+    prev, x0 = lms.lms_update(self, model_output, sample, values, order)
+    self._step_index += 1
+    return LMSDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
 
 
 def _fused_dpm_multistep_step(self, model_output, timestep, sample, generator=None, variance_noise=None,
@@ -290,6 +310,7 @@ def _config_gap(scheduler):
                   "EulerDiscreteScheduler": ("epsilon", "v_prediction", "sample", "original_sample"),
                   "EulerAncestralDiscreteScheduler": ("epsilon", "v_prediction"),  # diffusers raises for "sample"
                   "HeunDiscreteScheduler": ("epsilon", "v_prediction", "sample"),
+                  "LMSDiscreteScheduler": ("epsilon", "v_prediction", "sample"),
                   "DPMSolverMultistepScheduler": ("epsilon", "v_prediction", "sample"),
                   "PNDMScheduler": ("epsilon", "v_prediction"),
                   "UniPCMultistepScheduler": ("epsilon", "v_prediction", "sample"),
@@ -327,11 +348,12 @@ def _fused_class(scheduler):
 def _fusable():
     """[(diffusers scheduler class, its fused step)]."""
     from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                           EulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler, PNDMScheduler,
-                           UniPCMultistepScheduler)
+                           EulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler, LMSDiscreteScheduler,
+                           PNDMScheduler, UniPCMultistepScheduler)
 
     return [(DDIMScheduler, _fused_ddim_step), (EulerDiscreteScheduler, _fused_euler_step),
             (EulerAncestralDiscreteScheduler, _fused_euler_ancestral_step), (HeunDiscreteScheduler, _fused_heun_step),
+            (LMSDiscreteScheduler, _fused_lms_step),
             (DPMSolverMultistepScheduler, _fused_dpm_multistep_step), (PNDMScheduler, _fused_pndm_step),
             (UniPCMultistepScheduler, _fused_unipc_step), (LCMScheduler, _fused_lcm_step),
             (DDPMScheduler, _fused_ddpm_step)]

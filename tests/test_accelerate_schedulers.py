@@ -1,4 +1,4 @@
-"""accelerate's fused scheduler steps: diffusers' DDIM, Euler, Heun, DPM-Solver++, PNDM, UniPC, LCM and DDPM schedulers,
+"""accelerate's fused scheduler steps: diffusers' DDIM, Euler, Heun, LMS, DPM-Solver++, PNDM, UniPC, LCM and DDPM schedulers,
 patched, against the same schedulers unpatched, step by step and through whole pipelines; which schedulers are left alone, and why."""
 import itertools
 
@@ -8,7 +8,7 @@ import torch
 
 import _tiny_diffusers
 import diffusers
-from conftest import ON_GPU
+from conftest import NEEDS_SCIPY, ON_GPU
 import diffusion_fast
 from _scheduler_parity import SHAPE, _diffusers_unipc_is_finite, _loop, _loop_by_2x_rule
 from diffusion_fast import diffusers_schedulers, ops
@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:Deprec
 OP = {"DDIMScheduler": "ddim_step", "EulerDiscreteScheduler": "euler_step", "DDPMScheduler": "ddpm_step",
       "EulerAncestralDiscreteScheduler": "euler_ancestral_step", "DPMSolverMultistepScheduler": "linear_step",
       "PNDMScheduler": "linear_step", "UniPCMultistepScheduler": "linear_step", "LCMScheduler": "linear_step",
-      "HeunDiscreteScheduler": "linear_step"}
+      "HeunDiscreteScheduler": "linear_step", "LMSDiscreteScheduler": "linear_step"}
 SDXL_EULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
                   steps_offset=1)  # the scheduler config SDXL checkpoints ship
 
@@ -190,12 +190,13 @@ def test_dpm_solver_step_diffusers_computes_with_infinities_is_its_own():
     ("DDIMScheduler", {}),
     ("LCMScheduler", {}),
     ("HeunDiscreteScheduler", SDXL_EULER),
+    pytest.param("LMSDiscreteScheduler", SDXL_EULER, marks=NEEDS_SCIPY),
 ])
 def test_fused_step_in_half_precision(name, cfg):
     # fp16 model outputs and samples, as in an fp16 pipeline: output dtypes as diffusers' (Euler's x0 stays fp32).
     # DDPM and DDIM compute in fp32 where diffusers computes in fp16, hence the wider bound there.
     tol = 2e-3 if name.startswith("Euler") else 2e-2
-    noise = None if name == "HeunDiscreteScheduler" else "generator"  # (its step takes no generator)
+    noise = None if name in ("HeunDiscreteScheduler", "LMSDiscreteScheduler") else "generator"  # (steps without)
     assert _loop(_fused(name, **cfg), getattr(diffusers, name)(**cfg), dtype=torch.float16, noise=noise) <= tol
 
 
@@ -257,6 +258,7 @@ def test_euler_steps_keep_diffusers_errors_and_warnings(caplog):
     ("UniPCMultistepScheduler", {}),
     ("LCMScheduler", {}),  # LCM-LoRA's sampler
     ("HeunDiscreteScheduler", {}),  # two model calls a step but the last
+    pytest.param("LMSDiscreteScheduler", {}, marks=NEEDS_SCIPY),
     ("DDPMScheduler", dict(variance_type="fixed_small_log")),
 ])
 def test_pipelines_keep_their_images(monkeypatch, name, cfg):
@@ -293,7 +295,8 @@ def test_sdxl_pipeline_with_its_default_euler_scheduler(monkeypatch):
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
                                   "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
-                                  "LCMScheduler", "HeunDiscreteScheduler", "DDPMScheduler"])
+                                  "LCMScheduler", "HeunDiscreteScheduler",
+                                  pytest.param("LMSDiscreteScheduler", marks=NEEDS_SCIPY), "DDPMScheduler"])
 def test_fused_steps_on_gpu_in_half_precision(monkeypatch, name):
     """The CUDA kernels of the fused steps inside an fp16 pipeline on the GPU, with the UNet graphed: the image stays
     within fp16 noise of the unpatched pipeline's, every step runs our op (a Triton kernel), replays are bit-identical."""
@@ -319,7 +322,8 @@ def test_which_schedulers_are_left_alone_and_why():
     assert "overrides EulerDiscreteScheduler.step" in diffusers_schedulers.fuse_step(OwnStep())
     kdpm2 = diffusers.KDPM2DiscreteScheduler()  # no fused step
     fused = ("DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, "
-             "DPMSolverMultistepScheduler, PNDMScheduler, UniPCMultistepScheduler, LCMScheduler, DDPMScheduler")
+             "LMSDiscreteScheduler, DPMSolverMultistepScheduler, PNDMScheduler, UniPCMultistepScheduler, "
+             "LCMScheduler, DDPMScheduler")
     assert f"KDPM2DiscreteScheduler (fused: {fused})" in diffusers_schedulers.fuse_step(kdpm2)
     assert "step" not in vars(kdpm2)
 

@@ -59,6 +59,7 @@ def test_generate_from_folder_batch(tmp_path, capsys):
     ("unipc", [], "UniPCMultistepScheduler"),
     ("lcm", ["--guidance", "1"], "LCMScheduler"),  # no CFG batch, as LCM-LoRA runs
     ("heun", ["--karras"], "HeunDiscreteScheduler"),  # two UNet calls a step
+    ("lms", ["--karras"], "LMSDiscreteScheduler"),  # "LMS Karras"
 ])
 def test_generate_with_another_scheduler(tmp_path, capsys, choice, options, name):
     rc = main(["generate", "--scheduler", choice, *options, "--steps", "3", "--output", str(tmp_path / "a.png"),
@@ -88,8 +89,8 @@ def test_generate_karras_sets_the_schedulers_field(monkeypatch, tmp_path):
     (["--scheduler", "euler", "--eta", "0.5"],
      "--eta is DDIM's; the scheduler is EulerDiscreteScheduler (--scheduler ddim)"),
     (["--scheduler", "pndm", "--karras"],
-     "--karras is for Euler, Heun, DPM-Solver++ and UniPC; the scheduler is PNDMScheduler (--scheduler euler, heun, "
-     "dpm++-2m, dpm++-2m-sde or unipc)"),
+     "--karras is for Euler, Heun, LMS, DPM-Solver++ and UniPC; the scheduler is PNDMScheduler (--scheduler euler, "
+     "heun, lms, dpm++-2m, dpm++-2m-sde or unipc)"),
 ])
 def test_scheduler_options_refused_before_loading(capsys, argv, message):
     assert main(["generate", *argv]) == 2

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from _fake_graphs import use_fake_graphs
-from conftest import DEVICE, ON_GPU
+from conftest import DEVICE, NEEDS_SCIPY, ON_GPU
 
 import _tiny_diffusers
 import diffusion_fast
@@ -55,6 +55,7 @@ def test_same_image_as_diffusers(pair, backend_name):
     ("UniPCMultistepScheduler", {}, 5),  # corrector and predictor
     ("LCMScheduler", {}, 4),  # LCM-LoRA's: fresh noise at every step but the last
     ("HeunDiscreteScheduler", {}, 3),  # two model calls a step but the last: 5 calls
+    pytest.param("LMSDiscreteScheduler", {}, 5, marks=NEEDS_SCIPY),  # up to 4 earlier derivatives
 ])
 def test_other_schedulers_same_image_as_diffusers(pair, scheduler, cfg, steps):
     # Euler ancestral, DDPM and the SDE DPM-Solver draw noise at every step, from the generator, as diffusers does

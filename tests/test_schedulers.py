@@ -8,6 +8,7 @@ import torch
 import diffusers
 from diffusion_fast import schedulers as S
 from _scheduler_parity import SHAPE, _diffusers_unipc_is_finite, _loop, _loop_by_2x_rule, _run_schedule
+from conftest import NEEDS_SCIPY
 
 # diffusers' Euler calls np.array on a tensor (a numpy 2 DeprecationWarning inside diffusers, not in our code)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -471,12 +472,13 @@ def test_randn_tensor_draws_as_diffusers():
         S.randn_tensor((3, 4), generator=[torch.Generator(), torch.Generator()])
 
 
-NO_GENERATOR = ("PNDMScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler")  # their steps take none
+NO_GENERATOR = ("PNDMScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler")
 
 
 @pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
                                   "EulerAncestralDiscreteScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
-                                  "UniPCMultistepScheduler", "LCMScheduler", "HeunDiscreteScheduler"])
+                                  "UniPCMultistepScheduler", "LCMScheduler", "HeunDiscreteScheduler",
+                                  pytest.param("LMSDiscreteScheduler", marks=NEEDS_SCIPY)])
 def test_add_noise_per_sample_timesteps_and_fp16(name):
     cfg = dict(beta_schedule="scaled_linear")
     ours, theirs = S.SCHEDULERS[name](**cfg), getattr(diffusers, name)(**cfg)
@@ -494,7 +496,8 @@ def test_add_noise_per_sample_timesteps_and_fp16(name):
 
 @pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
                                   "EulerAncestralDiscreteScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
-                                  "UniPCMultistepScheduler", "LCMScheduler", "HeunDiscreteScheduler"])
+                                  "UniPCMultistepScheduler", "LCMScheduler", "HeunDiscreteScheduler",
+                                  "LMSDiscreteScheduler"])
 def test_outputs_fully_written_under_poisoned_allocations(name):
     """torch.empty* return NaN inside the block: an output element the op leaves unwritten would show as NaN."""
     from _numerics import poisoned_allocations
@@ -556,7 +559,8 @@ def _sampling_steps(name, sched, x, mo):
                                                 ("DPMSolverMultistepScheduler", True),
                                                 ("UniPCMultistepScheduler", False),
                                                 ("UniPCMultistepScheduler", True), ("LCMScheduler", False),
-                                                ("LCMScheduler", True), ("HeunDiscreteScheduler", False)])
+                                                ("LCMScheduler", True), ("HeunDiscreteScheduler", False),
+                                                ("LMSDiscreteScheduler", False)])
 def test_step_does_not_read_device_values(name, thresholding):
     """The step must never read a device value on the host (on a GPU, a sync per step). Meta tensors have no values:
     any .item()/bool()/nonzero/.cpu() on them raises, so a loop that completes on meta tensors cannot have synced."""
@@ -576,7 +580,7 @@ def test_step_does_not_read_device_values(name, thresholding):
                                                 ("EulerAncestralDiscreteScheduler", False), ("PNDMScheduler", False),
                                                 ("DPMSolverMultistepScheduler", False),
                                                 ("UniPCMultistepScheduler", False), ("LCMScheduler", False),
-                                                ("HeunDiscreteScheduler", False)])
+                                                ("HeunDiscreteScheduler", False), ("LMSDiscreteScheduler", False)])
 def test_step_does_not_sync_on_cuda(name, thresholding):
     setup = _sampling_setup(name, "cuda", thresholding)
     _sampling_steps(name, *_sampling_setup(name, "cuda", thresholding))  # warm up: kernels compiled

@@ -26,7 +26,7 @@ FIXED_SCHEDULE = dict(interpolation_type="linear", sigma_min=None, sigma_max=Non
                       final_sigmas_type="zero", rescale_betas_zero_snr=False)
 
 
-def _derivative_weights(sigma: float, prediction_type: str):
+def derivative_weights(sigma: float, prediction_type: str):
     """(a, b, dx, dm): x0 = a * sample + b * model_output at sigma (diffusers' Heun: the input is not scaled), and the
     derivative (sample - x0) / sigma = dx * sample + dm * model_output, folded in float64 so that no weight is large:
     for epsilon the derivative is the model output itself. (For "sample", and with clipping, the caller passes
@@ -56,12 +56,12 @@ def heun_update(self, model_output, sample, values):
     if self.config.clip_sample or prediction == "sample":  # x0 first, then the pass on sample - x0
         x0 = model_output
         if prediction != "sample":
-            a, b, *_ = _derivative_weights(at, prediction)
+            a, b, *_ = derivative_weights(at, prediction)
             x0 = a * sample.float() + b * model_output.float()
         if self.config.clip_sample:
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         model_output, prediction = (sample - x0).to(dtype), "sample"
-    a, b, dx, dm = _derivative_weights(at, prediction)
+    a, b, dx, dm = derivative_weights(at, prediction)
     if first:  # Euler: prev = x + d * dt
         dt = sigma_next - sigma
         prev, x0 = ops.linear_step(model_output, sample, None, cx=a, cm=b, p0=0.0, px=1 + dt * dx, pm=dt * dm)
@@ -115,14 +115,9 @@ class HeunDiscreteScheduler(EulerDiscreteScheduler):
         self._reset_state()
 
     def step(self, model_output, timestep, sample, return_dict=True):
-        # (not Euler's _next_index: diffusers' Heun takes integer timesteps too)
         if self.num_inference_steps is None:
             raise ValueError("HeunDiscreteScheduler.step: call set_timesteps first")
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        if self._step_index + 1 >= len(self._sigma_values):
-            raise ValueError(f"step called {self._step_index + 1} times for a schedule of "
-                             f"{len(self._sigma_values) - 1} calls ({self.num_inference_steps} steps)")
+        self._call_index(timestep)  # (not Euler's _next_index: diffusers' Heun takes integer timesteps too)
         prev, x0 = heun_update(self, model_output, sample, self._sigma_values)
         self._step_index += 1
         return SchedulerOutput(prev, x0) if return_dict else (prev, x0)
