@@ -119,12 +119,14 @@ def test_euler_step(benchmark, impl):
 
 
 # (scheduler, variant, config fields): PNDM as SD1.5 ships it; DPM-Solver++ as "2M" and as "3M SDE" (a third-order
-# step whose two earlier x0s and noise are combined before the fused pass)
+# step whose two earlier x0s and noise are combined before the fused pass); Heun's two calls of one step; LMS of
+# order 4 (three earlier derivatives combined before the fused pass; diffusers integrates four weights with scipy)
 SCHEDULER_STEPS = [("EulerDiscreteScheduler", "", {}), ("EulerAncestralDiscreteScheduler", "", {}),
                    ("DPMSolverMultistepScheduler", "", {}),
                    ("DPMSolverMultistepScheduler", " 3M SDE", {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}),
                    ("PNDMScheduler", "", {"skip_prk_steps": True}), ("UniPCMultistepScheduler", "", {}),
-                   ("DDPMScheduler", "", {})]
+                   ("DDPMScheduler", "", {}), ("LCMScheduler", "", {}), ("HeunDiscreteScheduler", " (two calls)", {}),
+                   ("LMSDiscreteScheduler", "", {})]
 
 
 @pytest.mark.parametrize("scheduler, variant, extra", SCHEDULER_STEPS,
@@ -132,7 +134,7 @@ SCHEDULER_STEPS = [("EulerDiscreteScheduler", "", {}), ("EulerAncestralDiscreteS
 @pytest.mark.parametrize("impl", ["accelerate fused", "diffusers"])
 def test_diffusers_scheduler_step(benchmark, scheduler, variant, extra, impl):
     """One step of a diffusers scheduler at 2x4x128x128 fp32 (SDXL's scheduler config, step 10 of 50): its own step
-    vs the fused step accelerate patches in. Euler ancestral, DDPM and the SDE DPM-Solver draw their noise from a
+    vs the fused step accelerate patches in. Euler ancestral, DDPM, LCM and the SDE DPM-Solver draw their noise from a
     generator in both (part of the step)."""
     diffusers = pytest.importorskip("diffusers")
     from diffusion_fast.diffusers_schedulers import fuse_step
@@ -165,6 +167,23 @@ def test_diffusers_scheduler_step(benchmark, scheduler, variant, extra, impl):
         def step():
             sched.model_outputs, sched.lower_order_nums = [sample.clone() for _ in range(order)], order
             sched.last_sample, sched.this_order, sched._step_index = sample.clone(), order, 10
+            return sched.step(model_output, t, sample).prev_sample
+    elif scheduler == "LCMScheduler":  # not the last step: the next timestep's noise drawn and added
+
+        def step():
+            sched._step_index = 10
+            return sched.step(model_output, t, sample, generator=gen).prev_sample
+    elif scheduler == "HeunDiscreteScheduler":  # one whole step: the Euler call, then the correction
+
+        def step():
+            sched.dt, sched._step_index = None, 20
+            sched.step(model_output, sched.timesteps[20], sample)
+            return sched.step(model_output, sched.timesteps[21], sample).prev_sample
+    elif scheduler == "LMSDiscreteScheduler":  # order 4: three earlier derivatives at hand
+        sched.is_scale_input_called = True
+
+        def step():
+            sched.derivatives, sched._step_index = [sample.clone() for _ in range(3)], 10
             return sched.step(model_output, t, sample).prev_sample
     elif scheduler == "PNDMScheduler":  # PLMS with three earlier outputs: the four-term combination
         sched.ets, sched.counter = [sample.clone() for _ in range(3)], 5

@@ -31,6 +31,7 @@ _ORIGINAL = "_diffusion_fast_original_step"
 _SIGMAS = "_diffusion_fast_sigmas"
 _CHECKED = "_diffusion_fast_checked_config"
 _LCM_TABLES = "_diffusion_fast_lcm_tables"
+_LMS_WEIGHTS = "_diffusion_fast_lms_weights"
 
 
 def _original(self, *args, **kwargs):
@@ -153,7 +154,11 @@ def _fused_lms_step(self, model_output, timestep, sample, order=4, return_dict=T
     values, _ = _sigma_tables(self, torch.device("cpu"))  # the sigmas as floats, made once per schedule
     if self.step_index >= len(values) - 1:
         return _original(self, model_output, timestep, sample, order, return_dict)
-    prev, x0 = lms.lms_update(self, model_output, sample, values, order)
+    cached = getattr(self, _LMS_WEIGHTS, None)
+    if cached is None or cached[0] is not values:  # a new schedule (the sigma tables were made again)
+        cached = (values, {})
+        setattr(self, _LMS_WEIGHTS, cached)
+    prev, x0 = lms.lms_update(self, model_output, sample, values, order, cached[1])
     self._step_index += 1
     return LMSDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
 
@@ -385,6 +390,6 @@ def unfuse_step(scheduler):
     """Undo ``fuse_step``."""
     del scheduler.step  # the instance attribute shadowed the class method
     delattr(scheduler, _ORIGINAL)
-    for cache in (_SIGMAS, _CHECKED, _LCM_TABLES):
+    for cache in (_SIGMAS, _CHECKED, _LCM_TABLES, _LMS_WEIGHTS):
         if hasattr(scheduler, cache):
             delattr(scheduler, cache)

@@ -120,6 +120,14 @@ def test_fused_lms_step_matches_diffusers(monkeypatch, cfg):
     assert torch.isfinite(x).all()
 
 
+def test_lms_weights_are_made_again_for_a_new_schedule():
+    # both keep each step's integrated weights for the schedule: a new schedule (or order) must not reuse them
+    ours, fused, theirs = S.LMSDiscreteScheduler(), _fused(), diffusers.LMSDiscreteScheduler()
+    for steps, order in ((6, 4), (6, 2), (4, 4), (9, 3)):
+        assert _loop(ours, theirs, steps=steps, noise=None, order=order) <= 1
+        assert _loop(fused, theirs, steps=steps, noise=None, order=order) <= 1
+
+
 def test_fused_lms_leaves_what_it_does_not_mirror_to_diffusers(caplog):
     ours, theirs = _fused(), diffusers.LMSDiscreteScheduler()
     x = torch.randn(SHAPE)
