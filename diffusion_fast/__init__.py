@@ -18,6 +18,8 @@ _load_cpp_ops()  # registers torch.ops.diffusion_fast.* (prebuilt, else JIT-buil
 
 _LAZY = {
     "StableDiffusionPipeline": ("pipeline", "StableDiffusionPipeline"),
+    "StableDiffusionXLPipeline": ("pipeline_xl", "StableDiffusionXLPipeline"),
+    "load_pipeline": ("pipeline_xl", "load_pipeline"),
     "accelerate": ("diffusers_patch", "accelerate"),
     "restore": ("diffusers_patch", "restore"),
     "models": ("models", None),

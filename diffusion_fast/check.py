@@ -98,10 +98,11 @@ def _check_pipeline(args, device, dtype):
     which separates a replay problem from a kernel problem.
     """
     from .pipeline import StableDiffusionPipeline
+    from .pipeline_xl import load_pipeline
 
     def load(dt):
         if args.model:
-            return StableDiffusionPipeline.from_pretrained(args.model, dtype=dt, device=device)
+            return load_pipeline(args.model, dtype=dt, device=device)  # SD 1.x/2.x or SDXL, by the folder
         return StableDiffusionPipeline.from_tiny("sd1", seed=args.seed, dtype=dt, device=device)
 
     def run(pipe, name):
@@ -117,11 +118,11 @@ def _check_pipeline(args, device, dtype):
         from .pipeline import postprocess
 
         with backend(name), torch.no_grad():
-            image = pipe.vae.decode(latents.to(pipe.dtype) / pipe.vae.config.scaling_factor)
+            image = pipe._decode(latents.to(pipe.dtype))  # (SDXL's: an fp16 VAE with force_upcast decodes in fp32)
         return postprocess(image, "np")
 
     gen = torch.Generator("cpu").manual_seed(args.seed + 1)
-    probe = None  # the same UNet inputs for every run: (latents, timestep, text embeddings)
+    probe = None  # the same UNet inputs for every run: (latents, timestep, text embeddings[, SDXL's pooled, time ids])
 
     def first_noise_pred(pipe, name):
         nonlocal probe
@@ -130,9 +131,14 @@ def _check_pipeline(args, device, dtype):
             probe = (torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen),
                      torch.tensor(pipe.scheduler.config.num_train_timesteps - 1),
                      torch.randn(2, 77, cfg.cross_attention_dim, generator=gen))
+            if hasattr(pipe, "text_encoder_2"):  # SDXL: the pooled projection and the six size ids
+                size = float(cfg.sample_size * pipe.vae_scale_factor)
+                probe += (torch.randn(2, pipe.text_encoder_2.config.projection_dim, generator=gen),
+                          torch.tensor([[size, size, 0.0, 0.0, size, size]] * 2))
         with backend(name), torch.no_grad():
-            x, t, emb = (v.to(device=device, dtype=pipe.dtype if v.is_floating_point() else v.dtype) for v in probe)
-            return pipe.unet(x, t, emb).float().cpu()
+            x, t, emb, *cond = (v.to(device=device, dtype=pipe.dtype if v.is_floating_point() else v.dtype)
+                                for v in probe)
+            return pipe._unet_call(x, t, emb, *cond).float().cpu()
 
     pipe = load(dtype)
     fast_latents, fast, fast_eps = run(pipe, "fast")
@@ -147,7 +153,8 @@ def _check_pipeline(args, device, dtype):
               "vae_psnr_db": psnr(decode(pipe, ref_latents, "fast"), ref_decoded)}
     diff = max_abs_err(torch.from_numpy(fast), torch.from_numpy(ref))
     quality = psnr(fast, ref)
-    row = {"check": f"pipeline ({args.steps} DDIM steps, {str(dtype).replace('torch.', '')})",
+    sampler = type(pipe.scheduler).__name__.replace("Scheduler", "").replace("Discrete", "").replace("Multistep", "")
+    row = {"check": f"pipeline ({args.steps} {sampler} steps, {str(dtype).replace('torch.', '')})",
            "max_abs_err": diff, "psnr_db": quality, "stages": stages}
     if dtype == torch.float32:
         row.update(passed=diff <= PIPELINE_FP32_MAX_ABS, rule=f"max abs <= {PIPELINE_FP32_MAX_ABS:g}")

@@ -147,6 +147,7 @@ def generate(args) -> int:
     from . import backend
     from .numerics import max_abs_err, psnr
     from .pipeline import StableDiffusionPipeline
+    from .pipeline_xl import load_pipeline
     from .schedulers import SCHEDULERS
 
     if args.scheduler != "model":  # known before loading anything
@@ -157,7 +158,7 @@ def generate(args) -> int:
     steps = args.steps or (50 if args.model else 20)
     t0 = time.perf_counter()
     if args.model:
-        pipe = StableDiffusionPipeline.from_pretrained(args.model, dtype=dtype, device=device)
+        pipe = load_pipeline(args.model, dtype=dtype, device=device)  # SD 1.x/2.x or SDXL, by the folder
     else:
         pipe = StableDiffusionPipeline.from_tiny("sd1", seed=args.seed, dtype=dtype, device=device)
     name, fields = SCHEDULER_CHOICES.get(args.scheduler, (type(pipe.scheduler).__name__, {}))

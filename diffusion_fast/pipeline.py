@@ -68,11 +68,17 @@ class StableDiffusionPipeline:
         self._layout = torch.contiguous_format  # the models' current memory format
         self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler = (
             unet, vae, text_encoder, tokenizer, scheduler)
-        for name, model, field in (("unet", unet, "cross_attention_dim"),
-                                   ("text_encoder", text_encoder, "hidden_size")):
-            if not hasattr(getattr(model, "config", None), field):
-                raise TypeError(f"{name} must be a model with config.{field} (a UNet2DConditionModel / a transformers "
-                                f"CLIPTextModel), got {type(model).__name__}")
+        self._check_components()
+        self.cuda_graph = cuda_graph
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self._progress = {}
+        self._graphs = self._graphed_for = None  # {"step": ..., "unet": ...} GraphedCallables, and their components
+
+    def _check_components(self):
+        """The UNet must be conditioned on what this pipeline gives it: one CLIP text encoder's hidden states."""
+        unet, text_encoder = self.unet, self.text_encoder
+        _check_config("unet", unet, "cross_attention_dim", "a UNet2DConditionModel")
+        _check_config("text_encoder", text_encoder, "hidden_size", "a transformers CLIPTextModel")
         width, cross = text_encoder.config.hidden_size, unet.config.cross_attention_dim
         per_block = cross if isinstance(cross, (list, tuple)) else [cross]
         if any(c != width for c in per_block) or unet.config.addition_embed_type is not None:
@@ -80,11 +86,7 @@ class StableDiffusionPipeline:
                      if unet.config.addition_embed_type is not None else "")
             raise ValueError(f"unet (cross_attention_dim={cross}{extra}) does not fit text_encoder (hidden_size="
                              f"{width}): this pipeline conditions the UNet on one CLIP text encoder's hidden states "
-                             "and nothing else (SD 1.x/2.x)")
-        self.cuda_graph = cuda_graph
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self._progress = {}
-        self._graphs = self._graphed_for = None  # {"step": ..., "unet": ...} GraphedCallables, and their components
+                             "and nothing else (SD 1.x/2.x; for SDXL, diffusion_fast.StableDiffusionXLPipeline)")
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -107,9 +109,8 @@ class StableDiffusionPipeline:
             raise FileNotFoundError(f"{folder!r} lacks the pipeline components {missing}")
         if "text_encoder_2" in components:
             raise ValueError(f"{folder!r} is a {components.get('_class_name', 'pipeline')} folder with two text "
-                             "encoders (SDXL): diffusion_fast's own pipeline runs SD 1.x/2.x checkpoints (one CLIP "
-                             "text encoder). For SDXL, load it with diffusers' StableDiffusionXLPipeline and call "
-                             "diffusion_fast.accelerate(pipe)")
+                             "encoders (SDXL): load it with diffusion_fast.StableDiffusionXLPipeline (this class runs "
+                             "SD 1.x/2.x checkpoints, one CLIP text encoder)")
         dtype = _resolve_dtype(dtype)
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=dtype, device=device, variant=variant)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=dtype, device=device, variant=variant)
@@ -229,10 +230,11 @@ class StableDiffusionPipeline:
         return shape
 
     # ---- the denoising step, eager or graphed -------------------------------------------------------------------
-    def _denoise_step(self, latents, t, embeds, guidance_scale, do_cfg, eta, generator, unet=None):
+    def _denoise_step(self, latents, t, embeds, cond, guidance_scale, do_cfg, eta, generator, unet=None):
+        """``cond``: the UNet's added conditioning tensors (SDXL's pooled text embeds and time ids), or ()."""
         model_input = torch.cat([latents, latents]) if do_cfg else latents
         model_input = self.scheduler.scale_model_input(model_input, t)
-        noise_pred = (self.unet if unet is None else unet)(model_input, t, embeds)
+        noise_pred = (self._unet_call if unet is None else unet)(model_input, t, embeds, *cond)
         if do_cfg and isinstance(self.scheduler, DDIMScheduler):
             uncond, text = noise_pred.chunk(2)
             return self.scheduler.step_cfg(uncond, text, guidance_scale, t, latents, eta=eta, generator=generator).prev_sample
@@ -245,17 +247,22 @@ class StableDiffusionPipeline:
             kwargs = {"generator": generator} if _takes(self.scheduler.step, "generator") else {}
         return self.scheduler.step(noise_pred, t, latents, **kwargs).prev_sample
 
-    def _graph_step(self, latents, t, embeds, guidance_scale, do_cfg, num_inference_steps):
+    def _graph_step(self, latents, t, embeds, guidance_scale, do_cfg, num_inference_steps, *cond):
         """The step as captured in a CUDA graph: deterministic (eta = 0), no generator, no host state.
 
         ``num_inference_steps`` is unused here but part of the graph's key: the step bakes ``N // n`` into the
-        captured kernels, so a different step count needs its own graph.
+        captured kernels, so a different step count needs its own graph. ``cond`` (SDXL's added conditioning) are
+        graph inputs like the others.
         """
-        return self._denoise_step(latents, t, embeds, guidance_scale, do_cfg, 0.0, None)
+        return self._denoise_step(latents, t, embeds, cond, guidance_scale, do_cfg, 0.0, None)
 
-    def _unet_call(self, model_input, t, embeds):
-        """The UNet call as graphed when the step itself cannot be (see ``_graph_mode``)."""
-        return self.unet(model_input, t, embeds)
+    def _unet_call(self, model_input, t, embeds, *cond):
+        """The UNet call (graphed when the step itself cannot be, see ``_graph_mode``); ``cond``: SDXL's pooled
+        text embeds and time ids."""
+        if not cond:
+            return self.unet(model_input, t, embeds)
+        text_embeds, time_ids = cond
+        return self.unet(model_input, t, embeds, {"text_embeds": text_embeds, "time_ids": time_ids})
 
     def _apply_layout(self, device):
         """Put the UNet's and VAE's weights in the memory format ``channels_last`` asks for on ``device`` (once)."""
@@ -304,8 +311,14 @@ class StableDiffusionPipeline:
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)
         embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
-        embeds = embeds.to(self.dtype)
+        return self._sample(shape, embeds.to(self.dtype), (), num_inference_steps, guidance_scale, do_cfg, eta,
+                            generator, latents, output_type)
 
+    def _sample(self, shape, embeds, cond, num_inference_steps, guidance_scale, do_cfg, eta, generator, latents,
+                output_type):
+        """The denoising loop and the decode, from the text conditioning (``embeds``, and ``cond``: the UNet's added
+        conditioning tensors, or ())."""
+        device = self.device
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         if latents is None:
@@ -322,9 +335,9 @@ class StableDiffusionPipeline:
         start = time.perf_counter()
         for t in tqdm(timesteps, **{"desc": "denoising", **self._progress}):
             if graphed:  # replays write a static buffer, which the next replay copies in as its input
-                latents = graphs["step"](latents, t, embeds, float(guidance_scale), do_cfg, num_inference_steps)
+                latents = graphs["step"](latents, t, embeds, float(guidance_scale), do_cfg, num_inference_steps, *cond)
             else:
-                latents = self._denoise_step(latents, t, embeds, guidance_scale, do_cfg, eta, generator,
+                latents = self._denoise_step(latents, t, embeds, cond, guidance_scale, do_cfg, eta, generator,
                                              graphs["unet"] if mode == "unet" else None)  # hands out copies
         latents = latents.clone() if graphed else latents
         if device.type == "cuda":
@@ -332,8 +345,15 @@ class StableDiffusionPipeline:
         seconds = time.perf_counter() - start
         if output_type == "latent":
             return StableDiffusionPipelineOutput(images=latents, seconds=seconds)
-        image = self.vae.decode(latents / self.vae.config.scaling_factor)
-        return StableDiffusionPipelineOutput(images=postprocess(image, output_type), seconds=seconds)
+        return StableDiffusionPipelineOutput(images=postprocess(self._decode(latents), output_type), seconds=seconds)
+
+    def _decode(self, latents):
+        return self.vae.decode(latents / self.vae.config.scaling_factor)
+
+
+def _check_config(name, model, field, what):
+    if not hasattr(getattr(model, "config", None), field):
+        raise TypeError(f"{name} must be a model with config.{field} ({what}), got {type(model).__name__}")
 
 
 def _takes(method, name) -> bool:

@@ -1,0 +1,236 @@
+"""Our Stable Diffusion XL pipeline: two CLIP text encoders, the pooled-text and size conditioning, the same loop.
+
+Same seed and weights give the same image as diffusers' StableDiffusionXLPipeline (without its invisible watermark,
+which diffusers applies only when the ``invisible-watermark`` package is installed):
+
+- each prompt goes through both text encoders (``prompt_2`` through the second, defaulting to ``prompt``); their
+  penultimate hidden states are concatenated, and the second encoder's projected output is the pooled embedding;
+- with no negative prompt and ``force_zeros_for_empty_prompt`` (the folder's setting, SDXL's default) the
+  negative embeddings are zeros, as in diffusers;
+- the UNet's added conditioning is the pooled embedding and the six "time ids" (original size, crop corner,
+  target size), built and batched exactly as diffusers builds them;
+- an fp16 VAE with ``force_upcast`` (SDXL's VAE overflows in fp16) decodes in fp32, and ``latents_mean`` /
+  ``latents_std`` are applied where the VAE config has them.
+
+The denoising loop is ``StableDiffusionPipeline``'s: fused scheduler steps, device-side tables, and on CUDA the
+whole step (or the UNet call) replayed from a CUDA graph, the added conditioning among the graph's inputs.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .models import AutoencoderKL, UNet2DConditionModel
+from .pipeline import StableDiffusionPipeline, _check_config, _resolve_dtype
+from .schedulers import load_scheduler
+
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+def _size_pair(name, value):
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+        raise ValueError(f"{name} must be a (height, width) pair of non-negative ints, got {value!r}")
+    return tuple(value)
+
+
+class StableDiffusionXLPipeline(StableDiffusionPipeline):
+    def __init__(self, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler, *,
+                 force_zeros_for_empty_prompt=True, cuda_graph="auto", channels_last="auto"):
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
+        super().__init__(unet, vae, text_encoder, tokenizer, scheduler, cuda_graph=cuda_graph,
+                         channels_last=channels_last)
+
+    def _check_components(self):
+        """The UNet must take both encoders' hidden states and SDXL's added conditioning of the second's pooled
+        projection and six time ids (diffusers checks the last at the first call; here the pipeline is refused)."""
+        unet, te, te2 = self.unet, self.text_encoder, self.text_encoder_2
+        _check_config("unet", unet, "cross_attention_dim", "a UNet2DConditionModel")
+        _check_config("text_encoder", te, "hidden_size", "a transformers CLIPTextModel")
+        _check_config("text_encoder_2", te2, "projection_dim", "a transformers CLIPTextModelWithProjection")
+        c = unet.config
+        width = te.config.hidden_size + te2.config.hidden_size
+        per_block = c.cross_attention_dim if isinstance(c.cross_attention_dim, (list, tuple)) else [c.cross_attention_dim]
+        if any(w != width for w in per_block):
+            raise ValueError(f"unet (cross_attention_dim={c.cross_attention_dim}) does not fit the two text encoders "
+                             f"(hidden sizes {te.config.hidden_size} + {te2.config.hidden_size} = {width})")
+        if c.addition_embed_type != "text_time":
+            raise ValueError(f"unet has addition_embed_type={c.addition_embed_type!r}: an SDXL UNet takes the pooled "
+                             "text embedding and time ids ('text_time')")
+        passed = 6 * c.addition_time_embed_dim + te2.config.projection_dim
+        if passed != c.projection_class_embeddings_input_dim:
+            raise ValueError(f"unet expects an added embedding of {c.projection_class_embeddings_input_dim} values "
+                             f"(projection_class_embeddings_input_dim), but six time ids of {c.addition_time_embed_dim} "
+                             f"and text_encoder_2's projection_dim {te2.config.projection_dim} make {passed}")
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype=None, device=None, *, variant=None, cuda_graph="auto",
+                        channels_last="auto"):
+        """Load a diffusers SDXL folder: model_index.json, unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/,
+        tokenizer_2/, scheduler/."""
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        folder = os.fspath(folder)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"model folder {folder!r} does not exist")
+        index = os.path.join(folder, "model_index.json")
+        if not os.path.isfile(index):
+            raise FileNotFoundError(f"{folder!r} is not a diffusers pipeline folder: no model_index.json")
+        with open(index) as f:
+            components = json.load(f)
+        missing = [c for c in COMPONENTS if not isinstance(components.get(c), list) or components[c][0] is None
+                   or not os.path.isdir(os.path.join(folder, c))]
+        if missing:
+            raise FileNotFoundError(f"{folder!r} lacks the SDXL pipeline components {missing} (a refiner, which has "
+                                    "no first text encoder, is not supported)")
+        dtype = _resolve_dtype(dtype)
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=dtype, device=device, variant=variant)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=dtype, device=device, variant=variant)
+        encoders = []
+        for name, model_cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+            encoder = model_cls.from_pretrained(os.path.join(folder, name))
+            encoders.append(encoder.to(device=device, dtype=dtype or encoder.dtype).eval())
+        tokenizers = [CLIPTokenizer.from_pretrained(os.path.join(folder, name)) for name in ("tokenizer", "tokenizer_2")]
+        scheduler = load_scheduler(os.path.join(folder, "scheduler"))
+        return cls(unet, vae, encoders[0], encoders[1], tokenizers[0], tokenizers[1], scheduler,
+                   force_zeros_for_empty_prompt=components.get("force_zeros_for_empty_prompt", True),
+                   cuda_graph=cuda_graph, channels_last=channels_last)
+
+    def to(self, device=None, dtype=None):
+        self.text_encoder_2.to(device=device, dtype=_resolve_dtype(dtype))
+        return super().to(device, dtype)
+
+    # ---- text conditioning ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode_both(self, texts, texts_2, device, max_length=None):
+        """(both encoders' penultimate hidden states, concatenated; the second encoder's pooled projection)."""
+        hidden, pooled = [], None
+        for batch, tokenizer, encoder in ((texts, self.tokenizer, self.text_encoder),
+                                          (texts_2, self.tokenizer_2, self.text_encoder_2)):
+            ids = tokenizer(batch, padding="max_length", max_length=max_length or tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids
+            out = encoder(ids.to(device), output_hidden_states=True)
+            if pooled is None and out[0].ndim == 2:  # diffusers' rule: the first 2-d output (the projection)
+                pooled = out[0]
+            hidden.append(out.hidden_states[-2])
+        return torch.cat(hidden, dim=-1), pooled
+
+    def encode_prompt(self, prompt, prompt_2, device, num_images_per_prompt, do_cfg, negative_prompt=None,
+                      negative_prompt_2=None, prompt_embeds=None, negative_prompt_embeds=None,
+                      pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None):
+        """(prompt_embeds, negative_prompt_embeds, pooled, negative pooled) as diffusers computes them, repeated
+        per image; the negative ones None without guidance."""
+        if prompt_embeds is None:
+            prompt_embeds, pooled_prompt_embeds = self._encode_both(prompt, prompt_2 or prompt, device)
+        batch = prompt_embeds.shape[0]
+        dtype = self.text_encoder_2.dtype
+        if do_cfg and negative_prompt_embeds is None:
+            if negative_prompt is None and self.force_zeros_for_empty_prompt:
+                negative_prompt_embeds = torch.zeros_like(prompt_embeds)
+                negative_pooled_prompt_embeds = torch.zeros_like(pooled_prompt_embeds)
+            else:
+                negative = negative_prompt or ""
+                negative_2 = negative_prompt_2 or negative
+                negative, negative_2 = ([n] * batch if isinstance(n, str) else list(n) for n in (negative, negative_2))
+                negative_prompt_embeds, negative_pooled_prompt_embeds = self._encode_both(
+                    negative, negative_2, device, max_length=prompt_embeds.shape[1])
+        def per_image(t):
+            return t.to(dtype=dtype, device=device).repeat_interleave(num_images_per_prompt, dim=0)
+
+        if not do_cfg:
+            return per_image(prompt_embeds), None, per_image(pooled_prompt_embeds), None
+        return tuple(per_image(t) for t in (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+                                            negative_pooled_prompt_embeds))
+
+    def _time_ids(self, original_size, crops_coords_top_left, target_size, dtype):
+        """SDXL's size conditioning, one row: original size, crop corner, target size."""
+        return torch.tensor([list(original_size + crops_coords_top_left + target_size)], dtype=dtype)
+
+    def _check_xl_inputs(self, prompt, prompt_2, negative_prompt, negative_prompt_2, prompt_embeds,
+                         negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds):
+        for name, value, other in (("prompt_2", prompt_2, prompt), ("negative_prompt_2", negative_prompt_2,
+                                                                    negative_prompt)):
+            if value is None:
+                continue
+            if not isinstance(value, (str, list, tuple)) or (not isinstance(value, str) and not all(
+                    isinstance(v, str) for v in value)):
+                raise TypeError(f"{name} must be a str or a list of str, got {type(value).__name__}")
+            if not isinstance(value, str) and other is not None and not isinstance(other, str) and len(value) != len(other):
+                raise ValueError(f"{name} has {len(value)} entries but {name[:-2]} has {len(other)}")
+        if prompt_embeds is not None and pooled_prompt_embeds is None:
+            raise ValueError("prompt_embeds needs pooled_prompt_embeds too (the second text encoder's projection)")
+        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+            raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds too")
+        if prompt_2 is not None and prompt_embeds is not None:
+            raise ValueError("prompt_2 and prompt_embeds: give one, not both")
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, prompt_2=None, negative_prompt=None, negative_prompt_2=None,
+                 num_inference_steps=50, guidance_scale=5.0, eta=0.0, generator=None, height=None, width=None,
+                 num_images_per_prompt=1, prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
+                 negative_pooled_prompt_embeds=None, latents=None, output_type="pil", original_size=None,
+                 crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
+                 negative_crops_coords_top_left=(0, 0), negative_target_size=None):
+        height = height if height is not None else self.unet.config.sample_size * self.vae_scale_factor
+        width = width if width is not None else self.unet.config.sample_size * self.vae_scale_factor
+        shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+                                   num_images_per_prompt, prompt_embeds, negative_prompt_embeds, latents, output_type)
+        self._check_xl_inputs(prompt, prompt_2, negative_prompt, negative_prompt_2, prompt_embeds,
+                              negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
+        sizes = {name: _size_pair(name, value) for name, value in (
+            ("original_size", original_size or (height, width)), ("crops_coords_top_left", crops_coords_top_left),
+            ("target_size", target_size or (height, width)),
+            ("negative_crops_coords_top_left", negative_crops_coords_top_left))}
+        prompt, prompt_2 = ([p] if isinstance(p, str) else p for p in (prompt, prompt_2))
+        device = self.device
+        do_cfg = guidance_scale > 1.0
+        embeds, negative, pooled, negative_pooled = self.encode_prompt(
+            prompt, prompt_2, device, num_images_per_prompt, do_cfg, negative_prompt, negative_prompt_2,
+            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
+        time_ids = self._time_ids(sizes["original_size"], sizes["crops_coords_top_left"], sizes["target_size"],
+                                  embeds.dtype)
+        negative_time_ids = time_ids
+        if negative_original_size is not None and negative_target_size is not None:
+            negative_time_ids = self._time_ids(_size_pair("negative_original_size", negative_original_size),
+                                               sizes["negative_crops_coords_top_left"],
+                                               _size_pair("negative_target_size", negative_target_size), embeds.dtype)
+        if do_cfg:
+            embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
+            time_ids = torch.cat([negative_time_ids, time_ids])
+        time_ids = time_ids.to(device).repeat(shape[0], 1)  # as diffusers: the (negative, positive) pair, repeated
+        return self._sample(shape, embeds.to(self.dtype), (pooled.to(device), time_ids), num_inference_steps,
+                            guidance_scale, do_cfg, eta, generator, latents, output_type)
+
+    def _decode(self, latents):
+        """diffusers' SDXL decode: an fp16 VAE with force_upcast decodes in fp32 (and goes back to fp16);
+        latents_mean / latents_std where the VAE config has them."""
+        vae, c = self.vae, self.vae.config
+        upcast = vae.dtype == torch.float16 and c.force_upcast
+        if upcast:
+            vae.to(dtype=torch.float32)
+            latents = latents.float()
+        if c.latents_mean is not None and c.latents_std is not None:
+            mean = torch.tensor(c.latents_mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(c.latents_std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / c.scaling_factor + mean
+        else:
+            latents = latents / c.scaling_factor
+        try:
+            return vae.decode(latents)
+        finally:
+            if upcast:
+                vae.to(dtype=torch.float16)
+
+
+def load_pipeline(folder, **kwargs):
+    """Our pipeline for a diffusers folder, by what it holds: ``StableDiffusionXLPipeline`` for an SDXL folder (two
+    text encoders), else ``StableDiffusionPipeline``; ``kwargs`` go to its ``from_pretrained``."""
+    index = os.path.join(os.fspath(folder), "model_index.json")
+    sdxl = False
+    if os.path.isfile(index):  # (a missing one is from_pretrained's error to report)
+        with open(index) as f:
+            sdxl = "text_encoder_2" in json.load(f)
+    return (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).from_pretrained(folder, **kwargs)

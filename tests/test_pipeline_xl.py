@@ -1,0 +1,242 @@
+"""Our StableDiffusionXLPipeline against diffusers' on a tiny SDXL-shaped model written by save_pretrained.
+
+Stated tolerance: fp32 images within 1e-3 max abs pixel difference (pixels in [0, 1]) of diffusers' for the same seed
+and weights, on both the fast and the reference path (as for SD 1.x/2.x).
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+from _fake_graphs import use_fake_graphs
+from conftest import DEVICE, ON_GPU
+
+import _tiny_diffusers
+import diffusion_fast
+from diffusion_fast import StableDiffusionXLPipeline
+from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
+
+# diffusers' Euler and DPM-Solver call np.array on a tensor (a numpy 2 DeprecationWarning inside diffusers)
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    _tiny_diffusers.sdxl_pipeline(seed=1).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pair(folder):
+    """(diffusers' StableDiffusionXLPipeline, ours) on the same saved weights."""
+    from diffusers import StableDiffusionXLPipeline as Theirs
+
+    theirs = Theirs.from_pretrained(folder)
+    theirs.set_progress_bar_config(disable=True)
+    ours = diffusion_fast.load_pipeline(folder)  # picks the SDXL class by the folder
+    assert type(ours) is StableDiffusionXLPipeline
+    ours.set_progress_bar_config(disable=True)
+    return theirs, ours
+
+
+def _both(pair, backend_name="fast", **kwargs):
+    theirs, ours = pair
+    kwargs = dict(dict(num_inference_steps=3, output_type="np"), **kwargs)
+    a = theirs(generator=torch.Generator().manual_seed(3), **kwargs).images
+    with diffusion_fast.backend(backend_name):
+        b = ours(generator=torch.Generator().manual_seed(3), **kwargs).images
+    assert a.shape == b.shape
+    return np.abs(a - b).max()
+
+
+@pytest.mark.parametrize("backend_name", ["fast", "reference"])
+@pytest.mark.parametrize("kwargs", [
+    dict(prompt="a red cube"),  # no negative prompt: zero negative embeddings (force_zeros_for_empty_prompt)
+    dict(prompt="a red cube", negative_prompt="blurry", negative_prompt_2="dark"),
+    # two prompts, two images each, a second prompt per encoder; a non-square 48x64 image
+    dict(prompt=["a cat", "a dog"], prompt_2=["red", "blue"], num_images_per_prompt=2, height=48, width=64),
+    dict(prompt="a red cube", guidance_scale=1.0),  # no guidance: batch 1 through the UNet
+    # the size conditioning: every time id, and a negative one of its own
+    dict(prompt="a red cube", original_size=(96, 64), crops_coords_top_left=(8, 16), target_size=(40, 24),
+         negative_original_size=(16, 16), negative_target_size=(64, 64), negative_crops_coords_top_left=(4, 0)),
+])
+def test_same_image_as_diffusers(pair, backend_name, kwargs):
+    assert _both(pair, backend_name, **kwargs) <= PIPELINE_FP32_MAX_ABS
+
+
+@pytest.mark.parametrize("scheduler, cfg", [
+    ("EulerDiscreteScheduler", dict(timestep_spacing="leading", steps_offset=1)),  # as SDXL ships it
+    ("EulerAncestralDiscreteScheduler", {}),  # noise every step, from the generator
+    ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True)),
+    ("DDIMScheduler", {}),  # with eta: DDIM's noise
+])
+def test_other_schedulers_same_image_as_diffusers(pair, scheduler, cfg):
+    import diffusers
+
+    theirs, ours = pair
+    saved = theirs.scheduler, ours.scheduler
+    try:
+        theirs.scheduler = getattr(diffusers, scheduler).from_config(saved[0].config, **cfg)
+        ours.scheduler = diffusion_fast.schedulers.load_scheduler(dict(theirs.scheduler.config))
+        extra = {"eta": 0.6} if scheduler == "DDIMScheduler" else {}
+        assert _both(pair, prompt="a red cube", num_inference_steps=4, **extra) <= PIPELINE_FP32_MAX_ABS
+    finally:
+        theirs.scheduler, ours.scheduler = saved
+
+
+def test_negative_prompt_encoded_when_the_folder_does_not_force_zeros(pair, folder, tmp_path):
+    theirs, _ = pair
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["force_zeros_for_empty_prompt"] is True  # what we read from the folder
+    ours = StableDiffusionXLPipeline.from_pretrained(folder)
+    ours.force_zeros_for_empty_prompt = False
+    theirs.register_to_config(force_zeros_for_empty_prompt=False)
+    try:
+        assert _both((theirs, ours), prompt="a red cube") <= PIPELINE_FP32_MAX_ABS  # "" through both encoders
+    finally:
+        theirs.register_to_config(force_zeros_for_empty_prompt=True)
+
+
+def test_prompt_embeds_given(pair):
+    theirs, ours = pair
+    embeds, negative, pooled, negative_pooled = theirs.encode_prompt("a cat", device="cpu", negative_prompt="dog")
+    kwargs = dict(prompt_embeds=embeds, negative_prompt_embeds=negative, pooled_prompt_embeds=pooled,
+                  negative_pooled_prompt_embeds=negative_pooled)
+    assert _both(pair, **kwargs) <= PIPELINE_FP32_MAX_ABS
+    mine = ours.encode_prompt(["a cat"], None, torch.device("cpu"), 1, True, "dog")
+    for a, b in zip(mine, (embeds, negative, pooled, negative_pooled)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_the_step_graph_takes_the_added_conditioning(pair, monkeypatch):
+    """With CUDA graphs (stood in for on the CPU), the pooled embeds and time ids are graph inputs like the text
+    embeddings: a second call with other sizes replays the graph with the new ids, same image as eager."""
+    _, ours = pair
+    call = lambda **kw: ours("a", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                             output_type="latent", **kw).images
+    eager = [call(), call(original_size=(16, 96))]
+    monkeypatch.setattr(ours, "_graph_mode", lambda device, eta: "step")
+    ours._graphs = None
+    step = use_fake_graphs(ours._graphs_for_components()["step"])
+    for expected, kw in zip(eager, ({}, {"original_size": (16, 96)})):
+        torch.testing.assert_close(call(**kw), expected, rtol=0, atol=0)
+    assert step.captures == 1
+    ours._graphs = None
+
+
+def test_fp16_vae_with_force_upcast_decodes_in_fp32_and_stays_fp16(pair):
+    _, ours = pair
+    latents = torch.randn(1, 4, 4, 4)
+    expected = ours.vae.decode(latents / ours.vae.config.scaling_factor)
+    ours.vae.half()
+    try:
+        weights16 = {k: v.clone() for k, v in ours.vae.state_dict().items()}
+        out = ours._decode(latents.half())
+        assert out.dtype == torch.float32 and ours.vae.dtype == torch.float16
+        for k, v in ours.vae.state_dict().items():
+            assert torch.equal(v, weights16[k])  # back to the same fp16 weights
+        ours.vae.float()
+        torch.testing.assert_close(out, ours.vae.decode(latents.half().float() / ours.vae.config.scaling_factor),
+                                   rtol=0, atol=0)  # the fp16 weights, upcast: what diffusers decodes with
+        assert (out - expected).abs().max() < 5e-2
+    finally:
+        ours.vae.float()
+
+
+def test_latents_mean_and_std_applied_where_the_vae_has_them(pair, folder):
+    from diffusion_fast.models import AutoencoderKL
+
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    mean, std = [0.1, -0.2, 0.3, 0.0], [1.5, 0.5, 1.0, 2.0]
+    _, ours = pair
+    vae = AutoencoderKL.from_config(dict(config, latents_mean=mean, latents_std=std))
+    vae.load_state_dict(ours.vae.state_dict())
+    latents = torch.randn(1, 4, 4, 4)
+    saved, ours.vae = ours.vae, vae
+    try:
+        got = ours._decode(latents)
+    finally:
+        ours.vae = saved
+    shaped = latents * torch.tensor(std).view(1, 4, 1, 1) / config["scaling_factor"] + torch.tensor(mean).view(1, 4, 1, 1)
+    torch.testing.assert_close(got, vae.decode(shaped), rtol=0, atol=0)
+
+
+def test_bad_inputs_and_mismatched_components(pair, folder, tmp_path):
+    _, ours = pair
+    with pytest.raises(ValueError, match="prompt_embeds needs pooled_prompt_embeds too"):
+        ours(prompt_embeds=torch.randn(1, 77, 40))
+    with pytest.raises(ValueError, match="negative_prompt_embeds needs negative_pooled_prompt_embeds too"):
+        ours(prompt_embeds=torch.randn(1, 77, 40), pooled_prompt_embeds=torch.randn(1, 24),
+             negative_prompt_embeds=torch.randn(1, 77, 40))
+    with pytest.raises(TypeError, match="prompt_2 must be a str or a list of str, got int"):
+        ours("a", prompt_2=3)
+    with pytest.raises(ValueError, match="prompt_2 has 1 entries but prompt has 2"):
+        ours(["a", "b"], prompt_2=["c"])
+    with pytest.raises(ValueError, match=r"original_size must be a \(height, width\) pair of non-negative ints"):
+        ours("a", original_size=(64,))
+    with pytest.raises(ValueError, match="height must be a positive multiple of 8"):
+        ours("a", height=30)
+    te, te2 = ours.text_encoder, ours.text_encoder_2
+    with pytest.raises(ValueError, match=r"does not fit the two text encoders \(hidden sizes 24 \+ 24 = 48\)"):
+        StableDiffusionXLPipeline(ours.unet, ours.vae, te2, te2, ours.tokenizer, ours.tokenizer_2, ours.scheduler)
+    with pytest.raises(TypeError, match="text_encoder_2 must be a model with config.projection_dim"):
+        StableDiffusionXLPipeline(ours.unet, ours.vae, te, torch.nn.Linear(2, 2), ours.tokenizer, ours.tokenizer_2,
+                                  ours.scheduler)
+    sd1 = diffusion_fast.StableDiffusionPipeline.from_tiny("sd1")
+    with pytest.raises(ValueError, match="addition_embed_type=None: an SDXL UNet takes the pooled"):
+        StableDiffusionXLPipeline(sd1.unet, ours.vae, _Encoder(16, 0), _Encoder(16, 24), ours.tokenizer,
+                                  ours.tokenizer_2, ours.scheduler)
+    with pytest.raises(ValueError, match="expects an added embedding of 72 values .* make 73"):
+        StableDiffusionXLPipeline(ours.unet, ours.vae, te, _Encoder(24, 25), ours.tokenizer, ours.tokenizer_2,
+                                  ours.scheduler)
+    index = json.loads((folder / "model_index.json").read_text())
+    for name in index:
+        (tmp_path / name).mkdir()
+    (tmp_path / "model_index.json").write_text(json.dumps(dict(index, tokenizer_2=[None, None])))  # a refiner's way
+    with pytest.raises(FileNotFoundError, match=r"lacks the SDXL pipeline components \['tokenizer_2'\]"):
+        StableDiffusionXLPipeline.from_pretrained(tmp_path)
+
+
+class _Encoder(torch.nn.Module):
+    """A text encoder's config alone (all the component checks read), of the given widths."""
+
+    def __init__(self, hidden_size, projection_dim):
+        super().__init__()
+        import types
+
+        self.config = types.SimpleNamespace(hidden_size=hidden_size, projection_dim=projection_dim)
+
+
+def test_cli_generate_and_check_take_an_sdxl_folder(folder, tmp_path, capsys):
+    from diffusion_fast.cli import main
+
+    out = tmp_path / "x.png"
+    assert main(["generate", "--model", str(folder), "--steps", "2", "--height", "32", "--width", "32",
+                 "--output", str(out), "--no-progress"]) == 0
+    assert out.exists() and "scheduler DDIMScheduler" in capsys.readouterr().out
+    assert main(["check", "--model", str(folder), "--steps", "2"]) == 0
+    assert "pipeline (2 DDIM steps, float32)" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs and fp16 need a GPU")
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler"])  # the whole step / the UNet graphed
+def test_fp16_on_gpu_graphed_as_eager_and_near_diffusers(folder, scheduler):
+    import diffusers
+
+    ours = StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch.float16, device=DEVICE)
+    ours.set_progress_bar_config(disable=True)
+    ours.scheduler = getattr(diffusion_fast.schedulers, scheduler).from_config(ours.scheduler.config)
+    outs = []
+    for graph in (False, "auto", "auto"):  # eager, capture, replay
+        ours.cuda_graph = graph
+        outs.append(ours("a red cube", num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                         output_type="np").images)
+    np.testing.assert_allclose(outs[1], outs[0], rtol=0, atol=2e-2)
+    np.testing.assert_array_equal(outs[2], outs[1])
+    theirs = diffusers.StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float16).to(DEVICE)
+    theirs.scheduler = getattr(diffusers, scheduler).from_config(theirs.scheduler.config)
+    theirs.set_progress_bar_config(disable=True)
+    image = theirs("a red cube", num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                   output_type="np").images
+    assert np.abs(image - outs[0]).max() < 2e-2
