@@ -1,9 +1,9 @@
 """Our Stable Diffusion pipeline: text encoding, classifier-free guidance, the denoising loop and VAE decode.
 
 Same seed and weights give the same image as diffusers' StableDiffusionPipeline with the same scheduler (the
-folder's own: DDIM, DDPM, PNDM, Euler, Euler ancestral or DPM-Solver++ multistep): the initial latents are drawn
-the way diffusers draws them, prompts are tokenized and encoded the same way, and the scheduler reproduces diffusers'
-arithmetic. What differs is how the work runs:
+folder's own, any of ``diffusion_fast.schedulers``): the initial latents are drawn the way diffusers draws them,
+prompts are tokenized and encoded the same way, and the scheduler reproduces diffusers' arithmetic. (SDXL's
+pipeline, ``pipeline_xl.py``, runs this loop with its own text conditioning.) What differs is how the work runs:
 
 - each scheduler's update is one fused op per step; with DDIM the CFG combine joins it (``DDIMScheduler.step_cfg``);
 - timesteps and coefficient tables stay on the device, so the loop never waits on the host;
