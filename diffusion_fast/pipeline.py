@@ -95,14 +95,7 @@ class StableDiffusionPipeline:
         """Load a diffusers-layout folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        folder = os.fspath(folder)
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"model folder {folder!r} does not exist")
-        index = os.path.join(folder, "model_index.json")
-        if not os.path.isfile(index):
-            raise FileNotFoundError(f"{folder!r} is not a diffusers pipeline folder: no model_index.json")
-        with open(index) as f:
-            components = json.load(f)
+        folder, components = read_model_index(folder)
         missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
                    if c not in components or not os.path.isdir(os.path.join(folder, c))]
         if missing:
@@ -349,6 +342,18 @@ class StableDiffusionPipeline:
 
     def _decode(self, latents):
         return self.vae.decode(latents / self.vae.config.scaling_factor)
+
+
+def read_model_index(folder):
+    """(the folder as a str, its model_index.json as a dict): a missing folder or index is a clear error."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"model folder {folder!r} does not exist")
+    index = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index):
+        raise FileNotFoundError(f"{folder!r} is not a diffusers pipeline folder: no model_index.json")
+    with open(index) as f:
+        return folder, json.load(f)
 
 
 def _check_config(name, model, field, what):

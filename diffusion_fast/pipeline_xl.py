@@ -23,7 +23,7 @@ import os
 import torch
 
 from .models import AutoencoderKL, UNet2DConditionModel
-from .pipeline import StableDiffusionPipeline, _check_config, _resolve_dtype
+from .pipeline import StableDiffusionPipeline, _check_config, _resolve_dtype, read_model_index
 from .schedulers import load_scheduler
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -73,14 +73,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         tokenizer_2/, scheduler/."""
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        folder = os.fspath(folder)
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"model folder {folder!r} does not exist")
-        index = os.path.join(folder, "model_index.json")
-        if not os.path.isfile(index):
-            raise FileNotFoundError(f"{folder!r} is not a diffusers pipeline folder: no model_index.json")
-        with open(index) as f:
-            components = json.load(f)
+        folder, components = read_model_index(folder)
         missing = [c for c in COMPONENTS if not isinstance(components.get(c), list) or components[c][0] is None
                    or not os.path.isdir(os.path.join(folder, c))]
         if missing:

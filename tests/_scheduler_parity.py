@@ -113,3 +113,27 @@ def _diffusers_unipc_is_finite(cfg, steps):
         return bool(_run_schedule(diffusers.UniPCMultistepScheduler(**cfg), steps).isfinite().all())
     except RuntimeError:  # torch.linalg.solve on a singular system (repeated sigmas)
         return False
+
+
+def count_op_calls(monkeypatch, op):
+    """A list that gets one entry per call of ``diffusion_fast.ops.<op>`` (spied for the test's duration)."""
+    from diffusion_fast import ops
+
+    calls = []
+    real = getattr(ops, op)
+
+    def spy(*args, **kwargs):
+        calls.append(op)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, op, spy)
+    return calls
+
+
+def fused(name, **cfg):
+    """diffusers' scheduler ``name`` with accelerate's fused step patched in."""
+    from diffusion_fast import diffusers_schedulers
+
+    sched = getattr(diffusers, name)(**cfg)
+    assert diffusers_schedulers.fuse_step(sched) is None
+    return sched

@@ -1,5 +1,6 @@
-"""accelerate's fused scheduler steps: diffusers' DDIM, Euler, Heun, LMS, DPM-Solver++, PNDM, UniPC, LCM and DDPM schedulers,
-patched, against the same schedulers unpatched, step by step and through whole pipelines; which schedulers are left alone, and why."""
+"""accelerate's fused scheduler steps: diffusers' DDIM, Euler, Heun, LMS, DPM-Solver++, PNDM, UniPC, LCM and DDPM
+schedulers, patched, against the same schedulers unpatched, step by step and through whole pipelines; which
+schedulers are left alone, and why (LCM, Heun and LMS also have their own files, with our schedulers)."""
 import itertools
 
 import numpy as np
@@ -10,8 +11,9 @@ import _tiny_diffusers
 import diffusers
 from conftest import NEEDS_SCIPY, ON_GPU
 import diffusion_fast
-from _scheduler_parity import SHAPE, _diffusers_unipc_is_finite, _loop, _loop_by_2x_rule
-from diffusion_fast import diffusers_schedulers, ops
+from _scheduler_parity import (SHAPE, _diffusers_unipc_is_finite, _loop, _loop_by_2x_rule, count_op_calls,
+                               fused)
+from diffusion_fast import diffusers_schedulers
 from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
 
 # diffusers' Euler calls np.array on a tensor (a numpy 2 DeprecationWarning inside diffusers, not in our code)
@@ -27,27 +29,9 @@ SDXL_EULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.
                   steps_offset=1)  # the scheduler config SDXL checkpoints ship
 
 
-def _count_op_calls(monkeypatch, op):
-    calls = []
-    real = getattr(ops, op)
-
-    def spy(*args, **kwargs):
-        calls.append(op)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ops, op, spy)
-    return calls
-
-
 def _images(pipe, steps=3):
     return pipe("a red cube", num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
                 output_type="np").images
-
-
-def _fused(name, **cfg):
-    sched = getattr(diffusers, name)(**cfg)
-    assert diffusers_schedulers.fuse_step(sched) is None
-    return sched
 
 
 @pytest.mark.parametrize("name, cfg, step_kwargs", [
@@ -71,8 +55,8 @@ def _fused(name, **cfg):
 ])
 def test_fused_step_matches_the_schedulers_own(monkeypatch, name, cfg, step_kwargs):
     steps = 5
-    calls = _count_op_calls(monkeypatch, OP[name])
-    ours, theirs = _fused(name, **cfg), getattr(diffusers, name)(**cfg)
+    calls = count_op_calls(monkeypatch, OP[name])
+    ours, theirs = fused(name, **cfg), getattr(diffusers, name)(**cfg)
     assert _loop(ours, theirs, steps=steps, **step_kwargs) <= 1
     assert len(calls) == steps  # every step ran the fused op: nothing went back to diffusers' step
 
@@ -80,7 +64,7 @@ def test_fused_step_matches_the_schedulers_own(monkeypatch, name, cfg, step_kwar
 def test_euler_sigma_tables_follow_the_schedule():
     # The fused Euler step keeps the sigmas as floats and as a table on the sample's device, made once per schedule:
     # a new schedule (set_timesteps) and sigmas changed in place must both be seen.
-    ours, theirs = _fused("EulerDiscreteScheduler"), diffusers.EulerDiscreteScheduler()
+    ours, theirs = fused("EulerDiscreteScheduler"), diffusers.EulerDiscreteScheduler()
     assert _loop(ours, theirs, steps=5) <= 1
     assert _loop(ours, theirs, steps=7) <= 1
     x, m = torch.randn(2, 4, 5, 7), torch.randn(2, 4, 5, 7)
@@ -103,12 +87,12 @@ def test_euler_sigma_tables_follow_the_schedule():
 @pytest.mark.parametrize("algorithm, order, solver_type, karras", list(
     itertools.product(["dpmsolver++", "sde-dpmsolver++"], [1, 2, 3], ["midpoint", "heun"], [False, True])))
 def test_fused_dpm_solver_matches_its_own(monkeypatch, algorithm, order, solver_type, karras):
-    calls = _count_op_calls(monkeypatch, "linear_step")
+    calls = count_op_calls(monkeypatch, "linear_step")
     for prediction_type, lower_order_final, steps in itertools.product(
             ["epsilon", "v_prediction", "sample"], [True, False], [5, 20]):
         cfg = dict(SDXL_EULER, algorithm_type=algorithm, solver_order=order, solver_type=solver_type,
                    prediction_type=prediction_type, use_karras_sigmas=karras, lower_order_final=lower_order_final)
-        ours, theirs = _fused("DPMSolverMultistepScheduler", **cfg), diffusers.DPMSolverMultistepScheduler(**cfg)
+        ours, theirs = fused("DPMSolverMultistepScheduler", **cfg), diffusers.DPMSolverMultistepScheduler(**cfg)
         calls.clear()
         assert _loop(ours, theirs, steps=steps) <= 1, cfg  # each step's x0 is also what the next step reads
         assert len(calls) == steps, cfg
@@ -125,8 +109,8 @@ def test_fused_pndm_matches_its_own_by_the_2x_rule(monkeypatch, skip_prk_steps, 
     cfg = dict(skip_prk_steps=skip_prk_steps, prediction_type=prediction_type, timestep_spacing=spacing,
                steps_offset=1, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                set_alpha_to_one=False)
-    calls = _count_op_calls(monkeypatch, "linear_step")
-    ours, theirs, exact = _fused("PNDMScheduler", **cfg), diffusers.PNDMScheduler(**cfg), diffusers.PNDMScheduler(**cfg)
+    calls = count_op_calls(monkeypatch, "linear_step")
+    ours, theirs, exact = fused("PNDMScheduler", **cfg), diffusers.PNDMScheduler(**cfg), diffusers.PNDMScheduler(**cfg)
     n = _loop_by_2x_rule(ours, theirs, exact, steps)
     assert len(calls) == n and ours.counter == theirs.counter and len(ours.ets) == len(theirs.ets)
 
@@ -138,7 +122,7 @@ def test_fused_pndm_matches_its_own_by_the_2x_rule(monkeypatch, skip_prk_steps, 
 @pytest.mark.parametrize("order, solver_type, predict_x0, karras", list(
     itertools.product([1, 2, 3], ["bh1", "bh2"], [True, False], [False, True])))
 def test_fused_unipc_matches_its_own(monkeypatch, order, solver_type, predict_x0, karras):
-    calls = _count_op_calls(monkeypatch, "linear_step")
+    calls = count_op_calls(monkeypatch, "linear_step")
     checked = 0
     for prediction_type, lower_order_final, steps in itertools.product(
             ["epsilon", "v_prediction", "sample"], [True, False], [5, 20]):
@@ -147,7 +131,7 @@ def test_fused_unipc_matches_its_own(monkeypatch, order, solver_type, predict_x0
         cfg = dict(SDXL_EULER, solver_order=order, solver_type=solver_type, predict_x0=predict_x0,
                    prediction_type=prediction_type, use_karras_sigmas=karras, lower_order_final=lower_order_final,
                    final_sigmas_type=final)
-        ours = _fused("UniPCMultistepScheduler", **cfg)
+        ours = fused("UniPCMultistepScheduler", **cfg)
         theirs, exact = diffusers.UniPCMultistepScheduler(**cfg), diffusers.UniPCMultistepScheduler(**cfg)
         calls.clear()
         if not _diffusers_unipc_is_finite(cfg, steps):
@@ -161,12 +145,12 @@ def test_fused_unipc_matches_its_own(monkeypatch, order, solver_type, predict_x0
 def test_fused_unipc_leaves_what_diffusers_computes_as_nan_to_diffusers():
     # bh1 onto a final sigma of 0: diffusers multiplies B(h) = -inf by a zero residual (NaN); fused, the same NaN
     cfg = dict(solver_type="bh1")
-    ours, theirs = _fused("UniPCMultistepScheduler", **cfg), diffusers.UniPCMultistepScheduler(**cfg)
+    ours, theirs = fused("UniPCMultistepScheduler", **cfg), diffusers.UniPCMultistepScheduler(**cfg)
     assert _loop(ours, theirs, steps=5, noise=None) <= 1  # NaN at the same places (checked by the comparison)
 
 
 def test_fused_pndm_keeps_diffusers_errors():
-    sched = _fused("PNDMScheduler")  # skip_prk_steps=False: PLMS needs the warm-up's outputs first
+    sched = fused("PNDMScheduler")  # skip_prk_steps=False: PLMS needs the warm-up's outputs first
     sched.set_timesteps(5)
     sched.counter = len(sched.prk_timesteps)  # a caller that skipped the warm-up
     x = torch.randn(SHAPE)
@@ -178,7 +162,7 @@ def test_dpm_solver_step_diffusers_computes_with_infinities_is_its_own():
     # Karras sigmas ending at sigma_min repeat the last sigma, so the last step has h = 0: heun's (e^-h - 1) / h is
     # 0 / 0 and diffusers' image is NaN there. The coefficients are not finite, so that step is diffusers' own.
     cfg = dict(solver_order=2, solver_type="heun", use_karras_sigmas=True, final_sigmas_type="sigma_min")
-    ours, theirs = _fused("DPMSolverMultistepScheduler", **cfg), diffusers.DPMSolverMultistepScheduler(**cfg)
+    ours, theirs = fused("DPMSolverMultistepScheduler", **cfg), diffusers.DPMSolverMultistepScheduler(**cfg)
     assert _loop(ours, theirs, steps=5) <= 1  # NaN at the same places (checked by the comparison)
 
 
@@ -197,7 +181,7 @@ def test_fused_step_in_half_precision(name, cfg):
     # DDPM and DDIM compute in fp32 where diffusers computes in fp16, hence the wider bound there.
     tol = 2e-3 if name.startswith("Euler") else 2e-2
     noise = None if name in ("HeunDiscreteScheduler", "LMSDiscreteScheduler") else "generator"  # (steps without)
-    assert _loop(_fused(name, **cfg), getattr(diffusers, name)(**cfg), dtype=torch.float16, noise=noise) <= tol
+    assert _loop(fused(name, **cfg), getattr(diffusers, name)(**cfg), dtype=torch.float16, noise=noise) <= tol
 
 
 @pytest.mark.parametrize("name, cfg, why", [
@@ -222,8 +206,8 @@ def test_configs_not_mirrored_are_left_alone_and_say_why(name, cfg, why):
 @pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler"])
 def test_a_config_changed_after_fusing_runs_the_schedulers_own_step(monkeypatch, name):
     # register_to_config replaces a config after accelerate: each fused step checks it again
-    calls = _count_op_calls(monkeypatch, OP[name])
-    ours, theirs = _fused(name), getattr(diffusers, name)(thresholding=True)
+    calls = count_op_calls(monkeypatch, OP[name])
+    ours, theirs = fused(name), getattr(diffusers, name)(thresholding=True)
     ours.register_to_config(thresholding=True)
     for sched in (ours, theirs):
         sched.set_timesteps(4)
@@ -237,7 +221,7 @@ def test_a_config_changed_after_fusing_runs_the_schedulers_own_step(monkeypatch,
 
 
 def test_euler_steps_keep_diffusers_errors_and_warnings(caplog):
-    sched = _fused("EulerDiscreteScheduler")
+    sched = fused("EulerDiscreteScheduler")
     sched.set_timesteps(3)
     x = torch.randn(1, 4, 5, 7)
     with pytest.raises(ValueError, match="Passing integer indices"):  # diffusers' own check
@@ -268,7 +252,7 @@ def test_pipelines_keep_their_images(monkeypatch, name, cfg):
     pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **cfg)
     n = 3 if cfg.get("skip_prk_steps", True) else 4  # diffusers' Runge-Kutta warm-up needs 4 steps or more
     before = _images(pipe, n)
-    calls = _count_op_calls(monkeypatch, OP[name])
+    calls = count_op_calls(monkeypatch, OP[name])
     diffusion_fast.accelerate(pipe)
     assert pipe._diffusion_fast_report["scheduler"] == 1
     fast = _images(pipe, n)
@@ -284,7 +268,7 @@ def test_sdxl_pipeline_with_its_default_euler_scheduler(monkeypatch):
     pipe = _tiny_diffusers.sdxl_pipeline(seed=5)
     pipe.scheduler = diffusers.EulerDiscreteScheduler(**SDXL_EULER)
     before = _images(pipe)
-    calls = _count_op_calls(monkeypatch, "euler_step")
+    calls = count_op_calls(monkeypatch, "euler_step")
     diffusion_fast.accelerate(pipe)
     fast = _images(pipe)
     assert len(calls) == 3 and np.abs(fast - before).max() <= PIPELINE_FP32_MAX_ABS
@@ -304,7 +288,7 @@ def test_fused_steps_on_gpu_in_half_precision(monkeypatch, name):
     extra = {"skip_prk_steps": True} if name == "PNDMScheduler" else {}  # PNDM as SD1.5 ships it
     pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
     before = _images(pipe)
-    calls = _count_op_calls(monkeypatch, OP[name])
+    calls = count_op_calls(monkeypatch, OP[name])
     diffusion_fast.accelerate(pipe)
     assert pipe._diffusion_fast_report["scheduler"] == 1
     first, second = _images(pipe), _images(pipe)
@@ -321,14 +305,14 @@ def test_which_schedulers_are_left_alone_and_why():
 
     assert "overrides EulerDiscreteScheduler.step" in diffusers_schedulers.fuse_step(OwnStep())
     kdpm2 = diffusers.KDPM2DiscreteScheduler()  # no fused step
-    fused = ("DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, "
+    names = ("DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, "
              "LMSDiscreteScheduler, DPMSolverMultistepScheduler, PNDMScheduler, UniPCMultistepScheduler, "
              "LCMScheduler, DDPMScheduler")
-    assert f"KDPM2DiscreteScheduler (fused: {fused})" in diffusers_schedulers.fuse_step(kdpm2)
+    assert f"KDPM2DiscreteScheduler (fused: {names})" in diffusers_schedulers.fuse_step(kdpm2)
     assert "step" not in vars(kdpm2)
 
 
-def test_a_scheduler_assigned_after_accelerate_is_fused(monkeypatch, tmp_path):
+def test_a_scheduler_assigned_after_accelerate_isfused(monkeypatch, tmp_path):
     """Changing samplers by assigning pipe.scheduler (diffusers' documented way) after accelerate: the new scheduler
     is fused at the assignment (or left alone and listed), images as unpatched; restore undoes every one of them."""
     pipe = _tiny_diffusers.pipeline("sd1", seed=4)
@@ -338,7 +322,7 @@ def test_a_scheduler_assigned_after_accelerate_is_fused(monkeypatch, tmp_path):
     ddim = pipe.scheduler = diffusers.DDIMScheduler.from_config(config)
     diffusion_fast.accelerate(pipe)
     assert isinstance(pipe, cls) and type(pipe).__name__ == cls.__name__ and "step" in vars(ddim)
-    calls = _count_op_calls(monkeypatch, "linear_step")
+    calls = count_op_calls(monkeypatch, "linear_step")
     dpm = pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(config)
     report = pipe._diffusion_fast_report
     assert report["scheduler"] == 1 and "step" in vars(dpm)

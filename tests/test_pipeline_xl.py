@@ -158,7 +158,8 @@ def test_latents_mean_and_std_applied_where_the_vae_has_them(pair, folder):
         got = ours._decode(latents)
     finally:
         ours.vae = saved
-    shaped = latents * torch.tensor(std).view(1, 4, 1, 1) / config["scaling_factor"] + torch.tensor(mean).view(1, 4, 1, 1)
+    mean, std = torch.tensor(mean).view(1, 4, 1, 1), torch.tensor(std).view(1, 4, 1, 1)
+    shaped = latents * std / config["scaling_factor"] + mean
     torch.testing.assert_close(got, vae.decode(shaped), rtol=0, atol=0)
 
 

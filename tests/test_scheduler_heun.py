@@ -7,24 +7,10 @@ import torch
 
 import diffusers
 import diffusion_fast.schedulers as S
-from _scheduler_parity import SHAPE, _loop, _loop_by_2x_rule
-from diffusion_fast import diffusers_schedulers, ops
+from _scheduler_parity import SHAPE, _loop, _loop_by_2x_rule, count_op_calls, fused
 
 # diffusers' Karras sigmas call np.array on a tensor (a numpy 2 DeprecationWarning inside diffusers)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-
-def _count_linear_steps(monkeypatch):
-    calls = []
-    real = ops.linear_step
-    monkeypatch.setattr(ops, "linear_step", lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
-
-
-def _fused(**cfg):
-    sched = diffusers.HeunDiscreteScheduler(**cfg)
-    assert diffusers_schedulers.fuse_step(sched) is None
-    return sched
 
 
 # Every prediction type, clipped or not, over every spacing and Karras sigmas; 1 step (the Euler call alone), 2 and 10.
@@ -102,17 +88,19 @@ def test_heun_config_and_errors():
     dict(prediction_type="sample", clip_sample=True, timestep_spacing="trailing"),
 ])
 def test_fused_heun_step_matches_diffusers_by_the_2x_rule(monkeypatch, cfg):
-    calls = _count_linear_steps(monkeypatch)
-    made = [_fused(**cfg), diffusers.HeunDiscreteScheduler(**cfg), diffusers.HeunDiscreteScheduler(**cfg)]
+    calls = count_op_calls(monkeypatch, "linear_step")
+    made = [fused("HeunDiscreteScheduler", **cfg), diffusers.HeunDiscreteScheduler(**cfg),
+            diffusers.HeunDiscreteScheduler(**cfg)]
     assert _loop_by_2x_rule(*made, 6) == 11 and len(calls) == 11
-    assert _loop(_fused(**cfg), diffusers.HeunDiscreteScheduler(**cfg), steps=4, noise=None) <= 1  # with scaling
+    assert _loop(fused("HeunDiscreteScheduler", **cfg), diffusers.HeunDiscreteScheduler(**cfg), steps=4,
+                 noise=None) <= 1  # with scale_model_input
 
 
 def test_fused_heun_leaves_a_call_past_the_schedule_to_diffusers():
     # one call too many: diffusers' own step divides by the final sigma 0 (NaN), and the fused one does the same
     x = torch.randn(SHAPE)
     runs = []
-    for sched in (_fused(), diffusers.HeunDiscreteScheduler()):
+    for sched in (fused("HeunDiscreteScheduler"), diffusers.HeunDiscreteScheduler()):
         sched.set_timesteps(2)
         runs.append([sched.step(x, t, x).prev_sample for t in [*sched.timesteps, sched.timesteps[-1]]])
     assert runs[0][-1].isnan().any()

@@ -9,21 +9,7 @@ import torch
 
 import diffusers
 import diffusion_fast.schedulers as S
-from _scheduler_parity import SHAPE, _loop
-from diffusion_fast import diffusers_schedulers, ops
-
-
-def _count_linear_steps(monkeypatch):
-    calls = []
-    real = ops.linear_step
-    monkeypatch.setattr(ops, "linear_step", lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
-
-
-def _fused(**cfg):
-    sched = diffusers.LCMScheduler(**cfg)
-    assert diffusers_schedulers.fuse_step(sched) is None
-    return sched
+from _scheduler_parity import SHAPE, _loop, count_op_calls, fused
 
 
 # Every prediction type with x0 as it is, clipped (x0 made first, then the pass) and thresholded; 1 step (the only
@@ -128,18 +114,18 @@ def test_lcm_config_and_errors():
     ({}, dict(timesteps=[999, 759, 499, 259, 19], strength=0.5)),  # diffusers' noise at its last step, mirrored
 ])
 def test_fused_lcm_step_matches_diffusers(monkeypatch, cfg, schedule):
-    calls = _count_linear_steps(monkeypatch)
-    assert _loop(_fused(**cfg), diffusers.LCMScheduler(**cfg), schedule=schedule) <= 1
+    calls = count_op_calls(monkeypatch, "linear_step")
+    assert _loop(fused("LCMScheduler", **cfg), diffusers.LCMScheduler(**cfg), schedule=schedule) <= 1
     ours = diffusers.LCMScheduler(**cfg)
     ours.set_timesteps(**schedule)
     assert len(calls) == len(ours.timesteps)
 
 
 def test_fused_lcm_step_follows_a_new_schedule_and_leaves_odd_calls_to_diffusers(monkeypatch):
-    ours, theirs = _fused(), diffusers.LCMScheduler()
+    ours, theirs = fused("LCMScheduler"), diffusers.LCMScheduler()
     assert _loop(ours, theirs, steps=4) <= 1
     assert _loop(ours, theirs, steps=2) <= 1  # the cached host schedule is made again
-    calls = _count_linear_steps(monkeypatch)
+    calls = count_op_calls(monkeypatch, "linear_step")
     x = torch.randn(SHAPE)
     for sched in (ours, theirs):
         sched.set_timesteps(4)

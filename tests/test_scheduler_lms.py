@@ -8,26 +8,12 @@ import torch
 
 import diffusers
 import diffusion_fast.schedulers as S
-from _scheduler_parity import SHAPE, _loop, _loop_by_2x_rule
+from _scheduler_parity import SHAPE, _loop, _loop_by_2x_rule, count_op_calls, fused
 from conftest import NEEDS_SCIPY
-from diffusion_fast import diffusers_schedulers, ops
 from diffusion_fast.schedulers.lms import lms_coefficients
 
 pytestmark = [NEEDS_SCIPY,  # diffusers' Karras sigmas call np.array on a tensor (numpy 2 warns inside diffusers)
               pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
-
-
-def _count_linear_steps(monkeypatch):
-    calls = []
-    real = ops.linear_step
-    monkeypatch.setattr(ops, "linear_step", lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
-
-
-def _fused(**cfg):
-    sched = diffusers.LMSDiscreteScheduler(**cfg)
-    assert diffusers_schedulers.fuse_step(sched) is None
-    return sched
 
 
 def test_lms_weights_are_the_integrals_diffusers_computes():
@@ -105,15 +91,16 @@ def test_lms_config_and_errors():
 def test_fused_lms_step_matches_diffusers(monkeypatch, cfg):
     from diffusers.schedulers import scheduling_lms_discrete
 
-    calls = _count_linear_steps(monkeypatch)
-    assert _loop(_fused(**cfg), diffusers.LMSDiscreteScheduler(**cfg), steps=6, noise=None) <= 1
+    calls = count_op_calls(monkeypatch, "linear_step")
+    assert _loop(fused("LMSDiscreteScheduler", **cfg), diffusers.LMSDiscreteScheduler(**cfg), steps=6,
+                 noise=None) <= 1
     assert len(calls) == 6
 
     def no_quad(*args, **kwargs):
         raise AssertionError("the fused LMS step called scipy's quad")
 
     monkeypatch.setattr(scheduling_lms_discrete.integrate, "quad", no_quad)
-    ours, x = _fused(**cfg), torch.randn(SHAPE)
+    ours, x = fused("LMSDiscreteScheduler", **cfg), torch.randn(SHAPE)
     ours.set_timesteps(4)
     for t in ours.timesteps:
         x = ours.step(x, t, ours.scale_model_input(x, t)).prev_sample
@@ -122,14 +109,14 @@ def test_fused_lms_step_matches_diffusers(monkeypatch, cfg):
 
 def test_lms_weights_are_made_again_for_a_new_schedule():
     # both keep each step's integrated weights for the schedule: a new schedule (or order) must not reuse them
-    ours, fused, theirs = S.LMSDiscreteScheduler(), _fused(), diffusers.LMSDiscreteScheduler()
+    ours, patched, theirs = S.LMSDiscreteScheduler(), fused("LMSDiscreteScheduler"), diffusers.LMSDiscreteScheduler()
     for steps, order in ((6, 4), (6, 2), (4, 4), (9, 3)):
         assert _loop(ours, theirs, steps=steps, noise=None, order=order) <= 1
-        assert _loop(fused, theirs, steps=steps, noise=None, order=order) <= 1
+        assert _loop(patched, theirs, steps=steps, noise=None, order=order) <= 1
 
 
 def test_fused_lms_leaves_what_it_does_not_mirror_to_diffusers(caplog):
-    ours, theirs = _fused(), diffusers.LMSDiscreteScheduler()
+    ours, theirs = fused("LMSDiscreteScheduler"), diffusers.LMSDiscreteScheduler()
     x = torch.randn(SHAPE)
     for sched in (ours, theirs):
         sched.set_timesteps(3)
