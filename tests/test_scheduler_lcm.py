@@ -135,3 +135,38 @@ def test_fused_lcm_step_follows_a_new_schedule_and_leaves_odd_calls_to_diffusers
     b = ours.step(x, 500, x, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(b.prev_sample, a.prev_sample, rtol=0, atol=0)
     assert calls == []
+
+
+def test_a_latent_consistency_model_pipeline_under_accelerate(monkeypatch):
+    """diffusers' LatentConsistencyModelPipeline (a UNet with LCM's guidance embedding, time_cond_proj_dim, and no
+    CFG batch): accelerated, every step is the fused LCM step, the image stays within the fp32 tolerance, and restore
+    gives it back exactly."""
+    import numpy as np
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    import _tiny_diffusers
+    import diffusion_fast
+    from diffusion_fast import tiny
+    from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
+
+    torch.manual_seed(0)
+    pipe = diffusers.LatentConsistencyModelPipeline(
+        vae=diffusers.AutoencoderKL(**tiny.vae_config()),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**tiny.text_encoder_config("sd1"))),
+        tokenizer=_tiny_diffusers.tokenizer(),
+        unet=diffusers.UNet2DConditionModel(**dict(tiny.unet_config("sd1"), time_cond_proj_dim=32)),
+        scheduler=diffusers.LCMScheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def images():
+        return pipe("a red cube", num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images
+
+    before = images()
+    diffusion_fast.accelerate(pipe)
+    calls = count_op_calls(monkeypatch, "linear_step")
+    assert pipe._diffusion_fast_report["scheduler"] == 1
+    assert np.abs(images() - before).max() <= PIPELINE_FP32_MAX_ABS and len(calls) == 4
+    diffusion_fast.restore(pipe)
+    assert np.array_equal(images(), before)
