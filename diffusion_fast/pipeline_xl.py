@@ -142,17 +142,17 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         """SDXL's size conditioning, one row: original size, crop corner, target size."""
         return torch.tensor([list(original_size + crops_coords_top_left + target_size)], dtype=dtype)
 
-    def _check_xl_inputs(self, prompt, prompt_2, negative_prompt, negative_prompt_2, prompt_embeds,
-                         negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds):
-        for name, value, other in (("prompt_2", prompt_2, prompt), ("negative_prompt_2", negative_prompt_2,
-                                                                    negative_prompt)):
-            if value is None:
+    def _check_xl_inputs(self, prompt, prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
+                         pooled_prompt_embeds, negative_pooled_prompt_embeds):
+        """What SDXL adds to the SD pipeline's checks (``_check_inputs`` ran first)."""
+        batch = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else prompt_embeds.shape[0]
+        for name, value in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2)):
+            if value is None or isinstance(value, str):  # (one str serves every prompt)
                 continue
-            if not isinstance(value, (str, list, tuple)) or (not isinstance(value, str) and not all(
-                    isinstance(v, str) for v in value)):
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise TypeError(f"{name} must be a str or a list of str, got {type(value).__name__}")
-            if not isinstance(value, str) and other is not None and not isinstance(other, str) and len(value) != len(other):
-                raise ValueError(f"{name} has {len(value)} entries but {name[:-2]} has {len(other)}")
+            if len(value) != batch:
+                raise ValueError(f"{name} has {len(value)} entries but there are {batch} prompts")
         if prompt_embeds is not None and pooled_prompt_embeds is None:
             raise ValueError("prompt_embeds needs pooled_prompt_embeds too (the second text encoder's projection)")
         if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
@@ -171,8 +171,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         width = width if width is not None else self.unet.config.sample_size * self.vae_scale_factor
         shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                                    num_images_per_prompt, prompt_embeds, negative_prompt_embeds, latents, output_type)
-        self._check_xl_inputs(prompt, prompt_2, negative_prompt, negative_prompt_2, prompt_embeds,
-                              negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
+        self._check_xl_inputs(prompt, prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
+                              pooled_prompt_embeds, negative_pooled_prompt_embeds)
         sizes = {name: _size_pair(name, value) for name, value in (
             ("original_size", original_size or (height, width)), ("crops_coords_top_left", crops_coords_top_left),
             ("target_size", target_size or (height, width)),

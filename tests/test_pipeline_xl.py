@@ -172,8 +172,12 @@ def test_bad_inputs_and_mismatched_components(pair, folder, tmp_path):
              negative_prompt_embeds=torch.randn(1, 77, 40))
     with pytest.raises(TypeError, match="prompt_2 must be a str or a list of str, got int"):
         ours("a", prompt_2=3)
-    with pytest.raises(ValueError, match="prompt_2 has 1 entries but prompt has 2"):
+    with pytest.raises(ValueError, match="prompt_2 has 1 entries but there are 2 prompts"):
         ours(["a", "b"], prompt_2=["c"])
+    with pytest.raises(ValueError, match="prompt_2 has 2 entries but there are 1 prompts"):
+        ours("a", prompt_2=["c", "d"])
+    with pytest.raises(ValueError, match="negative_prompt_2 has 3 entries but there are 2 prompts"):
+        ours(["a", "b"], negative_prompt_2=["c", "d", "e"])
     with pytest.raises(ValueError, match=r"original_size must be a \(height, width\) pair of non-negative ints"):
         ours("a", original_size=(64,))
     with pytest.raises(ValueError, match="height must be a positive multiple of 8"):
