@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--steps", type=_positive_int, default=None, help="default: 50 (20 for the built-in model)")
-    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the pipeline's, 7.5 for SD 1.x/2.x, 5.0 for SDXL)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
     g.add_argument("--scheduler", choices=("model", *SCHEDULER_CHOICES), default="model",
                    help="the sampler: the model folder's own (default; DDIM for the built-in model) or one of ours, "
@@ -170,12 +171,14 @@ def generate(args) -> int:
           f"on {device} in {dtype} in {time.perf_counter() - t0:.1f} s; scheduler {type(pipe.scheduler).__name__}")
     pipe.set_progress_bar_config(disable=args.no_progress)
 
+    guidance = {} if args.guidance is None else {"guidance_scale": args.guidance}  # else the pipeline's default
+
     def run(path_name, num_steps=steps):
         generator = torch.Generator("cpu").manual_seed(args.seed)
         with backend(path_name):
             return pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=num_steps,
-                        guidance_scale=args.guidance, eta=args.eta, generator=generator, height=args.height,
-                        width=args.width, num_images_per_prompt=args.batch, output_type="np")
+                        eta=args.eta, generator=generator, height=args.height, width=args.width,
+                        num_images_per_prompt=args.batch, output_type="np", **guidance)
 
     if compare:
         # Untimed one-step runs first, so the speedup compares sampling, not one-time costs that only the path run

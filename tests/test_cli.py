@@ -85,6 +85,23 @@ def test_generate_karras_sets_the_schedulers_field(monkeypatch, tmp_path):
     assert seen and all(c["use_karras_sigmas"] and c["algorithm_type"] == "dpmsolver++" for c in seen)
 
 
+@pytest.mark.parametrize("options, guidance", [([], None), (["--guidance", "3"], 3.0)])
+def test_generate_guidance_default_is_the_pipelines(monkeypatch, tmp_path, options, guidance):
+    """Without --guidance the pipeline's own default applies (7.5 for SD, 5.0 for SDXL), as in diffusers."""
+    from diffusion_fast import pipeline
+
+    seen = []
+    real_call = pipeline.StableDiffusionPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("guidance_scale"))
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.StableDiffusionPipeline, "__call__", spy)
+    assert main(["generate", *options, "--steps", "1", "--no-progress", "--output", str(tmp_path / "g.png")]) == 0
+    assert seen and all(g == guidance for g in seen)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--scheduler", "euler", "--eta", "0.5"],
      "--eta is DDIM's; the scheduler is EulerDiscreteScheduler (--scheduler ddim)"),
