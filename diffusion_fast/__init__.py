@@ -19,6 +19,7 @@ _load_cpp_ops()  # registers torch.ops.diffusion_fast.* (prebuilt, else JIT-buil
 _LAZY = {
     "StableDiffusionPipeline": ("pipeline", "StableDiffusionPipeline"),
     "StableDiffusionXLPipeline": ("pipeline_xl", "StableDiffusionXLPipeline"),
+    "StableDiffusionImg2ImgPipeline": ("pipeline_img2img", "StableDiffusionImg2ImgPipeline"),
     "load_pipeline": ("pipeline_xl", "load_pipeline"),
     "accelerate": ("diffusers_patch", "accelerate"),
     "restore": ("diffusers_patch", "restore"),

@@ -5,6 +5,7 @@
     diffusion-fast generate --scheduler euler-ancestral   # any of our schedulers, from the model's config
     diffusion-fast generate --scheduler dpm++-2m --karras   # "DPM++ 2M Karras"
     diffusion-fast generate --model DIR --scheduler lcm --steps 4 --guidance 1   # an LCM(-LoRA fused) model
+    diffusion-fast generate --model DIR --image in.png --strength 0.6             # image-to-image
     diffusion-fast bench [--config tiny|sd15]    # kernel throughput + end-to-end it/s, CSV + PNG plot
     diffusion-fast check [--model DIR]           # fast vs reference on fresh random inputs; exit 1 on failure
 
@@ -112,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=_size, default=None)
     g.add_argument("--width", type=_size, default=None)
     g.add_argument("--batch", type=_positive_int, default=1, help="images per prompt")
+    g.add_argument("--image", default=None,
+                   help="an initial image file: image-to-image (SD 1.x/2.x), its size the output's")
+    g.add_argument("--strength", type=float, default=None,
+                   help="with --image: how much of the schedule runs, in (0, 1] (default 0.8, as diffusers)")
     g.add_argument("--output", default="diffusion_fast.png", help="PNG path (index appended for a batch)")
     g.add_argument("--compare", action="store_true",
                    help="also run the reference path and print the max difference (always on without --model)")
@@ -144,6 +149,36 @@ def _check_scheduler_options(args, scheduler_name):
                          f"{scheduler_name} (--scheduler euler, heun, lms, dpm++-2m, dpm++-2m-sde or unipc)")
 
 
+def _init_image(args):
+    """--image as an RGB PIL image (None without it); --strength and --height/--width checked against it."""
+    if args.image is None:
+        if args.strength is not None:
+            raise UsageError("--strength is for image-to-image: give --image too")
+        return None
+    if args.height is not None or args.width is not None:
+        raise UsageError("--height/--width: with --image the output has the image's size (resize the image instead)")
+    if args.strength is not None and not 0 < args.strength <= 1:
+        raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
+    if not os.path.isfile(args.image):
+        raise UsageError(f"--image: no such file: {args.image}")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(args.image).convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UsageError(f"--image: {args.image} is not an image PIL can read ({exc})") from None
+
+
+def _img2img(pipe):
+    """The image-to-image pipeline on a loaded SD pipeline's components (SDXL's is not implemented)."""
+    from .pipeline_img2img import StableDiffusionImg2ImgPipeline
+
+    if hasattr(pipe, "text_encoder_2"):
+        raise UsageError("--image: image-to-image runs SD 1.x/2.x models; this folder is SDXL")
+    return StableDiffusionImg2ImgPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+                                          cuda_graph=pipe.cuda_graph, channels_last=pipe.channels_last)
+
+
 def generate(args) -> int:
     from . import backend
     from .numerics import max_abs_err, psnr
@@ -153,6 +188,7 @@ def generate(args) -> int:
 
     if args.scheduler != "model":  # known before loading anything
         _check_scheduler_options(args, SCHEDULER_CHOICES[args.scheduler][0])
+    init_image = _init_image(args)
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
     compare = args.compare or args.model is None
@@ -162,6 +198,8 @@ def generate(args) -> int:
         pipe = load_pipeline(args.model, dtype=dtype, device=device)  # SD 1.x/2.x or SDXL, by the folder
     else:
         pipe = StableDiffusionPipeline.from_tiny("sd1", seed=args.seed, dtype=dtype, device=device)
+    if init_image is not None:
+        pipe = _img2img(pipe)
     name, fields = SCHEDULER_CHOICES.get(args.scheduler, (type(pipe.scheduler).__name__, {}))
     _check_scheduler_options(args, name)
     fields = dict(fields, **({"use_karras_sigmas": True} if args.karras else {}))
@@ -171,14 +209,21 @@ def generate(args) -> int:
           f"on {device} in {dtype} in {time.perf_counter() - t0:.1f} s; scheduler {type(pipe.scheduler).__name__}")
     pipe.set_progress_bar_config(disable=args.no_progress)
 
-    guidance = {} if args.guidance is None else {"guidance_scale": args.guidance}  # else the pipeline's default
+    options = {} if args.guidance is None else {"guidance_scale": args.guidance}  # else the pipeline's default
+    denoised = steps  # the steps that run: with --image, the schedule's last `strength` part
+    if init_image is None:
+        options.update(height=args.height, width=args.width)
+    else:  # img2img: the image's own size; a warm-up step of a strength-cut schedule needs the whole schedule
+        options.update(image=init_image, strength=0.8 if args.strength is None else args.strength)
+        denoised = min(int(steps * options["strength"]), steps)
 
     def run(path_name, num_steps=steps):
         generator = torch.Generator("cpu").manual_seed(args.seed)
+        extra = dict(options, strength=1.0) if num_steps != steps and "strength" in options else options
         with backend(path_name):
             return pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=num_steps,
-                        eta=args.eta, generator=generator, height=args.height, width=args.width,
-                        num_images_per_prompt=args.batch, output_type="np", **guidance)
+                        eta=args.eta, generator=generator, num_images_per_prompt=args.batch, output_type="np",
+                        **extra)
 
     if compare:
         # Untimed one-step runs first, so the speedup compares sampling, not one-time costs that only the path run
@@ -188,10 +233,10 @@ def generate(args) -> int:
             run(path_name, 1)
         print(f"warm-up (1 step per path, untimed below): {time.perf_counter() - t0:.1f} s")
     fast = run("fast")
-    print(f"fast path:      {steps} steps in {fast.seconds:.3f} s ({steps / fast.seconds:.2f} it/s)")
+    print(f"fast path:      {denoised} steps in {fast.seconds:.3f} s ({denoised / fast.seconds:.2f} it/s)")
     if compare:
         ref = run("reference")
-        print(f"reference path: {steps} steps in {ref.seconds:.3f} s ({steps / ref.seconds:.2f} it/s)")
+        print(f"reference path: {denoised} steps in {ref.seconds:.3f} s ({denoised / ref.seconds:.2f} it/s)")
         diff = max_abs_err(torch.from_numpy(fast.images), torch.from_numpy(ref.images))
         print(f"speedup {ref.seconds / fast.seconds:.2f}x; max abs pixel difference {diff:.2e} "
               f"(pixels in [0, 1]); PSNR {psnr(fast.images, ref.images):.1f} dB")

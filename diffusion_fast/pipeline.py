@@ -309,15 +309,20 @@ class StableDiffusionPipeline:
 
     def _sample(self, shape, embeds, cond, num_inference_steps, guidance_scale, do_cfg, eta, generator, latents,
                 output_type):
-        """The denoising loop and the decode, from the text conditioning (``embeds``, and ``cond``: the UNet's added
-        conditioning tensors, or ())."""
+        """Text-to-image from the text conditioning (``embeds``, and ``cond``: the UNet's added conditioning tensors,
+        or ()): the schedule, the initial noise drawn as diffusers draws it, the loop, the decode."""
         device = self.device
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype)
         latents = latents.to(device=device, dtype=embeds.dtype) * self.scheduler.init_noise_sigma
+        return self._denoise(latents, self.scheduler.timesteps, embeds, cond, num_inference_steps, guidance_scale,
+                             do_cfg, eta, generator, output_type)
 
+    def _denoise(self, latents, timesteps, embeds, cond, num_inference_steps, guidance_scale, do_cfg, eta, generator,
+                 output_type):
+        """The denoising loop over ``timesteps`` (the schedule, or its tail for img2img) and the decode."""
+        device = self.device
         self._apply_layout(device)
         mode = self._graph_mode(device, eta)
         graphs = self._graphs_for_components() if mode else None

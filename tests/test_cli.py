@@ -1,6 +1,7 @@
 """The diffusion-fast command: generate, bench, check on the built-in tiny model, and its error paths."""
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -138,6 +139,36 @@ def test_bench_output_folder_missing_fails_before_the_run(option, capsys):
     assert main(["bench", option, "/no/such/folder/out.x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "/no/such/folder/out.x" in err[0] and "does not exist" in err[0]
+
+
+def test_generate_image_to_image(tmp_path, capsys):
+    import numpy as np
+
+    image = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "out.png"
+    assert main(["generate", "--image", str(image), "--strength", "0.5", "--steps", "4", "--output", str(out),
+                 "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "fast path:      2 steps" in text and "max abs pixel difference" in text  # half of 4 steps, both paths
+    assert Image.open(out).size == (40, 32)  # the input's size
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--strength", "0.5"], "--strength is for image-to-image: give --image too"),
+    (["--image", "/no/such.png"], "--image: no such file: /no/such.png"),
+    (["--image", "IMAGE", "--strength", "0"], r"--strength must be in \(0, 1\], got 0.0"),
+    (["--image", "IMAGE", "--height", "64"], "--height/--width: with --image the output has the image's size"),
+    (["--image", "NOT_AN_IMAGE"], "is not an image PIL can read"),
+])
+def test_generate_image_to_image_bad_options_one_line(tmp_path, capsys, argv, message):
+    image, junk = tmp_path / "in.png", tmp_path / "junk.png"
+    Image.new("RGB", (16, 16)).save(image)
+    junk.write_text("not a png")
+    argv = [{"IMAGE": str(image), "NOT_AN_IMAGE": str(junk)}.get(a, a) for a in argv]
+    assert main(["generate", *argv, "--steps", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err and "loaded" not in err
 
 
 def test_lcm_steps_past_its_distillation_schedule_is_one_line(capsys):

@@ -106,6 +106,19 @@ class PNDMScheduler(SchedulerBase):
 
     def _reset_state(self):
         self.counter, self.ets, self.cur_sample, self.cur_model_output = 0, [], None, 0
+        self._begin = 0
+
+    def set_begin_index(self, begin_index=0):
+        """Start the run at the schedule's ``begin_index``-th timestep (img2img): the state starts afresh there, as
+        diffusers' PNDM does when a pipeline hands it the tail of its timesteps."""
+        if isinstance(begin_index, bool) or not isinstance(begin_index, int) or begin_index < 0:
+            raise ValueError(f"begin_index must be a non-negative int, got {begin_index!r}")
+        if self.num_inference_steps is None:
+            raise ValueError("PNDMScheduler.set_begin_index: call set_timesteps first")
+        if begin_index >= len(self._schedule):
+            raise ValueError(f"begin_index {begin_index} is past the schedule of {len(self._schedule)} timesteps")
+        self._reset_state()
+        self._begin = begin_index
 
     def set_timesteps(self, num_inference_steps, device=None):
         """diffusers' schedule: the spaced timesteps, PRK's half-steps over the last four first unless
@@ -137,10 +150,11 @@ class PNDMScheduler(SchedulerBase):
     def step(self, model_output, timestep, sample, return_dict=True):
         if self.num_inference_steps is None:
             raise ValueError("PNDMScheduler.step: call set_timesteps first")
-        if self.counter >= len(self._schedule):
+        if self._begin + self.counter >= len(self._schedule):
             raise ValueError(f"step called {self.counter + 1} times for a schedule of {len(self._schedule)} "
-                             f"timesteps ({self.num_inference_steps} inference steps)")
-        expected = self._schedule[self.counter]
+                             f"timesteps ({self.num_inference_steps} inference steps)"
+                             + (f", begun at index {self._begin}" if self._begin else ""))
+        expected = self._schedule[self._begin + self.counter]
         on_host = not torch.is_tensor(timestep) or timestep.device.type == "cpu"
         if on_host and int(timestep) != expected:  # a device timestep is not read (that would wait on the device)
             raise ValueError(f"timestep {int(timestep)} is not this step's timestep {expected}: PNDM steps through "

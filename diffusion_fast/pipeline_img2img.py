@@ -1,0 +1,111 @@
+"""Image-to-image with diffusers' StableDiffusionImg2ImgPipeline semantics: the same image for the same seed, image,
+strength and weights.
+
+The initial image is prepared as diffusers' image processor prepares it (an RGB PIL image is cut down to a multiple of
+the VAE's scale with Lanczos resampling; pixels to [-1, 1]), encoded by the VAE and sampled from its posterior with the
+generator, scaled, and noised with the scheduler's ``add_noise`` to the first timestep of the schedule's last
+``strength`` part. The loop then runs the SD pipeline's denoising over that part (fused steps, CUDA graphs) and
+decodes. A scheduler that keeps a step index is told where the run begins (``set_begin_index``), as diffusers does.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .pipeline import StableDiffusionPipeline
+from .schedulers.common import randn_tensor
+
+
+def preprocess_image(image, scale: int, latent_channels: int) -> torch.Tensor:
+    """diffusers' VaeImageProcessor.preprocess for RGB PIL images (one or a list) and (B, C, H, W) tensors: PIL images
+    are resized down to a multiple of ``scale`` (Lanczos; an image already there is copied unchanged), stacked, and
+    mapped from [0, 1] to [-1, 1]; a tensor whose values are all >= 0 is taken as [0, 1] and mapped too, one with
+    negative values as [-1, 1] already, and one of ``latent_channels`` channels as latents (left as they are)."""
+    import PIL.Image
+
+    images = image if isinstance(image, (list, tuple)) else [image]
+    if images and all(isinstance(im, PIL.Image.Image) for im in images):
+        modes = sorted({im.mode for im in images} - {"RGB"})
+        if modes:
+            raise ValueError(f"image: RGB images only (got mode {modes[0]}); convert them with image.convert('RGB')")
+        if len({im.size for im in images}) > 1:
+            raise ValueError(f"image: the images differ in size ({sorted({im.size for im in images})})")
+        width, height = (x - x % scale for x in images[0].size)
+        if width == 0 or height == 0:
+            raise ValueError(f"image is {images[0].size[0]}x{images[0].size[1]}: smaller than the VAE's scale {scale}")
+        arrays = [np.array(im.resize((width, height), resample=PIL.Image.LANCZOS)).astype(np.float32) / 255.0
+                  for im in images]
+        return 2.0 * torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2)) - 1.0
+    if torch.is_tensor(image):
+        if image.dim() != 4 or not image.is_floating_point():
+            raise ValueError(f"image: a tensor must be a float (B, C, H, W) batch, got {image.dtype} of shape "
+                             f"{tuple(image.shape)}")
+        return image if image.shape[1] == latent_channels or image.min() < 0 else 2.0 * image - 1.0
+    raise TypeError(f"image must be an RGB PIL image, a list of them or a (B, C, H, W) tensor, got "
+                    f"{type(image).__name__}")
+
+
+class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
+    @torch.no_grad()
+    def __call__(self, prompt=None, image=None, strength=0.8, num_inference_steps=50, guidance_scale=7.5,
+                 negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None, prompt_embeds=None,
+                 negative_prompt_embeds=None, output_type="pil"):
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+            raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+        if image is None:
+            raise ValueError("image: give the initial image (an RGB PIL image, a list of them or a tensor)")
+        image = preprocess_image(image, self.vae_scale_factor, self.unet.config.in_channels)
+        latent_input = image.shape[1] == self.unet.config.in_channels  # latents given instead of pixels
+        if not latent_input and image.shape[1] != self.vae.config.in_channels:
+            raise ValueError(f"image has {image.shape[1]} channels: {self.vae.config.in_channels} (pixels) or "
+                             f"{self.unet.config.in_channels} (latents)")
+        scale = self.vae_scale_factor if latent_input else 1  # the output image's size
+        height, width = image.shape[2] * scale, image.shape[3] * scale
+        shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+                                   num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None, output_type)
+        steps = min(int(num_inference_steps * strength), num_inference_steps)
+        if steps == 0:
+            raise ValueError(f"strength {strength} x num_inference_steps {num_inference_steps} leaves no denoising "
+                             "step: raise either")
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        device = self.device
+        do_cfg = guidance_scale > 1.0
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        embeds = (torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds).to(self.dtype)
+
+        # diffusers' get_timesteps: the schedule's last `strength` part, its start told to the scheduler
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        begin = (num_inference_steps - steps) * getattr(self.scheduler, "order", 1)
+        timesteps = self.scheduler.timesteps[begin:]
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(begin)
+        latents = self._image_latents(image, latent_input, timesteps[:1].repeat(shape[0]), shape[0], embeds.dtype,
+                                      generator)
+        return self._denoise(latents, timesteps, embeds, (), num_inference_steps, guidance_scale, do_cfg, eta,
+                             generator, output_type)
+
+    def _image_latents(self, image, latent_input, timestep, batch, dtype, generator):
+        """diffusers' prepare_latents: the image's latents (sampled from the VAE posterior with the generator, or
+        given), repeated to the batch, noised to ``timestep`` with noise drawn as diffusers draws it."""
+        device = self.device
+        image = image.to(device=device, dtype=dtype)
+        if isinstance(generator, (list, tuple)) and len(generator) != batch:
+            raise ValueError(f"generator is a list of {len(generator)} but the batch is {batch} (prompts x images "
+                             "per prompt)")
+        if batch % image.shape[0] != 0:
+            raise ValueError(f"image has {image.shape[0]} images, which does not divide the batch of {batch} "
+                             "(prompts x images per prompt)")
+        if latent_input:
+            latents = image
+        elif isinstance(generator, (list, tuple)):
+            image = torch.cat([image] * (batch // image.shape[0]))
+            latents = torch.cat([self.vae.encode(image[i:i + 1]).latent_dist.sample(generator[i])
+                                 for i in range(batch)])
+        else:
+            latents = self.vae.encode(image).latent_dist.sample(generator)
+        latents = latents if latent_input else self.vae.config.scaling_factor * latents
+        latents = torch.cat([latents] * (batch // latents.shape[0]))
+        noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=dtype)
+        return self.scheduler.add_noise(latents, noise, timestep)
