@@ -292,7 +292,7 @@ class StableDiffusionPipeline:
     @torch.no_grad()
     def __call__(self, prompt=None, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5, eta=0.0,
                  generator=None, height=None, width=None, num_images_per_prompt=1, prompt_embeds=None,
-                 negative_prompt_embeds=None, latents=None, output_type="pil"):
+                 negative_prompt_embeds=None, latents=None, output_type="pil", timesteps=None, sigmas=None):
         height = height if height is not None else self.unet.config.sample_size * self.vae_scale_factor
         width = width if width is not None else self.unet.config.sample_size * self.vae_scale_factor
         shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
@@ -305,14 +305,31 @@ class StableDiffusionPipeline:
             prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)
         embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
         return self._sample(shape, embeds.to(self.dtype), (), num_inference_steps, guidance_scale, do_cfg, eta,
-                            generator, latents, output_type)
+                            generator, latents, output_type, timesteps, sigmas)
+
+    def _set_timesteps(self, num_inference_steps, device, timesteps=None, sigmas=None):
+        """diffusers' retrieve_timesteps: the scheduler's schedule of ``num_inference_steps``, or custom ``timesteps``
+        or ``sigmas`` (e.g. an "Align Your Steps" schedule) where its set_timesteps takes them. Returns the number
+        of steps as diffusers counts them then (the schedule's length)."""
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("timesteps and sigmas: give one, not both")
+        for name, values in (("timesteps", timesteps), ("sigmas", sigmas)):
+            if values is None:
+                continue
+            if not _takes(self.scheduler.set_timesteps, name):
+                raise ValueError(f"{name}: {type(self.scheduler).__name__} takes no custom {name} (custom timesteps: "
+                                 "Euler, Heun, DPM-Solver++, DDPM, LCM; custom sigmas: Euler)")
+            self.scheduler.set_timesteps(device=device, **{name: values})
+            return len(self.scheduler.timesteps)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        return num_inference_steps
 
     def _sample(self, shape, embeds, cond, num_inference_steps, guidance_scale, do_cfg, eta, generator, latents,
-                output_type):
+                output_type, timesteps=None, sigmas=None):
         """Text-to-image from the text conditioning (``embeds``, and ``cond``: the UNet's added conditioning tensors,
         or ()): the schedule, the initial noise drawn as diffusers draws it, the loop, the decode."""
         device = self.device
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        num_inference_steps = self._set_timesteps(num_inference_steps, device, timesteps, sigmas)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype)
         latents = latents.to(device=device, dtype=embeds.dtype) * self.scheduler.init_noise_sigma

@@ -49,7 +49,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
     @torch.no_grad()
     def __call__(self, prompt=None, image=None, strength=0.8, num_inference_steps=50, guidance_scale=7.5,
                  negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None, prompt_embeds=None,
-                 negative_prompt_embeds=None, output_type="pil"):
+                 negative_prompt_embeds=None, output_type="pil", timesteps=None, sigmas=None):
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
             raise ValueError(f"strength must be in [0, 1], got {strength!r}")
         if image is None:
@@ -63,20 +63,20 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         height, width = image.shape[2] * scale, image.shape[3] * scale
         shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                                    num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None, output_type)
+        device = self.device
+        num_inference_steps = self._set_timesteps(num_inference_steps, device, timesteps, sigmas)
         steps = min(int(num_inference_steps * strength), num_inference_steps)
         if steps == 0:
             raise ValueError(f"strength {strength} x num_inference_steps {num_inference_steps} leaves no denoising "
                              "step: raise either")
         if isinstance(prompt, str):
             prompt = [prompt]
-        device = self.device
         do_cfg = guidance_scale > 1.0
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)
         embeds = (torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds).to(self.dtype)
 
         # diffusers' get_timesteps: the schedule's last `strength` part, its start told to the scheduler
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
         begin = (num_inference_steps - steps) * getattr(self.scheduler, "order", 1)
         timesteps = self.scheduler.timesteps[begin:]
         if hasattr(self.scheduler, "set_begin_index"):

@@ -166,7 +166,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                  num_images_per_prompt=1, prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
                  negative_pooled_prompt_embeds=None, latents=None, output_type="pil", original_size=None,
                  crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
-                 negative_crops_coords_top_left=(0, 0), negative_target_size=None):
+                 negative_crops_coords_top_left=(0, 0), negative_target_size=None, timesteps=None, sigmas=None):
         height = height if height is not None else self.unet.config.sample_size * self.vae_scale_factor
         width = width if width is not None else self.unet.config.sample_size * self.vae_scale_factor
         shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
@@ -195,7 +195,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             time_ids = torch.cat([negative_time_ids, time_ids])
         time_ids = time_ids.to(device).repeat(shape[0], 1)  # as diffusers: the (negative, positive) pair, repeated
         return self._sample(shape, embeds.to(self.dtype), (pooled.to(device), time_ids), num_inference_steps,
-                            guidance_scale, do_cfg, eta, generator, latents, output_type)
+                            guidance_scale, do_cfg, eta, generator, latents, output_type, timesteps, sigmas)
 
     def _decode(self, latents):
         """diffusers' SDXL decode: an fp16 VAE with force_upcast decodes in fp32 (and goes back to fp16);

@@ -73,6 +73,42 @@ def test_other_schedulers_same_image_as_diffusers(pair, scheduler, cfg, steps):
         theirs.scheduler, ours.scheduler = saved
 
 
+# Custom schedules, as diffusers' retrieve_timesteps passes them: "Align Your Steps"-style timesteps with DPM-Solver++
+# (diffusers' own example), Euler and Heun, Euler with custom sigmas, LCM's and DDPM's timesteps
+AYS_TIMESTEPS = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]
+
+
+@pytest.mark.parametrize("scheduler, schedule", [
+    ("DPMSolverMultistepScheduler", dict(timesteps=AYS_TIMESTEPS)),
+    ("EulerDiscreteScheduler", dict(timesteps=AYS_TIMESTEPS)),
+    ("EulerDiscreteScheduler", dict(sigmas=[14.6, 6.3, 3.7, 2.2, 1.3, 0.8, 0.4, 0.2, 0.03, 0.0])),
+    ("HeunDiscreteScheduler", dict(timesteps=AYS_TIMESTEPS[::3])),
+    ("LCMScheduler", dict(timesteps=[999, 759, 499, 259])),
+    ("DDPMScheduler", dict(timesteps=AYS_TIMESTEPS[::2])),
+])
+def test_custom_timesteps_and_sigmas_same_image_as_diffusers(pair, scheduler, schedule):
+    import diffusers
+
+    theirs, ours = pair
+    saved = theirs.scheduler, ours.scheduler
+    try:
+        theirs.scheduler = getattr(diffusers, scheduler).from_config(saved[0].config)
+        ours.scheduler = diffusion_fast.schedulers.load_scheduler(dict(theirs.scheduler.config))
+        a, b = _both(pair, prompt="a red cube", **schedule)
+        assert np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS
+        assert len(ours.scheduler.timesteps) == len(theirs.scheduler.timesteps)
+    finally:
+        theirs.scheduler, ours.scheduler = saved
+
+
+def test_custom_schedule_errors(pair):
+    _, ours = pair  # its scheduler is DDIM, which takes no custom schedule (as in diffusers)
+    with pytest.raises(ValueError, match="timesteps: DDIMScheduler takes no custom timesteps"):
+        ours("a", timesteps=AYS_TIMESTEPS)
+    with pytest.raises(ValueError, match="timesteps and sigmas: give one, not both"):
+        ours("a", timesteps=AYS_TIMESTEPS, sigmas=[1.0, 0.0])
+
+
 def test_batch_of_prompts_several_images_non_square_and_eta(pair):
     # Two prompts x two images each, a 48x64 image (latent 12x16: non-square), and eta > 0 so the DDIM noise is
     # drawn from the generator at every step exactly as diffusers draws it.

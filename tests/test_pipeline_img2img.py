@@ -87,6 +87,20 @@ def test_every_scheduler_same_image_as_diffusers(pair, scheduler, cfg):
         theirs.scheduler, ours.scheduler = saved
 
 
+def test_custom_timesteps(pair):
+    # diffusers' retrieve_timesteps, then the strength's tail of that schedule
+    import diffusers
+
+    theirs, ours = pair
+    saved = theirs.scheduler, ours.scheduler
+    try:
+        theirs.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(saved[0].config)
+        ours.scheduler = diffusion_fast.schedulers.load_scheduler(dict(theirs.scheduler.config))
+        assert _both(pair, timesteps=[999, 850, 736, 645, 545, 455, 343, 233, 124, 24]) <= PIPELINE_FP32_MAX_ABS
+    finally:
+        theirs.scheduler, ours.scheduler = saved
+
+
 def test_latents_as_the_image(pair):
     # a tensor with the UNet's channel count is taken as latents (diffusers' rule): no encode, no scaling
     theirs, _ = pair

@@ -70,6 +70,7 @@ def test_same_image_as_diffusers(pair, backend_name, kwargs):
     ("EulerAncestralDiscreteScheduler", {}),  # noise every step, from the generator
     ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True)),
     ("DDIMScheduler", {}),  # with eta: DDIM's noise
+    ("DPMSolverMultistepScheduler", dict(timesteps=[999, 845, 730, 587, 443, 310, 193, 116, 53, 13])),  # SDXL's AYS
 ])
 def test_other_schedulers_same_image_as_diffusers(pair, scheduler, cfg):
     import diffusers
@@ -77,10 +78,12 @@ def test_other_schedulers_same_image_as_diffusers(pair, scheduler, cfg):
     theirs, ours = pair
     saved = theirs.scheduler, ours.scheduler
     try:
+        cfg = dict(cfg)  # (the parameter's own dict stays as it is)
+        schedule = {"timesteps": cfg.pop("timesteps")} if "timesteps" in cfg else {"num_inference_steps": 4}
         theirs.scheduler = getattr(diffusers, scheduler).from_config(saved[0].config, **cfg)
         ours.scheduler = diffusion_fast.schedulers.load_scheduler(dict(theirs.scheduler.config))
         extra = {"eta": 0.6} if scheduler == "DDIMScheduler" else {}
-        assert _both(pair, prompt="a red cube", num_inference_steps=4, **extra) <= PIPELINE_FP32_MAX_ABS
+        assert _both(pair, prompt="a red cube", **schedule, **extra) <= PIPELINE_FP32_MAX_ABS
     finally:
         theirs.scheduler, ours.scheduler = saved
 
