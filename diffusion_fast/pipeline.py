@@ -62,7 +62,37 @@ def _auto_or_bool_setting(name: str, doc: str) -> property:
                     lambda self, value: setattr(self, attr, _validate.auto_or_bool(name, value)), doc=doc)
 
 
+class StepCallback:
+    """diffusers' ``callback_on_step_end``, run after each step: ``fn(pipe, step, timestep, tensors)`` with the named
+    tensors; the ones it returns replace the loop's (the latents, the text embeddings, SDXL's added conditioning)."""
+
+    def __init__(self, fn, inputs, allowed, extra):
+        if not callable(fn):
+            raise TypeError(f"callback_on_step_end must be callable (pipe, step, timestep, tensors) -> dict, got "
+                            f"{type(fn).__name__}")
+        inputs = list(getattr(fn, "tensor_inputs", inputs))  # a diffusers PipelineCallback names its own
+        unknown = [k for k in inputs if k not in allowed]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs has to be in {list(allowed)}, but found {unknown}")
+        self.fn, self.inputs, self.extra = fn, inputs, extra
+
+    def __call__(self, pipe, i, t, latents, embeds, cond, graphed):
+        named = {"latents": latents.clone() if graphed else latents,  # (a graph's output is overwritten next step)
+                 "prompt_embeds": embeds, **self.extra}
+        if cond:
+            named.update(add_text_embeds=cond[0], add_time_ids=cond[1])
+        outputs = self.fn(pipe, i, t, {k: named[k] for k in self.inputs})
+        if not isinstance(outputs, dict):
+            raise TypeError(f"callback_on_step_end must return a dict (the tensors it replaces, or {{}}), got "
+                            f"{type(outputs).__name__}")
+        latents, embeds = outputs.get("latents", latents), outputs.get("prompt_embeds", embeds)
+        if cond:
+            cond = (outputs.get("add_text_embeds", cond[0]), outputs.get("add_time_ids", cond[1]))
+        return latents, embeds, cond
+
+
 class StableDiffusionPipeline:
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")  # diffusers' names
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, cuda_graph="auto", channels_last="auto"):
         self.channels_last = channels_last  # validated by the property setters below
         self._layout = torch.contiguous_format  # the models' current memory format
@@ -73,6 +103,7 @@ class StableDiffusionPipeline:
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self._progress = {}
         self._graphs = self._graphed_for = None  # {"step": ..., "unet": ...} GraphedCallables, and their components
+        self._interrupt = False
 
     def _check_components(self):
         """The UNet must be conditioned on what this pipeline gives it: one CLIP text encoder's hidden states."""
@@ -289,23 +320,36 @@ class StableDiffusionPipeline:
             self._graphed_for = (self.unet, self.scheduler)
         return self._graphs
 
+    @property
+    def interrupt(self):
+        """Set ``pipe._interrupt = True`` in a step callback to skip the remaining steps, as in diffusers."""
+        return self._interrupt
+
+    def _callback(self, fn, inputs):
+        """The step callback, its tensor names checked (before any work); None without one."""
+        return None if fn is None else StepCallback(fn, inputs, self._callback_tensor_inputs, {})
+
     @torch.no_grad()
     def __call__(self, prompt=None, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5, eta=0.0,
                  generator=None, height=None, width=None, num_images_per_prompt=1, prompt_embeds=None,
-                 negative_prompt_embeds=None, latents=None, output_type="pil", timesteps=None, sigmas=None):
+                 negative_prompt_embeds=None, latents=None, output_type="pil", timesteps=None, sigmas=None,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
         height = height if height is not None else self.unet.config.sample_size * self.vae_scale_factor
         width = width if width is not None else self.unet.config.sample_size * self.vae_scale_factor
         shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                                    num_images_per_prompt, prompt_embeds, negative_prompt_embeds, latents, output_type)
+        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         if isinstance(prompt, str):
             prompt = [prompt]
         device = self.device
         do_cfg = guidance_scale > 1.0
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        if callback is not None:  # (read by the callback; a replacement is not used, as in diffusers)
+            callback.extra["negative_prompt_embeds"] = negative_prompt_embeds
         embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
         return self._sample(shape, embeds.to(self.dtype), (), num_inference_steps, guidance_scale, do_cfg, eta,
-                            generator, latents, output_type, timesteps, sigmas)
+                            generator, latents, output_type, timesteps, sigmas, callback)
 
     def _set_timesteps(self, num_inference_steps, device, timesteps=None, sigmas=None):
         """diffusers' retrieve_timesteps: the scheduler's schedule of ``num_inference_steps``, or custom ``timesteps``
@@ -325,7 +369,7 @@ class StableDiffusionPipeline:
         return num_inference_steps
 
     def _sample(self, shape, embeds, cond, num_inference_steps, guidance_scale, do_cfg, eta, generator, latents,
-                output_type, timesteps=None, sigmas=None):
+                output_type, timesteps=None, sigmas=None, callback=None):
         """Text-to-image from the text conditioning (``embeds``, and ``cond``: the UNet's added conditioning tensors,
         or ()): the schedule, the initial noise drawn as diffusers draws it, the loop, the decode."""
         device = self.device
@@ -334,11 +378,12 @@ class StableDiffusionPipeline:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype)
         latents = latents.to(device=device, dtype=embeds.dtype) * self.scheduler.init_noise_sigma
         return self._denoise(latents, self.scheduler.timesteps, embeds, cond, num_inference_steps, guidance_scale,
-                             do_cfg, eta, generator, output_type)
+                             do_cfg, eta, generator, output_type, callback)
 
     def _denoise(self, latents, timesteps, embeds, cond, num_inference_steps, guidance_scale, do_cfg, eta, generator,
-                 output_type):
-        """The denoising loop over ``timesteps`` (the schedule, or its tail for img2img) and the decode."""
+                 output_type, callback=None):
+        """The denoising loop over ``timesteps`` (the schedule, or its tail for img2img) and the decode; ``callback``
+        (a StepCallback) after each step, and ``pipe._interrupt`` set there skips the rest, as in diffusers."""
         device = self.device
         self._apply_layout(device)
         mode = self._graph_mode(device, eta)
@@ -348,12 +393,17 @@ class StableDiffusionPipeline:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        for t in tqdm(timesteps, **{"desc": "denoising", **self._progress}):
+        self._interrupt = False
+        for i, t in enumerate(tqdm(timesteps, **{"desc": "denoising", **self._progress})):
+            if self._interrupt:
+                continue
             if graphed:  # replays write a static buffer, which the next replay copies in as its input
                 latents = graphs["step"](latents, t, embeds, float(guidance_scale), do_cfg, num_inference_steps, *cond)
             else:
                 latents = self._denoise_step(latents, t, embeds, cond, guidance_scale, do_cfg, eta, generator,
                                              graphs["unet"] if mode == "unet" else None)  # hands out copies
+            if callback is not None:
+                latents, embeds, cond = callback(self, i, t, latents, embeds, cond, graphed)
         latents = latents.clone() if graphed else latents
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -49,7 +49,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
     @torch.no_grad()
     def __call__(self, prompt=None, image=None, strength=0.8, num_inference_steps=50, guidance_scale=7.5,
                  negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None, prompt_embeds=None,
-                 negative_prompt_embeds=None, output_type="pil", timesteps=None, sigmas=None):
+                 negative_prompt_embeds=None, output_type="pil", timesteps=None, sigmas=None, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",)):
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
             raise ValueError(f"strength must be in [0, 1], got {strength!r}")
         if image is None:
@@ -63,6 +64,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         height, width = image.shape[2] * scale, image.shape[3] * scale
         shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                                    num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None, output_type)
+        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         device = self.device
         num_inference_steps = self._set_timesteps(num_inference_steps, device, timesteps, sigmas)
         steps = min(int(num_inference_steps * strength), num_inference_steps)
@@ -75,6 +77,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)
         embeds = (torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds).to(self.dtype)
+        if callback is not None:
+            callback.extra["negative_prompt_embeds"] = negative_prompt_embeds
 
         # diffusers' get_timesteps: the schedule's last `strength` part, its start told to the scheduler
         begin = (num_inference_steps - steps) * getattr(self.scheduler, "order", 1)
@@ -84,7 +88,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         latents = self._image_latents(image, latent_input, timesteps[:1].repeat(shape[0]), shape[0], embeds.dtype,
                                       generator)
         return self._denoise(latents, timesteps, embeds, (), num_inference_steps, guidance_scale, do_cfg, eta,
-                             generator, output_type)
+                             generator, output_type, callback)
 
     def _image_latents(self, image, latent_input, timestep, batch, dtype, generator):
         """diffusers' prepare_latents: the image's latents (sampled from the VAE posterior with the generator, or

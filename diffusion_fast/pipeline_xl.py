@@ -37,6 +37,7 @@ def _size_pair(name, value):
 
 
 class StableDiffusionXLPipeline(StableDiffusionPipeline):
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids")  # diffusers' names
     def __init__(self, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler, *,
                  force_zeros_for_empty_prompt=True, cuda_graph="auto", channels_last="auto"):
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
@@ -166,13 +167,15 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                  num_images_per_prompt=1, prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
                  negative_pooled_prompt_embeds=None, latents=None, output_type="pil", original_size=None,
                  crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
-                 negative_crops_coords_top_left=(0, 0), negative_target_size=None, timesteps=None, sigmas=None):
+                 negative_crops_coords_top_left=(0, 0), negative_target_size=None, timesteps=None, sigmas=None,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
         height = height if height is not None else self.unet.config.sample_size * self.vae_scale_factor
         width = width if width is not None else self.unet.config.sample_size * self.vae_scale_factor
         shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                                    num_images_per_prompt, prompt_embeds, negative_prompt_embeds, latents, output_type)
         self._check_xl_inputs(prompt, prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
                               pooled_prompt_embeds, negative_pooled_prompt_embeds)
+        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         sizes = {name: _size_pair(name, value) for name, value in (
             ("original_size", original_size or (height, width)), ("crops_coords_top_left", crops_coords_top_left),
             ("target_size", target_size or (height, width)),
@@ -195,7 +198,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             time_ids = torch.cat([negative_time_ids, time_ids])
         time_ids = time_ids.to(device).repeat(shape[0], 1)  # as diffusers: the (negative, positive) pair, repeated
         return self._sample(shape, embeds.to(self.dtype), (pooled.to(device), time_ids), num_inference_steps,
-                            guidance_scale, do_cfg, eta, generator, latents, output_type, timesteps, sigmas)
+                            guidance_scale, do_cfg, eta, generator, latents, output_type, timesteps, sigmas, callback)
 
     def _decode(self, latents):
         """diffusers' SDXL decode: an fp16 VAE with force_upcast decodes in fp32 (and goes back to fp16);

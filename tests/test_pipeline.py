@@ -109,6 +109,60 @@ def test_custom_schedule_errors(pair):
         ours("a", timesteps=AYS_TIMESTEPS, sigmas=[1.0, 0.0])
 
 
+def _step_callback(log):
+    """A callback as diffusers' docs write them: reads the tensors, replaces the latents at step 1, and sets
+    pipe._interrupt at step 2 (the remaining steps are skipped)."""
+
+    def callback(pipe, i, t, tensors):
+        log.append((i, int(t), sorted(tensors), float(tensors["latents"].abs().mean())))
+        if i == 2:
+            pipe._interrupt = True
+        return {"latents": tensors["latents"] * 0.9} if i == 1 else {}
+
+    return callback
+
+
+@pytest.mark.parametrize("backend_name", ["fast", "reference"])
+def test_step_callback_and_interrupt_as_diffusers(pair, backend_name):
+    theirs, ours = pair
+    logs = [], []
+    inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    images = []
+    for pipe, log in zip(pair, logs):
+        with diffusion_fast.backend(backend_name):
+            images.append(pipe("a", num_inference_steps=5, generator=torch.Generator().manual_seed(0),
+                               output_type="np", callback_on_step_end=_step_callback(log),
+                               callback_on_step_end_tensor_inputs=inputs).images)
+    assert [entry[:3] for entry in logs[1]] == [entry[:3] for entry in logs[0]] and len(logs[0]) == 3
+    np.testing.assert_allclose([e[3] for e in logs[1]], [e[3] for e in logs[0]], rtol=1e-5)
+    assert np.abs(images[1] - images[0]).max() <= PIPELINE_FP32_MAX_ABS
+
+
+def test_step_callback_with_the_step_graphed(monkeypatch):
+    """With the whole step graphed (stood in for on the CPU), the callback gets a copy of the graph's output, and the
+    latents it returns are the next replay's input: the eager loop's image."""
+    pipe = StableDiffusionPipeline.from_tiny("sd1", seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    call = lambda: pipe("a", num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="latent",
+                        callback_on_step_end=_step_callback([])).images
+    eager = call()
+    monkeypatch.setattr(pipe, "_graph_mode", lambda device, eta: "step")
+    pipe._graphs = None
+    use_fake_graphs(pipe._graphs_for_components()["step"])
+    torch.testing.assert_close(call(), eager, rtol=0, atol=0)
+
+
+def test_step_callback_errors(pair):
+    _, ours = pair
+    with pytest.raises(ValueError, match=r"has to be in \['latents', 'prompt_embeds', 'negative_prompt_embeds'\], "
+                                         r"but found \['noise_pred'\]"):
+        ours("a", callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["latents", "noise_pred"])
+    with pytest.raises(TypeError, match="callback_on_step_end must be callable"):
+        ours("a", callback_on_step_end=3)
+    with pytest.raises(TypeError, match="callback_on_step_end must return a dict .* got NoneType"):
+        ours("a", num_inference_steps=1, callback_on_step_end=lambda *a: None)
+
+
 def test_batch_of_prompts_several_images_non_square_and_eta(pair):
     # Two prompts x two images each, a 48x64 image (latent 12x16: non-square), and eta > 0 so the DDIM noise is
     # drawn from the generator at every step exactly as diffusers draws it.

@@ -101,6 +101,13 @@ def test_custom_timesteps(pair):
         theirs.scheduler, ours.scheduler = saved
 
 
+def test_step_callback(pair):
+    def callback(pipe, i, t, tensors):
+        return {"latents": tensors["latents"] * 0.9} if i == 0 else {}
+
+    assert _both(pair, callback_on_step_end=callback) <= PIPELINE_FP32_MAX_ABS
+
+
 def test_latents_as_the_image(pair):
     # a tensor with the UNet's channel count is taken as latents (diffusers' rule): no encode, no scaling
     theirs, _ = pair

@@ -88,6 +88,17 @@ def test_other_schedulers_same_image_as_diffusers(pair, scheduler, cfg):
         theirs.scheduler, ours.scheduler = saved
 
 
+def test_step_callback_sees_and_replaces_the_added_conditioning(pair):
+    # diffusers' SDXL names: the callback replaces add_time_ids at step 1 (both pipelines use the new ids after it)
+    def callback(pipe, i, t, tensors):
+        assert sorted(tensors) == ["add_text_embeds", "add_time_ids", "latents", "prompt_embeds"]
+        return {"add_time_ids": tensors["add_time_ids"] * 2} if i == 1 else {}
+
+    inputs = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"]
+    assert _both(pair, prompt="a red cube", num_inference_steps=4, callback_on_step_end=callback,
+                 callback_on_step_end_tensor_inputs=inputs) <= PIPELINE_FP32_MAX_ABS
+
+
 def test_negative_prompt_encoded_when_the_folder_does_not_force_zeros(pair, folder, tmp_path):
     theirs, _ = pair
     index = json.loads((folder / "model_index.json").read_text())
