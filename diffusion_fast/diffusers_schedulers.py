@@ -9,9 +9,9 @@ own ``step``, so behaviour outside the fused cases is diffusers' own.
 Which schedulers are fused, and where:
 
 ``DDIMScheduler``, ``EulerDiscreteScheduler`` (SDXL's default), ``EulerAncestralDiscreteScheduler``,
-``HeunDiscreteScheduler``, ``LMSDiscreteScheduler``, ``DPMSolverMultistepScheduler``, ``PNDMScheduler`` (SD1.5's default), ``UniPCMultistepScheduler``, ``LCMScheduler``
-(LCM-LoRA's) and ``DDPMScheduler``, on the CPU (C++ ops) and on CUDA (Triton kernels; Heun, LMS, DPM-Solver++, PNDM,
-UniPC and LCM run ``linear_step``).
+``HeunDiscreteScheduler``, ``LMSDiscreteScheduler``, ``DPMSolverMultistepScheduler``, ``PNDMScheduler`` (SD1.5's
+default), ``UniPCMultistepScheduler``, ``LCMScheduler`` (LCM-LoRA's) and ``DDPMScheduler``, on the CPU (C++ ops) and
+on CUDA (Triton kernels; Heun, LMS, DPM-Solver++, PNDM, UniPC and LCM run ``linear_step``).
 
 Heun, LMS, DPM-Solver++, PNDM, UniPC and LCM run the same update functions as our own schedulers
 (``schedulers.heun``, ``schedulers.lms``, ``schedulers.dpm_solver``, ``schedulers.pndm``, ``schedulers.unipc``,

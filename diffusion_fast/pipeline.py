@@ -93,6 +93,7 @@ class StepCallback:
 
 class StableDiffusionPipeline:
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")  # diffusers' names
+
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, cuda_graph="auto", channels_last="auto"):
         self.channels_last = channels_last  # validated by the property setters below
         self._layout = torch.contiguous_format  # the models' current memory format

@@ -38,6 +38,7 @@ def _size_pair(name, value):
 
 class StableDiffusionXLPipeline(StableDiffusionPipeline):
     _callback_tensor_inputs = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids")  # diffusers' names
+
     def __init__(self, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler, *,
                  force_zeros_for_empty_prompt=True, cuda_graph="auto", channels_last="auto"):
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
@@ -54,7 +55,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         _check_config("text_encoder_2", te2, "projection_dim", "a transformers CLIPTextModelWithProjection")
         c = unet.config
         width = te.config.hidden_size + te2.config.hidden_size
-        per_block = c.cross_attention_dim if isinstance(c.cross_attention_dim, (list, tuple)) else [c.cross_attention_dim]
+        cross = c.cross_attention_dim
+        per_block = cross if isinstance(cross, (list, tuple)) else [cross]
         if any(w != width for w in per_block):
             raise ValueError(f"unet (cross_attention_dim={c.cross_attention_dim}) does not fit the two text encoders "
                              f"(hidden sizes {te.config.hidden_size} + {te2.config.hidden_size} = {width})")
@@ -64,7 +66,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         passed = 6 * c.addition_time_embed_dim + te2.config.projection_dim
         if passed != c.projection_class_embeddings_input_dim:
             raise ValueError(f"unet expects an added embedding of {c.projection_class_embeddings_input_dim} values "
-                             f"(projection_class_embeddings_input_dim), but six time ids of {c.addition_time_embed_dim} "
+                             f"(projection_class_embeddings_input_dim), but six time ids of "
+                             f"{c.addition_time_embed_dim} "
                              f"and text_encoder_2's projection_dim {te2.config.projection_dim} make {passed}")
 
     @classmethod
@@ -81,13 +84,15 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             raise FileNotFoundError(f"{folder!r} lacks the SDXL pipeline components {missing} (a refiner, which has "
                                     "no first text encoder, is not supported)")
         dtype = _resolve_dtype(dtype)
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=dtype, device=device, variant=variant)
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=dtype, device=device,
+                                                    variant=variant)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=dtype, device=device, variant=variant)
         encoders = []
         for name, model_cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
             encoder = model_cls.from_pretrained(os.path.join(folder, name))
             encoders.append(encoder.to(device=device, dtype=dtype or encoder.dtype).eval())
-        tokenizers = [CLIPTokenizer.from_pretrained(os.path.join(folder, name)) for name in ("tokenizer", "tokenizer_2")]
+        tokenizers = [CLIPTokenizer.from_pretrained(os.path.join(folder, name))
+                      for name in ("tokenizer", "tokenizer_2")]
         scheduler = load_scheduler(os.path.join(folder, "scheduler"))
         return cls(unet, vae, encoders[0], encoders[1], tokenizers[0], tokenizers[1], scheduler,
                    force_zeros_for_empty_prompt=components.get("force_zeros_for_empty_prompt", True),

@@ -145,5 +145,6 @@ def test_pndm_begin_index():
     x = torch.randn(1, 4, 5, 7)
     for t in sched.timesteps[3:]:
         sched.step(x, t, x)
-    with pytest.raises(ValueError, match=r"step called 3 times for a schedule of 5 timesteps \(4 inference steps\), begun at index 3"):
+    with pytest.raises(ValueError, match=r"step called 3 times for a schedule of 5 timesteps \(4 inference steps\), "
+                                         r"begun at index 3"):
         sched.step(x, sched.timesteps[-1], x)

@@ -13,10 +13,9 @@ from .lms import LMSDiscreteScheduler
 from .pndm import PNDMScheduler
 from .unipc import UniPCMultistepScheduler
 
-SCHEDULERS = {cls.__name__: cls for cls in (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                                            EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
-                                            LCMScheduler, LMSDiscreteScheduler, PNDMScheduler,
-                                            UniPCMultistepScheduler)}
+SCHEDULERS = {cls.__name__: cls for cls in (
+    DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
+    HeunDiscreteScheduler, LCMScheduler, LMSDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)}
 
 
 def load_scheduler(folder_or_config, default="DDIMScheduler"):
