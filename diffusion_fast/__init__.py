@@ -20,6 +20,7 @@ _LAZY = {
     "StableDiffusionPipeline": ("pipeline", "StableDiffusionPipeline"),
     "StableDiffusionXLPipeline": ("pipeline_xl", "StableDiffusionXLPipeline"),
     "StableDiffusionImg2ImgPipeline": ("pipeline_img2img", "StableDiffusionImg2ImgPipeline"),
+    "StableDiffusionXLImg2ImgPipeline": ("pipeline_img2img", "StableDiffusionXLImg2ImgPipeline"),
     "load_pipeline": ("pipeline_xl", "load_pipeline"),
     "accelerate": ("diffusers_patch", "accelerate"),
     "restore": ("diffusers_patch", "restore"),

@@ -114,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=_size, default=None)
     g.add_argument("--batch", type=_positive_int, default=1, help="images per prompt")
     g.add_argument("--image", default=None,
-                   help="an initial image file: image-to-image (SD 1.x/2.x), its size the output's")
+                   help="an initial image file: image-to-image, its size the output's")
     g.add_argument("--strength", type=float, default=None,
-                   help="with --image: how much of the schedule runs, in (0, 1] (default 0.8, as diffusers)")
+                   help="with --image: how much of the schedule runs, in (0, 1] (default: the pipeline's, 0.8 for "
+                        "SD 1.x/2.x, 0.3 for SDXL, as in diffusers)")
     g.add_argument("--output", default="diffusion_fast.png", help="PNG path (index appended for a batch)")
     g.add_argument("--compare", action="store_true",
                    help="also run the reference path and print the max difference (always on without --model)")
@@ -170,13 +171,16 @@ def _init_image(args):
 
 
 def _img2img(pipe):
-    """The image-to-image pipeline on a loaded SD pipeline's components (SDXL's is not implemented)."""
-    from .pipeline_img2img import StableDiffusionImg2ImgPipeline
+    """The image-to-image pipeline on a loaded pipeline's components (SD 1.x/2.x or SDXL)."""
+    from .pipeline_img2img import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 
+    settings = dict(cuda_graph=pipe.cuda_graph, channels_last=pipe.channels_last)
     if hasattr(pipe, "text_encoder_2"):
-        raise UsageError("--image: image-to-image runs SD 1.x/2.x models; this folder is SDXL")
+        return StableDiffusionXLImg2ImgPipeline(
+            pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
+            pipe.scheduler, force_zeros_for_empty_prompt=pipe.force_zeros_for_empty_prompt, **settings)
     return StableDiffusionImg2ImgPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
-                                          cuda_graph=pipe.cuda_graph, channels_last=pipe.channels_last)
+                                          **settings)
 
 
 def generate(args) -> int:
@@ -214,8 +218,9 @@ def generate(args) -> int:
     if init_image is None:
         options.update(height=args.height, width=args.width)
     else:  # img2img: the image's own size; a warm-up step of a strength-cut schedule needs the whole schedule
-        options.update(image=init_image, strength=0.8 if args.strength is None else args.strength)
-        denoised = min(int(steps * options["strength"]), steps)
+        strength = args.strength if args.strength is not None else 0.3 if hasattr(pipe, "text_encoder_2") else 0.8
+        options.update(image=init_image, strength=strength)
+        denoised = min(int(steps * strength), steps)
 
     def run(path_name, num_steps=steps):
         generator = torch.Generator("cpu").manual_seed(args.seed)

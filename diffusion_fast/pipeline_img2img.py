@@ -1,5 +1,5 @@
-"""Image-to-image with diffusers' StableDiffusionImg2ImgPipeline semantics: the same image for the same seed, image,
-strength and weights.
+"""Image-to-image with diffusers' StableDiffusionImg2ImgPipeline (and StableDiffusionXLImg2ImgPipeline) semantics:
+the same image for the same seed, image, strength and weights.
 
 The initial image is prepared as diffusers' image processor prepares it (an RGB PIL image is cut down to a multiple of
 the VAE's scale with Lanczos resampling; pixels to [-1, 1]), encoded by the VAE and sampled from its posterior with the
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .pipeline import StableDiffusionPipeline
+from .pipeline_xl import StableDiffusionXLPipeline, _size_pair
 from .schedulers.common import randn_tensor
 
 
@@ -45,12 +46,12 @@ def preprocess_image(image, scale: int, latent_channels: int) -> torch.Tensor:
                     f"{type(image).__name__}")
 
 
-class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
-    @torch.no_grad()
-    def __call__(self, prompt=None, image=None, strength=0.8, num_inference_steps=50, guidance_scale=7.5,
-                 negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None, prompt_embeds=None,
-                 negative_prompt_embeds=None, output_type="pil", timesteps=None, sigmas=None, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",)):
+class _ImageToImage:
+    """What both image-to-image pipelines share: the initial image, the strength's tail of the schedule, and the
+    noised latents of the image (diffusers' preprocess, get_timesteps and prepare_latents)."""
+
+    def _prepare_image(self, image, strength):
+        """(image tensor, whether it is latents, the output height and width), checked."""
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
             raise ValueError(f"strength must be in [0, 1], got {strength!r}")
         if image is None:
@@ -61,38 +62,26 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
             raise ValueError(f"image has {image.shape[1]} channels: {self.vae.config.in_channels} (pixels) or "
                              f"{self.unet.config.in_channels} (latents)")
         scale = self.vae_scale_factor if latent_input else 1  # the output image's size
-        height, width = image.shape[2] * scale, image.shape[3] * scale
-        shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
-                                   num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None, output_type)
-        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        device = self.device
-        num_inference_steps = self._set_timesteps(num_inference_steps, device, timesteps, sigmas)
+        return image, latent_input, image.shape[2] * scale, image.shape[3] * scale
+
+    def _tail(self, num_inference_steps, strength):
+        """diffusers' get_timesteps: the set schedule's last ``strength`` part, its start told to the scheduler."""
         steps = min(int(num_inference_steps * strength), num_inference_steps)
         if steps == 0:
             raise ValueError(f"strength {strength} x num_inference_steps {num_inference_steps} leaves no denoising "
                              "step: raise either")
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        do_cfg = guidance_scale > 1.0
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)
-        embeds = (torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds).to(self.dtype)
-        if callback is not None:
-            callback.extra["negative_prompt_embeds"] = negative_prompt_embeds
-
-        # diffusers' get_timesteps: the schedule's last `strength` part, its start told to the scheduler
         begin = (num_inference_steps - steps) * getattr(self.scheduler, "order", 1)
-        timesteps = self.scheduler.timesteps[begin:]
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(begin)
-        latents = self._image_latents(image, latent_input, timesteps[:1].repeat(shape[0]), shape[0], embeds.dtype,
-                                      generator)
-        return self._denoise(latents, timesteps, embeds, (), num_inference_steps, guidance_scale, do_cfg, eta,
-                             generator, output_type, callback)
+        return self.scheduler.timesteps[begin:]
+
+    def _encode_image(self, pixels, generator):
+        """The scaled latents of ``pixels``, sampled from the VAE posterior with ``generator``."""
+        return self.vae.config.scaling_factor * self.vae.encode(pixels).latent_dist.sample(generator)
 
     def _image_latents(self, image, latent_input, timestep, batch, dtype, generator):
-        """diffusers' prepare_latents: the image's latents (sampled from the VAE posterior with the generator, or
-        given), repeated to the batch, noised to ``timestep`` with noise drawn as diffusers draws it."""
+        """diffusers' prepare_latents: the image's latents (encoded, or given), repeated to the batch, noised to
+        ``timestep`` with noise drawn as diffusers draws it."""
         device = self.device
         image = image.to(device=device, dtype=dtype)
         if isinstance(generator, (list, tuple)) and len(generator) != batch:
@@ -103,13 +92,103 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
                              "(prompts x images per prompt)")
         if latent_input:
             latents = image
-        elif isinstance(generator, (list, tuple)):
+        elif isinstance(generator, (list, tuple)):  # one generator per image: encoded one by one
             image = torch.cat([image] * (batch // image.shape[0]))
-            latents = torch.cat([self.vae.encode(image[i:i + 1]).latent_dist.sample(generator[i])
-                                 for i in range(batch)])
+            latents = torch.cat([self._encode_image(image[i:i + 1], generator[i]) for i in range(batch)])
         else:
-            latents = self.vae.encode(image).latent_dist.sample(generator)
-        latents = latents if latent_input else self.vae.config.scaling_factor * latents
+            latents = self._encode_image(image, generator)
         latents = torch.cat([latents] * (batch // latents.shape[0]))
         noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=dtype)
         return self.scheduler.add_noise(latents, noise, timestep)
+
+
+class StableDiffusionImg2ImgPipeline(_ImageToImage, StableDiffusionPipeline):
+    @torch.no_grad()
+    def __call__(self, prompt=None, image=None, strength=0.8, num_inference_steps=50, guidance_scale=7.5,
+                 negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None, prompt_embeds=None,
+                 negative_prompt_embeds=None, output_type="pil", timesteps=None, sigmas=None, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",)):
+        image, latent_input, height, width = self._prepare_image(image, strength)
+        shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+                                   num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None, output_type)
+        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        device = self.device
+        num_inference_steps = self._set_timesteps(num_inference_steps, device, timesteps, sigmas)
+        timesteps = self._tail(num_inference_steps, strength)
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        do_cfg = guidance_scale > 1.0
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        embeds = (torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds).to(self.dtype)
+        if callback is not None:
+            callback.extra["negative_prompt_embeds"] = negative_prompt_embeds
+        latents = self._image_latents(image, latent_input, timesteps[:1].repeat(shape[0]), shape[0], embeds.dtype,
+                                      generator)
+        return self._denoise(latents, timesteps, embeds, (), num_inference_steps, guidance_scale, do_cfg, eta,
+                             generator, output_type, callback)
+
+
+class StableDiffusionXLImg2ImgPipeline(_ImageToImage, StableDiffusionXLPipeline):
+    """diffusers' StableDiffusionXLImg2ImgPipeline on an SDXL base folder (a refiner, with no first text encoder and
+    aesthetic-score conditioning, is refused when loading): SDXL's text conditioning, image-to-image's start."""
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, prompt_2=None, image=None, strength=0.3, num_inference_steps=50,
+                 guidance_scale=5.0, negative_prompt=None, negative_prompt_2=None, num_images_per_prompt=1, eta=0.0,
+                 generator=None, prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
+                 negative_pooled_prompt_embeds=None, output_type="pil", original_size=None,
+                 crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
+                 negative_target_size=None, timesteps=None, sigmas=None, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",)):
+        image, latent_input, height, width = self._prepare_image(image, strength)
+        shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+                                   num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None, output_type)
+        self._check_xl_inputs(prompt, prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
+                              pooled_prompt_embeds, negative_pooled_prompt_embeds)
+        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        sizes = {name: _size_pair(name, value) for name, value in (
+            ("original_size", original_size or (height, width)), ("crops_coords_top_left", crops_coords_top_left),
+            ("target_size", target_size or (height, width)))}
+        sizes["negative_original_size"] = _size_pair("negative_original_size",
+                                                     negative_original_size or sizes["original_size"])
+        sizes["negative_target_size"] = _size_pair("negative_target_size", negative_target_size or sizes["target_size"])
+        device = self.device
+        num_inference_steps = self._set_timesteps(num_inference_steps, device, timesteps, sigmas)
+        timesteps = self._tail(num_inference_steps, strength)
+        prompt, prompt_2 = ([p] if isinstance(p, str) else p for p in (prompt, prompt_2))
+        do_cfg = guidance_scale > 1.0
+        embeds, negative, pooled, negative_pooled = self.encode_prompt(
+            prompt, prompt_2, device, num_images_per_prompt, do_cfg, negative_prompt, negative_prompt_2,
+            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
+        latents = self._image_latents(image, latent_input, timesteps[:1].repeat(shape[0]), shape[0], embeds.dtype,
+                                      generator)
+        # diffusers' image-to-image ids: the negative ones take the positive crop corner; each repeated to the batch
+        time_ids = self._time_ids(sizes["original_size"], sizes["crops_coords_top_left"], sizes["target_size"],
+                                  embeds.dtype).repeat(shape[0], 1)
+        if do_cfg:
+            negative_ids = self._time_ids(sizes["negative_original_size"], sizes["crops_coords_top_left"],
+                                          sizes["negative_target_size"], embeds.dtype).repeat(shape[0], 1)
+            embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
+            time_ids = torch.cat([negative_ids, time_ids])
+        return self._denoise(latents, timesteps, embeds.to(self.dtype), (pooled.to(device), time_ids.to(device)),
+                             num_inference_steps, guidance_scale, do_cfg, eta, generator, output_type, callback)
+
+    def _encode_image(self, pixels, generator):
+        """SDXL's encode: an fp16 VAE with force_upcast encodes in fp32; latents_mean / latents_std where the VAE
+        config has them, as diffusers' SDXL image-to-image applies them."""
+        vae, c, dtype = self.vae, self.vae.config, pixels.dtype
+        upcast = c.force_upcast and vae.dtype != torch.float32
+        if upcast:
+            vae.to(dtype=torch.float32)
+        try:
+            latents = vae.encode(pixels.float() if c.force_upcast else pixels).latent_dist.sample(generator)
+        finally:
+            if upcast:
+                vae.to(dtype=dtype)
+        latents = latents.to(dtype)
+        if c.latents_mean is not None and c.latents_std is not None:
+            mean = torch.tensor(c.latents_mean).view(1, -1, 1, 1).to(latents.device, dtype)
+            std = torch.tensor(c.latents_std).view(1, -1, 1, 1).to(latents.device, dtype)
+            return (latents - mean) * c.scaling_factor / std
+        return c.scaling_factor * latents

@@ -1,4 +1,5 @@
-"""Our StableDiffusionImg2ImgPipeline against diffusers' on tiny SD1-shaped weights written by save_pretrained.
+"""Our StableDiffusionImg2ImgPipeline and StableDiffusionXLImg2ImgPipeline against diffusers' on tiny SD1- and
+SDXL-shaped weights written by save_pretrained.
 
 Stated tolerance: fp32 images within 1e-3 max abs pixel difference (pixels in [0, 1]) of diffusers' for the same seed,
 image, strength and weights (as for text-to-image).
@@ -11,7 +12,7 @@ from PIL import Image
 import _tiny_diffusers
 import diffusion_fast
 from conftest import NEEDS_SCIPY
-from diffusion_fast import StableDiffusionImg2ImgPipeline
+from diffusion_fast import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
 
 # diffusers' Euler and DPM-Solver call np.array on a tensor (a numpy 2 DeprecationWarning inside diffusers)
@@ -148,3 +149,73 @@ def test_pndm_begin_index():
     with pytest.raises(ValueError, match=r"step called 3 times for a schedule of 5 timesteps \(4 inference steps\), "
                                          r"begun at index 3"):
         sched.step(x, sched.timesteps[-1], x)
+
+
+@pytest.fixture(scope="module")
+def xl_pair(tmp_path_factory):
+    """(diffusers' StableDiffusionXLImg2ImgPipeline, ours) on the same saved tiny SDXL weights."""
+    import diffusers
+
+    folder = tmp_path_factory.mktemp("tiny-sdxl-img2img")
+    _tiny_diffusers.sdxl_pipeline(seed=1).save_pretrained(folder)
+    theirs = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(folder)
+    theirs.set_progress_bar_config(disable=True)
+    ours = StableDiffusionXLImg2ImgPipeline.from_pretrained(folder)
+    ours.set_progress_bar_config(disable=True)
+    return theirs, ours
+
+
+@pytest.mark.parametrize("backend_name", ["fast", "reference"])
+@pytest.mark.parametrize("kwargs", [
+    {},  # SDXL's default strength, 0.3
+    dict(strength=0.7, negative_prompt="blurry", negative_prompt_2="dark"),
+    # two prompts of two images; every size id (the negative ones take the positive crop corner, as in diffusers)
+    dict(prompt=["a", "b"], num_images_per_prompt=2, strength=0.6, original_size=(64, 64), target_size=(32, 40),
+         crops_coords_top_left=(4, 8), negative_original_size=(16, 16), negative_target_size=(24, 24)),
+    dict(guidance_scale=1.0, strength=1.0),
+])
+def test_sdxl_same_image_as_diffusers(xl_pair, backend_name, kwargs):
+    assert _both(xl_pair, backend_name, **kwargs) <= PIPELINE_FP32_MAX_ABS
+
+
+def test_sdxl_with_euler_and_a_step_callback(xl_pair):
+    import diffusers
+
+    theirs, ours = xl_pair
+    saved = theirs.scheduler, ours.scheduler
+    try:
+        theirs.scheduler = diffusers.EulerDiscreteScheduler.from_config(saved[0].config)
+        ours.scheduler = diffusion_fast.schedulers.load_scheduler(dict(theirs.scheduler.config))
+        callback = lambda pipe, i, t, tensors: {"add_time_ids": tensors["add_time_ids"] + 1} if i == 0 else {}
+        assert _both(xl_pair, strength=0.9, callback_on_step_end=callback,
+                     callback_on_step_end_tensor_inputs=["add_time_ids"]) <= PIPELINE_FP32_MAX_ABS
+    finally:
+        theirs.scheduler, ours.scheduler = saved
+
+
+def test_sdxl_encode_upcasts_an_fp16_vae_and_applies_latents_mean(xl_pair, tmp_path):
+    from diffusion_fast.models import AutoencoderKL
+
+    _, ours = xl_pair
+    pixels = torch.rand(1, 3, 16, 16) * 2 - 1
+    weights = {k: v.clone() for k, v in ours.vae.state_dict().items()}
+    try:
+        ours.vae.half().float()  # fp16-representable weights, so the upcast ones are exactly these
+        expected = ours.vae.encode(pixels.half().float()).latent_dist.sample(torch.Generator().manual_seed(0))
+        ours.vae.half()
+        got = ours._encode_image(pixels.half(), torch.Generator().manual_seed(0))
+        assert got.dtype == torch.float16 and ours.vae.dtype == torch.float16  # encoded in fp32, back to fp16
+    finally:
+        ours.vae.float().load_state_dict(weights)
+    torch.testing.assert_close(got, ours.vae.config.scaling_factor * expected.half(), rtol=0, atol=0)
+    mean, std = [0.1, -0.2, 0.3, 0.0], [1.5, 0.5, 1.0, 2.0]
+    vae = AutoencoderKL.from_config(dict(ours.vae.config, latents_mean=mean, latents_std=std))
+    vae.load_state_dict(ours.vae.state_dict())
+    saved, ours.vae = ours.vae, vae
+    try:
+        got = ours._encode_image(pixels, torch.Generator().manual_seed(0))
+    finally:
+        ours.vae = saved
+    sample = vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(0))
+    mean, std = torch.tensor(mean).view(1, 4, 1, 1), torch.tensor(std).view(1, 4, 1, 1)
+    torch.testing.assert_close(got, (sample - mean) * vae.config.scaling_factor / std, rtol=0, atol=0)

@@ -236,6 +236,12 @@ def test_cli_generate_and_check_take_an_sdxl_folder(folder, tmp_path, capsys):
     assert out.exists() and "scheduler DDIMScheduler" in capsys.readouterr().out
     assert main(["check", "--model", str(folder), "--steps", "2"]) == 0
     assert "pipeline (2 DDIM steps, float32)" in capsys.readouterr().out
+    from PIL import Image
+
+    Image.new("RGB", (40, 32), (200, 30, 30)).save(tmp_path / "in.png")  # image-to-image, SDXL's default strength
+    assert main(["generate", "--model", str(folder), "--image", str(tmp_path / "in.png"), "--steps", "10",
+                 "--output", str(out), "--no-progress"]) == 0
+    assert "fast path:      3 steps" in capsys.readouterr().out and Image.open(out).size == (40, 32)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs and fp16 need a GPU")
