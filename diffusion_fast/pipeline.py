@@ -93,6 +93,7 @@ class StepCallback:
 
 class StableDiffusionPipeline:
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")  # diffusers' names
+    _begins_at_zero = False  # diffusers' SD pipeline lets a step-index scheduler find its start from the timestep
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, cuda_graph="auto", channels_last="auto"):
         self.channels_last = channels_last  # validated by the property setters below
@@ -375,6 +376,8 @@ class StableDiffusionPipeline:
         or ()): the schedule, the initial noise drawn as diffusers draws it, the loop, the decode."""
         device = self.device
         num_inference_steps = self._set_timesteps(num_inference_steps, device, timesteps, sigmas)
+        if self._begins_at_zero and hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)  # (SDXL's, as diffusers': the first step reads no timestep either)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype)
         latents = latents.to(device=device, dtype=embeds.dtype) * self.scheduler.init_noise_sigma

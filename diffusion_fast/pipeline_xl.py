@@ -38,6 +38,7 @@ def _size_pair(name, value):
 
 class StableDiffusionXLPipeline(StableDiffusionPipeline):
     _callback_tensor_inputs = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids")  # diffusers' names
+    _begins_at_zero = True  # diffusers' SDXL pipeline tells a step-index scheduler its run starts at index 0
 
     def __init__(self, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler, *,
                  force_zeros_for_empty_prompt=True, cuda_graph="auto", channels_last="auto"):

@@ -99,6 +99,23 @@ def test_step_callback_sees_and_replaces_the_added_conditioning(pair):
                  callback_on_step_end_tensor_inputs=inputs) <= PIPELINE_FP32_MAX_ABS
 
 
+def test_the_run_begins_at_index_zero_as_diffusers_sdxl(pair, monkeypatch):
+    # diffusers' SDXL pipeline calls set_begin_index(0) (its SD pipeline does not): the first step then reads no
+    # timestep to find its index, which also matters where the first timestep appears twice in a schedule
+    _, ours = pair
+    saved = ours.scheduler
+    ours.scheduler = diffusion_fast.schedulers.EulerDiscreteScheduler.from_config(saved.config)
+    begins = []
+    real = ours.scheduler.set_begin_index
+    monkeypatch.setattr(ours.scheduler, "set_begin_index", lambda i=0: begins.append(i) or real(i))
+    monkeypatch.setattr(ours.scheduler, "index_for_timestep", lambda *a: pytest.fail("looked up the timestep"))
+    try:
+        ours("a", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent")
+    finally:
+        ours.scheduler = saved
+    assert begins == [0]
+
+
 def test_negative_prompt_encoded_when_the_folder_does_not_force_zeros(pair, folder, tmp_path):
     theirs, _ = pair
     index = json.loads((folder / "model_index.json").read_text())
