@@ -102,7 +102,7 @@ def test_lcm_config_and_errors():
     for t in sched.timesteps:
         out = sched.step(x, t, x)
     torch.testing.assert_close(out.prev_sample, out.denoised, rtol=0, atol=0)  # the last step adds no noise
-    with pytest.raises(ValueError, match="step called 3 times for a schedule of 2"):
+    with pytest.raises(ValueError, match="step called 3 times for a 2-step schedule"):
         sched.step(x, 999, x)
 
 

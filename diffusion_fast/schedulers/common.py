@@ -328,6 +328,21 @@ class SigmaScheduleBase(SchedulerBase):
     def _init_step_index(self, timestep):
         self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
 
+    def _checked_step_index(self, timestep, need_schedule=True):
+        """This call's index into the schedule (found from the first call's timestep, or the begin index), checked:
+        set_timesteps called first (``need_schedule``; diffusers' Euler also steps through its training schedule) and
+        a call left in the schedule (Heun makes two calls a step)."""
+        if need_schedule and self.num_inference_steps is None:
+            raise ValueError(f"{type(self).__name__}.step: call set_timesteps first")
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        calls = len(self.timesteps)
+        if self._step_index >= calls:
+            per = "" if calls == self.num_inference_steps else f" ({calls} calls)"
+            raise ValueError(f"step called {self._step_index + 1} times for a {self.num_inference_steps}-step "
+                             f"schedule{per}")
+        return self._step_index
+
     def _step_indices(self, timesteps):
         """Per-sample sigma indices for add_noise, as diffusers: looked up per timestep when no begin index is set
         (training), else the current step (inpainting, after the first step) or the begin index (img2img)."""

@@ -186,13 +186,7 @@ class DPMSolverMultistepScheduler(VPSigmaScheduleBase):
 
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
         c = self.config
-        if self.num_inference_steps is None:
-            raise ValueError("DPMSolverMultistepScheduler.step: call set_timesteps first")
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i, n = self._step_index, len(self.timesteps)
-        if i >= n:
-            raise ValueError(f"step called {i + 1} times for a {n}-step schedule")
+        i, n = self._checked_step_index(timestep), len(self.timesteps)
         order = solver_order_now(c, i, n, self.lower_order_nums)
         coefficients = solver_coefficients(self._sigma_values, i, order, c.prediction_type, c.algorithm_type,
                                            c.solver_type)

@@ -149,19 +149,7 @@ class EulerDiscreteScheduler(SigmaScheduleBase):
         diffusers requires) and a step left in the schedule."""
         if isinstance(timestep, int) or (torch.is_tensor(timestep) and not timestep.is_floating_point()):
             raise ValueError(f"{type(self).__name__}.step takes one of scheduler.timesteps (floats), not an index")
-        return self._call_index(timestep)
-
-    def _call_index(self, timestep):
-        """This call's index into ``sigmas`` (looked up from the timestep at the first call), checked against the
-        schedule's length. (Heun and LMS take integer timesteps too, as diffusers' do.)"""
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        if self._step_index + 1 >= len(self.sigmas):
-            calls = len(self.sigmas) - 1  # (Heun: two calls a step)
-            per = "" if calls == self.num_inference_steps else f" ({calls} calls)"
-            raise ValueError(f"step called {self._step_index + 1} times for a {self.num_inference_steps}-step "
-                             f"schedule{per}")
-        return self._step_index
+        return self._checked_step_index(timestep, need_schedule=False)
 
     def add_noise(self, original_samples, noise, timesteps):
         """x + sigma * noise, sigma per sample (see _step_indices)."""

@@ -115,9 +115,7 @@ class HeunDiscreteScheduler(EulerDiscreteScheduler):
         self._reset_state()
 
     def step(self, model_output, timestep, sample, return_dict=True):
-        if self.num_inference_steps is None:
-            raise ValueError("HeunDiscreteScheduler.step: call set_timesteps first")
-        self._call_index(timestep)  # (not Euler's _next_index: diffusers' Heun takes integer timesteps too)
+        self._checked_step_index(timestep)  # (not Euler's _next_index: diffusers' Heun takes integer timesteps too)
         prev, x0 = heun_update(self, model_output, sample, self._sigma_values)
         self._step_index += 1
         return SchedulerOutput(prev, x0) if return_dict else (prev, x0)

@@ -173,13 +173,7 @@ class LCMScheduler(SigmaScheduleBase):
         return sample
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
-        if self.num_inference_steps is None:
-            raise ValueError("LCMScheduler.step: call set_timesteps first")
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
-        if i >= len(self._host_timesteps):
-            raise ValueError(f"step called {i + 1} times for a schedule of {len(self._host_timesteps)} timesteps")
+        i = self._checked_step_index(timestep)
         on_host = not torch.is_tensor(timestep) or timestep.device.type == "cpu"
         if on_host and int(timestep) != self._host_timesteps[i]:  # a device timestep is not read (a sync)
             raise ValueError(f"timestep {int(timestep)} is not this step's timestep {self._host_timesteps[i]}: LCM "

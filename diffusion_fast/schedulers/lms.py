@@ -101,9 +101,7 @@ class LMSDiscreteScheduler(EulerDiscreteScheduler):
     def step(self, model_output, timestep, sample, order=4, return_dict=True):
         if isinstance(order, bool) or not isinstance(order, int) or order < 1:
             raise ValueError(f"order must be a positive int, got {order!r}")
-        if self.num_inference_steps is None:
-            raise ValueError("LMSDiscreteScheduler.step: call set_timesteps first")
-        self._call_index(timestep)  # (not Euler's _next_index: diffusers' LMS takes integer timesteps too)
+        self._checked_step_index(timestep)  # (not Euler's _next_index: diffusers' LMS takes integer timesteps too)
         prev, x0 = lms_update(self, model_output, sample, self._sigma_values, order, self._weights)
         self._step_index += 1
         return SchedulerOutput(prev, x0) if return_dict else (prev, x0)

@@ -204,13 +204,7 @@ class UniPCMultistepScheduler(VPSigmaScheduleBase):
         self._finish_schedule(sigmas, last if c.final_sigmas_type == "sigma_min" else 0.0, timesteps, device)
 
     def step(self, model_output, timestep, sample, return_dict=True):
-        if self.num_inference_steps is None:
-            raise ValueError("UniPCMultistepScheduler.step: call set_timesteps first")
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i, n = self._step_index, len(self.timesteps)
-        if i >= n:
-            raise ValueError(f"step called {i + 1} times for a {n}-step schedule")
+        i = self._checked_step_index(timestep)
         prev = unipc_update(self, model_output, timestep, sample, self._sigma_values)
         if prev is None:
             raise ValueError(
