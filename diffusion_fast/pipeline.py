@@ -422,6 +422,8 @@ class StableDiffusionPipeline:
 
 def read_model_index(folder):
     """(the folder as a str, its model_index.json as a dict): a missing folder or index is a clear error."""
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"folder must be a path (str or os.PathLike), got {type(folder).__name__}")
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"model folder {folder!r} does not exist")

@@ -17,7 +17,6 @@ whole step (or the UNet call) replayed from a CUDA graph, the added conditioning
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -230,9 +229,6 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
 def load_pipeline(folder, **kwargs):
     """Our pipeline for a diffusers folder, by what it holds: ``StableDiffusionXLPipeline`` for an SDXL folder (two
     text encoders), else ``StableDiffusionPipeline``; ``kwargs`` go to its ``from_pretrained``."""
-    index = os.path.join(os.fspath(folder), "model_index.json")
-    sdxl = False
-    if os.path.isfile(index):  # (a missing one is from_pretrained's error to report)
-        with open(index) as f:
-            sdxl = "text_encoder_2" in json.load(f)
-    return (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).from_pretrained(folder, **kwargs)
+    folder, components = read_model_index(folder)
+    cls = StableDiffusionXLPipeline if "text_encoder_2" in components else StableDiffusionPipeline
+    return cls.from_pretrained(folder, **kwargs)

@@ -216,6 +216,10 @@ def test_bad_inputs_and_mismatched_components(pair, folder, tmp_path):
     te, te2 = ours.text_encoder, ours.text_encoder_2
     with pytest.raises(ValueError, match=r"does not fit the two text encoders \(hidden sizes 24 \+ 24 = 48\)"):
         StableDiffusionXLPipeline(ours.unet, ours.vae, te2, te2, ours.tokenizer, ours.tokenizer_2, ours.scheduler)
+    with pytest.raises(TypeError, match="folder must be a path .* got NoneType"):
+        diffusion_fast.load_pipeline(None)
+    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+        diffusion_fast.load_pipeline(tmp_path)
     with pytest.raises(TypeError, match="text_encoder_2 must be a model with config.projection_dim"):
         StableDiffusionXLPipeline(ours.unet, ours.vae, te, torch.nn.Linear(2, 2), ours.tokenizer, ours.tokenizer_2,
                                   ours.scheduler)
