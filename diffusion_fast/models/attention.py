@@ -41,8 +41,14 @@ class Attention(nn.Module):
         if self.is_cross:
             return
         projections = (self.to_q, self.to_k, self.to_v)
-        self.fused_qkv_weight = torch.cat([p.weight for p in projections]).detach().clone()
-        self.fused_qkv_bias = None if self.to_q.bias is None else torch.cat([p.bias for p in projections]).detach().clone()
+        for name in ("weight", "bias"):
+            fused = None if getattr(self.to_q, name) is None else torch.cat([getattr(p, name) for p in projections])
+            current = getattr(self, f"fused_qkv_{name}")
+            if fused is not None and current is not None and current.shape == fused.shape and (
+                    current.dtype, current.device) == (fused.dtype, fused.device):
+                current.copy_(fused)  # in place: a captured CUDA graph reads the buffer by address
+            else:
+                setattr(self, f"fused_qkv_{name}", fused)
 
     def unfuse_qkv(self):
         self.fused_qkv_weight = self.fused_qkv_bias = None
