@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from . import _validate
 from ._backend import current_backend
 from .cuda_graph import GraphedCallable, ModuleState
+from .lora import LoraLoaderMixin
 from .models import AutoencoderKL, UNet2DConditionModel
 from .schedulers import DDIMScheduler, load_scheduler
 from .schedulers.common import randn_tensor
@@ -91,7 +92,7 @@ class StepCallback:
         return latents, embeds, cond
 
 
-class StableDiffusionPipeline:
+class StableDiffusionPipeline(LoraLoaderMixin):
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")  # diffusers' names
     _begins_at_zero = False  # diffusers' SD pipeline lets a step-index scheduler find its start from the timestep
 

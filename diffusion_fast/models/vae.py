@@ -141,7 +141,8 @@ class AutoencoderKL(loading.PretrainedMixin, nn.Module):
 
     def fuse_qkv_projections(self):
         """One q/k/v GEMM per self-attention (weights concatenated into non-persistent buffers; names unchanged).
-        Call again after loading new weights (e.g. a LoRA), or call unfuse_qkv_projections()."""
+        Call again after loading new weights (a pipeline's load_lora_weights refreshes it), or call
+        unfuse_qkv_projections()."""
         return fuse_qkv_projections(self, True)
 
     def unfuse_qkv_projections(self):
