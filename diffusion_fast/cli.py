@@ -6,6 +6,7 @@
     diffusion-fast generate --scheduler dpm++-2m --karras   # "DPM++ 2M Karras"
     diffusion-fast generate --model DIR --scheduler lcm --steps 4 --guidance 1   # an LCM(-LoRA fused) model
     diffusion-fast generate --model DIR --image in.png --strength 0.6             # image-to-image
+    diffusion-fast generate --model DIR --lora style.safetensors:0.8 --lora detail.safetensors   # LoRAs merged
     diffusion-fast bench [--config tiny|sd15]    # kernel throughput + end-to-end it/s, CSV + PNG plot
     diffusion-fast check [--model DIR]           # fast vs reference on fresh random inputs; exit 1 on failure
 
@@ -83,6 +84,20 @@ def _model_folder(text):
     return text
 
 
+def _lora(text):
+    """--lora PATH[:SCALE]: a LoRA file or folder, and its weight (default 1)."""
+    path, _, scale = text.rpartition(":")
+    try:
+        path, scale = (path, float(scale)) if path else (text, 1.0)
+    except ValueError:  # a colon that is part of the path
+        path, scale = text, 1.0
+    if not os.path.exists(path):
+        raise argparse.ArgumentTypeError(f"no such LoRA file or folder: {path!r}")
+    if scale != scale or abs(scale) == float("inf"):
+        raise argparse.ArgumentTypeError(f"the LoRA scale must be a finite number, got {text!r}")
+    return path, scale
+
+
 def _add_common(p, *, model=True):
     if model:
         p.add_argument("--model", type=_model_folder, default=None,
@@ -118,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strength", type=float, default=None,
                    help="with --image: how much of the schedule runs, in (0, 1] (default: the pipeline's, 0.8 for "
                         "SD 1.x/2.x, 0.3 for SDXL, as in diffusers)")
+    g.add_argument("--lora", type=_lora, action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA (.safetensors file or folder; diffusers, PEFT or kohya format) merged into the weights "
+                        "at SCALE (default 1); repeat for several, all active")
     g.add_argument("--output", default="diffusion_fast.png", help="PNG path (index appended for a batch)")
     g.add_argument("--compare", action="store_true",
                    help="also run the reference path and print the max difference (always on without --model)")
@@ -202,6 +220,12 @@ def generate(args) -> int:
         pipe = load_pipeline(args.model, dtype=dtype, device=device)  # SD 1.x/2.x or SDXL, by the folder
     else:
         pipe = StableDiffusionPipeline.from_tiny("sd1", seed=args.seed, dtype=dtype, device=device)
+    for i, (path, scale) in enumerate(args.lora):
+        pipe.load_lora_weights(path, adapter_name=f"lora_{i}")
+    if args.lora:  # diffusers activates the last LoRA loaded; here every one given is active, at its scale
+        pipe.set_adapters([f"lora_{i}" for i in range(len(args.lora))], [scale for _, scale in args.lora])
+        print(f"merged {len(args.lora)} LoRA{'s' if len(args.lora) > 1 else ''}: "
+              + ", ".join(f"{path} at {scale:g}" for path, scale in args.lora))
     if init_image is not None:
         pipe = _img2img(pipe)
     name, fields = SCHEDULER_CHOICES.get(args.scheduler, (type(pipe.scheduler).__name__, {}))

@@ -250,3 +250,64 @@ def test_console_script_is_installed():
     cmd = [exe] if exe else [sys.executable, "-m", "diffusion_fast.cli"]
     proc = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "generate" in proc.stdout and "check" in proc.stdout
+
+
+def _kohya_lora(path, folder, seed):
+    """A small kohya LoRA on the tiny UNet's attention projections."""
+    from safetensors.torch import save_file
+
+    from diffusion_fast.models.loading import read_state_dict
+
+    generator, state = torch.Generator().manual_seed(seed), {}
+    for name, weight in read_state_dict(folder, "unet").items():
+        if re.search(r"attn[12]\.to_[qv]\.weight$", name):
+            key = "lora_unet_" + name.removesuffix(".weight").replace(".", "_")
+            state[f"{key}.lora_down.weight"] = torch.randn(2, weight.shape[1], generator=generator) / 4
+            state[f"{key}.lora_up.weight"] = torch.randn(weight.shape[0], 2, generator=generator)
+    save_file(state, path)
+    return str(path)
+
+
+def test_generate_with_loras(tmp_path, capsys):
+    """--lora PATH[:SCALE], repeated: every LoRA active at its scale (the image the API gives with set_adapters)."""
+    import numpy as np
+
+    from diffusion_fast import StableDiffusionPipeline, tiny
+
+    folder = tiny.write_tiny_pipeline(str(tmp_path / "model"), "sd1", seed=0)
+    a, b = _kohya_lora(tmp_path / "a.safetensors", folder, 1), _kohya_lora(tmp_path / "b.safetensors", folder, 2)
+    common = ["generate", "--model", folder, "--steps", "2", "--no-progress", "--device", "cpu"]
+    assert main([*common, "--output", str(tmp_path / "plain.png")]) == 0
+    assert main([*common, "--lora", f"{a}:0.5", "--lora", b, "--output", str(tmp_path / "lora.png")]) == 0
+    assert f"merged 2 LoRAs: {a} at 0.5, {b} at 1" in capsys.readouterr().out
+    plain, with_loras = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.int16) for n in ("plain", "lora"))
+    assert np.abs(plain - with_loras).max() > 10
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(a, adapter_name="a")
+    pipe.load_lora_weights(b, adapter_name="b")
+    pipe.set_adapters(["a", "b"], [0.5, 1.0])
+    image = pipe("a photograph of an astronaut riding a horse", num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert np.abs((image * 255).round() - with_loras).max() <= 1
+
+
+@pytest.mark.parametrize("lora, message", [
+    ("/no/such/lora.safetensors", "no such LoRA file or folder: '/no/such/lora.safetensors'"),
+    ("{a}:nan", "the LoRA scale must be a finite number"),
+])
+def test_generate_bad_lora_argument_one_line(tmp_path, capsys, lora, message):
+    (tmp_path / "a.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--lora", lora.format(a=tmp_path / "a.safetensors")])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_generate_lora_that_does_not_fit_one_line(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_nowhere.lora_down.weight": torch.ones(2, 3),
+               "lora_unet_nowhere.lora_up.weight": torch.ones(3, 2)}, tmp_path / "x.safetensors")
+    assert main(["generate", "--steps", "1", "--no-progress", "--lora", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err  # (after the tiny model's progress bars)
+    assert "diffusion-fast generate: error: lora: keys matching no module" in err and "Traceback" not in err
