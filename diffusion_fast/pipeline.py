@@ -92,8 +92,17 @@ class StepCallback:
         return latents, embeds, cond
 
 
+def rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale):
+    """diffusers' guidance rescale ("Common Diffusion Noise Schedules and Sample Steps are Flawed", 3.4): the guided
+    prediction scaled to the text prediction's standard deviation per sample, mixed in by ``guidance_rescale``."""
+    dims = list(range(1, noise_cfg.ndim))
+    rescaled = noise_cfg * (noise_pred_text.std(dim=dims, keepdim=True) / noise_cfg.std(dim=dims, keepdim=True))
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
+
+
 class StableDiffusionPipeline(LoraLoaderMixin):
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")  # diffusers' names
+    _guidance_rescale = 0.0  # set by each call that takes it, as diffusers keeps it (SD img2img takes none)
     _begins_at_zero = False  # diffusers' SD pipeline lets a step-index scheduler find its start from the timestep
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, cuda_graph="auto", channels_last="auto"):
@@ -262,12 +271,15 @@ class StableDiffusionPipeline(LoraLoaderMixin):
         model_input = torch.cat([latents, latents]) if do_cfg else latents
         model_input = self.scheduler.scale_model_input(model_input, t)
         noise_pred = (self._unet_call if unet is None else unet)(model_input, t, embeds, *cond)
-        if do_cfg and isinstance(self.scheduler, DDIMScheduler):
+        rescale = do_cfg and self._guidance_rescale > 0  # (as diffusers: a rescale of 0 or less does nothing)
+        if do_cfg and isinstance(self.scheduler, DDIMScheduler) and not rescale:
             uncond, text = noise_pred.chunk(2)
             return self.scheduler.step_cfg(uncond, text, guidance_scale, t, latents, eta=eta, generator=generator).prev_sample
         if do_cfg:
             uncond, text = noise_pred.chunk(2)
             noise_pred = uncond + guidance_scale * (text - uncond)
+            if rescale:
+                noise_pred = rescale_noise_cfg(noise_pred, text, self._guidance_rescale)
         if isinstance(self.scheduler, DDIMScheduler):
             kwargs = {"eta": eta, "generator": generator}
         else:  # as diffusers' prepare_extra_step_kwargs: a generator only for a step that takes one (not PNDM's)
@@ -309,9 +321,17 @@ class StableDiffusionPipeline(LoraLoaderMixin):
             return None
         if current_backend() == "reference":  # the reference path stays plain PyTorch
             return None
-        # A graph replays fixed kernels: a whole step needs no host-side state (DDIM) and no fresh noise (eta=0).
+        # A graph replays fixed kernels: a whole step needs no host-side state (DDIM) and no fresh noise (eta=0);
+        # with guidance rescale the step is not the fused one, so its value is never baked into a graph either.
         # Any other step still spends nearly all its time in the UNet, whose call is a pure function of its tensors.
-        return "step" if isinstance(self.scheduler, DDIMScheduler) and eta == 0 else "unet"
+        whole = isinstance(self.scheduler, DDIMScheduler) and eta == 0 and not self._guidance_rescale > 0
+        return "step" if whole else "unet"
+
+    def _set_guidance_rescale(self, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+            raise TypeError(f"guidance_rescale must be a finite float (0 to 1: how much of the rescaled guidance to "
+                            f"mix in), got {value!r}")
+        self._guidance_rescale = float(value)
 
     def _graphs_for_components(self):
         """The GraphedCallables for the current UNet and scheduler: a graph reads their weights and device tables by
@@ -336,11 +356,12 @@ class StableDiffusionPipeline(LoraLoaderMixin):
     def __call__(self, prompt=None, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5, eta=0.0,
                  generator=None, height=None, width=None, num_images_per_prompt=1, prompt_embeds=None,
                  negative_prompt_embeds=None, latents=None, output_type="pil", timesteps=None, sigmas=None,
-                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), guidance_rescale=0.0):
         height = height if height is not None else self.unet.config.sample_size * self.vae_scale_factor
         width = width if width is not None else self.unet.config.sample_size * self.vae_scale_factor
         shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                                    num_images_per_prompt, prompt_embeds, negative_prompt_embeds, latents, output_type)
+        self._set_guidance_rescale(guidance_rescale)
         callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         if isinstance(prompt, str):
             prompt = [prompt]

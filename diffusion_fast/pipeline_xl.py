@@ -173,11 +173,12 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                  negative_pooled_prompt_embeds=None, latents=None, output_type="pil", original_size=None,
                  crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, timesteps=None, sigmas=None,
-                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), guidance_rescale=0.0):
         height = height if height is not None else self.unet.config.sample_size * self.vae_scale_factor
         width = width if width is not None else self.unet.config.sample_size * self.vae_scale_factor
         shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                                    num_images_per_prompt, prompt_embeds, negative_prompt_embeds, latents, output_type)
+        self._set_guidance_rescale(guidance_rescale)
         self._check_xl_inputs(prompt, prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
                               pooled_prompt_embeds, negative_pooled_prompt_embeds)
         callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)

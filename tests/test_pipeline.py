@@ -73,6 +73,32 @@ def test_other_schedulers_same_image_as_diffusers(pair, scheduler, cfg, steps):
         theirs.scheduler, ours.scheduler = saved
 
 
+@pytest.mark.parametrize("backend_name", ["fast", "reference"])
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler"])
+def test_guidance_rescale_same_image_as_diffusers(pair, scheduler, backend_name):
+    """guidance_rescale (SD 2.x v-prediction and zero-SNR models use 0.7): the guided prediction rescaled to the text
+    prediction's spread per sample; with DDIM the step is then no longer the fused CFG+DDIM one."""
+    import diffusers
+
+    theirs, ours = pair
+    saved = theirs.scheduler, ours.scheduler
+    try:
+        theirs.scheduler = getattr(diffusers, scheduler).from_config(saved[0].config)
+        ours.scheduler = diffusion_fast.schedulers.load_scheduler(dict(theirs.scheduler.config))
+        plain = _both(pair, backend_name, prompt="a red cube", guidance_scale=9.0)[1]
+        a, b = _both(pair, backend_name, prompt="a red cube", guidance_scale=9.0, guidance_rescale=0.7)
+        assert np.abs(b - plain).max() > 0.02  # the rescale matters
+        assert np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS
+    finally:
+        theirs.scheduler, ours.scheduler = saved
+
+
+@pytest.mark.parametrize("value", ["0.7", float("nan"), True])
+def test_guidance_rescale_bad_value(pair, value):
+    with pytest.raises(TypeError, match="guidance_rescale must be a finite float"):
+        pair[1]("a red cube", num_inference_steps=1, guidance_rescale=value)
+
+
 # Custom schedules, as diffusers' retrieve_timesteps passes them: "Align Your Steps"-style timesteps with DPM-Solver++
 # (diffusers' own example), Euler and Heun, Euler with custom sigmas, LCM's and DDPM's timesteps
 AYS_TIMESTEPS = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]
@@ -365,6 +391,9 @@ def test_graph_mode_whole_step_unet_only_or_none():
     assert pipe._graph_mode(cuda, 0.0) == "step"
     assert pipe._graph_mode(cuda, 0.5) == "unet"  # fresh noise each step
     assert pipe._graph_mode(cpu, 0.0) is None
+    pipe._set_guidance_rescale(0.7)  # the rescaled step is not the fused one, and its value is no graph input
+    assert pipe._graph_mode(cuda, 0.0) == "unet"
+    pipe._set_guidance_rescale(0.0)
     with diffusion_fast.backend("reference"):
         assert pipe._graph_mode(cuda, 0.0) is None
     pipe.scheduler = diffusion_fast.schedulers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)

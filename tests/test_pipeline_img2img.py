@@ -173,6 +173,7 @@ def xl_pair(tmp_path_factory):
     dict(prompt=["a", "b"], num_images_per_prompt=2, strength=0.6, original_size=(64, 64), target_size=(32, 40),
          crops_coords_top_left=(4, 8), negative_original_size=(16, 16), negative_target_size=(24, 24)),
     dict(guidance_scale=1.0, strength=1.0),
+    dict(strength=0.9, guidance_scale=9.0, guidance_rescale=0.7),  # (diffusers' SD img2img takes no rescale)
 ])
 def test_sdxl_same_image_as_diffusers(xl_pair, backend_name, kwargs):
     assert _both(xl_pair, backend_name, **kwargs) <= PIPELINE_FP32_MAX_ABS

@@ -57,6 +57,7 @@ def _both(pair, backend_name="fast", **kwargs):
     # two prompts, two images each, a second prompt per encoder; a non-square 48x64 image
     dict(prompt=["a cat", "a dog"], prompt_2=["red", "blue"], num_images_per_prompt=2, height=48, width=64),
     dict(prompt="a red cube", guidance_scale=1.0),  # no guidance: batch 1 through the UNet
+    dict(prompt="a red cube", guidance_scale=9.0, guidance_rescale=0.7),  # not the fused CFG+DDIM step then
     # the size conditioning: every time id, and a negative one of its own
     dict(prompt="a red cube", original_size=(96, 64), crops_coords_top_left=(8, 16), target_size=(40, 24),
          negative_original_size=(16, 16), negative_target_size=(64, 64), negative_crops_coords_top_left=(4, 0)),
