@@ -19,6 +19,9 @@ Refused, with every offending key named: DoRA, LoHa, LoKr, full-weight diffs and
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import json
 import os
 import re
@@ -237,6 +240,20 @@ def _metadata_alpha(metadata, component, module, rank):
     return float(alpha), bool(config.get("use_rslora", False))
 
 
+def lora_call_scale(call):
+    """A pipeline ``__call__`` that takes diffusers' ``cross_attention_kwargs={"scale": s}``: the active LoRAs run at
+    ``s`` times their weights for this call (UNet and text encoders, as in diffusers), and are put back after it."""
+    @functools.wraps(call)
+    def with_scale(self, *args, cross_attention_kwargs=None, **kwargs):
+        with self._lora_call_scale(cross_attention_kwargs):
+            return call(self, *args, **kwargs)
+
+    signature = inspect.signature(call)
+    extra = inspect.Parameter("cross_attention_kwargs", inspect.Parameter.KEYWORD_ONLY, default=None)
+    with_scale.__signature__ = signature.replace(parameters=[*signature.parameters.values(), extra])
+    return with_scale
+
+
 class LoraLoaderMixin:
     """``load_lora_weights``, ``set_adapters``, ``delete_adapters``, ``unload_lora_weights`` for our pipelines.
 
@@ -305,6 +322,30 @@ class LoraLoaderMixin:
         state["adapters"].clear()
         state["weights"].clear()
         self._merge_loras()
+
+    @contextlib.contextmanager
+    def _lora_call_scale(self, cross_attention_kwargs):
+        if cross_attention_kwargs is None:
+            yield
+            return
+        if not isinstance(cross_attention_kwargs, dict):
+            raise TypeError(f"cross_attention_kwargs must be a dict, got {type(cross_attention_kwargs).__name__}")
+        unknown = sorted(set(cross_attention_kwargs) - {"scale"})
+        if unknown:
+            raise ValueError(f"cross_attention_kwargs: only 'scale' (the LoRA scale) is taken here, got {unknown}")
+        scale = _check_weight("cross_attention_kwargs['scale']", cross_attention_kwargs.get("scale", 1.0))
+        state = self._lora_state()
+        if scale == 1.0 or not state["weights"]:  # (diffusers ignores the scale without a LoRA)
+            yield
+            return
+        weights = dict(state["weights"])
+        state["weights"] = {name: weight * scale for name, weight in weights.items()}
+        self._merge_loras()
+        try:
+            yield
+        finally:
+            state["weights"] = weights
+            self._merge_loras()
 
     @torch.no_grad()
     def _merge_loras(self):

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from . import _validate
 from ._backend import current_backend
 from .cuda_graph import GraphedCallable, ModuleState
-from .lora import LoraLoaderMixin
+from .lora import LoraLoaderMixin, lora_call_scale
 from .models import AutoencoderKL, UNet2DConditionModel
 from .schedulers import DDIMScheduler, load_scheduler
 from .schedulers.common import randn_tensor
@@ -352,6 +352,7 @@ class StableDiffusionPipeline(LoraLoaderMixin):
         """The step callback, its tensor names checked (before any work); None without one."""
         return None if fn is None else StepCallback(fn, inputs, self._callback_tensor_inputs, {})
 
+    @lora_call_scale
     @torch.no_grad()
     def __call__(self, prompt=None, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5, eta=0.0,
                  generator=None, height=None, width=None, num_images_per_prompt=1, prompt_embeds=None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .lora import lora_call_scale
 from .pipeline import StableDiffusionPipeline
 from .pipeline_xl import StableDiffusionXLPipeline, _size_pair
 from .schedulers.common import randn_tensor
@@ -103,6 +104,7 @@ class _ImageToImage:
 
 
 class StableDiffusionImg2ImgPipeline(_ImageToImage, StableDiffusionPipeline):
+    @lora_call_scale
     @torch.no_grad()
     def __call__(self, prompt=None, image=None, strength=0.8, num_inference_steps=50, guidance_scale=7.5,
                  negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None, prompt_embeds=None,
@@ -133,6 +135,7 @@ class StableDiffusionXLImg2ImgPipeline(_ImageToImage, StableDiffusionXLPipeline)
     """diffusers' StableDiffusionXLImg2ImgPipeline on an SDXL base folder (a refiner, with no first text encoder and
     aesthetic-score conditioning, is refused when loading): SDXL's text conditioning, image-to-image's start."""
 
+    @lora_call_scale
     @torch.no_grad()
     def __call__(self, prompt=None, prompt_2=None, image=None, strength=0.3, num_inference_steps=50,
                  guidance_scale=5.0, negative_prompt=None, negative_prompt_2=None, num_images_per_prompt=1, eta=0.0,

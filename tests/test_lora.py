@@ -223,6 +223,27 @@ def test_scale_and_several_adapters_as_diffusers_set_adapters(sd_folder, tmp_pat
     assert np.abs(_image(theirs) - _image(ours)).max() <= PIPELINE_FP32_MAX_ABS
 
 
+@pytest.mark.parametrize("folder_name", ["sd_folder", "sdxl_folder"])
+def test_cross_attention_kwargs_scale_for_one_call_as_diffusers(folder_name, tmp_path, request):
+    """diffusers' per-call LoRA scale, cross_attention_kwargs={"scale": s}: UNet and text encoders at s for this call,
+    the weights as they were after it."""
+    folder = request.getfixturevalue(folder_name)
+    lora = _kohya_file(str(tmp_path / "a.safetensors"), _theirs(folder), sgm=folder_name == "sdxl_folder")
+    theirs, ours = _theirs(folder), _ours(folder)
+    for pipe in (theirs, ours):
+        pipe.load_lora_weights(lora)
+    full = _image(ours)
+    kwargs = dict(num_inference_steps=3, output_type="np", cross_attention_kwargs={"scale": 0.4})
+    a = theirs("a red cube", generator=torch.Generator().manual_seed(3), **kwargs).images
+    b = ours("a red cube", generator=torch.Generator().manual_seed(3), **kwargs).images
+    assert np.abs(b - full).max() > CHANGED and np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS
+    assert np.abs(_image(ours) - full).max() == 0  # back to weight 1 after the call
+    with pytest.raises(ValueError, match=r"only 'scale'.*\['gligen'\]"):
+        ours("a red cube", num_inference_steps=1, cross_attention_kwargs={"scale": 0.4, "gligen": {}})
+    with pytest.raises(TypeError, match="cross_attention_kwargs\\['scale'\\] must be a finite float"):
+        ours("a red cube", num_inference_steps=1, cross_attention_kwargs={"scale": "0.4"})
+
+
 def test_unload_restores_the_weights_exactly_and_in_place(sd_folder, tmp_path):
     """The merge writes in place (a CUDA graph reads weights by address); unloading gives back the very same values,
     also after set_adapters has re-merged many times; a fused q/k/v copy follows the weights."""
