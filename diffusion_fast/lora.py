@@ -92,7 +92,7 @@ def read_lora(lora, weight_name=None) -> tuple[dict, dict | None]:
         raise ValueError(f"lora: {path!r} is neither safetensors nor a weights-only torch file: {error}") from None
     if not isinstance(state, dict):
         raise ValueError(f"lora: {path!r} holds a {type(state).__name__}, not a state dict")
-    return state, None
+    return read_lora(state)  # (its entries checked as a dict's are)
 
 
 def lora_factors(state: dict, metadata: dict | None, models: dict) -> list[LoraFactor]:
@@ -118,6 +118,8 @@ def lora_factors(state: dict, metadata: dict | None, models: dict) -> list[LoraF
         module = kohya.get(name) if key.startswith("lora_") else (name if name in modules else None)
         if module is None:
             unmatched.append(key)
+        elif role == "alpha" and state[key].numel() != 1:
+            unmatched.append(f"{key} (an alpha of shape {tuple(state[key].shape)})")
         elif role == "alpha":
             alphas[(component, module)] = float(state[key])
         else:

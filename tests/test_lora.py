@@ -281,6 +281,11 @@ def test_bad_lora_is_one_clear_error(sd_folder, tmp_path):
                                 "lora_unet_nowhere.lora_down.weight": down, "unet.nowhere.lora_A.weight": down})
     with pytest.raises(ValueError, match="do not fit.*proj_in"):
         ours.load_lora_weights({f"{key}.lora_A.weight": down[:, :3], f"{key}.lora_B.weight": up})
+    with pytest.raises(ValueError, match=r"an alpha of shape \(2,\)"):
+        ours.load_lora_weights({f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up, f"{key}.alpha": torch.ones(2)})
+    torch.save({f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up, "note": "trained"}, tmp_path / "l.bin")
+    with pytest.raises(TypeError, match=r"maps names to tensors.*note"):
+        ours.load_lora_weights(str(tmp_path / "l.bin"))
     with pytest.raises(ValueError, match="has only lora down"):
         ours.load_lora_weights({f"{key}.lora_A.weight": down})
     with pytest.raises(ValueError, match="DoRA"):
