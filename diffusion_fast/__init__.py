@@ -21,6 +21,7 @@ _LAZY = {
     "StableDiffusionXLPipeline": ("pipeline_xl", "StableDiffusionXLPipeline"),
     "StableDiffusionImg2ImgPipeline": ("pipeline_img2img", "StableDiffusionImg2ImgPipeline"),
     "StableDiffusionXLImg2ImgPipeline": ("pipeline_img2img", "StableDiffusionXLImg2ImgPipeline"),
+    "StableDiffusionInpaintPipeline": ("pipeline_inpaint", "StableDiffusionInpaintPipeline"),
     "load_pipeline": ("pipeline_xl", "load_pipeline"),
     "accelerate": ("diffusers_patch", "accelerate"),
     "restore": ("diffusers_patch", "restore"),

@@ -79,16 +79,13 @@ class StepCallback:
 
     def __call__(self, pipe, i, t, latents, embeds, cond, graphed):
         named = {"latents": latents.clone() if graphed else latents,  # (a graph's output is overwritten next step)
-                 "prompt_embeds": embeds, **self.extra}
-        if cond:
-            named.update(add_text_embeds=cond[0], add_time_ids=cond[1])
+                 "prompt_embeds": embeds, **self.extra, **dict(zip(pipe._cond_names, cond))}
         outputs = self.fn(pipe, i, t, {k: named[k] for k in self.inputs})
         if not isinstance(outputs, dict):
             raise TypeError(f"callback_on_step_end must return a dict (the tensors it replaces, or {{}}), got "
                             f"{type(outputs).__name__}")
         latents, embeds = outputs.get("latents", latents), outputs.get("prompt_embeds", embeds)
-        if cond:
-            cond = (outputs.get("add_text_embeds", cond[0]), outputs.get("add_time_ids", cond[1]))
+        cond = tuple(outputs.get(name, c) for name, c in zip(pipe._cond_names, cond))
         return latents, embeds, cond
 
 
@@ -103,6 +100,8 @@ def rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale):
 class StableDiffusionPipeline(LoraLoaderMixin):
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")  # diffusers' names
     _guidance_rescale = 0.0  # set by each call that takes it, as diffusers keeps it (SD img2img takes none)
+    _cond_names = ("add_text_embeds", "add_time_ids")  # diffusers' names of the UNet's extra inputs (``cond``)
+    _unet_takes_mask = False  # (inpainting's 9-channel UNet)
     _begins_at_zero = False  # diffusers' SD pipeline lets a step-index scheduler find its start from the timestep
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, cuda_graph="auto", channels_last="auto"):
@@ -130,6 +129,10 @@ class StableDiffusionPipeline(LoraLoaderMixin):
             raise ValueError(f"unet (cross_attention_dim={cross}{extra}) does not fit text_encoder (hidden_size="
                              f"{width}): this pipeline conditions the UNet on one CLIP text encoder's hidden states "
                              "and nothing else (SD 1.x/2.x; for SDXL, diffusion_fast.StableDiffusionXLPipeline)")
+        if unet.config.in_channels != self.vae.config.latent_channels and not self._unet_takes_mask:
+            raise ValueError(f"unet has {unet.config.in_channels} input channels and the VAE's latents "
+                             f"{self.vae.config.latent_channels}: an inpainting UNet, for "
+                             "diffusion_fast.StableDiffusionInpaintPipeline")
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -429,6 +432,7 @@ class StableDiffusionPipeline(LoraLoaderMixin):
             else:
                 latents = self._denoise_step(latents, t, embeds, cond, guidance_scale, do_cfg, eta, generator,
                                              graphs["unet"] if mode == "unet" else None)  # hands out copies
+            latents = self._after_step(i, timesteps, latents)
             if callback is not None:
                 latents, embeds, cond = callback(self, i, t, latents, embeds, cond, graphed)
         latents = latents.clone() if graphed else latents
@@ -438,6 +442,10 @@ class StableDiffusionPipeline(LoraLoaderMixin):
         if output_type == "latent":
             return StableDiffusionPipelineOutput(images=latents, seconds=seconds)
         return StableDiffusionPipelineOutput(images=postprocess(self._decode(latents), output_type), seconds=seconds)
+
+    def _after_step(self, i, timesteps, latents):
+        """The latents after step ``i`` (inpainting with a 4-channel UNet puts the kept region back here)."""
+        return latents
 
     def _decode(self, latents):
         return self.vae.decode(latents / self.vae.config.scaling_factor)

@@ -231,7 +231,15 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
 
 def load_pipeline(folder, **kwargs):
     """Our pipeline for a diffusers folder, by what it holds: ``StableDiffusionXLPipeline`` for an SDXL folder (two
-    text encoders), else ``StableDiffusionPipeline``; ``kwargs`` go to its ``from_pretrained``."""
+    text encoders), ``StableDiffusionInpaintPipeline`` for an SD inpainting folder (diffusers' class name), else
+    ``StableDiffusionPipeline``; ``kwargs`` go to its ``from_pretrained``."""
+    from .pipeline_inpaint import StableDiffusionInpaintPipeline
+
     folder, components = read_model_index(folder)
-    cls = StableDiffusionXLPipeline if "text_encoder_2" in components else StableDiffusionPipeline
+    if "text_encoder_2" in components:
+        cls = StableDiffusionXLPipeline
+    elif "Inpaint" in str(components.get("_class_name", "")):
+        cls = StableDiffusionInpaintPipeline
+    else:
+        cls = StableDiffusionPipeline
     return cls.from_pretrained(folder, **kwargs)

@@ -1,0 +1,166 @@
+"""Inpainting with diffusers' StableDiffusionInpaintPipeline semantics: the same image for the same seed, image, mask,
+strength and weights.
+
+Both kinds of checkpoint diffusers runs: an inpainting UNet (9 input channels: the latents, the mask and the masked
+image's latents, as SD's inpainting checkpoints are trained), and a plain 4-channel UNet, whose latents outside the
+mask are replaced after every step by the image's own latents noised to the next timestep. The image and mask are
+resized to the output size (Lanczos for PIL images, as diffusers' image processors), the mask made grayscale and
+binarized at 0.5; the masked image is the image where the mask is below 0.5. The loop is the SD pipeline's: fused
+scheduler steps and, on CUDA, the step (DDIM) or the UNet call replayed from a CUDA graph, with the mask and the masked
+image's latents among the graph's inputs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .lora import lora_call_scale
+from .pipeline import StableDiffusionPipeline
+from .pipeline_img2img import _ImageToImage
+from .schedulers.common import randn_tensor
+
+
+def _resized(images, height, width, what):
+    """PIL images (one or a list) resized to (width, height) with Lanczos, or a (B, C, H, W) tensor interpolated
+    (nearest) to (height, width), as diffusers' VaeImageProcessor.resize; returns a list of PIL images or a tensor."""
+    import PIL.Image
+
+    images = images if isinstance(images, (list, tuple)) else [images]
+    if images and all(isinstance(im, PIL.Image.Image) for im in images):
+        return [im.resize((width, height), resample=PIL.Image.LANCZOS) for im in images]
+    if len(images) == 1 and torch.is_tensor(images[0]):
+        tensor = images[0]
+        if tensor.dim() != 4 or not tensor.is_floating_point():
+            raise ValueError(f"{what}: a tensor must be a float (B, C, H, W) batch, got {tensor.dtype} of shape "
+                             f"{tuple(tensor.shape)}")
+        return tensor if tensor.shape[2:] == (height, width) else F.interpolate(tensor, size=(height, width))
+    raise TypeError(f"{what} must be a PIL image, a list of them or a (B, C, H, W) tensor, got "
+                    f"{type(images[0]).__name__}")
+
+
+def preprocess_mask(mask, height, width) -> torch.Tensor:
+    """diffusers' mask processor: resized, grayscale (PIL's "L"), in [0, 1], binarized at 0.5: (B, 1, H, W)."""
+    mask = _resized(mask, height, width, "mask_image")
+    if isinstance(mask, list):
+        arrays = [np.array(im.convert("L")).astype(np.float32) / 255.0 for im in mask]
+        mask = torch.from_numpy(np.stack(arrays))[:, None]
+    elif mask.shape[1] != 1:
+        raise ValueError(f"mask_image: a tensor mask has one channel, got shape {tuple(mask.shape)}")
+    return (mask >= 0.5).to(mask.dtype)
+
+
+def preprocess_inpaint_image(image, height, width, latent_channels) -> torch.Tensor:
+    """diffusers' image processor at a given size: RGB PIL images resized and mapped to [-1, 1]; a tensor resized, and
+    mapped from [0, 1] unless it has negative values or is latents."""
+    image = _resized(image, height, width, "image")
+    if isinstance(image, list):
+        modes = sorted({im.mode for im in image} - {"RGB"})
+        if modes:
+            raise ValueError(f"image: RGB images only (got mode {modes[0]}); convert them with image.convert('RGB')")
+        arrays = [np.array(im).astype(np.float32) / 255.0 for im in image]
+        return 2.0 * torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2)) - 1.0
+    return image if image.shape[1] == latent_channels or image.min() < 0 else 2.0 * image - 1.0
+
+
+class StableDiffusionInpaintPipeline(_ImageToImage, StableDiffusionPipeline):
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")
+    _cond_names = ("mask", "masked_image_latents")  # a 9-channel UNet's extra inputs, as diffusers names them
+    _blend = None  # a 4-channel UNet's (image latents, noise, mask) during a call
+    _unet_takes_mask = True
+
+    def _check_components(self):
+        super()._check_components()
+        latent, unet_in = self.vae.config.latent_channels, self.unet.config.in_channels
+        if unet_in not in (latent, 2 * latent + 1):
+            raise ValueError(f"unet has {unet_in} input channels: an inpainting UNet takes {2 * latent + 1} (latents, "
+                             f"mask, masked image latents) and a plain one {latent}")
+
+    def _unet_call(self, model_input, t, embeds, *cond):
+        """The UNet call; a 9-channel UNet gets the mask and the masked image's latents beside the latents."""
+        return self.unet(torch.cat([model_input, *cond], dim=1) if cond else model_input, t, embeds)
+
+    def _after_step(self, i, timesteps, latents):
+        """A 4-channel UNet: outside the mask, the image's latents noised to the next timestep (none after the last)."""
+        if self._blend is None:
+            return latents
+        image_latents, noise, mask = self._blend
+        if i < len(timesteps) - 1:
+            image_latents = self.scheduler.add_noise(image_latents, noise, timesteps[i + 1:i + 2])
+        return (1 - mask) * image_latents + mask * latents
+
+    def _encode_images(self, images, generator):
+        """diffusers' _encode_vae_image: one generator per image of ``images`` when given a list."""
+        if isinstance(generator, (list, tuple)):
+            if len(generator) < images.shape[0]:
+                raise ValueError(f"generator is a list of {len(generator)} for {images.shape[0]} images")
+            return torch.cat([self._encode_image(images[i:i + 1], generator[i]) for i in range(images.shape[0])])
+        return self._encode_image(images, generator)
+
+    @lora_call_scale
+    @torch.no_grad()
+    def __call__(self, prompt=None, image=None, mask_image=None, height=None, width=None, strength=1.0,
+                 num_inference_steps=50, guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
+                 generator=None, latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
+                 timesteps=None, sigmas=None, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
+                 masked_image_latents=None):
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+            raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+        if image is None or mask_image is None:
+            raise ValueError("image and mask_image: give both (PIL images, lists of them or tensors)")
+        height = height if height is not None else self.unet.config.sample_size * self.vae_scale_factor
+        width = width if width is not None else self.unet.config.sample_size * self.vae_scale_factor
+        shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+                                   num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None, output_type)
+        batch, latent_channels = shape[0], self.vae.config.latent_channels
+        shape = (batch, latent_channels, *shape[2:])
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}")
+        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        init_image = preprocess_inpaint_image(image, height, width, latent_channels).float()
+        mask_condition = preprocess_mask(mask_image, height, width)
+        if init_image.shape[1] not in (latent_channels, self.vae.config.in_channels):
+            raise ValueError(f"image has {init_image.shape[1]} channels: {self.vae.config.in_channels} (pixels) or "
+                             f"{latent_channels} (latents)")
+        device = self.device
+        num_inference_steps = self._set_timesteps(num_inference_steps, device, timesteps, sigmas)
+        timesteps = self._tail(num_inference_steps, strength)
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        do_cfg = guidance_scale > 1.0
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        embeds = (torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds).to(self.dtype)
+        dtype, plain_unet = embeds.dtype, self.unet.config.in_channels == latent_channels
+
+        # diffusers' prepare_latents: the image's latents where needed, then the noise (same generator, that order)
+        strength_max, image_latents = strength == 1.0, None
+        if plain_unet or (latents is None and not strength_max):
+            pixels = init_image.to(device=device, dtype=dtype)
+            image_latents = pixels if pixels.shape[1] == latent_channels else self._encode_images(pixels, generator)
+            image_latents = image_latents.repeat(batch // image_latents.shape[0], 1, 1, 1)
+        if latents is None:
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            latents = (noise * self.scheduler.init_noise_sigma if strength_max else
+                       self.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch)))
+        else:
+            noise = latents.to(device=device, dtype=dtype)
+            latents = noise * self.scheduler.init_noise_sigma
+
+        # diffusers' prepare_mask_latents: the mask at latent size, the masked image encoded (same generator again)
+        masked = init_image * (mask_condition < 0.5) if masked_image_latents is None else masked_image_latents
+        mask = F.interpolate(mask_condition, size=shape[2:]).to(device=device, dtype=dtype)
+        masked = masked.to(device=device, dtype=dtype)
+        masked = masked if masked.shape[1] == latent_channels else self._encode_images(masked, generator)
+        mask = mask.repeat(batch // mask.shape[0], 1, 1, 1) if mask.shape[0] < batch else mask
+        masked = masked.repeat(batch // masked.shape[0], 1, 1, 1) if masked.shape[0] < batch else masked
+        mask, masked = (torch.cat([mask] * 2), torch.cat([masked] * 2)) if do_cfg else (mask, masked)
+
+        if callback is not None:
+            callback.extra.update(negative_prompt_embeds=negative_prompt_embeds, mask=mask, masked_image_latents=masked)
+        self._blend = (image_latents, noise, mask.chunk(2)[0] if do_cfg else mask) if plain_unet else None
+        try:
+            return self._denoise(latents, timesteps, embeds, () if plain_unet else (mask, masked),
+                                 num_inference_steps, guidance_scale, do_cfg, eta, generator, output_type, callback)
+        finally:
+            self._blend = None
