@@ -6,6 +6,7 @@
     diffusion-fast generate --scheduler dpm++-2m --karras   # "DPM++ 2M Karras"
     diffusion-fast generate --model DIR --scheduler lcm --steps 4 --guidance 1   # an LCM(-LoRA fused) model
     diffusion-fast generate --model DIR --image in.png --strength 0.6             # image-to-image
+    diffusion-fast generate --model DIR --image in.png --mask mask.png            # inpainting
     diffusion-fast generate --model DIR --lora style.safetensors:0.8 --lora detail.safetensors   # LoRAs merged
     diffusion-fast bench [--config tiny|sd15]    # kernel throughput + end-to-end it/s, CSV + PNG plot
     diffusion-fast check [--model DIR]           # fast vs reference on fresh random inputs; exit 1 on failure
@@ -130,9 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=_positive_int, default=1, help="images per prompt")
     g.add_argument("--image", default=None,
                    help="an initial image file: image-to-image, its size the output's")
+    g.add_argument("--mask", default=None,
+                   help="with --image: a mask file (white: repaint, black: keep): inpainting (SD 1.x/2.x)")
     g.add_argument("--strength", type=float, default=None,
                    help="with --image: how much of the schedule runs, in (0, 1] (default: the pipeline's, 0.8 for "
-                        "SD 1.x/2.x, 0.3 for SDXL, as in diffusers)")
+                        "SD 1.x/2.x, 0.3 for SDXL, 1 for inpainting, as in diffusers)")
     g.add_argument("--lora", type=_lora, action="append", default=[], metavar="PATH[:SCALE]",
                    help="a LoRA (.safetensors file or folder; diffusers, PEFT or kohya format) merged into the weights "
                         "at SCALE (default 1); repeat for several, all active")
@@ -188,6 +191,40 @@ def _init_image(args):
         raise UsageError(f"--image: {args.image} is not an image PIL can read ({exc})") from None
 
 
+def _mask_image(args, init_image):
+    """--mask as a PIL image (None without it), checked against --image."""
+    if args.mask is None:
+        return None
+    if init_image is None:
+        raise UsageError("--mask is for inpainting: give --image too")
+    if not os.path.isfile(args.mask):
+        raise UsageError(f"--mask: no such file: {args.mask}")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        mask = Image.open(args.mask)
+        mask.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UsageError(f"--mask: {args.mask} is not an image PIL can read ({exc})") from None
+    if mask.size != init_image.size:
+        raise UsageError(f"--mask is {mask.size[0]}x{mask.size[1]} and --image {init_image.size[0]}x"
+                         f"{init_image.size[1]}: give them the same size")
+    return mask
+
+
+def _inpaint(pipe):
+    """The inpainting pipeline on a loaded SD pipeline's components."""
+    from .pipeline_inpaint import StableDiffusionInpaintPipeline
+
+    if hasattr(pipe, "text_encoder_2"):
+        raise UsageError("--mask: inpainting runs SD 1.x/2.x folders here (for SDXL, diffusers' inpainting pipeline "
+                         "with diffusion_fast.accelerate)")
+    if isinstance(pipe, StableDiffusionInpaintPipeline):
+        return pipe
+    return StableDiffusionInpaintPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+                                          cuda_graph=pipe.cuda_graph, channels_last=pipe.channels_last)
+
+
 def _img2img(pipe):
     """The image-to-image pipeline on a loaded pipeline's components (SD 1.x/2.x or SDXL)."""
     from .pipeline_img2img import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
@@ -211,6 +248,7 @@ def generate(args) -> int:
     if args.scheduler != "model":  # known before loading anything
         _check_scheduler_options(args, SCHEDULER_CHOICES[args.scheduler][0])
     init_image = _init_image(args)
+    mask_image = _mask_image(args, init_image)
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
     compare = args.compare or args.model is None
@@ -226,7 +264,11 @@ def generate(args) -> int:
         pipe.set_adapters([f"lora_{i}" for i in range(len(args.lora))], [scale for _, scale in args.lora])
         print(f"merged {len(args.lora)} LoRA{'s' if len(args.lora) > 1 else ''}: "
               + ", ".join(f"{path} at {scale:g}" for path, scale in args.lora))
-    if init_image is not None:
+    if mask_image is not None:
+        pipe = _inpaint(pipe)
+    elif getattr(pipe, "_unet_takes_mask", False):
+        raise UsageError(f"{args.model} is an inpainting model: give --image and --mask")
+    elif init_image is not None:
         pipe = _img2img(pipe)
     name, fields = SCHEDULER_CHOICES.get(args.scheduler, (type(pipe.scheduler).__name__, {}))
     _check_scheduler_options(args, name)
@@ -241,6 +283,13 @@ def generate(args) -> int:
     denoised = steps  # the steps that run: with --image, the schedule's last `strength` part
     if init_image is None:
         options.update(height=args.height, width=args.width)
+    elif mask_image is not None:  # inpainting: the image's size, cut to a multiple of 8; strength 1 by default
+        strength = args.strength if args.strength is not None else 1.0
+        width, height = (x - x % 8 for x in init_image.size)
+        if width == 0 or height == 0:
+            raise UsageError(f"--image is {init_image.size[0]}x{init_image.size[1]}: smaller than 8 pixels")
+        options.update(image=init_image, mask_image=mask_image, strength=strength, height=height, width=width)
+        denoised = min(int(steps * strength), steps)
     else:  # img2img: the image's own size; a warm-up step of a strength-cut schedule needs the whole schedule
         strength = args.strength if args.strength is not None else 0.3 if hasattr(pipe, "text_encoder_2") else 0.8
         options.update(image=init_image, strength=strength)

@@ -311,3 +311,46 @@ def test_generate_lora_that_does_not_fit_one_line(tmp_path, capsys):
     assert main(["generate", "--steps", "1", "--no-progress", "--lora", str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err  # (after the tiny model's progress bars)
     assert "diffusion-fast generate: error: lora: keys matching no module" in err and "Traceback" not in err
+
+
+def test_generate_inpainting(tmp_path, capsys):
+    """--image with --mask: inpainting (the built-in model's plain UNet here), the image's size cut to a multiple of 8,
+    strength 1 by default; only the masked region changes much."""
+    import numpy as np
+
+    pixels = np.random.default_rng(0).integers(0, 255, (40, 44, 3), dtype=np.uint8)
+    mask = np.zeros((40, 44), dtype=np.uint8)
+    mask[8:24, 8:24] = 255
+    Image.fromarray(pixels).save(tmp_path / "in.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    assert main(["generate", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"), "--steps", "3",
+                 "--output", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "fast path:      3 steps" in text and "max abs pixel difference" in text
+    assert Image.open(out).size == (40, 40)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mask", "MASK"], "--mask is for inpainting: give --image too"),
+    (["--image", "IMAGE", "--mask", "/no/such/mask.png"], "--mask: no such file: /no/such/mask.png"),
+    (["--image", "IMAGE", "--mask", "SMALL"], "--mask is 8x8 and --image 16x16: give them the same size"),
+])
+def test_generate_inpainting_bad_options_one_line(tmp_path, capsys, argv, message):
+    Image.new("RGB", (16, 16)).save(tmp_path / "in.png")
+    Image.new("L", (16, 16)).save(tmp_path / "mask.png")
+    Image.new("L", (8, 8)).save(tmp_path / "small.png")
+    names = {"IMAGE": tmp_path / "in.png", "MASK": tmp_path / "mask.png", "SMALL": tmp_path / "small.png"}
+    assert main(["generate", *[str(names.get(a, a)) for a in argv], "--steps", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_generate_inpainting_model_needs_a_mask(tmp_path, capsys):
+    from diffusers import StableDiffusionInpaintPipeline as Theirs
+
+    import _tiny_diffusers
+
+    Theirs(**_tiny_diffusers.pipeline("sd1", 0).components).save_pretrained(tmp_path / "inpaint")
+    assert main(["generate", "--model", str(tmp_path / "inpaint"), "--steps", "1", "--no-progress"]) == 2
+    assert "is an inpainting model: give --image and --mask" in capsys.readouterr().err
