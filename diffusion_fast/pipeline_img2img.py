@@ -76,6 +76,19 @@ class _ImageToImage:
             self.scheduler.set_begin_index(begin)
         return self.scheduler.timesteps[begin:]
 
+    def _sd_tail_and_embeds(self, prompt, num_inference_steps, strength, timesteps, sigmas, guidance_scale,
+                            num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds):
+        """SD's (not SDXL's) start of an image-to-image or inpainting call: the schedule's ``strength`` tail and the
+        text embeddings. Returns (num_inference_steps, timesteps, do_cfg, negative_prompt_embeds, embeds)."""
+        num_inference_steps = self._set_timesteps(num_inference_steps, self.device, timesteps, sigmas)
+        timesteps = self._tail(num_inference_steps, strength)
+        do_cfg = guidance_scale > 1.0
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            [prompt] if isinstance(prompt, str) else prompt, self.device, num_images_per_prompt, do_cfg,
+            negative_prompt, prompt_embeds, negative_prompt_embeds)
+        embeds = (torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds).to(self.dtype)
+        return num_inference_steps, timesteps, do_cfg, negative_prompt_embeds, embeds
+
     def _encode_image(self, pixels, generator):
         """The scaled latents of ``pixels``, sampled from the VAE posterior with ``generator``."""
         return self.vae.config.scaling_factor * self.vae.encode(pixels).latent_dist.sample(generator)
@@ -114,15 +127,9 @@ class StableDiffusionImg2ImgPipeline(_ImageToImage, StableDiffusionPipeline):
         shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                                    num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None, output_type)
         callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        device = self.device
-        num_inference_steps = self._set_timesteps(num_inference_steps, device, timesteps, sigmas)
-        timesteps = self._tail(num_inference_steps, strength)
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        do_cfg = guidance_scale > 1.0
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)
-        embeds = (torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds).to(self.dtype)
+        num_inference_steps, timesteps, do_cfg, negative_prompt_embeds, embeds = self._sd_tail_and_embeds(
+            prompt, num_inference_steps, strength, timesteps, sigmas, guidance_scale, num_images_per_prompt,
+            negative_prompt, prompt_embeds, negative_prompt_embeds)
         if callback is not None:
             callback.extra["negative_prompt_embeds"] = negative_prompt_embeds
         latents = self._image_latents(image, latent_input, timesteps[:1].repeat(shape[0]), shape[0], embeds.dtype,

@@ -123,14 +123,9 @@ class StableDiffusionInpaintPipeline(_ImageToImage, StableDiffusionPipeline):
             raise ValueError(f"image has {init_image.shape[1]} channels: {self.vae.config.in_channels} (pixels) or "
                              f"{latent_channels} (latents)")
         device = self.device
-        num_inference_steps = self._set_timesteps(num_inference_steps, device, timesteps, sigmas)
-        timesteps = self._tail(num_inference_steps, strength)
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        do_cfg = guidance_scale > 1.0
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)
-        embeds = (torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds).to(self.dtype)
+        num_inference_steps, timesteps, do_cfg, negative_prompt_embeds, embeds = self._sd_tail_and_embeds(
+            prompt, num_inference_steps, strength, timesteps, sigmas, guidance_scale, num_images_per_prompt,
+            negative_prompt, prompt_embeds, negative_prompt_embeds)
         dtype, plain_unet = embeds.dtype, self.unet.config.in_channels == latent_channels
 
         # diffusers' prepare_latents: the image's latents where needed, then the noise (same generator, that order)
