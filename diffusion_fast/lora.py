@@ -257,7 +257,8 @@ def lora_call_scale(call):
 
 
 class LoraLoaderMixin:
-    """``load_lora_weights``, ``set_adapters``, ``delete_adapters``, ``unload_lora_weights`` for our pipelines.
+    """``load_lora_weights``, ``set_adapters``, ``fuse_lora``, ``delete_adapters``, ``unload_lora_weights`` for our
+    pipelines.
 
     Every LoRA is merged into the weights; ``set_adapters`` re-merges from the kept original weights, so weights never
     drift however often it is called, and ``unload_lora_weights`` restores them bit for bit.
@@ -268,7 +269,8 @@ class LoraLoaderMixin:
 
     def _lora_state(self):
         if not hasattr(self, "_lora"):
-            self._lora = {"adapters": {}, "weights": {}, "originals": {}}  # name -> factors, name -> weight
+            # name -> factors, name -> weight, kept weights; whether fuse_lora ran since the last unfuse_lora
+            self._lora = {"adapters": {}, "weights": {}, "originals": {}, "fused": False}
         return self._lora
 
     def load_lora_weights(self, lora, adapter_name=None, *, weight_name=None, scale=1.0):
@@ -305,6 +307,29 @@ class LoraLoaderMixin:
             raise ValueError(f"adapter_weights has {len(weights)} entries for {len(names)} adapter_names")
         state["weights"] = {n: _check_weight("adapter_weights", 1.0 if w is None else w) for n, w in zip(names, weights)}
         self._merge_loras()
+
+    def fuse_lora(self, lora_scale=1.0, adapter_names=None):
+        """diffusers' ``fuse_lora``. LoRAs here are merged already, so this gives the images diffusers' fusing gives:
+        the active adapters (or those of ``adapter_names``) from now on at ``lora_scale`` times their weights, and
+        ``unfuse_lora`` keeps that scale. Fusing again before ``unfuse_lora`` changes nothing here (diffusers' state
+        after a repeated fuse is its own, not mirrored)."""
+        state = self._lora_state()
+        lora_scale = _check_weight("lora_scale", lora_scale)
+        names = list(state["weights"]) if adapter_names is None else (
+            [adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
+        inactive = [n for n in names if n not in state["weights"]]
+        if inactive:
+            raise ValueError(f"adapter_names: {inactive} are not active (active: {list(state['weights'])})")
+        if state["fused"]:
+            return
+        state["weights"] = {n: w * lora_scale if n in names else w for n, w in state["weights"].items()}
+        state["fused"] = True
+        self._merge_loras()
+
+    def unfuse_lora(self):
+        """diffusers' ``unfuse_lora``: the image stays as it is (diffusers' layers keep the fused scale after it); a
+        later ``fuse_lora`` scales again."""
+        self._lora_state()["fused"] = False
 
     def get_active_adapters(self) -> list:
         return list(self._lora_state()["weights"])

@@ -215,12 +215,29 @@ def test_scale_and_several_adapters_as_diffusers_set_adapters(sd_folder, tmp_pat
         image = _image(ours)
         assert np.abs(image - only_b).max() > CHANGED
         assert np.abs(_image(theirs) - image).max() <= PIPELINE_FP32_MAX_ABS
-    # load_lora_weights(scale=) is diffusers' fuse_lora(lora_scale=)
-    theirs, ours = _theirs(sd_folder), _ours(sd_folder)
-    theirs.load_lora_weights(a)
-    theirs.fuse_lora(lora_scale=0.6)
-    ours.load_lora_weights(a, scale=0.6)
-    assert np.abs(_image(theirs) - _image(ours)).max() <= PIPELINE_FP32_MAX_ABS
+    # load_lora_weights(scale=) is diffusers' fuse_lora(lora_scale=); our fuse_lora gives diffusers' images:
+    # unfuse_lora keeps the scale, a fuse after it scales again (0.6 x 0.5)
+    theirs, fused = _theirs(sd_folder), _ours(sd_folder)
+    for pipe in (theirs, fused):
+        pipe.load_lora_weights(a)
+    full = _image(fused)
+    reference = {}
+    for scale in (0.6, 0.3):
+        ours = _ours(sd_folder)
+        ours.load_lora_weights(a, scale=scale)
+        reference[scale] = _image(ours)
+    assert np.abs(reference[0.6] - full).max() > CHANGED and np.abs(reference[0.3] - reference[0.6]).max() > CHANGED
+    for action, expected in (("fuse_lora(lora_scale=0.6)", 0.6), ("unfuse_lora()", 0.6),
+                             ("fuse_lora(lora_scale=0.5)", 0.3)):
+        for pipe in (theirs, fused):
+            eval(f"pipe.{action}")
+        image = _image(fused)
+        assert np.abs(image - reference[expected]).max() <= 1e-5, action
+        assert np.abs(_image(theirs) - image).max() <= PIPELINE_FP32_MAX_ABS, action
+    fused.fuse_lora(lora_scale=0.5)  # fused already: nothing changes until unfuse_lora
+    assert np.abs(_image(fused) - reference[0.3]).max() <= 1e-5
+    with pytest.raises(ValueError, match=r"adapter_names: \['x'\] are not active"):
+        fused.fuse_lora(adapter_names=["x"])
 
 
 @pytest.mark.parametrize("folder_name", ["sd_folder", "sdxl_folder"])
