@@ -298,7 +298,7 @@ class LoraLoaderMixin:
     def set_adapters(self, adapter_names, adapter_weights=None):
         """Keep only ``adapter_names`` active, at ``adapter_weights`` (one float for all, or one each)."""
         state = self._lora_state()
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = _adapter_names(adapter_names)
         unknown = [n for n in names if n not in state["adapters"]]
         if unknown:
             raise ValueError(f"adapter_names: {unknown} are not loaded (loaded: {list(state['adapters'])})")
@@ -315,8 +315,7 @@ class LoraLoaderMixin:
         after a repeated fuse is its own, not mirrored)."""
         state = self._lora_state()
         lora_scale = _check_weight("lora_scale", lora_scale)
-        names = list(state["weights"]) if adapter_names is None else (
-            [adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
+        names = list(state["weights"]) if adapter_names is None else _adapter_names(adapter_names)
         inactive = [n for n in names if n not in state["weights"]]
         if inactive:
             raise ValueError(f"adapter_names: {inactive} are not active (active: {list(state['weights'])})")
@@ -336,7 +335,7 @@ class LoraLoaderMixin:
 
     def delete_adapters(self, adapter_names):
         state = self._lora_state()
-        for name in [adapter_names] if isinstance(adapter_names, str) else list(adapter_names):
+        for name in _adapter_names(adapter_names):
             if name not in state["adapters"]:
                 raise ValueError(f"adapter_names: {name!r} is not loaded (loaded: {list(state['adapters'])})")
             del state["adapters"][name]
@@ -398,6 +397,15 @@ class LoraLoaderMixin:
             for module in model.modules():
                 if isinstance(module, Attention) and module.fused_qkv_weight is not None:
                     module.fuse_qkv()
+
+
+def _adapter_names(value) -> list:
+    """``adapter_names`` as diffusers takes it: one name or a list of names."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(n, str) for n in value):
+        raise TypeError(f"adapter_names must be a str or a list of str, got {value!r}")
+    return list(value)
 
 
 def _check_weight(name, value):

@@ -330,6 +330,9 @@ def test_bad_lora_is_one_clear_error(sd_folder, tmp_path):
         ours.set_adapters(["a", "z"])
     with pytest.raises(ValueError, match="adapter_weights has 2"):
         ours.set_adapters(["a"], [1.0, 2.0])
+    for method in (ours.set_adapters, ours.delete_adapters, ours.fuse_lora):  # not a name: named, not list()'s error
+        with pytest.raises(TypeError, match="adapter_names must be a str or a list of str, got 3"):
+            method(adapter_names=3)
 
 
 def test_metadata_alpha_pattern_and_rslora():
