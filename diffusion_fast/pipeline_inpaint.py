@@ -122,6 +122,11 @@ class StableDiffusionInpaintPipeline(_ImageToImage, StableDiffusionPipeline):
         if init_image.shape[1] not in (latent_channels, self.vae.config.in_channels):
             raise ValueError(f"image has {init_image.shape[1]} channels: {self.vae.config.in_channels} (pixels) or "
                              f"{latent_channels} (latents)")
+        for name, value in (("image", init_image), ("mask_image", mask_condition),
+                            ("masked_image_latents", masked_image_latents)):
+            if value is not None and batch % value.shape[0] != 0:  # (each is repeated to the batch)
+                raise ValueError(f"{name} has {value.shape[0]} images, which does not divide the batch of {batch} "
+                                 "(prompts x images per prompt)")
         device = self.device
         num_inference_steps, timesteps, do_cfg, negative_prompt_embeds, embeds = self._sd_tail_and_embeds(
             prompt, num_inference_steps, strength, timesteps, sigmas, guidance_scale, num_images_per_prompt,

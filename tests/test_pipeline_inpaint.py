@@ -142,6 +142,11 @@ def test_bad_inputs(pair):
         (dict(image=torch.rand(3, 32, 32)), ValueError, r"image: a tensor must be a float \(B, C, H, W\) batch"),
         (dict(height=36), ValueError, "height must be a positive multiple of 8"),
         (dict(latents=torch.randn(1, 9, 8, 8)), ValueError, r"latents must have shape \(1, 4, 8, 8\)"),
+        # two masks for three images: diffusers refuses it too, rather than failing on a shape in the UNet
+        (dict(prompt=["a", "b", "c"], mask_image=[MASK, MASK]), ValueError,
+         "mask_image has 2 images, which does not divide the batch of 3"),
+        (dict(image=torch.rand(2, 3, 32, 32), num_images_per_prompt=3), ValueError,
+         "image has 2 images, which does not divide the batch of 3"),
     ]:
         with pytest.raises(error, match=message):
             ours(**dict(dict(prompt="a", image=IMAGE, mask_image=MASK, num_inference_steps=2), **kwargs))
