@@ -18,11 +18,13 @@ from .pipeline_xl import StableDiffusionXLPipeline, _size_pair
 from .schedulers.common import randn_tensor
 
 
-def preprocess_image(image, scale: int, latent_channels: int) -> torch.Tensor:
+def preprocess_image(image, scale: int, latent_channels: int, size=None) -> torch.Tensor:
     """diffusers' VaeImageProcessor.preprocess for RGB PIL images (one or a list) and (B, C, H, W) tensors: PIL images
     are resized down to a multiple of ``scale`` (Lanczos; an image already there is copied unchanged), stacked, and
     mapped from [0, 1] to [-1, 1]; a tensor whose values are all >= 0 is taken as [0, 1] and mapped too, one with
-    negative values as [-1, 1] already, and one of ``latent_channels`` channels as latents (left as they are)."""
+    negative values as [-1, 1] already, and one of ``latent_channels`` channels as latents (left as they are).
+    With ``size`` (height, width), as inpainting asks, PIL images are resized to it and a tensor of another size is
+    interpolated (nearest) to it."""
     import PIL.Image
 
     images = image if isinstance(image, (list, tuple)) else [image]
@@ -30,9 +32,12 @@ def preprocess_image(image, scale: int, latent_channels: int) -> torch.Tensor:
         modes = sorted({im.mode for im in images} - {"RGB"})
         if modes:
             raise ValueError(f"image: RGB images only (got mode {modes[0]}); convert them with image.convert('RGB')")
-        if len({im.size for im in images}) > 1:
+        if size is not None:
+            height, width = size
+        elif len({im.size for im in images}) > 1:
             raise ValueError(f"image: the images differ in size ({sorted({im.size for im in images})})")
-        width, height = (x - x % scale for x in images[0].size)
+        else:
+            width, height = (x - x % scale for x in images[0].size)
         if width == 0 or height == 0:
             raise ValueError(f"image is {images[0].size[0]}x{images[0].size[1]}: smaller than the VAE's scale {scale}")
         arrays = [np.array(im.resize((width, height), resample=PIL.Image.LANCZOS)).astype(np.float32) / 255.0
@@ -42,6 +47,8 @@ def preprocess_image(image, scale: int, latent_channels: int) -> torch.Tensor:
         if image.dim() != 4 or not image.is_floating_point():
             raise ValueError(f"image: a tensor must be a float (B, C, H, W) batch, got {image.dtype} of shape "
                              f"{tuple(image.shape)}")
+        if size is not None and tuple(image.shape[2:]) != tuple(size):
+            image = torch.nn.functional.interpolate(image, size=tuple(size))
         return image if image.shape[1] == latent_channels or image.min() < 0 else 2.0 * image - 1.0
     raise TypeError(f"image must be an RGB PIL image, a list of them or a (B, C, H, W) tensor, got "
                     f"{type(image).__name__}")

@@ -17,12 +17,12 @@ import torch.nn.functional as F
 
 from .lora import lora_call_scale
 from .pipeline import StableDiffusionPipeline
-from .pipeline_img2img import _ImageToImage
+from .pipeline_img2img import _ImageToImage, preprocess_image
 from .schedulers.common import randn_tensor
 
 
 def _resized(images, height, width, what):
-    """PIL images (one or a list) resized to (width, height) with Lanczos, or a (B, C, H, W) tensor interpolated
+    """PIL masks (one or a list) resized to (width, height) with Lanczos, or a (B, C, H, W) tensor interpolated
     (nearest) to (height, width), as diffusers' VaeImageProcessor.resize; returns a list of PIL images or a tensor."""
     import PIL.Image
 
@@ -48,19 +48,6 @@ def preprocess_mask(mask, height, width) -> torch.Tensor:
     elif mask.shape[1] != 1:
         raise ValueError(f"mask_image: a tensor mask has one channel, got shape {tuple(mask.shape)}")
     return (mask >= 0.5).to(mask.dtype)
-
-
-def preprocess_inpaint_image(image, height, width, latent_channels) -> torch.Tensor:
-    """diffusers' image processor at a given size: RGB PIL images resized and mapped to [-1, 1]; a tensor resized, and
-    mapped from [0, 1] unless it has negative values or is latents."""
-    image = _resized(image, height, width, "image")
-    if isinstance(image, list):
-        modes = sorted({im.mode for im in image} - {"RGB"})
-        if modes:
-            raise ValueError(f"image: RGB images only (got mode {modes[0]}); convert them with image.convert('RGB')")
-        arrays = [np.array(im).astype(np.float32) / 255.0 for im in image]
-        return 2.0 * torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2)) - 1.0
-    return image if image.shape[1] == latent_channels or image.min() < 0 else 2.0 * image - 1.0
 
 
 class StableDiffusionInpaintPipeline(_ImageToImage, StableDiffusionPipeline):
@@ -117,7 +104,7 @@ class StableDiffusionInpaintPipeline(_ImageToImage, StableDiffusionPipeline):
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}")
         callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        init_image = preprocess_inpaint_image(image, height, width, latent_channels).float()
+        init_image = preprocess_image(image, self.vae_scale_factor, latent_channels, size=(height, width)).float()
         mask_condition = preprocess_mask(mask_image, height, width)
         if init_image.shape[1] not in (latent_channels, self.vae.config.in_channels):
             raise ValueError(f"image has {init_image.shape[1]} channels: {self.vae.config.in_channels} (pixels) or "
