@@ -137,27 +137,20 @@ class StableDiffusionPipeline(LoraLoaderMixin):
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, folder, dtype=None, device=None, *, variant=None, cuda_graph="auto",
-                        channels_last="auto"):
-        """Load a diffusers-layout folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
-        from transformers import CLIPTextModel, CLIPTokenizer
+                        channels_last="auto", **components):
+        """Load a diffusers-layout folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/.
+        A component passed by name (``vae=other.vae``) is used as it is, not loaded, as in diffusers."""
+        from transformers import CLIPTextModel
 
-        folder, components = read_model_index(folder)
-        missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-                   if c not in components or not os.path.isdir(os.path.join(folder, c))]
-        if missing:
-            raise FileNotFoundError(f"{folder!r} lacks the pipeline components {missing}")
-        if "text_encoder_2" in components:
-            raise ValueError(f"{folder!r} is a {components.get('_class_name', 'pipeline')} folder with two text "
+        folder, index = read_model_index(folder)
+        if "text_encoder_2" in index:
+            raise ValueError(f"{folder!r} is a {index.get('_class_name', 'pipeline')} folder with two text "
                              "encoders (SDXL): load it with diffusion_fast.StableDiffusionXLPipeline (this class runs "
                              "SD 1.x/2.x checkpoints, one CLIP text encoder)")
-        dtype = _resolve_dtype(dtype)
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=dtype, device=device, variant=variant)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=dtype, device=device, variant=variant)
-        text_encoder = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"))
-        text_encoder = text_encoder.to(device=device, dtype=dtype or text_encoder.dtype).eval()
-        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
-        scheduler = load_scheduler(os.path.join(folder, "scheduler"))
-        return cls(unet, vae, text_encoder, tokenizer, scheduler, cuda_graph=cuda_graph, channels_last=channels_last)
+        load = ComponentLoader(folder, index, ("unet", "vae", "text_encoder", "tokenizer", "scheduler"), (),
+                               components, dtype, device, variant)
+        return cls(load("unet"), load("vae"), load("text_encoder", CLIPTextModel), load("tokenizer"),
+                   load("scheduler"), cuda_graph=cuda_graph, channels_last=channels_last)
 
     @classmethod
     def from_tiny(cls, variant="sd1", seed=0, dtype=None, device=None, *, cuda_graph="auto", channels_last="auto"):
@@ -187,7 +180,8 @@ class StableDiffusionPipeline(LoraLoaderMixin):
     def to(self, device=None, dtype=None):
         dtype = _resolve_dtype(dtype)
         for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device=device, dtype=dtype)
+            if module is not None:  # (an SDXL refiner has no first text encoder)
+                module.to(device=device, dtype=dtype)
         self._graphs = self._graphed_for = None
         return self
 
@@ -397,9 +391,10 @@ class StableDiffusionPipeline(LoraLoaderMixin):
         return num_inference_steps
 
     def _sample(self, shape, embeds, cond, num_inference_steps, guidance_scale, do_cfg, eta, generator, latents,
-                output_type, timesteps=None, sigmas=None, callback=None):
+                output_type, timesteps=None, sigmas=None, callback=None, denoising_end=None):
         """Text-to-image from the text conditioning (``embeds``, and ``cond``: the UNet's added conditioning tensors,
-        or ()): the schedule, the initial noise drawn as diffusers draws it, the loop, the decode."""
+        or ()): the schedule (up to ``denoising_end``), the initial noise drawn as diffusers draws it, the loop, the
+        decode."""
         device = self.device
         num_inference_steps = self._set_timesteps(num_inference_steps, device, timesteps, sigmas)
         if self._begins_at_zero and hasattr(self.scheduler, "set_begin_index"):
@@ -407,8 +402,24 @@ class StableDiffusionPipeline(LoraLoaderMixin):
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype)
         latents = latents.to(device=device, dtype=embeds.dtype) * self.scheduler.init_noise_sigma
-        return self._denoise(latents, self.scheduler.timesteps, embeds, cond, num_inference_steps, guidance_scale,
-                             do_cfg, eta, generator, output_type, callback)
+        timesteps = self._end_at(self.scheduler.timesteps, denoising_end)
+        return self._denoise(latents, timesteps, embeds, cond, num_inference_steps, guidance_scale, do_cfg, eta,
+                             generator, output_type, callback)
+
+    def _cutoff(self, fraction):
+        """diffusers' discrete timestep cutoff of a denoising_start / denoising_end fraction."""
+        n_train = self.scheduler.config.num_train_timesteps
+        return int(round(n_train - fraction * n_train))
+
+    def _end_at(self, timesteps, denoising_end):
+        """diffusers' denoising_end: the steps whose timestep is at or above the fraction's cutoff (an ensemble of
+        experts' first, high-noise part; a refiner with ``denoising_start`` at the same fraction does the rest)."""
+        if denoising_end is None:
+            return timesteps
+        steps = int((timesteps >= self._cutoff(denoising_end)).sum())
+        if steps == 0:
+            raise ValueError(f"denoising_end={denoising_end} leaves no denoising step of this schedule: raise it")
+        return timesteps[:steps]
 
     def _denoise(self, latents, timesteps, embeds, cond, num_inference_steps, guidance_scale, do_cfg, eta, generator,
                  output_type, callback=None):
@@ -449,6 +460,58 @@ class StableDiffusionPipeline(LoraLoaderMixin):
 
     def _decode(self, latents):
         return self.vae.decode(latents / self.vae.config.scaling_factor)
+
+
+class ComponentLoader:
+    """Loads a pipeline folder's components by name: the UNet and VAE as ours, text encoders as the given
+    transformers class, tokenizers as CLIPTokenizer, the scheduler as ours. Checked up front: a required component
+    neither passed (``given``) nor in the folder, and a passed name the pipeline does not take, are one error each.
+    ``optional`` components may be null in model_index.json (an SDXL refiner's first text encoder) and load as None."""
+
+    def __init__(self, folder, index, names, optional, given, dtype, device, variant):
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise TypeError(f"from_pretrained got components it does not take: {unknown} (it takes {list(names)})")
+        self.absent = {c for c in optional if c not in given and (c not in index or index[c][0] is None)}
+        missing = [c for c in names if c not in given and c not in self.absent
+                   and (not isinstance(index.get(c), list) or index[c][0] is None
+                        or not os.path.isdir(os.path.join(folder, c)))]
+        if missing:
+            raise FileNotFoundError(f"{folder!r} lacks the pipeline components {missing}")
+        self.folder, self.given, self.variant = folder, given, variant
+        self.dtype, self.device = _resolve_dtype(dtype), device
+
+    def __call__(self, name, text_model_cls=None):
+        if name in self.given:
+            return self.given[name]
+        if name in self.absent:
+            return None
+        path = os.path.join(self.folder, name)
+        if name.startswith("unet") or name.startswith("vae"):
+            model_cls = UNet2DConditionModel if name.startswith("unet") else AutoencoderKL
+            return model_cls.from_pretrained(self.folder, subfolder=name, dtype=self.dtype, device=self.device,
+                                             variant=self.variant)
+        if name.startswith("tokenizer"):
+            from transformers import CLIPTokenizer
+
+            return CLIPTokenizer.from_pretrained(path)
+        if name == "scheduler":
+            return load_scheduler(path)
+        encoder = text_model_cls.from_pretrained(path)
+        return encoder.to(device=self.device, dtype=self.dtype or encoder.dtype).eval()
+
+
+def check_denoising_bounds(denoising_start=None, denoising_end=None):
+    """denoising_start / denoising_end: None or a fraction strictly between 0 and 1, the start before the end
+    (diffusers silently ignores a value outside (0, 1), which would run the whole schedule)."""
+    for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise ValueError(f"{name} must be a fraction of the schedule strictly between 0 and 1 (None: "
+                             f"{'from the start' if name == 'denoising_start' else 'to the end'}), got {value!r}")
+    if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+        raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
 
 
 def read_model_index(folder):

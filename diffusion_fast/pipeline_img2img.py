@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .lora import lora_call_scale
-from .pipeline import StableDiffusionPipeline
+from .pipeline import StableDiffusionPipeline, check_denoising_bounds
 from .pipeline_xl import StableDiffusionXLPipeline, _size_pair
 from .schedulers.common import randn_tensor
 
@@ -72,8 +72,22 @@ class _ImageToImage:
         scale = self.vae_scale_factor if latent_input else 1  # the output image's size
         return image, latent_input, image.shape[2] * scale, image.shape[3] * scale
 
-    def _tail(self, num_inference_steps, strength):
-        """diffusers' get_timesteps: the set schedule's last ``strength`` part, its start told to the scheduler."""
+    def _tail(self, num_inference_steps, strength, denoising_start=None):
+        """diffusers' get_timesteps: the set schedule's last ``strength`` part, or with ``denoising_start`` its steps
+        below that fraction's cutoff (strength is then ignored, as in diffusers), its start told to the
+        scheduler."""
+        if denoising_start is not None:
+            timesteps = self.scheduler.timesteps
+            steps = int((timesteps < self._cutoff(denoising_start)).sum())
+            if getattr(self.scheduler, "order", 1) == 2 and steps % 2 == 0:
+                steps += 1  # (diffusers: a second-order scheduler's cut must not split a step's two calls)
+            if steps == 0:
+                raise ValueError(f"denoising_start={denoising_start} leaves no denoising step of this schedule: "
+                                 "lower it")
+            begin = len(timesteps) - steps
+            if hasattr(self.scheduler, "set_begin_index"):
+                self.scheduler.set_begin_index(begin)
+            return timesteps[begin:]
         steps = min(int(num_inference_steps * strength), num_inference_steps)
         if steps == 0:
             raise ValueError(f"strength {strength} x num_inference_steps {num_inference_steps} leaves no denoising "
@@ -100,9 +114,10 @@ class _ImageToImage:
         """The scaled latents of ``pixels``, sampled from the VAE posterior with ``generator``."""
         return self.vae.config.scaling_factor * self.vae.encode(pixels).latent_dist.sample(generator)
 
-    def _image_latents(self, image, latent_input, timestep, batch, dtype, generator):
+    def _image_latents(self, image, latent_input, timestep, batch, dtype, generator, add_noise=True):
         """diffusers' prepare_latents: the image's latents (encoded, or given), repeated to the batch, noised to
-        ``timestep`` with noise drawn as diffusers draws it."""
+        ``timestep`` with noise drawn as diffusers draws it (not with ``add_noise=False``: a refiner taking over
+        partly denoised latents at ``denoising_start``)."""
         device = self.device
         image = image.to(device=device, dtype=dtype)
         if isinstance(generator, (list, tuple)) and len(generator) != batch:
@@ -119,6 +134,8 @@ class _ImageToImage:
         else:
             latents = self._encode_image(image, generator)
         latents = torch.cat([latents] * (batch // latents.shape[0]))
+        if not add_noise:
+            return latents
         noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=dtype)
         return self.scheduler.add_noise(latents, noise, timestep)
 
@@ -146,8 +163,11 @@ class StableDiffusionImg2ImgPipeline(_ImageToImage, StableDiffusionPipeline):
 
 
 class StableDiffusionXLImg2ImgPipeline(_ImageToImage, StableDiffusionXLPipeline):
-    """diffusers' StableDiffusionXLImg2ImgPipeline on an SDXL base folder (a refiner, with no first text encoder and
-    aesthetic-score conditioning, is refused when loading): SDXL's text conditioning, image-to-image's start."""
+    """diffusers' StableDiffusionXLImg2ImgPipeline, on an SDXL base folder or a refiner's (the second text encoder
+    alone, and time ids with an aesthetic score: ``requires_aesthetics_score``): SDXL's text conditioning,
+    image-to-image's start. ``denoising_start`` takes over a base pipeline's ``denoising_end`` latents (diffusers'
+    ensemble of expert denoisers)."""
+    _takes_aesthetic_score = True
 
     @lora_call_scale
     @torch.no_grad()
@@ -156,8 +176,18 @@ class StableDiffusionXLImg2ImgPipeline(_ImageToImage, StableDiffusionXLPipeline)
                  generator=None, prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
                  negative_pooled_prompt_embeds=None, output_type="pil", original_size=None,
                  crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
-                 negative_target_size=None, timesteps=None, sigmas=None, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",), guidance_rescale=0.0):
+                 negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score=6.0,
+                 negative_aesthetic_score=2.5, timesteps=None, sigmas=None, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",), guidance_rescale=0.0, denoising_start=None,
+                 denoising_end=None):
+        """As diffusers': ``denoising_start`` / ``denoising_end`` (fractions in (0, 1)) run only that part of the
+        schedule, the image's latents taken as they are (not noised) with a start; ``aesthetic_score`` and
+        ``negative_aesthetic_score`` condition a refiner (``requires_aesthetics_score``) and nothing else."""
+        check_denoising_bounds(denoising_start, denoising_end)
+        for name, value in (("aesthetic_score", aesthetic_score), ("negative_aesthetic_score",
+                                                                   negative_aesthetic_score)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise TypeError(f"{name} must be a finite number, got {value!r}")
         image, latent_input, height, width = self._prepare_image(image, strength)
         shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                                    num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None, output_type)
@@ -167,26 +197,35 @@ class StableDiffusionXLImg2ImgPipeline(_ImageToImage, StableDiffusionXLPipeline)
         callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         sizes = {name: _size_pair(name, value) for name, value in (
             ("original_size", original_size or (height, width)), ("crops_coords_top_left", crops_coords_top_left),
-            ("target_size", target_size or (height, width)))}
+            ("target_size", target_size or (height, width)),
+            ("negative_crops_coords_top_left", negative_crops_coords_top_left))}
         sizes["negative_original_size"] = _size_pair("negative_original_size",
                                                      negative_original_size or sizes["original_size"])
         sizes["negative_target_size"] = _size_pair("negative_target_size", negative_target_size or sizes["target_size"])
         device = self.device
         num_inference_steps = self._set_timesteps(num_inference_steps, device, timesteps, sigmas)
-        timesteps = self._tail(num_inference_steps, strength)
+        timesteps = self._tail(num_inference_steps, strength, denoising_start)
         prompt, prompt_2 = ([p] if isinstance(p, str) else p for p in (prompt, prompt_2))
         do_cfg = guidance_scale > 1.0
         embeds, negative, pooled, negative_pooled = self.encode_prompt(
             prompt, prompt_2, device, num_images_per_prompt, do_cfg, negative_prompt, negative_prompt_2,
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
         latents = self._image_latents(image, latent_input, timesteps[:1].repeat(shape[0]), shape[0], embeds.dtype,
-                                      generator)
-        # diffusers' image-to-image ids: the negative ones take the positive crop corner; each repeated to the batch
-        time_ids = self._time_ids(sizes["original_size"], sizes["crops_coords_top_left"], sizes["target_size"],
+                                      generator, add_noise=denoising_start is None)
+        timesteps = self._end_at(timesteps, denoising_end)
+        # diffusers' image-to-image ids, each repeated to the batch: a refiner's end with the aesthetic scores; a
+        # base UNet's with the target sizes, and then the negative ones take the positive crop corner
+        if self.requires_aesthetics_score:
+            last, negative_last = (aesthetic_score,), (negative_aesthetic_score,)
+            negative_crop = sizes["negative_crops_coords_top_left"]
+        else:
+            last, negative_last = sizes["target_size"], sizes["negative_target_size"]
+            negative_crop = sizes["crops_coords_top_left"]
+        time_ids = self._time_ids(sizes["original_size"], sizes["crops_coords_top_left"], last,
                                   embeds.dtype).repeat(shape[0], 1)
         if do_cfg:
-            negative_ids = self._time_ids(sizes["negative_original_size"], sizes["crops_coords_top_left"],
-                                          sizes["negative_target_size"], embeds.dtype).repeat(shape[0], 1)
+            negative_ids = self._time_ids(sizes["negative_original_size"], negative_crop, negative_last,
+                                          embeds.dtype).repeat(shape[0], 1)
             embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
             time_ids = torch.cat([negative_ids, time_ids])
         return self._denoise(latents, timesteps, embeds.to(self.dtype), (pooled.to(device), time_ids.to(device)),

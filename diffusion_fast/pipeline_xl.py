@@ -17,14 +17,11 @@ whole step (or the UNet call) replayed from a CUDA graph, the added conditioning
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .lora import lora_call_scale
-from .models import AutoencoderKL, UNet2DConditionModel
-from .pipeline import StableDiffusionPipeline, _check_config, _resolve_dtype, read_model_index
-from .schedulers import load_scheduler
+from .pipeline import (ComponentLoader, StableDiffusionPipeline, _check_config, _resolve_dtype,
+                       check_denoising_bounds, read_model_index)
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
@@ -39,65 +36,79 @@ def _size_pair(name, value):
 class StableDiffusionXLPipeline(StableDiffusionPipeline):
     _callback_tensor_inputs = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids")  # diffusers' names
     _begins_at_zero = True  # diffusers' SDXL pipeline tells a step-index scheduler its run starts at index 0
+    _takes_aesthetic_score = False  # (image-to-image's refiner conditioning)
 
     def __init__(self, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler, *,
-                 force_zeros_for_empty_prompt=True, cuda_graph="auto", channels_last="auto"):
+                 force_zeros_for_empty_prompt=True, requires_aesthetics_score=False, cuda_graph="auto",
+                 channels_last="auto"):
+        """``text_encoder`` and ``tokenizer`` may both be None (an SDXL refiner: the second encoder alone).
+        ``requires_aesthetics_score``: the refiner's time ids, an aesthetic score in place of the target size
+        (image-to-image only, as the refiner is)."""
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
+        self.requires_aesthetics_score = bool(requires_aesthetics_score)
+        if self.requires_aesthetics_score and not self._takes_aesthetic_score:
+            raise ValueError(f"requires_aesthetics_score: an SDXL refiner's UNet, which {type(self).__name__} cannot "
+                             "condition; it refines images: diffusion_fast.StableDiffusionXLImg2ImgPipeline")
         super().__init__(unet, vae, text_encoder, tokenizer, scheduler, cuda_graph=cuda_graph,
                          channels_last=channels_last)
 
     def _check_components(self):
-        """The UNet must take both encoders' hidden states and SDXL's added conditioning of the second's pooled
-        projection and six time ids (diffusers checks the last at the first call; here the pipeline is refused)."""
+        """The UNet must take the encoders' hidden states (both, or the second alone as a refiner's does) and SDXL's
+        added conditioning of the second's pooled projection and six time ids, or five with an aesthetic score
+        (diffusers checks the last at the first call; here the pipeline is refused)."""
         unet, te, te2 = self.unet, self.text_encoder, self.text_encoder_2
         _check_config("unet", unet, "cross_attention_dim", "a UNet2DConditionModel")
-        _check_config("text_encoder", te, "hidden_size", "a transformers CLIPTextModel")
+        if (te is None) != (self.tokenizer is None):
+            raise ValueError("text_encoder and tokenizer: give both, or neither (an SDXL refiner)")
+        if te is not None:
+            _check_config("text_encoder", te, "hidden_size", "a transformers CLIPTextModel")
         _check_config("text_encoder_2", te2, "projection_dim", "a transformers CLIPTextModelWithProjection")
         c = unet.config
-        width = te.config.hidden_size + te2.config.hidden_size
+        widths = [e.config.hidden_size for e in (te, te2) if e is not None]
         cross = c.cross_attention_dim
         per_block = cross if isinstance(cross, (list, tuple)) else [cross]
-        if any(w != width for w in per_block):
-            raise ValueError(f"unet (cross_attention_dim={c.cross_attention_dim}) does not fit the two text encoders "
-                             f"(hidden sizes {te.config.hidden_size} + {te2.config.hidden_size} = {width})")
+        if any(w != sum(widths) for w in per_block):
+            raise ValueError(f"unet (cross_attention_dim={c.cross_attention_dim}) does not fit the text encoders "
+                             f"(hidden sizes {' + '.join(map(str, widths))} = {sum(widths)})")
         if c.addition_embed_type != "text_time":
             raise ValueError(f"unet has addition_embed_type={c.addition_embed_type!r}: an SDXL UNet takes the pooled "
                              "text embedding and time ids ('text_time')")
-        passed = 6 * c.addition_time_embed_dim + te2.config.projection_dim
+        ids = 5 if self.requires_aesthetics_score else 6
+        passed = ids * c.addition_time_embed_dim + te2.config.projection_dim
         if passed != c.projection_class_embeddings_input_dim:
+            hint = ""
+            if passed - c.projection_class_embeddings_input_dim == c.addition_time_embed_dim:
+                hint = (": five time ids with an aesthetic score fit it, an SDXL refiner's UNet, for "
+                        "StableDiffusionXLImg2ImgPipeline(..., requires_aesthetics_score=True)")
+            elif c.projection_class_embeddings_input_dim - passed == c.addition_time_embed_dim:
+                hint = ": six time ids fit it (a base UNet): requires_aesthetics_score=False"
             raise ValueError(f"unet expects an added embedding of {c.projection_class_embeddings_input_dim} values "
-                             f"(projection_class_embeddings_input_dim), but six time ids of "
+                             f"(projection_class_embeddings_input_dim), but {ids} time ids of "
                              f"{c.addition_time_embed_dim} "
-                             f"and text_encoder_2's projection_dim {te2.config.projection_dim} make {passed}")
+                             f"and text_encoder_2's projection_dim {te2.config.projection_dim} make {passed}{hint}")
 
     @classmethod
     def from_pretrained(cls, folder, dtype=None, device=None, *, variant=None, cuda_graph="auto",
-                        channels_last="auto"):
+                        channels_last="auto", **components):
         """Load a diffusers SDXL folder: model_index.json, unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/,
-        tokenizer_2/, scheduler/."""
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+        tokenizer_2/, scheduler/ (a refiner's has no text_encoder/ or tokenizer/). A component passed by name
+        (``text_encoder_2=base.text_encoder_2, vae=base.vae``, as diffusers' refiner example shares them) is used
+        as it is, not loaded."""
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-        folder, components = read_model_index(folder)
-        missing = [c for c in COMPONENTS if not isinstance(components.get(c), list) or components[c][0] is None
-                   or not os.path.isdir(os.path.join(folder, c))]
-        if missing:
-            raise FileNotFoundError(f"{folder!r} lacks the SDXL pipeline components {missing} (a refiner, which has "
-                                    "no first text encoder, is not supported)")
-        dtype = _resolve_dtype(dtype)
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", dtype=dtype, device=device,
-                                                    variant=variant)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", dtype=dtype, device=device, variant=variant)
-        encoders = []
-        for name, model_cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
-            encoder = model_cls.from_pretrained(os.path.join(folder, name))
-            encoders.append(encoder.to(device=device, dtype=dtype or encoder.dtype).eval())
-        tokenizers = [CLIPTokenizer.from_pretrained(os.path.join(folder, name))
-                      for name in ("tokenizer", "tokenizer_2")]
-        scheduler = load_scheduler(os.path.join(folder, "scheduler"))
-        return cls(unet, vae, encoders[0], encoders[1], tokenizers[0], tokenizers[1], scheduler,
-                   force_zeros_for_empty_prompt=components.get("force_zeros_for_empty_prompt", True),
-                   cuda_graph=cuda_graph, channels_last=channels_last)
+        folder, index = read_model_index(folder)
+        refiner = bool(index.get("requires_aesthetics_score", False))
+        if refiner and not cls._takes_aesthetic_score:
+            raise ValueError(f"{folder!r} is an SDXL refiner (requires_aesthetics_score): it refines images; load it "
+                             "with diffusion_fast.StableDiffusionXLImg2ImgPipeline or diffusion_fast.load_pipeline")
+        load = ComponentLoader(folder, index, COMPONENTS, ("text_encoder", "tokenizer"), components, dtype, device,
+                               variant)
+        options = {"requires_aesthetics_score": True} if refiner else {}
+        return cls(load("unet"), load("vae"), load("text_encoder", CLIPTextModel),
+                   load("text_encoder_2", CLIPTextModelWithProjection), load("tokenizer"), load("tokenizer_2"),
+                   load("scheduler"), force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
+                   cuda_graph=cuda_graph, channels_last=channels_last, **options)
 
     def to(self, device=None, dtype=None):
         self.text_encoder_2.to(device=device, dtype=_resolve_dtype(dtype))
@@ -106,10 +117,12 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
     # ---- text conditioning ----------------------------------------------------------------------------------
     @torch.no_grad()
     def _encode_both(self, texts, texts_2, device, max_length=None):
-        """(both encoders' penultimate hidden states, concatenated; the second encoder's pooled projection)."""
+        """(both encoders' penultimate hidden states, concatenated; the second encoder's pooled projection). Without
+        a first encoder (a refiner) the second takes ``texts``, as diffusers pairs them."""
+        pairs = [(self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)]
+        pairs = [pair for pair in pairs if pair[1] is not None]
         hidden, pooled = [], None
-        for batch, tokenizer, encoder in ((texts, self.tokenizer, self.text_encoder),
-                                          (texts_2, self.tokenizer_2, self.text_encoder_2)):
+        for batch, (tokenizer, encoder) in zip((texts, texts_2), pairs):
             ids = tokenizer(batch, padding="max_length", max_length=max_length or tokenizer.model_max_length,
                             truncation=True, return_tensors="pt").input_ids
             out = encoder(ids.to(device), output_hidden_states=True)
@@ -145,9 +158,10 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         return tuple(per_image(t) for t in (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
                                             negative_pooled_prompt_embeds))
 
-    def _time_ids(self, original_size, crops_coords_top_left, target_size, dtype):
-        """SDXL's size conditioning, one row: original size, crop corner, target size."""
-        return torch.tensor([list(original_size + crops_coords_top_left + target_size)], dtype=dtype)
+    def _time_ids(self, original_size, crops_coords_top_left, last, dtype):
+        """SDXL's size conditioning, one row: original size, crop corner, and the target size (a pair) or a refiner's
+        aesthetic score (one value)."""
+        return torch.tensor([list(original_size + crops_coords_top_left + tuple(last))], dtype=dtype)
 
     def _check_xl_inputs(self, prompt, prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
                          pooled_prompt_embeds, negative_pooled_prompt_embeds):
@@ -175,7 +189,11 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                  negative_pooled_prompt_embeds=None, latents=None, output_type="pil", original_size=None,
                  crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, timesteps=None, sigmas=None,
-                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), guidance_rescale=0.0):
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), guidance_rescale=0.0,
+                 denoising_end=None):
+        """``denoising_end`` (a fraction in (0, 1)): stop there, as the first expert of diffusers' base + refiner
+        ensemble does; with ``output_type="latent"`` the refiner's ``denoising_start`` picks up the latents."""
+        check_denoising_bounds(denoising_end=denoising_end)
         height = height if height is not None else self.unet.config.sample_size * self.vae_scale_factor
         width = width if width is not None else self.unet.config.sample_size * self.vae_scale_factor
         shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
@@ -206,7 +224,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             time_ids = torch.cat([negative_time_ids, time_ids])
         time_ids = time_ids.to(device).repeat(shape[0], 1)  # as diffusers: the (negative, positive) pair, repeated
         return self._sample(shape, embeds.to(self.dtype), (pooled.to(device), time_ids), num_inference_steps,
-                            guidance_scale, do_cfg, eta, generator, latents, output_type, timesteps, sigmas, callback)
+                            guidance_scale, do_cfg, eta, generator, latents, output_type, timesteps, sigmas, callback,
+                            denoising_end)
 
     def _decode(self, latents):
         """diffusers' SDXL decode: an fp16 VAE with force_upcast decodes in fp32 (and goes back to fp16);
@@ -231,12 +250,16 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
 
 def load_pipeline(folder, **kwargs):
     """Our pipeline for a diffusers folder, by what it holds: ``StableDiffusionXLPipeline`` for an SDXL folder (two
-    text encoders), ``StableDiffusionInpaintPipeline`` for an SD inpainting folder (diffusers' class name), else
+    text encoders), ``StableDiffusionXLImg2ImgPipeline`` for an SDXL refiner (``requires_aesthetics_score``),
+    ``StableDiffusionInpaintPipeline`` for an SD inpainting folder (diffusers' class name), else
     ``StableDiffusionPipeline``; ``kwargs`` go to its ``from_pretrained``."""
+    from .pipeline_img2img import StableDiffusionXLImg2ImgPipeline
     from .pipeline_inpaint import StableDiffusionInpaintPipeline
 
     folder, components = read_model_index(folder)
-    if "text_encoder_2" in components:
+    if "text_encoder_2" in components and components.get("requires_aesthetics_score", False):
+        cls = StableDiffusionXLImg2ImgPipeline
+    elif "text_encoder_2" in components:
         cls = StableDiffusionXLPipeline
     elif "Inpaint" in str(components.get("_class_name", "")):
         cls = StableDiffusionInpaintPipeline

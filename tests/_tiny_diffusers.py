@@ -78,6 +78,25 @@ def sdxl_pipeline(seed=0):
     return pipe.to(torch.float32)
 
 
+def sdxl_refiner_pipeline(base, seed=0):
+    """A diffusers StableDiffusionXLImg2ImgPipeline shaped as SDXL's refiner, sharing ``base``'s second text encoder,
+    tokenizer and VAE (as diffusers' base + refiner example does): no first text encoder, a UNet of its own (cross
+    width 24, the second encoder's alone; five 8-wide time ids: sizes, crop corner and the aesthetic score) with
+    random weights from ``seed``, requires_aesthetics_score and no zeroed negative prompt, as the refiner ships."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**dict(SDXL_TINY, cross_attention_dim=24,
+                                       projection_class_embeddings_input_dim=24 + 5 * 8))
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae, text_encoder=None, text_encoder_2=base.text_encoder_2, tokenizer=None,
+        tokenizer_2=base.tokenizer_2, unet=unet, scheduler=base.scheduler, requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(torch.float32)
+
+
 def controlnet_pipeline(seed=0, nets=1, variant="sd1"):
     """A diffusers StableDiffusion(XL)ControlNetPipeline on the tiny SD1 (or SDXL) components, with ``nets``
     ControlNets built from its UNet (a MultiControlNetModel when nets > 1). A ControlNet's zero convolutions start at
