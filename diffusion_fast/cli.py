@@ -8,6 +8,7 @@
     diffusion-fast generate --model DIR --image in.png --strength 0.6             # image-to-image
     diffusion-fast generate --model DIR --image in.png --mask mask.png            # inpainting
     diffusion-fast generate --model DIR --lora style.safetensors:0.8 --lora detail.safetensors   # LoRAs merged
+    diffusion-fast generate --model SDXL_DIR --refiner REFINER_DIR --refiner-start 0.8   # SDXL base + refiner
     diffusion-fast bench [--config tiny|sd15]    # kernel throughput + end-to-end it/s, CSV + PNG plot
     diffusion-fast check [--model DIR]           # fast vs reference on fresh random inputs; exit 1 on failure
 
@@ -139,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", type=_lora, action="append", default=[], metavar="PATH[:SCALE]",
                    help="a LoRA (.safetensors file or folder; diffusers, PEFT or kohya format) merged into the weights "
                         "at SCALE (default 1); repeat for several, all active")
+    g.add_argument("--refiner", type=_model_folder, default=None, metavar="DIR",
+                   help="an SDXL refiner folder: the --model SDXL base denoises up to --refiner-start, the refiner "
+                        "the rest (diffusers' ensemble of expert denoisers)")
+    g.add_argument("--refiner-start", type=float, default=None, metavar="FRACTION",
+                   help="with --refiner: the fraction of the schedule where the refiner takes over (default 0.8)")
     g.add_argument("--output", default="diffusion_fast.png", help="PNG path (index appended for a batch)")
     g.add_argument("--compare", action="store_true",
                    help="also run the reference path and print the max difference (always on without --model)")
@@ -226,9 +232,12 @@ def _inpaint(pipe):
 
 
 def _img2img(pipe):
-    """The image-to-image pipeline on a loaded pipeline's components (SD 1.x/2.x or SDXL)."""
+    """The image-to-image pipeline on a loaded pipeline's components (SD 1.x/2.x or SDXL); an SDXL refiner already
+    is one."""
     from .pipeline_img2img import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 
+    if isinstance(pipe, (StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline)):
+        return pipe
     settings = dict(cuda_graph=pipe.cuda_graph, channels_last=pipe.channels_last)
     if hasattr(pipe, "text_encoder_2"):
         return StableDiffusionXLImg2ImgPipeline(
@@ -236,6 +245,38 @@ def _img2img(pipe):
             pipe.scheduler, force_zeros_for_empty_prompt=pipe.force_zeros_for_empty_prompt, **settings)
     return StableDiffusionImg2ImgPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
                                           **settings)
+
+
+def _refiner(args, pipe, dtype, device):
+    """--refiner: its SDXL image-to-image pipeline (None without it), checked against the base and the options."""
+    from .pipeline_xl import StableDiffusionXLPipeline, load_pipeline
+
+    if args.refiner is None:
+        if args.refiner_start is not None:
+            raise UsageError("--refiner-start is for an SDXL base + refiner: give --refiner too")
+        return None
+    if not 0 < (args.refiner_start or 0.8) < 1:
+        raise UsageError(f"--refiner-start must be a fraction strictly between 0 and 1, got {args.refiner_start}")
+    if type(pipe) is not StableDiffusionXLPipeline or args.image is not None:
+        raise UsageError("--refiner: the refiner takes over an SDXL base's text-to-image run; give an SDXL --model "
+                         "and no --image")
+    refiner = load_pipeline(args.refiner, dtype=dtype, device=device)
+    if not hasattr(refiner, "text_encoder_2"):
+        raise UsageError(f"--refiner: {args.refiner} is not an SDXL folder")
+    return _img2img(refiner)
+
+
+def _ensemble(base, refiner, fraction, prompt, **kwargs):
+    """diffusers' ensemble of expert denoisers: the base's first ``fraction`` as latents, the refiner's rest (the
+    whole of a warm-up's one step each, not split); seconds are the two loops'."""
+    from .pipeline import StableDiffusionPipelineOutput
+
+    split = kwargs["num_inference_steps"] > 1
+    first = base(prompt, **dict(kwargs, output_type="latent", denoising_end=fraction if split else None))
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("height", "width")}  # (the latents' size)
+    second = refiner(prompt, image=first.images,
+                     **dict(kwargs, **({"denoising_start": fraction} if split else {"strength": 1.0})))
+    return StableDiffusionPipelineOutput(images=second.images, seconds=first.seconds + second.seconds)
 
 
 def generate(args) -> int:
@@ -270,14 +311,23 @@ def generate(args) -> int:
         raise UsageError(f"{args.model} is an inpainting model: give --image and --mask")
     elif init_image is not None:
         pipe = _img2img(pipe)
+    elif getattr(pipe, "requires_aesthetics_score", False):
+        raise UsageError(f"{args.model} is an SDXL refiner: give --image to refine, or use it as --refiner of an "
+                         "SDXL base")
+    refiner = _refiner(args, pipe, dtype, device)
     name, fields = SCHEDULER_CHOICES.get(args.scheduler, (type(pipe.scheduler).__name__, {}))
     _check_scheduler_options(args, name)
     fields = dict(fields, **({"use_karras_sigmas": True} if args.karras else {}))
     if args.scheduler != "model" or fields:
         pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config, **fields)
+        if refiner is not None:
+            refiner.scheduler = SCHEDULERS[name].from_config(refiner.scheduler.config, **fields)
     print(f"loaded {'built-in tiny SD1-shaped model (random weights)' if not args.model else args.model} "
           f"on {device} in {dtype} in {time.perf_counter() - t0:.1f} s; scheduler {type(pipe.scheduler).__name__}")
     pipe.set_progress_bar_config(disable=args.no_progress)
+    if refiner is not None:
+        refiner.set_progress_bar_config(disable=args.no_progress)
+        print(f"refiner {args.refiner} takes over at {args.refiner_start or 0.8:g} of the schedule")
 
     options = {} if args.guidance is None else {"guidance_scale": args.guidance}  # else the pipeline's default
     denoised = steps  # the steps that run: with --image, the schedule's last `strength` part
@@ -298,10 +348,12 @@ def generate(args) -> int:
     def run(path_name, num_steps=steps):
         generator = torch.Generator("cpu").manual_seed(args.seed)
         extra = dict(options, strength=1.0) if num_steps != steps and "strength" in options else options
+        kwargs = dict(negative_prompt=args.negative_prompt, num_inference_steps=num_steps, eta=args.eta,
+                      generator=generator, num_images_per_prompt=args.batch, output_type="np", **extra)
         with backend(path_name):
-            return pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=num_steps,
-                        eta=args.eta, generator=generator, num_images_per_prompt=args.batch, output_type="np",
-                        **extra)
+            if refiner is not None:
+                return _ensemble(pipe, refiner, args.refiner_start or 0.8, args.prompt, **kwargs)
+            return pipe(args.prompt, **kwargs)
 
     if compare:
         # Untimed one-step runs first, so the speedup compares sampling, not one-time costs that only the path run

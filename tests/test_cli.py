@@ -354,3 +354,51 @@ def test_generate_inpainting_model_needs_a_mask(tmp_path, capsys):
     Theirs(**_tiny_diffusers.pipeline("sd1", 0).components).save_pretrained(tmp_path / "inpaint")
     assert main(["generate", "--model", str(tmp_path / "inpaint"), "--steps", "1", "--no-progress"]) == 2
     assert "is an inpainting model: give --image and --mask" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def sdxl_folders(tmp_path_factory):
+    """(an SDXL base folder, a refiner folder), tiny, and diffusers' pair on them."""
+    import diffusers
+
+    import _tiny_diffusers
+
+    root = tmp_path_factory.mktemp("cli-sdxl")
+    base = _tiny_diffusers.sdxl_pipeline(seed=1)
+    base.save_pretrained(root / "base")
+    refiner = _tiny_diffusers.sdxl_refiner_pipeline(base, seed=2)
+    refiner.save_pretrained(root / "refiner")
+    refiner.scheduler = diffusers.DDIMScheduler.from_config(refiner.scheduler.config)  # its own, as loaded
+    return root / "base", root / "refiner", base, refiner
+
+
+def test_generate_sdxl_base_and_refiner(sdxl_folders, tmp_path, capsys):
+    """The CLI's --refiner runs diffusers' ensemble of expert denoisers: the same PNG as diffusers' pair (seed 0, the
+    CLI's generator on the CPU), within one 8-bit level; the base's 0.7 of 6 DDIM steps, the refiner's rest."""
+    import numpy as np
+
+    base_folder, refiner_folder, base, refiner = sdxl_folders
+    out = tmp_path / "out.png"
+    assert main(["generate", "--model", str(base_folder), "--refiner", str(refiner_folder), "--refiner-start", "0.7",
+                 "--steps", "6", "--height", "32", "--width", "32", "--output", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "refiner" in text and "takes over at 0.7" in text and "fast path:      6 steps" in text
+    generator = torch.Generator().manual_seed(0)
+    kwargs = dict(prompt="a photograph of an astronaut riding a horse", num_inference_steps=6, generator=generator)
+    latents = base(**kwargs, height=32, width=32, denoising_end=0.7, output_type="latent").images
+    expected = refiner(**kwargs, image=latents, denoising_start=0.7, output_type="np").images[0]
+    ours = np.asarray(Image.open(out)).astype(np.int16)
+    assert np.abs(ours - (expected * 255).round().astype(np.int16)).max() <= 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--refiner-start", "0.5"], "--refiner-start is for an SDXL base \\+ refiner: give --refiner too"),
+    (["--refiner", "REFINER"], "--refiner: the refiner takes over an SDXL base's text-to-image run"),  # an SD model
+    (["--model", "BASE", "--refiner", "REFINER", "--refiner-start", "1.5"], "--refiner-start must be a fraction"),
+    (["--model", "REFINER"], "is an SDXL refiner: give --image to refine, or use it as --refiner"),
+])
+def test_generate_refiner_bad_options_one_line(sdxl_folders, capsys, argv, message):
+    names = {"BASE": str(sdxl_folders[0]), "REFINER": str(sdxl_folders[1])}
+    assert main(["generate", *[names.get(a, a) for a in argv], "--steps", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err
