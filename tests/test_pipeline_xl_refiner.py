@@ -206,3 +206,22 @@ def test_bad_inputs_name_the_argument(folders, pipes):
         StableDiffusionXLImg2ImgPipeline(refiner.unet, refiner.vae, base.text_encoder, refiner.text_encoder_2,
                                          base.tokenizer, refiner.tokenizer_2, refiner.scheduler,
                                          requires_aesthetics_score=True)
+
+
+def test_accelerate_keeps_the_ensembles_images(pipes):
+    """diffusers' own base + refiner pair under accelerate (the refiner with no first text encoder): every resnet
+    and attention of both UNets patched, the scheduler's step fused, the same image, and restore undoes it."""
+    theirs = pipes["theirs"]
+    expected = _experts(*theirs, 0.7)
+    try:
+        for pipe in theirs:
+            diffusion_fast.accelerate(pipe, attention=True)  # (on the CPU "auto" leaves attention to diffusers)
+            report = pipe._diffusion_fast_report
+            assert report["resnets"] > 0 and report["attention"] > 0 and report["scheduler"] == 1
+        latents, image, ran = _experts(*theirs, 0.7)
+    finally:
+        for pipe in theirs:
+            diffusion_fast.restore(pipe)
+    assert ran == expected[2]
+    torch.testing.assert_close(latents, expected[0], rtol=0, atol=1e-4)
+    assert np.abs(image - expected[1]).max() <= PIPELINE_FP32_MAX_ABS
