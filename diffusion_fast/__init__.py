@@ -22,6 +22,7 @@ _LAZY = {
     "StableDiffusionImg2ImgPipeline": ("pipeline_img2img", "StableDiffusionImg2ImgPipeline"),
     "StableDiffusionXLImg2ImgPipeline": ("pipeline_img2img", "StableDiffusionXLImg2ImgPipeline"),
     "StableDiffusionInpaintPipeline": ("pipeline_inpaint", "StableDiffusionInpaintPipeline"),
+    "StableDiffusionXLInpaintPipeline": ("pipeline_inpaint", "StableDiffusionXLInpaintPipeline"),
     "load_pipeline": ("pipeline_xl", "load_pipeline"),
     "accelerate": ("diffusers_patch", "accelerate"),
     "restore": ("diffusers_patch", "restore"),

@@ -133,10 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", default=None,
                    help="an initial image file: image-to-image, its size the output's")
     g.add_argument("--mask", default=None,
-                   help="with --image: a mask file (white: repaint, black: keep): inpainting (SD 1.x/2.x)")
+                   help="with --image: a mask file (white: repaint, black: keep): inpainting")
     g.add_argument("--strength", type=float, default=None,
                    help="with --image: how much of the schedule runs, in (0, 1] (default: the pipeline's, 0.8 for "
-                        "SD 1.x/2.x, 0.3 for SDXL, 1 for inpainting, as in diffusers)")
+                        "SD 1.x/2.x, 0.3 for SDXL, 1 for inpainting, 0.9999 for SDXL's, as in diffusers)")
     g.add_argument("--lora", type=_lora, action="append", default=[], metavar="PATH[:SCALE]",
                    help="a LoRA (.safetensors file or folder; diffusers, PEFT or kohya format) merged into the weights "
                         "at SCALE (default 1); repeat for several, all active")
@@ -219,16 +219,19 @@ def _mask_image(args, init_image):
 
 
 def _inpaint(pipe):
-    """The inpainting pipeline on a loaded SD pipeline's components."""
-    from .pipeline_inpaint import StableDiffusionInpaintPipeline
+    """The inpainting pipeline on a loaded pipeline's components (SD 1.x/2.x or SDXL)."""
+    from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
-    if hasattr(pipe, "text_encoder_2"):
-        raise UsageError("--mask: inpainting runs SD 1.x/2.x folders here (for SDXL, diffusers' inpainting pipeline "
-                         "with diffusion_fast.accelerate)")
-    if isinstance(pipe, StableDiffusionInpaintPipeline):
+    if isinstance(pipe, (StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline)):
         return pipe
+    settings = dict(cuda_graph=pipe.cuda_graph, channels_last=pipe.channels_last)
+    if hasattr(pipe, "text_encoder_2"):
+        return StableDiffusionXLInpaintPipeline(
+            pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
+            pipe.scheduler, force_zeros_for_empty_prompt=pipe.force_zeros_for_empty_prompt,
+            requires_aesthetics_score=pipe.requires_aesthetics_score, **settings)
     return StableDiffusionInpaintPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
-                                          cuda_graph=pipe.cuda_graph, channels_last=pipe.channels_last)
+                                          **settings)
 
 
 def _img2img(pipe):
@@ -333,8 +336,8 @@ def generate(args) -> int:
     denoised = steps  # the steps that run: with --image, the schedule's last `strength` part
     if init_image is None:
         options.update(height=args.height, width=args.width)
-    elif mask_image is not None:  # inpainting: the image's size, cut to a multiple of 8; strength 1 by default
-        strength = args.strength if args.strength is not None else 1.0
+    elif mask_image is not None:  # inpainting: the image's size, cut to a multiple of 8; the pipeline's strength
+        strength = args.strength if args.strength is not None else 0.9999 if hasattr(pipe, "text_encoder_2") else 1.0
         width, height = (x - x % 8 for x in init_image.size)
         if width == 0 or height == 0:
             raise UsageError(f"--image is {init_image.size[0]}x{init_image.size[1]}: smaller than 8 pixels")

@@ -183,18 +183,43 @@ class StableDiffusionXLImg2ImgPipeline(_ImageToImage, StableDiffusionXLPipeline)
         """As diffusers': ``denoising_start`` / ``denoising_end`` (fractions in (0, 1)) run only that part of the
         schedule, the image's latents taken as they are (not noised) with a start; ``aesthetic_score`` and
         ``negative_aesthetic_score`` condition a refiner (``requires_aesthetics_score``) and nothing else."""
+        image, latent_input, height, width = self._prepare_image(image, strength)
+        shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+                                   num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None, output_type)
+        sizes = self._check_image_call(
+            denoising_start, denoising_end, aesthetic_score, negative_aesthetic_score, guidance_rescale, prompt,
+            prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+            negative_pooled_prompt_embeds, height, width, original_size, crops_coords_top_left, target_size,
+            negative_original_size, negative_crops_coords_top_left, negative_target_size)
+        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        num_inference_steps = self._set_timesteps(num_inference_steps, self.device, timesteps, sigmas)
+        timesteps = self._tail(num_inference_steps, strength, denoising_start)
+        do_cfg = guidance_scale > 1.0
+        embeds, cond = self._image_conditioning(
+            prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt, do_cfg, prompt_embeds,
+            negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, sizes, aesthetic_score,
+            negative_aesthetic_score, shape[0])
+        latents = self._image_latents(image, latent_input, timesteps[:1].repeat(shape[0]), shape[0], embeds.dtype,
+                                      generator, add_noise=denoising_start is None)
+        timesteps = self._end_at(timesteps, denoising_end)
+        return self._denoise(latents, timesteps, embeds, cond, num_inference_steps, guidance_scale, do_cfg, eta,
+                             generator, output_type, callback)
+
+    def _check_image_call(self, denoising_start, denoising_end, aesthetic_score, negative_aesthetic_score,
+                          guidance_rescale, prompt, prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
+                          pooled_prompt_embeds, negative_pooled_prompt_embeds, height, width, original_size,
+                          crops_coords_top_left, target_size, negative_original_size, negative_crops_coords_top_left,
+                          negative_target_size):
+        """The SDXL image call's own checks (after ``_check_inputs``); returns its size conditioning, defaulted as
+        diffusers defaults it (to the output size, the negative sizes to the positive ones)."""
         check_denoising_bounds(denoising_start, denoising_end)
         for name, value in (("aesthetic_score", aesthetic_score), ("negative_aesthetic_score",
                                                                    negative_aesthetic_score)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
                 raise TypeError(f"{name} must be a finite number, got {value!r}")
-        image, latent_input, height, width = self._prepare_image(image, strength)
-        shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
-                                   num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None, output_type)
         self._set_guidance_rescale(guidance_rescale)
         self._check_xl_inputs(prompt, prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
                               pooled_prompt_embeds, negative_pooled_prompt_embeds)
-        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         sizes = {name: _size_pair(name, value) for name, value in (
             ("original_size", original_size or (height, width)), ("crops_coords_top_left", crops_coords_top_left),
             ("target_size", target_size or (height, width)),
@@ -202,19 +227,19 @@ class StableDiffusionXLImg2ImgPipeline(_ImageToImage, StableDiffusionXLPipeline)
         sizes["negative_original_size"] = _size_pair("negative_original_size",
                                                      negative_original_size or sizes["original_size"])
         sizes["negative_target_size"] = _size_pair("negative_target_size", negative_target_size or sizes["target_size"])
+        return sizes
+
+    def _image_conditioning(self, prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt, do_cfg,
+                            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+                            sizes, aesthetic_score, negative_aesthetic_score, batch):
+        """(the text embeddings, (pooled embeddings, time ids)) for the loop, negative first with guidance."""
         device = self.device
-        num_inference_steps = self._set_timesteps(num_inference_steps, device, timesteps, sigmas)
-        timesteps = self._tail(num_inference_steps, strength, denoising_start)
         prompt, prompt_2 = ([p] if isinstance(p, str) else p for p in (prompt, prompt_2))
-        do_cfg = guidance_scale > 1.0
         embeds, negative, pooled, negative_pooled = self.encode_prompt(
             prompt, prompt_2, device, num_images_per_prompt, do_cfg, negative_prompt, negative_prompt_2,
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
-        latents = self._image_latents(image, latent_input, timesteps[:1].repeat(shape[0]), shape[0], embeds.dtype,
-                                      generator, add_noise=denoising_start is None)
-        timesteps = self._end_at(timesteps, denoising_end)
-        # diffusers' image-to-image ids, each repeated to the batch: a refiner's end with the aesthetic scores; a
-        # base UNet's with the target sizes, and then the negative ones take the positive crop corner
+        # diffusers' image ids, each repeated to the batch: a refiner's end with the aesthetic scores; a base UNet's
+        # with the target sizes, and then the negative ones take the positive crop corner
         if self.requires_aesthetics_score:
             last, negative_last = (aesthetic_score,), (negative_aesthetic_score,)
             negative_crop = sizes["negative_crops_coords_top_left"]
@@ -222,14 +247,13 @@ class StableDiffusionXLImg2ImgPipeline(_ImageToImage, StableDiffusionXLPipeline)
             last, negative_last = sizes["target_size"], sizes["negative_target_size"]
             negative_crop = sizes["crops_coords_top_left"]
         time_ids = self._time_ids(sizes["original_size"], sizes["crops_coords_top_left"], last,
-                                  embeds.dtype).repeat(shape[0], 1)
+                                  embeds.dtype).repeat(batch, 1)
         if do_cfg:
             negative_ids = self._time_ids(sizes["negative_original_size"], negative_crop, negative_last,
-                                          embeds.dtype).repeat(shape[0], 1)
+                                          embeds.dtype).repeat(batch, 1)
             embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
             time_ids = torch.cat([negative_ids, time_ids])
-        return self._denoise(latents, timesteps, embeds.to(self.dtype), (pooled.to(device), time_ids.to(device)),
-                             num_inference_steps, guidance_scale, do_cfg, eta, generator, output_type, callback)
+        return embeds.to(self.dtype), (pooled.to(device), time_ids.to(device))
 
     def _encode_image(self, pixels, generator):
         """SDXL's encode: an fp16 VAE with force_upcast encodes in fp32; latents_mean / latents_std where the VAE

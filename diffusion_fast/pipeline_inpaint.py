@@ -1,5 +1,5 @@
-"""Inpainting with diffusers' StableDiffusionInpaintPipeline semantics: the same image for the same seed, image, mask,
-strength and weights.
+"""Inpainting with diffusers' StableDiffusionInpaintPipeline (and StableDiffusionXLInpaintPipeline) semantics: the
+same image for the same seed, image, mask, strength and weights.
 
 Both kinds of checkpoint diffusers runs: an inpainting UNet (9 input channels: the latents, the mask and the masked
 image's latents, as SD's inpainting checkpoints are trained), and a plain 4-channel UNet, whose latents outside the
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from .lora import lora_call_scale
-from .pipeline import StableDiffusionPipeline
-from .pipeline_img2img import _ImageToImage, preprocess_image
+from .pipeline import StableDiffusionPipeline, check_denoising_bounds
+from .pipeline_img2img import StableDiffusionXLImg2ImgPipeline, _ImageToImage, preprocess_image
 from .schedulers.common import randn_tensor
 
 
@@ -50,9 +50,9 @@ def preprocess_mask(mask, height, width) -> torch.Tensor:
     return (mask >= 0.5).to(mask.dtype)
 
 
-class StableDiffusionInpaintPipeline(_ImageToImage, StableDiffusionPipeline):
-    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")
-    _cond_names = ("mask", "masked_image_latents")  # a 9-channel UNet's extra inputs, as diffusers names them
+class _Inpainting(_ImageToImage):
+    """What both inpainting pipelines share: the UNet check, the image and mask, the latents and mask latents (as
+    diffusers' prepare_latents and prepare_mask_latents make them) and a plain UNet's blend after each step."""
     _blend = None  # a 4-channel UNet's (image latents, noise, mask) during a call
     _unet_takes_mask = True
 
@@ -62,10 +62,6 @@ class StableDiffusionInpaintPipeline(_ImageToImage, StableDiffusionPipeline):
         if unet_in not in (latent, 2 * latent + 1):
             raise ValueError(f"unet has {unet_in} input channels: an inpainting UNet takes {2 * latent + 1} (latents, "
                              f"mask, masked image latents) and a plain one {latent}")
-
-    def _unet_call(self, model_input, t, embeds, *cond):
-        """The UNet call; a 9-channel UNet gets the mask and the masked image's latents beside the latents."""
-        return self.unet(torch.cat([model_input, *cond], dim=1) if cond else model_input, t, embeds)
 
     def _after_step(self, i, timesteps, latents):
         """A 4-channel UNet: outside the mask, the image's latents noised to the next timestep (none after the last)."""
@@ -84,26 +80,18 @@ class StableDiffusionInpaintPipeline(_ImageToImage, StableDiffusionPipeline):
             return torch.cat([self._encode_image(images[i:i + 1], generator[i]) for i in range(images.shape[0])])
         return self._encode_image(images, generator)
 
-    @lora_call_scale
-    @torch.no_grad()
-    def __call__(self, prompt=None, image=None, mask_image=None, height=None, width=None, strength=1.0,
-                 num_inference_steps=50, guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
-                 generator=None, latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
-                 timesteps=None, sigmas=None, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
-                 masked_image_latents=None):
+    def _check_strength_and_inputs(self, strength, image, mask_image):
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
             raise ValueError(f"strength must be in [0, 1], got {strength!r}")
         if image is None or mask_image is None:
             raise ValueError("image and mask_image: give both (PIL images, lists of them or tensors)")
-        height = height if height is not None else self.unet.config.sample_size * self.vae_scale_factor
-        width = width if width is not None else self.unet.config.sample_size * self.vae_scale_factor
-        shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
-                                   num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None, output_type)
+
+    def _image_and_mask(self, image, mask_image, masked_image_latents, shape, latents):
+        """(the image at the output size, pixels or latents; the binarized mask), checked against the batch."""
         batch, latent_channels = shape[0], self.vae.config.latent_channels
-        shape = (batch, latent_channels, *shape[2:])
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}")
-        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        height, width = shape[2] * self.vae_scale_factor, shape[3] * self.vae_scale_factor
         init_image = preprocess_image(image, self.vae_scale_factor, latent_channels, size=(height, width)).float()
         mask_condition = preprocess_mask(mask_image, height, width)
         if init_image.shape[1] not in (latent_channels, self.vae.config.in_channels):
@@ -114,27 +102,33 @@ class StableDiffusionInpaintPipeline(_ImageToImage, StableDiffusionPipeline):
             if value is not None and batch % value.shape[0] != 0:  # (each is repeated to the batch)
                 raise ValueError(f"{name} has {value.shape[0]} images, which does not divide the batch of {batch} "
                                  "(prompts x images per prompt)")
-        device = self.device
-        num_inference_steps, timesteps, do_cfg, negative_prompt_embeds, embeds = self._sd_tail_and_embeds(
-            prompt, num_inference_steps, strength, timesteps, sigmas, guidance_scale, num_images_per_prompt,
-            negative_prompt, prompt_embeds, negative_prompt_embeds)
-        dtype, plain_unet = embeds.dtype, self.unet.config.in_channels == latent_channels
+        return init_image, mask_condition
 
-        # diffusers' prepare_latents: the image's latents where needed, then the noise (same generator, that order)
+    def _inpaint_latents(self, init_image, mask_condition, masked_image_latents, latents, shape, timesteps, dtype,
+                         generator, strength, do_cfg, add_noise=True):
+        """diffusers' prepare_latents and prepare_mask_latents, drawing from the generator in their order (the
+        image's latents where needed, the noise, the masked image's latents). Returns (latents, mask, masked image
+        latents), and sets a plain UNet's blend for the call. ``add_noise=False`` (SDXL's denoising_start): the
+        image's latents, un-noised, start the loop."""
+        device, batch, latent_channels = self.device, shape[0], self.vae.config.latent_channels
+        plain_unet = self.unet.config.in_channels == latent_channels
         strength_max, image_latents = strength == 1.0, None
-        if plain_unet or (latents is None and not strength_max):
+        if plain_unet or init_image.shape[1] == latent_channels or not add_noise or (
+                latents is None and not strength_max):
             pixels = init_image.to(device=device, dtype=dtype)
             image_latents = pixels if pixels.shape[1] == latent_channels else self._encode_images(pixels, generator)
             image_latents = image_latents.repeat(batch // image_latents.shape[0], 1, 1, 1)
-        if latents is None:
+        if latents is None or not add_noise:
             noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-            latents = (noise * self.scheduler.init_noise_sigma if strength_max else
-                       self.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch)))
+            if not add_noise:
+                latents = image_latents
+            else:
+                latents = (noise * self.scheduler.init_noise_sigma if strength_max else
+                           self.scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch)))
         else:
             noise = latents.to(device=device, dtype=dtype)
             latents = noise * self.scheduler.init_noise_sigma
 
-        # diffusers' prepare_mask_latents: the mask at latent size, the masked image encoded (same generator again)
         masked = init_image * (mask_condition < 0.5) if masked_image_latents is None else masked_image_latents
         mask = F.interpolate(mask_condition, size=shape[2:]).to(device=device, dtype=dtype)
         masked = masked.to(device=device, dtype=dtype)
@@ -142,12 +136,122 @@ class StableDiffusionInpaintPipeline(_ImageToImage, StableDiffusionPipeline):
         mask = mask.repeat(batch // mask.shape[0], 1, 1, 1) if mask.shape[0] < batch else mask
         masked = masked.repeat(batch // masked.shape[0], 1, 1, 1) if masked.shape[0] < batch else masked
         mask, masked = (torch.cat([mask] * 2), torch.cat([masked] * 2)) if do_cfg else (mask, masked)
-
-        if callback is not None:
-            callback.extra.update(negative_prompt_embeds=negative_prompt_embeds, mask=mask, masked_image_latents=masked)
         self._blend = (image_latents, noise, mask.chunk(2)[0] if do_cfg else mask) if plain_unet else None
+        return latents, mask, masked
+
+    def _denoise_and_unblend(self, *args, **kwargs):
         try:
-            return self._denoise(latents, timesteps, embeds, () if plain_unet else (mask, masked),
-                                 num_inference_steps, guidance_scale, do_cfg, eta, generator, output_type, callback)
+            return self._denoise(*args, **kwargs)
         finally:
             self._blend = None
+
+
+class StableDiffusionInpaintPipeline(_Inpainting, StableDiffusionPipeline):
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")
+    _cond_names = ("mask", "masked_image_latents")  # a 9-channel UNet's extra inputs, as diffusers names them
+
+    def _unet_call(self, model_input, t, embeds, *cond):
+        """The UNet call; a 9-channel UNet gets the mask and the masked image's latents beside the latents."""
+        return self.unet(torch.cat([model_input, *cond], dim=1) if cond else model_input, t, embeds)
+
+    @lora_call_scale
+    @torch.no_grad()
+    def __call__(self, prompt=None, image=None, mask_image=None, height=None, width=None, strength=1.0,
+                 num_inference_steps=50, guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
+                 generator=None, latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
+                 timesteps=None, sigmas=None, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
+                 masked_image_latents=None):
+        self._check_strength_and_inputs(strength, image, mask_image)
+        height = height if height is not None else self.unet.config.sample_size * self.vae_scale_factor
+        width = width if width is not None else self.unet.config.sample_size * self.vae_scale_factor
+        shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+                                   num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None, output_type)
+        shape = (shape[0], self.vae.config.latent_channels, *shape[2:])
+        init_image, mask_condition = self._image_and_mask(image, mask_image, masked_image_latents, shape, latents)
+        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        num_inference_steps, timesteps, do_cfg, negative_prompt_embeds, embeds = self._sd_tail_and_embeds(
+            prompt, num_inference_steps, strength, timesteps, sigmas, guidance_scale, num_images_per_prompt,
+            negative_prompt, prompt_embeds, negative_prompt_embeds)
+        latents, mask, masked = self._inpaint_latents(init_image, mask_condition, masked_image_latents, latents,
+                                                      shape, timesteps, embeds.dtype, generator, strength, do_cfg)
+        if callback is not None:
+            callback.extra.update(negative_prompt_embeds=negative_prompt_embeds, mask=mask, masked_image_latents=masked)
+        return self._denoise_and_unblend(latents, timesteps, embeds, () if self._blend is not None else (mask, masked),
+                                         num_inference_steps, guidance_scale, do_cfg, eta, generator, output_type,
+                                         callback)
+
+
+class StableDiffusionXLInpaintPipeline(_Inpainting, StableDiffusionXLImg2ImgPipeline):
+    """diffusers' StableDiffusionXLInpaintPipeline: SDXL's text and size conditioning (an aesthetic score in place of
+    the target size for a refiner-style UNet, ``requires_aesthetics_score``), inpainting's image, mask and latents,
+    and ``denoising_start`` / ``denoising_end`` for a base + refiner split. Both kinds of UNet: SDXL's inpainting
+    UNet (9 input channels) and a plain one, blended after each step."""
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids", "mask",
+                               "masked_image_latents")
+    _cond_names = ("add_text_embeds", "add_time_ids", "mask", "masked_image_latents")  # diffusers' names
+
+    def _unet_call(self, model_input, t, embeds, *cond):
+        """The UNet call with SDXL's added conditioning; a 9-channel UNet also gets the mask and the masked image's
+        latents beside the latents."""
+        text_embeds, time_ids, *mask_inputs = cond
+        if mask_inputs:
+            model_input = torch.cat([model_input, *mask_inputs], dim=1)
+        return self.unet(model_input, t, embeds, {"text_embeds": text_embeds, "time_ids": time_ids})
+
+    def _encode_image(self, pixels, generator):
+        """diffusers' SDXL inpainting encode: an fp16 VAE with force_upcast encodes in fp32, then the scaling factor
+        alone (image-to-image's latents_mean / latents_std are not applied here, as in diffusers)."""
+        vae, dtype = self.vae, pixels.dtype
+        upcast = vae.config.force_upcast and vae.dtype != torch.float32
+        if upcast:
+            vae.to(dtype=torch.float32)
+        try:
+            latents = vae.encode(pixels.float() if vae.config.force_upcast else pixels).latent_dist.sample(generator)
+        finally:
+            if upcast:
+                vae.to(dtype=dtype)
+        return vae.config.scaling_factor * latents.to(dtype)
+
+    @lora_call_scale
+    @torch.no_grad()
+    def __call__(self, prompt=None, prompt_2=None, image=None, mask_image=None, masked_image_latents=None,
+                 height=None, width=None, strength=0.9999, num_inference_steps=50, timesteps=None, sigmas=None,
+                 denoising_start=None, denoising_end=None, guidance_scale=7.5, negative_prompt=None,
+                 negative_prompt_2=None, num_images_per_prompt=1, eta=0.0, generator=None, latents=None,
+                 prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
+                 negative_pooled_prompt_embeds=None, output_type="pil", guidance_rescale=0.0, original_size=None,
+                 crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
+                 negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score=6.0,
+                 negative_aesthetic_score=2.5, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",)):
+        """As diffusers', with its defaults: strength 0.9999 (the first step of the schedule skipped, the image's
+        latents noised), guidance 7.5."""
+        self._check_strength_and_inputs(strength, image, mask_image)
+        height = height if height is not None else self.unet.config.sample_size * self.vae_scale_factor
+        width = width if width is not None else self.unet.config.sample_size * self.vae_scale_factor
+        shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+                                   num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None, output_type)
+        shape = (shape[0], self.vae.config.latent_channels, *shape[2:])
+        sizes = self._check_image_call(
+            denoising_start, denoising_end, aesthetic_score, negative_aesthetic_score, guidance_rescale, prompt,
+            prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+            negative_pooled_prompt_embeds, height, width, original_size, crops_coords_top_left, target_size,
+            negative_original_size, negative_crops_coords_top_left, negative_target_size)
+        init_image, mask_condition = self._image_and_mask(image, mask_image, masked_image_latents, shape, latents)
+        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        num_inference_steps = self._set_timesteps(num_inference_steps, self.device, timesteps, sigmas)
+        timesteps = self._tail(num_inference_steps, strength, denoising_start)
+        do_cfg = guidance_scale > 1.0
+        embeds, cond = self._image_conditioning(
+            prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt, do_cfg, prompt_embeds,
+            negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, sizes, aesthetic_score,
+            negative_aesthetic_score, shape[0])
+        latents, mask, masked = self._inpaint_latents(init_image, mask_condition, masked_image_latents, latents,
+                                                      shape, timesteps, embeds.dtype, generator, strength, do_cfg,
+                                                      add_noise=denoising_start is None)
+        timesteps = self._end_at(timesteps, denoising_end)
+        if callback is not None:
+            callback.extra.update(mask=mask, masked_image_latents=masked)
+        cond = cond if self._blend is not None else (*cond, mask, masked)
+        return self._denoise_and_unblend(latents, timesteps, embeds, cond, num_inference_steps, guidance_scale,
+                                         do_cfg, eta, generator, output_type, callback)

@@ -71,6 +71,10 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         if any(w != sum(widths) for w in per_block):
             raise ValueError(f"unet (cross_attention_dim={c.cross_attention_dim}) does not fit the text encoders "
                              f"(hidden sizes {' + '.join(map(str, widths))} = {sum(widths)})")
+        if c.in_channels != self.vae.config.latent_channels and not self._unet_takes_mask:
+            raise ValueError(f"unet has {c.in_channels} input channels and the VAE's latents "
+                             f"{self.vae.config.latent_channels}: an inpainting UNet, for "
+                             "diffusion_fast.StableDiffusionXLInpaintPipeline")
         if c.addition_embed_type != "text_time":
             raise ValueError(f"unet has addition_embed_type={c.addition_embed_type!r}: an SDXL UNet takes the pooled "
                              "text embedding and time ids ('text_time')")
@@ -251,17 +255,21 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
 def load_pipeline(folder, **kwargs):
     """Our pipeline for a diffusers folder, by what it holds: ``StableDiffusionXLPipeline`` for an SDXL folder (two
     text encoders), ``StableDiffusionXLImg2ImgPipeline`` for an SDXL refiner (``requires_aesthetics_score``),
-    ``StableDiffusionInpaintPipeline`` for an SD inpainting folder (diffusers' class name), else
+    ``StableDiffusionXLInpaintPipeline`` / ``StableDiffusionInpaintPipeline`` for an SDXL / SD inpainting folder
+    (diffusers' class name), else
     ``StableDiffusionPipeline``; ``kwargs`` go to its ``from_pretrained``."""
     from .pipeline_img2img import StableDiffusionXLImg2ImgPipeline
-    from .pipeline_inpaint import StableDiffusionInpaintPipeline
+    from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
     folder, components = read_model_index(folder)
-    if "text_encoder_2" in components and components.get("requires_aesthetics_score", False):
+    inpainting = "Inpaint" in str(components.get("_class_name", ""))
+    if "text_encoder_2" in components and inpainting:
+        cls = StableDiffusionXLInpaintPipeline
+    elif "text_encoder_2" in components and components.get("requires_aesthetics_score", False):
         cls = StableDiffusionXLImg2ImgPipeline
     elif "text_encoder_2" in components:
         cls = StableDiffusionXLPipeline
-    elif "Inpaint" in str(components.get("_class_name", "")):
+    elif inpainting:
         cls = StableDiffusionInpaintPipeline
     else:
         cls = StableDiffusionPipeline
