@@ -257,8 +257,8 @@ def lora_call_scale(call):
 
 
 class LoraLoaderMixin:
-    """``load_lora_weights``, ``set_adapters``, ``fuse_lora``, ``delete_adapters``, ``unload_lora_weights`` for our
-    pipelines.
+    """``load_lora_weights``, ``set_adapters``, ``fuse_lora``, ``delete_adapters``, ``unload_lora_weights``,
+    ``disable_lora`` / ``enable_lora`` for our pipelines.
 
     Every LoRA is merged into the weights; ``set_adapters`` re-merges from the kept original weights, so weights never
     drift however often it is called, and ``unload_lora_weights`` restores them bit for bit.
@@ -269,8 +269,9 @@ class LoraLoaderMixin:
 
     def _lora_state(self):
         if not hasattr(self, "_lora"):
-            # name -> factors, name -> weight, kept weights; whether fuse_lora ran since the last unfuse_lora
-            self._lora = {"adapters": {}, "weights": {}, "originals": {}, "fused": False}
+            # name -> factors, name -> weight, kept weights; whether fuse_lora ran since the last unfuse_lora; whether
+            # disable_lora holds every adapter off
+            self._lora = {"adapters": {}, "weights": {}, "originals": {}, "fused": False, "disabled": False}
         return self._lora
 
     def load_lora_weights(self, lora, adapter_name=None, *, weight_name=None, scale=1.0):
@@ -347,6 +348,19 @@ class LoraLoaderMixin:
         state = self._lora_state()
         state["adapters"].clear()
         state["weights"].clear()
+        state["disabled"] = False
+        self._merge_loras()
+
+    def disable_lora(self):
+        """diffusers' ``disable_lora``: the images of the model without its LoRAs (the original weights, put back
+        exactly), the adapters kept. As in diffusers, ``set_adapters`` and ``load_lora_weights`` keep them off
+        until ``enable_lora``."""
+        self._lora_state()["disabled"] = True
+        self._merge_loras()
+
+    def enable_lora(self):
+        """diffusers' ``enable_lora``: the active adapters (as ``set_adapters`` or the last load left them) back."""
+        self._lora_state()["disabled"] = False
         self._merge_loras()
 
     @contextlib.contextmanager
@@ -378,7 +392,7 @@ class LoraLoaderMixin:
         """weight = original + sum over active adapters of weight * scale * up @ down, computed in fp32."""
         state, models = self._lora_state(), self._lora_models()
         deltas = {}
-        for name, adapter_weight in state["weights"].items():
+        for name, adapter_weight in ({} if state["disabled"] else state["weights"]).items():
             for f in state["adapters"][name]:
                 deltas.setdefault((f.component, f.module), []).append((adapter_weight * f.scale, f))
         for key in sorted(set(deltas) | set(state["originals"])):

@@ -345,3 +345,30 @@ def test_metadata_alpha_pattern_and_rslora():
     assert _metadata_alpha(meta, "text_encoder", "text_model.encoder.layers.0.mlp.fc1", 4) == (4, True)
     assert _metadata_alpha(None, "unet", "conv_in", 4) == (4, False)  # no metadata: alpha = rank, scale 1
     assert json.loads(json.dumps(meta)) == meta
+
+
+def test_disable_and_enable_lora_as_diffusers(sd_folder, tmp_path):
+    """disable_lora puts the original weights back exactly and keeps the adapters; as diffusers (checked here on its
+    pipeline), set_adapters and a LoRA loaded meanwhile stay off until enable_lora, which brings back the active one."""
+    a = _kohya_file(str(tmp_path / "a.safetensors"), _theirs(sd_folder), seed=1)
+    b = _kohya_file(str(tmp_path / "b.safetensors"), _theirs(sd_folder), rank=2, alpha=1.0, seed=2)
+    theirs, ours = _theirs(sd_folder), _ours(sd_folder)
+    base = _image(ours)
+    weights = {k: v.clone() for k, v in ours.unet.state_dict().items()}
+    for pipe in (theirs, ours):
+        pipe.load_lora_weights(a, adapter_name="a")
+    assert np.abs(_image(ours) - base).max() > CHANGED
+    steps = [("disable_lora", ()), ("set_adapters", (["a"], [0.5])), ("load_lora_weights", (b, "b"))]
+    for method, args in steps:
+        for pipe in (theirs, ours):
+            getattr(pipe, method)(*args)
+        image = _image(ours)
+        assert np.array_equal(image, base), method  # the weights as they were, bit for bit
+        assert np.abs(_image(theirs) - image).max() <= PIPELINE_FP32_MAX_ABS, method
+    assert all(torch.equal(v, weights[k]) for k, v in ours.unet.state_dict().items())
+    for pipe in (theirs, ours):
+        pipe.enable_lora()
+    assert ours.get_active_adapters() == theirs.get_active_adapters() == ["b"]
+    image = _image(ours)
+    assert np.abs(image - base).max() > CHANGED
+    assert np.abs(_image(theirs) - image).max() <= PIPELINE_FP32_MAX_ABS
