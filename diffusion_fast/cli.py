@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the pipeline's, 7.5 for SD 1.x/2.x, 5.0 for SDXL)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
+    g.add_argument("--clip-skip", type=int, default=None, metavar="N",
+                   help="skip the text encoder's last N layers for the prompt (diffusers' clip_skip)")
     g.add_argument("--scheduler", choices=("model", *SCHEDULER_CHOICES), default="model",
                    help="the sampler: the model folder's own (default; DDIM for the built-in model) or one of ours, "
                         "built from the model's scheduler config")
@@ -352,7 +354,7 @@ def generate(args) -> int:
         generator = torch.Generator("cpu").manual_seed(args.seed)
         extra = dict(options, strength=1.0) if num_steps != steps and "strength" in options else options
         kwargs = dict(negative_prompt=args.negative_prompt, num_inference_steps=num_steps, eta=args.eta,
-                      generator=generator, num_images_per_prompt=args.batch, output_type="np", **extra)
+                      clip_skip=args.clip_skip, generator=generator, num_images_per_prompt=args.batch, output_type="np", **extra)
         with backend(path_name):
             if refiner is not None:
                 return _ensemble(pipe, refiner, args.refiner_start or 0.8, args.prompt, **kwargs)

@@ -190,10 +190,11 @@ class StableDiffusionPipeline(LoraLoaderMixin):
 
     # ---- the pieces of a call -----------------------------------------------------------------------------------
     def encode_prompt(self, prompt, device, num_images_per_prompt, do_cfg, negative_prompt=None,
-                      prompt_embeds=None, negative_prompt_embeds=None):
-        """Text embeddings as diffusers computes them: max-length padding, last hidden state, repeated per image."""
+                      prompt_embeds=None, negative_prompt_embeds=None, clip_skip=None):
+        """Text embeddings as diffusers computes them: max-length padding, last hidden state (``clip_skip`` layers
+        before it, then the final layer norm, for the prompt alone, as diffusers skips), repeated per image."""
         if prompt_embeds is None:
-            prompt_embeds = self._encode_text(prompt, device)
+            prompt_embeds = self._encode_text(prompt, device, clip_skip=clip_skip)
         batch = prompt_embeds.shape[0]
         prompt_embeds = prompt_embeds.to(dtype=self.text_encoder.dtype, device=device)
         prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
@@ -212,13 +213,28 @@ class StableDiffusionPipeline(LoraLoaderMixin):
         return prompt_embeds, negative_prompt_embeds
 
     @torch.no_grad()
-    def _encode_text(self, texts, device, max_length=None):
+    def _encode_text(self, texts, device, max_length=None, clip_skip=None):
         tokens = self.tokenizer(
             texts, padding="max_length", max_length=max_length or self.tokenizer.model_max_length,
             truncation=True, return_tensors="pt",
         )
         mask = tokens.attention_mask.to(device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
-        return self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+        if clip_skip is None:
+            return self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+        out = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
+        text_model = getattr(self.text_encoder, "text_model", self.text_encoder)  # (transformers 5 flattened it)
+        return text_model.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
+
+    def _check_clip_skip(self, clip_skip):
+        """clip_skip: None, or how many of the text encoder's last layers to skip (fewer than it has)."""
+        if clip_skip is None:
+            return None
+        layers = min(e.config.num_hidden_layers for e in (self.text_encoder, getattr(self, "text_encoder_2", None))
+                     if e is not None)
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip < layers:
+            raise ValueError(f"clip_skip must be None or an int in [0, {layers}) (the text encoder's layers to skip), "
+                             f"got {clip_skip!r}")
+        return clip_skip
 
     def _check_inputs(self, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                       num_images_per_prompt, prompt_embeds, negative_prompt_embeds, latents, output_type):
@@ -354,19 +370,22 @@ class StableDiffusionPipeline(LoraLoaderMixin):
     def __call__(self, prompt=None, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5, eta=0.0,
                  generator=None, height=None, width=None, num_images_per_prompt=1, prompt_embeds=None,
                  negative_prompt_embeds=None, latents=None, output_type="pil", timesteps=None, sigmas=None,
-                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), guidance_rescale=0.0):
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), guidance_rescale=0.0,
+                 clip_skip=None):
         height = height if height is not None else self.unet.config.sample_size * self.vae_scale_factor
         width = width if width is not None else self.unet.config.sample_size * self.vae_scale_factor
         shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                                    num_images_per_prompt, prompt_embeds, negative_prompt_embeds, latents, output_type)
         self._set_guidance_rescale(guidance_rescale)
+        clip_skip = self._check_clip_skip(clip_skip)
         callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         if isinstance(prompt, str):
             prompt = [prompt]
         device = self.device
         do_cfg = guidance_scale > 1.0
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds)
+            prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds,
+            clip_skip)
         if callback is not None:  # (read by the callback; a replacement is not used, as in diffusers)
             callback.extra["negative_prompt_embeds"] = negative_prompt_embeds
         embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds

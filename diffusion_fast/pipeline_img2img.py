@@ -98,7 +98,8 @@ class _ImageToImage:
         return self.scheduler.timesteps[begin:]
 
     def _sd_tail_and_embeds(self, prompt, num_inference_steps, strength, timesteps, sigmas, guidance_scale,
-                            num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds):
+                            num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                            clip_skip=None):
         """SD's (not SDXL's) start of an image-to-image or inpainting call: the schedule's ``strength`` tail and the
         text embeddings. Returns (num_inference_steps, timesteps, do_cfg, negative_prompt_embeds, embeds)."""
         num_inference_steps = self._set_timesteps(num_inference_steps, self.device, timesteps, sigmas)
@@ -106,7 +107,7 @@ class _ImageToImage:
         do_cfg = guidance_scale > 1.0
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             [prompt] if isinstance(prompt, str) else prompt, self.device, num_images_per_prompt, do_cfg,
-            negative_prompt, prompt_embeds, negative_prompt_embeds)
+            negative_prompt, prompt_embeds, negative_prompt_embeds, self._check_clip_skip(clip_skip))
         embeds = (torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds).to(self.dtype)
         return num_inference_steps, timesteps, do_cfg, negative_prompt_embeds, embeds
 
@@ -146,14 +147,14 @@ class StableDiffusionImg2ImgPipeline(_ImageToImage, StableDiffusionPipeline):
     def __call__(self, prompt=None, image=None, strength=0.8, num_inference_steps=50, guidance_scale=7.5,
                  negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None, prompt_embeds=None,
                  negative_prompt_embeds=None, output_type="pil", timesteps=None, sigmas=None, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",)):
+                 callback_on_step_end_tensor_inputs=("latents",), clip_skip=None):
         image, latent_input, height, width = self._prepare_image(image, strength)
         shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                                    num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None, output_type)
         callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         num_inference_steps, timesteps, do_cfg, negative_prompt_embeds, embeds = self._sd_tail_and_embeds(
             prompt, num_inference_steps, strength, timesteps, sigmas, guidance_scale, num_images_per_prompt,
-            negative_prompt, prompt_embeds, negative_prompt_embeds)
+            negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
         if callback is not None:
             callback.extra["negative_prompt_embeds"] = negative_prompt_embeds
         latents = self._image_latents(image, latent_input, timesteps[:1].repeat(shape[0]), shape[0], embeds.dtype,
@@ -179,7 +180,7 @@ class StableDiffusionXLImg2ImgPipeline(_ImageToImage, StableDiffusionXLPipeline)
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score=6.0,
                  negative_aesthetic_score=2.5, timesteps=None, sigmas=None, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=("latents",), guidance_rescale=0.0, denoising_start=None,
-                 denoising_end=None):
+                 denoising_end=None, clip_skip=None):
         """As diffusers': ``denoising_start`` / ``denoising_end`` (fractions in (0, 1)) run only that part of the
         schedule, the image's latents taken as they are (not noised) with a start; ``aesthetic_score`` and
         ``negative_aesthetic_score`` condition a refiner (``requires_aesthetics_score``) and nothing else."""
@@ -198,7 +199,7 @@ class StableDiffusionXLImg2ImgPipeline(_ImageToImage, StableDiffusionXLPipeline)
         embeds, cond = self._image_conditioning(
             prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt, do_cfg, prompt_embeds,
             negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, sizes, aesthetic_score,
-            negative_aesthetic_score, shape[0])
+            negative_aesthetic_score, shape[0], clip_skip)
         latents = self._image_latents(image, latent_input, timesteps[:1].repeat(shape[0]), shape[0], embeds.dtype,
                                       generator, add_noise=denoising_start is None)
         timesteps = self._end_at(timesteps, denoising_end)
@@ -231,13 +232,14 @@ class StableDiffusionXLImg2ImgPipeline(_ImageToImage, StableDiffusionXLPipeline)
 
     def _image_conditioning(self, prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt, do_cfg,
                             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
-                            sizes, aesthetic_score, negative_aesthetic_score, batch):
+                            sizes, aesthetic_score, negative_aesthetic_score, batch, clip_skip=None):
         """(the text embeddings, (pooled embeddings, time ids)) for the loop, negative first with guidance."""
         device = self.device
         prompt, prompt_2 = ([p] if isinstance(p, str) else p for p in (prompt, prompt_2))
         embeds, negative, pooled, negative_pooled = self.encode_prompt(
             prompt, prompt_2, device, num_images_per_prompt, do_cfg, negative_prompt, negative_prompt_2,
-            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
+            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+            self._check_clip_skip(clip_skip))
         # diffusers' image ids, each repeated to the batch: a refiner's end with the aesthetic scores; a base UNet's
         # with the target sizes, and then the negative ones take the positive crop corner
         if self.requires_aesthetics_score:

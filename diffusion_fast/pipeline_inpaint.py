@@ -160,7 +160,7 @@ class StableDiffusionInpaintPipeline(_Inpainting, StableDiffusionPipeline):
                  num_inference_steps=50, guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
                  generator=None, latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
                  timesteps=None, sigmas=None, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
-                 masked_image_latents=None):
+                 masked_image_latents=None, clip_skip=None):
         self._check_strength_and_inputs(strength, image, mask_image)
         height = height if height is not None else self.unet.config.sample_size * self.vae_scale_factor
         width = width if width is not None else self.unet.config.sample_size * self.vae_scale_factor
@@ -171,7 +171,7 @@ class StableDiffusionInpaintPipeline(_Inpainting, StableDiffusionPipeline):
         callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         num_inference_steps, timesteps, do_cfg, negative_prompt_embeds, embeds = self._sd_tail_and_embeds(
             prompt, num_inference_steps, strength, timesteps, sigmas, guidance_scale, num_images_per_prompt,
-            negative_prompt, prompt_embeds, negative_prompt_embeds)
+            negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
         latents, mask, masked = self._inpaint_latents(init_image, mask_condition, masked_image_latents, latents,
                                                       shape, timesteps, embeds.dtype, generator, strength, do_cfg)
         if callback is not None:
@@ -223,7 +223,7 @@ class StableDiffusionXLInpaintPipeline(_Inpainting, StableDiffusionXLImg2ImgPipe
                  crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score=6.0,
                  negative_aesthetic_score=2.5, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",)):
+                 callback_on_step_end_tensor_inputs=("latents",), clip_skip=None):
         """As diffusers', with its defaults: strength 0.9999 (the first step of the schedule skipped, the image's
         latents noised), guidance 7.5."""
         self._check_strength_and_inputs(strength, image, mask_image)
@@ -245,7 +245,7 @@ class StableDiffusionXLInpaintPipeline(_Inpainting, StableDiffusionXLImg2ImgPipe
         embeds, cond = self._image_conditioning(
             prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt, do_cfg, prompt_embeds,
             negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, sizes, aesthetic_score,
-            negative_aesthetic_score, shape[0])
+            negative_aesthetic_score, shape[0], clip_skip)
         latents, mask, masked = self._inpaint_latents(init_image, mask_condition, masked_image_latents, latents,
                                                       shape, timesteps, embeds.dtype, generator, strength, do_cfg,
                                                       add_noise=denoising_start is None)

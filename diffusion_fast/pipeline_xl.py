@@ -120,9 +120,10 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
 
     # ---- text conditioning ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def _encode_both(self, texts, texts_2, device, max_length=None):
-        """(both encoders' penultimate hidden states, concatenated; the second encoder's pooled projection). Without
-        a first encoder (a refiner) the second takes ``texts``, as diffusers pairs them."""
+    def _encode_both(self, texts, texts_2, device, max_length=None, clip_skip=None):
+        """(both encoders' penultimate hidden states, concatenated, or ``clip_skip`` layers before them; the second
+        encoder's pooled projection). Without a first encoder (a refiner) the second takes ``texts``, as diffusers
+        pairs them."""
         pairs = [(self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)]
         pairs = [pair for pair in pairs if pair[1] is not None]
         hidden, pooled = [], None
@@ -132,16 +133,18 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             out = encoder(ids.to(device), output_hidden_states=True)
             if pooled is None and out[0].ndim == 2:  # diffusers' rule: the first 2-d output (the projection)
                 pooled = out[0]
-            hidden.append(out.hidden_states[-2])
+            hidden.append(out.hidden_states[-(2 + (clip_skip or 0))])  # (no final layer norm: diffusers' SDXL)
         return torch.cat(hidden, dim=-1), pooled
 
     def encode_prompt(self, prompt, prompt_2, device, num_images_per_prompt, do_cfg, negative_prompt=None,
                       negative_prompt_2=None, prompt_embeds=None, negative_prompt_embeds=None,
-                      pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None):
+                      pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, clip_skip=None):
         """(prompt_embeds, negative_prompt_embeds, pooled, negative pooled) as diffusers computes them, repeated
-        per image; the negative ones None without guidance."""
+        per image; the negative ones None without guidance. ``clip_skip`` skips layers for the prompt alone, as
+        diffusers does."""
         if prompt_embeds is None:
-            prompt_embeds, pooled_prompt_embeds = self._encode_both(prompt, prompt_2 or prompt, device)
+            prompt_embeds, pooled_prompt_embeds = self._encode_both(prompt, prompt_2 or prompt, device,
+                                                                    clip_skip=clip_skip)
         batch = prompt_embeds.shape[0]
         dtype = self.text_encoder_2.dtype
         if do_cfg and negative_prompt_embeds is None:
@@ -194,7 +197,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                  crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, timesteps=None, sigmas=None,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), guidance_rescale=0.0,
-                 denoising_end=None):
+                 denoising_end=None, clip_skip=None):
         """``denoising_end`` (a fraction in (0, 1)): stop there, as the first expert of diffusers' base + refiner
         ensemble does; with ``output_type="latent"`` the refiner's ``denoising_start`` picks up the latents."""
         check_denoising_bounds(denoising_end=denoising_end)
@@ -203,6 +206,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                                    num_images_per_prompt, prompt_embeds, negative_prompt_embeds, latents, output_type)
         self._set_guidance_rescale(guidance_rescale)
+        clip_skip = self._check_clip_skip(clip_skip)
         self._check_xl_inputs(prompt, prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
                               pooled_prompt_embeds, negative_pooled_prompt_embeds)
         callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
@@ -215,7 +219,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         do_cfg = guidance_scale > 1.0
         embeds, negative, pooled, negative_pooled = self.encode_prompt(
             prompt, prompt_2, device, num_images_per_prompt, do_cfg, negative_prompt, negative_prompt_2,
-            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
+            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, clip_skip)
         time_ids = self._time_ids(sizes["original_size"], sizes["crops_coords_top_left"], sizes["target_size"],
                                   embeds.dtype)
         negative_time_ids = time_ids

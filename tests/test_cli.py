@@ -428,3 +428,18 @@ def test_generate_sdxl_inpainting(sdxl_folders, tmp_path, capsys):
                       output_type="np").images[0]
     ours = np.asarray(Image.open(paths["out"])).astype(np.int16)
     assert np.abs(ours - (expected * 255).round().astype(np.int16)).max() <= 1
+
+
+def test_generate_clip_skip(tmp_path, capsys):
+    """--clip-skip reaches the pipeline (another image), and a value the text encoder cannot skip is one line."""
+    import numpy as np
+
+    outs = [tmp_path / "a.png", tmp_path / "b.png"]
+    for out, extra in zip(outs, ([], ["--clip-skip", "1"])):
+        assert main(["generate", "--steps", "2", "--output", str(out), "--no-progress", *extra]) == 0
+    a, b = (np.asarray(Image.open(p)).astype(np.int16) for p in outs)
+    assert np.abs(a - b).max() > 2
+    capsys.readouterr()
+    assert main(["generate", "--steps", "2", "--clip-skip", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "clip_skip must be None or an int in [0, 2)" in err and "Traceback" not in err
