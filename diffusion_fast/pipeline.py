@@ -36,6 +36,7 @@ from .lora import LoraLoaderMixin, lora_call_scale
 from .models import AutoencoderKL, UNet2DConditionModel
 from .schedulers import DDIMScheduler, load_scheduler
 from .schedulers.common import randn_tensor
+from .textual_inversion import TextualInversionLoaderMixin
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -97,7 +98,7 @@ def rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale):
     return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
 
 
-class StableDiffusionPipeline(LoraLoaderMixin):
+class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")  # diffusers' names
     _guidance_rescale = 0.0  # set by each call that takes it, as diffusers keeps it (SD img2img takes none)
     _cond_names = ("add_text_embeds", "add_time_ids")  # diffusers' names of the UNet's extra inputs (``cond``)
@@ -215,7 +216,7 @@ class StableDiffusionPipeline(LoraLoaderMixin):
     @torch.no_grad()
     def _encode_text(self, texts, device, max_length=None, clip_skip=None):
         tokens = self.tokenizer(
-            texts, padding="max_length", max_length=max_length or self.tokenizer.model_max_length,
+            self.maybe_convert_prompt(texts, self.tokenizer), padding="max_length", max_length=max_length or self.tokenizer.model_max_length,
             truncation=True, return_tensors="pt",
         )
         mask = tokens.attention_mask.to(device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None

@@ -128,8 +128,9 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         pairs = [pair for pair in pairs if pair[1] is not None]
         hidden, pooled = [], None
         for batch, (tokenizer, encoder) in zip((texts, texts_2), pairs):
-            ids = tokenizer(batch, padding="max_length", max_length=max_length or tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids
+            ids = tokenizer(self.maybe_convert_prompt(batch, tokenizer), padding="max_length",
+                            max_length=max_length or tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids
             out = encoder(ids.to(device), output_hidden_states=True)
             if pooled is None and out[0].ndim == 2:  # diffusers' rule: the first 2-d output (the projection)
                 pooled = out[0]

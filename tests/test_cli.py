@@ -443,3 +443,23 @@ def test_generate_clip_skip(tmp_path, capsys):
     assert main(["generate", "--steps", "2", "--clip-skip", "2", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "clip_skip must be None or an int in [0, 2)" in err and "Traceback" not in err
+
+
+def test_generate_with_an_embedding(tmp_path, capsys):
+    """--embedding PATH:TOKEN loads a textual inversion file into the model's text encoder: the prompt's token then
+    changes the image; a missing file is one line."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))},
+              tmp_path / "style.safetensors")
+    outs = [tmp_path / "a.png", tmp_path / "b.png"]
+    for out, extra in zip(outs, ([], ["--embedding", f"{tmp_path / 'style.safetensors'}:<style>"])):
+        assert main(["generate", "--steps", "2", "--prompt", "a cube in <style>", "--output", str(out),
+                     "--no-progress", *extra]) == 0
+    assert "loaded 1 textual inversion embedding" in capsys.readouterr().out
+    a, b = (np.asarray(Image.open(p)).astype(np.int16) for p in outs)
+    assert np.abs(a - b).max() > 2
+    with pytest.raises(SystemExit):
+        main(["generate", "--embedding", str(tmp_path / "missing.pt")])
+    assert "no such textual inversion file or folder" in capsys.readouterr().err

@@ -1,0 +1,233 @@
+"""``diffusion-fast generate``: load a model (or the built-in tiny one), its LoRAs and embeddings, pick the pipeline
+by the inputs (text-to-image, image-to-image, inpainting, SDXL base + refiner), run the fast path (and the
+reference path to compare), print it/s and write PNGs. Bad values raise UsageError, which ``cli.main`` prints as one
+line."""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from .cli import KARRAS_SCHEDULERS, SCHEDULER_CHOICES, UsageError, _device, _dtype
+
+
+def _check_scheduler_options(args, scheduler_name):
+    if args.eta != 0 and scheduler_name != "DDIMScheduler":
+        raise UsageError(f"--eta is DDIM's; the scheduler is {scheduler_name} (--scheduler ddim)")
+    if args.karras and scheduler_name not in KARRAS_SCHEDULERS:
+        raise UsageError(f"--karras is for Euler, Heun, LMS, DPM-Solver++ and UniPC; the scheduler is "
+                         f"{scheduler_name} (--scheduler euler, heun, lms, dpm++-2m, dpm++-2m-sde or unipc)")
+
+
+def _init_image(args):
+    """--image as an RGB PIL image (None without it); --strength and --height/--width checked against it."""
+    if args.image is None:
+        if args.strength is not None:
+            raise UsageError("--strength is for image-to-image: give --image too")
+        return None
+    if args.height is not None or args.width is not None:
+        raise UsageError("--height/--width: with --image the output has the image's size (resize the image instead)")
+    if args.strength is not None and not 0 < args.strength <= 1:
+        raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
+    if not os.path.isfile(args.image):
+        raise UsageError(f"--image: no such file: {args.image}")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(args.image).convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UsageError(f"--image: {args.image} is not an image PIL can read ({exc})") from None
+
+
+def _mask_image(args, init_image):
+    """--mask as a PIL image (None without it), checked against --image."""
+    if args.mask is None:
+        return None
+    if init_image is None:
+        raise UsageError("--mask is for inpainting: give --image too")
+    if not os.path.isfile(args.mask):
+        raise UsageError(f"--mask: no such file: {args.mask}")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        mask = Image.open(args.mask)
+        mask.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UsageError(f"--mask: {args.mask} is not an image PIL can read ({exc})") from None
+    if mask.size != init_image.size:
+        raise UsageError(f"--mask is {mask.size[0]}x{mask.size[1]} and --image {init_image.size[0]}x"
+                         f"{init_image.size[1]}: give them the same size")
+    return mask
+
+
+def _inpaint(pipe):
+    """The inpainting pipeline on a loaded pipeline's components (SD 1.x/2.x or SDXL)."""
+    from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
+
+    if isinstance(pipe, (StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline)):
+        return pipe
+    settings = dict(cuda_graph=pipe.cuda_graph, channels_last=pipe.channels_last)
+    if hasattr(pipe, "text_encoder_2"):
+        return StableDiffusionXLInpaintPipeline(
+            pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
+            pipe.scheduler, force_zeros_for_empty_prompt=pipe.force_zeros_for_empty_prompt,
+            requires_aesthetics_score=pipe.requires_aesthetics_score, **settings)
+    return StableDiffusionInpaintPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+                                          **settings)
+
+
+def _img2img(pipe):
+    """The image-to-image pipeline on a loaded pipeline's components (SD 1.x/2.x or SDXL); an SDXL refiner already
+    is one."""
+    from .pipeline_img2img import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+
+    if isinstance(pipe, (StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline)):
+        return pipe
+    settings = dict(cuda_graph=pipe.cuda_graph, channels_last=pipe.channels_last)
+    if hasattr(pipe, "text_encoder_2"):
+        return StableDiffusionXLImg2ImgPipeline(
+            pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
+            pipe.scheduler, force_zeros_for_empty_prompt=pipe.force_zeros_for_empty_prompt, **settings)
+    return StableDiffusionImg2ImgPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+                                          **settings)
+
+
+def _refiner(args, pipe, dtype, device):
+    """--refiner: its SDXL image-to-image pipeline (None without it), checked against the base and the options."""
+    from .pipeline_xl import StableDiffusionXLPipeline, load_pipeline
+
+    if args.refiner is None:
+        if args.refiner_start is not None:
+            raise UsageError("--refiner-start is for an SDXL base + refiner: give --refiner too")
+        return None
+    if not 0 < (args.refiner_start or 0.8) < 1:
+        raise UsageError(f"--refiner-start must be a fraction strictly between 0 and 1, got {args.refiner_start}")
+    if type(pipe) is not StableDiffusionXLPipeline or args.image is not None:
+        raise UsageError("--refiner: the refiner takes over an SDXL base's text-to-image run; give an SDXL --model "
+                         "and no --image")
+    refiner = load_pipeline(args.refiner, dtype=dtype, device=device)
+    if not hasattr(refiner, "text_encoder_2"):
+        raise UsageError(f"--refiner: {args.refiner} is not an SDXL folder")
+    return _img2img(refiner)
+
+
+def _ensemble(base, refiner, fraction, prompt, **kwargs):
+    """diffusers' ensemble of expert denoisers: the base's first ``fraction`` as latents, the refiner's rest (the
+    whole of a warm-up's one step each, not split); seconds are the two loops'."""
+    from .pipeline import StableDiffusionPipelineOutput
+
+    split = kwargs["num_inference_steps"] > 1
+    first = base(prompt, **dict(kwargs, output_type="latent", denoising_end=fraction if split else None))
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("height", "width")}  # (the latents' size)
+    second = refiner(prompt, image=first.images,
+                     **dict(kwargs, **({"denoising_start": fraction} if split else {"strength": 1.0})))
+    return StableDiffusionPipelineOutput(images=second.images, seconds=first.seconds + second.seconds)
+
+
+def generate(args) -> int:
+    from . import backend
+    from .numerics import max_abs_err, psnr
+    from .pipeline import StableDiffusionPipeline
+    from .pipeline_xl import load_pipeline
+    from .schedulers import SCHEDULERS
+
+    if args.scheduler != "model":  # known before loading anything
+        _check_scheduler_options(args, SCHEDULER_CHOICES[args.scheduler][0])
+    init_image = _init_image(args)
+    mask_image = _mask_image(args, init_image)
+    device = _device(args.device)
+    dtype = _dtype(args.dtype, device)
+    compare = args.compare or args.model is None
+    steps = args.steps or (50 if args.model else 20)
+    t0 = time.perf_counter()
+    if args.model:
+        pipe = load_pipeline(args.model, dtype=dtype, device=device)  # SD 1.x/2.x or SDXL, by the folder
+    else:
+        pipe = StableDiffusionPipeline.from_tiny("sd1", seed=args.seed, dtype=dtype, device=device)
+    for i, (path, scale) in enumerate(args.lora):
+        pipe.load_lora_weights(path, adapter_name=f"lora_{i}")
+    if args.lora:  # diffusers activates the last LoRA loaded; here every one given is active, at its scale
+        pipe.set_adapters([f"lora_{i}" for i in range(len(args.lora))], [scale for _, scale in args.lora])
+        print(f"merged {len(args.lora)} LoRA{'s' if len(args.lora) > 1 else ''}: "
+              + ", ".join(f"{path} at {scale:g}" for path, scale in args.lora))
+    for path, token in args.embedding:
+        pipe.load_textual_inversion(path, token=token)
+    if args.embedding:
+        print(f"loaded {len(args.embedding)} textual inversion embedding{'s' if len(args.embedding) > 1 else ''}")
+    if mask_image is not None:
+        pipe = _inpaint(pipe)
+    elif getattr(pipe, "_unet_takes_mask", False):
+        raise UsageError(f"{args.model} is an inpainting model: give --image and --mask")
+    elif init_image is not None:
+        pipe = _img2img(pipe)
+    elif getattr(pipe, "requires_aesthetics_score", False):
+        raise UsageError(f"{args.model} is an SDXL refiner: give --image to refine, or use it as --refiner of an "
+                         "SDXL base")
+    refiner = _refiner(args, pipe, dtype, device)
+    name, fields = SCHEDULER_CHOICES.get(args.scheduler, (type(pipe.scheduler).__name__, {}))
+    _check_scheduler_options(args, name)
+    fields = dict(fields, **({"use_karras_sigmas": True} if args.karras else {}))
+    if args.scheduler != "model" or fields:
+        pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config, **fields)
+        if refiner is not None:
+            refiner.scheduler = SCHEDULERS[name].from_config(refiner.scheduler.config, **fields)
+    print(f"loaded {'built-in tiny SD1-shaped model (random weights)' if not args.model else args.model} "
+          f"on {device} in {dtype} in {time.perf_counter() - t0:.1f} s; scheduler {type(pipe.scheduler).__name__}")
+    pipe.set_progress_bar_config(disable=args.no_progress)
+    if refiner is not None:
+        refiner.set_progress_bar_config(disable=args.no_progress)
+        print(f"refiner {args.refiner} takes over at {args.refiner_start or 0.8:g} of the schedule")
+
+    options = {} if args.guidance is None else {"guidance_scale": args.guidance}  # else the pipeline's default
+    denoised = steps  # the steps that run: with --image, the schedule's last `strength` part
+    if init_image is None:
+        options.update(height=args.height, width=args.width)
+    elif mask_image is not None:  # inpainting: the image's size, cut to a multiple of 8; the pipeline's strength
+        strength = args.strength if args.strength is not None else 0.9999 if hasattr(pipe, "text_encoder_2") else 1.0
+        width, height = (x - x % 8 for x in init_image.size)
+        if width == 0 or height == 0:
+            raise UsageError(f"--image is {init_image.size[0]}x{init_image.size[1]}: smaller than 8 pixels")
+        options.update(image=init_image, mask_image=mask_image, strength=strength, height=height, width=width)
+        denoised = min(int(steps * strength), steps)
+    else:  # img2img: the image's own size; a warm-up step of a strength-cut schedule needs the whole schedule
+        strength = args.strength if args.strength is not None else 0.3 if hasattr(pipe, "text_encoder_2") else 0.8
+        options.update(image=init_image, strength=strength)
+        denoised = min(int(steps * strength), steps)
+
+    def run(path_name, num_steps=steps):
+        generator = torch.Generator("cpu").manual_seed(args.seed)
+        extra = dict(options, strength=1.0) if num_steps != steps and "strength" in options else options
+        kwargs = dict(negative_prompt=args.negative_prompt, num_inference_steps=num_steps, eta=args.eta,
+                      clip_skip=args.clip_skip, generator=generator, num_images_per_prompt=args.batch, output_type="np", **extra)
+        with backend(path_name):
+            if refiner is not None:
+                return _ensemble(pipe, refiner, args.refiner_start or 0.8, args.prompt, **kwargs)
+            return pipe(args.prompt, **kwargs)
+
+    if compare:
+        # Untimed one-step runs first, so the speedup compares sampling, not one-time costs that only the path run
+        # first would pay (weights moved to channels_last, Triton compiles, CUDA graph capture, thread-pool start).
+        t0 = time.perf_counter()
+        for path_name in ("fast", "reference"):
+            run(path_name, 1)
+        print(f"warm-up (1 step per path, untimed below): {time.perf_counter() - t0:.1f} s")
+    fast = run("fast")
+    print(f"fast path:      {denoised} steps in {fast.seconds:.3f} s ({denoised / fast.seconds:.2f} it/s)")
+    if compare:
+        ref = run("reference")
+        print(f"reference path: {denoised} steps in {ref.seconds:.3f} s ({denoised / ref.seconds:.2f} it/s)")
+        diff = max_abs_err(torch.from_numpy(fast.images), torch.from_numpy(ref.images))
+        print(f"speedup {ref.seconds / fast.seconds:.2f}x; max abs pixel difference {diff:.2e} "
+              f"(pixels in [0, 1]); PSNR {psnr(fast.images, ref.images):.1f} dB")
+    from PIL import Image
+
+    images = (fast.images * 255).round().astype("uint8")
+    root, ext = os.path.splitext(args.output)
+    ext = ext or ".png"
+    for i, img in enumerate(images):
+        path = f"{root}{ext}" if len(images) == 1 else f"{root}_{i}{ext}"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        Image.fromarray(img).save(path)
+        print(f"wrote {path}")
+    return 0
