@@ -61,20 +61,23 @@ def _mask_image(args, init_image):
     return mask
 
 
+def _with_components(pipe, sd_cls, xl_cls):
+    """``pipe``'s components in ``sd_cls`` (SD 1.x/2.x) or ``xl_cls`` (SDXL); ``pipe`` itself when it is one."""
+    if isinstance(pipe, (sd_cls, xl_cls)):
+        return pipe
+    settings = dict(cuda_graph=pipe.cuda_graph, channels_last=pipe.channels_last)
+    if hasattr(pipe, "text_encoder_2"):
+        return xl_cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
+                      pipe.scheduler, force_zeros_for_empty_prompt=pipe.force_zeros_for_empty_prompt,
+                      requires_aesthetics_score=pipe.requires_aesthetics_score, **settings)
+    return sd_cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, **settings)
+
+
 def _inpaint(pipe):
     """The inpainting pipeline on a loaded pipeline's components (SD 1.x/2.x or SDXL)."""
     from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
-    if isinstance(pipe, (StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline)):
-        return pipe
-    settings = dict(cuda_graph=pipe.cuda_graph, channels_last=pipe.channels_last)
-    if hasattr(pipe, "text_encoder_2"):
-        return StableDiffusionXLInpaintPipeline(
-            pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
-            pipe.scheduler, force_zeros_for_empty_prompt=pipe.force_zeros_for_empty_prompt,
-            requires_aesthetics_score=pipe.requires_aesthetics_score, **settings)
-    return StableDiffusionInpaintPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
-                                          **settings)
+    return _with_components(pipe, StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline)
 
 
 def _img2img(pipe):
@@ -82,15 +85,7 @@ def _img2img(pipe):
     is one."""
     from .pipeline_img2img import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 
-    if isinstance(pipe, (StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline)):
-        return pipe
-    settings = dict(cuda_graph=pipe.cuda_graph, channels_last=pipe.channels_last)
-    if hasattr(pipe, "text_encoder_2"):
-        return StableDiffusionXLImg2ImgPipeline(
-            pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
-            pipe.scheduler, force_zeros_for_empty_prompt=pipe.force_zeros_for_empty_prompt, **settings)
-    return StableDiffusionImg2ImgPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
-                                          **settings)
+    return _with_components(pipe, StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline)
 
 
 def _refiner(args, pipe, dtype, device):

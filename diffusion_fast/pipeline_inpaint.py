@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .lora import lora_call_scale
-from .pipeline import StableDiffusionPipeline, check_denoising_bounds
+from .pipeline import StableDiffusionPipeline
 from .pipeline_img2img import StableDiffusionXLImg2ImgPipeline, _ImageToImage, preprocess_image
 from .schedulers.common import randn_tensor
 
@@ -80,11 +80,18 @@ class _Inpainting(_ImageToImage):
             return torch.cat([self._encode_image(images[i:i + 1], generator[i]) for i in range(images.shape[0])])
         return self._encode_image(images, generator)
 
-    def _check_strength_and_inputs(self, strength, image, mask_image):
+    def _latent_shape(self, strength, image, mask_image, height, width, prompt, negative_prompt, num_inference_steps,
+                      guidance_scale, num_images_per_prompt, prompt_embeds, negative_prompt_embeds, output_type):
+        """The call's checks shared by SD and SDXL; the latents' shape (height and width default to the UNet's)."""
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
             raise ValueError(f"strength must be in [0, 1], got {strength!r}")
         if image is None or mask_image is None:
             raise ValueError("image and mask_image: give both (PIL images, lists of them or tensors)")
+        height = height if height is not None else self.unet.config.sample_size * self.vae_scale_factor
+        width = width if width is not None else self.unet.config.sample_size * self.vae_scale_factor
+        shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+                                   num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None, output_type)
+        return (shape[0], self.vae.config.latent_channels, *shape[2:])
 
     def _image_and_mask(self, image, mask_image, masked_image_latents, shape, latents):
         """(the image at the output size, pixels or latents; the binarized mask), checked against the batch."""
@@ -161,12 +168,9 @@ class StableDiffusionInpaintPipeline(_Inpainting, StableDiffusionPipeline):
                  generator=None, latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
                  timesteps=None, sigmas=None, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
                  masked_image_latents=None, clip_skip=None):
-        self._check_strength_and_inputs(strength, image, mask_image)
-        height = height if height is not None else self.unet.config.sample_size * self.vae_scale_factor
-        width = width if width is not None else self.unet.config.sample_size * self.vae_scale_factor
-        shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
-                                   num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None, output_type)
-        shape = (shape[0], self.vae.config.latent_channels, *shape[2:])
+        shape = self._latent_shape(strength, image, mask_image, height, width, prompt, negative_prompt,
+                                   num_inference_steps, guidance_scale, num_images_per_prompt, prompt_embeds,
+                                   negative_prompt_embeds, output_type)
         init_image, mask_condition = self._image_and_mask(image, mask_image, masked_image_latents, shape, latents)
         callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         num_inference_steps, timesteps, do_cfg, negative_prompt_embeds, embeds = self._sd_tail_and_embeds(
@@ -226,12 +230,10 @@ class StableDiffusionXLInpaintPipeline(_Inpainting, StableDiffusionXLImg2ImgPipe
                  callback_on_step_end_tensor_inputs=("latents",), clip_skip=None):
         """As diffusers', with its defaults: strength 0.9999 (the first step of the schedule skipped, the image's
         latents noised), guidance 7.5."""
-        self._check_strength_and_inputs(strength, image, mask_image)
-        height = height if height is not None else self.unet.config.sample_size * self.vae_scale_factor
-        width = width if width is not None else self.unet.config.sample_size * self.vae_scale_factor
-        shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
-                                   num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None, output_type)
-        shape = (shape[0], self.vae.config.latent_channels, *shape[2:])
+        shape = self._latent_shape(strength, image, mask_image, height, width, prompt, negative_prompt,
+                                   num_inference_steps, guidance_scale, num_images_per_prompt, prompt_embeds,
+                                   negative_prompt_embeds, output_type)
+        height, width = shape[2] * self.vae_scale_factor, shape[3] * self.vae_scale_factor
         sizes = self._check_image_call(
             denoising_start, denoising_end, aesthetic_score, negative_aesthetic_score, guidance_rescale, prompt,
             prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,

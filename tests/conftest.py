@@ -6,7 +6,18 @@ same tests run the compiled kernels on CUDA tensors.
 """
 import os
 
-import torch
+# One intra-op thread per pytest-xdist worker: the suite runs two workers on two cores, and with PyTorch's default (a
+# thread per core in each worker) OpenMP's waiting threads spin on the cores the other worker needs. Measured on the
+# 2-core machine: tests/test_pipeline.py under -n 2 took 5.6 min, and 47 s with one thread each. Tests of paths that
+# depend on the thread count ask for the machine's count with the `all_threads` fixture.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+MACHINE_THREADS = os.cpu_count() or 1
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
@@ -24,6 +35,16 @@ try:
 except ImportError:
     HAS_SCIPY = False
 NEEDS_SCIPY = pytest.mark.skipif(not HAS_SCIPY, reason="diffusers' LMSDiscreteScheduler needs scipy")
+
+
+@pytest.fixture
+def all_threads():
+    """PyTorch's intra-op threads set to the machine's core count for one test (the C++ ops' parallel paths depend
+    on it), then back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(MACHINE_THREADS)
+    yield MACHINE_THREADS
+    torch.set_num_threads(before)
 
 
 def pytest_sessionstart(session):

@@ -9,7 +9,10 @@ import diffusion_fast
 from _numerics import assert_2x_rule
 from diffusion_fast import _cpp, _validate, ops, reference
 
-pytestmark = pytest.mark.skipif(_cpp.load_ops() is None, reason="C++ extension not built")
+# the machine's thread count for every test here: GroupNorm's CPU paths depend on it (N*G below it splits the
+# statistics over chunks; per-thread partial sums), and the suite's workers otherwise run one thread each (conftest)
+pytestmark = [pytest.mark.skipif(_cpp.load_ops() is None, reason="C++ extension not built"),
+              pytest.mark.usefixtures("all_threads")]
 FLOOR = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-12}
 A_T, A_PREV = torch.tensor([0.05, 0.5, 0.93]), torch.tensor([0.1, 0.62, 1.0])  # per sample; the last at the final step
 
