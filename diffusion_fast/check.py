@@ -180,7 +180,19 @@ def _db(value):
     return "inf" if math.isinf(value) else f"{value:.1f}"
 
 
+def _check_text_to_image(folder):
+    """check runs text-to-image: an inpainting folder or an SDXL refiner is refused up front, saying why."""
+    from .pipeline import read_model_index
+
+    _, index = read_model_index(folder)
+    if "Inpaint" in str(index.get("_class_name", "")) or index.get("requires_aesthetics_score", False):
+        kind = "an inpainting model" if "Inpaint" in str(index.get("_class_name", "")) else "an SDXL refiner"
+        raise ValueError(f"--model {folder} is {kind}; check runs text-to-image pipelines (check its base model)")
+
+
 def run_check(args, device, dtype) -> int:
+    if args.model:
+        _check_text_to_image(args.model)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     print(f"diffusion-fast check on {device} ({dtype}); ops: 2x rule vs float64 reference")

@@ -463,3 +463,11 @@ def test_generate_with_an_embedding(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--embedding", str(tmp_path / "missing.pt")])
     assert "no such textual inversion file or folder" in capsys.readouterr().err
+
+
+def test_check_refuses_a_refiner_up_front(sdxl_folders, capsys):
+    """check runs text-to-image; an SDXL refiner (image-to-image only) is one line before any op runs."""
+    assert main(["check", "--model", str(sdxl_folders[1]), "--steps", "1"]) == 2
+    captured = capsys.readouterr()
+    assert "is an SDXL refiner; check runs text-to-image pipelines" in captured.err
+    assert "max abs err" not in captured.out and "Traceback" not in captured.err
