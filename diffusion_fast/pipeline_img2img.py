@@ -24,7 +24,7 @@ def preprocess_image(image, scale: int, latent_channels: int, size=None) -> torc
     mapped from [0, 1] to [-1, 1]; a tensor whose values are all >= 0 is taken as [0, 1] and mapped too, one with
     negative values as [-1, 1] already, and one of ``latent_channels`` channels as latents (left as they are).
     With ``size`` (height, width), as inpainting asks, PIL images are resized to it and a tensor of another size is
-    interpolated (nearest) to it."""
+    interpolated (nearest) to it, unless it is latents."""
     import PIL.Image
 
     images = image if isinstance(image, (list, tuple)) else [image]
@@ -47,8 +47,8 @@ def preprocess_image(image, scale: int, latent_channels: int, size=None) -> torc
         if image.dim() != 4 or not image.is_floating_point():
             raise ValueError(f"image: a tensor must be a float (B, C, H, W) batch, got {image.dtype} of shape "
                              f"{tuple(image.shape)}")
-        if size is not None and tuple(image.shape[2:]) != tuple(size):
-            image = torch.nn.functional.interpolate(image, size=tuple(size))
+        if size is not None and image.shape[1] != latent_channels and tuple(image.shape[2:]) != tuple(size):
+            image = torch.nn.functional.interpolate(image, size=tuple(size))  # (latents are left as they are)
         return image if image.shape[1] == latent_channels or image.min() < 0 else 2.0 * image - 1.0
     raise TypeError(f"image must be an RGB PIL image, a list of them or a (B, C, H, W) tensor, got "
                     f"{type(image).__name__}")

@@ -104,6 +104,13 @@ class _Inpainting(_ImageToImage):
         if init_image.shape[1] not in (latent_channels, self.vae.config.in_channels):
             raise ValueError(f"image has {init_image.shape[1]} channels: {self.vae.config.in_channels} (pixels) or "
                              f"{latent_channels} (latents)")
+        if init_image.shape[1] == latent_channels and tuple(init_image.shape[2:]) != tuple(shape[2:]):
+            raise ValueError(f"image: latents of size {tuple(init_image.shape[2:])} for a {height}x{width} output "
+                             f"(latents {tuple(shape[2:])})")
+        if (init_image.shape[1] == latent_channels and masked_image_latents is None
+                and self.unet.config.in_channels != latent_channels):
+            raise ValueError("image: given as latents, it cannot be masked (as in diffusers); an inpainting UNet "
+                             "then needs masked_image_latents too")
         for name, value in (("image", init_image), ("mask_image", mask_condition),
                             ("masked_image_latents", masked_image_latents)):
             if value is not None and batch % value.shape[0] != 0:  # (each is repeated to the batch)
@@ -136,14 +143,20 @@ class _Inpainting(_ImageToImage):
             noise = latents.to(device=device, dtype=dtype)
             latents = noise * self.scheduler.init_noise_sigma
 
-        masked = init_image * (mask_condition < 0.5) if masked_image_latents is None else masked_image_latents
         mask = F.interpolate(mask_condition, size=shape[2:]).to(device=device, dtype=dtype)
+        mask = mask.repeat(batch // mask.shape[0], 1, 1, 1) if mask.shape[0] < batch else mask
+        mask = torch.cat([mask] * 2) if do_cfg else mask
+        self._blend = (image_latents, noise, mask.chunk(2)[0] if do_cfg else mask) if plain_unet else None
+        if masked_image_latents is not None:
+            masked = masked_image_latents
+        elif init_image.shape[1] != latent_channels:
+            masked = init_image * (mask_condition < 0.5)
+        else:  # latents given as the image cannot be masked: a plain UNet needs no masked image (checked before)
+            return latents, mask, None
         masked = masked.to(device=device, dtype=dtype)
         masked = masked if masked.shape[1] == latent_channels else self._encode_images(masked, generator)
-        mask = mask.repeat(batch // mask.shape[0], 1, 1, 1) if mask.shape[0] < batch else mask
         masked = masked.repeat(batch // masked.shape[0], 1, 1, 1) if masked.shape[0] < batch else masked
-        mask, masked = (torch.cat([mask] * 2), torch.cat([masked] * 2)) if do_cfg else (mask, masked)
-        self._blend = (image_latents, noise, mask.chunk(2)[0] if do_cfg else mask) if plain_unet else None
+        masked = torch.cat([masked] * 2) if do_cfg else masked
         return latents, mask, masked
 
     def _denoise_and_unblend(self, *args, **kwargs):

@@ -172,3 +172,17 @@ def test_bad_inputs(pair):
         for cls in (diffusion_fast.StableDiffusionXLPipeline, diffusion_fast.StableDiffusionXLImg2ImgPipeline):
             with pytest.raises(ValueError, match="unet has 9 input channels.*StableDiffusionXLInpaintPipeline"):
                 cls(*parts)
+
+
+def test_latents_as_the_image(pair):
+    """Latents given as the image (diffusers cannot mask them and passes no masked image): a plain UNet runs as in
+    diffusers; an inpainting UNet without masked_image_latents is refused by name (diffusers fails inside)."""
+    theirs, ours = pair
+    latents = torch.randn(1, 4, 10, 12, generator=torch.Generator().manual_seed(8))
+    if ours.unet.config.in_channels == 9:
+        with pytest.raises(ValueError, match="given as latents, it cannot be masked .* needs masked_image_latents"):
+            ours("a", image=latents, mask_image=MASK, height=40, width=48, num_inference_steps=2)
+        return
+    assert _both(pair, image=latents, strength=0.6) <= PIPELINE_FP32_MAX_ABS
+    with pytest.raises(ValueError, match=r"image: latents of size \(10, 12\) for a 32x32 output"):
+        ours("a", image=latents, mask_image=MASK, height=32, width=32, num_inference_steps=2)
