@@ -216,8 +216,8 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
     @torch.no_grad()
     def _encode_text(self, texts, device, max_length=None, clip_skip=None):
         tokens = self.tokenizer(
-            self.maybe_convert_prompt(texts, self.tokenizer), padding="max_length", max_length=max_length or self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
+            self.maybe_convert_prompt(texts, self.tokenizer), padding="max_length",
+            max_length=max_length or self.tokenizer.model_max_length, truncation=True, return_tensors="pt",
         )
         mask = tokens.attention_mask.to(device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
         if clip_skip is None:
@@ -492,10 +492,13 @@ class ComponentLoader:
         unknown = sorted(set(given) - set(names))
         if unknown:
             raise TypeError(f"from_pretrained got components it does not take: {unknown} (it takes {list(names)})")
-        self.absent = {c for c in optional if c not in given and (c not in index or index[c][0] is None)}
+        def listed(c):  # model_index.json names it as [library, class], not [null, null]
+            entry = index.get(c)
+            return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None
+
+        self.absent = {c for c in optional if c not in given and not listed(c)}
         missing = [c for c in names if c not in given and c not in self.absent
-                   and (not isinstance(index.get(c), list) or index[c][0] is None
-                        or not os.path.isdir(os.path.join(folder, c)))]
+                   and (not listed(c) or not os.path.isdir(os.path.join(folder, c)))]
         if missing:
             raise FileNotFoundError(f"{folder!r} lacks the pipeline components {missing}")
         self.folder, self.given, self.variant = folder, given, variant
