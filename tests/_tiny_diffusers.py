@@ -1,4 +1,5 @@
 """Tiny diffusers pipelines built offline, as the reference in tests (configs from diffusion_fast.tiny)."""
+import contextlib
 import functools
 import os
 import tempfile
@@ -76,6 +77,29 @@ def sdxl_pipeline(seed=0):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(torch.float32)
+
+
+@contextlib.contextmanager
+def swapped_schedulers(name, theirs, ours, **fields):
+    """diffusers' scheduler class ``name`` on every pipeline in ``theirs`` (built from the first one's scheduler config
+    with ``fields`` over it) and ours from the same config on every pipeline in ``ours``; each pipeline's own
+    scheduler is put back afterwards."""
+    import diffusers
+
+    import diffusion_fast
+
+    pipes = [*theirs, *ours]
+    saved = [pipe.scheduler for pipe in pipes]
+    config = getattr(diffusers, name).from_config(theirs[0].scheduler.config, **fields).config
+    try:
+        for pipe in theirs:
+            pipe.scheduler = getattr(diffusers, name).from_config(config)
+        for pipe in ours:
+            pipe.scheduler = diffusion_fast.schedulers.load_scheduler(dict(config))
+        yield
+    finally:
+        for pipe, scheduler in zip(pipes, saved):
+            pipe.scheduler = scheduler
 
 
 def sdxl_refiner_pipeline(base, seed=0):

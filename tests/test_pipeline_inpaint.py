@@ -96,17 +96,9 @@ def test_the_mask_decides_what_changes(pair):
     ("PNDMScheduler", dict(skip_prk_steps=True)),
 ])
 def test_other_schedulers_same_image_as_diffusers(pair, scheduler, cfg):
-    import diffusers
-
-    theirs, ours = pair
-    saved = theirs.scheduler, ours.scheduler
-    try:
-        theirs.scheduler = getattr(diffusers, scheduler).from_config(saved[0].config, **cfg)
-        ours.scheduler = diffusion_fast.schedulers.load_scheduler(dict(theirs.scheduler.config))
+    with _tiny_diffusers.swapped_schedulers(scheduler, pair[:1], pair[1:], **cfg):
         a, b = _both(pair, strength=0.75)
-        assert np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS
-    finally:
-        theirs.scheduler, ours.scheduler = saved
+    assert np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS
 
 
 def test_step_callback_sees_the_mask_as_diffusers(pair):

@@ -75,17 +75,9 @@ def test_same_image_as_diffusers(pair, backend_name, kwargs):
     dict(denoising_start=0.6),  # the refiner's part: the image's latents taken un-noised (and unscaled)
 ])
 def test_denoising_start_and_end_as_diffusers(pair, kwargs, scheduler):
-    import diffusers
-
-    theirs, ours = pair
-    saved = theirs.scheduler, ours.scheduler
-    try:
-        theirs.scheduler = getattr(diffusers, scheduler).from_config(saved[0].config)
-        ours.scheduler = diffusion_fast.schedulers.load_scheduler(dict(theirs.scheduler.config))
-        latent = kwargs.get("output_type") == "latent"
-        assert _both(pair, **kwargs) <= (1e-4 if latent else PIPELINE_FP32_MAX_ABS)
-    finally:
-        theirs.scheduler, ours.scheduler = saved
+    with _tiny_diffusers.swapped_schedulers(scheduler, pair[:1], pair[1:]):
+        difference = _both(pair, **kwargs)
+    assert difference <= (1e-4 if kwargs.get("output_type") == "latent" else PIPELINE_FP32_MAX_ABS)
 
 
 def test_the_mask_decides_what_changes(pair):
@@ -102,16 +94,8 @@ def test_the_mask_decides_what_changes(pair):
     ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True)),
 ])
 def test_other_schedulers_same_image_as_diffusers(pair, scheduler, cfg):
-    import diffusers
-
-    theirs, ours = pair
-    saved = theirs.scheduler, ours.scheduler
-    try:
-        theirs.scheduler = getattr(diffusers, scheduler).from_config(saved[0].config, **cfg)
-        ours.scheduler = diffusion_fast.schedulers.load_scheduler(dict(theirs.scheduler.config))
+    with _tiny_diffusers.swapped_schedulers(scheduler, pair[:1], pair[1:], **cfg):
         assert _both(pair, strength=0.75) <= PIPELINE_FP32_MAX_ABS
-    finally:
-        theirs.scheduler, ours.scheduler = saved
 
 
 def test_step_callback_sees_diffusers_tensors(pair):

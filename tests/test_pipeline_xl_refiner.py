@@ -94,20 +94,8 @@ def test_ensemble_of_experts_same_image_as_diffusers(pipes, backend_name):
     pytest.param("LMSDiscreteScheduler", {}, 6, 0.7, marks=NEEDS_SCIPY),
 ])
 def test_every_scheduler_splits_as_diffusers(pipes, scheduler, cfg, steps, fraction):
-    import diffusers
-
-    saved = {side: [pipe.scheduler for pipe in pair] for side, pair in pipes.items()}
-    try:
-        config = getattr(diffusers, scheduler).from_config(pipes["theirs"][0].scheduler.config, **cfg).config
-        for pipe in pipes["theirs"]:
-            pipe.scheduler = getattr(diffusers, scheduler).from_config(config)
-        for pipe in pipes["ours"]:
-            pipe.scheduler = diffusion_fast.schedulers.load_scheduler(dict(config))
+    with _tiny_diffusers.swapped_schedulers(scheduler, pipes["theirs"], pipes["ours"], **cfg):
         assert _both(pipes, fraction, steps=steps) <= PIPELINE_FP32_MAX_ABS
-    finally:
-        for side, pair in pipes.items():
-            for pipe, scheduler_ in zip(pair, saved[side]):
-                pipe.scheduler = scheduler_
 
 
 def test_refiner_conditioning_same_image_as_diffusers(pipes):
