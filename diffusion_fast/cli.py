@@ -32,6 +32,8 @@ SCHEDULER_CHOICES = {"ddim": ("DDIMScheduler", {}), "ddpm": ("DDPMScheduler", {}
                      "euler": ("EulerDiscreteScheduler", {}),
                      "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
                      "heun": ("HeunDiscreteScheduler", {}),  # two model calls a step
+                     "dpm2": ("KDPM2DiscreteScheduler", {}),  # two model calls a step, one at the midpoint
+                     "dpm2-a": ("KDPM2AncestralDiscreteScheduler", {}),
                      "lms": ("LMSDiscreteScheduler", {}),
                      "dpm++-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
                      "dpm++-2m-sde": ("DPMSolverMultistepScheduler",
@@ -40,7 +42,8 @@ SCHEDULER_CHOICES = {"ddim": ("DDIMScheduler", {}), "ddpm": ("DDPMScheduler", {}
                      "lcm": ("LCMScheduler", {})}  # for LCM and LCM-LoRA models (--steps 4 --guidance 1)
 # the ones with use_karras_sigmas
 KARRAS_SCHEDULERS = ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
-                     "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
+                     "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
+                     "UniPCMultistepScheduler")
 
 
 class UsageError(Exception):
@@ -138,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the sampler: the model folder's own (default; DDIM for the built-in model) or one of ours, "
                         "built from the model's scheduler config")
     g.add_argument("--karras", action="store_true",
-                   help="Karras sigmas (Euler, Heun, LMS, DPM-Solver++, UniPC: e.g. --scheduler dpm++-2m --karras)")
+                   help="Karras sigmas (Euler, Heun, LMS, DPM2, DPM-Solver++, UniPC: e.g. --scheduler dpm++-2m "
+                        "--karras)")
     g.add_argument("--height", type=_size, default=None)
     g.add_argument("--width", type=_size, default=None)
     g.add_argument("--batch", type=_positive_int, default=1, help="images per prompt")

@@ -1,5 +1,5 @@
-"""Fused ``step`` methods for diffusers' DDIM, Euler, Euler ancestral, Heun, LMS, DPM-Solver++ multistep, PNDM, UniPC,
-LCM and DDPM schedulers, patched on the instance by ``accelerate``.
+"""Fused ``step`` methods for diffusers' DDIM, Euler, Euler ancestral, Heun, DPM2, DPM2 ancestral, LMS, DPM-Solver++
+multistep, PNDM, UniPC, LCM and DDPM schedulers, patched on the instance by ``accelerate``.
 
 Each replacement computes what the scheduler's own ``step`` computes, as one fused op (``diffusion_fast.ops``),
 drawing its noise from the generator exactly as diffusers does. Whatever it does not mirror (thresholding, learned
@@ -9,13 +9,14 @@ own ``step``, so behaviour outside the fused cases is diffusers' own.
 Which schedulers are fused, and where:
 
 ``DDIMScheduler``, ``EulerDiscreteScheduler`` (SDXL's default), ``EulerAncestralDiscreteScheduler``,
-``HeunDiscreteScheduler``, ``LMSDiscreteScheduler``, ``DPMSolverMultistepScheduler``, ``PNDMScheduler`` (SD1.5's
-default), ``UniPCMultistepScheduler``, ``LCMScheduler`` (LCM-LoRA's) and ``DDPMScheduler``, on the CPU (C++ ops) and
-on CUDA (Triton kernels; Heun, LMS, DPM-Solver++, PNDM, UniPC and LCM run ``linear_step``).
+``HeunDiscreteScheduler``, ``KDPM2DiscreteScheduler``, ``KDPM2AncestralDiscreteScheduler``, ``LMSDiscreteScheduler``,
+``DPMSolverMultistepScheduler``, ``PNDMScheduler`` (SD1.5's default), ``UniPCMultistepScheduler``, ``LCMScheduler``
+(LCM-LoRA's) and ``DDPMScheduler``, on the CPU (C++ ops) and on CUDA (Triton kernels; Heun, DPM2, LMS, DPM-Solver++,
+PNDM, UniPC and LCM run ``linear_step``).
 
-Heun, LMS, DPM-Solver++, PNDM, UniPC and LCM run the same update functions as our own schedulers
-(``schedulers.heun``, ``schedulers.lms``, ``schedulers.dpm_solver``, ``schedulers.pndm``, ``schedulers.unipc``,
-``schedulers.lcm``), on the state diffusers' scheduler keeps.
+Heun, DPM2, LMS, DPM-Solver++, PNDM, UniPC and LCM run the same update functions as our own schedulers
+(``schedulers.heun``, ``schedulers.kdpm2``, ``schedulers.lms``, ``schedulers.dpm_solver``, ``schedulers.pndm``,
+``schedulers.unipc``, ``schedulers.lcm``), on the state diffusers' scheduler keeps.
 
 A subclass that overrides ``step`` is left alone: its step is not the one we mirror.
 """
@@ -24,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .schedulers import dpm_solver, heun, lcm, lms, pndm, unipc
+from .schedulers import dpm_solver, heun, kdpm2, lcm, lms, pndm, unipc
 from .schedulers.common import randn_tensor
 
 _ORIGINAL = "_diffusion_fast_original_step"
@@ -32,6 +33,7 @@ _SIGMAS = "_diffusion_fast_sigmas"
 _CHECKED = "_diffusion_fast_checked_config"
 _LCM_TABLES = "_diffusion_fast_lcm_tables"
 _LMS_WEIGHTS = "_diffusion_fast_lms_weights"
+_KDPM2_TABLES = "_diffusion_fast_kdpm2_tables"
 
 
 def _original(self, *args, **kwargs):
@@ -137,6 +139,55 @@ def _fused_heun_step(self, model_output, timestep, sample, return_dict=True):
     prev, x0 = heun.heun_update(self, model_output, sample, values)
     self._step_index += 1
     return HeunDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
+
+
+def _fused_kdpm2_step(self, model_output, timestep, sample, return_dict=True):
+    """diffusers' KDPM2DiscreteScheduler.step ("DPM2") as our scheduler computes it (``schedulers.kdpm2``): each of
+    a step's two calls one fused pass, coefficients in float64 from diffusers' own sigma tables as host floats (read
+    once per schedule), ``sample`` kept as diffusers keeps it. A call past the schedule keeps diffusers' own step."""
+    from diffusers.schedulers.scheduling_k_dpm_2_discrete import KDPM2DiscreteSchedulerOutput
+
+    if _config_gap_now(self):
+        return _original(self, model_output, timestep, sample, return_dict)
+    prev_x0 = _kdpm2_call(self, model_output, timestep, sample, ("sigmas", "sigmas_interpol"), None)
+    if prev_x0 is None:
+        return _original(self, model_output, timestep, sample, return_dict)
+    return KDPM2DiscreteSchedulerOutput(prev_sample=prev_x0[0], pred_original_sample=prev_x0[1]) if return_dict \
+        else prev_x0
+
+
+def _fused_kdpm2_ancestral_step(self, model_output, timestep, sample, generator=None, return_dict=True):
+    """diffusers' KDPM2AncestralDiscreteScheduler.step ("DPM2 a") as ``_fused_kdpm2_step``, its second call's noise
+    drawn from the generator as diffusers draws it."""
+    from diffusers.schedulers.scheduling_k_dpm_2_ancestral_discrete import KDPM2AncestralDiscreteSchedulerOutput
+
+    if _config_gap_now(self):
+        return _original(self, model_output, timestep, sample, generator, return_dict)
+    names = ("sigmas", "sigmas_interpol", "sigmas_up", "sigmas_down")
+    prev_x0 = _kdpm2_call(self, model_output, timestep, sample, names, generator)
+    if prev_x0 is None:
+        return _original(self, model_output, timestep, sample, generator, return_dict)
+    if not return_dict:
+        return prev_x0
+    return KDPM2AncestralDiscreteSchedulerOutput(prev_sample=prev_x0[0], pred_original_sample=prev_x0[1])
+
+
+def _kdpm2_call(self, model_output, timestep, sample, names, generator):
+    """(prev_sample, pred_original_sample) of one DPM2 call on diffusers' scheduler, its step index advanced; None
+    for a call past the schedule. The tables (``names``) as host floats are made again whenever set_timesteps
+    replaces them or they are changed in place: one device read per schedule, none per step."""
+    if self.step_index is None:
+        self._init_step_index(timestep)
+    if self.step_index >= len(self.timesteps):
+        return None
+    tensors = [getattr(self, name) for name in names]
+    cached = getattr(self, _KDPM2_TABLES, None)
+    if cached is None or any(a is not b or v != b._version for a, (b, v) in zip(tensors, cached[0])):
+        cached = ([(t, t._version) for t in tensors], {n: t.double().tolist() for n, t in zip(names, tensors)})
+        setattr(self, _KDPM2_TABLES, cached)
+    prev, x0 = kdpm2.kdpm2_update(self, model_output, sample, cached[1], generator)
+    self._step_index += 1
+    return prev, x0
 
 
 def _fused_lms_step(self, model_output, timestep, sample, order=4, return_dict=True):
@@ -315,6 +366,8 @@ def _config_gap(scheduler):
                   "EulerDiscreteScheduler": ("epsilon", "v_prediction", "sample", "original_sample"),
                   "EulerAncestralDiscreteScheduler": ("epsilon", "v_prediction"),  # diffusers raises for "sample"
                   "HeunDiscreteScheduler": ("epsilon", "v_prediction", "sample"),
+                  "KDPM2DiscreteScheduler": ("epsilon", "v_prediction"),  # diffusers raises for "sample"
+                  "KDPM2AncestralDiscreteScheduler": ("epsilon", "v_prediction"),
                   "LMSDiscreteScheduler": ("epsilon", "v_prediction", "sample"),
                   "DPMSolverMultistepScheduler": ("epsilon", "v_prediction", "sample"),
                   "PNDMScheduler": ("epsilon", "v_prediction"),
@@ -353,11 +406,14 @@ def _fused_class(scheduler):
 def _fusable():
     """[(diffusers scheduler class, its fused step)]."""
     from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                           EulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler, LMSDiscreteScheduler,
-                           PNDMScheduler, UniPCMultistepScheduler)
+                           EulerDiscreteScheduler, HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler,
+                           KDPM2DiscreteScheduler, LCMScheduler, LMSDiscreteScheduler, PNDMScheduler,
+                           UniPCMultistepScheduler)
 
     return [(DDIMScheduler, _fused_ddim_step), (EulerDiscreteScheduler, _fused_euler_step),
             (EulerAncestralDiscreteScheduler, _fused_euler_ancestral_step), (HeunDiscreteScheduler, _fused_heun_step),
+            (KDPM2DiscreteScheduler, _fused_kdpm2_step),
+            (KDPM2AncestralDiscreteScheduler, _fused_kdpm2_ancestral_step),
             (LMSDiscreteScheduler, _fused_lms_step),
             (DPMSolverMultistepScheduler, _fused_dpm_multistep_step), (PNDMScheduler, _fused_pndm_step),
             (UniPCMultistepScheduler, _fused_unipc_step), (LCMScheduler, _fused_lcm_step),
@@ -390,6 +446,6 @@ def unfuse_step(scheduler):
     """Undo ``fuse_step``."""
     del scheduler.step  # the instance attribute shadowed the class method
     delattr(scheduler, _ORIGINAL)
-    for cache in (_SIGMAS, _CHECKED, _LCM_TABLES, _LMS_WEIGHTS):
+    for cache in (_SIGMAS, _CHECKED, _LCM_TABLES, _LMS_WEIGHTS, _KDPM2_TABLES):
         if hasattr(scheduler, cache):
             delattr(scheduler, cache)

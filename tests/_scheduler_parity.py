@@ -30,7 +30,17 @@ def _compare(ta, tb):
     return ((ta - tb).abs()[finite].max() / ta[finite].abs().max().clamp(min=1)).item()
 
 
-def _loop(ours, theirs, steps=4, dtype=torch.float32, noise="generator", schedule=None, **step_kwargs):
+def _same_timesteps(ours, theirs, atol):
+    """The same schedule: values and dtype (int64/fp32), or within ``atol`` where timesteps are interpolated
+    fractions (DPM2's midpoints: one fp32 ulp apart; diffusers keeps its Karras ones in float64)."""
+    if atol:
+        torch.testing.assert_close(ours.double(), theirs.double(), rtol=0, atol=atol)
+    else:
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def _loop(ours, theirs, steps=4, dtype=torch.float32, noise="generator", schedule=None, timestep_atol=0.0,
+          **step_kwargs):
     """Run both schedulers on the same random model outputs; return the worst difference / its allowed value.
 
     noise="generator": both draw their step noise from equally seeded generators (diffusers' randn_tensor rules);
@@ -39,7 +49,7 @@ def _loop(ours, theirs, steps=4, dtype=torch.float32, noise="generator", schedul
     """
     ours.set_timesteps(**(schedule or {"num_inference_steps": steps}))
     theirs.set_timesteps(**(schedule or {"num_inference_steps": steps}))
-    torch.testing.assert_close(ours.timesteps, theirs.timesteps, rtol=0, atol=0)  # values and dtype (int64/fp32)
+    _same_timesteps(ours.timesteps, theirs.timesteps, timestep_atol)
     torch.testing.assert_close(torch.as_tensor(ours.init_noise_sigma).double(),
                                torch.as_tensor(theirs.init_noise_sigma).double(), rtol=1e-6, atol=0)
     gen = torch.Generator().manual_seed(0)
@@ -70,30 +80,35 @@ def _loop(ours, theirs, steps=4, dtype=torch.float32, noise="generator", schedul
     return worst
 
 
-def _loop_by_2x_rule(ours, theirs, exact, steps):
+def _loop_by_2x_rule(ours, theirs, exact, steps, timestep_atol=0.0, generator=False, dtype=torch.float32):
     """PNDM's and UniPC's parity: each step of ``ours`` (fp32) within the 2x rule of ``theirs`` (diffusers, fp32)
     against ``exact`` (diffusers' arithmetic in float64: its tables too, so its coefficients are float64 like ours),
-    all three fed the same float64 trajectory. With v_prediction at t=999 PNDM's fp32 update cancels (a sample
+    all three fed the same float64 trajectory (``generator``: each step's noise from equally seeded generators;
+    ``dtype``: what ours and diffusers are fed, fp32 or fp16).
+    With v_prediction at t=999 PNDM's fp32 update cancels (a sample
     coefficient ~158 against a term almost as large), and UniPC's high orders solve an ill-conditioned system, so a
     plain tolerance around diffusers' fp32 numbers would fault the more exact result. Returns the number of steps."""
     from _numerics import assert_2x_rule
 
     for sched in (ours, theirs, exact):
         sched.set_timesteps(steps)
-    for name in ("sigmas", "alphas_cumprod", "final_alpha_cumprod"):  # the same values, computed with in float64
+    for name in ("sigmas", "alphas_cumprod", "final_alpha_cumprod",  # the same values, computed with in float64
+                 "sigmas_interpol", "sigmas_up", "sigmas_down"):  # (DPM2's)
         if torch.is_tensor(getattr(exact, name, None)):
             setattr(exact, name, getattr(exact, name).double())
-    torch.testing.assert_close(ours.timesteps, exact.timesteps, rtol=0, atol=0)
+    _same_timesteps(ours.timesteps, exact.timesteps, timestep_atol)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
     for i, t in enumerate(exact.timesteps):
         m = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
-        ref = exact.step(m, t, x).prev_sample
-        plain = theirs.step(m.float(), t, x.float()).prev_sample
-        fast = ours.step(m.float(), t, x.float()).prev_sample
+        kw = (lambda: {"generator": torch.Generator().manual_seed(i)}) if generator else dict
+        ref = exact.step(m, t, x, **kw()).prev_sample
+        plain = theirs.step(m.to(dtype), t, x.to(dtype), **kw()).prev_sample
+        fast = ours.step(m.to(dtype), t, x.to(dtype), **kw()).prev_sample
         assert fast.dtype == plain.dtype and fast.shape == plain.shape
         s = max(1.0, ref.abs().max().item())
-        assert_2x_rule(fast / s, ref / s, plain / s, floor=1e-6, what=f"step {i} (t={int(t)})")
+        floor = 1e-6 if dtype == torch.float32 else 2e-3  # (an fp16 rounding of the result)
+        assert_2x_rule(fast / s, ref / s, plain / s, floor=floor, what=f"step {i} (t={int(t)})")
         x = ref
     return len(exact.timesteps)
 

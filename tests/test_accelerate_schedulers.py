@@ -19,12 +19,15 @@ from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
 # diffusers' Euler calls np.array on a tensor (a numpy 2 DeprecationWarning inside diffusers, not in our code)
 pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
               # a deliberately tested configuration that diffusers deprecates
-              pytest.mark.filterwarnings("ignore:`algorithm_types dpmsolver:FutureWarning")]
+              pytest.mark.filterwarnings("ignore:`algorithm_types dpmsolver:FutureWarning"),
+              # diffusers' KDPM2 schedules run numpy functions on tensors
+              pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning")]
 
 OP = {"DDIMScheduler": "ddim_step", "EulerDiscreteScheduler": "euler_step", "DDPMScheduler": "ddpm_step",
       "EulerAncestralDiscreteScheduler": "euler_ancestral_step", "DPMSolverMultistepScheduler": "linear_step",
       "PNDMScheduler": "linear_step", "UniPCMultistepScheduler": "linear_step", "LCMScheduler": "linear_step",
-      "HeunDiscreteScheduler": "linear_step", "LMSDiscreteScheduler": "linear_step"}
+      "HeunDiscreteScheduler": "linear_step", "LMSDiscreteScheduler": "linear_step",
+      "KDPM2DiscreteScheduler": "linear_step", "KDPM2AncestralDiscreteScheduler": "linear_step"}
 SDXL_EULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
                   steps_offset=1)  # the scheduler config SDXL checkpoints ship
 
@@ -242,6 +245,8 @@ def test_euler_steps_keep_diffusers_errors_and_warnings(caplog):
     ("UniPCMultistepScheduler", {}),
     ("LCMScheduler", {}),  # LCM-LoRA's sampler
     ("HeunDiscreteScheduler", {}),  # two model calls a step but the last
+    ("KDPM2DiscreteScheduler", dict(use_karras_sigmas=True)),  # "DPM2 Karras": the UNet at the midpoints too
+    ("KDPM2AncestralDiscreteScheduler", {}),  # "DPM2 a": noise from the generator at every second call
     pytest.param("LMSDiscreteScheduler", {}, marks=NEEDS_SCIPY),
     ("DDPMScheduler", dict(variance_type="fixed_small_log")),
 ])
@@ -279,7 +284,8 @@ def test_sdxl_pipeline_with_its_default_euler_scheduler(monkeypatch):
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
                                   "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
-                                  "LCMScheduler", "HeunDiscreteScheduler",
+                                  "LCMScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+                                  "KDPM2AncestralDiscreteScheduler",
                                   pytest.param("LMSDiscreteScheduler", marks=NEEDS_SCIPY), "DDPMScheduler"])
 def test_fused_steps_on_gpu_in_half_precision(monkeypatch, name):
     """The CUDA kernels of the fused steps inside an fp16 pipeline on the GPU, with the UNet graphed: the image stays
@@ -304,12 +310,12 @@ def test_which_schedulers_are_left_alone_and_why():
             return super().step(*args, **kwargs)
 
     assert "overrides EulerDiscreteScheduler.step" in diffusers_schedulers.fuse_step(OwnStep())
-    kdpm2 = diffusers.KDPM2DiscreteScheduler()  # no fused step
+    deis = diffusers.DEISMultistepScheduler()  # no fused step
     names = ("DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, "
-             "LMSDiscreteScheduler, DPMSolverMultistepScheduler, PNDMScheduler, UniPCMultistepScheduler, "
-             "LCMScheduler, DDPMScheduler")
-    assert f"KDPM2DiscreteScheduler (fused: {names})" in diffusers_schedulers.fuse_step(kdpm2)
-    assert "step" not in vars(kdpm2)
+             "KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, LMSDiscreteScheduler, "
+             "DPMSolverMultistepScheduler, PNDMScheduler, UniPCMultistepScheduler, LCMScheduler, DDPMScheduler")
+    assert f"DEISMultistepScheduler (fused: {names})" in diffusers_schedulers.fuse_step(deis)
+    assert "step" not in vars(deis)
 
 
 def test_a_scheduler_assigned_after_accelerate_isfused(monkeypatch, tmp_path):
@@ -318,7 +324,7 @@ def test_a_scheduler_assigned_after_accelerate_isfused(monkeypatch, tmp_path):
     pipe = _tiny_diffusers.pipeline("sd1", seed=4)
     cls, config = type(pipe), pipe.scheduler.config
     dpm_before = _images(_with(pipe, diffusers.DPMSolverMultistepScheduler.from_config(config)))
-    kdpm2_before = _images(_with(pipe, diffusers.KDPM2DiscreteScheduler.from_config(config)))
+    deis_before = _images(_with(pipe, diffusers.DEISMultistepScheduler.from_config(config)))
     ddim = pipe.scheduler = diffusers.DDIMScheduler.from_config(config)
     diffusion_fast.accelerate(pipe)
     assert isinstance(pipe, cls) and type(pipe).__name__ == cls.__name__ and "step" in vars(ddim)
@@ -328,9 +334,9 @@ def test_a_scheduler_assigned_after_accelerate_isfused(monkeypatch, tmp_path):
     assert report["scheduler"] == 1 and "step" in vars(dpm)
     assert pipe.config.scheduler[1] == "DPMSolverMultistepScheduler"  # diffusers' own bookkeeping still ran
     assert np.abs(_images(pipe) - dpm_before).max() <= PIPELINE_FP32_MAX_ABS and len(calls) == 3
-    pipe.scheduler = diffusers.KDPM2DiscreteScheduler.from_config(config)  # not fused: listed, its own step runs
-    assert report["scheduler"] == 0 and any("KDPM2DiscreteScheduler (fused:" in why for why in report["skipped"])
-    assert np.abs(_images(pipe) - kdpm2_before).max() <= PIPELINE_FP32_MAX_ABS  # (the UNet is still accelerated)
+    pipe.scheduler = diffusers.DEISMultistepScheduler.from_config(config)  # not fused: listed, its own step runs
+    assert report["scheduler"] == 0 and any("DEISMultistepScheduler (fused:" in why for why in report["skipped"])
+    assert np.abs(_images(pipe) - deis_before).max() <= PIPELINE_FP32_MAX_ABS  # (the UNet is still accelerated)
     pipe.scheduler = dpm  # fused once, not twice (its fused step would otherwise be its own fallback)
     pipe.scheduler = dpm
     assert report["scheduler"] == 1 and not any(why.startswith("scheduler ") for why in report["skipped"])

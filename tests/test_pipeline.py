@@ -44,6 +44,7 @@ def test_same_image_as_diffusers(pair, backend_name):
     assert np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS
 
 
+@pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning")  # diffusers' KDPM2 schedules
 @pytest.mark.parametrize("scheduler, cfg, steps", [
     ("EulerDiscreteScheduler", {}, STEPS),
     ("EulerAncestralDiscreteScheduler", {}, STEPS),
@@ -55,6 +56,8 @@ def test_same_image_as_diffusers(pair, backend_name):
     ("UniPCMultistepScheduler", {}, 5),  # corrector and predictor
     ("LCMScheduler", {}, 4),  # LCM-LoRA's: fresh noise at every step but the last
     ("HeunDiscreteScheduler", {}, 3),  # two model calls a step but the last: 5 calls
+    ("KDPM2DiscreteScheduler", dict(use_karras_sigmas=True), 3),  # "DPM2 Karras": the UNet at fractional timesteps
+    ("KDPM2AncestralDiscreteScheduler", {}, 3),  # "DPM2 a": noise from the generator at each step's second call
     pytest.param("LMSDiscreteScheduler", {}, 5, marks=NEEDS_SCIPY),  # up to 4 earlier derivatives
 ])
 def test_other_schedulers_same_image_as_diffusers(pair, scheduler, cfg, steps):

@@ -16,7 +16,9 @@ from diffusion_fast import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2
 from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
 
 # diffusers' Euler and DPM-Solver call np.array on a tensor (a numpy 2 DeprecationWarning inside diffusers)
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              # diffusers' KDPM2 schedules run numpy functions on tensors
+              pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning")]
 
 # 42x50: not a multiple of the tiny VAE's scale 4, so both cut it to 40x48 with Lanczos resampling
 IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 255, (42, 50, 3), dtype=np.uint8))
@@ -71,6 +73,7 @@ def test_same_image_as_diffusers(pair, backend_name, kwargs, generators):
     ("PNDMScheduler", dict(skip_prk_steps=True)),  # as SD1.5 ships it
     ("PNDMScheduler", dict(skip_prk_steps=False)),  # the Runge-Kutta warm-up, begun mid-schedule
     ("EulerDiscreteScheduler", {}), ("EulerAncestralDiscreteScheduler", {}), ("HeunDiscreteScheduler", {}),
+    ("KDPM2DiscreteScheduler", {}), ("KDPM2AncestralDiscreteScheduler", {}),
     ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True)), ("UniPCMultistepScheduler", {}),
     ("LCMScheduler", {}), ("DDPMScheduler", {}),
     pytest.param("LMSDiscreteScheduler", {}, marks=NEEDS_SCIPY),

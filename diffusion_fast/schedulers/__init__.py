@@ -8,6 +8,7 @@ from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .heun import HeunDiscreteScheduler
+from .kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
 from .lcm import LCMScheduler, LCMSchedulerOutput
 from .lms import LMSDiscreteScheduler
 from .pndm import PNDMScheduler
@@ -15,13 +16,15 @@ from .unipc import UniPCMultistepScheduler
 
 SCHEDULERS = {cls.__name__: cls for cls in (
     DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
-    HeunDiscreteScheduler, LCMScheduler, LMSDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)}
+    HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, LCMScheduler, LMSDiscreteScheduler,
+    PNDMScheduler, UniPCMultistepScheduler)}
 
 
 def load_scheduler(folder_or_config, default="DDIMScheduler"):
     """Our scheduler for a diffusers scheduler folder/config, by its ``_class_name``.
 
-    A class we don't implement (DEIS, KDPM2, ...) has its config loaded into ``default`` with a warning, as
+    A class we don't implement (DEIS, DPM-Solver single-step, ...) has its config loaded into ``default`` with a
+    warning, as
     diffusers' ``DDIMScheduler.from_config(pipe.scheduler.config)`` would.
     """
     config = folder_or_config if isinstance(folder_or_config, dict) else read_config(folder_or_config)
@@ -34,7 +37,8 @@ def load_scheduler(folder_or_config, default="DDIMScheduler"):
 
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
-           "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "LCMScheduler", "LCMSchedulerOutput",
+           "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+           "KDPM2AncestralDiscreteScheduler", "LCMScheduler", "LCMSchedulerOutput",
            "LMSDiscreteScheduler", "PNDMScheduler",
            "UniPCMultistepScheduler", "load_scheduler", "randn_tensor",
            "SchedulerOutput", "FrozenConfig", "SCHEDULERS"]
