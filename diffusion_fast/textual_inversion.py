@@ -13,6 +13,7 @@ per encoder) and which here loads into both encoders in one. Pickled files are r
 """
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -48,6 +49,15 @@ def read_embedding(source, weight_name=None):
                          f"{exc}") from None
 
 
+def _resize(text_encoder, rows):
+    """Grow or cut the text encoder's token embeddings to ``rows`` (rows added are written by the caller: no need
+    for transformers' mean-and-covariance initialisation)."""
+    try:
+        text_encoder.resize_token_embeddings(rows, mean_resizing=False)
+    except TypeError:  # transformers before 4.46 initialises them its older way
+        text_encoder.resize_token_embeddings(rows)
+
+
 def _token_and_vectors(state, token, where):
     """(token, (n, width) vectors) of one embedding, by diffusers' rules: a tensor needs ``token``; a one-key dict's
     key is the token; an Automatic1111 file's ``name`` is."""
@@ -72,7 +82,11 @@ def _token_and_vectors(state, token, where):
 
 
 class TextualInversionLoaderMixin:
-    """``load_textual_inversion`` and ``maybe_convert_prompt`` for our pipelines."""
+    """``load_textual_inversion``, ``unload_textual_inversion`` and ``maybe_convert_prompt`` for our pipelines.
+
+    The first load into a tokenizer keeps a copy of it as it was (``_inversions``, per tokenizer): unloading puts
+    that copy's state back and adds again the embeddings that stay, with the rows they have, so no tokenizer
+    internals are edited and the token ids come out as a fresh load would give them."""
 
     def load_textual_inversion(self, pretrained_model_name_or_path, token=None, tokenizer=None, text_encoder=None,
                                *, weight_name=None):
@@ -106,7 +120,54 @@ class TextualInversionLoaderMixin:
                                  "refiner); pass tokenizer=pipe.tokenizer_2, text_encoder=pipe.text_encoder_2")
             plans = [self._plan(tokenizer, text_encoder, states, tokens)]
         for plan in plans:  # (all checked: now change them)
+            self._remember(*plan)
             self._add(*plan)
+
+    def _remember(self, tokenizer, text_encoder, rows):
+        """Note the embeddings added to ``tokenizer`` (a copy of it as it was, on its first load), for unloading."""
+        record = self.__dict__.setdefault("_inversions", {}).get(id(tokenizer))
+        if record is None:
+            record = {"tokenizer": tokenizer, "text_encoder": text_encoder, "pristine": copy.deepcopy(tokenizer),
+                      "rows": text_encoder.get_input_embeddings().weight.shape[0], "embeddings": []}
+            self._inversions[id(tokenizer)] = record
+        record["embeddings"].append([name for name, _ in rows])
+
+    def unload_textual_inversion(self, tokens=None, tokenizer=None, text_encoder=None):
+        """Remove loaded embeddings (diffusers' ``unload_textual_inversion``): every one (``tokens=None``), or those
+        of ``tokens``; a multi-vector embedding goes whole when any of its tokens is named (diffusers would leave its
+        ``<tok>_1``... behind). Without ``tokenizer``, from every tokenizer and text encoder they were loaded into
+        (both of SDXL's). The text encoder's token embeddings shrink back; a token not loaded is a ValueError."""
+        records = list(self.__dict__.get("_inversions", {}).values())
+        if tokenizer is not None or text_encoder is not None:
+            records = [r for r in records if r["tokenizer"] is (tokenizer if tokenizer is not None else self.tokenizer)
+                       and (text_encoder is None or r["text_encoder"] is text_encoder)]
+        names = [tokens] if isinstance(tokens, str) else tokens
+        if names is not None and (not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names)):
+            raise TypeError(f"tokens must be a token, a list of tokens or None (all), got {tokens!r}")
+        loaded = {n for r in records for names_ in r["embeddings"] for n in names_}
+        missing = sorted(set(names or ()) - loaded)
+        if missing or not loaded:
+            raise ValueError(f"tokens: {missing or 'none'} not loaded by load_textual_inversion here (loaded: "
+                             f"{sorted(loaded)})")
+        for record in records:
+            gone = [e for e in record["embeddings"] if names is None or set(e) & set(names)]
+            if gone:
+                self._restore(record, [e for e in record["embeddings"] if e not in gone])
+
+    @torch.no_grad()
+    def _restore(self, record, keep):
+        """Put the tokenizer back as it was and add again the embeddings in ``keep``, with their current rows."""
+        tokenizer, text_encoder = record["tokenizer"], record["text_encoder"]
+        weight = text_encoder.get_input_embeddings().weight
+        rows = [(name, weight[tokenizer.convert_tokens_to_ids(name)].clone()) for names in keep for name in names]
+        tokenizer.__dict__.clear()  # (in place: code holding the tokenizer keeps using it)
+        tokenizer.__dict__.update(copy.deepcopy(record["pristine"]).__dict__)
+        _resize(text_encoder, record["rows"])
+        if rows:
+            self._add(tokenizer, text_encoder, rows)
+        record["embeddings"] = keep
+        if not keep:
+            del self._inversions[id(tokenizer)]
 
     @staticmethod
     def _plan(tokenizer, text_encoder, states, tokens):
@@ -132,10 +193,7 @@ class TextualInversionLoaderMixin:
     def _add(tokenizer, text_encoder, rows):
         embeddings = text_encoder.get_input_embeddings().weight
         dtype, device = embeddings.dtype, embeddings.device
-        try:  # (the new rows are written below: no need for transformers' mean-and-covariance initialisation)
-            text_encoder.resize_token_embeddings(len(tokenizer) + len(rows), mean_resizing=False)
-        except TypeError:  # transformers before 4.46 initialises them its older way
-            text_encoder.resize_token_embeddings(len(tokenizer) + len(rows))
+        _resize(text_encoder, len(tokenizer) + len(rows))
         embeddings = text_encoder.get_input_embeddings().weight
         for token, vector in rows:
             tokenizer.add_tokens(token)

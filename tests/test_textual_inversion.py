@@ -113,3 +113,54 @@ def test_bad_embeddings_are_refused_before_anything_changes(folders, tmp_path):
     refiner.load_textual_inversion(torch.randn(24), token="<r>", tokenizer=refiner.tokenizer_2,
                                    text_encoder=refiner.text_encoder_2)
     assert "<r>" in refiner.tokenizer_2.get_vocab()
+
+
+def test_unload_one_embedding_then_all_as_diffusers(folders, tmp_path):
+    """Unloading a multi-vector embedding by its token (diffusers needs every one of its tokens named), then the
+    rest: the kept embedding still gives diffusers' image, and after the last the tokenizer, the token embeddings and
+    the image are as before any load; the same file loads again."""
+    g = torch.Generator().manual_seed(5)
+    save_file({"<cat-toy>": torch.randn(3, 32, generator=g)}, tmp_path / "cat.safetensors")
+    style = torch.randn(32, generator=g)
+    theirs, ours = _pair(folders / "sd")
+    prompt = "a photo of <cat-toy> in <style>"
+    size, rows = len(ours.tokenizer), ours.text_encoder.get_input_embeddings().weight.shape[0]
+    before = _image(ours, prompt, "blurry")
+    for pipe in (theirs, ours):
+        pipe.load_textual_inversion(str(tmp_path / "cat.safetensors"))
+        pipe.load_textual_inversion(style, token="<style>")
+    both = _image(ours, prompt, "blurry")
+    theirs.unload_textual_inversion(["<cat-toy>", "<cat-toy>_1", "<cat-toy>_2"])
+    tokenizer = ours.tokenizer
+    ours.unload_textual_inversion("<cat-toy>")
+    assert ours.tokenizer is tokenizer and "<cat-toy>_1" not in tokenizer.get_vocab()  # changed in place, whole
+    assert ours.text_encoder.get_input_embeddings().weight.shape[0] == rows + 1 and len(tokenizer) == size + 1
+    style_only = _image(ours, prompt, "blurry")
+    assert np.abs(style_only - both).max() > CHANGED and np.abs(style_only - before).max() > CHANGED
+    assert np.abs(_image(theirs, prompt, "blurry") - style_only).max() <= PIPELINE_FP32_MAX_ABS
+    ours.unload_textual_inversion()
+    assert len(tokenizer) == size and ours.text_encoder.get_input_embeddings().weight.shape[0] == rows
+    assert np.array_equal(_image(ours, prompt, "blurry"), before)
+    ours.load_textual_inversion(str(tmp_path / "cat.safetensors"))  # no "already in the vocabulary"
+    assert np.abs(_image(ours, "a photo of <cat-toy>", "blurry") - _image(ours, "a photo of", "blurry")).max() \
+        > CHANGED
+
+
+def test_unload_sdxl_embedding_from_both_encoders_and_bad_calls(folders, tmp_path):
+    g = torch.Generator().manual_seed(6)
+    state = {"clip_l": torch.randn(2, 16, generator=g), "clip_g": torch.randn(2, 24, generator=g)}
+    _, ours = _pair(folders / "sdxl")
+    sizes = len(ours.tokenizer), len(ours.tokenizer_2)
+    before = _image(ours, "a <xl-style> cube", "blurry")
+    with pytest.raises(ValueError, match="tokens: none not loaded by load_textual_inversion here"):
+        ours.unload_textual_inversion()
+    ours.load_textual_inversion(state, token="<xl-style>")
+    with pytest.raises(ValueError, match=r"tokens: \['<other>'\] not loaded .* \(loaded: \['<xl-style>', "
+                                         r"'<xl-style>_1'\]\)"):
+        ours.unload_textual_inversion(["<xl-style>", "<other>"])
+    with pytest.raises(TypeError, match="tokens must be a token, a list of tokens or None"):
+        ours.unload_textual_inversion(3)
+    assert len(ours.tokenizer) == sizes[0] + 2  # a refused call changes nothing
+    ours.unload_textual_inversion("<xl-style>_1")  # any of its tokens names the embedding
+    assert (len(ours.tokenizer), len(ours.tokenizer_2)) == sizes
+    assert np.array_equal(_image(ours, "a <xl-style> cube", "blurry"), before)
