@@ -108,6 +108,21 @@ def _refiner(args, pipe, dtype, device):
     return _img2img(refiner)
 
 
+def _refiner_embeddings(args, refiner):
+    """--embedding for the refiner: an SDXL embedding's clip_g vectors go into its text encoder (its only one, the
+    base's second); an embedding for one encoder stays the base's, said in one line (the refiner reads its token as
+    plain text, as it would in diffusers)."""
+    from .textual_inversion import read_embedding
+
+    for path, token in args.embedding:
+        state = read_embedding(path)
+        if isinstance(state, dict) and {"clip_l", "clip_g"} <= set(state):
+            refiner.load_textual_inversion(state, token=token)
+        else:
+            print(f"embedding {path}: the base's first text encoder only (not an SDXL clip_l + clip_g file), so not "
+                  "loaded into the refiner")
+
+
 def _ensemble(base, refiner, fraction, prompt, **kwargs):
     """diffusers' ensemble of expert denoisers: the base's first ``fraction`` as latents, the refiner's rest (the
     whole of a warm-up's one step each, not split); seconds are the two loops'."""
@@ -161,6 +176,8 @@ def generate(args) -> int:
         raise UsageError(f"{args.model} is an SDXL refiner: give --image to refine, or use it as --refiner of an "
                          "SDXL base")
     refiner = _refiner(args, pipe, dtype, device)
+    if refiner is not None:
+        _refiner_embeddings(args, refiner)
     name, fields = SCHEDULER_CHOICES.get(args.scheduler, (type(pipe.scheduler).__name__, {}))
     _check_scheduler_options(args, name)
     fields = dict(fields, **({"use_karras_sigmas": True} if args.karras else {}))

@@ -392,6 +392,46 @@ def test_generate_sdxl_base_and_refiner(sdxl_folders, tmp_path, capsys):
     assert np.abs(ours - (expected * 255).round().astype(np.int16)).max() <= 1
 
 
+def test_generate_refiner_gets_sdxl_embeddings(sdxl_folders, tmp_path, capsys):
+    """--embedding with --refiner: an SDXL embedding (clip_l, clip_g) goes into the base's two encoders and the
+    refiner's one (clip_g), as a diffusers user loads it, with one call per encoder; the same PNG as diffusers' pair.
+    An embedding for one encoder stays the base's, said in one line. The refiner takes over at 0.3, so that its
+    part moves the image."""
+    import diffusers
+    import numpy as np
+    from safetensors.torch import save_file
+
+    base_folder, refiner_folder, _, _ = sdxl_folders
+    g = torch.Generator().manual_seed(7)
+    state = {"clip_l": torch.randn(2, 16, generator=g), "clip_g": torch.randn(2, 24, generator=g)}
+    save_file(state, tmp_path / "xl.safetensors")
+    save_file({"<plain>": torch.randn(1, 16, generator=g)}, tmp_path / "plain.safetensors")
+    out = tmp_path / "out.png"
+    argv = ["generate", "--model", str(base_folder), "--refiner", str(refiner_folder), "--refiner-start", "0.3",
+            "--steps", "6", "--height", "32", "--width", "32", "--prompt", "a <xl-style> horse", "--no-progress",
+            "--embedding", f"{tmp_path / 'xl.safetensors'}:<xl-style>", "--output", str(out)]
+    assert main(argv + ["--embedding", str(tmp_path / "plain.safetensors")]) == 0
+    assert "plain.safetensors: the base's first text encoder only" in capsys.readouterr().out
+    base = diffusers.DiffusionPipeline.from_pretrained(base_folder)
+    refiner = diffusers.DiffusionPipeline.from_pretrained(refiner_folder)
+    for pipe, key, encoder, tokenizer in [(base, "clip_l", "text_encoder", "tokenizer"),
+                                          (base, "clip_g", "text_encoder_2", "tokenizer_2"),
+                                          (refiner, "clip_g", "text_encoder_2", "tokenizer_2")]:
+        pipe.load_textual_inversion(state[key], token="<xl-style>", text_encoder=getattr(pipe, encoder),
+                                    tokenizer=getattr(pipe, tokenizer))
+    base.load_textual_inversion(str(tmp_path / "plain.safetensors"))
+    generator = torch.Generator().manual_seed(0)
+    kwargs = dict(prompt="a <xl-style> horse", num_inference_steps=6, generator=generator)
+    latents = base(**kwargs, height=32, width=32, denoising_end=0.3, output_type="latent").images
+    expected = refiner(**kwargs, image=latents, denoising_start=0.3, output_type="np").images[0]
+    ours = np.asarray(Image.open(out)).astype(np.int16)
+    assert np.abs(ours - (expected * 255).round().astype(np.int16)).max() <= 1
+    # the refiner's embedding matters: diffusers' refiner without it gives another image
+    plain_refiner = diffusers.DiffusionPipeline.from_pretrained(refiner_folder)
+    without = plain_refiner(**kwargs, image=latents, denoising_start=0.3, output_type="np").images[0]
+    assert np.abs(ours - (without * 255).round().astype(np.int16)).max() > 3  # (9 levels, measured)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--refiner-start", "0.5"], "--refiner-start is for an SDXL base \\+ refiner: give --refiner too"),
     (["--refiner", "REFINER"], "--refiner: the refiner takes over an SDXL base's text-to-image run"),  # an SD model
