@@ -6,9 +6,10 @@
 Groups: the fused CFG+DDIM step (C++ op) vs our reference vs diffusers' CFG combine + DDIMScheduler.step, on
 1x4x64x64, 2x4x128x128 and 8x4x128x128 fp32 latents; group_norm_silu (C++ op) vs F.group_norm + F.silu on SD
 shapes in both memory layouts; fp16/bf16 storage for both at SD1.5's shapes; diffusers' Euler, Euler ancestral,
-DPM-Solver++ 2M and 3M SDE, PNDM (PLMS), UniPC and DDPM scheduler steps as accelerate patches them vs their own, the
-Euler op alone; and the weights key a graphed UNet call checks (ModuleState, SD1.5's UNet on the meta device). Each
-group's rows are the implementations side by side; compare medians.
+DPM-Solver++ 2M and 3M SDE, PNDM (PLMS), UniPC, DDPM, LCM, Heun, LMS, DPM2 and DPM2 ancestral scheduler steps as
+accelerate patches them vs their own, the Euler op alone; and the weights key a graphed UNet call checks
+(ModuleState, SD1.5's UNet on the meta device). Each group's rows are the implementations side by side; compare
+medians.
 
 The allocator is pinned first (see ``_steady_allocator``): glibc otherwise moves between two regimes at random,
 and in one of them every multi-MB temporary is page-faulted in afresh. That would slow the implementations that
@@ -120,13 +121,15 @@ def test_euler_step(benchmark, impl):
 
 # (scheduler, variant, config fields): PNDM as SD1.5 ships it; DPM-Solver++ as "2M" and as "3M SDE" (a third-order
 # step whose two earlier x0s and noise are combined before the fused pass); Heun's two calls of one step; LMS of
-# order 4 (three earlier derivatives combined before the fused pass; diffusers integrates four weights with scipy)
+# order 4 (three earlier derivatives combined before the fused pass; diffusers integrates four weights with scipy);
+# DPM2 and DPM2 ancestral, one whole step of two calls each (the ancestral second call draws noise)
 SCHEDULER_STEPS = [("EulerDiscreteScheduler", "", {}), ("EulerAncestralDiscreteScheduler", "", {}),
                    ("DPMSolverMultistepScheduler", "", {}),
                    ("DPMSolverMultistepScheduler", " 3M SDE", {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}),
                    ("PNDMScheduler", "", {"skip_prk_steps": True}), ("UniPCMultistepScheduler", "", {}),
                    ("DDPMScheduler", "", {}), ("LCMScheduler", "", {}), ("HeunDiscreteScheduler", " (two calls)", {}),
-                   ("LMSDiscreteScheduler", "", {})]
+                   ("LMSDiscreteScheduler", "", {}), ("KDPM2DiscreteScheduler", " (two calls)", {}),
+                   ("KDPM2AncestralDiscreteScheduler", " (two calls)", {})]
 
 
 @pytest.mark.parametrize("scheduler, variant, extra", SCHEDULER_STEPS,
@@ -179,6 +182,13 @@ def test_diffusers_scheduler_step(benchmark, scheduler, variant, extra, impl):
             sched.dt, sched._step_index = None, 20
             sched.step(model_output, sched.timesteps[20], sample)
             return sched.step(model_output, sched.timesteps[21], sample).prev_sample
+    elif scheduler.startswith("KDPM2"):  # one whole step: the call at sigma, then the one at the midpoint
+        kwargs = {"generator": gen} if "Ancestral" in scheduler else {}
+
+        def step():
+            sched.sample, sched._step_index = None, 20
+            sched.step(model_output, sched.timesteps[20], sample, **kwargs)
+            return sched.step(model_output, sched.timesteps[21], sample, **kwargs).prev_sample
     elif scheduler == "LMSDiscreteScheduler":  # order 4: three earlier derivatives at hand
         sched.is_scale_input_called = True
 
