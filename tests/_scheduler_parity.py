@@ -130,6 +130,19 @@ def _diffusers_unipc_is_finite(cfg, steps):
         return False
 
 
+def check_two_call_run_errors(sched, x):
+    """A second-order scheduler (two calls a step) at the end of a 2-step run, then a new batch between a step's
+    two calls: each a clear ValueError."""
+    import pytest
+
+    with pytest.raises(ValueError, match=r"step called 4 times for a 2-step schedule \(3 calls\)"):
+        sched.step(x, sched.timesteps[-1], x)
+    sched.set_timesteps(3)
+    sched.step(x, sched.timesteps[0], x)  # the first call keeps the sample for the second
+    with pytest.raises(ValueError, match="call set_timesteps to start a new run"):
+        sched.step(x[:1], sched.timesteps[1], x[:1])
+
+
 def count_op_calls(monkeypatch, op):
     """A list that gets one entry per call of ``diffusion_fast.ops.<op>`` (spied for the test's duration)."""
     from diffusion_fast import ops

@@ -373,23 +373,28 @@ def sdxl_folders(tmp_path_factory):
     return root / "base", root / "refiner", base, refiner
 
 
+def _levels_from_ensemble(png, base, refiner, prompt, start):
+    """The most 8-bit levels the CLI's PNG is from diffusers' base + refiner pair (6 steps, the refiner from
+    ``start``, 32x32; one generator for both, seeded 0 on the CPU as the CLI's)."""
+    import numpy as np
+
+    kwargs = dict(prompt=prompt, num_inference_steps=6, generator=torch.Generator().manual_seed(0))
+    latents = base(**kwargs, height=32, width=32, denoising_end=start, output_type="latent").images
+    expected = refiner(**kwargs, image=latents, denoising_start=start, output_type="np").images[0]
+    ours = np.asarray(Image.open(png)).astype(np.int16)
+    return np.abs(ours - (expected * 255).round().astype(np.int16)).max()
+
+
 def test_generate_sdxl_base_and_refiner(sdxl_folders, tmp_path, capsys):
     """The CLI's --refiner runs diffusers' ensemble of expert denoisers: the same PNG as diffusers' pair (seed 0, the
     CLI's generator on the CPU), within one 8-bit level; the base's 0.7 of 6 DDIM steps, the refiner's rest."""
-    import numpy as np
-
     base_folder, refiner_folder, base, refiner = sdxl_folders
     out = tmp_path / "out.png"
     assert main(["generate", "--model", str(base_folder), "--refiner", str(refiner_folder), "--refiner-start", "0.7",
                  "--steps", "6", "--height", "32", "--width", "32", "--output", str(out), "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "refiner" in text and "takes over at 0.7" in text and "fast path:      6 steps" in text
-    generator = torch.Generator().manual_seed(0)
-    kwargs = dict(prompt="a photograph of an astronaut riding a horse", num_inference_steps=6, generator=generator)
-    latents = base(**kwargs, height=32, width=32, denoising_end=0.7, output_type="latent").images
-    expected = refiner(**kwargs, image=latents, denoising_start=0.7, output_type="np").images[0]
-    ours = np.asarray(Image.open(out)).astype(np.int16)
-    assert np.abs(ours - (expected * 255).round().astype(np.int16)).max() <= 1
+    assert _levels_from_ensemble(out, base, refiner, "a photograph of an astronaut riding a horse", 0.7) <= 1
 
 
 def test_generate_refiner_gets_sdxl_embeddings(sdxl_folders, tmp_path, capsys):
@@ -398,7 +403,6 @@ def test_generate_refiner_gets_sdxl_embeddings(sdxl_folders, tmp_path, capsys):
     An embedding for one encoder stays the base's, said in one line. The refiner takes over at 0.3, so that its
     part moves the image."""
     import diffusers
-    import numpy as np
     from safetensors.torch import save_file
 
     base_folder, refiner_folder, _, _ = sdxl_folders
@@ -420,16 +424,10 @@ def test_generate_refiner_gets_sdxl_embeddings(sdxl_folders, tmp_path, capsys):
         pipe.load_textual_inversion(state[key], token="<xl-style>", text_encoder=getattr(pipe, encoder),
                                     tokenizer=getattr(pipe, tokenizer))
     base.load_textual_inversion(str(tmp_path / "plain.safetensors"))
-    generator = torch.Generator().manual_seed(0)
-    kwargs = dict(prompt="a <xl-style> horse", num_inference_steps=6, generator=generator)
-    latents = base(**kwargs, height=32, width=32, denoising_end=0.3, output_type="latent").images
-    expected = refiner(**kwargs, image=latents, denoising_start=0.3, output_type="np").images[0]
-    ours = np.asarray(Image.open(out)).astype(np.int16)
-    assert np.abs(ours - (expected * 255).round().astype(np.int16)).max() <= 1
+    assert _levels_from_ensemble(out, base, refiner, "a <xl-style> horse", 0.3) <= 1
     # the refiner's embedding matters: diffusers' refiner without it gives another image
     plain_refiner = diffusers.DiffusionPipeline.from_pretrained(refiner_folder)
-    without = plain_refiner(**kwargs, image=latents, denoising_start=0.3, output_type="np").images[0]
-    assert np.abs(ours - (without * 255).round().astype(np.int16)).max() > 3  # (9 levels, measured)
+    assert _levels_from_ensemble(out, base, plain_refiner, "a <xl-style> horse", 0.3) > 3  # (9 levels, measured)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -8,7 +8,7 @@ import torch
 
 import diffusers
 import diffusion_fast.schedulers as S
-from _scheduler_parity import SHAPE, _loop, _loop_by_2x_rule, count_op_calls, fused
+from _scheduler_parity import SHAPE, _loop, _loop_by_2x_rule, check_two_call_run_errors, count_op_calls, fused
 
 # diffusers' timesteps of the midpoints run numpy functions on tensors (numpy 2 DeprecationWarnings inside diffusers)
 pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
@@ -141,12 +141,7 @@ def test_dpm2_config_and_errors(name, tmp_path):
     for i, t in enumerate(sched.timesteps):
         assert sched.state_in_first_order == (i % 2 == 0)
         sched.step(x, t, sched.scale_model_input(x, t))
-    with pytest.raises(ValueError, match=r"step called 4 times for a 2-step schedule \(3 calls\)"):
-        sched.step(x, sched.timesteps[-1], x)
-    sched.set_timesteps(3)
-    sched.step(x, sched.timesteps[0], x)  # the first call keeps the sample for the second
-    with pytest.raises(ValueError, match="call set_timesteps to start a new run"):
-        sched.step(x[:1], sched.timesteps[1], x[:1])
+    check_two_call_run_errors(sched, x)
 
 
 def test_dpm2_ancestral_where_diffusers_tables_are_nan():

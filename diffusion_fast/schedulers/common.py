@@ -101,6 +101,14 @@ def spaced_timesteps(config, num_inference_steps, dtype=np.int64):
     raise ValueError(f"timestep_spacing must be leading, trailing or linspace, got {spacing!r}")
 
 
+def sigma_timesteps(config, num_inference_steps):
+    """The float32 timesteps diffusers' sigma schedulers (Euler, Heun, LMS, DPM2) space: linspace not rounded, the
+    others as ``spaced_timesteps``."""
+    if config.timestep_spacing == "linspace":
+        return np.linspace(0, config.num_train_timesteps - 1, num_inference_steps, dtype=np.float32)[::-1].copy()
+    return spaced_timesteps(config, num_inference_steps, dtype=np.float32)
+
+
 def karras_sigmas(sigma_min, sigma_max, n, rho=7.0):
     """Karras et al. (2022)'s n sigmas from sigma_max down to sigma_min, evenly spaced in sigma^(1/rho)."""
     ramp = np.linspace(0, 1, n)

@@ -18,7 +18,7 @@ from .common import (
     karras_sigmas,
     make_betas,
     randn_tensor,
-    spaced_timesteps,
+    sigma_timesteps,
     timesteps_for_sigmas,
 )
 
@@ -91,10 +91,7 @@ class EulerDiscreteScheduler(SigmaScheduleBase):
         else:
             self._check_steps(num_inference_steps)
             n = int(num_inference_steps)
-            if c.timestep_spacing == "linspace":  # float spacing here (not rounded), as diffusers' Euler
-                timesteps = np.linspace(0, c.num_train_timesteps - 1, n, dtype=np.float32)[::-1].copy()
-            else:
-                timesteps = spaced_timesteps(c, n, dtype=np.float32)
+            timesteps = sigma_timesteps(c, n)
         if c.interpolation_type == "linear":
             sigmas = np.interp(timesteps, np.arange(0, len(base)), base)
         else:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .. import ops
-from .common import (FrozenConfig, SchedulerOutput, check_same_run, karras_sigmas, randn_tensor, spaced_timesteps,
+from .common import (FrozenConfig, SchedulerOutput, check_same_run, karras_sigmas, randn_tensor, sigma_timesteps,
                      timesteps_for_sigmas)
 from .euler import EulerDiscreteScheduler
 from .heun import FIXED_SCHEDULE, derivative_weights
@@ -106,10 +106,7 @@ class KDPM2DiscreteScheduler(EulerDiscreteScheduler):
         c = self.config
         self._check_steps(num_inference_steps)
         n = int(num_inference_steps)
-        if c.timestep_spacing == "linspace":  # float spacing here (not rounded), as diffusers' KDPM2
-            timesteps = np.linspace(0, c.num_train_timesteps - 1, n, dtype=np.float32)[::-1].copy()
-        else:
-            timesteps = spaced_timesteps(c, n, dtype=np.float32)
+        timesteps = sigma_timesteps(c, n)
         base = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
         log_sigmas = np.log(base)
         sigmas = np.interp(timesteps, np.arange(0, len(base)), base)
