@@ -16,7 +16,10 @@ PNDM, UniPC and LCM run ``linear_step``).
 
 Heun, DPM2, LMS, DPM-Solver++, PNDM, UniPC and LCM run the same update functions as our own schedulers
 (``schedulers.heun``, ``schedulers.kdpm2``, ``schedulers.lms``, ``schedulers.dpm_solver``, ``schedulers.pndm``,
-``schedulers.unipc``, ``schedulers.lcm``), on the state diffusers' scheduler keeps.
+``schedulers.unipc``, ``schedulers.lcm``), on the state diffusers' scheduler keeps: their fused steps are in
+``diffusers_solver_steps``. This module has the ones that call an op of their own (DDIM, Euler, Euler ancestral,
+DDPM), the registry, and what every fused step shares (the config check, the fallback to the scheduler's own step,
+the sigma tables).
 
 A subclass that overrides ``step`` is left alone: its step is not the one we mirror.
 """
@@ -25,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .schedulers import dpm_solver, heun, kdpm2, lcm, lms, pndm, unipc
+from .schedulers import dpm_solver
 from .schedulers.common import randn_tensor
 
 _ORIGINAL = "_diffusion_fast_original_step"
@@ -122,205 +125,6 @@ def _fused_euler_ancestral_step(self, model_output, timestep, sample, generator=
     return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
 
-def _fused_heun_step(self, model_output, timestep, sample, return_dict=True):
-    """diffusers' HeunDiscreteScheduler.step as our scheduler computes it (``schedulers.heun.heun_update``): each of
-    a step's two calls one fused pass (the second after one small op combining the kept tensors), coefficients in
-    float64 from the sigmas as host floats, ``prev_derivative``, ``dt`` and ``sample`` kept as diffusers keeps them
-    (``dt`` a float). A call past the schedule keeps diffusers' own step (its NaN, or its IndexError)."""
-    from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteSchedulerOutput
-
-    if _config_gap_now(self):
-        return _original(self, model_output, timestep, sample, return_dict)
-    if self.step_index is None:
-        self._init_step_index(timestep)
-    values, _ = _sigma_tables(self, torch.device("cpu"))  # the sigmas as floats, made once per schedule
-    if self.step_index >= len(values) - 1:  # a call past the schedule: diffusers' own (NaN or IndexError)
-        return _original(self, model_output, timestep, sample, return_dict)
-    prev, x0 = heun.heun_update(self, model_output, sample, values)
-    self._step_index += 1
-    return HeunDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
-
-
-def _fused_kdpm2_step(self, model_output, timestep, sample, return_dict=True):
-    """diffusers' KDPM2DiscreteScheduler.step ("DPM2") as our scheduler computes it (``schedulers.kdpm2``): each of
-    a step's two calls one fused pass, coefficients in float64 from diffusers' own sigma tables as host floats (read
-    once per schedule), ``sample`` kept as diffusers keeps it. A call past the schedule keeps diffusers' own step."""
-    from diffusers.schedulers.scheduling_k_dpm_2_discrete import KDPM2DiscreteSchedulerOutput
-
-    if _config_gap_now(self):
-        return _original(self, model_output, timestep, sample, return_dict)
-    prev_x0 = _kdpm2_call(self, model_output, timestep, sample, ("sigmas", "sigmas_interpol"), None)
-    if prev_x0 is None:
-        return _original(self, model_output, timestep, sample, return_dict)
-    return KDPM2DiscreteSchedulerOutput(prev_sample=prev_x0[0], pred_original_sample=prev_x0[1]) if return_dict \
-        else prev_x0
-
-
-def _fused_kdpm2_ancestral_step(self, model_output, timestep, sample, generator=None, return_dict=True):
-    """diffusers' KDPM2AncestralDiscreteScheduler.step ("DPM2 a") as ``_fused_kdpm2_step``, its second call's noise
-    drawn from the generator as diffusers draws it."""
-    from diffusers.schedulers.scheduling_k_dpm_2_ancestral_discrete import KDPM2AncestralDiscreteSchedulerOutput
-
-    if _config_gap_now(self):
-        return _original(self, model_output, timestep, sample, generator, return_dict)
-    names = ("sigmas", "sigmas_interpol", "sigmas_up", "sigmas_down")
-    prev_x0 = _kdpm2_call(self, model_output, timestep, sample, names, generator)
-    if prev_x0 is None:
-        return _original(self, model_output, timestep, sample, generator, return_dict)
-    if not return_dict:
-        return prev_x0
-    return KDPM2AncestralDiscreteSchedulerOutput(prev_sample=prev_x0[0], pred_original_sample=prev_x0[1])
-
-
-def _kdpm2_call(self, model_output, timestep, sample, names, generator):
-    """(prev_sample, pred_original_sample) of one DPM2 call on diffusers' scheduler, its step index advanced; None
-    for a call past the schedule. The tables (``names``) as host floats are made again whenever set_timesteps
-    replaces them or they are changed in place: one device read per schedule, none per step."""
-    if self.step_index is None:
-        self._init_step_index(timestep)
-    if self.step_index >= len(self.timesteps):
-        return None
-    tensors = [getattr(self, name) for name in names]
-    cached = getattr(self, _KDPM2_TABLES, None)
-    if cached is None or any(a is not b or v != b._version for a, (b, v) in zip(tensors, cached[0])):
-        cached = ([(t, t._version) for t in tensors], {n: t.double().tolist() for n, t in zip(names, tensors)})
-        setattr(self, _KDPM2_TABLES, cached)
-    prev, x0 = kdpm2.kdpm2_update(self, model_output, sample, cached[1], generator)
-    self._step_index += 1
-    return prev, x0
-
-
-def _fused_lms_step(self, model_output, timestep, sample, order=4, return_dict=True):
-    """diffusers' LMSDiscreteScheduler.step as our scheduler computes it (``schedulers.lms.lms_update``): the
-    Lagrange weights integrated exactly in float64 (where diffusers calls scipy's quad), the update one fused pass
-    after the earlier derivatives are combined, ``derivatives`` kept as diffusers keeps them. A call diffusers warns
-    about (scale_model_input skipped), an order below 1 and a call past the schedule keep diffusers' own step."""
-    from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteSchedulerOutput
-
-    if (not getattr(self, "is_scale_input_called", True) or _config_gap_now(self)
-            or isinstance(order, bool) or not isinstance(order, int) or order < 1):
-        return _original(self, model_output, timestep, sample, order, return_dict)
-    if self.step_index is None:
-        self._init_step_index(timestep)
-    values, _ = _sigma_tables(self, torch.device("cpu"))  # the sigmas as floats, made once per schedule
-    if self.step_index >= len(values) - 1:
-        return _original(self, model_output, timestep, sample, order, return_dict)
-    cached = getattr(self, _LMS_WEIGHTS, None)
-    if cached is None or cached[0] is not values:  # a new schedule (the sigma tables were made again)
-        cached = (values, {})
-        setattr(self, _LMS_WEIGHTS, cached)
-    prev, x0 = lms.lms_update(self, model_output, sample, values, order, cached[1])
-    self._step_index += 1
-    return LMSDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
-
-
-def _fused_dpm_multistep_step(self, model_output, timestep, sample, generator=None, variance_noise=None,
-                              return_dict=True):
-    """diffusers' DPMSolverMultistepScheduler.step for DPM-Solver++ (orders 1 to 3, midpoint or heun, ODE or SDE:
-    "DPM++ 2M", "DPM++ 2M SDE", "DPM++ 3M") as our scheduler computes it (``schedulers.dpm_solver``): x0 and the
-    update in one pass, the step's x0 kept in ``model_outputs`` as diffusers keeps it (in model_output's dtype), the
-    SDE noise drawn as diffusers draws it. The noise-prediction variants, thresholding, learned variances and flow
-    sigmas keep diffusers' own step, and so does a step diffusers computes as 0 / 0 (NaN in its image too)."""
-    from diffusers.schedulers.scheduling_utils import SchedulerOutput
-
-    config = self.config
-    if self.num_inference_steps is None or _config_gap_now(self):
-        return _original(self, model_output, timestep, sample, generator, variance_noise, return_dict)
-    if self.step_index is None:
-        self._init_step_index(timestep)
-    n, i = len(self.timesteps), self.step_index
-    order = dpm_solver.solver_order_now(config, i, n, self.lower_order_nums)
-    values, _ = _sigma_tables(self, torch.device("cpu"))  # the sigmas as floats, made once per schedule
-    coefficients = dpm_solver.solver_coefficients(values, i, order, config.prediction_type, config.algorithm_type,
-                                                  config.solver_type)
-    if coefficients is None:  # 0 / 0 in diffusers' arithmetic: its own step (and its NaN)
-        return _original(self, model_output, timestep, sample, generator, variance_noise, return_dict)
-    noise = None
-    if config.algorithm_type == "sde-dpmsolver++":
-        noise = (variance_noise.to(model_output.device, torch.float32) if variance_noise is not None else
-                 randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                              dtype=torch.float32))
-    earlier = [self.model_outputs[-j] for j in range(1, order)]
-    prev, x0 = dpm_solver.solver_step(model_output, sample, earlier, coefficients, noise)
-    for j in range(config.solver_order - 1):
-        self.model_outputs[j] = self.model_outputs[j + 1]
-    self.model_outputs[-1] = x0
-    if self.lower_order_nums < config.solver_order:
-        self.lower_order_nums += 1
-    self._step_index += 1
-    return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
-
-
-def _fused_pndm_step(self, model_output, timestep, sample, return_dict=True):
-    """diffusers' PNDMScheduler.step as our scheduler computes it (``schedulers.pndm.pndm_update``): the Runge-Kutta
-    warm-up steps unless ``skip_prk_steps``, then the linear multistep ones, each one fused pass, with ``ets``,
-    ``counter``, ``cur_sample`` and ``cur_model_output`` kept as diffusers keeps them. A call diffusers rejects
-    (before set_timesteps, or PLMS without the warm-up's outputs) is diffusers' own."""
-    from diffusers.schedulers.scheduling_utils import SchedulerOutput
-
-    config = self.config
-    warming_up = not config.skip_prk_steps and self.counter < len(self.prk_timesteps)
-    if (self.num_inference_steps is None or _config_gap_now(self)
-            or (not config.skip_prk_steps and not warming_up and len(self.ets) < 3)):
-        return _original(self, model_output, timestep, sample, return_dict)
-    prev = pndm.pndm_update(self, model_output, sample, int(timestep))
-    return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
-
-
-def _fused_unipc_step(self, model_output, timestep, sample, return_dict=True):
-    """diffusers' UniPCMultistepScheduler.step as our scheduler computes it (``schedulers.unipc.unipc_update``): the
-    corrector and the predictor each one fused pass, coefficients in float64 on the host, the state kept as diffusers
-    keeps it. ``solver_p``, flow sigmas and thresholding keep diffusers' own step, and so does a step whose
-    arithmetic diffusers computes as not finite (its image is NaN or inf there too)."""
-    from diffusers.schedulers.scheduling_utils import SchedulerOutput
-
-    if self.num_inference_steps is None or _config_gap_now(self) or self.solver_p is not None:
-        return _original(self, model_output, timestep, sample, return_dict)
-    if self.step_index is None:
-        self._init_step_index(timestep)
-    values, _ = _sigma_tables(self, torch.device("cpu"))  # the sigmas as floats, made once per schedule
-    prev = unipc.unipc_update(self, model_output, timestep, sample, values, as_diffusers=True)
-    if prev is None:
-        return _original(self, model_output, timestep, sample, return_dict)
-    return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
-
-
-def _fused_lcm_step(self, model_output, timestep, sample, generator=None, return_dict=True):
-    """diffusers' LCMScheduler.step as our scheduler computes it (``schedulers.lcm.lcm_update``): x0, the boundary
-    condition and the next step's noise in one fused pass, coefficients in float64 on the host, the noise drawn as
-    diffusers draws it (none at the last step). This step's timestep is the schedule's at the step index (diffusers'
-    own reading of it); a host timestep that is not, a step past the schedule, epsilon at a zero alpha (zero terminal
-    SNR; diffusers' x0 is NaN) and thresholding keep diffusers' own step."""
-    from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
-
-    if self.num_inference_steps is None or _config_gap_now(self):
-        return _original(self, model_output, timestep, sample, generator, return_dict)
-    if self.step_index is None:
-        self._init_step_index(timestep)
-    schedule, alphas = _lcm_tables(self)
-    i = self.step_index
-    on_host = not torch.is_tensor(timestep) or timestep.device.type == "cpu"
-    if (i >= len(schedule) or (on_host and int(timestep) != schedule[i])
-            or (self.config.prediction_type == "epsilon" and alphas[schedule[i]] == 0)):  # x0 = x / 0: NaN there too
-        return _original(self, model_output, timestep, sample, generator, return_dict)
-    prev, denoised = lcm.lcm_update(self, model_output, sample, i, schedule, alphas, generator)
-    self._step_index += 1
-    return LCMSchedulerOutput(prev_sample=prev, denoised=denoised) if return_dict else (prev, denoised)
-
-
-def _lcm_tables(self):
-    """An LCM scheduler's timesteps and alphas_cumprod as host lists, made again whenever set_timesteps replaces the
-    timesteps or add_noise moves alphas_cumprod (diffusers' add_noise puts it on the sample's device): one device
-    read per schedule, none per step."""
-    timesteps, alphas = self.timesteps, self.alphas_cumprod
-    cached = getattr(self, _LCM_TABLES, None)
-    if (cached is None or cached[0] is not timesteps or cached[1] != timesteps._version or cached[2] is not alphas
-            or cached[3] != alphas._version):
-        cached = (timesteps, timesteps._version, alphas, alphas._version, timesteps.tolist(), alphas.double().tolist())
-        setattr(self, _LCM_TABLES, cached)
-    return cached[4], cached[5]
-
-
 def _sigma_tables(self, device):
     """A scheduler's sigmas as Python floats (for the churn window test) and as a float32 table on the
     sample's device (sliced for the op, so a step neither reads the device nor copies to it), made again whenever
@@ -409,6 +213,10 @@ def _fusable():
                            EulerDiscreteScheduler, HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler,
                            KDPM2DiscreteScheduler, LCMScheduler, LMSDiscreteScheduler, PNDMScheduler,
                            UniPCMultistepScheduler)
+
+    from .diffusers_solver_steps import (_fused_dpm_multistep_step, _fused_heun_step, _fused_kdpm2_ancestral_step,
+                                         _fused_kdpm2_step, _fused_lcm_step, _fused_lms_step, _fused_pndm_step,
+                                         _fused_unipc_step)
 
     return [(DDIMScheduler, _fused_ddim_step), (EulerDiscreteScheduler, _fused_euler_step),
             (EulerAncestralDiscreteScheduler, _fused_euler_ancestral_step), (HeunDiscreteScheduler, _fused_heun_step),
