@@ -6,7 +6,7 @@
 Groups: the fused CFG+DDIM step (C++ op) vs our reference vs diffusers' CFG combine + DDIMScheduler.step, on
 1x4x64x64, 2x4x128x128 and 8x4x128x128 fp32 latents; group_norm_silu (C++ op) vs F.group_norm + F.silu on SD
 shapes in both memory layouts; fp16/bf16 storage for both at SD1.5's shapes; diffusers' Euler, Euler ancestral,
-DPM-Solver++ 2M and 3M SDE, PNDM (PLMS), UniPC, DDPM, LCM, Heun, LMS, DPM2 and DPM2 ancestral scheduler steps as
+DPM-Solver++ 2M and 3M SDE, PNDM (PLMS), UniPC, DDPM, LCM, Heun, LMS, DPM2, DPM2 ancestral and DEIS scheduler steps as
 accelerate patches them vs their own, the Euler op alone; and the weights key a graphed UNet call checks
 (ModuleState, SD1.5's UNet on the meta device). Each group's rows are the implementations side by side; compare
 medians.
@@ -122,14 +122,16 @@ def test_euler_step(benchmark, impl):
 # (scheduler, variant, config fields): PNDM as SD1.5 ships it; DPM-Solver++ as "2M" and as "3M SDE" (a third-order
 # step whose two earlier x0s and noise are combined before the fused pass); Heun's two calls of one step; LMS of
 # order 4 (three earlier derivatives combined before the fused pass; diffusers integrates four weights with scipy);
-# DPM2 and DPM2 ancestral, one whole step of two calls each (the ancestral second call draws noise)
+# DPM2 and DPM2 ancestral, one whole step of two calls each (the ancestral second call draws noise); DEIS of order 3
+# (two earlier noise predictions combined before the fused pass)
 SCHEDULER_STEPS = [("EulerDiscreteScheduler", "", {}), ("EulerAncestralDiscreteScheduler", "", {}),
                    ("DPMSolverMultistepScheduler", "", {}),
                    ("DPMSolverMultistepScheduler", " 3M SDE", {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}),
                    ("PNDMScheduler", "", {"skip_prk_steps": True}), ("UniPCMultistepScheduler", "", {}),
                    ("DDPMScheduler", "", {}), ("LCMScheduler", "", {}), ("HeunDiscreteScheduler", " (two calls)", {}),
                    ("LMSDiscreteScheduler", "", {}), ("KDPM2DiscreteScheduler", " (two calls)", {}),
-                   ("KDPM2AncestralDiscreteScheduler", " (two calls)", {})]
+                   ("KDPM2AncestralDiscreteScheduler", " (two calls)", {}),
+                   ("DEISMultistepScheduler", " order 3", {"solver_order": 3})]
 
 
 @pytest.mark.parametrize("scheduler, variant, extra", SCHEDULER_STEPS,
@@ -157,13 +159,14 @@ def test_diffusers_scheduler_step(benchmark, scheduler, variant, extra, impl):
         def step():
             sched._step_index = 10  # the step advances it; time the same step every call
             return sched.step(model_output, t, sample, **kwargs).prev_sample
-    elif scheduler == "DPMSolverMultistepScheduler":  # a step of the solver's full order, the earlier x0s at hand
-        order = sched.config.solver_order
+    elif scheduler in ("DPMSolverMultistepScheduler", "DEISMultistepScheduler"):  # a step of the full order, the
+        order = sched.config.solver_order  # earlier x0s (DEIS: noise predictions) at hand
         sched.model_outputs, sched.lower_order_nums = [sample.clone() for _ in range(order)], order
+        kwargs = {"generator": gen} if scheduler.startswith("DPM") else {}
 
         def step():
             sched._step_index = 10
-            return sched.step(model_output, t, sample, generator=gen).prev_sample
+            return sched.step(model_output, t, sample, **kwargs).prev_sample
     elif scheduler == "UniPCMultistepScheduler":  # UniPC-2: corrector and predictor, the earlier x0 at hand
         order = sched.config.solver_order
 

@@ -39,11 +39,12 @@ SCHEDULER_CHOICES = {"ddim": ("DDIMScheduler", {}), "ddpm": ("DDPMScheduler", {}
                      "dpm++-2m-sde": ("DPMSolverMultistepScheduler",
                                       {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
                      "unipc": ("UniPCMultistepScheduler", {}),
+                     "deis": ("DEISMultistepScheduler", {}),
                      "lcm": ("LCMScheduler", {})}  # for LCM and LCM-LoRA models (--steps 4 --guidance 1)
 # the ones with use_karras_sigmas
 KARRAS_SCHEDULERS = ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
                      "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
-                     "UniPCMultistepScheduler")
+                     "UniPCMultistepScheduler", "DEISMultistepScheduler")
 
 
 class UsageError(Exception):
@@ -141,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the sampler: the model folder's own (default; DDIM for the built-in model) or one of ours, "
                         "built from the model's scheduler config")
     g.add_argument("--karras", action="store_true",
-                   help="Karras sigmas (Euler, Heun, LMS, DPM2, DPM-Solver++, UniPC: e.g. --scheduler dpm++-2m "
-                        "--karras)")
+                   help="Karras sigmas (Euler, Heun, LMS, DPM2, DPM-Solver++, UniPC, DEIS: e.g. --scheduler "
+                        "dpm++-2m --karras)")
     g.add_argument("--height", type=_size, default=None)
     g.add_argument("--width", type=_size, default=None)
     g.add_argument("--batch", type=_positive_int, default=1, help="images per prompt")

@@ -174,6 +174,7 @@ def _config_gap(scheduler):
                   "KDPM2AncestralDiscreteScheduler": ("epsilon", "v_prediction"),
                   "LMSDiscreteScheduler": ("epsilon", "v_prediction", "sample"),
                   "DPMSolverMultistepScheduler": ("epsilon", "v_prediction", "sample"),
+                  "DEISMultistepScheduler": ("epsilon", "v_prediction", "sample"),
                   "PNDMScheduler": ("epsilon", "v_prediction"),
                   "UniPCMultistepScheduler": ("epsilon", "v_prediction", "sample"),
                   "LCMScheduler": ("epsilon", "v_prediction", "sample"),
@@ -184,8 +185,8 @@ def _config_gap(scheduler):
         (getattr(c, "thresholding", False), "thresholding"),
         (c.prediction_type not in prediction, f"prediction_type {c.prediction_type!r}"),
         (variance not in (None, "fixed_small", "fixed_small_log", "fixed_large"), f"variance_type {variance!r}"),
-        (algorithm not in dpm_solver.ALGORITHMS, f"algorithm_type {algorithm!r}"),
-        (solver not in ("midpoint", "heun", "bh1", "bh2"), f"solver_type {solver!r}"),  # DPM's, UniPC's
+        (algorithm not in dpm_solver.ALGORITHMS + ("deis",), f"algorithm_type {algorithm!r}"),
+        (solver not in ("midpoint", "heun", "bh1", "bh2", "logrho"), f"solver_type {solver!r}"),  # DPM, UniPC, DEIS
         (getattr(c, "use_flow_sigmas", False), "flow sigmas"),
         (getattr(scheduler, "solver_p", None) is not None, "solver_p: another scheduler as UniPC's predictor"),
     ]
@@ -209,21 +210,22 @@ def _fused_class(scheduler):
 
 def _fusable():
     """[(diffusers scheduler class, its fused step)]."""
-    from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                           EulerDiscreteScheduler, HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler,
-                           KDPM2DiscreteScheduler, LCMScheduler, LMSDiscreteScheduler, PNDMScheduler,
-                           UniPCMultistepScheduler)
+    from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
+                           EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
+                           KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, LMSDiscreteScheduler,
+                           PNDMScheduler, UniPCMultistepScheduler)
 
-    from .diffusers_solver_steps import (_fused_dpm_multistep_step, _fused_heun_step, _fused_kdpm2_ancestral_step,
-                                         _fused_kdpm2_step, _fused_lcm_step, _fused_lms_step, _fused_pndm_step,
-                                         _fused_unipc_step)
+    from .diffusers_solver_steps import (_fused_deis_step, _fused_dpm_multistep_step, _fused_heun_step,
+                                         _fused_kdpm2_ancestral_step, _fused_kdpm2_step, _fused_lcm_step,
+                                         _fused_lms_step, _fused_pndm_step, _fused_unipc_step)
 
     return [(DDIMScheduler, _fused_ddim_step), (EulerDiscreteScheduler, _fused_euler_step),
             (EulerAncestralDiscreteScheduler, _fused_euler_ancestral_step), (HeunDiscreteScheduler, _fused_heun_step),
             (KDPM2DiscreteScheduler, _fused_kdpm2_step),
             (KDPM2AncestralDiscreteScheduler, _fused_kdpm2_ancestral_step),
             (LMSDiscreteScheduler, _fused_lms_step),
-            (DPMSolverMultistepScheduler, _fused_dpm_multistep_step), (PNDMScheduler, _fused_pndm_step),
+            (DPMSolverMultistepScheduler, _fused_dpm_multistep_step), (DEISMultistepScheduler, _fused_deis_step),
+            (PNDMScheduler, _fused_pndm_step),
             (UniPCMultistepScheduler, _fused_unipc_step), (LCMScheduler, _fused_lcm_step),
             (DDPMScheduler, _fused_ddpm_step)]
 

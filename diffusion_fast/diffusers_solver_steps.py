@@ -1,9 +1,9 @@
 """accelerate's fused ``step`` methods for diffusers' schedulers whose update our own schedulers compute: Heun, DPM2
-and DPM2 ancestral, LMS, DPM-Solver++ multistep, PNDM, UniPC and LCM. Each runs our scheduler's update function
-(``schedulers.heun``, ``schedulers.kdpm2``, ``schedulers.lms``, ``schedulers.dpm_solver``, ``schedulers.pndm``,
-``schedulers.unipc``, ``schedulers.lcm``) on the state diffusers' scheduler keeps, one ``linear_step`` pass a call.
-What they do not mirror goes to the scheduler's own step. The registry and the shared checks are in
-``diffusers_schedulers``.
+and DPM2 ancestral, LMS, DPM-Solver++ multistep, DEIS, PNDM, UniPC and LCM. Each runs our scheduler's update function
+(``schedulers.heun``, ``schedulers.kdpm2``, ``schedulers.lms``, ``schedulers.dpm_solver``, ``schedulers.deis``,
+``schedulers.pndm``, ``schedulers.unipc``, ``schedulers.lcm``) on the state diffusers' scheduler keeps, one
+``linear_step`` pass a call. What they do not mirror goes to the scheduler's own step. The registry and the shared
+checks are in ``diffusers_schedulers``.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from .diffusers_schedulers import (_KDPM2_TABLES, _LCM_TABLES, _LMS_WEIGHTS, _config_gap_now, _original,
                                    _sigma_tables)
-from .schedulers import dpm_solver, heun, kdpm2, lcm, lms, pndm, unipc
+from .schedulers import deis, dpm_solver, heun, kdpm2, lcm, lms, pndm, unipc
 from .schedulers.common import randn_tensor
 
 
@@ -135,13 +135,44 @@ def _fused_dpm_multistep_step(self, model_output, timestep, sample, generator=No
                               dtype=torch.float32))
     earlier = [self.model_outputs[-j] for j in range(1, order)]
     prev, x0 = dpm_solver.solver_step(model_output, sample, earlier, coefficients, noise)
-    for j in range(config.solver_order - 1):
+    _advance_multistep(self, x0)
+    return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+def _fused_deis_step(self, model_output, timestep, sample, return_dict=True):
+    """diffusers' DEISMultistepScheduler.step (orders 1 to 3) as our scheduler computes it (``schedulers.deis``):
+    this step's noise prediction and the update in one pass, the prediction kept in ``model_outputs`` as diffusers
+    keeps it. Thresholding and flow sigmas keep diffusers' own step, and so does a step whose coefficients diffusers
+    computes as NaN or inf (two equal sigmas under a higher order)."""
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+    config = self.config
+    if self.num_inference_steps is None or _config_gap_now(self):
+        return _original(self, model_output, timestep, sample, return_dict)
+    if self.step_index is None:
+        self._init_step_index(timestep)
+    n, i = len(self.timesteps), self.step_index
+    order = dpm_solver.solver_order_now(config, i, n, self.lower_order_nums, zero_final=False)
+    values, _ = _sigma_tables(self, torch.device("cpu"))  # the sigmas as floats, made once per schedule
+    coefficients = deis.deis_coefficients(values, i, order, config.prediction_type) if i < n else None
+    if coefficients is None:  # past the schedule, or not finite in diffusers' arithmetic: its own step
+        return _original(self, model_output, timestep, sample, return_dict)
+    earlier = [self.model_outputs[-j] for j in range(1, order)]
+    prev, eps = dpm_solver.solver_step(model_output, sample, earlier, coefficients)
+    _advance_multistep(self, eps)
+    return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+def _advance_multistep(self, kept):
+    """diffusers' multistep bookkeeping after a step (DPM-Solver, DEIS): ``kept`` appended to ``model_outputs``, the
+    oldest dropped; one more step towards the full order; the step index advanced."""
+    order = self.config.solver_order
+    for j in range(order - 1):
         self.model_outputs[j] = self.model_outputs[j + 1]
-    self.model_outputs[-1] = x0
-    if self.lower_order_nums < config.solver_order:
+    self.model_outputs[-1] = kept
+    if self.lower_order_nums < order:
         self.lower_order_nums += 1
     self._step_index += 1
-    return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
 
 def _fused_pndm_step(self, model_output, timestep, sample, return_dict=True):

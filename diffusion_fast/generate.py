@@ -16,9 +16,9 @@ def _check_scheduler_options(args, scheduler_name):
     if args.eta != 0 and scheduler_name != "DDIMScheduler":
         raise UsageError(f"--eta is DDIM's; the scheduler is {scheduler_name} (--scheduler ddim)")
     if args.karras and scheduler_name not in KARRAS_SCHEDULERS:
-        raise UsageError(f"--karras is for Euler, Heun, LMS, DPM2, DPM-Solver++ and UniPC; the scheduler is "
-                         f"{scheduler_name} (--scheduler euler, heun, lms, dpm2, dpm2-a, dpm++-2m, dpm++-2m-sde or "
-                         "unipc)")
+        raise UsageError(f"--karras is for Euler, Heun, LMS, DPM2, DPM-Solver++, UniPC and DEIS; the scheduler is "
+                         f"{scheduler_name} (--scheduler euler, heun, lms, dpm2, dpm2-a, dpm++-2m, dpm++-2m-sde, "
+                         "unipc or deis)")
 
 
 def _init_image(args):

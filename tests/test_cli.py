@@ -62,6 +62,7 @@ def test_generate_from_folder_batch(tmp_path, capsys):
     ("heun", ["--karras"], "HeunDiscreteScheduler"),  # two UNet calls a step
     ("lms", ["--karras"], "LMSDiscreteScheduler"),  # "LMS Karras"
     ("dpm2-a", ["--karras"], "KDPM2AncestralDiscreteScheduler"),  # "DPM2 a Karras": the UNet at the midpoints too
+    ("deis", [], "DEISMultistepScheduler"),  # earlier noise predictions kept
 ])
 def test_generate_with_another_scheduler(tmp_path, capsys, choice, options, name):
     rc = main(["generate", "--scheduler", choice, *options, "--steps", "3", "--output", str(tmp_path / "a.png"),
@@ -108,8 +109,8 @@ def test_generate_guidance_default_is_the_pipelines(monkeypatch, tmp_path, optio
     (["--scheduler", "euler", "--eta", "0.5"],
      "--eta is DDIM's; the scheduler is EulerDiscreteScheduler (--scheduler ddim)"),
     (["--scheduler", "pndm", "--karras"],
-     "--karras is for Euler, Heun, LMS, DPM2, DPM-Solver++ and UniPC; the scheduler is PNDMScheduler "
-     "(--scheduler euler, heun, lms, dpm2, dpm2-a, dpm++-2m, dpm++-2m-sde or unipc)"),
+     "--karras is for Euler, Heun, LMS, DPM2, DPM-Solver++, UniPC and DEIS; the scheduler is PNDMScheduler "
+     "(--scheduler euler, heun, lms, dpm2, dpm2-a, dpm++-2m, dpm++-2m-sde, unipc or deis)"),
 ])
 def test_scheduler_options_refused_before_loading(capsys, argv, message):
     assert main(["generate", *argv]) == 2

@@ -58,6 +58,7 @@ def test_same_image_as_diffusers(pair, backend_name):
     ("HeunDiscreteScheduler", {}, 3),  # two model calls a step but the last: 5 calls
     ("KDPM2DiscreteScheduler", dict(use_karras_sigmas=True), 3),  # "DPM2 Karras": the UNet at fractional timesteps
     ("KDPM2AncestralDiscreteScheduler", {}, 3),  # "DPM2 a": noise from the generator at each step's second call
+    ("DEISMultistepScheduler", dict(solver_order=3), 5),  # up to two earlier noise predictions
     pytest.param("LMSDiscreteScheduler", {}, 5, marks=NEEDS_SCIPY),  # up to 4 earlier derivatives
 ])
 def test_other_schedulers_same_image_as_diffusers(pair, scheduler, cfg, steps):

@@ -473,7 +473,7 @@ def test_randn_tensor_draws_as_diffusers():
 
 
 NO_GENERATOR = ("PNDMScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
-                "KDPM2DiscreteScheduler")
+                "KDPM2DiscreteScheduler", "DEISMultistepScheduler")
 
 
 @pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
@@ -499,7 +499,7 @@ def test_add_noise_per_sample_timesteps_and_fp16(name):
                                   "EulerAncestralDiscreteScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
                                   "UniPCMultistepScheduler", "LCMScheduler", "HeunDiscreteScheduler",
                                   "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
-                                  "KDPM2AncestralDiscreteScheduler"])
+                                  "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler"])
 def test_outputs_fully_written_under_poisoned_allocations(name):
     """torch.empty* return NaN inside the block: an output element the op leaves unwritten would show as NaN."""
     from _numerics import poisoned_allocations
@@ -563,7 +563,8 @@ def _sampling_steps(name, sched, x, mo):
                                                 ("UniPCMultistepScheduler", True), ("LCMScheduler", False),
                                                 ("LCMScheduler", True), ("HeunDiscreteScheduler", False),
                                                 ("LMSDiscreteScheduler", False), ("KDPM2DiscreteScheduler", False),
-                                                ("KDPM2AncestralDiscreteScheduler", False)])
+                                                ("KDPM2AncestralDiscreteScheduler", False),
+                                                ("DEISMultistepScheduler", False)])
 def test_step_does_not_read_device_values(name, thresholding):
     """The step must never read a device value on the host (on a GPU, a sync per step). Meta tensors have no values:
     any .item()/bool()/nonzero/.cpu() on them raises, so a loop that completes on meta tensors cannot have synced."""
@@ -585,7 +586,8 @@ def test_step_does_not_read_device_values(name, thresholding):
                                                 ("UniPCMultistepScheduler", False), ("LCMScheduler", False),
                                                 ("HeunDiscreteScheduler", False), ("LMSDiscreteScheduler", False),
                                                 ("KDPM2DiscreteScheduler", False),
-                                                ("KDPM2AncestralDiscreteScheduler", False)])
+                                                ("KDPM2AncestralDiscreteScheduler", False),
+                                                ("DEISMultistepScheduler", False)])
 def test_step_does_not_sync_on_cuda(name, thresholding):
     setup = _sampling_setup(name, "cuda", thresholding)
     _sampling_steps(name, *_sampling_setup(name, "cuda", thresholding))  # warm up: kernels compiled
@@ -635,9 +637,9 @@ def test_set_timesteps_refreshes_device_tables_in_place(name, tables, device):
 
 
 def test_from_config_of_another_scheduler_and_load_scheduler(tmp_path):
-    deis = diffusers.DEISMultistepScheduler(beta_schedule="scaled_linear", steps_offset=1)
-    deis.save_config(tmp_path)
-    with pytest.warns(RuntimeWarning, match="DEISMultistepScheduler is not implemented; using DDIMScheduler"):
+    tcd = diffusers.TCDScheduler(beta_schedule="scaled_linear", steps_offset=1)
+    tcd.save_config(tmp_path)
+    with pytest.warns(RuntimeWarning, match="TCDScheduler is not implemented; using DDIMScheduler"):
         sched = S.load_scheduler(str(tmp_path))
     assert isinstance(sched, S.DDIMScheduler) and sched.config.steps_offset == 1
     assert sched.config["beta_schedule"] == "scaled_linear"

@@ -4,6 +4,7 @@ import warnings
 from .common import FrozenConfig, SchedulerOutput, randn_tensor, read_config
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
+from .deis import DEISMultistepScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
@@ -15,15 +16,15 @@ from .pndm import PNDMScheduler
 from .unipc import UniPCMultistepScheduler
 
 SCHEDULERS = {cls.__name__: cls for cls in (
-    DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
-    HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, LCMScheduler, LMSDiscreteScheduler,
-    PNDMScheduler, UniPCMultistepScheduler)}
+    DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+    EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
+    LCMScheduler, LMSDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)}
 
 
 def load_scheduler(folder_or_config, default="DDIMScheduler"):
     """Our scheduler for a diffusers scheduler folder/config, by its ``_class_name``.
 
-    A class we don't implement (DEIS, DPM-Solver single-step, ...) has its config loaded into ``default`` with a
+    A class we don't implement (DPM-Solver single-step, DPM++ SDE, ...) has its config loaded into ``default`` with a
     warning, as
     diffusers' ``DDIMScheduler.from_config(pipe.scheduler.config)`` would.
     """
@@ -36,7 +37,8 @@ def load_scheduler(folder_or_config, default="DDIMScheduler"):
     return SCHEDULERS[name].from_config(config)
 
 
-__all__ = ["DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
+__all__ = ["DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
+           "EulerDiscreteScheduler",
            "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
            "KDPM2AncestralDiscreteScheduler", "LCMScheduler", "LCMSchedulerOutput",
            "LMSDiscreteScheduler", "PNDMScheduler",

@@ -376,7 +376,7 @@ class VPSigmaScheduleBase(SigmaScheduleBase):
             raise ValueError("use_karras_sigmas and use_exponential_sigmas: choose one")
         self.betas = make_betas(c)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
-        if c.rescale_betas_zero_snr:
+        if c.get("rescale_betas_zero_snr"):  # (DEIS has no such field)
             self.alphas_cumprod[-1] = 2**-24
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
         n = c.num_train_timesteps

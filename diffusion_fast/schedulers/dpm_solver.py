@@ -100,12 +100,14 @@ def solver_step(model_output, sample, earlier_x0, coefficients, noise=None, thre
     return ops.linear_step(model_output, sample.float(), extra, cx=cx, cm=cm, p0=p0, px=px, pm=0.0, pe=pe)
 
 
-def solver_order_now(config, step_index, num_steps, lower_order_nums):
+def solver_order_now(config, step_index, num_steps, lower_order_nums, zero_final=None):
     """The order diffusers' step uses at ``step_index`` (lower near the end of short schedules and at a final sigma
-    of zero, and while fewer earlier x0s exist). getattr: fields an older diffusers' config lacks."""
+    of zero, and while fewer earlier x0s exist). getattr: fields an older diffusers' config lacks. ``zero_final``:
+    whether the schedule ends at sigma 0 (default: the config's final_sigmas_type; DEIS's never does)."""
+    if zero_final is None:
+        zero_final = getattr(config, "final_sigmas_type", "zero") == "zero"
     final = step_index == num_steps - 1 and (getattr(config, "euler_at_final", False)
-                                             or (config.lower_order_final and num_steps < 15)
-                                             or getattr(config, "final_sigmas_type", "zero") == "zero")
+                                             or (config.lower_order_final and num_steps < 15) or zero_final)
     second = step_index == num_steps - 2 and config.lower_order_final and num_steps < 15
     if config.solver_order == 1 or lower_order_nums < 1 or final:
         return 1
