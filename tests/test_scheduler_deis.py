@@ -9,8 +9,10 @@ import diffusers
 import diffusion_fast.schedulers as S
 from _scheduler_parity import SHAPE, _loop, _loop_by_2x_rule, count_op_calls, fused
 
-# diffusers' Karras and exponential sigmas call np.array on a tensor (a numpy 2 DeprecationWarning inside diffusers)
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+# diffusers' Karras and exponential sigmas call np.array on a tensor, and its coefficients np.log on 0-d tensors
+# (numpy 2 DeprecationWarnings inside diffusers, 80 000 of them)
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning")]
 
 
 def _made(cfg, ours=None):
