@@ -40,7 +40,8 @@ SCHEDULER_CHOICES = {"ddim": ("DDIMScheduler", {}), "ddpm": ("DDPMScheduler", {}
                                       {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
                      "unipc": ("UniPCMultistepScheduler", {}),
                      "deis": ("DEISMultistepScheduler", {}),
-                     "lcm": ("LCMScheduler", {})}  # for LCM and LCM-LoRA models (--steps 4 --guidance 1)
+                     "lcm": ("LCMScheduler", {}),  # for LCM and LCM-LoRA models (--steps 4 --guidance 1)
+                     "tcd": ("TCDScheduler", {})}  # for TCD-LoRA (--steps 4 --guidance 1 --eta 0.3)
 # the ones with use_karras_sigmas
 KARRAS_SCHEDULERS = ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
                      "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
@@ -135,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=_positive_int, default=None, help="default: 50 (20 for the built-in model)")
     g.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the pipeline's, 7.5 for SD 1.x/2.x, 5.0 for SDXL)")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
+    g.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM's eta, or TCD's gamma (0: deterministic; TCD-LoRA's usual 0.3)")
     g.add_argument("--clip-skip", type=int, default=None, metavar="N",
                    help="skip the text encoder's last N layers for the prompt (diffusers' clip_skip)")
     g.add_argument("--scheduler", choices=("model", *SCHEDULER_CHOICES), default="model",

@@ -1,5 +1,5 @@
 """Fused ``step`` methods for diffusers' DDIM, Euler, Euler ancestral, Heun, DPM2, DPM2 ancestral, LMS, DPM-Solver++
-multistep, PNDM, UniPC, LCM and DDPM schedulers, patched on the instance by ``accelerate``.
+multistep, DEIS, PNDM, UniPC, LCM, TCD and DDPM schedulers, patched on the instance by ``accelerate``.
 
 Each replacement computes what the scheduler's own ``step`` computes, as one fused op (``diffusion_fast.ops``),
 drawing its noise from the generator exactly as diffusers does. Whatever it does not mirror (thresholding, learned
@@ -10,16 +10,14 @@ Which schedulers are fused, and where:
 
 ``DDIMScheduler``, ``EulerDiscreteScheduler`` (SDXL's default), ``EulerAncestralDiscreteScheduler``,
 ``HeunDiscreteScheduler``, ``KDPM2DiscreteScheduler``, ``KDPM2AncestralDiscreteScheduler``, ``LMSDiscreteScheduler``,
-``DPMSolverMultistepScheduler``, ``PNDMScheduler`` (SD1.5's default), ``UniPCMultistepScheduler``, ``LCMScheduler``
-(LCM-LoRA's) and ``DDPMScheduler``, on the CPU (C++ ops) and on CUDA (Triton kernels; Heun, DPM2, LMS, DPM-Solver++,
-PNDM, UniPC and LCM run ``linear_step``).
+``DPMSolverMultistepScheduler``, ``DEISMultistepScheduler``, ``PNDMScheduler`` (SD1.5's default),
+``UniPCMultistepScheduler``, ``LCMScheduler`` (LCM-LoRA's), ``TCDScheduler`` (TCD-LoRA's) and ``DDPMScheduler``, on
+the CPU (C++ ops) and on CUDA (Triton kernels; all but DDIM, Euler, Euler ancestral and DDPM run ``linear_step``).
 
-Heun, DPM2, LMS, DPM-Solver++, PNDM, UniPC and LCM run the same update functions as our own schedulers
-(``schedulers.heun``, ``schedulers.kdpm2``, ``schedulers.lms``, ``schedulers.dpm_solver``, ``schedulers.pndm``,
-``schedulers.unipc``, ``schedulers.lcm``), on the state diffusers' scheduler keeps: their fused steps are in
-``diffusers_solver_steps``. This module has the ones that call an op of their own (DDIM, Euler, Euler ancestral,
-DDPM), the registry, and what every fused step shares (the config check, the fallback to the scheduler's own step,
-the sigma tables).
+Those run the same update functions as our own schedulers, on the state diffusers' scheduler keeps: their fused
+steps are in ``diffusers_solver_steps``. This module has the ones that call an op of their own (DDIM, Euler, Euler
+ancestral, DDPM), the registry, and what every fused step shares (the config check, the fallback to the scheduler's
+own step, the sigma tables).
 
 A subclass that overrides ``step`` is left alone: its step is not the one we mirror.
 """
@@ -178,6 +176,7 @@ def _config_gap(scheduler):
                   "PNDMScheduler": ("epsilon", "v_prediction"),
                   "UniPCMultistepScheduler": ("epsilon", "v_prediction", "sample"),
                   "LCMScheduler": ("epsilon", "v_prediction", "sample"),
+                  "TCDScheduler": ("epsilon", "v_prediction", "sample"),
                   "DDPMScheduler": ("epsilon", "v_prediction", "sample")}[_fused_class(scheduler).__name__]
     variance = getattr(c, "variance_type", None)  # DDPM's and DPM-Solver's
     algorithm, solver = getattr(c, "algorithm_type", "dpmsolver++"), getattr(c, "solver_type", "midpoint")  # DPM's
@@ -213,11 +212,11 @@ def _fusable():
     from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
                            EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
                            KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, LMSDiscreteScheduler,
-                           PNDMScheduler, UniPCMultistepScheduler)
+                           PNDMScheduler, TCDScheduler, UniPCMultistepScheduler)
 
     from .diffusers_solver_steps import (_fused_deis_step, _fused_dpm_multistep_step, _fused_heun_step,
                                          _fused_kdpm2_ancestral_step, _fused_kdpm2_step, _fused_lcm_step,
-                                         _fused_lms_step, _fused_pndm_step, _fused_unipc_step)
+                                         _fused_lms_step, _fused_pndm_step, _fused_tcd_step, _fused_unipc_step)
 
     return [(DDIMScheduler, _fused_ddim_step), (EulerDiscreteScheduler, _fused_euler_step),
             (EulerAncestralDiscreteScheduler, _fused_euler_ancestral_step), (HeunDiscreteScheduler, _fused_heun_step),
@@ -227,6 +226,7 @@ def _fusable():
             (DPMSolverMultistepScheduler, _fused_dpm_multistep_step), (DEISMultistepScheduler, _fused_deis_step),
             (PNDMScheduler, _fused_pndm_step),
             (UniPCMultistepScheduler, _fused_unipc_step), (LCMScheduler, _fused_lcm_step),
+            (TCDScheduler, _fused_tcd_step),
             (DDPMScheduler, _fused_ddpm_step)]
 
 

@@ -1,9 +1,9 @@
 """accelerate's fused ``step`` methods for diffusers' schedulers whose update our own schedulers compute: Heun, DPM2
-and DPM2 ancestral, LMS, DPM-Solver++ multistep, DEIS, PNDM, UniPC and LCM. Each runs our scheduler's update function
-(``schedulers.heun``, ``schedulers.kdpm2``, ``schedulers.lms``, ``schedulers.dpm_solver``, ``schedulers.deis``,
-``schedulers.pndm``, ``schedulers.unipc``, ``schedulers.lcm``) on the state diffusers' scheduler keeps, one
-``linear_step`` pass a call. What they do not mirror goes to the scheduler's own step. The registry and the shared
-checks are in ``diffusers_schedulers``.
+and DPM2 ancestral, LMS, DPM-Solver++ multistep, DEIS, PNDM, UniPC, LCM and TCD. Each runs our scheduler's update
+function (``schedulers.heun``, ``schedulers.kdpm2``, ``schedulers.lms``, ``schedulers.dpm_solver``,
+``schedulers.deis``, ``schedulers.pndm``, ``schedulers.unipc``, ``schedulers.lcm``, ``schedulers.tcd``) on the state
+diffusers' scheduler keeps, one ``linear_step`` pass a call. What they do not mirror goes to the scheduler's own
+step. The registry and the shared checks are in ``diffusers_schedulers``.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from .diffusers_schedulers import (_KDPM2_TABLES, _LCM_TABLES, _LMS_WEIGHTS, _config_gap_now, _original,
                                    _sigma_tables)
-from .schedulers import deis, dpm_solver, heun, kdpm2, lcm, lms, pndm, unipc
+from .schedulers import deis, dpm_solver, heun, kdpm2, lcm, lms, pndm, tcd, unipc
 from .schedulers.common import randn_tensor
 
 
@@ -217,19 +217,45 @@ def _fused_lcm_step(self, model_output, timestep, sample, generator=None, return
     SNR; diffusers' x0 is NaN) and thresholding keep diffusers' own step."""
     from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 
-    if self.num_inference_steps is None or _config_gap_now(self):
+    call = _consistency_call(self, timestep)
+    if call is None:
         return _original(self, model_output, timestep, sample, generator, return_dict)
+    prev, denoised = lcm.lcm_update(self, model_output, sample, *call, generator)
+    self._step_index += 1
+    return LCMSchedulerOutput(prev_sample=prev, denoised=denoised) if return_dict else (prev, denoised)
+
+
+def _fused_tcd_step(self, model_output, timestep, sample, eta=0.3, generator=None, return_dict=True):
+    """diffusers' TCDScheduler.step as our scheduler computes it (``schedulers.tcd.tcd_update``): x0, the noise, the
+    re-noising to s and the step's fresh noise in one fused pass, the noise drawn as diffusers draws it. An eta
+    outside [0, 1] (diffusers' assert), a host timestep that is not the schedule's, a step past the schedule and
+    epsilon at a zero alpha keep diffusers' own step."""
+    from diffusers.schedulers.scheduling_tcd import TCDSchedulerOutput
+
+    good_eta = not isinstance(eta, bool) and isinstance(eta, (int, float)) and 0 <= eta <= 1
+    call = _consistency_call(self, timestep) if good_eta else None
+    if call is None:
+        return _original(self, model_output, timestep, sample, eta, generator, return_dict)
+    prev, noised = tcd.tcd_update(self, model_output, sample, *call, float(eta), generator)
+    self._step_index += 1
+    return TCDSchedulerOutput(prev_sample=prev, pred_noised_sample=noised) if return_dict else (prev, noised)
+
+
+def _consistency_call(self, timestep):
+    """(step index, timesteps, alphas as host lists) for an LCM or TCD call, or None for one diffusers' own step
+    takes: no schedule yet, a config not mirrored, a step past the schedule, a host timestep that is not this step's
+    (diffusers reads the schedule's), epsilon at a zero alpha (zero terminal SNR: x0 = x / 0, NaN there too)."""
+    if self.num_inference_steps is None or _config_gap_now(self):
+        return None
     if self.step_index is None:
         self._init_step_index(timestep)
     schedule, alphas = _lcm_tables(self)
     i = self.step_index
     on_host = not torch.is_tensor(timestep) or timestep.device.type == "cpu"
     if (i >= len(schedule) or (on_host and int(timestep) != schedule[i])
-            or (self.config.prediction_type == "epsilon" and alphas[schedule[i]] == 0)):  # x0 = x / 0: NaN there too
-        return _original(self, model_output, timestep, sample, generator, return_dict)
-    prev, denoised = lcm.lcm_update(self, model_output, sample, i, schedule, alphas, generator)
-    self._step_index += 1
-    return LCMSchedulerOutput(prev_sample=prev, denoised=denoised) if return_dict else (prev, denoised)
+            or (self.config.prediction_type == "epsilon" and alphas[schedule[i]] == 0)):
+        return None
+    return i, schedule, alphas
 
 
 def _lcm_tables(self):

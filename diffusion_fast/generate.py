@@ -13,8 +13,8 @@ from .cli import KARRAS_SCHEDULERS, SCHEDULER_CHOICES, UsageError, _device, _dty
 
 
 def _check_scheduler_options(args, scheduler_name):
-    if args.eta != 0 and scheduler_name != "DDIMScheduler":
-        raise UsageError(f"--eta is DDIM's; the scheduler is {scheduler_name} (--scheduler ddim)")
+    if args.eta != 0 and scheduler_name not in ("DDIMScheduler", "TCDScheduler"):
+        raise UsageError(f"--eta is DDIM's and TCD's; the scheduler is {scheduler_name} (--scheduler ddim or tcd)")
     if args.karras and scheduler_name not in KARRAS_SCHEDULERS:
         raise UsageError(f"--karras is for Euler, Heun, LMS, DPM2, DPM-Solver++, UniPC and DEIS; the scheduler is "
                          f"{scheduler_name} (--scheduler euler, heun, lms, dpm2, dpm2-a, dpm++-2m, dpm++-2m-sde, "

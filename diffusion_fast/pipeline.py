@@ -294,10 +294,9 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
             noise_pred = uncond + guidance_scale * (text - uncond)
             if rescale:
                 noise_pred = rescale_noise_cfg(noise_pred, text, self._guidance_rescale)
-        if isinstance(self.scheduler, DDIMScheduler):
-            kwargs = {"eta": eta, "generator": generator}
-        else:  # as diffusers' prepare_extra_step_kwargs: a generator only for a step that takes one (not PNDM's)
-            kwargs = {"generator": generator} if _takes(self.scheduler.step, "generator") else {}
+        # as diffusers' prepare_extra_step_kwargs: eta (DDIM's, TCD's) and a generator for a step that takes them
+        step = self.scheduler.step
+        kwargs = {name: value for name, value in (("eta", eta), ("generator", generator)) if _takes(step, name)}
         return self.scheduler.step(noise_pred, t, latents, **kwargs).prev_sample
 
     def _graph_step(self, latents, t, embeds, guidance_scale, do_cfg, num_inference_steps, *cond):

@@ -28,7 +28,7 @@ OP = {"DDIMScheduler": "ddim_step", "EulerDiscreteScheduler": "euler_step", "DDP
       "PNDMScheduler": "linear_step", "UniPCMultistepScheduler": "linear_step", "LCMScheduler": "linear_step",
       "HeunDiscreteScheduler": "linear_step", "LMSDiscreteScheduler": "linear_step",
       "KDPM2DiscreteScheduler": "linear_step", "KDPM2AncestralDiscreteScheduler": "linear_step",
-      "DEISMultistepScheduler": "linear_step"}
+      "DEISMultistepScheduler": "linear_step", "TCDScheduler": "linear_step"}
 SDXL_EULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
                   steps_offset=1)  # the scheduler config SDXL checkpoints ship
 
@@ -249,6 +249,7 @@ def test_euler_steps_keep_diffusers_errors_and_warnings(caplog):
     ("KDPM2DiscreteScheduler", dict(use_karras_sigmas=True)),  # "DPM2 Karras": the UNet at the midpoints too
     ("KDPM2AncestralDiscreteScheduler", {}),  # "DPM2 a": noise from the generator at every second call
     ("DEISMultistepScheduler", dict(solver_order=3)),  # two earlier noise predictions combined
+    ("TCDScheduler", {}),  # TCD-LoRA's (the pipeline's eta 0: deterministic)
     pytest.param("LMSDiscreteScheduler", {}, marks=NEEDS_SCIPY),
     ("DDPMScheduler", dict(variance_type="fixed_small_log")),
 ])
@@ -287,7 +288,7 @@ def test_sdxl_pipeline_with_its_default_euler_scheduler(monkeypatch):
 @pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
                                   "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
                                   "LCMScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
-                                  "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler",
+                                  "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler", "TCDScheduler",
                                   pytest.param("LMSDiscreteScheduler", marks=NEEDS_SCIPY), "DDPMScheduler"])
 def test_fused_steps_on_gpu_in_half_precision(monkeypatch, name):
     """The CUDA kernels of the fused steps inside an fp16 pipeline on the GPU, with the UNet graphed: the image stays
@@ -316,7 +317,7 @@ def test_which_schedulers_are_left_alone_and_why():
     names = ("DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, "
              "KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, LMSDiscreteScheduler, "
              "DPMSolverMultistepScheduler, DEISMultistepScheduler, PNDMScheduler, UniPCMultistepScheduler, "
-             "LCMScheduler, DDPMScheduler")
+             "LCMScheduler, TCDScheduler, DDPMScheduler")
     assert f"DPMSolverSinglestepScheduler (fused: {names})" in diffusers_schedulers.fuse_step(single)
     assert "step" not in vars(single)
 

@@ -59,6 +59,7 @@ def test_generate_from_folder_batch(tmp_path, capsys):
     ("dpm++-2m-sde", ["--karras"], "DPMSolverMultistepScheduler"),
     ("unipc", [], "UniPCMultistepScheduler"),
     ("lcm", ["--guidance", "1"], "LCMScheduler"),  # no CFG batch, as LCM-LoRA runs
+    ("tcd", ["--guidance", "1", "--eta", "0.3"], "TCDScheduler"),  # TCD-LoRA's: eta is TCD's gamma
     ("heun", ["--karras"], "HeunDiscreteScheduler"),  # two UNet calls a step
     ("lms", ["--karras"], "LMSDiscreteScheduler"),  # "LMS Karras"
     ("dpm2-a", ["--karras"], "KDPM2AncestralDiscreteScheduler"),  # "DPM2 a Karras": the UNet at the midpoints too
@@ -107,7 +108,7 @@ def test_generate_guidance_default_is_the_pipelines(monkeypatch, tmp_path, optio
 
 @pytest.mark.parametrize("argv, message", [
     (["--scheduler", "euler", "--eta", "0.5"],
-     "--eta is DDIM's; the scheduler is EulerDiscreteScheduler (--scheduler ddim)"),
+     "--eta is DDIM's and TCD's; the scheduler is EulerDiscreteScheduler (--scheduler ddim or tcd)"),
     (["--scheduler", "pndm", "--karras"],
      "--karras is for Euler, Heun, LMS, DPM2, DPM-Solver++, UniPC and DEIS; the scheduler is PNDMScheduler "
      "(--scheduler euler, heun, lms, dpm2, dpm2-a, dpm++-2m, dpm++-2m-sde, unipc or deis)"),

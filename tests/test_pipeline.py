@@ -77,6 +77,26 @@ def test_other_schedulers_same_image_as_diffusers(pair, scheduler, cfg, steps):
         theirs.scheduler, ours.scheduler = saved
 
 
+@pytest.mark.parametrize("eta", [0.0, 0.3])
+def test_tcd_takes_the_pipelines_eta_as_diffusers(pair, eta):
+    """TCD-LoRA's sampler: its step takes the pipeline's eta (TCD's gamma; diffusers' prepare_extra_step_kwargs
+    passes it to any step that has one), and with eta > 0 draws fresh noise from the generator at each step."""
+    import diffusers
+
+    theirs, ours = pair
+    saved = theirs.scheduler, ours.scheduler
+    try:
+        theirs.scheduler = diffusers.TCDScheduler.from_config(saved[0].config)
+        ours.scheduler = diffusion_fast.schedulers.load_scheduler(dict(theirs.scheduler.config))
+        assert type(ours.scheduler).__name__ == "TCDScheduler"
+        a, b = _both(pair, prompt="a red cube", num_inference_steps=4, eta=eta)
+        assert np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS
+        if eta:
+            assert np.abs(b - _both(pair, prompt="a red cube", num_inference_steps=4)[1]).max() > 0.02
+    finally:
+        theirs.scheduler, ours.scheduler = saved
+
+
 @pytest.mark.parametrize("backend_name", ["fast", "reference"])
 @pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler"])
 def test_guidance_rescale_same_image_as_diffusers(pair, scheduler, backend_name):

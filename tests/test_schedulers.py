@@ -499,7 +499,7 @@ def test_add_noise_per_sample_timesteps_and_fp16(name):
                                   "EulerAncestralDiscreteScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
                                   "UniPCMultistepScheduler", "LCMScheduler", "HeunDiscreteScheduler",
                                   "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
-                                  "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler"])
+                                  "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler", "TCDScheduler"])
 def test_outputs_fully_written_under_poisoned_allocations(name):
     """torch.empty* return NaN inside the block: an output element the op leaves unwritten would show as NaN."""
     from _numerics import poisoned_allocations
@@ -564,7 +564,7 @@ def _sampling_steps(name, sched, x, mo):
                                                 ("LCMScheduler", True), ("HeunDiscreteScheduler", False),
                                                 ("LMSDiscreteScheduler", False), ("KDPM2DiscreteScheduler", False),
                                                 ("KDPM2AncestralDiscreteScheduler", False),
-                                                ("DEISMultistepScheduler", False)])
+                                                ("DEISMultistepScheduler", False), ("TCDScheduler", False)])
 def test_step_does_not_read_device_values(name, thresholding):
     """The step must never read a device value on the host (on a GPU, a sync per step). Meta tensors have no values:
     any .item()/bool()/nonzero/.cpu() on them raises, so a loop that completes on meta tensors cannot have synced."""
@@ -587,7 +587,7 @@ def test_step_does_not_read_device_values(name, thresholding):
                                                 ("HeunDiscreteScheduler", False), ("LMSDiscreteScheduler", False),
                                                 ("KDPM2DiscreteScheduler", False),
                                                 ("KDPM2AncestralDiscreteScheduler", False),
-                                                ("DEISMultistepScheduler", False)])
+                                                ("DEISMultistepScheduler", False), ("TCDScheduler", False)])
 def test_step_does_not_sync_on_cuda(name, thresholding):
     setup = _sampling_setup(name, "cuda", thresholding)
     _sampling_steps(name, *_sampling_setup(name, "cuda", thresholding))  # warm up: kernels compiled
@@ -637,9 +637,10 @@ def test_set_timesteps_refreshes_device_tables_in_place(name, tables, device):
 
 
 def test_from_config_of_another_scheduler_and_load_scheduler(tmp_path):
-    tcd = diffusers.TCDScheduler(beta_schedule="scaled_linear", steps_offset=1)
-    tcd.save_config(tmp_path)
-    with pytest.warns(RuntimeWarning, match="TCDScheduler is not implemented; using DDIMScheduler"):
+    single = diffusers.DPMSolverSinglestepScheduler(beta_schedule="scaled_linear")
+    single.register_to_config(steps_offset=1)  # (not its field: kept in the file, and DDIM takes it)
+    single.save_config(tmp_path)
+    with pytest.warns(RuntimeWarning, match="DPMSolverSinglestepScheduler is not implemented; using DDIMScheduler"):
         sched = S.load_scheduler(str(tmp_path))
     assert isinstance(sched, S.DDIMScheduler) and sched.config.steps_offset == 1
     assert sched.config["beta_schedule"] == "scaled_linear"

@@ -13,12 +13,13 @@ from .kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
 from .lcm import LCMScheduler, LCMSchedulerOutput
 from .lms import LMSDiscreteScheduler
 from .pndm import PNDMScheduler
+from .tcd import TCDScheduler, TCDSchedulerOutput
 from .unipc import UniPCMultistepScheduler
 
 SCHEDULERS = {cls.__name__: cls for cls in (
     DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
     EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
-    LCMScheduler, LMSDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)}
+    LCMScheduler, LMSDiscreteScheduler, PNDMScheduler, TCDScheduler, UniPCMultistepScheduler)}
 
 
 def load_scheduler(folder_or_config, default="DDIMScheduler"):
@@ -41,6 +42,6 @@ __all__ = ["DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler", "DPMSolve
            "EulerDiscreteScheduler",
            "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
            "KDPM2AncestralDiscreteScheduler", "LCMScheduler", "LCMSchedulerOutput",
-           "LMSDiscreteScheduler", "PNDMScheduler",
+           "LMSDiscreteScheduler", "PNDMScheduler", "TCDScheduler", "TCDSchedulerOutput",
            "UniPCMultistepScheduler", "load_scheduler", "randn_tensor",
            "SchedulerOutput", "FrozenConfig", "SCHEDULERS"]

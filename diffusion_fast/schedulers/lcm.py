@@ -89,10 +89,12 @@ def lcm_update(self, model_output, sample, index: int, schedule, alphas, generat
     return prev, denoised
 
 
-def lcm_timesteps(config, num_inference_steps=None, original_inference_steps=None, timesteps=None, strength=1.0):
+def lcm_timesteps(config, num_inference_steps=None, original_inference_steps=None, timesteps=None, strength=1.0,
+                  name="LCMScheduler", every_timestep=False):
     """diffusers' LCM schedule: ``num_inference_steps`` evenly spaced (by index) over the ``original_inference_steps``
     of the distillation schedule (``strength`` < 1 keeps its lower part, for img2img), or custom ``timesteps``.
-    Returns (timesteps as int64 numpy, num_inference_steps as diffusers counts it)."""
+    ``every_timestep``: spaced over every training timestep instead (diffusers' TCD, given original_inference_steps
+    in its call). Returns (timesteps as int64 numpy, num_inference_steps as diffusers counts it)."""
     if (num_inference_steps is None) == (timesteps is None):
         raise ValueError("pass exactly one of num_inference_steps or timesteps")
     n_train = config.num_train_timesteps
@@ -104,6 +106,8 @@ def lcm_timesteps(config, num_inference_steps=None, original_inference_steps=Non
         raise ValueError(f"strength must be in (0, 1], got {strength!r}")
     k = n_train // original
     origin = np.arange(1, int(original * strength) + 1) * k - 1  # the distillation schedule, ascending
+    if every_timestep:
+        origin = np.arange(0, int(n_train * strength))
     if timesteps is not None:
         values = np.asarray(timesteps.cpu() if torch.is_tensor(timesteps) else timesteps)
         if values.ndim != 1 or values.size < 1 or not np.issubdtype(values.dtype, np.integer):
@@ -114,11 +118,11 @@ def lcm_timesteps(config, num_inference_steps=None, original_inference_steps=Non
         if values[0] >= n_train or values[-1] < 0:
             raise ValueError(f"timesteps must lie in [0, {n_train}) (num_train_timesteps), got {values.tolist()}")
         if strength == 1.0 and values[0] != n_train - 1:
-            warnings.warn(f"LCMScheduler: the custom schedule starts at {values[0]}, not {n_train - 1}: you may get "
+            warnings.warn(f"{name}: the custom schedule starts at {values[0]}, not {n_train - 1}: you may get "
                           "unexpected results", UserWarning, stacklevel=3)
         off = sorted(set(values[1:].tolist()) - set(origin.tolist()))
         if off:
-            warnings.warn(f"LCMScheduler: timesteps {off} are not on the distillation schedule: you may get "
+            warnings.warn(f"{name}: timesteps {off} are not on the distillation schedule: you may get "
                           "unexpected results", UserWarning, stacklevel=3)
         n = len(values)  # as diffusers: counted before strength cuts the schedule
         start = max(n - min(int(n * strength), n), 0)
