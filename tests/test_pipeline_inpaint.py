@@ -94,6 +94,9 @@ def test_the_mask_decides_what_changes(pair):
     ("EulerDiscreteScheduler", {}),
     ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True)),
     ("PNDMScheduler", dict(skip_prk_steps=True)),
+    ("KDPM2DiscreteScheduler", {}),  # the mask blend at each of two calls a step
+    ("DEISMultistepScheduler", {}),
+    ("TCDScheduler", {}),
 ])
 def test_other_schedulers_same_image_as_diffusers(pair, scheduler, cfg):
     with _tiny_diffusers.swapped_schedulers(scheduler, pair[:1], pair[1:], **cfg):

@@ -72,6 +72,9 @@ def test_same_image_as_diffusers(pair, backend_name, kwargs):
     ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True)),
     ("DDIMScheduler", {}),  # with eta: DDIM's noise
     ("DPMSolverMultistepScheduler", dict(timesteps=[999, 845, 730, 587, 443, 310, 193, 116, 53, 13])),  # SDXL's AYS
+    ("KDPM2AncestralDiscreteScheduler", dict(use_karras_sigmas=True)),  # the UNet at the midpoints, SDXL's ids too
+    ("DEISMultistepScheduler", {}),
+    ("TCDScheduler", {}),  # with eta: TCD's noise
 ])
 def test_other_schedulers_same_image_as_diffusers(pair, scheduler, cfg):
     import diffusers
@@ -83,7 +86,7 @@ def test_other_schedulers_same_image_as_diffusers(pair, scheduler, cfg):
         schedule = {"timesteps": cfg.pop("timesteps")} if "timesteps" in cfg else {"num_inference_steps": 4}
         theirs.scheduler = getattr(diffusers, scheduler).from_config(saved[0].config, **cfg)
         ours.scheduler = diffusion_fast.schedulers.load_scheduler(dict(theirs.scheduler.config))
-        extra = {"eta": 0.6} if scheduler == "DDIMScheduler" else {}
+        extra = {"eta": 0.6} if scheduler in ("DDIMScheduler", "TCDScheduler") else {}
         assert _both(pair, prompt="a red cube", **schedule, **extra) <= PIPELINE_FP32_MAX_ABS
     finally:
         theirs.scheduler, ours.scheduler = saved
