@@ -151,6 +151,7 @@ class StableDiffusionImg2ImgPipeline(_ImageToImage, StableDiffusionPipeline):
         image, latent_input, height, width = self._prepare_image(image, strength)
         shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                                    num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None, output_type)
+        self._check_clip_skip(clip_skip)  # (before the schedule is set: a refused call changes nothing)
         callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         num_inference_steps, timesteps, do_cfg, negative_prompt_embeds, embeds = self._sd_tail_and_embeds(
             prompt, num_inference_steps, strength, timesteps, sigmas, guidance_scale, num_images_per_prompt,
@@ -187,6 +188,7 @@ class StableDiffusionXLImg2ImgPipeline(_ImageToImage, StableDiffusionXLPipeline)
         image, latent_input, height, width = self._prepare_image(image, strength)
         shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                                    num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None, output_type)
+        self._check_clip_skip(clip_skip)  # (before the schedule is set: a refused call changes nothing)
         sizes = self._check_image_call(
             denoising_start, denoising_end, aesthetic_score, negative_aesthetic_score, guidance_rescale, prompt,
             prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,

@@ -68,3 +68,14 @@ def test_bad_clip_skip_names_the_argument(folders):
     for value in (2, -1, 1.0, True, "1"):  # the tiny text encoder has 2 layers
         with pytest.raises(ValueError, match=r"clip_skip must be None or an int in \[0, 2\)"):
             ours("a", num_inference_steps=1, clip_skip=value)
+    # the image pipelines refuse it before setting the schedule: a refused call leaves the scheduler as it was
+    from diffusion_fast.pipeline_img2img import StableDiffusionImg2ImgPipeline
+    from diffusion_fast.pipeline_inpaint import StableDiffusionInpaintPipeline
+
+    image, mask = Image.new("RGB", (32, 32)), Image.new("L", (32, 32), 255)
+    for cls, extra in [(StableDiffusionImg2ImgPipeline, {}), (StableDiffusionInpaintPipeline, {"mask_image": mask})]:
+        scheduler = diffusion_fast.schedulers.DDIMScheduler.from_config(ours.scheduler.config)
+        pipe = cls(ours.unet, ours.vae, ours.text_encoder, ours.tokenizer, scheduler)
+        with pytest.raises(ValueError, match="clip_skip must be None or an int"):
+            pipe("a", image=image, num_inference_steps=3, clip_skip=2, **extra)
+        assert pipe.scheduler.num_inference_steps is None
