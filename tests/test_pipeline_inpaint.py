@@ -90,6 +90,7 @@ def test_the_mask_decides_what_changes(pair):
     assert np.abs(a - b).max() > 0.02
 
 
+@pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning")  # diffusers' DPM2, DEIS
 @pytest.mark.parametrize("scheduler, cfg", [
     ("EulerDiscreteScheduler", {}),
     ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True)),
