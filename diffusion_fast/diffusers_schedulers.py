@@ -32,9 +32,8 @@ from .schedulers.common import randn_tensor
 _ORIGINAL = "_diffusion_fast_original_step"
 _SIGMAS = "_diffusion_fast_sigmas"
 _CHECKED = "_diffusion_fast_checked_config"
-_LCM_TABLES = "_diffusion_fast_lcm_tables"
+_HOST_LISTS = "_diffusion_fast_host_lists"
 _LMS_WEIGHTS = "_diffusion_fast_lms_weights"
-_KDPM2_TABLES = "_diffusion_fast_kdpm2_tables"
 
 
 def _original(self, *args, **kwargs):
@@ -256,6 +255,6 @@ def unfuse_step(scheduler):
     """Undo ``fuse_step``."""
     del scheduler.step  # the instance attribute shadowed the class method
     delattr(scheduler, _ORIGINAL)
-    for cache in (_SIGMAS, _CHECKED, _LCM_TABLES, _LMS_WEIGHTS, _KDPM2_TABLES):
+    for cache in (_SIGMAS, _CHECKED, _HOST_LISTS, _LMS_WEIGHTS):
         if hasattr(scheduler, cache):
             delattr(scheduler, cache)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .diffusers_schedulers import (_KDPM2_TABLES, _LCM_TABLES, _LMS_WEIGHTS, _config_gap_now, _original,
-                                   _sigma_tables)
+from .diffusers_schedulers import _HOST_LISTS, _LMS_WEIGHTS, _config_gap_now, _original, _sigma_tables
 from .schedulers import deis, dpm_solver, heun, kdpm2, lcm, lms, pndm, tcd, unipc
 from .schedulers.common import randn_tensor
 
@@ -66,19 +65,14 @@ def _fused_kdpm2_ancestral_step(self, model_output, timestep, sample, generator=
 
 
 def _kdpm2_call(self, model_output, timestep, sample, names, generator):
-    """(prev_sample, pred_original_sample) of one DPM2 call on diffusers' scheduler, its step index advanced; None
-    for a call past the schedule. The tables (``names``) as host floats are made again whenever set_timesteps
-    replaces them or they are changed in place: one device read per schedule, none per step."""
+    """(prev_sample, pred_original_sample) of one DPM2 call on diffusers' scheduler (its tables ``names`` read as
+    host floats), its step index advanced; None for a call past the schedule."""
     if self.step_index is None:
         self._init_step_index(timestep)
     if self.step_index >= len(self.timesteps):
         return None
-    tensors = [getattr(self, name) for name in names]
-    cached = getattr(self, _KDPM2_TABLES, None)
-    if cached is None or any(a is not b or v != b._version for a, (b, v) in zip(tensors, cached[0])):
-        cached = ([(t, t._version) for t in tensors], {n: t.double().tolist() for n, t in zip(names, tensors)})
-        setattr(self, _KDPM2_TABLES, cached)
-    prev, x0 = kdpm2.kdpm2_update(self, model_output, sample, cached[1], generator)
+    tables = dict(zip(names, _host_lists(self, names)))
+    prev, x0 = kdpm2.kdpm2_update(self, model_output, sample, tables, generator)
     self._step_index += 1
     return prev, x0
 
@@ -249,7 +243,7 @@ def _consistency_call(self, timestep):
         return None
     if self.step_index is None:
         self._init_step_index(timestep)
-    schedule, alphas = _lcm_tables(self)
+    schedule, alphas = _host_lists(self, ("timesteps", "alphas_cumprod"))
     i = self.step_index
     on_host = not torch.is_tensor(timestep) or timestep.device.type == "cpu"
     if (i >= len(schedule) or (on_host and int(timestep) != schedule[i])
@@ -258,14 +252,14 @@ def _consistency_call(self, timestep):
     return i, schedule, alphas
 
 
-def _lcm_tables(self):
-    """An LCM scheduler's timesteps and alphas_cumprod as host lists, made again whenever set_timesteps replaces the
-    timesteps or add_noise moves alphas_cumprod (diffusers' add_noise puts it on the sample's device): one device
-    read per schedule, none per step."""
-    timesteps, alphas = self.timesteps, self.alphas_cumprod
-    cached = getattr(self, _LCM_TABLES, None)
-    if (cached is None or cached[0] is not timesteps or cached[1] != timesteps._version or cached[2] is not alphas
-            or cached[3] != alphas._version):
-        cached = (timesteps, timesteps._version, alphas, alphas._version, timesteps.tolist(), alphas.double().tolist())
-        setattr(self, _LCM_TABLES, cached)
-    return cached[4], cached[5]
+def _host_lists(self, names):
+    """The scheduler's tables ``names`` as host lists (floats in float64, ints as ints), made again whenever
+    set_timesteps replaces one or it is changed in place (diffusers' add_noise moves alphas_cumprod to the sample's
+    device): one device read per schedule, none per step."""
+    tensors = [getattr(self, name) for name in names]
+    cache = self.__dict__.setdefault(_HOST_LISTS, {})
+    cached = cache.get(names)
+    if cached is None or any(t is not old or t._version != version for t, (old, version) in zip(tensors, cached[0])):
+        lists = [t.double().tolist() if t.is_floating_point() else t.tolist() for t in tensors]
+        cached = cache[names] = ([(t, t._version) for t in tensors], lists)
+    return cached[1]
