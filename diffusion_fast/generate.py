@@ -108,15 +108,14 @@ def _refiner(args, pipe, dtype, device):
     return _img2img(refiner)
 
 
-def _refiner_embeddings(args, refiner):
-    """--embedding for the refiner: an SDXL embedding's clip_g vectors go into its text encoder (its only one, the
-    base's second); an embedding for one encoder stays the base's, said in one line (the refiner reads its token as
-    plain text, as it would in diffusers)."""
-    from .textual_inversion import read_embedding
+def _refiner_embeddings(embeddings, refiner):
+    """--embedding for the refiner (``embeddings``: (path, state read, token)): an SDXL embedding's clip_g vectors go
+    into its text encoder (its only one, the base's second); an embedding for one encoder stays the base's, said in
+    one line (the refiner reads its token as plain text, as it would in diffusers)."""
+    from .textual_inversion import is_sdxl_embedding
 
-    for path, token in args.embedding:
-        state = read_embedding(path)
-        if isinstance(state, dict) and {"clip_l", "clip_g"} <= set(state):
+    for path, state, token in embeddings:
+        if is_sdxl_embedding(state):
             refiner.load_textual_inversion(state, token=token)
         else:
             print(f"embedding {path}: the base's first text encoder only (not an SDXL clip_l + clip_g file), so not "
@@ -142,6 +141,7 @@ def generate(args) -> int:
     from .pipeline import StableDiffusionPipeline
     from .pipeline_xl import load_pipeline
     from .schedulers import SCHEDULERS
+    from .textual_inversion import read_embedding
 
     if args.scheduler != "model":  # known before loading anything
         _check_scheduler_options(args, SCHEDULER_CHOICES[args.scheduler][0])
@@ -162,8 +162,9 @@ def generate(args) -> int:
         pipe.set_adapters([f"lora_{i}" for i in range(len(args.lora))], [scale for _, scale in args.lora])
         print(f"merged {len(args.lora)} LoRA{'s' if len(args.lora) > 1 else ''}: "
               + ", ".join(f"{path} at {scale:g}" for path, scale in args.lora))
-    for path, token in args.embedding:
-        pipe.load_textual_inversion(path, token=token)
+    embeddings = [(path, read_embedding(path), token) for path, token in args.embedding]  # (each file read once)
+    for _, state, token in embeddings:
+        pipe.load_textual_inversion(state, token=token)
     if args.embedding:
         print(f"loaded {len(args.embedding)} textual inversion embedding{'s' if len(args.embedding) > 1 else ''}")
     if mask_image is not None:
@@ -177,7 +178,7 @@ def generate(args) -> int:
                          "SDXL base")
     refiner = _refiner(args, pipe, dtype, device)
     if refiner is not None:
-        _refiner_embeddings(args, refiner)
+        _refiner_embeddings(embeddings, refiner)
     name, fields = SCHEDULER_CHOICES.get(args.scheduler, (type(pipe.scheduler).__name__, {}))
     _check_scheduler_options(args, name)
     fields = dict(fields, **({"use_karras_sigmas": True} if args.karras else {}))

@@ -49,6 +49,12 @@ def read_embedding(source, weight_name=None):
                          f"{exc}") from None
 
 
+def is_sdxl_embedding(state) -> bool:
+    """Whether a read embedding holds SDXL's pair: ``clip_l`` vectors for the first encoder, ``clip_g`` for the
+    second."""
+    return isinstance(state, dict) and {"clip_l", "clip_g"} <= set(state)
+
+
 def _resize(text_encoder, rows):
     """Grow or cut the text encoder's token embeddings to ``rows`` (rows added are written by the caller: no need
     for transformers' mean-and-covariance initialisation)."""
@@ -105,7 +111,7 @@ class TextualInversionLoaderMixin:
         named = [t for t in tokens if t is not None]
         if len(set(named)) < len(named):
             raise ValueError(f"token: duplicates in {tokens}")
-        dual = [isinstance(s, dict) and {"clip_l", "clip_g"} <= set(s) for s in states]
+        dual = [is_sdxl_embedding(s) for s in states]
         if any(dual) and tokenizer is None and text_encoder is None and getattr(self, "text_encoder_2", None):
             if not all(dual):
                 raise ValueError("pretrained_model_name_or_path: SDXL (clip_l and clip_g) embeddings and others in "
@@ -144,6 +150,8 @@ class TextualInversionLoaderMixin:
         names = [tokens] if isinstance(tokens, str) else tokens
         if names is not None and (not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names)):
             raise TypeError(f"tokens must be a token, a list of tokens or None (all), got {tokens!r}")
+        if names is not None and not names:  # (diffusers unloads every embedding then)
+            raise ValueError("tokens: an empty list names no embedding; pass None to unload every one")
         loaded = {n for r in records for names_ in r["embeddings"] for n in names_}
         missing = sorted(set(names or ()) - loaded)
         if missing or not loaded:
@@ -204,6 +212,8 @@ class TextualInversionLoaderMixin:
         if isinstance(prompt, (list, tuple)):
             return [self.maybe_convert_prompt(p, tokenizer) for p in prompt]
         added = tokenizer.added_tokens_encoder
+        if not any(f"{token}_1" in added for token in added):  # no multi-vector embedding: nothing to spell out
+            return prompt
         for token in set(tokenizer.tokenize(prompt)):
             if token in added:
                 replacement, i = token, 1

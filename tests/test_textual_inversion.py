@@ -160,7 +160,22 @@ def test_unload_sdxl_embedding_from_both_encoders_and_bad_calls(folders, tmp_pat
         ours.unload_textual_inversion(["<xl-style>", "<other>"])
     with pytest.raises(TypeError, match="tokens must be a token, a list of tokens or None"):
         ours.unload_textual_inversion(3)
+    with pytest.raises(ValueError, match="tokens: an empty list names no embedding"):  # (diffusers unloads all)
+        ours.unload_textual_inversion([])
     assert len(ours.tokenizer) == sizes[0] + 2  # a refused call changes nothing
     ours.unload_textual_inversion("<xl-style>_1")  # any of its tokens names the embedding
     assert (len(ours.tokenizer), len(ours.tokenizer_2)) == sizes
     assert np.array_equal(_image(ours, "a <xl-style> cube", "blurry"), before)
+
+
+def test_prompts_are_tokenized_for_conversion_only_with_a_multi_vector_embedding(folders, monkeypatch):
+    """maybe_convert_prompt runs at every call: without a multi-vector embedding there is nothing to spell out, so
+    the prompt is not tokenized for it (a single-vector token needs no conversion either)."""
+    _, ours = _pair(folders / "sd")
+    ours.load_textual_inversion(torch.randn(32), token="<one>")
+    calls = []
+    real = ours.tokenizer.tokenize
+    monkeypatch.setattr(ours.tokenizer, "tokenize", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert ours.maybe_convert_prompt(["a <one> cube", "b"], ours.tokenizer) == ["a <one> cube", "b"] and not calls
+    ours.load_textual_inversion(torch.randn(2, 32), token=["<two>", "<two>_1"])  # (names its tokens as diffusers)
+    assert ours.maybe_convert_prompt("a <two>", ours.tokenizer) == "a <two> <two>_1" and len(calls) == 1
