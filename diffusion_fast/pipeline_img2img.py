@@ -101,13 +101,14 @@ class _ImageToImage:
                             num_images_per_prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                             clip_skip=None):
         """SD's (not SDXL's) start of an image-to-image or inpainting call: the schedule's ``strength`` tail and the
-        text embeddings. Returns (num_inference_steps, timesteps, do_cfg, negative_prompt_embeds, embeds)."""
+        text embeddings (``clip_skip`` checked by the caller). Returns (num_inference_steps, timesteps, do_cfg,
+        negative_prompt_embeds, embeds)."""
         num_inference_steps = self._set_timesteps(num_inference_steps, self.device, timesteps, sigmas)
         timesteps = self._tail(num_inference_steps, strength)
         do_cfg = guidance_scale > 1.0
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             [prompt] if isinstance(prompt, str) else prompt, self.device, num_images_per_prompt, do_cfg,
-            negative_prompt, prompt_embeds, negative_prompt_embeds, self._check_clip_skip(clip_skip))
+            negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
         embeds = (torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds).to(self.dtype)
         return num_inference_steps, timesteps, do_cfg, negative_prompt_embeds, embeds
 
@@ -151,7 +152,7 @@ class StableDiffusionImg2ImgPipeline(_ImageToImage, StableDiffusionPipeline):
         image, latent_input, height, width = self._prepare_image(image, strength)
         shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                                    num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None, output_type)
-        self._check_clip_skip(clip_skip)  # (before the schedule is set: a refused call changes nothing)
+        clip_skip = self._check_clip_skip(clip_skip)  # (before the schedule is set: a refused call changes nothing)
         callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         num_inference_steps, timesteps, do_cfg, negative_prompt_embeds, embeds = self._sd_tail_and_embeds(
             prompt, num_inference_steps, strength, timesteps, sigmas, guidance_scale, num_images_per_prompt,
@@ -188,7 +189,7 @@ class StableDiffusionXLImg2ImgPipeline(_ImageToImage, StableDiffusionXLPipeline)
         image, latent_input, height, width = self._prepare_image(image, strength)
         shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                                    num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None, output_type)
-        self._check_clip_skip(clip_skip)  # (before the schedule is set: a refused call changes nothing)
+        clip_skip = self._check_clip_skip(clip_skip)  # (before the schedule is set: a refused call changes nothing)
         sizes = self._check_image_call(
             denoising_start, denoising_end, aesthetic_score, negative_aesthetic_score, guidance_rescale, prompt,
             prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
@@ -235,13 +236,14 @@ class StableDiffusionXLImg2ImgPipeline(_ImageToImage, StableDiffusionXLPipeline)
     def _image_conditioning(self, prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt, do_cfg,
                             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
                             sizes, aesthetic_score, negative_aesthetic_score, batch, clip_skip=None):
-        """(the text embeddings, (pooled embeddings, time ids)) for the loop, negative first with guidance."""
+        """(the text embeddings, (pooled embeddings, time ids)) for the loop, negative first with guidance
+        (``clip_skip`` checked by the caller)."""
         device = self.device
         prompt, prompt_2 = ([p] if isinstance(p, str) else p for p in (prompt, prompt_2))
         embeds, negative, pooled, negative_pooled = self.encode_prompt(
             prompt, prompt_2, device, num_images_per_prompt, do_cfg, negative_prompt, negative_prompt_2,
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
-            self._check_clip_skip(clip_skip))
+            clip_skip)
         # diffusers' image ids, each repeated to the batch: a refiner's end with the aesthetic scores; a base UNet's
         # with the target sizes, and then the negative ones take the positive crop corner
         if self.requires_aesthetics_score:

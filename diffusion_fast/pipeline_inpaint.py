@@ -184,7 +184,7 @@ class StableDiffusionInpaintPipeline(_Inpainting, StableDiffusionPipeline):
         shape = self._latent_shape(strength, image, mask_image, height, width, prompt, negative_prompt,
                                    num_inference_steps, guidance_scale, num_images_per_prompt, prompt_embeds,
                                    negative_prompt_embeds, output_type)
-        self._check_clip_skip(clip_skip)  # (before the schedule is set: a refused call changes nothing)
+        clip_skip = self._check_clip_skip(clip_skip)  # (before the schedule is set: a refused call changes nothing)
         init_image, mask_condition = self._image_and_mask(image, mask_image, masked_image_latents, shape, latents)
         callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         num_inference_steps, timesteps, do_cfg, negative_prompt_embeds, embeds = self._sd_tail_and_embeds(
@@ -247,7 +247,7 @@ class StableDiffusionXLInpaintPipeline(_Inpainting, StableDiffusionXLImg2ImgPipe
         shape = self._latent_shape(strength, image, mask_image, height, width, prompt, negative_prompt,
                                    num_inference_steps, guidance_scale, num_images_per_prompt, prompt_embeds,
                                    negative_prompt_embeds, output_type)
-        self._check_clip_skip(clip_skip)  # (before the schedule is set: a refused call changes nothing)
+        clip_skip = self._check_clip_skip(clip_skip)  # (before the schedule is set: a refused call changes nothing)
         height, width = shape[2] * self.vae_scale_factor, shape[3] * self.vae_scale_factor
         sizes = self._check_image_call(
             denoising_start, denoising_end, aesthetic_score, negative_aesthetic_score, guidance_rescale, prompt,
