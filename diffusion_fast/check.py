@@ -185,8 +185,9 @@ def _check_text_to_image(folder):
     from .pipeline import read_model_index
 
     _, index = read_model_index(folder)
-    if "Inpaint" in str(index.get("_class_name", "")) or index.get("requires_aesthetics_score", False):
-        kind = "an inpainting model" if "Inpaint" in str(index.get("_class_name", "")) else "an SDXL refiner"
+    kind = ("an inpainting model" if "Inpaint" in str(index.get("_class_name", "")) else
+            "an SDXL refiner" if index.get("requires_aesthetics_score", False) else None)
+    if kind:
         raise ValueError(f"--model {folder} is {kind}; check runs text-to-image pipelines (check its base model)")
 
 

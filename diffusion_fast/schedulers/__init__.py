@@ -26,8 +26,7 @@ def load_scheduler(folder_or_config, default="DDIMScheduler"):
     """Our scheduler for a diffusers scheduler folder/config, by its ``_class_name``.
 
     A class we don't implement (DPM-Solver single-step, DPM++ SDE, ...) has its config loaded into ``default`` with a
-    warning, as
-    diffusers' ``DDIMScheduler.from_config(pipe.scheduler.config)`` would.
+    warning, as diffusers' ``DDIMScheduler.from_config(pipe.scheduler.config)`` would.
     """
     config = folder_or_config if isinstance(folder_or_config, dict) else read_config(folder_or_config)
     name = config.get("_class_name", default)
@@ -39,9 +38,7 @@ def load_scheduler(folder_or_config, default="DDIMScheduler"):
 
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
-           "EulerDiscreteScheduler",
-           "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
-           "KDPM2AncestralDiscreteScheduler", "LCMScheduler", "LCMSchedulerOutput",
-           "LMSDiscreteScheduler", "PNDMScheduler", "TCDScheduler", "TCDSchedulerOutput",
-           "UniPCMultistepScheduler", "load_scheduler", "randn_tensor",
-           "SchedulerOutput", "FrozenConfig", "SCHEDULERS"]
+           "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+           "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "LCMScheduler", "LCMSchedulerOutput",
+           "LMSDiscreteScheduler", "PNDMScheduler", "TCDScheduler", "TCDSchedulerOutput", "UniPCMultistepScheduler",
+           "load_scheduler", "randn_tensor", "SchedulerOutput", "FrozenConfig", "SCHEDULERS"]

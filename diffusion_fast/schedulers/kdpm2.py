@@ -125,7 +125,7 @@ class KDPM2DiscreteScheduler(EulerDiscreteScheduler):
         self.timesteps = torch.from_numpy(np.concatenate([timesteps[:1], interleaved]).astype(np.float32)).to(device)
         for name, values in tables.items():
             setattr(self, name, _repeated(values))
-        self._values = {name: _repeated(values).double().tolist() for name, values in tables.items()}
+        self._values = {name: getattr(self, name).double().tolist() for name in tables}  # (host floats for step)
         self.num_inference_steps = n
         self._step_index = self._begin_index = None
         self.sample = None

@@ -55,7 +55,7 @@ def x0_weights(alpha_t: float, prediction_type: str):
         return alpha_t**0.5, -((1 - alpha_t) ** 0.5)
     if prediction_type == "sample":
         return 0.0, 1.0
-    raise ValueError(f"prediction_type must be epsilon, v_prediction or sample (LCM), got {prediction_type!r}")
+    raise ValueError(f"prediction_type must be epsilon, v_prediction or sample (LCM, TCD), got {prediction_type!r}")
 
 
 def lcm_update(self, model_output, sample, index: int, schedule, alphas, generator=None):
@@ -156,7 +156,8 @@ class LCMScheduler(SigmaScheduleBase):
         x0_weights(0.5, c.prediction_type)  # checks the prediction type
         if c.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
             raise ValueError(
-                f"beta_schedule must be linear, scaled_linear or squaredcos_cap_v2 (LCM), got {c.beta_schedule!r}")
+                f"beta_schedule must be linear, scaled_linear or squaredcos_cap_v2 ({type(self).__name__}), got "
+                f"{c.beta_schedule!r}")
         self.betas = make_betas(c)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
         self.final_alpha_cumprod = torch.tensor(1.0) if c.set_alpha_to_one else self.alphas_cumprod[0].clone()
@@ -176,12 +177,18 @@ class LCMScheduler(SigmaScheduleBase):
     def scale_model_input(self, sample, timestep=None):
         return sample
 
-    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+    def _this_step(self, timestep):
+        """This call's index into the schedule, checked: a host ``timestep`` must be the schedule's at that index
+        (a device one is not read: that would be a sync)."""
         i = self._checked_step_index(timestep)
         on_host = not torch.is_tensor(timestep) or timestep.device.type == "cpu"
-        if on_host and int(timestep) != self._host_timesteps[i]:  # a device timestep is not read (a sync)
-            raise ValueError(f"timestep {int(timestep)} is not this step's timestep {self._host_timesteps[i]}: LCM "
-                             "steps through scheduler.timesteps in order")
+        if on_host and int(timestep) != self._host_timesteps[i]:
+            raise ValueError(f"timestep {int(timestep)} is not this step's timestep {self._host_timesteps[i]}: "
+                             f"{type(self).__name__} steps through scheduler.timesteps in order")
+        return i
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        i = self._this_step(timestep)
         prev, denoised = lcm_update(self, model_output, sample, i, self._host_timesteps, self._host_alphas,
                                     generator)
         self._step_index += 1

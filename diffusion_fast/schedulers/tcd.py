@@ -83,11 +83,7 @@ class TCDScheduler(LCMScheduler):
 
     def step(self, model_output, timestep, sample, eta=0.3, generator=None, return_dict=True):
         eta = check_eta(eta)
-        i = self._checked_step_index(timestep)
-        on_host = not torch.is_tensor(timestep) or timestep.device.type == "cpu"
-        if on_host and int(timestep) != self._host_timesteps[i]:  # a device timestep is not read (a sync)
-            raise ValueError(f"timestep {int(timestep)} is not this step's timestep {self._host_timesteps[i]}: TCD "
-                             "steps through scheduler.timesteps in order")
+        i = self._this_step(timestep)
         prev, noised = tcd_update(self, model_output, sample, i, self._host_timesteps, self._host_alphas, eta,
                                   generator)
         self._step_index += 1
