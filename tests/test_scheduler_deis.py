@@ -74,6 +74,8 @@ def test_deis_config_and_errors(tmp_path):
         with pytest.raises(ValueError, match=message):
             S.DEISMultistepScheduler(**kwargs).set_timesteps(4)
     sched.set_timesteps(2)
+    with pytest.raises(TypeError, match="sample must be a torch.Tensor, got NoneType"):  # (named, not from .float())
+        sched.step(x, sched.timesteps[0], None)
     for t in sched.timesteps:
         sched.step(x, t, x)
     with pytest.raises(ValueError, match="step called 3 times for a 2-step schedule"):

@@ -470,6 +470,9 @@ def test_randn_tensor_draws_as_diffusers():
         torch.testing.assert_close(ours, randn_tensor(shape, generator=clone, dtype=torch.float16), rtol=0, atol=0)
     with pytest.raises(ValueError, match="generator is a list of 2"):
         S.randn_tensor((3, 4), generator=[torch.Generator(), torch.Generator()])
+    for bad in ("g", 3, []):  # as every scheduler step that draws noise receives it
+        with pytest.raises(TypeError, match="generator must be a torch.Generator, a list of them or None"):
+            S.randn_tensor((3, 4), generator=bad)
 
 
 NO_GENERATOR = ("PNDMScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",

@@ -29,6 +29,9 @@ def randn_tensor(shape, generator=None, device=None, dtype=None):
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     rand_device = device
+    generators = generator if isinstance(generator, (list, tuple)) else [generator]
+    if generator is not None and (not generators or not all(isinstance(g, torch.Generator) for g in generators)):
+        raise TypeError(f"generator must be a torch.Generator, a list of them or None, got {generator!r}")
     if generator is not None:
         gen_type = (generator[0] if isinstance(generator, (list, tuple)) else generator).device.type
         if gen_type != device.type and gen_type == "cpu":

@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from .. import ops
+from .. import _validate, ops
 from .common import (
     SchedulerOutput,
     VPSigmaScheduleBase,
@@ -91,6 +91,8 @@ def solver_step(model_output, sample, earlier_x0, coefficients, noise=None, thre
     """One step as ``solver_coefficients`` describes it: (prev, x0) in model_output's dtype, computed in fp32.
     ``earlier_x0``: the earlier steps' x0, newest first (as many as there are weights); ``threshold``: a function
     applied to x0 first (diffusers' dynamic thresholding), which costs a pass of its own."""
+    for name, value in (("model_output", model_output), ("sample", sample)):  # (before sample.float() below)
+        _validate.tensor(name, value, min_dim=1)
     check_same_run(sample, earlier_x0)
     cx, cm, p0, px, weights, noise_scale = coefficients
     extra, pe = linear_terms(list(zip(weights, earlier_x0)) + ([(noise_scale, noise)] if noise_scale else []))
