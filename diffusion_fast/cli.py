@@ -38,6 +38,10 @@ SCHEDULER_CHOICES = {"ddim": ("DDIMScheduler", {}), "ddpm": ("DDPMScheduler", {}
                      "dpm++-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
                      "dpm++-2m-sde": ("DPMSolverMultistepScheduler",
                                       {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+                     # single-step DPM-Solver++ (order 2: "DPM++ 2S"); the SDE one is diffusers' "DPM++ SDE"
+                     "dpm++-2s": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+                     "dpm++-sde": ("DPMSolverSinglestepScheduler",
+                                   {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
                      "unipc": ("UniPCMultistepScheduler", {}),
                      "deis": ("DEISMultistepScheduler", {}),
                      "lcm": ("LCMScheduler", {}),  # for LCM and LCM-LoRA models (--steps 4 --guidance 1)
@@ -45,7 +49,7 @@ SCHEDULER_CHOICES = {"ddim": ("DDIMScheduler", {}), "ddpm": ("DDPMScheduler", {}
 # the ones with use_karras_sigmas
 KARRAS_SCHEDULERS = ("EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
                      "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
-                     "UniPCMultistepScheduler", "DEISMultistepScheduler")
+                     "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler")
 
 
 class UsageError(Exception):
@@ -144,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the sampler: the model folder's own (default; DDIM for the built-in model) or one of ours, "
                         "built from the model's scheduler config")
     g.add_argument("--karras", action="store_true",
-                   help="Karras sigmas (Euler, Heun, LMS, DPM2, DPM-Solver++, UniPC, DEIS: e.g. --scheduler "
-                        "dpm++-2m --karras)")
+                   help="Karras sigmas (Euler, Heun, LMS, DPM2, DPM-Solver++ multistep and single-step, UniPC, "
+                        "DEIS: e.g. --scheduler dpm++-2m --karras)")
     g.add_argument("--height", type=_size, default=None)
     g.add_argument("--width", type=_size, default=None)
     g.add_argument("--batch", type=_positive_int, default=1, help="images per prompt")

@@ -1,5 +1,5 @@
 """Fused ``step`` methods for diffusers' DDIM, Euler, Euler ancestral, Heun, DPM2, DPM2 ancestral, LMS, DPM-Solver++
-multistep, DEIS, PNDM, UniPC, LCM, TCD and DDPM schedulers, patched on the instance by ``accelerate``.
+multistep and single-step, DEIS, PNDM, UniPC, LCM, TCD and DDPM schedulers, patched on the instance by ``accelerate``.
 
 Each replacement computes what the scheduler's own ``step`` computes, as one fused op (``diffusion_fast.ops``),
 drawing its noise from the generator exactly as diffusers does. Whatever it does not mirror (thresholding, learned
@@ -10,9 +10,10 @@ Which schedulers are fused, and where:
 
 ``DDIMScheduler``, ``EulerDiscreteScheduler`` (SDXL's default), ``EulerAncestralDiscreteScheduler``,
 ``HeunDiscreteScheduler``, ``KDPM2DiscreteScheduler``, ``KDPM2AncestralDiscreteScheduler``, ``LMSDiscreteScheduler``,
-``DPMSolverMultistepScheduler``, ``DEISMultistepScheduler``, ``PNDMScheduler`` (SD1.5's default),
-``UniPCMultistepScheduler``, ``LCMScheduler`` (LCM-LoRA's), ``TCDScheduler`` (TCD-LoRA's) and ``DDPMScheduler``, on
-the CPU (C++ ops) and on CUDA (Triton kernels; all but DDIM, Euler, Euler ancestral and DDPM run ``linear_step``).
+``DPMSolverMultistepScheduler``, ``DPMSolverSinglestepScheduler``, ``DEISMultistepScheduler``, ``PNDMScheduler``
+(SD1.5's default), ``UniPCMultistepScheduler``, ``LCMScheduler`` (LCM-LoRA's), ``TCDScheduler`` (TCD-LoRA's) and
+``DDPMScheduler``, on the CPU (C++ ops) and on CUDA (Triton kernels; all but DDIM, Euler, Euler ancestral and DDPM
+run ``linear_step``).
 
 Those run the same update functions as our own schedulers, on the state diffusers' scheduler keeps: their fused
 steps are in ``diffusers_solver_steps``. This module has the ones that call an op of their own (DDIM, Euler, Euler
@@ -171,6 +172,7 @@ def _config_gap(scheduler):
                   "KDPM2AncestralDiscreteScheduler": ("epsilon", "v_prediction"),
                   "LMSDiscreteScheduler": ("epsilon", "v_prediction", "sample"),
                   "DPMSolverMultistepScheduler": ("epsilon", "v_prediction", "sample"),
+                  "DPMSolverSinglestepScheduler": ("epsilon", "v_prediction", "sample"),
                   "DEISMultistepScheduler": ("epsilon", "v_prediction", "sample"),
                   "PNDMScheduler": ("epsilon", "v_prediction"),
                   "UniPCMultistepScheduler": ("epsilon", "v_prediction", "sample"),
@@ -209,20 +211,22 @@ def _fused_class(scheduler):
 def _fusable():
     """[(diffusers scheduler class, its fused step)]."""
     from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
-                           EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
-                           KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, LMSDiscreteScheduler,
-                           PNDMScheduler, TCDScheduler, UniPCMultistepScheduler)
+                           DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                           HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler,
+                           LMSDiscreteScheduler, PNDMScheduler, TCDScheduler, UniPCMultistepScheduler)
 
-    from .diffusers_solver_steps import (_fused_deis_step, _fused_dpm_multistep_step, _fused_heun_step,
-                                         _fused_kdpm2_ancestral_step, _fused_kdpm2_step, _fused_lcm_step,
-                                         _fused_lms_step, _fused_pndm_step, _fused_tcd_step, _fused_unipc_step)
+    from .diffusers_solver_steps import (_fused_deis_step, _fused_dpm_multistep_step, _fused_dpm_singlestep_step,
+                                         _fused_heun_step, _fused_kdpm2_ancestral_step, _fused_kdpm2_step,
+                                         _fused_lcm_step, _fused_lms_step, _fused_pndm_step, _fused_tcd_step,
+                                         _fused_unipc_step)
 
     return [(DDIMScheduler, _fused_ddim_step), (EulerDiscreteScheduler, _fused_euler_step),
             (EulerAncestralDiscreteScheduler, _fused_euler_ancestral_step), (HeunDiscreteScheduler, _fused_heun_step),
             (KDPM2DiscreteScheduler, _fused_kdpm2_step),
             (KDPM2AncestralDiscreteScheduler, _fused_kdpm2_ancestral_step),
             (LMSDiscreteScheduler, _fused_lms_step),
-            (DPMSolverMultistepScheduler, _fused_dpm_multistep_step), (DEISMultistepScheduler, _fused_deis_step),
+            (DPMSolverMultistepScheduler, _fused_dpm_multistep_step),
+            (DPMSolverSinglestepScheduler, _fused_dpm_singlestep_step), (DEISMultistepScheduler, _fused_deis_step),
             (PNDMScheduler, _fused_pndm_step),
             (UniPCMultistepScheduler, _fused_unipc_step), (LCMScheduler, _fused_lcm_step),
             (TCDScheduler, _fused_tcd_step),

@@ -1,16 +1,16 @@
 """accelerate's fused ``step`` methods for diffusers' schedulers whose update our own schedulers compute: Heun, DPM2
-and DPM2 ancestral, LMS, DPM-Solver++ multistep, DEIS, PNDM, UniPC, LCM and TCD. Each runs our scheduler's update
-function (``schedulers.heun``, ``schedulers.kdpm2``, ``schedulers.lms``, ``schedulers.dpm_solver``,
-``schedulers.deis``, ``schedulers.pndm``, ``schedulers.unipc``, ``schedulers.lcm``, ``schedulers.tcd``) on the state
-diffusers' scheduler keeps, one ``linear_step`` pass a call. What they do not mirror goes to the scheduler's own
-step. The registry and the shared checks are in ``diffusers_schedulers``.
+and DPM2 ancestral, LMS, DPM-Solver++ multistep and single-step, DEIS, PNDM, UniPC, LCM and TCD. Each runs our
+scheduler's update function (``schedulers.heun``, ``schedulers.kdpm2``, ``schedulers.lms``, ``schedulers.dpm_solver``,
+``schedulers.dpm_singlestep``, ``schedulers.deis``, ``schedulers.pndm``, ``schedulers.unipc``, ``schedulers.lcm``,
+``schedulers.tcd``) on the state diffusers' scheduler keeps, one ``linear_step`` pass a call. What they do not mirror
+goes to the scheduler's own step. The registry and the shared checks are in ``diffusers_schedulers``.
 """
 from __future__ import annotations
 
 import torch
 
 from .diffusers_schedulers import _HOST_LISTS, _LMS_WEIGHTS, _config_gap_now, _original, _sigma_tables
-from .schedulers import deis, dpm_solver, heun, kdpm2, lcm, lms, pndm, tcd, unipc
+from .schedulers import deis, dpm_singlestep, dpm_solver, heun, kdpm2, lcm, lms, pndm, tcd, unipc
 from .schedulers.common import randn_tensor
 
 
@@ -157,14 +157,49 @@ def _fused_deis_step(self, model_output, timestep, sample, return_dict=True):
     return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
 
+def _fused_dpm_singlestep_step(self, model_output, timestep, sample, generator=None, return_dict=True):
+    """diffusers' DPMSolverSinglestepScheduler.step for DPM-Solver++ (orders 1 to 3, midpoint or heun, ODE or SDE)
+    as our scheduler computes it (``schedulers.dpm_singlestep``): x0 and the call's update in one pass, the x0 kept in
+    ``model_outputs`` and a group's first sample in ``sample`` as diffusers keeps them, the SDE noise drawn as
+    diffusers draws it. What ``_config_gap`` names, a call past the schedule and a call whose arithmetic diffusers
+    computes as not finite keep diffusers' own step."""
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+    config = self.config
+    if self.num_inference_steps is None or _config_gap_now(self):
+        return _original(self, model_output, timestep, sample, generator, return_dict)
+    if self.step_index is None:
+        self._init_step_index(timestep)
+    i = self.step_index
+    coefficients = None
+    if i < len(self.order_list):
+        order = dpm_singlestep.call_order(self.order_list[i], self.model_outputs)
+        values, _ = _sigma_tables(self, torch.device("cpu"))  # the sigmas as floats, made once per schedule
+        coefficients = dpm_singlestep.singlestep_coefficients(values, i, order, config.prediction_type,
+                                                              config.algorithm_type, config.solver_type)
+    if coefficients is None:  # past the schedule (IndexError), or not finite there: diffusers' own step
+        return _original(self, model_output, timestep, sample, generator, return_dict)
+    noise = None
+    if config.algorithm_type == "sde-dpmsolver++":  # drawn at every call, in the model output's dtype
+        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                             dtype=model_output.dtype)
+    earlier = [self.model_outputs[-j] for j in range(1, order)]
+    prev, x0 = dpm_singlestep.singlestep_update(model_output, sample, self.sample, earlier, coefficients, noise)
+    if order == 1:
+        self.sample = sample
+    _advance_multistep(self, x0)
+    return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
 def _advance_multistep(self, kept):
-    """diffusers' multistep bookkeeping after a step (DPM-Solver, DEIS): ``kept`` appended to ``model_outputs``, the
-    oldest dropped; one more step towards the full order; the step index advanced."""
+    """diffusers' multistep bookkeeping after a step (DPM-Solver, DEIS, and single-step DPM-Solver's calls):
+    ``kept`` appended to ``model_outputs``, the oldest dropped; one more step towards the full order (where the
+    scheduler counts them); the step index advanced."""
     order = self.config.solver_order
     for j in range(order - 1):
         self.model_outputs[j] = self.model_outputs[j + 1]
     self.model_outputs[-1] = kept
-    if self.lower_order_nums < order:
+    if getattr(self, "lower_order_nums", order) < order:
         self.lower_order_nums += 1
     self._step_index += 1
 

@@ -55,17 +55,17 @@ def test_patched_modules_really_run_our_ops(pipe, monkeypatch):
 
 
 def test_unsupported_pieces_are_left_alone_and_listed(caplog):
-    from diffusers import DPMSolverSinglestepScheduler
+    from diffusers import SASolverScheduler
 
     pipe = _tiny_diffusers.pipeline("sd1")
-    pipe.scheduler = DPMSolverSinglestepScheduler.from_config(pipe.scheduler.config)  # no fused step
+    pipe.scheduler = SASolverScheduler.from_config(pipe.scheduler.config)  # no fused step
     block = pipe.unet.down_blocks[0].resnets[0]
     block.time_embedding_norm = "scale_shift"  # a resnet setting accelerate does not mirror
     before = pipe.scheduler.step
     with caplog.at_level("INFO", logger="diffusion_fast"):
         diffusion_fast.accelerate(pipe)
     skipped = pipe._diffusion_fast_report["skipped"]
-    assert any("DPMSolverSinglestepScheduler" in s for s in skipped)
+    assert any("SASolverScheduler" in s for s in skipped)
     assert any("down_blocks.0.resnets.0" in s for s in skipped)
     assert "forward" not in block.__dict__ and pipe.scheduler.step == before
     assert "left alone" in caplog.text

@@ -28,7 +28,8 @@ OP = {"DDIMScheduler": "ddim_step", "EulerDiscreteScheduler": "euler_step", "DDP
       "PNDMScheduler": "linear_step", "UniPCMultistepScheduler": "linear_step", "LCMScheduler": "linear_step",
       "HeunDiscreteScheduler": "linear_step", "LMSDiscreteScheduler": "linear_step",
       "KDPM2DiscreteScheduler": "linear_step", "KDPM2AncestralDiscreteScheduler": "linear_step",
-      "DEISMultistepScheduler": "linear_step", "TCDScheduler": "linear_step"}
+      "DEISMultistepScheduler": "linear_step", "TCDScheduler": "linear_step",
+      "DPMSolverSinglestepScheduler": "linear_step"}
 SDXL_EULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
                   steps_offset=1)  # the scheduler config SDXL checkpoints ship
 
@@ -249,6 +250,8 @@ def test_euler_steps_keep_diffusers_errors_and_warnings(caplog):
     ("KDPM2DiscreteScheduler", dict(use_karras_sigmas=True)),  # "DPM2 Karras": the UNet at the midpoints too
     ("KDPM2AncestralDiscreteScheduler", {}),  # "DPM2 a": noise from the generator at every second call
     ("DEISMultistepScheduler", dict(solver_order=3)),  # two earlier noise predictions combined
+    # "DPM++ SDE Karras" as diffusers maps it: a 3-call group, noise at every call
+    ("DPMSolverSinglestepScheduler", dict(solver_order=3, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True)),
     ("TCDScheduler", {}),  # TCD-LoRA's (the pipeline's eta 0: deterministic)
     pytest.param("LMSDiscreteScheduler", {}, marks=NEEDS_SCIPY),
     ("DDPMScheduler", dict(variance_type="fixed_small_log")),
@@ -289,6 +292,7 @@ def test_sdxl_pipeline_with_its_default_euler_scheduler(monkeypatch):
                                   "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
                                   "LCMScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
                                   "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler", "TCDScheduler",
+                                  "DPMSolverSinglestepScheduler",
                                   pytest.param("LMSDiscreteScheduler", marks=NEEDS_SCIPY), "DDPMScheduler"])
 def test_fused_steps_on_gpu_in_half_precision(monkeypatch, name):
     """The CUDA kernels of the fused steps inside an fp16 pipeline on the GPU, with the UNet graphed: the image stays
@@ -313,13 +317,13 @@ def test_which_schedulers_are_left_alone_and_why():
             return super().step(*args, **kwargs)
 
     assert "overrides EulerDiscreteScheduler.step" in diffusers_schedulers.fuse_step(OwnStep())
-    single = diffusers.DPMSolverSinglestepScheduler()  # no fused step
+    unfused = diffusers.SASolverScheduler()  # no fused step
     names = ("DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, "
              "KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, LMSDiscreteScheduler, "
-             "DPMSolverMultistepScheduler, DEISMultistepScheduler, PNDMScheduler, UniPCMultistepScheduler, "
-             "LCMScheduler, TCDScheduler, DDPMScheduler")
-    assert f"DPMSolverSinglestepScheduler (fused: {names})" in diffusers_schedulers.fuse_step(single)
-    assert "step" not in vars(single)
+             "DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, DEISMultistepScheduler, PNDMScheduler, "
+             "UniPCMultistepScheduler, LCMScheduler, TCDScheduler, DDPMScheduler")
+    assert f"SASolverScheduler (fused: {names})" in diffusers_schedulers.fuse_step(unfused)
+    assert "step" not in vars(unfused)
 
 
 def test_a_scheduler_assigned_after_accelerate_isfused(monkeypatch, tmp_path):
@@ -328,7 +332,7 @@ def test_a_scheduler_assigned_after_accelerate_isfused(monkeypatch, tmp_path):
     pipe = _tiny_diffusers.pipeline("sd1", seed=4)
     cls, config = type(pipe), pipe.scheduler.config
     dpm_before = _images(_with(pipe, diffusers.DPMSolverMultistepScheduler.from_config(config)))
-    single_before = _images(_with(pipe, diffusers.DPMSolverSinglestepScheduler.from_config(config)))
+    unfused_before = _images(_with(pipe, diffusers.SASolverScheduler.from_config(config)))
     ddim = pipe.scheduler = diffusers.DDIMScheduler.from_config(config)
     diffusion_fast.accelerate(pipe)
     assert isinstance(pipe, cls) and type(pipe).__name__ == cls.__name__ and "step" in vars(ddim)
@@ -338,9 +342,9 @@ def test_a_scheduler_assigned_after_accelerate_isfused(monkeypatch, tmp_path):
     assert report["scheduler"] == 1 and "step" in vars(dpm)
     assert pipe.config.scheduler[1] == "DPMSolverMultistepScheduler"  # diffusers' own bookkeeping still ran
     assert np.abs(_images(pipe) - dpm_before).max() <= PIPELINE_FP32_MAX_ABS and len(calls) == 3
-    pipe.scheduler = diffusers.DPMSolverSinglestepScheduler.from_config(config)  # not fused: listed, its own step
-    assert report["scheduler"] == 0 and any("DPMSolverSinglestepScheduler (fused:" in w for w in report["skipped"])
-    assert np.abs(_images(pipe) - single_before).max() <= PIPELINE_FP32_MAX_ABS  # (the UNet is still accelerated)
+    pipe.scheduler = diffusers.SASolverScheduler.from_config(config)  # not fused: listed, its own step
+    assert report["scheduler"] == 0 and any("SASolverScheduler (fused:" in w for w in report["skipped"])
+    assert np.abs(_images(pipe) - unfused_before).max() <= PIPELINE_FP32_MAX_ABS  # (the UNet is still accelerated)
     pipe.scheduler = dpm  # fused once, not twice (its fused step would otherwise be its own fallback)
     pipe.scheduler = dpm
     assert report["scheduler"] == 1 and not any(why.startswith("scheduler ") for why in report["skipped"])

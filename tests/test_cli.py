@@ -64,6 +64,7 @@ def test_generate_from_folder_batch(tmp_path, capsys):
     ("lms", ["--karras"], "LMSDiscreteScheduler"),  # "LMS Karras"
     ("dpm2-a", ["--karras"], "KDPM2AncestralDiscreteScheduler"),  # "DPM2 a Karras": the UNet at the midpoints too
     ("deis", [], "DEISMultistepScheduler"),  # earlier noise predictions kept
+    ("dpm++-sde", ["--karras"], "DPMSolverSinglestepScheduler"),  # "DPM++ SDE Karras" as diffusers maps it
 ])
 def test_generate_with_another_scheduler(tmp_path, capsys, choice, options, name):
     rc = main(["generate", "--scheduler", choice, *options, "--steps", "3", "--output", str(tmp_path / "a.png"),

@@ -45,6 +45,7 @@ def test_same_image_as_diffusers(pair, backend_name):
 
 
 @pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning")  # diffusers' KDPM2 schedules
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # its single-step DPM-Solver's
 @pytest.mark.parametrize("scheduler, cfg, steps", [
     ("EulerDiscreteScheduler", {}, STEPS),
     ("EulerAncestralDiscreteScheduler", {}, STEPS),
@@ -59,6 +60,9 @@ def test_same_image_as_diffusers(pair, backend_name):
     ("KDPM2DiscreteScheduler", dict(use_karras_sigmas=True), 3),  # "DPM2 Karras": the UNet at fractional timesteps
     ("KDPM2AncestralDiscreteScheduler", {}, 3),  # "DPM2 a": noise from the generator at each step's second call
     ("DEISMultistepScheduler", dict(solver_order=3), 5),  # up to two earlier noise predictions
+    # "DPM++ SDE Karras" as diffusers maps it: single-step groups of two calls, noise at every call
+    ("DPMSolverSinglestepScheduler", dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True), 5),
+    ("DPMSolverSinglestepScheduler", dict(solver_order=3, solver_type="heun"), 7),  # a 3-call group, then 1, 2, 1
     pytest.param("LMSDiscreteScheduler", {}, 5, marks=NEEDS_SCIPY),  # up to 4 earlier derivatives
 ])
 def test_other_schedulers_same_image_as_diffusers(pair, scheduler, cfg, steps):

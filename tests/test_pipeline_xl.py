@@ -76,6 +76,7 @@ def test_same_image_as_diffusers(pair, backend_name, kwargs):
     ("KDPM2AncestralDiscreteScheduler", dict(use_karras_sigmas=True)),  # the UNet at the midpoints, SDXL's ids too
     ("DEISMultistepScheduler", {}),
     ("TCDScheduler", {}),  # with eta: TCD's noise
+    ("DPMSolverSinglestepScheduler", dict(algorithm_type="sde-dpmsolver++")),  # noise at every call
 ])
 def test_other_schedulers_same_image_as_diffusers(pair, scheduler, cfg):
     import diffusers

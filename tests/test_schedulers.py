@@ -502,14 +502,18 @@ def test_add_noise_per_sample_timesteps_and_fp16(name):
                                   "EulerAncestralDiscreteScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
                                   "UniPCMultistepScheduler", "LCMScheduler", "HeunDiscreteScheduler",
                                   "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
-                                  "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler", "TCDScheduler"])
+                                  "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler", "TCDScheduler",
+                                  "DPMSolverSinglestepScheduler"])
 def test_outputs_fully_written_under_poisoned_allocations(name):
     """torch.empty* return NaN inside the block: an output element the op leaves unwritten would show as NaN."""
     from _numerics import poisoned_allocations
 
     def one_step():
-        # the SDE DPM-Solver adds noise; PNDM's third call combines three model outputs
-        extra = {"algorithm_type": "sde-dpmsolver++"} if name == "DPMSolverMultistepScheduler" else {}
+        # the SDE DPM-Solvers add noise (single-step: order 3, its third call combining S and two x0s); PNDM's
+        # third call combines three model outputs
+        extra = {"algorithm_type": "sde-dpmsolver++"} if name.startswith("DPMSolver") else {}
+        if name == "DPMSolverSinglestepScheduler":
+            extra["solver_order"] = 3
         sched = S.SCHEDULERS[name](beta_schedule="scaled_linear", **extra)
         sched.set_timesteps(6)
         gen = torch.Generator().manual_seed(4)
@@ -567,7 +571,9 @@ def _sampling_steps(name, sched, x, mo):
                                                 ("LCMScheduler", True), ("HeunDiscreteScheduler", False),
                                                 ("LMSDiscreteScheduler", False), ("KDPM2DiscreteScheduler", False),
                                                 ("KDPM2AncestralDiscreteScheduler", False),
-                                                ("DEISMultistepScheduler", False), ("TCDScheduler", False)])
+                                                ("DEISMultistepScheduler", False), ("TCDScheduler", False),
+                                                ("DPMSolverSinglestepScheduler", False),
+                                                ("DPMSolverSinglestepScheduler", True)])
 def test_step_does_not_read_device_values(name, thresholding):
     """The step must never read a device value on the host (on a GPU, a sync per step). Meta tensors have no values:
     any .item()/bool()/nonzero/.cpu() on them raises, so a loop that completes on meta tensors cannot have synced."""
@@ -590,7 +596,8 @@ def test_step_does_not_read_device_values(name, thresholding):
                                                 ("HeunDiscreteScheduler", False), ("LMSDiscreteScheduler", False),
                                                 ("KDPM2DiscreteScheduler", False),
                                                 ("KDPM2AncestralDiscreteScheduler", False),
-                                                ("DEISMultistepScheduler", False), ("TCDScheduler", False)])
+                                                ("DEISMultistepScheduler", False), ("TCDScheduler", False),
+                                                ("DPMSolverSinglestepScheduler", False)])
 def test_step_does_not_sync_on_cuda(name, thresholding):
     setup = _sampling_setup(name, "cuda", thresholding)
     _sampling_steps(name, *_sampling_setup(name, "cuda", thresholding))  # warm up: kernels compiled
@@ -640,10 +647,10 @@ def test_set_timesteps_refreshes_device_tables_in_place(name, tables, device):
 
 
 def test_from_config_of_another_scheduler_and_load_scheduler(tmp_path):
-    single = diffusers.DPMSolverSinglestepScheduler(beta_schedule="scaled_linear")
+    single = diffusers.SASolverScheduler(beta_schedule="scaled_linear")
     single.register_to_config(steps_offset=1)  # (not its field: kept in the file, and DDIM takes it)
     single.save_config(tmp_path)
-    with pytest.warns(RuntimeWarning, match="DPMSolverSinglestepScheduler is not implemented; using DDIMScheduler"):
+    with pytest.warns(RuntimeWarning, match="SASolverScheduler is not implemented; using DDIMScheduler"):
         sched = S.load_scheduler(str(tmp_path))
     assert isinstance(sched, S.DDIMScheduler) and sched.config.steps_offset == 1
     assert sched.config["beta_schedule"] == "scaled_linear"
