@@ -123,7 +123,9 @@ def test_euler_step(benchmark, impl):
 # step whose two earlier x0s and noise are combined before the fused pass); Heun's two calls of one step; LMS of
 # order 4 (three earlier derivatives combined before the fused pass; diffusers integrates four weights with scipy);
 # DPM2 and DPM2 ancestral, one whole step of two calls each (the ancestral second call draws noise); DEIS of order 3
-# (two earlier noise predictions combined before the fused pass)
+# (two earlier noise predictions combined before the fused pass); single-step DPM-Solver++ SDE of order 3, a group's
+# third call (its first sample, two earlier x0s and noise combined before the fused pass); TCD with eta 0.3
+# (TCD-LoRA's: x0, the re-noising and the step's fresh noise)
 SCHEDULER_STEPS = [("EulerDiscreteScheduler", "", {}), ("EulerAncestralDiscreteScheduler", "", {}),
                    ("DPMSolverMultistepScheduler", "", {}),
                    ("DPMSolverMultistepScheduler", " 3M SDE", {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}),
@@ -131,7 +133,10 @@ SCHEDULER_STEPS = [("EulerDiscreteScheduler", "", {}), ("EulerAncestralDiscreteS
                    ("DDPMScheduler", "", {}), ("LCMScheduler", "", {}), ("HeunDiscreteScheduler", " (two calls)", {}),
                    ("LMSDiscreteScheduler", "", {}), ("KDPM2DiscreteScheduler", " (two calls)", {}),
                    ("KDPM2AncestralDiscreteScheduler", " (two calls)", {}),
-                   ("DEISMultistepScheduler", " order 3", {"solver_order": 3})]
+                   ("DEISMultistepScheduler", " order 3", {"solver_order": 3}),
+                   ("DPMSolverSinglestepScheduler", " SDE order 3",
+                    {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}),
+                   ("TCDScheduler", " eta 0.3", {})]
 
 
 @pytest.mark.parametrize("scheduler, variant, extra", SCHEDULER_STEPS,
@@ -145,8 +150,9 @@ def test_diffusers_scheduler_step(benchmark, scheduler, variant, extra, impl):
     from diffusion_fast.diffusers_schedulers import fuse_step
 
     benchmark.group = f"diffusers {scheduler}{variant}.step 2x4x128x128 fp32"
-    sched = getattr(diffusers, scheduler)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                          timestep_spacing="leading", steps_offset=1, **extra)
+    sdxl = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
+                steps_offset=1)  # (from_config: the single-step DPM-Solver has no spacing fields, and ignores them)
+    sched = getattr(diffusers, scheduler).from_config(sdxl, **extra)
     sched.set_timesteps(50)
     if impl == "accelerate fused":
         assert fuse_step(sched) is None
@@ -174,11 +180,19 @@ def test_diffusers_scheduler_step(benchmark, scheduler, variant, extra, impl):
             sched.model_outputs, sched.lower_order_nums = [sample.clone() for _ in range(order)], order
             sched.last_sample, sched.this_order, sched._step_index = sample.clone(), order, 10
             return sched.step(model_output, t, sample).prev_sample
-    elif scheduler == "LCMScheduler":  # not the last step: the next timestep's noise drawn and added
+    elif scheduler in ("LCMScheduler", "TCDScheduler"):  # not the last step: the next timestep's noise drawn, added
+        kwargs = {"eta": 0.3} if scheduler == "TCDScheduler" else {}
 
         def step():
             sched._step_index = 10
-            return sched.step(model_output, t, sample, generator=gen).prev_sample
+            return sched.step(model_output, t, sample, generator=gen, **kwargs).prev_sample
+    elif scheduler == "DPMSolverSinglestepScheduler":  # the third call of a 3-call group (order list [1, 2, 3]...)
+        assert sched.order_list[11] == 3
+
+        def step():
+            sched.model_outputs, sched.sample = [sample.clone() for _ in range(3)], sample.clone()
+            sched._step_index = 11
+            return sched.step(model_output, sched.timesteps[11], sample, generator=gen).prev_sample
     elif scheduler == "HeunDiscreteScheduler":  # one whole step: the Euler call, then the correction
 
         def step():
