@@ -1,5 +1,6 @@
 """Fused ``step`` methods for diffusers' DDIM, Euler, Euler ancestral, Heun, DPM2, DPM2 ancestral, LMS, DPM-Solver++
-multistep and single-step, DEIS, PNDM, UniPC, LCM, TCD and DDPM schedulers, patched on the instance by ``accelerate``.
+multistep and single-step, EDM DPM-Solver++ and Euler, DEIS, PNDM, UniPC, LCM, TCD and DDPM schedulers, patched on
+the instance by ``accelerate``.
 
 Each replacement computes what the scheduler's own ``step`` computes, as one fused op (``diffusion_fast.ops``),
 drawing its noise from the generator exactly as diffusers does. Whatever it does not mirror (thresholding, learned
@@ -10,9 +11,10 @@ Which schedulers are fused, and where:
 
 ``DDIMScheduler``, ``EulerDiscreteScheduler`` (SDXL's default), ``EulerAncestralDiscreteScheduler``,
 ``HeunDiscreteScheduler``, ``KDPM2DiscreteScheduler``, ``KDPM2AncestralDiscreteScheduler``, ``LMSDiscreteScheduler``,
-``DPMSolverMultistepScheduler``, ``DPMSolverSinglestepScheduler``, ``DEISMultistepScheduler``, ``PNDMScheduler``
-(SD1.5's default), ``UniPCMultistepScheduler``, ``LCMScheduler`` (LCM-LoRA's), ``TCDScheduler`` (TCD-LoRA's) and
-``DDPMScheduler``, on the CPU (C++ ops) and on CUDA (Triton kernels; all but DDIM, Euler, Euler ancestral and DDPM
+``DPMSolverMultistepScheduler``, ``DPMSolverSinglestepScheduler``, ``EDMDPMSolverMultistepScheduler`` (Playground
+v2.5's), ``EDMEulerScheduler`` (CosXL's), ``DEISMultistepScheduler``, ``PNDMScheduler`` (SD1.5's default),
+``UniPCMultistepScheduler``, ``LCMScheduler`` (LCM-LoRA's), ``TCDScheduler`` (TCD-LoRA's) and ``DDPMScheduler``, on
+the CPU (C++ ops) and on CUDA (Triton kernels; all but DDIM, Euler, Euler ancestral and DDPM
 run ``linear_step``).
 
 Those run the same update functions as our own schedulers, on the state diffusers' scheduler keeps: their fused
@@ -173,6 +175,8 @@ def _config_gap(scheduler):
                   "LMSDiscreteScheduler": ("epsilon", "v_prediction", "sample"),
                   "DPMSolverMultistepScheduler": ("epsilon", "v_prediction", "sample"),
                   "DPMSolverSinglestepScheduler": ("epsilon", "v_prediction", "sample"),
+                  "EDMDPMSolverMultistepScheduler": ("epsilon", "v_prediction"),  # diffusers raises for "sample"
+                  "EDMEulerScheduler": ("epsilon", "v_prediction"),
                   "DEISMultistepScheduler": ("epsilon", "v_prediction", "sample"),
                   "PNDMScheduler": ("epsilon", "v_prediction"),
                   "UniPCMultistepScheduler": ("epsilon", "v_prediction", "sample"),
@@ -189,6 +193,8 @@ def _config_gap(scheduler):
         (solver not in ("midpoint", "heun", "bh1", "bh2", "logrho"), f"solver_type {solver!r}"),  # DPM, UniPC, DEIS
         (getattr(c, "use_flow_sigmas", False), "flow sigmas"),
         (getattr(scheduler, "solver_p", None) is not None, "solver_p: another scheduler as UniPC's predictor"),
+        (hasattr(c, "sigma_data") and algorithm == "sde-dpmsolver++" and getattr(c, "solver_order", 2) == 3,
+         "sde-dpmsolver++ of order 3 (diffusers' EDM solver has no such update)"),
     ]
     return next((why for gap, why in gaps if gap), None)
 
@@ -211,14 +217,15 @@ def _fused_class(scheduler):
 def _fusable():
     """[(diffusers scheduler class, its fused step)]."""
     from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
-                           DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-                           HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler,
-                           LMSDiscreteScheduler, PNDMScheduler, TCDScheduler, UniPCMultistepScheduler)
+                           DPMSolverSinglestepScheduler, EDMDPMSolverMultistepScheduler, EDMEulerScheduler,
+                           EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
+                           KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, LMSDiscreteScheduler,
+                           PNDMScheduler, TCDScheduler, UniPCMultistepScheduler)
 
     from .diffusers_solver_steps import (_fused_deis_step, _fused_dpm_multistep_step, _fused_dpm_singlestep_step,
-                                         _fused_heun_step, _fused_kdpm2_ancestral_step, _fused_kdpm2_step,
-                                         _fused_lcm_step, _fused_lms_step, _fused_pndm_step, _fused_tcd_step,
-                                         _fused_unipc_step)
+                                         _fused_edm_dpm_step, _fused_edm_euler_step, _fused_heun_step,
+                                         _fused_kdpm2_ancestral_step, _fused_kdpm2_step, _fused_lcm_step,
+                                         _fused_lms_step, _fused_pndm_step, _fused_tcd_step, _fused_unipc_step)
 
     return [(DDIMScheduler, _fused_ddim_step), (EulerDiscreteScheduler, _fused_euler_step),
             (EulerAncestralDiscreteScheduler, _fused_euler_ancestral_step), (HeunDiscreteScheduler, _fused_heun_step),
@@ -227,6 +234,7 @@ def _fusable():
             (LMSDiscreteScheduler, _fused_lms_step),
             (DPMSolverMultistepScheduler, _fused_dpm_multistep_step),
             (DPMSolverSinglestepScheduler, _fused_dpm_singlestep_step), (DEISMultistepScheduler, _fused_deis_step),
+            (EDMDPMSolverMultistepScheduler, _fused_edm_dpm_step), (EDMEulerScheduler, _fused_edm_euler_step),
             (PNDMScheduler, _fused_pndm_step),
             (UniPCMultistepScheduler, _fused_unipc_step), (LCMScheduler, _fused_lcm_step),
             (TCDScheduler, _fused_tcd_step),

@@ -1,16 +1,17 @@
 """accelerate's fused ``step`` methods for diffusers' schedulers whose update our own schedulers compute: Heun, DPM2
-and DPM2 ancestral, LMS, DPM-Solver++ multistep and single-step, DEIS, PNDM, UniPC, LCM and TCD. Each runs our
-scheduler's update function (``schedulers.heun``, ``schedulers.kdpm2``, ``schedulers.lms``, ``schedulers.dpm_solver``,
-``schedulers.dpm_singlestep``, ``schedulers.deis``, ``schedulers.pndm``, ``schedulers.unipc``, ``schedulers.lcm``,
-``schedulers.tcd``) on the state diffusers' scheduler keeps, one ``linear_step`` pass a call. What they do not mirror
-goes to the scheduler's own step. The registry and the shared checks are in ``diffusers_schedulers``.
+and DPM2 ancestral, LMS, DPM-Solver++ multistep and single-step, the EDM DPM-Solver++ and Euler, DEIS, PNDM, UniPC,
+LCM and TCD. Each runs our scheduler's update function (``schedulers.heun``, ``schedulers.kdpm2``, ``schedulers.lms``,
+``schedulers.dpm_solver``, ``schedulers.dpm_singlestep``, ``schedulers.edm``, ``schedulers.deis``,
+``schedulers.pndm``, ``schedulers.unipc``, ``schedulers.lcm``, ``schedulers.tcd``) on the state diffusers' scheduler
+keeps, one ``linear_step`` pass a call. What they do not mirror goes to the scheduler's own step. The registry and
+the shared checks are in ``diffusers_schedulers``.
 """
 from __future__ import annotations
 
 import torch
 
 from .diffusers_schedulers import _HOST_LISTS, _LMS_WEIGHTS, _config_gap_now, _original, _sigma_tables
-from .schedulers import deis, dpm_singlestep, dpm_solver, heun, kdpm2, lcm, lms, pndm, tcd, unipc
+from .schedulers import deis, dpm_singlestep, dpm_solver, edm, heun, kdpm2, lcm, lms, pndm, tcd, unipc
 from .schedulers.common import randn_tensor
 
 
@@ -189,6 +190,57 @@ def _fused_dpm_singlestep_step(self, model_output, timestep, sample, generator=N
         self.sample = sample
     _advance_multistep(self, x0)
     return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+def _fused_edm_dpm_step(self, model_output, timestep, sample, generator=None, return_dict=True):
+    """diffusers' EDMDPMSolverMultistepScheduler.step (Playground v2.5's) as our scheduler computes it
+    (``schedulers.edm``): EDM's x0 and the DPM-Solver++ update in one pass, x0 kept in ``model_outputs`` as diffusers
+    keeps it, the SDE noise drawn in the model output's dtype as diffusers draws it. A call past the schedule and a
+    step whose arithmetic is not finite keep diffusers' own step."""
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+    config = self.config
+    if self.num_inference_steps is None or _config_gap_now(self):
+        return _original(self, model_output, timestep, sample, generator, return_dict)
+    if self.step_index is None:
+        self._init_step_index(timestep)
+    n, i = len(self.timesteps), self.step_index
+    order = dpm_solver.solver_order_now(config, i, n, self.lower_order_nums)
+    values, _ = _sigma_tables(self, torch.device("cpu"))  # the sigmas as floats, made once per schedule
+    coefficients = edm.edm_solver_coefficients(values, i, order, config) if i < n else None
+    if coefficients is None:
+        return _original(self, model_output, timestep, sample, generator, return_dict)
+    noise = None
+    if config.algorithm_type == "sde-dpmsolver++":
+        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                             dtype=model_output.dtype)
+    earlier = [self.model_outputs[-j] for j in range(1, order)]
+    prev, x0 = dpm_solver.solver_step(model_output, sample, earlier, coefficients, noise)
+    _advance_multistep(self, x0)
+    return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+def _fused_edm_euler_step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"),
+                          s_noise=1.0, generator=None, return_dict=True, pred_original_sample=None):
+    """diffusers' EDMEulerScheduler.step (CosXL's) as our scheduler computes it (``schedulers.edm``): the churn
+    noise drawn as diffusers draws it, then one fused pass; prev in the model output's dtype, x0 in fp32. An integer
+    timestep (diffusers raises), a call diffusers warns about (scale_model_input skipped) and a call past the
+    schedule keep diffusers' own step."""
+    from diffusers.schedulers.scheduling_edm_euler import EDMEulerSchedulerOutput
+
+    args = (s_churn, s_tmin, s_tmax, s_noise, generator, return_dict, pred_original_sample)
+    if (isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)) or not self.is_scale_input_called
+            or _config_gap_now(self)):
+        return _original(self, model_output, timestep, sample, *args)
+    if self.step_index is None:
+        self._init_step_index(timestep)
+    values, _ = _sigma_tables(self, torch.device("cpu"))
+    if self.step_index >= len(values) - 1:
+        return _original(self, model_output, timestep, sample, *args)
+    prev, x0 = edm.edm_euler_update(self, model_output, sample, values, self.step_index, s_churn, s_tmin, s_tmax,
+                                    s_noise, generator, pred_original_sample)
+    self._step_index += 1
+    return EDMEulerSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
 
 
 def _advance_multistep(self, kept):

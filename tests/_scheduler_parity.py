@@ -15,6 +15,8 @@ def _allowed(theirs, t):
     """The per-step tolerance: TOL, times the x0 amplification 1/sqrt(alpha_prod_t) / 10 where that exceeds 1."""
     if isinstance(theirs, diffusers.EulerDiscreteScheduler):  # its metric is already relative to |x| ~ sigma
         return TOL
+    if not hasattr(theirs, "alphas_cumprod"):  # the EDM schedulers: x0 = c_skip x + c_out m, no 1 / sqrt(alpha)
+        return TOL
     alpha = float(theirs.alphas_cumprod[int(t)])
     return TOL * max(1.0, 0.1 / max(alpha, 1e-30) ** 0.5)
 

@@ -29,7 +29,8 @@ OP = {"DDIMScheduler": "ddim_step", "EulerDiscreteScheduler": "euler_step", "DDP
       "HeunDiscreteScheduler": "linear_step", "LMSDiscreteScheduler": "linear_step",
       "KDPM2DiscreteScheduler": "linear_step", "KDPM2AncestralDiscreteScheduler": "linear_step",
       "DEISMultistepScheduler": "linear_step", "TCDScheduler": "linear_step",
-      "DPMSolverSinglestepScheduler": "linear_step"}
+      "DPMSolverSinglestepScheduler": "linear_step", "EDMDPMSolverMultistepScheduler": "linear_step",
+      "EDMEulerScheduler": "linear_step"}
 SDXL_EULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
                   steps_offset=1)  # the scheduler config SDXL checkpoints ship
 
@@ -252,6 +253,8 @@ def test_euler_steps_keep_diffusers_errors_and_warnings(caplog):
     ("DEISMultistepScheduler", dict(solver_order=3)),  # two earlier noise predictions combined
     # "DPM++ SDE Karras" as diffusers maps it: a 3-call group, noise at every call
     ("DPMSolverSinglestepScheduler", dict(solver_order=3, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True)),
+    ("EDMDPMSolverMultistepScheduler", {}),  # Playground v2.5's, on an SD1 UNet: c_in inputs, c_noise timesteps
+    ("EDMEulerScheduler", dict(sigma_schedule="exponential", prediction_type="v_prediction")),  # CosXL-like
     ("TCDScheduler", {}),  # TCD-LoRA's (the pipeline's eta 0: deterministic)
     pytest.param("LMSDiscreteScheduler", {}, marks=NEEDS_SCIPY),
     ("DDPMScheduler", dict(variance_type="fixed_small_log")),
@@ -292,7 +295,7 @@ def test_sdxl_pipeline_with_its_default_euler_scheduler(monkeypatch):
                                   "DPMSolverMultistepScheduler", "PNDMScheduler", "UniPCMultistepScheduler",
                                   "LCMScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
                                   "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler", "TCDScheduler",
-                                  "DPMSolverSinglestepScheduler",
+                                  "DPMSolverSinglestepScheduler", "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler",
                                   pytest.param("LMSDiscreteScheduler", marks=NEEDS_SCIPY), "DDPMScheduler"])
 def test_fused_steps_on_gpu_in_half_precision(monkeypatch, name):
     """The CUDA kernels of the fused steps inside an fp16 pipeline on the GPU, with the UNet graphed: the image stays
@@ -320,8 +323,9 @@ def test_which_schedulers_are_left_alone_and_why():
     unfused = diffusers.SASolverScheduler()  # no fused step
     names = ("DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, "
              "KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, LMSDiscreteScheduler, "
-             "DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, DEISMultistepScheduler, PNDMScheduler, "
-             "UniPCMultistepScheduler, LCMScheduler, TCDScheduler, DDPMScheduler")
+             "DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, DEISMultistepScheduler, "
+             "EDMDPMSolverMultistepScheduler, EDMEulerScheduler, PNDMScheduler, UniPCMultistepScheduler, "
+             "LCMScheduler, TCDScheduler, DDPMScheduler")
     assert f"SASolverScheduler (fused: {names})" in diffusers_schedulers.fuse_step(unfused)
     assert "step" not in vars(unfused)
 

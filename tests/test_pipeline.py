@@ -63,6 +63,8 @@ def test_same_image_as_diffusers(pair, backend_name):
     # "DPM++ SDE Karras" as diffusers maps it: single-step groups of two calls, noise at every call
     ("DPMSolverSinglestepScheduler", dict(algorithm_type="sde-dpmsolver++", use_karras_sigmas=True), 5),
     ("DPMSolverSinglestepScheduler", dict(solver_order=3, solver_type="heun"), 7),  # a 3-call group, then 1, 2, 1
+    ("EDMDPMSolverMultistepScheduler", dict(solver_order=3), 5),  # EDM's preconditioning around DPM-Solver++ 3M
+    ("EDMEulerScheduler", {}, 4),
     pytest.param("LMSDiscreteScheduler", {}, 5, marks=NEEDS_SCIPY),  # up to 4 earlier derivatives
 ])
 def test_other_schedulers_same_image_as_diffusers(pair, scheduler, cfg, steps):

@@ -75,6 +75,7 @@ def test_same_image_as_diffusers(pair, backend_name, kwargs, generators):
     ("EulerDiscreteScheduler", {}), ("EulerAncestralDiscreteScheduler", {}), ("HeunDiscreteScheduler", {}),
     ("KDPM2DiscreteScheduler", {}), ("KDPM2AncestralDiscreteScheduler", {}), ("DEISMultistepScheduler", {}),
     ("DPMSolverSinglestepScheduler", dict(solver_order=3)),  # strength cuts a 3-call group: begun at a lower order
+    ("EDMDPMSolverMultistepScheduler", {}), ("EDMEulerScheduler", {}),  # x + sigma * noise at the begin index
     ("TCDScheduler", {}),  # LCM's schedule cut by strength
     ("DPMSolverMultistepScheduler", dict(use_karras_sigmas=True)), ("UniPCMultistepScheduler", {}),
     ("LCMScheduler", {}), ("DDPMScheduler", {}),

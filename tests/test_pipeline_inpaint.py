@@ -99,6 +99,7 @@ def test_the_mask_decides_what_changes(pair):
     ("DEISMultistepScheduler", {}),
     ("TCDScheduler", {}),
     ("DPMSolverSinglestepScheduler", {}),  # the mask blend between a group's calls
+    ("EDMDPMSolverMultistepScheduler", {}),  # the mask blend re-noised as x + sigma * noise
 ])
 def test_other_schedulers_same_image_as_diffusers(pair, scheduler, cfg):
     with _tiny_diffusers.swapped_schedulers(scheduler, pair[:1], pair[1:], **cfg):

@@ -77,6 +77,11 @@ def test_same_image_as_diffusers(pair, backend_name, kwargs):
     ("DEISMultistepScheduler", {}),
     ("TCDScheduler", {}),  # with eta: TCD's noise
     ("DPMSolverSinglestepScheduler", dict(algorithm_type="sde-dpmsolver++")),  # noise at every call
+    ("EDMDPMSolverMultistepScheduler", {}),  # Playground v2.5's: c_in-scaled input, c_noise timesteps (floats < 0)
+    ("EDMDPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", sigma_schedule="exponential")),
+    # CosXL's: v-prediction, sigma_data 1, exponential sigmas up to 120
+    ("EDMEulerScheduler", dict(prediction_type="v_prediction", sigma_data=1.0, sigma_max=120.0,
+                               sigma_schedule="exponential")),
 ])
 def test_other_schedulers_same_image_as_diffusers(pair, scheduler, cfg):
     import diffusers

@@ -503,7 +503,8 @@ def test_add_noise_per_sample_timesteps_and_fp16(name):
                                   "UniPCMultistepScheduler", "LCMScheduler", "HeunDiscreteScheduler",
                                   "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
                                   "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler", "TCDScheduler",
-                                  "DPMSolverSinglestepScheduler"])
+                                  "DPMSolverSinglestepScheduler", "EDMDPMSolverMultistepScheduler",
+                                  "EDMEulerScheduler"])
 def test_outputs_fully_written_under_poisoned_allocations(name):
     """torch.empty* return NaN inside the block: an output element the op leaves unwritten would show as NaN."""
     from _numerics import poisoned_allocations
@@ -511,10 +512,10 @@ def test_outputs_fully_written_under_poisoned_allocations(name):
     def one_step():
         # the SDE DPM-Solvers add noise (single-step: order 3, its third call combining S and two x0s); PNDM's
         # third call combines three model outputs
-        extra = {"algorithm_type": "sde-dpmsolver++"} if name.startswith("DPMSolver") else {}
+        extra = {"algorithm_type": "sde-dpmsolver++"} if "DPMSolver" in name else {}
         if name == "DPMSolverSinglestepScheduler":
             extra["solver_order"] = 3
-        sched = S.SCHEDULERS[name](beta_schedule="scaled_linear", **extra)
+        sched = S.SCHEDULERS[name](**_sd_config(name), **extra)
         sched.set_timesteps(6)
         gen = torch.Generator().manual_seed(4)
         x, m = torch.randn(3, 4, 7, 9, generator=gen), torch.randn(3, 4, 7, 9, generator=gen)  # batch 3, odd 7x9
@@ -536,8 +537,13 @@ def test_outputs_fully_written_under_poisoned_allocations(name):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
+def _sd_config(name):
+    """SD's betas, for the schedulers that have betas (the EDM ones have sigmas of their own)."""
+    return {} if name.startswith("EDM") else {"beta_schedule": "scaled_linear"}
+
+
 def _sampling_setup(name, device, thresholding=False):
-    sched = S.SCHEDULERS[name](beta_schedule="scaled_linear", **({"thresholding": True} if thresholding else {}))
+    sched = S.SCHEDULERS[name](**_sd_config(name), **({"thresholding": True} if thresholding else {}))
     sched.set_timesteps(10, device=device)  # moves the coefficient tables to the device, once
     if hasattr(sched, "set_begin_index"):  # Euler, DPM-Solver
         sched.set_begin_index(0)  # as diffusers' pipelines do; otherwise the first step looks its timestep up
@@ -573,7 +579,9 @@ def _sampling_steps(name, sched, x, mo):
                                                 ("KDPM2AncestralDiscreteScheduler", False),
                                                 ("DEISMultistepScheduler", False), ("TCDScheduler", False),
                                                 ("DPMSolverSinglestepScheduler", False),
-                                                ("DPMSolverSinglestepScheduler", True)])
+                                                ("DPMSolverSinglestepScheduler", True),
+                                                ("EDMDPMSolverMultistepScheduler", False),
+                                                ("EDMDPMSolverMultistepScheduler", True), ("EDMEulerScheduler", False)])
 def test_step_does_not_read_device_values(name, thresholding):
     """The step must never read a device value on the host (on a GPU, a sync per step). Meta tensors have no values:
     any .item()/bool()/nonzero/.cpu() on them raises, so a loop that completes on meta tensors cannot have synced."""
@@ -597,7 +605,8 @@ def test_step_does_not_read_device_values(name, thresholding):
                                                 ("KDPM2DiscreteScheduler", False),
                                                 ("KDPM2AncestralDiscreteScheduler", False),
                                                 ("DEISMultistepScheduler", False), ("TCDScheduler", False),
-                                                ("DPMSolverSinglestepScheduler", False)])
+                                                ("DPMSolverSinglestepScheduler", False),
+                                                ("EDMDPMSolverMultistepScheduler", False), ("EDMEulerScheduler", False)])
 def test_step_does_not_sync_on_cuda(name, thresholding):
     setup = _sampling_setup(name, "cuda", thresholding)
     _sampling_steps(name, *_sampling_setup(name, "cuda", thresholding))  # warm up: kernels compiled

@@ -7,6 +7,7 @@ from .ddpm import DDPMScheduler
 from .deis import DEISMultistepScheduler
 from .dpm_singlestep import DPMSolverSinglestepScheduler
 from .dpm_solver import DPMSolverMultistepScheduler
+from .edm import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .heun import HeunDiscreteScheduler
@@ -19,16 +20,16 @@ from .unipc import UniPCMultistepScheduler
 
 SCHEDULERS = {cls.__name__: cls for cls in (
     DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler,
-    EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, KDPM2DiscreteScheduler,
-    KDPM2AncestralDiscreteScheduler, LCMScheduler, LMSDiscreteScheduler, PNDMScheduler, TCDScheduler,
-    UniPCMultistepScheduler)}
+    EDMDPMSolverMultistepScheduler, EDMEulerScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
+    HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, LCMScheduler, LMSDiscreteScheduler,
+    PNDMScheduler, TCDScheduler, UniPCMultistepScheduler)}
 
 
 def load_scheduler(folder_or_config, default="DDIMScheduler"):
     """Our scheduler for a diffusers scheduler folder/config, by its ``_class_name``.
 
-    A class we don't implement (DPM++ SDE, SA-Solver, the EDM ones, ...) has its config loaded into ``default``
-    with a warning, as diffusers' ``DDIMScheduler.from_config(pipe.scheduler.config)`` would.
+    A class we don't implement (DPM++ SDE, SA-Solver, ...) has its config loaded into ``default`` with a warning,
+    as diffusers' ``DDIMScheduler.from_config(pipe.scheduler.config)`` would.
     """
     config = folder_or_config if isinstance(folder_or_config, dict) else read_config(folder_or_config)
     name = config.get("_class_name", default)
@@ -40,7 +41,8 @@ def load_scheduler(folder_or_config, default="DDIMScheduler"):
 
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
-           "DPMSolverSinglestepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-           "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "LCMScheduler", "LCMSchedulerOutput",
+           "DPMSolverSinglestepScheduler", "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler",
+           "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+           "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "LCMScheduler", "LCMSchedulerOutput",
            "LMSDiscreteScheduler", "PNDMScheduler", "TCDScheduler", "TCDSchedulerOutput", "UniPCMultistepScheduler",
            "load_scheduler", "randn_tensor", "SchedulerOutput", "FrozenConfig", "SCHEDULERS"]

@@ -40,7 +40,8 @@ ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
 _X0 = {"epsilon": lambda a, s: (1 / a, -s / a), "v_prediction": lambda a, s: (a, -s), "sample": lambda a, s: (0.0, 1.0)}
 
 
-def solver_coefficients(sigmas, i, order, prediction, algorithm="dpmsolver++", solver_type="midpoint"):
+def solver_coefficients(sigmas, i, order, prediction, algorithm="dpmsolver++", solver_type="midpoint",
+                        sigma_data=None):
     """DPM-Solver++'s update at step ``i`` of ``sigmas`` (host floats, the final sigma last), with diffusers' formulas:
     ``(cx, cm, p0, px, weights, noise_scale)`` such that x0 = cx * x + cm * m and prev = p0 * x0 + px * x +
     sum(w * x0 of the step j back, for j, w in enumerate(weights, 1)) + noise_scale * noise; or None where diffusers'
@@ -48,10 +49,19 @@ def solver_coefficients(sigmas, i, order, prediction, algorithm="dpmsolver++", s
     sigma of 0). Divisions by zero follow IEEE rules as in diffusers' tensors: an infinite r0 makes D1 zero.
 
     The multistep differences D1, D2 of diffusers' second- and third-order updates are expanded into weights on the
-    x0s, written as coefficient vectors over (x0 now, x0 one step back, x0 two steps back)."""
-    alpha_t, sigma_t = vp_alpha_sigma(sigmas[i + 1])
-    alpha_s0, sigma_s0 = vp_alpha_sigma(sigmas[i])
-    cx, cm = _X0[prediction](alpha_s0, sigma_s0)
+    x0s, written as coefficient vectors over (x0 now, x0 one step back, x0 two steps back).
+
+    ``sigma_data``: EDM's form (diffusers' EDMDPMSolverMultistepScheduler): the sigmas are the process's own (alpha
+    1) and x0 is EDM's preconditioned output (``edm.edm_x0_weights``). lambda = -log(sigma) in both forms."""
+    if sigma_data is None:
+        alpha_t, sigma_t = vp_alpha_sigma(sigmas[i + 1])
+        alpha_s0, sigma_s0 = vp_alpha_sigma(sigmas[i])
+        cx, cm = _X0[prediction](alpha_s0, sigma_s0)
+    else:
+        from .edm import edm_x0_weights
+
+        (alpha_t, sigma_t), sigma_s0 = (1.0, sigmas[i + 1]), sigmas[i]
+        cx, cm = edm_x0_weights(sigmas[i], sigma_data, prediction)
     lams = [half_log_snr(sigmas[i - j]) for j in range(order)]  # lambda at s0, s1, s2
     h = np.float64(half_log_snr(sigmas[i + 1]) - lams[0])  # numpy: x / 0 is inf or NaN, as in diffusers' tensors
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -64,7 +74,9 @@ def solver_coefficients(sigmas, i, order, prediction, algorithm="dpmsolver++", s
                  lambda: -alpha_t * ((em + h) / h**2 - 0.5)]
         else:  # sde-dpmsolver++
             e2 = -np.expm1(-2.0 * h)  # 1 - e^-2h
-            px, noise = sigma_t / sigma_s0 * np.exp(-h), sigma_t * np.sqrt(e2)
+            # h in (-1e-6, 0]: one sigma twice, rounded apart in fp32 (EDM's last Karras sigma and its final
+            # sigma_min): no noise, as diffusers' fp32 h of 0 gives, rather than the root of a rounding error
+            px, noise = sigma_t / sigma_s0 * np.exp(-h), sigma_t * np.sqrt(0.0 if -1e-6 < h <= 0 else e2)
             a = [lambda: alpha_t * e2,
                  lambda: (0.5 * alpha_t * e2 if order == 2 and solver_type == "midpoint"
                           else alpha_t * (e2 / (-2.0 * h) + 1.0)),
