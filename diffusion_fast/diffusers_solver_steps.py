@@ -130,7 +130,7 @@ def _fused_dpm_multistep_step(self, model_output, timestep, sample, generator=No
                               dtype=torch.float32))
     earlier = [self.model_outputs[-j] for j in range(1, order)]
     prev, x0 = dpm_solver.solver_step(model_output, sample, earlier, coefficients, noise)
-    _advance_multistep(self, x0)
+    dpm_solver.advance_multistep(self, x0)
     return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
 
@@ -154,7 +154,7 @@ def _fused_deis_step(self, model_output, timestep, sample, return_dict=True):
         return _original(self, model_output, timestep, sample, return_dict)
     earlier = [self.model_outputs[-j] for j in range(1, order)]
     prev, eps = dpm_solver.solver_step(model_output, sample, earlier, coefficients)
-    _advance_multistep(self, eps)
+    dpm_solver.advance_multistep(self, eps)
     return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
 
@@ -180,15 +180,12 @@ def _fused_dpm_singlestep_step(self, model_output, timestep, sample, generator=N
                                                               config.algorithm_type, config.solver_type)
     if coefficients is None:  # past the schedule (IndexError), or not finite there: diffusers' own step
         return _original(self, model_output, timestep, sample, generator, return_dict)
-    noise = None
-    if config.algorithm_type == "sde-dpmsolver++":  # drawn at every call, in the model output's dtype
-        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                             dtype=model_output.dtype)
     earlier = [self.model_outputs[-j] for j in range(1, order)]
+    noise = dpm_solver.sde_noise(config, model_output, generator)  # drawn at every call, as diffusers draws it
     prev, x0 = dpm_singlestep.singlestep_update(model_output, sample, self.sample, earlier, coefficients, noise)
     if order == 1:
         self.sample = sample
-    _advance_multistep(self, x0)
+    dpm_solver.advance_multistep(self, x0)
     return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
 
@@ -210,13 +207,10 @@ def _fused_edm_dpm_step(self, model_output, timestep, sample, generator=None, re
     coefficients = edm.edm_solver_coefficients(values, i, order, config) if i < n else None
     if coefficients is None:
         return _original(self, model_output, timestep, sample, generator, return_dict)
-    noise = None
-    if config.algorithm_type == "sde-dpmsolver++":
-        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                             dtype=model_output.dtype)
     earlier = [self.model_outputs[-j] for j in range(1, order)]
+    noise = dpm_solver.sde_noise(config, model_output, generator)
     prev, x0 = dpm_solver.solver_step(model_output, sample, earlier, coefficients, noise)
-    _advance_multistep(self, x0)
+    dpm_solver.advance_multistep(self, x0)
     return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
 
@@ -241,19 +235,6 @@ def _fused_edm_euler_step(self, model_output, timestep, sample, s_churn=0.0, s_t
                                     s_noise, generator, pred_original_sample)
     self._step_index += 1
     return EDMEulerSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
-
-
-def _advance_multistep(self, kept):
-    """diffusers' multistep bookkeeping after a step (DPM-Solver, DEIS, and single-step DPM-Solver's calls):
-    ``kept`` appended to ``model_outputs``, the oldest dropped; one more step towards the full order (where the
-    scheduler counts them); the step index advanced."""
-    order = self.config.solver_order
-    for j in range(order - 1):
-        self.model_outputs[j] = self.model_outputs[j + 1]
-    self.model_outputs[-1] = kept
-    if getattr(self, "lower_order_nums", order) < order:
-        self.lower_order_nums += 1
-    self._step_index += 1
 
 
 def _fused_pndm_step(self, model_output, timestep, sample, return_dict=True):

@@ -115,6 +115,15 @@ def _loop_by_2x_rule(ours, theirs, exact, steps, timestep_atol=0.0, generator=Fa
     return len(exact.timesteps)
 
 
+def assert_add_noise_matches(ours, theirs, steps=8):
+    """add_noise with a timestep per sample (training's use) equals diffusers', after set_timesteps(steps)."""
+    x, noise = torch.randn(3, *SHAPE[1:]), torch.randn(3, *SHAPE[1:])
+    for sched in (ours, theirs):
+        sched.set_timesteps(steps)
+    ts = theirs.timesteps[[0, steps // 2, steps - 1]]  # a timestep per sample
+    torch.testing.assert_close(ours.add_noise(x, noise, ts), theirs.add_noise(x, noise, ts), rtol=1e-6, atol=1e-6)
+
+
 def _run_schedule(sched, steps, **step_kwargs):
     """The sample after every step of a ``steps``-step schedule, on random samples and model outputs."""
     sched.set_timesteps(steps)
@@ -141,6 +150,24 @@ def check_two_call_run_errors(sched, x):
         sched.step(x, sched.timesteps[-1], x)
     sched.set_timesteps(3)
     sched.step(x, sched.timesteps[0], x)  # the first call keeps the sample for the second
+    with pytest.raises(ValueError, match="call set_timesteps to start a new run"):
+        sched.step(x[:1], sched.timesteps[1], x[:1])
+
+
+def check_multistep_run_errors(sched, x):
+    """A multistep scheduler (it keeps tensors from earlier steps) on a bad sample, a call past a 2-step schedule
+    and a new batch in the middle of a run: each a clear error naming what is wrong, not a failure inside the op."""
+    import pytest
+
+    sched.set_timesteps(2)
+    with pytest.raises(TypeError, match="sample must be a torch.Tensor, got NoneType"):  # (named, not from .float())
+        sched.step(x, sched.timesteps[0], None)
+    for t in sched.timesteps:
+        sched.step(x, t, x)
+    with pytest.raises(ValueError, match="step called 3 times for a 2-step schedule"):
+        sched.step(x, sched.timesteps[-1], x)
+    sched.set_timesteps(4)
+    sched.step(x, sched.timesteps[0], x)  # the first step keeps a tensor for the second
     with pytest.raises(ValueError, match="call set_timesteps to start a new run"):
         sched.step(x[:1], sched.timesteps[1], x[:1])
 

@@ -7,7 +7,8 @@ import torch
 
 import diffusers
 import diffusion_fast.schedulers as S
-from _scheduler_parity import SHAPE, _loop, _loop_by_2x_rule, count_op_calls, fused
+from _scheduler_parity import (SHAPE, _loop, _loop_by_2x_rule, assert_add_noise_matches, check_multistep_run_errors,
+                               count_op_calls, fused)
 
 # diffusers' Karras and exponential sigmas call np.array on a tensor, and its coefficients np.log on 0-d tensors
 # (numpy 2 DeprecationWarnings inside diffusers, 80 000 of them)
@@ -47,12 +48,7 @@ def test_deis_schedules_and_fp16_match_diffusers(cfg):
     if cfg.get("beta_schedule") != "squaredcos_cap_v2":  # (its first sigma, 2e4, overflows fp16 samples)
         assert _loop(S.DEISMultistepScheduler(**cfg), diffusers.DEISMultistepScheduler(**cfg), steps=8, noise=None,
                      dtype=torch.float16) <= 2e-2
-    x, noise = torch.randn(3, *SHAPE[1:]), torch.randn(3, *SHAPE[1:])
-    ours, theirs = S.DEISMultistepScheduler(**cfg), diffusers.DEISMultistepScheduler(**cfg)
-    for sched in (ours, theirs):
-        sched.set_timesteps(8)
-    ts = theirs.timesteps[[0, 3, 7]]  # a timestep per sample
-    torch.testing.assert_close(ours.add_noise(x, noise, ts), theirs.add_noise(x, noise, ts), rtol=1e-6, atol=1e-6)
+    assert_add_noise_matches(S.DEISMultistepScheduler(**cfg), diffusers.DEISMultistepScheduler(**cfg))
 
 
 def test_deis_config_and_errors(tmp_path):
@@ -73,17 +69,7 @@ def test_deis_config_and_errors(tmp_path):
                             (dict(use_karras_sigmas=True, use_exponential_sigmas=True), "choose one")]:
         with pytest.raises(ValueError, match=message):
             S.DEISMultistepScheduler(**kwargs).set_timesteps(4)
-    sched.set_timesteps(2)
-    with pytest.raises(TypeError, match="sample must be a torch.Tensor, got NoneType"):  # (named, not from .float())
-        sched.step(x, sched.timesteps[0], None)
-    for t in sched.timesteps:
-        sched.step(x, t, x)
-    with pytest.raises(ValueError, match="step called 3 times for a 2-step schedule"):
-        sched.step(x, sched.timesteps[-1], x)
-    sched.set_timesteps(4)
-    sched.step(x, sched.timesteps[0], x)  # the first step keeps its noise prediction for the second
-    with pytest.raises(ValueError, match="call set_timesteps to start a new run"):
-        sched.step(x[:1], sched.timesteps[1], x[:1])
+    check_multistep_run_errors(sched, x)
 
 
 # accelerate's fused step for diffusers' own: every step one linear_step pass (three orders' weights folded)

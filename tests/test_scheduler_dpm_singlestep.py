@@ -7,7 +7,8 @@ import torch
 
 import diffusers
 import diffusion_fast.schedulers as S
-from _scheduler_parity import SHAPE, _loop, _loop_by_2x_rule, count_op_calls, fused
+from _scheduler_parity import (SHAPE, _loop, _loop_by_2x_rule, assert_add_noise_matches, check_multistep_run_errors,
+                               count_op_calls, fused)
 from diffusion_fast.schedulers import dpm_singlestep
 
 NAME = "DPMSolverSinglestepScheduler"
@@ -22,14 +23,14 @@ def same_noise_in_every_dtype(monkeypatch):
     whatever they computed. Here every draw (ours, diffusers', the fused step) is float32 rounded to the dtype asked
     for. (The pipeline tests compare the noise as drawn, against diffusers' images.)"""
     from diffusers.schedulers import scheduling_dpmsolver_singlestep as theirs
-    from diffusion_fast import diffusers_solver_steps
+    from diffusion_fast.schedulers import dpm_solver
 
-    real = dpm_singlestep.randn_tensor
+    real = dpm_solver.randn_tensor
 
     def float32_draw(shape, generator=None, device=None, dtype=None):
         return real(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
 
-    for module in (theirs, dpm_singlestep, diffusers_solver_steps):
+    for module in (theirs, dpm_solver):  # (ours and the fused step draw through dpm_solver.sde_noise)
         monkeypatch.setattr(module, "randn_tensor", float32_draw)
 
 
@@ -75,12 +76,7 @@ def test_singlestep_schedules_and_fp16_match_diffusers(cfg):
     if cfg.get("beta_schedule") != "squaredcos_cap_v2":  # (its first sigma, 2e4, overflows fp16 samples)
         assert _loop(S.DPMSolverSinglestepScheduler(**cfg), diffusers.DPMSolverSinglestepScheduler(**cfg), steps=8,
                      dtype=torch.float16) <= 2e-2
-    x, noise = torch.randn(3, *SHAPE[1:]), torch.randn(3, *SHAPE[1:])
-    ours, theirs = S.DPMSolverSinglestepScheduler(**cfg), diffusers.DPMSolverSinglestepScheduler(**cfg)
-    for sched in (ours, theirs):
-        sched.set_timesteps(8)
-    ts = theirs.timesteps[[0, 3, 7]]  # a timestep per sample
-    torch.testing.assert_close(ours.add_noise(x, noise, ts), theirs.add_noise(x, noise, ts), rtol=1e-6, atol=1e-6)
+    assert_add_noise_matches(S.DPMSolverSinglestepScheduler(**cfg), diffusers.DPMSolverSinglestepScheduler(**cfg))
 
 
 def test_order_list_is_diffusers_and_custom_timesteps():
@@ -124,7 +120,7 @@ def test_singlestep_config_and_errors(tmp_path):
     x = torch.randn(SHAPE)
     with pytest.raises(ValueError, match="call set_timesteps first"):
         sched.step(x, 999, x)
-    for kwargs, message in [(dict(algorithm_type="dpmsolver"), "dpmsolver, the noise-prediction variant"),
+    for kwargs, message in [(dict(algorithm_type="dpmsolver"), "the noise-prediction variants, are deprecated"),
                             (dict(variance_type="learned_range"), "variance_type='learned_range' is not supported"),
                             (dict(use_beta_sigmas=True), "use_beta_sigmas=True is not supported"),
                             (dict(use_flow_sigmas=True), "use_flow_sigmas=True is not supported"),
@@ -135,17 +131,7 @@ def test_singlestep_config_and_errors(tmp_path):
             S.DPMSolverSinglestepScheduler(**kwargs).set_timesteps(4)
     with pytest.raises(ValueError, match="custom timesteps cannot be used with Karras"):
         S.DPMSolverSinglestepScheduler(use_karras_sigmas=True).set_timesteps(timesteps=[900, 500, 100])
-    sched.set_timesteps(2)
-    with pytest.raises(TypeError, match="sample must be a torch.Tensor, got NoneType"):
-        sched.step(x, sched.timesteps[0], None)
-    for t in sched.timesteps:
-        sched.step(x, t, x)
-    with pytest.raises(ValueError, match="step called 3 times for a 2-step schedule"):
-        sched.step(x, sched.timesteps[-1], x)
-    sched.set_timesteps(4)
-    sched.step(x, sched.timesteps[0], x)  # a group's first call keeps its x0 and sample for the second
-    with pytest.raises(ValueError, match="call set_timesteps to start a new run"):
-        sched.step(x[:1], sched.timesteps[1], x[:1])
+    check_multistep_run_errors(sched, x)  # (a group's first call keeps its x0 and sample for the second)
     repeated = S.DPMSolverSinglestepScheduler(solver_order=2)
     repeated.set_timesteps(timesteps=[900, 899, 500, 100])
     repeated._sigma_values[1] = repeated._sigma_values[0]  # two equal sigmas in a group: 0 / 0 in diffusers

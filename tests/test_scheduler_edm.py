@@ -8,7 +8,8 @@ import torch
 
 import diffusers
 import diffusion_fast.schedulers as S
-from _scheduler_parity import SHAPE, _loop, _loop_by_2x_rule, _run_schedule, count_op_calls, fused
+from _scheduler_parity import (SHAPE, _loop, _loop_by_2x_rule, _run_schedule, assert_add_noise_matches, count_op_calls,
+                               fused)
 from diffusion_fast.schedulers import edm
 
 DPM, EULER = "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler"
@@ -26,14 +27,15 @@ def same_noise_in_every_dtype(monkeypatch):
     judges, and pass whatever they computed. Here every draw (ours, diffusers', the fused steps) is float32 rounded
     to the dtype asked for. (The pipeline tests compare the noise as drawn, against diffusers' images.)"""
     from diffusers.schedulers import scheduling_edm_dpmsolver_multistep, scheduling_edm_euler
-    from diffusion_fast import diffusers_solver_steps
+    from diffusion_fast.schedulers import dpm_solver
 
     real = edm.randn_tensor
 
     def float32_draw(shape, generator=None, device=None, dtype=None):
         return real(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
 
-    for module in (scheduling_edm_dpmsolver_multistep, scheduling_edm_euler, edm, diffusers_solver_steps):
+    # (the SDE solvers draw through dpm_solver.sde_noise, Euler's churn in edm)
+    for module in (scheduling_edm_dpmsolver_multistep, scheduling_edm_euler, edm, dpm_solver):
         monkeypatch.setattr(module, "randn_tensor", float32_draw)
 
 
@@ -109,14 +111,10 @@ def test_edm_add_noise_load_and_timesteps(tmp_path, name, cfg):
     ours = S.load_scheduler(tmp_path)  # by _class_name, no warning
     theirs = getattr(diffusers, name)(**cfg)
     assert type(ours) is S.SCHEDULERS[name] and ours.config.sigma_data == cfg["sigma_data"]
-    for sched in (ours, theirs):
-        sched.set_timesteps(8)
+    assert_add_noise_matches(ours, theirs, steps=8)
     assert ours.timesteps.dtype == theirs.timesteps.dtype == torch.float32
     torch.testing.assert_close(ours.timesteps, theirs.timesteps, rtol=0, atol=0)  # c_noise = log(sigma) / 4
     torch.testing.assert_close(ours.sigmas, theirs.sigmas, rtol=0, atol=0)
-    x, noise = torch.randn(3, *SHAPE[1:]), torch.randn(3, *SHAPE[1:])
-    ts = theirs.timesteps[[0, 3, 7]]  # a timestep per sample
-    torch.testing.assert_close(ours.add_noise(x, noise, ts), theirs.add_noise(x, noise, ts), rtol=1e-6, atol=1e-6)
 
 
 def test_edm_errors():

@@ -606,7 +606,8 @@ def test_step_does_not_read_device_values(name, thresholding):
                                                 ("KDPM2AncestralDiscreteScheduler", False),
                                                 ("DEISMultistepScheduler", False), ("TCDScheduler", False),
                                                 ("DPMSolverSinglestepScheduler", False),
-                                                ("EDMDPMSolverMultistepScheduler", False), ("EDMEulerScheduler", False)])
+                                                ("EDMDPMSolverMultistepScheduler", False),
+                                                ("EDMEulerScheduler", False)])
 def test_step_does_not_sync_on_cuda(name, thresholding):
     setup = _sampling_setup(name, "cuda", thresholding)
     _sampling_steps(name, *_sampling_setup(name, "cuda", thresholding))  # warm up: kernels compiled

@@ -391,9 +391,10 @@ class VPSigmaScheduleBase(SigmaScheduleBase):
         c = self.config
         n_train = c.num_train_timesteps
         last = n_train if last is None else last
-        if c.timestep_spacing == "linspace":
+        spacing = c.get("timestep_spacing", "linspace")  # (single-step DPM-Solver has no such field: linspace)
+        if spacing == "linspace":
             return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-        if c.timestep_spacing == "leading":
+        if spacing == "leading":
             ratio = last // (n + 1)
             return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + c.steps_offset
         return np.arange(last, 0, -n_train / n).round().copy().astype(np.int64) - 1

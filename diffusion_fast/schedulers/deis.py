@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from .common import SchedulerOutput, VPSigmaScheduleBase, karras_sigmas, timesteps_for_sigmas, vp_alpha_sigma
-from .dpm_solver import _X0, solver_order_now, solver_step
+from .dpm_solver import _X0, advance_multistep, check_choices, solver_order_now, solver_step
 
 
 def _integral(order, t, b, c, d=None):
@@ -80,13 +80,10 @@ class DEISMultistepScheduler(VPSigmaScheduleBase):
         if kwargs.get("solver_type") in ("midpoint", "heun", "bh1", "bh2"):
             kwargs["solver_type"] = "logrho"
         super().__init__(**kwargs)
-        c = self.config
-        for field, allowed in (("algorithm_type", ("deis",)), ("solver_type", ("logrho",)),
-                               ("solver_order", (1, 2, 3)), ("prediction_type", tuple(_X0)),
-                               ("timestep_spacing", ("linspace", "leading", "trailing")),
-                               ("beta_schedule", ("linear", "scaled_linear", "squaredcos_cap_v2"))):
-            if c[field] not in allowed or isinstance(c[field], bool):
-                raise ValueError(f"{field} must be one of {allowed}, got {c[field]!r}")
+        check_choices(self.config, (("algorithm_type", ("deis",)), ("solver_type", ("logrho",)),
+                                    ("solver_order", (1, 2, 3)), ("prediction_type", tuple(_X0)),
+                                    ("timestep_spacing", ("linspace", "leading", "trailing")),
+                                    ("beta_schedule", ("linear", "scaled_linear", "squaredcos_cap_v2"))))
         self._training_schedule()
         self._reset_state()
 
@@ -128,7 +125,5 @@ class DEISMultistepScheduler(VPSigmaScheduleBase):
                 "Use lower_order_final=True or fewer repeated sigmas")
         earlier = [self.model_outputs[-j] for j in range(1, order)]
         prev, eps = solver_step(model_output, sample, earlier, coefficients)
-        self.model_outputs = self.model_outputs[1:] + [eps]
-        self.lower_order_nums = min(self.lower_order_nums + 1, c.solver_order)
-        self._step_index += 1
+        advance_multistep(self, eps)
         return SchedulerOutput(prev) if return_dict else (prev,)

@@ -18,11 +18,9 @@ noise-prediction algorithm (dpmsolver), learned variances, beta and flow sigmas,
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
-import torch
 
 from .._config import FrozenConfig
 from .common import (
@@ -30,12 +28,21 @@ from .common import (
     VPSigmaScheduleBase,
     half_log_snr,
     karras_sigmas,
-    randn_tensor,
-    threshold_sample,
     timesteps_for_sigmas,
     vp_alpha_sigma,
 )
-from .dpm_solver import _X0, ALGORITHMS, solver_step
+from .dpm_solver import (
+    _X0,
+    VP_CHOICES,
+    DPMSolverMultistepScheduler,
+    advance_multistep,
+    check_choices,
+    clipped_timesteps,
+    nearest_settings,
+    sde_noise,
+    solver_step,
+    thresholder,
+)
 
 
 def singlestep_coefficients(sigmas, i, order, prediction, algorithm="dpmsolver++", solver_type="midpoint"):
@@ -116,32 +123,16 @@ def order_list(num_steps, solver_order, lower_order_final, zero_final):
 
 
 class DPMSolverSinglestepScheduler(VPSigmaScheduleBase):
-    defaults = dict(
-        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
-        solver_order=2, prediction_type="epsilon", thresholding=False, dynamic_thresholding_ratio=0.995,
-        sample_max_value=1.0, algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=False,
-        use_karras_sigmas=False, use_exponential_sigmas=False, final_sigmas_type="zero",
-        lambda_min_clipped=-math.inf,
-        flow_shift=1.0, time_shift_type="exponential",  # kept for round trips; they act only with flow sigmas
-    )
-    unsupported = dict(use_beta_sigmas=False, use_flow_sigmas=False, variance_type=None, use_dynamic_shifting=False)
+    # diffusers' multistep fields and defaults, but for the spacing, Lu lambdas, euler_at_final and zero-SNR rescaling
+    # it lacks, and lower_order_final off (set_timesteps turns it on where the schedule needs it)
+    defaults = dict({k: v for k, v in DPMSolverMultistepScheduler.defaults.items() if k not in (
+        "timestep_spacing", "steps_offset", "use_lu_lambdas", "euler_at_final", "rescale_betas_zero_snr")},
+        lower_order_final=False)
+    unsupported = DPMSolverMultistepScheduler.unsupported
 
     def __init__(self, **kwargs):
-        # As diffusers: a DEIS or UniPC config loaded into this scheduler keeps its own algorithm's nearest settings
-        if kwargs.get("algorithm_type") == "deis":
-            kwargs["algorithm_type"] = "dpmsolver++"
-        if kwargs.get("solver_type") in ("logrho", "bh1", "bh2"):
-            kwargs["solver_type"] = "midpoint"
-        super().__init__(**kwargs)
-        c = self.config
-        for field, allowed in (("algorithm_type", ALGORITHMS), ("solver_type", ("midpoint", "heun")),
-                               ("solver_order", (1, 2, 3)), ("prediction_type", tuple(_X0)),
-                               ("final_sigmas_type", ("zero", "sigma_min")),
-                               ("beta_schedule", ("linear", "scaled_linear", "squaredcos_cap_v2"))):
-            if c[field] not in allowed or isinstance(c[field], bool):
-                hint = (" (dpmsolver, the noise-prediction variant, is deprecated in diffusers)"
-                        if field == "algorithm_type" else "")
-                raise ValueError(f"{field} must be one of {allowed}, got {c[field]!r}{hint}")
+        super().__init__(**nearest_settings(kwargs))
+        check_choices(self.config, VP_CHOICES)
         self._training_schedule()
         self._reset_state()
 
@@ -150,18 +141,8 @@ class DPMSolverSinglestepScheduler(VPSigmaScheduleBase):
         descending integer ``timesteps``; then Karras or exponential sigmas if the config asks; then the order of
         every call."""
         c = self.config
-        n_train = c.num_train_timesteps
-        if timesteps is not None:
-            if c.use_karras_sigmas or c.use_exponential_sigmas:
-                raise ValueError("custom timesteps cannot be used with Karras or exponential sigmas")
-            timesteps = self._custom_schedule("timesteps", timesteps, num_inference_steps, below=n_train)
-            timesteps = timesteps.astype(np.int64)
-        else:
-            self._check_steps(num_inference_steps)
-            lambdas = torch.log(torch.sqrt(self.alphas_cumprod)) - torch.log(torch.sqrt(1 - self.alphas_cumprod))
-            last = n_train - int(torch.searchsorted(torch.flip(lambdas, [0]), c.lambda_min_clipped))
-            n = int(num_inference_steps)
-            timesteps = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+        timesteps = clipped_timesteps(self, num_inference_steps, timesteps,
+                                      {"use_karras_sigmas": "Karras", "use_exponential_sigmas": "exponential"})
         n = len(timesteps)
         base = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
         log_sigmas = np.log(base)
@@ -194,20 +175,12 @@ class DPMSolverSinglestepScheduler(VPSigmaScheduleBase):
             raise ValueError(
                 f"the order-{order} single-step DPM-Solver call at step {i} divides by zero for this schedule "
                 f"(sigmas {self._sigma_values[i - order + 1:i + 2]}: two equal); diffusers returns NaN there")
-        noise = None
-        if c.algorithm_type == "sde-dpmsolver++":  # drawn as diffusers draws it, in the model output's dtype
-            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                                 dtype=model_output.dtype)
-        threshold = None
-        if c.thresholding:  # diffusers' dynamic thresholding of x0
-            threshold = functools.partial(threshold_sample, ratio=c.dynamic_thresholding_ratio,
-                                          max_value=c.sample_max_value)
         earlier = [self.model_outputs[-j] for j in range(1, order)]
-        prev, x0 = singlestep_update(model_output, sample, self.sample, earlier, coefficients, noise, threshold)
-        self.model_outputs = self.model_outputs[1:] + [x0]
+        prev, x0 = singlestep_update(model_output, sample, self.sample, earlier, coefficients,
+                                     sde_noise(c, model_output, generator), thresholder(c))
         if order == 1:
             self.sample = sample
-        self._step_index += 1
+        advance_multistep(self, x0)
         return SchedulerOutput(prev, x0) if return_dict else (prev,)
 
 

@@ -130,6 +130,76 @@ def solver_order_now(config, step_index, num_steps, lower_order_nums, zero_final
     return 3
 
 
+def clipped_timesteps(sched, num_inference_steps, timesteps, sigma_fields):
+    """A DPM-Solver's integer timesteps before any sigma conversion: custom descending ``timesteps`` checked (not
+    with the config's ``sigma_fields``, {field: name}, set), or ``num_inference_steps`` spaced per the config up to
+    where lambda_min_clipped cuts the training schedule, as diffusers does."""
+    c = sched.config
+    n_train = c.num_train_timesteps
+    if timesteps is not None:
+        if any(c[field] for field in sigma_fields):
+            raise ValueError(f"custom timesteps cannot be used with {' or '.join(sigma_fields.values())} sigmas")
+        return sched._custom_schedule("timesteps", timesteps, num_inference_steps, below=n_train).astype(np.int64)
+    sched._check_steps(num_inference_steps)
+    alphas = sched.alphas_cumprod
+    lambdas = torch.log(torch.sqrt(alphas)) - torch.log(torch.sqrt(1 - alphas))
+    last = n_train - int(torch.searchsorted(torch.flip(lambdas, [0]), c.lambda_min_clipped))
+    return sched._spaced_timesteps(int(num_inference_steps), last)
+
+
+def nearest_settings(kwargs):
+    """As diffusers: a DEIS or UniPC config loaded into a DPM-Solver keeps its own algorithm's nearest settings."""
+    if kwargs.get("algorithm_type") == "deis":
+        kwargs["algorithm_type"] = "dpmsolver++"
+    if kwargs.get("solver_type") in ("logrho", "bh1", "bh2"):
+        kwargs["solver_type"] = "midpoint"
+    return kwargs
+
+
+def check_choices(config, choices):
+    """Each (field, allowed values) of ``choices`` checked on the config: a ValueError naming the field."""
+    for field, allowed in choices:
+        if config[field] not in allowed or isinstance(config[field], bool):
+            hint = (" (dpmsolver and sde-dpmsolver, the noise-prediction variants, are deprecated in diffusers)"
+                    if field == "algorithm_type" and "dpmsolver++" in allowed else "")
+            raise ValueError(f"{field} must be one of {allowed}, got {config[field]!r}{hint}")
+
+
+# The config choices every DPM-Solver++ on VP sigmas checks (multistep adds its timestep spacing)
+VP_CHOICES = (("algorithm_type", ALGORITHMS), ("solver_type", ("midpoint", "heun")), ("solver_order", (1, 2, 3)),
+              ("prediction_type", tuple(_X0)), ("final_sigmas_type", ("zero", "sigma_min")),
+              ("beta_schedule", ("linear", "scaled_linear", "squaredcos_cap_v2")))
+
+
+def sde_noise(config, model_output, generator):
+    """The SDE variant's noise for one step, drawn in the model output's dtype as diffusers' single-step and EDM
+    solvers draw it (even where a call scales it by 0); None for the ODE."""
+    if config.algorithm_type != "sde-dpmsolver++":
+        return None
+    return randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+
+
+def thresholder(config):
+    """diffusers' dynamic thresholding of x0 as ``solver_step``'s ``threshold``, or None without it."""
+    if not config.thresholding:
+        return None
+    return functools.partial(threshold_sample, ratio=config.dynamic_thresholding_ratio,
+                             max_value=config.sample_max_value)
+
+
+def advance_multistep(sched, kept):
+    """diffusers' multistep bookkeeping after a step, on ours or on diffusers' own scheduler (DPM-Solver, DEIS, the
+    EDM DPM-Solver, and single-step DPM-Solver's calls): ``kept`` appended to ``model_outputs`` in place, the oldest
+    dropped; one more step towards the full order (where the scheduler counts them); the step index advanced."""
+    order = sched.config.solver_order
+    for j in range(order - 1):
+        sched.model_outputs[j] = sched.model_outputs[j + 1]
+    sched.model_outputs[-1] = kept
+    if getattr(sched, "lower_order_nums", order) < order:
+        sched.lower_order_nums += 1
+    sched._step_index += 1
+
+
 class DPMSolverMultistepScheduler(VPSigmaScheduleBase):
     defaults = dict(
         num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
@@ -143,22 +213,8 @@ class DPMSolverMultistepScheduler(VPSigmaScheduleBase):
     unsupported = dict(use_beta_sigmas=False, use_flow_sigmas=False, variance_type=None, use_dynamic_shifting=False)
 
     def __init__(self, **kwargs):
-        # As diffusers: a DEIS or UniPC config loaded into this scheduler keeps its own algorithm's nearest settings
-        if kwargs.get("algorithm_type") == "deis":
-            kwargs["algorithm_type"] = "dpmsolver++"
-        if kwargs.get("solver_type") in ("logrho", "bh1", "bh2"):
-            kwargs["solver_type"] = "midpoint"
-        super().__init__(**kwargs)
-        c = self.config
-        for field, allowed in (("algorithm_type", ALGORITHMS), ("solver_type", ("midpoint", "heun")),
-                               ("solver_order", (1, 2, 3)), ("prediction_type", tuple(_X0)),
-                               ("final_sigmas_type", ("zero", "sigma_min")),
-                               ("timestep_spacing", ("linspace", "leading", "trailing")),
-                               ("beta_schedule", ("linear", "scaled_linear", "squaredcos_cap_v2"))):
-            if c[field] not in allowed or isinstance(c[field], bool):
-                hint = (" (dpmsolver and sde-dpmsolver, the noise-prediction variants, are deprecated in diffusers)"
-                        if field == "algorithm_type" else "")
-                raise ValueError(f"{field} must be one of {allowed}, got {c[field]!r}{hint}")
+        super().__init__(**nearest_settings(kwargs))
+        check_choices(self.config, VP_CHOICES + (("timestep_spacing", ("linspace", "leading", "trailing")),))
         self._training_schedule()
         self._reset_state()
 
@@ -166,17 +222,8 @@ class DPMSolverMultistepScheduler(VPSigmaScheduleBase):
         """diffusers' schedule: ``num_inference_steps`` spaced per the config (within lambda_min_clipped), or custom
         descending integer ``timesteps``; then Karras, exponential or Lu-lambda sigmas if the config asks."""
         c = self.config
-        n_train = c.num_train_timesteps
-        if timesteps is not None:
-            if c.use_karras_sigmas or c.use_lu_lambdas or c.use_exponential_sigmas:
-                raise ValueError("custom timesteps cannot be used with Karras, Lu-lambda or exponential sigmas")
-            timesteps = self._custom_schedule("timesteps", timesteps, num_inference_steps, below=n_train)
-            timesteps = timesteps.astype(np.int64)
-        else:
-            self._check_steps(num_inference_steps)
-            lambdas = torch.log(torch.sqrt(self.alphas_cumprod)) - torch.log(torch.sqrt(1 - self.alphas_cumprod))
-            last = n_train - int(torch.searchsorted(torch.flip(lambdas, [0]), c.lambda_min_clipped))
-            timesteps = self._spaced_timesteps(int(num_inference_steps), last)
+        timesteps = clipped_timesteps(self, num_inference_steps, timesteps, {
+            "use_karras_sigmas": "Karras", "use_lu_lambdas": "Lu-lambda", "use_exponential_sigmas": "exponential"})
         base = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
         log_sigmas = np.log(base)
         rounded = c.beta_schedule != "squaredcos_cap_v2"  # diffusers rounds these timesteps, except for cosine
@@ -216,15 +263,9 @@ class DPMSolverMultistepScheduler(VPSigmaScheduleBase):
             noise = (variance_noise.to(model_output.device, torch.float32) if variance_noise is not None else
                      randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                   dtype=torch.float32))
-        threshold = None
-        if c.thresholding:  # diffusers' dynamic thresholding of x0
-            threshold = functools.partial(threshold_sample, ratio=c.dynamic_thresholding_ratio,
-                                          max_value=c.sample_max_value)
         earlier = [self.model_outputs[-j] for j in range(1, order)]
-        prev, x0 = solver_step(model_output, sample, earlier, coefficients, noise, threshold)
-        self.model_outputs = self.model_outputs[1:] + [x0]
-        self.lower_order_nums = min(self.lower_order_nums + 1, c.solver_order)
-        self._step_index += 1
+        prev, x0 = solver_step(model_output, sample, earlier, coefficients, noise, thresholder(c))
+        advance_multistep(self, x0)
         return SchedulerOutput(prev, x0) if return_dict else (prev,)
 
 

@@ -13,13 +13,13 @@ the same functions.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
-from .common import SchedulerOutput, SigmaScheduleBase, randn_tensor, threshold_sample
-from .dpm_solver import ALGORITHMS, solver_order_now, solver_step
+from .common import SchedulerOutput, SigmaScheduleBase, randn_tensor
+from .dpm_solver import (ALGORITHMS, advance_multistep, check_choices, nearest_settings, sde_noise, solver_order_now,
+                         solver_step, thresholder)
 
 
 def edm_x0_weights(sigma, sigma_data, prediction):
@@ -102,16 +102,10 @@ class EDMDPMSolverMultistepScheduler(_EDMScheduler):
                     lower_order_final=True, euler_at_final=False)
 
     def __init__(self, **kwargs):
-        if kwargs.get("algorithm_type") == "deis":  # as diffusers: another solver's config keeps the nearest
-            kwargs["algorithm_type"] = "dpmsolver++"
-        if kwargs.get("solver_type") in ("logrho", "bh1", "bh2"):
-            kwargs["solver_type"] = "midpoint"
-        super().__init__(**kwargs)
+        super().__init__(**nearest_settings(kwargs))
         c = self.config
-        for field, allowed in (("algorithm_type", ALGORITHMS), ("solver_type", ("midpoint", "heun")),
-                               ("solver_order", (1, 2, 3))):
-            if c[field] not in allowed or isinstance(c[field], bool):
-                raise ValueError(f"{field} must be one of {allowed}, got {c[field]!r}")
+        check_choices(c, (("algorithm_type", ALGORITHMS), ("solver_type", ("midpoint", "heun")),
+                          ("solver_order", (1, 2, 3))))
         if c.algorithm_type == "sde-dpmsolver++" and c.solver_order == 3:
             raise ValueError("algorithm_type 'sde-dpmsolver++' with solver_order 3: diffusers' EDM third-order "
                              "update has no SDE form (it fails there); use solver_order 2 or 'dpmsolver++'")
@@ -136,19 +130,10 @@ class EDMDPMSolverMultistepScheduler(_EDMScheduler):
         if coefficients is None:
             raise ValueError(f"the order-{order} DPM-Solver update at step {i} is not finite for this schedule "
                              f"(sigmas {self._sigma_values[max(i - order + 1, 0):i + 2]}); diffusers returns NaN there")
-        noise = None
-        if c.algorithm_type == "sde-dpmsolver++":  # drawn as diffusers draws it, in the model output's dtype
-            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                                 dtype=model_output.dtype)
-        threshold = None
-        if c.thresholding:
-            threshold = functools.partial(threshold_sample, ratio=c.dynamic_thresholding_ratio,
-                                          max_value=c.sample_max_value)
         earlier = [self.model_outputs[-j] for j in range(1, order)]
-        prev, x0 = solver_step(model_output, sample, earlier, coefficients, noise, threshold)
-        self.model_outputs = self.model_outputs[1:] + [x0]
-        self.lower_order_nums = min(self.lower_order_nums + 1, c.solver_order)
-        self._step_index += 1
+        prev, x0 = solver_step(model_output, sample, earlier, coefficients, sde_noise(c, model_output, generator),
+                               thresholder(c))
+        advance_multistep(self, x0)
         return SchedulerOutput(prev, x0) if return_dict else (prev,)
 
 
