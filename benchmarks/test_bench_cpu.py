@@ -125,7 +125,8 @@ def test_euler_step(benchmark, impl):
 # DPM2 and DPM2 ancestral, one whole step of two calls each (the ancestral second call draws noise); DEIS of order 3
 # (two earlier noise predictions combined before the fused pass); single-step DPM-Solver++ SDE of order 3, a group's
 # third call (its first sample, two earlier x0s and noise combined before the fused pass); TCD with eta 0.3
-# (TCD-LoRA's: x0, the re-noising and the step's fresh noise)
+# (TCD-LoRA's: x0, the re-noising and the step's fresh noise); the EDM DPM-Solver++ 2M (Playground v2.5's, the
+# earlier x0 at hand) and EDM Euler (CosXL's), on their own sigmas
 SCHEDULER_STEPS = [("EulerDiscreteScheduler", "", {}), ("EulerAncestralDiscreteScheduler", "", {}),
                    ("DPMSolverMultistepScheduler", "", {}),
                    ("DPMSolverMultistepScheduler", " 3M SDE", {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}),
@@ -136,7 +137,8 @@ SCHEDULER_STEPS = [("EulerDiscreteScheduler", "", {}), ("EulerAncestralDiscreteS
                    ("DEISMultistepScheduler", " order 3", {"solver_order": 3}),
                    ("DPMSolverSinglestepScheduler", " SDE order 3",
                     {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}),
-                   ("TCDScheduler", " eta 0.3", {})]
+                   ("TCDScheduler", " eta 0.3", {}), ("EDMDPMSolverMultistepScheduler", "", {}),
+                   ("EDMEulerScheduler", "", {})]
 
 
 @pytest.mark.parametrize("scheduler, variant, extra", SCHEDULER_STEPS,
@@ -158,17 +160,18 @@ def test_diffusers_scheduler_step(benchmark, scheduler, variant, extra, impl):
         assert fuse_step(sched) is None
     model_output, sample, _ = _latents((2, 4, 128, 128))
     t, gen = sched.timesteps[10], torch.Generator().manual_seed(0)
-    if scheduler.startswith("Euler"):
+    if "Euler" in scheduler:
         sched.is_scale_input_called = True
-        kwargs = {} if scheduler == "EulerDiscreteScheduler" else {"generator": gen}
+        kwargs = {"generator": gen} if scheduler == "EulerAncestralDiscreteScheduler" else {}
 
         def step():
             sched._step_index = 10  # the step advances it; time the same step every call
             return sched.step(model_output, t, sample, **kwargs).prev_sample
-    elif scheduler in ("DPMSolverMultistepScheduler", "DEISMultistepScheduler"):  # a step of the full order, the
+    elif scheduler in ("DPMSolverMultistepScheduler", "DEISMultistepScheduler",  # a step of the full order, the
+                       "EDMDPMSolverMultistepScheduler"):
         order = sched.config.solver_order  # earlier x0s (DEIS: noise predictions) at hand
         sched.model_outputs, sched.lower_order_nums = [sample.clone() for _ in range(order)], order
-        kwargs = {"generator": gen} if scheduler.startswith("DPM") else {}
+        kwargs = {"generator": gen} if "DPM" in scheduler else {}
 
         def step():
             sched._step_index = 10
