@@ -115,7 +115,7 @@ def _check_pipeline(args, device, dtype):
         return latents, decode(pipe, latents, name), first_noise_pred(pipe, name)
 
     def decode(pipe, latents, name):
-        from .pipeline import postprocess
+        from .pipeline_common import postprocess
 
         with backend(name), torch.no_grad():
             image = pipe._decode(latents.to(pipe.dtype))  # (SDXL's: an fp16 VAE with force_upcast decodes in fp32)
@@ -182,7 +182,7 @@ def _db(value):
 
 def _check_text_to_image(folder):
     """check runs text-to-image: an inpainting folder or an SDXL refiner is refused up front, saying why."""
-    from .pipeline import read_model_index
+    from .pipeline_folder import read_model_index
 
     _, index = read_model_index(folder)
     kind = ("an inpainting model" if "Inpaint" in str(index.get("_class_name", "")) else

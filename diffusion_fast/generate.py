@@ -125,7 +125,7 @@ def _refiner_embeddings(embeddings, refiner):
 def _ensemble(base, refiner, fraction, prompt, **kwargs):
     """diffusers' ensemble of expert denoisers: the base's first ``fraction`` as latents, the refiner's rest (the
     whole of a warm-up's one step each, not split); seconds are the two loops'."""
-    from .pipeline import StableDiffusionPipelineOutput
+    from .pipeline_common import StableDiffusionPipelineOutput
 
     split = kwargs["num_inference_steps"] > 1
     first = base(prompt, **dict(kwargs, output_type="latent", denoising_end=fraction if split else None))

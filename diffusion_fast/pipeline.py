@@ -18,84 +18,21 @@ pipeline, ``pipeline_xl.py``, runs this loop with its own text conditioning.) Wh
 """
 from __future__ import annotations
 
-import functools
-import inspect
-import json
-import os
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import _validate
 from ._backend import current_backend
 from .cuda_graph import GraphedCallable, ModuleState
 from .lora import LoraLoaderMixin, lora_call_scale
-from .models import AutoencoderKL, UNet2DConditionModel
-from .schedulers import DDIMScheduler, load_scheduler
+from .pipeline_common import (OUTPUT_TYPES, StableDiffusionPipelineOutput, StepCallback, auto_or_bool_setting,
+                              postprocess, rescale_noise_cfg, takes)
+from .pipeline_folder import ComponentLoader, check_model_config, read_model_index, resolve_dtype
+from .schedulers import DDIMScheduler
 from .schedulers.common import randn_tensor
 from .textual_inversion import TextualInversionLoaderMixin
-
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-
-
-@dataclass
-class StableDiffusionPipelineOutput:
-    images: object  # list of PIL images, a numpy (B, H, W, 3) array, a (B, 3, H, W) tensor, or latents
-    seconds: float = 0.0  # wall time of the denoising loop (synchronised)
-
-
-def _resolve_dtype(dtype):
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    if dtype not in names:
-        raise ValueError(f"dtype must be a torch.dtype or one of {sorted(names)}, got {dtype!r}")
-    return names[dtype]
-
-
-def _auto_or_bool_setting(name: str, doc: str) -> property:
-    """A pipeline setting that is "auto", True or False, refused at the assignment otherwise."""
-    attr = "_" + name
-    return property(lambda self: getattr(self, attr),
-                    lambda self, value: setattr(self, attr, _validate.auto_or_bool(name, value)), doc=doc)
-
-
-class StepCallback:
-    """diffusers' ``callback_on_step_end``, run after each step: ``fn(pipe, step, timestep, tensors)`` with the named
-    tensors; the ones it returns replace the loop's (the latents, the text embeddings, SDXL's added conditioning)."""
-
-    def __init__(self, fn, inputs, allowed, extra):
-        if not callable(fn):
-            raise TypeError(f"callback_on_step_end must be callable (pipe, step, timestep, tensors) -> dict, got "
-                            f"{type(fn).__name__}")
-        inputs = list(getattr(fn, "tensor_inputs", inputs))  # a diffusers PipelineCallback names its own
-        unknown = [k for k in inputs if k not in allowed]
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs has to be in {list(allowed)}, but found {unknown}")
-        self.fn, self.inputs, self.extra = fn, inputs, extra
-
-    def __call__(self, pipe, i, t, latents, embeds, cond, graphed):
-        named = {"latents": latents.clone() if graphed else latents,  # (a graph's output is overwritten next step)
-                 "prompt_embeds": embeds, **self.extra, **dict(zip(pipe._cond_names, cond))}
-        outputs = self.fn(pipe, i, t, {k: named[k] for k in self.inputs})
-        if not isinstance(outputs, dict):
-            raise TypeError(f"callback_on_step_end must return a dict (the tensors it replaces, or {{}}), got "
-                            f"{type(outputs).__name__}")
-        latents, embeds = outputs.get("latents", latents), outputs.get("prompt_embeds", embeds)
-        cond = tuple(outputs.get(name, c) for name, c in zip(pipe._cond_names, cond))
-        return latents, embeds, cond
-
-
-def rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale):
-    """diffusers' guidance rescale ("Common Diffusion Noise Schedules and Sample Steps are Flawed", 3.4): the guided
-    prediction scaled to the text prediction's standard deviation per sample, mixed in by ``guidance_rescale``."""
-    dims = list(range(1, noise_cfg.ndim))
-    rescaled = noise_cfg * (noise_pred_text.std(dim=dims, keepdim=True) / noise_cfg.std(dim=dims, keepdim=True))
-    return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
 
 
 class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
@@ -120,8 +57,8 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
     def _check_components(self):
         """The UNet must be conditioned on what this pipeline gives it: one CLIP text encoder's hidden states."""
         unet, text_encoder = self.unet, self.text_encoder
-        _check_config("unet", unet, "cross_attention_dim", "a UNet2DConditionModel")
-        _check_config("text_encoder", text_encoder, "hidden_size", "a transformers CLIPTextModel")
+        check_model_config("unet", unet, "cross_attention_dim", "a UNet2DConditionModel")
+        check_model_config("text_encoder", text_encoder, "hidden_size", "a transformers CLIPTextModel")
         width, cross = text_encoder.config.hidden_size, unet.config.cross_attention_dim
         per_block = cross if isinstance(cross, (list, tuple)) else [cross]
         if any(c != width for c in per_block) or unet.config.addition_embed_type is not None:
@@ -165,9 +102,9 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
             return cls.from_pretrained(folder, dtype=dtype, device=device, cuda_graph=cuda_graph,
                                        channels_last=channels_last)
 
-    cuda_graph = _auto_or_bool_setting("cuda_graph", '"auto" (capture on CUDA where possible), True (CUDA required) '
+    cuda_graph = auto_or_bool_setting("cuda_graph", '"auto" (capture on CUDA where possible), True (CUDA required) '
                                                      'or False.')
-    channels_last = _auto_or_bool_setting("channels_last", '"auto" (channels_last on the CPU, NCHW on CUDA), True or '
+    channels_last = auto_or_bool_setting("channels_last", '"auto" (channels_last on the CPU, NCHW on CUDA), True or '
                                                            "False: the UNet's and VAE's memory format.")
 
     @property
@@ -179,7 +116,7 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
         return next(self.unet.parameters()).dtype
 
     def to(self, device=None, dtype=None):
-        dtype = _resolve_dtype(dtype)
+        dtype = resolve_dtype(dtype)
         for module in (self.unet, self.vae, self.text_encoder):
             if module is not None:  # (an SDXL refiner has no first text encoder)
                 module.to(device=device, dtype=dtype)
@@ -296,7 +233,7 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
                 noise_pred = rescale_noise_cfg(noise_pred, text, self._guidance_rescale)
         # as diffusers' prepare_extra_step_kwargs: eta (DDIM's, TCD's) and a generator for a step that takes them
         step = self.scheduler.step
-        kwargs = {name: value for name, value in (("eta", eta), ("generator", generator)) if _takes(step, name)}
+        kwargs = {name: value for name, value in (("eta", eta), ("generator", generator)) if takes(step, name)}
         return self.scheduler.step(noise_pred, t, latents, **kwargs).prev_sample
 
     def _graph_step(self, latents, t, embeds, guidance_scale, do_cfg, num_inference_steps, *cond):
@@ -401,7 +338,7 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
         for name, values in (("timesteps", timesteps), ("sigmas", sigmas)):
             if values is None:
                 continue
-            if not _takes(self.scheduler.set_timesteps, name):
+            if not takes(self.scheduler.set_timesteps, name):
                 raise ValueError(f"{name}: {type(self.scheduler).__name__} takes no custom {name} (custom timesteps: "
                                  "Euler, Heun, DPM-Solver++, DDPM, LCM; custom sigmas: Euler)")
             self.scheduler.set_timesteps(device=device, **{name: values})
@@ -479,100 +416,3 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
 
     def _decode(self, latents):
         return self.vae.decode(latents / self.vae.config.scaling_factor)
-
-
-class ComponentLoader:
-    """Loads a pipeline folder's components by name: the UNet and VAE as ours, text encoders as the given
-    transformers class, tokenizers as CLIPTokenizer, the scheduler as ours. Checked up front: a required component
-    neither passed (``given``) nor in the folder, and a passed name the pipeline does not take, are one error each.
-    ``optional`` components may be null in model_index.json (an SDXL refiner's first text encoder) and load as None."""
-
-    def __init__(self, folder, index, names, optional, given, dtype, device, variant):
-        unknown = sorted(set(given) - set(names))
-        if unknown:
-            raise TypeError(f"from_pretrained got components it does not take: {unknown} (it takes {list(names)})")
-        def listed(c):  # model_index.json names it as [library, class], not [null, null]
-            entry = index.get(c)
-            return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None
-
-        self.absent = {c for c in optional if c not in given and not listed(c)}
-        missing = [c for c in names if c not in given and c not in self.absent
-                   and (not listed(c) or not os.path.isdir(os.path.join(folder, c)))]
-        if missing:
-            raise FileNotFoundError(f"{folder!r} lacks the pipeline components {missing}")
-        self.folder, self.given, self.variant = folder, given, variant
-        self.dtype, self.device = _resolve_dtype(dtype), device
-
-    def __call__(self, name, text_model_cls=None):
-        if name in self.given:
-            return self.given[name]
-        if name in self.absent:
-            return None
-        path = os.path.join(self.folder, name)
-        if name.startswith("unet") or name.startswith("vae"):
-            model_cls = UNet2DConditionModel if name.startswith("unet") else AutoencoderKL
-            return model_cls.from_pretrained(self.folder, subfolder=name, dtype=self.dtype, device=self.device,
-                                             variant=self.variant)
-        if name.startswith("tokenizer"):
-            from transformers import CLIPTokenizer
-
-            return CLIPTokenizer.from_pretrained(path)
-        if name == "scheduler":
-            return load_scheduler(path)
-        encoder = text_model_cls.from_pretrained(path)
-        return encoder.to(device=self.device, dtype=self.dtype or encoder.dtype).eval()
-
-
-def check_denoising_bounds(denoising_start=None, denoising_end=None):
-    """denoising_start / denoising_end: None or a fraction strictly between 0 and 1, the start before the end
-    (diffusers silently ignores a value outside (0, 1), which would run the whole schedule)."""
-    for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-            raise ValueError(f"{name} must be a fraction of the schedule strictly between 0 and 1 (None: "
-                             f"{'from the start' if name == 'denoising_start' else 'to the end'}), got {value!r}")
-    if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
-        raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
-
-
-def read_model_index(folder):
-    """(the folder as a str, its model_index.json as a dict): a missing folder or index is a clear error."""
-    if not isinstance(folder, (str, os.PathLike)):
-        raise TypeError(f"folder must be a path (str or os.PathLike), got {type(folder).__name__}")
-    folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"model folder {folder!r} does not exist")
-    index = os.path.join(folder, "model_index.json")
-    if not os.path.isfile(index):
-        raise FileNotFoundError(f"{folder!r} is not a diffusers pipeline folder: no model_index.json")
-    with open(index) as f:
-        return folder, json.load(f)
-
-
-def _check_config(name, model, field, what):
-    if not hasattr(getattr(model, "config", None), field):
-        raise TypeError(f"{name} must be a model with config.{field} ({what}), got {type(model).__name__}")
-
-
-def _takes(method, name) -> bool:
-    """Whether ``method`` has a parameter ``name``; read once per function (this runs every denoising step)."""
-    return name in _parameters(getattr(method, "__func__", method))
-
-
-@functools.lru_cache(maxsize=None)
-def _parameters(function):
-    return frozenset(inspect.signature(function).parameters)
-
-
-def postprocess(image: torch.Tensor, output_type: str):
-    """(B, 3, H, W) in [-1, 1] -> diffusers' output: [0, 1] floats (np/pt) or 8-bit PIL images (its rounding)."""
-    image = (image / 2 + 0.5).clamp(0, 1)
-    if output_type == "pt":
-        return image
-    array = image.cpu().permute(0, 2, 3, 1).float().numpy()
-    if output_type == "np":
-        return array
-    from PIL import Image
-
-    return [Image.fromarray(img) for img in (array * 255).round().astype("uint8")]

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from .lora import lora_call_scale
-from .pipeline import StableDiffusionPipeline, check_denoising_bounds
+from .pipeline import StableDiffusionPipeline
+from .pipeline_common import check_denoising_bounds
 from .pipeline_xl import StableDiffusionXLPipeline, _size_pair
 from .schedulers.common import randn_tensor
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 
 from .lora import lora_call_scale
-from .pipeline import (ComponentLoader, StableDiffusionPipeline, _check_config, _resolve_dtype,
-                       check_denoising_bounds, read_model_index)
+from .pipeline import StableDiffusionPipeline
+from .pipeline_common import check_denoising_bounds
+from .pipeline_folder import ComponentLoader, check_model_config, read_model_index, resolve_dtype
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
@@ -58,12 +59,12 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         added conditioning of the second's pooled projection and six time ids, or five with an aesthetic score
         (diffusers checks the last at the first call; here the pipeline is refused)."""
         unet, te, te2 = self.unet, self.text_encoder, self.text_encoder_2
-        _check_config("unet", unet, "cross_attention_dim", "a UNet2DConditionModel")
+        check_model_config("unet", unet, "cross_attention_dim", "a UNet2DConditionModel")
         if (te is None) != (self.tokenizer is None):
             raise ValueError("text_encoder and tokenizer: give both, or neither (an SDXL refiner)")
         if te is not None:
-            _check_config("text_encoder", te, "hidden_size", "a transformers CLIPTextModel")
-        _check_config("text_encoder_2", te2, "projection_dim", "a transformers CLIPTextModelWithProjection")
+            check_model_config("text_encoder", te, "hidden_size", "a transformers CLIPTextModel")
+        check_model_config("text_encoder_2", te2, "projection_dim", "a transformers CLIPTextModelWithProjection")
         c = unet.config
         widths = [e.config.hidden_size for e in (te, te2) if e is not None]
         cross = c.cross_attention_dim
@@ -115,7 +116,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                    cuda_graph=cuda_graph, channels_last=channels_last, **options)
 
     def to(self, device=None, dtype=None):
-        self.text_encoder_2.to(device=device, dtype=_resolve_dtype(dtype))
+        self.text_encoder_2.to(device=device, dtype=resolve_dtype(dtype))
         return super().to(device, dtype)
 
     # ---- text conditioning ----------------------------------------------------------------------------------

@@ -1,0 +1,96 @@
+"""What the pipelines share around their loops: the output, diffusers' step callback and guidance rescale, the
+denoising bounds check, image postprocessing, and the settings and signature helpers."""
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from . import _validate
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class StableDiffusionPipelineOutput:
+    images: object  # list of PIL images, a numpy (B, H, W, 3) array, a (B, 3, H, W) tensor, or latents
+    seconds: float = 0.0  # wall time of the denoising loop (synchronised)
+
+
+def auto_or_bool_setting(name: str, doc: str) -> property:
+    """A pipeline setting that is "auto", True or False, refused at the assignment otherwise."""
+    attr = "_" + name
+    return property(lambda self: getattr(self, attr),
+                    lambda self, value: setattr(self, attr, _validate.auto_or_bool(name, value)), doc=doc)
+
+
+class StepCallback:
+    """diffusers' ``callback_on_step_end``, run after each step: ``fn(pipe, step, timestep, tensors)`` with the named
+    tensors; the ones it returns replace the loop's (the latents, the text embeddings, SDXL's added conditioning)."""
+
+    def __init__(self, fn, inputs, allowed, extra):
+        if not callable(fn):
+            raise TypeError(f"callback_on_step_end must be callable (pipe, step, timestep, tensors) -> dict, got "
+                            f"{type(fn).__name__}")
+        inputs = list(getattr(fn, "tensor_inputs", inputs))  # a diffusers PipelineCallback names its own
+        unknown = [k for k in inputs if k not in allowed]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs has to be in {list(allowed)}, but found {unknown}")
+        self.fn, self.inputs, self.extra = fn, inputs, extra
+
+    def __call__(self, pipe, i, t, latents, embeds, cond, graphed):
+        named = {"latents": latents.clone() if graphed else latents,  # (a graph's output is overwritten next step)
+                 "prompt_embeds": embeds, **self.extra, **dict(zip(pipe._cond_names, cond))}
+        outputs = self.fn(pipe, i, t, {k: named[k] for k in self.inputs})
+        if not isinstance(outputs, dict):
+            raise TypeError(f"callback_on_step_end must return a dict (the tensors it replaces, or {{}}), got "
+                            f"{type(outputs).__name__}")
+        latents, embeds = outputs.get("latents", latents), outputs.get("prompt_embeds", embeds)
+        cond = tuple(outputs.get(name, c) for name, c in zip(pipe._cond_names, cond))
+        return latents, embeds, cond
+
+
+def rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale):
+    """diffusers' guidance rescale ("Common Diffusion Noise Schedules and Sample Steps are Flawed", 3.4): the guided
+    prediction scaled to the text prediction's standard deviation per sample, mixed in by ``guidance_rescale``."""
+    dims = list(range(1, noise_cfg.ndim))
+    rescaled = noise_cfg * (noise_pred_text.std(dim=dims, keepdim=True) / noise_cfg.std(dim=dims, keepdim=True))
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
+
+
+def check_denoising_bounds(denoising_start=None, denoising_end=None):
+    """denoising_start / denoising_end: None or a fraction strictly between 0 and 1, the start before the end
+    (diffusers silently ignores a value outside (0, 1), which would run the whole schedule)."""
+    for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise ValueError(f"{name} must be a fraction of the schedule strictly between 0 and 1 (None: "
+                             f"{'from the start' if name == 'denoising_start' else 'to the end'}), got {value!r}")
+    if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+        raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
+
+
+def takes(method, name) -> bool:
+    """Whether ``method`` has a parameter ``name``; read once per function (this runs every denoising step)."""
+    return name in _parameters(getattr(method, "__func__", method))
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(function):
+    return frozenset(inspect.signature(function).parameters)
+
+
+def postprocess(image: torch.Tensor, output_type: str):
+    """(B, 3, H, W) in [-1, 1] -> diffusers' output: [0, 1] floats (np/pt) or 8-bit PIL images (its rounding)."""
+    image = (image / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return image
+    array = image.cpu().permute(0, 2, 3, 1).float().numpy()
+    if output_type == "np":
+        return array
+    from PIL import Image
+
+    return [Image.fromarray(img) for img in (array * 255).round().astype("uint8")]

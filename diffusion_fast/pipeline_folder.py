@@ -1,0 +1,84 @@
+"""Reading a diffusers pipeline folder: its model_index.json, its components (ours for the UNet, VAE and scheduler;
+transformers' for the text encoders and tokenizers), dtype names. Shared by the SD and SDXL pipelines."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .models import AutoencoderKL, UNet2DConditionModel
+from .schedulers import load_scheduler
+
+
+def resolve_dtype(dtype):
+    """A torch.dtype from itself or its name ("fp16", "float16", ...); None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"dtype must be a torch.dtype or one of {sorted(names)}, got {dtype!r}")
+    return names[dtype]
+
+
+class ComponentLoader:
+    """Loads a pipeline folder's components by name: the UNet and VAE as ours, text encoders as the given
+    transformers class, tokenizers as CLIPTokenizer, the scheduler as ours. Checked up front: a required component
+    neither passed (``given``) nor in the folder, and a passed name the pipeline does not take, are one error each.
+    ``optional`` components may be null in model_index.json (an SDXL refiner's first text encoder) and load as None."""
+
+    def __init__(self, folder, index, names, optional, given, dtype, device, variant):
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise TypeError(f"from_pretrained got components it does not take: {unknown} (it takes {list(names)})")
+        def listed(c):  # model_index.json names it as [library, class], not [null, null]
+            entry = index.get(c)
+            return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None
+
+        self.absent = {c for c in optional if c not in given and not listed(c)}
+        missing = [c for c in names if c not in given and c not in self.absent
+                   and (not listed(c) or not os.path.isdir(os.path.join(folder, c)))]
+        if missing:
+            raise FileNotFoundError(f"{folder!r} lacks the pipeline components {missing}")
+        self.folder, self.given, self.variant = folder, given, variant
+        self.dtype, self.device = resolve_dtype(dtype), device
+
+    def __call__(self, name, text_model_cls=None):
+        if name in self.given:
+            return self.given[name]
+        if name in self.absent:
+            return None
+        path = os.path.join(self.folder, name)
+        if name.startswith("unet") or name.startswith("vae"):
+            model_cls = UNet2DConditionModel if name.startswith("unet") else AutoencoderKL
+            return model_cls.from_pretrained(self.folder, subfolder=name, dtype=self.dtype, device=self.device,
+                                             variant=self.variant)
+        if name.startswith("tokenizer"):
+            from transformers import CLIPTokenizer
+
+            return CLIPTokenizer.from_pretrained(path)
+        if name == "scheduler":
+            return load_scheduler(path)
+        encoder = text_model_cls.from_pretrained(path)
+        return encoder.to(device=self.device, dtype=self.dtype or encoder.dtype).eval()
+
+
+def read_model_index(folder):
+    """(the folder as a str, its model_index.json as a dict): a missing folder or index is a clear error."""
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"folder must be a path (str or os.PathLike), got {type(folder).__name__}")
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"model folder {folder!r} does not exist")
+    index = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index):
+        raise FileNotFoundError(f"{folder!r} is not a diffusers pipeline folder: no model_index.json")
+    with open(index) as f:
+        return folder, json.load(f)
+
+
+def check_model_config(name, model, field, what):
+    """A component passed in must be a model with ``config.<field>`` (what the pipeline reads from it)."""
+    if not hasattr(getattr(model, "config", None), field):
+        raise TypeError(f"{name} must be a model with config.{field} ({what}), got {type(model).__name__}")
