@@ -15,6 +15,7 @@ import torch
 from . import backend, ops, reference
 from .numerics import (PIPELINE_FP32_MAX_ABS, PIPELINE_LOWP_MIN_PSNR, max_abs_err, psnr, seed_latents, strict_fp32,
                        two_x_rule)
+from .schedulers.common import float32_draws
 
 
 def _op_cases(device, dtype, gen):
@@ -108,10 +109,15 @@ def _check_pipeline(args, device, dtype):
     def run(pipe, name):
         """(final latents, image, first noise prediction) of one pipeline run on one backend."""
         pipe.set_progress_bar_config(disable=True)
-        noise = seed_latents(pipe.unet.config, args.seed)  # one noise for every dtype (see seed_latents)
-        with backend(name):
+        kind, inputs = pipeline_inputs(pipe, args.seed, args.steps)
+        if kind != "image-to-image":  # (image-to-image draws its noise itself: float32_draws below)
+            inputs["latents"] = seed_latents(pipe.unet.config, args.seed, channels=pipe.vae.config.latent_channels)
+        # one noise for every dtype: the given latents (see seed_latents), and every draw a pipeline makes itself
+        # (the image's latent sample and noise) in float32, rounded
+        with backend(name), float32_draws():
             latents = pipe("a red cube on a table", num_inference_steps=args.steps, guidance_scale=7.5,
-                           latents=noise, output_type="latent").images
+                           generator=torch.Generator("cpu").manual_seed(args.seed), output_type="latent",
+                           **inputs).images
         return latents, decode(pipe, latents, name), first_noise_pred(pipe, name)
 
     def decode(pipe, latents, name):
@@ -131,10 +137,13 @@ def _check_pipeline(args, device, dtype):
             probe = (torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen),
                      torch.tensor(pipe.scheduler.config.num_train_timesteps - 1),
                      torch.randn(2, 77, cfg.cross_attention_dim, generator=gen))
-            if hasattr(pipe, "text_encoder_2"):  # SDXL: the pooled projection and the six size ids
+            if hasattr(pipe, "text_encoder_2"):  # SDXL: the pooled projection and the size ids
                 size = float(cfg.sample_size * pipe.vae_scale_factor)
+                # (a refiner's: original size, crop, aesthetic score)
+                ids = [size, size, 0.0, 0.0, 6.0] if pipe.requires_aesthetics_score else [size, size, 0.0, 0.0,
+                                                                                           size, size]
                 probe += (torch.randn(2, pipe.text_encoder_2.config.projection_dim, generator=gen),
-                          torch.tensor([[size, size, 0.0, 0.0, size, size]] * 2))
+                          torch.tensor([ids] * 2))
         with backend(name), torch.no_grad():
             x, t, emb, *cond = (v.to(device=device, dtype=pipe.dtype if v.is_floating_point() else v.dtype)
                                 for v in probe)
@@ -154,7 +163,8 @@ def _check_pipeline(args, device, dtype):
     diff = max_abs_err(torch.from_numpy(fast), torch.from_numpy(ref))
     quality = psnr(fast, ref)
     sampler = type(pipe.scheduler).__name__.replace("Scheduler", "").replace("Discrete", "").replace("Multistep", "")
-    row = {"check": f"pipeline ({args.steps} {sampler} steps, {str(dtype).replace('torch.', '')})",
+    kind = pipeline_inputs(pipe, args.seed, args.steps)[0]
+    row = {"check": f"{kind} pipeline ({args.steps} {sampler} steps, {str(dtype).replace('torch.', '')})",
            "max_abs_err": diff, "psnr_db": quality, "stages": stages}
     if dtype == torch.float32:
         row.update(passed=diff <= PIPELINE_FP32_MAX_ABS, rule=f"max abs <= {PIPELINE_FP32_MAX_ABS:g}")
@@ -180,20 +190,36 @@ def _db(value):
     return "inf" if math.isinf(value) else f"{value:.1f}"
 
 
-def _check_text_to_image(folder):
-    """check runs text-to-image: an inpainting folder or an SDXL refiner is refused up front, saying why."""
-    from .pipeline_folder import read_model_index
+def pipeline_inputs(pipe, seed, steps):
+    """(kind, the call's inputs beyond the prompt): an inpainting pipeline's image and mask, an image-to-image one's
+    image (an SDXL refiner's folder), made from the seed at the UNet's default size, and a strength that leaves at
+    least one of ``steps`` to run (half the schedule for image-to-image, all of it for inpainting); none for
+    text-to-image."""
+    import numpy as np
+    from PIL import Image
 
-    _, index = read_model_index(folder)
-    kind = ("an inpainting model" if "Inpaint" in str(index.get("_class_name", "")) else
-            "an SDXL refiner" if index.get("requires_aesthetics_score", False) else None)
-    if kind:
-        raise ValueError(f"--model {folder} is {kind}; check runs text-to-image pipelines (check its base model)")
+    from .pipeline_img2img import StableDiffusionXLImg2ImgPipeline
+    from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
+
+    kind = ("inpainting" if isinstance(pipe, (StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline)) else
+            "image-to-image" if isinstance(pipe, StableDiffusionXLImg2ImgPipeline) else "text-to-image")
+    if kind == "text-to-image":
+        return kind, {}
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    ramp = np.linspace(0, 255, size)
+    rng = np.random.default_rng(seed)
+    image = np.stack([np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, ramp[::-1]) / 2,
+                      np.full((size, size), 128.0)], axis=-1) + rng.normal(0, 20, (size, size, 3))
+    inputs = {"image": Image.fromarray(image.clip(0, 255).astype(np.uint8)),
+              "strength": 1.0 if kind == "inpainting" else max(0.5, 1 / steps)}
+    if kind == "inpainting":  # white (repainted) in the middle half of each side
+        mask = np.zeros((size, size), np.uint8)
+        mask[size // 4:3 * size // 4, size // 4:3 * size // 4] = 255
+        inputs["mask_image"] = Image.fromarray(mask)
+    return kind, inputs
 
 
 def run_check(args, device, dtype) -> int:
-    if args.model:
-        _check_text_to_image(args.model)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     print(f"diffusion-fast check on {device} ({dtype}); ops: 2x rule vs float64 reference")

@@ -57,7 +57,7 @@ def strict_fp32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def seed_latents(unet_config, seed: int, batch: int = 1) -> torch.Tensor:
+def seed_latents(unet_config, seed: int, batch: int = 1, channels: int | None = None) -> torch.Tensor:
     """The initial latents for ``seed`` at the UNet's default size, drawn in float32 on the CPU.
 
     Pass them as ``latents=`` (cast to the pipeline's dtype and device) to every run that is compared across dtypes.
@@ -66,5 +66,6 @@ def seed_latents(unet_config, seed: int, batch: int = 1) -> torch.Tensor:
     model then gave 13.1 dB between float16 and float32, for the fast path and plain PyTorch alike, and 70.0 dB from
     one noise.
     """
-    shape = (batch, unet_config.in_channels, unet_config.sample_size, unet_config.sample_size)
+    channels = unet_config.in_channels if channels is None else channels  # (an inpainting UNet takes 9: pass 4)
+    shape = (batch, channels, unet_config.sample_size, unet_config.sample_size)
     return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)

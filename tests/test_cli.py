@@ -507,9 +507,42 @@ def test_generate_with_an_embedding(tmp_path, capsys):
     assert "no such textual inversion file or folder" in capsys.readouterr().err
 
 
-def test_check_refuses_a_refiner_up_front(sdxl_folders, capsys):
-    """check runs text-to-image; an SDXL refiner (image-to-image only) is one line before any op runs."""
-    assert main(["check", "--model", str(sdxl_folders[1]), "--steps", "1"]) == 2
-    captured = capsys.readouterr()
-    assert "is an SDXL refiner; check runs text-to-image pipelines" in captured.err
-    assert "max abs err" not in captured.out and "Traceback" not in captured.err
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_check_runs_a_refiner_as_image_to_image(sdxl_folders, capsys, monkeypatch, dtype):
+    """An SDXL refiner folder (image-to-image only) is checked on an image made from the seed; in fp16 against the
+    fp32 run from the same noise, though the pipeline draws it itself (float32_draws). torch 2.11's float16 randn,
+    which is not the float32 one rounded, is simulated, as in test_check_compares_dtypes_from_one_noise."""
+    real = torch.randn
+
+    def dtype_dependent(*args, dtype=None, **kwargs):
+        noise = real(*args, dtype=torch.float32 if dtype == torch.float16 else dtype, **kwargs)
+        return noise.flip(-1).to(dtype) if dtype == torch.float16 else noise
+
+    monkeypatch.setattr(torch, "randn", dtype_dependent)
+    assert main(["check", "--model", str(sdxl_folders[1]), "--steps", "2", "--dtype", dtype]) == 0
+    text = capsys.readouterr().out
+    assert "image-to-image pipeline (2 DDIM steps" in text and "0 failed" in text
+
+
+@pytest.mark.parametrize("in_channels", [9, 4])
+def test_check_runs_an_inpainting_folder(tmp_path, capsys, monkeypatch, in_channels):
+    """An inpainting folder (a 9-channel inpainting UNet, or a plain one) is checked on an image and mask made from
+    the seed; a fast path that is off fails it, as for text-to-image."""
+    import _tiny_diffusers
+    from diffusers import StableDiffusionInpaintPipeline as Theirs
+    from diffusers import UNet2DConditionModel
+
+    from diffusion_fast import tiny
+
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel(**dict(tiny.unet_config("sd1"), in_channels=in_channels))
+    Theirs(**dict(_tiny_diffusers.pipeline("sd1", 0).components, unet=unet)).save_pretrained(tmp_path / "inpaint")
+    assert main(["check", "--model", str(tmp_path / "inpaint"), "--steps", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "inpainting pipeline (2 " in text and "0 failed" in text
+    import diffusion_fast.ops as ops
+
+    real = ops.group_norm_silu
+    monkeypatch.setattr(ops, "group_norm_silu", lambda x, *a, **k: real(x, *a, **k) + (
+        1e-2 if k.get("backend", "auto") == "auto" else 0.0))
+    assert main(["check", "--model", str(tmp_path / "inpaint"), "--steps", "1"]) == 1

@@ -1,6 +1,7 @@
 """What the schedulers share: configs, beta schedules, noise drawn the way diffusers draws it, the output type."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,12 +22,30 @@ class SchedulerOutput:
         return iter((self.prev_sample, self.pred_original_sample))
 
 
+_FLOAT32_DRAWS = [False]  # set inside float32_draws()
+
+
+@contextlib.contextmanager
+def float32_draws():
+    """Within it, every ``randn_tensor`` draw in fp16/bf16 is a float32 draw rounded to that dtype: runs in two
+    dtypes then start from one noise. (In torch 2.11 a float16 randn from a seed is not the float32 one rounded;
+    ``diffusion-fast check`` compares an fp16 image with the fp32 reference, image-to-image and inpainting included,
+    where the pipelines draw their noise themselves.)"""
+    _FLOAT32_DRAWS[0] = True
+    try:
+        yield
+    finally:
+        _FLOAT32_DRAWS[0] = False
+
+
 def randn_tensor(shape, generator=None, device=None, dtype=None):
     """Gaussian noise drawn exactly as diffusers' randn_tensor draws it (so images match diffusers').
 
     The noise is drawn on the generator's device (CPU generators on CUDA targets draw on the CPU, then move); a list
-    of generators draws one sample each.
+    of generators draws one sample each. Inside ``float32_draws()`` a half-precision draw is float32 rounded.
     """
+    if _FLOAT32_DRAWS[0] and dtype in (torch.float16, torch.bfloat16):
+        return randn_tensor(shape, generator, device, torch.float32).to(dtype)
     device = torch.device(device) if device is not None else torch.device("cpu")
     rand_device = device
     generators = generator if isinstance(generator, (list, tuple)) else [generator]
