@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import mask_crop
 from .lora import lora_call_scale
 from .pipeline import StableDiffusionPipeline
 from .pipeline_img2img import StableDiffusionXLImg2ImgPipeline, _ImageToImage, preprocess_image
@@ -92,6 +93,31 @@ class _Inpainting(_ImageToImage):
         shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                                    num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None, output_type)
         return (shape[0], self.vae.config.latent_channels, *shape[2:])
+
+    def _crop_to_mask(self, image, mask_image, padding_mask_crop, output_type, shape):
+        """``padding_mask_crop`` ("inpaint only masked", as diffusers): (image, mask, box) with the box around the
+        mask cut from both and resized to the output size (``mask_crop``); the box is None without the option. As in
+        diffusers, it takes one PIL image and mask and PIL output."""
+        import PIL.Image
+
+        if padding_mask_crop is None:
+            return image, mask_image, None
+        if isinstance(padding_mask_crop, bool) or not isinstance(padding_mask_crop, int) or padding_mask_crop < 0:
+            raise ValueError(f"padding_mask_crop must be a number of pixels (an int >= 0), got {padding_mask_crop!r}")
+        for name, value in (("image", image), ("mask_image", mask_image)):
+            if not isinstance(value, PIL.Image.Image):
+                raise ValueError(f"{name} must be a PIL image with padding_mask_crop, got {type(value).__name__}")
+        if output_type != "pil":
+            raise ValueError(f"output_type must be 'pil' with padding_mask_crop (the result is pasted into the "
+                             f"image), got {output_type!r}")
+        height, width = shape[2] * self.vae_scale_factor, shape[3] * self.vae_scale_factor
+        return mask_crop.cropped_inputs(image, mask_image, width, height, padding_mask_crop)
+
+    def _paste_back(self, output, image, mask_image, box):
+        """The crop's images pasted into the original image (a call with padding_mask_crop)."""
+        if box is not None:
+            output.images = [mask_crop.paste_back(mask_image, image, im, box) for im in output.images]
+        return output
 
     def _image_and_mask(self, image, mask_image, masked_image_latents, shape, latents):
         """(the image at the output size, pixels or latents; the binarized mask), checked against the batch."""
@@ -180,12 +206,13 @@ class StableDiffusionInpaintPipeline(_Inpainting, StableDiffusionPipeline):
                  num_inference_steps=50, guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
                  generator=None, latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
                  timesteps=None, sigmas=None, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
-                 masked_image_latents=None, clip_skip=None):
+                 masked_image_latents=None, clip_skip=None, padding_mask_crop=None):
         shape = self._latent_shape(strength, image, mask_image, height, width, prompt, negative_prompt,
                                    num_inference_steps, guidance_scale, num_images_per_prompt, prompt_embeds,
                                    negative_prompt_embeds, output_type)
         clip_skip = self._check_clip_skip(clip_skip)  # (before the schedule is set: a refused call changes nothing)
-        init_image, mask_condition = self._image_and_mask(image, mask_image, masked_image_latents, shape, latents)
+        crop_image, crop_mask, box = self._crop_to_mask(image, mask_image, padding_mask_crop, output_type, shape)
+        init_image, mask_condition = self._image_and_mask(crop_image, crop_mask, masked_image_latents, shape, latents)
         callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         num_inference_steps, timesteps, do_cfg, negative_prompt_embeds, embeds = self._sd_tail_and_embeds(
             prompt, num_inference_steps, strength, timesteps, sigmas, guidance_scale, num_images_per_prompt,
@@ -194,9 +221,10 @@ class StableDiffusionInpaintPipeline(_Inpainting, StableDiffusionPipeline):
                                                       shape, timesteps, embeds.dtype, generator, strength, do_cfg)
         if callback is not None:
             callback.extra.update(negative_prompt_embeds=negative_prompt_embeds, mask=mask, masked_image_latents=masked)
-        return self._denoise_and_unblend(latents, timesteps, embeds, () if self._blend is not None else (mask, masked),
-                                         num_inference_steps, guidance_scale, do_cfg, eta, generator, output_type,
-                                         callback)
+        output = self._denoise_and_unblend(latents, timesteps, embeds,
+                                           () if self._blend is not None else (mask, masked), num_inference_steps,
+                                           guidance_scale, do_cfg, eta, generator, output_type, callback)
+        return self._paste_back(output, image, mask_image, box)
 
 
 class StableDiffusionXLInpaintPipeline(_Inpainting, StableDiffusionXLImg2ImgPipeline):
@@ -241,7 +269,7 @@ class StableDiffusionXLInpaintPipeline(_Inpainting, StableDiffusionXLImg2ImgPipe
                  crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score=6.0,
                  negative_aesthetic_score=2.5, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",), clip_skip=None):
+                 callback_on_step_end_tensor_inputs=("latents",), clip_skip=None, padding_mask_crop=None):
         """As diffusers', with its defaults: strength 0.9999 (the first step of the schedule skipped, the image's
         latents noised), guidance 7.5."""
         shape = self._latent_shape(strength, image, mask_image, height, width, prompt, negative_prompt,
@@ -254,7 +282,8 @@ class StableDiffusionXLInpaintPipeline(_Inpainting, StableDiffusionXLImg2ImgPipe
             prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
             negative_pooled_prompt_embeds, height, width, original_size, crops_coords_top_left, target_size,
             negative_original_size, negative_crops_coords_top_left, negative_target_size)
-        init_image, mask_condition = self._image_and_mask(image, mask_image, masked_image_latents, shape, latents)
+        crop_image, crop_mask, box = self._crop_to_mask(image, mask_image, padding_mask_crop, output_type, shape)
+        init_image, mask_condition = self._image_and_mask(crop_image, crop_mask, masked_image_latents, shape, latents)
         callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         num_inference_steps = self._set_timesteps(num_inference_steps, self.device, timesteps, sigmas)
         timesteps = self._tail(num_inference_steps, strength, denoising_start)
@@ -270,5 +299,6 @@ class StableDiffusionXLInpaintPipeline(_Inpainting, StableDiffusionXLImg2ImgPipe
         if callback is not None:
             callback.extra.update(mask=mask, masked_image_latents=masked)
         cond = cond if self._blend is not None else (*cond, mask, masked)
-        return self._denoise_and_unblend(latents, timesteps, embeds, cond, num_inference_steps, guidance_scale,
-                                         do_cfg, eta, generator, output_type, callback)
+        output = self._denoise_and_unblend(latents, timesteps, embeds, cond, num_inference_steps, guidance_scale,
+                                           do_cfg, eta, generator, output_type, callback)
+        return self._paste_back(output, image, mask_image, box)

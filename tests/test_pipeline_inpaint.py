@@ -62,7 +62,7 @@ def _both(pair, backend_name="fast", generators=None, **kwargs):
     a = theirs(generator=generator(), **kwargs).images
     with diffusion_fast.backend(backend_name):
         b = ours(generator=generator(), **kwargs).images
-    assert a.shape == b.shape
+    assert np.shape(a) == np.shape(b)  # (PIL output: lists of images)
     return a, b
 
 
@@ -178,3 +178,32 @@ def test_graphed_loop_gives_the_eager_image(pair, monkeypatch, mode, scheduler):
         assert graphed.captures == 1
     finally:
         ours.scheduler, ours._graphs = saved, None
+
+
+# padding_mask_crop ("inpaint only masked"): the box around the mask, padded and widened to the output's 64x64, is
+# inpainted at the output size and pasted back; outside the mask the image is the original's. PIL output (8-bit):
+# within one level of diffusers' (its tolerance, 1e-3 of the range, rounds to at most one level either way).
+@pytest.mark.parametrize("pad, mask_box", [
+    (4, (10, 30, 12, 40)),  # the test mask, wider than tall: the box grows in height
+    (0, (2, 40, 44, 48)),  # a tall strip at the right edge: the box grows in width and is moved back inside
+])
+def test_padding_mask_crop_as_diffusers(pair, pad, mask_box):
+    y0, y1, x0, x1 = mask_box
+    mask = np.zeros((42, 50), dtype=np.uint8)
+    mask[y0:y1, x0:x1] = 255
+    a, b = _both(pair, mask_image=Image.fromarray(mask), padding_mask_crop=pad, output_type="pil")
+    a, b = np.asarray(a[0], dtype=np.int16), np.asarray(b[0], dtype=np.int16)
+    assert a.shape == b.shape == (42, 50, 3) and np.abs(a - b).max() <= 1
+    assert np.array_equal(b[mask == 0], np.asarray(IMAGE)[mask == 0])  # the original outside the mask
+
+
+def test_padding_mask_crop_bad_inputs(pair):
+    _, ours = pair
+    for kwargs, message in [(dict(padding_mask_crop=-1), "padding_mask_crop must be a number of pixels"),
+                            (dict(padding_mask_crop=2.5), "padding_mask_crop must be a number of pixels"),
+                            (dict(padding_mask_crop=4, output_type="np"), "output_type must be 'pil'"),
+                            (dict(padding_mask_crop=4, image=[IMAGE]), "image must be a PIL image"),
+                            (dict(padding_mask_crop=4, mask_image=torch.ones(1, 1, 8, 8)),
+                             "mask_image must be a PIL image")]:
+        with pytest.raises(ValueError, match=message):
+            ours(**dict(dict(prompt="a", image=IMAGE, mask_image=MASK, num_inference_steps=2), **kwargs))
