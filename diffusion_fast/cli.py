@@ -80,6 +80,16 @@ def _positive_int(text):
     return value
 
 
+def _nonnegative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of pixels, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _size(text):
     value = _positive_int(text)
     if value % 8 != 0:
@@ -157,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an initial image file: image-to-image, its size the output's")
     g.add_argument("--mask", default=None,
                    help="with --image: a mask file (white: repaint, black: keep): inpainting")
+    g.add_argument("--padding-mask-crop", type=_nonnegative_int, default=None, metavar="N",
+                   help="with --mask: inpaint only the box around the mask, padded by N pixels, at the model's size "
+                        "(or --height/--width), and paste it back into the image (diffusers' padding_mask_crop)")
     g.add_argument("--strength", type=float, default=None,
                    help="with --image: how much of the schedule runs, in (0, 1] (default: the pipeline's, 0.8 for "
                         "SD 1.x/2.x, 0.3 for SDXL, 1 for inpainting, 0.9999 for SDXL's, as in diffusers)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 import torch
 
 from .cli import KARRAS_SCHEDULERS, SCHEDULER_CHOICES, UsageError, _device, _dtype
@@ -42,8 +43,10 @@ def _init_image(args):
 
 
 def _mask_image(args, init_image):
-    """--mask as a PIL image (None without it), checked against --image."""
+    """--mask as a PIL image (None without it), checked against --image (and --padding-mask-crop against it)."""
     if args.mask is None:
+        if args.padding_mask_crop is not None:
+            raise UsageError("--padding-mask-crop is for inpainting: give --image and --mask too")
         return None
     if init_image is None:
         raise UsageError("--mask is for inpainting: give --image too")
@@ -202,6 +205,9 @@ def generate(args) -> int:
         width, height = (x - x % 8 for x in init_image.size)
         if width == 0 or height == 0:
             raise UsageError(f"--image is {init_image.size[0]}x{init_image.size[1]}: smaller than 8 pixels")
+        if args.padding_mask_crop is not None:  # the box at the model's size (or --height/--width), pasted back
+            width, height = args.width, args.height
+            options.update(padding_mask_crop=args.padding_mask_crop)
         options.update(image=init_image, mask_image=mask_image, strength=strength, height=height, width=width)
         denoised = min(int(steps * strength), steps)
     else:  # img2img: the image's own size; a warm-up step of a strength-cut schedule needs the whole schedule
@@ -212,12 +218,17 @@ def generate(args) -> int:
     def run(path_name, num_steps=steps):
         generator = torch.Generator("cpu").manual_seed(args.seed)
         extra = dict(options, strength=1.0) if num_steps != steps and "strength" in options else options
+        pasted = "padding_mask_crop" in extra  # (diffusers pastes into the image as PIL only)
         kwargs = dict(negative_prompt=args.negative_prompt, num_inference_steps=num_steps, eta=args.eta,
-                      clip_skip=args.clip_skip, generator=generator, num_images_per_prompt=args.batch, output_type="np", **extra)
+                      clip_skip=args.clip_skip, generator=generator, num_images_per_prompt=args.batch,
+                      output_type="pil" if pasted else "np", **extra)
         with backend(path_name):
             if refiner is not None:
                 return _ensemble(pipe, refiner, args.refiner_start or 0.8, args.prompt, **kwargs)
-            return pipe(args.prompt, **kwargs)
+            output = pipe(args.prompt, **kwargs)
+        if pasted:
+            output.images = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in output.images])
+        return output
 
     if compare:
         # Untimed one-step runs first, so the speedup compares sampling, not one-time costs that only the path run

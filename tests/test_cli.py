@@ -335,8 +335,32 @@ def test_generate_inpainting(tmp_path, capsys):
     assert Image.open(out).size == (40, 40)
 
 
+def test_generate_inpainting_with_padding_mask_crop(tmp_path, capsys):
+    """--padding-mask-crop: the box around the mask inpainted at the model's size and pasted back: the output has the
+    image's own size (not cut to a multiple of 8) and the image's pixels outside the mask."""
+    import numpy as np
+
+    pixels = np.random.default_rng(0).integers(0, 255, (42, 45, 3), dtype=np.uint8)
+    mask = np.zeros((42, 45), dtype=np.uint8)
+    mask[8:24, 8:20] = 255
+    Image.fromarray(pixels).save(tmp_path / "in.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    assert main(["generate", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"), "--steps", "2",
+                 "--padding-mask-crop", "4", "--output", str(out), "--no-progress"]) == 0
+    assert "max abs pixel difference" in capsys.readouterr().out
+    result = np.asarray(Image.open(out))
+    assert result.shape == (42, 45, 3) and np.array_equal(result[mask == 0], pixels[mask == 0])
+    assert not np.array_equal(result[mask > 0], pixels[mask > 0])
+    with pytest.raises(SystemExit) as exit_info:  # (argparse's own one line)
+        main(["generate", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+              "--padding-mask-crop", "-2"])
+    assert exit_info.value.code == 2 and "must be 0 or more, got -2" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--mask", "MASK"], "--mask is for inpainting: give --image too"),
+    (["--image", "IMAGE", "--padding-mask-crop", "4"], "--padding-mask-crop is for inpainting: give --image and"),
     (["--image", "IMAGE", "--mask", "/no/such/mask.png"], "--mask: no such file: /no/such/mask.png"),
     (["--image", "IMAGE", "--mask", "SMALL"], "--mask is 8x8 and --image 16x16: give them the same size"),
 ])
