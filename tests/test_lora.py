@@ -372,3 +372,34 @@ def test_disable_and_enable_lora_as_diffusers(sd_folder, tmp_path):
     image = _image(ours)
     assert np.abs(image - base).max() > CHANGED
     assert np.abs(_image(theirs) - image).max() <= PIPELINE_FP32_MAX_ABS
+
+
+@pytest.mark.parametrize("with_text_encoder", [False, True])
+def test_kohya_lora_on_an_sdxl_refiner_same_image_as_diffusers(tmp_path, with_text_encoder):
+    """A LoRA for SDXL's refiner (image-to-image, no first text encoder): its UNet part (and its second encoder's,
+    lora_te2_) merged into our refiner gives diffusers' image from the same image, strength and seed."""
+    from PIL import Image
+
+    folder = tmp_path / "refiner"
+    _tiny_diffusers.sdxl_refiner_pipeline(_tiny_diffusers.sdxl_pipeline(seed=1), seed=2).save_pretrained(folder)
+    theirs, ours = _theirs(folder), _ours(folder)
+    generator, state = torch.Generator().manual_seed(4), {}
+    parts = [("unet", theirs.unet, UNET_TARGETS)] + ([("te2", theirs.text_encoder_2, TEXT_TARGETS)]
+                                                     if with_text_encoder else [])
+    for prefix, model, targets in parts:
+        for name, weight in _targets(model, targets):
+            key = f"lora_{prefix}_{name.replace('.', '_')}"
+            state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"] = _factors(weight, 4, generator)
+            state[f"{key}.alpha"] = torch.tensor(2.0)
+    save_file(state, str(tmp_path / "refiner_lora.safetensors"))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+
+    def refined(pipe):
+        return pipe("a red cube", image=image, strength=0.6, num_inference_steps=4, output_type="np",
+                    generator=torch.Generator().manual_seed(3)).images
+
+    before = refined(ours)
+    for pipe in (theirs, ours):
+        pipe.load_lora_weights(str(tmp_path / "refiner_lora.safetensors"))
+    a, b = refined(theirs), refined(ours)
+    assert np.abs(a - before).max() > CHANGED and np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS

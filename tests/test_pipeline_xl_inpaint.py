@@ -151,6 +151,32 @@ def test_padding_mask_crop_as_diffusers(pair):
     assert np.array_equal(b[_mask == 0], np.asarray(IMAGE)[_mask == 0])
 
 
+def test_a_vae_with_latents_mean_as_diffusers(pair):
+    """A VAE whose config has latents_mean / latents_std (Playground v2.5's): SDXL inpainting applies them at the
+    decode only, not at the encode (diffusers' own asymmetry, unlike image-to-image); the image is diffusers'."""
+    import diffusers
+
+    from diffusion_fast.models import AutoencoderKL
+
+    theirs, ours = pair
+    stats = dict(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 1.0, 2.0])
+    saved = theirs.vae, ours.vae
+    before = _both(pair, output_type="np")
+    try:
+        theirs.vae = diffusers.AutoencoderKL.from_config(dict(saved[0].config, **stats))
+        theirs.vae.load_state_dict(saved[0].state_dict())
+        ours.vae = AutoencoderKL.from_config(dict(saved[1].config, **stats))
+        ours.vae.load_state_dict(saved[1].state_dict())
+        assert _both(pair) <= PIPELINE_FP32_MAX_ABS
+        kwargs = dict(prompt="a red cube", image=IMAGE, mask_image=MASK, height=40, width=48, num_inference_steps=5,
+                      output_type="np")
+        with_stats = ours(generator=torch.Generator().manual_seed(3), **kwargs).images
+    finally:
+        theirs.vae, ours.vae = saved
+    plain = ours(generator=torch.Generator().manual_seed(3), **kwargs).images
+    assert before <= PIPELINE_FP32_MAX_ABS and np.abs(with_stats - plain).max() > 0.02  # (the statistics matter)
+
+
 def test_bad_inputs(pair):
     _, ours = pair
     for kwargs, error, message in [
