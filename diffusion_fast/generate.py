@@ -184,6 +184,10 @@ def generate(args) -> int:
         _refiner_embeddings(embeddings, refiner)
     name, fields = SCHEDULER_CHOICES.get(args.scheduler, (type(pipe.scheduler).__name__, {}))
     _check_scheduler_options(args, name)
+    if args.scheduler != "model" and type(pipe.scheduler).__name__.startswith("EDM"):
+        raise UsageError(f"{args.model} samples with {type(pipe.scheduler).__name__} (an EDM model such as Playground "
+                         f"v2.5 or CosXL): --scheduler {args.scheduler} would sample on sigmas it was not trained on; "
+                         "leave --scheduler out to use its own")
     fields = dict(fields, **({"use_karras_sigmas": True} if args.karras else {}))
     if args.scheduler != "model" or fields:
         pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config, **fields)

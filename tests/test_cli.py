@@ -74,6 +74,24 @@ def test_generate_with_another_scheduler(tmp_path, capsys, choice, options, name
     assert "max abs pixel difference" in text  # the fast and reference paths agree with this scheduler too
 
 
+def test_generate_keeps_an_edm_models_own_scheduler(tmp_path, capsys):
+    """An EDM model (Playground v2.5's scheduler) runs on its own sampler; another --scheduler, built from its config,
+    would sample on VP sigmas it was not trained on, and is refused in one line."""
+    import diffusers
+
+    import _tiny_diffusers
+
+    pipe = _tiny_diffusers.pipeline("sd1", 0)
+    pipe.scheduler = diffusers.EDMDPMSolverMultistepScheduler()
+    pipe.save_pretrained(tmp_path / "edm")
+    out = str(tmp_path / "e.png")
+    assert main(["generate", "--model", str(tmp_path / "edm"), "--steps", "2", "--no-progress", "--output", out]) == 0
+    assert "scheduler EDMDPMSolverMultistepScheduler" in capsys.readouterr().out
+    assert main(["generate", "--model", str(tmp_path / "edm"), "--scheduler", "euler", "--steps", "2",
+                 "--no-progress", "--output", out]) == 2
+    assert "--scheduler euler would sample on sigmas it was not trained on" in capsys.readouterr().err
+
+
 def test_generate_karras_sets_the_schedulers_field(monkeypatch, tmp_path):
     from diffusion_fast import pipeline
 
