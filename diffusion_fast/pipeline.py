@@ -277,6 +277,13 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
         whole = isinstance(self.scheduler, DDIMScheduler) and eta == 0 and not self._guidance_rescale > 0
         return "step" if whole else "unet"
 
+    def enable_freeu(self, s1, s2, b1, b2):
+        """diffusers' ``enable_freeu`` on this pipeline's UNet (``models.freeu``); a graphed UNet is captured again."""
+        self.unet.enable_freeu(s1, s2, b1, b2)
+
+    def disable_freeu(self):
+        self.unet.disable_freeu()
+
     def _set_guidance_rescale(self, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
             raise TypeError(f"guidance_rescale must be a finite float (0 to 1: how much of the rescaled guidance to "

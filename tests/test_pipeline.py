@@ -129,6 +129,34 @@ def test_guidance_rescale_bad_value(pair, value):
         pair[1]("a red cube", num_inference_steps=1, guidance_rescale=value)
 
 
+@pytest.mark.parametrize("backend_name", ["fast", "reference"])
+def test_freeu_same_image_as_diffusers(pair, backend_name):
+    """pipe.enable_freeu (SD1.5's recommended factors): the first two up stages' backbone amplified and skip low
+    frequencies scaled, as diffusers does; disable_freeu gives the plain image back exactly."""
+    theirs, ours = pair
+    plain = _both(pair, backend_name, prompt="a red cube")[1]
+    try:
+        for pipe in pair:
+            pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.5, b2=1.6)
+        a, b = _both(pair, backend_name, prompt="a red cube")
+    finally:
+        for pipe in pair:
+            pipe.disable_freeu()
+    assert np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS and np.abs(b - plain).max() > 0.02
+    assert np.array_equal(_both(pair, backend_name, prompt="a red cube")[1], plain)
+    try:  # a factor of 0 switches FreeU off altogether, as in diffusers (it tests the four factors' truth)
+        for pipe in pair:
+            pipe.enable_freeu(s1=0.0, s2=0.2, b1=1.5, b2=1.6)
+        a, b = _both(pair, backend_name, prompt="a red cube")
+    finally:
+        for pipe in pair:
+            pipe.disable_freeu()
+    assert np.array_equal(b, plain) and np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS
+    for bad in (float("nan"), "1", True):
+        with pytest.raises(ValueError, match="enable_freeu: s1 must be a finite number"):
+            ours.enable_freeu(s1=bad, s2=0.2, b1=1.5, b2=1.6)
+
+
 # Custom schedules, as diffusers' retrieve_timesteps passes them: "Align Your Steps"-style timesteps with DPM-Solver++
 # (diffusers' own example), Euler and Heun, Euler with custom sigmas, LCM's and DDPM's timesteps
 AYS_TIMESTEPS = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]
@@ -411,6 +439,26 @@ def test_graphs_are_recaptured_after_the_unet_weights_are_replaced(monkeypatch):
     pipe.unet.load_state_dict({k: v.clone() for k, v in pipe.unet.state_dict().items()}, assign=True)
     torch.testing.assert_close(call().images, first, rtol=0, atol=0)
     assert step.captures == 2 and pipe._graphs["step"] is step
+
+
+def test_graphs_are_recaptured_when_freeu_is_switched(monkeypatch):
+    """FreeU's factors live on the UNet's up blocks, which the graphs watch (ModuleState): enable_freeu after a
+    capture means a new one, whose replay gives the eager FreeU image; disable_freeu another, the first image again."""
+    pipe = StableDiffusionPipeline.from_tiny("sd1", seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    call = lambda: pipe("a", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="latent")
+    pipe.enable_freeu(0.9, 0.2, 1.5, 1.6)
+    eager_freeu = call().images
+    pipe.disable_freeu()
+    monkeypatch.setattr(pipe, "_graph_mode", lambda device, eta: "step")
+    first = call().images
+    step = use_fake_graphs(pipe._graphs_for_components()["step"])
+    call()
+    pipe.enable_freeu(0.9, 0.2, 1.5, 1.6)
+    torch.testing.assert_close(call().images, eager_freeu, rtol=0, atol=0)
+    pipe.disable_freeu()
+    torch.testing.assert_close(call().images, first, rtol=0, atol=0)
+    assert step.captures == 3
 
 
 def test_graph_mode_whole_step_unet_only_or_none():

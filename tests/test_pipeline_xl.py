@@ -99,6 +99,21 @@ def test_other_schedulers_same_image_as_diffusers(pair, scheduler, cfg):
         theirs.scheduler, ours.scheduler = saved
 
 
+def test_freeu_same_image_as_diffusers(pair):
+    """enable_freeu on SDXL (its recommended factors): diffusers' image, and another than without."""
+    kwargs = dict(prompt="a red cube", num_inference_steps=3, output_type="np")
+    plain = pair[1](generator=torch.Generator().manual_seed(3), **kwargs).images
+    try:
+        for pipe in pair:
+            pipe.enable_freeu(s1=0.6, s2=0.4, b1=1.1, b2=1.2)
+        assert _both(pair, prompt="a red cube") <= PIPELINE_FP32_MAX_ABS
+        freeu = pair[1](generator=torch.Generator().manual_seed(3), **kwargs).images
+    finally:
+        for pipe in pair:
+            pipe.disable_freeu()
+    assert np.abs(freeu - plain).max() > 0.02
+
+
 def test_step_callback_sees_and_replaces_the_added_conditioning(pair):
     # diffusers' SDXL names: the callback replaces add_time_ids at step 1 (both pipelines use the new ids after it)
     def callback(pipe, i, t, tensors):

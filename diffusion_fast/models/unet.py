@@ -6,11 +6,15 @@ captured in a CUDA graph.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from . import loading
 from .attention import Transformer2DModel, fuse_qkv_projections
+from .freeu import FACTORS as FREEU_FACTORS
+from .freeu import apply_freeu, freeu_factors
 from .layers import Downsample2D, GroupNorm, ResnetBlock2D, TimestepEmbedding, Upsample2D, timestep_embedding
 
 DEFAULTS = dict(
@@ -101,10 +105,14 @@ class UpBlock(nn.Module):
                 for _ in range(layers))
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if upsample else None
 
-    def forward(self, h, skips, temb, context, upsample_size=None):
+    def forward(self, h, skips, temb, context, upsample_size=None, stage=None):
         attentions = getattr(self, "attentions", None)
+        freeu = freeu_factors(self)  # (enable_freeu's; ``stage``: this block's index among the up blocks)
         for i, resnet in enumerate(self.resnets):
-            h = resnet(torch.cat([h, skips[-1 - i]], dim=1), temb)
+            skip = skips[-1 - i]
+            if freeu is not None:
+                h, skip = apply_freeu(stage, h, skip, freeu)
+            h = resnet(torch.cat([h, skip], dim=1), temb)
             if attentions is not None:
                 h = attentions[i](h, context)
         if self.upsamplers is not None:
@@ -185,6 +193,21 @@ class UNet2DConditionModel(loading.PretrainedMixin, nn.Module):
     def unfuse_qkv_projections(self):
         return fuse_qkv_projections(self, False)
 
+    def enable_freeu(self, s1, s2, b1, b2):
+        """FreeU (``models.freeu``) with diffusers' factors: s1, s2 scale the skips' low frequencies in the first two
+        up stages, b1, b2 their backbone's first half of channels (e.g. SD1.5's s1=0.9, s2=0.2, b1=1.5, b2=1.6)."""
+        for name, value in zip(FREEU_FACTORS, (s1, s2, b1, b2)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"enable_freeu: {name} must be a finite number, got {value!r}")
+        for block in self.up_blocks:
+            for name, value in zip(FREEU_FACTORS, (s1, s2, b1, b2)):
+                setattr(block, name, float(value))
+
+    def disable_freeu(self):
+        for block in self.up_blocks:
+            for name in FREEU_FACTORS:
+                setattr(block, name, None)
+
     @property
     def dtype(self):
         return self.conv_in.weight.dtype
@@ -240,5 +263,5 @@ class UNet2DConditionModel(loading.PretrainedMixin, nn.Module):
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
             size = skips[-1].shape[2:] if odd and i < len(self.up_blocks) - 1 else None
-            h = block(h, block_skips, emb, encoder_hidden_states, size)
+            h = block(h, block_skips, emb, encoder_hidden_states, size, stage=i)
         return self.conv_out(self.conv_norm_out(h))
