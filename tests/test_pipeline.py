@@ -133,24 +133,21 @@ def test_guidance_rescale_bad_value(pair, value):
 def test_freeu_same_image_as_diffusers(pair, backend_name):
     """pipe.enable_freeu (SD1.5's recommended factors): the first two up stages' backbone amplified and skip low
     frequencies scaled, as diffusers does; disable_freeu gives the plain image back exactly."""
-    theirs, ours = pair
+    def with_freeu(s1):
+        try:
+            for pipe in pair:
+                pipe.enable_freeu(s1=s1, s2=0.2, b1=1.5, b2=1.6)
+            return _both(pair, backend_name, prompt="a red cube")
+        finally:
+            for pipe in pair:
+                pipe.disable_freeu()
+
+    ours = pair[1]
     plain = _both(pair, backend_name, prompt="a red cube")[1]
-    try:
-        for pipe in pair:
-            pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.5, b2=1.6)
-        a, b = _both(pair, backend_name, prompt="a red cube")
-    finally:
-        for pipe in pair:
-            pipe.disable_freeu()
+    a, b = with_freeu(0.9)
     assert np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS and np.abs(b - plain).max() > 0.02
     assert np.array_equal(_both(pair, backend_name, prompt="a red cube")[1], plain)
-    try:  # a factor of 0 switches FreeU off altogether, as in diffusers (it tests the four factors' truth)
-        for pipe in pair:
-            pipe.enable_freeu(s1=0.0, s2=0.2, b1=1.5, b2=1.6)
-        a, b = _both(pair, backend_name, prompt="a red cube")
-    finally:
-        for pipe in pair:
-            pipe.disable_freeu()
+    a, b = with_freeu(0.0)  # a factor of 0 switches FreeU off altogether, as in diffusers (it tests their truth)
     assert np.array_equal(b, plain) and np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS
     for bad in (float("nan"), "1", True):
         with pytest.raises(ValueError, match="enable_freeu: s1 must be a finite number"):
