@@ -284,6 +284,21 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
     def disable_freeu(self):
         self.unet.disable_freeu()
 
+    def enable_vae_slicing(self):
+        """diffusers' VAE slicing: a batch decoded one image at a time (``vae.enable_slicing``)."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self):
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self):
+        """diffusers' VAE tiling: images larger than the VAE's sample size decoded (and encoded) in overlapping,
+        blended tiles (``vae.enable_tiling``)."""
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self):
+        self.vae.disable_tiling()
+
     def _set_guidance_rescale(self, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
             raise TypeError(f"guidance_rescale must be a finite float (0 to 1: how much of the rescaled guidance to "

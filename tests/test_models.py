@@ -152,6 +152,46 @@ def test_vae_matches_diffusers(saved, backend):
         ours.decode(latents[:, :3])
 
 
+# latents larger than the tiny VAE's 16-latent tile: 2x3 tiles (odd 17 rows), a 3x1 column of a batch of 3, and one
+# tile exactly (no tiling); each decoded and, as images, encoded
+@pytest.mark.parametrize("shape", [(2, 4, 17, 40), (3, 4, 33, 9), (1, 4, 16, 16)])
+@pytest.mark.parametrize("tiling, slicing", [(True, False), (True, True), (False, True)])
+def test_vae_tiling_and_slicing_match_diffusers(saved, shape, tiling, slicing):
+    """diffusers' VAE tiling (overlapping tiles blended at the seams) and slicing (one image at a time): the same
+    results as diffusers' with the same switches; tiling changes the result where it applies, slicing never."""
+    theirs, folder = saved["vae"]
+    ours = AutoencoderKL.from_pretrained(folder)
+    assert (ours.tile_sample_min_size, ours.tile_latent_min_size) == (theirs.tile_sample_min_size,
+                                                                       theirs.tile_latent_min_size)
+    g = torch.Generator().manual_seed(2)
+    scale = 2 ** (len(ours.config.block_out_channels) - 1)
+    latents = torch.randn(shape, generator=g)
+    images = torch.rand(shape[0], 3, shape[2] * scale, shape[3] * scale, generator=g) * 2 - 1
+    with torch.no_grad():
+        plain = (ours.decode(latents), ours.encode(images).mean)
+        if tiling:
+            ours.enable_tiling()
+        if slicing:
+            ours.enable_slicing()
+        batches = []  # the batch of every decoder call: slicing decodes one image at a time
+        hook = ours.decoder.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+        got = (ours.decode(latents), ours.encode(images).mean)
+        hook.remove()
+        assert set(batches) == ({1} if slicing else {shape[0]})
+        theirs.use_tiling, theirs.use_slicing = tiling, slicing
+        try:
+            expected = (theirs.decode(latents).sample, theirs.encode(images).latent_dist.mean)
+        finally:
+            theirs.use_tiling = theirs.use_slicing = False
+    for a, b, p in zip(got, expected, plain):
+        assert rel_err(a, b) <= REL
+        tiled = tiling and max(shape[2:]) > ours.tile_latent_min_size
+        assert (rel_err(a, p) > 1e-3) == tiled  # (a tile sees less context: the seams differ, as in diffusers)
+    ours.disable_tiling()
+    ours.disable_slicing()
+    assert not ours.use_tiling and not ours.use_slicing
+
+
 def test_vae_legacy_attention_keys_load(saved, tmp_path):
     # Old SD VAE files name the mid-block attention query/key/value/proj_attn, some as 1x1-conv (C, C, 1, 1) weights.
     theirs, folder = saved["vae"]

@@ -154,6 +154,26 @@ def test_freeu_same_image_as_diffusers(pair, backend_name):
             ours.enable_freeu(s1=bad, s2=0.2, b1=1.5, b2=1.6)
 
 
+def test_vae_tiling_and_slicing_same_image_as_diffusers(pair):
+    """pipe.enable_vae_tiling / enable_vae_slicing at 72x96 px (18x24 latents, past the tiny VAE's 16-latent tile),
+    two images: diffusers' images with its VAE's switches; tiling moves the image a little (the seams), slicing not."""
+    theirs, ours = pair
+    kwargs = dict(prompt="a red cube", height=72, width=96, num_images_per_prompt=2)
+    plain = _both(pair, **kwargs)[1]
+    ours.enable_vae_tiling()
+    ours.enable_vae_slicing()
+    theirs.vae.enable_tiling()
+    theirs.vae.enable_slicing()
+    try:
+        a, b = _both(pair, **kwargs)
+    finally:
+        ours.disable_vae_tiling()
+        ours.disable_vae_slicing()
+        theirs.vae.disable_tiling()
+        theirs.vae.disable_slicing()
+    assert np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS and np.abs(b - plain).max() > PIPELINE_FP32_MAX_ABS
+
+
 # Custom schedules, as diffusers' retrieve_timesteps passes them: "Align Your Steps"-style timesteps with DPM-Solver++
 # (diffusers' own example), Euler and Heun, Euler with custom sigmas, LCM's and DDPM's timesteps
 AYS_TIMESTEPS = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]

@@ -134,6 +134,28 @@ class AutoencoderKL(loading.PretrainedMixin, nn.Module):
         latent = c.latent_channels
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if c.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent, latent, 1) if c.use_post_quant_conv else None
+        # diffusers' memory savers, off by default: one image at a time (slicing), overlapping tiles (tiling)
+        self.use_slicing = self.use_tiling = False
+        size = c.sample_size[0] if isinstance(c.sample_size, (list, tuple)) else c.sample_size
+        self.tile_sample_min_size = size  # (diffusers' names and sizes: the VAE's sample size, and in latents)
+        self.tile_latent_min_size = int(size / 2 ** (len(c.block_out_channels) - 1))
+        self.tile_overlap_factor = 0.25
+
+    def enable_slicing(self):
+        """Encode and decode a batch one image at a time (diffusers' VAE slicing): less memory, the same result."""
+        self.use_slicing = True
+
+    def disable_slicing(self):
+        self.use_slicing = False
+
+    def enable_tiling(self, use_tiling=True):
+        """Encode and decode images larger than the VAE's sample size in overlapping tiles, blended at the seams
+        (diffusers' VAE tiling): memory that does not grow with the image; the result differs slightly from the
+        untiled one, as in diffusers, and equals diffusers' tiled result."""
+        self.use_tiling = bool(use_tiling)
+
+    def disable_tiling(self):
+        self.use_tiling = False
 
     @staticmethod
     def convert_state_dict(state):
@@ -164,21 +186,72 @@ class AutoencoderKL(loading.PretrainedMixin, nn.Module):
     def encode(self, x) -> DiagonalGaussianDistribution:
         """The posterior over latents for images ``x`` in [-1, 1]; ``.latent_dist`` returns itself (diffusers' spelling)."""
         self._check("x", x, self.config.in_channels)
+        slices = x.split(1) if self.use_slicing and x.shape[0] > 1 else [x]
+        return DiagonalGaussianDistribution(torch.cat([self._moments(s) for s in slices]))
+
+    def _moments(self, x):
+        if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
+            return self._tiled(x, self._moments_untiled, self.tile_sample_min_size, self.tile_latent_min_size)
+        return self._moments_untiled(x)
+
+    def _moments_untiled(self, x):
         moments = self.encoder(x)
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
-        return DiagonalGaussianDistribution(moments)
+        return self.quant_conv(moments) if self.quant_conv is not None else moments
 
     def decode(self, z) -> torch.Tensor:
         """Images (B, out_channels, 8H, 8W for SD) from latents ``z`` (already divided by config.scaling_factor)."""
         self._check("z", z, self.config.latent_channels)
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        return self.decoder(z)
+        slices = z.split(1) if self.use_slicing and z.shape[0] > 1 else [z]
+        return torch.cat([self._decoded(s) for s in slices])
+
+    def _decoded(self, z):
+        if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size:
+            return self._tiled(z, self._decoded_untiled, self.tile_latent_min_size, self.tile_sample_min_size)
+        return self._decoded_untiled(z)
+
+    def _decoded_untiled(self, z):
+        return self.decoder(self.post_quant_conv(z) if self.post_quant_conv is not None else z)
+
+    def _tiled(self, x, fn, tile_in, tile_out):
+        """``fn`` (the encoder or decoder) over tiles of ``x`` of ``tile_in`` pixels a side, starting every
+        (1 - overlap) tile: each output tile (``tile_out`` a side) blended linearly over its first overlap rows and
+        columns with the tiles above and to the left, then cut to its stride and concatenated (diffusers' tiling)."""
+        stride = int(tile_in * (1 - self.tile_overlap_factor))
+        blend = int(tile_out * self.tile_overlap_factor)
+        keep = tile_out - blend
+        rows = [[fn(x[:, :, i:i + tile_in, j:j + tile_in]) for j in range(0, x.shape[3], stride)]
+                for i in range(0, x.shape[2], stride)]
+        out_rows = []
+        for i, row in enumerate(rows):
+            kept = []
+            for j, tile in enumerate(row):
+                if i > 0:
+                    tile = _blended(rows[i - 1][j], tile, blend, dim=2)
+                if j > 0:
+                    tile = _blended(row[j - 1], tile, blend, dim=3)
+                row[j] = tile  # (the blended tile is the left neighbour of the next, as in diffusers)
+                kept.append(tile[:, :, :keep, :keep])
+            out_rows.append(torch.cat(kept, dim=3))
+        return torch.cat(out_rows, dim=2)
 
     def forward(self, x, sample_posterior=False, generator=None):
         posterior = self.encode(x)
         return self.decode(posterior.sample(generator) if sample_posterior else posterior.mode())
+
+
+def _blended(a, b, extent, dim):
+    """``b`` with its first ``extent`` rows (dim 2) or columns (dim 3) a linear ramp from ``a``'s last ones to its
+    own: weight k / extent on b's at position k, the weights rounded from float64 as diffusers' Python floats are."""
+    extent = min(a.shape[dim], b.shape[dim], extent)
+    if extent == 0:
+        return b
+    shape = [1, 1, 1, 1]
+    shape[dim] = extent
+    w = torch.tensor([k / extent for k in range(extent)], dtype=torch.float64)
+    one_minus = torch.tensor([1 - k / extent for k in range(extent)], dtype=torch.float64)
+    w, one_minus = (t.to(b.device, b.dtype).view(shape) for t in (w, one_minus))
+    head = a.narrow(dim, a.shape[dim] - extent, extent) * one_minus + b.narrow(dim, 0, extent) * w
+    return torch.cat([head, b.narrow(dim, extent, b.shape[dim] - extent)], dim=dim)
 
 
 def convert_legacy_keys(state: dict) -> dict:
