@@ -27,15 +27,15 @@ from tqdm.auto import tqdm
 from ._backend import current_backend
 from .cuda_graph import GraphedCallable, ModuleState
 from .lora import LoraLoaderMixin, lora_call_scale
-from .pipeline_common import (OUTPUT_TYPES, StableDiffusionPipelineOutput, StepCallback, auto_or_bool_setting,
-                              postprocess, rescale_noise_cfg, takes)
+from .pipeline_common import (OUTPUT_TYPES, ModelSwitches, StableDiffusionPipelineOutput, StepCallback,
+                              auto_or_bool_setting, postprocess, rescale_noise_cfg, takes)
 from .pipeline_folder import ComponentLoader, check_model_config, read_model_index, resolve_dtype
 from .schedulers import DDIMScheduler
 from .schedulers.common import randn_tensor
 from .textual_inversion import TextualInversionLoaderMixin
 
 
-class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
+class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, ModelSwitches):
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")  # diffusers' names
     _guidance_rescale = 0.0  # set by each call that takes it, as diffusers keeps it (SD img2img takes none)
     _cond_names = ("add_text_embeds", "add_time_ids")  # diffusers' names of the UNet's extra inputs (``cond``)
@@ -276,28 +276,6 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
         # Any other step still spends nearly all its time in the UNet, whose call is a pure function of its tensors.
         whole = isinstance(self.scheduler, DDIMScheduler) and eta == 0 and not self._guidance_rescale > 0
         return "step" if whole else "unet"
-
-    def enable_freeu(self, s1, s2, b1, b2):
-        """diffusers' ``enable_freeu`` on this pipeline's UNet (``models.freeu``); a graphed UNet is captured again."""
-        self.unet.enable_freeu(s1, s2, b1, b2)
-
-    def disable_freeu(self):
-        self.unet.disable_freeu()
-
-    def enable_vae_slicing(self):
-        """diffusers' VAE slicing: a batch decoded one image at a time (``vae.enable_slicing``)."""
-        self.vae.enable_slicing()
-
-    def disable_vae_slicing(self):
-        self.vae.disable_slicing()
-
-    def enable_vae_tiling(self):
-        """diffusers' VAE tiling: images larger than the VAE's sample size decoded (and encoded) in overlapping,
-        blended tiles (``vae.enable_tiling``)."""
-        self.vae.enable_tiling()
-
-    def disable_vae_tiling(self):
-        self.vae.disable_tiling()
 
     def _set_guidance_rescale(self, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):

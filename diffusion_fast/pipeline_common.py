@@ -1,5 +1,6 @@
 """What the pipelines share around their loops: the output, diffusers' step callback and guidance rescale, the
-denoising bounds check, image postprocessing, and the settings and signature helpers."""
+denoising bounds check, image postprocessing, the settings and signature helpers, and the switches diffusers'
+pipelines have for their models (FreeU, VAE slicing and tiling)."""
 from __future__ import annotations
 
 import functools
@@ -94,3 +95,29 @@ def postprocess(image: torch.Tensor, output_type: str):
     from PIL import Image
 
     return [Image.fromarray(img) for img in (array * 255).round().astype("uint8")]
+
+
+class ModelSwitches:
+    """diffusers' pipeline switches that act on the models: FreeU on the UNet, slicing and tiling on the VAE."""
+
+    def enable_freeu(self, s1, s2, b1, b2):
+        """diffusers' ``enable_freeu`` on this pipeline's UNet (``models.freeu``); a graphed UNet is captured again."""
+        self.unet.enable_freeu(s1, s2, b1, b2)
+
+    def disable_freeu(self):
+        self.unet.disable_freeu()
+
+    def enable_vae_slicing(self):
+        """diffusers' VAE slicing: a batch decoded one image at a time (``vae.enable_slicing``)."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self):
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self):
+        """diffusers' VAE tiling: images larger than the VAE's sample size decoded (and encoded) in overlapping,
+        blended tiles (``vae.enable_tiling``)."""
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self):
+        self.vae.disable_tiling()
