@@ -98,7 +98,20 @@ def postprocess(image: torch.Tensor, output_type: str):
 
 
 class ModelSwitches:
-    """diffusers' pipeline switches that act on the models: FreeU on the UNet, slicing and tiling on the VAE."""
+    """diffusers' pipeline switches that act on the models: FreeU on the UNet, slicing and tiling on the VAE, fused
+    q/k/v projections on both."""
+
+    def fuse_qkv_projections(self, unet=True, vae=True):
+        """diffusers' ``fuse_qkv_projections``: one q/k/v GEMM per self-attention of the UNet and the VAE (their
+        weights concatenated into buffers; names unchanged, LoRAs loaded later refresh them)."""
+        for fuse, model in ((unet, self.unet), (vae, self.vae)):
+            if fuse:
+                model.fuse_qkv_projections()
+
+    def unfuse_qkv_projections(self, unet=True, vae=True):
+        for fuse, model in ((unet, self.unet), (vae, self.vae)):
+            if fuse:
+                model.unfuse_qkv_projections()
 
     def enable_freeu(self, s1, s2, b1, b2):
         """diffusers' ``enable_freeu`` on this pipeline's UNet (``models.freeu``); a graphed UNet is captured again."""

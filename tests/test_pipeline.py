@@ -154,6 +154,23 @@ def test_freeu_same_image_as_diffusers(pair, backend_name):
             ours.enable_freeu(s1=bad, s2=0.2, b1=1.5, b2=1.6)
 
 
+def test_fused_qkv_projections_same_image_as_diffusers(pair):
+    """pipe.fuse_qkv_projections(): one q/k/v GEMM per self-attention in the UNet and VAE, as diffusers' does; the
+    same image as diffusers' fused pipeline, and back to the plain one unfused."""
+    theirs, ours = pair
+    plain = _both(pair, prompt="a red cube")[1]
+    for pipe in pair:
+        pipe.fuse_qkv_projections()
+    try:
+        assert any(getattr(m, "fused_qkv_weight", None) is not None for m in ours.unet.modules())  # (built)
+        a, b = _both(pair, prompt="a red cube")
+    finally:
+        for pipe in pair:
+            pipe.unfuse_qkv_projections()
+    assert np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS and np.abs(b - plain).max() <= PIPELINE_FP32_MAX_ABS
+    assert np.array_equal(_both(pair, prompt="a red cube")[1], plain)
+
+
 def test_vae_tiling_and_slicing_same_image_as_diffusers(pair):
     """pipe.enable_vae_tiling / enable_vae_slicing at 72x96 px (18x24 latents, past the tiny VAE's 16-latent tile),
     two images: diffusers' images with its VAE's switches; tiling moves the image a little (the seams), slicing not."""
