@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import _tiny_diffusers
 import diffusion_fast
-from diffusion_fast.lora import _sgm_name
+from diffusion_fast.lora_files import _sgm_name
 from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
 
 pytestmark = [pytest.mark.skipif(ON_GPU, reason="LoRA merging is device-independent; the CPU runs it"),
@@ -336,7 +336,7 @@ def test_bad_lora_is_one_clear_error(sd_folder, tmp_path):
 
 
 def test_metadata_alpha_pattern_and_rslora():
-    from diffusion_fast.lora import _metadata_alpha
+    from diffusion_fast.lora_files import _metadata_alpha
 
     meta = {"unet.lora_alpha": 8, "unet.alpha_pattern": {"attn1.to_q": 2}, "text_encoder.use_rslora": True,
             "text_encoder.lora_alpha": 4}

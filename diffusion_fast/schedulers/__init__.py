@@ -1,7 +1,8 @@
 """Schedulers with diffusers' config fields, defaults and numbers; their step arithmetic runs as one fused op."""
 import warnings
 
-from .common import FrozenConfig, SchedulerOutput, randn_tensor, read_config
+from .._config import FrozenConfig
+from .common import SchedulerOutput, randn_tensor, read_config
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
 from .deis import DEISMultistepScheduler

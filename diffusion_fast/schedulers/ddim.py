@@ -11,15 +11,8 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from .common import (
-    SchedulerBase,
-    SchedulerOutput,
-    as_timestep_tensor,
-    make_betas,
-    randn_tensor,
-    spaced_timesteps,
-    threshold_sample,
-)
+from .base import SchedulerBase
+from .common import SchedulerOutput, as_timestep_tensor, make_betas, randn_tensor, spaced_timesteps, threshold_sample
 from ..reference import pred_original_and_epsilon
 
 

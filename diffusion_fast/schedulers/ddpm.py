@@ -21,15 +21,8 @@ import torch
 
 from .. import ops
 from ..reference import pred_original_and_epsilon
-from .common import (
-    SchedulerBase,
-    SchedulerOutput,
-    as_timestep_tensor,
-    make_betas,
-    randn_tensor,
-    spaced_timesteps,
-    threshold_sample,
-)
+from .base import SchedulerBase
+from .common import SchedulerOutput, as_timestep_tensor, make_betas, randn_tensor, spaced_timesteps, threshold_sample
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
 

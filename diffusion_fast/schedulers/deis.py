@@ -17,7 +17,8 @@ import math
 
 import numpy as np
 
-from .common import SchedulerOutput, VPSigmaScheduleBase, karras_sigmas, timesteps_for_sigmas, vp_alpha_sigma
+from .base import VPSigmaScheduleBase
+from .common import SchedulerOutput, karras_sigmas, timesteps_for_sigmas, vp_alpha_sigma
 from .dpm_solver import _X0, advance_multistep, check_choices, solver_order_now, solver_step
 
 

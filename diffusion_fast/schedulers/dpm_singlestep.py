@@ -23,14 +23,8 @@ import math
 import numpy as np
 
 from .._config import FrozenConfig
-from .common import (
-    SchedulerOutput,
-    VPSigmaScheduleBase,
-    half_log_snr,
-    karras_sigmas,
-    timesteps_for_sigmas,
-    vp_alpha_sigma,
-)
+from .base import VPSigmaScheduleBase
+from .common import SchedulerOutput, half_log_snr, karras_sigmas, timesteps_for_sigmas, vp_alpha_sigma
 from .dpm_solver import (
     _X0,
     VP_CHOICES,

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from .. import _validate, ops
+from .base import VPSigmaScheduleBase
 from .common import (
     SchedulerOutput,
-    VPSigmaScheduleBase,
     check_same_run,
     half_log_snr,
     karras_sigmas,

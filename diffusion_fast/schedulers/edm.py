@@ -17,7 +17,8 @@ import math
 
 import torch
 
-from .common import SchedulerOutput, SigmaScheduleBase, randn_tensor
+from .base import SigmaScheduleBase
+from .common import SchedulerOutput, randn_tensor
 from .dpm_solver import (ALGORITHMS, advance_multistep, check_choices, nearest_settings, sde_noise, solver_order_now,
                          solver_step, thresholder)
 

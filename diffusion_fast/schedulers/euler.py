@@ -12,15 +12,8 @@ import numpy as np
 import torch
 
 from .. import ops
-from .common import (
-    SchedulerOutput,
-    SigmaScheduleBase,
-    karras_sigmas,
-    make_betas,
-    randn_tensor,
-    sigma_timesteps,
-    timesteps_for_sigmas,
-)
+from .base import SigmaScheduleBase
+from .common import SchedulerOutput, karras_sigmas, make_betas, randn_tensor, sigma_timesteps, timesteps_for_sigmas
 
 
 class EulerDiscreteScheduler(SigmaScheduleBase):

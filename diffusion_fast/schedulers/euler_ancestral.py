@@ -9,7 +9,8 @@ drawn as diffusers draws it. The sigmas come from a device table sliced by the s
 from __future__ import annotations
 
 from .. import ops
-from .common import FrozenConfig, SchedulerOutput, randn_tensor
+from .._config import FrozenConfig
+from .common import SchedulerOutput, randn_tensor
 from .euler import EulerDiscreteScheduler
 
 # Euler's schedule options, at the values diffusers' ancestral scheduler implies (it has no such fields)

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from .. import ops
-from .common import FrozenConfig, SchedulerOutput, check_same_run
+from .._config import FrozenConfig
+from .common import SchedulerOutput, check_same_run
 from .euler import EulerDiscreteScheduler
 
 # Euler's schedule options, at the values diffusers' Heun implies (it has no such fields)

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from .. import ops
-from .common import (FrozenConfig, SchedulerOutput, check_same_run, karras_sigmas, randn_tensor, sigma_timesteps,
+from .._config import FrozenConfig
+from .common import (SchedulerOutput, check_same_run, karras_sigmas, randn_tensor, sigma_timesteps,
                      timesteps_for_sigmas)
 from .euler import EulerDiscreteScheduler
 from .heun import FIXED_SCHEDULE, derivative_weights

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from .. import ops
-from .common import SigmaScheduleBase, make_betas, randn_tensor, threshold_sample
+from .base import SigmaScheduleBase
+from .common import make_betas, randn_tensor, threshold_sample
 
 SIGMA_DATA = 0.5  # the consistency models' data standard deviation (diffusers fixes it at 0.5)
 

@@ -17,7 +17,8 @@ import torch
 from numpy.polynomial import polynomial
 
 from .. import ops
-from .common import FrozenConfig, SchedulerOutput, check_same_run, linear_terms
+from .._config import FrozenConfig
+from .common import SchedulerOutput, check_same_run, linear_terms
 from .euler import EulerDiscreteScheduler
 from .heun import derivative_weights
 

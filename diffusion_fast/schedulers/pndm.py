@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from .. import ops
-from .common import SchedulerBase, SchedulerOutput, check_same_run, make_betas, spaced_timesteps
+from .base import SchedulerBase
+from .common import SchedulerOutput, check_same_run, make_betas, spaced_timesteps
 
 # PLMS's weights for the current model output and the earlier ones (newest first), by how many it has (diffusers')
 PLMS_WEIGHTS = {2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}

@@ -20,9 +20,9 @@ import math
 import numpy as np
 
 from .. import ops
+from .base import VPSigmaScheduleBase
 from .common import (
     SchedulerOutput,
-    VPSigmaScheduleBase,
     check_same_run,
     half_log_snr,
     karras_sigmas,
