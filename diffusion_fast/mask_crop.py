@@ -10,10 +10,18 @@ from __future__ import annotations
 import numpy as np
 
 
+def _check_image(name, value):
+    import PIL.Image
+
+    if not isinstance(value, PIL.Image.Image):
+        raise TypeError(f"{name} must be a PIL image, got {type(value).__name__}")
+
+
 def crop_region(mask, width: int, height: int, pad: int = 0):
     """(x1, y1, x2, y2): the smallest box holding every non-zero pixel of ``mask`` (made grayscale), ``pad`` pixels
     wider each way within the image, then grown about its centre to the aspect ratio of ``width`` x ``height`` and
     shifted back inside the image; diffusers' get_crop_region, including its int truncations."""
+    _check_image("mask", mask)
     array = np.array(mask.convert("L"))
     h, w = array.shape
     cols, rows = np.flatnonzero(array.any(axis=0)), np.flatnonzero(array.any(axis=1))
@@ -46,6 +54,7 @@ def resize_fill(image, width: int, height: int):
     resize mode "fill"."""
     import PIL.Image
 
+    _check_image("image", image)
     ratio, src_ratio = width / height, image.width / image.height
     src_w = width if ratio < src_ratio else image.width * height // image.height
     src_h = height if ratio >= src_ratio else image.height * width // image.width
@@ -84,6 +93,7 @@ def _resize_crop(image, width: int, height: int):
 def cropped_inputs(image, mask, width: int, height: int, pad: int):
     """(image, mask, crop box): the box around the mask cut from both and resized to the output size, as diffusers'
     image and mask processors take them with ``crops_coords`` and resize mode "fill"."""
+    _check_image("image", image)
     box = crop_region(mask, width, height, pad)
     return resize_fill(image.crop(box), width, height), resize_fill(mask.crop(box), width, height), box
 
@@ -94,6 +104,8 @@ def paste_back(mask, original, image, box):
     import PIL.Image
     from PIL import ImageOps
 
+    for name, value in (("mask", mask), ("original", original), ("image", image)):
+        _check_image(name, value)
     width, height = original.width, original.height
     kept = PIL.Image.new("RGBa", (width, height))
     kept.paste(original.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))

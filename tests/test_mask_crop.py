@@ -40,6 +40,16 @@ def test_crop_region_fill_and_overlay_are_diffusers():
     assert overlaid > 100
 
 
+def test_inputs_that_are_not_images_are_named():
+    image = PIL.Image.new("RGB", (16, 16))
+    for call, name in ((lambda: mask_crop.crop_region(np.ones((4, 4)), 8, 8), "mask"),
+                       (lambda: mask_crop.resize_fill("image.png", 8, 8), "image"),
+                       (lambda: mask_crop.cropped_inputs(None, image, 8, 8, 0), "image"),
+                       (lambda: mask_crop.paste_back(image, image, np.zeros((8, 8, 3)), (0, 0, 8, 8)), "image")):
+        with pytest.raises(TypeError, match=f"{name} must be a PIL image"):
+            call()
+
+
 @pytest.mark.parametrize("mode", ["L", "RGB"])
 def test_the_mask_mode_does_not_matter(mode):
     """A mask given as grayscale or RGB gives the same box and crop (made grayscale after the resize, as diffusers'

@@ -656,6 +656,27 @@ def test_set_timesteps_refreshes_device_tables_in_place(name, tables, device):
                 torch.testing.assert_close(fresh._table(n, device).cpu(), getattr(fresh, n), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", sorted(S.SCHEDULERS))
+def test_every_step_names_a_tensor_argument_that_is_not_one(name):
+    """A None, a list or an integer tensor as the model output or the sample is a TypeError naming it, raised before
+    the step reads it (it was an AttributeError from inside seven of the updates)."""
+    sched = S.SCHEDULERS[name]()
+    sched.set_timesteps(4)
+    t, x = sched.timesteps[0], torch.randn(SHAPE)
+    for bad in (None, [1.0], torch.ones(SHAPE, dtype=torch.int64)):
+        for args, named in (((bad, t, x), "model_output"), ((x, t, bad), "sample")):
+            with pytest.raises(TypeError, match=f"{named} must "):
+                sched.step(*args)
+
+
+def test_a_custom_schedule_that_is_not_numbers_is_named():
+    for sched, kwargs in ((S.EulerDiscreteScheduler(), dict(sigmas=["a", "b"])),
+                          (S.EDMEulerScheduler(), dict(sigmas="abc")),
+                          (S.DPMSolverMultistepScheduler(), dict(timesteps=[900, None]))):
+        with pytest.raises(ValueError, match=f"{next(iter(kwargs))} must be a non-empty 1-d list of finite numbers"):
+            sched.set_timesteps(**kwargs)
+
+
 def test_from_config_of_another_scheduler_and_load_scheduler(tmp_path):
     single = diffusers.SASolverScheduler(beta_schedule="scaled_linear")
     single.register_to_config(steps_offset=1)  # (not its field: kept in the file, and DDIM takes it)

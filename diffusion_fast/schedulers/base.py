@@ -69,7 +69,10 @@ class SchedulerBase:
         """A user-given schedule (diffusers' ``timesteps=`` / ``sigmas=``) as a 1-d float64 array, checked."""
         if num_inference_steps is not None:
             raise ValueError(f"pass num_inference_steps or {name}, not both")
-        array = np.asarray(values.cpu() if torch.is_tensor(values) else values, dtype=np.float64)
+        try:
+            array = np.asarray(values.cpu() if torch.is_tensor(values) else values, dtype=np.float64)
+        except (TypeError, ValueError):  # (numpy's own message would not name the argument)
+            array = np.zeros((0,))
         if array.ndim != 1 or array.size < 1 or not np.isfinite(array).all():
             raise ValueError(f"{name} must be a non-empty 1-d list of finite numbers, got {values!r}")
         if descending and (np.diff(array) >= 0).any():

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import _validate
+
 
 @dataclass
 class SchedulerOutput:
@@ -136,6 +138,13 @@ def karras_sigmas(sigma_min, sigma_max, n, rho=7.0):
     return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
+def edm_x0_weights(sigma, sigma_data, prediction):
+    """(c_skip, c_out): EDM's x0 = c_skip * x + c_out * model_output at noise level ``sigma`` (host floats)."""
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / math.sqrt(sigma**2 + sigma_data**2)
+    return c_skip, (c_out if prediction == "epsilon" else -c_out)
+
+
 def vp_alpha_sigma(sigma):
     """(alpha_t, sigma_t) of the VP process at the noise level sigma (sigma = sigma_t / alpha_t)."""
     alpha = 1.0 / math.sqrt(sigma * sigma + 1.0)
@@ -176,6 +185,13 @@ def timesteps_for_sigmas(sigmas, log_sigmas, rounded):
     """The (fractional, or ``rounded``) training timestep of each sigma, interpolated as diffusers does."""
     timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
     return timesteps.round() if rounded else timesteps
+
+def check_step_inputs(model_output, sample):
+    """A step's two tensors checked by name before the step reads them: a None, a list or an integer tensor is a
+    TypeError naming it, not an AttributeError from inside the update."""
+    for name, value in (("model_output", model_output), ("sample", sample)):
+        _validate.tensor(name, value, min_dim=1)
+
 
 def check_same_run(sample, kept):
     """A multistep step combines this sample with tensors ``kept`` from the earlier steps of the run: a sample of

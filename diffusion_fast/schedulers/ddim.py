@@ -12,7 +12,15 @@ import torch
 
 from .. import ops
 from .base import SchedulerBase
-from .common import SchedulerOutput, as_timestep_tensor, make_betas, randn_tensor, spaced_timesteps, threshold_sample
+from .common import (
+    SchedulerOutput,
+    as_timestep_tensor,
+    check_step_inputs,
+    make_betas,
+    randn_tensor,
+    spaced_timesteps,
+    threshold_sample,
+)
 from ..reference import pred_original_and_epsilon
 
 
@@ -76,6 +84,7 @@ class DDIMScheduler(SchedulerBase):
 
     def step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
              variance_noise=None, return_dict=True):
+        check_step_inputs(model_output, sample)
         alpha_t, alpha_prev = self.alphas_at(timestep, sample.device)
         noise = self._noise(eta, model_output, generator, variance_noise)
         if self.config.thresholding:

@@ -22,7 +22,15 @@ import torch
 from .. import ops
 from ..reference import pred_original_and_epsilon
 from .base import SchedulerBase
-from .common import SchedulerOutput, as_timestep_tensor, make_betas, randn_tensor, spaced_timesteps, threshold_sample
+from .common import (
+    SchedulerOutput,
+    as_timestep_tensor,
+    check_step_inputs,
+    make_betas,
+    randn_tensor,
+    spaced_timesteps,
+    threshold_sample,
+)
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
 
@@ -95,6 +103,7 @@ class DDPMScheduler(SchedulerBase):
         return t, alpha_t, alpha_prev, std
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        check_step_inputs(model_output, sample)
         t, alpha_t, alpha_prev, std = self._coefficients(timestep, sample.device)
         # No noise at the last step. A CPU/int timestep is read freely; a CUDA one is not read (that would sync):
         # the noise is then drawn and scaled by 0, so the generator advances once more than diffusers' there.

@@ -21,11 +21,13 @@ import math
 import numpy as np
 import torch
 
-from .. import _validate, ops
+from .. import ops
 from .base import VPSigmaScheduleBase
 from .common import (
     SchedulerOutput,
     check_same_run,
+    check_step_inputs,
+    edm_x0_weights,
     half_log_snr,
     karras_sigmas,
     linear_terms,
@@ -58,8 +60,6 @@ def solver_coefficients(sigmas, i, order, prediction, algorithm="dpmsolver++", s
         alpha_s0, sigma_s0 = vp_alpha_sigma(sigmas[i])
         cx, cm = _X0[prediction](alpha_s0, sigma_s0)
     else:
-        from .edm import edm_x0_weights
-
         (alpha_t, sigma_t), sigma_s0 = (1.0, sigmas[i + 1]), sigmas[i]
         cx, cm = edm_x0_weights(sigmas[i], sigma_data, prediction)
     lams = [half_log_snr(sigmas[i - j]) for j in range(order)]  # lambda at s0, s1, s2
@@ -103,8 +103,7 @@ def solver_step(model_output, sample, earlier_x0, coefficients, noise=None, thre
     """One step as ``solver_coefficients`` describes it: (prev, x0) in model_output's dtype, computed in fp32.
     ``earlier_x0``: the earlier steps' x0, newest first (as many as there are weights); ``threshold``: a function
     applied to x0 first (diffusers' dynamic thresholding), which costs a pass of its own."""
-    for name, value in (("model_output", model_output), ("sample", sample)):  # (before sample.float() below)
-        _validate.tensor(name, value, min_dim=1)
+    check_step_inputs(model_output, sample)  # (before sample.float() below)
     check_same_run(sample, earlier_x0)
     cx, cm, p0, px, weights, noise_scale = coefficients
     extra, pe = linear_terms(list(zip(weights, earlier_x0)) + ([(noise_scale, noise)] if noise_scale else []))

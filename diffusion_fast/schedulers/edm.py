@@ -17,17 +17,11 @@ import math
 
 import torch
 
+from .. import ops
 from .base import SigmaScheduleBase
-from .common import SchedulerOutput, randn_tensor
-from .dpm_solver import (ALGORITHMS, advance_multistep, check_choices, nearest_settings, sde_noise, solver_order_now,
-                         solver_step, thresholder)
-
-
-def edm_x0_weights(sigma, sigma_data, prediction):
-    """(c_skip, c_out): EDM's x0 = c_skip * x + c_out * model_output at noise level ``sigma`` (host floats)."""
-    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
-    c_out = sigma * sigma_data / math.sqrt(sigma**2 + sigma_data**2)
-    return c_skip, (c_out if prediction == "epsilon" else -c_out)
+from .common import SchedulerOutput, check_step_inputs, edm_x0_weights, randn_tensor
+from .dpm_solver import (ALGORITHMS, advance_multistep, check_choices, nearest_settings, sde_noise, solver_coefficients,
+                         solver_order_now, solver_step, thresholder)
 
 
 def edm_euler_coefficients(sigma_hat, sigma_next, sigma_data, prediction):
@@ -140,8 +134,6 @@ class EDMDPMSolverMultistepScheduler(_EDMScheduler):
 
 def edm_solver_coefficients(sigmas, i, order, config):
     """``solver_coefficients`` in EDM form for a scheduler's config (ours or diffusers')."""
-    from .dpm_solver import solver_coefficients
-
     return solver_coefficients(sigmas, i, order, config.prediction_type, config.algorithm_type, config.solver_type,
                                sigma_data=config.sigma_data)
 
@@ -194,8 +186,7 @@ def edm_euler_update(sched, model_output, sample, sigmas, i, s_churn, s_tmin, s_
     """(prev, x0) of diffusers' EDM Euler step at index ``i`` of ``sigmas`` (host floats), on ``sched``'s config:
     churn noise drawn as diffusers draws it and added to the fp32 sample first, then one ``linear_step`` pass; prev
     in the model output's dtype, x0 in fp32 (or ``pred_original_sample`` itself where given, as diffusers)."""
-    from .. import ops
-
+    check_step_inputs(model_output, sample)
     c = sched.config
     sigma = sigmas[i]
     gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0

@@ -13,7 +13,15 @@ import torch
 
 from .. import ops
 from .base import SigmaScheduleBase
-from .common import SchedulerOutput, karras_sigmas, make_betas, randn_tensor, sigma_timesteps, timesteps_for_sigmas
+from .common import (
+    SchedulerOutput,
+    check_step_inputs,
+    karras_sigmas,
+    make_betas,
+    randn_tensor,
+    sigma_timesteps,
+    timesteps_for_sigmas,
+)
 
 
 class EulerDiscreteScheduler(SigmaScheduleBase):
@@ -118,6 +126,7 @@ class EulerDiscreteScheduler(SigmaScheduleBase):
 
     def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
              generator=None, return_dict=True):
+        check_step_inputs(model_output, sample)
         i = self._next_index(timestep)
         sigma = float(self.sigmas[i])
         gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0

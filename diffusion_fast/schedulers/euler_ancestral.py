@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .. import ops
 from .._config import FrozenConfig
-from .common import SchedulerOutput, randn_tensor
+from .common import SchedulerOutput, check_step_inputs, randn_tensor
 from .euler import EulerDiscreteScheduler
 
 # Euler's schedule options, at the values diffusers' ancestral scheduler implies (it has no such fields)
@@ -35,6 +35,7 @@ class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
         return FrozenConfig(dict(self.config, **FIXED_SCHEDULE))
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        check_step_inputs(model_output, sample)
         i = self._next_index(timestep)
         noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                              dtype=model_output.dtype)

@@ -19,7 +19,7 @@ import torch
 
 from .. import ops
 from .._config import FrozenConfig
-from .common import SchedulerOutput, check_same_run
+from .common import SchedulerOutput, check_same_run, check_step_inputs
 from .euler import EulerDiscreteScheduler
 
 # Euler's schedule options, at the values diffusers' Heun implies (it has no such fields)
@@ -45,6 +45,7 @@ def heun_update(self, model_output, sample, values):
     """One Heun call on ``self`` (a scheduler with diffusers' Heun state and ``config``) at its step index, with
     ``values`` the repeated sigmas as host floats. Updates the state as diffusers' ``step`` does and returns
     (prev_sample, pred_original_sample); the caller advances the step index."""
+    check_step_inputs(model_output, sample)
     first = self.dt is None
     if not first:
         check_same_run(sample, [self.sample])

@@ -21,8 +21,15 @@ import torch
 
 from .. import ops
 from .._config import FrozenConfig
-from .common import (SchedulerOutput, check_same_run, karras_sigmas, randn_tensor, sigma_timesteps,
-                     timesteps_for_sigmas)
+from .common import (
+    SchedulerOutput,
+    check_same_run,
+    check_step_inputs,
+    karras_sigmas,
+    randn_tensor,
+    sigma_timesteps,
+    timesteps_for_sigmas,
+)
 from .euler import EulerDiscreteScheduler
 from .heun import FIXED_SCHEDULE, derivative_weights
 
@@ -33,6 +40,7 @@ def kdpm2_update(self, model_output, sample, tables, generator=None):
     and for the ancestral variant "sigmas_up" and "sigmas_down"), indexed as diffusers indexes them. Updates the
     state as diffusers' ``step`` does and returns (prev_sample, pred_original_sample); the caller advances the step
     index. The ancestral second call draws its noise from ``generator`` as diffusers draws it."""
+    check_step_inputs(model_output, sample)
     first = self.sample is None
     if not first:
         check_same_run(sample, [self.sample])

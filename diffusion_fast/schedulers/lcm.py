@@ -24,7 +24,7 @@ import torch
 
 from .. import ops
 from .base import SigmaScheduleBase
-from .common import make_betas, randn_tensor, threshold_sample
+from .common import check_step_inputs, make_betas, randn_tensor, threshold_sample
 
 SIGMA_DATA = 0.5  # the consistency models' data standard deviation (diffusers fixes it at 0.5)
 
@@ -64,6 +64,7 @@ def lcm_update(self, model_output, sample, index: int, schedule, alphas, generat
     floats), on ``self``, a scheduler with diffusers' LCM fields (``config``, ``num_inference_steps``,
     ``final_alpha_cumprod``). Returns (prev_sample, denoised), both in the promoted dtype of the sample and the
     model output, as diffusers computes them. The caller advances the step index."""
+    check_step_inputs(model_output, sample)
     config = self.config
     timestep = schedule[index]
     prev_timestep = schedule[index + 1] if index + 1 < len(schedule) else timestep

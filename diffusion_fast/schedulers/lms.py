@@ -18,7 +18,7 @@ from numpy.polynomial import polynomial
 
 from .. import ops
 from .._config import FrozenConfig
-from .common import SchedulerOutput, check_same_run, linear_terms
+from .common import SchedulerOutput, check_same_run, check_step_inputs, linear_terms
 from .euler import EulerDiscreteScheduler
 from .heun import derivative_weights
 
@@ -47,6 +47,7 @@ def lms_update(self, model_output, sample, values, order: int = 4, weights_cache
     with ``values`` the sigmas as host floats. Keeps this step's derivative as diffusers does (at most ``order`` of
     them) and returns (prev_sample, pred_original_sample); the caller advances the step index. ``weights_cache``: a
     dict kept for this schedule, so each step's weights are integrated once (0.3 ms of numpy each time otherwise)."""
+    check_step_inputs(model_output, sample)
     check_same_run(sample, self.derivatives)
     i = self.step_index
     prediction = self.config.prediction_type

@@ -17,7 +17,7 @@ import torch
 
 from .. import ops
 from .base import SchedulerBase
-from .common import SchedulerOutput, check_same_run, make_betas, spaced_timesteps
+from .common import SchedulerOutput, check_same_run, check_step_inputs, make_betas, spaced_timesteps
 
 # PLMS's weights for the current model output and the earlier ones (newest first), by how many it has (diffusers')
 PLMS_WEIGHTS = {2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
@@ -29,6 +29,7 @@ def pndm_update(self, model_output, sample, timestep: int):
     (``counter``, ``ets``, ``cur_sample``, ``cur_model_output``, ``prk_timesteps``, ``alphas_cumprod``,
     ``final_alpha_cumprod``, ``config``, ``num_inference_steps``). Updates that state as diffusers' ``step`` does and
     returns the previous sample."""
+    check_step_inputs(model_output, sample)
     check_same_run(sample, [self.cur_sample, *self.ets])
     config = self.config
     stride = config.num_train_timesteps // self.num_inference_steps

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from .common import randn_tensor
+from .common import check_step_inputs, randn_tensor
 from .lcm import LCMScheduler, lcm_timesteps, x0_weights
 
 
@@ -49,6 +49,7 @@ def tcd_update(self, model_output, sample, index: int, schedule, alphas, eta, ge
     """The ``index``-th TCD step of ``schedule`` (timesteps as host ints) with ``alphas`` (alphas_cumprod as host
     floats) on ``self`` (diffusers' TCD fields: ``config``, ``num_inference_steps``). Returns (prev_sample,
     pred_noised_sample) in the promoted dtype of the sample and the model output; the caller advances the index."""
+    check_step_inputs(model_output, sample)
     timestep = schedule[index]
     prev_timestep = schedule[index + 1] if index + 1 < len(schedule) else 0
     # s in fp32 arithmetic, as diffusers' torch.floor((1 - eta) * prev_timestep): 0.7 * 90 is 63 there, 62.99... in
