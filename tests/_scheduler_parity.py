@@ -148,8 +148,15 @@ def check_two_call_run_errors(sched, x):
 
     with pytest.raises(ValueError, match=r"step called 4 times for a 2-step schedule \(3 calls\)"):
         sched.step(x, sched.timesteps[-1], x)
-    sched.set_timesteps(3)
-    sched.step(x, sched.timesteps[0], x)  # the first call keeps the sample for the second
+    _new_batch_mid_run_refused(sched, x, steps=3)  # (the first call keeps the sample for the second)
+
+
+def _new_batch_mid_run_refused(sched, x, steps):
+    """After a run's first call (which keeps tensors for the next), a sample of another batch is a ValueError."""
+    import pytest
+
+    sched.set_timesteps(steps)
+    sched.step(x, sched.timesteps[0], x)
     with pytest.raises(ValueError, match="call set_timesteps to start a new run"):
         sched.step(x[:1], sched.timesteps[1], x[:1])
 
@@ -166,10 +173,7 @@ def check_multistep_run_errors(sched, x):
         sched.step(x, t, x)
     with pytest.raises(ValueError, match="step called 3 times for a 2-step schedule"):
         sched.step(x, sched.timesteps[-1], x)
-    sched.set_timesteps(4)
-    sched.step(x, sched.timesteps[0], x)  # the first step keeps a tensor for the second
-    with pytest.raises(ValueError, match="call set_timesteps to start a new run"):
-        sched.step(x[:1], sched.timesteps[1], x[:1])
+    _new_batch_mid_run_refused(sched, x, steps=4)  # (the first step keeps a tensor for the second)
 
 
 def count_op_calls(monkeypatch, op):

@@ -335,16 +335,23 @@ def test_generate_lora_that_does_not_fit_one_line(tmp_path, capsys):
     assert "diffusion-fast generate: error: lora: keys matching no module" in err and "Traceback" not in err
 
 
-def test_generate_inpainting(tmp_path, capsys):
-    """--image with --mask: inpainting (the built-in model's plain UNet here), the image's size cut to a multiple of 8,
-    strength 1 by default; only the masked region changes much."""
+def _image_and_mask_files(folder, size, box):
+    """in.png (random pixels, ``size`` = (height, width)) and mask.png (white in ``box`` = (y0, y1, x0, x1)) in
+    ``folder``; returns (pixels, mask) as arrays."""
     import numpy as np
 
-    pixels = np.random.default_rng(0).integers(0, 255, (40, 44, 3), dtype=np.uint8)
-    mask = np.zeros((40, 44), dtype=np.uint8)
-    mask[8:24, 8:24] = 255
-    Image.fromarray(pixels).save(tmp_path / "in.png")
-    Image.fromarray(mask).save(tmp_path / "mask.png")
+    pixels = np.random.default_rng(0).integers(0, 255, (*size, 3), dtype=np.uint8)
+    mask = np.zeros(size, dtype=np.uint8)
+    mask[box[0]:box[1], box[2]:box[3]] = 255
+    Image.fromarray(pixels).save(folder / "in.png")
+    Image.fromarray(mask).save(folder / "mask.png")
+    return pixels, mask
+
+
+def test_generate_inpainting(tmp_path, capsys):
+    """--image with --mask: inpainting (the built-in model's plain UNet here), the image's size cut to a multiple of 8,
+    strength 1 by default."""
+    _image_and_mask_files(tmp_path, (40, 44), (8, 24, 8, 24))
     out = tmp_path / "out.png"
     assert main(["generate", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"), "--steps", "3",
                  "--output", str(out), "--no-progress"]) == 0
@@ -358,11 +365,7 @@ def test_generate_inpainting_with_padding_mask_crop(tmp_path, capsys):
     image's own size (not cut to a multiple of 8) and the image's pixels outside the mask."""
     import numpy as np
 
-    pixels = np.random.default_rng(0).integers(0, 255, (42, 45, 3), dtype=np.uint8)
-    mask = np.zeros((42, 45), dtype=np.uint8)
-    mask[8:24, 8:20] = 255
-    Image.fromarray(pixels).save(tmp_path / "in.png")
-    Image.fromarray(mask).save(tmp_path / "mask.png")
+    pixels, mask = _image_and_mask_files(tmp_path, (42, 45), (8, 24, 8, 20))
     out = tmp_path / "out.png"
     assert main(["generate", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"), "--steps", "2",
                  "--padding-mask-crop", "4", "--output", str(out), "--no-progress"]) == 0
