@@ -656,6 +656,18 @@ def test_set_timesteps_refreshes_device_tables_in_place(name, tables, device):
                 torch.testing.assert_close(fresh._table(n, device).cpu(), getattr(fresh, n), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("sigmas", ["use_karras_sigmas", "use_lu_lambdas"])
+def test_dpm_solver_cosine_karras_and_lu_timesteps_are_truncated_as_diffusers(sigmas):
+    """diffusers' multistep DPM-Solver rounds Karras and Lu-lambda timesteps except for the cosine schedule, where
+    the fractional ones are truncated to int64 (single-step and UniPC round them for cosine too)."""
+    cfg = {"beta_schedule": "squaredcos_cap_v2", sigmas: True}
+    ours, theirs = S.DPMSolverMultistepScheduler(**cfg), diffusers.DPMSolverMultistepScheduler(**cfg)
+    for sched in (ours, theirs):
+        sched.set_timesteps(12)
+    torch.testing.assert_close(ours.timesteps, theirs.timesteps, rtol=0, atol=0)
+    torch.testing.assert_close(ours.sigmas, theirs.sigmas.float(), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("name", sorted(S.SCHEDULERS))
 def test_every_step_names_a_tensor_argument_that_is_not_one(name):
     """A None, a list or an integer tensor as the model output or the sample is a TypeError naming it, raised before

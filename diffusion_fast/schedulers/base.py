@@ -2,13 +2,14 @@
 from_pretrained), device tables, add_noise; the sigma schedulers' step index; the VP multistep solvers' schedule."""
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
 import torch
 
 from .._config import FrozenConfig
-from .common import as_timestep_tensor, make_betas, read_config
+from .common import as_timestep_tensor, karras_sigmas, make_betas, read_config, timesteps_for_sigmas
 
 
 def _version_of(t: torch.Tensor):
@@ -229,6 +230,27 @@ class VPSigmaScheduleBase(SigmaScheduleBase):
             ratio = last // (n + 1)
             return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + c.steps_offset
         return np.arange(last, 0, -n_train / n).round().copy().astype(np.int64) - 1
+
+    def _schedule_sigmas(self, timesteps, n, karras_rounded=True, sigma_range=None):
+        """(sigmas, timesteps, training sigmas) as diffusers' VP solvers make them: ``n`` Karras or Lu-lambda sigmas
+        (their timesteps rounded where ``karras_rounded``) or exponential ones (not rounded) where the config asks,
+        between ``sigma_range`` = (min, max) or the training schedule's ends; else the training sigmas at
+        ``timesteps``."""
+        c = self.config
+        base = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+        log_sigmas = np.log(base)
+        lo, hi = sigma_range or (float(base[0]), float(base[-1]))
+        rounded = karras_rounded
+        if c.use_karras_sigmas:
+            sigmas = karras_sigmas(lo, hi, n)
+        elif c.get("use_lu_lambdas"):  # (DPM-Solver multistep's)
+            lam_max, lam_min = float(log_sigmas[-1]), float(log_sigmas[0])
+            sigmas = np.exp(lam_max + np.linspace(0, 1, n) * (lam_min - lam_max))
+        elif c.use_exponential_sigmas:
+            sigmas, rounded = np.exp(np.linspace(math.log(hi), math.log(lo), n)), False
+        else:
+            return np.interp(timesteps, np.arange(0, len(base)), base), timesteps, base
+        return sigmas, timesteps_for_sigmas(sigmas, log_sigmas, rounded), base
 
     def _finish_schedule(self, sigmas, last_sigma, timesteps, device):
         """Keep the schedule (the sigmas also as host floats: a step's coefficients never read the device)."""

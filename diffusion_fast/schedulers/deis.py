@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from .base import VPSigmaScheduleBase
-from .common import SchedulerOutput, karras_sigmas, timesteps_for_sigmas, vp_alpha_sigma
+from .common import SchedulerOutput, vp_alpha_sigma
 from .dpm_solver import _X0, advance_multistep, check_choices, solver_order_now, solver_step
 
 
@@ -94,19 +94,9 @@ class DEISMultistepScheduler(VPSigmaScheduleBase):
         c = self.config
         self._check_steps(num_inference_steps)
         n = int(num_inference_steps)
-        timesteps = self._spaced_timesteps(n)
-        base = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
-        log_sigmas = np.log(base)
-        if c.use_karras_sigmas or c.use_exponential_sigmas:
-            if c.use_karras_sigmas:
-                sigmas = karras_sigmas(float(base[0]), float(base[-1]), n)
-            else:
-                sigmas = np.exp(np.linspace(math.log(base[-1]), math.log(base[0]), n))
-            timesteps = timesteps_for_sigmas(sigmas, log_sigmas, rounded=bool(c.use_karras_sigmas))
-            last_sigma = float(np.float32(sigmas[-1]))
-        else:
-            sigmas = np.interp(timesteps, np.arange(0, len(base)), base)
-            last_sigma = float(base[0])
+        sigmas, timesteps, base = self._schedule_sigmas(self._spaced_timesteps(n), n)
+        repeated = c.use_karras_sigmas or c.use_exponential_sigmas  # (the last such sigma is repeated at the end)
+        last_sigma = float(np.float32(sigmas[-1])) if repeated else float(base[0])
         self._finish_schedule(sigmas, last_sigma, timesteps, device)
 
     def _reset_state(self):

@@ -24,7 +24,7 @@ import numpy as np
 
 from .._config import FrozenConfig
 from .base import VPSigmaScheduleBase
-from .common import SchedulerOutput, half_log_snr, karras_sigmas, timesteps_for_sigmas, vp_alpha_sigma
+from .common import SchedulerOutput, half_log_snr, vp_alpha_sigma
 from .dpm_solver import (
     _X0,
     VP_CHOICES,
@@ -138,16 +138,8 @@ class DPMSolverSinglestepScheduler(VPSigmaScheduleBase):
         timesteps = clipped_timesteps(self, num_inference_steps, timesteps,
                                       {"use_karras_sigmas": "Karras", "use_exponential_sigmas": "exponential"})
         n = len(timesteps)
-        base = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
-        log_sigmas = np.log(base)
-        if c.use_karras_sigmas:  # (rounded even for the cosine schedule, unlike DPM-Solver multistep's)
-            sigmas = karras_sigmas(float(base[0]), float(base[-1]), n)
-            timesteps = timesteps_for_sigmas(sigmas, log_sigmas, True)
-        elif c.use_exponential_sigmas:
-            sigmas = np.exp(np.linspace(math.log(base[-1]), math.log(base[0]), n))
-            timesteps = timesteps_for_sigmas(sigmas, log_sigmas, False)
-        else:
-            sigmas = np.interp(timesteps, np.arange(0, len(base)), base)
+        # (Karras timesteps rounded even for the cosine schedule, unlike DPM-Solver multistep's)
+        sigmas, timesteps, base = self._schedule_sigmas(timesteps, n)
         zero_final = c.final_sigmas_type == "zero"
         if not c.lower_order_final and (zero_final or n % c.solver_order):  # as diffusers' register_to_config
             self.config = FrozenConfig(dict(c, lower_order_final=True))

@@ -29,11 +29,9 @@ from .common import (
     check_step_inputs,
     edm_x0_weights,
     half_log_snr,
-    karras_sigmas,
     linear_terms,
     randn_tensor,
     threshold_sample,
-    timesteps_for_sigmas,
     vp_alpha_sigma,
 )
 
@@ -223,21 +221,9 @@ class DPMSolverMultistepScheduler(VPSigmaScheduleBase):
         c = self.config
         timesteps = clipped_timesteps(self, num_inference_steps, timesteps, {
             "use_karras_sigmas": "Karras", "use_lu_lambdas": "Lu-lambda", "use_exponential_sigmas": "exponential"})
-        base = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
-        log_sigmas = np.log(base)
-        rounded = c.beta_schedule != "squaredcos_cap_v2"  # diffusers rounds these timesteps, except for cosine
-        if c.use_karras_sigmas:
-            sigmas = karras_sigmas(float(base[0]), float(base[-1]), num_inference_steps)
-            timesteps = timesteps_for_sigmas(sigmas, log_sigmas, rounded)
-        elif c.use_lu_lambdas:
-            lam_max, lam_min = float(log_sigmas[-1]), float(log_sigmas[0])
-            sigmas = np.exp(lam_max + np.linspace(0, 1, num_inference_steps) * (lam_min - lam_max))
-            timesteps = timesteps_for_sigmas(sigmas, log_sigmas, rounded)
-        elif c.use_exponential_sigmas:
-            sigmas = np.exp(np.linspace(math.log(base[-1]), math.log(base[0]), num_inference_steps))
-            timesteps = timesteps_for_sigmas(sigmas, log_sigmas, False)
-        else:
-            sigmas = np.interp(timesteps, np.arange(0, len(base)), base)
+        # (diffusers rounds Karras and Lu-lambda timesteps, except for the cosine schedule)
+        sigmas, timesteps, base = self._schedule_sigmas(timesteps, num_inference_steps or len(timesteps),
+                                                        karras_rounded=c.beta_schedule != "squaredcos_cap_v2")
         last_sigma = float(base[0]) if c.final_sigmas_type == "sigma_min" else 0.0
         self._finish_schedule(sigmas, last_sigma, timesteps, device)
 

@@ -21,16 +21,7 @@ import numpy as np
 
 from .. import ops
 from .base import VPSigmaScheduleBase
-from .common import (
-    SchedulerOutput,
-    check_same_run,
-    half_log_snr,
-    karras_sigmas,
-    linear_terms,
-    threshold_sample,
-    timesteps_for_sigmas,
-    vp_alpha_sigma,
-)
+from .common import SchedulerOutput, check_same_run, half_log_snr, linear_terms, threshold_sample, vp_alpha_sigma
 
 
 def prediction_coefficients(sigma, prediction, predict_x0):
@@ -185,22 +176,13 @@ class UniPCMultistepScheduler(VPSigmaScheduleBase):
         Karras or exponential sigmas if the config asks, with the final sigma per ``final_sigmas_type``."""
         self._check_steps(num_inference_steps)
         c, n = self.config, int(num_inference_steps)
-        timesteps = self._spaced_timesteps(n)
         base = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
-        log_sigmas = np.log(base)
-        if c.use_karras_sigmas or c.use_exponential_sigmas:
-            sigma_min = c.sigma_min if c.sigma_min is not None else float(base[0])
-            sigma_max = c.sigma_max if c.sigma_max is not None else float(base[-1])
-            if c.use_karras_sigmas:
-                sigmas = karras_sigmas(sigma_min, sigma_max, n)
-                timesteps = timesteps_for_sigmas(sigmas, log_sigmas, rounded=True)  # (also for cosine, unlike DPM)
-            else:
-                sigmas = np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
-                timesteps = timesteps_for_sigmas(sigmas, log_sigmas, rounded=False)
-            last = float(sigmas[-1])  # diffusers' sigma_min here: the schedule's own last sigma
-        else:
-            sigmas = np.interp(timesteps, np.arange(0, len(base)), base)
-            last = float(base[0])
+        sigma_range = (c.sigma_min if c.sigma_min is not None else float(base[0]),
+                       c.sigma_max if c.sigma_max is not None else float(base[-1]))
+        # (Karras timesteps rounded also for cosine, unlike DPM-Solver multistep's)
+        sigmas, timesteps, base = self._schedule_sigmas(self._spaced_timesteps(n), n, sigma_range=sigma_range)
+        # diffusers' sigma_min with Karras or exponential sigmas: the schedule's own last sigma
+        last = float(sigmas[-1]) if c.use_karras_sigmas or c.use_exponential_sigmas else float(base[0])
         self._finish_schedule(sigmas, last if c.final_sigmas_type == "sigma_min" else 0.0, timesteps, device)
 
     def step(self, model_output, timestep, sample, return_dict=True):
