@@ -163,7 +163,7 @@ def _check_pipeline(args, device, dtype):
     diff = max_abs_err(torch.from_numpy(fast), torch.from_numpy(ref))
     quality = psnr(fast, ref)
     sampler = type(pipe.scheduler).__name__.replace("Scheduler", "").replace("Discrete", "").replace("Multistep", "")
-    kind = pipeline_inputs(pipe, args.seed, args.steps)[0]
+    kind = pipeline_kind(pipe)
     row = {"check": f"{kind} pipeline ({args.steps} {sampler} steps, {str(dtype).replace('torch.', '')})",
            "max_abs_err": diff, "psnr_db": quality, "stages": stages}
     if dtype == torch.float32:
@@ -190,6 +190,16 @@ def _db(value):
     return "inf" if math.isinf(value) else f"{value:.1f}"
 
 
+def pipeline_kind(pipe):
+    """"inpainting", "image-to-image" (an SDXL refiner's folder loads as such) or "text-to-image"."""
+    from .pipeline_img2img import StableDiffusionXLImg2ImgPipeline
+    from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
+
+    if isinstance(pipe, (StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline)):
+        return "inpainting"
+    return "image-to-image" if isinstance(pipe, StableDiffusionXLImg2ImgPipeline) else "text-to-image"
+
+
 def pipeline_inputs(pipe, seed, steps):
     """(kind, the call's inputs beyond the prompt): an inpainting pipeline's image and mask, an image-to-image one's
     image (an SDXL refiner's folder), made from the seed at the UNet's default size, and a strength that leaves at
@@ -198,11 +208,7 @@ def pipeline_inputs(pipe, seed, steps):
     import numpy as np
     from PIL import Image
 
-    from .pipeline_img2img import StableDiffusionXLImg2ImgPipeline
-    from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
-
-    kind = ("inpainting" if isinstance(pipe, (StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline)) else
-            "image-to-image" if isinstance(pipe, StableDiffusionXLImg2ImgPipeline) else "text-to-image")
+    kind = pipeline_kind(pipe)
     if kind == "text-to-image":
         return kind, {}
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
