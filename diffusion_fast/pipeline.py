@@ -24,18 +24,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ._backend import current_backend
-from .cuda_graph import GraphedCallable, ModuleState
 from .lora import LoraLoaderMixin, lora_call_scale
 from .pipeline_common import (OUTPUT_TYPES, ModelSwitches, StableDiffusionPipelineOutput, StepCallback,
-                              auto_or_bool_setting, postprocess, rescale_noise_cfg, takes)
+                              auto_or_bool_setting, check_size, postprocess, rescale_noise_cfg, takes)
 from .pipeline_folder import ComponentLoader, check_model_config, read_model_index, resolve_dtype
+from .pipeline_graphs import GraphedLoop
 from .schedulers import DDIMScheduler
 from .schedulers.common import randn_tensor
 from .textual_inversion import TextualInversionLoaderMixin
 
 
-class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, ModelSwitches):
+class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoaderMixin, ModelSwitches):
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")  # diffusers' names
     _guidance_rescale = 0.0  # set by each call that takes it, as diffusers keeps it (SD img2img takes none)
     _cond_names = ("add_text_embeds", "add_time_ids")  # diffusers' names of the UNet's extra inputs (``cond``)
@@ -115,9 +114,14 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, Mode
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
+    def _models(self):
+        """The models ``to`` moves; the first ones are those a graph reads and ``channels_last`` converts."""
+        return {"graphed": (self.unet,), "converted": (self.unet, self.vae), "moved": (self.unet, self.vae,
+                                                                                       self.text_encoder)}
+
     def to(self, device=None, dtype=None):
         dtype = resolve_dtype(dtype)
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in self._models()["moved"]:
             if module is not None:  # (an SDXL refiner has no first text encoder)
                 module.to(device=device, dtype=dtype)
         self._graphs = self._graphed_for = None
@@ -195,11 +199,7 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, Mode
         if prompt_embeds is not None and negative_prompt_embeds is not None and prompt_embeds.shape != negative_prompt_embeds.shape:
             raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
                              f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
-        for name, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % 8 != 0:
-                raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
-            if value % self.vae_scale_factor != 0:
-                raise ValueError(f"{name} must be a multiple of the VAE scale factor {self.vae_scale_factor}, got {value}")
+        check_size(self.vae_scale_factor, height=height, width=width)
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps <= 0:
             raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale):
@@ -236,15 +236,6 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, Mode
         kwargs = {name: value for name, value in (("eta", eta), ("generator", generator)) if takes(step, name)}
         return self.scheduler.step(noise_pred, t, latents, **kwargs).prev_sample
 
-    def _graph_step(self, latents, t, embeds, guidance_scale, do_cfg, num_inference_steps, *cond):
-        """The step as captured in a CUDA graph: deterministic (eta = 0), no generator, no host state.
-
-        ``num_inference_steps`` is unused here but part of the graph's key: the step bakes ``N // n`` into the
-        captured kernels, so a different step count needs its own graph. ``cond`` (SDXL's added conditioning) are
-        graph inputs like the others.
-        """
-        return self._denoise_step(latents, t, embeds, cond, guidance_scale, do_cfg, 0.0, None)
-
     def _unet_call(self, model_input, t, embeds, *cond):
         """The UNet call (graphed when the step itself cannot be, see ``_graph_mode``); ``cond``: SDXL's pooled
         text embeds and time ids."""
@@ -253,45 +244,11 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, Mode
         text_embeds, time_ids = cond
         return self.unet(model_input, t, embeds, {"text_embeds": text_embeds, "time_ids": time_ids})
 
-    def _apply_layout(self, device):
-        """Put the UNet's and VAE's weights in the memory format ``channels_last`` asks for on ``device`` (once)."""
-        wanted = self.channels_last is True or (self.channels_last == "auto" and device.type == "cpu")
-        layout = torch.channels_last if wanted else torch.contiguous_format
-        if layout != self._layout:
-            for module in (self.unet, self.vae):
-                module.to(memory_format=layout)
-            self._layout = layout
-            self._graphs = self._graphed_for = None  # the weights are new tensors: graphs must be recaptured
-
-    def _graph_mode(self, device, eta):
-        """"step" (the whole step in one CUDA graph), "unet" (the UNet call graphed, the scheduler eager) or None."""
-        if self.cuda_graph is False or device.type != "cuda":
-            if self.cuda_graph is True and device.type != "cuda":
-                raise ValueError("cuda_graph=True needs the pipeline on a CUDA device")
-            return None
-        if current_backend() == "reference":  # the reference path stays plain PyTorch
-            return None
-        # A graph replays fixed kernels: a whole step needs no host-side state (DDIM) and no fresh noise (eta=0);
-        # with guidance rescale the step is not the fused one, so its value is never baked into a graph either.
-        # Any other step still spends nearly all its time in the UNet, whose call is a pure function of its tensors.
-        whole = isinstance(self.scheduler, DDIMScheduler) and eta == 0 and not self._guidance_rescale > 0
-        return "step" if whole else "unet"
-
     def _set_guidance_rescale(self, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
             raise TypeError(f"guidance_rescale must be a finite float (0 to 1: how much of the rescaled guidance to "
                             f"mix in), got {value!r}")
         self._guidance_rescale = float(value)
-
-    def _graphs_for_components(self):
-        """The GraphedCallables for the current UNet and scheduler: a graph reads their weights and device tables by
-        address, so a swapped-in UNet or scheduler gets fresh graphs (dropping the old ones frees their memory)."""
-        if self._graphs is None or self._graphed_for[0] is not self.unet or self._graphed_for[1] is not self.scheduler:
-            weights = ModuleState(self.unet)  # weights replaced in place of the UNet (unet.to, a new LoRA): recapture
-            self._graphs = {"step": GraphedCallable(self._graph_step, state=weights),
-                            "unet": GraphedCallable(self._unet_call, state=weights, clone_output=True)}
-            self._graphed_for = (self.unet, self.scheduler)
-        return self._graphs
 
     @property
     def interrupt(self):
@@ -394,10 +351,12 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, Mode
         for i, t in enumerate(tqdm(timesteps, **{"desc": "denoising", **self._progress})):
             if self._interrupt:
                 continue
+            step_cond = self._step_cond(i, len(timesteps), cond)
             if graphed:  # replays write a static buffer, which the next replay copies in as its input
-                latents = graphs["step"](latents, t, embeds, float(guidance_scale), do_cfg, num_inference_steps, *cond)
+                latents = graphs["step"](latents, t, embeds, float(guidance_scale), do_cfg, num_inference_steps,
+                                         *step_cond)
             else:
-                latents = self._denoise_step(latents, t, embeds, cond, guidance_scale, do_cfg, eta, generator,
+                latents = self._denoise_step(latents, t, embeds, step_cond, guidance_scale, do_cfg, eta, generator,
                                              graphs["unet"] if mode == "unet" else None)  # hands out copies
             latents = self._after_step(i, timesteps, latents)
             if callback is not None:
@@ -409,6 +368,10 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, Mode
         if output_type == "latent":
             return StableDiffusionPipelineOutput(images=latents, seconds=seconds)
         return StableDiffusionPipelineOutput(images=postprocess(self._decode(latents), output_type), seconds=seconds)
+
+    def _step_cond(self, i, steps, cond):
+        """The UNet's added conditioning for step ``i`` of ``steps`` (a ControlNet's scales for that step join it)."""
+        return cond
 
     def _after_step(self, i, timesteps, latents):
         """The latents after step ``i`` (inpainting with a 4-channel UNet puts the kept region back here)."""

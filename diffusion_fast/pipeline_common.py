@@ -42,14 +42,24 @@ class StepCallback:
         self.fn, self.inputs, self.extra = fn, inputs, extra
 
     def __call__(self, pipe, i, t, latents, embeds, cond, graphed):
+        names = pipe._cond_names[:len(cond)]  # (SD's loop has none of SDXL's added conditioning)
+        grouped = {}  # a name given to several tensors (several ControlNets' images) names their list
+        for name, c in zip(names, cond):
+            grouped.setdefault(name, []).append(c)
         named = {"latents": latents.clone() if graphed else latents,  # (a graph's output is overwritten next step)
-                 "prompt_embeds": embeds, **self.extra, **dict(zip(pipe._cond_names, cond))}
+                 "prompt_embeds": embeds, **self.extra, **{k: v[0] if len(v) == 1 else v for k, v in grouped.items()}}
         outputs = self.fn(pipe, i, t, {k: named[k] for k in self.inputs})
         if not isinstance(outputs, dict):
             raise TypeError(f"callback_on_step_end must return a dict (the tensors it replaces, or {{}}), got "
                             f"{type(outputs).__name__}")
         latents, embeds = outputs.get("latents", latents), outputs.get("prompt_embeds", embeds)
-        cond = tuple(outputs.get(name, c) for name, c in zip(pipe._cond_names, cond))
+        for name, old in grouped.items():
+            new = outputs.get(name, old if len(old) > 1 else old[0])
+            new = list(new) if len(old) > 1 else [new]
+            if len(new) != len(old):
+                raise ValueError(f"callback_on_step_end returned {len(new)} tensors for {name!r}, which has {len(old)}")
+            grouped[name] = new
+        cond = tuple(grouped[name].pop(0) for name in names)
         return latents, embeds, cond
 
 
@@ -72,6 +82,15 @@ def check_denoising_bounds(denoising_start=None, denoising_end=None):
                              f"{'from the start' if name == 'denoising_start' else 'to the end'}), got {value!r}")
     if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
         raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
+
+
+def check_size(vae_scale_factor, **sizes):
+    """Output sizes by name (height, width): positive multiples of 8 and of the VAE's scale factor."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % 8 != 0:
+            raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
+        if value % vae_scale_factor != 0:
+            raise ValueError(f"{name} must be a multiple of the VAE scale factor {vae_scale_factor}, got {value}")
 
 
 def takes(method, name) -> bool:

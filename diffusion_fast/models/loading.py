@@ -125,7 +125,16 @@ def from_pretrained(cls, folder, dtype=None, device=None, subfolder=None, varian
 
 
 class PretrainedMixin:
-    """``from_config`` and ``from_pretrained`` for the models; a subclass may override ``convert_state_dict``."""
+    """``from_config`` and ``from_pretrained`` for the models (a subclass may override ``convert_state_dict``), and
+    their ``dtype`` and ``device``: their first weight's."""
+
+    @property
+    def dtype(self):
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
 
     @staticmethod
     def convert_state_dict(state: dict) -> dict:
