@@ -23,6 +23,8 @@ _LAZY = {
     "StableDiffusionXLImg2ImgPipeline": ("pipeline_img2img", "StableDiffusionXLImg2ImgPipeline"),
     "StableDiffusionInpaintPipeline": ("pipeline_inpaint", "StableDiffusionInpaintPipeline"),
     "StableDiffusionXLInpaintPipeline": ("pipeline_inpaint", "StableDiffusionXLInpaintPipeline"),
+    "StableDiffusionControlNetPipeline": ("pipeline_controlnet", "StableDiffusionControlNetPipeline"),
+    "ControlNetModel": ("models", "ControlNetModel"),
     "load_pipeline": ("pipeline_xl", "load_pipeline"),
     "accelerate": ("diffusers_patch", "accelerate"),
     "restore": ("diffusers_patch", "restore"),

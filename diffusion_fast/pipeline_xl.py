@@ -262,7 +262,7 @@ def load_pipeline(folder, **kwargs):
     """Our pipeline for a diffusers folder, by what it holds: ``StableDiffusionXLPipeline`` for an SDXL folder (two
     text encoders), ``StableDiffusionXLImg2ImgPipeline`` for an SDXL refiner (``requires_aesthetics_score``),
     ``StableDiffusionXLInpaintPipeline`` / ``StableDiffusionInpaintPipeline`` for an SDXL / SD inpainting folder
-    (diffusers' class name), else
+    (diffusers' class name), ``StableDiffusionControlNetPipeline`` for a folder diffusers saved one in, else
     ``StableDiffusionPipeline``; ``kwargs`` go to its ``from_pretrained``."""
     from .pipeline_img2img import StableDiffusionXLImg2ImgPipeline
     from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
@@ -277,6 +277,8 @@ def load_pipeline(folder, **kwargs):
         cls = StableDiffusionXLPipeline
     elif inpainting:
         cls = StableDiffusionInpaintPipeline
+    elif "controlnet" in components and "ControlNet" in str(components.get("_class_name", "")):
+        from .pipeline_controlnet import StableDiffusionControlNetPipeline as cls
     else:
         cls = StableDiffusionPipeline
     return cls.from_pretrained(folder, **kwargs)

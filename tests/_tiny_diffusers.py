@@ -124,7 +124,8 @@ def sdxl_refiner_pipeline(base, seed=0):
 def controlnet_pipeline(seed=0, nets=1, variant="sd1"):
     """A diffusers StableDiffusion(XL)ControlNetPipeline on the tiny SD1 (or SDXL) components, with ``nets``
     ControlNets built from its UNet (a MultiControlNetModel when nets > 1). A ControlNet's zero convolutions start at
-    zero, so it would add nothing; here they are random, so the residuals change the image. Conditioning images are
+    zero, so it would add nothing, and so does its conditioning embedding's last convolution, so the conditioning
+    image would change nothing; here they are random, so the residuals and the image change the output. Images are
     4x the latent size (the tiny VAE's factor): two stride-2 convolutions in the conditioning embedding."""
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
@@ -136,6 +137,9 @@ def controlnet_pipeline(seed=0, nets=1, variant="sd1"):
         with torch.no_grad():
             for zero_conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
                 zero_conv.weight.normal_(std=0.05)
+            for conv in net.controlnet_cond_embedding.modules():  # He-initialised, so the image's features carry
+                if isinstance(conv, torch.nn.Conv2d):
+                    conv.weight.normal_(std=(2 / conv.weight[0].numel()) ** 0.5)
         controlnets.append(net)
     cls = StableDiffusionControlNetPipeline if variant == "sd1" else StableDiffusionXLControlNetPipeline
     pipe = cls(**base.components, controlnet=controlnets[0] if nets == 1 else controlnets)

@@ -66,6 +66,40 @@ def broadcast_timestep(timestep, sample: torch.Tensor) -> torch.Tensor:
     return t.to(sample.device).reshape(-1).expand(batch)
 
 
+def check_inputs(config, sample, encoder_hidden_states):
+    """A UNet's or ControlNet's inputs, by shape only (never values: reading a device tensor on the host would break
+    CUDA-graph capture)."""
+    if not torch.is_tensor(sample) or sample.dim() != 4 or sample.shape[1] != config.in_channels:
+        got = tuple(sample.shape) if torch.is_tensor(sample) else type(sample).__name__
+        raise ValueError(f"sample must be a (B, {config.in_channels}, H, W) tensor, got {got}")
+    cross = config.cross_attention_dim if isinstance(config.cross_attention_dim, int) else None
+    if not torch.is_tensor(encoder_hidden_states) or encoder_hidden_states.dim() != 3 or (
+            cross is not None and encoder_hidden_states.shape[-1] != cross):
+        got = tuple(encoder_hidden_states.shape) if torch.is_tensor(encoder_hidden_states) else \
+            type(encoder_hidden_states).__name__
+        raise ValueError(f"encoder_hidden_states must be a (B, L, {cross or 'cross_attention_dim'}) tensor, "
+                         f"got {got}")
+    if encoder_hidden_states.shape[0] != sample.shape[0]:
+        raise ValueError(f"encoder_hidden_states has batch {encoder_hidden_states.shape[0]} but sample has "
+                         f"batch {sample.shape[0]}")
+
+
+def embed_time(model, sample, timestep, added_cond_kwargs):
+    """A UNet's or ControlNet's time embedding: the timestep's, plus SDXL's added text-time embedding."""
+    c = model.config
+    t = broadcast_timestep(timestep, sample)
+    emb = model.time_embedding(timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
+                               .to(sample.dtype))
+    if c.addition_embed_type == "text_time":
+        if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
+            raise ValueError("added_cond_kwargs must hold 'text_embeds' and 'time_ids' (addition_embed_type='text_time')")
+        text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
+        time_embeds = timestep_embedding(time_ids.flatten(), c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
+        add = torch.cat([text_embeds, time_embeds.reshape(text_embeds.shape[0], -1)], dim=-1).to(emb.dtype)
+        emb = emb + model.add_embedding(add)
+    return emb
+
+
 class DownBlock(nn.Module):
     def __init__(self, kind, in_ch, out_ch, temb, layers, groups, eps, downsample, pad, heads=None, depth=1,
                  cross_dim=None, linear=False, upcast=False):
@@ -208,54 +242,29 @@ class UNet2DConditionModel(loading.PretrainedMixin, nn.Module):
             for name in FREEU_FACTORS:
                 setattr(block, name, None)
 
-    @property
-    def dtype(self):
-        return self.conv_in.weight.dtype
-
-    @property
-    def device(self):
-        return self.conv_in.weight.device
-
-    def _check_inputs(self, sample, encoder_hidden_states):
-        """Shapes only (never values: reading a device tensor on the host would break CUDA-graph capture)."""
+    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None,
+                down_block_additional_residuals=None, mid_block_additional_residual=None):
+        """The noise (or v) prediction for ``sample`` at ``timestep``, conditioned on ``encoder_hidden_states``; a
+        ControlNet's residuals, as diffusers takes them, are added to the skip connections and the mid block's output."""
         c = self.config
-        if not torch.is_tensor(sample) or sample.dim() != 4 or sample.shape[1] != c.in_channels:
-            got = tuple(sample.shape) if torch.is_tensor(sample) else type(sample).__name__
-            raise ValueError(f"sample must be a (B, {c.in_channels}, H, W) tensor, got {got}")
-        cross = c.cross_attention_dim if isinstance(c.cross_attention_dim, int) else None
-        if not torch.is_tensor(encoder_hidden_states) or encoder_hidden_states.dim() != 3 or (
-                cross is not None and encoder_hidden_states.shape[-1] != cross):
-            got = tuple(encoder_hidden_states.shape) if torch.is_tensor(encoder_hidden_states) else \
-                type(encoder_hidden_states).__name__
-            raise ValueError(f"encoder_hidden_states must be a (B, L, {cross or 'cross_attention_dim'}) tensor, "
-                             f"got {got}")
-        if encoder_hidden_states.shape[0] != sample.shape[0]:
-            raise ValueError(f"encoder_hidden_states has batch {encoder_hidden_states.shape[0]} but sample has "
-                             f"batch {sample.shape[0]}")
-
-    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
-        """The noise (or v) prediction for ``sample`` at ``timestep``, conditioned on ``encoder_hidden_states``."""
-        c = self.config
-        self._check_inputs(sample, encoder_hidden_states)
+        check_inputs(c, sample, encoder_hidden_states)
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
-        t = broadcast_timestep(timestep, sample)
-        emb = self.time_embedding(timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
-                                  .to(sample.dtype))
-        if c.addition_embed_type == "text_time":
-            if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
-                raise ValueError("added_cond_kwargs must hold 'text_embeds' and 'time_ids' (addition_embed_type='text_time')")
-            text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
-            time_embeds = timestep_embedding(time_ids.flatten(), c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
-            add = torch.cat([text_embeds, time_embeds.reshape(text_embeds.shape[0], -1)], dim=-1).to(emb.dtype)
-            emb = emb + self.add_embedding(add)
+        emb = embed_time(self, sample, timestep, added_cond_kwargs)
 
         h = self.conv_in(sample)
         skips = (h,)
         for block in self.down_blocks:
             h, states = block(h, emb, encoder_hidden_states)
             skips += states
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"down_block_additional_residuals has {len(down_block_additional_residuals)} tensors "
+                                 f"but this UNet has {len(skips)} skip connections (a ControlNet of another shape?)")
+            skips = tuple(s + r for s, r in zip(skips, down_block_additional_residuals))
         h = self.mid_block(h, emb, encoder_hidden_states)
+        if mid_block_additional_residual is not None:
+            h = h + mid_block_additional_residual
         # Odd latent sizes: upsample to the skip's size instead of exactly 2x (diffusers' forward_upsample_size).
         factor = 2 ** (len(self.up_blocks) - 1)
         odd = any(s % factor != 0 for s in sample.shape[-2:])

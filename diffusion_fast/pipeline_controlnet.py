@@ -1,0 +1,231 @@
+"""Text-to-image guided by ControlNets, with diffusers' StableDiffusionControlNetPipeline semantics: the same image
+for the same seed, conditioning images and weights.
+
+Each conditioning image is prepared as diffusers' control image processor prepares it (a PIL image resized to the
+output size, Lanczos, in its own mode and then converted to RGB; pixels in [0, 1], not normalised; a tensor resized
+nearest), repeated to the batch, and doubled for guidance. At each step every ControlNet runs on the step's model
+input and adds its residuals, times its conditioning scale, to the UNet's skips; ``control_guidance_start`` /
+``control_guidance_end`` give each net the fraction of the steps it acts in, and ``guess_mode`` runs the nets on the
+conditional half alone with diffusers' rising scales. The loop is the SD pipeline's (fused scheduler steps, and on
+CUDA the whole DDIM step, ControlNets included, or the ControlNets' and UNet's call replayed from a CUDA graph). A
+net whose scale is 0 at a step (outside its start and end) is not run: diffusers adds its residuals times 0, exact
+zeros, so the image is the same and the step is cheaper.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from .lora import lora_call_scale
+from .models import ControlNetModel, MultiControlNetModel
+from .models.unet import _per_block
+from .pipeline import StableDiffusionPipeline
+from .pipeline_common import check_size
+from .pipeline_folder import read_model_index, resolve_dtype
+
+
+def prepare_control_image(image, height, width, scale) -> torch.Tensor:
+    """diffusers' control image processor (VaeImageProcessor with do_normalize=False, do_convert_rgb=True): PIL
+    images (one or a list) resized to (height, width), each None taken from the (first) image and cut down to a
+    multiple of ``scale``, then RGB, in [0, 1]; a (B, C, H, W) or (C, H, W) tensor, or a list of them, resized
+    (nearest) the same way. Returns a float32 (B, C, H, W) tensor."""
+    import PIL.Image
+
+    images = image if isinstance(image, (list, tuple)) else [image]
+    if images and all(isinstance(im, PIL.Image.Image) for im in images):
+        width, height = (given if given is not None else x for given, x in zip((width, height), images[0].size))
+        width, height = width - width % scale, height - height % scale
+        if width == 0 or height == 0:
+            raise ValueError(f"image is {images[0].size[0]}x{images[0].size[1]}: smaller than the VAE's scale {scale}")
+        arrays = [np.array(im.resize((width, height), resample=PIL.Image.LANCZOS).convert("RGB")).astype(np.float32)
+                  / 255.0 for im in images]
+        return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2))
+    if images and all(torch.is_tensor(im) and im.dim() == images[0].dim() for im in images):
+        batch = torch.cat(images) if images[0].dim() == 4 else torch.stack(images)
+        if batch.dim() != 4 or not batch.is_floating_point():
+            raise ValueError(f"image: a tensor must be a float (B, C, H, W) batch or (C, H, W) image in [0, 1], got "
+                             f"{images[0].dtype} of shape {tuple(images[0].shape)}")
+        height, width = (given if given is not None else x for given, x in zip((height, width), batch.shape[2:]))
+        height, width = height - height % scale, width - width % scale
+        if (height, width) != tuple(batch.shape[2:]):
+            batch = torch.nn.functional.interpolate(batch, size=(height, width))
+        return batch.float()
+    raise TypeError(f"image must be a PIL image, a (B, C, H, W) or (C, H, W) tensor, or a list of either, got "
+                    f"{type(image).__name__}")
+
+
+def _net_settings(name, value, nets, kind=float):
+    """A per-ControlNet setting: one number for every net, or a list of one per net."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * nets
+    if len(values) != nets or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+                                      for v in values):
+        raise ValueError(f"{name} must be a number or a list of {nets} numbers (one per ControlNet), got {value!r}")
+    return [kind(v) for v in values]
+
+
+def load_controlnet(folder, index, dtype=None, device=None, variant=None):
+    """The ControlNet a diffusers ControlNet pipeline folder holds: controlnet/ (a MultiControlNetModel's nets in
+    controlnet/, controlnet_1/, ... as diffusers saves them)."""
+    entry = index.get("controlnet")
+    if not isinstance(entry, list) or not os.path.isdir(os.path.join(folder, "controlnet")):
+        raise ValueError(f"{folder!r} holds no ControlNet: pass controlnet=diffusion_fast.models.ControlNetModel"
+                         ".from_pretrained(path) (or a list of them)")
+    if entry[1] != "MultiControlNetModel":
+        return ControlNetModel.from_pretrained(folder, dtype, device, subfolder="controlnet", variant=variant)
+    names = ["controlnet"]
+    while os.path.isdir(os.path.join(folder, f"controlnet_{len(names)}")):
+        names.append(f"controlnet_{len(names)}")
+    return MultiControlNetModel([ControlNetModel.from_pretrained(folder, dtype, device, subfolder=name,
+                                                                 variant=variant) for name in names])
+
+
+class StableDiffusionControlNetPipeline(StableDiffusionPipeline):
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "image")  # diffusers' names
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, controlnet, *, cuda_graph="auto",
+                 channels_last="auto"):
+        if isinstance(controlnet, (list, tuple)):
+            controlnet = MultiControlNetModel(controlnet)
+        if not isinstance(controlnet, (ControlNetModel, MultiControlNetModel)):
+            raise TypeError("controlnet must be a diffusion_fast ControlNetModel (diffusion_fast.models.ControlNetModel"
+                            ".from_pretrained(folder)), a list of them or a MultiControlNetModel, got "
+                            f"{type(controlnet).__module__}.{type(controlnet).__name__}")
+        self.controlnet = controlnet
+        self._control = None  # the current call's (scales, starts, ends, guess_mode, split) for _step_cond
+        super().__init__(unet, vae, text_encoder, tokenizer, scheduler, cuda_graph=cuda_graph,
+                         channels_last=channels_last)
+
+    @property
+    def _nets(self):
+        return list(self.controlnet.nets) if isinstance(self.controlnet, MultiControlNetModel) else [self.controlnet]
+
+    @property
+    def _cond_names(self):
+        return ("image",) * len(self._nets)  # a StepCallback gives several nets' images as one list, as diffusers
+
+    def _check_components(self):
+        """Each ControlNet must give the residuals this UNet takes, from the same text conditioning."""
+        super()._check_components()
+        c = self.unet.config
+        layers = _per_block(c.layers_per_block, len(c.block_out_channels), "layers_per_block")
+        want = [c.block_out_channels[0]] + [ch for i, ch in enumerate(c.block_out_channels)
+                                            for _ in range(layers[i] + (i < len(layers) - 1))]
+        for i, net in enumerate(self._nets):
+            got = [conv.in_channels for conv in net.controlnet_down_blocks]
+            n = net.config
+            if (got != want or n.in_channels != c.in_channels or n.addition_embed_type is not None
+                    or n.cross_attention_dim != self.text_encoder.config.hidden_size):
+                raise ValueError(f"controlnet {i} (residual widths {got}, in_channels {n.in_channels}, "
+                                 f"cross_attention_dim {n.cross_attention_dim}, addition_embed_type "
+                                 f"{n.addition_embed_type!r}) does not fit this UNet (residual widths {want}, "
+                                 f"in_channels {c.in_channels}) and text encoder (hidden_size "
+                                 f"{self.text_encoder.config.hidden_size}): a ControlNet trained for another model")
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype=None, device=None, *, variant=None, cuda_graph="auto",
+                        channels_last="auto", controlnet=None, **components):
+        """An SD 1.x/2.x folder, as the SD pipeline loads it, and ``controlnet`` (ours, a list of them, or None: the
+        folder's own, when diffusers saved a ControlNet pipeline there)."""
+        if controlnet is None:
+            controlnet = load_controlnet(*read_model_index(folder), resolve_dtype(dtype), device, variant)
+        sd = StableDiffusionPipeline.from_pretrained(folder, dtype, device, variant=variant, **components)
+        return cls(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, sd.scheduler, controlnet, cuda_graph=cuda_graph,
+                   channels_last=channels_last)
+
+    def _models(self):
+        models = super()._models()
+        return {kind: (*found, self.controlnet) for kind, found in models.items()}
+
+    def _control_images(self, image, height, width):
+        """One prepared (not yet repeated) conditioning image batch per net; the later nets' at the first's size."""
+        nets = len(self._nets)
+        if nets > 1:
+            if not isinstance(image, (list, tuple)) or len(image) != nets:
+                raise ValueError(f"image: {nets} ControlNets take a list of {nets} conditioning images (or a list of "
+                                 f"{nets} lists, one image per prompt each), got {type(image).__name__}"
+                                 f"{f' of {len(image)}' if isinstance(image, (list, tuple)) else ''}")
+            if any(isinstance(im, list) for im in image):  # [[canny_1, pose_1], [canny_2, pose_2]]: one per prompt
+                image = [list(per_net) for per_net in zip(*image)]
+        images = [image] if nets == 1 else list(image)
+        if any(im is None for im in images):
+            raise ValueError("image: give a conditioning image per ControlNet")
+        first = prepare_control_image(images[0], height, width, self.vae_scale_factor)
+        size = first.shape[2:]
+        return [first] + [prepare_control_image(im, size[0], size[1], self.vae_scale_factor) for im in images[1:]]
+
+    def _step_cond(self, i, steps, cond):
+        """The conditioning images and this step's settings: each net's scale (0 outside its start and end, as
+        diffusers' controlnet_keep has it), guess mode, and whether the nets see only the conditional half."""
+        scales, starts, ends, guess_mode, split = self._control
+        kept = tuple(scale * (1.0 - float(i / steps < start or (i + 1) / steps > end))
+                     for scale, start, end in zip(scales, starts, ends))
+        return (*cond, (kept, guess_mode, split))
+
+    def _unet_call(self, model_input, t, embeds, *cond):
+        """The ControlNets' residuals, summed, and the UNet's prediction with them (a net at scale 0 is skipped)."""
+        *images, (scales, guess_mode, split) = cond
+        active = [(net, image, scale) for net, image, scale in zip(self._nets, images, scales) if scale != 0]
+        if not active:
+            return self.unet(model_input, t, embeds)
+        # guess mode with guidance: the nets see the conditional half only; the unconditional half gets no residual
+        control_input, control_embeds = (model_input.chunk(2)[1], embeds.chunk(2)[1]) if split else (model_input,
+                                                                                                       embeds)
+        down = mid = None
+        for net, image, scale in active:
+            d, m = net(control_input, t, control_embeds, image, scale, guess_mode)
+            down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d)], mid + m)
+        if split:
+            down, mid = [torch.cat([torch.zeros_like(d), d]) for d in down], torch.cat([torch.zeros_like(mid), mid])
+        return self.unet(model_input, t, embeds, None, down, mid)
+
+    @lora_call_scale
+    @torch.no_grad()
+    def __call__(self, prompt=None, image=None, height=None, width=None, num_inference_steps=50, timesteps=None,
+                 sigmas=None, guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
+                 generator=None, latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
+                 controlnet_conditioning_scale=1.0, guess_mode=False, control_guidance_start=0.0,
+                 control_guidance_end=1.0, clip_skip=None, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",)):
+        """As diffusers': ``image`` is the conditioning image (one per ControlNet, in a list, with several) and sets
+        the output size unless ``height`` / ``width`` are given; ``controlnet_conditioning_scale``,
+        ``control_guidance_start`` and ``control_guidance_end`` are a number or one per net."""
+        nets = len(self._nets)
+        scales = _net_settings("controlnet_conditioning_scale", controlnet_conditioning_scale, nets)
+        starts = _net_settings("control_guidance_start", control_guidance_start, nets)
+        ends = _net_settings("control_guidance_end", control_guidance_end, nets)
+        for start, end in zip(starts, ends):
+            if not 0.0 <= start < end <= 1.0:
+                raise ValueError(f"control_guidance_start {start} and control_guidance_end {end}: fractions of the "
+                                 "schedule with 0 <= start < end <= 1")
+        if not isinstance(guess_mode, bool):
+            raise TypeError(f"guess_mode must be a bool, got {guess_mode!r}")
+        check_size(self.vae_scale_factor, **{k: v for k, v in (("height", height), ("width", width)) if v is not None})
+        images = self._control_images(image, height, width)
+        height, width = images[0].shape[2:]
+        shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
+                                   num_images_per_prompt, prompt_embeds, negative_prompt_embeds, latents, output_type)
+        clip_skip = self._check_clip_skip(clip_skip)
+        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        batch = shape[0] // num_images_per_prompt  # prompts
+        for i, im in enumerate(images):
+            if im.shape[0] not in (1, batch):
+                raise ValueError(f"image{f' {i}' if nets > 1 else ''} has {im.shape[0]} images for {batch} prompts: "
+                                 "give one, or one per prompt")
+        guess_mode = guess_mode or self._nets[0].config.global_pool_conditions
+        do_cfg = guidance_scale > 1.0
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            [prompt] if isinstance(prompt, str) else prompt, self.device, num_images_per_prompt, do_cfg,
+            negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
+        if callback is not None:
+            callback.extra["negative_prompt_embeds"] = negative_prompt_embeds
+        embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
+        cond = []
+        for im in images:  # diffusers' prepare_image: repeated to the batch, doubled for guidance
+            im = im.repeat_interleave(shape[0] if im.shape[0] == 1 else num_images_per_prompt, dim=0)
+            im = im.to(device=self.device, dtype=self.controlnet.dtype)
+            cond.append(torch.cat([im, im]) if do_cfg and not guess_mode else im)
+        self._control = (scales, starts, ends, guess_mode, guess_mode and do_cfg)
+        return self._sample(shape, embeds.to(self.dtype), tuple(cond), num_inference_steps, guidance_scale, do_cfg,
+                            eta, generator, latents, output_type, timesteps, sigmas, callback)

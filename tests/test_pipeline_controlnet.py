@@ -1,0 +1,270 @@
+"""Our StableDiffusionControlNetPipeline and ControlNetModel against diffusers' on tiny SD1-shaped weights written by
+save_pretrained: one ControlNet, and two (a MultiControlNetModel).
+
+Stated tolerance: fp32 images within 1e-3 max abs pixel difference (pixels in [0, 1]) of diffusers' for the same seed,
+conditioning images and weights (as for text-to-image). The tiny ControlNets' zero convolutions are random (see
+_tiny_diffusers.controlnet_pipeline), so their residuals move the image: each comparison also checks that the image
+without them is far off, so a dropped residual cannot pass.
+"""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import _tiny_diffusers
+import diffusion_fast
+from diffusion_fast import StableDiffusionControlNetPipeline
+from diffusion_fast.models import ControlNetModel, MultiControlNetModel, UNet2DConditionModel
+from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
+
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
+
+# 42x34 grayscale ("L", as edge maps often are): not a multiple of the tiny VAE's scale 4, so both cut it to 40x32,
+# resize it in its own mode and convert it to RGB afterwards
+EDGES = Image.fromarray(np.random.default_rng(0).integers(0, 255, (34, 42), dtype=np.uint8))
+POSE = Image.fromarray(np.random.default_rng(1).integers(0, 255, (34, 42, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-net", "two-nets"])
+def pair(request, tmp_path_factory):
+    """(diffusers' ControlNet pipeline, ours loaded from the folder diffusers saved it in, the number of nets)."""
+    nets = request.param
+    theirs = _tiny_diffusers.controlnet_pipeline(seed=4, nets=nets)
+    folder = tmp_path_factory.mktemp(f"tiny-controlnet-{nets}")
+    theirs.save_pretrained(folder)
+    ours = diffusion_fast.load_pipeline(folder)
+    ours.set_progress_bar_config(disable=True)
+    assert isinstance(ours, StableDiffusionControlNetPipeline)
+    assert isinstance(ours.controlnet, ControlNetModel if nets == 1 else MultiControlNetModel)
+    return theirs, ours, nets
+
+
+def _images(pipe, nets, backend_name="fast", generators=None, **kwargs):
+    kwargs = dict(dict(prompt="a red cube", image=EDGES if nets == 1 else [EDGES, POSE], num_inference_steps=5,
+                       output_type="np"), **kwargs)
+    generator = [torch.Generator().manual_seed(i) for i in range(generators)] if generators else \
+        torch.Generator().manual_seed(3)
+    with diffusion_fast.backend(backend_name):
+        return pipe(generator=generator, **kwargs).images
+
+
+def _per_net(nets, one, *more):
+    return one if nets == 1 else [one, *more]
+
+
+@pytest.mark.parametrize("backend_name", ["fast", "reference"])
+@pytest.mark.parametrize("case", [
+    "default",
+    "guess_mode",  # the nets see the conditional half alone, with rising scales; the other half gets no residual
+    "guess_mode_no_guidance",  # ... and without guidance, the whole batch
+    "guidance_end",  # the nets stop at half the steps (skipped there: the image must not change)
+    "scales_and_start",  # a scale per net, starting at 30% of the steps
+    "two_prompts",  # one conditioning image per prompt, two images per prompt, a generator per image
+    "tensor_at_another_size",  # a [0, 1] tensor resized (nearest) to an explicit height and width
+])
+def test_same_image_as_diffusers(pair, backend_name, case):
+    theirs, ours, nets = pair
+    rgb = torch.rand(1, 3, 24, 20, generator=torch.Generator().manual_seed(2))
+    kwargs, generators = {
+        "default": ({}, None),
+        "guess_mode": (dict(guess_mode=True), None),
+        "guess_mode_no_guidance": (dict(guess_mode=True, guidance_scale=1.0), None),
+        "guidance_end": (dict(control_guidance_end=0.5), None),
+        "scales_and_start": (dict(controlnet_conditioning_scale=_per_net(nets, 0.5, 1.5),
+                                  control_guidance_start=0.3), None),
+        "two_prompts": (dict(prompt=["a", "b"], num_images_per_prompt=2,
+                             image=_per_net(nets, [EDGES, POSE], [POSE, EDGES])), 4),
+        "tensor_at_another_size": (dict(image=_per_net(nets, rgb, rgb.flip(-1)), height=16, width=24), None),
+    }[case]
+    if case == "two_prompts" and nets == 2:  # diffusers' nested form: per prompt, one image per net
+        kwargs["image"] = [[EDGES, POSE], [POSE, EDGES]]
+    a = _images(theirs, nets, generators=generators, **kwargs)
+    b = _images(ours, nets, backend_name, generators=generators, **kwargs)
+    assert a.shape == b.shape and np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS
+    off = _images(ours, nets, backend_name, generators=generators,
+                  **dict(kwargs, controlnet_conditioning_scale=_per_net(nets, 0.0, 0.0)))
+    assert np.abs(off - b).max() > 0.005  # the residuals matter
+
+
+@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
+                                       "UniPCMultistepScheduler"])  # UniPC: diffusers' ControlNet docs' choice
+def test_other_schedulers_same_image_as_diffusers(pair, scheduler):
+    theirs, ours, nets = pair
+    with _tiny_diffusers.swapped_schedulers(scheduler, [theirs], [ours]):
+        assert np.abs(_images(theirs, nets) - _images(ours, nets)).max() <= PIPELINE_FP32_MAX_ABS
+
+
+def test_a_net_outside_its_steps_is_not_run(pair):
+    """control_guidance_end=0.4 of 5 steps: each net runs at steps 0 and 1 only (diffusers runs it at all five, at
+    scale 0 after: exact zeros, the same image)."""
+    theirs, ours, nets = pair
+    calls = []
+    handles = [net.register_forward_hook(lambda *args: calls.append(1)) for net in ours._nets]
+    try:
+        image = _images(ours, nets, control_guidance_end=0.4)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(calls) == 2 * nets
+    assert np.abs(_images(theirs, nets, control_guidance_end=0.4) - image).max() <= PIPELINE_FP32_MAX_ABS
+
+
+def test_step_callback_sees_and_replaces_the_conditioning_images(pair):
+    """diffusers' callback tensors: "image" is the prepared conditioning image (doubled for guidance), a list of them
+    with several nets; one returned replaces it for the later steps."""
+    theirs, ours, nets = pair
+    seen = {}
+
+    def callback(pipe, i, t, tensors):
+        images = tensors["image"] if nets > 1 else [tensors["image"]]
+        seen.setdefault(id(pipe), []).append([tuple(im.shape) for im in images])
+        if i == 1:
+            flipped = [im.flip(-1) for im in images]
+            return {"image": flipped if nets > 1 else flipped[0], "latents": tensors["latents"] * 0.95}
+        return {}
+
+    kwargs = dict(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents", "image"])
+    a, b = _images(theirs, nets, **kwargs), _images(ours, nets, **kwargs)
+    assert np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS
+    assert seen[id(theirs)] == seen[id(ours)] == [[(2, 3, 32, 40)] * nets] * 5
+    assert np.abs(b - _images(ours, nets)).max() > 0.005  # the replacement changed the image
+
+
+@pytest.mark.parametrize("mode", ["step", "unet"])
+def test_graphed_loop_gives_the_eager_image(pair, monkeypatch, mode):
+    """On CUDA the whole DDIM step (the nets inside) or the nets' and UNet's call is replayed from a graph; each
+    distinct set of per-step scales is its own graph (here two: before and after control_guidance_end). Capture is
+    stood in for on the CPU. Weights replaced in a net recapture them; a ControlNet swapped in gets fresh graphs."""
+    from _fake_graphs import use_fake_graphs
+
+    _, ours, nets = pair
+    eager = _images(ours, nets, control_guidance_end=0.6)
+    monkeypatch.setattr(ours, "_graph_mode", lambda device, eta: mode)
+    try:
+        graphed = use_fake_graphs(ours._graphs_for_components()[mode])
+        assert np.array_equal(_images(ours, nets, control_guidance_end=0.6), eager)
+        assert graphed.captures == 2 and len(graphed) == 2
+        net = ours._nets[-1]  # weights replaced (same values, new tensors): both graphs are captured afresh
+        net.load_state_dict({k: v.clone() for k, v in net.state_dict().items()}, assign=True)
+        assert np.array_equal(_images(ours, nets, control_guidance_end=0.6), eager)
+        assert graphed.captures == 4 and len(graphed) == 2
+        graphs, saved = ours._graphs, ours.controlnet
+        assert ours._graphs_for_components() is graphs  # the same nets: the same graphs
+        ours.controlnet = MultiControlNetModel(list(ours._nets))
+        assert ours._graphs_for_components() is not graphs
+    finally:
+        ours.controlnet, ours._graphs = saved, None
+
+
+def test_controlnet_given_to_a_plain_folder(tmp_path):
+    """The usual way: an SD folder and a ControlNet loaded from its own folder (a list of them for several)."""
+    theirs = _tiny_diffusers.controlnet_pipeline(seed=4, nets=2)
+    _tiny_diffusers.pipeline("sd1", seed=4).save_pretrained(tmp_path / "sd")
+    for i, net in enumerate(theirs.controlnet.nets):
+        net.save_pretrained(tmp_path / f"net{i}")
+    nets = [ControlNetModel.from_pretrained(tmp_path / f"net{i}") for i in range(2)]
+    ours = StableDiffusionControlNetPipeline.from_pretrained(tmp_path / "sd", controlnet=nets)
+    ours.set_progress_bar_config(disable=True)
+    assert np.abs(_images(theirs, 2) - _images(ours, 2)).max() <= PIPELINE_FP32_MAX_ABS
+    with pytest.raises(ValueError, match="holds no ControlNet: pass controlnet="):
+        StableDiffusionControlNetPipeline.from_pretrained(tmp_path / "sd")
+
+
+def test_bad_input_is_named(pair):
+    _, ours, nets = pair
+    image = _per_net(nets, EDGES, POSE)
+    for kwargs, error, match in [
+        (dict(image=None), ValueError, "image"),
+        (dict(image="edges.png"), TypeError if nets == 1 else ValueError, "image"),
+        (dict(controlnet_conditioning_scale=[1.0] * (nets + 1)), ValueError, "controlnet_conditioning_scale"),
+        (dict(control_guidance_start=0.6, control_guidance_end=0.5), ValueError, "control_guidance_start"),
+        (dict(control_guidance_end=1.5), ValueError, "control_guidance_end"),
+        (dict(guess_mode="yes"), TypeError, "guess_mode"),
+        (dict(height=30), ValueError, "height must be a positive multiple of 8"),
+        (dict(prompt=["a", "b", "c"], image=_per_net(nets, [EDGES, POSE], [POSE, EDGES])), ValueError,
+         "images for 3 prompts"),
+    ]:
+        with pytest.raises(error, match=match):
+            ours(**dict(dict(prompt="a", image=image, num_inference_steps=2, output_type="latent"), **kwargs))
+
+
+def test_components_that_do_not_fit_are_refused(pair):
+    import diffusers
+
+    theirs, ours, nets = pair
+    with pytest.raises(TypeError, match="controlnet must be a diffusion_fast ControlNetModel"):
+        StableDiffusionControlNetPipeline(ours.unet, ours.vae, ours.text_encoder, ours.tokenizer, ours.scheduler,
+                                          diffusers.ControlNetModel.from_unet(theirs.unet))
+    wider = ControlNetModel.from_config(dict(ours._nets[0].config, cross_attention_dim=48))
+    with pytest.raises(ValueError, match="controlnet 0 .* does not fit this UNet"):
+        StableDiffusionControlNetPipeline(ours.unet, ours.vae, ours.text_encoder, ours.tokenizer, ours.scheduler,
+                                          wider)
+
+
+# ---- the models ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant, changes", [
+    ("sd1", {}),
+    ("sd1", dict(controlnet_conditioning_channel_order="bgr")),  # the image's channels flipped first
+    ("sd1", dict(global_pool_conditions=True)),  # residuals pooled to 1x1 (shuffle-style nets)
+    ("sdxl", {}),  # SDXL's text-time conditioning (the model alone; our ControlNet pipeline is SD 1.x/2.x)
+])
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_controlnet_model_matches_diffusers(tmp_path, variant, changes, guess_mode):
+    import diffusers
+
+    torch.manual_seed(0)
+    unet_config = dict(diffusion_fast.tiny.unet_config("sd1")) if variant == "sd1" else _tiny_diffusers.SDXL_TINY
+    theirs = diffusers.ControlNetModel.from_unet(diffusers.UNet2DConditionModel(**unet_config),
+                                                 conditioning_embedding_out_channels=(8, 16, 32))
+    theirs = diffusers.ControlNetModel.from_config(dict(theirs.config, **changes))
+    with torch.no_grad():
+        for p in theirs.parameters():  # every weight random, the zero convolutions too
+            p.normal_(std=0.1)
+    theirs.save_pretrained(tmp_path)
+    ours = ControlNetModel.from_pretrained(tmp_path)
+    cross = theirs.config.cross_attention_dim
+    sample, hidden = torch.randn(3, 4, 5, 7), torch.randn(3, 77, cross)  # batch 3, odd latent size
+    image = torch.rand(3, 3, 20, 28)
+    added = None if variant == "sd1" else {"text_embeds": torch.randn(3, 24), "time_ids": torch.rand(3, 6) * 512}
+    with torch.no_grad():
+        down_a, mid_a = theirs(sample, torch.tensor(321), hidden, image, 0.7, guess_mode=guess_mode,
+                               added_cond_kwargs=added, return_dict=False)
+        down_b, mid_b = ours(sample, torch.tensor(321), hidden, image, 0.7, guess_mode, added)
+    assert len(down_a) == len(down_b)
+    for a, b in zip([*down_a, mid_a], [*down_b, mid_b]):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_controlnet_model_bad_input_and_weights(tmp_path):
+    import diffusers
+    from safetensors.torch import load_file, save_file
+
+    theirs = diffusers.ControlNetModel.from_unet(diffusers.UNet2DConditionModel(**diffusion_fast.tiny.unet_config("sd1")),
+                                                 conditioning_embedding_out_channels=(8, 16, 32))
+    theirs.save_pretrained(tmp_path)
+    net = ControlNetModel.from_pretrained(tmp_path)
+    sample, hidden = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
+    with pytest.raises(ValueError, match=r"controlnet_cond must be a \(1, 3, 32, 32\) tensor .* 4x the latents"):
+        net(sample, 10, hidden, torch.rand(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="controlnet_cond must be"):
+        net(sample, 10, hidden, None)
+    with pytest.raises(ValueError, match="config field controlnet_conditioning_channel_order='rgba'"):
+        ControlNetModel.from_config(dict(net.config, controlnet_conditioning_channel_order="rgba"))
+    with pytest.raises(TypeError, match="MultiControlNetModel takes a non-empty list"):
+        MultiControlNetModel([theirs])
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state.pop("controlnet_mid_block.bias")
+    state["controlnet_down_blocks.0.weight"] = state["controlnet_down_blocks.0.weight"][:1]
+    save_file(state, weights)
+    with pytest.raises(ValueError, match=r"missing \(1\): controlnet_mid_block.bias; mis-shaped \(1\): "
+                                         r"controlnet_down_blocks.0.weight"):
+        ControlNetModel.from_pretrained(tmp_path)
+
+
+def test_unet_refuses_residuals_of_another_shape():
+    unet = UNet2DConditionModel.from_config(diffusion_fast.tiny.unet_config("sd1"))
+    sample, hidden = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
+    with pytest.raises(ValueError, match="down_block_additional_residuals has 2 tensors but this UNet has 6 skip"):
+        unet(sample, 10, hidden, None, [torch.zeros(1)] * 2, torch.zeros(1))
