@@ -144,9 +144,14 @@ def _check_pipeline(args, device, dtype):
                                                                                            size, size]
                 probe += (torch.randn(2, pipe.text_encoder_2.config.projection_dim, generator=gen),
                           torch.tensor([ids] * 2))
+            for net in getattr(pipe, "_nets", ()):  # a conditioning image per ControlNet, in [0, 1]
+                side = cfg.sample_size * net.image_scale
+                probe += (torch.rand(2, net.config.conditioning_channels, side, side, generator=gen),)
         with backend(name), torch.no_grad():
             x, t, emb, *cond = (v.to(device=device, dtype=pipe.dtype if v.is_floating_point() else v.dtype)
                                 for v in probe)
+            if hasattr(pipe, "_nets"):  # each net at scale 1, no guess mode
+                cond.append(((1.0,) * len(pipe._nets), False, False))
             return pipe._unet_call(x, t, emb, *cond).float().cpu()
 
     pipe = load(dtype)
@@ -191,18 +196,23 @@ def _db(value):
 
 
 def pipeline_kind(pipe):
-    """"inpainting", "image-to-image" (an SDXL refiner's folder loads as such) or "text-to-image"."""
+    """"inpainting", "image-to-image" (an SDXL refiner's folder loads as such), "ControlNet" (text-to-image guided by
+    the folder's ControlNets) or "text-to-image"."""
+    from .pipeline_controlnet import StableDiffusionControlNetPipeline
     from .pipeline_img2img import StableDiffusionXLImg2ImgPipeline
     from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
     if isinstance(pipe, (StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline)):
         return "inpainting"
+    if isinstance(pipe, StableDiffusionControlNetPipeline):
+        return "ControlNet"
     return "image-to-image" if isinstance(pipe, StableDiffusionXLImg2ImgPipeline) else "text-to-image"
 
 
 def pipeline_inputs(pipe, seed, steps):
     """(kind, the call's inputs beyond the prompt): an inpainting pipeline's image and mask, an image-to-image one's
-    image (an SDXL refiner's folder), made from the seed at the UNet's default size, and a strength that leaves at
+    image (an SDXL refiner's folder), a ControlNet one's conditioning image, made from the seed at the UNet's default
+    size, and a strength that leaves at
     least one of ``steps`` to run (half the schedule for image-to-image, all of it for inpainting); none for
     text-to-image."""
     import numpy as np
@@ -216,8 +226,10 @@ def pipeline_inputs(pipe, seed, steps):
     rng = np.random.default_rng(seed)
     image = np.stack([np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, ramp[::-1]) / 2,
                       np.full((size, size), 128.0)], axis=-1) + rng.normal(0, 20, (size, size, 3))
-    inputs = {"image": Image.fromarray(image.clip(0, 255).astype(np.uint8)),
-              "strength": 1.0 if kind == "inpainting" else max(0.5, 1 / steps)}
+    image = Image.fromarray(image.clip(0, 255).astype(np.uint8))
+    if kind == "ControlNet":  # the image conditions each net; the size is the UNet's default
+        return kind, {"image": image if len(pipe._nets) == 1 else [image] * len(pipe._nets)}
+    inputs = {"image": image, "strength": 1.0 if kind == "inpainting" else max(0.5, 1 / steps)}
     if kind == "inpainting":  # white (repainted) in the middle half of each side
         mask = np.zeros((size, size), np.uint8)
         mask[size // 4:3 * size // 4, size // 4:3 * size // 4] = 255

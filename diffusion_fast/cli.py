@@ -105,6 +105,12 @@ def _model_folder(text):
     return text
 
 
+def _controlnet_folder(text):
+    if not os.path.isfile(os.path.join(text, "config.json")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a ControlNet folder (no config.json)")
+    return text
+
+
 def _lora(text):
     """--lora PATH[:SCALE]: a LoRA file or folder, and its weight (default 1)."""
     path, _, scale = text.rpartition(":")
@@ -184,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "the rest (diffusers' ensemble of expert denoisers)")
     g.add_argument("--refiner-start", type=float, default=None, metavar="FRACTION",
                    help="with --refiner: the fraction of the schedule where the refiner takes over (default 0.8)")
+    g.add_argument("--controlnet", type=_controlnet_folder, action="append", default=[], metavar="DIR",
+                   help="a ControlNet folder (diffusers layout) guiding an SD 1.x/2.x text-to-image run; repeat for "
+                        "several, each with its --control-image")
+    g.add_argument("--control-image", action="append", default=[], metavar="FILE",
+                   help="with --controlnet: its conditioning image (edges, depth, pose...), one per --controlnet, in "
+                        "order; it sets the output size unless --height/--width do")
+    g.add_argument("--controlnet-scale", type=float, action="append", default=[], metavar="SCALE",
+                   help="with --controlnet: its residuals' scale (default 1; one for all, or one per --controlnet)")
     g.add_argument("--output", default="diffusion_fast.png", help="PNG path (index appended for a batch)")
     g.add_argument("--compare", action="store_true",
                    help="also run the reference path and print the max difference (always on without --model)")

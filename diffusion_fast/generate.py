@@ -1,5 +1,5 @@
 """``diffusion-fast generate``: load a model (or the built-in tiny one), its LoRAs and embeddings, pick the pipeline
-by the inputs (text-to-image, image-to-image, inpainting, SDXL base + refiner), run the fast path (and the
+by the inputs (text-to-image, image-to-image, inpainting, ControlNet, SDXL base + refiner), run the fast path (and the
 reference path to compare), print it/s and write PNGs. Bad values raise UsageError, which ``cli.main`` prints as one
 line."""
 from __future__ import annotations
@@ -32,14 +32,21 @@ def _init_image(args):
         raise UsageError("--height/--width: with --image the output has the image's size (resize the image instead)")
     if args.strength is not None and not 0 < args.strength <= 1:
         raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
-    if not os.path.isfile(args.image):
-        raise UsageError(f"--image: no such file: {args.image}")
+    return _open_image("--image", args.image).convert("RGB")
+
+
+def _open_image(flag, path):
+    """The image file given to ``flag``, read (a missing or unreadable file is a UsageError naming the flag)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag}: no such file: {path}")
     from PIL import Image, UnidentifiedImageError
 
     try:
-        return Image.open(args.image).convert("RGB")
+        image = Image.open(path)
+        image.load()
     except (UnidentifiedImageError, OSError) as exc:
-        raise UsageError(f"--image: {args.image} is not an image PIL can read ({exc})") from None
+        raise UsageError(f"{flag}: {path} is not an image PIL can read ({exc})") from None
+    return image
 
 
 def _mask_image(args, init_image):
@@ -50,19 +57,56 @@ def _mask_image(args, init_image):
         return None
     if init_image is None:
         raise UsageError("--mask is for inpainting: give --image too")
-    if not os.path.isfile(args.mask):
-        raise UsageError(f"--mask: no such file: {args.mask}")
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        mask = Image.open(args.mask)
-        mask.load()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UsageError(f"--mask: {args.mask} is not an image PIL can read ({exc})") from None
+    mask = _open_image("--mask", args.mask)
     if mask.size != init_image.size:
         raise UsageError(f"--mask is {mask.size[0]}x{mask.size[1]} and --image {init_image.size[0]}x"
                          f"{init_image.size[1]}: give them the same size")
     return mask
+
+
+def _control_images(args):
+    """--control-image files (one per --controlnet, when given), checked and read before anything loads."""
+    if not args.control_image:
+        if args.controlnet or args.controlnet_scale:
+            raise UsageError("--controlnet and --controlnet-scale need --control-image (one per ControlNet)")
+        return None
+    if args.controlnet and len(args.control_image) != len(args.controlnet):
+        raise UsageError(f"--control-image: give one per --controlnet ({len(args.controlnet)}), in order; got "
+                         f"{len(args.control_image)}")
+    if args.image is not None or args.refiner is not None:
+        raise UsageError("--controlnet guides text-to-image: leave out --image, --mask and --refiner")
+    return [_open_image("--control-image", path) for path in args.control_image]
+
+
+def _with_controlnets(args, pipe, images, dtype, device):
+    """The ControlNet pipeline: on ``pipe``'s components with the --controlnet folders, or the model folder's own
+    (diffusers saved a ControlNet pipeline there); ``images`` (--control-image) one per net."""
+    from .models import ControlNetModel
+    from .pipeline_controlnet import StableDiffusionControlNetPipeline
+
+    if not args.controlnet:
+        if not isinstance(pipe, StableDiffusionControlNetPipeline):
+            if images is not None:
+                raise UsageError("--control-image is for ControlNet: give --controlnet too (or a --model folder "
+                                 "diffusers saved a ControlNet pipeline in)")
+            return pipe
+        if images is None or len(images) != len(pipe._nets):
+            raise UsageError(f"{args.model} is a ControlNet pipeline with {len(pipe._nets)} ControlNet"
+                             f"{'s' if len(pipe._nets) > 1 else ''}: give --control-image for each")
+    elif hasattr(pipe, "text_encoder_2"):
+        raise UsageError(f"--controlnet: our ControlNet pipeline runs SD 1.x/2.x models; {args.model} is an SDXL one")
+    else:
+        nets = [ControlNetModel.from_pretrained(path, dtype=dtype, device=device) for path in args.controlnet]
+        try:
+            pipe = StableDiffusionControlNetPipeline(
+                pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+                nets[0] if len(nets) == 1 else nets, cuda_graph=pipe.cuda_graph, channels_last=pipe.channels_last)
+        except ValueError as exc:
+            raise UsageError(f"--controlnet: {exc}") from None
+    if len(args.controlnet_scale) not in (0, 1, len(pipe._nets)):
+        raise UsageError(f"--controlnet-scale: give one for all ControlNets or one per ControlNet "
+                         f"({len(pipe._nets)}); got {len(args.controlnet_scale)}")
+    return pipe
 
 
 def _with_components(pipe, sd_cls, xl_cls):
@@ -150,6 +194,7 @@ def generate(args) -> int:
         _check_scheduler_options(args, SCHEDULER_CHOICES[args.scheduler][0])
     init_image = _init_image(args)
     mask_image = _mask_image(args, init_image)
+    control_images = _control_images(args)
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
     compare = args.compare or args.model is None
@@ -179,6 +224,8 @@ def generate(args) -> int:
     elif getattr(pipe, "requires_aesthetics_score", False):
         raise UsageError(f"{args.model} is an SDXL refiner: give --image to refine, or use it as --refiner of an "
                          "SDXL base")
+    else:
+        pipe = _with_controlnets(args, pipe, control_images, dtype, device)
     refiner = _refiner(args, pipe, dtype, device)
     if refiner is not None:
         _refiner_embeddings(embeddings, refiner)
@@ -218,6 +265,10 @@ def generate(args) -> int:
         strength = args.strength if args.strength is not None else 0.3 if hasattr(pipe, "text_encoder_2") else 0.8
         options.update(image=init_image, strength=strength)
         denoised = min(int(steps * strength), steps)
+    if control_images is not None:  # the first image sets the size, unless --height/--width do
+        scales = args.controlnet_scale or [1.0]
+        options.update(image=control_images[0] if len(control_images) == 1 else control_images,
+                       controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales)
 
     def run(path_name, num_steps=steps):
         generator = torch.Generator("cpu").manual_seed(args.seed)

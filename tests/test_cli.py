@@ -591,3 +591,95 @@ def test_check_runs_an_inpainting_folder(tmp_path, capsys, monkeypatch, in_chann
     monkeypatch.setattr(ops, "group_norm_silu", lambda x, *a, **k: real(x, *a, **k) + (
         1e-2 if k.get("backend", "auto") == "auto" else 0.0))
     assert main(["check", "--model", str(tmp_path / "inpaint"), "--steps", "1"]) == 1
+
+
+@pytest.fixture(scope="module")
+def controlnet_folders(tmp_path_factory):
+    """A tiny SD1 folder, two ControlNet folders for it, a ControlNet pipeline folder (diffusers saved it with its
+    first net), two conditioning images, and diffusers' pipeline with both nets."""
+    import numpy as np
+
+    import _tiny_diffusers
+
+    root = tmp_path_factory.mktemp("cli-controlnet")
+    theirs = _tiny_diffusers.controlnet_pipeline(seed=4, nets=2)
+    _tiny_diffusers.pipeline("sd1", seed=4).save_pretrained(root / "sd")
+    for i, net in enumerate(theirs.controlnet.nets):
+        net.save_pretrained(root / f"net{i}")
+    with_net = _tiny_diffusers.controlnet_pipeline(seed=4, nets=1)
+    with_net.save_pretrained(root / "sd-controlnet")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (34, 42), dtype=np.uint8)).save(root / "edges.png")  # grayscale, 42x34
+    Image.fromarray(rng.integers(0, 255, (34, 42, 3), dtype=np.uint8)).save(root / "pose.png")
+    return root, theirs, with_net
+
+
+@pytest.mark.parametrize("nets", [1, 2])
+def test_generate_with_controlnets_gives_diffusers_image(controlnet_folders, tmp_path, capsys, nets):
+    """--controlnet DIR --control-image FILE (repeated): the image diffusers' ControlNet pipeline makes from the same
+    seed (within one 8-bit level), at the first image's size cut to a multiple of the VAE's scale."""
+    import numpy as np
+
+    root, theirs, with_net = controlnet_folders
+    out = tmp_path / "out.png"
+    argv = ["generate", "--steps", "3", "--seed", "2", "--controlnet-scale", "0.8", "--output", str(out),
+            "--no-progress", "--compare"]
+    if nets == 1:  # the model folder's own ControlNet
+        argv += ["--model", str(root / "sd-controlnet"), "--control-image", str(root / "edges.png")]
+        pipe, image = with_net, Image.open(root / "edges.png")
+    else:
+        argv += ["--model", str(root / "sd"), "--controlnet", str(root / "net0"), "--control-image",
+                 str(root / "edges.png"), "--controlnet", str(root / "net1"), "--control-image", str(root / "pose.png")]
+        pipe, image = theirs, [Image.open(root / "edges.png"), Image.open(root / "pose.png")]
+    assert main(argv) == 0
+    assert "max abs pixel difference" in capsys.readouterr().out
+    expected = pipe("a photograph of an astronaut riding a horse", image=image, num_inference_steps=3,
+                    controlnet_conditioning_scale=0.8 if nets == 1 else [0.8, 0.8],
+                    generator=torch.Generator().manual_seed(2)).images[0]
+    got = np.asarray(Image.open(out), dtype=np.int16)
+    assert got.shape == (32, 40, 3) and np.abs(got - np.asarray(expected, dtype=np.int16)).max() <= 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--controlnet", "NET0"], "--controlnet and --controlnet-scale need --control-image"),
+    (["--control-image", "EDGES"], "--control-image is for ControlNet: give --controlnet too"),
+    (["--controlnet", "NET0", "--controlnet", "NET1", "--control-image", "EDGES"],
+     r"--control-image: give one per --controlnet \(2\), in order; got 1"),
+    (["--controlnet", "NET0", "--control-image", "/no/such.png"], "--control-image: no such file: /no/such.png"),
+    (["--controlnet", "NET0", "--control-image", "EDGES", "--controlnet-scale", "1", "--controlnet-scale", "2"],
+     r"--controlnet-scale: give one for all ControlNets or one per ControlNet \(1\); got 2"),
+    (["--controlnet", "NET0", "--control-image", "EDGES", "--image", "EDGES"], "--controlnet guides text-to-image"),
+    (["--model", "SD_CONTROLNET"], "is a ControlNet pipeline with 1 ControlNet: give --control-image for each"),
+    (["--model", "SD2", "--controlnet", "NET0", "--control-image", "EDGES"],
+     "--controlnet: controlnet 0 .* does not fit this UNet"),  # an SD1-shaped net for an SD2-shaped model
+])
+def test_generate_controlnet_bad_options_one_line(controlnet_folders, tmp_path, capsys, argv, message):
+    from diffusion_fast import tiny
+
+    root, _, _ = controlnet_folders
+    if "SD2" in argv:
+        tiny.write_tiny_pipeline(str(tmp_path / "sd2"), "sd2", 0)
+    names = {"NET0": root / "net0", "NET1": root / "net1", "EDGES": root / "edges.png", "SD2": tmp_path / "sd2",
+             "SD_CONTROLNET": root / "sd-controlnet"}
+    if "--model" not in argv:
+        argv = ["--model", str(root / "sd"), *argv]
+    assert main(["generate", *[str(names.get(a, a)) for a in argv], "--steps", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err
+
+
+def test_check_runs_a_controlnet_folder(controlnet_folders, capsys, monkeypatch):
+    """A folder diffusers saved a ControlNet pipeline in is checked on a conditioning image made from the seed (the
+    UNet's first prediction with the net's residuals too); a ControlNet fast path that is off fails it."""
+    from diffusion_fast import current_backend
+    from diffusion_fast.models import controlnet
+
+    root, _, _ = controlnet_folders
+    assert main(["check", "--model", str(root / "sd-controlnet"), "--steps", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "ControlNet pipeline (2 " in text and "0 failed" in text
+    real = controlnet.ControlNetConditioningEmbedding.forward
+    monkeypatch.setattr(controlnet.ControlNetConditioningEmbedding, "forward", lambda self, image: real(self, image) + (
+        0.05 if current_backend() != "reference" else 0.0))
+    assert main(["check", "--model", str(root / "sd-controlnet"), "--steps", "2"]) == 1
+    assert "ControlNet pipeline (2 " in capsys.readouterr().out
