@@ -24,6 +24,7 @@ _LAZY = {
     "StableDiffusionInpaintPipeline": ("pipeline_inpaint", "StableDiffusionInpaintPipeline"),
     "StableDiffusionXLInpaintPipeline": ("pipeline_inpaint", "StableDiffusionXLInpaintPipeline"),
     "StableDiffusionControlNetPipeline": ("pipeline_controlnet", "StableDiffusionControlNetPipeline"),
+    "StableDiffusionXLControlNetPipeline": ("pipeline_controlnet", "StableDiffusionXLControlNetPipeline"),
     "ControlNetModel": ("models", "ControlNetModel"),
     "load_pipeline": ("pipeline_xl", "load_pipeline"),
     "accelerate": ("diffusers_patch", "accelerate"),

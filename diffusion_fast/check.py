@@ -198,13 +198,13 @@ def _db(value):
 def pipeline_kind(pipe):
     """"inpainting", "image-to-image" (an SDXL refiner's folder loads as such), "ControlNet" (text-to-image guided by
     the folder's ControlNets) or "text-to-image"."""
-    from .pipeline_controlnet import StableDiffusionControlNetPipeline
+    from .pipeline_controlnet import ControlNetGuidance
     from .pipeline_img2img import StableDiffusionXLImg2ImgPipeline
     from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
     if isinstance(pipe, (StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline)):
         return "inpainting"
-    if isinstance(pipe, StableDiffusionControlNetPipeline):
+    if isinstance(pipe, ControlNetGuidance):  # (SD or SDXL)
         return "ControlNet"
     return "image-to-image" if isinstance(pipe, StableDiffusionXLImg2ImgPipeline) else "text-to-image"
 

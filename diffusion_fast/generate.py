@@ -82,10 +82,11 @@ def _with_controlnets(args, pipe, images, dtype, device):
     """The ControlNet pipeline: on ``pipe``'s components with the --controlnet folders, or the model folder's own
     (diffusers saved a ControlNet pipeline there); ``images`` (--control-image) one per net."""
     from .models import ControlNetModel
-    from .pipeline_controlnet import StableDiffusionControlNetPipeline
+    from .pipeline_controlnet import ControlNetGuidance, StableDiffusionControlNetPipeline
+    from .pipeline_controlnet import StableDiffusionXLControlNetPipeline
 
     if not args.controlnet:
-        if not isinstance(pipe, StableDiffusionControlNetPipeline):
+        if not isinstance(pipe, ControlNetGuidance):
             if images is not None:
                 raise UsageError("--control-image is for ControlNet: give --controlnet too (or a --model folder "
                                  "diffusers saved a ControlNet pipeline in)")
@@ -93,14 +94,13 @@ def _with_controlnets(args, pipe, images, dtype, device):
         if images is None or len(images) != len(pipe._nets):
             raise UsageError(f"{args.model} is a ControlNet pipeline with {len(pipe._nets)} ControlNet"
                              f"{'s' if len(pipe._nets) > 1 else ''}: give --control-image for each")
-    elif hasattr(pipe, "text_encoder_2"):
-        raise UsageError(f"--controlnet: our ControlNet pipeline runs SD 1.x/2.x models; {args.model} is an SDXL one")
     else:
         nets = [ControlNetModel.from_pretrained(path, dtype=dtype, device=device) for path in args.controlnet]
+        cls = StableDiffusionXLControlNetPipeline if hasattr(pipe, "text_encoder_2") else \
+            StableDiffusionControlNetPipeline
         try:
-            pipe = StableDiffusionControlNetPipeline(
-                pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
-                nets[0] if len(nets) == 1 else nets, cuda_graph=pipe.cuda_graph, channels_last=pipe.channels_last)
+            pipe = cls.from_pipeline(pipe, nets[0] if len(nets) == 1 else nets, cuda_graph=pipe.cuda_graph,
+                                     channels_last=pipe.channels_last)
         except ValueError as exc:
             raise UsageError(f"--controlnet: {exc}") from None
     if len(args.controlnet_scale) not in (0, 1, len(pipe._nets)):

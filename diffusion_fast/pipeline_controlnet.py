@@ -1,5 +1,5 @@
-"""Text-to-image guided by ControlNets, with diffusers' StableDiffusionControlNetPipeline semantics: the same image
-for the same seed, conditioning images and weights.
+"""Text-to-image guided by ControlNets, with diffusers' StableDiffusionControlNetPipeline and
+StableDiffusionXLControlNetPipeline semantics: the same image for the same seed, conditioning images and weights.
 
 Each conditioning image is prepared as diffusers' control image processor prepares it (a PIL image resized to the
 output size, Lanczos, in its own mode and then converted to RGB; pixels in [0, 1], not normalised; a tensor resized
@@ -22,8 +22,9 @@ from .lora import lora_call_scale
 from .models import ControlNetModel, MultiControlNetModel
 from .models.unet import _per_block
 from .pipeline import StableDiffusionPipeline
-from .pipeline_common import check_size
+from .pipeline_common import check_denoising_bounds, check_size
 from .pipeline_folder import read_model_index, resolve_dtype
+from .pipeline_xl import StableDiffusionXLPipeline
 
 
 def prepare_control_image(image, height, width, scale) -> torch.Tensor:
@@ -81,11 +82,12 @@ def load_controlnet(folder, index, dtype=None, device=None, variant=None):
                                                                  variant=variant) for name in names])
 
 
-class StableDiffusionControlNetPipeline(StableDiffusionPipeline):
+class ControlNetGuidance:
+    """What both ControlNet pipelines add to their text-to-image pipeline: the nets (``controlnet``), their fit to the
+    UNet, the conditioning images, each step's scales (``_step_cond``) and the nets' residuals in the UNet call."""
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "image")  # diffusers' names
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, controlnet, *, cuda_graph="auto",
-                 channels_last="auto"):
+    def _set_controlnet(self, controlnet):
         if isinstance(controlnet, (list, tuple)):
             controlnet = MultiControlNetModel(controlnet)
         if not isinstance(controlnet, (ControlNetModel, MultiControlNetModel)):
@@ -94,52 +96,87 @@ class StableDiffusionControlNetPipeline(StableDiffusionPipeline):
                             f"{type(controlnet).__module__}.{type(controlnet).__name__}")
         self.controlnet = controlnet
         self._control = None  # the current call's (scales, starts, ends, guess_mode, split) for _step_cond
-        super().__init__(unet, vae, text_encoder, tokenizer, scheduler, cuda_graph=cuda_graph,
-                         channels_last=channels_last)
 
     @property
     def _nets(self):
         return list(self.controlnet.nets) if isinstance(self.controlnet, MultiControlNetModel) else [self.controlnet]
 
     @property
-    def _cond_names(self):
-        return ("image",) * len(self._nets)  # a StepCallback gives several nets' images as one list, as diffusers
+    def _cond_names(self):  # the text-to-image pipeline's added conditioning (SDXL's), then one image per net
+        return (*self._added_names, *("image",) * len(self._nets))  # (a StepCallback gives several as one list)
 
     def _check_components(self):
-        """Each ControlNet must give the residuals this UNet takes, from the same text conditioning."""
+        """Each ControlNet must give the residuals this UNet takes, from the same conditioning."""
         super()._check_components()
         c = self.unet.config
         layers = _per_block(c.layers_per_block, len(c.block_out_channels), "layers_per_block")
         want = [c.block_out_channels[0]] + [ch for i, ch in enumerate(c.block_out_channels)
                                             for _ in range(layers[i] + (i < len(layers) - 1))]
+        cross = set(c.cross_attention_dim) if isinstance(c.cross_attention_dim, (list, tuple)) else \
+            {c.cross_attention_dim}
+        fields = ("in_channels", "addition_embed_type", "addition_time_embed_dim",
+                  "projection_class_embeddings_input_dim")
         for i, net in enumerate(self._nets):
             got = [conv.in_channels for conv in net.controlnet_down_blocks]
             n = net.config
-            if (got != want or n.in_channels != c.in_channels or n.addition_embed_type is not None
-                    or n.cross_attention_dim != self.text_encoder.config.hidden_size):
-                raise ValueError(f"controlnet {i} (residual widths {got}, in_channels {n.in_channels}, "
-                                 f"cross_attention_dim {n.cross_attention_dim}, addition_embed_type "
-                                 f"{n.addition_embed_type!r}) does not fit this UNet (residual widths {want}, "
-                                 f"in_channels {c.in_channels}) and text encoder (hidden_size "
-                                 f"{self.text_encoder.config.hidden_size}): a ControlNet trained for another model")
+            if got != want or cross != {n.cross_attention_dim} or any(n[f] != c[f] for f in fields):
+                theirs = ", ".join(f"{f} {n[f]!r}" for f in fields)
+                ours = ", ".join(f"{f} {c[f]!r}" for f in fields)
+                raise ValueError(f"controlnet {i} (residual widths {got}, cross_attention_dim {n.cross_attention_dim}, "
+                                 f"{theirs}) does not fit this UNet (residual widths {want}, cross_attention_dim "
+                                 f"{c.cross_attention_dim}, {ours}): a ControlNet trained for another model")
 
     @classmethod
     def from_pretrained(cls, folder, dtype=None, device=None, *, variant=None, cuda_graph="auto",
                         channels_last="auto", controlnet=None, **components):
-        """An SD 1.x/2.x folder, as the SD pipeline loads it, and ``controlnet`` (ours, a list of them, or None: the
-        folder's own, when diffusers saved a ControlNet pipeline there)."""
+        """The folder, as the text-to-image pipeline loads it, and ``controlnet`` (ours, a list of them, or None:
+        the folder's own, when diffusers saved a ControlNet pipeline there)."""
         if controlnet is None:
             controlnet = load_controlnet(*read_model_index(folder), resolve_dtype(dtype), device, variant)
-        sd = StableDiffusionPipeline.from_pretrained(folder, dtype, device, variant=variant, **components)
-        return cls(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, sd.scheduler, controlnet, cuda_graph=cuda_graph,
-                   channels_last=channels_last)
+        base = cls._text_to_image.from_pretrained(folder, dtype, device, variant=variant, **components)
+        return cls.from_pipeline(base, controlnet, cuda_graph=cuda_graph, channels_last=channels_last)
 
     def _models(self):
         models = super()._models()
         return {kind: (*found, self.controlnet) for kind, found in models.items()}
 
+    def _check_control(self, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+                       guess_mode):
+        """(scales, starts, ends): one each per net, checked."""
+        nets = len(self._nets)
+        scales = _net_settings("controlnet_conditioning_scale", controlnet_conditioning_scale, nets)
+        starts = _net_settings("control_guidance_start", control_guidance_start, nets)
+        ends = _net_settings("control_guidance_end", control_guidance_end, nets)
+        for start, end in zip(starts, ends):
+            if not 0.0 <= start < end <= 1.0:
+                raise ValueError(f"control_guidance_start {start} and control_guidance_end {end}: fractions of the "
+                                 "schedule with 0 <= start < end <= 1")
+        if not isinstance(guess_mode, bool):
+            raise TypeError(f"guess_mode must be a bool, got {guess_mode!r}")
+        return scales, starts, ends
+
+    def _begin_call(self, image, height, width, controlnet_conditioning_scale, control_guidance_start,
+                    control_guidance_end, guess_mode, call_inputs, callback_on_step_end,
+                    callback_on_step_end_tensor_inputs):
+        """A call's checks and conditioning images; the output size is the first image's unless height / width are
+        given. ``call_inputs``: the text-to-image pipeline's ``_check_inputs`` arguments but the size. Returns
+        (latents shape, whether guidance runs, each net's images for the loop, the step callback); this call's
+        per-net settings are kept for ``_step_cond``."""
+        scales, starts, ends = self._check_control(controlnet_conditioning_scale, control_guidance_start,
+                                                   control_guidance_end, guess_mode)
+        images = self._control_images(image, height, width)
+        prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt, *rest = call_inputs
+        shape = self._check_inputs(prompt, negative_prompt, *images[0].shape[2:], num_inference_steps, guidance_scale,
+                                   num_images_per_prompt, *rest)
+        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        guess_mode = guess_mode or self._nets[0].config.global_pool_conditions
+        do_cfg = guidance_scale > 1.0
+        self._control = (scales, starts, ends, guess_mode, guess_mode and do_cfg)
+        return shape, do_cfg, self._control_cond(images, shape, num_images_per_prompt, do_cfg, guess_mode), callback
+
     def _control_images(self, image, height, width):
         """One prepared (not yet repeated) conditioning image batch per net; the later nets' at the first's size."""
+        check_size(self.vae_scale_factor, **{k: v for k, v in (("height", height), ("width", width)) if v is not None})
         nets = len(self._nets)
         if nets > 1:
             if not isinstance(image, (list, tuple)) or len(image) != nets:
@@ -155,30 +192,63 @@ class StableDiffusionControlNetPipeline(StableDiffusionPipeline):
         size = first.shape[2:]
         return [first] + [prepare_control_image(im, size[0], size[1], self.vae_scale_factor) for im in images[1:]]
 
-    def _step_cond(self, i, steps, cond):
+    def _control_cond(self, images, shape, num_images_per_prompt, do_cfg, guess_mode):
+        """diffusers' prepare_image after the preprocessing: each net's images repeated to the batch (one image, or
+        one per prompt) and doubled for guidance (not in guess mode)."""
+        batch = shape[0] // num_images_per_prompt  # prompts
+        cond = []
+        for i, im in enumerate(images):
+            if im.shape[0] not in (1, batch):
+                raise ValueError(f"image{f' {i}' if len(images) > 1 else ''} has {im.shape[0]} images for {batch} "
+                                 "prompts: give one, or one per prompt")
+            im = im.repeat_interleave(shape[0] if im.shape[0] == 1 else num_images_per_prompt, dim=0)
+            im = im.to(device=self.device, dtype=self.controlnet.dtype)
+            cond.append(torch.cat([im, im]) if do_cfg and not guess_mode else im)
+        return tuple(cond)
+
+    def _step_cond(self, i, cond):
         """The conditioning images and this step's settings: each net's scale (0 outside its start and end, as
-        diffusers' controlnet_keep has it), guess mode, and whether the nets see only the conditional half."""
+        diffusers' controlnet_keep has it: fractions of the whole schedule, even where denoising_end cuts it),
+        guess mode, and whether the nets see only the conditional half."""
         scales, starts, ends, guess_mode, split = self._control
+        steps = len(self.scheduler.timesteps)
         kept = tuple(scale * (1.0 - float(i / steps < start or (i + 1) / steps > end))
                      for scale, start, end in zip(scales, starts, ends))
         return (*cond, (kept, guess_mode, split))
 
     def _unet_call(self, model_input, t, embeds, *cond):
         """The ControlNets' residuals, summed, and the UNet's prediction with them (a net at scale 0 is skipped)."""
-        *images, (scales, guess_mode, split) = cond
+        nets = len(self._nets)
+        added, images, (scales, guess_mode, split) = cond[:-nets - 1], cond[-nets - 1:-1], cond[-1]
+        added = dict(zip(("text_embeds", "time_ids"), added)) or None  # (SDXL's pooled embeds and time ids)
         active = [(net, image, scale) for net, image, scale in zip(self._nets, images, scales) if scale != 0]
         if not active:
-            return self.unet(model_input, t, embeds)
+            return self.unet(model_input, t, embeds, added)
         # guess mode with guidance: the nets see the conditional half only; the unconditional half gets no residual
-        control_input, control_embeds = (model_input.chunk(2)[1], embeds.chunk(2)[1]) if split else (model_input,
-                                                                                                       embeds)
+        half = (lambda x: x.chunk(2)[1]) if split else (lambda x: x)  # noqa: E731
+        control_added = {k: half(v) for k, v in added.items()} if added else None
         down = mid = None
         for net, image, scale in active:
-            d, m = net(control_input, t, control_embeds, image, scale, guess_mode)
+            d, m = net(half(model_input), t, half(embeds), image, scale, guess_mode, control_added)
             down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d)], mid + m)
         if split:
             down, mid = [torch.cat([torch.zeros_like(d), d]) for d in down], torch.cat([torch.zeros_like(mid), mid])
-        return self.unet(model_input, t, embeds, None, down, mid)
+        return self.unet(model_input, t, embeds, added, down, mid)
+
+
+class StableDiffusionControlNetPipeline(ControlNetGuidance, StableDiffusionPipeline):
+    _text_to_image, _added_names = StableDiffusionPipeline, ()
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, controlnet, *, cuda_graph="auto",
+                 channels_last="auto"):
+        self._set_controlnet(controlnet)
+        super().__init__(unet, vae, text_encoder, tokenizer, scheduler, cuda_graph=cuda_graph,
+                         channels_last=channels_last)
+
+    @classmethod
+    def from_pipeline(cls, pipe, controlnet, **settings):
+        """This pipeline on an SD pipeline's components (shared, not copied) and ``controlnet``."""
+        return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, controlnet, **settings)
 
     @lora_call_scale
     @torch.no_grad()
@@ -191,41 +261,67 @@ class StableDiffusionControlNetPipeline(StableDiffusionPipeline):
         """As diffusers': ``image`` is the conditioning image (one per ControlNet, in a list, with several) and sets
         the output size unless ``height`` / ``width`` are given; ``controlnet_conditioning_scale``,
         ``control_guidance_start`` and ``control_guidance_end`` are a number or one per net."""
-        nets = len(self._nets)
-        scales = _net_settings("controlnet_conditioning_scale", controlnet_conditioning_scale, nets)
-        starts = _net_settings("control_guidance_start", control_guidance_start, nets)
-        ends = _net_settings("control_guidance_end", control_guidance_end, nets)
-        for start, end in zip(starts, ends):
-            if not 0.0 <= start < end <= 1.0:
-                raise ValueError(f"control_guidance_start {start} and control_guidance_end {end}: fractions of the "
-                                 "schedule with 0 <= start < end <= 1")
-        if not isinstance(guess_mode, bool):
-            raise TypeError(f"guess_mode must be a bool, got {guess_mode!r}")
-        check_size(self.vae_scale_factor, **{k: v for k, v in (("height", height), ("width", width)) if v is not None})
-        images = self._control_images(image, height, width)
-        height, width = images[0].shape[2:]
-        shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
-                                   num_images_per_prompt, prompt_embeds, negative_prompt_embeds, latents, output_type)
+        shape, do_cfg, cond, callback = self._begin_call(
+            image, height, width, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+            guess_mode, (prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
+                         prompt_embeds, negative_prompt_embeds, latents, output_type),
+            callback_on_step_end, callback_on_step_end_tensor_inputs)
         clip_skip = self._check_clip_skip(clip_skip)
-        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        batch = shape[0] // num_images_per_prompt  # prompts
-        for i, im in enumerate(images):
-            if im.shape[0] not in (1, batch):
-                raise ValueError(f"image{f' {i}' if nets > 1 else ''} has {im.shape[0]} images for {batch} prompts: "
-                                 "give one, or one per prompt")
-        guess_mode = guess_mode or self._nets[0].config.global_pool_conditions
-        do_cfg = guidance_scale > 1.0
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             [prompt] if isinstance(prompt, str) else prompt, self.device, num_images_per_prompt, do_cfg,
             negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
         if callback is not None:
             callback.extra["negative_prompt_embeds"] = negative_prompt_embeds
         embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
-        cond = []
-        for im in images:  # diffusers' prepare_image: repeated to the batch, doubled for guidance
-            im = im.repeat_interleave(shape[0] if im.shape[0] == 1 else num_images_per_prompt, dim=0)
-            im = im.to(device=self.device, dtype=self.controlnet.dtype)
-            cond.append(torch.cat([im, im]) if do_cfg and not guess_mode else im)
-        self._control = (scales, starts, ends, guess_mode, guess_mode and do_cfg)
-        return self._sample(shape, embeds.to(self.dtype), tuple(cond), num_inference_steps, guidance_scale, do_cfg,
-                            eta, generator, latents, output_type, timesteps, sigmas, callback)
+        return self._sample(shape, embeds.to(self.dtype), cond, num_inference_steps, guidance_scale, do_cfg, eta,
+                            generator, latents, output_type, timesteps, sigmas, callback)
+
+
+class StableDiffusionXLControlNetPipeline(ControlNetGuidance, StableDiffusionXLPipeline):
+    """diffusers' StableDiffusionXLControlNetPipeline: SDXL's text conditioning (two encoders, pooled embeddings and
+    size ids, which the nets take too), the ControlNets' guidance, and ``denoising_end``."""
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids", "image")
+    _text_to_image, _added_names = StableDiffusionXLPipeline, StableDiffusionXLPipeline._cond_names
+    _begins_at_zero = False  # (diffusers' SDXL ControlNet pipeline does not set a begin index, unlike its SDXL one)
+
+    def __init__(self, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler, controlnet, *,
+                 force_zeros_for_empty_prompt=True, cuda_graph="auto", channels_last="auto"):
+        self._set_controlnet(controlnet)
+        super().__init__(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler,
+                         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, cuda_graph=cuda_graph,
+                         channels_last=channels_last)
+
+    @classmethod
+    def from_pipeline(cls, pipe, controlnet, **settings):
+        """This pipeline on an SDXL pipeline's components (shared, not copied) and ``controlnet``."""
+        return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
+                   pipe.scheduler, controlnet, force_zeros_for_empty_prompt=pipe.force_zeros_for_empty_prompt,
+                   **settings)
+
+    @lora_call_scale
+    @torch.no_grad()
+    def __call__(self, prompt=None, prompt_2=None, image=None, height=None, width=None, num_inference_steps=50,
+                 timesteps=None, sigmas=None, denoising_end=None, guidance_scale=5.0, negative_prompt=None,
+                 negative_prompt_2=None, num_images_per_prompt=1, eta=0.0, generator=None, latents=None,
+                 prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
+                 negative_pooled_prompt_embeds=None, output_type="pil", controlnet_conditioning_scale=1.0,
+                 guess_mode=False, control_guidance_start=0.0, control_guidance_end=1.0, original_size=None,
+                 crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
+                 negative_crops_coords_top_left=(0, 0), negative_target_size=None, clip_skip=None,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
+        """As diffusers': the SD ControlNet pipeline's conditioning image and settings, SDXL's prompts, sizes and
+        ``denoising_end``."""
+        check_denoising_bounds(denoising_end=denoising_end)
+        shape, do_cfg, control, callback = self._begin_call(
+            image, height, width, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
+            guess_mode, (prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
+                         prompt_embeds, negative_prompt_embeds, latents, output_type),
+            callback_on_step_end, callback_on_step_end_tensor_inputs)
+        size = tuple(x * self.vae_scale_factor for x in shape[2:])  # (the conditioning image's)
+        embeds, cond = self._text_conditioning(
+            shape, do_cfg, prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt,
+            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, clip_skip,
+            size, original_size, crops_coords_top_left, target_size, negative_original_size,
+            negative_crops_coords_top_left, negative_target_size)
+        return self._sample(shape, embeds, (*cond, *control), num_inference_steps, guidance_scale, do_cfg, eta,
+                            generator, latents, output_type, timesteps, sigmas, callback, denoising_end)

@@ -208,17 +208,30 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         shape = self._check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                                    num_images_per_prompt, prompt_embeds, negative_prompt_embeds, latents, output_type)
         self._set_guidance_rescale(guidance_rescale)
+        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        do_cfg = guidance_scale > 1.0
+        embeds, cond = self._text_conditioning(
+            shape, do_cfg, prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt,
+            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, clip_skip,
+            (height, width), original_size, crops_coords_top_left, target_size, negative_original_size,
+            negative_crops_coords_top_left, negative_target_size)
+        return self._sample(shape, embeds, cond, num_inference_steps, guidance_scale, do_cfg, eta, generator, latents,
+                            output_type, timesteps, sigmas, callback, denoising_end)
+
+    def _text_conditioning(self, shape, do_cfg, prompt, prompt_2, negative_prompt, negative_prompt_2,
+                           num_images_per_prompt, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+                           negative_pooled_prompt_embeds, clip_skip, size, original_size, crops_coords_top_left,
+                           target_size, negative_original_size, negative_crops_coords_top_left, negative_target_size):
+        """Text-to-image's conditioning for the loop, checked: (the text embeddings, (pooled embeddings, time ids)),
+        negative first with guidance; the sizes default to the output ``size`` (height, width), as in diffusers."""
         clip_skip = self._check_clip_skip(clip_skip)
         self._check_xl_inputs(prompt, prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds,
                               pooled_prompt_embeds, negative_pooled_prompt_embeds)
-        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         sizes = {name: _size_pair(name, value) for name, value in (
-            ("original_size", original_size or (height, width)), ("crops_coords_top_left", crops_coords_top_left),
-            ("target_size", target_size or (height, width)),
-            ("negative_crops_coords_top_left", negative_crops_coords_top_left))}
+            ("original_size", original_size or size), ("crops_coords_top_left", crops_coords_top_left),
+            ("target_size", target_size or size), ("negative_crops_coords_top_left", negative_crops_coords_top_left))}
         prompt, prompt_2 = ([p] if isinstance(p, str) else p for p in (prompt, prompt_2))
         device = self.device
-        do_cfg = guidance_scale > 1.0
         embeds, negative, pooled, negative_pooled = self.encode_prompt(
             prompt, prompt_2, device, num_images_per_prompt, do_cfg, negative_prompt, negative_prompt_2,
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, clip_skip)
@@ -233,9 +246,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
             time_ids = torch.cat([negative_time_ids, time_ids])
         time_ids = time_ids.to(device).repeat(shape[0], 1)  # as diffusers: the (negative, positive) pair, repeated
-        return self._sample(shape, embeds.to(self.dtype), (pooled.to(device), time_ids), num_inference_steps,
-                            guidance_scale, do_cfg, eta, generator, latents, output_type, timesteps, sigmas, callback,
-                            denoising_end)
+        return embeds.to(self.dtype), (pooled.to(device), time_ids)
 
     def _decode(self, latents):
         """diffusers' SDXL decode: an fp16 VAE with force_upcast decodes in fp32 (and goes back to fp16);
@@ -262,14 +273,23 @@ def load_pipeline(folder, **kwargs):
     """Our pipeline for a diffusers folder, by what it holds: ``StableDiffusionXLPipeline`` for an SDXL folder (two
     text encoders), ``StableDiffusionXLImg2ImgPipeline`` for an SDXL refiner (``requires_aesthetics_score``),
     ``StableDiffusionXLInpaintPipeline`` / ``StableDiffusionInpaintPipeline`` for an SDXL / SD inpainting folder
-    (diffusers' class name), ``StableDiffusionControlNetPipeline`` for a folder diffusers saved one in, else
-    ``StableDiffusionPipeline``; ``kwargs`` go to its ``from_pretrained``."""
+    (diffusers' class name), ``StableDiffusionXLControlNetPipeline`` / ``StableDiffusionControlNetPipeline`` for a
+    folder diffusers saved a text-to-image ControlNet pipeline in, else ``StableDiffusionPipeline``; ``kwargs`` go
+    to its ``from_pretrained``."""
+    from .pipeline_controlnet import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
     from .pipeline_img2img import StableDiffusionXLImg2ImgPipeline
     from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
     folder, components = read_model_index(folder)
-    inpainting = "Inpaint" in str(components.get("_class_name", ""))
-    if "text_encoder_2" in components and inpainting:
+    name = str(components.get("_class_name", ""))
+    inpainting = "Inpaint" in name
+    if "controlnet" in components and "ControlNet" in name:
+        if inpainting or "Img2Img" in name:  # (our pipelines would load it without its ControlNet: another image)
+            raise ValueError(f"{folder!r} holds a {name}: our ControlNet pipelines are text-to-image; accelerate "
+                             "diffusers' own pipeline instead (diffusion_fast.accelerate)")
+        xl = "text_encoder_2" in components
+        cls = StableDiffusionXLControlNetPipeline if xl else StableDiffusionControlNetPipeline
+    elif "text_encoder_2" in components and inpainting:
         cls = StableDiffusionXLInpaintPipeline
     elif "text_encoder_2" in components and components.get("requires_aesthetics_score", False):
         cls = StableDiffusionXLImg2ImgPipeline
@@ -277,8 +297,6 @@ def load_pipeline(folder, **kwargs):
         cls = StableDiffusionXLPipeline
     elif inpainting:
         cls = StableDiffusionInpaintPipeline
-    elif "controlnet" in components and "ControlNet" in str(components.get("_class_name", "")):
-        from .pipeline_controlnet import StableDiffusionControlNetPipeline as cls
     else:
         cls = StableDiffusionPipeline
     return cls.from_pretrained(folder, **kwargs)

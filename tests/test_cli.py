@@ -596,7 +596,9 @@ def test_check_runs_an_inpainting_folder(tmp_path, capsys, monkeypatch, in_chann
 @pytest.fixture(scope="module")
 def controlnet_folders(tmp_path_factory):
     """A tiny SD1 folder, two ControlNet folders for it, a ControlNet pipeline folder (diffusers saved it with its
-    first net), two conditioning images, and diffusers' pipeline with both nets."""
+    first net), an SDXL folder and a net for it, two conditioning images, and diffusers' pipelines: SD with both
+    nets, SD with the first (the one saved with it), SDXL with its net."""
+    import diffusers
     import numpy as np
 
     import _tiny_diffusers
@@ -608,25 +610,33 @@ def controlnet_folders(tmp_path_factory):
         net.save_pretrained(root / f"net{i}")
     with_net = _tiny_diffusers.controlnet_pipeline(seed=4, nets=1)
     with_net.save_pretrained(root / "sd-controlnet")
+    xl = _tiny_diffusers.controlnet_pipeline(seed=4, nets=1, variant="sdxl")
+    xl.controlnet.save_pretrained(root / "xl-net")
+    diffusers.StableDiffusionXLPipeline(**{k: v for k, v in xl.components.items() if k != "controlnet"}).save_pretrained(
+        root / "sdxl")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (34, 42), dtype=np.uint8)).save(root / "edges.png")  # grayscale, 42x34
     Image.fromarray(rng.integers(0, 255, (34, 42, 3), dtype=np.uint8)).save(root / "pose.png")
-    return root, theirs, with_net
+    return root, theirs, with_net, xl
 
 
-@pytest.mark.parametrize("nets", [1, 2])
+@pytest.mark.parametrize("nets", [1, 2, "sdxl"])
 def test_generate_with_controlnets_gives_diffusers_image(controlnet_folders, tmp_path, capsys, nets):
     """--controlnet DIR --control-image FILE (repeated): the image diffusers' ControlNet pipeline makes from the same
     seed (within one 8-bit level), at the first image's size cut to a multiple of the VAE's scale."""
     import numpy as np
 
-    root, theirs, with_net = controlnet_folders
+    root, theirs, with_net, xl = controlnet_folders
     out = tmp_path / "out.png"
     argv = ["generate", "--steps", "3", "--seed", "2", "--controlnet-scale", "0.8", "--output", str(out),
             "--no-progress", "--compare"]
     if nets == 1:  # the model folder's own ControlNet
         argv += ["--model", str(root / "sd-controlnet"), "--control-image", str(root / "edges.png")]
         pipe, image = with_net, Image.open(root / "edges.png")
+    elif nets == "sdxl":
+        argv += ["--model", str(root / "sdxl"), "--controlnet", str(root / "xl-net"), "--control-image",
+                 str(root / "edges.png")]
+        pipe, image = xl, Image.open(root / "edges.png")
     else:
         argv += ["--model", str(root / "sd"), "--controlnet", str(root / "net0"), "--control-image",
                  str(root / "edges.png"), "--controlnet", str(root / "net1"), "--control-image", str(root / "pose.png")]
@@ -634,7 +644,7 @@ def test_generate_with_controlnets_gives_diffusers_image(controlnet_folders, tmp
     assert main(argv) == 0
     assert "max abs pixel difference" in capsys.readouterr().out
     expected = pipe("a photograph of an astronaut riding a horse", image=image, num_inference_steps=3,
-                    controlnet_conditioning_scale=0.8 if nets == 1 else [0.8, 0.8],
+                    controlnet_conditioning_scale=[0.8, 0.8] if nets == 2 else 0.8,
                     generator=torch.Generator().manual_seed(2)).images[0]
     got = np.asarray(Image.open(out), dtype=np.int16)
     assert got.shape == (32, 40, 3) and np.abs(got - np.asarray(expected, dtype=np.int16)).max() <= 1
@@ -652,14 +662,17 @@ def test_generate_with_controlnets_gives_diffusers_image(controlnet_folders, tmp
     (["--model", "SD_CONTROLNET"], "is a ControlNet pipeline with 1 ControlNet: give --control-image for each"),
     (["--model", "SD2", "--controlnet", "NET0", "--control-image", "EDGES"],
      "--controlnet: controlnet 0 .* does not fit this UNet"),  # an SD1-shaped net for an SD2-shaped model
+    (["--model", "SDXL", "--controlnet", "NET0", "--control-image", "EDGES"],
+     "--controlnet: controlnet 0 .* does not fit this UNet"),  # an SD1 net for an SDXL model
 ])
 def test_generate_controlnet_bad_options_one_line(controlnet_folders, tmp_path, capsys, argv, message):
     from diffusion_fast import tiny
 
-    root, _, _ = controlnet_folders
+    root = controlnet_folders[0]
     if "SD2" in argv:
         tiny.write_tiny_pipeline(str(tmp_path / "sd2"), "sd2", 0)
     names = {"NET0": root / "net0", "NET1": root / "net1", "EDGES": root / "edges.png", "SD2": tmp_path / "sd2",
+             "SDXL": root / "sdxl",
              "SD_CONTROLNET": root / "sd-controlnet"}
     if "--model" not in argv:
         argv = ["--model", str(root / "sd"), *argv]
@@ -674,10 +687,12 @@ def test_check_runs_a_controlnet_folder(controlnet_folders, capsys, monkeypatch)
     from diffusion_fast import current_backend
     from diffusion_fast.models import controlnet
 
-    root, _, _ = controlnet_folders
-    assert main(["check", "--model", str(root / "sd-controlnet"), "--steps", "2"]) == 0
-    text = capsys.readouterr().out
-    assert "ControlNet pipeline (2 " in text and "0 failed" in text
+    root, xl = controlnet_folders[0], controlnet_folders[3]
+    xl.save_pretrained(root / "sdxl-controlnet")  # (an SDXL one too: the probe's added conditioning before the image)
+    for folder in ("sdxl-controlnet", "sd-controlnet"):
+        assert main(["check", "--model", str(root / folder), "--steps", "2"]) == 0
+        text = capsys.readouterr().out
+        assert "ControlNet pipeline (2 " in text and "0 failed" in text
     real = controlnet.ControlNetConditioningEmbedding.forward
     monkeypatch.setattr(controlnet.ControlNetConditioningEmbedding, "forward", lambda self, image: real(self, image) + (
         0.05 if current_backend() != "reference" else 0.0))

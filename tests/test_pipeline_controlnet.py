@@ -1,5 +1,5 @@
-"""Our StableDiffusionControlNetPipeline and ControlNetModel against diffusers' on tiny SD1-shaped weights written by
-save_pretrained: one ControlNet, and two (a MultiControlNetModel).
+"""Our StableDiffusion(XL)ControlNetPipeline and ControlNetModel against diffusers' on tiny SD1- and SDXL-shaped
+weights written by save_pretrained: one ControlNet, and two (a MultiControlNetModel).
 
 Stated tolerance: fp32 images within 1e-3 max abs pixel difference (pixels in [0, 1]) of diffusers' for the same seed,
 conditioning images and weights (as for text-to-image). The tiny ControlNets' zero convolutions are random (see
@@ -13,7 +13,7 @@ from PIL import Image
 
 import _tiny_diffusers
 import diffusion_fast
-from diffusion_fast import StableDiffusionControlNetPipeline
+from diffusion_fast import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 from diffusion_fast.models import ControlNetModel, MultiControlNetModel, UNet2DConditionModel
 from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
 
@@ -25,18 +25,27 @@ EDGES = Image.fromarray(np.random.default_rng(0).integers(0, 255, (34, 42), dtyp
 POSE = Image.fromarray(np.random.default_rng(1).integers(0, 255, (34, 42, 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["one-net", "two-nets"])
-def pair(request, tmp_path_factory):
+def _pair(tmp_path_factory, variant, nets):
     """(diffusers' ControlNet pipeline, ours loaded from the folder diffusers saved it in, the number of nets)."""
-    nets = request.param
-    theirs = _tiny_diffusers.controlnet_pipeline(seed=4, nets=nets)
-    folder = tmp_path_factory.mktemp(f"tiny-controlnet-{nets}")
+    theirs = _tiny_diffusers.controlnet_pipeline(seed=4, nets=nets, variant=variant)
+    folder = tmp_path_factory.mktemp(f"tiny-controlnet-{variant}-{nets}")
     theirs.save_pretrained(folder)
     ours = diffusion_fast.load_pipeline(folder)
     ours.set_progress_bar_config(disable=True)
-    assert isinstance(ours, StableDiffusionControlNetPipeline)
+    assert type(ours) is (StableDiffusionControlNetPipeline if variant == "sd1" else StableDiffusionXLControlNetPipeline)
     assert isinstance(ours.controlnet, ControlNetModel if nets == 1 else MultiControlNetModel)
     return theirs, ours, nets
+
+
+@pytest.fixture(scope="module", params=[("sd1", 1), ("sd1", 2), ("sdxl", 1), ("sdxl", 2)],
+                ids=["sd1-one-net", "sd1-two-nets", "sdxl-one-net", "sdxl-two-nets"])
+def pair(request, tmp_path_factory):
+    return _pair(tmp_path_factory, *request.param)
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-net", "two-nets"])
+def xl_pair(request, tmp_path_factory):
+    return _pair(tmp_path_factory, "sdxl", request.param)
 
 
 def _images(pipe, nets, backend_name="fast", generators=None, **kwargs):
@@ -76,13 +85,33 @@ def test_same_image_as_diffusers(pair, backend_name, case):
                              image=_per_net(nets, [EDGES, POSE], [POSE, EDGES])), 4),
         "tensor_at_another_size": (dict(image=_per_net(nets, rgb, rgb.flip(-1)), height=16, width=24), None),
     }[case]
-    if case == "two_prompts" and nets == 2:  # diffusers' nested form: per prompt, one image per net
-        kwargs["image"] = [[EDGES, POSE], [POSE, EDGES]]
+    if case == "two_prompts" and nets == 2:  # SD: diffusers' nested form, per prompt one image per net; SDXL's
+        sdxl = isinstance(ours, StableDiffusionXLControlNetPipeline)  # pipeline takes one image per net for all
+        kwargs["image"] = [EDGES, POSE] if sdxl else [[EDGES, POSE], [POSE, EDGES]]
     a = _images(theirs, nets, generators=generators, **kwargs)
     b = _images(ours, nets, backend_name, generators=generators, **kwargs)
     assert a.shape == b.shape and np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS
     off = _images(ours, nets, backend_name, generators=generators,
                   **dict(kwargs, controlnet_conditioning_scale=_per_net(nets, 0.0, 0.0)))
+    assert np.abs(off - b).max() > 0.005  # the residuals matter
+
+
+@pytest.mark.parametrize("case", [
+    "denoising_end",  # a base's first part: the nets' fractions are of the whole schedule (0.8 of 5 steps keeps the
+                      # net in all 3 steps that run; of the 3 alone it would drop the last)
+    "second_prompts_and_negative_sizes",  # prompt_2, a negative prompt and negative size ids
+    "guess_mode",  # the nets get the conditional half of the pooled embeddings and time ids too
+])
+def test_sdxl_arguments_same_image_as_diffusers(xl_pair, case):
+    theirs, ours, nets = xl_pair
+    kwargs = {"denoising_end": dict(denoising_end=0.6, control_guidance_end=0.8),
+              "second_prompts_and_negative_sizes": dict(prompt_2="a blue ball", negative_prompt="blurry",
+                                                        negative_original_size=(32, 32),
+                                                        negative_target_size=(40, 40)),
+              "guess_mode": dict(guess_mode=True, negative_prompt="blurry")}[case]
+    b = _images(ours, nets, **kwargs)
+    assert np.abs(_images(theirs, nets, **kwargs) - b).max() <= PIPELINE_FP32_MAX_ABS
+    off = _images(ours, nets, **dict(kwargs, controlnet_conditioning_scale=_per_net(nets, 0.0, 0.0)))
     assert np.abs(off - b).max() > 0.005  # the residuals matter
 
 
@@ -127,6 +156,16 @@ def test_step_callback_sees_and_replaces_the_conditioning_images(pair):
     a, b = _images(theirs, nets, **kwargs), _images(ours, nets, **kwargs)
     assert np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS
     assert seen[id(theirs)] == seen[id(ours)] == [[(2, 3, 32, 40)] * nets] * 5
+    if isinstance(ours, StableDiffusionXLControlNetPipeline):  # SDXL's added conditioning beside the images
+        seen.clear()
+
+        def read_time_ids(pipe, i, t, tensors):
+            seen.setdefault(id(pipe), []).append(tensors["add_time_ids"].tolist())
+            return {"add_time_ids": tensors["add_time_ids"] * 1.5} if i == 0 else {}
+
+        kwargs = dict(callback_on_step_end=read_time_ids, callback_on_step_end_tensor_inputs=["add_time_ids"])
+        assert np.abs(_images(theirs, nets, **kwargs) - _images(ours, nets, **kwargs)).max() <= PIPELINE_FP32_MAX_ABS
+        assert seen[id(theirs)] == seen[id(ours)]
     assert np.abs(b - _images(ours, nets)).max() > 0.005  # the replacement changed the image
 
 
@@ -156,18 +195,21 @@ def test_graphed_loop_gives_the_eager_image(pair, monkeypatch, mode):
         ours.controlnet, ours._graphs = saved, None
 
 
-def test_controlnet_given_to_a_plain_folder(tmp_path):
-    """The usual way: an SD folder and a ControlNet loaded from its own folder (a list of them for several)."""
-    theirs = _tiny_diffusers.controlnet_pipeline(seed=4, nets=2)
-    _tiny_diffusers.pipeline("sd1", seed=4).save_pretrained(tmp_path / "sd")
+@pytest.mark.parametrize("variant", ["sd1", "sdxl"])
+def test_controlnet_given_to_a_plain_folder(tmp_path, variant):
+    """The usual way: an SD (SDXL) folder and a ControlNet loaded from its own folder (a list of them for several)."""
+    theirs = _tiny_diffusers.controlnet_pipeline(seed=4, nets=2, variant=variant)
+    base = _tiny_diffusers.pipeline("sd1", seed=4) if variant == "sd1" else _tiny_diffusers.sdxl_pipeline(seed=4)
+    base.save_pretrained(tmp_path / "sd")
     for i, net in enumerate(theirs.controlnet.nets):
         net.save_pretrained(tmp_path / f"net{i}")
     nets = [ControlNetModel.from_pretrained(tmp_path / f"net{i}") for i in range(2)]
-    ours = StableDiffusionControlNetPipeline.from_pretrained(tmp_path / "sd", controlnet=nets)
+    cls = StableDiffusionControlNetPipeline if variant == "sd1" else StableDiffusionXLControlNetPipeline
+    ours = cls.from_pretrained(tmp_path / "sd", controlnet=nets)
     ours.set_progress_bar_config(disable=True)
     assert np.abs(_images(theirs, 2) - _images(ours, 2)).max() <= PIPELINE_FP32_MAX_ABS
     with pytest.raises(ValueError, match="holds no ControlNet: pass controlnet="):
-        StableDiffusionControlNetPipeline.from_pretrained(tmp_path / "sd")
+        cls.from_pretrained(tmp_path / "sd")
 
 
 def test_bad_input_is_named(pair):
@@ -193,12 +235,16 @@ def test_components_that_do_not_fit_are_refused(pair):
 
     theirs, ours, nets = pair
     with pytest.raises(TypeError, match="controlnet must be a diffusion_fast ControlNetModel"):
-        StableDiffusionControlNetPipeline(ours.unet, ours.vae, ours.text_encoder, ours.tokenizer, ours.scheduler,
-                                          diffusers.ControlNetModel.from_unet(theirs.unet))
+        type(ours).from_pipeline(ours, diffusers.ControlNetModel.from_unet(theirs.unet))
     wider = ControlNetModel.from_config(dict(ours._nets[0].config, cross_attention_dim=48))
     with pytest.raises(ValueError, match="controlnet 0 .* does not fit this UNet"):
-        StableDiffusionControlNetPipeline(ours.unet, ours.vae, ours.text_encoder, ours.tokenizer, ours.scheduler,
-                                          wider)
+        type(ours).from_pipeline(ours, wider)
+    other = dict(diffusion_fast.tiny.unet_config("sd1")) if isinstance(ours, StableDiffusionXLControlNetPipeline) \
+        else _tiny_diffusers.SDXL_TINY  # an SD net for an SDXL model, and the other way round
+    other_net = ControlNetModel.from_config({k: v for k, v in other.items() if k not in (
+        "sample_size", "out_channels", "up_block_types")})
+    with pytest.raises(ValueError, match="controlnet 1 .* does not fit this UNet"):
+        type(ours).from_pipeline(ours, [ours._nets[0], other_net])
 
 
 # ---- the models ---------------------------------------------------------------------------------------------------
@@ -240,8 +286,8 @@ def test_controlnet_model_bad_input_and_weights(tmp_path):
     import diffusers
     from safetensors.torch import load_file, save_file
 
-    theirs = diffusers.ControlNetModel.from_unet(diffusers.UNet2DConditionModel(**diffusion_fast.tiny.unet_config("sd1")),
-                                                 conditioning_embedding_out_channels=(8, 16, 32))
+    unet = diffusers.UNet2DConditionModel(**diffusion_fast.tiny.unet_config("sd1"))
+    theirs = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32))
     theirs.save_pretrained(tmp_path)
     net = ControlNetModel.from_pretrained(tmp_path)
     sample, hidden = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
@@ -268,3 +314,17 @@ def test_unet_refuses_residuals_of_another_shape():
     sample, hidden = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
     with pytest.raises(ValueError, match="down_block_additional_residuals has 2 tensors but this UNet has 6 skip"):
         unet(sample, 10, hidden, None, [torch.zeros(1)] * 2, torch.zeros(1))
+
+
+@pytest.mark.parametrize("class_name", ["StableDiffusionControlNetImg2ImgPipeline",
+                                        "StableDiffusionControlNetInpaintPipeline"])
+def test_load_pipeline_refuses_a_controlnet_folder_it_would_load_without_its_net(tmp_path, class_name):
+    """Our ControlNet pipelines are text-to-image; an image-to-image or inpainting ControlNet folder would otherwise
+    load as our plain image-to-image or inpainting pipeline, without the net: another image, in silence."""
+    import json
+
+    _tiny_diffusers.controlnet_pipeline(seed=4).save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    (tmp_path / "model_index.json").write_text(json.dumps(dict(index, _class_name=class_name)))
+    with pytest.raises(ValueError, match=f"holds a {class_name}: our ControlNet pipelines are text-to-image"):
+        diffusion_fast.load_pipeline(tmp_path)

@@ -3,4 +3,5 @@ from .controlnet import ControlNetModel, MultiControlNetModel
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL, DiagonalGaussianDistribution
 
-__all__ = ["UNet2DConditionModel", "ControlNetModel", "MultiControlNetModel", "AutoencoderKL", "DiagonalGaussianDistribution"]
+__all__ = ["UNet2DConditionModel", "ControlNetModel", "MultiControlNetModel", "AutoencoderKL",
+           "DiagonalGaussianDistribution"]

@@ -63,7 +63,8 @@ class ControlNetModel(loading.PretrainedMixin, nn.Module):
                                ("controlnet_conditioning_channel_order", ("rgb", "bgr"))):
             if c[field] not in allowed:
                 raise ValueError(f"ControlNetModel: config field {field}={c[field]!r} is not supported ({allowed})")
-        flags = c.only_cross_attention if isinstance(c.only_cross_attention, (list, tuple)) else [c.only_cross_attention]
+        flags = c.only_cross_attention
+        flags = flags if isinstance(flags, (list, tuple)) else [flags]
         if any(flags):
             raise ValueError(f"ControlNetModel: config field only_cross_attention={c.only_cross_attention!r} is not "
                              "supported (only False)")
