@@ -7,8 +7,9 @@ Groups: the fused CFG+DDIM step (C++ op) vs our reference vs diffusers' CFG comb
 1x4x64x64, 2x4x128x128 and 8x4x128x128 fp32 latents; group_norm_silu (C++ op) vs F.group_norm + F.silu on SD
 shapes in both memory layouts; fp16/bf16 storage for both at SD1.5's shapes; diffusers' Euler, Euler ancestral,
 DPM-Solver++ 2M and 3M SDE, PNDM (PLMS), UniPC, DDPM, LCM, Heun, LMS, DPM2, DPM2 ancestral and DEIS scheduler steps as
-accelerate patches them vs their own, the Euler op alone; and the weights key a graphed UNet call checks
-(ModuleState, SD1.5's UNet on the meta device). Each group's rows are the implementations side by side; compare
+accelerate patches them vs their own, the Euler op alone; the weights key a graphed UNet call checks (ModuleState,
+SD1.5's UNet on the meta device); and a whole ControlNet pipeline call on the tiny SD1 model, ours vs diffusers'
+(plain and accelerated). Each group's rows are the implementations side by side; compare
 medians.
 
 The allocator is pinned first (see ``_steady_allocator``): glibc otherwise moves between two regimes at random,
@@ -17,13 +18,14 @@ allocate more temporaries (eager PyTorch) by 4-5x at 2x320x64x64 in some runs an
 """
 import ctypes
 import ctypes.util
+import os
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import diffusion_fast  # noqa: F401  (registers torch.ops.diffusion_fast)
+import diffusion_fast  # (importing it registers torch.ops.diffusion_fast)
 from diffusion_fast import ops
 
 def _steady_allocator():
@@ -241,3 +243,37 @@ def test_graph_weights_key(benchmark):
     state = ModuleState(unet)
     state()  # the walk, once
     benchmark(state)
+
+
+@pytest.fixture(scope="module")
+def controlnet_pipelines(tmp_path_factory):
+    """diffusers' ControlNet pipeline on the tiny SD1 model with one net (the tests' helper), a second one to
+    accelerate, and ours loaded from the folder diffusers saved."""
+    pytest.importorskip("diffusers")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    import _tiny_diffusers
+
+    theirs = _tiny_diffusers.controlnet_pipeline(seed=4)
+    folder = tmp_path_factory.mktemp("bench-controlnet")
+    theirs.save_pretrained(folder)
+    accelerated = diffusion_fast.accelerate(_tiny_diffusers.controlnet_pipeline(seed=4))
+    ours = diffusion_fast.load_pipeline(folder)
+    for pipe in (theirs, accelerated, ours):
+        pipe.set_progress_bar_config(disable=True)
+    return {"diffusers": theirs, "diffusers + accelerate": accelerated, "ours": ours}
+
+
+@pytest.mark.parametrize("guidance_end", [1.0, 0.5])
+@pytest.mark.parametrize("impl", ["ours", "diffusers + accelerate", "diffusers"])
+def test_controlnet_pipeline(benchmark, controlnet_pipelines, guidance_end, impl):
+    """A whole call: 10 DDIM steps with guidance at 128x128 (32x32 latents, batch 2 through the UNet and the net),
+    VAE decode included, fp32. With control_guidance_end=0.5 ours runs the net in the first 5 steps only (diffusers
+    runs it at scale 0 in the rest: the same image)."""
+    from PIL import Image
+
+    benchmark.group = f"ControlNet pipeline, tiny SD1 + 1 net, 10 DDIM steps, 128x128, control_guidance_end {guidance_end}"
+    pipe = controlnet_pipelines[impl]
+    image = Image.fromarray(torch.randint(0, 255, (128, 128, 3), generator=torch.Generator().manual_seed(0),
+                                          dtype=torch.uint8).numpy())
+    benchmark(lambda: pipe("a cube", image=image, num_inference_steps=10, control_guidance_end=guidance_end,
+                           generator=torch.Generator().manual_seed(0), output_type="np"))
