@@ -25,6 +25,7 @@ _LAZY = {
     "StableDiffusionXLInpaintPipeline": ("pipeline_inpaint", "StableDiffusionXLInpaintPipeline"),
     "StableDiffusionControlNetPipeline": ("pipeline_controlnet", "StableDiffusionControlNetPipeline"),
     "StableDiffusionXLControlNetPipeline": ("pipeline_controlnet", "StableDiffusionXLControlNetPipeline"),
+    "StableDiffusionControlNetImg2ImgPipeline": ("pipeline_controlnet", "StableDiffusionControlNetImg2ImgPipeline"),
     "ControlNetModel": ("models", "ControlNetModel"),
     "load_pipeline": ("pipeline_xl", "load_pipeline"),
     "accelerate": ("diffusers_patch", "accelerate"),

@@ -110,7 +110,7 @@ def _check_pipeline(args, device, dtype):
         """(final latents, image, first noise prediction) of one pipeline run on one backend."""
         pipe.set_progress_bar_config(disable=True)
         kind, inputs = pipeline_inputs(pipe, args.seed, args.steps)
-        if kind != "image-to-image":  # (image-to-image draws its noise itself: float32_draws below)
+        if not kind.endswith("image-to-image"):  # (image-to-image draws its noise itself: float32_draws below)
             inputs["latents"] = seed_latents(pipe.unet.config, args.seed, channels=pipe.vae.config.latent_channels)
         # one noise for every dtype: the given latents (see seed_latents), and every draw a pipeline makes itself
         # (the image's latent sample and noise) in float32, rounded
@@ -197,13 +197,15 @@ def _db(value):
 
 def pipeline_kind(pipe):
     """"inpainting", "image-to-image" (an SDXL refiner's folder loads as such), "ControlNet" (text-to-image guided by
-    the folder's ControlNets) or "text-to-image"."""
-    from .pipeline_controlnet import ControlNetGuidance
+    the folder's ControlNets), "ControlNet image-to-image" or "text-to-image"."""
+    from .pipeline_controlnet import ControlNetGuidance, StableDiffusionControlNetImg2ImgPipeline
     from .pipeline_img2img import StableDiffusionXLImg2ImgPipeline
     from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
     if isinstance(pipe, (StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline)):
         return "inpainting"
+    if isinstance(pipe, StableDiffusionControlNetImg2ImgPipeline):
+        return "ControlNet image-to-image"
     if isinstance(pipe, ControlNetGuidance):  # (SD or SDXL)
         return "ControlNet"
     return "image-to-image" if isinstance(pipe, StableDiffusionXLImg2ImgPipeline) else "text-to-image"
@@ -227,9 +229,13 @@ def pipeline_inputs(pipe, seed, steps):
     image = np.stack([np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, ramp[::-1]) / 2,
                       np.full((size, size), 128.0)], axis=-1) + rng.normal(0, 20, (size, size, 3))
     image = Image.fromarray(image.clip(0, 255).astype(np.uint8))
+    nets = len(getattr(pipe, "_nets", ()))
+    per_net = image if nets == 1 else [image] * nets  # (a ControlNet pipeline's conditioning image for each net)
     if kind == "ControlNet":  # the image conditions each net; the size is the UNet's default
-        return kind, {"image": image if len(pipe._nets) == 1 else [image] * len(pipe._nets)}
+        return kind, {"image": per_net}
     inputs = {"image": image, "strength": 1.0 if kind == "inpainting" else max(0.5, 1 / steps)}
+    if kind == "ControlNet image-to-image":  # the same image as the start and each net's condition
+        inputs["control_image"] = per_net
     if kind == "inpainting":  # white (repainted) in the middle half of each side
         mask = np.zeros((size, size), np.uint8)
         mask[size // 4:3 * size // 4, size // 4:3 * size // 4] = 255

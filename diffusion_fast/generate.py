@@ -73,34 +73,42 @@ def _control_images(args):
     if args.controlnet and len(args.control_image) != len(args.controlnet):
         raise UsageError(f"--control-image: give one per --controlnet ({len(args.controlnet)}), in order; got "
                          f"{len(args.control_image)}")
-    if args.image is not None or args.refiner is not None:
-        raise UsageError("--controlnet guides text-to-image: leave out --image, --mask and --refiner")
+    if args.mask is not None or args.refiner is not None:
+        raise UsageError("--controlnet guides text-to-image and image-to-image: leave out --mask and --refiner")
     return [_open_image("--control-image", path) for path in args.control_image]
 
 
-def _with_controlnets(args, pipe, images, dtype, device):
-    """The ControlNet pipeline: on ``pipe``'s components with the --controlnet folders, or the model folder's own
-    (diffusers saved a ControlNet pipeline there); ``images`` (--control-image) one per net."""
+def _with_controlnets(args, pipe, images, dtype, device, image_to_image=False):
+    """The pipeline for a text-to-image (or with ``image_to_image``, an image-to-image) run: a ControlNet one on
+    ``pipe``'s components with the --controlnet folders, or with the model folder's own nets (diffusers saved a
+    ControlNet pipeline there); ``images`` (--control-image) one per net. Without nets, the plain one."""
     from .models import ControlNetModel
-    from .pipeline_controlnet import ControlNetGuidance, StableDiffusionControlNetPipeline
-    from .pipeline_controlnet import StableDiffusionXLControlNetPipeline
+    from .pipeline_controlnet import (ControlNetGuidance, StableDiffusionControlNetImg2ImgPipeline,
+                                      StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline)
 
-    if not args.controlnet:
-        if not isinstance(pipe, ControlNetGuidance):
-            if images is not None:
-                raise UsageError("--control-image is for ControlNet: give --controlnet too (or a --model folder "
-                                 "diffusers saved a ControlNet pipeline in)")
-            return pipe
+    own = isinstance(pipe, ControlNetGuidance)  # the folder's own nets
+    if not args.controlnet and not own:
+        if images is not None:
+            raise UsageError("--control-image is for ControlNet: give --controlnet too (or a --model folder "
+                             "diffusers saved a ControlNet pipeline in)")
+        return _img2img(pipe) if image_to_image else pipe
+    if args.controlnet:
+        nets = [ControlNetModel.from_pretrained(path, dtype=dtype, device=device) for path in args.controlnet]
+        controlnet = nets[0] if len(nets) == 1 else nets
+    else:
+        controlnet = pipe.controlnet
         if images is None or len(images) != len(pipe._nets):
             raise UsageError(f"{args.model} is a ControlNet pipeline with {len(pipe._nets)} ControlNet"
                              f"{'s' if len(pipe._nets) > 1 else ''}: give --control-image for each")
-    else:
-        nets = [ControlNetModel.from_pretrained(path, dtype=dtype, device=device) for path in args.controlnet]
-        cls = StableDiffusionXLControlNetPipeline if hasattr(pipe, "text_encoder_2") else \
-            StableDiffusionControlNetPipeline
+    xl = hasattr(pipe, "text_encoder_2")
+    if image_to_image and xl:
+        raise UsageError("--image with ControlNet: our ControlNet image-to-image pipeline runs SD 1.x/2.x models; "
+                         f"{args.model} is an SDXL one")
+    cls = StableDiffusionControlNetImg2ImgPipeline if image_to_image else StableDiffusionXLControlNetPipeline if xl \
+        else StableDiffusionControlNetPipeline
+    if type(pipe) is not cls:
         try:
-            pipe = cls.from_pipeline(pipe, nets[0] if len(nets) == 1 else nets, cuda_graph=pipe.cuda_graph,
-                                     channels_last=pipe.channels_last)
+            pipe = cls.from_pipeline(pipe, controlnet, cuda_graph=pipe.cuda_graph, channels_last=pipe.channels_last)
         except ValueError as exc:
             raise UsageError(f"--controlnet: {exc}") from None
     if len(args.controlnet_scale) not in (0, 1, len(pipe._nets)):
@@ -220,7 +228,7 @@ def generate(args) -> int:
     elif getattr(pipe, "_unet_takes_mask", False):
         raise UsageError(f"{args.model} is an inpainting model: give --image and --mask")
     elif init_image is not None:
-        pipe = _img2img(pipe)
+        pipe = _with_controlnets(args, pipe, control_images, dtype, device, image_to_image=True)
     elif getattr(pipe, "requires_aesthetics_score", False):
         raise UsageError(f"{args.model} is an SDXL refiner: give --image to refine, or use it as --refiner of an "
                          "SDXL base")
@@ -265,9 +273,10 @@ def generate(args) -> int:
         strength = args.strength if args.strength is not None else 0.3 if hasattr(pipe, "text_encoder_2") else 0.8
         options.update(image=init_image, strength=strength)
         denoised = min(int(steps * strength), steps)
-    if control_images is not None:  # the first image sets the size, unless --height/--width do
-        scales = args.controlnet_scale or [1.0]
-        options.update(image=control_images[0] if len(control_images) == 1 else control_images,
+    if control_images is not None:  # the first image (or --image) sets the size, unless --height/--width do
+        scales = args.controlnet_scale or ([0.8] if init_image is not None else [1.0])  # (the pipeline's default)
+        options.update({"control_image" if init_image is not None else "image":
+                        control_images[0] if len(control_images) == 1 else control_images},
                        controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales)
 
     def run(path_name, num_steps=steps):

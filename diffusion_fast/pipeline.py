@@ -351,7 +351,7 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
         for i, t in enumerate(tqdm(timesteps, **{"desc": "denoising", **self._progress})):
             if self._interrupt:
                 continue
-            step_cond = self._step_cond(i, cond)
+            step_cond = self._step_cond(i, len(timesteps), cond)
             if graphed:  # replays write a static buffer, which the next replay copies in as its input
                 latents = graphs["step"](latents, t, embeds, float(guidance_scale), do_cfg, num_inference_steps,
                                          *step_cond)
@@ -369,8 +369,9 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
             return StableDiffusionPipelineOutput(images=latents, seconds=seconds)
         return StableDiffusionPipelineOutput(images=postprocess(self._decode(latents), output_type), seconds=seconds)
 
-    def _step_cond(self, i, cond):
-        """The UNet's added conditioning for step ``i`` (a ControlNet's scales for that step join it)."""
+    def _step_cond(self, i, steps, cond):
+        """The UNet's added conditioning for step ``i`` of the ``steps`` the loop runs (a ControlNet's scales for that
+        step join it)."""
         return cond
 
     def _after_step(self, i, timesteps, latents):

@@ -24,6 +24,7 @@ from .models.unet import _per_block
 from .pipeline import StableDiffusionPipeline
 from .pipeline_common import check_denoising_bounds, check_size
 from .pipeline_folder import read_model_index, resolve_dtype
+from .pipeline_img2img import StableDiffusionImg2ImgPipeline
 from .pipeline_xl import StableDiffusionXLPipeline
 
 
@@ -86,6 +87,8 @@ class ControlNetGuidance:
     """What both ControlNet pipelines add to their text-to-image pipeline: the nets (``controlnet``), their fit to the
     UNet, the conditioning images, each step's scales (``_step_cond``) and the nets' residuals in the UNet call."""
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "image")  # diffusers' names
+    _image_name = "image"  # the step callback's name for the nets' images
+    _keep_over_schedule = False  # whether a net's start and end are fractions of the whole schedule (SDXL's)
 
     def _set_controlnet(self, controlnet):
         if isinstance(controlnet, (list, tuple)):
@@ -103,7 +106,7 @@ class ControlNetGuidance:
 
     @property
     def _cond_names(self):  # the text-to-image pipeline's added conditioning (SDXL's), then one image per net
-        return (*self._added_names, *("image",) * len(self._nets))  # (a StepCallback gives several as one list)
+        return (*self._added_names, *(self._image_name,) * len(self._nets))  # (a StepCallback gives several as one list)
 
     def _check_components(self):
         """Each ControlNet must give the residuals this UNet takes, from the same conditioning."""
@@ -206,12 +209,13 @@ class ControlNetGuidance:
             cond.append(torch.cat([im, im]) if do_cfg and not guess_mode else im)
         return tuple(cond)
 
-    def _step_cond(self, i, cond):
+    def _step_cond(self, i, steps, cond):
         """The conditioning images and this step's settings: each net's scale (0 outside its start and end, as
-        diffusers' controlnet_keep has it: fractions of the whole schedule, even where denoising_end cuts it),
-        guess mode, and whether the nets see only the conditional half."""
+        diffusers' controlnet_keep has it: fractions of the steps the loop runs, or with SDXL's of the whole
+        schedule, even where denoising_end cuts it), guess mode, and whether the nets see only the conditional
+        half."""
         scales, starts, ends, guess_mode, split = self._control
-        steps = len(self.scheduler.timesteps)
+        steps = len(self.scheduler.timesteps) if self._keep_over_schedule else steps
         kept = tuple(scale * (1.0 - float(i / steps < start or (i + 1) / steps > end))
                      for scale, start, end in zip(scales, starts, ends))
         return (*cond, (kept, guess_mode, split))
@@ -250,6 +254,8 @@ class StableDiffusionControlNetPipeline(ControlNetGuidance, StableDiffusionPipel
         """This pipeline on an SD pipeline's components (shared, not copied) and ``controlnet``."""
         return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, controlnet, **settings)
 
+    from_pipeline_func = from_pipeline.__func__  # (the image-to-image pipeline's too)
+
     @lora_call_scale
     @torch.no_grad()
     def __call__(self, prompt=None, image=None, height=None, width=None, num_inference_steps=50, timesteps=None,
@@ -283,6 +289,7 @@ class StableDiffusionXLControlNetPipeline(ControlNetGuidance, StableDiffusionXLP
     _callback_tensor_inputs = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids", "image")
     _text_to_image, _added_names = StableDiffusionXLPipeline, StableDiffusionXLPipeline._cond_names
     _begins_at_zero = False  # (diffusers' SDXL ControlNet pipeline does not set a begin index, unlike its SDXL one)
+    _keep_over_schedule = True
 
     def __init__(self, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler, controlnet, *,
                  force_zeros_for_empty_prompt=True, cuda_graph="auto", channels_last="auto"):
@@ -325,3 +332,64 @@ class StableDiffusionXLControlNetPipeline(ControlNetGuidance, StableDiffusionXLP
             negative_crops_coords_top_left, negative_target_size)
         return self._sample(shape, embeds, (*cond, *control), num_inference_steps, guidance_scale, do_cfg, eta,
                             generator, latents, output_type, timesteps, sigmas, callback, denoising_end)
+
+
+class StableDiffusionControlNetImg2ImgPipeline(ControlNetGuidance, StableDiffusionImg2ImgPipeline):
+    """diffusers' StableDiffusionControlNetImg2ImgPipeline: image-to-image (``image``, ``strength``) guided by the
+    nets' ``control_image``, resized to the initial image's size. The nets' start and end are fractions of the steps
+    that run (the strength's tail), as diffusers has them."""
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "control_image")
+    _text_to_image, _added_names, _image_name = StableDiffusionPipeline, (), "control_image"
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, controlnet, *, cuda_graph="auto",
+                 channels_last="auto"):
+        self._set_controlnet(controlnet)
+        super().__init__(unet, vae, text_encoder, tokenizer, scheduler, cuda_graph=cuda_graph,
+                         channels_last=channels_last)
+
+    from_pipeline = classmethod(StableDiffusionControlNetPipeline.from_pipeline_func)
+
+    @lora_call_scale
+    @torch.no_grad()
+    def __call__(self, prompt=None, image=None, control_image=None, height=None, width=None, strength=0.8,
+                 num_inference_steps=50, guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
+                 generator=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
+                 controlnet_conditioning_scale=0.8, guess_mode=False, control_guidance_start=0.0,
+                 control_guidance_end=1.0, clip_skip=None, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",)):
+        """As diffusers': ``image`` is the initial image (resized to ``height`` x ``width`` when given), and
+        ``control_image`` each net's conditioning image, resized to the initial image's size."""
+        check_size(self.vae_scale_factor, **{k: v for k, v in (("height", height), ("width", width)) if v is not None})
+        size = None if height is None and width is None else _given_size(image, height, width, self.vae_scale_factor)
+        image, latent_input, height, width = self._prepare_image(image, strength, size)
+        shape, do_cfg, cond, callback = self._begin_call(
+            control_image, height, width, controlnet_conditioning_scale, control_guidance_start,
+            control_guidance_end, guess_mode, (prompt, negative_prompt, num_inference_steps, guidance_scale,
+                                               num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None,
+                                               output_type),
+            callback_on_step_end, callback_on_step_end_tensor_inputs)
+        clip_skip = self._check_clip_skip(clip_skip)  # (before the schedule is set: a refused call changes nothing)
+        num_inference_steps, timesteps, do_cfg, negative_prompt_embeds, embeds = self._sd_tail_and_embeds(
+            prompt, num_inference_steps, strength, None, None, guidance_scale, num_images_per_prompt,
+            negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
+        if callback is not None:
+            callback.extra["negative_prompt_embeds"] = negative_prompt_embeds
+        latents = self._image_latents(image, latent_input, timesteps[:1].repeat(shape[0]), shape[0], embeds.dtype,
+                                      generator)
+        return self._denoise(latents, timesteps, embeds, cond, num_inference_steps, guidance_scale, do_cfg, eta,
+                             generator, output_type, callback)
+
+
+def _given_size(image, height, width, scale):
+    """(height, width) for an initial image with one or both given: the missing one is the image's own, cut to a
+    multiple of ``scale`` (diffusers' get_default_height_width)."""
+    import PIL.Image
+
+    first = image[0] if isinstance(image, (list, tuple)) and image else image
+    if isinstance(first, PIL.Image.Image):
+        own = (first.size[1], first.size[0])
+    elif torch.is_tensor(first):
+        own = tuple(first.shape[-2:])
+    else:
+        return None  # (preprocess_image names what it is)
+    return tuple(given if given is not None else x - x % scale for given, x in zip((height, width), own))

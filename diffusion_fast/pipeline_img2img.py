@@ -59,13 +59,14 @@ class _ImageToImage:
     """What both image-to-image pipelines share: the initial image, the strength's tail of the schedule, and the
     noised latents of the image (diffusers' preprocess, get_timesteps and prepare_latents)."""
 
-    def _prepare_image(self, image, strength):
-        """(image tensor, whether it is latents, the output height and width), checked."""
+    def _prepare_image(self, image, strength, size=None):
+        """(image tensor, whether it is latents, the output height and width), checked; PIL images resized to
+        ``size`` (height, width) when given, as diffusers' preprocess does with a height and width."""
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
             raise ValueError(f"strength must be in [0, 1], got {strength!r}")
         if image is None:
             raise ValueError("image: give the initial image (an RGB PIL image, a list of them or a tensor)")
-        image = preprocess_image(image, self.vae_scale_factor, self.unet.config.in_channels)
+        image = preprocess_image(image, self.vae_scale_factor, self.unet.config.in_channels, size)
         latent_input = image.shape[1] == self.unet.config.in_channels  # latents given instead of pixels
         if not latent_input and image.shape[1] != self.vae.config.in_channels:
             raise ValueError(f"image has {image.shape[1]} channels: {self.vae.config.in_channels} (pixels) or "

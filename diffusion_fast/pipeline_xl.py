@@ -273,10 +273,11 @@ def load_pipeline(folder, **kwargs):
     """Our pipeline for a diffusers folder, by what it holds: ``StableDiffusionXLPipeline`` for an SDXL folder (two
     text encoders), ``StableDiffusionXLImg2ImgPipeline`` for an SDXL refiner (``requires_aesthetics_score``),
     ``StableDiffusionXLInpaintPipeline`` / ``StableDiffusionInpaintPipeline`` for an SDXL / SD inpainting folder
-    (diffusers' class name), ``StableDiffusionXLControlNetPipeline`` / ``StableDiffusionControlNetPipeline`` for a
-    folder diffusers saved a text-to-image ControlNet pipeline in, else ``StableDiffusionPipeline``; ``kwargs`` go
-    to its ``from_pretrained``."""
-    from .pipeline_controlnet import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+    (diffusers' class name), ``StableDiffusionXLControlNetPipeline`` / ``StableDiffusionControlNetPipeline`` /
+    ``StableDiffusionControlNetImg2ImgPipeline`` for a folder diffusers saved such a ControlNet pipeline in, else
+    ``StableDiffusionPipeline``; ``kwargs`` go to its ``from_pretrained``."""
+    from .pipeline_controlnet import (StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetPipeline,
+                                      StableDiffusionXLControlNetPipeline)
     from .pipeline_img2img import StableDiffusionXLImg2ImgPipeline
     from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
@@ -284,11 +285,12 @@ def load_pipeline(folder, **kwargs):
     name = str(components.get("_class_name", ""))
     inpainting = "Inpaint" in name
     if "controlnet" in components and "ControlNet" in name:
-        if inpainting or "Img2Img" in name:  # (our pipelines would load it without its ControlNet: another image)
-            raise ValueError(f"{folder!r} holds a {name}: our ControlNet pipelines are text-to-image; accelerate "
-                             "diffusers' own pipeline instead (diffusion_fast.accelerate)")
         xl = "text_encoder_2" in components
-        cls = StableDiffusionXLControlNetPipeline if xl else StableDiffusionControlNetPipeline
+        if inpainting or (xl and "Img2Img" in name):  # (ours would load it without its ControlNet: another image)
+            raise ValueError(f"{folder!r} holds a {name}: our ControlNet pipelines are text-to-image (SD and SDXL) and "
+                             "image-to-image (SD); accelerate diffusers' own pipeline instead (diffusion_fast.accelerate)")
+        cls = StableDiffusionXLControlNetPipeline if xl else StableDiffusionControlNetImg2ImgPipeline if \
+            "Img2Img" in name else StableDiffusionControlNetPipeline
     elif "text_encoder_2" in components and inpainting:
         cls = StableDiffusionXLInpaintPipeline
     elif "text_encoder_2" in components and components.get("requires_aesthetics_score", False):

@@ -617,10 +617,11 @@ def controlnet_folders(tmp_path_factory):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (34, 42), dtype=np.uint8)).save(root / "edges.png")  # grayscale, 42x34
     Image.fromarray(rng.integers(0, 255, (34, 42, 3), dtype=np.uint8)).save(root / "pose.png")
+    Image.fromarray(rng.integers(0, 255, (34, 42, 3), dtype=np.uint8)).save(root / "init.png")  # (image-to-image's)
     return root, theirs, with_net, xl
 
 
-@pytest.mark.parametrize("nets", [1, 2, "sdxl"])
+@pytest.mark.parametrize("nets", [1, 2, "sdxl", "img2img"])
 def test_generate_with_controlnets_gives_diffusers_image(controlnet_folders, tmp_path, capsys, nets):
     """--controlnet DIR --control-image FILE (repeated): the image diffusers' ControlNet pipeline makes from the same
     seed (within one 8-bit level), at the first image's size cut to a multiple of the VAE's scale."""
@@ -633,6 +634,15 @@ def test_generate_with_controlnets_gives_diffusers_image(controlnet_folders, tmp
     if nets == 1:  # the model folder's own ControlNet
         argv += ["--model", str(root / "sd-controlnet"), "--control-image", str(root / "edges.png")]
         pipe, image = with_net, Image.open(root / "edges.png")
+    elif nets == "img2img":  # --image too: the folder's net guides image-to-image (the pipeline's scale 0.8 here)
+        import diffusers
+
+        argv = [a for a in argv if a not in ("--controlnet-scale", "0.8")]
+        argv += ["--model", str(root / "sd-controlnet"), "--control-image", str(root / "edges.png"), "--image",
+                 str(root / "init.png"), "--strength", "0.7"]
+        pipe = diffusers.StableDiffusionControlNetImg2ImgPipeline(**with_net.components)
+        image = {"image": Image.open(root / "init.png"), "control_image": Image.open(root / "edges.png"),
+                 "strength": 0.7}
     elif nets == "sdxl":
         argv += ["--model", str(root / "sdxl"), "--controlnet", str(root / "xl-net"), "--control-image",
                  str(root / "edges.png")]
@@ -643,9 +653,10 @@ def test_generate_with_controlnets_gives_diffusers_image(controlnet_folders, tmp
         pipe, image = theirs, [Image.open(root / "edges.png"), Image.open(root / "pose.png")]
     assert main(argv) == 0
     assert "max abs pixel difference" in capsys.readouterr().out
-    expected = pipe("a photograph of an astronaut riding a horse", image=image, num_inference_steps=3,
+    inputs = image if isinstance(image, dict) else {"image": image}
+    expected = pipe("a photograph of an astronaut riding a horse", num_inference_steps=3,
                     controlnet_conditioning_scale=[0.8, 0.8] if nets == 2 else 0.8,
-                    generator=torch.Generator().manual_seed(2)).images[0]
+                    generator=torch.Generator().manual_seed(2), **inputs).images[0]
     got = np.asarray(Image.open(out), dtype=np.int16)
     assert got.shape == (32, 40, 3) and np.abs(got - np.asarray(expected, dtype=np.int16)).max() <= 1
 
@@ -658,7 +669,10 @@ def test_generate_with_controlnets_gives_diffusers_image(controlnet_folders, tmp
     (["--controlnet", "NET0", "--control-image", "/no/such.png"], "--control-image: no such file: /no/such.png"),
     (["--controlnet", "NET0", "--control-image", "EDGES", "--controlnet-scale", "1", "--controlnet-scale", "2"],
      r"--controlnet-scale: give one for all ControlNets or one per ControlNet \(1\); got 2"),
-    (["--controlnet", "NET0", "--control-image", "EDGES", "--image", "EDGES"], "--controlnet guides text-to-image"),
+    (["--controlnet", "NET0", "--control-image", "EDGES", "--image", "INIT", "--mask", "EDGES"],
+     "--controlnet guides text-to-image and image-to-image: leave out --mask and --refiner"),
+    (["--model", "SDXL", "--controlnet", "NET0", "--control-image", "EDGES", "--image", "INIT"],
+     "our ControlNet image-to-image pipeline runs SD 1.x/2.x models"),
     (["--model", "SD_CONTROLNET"], "is a ControlNet pipeline with 1 ControlNet: give --control-image for each"),
     (["--model", "SD2", "--controlnet", "NET0", "--control-image", "EDGES"],
      "--controlnet: controlnet 0 .* does not fit this UNet"),  # an SD1-shaped net for an SD2-shaped model
@@ -672,7 +686,7 @@ def test_generate_controlnet_bad_options_one_line(controlnet_folders, tmp_path, 
     if "SD2" in argv:
         tiny.write_tiny_pipeline(str(tmp_path / "sd2"), "sd2", 0)
     names = {"NET0": root / "net0", "NET1": root / "net1", "EDGES": root / "edges.png", "SD2": tmp_path / "sd2",
-             "SDXL": root / "sdxl",
+             "SDXL": root / "sdxl", "INIT": root / "init.png",
              "SD_CONTROLNET": root / "sd-controlnet"}
     if "--model" not in argv:
         argv = ["--model", str(root / "sd"), *argv]
@@ -687,12 +701,17 @@ def test_check_runs_a_controlnet_folder(controlnet_folders, capsys, monkeypatch)
     from diffusion_fast import current_backend
     from diffusion_fast.models import controlnet
 
+    import diffusers
+
     root, xl = controlnet_folders[0], controlnet_folders[3]
     xl.save_pretrained(root / "sdxl-controlnet")  # (an SDXL one too: the probe's added conditioning before the image)
-    for folder in ("sdxl-controlnet", "sd-controlnet"):
+    diffusers.StableDiffusionControlNetImg2ImgPipeline(**controlnet_folders[2].components).save_pretrained(
+        root / "sd-controlnet-img2img")  # and image-to-image, from half the schedule
+    for folder, kind in (("sdxl-controlnet", "ControlNet"), ("sd-controlnet-img2img", "ControlNet image-to-image"),
+                         ("sd-controlnet", "ControlNet")):
         assert main(["check", "--model", str(root / folder), "--steps", "2"]) == 0
         text = capsys.readouterr().out
-        assert "ControlNet pipeline (2 " in text and "0 failed" in text
+        assert f"{kind} pipeline (2 " in text and "0 failed" in text
     real = controlnet.ControlNetConditioningEmbedding.forward
     monkeypatch.setattr(controlnet.ControlNetConditioningEmbedding, "forward", lambda self, image: real(self, image) + (
         0.05 if current_backend() != "reference" else 0.0))
