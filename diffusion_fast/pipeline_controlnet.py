@@ -91,14 +91,33 @@ class ControlNetGuidance:
     _keep_over_schedule = False  # whether a net's start and end are fractions of the whole schedule (SDXL's)
 
     def _set_controlnet(self, controlnet):
+        self._controlnet = self._as_controlnet(controlnet)
+        self._control = None  # the current call's (scales, starts, ends, guess_mode, split) for _step_cond
+
+    @staticmethod
+    def _as_controlnet(controlnet):
         if isinstance(controlnet, (list, tuple)):
             controlnet = MultiControlNetModel(controlnet)
         if not isinstance(controlnet, (ControlNetModel, MultiControlNetModel)):
             raise TypeError("controlnet must be a diffusion_fast ControlNetModel (diffusion_fast.models.ControlNetModel"
                             ".from_pretrained(folder)), a list of them or a MultiControlNetModel, got "
                             f"{type(controlnet).__module__}.{type(controlnet).__name__}")
-        self.controlnet = controlnet
-        self._control = None  # the current call's (scales, starts, ends, guess_mode, split) for _step_cond
+        return controlnet
+
+    @property
+    def controlnet(self):
+        """The ControlNet (or MultiControlNetModel); one assigned (a list of nets, as diffusers takes them) is checked
+        against the UNet as at construction, and a net that does not fit leaves the old one in place."""
+        return self._controlnet
+
+    @controlnet.setter
+    def controlnet(self, value):
+        old, self._controlnet = self._controlnet, self._as_controlnet(value)
+        try:
+            self._check_components()
+        except ValueError:
+            self._controlnet = old
+            raise
 
     @property
     def _nets(self):

@@ -407,3 +407,21 @@ def test_img2img_bad_input_is_named(img2img_pair):
     ]:
         with pytest.raises(error, match=match):
             _img2img(ours, nets, **kwargs)
+
+
+def test_a_controlnet_assigned_is_checked(pair):
+    """pipe.controlnet = ... (as diffusers users swap nets): a list becomes a MultiControlNetModel, a net that does
+    not fit is refused by name and the old one stays, something else is a TypeError."""
+    _, ours, nets = pair
+    saved = ours.controlnet
+    try:
+        ours.controlnet = list(ours._nets)
+        assert isinstance(ours.controlnet, MultiControlNetModel) and len(ours._nets) == nets
+        wider = ControlNetModel.from_config(dict(ours._nets[0].config, cross_attention_dim=48))
+        with pytest.raises(ValueError, match="controlnet 0 .* does not fit this UNet"):
+            ours.controlnet = wider
+        assert isinstance(ours.controlnet, MultiControlNetModel)
+        with pytest.raises(TypeError, match="controlnet must be a diffusion_fast ControlNetModel"):
+            ours.controlnet = "lllyasviel/sd-controlnet-canny"
+    finally:
+        ours.controlnet = saved
