@@ -196,27 +196,24 @@ def _db(value):
 
 
 def pipeline_kind(pipe):
-    """"inpainting", "image-to-image" (an SDXL refiner's folder loads as such), "ControlNet" (text-to-image guided by
-    the folder's ControlNets), "ControlNet image-to-image" or "text-to-image"."""
-    from .pipeline_controlnet import ControlNetGuidance, StableDiffusionControlNetImg2ImgPipeline
-    from .pipeline_img2img import StableDiffusionXLImg2ImgPipeline
-    from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
+    """"inpainting", "image-to-image" (an SDXL refiner's folder loads as such), "text-to-image", or one of them
+    guided by the folder's ControlNets ("ControlNet", "ControlNet image-to-image", "ControlNet inpainting")."""
+    from .pipeline_controlnet import ControlNetGuidance
+    from .pipeline_img2img import _ImageToImage
+    from .pipeline_inpaint import _Inpainting
 
-    if isinstance(pipe, (StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline)):
-        return "inpainting"
-    if isinstance(pipe, StableDiffusionControlNetImg2ImgPipeline):
-        return "ControlNet image-to-image"
-    if isinstance(pipe, ControlNetGuidance):  # (SD or SDXL)
-        return "ControlNet"
-    return "image-to-image" if isinstance(pipe, StableDiffusionXLImg2ImgPipeline) else "text-to-image"
+    kind = "inpainting" if isinstance(pipe, _Inpainting) else "image-to-image" if isinstance(pipe, _ImageToImage) \
+        else "text-to-image"
+    if isinstance(pipe, ControlNetGuidance):
+        return "ControlNet" if kind == "text-to-image" else f"ControlNet {kind}"
+    return kind
 
 
 def pipeline_inputs(pipe, seed, steps):
     """(kind, the call's inputs beyond the prompt): an inpainting pipeline's image and mask, an image-to-image one's
-    image (an SDXL refiner's folder), a ControlNet one's conditioning image, made from the seed at the UNet's default
-    size, and a strength that leaves at
-    least one of ``steps`` to run (half the schedule for image-to-image, all of it for inpainting); none for
-    text-to-image."""
+    image (an SDXL refiner's folder), a ControlNet one's conditioning image (as ``control_image`` beside an image),
+    made from the seed at the UNet's default size, and a strength that leaves at least one of ``steps`` to run (half
+    the schedule for image-to-image, all of it for inpainting); none for text-to-image."""
     import numpy as np
     from PIL import Image
 
@@ -233,10 +230,10 @@ def pipeline_inputs(pipe, seed, steps):
     per_net = image if nets == 1 else [image] * nets  # (a ControlNet pipeline's conditioning image for each net)
     if kind == "ControlNet":  # the image conditions each net; the size is the UNet's default
         return kind, {"image": per_net}
-    inputs = {"image": image, "strength": 1.0 if kind == "inpainting" else max(0.5, 1 / steps)}
-    if kind == "ControlNet image-to-image":  # the same image as the start and each net's condition
+    inputs = {"image": image, "strength": 1.0 if kind.endswith("inpainting") else max(0.5, 1 / steps)}
+    if kind.startswith("ControlNet"):  # the same image as the start and each net's condition
         inputs["control_image"] = per_net
-    if kind == "inpainting":  # white (repainted) in the middle half of each side
+    if kind.endswith("inpainting"):  # white (repainted) in the middle half of each side
         mask = np.zeros((size, size), np.uint8)
         mask[size // 4:3 * size // 4, size // 4:3 * size // 4] = 255
         inputs["mask_image"] = Image.fromarray(mask)

@@ -73,25 +73,28 @@ def _control_images(args):
     if args.controlnet and len(args.control_image) != len(args.controlnet):
         raise UsageError(f"--control-image: give one per --controlnet ({len(args.controlnet)}), in order; got "
                          f"{len(args.control_image)}")
-    if args.mask is not None or args.refiner is not None:
-        raise UsageError("--controlnet guides text-to-image and image-to-image: leave out --mask and --refiner")
+    if args.refiner is not None:
+        raise UsageError("--controlnet: leave out --refiner (the refiner takes no ControlNet)")
     return [_open_image("--control-image", path) for path in args.control_image]
 
 
-def _with_controlnets(args, pipe, images, dtype, device, image_to_image=False):
-    """The pipeline for a text-to-image (or with ``image_to_image``, an image-to-image) run: a ControlNet one on
+def _with_controlnets(args, pipe, images, dtype, device, kind="text-to-image"):
+    """The pipeline for a ``kind`` run ("text-to-image", "image-to-image" or "inpainting"): a ControlNet one on
     ``pipe``'s components with the --controlnet folders, or with the model folder's own nets (diffusers saved a
     ControlNet pipeline there); ``images`` (--control-image) one per net. Without nets, the plain one."""
     from .models import ControlNetModel
-    from .pipeline_controlnet import (ControlNetGuidance, StableDiffusionControlNetImg2ImgPipeline,
-                                      StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline)
+    from .pipeline_controlnet import (ControlNetGuidance, StableDiffusionControlNetPipeline,
+                                      StableDiffusionXLControlNetPipeline)
+    from .pipeline_controlnet_image import (StableDiffusionControlNetImg2ImgPipeline,
+                                            StableDiffusionControlNetInpaintPipeline)
 
     own = isinstance(pipe, ControlNetGuidance)  # the folder's own nets
     if not args.controlnet and not own:
         if images is not None:
             raise UsageError("--control-image is for ControlNet: give --controlnet too (or a --model folder "
                              "diffusers saved a ControlNet pipeline in)")
-        return _img2img(pipe) if image_to_image else pipe
+        return {"text-to-image": lambda: pipe, "image-to-image": lambda: _img2img(pipe),
+                "inpainting": lambda: _inpaint(pipe)}[kind]()
     if args.controlnet:
         nets = [ControlNetModel.from_pretrained(path, dtype=dtype, device=device) for path in args.controlnet]
         controlnet = nets[0] if len(nets) == 1 else nets
@@ -101,11 +104,12 @@ def _with_controlnets(args, pipe, images, dtype, device, image_to_image=False):
             raise UsageError(f"{args.model} is a ControlNet pipeline with {len(pipe._nets)} ControlNet"
                              f"{'s' if len(pipe._nets) > 1 else ''}: give --control-image for each")
     xl = hasattr(pipe, "text_encoder_2")
-    if image_to_image and xl:
-        raise UsageError("--image with ControlNet: our ControlNet image-to-image pipeline runs SD 1.x/2.x models; "
+    if kind != "text-to-image" and xl:
+        raise UsageError(f"--image with ControlNet: our ControlNet {kind} pipeline runs SD 1.x/2.x models; "
                          f"{args.model} is an SDXL one")
-    cls = StableDiffusionControlNetImg2ImgPipeline if image_to_image else StableDiffusionXLControlNetPipeline if xl \
-        else StableDiffusionControlNetPipeline
+    cls = {"image-to-image": StableDiffusionControlNetImg2ImgPipeline,
+           "inpainting": StableDiffusionControlNetInpaintPipeline,
+           "text-to-image": StableDiffusionXLControlNetPipeline if xl else StableDiffusionControlNetPipeline}[kind]
     if type(pipe) is not cls:
         try:
             pipe = cls.from_pipeline(pipe, controlnet, cuda_graph=pipe.cuda_graph, channels_last=pipe.channels_last)
@@ -224,11 +228,11 @@ def generate(args) -> int:
     if args.embedding:
         print(f"loaded {len(args.embedding)} textual inversion embedding{'s' if len(args.embedding) > 1 else ''}")
     if mask_image is not None:
-        pipe = _inpaint(pipe)
+        pipe = _with_controlnets(args, pipe, control_images, dtype, device, kind="inpainting")
     elif getattr(pipe, "_unet_takes_mask", False):
         raise UsageError(f"{args.model} is an inpainting model: give --image and --mask")
     elif init_image is not None:
-        pipe = _with_controlnets(args, pipe, control_images, dtype, device, image_to_image=True)
+        pipe = _with_controlnets(args, pipe, control_images, dtype, device, kind="image-to-image")
     elif getattr(pipe, "requires_aesthetics_score", False):
         raise UsageError(f"{args.model} is an SDXL refiner: give --image to refine, or use it as --refiner of an "
                          "SDXL base")
@@ -274,7 +278,8 @@ def generate(args) -> int:
         options.update(image=init_image, strength=strength)
         denoised = min(int(steps * strength), steps)
     if control_images is not None:  # the first image (or --image) sets the size, unless --height/--width do
-        scales = args.controlnet_scale or ([0.8] if init_image is not None else [1.0])  # (the pipeline's default)
+        default = 1.0 if init_image is None else 0.8 if mask_image is None else 0.5  # (the pipeline's, as diffusers)
+        scales = args.controlnet_scale or [default]
         options.update({"control_image" if init_image is not None else "image":
                         control_images[0] if len(control_images) == 1 else control_images},
                        controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales)

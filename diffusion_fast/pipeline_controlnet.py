@@ -1,5 +1,6 @@
 """Text-to-image guided by ControlNets, with diffusers' StableDiffusionControlNetPipeline and
 StableDiffusionXLControlNetPipeline semantics: the same image for the same seed, conditioning images and weights.
+(Image-to-image and inpainting guided by them: ``pipeline_controlnet_image.py``, on the same ControlNetGuidance.)
 
 Each conditioning image is prepared as diffusers' control image processor prepares it (a PIL image resized to the
 output size, Lanczos, in its own mode and then converted to RGB; pixels in [0, 1], not normalised; a tensor resized
@@ -24,7 +25,6 @@ from .models.unet import _per_block
 from .pipeline import StableDiffusionPipeline
 from .pipeline_common import check_denoising_bounds, check_size
 from .pipeline_folder import read_model_index, resolve_dtype
-from .pipeline_img2img import StableDiffusionImg2ImgPipeline
 from .pipeline_xl import StableDiffusionXLPipeline
 
 
@@ -125,7 +125,7 @@ class ControlNetGuidance:
 
     @property
     def _cond_names(self):  # the text-to-image pipeline's added conditioning (SDXL's), then one image per net
-        return (*self._added_names, *(self._image_name,) * len(self._nets))  # (a StepCallback gives several as one list)
+        return (*self._added_names, *(self._image_name,) * len(self._nets))  # (a StepCallback: several as one list)
 
     def _check_components(self):
         """Each ControlNet must give the residuals this UNet takes, from the same conditioning."""
@@ -136,17 +136,19 @@ class ControlNetGuidance:
                                             for _ in range(layers[i] + (i < len(layers) - 1))]
         cross = set(c.cross_attention_dim) if isinstance(c.cross_attention_dim, (list, tuple)) else \
             {c.cross_attention_dim}
-        fields = ("in_channels", "addition_embed_type", "addition_time_embed_dim",
-                  "projection_class_embeddings_input_dim")
+        fields = ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim")
+        latent = self.vae.config.latent_channels  # (what the nets take: an inpainting UNet takes more channels)
         for i, net in enumerate(self._nets):
             got = [conv.in_channels for conv in net.controlnet_down_blocks]
             n = net.config
-            if got != want or cross != {n.cross_attention_dim} or any(n[f] != c[f] for f in fields):
+            if (got != want or cross != {n.cross_attention_dim} or n.in_channels != latent
+                    or any(n[f] != c[f] for f in fields)):
                 theirs = ", ".join(f"{f} {n[f]!r}" for f in fields)
                 ours = ", ".join(f"{f} {c[f]!r}" for f in fields)
                 raise ValueError(f"controlnet {i} (residual widths {got}, cross_attention_dim {n.cross_attention_dim}, "
-                                 f"{theirs}) does not fit this UNet (residual widths {want}, cross_attention_dim "
-                                 f"{c.cross_attention_dim}, {ours}): a ControlNet trained for another model")
+                                 f"in_channels {n.in_channels}, {theirs}) does not fit this UNet (residual widths "
+                                 f"{want}, cross_attention_dim {c.cross_attention_dim}, latents of {latent} "
+                                 f"channels, {ours}): a ControlNet trained for another model")
 
     @classmethod
     def from_pretrained(cls, folder, dtype=None, device=None, *, variant=None, cuda_graph="auto",
@@ -155,7 +157,7 @@ class ControlNetGuidance:
         the folder's own, when diffusers saved a ControlNet pipeline there)."""
         if controlnet is None:
             controlnet = load_controlnet(*read_model_index(folder), resolve_dtype(dtype), device, variant)
-        base = cls._text_to_image.from_pretrained(folder, dtype, device, variant=variant, **components)
+        base = cls._base_pipeline.from_pretrained(folder, dtype, device, variant=variant, **components)
         return cls.from_pipeline(base, controlnet, cuda_graph=cuda_graph, channels_last=channels_last)
 
     def _models(self):
@@ -243,24 +245,29 @@ class ControlNetGuidance:
         """The ControlNets' residuals, summed, and the UNet's prediction with them (a net at scale 0 is skipped)."""
         nets = len(self._nets)
         added, images, (scales, guess_mode, split) = cond[:-nets - 1], cond[-nets - 1:-1], cond[-1]
-        added = dict(zip(("text_embeds", "time_ids"), added)) or None  # (SDXL's pooled embeds and time ids)
         active = [(net, image, scale) for net, image, scale in zip(self._nets, images, scales) if scale != 0]
-        if not active:
-            return self.unet(model_input, t, embeds, added)
+        down = mid = None
         # guess mode with guidance: the nets see the conditional half only; the unconditional half gets no residual
         half = (lambda x: x.chunk(2)[1]) if split else (lambda x: x)  # noqa: E731
-        control_added = {k: half(v) for k, v in added.items()} if added else None
-        down = mid = None
         for net, image, scale in active:
-            d, m = net(half(model_input), t, half(embeds), image, scale, guess_mode, control_added)
+            d, m = net(half(model_input), t, half(embeds), image, scale, guess_mode, self._nets_added(added, half))
             down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d)], mid + m)
-        if split:
+        if active and split:
             down, mid = [torch.cat([torch.zeros_like(d), d]) for d in down], torch.cat([torch.zeros_like(mid), mid])
-        return self.unet(model_input, t, embeds, added, down, mid)
+        return self._unet_with(model_input, t, embeds, added, down, mid)
+
+    @staticmethod
+    def _nets_added(added, half):
+        """The nets' added conditioning from the UNet's: SDXL's pooled embeddings and time ids; None for SD."""
+        return {k: half(v) for k, v in zip(("text_embeds", "time_ids"), added)} or None
+
+    def _unet_with(self, model_input, t, embeds, added, down, mid):
+        """The UNet's prediction with the residuals (None: no net ran) and its added conditioning (SDXL's)."""
+        return self.unet(model_input, t, embeds, dict(zip(("text_embeds", "time_ids"), added)) or None, down, mid)
 
 
-class StableDiffusionControlNetPipeline(ControlNetGuidance, StableDiffusionPipeline):
-    _text_to_image, _added_names = StableDiffusionPipeline, ()
+class SDControlNetComponents(ControlNetGuidance):
+    """The SD 1.x/2.x ControlNet pipelines' components: the SD pipeline's and the nets."""
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, controlnet, *, cuda_graph="auto",
                  channels_last="auto"):
@@ -273,7 +280,9 @@ class StableDiffusionControlNetPipeline(ControlNetGuidance, StableDiffusionPipel
         """This pipeline on an SD pipeline's components (shared, not copied) and ``controlnet``."""
         return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, controlnet, **settings)
 
-    from_pipeline_func = from_pipeline.__func__  # (the image-to-image pipeline's too)
+
+class StableDiffusionControlNetPipeline(SDControlNetComponents, StableDiffusionPipeline):
+    _base_pipeline, _added_names = StableDiffusionPipeline, ()
 
     @lora_call_scale
     @torch.no_grad()
@@ -306,7 +315,7 @@ class StableDiffusionXLControlNetPipeline(ControlNetGuidance, StableDiffusionXLP
     """diffusers' StableDiffusionXLControlNetPipeline: SDXL's text conditioning (two encoders, pooled embeddings and
     size ids, which the nets take too), the ControlNets' guidance, and ``denoising_end``."""
     _callback_tensor_inputs = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids", "image")
-    _text_to_image, _added_names = StableDiffusionXLPipeline, StableDiffusionXLPipeline._cond_names
+    _base_pipeline, _added_names = StableDiffusionXLPipeline, StableDiffusionXLPipeline._cond_names
     _begins_at_zero = False  # (diffusers' SDXL ControlNet pipeline does not set a begin index, unlike its SDXL one)
     _keep_over_schedule = True
 
@@ -351,64 +360,3 @@ class StableDiffusionXLControlNetPipeline(ControlNetGuidance, StableDiffusionXLP
             negative_crops_coords_top_left, negative_target_size)
         return self._sample(shape, embeds, (*cond, *control), num_inference_steps, guidance_scale, do_cfg, eta,
                             generator, latents, output_type, timesteps, sigmas, callback, denoising_end)
-
-
-class StableDiffusionControlNetImg2ImgPipeline(ControlNetGuidance, StableDiffusionImg2ImgPipeline):
-    """diffusers' StableDiffusionControlNetImg2ImgPipeline: image-to-image (``image``, ``strength``) guided by the
-    nets' ``control_image``, resized to the initial image's size. The nets' start and end are fractions of the steps
-    that run (the strength's tail), as diffusers has them."""
-    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "control_image")
-    _text_to_image, _added_names, _image_name = StableDiffusionPipeline, (), "control_image"
-
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, controlnet, *, cuda_graph="auto",
-                 channels_last="auto"):
-        self._set_controlnet(controlnet)
-        super().__init__(unet, vae, text_encoder, tokenizer, scheduler, cuda_graph=cuda_graph,
-                         channels_last=channels_last)
-
-    from_pipeline = classmethod(StableDiffusionControlNetPipeline.from_pipeline_func)
-
-    @lora_call_scale
-    @torch.no_grad()
-    def __call__(self, prompt=None, image=None, control_image=None, height=None, width=None, strength=0.8,
-                 num_inference_steps=50, guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
-                 generator=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
-                 controlnet_conditioning_scale=0.8, guess_mode=False, control_guidance_start=0.0,
-                 control_guidance_end=1.0, clip_skip=None, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=("latents",)):
-        """As diffusers': ``image`` is the initial image (resized to ``height`` x ``width`` when given), and
-        ``control_image`` each net's conditioning image, resized to the initial image's size."""
-        check_size(self.vae_scale_factor, **{k: v for k, v in (("height", height), ("width", width)) if v is not None})
-        size = None if height is None and width is None else _given_size(image, height, width, self.vae_scale_factor)
-        image, latent_input, height, width = self._prepare_image(image, strength, size)
-        shape, do_cfg, cond, callback = self._begin_call(
-            control_image, height, width, controlnet_conditioning_scale, control_guidance_start,
-            control_guidance_end, guess_mode, (prompt, negative_prompt, num_inference_steps, guidance_scale,
-                                               num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None,
-                                               output_type),
-            callback_on_step_end, callback_on_step_end_tensor_inputs)
-        clip_skip = self._check_clip_skip(clip_skip)  # (before the schedule is set: a refused call changes nothing)
-        num_inference_steps, timesteps, do_cfg, negative_prompt_embeds, embeds = self._sd_tail_and_embeds(
-            prompt, num_inference_steps, strength, None, None, guidance_scale, num_images_per_prompt,
-            negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
-        if callback is not None:
-            callback.extra["negative_prompt_embeds"] = negative_prompt_embeds
-        latents = self._image_latents(image, latent_input, timesteps[:1].repeat(shape[0]), shape[0], embeds.dtype,
-                                      generator)
-        return self._denoise(latents, timesteps, embeds, cond, num_inference_steps, guidance_scale, do_cfg, eta,
-                             generator, output_type, callback)
-
-
-def _given_size(image, height, width, scale):
-    """(height, width) for an initial image with one or both given: the missing one is the image's own, cut to a
-    multiple of ``scale`` (diffusers' get_default_height_width)."""
-    import PIL.Image
-
-    first = image[0] if isinstance(image, (list, tuple)) and image else image
-    if isinstance(first, PIL.Image.Image):
-        own = (first.size[1], first.size[0])
-    elif torch.is_tensor(first):
-        own = tuple(first.shape[-2:])
-    else:
-        return None  # (preprocess_image names what it is)
-    return tuple(given if given is not None else x - x % scale for given, x in zip((height, width), own))

@@ -274,10 +274,11 @@ def load_pipeline(folder, **kwargs):
     text encoders), ``StableDiffusionXLImg2ImgPipeline`` for an SDXL refiner (``requires_aesthetics_score``),
     ``StableDiffusionXLInpaintPipeline`` / ``StableDiffusionInpaintPipeline`` for an SDXL / SD inpainting folder
     (diffusers' class name), ``StableDiffusionXLControlNetPipeline`` / ``StableDiffusionControlNetPipeline`` /
-    ``StableDiffusionControlNetImg2ImgPipeline`` for a folder diffusers saved such a ControlNet pipeline in, else
+    ``...Img2ImgPipeline`` / ``...InpaintPipeline`` for a folder diffusers saved such a ControlNet pipeline in, else
     ``StableDiffusionPipeline``; ``kwargs`` go to its ``from_pretrained``."""
-    from .pipeline_controlnet import (StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetPipeline,
-                                      StableDiffusionXLControlNetPipeline)
+    from .pipeline_controlnet import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+    from .pipeline_controlnet_image import (StableDiffusionControlNetImg2ImgPipeline,
+                                            StableDiffusionControlNetInpaintPipeline)
     from .pipeline_img2img import StableDiffusionXLImg2ImgPipeline
     from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
@@ -286,11 +287,12 @@ def load_pipeline(folder, **kwargs):
     inpainting = "Inpaint" in name
     if "controlnet" in components and "ControlNet" in name:
         xl = "text_encoder_2" in components
-        if inpainting or (xl and "Img2Img" in name):  # (ours would load it without its ControlNet: another image)
-            raise ValueError(f"{folder!r} holds a {name}: our ControlNet pipelines are text-to-image (SD and SDXL) and "
-                             "image-to-image (SD); accelerate diffusers' own pipeline instead (diffusion_fast.accelerate)")
-        cls = StableDiffusionXLControlNetPipeline if xl else StableDiffusionControlNetImg2ImgPipeline if \
-            "Img2Img" in name else StableDiffusionControlNetPipeline
+        if xl and (inpainting or "Img2Img" in name):  # (ours would load it without its nets: another image)
+            raise ValueError(f"{folder!r} holds a {name}: our SDXL ControlNet pipeline is text-to-image "
+                             "(image-to-image and inpainting are SD's); accelerate diffusers' own pipeline instead "
+                             "(diffusion_fast.accelerate)")
+        cls = StableDiffusionXLControlNetPipeline if xl else StableDiffusionControlNetInpaintPipeline if inpainting \
+            else StableDiffusionControlNetImg2ImgPipeline if "Img2Img" in name else StableDiffusionControlNetPipeline
     elif "text_encoder_2" in components and inpainting:
         cls = StableDiffusionXLInpaintPipeline
     elif "text_encoder_2" in components and components.get("requires_aesthetics_score", False):

@@ -618,10 +618,13 @@ def controlnet_folders(tmp_path_factory):
     Image.fromarray(rng.integers(0, 255, (34, 42), dtype=np.uint8)).save(root / "edges.png")  # grayscale, 42x34
     Image.fromarray(rng.integers(0, 255, (34, 42, 3), dtype=np.uint8)).save(root / "pose.png")
     Image.fromarray(rng.integers(0, 255, (34, 42, 3), dtype=np.uint8)).save(root / "init.png")  # (image-to-image's)
+    mask = np.zeros((34, 42), np.uint8)
+    mask[8:24, 10:30] = 255
+    Image.fromarray(mask).save(root / "mask.png")
     return root, theirs, with_net, xl
 
 
-@pytest.mark.parametrize("nets", [1, 2, "sdxl", "img2img"])
+@pytest.mark.parametrize("nets", [1, 2, "sdxl", "img2img", "inpaint"])
 def test_generate_with_controlnets_gives_diffusers_image(controlnet_folders, tmp_path, capsys, nets):
     """--controlnet DIR --control-image FILE (repeated): the image diffusers' ControlNet pipeline makes from the same
     seed (within one 8-bit level), at the first image's size cut to a multiple of the VAE's scale."""
@@ -643,6 +646,16 @@ def test_generate_with_controlnets_gives_diffusers_image(controlnet_folders, tmp
         pipe = diffusers.StableDiffusionControlNetImg2ImgPipeline(**with_net.components)
         image = {"image": Image.open(root / "init.png"), "control_image": Image.open(root / "edges.png"),
                  "strength": 0.7}
+    elif nets == "inpaint":  # --image and --mask: inpainting guided by the net (the pipeline's scale 0.5 here)
+        import diffusers
+
+        argv = [a for a in argv if a not in ("--controlnet-scale", "0.8")]
+        argv += ["--model", str(root / "sd"), "--controlnet", str(root / "net0"), "--control-image",
+                 str(root / "edges.png"), "--image", str(root / "init.png"), "--mask", str(root / "mask.png")]
+        pipe = diffusers.StableDiffusionControlNetInpaintPipeline(**dict(theirs.components,
+                                                                          controlnet=theirs.controlnet.nets[0]))
+        image = {"image": Image.open(root / "init.png"), "mask_image": Image.open(root / "mask.png"),
+                 "control_image": Image.open(root / "edges.png"), "controlnet_conditioning_scale": 0.5}
     elif nets == "sdxl":
         argv += ["--model", str(root / "sdxl"), "--controlnet", str(root / "xl-net"), "--control-image",
                  str(root / "edges.png")]
@@ -654,8 +667,8 @@ def test_generate_with_controlnets_gives_diffusers_image(controlnet_folders, tmp
     assert main(argv) == 0
     assert "max abs pixel difference" in capsys.readouterr().out
     inputs = image if isinstance(image, dict) else {"image": image}
+    inputs.setdefault("controlnet_conditioning_scale", [0.8, 0.8] if nets == 2 else 0.8)
     expected = pipe("a photograph of an astronaut riding a horse", num_inference_steps=3,
-                    controlnet_conditioning_scale=[0.8, 0.8] if nets == 2 else 0.8,
                     generator=torch.Generator().manual_seed(2), **inputs).images[0]
     got = np.asarray(Image.open(out), dtype=np.int16)
     assert got.shape == (32, 40, 3) and np.abs(got - np.asarray(expected, dtype=np.int16)).max() <= 1
@@ -669,10 +682,12 @@ def test_generate_with_controlnets_gives_diffusers_image(controlnet_folders, tmp
     (["--controlnet", "NET0", "--control-image", "/no/such.png"], "--control-image: no such file: /no/such.png"),
     (["--controlnet", "NET0", "--control-image", "EDGES", "--controlnet-scale", "1", "--controlnet-scale", "2"],
      r"--controlnet-scale: give one for all ControlNets or one per ControlNet \(1\); got 2"),
-    (["--controlnet", "NET0", "--control-image", "EDGES", "--image", "INIT", "--mask", "EDGES"],
-     "--controlnet guides text-to-image and image-to-image: leave out --mask and --refiner"),
+    (["--controlnet", "NET0", "--control-image", "EDGES", "--refiner", "SD"],
+     "--controlnet: leave out --refiner"),
     (["--model", "SDXL", "--controlnet", "NET0", "--control-image", "EDGES", "--image", "INIT"],
      "our ControlNet image-to-image pipeline runs SD 1.x/2.x models"),
+    (["--model", "SDXL", "--controlnet", "NET0", "--control-image", "EDGES", "--image", "INIT", "--mask", "INIT"],
+     "our ControlNet inpainting pipeline runs SD 1.x/2.x models"),
     (["--model", "SD_CONTROLNET"], "is a ControlNet pipeline with 1 ControlNet: give --control-image for each"),
     (["--model", "SD2", "--controlnet", "NET0", "--control-image", "EDGES"],
      "--controlnet: controlnet 0 .* does not fit this UNet"),  # an SD1-shaped net for an SD2-shaped model
@@ -686,7 +701,7 @@ def test_generate_controlnet_bad_options_one_line(controlnet_folders, tmp_path, 
     if "SD2" in argv:
         tiny.write_tiny_pipeline(str(tmp_path / "sd2"), "sd2", 0)
     names = {"NET0": root / "net0", "NET1": root / "net1", "EDGES": root / "edges.png", "SD2": tmp_path / "sd2",
-             "SDXL": root / "sdxl", "INIT": root / "init.png",
+             "SDXL": root / "sdxl", "INIT": root / "init.png", "SD": root / "sd",
              "SD_CONTROLNET": root / "sd-controlnet"}
     if "--model" not in argv:
         argv = ["--model", str(root / "sd"), *argv]
@@ -706,9 +721,11 @@ def test_check_runs_a_controlnet_folder(controlnet_folders, capsys, monkeypatch)
     root, xl = controlnet_folders[0], controlnet_folders[3]
     xl.save_pretrained(root / "sdxl-controlnet")  # (an SDXL one too: the probe's added conditioning before the image)
     diffusers.StableDiffusionControlNetImg2ImgPipeline(**controlnet_folders[2].components).save_pretrained(
-        root / "sd-controlnet-img2img")  # and image-to-image, from half the schedule
+        root / "sd-controlnet-img2img")  # and image-to-image, from half the schedule, and inpainting
+    diffusers.StableDiffusionControlNetInpaintPipeline(**controlnet_folders[2].components).save_pretrained(
+        root / "sd-controlnet-inpaint")
     for folder, kind in (("sdxl-controlnet", "ControlNet"), ("sd-controlnet-img2img", "ControlNet image-to-image"),
-                         ("sd-controlnet", "ControlNet")):
+                         ("sd-controlnet-inpaint", "ControlNet inpainting"), ("sd-controlnet", "ControlNet")):
         assert main(["check", "--model", str(root / folder), "--steps", "2"]) == 0
         text = capsys.readouterr().out
         assert f"{kind} pipeline (2 " in text and "0 failed" in text

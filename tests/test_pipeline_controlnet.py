@@ -13,8 +13,7 @@ from PIL import Image
 
 import _tiny_diffusers
 import diffusion_fast
-from diffusion_fast import (StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetPipeline,
-                            StableDiffusionXLControlNetPipeline)
+from diffusion_fast import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 from diffusion_fast.models import ControlNetModel, MultiControlNetModel, UNet2DConditionModel
 from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
 
@@ -317,96 +316,19 @@ def test_unet_refuses_residuals_of_another_shape():
         unet(sample, 10, hidden, None, [torch.zeros(1)] * 2, torch.zeros(1))
 
 
-@pytest.mark.parametrize("class_name, variant", [("StableDiffusionControlNetInpaintPipeline", "sd1"),
-                                                 ("StableDiffusionXLControlNetImg2ImgPipeline", "sdxl")])
-def test_load_pipeline_refuses_a_controlnet_folder_it_would_load_without_its_net(tmp_path, class_name, variant):
-    """Our ControlNet pipelines are text-to-image and SD image-to-image; an inpainting or SDXL image-to-image
-    ControlNet folder would otherwise load as our plain inpainting or image-to-image pipeline, without the net:
-    another image, in silence."""
+@pytest.mark.parametrize("class_name", ["StableDiffusionXLControlNetImg2ImgPipeline",
+                                        "StableDiffusionXLControlNetInpaintPipeline"])
+def test_load_pipeline_refuses_a_controlnet_folder_it_would_load_without_its_net(tmp_path, class_name):
+    """Our SDXL ControlNet pipeline is text-to-image; an SDXL image-to-image or inpainting ControlNet folder would
+    otherwise load as our plain SDXL image-to-image or inpainting pipeline, without the net: another image, in
+    silence."""
     import json
 
-    _tiny_diffusers.controlnet_pipeline(seed=4, variant=variant).save_pretrained(tmp_path)
+    _tiny_diffusers.controlnet_pipeline(seed=4, variant="sdxl").save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     (tmp_path / "model_index.json").write_text(json.dumps(dict(index, _class_name=class_name)))
-    with pytest.raises(ValueError, match=f"holds a {class_name}: our ControlNet pipelines are text-to-image"):
+    with pytest.raises(ValueError, match=f"holds a {class_name}: our SDXL ControlNet pipeline is text-to-image"):
         diffusion_fast.load_pipeline(tmp_path)
-
-
-# ---- image-to-image -----------------------------------------------------------------------------------------------
-# 50x42 RGB: cut to 48x40 by both, and conditioning images of its size (diffusers prepares each at its own size, so
-# with others it fails; ours resizes them to the initial image's)
-INIT = Image.fromarray(np.random.default_rng(3).integers(0, 255, (42, 50, 3), dtype=np.uint8))
-INIT_EDGES, INIT_POSE = EDGES.resize(INIT.size), POSE.resize(INIT.size)
-
-
-@pytest.fixture(scope="module", params=[1, 2], ids=["one-net", "two-nets"])
-def img2img_pair(request, tmp_path_factory):
-    """(diffusers' StableDiffusionControlNetImg2ImgPipeline on the tiny SD1 ControlNet pipeline's components, ours
-    loaded from the folder diffusers saved it in, the number of nets)."""
-    import diffusers
-
-    nets = request.param
-    theirs = diffusers.StableDiffusionControlNetImg2ImgPipeline(
-        **_tiny_diffusers.controlnet_pipeline(seed=4, nets=nets).components)
-    theirs.set_progress_bar_config(disable=True)
-    folder = tmp_path_factory.mktemp(f"tiny-controlnet-img2img-{nets}")
-    theirs.save_pretrained(folder)
-    ours = diffusion_fast.load_pipeline(folder)
-    ours.set_progress_bar_config(disable=True)
-    assert type(ours) is StableDiffusionControlNetImg2ImgPipeline
-    return theirs, ours, nets
-
-
-def _img2img(pipe, nets, backend_name="fast", **kwargs):
-    kwargs = dict(dict(prompt="a red cube", image=INIT, control_image=_per_net(nets, INIT_EDGES, INIT_POSE), strength=0.7,
-                       num_inference_steps=6, output_type="np"), **kwargs)
-    with diffusion_fast.backend(backend_name):
-        return pipe(generator=torch.Generator().manual_seed(3), **kwargs).images
-
-
-@pytest.mark.parametrize("backend_name", ["fast", "reference"])
-@pytest.mark.parametrize("kwargs", [
-    {},
-    dict(guess_mode=True),
-    # the nets' end is a fraction of the 4 steps that run (of 6 it would keep the net one step longer)
-    dict(control_guidance_end=0.6),
-    dict(height=32, width=40),  # the initial image resized to it, and the conditioning images too
-    dict(strength=1.0, num_images_per_prompt=2, negative_prompt="blurry"),
-])
-def test_img2img_same_image_as_diffusers(img2img_pair, backend_name, kwargs):
-    theirs, ours, nets = img2img_pair
-    b = _img2img(ours, nets, backend_name, **kwargs)
-    assert np.abs(_img2img(theirs, nets, **kwargs) - b).max() <= PIPELINE_FP32_MAX_ABS
-    off = _img2img(ours, nets, backend_name, **dict(kwargs, controlnet_conditioning_scale=_per_net(nets, 0.0, 0.0)))
-    assert np.abs(off - b).max() > 0.005  # the residuals matter
-
-
-def test_img2img_callback_names_the_images_control_image(img2img_pair):
-    theirs, ours, nets = img2img_pair
-
-    def callback(pipe, i, t, tensors):
-        images = tensors["control_image"] if nets > 1 else [tensors["control_image"]]
-        flipped = [im.flip(-1) for im in images]
-        return {"control_image": flipped if nets > 1 else flipped[0]} if i == 0 else {}
-
-    kwargs = dict(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["control_image"])
-    b = _img2img(ours, nets, **kwargs)
-    assert np.abs(_img2img(theirs, nets, **kwargs) - b).max() <= PIPELINE_FP32_MAX_ABS
-    assert np.abs(b - _img2img(ours, nets)).max() > 0.005
-    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs has to be in"):
-        _img2img(ours, nets, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["image"])
-
-
-def test_img2img_bad_input_is_named(img2img_pair):
-    _, ours, nets = img2img_pair
-    for kwargs, error, match in [
-        (dict(control_image=None), ValueError, "image: (give a conditioning image|2 ControlNets take a list)"),
-        (dict(image=None), ValueError, "image: give the initial image"),
-        (dict(strength=1.5), ValueError, "strength must be in"),
-        (dict(width=30), ValueError, "width must be a positive multiple of 8"),
-    ]:
-        with pytest.raises(error, match=match):
-            _img2img(ours, nets, **kwargs)
 
 
 def test_a_controlnet_assigned_is_checked(pair):

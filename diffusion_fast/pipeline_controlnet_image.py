@@ -1,0 +1,146 @@
+"""Image-to-image and inpainting guided by ControlNets, with diffusers' StableDiffusionControlNetImg2ImgPipeline and
+StableDiffusionControlNetInpaintPipeline semantics (SD 1.x/2.x): the same image for the same seed, images and weights.
+Each is its plain pipeline (``pipeline_img2img.py``, ``pipeline_inpaint.py``) with ``ControlNetGuidance``: the nets'
+images come as ``control_image``, and their start and end are fractions of the steps that run (the strength's tail).
+"""
+from __future__ import annotations
+
+import torch
+
+from .lora import lora_call_scale
+from .pipeline import StableDiffusionPipeline
+from .pipeline_common import check_size
+from .pipeline_controlnet import SDControlNetComponents
+from .pipeline_img2img import StableDiffusionImg2ImgPipeline
+from .pipeline_inpaint import StableDiffusionInpaintPipeline
+
+
+class StableDiffusionControlNetImg2ImgPipeline(SDControlNetComponents, StableDiffusionImg2ImgPipeline):
+    """diffusers' StableDiffusionControlNetImg2ImgPipeline: image-to-image (``image``, ``strength``) guided by the
+    nets' ``control_image``, resized to the initial image's size. The nets' start and end are fractions of the steps
+    that run (the strength's tail), as diffusers has them."""
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "control_image")
+    _base_pipeline, _added_names, _image_name = StableDiffusionPipeline, (), "control_image"
+
+    @lora_call_scale
+    @torch.no_grad()
+    def __call__(self, prompt=None, image=None, control_image=None, height=None, width=None, strength=0.8,
+                 num_inference_steps=50, guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
+                 generator=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
+                 controlnet_conditioning_scale=0.8, guess_mode=False, control_guidance_start=0.0,
+                 control_guidance_end=1.0, clip_skip=None, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",)):
+        """As diffusers': ``image`` is the initial image (resized to ``height`` x ``width`` when given), and
+        ``control_image`` each net's conditioning image, resized to the initial image's size."""
+        check_size(self.vae_scale_factor, **{k: v for k, v in (("height", height), ("width", width)) if v is not None})
+        size = None if height is None and width is None else _given_size(image, height, width, self.vae_scale_factor)
+        image, latent_input, height, width = self._prepare_image(image, strength, size)
+        shape, do_cfg, cond, callback = self._begin_call(
+            control_image, height, width, controlnet_conditioning_scale, control_guidance_start,
+            control_guidance_end, guess_mode, (prompt, negative_prompt, num_inference_steps, guidance_scale,
+                                               num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None,
+                                               output_type),
+            callback_on_step_end, callback_on_step_end_tensor_inputs)
+        clip_skip = self._check_clip_skip(clip_skip)  # (before the schedule is set: a refused call changes nothing)
+        num_inference_steps, timesteps, do_cfg, negative_prompt_embeds, embeds = self._sd_tail_and_embeds(
+            prompt, num_inference_steps, strength, None, None, guidance_scale, num_images_per_prompt,
+            negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
+        if callback is not None:
+            callback.extra["negative_prompt_embeds"] = negative_prompt_embeds
+        latents = self._image_latents(image, latent_input, timesteps[:1].repeat(shape[0]), shape[0], embeds.dtype,
+                                      generator)
+        return self._denoise(latents, timesteps, embeds, cond, num_inference_steps, guidance_scale, do_cfg, eta,
+                             generator, output_type, callback)
+
+
+def _given_size(image, height, width, scale):
+    """(height, width) for an initial image with one or both given: the missing one is the image's own, cut to a
+    multiple of ``scale`` (diffusers' get_default_height_width)."""
+    import PIL.Image
+
+    first = image[0] if isinstance(image, (list, tuple)) and image else image
+    if isinstance(first, PIL.Image.Image):
+        own = (first.size[1], first.size[0])
+    elif torch.is_tensor(first):
+        own = tuple(first.shape[-2:])
+    else:
+        return None  # (preprocess_image names what it is)
+    return tuple(given if given is not None else x - x % scale for given, x in zip((height, width), own))
+
+
+class StableDiffusionControlNetInpaintPipeline(SDControlNetComponents, StableDiffusionInpaintPipeline):
+    """diffusers' StableDiffusionControlNetInpaintPipeline: inpainting (an inpainting UNet, or a plain one blended)
+    guided by the nets' ``control_image``. The output has the image's own size unless ``height`` / ``width`` are
+    given (not the UNet's default, as diffusers' ControlNet inpainting has it); with ``padding_mask_crop`` the
+    control images are cut to the same box as the image. The nets take the latents alone, not the mask and masked
+    image an inpainting UNet gets beside them."""
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "control_image", "mask",
+                               "masked_image_latents")
+    _base_pipeline, _image_name = StableDiffusionInpaintPipeline, "control_image"  # (it loads inpainting UNets)
+
+    @property
+    def _added_names(self):  # an inpainting UNet's inputs beside the latents (a plain UNet's blend takes none)
+        plain = self.unet.config.in_channels == self.vae.config.latent_channels
+        return () if plain else StableDiffusionInpaintPipeline._cond_names
+
+    @staticmethod
+    def _nets_added(added, half):
+        return None  # (the mask and the masked image's latents are the UNet's alone)
+
+    def _unet_with(self, model_input, t, embeds, added, down, mid):
+        return self.unet(torch.cat([model_input, *added], dim=1) if added else model_input, t, embeds, None, down,
+                         mid)
+
+    @lora_call_scale
+    @torch.no_grad()
+    def __call__(self, prompt=None, image=None, mask_image=None, control_image=None, height=None, width=None,
+                 padding_mask_crop=None, strength=1.0, num_inference_steps=50, guidance_scale=7.5,
+                 negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None, latents=None,
+                 prompt_embeds=None, negative_prompt_embeds=None, output_type="pil",
+                 controlnet_conditioning_scale=0.5, guess_mode=False, control_guidance_start=0.0,
+                 control_guidance_end=1.0, clip_skip=None, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",)):
+        """As diffusers': ``image`` and ``mask_image`` as inpainting takes them, ``control_image`` each net's
+        conditioning image (resized to the output size), the default scale 0.5."""
+        check_size(self.vae_scale_factor, **{k: v for k, v in (("height", height), ("width", width)) if v is not None})
+        height, width = _given_size(image, height, width, self.vae_scale_factor) or (height, width)
+        shape = self._latent_shape(strength, image, mask_image, height, width, prompt, negative_prompt,
+                                   num_inference_steps, guidance_scale, num_images_per_prompt, prompt_embeds,
+                                   negative_prompt_embeds, output_type)
+        crop_image, crop_mask, box = self._crop_to_mask(image, mask_image, padding_mask_crop, output_type, shape)
+        height, width = shape[2] * self.vae_scale_factor, shape[3] * self.vae_scale_factor
+        if box is not None:  # the nets' images cut to the image's box and filled to the output size, as diffusers
+            control_image = _cropped_controls(control_image, box, width, height)
+        _, do_cfg, cond, callback = self._begin_call(
+            control_image, height, width, controlnet_conditioning_scale, control_guidance_start,
+            control_guidance_end, guess_mode, (prompt, negative_prompt, num_inference_steps, guidance_scale,
+                                               num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None,
+                                               output_type),
+            callback_on_step_end, callback_on_step_end_tensor_inputs)
+        clip_skip = self._check_clip_skip(clip_skip)  # (before the schedule is set: a refused call changes nothing)
+        init_image, mask_condition = self._image_and_mask(crop_image, crop_mask, None, shape, latents)
+        num_inference_steps, timesteps, do_cfg, negative_prompt_embeds, embeds = self._sd_tail_and_embeds(
+            prompt, num_inference_steps, strength, None, None, guidance_scale, num_images_per_prompt,
+            negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
+        latents, mask, masked = self._inpaint_latents(init_image, mask_condition, None, latents, shape, timesteps,
+                                                      embeds.dtype, generator, strength, do_cfg)
+        if callback is not None:
+            callback.extra.update(negative_prompt_embeds=negative_prompt_embeds, mask=mask, masked_image_latents=masked)
+        inpainting = () if self._blend is not None else (mask, masked)
+        output = self._denoise_and_unblend(latents, timesteps, embeds, (*inpainting, *cond), num_inference_steps,
+                                           guidance_scale, do_cfg, eta, generator, output_type, callback)
+        return self._paste_back(output, image, mask_image, box)
+
+
+def _cropped_controls(control_image, box, width, height):
+    """padding_mask_crop's box cut from each PIL conditioning image (nested lists too) and filled to the output
+    size (diffusers' crops_coords with resize mode "fill"); tensors as they are (diffusers crops PIL images only)."""
+    import PIL.Image
+
+    from .mask_crop import resize_fill
+
+    if isinstance(control_image, (list, tuple)):
+        return [_cropped_controls(im, box, width, height) for im in control_image]
+    if isinstance(control_image, PIL.Image.Image):
+        return resize_fill(control_image.crop(box), width, height)
+    return control_image
