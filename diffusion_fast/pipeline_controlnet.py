@@ -28,11 +28,11 @@ from .pipeline_folder import read_model_index, resolve_dtype
 from .pipeline_xl import StableDiffusionXLPipeline
 
 
-def prepare_control_image(image, height, width, scale) -> torch.Tensor:
+def prepare_control_image(image, height, width, scale, name="image") -> torch.Tensor:
     """diffusers' control image processor (VaeImageProcessor with do_normalize=False, do_convert_rgb=True): PIL
     images (one or a list) resized to (height, width), each None taken from the (first) image and cut down to a
     multiple of ``scale``, then RGB, in [0, 1]; a (B, C, H, W) or (C, H, W) tensor, or a list of them, resized
-    (nearest) the same way. Returns a float32 (B, C, H, W) tensor."""
+    (nearest) the same way. Returns a float32 (B, C, H, W) tensor; errors name the argument as ``name``."""
     import PIL.Image
 
     images = image if isinstance(image, (list, tuple)) else [image]
@@ -40,21 +40,21 @@ def prepare_control_image(image, height, width, scale) -> torch.Tensor:
         width, height = (given if given is not None else x for given, x in zip((width, height), images[0].size))
         width, height = width - width % scale, height - height % scale
         if width == 0 or height == 0:
-            raise ValueError(f"image is {images[0].size[0]}x{images[0].size[1]}: smaller than the VAE's scale {scale}")
+            raise ValueError(f"{name} is {images[0].size[0]}x{images[0].size[1]}: smaller than the VAE's scale {scale}")
         arrays = [np.array(im.resize((width, height), resample=PIL.Image.LANCZOS).convert("RGB")).astype(np.float32)
                   / 255.0 for im in images]
         return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2))
     if images and all(torch.is_tensor(im) and im.dim() == images[0].dim() for im in images):
         batch = torch.cat(images) if images[0].dim() == 4 else torch.stack(images)
         if batch.dim() != 4 or not batch.is_floating_point():
-            raise ValueError(f"image: a tensor must be a float (B, C, H, W) batch or (C, H, W) image in [0, 1], got "
+            raise ValueError(f"{name}: a tensor must be a float (B, C, H, W) batch or (C, H, W) image in [0, 1], got "
                              f"{images[0].dtype} of shape {tuple(images[0].shape)}")
         height, width = (given if given is not None else x for given, x in zip((height, width), batch.shape[2:]))
         height, width = height - height % scale, width - width % scale
         if (height, width) != tuple(batch.shape[2:]):
             batch = torch.nn.functional.interpolate(batch, size=(height, width))
         return batch.float()
-    raise TypeError(f"image must be a PIL image, a (B, C, H, W) or (C, H, W) tensor, or a list of either, got "
+    raise TypeError(f"{name} must be a PIL image, a (B, C, H, W) or (C, H, W) tensor, or a list of either, got "
                     f"{type(image).__name__}")
 
 
@@ -204,17 +204,23 @@ class ControlNetGuidance:
         nets = len(self._nets)
         if nets > 1:
             if not isinstance(image, (list, tuple)) or len(image) != nets:
-                raise ValueError(f"image: {nets} ControlNets take a list of {nets} conditioning images (or a list of "
-                                 f"{nets} lists, one image per prompt each), got {type(image).__name__}"
+                raise ValueError(f"{self._image_name}: {nets} ControlNets take a list of {nets} conditioning images (or a "
+                                 f"list of {nets} lists, one image per prompt each), got {type(image).__name__}"
                                  f"{f' of {len(image)}' if isinstance(image, (list, tuple)) else ''}")
             if any(isinstance(im, list) for im in image):  # [[canny_1, pose_1], [canny_2, pose_2]]: one per prompt
                 image = [list(per_net) for per_net in zip(*image)]
         images = [image] if nets == 1 else list(image)
         if any(im is None for im in images):
-            raise ValueError("image: give a conditioning image per ControlNet")
-        first = prepare_control_image(images[0], height, width, self.vae_scale_factor)
+            raise ValueError(f"{self._image_name}: give a conditioning image per ControlNet")
+        first = prepare_control_image(images[0], height, width, self.vae_scale_factor, self._image_name)
         size = first.shape[2:]
-        return [first] + [prepare_control_image(im, size[0], size[1], self.vae_scale_factor) for im in images[1:]]
+        prepared = [first] + [prepare_control_image(im, size[0], size[1], self.vae_scale_factor, self._image_name)
+                              for im in images[1:]]
+        for i, (im, net) in enumerate(zip(prepared, self._nets)):  # (a PIL image is RGB by now; a tensor may not be)
+            if im.shape[1] != net.config.conditioning_channels:
+                raise ValueError(f"{self._image_name}{f' {i}' if nets > 1 else ''} has {im.shape[1]} channels; "
+                                 f"ControlNet {i} takes {net.config.conditioning_channels} (an RGB image)")
+        return prepared
 
     def _control_cond(self, images, shape, num_images_per_prompt, do_cfg, guess_mode):
         """diffusers' prepare_image after the preprocessing: each net's images repeated to the batch (one image, or
@@ -223,8 +229,8 @@ class ControlNetGuidance:
         cond = []
         for i, im in enumerate(images):
             if im.shape[0] not in (1, batch):
-                raise ValueError(f"image{f' {i}' if len(images) > 1 else ''} has {im.shape[0]} images for {batch} "
-                                 "prompts: give one, or one per prompt")
+                which = f"{self._image_name}{f' {i}' if len(images) > 1 else ''}"
+                raise ValueError(f"{which} has {im.shape[0]} images for {batch} prompts: give one, or one per prompt")
             im = im.repeat_interleave(shape[0] if im.shape[0] == 1 else num_images_per_prompt, dim=0)
             im = im.to(device=self.device, dtype=self.controlnet.dtype)
             cond.append(torch.cat([im, im]) if do_cfg and not guess_mode else im)

@@ -223,6 +223,9 @@ def test_bad_input_is_named(pair):
         (dict(control_guidance_end=1.5), ValueError, "control_guidance_end"),
         (dict(guess_mode="yes"), TypeError, "guess_mode"),
         (dict(height=30), ValueError, "height must be a positive multiple of 8"),
+        # a grayscale tensor (PIL images are converted to RGB, as diffusers does; a tensor is taken as it is)
+        (dict(image=_per_net(nets, torch.rand(1, 1, 32, 40), torch.rand(1, 3, 32, 40))), ValueError,
+         "image( 0)? has 1 channels; ControlNet 0 takes 3"),
         (dict(prompt=["a", "b", "c"], image=_per_net(nets, [EDGES, POSE], [POSE, EDGES])), ValueError,
          "images for 3 prompts"),
     ]:

@@ -96,9 +96,11 @@ def test_img2img_callback_names_the_images_control_image(img2img_pair):
 def test_img2img_bad_input_is_named(img2img_pair):
     _, ours, nets = img2img_pair
     for kwargs, error, match in [
-        (dict(control_image=None), ValueError, "image: (give a conditioning image|2 ControlNets take a list)"),
+        (dict(control_image=None), ValueError, "control_image: (give a conditioning image|2 ControlNets take a list)"),
         (dict(image=None), ValueError, "image: give the initial image"),
         (dict(strength=1.5), ValueError, "strength must be in"),
+        (dict(control_image=_per_net(nets, torch.rand(1, 1, 40, 48), torch.rand(1, 3, 40, 48))), ValueError,
+         "control_image( 0)? has 1 channels; ControlNet 0 takes 3"),  # (named as the call names it)
         (dict(width=30), ValueError, "width must be a positive multiple of 8"),
     ]:
         with pytest.raises(error, match=match):
@@ -190,7 +192,7 @@ def test_inpaint_bad_input_is_named(inpaint_pair):
     _, ours, nets = inpaint_pair
     for kwargs, match in [
         (dict(mask_image=None), "image and mask_image: give both"),
-        (dict(control_image=None), "image: (give a conditioning image|2 ControlNets take a list)"),
+        (dict(control_image=None), "control_image: (give a conditioning image|2 ControlNets take a list)"),
         (dict(padding_mask_crop=-1), "padding_mask_crop must be a number of pixels"),
         (dict(padding_mask_crop=2), "output_type must be 'pil' with padding_mask_crop"),
     ]:
