@@ -84,8 +84,9 @@ def load_controlnet(folder, index, dtype=None, device=None, variant=None):
 
 
 class ControlNetGuidance:
-    """What both ControlNet pipelines add to their text-to-image pipeline: the nets (``controlnet``), their fit to the
-    UNet, the conditioning images, each step's scales (``_step_cond``) and the nets' residuals in the UNet call."""
+    """What every ControlNet pipeline adds to its plain pipeline (text-to-image, SDXL's, image-to-image, inpainting):
+    the nets (``controlnet``), their fit to the UNet, the conditioning images, each step's scales (``_step_cond``)
+    and the nets' residuals in the UNet call."""
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "image")  # diffusers' names
     _image_name = "image"  # the step callback's name for the nets' images
     _keep_over_schedule = False  # whether a net's start and end are fractions of the whole schedule (SDXL's)
@@ -153,8 +154,8 @@ class ControlNetGuidance:
     @classmethod
     def from_pretrained(cls, folder, dtype=None, device=None, *, variant=None, cuda_graph="auto",
                         channels_last="auto", controlnet=None, **components):
-        """The folder, as the text-to-image pipeline loads it, and ``controlnet`` (ours, a list of them, or None:
-        the folder's own, when diffusers saved a ControlNet pipeline there)."""
+        """The folder, as the plain pipeline (``_base_pipeline``) loads it, and ``controlnet`` (ours, a list of them,
+        or None: the folder's own, when diffusers saved a ControlNet pipeline there)."""
         if controlnet is None:
             controlnet = load_controlnet(*read_model_index(folder), resolve_dtype(dtype), device, variant)
         base = cls._base_pipeline.from_pretrained(folder, dtype, device, variant=variant, **components)
