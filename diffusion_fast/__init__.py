@@ -26,6 +26,7 @@ _LAZY = {
     "StableDiffusionControlNetPipeline": ("pipeline_controlnet", "StableDiffusionControlNetPipeline"),
     "StableDiffusionXLControlNetPipeline": ("pipeline_controlnet", "StableDiffusionXLControlNetPipeline"),
     **{name: ("pipeline_controlnet_image", name) for name in ("StableDiffusionControlNetImg2ImgPipeline",
+                                                              "StableDiffusionXLControlNetImg2ImgPipeline",
                                                               "StableDiffusionControlNetInpaintPipeline")},
     "ControlNetModel": ("models", "ControlNetModel"),
     "load_pipeline": ("pipeline_xl", "load_pipeline"),

@@ -86,7 +86,8 @@ def _with_controlnets(args, pipe, images, dtype, device, kind="text-to-image"):
     from .pipeline_controlnet import (ControlNetGuidance, StableDiffusionControlNetPipeline,
                                       StableDiffusionXLControlNetPipeline)
     from .pipeline_controlnet_image import (StableDiffusionControlNetImg2ImgPipeline,
-                                            StableDiffusionControlNetInpaintPipeline)
+                                            StableDiffusionControlNetInpaintPipeline,
+                                            StableDiffusionXLControlNetImg2ImgPipeline)
 
     own = isinstance(pipe, ControlNetGuidance)  # the folder's own nets
     if not args.controlnet and not own:
@@ -104,11 +105,11 @@ def _with_controlnets(args, pipe, images, dtype, device, kind="text-to-image"):
             raise UsageError(f"{args.model} is a ControlNet pipeline with {len(pipe._nets)} ControlNet"
                              f"{'s' if len(pipe._nets) > 1 else ''}: give --control-image for each")
     xl = hasattr(pipe, "text_encoder_2")
-    if kind != "text-to-image" and xl:
-        raise UsageError(f"--image with ControlNet: our ControlNet {kind} pipeline runs SD 1.x/2.x models; "
+    if kind == "inpainting" and xl:
+        raise UsageError(f"--mask with ControlNet: our ControlNet inpainting pipeline runs SD 1.x/2.x models; "
                          f"{args.model} is an SDXL one")
-    cls = {"image-to-image": StableDiffusionControlNetImg2ImgPipeline,
-           "inpainting": StableDiffusionControlNetInpaintPipeline,
+    cls = {"image-to-image": StableDiffusionXLControlNetImg2ImgPipeline if xl else
+           StableDiffusionControlNetImg2ImgPipeline, "inpainting": StableDiffusionControlNetInpaintPipeline,
            "text-to-image": StableDiffusionXLControlNetPipeline if xl else StableDiffusionControlNetPipeline}[kind]
     if type(pipe) is not cls:
         try:

@@ -318,13 +318,10 @@ class StableDiffusionControlNetPipeline(SDControlNetComponents, StableDiffusionP
                             generator, latents, output_type, timesteps, sigmas, callback)
 
 
-class StableDiffusionXLControlNetPipeline(ControlNetGuidance, StableDiffusionXLPipeline):
-    """diffusers' StableDiffusionXLControlNetPipeline: SDXL's text conditioning (two encoders, pooled embeddings and
-    size ids, which the nets take too), the ControlNets' guidance, and ``denoising_end``."""
-    _callback_tensor_inputs = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids", "image")
+class SDXLControlNetComponents(ControlNetGuidance):
+    """The SDXL ControlNet pipelines' components: the SDXL pipeline's and the nets; the nets take SDXL's added
+    conditioning (pooled embeddings and size ids) too."""
     _base_pipeline, _added_names = StableDiffusionXLPipeline, StableDiffusionXLPipeline._cond_names
-    _begins_at_zero = False  # (diffusers' SDXL ControlNet pipeline does not set a begin index, unlike its SDXL one)
-    _keep_over_schedule = True
 
     def __init__(self, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler, controlnet, *,
                  force_zeros_for_empty_prompt=True, cuda_graph="auto", channels_last="auto"):
@@ -339,6 +336,14 @@ class StableDiffusionXLControlNetPipeline(ControlNetGuidance, StableDiffusionXLP
         return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
                    pipe.scheduler, controlnet, force_zeros_for_empty_prompt=pipe.force_zeros_for_empty_prompt,
                    **settings)
+
+
+class StableDiffusionXLControlNetPipeline(SDXLControlNetComponents, StableDiffusionXLPipeline):
+    """diffusers' StableDiffusionXLControlNetPipeline: SDXL's text conditioning (two encoders, pooled embeddings and
+    size ids, which the nets take too), the ControlNets' guidance, and ``denoising_end``."""
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids", "image")
+    _begins_at_zero = False  # (diffusers' SDXL ControlNet pipeline does not set a begin index, unlike its SDXL one)
+    _keep_over_schedule = True
 
     @lora_call_scale
     @torch.no_grad()

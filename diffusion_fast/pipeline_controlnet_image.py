@@ -1,5 +1,6 @@
-"""Image-to-image and inpainting guided by ControlNets, with diffusers' StableDiffusionControlNetImg2ImgPipeline and
-StableDiffusionControlNetInpaintPipeline semantics (SD 1.x/2.x): the same image for the same seed, images and weights.
+"""Image-to-image and inpainting guided by ControlNets, with diffusers' StableDiffusionControlNetImg2ImgPipeline,
+StableDiffusionXLControlNetImg2ImgPipeline and StableDiffusionControlNetInpaintPipeline semantics: the same image for
+the same seed, images and weights.
 Each is its plain pipeline (``pipeline_img2img.py``, ``pipeline_inpaint.py``) with ``ControlNetGuidance``: the nets'
 images come as ``control_image``, and their start and end are fractions of the steps that run (the strength's tail).
 """
@@ -10,8 +11,8 @@ import torch
 from .lora import lora_call_scale
 from .pipeline import StableDiffusionPipeline
 from .pipeline_common import check_size
-from .pipeline_controlnet import SDControlNetComponents
-from .pipeline_img2img import StableDiffusionImg2ImgPipeline
+from .pipeline_controlnet import SDControlNetComponents, SDXLControlNetComponents
+from .pipeline_img2img import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 from .pipeline_inpaint import StableDiffusionInpaintPipeline
 
 
@@ -144,3 +145,49 @@ def _cropped_controls(control_image, box, width, height):
     if isinstance(control_image, PIL.Image.Image):
         return resize_fill(control_image.crop(box), width, height)
     return control_image
+
+
+class StableDiffusionXLControlNetImg2ImgPipeline(SDXLControlNetComponents, StableDiffusionXLImg2ImgPipeline):
+    """diffusers' StableDiffusionXLControlNetImg2ImgPipeline: SDXL image-to-image (the initial image encoded as SDXL's
+    VAE wants it, the strength's tail, SDXL's prompts, size ids and aesthetic scores) guided by the nets'
+    ``control_image``, resized to the initial image's size; the nets take the pooled embeddings and size ids too."""
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids", "control_image")
+    _image_name = "control_image"
+
+    @lora_call_scale
+    @torch.no_grad()
+    def __call__(self, prompt=None, prompt_2=None, image=None, control_image=None, height=None, width=None,
+                 strength=0.8, num_inference_steps=50, guidance_scale=5.0, negative_prompt=None,
+                 negative_prompt_2=None, num_images_per_prompt=1, eta=0.0, generator=None, prompt_embeds=None,
+                 negative_prompt_embeds=None, pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None,
+                 output_type="pil", controlnet_conditioning_scale=0.8, guess_mode=False, control_guidance_start=0.0,
+                 control_guidance_end=1.0, original_size=None, crops_coords_top_left=(0, 0), target_size=None,
+                 negative_original_size=None, negative_crops_coords_top_left=(0, 0), negative_target_size=None,
+                 aesthetic_score=6.0, negative_aesthetic_score=2.5, clip_skip=None, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",)):
+        """As diffusers': SDXL image-to-image's arguments, and ``control_image`` each net's conditioning image."""
+        check_size(self.vae_scale_factor, **{k: v for k, v in (("height", height), ("width", width)) if v is not None})
+        size = None if height is None and width is None else _given_size(image, height, width, self.vae_scale_factor)
+        image, latent_input, height, width = self._prepare_image(image, strength, size)
+        shape, do_cfg, cond, callback = self._begin_call(
+            control_image, height, width, controlnet_conditioning_scale, control_guidance_start,
+            control_guidance_end, guess_mode, (prompt, negative_prompt, num_inference_steps, guidance_scale,
+                                               num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None,
+                                               output_type),
+            callback_on_step_end, callback_on_step_end_tensor_inputs)
+        clip_skip = self._check_clip_skip(clip_skip)  # (before the schedule is set: a refused call changes nothing)
+        sizes = self._check_image_call(
+            None, None, aesthetic_score, negative_aesthetic_score, 0.0, prompt, prompt_2, negative_prompt_2,
+            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, height, width,
+            original_size, crops_coords_top_left, target_size, negative_original_size,
+            negative_crops_coords_top_left, negative_target_size)
+        num_inference_steps = self._set_timesteps(num_inference_steps, self.device)
+        timesteps = self._tail(num_inference_steps, strength)
+        embeds, added = self._image_conditioning(
+            prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt, do_cfg, prompt_embeds,
+            negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, sizes, aesthetic_score,
+            negative_aesthetic_score, shape[0], clip_skip)
+        latents = self._image_latents(image, latent_input, timesteps[:1].repeat(shape[0]), shape[0], embeds.dtype,
+                                      generator)
+        return self._denoise(latents, timesteps, embeds, (*added, *cond), num_inference_steps, guidance_scale, do_cfg,
+                             eta, generator, output_type, callback)

@@ -278,7 +278,8 @@ def load_pipeline(folder, **kwargs):
     ``StableDiffusionPipeline``; ``kwargs`` go to its ``from_pretrained``."""
     from .pipeline_controlnet import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
     from .pipeline_controlnet_image import (StableDiffusionControlNetImg2ImgPipeline,
-                                            StableDiffusionControlNetInpaintPipeline)
+                                            StableDiffusionControlNetInpaintPipeline,
+                                            StableDiffusionXLControlNetImg2ImgPipeline)
     from .pipeline_img2img import StableDiffusionXLImg2ImgPipeline
     from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
@@ -287,12 +288,16 @@ def load_pipeline(folder, **kwargs):
     inpainting = "Inpaint" in name
     if "controlnet" in components and "ControlNet" in name:
         xl = "text_encoder_2" in components
-        if xl and (inpainting or "Img2Img" in name):  # (ours would load it without its nets: another image)
-            raise ValueError(f"{folder!r} holds a {name}: our SDXL ControlNet pipeline is text-to-image "
-                             "(image-to-image and inpainting are SD's); accelerate diffusers' own pipeline instead "
+        if xl and inpainting:  # (ours would load it without its nets: another image)
+            raise ValueError(f"{folder!r} holds a {name}: our SDXL ControlNet pipelines are text-to-image and "
+                             "image-to-image (inpainting is SD's); accelerate diffusers' own pipeline instead "
                              "(diffusion_fast.accelerate)")
-        cls = StableDiffusionXLControlNetPipeline if xl else StableDiffusionControlNetInpaintPipeline if inpainting \
-            else StableDiffusionControlNetImg2ImgPipeline if "Img2Img" in name else StableDiffusionControlNetPipeline
+        kind = "inpainting" if inpainting else "image-to-image" if "Img2Img" in name else "text-to-image"
+        cls = {("text-to-image", False): StableDiffusionControlNetPipeline,
+               ("text-to-image", True): StableDiffusionXLControlNetPipeline,
+               ("image-to-image", False): StableDiffusionControlNetImg2ImgPipeline,
+               ("image-to-image", True): StableDiffusionXLControlNetImg2ImgPipeline,
+               ("inpainting", False): StableDiffusionControlNetInpaintPipeline}[kind, xl]
     elif "text_encoder_2" in components and inpainting:
         cls = StableDiffusionXLInpaintPipeline
     elif "text_encoder_2" in components and components.get("requires_aesthetics_score", False):

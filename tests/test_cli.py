@@ -685,9 +685,9 @@ def test_generate_with_controlnets_gives_diffusers_image(controlnet_folders, tmp
     (["--controlnet", "NET0", "--control-image", "EDGES", "--refiner", "SD"],
      "--controlnet: leave out --refiner"),
     (["--model", "SDXL", "--controlnet", "NET0", "--control-image", "EDGES", "--image", "INIT"],
-     "our ControlNet image-to-image pipeline runs SD 1.x/2.x models"),
+     "--controlnet: controlnet 0 .* does not fit this UNet"),  # SDXL image-to-image: an SD1 net does not fit
     (["--model", "SDXL", "--controlnet", "NET0", "--control-image", "EDGES", "--image", "INIT", "--mask", "INIT"],
-     "our ControlNet inpainting pipeline runs SD 1.x/2.x models"),
+     "--mask with ControlNet: our ControlNet inpainting pipeline runs SD 1.x/2.x models"),
     (["--model", "SD_CONTROLNET"], "is a ControlNet pipeline with 1 ControlNet: give --control-image for each"),
     (["--model", "SD2", "--controlnet", "NET0", "--control-image", "EDGES"],
      "--controlnet: controlnet 0 .* does not fit this UNet"),  # an SD1-shaped net for an SD2-shaped model

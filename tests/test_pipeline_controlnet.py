@@ -319,18 +319,17 @@ def test_unet_refuses_residuals_of_another_shape():
         unet(sample, 10, hidden, None, [torch.zeros(1)] * 2, torch.zeros(1))
 
 
-@pytest.mark.parametrize("class_name", ["StableDiffusionXLControlNetImg2ImgPipeline",
-                                        "StableDiffusionXLControlNetInpaintPipeline"])
-def test_load_pipeline_refuses_a_controlnet_folder_it_would_load_without_its_net(tmp_path, class_name):
-    """Our SDXL ControlNet pipeline is text-to-image; an SDXL image-to-image or inpainting ControlNet folder would
-    otherwise load as our plain SDXL image-to-image or inpainting pipeline, without the net: another image, in
-    silence."""
+def test_load_pipeline_refuses_a_controlnet_folder_it_would_load_without_its_net(tmp_path):
+    """Our SDXL ControlNet pipelines are text-to-image and image-to-image; an SDXL inpainting ControlNet folder would
+    otherwise load as our plain SDXL inpainting pipeline, without the net: another image, in silence."""
+    class_name = "StableDiffusionXLControlNetInpaintPipeline"
     import json
 
     _tiny_diffusers.controlnet_pipeline(seed=4, variant="sdxl").save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     (tmp_path / "model_index.json").write_text(json.dumps(dict(index, _class_name=class_name)))
-    with pytest.raises(ValueError, match=f"holds a {class_name}: our SDXL ControlNet pipeline is text-to-image"):
+    with pytest.raises(ValueError, match=f"holds a {class_name}: our SDXL ControlNet pipelines are text-to-image and "
+                                         "image-to-image"):
         diffusion_fast.load_pipeline(tmp_path)
 
 

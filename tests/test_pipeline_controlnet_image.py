@@ -12,7 +12,7 @@ from PIL import Image
 
 import _tiny_diffusers
 import diffusion_fast
-from diffusion_fast import StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetInpaintPipeline
+from diffusion_fast import StableDiffusionControlNetInpaintPipeline
 from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
 
 pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
@@ -40,17 +40,28 @@ INIT_EDGES = Image.fromarray(np.random.default_rng(0).integers(0, 255, (42, 50),
 INIT_POSE = Image.fromarray(np.random.default_rng(1).integers(0, 255, (42, 50, 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["one-net", "two-nets"])
-def img2img_pair(request, tmp_path_factory):
-    """(diffusers' StableDiffusionControlNetImg2ImgPipeline on the tiny SD1 ControlNet pipeline's components, ours
-    loaded from the folder diffusers saved it in, the number of nets)."""
+def _img2img_pair(tmp_path_factory, variant, nets):
+    """(diffusers' StableDiffusion(XL)ControlNetImg2ImgPipeline on the tiny SD1 (SDXL) ControlNet pipeline's
+    components, ours loaded from the folder diffusers saved it in, the number of nets)."""
     import diffusers
 
-    nets = request.param
-    theirs = diffusers.StableDiffusionControlNetImg2ImgPipeline(
-        **_tiny_diffusers.controlnet_pipeline(seed=4, nets=nets).components)
-    return (*_saved_pair(theirs, tmp_path_factory.mktemp(f"tiny-controlnet-img2img-{nets}"),
-                         StableDiffusionControlNetImg2ImgPipeline), nets)
+    name = "StableDiffusionControlNetImg2ImgPipeline" if variant == "sd1" else \
+        "StableDiffusionXLControlNetImg2ImgPipeline"
+    theirs = getattr(diffusers, name)(**_tiny_diffusers.controlnet_pipeline(seed=4, nets=nets, variant=variant)
+                                      .components)
+    return (*_saved_pair(theirs, tmp_path_factory.mktemp(f"tiny-controlnet-img2img-{variant}-{nets}"),
+                         getattr(diffusion_fast, name)), nets)
+
+
+@pytest.fixture(scope="module", params=[("sd1", 1), ("sd1", 2), ("sdxl", 1), ("sdxl", 2)],
+                ids=["sd1-one-net", "sd1-two-nets", "sdxl-one-net", "sdxl-two-nets"])
+def img2img_pair(request, tmp_path_factory):
+    return _img2img_pair(tmp_path_factory, *request.param)
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-net", "two-nets"])
+def xl_img2img_pair(request, tmp_path_factory):
+    return _img2img_pair(tmp_path_factory, "sdxl", request.param)
 
 
 def _img2img(pipe, nets, backend_name="fast", **kwargs):
@@ -75,6 +86,17 @@ def test_img2img_same_image_as_diffusers(img2img_pair, backend_name, kwargs):
     assert np.abs(_img2img(theirs, nets, **kwargs) - b).max() <= PIPELINE_FP32_MAX_ABS
     off = _img2img(ours, nets, backend_name, **dict(kwargs, controlnet_conditioning_scale=_per_net(nets, 0.0, 0.0)))
     assert np.abs(off - b).max() > 0.005  # the residuals matter
+
+
+def test_sdxl_img2img_size_ids_and_second_prompts_as_diffusers(xl_img2img_pair):
+    """SDXL's image-to-image conditioning beside the nets: prompt_2, a negative prompt, negative size ids and a crop
+    corner (which the negative ids take from the positive one, as diffusers has it)."""
+    theirs, ours, nets = xl_img2img_pair
+    kwargs = dict(prompt_2="a blue ball", negative_prompt="blurry", negative_original_size=(32, 32),
+                  negative_target_size=(40, 40), crops_coords_top_left=(4, 4))
+    b = _img2img(ours, nets, **kwargs)
+    assert np.abs(_img2img(theirs, nets, **kwargs) - b).max() <= PIPELINE_FP32_MAX_ABS
+    assert np.abs(_img2img(ours, nets, **dict(kwargs, crops_coords_top_left=(0, 0))) - b).max() > 0.005
 
 
 def test_img2img_callback_names_the_images_control_image(img2img_pair):
