@@ -16,7 +16,24 @@ from .pipeline_img2img import StableDiffusionImg2ImgPipeline, StableDiffusionXLI
 from .pipeline_inpaint import StableDiffusionInpaintPipeline
 
 
-class StableDiffusionControlNetImg2ImgPipeline(SDControlNetComponents, StableDiffusionImg2ImgPipeline):
+class _ControlledImageToImage:
+    """The start of an image-to-image ControlNet call (SD and SDXL): the initial image (resized to ``height`` x
+    ``width`` when given), then ``ControlNetGuidance._begin_call`` with the nets' images at its size."""
+
+    def _begin_image_call(self, image, strength, height, width, control_image, control, call_inputs,
+                          callback_on_step_end, callback_on_step_end_tensor_inputs):
+        """(the image tensor, whether it is latents, the output height and width, then _begin_call's results);
+        ``control``: the call's scale, start, end and guess mode."""
+        check_size(self.vae_scale_factor, **{k: v for k, v in (("height", height), ("width", width)) if v is not None})
+        size = None if height is None and width is None else _given_size(image, height, width, self.vae_scale_factor)
+        image, latent_input, height, width = self._prepare_image(image, strength, size)
+        return (image, latent_input, height, width, *self._begin_call(
+            control_image, height, width, *control, call_inputs, callback_on_step_end,
+            callback_on_step_end_tensor_inputs))
+
+
+class StableDiffusionControlNetImg2ImgPipeline(_ControlledImageToImage, SDControlNetComponents,
+                                               StableDiffusionImg2ImgPipeline):
     """diffusers' StableDiffusionControlNetImg2ImgPipeline: image-to-image (``image``, ``strength``) guided by the
     nets' ``control_image``, resized to the initial image's size. The nets' start and end are fractions of the steps
     that run (the strength's tail), as diffusers has them."""
@@ -33,15 +50,11 @@ class StableDiffusionControlNetImg2ImgPipeline(SDControlNetComponents, StableDif
                  callback_on_step_end_tensor_inputs=("latents",)):
         """As diffusers': ``image`` is the initial image (resized to ``height`` x ``width`` when given), and
         ``control_image`` each net's conditioning image, resized to the initial image's size."""
-        check_size(self.vae_scale_factor, **{k: v for k, v in (("height", height), ("width", width)) if v is not None})
-        size = None if height is None and width is None else _given_size(image, height, width, self.vae_scale_factor)
-        image, latent_input, height, width = self._prepare_image(image, strength, size)
-        shape, do_cfg, cond, callback = self._begin_call(
-            control_image, height, width, controlnet_conditioning_scale, control_guidance_start,
-            control_guidance_end, guess_mode, (prompt, negative_prompt, num_inference_steps, guidance_scale,
-                                               num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None,
-                                               output_type),
-            callback_on_step_end, callback_on_step_end_tensor_inputs)
+        image, latent_input, height, width, shape, do_cfg, cond, callback = self._begin_image_call(
+            image, strength, height, width, control_image, (controlnet_conditioning_scale, control_guidance_start,
+                                                            control_guidance_end, guess_mode),
+            (prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt, prompt_embeds,
+             negative_prompt_embeds, None, output_type), callback_on_step_end, callback_on_step_end_tensor_inputs)
         clip_skip = self._check_clip_skip(clip_skip)  # (before the schedule is set: a refused call changes nothing)
         num_inference_steps, timesteps, do_cfg, negative_prompt_embeds, embeds = self._sd_tail_and_embeds(
             prompt, num_inference_steps, strength, None, None, guidance_scale, num_images_per_prompt,
@@ -147,7 +160,8 @@ def _cropped_controls(control_image, box, width, height):
     return control_image
 
 
-class StableDiffusionXLControlNetImg2ImgPipeline(SDXLControlNetComponents, StableDiffusionXLImg2ImgPipeline):
+class StableDiffusionXLControlNetImg2ImgPipeline(_ControlledImageToImage, SDXLControlNetComponents,
+                                                 StableDiffusionXLImg2ImgPipeline):
     """diffusers' StableDiffusionXLControlNetImg2ImgPipeline: SDXL image-to-image (the initial image encoded as SDXL's
     VAE wants it, the strength's tail, SDXL's prompts, size ids and aesthetic scores) guided by the nets'
     ``control_image``, resized to the initial image's size; the nets take the pooled embeddings and size ids too."""
@@ -166,15 +180,11 @@ class StableDiffusionXLControlNetImg2ImgPipeline(SDXLControlNetComponents, Stabl
                  aesthetic_score=6.0, negative_aesthetic_score=2.5, clip_skip=None, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=("latents",)):
         """As diffusers': SDXL image-to-image's arguments, and ``control_image`` each net's conditioning image."""
-        check_size(self.vae_scale_factor, **{k: v for k, v in (("height", height), ("width", width)) if v is not None})
-        size = None if height is None and width is None else _given_size(image, height, width, self.vae_scale_factor)
-        image, latent_input, height, width = self._prepare_image(image, strength, size)
-        shape, do_cfg, cond, callback = self._begin_call(
-            control_image, height, width, controlnet_conditioning_scale, control_guidance_start,
-            control_guidance_end, guess_mode, (prompt, negative_prompt, num_inference_steps, guidance_scale,
-                                               num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None,
-                                               output_type),
-            callback_on_step_end, callback_on_step_end_tensor_inputs)
+        image, latent_input, height, width, shape, do_cfg, cond, callback = self._begin_image_call(
+            image, strength, height, width, control_image, (controlnet_conditioning_scale, control_guidance_start,
+                                                            control_guidance_end, guess_mode),
+            (prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt, prompt_embeds,
+             negative_prompt_embeds, None, output_type), callback_on_step_end, callback_on_step_end_tensor_inputs)
         clip_skip = self._check_clip_skip(clip_skip)  # (before the schedule is set: a refused call changes nothing)
         sizes = self._check_image_call(
             None, None, aesthetic_score, negative_aesthetic_score, 0.0, prompt, prompt_2, negative_prompt_2,
