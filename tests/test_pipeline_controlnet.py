@@ -13,6 +13,7 @@ from PIL import Image
 
 import _tiny_diffusers
 import diffusion_fast
+from conftest import DEVICE, ON_GPU
 from diffusion_fast import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 from diffusion_fast.models import ControlNetModel, MultiControlNetModel, UNet2DConditionModel
 from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
@@ -349,3 +350,24 @@ def test_a_controlnet_assigned_is_checked(pair):
             ours.controlnet = "lllyasviel/sd-controlnet-canny"
     finally:
         ours.controlnet = saved
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler"])  # the whole step; the call alone
+def test_cuda_graph_controlnet_loop_matches_eager_on_gpu(tmp_path, scheduler):
+    """fp16 on CUDA, two nets, guess mode, a net ending early: eager, capture and replay give the same latents (the
+    replay bit for bit), and the two per-step scale sets are two graphs."""
+    _tiny_diffusers.controlnet_pipeline(seed=4, nets=2).save_pretrained(tmp_path)
+    pipe = diffusion_fast.load_pipeline(tmp_path, dtype=torch.float16, device=DEVICE)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = getattr(diffusion_fast.schedulers, scheduler).from_config(pipe.scheduler.config)
+    outs = []
+    for graph in (False, "auto", "auto"):  # eager, capture, replay
+        pipe.cuda_graph = graph
+        outs.append(pipe("a", image=[EDGES, POSE], num_inference_steps=5, guess_mode=True,
+                         control_guidance_end=[1.0, 0.6], generator=torch.Generator().manual_seed(0),
+                         output_type="latent").images)
+    mode = "step" if scheduler == "DDIMScheduler" else "unet"
+    assert len(pipe._graphs[mode]) == 2
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(outs[2], outs[1], rtol=0, atol=0)
