@@ -93,6 +93,11 @@ def check_size(vae_scale_factor, **sizes):
             raise ValueError(f"{name} must be a multiple of the VAE scale factor {vae_scale_factor}, got {value}")
 
 
+def check_given_size(vae_scale_factor, height, width):
+    """check_size for the sizes a call was given (None: to be taken from an image)."""
+    check_size(vae_scale_factor, **{k: v for k, v in (("height", height), ("width", width)) if v is not None})
+
+
 def takes(method, name) -> bool:
     """Whether ``method`` has a parameter ``name``; read once per function (this runs every denoising step)."""
     return name in _parameters(getattr(method, "__func__", method))

@@ -23,7 +23,7 @@ from .lora import lora_call_scale
 from .models import ControlNetModel, MultiControlNetModel
 from .models.unet import _per_block
 from .pipeline import StableDiffusionPipeline
-from .pipeline_common import check_denoising_bounds, check_size
+from .pipeline_common import check_denoising_bounds, check_given_size
 from .pipeline_folder import read_model_index, resolve_dtype
 from .pipeline_xl import StableDiffusionXLPipeline
 
@@ -201,7 +201,7 @@ class ControlNetGuidance:
 
     def _control_images(self, image, height, width):
         """One prepared (not yet repeated) conditioning image batch per net; the later nets' at the first's size."""
-        check_size(self.vae_scale_factor, **{k: v for k, v in (("height", height), ("width", width)) if v is not None})
+        check_given_size(self.vae_scale_factor, height, width)
         nets = len(self._nets)
         if nets > 1:
             if not isinstance(image, (list, tuple)) or len(image) != nets:

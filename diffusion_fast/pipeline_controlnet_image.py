@@ -10,7 +10,7 @@ import torch
 
 from .lora import lora_call_scale
 from .pipeline import StableDiffusionPipeline
-from .pipeline_common import check_size
+from .pipeline_common import check_given_size
 from .pipeline_controlnet import SDControlNetComponents, SDXLControlNetComponents
 from .pipeline_img2img import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 from .pipeline_inpaint import StableDiffusionInpaintPipeline
@@ -24,7 +24,7 @@ class _ControlledImageToImage:
                           callback_on_step_end, callback_on_step_end_tensor_inputs):
         """(the image tensor, whether it is latents, the output height and width, then _begin_call's results);
         ``control``: the call's scale, start, end and guess mode."""
-        check_size(self.vae_scale_factor, **{k: v for k, v in (("height", height), ("width", width)) if v is not None})
+        check_given_size(self.vae_scale_factor, height, width)
         size = None if height is None and width is None else _given_size(image, height, width, self.vae_scale_factor)
         image, latent_input, height, width = self._prepare_image(image, strength, size)
         return (image, latent_input, height, width, *self._begin_call(
@@ -116,7 +116,7 @@ class StableDiffusionControlNetInpaintPipeline(SDControlNetComponents, StableDif
                  callback_on_step_end_tensor_inputs=("latents",)):
         """As diffusers': ``image`` and ``mask_image`` as inpainting takes them, ``control_image`` each net's
         conditioning image (resized to the output size), the default scale 0.5."""
-        check_size(self.vae_scale_factor, **{k: v for k, v in (("height", height), ("width", width)) if v is not None})
+        check_given_size(self.vae_scale_factor, height, width)
         height, width = _given_size(image, height, width, self.vae_scale_factor) or (height, width)
         shape = self._latent_shape(strength, image, mask_image, height, width, prompt, negative_prompt,
                                    num_inference_steps, guidance_scale, num_images_per_prompt, prompt_embeds,

@@ -301,8 +301,14 @@ def test_controlnet_model_bad_input_and_weights(tmp_path):
         net(sample, 10, hidden, None)
     with pytest.raises(ValueError, match="config field controlnet_conditioning_channel_order='rgba'"):
         ControlNetModel.from_config(dict(net.config, controlnet_conditioning_channel_order="rgba"))
+    with pytest.raises(TypeError, match="conditioning_scale must be a number, got str"):
+        net(sample, 10, hidden, torch.rand(1, 3, 32, 32), "0.5")
+    with pytest.raises(TypeError, match="guess_mode must be a bool, got str"):
+        net(sample, 10, hidden, torch.rand(1, 3, 32, 32), 1.0, "yes")
     with pytest.raises(TypeError, match="MultiControlNetModel takes a non-empty list"):
         MultiControlNetModel([theirs])
+    with pytest.raises(TypeError, match="MultiControlNetModel: controlnet_cond must be a list"):
+        MultiControlNetModel([net, net])(sample, 10, hidden, torch.rand(1, 3, 32, 32), [1.0, 1.0])
     weights = tmp_path / "diffusion_pytorch_model.safetensors"
     state = load_file(weights)
     state.pop("controlnet_mid_block.bias")

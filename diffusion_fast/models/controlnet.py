@@ -129,6 +129,10 @@ class ControlNetModel(loading.PretrainedMixin, nn.Module):
         c = self.config
         check_inputs(c, sample, encoder_hidden_states)
         self._check_cond(sample, controlnet_cond)
+        if isinstance(conditioning_scale, bool) or not isinstance(conditioning_scale, (int, float)):
+            raise TypeError(f"conditioning_scale must be a number, got {type(conditioning_scale).__name__}")
+        if not isinstance(guess_mode, bool):
+            raise TypeError(f"guess_mode must be a bool, got {type(guess_mode).__name__}")
         if c.controlnet_conditioning_channel_order == "bgr":
             controlnet_cond = torch.flip(controlnet_cond, dims=[1])
         emb = embed_time(self, sample, timestep, added_cond_kwargs)
@@ -175,6 +179,10 @@ class MultiControlNetModel(nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, guess_mode=False,
                 added_cond_kwargs=None):
+        for name, value in (("controlnet_cond", controlnet_cond), ("conditioning_scale", conditioning_scale)):
+            if not isinstance(value, (list, tuple)):
+                raise TypeError(f"MultiControlNetModel: {name} must be a list (one per net), got "
+                                f"{type(value).__name__}")
         if len(controlnet_cond) != len(self.nets) or len(conditioning_scale) != len(self.nets):
             raise ValueError(f"MultiControlNetModel: {len(self.nets)} nets, {len(controlnet_cond)} conditioning "
                              f"images and {len(conditioning_scale)} scales (one of each per net)")
