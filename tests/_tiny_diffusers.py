@@ -145,3 +145,34 @@ def controlnet_pipeline(seed=0, nets=1, variant="sd1"):
     pipe = cls(**base.components, controlnet=controlnets[0] if nets == 1 else controlnets)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(torch.float32)
+
+
+# ---- ControlNet comparisons (tests/test_pipeline_controlnet*.py) -----------------------------------------------
+def per_net(nets, one, *more):
+    """A ControlNet call argument: ``one`` for a single net, else the list of one per net."""
+    return one if nets == 1 else [one, *more]
+
+
+def saved_pair(theirs, folder, cls):
+    """(diffusers' pipeline, ours loaded by load_pipeline from the folder it is saved in, checked to be ``cls``)."""
+    import diffusion_fast
+
+    theirs.set_progress_bar_config(disable=True)
+    theirs.save_pretrained(folder)
+    ours = diffusion_fast.load_pipeline(folder)
+    ours.set_progress_bar_config(disable=True)
+    assert type(ours) is cls, type(ours)
+    return theirs, ours
+
+
+def assert_as_diffusers_with_nets_that_matter(run, theirs, ours, nets, tolerance, **kwargs):
+    """``run(pipe, **kwargs)`` gives the same images for ours as for diffusers' within ``tolerance``, and far from
+    ours with every net at scale 0 (so a dropped or misplaced residual cannot pass)."""
+    import numpy as np
+
+    b = run(ours, **kwargs)
+    a = run(theirs, **kwargs)
+    assert a.shape == b.shape and np.abs(a - b).max() <= tolerance, np.abs(a - b).max()
+    off = run(ours, **dict(kwargs, controlnet_conditioning_scale=per_net(nets, 0.0, 0.0)))
+    assert np.abs(off - b).max() > 0.005  # the residuals matter
+    return b

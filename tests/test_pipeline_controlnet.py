@@ -28,12 +28,10 @@ POSE = Image.fromarray(np.random.default_rng(1).integers(0, 255, (34, 42, 3), dt
 
 def _pair(tmp_path_factory, variant, nets):
     """(diffusers' ControlNet pipeline, ours loaded from the folder diffusers saved it in, the number of nets)."""
-    theirs = _tiny_diffusers.controlnet_pipeline(seed=4, nets=nets, variant=variant)
-    folder = tmp_path_factory.mktemp(f"tiny-controlnet-{variant}-{nets}")
-    theirs.save_pretrained(folder)
-    ours = diffusion_fast.load_pipeline(folder)
-    ours.set_progress_bar_config(disable=True)
-    assert type(ours) is (StableDiffusionControlNetPipeline if variant == "sd1" else StableDiffusionXLControlNetPipeline)
+    theirs, ours = _tiny_diffusers.saved_pair(
+        _tiny_diffusers.controlnet_pipeline(seed=4, nets=nets, variant=variant),
+        tmp_path_factory.mktemp(f"tiny-controlnet-{variant}-{nets}"),
+        StableDiffusionControlNetPipeline if variant == "sd1" else StableDiffusionXLControlNetPipeline)
     assert isinstance(ours.controlnet, ControlNetModel if nets == 1 else MultiControlNetModel)
     return theirs, ours, nets
 
@@ -58,8 +56,7 @@ def _images(pipe, nets, backend_name="fast", generators=None, **kwargs):
         return pipe(generator=generator, **kwargs).images
 
 
-def _per_net(nets, one, *more):
-    return one if nets == 1 else [one, *more]
+_per_net = _tiny_diffusers.per_net
 
 
 @pytest.mark.parametrize("backend_name", ["fast", "reference"])
@@ -89,12 +86,9 @@ def test_same_image_as_diffusers(pair, backend_name, case):
     if case == "two_prompts" and nets == 2:  # SD: diffusers' nested form, per prompt one image per net; SDXL's
         sdxl = isinstance(ours, StableDiffusionXLControlNetPipeline)  # pipeline takes one image per net for all
         kwargs["image"] = [EDGES, POSE] if sdxl else [[EDGES, POSE], [POSE, EDGES]]
-    a = _images(theirs, nets, generators=generators, **kwargs)
-    b = _images(ours, nets, backend_name, generators=generators, **kwargs)
-    assert a.shape == b.shape and np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS
-    off = _images(ours, nets, backend_name, generators=generators,
-                  **dict(kwargs, controlnet_conditioning_scale=_per_net(nets, 0.0, 0.0)))
-    assert np.abs(off - b).max() > 0.005  # the residuals matter
+    _tiny_diffusers.assert_as_diffusers_with_nets_that_matter(
+        lambda pipe, **kw: _images(pipe, nets, backend_name if pipe is ours else "fast", generators, **kw),
+        theirs, ours, nets, PIPELINE_FP32_MAX_ABS, **kwargs)
 
 
 @pytest.mark.parametrize("case", [
@@ -110,10 +104,8 @@ def test_sdxl_arguments_same_image_as_diffusers(xl_pair, case):
                                                         negative_original_size=(32, 32),
                                                         negative_target_size=(40, 40)),
               "guess_mode": dict(guess_mode=True, negative_prompt="blurry")}[case]
-    b = _images(ours, nets, **kwargs)
-    assert np.abs(_images(theirs, nets, **kwargs) - b).max() <= PIPELINE_FP32_MAX_ABS
-    off = _images(ours, nets, **dict(kwargs, controlnet_conditioning_scale=_per_net(nets, 0.0, 0.0)))
-    assert np.abs(off - b).max() > 0.005  # the residuals matter
+    _tiny_diffusers.assert_as_diffusers_with_nets_that_matter(lambda pipe, **kw: _images(pipe, nets, **kw), theirs,
+                                                              ours, nets, PIPELINE_FP32_MAX_ABS, **kwargs)
 
 
 @pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler",

@@ -18,21 +18,9 @@ from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
 pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
 
 
-def _per_net(nets, one, *more):
-    return one if nets == 1 else [one, *more]
+_per_net = _tiny_diffusers.per_net
 
 
-def _saved_pair(theirs, folder, cls):
-    """(diffusers' pipeline, ours loaded from the folder it is saved in, checked to be ``cls``)."""
-    theirs.set_progress_bar_config(disable=True)
-    theirs.save_pretrained(folder)
-    ours = diffusion_fast.load_pipeline(folder)
-    ours.set_progress_bar_config(disable=True)
-    assert type(ours) is cls
-    return theirs, ours
-
-
-# ---- image-to-image -----------------------------------------------------------------------------------------------
 # 50x42 RGB: cut to 48x40 by both, and conditioning images of its size (diffusers prepares each at its own size, so
 # with others it fails; ours resizes them to the initial image's): grayscale edges and an RGB pose
 INIT = Image.fromarray(np.random.default_rng(3).integers(0, 255, (42, 50, 3), dtype=np.uint8))
@@ -49,7 +37,7 @@ def _img2img_pair(tmp_path_factory, variant, nets):
         "StableDiffusionXLControlNetImg2ImgPipeline"
     theirs = getattr(diffusers, name)(**_tiny_diffusers.controlnet_pipeline(seed=4, nets=nets, variant=variant)
                                       .components)
-    return (*_saved_pair(theirs, tmp_path_factory.mktemp(f"tiny-controlnet-img2img-{variant}-{nets}"),
+    return (*_tiny_diffusers.saved_pair(theirs, tmp_path_factory.mktemp(f"tiny-controlnet-img2img-{variant}-{nets}"),
                          getattr(diffusion_fast, name)), nets)
 
 
@@ -82,10 +70,9 @@ def _img2img(pipe, nets, backend_name="fast", **kwargs):
 ])
 def test_img2img_same_image_as_diffusers(img2img_pair, backend_name, kwargs):
     theirs, ours, nets = img2img_pair
-    b = _img2img(ours, nets, backend_name, **kwargs)
-    assert np.abs(_img2img(theirs, nets, **kwargs) - b).max() <= PIPELINE_FP32_MAX_ABS
-    off = _img2img(ours, nets, backend_name, **dict(kwargs, controlnet_conditioning_scale=_per_net(nets, 0.0, 0.0)))
-    assert np.abs(off - b).max() > 0.005  # the residuals matter
+    _tiny_diffusers.assert_as_diffusers_with_nets_that_matter(
+        lambda pipe, **kw: _img2img(pipe, nets, backend_name if pipe is ours else "fast", **kw), theirs, ours, nets,
+        PIPELINE_FP32_MAX_ABS, **kwargs)
 
 
 def test_sdxl_img2img_size_ids_and_second_prompts_as_diffusers(xl_img2img_pair):
@@ -150,7 +137,7 @@ def inpaint_pair(request, tmp_path_factory):
         torch.manual_seed(1)
         components["unet"] = diffusers.UNet2DConditionModel(**dict(tiny.unet_config("sd1"), in_channels=9))
     theirs = diffusers.StableDiffusionControlNetInpaintPipeline(**components)
-    return (*_saved_pair(theirs, tmp_path_factory.mktemp(f"tiny-controlnet-inpaint-{unet_channels}-{nets}"),
+    return (*_tiny_diffusers.saved_pair(theirs, tmp_path_factory.mktemp(f"tiny-controlnet-inpaint-{unet_channels}-{nets}"),
                          StableDiffusionControlNetInpaintPipeline), nets)
 
 
@@ -174,10 +161,9 @@ def _inpaint(pipe, nets, backend_name="fast", **kwargs):
 ])
 def test_inpaint_same_image_as_diffusers(inpaint_pair, backend_name, kwargs):
     theirs, ours, nets = inpaint_pair
-    b = _inpaint(ours, nets, backend_name, **kwargs)
-    assert np.abs(_inpaint(theirs, nets, **kwargs) - b).max() <= PIPELINE_FP32_MAX_ABS
-    off = _inpaint(ours, nets, backend_name, **dict(kwargs, controlnet_conditioning_scale=_per_net(nets, 0.0, 0.0)))
-    assert np.abs(off - b).max() > 0.005  # the residuals matter
+    _tiny_diffusers.assert_as_diffusers_with_nets_that_matter(
+        lambda pipe, **kw: _inpaint(pipe, nets, backend_name if pipe is ours else "fast", **kw), theirs, ours, nets,
+        PIPELINE_FP32_MAX_ABS, **kwargs)
 
 
 def test_inpaint_padding_mask_crop(inpaint_pair):
