@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .ip_adapter import IPAdapterMixin, ip_adapter_call
 from .lora import LoraLoaderMixin, lora_call_scale
 from .pipeline_common import (OUTPUT_TYPES, ModelSwitches, StableDiffusionPipelineOutput, StepCallback,
                               auto_or_bool_setting, check_size, postprocess, rescale_noise_cfg, takes)
@@ -34,7 +35,7 @@ from .schedulers.common import randn_tensor
 from .textual_inversion import TextualInversionLoaderMixin
 
 
-class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoaderMixin, ModelSwitches):
+class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoaderMixin, IPAdapterMixin, ModelSwitches):
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")  # diffusers' names
     _guidance_rescale = 0.0  # set by each call that takes it, as diffusers keeps it (SD img2img takes none)
     _cond_names = ("add_text_embeds", "add_time_ids")  # diffusers' names of the UNet's extra inputs (``cond``)
@@ -221,7 +222,7 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
         """``cond``: the UNet's added conditioning tensors (SDXL's pooled text embeds and time ids), or ()."""
         model_input = torch.cat([latents, latents]) if do_cfg else latents
         model_input = self.scheduler.scale_model_input(model_input, t)
-        noise_pred = (self._unet_call if unet is None else unet)(model_input, t, embeds, *cond)
+        noise_pred = (self._model_call if unet is None else unet)(model_input, t, embeds, *cond)
         rescale = do_cfg and self._guidance_rescale > 0  # (as diffusers: a rescale of 0 or less does nothing)
         if do_cfg and isinstance(self.scheduler, DDIMScheduler) and not rescale:
             uncond, text = noise_pred.chunk(2)
@@ -260,6 +261,7 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
         return None if fn is None else StepCallback(fn, inputs, self._callback_tensor_inputs, {})
 
     @lora_call_scale
+    @ip_adapter_call
     @torch.no_grad()
     def __call__(self, prompt=None, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5, eta=0.0,
                  generator=None, height=None, width=None, num_images_per_prompt=1, prompt_embeds=None,
@@ -344,6 +346,7 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
         graphs = self._graphs_for_components() if mode else None
         graphed = mode == "step"
 
+        image_tokens = self._ip_adapter_tokens(latents.shape[0], do_cfg)  # (graph inputs, after the step's own)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -351,7 +354,7 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
         for i, t in enumerate(tqdm(timesteps, **{"desc": "denoising", **self._progress})):
             if self._interrupt:
                 continue
-            step_cond = self._step_cond(i, len(timesteps), cond)
+            step_cond = (*self._step_cond(i, len(timesteps), cond), *image_tokens)
             if graphed:  # replays write a static buffer, which the next replay copies in as its input
                 latents = graphs["step"](latents, t, embeds, float(guidance_scale), do_cfg, num_inference_steps,
                                          *step_cond)

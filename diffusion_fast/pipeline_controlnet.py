@@ -19,6 +19,7 @@ import os
 import numpy as np
 import torch
 
+from .ip_adapter import ip_adapter_call
 from .lora import lora_call_scale
 from .models import ControlNetModel, MultiControlNetModel
 from .models.unet import _per_block
@@ -256,8 +257,9 @@ class ControlNetGuidance:
         down = mid = None
         # guess mode with guidance: the nets see the conditional half only; the unconditional half gets no residual
         half = (lambda x: x.chunk(2)[1]) if split else (lambda x: x)  # noqa: E731
+        text = embeds[0] if isinstance(embeds, tuple) else embeds  # the nets see no IP-Adapter tokens (diffusers')
         for net, image, scale in active:
-            d, m = net(half(model_input), t, half(embeds), image, scale, guess_mode, self._nets_added(added, half))
+            d, m = net(half(model_input), t, half(text), image, scale, guess_mode, self._nets_added(added, half))
             down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d)], mid + m)
         if active and split:
             down, mid = [torch.cat([torch.zeros_like(d), d]) for d in down], torch.cat([torch.zeros_like(mid), mid])
@@ -292,6 +294,7 @@ class StableDiffusionControlNetPipeline(SDControlNetComponents, StableDiffusionP
     _base_pipeline, _added_names = StableDiffusionPipeline, ()
 
     @lora_call_scale
+    @ip_adapter_call
     @torch.no_grad()
     def __call__(self, prompt=None, image=None, height=None, width=None, num_inference_steps=50, timesteps=None,
                  sigmas=None, guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
@@ -346,6 +349,7 @@ class StableDiffusionXLControlNetPipeline(SDXLControlNetComponents, StableDiffus
     _keep_over_schedule = True
 
     @lora_call_scale
+    @ip_adapter_call
     @torch.no_grad()
     def __call__(self, prompt=None, prompt_2=None, image=None, height=None, width=None, num_inference_steps=50,
                  timesteps=None, sigmas=None, denoising_end=None, guidance_scale=5.0, negative_prompt=None,

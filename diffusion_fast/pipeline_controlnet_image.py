@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .ip_adapter import ip_adapter_call
 from .lora import lora_call_scale
 from .pipeline import StableDiffusionPipeline
 from .pipeline_common import check_given_size
@@ -41,6 +42,7 @@ class StableDiffusionControlNetImg2ImgPipeline(_ControlledImageToImage, SDContro
     _base_pipeline, _added_names, _image_name = StableDiffusionPipeline, (), "control_image"
 
     @lora_call_scale
+    @ip_adapter_call
     @torch.no_grad()
     def __call__(self, prompt=None, image=None, control_image=None, height=None, width=None, strength=0.8,
                  num_inference_steps=50, guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
@@ -106,6 +108,7 @@ class StableDiffusionControlNetInpaintPipeline(SDControlNetComponents, StableDif
                          mid)
 
     @lora_call_scale
+    @ip_adapter_call
     @torch.no_grad()
     def __call__(self, prompt=None, image=None, mask_image=None, control_image=None, height=None, width=None,
                  padding_mask_crop=None, strength=1.0, num_inference_steps=50, guidance_scale=7.5,
@@ -169,6 +172,7 @@ class StableDiffusionXLControlNetImg2ImgPipeline(_ControlledImageToImage, SDXLCo
     _image_name = "control_image"
 
     @lora_call_scale
+    @ip_adapter_call
     @torch.no_grad()
     def __call__(self, prompt=None, prompt_2=None, image=None, control_image=None, height=None, width=None,
                  strength=0.8, num_inference_steps=50, guidance_scale=5.0, negative_prompt=None,

@@ -11,7 +11,7 @@ from .schedulers import DDIMScheduler
 
 class GraphedLoop:
     """Mixed into StableDiffusionPipeline: ``_models()`` names what a graph reads and what ``channels_last``
-    converts; ``_denoise_step`` and ``_unet_call`` are what the graphs capture."""
+    converts; ``_denoise_step`` and ``_model_call`` (the UNet call) are what the graphs capture."""
 
     def _graph_step(self, latents, t, embeds, guidance_scale, do_cfg, num_inference_steps, *cond):
         """The step as captured in a CUDA graph: deterministic (eta = 0), no generator, no host state.
@@ -54,6 +54,6 @@ class GraphedLoop:
             states = [ModuleState(m) for m in components[:-1]]  # weights replaced in place (unet.to, a new LoRA)
             weights = lambda: tuple(state() for state in states)  # noqa: E731  (recapture when any changes)
             self._graphs = {"step": GraphedCallable(self._graph_step, state=weights),
-                            "unet": GraphedCallable(self._unet_call, state=weights, clone_output=True)}
+                            "unet": GraphedCallable(self._model_call, state=weights, clone_output=True)}
             self._graphed_for = components
         return self._graphs

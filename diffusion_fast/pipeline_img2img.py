@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .ip_adapter import ip_adapter_call
 from .lora import lora_call_scale
 from .pipeline import StableDiffusionPipeline
 from .pipeline_common import check_denoising_bounds
@@ -146,6 +147,7 @@ class _ImageToImage:
 
 class StableDiffusionImg2ImgPipeline(_ImageToImage, StableDiffusionPipeline):
     @lora_call_scale
+    @ip_adapter_call
     @torch.no_grad()
     def __call__(self, prompt=None, image=None, strength=0.8, num_inference_steps=50, guidance_scale=7.5,
                  negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None, prompt_embeds=None,
@@ -175,6 +177,7 @@ class StableDiffusionXLImg2ImgPipeline(_ImageToImage, StableDiffusionXLPipeline)
     _takes_aesthetic_score = True
 
     @lora_call_scale
+    @ip_adapter_call
     @torch.no_grad()
     def __call__(self, prompt=None, prompt_2=None, image=None, strength=0.3, num_inference_steps=50,
                  guidance_scale=5.0, negative_prompt=None, negative_prompt_2=None, num_images_per_prompt=1, eta=0.0,

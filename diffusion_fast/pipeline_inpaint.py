@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import mask_crop
+from .ip_adapter import ip_adapter_call
 from .lora import lora_call_scale
 from .pipeline import StableDiffusionPipeline
 from .pipeline_img2img import StableDiffusionXLImg2ImgPipeline, _ImageToImage, preprocess_image
@@ -201,6 +202,7 @@ class StableDiffusionInpaintPipeline(_Inpainting, StableDiffusionPipeline):
         return self.unet(torch.cat([model_input, *cond], dim=1) if cond else model_input, t, embeds)
 
     @lora_call_scale
+    @ip_adapter_call
     @torch.no_grad()
     def __call__(self, prompt=None, image=None, mask_image=None, height=None, width=None, strength=1.0,
                  num_inference_steps=50, guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
@@ -259,6 +261,7 @@ class StableDiffusionXLInpaintPipeline(_Inpainting, StableDiffusionXLImg2ImgPipe
         return vae.config.scaling_factor * latents.to(dtype)
 
     @lora_call_scale
+    @ip_adapter_call
     @torch.no_grad()
     def __call__(self, prompt=None, prompt_2=None, image=None, mask_image=None, masked_image_latents=None,
                  height=None, width=None, strength=0.9999, num_inference_steps=50, timesteps=None, sigmas=None,

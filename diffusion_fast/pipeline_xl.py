@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from .ip_adapter import ip_adapter_call
 from .lora import lora_call_scale
 from .pipeline import StableDiffusionPipeline
 from .pipeline_common import check_denoising_bounds
@@ -191,6 +192,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             raise ValueError("prompt_2 and prompt_embeds: give one, not both")
 
     @lora_call_scale
+    @ip_adapter_call
     @torch.no_grad()
     def __call__(self, prompt=None, prompt_2=None, negative_prompt=None, negative_prompt_2=None,
                  num_inference_steps=50, guidance_scale=5.0, eta=0.0, generator=None, height=None, width=None,

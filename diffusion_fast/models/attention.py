@@ -30,6 +30,7 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(cross_attention_dim or query_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(0.0)])
         self.is_cross = cross_attention_dim is not None
+        self.processor = None  # IP-Adapter image keys/values (models/ip_adapter.py), diffusers' name for them
         # Optional fused q/k/v projection for self-attention (one GEMM instead of three). Non-persistent buffers:
         # state_dict keeps diffusers' names; built by fuse_qkv() from the current weights, dropped by unfuse_qkv().
         self.register_buffer("fused_qkv_weight", None, persistent=False)
@@ -57,7 +58,17 @@ class Attention(nn.Module):
         b, length, _ = x.shape
         return x.view(b, length, self.heads, self.dim_head).transpose(1, 2)  # (B, H, L, D) view, no copy
 
+    def _attend(self, q, k, v):
+        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+            return ops._attention(q.float(), k.float(), v.float(), self.scale).to(q.dtype)
+        return ops._attention(q, k, v, self.scale)
+
     def forward(self, hidden_states, encoder_hidden_states=None):
+        """``encoder_hidden_states``: the text's hidden states, or (text, [image tokens per IP-Adapter]) as the UNet
+        passes them with IP-Adapters loaded (a cross-attention without them attends to the text alone)."""
+        image_tokens = None
+        if isinstance(encoder_hidden_states, tuple):
+            encoder_hidden_states, image_tokens = encoder_hidden_states
         residual = hidden_states
         spatial = hidden_states.dim() == 4
         if spatial:  # the VAE's attention: (B, C, H, W) in, GroupNorm over channels, tokens = pixels
@@ -72,10 +83,9 @@ class Attention(nn.Module):
         else:
             context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
             q, k, v = self._heads(self.to_q(hidden_states)), self._heads(self.to_k(context)), self._heads(self.to_v(context))
-        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
-            out = ops._attention(q.float(), k.float(), v.float(), self.scale).to(q.dtype)
-        else:
-            out = ops._attention(q, k, v, self.scale)
+        out = self._attend(q, k, v)
+        if image_tokens is not None and self.processor is not None:
+            out = self.processor.add_image_attention(self, q, out, image_tokens)
         out = out.transpose(1, 2).reshape(out.shape[0], -1, self.heads * self.dim_head)
         out = self.to_out[0](out)
         if spatial:

@@ -84,6 +84,14 @@ def check_inputs(config, sample, encoder_hidden_states):
                          f"batch {sample.shape[0]}")
 
 
+def _split_context(encoder_hidden_states):
+    """(text hidden states, IP-Adapter image tokens or None) from what a UNet or ControlNet was given."""
+    if isinstance(encoder_hidden_states, tuple) and len(encoder_hidden_states) == 2 and isinstance(
+            encoder_hidden_states[1], (list, tuple)):
+        return encoder_hidden_states
+    return encoder_hidden_states, None
+
+
 def embed_time(model, sample, timestep, added_cond_kwargs):
     """A UNet's or ControlNet's time embedding: the timestep's, plus SDXL's added text-time embedding."""
     c = model.config
@@ -202,6 +210,7 @@ class UNet2DConditionModel(loading.PretrainedMixin, nn.Module):
 
         self.conv_in = nn.Conv2d(c.in_channels, chans[0], kin, padding=(kin - 1) // 2)
         self.time_embedding = TimestepEmbedding(chans[0], temb)
+        self.encoder_hid_proj = None  # IP-Adapters' image projections, once loaded (models/ip_adapter.py)
         if c.addition_embed_type == "text_time":
             self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, temb)
         self.down_blocks = nn.ModuleList(
@@ -217,6 +226,25 @@ class UNet2DConditionModel(loading.PretrainedMixin, nn.Module):
             for i, kind in enumerate(c.up_block_types))
         self.conv_norm_out = GroupNorm(groups, chans[0], eps, silu=True)  # + conv_act (SiLU), fused
         self.conv_out = nn.Conv2d(chans[0], c.out_channels, kout, padding=(kout - 1) // 2)
+
+    def _context(self, sample, text, image_tokens, added_cond_kwargs):
+        """What the cross-attentions attend to: the text, and with IP-Adapters loaded each adapter's image tokens."""
+        if self.encoder_hid_proj is None:
+            if image_tokens is not None:
+                raise ValueError("encoder_hidden_states holds IP-Adapter image tokens, but no IP-Adapter is loaded")
+            return text
+        if image_tokens is None:
+            embeds = (added_cond_kwargs or {}).get("image_embeds")
+            if embeds is None:
+                raise ValueError("an IP-Adapter is loaded: pass its image embeddings as added_cond_kwargs="
+                                 "{'image_embeds': [...]} (one tensor per adapter), or unload it")
+            image_tokens = self.encoder_hid_proj(embeds)
+        for i, tokens in enumerate(image_tokens):
+            if not torch.is_tensor(tokens) or tokens.dim() != 3 or tokens.shape[0] != sample.shape[0]:
+                got = tuple(tokens.shape) if torch.is_tensor(tokens) else type(tokens).__name__
+                raise ValueError(f"IP-Adapter image tokens [{i}] must be a ({sample.shape[0]}, T, D) tensor (the "
+                                 f"sample's batch), got {got}")
+        return text, list(image_tokens)
 
     def fuse_qkv_projections(self):
         """One q/k/v GEMM per self-attention (weights concatenated into non-persistent buffers; names unchanged).
@@ -245,9 +273,13 @@ class UNet2DConditionModel(loading.PretrainedMixin, nn.Module):
     def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None,
                 down_block_additional_residuals=None, mid_block_additional_residual=None):
         """The noise (or v) prediction for ``sample`` at ``timestep``, conditioned on ``encoder_hidden_states``; a
-        ControlNet's residuals, as diffusers takes them, are added to the skip connections and the mid block's output."""
+        ControlNet's residuals, as diffusers takes them, are added to the skip connections and the mid block's output.
+        With IP-Adapters loaded, ``added_cond_kwargs["image_embeds"]`` (one tensor per adapter, as diffusers takes
+        them) are projected here, or ``encoder_hidden_states`` is (text, [projected image tokens per adapter])."""
         c = self.config
+        encoder_hidden_states, image_tokens = _split_context(encoder_hidden_states)
         check_inputs(c, sample, encoder_hidden_states)
+        context = self._context(sample, encoder_hidden_states, image_tokens, added_cond_kwargs)
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
         emb = embed_time(self, sample, timestep, added_cond_kwargs)
@@ -255,14 +287,14 @@ class UNet2DConditionModel(loading.PretrainedMixin, nn.Module):
         h = self.conv_in(sample)
         skips = (h,)
         for block in self.down_blocks:
-            h, states = block(h, emb, encoder_hidden_states)
+            h, states = block(h, emb, context)
             skips += states
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips):
                 raise ValueError(f"down_block_additional_residuals has {len(down_block_additional_residuals)} tensors "
                                  f"but this UNet has {len(skips)} skip connections (a ControlNet of another shape?)")
             skips = tuple(s + r for s, r in zip(skips, down_block_additional_residuals))
-        h = self.mid_block(h, emb, encoder_hidden_states)
+        h = self.mid_block(h, emb, context)
         if mid_block_additional_residual is not None:
             h = h + mid_block_additional_residual
         # Odd latent sizes: upsample to the skip's size instead of exactly 2x (diffusers' forward_upsample_size).
@@ -272,5 +304,5 @@ class UNet2DConditionModel(loading.PretrainedMixin, nn.Module):
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
             size = skips[-1].shape[2:] if odd and i < len(self.up_blocks) - 1 else None
-            h = block(h, block_skips, emb, encoder_hidden_states, size, stage=i)
+            h = block(h, block_skips, emb, context, size, stage=i)
         return self.conv_out(self.conv_norm_out(h))
