@@ -101,7 +101,7 @@ def _plain_settings(obj):
 
 def _processor_state(processor):
     """A processor's identity, type and plain settings (an IP-Adapter processor's list of scales)."""
-    return id(processor), type(processor), _plain_settings(processor)
+    return id(processor), type(processor), (() if processor is None else _plain_settings(processor))
 
 
 def _adapter_state(layer):

@@ -176,3 +176,53 @@ def assert_as_diffusers_with_nets_that_matter(run, theirs, ours, nets, tolerance
     off = run(ours, **dict(kwargs, controlnet_conditioning_scale=per_net(nets, 0.0, 0.0)))
     assert np.abs(off - b).max() > 0.005  # the residuals matter
     return b
+
+
+# ---- IP-Adapters (tests/test_ip_adapter.py) ---------------------------------------------------------------------
+def write_ip_adapter(folder, unet, kind="plain", seed=0, file_name=None):
+    """An IP-Adapter for the diffusers ``unet`` in the original files' layout (h94/IP-Adapter's keys: image_proj.*,
+    ip_adapter.<id>.to_k_ip/to_v_ip with odd ids over the UNet's attention processors), random weights from
+    ``seed``, plus a tiny CLIP image encoder in ``folder/image_encoder`` (hidden 32, projection 24, 32x32 images).
+    ``kind``: "plain" (4 tokens from the image embedding) or "plus" (a 4-layer resampler, as diffusers always builds
+    it, over the encoder's hidden states: 4 queries, one 64-wide head). Returns the weights' file name."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    if not os.path.isdir(os.path.join(folder, "image_encoder")):
+        CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, projection_dim=24, num_hidden_layers=3, num_attention_heads=2,
+            image_size=32, patch_size=8)).save_pretrained(os.path.join(folder, "image_encoder"))
+    cross = unet.config.cross_attention_dim
+    cross = cross if isinstance(cross, int) else cross[0]
+
+    def norm(prefix, dim):
+        state[f"{prefix}.weight"], state[f"{prefix}.bias"] = 1 + 0.1 * torch.randn(dim), 0.1 * torch.randn(dim)
+
+    state = {}
+    if kind == "plain":
+        state["image_proj.proj.weight"], state["image_proj.proj.bias"] = torch.randn(4 * cross, 24) * 0.2, torch.randn(4 * cross) * 0.1
+        norm("image_proj.norm", cross)
+    else:
+        hidden = 64
+        state["image_proj.latents"] = torch.randn(1, 4, hidden) / 8
+        state["image_proj.proj_in.weight"], state["image_proj.proj_in.bias"] = torch.randn(hidden, 32) * 0.2, torch.randn(hidden) * 0.1
+        state["image_proj.proj_out.weight"], state["image_proj.proj_out.bias"] = torch.randn(cross, hidden) * 0.2, torch.randn(cross) * 0.1
+        norm("image_proj.norm_out", cross)
+        for n in range(4):
+            for part in ("0.norm1", "0.norm2", "1.0"):
+                norm(f"image_proj.layers.{n}.{part}", hidden)
+            for part, shape in (("0.to_q", (hidden, hidden)), ("0.to_kv", (2 * hidden, hidden)),
+                                ("0.to_out", (hidden, hidden)), ("1.1", (4 * hidden, hidden)), ("1.3", (hidden, 4 * hidden))):
+                state[f"image_proj.layers.{n}.{part}.weight"] = torch.randn(*shape) * 0.15
+    modules = dict(unet.named_modules())
+    key_id = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            hidden_size = modules[name[:-len(".processor")]].to_q.out_features
+            for part in ("to_k_ip", "to_v_ip"):
+                state[f"ip_adapter.{key_id}.{part}.weight"] = torch.randn(hidden_size, cross) * 0.3
+            key_id += 2
+    file_name = file_name or f"ip-adapter-{kind}.safetensors"
+    save_file(state, os.path.join(folder, file_name))
+    return file_name

@@ -36,6 +36,10 @@ class Attention(nn.Module):
         self.register_buffer("fused_qkv_weight", None, persistent=False)
         self.register_buffer("fused_qkv_bias", None, persistent=False)
 
+    def set_processor(self, processor):
+        """Attach (or with None, remove) IP-Adapter image keys/values, as diffusers' set_processor swaps them in."""
+        self.processor = processor
+
     @torch.no_grad()
     def fuse_qkv(self):
         """Concatenate to_q/to_k/to_v into one projection (self-attention only; call again after changing weights)."""

@@ -238,11 +238,11 @@ def attach(unet, state_dicts: list, names: list) -> None:
                          + (" ..." if len(problems) > 20 else ""))
     for attn, processor, state, module_name in processors:
         loading.load_strict(processor, state, f"IP-Adapter for {module_name}")
-        attn.processor = processor.to(device=unet.device, dtype=unet.dtype)
+        attn.set_processor(processor.to(device=unet.device, dtype=unet.dtype))
     unet.encoder_hid_proj = MultiIPAdapterImageProjection(projections).to(device=unet.device, dtype=unet.dtype)
 
 
 def detach(unet) -> None:
     for _, attn in cross_attentions(unet):
-        attn.processor = None
+        attn.set_processor(None)
     unet.encoder_hid_proj = None

@@ -1,0 +1,255 @@
+"""IP-Adapters in our pipelines against diffusers' on tiny SD1- and SDXL-shaped weights: the plain IP-Adapter and
+IP-Adapter Plus, in the original files' layout (tests/_tiny_diffusers.write_ip_adapter), with a tiny CLIP image encoder.
+
+Stated tolerance: fp32 images within 1e-3 max abs pixel difference (pixels in [0, 1]) of diffusers' for the same seed,
+image prompt and weights, as for text-to-image. The tiny adapters' image keys and values are large, so each
+comparison also checks that the image without the adapter (scale 0) is far off: a dropped image term cannot pass.
+"""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import _tiny_diffusers
+import diffusion_fast
+from diffusion_fast.models import ip_adapter as ip_model
+from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
+
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")]
+
+# 48x40 RGB: not the encoder's 32x32, so both resize and centre-crop it with the same CLIP image processor
+CAT = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+DOG = Image.fromarray(np.random.default_rng(1).integers(0, 255, (36, 36, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    """(diffusers' tiny SD1 pipeline, ours from the folder it is saved in, the adapters' folder with a plain and a
+    Plus adapter and their image encoder)."""
+    folder = tmp_path_factory.mktemp("tiny-ip-sd1")
+    theirs, ours = _tiny_diffusers.saved_pair(_tiny_diffusers.pipeline("sd1", seed=5), folder / "pipe",
+                                              diffusion_fast.StableDiffusionPipeline)
+    for kind in ("plain", "plus"):
+        _tiny_diffusers.write_ip_adapter(folder / "ip", theirs.unet, kind, seed=7)
+    return theirs, ours, str(folder / "ip")
+
+
+def _loaded(pipes, folder, weights, scale=None):
+    for pipe in pipes:
+        pipe.load_ip_adapter(folder, "", weights)
+        if scale is not None:
+            pipe.set_ip_adapter_scale(scale)
+
+
+def _images(pipe, prompt="a cat", **kwargs):
+    kwargs = dict(dict(num_inference_steps=4, generator=torch.Generator().manual_seed(1), output_type="np"), **kwargs)
+    return np.asarray(pipe(prompt, **kwargs).images)
+
+
+def _as_diffusers_and_adapter_matters(theirs, ours, run=_images, **kwargs):
+    a, b = run(theirs, **kwargs), run(ours, **kwargs)
+    assert a.shape == b.shape and np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS, np.abs(a - b).max()
+    scales = [p.scale for _, attn in ip_model.cross_attentions(ours.unet) for p in [attn.processor]][0]
+    ours.set_ip_adapter_scale([0.0] * len(scales))
+    try:
+        assert np.abs(run(ours, **kwargs) - b).max() > 0.01  # the image prompt matters
+    finally:
+        ours.set_ip_adapter_scale(scales)
+    return b
+
+
+@pytest.mark.parametrize("weights, scale, images", [
+    ("ip-adapter-plain.safetensors", None, CAT),
+    ("ip-adapter-plus.safetensors", 0.6, CAT),
+    # two adapters at once, each with its own scale; the plain one given two images (their tokens concatenated)
+    (["ip-adapter-plain.safetensors", "ip-adapter-plus.safetensors"], [0.7, 0.4], [[CAT, DOG], DOG]),
+], ids=["plain", "plus", "plain-and-plus"])
+def test_text_to_image_as_diffusers(sd, weights, scale, images):
+    theirs, ours, folder = sd
+    _loaded((theirs, ours), folder, weights, scale)
+    try:
+        _as_diffusers_and_adapter_matters(theirs, ours, ip_adapter_image=images)
+        # two prompts, two images each, no guidance: the embeddings repeated for the whole batch, no negative half
+        _as_diffusers_and_adapter_matters(theirs, ours, prompt=["a cat", "a dog"], num_images_per_prompt=2,
+                                          guidance_scale=1.0, ip_adapter_image=images)
+    finally:
+        for pipe in (theirs, ours):
+            pipe.unload_ip_adapter()
+
+
+def test_image_embeds_and_unload(sd):
+    """Precomputed embeddings (diffusers' prepare_ip_adapter_image_embeds, negative first) give the image's result;
+    after unload_ip_adapter the pipeline gives its plain image again, and the UNet has no adapter weights left."""
+    theirs, ours, folder = sd
+    plain = _images(ours)
+    _loaded((theirs, ours), folder, "ip-adapter-plus.safetensors")
+    try:
+        embeds = theirs.prepare_ip_adapter_image_embeds(CAT, None, "cpu", 1, True)
+        assert len(embeds) == 1 and embeds[0].shape[:2] == (2, 1)
+        from_image = _images(ours, ip_adapter_image=CAT)
+        assert np.abs(_images(ours, ip_adapter_image_embeds=embeds) - from_image).max() <= 1e-6
+        assert np.abs(_images(theirs, ip_adapter_image_embeds=embeds) - from_image).max() <= PIPELINE_FP32_MAX_ABS
+    finally:
+        for pipe in (theirs, ours):
+            pipe.unload_ip_adapter()
+    assert not any("ip" in k.split(".")[-2] or k.startswith("encoder_hid_proj") for k in ours.unet.state_dict())
+    assert ours.image_encoder is None and np.array_equal(_images(ours), plain)
+
+
+def test_unet_state_dict_names_are_diffusers(sd):
+    """The adapter's weights sit under diffusers' names (encoder_hid_proj..., attn2.processor.to_k_ip.0...) with
+    diffusers' values: a UNet state dict saved by diffusers with an adapter loaded maps one to one."""
+    theirs, ours, folder = sd
+    _loaded((theirs, ours), folder, ["ip-adapter-plain.safetensors", "ip-adapter-plus.safetensors"])
+    try:
+        def ip_part(unet):
+            return {k: v for k, v in unet.state_dict().items() if "_ip." in k or k.startswith("encoder_hid_proj")}
+        a, b = ip_part(theirs.unet), ip_part(ours.unet)
+        assert a.keys() == b.keys() and len(a) > 0
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    finally:
+        for pipe in (theirs, ours):
+            pipe.unload_ip_adapter()
+
+
+@pytest.mark.parametrize("mode", ["step", "unet"])
+def test_graphed_loop_gives_the_eager_image(sd, monkeypatch, mode):
+    """On CUDA the image tokens are inputs of the step's (or UNet call's) graph: a new image replays the same graph
+    with new tokens, a new scale recaptures it (a scale is baked into the kernels). Capture is stood in for on the
+    CPU."""
+    from _fake_graphs import use_fake_graphs
+
+    _, ours, folder = sd
+    ours.load_ip_adapter(folder, "", "ip-adapter-plain.safetensors")
+    try:
+        eager_cat, eager_dog = _images(ours, ip_adapter_image=CAT), _images(ours, ip_adapter_image=DOG)
+        ours.set_ip_adapter_scale(0.5)
+        eager_half = _images(ours, ip_adapter_image=DOG)
+        ours.set_ip_adapter_scale(1.0)
+        monkeypatch.setattr(ours, "_graph_mode", lambda device, eta: mode)
+        graphed = use_fake_graphs(ours._graphs_for_components()[mode])
+        assert np.array_equal(_images(ours, ip_adapter_image=CAT), eager_cat)
+        assert np.array_equal(_images(ours, ip_adapter_image=DOG), eager_dog)
+        assert graphed.captures == 1
+        ours.set_ip_adapter_scale(0.5)
+        assert np.array_equal(_images(ours, ip_adapter_image=DOG), eager_half)
+        assert graphed.captures == 2
+    finally:
+        ours.unload_ip_adapter()
+        ours._graphs = None
+
+
+def test_sdxl_as_diffusers(tmp_path):
+    theirs, ours = _tiny_diffusers.saved_pair(_tiny_diffusers.sdxl_pipeline(seed=6), tmp_path / "pipe",
+                                              diffusion_fast.StableDiffusionXLPipeline)
+    for kind in ("plain", "plus"):
+        _tiny_diffusers.write_ip_adapter(tmp_path / "ip", theirs.unet, kind, seed=8)
+    _loaded((theirs, ours), str(tmp_path / "ip"), ["ip-adapter-plain.safetensors", "ip-adapter-plus.safetensors"],
+            [0.8, 0.5])
+    _as_diffusers_and_adapter_matters(theirs, ours, ip_adapter_image=[CAT, DOG])
+
+
+@pytest.mark.parametrize("kind", ["img2img", "inpaint", "controlnet"])
+def test_other_sd_pipelines_as_diffusers(tmp_path, kind):
+    """Image-to-image, inpainting and ControlNet take the image prompt too (the nets see the text alone, as in
+    diffusers)."""
+    import diffusers
+
+    if kind == "controlnet":
+        base = _tiny_diffusers.controlnet_pipeline(seed=4)
+        theirs, ours = _tiny_diffusers.saved_pair(base, tmp_path / "pipe",
+                                                  diffusion_fast.StableDiffusionControlNetPipeline)
+    else:
+        classes = {"img2img": ("StableDiffusionImg2ImgPipeline",), "inpaint": ("StableDiffusionInpaintPipeline",)}
+        name, = classes[kind]
+        base = _tiny_diffusers.pipeline("sd1", seed=5)
+        base.save_pretrained(tmp_path / "pipe")
+        theirs = getattr(diffusers, name).from_pretrained(tmp_path / "pipe", safety_checker=None,
+                                                          requires_safety_checker=False)
+        theirs.set_progress_bar_config(disable=True)
+        ours = getattr(diffusion_fast, name).from_pretrained(tmp_path / "pipe")
+        ours.set_progress_bar_config(disable=True)
+    _tiny_diffusers.write_ip_adapter(tmp_path / "ip", theirs.unet, "plus", seed=9)
+    _loaded((theirs, ours), str(tmp_path / "ip"), "ip-adapter-plus.safetensors")
+    picture = Image.fromarray(np.random.default_rng(2).integers(0, 255, (32, 40, 3), dtype=np.uint8))
+    mask = Image.fromarray(np.where(np.arange(40)[None, :] < 20, 255, 0).repeat(32, 0).astype(np.uint8))
+    extra = {"img2img": dict(image=picture, strength=0.75), "inpaint": dict(image=picture, mask_image=mask),
+             "controlnet": dict(image=picture)}[kind]
+    _as_diffusers_and_adapter_matters(theirs, ours, ip_adapter_image=CAT, **extra)
+
+
+def test_bad_inputs_are_named(sd, tmp_path):
+    theirs, ours, folder = sd
+    with pytest.raises(ValueError, match="no IP-Adapter is loaded"):
+        _images(ours, ip_adapter_image=CAT)
+    with pytest.raises(ValueError, match="no IP-Adapter is loaded"):
+        ours.set_ip_adapter_scale(0.5)
+    ours.load_ip_adapter(folder, "", "ip-adapter-plain.safetensors")
+    try:
+        with pytest.raises(ValueError, match="give ip_adapter_image or ip_adapter_image_embeds"):
+            _images(ours)
+        with pytest.raises(ValueError, match="give one, not both"):
+            _images(ours, ip_adapter_image=CAT, ip_adapter_image_embeds=[torch.zeros(2, 1, 24)])
+        with pytest.raises(ValueError, match="ip_adapter_image has 2 entries for 1 IP-Adapters"):
+            _images(ours, ip_adapter_image=[CAT, DOG])
+        with pytest.raises(ValueError, match=r"ip_adapter_image_embeds must be a list of 1 tensors"):
+            _images(ours, ip_adapter_image_embeds=torch.zeros(2, 1, 24))
+        with pytest.raises(ValueError, match=r"ip_adapter_image_embeds\[0\] has 1 rows: give 2"):
+            _images(ours, ip_adapter_image_embeds=[torch.zeros(1, 1, 24)])
+        with pytest.raises(ValueError, match="per-block scales"):
+            ours.set_ip_adapter_scale({"up": {"block_0": [0.0, 1.0]}})
+        with pytest.raises(TypeError, match=r"scale\[0\] must be a number"):
+            ours.set_ip_adapter_scale("high")
+    finally:
+        ours.unload_ip_adapter()
+    with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
+        ours.load_ip_adapter(folder, "", "nothing.safetensors")
+    with pytest.raises(FileNotFoundError, match="image_encoder_folder"):
+        ours.load_ip_adapter(folder, "", "ip-adapter-plain.safetensors", image_encoder_folder="elsewhere")
+
+
+def test_weights_that_do_not_fit_are_listed(sd):
+    """FaceID and Full-face adapters are refused by name; an adapter for another UNet gets one error listing every
+    mis-shaped and missing weight, and the UNet is left as it was."""
+    _, ours, folder = sd
+    from safetensors.torch import load_file
+
+    state = load_file(f"{folder}/ip-adapter-plain.safetensors")
+    split = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in state.items():
+        part, _, rest = key.partition(".")
+        split[part][rest] = value
+    faceid = {"image_proj": {"proj.0.weight": torch.zeros(8, 4), "proj.2.weight": torch.zeros(8, 8),
+                             "norm.weight": torch.zeros(8), "norm.bias": torch.zeros(8)},
+              "ip_adapter": split["ip_adapter"]}
+    with pytest.raises(ValueError, match="IP-Adapter FaceID is not supported"):
+        ours.load_ip_adapter(faceid, "", "faceid", image_encoder_folder=None)
+    wrong = {"image_proj": split["image_proj"], "ip_adapter": dict(split["ip_adapter"])}
+    wrong["ip_adapter"]["1.to_k_ip.weight"] = torch.zeros(3, 3)
+    del wrong["ip_adapter"]["3.to_v_ip.weight"]
+    with pytest.raises(ValueError) as err:
+        ours.load_ip_adapter(wrong, "", "wrong", image_encoder_folder=None)
+    assert "ip_adapter.1.to_k_ip.weight is (3, 3)" in str(err.value)
+    assert "ip_adapter.3.to_v_ip.weight missing" in str(err.value)
+    assert ours.unet.encoder_hid_proj is None
+    assert all(attn.processor is None for _, attn in ip_model.cross_attentions(ours.unet))
+    ours.feature_extractor = None
+
+
+def test_diffusers_pipeline_with_an_ip_adapter_under_accelerate(sd):
+    """accelerate() on a diffusers pipeline with an IP-Adapter loaded: the same image; its IP-Adapter processors
+    are left alone and listed (our processor has no image term)."""
+    theirs, _, folder = sd
+    theirs.load_ip_adapter(folder, "", "ip-adapter-plus.safetensors")
+    try:
+        before = _images(theirs, ip_adapter_image=CAT)
+        diffusion_fast.accelerate(theirs, attention=True)
+        try:
+            assert np.abs(_images(theirs, ip_adapter_image=CAT) - before).max() <= PIPELINE_FP32_MAX_ABS
+            skipped = theirs._diffusion_fast_report["skipped"]
+            assert any("IPAdapterAttnProcessor2_0" in s for s in skipped)
+            assert theirs._diffusion_fast_report["attention"] > 0  # the self-attentions still run ours
+        finally:
+            diffusion_fast.restore(theirs)
+    finally:
+        theirs.unload_ip_adapter()
