@@ -65,6 +65,43 @@ def _as_list(name, value, n):
     return values
 
 
+def _number(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _block_scales(unet, scales, name):
+    """diffusers' per-block IP-Adapter scales -> {attention block prefix ("down_blocks.1.attentions.0"): scale}, the
+    blocks left out at 0."""
+    unknown = sorted(set(scales) - {"down", "mid", "up"})
+    if unknown:
+        raise ValueError(f"{name}: per-block scales take the keys 'down', 'mid' and 'up', got {unknown}")
+    mid = scales.get("mid", 0.0)
+    if isinstance(mid, list):
+        if len(mid) != 1:
+            raise ValueError(f"{name}: 'mid' takes one scale, got {len(mid)}")
+        mid = mid[0]
+    out = {"mid_block.attentions.0": _number(f"{name}['mid']", mid)}
+    for side in ("down", "up"):
+        blocks = {f"block_{i}": len(block.attentions) for i, block in enumerate(getattr(unet, f"{side}_blocks"))
+                  if getattr(block, "attentions", None) is not None}
+        given = scales.get(side, 0.0)
+        given = given if isinstance(given, dict) else {block: given for block in blocks}
+        if set(given) - set(blocks):
+            raise ValueError(f"{name}: {side} blocks {sorted(set(given) - set(blocks))} have no attention in this "
+                             f"UNet (those that do: {sorted(blocks)})")
+        for block, count in blocks.items():
+            values = given.get(block, 0.0)
+            values = values * count if isinstance(values, list) and len(values) == 1 else values
+            values = values if isinstance(values, list) else [values] * count
+            if len(values) != count:
+                raise ValueError(f"{name}: {side}.{block} has {count} transformers, got {len(values)} scales")
+            for j, value in enumerate(values):
+                out[f"{side}_blocks.{block[6:]}.attentions.{j}"] = _number(f"{name}['{side}']['{block}']", value)
+    return out
+
+
 class IPAdapterMixin:
     """Mixed into our SD and SDXL pipelines (every kind: text-to-image, image-to-image, inpainting, ControlNet)."""
 
@@ -106,19 +143,20 @@ class IPAdapterMixin:
         ip_model.attach(self.unet, states, names)
 
     def set_ip_adapter_scale(self, scale):
-        """Each adapter's scale: one float for all, or a list with one per adapter (0 turns an adapter off)."""
+        """Each adapter's scale: one for all, or a list with one per adapter (0 turns an adapter off). A scale is a
+        number, or as in diffusers (InstantStyle) a dict of per-block ones, every block it leaves out at 0:
+        ``{"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}}`` (a number or one per transformer
+        of a block, or one for a whole side; "mid" takes one number)."""
         n = adapter_count(self.unet)
         if n == 0:
             raise ValueError("set_ip_adapter_scale: no IP-Adapter is loaded (load_ip_adapter first)")
-        scales = _as_list("scale", scale, n)
-        for i, value in enumerate(scales):
-            if isinstance(value, dict):
-                raise ValueError("scale: per-block scales (a dict, InstantStyle's) are not supported; give a float "
-                                 "per adapter")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-                raise TypeError(f"scale[{i}] must be a number, got {value!r}")
-        for _, attn in ip_model.cross_attentions(self.unet):
-            attn.processor.scale = [float(s) for s in scales]
+        configs = [_block_scales(self.unet, value, f"scale[{i}]") if isinstance(value, dict)
+                   else _number(f"scale[{i}]", value) for i, value in enumerate(_as_list("scale", scale, n))]
+        for name, attn in ip_model.cross_attentions(self.unet):
+            attn.processor.scale = [
+                config if not isinstance(config, dict) else next(s for prefix, s in config.items()
+                                                                 if name.startswith(prefix + "."))
+                for config in configs]
 
     def unload_ip_adapter(self):
         """Remove the adapters from the UNet, and the image encoder and processor (as diffusers does)."""

@@ -49,12 +49,13 @@ def _images(pipe, prompt="a cat", **kwargs):
 def _as_diffusers_and_adapter_matters(theirs, ours, run=_images, **kwargs):
     a, b = run(theirs, **kwargs), run(ours, **kwargs)
     assert a.shape == b.shape and np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS, np.abs(a - b).max()
-    scales = [p.scale for _, attn in ip_model.cross_attentions(ours.unet) for p in [attn.processor]][0]
-    ours.set_ip_adapter_scale([0.0] * len(scales))
+    saved = [(attn.processor, list(attn.processor.scale)) for _, attn in ip_model.cross_attentions(ours.unet)]
+    ours.set_ip_adapter_scale(0.0)
     try:
         assert np.abs(run(ours, **kwargs) - b).max() > 0.01  # the image prompt matters
     finally:
-        ours.set_ip_adapter_scale(scales)
+        for processor, scales in saved:  # (per layer: per-block scales differ between layers)
+            processor.scale = scales
     return b
 
 
@@ -75,6 +76,49 @@ def test_text_to_image_as_diffusers(sd, weights, scale, images):
     finally:
         for pipe in (theirs, ours):
             pipe.unload_ip_adapter()
+
+
+@pytest.mark.parametrize("scale", [
+    {"up": {"block_1": [0.0, 1.0, 0.5]}},  # InstantStyle's kind: one up block's transformers, the rest off
+    {"down": 0.7, "mid": [0.3]},  # a whole side; mid as a one-entry list
+    [{"down": {"block_0": [1.0]}}, 0.6],  # per adapter: a one-entry list for the whole block, and a number
+], ids=["up-block", "down-and-mid", "per-adapter"])
+def test_per_block_scales_as_diffusers(sd, scale):
+    """diffusers' per-block scales (set_ip_adapter_scale with dicts): the blocks left out at 0, as there."""
+    theirs, ours, folder = sd
+    weights = (["ip-adapter-plain.safetensors", "ip-adapter-plus.safetensors"] if isinstance(scale, list)
+               else "ip-adapter-plus.safetensors")
+    _loaded((theirs, ours), folder, weights, scale)
+    try:
+        images = [CAT, DOG] if isinstance(scale, list) else CAT
+        b = _as_diffusers_and_adapter_matters(theirs, ours, ip_adapter_image=images)
+        ours.set_ip_adapter_scale(1.0)
+        assert np.abs(_images(ours, ip_adapter_image=images) - b).max() > 0.01  # the blocks' scales mattered
+    finally:
+        for pipe in (theirs, ours):
+            pipe.unload_ip_adapter()
+
+
+@pytest.mark.parametrize("scale", [
+    {"down": {"block_1": [0.0, 1.0]}, "up": {"block_2": 0.5}},  # blocks left out within a side, and whole sides
+    {"down": 0.25, "up": {"block_1": [1.0], "block_2": [0.1, 0.2, 0.3]}, "mid": 0.5},
+    {},  # every block off
+])
+def test_per_block_scales_expand_as_diffusers(scale):
+    """The expansion alone, on a UNet with two attention blocks per side (the tiny pipelines have one)."""
+    from diffusers import UNet2DConditionModel as TheirUNet
+    from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
+
+    from diffusion_fast.ip_adapter import _block_scales
+    from diffusion_fast.models import UNet2DConditionModel
+
+    config = dict(block_out_channels=[16, 16, 16], layers_per_block=2, norm_num_groups=8, cross_attention_dim=16,
+                  attention_head_dim=2, down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
+    theirs = _maybe_expand_lora_scales(TheirUNet(**config), [scale], default_scale=0.0)[0]
+    with torch.device("meta"):
+        ours = _block_scales(UNet2DConditionModel(config), scale, "scale")
+    assert ours == {k: float(v) for k, v in theirs.items()}
 
 
 def test_image_embeds_and_unload(sd):
@@ -196,8 +240,12 @@ def test_bad_inputs_are_named(sd, tmp_path):
             _images(ours, ip_adapter_image_embeds=torch.zeros(2, 1, 24))
         with pytest.raises(ValueError, match=r"ip_adapter_image_embeds\[0\] has 1 rows: give 2"):
             _images(ours, ip_adapter_image_embeds=[torch.zeros(1, 1, 24)])
-        with pytest.raises(ValueError, match="per-block scales"):
+        with pytest.raises(ValueError, match=r"up blocks \['block_0'\] have no attention in this UNet"):
             ours.set_ip_adapter_scale({"up": {"block_0": [0.0, 1.0]}})
+        with pytest.raises(ValueError, match=r"down.block_0 has 2 transformers, got 3 scales"):
+            ours.set_ip_adapter_scale({"down": {"block_0": [0.0, 1.0, 1.0]}})
+        with pytest.raises(ValueError, match=r"take the keys 'down', 'mid' and 'up', got \['middle'\]"):
+            ours.set_ip_adapter_scale({"middle": 1.0})
         with pytest.raises(TypeError, match=r"scale\[0\] must be a number"):
             ours.set_ip_adapter_scale("high")
     finally:
