@@ -105,9 +105,21 @@ def _model_folder(text):
     return text
 
 
+def _existing_folder(text):
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"no such folder: {text!r}")
+    return text
+
+
 def _controlnet_folder(text):
     if not os.path.isfile(os.path.join(text, "config.json")):
         raise argparse.ArgumentTypeError(f"{text!r} is not a ControlNet folder (no config.json)")
+    return text
+
+
+def _ip_adapter_file(text):
+    if not os.path.isfile(text) or not text.endswith((".safetensors", ".bin")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP-Adapter weights file (.safetensors or .bin)")
     return text
 
 
@@ -198,6 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "order; it sets the output size unless --height/--width do")
     g.add_argument("--controlnet-scale", type=float, action="append", default=[], metavar="SCALE",
                    help="with --controlnet: its residuals' scale (default 1; one for all, or one per --controlnet)")
+    g.add_argument("--ip-adapter", type=_ip_adapter_file, action="append", default=[], metavar="FILE",
+                   help="an IP-Adapter or IP-Adapter Plus weights file (e.g. h94/IP-Adapter's "
+                        "models/ip-adapter_sd15.safetensors), prompting with --ip-adapter-image; repeatable")
+    g.add_argument("--ip-adapter-image", action="append", default=[], metavar="FILE",
+                   help="with --ip-adapter: its image prompt, one per --ip-adapter, in order")
+    g.add_argument("--ip-adapter-scale", type=float, action="append", default=[], metavar="SCALE",
+                   help="with --ip-adapter: how strongly its image prompts (default 1; one for all, or one per "
+                        "--ip-adapter)")
+    g.add_argument("--image-encoder", type=_existing_folder, default=None, metavar="DIR",
+                   help="with --ip-adapter: the CLIP image encoder folder (default: image_encoder/ beside the first "
+                        "--ip-adapter file, as h94/IP-Adapter lays them out)")
     g.add_argument("--output", default="diffusion_fast.png", help="PNG path (index appended for a batch)")
     g.add_argument("--compare", action="store_true",
                    help="also run the reference path and print the max difference (always on without --model)")

@@ -1,7 +1,7 @@
-"""``diffusion-fast generate``: load a model (or the built-in tiny one), its LoRAs and embeddings, pick the pipeline
-by the inputs (text-to-image, image-to-image, inpainting, ControlNet, SDXL base + refiner), run the fast path (and the
-reference path to compare), print it/s and write PNGs. Bad values raise UsageError, which ``cli.main`` prints as one
-line."""
+"""``diffusion-fast generate``: load a model (or the built-in tiny one), its LoRAs, embeddings and IP-Adapters, pick
+the pipeline by the inputs (text-to-image, image-to-image, inpainting, ControlNet, SDXL base + refiner), run the fast
+path (and the reference path to compare), print it/s and write PNGs. Bad values raise UsageError, which ``cli.main``
+prints as one line."""
 from __future__ import annotations
 
 import os
@@ -76,6 +76,44 @@ def _control_images(args):
     if args.refiner is not None:
         raise UsageError("--controlnet: leave out --refiner (the refiner takes no ControlNet)")
     return [_open_image("--control-image", path) for path in args.control_image]
+
+
+def _ip_adapter_images(args):
+    """--ip-adapter-image files (one per --ip-adapter), checked and read before anything loads; None without any."""
+    if not args.ip_adapter:
+        if args.ip_adapter_image or args.ip_adapter_scale or args.image_encoder:
+            raise UsageError("--ip-adapter-image, --ip-adapter-scale and --image-encoder are for IP-Adapters: give "
+                             "--ip-adapter too")
+        return None
+    if len(args.ip_adapter_image) != len(args.ip_adapter):
+        raise UsageError(f"--ip-adapter-image: give one per --ip-adapter ({len(args.ip_adapter)}), in order; got "
+                         f"{len(args.ip_adapter_image)}")
+    if len(args.ip_adapter_scale) not in (0, 1, len(args.ip_adapter)):
+        raise UsageError(f"--ip-adapter-scale: give one for all IP-Adapters or one per --ip-adapter "
+                         f"({len(args.ip_adapter)}); got {len(args.ip_adapter_scale)}")
+    if args.refiner is not None:
+        raise UsageError("--ip-adapter: leave out --refiner (the refiner takes no image prompt)")
+    encoder = args.image_encoder or os.path.join(os.path.dirname(os.path.abspath(args.ip_adapter[0])), "image_encoder")
+    if not os.path.isfile(os.path.join(encoder, "config.json")):
+        raise UsageError(f"--ip-adapter: no CLIP image encoder at {encoder} (give its folder with --image-encoder)")
+    return [_open_image("--ip-adapter-image", path).convert("RGB") for path in args.ip_adapter_image]
+
+
+def _load_ip_adapters(args, pipe):
+    """The --ip-adapter files into ``pipe`` (the image encoder from --image-encoder), at their scales."""
+    from transformers import CLIPVisionModelWithProjection
+
+    encoder = args.image_encoder or os.path.join(os.path.dirname(os.path.abspath(args.ip_adapter[0])), "image_encoder")
+    pipe.image_encoder = CLIPVisionModelWithProjection.from_pretrained(encoder).to(pipe.device, pipe.dtype).eval()
+    try:
+        pipe.load_ip_adapter([os.path.dirname(os.path.abspath(p)) for p in args.ip_adapter], "",
+                             [os.path.basename(p) for p in args.ip_adapter])
+    except ValueError as exc:
+        raise UsageError(f"--ip-adapter: {exc}") from None
+    if args.ip_adapter_scale:
+        pipe.set_ip_adapter_scale(args.ip_adapter_scale)
+    print(f"loaded {len(args.ip_adapter)} IP-Adapter{'s' if len(args.ip_adapter) > 1 else ''}: "
+          + ", ".join(args.ip_adapter))
 
 
 def _with_controlnets(args, pipe, images, dtype, device, kind="text-to-image"):
@@ -208,6 +246,7 @@ def generate(args) -> int:
     init_image = _init_image(args)
     mask_image = _mask_image(args, init_image)
     control_images = _control_images(args)
+    ip_images = _ip_adapter_images(args)
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
     compare = args.compare or args.model is None
@@ -239,6 +278,8 @@ def generate(args) -> int:
                          "SDXL base")
     else:
         pipe = _with_controlnets(args, pipe, control_images, dtype, device)
+    if ip_images is not None:
+        _load_ip_adapters(args, pipe)
     refiner = _refiner(args, pipe, dtype, device)
     if refiner is not None:
         _refiner_embeddings(embeddings, refiner)
@@ -284,6 +325,9 @@ def generate(args) -> int:
         options.update({"control_image" if init_image is not None else "image":
                         control_images[0] if len(control_images) == 1 else control_images},
                        controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales)
+
+    if ip_images is not None:
+        options.update(ip_adapter_image=ip_images[0] if len(ip_images) == 1 else ip_images)
 
     def run(path_name, num_steps=steps):
         generator = torch.Generator("cpu").manual_seed(args.seed)

@@ -5,6 +5,8 @@ Stated tolerance: fp32 images within 1e-3 max abs pixel difference (pixels in [0
 image prompt and weights, as for text-to-image. The tiny adapters' image keys and values are large, so each
 comparison also checks that the image without the adapter (scale 0) is far off: a dropped image term cannot pass.
 """
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -31,6 +33,7 @@ def sd(tmp_path_factory):
                                               diffusion_fast.StableDiffusionPipeline)
     for kind in ("plain", "plus"):
         _tiny_diffusers.write_ip_adapter(folder / "ip", theirs.unet, kind, seed=7)
+    theirs._saved_to = str(folder / "pipe")  # (for the CLI's --model)
     return theirs, ours, str(folder / "ip")
 
 
@@ -301,3 +304,68 @@ def test_diffusers_pipeline_with_an_ip_adapter_under_accelerate(sd):
             diffusion_fast.restore(theirs)
     finally:
         theirs.unload_ip_adapter()
+
+
+# ---- the CLI: generate --ip-adapter FILE --ip-adapter-image FILE [--ip-adapter-scale S] ---------------------------
+@pytest.mark.parametrize("adapters", [["plus"], ["plain", "plus"]])
+def test_cli_generate_gives_diffusers_image(sd, tmp_path, capsys, adapters):
+    """The image diffusers makes from the same seed, adapters, images and scale (within one 8-bit level); the image
+    encoder found beside the first weights file, as h94/IP-Adapter lays them out."""
+    from diffusion_fast.cli import main
+
+    theirs, _, folder = sd
+    CAT.save(tmp_path / "cat.png")
+    DOG.save(tmp_path / "dog.png")
+    files = [f"ip-adapter-{kind}.safetensors" for kind in adapters]
+    images = [tmp_path / "cat.png", tmp_path / "dog.png"][:len(adapters)]
+    argv = ["generate", "--model", theirs._saved_to, "--steps", "3", "--seed", "2", "--output",
+            str(tmp_path / "out.png"), "--no-progress", "--compare", "--ip-adapter-scale", "0.7"]
+    for file, image in zip(files, images):
+        argv += ["--ip-adapter", f"{folder}/{file}", "--ip-adapter-image", str(image)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "loaded " + str(len(adapters)) + " IP-Adapter" in out and "max abs pixel difference" in out
+    theirs.load_ip_adapter(folder, "", files if len(files) > 1 else files[0])
+    try:
+        theirs.set_ip_adapter_scale([0.7] * len(files))  # (diffusers refuses one number for two adapters)
+        loaded = [Image.open(p).convert("RGB") for p in images]
+        expected = theirs("a photograph of an astronaut riding a horse", num_inference_steps=3,
+                          generator=torch.Generator().manual_seed(2),
+                          ip_adapter_image=loaded if len(loaded) > 1 else loaded[0]).images[0]
+    finally:
+        theirs.unload_ip_adapter()
+    got = np.asarray(Image.open(tmp_path / "out.png"), dtype=np.int16)
+    assert np.abs(got - np.asarray(expected, dtype=np.int16)).max() <= 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ip-adapter-image", "CAT"], "--ip-adapter-image, --ip-adapter-scale and --image-encoder are for IP-Adapters"),
+    (["--ip-adapter", "PLAIN"], r"--ip-adapter-image: give one per --ip-adapter \(1\), in order; got 0"),
+    (["--ip-adapter", "PLAIN", "--ip-adapter-image", "CAT", "--ip-adapter-scale", "1", "--ip-adapter-scale", "2"],
+     r"--ip-adapter-scale: give one for all IP-Adapters or one per --ip-adapter \(1\); got 2"),
+    (["--ip-adapter", "PLAIN", "--ip-adapter-image", "/no/such.png"], "--ip-adapter-image: no such file"),
+    (["--ip-adapter", "PLAIN", "--ip-adapter-image", "CAT", "--image-encoder", "ELSEWHERE"],
+     "--ip-adapter: no CLIP image encoder at"),
+    (["--ip-adapter", "CAT"], "is not an IP-Adapter weights file"),
+    (["--ip-adapter", "SDXL_ADAPTER", "--ip-adapter-image", "CAT"], "--ip-adapter: the IP-Adapter weights do not fit"),
+])
+def test_cli_bad_options_one_line(sd, tmp_path, capsys, argv, message):
+    from diffusion_fast.cli import main
+
+    theirs, _, folder = sd
+    CAT.save(tmp_path / "cat.png")
+    (tmp_path / "elsewhere").mkdir()
+    if "SDXL_ADAPTER" in argv:  # an adapter written for the tiny SDXL UNet (another cross width, other blocks)
+        (tmp_path / "xl").mkdir()
+        _tiny_diffusers.write_ip_adapter(tmp_path / "xl", _tiny_diffusers.sdxl_pipeline().unet, "plain")
+    names = {"CAT": tmp_path / "cat.png", "PLAIN": f"{folder}/ip-adapter-plain.safetensors",
+             "ELSEWHERE": tmp_path / "elsewhere", "SDXL_ADAPTER": tmp_path / "xl" / "ip-adapter-plain.safetensors"}
+    argv = ["generate", "--model", theirs._saved_to, *[str(names.get(a, a)) for a in argv], "--steps", "2",
+            "--no-progress", "--output", str(tmp_path / "out.png")]
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # (argparse's own: a file that is not a weights file)
+        code = exit.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err
