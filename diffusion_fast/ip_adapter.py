@@ -121,7 +121,8 @@ class IPAdapterMixin:
         subfolders = _as_list("subfolder", subfolder, len(weight_names))
         states = [_read_adapter(src, sub, name) for src, sub, name in zip(sources, subfolders, weight_names)]
         names = [n if isinstance(n, str) else f"IP-Adapter {i}" for i, n in enumerate(weight_names)]
-        if self.image_encoder is None and image_encoder_folder is not None:
+        encoder = self.image_encoder
+        if encoder is None and image_encoder_folder is not None:
             if isinstance(sources[0], dict):
                 raise ValueError("image_encoder: it cannot be loaded from a state dict; pass image_encoder_folder=None "
                                  "and give ip_adapter_image_embeds, or set pipe.image_encoder first")
@@ -133,14 +134,15 @@ class IPAdapterMixin:
             if not os.path.isdir(path):
                 raise FileNotFoundError(f"image_encoder_folder: {path!r} does not exist (pass the folder that holds "
                                         "the CLIP image encoder, or image_encoder_folder=None)")
-            encoder = CLIPVisionModelWithProjection.from_pretrained(path)
-            self.image_encoder = encoder.to(device=self.device, dtype=self.dtype).eval()
+            encoder = CLIPVisionModelWithProjection.from_pretrained(path).to(device=self.device, dtype=self.dtype)
+            encoder = encoder.eval()
+        ip_model.attach(self.unet, states, names)  # (checks every weight before it changes the UNet)
+        self.image_encoder = encoder
         if self.feature_extractor is None:
             from transformers import CLIPImageProcessor
 
-            size = self.image_encoder.config.image_size if self.image_encoder is not None else 224
+            size = encoder.config.image_size if encoder is not None else 224
             self.feature_extractor = CLIPImageProcessor(size=size, crop_size=size)
-        ip_model.attach(self.unet, states, names)
 
     def set_ip_adapter_scale(self, scale):
         """Each adapter's scale: one for all, or a list with one per adapter (0 turns an adapter off). A scale is a

@@ -249,6 +249,8 @@ def test_bad_inputs_are_named(sd, tmp_path):
             ours.set_ip_adapter_scale({"down": {"block_0": [0.0, 1.0, 1.0]}})
         with pytest.raises(ValueError, match=r"take the keys 'down', 'mid' and 'up', got \['middle'\]"):
             ours.set_ip_adapter_scale({"middle": 1.0})
+        with pytest.raises(ValueError, match=r"cross_attention_kwargs: only 'scale' .* got \['ip_adapter_masks'\]"):
+            _images(ours, ip_adapter_image=CAT, cross_attention_kwargs={"ip_adapter_masks": [torch.ones(1, 1, 8, 8)]})
         with pytest.raises(TypeError, match=r"scale\[0\] must be a number"):
             ours.set_ip_adapter_scale("high")
     finally:
@@ -282,9 +284,8 @@ def test_weights_that_do_not_fit_are_listed(sd):
         ours.load_ip_adapter(wrong, "", "wrong", image_encoder_folder=None)
     assert "ip_adapter.1.to_k_ip.weight is (3, 3)" in str(err.value)
     assert "ip_adapter.3.to_v_ip.weight missing" in str(err.value)
-    assert ours.unet.encoder_hid_proj is None
+    assert ours.unet.encoder_hid_proj is None and ours.image_encoder is None and ours.feature_extractor is None
     assert all(attn.processor is None for _, attn in ip_model.cross_attentions(ours.unet))
-    ours.feature_extractor = None
 
 
 def test_diffusers_pipeline_with_an_ip_adapter_under_accelerate(sd):
