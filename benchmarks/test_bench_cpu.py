@@ -8,8 +8,8 @@ Groups: the fused CFG+DDIM step (C++ op) vs our reference vs diffusers' CFG comb
 shapes in both memory layouts; fp16/bf16 storage for both at SD1.5's shapes; diffusers' Euler, Euler ancestral,
 DPM-Solver++ 2M and 3M SDE, PNDM (PLMS), UniPC, DDPM, LCM, Heun, LMS, DPM2, DPM2 ancestral and DEIS scheduler steps as
 accelerate patches them vs their own, the Euler op alone; the weights key a graphed UNet call checks (ModuleState,
-SD1.5's UNet on the meta device); and a whole ControlNet pipeline call on the tiny SD1 model, ours vs diffusers'
-(plain and accelerated). Each group's rows are the implementations side by side; compare
+SD1.5's UNet on the meta device); and whole ControlNet and IP-Adapter Plus pipeline calls on the tiny SD1 model, ours
+vs diffusers' (plain and accelerated). Each group's rows are the implementations side by side; compare
 medians.
 
 The allocator is pinned first (see ``_steady_allocator``): glibc otherwise moves between two regimes at random,
@@ -276,4 +276,39 @@ def test_controlnet_pipeline(benchmark, controlnet_pipelines, guidance_end, impl
     image = Image.fromarray(torch.randint(0, 255, (128, 128, 3), generator=torch.Generator().manual_seed(0),
                                           dtype=torch.uint8).numpy())
     benchmark(lambda: pipe("a cube", image=image, num_inference_steps=10, control_guidance_end=guidance_end,
+                           generator=torch.Generator().manual_seed(0), output_type="np"))
+
+
+@pytest.fixture(scope="module")
+def ip_adapter_pipelines(tmp_path_factory):
+    """diffusers' tiny SD1 pipeline with an IP-Adapter Plus (the tests' tiny adapter and image encoder), a second
+    one under accelerate (the adapter loaded first), and ours loaded from the folder diffusers saved, same adapter."""
+    pytest.importorskip("diffusers")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    import _tiny_diffusers
+
+    folder = tmp_path_factory.mktemp("bench-ip-adapter")
+    theirs = _tiny_diffusers.pipeline("sd1", seed=5)
+    theirs.save_pretrained(folder / "pipe")
+    weights = _tiny_diffusers.write_ip_adapter(folder / "ip", theirs.unet, "plus", seed=7)
+    accelerated = _tiny_diffusers.pipeline("sd1", seed=5)
+    ours = diffusion_fast.load_pipeline(folder / "pipe")
+    for pipe in (theirs, accelerated, ours):
+        pipe.load_ip_adapter(str(folder / "ip"), "", weights)
+        pipe.set_progress_bar_config(disable=True)
+    diffusion_fast.accelerate(accelerated)
+    return {"diffusers": theirs, "diffusers + accelerate": accelerated, "ours": ours}
+
+
+@pytest.mark.parametrize("impl", ["ours", "diffusers + accelerate", "diffusers"])
+def test_ip_adapter_pipeline(benchmark, ip_adapter_pipelines, impl):
+    """A whole call with an image prompt: the image encoded, 10 DDIM steps with guidance at 128x128, VAE decode
+    included, fp32. Ours projects the image once per call; diffusers runs the Plus resampler in every UNet call."""
+    from PIL import Image
+
+    benchmark.group = "IP-Adapter Plus pipeline, tiny SD1, 10 DDIM steps, 128x128"
+    pipe = ip_adapter_pipelines[impl]
+    image = Image.fromarray(torch.randint(0, 255, (64, 64, 3), generator=torch.Generator().manual_seed(0),
+                                          dtype=torch.uint8).numpy())
+    benchmark(lambda: pipe("a cube", ip_adapter_image=image, num_inference_steps=10, height=128, width=128,
                            generator=torch.Generator().manual_seed(0), output_type="np"))
