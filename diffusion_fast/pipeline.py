@@ -122,7 +122,7 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
 
     def to(self, device=None, dtype=None):
         dtype = resolve_dtype(dtype)
-        for module in self._models()["moved"]:
+        for module in (*self._models()["moved"], self.image_encoder):  # (an IP-Adapter's image encoder too)
             if module is not None:  # (an SDXL refiner has no first text encoder)
                 module.to(device=device, dtype=dtype)
         self._graphs = self._graphed_for = None

@@ -143,6 +143,18 @@ def test_image_embeds_and_unload(sd):
     assert ours.image_encoder is None and np.array_equal(_images(ours), plain)
 
 
+def test_to_moves_the_adapters_and_the_image_encoder(sd):
+    """pipe.to(dtype) (or a device) takes the adapter's weights and the image encoder along, and the call runs."""
+    theirs, _, folder = sd
+    ours = diffusion_fast.load_pipeline(theirs._saved_to)  # (its own: the bfloat16 round trip rounds the weights)
+    ours.set_progress_bar_config(disable=True)
+    ours.load_ip_adapter(folder, "", "ip-adapter-plus.safetensors")
+    ours.to(dtype=torch.bfloat16)
+    adapter = [p for name, p in ours.unet.named_parameters() if "_ip." in name or "encoder_hid_proj" in name]
+    assert adapter and all(p.dtype == torch.bfloat16 for p in [*adapter, *ours.image_encoder.parameters()])
+    assert np.isfinite(_images(ours, ip_adapter_image=CAT)).all()
+
+
 def test_unet_state_dict_names_are_diffusers(sd):
     """The adapter's weights sit under diffusers' names (encoder_hid_proj..., attn2.processor.to_k_ip.0...) with
     diffusers' values: a UNet state dict saved by diffusers with an adapter loaded maps one to one."""
