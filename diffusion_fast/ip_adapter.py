@@ -144,6 +144,12 @@ class IPAdapterMixin:
             size = encoder.config.image_size if encoder is not None else 224
             self.feature_extractor = CLIPImageProcessor(size=size, crop_size=size)
 
+    def _image_encoder_of(self, pipe):
+        """This pipeline, given ``pipe``'s image encoder and processor (built on its components, whose UNet may
+        hold IP-Adapters)."""
+        self.image_encoder, self.feature_extractor = pipe.image_encoder, pipe.feature_extractor
+        return self
+
     def set_ip_adapter_scale(self, scale):
         """Each adapter's scale: one for all, or a list with one per adapter (0 turns an adapter off). A scale is a
         number, or as in diffusers (InstantStyle) a dict of per-block ones, every block it leaves out at 0:

@@ -287,7 +287,8 @@ class SDControlNetComponents(ControlNetGuidance):
     @classmethod
     def from_pipeline(cls, pipe, controlnet, **settings):
         """This pipeline on an SD pipeline's components (shared, not copied) and ``controlnet``."""
-        return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, controlnet, **settings)
+        return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, controlnet,
+                   **settings)._image_encoder_of(pipe)
 
 
 class StableDiffusionControlNetPipeline(SDControlNetComponents, StableDiffusionPipeline):
@@ -338,7 +339,7 @@ class SDXLControlNetComponents(ControlNetGuidance):
         """This pipeline on an SDXL pipeline's components (shared, not copied) and ``controlnet``."""
         return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
                    pipe.scheduler, controlnet, force_zeros_for_empty_prompt=pipe.force_zeros_for_empty_prompt,
-                   **settings)
+                   **settings)._image_encoder_of(pipe)
 
 
 class StableDiffusionXLControlNetPipeline(SDXLControlNetComponents, StableDiffusionXLPipeline):

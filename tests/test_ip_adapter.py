@@ -155,6 +155,23 @@ def test_to_moves_the_adapters_and_the_image_encoder(sd):
     assert np.isfinite(_images(ours, ip_adapter_image=CAT)).all()
 
 
+def test_a_controlnet_pipeline_built_from_ours_keeps_its_image_encoder(sd, tmp_path):
+    """from_pipeline(pipe, net) shares the UNet, which holds the adapter, and so the image encoder goes along."""
+    from diffusers import ControlNetModel as TheirNet
+
+    theirs, ours, folder = sd
+    TheirNet.from_unet(theirs.unet, conditioning_embedding_out_channels=(8, 16, 32)).save_pretrained(tmp_path / "net")
+    net = diffusion_fast.ControlNetModel.from_pretrained(tmp_path / "net")
+    ours.load_ip_adapter(folder, "", "ip-adapter-plain.safetensors")
+    try:
+        control = diffusion_fast.StableDiffusionControlNetPipeline.from_pipeline(ours, net)
+        control.set_progress_bar_config(disable=True)
+        assert control.image_encoder is ours.image_encoder and control.feature_extractor is ours.feature_extractor
+        assert np.isfinite(_images(control, image=CAT, ip_adapter_image=DOG)).all()
+    finally:
+        ours.unload_ip_adapter()
+
+
 def test_unet_state_dict_names_are_diffusers(sd):
     """The adapter's weights sit under diffusers' names (encoder_hid_proj..., attn2.processor.to_k_ip.0...) with
     diffusers' values: a UNet state dict saved by diffusers with an adapter loaded maps one to one."""
