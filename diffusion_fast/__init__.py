@@ -29,6 +29,7 @@ _LAZY = {
                                                               "StableDiffusionXLControlNetImg2ImgPipeline",
                                                               "StableDiffusionControlNetInpaintPipeline")},
     "ControlNetModel": ("models", "ControlNetModel"),
+    "IPAdapterMaskProcessor": ("ip_adapter", "IPAdapterMaskProcessor"),
     "load_pipeline": ("pipeline_xl", "load_pipeline"),
     "accelerate": ("diffusers_patch", "accelerate"),
     "restore": ("diffusers_patch", "restore"),

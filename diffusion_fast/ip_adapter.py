@@ -152,13 +152,18 @@ class IPAdapterMixin:
 
     def set_ip_adapter_scale(self, scale):
         """Each adapter's scale: one for all, or a list with one per adapter (0 turns an adapter off). A scale is a
-        number, or as in diffusers (InstantStyle) a dict of per-block ones, every block it leaves out at 0:
+        number; or as in diffusers (InstantStyle) a dict of per-block ones, every block it leaves out at 0:
         ``{"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}}`` (a number or one per transformer
-        of a block, or one for a whole side; "mid" takes one number)."""
+        of a block, or one for a whole side; "mid" takes one number); or a list with one per image of the adapter,
+        for calls with ``ip_adapter_masks``."""
         n = adapter_count(self.unet)
         if n == 0:
             raise ValueError("set_ip_adapter_scale: no IP-Adapter is loaded (load_ip_adapter first)")
+        if n == 1 and isinstance(scale, list) and len(scale) > 1 and not any(isinstance(v, (list, dict)) for v in scale):
+            raise ValueError(f"scale has {len(scale)} entries for 1 IP-Adapters (per-image scales, for masks, are a "
+                             "list inside the list: [[0.7, 0.4]])")
         configs = [_block_scales(self.unet, value, f"scale[{i}]") if isinstance(value, dict)
+                   else [_number(f"scale[{i}][{j}]", v) for j, v in enumerate(value)] if isinstance(value, list)
                    else _number(f"scale[{i}]", value) for i, value in enumerate(_as_list("scale", scale, n))]
         for name, attn in ip_model.cross_attentions(self.unet):
             attn.processor.scale = [
@@ -215,8 +220,18 @@ class IPAdapterMixin:
             out.append(embeds.to(device=device))
         return out
 
-    def _check_ip_adapter_inputs(self, ip_adapter_image, ip_adapter_image_embeds):
+    def _check_ip_adapter_inputs(self, ip_adapter_image, ip_adapter_image_embeds, masks=None):
         n = adapter_count(self.unet)
+        if masks is not None:
+            masks = list(masks.unsqueeze(1)) if torch.is_tensor(masks) else masks  # (diffusers' older form)
+            if n == 0 or not isinstance(masks, list) or len(masks) != n:
+                raise ValueError(f"ip_adapter_masks must be a list with one entry per IP-Adapter ({n}): a (1, images, "
+                                 "H, W) mask tensor (IPAdapterMaskProcessor.preprocess) or None")
+            for i, mask in enumerate(masks):
+                if mask is not None and (not torch.is_tensor(mask) or mask.dim() != 4 or mask.shape[0] != 1):
+                    got = tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__
+                    raise ValueError(f"ip_adapter_masks[{i}] must be a (1, images, H, W) tensor (one mask per image "
+                                     f"of the adapter; IPAdapterMaskProcessor.preprocess gives them), got {got}")
         given = ip_adapter_image is not None or ip_adapter_image_embeds is not None
         if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
             raise ValueError("ip_adapter_image and ip_adapter_image_embeds: give one, not both")
@@ -239,40 +254,78 @@ class IPAdapterMixin:
                 if not torch.is_tensor(embeds) or embeds.dim() not in (3, 4):
                     got = tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__
                     raise ValueError(f"ip_adapter_image_embeds[{i}] must be a 3-D or 4-D tensor, got {got}")
+        return masks
 
     def _ip_adapter_tokens(self, batch, do_cfg):
-        """The running call's image tokens, one (UNet batch, images x tokens, D) tensor per adapter, or ()."""
+        """The running call's image tokens, one (UNet batch, images x tokens, D) tensor per adapter, then each
+        adapter's mask (1, images, H, W) or None; () without adapters."""
         if self._ip_call is None or adapter_count(self.unet) == 0:
             return ()
-        image, embeds = self._ip_call
+        image, embeds, masks = self._ip_call
         for i, e in enumerate(embeds or ()):
             if e.shape[0] != (2 if do_cfg else 1):
                 raise ValueError(f"ip_adapter_image_embeds[{i}] has {e.shape[0]} rows: give "
                                  f"{'2 (the negative, then the positive) with guidance' if do_cfg else '1 without guidance'}"
                                  ", as diffusers takes them; they are repeated for the batch")
         embeds = self.prepare_ip_adapter_image_embeds(image, embeds, self.device, batch, do_cfg)
+        masks = masks or [None] * len(embeds)
+        processor = ip_model.cross_attentions(self.unet)[0][1].processor
+        for i, (e, mask, scale) in enumerate(zip(embeds, masks, processor.scale)):
+            if mask is not None and mask.shape[1] != e.shape[1]:
+                raise ValueError(f"ip_adapter_masks[{i}] has {mask.shape[1]} masks for the adapter's {e.shape[1]} "
+                                 "images")
+            if isinstance(scale, list) and (mask is None or len(scale) != e.shape[1]):
+                raise ValueError(f"IP-Adapter {i} has one scale per image ({len(scale)}): give ip_adapter_masks with "
+                                 f"one mask per image ({e.shape[1]}), or set one scale")
         with torch.no_grad():
-            return tuple(self.unet.encoder_hid_proj([e.to(self.dtype) for e in embeds]))
+            tokens = self.unet.encoder_hid_proj([e.to(self.dtype) for e in embeds])
+        return (*tokens, *[None if m is None else m.to(self.device) for m in masks])
 
     def _model_call(self, model_input, t, embeds, *cond):
-        """The UNet call (``_unet_call``) with the IP-Adapters' image tokens, the last entries of ``cond``, joined to
-        the text as the UNet takes them."""
+        """The UNet call (``_unet_call``) with the IP-Adapters' image tokens and masks, the last entries of ``cond``,
+        joined to the text as the UNet takes them."""
         n = adapter_count(self.unet)
         if n:
-            cond, tokens = cond[:-n], cond[-n:]
-            embeds = (embeds, list(tokens))
+            cond, tokens, masks = cond[:-2 * n], cond[-2 * n:-n], cond[-n:]
+            embeds = (embeds, list(tokens), None if all(m is None for m in masks) else list(masks))
         return self._unet_call(model_input, t, embeds, *cond)
 
 
+class IPAdapterMaskProcessor:
+    """diffusers' IPAdapterMaskProcessor: ``preprocess(masks, height, width)`` turns masks (a PIL image, a list of
+    them, or a (B, 1, H, W) tensor) into a (B, 1, H, W) tensor at the output size: Lanczos-resized, grayscale, in
+    [0, 1], binarized at 0.5 (without a size, the first mask's own, cut to a multiple of 8). For one adapter with B
+    images, pass ``masks.reshape(1, B, H, W)`` in ``cross_attention_kwargs={"ip_adapter_masks": [...]}``."""
+
+    @staticmethod
+    def preprocess(image, height=None, width=None):
+        import PIL.Image
+
+        from .pipeline_inpaint import preprocess_mask
+
+        first = image[0] if isinstance(image, (list, tuple)) and image else image
+        own = first.size[::-1] if isinstance(first, PIL.Image.Image) else tuple(first.shape[-2:]) if torch.is_tensor(
+            first) else (None, None)
+        height, width = (given if given is not None else x - x % 8 if x is not None else None
+                         for given, x in zip((height, width), own))
+        return preprocess_mask(image, height, width)
+
+
 def ip_adapter_call(call):
-    """A pipeline ``__call__`` that takes diffusers' ``ip_adapter_image`` and ``ip_adapter_image_embeds``: checked
-    before any work, encoded and projected once the batch is known (``_ip_adapter_tokens``)."""
+    """A pipeline ``__call__`` that takes diffusers' ``ip_adapter_image`` and ``ip_adapter_image_embeds``, and masks
+    as ``cross_attention_kwargs={"ip_adapter_masks": [...]}``: checked before any work, encoded and projected once
+    the batch is known (``_ip_adapter_tokens``). The rest of ``cross_attention_kwargs`` goes on to the call."""
     @functools.wraps(call)
-    def with_images(self, *args, ip_adapter_image=None, ip_adapter_image_embeds=None, **kwargs):
-        self._check_ip_adapter_inputs(ip_adapter_image, ip_adapter_image_embeds)
-        self._ip_call = (ip_adapter_image, ip_adapter_image_embeds) if adapter_count(self.unet) else None
+    def with_images(self, *args, ip_adapter_image=None, ip_adapter_image_embeds=None, cross_attention_kwargs=None,
+                    **kwargs):
+        masks = None
+        if isinstance(cross_attention_kwargs, dict) and "ip_adapter_masks" in cross_attention_kwargs:
+            cross_attention_kwargs = dict(cross_attention_kwargs)
+            masks = cross_attention_kwargs.pop("ip_adapter_masks")
+        masks = self._check_ip_adapter_inputs(ip_adapter_image, ip_adapter_image_embeds, masks)
+        self._ip_call = (ip_adapter_image, ip_adapter_image_embeds, masks) if adapter_count(self.unet) else None
         try:
-            return call(self, *args, **kwargs)
+            return call(self, *args, cross_attention_kwargs=cross_attention_kwargs, **kwargs)
         finally:
             self._ip_call = None
 

@@ -260,8 +260,8 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
         """The step callback, its tensor names checked (before any work); None without one."""
         return None if fn is None else StepCallback(fn, inputs, self._callback_tensor_inputs, {})
 
-    @lora_call_scale
     @ip_adapter_call
+    @lora_call_scale
     @torch.no_grad()
     def __call__(self, prompt=None, negative_prompt=None, num_inference_steps=50, guidance_scale=7.5, eta=0.0,
                  generator=None, height=None, width=None, num_images_per_prompt=1, prompt_embeds=None,

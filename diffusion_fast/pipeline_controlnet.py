@@ -294,8 +294,8 @@ class SDControlNetComponents(ControlNetGuidance):
 class StableDiffusionControlNetPipeline(SDControlNetComponents, StableDiffusionPipeline):
     _base_pipeline, _added_names = StableDiffusionPipeline, ()
 
-    @lora_call_scale
     @ip_adapter_call
+    @lora_call_scale
     @torch.no_grad()
     def __call__(self, prompt=None, image=None, height=None, width=None, num_inference_steps=50, timesteps=None,
                  sigmas=None, guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
@@ -349,8 +349,8 @@ class StableDiffusionXLControlNetPipeline(SDXLControlNetComponents, StableDiffus
     _begins_at_zero = False  # (diffusers' SDXL ControlNet pipeline does not set a begin index, unlike its SDXL one)
     _keep_over_schedule = True
 
-    @lora_call_scale
     @ip_adapter_call
+    @lora_call_scale
     @torch.no_grad()
     def __call__(self, prompt=None, prompt_2=None, image=None, height=None, width=None, num_inference_steps=50,
                  timesteps=None, sigmas=None, denoising_end=None, guidance_scale=5.0, negative_prompt=None,

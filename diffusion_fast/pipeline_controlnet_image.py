@@ -41,8 +41,8 @@ class StableDiffusionControlNetImg2ImgPipeline(_ControlledImageToImage, SDContro
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "control_image")
     _base_pipeline, _added_names, _image_name = StableDiffusionPipeline, (), "control_image"
 
-    @lora_call_scale
     @ip_adapter_call
+    @lora_call_scale
     @torch.no_grad()
     def __call__(self, prompt=None, image=None, control_image=None, height=None, width=None, strength=0.8,
                  num_inference_steps=50, guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
@@ -107,8 +107,8 @@ class StableDiffusionControlNetInpaintPipeline(SDControlNetComponents, StableDif
         return self.unet(torch.cat([model_input, *added], dim=1) if added else model_input, t, embeds, None, down,
                          mid)
 
-    @lora_call_scale
     @ip_adapter_call
+    @lora_call_scale
     @torch.no_grad()
     def __call__(self, prompt=None, image=None, mask_image=None, control_image=None, height=None, width=None,
                  padding_mask_crop=None, strength=1.0, num_inference_steps=50, guidance_scale=7.5,
@@ -171,8 +171,8 @@ class StableDiffusionXLControlNetImg2ImgPipeline(_ControlledImageToImage, SDXLCo
     _callback_tensor_inputs = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids", "control_image")
     _image_name = "control_image"
 
-    @lora_call_scale
     @ip_adapter_call
+    @lora_call_scale
     @torch.no_grad()
     def __call__(self, prompt=None, prompt_2=None, image=None, control_image=None, height=None, width=None,
                  strength=0.8, num_inference_steps=50, guidance_scale=5.0, negative_prompt=None,

@@ -146,8 +146,8 @@ class _ImageToImage:
 
 
 class StableDiffusionImg2ImgPipeline(_ImageToImage, StableDiffusionPipeline):
-    @lora_call_scale
     @ip_adapter_call
+    @lora_call_scale
     @torch.no_grad()
     def __call__(self, prompt=None, image=None, strength=0.8, num_inference_steps=50, guidance_scale=7.5,
                  negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None, prompt_embeds=None,
@@ -176,8 +176,8 @@ class StableDiffusionXLImg2ImgPipeline(_ImageToImage, StableDiffusionXLPipeline)
     ensemble of expert denoisers)."""
     _takes_aesthetic_score = True
 
-    @lora_call_scale
     @ip_adapter_call
+    @lora_call_scale
     @torch.no_grad()
     def __call__(self, prompt=None, prompt_2=None, image=None, strength=0.3, num_inference_steps=50,
                  guidance_scale=5.0, negative_prompt=None, negative_prompt_2=None, num_images_per_prompt=1, eta=0.0,

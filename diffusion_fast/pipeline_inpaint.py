@@ -201,8 +201,8 @@ class StableDiffusionInpaintPipeline(_Inpainting, StableDiffusionPipeline):
         """The UNet call; a 9-channel UNet gets the mask and the masked image's latents beside the latents."""
         return self.unet(torch.cat([model_input, *cond], dim=1) if cond else model_input, t, embeds)
 
-    @lora_call_scale
     @ip_adapter_call
+    @lora_call_scale
     @torch.no_grad()
     def __call__(self, prompt=None, image=None, mask_image=None, height=None, width=None, strength=1.0,
                  num_inference_steps=50, guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0,
@@ -260,8 +260,8 @@ class StableDiffusionXLInpaintPipeline(_Inpainting, StableDiffusionXLImg2ImgPipe
                 vae.to(dtype=dtype)
         return vae.config.scaling_factor * latents.to(dtype)
 
-    @lora_call_scale
     @ip_adapter_call
+    @lora_call_scale
     @torch.no_grad()
     def __call__(self, prompt=None, prompt_2=None, image=None, mask_image=None, masked_image_latents=None,
                  height=None, width=None, strength=0.9999, num_inference_steps=50, timesteps=None, sigmas=None,

@@ -191,8 +191,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         if prompt_2 is not None and prompt_embeds is not None:
             raise ValueError("prompt_2 and prompt_embeds: give one, not both")
 
-    @lora_call_scale
     @ip_adapter_call
+    @lora_call_scale
     @torch.no_grad()
     def __call__(self, prompt=None, prompt_2=None, negative_prompt=None, negative_prompt_2=None,
                  num_inference_steps=50, guidance_scale=5.0, eta=0.0, generator=None, height=None, width=None,

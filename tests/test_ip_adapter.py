@@ -5,6 +5,7 @@ Stated tolerance: fp32 images within 1e-3 max abs pixel difference (pixels in [0
 image prompt and weights, as for text-to-image. The tiny adapters' image keys and values are large, so each
 comparison also checks that the image without the adapter (scale 0) is far off: a dropped image term cannot pass.
 """
+import contextlib
 import re
 
 import numpy as np
@@ -124,6 +125,46 @@ def test_per_block_scales_expand_as_diffusers(scale):
     assert ours == {k: float(v) for k, v in theirs.items()}
 
 
+def _halves(height, width):
+    """Two masks at (height, width): white below the diagonal, and above it (a slanted edge: downsampling it, bicubic
+    and bilinear differ)."""
+    y, x = np.mgrid[:height, :width]
+    below = np.where(x * height < y * width, 255, 0).astype(np.uint8)
+    return [Image.fromarray(below), Image.fromarray(255 - below)]
+
+
+@pytest.mark.parametrize("case", ["two-images", "per-image-scales", "one-of-two-adapters", "other-aspect"])
+def test_masks_as_diffusers(sd, case):
+    """IP-Adapter masks (diffusers' cross_attention_kwargs={"ip_adapter_masks": ...}): each image of an adapter
+    prompts its own region. Masks made by our IPAdapterMaskProcessor, equal to diffusers' own."""
+    from diffusers.image_processor import IPAdapterMaskProcessor as TheirMasks
+
+    theirs, ours, folder = sd
+    height, width = 32, 40  # (latents 8x10 and 4x5 at the tiny UNet's attention layers)
+    # a tall mask on a 4:5 output: its grid at 80 queries is 18x4, padded to 80 (at 20 queries 9x2, padded)
+    mask_size = (64, 16) if case == "other-aspect" else (height, width)
+    masks = diffusion_fast.IPAdapterMaskProcessor.preprocess(_halves(*mask_size), *mask_size)
+    assert torch.equal(masks, TheirMasks().preprocess(_halves(*mask_size), *mask_size))
+    masks = masks.reshape(1, 2, *mask_size)
+    weights, scale, images, all_masks = "ip-adapter-plain.safetensors", None, [[CAT, DOG]], [masks]
+    if case == "per-image-scales":
+        scale = [[0.9, 0.3]]
+    if case == "one-of-two-adapters":
+        weights, scale = ["ip-adapter-plain.safetensors", "ip-adapter-plus.safetensors"], [1.0, 0.5]
+        images, all_masks = [[CAT, DOG], DOG], [masks, None]
+    _loaded((theirs, ours), folder, weights, scale)
+    try:
+        kwargs = dict(ip_adapter_image=images, height=height, width=width,
+                      cross_attention_kwargs={"ip_adapter_masks": all_masks})
+        with pytest.warns(UserWarning, match="aspect ratio") if case == "other-aspect" else contextlib.nullcontext():
+            masked = _as_diffusers_and_adapter_matters(theirs, ours, **kwargs)
+        unmasked = _images(ours, ip_adapter_image=images, height=height, width=width) if scale is None else None
+        assert unmasked is None or np.abs(unmasked - masked).max() > 0.01  # the masks matter
+    finally:
+        for pipe in (theirs, ours):
+            pipe.unload_ip_adapter()
+
+
 def test_image_embeds_and_unload(sd):
     """Precomputed embeddings (diffusers' prepare_ip_adapter_image_embeds, negative first) give the image's result;
     after unload_ip_adapter the pipeline gives its plain image again, and the UNet has no adapter weights left."""
@@ -190,15 +231,19 @@ def test_unet_state_dict_names_are_diffusers(sd):
 
 @pytest.mark.parametrize("mode", ["step", "unet"])
 def test_graphed_loop_gives_the_eager_image(sd, monkeypatch, mode):
-    """On CUDA the image tokens are inputs of the step's (or UNet call's) graph: a new image replays the same graph
-    with new tokens, a new scale recaptures it (a scale is baked into the kernels). Capture is stood in for on the
-    CPU."""
+    """On CUDA the image tokens (and masks) are inputs of the step's (or UNet call's) graph: a new image or mask
+    replays the same graph, a new scale recaptures it (a scale is baked into the kernels). Capture is stood in for on
+    the CPU."""
     from _fake_graphs import use_fake_graphs
 
     _, ours, folder = sd
     ours.load_ip_adapter(folder, "", "ip-adapter-plain.safetensors")
     try:
         eager_cat, eager_dog = _images(ours, ip_adapter_image=CAT), _images(ours, ip_adapter_image=DOG)
+        masks = diffusion_fast.IPAdapterMaskProcessor.preprocess(_halves(32, 32), 32, 32).reshape(1, 2, 32, 32)
+        masked = dict(ip_adapter_image=[[CAT, DOG]], cross_attention_kwargs={"ip_adapter_masks": [masks]})
+        flipped = dict(masked, cross_attention_kwargs={"ip_adapter_masks": [masks.flip(1)]})
+        eager_masked, eager_flipped = _images(ours, **masked), _images(ours, **flipped)
         ours.set_ip_adapter_scale(0.5)
         eager_half = _images(ours, ip_adapter_image=DOG)
         ours.set_ip_adapter_scale(1.0)
@@ -210,6 +255,10 @@ def test_graphed_loop_gives_the_eager_image(sd, monkeypatch, mode):
         ours.set_ip_adapter_scale(0.5)
         assert np.array_equal(_images(ours, ip_adapter_image=DOG), eager_half)
         assert graphed.captures == 2
+        ours.set_ip_adapter_scale(1.0)  # masks are graph inputs too: other masks replay the same graph
+        assert np.array_equal(_images(ours, **masked), eager_masked)
+        assert np.array_equal(_images(ours, **flipped), eager_flipped)
+        assert graphed.captures == 3 and not np.array_equal(eager_masked, eager_flipped)  # (one for both)
     finally:
         ours.unload_ip_adapter()
         ours._graphs = None
@@ -278,8 +327,18 @@ def test_bad_inputs_are_named(sd, tmp_path):
             ours.set_ip_adapter_scale({"down": {"block_0": [0.0, 1.0, 1.0]}})
         with pytest.raises(ValueError, match=r"take the keys 'down', 'mid' and 'up', got \['middle'\]"):
             ours.set_ip_adapter_scale({"middle": 1.0})
-        with pytest.raises(ValueError, match=r"cross_attention_kwargs: only 'scale' .* got \['ip_adapter_masks'\]"):
-            _images(ours, ip_adapter_image=CAT, cross_attention_kwargs={"ip_adapter_masks": [torch.ones(1, 1, 8, 8)]})
+        mask = torch.ones(1, 1, 32, 32)
+        with pytest.raises(ValueError, match=r"ip_adapter_masks must be a list with one entry per IP-Adapter \(1\)"):
+            _images(ours, ip_adapter_image=CAT, cross_attention_kwargs={"ip_adapter_masks": [mask, mask]})
+        with pytest.raises(ValueError, match=r"ip_adapter_masks\[0\] must be a \(1, images, H, W\) tensor"):
+            _images(ours, ip_adapter_image=CAT, cross_attention_kwargs={"ip_adapter_masks": [mask[0]]})
+        with pytest.raises(ValueError, match=r"ip_adapter_masks\[0\] has 1 masks for the adapter's 2 images"):
+            _images(ours, ip_adapter_image=[[CAT, DOG]], cross_attention_kwargs={"ip_adapter_masks": [mask]})
+        ours.set_ip_adapter_scale([[0.5, 0.5]])
+        with pytest.raises(ValueError, match="one scale per image .* give ip_adapter_masks"):
+            _images(ours, ip_adapter_image=[[CAT, DOG]])
+        with pytest.raises(ValueError, match=r"scale has 2 entries for 1 IP-Adapters \(per-image scales"):
+            ours.set_ip_adapter_scale([0.5, 0.5])
         with pytest.raises(TypeError, match=r"scale\[0\] must be a number"):
             ours.set_ip_adapter_scale("high")
     finally:

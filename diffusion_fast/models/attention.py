@@ -68,11 +68,12 @@ class Attention(nn.Module):
         return ops._attention(q, k, v, self.scale)
 
     def forward(self, hidden_states, encoder_hidden_states=None):
-        """``encoder_hidden_states``: the text's hidden states, or (text, [image tokens per IP-Adapter]) as the UNet
-        passes them with IP-Adapters loaded (a cross-attention without them attends to the text alone)."""
-        image_tokens = None
+        """``encoder_hidden_states``: the text's hidden states, or (text, [image tokens per IP-Adapter], [mask or None
+        per IP-Adapter]) as the UNet passes them with IP-Adapters loaded (a cross-attention without them attends to
+        the text alone)."""
+        image_tokens = image_masks = None
         if isinstance(encoder_hidden_states, tuple):
-            encoder_hidden_states, image_tokens = encoder_hidden_states
+            encoder_hidden_states, image_tokens, image_masks = encoder_hidden_states
         residual = hidden_states
         spatial = hidden_states.dim() == 4
         if spatial:  # the VAE's attention: (B, C, H, W) in, GroupNorm over channels, tokens = pixels
@@ -89,7 +90,7 @@ class Attention(nn.Module):
             q, k, v = self._heads(self.to_q(hidden_states)), self._heads(self.to_k(context)), self._heads(self.to_v(context))
         out = self._attend(q, k, v)
         if image_tokens is not None and self.processor is not None:
-            out = self.processor.add_image_attention(self, q, out, image_tokens)
+            out = self.processor.add_image_attention(self, q, out, image_tokens, image_masks)
         out = out.transpose(1, 2).reshape(out.shape[0], -1, self.heads * self.dim_head)
         out = self.to_out[0](out)
         if spatial:

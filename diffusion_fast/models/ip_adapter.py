@@ -12,6 +12,7 @@ several at once. Refused by name: Full-face and the FaceID variants (their own p
 """
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -137,16 +138,45 @@ class IPAdapterAttnProcessor(nn.Module):
         self.to_k_ip = nn.ModuleList(nn.Linear(cross_attention_dim, hidden_size, bias=False) for _ in num_tokens)
         self.to_v_ip = nn.ModuleList(nn.Linear(cross_attention_dim, hidden_size, bias=False) for _ in num_tokens)
 
-    def add_image_attention(self, attn: Attention, q, out, image_tokens):
-        """``out`` (B, H, L, D) + each adapter's scale * attention of ``q`` over its image tokens (B, T, C)."""
+    def add_image_attention(self, attn: Attention, q, out, image_tokens, masks=None):
+        """``out`` (B, H, L, D) + each adapter's scale * attention of ``q`` over its image tokens (B, T, C). With a
+        mask for an adapter (1, images, h, w), each of its images attends alone, its term masked to the mask's
+        region (downsampled to this layer's L queries) and scaled by its own scale when the scale is a list."""
         if len(image_tokens) != len(self.scale):
             raise ValueError(f"{len(image_tokens)} IP-Adapter image token tensors for {len(self.scale)} adapters")
-        for scale, to_k, to_v, tokens in zip(self.scale, self.to_k_ip, self.to_v_ip, image_tokens):
-            if scale == 0:  # (as diffusers: an adapter at scale 0 is skipped)
+        masks = masks if masks is not None else [None] * len(self.scale)
+        for scale, to_k, to_v, tokens, mask in zip(self.scale, self.to_k_ip, self.to_v_ip, image_tokens, masks):
+            if scale == 0 or isinstance(scale, list) and all(s == 0 for s in scale):  # (skipped, as in diffusers)
                 continue
             k, v = attn._heads(to_k(tokens)), attn._heads(to_v(tokens))
-            out = out + scale * attn._attend(q, k, v)
+            if mask is None:
+                out = out + scale * attn._attend(q, k, v)
+                continue
+            images = mask.shape[1]
+            per_image = k.shape[2] // images
+            scales = scale if isinstance(scale, list) else [scale] * images
+            for i in range(images):
+                part = slice(i * per_image, (i + 1) * per_image)
+                region = downsample_mask(mask[:, i], q.shape[0], q.shape[2]).to(q.dtype)
+                out = out + scales[i] * (attn._attend(q, k[:, :, part], v[:, :, part]) * region)
         return out
+
+
+def downsample_mask(mask, batch, queries):
+    """An image's IP-Adapter mask (1, h, w) -> (batch, 1, queries, 1) over a layer's queries, as diffusers'
+    IPAdapterMaskProcessor.downsample computes it: bicubic to the mask's aspect ratio at ``queries`` tokens, then
+    padded with zeros or cut where that grid does not hold exactly ``queries`` (an aspect ratio the output lacks)."""
+    ratio = mask.shape[2] / mask.shape[1]
+    rows = int(math.sqrt(queries / ratio))
+    rows = rows + int(queries % rows != 0)
+    cols = queries // rows
+    small = F.interpolate(mask[None].float(), size=(rows, cols), mode="bicubic")[0].reshape(mask.shape[0], -1)
+    if rows * cols != queries:
+        ops.warn_once(f"ip-mask-aspect-{mask.shape[1]}x{mask.shape[2]}-{queries}",
+                  "diffusion_fast: an IP-Adapter mask's aspect ratio does not match the output's; its downsampled "
+                  "region is padded or cut (as in diffusers): give masks at the output's size")
+        small = F.pad(small, (0, queries - small.shape[1])) if small.shape[1] < queries else small[:, :queries]
+    return small.to(mask.dtype).expand(batch, -1)[:, None, :, None]
 
 
 def cross_attentions(unet) -> list:

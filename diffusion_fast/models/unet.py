@@ -85,11 +85,13 @@ def check_inputs(config, sample, encoder_hidden_states):
 
 
 def _split_context(encoder_hidden_states):
-    """(text hidden states, IP-Adapter image tokens or None) from what a UNet or ControlNet was given."""
-    if isinstance(encoder_hidden_states, tuple) and len(encoder_hidden_states) == 2 and isinstance(
+    """(text hidden states, IP-Adapter image tokens or None, their masks or None) from what a UNet or ControlNet was
+    given: the text, or (text, [tokens per adapter]) or (text, [tokens per adapter], [mask or None per adapter])."""
+    if isinstance(encoder_hidden_states, tuple) and len(encoder_hidden_states) in (2, 3) and isinstance(
             encoder_hidden_states[1], (list, tuple)):
-        return encoder_hidden_states
-    return encoder_hidden_states, None
+        text, tokens, *masks = encoder_hidden_states
+        return text, tokens, masks[0] if masks else None
+    return encoder_hidden_states, None, None
 
 
 def embed_time(model, sample, timestep, added_cond_kwargs):
@@ -227,7 +229,7 @@ class UNet2DConditionModel(loading.PretrainedMixin, nn.Module):
         self.conv_norm_out = GroupNorm(groups, chans[0], eps, silu=True)  # + conv_act (SiLU), fused
         self.conv_out = nn.Conv2d(chans[0], c.out_channels, kout, padding=(kout - 1) // 2)
 
-    def _context(self, sample, text, image_tokens, added_cond_kwargs):
+    def _context(self, sample, text, image_tokens, image_masks, added_cond_kwargs):
         """What the cross-attentions attend to: the text, and with IP-Adapters loaded each adapter's image tokens."""
         if self.encoder_hid_proj is None:
             if image_tokens is not None:
@@ -244,7 +246,9 @@ class UNet2DConditionModel(loading.PretrainedMixin, nn.Module):
                 got = tuple(tokens.shape) if torch.is_tensor(tokens) else type(tokens).__name__
                 raise ValueError(f"IP-Adapter image tokens [{i}] must be a ({sample.shape[0]}, T, D) tensor (the "
                                  f"sample's batch), got {got}")
-        return text, list(image_tokens)
+        if image_masks is not None and len(image_masks) != len(image_tokens):
+            raise ValueError(f"{len(image_masks)} IP-Adapter masks for {len(image_tokens)} adapters")
+        return text, list(image_tokens), image_masks
 
     def fuse_qkv_projections(self):
         """One q/k/v GEMM per self-attention (weights concatenated into non-persistent buffers; names unchanged).
@@ -277,9 +281,9 @@ class UNet2DConditionModel(loading.PretrainedMixin, nn.Module):
         With IP-Adapters loaded, ``added_cond_kwargs["image_embeds"]`` (one tensor per adapter, as diffusers takes
         them) are projected here, or ``encoder_hidden_states`` is (text, [projected image tokens per adapter])."""
         c = self.config
-        encoder_hidden_states, image_tokens = _split_context(encoder_hidden_states)
+        encoder_hidden_states, image_tokens, image_masks = _split_context(encoder_hidden_states)
         check_inputs(c, sample, encoder_hidden_states)
-        context = self._context(sample, encoder_hidden_states, image_tokens, added_cond_kwargs)
+        context = self._context(sample, encoder_hidden_states, image_tokens, image_masks, added_cond_kwargs)
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
         emb = embed_time(self, sample, timestep, added_cond_kwargs)
