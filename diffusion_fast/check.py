@@ -151,6 +151,10 @@ def _check_pipeline(args, device, dtype):
             x, t, emb, *cond = (v.to(device=device, dtype=pipe.dtype if v.is_floating_point() else v.dtype)
                                 for v in probe)
             if hasattr(pipe, "_nets"):  # each net at scale 1, no guess mode
+                if "mask" in pipe._added_names:  # an inpainting UNet's: the nets take the latents alone, and the
+                    latent = pipe.vae.config.latent_channels  # mask inputs come after SDXL's added conditioning
+                    x, mask, masked = x[:, :latent], x[:, latent:latent + 1], x[:, latent + 1:]
+                    cond[len(pipe._added_names) - 2:len(pipe._added_names) - 2] = [mask, masked]
                 cond.append(((1.0,) * len(pipe._nets), False, False))
             return pipe._unet_call(x, t, emb, *cond).float().cpu()
 

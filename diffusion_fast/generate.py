@@ -125,7 +125,8 @@ def _with_controlnets(args, pipe, images, dtype, device, kind="text-to-image"):
                                       StableDiffusionXLControlNetPipeline)
     from .pipeline_controlnet_image import (StableDiffusionControlNetImg2ImgPipeline,
                                             StableDiffusionControlNetInpaintPipeline,
-                                            StableDiffusionXLControlNetImg2ImgPipeline)
+                                            StableDiffusionXLControlNetImg2ImgPipeline,
+                                            StableDiffusionXLControlNetInpaintPipeline)
 
     own = isinstance(pipe, ControlNetGuidance)  # the folder's own nets
     if not args.controlnet and not own:
@@ -143,11 +144,9 @@ def _with_controlnets(args, pipe, images, dtype, device, kind="text-to-image"):
             raise UsageError(f"{args.model} is a ControlNet pipeline with {len(pipe._nets)} ControlNet"
                              f"{'s' if len(pipe._nets) > 1 else ''}: give --control-image for each")
     xl = hasattr(pipe, "text_encoder_2")
-    if kind == "inpainting" and xl:
-        raise UsageError(f"--mask with ControlNet: our ControlNet inpainting pipeline runs SD 1.x/2.x models; "
-                         f"{args.model} is an SDXL one")
     cls = {"image-to-image": StableDiffusionXLControlNetImg2ImgPipeline if xl else
-           StableDiffusionControlNetImg2ImgPipeline, "inpainting": StableDiffusionControlNetInpaintPipeline,
+           StableDiffusionControlNetImg2ImgPipeline,
+           "inpainting": StableDiffusionXLControlNetInpaintPipeline if xl else StableDiffusionControlNetInpaintPipeline,
            "text-to-image": StableDiffusionXLControlNetPipeline if xl else StableDiffusionControlNetPipeline}[kind]
     if type(pipe) is not cls:
         try:
@@ -320,7 +319,9 @@ def generate(args) -> int:
         options.update(image=init_image, strength=strength)
         denoised = min(int(steps * strength), steps)
     if control_images is not None:  # the first image (or --image) sets the size, unless --height/--width do
-        default = 1.0 if init_image is None else 0.8 if mask_image is None else 0.5  # (the pipeline's, as diffusers)
+        # (the pipeline's, as diffusers: SD's ControlNet inpainting 0.5, SDXL's 1.0)
+        default = 1.0 if init_image is None else 0.8 if mask_image is None else 1.0 if hasattr(
+            pipe, "text_encoder_2") else 0.5
         scales = args.controlnet_scale or [default]
         options.update({"control_image" if init_image is not None else "image":
                         control_images[0] if len(control_images) == 1 else control_images},

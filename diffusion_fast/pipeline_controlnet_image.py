@@ -1,6 +1,6 @@
 """Image-to-image and inpainting guided by ControlNets, with diffusers' StableDiffusionControlNetImg2ImgPipeline,
-StableDiffusionXLControlNetImg2ImgPipeline and StableDiffusionControlNetInpaintPipeline semantics: the same image for
-the same seed, images and weights.
+StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionControlNetInpaintPipeline and
+StableDiffusionXLControlNetInpaintPipeline semantics: the same image for the same seed, images and weights.
 Each is its plain pipeline (``pipeline_img2img.py``, ``pipeline_inpaint.py``) with ``ControlNetGuidance``: the nets'
 images come as ``control_image``, and their start and end are fractions of the steps that run (the strength's tail).
 """
@@ -14,7 +14,7 @@ from .pipeline import StableDiffusionPipeline
 from .pipeline_common import check_given_size
 from .pipeline_controlnet import SDControlNetComponents, SDXLControlNetComponents
 from .pipeline_img2img import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
-from .pipeline_inpaint import StableDiffusionInpaintPipeline
+from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
 
 class _ControlledImageToImage:
@@ -205,3 +205,84 @@ class StableDiffusionXLControlNetImg2ImgPipeline(_ControlledImageToImage, SDXLCo
                                       generator)
         return self._denoise(latents, timesteps, embeds, (*added, *cond), num_inference_steps, guidance_scale, do_cfg,
                              eta, generator, output_type, callback)
+
+
+class StableDiffusionXLControlNetInpaintPipeline(SDXLControlNetComponents, StableDiffusionXLInpaintPipeline):
+    """diffusers' StableDiffusionXLControlNetInpaintPipeline: SDXL inpainting (SDXL's inpainting UNet, or a plain
+    one blended; ``denoising_start`` / ``denoising_end``, aesthetic scores, ``padding_mask_crop``) guided by the
+    nets' ``control_image``, resized to the output size (the image's own unless ``height`` / ``width`` are given). As
+    diffusers has them: the nets' start and end are fractions of the strength's tail before ``denoising_end`` cuts
+    it; the negative size ids take the positive crop corner; the nets take the pooled embeddings and size ids, not
+    the mask inputs."""
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids", "mask",
+                               "masked_image_latents", "control_image")
+    _base_pipeline, _image_name = StableDiffusionXLInpaintPipeline, "control_image"  # (it loads inpainting UNets)
+    _tail_steps = None  # the call's strength tail, before denoising_end: what the nets' start and end divide
+
+    @property
+    def _added_names(self):  # SDXL's added conditioning, then an inpainting UNet's inputs beside the latents
+        plain = self.unet.config.in_channels == self.vae.config.latent_channels
+        return StableDiffusionXLInpaintPipeline._cond_names[:2 if plain else 4]
+
+    def _step_cond(self, i, steps, cond):
+        return super()._step_cond(i, self._tail_steps, cond)
+
+    def _unet_with(self, model_input, t, embeds, added, down, mid):
+        text_embeds, time_ids, *mask_inputs = added
+        if mask_inputs:
+            model_input = torch.cat([model_input, *mask_inputs], dim=1)
+        return self.unet(model_input, t, embeds, {"text_embeds": text_embeds, "time_ids": time_ids}, down, mid)
+
+    @ip_adapter_call
+    @lora_call_scale
+    @torch.no_grad()
+    def __call__(self, prompt=None, prompt_2=None, image=None, mask_image=None, control_image=None, height=None,
+                 width=None, padding_mask_crop=None, strength=0.9999, num_inference_steps=50, denoising_start=None,
+                 denoising_end=None, guidance_scale=5.0, negative_prompt=None, negative_prompt_2=None,
+                 num_images_per_prompt=1, eta=0.0, generator=None, latents=None, prompt_embeds=None,
+                 negative_prompt_embeds=None, pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None,
+                 output_type="pil", controlnet_conditioning_scale=1.0, guess_mode=False, control_guidance_start=0.0,
+                 control_guidance_end=1.0, guidance_rescale=0.0, original_size=None, crops_coords_top_left=(0, 0),
+                 target_size=None, aesthetic_score=6.0, negative_aesthetic_score=2.5, clip_skip=None,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
+        """As diffusers', with its defaults (strength 0.9999, guidance 5.0, the nets' scale 1.0)."""
+        check_given_size(self.vae_scale_factor, height, width)
+        height, width = _given_size(image, height, width, self.vae_scale_factor) or (height, width)
+        shape = self._latent_shape(strength, image, mask_image, height, width, prompt, negative_prompt,
+                                   num_inference_steps, guidance_scale, num_images_per_prompt, prompt_embeds,
+                                   negative_prompt_embeds, output_type)
+        crop_image, crop_mask, box = self._crop_to_mask(image, mask_image, padding_mask_crop, output_type, shape)
+        height, width = shape[2] * self.vae_scale_factor, shape[3] * self.vae_scale_factor
+        if box is not None:  # the nets' images cut to the image's box and filled to the output size, as diffusers
+            control_image = _cropped_controls(control_image, box, width, height)
+        _, do_cfg, control, callback = self._begin_call(
+            control_image, height, width, controlnet_conditioning_scale, control_guidance_start,
+            control_guidance_end, guess_mode, (prompt, negative_prompt, num_inference_steps, guidance_scale,
+                                               num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None,
+                                               output_type),
+            callback_on_step_end, callback_on_step_end_tensor_inputs)
+        clip_skip = self._check_clip_skip(clip_skip)  # (before the schedule is set: a refused call changes nothing)
+        sizes = self._check_image_call(
+            denoising_start, denoising_end, aesthetic_score, negative_aesthetic_score, guidance_rescale, prompt,
+            prompt_2, negative_prompt_2, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+            negative_pooled_prompt_embeds, height, width, original_size, crops_coords_top_left, target_size, None,
+            crops_coords_top_left, None)
+        init_image, mask_condition = self._image_and_mask(crop_image, crop_mask, None, shape, latents)
+        num_inference_steps = self._set_timesteps(num_inference_steps, self.device)
+        timesteps = self._tail(num_inference_steps, strength, denoising_start)
+        embeds, added = self._image_conditioning(
+            prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt, do_cfg, prompt_embeds,
+            negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, sizes, aesthetic_score,
+            negative_aesthetic_score, shape[0], clip_skip)
+        latents, mask, masked = self._inpaint_latents(init_image, mask_condition, None, latents, shape, timesteps,
+                                                      embeds.dtype, generator, strength, do_cfg,
+                                                      add_noise=denoising_start is None)
+        self._tail_steps = len(timesteps)
+        timesteps = self._end_at(timesteps, denoising_end)
+        if callback is not None:
+            callback.extra.update(mask=mask, masked_image_latents=masked)
+        inpainting = () if self._blend is not None else (mask, masked)
+        output = self._denoise_and_unblend(latents, timesteps, embeds, (*added, *inpainting, *control),
+                                           num_inference_steps, guidance_scale, do_cfg, eta, generator, output_type,
+                                           callback)
+        return self._paste_back(output, image, mask_image, box)

@@ -281,7 +281,8 @@ def load_pipeline(folder, **kwargs):
     from .pipeline_controlnet import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
     from .pipeline_controlnet_image import (StableDiffusionControlNetImg2ImgPipeline,
                                             StableDiffusionControlNetInpaintPipeline,
-                                            StableDiffusionXLControlNetImg2ImgPipeline)
+                                            StableDiffusionXLControlNetImg2ImgPipeline,
+                                            StableDiffusionXLControlNetInpaintPipeline)
     from .pipeline_img2img import StableDiffusionXLImg2ImgPipeline
     from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
@@ -290,16 +291,13 @@ def load_pipeline(folder, **kwargs):
     inpainting = "Inpaint" in name
     if "controlnet" in components and "ControlNet" in name:
         xl = "text_encoder_2" in components
-        if xl and inpainting:  # (ours would load it without its nets: another image)
-            raise ValueError(f"{folder!r} holds a {name}: our SDXL ControlNet pipelines are text-to-image and "
-                             "image-to-image (inpainting is SD's); accelerate diffusers' own pipeline instead "
-                             "(diffusion_fast.accelerate)")
         kind = "inpainting" if inpainting else "image-to-image" if "Img2Img" in name else "text-to-image"
         cls = {("text-to-image", False): StableDiffusionControlNetPipeline,
                ("text-to-image", True): StableDiffusionXLControlNetPipeline,
                ("image-to-image", False): StableDiffusionControlNetImg2ImgPipeline,
                ("image-to-image", True): StableDiffusionXLControlNetImg2ImgPipeline,
-               ("inpainting", False): StableDiffusionControlNetInpaintPipeline}[kind, xl]
+               ("inpainting", False): StableDiffusionControlNetInpaintPipeline,
+               ("inpainting", True): StableDiffusionXLControlNetInpaintPipeline}[kind, xl]
     elif "text_encoder_2" in components and inpainting:
         cls = StableDiffusionXLInpaintPipeline
     elif "text_encoder_2" in components and components.get("requires_aesthetics_score", False):

@@ -624,7 +624,7 @@ def controlnet_folders(tmp_path_factory):
     return root, theirs, with_net, xl
 
 
-@pytest.mark.parametrize("nets", [1, 2, "sdxl", "img2img", "inpaint"])
+@pytest.mark.parametrize("nets", [1, 2, "sdxl", "img2img", "inpaint", "sdxl-inpaint"])
 def test_generate_with_controlnets_gives_diffusers_image(controlnet_folders, tmp_path, capsys, nets):
     """--controlnet DIR --control-image FILE (repeated): the image diffusers' ControlNet pipeline makes from the same
     seed (within one 8-bit level), at the first image's size cut to a multiple of the VAE's scale."""
@@ -656,6 +656,15 @@ def test_generate_with_controlnets_gives_diffusers_image(controlnet_folders, tmp
                                                                           controlnet=theirs.controlnet.nets[0]))
         image = {"image": Image.open(root / "init.png"), "mask_image": Image.open(root / "mask.png"),
                  "control_image": Image.open(root / "edges.png"), "controlnet_conditioning_scale": 0.5}
+    elif nets == "sdxl-inpaint":  # SDXL's ControlNet inpainting: its defaults (scale 1, strength 0.9999)
+        import diffusers
+
+        argv = [a for a in argv if a not in ("--controlnet-scale", "0.8")]
+        argv += ["--model", str(root / "sdxl"), "--controlnet", str(root / "xl-net"), "--control-image",
+                 str(root / "edges.png"), "--image", str(root / "init.png"), "--mask", str(root / "mask.png")]
+        pipe = diffusers.StableDiffusionXLControlNetInpaintPipeline(**xl.components)
+        image = {"image": Image.open(root / "init.png"), "mask_image": Image.open(root / "mask.png"),
+                 "control_image": Image.open(root / "edges.png"), "controlnet_conditioning_scale": 1.0}
     elif nets == "sdxl":
         argv += ["--model", str(root / "sdxl"), "--controlnet", str(root / "xl-net"), "--control-image",
                  str(root / "edges.png")]
@@ -686,8 +695,6 @@ def test_generate_with_controlnets_gives_diffusers_image(controlnet_folders, tmp
      "--controlnet: leave out --refiner"),
     (["--model", "SDXL", "--controlnet", "NET0", "--control-image", "EDGES", "--image", "INIT"],
      "--controlnet: controlnet 0 .* does not fit this UNet"),  # SDXL image-to-image: an SD1 net does not fit
-    (["--model", "SDXL", "--controlnet", "NET0", "--control-image", "EDGES", "--image", "INIT", "--mask", "INIT"],
-     "--mask with ControlNet: our ControlNet inpainting pipeline runs SD 1.x/2.x models"),
     (["--model", "SD_CONTROLNET"], "is a ControlNet pipeline with 1 ControlNet: give --control-image for each"),
     (["--model", "SD2", "--controlnet", "NET0", "--control-image", "EDGES"],
      "--controlnet: controlnet 0 .* does not fit this UNet"),  # an SD1-shaped net for an SD2-shaped model
@@ -724,8 +731,17 @@ def test_check_runs_a_controlnet_folder(controlnet_folders, capsys, monkeypatch)
         root / "sd-controlnet-img2img")  # and image-to-image, from half the schedule, and inpainting
     diffusers.StableDiffusionControlNetInpaintPipeline(**controlnet_folders[2].components).save_pretrained(
         root / "sd-controlnet-inpaint")
+    import _tiny_diffusers
+    from diffusion_fast import tiny
+
+    torch.manual_seed(1)  # inpainting UNets (9 input channels; the nets take the 4 latent ones), SD's and SDXL's
+    diffusers.StableDiffusionControlNetInpaintPipeline(**dict(controlnet_folders[2].components, unet=diffusers
+        .UNet2DConditionModel(**dict(tiny.unet_config("sd1"), in_channels=9)))).save_pretrained(root / "sd-cn-inpaint9")
+    diffusers.StableDiffusionXLControlNetInpaintPipeline(**dict(xl.components, unet=diffusers.UNet2DConditionModel(
+        **dict(_tiny_diffusers.SDXL_TINY, in_channels=9)))).save_pretrained(root / "sdxl-cn-inpaint9")
     for folder, kind in (("sdxl-controlnet", "ControlNet"), ("sd-controlnet-img2img", "ControlNet image-to-image"),
-                         ("sd-controlnet-inpaint", "ControlNet inpainting"), ("sd-controlnet", "ControlNet")):
+                         ("sd-controlnet-inpaint", "ControlNet inpainting"), ("sd-controlnet", "ControlNet"),
+                         ("sd-cn-inpaint9", "ControlNet inpainting"), ("sdxl-cn-inpaint9", "ControlNet inpainting")):
         assert main(["check", "--model", str(root / folder), "--steps", "2"]) == 0
         text = capsys.readouterr().out
         assert f"{kind} pipeline (2 " in text and "0 failed" in text

@@ -318,20 +318,6 @@ def test_unet_refuses_residuals_of_another_shape():
         unet(sample, 10, hidden, None, [torch.zeros(1)] * 2, torch.zeros(1))
 
 
-def test_load_pipeline_refuses_a_controlnet_folder_it_would_load_without_its_net(tmp_path):
-    """Our SDXL ControlNet pipelines are text-to-image and image-to-image; an SDXL inpainting ControlNet folder would
-    otherwise load as our plain SDXL inpainting pipeline, without the net: another image, in silence."""
-    class_name = "StableDiffusionXLControlNetInpaintPipeline"
-    import json
-
-    _tiny_diffusers.controlnet_pipeline(seed=4, variant="sdxl").save_pretrained(tmp_path)
-    index = json.loads((tmp_path / "model_index.json").read_text())
-    (tmp_path / "model_index.json").write_text(json.dumps(dict(index, _class_name=class_name)))
-    with pytest.raises(ValueError, match=f"holds a {class_name}: our SDXL ControlNet pipelines are text-to-image and "
-                                         "image-to-image"):
-        diffusion_fast.load_pipeline(tmp_path)
-
-
 def test_a_controlnet_assigned_is_checked(pair):
     """pipe.controlnet = ... (as diffusers users swap nets): a list becomes a MultiControlNetModel, a net that does
     not fit is refused by name and the old one stays, something else is a TypeError."""
