@@ -12,6 +12,7 @@ from PIL import Image
 
 import _tiny_diffusers
 import diffusion_fast
+from conftest import DEVICE, ON_GPU
 from diffusion_fast import StableDiffusionXLControlNetInpaintPipeline
 from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
 
@@ -40,6 +41,7 @@ def pair(request, tmp_path_factory):
         components["unet"] = diffusers.UNet2DConditionModel(**dict(_tiny_diffusers.SDXL_TINY, in_channels=9))
     theirs = diffusers.StableDiffusionXLControlNetInpaintPipeline(**components)
     folder = tmp_path_factory.mktemp(f"tiny-xl-controlnet-inpaint-{channels}-{nets}")
+    theirs._saved_to = str(folder)  # (for a pipeline of its own in another dtype)
     return (*_tiny_diffusers.saved_pair(theirs, folder, StableDiffusionXLControlNetInpaintPipeline), nets)
 
 
@@ -129,3 +131,18 @@ def test_bad_input_is_named(pair):
     ]:
         with pytest.raises((ValueError, TypeError), match=match):
             _inpaint(ours, nets, **kwargs)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_cuda_graph_loop_matches_eager_on_gpu(pair):
+    """fp16 on CUDA, a net ending early: eager, capture and replay give the same latents (the replay bit for bit)."""
+    theirs, _, nets = pair
+    pipe = diffusion_fast.load_pipeline(theirs._saved_to, dtype=torch.float16, device=DEVICE)
+    pipe.set_progress_bar_config(disable=True)
+    outs = []
+    for graph in (False, "auto", "auto"):  # eager, capture, replay
+        pipe.cuda_graph = graph
+        outs.append(_inpaint(pipe, nets, control_guidance_end=0.5, output_type="latent"))
+    assert len(pipe._graphs["step"]) == 2
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(outs[2], outs[1], rtol=0, atol=0)
