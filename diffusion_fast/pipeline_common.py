@@ -98,6 +98,29 @@ def check_given_size(vae_scale_factor, height, width):
     check_size(vae_scale_factor, **{k: v for k, v in (("height", height), ("width", width)) if v is not None})
 
 
+def numpy_images(image, name, grayscale=False):
+    """diffusers' image processors on numpy input: an (H, W, C) or (B, H, W, C) float array in [0, 1], or a list of
+    them ((H, W) for one channel), as the float32 (B, C, H, W) tensor their tensor path then takes (resized nearest,
+    as a tensor is). With ``grayscale`` (a mask processor's), a lone 3-D array is (H, W, 1) or a (B, H, W) batch, as
+    there. Anything but numpy is returned as it is."""
+    import numpy as np
+
+    arrays = list(image) if isinstance(image, (list, tuple)) else [image]
+    if not arrays or not all(isinstance(a, np.ndarray) for a in arrays):
+        return image
+    if any(a.dtype.kind != "f" for a in arrays):
+        raise TypeError(f"{name}: numpy images are floats in [0, 1], as diffusers takes them; got dtype "
+                        f"{next(a.dtype for a in arrays if a.dtype.kind != 'f')} (divide by 255 first)")
+    if grayscale and not isinstance(image, (list, tuple)) and image.ndim == 3:
+        arrays = [image[None] if image.shape[-1] == 1 else image[..., None]]
+    if arrays[0].ndim not in (2, 3, 4) or any(a.ndim != arrays[0].ndim for a in arrays):
+        raise ValueError(f"{name}: numpy images are (H, W, C) or (B, H, W, C) arrays (or a list of them), got "
+                         f"shapes {[a.shape for a in arrays][:4]}")
+    batch = np.concatenate(arrays) if arrays[0].ndim == 4 else np.stack(arrays)
+    batch = batch[..., None] if batch.ndim == 3 else batch
+    return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2))).float()
+
+
 def takes(method, name) -> bool:
     """Whether ``method`` has a parameter ``name``; read once per function (this runs every denoising step)."""
     return name in _parameters(getattr(method, "__func__", method))

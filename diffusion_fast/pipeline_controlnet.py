@@ -24,7 +24,7 @@ from .lora import lora_call_scale
 from .models import ControlNetModel, MultiControlNetModel
 from .models.unet import _per_block
 from .pipeline import StableDiffusionPipeline
-from .pipeline_common import check_denoising_bounds, check_given_size
+from .pipeline_common import check_denoising_bounds, check_given_size, numpy_images
 from .pipeline_folder import read_model_index, resolve_dtype
 from .pipeline_xl import StableDiffusionXLPipeline
 
@@ -33,9 +33,11 @@ def prepare_control_image(image, height, width, scale, name="image") -> torch.Te
     """diffusers' control image processor (VaeImageProcessor with do_normalize=False, do_convert_rgb=True): PIL
     images (one or a list) resized to (height, width), each None taken from the (first) image and cut down to a
     multiple of ``scale``, then RGB, in [0, 1]; a (B, C, H, W) or (C, H, W) tensor, or a list of them, resized
-    (nearest) the same way. Returns a float32 (B, C, H, W) tensor; errors name the argument as ``name``."""
+    (nearest) the same way, and numpy images too (``numpy_images``). Returns a float32 (B, C, H, W) tensor; errors
+    name the argument as ``name``."""
     import PIL.Image
 
+    image = numpy_images(image, name)
     images = image if isinstance(image, (list, tuple)) else [image]
     if images and all(isinstance(im, PIL.Image.Image) for im in images):
         width, height = (given if given is not None else x for given, x in zip((width, height), images[0].size))
@@ -55,7 +57,8 @@ def prepare_control_image(image, height, width, scale, name="image") -> torch.Te
         if (height, width) != tuple(batch.shape[2:]):
             batch = torch.nn.functional.interpolate(batch, size=(height, width))
         return batch.float()
-    raise TypeError(f"{name} must be a PIL image, a (B, C, H, W) or (C, H, W) tensor, or a list of either, got "
+    raise TypeError(f"{name} must be a PIL image, a (B, C, H, W) or (C, H, W) tensor, numpy images, or a list of "
+                    "PIL images or tensors, got "
                     f"{type(image).__name__}")
 
 

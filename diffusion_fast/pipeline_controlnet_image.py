@@ -11,7 +11,7 @@ import torch
 from .ip_adapter import ip_adapter_call
 from .lora import lora_call_scale
 from .pipeline import StableDiffusionPipeline
-from .pipeline_common import check_given_size
+from .pipeline_common import check_given_size, numpy_images
 from .pipeline_controlnet import SDControlNetComponents, SDXLControlNetComponents
 from .pipeline_img2img import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
@@ -74,6 +74,7 @@ def _given_size(image, height, width, scale):
     multiple of ``scale`` (diffusers' get_default_height_width)."""
     import PIL.Image
 
+    image = numpy_images(image, "image")
     first = image[0] if isinstance(image, (list, tuple)) and image else image
     if isinstance(first, PIL.Image.Image):
         own = (first.size[1], first.size[0])

@@ -15,7 +15,7 @@ import torch
 from .ip_adapter import ip_adapter_call
 from .lora import lora_call_scale
 from .pipeline import StableDiffusionPipeline
-from .pipeline_common import check_denoising_bounds
+from .pipeline_common import check_denoising_bounds, numpy_images
 from .pipeline_xl import StableDiffusionXLPipeline, _size_pair
 from .schedulers.common import randn_tensor
 
@@ -26,9 +26,14 @@ def preprocess_image(image, scale: int, latent_channels: int, size=None) -> torc
     mapped from [0, 1] to [-1, 1]; a tensor whose values are all >= 0 is taken as [0, 1] and mapped too, one with
     negative values as [-1, 1] already, and one of ``latent_channels`` channels as latents (left as they are).
     With ``size`` (height, width), as inpainting asks, PIL images are resized to it and a tensor of another size is
-    interpolated (nearest) to it, unless it is latents."""
+    interpolated (nearest) to it, unless it is latents; without it a pixel tensor is cut to a multiple of ``scale``
+    the same way. Numpy arrays (``numpy_images``) take the tensor path, as pixels."""
     import PIL.Image
 
+    pixels = numpy_images(image, "image")  # (numpy arrays are pixels, never latents, as in diffusers)
+    if pixels is not image and pixels.shape[1] != 3:
+        raise ValueError(f"image: numpy images are RGB (H, W, 3) arrays, got {pixels.shape[1]} channels")
+    image = pixels
     images = image if isinstance(image, (list, tuple)) else [image]
     if images and all(isinstance(im, PIL.Image.Image) for im in images):
         modes = sorted({im.mode for im in images} - {"RGB"})
@@ -49,10 +54,15 @@ def preprocess_image(image, scale: int, latent_channels: int, size=None) -> torc
         if image.dim() != 4 or not image.is_floating_point():
             raise ValueError(f"image: a tensor must be a float (B, C, H, W) batch, got {image.dtype} of shape "
                              f"{tuple(image.shape)}")
-        if size is not None and image.shape[1] != latent_channels and tuple(image.shape[2:]) != tuple(size):
-            image = torch.nn.functional.interpolate(image, size=tuple(size))  # (latents are left as they are)
+        # pixels resized (nearest) to the size asked, else cut to a multiple of the scale, as diffusers does; latents
+        # are left as they are
+        size = size if size is not None else tuple(x - x % scale for x in image.shape[2:])
+        if image.shape[1] != latent_channels and tuple(image.shape[2:]) != tuple(size):
+            if 0 in size:
+                raise ValueError(f"image is {tuple(image.shape[2:])}: smaller than the VAE's scale {scale}")
+            image = torch.nn.functional.interpolate(image, size=tuple(size))
         return image if image.shape[1] == latent_channels or image.min() < 0 else 2.0 * image - 1.0
-    raise TypeError(f"image must be an RGB PIL image, a list of them or a (B, C, H, W) tensor, got "
+    raise TypeError(f"image must be an RGB PIL image, a list of them, a (B, C, H, W) tensor or numpy RGB images, got "
                     f"{type(image).__name__}")
 
 

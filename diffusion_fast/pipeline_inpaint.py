@@ -20,6 +20,7 @@ from .ip_adapter import ip_adapter_call
 from .lora import lora_call_scale
 from .pipeline import StableDiffusionPipeline
 from .pipeline_img2img import StableDiffusionXLImg2ImgPipeline, _ImageToImage, preprocess_image
+from .pipeline_common import numpy_images
 from .schedulers.common import randn_tensor
 
 
@@ -42,8 +43,9 @@ def _resized(images, height, width, what):
 
 
 def preprocess_mask(mask, height, width) -> torch.Tensor:
-    """diffusers' mask processor: resized, grayscale (PIL's "L"), in [0, 1], binarized at 0.5: (B, 1, H, W)."""
-    mask = _resized(mask, height, width, "mask_image")
+    """diffusers' mask processor: resized, grayscale (PIL's "L"), in [0, 1], binarized at 0.5: (B, 1, H, W). Numpy
+    masks take the tensor path, by diffusers' grayscale rules (``numpy_images``)."""
+    mask = _resized(numpy_images(mask, "mask_image", grayscale=True), height, width, "mask_image")
     if isinstance(mask, list):
         arrays = [np.array(im.convert("L")).astype(np.float32) / 255.0 for im in mask]
         mask = torch.from_numpy(np.stack(arrays))[:, None]
