@@ -85,7 +85,34 @@ def _given_size(image, height, width, scale):
     return tuple(given if given is not None else x - x % scale for given, x in zip((height, width), own))
 
 
-class StableDiffusionControlNetInpaintPipeline(SDControlNetComponents, StableDiffusionInpaintPipeline):
+class _ControlledInpainting:
+    """The start of an inpainting ControlNet call (SD and SDXL): the output size (the image's own unless height /
+    width are given), ``padding_mask_crop``'s box (the nets' images cut to it too), then ``_begin_call``."""
+
+    def _begin_inpaint_call(self, image, mask_image, control_image, height, width, padding_mask_crop, strength,
+                            control, call_inputs, callback_on_step_end, callback_on_step_end_tensor_inputs):
+        """(latents shape, height, width, the cropped image and mask, the box or None, whether guidance runs, the
+        nets' images for the loop, the step callback); ``control``: the call's scale, start, end and guess mode;
+        ``call_inputs``: prompt, negative prompt, steps, guidance, images per prompt, embeddings, output type."""
+        prompt, negative_prompt, steps, guidance_scale, per_prompt, prompt_embeds, negative_embeds, output_type = \
+            call_inputs
+        check_given_size(self.vae_scale_factor, height, width)
+        height, width = _given_size(image, height, width, self.vae_scale_factor) or (height, width)
+        shape = self._latent_shape(strength, image, mask_image, height, width, prompt, negative_prompt, steps,
+                                   guidance_scale, per_prompt, prompt_embeds, negative_embeds, output_type)
+        crop_image, crop_mask, box = self._crop_to_mask(image, mask_image, padding_mask_crop, output_type, shape)
+        height, width = shape[2] * self.vae_scale_factor, shape[3] * self.vae_scale_factor
+        if box is not None:  # the nets' images cut to the image's box and filled to the output size, as diffusers
+            control_image = _cropped_controls(control_image, box, width, height)
+        _, do_cfg, cond, callback = self._begin_call(
+            control_image, height, width, *control, (prompt, negative_prompt, steps, guidance_scale, per_prompt,
+                                                     prompt_embeds, negative_embeds, None, output_type),
+            callback_on_step_end, callback_on_step_end_tensor_inputs)
+        return shape, height, width, crop_image, crop_mask, box, do_cfg, cond, callback
+
+
+class StableDiffusionControlNetInpaintPipeline(_ControlledInpainting, SDControlNetComponents,
+                                               StableDiffusionInpaintPipeline):
     """diffusers' StableDiffusionControlNetInpaintPipeline: inpainting (an inpainting UNet, or a plain one blended)
     guided by the nets' ``control_image``. The output has the image's own size unless ``height`` / ``width`` are
     given (not the UNet's default, as diffusers' ControlNet inpainting has it); with ``padding_mask_crop`` the
@@ -120,21 +147,11 @@ class StableDiffusionControlNetInpaintPipeline(SDControlNetComponents, StableDif
                  callback_on_step_end_tensor_inputs=("latents",)):
         """As diffusers': ``image`` and ``mask_image`` as inpainting takes them, ``control_image`` each net's
         conditioning image (resized to the output size), the default scale 0.5."""
-        check_given_size(self.vae_scale_factor, height, width)
-        height, width = _given_size(image, height, width, self.vae_scale_factor) or (height, width)
-        shape = self._latent_shape(strength, image, mask_image, height, width, prompt, negative_prompt,
-                                   num_inference_steps, guidance_scale, num_images_per_prompt, prompt_embeds,
-                                   negative_prompt_embeds, output_type)
-        crop_image, crop_mask, box = self._crop_to_mask(image, mask_image, padding_mask_crop, output_type, shape)
-        height, width = shape[2] * self.vae_scale_factor, shape[3] * self.vae_scale_factor
-        if box is not None:  # the nets' images cut to the image's box and filled to the output size, as diffusers
-            control_image = _cropped_controls(control_image, box, width, height)
-        _, do_cfg, cond, callback = self._begin_call(
-            control_image, height, width, controlnet_conditioning_scale, control_guidance_start,
-            control_guidance_end, guess_mode, (prompt, negative_prompt, num_inference_steps, guidance_scale,
-                                               num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None,
-                                               output_type),
-            callback_on_step_end, callback_on_step_end_tensor_inputs)
+        shape, height, width, crop_image, crop_mask, box, do_cfg, cond, callback = self._begin_inpaint_call(
+            image, mask_image, control_image, height, width, padding_mask_crop, strength,
+            (controlnet_conditioning_scale, control_guidance_start, control_guidance_end, guess_mode),
+            (prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt, prompt_embeds,
+             negative_prompt_embeds, output_type), callback_on_step_end, callback_on_step_end_tensor_inputs)
         clip_skip = self._check_clip_skip(clip_skip)  # (before the schedule is set: a refused call changes nothing)
         init_image, mask_condition = self._image_and_mask(crop_image, crop_mask, None, shape, latents)
         num_inference_steps, timesteps, do_cfg, negative_prompt_embeds, embeds = self._sd_tail_and_embeds(
@@ -208,7 +225,8 @@ class StableDiffusionXLControlNetImg2ImgPipeline(_ControlledImageToImage, SDXLCo
                              eta, generator, output_type, callback)
 
 
-class StableDiffusionXLControlNetInpaintPipeline(SDXLControlNetComponents, StableDiffusionXLInpaintPipeline):
+class StableDiffusionXLControlNetInpaintPipeline(_ControlledInpainting, SDXLControlNetComponents,
+                                                 StableDiffusionXLInpaintPipeline):
     """diffusers' StableDiffusionXLControlNetInpaintPipeline: SDXL inpainting (SDXL's inpainting UNet, or a plain
     one blended; ``denoising_start`` / ``denoising_end``, aesthetic scores, ``padding_mask_crop``) guided by the
     nets' ``control_image``, resized to the output size (the image's own unless ``height`` / ``width`` are given). As
@@ -247,21 +265,11 @@ class StableDiffusionXLControlNetInpaintPipeline(SDXLControlNetComponents, Stabl
                  target_size=None, aesthetic_score=6.0, negative_aesthetic_score=2.5, clip_skip=None,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
         """As diffusers', with its defaults (strength 0.9999, guidance 5.0, the nets' scale 1.0)."""
-        check_given_size(self.vae_scale_factor, height, width)
-        height, width = _given_size(image, height, width, self.vae_scale_factor) or (height, width)
-        shape = self._latent_shape(strength, image, mask_image, height, width, prompt, negative_prompt,
-                                   num_inference_steps, guidance_scale, num_images_per_prompt, prompt_embeds,
-                                   negative_prompt_embeds, output_type)
-        crop_image, crop_mask, box = self._crop_to_mask(image, mask_image, padding_mask_crop, output_type, shape)
-        height, width = shape[2] * self.vae_scale_factor, shape[3] * self.vae_scale_factor
-        if box is not None:  # the nets' images cut to the image's box and filled to the output size, as diffusers
-            control_image = _cropped_controls(control_image, box, width, height)
-        _, do_cfg, control, callback = self._begin_call(
-            control_image, height, width, controlnet_conditioning_scale, control_guidance_start,
-            control_guidance_end, guess_mode, (prompt, negative_prompt, num_inference_steps, guidance_scale,
-                                               num_images_per_prompt, prompt_embeds, negative_prompt_embeds, None,
-                                               output_type),
-            callback_on_step_end, callback_on_step_end_tensor_inputs)
+        shape, height, width, crop_image, crop_mask, box, do_cfg, control, callback = self._begin_inpaint_call(
+            image, mask_image, control_image, height, width, padding_mask_crop, strength,
+            (controlnet_conditioning_scale, control_guidance_start, control_guidance_end, guess_mode),
+            (prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt, prompt_embeds,
+             negative_prompt_embeds, output_type), callback_on_step_end, callback_on_step_end_tensor_inputs)
         clip_skip = self._check_clip_skip(clip_skip)  # (before the schedule is set: a refused call changes nothing)
         sizes = self._check_image_call(
             denoising_start, denoising_end, aesthetic_score, negative_aesthetic_score, guidance_rescale, prompt,
