@@ -242,7 +242,15 @@ class IPAdapterMixin:
             raise ValueError(f"{n} IP-Adapter(s) loaded: give ip_adapter_image or ip_adapter_image_embeds (or "
                              "unload_ip_adapter())")
         if ip_adapter_image is not None:
-            _as_list("ip_adapter_image", ip_adapter_image, n)
+            import numpy as np
+            import PIL.Image
+
+            kinds = (PIL.Image.Image, np.ndarray, torch.Tensor)
+            for i, images in enumerate(_as_list("ip_adapter_image", ip_adapter_image, n)):
+                for image in images if isinstance(images, (list, tuple)) else [images]:
+                    if not isinstance(image, kinds):
+                        raise TypeError(f"ip_adapter_image[{i}] must be a PIL image, a numpy array or a tensor (or a "
+                                        f"list of them: several images for one adapter), got {type(image).__name__}")
             if self.image_encoder is None:
                 raise ValueError("ip_adapter_image: the pipeline has no image encoder (load_ip_adapter loaded none); "
                                  "give ip_adapter_image_embeds instead")

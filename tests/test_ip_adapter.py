@@ -146,6 +146,8 @@ def test_masks_as_diffusers(sd, case):
     mask_size = (64, 16) if case == "other-aspect" else (height, width)
     masks = diffusion_fast.IPAdapterMaskProcessor.preprocess(_halves(*mask_size), *mask_size)
     assert torch.equal(masks, TheirMasks().preprocess(_halves(*mask_size), *mask_size))
+    odd = _halves(35, 43)  # without a size: the mask's own, cut to a multiple of 8, as diffusers' does
+    assert torch.equal(diffusion_fast.IPAdapterMaskProcessor.preprocess(odd), TheirMasks().preprocess(odd))
     masks = masks.reshape(1, 2, *mask_size)
     weights, scale, images, all_masks = "ip-adapter-plain.safetensors", None, [[CAT, DOG]], [masks]
     if case == "per-image-scales":
@@ -316,6 +318,10 @@ def test_bad_inputs_are_named(sd, tmp_path):
             _images(ours)
         with pytest.raises(ValueError, match="give one, not both"):
             _images(ours, ip_adapter_image=CAT, ip_adapter_image_embeds=[torch.zeros(2, 1, 24)])
+        with pytest.raises(TypeError, match=r"ip_adapter_image\[0\] must be a PIL image, a numpy array or a tensor"):
+            _images(ours, ip_adapter_image="cat.png")
+        with pytest.raises(TypeError, match=r"ip_adapter_image\[0\] must be .* got NoneType"):
+            _images(ours, ip_adapter_image=[[CAT, None]])
         with pytest.raises(ValueError, match="ip_adapter_image has 2 entries for 1 IP-Adapters"):
             _images(ours, ip_adapter_image=[CAT, DOG])
         with pytest.raises(ValueError, match=r"ip_adapter_image_embeds must be a list of 1 tensors"):
