@@ -331,18 +331,23 @@ class SDXLControlNetComponents(ControlNetGuidance):
     _base_pipeline, _added_names = StableDiffusionXLPipeline, StableDiffusionXLPipeline._cond_names
 
     def __init__(self, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler, controlnet, *,
-                 force_zeros_for_empty_prompt=True, cuda_graph="auto", channels_last="auto"):
+                 force_zeros_for_empty_prompt=True, requires_aesthetics_score=False, cuda_graph="auto",
+                 channels_last="auto"):
+        """``requires_aesthetics_score``: a refiner-style UNet and nets (image-to-image and inpainting only, as in
+        diffusers)."""
         self._set_controlnet(controlnet)
         super().__init__(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler,
-                         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, cuda_graph=cuda_graph,
+                         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+                         requires_aesthetics_score=requires_aesthetics_score, cuda_graph=cuda_graph,
                          channels_last=channels_last)
 
     @classmethod
     def from_pipeline(cls, pipe, controlnet, **settings):
-        """This pipeline on an SDXL pipeline's components (shared, not copied) and ``controlnet``."""
+        """This pipeline on an SDXL pipeline's components (shared, not copied) and ``controlnet``; a refiner's
+        ``requires_aesthetics_score`` comes along."""
         return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
                    pipe.scheduler, controlnet, force_zeros_for_empty_prompt=pipe.force_zeros_for_empty_prompt,
-                   **settings)._image_encoder_of(pipe)
+                   requires_aesthetics_score=pipe.requires_aesthetics_score, **settings)._image_encoder_of(pipe)
 
 
 class StableDiffusionXLControlNetPipeline(SDXLControlNetComponents, StableDiffusionXLPipeline):

@@ -187,7 +187,7 @@ class StableDiffusionXLControlNetImg2ImgPipeline(_ControlledImageToImage, SDXLCo
     VAE wants it, the strength's tail, SDXL's prompts, size ids and aesthetic scores) guided by the nets'
     ``control_image``, resized to the initial image's size; the nets take the pooled embeddings and size ids too."""
     _callback_tensor_inputs = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids", "control_image")
-    _image_name = "control_image"
+    _base_pipeline, _image_name = StableDiffusionXLImg2ImgPipeline, "control_image"  # (it loads refiner folders)
 
     @ip_adapter_call
     @lora_call_scale

@@ -127,24 +127,30 @@ def controlnet_pipeline(seed=0, nets=1, variant="sd1"):
     zero, so it would add nothing, and so does its conditioning embedding's last convolution, so the conditioning
     image would change nothing; here they are random, so the residuals and the image change the output. Images are
     4x the latent size (the tiny VAE's factor): two stride-2 convolutions in the conditioning embedding."""
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
     base = pipeline("sd1", seed) if variant == "sd1" else sdxl_pipeline(seed)
     torch.manual_seed(seed + 1)
-    controlnets = []
-    for _ in range(nets):
-        net = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 16, 32))
-        with torch.no_grad():
-            for zero_conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
-                zero_conv.weight.normal_(std=0.05)
-            for conv in net.controlnet_cond_embedding.modules():  # He-initialised, so the image's features carry
-                if isinstance(conv, torch.nn.Conv2d):
-                    conv.weight.normal_(std=(2 / conv.weight[0].numel()) ** 0.5)
-        controlnets.append(net)
+    controlnets = [random_controlnet(base.unet) for _ in range(nets)]
     cls = StableDiffusionControlNetPipeline if variant == "sd1" else StableDiffusionXLControlNetPipeline
     pipe = cls(**base.components, controlnet=controlnets[0] if nets == 1 else controlnets)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(torch.float32)
+
+
+def random_controlnet(unet):
+    """A diffusers ControlNetModel built from ``unet`` with random zero convolutions and conditioning embedding (see
+    controlnet_pipeline), drawn from torch's global generator."""
+    from diffusers import ControlNetModel
+
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32))
+    with torch.no_grad():
+        for zero_conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            zero_conv.weight.normal_(std=0.05)
+        for conv in net.controlnet_cond_embedding.modules():  # He-initialised, so the image's features carry
+            if isinstance(conv, torch.nn.Conv2d):
+                conv.weight.normal_(std=(2 / conv.weight[0].numel()) ** 0.5)
+    return net
 
 
 # ---- ControlNet comparisons (tests/test_pipeline_controlnet*.py) -----------------------------------------------

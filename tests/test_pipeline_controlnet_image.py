@@ -86,6 +86,25 @@ def test_sdxl_img2img_size_ids_and_second_prompts_as_diffusers(xl_img2img_pair):
     assert np.abs(_img2img(ours, nets, **dict(kwargs, crops_coords_top_left=(0, 0))) - b).max() > 0.005
 
 
+def test_sdxl_img2img_on_a_refiner_as_diffusers(tmp_path):
+    """A refiner's folder (the second text encoder alone, requires_aesthetics_score) with a net built from its UNet:
+    load_pipeline loads it as the ControlNet image-to-image pipeline it was saved as; the aesthetic scores condition
+    the UNet and the net, and the negative ids keep the positive crop corner. (original_size is given: diffusers'
+    default, the control image's torch.Size, fails there on the added float score.)"""
+    import diffusers
+
+    components = _tiny_diffusers.sdxl_refiner_pipeline(_tiny_diffusers.sdxl_pipeline(seed=4), seed=5).components
+    torch.manual_seed(6)
+    theirs = diffusers.StableDiffusionXLControlNetImg2ImgPipeline(
+        **components, controlnet=_tiny_diffusers.random_controlnet(components["unet"]), requires_aesthetics_score=True)
+    theirs, ours = _tiny_diffusers.saved_pair(theirs, tmp_path,
+                                              diffusion_fast.StableDiffusionXLControlNetImg2ImgPipeline)
+    assert ours.requires_aesthetics_score and ours.text_encoder is None
+    _tiny_diffusers.assert_as_diffusers_with_nets_that_matter(
+        lambda pipe, **kw: _img2img(pipe, 1, **kw), theirs, ours, 1, PIPELINE_FP32_MAX_ABS, negative_prompt="blurry",
+        original_size=(40, 48), crops_coords_top_left=(4, 8), aesthetic_score=7.0, negative_aesthetic_score=1.5)
+
+
 def test_img2img_callback_names_the_images_control_image(img2img_pair):
     theirs, ours, nets = img2img_pair
 

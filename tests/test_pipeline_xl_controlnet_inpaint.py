@@ -121,6 +121,30 @@ def test_graphed_loop_gives_the_eager_image(pair, monkeypatch):
         ours._graphs = None
 
 
+def test_refiner_shaped_unet_same_image_as_diffusers(tmp_path):
+    """requires_aesthetics_score (a refiner's UNet and net: five time ids, the aesthetic score in place of the target
+    size): diffusers' negative ids here take the positive size and crop corner with the negative score."""
+    import diffusers
+
+    components = dict(_tiny_diffusers.controlnet_pipeline(seed=4, variant="sdxl").components)
+    torch.manual_seed(2)
+    unet = diffusers.UNet2DConditionModel(**dict(_tiny_diffusers.SDXL_TINY, in_channels=9,
+                                                 projection_class_embeddings_input_dim=24 + 5 * 8))
+    controlnet = _tiny_diffusers.random_controlnet(diffusers.UNet2DConditionModel(**dict(
+        _tiny_diffusers.SDXL_TINY, projection_class_embeddings_input_dim=24 + 5 * 8)))
+    components.update(unet=unet, controlnet=controlnet)
+    theirs = diffusers.StableDiffusionXLControlNetInpaintPipeline(**components, requires_aesthetics_score=True)
+    theirs, ours = _tiny_diffusers.saved_pair(theirs, tmp_path, StableDiffusionXLControlNetInpaintPipeline)
+    assert ours.requires_aesthetics_score
+
+    def run(pipe, **kw):
+        return _inpaint(pipe, 1, **kw)
+
+    _tiny_diffusers.assert_as_diffusers_with_nets_that_matter(
+        run, theirs, ours, 1, PIPELINE_FP32_MAX_ABS, negative_prompt="blurry", crops_coords_top_left=(4, 8),
+        aesthetic_score=7.0, negative_aesthetic_score=1.5)
+
+
 def test_bad_input_is_named(pair):
     _, ours, nets = pair
     for kwargs, match in [
