@@ -147,6 +147,9 @@ def _check_pipeline(args, device, dtype):
             for net in getattr(pipe, "_nets", ()):  # a conditioning image per ControlNet, in [0, 1]
                 side = cfg.sample_size * net.image_scale
                 probe += (torch.rand(2, net.config.conditioning_channels, side, side, generator=gen),)
+            for adapter in getattr(pipe, "_adapters", ()):  # and per T2I-Adapter
+                side = cfg.sample_size * pipe.vae_scale_factor
+                probe += (torch.rand(2, adapter.config.in_channels, side, side, generator=gen),)
         with backend(name), torch.no_grad():
             x, t, emb, *cond = (v.to(device=device, dtype=pipe.dtype if v.is_floating_point() else v.dtype)
                                 for v in probe)
@@ -156,6 +159,9 @@ def _check_pipeline(args, device, dtype):
                     x, mask, masked = x[:, :latent], x[:, latent:latent + 1], x[:, latent + 1:]
                     cond[len(pipe._added_names) - 2:len(pipe._added_names) - 2] = [mask, masked]
                 cond.append(((1.0,) * len(pipe._nets), False, False))
+            if hasattr(pipe, "_adapters"):  # each adapter's feature maps at scale 1
+                n = len(pipe._adapters)
+                cond = [*cond[:-n], *pipe._adapter_states(cond[-n:], [1.0] * n, x.shape, 1, False)]
             return pipe._unet_call(x, t, emb, *cond).float().cpu()
 
     pipe = load(dtype)
@@ -201,11 +207,15 @@ def _db(value):
 
 def pipeline_kind(pipe):
     """"inpainting", "image-to-image" (an SDXL refiner's folder loads as such), "text-to-image", or one of them
-    guided by the folder's ControlNets ("ControlNet", "ControlNet image-to-image", "ControlNet inpainting")."""
+    guided by the folder's ControlNets ("ControlNet", "ControlNet image-to-image", "ControlNet inpainting"), or
+    text-to-image guided by its T2I-Adapters ("T2I-Adapter")."""
     from .pipeline_controlnet import ControlNetGuidance
     from .pipeline_img2img import _ImageToImage
     from .pipeline_inpaint import _Inpainting
+    from .pipeline_t2i_adapter import AdapterGuidance
 
+    if isinstance(pipe, AdapterGuidance):
+        return "T2I-Adapter"
     kind = "inpainting" if isinstance(pipe, _Inpainting) else "image-to-image" if isinstance(pipe, _ImageToImage) \
         else "text-to-image"
     if isinstance(pipe, ControlNetGuidance):
@@ -215,7 +225,8 @@ def pipeline_kind(pipe):
 
 def pipeline_inputs(pipe, seed, steps):
     """(kind, the call's inputs beyond the prompt): an inpainting pipeline's image and mask, an image-to-image one's
-    image (an SDXL refiner's folder), a ControlNet one's conditioning image (as ``control_image`` beside an image),
+    image (an SDXL refiner's folder), a ControlNet or T2I-Adapter one's conditioning image (as ``control_image``
+    beside an image),
     made from the seed at the UNet's default size, and a strength that leaves at least one of ``steps`` to run (half
     the schedule for image-to-image, all of it for inpainting); none for text-to-image."""
     import numpy as np
@@ -234,6 +245,9 @@ def pipeline_inputs(pipe, seed, steps):
     per_net = image if nets == 1 else [image] * nets  # (a ControlNet pipeline's conditioning image for each net)
     if kind == "ControlNet":  # the image conditions each net; the size is the UNet's default
         return kind, {"image": per_net}
+    if kind == "T2I-Adapter":  # the image (grayscale for a sketch adapter) conditions each adapter
+        images = [image.convert("L") if a.config.in_channels == 1 else image for a in pipe._adapters]
+        return kind, {"image": images[0] if len(images) == 1 else images}
     inputs = {"image": image, "strength": 1.0 if kind.endswith("inpainting") else max(0.5, 1 / steps)}
     if kind.startswith("ControlNet"):  # the same image as the start and each net's condition
         inputs["control_image"] = per_net

@@ -117,6 +117,12 @@ def _controlnet_folder(text):
     return text
 
 
+def _adapter_folder(text):
+    if not os.path.isfile(os.path.join(text, "config.json")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a T2I-Adapter folder (no config.json)")
+    return text
+
+
 def _ip_adapter_file(text):
     if not os.path.isfile(text) or not text.endswith((".safetensors", ".bin")):
         raise argparse.ArgumentTypeError(f"{text!r} is not an IP-Adapter weights file (.safetensors or .bin)")
@@ -210,6 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "order; it sets the output size unless --height/--width do")
     g.add_argument("--controlnet-scale", type=float, action="append", default=[], metavar="SCALE",
                    help="with --controlnet: its residuals' scale (default 1; one for all, or one per --controlnet)")
+    g.add_argument("--t2i-adapter", type=_adapter_folder, action="append", default=[], metavar="DIR",
+                   help="a T2I-Adapter folder (diffusers layout, e.g. TencentARC/t2iadapter_depth_sd15v2) guiding a "
+                        "text-to-image run; repeat for several (summed), each with its --adapter-image")
+    g.add_argument("--adapter-image", action="append", default=[], metavar="FILE",
+                   help="with --t2i-adapter: its conditioning image (depth, sketch, pose...; grayscale for a sketch "
+                        "adapter), one per --t2i-adapter, in order; it sets the output size unless --height/--width do")
+    g.add_argument("--adapter-scale", type=float, action="append", default=[], metavar="SCALE",
+                   help="with --t2i-adapter: its feature maps' scale (default 1; one for all, or one per adapter)")
+    g.add_argument("--adapter-factor", type=float, default=None, metavar="FRACTION",
+                   help="with --t2i-adapter: the first fraction of the steps it guides (default 1: all)")
     g.add_argument("--ip-adapter", type=_ip_adapter_file, action="append", default=[], metavar="FILE",
                    help="an IP-Adapter or IP-Adapter Plus weights file (e.g. h94/IP-Adapter's "
                         "models/ip-adapter_sd15.safetensors), prompting with --ip-adapter-image; repeatable")

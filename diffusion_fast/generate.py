@@ -1,6 +1,6 @@
 """``diffusion-fast generate``: load a model (or the built-in tiny one), its LoRAs, embeddings and IP-Adapters, pick
-the pipeline by the inputs (text-to-image, image-to-image, inpainting, ControlNet, SDXL base + refiner), run the fast
-path (and the reference path to compare), print it/s and write PNGs. Bad values raise UsageError, which ``cli.main``
+the pipeline by the inputs (text-to-image, image-to-image, inpainting, ControlNet, T2I-Adapter, SDXL base + refiner),
+run the fast path (and the reference path to compare), print it/s and write PNGs. Bad values raise UsageError, which ``cli.main``
 prints as one line."""
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import numpy as np
 import torch
 
 from .cli import KARRAS_SCHEDULERS, SCHEDULER_CHOICES, UsageError, _device, _dtype
+from .generate_guidance import (load_ip_adapters, open_image, read_adapter_images, read_control_images,
+                                read_ip_adapter_images, with_t2i_adapters)
 
 
 def _check_scheduler_options(args, scheduler_name):
@@ -32,21 +34,7 @@ def _init_image(args):
         raise UsageError("--height/--width: with --image the output has the image's size (resize the image instead)")
     if args.strength is not None and not 0 < args.strength <= 1:
         raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
-    return _open_image("--image", args.image).convert("RGB")
-
-
-def _open_image(flag, path):
-    """The image file given to ``flag``, read (a missing or unreadable file is a UsageError naming the flag)."""
-    if not os.path.isfile(path):
-        raise UsageError(f"{flag}: no such file: {path}")
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        image = Image.open(path)
-        image.load()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UsageError(f"{flag}: {path} is not an image PIL can read ({exc})") from None
-    return image
+    return open_image("--image", args.image).convert("RGB")
 
 
 def _mask_image(args, init_image):
@@ -57,63 +45,11 @@ def _mask_image(args, init_image):
         return None
     if init_image is None:
         raise UsageError("--mask is for inpainting: give --image too")
-    mask = _open_image("--mask", args.mask)
+    mask = open_image("--mask", args.mask)
     if mask.size != init_image.size:
         raise UsageError(f"--mask is {mask.size[0]}x{mask.size[1]} and --image {init_image.size[0]}x"
                          f"{init_image.size[1]}: give them the same size")
     return mask
-
-
-def _control_images(args):
-    """--control-image files (one per --controlnet, when given), checked and read before anything loads."""
-    if not args.control_image:
-        if args.controlnet or args.controlnet_scale:
-            raise UsageError("--controlnet and --controlnet-scale need --control-image (one per ControlNet)")
-        return None
-    if args.controlnet and len(args.control_image) != len(args.controlnet):
-        raise UsageError(f"--control-image: give one per --controlnet ({len(args.controlnet)}), in order; got "
-                         f"{len(args.control_image)}")
-    if args.refiner is not None:
-        raise UsageError("--controlnet: leave out --refiner (the refiner takes no ControlNet)")
-    return [_open_image("--control-image", path) for path in args.control_image]
-
-
-def _ip_adapter_images(args):
-    """--ip-adapter-image files (one per --ip-adapter), checked and read before anything loads; None without any."""
-    if not args.ip_adapter:
-        if args.ip_adapter_image or args.ip_adapter_scale or args.image_encoder:
-            raise UsageError("--ip-adapter-image, --ip-adapter-scale and --image-encoder are for IP-Adapters: give "
-                             "--ip-adapter too")
-        return None
-    if len(args.ip_adapter_image) != len(args.ip_adapter):
-        raise UsageError(f"--ip-adapter-image: give one per --ip-adapter ({len(args.ip_adapter)}), in order; got "
-                         f"{len(args.ip_adapter_image)}")
-    if len(args.ip_adapter_scale) not in (0, 1, len(args.ip_adapter)):
-        raise UsageError(f"--ip-adapter-scale: give one for all IP-Adapters or one per --ip-adapter "
-                         f"({len(args.ip_adapter)}); got {len(args.ip_adapter_scale)}")
-    if args.refiner is not None:
-        raise UsageError("--ip-adapter: leave out --refiner (the refiner takes no image prompt)")
-    encoder = args.image_encoder or os.path.join(os.path.dirname(os.path.abspath(args.ip_adapter[0])), "image_encoder")
-    if not os.path.isfile(os.path.join(encoder, "config.json")):
-        raise UsageError(f"--ip-adapter: no CLIP image encoder at {encoder} (give its folder with --image-encoder)")
-    return [_open_image("--ip-adapter-image", path).convert("RGB") for path in args.ip_adapter_image]
-
-
-def _load_ip_adapters(args, pipe):
-    """The --ip-adapter files into ``pipe`` (the image encoder from --image-encoder), at their scales."""
-    from transformers import CLIPVisionModelWithProjection
-
-    encoder = args.image_encoder or os.path.join(os.path.dirname(os.path.abspath(args.ip_adapter[0])), "image_encoder")
-    pipe.image_encoder = CLIPVisionModelWithProjection.from_pretrained(encoder).to(pipe.device, pipe.dtype).eval()
-    try:
-        pipe.load_ip_adapter([os.path.dirname(os.path.abspath(p)) for p in args.ip_adapter], "",
-                             [os.path.basename(p) for p in args.ip_adapter])
-    except ValueError as exc:
-        raise UsageError(f"--ip-adapter: {exc}") from None
-    if args.ip_adapter_scale:
-        pipe.set_ip_adapter_scale(args.ip_adapter_scale)
-    print(f"loaded {len(args.ip_adapter)} IP-Adapter{'s' if len(args.ip_adapter) > 1 else ''}: "
-          + ", ".join(args.ip_adapter))
 
 
 def _with_controlnets(args, pipe, images, dtype, device, kind="text-to-image"):
@@ -236,6 +172,7 @@ def generate(args) -> int:
     from . import backend
     from .numerics import max_abs_err, psnr
     from .pipeline import StableDiffusionPipeline
+    from .pipeline_t2i_adapter import AdapterGuidance
     from .pipeline_xl import load_pipeline
     from .schedulers import SCHEDULERS
     from .textual_inversion import read_embedding
@@ -244,8 +181,9 @@ def generate(args) -> int:
         _check_scheduler_options(args, SCHEDULER_CHOICES[args.scheduler][0])
     init_image = _init_image(args)
     mask_image = _mask_image(args, init_image)
-    control_images = _control_images(args)
-    ip_images = _ip_adapter_images(args)
+    control_images = read_control_images(args)
+    ip_images = read_ip_adapter_images(args)
+    adapter_images = read_adapter_images(args)
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
     compare = args.compare or args.model is None
@@ -266,6 +204,9 @@ def generate(args) -> int:
         pipe.load_textual_inversion(state, token=token)
     if args.embedding:
         print(f"loaded {len(args.embedding)} textual inversion embedding{'s' if len(args.embedding) > 1 else ''}")
+    if isinstance(pipe, AdapterGuidance) and (init_image is not None or control_images is not None):
+        raise UsageError(f"{args.model} is a T2I-Adapter pipeline: it guides text-to-image alone (leave out --image "
+                         "and --control-image)")
     if mask_image is not None:
         pipe = _with_controlnets(args, pipe, control_images, dtype, device, kind="inpainting")
     elif getattr(pipe, "_unet_takes_mask", False):
@@ -275,10 +216,12 @@ def generate(args) -> int:
     elif getattr(pipe, "requires_aesthetics_score", False):
         raise UsageError(f"{args.model} is an SDXL refiner: give --image to refine, or use it as --refiner of an "
                          "SDXL base")
+    elif adapter_images is not None or isinstance(pipe, AdapterGuidance):
+        pipe = with_t2i_adapters(args, pipe, adapter_images, dtype, device)
     else:
         pipe = _with_controlnets(args, pipe, control_images, dtype, device)
     if ip_images is not None:
-        _load_ip_adapters(args, pipe)
+        load_ip_adapters(args, pipe)
     refiner = _refiner(args, pipe, dtype, device)
     if refiner is not None:
         _refiner_embeddings(embeddings, refiner)
@@ -327,6 +270,11 @@ def generate(args) -> int:
                         control_images[0] if len(control_images) == 1 else control_images},
                        controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales)
 
+    if adapter_images is not None:  # the first image sets the size, unless --height/--width do
+        scales = args.adapter_scale or [1.0]
+        options.update(image=adapter_images[0] if len(adapter_images) == 1 else adapter_images,
+                       adapter_conditioning_scale=scales[0] if len(scales) == 1 else scales,
+                       adapter_conditioning_factor=1.0 if args.adapter_factor is None else args.adapter_factor)
     if ip_images is not None:
         options.update(ip_adapter_image=ip_images[0] if len(ip_images) == 1 else ip_images)
 

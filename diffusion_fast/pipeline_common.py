@@ -27,6 +27,23 @@ def auto_or_bool_setting(name: str, doc: str) -> property:
                     lambda self, value: setattr(self, attr, _validate.auto_or_bool(name, value)), doc=doc)
 
 
+def checked_model(name: str, convert, doc: str) -> property:
+    """A guidance model of a pipeline (its ControlNet, its T2I-Adapter): an assigned value goes through ``convert``
+    and the pipeline's ``_check_components``; one that does not fit leaves the old one in place."""
+    attr = "_" + name
+
+    def assign(self, value):
+        old = getattr(self, attr)
+        setattr(self, attr, convert(value))
+        try:
+            self._check_components()
+        except ValueError:
+            setattr(self, attr, old)
+            raise
+
+    return property(lambda self: getattr(self, attr), assign, doc=doc)
+
+
 class StepCallback:
     """diffusers' ``callback_on_step_end``, run after each step: ``fn(pipe, step, timestep, tensors)`` with the named
     tensors; the ones it returns replace the loop's (the latents, the text embeddings, SDXL's added conditioning)."""

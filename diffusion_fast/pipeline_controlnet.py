@@ -24,7 +24,7 @@ from .lora import lora_call_scale
 from .models import ControlNetModel, MultiControlNetModel
 from .models.unet import _per_block
 from .pipeline import StableDiffusionPipeline
-from .pipeline_common import check_denoising_bounds, check_given_size, numpy_images
+from .pipeline_common import check_denoising_bounds, check_given_size, checked_model, numpy_images
 from .pipeline_folder import read_model_index, resolve_dtype
 from .pipeline_xl import StableDiffusionXLPipeline
 
@@ -109,20 +109,9 @@ class ControlNetGuidance:
                             f"{type(controlnet).__module__}.{type(controlnet).__name__}")
         return controlnet
 
-    @property
-    def controlnet(self):
-        """The ControlNet (or MultiControlNetModel); one assigned (a list of nets, as diffusers takes them) is checked
-        against the UNet as at construction, and a net that does not fit leaves the old one in place."""
-        return self._controlnet
-
-    @controlnet.setter
-    def controlnet(self, value):
-        old, self._controlnet = self._controlnet, self._as_controlnet(value)
-        try:
-            self._check_components()
-        except ValueError:
-            self._controlnet = old
-            raise
+    controlnet = checked_model("controlnet", _as_controlnet, "The ControlNet (or MultiControlNetModel); one assigned "
+                               "(a list of nets, as diffusers takes them) is checked against the UNet as at "
+                               "construction, and a net that does not fit leaves the old one in place.")
 
     @property
     def _nets(self):

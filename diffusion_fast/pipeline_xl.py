@@ -276,7 +276,8 @@ def load_pipeline(folder, **kwargs):
     text encoders), ``StableDiffusionXLImg2ImgPipeline`` for an SDXL refiner (``requires_aesthetics_score``),
     ``StableDiffusionXLInpaintPipeline`` / ``StableDiffusionInpaintPipeline`` for an SDXL / SD inpainting folder
     (diffusers' class name), ``StableDiffusionXLControlNetPipeline`` / ``StableDiffusionControlNetPipeline`` /
-    ``...Img2ImgPipeline`` / ``...InpaintPipeline`` for a folder diffusers saved such a ControlNet pipeline in, else
+    ``...Img2ImgPipeline`` / ``...InpaintPipeline`` for a folder diffusers saved such a ControlNet pipeline in,
+    ``StableDiffusion(XL)AdapterPipeline`` for one it saved a T2I-Adapter pipeline in, else
     ``StableDiffusionPipeline``; ``kwargs`` go to its ``from_pretrained``."""
     from .pipeline_controlnet import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
     from .pipeline_controlnet_image import (StableDiffusionControlNetImg2ImgPipeline,
@@ -285,11 +286,14 @@ def load_pipeline(folder, **kwargs):
                                             StableDiffusionXLControlNetInpaintPipeline)
     from .pipeline_img2img import StableDiffusionXLImg2ImgPipeline
     from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
+    from .pipeline_t2i_adapter import StableDiffusionAdapterPipeline, StableDiffusionXLAdapterPipeline
 
     folder, components = read_model_index(folder)
     name = str(components.get("_class_name", ""))
     inpainting = "Inpaint" in name
-    if "controlnet" in components and "ControlNet" in name:
+    if "adapter" in components and "AdapterPipeline" in name:
+        cls = StableDiffusionXLAdapterPipeline if "text_encoder_2" in components else StableDiffusionAdapterPipeline
+    elif "controlnet" in components and "ControlNet" in name:
         xl = "text_encoder_2" in components
         kind = "inpainting" if inpainting else "image-to-image" if "Img2Img" in name else "text-to-image"
         cls = {("text-to-image", False): StableDiffusionControlNetPipeline,

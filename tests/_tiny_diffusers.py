@@ -232,3 +232,53 @@ def write_ip_adapter(folder, unet, kind="plain", seed=0, file_name=None):
     file_name = file_name or f"ip-adapter-{kind}.safetensors"
     save_file(state, os.path.join(folder, file_name))
     return file_name
+
+
+# ---- T2I-Adapters (tests/test_pipeline_t2i_adapter.py, benchmarks/test_bench_cpu.py) ------------------------------
+# UNets of three levels, as SD 1.5's four and SDXL's three place the maps: SD's last block (no attention, no
+# downsampler) takes its map after the block; SDXL's first (no attention) after its downsampler, and its 4th map goes
+# to the mid block
+ADAPTER_SD_UNET = dict(tiny.unet_config("sd1"), layers_per_block=1, block_out_channels=[32, 64, 64],
+                       down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                       up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
+ADAPTER_XL_UNET = dict(SDXL_TINY, block_out_channels=[32, 64, 64], attention_head_dim=[2, 4, 4],
+                       transformer_layers_per_block=[1, 2, 2],
+                       down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                       up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"])
+# the tiny VAE's scale is 4: an SD adapter unshuffles by 4 (latent size), SDXL's by 8, as 8 and 16 at full size
+ADAPTERS = {
+    "full": dict(channels=[32, 64, 64], downscale_factor=4, adapter_type="full_adapter"),
+    "light": dict(channels=[32, 64], downscale_factor=4, adapter_type="light_adapter"),
+    "sketch": dict(in_channels=1, channels=[32, 64, 64], downscale_factor=4, adapter_type="full_adapter"),
+    "xl": dict(channels=[32, 64, 64, 64], downscale_factor=8, adapter_type="full_adapter_xl"),
+}
+
+
+def diffusers_adapter(kind, seed):
+    """A diffusers T2IAdapter of ``kind`` (see ADAPTERS) with random weights from ``seed``."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    return diffusers.T2IAdapter(**ADAPTERS[kind])
+
+
+def adapter_pipeline(variant, kinds, seed=4):
+    """A diffusers StableDiffusion(XL)AdapterPipeline (fp32) on the tiny components with a three-level UNet
+    (ADAPTER_SD_UNET / ADAPTER_XL_UNET) and the adapters of ``kinds`` (a MultiAdapter for several), random weights
+    from ``seed``."""
+    import diffusers
+
+    base = pipeline("sd1", seed=seed) if variant == "sd1" else sdxl_pipeline(seed=seed)
+    components = {k: v for k, v in base.components.items() if k not in ("safety_checker", "feature_extractor",
+                                                                          "image_encoder")}
+    torch.manual_seed(seed + 1)
+    components["unet"] = diffusers.UNet2DConditionModel(**(ADAPTER_SD_UNET if variant == "sd1" else ADAPTER_XL_UNET))
+    adapters = [diffusers_adapter(kind, seed + 2 + i) for i, kind in enumerate(kinds)]
+    adapter = adapters[0] if len(adapters) == 1 else diffusers.MultiAdapter(adapters)
+    if variant == "sd1":
+        pipe = diffusers.StableDiffusionAdapterPipeline(**components, adapter=adapter, safety_checker=None,
+                                                        feature_extractor=None, requires_safety_checker=False)
+    else:
+        pipe = diffusers.StableDiffusionXLAdapterPipeline(**components, adapter=adapter)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(torch.float32)

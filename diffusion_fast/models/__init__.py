@@ -1,7 +1,8 @@
-"""Our UNet, ControlNet and VAE: diffusers' parameter names (its checkpoints load unchanged), our ops inside."""
+"""Our UNet, ControlNet, T2I-Adapter and VAE: diffusers' parameter names (its checkpoints load unchanged), our ops inside."""
 from .controlnet import ControlNetModel, MultiControlNetModel
+from .t2i_adapter import MultiAdapter, T2IAdapter
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL, DiagonalGaussianDistribution
 
-__all__ = ["UNet2DConditionModel", "ControlNetModel", "MultiControlNetModel", "AutoencoderKL",
-           "DiagonalGaussianDistribution"]
+__all__ = ["UNet2DConditionModel", "ControlNetModel", "MultiControlNetModel", "T2IAdapter", "MultiAdapter",
+           "AutoencoderKL", "DiagonalGaussianDistribution"]

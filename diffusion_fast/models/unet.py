@@ -110,6 +110,14 @@ def embed_time(model, sample, timestep, added_cond_kwargs):
     return emb
 
 
+def _fitted(residual, shape):
+    """A T2I-Adapter feature map checked against the hidden states it is added to (no silent broadcast)."""
+    if residual.shape != shape:
+        raise ValueError(f"down_intrablock_additional_residuals: a feature map of shape {tuple(residual.shape)} where "
+                         f"the UNet's hidden states are {tuple(shape)}: an adapter for another UNet or image size?")
+    return residual
+
+
 class DownBlock(nn.Module):
     def __init__(self, kind, in_ch, out_ch, temb, layers, groups, eps, downsample, pad, heads=None, depth=1,
                  cross_dim=None, linear=False, upcast=False):
@@ -122,17 +130,25 @@ class DownBlock(nn.Module):
                 for _ in range(layers))
         self.downsamplers = nn.ModuleList([Downsample2D(out_ch, pad)]) if downsample else None
 
-    def forward(self, h, temb, context):
+    def forward(self, h, temb, context, residual=None):
+        """``residual``: a T2I-Adapter's feature map, added as diffusers adds it: after the last resnet and attention
+        pair in a block with attention; at the very end (after the downsampler) in one without, where diffusers'
+        in-place add also changes the last skip state, which is the same tensor there."""
         states = ()
         attentions = getattr(self, "attentions", None)
         for i, resnet in enumerate(self.resnets):
             h = resnet(h, temb)
             if attentions is not None:
                 h = attentions[i](h, context)
+                if residual is not None and i == len(self.resnets) - 1:
+                    h = h + _fitted(residual, h.shape)
             states += (h,)
         if self.downsamplers is not None:
             h = self.downsamplers[0](h)
             states += (h,)
+        if attentions is None and residual is not None:
+            h = h + _fitted(residual, h.shape)
+            states = states[:-1] + (h,)
         return h, states
 
 
@@ -274,10 +290,24 @@ class UNet2DConditionModel(loading.PretrainedMixin, nn.Module):
             for name in FREEU_FACTORS:
                 setattr(block, name, None)
 
+    def intrablock_shapes(self):
+        """Where T2I-Adapter feature maps go, in order, as diffusers adds them: [(channels, downscale from the
+        latents)] of each down block (a block with attention inside it, before its downsampler; one without, after
+        it), then the mid block's output (taken only by a map of its shape)."""
+        shapes, scale = [], 1
+        for block, width in zip(self.down_blocks, self.config.block_out_channels):
+            down = 2 if block.downsamplers is not None else 1
+            shapes.append((width, scale if hasattr(block, "attentions") else scale * down))
+            scale *= down
+        return shapes + [(self.config.block_out_channels[-1], scale)]
+
     def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None,
-                down_block_additional_residuals=None, mid_block_additional_residual=None):
+                down_block_additional_residuals=None, mid_block_additional_residual=None,
+                down_intrablock_additional_residuals=None):
         """The noise (or v) prediction for ``sample`` at ``timestep``, conditioned on ``encoder_hidden_states``; a
-        ControlNet's residuals, as diffusers takes them, are added to the skip connections and the mid block's output.
+        ControlNet's residuals, as diffusers takes them, are added to the skip connections and the mid block's output;
+        a T2I-Adapter's feature maps (``down_intrablock_additional_residuals``) inside the down blocks and, when one
+        is left of its shape, to the mid block's output (``intrablock_shapes``).
         With IP-Adapters loaded, ``added_cond_kwargs["image_embeds"]`` (one tensor per adapter, as diffusers takes
         them) are projected here, or ``encoder_hidden_states`` is (text, [projected image tokens per adapter])."""
         c = self.config
@@ -290,8 +320,9 @@ class UNet2DConditionModel(loading.PretrainedMixin, nn.Module):
 
         h = self.conv_in(sample)
         skips = (h,)
+        intrablock = list(down_intrablock_additional_residuals or ())
         for block in self.down_blocks:
-            h, states = block(h, emb, context)
+            h, states = block(h, emb, context, intrablock.pop(0) if intrablock else None)
             skips += states
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips):
@@ -299,6 +330,11 @@ class UNet2DConditionModel(loading.PretrainedMixin, nn.Module):
                                  f"but this UNet has {len(skips)} skip connections (a ControlNet of another shape?)")
             skips = tuple(s + r for s, r in zip(skips, down_block_additional_residuals))
         h = self.mid_block(h, emb, context)
+        if intrablock and intrablock[0].shape == h.shape:  # (SDXL's adapter)
+            h = h + intrablock.pop(0)
+        if intrablock:
+            raise ValueError(f"down_intrablock_additional_residuals: {len(intrablock)} feature maps left over (shapes "
+                             f"{[tuple(r.shape) for r in intrablock]}): an adapter for another UNet?")
         if mid_block_additional_residual is not None:
             h = h + mid_block_additional_residual
         # Odd latent sizes: upsample to the skip's size instead of exactly 2x (diffusers' forward_upsample_size).
