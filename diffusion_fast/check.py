@@ -158,7 +158,13 @@ def _check_pipeline(args, device, dtype):
                     latent = pipe.vae.config.latent_channels  # mask inputs come after SDXL's added conditioning
                     x, mask, masked = x[:, :latent], x[:, latent:latent + 1], x[:, latent + 1:]
                     cond[len(pipe._added_names) - 2:len(pipe._added_names) - 2] = [mask, masked]
-                cond.append(((1.0,) * len(pipe._nets), False, False))
+                settings = ((1.0,) * len(pipe._nets), False, False)
+                if hasattr(pipe, "_modes"):  # a union net: its first mode, as the one-hot vector and the setting
+                    modes = torch.zeros(2, pipe.controlnet.config.num_control_type)
+                    modes[:, 0] = 1.0
+                    cond.append(modes.to(device, pipe.dtype))
+                    settings += ((0,),)
+                cond.append(settings)
             if hasattr(pipe, "_adapters"):  # each adapter's feature maps at scale 1
                 n = len(pipe._adapters)
                 cond = [*cond[:-n], *pipe._adapter_states(cond[-n:], [1.0] * n, x.shape, 1, False)]
@@ -208,7 +214,7 @@ def _db(value):
 def pipeline_kind(pipe):
     """"inpainting", "image-to-image" (an SDXL refiner's folder loads as such), "text-to-image", or one of them
     guided by the folder's ControlNets ("ControlNet", "ControlNet image-to-image", "ControlNet inpainting"), or
-    text-to-image guided by its T2I-Adapters ("T2I-Adapter")."""
+    text-to-image guided by its T2I-Adapters ("T2I-Adapter") or its ControlNet-Union net ("ControlNet-Union")."""
     from .pipeline_controlnet import ControlNetGuidance
     from .pipeline_img2img import _ImageToImage
     from .pipeline_inpaint import _Inpainting
@@ -219,7 +225,8 @@ def pipeline_kind(pipe):
     kind = "inpainting" if isinstance(pipe, _Inpainting) else "image-to-image" if isinstance(pipe, _ImageToImage) \
         else "text-to-image"
     if isinstance(pipe, ControlNetGuidance):
-        return "ControlNet" if kind == "text-to-image" else f"ControlNet {kind}"
+        union = "-Union" if hasattr(pipe, "_modes") else ""
+        return f"ControlNet{union}" if kind == "text-to-image" else f"ControlNet {kind}"
     return kind
 
 
@@ -245,6 +252,8 @@ def pipeline_inputs(pipe, seed, steps):
     per_net = image if nets == 1 else [image] * nets  # (a ControlNet pipeline's conditioning image for each net)
     if kind == "ControlNet":  # the image conditions each net; the size is the UNet's default
         return kind, {"image": per_net}
+    if kind == "ControlNet-Union":  # the image in the union net's first mode
+        return kind, {"control_image": image, "control_mode": 0}
     if kind == "T2I-Adapter":  # the image (grayscale for a sketch adapter) conditions each adapter
         images = [image.convert("L") if a.config.in_channels == 1 else image for a in pipe._adapters]
         return kind, {"image": images[0] if len(images) == 1 else images}

@@ -216,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "order; it sets the output size unless --height/--width do")
     g.add_argument("--controlnet-scale", type=float, action="append", default=[], metavar="SCALE",
                    help="with --controlnet: its residuals' scale (default 1; one for all, or one per --controlnet)")
+    g.add_argument("--control-mode", type=int, action="append", default=[], metavar="MODE",
+                   help="with a ControlNet-Union --controlnet (SDXL): each --control-image's control mode, in order "
+                        "(xinsir's union nets: 0 openpose, 1 depth, 2 hed/scribble, 3 canny/lineart, 4 normal, "
+                        "5 segment)")
     g.add_argument("--t2i-adapter", type=_adapter_folder, action="append", default=[], metavar="DIR",
                    help="a T2I-Adapter folder (diffusers layout, e.g. TencentARC/t2iadapter_depth_sd15v2) guiding a "
                         "text-to-image run; repeat for several (summed), each with its --adapter-image")

@@ -1,7 +1,7 @@
 """``diffusion-fast generate``: load a model (or the built-in tiny one), its LoRAs, embeddings and IP-Adapters, pick
-the pipeline by the inputs (text-to-image, image-to-image, inpainting, ControlNet, T2I-Adapter, SDXL base + refiner),
-run the fast path (and the reference path to compare), print it/s and write PNGs. Bad values raise UsageError, which ``cli.main``
-prints as one line."""
+the pipeline by the inputs (text-to-image, image-to-image, inpainting, ControlNet and ControlNet-Union, T2I-Adapter,
+SDXL base + refiner), run the fast path (and the reference path to compare), print it/s and write PNGs. Bad values
+raise UsageError, which ``cli.main`` prints as one line."""
 from __future__ import annotations
 
 import os
@@ -56,9 +56,10 @@ def _with_controlnets(args, pipe, images, dtype, device, kind="text-to-image"):
     """The pipeline for a ``kind`` run ("text-to-image", "image-to-image" or "inpainting"): a ControlNet one on
     ``pipe``'s components with the --controlnet folders, or with the model folder's own nets (diffusers saved a
     ControlNet pipeline there); ``images`` (--control-image) one per net. Without nets, the plain one."""
-    from .models import ControlNetModel
+    from .models import ControlNetModel, ControlNetUnionModel
     from .pipeline_controlnet import (ControlNetGuidance, StableDiffusionControlNetPipeline,
                                       StableDiffusionXLControlNetPipeline)
+    from .pipeline_controlnet_union import StableDiffusionXLControlNetUnionPipeline
     from .pipeline_controlnet_image import (StableDiffusionControlNetImg2ImgPipeline,
                                             StableDiffusionControlNetInpaintPipeline,
                                             StableDiffusionXLControlNetImg2ImgPipeline,
@@ -72,27 +73,48 @@ def _with_controlnets(args, pipe, images, dtype, device, kind="text-to-image"):
         return {"text-to-image": lambda: pipe, "image-to-image": lambda: _img2img(pipe),
                 "inpainting": lambda: _inpaint(pipe)}[kind]()
     if args.controlnet:
-        nets = [ControlNetModel.from_pretrained(path, dtype=dtype, device=device) for path in args.controlnet]
+        nets = [(ControlNetUnionModel if _is_union(path) else ControlNetModel).from_pretrained(
+            path, dtype=dtype, device=device) for path in args.controlnet]
+        if len(nets) > 1 and any(isinstance(net, ControlNetUnionModel) for net in nets):
+            raise UsageError("--controlnet: a ControlNet-Union net guides alone (several union nets are not "
+                             "mirrored): give one --controlnet with a --control-mode per --control-image")
         controlnet = nets[0] if len(nets) == 1 else nets
     else:
         controlnet = pipe.controlnet
-        if images is None or len(images) != len(pipe._nets):
+        if not isinstance(controlnet, ControlNetUnionModel) and (images is None or len(images) != len(pipe._nets)):
             raise UsageError(f"{args.model} is a ControlNet pipeline with {len(pipe._nets)} ControlNet"
                              f"{'s' if len(pipe._nets) > 1 else ''}: give --control-image for each")
     xl = hasattr(pipe, "text_encoder_2")
-    cls = {"image-to-image": StableDiffusionXLControlNetImg2ImgPipeline if xl else
-           StableDiffusionControlNetImg2ImgPipeline,
-           "inpainting": StableDiffusionXLControlNetInpaintPipeline if xl else StableDiffusionControlNetInpaintPipeline,
-           "text-to-image": StableDiffusionXLControlNetPipeline if xl else StableDiffusionControlNetPipeline}[kind]
+    union = isinstance(controlnet, ControlNetUnionModel)
+    if union != bool(args.control_mode):
+        raise UsageError("--control-mode: give one per --control-image for a ControlNet-Union net" if union else
+                         "--control-mode is for a ControlNet-Union net (this ControlNet takes none)")
+    if union and (kind != "text-to-image" or not xl):
+        raise UsageError("--controlnet: a ControlNet-Union net guides SDXL text-to-image here (its image-to-image "
+                         "and inpainting pipelines are not mirrored)")
+    cls = StableDiffusionXLControlNetUnionPipeline if union else {
+        "image-to-image": StableDiffusionXLControlNetImg2ImgPipeline if xl else
+        StableDiffusionControlNetImg2ImgPipeline,
+        "inpainting": StableDiffusionXLControlNetInpaintPipeline if xl else StableDiffusionControlNetInpaintPipeline,
+        "text-to-image": StableDiffusionXLControlNetPipeline if xl else StableDiffusionControlNetPipeline}[kind]
     if type(pipe) is not cls:
         try:
             pipe = cls.from_pipeline(pipe, controlnet, cuda_graph=pipe.cuda_graph, channels_last=pipe.channels_last)
         except ValueError as exc:
             raise UsageError(f"--controlnet: {exc}") from None
-    if len(args.controlnet_scale) not in (0, 1, len(pipe._nets)):
-        raise UsageError(f"--controlnet-scale: give one for all ControlNets or one per ControlNet "
-                         f"({len(pipe._nets)}); got {len(args.controlnet_scale)}")
+    count, each = (len(images), "control mode") if union else (len(pipe._nets), "ControlNet")
+    if len(args.controlnet_scale) not in (0, 1, count):
+        raise UsageError(f"--controlnet-scale: give one for all {each}s or one per {each} ({count}); got "
+                         f"{len(args.controlnet_scale)}")
     return pipe
+
+
+def _is_union(folder):
+    """Whether a --controlnet folder holds a ControlNet-Union net (its config's class name, as diffusers saves it)."""
+    import json
+
+    with open(os.path.join(folder, "config.json")) as f:
+        return json.load(f).get("_class_name") == "ControlNetUnionModel"
 
 
 def _with_components(pipe, sd_cls, xl_cls):
@@ -266,9 +288,12 @@ def generate(args) -> int:
         default = 1.0 if init_image is None else 0.8 if mask_image is None else 1.0 if hasattr(
             pipe, "text_encoder_2") else 0.5
         scales = args.controlnet_scale or [default]
-        options.update({"control_image" if init_image is not None else "image":
+        union = bool(args.control_mode)  # (a union net's images go with their modes)
+        options.update({"control_image" if init_image is not None or union else "image":
                         control_images[0] if len(control_images) == 1 else control_images},
                        controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales)
+        if union:
+            options.update(control_mode=args.control_mode[0] if len(args.control_mode) == 1 else args.control_mode)
 
     if adapter_images is not None:  # the first image sets the size, unless --height/--width do
         scales = args.adapter_scale or [1.0]

@@ -23,12 +23,18 @@ def open_image(flag, path):
 
 
 def read_control_images(args):
-    """--control-image files (one per --controlnet, when given), checked and read before anything loads."""
+    """--control-image files (one per --controlnet, when given, or per --control-mode of a ControlNet-Union net),
+    checked and read before anything loads."""
     if not args.control_image:
-        if args.controlnet or args.controlnet_scale:
-            raise UsageError("--controlnet and --controlnet-scale need --control-image (one per ControlNet)")
+        if args.controlnet or args.controlnet_scale or args.control_mode:
+            raise UsageError("--controlnet, --controlnet-scale and --control-mode need --control-image (one per "
+                             "ControlNet, or per control mode of a ControlNet-Union net)")
         return None
-    if args.controlnet and len(args.control_image) != len(args.controlnet):
+    if args.control_mode:
+        if len(args.control_mode) != len(args.control_image):
+            raise UsageError(f"--control-mode: give one per --control-image ({len(args.control_image)}), in order; "
+                             f"got {len(args.control_mode)}")
+    elif args.controlnet and len(args.control_image) != len(args.controlnet):
         raise UsageError(f"--control-image: give one per --controlnet ({len(args.controlnet)}), in order; got "
                          f"{len(args.control_image)}")
     if args.refiner is not None:

@@ -27,14 +27,14 @@ def auto_or_bool_setting(name: str, doc: str) -> property:
                     lambda self, value: setattr(self, attr, _validate.auto_or_bool(name, value)), doc=doc)
 
 
-def checked_model(name: str, convert, doc: str) -> property:
-    """A guidance model of a pipeline (its ControlNet, its T2I-Adapter): an assigned value goes through ``convert``
-    and the pipeline's ``_check_components``; one that does not fit leaves the old one in place."""
+def checked_model(name: str, convert: str, doc: str) -> property:
+    """A guidance model of a pipeline (its ControlNet, its T2I-Adapter): an assigned value goes through the
+    pipeline's method ``convert`` and its ``_check_components``; one that does not fit leaves the old one in place."""
     attr = "_" + name
 
     def assign(self, value):
         old = getattr(self, attr)
-        setattr(self, attr, convert(value))
+        setattr(self, attr, getattr(self, convert)(value))
         try:
             self._check_components()
         except ValueError:

@@ -62,12 +62,13 @@ def prepare_control_image(image, height, width, scale, name="image") -> torch.Te
                     f"{type(image).__name__}")
 
 
-def _net_settings(name, value, nets, kind=float):
-    """A per-ControlNet setting: one number for every net, or a list of one per net."""
+def _net_settings(name, value, nets, kind=float, each="ControlNet"):
+    """A per-ControlNet setting (per ``each``: a union net's control mode): one number for every net, or a list of
+    one per net."""
     values = list(value) if isinstance(value, (list, tuple)) else [value] * nets
     if len(values) != nets or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
                                       for v in values):
-        raise ValueError(f"{name} must be a number or a list of {nets} numbers (one per ControlNet), got {value!r}")
+        raise ValueError(f"{name} must be a number or a list of {nets} numbers (one per {each}), got {value!r}")
     return [kind(v) for v in values]
 
 
@@ -78,6 +79,13 @@ def load_controlnet(folder, index, dtype=None, device=None, variant=None):
     if not isinstance(entry, list) or not os.path.isdir(os.path.join(folder, "controlnet")):
         raise ValueError(f"{folder!r} holds no ControlNet: pass controlnet=diffusion_fast.models.ControlNetModel"
                          ".from_pretrained(path) (or a list of them)")
+    if entry[1] == "MultiControlNetUnionModel":
+        raise ValueError(f"{folder!r} holds several ControlNet-Union nets (a MultiControlNetUnionModel): not "
+                         "mirrored; one ControlNetUnionModel is")
+    if entry[1] == "ControlNetUnionModel":
+        from .models.controlnet_union import ControlNetUnionModel
+
+        return ControlNetUnionModel.from_pretrained(folder, dtype, device, subfolder="controlnet", variant=variant)
     if entry[1] != "MultiControlNetModel":
         return ControlNetModel.from_pretrained(folder, dtype, device, subfolder="controlnet", variant=variant)
     names = ["controlnet"]
@@ -109,8 +117,8 @@ class ControlNetGuidance:
                             f"{type(controlnet).__module__}.{type(controlnet).__name__}")
         return controlnet
 
-    controlnet = checked_model("controlnet", _as_controlnet, "The ControlNet (or MultiControlNetModel); one assigned "
-                               "(a list of nets, as diffusers takes them) is checked against the UNet as at "
+    controlnet = checked_model("controlnet", "_as_controlnet", "The ControlNet (or MultiControlNetModel); one "
+                               "assigned (a list of nets, as diffusers takes them) is checked against the UNet as at "
                                "construction, and a net that does not fit leaves the old one in place.")
 
     @property
@@ -118,8 +126,15 @@ class ControlNetGuidance:
         return list(self.controlnet.nets) if isinstance(self.controlnet, MultiControlNetModel) else [self.controlnet]
 
     @property
+    def _image_nets(self):
+        """The net each conditioning image of a call goes to: one image per net (a union net takes one per mode)."""
+        return self._nets
+
+    _each = "ControlNet"  # what each conditioning image is for, in messages
+
+    @property
     def _cond_names(self):  # the text-to-image pipeline's added conditioning (SDXL's), then one image per net
-        return (*self._added_names, *(self._image_name,) * len(self._nets))  # (a StepCallback: several as one list)
+        return (*self._added_names, *(self._image_name,) * len(self._image_nets))  # (several: one list)
 
     def _check_components(self):
         """Each ControlNet must give the residuals this UNet takes, from the same conditioning."""
@@ -160,11 +175,11 @@ class ControlNetGuidance:
 
     def _check_control(self, controlnet_conditioning_scale, control_guidance_start, control_guidance_end,
                        guess_mode):
-        """(scales, starts, ends): one each per net, checked."""
-        nets = len(self._nets)
-        scales = _net_settings("controlnet_conditioning_scale", controlnet_conditioning_scale, nets)
-        starts = _net_settings("control_guidance_start", control_guidance_start, nets)
-        ends = _net_settings("control_guidance_end", control_guidance_end, nets)
+        """(scales, starts, ends): one each per net (per conditioning image), checked."""
+        nets, each = len(self._image_nets), self._each
+        scales = _net_settings("controlnet_conditioning_scale", controlnet_conditioning_scale, nets, each=each)
+        starts = _net_settings("control_guidance_start", control_guidance_start, nets, each=each)
+        ends = _net_settings("control_guidance_end", control_guidance_end, nets, each=each)
         for start, end in zip(starts, ends):
             if not 0.0 <= start < end <= 1.0:
                 raise ValueError(f"control_guidance_start {start} and control_guidance_end {end}: fractions of the "
@@ -195,25 +210,27 @@ class ControlNetGuidance:
     def _control_images(self, image, height, width):
         """One prepared (not yet repeated) conditioning image batch per net; the later nets' at the first's size."""
         check_given_size(self.vae_scale_factor, height, width)
-        nets = len(self._nets)
+        nets = len(self._image_nets)
         if nets > 1:
             if not isinstance(image, (list, tuple)) or len(image) != nets:
-                raise ValueError(f"{self._image_name}: {nets} ControlNets take a list of {nets} conditioning images (or a "
-                                 f"list of {nets} lists, one image per prompt each), got {type(image).__name__}"
-                                 f"{f' of {len(image)}' if isinstance(image, (list, tuple)) else ''}")
-            if any(isinstance(im, list) for im in image):  # [[canny_1, pose_1], [canny_2, pose_2]]: one per prompt
+                given = f" of {len(image)}" if isinstance(image, (list, tuple)) else ""
+                raise ValueError(f"{self._image_name}: {nets} {self._each}s take a list of {nets} conditioning "
+                                 f"images (or a list of {nets} lists, one image per prompt each), got "
+                                 f"{type(image).__name__}{given}")
+            # diffusers' [[canny_1, pose_1], [canny_2, pose_2]]: one per prompt (a union net's lists are per mode)
+            if self._each == "ControlNet" and any(isinstance(im, list) for im in image):
                 image = [list(per_net) for per_net in zip(*image)]
         images = [image] if nets == 1 else list(image)
         if any(im is None for im in images):
-            raise ValueError(f"{self._image_name}: give a conditioning image per ControlNet")
+            raise ValueError(f"{self._image_name}: give a conditioning image per {self._each}")
         first = prepare_control_image(images[0], height, width, self.vae_scale_factor, self._image_name)
         size = first.shape[2:]
         prepared = [first] + [prepare_control_image(im, size[0], size[1], self.vae_scale_factor, self._image_name)
                               for im in images[1:]]
-        for i, (im, net) in enumerate(zip(prepared, self._nets)):  # (a PIL image is RGB by now; a tensor may not be)
+        for i, (im, net) in enumerate(zip(prepared, self._image_nets)):  # (PIL images are RGB by now; tensors not)
             if im.shape[1] != net.config.conditioning_channels:
                 raise ValueError(f"{self._image_name}{f' {i}' if nets > 1 else ''} has {im.shape[1]} channels; "
-                                 f"ControlNet {i} takes {net.config.conditioning_channels} (an RGB image)")
+                                 f"{self._each} {i} takes {net.config.conditioning_channels} (an RGB image)")
         return prepared
 
     def _control_cond(self, images, shape, num_images_per_prompt, do_cfg, guess_mode):

@@ -87,7 +87,7 @@ class AdapterGuidance:
                             f"{type(adapter).__name__}")
         return adapter
 
-    adapter = checked_model("adapter", _as_adapter, "The T2IAdapter (or MultiAdapter); one assigned (a list, as "
+    adapter = checked_model("adapter", "_as_adapter", "The T2IAdapter (or MultiAdapter); one assigned (a list, as "
                             "diffusers takes several) is checked against the UNet as at construction, and one that "
                             "does not fit leaves the old one in place.")
 

@@ -282,3 +282,34 @@ def adapter_pipeline(variant, kinds, seed=4):
         pipe = diffusers.StableDiffusionXLAdapterPipeline(**components, adapter=adapter)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(torch.float32)
+
+
+# ---- ControlNet-Union (tests/test_pipeline_controlnet_union.py) -------------------------------------------------
+def union_controlnet(seed=0):
+    """A diffusers ControlNetUnionModel shaped as the SDXL_TINY UNet (its token width the UNet's first width, 32,
+    over 2 heads), random weights from ``seed``: the zero-initialised parts (zero convolutions, the conditioning
+    embedding's last convolution, the token projection) drawn too, so every part moves the residuals."""
+    from diffusers import ControlNetUnionModel
+
+    torch.manual_seed(seed)
+    config = {k: v for k, v in SDXL_TINY.items() if k not in ("sample_size", "out_channels", "up_block_types")}
+    net = ControlNetUnionModel(**config, conditioning_embedding_out_channels=(8, 16, 32), num_trans_channel=32,
+                               num_trans_head=2, num_proj_channel=32)
+    with torch.no_grad():
+        for param in net.parameters():
+            if param.abs().max() == 0:
+                param.normal_(std=0.05)
+        for conv in net.controlnet_cond_embedding.modules():  # He-initialised, so the image's features carry
+            if isinstance(conv, torch.nn.Conv2d):
+                conv.weight.normal_(std=(2 / conv.weight[0].numel()) ** 0.5)
+    return net
+
+
+def controlnet_union_pipeline(seed=4):
+    """A diffusers StableDiffusionXLControlNetUnionPipeline on the tiny SDXL components with union_controlnet."""
+    from diffusers import StableDiffusionXLControlNetUnionPipeline
+
+    base = sdxl_pipeline(seed)
+    pipe = StableDiffusionXLControlNetUnionPipeline(**base.components, controlnet=union_controlnet(seed + 1))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(torch.float32)

@@ -684,7 +684,7 @@ def test_generate_with_controlnets_gives_diffusers_image(controlnet_folders, tmp
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--controlnet", "NET0"], "--controlnet and --controlnet-scale need --control-image"),
+    (["--controlnet", "NET0"], "--controlnet, --controlnet-scale and --control-mode need --control-image"),
     (["--control-image", "EDGES"], "--control-image is for ControlNet: give --controlnet too"),
     (["--controlnet", "NET0", "--controlnet", "NET1", "--control-image", "EDGES"],
      r"--control-image: give one per --controlnet \(2\), in order; got 1"),

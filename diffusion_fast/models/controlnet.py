@@ -55,9 +55,11 @@ class ControlNetConditioningEmbedding(nn.Module):
 
 
 class ControlNetModel(loading.PretrainedMixin, nn.Module):
+    _defaults = DEFAULTS  # (the union model's adds its own fields)
+
     def __init__(self, config: dict):
         super().__init__()
-        c = self.config = loading.make_config("ControlNetModel", DEFAULTS, UNSUPPORTED, config)
+        c = self.config = loading.make_config(type(self).__name__, self._defaults, UNSUPPORTED, config)
         for field, allowed in (("mid_block_type", ("UNetMidBlock2DCrossAttn",)), ("act_fn", ("silu",)),
                                ("addition_embed_type", (None, "text_time")),
                                ("controlnet_conditioning_channel_order", ("rgb", "bgr"))):
@@ -137,6 +139,11 @@ class ControlNetModel(loading.PretrainedMixin, nn.Module):
             controlnet_cond = torch.flip(controlnet_cond, dims=[1])
         emb = embed_time(self, sample, timestep, added_cond_kwargs)
         h = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond)
+        return self._residuals(h, emb, encoder_hidden_states, conditioning_scale, guess_mode)
+
+    def _residuals(self, h, emb, encoder_hidden_states, conditioning_scale, guess_mode):
+        """The down and mid blocks on the conditioned input ``h``, their zero convolutions, and the scaling."""
+        c = self.config
         skips = (h,)
         for block in self.down_blocks:
             h, states = block(h, emb, encoder_hidden_states)
@@ -145,7 +152,7 @@ class ControlNetModel(loading.PretrainedMixin, nn.Module):
         down = [conv(s) for s, conv in zip(skips, self.controlnet_down_blocks)]
         mid = self.controlnet_mid_block(h)
         if guess_mode and not c.global_pool_conditions:
-            scales = torch.logspace(-1, 0, len(down) + 1, device=sample.device) * conditioning_scale  # 0.1 to 1
+            scales = torch.logspace(-1, 0, len(down) + 1, device=h.device) * conditioning_scale  # 0.1 to 1
             down = [s * scale for s, scale in zip(down, scales)]
             mid = mid * scales[-1]
         else:
