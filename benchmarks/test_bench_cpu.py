@@ -344,3 +344,35 @@ def test_t2i_adapter_pipeline(benchmark, t2i_adapter_pipelines, impl):
                                           dtype=torch.uint8).numpy())
     benchmark(lambda: pipe("a cube", image=image, num_inference_steps=10, generator=torch.Generator().manual_seed(0),
                            output_type="np"))
+
+
+@pytest.fixture(scope="module")
+def controlnet_union_pipelines(tmp_path_factory):
+    """diffusers' ControlNet-Union pipeline on the tests' tiny SDXL model and union net, a second one under
+    accelerate, and ours loaded from the folder diffusers saved."""
+    pytest.importorskip("diffusers")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    import _tiny_diffusers
+
+    theirs = _tiny_diffusers.controlnet_union_pipeline()
+    folder = tmp_path_factory.mktemp("bench-controlnet-union")
+    theirs.save_pretrained(folder)
+    accelerated = diffusion_fast.accelerate(_tiny_diffusers.controlnet_union_pipeline())
+    ours = diffusion_fast.load_pipeline(folder)
+    for pipe in (theirs, accelerated, ours):
+        pipe.set_progress_bar_config(disable=True)
+    return {"diffusers": theirs, "diffusers + accelerate": accelerated, "ours": ours}
+
+
+@pytest.mark.parametrize("impl", ["ours", "diffusers + accelerate", "diffusers"])
+def test_controlnet_union_pipeline(benchmark, controlnet_union_pipelines, impl):
+    """A whole call with two control modes (two 128x128 images, which set the size): 10 DDIM steps with guidance
+    (32x32 latents, batch 2 through the UNet and the net), VAE decode included, fp32."""
+    from PIL import Image
+
+    benchmark.group = "ControlNet-Union pipeline, tiny SDXL, 2 modes, 10 DDIM steps, 128x128"
+    pipe = controlnet_union_pipelines[impl]
+    images = [Image.fromarray(torch.randint(0, 255, (128, 128, 3), generator=torch.Generator().manual_seed(i),
+                                            dtype=torch.uint8).numpy()) for i in range(2)]
+    benchmark(lambda: pipe("a cube", control_image=images, control_mode=[3, 1], num_inference_steps=10,
+                           generator=torch.Generator().manual_seed(0), output_type="np"))
