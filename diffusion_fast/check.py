@@ -226,7 +226,7 @@ def pipeline_kind(pipe):
         else "text-to-image"
     if isinstance(pipe, ControlNetGuidance):
         union = "-Union" if hasattr(pipe, "_modes") else ""
-        return f"ControlNet{union}" if kind == "text-to-image" else f"ControlNet {kind}"
+        return f"ControlNet{union}" if kind == "text-to-image" else f"ControlNet{union} {kind}"
     return kind
 
 
@@ -250,16 +250,17 @@ def pipeline_inputs(pipe, seed, steps):
     image = Image.fromarray(image.clip(0, 255).astype(np.uint8))
     nets = len(getattr(pipe, "_nets", ()))
     per_net = image if nets == 1 else [image] * nets  # (a ControlNet pipeline's conditioning image for each net)
+    union = {"control_mode": 0} if hasattr(pipe, "_modes") else {}  # (a union net: the image in its first mode)
     if kind == "ControlNet":  # the image conditions each net; the size is the UNet's default
         return kind, {"image": per_net}
-    if kind == "ControlNet-Union":  # the image in the union net's first mode
-        return kind, {"control_image": image, "control_mode": 0}
+    if kind == "ControlNet-Union":
+        return kind, {"control_image": image, **union}
     if kind == "T2I-Adapter":  # the image (grayscale for a sketch adapter) conditions each adapter
         images = [image.convert("L") if a.config.in_channels == 1 else image for a in pipe._adapters]
         return kind, {"image": images[0] if len(images) == 1 else images}
     inputs = {"image": image, "strength": 1.0 if kind.endswith("inpainting") else max(0.5, 1 / steps)}
     if kind.startswith("ControlNet"):  # the same image as the start and each net's condition
-        inputs["control_image"] = per_net
+        inputs.update(control_image=per_net, **union)
     if kind.endswith("inpainting"):  # white (repainted) in the middle half of each side
         mask = np.zeros((size, size), np.uint8)
         mask[size // 4:3 * size // 4, size // 4:3 * size // 4] = 255

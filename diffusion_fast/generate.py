@@ -59,7 +59,9 @@ def _with_controlnets(args, pipe, images, dtype, device, kind="text-to-image"):
     from .models import ControlNetModel, ControlNetUnionModel
     from .pipeline_controlnet import (ControlNetGuidance, StableDiffusionControlNetPipeline,
                                       StableDiffusionXLControlNetPipeline)
-    from .pipeline_controlnet_union import StableDiffusionXLControlNetUnionPipeline
+    from .pipeline_controlnet_union import (StableDiffusionXLControlNetUnionImg2ImgPipeline,
+                                            StableDiffusionXLControlNetUnionInpaintPipeline,
+                                            StableDiffusionXLControlNetUnionPipeline)
     from .pipeline_controlnet_image import (StableDiffusionControlNetImg2ImgPipeline,
                                             StableDiffusionControlNetInpaintPipeline,
                                             StableDiffusionXLControlNetImg2ImgPipeline,
@@ -89,10 +91,11 @@ def _with_controlnets(args, pipe, images, dtype, device, kind="text-to-image"):
     if union != bool(args.control_mode):
         raise UsageError("--control-mode: give one per --control-image for a ControlNet-Union net" if union else
                          "--control-mode is for a ControlNet-Union net (this ControlNet takes none)")
-    if union and (kind != "text-to-image" or not xl):
-        raise UsageError("--controlnet: a ControlNet-Union net guides SDXL text-to-image here (its image-to-image "
-                         "and inpainting pipelines are not mirrored)")
-    cls = StableDiffusionXLControlNetUnionPipeline if union else {
+    if union and not xl:
+        raise UsageError("--controlnet: a ControlNet-Union net is an SDXL net: give an SDXL --model")
+    cls = {"text-to-image": StableDiffusionXLControlNetUnionPipeline, "inpainting":
+           StableDiffusionXLControlNetUnionInpaintPipeline, "image-to-image":
+           StableDiffusionXLControlNetUnionImg2ImgPipeline}[kind] if union else {
         "image-to-image": StableDiffusionXLControlNetImg2ImgPipeline if xl else
         StableDiffusionControlNetImg2ImgPipeline,
         "inpainting": StableDiffusionXLControlNetInpaintPipeline if xl else StableDiffusionControlNetInpaintPipeline,

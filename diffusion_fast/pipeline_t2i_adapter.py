@@ -120,9 +120,9 @@ class AdapterGuidance:
     def _begin_adapter_call(self, image, height, width, adapter_conditioning_scale, adapter_conditioning_factor):
         """The call's conditioning images (one batch per adapter), output size and adapter weights, checked. The
         size defaults to the first image's, cut down to a multiple of the adapter's downscale factor (diffusers')."""
-        check_given_size(self.vae_scale_factor, height, width)
         import PIL.Image
 
+        check_given_size(self.vae_scale_factor, height, width)
         n, factor = len(self._adapters), self.adapter.downscale_factor
         images = list(image) if n > 1 and isinstance(image, (list, tuple)) else [image]
         if len(images) != n or any(im is None for im in images):

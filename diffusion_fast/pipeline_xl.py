@@ -277,7 +277,7 @@ def load_pipeline(folder, **kwargs):
     ``StableDiffusionXLInpaintPipeline`` / ``StableDiffusionInpaintPipeline`` for an SDXL / SD inpainting folder
     (diffusers' class name), ``StableDiffusionXLControlNetPipeline`` / ``StableDiffusionControlNetPipeline`` /
     ``...Img2ImgPipeline`` / ``...InpaintPipeline`` for a folder diffusers saved such a ControlNet pipeline in
-    (``StableDiffusionXLControlNetUnionPipeline`` for a ControlNet-Union one),
+    (``StableDiffusionXLControlNetUnion...Pipeline`` for a ControlNet-Union one),
     ``StableDiffusion(XL)AdapterPipeline`` for one it saved a T2I-Adapter pipeline in, else
     ``StableDiffusionPipeline``; ``kwargs`` go to its ``from_pretrained``."""
     from .pipeline_controlnet import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
@@ -285,7 +285,9 @@ def load_pipeline(folder, **kwargs):
                                             StableDiffusionControlNetInpaintPipeline,
                                             StableDiffusionXLControlNetImg2ImgPipeline,
                                             StableDiffusionXLControlNetInpaintPipeline)
-    from .pipeline_controlnet_union import StableDiffusionXLControlNetUnionPipeline
+    from .pipeline_controlnet_union import (StableDiffusionXLControlNetUnionImg2ImgPipeline,
+                                            StableDiffusionXLControlNetUnionInpaintPipeline,
+                                            StableDiffusionXLControlNetUnionPipeline)
     from .pipeline_img2img import StableDiffusionXLImg2ImgPipeline
     from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
     from .pipeline_t2i_adapter import StableDiffusionAdapterPipeline, StableDiffusionXLAdapterPipeline
@@ -296,10 +298,9 @@ def load_pipeline(folder, **kwargs):
     if "adapter" in components and "AdapterPipeline" in name:
         cls = StableDiffusionXLAdapterPipeline if "text_encoder_2" in components else StableDiffusionAdapterPipeline
     elif "controlnet" in components and "ControlNetUnion" in name:
-        if "Img2Img" in name or inpainting:
-            raise ValueError(f"{folder!r} is a {name} folder: ControlNet-Union's image-to-image and inpainting "
-                             "pipelines are not mirrored (its text-to-image one is)")
-        cls = StableDiffusionXLControlNetUnionPipeline
+        cls = (StableDiffusionXLControlNetUnionInpaintPipeline if inpainting else
+               StableDiffusionXLControlNetUnionImg2ImgPipeline if "Img2Img" in name else
+               StableDiffusionXLControlNetUnionPipeline)
     elif "controlnet" in components and "ControlNet" in name:
         xl = "text_encoder_2" in components
         kind = "inpainting" if inpainting else "image-to-image" if "Img2Img" in name else "text-to-image"

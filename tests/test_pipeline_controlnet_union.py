@@ -169,15 +169,61 @@ def test_bad_input_is_named(pair):
     assert isinstance(ours.controlnet, ControlNetUnionModel)
 
 
-def test_load_pipeline_refuses_union_image_pipelines(pair, tmp_path):
+# ---- image-to-image and inpainting -------------------------------------------------------------------------------
+INIT = Image.fromarray(np.random.default_rng(2).integers(0, 255, (42, 50, 3), dtype=np.uint8))
+_mask = np.zeros((42, 50), np.uint8)
+_mask[10:30, 12:40] = 255
+MASK = Image.fromarray(_mask)
+
+
+@pytest.fixture(scope="module", params=["img2img", "inpaint"])
+def image_pair(request, tmp_path_factory, pair):
+    """(diffusers' union image-to-image or inpainting pipeline on the tiny SDXL components, ours loaded by
+    load_pipeline from the folder it saved, the kind)."""
     import diffusers
 
     theirs, _ = pair
-    diffusers.StableDiffusionXLControlNetUnionImg2ImgPipeline(**theirs.components).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="image-to-image and inpainting pipelines are not mirrored"):
-        diffusion_fast.load_pipeline(tmp_path)
+    name = {"img2img": "StableDiffusionXLControlNetUnionImg2ImgPipeline",
+            "inpaint": "StableDiffusionXLControlNetUnionInpaintPipeline"}[request.param]
+    folder = tmp_path_factory.mktemp(f"tiny-controlnet-union-{request.param}")
+    theirs, ours = _tiny_diffusers.saved_pair(getattr(diffusers, name)(**theirs.components), folder,
+                                              getattr(diffusion_fast, name))
+    theirs._saved_to = str(folder)
+    return theirs, ours, request.param
 
 
+def test_inpainting_with_an_inpainting_unet(pair):
+    """SDXL's 9-channel inpainting UNet (diffusers' union inpainting pipeline refuses it; its plain SDXL ControlNet
+    one takes it, and so does ours): the net's modes matter."""
+    from diffusion_fast.models import UNet2DConditionModel
+
+    _, base = pair
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel.from_config(dict(_tiny_diffusers.SDXL_TINY, in_channels=9))
+    ours = diffusion_fast.StableDiffusionXLControlNetUnionInpaintPipeline(
+        unet, base.vae, base.text_encoder, base.text_encoder_2, base.tokenizer, base.tokenizer_2, base.scheduler,
+        base.controlnet)
+    ours.set_progress_bar_config(disable=True)
+    b = _run(ours, image=INIT, mask_image=MASK, control_image=[CANNY, DEPTH], control_mode=[3, 1])
+    off = _run(ours, image=INIT, mask_image=MASK, control_image=[CANNY, DEPTH], control_mode=[3, 1],
+               controlnet_conditioning_scale=[0.0, 0.0])
+    assert np.isfinite(b).all() and np.abs(b - off).max() > 0.005
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},
+    # two modes, the depth mode ending after a fraction of the steps that run
+    dict(control_image=[CANNY, DEPTH], control_mode=[3, 1], controlnet_conditioning_scale=[0.8, 0.5],
+         control_guidance_end=[1.0, 0.5]),
+    dict(strength=0.6, negative_prompt="blurry", crops_coords_top_left=(4, 8)),
+])
+def test_image_pipelines_same_image_as_diffusers(image_pair, kwargs):
+    theirs, ours, kind = image_pair
+    inputs = dict(image=INIT, **({} if kind == "img2img" else {"mask_image": MASK}))
+    _assert_as_diffusers(theirs, ours, **inputs, **kwargs)
+
+
+# ---- the GPU ------------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
 def test_cuda_graph_loop_matches_eager_on_gpu(pair):
     """fp16 on CUDA, two modes, one ending early: eager, capture and replay give the same latents (the replay bit
@@ -215,11 +261,13 @@ def cli_folders(tmp_path_factory, pair):
     return root
 
 
-@pytest.mark.parametrize("which", ["one-mode", "two-modes", "own"])
+@pytest.mark.parametrize("which", ["one-mode", "two-modes", "own", "img2img"])
 def test_generate_with_a_union_net_gives_diffusers_image(pair, cli_folders, tmp_path, capsys, which):
     """--controlnet UNION_DIR --control-image FILE --control-mode N (repeat the image and mode pair), or a --model
-    folder diffusers saved a union pipeline in: the image diffusers' union pipeline makes from the same seed, within
-    one 8-bit level."""
+    folder diffusers saved a union pipeline in, or with --image image-to-image: the image diffusers' union pipeline
+    makes from the same seed, within one 8-bit level."""
+    import diffusers
+
     from diffusion_fast.cli import main
 
     theirs, _ = pair
@@ -234,6 +282,10 @@ def test_generate_with_a_union_net_gives_diffusers_image(pair, cli_folders, tmp_
                       control_mode=[3, 1], controlnet_conditioning_scale=[0.8, 0.5])
     argv += ["--model", theirs._saved_to] if which == "own" else ["--model", str(root / "sdxl"), "--controlnet",
                                                                    str(root / "union")]
+    if which == "img2img":  # (the union image-to-image pipeline's own scale is 0.8 too)
+        argv += ["--image", str(root / "init.png"), "--strength", "0.7"]
+        kwargs.update(image=Image.open(root / "init.png"), strength=0.7)
+        theirs = diffusers.StableDiffusionXLControlNetUnionImg2ImgPipeline(**theirs.components)
     assert main(argv) == 0
     assert "max abs pixel difference" in capsys.readouterr().out
     expected = theirs("a photograph of an astronaut riding a horse", num_inference_steps=3,
@@ -249,8 +301,6 @@ def test_generate_with_a_union_net_gives_diffusers_image(pair, cli_folders, tmp_
      r"--control-mode: give one per --control-image \(1\), in order; got 2"),
     (["--controlnet", "UNION", "--controlnet", "UNION", "--control-image", "CANNY", "--control-mode", "3"],
      "--controlnet: a ControlNet-Union net guides alone"),
-    (["--controlnet", "UNION", "--control-image", "CANNY", "--control-mode", "3", "--image", "INIT"],
-     "its image-to-image and inpainting pipelines are not mirrored"),
     (["--controlnet", "UNION", "--control-image", "CANNY", "--control-mode", "9"],
      r"control_mode must be a control mode \(an int in \[0, 6\)\)"),
     (["--controlnet", "UNION", "--control-image", "CANNY", "--control-mode", "3", "--controlnet-scale", "1",
@@ -288,3 +338,15 @@ def test_check_runs_a_union_folder(pair, capsys, monkeypatch):
 
     monkeypatch.setattr(ControlNetUnionModel, "forward", off_on_the_fast_path)
     assert main(["check", "--model", theirs._saved_to, "--steps", "2"]) == 1
+
+
+def test_check_runs_union_image_folders(image_pair, capsys):
+    """Folders diffusers saved union image-to-image and inpainting pipelines in: checked on the image made from the
+    seed, as the start and the condition in the net's first mode."""
+    from diffusion_fast.cli import main
+
+    theirs, _, kind = image_pair
+    assert main(["check", "--model", theirs._saved_to, "--steps", "2"]) == 0
+    text = capsys.readouterr().out
+    expected = "image-to-image" if kind == "img2img" else "inpainting"
+    assert f"ControlNet-Union {expected} pipeline (2 " in text and "0 failed" in text
