@@ -131,6 +131,7 @@ class ControlNetGuidance:
         return self._nets
 
     _each = "ControlNet"  # what each conditioning image is for, in messages
+    _nested_per_prompt = True  # diffusers' [[canny_1, pose_1], [canny_2, pose_2]]: one list per prompt
 
     @property
     def _cond_names(self):  # the text-to-image pipeline's added conditioning (SDXL's), then one image per net
@@ -217,8 +218,7 @@ class ControlNetGuidance:
                 raise ValueError(f"{self._image_name}: {nets} {self._each}s take a list of {nets} conditioning "
                                  f"images (or a list of {nets} lists, one image per prompt each), got "
                                  f"{type(image).__name__}{given}")
-            # diffusers' [[canny_1, pose_1], [canny_2, pose_2]]: one per prompt (a union net's lists are per mode)
-            if self._each == "ControlNet" and any(isinstance(im, list) for im in image):
+            if self._nested_per_prompt and any(isinstance(im, list) for im in image):  # (to one list per net)
                 image = [list(per_net) for per_net in zip(*image)]
         images = [image] if nets == 1 else list(image)
         if any(im is None for im in images):

@@ -26,6 +26,7 @@ class _UnionGuidance:
     the residuals are not scaled again, so a net whose modes are all at scale 0 still adds the residuals of the
     latents alone, as diffusers' does."""
     _each = "control mode"
+    _nested_per_prompt = False  # a list of lists is one list per mode (each of one image per prompt)
     _modes = (0,)  # the call's control modes
 
     @staticmethod

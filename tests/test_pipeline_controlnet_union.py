@@ -92,6 +92,9 @@ def test_model_loads_a_diffusers_folder_and_gives_its_residuals(tmp_path, modes,
     # the keep counted over the whole schedule, as in the SDXL ControlNet pipeline
     dict(denoising_end=0.6, control_guidance_end=0.7, output_type="latent"),
     dict(guess_mode=True, guidance_scale=1.0),  # (diffusers' guess mode fails with guidance: ours tested below)
+    # two prompts, each mode with one image per prompt: a list of lists is per mode (a ControlNet's is per prompt)
+    dict(prompt=["a red cube", "a blue ball"], control_mode=[3, 1],
+         control_image=[[CANNY, CANNY.transpose(Image.FLIP_LEFT_RIGHT)], [DEPTH, DEPTH.transpose(Image.ROTATE_180)]]),
 ])
 def test_same_image_as_diffusers(pair, backend_name, kwargs):
     theirs, ours = pair
