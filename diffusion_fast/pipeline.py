@@ -128,6 +128,11 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
         self._graphs = self._graphed_for = None
         return self
 
+    def _parts(self):
+        """(the components in constructor order, the constructor's settings) for a pipeline of another kind built
+        on this one's components (``from_pipeline``)."""
+        return (self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler), {}
+
     def set_progress_bar_config(self, **kwargs):
         self._progress = kwargs
 
@@ -275,18 +280,23 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
         self._set_guidance_rescale(guidance_rescale)
         clip_skip = self._check_clip_skip(clip_skip)
         callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        device = self.device
         do_cfg = guidance_scale > 1.0
+        embeds = self._text_embeds(prompt, negative_prompt, num_images_per_prompt, do_cfg, prompt_embeds,
+                                   negative_prompt_embeds, clip_skip, callback)
+        return self._sample(shape, embeds, (), num_inference_steps, guidance_scale, do_cfg, eta, generator, latents,
+                            output_type, timesteps, sigmas, callback)
+
+    def _text_embeds(self, prompt, negative_prompt, num_images_per_prompt, do_cfg, prompt_embeds,
+                     negative_prompt_embeds, clip_skip, callback):
+        """The loop's text embeddings (negative first with guidance), in the UNet's dtype; the callback reads the
+        negative ones (a replacement is not used, as in diffusers)."""
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, device, num_images_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds,
-            clip_skip)
-        if callback is not None:  # (read by the callback; a replacement is not used, as in diffusers)
+            [prompt] if isinstance(prompt, str) else prompt, self.device, num_images_per_prompt, do_cfg,
+            negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
+        if callback is not None:
             callback.extra["negative_prompt_embeds"] = negative_prompt_embeds
         embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
-        return self._sample(shape, embeds.to(self.dtype), (), num_inference_steps, guidance_scale, do_cfg, eta,
-                            generator, latents, output_type, timesteps, sigmas, callback)
+        return embeds.to(self.dtype)
 
     def _set_timesteps(self, num_inference_steps, device, timesteps=None, sigmas=None):
         """diffusers' retrieve_timesteps: the scheduler's schedule of ``num_inference_steps``, or custom ``timesteps``

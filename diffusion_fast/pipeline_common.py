@@ -44,6 +44,37 @@ def checked_model(name: str, convert: str, doc: str) -> property:
     return property(lambda self: getattr(self, attr), assign, doc=doc)
 
 
+class GuidedComponents:
+    """Construction shared by the pipelines that add one guidance model (a ControlNet, a T2I-Adapter) to a plain
+    pipeline, whose constructor takes it after the plain pipeline's components: ``from_pipeline(pipe, model)`` builds
+    one on a loaded pipeline's components (shared, not copied), and ``from_pretrained(folder, <_guide>=model)``
+    loads the plain pipeline from the folder (``_base_pipeline``), and the model too when none is given (the one
+    diffusers saved there, ``_load_guide``)."""
+    _guide = None  # the constructor's name for the model: "controlnet", "adapter"
+
+    @classmethod
+    def from_pipeline(cls, pipe, model, **settings):
+        from .pipeline_xl import StableDiffusionXLPipeline
+
+        if hasattr(pipe, "text_encoder_2") != issubclass(cls, StableDiffusionXLPipeline):
+            kind = "an SDXL" if hasattr(pipe, "text_encoder_2") else "an SD 1.x/2.x"
+            raise ValueError(f"pipe is {kind} pipeline ({type(pipe).__name__}), which {cls.__name__} cannot be built "
+                             "on: take the class for its model (SD or SDXL)")
+        parts, own_settings = pipe._parts()
+        return cls(*parts, model, **own_settings, **settings)._image_encoder_of(pipe)
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype=None, device=None, *, variant=None, cuda_graph="auto",
+                        channels_last="auto", **components):
+        from .pipeline_folder import read_model_index, resolve_dtype
+
+        model = components.pop(cls._guide, None)
+        if model is None:
+            model = cls._load_guide(*read_model_index(folder), resolve_dtype(dtype), device, variant)
+        base = cls._base_pipeline.from_pretrained(folder, dtype, device, variant=variant, **components)
+        return cls.from_pipeline(base, model, cuda_graph=cuda_graph, channels_last=channels_last)
+
+
 class StepCallback:
     """diffusers' ``callback_on_step_end``, run after each step: ``fn(pipe, step, timestep, tensors)`` with the named
     tensors; the ones it returns replace the loop's (the latents, the text embeddings, SDXL's added conditioning)."""

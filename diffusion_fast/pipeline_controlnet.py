@@ -24,8 +24,8 @@ from .lora import lora_call_scale
 from .models import ControlNetModel, MultiControlNetModel
 from .models.unet import _per_block
 from .pipeline import StableDiffusionPipeline
-from .pipeline_common import check_denoising_bounds, check_given_size, checked_model, numpy_images
-from .pipeline_folder import read_model_index, resolve_dtype
+from .pipeline_common import (GuidedComponents, check_denoising_bounds, check_given_size, checked_model,
+                              numpy_images)
 from .pipeline_xl import StableDiffusionXLPipeline
 
 
@@ -95,10 +95,11 @@ def load_controlnet(folder, index, dtype=None, device=None, variant=None):
                                                                  variant=variant) for name in names])
 
 
-class ControlNetGuidance:
+class ControlNetGuidance(GuidedComponents):
     """What every ControlNet pipeline adds to its plain pipeline (text-to-image, SDXL's, image-to-image, inpainting):
     the nets (``controlnet``), their fit to the UNet, the conditioning images, each step's scales (``_step_cond``)
     and the nets' residuals in the UNet call."""
+    _guide, _load_guide = "controlnet", staticmethod(load_controlnet)  # (GuidedComponents)
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "image")  # diffusers' names
     _image_name = "image"  # the step callback's name for the nets' images
     _keep_over_schedule = False  # whether a net's start and end are fractions of the whole schedule (SDXL's)
@@ -159,16 +160,6 @@ class ControlNetGuidance:
                                  f"in_channels {n.in_channels}, {theirs}) does not fit this UNet (residual widths "
                                  f"{want}, cross_attention_dim {c.cross_attention_dim}, latents of {latent} "
                                  f"channels, {ours}): a ControlNet trained for another model")
-
-    @classmethod
-    def from_pretrained(cls, folder, dtype=None, device=None, *, variant=None, cuda_graph="auto",
-                        channels_last="auto", controlnet=None, **components):
-        """The folder, as the plain pipeline (``_base_pipeline``) loads it, and ``controlnet`` (ours, a list of them,
-        or None: the folder's own, when diffusers saved a ControlNet pipeline there)."""
-        if controlnet is None:
-            controlnet = load_controlnet(*read_model_index(folder), resolve_dtype(dtype), device, variant)
-        base = cls._base_pipeline.from_pretrained(folder, dtype, device, variant=variant, **components)
-        return cls.from_pipeline(base, controlnet, cuda_graph=cuda_graph, channels_last=channels_last)
 
     def _models(self):
         models = super()._models()
@@ -293,11 +284,6 @@ class SDControlNetComponents(ControlNetGuidance):
         super().__init__(unet, vae, text_encoder, tokenizer, scheduler, cuda_graph=cuda_graph,
                          channels_last=channels_last)
 
-    @classmethod
-    def from_pipeline(cls, pipe, controlnet, **settings):
-        """This pipeline on an SD pipeline's components (shared, not copied) and ``controlnet``."""
-        return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, controlnet,
-                   **settings)._image_encoder_of(pipe)
 
 
 class StableDiffusionControlNetPipeline(SDControlNetComponents, StableDiffusionPipeline):
@@ -320,15 +306,10 @@ class StableDiffusionControlNetPipeline(SDControlNetComponents, StableDiffusionP
             guess_mode, (prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt,
                          prompt_embeds, negative_prompt_embeds, latents, output_type),
             callback_on_step_end, callback_on_step_end_tensor_inputs)
-        clip_skip = self._check_clip_skip(clip_skip)
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            [prompt] if isinstance(prompt, str) else prompt, self.device, num_images_per_prompt, do_cfg,
-            negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
-        if callback is not None:
-            callback.extra["negative_prompt_embeds"] = negative_prompt_embeds
-        embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
-        return self._sample(shape, embeds.to(self.dtype), cond, num_inference_steps, guidance_scale, do_cfg, eta,
-                            generator, latents, output_type, timesteps, sigmas, callback)
+        embeds = self._text_embeds(prompt, negative_prompt, num_images_per_prompt, do_cfg, prompt_embeds,
+                                   negative_prompt_embeds, self._check_clip_skip(clip_skip), callback)
+        return self._sample(shape, embeds, cond, num_inference_steps, guidance_scale, do_cfg, eta, generator, latents,
+                            output_type, timesteps, sigmas, callback)
 
 
 class SDXLControlNetComponents(ControlNetGuidance):
@@ -347,13 +328,6 @@ class SDXLControlNetComponents(ControlNetGuidance):
                          requires_aesthetics_score=requires_aesthetics_score, cuda_graph=cuda_graph,
                          channels_last=channels_last)
 
-    @classmethod
-    def from_pipeline(cls, pipe, controlnet, **settings):
-        """This pipeline on an SDXL pipeline's components (shared, not copied) and ``controlnet``; a refiner's
-        ``requires_aesthetics_score`` comes along."""
-        return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
-                   pipe.scheduler, controlnet, force_zeros_for_empty_prompt=pipe.force_zeros_for_empty_prompt,
-                   requires_aesthetics_score=pipe.requires_aesthetics_score, **settings)._image_encoder_of(pipe)
 
 
 class StableDiffusionXLControlNetPipeline(SDXLControlNetComponents, StableDiffusionXLPipeline):

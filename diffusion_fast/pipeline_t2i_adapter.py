@@ -19,8 +19,8 @@ from .ip_adapter import ip_adapter_call
 from .lora import lora_call_scale
 from .models.t2i_adapter import MultiAdapter, T2IAdapter
 from .pipeline import StableDiffusionPipeline
-from .pipeline_common import check_denoising_bounds, check_given_size, checked_model, numpy_images
-from .pipeline_folder import read_model_index, resolve_dtype
+from .pipeline_common import (GuidedComponents, check_denoising_bounds, check_given_size, checked_model,
+                              numpy_images)
 from .pipeline_xl import StableDiffusionXLPipeline
 
 
@@ -68,9 +68,10 @@ def load_adapter(folder, index, dtype=None, device=None, variant=None):
                          for name in names])
 
 
-class AdapterGuidance:
+class AdapterGuidance(GuidedComponents):
     """What the T2I-Adapter pipelines add to their plain pipeline: the adapter, its fit to the UNet, the
     conditioning images, the feature maps as loop inputs and each step's choice of them (``_step_cond``)."""
+    _guide, _load_guide = "adapter", staticmethod(load_adapter)  # (GuidedComponents)
     _steps_counted = None  # diffusers' num_inference_steps of the call, which the conditioning factor multiplies
     _factor = 1.0  # the call's adapter_conditioning_factor
 
@@ -209,15 +210,6 @@ class AdapterGuidance:
         return self.unet(model_input, t, embeds, dict(zip(("text_embeds", "time_ids"), added)) or None, None, None,
                          list(states) or None)
 
-    @classmethod
-    def from_pretrained(cls, folder, dtype=None, device=None, *, variant=None, cuda_graph="auto",
-                        channels_last="auto", adapter=None, **components):
-        """The folder, as the plain pipeline loads it, and ``adapter`` (ours, a list of them, or None: the folder's
-        own, when diffusers saved an adapter pipeline there)."""
-        if adapter is None:
-            adapter = load_adapter(*read_model_index(folder), resolve_dtype(dtype), device, variant)
-        base = cls._base_pipeline.from_pretrained(folder, dtype, device, variant=variant, **components)
-        return cls.from_pipeline(base, adapter, cuda_graph=cuda_graph, channels_last=channels_last)
 
 
 class StableDiffusionAdapterPipeline(AdapterGuidance, StableDiffusionPipeline):
@@ -232,11 +224,6 @@ class StableDiffusionAdapterPipeline(AdapterGuidance, StableDiffusionPipeline):
         super().__init__(unet, vae, text_encoder, tokenizer, scheduler, cuda_graph=cuda_graph,
                          channels_last=channels_last)
 
-    @classmethod
-    def from_pipeline(cls, pipe, adapter, **settings):
-        """This pipeline on an SD pipeline's components (shared, not copied) and ``adapter``."""
-        return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, adapter,
-                   **settings)._image_encoder_of(pipe)
 
     @ip_adapter_call
     @lora_call_scale
@@ -256,14 +243,10 @@ class StableDiffusionAdapterPipeline(AdapterGuidance, StableDiffusionPipeline):
         callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         do_cfg = guidance_scale > 1.0
         states = self._adapter_states(images, weights, shape, num_images_per_prompt, do_cfg)
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            [prompt] if isinstance(prompt, str) else prompt, self.device, num_images_per_prompt, do_cfg,
-            negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
-        if callback is not None:
-            callback.extra["negative_prompt_embeds"] = negative_prompt_embeds
-        embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
-        return self._sample(shape, embeds.to(self.dtype), states, num_inference_steps, guidance_scale, do_cfg, eta,
-                            generator, latents, output_type, timesteps, sigmas, callback)
+        embeds = self._text_embeds(prompt, negative_prompt, num_images_per_prompt, do_cfg, prompt_embeds,
+                                   negative_prompt_embeds, clip_skip, callback)
+        return self._sample(shape, embeds, states, num_inference_steps, guidance_scale, do_cfg, eta, generator,
+                            latents, output_type, timesteps, sigmas, callback)
 
 
 class StableDiffusionXLAdapterPipeline(AdapterGuidance, StableDiffusionXLPipeline):
@@ -275,18 +258,14 @@ class StableDiffusionXLAdapterPipeline(AdapterGuidance, StableDiffusionXLPipelin
     _begins_at_zero = False  # (diffusers' SDXL adapter pipeline sets no begin index)
 
     def __init__(self, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler, adapter, *,
-                 force_zeros_for_empty_prompt=True, cuda_graph="auto", channels_last="auto"):
+                 force_zeros_for_empty_prompt=True, requires_aesthetics_score=False, cuda_graph="auto",
+                 channels_last="auto"):
+        """(``requires_aesthetics_score`` is refused: a refiner's UNet takes no adapter here, as in diffusers.)"""
         self._set_adapter(adapter)
         super().__init__(unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler,
-                         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, cuda_graph=cuda_graph,
+                         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+                         requires_aesthetics_score=requires_aesthetics_score, cuda_graph=cuda_graph,
                          channels_last=channels_last)
-
-    @classmethod
-    def from_pipeline(cls, pipe, adapter, **settings):
-        """This pipeline on an SDXL pipeline's components (shared, not copied) and ``adapter``."""
-        return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
-                   pipe.scheduler, adapter, force_zeros_for_empty_prompt=pipe.force_zeros_for_empty_prompt,
-                   **settings)._image_encoder_of(pipe)
 
     @ip_adapter_call
     @lora_call_scale

@@ -283,6 +283,8 @@ def test_pipelines_from_parts_and_adapter_swaps(sd_pair, xl_pair):
     assert isinstance(xl.adapter, T2IAdapter) and xl.adapter.config.adapter_type == "full_adapter_xl"  # kept
     with pytest.raises(TypeError, match="adapter must be a diffusion_fast T2IAdapter"):
         StableDiffusionAdapterPipeline.from_pipeline(ours, object())
+    with pytest.raises(ValueError, match="pipe is an SDXL pipeline .* which StableDiffusionAdapterPipeline cannot"):
+        StableDiffusionAdapterPipeline.from_pipeline(xl, xl.adapter)
     plain = diffusion_fast.StableDiffusionPipeline(ours.unet, ours.vae, ours.text_encoder, ours.tokenizer,
                                                    ours.scheduler)
     again = StableDiffusionAdapterPipeline.from_pipeline(plain, ours.adapter)
