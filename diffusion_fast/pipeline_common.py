@@ -146,6 +146,23 @@ def check_given_size(vae_scale_factor, height, width):
     check_size(vae_scale_factor, **{k: v for k, v in (("height", height), ("width", width)) if v is not None})
 
 
+def given_size(image, height, width, scale):
+    """(height, width) for an image (or the first of a list) with one or both given: a missing one is the image's
+    own, cut to a multiple of ``scale`` (diffusers' get_default_height_width); None for what is not an image (the
+    caller's preprocessing names it)."""
+    import PIL.Image
+
+    image = numpy_images(image, "image")
+    first = image[0] if isinstance(image, (list, tuple)) and image else image
+    if isinstance(first, PIL.Image.Image):
+        own = (first.size[1], first.size[0])
+    elif torch.is_tensor(first):
+        own = tuple(first.shape[-2:])
+    else:
+        return None
+    return tuple(given if given is not None else x - x % scale for given, x in zip((height, width), own))
+
+
 def numpy_images(image, name, grayscale=False):
     """diffusers' image processors on numpy input: an (H, W, C) or (B, H, W, C) float array in [0, 1], or a list of
     them ((H, W) for one channel), as the float32 (B, C, H, W) tensor their tensor path then takes (resized nearest,

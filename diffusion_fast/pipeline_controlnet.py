@@ -29,12 +29,13 @@ from .pipeline_common import (GuidedComponents, check_denoising_bounds, check_gi
 from .pipeline_xl import StableDiffusionXLPipeline
 
 
-def prepare_control_image(image, height, width, scale, name="image") -> torch.Tensor:
+def prepare_control_image(image, height, width, scale, name="image", keep_mode=False) -> torch.Tensor:
     """diffusers' control image processor (VaeImageProcessor with do_normalize=False, do_convert_rgb=True): PIL
     images (one or a list) resized to (height, width), each None taken from the (first) image and cut down to a
     multiple of ``scale``, then RGB, in [0, 1]; a (B, C, H, W) or (C, H, W) tensor, or a list of them, resized
-    (nearest) the same way, and numpy images too (``numpy_images``). Returns a float32 (B, C, H, W) tensor; errors
-    name the argument as ``name``."""
+    (nearest) the same way, and numpy images too (``numpy_images``). With ``keep_mode`` (diffusers' T2I-Adapter
+    preprocessing) a PIL image keeps its mode: a grayscale one is one channel. Returns a float32 (B, C, H, W)
+    tensor; errors name the argument as ``name``."""
     import PIL.Image
 
     image = numpy_images(image, name)
@@ -44,9 +45,12 @@ def prepare_control_image(image, height, width, scale, name="image") -> torch.Te
         width, height = width - width % scale, height - height % scale
         if width == 0 or height == 0:
             raise ValueError(f"{name} is {images[0].size[0]}x{images[0].size[1]}: smaller than the VAE's scale {scale}")
-        arrays = [np.array(im.resize((width, height), resample=PIL.Image.LANCZOS).convert("RGB")).astype(np.float32)
-                  / 255.0 for im in images]
-        return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2))
+        images = [im.resize((width, height), resample=PIL.Image.LANCZOS) for im in images]
+        if keep_mode and any(im.mode != images[0].mode for im in images):
+            raise ValueError(f"{name}: the images have different modes ({[im.mode for im in images]}): give them "
+                             "in one mode")
+        arrays = [np.array(im if keep_mode else im.convert("RGB")).astype(np.float32) / 255.0 for im in images]
+        return torch.from_numpy(np.stack([a[..., None] if a.ndim == 2 else a for a in arrays]).transpose(0, 3, 1, 2))
     if images and all(torch.is_tensor(im) and im.dim() == images[0].dim() for im in images):
         batch = torch.cat(images) if images[0].dim() == 4 else torch.stack(images)
         if batch.dim() != 4 or not batch.is_floating_point():

@@ -11,7 +11,7 @@ import torch
 from .ip_adapter import ip_adapter_call
 from .lora import lora_call_scale
 from .pipeline import StableDiffusionPipeline
-from .pipeline_common import check_given_size, numpy_images
+from .pipeline_common import check_given_size, given_size
 from .pipeline_controlnet import SDControlNetComponents, SDXLControlNetComponents
 from .pipeline_img2img import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
@@ -26,7 +26,7 @@ class _ControlledImageToImage:
         """(the image tensor, whether it is latents, the output height and width, then _begin_call's results);
         ``control``: the call's scale, start, end and guess mode."""
         check_given_size(self.vae_scale_factor, height, width)
-        size = None if height is None and width is None else _given_size(image, height, width, self.vae_scale_factor)
+        size = None if height is None and width is None else given_size(image, height, width, self.vae_scale_factor)
         image, latent_input, height, width = self._prepare_image(image, strength, size)
         return (image, latent_input, height, width, *self._begin_call(
             control_image, height, width, *control, call_inputs, callback_on_step_end,
@@ -69,22 +69,6 @@ class StableDiffusionControlNetImg2ImgPipeline(_ControlledImageToImage, SDContro
                              generator, output_type, callback)
 
 
-def _given_size(image, height, width, scale):
-    """(height, width) for an initial image with one or both given: the missing one is the image's own, cut to a
-    multiple of ``scale`` (diffusers' get_default_height_width)."""
-    import PIL.Image
-
-    image = numpy_images(image, "image")
-    first = image[0] if isinstance(image, (list, tuple)) and image else image
-    if isinstance(first, PIL.Image.Image):
-        own = (first.size[1], first.size[0])
-    elif torch.is_tensor(first):
-        own = tuple(first.shape[-2:])
-    else:
-        return None  # (preprocess_image names what it is)
-    return tuple(given if given is not None else x - x % scale for given, x in zip((height, width), own))
-
-
 class _ControlledInpainting:
     """The start of an inpainting ControlNet call (SD and SDXL): the output size (the image's own unless height /
     width are given), ``padding_mask_crop``'s box (the nets' images cut to it too), then ``_begin_call``."""
@@ -97,7 +81,7 @@ class _ControlledInpainting:
         prompt, negative_prompt, steps, guidance_scale, per_prompt, prompt_embeds, negative_embeds, output_type = \
             call_inputs
         check_given_size(self.vae_scale_factor, height, width)
-        height, width = _given_size(image, height, width, self.vae_scale_factor) or (height, width)
+        height, width = given_size(image, height, width, self.vae_scale_factor) or (height, width)
         shape = self._latent_shape(strength, image, mask_image, height, width, prompt, negative_prompt, steps,
                                    guidance_scale, per_prompt, prompt_embeds, negative_embeds, output_type)
         crop_image, crop_mask, box = self._crop_to_mask(image, mask_image, padding_mask_crop, output_type, shape)

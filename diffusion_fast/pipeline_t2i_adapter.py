@@ -19,37 +19,9 @@ from .ip_adapter import ip_adapter_call
 from .lora import lora_call_scale
 from .models.t2i_adapter import MultiAdapter, T2IAdapter
 from .pipeline import StableDiffusionPipeline
-from .pipeline_common import (GuidedComponents, check_denoising_bounds, check_given_size, checked_model,
-                              numpy_images)
+from .pipeline_common import GuidedComponents, check_denoising_bounds, check_given_size, checked_model, given_size
+from .pipeline_controlnet import prepare_control_image
 from .pipeline_xl import StableDiffusionXLPipeline
-
-
-def prepare_adapter_image(image, height, width, name="image") -> torch.Tensor:
-    """diffusers' _preprocess_adapter_image: PIL images (one or a list) resized to (width, height), Lanczos, kept in
-    their own mode (a grayscale image is one channel, as a sketch adapter takes it), in [0, 1]; a (B, C, H, W) or
-    (C, H, W) tensor, or a list of them, as it is (resized nearest where its size is not the output's: diffusers
-    would fail there); numpy images as ``numpy_images`` reads them. Returns a float32 (B, C, H, W) tensor."""
-    import PIL.Image
-
-    image = numpy_images(image, name)
-    images = list(image) if isinstance(image, (list, tuple)) else [image]
-    if images and all(isinstance(im, PIL.Image.Image) for im in images):
-        arrays = [np.array(im.resize((width, height), resample=PIL.Image.LANCZOS)) for im in images]
-        if any(a.shape != arrays[0].shape for a in arrays):
-            raise ValueError(f"{name}: the images have different modes ({[im.mode for im in images]}): give them "
-                             "in one mode")
-        batch = np.stack([a[..., None] if a.ndim == 2 else a for a in arrays]).astype(np.float32) / 255.0
-        return torch.from_numpy(batch.transpose(0, 3, 1, 2))
-    if images and all(torch.is_tensor(im) and im.dim() == images[0].dim() for im in images):
-        batch = torch.cat(images) if images[0].dim() == 4 else torch.stack(images)
-        if batch.dim() != 4 or not batch.is_floating_point():
-            raise ValueError(f"{name}: a tensor must be a float (B, C, H, W) batch or (C, H, W) image in [0, 1], got "
-                             f"{images[0].dtype} of shape {tuple(images[0].shape)}")
-        if tuple(batch.shape[2:]) != (height, width):
-            batch = torch.nn.functional.interpolate(batch, size=(height, width))
-        return batch.float()
-    raise TypeError(f"{name} must be a PIL image, a (B, C, H, W) or (C, H, W) tensor, numpy images, or a list of PIL "
-                    f"images or tensors, got {type(image).__name__}")
 
 
 def load_adapter(folder, index, dtype=None, device=None, variant=None):
@@ -121,26 +93,17 @@ class AdapterGuidance(GuidedComponents):
     def _begin_adapter_call(self, image, height, width, adapter_conditioning_scale, adapter_conditioning_factor):
         """The call's conditioning images (one batch per adapter), output size and adapter weights, checked. The
         size defaults to the first image's, cut down to a multiple of the adapter's downscale factor (diffusers')."""
-        import PIL.Image
-
         check_given_size(self.vae_scale_factor, height, width)
         n, factor = len(self._adapters), self.adapter.downscale_factor
         images = list(image) if n > 1 and isinstance(image, (list, tuple)) else [image]
         if len(images) != n or any(im is None for im in images):
             raise ValueError("image: give a conditioning image" if n == 1 else
                              f"image: {n} adapters take a list of {n} conditioning images")
-        first = images[0]
-        while isinstance(first, (list, tuple)) and first:
-            first = first[0]
-        if isinstance(first, PIL.Image.Image):
-            own = first.size[::-1]
-        elif torch.is_tensor(first):
-            own = tuple(first.shape[-2:])
-        elif isinstance(first, np.ndarray) and first.ndim >= 2:  # (H, W[, C]), or a (B, H, W, C) batch
-            own = tuple(first.shape[1:3] if first.ndim == 4 else first.shape[:2])
-        else:
-            raise TypeError(f"image must be a PIL image, a tensor or numpy images, got {type(first).__name__}")
-        height, width = (given if given is not None else x - x % factor for given, x in zip((height, width), own))
+        size = given_size(images[0], height, width, factor)
+        if size is None:
+            raise TypeError(f"image must be a PIL image, a tensor or numpy images, or a list of them, got "
+                            f"{type(images[0]).__name__}")
+        height, width = size
         for name, value in (("height", height), ("width", width)):
             if value <= 0 or value % factor:
                 raise ValueError(f"{name} must be a positive multiple of the adapter's downscale_factor {factor}, got "
@@ -159,7 +122,7 @@ class AdapterGuidance(GuidedComponents):
         prepared = []
         for i, (im, adapter) in enumerate(zip(images, self._adapters)):
             which = f"image{f' {i}' if n > 1 else ''}"
-            pixels = prepare_adapter_image(im, height, width, which)
+            pixels = prepare_control_image(im, height, width, self.vae_scale_factor, which, keep_mode=True)
             if pixels.shape[1] != adapter.config.in_channels:
                 gray = " (a grayscale image)" if adapter.config.in_channels == 1 else ""
                 raise ValueError(f"{which} has {pixels.shape[1]} channels; adapter {i} takes "
