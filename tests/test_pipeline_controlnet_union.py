@@ -76,6 +76,8 @@ def test_model_loads_a_diffusers_folder_and_gives_its_residuals(tmp_path, modes,
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="control_type_idx must be control modes in"):
         ours(sample, 10, context, images, control_type, [6] * len(modes), scales, guess_mode, added)
+    with pytest.raises(ValueError, match=r"control_type must be a \(3, 6\) one-hot tensor, got list"):
+        ours(sample, 10, context, images, modes, modes, scales, guess_mode, added)
     with pytest.raises(ValueError, match="give one of each per mode"):
         ours(sample, 10, context, images, control_type, modes, scales[:1] * 3, guess_mode, added)
 

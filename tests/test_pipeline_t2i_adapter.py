@@ -133,6 +133,8 @@ def test_unet_adds_feature_maps_where_diffusers_does(variant):
         assert (got - without).abs().max() > 0.1
         with pytest.raises(ValueError, match="a feature map of shape"):
             ours(sample, 10, context, added, down_intrablock_additional_residuals=[maps[1], *maps[1:]])
+        with pytest.raises(TypeError, match="down_intrablock_additional_residuals must be a list of tensors"):
+            ours(sample, 10, context, added, down_intrablock_additional_residuals=maps[0])
         with pytest.raises(ValueError, match="1 feature maps left over"):  # (not the mid block's shape)
             ours(sample, 10, context, added, down_intrablock_additional_residuals=[*maps, torch.randn(2, 64, 1, 1)])
 

@@ -89,9 +89,10 @@ class ControlNetUnionModel(ControlNetModel):
             raise ValueError(f"control_type_idx must be control modes in [0, {c.num_control_type}), got {modes}")
         for image in images:
             self._check_cond(sample, image)
-        if tuple(control_type.shape) != (sample.shape[0], c.num_control_type):
+        if not torch.is_tensor(control_type) or tuple(control_type.shape) != (sample.shape[0], c.num_control_type):
+            got = tuple(control_type.shape) if torch.is_tensor(control_type) else type(control_type).__name__
             raise ValueError(f"control_type must be a ({sample.shape[0]}, {c.num_control_type}) one-hot tensor, got "
-                             f"{tuple(control_type.shape)}")
+                             f"{got}")
         emb = embed_time(self, sample, timestep, added_cond_kwargs)
         modes_emb = timestep_embedding(control_type.flatten(), c.addition_time_embed_dim, c.flip_sin_to_cos,
                                        c.freq_shift).reshape(sample.shape[0], -1).to(emb.dtype)
@@ -107,8 +108,9 @@ class ControlNetUnionModel(ControlNetModel):
         tokens = torch.cat([*tokens, h.mean(dim=(2, 3)).unsqueeze(1)], dim=1)
         for layer in self.transformer_layes:
             tokens = layer(tokens)
-        fused = h * 0.0
+        fused = None  # (diffusers starts from h * 0, one multiply more for the same sum)
         for i, (feature, scale) in enumerate(zip(features, scales)):
             shift = self.spatial_ch_projs(tokens[:, i])[:, :, None, None]
-            fused = fused + (feature + shift if one else feature + shift * scale)
+            part = feature + shift if one else feature + shift * scale
+            fused = part if fused is None else fused + part
         return self._residuals(h + fused, emb, encoder_hidden_states, scales[0] if one else 1.0, guess_mode)

@@ -110,6 +110,16 @@ def embed_time(model, sample, timestep, added_cond_kwargs):
     return emb
 
 
+def _intrablock_list(residuals):
+    """down_intrablock_additional_residuals as a fresh list (the forward consumes it), checked to be tensors."""
+    if residuals is None:
+        return []
+    if not isinstance(residuals, (list, tuple)) or not all(torch.is_tensor(r) for r in residuals):
+        raise TypeError("down_intrablock_additional_residuals must be a list of tensors (a T2I-Adapter's feature "
+                        f"maps), got {type(residuals).__name__}")
+    return list(residuals)
+
+
 def _fitted(residual, shape):
     """A T2I-Adapter feature map checked against the hidden states it is added to (no silent broadcast)."""
     if residual.shape != shape:
@@ -320,7 +330,7 @@ class UNet2DConditionModel(loading.PretrainedMixin, nn.Module):
 
         h = self.conv_in(sample)
         skips = (h,)
-        intrablock = list(down_intrablock_additional_residuals or ())
+        intrablock = _intrablock_list(down_intrablock_additional_residuals)
         for block in self.down_blocks:
             h, states = block(h, emb, context, intrablock.pop(0) if intrablock else None)
             skips += states
