@@ -245,22 +245,28 @@ def test_graph_weights_key(benchmark):
     benchmark(state)
 
 
-@pytest.fixture(scope="module")
-def controlnet_pipelines(tmp_path_factory):
-    """diffusers' ControlNet pipeline on the tiny SD1 model with one net (the tests' helper), a second one to
-    accelerate, and ours loaded from the folder diffusers saved."""
+def _three_ways(tmp_path_factory, name, make):
+    """{"diffusers": a tiny diffusers pipeline from ``make(_tiny_diffusers)``, "diffusers + accelerate": a second one
+    accelerated, "ours": ours loaded from the folder the first was saved in}."""
     pytest.importorskip("diffusers")
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
     import _tiny_diffusers
 
-    theirs = _tiny_diffusers.controlnet_pipeline(seed=4)
-    folder = tmp_path_factory.mktemp("bench-controlnet")
+    theirs = make(_tiny_diffusers)
+    folder = tmp_path_factory.mktemp(name)
     theirs.save_pretrained(folder)
-    accelerated = diffusion_fast.accelerate(_tiny_diffusers.controlnet_pipeline(seed=4))
+    accelerated = diffusion_fast.accelerate(make(_tiny_diffusers))
     ours = diffusion_fast.load_pipeline(folder)
     for pipe in (theirs, accelerated, ours):
         pipe.set_progress_bar_config(disable=True)
     return {"diffusers": theirs, "diffusers + accelerate": accelerated, "ours": ours}
+
+
+@pytest.fixture(scope="module")
+def controlnet_pipelines(tmp_path_factory):
+    """diffusers' ControlNet pipeline on the tiny SD1 model with one net (the tests' helper), a second one to
+    accelerate, and ours loaded from the folder diffusers saved."""
+    return _three_ways(tmp_path_factory, "bench-controlnet", lambda tiny: tiny.controlnet_pipeline(seed=4))
 
 
 @pytest.mark.parametrize("guidance_end", [1.0, 0.5])
@@ -318,18 +324,7 @@ def test_ip_adapter_pipeline(benchmark, ip_adapter_pipelines, impl):
 def t2i_adapter_pipelines(tmp_path_factory):
     """diffusers' SD adapter pipeline on the tests' tiny three-level SD1 model with a full T2I-Adapter, a second one
     under accelerate, and ours loaded from the folder diffusers saved."""
-    pytest.importorskip("diffusers")
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-    import _tiny_diffusers
-
-    theirs = _tiny_diffusers.adapter_pipeline("sd1", ("full",))
-    folder = tmp_path_factory.mktemp("bench-t2i-adapter")
-    theirs.save_pretrained(folder)
-    accelerated = diffusion_fast.accelerate(_tiny_diffusers.adapter_pipeline("sd1", ("full",)))
-    ours = diffusion_fast.load_pipeline(folder)
-    for pipe in (theirs, accelerated, ours):
-        pipe.set_progress_bar_config(disable=True)
-    return {"diffusers": theirs, "diffusers + accelerate": accelerated, "ours": ours}
+    return _three_ways(tmp_path_factory, "bench-t2i-adapter", lambda tiny: tiny.adapter_pipeline("sd1", ("full",)))
 
 
 @pytest.mark.parametrize("impl", ["ours", "diffusers + accelerate", "diffusers"])
@@ -350,18 +345,7 @@ def test_t2i_adapter_pipeline(benchmark, t2i_adapter_pipelines, impl):
 def controlnet_union_pipelines(tmp_path_factory):
     """diffusers' ControlNet-Union pipeline on the tests' tiny SDXL model and union net, a second one under
     accelerate, and ours loaded from the folder diffusers saved."""
-    pytest.importorskip("diffusers")
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-    import _tiny_diffusers
-
-    theirs = _tiny_diffusers.controlnet_union_pipeline()
-    folder = tmp_path_factory.mktemp("bench-controlnet-union")
-    theirs.save_pretrained(folder)
-    accelerated = diffusion_fast.accelerate(_tiny_diffusers.controlnet_union_pipeline())
-    ours = diffusion_fast.load_pipeline(folder)
-    for pipe in (theirs, accelerated, ours):
-        pipe.set_progress_bar_config(disable=True)
-    return {"diffusers": theirs, "diffusers + accelerate": accelerated, "ours": ours}
+    return _three_ways(tmp_path_factory, "bench-controlnet-union", lambda tiny: tiny.controlnet_union_pipeline())
 
 
 @pytest.mark.parametrize("impl", ["ours", "diffusers + accelerate", "diffusers"])
