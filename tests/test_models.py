@@ -425,7 +425,6 @@ def test_missing_folder_and_missing_weights(saved, tmp_path):
     ("class_embed_type", "timestep", "class_embed_type"),
     ("resnet_time_scale_shift", "scale_shift", "resnet_time_scale_shift"),
     ("only_cross_attention", [True, False], "only_cross_attention"),
-    ("time_cond_proj_dim", 16, "time_cond_proj_dim"),
     ("attention_type", "gated", "attention_type"),
     ("addition_embed_type", "text_time", "addition_time_embed_dim"),  # text_time without its sizes
 ])

@@ -98,13 +98,30 @@ def timestep_embedding(timesteps, dim, flip_sin_to_cos=True, downscale_freq_shif
     return emb
 
 
-class TimestepEmbedding(nn.Module):
-    """linear_1 -> SiLU -> linear_2."""
+def guidance_scale_embedding(w, dim):
+    """An LCM-distilled UNet's guidance-scale condition (diffusers' get_guidance_scale_embedding): the sinusoidal
+    embedding of 1000 * ``w`` ((B,) guidance scales minus one, the pipelines' Imagen form), [sin, cos] with the
+    frequencies computed in the order diffusers computes them (an ulp there moves sin(7500 * f) by 1e-3), fp32."""
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step).to(w.device)
+    args = (w * 1000.0).float()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 == 1 else emb
 
-    def __init__(self, in_channels, time_embed_dim):
+
+class TimestepEmbedding(nn.Module):
+    """[+ cond_proj(condition)] -> linear_1 -> SiLU -> linear_2; ``cond_proj`` (no bias) is an LCM-distilled UNet's
+    projection of its guidance-scale embedding (``time_cond_proj_dim``)."""
+
+    def __init__(self, in_channels, time_embed_dim, cond_proj_dim=None):
         super().__init__()
+        if cond_proj_dim is not None:
+            self.cond_proj = nn.Linear(cond_proj_dim, in_channels, bias=False)
         self.linear_1 = nn.Linear(in_channels, time_embed_dim)
         self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
 
-    def forward(self, x):
+    def forward(self, x, condition=None):
+        if condition is not None:
+            x = x + self.cond_proj(condition)
         return self.linear_2(F.silu(self.linear_1(x)))

@@ -27,13 +27,14 @@ DEFAULTS = dict(
     transformer_layers_per_block=1, attention_head_dim=8, num_attention_heads=None, use_linear_projection=False,
     upcast_attention=False, addition_embed_type=None, addition_time_embed_dim=None,
     projection_class_embeddings_input_dim=None, resnet_out_scale_factor=1.0, conv_in_kernel=3, conv_out_kernel=3,
+    time_cond_proj_dim=None,
 )
 # Fields we accept only at diffusers' default (anything else is a clear error naming the field).
 UNSUPPORTED = dict(
     class_embed_type=None, num_class_embeds=None, encoder_hid_dim=None, encoder_hid_dim_type=None,
     dual_cross_attention=False, resnet_time_scale_shift="default", resnet_skip_time_act=False,
     time_embedding_type="positional", time_embedding_dim=None, time_embedding_act_fn=None, timestep_post_act=None,
-    time_cond_proj_dim=None, attention_type="default", class_embeddings_concat=False,
+    attention_type="default", class_embeddings_concat=False,
     mid_block_only_cross_attention=None, cross_attention_norm=None, reverse_transformer_layers_per_block=None,
     addition_embed_type_num_heads=64,
 )
@@ -94,12 +95,28 @@ def _split_context(encoder_hidden_states):
     return encoder_hidden_states, None, None
 
 
-def embed_time(model, sample, timestep, added_cond_kwargs):
-    """A UNet's or ControlNet's time embedding: the timestep's, plus SDXL's added text-time embedding."""
+def _checked_timestep_cond(model, timestep_cond, sample):
+    """An LCM-distilled UNet's guidance-scale embedding, checked against its ``cond_proj`` and the batch."""
+    if timestep_cond is None:
+        return None
+    dim = getattr(model.config, "time_cond_proj_dim", None)
+    if dim is None:
+        raise ValueError(f"timestep_cond: this {type(model).__name__} takes none (its config has no "
+                         "time_cond_proj_dim: it is not an LCM-distilled model)")
+    if not torch.is_tensor(timestep_cond) or tuple(timestep_cond.shape) != (sample.shape[0], dim):
+        got = tuple(timestep_cond.shape) if torch.is_tensor(timestep_cond) else type(timestep_cond).__name__
+        raise ValueError(f"timestep_cond must be a ({sample.shape[0]}, {dim}) tensor (the batch's guidance-scale "
+                         f"embeddings, time_cond_proj_dim wide), got {got}")
+    return timestep_cond.to(sample.dtype)
+
+
+def embed_time(model, sample, timestep, added_cond_kwargs, timestep_cond=None):
+    """A UNet's or ControlNet's time embedding: the timestep's (plus an LCM-distilled UNet's guidance-scale
+    embedding ``timestep_cond``, projected), plus SDXL's added text-time embedding."""
     c = model.config
     t = broadcast_timestep(timestep, sample)
     emb = model.time_embedding(timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
-                               .to(sample.dtype))
+                               .to(sample.dtype), _checked_timestep_cond(model, timestep_cond, sample))
     if c.addition_embed_type == "text_time":
         if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
             raise ValueError("added_cond_kwargs must hold 'text_embeds' and 'time_ids' (addition_embed_type='text_time')")
@@ -214,6 +231,10 @@ class UNet2DConditionModel(loading.PretrainedMixin, nn.Module):
         if any(flags):
             raise ValueError(f"UNet2DConditionModel: config field only_cross_attention={c.only_cross_attention!r} "
                              "is not supported (only False)")
+        if c.time_cond_proj_dim is not None and (isinstance(c.time_cond_proj_dim, bool) or not isinstance(
+                c.time_cond_proj_dim, int) or c.time_cond_proj_dim < 4):
+            raise ValueError(f"UNet2DConditionModel: config field time_cond_proj_dim (an LCM-distilled model's "
+                             f"guidance-scale embedding width) must be an int >= 4, got {c.time_cond_proj_dim!r}")
         if c.addition_embed_type == "text_time":
             for field in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
                 if not isinstance(c[field], int) or c[field] <= 0:
@@ -237,7 +258,7 @@ class UNet2DConditionModel(loading.PretrainedMixin, nn.Module):
         kin, kout = c.conv_in_kernel, c.conv_out_kernel
 
         self.conv_in = nn.Conv2d(c.in_channels, chans[0], kin, padding=(kin - 1) // 2)
-        self.time_embedding = TimestepEmbedding(chans[0], temb)
+        self.time_embedding = TimestepEmbedding(chans[0], temb, c.time_cond_proj_dim)
         self.encoder_hid_proj = None  # IP-Adapters' image projections, once loaded (models/ip_adapter.py)
         if c.addition_embed_type == "text_time":
             self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, temb)
@@ -313,20 +334,22 @@ class UNet2DConditionModel(loading.PretrainedMixin, nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None,
                 down_block_additional_residuals=None, mid_block_additional_residual=None,
-                down_intrablock_additional_residuals=None):
+                down_intrablock_additional_residuals=None, timestep_cond=None):
         """The noise (or v) prediction for ``sample`` at ``timestep``, conditioned on ``encoder_hidden_states``; a
         ControlNet's residuals, as diffusers takes them, are added to the skip connections and the mid block's output;
         a T2I-Adapter's feature maps (``down_intrablock_additional_residuals``) inside the down blocks and, when one
         is left of its shape, to the mid block's output (``intrablock_shapes``).
         With IP-Adapters loaded, ``added_cond_kwargs["image_embeds"]`` (one tensor per adapter, as diffusers takes
-        them) are projected here, or ``encoder_hidden_states`` is (text, [projected image tokens per adapter])."""
+        them) are projected here, or ``encoder_hidden_states`` is (text, [projected image tokens per adapter]).
+        An LCM-distilled UNet (``time_cond_proj_dim``) takes its guidance-scale embedding as ``timestep_cond``
+        ((B, time_cond_proj_dim), ``layers.guidance_scale_embedding``); without it, none is added, as in diffusers."""
         c = self.config
         encoder_hidden_states, image_tokens, image_masks = _split_context(encoder_hidden_states)
         check_inputs(c, sample, encoder_hidden_states)
         context = self._context(sample, encoder_hidden_states, image_tokens, image_masks, added_cond_kwargs)
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
-        emb = embed_time(self, sample, timestep, added_cond_kwargs)
+        emb = embed_time(self, sample, timestep, added_cond_kwargs, timestep_cond)
 
         h = self.conv_in(sample)
         skips = (h,)
