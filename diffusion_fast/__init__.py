@@ -34,6 +34,8 @@ _LAZY = {
                                                               "StableDiffusionXLControlNetUnionInpaintPipeline")},
     "StableDiffusionAdapterPipeline": ("pipeline_t2i_adapter", "StableDiffusionAdapterPipeline"),
     "StableDiffusionXLAdapterPipeline": ("pipeline_t2i_adapter", "StableDiffusionXLAdapterPipeline"),
+    "LatentConsistencyModelPipeline": ("pipeline_lcm", "LatentConsistencyModelPipeline"),
+    "LatentConsistencyModelImg2ImgPipeline": ("pipeline_lcm", "LatentConsistencyModelImg2ImgPipeline"),
     "ControlNetModel": ("models", "ControlNetModel"),
     "ControlNetUnionModel": ("models", "ControlNetUnionModel"),
     "T2IAdapter": ("models", "T2IAdapter"),

@@ -98,6 +98,7 @@ def _check_pipeline(args, device, dtype):
     it shows how far that dtype alone moves this model's image. On CUDA the fast path also runs without CUDA graphs,
     which separates a replay problem from a kernel problem.
     """
+    from .models.layers import guidance_scale_embedding
     from .pipeline import StableDiffusionPipeline
     from .pipeline_xl import load_pipeline
 
@@ -168,7 +169,10 @@ def _check_pipeline(args, device, dtype):
             if hasattr(pipe, "_adapters"):  # each adapter's feature maps at scale 1
                 n = len(pipe._adapters)
                 cond = [*cond[:-n], *pipe._adapter_states(cond[-n:], [1.0] * n, x.shape, 1, False)]
-            return pipe._unet_call(x, t, emb, *cond).float().cpu()
+            dim = pipe.unet.config.time_cond_proj_dim  # an LCM-distilled UNet's: the embedding of the call's 7.5 - 1
+            timestep_cond = None if dim is None else guidance_scale_embedding(torch.full((2,), 6.5), dim).to(
+                device, pipe.dtype)
+            return pipe._unet_call(x, t, emb, *cond, timestep_cond=timestep_cond).float().cpu()
 
     pipe = load(dtype)
     fast_latents, fast, fast_eps = run(pipe, "fast")
@@ -185,7 +189,8 @@ def _check_pipeline(args, device, dtype):
     quality = psnr(fast, ref)
     sampler = type(pipe.scheduler).__name__.replace("Scheduler", "").replace("Discrete", "").replace("Multistep", "")
     kind = pipeline_kind(pipe)
-    row = {"check": f"{kind} pipeline ({args.steps} {sampler} steps, {str(dtype).replace('torch.', '')})",
+    lcm = "LCM-distilled UNet, " if pipe.unet.config.time_cond_proj_dim is not None else ""
+    row = {"check": f"{kind} pipeline ({lcm}{args.steps} {sampler} steps, {str(dtype).replace('torch.', '')})",
            "max_abs_err": diff, "psnr_db": quality, "stages": stages}
     if dtype == torch.float32:
         row.update(passed=diff <= PIPELINE_FP32_MAX_ABS, rule=f"max abs <= {PIPELINE_FP32_MAX_ABS:g}")

@@ -4,7 +4,8 @@
     diffusion-fast generate --model DIR --prompt "a cat" --steps 30 --seed 1 --output cat.png
     diffusion-fast generate --scheduler euler-ancestral   # any of our schedulers, from the model's config
     diffusion-fast generate --scheduler dpm++-2m --karras   # "DPM++ 2M Karras"
-    diffusion-fast generate --model DIR --scheduler lcm --steps 4 --guidance 1   # an LCM(-LoRA fused) model
+    diffusion-fast generate --model DIR --scheduler lcm --steps 4 --guidance 1   # an LCM-LoRA fused in
+    diffusion-fast generate --model LCM_DIR --prompt "a cat"   # an LCM-distilled model: 4 steps, guidance 8.5
     diffusion-fast generate --model DIR --image in.png --strength 0.6             # image-to-image
     diffusion-fast generate --model DIR --image in.png --mask mask.png            # inpainting
     diffusion-fast generate --model DIR --lora style.safetensors:0.8 --lora detail.safetensors   # LoRAs merged
@@ -171,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(g)
     g.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
     g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--steps", type=_positive_int, default=None, help="default: 50 (20 for the built-in model)")
+    g.add_argument("--steps", type=_positive_int, default=None, help="default: 50 (4 for an LCM-distilled model, 20 for the built-in one)")
     g.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the pipeline's, 7.5 for SD 1.x/2.x, 5.0 for SDXL)")
     g.add_argument("--eta", type=float, default=0.0,

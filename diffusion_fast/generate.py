@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .cli import KARRAS_SCHEDULERS, SCHEDULER_CHOICES, UsageError, _device, _dtype
+from .pipeline_common import takes
 from .generate_guidance import (load_ip_adapters, open_image, read_adapter_images, read_control_images,
                                 read_ip_adapter_images, with_t2i_adapters)
 
@@ -72,7 +73,7 @@ def _with_controlnets(args, pipe, images, dtype, device, kind="text-to-image"):
         if images is not None:
             raise UsageError("--control-image is for ControlNet: give --controlnet too (or a --model folder "
                              "diffusers saved a ControlNet pipeline in)")
-        return {"text-to-image": lambda: pipe, "image-to-image": lambda: _img2img(pipe),
+        return {"text-to-image": lambda: _text2img(pipe), "image-to-image": lambda: _img2img(pipe),
                 "inpainting": lambda: _inpaint(pipe)}[kind]()
     if args.controlnet:
         nets = [(ControlNetUnionModel if _is_union(path) else ControlNetModel).from_pretrained(
@@ -139,12 +140,26 @@ def _inpaint(pipe):
     return _with_components(pipe, StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline)
 
 
+def _text2img(pipe):
+    """The pipeline for a text-to-image run: ``pipe``, or on an LCM image-to-image folder's components (diffusers
+    saves the same ones) the LCM text-to-image one."""
+    from .pipeline_lcm import LatentConsistencyModelImg2ImgPipeline, LatentConsistencyModelPipeline
+
+    if type(pipe) is not LatentConsistencyModelImg2ImgPipeline:
+        return pipe
+    return LatentConsistencyModelPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+                                          cuda_graph=pipe.cuda_graph, channels_last=pipe.channels_last)
+
+
 def _img2img(pipe):
     """The image-to-image pipeline on a loaded pipeline's components (SD 1.x/2.x or SDXL); an SDXL refiner already
-    is one."""
+    is one; an LCM's is diffusers' LatentConsistencyModelImg2ImgPipeline (the LCM scheduler's own strength)."""
     from .pipeline_img2img import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+    from .pipeline_lcm import LatentConsistencyModelImg2ImgPipeline, LatentConsistencyModelPipeline
 
-    return _with_components(pipe, StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline)
+    lcm = isinstance(pipe, LatentConsistencyModelPipeline)
+    return _with_components(pipe, LatentConsistencyModelImg2ImgPipeline if lcm else StableDiffusionImg2ImgPipeline,
+                            StableDiffusionXLImg2ImgPipeline)
 
 
 def _refiner(args, pipe, dtype, device):
@@ -193,6 +208,18 @@ def _ensemble(base, refiner, fraction, prompt, **kwargs):
     return StableDiffusionPipelineOutput(images=second.images, seconds=first.seconds + second.seconds)
 
 
+def _steps(args, pipe):
+    """--steps, or the default for the model: 4 for an LCM-distilled one (as diffusers' LCM pipelines), 50, or 20
+    for the built-in tiny model. An LCM pipeline takes no negative prompt and no eta, as diffusers' does."""
+    lcm = pipe.unet.config.time_cond_proj_dim is not None
+    if not takes(pipe.__call__, "negative_prompt"):
+        for flag, value, default in (("--negative-prompt", args.negative_prompt, None), ("--eta", args.eta, 0.0)):
+            if value != default:
+                raise UsageError(f"{args.model} is a latent consistency model (diffusers' LatentConsistencyModel"
+                                 f"Pipeline): it takes no {flag} (it was distilled with the empty negative prompt)")
+    return args.steps or (4 if lcm else 50 if args.model else 20)
+
+
 def generate(args) -> int:
     from . import backend
     from .numerics import max_abs_err, psnr
@@ -212,12 +239,12 @@ def generate(args) -> int:
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
     compare = args.compare or args.model is None
-    steps = args.steps or (50 if args.model else 20)
     t0 = time.perf_counter()
     if args.model:
         pipe = load_pipeline(args.model, dtype=dtype, device=device)  # SD 1.x/2.x or SDXL, by the folder
     else:
         pipe = StableDiffusionPipeline.from_tiny("sd1", seed=args.seed, dtype=dtype, device=device)
+    steps = _steps(args, pipe)
     for i, (path, scale) in enumerate(args.lora):
         pipe.load_lora_weights(path, adapter_name=f"lora_{i}")
     if args.lora:  # diffusers activates the last LoRA loaded; here every one given is active, at its scale
@@ -285,7 +312,8 @@ def generate(args) -> int:
     else:  # img2img: the image's own size; a warm-up step of a strength-cut schedule needs the whole schedule
         strength = args.strength if args.strength is not None else 0.3 if hasattr(pipe, "text_encoder_2") else 0.8
         options.update(image=init_image, strength=strength)
-        denoised = min(int(steps * strength), steps)
+        lcm = not takes(pipe.__call__, "negative_prompt")  # (an LCM spaces all its steps over the strength part)
+        denoised = steps if lcm else min(int(steps * strength), steps)
     if control_images is not None:  # the first image (or --image) sets the size, unless --height/--width do
         # (the pipeline's, as diffusers: SD's ControlNet inpainting 0.5, SDXL's 1.0)
         default = 1.0 if init_image is None else 0.8 if mask_image is None else 1.0 if hasattr(
@@ -310,9 +338,10 @@ def generate(args) -> int:
         generator = torch.Generator("cpu").manual_seed(args.seed)
         extra = dict(options, strength=1.0) if num_steps != steps and "strength" in options else options
         pasted = "padding_mask_crop" in extra  # (diffusers pastes into the image as PIL only)
-        kwargs = dict(negative_prompt=args.negative_prompt, num_inference_steps=num_steps, eta=args.eta,
-                      clip_skip=args.clip_skip, generator=generator, num_images_per_prompt=args.batch,
-                      output_type="pil" if pasted else "np", **extra)
+        kwargs = dict(num_inference_steps=num_steps, clip_skip=args.clip_skip, generator=generator,
+                      num_images_per_prompt=args.batch, output_type="pil" if pasted else "np", **extra)
+        if takes(pipe.__call__, "negative_prompt"):  # (not an LCM pipeline's: see _steps)
+            kwargs.update(negative_prompt=args.negative_prompt, eta=args.eta)
         with backend(path_name):
             if refiner is not None:
                 return _ensemble(pipe, refiner, args.refiner_start or 0.8, args.prompt, **kwargs)

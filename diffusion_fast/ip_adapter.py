@@ -290,13 +290,17 @@ class IPAdapterMixin:
         return (*tokens, *[None if m is None else m.to(self.device) for m in masks])
 
     def _model_call(self, model_input, t, embeds, *cond):
-        """The UNet call (``_unet_call``) with the IP-Adapters' image tokens and masks, the last entries of ``cond``,
-        joined to the text as the UNet takes them."""
+        """The UNet call (``_unet_call``) with the IP-Adapters' image tokens and masks, the last entries of ``cond``
+        (but for an LCM-distilled UNet's guidance embedding, the very last: ``_guidance_cond``), joined to the text
+        as the UNet takes them."""
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:
+            cond, timestep_cond = cond[:-1], cond[-1]
         n = adapter_count(self.unet)
         if n:
             cond, tokens, masks = cond[:-2 * n], cond[-2 * n:-n], cond[-n:]
             embeds = (embeds, list(tokens), None if all(m is None for m in masks) else list(masks))
-        return self._unet_call(model_input, t, embeds, *cond)
+        return self._unet_call(model_input, t, embeds, *cond, timestep_cond=timestep_cond)
 
 
 class IPAdapterMaskProcessor:

@@ -30,6 +30,7 @@ from .pipeline_common import (OUTPUT_TYPES, ModelSwitches, StableDiffusionPipeli
                               auto_or_bool_setting, check_size, postprocess, rescale_noise_cfg, takes)
 from .pipeline_folder import ComponentLoader, check_model_config, read_model_index, resolve_dtype
 from .pipeline_graphs import GraphedLoop
+from .models.layers import guidance_scale_embedding
 from .schedulers import DDIMScheduler
 from .schedulers.common import randn_tensor
 from .textual_inversion import TextualInversionLoaderMixin
@@ -223,6 +224,21 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
         return shape
 
     # ---- the denoising step, eager or graphed -------------------------------------------------------------------
+    def _guided(self, guidance_scale):
+        """Whether the loop runs classifier-free guidance (two UNet halves), as diffusers decides: a scale above 1,
+        and not an LCM-distilled UNet (``time_cond_proj_dim``), which takes the scale as a condition instead."""
+        return guidance_scale > 1.0 and self.unet.config.time_cond_proj_dim is None
+
+    def _guidance_cond(self, guidance_scale, latents):
+        """An LCM-distilled UNet's condition: the embedding of ``guidance_scale - 1`` (diffusers' SD pipelines and
+        its LatentConsistencyModelPipeline alike) for each sample, as a one-tuple (the step's last graph input);
+        () for any other UNet."""
+        dim = self.unet.config.time_cond_proj_dim
+        if dim is None:
+            return ()
+        w = torch.full((latents.shape[0],), float(guidance_scale) - 1.0)
+        return (guidance_scale_embedding(w, dim).to(device=latents.device, dtype=latents.dtype),)
+
     def _denoise_step(self, latents, t, embeds, cond, guidance_scale, do_cfg, eta, generator, unet=None):
         """``cond``: the UNet's added conditioning tensors (SDXL's pooled text embeds and time ids), or ()."""
         model_input = torch.cat([latents, latents]) if do_cfg else latents
@@ -242,13 +258,14 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
         kwargs = {name: value for name, value in (("eta", eta), ("generator", generator)) if takes(step, name)}
         return self.scheduler.step(noise_pred, t, latents, **kwargs).prev_sample
 
-    def _unet_call(self, model_input, t, embeds, *cond):
+    def _unet_call(self, model_input, t, embeds, *cond, timestep_cond=None):
         """The UNet call (graphed when the step itself cannot be, see ``_graph_mode``); ``cond``: SDXL's pooled
-        text embeds and time ids."""
+        text embeds and time ids; ``timestep_cond``: an LCM-distilled UNet's guidance-scale embedding."""
         if not cond:
-            return self.unet(model_input, t, embeds)
+            return self.unet(model_input, t, embeds, timestep_cond=timestep_cond)
         text_embeds, time_ids = cond
-        return self.unet(model_input, t, embeds, {"text_embeds": text_embeds, "time_ids": time_ids})
+        return self.unet(model_input, t, embeds, {"text_embeds": text_embeds, "time_ids": time_ids},
+                         timestep_cond=timestep_cond)
 
     def _set_guidance_rescale(self, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
@@ -280,7 +297,7 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
         self._set_guidance_rescale(guidance_rescale)
         clip_skip = self._check_clip_skip(clip_skip)
         callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        do_cfg = guidance_scale > 1.0
+        do_cfg = self._guided(guidance_scale)
         embeds = self._text_embeds(prompt, negative_prompt, num_images_per_prompt, do_cfg, prompt_embeds,
                                    negative_prompt_embeds, clip_skip, callback)
         return self._sample(shape, embeds, (), num_inference_steps, guidance_scale, do_cfg, eta, generator, latents,
@@ -357,6 +374,7 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
         graphed = mode == "step"
 
         image_tokens = self._ip_adapter_tokens(latents.shape[0], do_cfg)  # (graph inputs, after the step's own)
+        image_tokens += self._guidance_cond(guidance_scale, latents)  # (the last one, an LCM's; _model_call)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()

@@ -199,7 +199,7 @@ class ControlNetGuidance(GuidedComponents):
                                    num_images_per_prompt, *rest)
         callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         guess_mode = guess_mode or self._nets[0].config.global_pool_conditions
-        do_cfg = guidance_scale > 1.0
+        do_cfg = self._guided(guidance_scale)
         self._control = (scales, starts, ends, guess_mode, guess_mode and do_cfg)
         return shape, do_cfg, self._control_cond(images, shape, num_images_per_prompt, do_cfg, guess_mode), callback
 
@@ -253,7 +253,7 @@ class ControlNetGuidance(GuidedComponents):
                      for scale, start, end in zip(scales, starts, ends))
         return (*cond, (kept, guess_mode, split))
 
-    def _unet_call(self, model_input, t, embeds, *cond):
+    def _unet_call(self, model_input, t, embeds, *cond, timestep_cond=None):
         """The ControlNets' residuals, summed, and the UNet's prediction with them (a net at scale 0 is skipped)."""
         nets = len(self._nets)
         added, images, (scales, guess_mode, split) = cond[:-nets - 1], cond[-nets - 1:-1], cond[-1]
@@ -267,16 +267,17 @@ class ControlNetGuidance(GuidedComponents):
             down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d)], mid + m)
         if active and split:
             down, mid = [torch.cat([torch.zeros_like(d), d]) for d in down], torch.cat([torch.zeros_like(mid), mid])
-        return self._unet_with(model_input, t, embeds, added, down, mid)
+        return self._unet_with(model_input, t, embeds, added, down, mid, timestep_cond)
 
     @staticmethod
     def _nets_added(added, half):
         """The nets' added conditioning from the UNet's: SDXL's pooled embeddings and time ids; None for SD."""
         return {k: half(v) for k, v in zip(("text_embeds", "time_ids"), added)} or None
 
-    def _unet_with(self, model_input, t, embeds, added, down, mid):
+    def _unet_with(self, model_input, t, embeds, added, down, mid, timestep_cond=None):
         """The UNet's prediction with the residuals (None: no net ran) and its added conditioning (SDXL's)."""
-        return self.unet(model_input, t, embeds, dict(zip(("text_embeds", "time_ids"), added)) or None, down, mid)
+        return self.unet(model_input, t, embeds, dict(zip(("text_embeds", "time_ids"), added)) or None, down, mid,
+                         timestep_cond=timestep_cond)
 
 
 class SDControlNetComponents(ControlNetGuidance):

@@ -115,9 +115,9 @@ class StableDiffusionControlNetInpaintPipeline(_ControlledInpainting, SDControlN
     def _nets_added(added, half):
         return None  # (the mask and the masked image's latents are the UNet's alone)
 
-    def _unet_with(self, model_input, t, embeds, added, down, mid):
+    def _unet_with(self, model_input, t, embeds, added, down, mid, timestep_cond=None):
         return self.unet(torch.cat([model_input, *added], dim=1) if added else model_input, t, embeds, None, down,
-                         mid)
+                         mid, timestep_cond=timestep_cond)
 
     @ip_adapter_call
     @lora_call_scale
@@ -230,11 +230,12 @@ class StableDiffusionXLControlNetInpaintPipeline(_ControlledInpainting, SDXLCont
     def _step_cond(self, i, steps, cond):
         return super()._step_cond(i, self._tail_steps, cond)
 
-    def _unet_with(self, model_input, t, embeds, added, down, mid):
+    def _unet_with(self, model_input, t, embeds, added, down, mid, timestep_cond=None):
         text_embeds, time_ids, *mask_inputs = added
         if mask_inputs:
             model_input = torch.cat([model_input, *mask_inputs], dim=1)
-        return self.unet(model_input, t, embeds, {"text_embeds": text_embeds, "time_ids": time_ids}, down, mid)
+        return self.unet(model_input, t, embeds, {"text_embeds": text_embeds, "time_ids": time_ids}, down, mid,
+                         timestep_cond=timestep_cond)
 
     @ip_adapter_call
     @lora_call_scale

@@ -68,7 +68,7 @@ class _UnionGuidance:
         *cond, settings = super()._step_cond(i, steps, cond)
         return (*cond, (*settings, self._modes))
 
-    def _unet_call(self, model_input, t, embeds, *cond):
+    def _unet_call(self, model_input, t, embeds, *cond, timestep_cond=None):
         """The net's residuals on all the images at once, and the UNet's prediction with them. One mode at scale 0
         adds exact zeros, so it is skipped (diffusers runs it)."""
         scales, guess_mode, split, modes = cond[-1]
@@ -82,7 +82,7 @@ class _UnionGuidance:
             if split:
                 down = [torch.cat([torch.zeros_like(d), d]) for d in down]
                 mid = torch.cat([torch.zeros_like(mid), mid])
-        return self._unet_with(model_input, t, embeds, added, down, mid)
+        return self._unet_with(model_input, t, embeds, added, down, mid, timestep_cond)
 
 
 class StableDiffusionXLControlNetUnionPipeline(_UnionGuidance, StableDiffusionXLControlNetPipeline):

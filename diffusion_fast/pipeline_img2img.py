@@ -118,7 +118,7 @@ class _ImageToImage:
         negative_prompt_embeds, embeds)."""
         num_inference_steps = self._set_timesteps(num_inference_steps, self.device, timesteps, sigmas)
         timesteps = self._tail(num_inference_steps, strength)
-        do_cfg = guidance_scale > 1.0
+        do_cfg = self._guided(guidance_scale)
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             [prompt] if isinstance(prompt, str) else prompt, self.device, num_images_per_prompt, do_cfg,
             negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
@@ -213,7 +213,7 @@ class StableDiffusionXLImg2ImgPipeline(_ImageToImage, StableDiffusionXLPipeline)
         callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         num_inference_steps = self._set_timesteps(num_inference_steps, self.device, timesteps, sigmas)
         timesteps = self._tail(num_inference_steps, strength, denoising_start)
-        do_cfg = guidance_scale > 1.0
+        do_cfg = self._guided(guidance_scale)
         embeds, cond = self._image_conditioning(
             prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt, do_cfg, prompt_embeds,
             negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, sizes, aesthetic_score,

@@ -199,9 +199,10 @@ class StableDiffusionInpaintPipeline(_Inpainting, StableDiffusionPipeline):
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")
     _cond_names = ("mask", "masked_image_latents")  # a 9-channel UNet's extra inputs, as diffusers names them
 
-    def _unet_call(self, model_input, t, embeds, *cond):
+    def _unet_call(self, model_input, t, embeds, *cond, timestep_cond=None):
         """The UNet call; a 9-channel UNet gets the mask and the masked image's latents beside the latents."""
-        return self.unet(torch.cat([model_input, *cond], dim=1) if cond else model_input, t, embeds)
+        return self.unet(torch.cat([model_input, *cond], dim=1) if cond else model_input, t, embeds,
+                         timestep_cond=timestep_cond)
 
     @ip_adapter_call
     @lora_call_scale
@@ -240,13 +241,14 @@ class StableDiffusionXLInpaintPipeline(_Inpainting, StableDiffusionXLImg2ImgPipe
                                "masked_image_latents")
     _cond_names = ("add_text_embeds", "add_time_ids", "mask", "masked_image_latents")  # diffusers' names
 
-    def _unet_call(self, model_input, t, embeds, *cond):
+    def _unet_call(self, model_input, t, embeds, *cond, timestep_cond=None):
         """The UNet call with SDXL's added conditioning; a 9-channel UNet also gets the mask and the masked image's
         latents beside the latents."""
         text_embeds, time_ids, *mask_inputs = cond
         if mask_inputs:
             model_input = torch.cat([model_input, *mask_inputs], dim=1)
-        return self.unet(model_input, t, embeds, {"text_embeds": text_embeds, "time_ids": time_ids})
+        return self.unet(model_input, t, embeds, {"text_embeds": text_embeds, "time_ids": time_ids},
+                         timestep_cond=timestep_cond)
 
     def _encode_image(self, pixels, generator):
         """diffusers' SDXL inpainting encode: an fp16 VAE with force_upcast encodes in fp32, then the scaling factor
@@ -292,7 +294,7 @@ class StableDiffusionXLInpaintPipeline(_Inpainting, StableDiffusionXLImg2ImgPipe
         callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         num_inference_steps = self._set_timesteps(num_inference_steps, self.device, timesteps, sigmas)
         timesteps = self._tail(num_inference_steps, strength, denoising_start)
-        do_cfg = guidance_scale > 1.0
+        do_cfg = self._guided(guidance_scale)
         embeds, cond = self._image_conditioning(
             prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt, do_cfg, prompt_embeds,
             negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, sizes, aesthetic_score,

@@ -168,10 +168,10 @@ class AdapterGuidance(GuidedComponents):
         on = i < int(self._steps_counted * self._factor)
         return cond if on else cond[:len(self._added_names)]
 
-    def _unet_call(self, model_input, t, embeds, *cond):
+    def _unet_call(self, model_input, t, embeds, *cond, timestep_cond=None):
         added, states = cond[:len(self._added_names)], cond[len(self._added_names):]
         return self.unet(model_input, t, embeds, dict(zip(("text_embeds", "time_ids"), added)) or None, None, None,
-                         list(states) or None)
+                         list(states) or None, timestep_cond=timestep_cond)
 
 
 
@@ -204,7 +204,7 @@ class StableDiffusionAdapterPipeline(AdapterGuidance, StableDiffusionPipeline):
                                    num_images_per_prompt, prompt_embeds, negative_prompt_embeds, latents, output_type)
         clip_skip = self._check_clip_skip(clip_skip)
         callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        do_cfg = guidance_scale > 1.0
+        do_cfg = self._guided(guidance_scale)
         states = self._adapter_states(images, weights, shape, num_images_per_prompt, do_cfg)
         embeds = self._text_embeds(prompt, negative_prompt, num_images_per_prompt, do_cfg, prompt_embeds,
                                    negative_prompt_embeds, clip_skip, callback)
@@ -251,7 +251,7 @@ class StableDiffusionXLAdapterPipeline(AdapterGuidance, StableDiffusionXLPipelin
                                    num_images_per_prompt, prompt_embeds, negative_prompt_embeds, latents, output_type)
         self._set_guidance_rescale(guidance_rescale)
         callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        do_cfg = guidance_scale > 1.0
+        do_cfg = self._guided(guidance_scale)
         states = self._adapter_states(images, weights, shape, num_images_per_prompt, do_cfg)
         embeds, cond = self._text_conditioning(
             shape, do_cfg, prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt,

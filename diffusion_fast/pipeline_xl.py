@@ -216,7 +216,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                                    num_images_per_prompt, prompt_embeds, negative_prompt_embeds, latents, output_type)
         self._set_guidance_rescale(guidance_rescale)
         callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        do_cfg = guidance_scale > 1.0
+        do_cfg = self._guided(guidance_scale)
         embeds, cond = self._text_conditioning(
             shape, do_cfg, prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt,
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds, clip_skip,
@@ -283,7 +283,8 @@ def load_pipeline(folder, **kwargs):
     (diffusers' class name), ``StableDiffusionXLControlNetPipeline`` / ``StableDiffusionControlNetPipeline`` /
     ``...Img2ImgPipeline`` / ``...InpaintPipeline`` for a folder diffusers saved such a ControlNet pipeline in
     (``StableDiffusionXLControlNetUnion...Pipeline`` for a ControlNet-Union one),
-    ``StableDiffusion(XL)AdapterPipeline`` for one it saved a T2I-Adapter pipeline in, else
+    ``StableDiffusion(XL)AdapterPipeline`` for one it saved a T2I-Adapter pipeline in,
+    ``LatentConsistencyModel(Img2Img)Pipeline`` for an LCM's (diffusers' class name), else
     ``StableDiffusionPipeline``; ``kwargs`` go to its ``from_pretrained``."""
     from .pipeline_controlnet import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
     from .pipeline_controlnet_image import (StableDiffusionControlNetImg2ImgPipeline,
@@ -295,6 +296,7 @@ def load_pipeline(folder, **kwargs):
                                             StableDiffusionXLControlNetUnionPipeline)
     from .pipeline_img2img import StableDiffusionXLImg2ImgPipeline
     from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
+    from .pipeline_lcm import LatentConsistencyModelImg2ImgPipeline, LatentConsistencyModelPipeline
     from .pipeline_t2i_adapter import StableDiffusionAdapterPipeline, StableDiffusionXLAdapterPipeline
 
     folder, components = read_model_index(folder)
@@ -323,6 +325,8 @@ def load_pipeline(folder, **kwargs):
         cls = StableDiffusionXLPipeline
     elif inpainting:
         cls = StableDiffusionInpaintPipeline
+    elif name.startswith("LatentConsistencyModel"):
+        cls = LatentConsistencyModelImg2ImgPipeline if "Img2Img" in name else LatentConsistencyModelPipeline
     else:
         cls = StableDiffusionPipeline
     return cls.from_pretrained(folder, **kwargs)

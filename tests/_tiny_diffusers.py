@@ -313,3 +313,28 @@ def controlnet_union_pipeline(seed=4):
     pipe = StableDiffusionXLControlNetUnionPipeline(**base.components, controlnet=union_controlnet(seed + 1))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(torch.float32)
+
+
+# ---- latent consistency models (tests/test_pipeline_lcm.py, benchmarks/test_bench_cpu.py) -------------------------
+LCM_COND_DIM = 32  # LCM_Dreamshaper_v7's time_cond_proj_dim is 256; any even width >= 4 works the same way
+
+
+def lcm_unet(config, seed):
+    """A diffusers UNet of ``config`` with LCM's guidance-scale projection (``time_cond_proj_dim``), random weights
+    from ``seed`` (the projection too, so the guidance scale moves the image)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**dict(config, time_cond_proj_dim=LCM_COND_DIM))
+
+
+def lcm_pipeline(seed=1):
+    """diffusers' LatentConsistencyModelPipeline on the tiny SD1 components with an LCM UNet and LCMScheduler."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    base = pipeline("sd1", seed=seed)
+    pipe = LatentConsistencyModelPipeline(**dict(base.components, unet=lcm_unet(tiny.unet_config("sd1"), seed + 1),
+                                                 scheduler=LCMScheduler(**tiny.scheduler_config("sd1"))),
+                                          requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

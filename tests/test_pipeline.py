@@ -528,7 +528,7 @@ def test_unet_only_graph_runs_every_step_and_keeps_the_image(monkeypatch, schedu
     eager = call().images
     calls = []
     real = pipe._unet_call
-    monkeypatch.setattr(pipe, "_unet_call", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(pipe, "_unet_call", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     monkeypatch.setattr(pipe, "_graph_mode", lambda device, eta: "unet")
     pipe._graphs = None  # built afresh, around the spied call
     torch.testing.assert_close(call().images, eager, rtol=0, atol=0)

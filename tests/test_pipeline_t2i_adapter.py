@@ -429,8 +429,8 @@ def test_check_runs_an_adapter_folder(xl_pair, capsys, monkeypatch):
     assert "T2I-Adapter pipeline (2 " in text and "0 failed" in text
     real = AdapterGuidance._unet_call
 
-    def fast_without_maps(self, model_input, t, embeds, *cond):
-        return real(self, model_input, t, embeds, *(cond[:2] if current_backend() != "reference" else cond))
+    def fast_without_maps(self, model_input, t, embeds, *cond, **kwargs):
+        return real(self, model_input, t, embeds, *(cond[:2] if current_backend() != "reference" else cond), **kwargs)
 
     monkeypatch.setattr(AdapterGuidance, "_unet_call", fast_without_maps)
     assert main(["check", "--model", xl_pair[0]._saved_to, "--steps", "2"]) == 1
