@@ -360,3 +360,20 @@ def test_controlnet_union_pipeline(benchmark, controlnet_union_pipelines, impl):
                                             dtype=torch.uint8).numpy()) for i in range(2)]
     benchmark(lambda: pipe("a cube", control_image=images, control_mode=[3, 1], num_inference_steps=10,
                            generator=torch.Generator().manual_seed(0), output_type="np"))
+
+
+@pytest.fixture(scope="module")
+def lcm_pipelines(tmp_path_factory):
+    """diffusers' LatentConsistencyModelPipeline on the tests' tiny SD1 model with an LCM UNet (guidance-scale
+    embedding), a second one under accelerate, and ours loaded from the folder diffusers saved."""
+    return _three_ways(tmp_path_factory, "bench-lcm", lambda tiny: tiny.lcm_pipeline())
+
+
+@pytest.mark.parametrize("impl", ["ours", "diffusers + accelerate", "diffusers"])
+def test_lcm_pipeline(benchmark, lcm_pipelines, impl):
+    """A whole call as LCMs run: 4 LCM steps, guidance 8.5 as the UNet's condition (batch 1 through the UNet: no CFG
+    half), at 256x256 (64x64 latents), VAE decode included, fp32."""
+    benchmark.group = "LCM pipeline, tiny SD1 + LCM UNet, 4 LCM steps, 256x256"
+    pipe = lcm_pipelines[impl]
+    benchmark(lambda: pipe("a cube", height=256, width=256, num_inference_steps=4,
+                           generator=torch.Generator().manual_seed(0), output_type="np"))
