@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from .cli import KARRAS_SCHEDULERS, SCHEDULER_CHOICES, UsageError, _device, _dtype
-from .pipeline_common import takes
 from .generate_guidance import (load_ip_adapters, open_image, read_adapter_images, read_control_images,
                                 read_ip_adapter_images, with_t2i_adapters)
+from .pipeline_common import takes
 
 
 def _check_scheduler_options(args, scheduler_name):
@@ -213,10 +213,12 @@ def _steps(args, pipe):
     for the built-in tiny model. An LCM pipeline takes no negative prompt and no eta, as diffusers' does."""
     lcm = pipe.unet.config.time_cond_proj_dim is not None
     if not takes(pipe.__call__, "negative_prompt"):
-        for flag, value, default in (("--negative-prompt", args.negative_prompt, None), ("--eta", args.eta, 0.0)):
+        for flag, value, default, why in (
+                ("--negative-prompt", args.negative_prompt, None, "it was distilled with the empty one"),
+                ("--eta", args.eta, 0.0, "its LCM step draws its own noise")):
             if value != default:
                 raise UsageError(f"{args.model} is a latent consistency model (diffusers' LatentConsistencyModel"
-                                 f"Pipeline): it takes no {flag} (it was distilled with the empty negative prompt)")
+                                 f"Pipeline): it takes no {flag} ({why})")
     return args.steps or (4 if lcm else 50 if args.model else 20)
 
 

@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 
 from .ip_adapter import IPAdapterMixin, ip_adapter_call
 from .lora import LoraLoaderMixin, lora_call_scale
+from .models.layers import guidance_scale_embedding
 from .pipeline_common import (OUTPUT_TYPES, ModelSwitches, StableDiffusionPipelineOutput, StepCallback,
                               auto_or_bool_setting, check_size, postprocess, rescale_noise_cfg, takes)
 from .pipeline_folder import ComponentLoader, check_model_config, read_model_index, resolve_dtype
 from .pipeline_graphs import GraphedLoop
-from .models.layers import guidance_scale_embedding
 from .schedulers import DDIMScheduler
 from .schedulers.common import randn_tensor
 from .textual_inversion import TextualInversionLoaderMixin
