@@ -36,6 +36,8 @@ _LAZY = {
     "StableDiffusionXLAdapterPipeline": ("pipeline_t2i_adapter", "StableDiffusionXLAdapterPipeline"),
     "LatentConsistencyModelPipeline": ("pipeline_lcm", "LatentConsistencyModelPipeline"),
     "LatentConsistencyModelImg2ImgPipeline": ("pipeline_lcm", "LatentConsistencyModelImg2ImgPipeline"),
+    "AutoencoderKL": ("models", "AutoencoderKL"),
+    "AutoencoderTiny": ("models", "AutoencoderTiny"),
     "ControlNetModel": ("models", "ControlNetModel"),
     "ControlNetUnionModel": ("models", "ControlNetUnionModel"),
     "T2IAdapter": ("models", "T2IAdapter"),

@@ -215,14 +215,18 @@ class ModelSwitches:
 
     def fuse_qkv_projections(self, unet=True, vae=True):
         """diffusers' ``fuse_qkv_projections``: one q/k/v GEMM per self-attention of the UNet and the VAE (their
-        weights concatenated into buffers; names unchanged, LoRAs loaded later refresh them)."""
+        weights concatenated into buffers; names unchanged, LoRAs loaded later refresh them). A VAE without
+        attention (TAESD) is refused with ``vae=True``, as diffusers refuses it: pass ``vae=False``."""
+        if vae and not hasattr(self.vae, "fuse_qkv_projections"):
+            raise ValueError(f"fuse_qkv_projections: vae=True, but the VAE ({type(self.vae).__name__}) has no "
+                             "attention to fuse: pass vae=False")
         for fuse, model in ((unet, self.unet), (vae, self.vae)):
             if fuse:
                 model.fuse_qkv_projections()
 
     def unfuse_qkv_projections(self, unet=True, vae=True):
         for fuse, model in ((unet, self.unet), (vae, self.vae)):
-            if fuse:
+            if fuse and hasattr(model, "unfuse_qkv_projections"):
                 model.unfuse_qkv_projections()
 
     def enable_freeu(self, s1, s2, b1, b2):

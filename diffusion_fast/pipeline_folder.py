@@ -7,7 +7,8 @@ import os
 
 import torch
 
-from .models import AutoencoderKL, UNet2DConditionModel
+from .models import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+from .models.loading import read_config
 from .schedulers import load_scheduler
 
 
@@ -20,6 +21,19 @@ def resolve_dtype(dtype):
     if dtype not in names:
         raise ValueError(f"dtype must be a torch.dtype or one of {sorted(names)}, got {dtype!r}")
     return names[dtype]
+
+
+VAE_CLASSES = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
+
+
+def vae_class(folder, subfolder=None):
+    """Our VAE class for a diffusers VAE folder, by its config's ``_class_name`` (AutoencoderKL without one); another
+    diffusers VAE (an asymmetric or consistency decoder, a video VAE) is refused by name."""
+    name = read_config(folder, subfolder).get("_class_name") or "AutoencoderKL"
+    if name not in VAE_CLASSES:
+        where = os.path.join(os.fspath(folder), subfolder) if subfolder else os.fspath(folder)
+        raise ValueError(f"{where!r} holds a {name}, which is not supported (VAEs: {sorted(VAE_CLASSES)})")
+    return VAE_CLASSES[name]
 
 
 class ComponentLoader:
@@ -51,7 +65,7 @@ class ComponentLoader:
             return None
         path = os.path.join(self.folder, name)
         if name.startswith("unet") or name.startswith("vae"):
-            model_cls = UNet2DConditionModel if name.startswith("unet") else AutoencoderKL
+            model_cls = UNet2DConditionModel if name.startswith("unet") else vae_class(self.folder, name)
             return model_cls.from_pretrained(self.folder, subfolder=name, dtype=self.dtype, device=self.device,
                                              variant=self.variant)
         if name.startswith("tokenizer"):

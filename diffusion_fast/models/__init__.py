@@ -1,10 +1,11 @@
-"""Our UNet, ControlNets (plain and union), T2I-Adapters and VAE: diffusers' parameter names (its checkpoints load
-unchanged), our ops inside."""
+"""Our UNet, ControlNets (plain and union), T2I-Adapters and VAEs (the KL one and TAESD): diffusers' parameter names
+(its checkpoints load unchanged), our ops inside."""
 from .controlnet import ControlNetModel, MultiControlNetModel
 from .controlnet_union import ControlNetUnionModel
 from .t2i_adapter import MultiAdapter, T2IAdapter
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL, DiagonalGaussianDistribution
+from .vae_tiny import AutoencoderTiny
 
 __all__ = ["UNet2DConditionModel", "ControlNetModel", "MultiControlNetModel", "ControlNetUnionModel",
-           "T2IAdapter", "MultiAdapter", "AutoencoderKL", "DiagonalGaussianDistribution"]
+           "T2IAdapter", "MultiAdapter", "AutoencoderKL", "AutoencoderTiny", "DiagonalGaussianDistribution"]

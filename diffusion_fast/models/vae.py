@@ -122,6 +122,9 @@ class Decoder(nn.Module):
 class AutoencoderKL(loading.PretrainedMixin, nn.Module):
     def __init__(self, config: dict):
         super().__init__()
+        if config.get("_class_name") == "AutoencoderTiny":
+            raise ValueError("AutoencoderKL: this config is an AutoencoderTiny's (TAESD): load it with "
+                             "diffusion_fast.AutoencoderTiny")
         c = self.config = loading.make_config("AutoencoderKL", DEFAULTS, UNSUPPORTED, config)
         for field, kinds, allowed in (("down_block_types", c.down_block_types, "DownEncoderBlock2D"),
                                       ("up_block_types", c.up_block_types, "UpDecoderBlock2D")):
