@@ -8,6 +8,7 @@
     diffusion-fast generate --model LCM_DIR --prompt "a cat"   # an LCM-distilled model: 4 steps, guidance 8.5
     diffusion-fast generate --model DIR --image in.png --strength 0.6             # image-to-image
     diffusion-fast generate --model DIR --image in.png --mask mask.png            # inpainting
+    diffusion-fast generate --model LCM_DIR --vae TAESD_DIR   # TAESD's fast decode instead of the model's VAE
     diffusion-fast generate --model DIR --lora style.safetensors:0.8 --lora detail.safetensors   # LoRAs merged
     diffusion-fast generate --model SDXL_DIR --refiner REFINER_DIR --refiner-start 0.8   # SDXL base + refiner
     diffusion-fast generate --model DIR --embedding neg.pt:bad-hands --negative-prompt bad-hands   # an embedding
@@ -118,6 +119,12 @@ def _controlnet_folder(text):
     return text
 
 
+def _vae_folder(text):
+    if not os.path.isfile(os.path.join(text, "config.json")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a VAE folder (no config.json)")
+    return text
+
+
 def _adapter_folder(text):
     if not os.path.isfile(os.path.join(text, "config.json")):
         raise argparse.ArgumentTypeError(f"{text!r} is not a T2I-Adapter folder (no config.json)")
@@ -174,7 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--steps", type=_positive_int, default=None, help="default: 50 (4 for an LCM-distilled model, 20 for the built-in one)")
     g.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: the pipeline's, 7.5 for SD 1.x/2.x, 5.0 for SDXL)")
+                   help="classifier-free guidance scale (default: the pipeline's, 7.5 for SD 1.x/2.x, 5.0 for SDXL, "
+                        "8.5 for an LCM-distilled model)")
+    g.add_argument("--vae", type=_vae_folder, default=None, metavar="DIR",
+                   help="a diffusers VAE folder instead of the model's: an AutoencoderKL (e.g. sd-vae-ft-mse, "
+                        "sdxl-vae-fp16-fix) or an AutoencoderTiny (TAESD, taesdxl: a fast, approximate decode)")
     g.add_argument("--eta", type=float, default=0.0,
                    help="DDIM's eta, or TCD's gamma (0: deterministic; TCD-LoRA's usual 0.3)")
     g.add_argument("--clip-skip", type=int, default=None, metavar="N",

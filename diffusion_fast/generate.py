@@ -175,7 +175,8 @@ def _refiner(args, pipe, dtype, device):
     if type(pipe) is not StableDiffusionXLPipeline or args.image is not None:
         raise UsageError("--refiner: the refiner takes over an SDXL base's text-to-image run; give an SDXL --model "
                          "and no --image")
-    refiner = load_pipeline(args.refiner, dtype=dtype, device=device)
+    refiner = load_pipeline(args.refiner, dtype=dtype, device=device,  # (a --vae VAE is shared, as the base's)
+                            **({"vae": pipe.vae} if args.vae else {}))
     if not hasattr(refiner, "text_encoder_2"):
         raise UsageError(f"--refiner: {args.refiner} is not an SDXL folder")
     return _img2img(refiner)
@@ -206,6 +207,17 @@ def _ensemble(base, refiner, fraction, prompt, **kwargs):
     second = refiner(prompt, image=first.images,
                      **dict(kwargs, **({"denoising_start": fraction} if split else {"strength": 1.0})))
     return StableDiffusionPipelineOutput(images=second.images, seconds=first.seconds + second.seconds)
+
+
+def _vae(args, dtype, device):
+    """--vae: the VAE folder's model (ours for its class: AutoencoderKL or AutoencoderTiny), or None."""
+    from .pipeline_folder import vae_class
+
+    if args.vae is None:
+        return None
+    if args.model is None:
+        raise UsageError("--vae: give --model too (the built-in model's tiny VAE is its own)")
+    return vae_class(args.vae).from_pretrained(args.vae, dtype=dtype, device=device)
 
 
 def _steps(args, pipe):
@@ -242,8 +254,9 @@ def generate(args) -> int:
     dtype = _dtype(args.dtype, device)
     compare = args.compare or args.model is None
     t0 = time.perf_counter()
-    if args.model:
-        pipe = load_pipeline(args.model, dtype=dtype, device=device)  # SD 1.x/2.x or SDXL, by the folder
+    vae = _vae(args, dtype, device)
+    if args.model:  # SD 1.x/2.x or SDXL, by the folder
+        pipe = load_pipeline(args.model, dtype=dtype, device=device, **({} if vae is None else {"vae": vae}))
     else:
         pipe = StableDiffusionPipeline.from_tiny("sd1", seed=args.seed, dtype=dtype, device=device)
     steps = _steps(args, pipe)

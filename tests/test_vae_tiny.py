@@ -224,3 +224,38 @@ def test_accelerate_leaves_taesd_alone_and_keeps_the_image(sd_pair):
         diffusion_fast.restore(theirs)
     assert np.array_equal(_run(theirs), before)
 
+
+# ---- the CLI ------------------------------------------------------------------------------------------------------
+def test_generate_with_a_taesd_vae_gives_diffusers_image(pair, tmp_path, capsys):
+    """--vae TAESD_DIR on a plain SD folder: diffusers' image with that VAE, from the same seed, within one 8-bit
+    level (the output 8 pixels a latent: the pipeline's scale factor read from the VAE given)."""
+    from diffusion_fast.cli import main
+
+    their_vae, _, vae_folder = pair
+    base = _tiny_diffusers.pipeline("sd1", seed=1)
+    base.save_pretrained(tmp_path / "sd")
+    theirs = diffusers.StableDiffusionPipeline(**dict(base.components, vae=their_vae), requires_safety_checker=False)
+    theirs.set_progress_bar_config(disable=True)
+    out = tmp_path / "out.png"
+    assert main(["generate", "--model", str(tmp_path / "sd"), "--vae", vae_folder, "--steps", "3", "--seed", "2",
+                 "--output", str(out), "--no-progress"]) == 0
+    expected = theirs("a photograph of an astronaut riding a horse", num_inference_steps=3,
+                      generator=torch.Generator().manual_seed(2)).images[0]
+    got = np.asarray(Image.open(out), dtype=np.int16)
+    assert got.shape == (64, 64, 3) and np.abs(got - np.asarray(expected, dtype=np.int16)).max() <= 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--vae", "/no/such/vae"], "is not a VAE folder"),  # (argparse's check)
+    (["--vae", "TAESD"], "--vae: give --model too"),
+])
+def test_generate_vae_bad_options_one_line(pair, capsys, argv, message):
+    from diffusion_fast.cli import main
+
+    argv = ["generate", *[pair[2] if a == "TAESD" else a for a in argv], "--steps", "1", "--no-progress"]
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
