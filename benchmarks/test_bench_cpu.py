@@ -8,9 +8,9 @@ Groups: the fused CFG+DDIM step (C++ op) vs our reference vs diffusers' CFG comb
 shapes in both memory layouts; fp16/bf16 storage for both at SD1.5's shapes; diffusers' Euler, Euler ancestral,
 DPM-Solver++ 2M and 3M SDE, PNDM (PLMS), UniPC, DDPM, LCM, Heun, LMS, DPM2, DPM2 ancestral and DEIS scheduler steps as
 accelerate patches them vs their own, the Euler op alone; the weights key a graphed UNet call checks (ModuleState,
-SD1.5's UNet on the meta device); and whole ControlNet and IP-Adapter Plus pipeline calls on the tiny SD1 model, ours
-vs diffusers' (plain and accelerated). Each group's rows are the implementations side by side; compare
-medians.
+SD1.5's UNet on the meta device); whole ControlNet, IP-Adapter Plus, T2I-Adapter, ControlNet-Union and LCM pipeline
+calls on the tiny models, ours vs diffusers' (plain and accelerated); and a decode by SD's KL VAE vs TAESD. Each
+group's rows are the implementations side by side; compare medians.
 
 The allocator is pinned first (see ``_steady_allocator``): glibc otherwise moves between two regimes at random,
 and in one of them every multi-MB temporary is page-faulted in afresh. That would slow the implementations that
@@ -377,3 +377,33 @@ def test_lcm_pipeline(benchmark, lcm_pipelines, impl):
     pipe = lcm_pipelines[impl]
     benchmark(lambda: pipe("a cube", height=256, width=256, num_inference_steps=4,
                            generator=torch.Generator().manual_seed(0), output_type="np"))
+
+
+@pytest.fixture(scope="module")
+def sd_vae_decoders():
+    """SD's VAE architecture (tiny.SD15_VAE) and TAESD's default one, random weights from one seed, as ours and as
+    diffusers' (the same weights): {impl: decode function}."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusion_fast import tiny
+    from diffusion_fast.models import AutoencoderKL, AutoencoderTiny
+
+    torch.manual_seed(0)
+    kl, taesd = diffusers.AutoencoderKL(**tiny.SD15_VAE).eval(), diffusers.AutoencoderTiny().eval()
+    ours_kl, ours_taesd = AutoencoderKL.from_config(tiny.SD15_VAE), AutoencoderTiny.from_config(dict(taesd.config))
+    ours_kl.load_state_dict(kl.state_dict())
+    ours_taesd.load_state_dict(taesd.state_dict())
+    for model in (ours_kl, ours_taesd):  # as our pipelines run them on the CPU (channels_last="auto")
+        model.eval().to(memory_format=torch.channels_last)
+    return {"ours": ours_kl.decode, "diffusers": lambda z: kl.decode(z).sample,
+            "ours, TAESD": ours_taesd.decode, "diffusers, TAESD": lambda z: taesd.decode(z).sample}
+
+
+@pytest.mark.parametrize("impl", ["ours", "diffusers", "ours, TAESD", "diffusers, TAESD"])
+def test_vae_decode(benchmark, sd_vae_decoders, impl):
+    """What a pipeline's decode costs with SD's KL VAE and with TAESD in its place (random weights), 1x4x32x32
+    latents to a 256x256 image, fp32."""
+    benchmark.group = "VAE decode, SD's KL VAE vs TAESD (random weights), 1x4x32x32 latents to 256x256"
+    z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    decode = sd_vae_decoders[impl]
+    with torch.no_grad():
+        benchmark(lambda: decode(z))
