@@ -122,7 +122,8 @@ def _is_union(folder):
 
 
 def _with_components(pipe, sd_cls, xl_cls):
-    """``pipe``'s components in ``sd_cls`` (SD 1.x/2.x) or ``xl_cls`` (SDXL); ``pipe`` itself when it is one."""
+    """``pipe``'s components in ``sd_cls`` (SD 1.x/2.x) or ``xl_cls`` (SDXL), its safety checker too; ``pipe``
+    itself when it is one."""
     if isinstance(pipe, (sd_cls, xl_cls)):
         return pipe
     settings = dict(cuda_graph=pipe.cuda_graph, channels_last=pipe.channels_last)
@@ -130,7 +131,8 @@ def _with_components(pipe, sd_cls, xl_cls):
         return xl_cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
                       pipe.scheduler, force_zeros_for_empty_prompt=pipe.force_zeros_for_empty_prompt,
                       requires_aesthetics_score=pipe.requires_aesthetics_score, **settings)
-    return sd_cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, **settings)
+    return sd_cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+                  **settings)._image_encoder_of(pipe)
 
 
 def _inpaint(pipe):
@@ -148,7 +150,8 @@ def _text2img(pipe):
     if type(pipe) is not LatentConsistencyModelImg2ImgPipeline:
         return pipe
     return LatentConsistencyModelPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
-                                          cuda_graph=pipe.cuda_graph, channels_last=pipe.channels_last)
+                                          cuda_graph=pipe.cuda_graph,
+                                          channels_last=pipe.channels_last)._image_encoder_of(pipe)
 
 
 def _img2img(pipe):

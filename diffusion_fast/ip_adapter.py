@@ -145,9 +145,10 @@ class IPAdapterMixin:
             self.feature_extractor = CLIPImageProcessor(size=size, crop_size=size)
 
     def _image_encoder_of(self, pipe):
-        """This pipeline, given ``pipe``'s image encoder and processor (built on its components, whose UNet may
-        hold IP-Adapters)."""
+        """This pipeline, given ``pipe``'s image encoder, processor and safety checker (built on its components,
+        whose UNet may hold IP-Adapters)."""
         self.image_encoder, self.feature_extractor = pipe.image_encoder, pipe.feature_extractor
+        self.safety_checker = getattr(pipe, "safety_checker", None)
         return self
 
     def set_ip_adapter_scale(self, scale):
@@ -172,9 +173,12 @@ class IPAdapterMixin:
                 for config in configs]
 
     def unload_ip_adapter(self):
-        """Remove the adapters from the UNet, and the image encoder and processor (as diffusers does)."""
+        """Remove the adapters from the UNet, and the image encoder and processor (as diffusers does: the processor
+        stays where a safety checker reads it)."""
         ip_model.detach(self.unet)
-        self.image_encoder = self.feature_extractor = None
+        self.image_encoder = None
+        if getattr(self, "safety_checker", None) is None:
+            self.feature_extractor = None
 
     @torch.no_grad()
     def encode_image(self, image, device, num_images_per_prompt, output_hidden_states=None):

@@ -19,6 +19,7 @@ pipeline, ``pipeline_xl.py``, runs this loop with its own text conditioning.) Wh
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from .textual_inversion import TextualInversionLoaderMixin
 
 class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoaderMixin, IPAdapterMixin, ModelSwitches):
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")  # diffusers' names
+    safety_checker = None  # diffusers' StableDiffusionSafetyChecker where the folder has one (safety_checker.py)
     _guidance_rescale = 0.0  # set by each call that takes it, as diffusers keeps it (SD img2img takes none)
     _cond_names = ("add_text_embeds", "add_time_ids")  # diffusers' names of the UNet's extra inputs (``cond``)
     _unet_takes_mask = False  # (inpainting's 9-channel UNet)
@@ -86,10 +88,13 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
             raise ValueError(f"{folder!r} is a {index.get('_class_name', 'pipeline')} folder with two text "
                              "encoders (SDXL): load it with diffusion_fast.StableDiffusionXLPipeline (this class runs "
                              "SD 1.x/2.x checkpoints, one CLIP text encoder)")
-        load = ComponentLoader(folder, index, ("unet", "vae", "text_encoder", "tokenizer", "scheduler"), (),
-                               components, dtype, device, variant)
-        return cls(load("unet"), load("vae"), load("text_encoder", CLIPTextModel), load("tokenizer"),
+        checker = ("safety_checker", "feature_extractor")  # (loaded where the folder lists them, as diffusers)
+        load = ComponentLoader(folder, index, ("unet", "vae", "text_encoder", "tokenizer", "scheduler", *checker),
+                               checker, components, dtype, device, variant)
+        pipe = cls(load("unet"), load("vae"), load("text_encoder", CLIPTextModel), load("tokenizer"),
                    load("scheduler"), cuda_graph=cuda_graph, channels_last=channels_last)
+        pipe.safety_checker, pipe.feature_extractor = load("safety_checker"), load("feature_extractor")
+        return pipe
 
     @classmethod
     def from_tiny(cls, variant="sd1", seed=0, dtype=None, device=None, *, cuda_graph="auto", channels_last="auto"):
@@ -123,7 +128,7 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
 
     def to(self, device=None, dtype=None):
         dtype = resolve_dtype(dtype)
-        for module in (*self._models()["moved"], self.image_encoder):  # (an IP-Adapter's image encoder too)
+        for module in (*self._models()["moved"], self.image_encoder, self.safety_checker):  # (when there)
             if module is not None:  # (an SDXL refiner has no first text encoder)
                 module.to(device=device, dtype=dtype)
         self._graphs = self._graphed_for = None
@@ -398,7 +403,29 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
         seconds = time.perf_counter() - start
         if output_type == "latent":
             return StableDiffusionPipelineOutput(images=latents, seconds=seconds)
-        return StableDiffusionPipelineOutput(images=postprocess(self._decode(latents), output_type), seconds=seconds)
+        images, flags = self._checked(self._decode(latents))
+        return StableDiffusionPipelineOutput(images=postprocess(images, output_type), seconds=seconds,
+                                             nsfw_content_detected=flags)
+
+    def _checked(self, images):
+        """diffusers' run_safety_checker on the decoded (B, 3, H, W) images in [-1, 1]: (the images, a flagged one
+        black, the flags), or (the images, None) without a checker. The checker sees them as diffusers gives them
+        to its feature extractor: 8-bit PIL images."""
+        if self.safety_checker is None:
+            return images, None
+        if self.feature_extractor is None:
+            raise ValueError("safety_checker: a checker needs its feature_extractor (a CLIPImageProcessor), as "
+                             "diffusers' does; give one, or set safety_checker=None")
+        pixels = self.feature_extractor(postprocess(images, "pil"), return_tensors="pt").pixel_values
+        pixels = pixels.to(self.device, next(self.safety_checker.parameters()).dtype)
+        flags = [bool(f) for f in self.safety_checker(clip_input=pixels, images=images.clone())[1]]  # (or diffusers')
+        if any(flags):
+            warnings.warn("Potential NSFW content was detected in one or more images: a black image is returned "
+                          "instead (diffusers' safety checker). Try another prompt or seed, or load the pipeline "
+                          "with safety_checker=None.", UserWarning, stacklevel=4)
+            images = images.clone()
+            images[torch.tensor(flags, device=images.device)] = -1.0  # (black once mapped to [0, 1])
+        return images, flags
 
     def _step_cond(self, i, steps, cond):
         """The UNet's added conditioning for step ``i`` of the ``steps`` the loop runs (a ControlNet's scales for that

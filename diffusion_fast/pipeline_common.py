@@ -18,6 +18,7 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 class StableDiffusionPipelineOutput:
     images: object  # list of PIL images, a numpy (B, H, W, 3) array, a (B, 3, H, W) tensor, or latents
     seconds: float = 0.0  # wall time of the denoising loop (synchronised)
+    nsfw_content_detected: object = None  # a flag per image where a safety checker ran (SD 1.x/2.x), else None
 
 
 def auto_or_bool_setting(name: str, doc: str) -> property:

@@ -74,6 +74,14 @@ class ComponentLoader:
             return CLIPTokenizer.from_pretrained(path)
         if name == "scheduler":
             return load_scheduler(path)
+        if name == "safety_checker":
+            from .safety_checker import StableDiffusionSafetyChecker
+
+            return StableDiffusionSafetyChecker.from_pretrained(path, dtype=self.dtype, device=self.device)
+        if name == "feature_extractor":
+            from transformers import CLIPImageProcessor
+
+            return CLIPImageProcessor.from_pretrained(path)
         encoder = text_model_cls.from_pretrained(path)
         return encoder.to(device=self.device, dtype=self.dtype or encoder.dtype).eval()
 
