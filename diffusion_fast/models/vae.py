@@ -119,7 +119,33 @@ class Decoder(nn.Module):
         return self.conv_out(self.conv_norm_out(h))
 
 
-class AutoencoderKL(loading.PretrainedMixin, nn.Module):
+class VaeSwitches:
+    """diffusers' VAE memory savers, off by default (``use_slicing``, ``use_tiling``), and the input check, shared
+    by both VAEs."""
+
+    def enable_slicing(self):
+        """Encode and decode a batch one image at a time (diffusers' VAE slicing): less memory, the same result."""
+        self.use_slicing = True
+
+    def disable_slicing(self):
+        self.use_slicing = False
+
+    def enable_tiling(self, use_tiling=True):
+        """Encode and decode in overlapping, blended tiles (diffusers' VAE tiling; each VAE blends its own way):
+        memory that does not grow with the image; the result differs slightly from the untiled one, as in
+        diffusers, and equals diffusers' tiled result."""
+        self.use_tiling = bool(use_tiling)
+
+    def disable_tiling(self):
+        self.use_tiling = False
+
+    def _check(self, name, x, channels):
+        if not torch.is_tensor(x) or x.dim() != 4 or x.shape[1] != channels:
+            got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"{name} must be a (B, {channels}, H, W) tensor, got {got}")
+
+
+class AutoencoderKL(VaeSwitches, loading.PretrainedMixin, nn.Module):
     def __init__(self, config: dict):
         super().__init__()
         if config.get("_class_name") == "AutoencoderTiny":
@@ -144,22 +170,6 @@ class AutoencoderKL(loading.PretrainedMixin, nn.Module):
         self.tile_latent_min_size = int(size / 2 ** (len(c.block_out_channels) - 1))
         self.tile_overlap_factor = 0.25
 
-    def enable_slicing(self):
-        """Encode and decode a batch one image at a time (diffusers' VAE slicing): less memory, the same result."""
-        self.use_slicing = True
-
-    def disable_slicing(self):
-        self.use_slicing = False
-
-    def enable_tiling(self, use_tiling=True):
-        """Encode and decode images larger than the VAE's sample size in overlapping tiles, blended at the seams
-        (diffusers' VAE tiling): memory that does not grow with the image; the result differs slightly from the
-        untiled one, as in diffusers, and equals diffusers' tiled result."""
-        self.use_tiling = bool(use_tiling)
-
-    def disable_tiling(self):
-        self.use_tiling = False
-
     @staticmethod
     def convert_state_dict(state):
         return convert_legacy_keys(state)
@@ -180,11 +190,6 @@ class AutoencoderKL(loading.PretrainedMixin, nn.Module):
     @property
     def device(self):
         return self.decoder.conv_in.weight.device
-
-    def _check(self, name, x, channels):
-        if not torch.is_tensor(x) or x.dim() != 4 or x.shape[1] != channels:
-            got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-            raise ValueError(f"{name} must be a (B, {channels}, H, W) tensor, got {got}")
 
     def encode(self, x) -> DiagonalGaussianDistribution:
         """The posterior over latents for images ``x`` in [-1, 1]; ``.latent_dist`` returns itself (diffusers' spelling)."""

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import loading
+from .vae import VaeSwitches
 
 DEFAULTS = dict(
     in_channels=3, out_channels=3, encoder_block_out_channels=[64, 64, 64, 64],
@@ -98,7 +99,10 @@ class DecoderTiny(nn.Module):
         return self.layers(torch.tanh(z / 3) * 3).mul(2).sub(1)
 
 
-class AutoencoderTiny(loading.PretrainedMixin, nn.Module):
+class AutoencoderTiny(VaeSwitches, loading.PretrainedMixin, nn.Module):
+    """Tiling (``enable_tiling``) is diffusers' TAESD tiling: tiles of 512 pixels (64 latents) a side, each blended
+    over the ones above and to its left with linear ramps (``_tiled``), not the KL VAE's seams."""
+
     def __init__(self, config: dict):
         super().__init__()
         if config.get("_class_name") not in (None, "AutoencoderTiny"):
@@ -122,26 +126,6 @@ class AutoencoderTiny(loading.PretrainedMixin, nn.Module):
         self.use_slicing = self.use_tiling = False
         self.tile_sample_min_size, self.tile_overlap_factor = 512, 0.125  # (diffusers' TAESD tiling sizes)
         self.tile_latent_min_size = self.tile_sample_min_size // self.scale
-
-    def enable_slicing(self):
-        """Encode and decode a batch one image at a time (diffusers' VAE slicing): less memory, the same result."""
-        self.use_slicing = True
-
-    def disable_slicing(self):
-        self.use_slicing = False
-
-    def enable_tiling(self, use_tiling=True):
-        """Encode and decode in overlapping tiles (512 pixels a side, 64 latents), each blended over the ones above
-        and to its left with linear ramps (diffusers' TAESD tiling, which differs from the KL VAE's)."""
-        self.use_tiling = bool(use_tiling)
-
-    def disable_tiling(self):
-        self.use_tiling = False
-
-    def _check(self, name, x, channels):
-        if not torch.is_tensor(x) or x.dim() != 4 or x.shape[1] != channels:
-            got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-            raise ValueError(f"{name} must be a (B, {channels}, H, W) tensor, got {got}")
 
     def encode(self, x) -> TinyLatents:
         """The latents of images ``x`` in [-1, 1] (deterministic; see TinyLatents)."""
