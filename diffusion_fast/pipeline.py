@@ -261,7 +261,11 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
         # as diffusers' prepare_extra_step_kwargs: eta (DDIM's, TCD's) and a generator for a step that takes them
         step = self.scheduler.step
         kwargs = {name: value for name, value in (("eta", eta), ("generator", generator)) if takes(step, name)}
-        return self.scheduler.step(noise_pred, t, latents, **kwargs).prev_sample
+        return self._scheduler_output(self.scheduler.step(noise_pred, t, latents, **kwargs))
+
+    def _scheduler_output(self, output):
+        """The latents from a scheduler step's output (the LCM pipelines also read its x0 there)."""
+        return output.prev_sample
 
     def _unet_call(self, model_input, t, embeds, *cond, timestep_cond=None):
         """The UNet call (graphed when the step itself cannot be, see ``_graph_mode``); ``cond``: SDXL's pooled

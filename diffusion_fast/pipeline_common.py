@@ -80,7 +80,7 @@ class StepCallback:
     """diffusers' ``callback_on_step_end``, run after each step: ``fn(pipe, step, timestep, tensors)`` with the named
     tensors; the ones it returns replace the loop's (the latents, the text embeddings, SDXL's added conditioning)."""
 
-    def __init__(self, fn, inputs, allowed, extra):
+    def __init__(self, fn, inputs, allowed, extra, read_only=()):
         if not callable(fn):
             raise TypeError(f"callback_on_step_end must be callable (pipe, step, timestep, tensors) -> dict, got "
                             f"{type(fn).__name__}")
@@ -88,7 +88,7 @@ class StepCallback:
         unknown = [k for k in inputs if k not in allowed]
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs has to be in {list(allowed)}, but found {unknown}")
-        self.fn, self.inputs, self.extra = fn, inputs, extra
+        self.fn, self.inputs, self.extra, self.read_only = fn, inputs, extra, read_only
 
     def __call__(self, pipe, i, t, latents, embeds, cond, graphed):
         names = pipe._cond_names[:len(cond)]  # (SD's loop has none of SDXL's added conditioning)
@@ -101,6 +101,9 @@ class StepCallback:
         if not isinstance(outputs, dict):
             raise TypeError(f"callback_on_step_end must return a dict (the tensors it replaces, or {{}}), got "
                             f"{type(outputs).__name__}")
+        fixed = sorted(set(outputs) & set(self.read_only))
+        if fixed:
+            raise ValueError(f"callback_on_step_end returned {fixed}: readable here, not replaceable")
         latents, embeds = outputs.get("latents", latents), outputs.get("prompt_embeds", embeds)
         for name, old in grouped.items():
             new = outputs.get(name, old if len(old) > 1 else old[0])

@@ -15,7 +15,7 @@ import torch
 from .ip_adapter import ip_adapter_call
 from .lora import lora_call_scale
 from .pipeline import StableDiffusionPipeline
-from .pipeline_common import takes
+from .pipeline_common import StepCallback, takes
 from .pipeline_img2img import _ImageToImage
 
 
@@ -23,7 +23,8 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
     """diffusers' LatentConsistencyModelPipeline: text-to-image with an LCM-distilled UNet and (normally) its
     LCMScheduler. The image is the last step's output, which LCM's last step makes its denoised x0 (diffusers decodes
     that x0: the same tensor)."""
-    _callback_tensor_inputs = ("latents", "prompt_embeds")  # (diffusers' "denoised" and "w_embedding" are not offered)
+    _callback_tensor_inputs = ("latents", "denoised", "prompt_embeds", "w_embedding")  # diffusers' names
+    _step_callback = None  # the running call's StepCallback, which reads the step's x0 and the guidance embedding
 
     def _check_components(self):
         super()._check_components()
@@ -31,6 +32,26 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
             raise ValueError(f"unet has no time_cond_proj_dim: not an LCM-distilled UNet, for which "
                              f"{type(self).__name__} is made (an SD model with an LCM-LoRA fused in runs in "
                              "StableDiffusionPipeline with LCMScheduler and a guidance_scale of 1 to 2)")
+
+    def _callback(self, fn, inputs):
+        """diffusers' LCM callback tensors: its "denoised" (the step's x0; None with a scheduler that gives none) and
+        "w_embedding" are readable; returning either is refused (diffusers would use them: a replaced x0 is decoded
+        after the last step, a replaced embedding conditions the next steps)."""
+        callback = None if fn is None else StepCallback(fn, inputs, self._callback_tensor_inputs, {},
+                                                        read_only=("denoised", "w_embedding"))
+        self._step_callback = callback
+        return callback
+
+    def _guidance_cond(self, guidance_scale, latents):
+        cond = super()._guidance_cond(guidance_scale, latents)
+        if self._step_callback is not None:
+            self._step_callback.extra["w_embedding"] = cond[0]
+        return cond
+
+    def _scheduler_output(self, output):
+        if self._step_callback is not None:
+            self._step_callback.extra["denoised"] = getattr(output, "denoised", None)
+        return super()._scheduler_output(output)
 
     def _schedule(self, original_inference_steps, strength=None):
         """The scheduler's own arguments this call gives its set_timesteps (``_set_timesteps``), checked to be taken."""
@@ -76,7 +97,7 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
             return self._sample(shape, embeds, (), num_inference_steps, guidance_scale, False, 0.0, generator,
                                 latents, output_type, timesteps, None, callback)
         finally:
-            self._schedule_kwargs = {}
+            self._schedule_kwargs, self._step_callback = {}, None
 
 
 class LatentConsistencyModelImg2ImgPipeline(_ImageToImage, LatentConsistencyModelPipeline):
@@ -108,12 +129,13 @@ class LatentConsistencyModelImg2ImgPipeline(_ImageToImage, LatentConsistencyMode
             embeds = self._text_embeds(prompt, None, num_images_per_prompt, False, prompt_embeds, None, clip_skip,
                                        callback)
             num_inference_steps = self._set_timesteps(num_inference_steps, self.device, timesteps)
-        finally:
             self._schedule_kwargs = {}
-        timesteps = self.scheduler.timesteps
-        if latents is None:
-            latents = self._image_latents(image, latent_input, timesteps[:1].repeat(shape[0]), shape[0],
-                                          embeds.dtype, generator)
-        latents = latents.to(device=self.device, dtype=embeds.dtype)
-        return self._denoise(latents, timesteps, embeds, (), num_inference_steps, guidance_scale, False, 0.0,
-                             generator, output_type, callback)
+            timesteps = self.scheduler.timesteps
+            if latents is None:
+                latents = self._image_latents(image, latent_input, timesteps[:1].repeat(shape[0]), shape[0],
+                                              embeds.dtype, generator)
+            latents = latents.to(device=self.device, dtype=embeds.dtype)
+            return self._denoise(latents, timesteps, embeds, (), num_inference_steps, guidance_scale, False, 0.0,
+                                 generator, output_type, callback)
+        finally:
+            self._schedule_kwargs, self._step_callback = {}, None

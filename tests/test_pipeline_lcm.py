@@ -191,8 +191,8 @@ def test_lcm_pipelines_refuse_what_they_cannot_run(lcm_pair, lcm_img2img_pair):
     _, ours = lcm_pair
     with pytest.raises(TypeError, match="negative_prompt"):
         ours("a red cube", negative_prompt="blurry")  # (diffusers swallows it in **kwargs and ignores it)
-    with pytest.raises(ValueError, match=r"callback_on_step_end_tensor_inputs.*\['denoised'\]"):
-        ours("a red cube", callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["denoised"])
+    with pytest.raises(ValueError, match=r"callback_on_step_end_tensor_inputs.*\['noise_pred'\]"):
+        ours("a red cube", callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["noise_pred"])
     with pytest.raises(ValueError, match="unet has no time_cond_proj_dim: not an LCM-distilled UNet"):
         LatentConsistencyModelPipeline(UNet2DConditionModel.from_config(tiny.unet_config("sd1")), ours.vae,
                                        ours.text_encoder, ours.tokenizer, ours.scheduler)
@@ -223,6 +223,31 @@ def test_lcm_pipeline_with_an_ip_adapter_matches_diffusers(lcm_pair, tmp_path):
     finally:
         for pipe in (theirs, ours):
             pipe.unload_ip_adapter()
+
+
+def test_callback_reads_denoised_and_w_embedding_as_diffusers(lcm_pair):
+    """diffusers' LCM callback tensors: each step's x0 ("denoised") and the guidance embedding, the same as diffusers'
+    (the last x0 is the image's latents); returning them is refused, where diffusers would use them."""
+    theirs, ours = lcm_pair
+    names = ["latents", "denoised", "w_embedding"]
+    seen = {"theirs": [], "ours": []}
+
+    def recorder(key):
+        def callback(pipe, i, t, tensors):
+            seen[key].append({k: tensors[k].clone() for k in names})
+            return {}
+        return callback
+
+    for key, pipe in (("theirs", theirs), ("ours", ours)):
+        _run(pipe, output_type="latent", callback_on_step_end=recorder(key), callback_on_step_end_tensor_inputs=names)
+    assert len(seen["ours"]) == len(seen["theirs"]) == 4
+    for a, b in zip(seen["theirs"], seen["ours"]):
+        for k in names:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(seen["ours"][-1]["denoised"], seen["ours"][-1]["latents"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"returned \['denoised'\]: readable here, not replaceable"):
+        _run(ours, callback_on_step_end=lambda pipe, i, t, tensors: {"denoised": tensors["denoised"]},
+             callback_on_step_end_tensor_inputs=["denoised"])
 
 
 def test_callback_replaces_the_latents(lcm_pair):
