@@ -12,6 +12,7 @@ from PIL import Image
 
 import _tiny_diffusers
 import diffusion_fast
+from conftest import DEVICE, ON_GPU
 from diffusion_fast import AutoencoderKL, AutoencoderTiny, tiny
 from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
 from diffusion_fast.pipeline_folder import vae_class
@@ -90,6 +91,27 @@ def test_tiling_and_slicing_match_diffusers(pair, what):
             vae.disable_tiling()
             vae.tile_sample_min_size, vae.tile_latent_min_size = 512, 64
         ours.disable_slicing()
+
+
+@pytest.mark.skipif(not ON_GPU, reason="fp16 and bf16 decode on CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_low_precision_decode_on_gpu_meets_the_2x_rule(pair, dtype):
+    """Our decode in fp16/bf16 on CUDA (channels_last, as the pipelines run it there when asked) against the float64
+    decode: within 2x diffusers' decode in the same dtype, plus a floor."""
+    from _numerics import assert_2x_rule
+
+    theirs, ours, _ = pair
+    z = torch.randn(3, 4, 9, 7, generator=torch.Generator().manual_seed(2)) * 2
+    with torch.no_grad():
+        ref64 = ours.to(DEVICE, torch.float64).decode(z.to(DEVICE, torch.float64))
+        torch_out = theirs.to(DEVICE, dtype).decode(z.to(DEVICE, dtype)).sample
+        ours.to(DEVICE, dtype).to(memory_format=torch.channels_last)
+        out = ours.decode(z.to(DEVICE, dtype))
+    try:
+        assert_2x_rule(out.double(), ref64, torch_out.double(), floor=1e-2, what=f"TAESD decode {dtype}")
+    finally:
+        ours.to("cpu", torch.float32).to(memory_format=torch.contiguous_format)
+        theirs.to("cpu", torch.float32)
 
 
 def test_loading_refuses_the_wrong_class_by_name(pair, tmp_path):
