@@ -19,7 +19,6 @@ pipeline, ``pipeline_xl.py``, runs this loop with its own text conditioning.) Wh
 from __future__ import annotations
 
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -32,6 +31,7 @@ from .pipeline_common import (OUTPUT_TYPES, ModelSwitches, StableDiffusionPipeli
                               auto_or_bool_setting, check_size, postprocess, rescale_noise_cfg, takes)
 from .pipeline_folder import ComponentLoader, check_model_config, read_model_index, resolve_dtype
 from .pipeline_graphs import GraphedLoop
+from .safety_checker import run_safety_checker
 from .schedulers import DDIMScheduler
 from .schedulers.common import randn_tensor
 from .textual_inversion import TextualInversionLoaderMixin
@@ -407,29 +407,9 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
         seconds = time.perf_counter() - start
         if output_type == "latent":
             return StableDiffusionPipelineOutput(images=latents, seconds=seconds)
-        images, flags = self._checked(self._decode(latents))
+        images, flags = run_safety_checker(self.safety_checker, self.feature_extractor, self._decode(latents))
         return StableDiffusionPipelineOutput(images=postprocess(images, output_type), seconds=seconds,
                                              nsfw_content_detected=flags)
-
-    def _checked(self, images):
-        """diffusers' run_safety_checker on the decoded (B, 3, H, W) images in [-1, 1]: (the images, a flagged one
-        black, the flags), or (the images, None) without a checker. The checker sees them as diffusers gives them
-        to its feature extractor: 8-bit PIL images."""
-        if self.safety_checker is None:
-            return images, None
-        if self.feature_extractor is None:
-            raise ValueError("safety_checker: a checker needs its feature_extractor (a CLIPImageProcessor), as "
-                             "diffusers' does; give one, or set safety_checker=None")
-        pixels = self.feature_extractor(postprocess(images, "pil"), return_tensors="pt").pixel_values
-        pixels = pixels.to(self.device, next(self.safety_checker.parameters()).dtype)
-        flags = [bool(f) for f in self.safety_checker(clip_input=pixels, images=images.clone())[1]]  # (or diffusers')
-        if any(flags):
-            warnings.warn("Potential NSFW content was detected in one or more images: a black image is returned "
-                          "instead (diffusers' safety checker). Try another prompt or seed, or load the pipeline "
-                          "with safety_checker=None.", UserWarning, stacklevel=4)
-            images = images.clone()
-            images[torch.tensor(flags, device=images.device)] = -1.0  # (black once mapped to [0, 1])
-        return images, flags
 
     def _step_cond(self, i, steps, cond):
         """The UNet's added conditioning for step ``i`` of the ``steps`` the loop runs (a ControlNet's scales for that

@@ -83,3 +83,26 @@ class StableDiffusionSafetyChecker(nn.Module):
             if flagged:
                 images[i] = torch.zeros_like(images[i]) if torch.is_tensor(images[i]) else np.zeros(images[i].shape)
         return images, flags
+
+
+def run_safety_checker(checker, feature_extractor, images):
+    """diffusers' run_safety_checker on a pipeline's decoded (B, 3, H, W) images in [-1, 1]: (the images, a flagged
+    one black, the flags), or (the images, None) without a checker. The checker (ours, or diffusers') sees them as
+    diffusers gives them to its feature extractor: 8-bit PIL images."""
+    from .pipeline_common import postprocess
+
+    if checker is None:
+        return images, None
+    if feature_extractor is None:
+        raise ValueError("safety_checker: a checker needs its feature_extractor (a CLIPImageProcessor), as "
+                         "diffusers' does; give one, or set safety_checker=None")
+    weight = next(checker.parameters())
+    pixels = feature_extractor(postprocess(images, "pil"), return_tensors="pt").pixel_values
+    flags = [bool(f) for f in checker(clip_input=pixels.to(weight.device, weight.dtype), images=images.clone())[1]]
+    if any(flags):
+        warnings.warn("Potential NSFW content was detected in one or more images: a black image is returned instead "
+                      "(diffusers' safety checker). Try another prompt or seed, or load the pipeline with "
+                      "safety_checker=None.", UserWarning, stacklevel=4)
+        images = images.clone()
+        images[torch.tensor(flags, device=images.device)] = -1.0  # (black once mapped to [0, 1])
+    return images, flags
