@@ -77,7 +77,8 @@ class ComponentLoader:
         if name == "safety_checker":
             from .safety_checker import StableDiffusionSafetyChecker
 
-            return StableDiffusionSafetyChecker.from_pretrained(path, dtype=self.dtype, device=self.device)
+            return StableDiffusionSafetyChecker.from_pretrained(path, dtype=self.dtype, device=self.device,
+                                                                variant=self.variant)
         if name == "feature_extractor":
             from transformers import CLIPImageProcessor
 

@@ -32,15 +32,19 @@ class StableDiffusionSafetyChecker(nn.Module):
         self.special_care_embeds_weights = nn.Parameter(torch.ones(3), requires_grad=False)
 
     @classmethod
-    def from_pretrained(cls, folder, dtype=None, device=None):
+    def from_pretrained(cls, folder, dtype=None, device=None, variant=None):
         """A transformers-saved folder (config.json, model.safetensors or pytorch_model.bin, the latter read with
-        ``weights_only=True``), loaded strictly: missing, unexpected and mis-shaped weights in one error."""
+        ``weights_only=True``; ``model.<variant>.safetensors`` first with a variant, e.g. "fp16"), loaded strictly:
+        missing, unexpected and mis-shaped weights in one error."""
         from safetensors.torch import load_file
         from transformers import CLIPConfig
 
         folder = os.fspath(folder)
         config = CLIPConfig.from_pretrained(folder)
-        files = [os.path.join(folder, name) for name in ("model.safetensors", "pytorch_model.bin")]
+        names = ("model.safetensors", "pytorch_model.bin")
+        if variant:
+            names = (f"model.{variant}.safetensors", f"pytorch_model.{variant}.bin", *names)
+        files = [os.path.join(folder, name) for name in names]
         path = next((f for f in files if os.path.isfile(f)), None)
         if path is None:
             raise FileNotFoundError(f"{folder!r} has no safety checker weights (looked for {files})")

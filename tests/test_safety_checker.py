@@ -105,6 +105,19 @@ def test_loading_is_strict(tmp_path):
         StableDiffusionSafetyChecker.from_pretrained(tmp_path)
 
 
+def test_a_variant_file_is_read_first(tmp_path):
+    """With variant="fp16" (as a pipeline's from_pretrained passes it), model.fp16.safetensors is read first."""
+    from safetensors.torch import load_file, save_file
+
+    theirs = _theirs()
+    theirs.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    save_file({k: v.half() for k, v in state.items()}, tmp_path / "model.fp16.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    ours = StableDiffusionSafetyChecker.from_pretrained(tmp_path, variant="fp16")
+    torch.testing.assert_close(ours.concept_embeds, theirs.concept_embeds.half().float())
+
+
 # ---- in the pipelines -------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
