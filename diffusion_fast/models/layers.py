@@ -101,7 +101,7 @@ def timestep_embedding(timesteps, dim, flip_sin_to_cos=True, downscale_freq_shif
 def guidance_scale_embedding(w, dim):
     """An LCM-distilled UNet's guidance-scale condition (diffusers' get_guidance_scale_embedding): the sinusoidal
     embedding of 1000 * ``w`` ((B,) guidance scales minus one, the pipelines' Imagen form), [sin, cos] with the
-    frequencies computed in the order diffusers computes them (an ulp there moves sin(7500 * f) by 1e-3), fp32."""
+    frequencies computed in the order diffusers computes them (one ulp of f moves sin(7500 * f) by up to 5e-4), fp32."""
     half = dim // 2
     step = torch.log(torch.tensor(10000.0)) / (half - 1)
     freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step).to(w.device)
