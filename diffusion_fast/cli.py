@@ -257,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compare", action="store_true",
                    help="also run the reference path and print the max difference (always on without --model)")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--no-safety-checker", action="store_true",
+                   help="do not run the model folder's safety checker (an SD folder that lists one runs it, as in "
+                        "diffusers: a flagged image is written black)")
 
     b = sub.add_parser("bench", help="kernel throughput and end-to-end it/s, fast vs reference vs eager")
     _add_common(b, model=False)

@@ -13,6 +13,7 @@ import torch
 from .cli import KARRAS_SCHEDULERS, SCHEDULER_CHOICES, UsageError, _device, _dtype
 from .generate_guidance import (load_ip_adapters, open_image, read_adapter_images, read_control_images,
                                 read_ip_adapter_images, with_t2i_adapters)
+from .generate_model import default_steps, model_components
 from .pipeline_common import takes
 
 
@@ -212,31 +213,6 @@ def _ensemble(base, refiner, fraction, prompt, **kwargs):
     return StableDiffusionPipelineOutput(images=second.images, seconds=first.seconds + second.seconds)
 
 
-def _vae(args, dtype, device):
-    """--vae: the VAE folder's model (ours for its class: AutoencoderKL or AutoencoderTiny), or None."""
-    from .pipeline_folder import vae_class
-
-    if args.vae is None:
-        return None
-    if args.model is None:
-        raise UsageError("--vae: give --model too (the built-in model's tiny VAE is its own)")
-    return vae_class(args.vae).from_pretrained(args.vae, dtype=dtype, device=device)
-
-
-def _steps(args, pipe):
-    """--steps, or the default for the model: 4 for an LCM-distilled one (as diffusers' LCM pipelines), 50, or 20
-    for the built-in tiny model. An LCM pipeline takes no negative prompt and no eta, as diffusers' does."""
-    lcm = pipe.unet.config.time_cond_proj_dim is not None
-    if not takes(pipe.__call__, "negative_prompt"):
-        for flag, value, default, why in (
-                ("--negative-prompt", args.negative_prompt, None, "it was distilled with the empty one"),
-                ("--eta", args.eta, 0.0, "its LCM step draws its own noise")):
-            if value != default:
-                raise UsageError(f"{args.model} is a latent consistency model (diffusers' LatentConsistencyModel"
-                                 f"Pipeline): it takes no {flag} ({why})")
-    return args.steps or (4 if lcm else 50 if args.model else 20)
-
-
 def generate(args) -> int:
     from . import backend
     from .numerics import max_abs_err, psnr
@@ -257,12 +233,12 @@ def generate(args) -> int:
     dtype = _dtype(args.dtype, device)
     compare = args.compare or args.model is None
     t0 = time.perf_counter()
-    vae = _vae(args, dtype, device)
+    components = model_components(args, dtype, device)
     if args.model:  # SD 1.x/2.x or SDXL, by the folder
-        pipe = load_pipeline(args.model, dtype=dtype, device=device, **({} if vae is None else {"vae": vae}))
+        pipe = load_pipeline(args.model, dtype=dtype, device=device, **components)
     else:
         pipe = StableDiffusionPipeline.from_tiny("sd1", seed=args.seed, dtype=dtype, device=device)
-    steps = _steps(args, pipe)
+    steps = default_steps(args, pipe)
     for i, (path, scale) in enumerate(args.lora):
         pipe.load_lora_weights(path, adapter_name=f"lora_{i}")
     if args.lora:  # diffusers activates the last LoRA loaded; here every one given is active, at its scale
@@ -358,7 +334,7 @@ def generate(args) -> int:
         pasted = "padding_mask_crop" in extra  # (diffusers pastes into the image as PIL only)
         kwargs = dict(num_inference_steps=num_steps, clip_skip=args.clip_skip, generator=generator,
                       num_images_per_prompt=args.batch, output_type="pil" if pasted else "np", **extra)
-        if takes(pipe.__call__, "negative_prompt"):  # (not an LCM pipeline's: see _steps)
+        if takes(pipe.__call__, "negative_prompt"):  # (not an LCM pipeline's: see default_steps)
             kwargs.update(negative_prompt=args.negative_prompt, eta=args.eta)
         with backend(path_name):
             if refiner is not None:
@@ -385,6 +361,10 @@ def generate(args) -> int:
               f"(pixels in [0, 1]); PSNR {psnr(fast.images, ref.images):.1f} dB")
     from PIL import Image
 
+    flagged = [i for i, f in enumerate(fast.nsfw_content_detected or ()) if f]
+    if flagged:
+        print(f"safety checker: image{'s' if len(flagged) > 1 else ''} {', '.join(map(str, flagged))} flagged, "
+              "written black (--no-safety-checker turns it off)")
     images = (fast.images * 255).round().astype("uint8")
     root, ext = os.path.splitext(args.output)
     ext = ext or ".png"

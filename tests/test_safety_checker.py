@@ -4,6 +4,8 @@ tiny), and our SD pipelines running it as diffusers' do, on a folder saved with 
 Stated tolerance: the flags equal diffusers' (its rounding of the scores to 3 decimals and its special-care
 adjustment included); the images within 1e-3 of diffusers', a flagged one black in both.
 """
+import warnings
+
 import diffusers
 import numpy as np
 import pytest
@@ -181,3 +183,32 @@ def test_pipelines_built_on_it_keep_it(pair):
     assert control.safety_checker is ours.safety_checker and control.feature_extractor is ours.feature_extractor
     control.unload_ip_adapter()
     assert control.feature_extractor is not None
+
+
+# ---- the CLI ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("off", [False, True], ids=["checked", "no-safety-checker"])
+def test_generate_runs_the_checker_unless_turned_off(pair, tmp_path, capsys, off):
+    """The folder's checker runs (image 0 written black, said in one line); --no-safety-checker does not load it."""
+    from PIL import Image
+
+    from diffusion_fast.cli import main
+
+    _, _, folder = pair
+    argv = ["generate", "--model", folder, "--prompt", "a red cube", "--steps", "3", "--batch", "2", "--seed", "3",
+            "--output", str(tmp_path / "out.png"), "--no-progress"] + (["--no-safety-checker"] if off else [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the checker's own warning)
+        assert main(argv) == 0
+    text = capsys.readouterr().out
+    first, second = (np.asarray(Image.open(tmp_path / f"out_{i}.png")) for i in range(2))
+    assert ("safety checker: image 0 flagged, written black" in text) != off, text
+    assert (first.max() == 0) != off and second.max() > 0
+
+
+def test_no_safety_checker_on_a_folder_without_one_is_one_line(tmp_path, capsys):
+    from diffusion_fast.cli import main
+
+    _tiny_diffusers.pipeline("sd1").save_pretrained(tmp_path)  # (saved with safety_checker=None)
+    assert main(["generate", "--model", str(tmp_path), "--no-safety-checker", "--steps", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--no-safety-checker: " in err and "has no safety checker" in err and "Traceback" not in err

@@ -1,0 +1,40 @@
+"""``diffusion-fast generate``'s model flags: the components they give the folder's pipeline (``--vae``,
+``--no-safety-checker``) and the default step count for the model loaded (4 for an LCM). Bad values raise
+UsageError, which ``cli.main`` prints as one line."""
+from __future__ import annotations
+
+from .cli import UsageError
+from .pipeline_common import takes
+
+
+def model_components(args, dtype, device):
+    """The components given to load_pipeline: --vae's model (ours for its class: AutoencoderKL or AutoencoderTiny),
+    and with --no-safety-checker no checker (the folder's then not loaded)."""
+    from .pipeline_folder import read_model_index, vae_class
+
+    components = {}
+    if args.no_safety_checker:
+        listed = args.model is not None and (read_model_index(args.model)[1].get("safety_checker") or [None])[0]
+        if not listed:
+            raise UsageError(f"--no-safety-checker: {args.model or 'the built-in model'} has no safety checker "
+                             "(its model_index.json lists none)")
+        components["safety_checker"] = None
+    if args.vae is not None:
+        if args.model is None:
+            raise UsageError("--vae: give --model too (the built-in model's tiny VAE is its own)")
+        components["vae"] = vae_class(args.vae).from_pretrained(args.vae, dtype=dtype, device=device)
+    return components
+
+
+def default_steps(args, pipe):
+    """--steps, or the default for the model: 4 for an LCM-distilled one (as diffusers' LCM pipelines), 50, or 20
+    for the built-in tiny model. An LCM pipeline takes no negative prompt and no eta, as diffusers' does."""
+    lcm = pipe.unet.config.time_cond_proj_dim is not None
+    if not takes(pipe.__call__, "negative_prompt"):
+        for flag, value, default, why in (
+                ("--negative-prompt", args.negative_prompt, None, "it was distilled with the empty one"),
+                ("--eta", args.eta, 0.0, "its LCM step draws its own noise")):
+            if value != default:
+                raise UsageError(f"{args.model} is a latent consistency model (diffusers' LatentConsistencyModel"
+                                 f"Pipeline): it takes no {flag} ({why})")
+    return args.steps or (4 if lcm else 50 if args.model else 20)
