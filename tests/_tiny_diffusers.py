@@ -138,12 +138,13 @@ def controlnet_pipeline(seed=0, nets=1, variant="sd1"):
     return pipe.to(torch.float32)
 
 
-def random_controlnet(unet):
+def random_controlnet(unet, widths=(8, 16, 32)):
     """A diffusers ControlNetModel built from ``unet`` with random zero convolutions and conditioning embedding (see
-    controlnet_pipeline), drawn from torch's global generator."""
+    controlnet_pipeline), drawn from torch's global generator; ``widths``: the embedding's, one stride-2 convolution
+    between each two (the tiny VAE's 4x; a fourth width for TAESD's 8x)."""
     from diffusers import ControlNetModel
 
-    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32))
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=widths)
     with torch.no_grad():
         for zero_conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
             zero_conv.weight.normal_(std=0.05)

@@ -236,6 +236,16 @@ def test_lcm_with_taesd_matches_diffusers(tmp_path):
                                       diffusion_fast.LatentConsistencyModelPipeline))
 
 
+def test_controlnet_matches_diffusers(tmp_path):
+    """A ControlNet pipeline with TAESD: the conditioning image at 8x the latents (a net whose embedding downsamples
+    8x), as the scale factor read from TAESD sizes it."""
+    theirs = _tiny_diffusers.controlnet_pipeline(seed=1)
+    torch.manual_seed(5)
+    theirs.controlnet = _tiny_diffusers.random_controlnet(theirs.unet, widths=(8, 16, 32, 32))
+    _assert_as_diffusers(*_with_taesd(theirs, tmp_path, diffusion_fast.StableDiffusionControlNetPipeline),
+                         image=IMAGE.resize((64, 64)))
+
+
 def test_accelerate_leaves_taesd_alone_and_keeps_the_image(sd_pair):
     theirs, _ = sd_pair
     before = _run(theirs)
