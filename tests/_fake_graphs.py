@@ -28,3 +28,20 @@ def use_fake_graphs(graphed):
     graphed._capture = types.MethodType(_fake_capture, graphed)
     graphed.captures = 0
     return graphed
+
+
+def assert_graphed_as_eager(pipe, call, mode, graphs):
+    """The GPU tests' check of a pipeline's CUDA graphs: ``call(pipe)`` eager, then graphed twice (the capture, then
+    a replay) on the fast path; the capture within fp16's 2e-3 of eager, the replay bit for bit, and ``graphs``
+    graphs of ``mode`` ("step" or "unet") held. Returns the eager output."""
+    import diffusion_fast
+
+    outs = []
+    for graph in (False, "auto", "auto"):  # eager, capture, replay
+        pipe.cuda_graph = graph
+        with diffusion_fast.backend("fast"):
+            outs.append(call(pipe))
+    assert len(pipe._graphs[mode]) == graphs
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(outs[2], outs[1], rtol=0, atol=0)
+    return outs[0]
