@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(g)
     g.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
     g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--steps", type=_positive_int, default=None, help="default: 50 (4 for an LCM-distilled model, 20 for the built-in one)")
+    g.add_argument("--steps", type=_positive_int, default=None,
+                   help="default: 50 (4 for an LCM-distilled model, 20 for the built-in one)")
     g.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the pipeline's, 7.5 for SD 1.x/2.x, 5.0 for SDXL, "
                         "8.5 for an LCM-distilled model)")

@@ -14,7 +14,6 @@ from .cli import KARRAS_SCHEDULERS, SCHEDULER_CHOICES, UsageError, _device, _dty
 from .generate_guidance import (load_ip_adapters, open_image, read_adapter_images, read_control_images,
                                 read_ip_adapter_images, with_t2i_adapters)
 from .generate_model import default_steps, model_components
-from .pipeline_common import takes
 
 
 def _check_scheduler_options(args, scheduler_name):
@@ -217,6 +216,7 @@ def generate(args) -> int:
     from . import backend
     from .numerics import max_abs_err, psnr
     from .pipeline import StableDiffusionPipeline
+    from .pipeline_lcm import LatentConsistencyModelPipeline
     from .pipeline_t2i_adapter import AdapterGuidance
     from .pipeline_xl import load_pipeline
     from .schedulers import SCHEDULERS
@@ -306,8 +306,8 @@ def generate(args) -> int:
     else:  # img2img: the image's own size; a warm-up step of a strength-cut schedule needs the whole schedule
         strength = args.strength if args.strength is not None else 0.3 if hasattr(pipe, "text_encoder_2") else 0.8
         options.update(image=init_image, strength=strength)
-        lcm = not takes(pipe.__call__, "negative_prompt")  # (an LCM spaces all its steps over the strength part)
-        denoised = steps if lcm else min(int(steps * strength), steps)
+        # (an LCM spaces all its steps over the strength part)
+        denoised = steps if isinstance(pipe, LatentConsistencyModelPipeline) else min(int(steps * strength), steps)
     if control_images is not None:  # the first image (or --image) sets the size, unless --height/--width do
         # (the pipeline's, as diffusers: SD's ControlNet inpainting 0.5, SDXL's 1.0)
         default = 1.0 if init_image is None else 0.8 if mask_image is None else 1.0 if hasattr(
@@ -334,7 +334,7 @@ def generate(args) -> int:
         pasted = "padding_mask_crop" in extra  # (diffusers pastes into the image as PIL only)
         kwargs = dict(num_inference_steps=num_steps, clip_skip=args.clip_skip, generator=generator,
                       num_images_per_prompt=args.batch, output_type="pil" if pasted else "np", **extra)
-        if takes(pipe.__call__, "negative_prompt"):  # (not an LCM pipeline's: see default_steps)
+        if not isinstance(pipe, LatentConsistencyModelPipeline):  # (which takes neither: see default_steps)
             kwargs.update(negative_prompt=args.negative_prompt, eta=args.eta)
         with backend(path_name):
             if refiner is not None:

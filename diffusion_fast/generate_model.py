@@ -4,7 +4,6 @@ UsageError, which ``cli.main`` prints as one line."""
 from __future__ import annotations
 
 from .cli import UsageError
-from .pipeline_common import takes
 
 
 def model_components(args, dtype, device):
@@ -29,8 +28,10 @@ def model_components(args, dtype, device):
 def default_steps(args, pipe):
     """--steps, or the default for the model: 4 for an LCM-distilled one (as diffusers' LCM pipelines), 50, or 20
     for the built-in tiny model. An LCM pipeline takes no negative prompt and no eta, as diffusers' does."""
+    from .pipeline_lcm import LatentConsistencyModelPipeline
+
     lcm = pipe.unet.config.time_cond_proj_dim is not None
-    if not takes(pipe.__call__, "negative_prompt"):
+    if isinstance(pipe, LatentConsistencyModelPipeline):
         for flag, value, default, why in (
                 ("--negative-prompt", args.negative_prompt, None, "it was distilled with the empty one"),
                 ("--eta", args.eta, 0.0, "its LCM step draws its own noise")):

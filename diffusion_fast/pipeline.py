@@ -382,8 +382,9 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
         graphs = self._graphs_for_components() if mode else None
         graphed = mode == "step"
 
-        image_tokens = self._ip_adapter_tokens(latents.shape[0], do_cfg)  # (graph inputs, after the step's own)
-        image_tokens += self._guidance_cond(guidance_scale, latents)  # (the last one, an LCM's; _model_call)
+        # the call's graph inputs after the step's own: IP-Adapters' image tokens, then an LCM's guidance embedding
+        # (_model_call takes them apart)
+        call_inputs = (*self._ip_adapter_tokens(latents.shape[0], do_cfg), *self._guidance_cond(guidance_scale, latents))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -391,7 +392,7 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
         for i, t in enumerate(tqdm(timesteps, **{"desc": "denoising", **self._progress})):
             if self._interrupt:
                 continue
-            step_cond = (*self._step_cond(i, len(timesteps), cond), *image_tokens)
+            step_cond = (*self._step_cond(i, len(timesteps), cond), *call_inputs)
             if graphed:  # replays write a static buffer, which the next replay copies in as its input
                 latents = graphs["step"](latents, t, embeds, float(guidance_scale), do_cfg, num_inference_steps,
                                          *step_cond)

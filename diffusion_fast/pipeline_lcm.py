@@ -25,6 +25,7 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
     that x0: the same tensor)."""
     _callback_tensor_inputs = ("latents", "denoised", "prompt_embeds", "w_embedding")  # diffusers' names
     _step_callback = None  # the running call's StepCallback, which reads the step's x0 and the guidance embedding
+    _schedule_kwargs = None  # the running call's arguments for the scheduler's set_timesteps (``_schedule``)
 
     def _check_components(self):
         super()._check_components()
@@ -65,7 +66,7 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
 
     def _set_timesteps(self, num_inference_steps, device, timesteps=None, sigmas=None):
         """diffusers' retrieve_timesteps with the LCM scheduler's ``original_inference_steps`` (and ``strength``)."""
-        given = getattr(self, "_schedule_kwargs", {})
+        given = self._schedule_kwargs
         if not given:
             return super()._set_timesteps(num_inference_steps, device, timesteps, sigmas)
         if timesteps is not None and not takes(self.scheduler.set_timesteps, "timesteps"):
