@@ -40,6 +40,8 @@ class StableDiffusionSafetyChecker(nn.Module):
         from transformers import CLIPConfig
 
         folder = os.fspath(folder)
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise FileNotFoundError(f"{folder!r} is not a safety checker folder (no config.json)")
         config = CLIPConfig.from_pretrained(folder)
         names = ("model.safetensors", "pytorch_model.bin")
         if variant:
@@ -67,6 +69,11 @@ class StableDiffusionSafetyChecker(nn.Module):
     @torch.no_grad()
     def flags(self, clip_input) -> list:
         """For each image (CLIP-preprocessed pixels, ``clip_input``), whether it is flagged (see the module)."""
+        size = self.config.vision_config.image_size
+        if not torch.is_tensor(clip_input) or clip_input.dim() != 4 or clip_input.shape[1] != 3:
+            got = tuple(clip_input.shape) if torch.is_tensor(clip_input) else type(clip_input).__name__
+            raise ValueError(f"clip_input must be a (B, 3, {size}, {size}) tensor (the feature extractor's "
+                             f"pixel_values), got {got}")
         embeds = self.visual_projection(self.vision_model(clip_input)[1])
 
         def scores(concepts, thresholds, adjustment):  # diffusers' arithmetic: float32, then rounded to 3 decimals

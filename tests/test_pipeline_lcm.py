@@ -78,6 +78,13 @@ def test_guidance_scale_embedding_is_diffusers(dim):
     torch.testing.assert_close(guidance_scale_embedding(w, dim), expected, rtol=0, atol=0)
 
 
+def test_guidance_scale_embedding_names_bad_arguments():
+    with pytest.raises(TypeError, match="w must be a .B,. tensor"):
+        guidance_scale_embedding(7.5, 32)
+    with pytest.raises(ValueError, match="dim must be an int >= 4"):
+        guidance_scale_embedding(torch.tensor([7.5]), 2)
+
+
 def test_unet_takes_the_guidance_condition_as_diffusers_does(tmp_path):
     """Batch 3 at an odd latent size (9x7): with the condition, without it (diffusers then adds nothing), and each
     sample's own condition."""

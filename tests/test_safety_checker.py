@@ -107,6 +107,14 @@ def test_loading_is_strict(tmp_path):
         StableDiffusionSafetyChecker.from_pretrained(tmp_path)
 
 
+def test_bad_inputs_name_the_argument(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a safety checker folder"):
+        StableDiffusionSafetyChecker.from_pretrained(tmp_path)
+    ours = _ours_from(_theirs(), tmp_path)
+    with pytest.raises(ValueError, match=r"clip_input must be a \(B, 3, 32, 32\) tensor .* got \(3, 32, 32\)"):
+        ours.flags(torch.zeros(3, 32, 32))
+
+
 def test_a_variant_file_is_read_first(tmp_path):
     """With variant="fp16" (as a pipeline's from_pretrained passes it), model.fp16.safetensors is read first."""
     from safetensors.torch import load_file, save_file

@@ -102,6 +102,11 @@ def guidance_scale_embedding(w, dim):
     """An LCM-distilled UNet's guidance-scale condition (diffusers' get_guidance_scale_embedding): the sinusoidal
     embedding of 1000 * ``w`` ((B,) guidance scales minus one, the pipelines' Imagen form), [sin, cos] with the
     frequencies computed in the order diffusers computes them (one ulp of f moves sin(7500 * f) by up to 5e-4), fp32."""
+    if not torch.is_tensor(w) or w.dim() != 1 or not (w.is_floating_point() or w.dtype == torch.int64):
+        got = f"{w.dtype} of shape {tuple(w.shape)}" if torch.is_tensor(w) else type(w).__name__
+        raise TypeError(f"w must be a (B,) tensor of guidance scales (minus one), got {got}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 4:
+        raise ValueError(f"dim must be an int >= 4 (the UNet's time_cond_proj_dim), got {dim!r}")
     half = dim // 2
     step = torch.log(torch.tensor(10000.0)) / (half - 1)
     freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step).to(w.device)
