@@ -36,6 +36,7 @@ _LAZY = {
     "StableDiffusionXLAdapterPipeline": ("pipeline_t2i_adapter", "StableDiffusionXLAdapterPipeline"),
     "LatentConsistencyModelPipeline": ("pipeline_lcm", "LatentConsistencyModelPipeline"),
     "LatentConsistencyModelImg2ImgPipeline": ("pipeline_lcm", "LatentConsistencyModelImg2ImgPipeline"),
+    "StableDiffusionInstructPix2PixPipeline": ("pipeline_pix2pix", "StableDiffusionInstructPix2PixPipeline"),
     "AutoencoderKL": ("models", "AutoencoderKL"),
     "AutoencoderTiny": ("models", "AutoencoderTiny"),
     "ControlNetModel": ("models", "ControlNetModel"),

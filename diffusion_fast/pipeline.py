@@ -43,6 +43,7 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
     _guidance_rescale = 0.0  # set by each call that takes it, as diffusers keeps it (SD img2img takes none)
     _cond_names = ("add_text_embeds", "add_time_ids")  # diffusers' names of the UNet's extra inputs (``cond``)
     _unet_takes_mask = False  # (inpainting's 9-channel UNet)
+    _unet_takes_image = False  # (InstructPix2Pix's 8-channel UNet)
     _begins_at_zero = False  # diffusers' SD pipeline lets a step-index scheduler find its start from the timestep
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, *, cuda_graph="auto", channels_last="auto"):
@@ -70,10 +71,12 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
             raise ValueError(f"unet (cross_attention_dim={cross}{extra}) does not fit text_encoder (hidden_size="
                              f"{width}): this pipeline conditions the UNet on one CLIP text encoder's hidden states "
                              "and nothing else (SD 1.x/2.x; for SDXL, diffusion_fast.StableDiffusionXLPipeline)")
-        if unet.config.in_channels != self.vae.config.latent_channels and not self._unet_takes_mask:
-            raise ValueError(f"unet has {unet.config.in_channels} input channels and the VAE's latents "
-                             f"{self.vae.config.latent_channels}: an inpainting UNet, for "
-                             "diffusion_fast.StableDiffusionInpaintPipeline")
+        unet_in, latent = unet.config.in_channels, self.vae.config.latent_channels
+        if unet_in != latent and not (self._unet_takes_mask or self._unet_takes_image):
+            kind = ("an InstructPix2Pix UNet, for diffusion_fast.StableDiffusionInstructPix2PixPipeline"
+                    if unet_in == 2 * latent else "an inpainting UNet, for diffusion_fast.StableDiffusionInpaintPipeline"
+                    if unet_in == 2 * latent + 1 else "a UNet this pipeline cannot run")
+            raise ValueError(f"unet has {unet_in} input channels and the VAE's latents {latent}: {kind}")
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -258,10 +261,14 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
             noise_pred = uncond + guidance_scale * (text - uncond)
             if rescale:
                 noise_pred = rescale_noise_cfg(noise_pred, text, self._guidance_rescale)
-        # as diffusers' prepare_extra_step_kwargs: eta (DDIM's, TCD's) and a generator for a step that takes them
+        return self._scheduler_step(noise_pred, t, latents, eta, generator)
+
+    def _scheduler_step(self, noise_pred, t, latents, eta, generator):
+        """The scheduler's step from the guided prediction, given ``eta`` (DDIM's, TCD's) and the generator where it
+        takes them (diffusers' prepare_extra_step_kwargs)."""
         step = self.scheduler.step
         kwargs = {name: value for name, value in (("eta", eta), ("generator", generator)) if takes(step, name)}
-        return self._scheduler_output(self.scheduler.step(noise_pred, t, latents, **kwargs))
+        return self._scheduler_output(step(noise_pred, t, latents, **kwargs))
 
     def _scheduler_output(self, output):
         """The latents from a scheduler step's output (the LCM pipelines also read its x0 there)."""

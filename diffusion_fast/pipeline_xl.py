@@ -284,7 +284,8 @@ def load_pipeline(folder, **kwargs):
     ``...Img2ImgPipeline`` / ``...InpaintPipeline`` for a folder diffusers saved such a ControlNet pipeline in
     (``StableDiffusionXLControlNetUnion...Pipeline`` for a ControlNet-Union one),
     ``StableDiffusion(XL)AdapterPipeline`` for one it saved a T2I-Adapter pipeline in,
-    ``LatentConsistencyModel(Img2Img)Pipeline`` for an LCM's (diffusers' class name), else
+    ``LatentConsistencyModel(Img2Img)Pipeline`` for an LCM's (diffusers' class name),
+    ``StableDiffusionInstructPix2PixPipeline`` for an InstructPix2Pix one, else
     ``StableDiffusionPipeline``; ``kwargs`` go to its ``from_pretrained``."""
     from .pipeline_controlnet import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
     from .pipeline_controlnet_image import (StableDiffusionControlNetImg2ImgPipeline,
@@ -297,6 +298,7 @@ def load_pipeline(folder, **kwargs):
     from .pipeline_img2img import StableDiffusionXLImg2ImgPipeline
     from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
     from .pipeline_lcm import LatentConsistencyModelImg2ImgPipeline, LatentConsistencyModelPipeline
+    from .pipeline_pix2pix import StableDiffusionInstructPix2PixPipeline
     from .pipeline_t2i_adapter import StableDiffusionAdapterPipeline, StableDiffusionXLAdapterPipeline
 
     folder, components = read_model_index(folder)
@@ -327,6 +329,8 @@ def load_pipeline(folder, **kwargs):
         cls = StableDiffusionInpaintPipeline
     elif name.startswith("LatentConsistencyModel"):
         cls = LatentConsistencyModelImg2ImgPipeline if "Img2Img" in name else LatentConsistencyModelPipeline
+    elif name == "StableDiffusionInstructPix2PixPipeline":
+        cls = StableDiffusionInstructPix2PixPipeline
     else:
         cls = StableDiffusionPipeline
     return cls.from_pretrained(folder, **kwargs)

@@ -339,3 +339,19 @@ def lcm_pipeline(seed=1):
                                           requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ---- InstructPix2Pix (tests/test_pipeline_pix2pix.py) --------------------------------------------------------------
+def pix2pix_pipeline(seed=2):
+    """diffusers' StableDiffusionInstructPix2PixPipeline on the tiny SD1 components with an 8-channel UNet (the
+    latents beside the image's) and Euler ancestral, timbrooks/instruct-pix2pix's scheduler."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+
+    base = pipeline("sd1", seed=seed)
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(**dict(tiny.unet_config("sd1"), in_channels=8))
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        **dict(base.components, unet=unet, scheduler=EulerAncestralDiscreteScheduler.from_config(base.scheduler.config)),
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
