@@ -166,6 +166,8 @@ def _check_pipeline(args, device, dtype):
                     cond.append(modes.to(device, pipe.dtype))
                     settings += ((0,),)
                 cond.append(settings)
+            if pipe._unet_takes_image:  # InstructPix2Pix's: the latents, then the image's latents beside them
+                x, cond = x[:, :pipe.vae.config.latent_channels], [x[:, pipe.vae.config.latent_channels:]]
             if hasattr(pipe, "_adapters"):  # each adapter's feature maps at scale 1
                 n = len(pipe._adapters)
                 cond = [*cond[:-n], *pipe._adapter_states(cond[-n:], [1.0] * n, x.shape, 1, False)]
@@ -217,16 +219,19 @@ def _db(value):
 
 
 def pipeline_kind(pipe):
-    """"inpainting", "image-to-image" (an SDXL refiner's folder loads as such), "text-to-image", or one of them
-    guided by the folder's ControlNets ("ControlNet", "ControlNet image-to-image", "ControlNet inpainting"), or
-    text-to-image guided by its T2I-Adapters ("T2I-Adapter") or its ControlNet-Union net ("ControlNet-Union")."""
+    """"inpainting", "image-to-image" (an SDXL refiner's folder loads as such), "text-to-image", "InstructPix2Pix",
+    or one of the first three guided by the folder's ControlNets ("ControlNet", "ControlNet image-to-image",
+    "ControlNet inpainting"), or text-to-image guided by its T2I-Adapters ("T2I-Adapter") or its ControlNet-Union net ("ControlNet-Union")."""
     from .pipeline_controlnet import ControlNetGuidance
     from .pipeline_img2img import _ImageToImage
     from .pipeline_inpaint import _Inpainting
+    from .pipeline_pix2pix import StableDiffusionInstructPix2PixPipeline
     from .pipeline_t2i_adapter import AdapterGuidance
 
     if isinstance(pipe, AdapterGuidance):
         return "T2I-Adapter"
+    if isinstance(pipe, StableDiffusionInstructPix2PixPipeline):
+        return "InstructPix2Pix"
     kind = "inpainting" if isinstance(pipe, _Inpainting) else "image-to-image" if isinstance(pipe, _ImageToImage) \
         else "text-to-image"
     if isinstance(pipe, ControlNetGuidance):
@@ -237,7 +242,7 @@ def pipeline_kind(pipe):
 
 def pipeline_inputs(pipe, seed, steps):
     """(kind, the call's inputs beyond the prompt): an inpainting pipeline's image and mask, an image-to-image one's
-    image (an SDXL refiner's folder), a ControlNet or T2I-Adapter one's conditioning image (as ``control_image``
+    image (an SDXL refiner's folder), an InstructPix2Pix one's image to edit, a ControlNet or T2I-Adapter one's conditioning image (as ``control_image``
     beside an image),
     made from the seed at the UNet's default size, and a strength that leaves at least one of ``steps`` to run (half
     the schedule for image-to-image, all of it for inpainting); none for text-to-image."""
@@ -260,6 +265,8 @@ def pipeline_inputs(pipe, seed, steps):
         return kind, {"image": per_net}
     if kind == "ControlNet-Union":
         return kind, {"control_image": image, **union}
+    if kind == "InstructPix2Pix":  # the image to edit, its size the UNet's default
+        return kind, {"image": image}
     if kind == "T2I-Adapter":  # the image (grayscale for a sketch adapter) conditions each adapter
         images = [image.convert("L") if a.config.in_channels == 1 else image for a in pipe._adapters]
         return kind, {"image": images[0] if len(images) == 1 else images}

@@ -7,6 +7,7 @@
     diffusion-fast generate --model DIR --scheduler lcm --steps 4 --guidance 1   # an LCM-LoRA fused in
     diffusion-fast generate --model LCM_DIR --prompt "a cat"   # an LCM-distilled model: 4 steps, guidance 8.5
     diffusion-fast generate --model DIR --image in.png --strength 0.6             # image-to-image
+    diffusion-fast generate --model PIX2PIX_DIR --image in.png --prompt "make it snowy"   # instruction editing
     diffusion-fast generate --model DIR --image in.png --mask mask.png            # inpainting
     diffusion-fast generate --model LCM_DIR --vae TAESD_DIR   # TAESD's fast decode instead of the model's VAE
     diffusion-fast generate --model DIR --lora style.safetensors:0.8 --lora detail.safetensors   # LoRAs merged
@@ -180,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--steps", type=_positive_int, default=None,
-                   help="default: 50 (4 for an LCM-distilled model, 20 for the built-in one)")
+                   help="default: 50 (4 for an LCM-distilled model, 100 for an InstructPix2Pix one, as diffusers; 20 for "
+                        "the built-in one)")
     g.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the pipeline's, 7.5 for SD 1.x/2.x, 5.0 for SDXL, "
                         "8.5 for an LCM-distilled model)")
@@ -207,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--padding-mask-crop", type=_nonnegative_int, default=None, metavar="N",
                    help="with --mask: inpaint only the box around the mask, padded by N pixels, at the model's size "
                         "(or --height/--width), and paste it back into the image (diffusers' padding_mask_crop)")
+    g.add_argument("--image-guidance-scale", type=float, default=None, metavar="S",
+                   help="an InstructPix2Pix model's image guidance (default: the pipeline's 1.5): how closely the "
+                        "edit keeps to --image")
     g.add_argument("--strength", type=float, default=None,
                    help="with --image: how much of the schedule runs, in (0, 1] (default: the pipeline's, 0.8 for "
                         "SD 1.x/2.x, 0.3 for SDXL, 1 for inpainting, 0.9999 for SDXL's, as in diffusers)")

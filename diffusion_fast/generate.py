@@ -13,7 +13,7 @@ import torch
 from .cli import KARRAS_SCHEDULERS, SCHEDULER_CHOICES, UsageError, _device, _dtype
 from .generate_guidance import (load_ip_adapters, open_image, read_adapter_images, read_control_images,
                                 read_ip_adapter_images, with_t2i_adapters)
-from .generate_model import default_steps, model_components
+from .generate_model import default_steps, model_components, pix2pix_options
 
 
 def _check_scheduler_options(args, scheduler_name):
@@ -239,6 +239,7 @@ def generate(args) -> int:
     else:
         pipe = StableDiffusionPipeline.from_tiny("sd1", seed=args.seed, dtype=dtype, device=device)
     steps = default_steps(args, pipe)
+    edit = pix2pix_options(args, pipe, init_image)  # None but for an InstructPix2Pix model
     for i, (path, scale) in enumerate(args.lora):
         pipe.load_lora_weights(path, adapter_name=f"lora_{i}")
     if args.lora:  # diffusers activates the last LoRA loaded; here every one given is active, at its scale
@@ -253,7 +254,9 @@ def generate(args) -> int:
     if isinstance(pipe, AdapterGuidance) and (init_image is not None or control_images is not None):
         raise UsageError(f"{args.model} is a T2I-Adapter pipeline: it guides text-to-image alone (leave out --image "
                          "and --control-image)")
-    if mask_image is not None:
+    if edit is not None:
+        pass  # (the folder's pipeline edits --image)
+    elif mask_image is not None:
         pipe = _with_controlnets(args, pipe, control_images, dtype, device, kind="inpainting")
     elif getattr(pipe, "_unet_takes_mask", False):
         raise UsageError(f"{args.model} is an inpainting model: give --image and --mask")
@@ -291,7 +294,9 @@ def generate(args) -> int:
 
     options = {} if args.guidance is None else {"guidance_scale": args.guidance}  # else the pipeline's default
     denoised = steps  # the steps that run: with --image, the schedule's last `strength` part
-    if init_image is None:
+    if edit is not None:  # instruction editing: the image's size, the whole schedule
+        options.update(edit)
+    elif init_image is None:
         options.update(height=args.height, width=args.width)
     elif mask_image is not None:  # inpainting: the image's size, cut to a multiple of 8; the pipeline's strength
         strength = args.strength if args.strength is not None else 0.9999 if hasattr(pipe, "text_encoder_2") else 1.0
@@ -332,8 +337,10 @@ def generate(args) -> int:
         generator = torch.Generator("cpu").manual_seed(args.seed)
         extra = dict(options, strength=1.0) if num_steps != steps and "strength" in options else options
         pasted = "padding_mask_crop" in extra  # (diffusers pastes into the image as PIL only)
-        kwargs = dict(num_inference_steps=num_steps, clip_skip=args.clip_skip, generator=generator,
-                      num_images_per_prompt=args.batch, output_type="pil" if pasted else "np", **extra)
+        kwargs = dict(num_inference_steps=num_steps, generator=generator, num_images_per_prompt=args.batch,
+                      output_type="pil" if pasted else "np", **extra)
+        if args.clip_skip is not None:  # (InstructPix2Pix takes none: refused above)
+            kwargs.update(clip_skip=args.clip_skip)
         if not isinstance(pipe, LatentConsistencyModelPipeline):  # (which takes neither: see default_steps)
             kwargs.update(negative_prompt=args.negative_prompt, eta=args.eta)
         with backend(path_name):

@@ -38,4 +38,33 @@ def default_steps(args, pipe):
             if value != default:
                 raise UsageError(f"{args.model} is a latent consistency model (diffusers' LatentConsistencyModel"
                                  f"Pipeline): it takes no {flag} ({why})")
-    return args.steps or (4 if lcm else 50 if args.model else 20)
+    from .pipeline_pix2pix import StableDiffusionInstructPix2PixPipeline
+
+    pix2pix = isinstance(pipe, StableDiffusionInstructPix2PixPipeline)
+    return args.steps or (4 if lcm else 100 if pix2pix else 50 if args.model else 20)
+
+
+def pix2pix_options(args, pipe, init_image):
+    """An InstructPix2Pix model's call options (the image to edit, --image-guidance-scale), its flags checked; None
+    for any other model, which takes no --image-guidance-scale."""
+    from .pipeline_pix2pix import StableDiffusionInstructPix2PixPipeline
+
+    if not isinstance(pipe, StableDiffusionInstructPix2PixPipeline):
+        if args.image_guidance_scale is not None:
+            model = args.model or "the built-in model"
+            raise UsageError(f"--image-guidance-scale is for an InstructPix2Pix model; {model} runs in "
+                             f"{type(pipe).__name__}")
+        return None
+    if init_image is None:
+        raise UsageError(f"{args.model} is an InstructPix2Pix model: give --image to edit (and the edit as --prompt)")
+    refused = [flag for flag, value in (("--mask", args.mask), ("--strength", args.strength),
+                                        ("--control-image", args.control_image), ("--adapter-image", args.adapter_image),
+                                        ("--ip-adapter-image", args.ip_adapter_image), ("--refiner", args.refiner),
+                                        ("--clip-skip", args.clip_skip)) if value not in (None, [])]
+    if refused:
+        raise UsageError(f"{args.model} is an InstructPix2Pix model (diffusers' StableDiffusionInstructPix2Pix"
+                         f"Pipeline): it takes no {', '.join(refused)}")
+    options = {"image": init_image}
+    if args.image_guidance_scale is not None:
+        options["image_guidance_scale"] = args.image_guidance_scale
+    return options

@@ -252,3 +252,67 @@ def test_ip_adapter_is_refused_not_ignored(pix2pix_pair, tmp_path):
     finally:
         ours.unload_ip_adapter()
     _run(ours, num_inference_steps=1)  # (unloaded, it runs)
+
+
+# ---- the CLI -------------------------------------------------------------------------------------------------------
+def test_generate_edits_the_image_as_diffusers(pix2pix_pair, tmp_path, capsys):
+    """``generate`` on an InstructPix2Pix folder with --image: diffusers' image from the same seed (its default
+    guidance, the image guidance given), within one 8-bit level; the output is the image's size."""
+    from diffusion_fast.cli import main
+
+    theirs = pix2pix_pair[0]
+    IMAGE.save(tmp_path / "in.png")
+    out = tmp_path / "out.png"
+    assert main(["generate", "--model", theirs._saved_to, "--image", str(tmp_path / "in.png"), "--prompt",
+                 "make it snowy", "--steps", str(STEPS), "--image-guidance-scale", "2", "--seed", "2", "--output",
+                 str(out), "--no-progress", "--compare"]) == 0
+    text = capsys.readouterr().out
+    assert f"fast path:      {STEPS} steps" in text and "max abs pixel difference" in text, text
+    expected = theirs("make it snowy", image=Image.open(tmp_path / "in.png").convert("RGB"), num_inference_steps=STEPS,
+                      image_guidance_scale=2.0, generator=torch.Generator().manual_seed(2)).images[0]
+    got = np.asarray(Image.open(out), dtype=np.int16)
+    assert got.shape == (40, 48, 3) and np.abs(got - np.asarray(expected, dtype=np.int16)).max() <= 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "is an InstructPix2Pix model: give --image to edit"),
+    (["--image", "IN", "--strength", "0.5"], "is an InstructPix2Pix model .*: it takes no --strength"),
+    (["--image", "IN", "--mask", "IN", "--clip-skip", "0"], "it takes no --mask, --clip-skip"),
+], ids=["no-image", "strength", "mask-and-clip-skip"])
+def test_generate_pix2pix_bad_options_one_line(pix2pix_pair, tmp_path, capsys, extra, message):
+    import re
+
+    from diffusion_fast.cli import main
+
+    IMAGE.save(tmp_path / "in.png")
+    extra = [str(tmp_path / "in.png") if a == "IN" else a for a in extra]
+    assert main(["generate", "--model", pix2pix_pair[0]._saved_to, *extra, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err, err
+
+
+def test_image_guidance_scale_is_refused_for_other_models(capsys):
+    from diffusion_fast.cli import main
+
+    assert main(["generate", "--image-guidance-scale", "1.5", "--steps", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--image-guidance-scale is for an InstructPix2Pix model" in err and "Traceback" not in err, err
+
+
+def test_check_runs_a_pix2pix_folder(pix2pix_pair, capsys, monkeypatch):
+    """``check`` edits an image both ways and compares the UNet's first prediction with the image's latents beside
+    the latents; a fast path that drops the image fails."""
+    from diffusion_fast import current_backend
+    from diffusion_fast.cli import main
+
+    assert main(["check", "--model", pix2pix_pair[0]._saved_to, "--steps", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "InstructPix2Pix pipeline (2 EulerAncestral steps" in text and "0 failed" in text, text
+    real = StableDiffusionInstructPix2PixPipeline._unet_call
+
+    def fast_without_image(self, model_input, t, embeds, image_latents, timestep_cond=None):
+        keep = current_backend() == "reference"
+        return real(self, model_input, t, embeds, image_latents if keep else torch.zeros_like(image_latents))
+
+    monkeypatch.setattr(StableDiffusionInstructPix2PixPipeline, "_unet_call", fast_without_image)
+    assert main(["check", "--model", pix2pix_pair[0]._saved_to, "--steps", "2"]) == 1
