@@ -8,8 +8,9 @@ Groups: the fused CFG+DDIM step (C++ op) vs our reference vs diffusers' CFG comb
 shapes in both memory layouts; fp16/bf16 storage for both at SD1.5's shapes; diffusers' Euler, Euler ancestral,
 DPM-Solver++ 2M and 3M SDE, PNDM (PLMS), UniPC, DDPM, LCM, Heun, LMS, DPM2, DPM2 ancestral and DEIS scheduler steps as
 accelerate patches them vs their own, the Euler op alone; the weights key a graphed UNet call checks (ModuleState,
-SD1.5's UNet on the meta device); whole ControlNet, IP-Adapter Plus, T2I-Adapter, ControlNet-Union and LCM pipeline
-calls on the tiny models, ours vs diffusers' (plain and accelerated); and a decode by SD's KL VAE vs TAESD. Each
+SD1.5's UNet on the meta device); whole ControlNet, IP-Adapter Plus, T2I-Adapter, ControlNet-Union, LCM and
+InstructPix2Pix pipeline calls on the tiny models, ours vs diffusers' (plain and accelerated); and a decode by SD's KL
+VAE vs TAESD. Each
 group's rows are the implementations side by side; compare medians.
 
 The allocator is pinned first (see ``_steady_allocator``): glibc otherwise moves between two regimes at random,
@@ -376,6 +377,27 @@ def test_lcm_pipeline(benchmark, lcm_pipelines, impl):
     benchmark.group = "LCM pipeline, tiny SD1 + LCM UNet, 4 LCM steps, 256x256"
     pipe = lcm_pipelines[impl]
     benchmark(lambda: pipe("a cube", height=256, width=256, num_inference_steps=4,
+                           generator=torch.Generator().manual_seed(0), output_type="np"))
+
+
+@pytest.fixture(scope="module")
+def pix2pix_pipelines(tmp_path_factory):
+    """diffusers' StableDiffusionInstructPix2PixPipeline on the tests' tiny SD1 model with an 8-channel UNet and
+    Euler ancestral, a second one under accelerate, and ours loaded from the folder diffusers saved."""
+    return _three_ways(tmp_path_factory, "bench-pix2pix", lambda tiny: tiny.pix2pix_pipeline())
+
+
+@pytest.mark.parametrize("impl", ["ours", "diffusers + accelerate", "diffusers"])
+def test_pix2pix_pipeline(benchmark, pix2pix_pipelines, impl):
+    """A whole edit: a 128x128 image encoded, 10 Euler ancestral steps with three-way guidance (batch 3 through the
+    UNet, 32x32 latents beside the image's), VAE decode included, fp32."""
+    from PIL import Image
+
+    benchmark.group = "InstructPix2Pix pipeline, tiny SD1 (8-channel UNet), 10 Euler ancestral steps, 128x128"
+    pipe = pix2pix_pipelines[impl]
+    image = Image.fromarray(torch.randint(0, 255, (128, 128, 3), generator=torch.Generator().manual_seed(0),
+                                          dtype=torch.uint8).numpy())
+    benchmark(lambda: pipe("make it snowy", image=image, num_inference_steps=10,
                            generator=torch.Generator().manual_seed(0), output_type="np"))
 
 
