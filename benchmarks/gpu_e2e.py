@@ -1,6 +1,7 @@
 """End-to-end sampling benchmark on a CUDA GPU, one command:
 
     python benchmarks/gpu_e2e.py [--steps 50] [--repeats 3] [--out benchmarks/results/gpu_e2e.jsonl] [--no-compile]
+                                 [--dry-run]
 
 SD1.5's architecture with random weights (nothing is downloaded), fp16, 512x512, CFG 7.5, DDIM, batch 1. Measured
 side by side in one run, medians of --repeats whole calls (text encoding and the loop, latents out, no VAE decode):
@@ -12,6 +13,10 @@ fp16 image (and diffusers' fp16 image) against our fp32 reference-path image fro
 computed with TF32 off (and how far TF32, PyTorch's default for fp32 convolutions, moves that image). Also the time
 from a fresh process start to its first image (``diffusion-fast generate`` in a subprocess, cold Triton cache or not as
 found). Appends one JSON record to --out and prints a table.
+
+--dry-run runs the same code on the CPU with the built-in tiny model (fp32, 2 steps, 1 repeat, no torch.compile) and
+marks its record ``dry_run`` (the results tables skip it): its figures mean nothing, but a slip in this script shows
+up in the CPU test suite (tests/test_gpu_benchmark_code.py) rather than in a scarce GPU session.
 """
 from __future__ import annotations
 
@@ -35,14 +40,24 @@ from diffusion_fast.pipeline import StableDiffusionPipeline
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
-def timed(fn, repeats):
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def timed(fn, repeats, device):
     fn()  # warm-up: Triton compilation/autotune, graph capture, cuDNN algorithm choice
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
 
@@ -62,25 +77,34 @@ def first_image_seconds(folder, steps):
     return seconds, proc.stdout[-500:]
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "gpu_e2e.jsonl"))
     parser.add_argument("--no-compile", action="store_true", help="skip diffusers + torch.compile")
     parser.add_argument("--folder", default=None, help="reuse an SD-layout folder instead of writing a random one")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("gpu_e2e.py needs a CUDA GPU")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="this script's code on the CPU with the tiny model (fp32, 2 steps): no figures")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        args.steps, args.repeats, args.no_compile = 2, 1, True
+    elif not torch.cuda.is_available():
+        sys.exit("gpu_e2e.py needs a CUDA GPU (--dry-run runs its code on the CPU)")
     import diffusers
     import triton
 
-    device, dtype, steps = torch.device("cuda"), torch.float16, args.steps
+    device, dtype = (torch.device("cpu"), torch.float32) if args.dry_run else (torch.device("cuda"), torch.float16)
+    steps = args.steps
     folder = args.folder or tempfile.mkdtemp(prefix="sd15-random-")
     if not args.folder:
         t0 = time.perf_counter()
-        tiny.write_sd15_pipeline(folder, seed=0)
-        print(f"wrote SD1.5-architecture random weights to {folder} in {time.perf_counter() - t0:.1f} s", flush=True)
+        if args.dry_run:
+            tiny.write_tiny_pipeline(folder, "sd1", seed=0)
+        else:
+            tiny.write_sd15_pipeline(folder, seed=0)
+        print(f"wrote {'tiny' if args.dry_run else 'SD1.5'}-architecture random weights to {folder} in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
     rows, notes = [], []
 
     def add(system, seconds, times, **extra):
@@ -113,7 +137,7 @@ def main():
             ("diffusion_fast pipeline (fast, no graph)", "fast", False, "auto", 0.0),
             ("diffusion_fast pipeline (reference)", "reference", False, "auto", 0.0)):
         try:
-            add(label, *timed(lambda: run_ours(name, graph, layout, eta), args.repeats))
+            add(label, *timed(lambda: run_ours(name, graph, layout, eta), args.repeats, device))
         except Exception as exc:  # one failing system must not hide the others
             notes.append(f"{label}: {type(exc).__name__}: {exc}")
             print(notes[-1], flush=True)
@@ -121,7 +145,7 @@ def main():
     with backend("fast"):
         img_fast = ours(PROMPT, num_inference_steps=steps, latents=noise, output_type="np").images
     del ours
-    torch.cuda.empty_cache()
+    free(device)
     ref32 = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, device=device)
     ref32.set_progress_bar_config(disable=True)
     with backend("reference"):
@@ -129,7 +153,7 @@ def main():
             img_ref32 = ref32(PROMPT, num_inference_steps=steps, latents=noise, output_type="np").images
         img_ref32_tf32 = ref32(PROMPT, num_inference_steps=steps, latents=noise, output_type="np").images
     del ref32
-    torch.cuda.empty_cache()
+    free(device)
 
     # ---- diffusers -----------------------------------------------------------------------------------------------
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
@@ -141,11 +165,11 @@ def main():
             return pipe(PROMPT, num_inference_steps=steps, latents=noise.to(device, dtype), output_type="np").images
         return pipe(PROMPT, num_inference_steps=steps, generator=gen(), output_type=output_type).images
 
-    add("diffusers eager (SDPA)", *timed(run_diffusers, args.repeats))
+    add("diffusers eager (SDPA)", *timed(run_diffusers, args.repeats, device))
     img_diffusers = run_diffusers("np")
     try:
         diffusion_fast.accelerate(pipe)
-        add("diffusers + diffusion_fast.accelerate", *timed(run_diffusers, args.repeats),
+        add("diffusers + diffusion_fast.accelerate", *timed(run_diffusers, args.repeats, device),
             report=str(getattr(pipe, "_diffusion_fast_report", "")))
         img_accel = run_diffusers("np")
         diffusion_fast.restore(pipe)
@@ -160,14 +184,14 @@ def main():
             t0 = time.perf_counter()
             run_diffusers()
             compile_s = time.perf_counter() - t0
-            add("diffusers + torch.compile (default mode)", *timed(run_diffusers, args.repeats),
+            add("diffusers + torch.compile (default mode)", *timed(run_diffusers, args.repeats, device),
                 compile_seconds=round(compile_s, 1))
             pipe.unet = original
         except Exception as exc:
             notes.append(f"torch.compile: {type(exc).__name__}: {str(exc)[:300]}")
             print(notes[-1], flush=True)
     del pipe
-    torch.cuda.empty_cache()
+    free(device)
     # diffusers in fp32 on this GPU (TF32 off, like our reference): is our fp32 reference the image diffusers makes?
     pipe32 = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32).to(device)
     pipe32.scheduler = diffusers.DDIMScheduler.from_config(pipe32.scheduler.config)
@@ -175,7 +199,7 @@ def main():
     with strict_fp32():
         img_diffusers32 = pipe32(PROMPT, num_inference_steps=steps, latents=noise.to(device), output_type="np").images
     del pipe32
-    torch.cuda.empty_cache()
+    free(device)
 
     first_s, first_log = first_image_seconds(folder, steps)
     quality = {"psnr_ours_fp16_vs_fp32_reference_db": psnr(img_fast, img_ref32),
@@ -190,10 +214,14 @@ def main():
         r["speedup_vs_diffusers_eager"] = r["it_per_s"] / eager
     record = {
         "benchmark": "gpu_e2e", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
-        "config": f"SD1.5 architecture, random weights, fp16, 512x512, CFG 7.5, {steps} DDIM steps, batch 1",
+        "gpu": "none (--dry-run on the CPU)" if args.dry_run else torch.cuda.get_device_name(),
+        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__,
+        "config": (f"tiny SD1-shaped model, random weights, fp32, CFG 7.5, {steps} DDIM steps, batch 1 (dry run)"
+                   if args.dry_run else
+                   f"SD1.5 architecture, random weights, fp16, 512x512, CFG 7.5, {steps} DDIM steps, batch 1"),
         "rows": rows, "quality": quality, "first_image_seconds": first_s, "notes": notes,
+        **({"dry_run": True} if args.dry_run else {}),
     }
     if first_s is None:
         notes.append(f"first-image subprocess failed: {first_log}")

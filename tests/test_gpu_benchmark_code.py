@@ -1,4 +1,5 @@
-"""benchmarks/gpu_kernels.py's row code, run on the CPU with its timers replaced, so a slip in it is caught here.
+"""benchmarks/gpu_kernels.py's row code, run on the CPU with its timers replaced, and benchmarks/gpu_e2e.py's whole
+run in its --dry-run form, so a slip in either is caught here.
 
 The GPU benchmark records a failing row's exception and goes on (one bad row must not end a GPU run), so a Python
 error in a row function would only show up as a column of errors at the end of a scarce GPU session. Here each kind
@@ -170,3 +171,25 @@ def test_group_norm_a_b_columns_render(tmp_path):
     text = results_table.render(str(path))
     assert "NCHW (two-launch plan: 0.0500 ms, in a graph 0.0400 ms)" in text
     assert "NCHW (output pass in launch order, no cache hints: 0.1200 ms, in a graph 0.1100 ms)" in text
+
+
+def test_e2e_dry_run_runs_every_system_and_is_left_out_of_the_tables(tmp_path):
+    """gpu_e2e.py --dry-run: the script's every system, quality comparison and first-image subprocess, on the CPU
+    with the tiny model; no system may fail (a failing one is a note), and the record is marked so that the README's
+    tables skip it."""
+    import json
+    import math
+
+    import gpu_e2e
+    import results_table
+
+    out = tmp_path / "gpu_e2e.jsonl"
+    gpu_e2e.main(["--dry-run", "--out", str(out)])
+    record = json.loads(out.read_text().splitlines()[-1])
+    assert record["dry_run"] is True and record["notes"] == [], record["notes"]
+    systems = [r["system"] for r in record["rows"]]
+    assert len(systems) == 7 and "diffusers + diffusion_fast.accelerate" in systems, systems
+    assert all(r["median_s"] > 0 and len(r["times_s"]) == 1 for r in record["rows"])
+    assert len(record["quality"]) == 6 and not any(math.isnan(v) for v in record["quality"].values())
+    assert record["first_image_seconds"] is not None
+    assert results_table.latest_record(str(out)) is None
