@@ -37,6 +37,8 @@ _LAZY = {
     "LatentConsistencyModelPipeline": ("pipeline_lcm", "LatentConsistencyModelPipeline"),
     "LatentConsistencyModelImg2ImgPipeline": ("pipeline_lcm", "LatentConsistencyModelImg2ImgPipeline"),
     "StableDiffusionInstructPix2PixPipeline": ("pipeline_pix2pix", "StableDiffusionInstructPix2PixPipeline"),
+    "StableDiffusionPAGPipeline": ("pipeline_pag", "StableDiffusionPAGPipeline"),
+    "StableDiffusionXLPAGPipeline": ("pipeline_pag", "StableDiffusionXLPAGPipeline"),
     "AutoencoderKL": ("models", "AutoencoderKL"),
     "AutoencoderTiny": ("models", "AutoencoderTiny"),
     "ControlNetModel": ("models", "ControlNetModel"),

@@ -355,3 +355,17 @@ def pix2pix_pipeline(seed=2):
         requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ---- perturbed-attention guidance (tests/test_pipeline_pag.py) -----------------------------------------------------
+def pag_pipeline(xl=False, seed=3, layers="mid"):
+    """diffusers' StableDiffusion(XL)PAGPipeline on the tiny SD1 (or SDXL) components."""
+    from diffusers import StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline
+
+    if xl:
+        pipe = StableDiffusionXLPAGPipeline(**sdxl_pipeline(seed).components, pag_applied_layers=layers)
+    else:
+        pipe = StableDiffusionPAGPipeline(**pipeline("sd1", seed=seed).components, pag_applied_layers=layers,
+                                          requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

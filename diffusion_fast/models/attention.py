@@ -30,6 +30,9 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(cross_attention_dim or query_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(0.0)])
         self.is_cross = cross_attention_dim is not None
+        # perturbed-attention guidance (pipeline_pag.py): for the batch's last ``perturbed_rows`` samples a
+        # self-attention's map is the identity, so their output is their values (diffusers' PAG identity processors)
+        self.perturbed_rows = 0
         self.processor = None  # IP-Adapter image keys/values (models/ip_adapter.py), diffusers' name for them
         # Optional fused q/k/v projection for self-attention (one GEMM instead of three). Non-persistent buffers:
         # state_dict keeps diffusers' names; built by fuse_qkv() from the current weights, dropped by unfuse_qkv().
@@ -88,7 +91,8 @@ class Attention(nn.Module):
         else:
             context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
             q, k, v = self._heads(self.to_q(hidden_states)), self._heads(self.to_k(context)), self._heads(self.to_v(context))
-        out = self._attend(q, k, v)
+        n = self.perturbed_rows
+        out = torch.cat([self._attend(q[:-n], k[:-n], v[:-n]), v[-n:]]) if n else self._attend(q, k, v)
         if image_tokens is not None and self.processor is not None:
             out = self.processor.add_image_attention(self, q, out, image_tokens, image_masks)
         out = out.transpose(1, 2).reshape(out.shape[0], -1, self.heads * self.dim_head)
