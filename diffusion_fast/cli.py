@@ -8,6 +8,7 @@
     diffusion-fast generate --model LCM_DIR --prompt "a cat"   # an LCM-distilled model: 4 steps, guidance 8.5
     diffusion-fast generate --model DIR --image in.png --strength 0.6             # image-to-image
     diffusion-fast generate --model PIX2PIX_DIR --image in.png --prompt "make it snowy"   # instruction editing
+    diffusion-fast generate --model DIR --pag-scale 3 --pag-layers mid          # perturbed-attention guidance
     diffusion-fast generate --model DIR --image in.png --mask mask.png            # inpainting
     diffusion-fast generate --model LCM_DIR --vae TAESD_DIR   # TAESD's fast decode instead of the model's VAE
     diffusion-fast generate --model DIR --lora style.safetensors:0.8 --lora detail.safetensors   # LoRAs merged
@@ -212,6 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-guidance-scale", type=float, default=None, metavar="S",
                    help="an InstructPix2Pix model's image guidance (default: the pipeline's 1.5): how closely the "
                         "edit keeps to --image")
+    g.add_argument("--pag-scale", type=float, default=None, metavar="S",
+                   help="perturbed-attention guidance (text-to-image, SD or SDXL; diffusers' default 3): the image "
+                        "guided away from one made with --pag-layers' self-attention perturbed")
+    g.add_argument("--pag-layers", action="append", default=[], metavar="REGEX",
+                   help="with --pag-scale: the self-attention layers PAG perturbs, regexes searched in the UNet's "
+                        "module names (default 'mid'; e.g. down_blocks.2, up_blocks.0.attentions.1); repeat for "
+                        "several")
+    g.add_argument("--pag-adaptive-scale", type=float, default=None, metavar="A",
+                   help="with --pag-scale: lower the PAG scale by A per timestep below 1000 (diffusers' "
+                        "pag_adaptive_scale)")
     g.add_argument("--strength", type=float, default=None,
                    help="with --image: how much of the schedule runs, in (0, 1] (default: the pipeline's, 0.8 for "
                         "SD 1.x/2.x, 0.3 for SDXL, 1 for inpainting, 0.9999 for SDXL's, as in diffusers)")

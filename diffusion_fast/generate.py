@@ -13,7 +13,7 @@ import torch
 from .cli import KARRAS_SCHEDULERS, SCHEDULER_CHOICES, UsageError, _device, _dtype
 from .generate_guidance import (load_ip_adapters, open_image, read_adapter_images, read_control_images,
                                 read_ip_adapter_images, with_t2i_adapters)
-from .generate_model import default_steps, model_components, pix2pix_options
+from .generate_model import default_steps, model_components, pag_options, pix2pix_options
 
 
 def _check_scheduler_options(args, scheduler_name):
@@ -239,6 +239,7 @@ def generate(args) -> int:
     else:
         pipe = StableDiffusionPipeline.from_tiny("sd1", seed=args.seed, dtype=dtype, device=device)
     steps = default_steps(args, pipe)
+    loaded = pipe  # (the folder's own pipeline; the run's may be another on its components)
     edit = pix2pix_options(args, pipe, init_image)  # None but for an InstructPix2Pix model
     for i, (path, scale) in enumerate(args.lora):
         pipe.load_lora_weights(path, adapter_name=f"lora_{i}")
@@ -269,6 +270,7 @@ def generate(args) -> int:
         pipe = with_t2i_adapters(args, pipe, adapter_images, dtype, device)
     else:
         pipe = _with_controlnets(args, pipe, control_images, dtype, device)
+    pipe, pag = pag_options(args, loaded, pipe)
     if ip_images is not None:
         load_ip_adapters(args, pipe)
     refiner = _refiner(args, pipe, dtype, device)
@@ -294,6 +296,7 @@ def generate(args) -> int:
 
     options = {} if args.guidance is None else {"guidance_scale": args.guidance}  # else the pipeline's default
     denoised = steps  # the steps that run: with --image, the schedule's last `strength` part
+    options.update(pag)  # (perturbed-attention guidance's scales, or none)
     if edit is not None:  # instruction editing: the image's size, the whole schedule
         options.update(edit)
     elif init_image is None:

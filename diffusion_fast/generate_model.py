@@ -1,7 +1,10 @@
 """``diffusion-fast generate``'s model flags: the components they give the folder's pipeline (``--vae``,
-``--no-safety-checker``) and the default step count for the model loaded (4 for an LCM). Bad values raise
-UsageError, which ``cli.main`` prints as one line."""
+``--no-safety-checker``), the default step count for the model loaded (4 for an LCM), an InstructPix2Pix model's
+edit and perturbed-attention guidance (``--pag-*``). Bad values raise UsageError, which ``cli.main`` prints as one
+line."""
 from __future__ import annotations
+
+import math
 
 from .cli import UsageError
 
@@ -68,3 +71,43 @@ def pix2pix_options(args, pipe, init_image):
     if args.image_guidance_scale is not None:
         options["image_guidance_scale"] = args.image_guidance_scale
     return options
+
+
+
+def pag_options(args, loaded, pipe):
+    """Perturbed-attention guidance: with --pag-scale (or a folder diffusers saved a PAG pipeline in, ``loaded``),
+    the run's pipeline ``pipe`` as our PAG one on its components, with --pag-layers; and the call's PAG options.
+    Text-to-image only: with another kind of run the flags are refused, and a PAG folder's run is said to go without
+    it."""
+    from .generate import _with_components
+    from .pipeline import StableDiffusionPipeline
+    from .pipeline_pag import PAGGuidance, StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline
+    from .pipeline_xl import StableDiffusionXLPipeline
+
+    flags = args.pag_scale is not None or args.pag_layers or args.pag_adaptive_scale is not None
+    if not flags and not isinstance(loaded, PAGGuidance):
+        return pipe, {}
+    text_to_image = args.refiner is None and (isinstance(pipe, PAGGuidance) or type(pipe) in (
+        StableDiffusionPipeline, StableDiffusionXLPipeline))
+    if not text_to_image:
+        if not flags:  # a PAG folder's image-to-image, inpainting, ControlNet ... run
+            print(f"{args.model} is a PAG pipeline: perturbed-attention guidance runs text-to-image here, so this run "
+                  "goes without it")
+            return pipe, {}
+        kind = "an LCM-distilled model (its guidance embedding)" if pipe.unet.config.time_cond_proj_dim else \
+            "--image, --controlnet, --t2i-adapter or --refiner"
+        raise UsageError(f"--pag-*: perturbed-attention guidance runs text-to-image with an SD or SDXL model here, "
+                         f"not with {kind}")
+    if args.pag_scale is None and not isinstance(loaded, PAGGuidance):
+        raise UsageError("--pag-layers and --pag-adaptive-scale go with --pag-scale")
+    pipe = _with_components(pipe, StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline)
+    try:
+        pipe.set_pag_applied_layers(args.pag_layers or pipe.pag_applied_layers)
+    except ValueError as exc:
+        raise UsageError(f"--pag-layers: {exc}") from None
+    options = {name: value for name, value in (("pag_scale", args.pag_scale),
+                                               ("pag_adaptive_scale", args.pag_adaptive_scale)) if value is not None}
+    for name, value in options.items():
+        if not math.isfinite(value) or value < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    return pipe, options

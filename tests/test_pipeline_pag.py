@@ -252,3 +252,67 @@ def test_pag_refuses_bad_inputs_naming_them(pag_pair):
     lcm = UNet2DConditionModel.from_config(dict(ours.unet.config, time_cond_proj_dim=32))
     with pytest.raises(ValueError, match="time_cond_proj_dim .* PAG"):
         StableDiffusionPAGPipeline(lcm, ours.vae, ours.text_encoder, ours.tokenizer, ours.scheduler)
+
+
+# ---- the CLI -------------------------------------------------------------------------------------------------------
+def _png(path):
+    from PIL import Image
+
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
+@pytest.mark.parametrize("how", ["plain-folder-with-flags", "pag-folder"])
+def test_generate_with_pag_gives_diffusers_image(pag_pair, tmp_path, capsys, how):
+    """--pag-scale / --pag-layers on a plain SD folder, or a folder diffusers saved its PAG pipeline in (its scale 3
+    and "mid" by default): diffusers' PAG image from the same seed and weights, within one 8-bit level."""
+    from diffusion_fast.cli import main
+
+    theirs = pag_pair[0]
+    if how == "pag-folder":
+        folder, flags, layers = theirs._saved_to, [], "mid"
+    else:  # the same weights as a plain SD pipeline's folder
+        folder = str(tmp_path / "plain")
+        _tiny_diffusers.saved_pipeline(folder, "sd1", seed=3)
+        flags, layers = ["--pag-scale", "2.5", "--pag-layers", "down_blocks.0", "--pag-layers", "mid"], \
+            ["down_blocks.0", "mid"]
+    out = tmp_path / "out.png"
+    assert main(["generate", "--model", folder, "--steps", str(STEPS), "--seed", "2", "--output", str(out),
+                 "--no-progress", *flags]) == 0
+    theirs.set_pag_applied_layers(layers)
+    try:
+        expected = theirs("a photograph of an astronaut riding a horse", num_inference_steps=STEPS,
+                          pag_scale=2.5 if flags else 3.0, generator=torch.Generator().manual_seed(2)).images[0]
+    finally:
+        theirs.set_pag_applied_layers("mid")
+    assert np.abs(_png(out) - np.asarray(expected, dtype=np.int16)).max() <= 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pag-scale", "3", "--pag-layers", "nowhere"], "--pag-layers: pag_applied_layers: 'nowhere' matches no"),
+    (["--pag-layers", "mid"], "--pag-layers and --pag-adaptive-scale go with --pag-scale"),
+    (["--pag-scale", "3", "--image", "IN"], "perturbed-attention guidance runs text-to-image .* not with --image"),
+    (["--pag-scale", "-1"], "--pag-scale must be a finite number >= 0"),
+], ids=["unknown-layer", "layers-alone", "with-image", "negative"])
+def test_generate_pag_bad_options_one_line(tmp_path, capsys, argv, message):
+    import re
+
+    from PIL import Image
+
+    from diffusion_fast.cli import main
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "in.png")
+    argv = [str(tmp_path / "in.png") if a == "IN" else a for a in argv]
+    assert main(["generate", "--steps", "1", "--no-progress", "--output", str(tmp_path / "o.png"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err, err
+
+
+def test_pag_folder_with_an_image_says_it_runs_without_pag(pag_pair, tmp_path, capsys):
+    from PIL import Image
+
+    from diffusion_fast.cli import main
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "in.png")
+    assert main(["generate", "--model", pag_pair[0]._saved_to, "--image", str(tmp_path / "in.png"), "--steps", "2",
+                 "--no-progress", "--output", str(tmp_path / "o.png")]) == 0
+    assert "is a PAG pipeline: perturbed-attention guidance runs text-to-image here" in capsys.readouterr().out
