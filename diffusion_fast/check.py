@@ -220,11 +220,12 @@ def _db(value):
 
 def pipeline_kind(pipe):
     """"inpainting", "image-to-image" (an SDXL refiner's folder loads as such), "text-to-image", "InstructPix2Pix",
-    or one of the first three guided by the folder's ControlNets ("ControlNet", "ControlNet image-to-image",
+    "PAG text-to-image" (a PAG folder's), or one of the first three guided by the folder's ControlNets ("ControlNet", "ControlNet image-to-image",
     "ControlNet inpainting"), or text-to-image guided by its T2I-Adapters ("T2I-Adapter") or its ControlNet-Union net ("ControlNet-Union")."""
     from .pipeline_controlnet import ControlNetGuidance
     from .pipeline_img2img import _ImageToImage
     from .pipeline_inpaint import _Inpainting
+    from .pipeline_pag import PAGGuidance
     from .pipeline_pix2pix import StableDiffusionInstructPix2PixPipeline
     from .pipeline_t2i_adapter import AdapterGuidance
 
@@ -232,6 +233,8 @@ def pipeline_kind(pipe):
         return "T2I-Adapter"
     if isinstance(pipe, StableDiffusionInstructPix2PixPipeline):
         return "InstructPix2Pix"
+    if isinstance(pipe, PAGGuidance):
+        return "PAG text-to-image"
     kind = "inpainting" if isinstance(pipe, _Inpainting) else "image-to-image" if isinstance(pipe, _ImageToImage) \
         else "text-to-image"
     if isinstance(pipe, ControlNetGuidance):
@@ -250,7 +253,7 @@ def pipeline_inputs(pipe, seed, steps):
     from PIL import Image
 
     kind = pipeline_kind(pipe)
-    if kind == "text-to-image":
+    if kind in ("text-to-image", "PAG text-to-image"):  # (PAG at the pipeline's scale, 3 by default)
         return kind, {}
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     ramp = np.linspace(0, 255, size)

@@ -316,3 +316,23 @@ def test_pag_folder_with_an_image_says_it_runs_without_pag(pag_pair, tmp_path, c
     assert main(["generate", "--model", pag_pair[0]._saved_to, "--image", str(tmp_path / "in.png"), "--steps", "2",
                  "--no-progress", "--output", str(tmp_path / "o.png")]) == 0
     assert "is a PAG pipeline: perturbed-attention guidance runs text-to-image here" in capsys.readouterr().out
+
+
+def test_check_runs_a_pag_folder(pag_pair, capsys, monkeypatch):
+    """``check`` on a PAG folder compares whole PAG runs; a fast path that drops the perturbation fails."""
+    from diffusion_fast import current_backend
+    from diffusion_fast.cli import main
+    from diffusion_fast.pipeline_pag import PAGGuidance
+
+    assert main(["check", "--model", pag_pair[0]._saved_to, "--steps", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "PAG text-to-image pipeline (2 DDIM steps" in text and "0 failed" in text, text
+    real = PAGGuidance._unet_call
+
+    def fast_without_perturbation(self, *args, **kwargs):
+        if current_backend() == "reference":
+            return real(self, *args, **kwargs)
+        return super(PAGGuidance, self)._unet_call(*args, **kwargs)
+
+    monkeypatch.setattr(PAGGuidance, "_unet_call", fast_without_perturbation)
+    assert main(["check", "--model", pag_pair[0]._saved_to, "--steps", "2"]) == 1
