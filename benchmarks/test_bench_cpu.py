@@ -8,10 +8,9 @@ Groups: the fused CFG+DDIM step (C++ op) vs our reference vs diffusers' CFG comb
 shapes in both memory layouts; fp16/bf16 storage for both at SD1.5's shapes; diffusers' Euler, Euler ancestral,
 DPM-Solver++ 2M and 3M SDE, PNDM (PLMS), UniPC, DDPM, LCM, Heun, LMS, DPM2, DPM2 ancestral and DEIS scheduler steps as
 accelerate patches them vs their own, the Euler op alone; the weights key a graphed UNet call checks (ModuleState,
-SD1.5's UNet on the meta device); whole ControlNet, IP-Adapter Plus, T2I-Adapter, ControlNet-Union, LCM and
-InstructPix2Pix pipeline calls on the tiny models, ours vs diffusers' (plain and accelerated); and a decode by SD's KL
-VAE vs TAESD. Each
-group's rows are the implementations side by side; compare medians.
+SD1.5's UNet on the meta device); whole ControlNet, IP-Adapter Plus, T2I-Adapter, ControlNet-Union, LCM,
+InstructPix2Pix and PAG pipeline calls on the tiny models, ours vs diffusers' (plain and accelerated); and a decode by
+SD's KL VAE vs TAESD. Each group's rows are the implementations side by side; compare medians.
 
 The allocator is pinned first (see ``_steady_allocator``): glibc otherwise moves between two regimes at random,
 and in one of them every multi-MB temporary is page-faulted in afresh. That would slow the implementations that
@@ -398,6 +397,23 @@ def test_pix2pix_pipeline(benchmark, pix2pix_pipelines, impl):
     image = Image.fromarray(torch.randint(0, 255, (128, 128, 3), generator=torch.Generator().manual_seed(0),
                                           dtype=torch.uint8).numpy())
     benchmark(lambda: pipe("make it snowy", image=image, num_inference_steps=10,
+                           generator=torch.Generator().manual_seed(0), output_type="np"))
+
+
+@pytest.fixture(scope="module")
+def pag_pipelines(tmp_path_factory):
+    """diffusers' StableDiffusionPAGPipeline on the tests' tiny SD1 model (PAG on the mid block), a second one
+    under accelerate, and ours loaded from the folder diffusers saved."""
+    return _three_ways(tmp_path_factory, "bench-pag", lambda tiny: tiny.pag_pipeline())
+
+
+@pytest.mark.parametrize("impl", ["ours", "diffusers + accelerate", "diffusers"])
+def test_pag_pipeline(benchmark, pag_pipelines, impl):
+    """A whole call with perturbed-attention guidance beside CFG (batch 3 through the UNet: uncond, text, perturbed),
+    10 DDIM steps at 128x128 (32x32 latents), VAE decode included, fp32."""
+    benchmark.group = "PAG pipeline, tiny SD1, PAG on the mid block + CFG, 10 DDIM steps, 128x128"
+    pipe = pag_pipelines[impl]
+    benchmark(lambda: pipe("a cube", height=128, width=128, num_inference_steps=10, pag_scale=3.0,
                            generator=torch.Generator().manual_seed(0), output_type="np"))
 
 
