@@ -28,16 +28,18 @@ from .ip_adapter import IPAdapterMixin, ip_adapter_call
 from .lora import LoraLoaderMixin, lora_call_scale
 from .models.layers import guidance_scale_embedding
 from .pipeline_common import (OUTPUT_TYPES, ModelSwitches, StableDiffusionPipelineOutput, StepCallback,
-                              auto_or_bool_setting, check_size, postprocess, rescale_noise_cfg, takes)
+                              auto_or_bool_setting, check_size, from_pipe, postprocess, rescale_noise_cfg, takes)
 from .pipeline_folder import ComponentLoader, check_model_config, read_model_index, resolve_dtype
 from .pipeline_graphs import GraphedLoop
+from .pipeline_text import TextEncoding
 from .safety_checker import run_safety_checker
 from .schedulers import DDIMScheduler
 from .schedulers.common import randn_tensor
 from .textual_inversion import TextualInversionLoaderMixin
 
 
-class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoaderMixin, IPAdapterMixin, ModelSwitches):
+class StableDiffusionPipeline(GraphedLoop, TextEncoding, LoraLoaderMixin, TextualInversionLoaderMixin, IPAdapterMixin,
+                              ModelSwitches):
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")  # diffusers' names
     safety_checker = None  # diffusers' StableDiffusionSafetyChecker where the folder has one (safety_checker.py)
     _guidance_rescale = 0.0  # set by each call that takes it, as diffusers keeps it (SD img2img takes none)
@@ -100,6 +102,13 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
         return pipe
 
     @classmethod
+    def from_pipe(cls, pipe, **kwargs):
+        """diffusers' ``from_pipe``: this class of pipeline on ``pipe``'s components (shared, not copied), e.g.
+        ``StableDiffusionImg2ImgPipeline.from_pipe(pipe)``; ``kwargs`` replace components or settings
+        (``controlnet=net``, ``vae=taesd``, ``pag_applied_layers=["mid"]``)."""
+        return from_pipe(cls, pipe, kwargs)
+
+    @classmethod
     def from_tiny(cls, variant="sd1", seed=0, dtype=None, device=None, *, cuda_graph="auto", channels_last="auto"):
         """A small SD-architecture pipeline with random weights (the built-in default model)."""
         import tempfile
@@ -146,53 +155,6 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
         self._progress = kwargs
 
     # ---- the pieces of a call -----------------------------------------------------------------------------------
-    def encode_prompt(self, prompt, device, num_images_per_prompt, do_cfg, negative_prompt=None,
-                      prompt_embeds=None, negative_prompt_embeds=None, clip_skip=None):
-        """Text embeddings as diffusers computes them: max-length padding, last hidden state (``clip_skip`` layers
-        before it, then the final layer norm, for the prompt alone, as diffusers skips), repeated per image."""
-        if prompt_embeds is None:
-            prompt_embeds = self._encode_text(prompt, device, clip_skip=clip_skip)
-        batch = prompt_embeds.shape[0]
-        prompt_embeds = prompt_embeds.to(dtype=self.text_encoder.dtype, device=device)
-        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
-        if not do_cfg:
-            return prompt_embeds, None
-        if negative_prompt_embeds is None:
-            if negative_prompt is None:
-                negative = [""] * batch
-            elif isinstance(negative_prompt, str):
-                negative = [negative_prompt] * batch
-            else:
-                negative = list(negative_prompt)
-            negative_prompt_embeds = self._encode_text(negative, device, max_length=prompt_embeds.shape[1])
-        negative_prompt_embeds = negative_prompt_embeds.to(dtype=self.text_encoder.dtype, device=device)
-        negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
-        return prompt_embeds, negative_prompt_embeds
-
-    @torch.no_grad()
-    def _encode_text(self, texts, device, max_length=None, clip_skip=None):
-        tokens = self.tokenizer(
-            self.maybe_convert_prompt(texts, self.tokenizer), padding="max_length",
-            max_length=max_length or self.tokenizer.model_max_length, truncation=True, return_tensors="pt",
-        )
-        mask = tokens.attention_mask.to(device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
-        if clip_skip is None:
-            return self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
-        out = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
-        text_model = getattr(self.text_encoder, "text_model", self.text_encoder)  # (transformers 5 flattened it)
-        return text_model.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
-
-    def _check_clip_skip(self, clip_skip):
-        """clip_skip: None, or how many of the text encoder's last layers to skip (fewer than it has)."""
-        if clip_skip is None:
-            return None
-        layers = min(e.config.num_hidden_layers for e in (self.text_encoder, getattr(self, "text_encoder_2", None))
-                     if e is not None)
-        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 0 <= clip_skip < layers:
-            raise ValueError(f"clip_skip must be None or an int in [0, {layers}) (the text encoder's layers to skip), "
-                             f"got {clip_skip!r}")
-        return clip_skip
-
     def _check_inputs(self, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale,
                       num_images_per_prompt, prompt_embeds, negative_prompt_embeds, latents, output_type):
         if prompt is None and prompt_embeds is None:
@@ -318,18 +280,6 @@ class StableDiffusionPipeline(GraphedLoop, LoraLoaderMixin, TextualInversionLoad
                                    negative_prompt_embeds, clip_skip, callback)
         return self._sample(shape, embeds, (), num_inference_steps, guidance_scale, do_cfg, eta, generator, latents,
                             output_type, timesteps, sigmas, callback)
-
-    def _text_embeds(self, prompt, negative_prompt, num_images_per_prompt, do_cfg, prompt_embeds,
-                     negative_prompt_embeds, clip_skip, callback):
-        """The loop's text embeddings (negative first with guidance), in the UNet's dtype; the callback reads the
-        negative ones (a replacement is not used, as in diffusers)."""
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            [prompt] if isinstance(prompt, str) else prompt, self.device, num_images_per_prompt, do_cfg,
-            negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip)
-        if callback is not None:
-            callback.extra["negative_prompt_embeds"] = negative_prompt_embeds
-        embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
-        return embeds.to(self.dtype)
 
     def _set_timesteps(self, num_inference_steps, device, timesteps=None, sigmas=None):
         """diffusers' retrieve_timesteps: the scheduler's schedule of ``num_inference_steps``, or custom ``timesteps``

@@ -190,6 +190,38 @@ def numpy_images(image, name, grayscale=False):
     return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2))).float()
 
 
+def from_pipe(cls, pipe, overrides):
+    """diffusers' ``from_pipe``: a ``cls`` pipeline on ``pipe``'s components, shared (not copied), each constructor
+    argument taken from ``overrides`` or else from ``pipe``'s attribute of that name (settings too: cuda_graph,
+    SDXL's force_zeros_for_empty_prompt, PAG's applied layers); the image encoder, feature extractor, safety checker
+    and LoRA bookkeeping come along. A component neither gives is named, as is an argument ``cls`` does not take."""
+    positional, keyword = [], []
+    for klass in cls.__mro__:  # the constructors down the chain (a mixin's takes *args and adds keywords)
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = list(inspect.signature(init).parameters.values())[1:]
+        if not positional:
+            positional = [p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD]
+        keyword += [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.name not in keyword]
+    unknown = sorted(set(overrides) - set(positional) - set(keyword))
+    if unknown:
+        raise TypeError(f"from_pipe: {cls.__name__} takes no {', '.join(unknown)} (its components and settings: "
+                        f"{', '.join(positional + keyword)})")
+    missing = [name for name in positional if name not in overrides and not hasattr(pipe, name)]
+    if missing:
+        raise ValueError(f"from_pipe: {cls.__name__} needs {', '.join(missing)}, which pipe "
+                         f"({type(pipe).__name__}) does not have: pass {'them' if len(missing) > 1 else 'it'} as "
+                         f"from_pipe(pipe, {missing[0]}=...)")
+    args = [overrides[name] if name in overrides else getattr(pipe, name) for name in positional]
+    settings = {name: overrides[name] if name in overrides else getattr(pipe, name) for name in keyword
+                if name in overrides or hasattr(pipe, name)}
+    new = cls(*args, **settings)._image_encoder_of(pipe)
+    if hasattr(pipe, "_lora") and new.unet is pipe.unet:  # the same modules: the same merged LoRAs to undo
+        new._lora = pipe._lora
+    return new
+
+
 def takes(method, name) -> bool:
     """Whether ``method`` has a parameter ``name``; read once per function (this runs every denoising step)."""
     return name in _parameters(getattr(method, "__func__", method))
