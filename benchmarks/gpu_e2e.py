@@ -7,7 +7,8 @@ SD1.5's architecture with random weights (nothing is downloaded), fp16, 512x512,
 side by side in one run, medians of --repeats whole calls (text encoding and the loop, latents out, no VAE decode):
 diffusers eager (SDPA), diffusers + torch.compile (default mode; skipped with --no-compile), diffusers +
 diffusion_fast.accelerate, and our pipeline (fast with CUDA graphs in both memory formats, fast with only the UNet
-graphed as for a non-DDIM scheduler, fast without graphs, reference). Quality: PSNR of our
+graphed as for a non-DDIM scheduler, fast without graphs, reference); and perturbed-attention guidance on the mid
+block beside CFG, diffusers' PAG pipeline and ours (its speedup against diffusers' PAG row too). Quality: PSNR of our
 fp16 image (and diffusers' fp16 image) against our fp32 reference-path image from the same float32 noise (in torch
 2.11 a float16 randn is not the float32 one rounded, so a shared seed alone would compare different images),
 computed with TF32 off (and how far TF32, PyTorch's default for fp32 convolutions, moves that image). Also the time
@@ -36,8 +37,11 @@ import diffusion_fast
 from diffusion_fast import backend, tiny
 from diffusion_fast.numerics import psnr, seed_latents, strict_fp32
 from diffusion_fast.pipeline import StableDiffusionPipeline
+from diffusion_fast.pipeline_pag import StableDiffusionPAGPipeline
 
 PROMPT = "a photograph of an astronaut riding a horse"
+OURS_PAG = "diffusion_fast PAG pipeline (fast, UNet graph; mid block, scale 3)"
+DIFFUSERS_PAG = "diffusers PAG eager (SDPA; mid block, scale 3)"
 
 
 def sync(device):
@@ -142,9 +146,22 @@ def main(argv=None):
             notes.append(f"{label}: {type(exc).__name__}: {exc}")
             print(notes[-1], flush=True)
     ours.cuda_graph, ours.channels_last = "auto", "auto"
+    # perturbed-attention guidance beside CFG (the UNet on 3 copies of the batch), on the same components
+    pag = StableDiffusionPAGPipeline.from_pipe(ours)  # (the mid block, as diffusers' default)
+
+    def run_pag():
+        with backend("fast"):
+            return pag(PROMPT, num_inference_steps=steps, generator=gen(), output_type="latent", pag_scale=3.0)
+
+    try:
+        add(OURS_PAG, *timed(run_pag, args.repeats, device))
+    except Exception as exc:
+        notes.append(f"{OURS_PAG}: {type(exc).__name__}: {exc}")
+        print(notes[-1], flush=True)
+    pag = None  # (its graphs freed)
     with backend("fast"):
         img_fast = ours(PROMPT, num_inference_steps=steps, latents=noise, output_type="np").images
-    del ours
+    ours = None  # (freed before the next pipeline loads)
     free(device)
     ref32 = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, device=device)
     ref32.set_progress_bar_config(disable=True)
@@ -152,7 +169,7 @@ def main(argv=None):
         with strict_fp32():  # the fp32 reference in IEEE fp32 (PyTorch's default lets cuDNN convolutions use TF32)
             img_ref32 = ref32(PROMPT, num_inference_steps=steps, latents=noise, output_type="np").images
         img_ref32_tf32 = ref32(PROMPT, num_inference_steps=steps, latents=noise, output_type="np").images
-    del ref32
+    ref32 = None
     free(device)
 
     # ---- diffusers -----------------------------------------------------------------------------------------------
@@ -166,6 +183,15 @@ def main(argv=None):
         return pipe(PROMPT, num_inference_steps=steps, generator=gen(), output_type=output_type).images
 
     add("diffusers eager (SDPA)", *timed(run_diffusers, args.repeats, device))
+    try:
+        pag = diffusers.StableDiffusionPAGPipeline.from_pipe(pipe, pag_applied_layers="mid")
+        pag.set_progress_bar_config(disable=True)
+        add(DIFFUSERS_PAG, *timed(lambda: pag(PROMPT, num_inference_steps=steps, generator=gen(), pag_scale=3.0,
+                                              output_type="latent"), args.repeats, device))
+        pag = None
+    except Exception as exc:
+        notes.append(f"{DIFFUSERS_PAG}: {type(exc).__name__}: {exc}")
+        print(notes[-1], flush=True)
     img_diffusers = run_diffusers("np")
     try:
         diffusion_fast.accelerate(pipe)
@@ -190,7 +216,7 @@ def main(argv=None):
         except Exception as exc:
             notes.append(f"torch.compile: {type(exc).__name__}: {str(exc)[:300]}")
             print(notes[-1], flush=True)
-    del pipe
+    pipe = None
     free(device)
     # diffusers in fp32 on this GPU (TF32 off, like our reference): is our fp32 reference the image diffusers makes?
     pipe32 = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32).to(device)
@@ -198,7 +224,7 @@ def main(argv=None):
     pipe32.set_progress_bar_config(disable=True)
     with strict_fp32():
         img_diffusers32 = pipe32(PROMPT, num_inference_steps=steps, latents=noise.to(device), output_type="np").images
-    del pipe32
+    pipe32 = None
     free(device)
 
     first_s, first_log = first_image_seconds(folder, steps)
@@ -212,6 +238,10 @@ def main(argv=None):
     eager = next(r["it_per_s"] for r in rows if r["system"].startswith("diffusers eager"))
     for r in rows:
         r["speedup_vs_diffusers_eager"] = r["it_per_s"] / eager
+    pag_rows = {r["system"]: r for r in rows if r["system"] in (OURS_PAG, DIFFUSERS_PAG)}
+    if len(pag_rows) == 2:  # PAG against PAG: the same work (3 copies of the batch)
+        pag_rows[OURS_PAG]["speedup_vs_diffusers_pag"] = (pag_rows[OURS_PAG]["it_per_s"]
+                                                          / pag_rows[DIFFUSERS_PAG]["it_per_s"])
     record = {
         "benchmark": "gpu_e2e", "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "gpu": "none (--dry-run on the CPU)" if args.dry_run else torch.cuda.get_device_name(),

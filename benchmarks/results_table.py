@@ -103,7 +103,9 @@ def gpu_kernels(record):
 def gpu_e2e(record):
     out = [f"End to end: {record.get('config', '')}; {machine(record)}, {record.get('date', '')}."]
     body = [[r.get("system"), fmt(r.get("it_per_s"), ".2f"), fmt(r.get("median_s"), ".3f"),
-             fmt(r.get("speedup_vs_diffusers_eager"), ".2f") + "x" if "speedup_vs_diffusers_eager" in r else ""]
+             (fmt(r.get("speedup_vs_diffusers_eager"), ".2f") + "x" if "speedup_vs_diffusers_eager" in r else "")
+             + (f" ({fmt(r['speedup_vs_diffusers_pag'], '.2f')}x vs diffusers PAG)"
+                if "speedup_vs_diffusers_pag" in r else "")]
             for r in record.get("rows", [])]
     out.append(table(["system", "it/s", "median s", "vs diffusers eager"], body))
     if record.get("quality"):

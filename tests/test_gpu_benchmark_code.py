@@ -188,7 +188,9 @@ def test_e2e_dry_run_runs_every_system_and_is_left_out_of_the_tables(tmp_path):
     record = json.loads(out.read_text().splitlines()[-1])
     assert record["dry_run"] is True and record["notes"] == [], record["notes"]
     systems = [r["system"] for r in record["rows"]]
-    assert len(systems) == 7 and "diffusers + diffusion_fast.accelerate" in systems, systems
+    assert len(systems) == 9 and "diffusers + diffusion_fast.accelerate" in systems, systems
+    pag = next(r for r in record["rows"] if r["system"] == gpu_e2e.OURS_PAG)
+    assert pag["speedup_vs_diffusers_pag"] > 0 and "vs diffusers PAG" in results_table.gpu_e2e(record)
     assert all(r["median_s"] > 0 and len(r["times_s"]) == 1 for r in record["rows"])
     assert len(record["quality"]) == 6 and not any(math.isnan(v) for v in record["quality"].values())
     assert record["first_image_seconds"] is not None
