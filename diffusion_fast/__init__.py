@@ -37,8 +37,10 @@ _LAZY = {
     "LatentConsistencyModelPipeline": ("pipeline_lcm", "LatentConsistencyModelPipeline"),
     "LatentConsistencyModelImg2ImgPipeline": ("pipeline_lcm", "LatentConsistencyModelImg2ImgPipeline"),
     "StableDiffusionInstructPix2PixPipeline": ("pipeline_pix2pix", "StableDiffusionInstructPix2PixPipeline"),
-    "StableDiffusionPAGPipeline": ("pipeline_pag", "StableDiffusionPAGPipeline"),
-    "StableDiffusionXLPAGPipeline": ("pipeline_pag", "StableDiffusionXLPAGPipeline"),
+    **{name: ("pipeline_pag", name) for name in (
+        "StableDiffusionPAGPipeline", "StableDiffusionXLPAGPipeline", "StableDiffusionPAGImg2ImgPipeline",
+        "StableDiffusionXLPAGImg2ImgPipeline", "StableDiffusionPAGInpaintPipeline",
+        "StableDiffusionXLPAGInpaintPipeline")},
     "AutoencoderKL": ("models", "AutoencoderKL"),
     "AutoencoderTiny": ("models", "AutoencoderTiny"),
     "ControlNetModel": ("models", "ControlNetModel"),

@@ -76,33 +76,30 @@ def pix2pix_options(args, pipe, init_image):
 
 def pag_options(args, loaded, pipe):
     """Perturbed-attention guidance: with --pag-scale (or a folder diffusers saved a PAG pipeline in, ``loaded``),
-    the run's pipeline ``pipe`` as our PAG one on its components, with --pag-layers; and the call's PAG options.
-    Text-to-image only: with another kind of run the flags are refused, and a PAG folder's run is said to go without
-    it."""
-    from .generate import _with_components
-    from .pipeline import StableDiffusionPipeline
-    from .pipeline_pag import PAGGuidance, StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline
-    from .pipeline_xl import StableDiffusionXLPipeline
+    the run's pipeline ``pipe`` (text-to-image, image-to-image or inpainting; SD or SDXL) as our PAG one on its
+    components, with --pag-layers; and the call's PAG options. With another kind of run the flags are refused, and
+    a PAG folder's run is said to go without it."""
+    from .pipeline_pag import PAG_FOR, PAGGuidance
 
     flags = args.pag_scale is not None or args.pag_layers or args.pag_adaptive_scale is not None
     if not flags and not isinstance(loaded, PAGGuidance):
         return pipe, {}
-    text_to_image = args.refiner is None and (isinstance(pipe, PAGGuidance) or type(pipe) in (
-        StableDiffusionPipeline, StableDiffusionXLPipeline))
-    if not text_to_image:
-        if not flags:  # a PAG folder's image-to-image, inpainting, ControlNet ... run
-            print(f"{args.model} is a PAG pipeline: perturbed-attention guidance runs text-to-image here, so this run "
-                  "goes without it")
+    # the PAG pipeline for the run's (none for a ControlNet, T2I-Adapter, InstructPix2Pix, LCM or refiner run)
+    cls = type(pipe) if isinstance(pipe, PAGGuidance) else PAG_FOR.get(type(pipe))
+    if cls is None or args.refiner is not None:
+        if not flags:  # a PAG folder's ControlNet, T2I-Adapter ... run
+            print(f"{args.model} is a PAG pipeline: perturbed-attention guidance does not run with this kind of run "
+                  f"({type(pipe).__name__}), so it goes without it")
             return pipe, {}
         kind = "an LCM-distilled model (its guidance embedding)" if pipe.unet.config.time_cond_proj_dim else \
-            "--image, --controlnet, --t2i-adapter or --refiner"
-        raise UsageError(f"--pag-*: perturbed-attention guidance runs text-to-image with an SD or SDXL model here, "
-                         f"not with {kind}")
+            "--controlnet, --t2i-adapter, --refiner or an InstructPix2Pix model"
+        raise UsageError(f"--pag-*: perturbed-attention guidance runs text-to-image, image-to-image and inpainting "
+                         f"with an SD or SDXL model here, not with {kind}")
     if args.pag_scale is None and not isinstance(loaded, PAGGuidance):
         raise UsageError("--pag-layers and --pag-adaptive-scale go with --pag-scale")
-    pipe = _with_components(pipe, StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline)
+    layers = args.pag_layers or getattr(loaded, "pag_applied_layers", ["mid"])
     try:
-        pipe.set_pag_applied_layers(args.pag_layers or pipe.pag_applied_layers)
+        pipe = cls.from_pipe(pipe, pag_applied_layers=layers)
     except ValueError as exc:
         raise UsageError(f"--pag-layers: {exc}") from None
     options = {name: value for name, value in (("pag_scale", args.pag_scale),

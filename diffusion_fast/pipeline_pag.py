@@ -1,6 +1,6 @@
 """Perturbed-attention guidance (PAG, "Self-Rectifying Diffusion Sampling with Perturbed-Attention Guidance"):
-diffusers' StableDiffusionPAGPipeline and StableDiffusionXLPAGPipeline, the same image for the same seed, scales,
-applied layers and weights.
+diffusers' StableDiffusion(XL)PAGPipeline, its image-to-image and inpainting ones (...PAGImg2ImgPipeline,
+...PAGInpaintPipeline), the same image for the same seed, scales, applied layers and weights.
 
 The UNet runs one more copy of the batch, conditioned on the prompt, in which the self-attentions of the applied
 layers (``pag_applied_layers``: regexes searched in the UNet's module names, "mid" by default) have an identity
@@ -22,6 +22,8 @@ import torch
 from .models.attention import Attention
 from .pipeline import StableDiffusionPipeline
 from .pipeline_common import rescale_noise_cfg
+from .pipeline_img2img import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 from .pipeline_xl import StableDiffusionXLPipeline
 
 
@@ -109,14 +111,15 @@ class PAGGuidance:
     def do_perturbed_attention_guidance(self) -> bool:
         return self._pag_run is not None
 
-    def _sample(self, shape, embeds, cond, *args, **kwargs):
-        """With PAG, the prompt's rows of the text embeddings and added conditioning once more, for the perturbed
-        copy (diffusers' _prepare_perturbed_attention_guidance)."""
+    def _denoise(self, latents, timesteps, embeds, cond, *args, **kwargs):
+        """With PAG, the prompt's rows of the text embeddings and of the UNet's added inputs (SDXL's pooled
+        embeddings and time ids, an inpainting UNet's mask and masked image) once more, for the perturbed copy
+        (diffusers' _prepare_perturbed_attention_guidance)."""
         if self._pag_run is not None:
-            rows = self._pag_rows = shape[0]
+            rows = self._pag_rows = latents.shape[0]
             embeds = torch.cat([embeds, embeds[-rows:]])
             cond = tuple(torch.cat([c, c[-rows:]]) for c in cond)
-        return super()._sample(shape, embeds, cond, *args, **kwargs)
+        return super()._denoise(latents, timesteps, embeds, cond, *args, **kwargs)
 
     def _ip_adapter_tokens(self, batch, do_cfg):
         tokens = super()._ip_adapter_tokens(batch, do_cfg)
@@ -185,3 +188,32 @@ class StableDiffusionPAGPipeline(PAGGuidance, StableDiffusionPipeline):
 class StableDiffusionXLPAGPipeline(PAGGuidance, StableDiffusionXLPipeline):
     """diffusers' StableDiffusionXLPAGPipeline: SDXL text-to-image with perturbed-attention guidance."""
     __call__ = pag_call(StableDiffusionXLPipeline.__call__)
+
+
+class StableDiffusionPAGImg2ImgPipeline(PAGGuidance, StableDiffusionImg2ImgPipeline):
+    """diffusers' StableDiffusionPAGImg2ImgPipeline."""
+    __call__ = pag_call(StableDiffusionImg2ImgPipeline.__call__)
+
+
+class StableDiffusionXLPAGImg2ImgPipeline(PAGGuidance, StableDiffusionXLImg2ImgPipeline):
+    """diffusers' StableDiffusionXLPAGImg2ImgPipeline."""
+    __call__ = pag_call(StableDiffusionXLImg2ImgPipeline.__call__)
+
+
+class StableDiffusionPAGInpaintPipeline(PAGGuidance, StableDiffusionInpaintPipeline):
+    """diffusers' StableDiffusionPAGInpaintPipeline (an inpainting UNet, or a plain one blended)."""
+    __call__ = pag_call(StableDiffusionInpaintPipeline.__call__)
+
+
+class StableDiffusionXLPAGInpaintPipeline(PAGGuidance, StableDiffusionXLInpaintPipeline):
+    """diffusers' StableDiffusionXLPAGInpaintPipeline (an inpainting UNet, or a plain one blended)."""
+    __call__ = pag_call(StableDiffusionXLInpaintPipeline.__call__)
+
+
+# each PAG pipeline for the plain one it adds PAG to (exact classes: an LCM, ControlNet, T2I-Adapter or
+# InstructPix2Pix pipeline has none), and by diffusers' class name (load_pipeline)
+PAG_FOR = {base: cls for cls in (StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline,
+                                  StableDiffusionPAGImg2ImgPipeline, StableDiffusionXLPAGImg2ImgPipeline,
+                                  StableDiffusionPAGInpaintPipeline, StableDiffusionXLPAGInpaintPipeline)
+           for base in cls.__bases__[1:]}
+PAG_PIPELINES = {cls.__name__: cls for cls in PAG_FOR.values()}

@@ -285,8 +285,8 @@ def load_pipeline(folder, **kwargs):
     (``StableDiffusionXLControlNetUnion...Pipeline`` for a ControlNet-Union one),
     ``StableDiffusion(XL)AdapterPipeline`` for one it saved a T2I-Adapter pipeline in,
     ``LatentConsistencyModel(Img2Img)Pipeline`` for an LCM's (diffusers' class name),
-    ``StableDiffusionInstructPix2PixPipeline`` for an InstructPix2Pix one, ``StableDiffusion(XL)PAGPipeline`` for
-    a perturbed-attention guidance one (text-to-image; its applied layers are "mid", as diffusers loads it), else
+    ``StableDiffusionInstructPix2PixPipeline`` for an InstructPix2Pix one, ``StableDiffusion(XL)PAG...Pipeline`` for
+    a perturbed-attention guidance one (its applied layers "mid", as diffusers loads it), else
     ``StableDiffusionPipeline``; ``kwargs`` go to its ``from_pretrained``."""
     from .pipeline_controlnet import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
     from .pipeline_controlnet_image import (StableDiffusionControlNetImg2ImgPipeline,
@@ -299,7 +299,7 @@ def load_pipeline(folder, **kwargs):
     from .pipeline_img2img import StableDiffusionXLImg2ImgPipeline
     from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
     from .pipeline_lcm import LatentConsistencyModelImg2ImgPipeline, LatentConsistencyModelPipeline
-    from .pipeline_pag import StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline
+    from .pipeline_pag import PAG_PIPELINES
     from .pipeline_pix2pix import StableDiffusionInstructPix2PixPipeline
     from .pipeline_t2i_adapter import StableDiffusionAdapterPipeline, StableDiffusionXLAdapterPipeline
 
@@ -321,8 +321,8 @@ def load_pipeline(folder, **kwargs):
                ("image-to-image", True): StableDiffusionXLControlNetImg2ImgPipeline,
                ("inpainting", False): StableDiffusionControlNetInpaintPipeline,
                ("inpainting", True): StableDiffusionXLControlNetInpaintPipeline}[kind, xl]
-    elif name in ("StableDiffusionPAGPipeline", "StableDiffusionXLPAGPipeline"):
-        cls = StableDiffusionXLPAGPipeline if "text_encoder_2" in components else StableDiffusionPAGPipeline
+    elif name in PAG_PIPELINES:
+        cls = PAG_PIPELINES[name]
     elif "text_encoder_2" in components and inpainting:
         cls = StableDiffusionXLInpaintPipeline
     elif "text_encoder_2" in components and components.get("requires_aesthetics_score", False):

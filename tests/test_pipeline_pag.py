@@ -13,7 +13,7 @@ import _tiny_diffusers
 from _fake_graphs import assert_graphed_as_eager, use_fake_graphs
 import diffusion_fast
 from conftest import DEVICE, ON_GPU
-from diffusion_fast import StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline
+from diffusion_fast import StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline, tiny
 from diffusion_fast.models import UNet2DConditionModel
 from diffusion_fast.models.attention import Attention
 from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
@@ -144,6 +144,42 @@ def test_pag_scale_zero_is_the_sd_pipeline(pag_pair):
         _set_layers([ours], "mid")
 
 
+# ---- image-to-image and inpainting ---------------------------------------------------------------------------------
+_rng = np.random.default_rng(0)
+IMAGE = torch.from_numpy(_rng.random((1, 3, 40, 48), dtype=np.float32))  # in [0, 1]; 40x48: not square
+MASK = torch.zeros(1, 1, 40, 48)
+MASK[:, :, 8:30, 10:40] = 1.0
+
+
+def _image_pair(kind, pag_pair, pag_xl_pair, folder):
+    """diffusers' PAG image-to-image or inpainting pipeline of ``kind`` on the tiny components (an inpainting
+    ``kind`` ending in 9 gets a 9-channel UNet), saved, and ours loaded from the folder."""
+    import diffusers
+    from diffusion_fast import pipeline_pag
+
+    xl = kind.startswith("xl")
+    components = dict((pag_xl_pair if xl else pag_pair)[0].components)
+    if kind.endswith("9"):
+        torch.manual_seed(11)
+        components["unet"] = diffusers.UNet2DConditionModel(**dict(tiny.unet_config("sd1"), in_channels=9))
+    name = f"StableDiffusion{'XL' if xl else ''}PAG{'Inpaint' if 'inpaint' in kind else 'Img2Img'}Pipeline"
+    extra = {} if xl else {"requires_safety_checker": False}
+    theirs = getattr(diffusers, name)(**components, pag_applied_layers="mid", **extra)
+    return _saved(theirs, folder, getattr(pipeline_pag, name))
+
+
+@pytest.mark.parametrize("kind", ["img2img", "inpaint-9", "inpaint-4", "xl-img2img", "xl-inpaint-4"])
+def test_pag_image_to_image_and_inpainting_match_diffusers(kind, pag_pair, pag_xl_pair, tmp_path):
+    """The perturbed copy of an inpainting UNet's mask and masked image too (9 channels); a plain UNet's blend keeps
+    the mask of the batch itself."""
+    theirs, ours = _image_pair(kind, pag_pair, pag_xl_pair, tmp_path)
+    kwargs = dict(image=IMAGE, strength=0.75)
+    if "inpaint" in kind:
+        kwargs.update(mask_image=MASK, height=40, width=48)
+    _assert_as_diffusers(theirs, ours, **kwargs)
+    _assert_as_diffusers(theirs, ours, guidance_scale=1.0, **kwargs)  # PAG alone
+
+
 # ---- the perturbation itself --------------------------------------------------------------------------------------
 def test_perturbed_rows_attend_to_themselves_alone():
     """Attention.perturbed_rows: the batch's last rows output their values (projected), as diffusers' identity
@@ -261,27 +297,35 @@ def _png(path):
     return np.asarray(Image.open(path), dtype=np.int16)
 
 
-@pytest.mark.parametrize("how", ["plain-folder-with-flags", "pag-folder"])
-def test_generate_with_pag_gives_diffusers_image(pag_pair, tmp_path, capsys, how):
+@pytest.mark.parametrize("how", ["plain-folder-with-flags", "pag-folder", "pag-folder-image-to-image"])
+def test_generate_with_pag_gives_diffusers_image(pag_pair, pag_xl_pair, tmp_path, capsys, how):
     """--pag-scale / --pag-layers on a plain SD folder, or a folder diffusers saved its PAG pipeline in (its scale 3
-    and "mid" by default): diffusers' PAG image from the same seed and weights, within one 8-bit level."""
+    and "mid" by default), text-to-image or with --image: diffusers' PAG image from the same seed and weights, within
+    one 8-bit level."""
+    from PIL import Image
+
     from diffusion_fast.cli import main
 
-    theirs = pag_pair[0]
-    if how == "pag-folder":
-        folder, flags, layers = theirs._saved_to, [], "mid"
-    else:  # the same weights as a plain SD pipeline's folder
+    theirs, flags, layers, kwargs = pag_pair[0], [], "mid", {}
+    folder = theirs._saved_to
+    if how == "plain-folder-with-flags":  # the same weights as a plain SD pipeline's folder
         folder = str(tmp_path / "plain")
         _tiny_diffusers.saved_pipeline(folder, "sd1", seed=3)
         flags, layers = ["--pag-scale", "2.5", "--pag-layers", "down_blocks.0", "--pag-layers", "mid"], \
             ["down_blocks.0", "mid"]
+    elif how == "pag-folder-image-to-image":
+        Image.fromarray((IMAGE[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(tmp_path / "in.png")
+        flags = ["--image", str(tmp_path / "in.png"), "--strength", "0.75"]
+        theirs = _image_pair("img2img", pag_pair, pag_xl_pair, tmp_path / "i2i")[0]
+        kwargs = dict(image=Image.open(tmp_path / "in.png").convert("RGB"), strength=0.75)
     out = tmp_path / "out.png"
     assert main(["generate", "--model", folder, "--steps", str(STEPS), "--seed", "2", "--output", str(out),
                  "--no-progress", *flags]) == 0
     theirs.set_pag_applied_layers(layers)
     try:
         expected = theirs("a photograph of an astronaut riding a horse", num_inference_steps=STEPS,
-                          pag_scale=2.5 if flags else 3.0, generator=torch.Generator().manual_seed(2)).images[0]
+                          pag_scale=2.5 if how.startswith("plain") else 3.0,
+                          generator=torch.Generator().manual_seed(2), **kwargs).images[0]
     finally:
         theirs.set_pag_applied_layers("mid")
     assert np.abs(_png(out) - np.asarray(expected, dtype=np.int16)).max() <= 1
@@ -290,9 +334,8 @@ def test_generate_with_pag_gives_diffusers_image(pag_pair, tmp_path, capsys, how
 @pytest.mark.parametrize("argv, message", [
     (["--pag-scale", "3", "--pag-layers", "nowhere"], "--pag-layers: pag_applied_layers: 'nowhere' matches no"),
     (["--pag-layers", "mid"], "--pag-layers and --pag-adaptive-scale go with --pag-scale"),
-    (["--pag-scale", "3", "--image", "IN"], "perturbed-attention guidance runs text-to-image .* not with --image"),
     (["--pag-scale", "-1"], "--pag-scale must be a finite number >= 0"),
-], ids=["unknown-layer", "layers-alone", "with-image", "negative"])
+], ids=["unknown-layer", "layers-alone", "negative"])
 def test_generate_pag_bad_options_one_line(tmp_path, capsys, argv, message):
     import re
 
@@ -307,15 +350,19 @@ def test_generate_pag_bad_options_one_line(tmp_path, capsys, argv, message):
     assert re.search(message, err) and "Traceback" not in err, err
 
 
-def test_pag_folder_with_an_image_says_it_runs_without_pag(pag_pair, tmp_path, capsys):
+def test_pag_folder_with_a_controlnet_says_it_runs_without_pag(pag_pair, tmp_path, capsys):
     from PIL import Image
 
     from diffusion_fast.cli import main
 
-    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "in.png")
-    assert main(["generate", "--model", pag_pair[0]._saved_to, "--image", str(tmp_path / "in.png"), "--steps", "2",
-                 "--no-progress", "--output", str(tmp_path / "o.png")]) == 0
-    assert "is a PAG pipeline: perturbed-attention guidance runs text-to-image here" in capsys.readouterr().out
+    torch.manual_seed(0)
+    _tiny_diffusers.random_controlnet(pag_pair[0].unet).save_pretrained(tmp_path / "net")
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "edges.png")
+    assert main(["generate", "--model", pag_pair[0]._saved_to, "--controlnet", str(tmp_path / "net"),
+                 "--control-image", str(tmp_path / "edges.png"), "--steps", "2", "--no-progress", "--output",
+                 str(tmp_path / "o.png")]) == 0
+    assert "is a PAG pipeline: perturbed-attention guidance does not run with this kind of run" in \
+        capsys.readouterr().out
 
 
 def test_check_runs_a_pag_folder(pag_pair, capsys, monkeypatch):
