@@ -220,8 +220,9 @@ def _db(value):
 
 def pipeline_kind(pipe):
     """"inpainting", "image-to-image" (an SDXL refiner's folder loads as such), "text-to-image", "InstructPix2Pix",
-    "PAG text-to-image" (a PAG folder's), or one of the first three guided by the folder's ControlNets ("ControlNet", "ControlNet image-to-image",
-    "ControlNet inpainting"), or text-to-image guided by its T2I-Adapters ("T2I-Adapter") or its ControlNet-Union net ("ControlNet-Union")."""
+    one of the first three with PAG ("PAG text-to-image", ...: a PAG folder's), or one of them guided by the
+    folder's ControlNets ("ControlNet", "ControlNet image-to-image", "ControlNet inpainting"), or text-to-image guided
+    by its T2I-Adapters ("T2I-Adapter") or its ControlNet-Union net ("ControlNet-Union")."""
     from .pipeline_controlnet import ControlNetGuidance
     from .pipeline_img2img import _ImageToImage
     from .pipeline_inpaint import _Inpainting
@@ -233,10 +234,10 @@ def pipeline_kind(pipe):
         return "T2I-Adapter"
     if isinstance(pipe, StableDiffusionInstructPix2PixPipeline):
         return "InstructPix2Pix"
-    if isinstance(pipe, PAGGuidance):
-        return "PAG text-to-image"
     kind = "inpainting" if isinstance(pipe, _Inpainting) else "image-to-image" if isinstance(pipe, _ImageToImage) \
         else "text-to-image"
+    if isinstance(pipe, PAGGuidance):
+        return f"PAG {kind}"
     if isinstance(pipe, ControlNetGuidance):
         union = "-Union" if hasattr(pipe, "_modes") else ""
         return f"ControlNet{union}" if kind == "text-to-image" else f"ControlNet{union} {kind}"

@@ -383,3 +383,15 @@ def test_check_runs_a_pag_folder(pag_pair, capsys, monkeypatch):
 
     monkeypatch.setattr(PAGGuidance, "_unet_call", fast_without_perturbation)
     assert main(["check", "--model", pag_pair[0]._saved_to, "--steps", "2"]) == 1
+
+
+@pytest.mark.parametrize("kind", ["img2img", "inpaint-9"])
+def test_check_runs_pag_image_folders(kind, pag_pair, pag_xl_pair, tmp_path, capsys):
+    """A PAG image-to-image or inpainting folder: ``check`` gives it an image (and a mask) made from the seed."""
+    from diffusion_fast.cli import main
+
+    _image_pair(kind, pag_pair, pag_xl_pair, tmp_path)
+    assert main(["check", "--model", str(tmp_path), "--steps", "2"]) == 0
+    name = "PAG image-to-image" if kind == "img2img" else "PAG inpainting"
+    text = capsys.readouterr().out
+    assert f"{name} pipeline (2 DDIM steps" in text and "0 failed" in text, text
