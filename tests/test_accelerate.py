@@ -419,27 +419,31 @@ def test_sdxl_pipeline_same_images_and_exact_restore():
     assert np.array_equal(_images(pipe), before)
 
 
-@pytest.mark.parametrize("variant", ["sd1", "sdxl"])
-def test_perturbed_attention_guidance_pipelines_keep_their_images(variant):
-    """diffusers' PAG pipelines install their perturbed-attention processors on the applied layers at each call and
-    put the pipeline's back after it: with ours patched in (attention=True, as on the GPU) they still run on the
-    mid block, and the image is the same; restore() undoes it exactly."""
+@pytest.mark.parametrize("variant, task", [("sd1", ""), ("sdxl", ""), ("sd1", "Img2Img"), ("sd1", "Inpaint"),
+                                           ("sdxl", "Inpaint")])
+def test_perturbed_attention_guidance_pipelines_keep_their_images(variant, task):
+    """diffusers' PAG pipelines (text-to-image, image-to-image, inpainting) install their perturbed-attention
+    processors on the applied layers at each call and put the pipeline's back after it: with ours patched in
+    (attention=True, as on the GPU) they still run on the mid block, and the image is the same; restore() undoes it
+    exactly."""
     import diffusers
 
     base = _tiny_diffusers.pipeline("sd1", seed=3) if variant == "sd1" else _tiny_diffusers.sdxl_pipeline(seed=3)
     components = {k: v for k, v in base.components.items()
                   if k not in ("safety_checker", "feature_extractor", "image_encoder")}
-    if variant == "sd1":
-        pipe = diffusers.StableDiffusionPAGPipeline(**components, safety_checker=None, feature_extractor=None,
-                                                    requires_safety_checker=False, pag_applied_layers=["mid"])
-    else:
-        pipe = diffusers.StableDiffusionXLPAGPipeline(**components, pag_applied_layers=["mid"])
+    cls = getattr(diffusers, f"StableDiffusion{'XL' if variant == 'sdxl' else ''}PAG{task}Pipeline")
+    extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False) if variant == "sd1" else {}
+    pipe = cls(**components, **extra, pag_applied_layers=["mid"])
     pipe.set_progress_bar_config(disable=True)
-    before = _images(pipe, pag_scale=3.0)
-    assert np.abs(_images(pipe, pag_scale=0.0) - before).max() > 0.005  # the perturbed branch matters
+    inputs = {} if not task else {"image": torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)),
+                                  "strength": 0.75}
+    if task == "Inpaint":
+        inputs["mask_image"] = (torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(2)) > 0.5).float()
+    before = _images(pipe, pag_scale=3.0, **inputs)
+    assert np.abs(_images(pipe, pag_scale=0.0, **inputs) - before).max() > 0.005  # the perturbed branch matters
     diffusion_fast.accelerate(pipe, attention=True)
     try:
-        assert np.abs(_images(pipe, pag_scale=3.0) - before).max() <= PIPELINE_FP32_MAX_ABS
+        assert np.abs(_images(pipe, pag_scale=3.0, **inputs) - before).max() <= PIPELINE_FP32_MAX_ABS
     finally:
         diffusion_fast.restore(pipe)
-    assert np.array_equal(_images(pipe, pag_scale=3.0), before)
+    assert np.array_equal(_images(pipe, pag_scale=3.0, **inputs), before)
