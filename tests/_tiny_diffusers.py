@@ -186,6 +186,20 @@ def assert_as_diffusers_with_nets_that_matter(run, theirs, ours, nets, tolerance
 
 
 # ---- IP-Adapters (tests/test_ip_adapter.py) ---------------------------------------------------------------------
+@contextlib.contextmanager
+def ip_adapter_loaded(pipes, folder, unet, seed=7):
+    """A plain IP-Adapter for the diffusers ``unet`` written to ``folder`` and loaded into each of ``pipes`` for the
+    block's duration, unloaded after it."""
+    weights = write_ip_adapter(folder, unet, "plain", seed=seed)
+    try:
+        for pipe in pipes:
+            pipe.load_ip_adapter(str(folder), "", weights)
+        yield
+    finally:
+        for pipe in pipes:
+            pipe.unload_ip_adapter()
+
+
 def write_ip_adapter(folder, unet, kind="plain", seed=0, file_name=None):
     """An IP-Adapter for the diffusers ``unet`` in the original files' layout (h94/IP-Adapter's keys: image_proj.*,
     ip_adapter.<id>.to_k_ip/to_v_ip with odd ids over the UNet's attention processors), random weights from

@@ -213,17 +213,11 @@ def test_lcm_pipeline_with_an_ip_adapter_matches_diffusers(lcm_pair, tmp_path):
     """An IP-Adapter on an LCM (a common pairing): one image-embedding row (no CFG batch), its tokens and the
     guidance condition both reach the UNet."""
     theirs, ours = lcm_pair
-    weights = _tiny_diffusers.write_ip_adapter(tmp_path, theirs.unet, "plain", seed=7)
     image = IMAGE.resize((32, 32))
-    for pipe in (theirs, ours):
-        pipe.load_ip_adapter(str(tmp_path), "", weights)
-    try:
+    with _tiny_diffusers.ip_adapter_loaded((theirs, ours), tmp_path, theirs.unet):
         b = _assert_as_diffusers(theirs, ours, ip_adapter_image=image)
         ours.set_ip_adapter_scale(0.0)
         assert np.abs(_run(ours, ip_adapter_image=image) - b).max() > 0.005  # the image prompt matters
-    finally:
-        for pipe in (theirs, ours):
-            pipe.unload_ip_adapter()
 
 
 def test_callback_reads_denoised_and_w_embedding_as_diffusers(lcm_pair):

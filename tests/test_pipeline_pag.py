@@ -117,17 +117,11 @@ def test_sdxl_pag_matches_diffusers(pag_xl_pair, kwargs):
 def test_pag_with_an_ip_adapter_matches_diffusers(pag_pair, tmp_path):
     """An IP-Adapter's image tokens get the perturbed copy (the prompt's rows once more), as diffusers builds them."""
     theirs, ours = pag_pair
-    weights = _tiny_diffusers.write_ip_adapter(tmp_path, theirs.unet, "plain", seed=7)
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    for pipe in pag_pair:
-        pipe.load_ip_adapter(str(tmp_path), "", weights)
-    try:
+    with _tiny_diffusers.ip_adapter_loaded(pag_pair, tmp_path, theirs.unet):
         b = _assert_as_diffusers(theirs, ours, ip_adapter_image=image)
         ours.set_ip_adapter_scale(0.0)
         assert np.abs(_run(ours, ip_adapter_image=image) - b).max() > 0.005  # the image prompt matters
-    finally:
-        for pipe in pag_pair:
-            pipe.unload_ip_adapter()
 
 
 def test_pag_scale_zero_is_the_sd_pipeline(pag_pair):

@@ -244,13 +244,9 @@ def test_unets_of_the_wrong_kind_are_refused_by_name(pix2pix_pair):
 
 def test_ip_adapter_is_refused_not_ignored(pix2pix_pair, tmp_path):
     theirs, ours = pix2pix_pair
-    weights = _tiny_diffusers.write_ip_adapter(tmp_path, theirs.unet, "plain", seed=7)
-    ours.load_ip_adapter(str(tmp_path), "", weights)
-    try:
+    with _tiny_diffusers.ip_adapter_loaded([ours], tmp_path, theirs.unet):
         with pytest.raises(ValueError, match="IP-Adapter: this pipeline does not run one"):
             _run(ours)
-    finally:
-        ours.unload_ip_adapter()
     _run(ours, num_inference_steps=1)  # (unloaded, it runs)
 
 

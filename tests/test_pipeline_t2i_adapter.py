@@ -193,17 +193,11 @@ def test_sdxl_factor_counts_steps_as_diffusers_with_heun(xl_pair):
 def test_with_an_ip_adapter_as_diffusers(xl_pair, tmp_path):
     """An IP-Adapter's image prompt beside the T2I-Adapter's maps (diffusers' SDXL adapter pipeline takes both)."""
     theirs, ours, image = xl_pair
-    weights = _tiny_diffusers.write_ip_adapter(tmp_path, theirs.unet, "plain", seed=7)
     prompt_image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (40, 48, 3), dtype=np.uint8))
-    try:
-        for pipe in (theirs, ours):
-            pipe.load_ip_adapter(str(tmp_path), "", weights)
+    with _tiny_diffusers.ip_adapter_loaded((theirs, ours), tmp_path, theirs.unet):
         b = _assert_as_diffusers(theirs, ours, image, ip_adapter_image=prompt_image)
         ours.set_ip_adapter_scale(0.0)
         assert np.abs(_run(ours, image, ip_adapter_image=prompt_image) - b).max() > 0.005
-    finally:
-        for pipe in (theirs, ours):
-            pipe.unload_ip_adapter()
 
 
 def test_accelerate_keeps_diffusers_sd_adapter_pipelines_images(sd_pair):
