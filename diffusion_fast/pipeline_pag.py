@@ -35,8 +35,10 @@ def pag_layers(unet, layers) -> dict:
     self_attentions = {name: m for name, m in unet.named_modules() if isinstance(m, Attention) and not m.is_cross}
     found = {}
     for layer in layers:
-        matched = {name: m for name, m in self_attentions.items()
-                   if re.search(layer, name) is not None}
+        try:
+            matched = {name: m for name, m in self_attentions.items() if re.search(layer, name) is not None}
+        except re.error as exc:
+            raise ValueError(f"pag_applied_layers: {layer!r} is not a regular expression ({exc})") from None
         if not matched:
             example = next(iter(self_attentions), "none")
             raise ValueError(f"pag_applied_layers: {layer!r} matches no self-attention of the UNet (names such as "

@@ -276,6 +276,8 @@ def test_pag_refuses_bad_inputs_naming_them(pag_pair):
         _run(ours, pag_adaptive_scale=-0.1)
     with pytest.raises(ValueError, match="pag_applied_layers: 'nowhere' matches no self-attention of the UNet"):
         ours.set_pag_applied_layers(["mid", "nowhere"])
+    with pytest.raises(ValueError, match=r"pag_applied_layers: 'up_blocks\[' is not a regular expression"):
+        ours.set_pag_applied_layers("up_blocks[")
     with pytest.raises(TypeError, match="pag_applied_layers must be a str or a list of str"):
         ours.set_pag_applied_layers(3)
     assert ours.pag_applied_layers == ["mid"]  # (a refused setting changes nothing)
