@@ -17,6 +17,8 @@ whole step (or the UNet call) replayed from a CUDA graph, the added conditioning
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .ip_adapter import ip_adapter_call
@@ -287,7 +289,8 @@ def load_pipeline(folder, **kwargs):
     ``LatentConsistencyModel(Img2Img)Pipeline`` for an LCM's (diffusers' class name),
     ``StableDiffusionInstructPix2PixPipeline`` for an InstructPix2Pix one, ``StableDiffusion(XL)PAG...Pipeline`` for
     a perturbed-attention guidance one (its applied layers "mid", as diffusers loads it), else
-    ``StableDiffusionPipeline``; ``kwargs`` go to its ``from_pretrained``."""
+    ``StableDiffusionPipeline``; ``kwargs`` go to its ``from_pretrained``. A class diffusers saved that is not
+    mirrored here (a PAG ControlNet pipeline, say) loads as the pipeline its components run, with a warning."""
     from .pipeline_controlnet import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
     from .pipeline_controlnet_image import (StableDiffusionControlNetImg2ImgPipeline,
                                             StableDiffusionControlNetInpaintPipeline,
@@ -337,4 +340,11 @@ def load_pipeline(folder, **kwargs):
         cls = StableDiffusionInstructPix2PixPipeline
     else:
         cls = StableDiffusionPipeline
+    # diffusers' image-to-image classes are saved with the same components their text-to-image ones load
+    same_components = {"StableDiffusionImg2ImgPipeline": StableDiffusionPipeline,
+                       "StableDiffusionXLImg2ImgPipeline": StableDiffusionXLPipeline}
+    if name and name != cls.__name__ and same_components.get(name) is not cls:
+        warnings.warn(f"{folder}: diffusers saved a {name} there, which is not mirrored here; loaded as "
+                      f"{cls.__name__}, what its components run (e.g. a PAG ControlNet pipeline runs without PAG)",
+                      stacklevel=2)
     return cls.from_pretrained(folder, **kwargs)

@@ -391,3 +391,19 @@ def test_check_runs_pag_image_folders(kind, pag_pair, pag_xl_pair, tmp_path, cap
     name = "PAG image-to-image" if kind == "img2img" else "PAG inpainting"
     text = capsys.readouterr().out
     assert f"{name} pipeline (2 DDIM steps" in text and "0 failed" in text, text
+
+
+def test_a_pag_controlnet_folder_loads_with_a_warning_not_silently(pag_pair, tmp_path):
+    """diffusers' PAG ControlNet pipeline is not mirrored: its folder loads as our ControlNet pipeline (what its
+    components run), and says so."""
+    import diffusers
+
+    theirs = pag_pair[0]
+    torch.manual_seed(0)
+    net = _tiny_diffusers.random_controlnet(theirs.unet)
+    diffusers.StableDiffusionControlNetPAGPipeline(**theirs.components, controlnet=net, pag_applied_layers="mid",
+                                                   requires_safety_checker=False).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="diffusers saved a StableDiffusionControlNetPAGPipeline there, which is not "
+                                         "mirrored here; loaded as StableDiffusionControlNetPipeline"):
+        ours = diffusion_fast.load_pipeline(str(tmp_path))
+    assert type(ours) is diffusion_fast.StableDiffusionControlNetPipeline
