@@ -195,6 +195,12 @@ def from_pipe(cls, pipe, overrides):
     argument taken from ``overrides`` or else from ``pipe``'s attribute of that name (settings too: cuda_graph,
     SDXL's force_zeros_for_empty_prompt, PAG's applied layers); the image encoder, feature extractor, safety checker
     and LoRA bookkeeping come along. A component neither gives is named, as is an argument ``cls`` does not take."""
+    from .pipeline import StableDiffusionPipeline
+
+    if not isinstance(pipe, StableDiffusionPipeline):
+        raise TypeError(f"pipe must be one of diffusion_fast's pipelines, got {type(pipe).__module__}."
+                        f"{type(pipe).__name__} (for a diffusers pipeline: diffusion_fast.accelerate(pipe), or "
+                        "diffusion_fast.load_pipeline(folder) on the folder it was saved to)")
     positional, keyword = [], []
     for klass in cls.__mro__:  # the constructors down the chain (a mixin's takes *args and adds keywords)
         init = klass.__dict__.get("__init__")

@@ -106,3 +106,13 @@ def test_unknown_arguments_are_refused_by_name(sd):
     with pytest.raises(TypeError, match=r"from_pipe: StableDiffusionImg2ImgPipeline takes no pag_applied_layers, "
                                         r"torch_dtype \(its components and settings: unet, vae"):
         StableDiffusionImg2ImgPipeline.from_pipe(ours, torch_dtype=torch.float16, pag_applied_layers="mid")
+
+
+def test_a_diffusers_pipeline_is_refused_with_what_to_do_instead(sd):
+    """Our pipelines run our models: a diffusers pipeline's are refused by name (its UNet would otherwise fail deep
+    inside the first call), pointing to accelerate and load_pipeline."""
+    theirs, _, _ = sd
+    with pytest.raises(TypeError, match=r"pipe must be one of diffusion_fast's pipelines, got diffusers\..*"
+                                        r"StableDiffusionPipeline \(for a diffusers pipeline: "
+                                        r"diffusion_fast.accelerate\(pipe\)"):
+        StableDiffusionPipeline.from_pipe(theirs)
