@@ -122,17 +122,11 @@ def _is_union(folder):
 
 
 def _with_components(pipe, sd_cls, xl_cls):
-    """``pipe``'s components in ``sd_cls`` (SD 1.x/2.x) or ``xl_cls`` (SDXL), its safety checker too; ``pipe``
-    itself when it is one."""
+    """``pipe``'s components in ``sd_cls`` (SD 1.x/2.x) or ``xl_cls`` (SDXL) (``from_pipe``); ``pipe`` itself when
+    it is one."""
     if isinstance(pipe, (sd_cls, xl_cls)):
         return pipe
-    settings = dict(cuda_graph=pipe.cuda_graph, channels_last=pipe.channels_last)
-    if hasattr(pipe, "text_encoder_2"):
-        return xl_cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2,
-                      pipe.scheduler, force_zeros_for_empty_prompt=pipe.force_zeros_for_empty_prompt,
-                      requires_aesthetics_score=pipe.requires_aesthetics_score, **settings)
-    return sd_cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
-                  **settings)._image_encoder_of(pipe)
+    return (xl_cls if hasattr(pipe, "text_encoder_2") else sd_cls).from_pipe(pipe)
 
 
 def _inpaint(pipe):
@@ -149,9 +143,7 @@ def _text2img(pipe):
 
     if type(pipe) is not LatentConsistencyModelImg2ImgPipeline:
         return pipe
-    return LatentConsistencyModelPipeline(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
-                                          cuda_graph=pipe.cuda_graph,
-                                          channels_last=pipe.channels_last)._image_encoder_of(pipe)
+    return LatentConsistencyModelPipeline.from_pipe(pipe)
 
 
 def _img2img(pipe):

@@ -146,11 +146,6 @@ class StableDiffusionPipeline(GraphedLoop, TextEncoding, LoraLoaderMixin, Textua
         self._graphs = self._graphed_for = None
         return self
 
-    def _parts(self):
-        """(the components in constructor order, the constructor's settings) for a pipeline of another kind built
-        on this one's components (``from_pipeline``)."""
-        return (self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler), {}
-
     def set_progress_bar_config(self, **kwargs):
         self._progress = kwargs
 

@@ -61,8 +61,7 @@ class GuidedComponents:
             kind = "an SDXL" if hasattr(pipe, "text_encoder_2") else "an SD 1.x/2.x"
             raise ValueError(f"pipe is {kind} pipeline ({type(pipe).__name__}), which {cls.__name__} cannot be built "
                              "on: take the class for its model (SD or SDXL)")
-        parts, own_settings = pipe._parts()
-        return cls(*parts, model, **own_settings, **settings)._image_encoder_of(pipe)
+        return cls.from_pipe(pipe, **{cls._guide: model}, **settings)
 
     @classmethod
     def from_pretrained(cls, folder, dtype=None, device=None, *, variant=None, cuda_graph="auto",

@@ -118,11 +118,6 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                    load("scheduler"), force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
                    cuda_graph=cuda_graph, channels_last=channels_last, **options)
 
-    def _parts(self):
-        return ((self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.tokenizer, self.tokenizer_2,
-                 self.scheduler), {"force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt,
-                                   "requires_aesthetics_score": self.requires_aesthetics_score})
-
     def to(self, device=None, dtype=None):
         self.text_encoder_2.to(device=device, dtype=resolve_dtype(dtype))
         return super().to(device, dtype)
