@@ -246,9 +246,8 @@ def pipeline_kind(pipe):
 
 def pipeline_inputs(pipe, seed, steps):
     """(kind, the call's inputs beyond the prompt): an inpainting pipeline's image and mask, an image-to-image one's
-    image (an SDXL refiner's folder), an InstructPix2Pix one's image to edit, a ControlNet or T2I-Adapter one's conditioning image (as ``control_image``
-    beside an image),
-    made from the seed at the UNet's default size, and a strength that leaves at least one of ``steps`` to run (half
+    image (an SDXL refiner's folder), an InstructPix2Pix one's image to edit, a ControlNet or T2I-Adapter one's
+    conditioning image (as ``control_image`` beside an image), made from the seed at the UNet's default size, and a strength that leaves at least one of ``steps`` to run (half
     the schedule for image-to-image, all of it for inpainting); none for text-to-image."""
     import numpy as np
     from PIL import Image

@@ -61,7 +61,8 @@ def pix2pix_options(args, pipe, init_image):
     if init_image is None:
         raise UsageError(f"{args.model} is an InstructPix2Pix model: give --image to edit (and the edit as --prompt)")
     refused = [flag for flag, value in (("--mask", args.mask), ("--strength", args.strength),
-                                        ("--control-image", args.control_image), ("--adapter-image", args.adapter_image),
+                                        ("--control-image", args.control_image),
+                                        ("--adapter-image", args.adapter_image),
                                         ("--ip-adapter-image", args.ip_adapter_image), ("--refiner", args.refiner),
                                         ("--clip-skip", args.clip_skip)) if value not in (None, [])]
     if refused:

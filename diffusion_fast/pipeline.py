@@ -75,9 +75,9 @@ class StableDiffusionPipeline(GraphedLoop, TextEncoding, LoraLoaderMixin, Textua
                              "and nothing else (SD 1.x/2.x; for SDXL, diffusion_fast.StableDiffusionXLPipeline)")
         unet_in, latent = unet.config.in_channels, self.vae.config.latent_channels
         if unet_in != latent and not (self._unet_takes_mask or self._unet_takes_image):
-            kind = ("an InstructPix2Pix UNet, for diffusion_fast.StableDiffusionInstructPix2PixPipeline"
-                    if unet_in == 2 * latent else "an inpainting UNet, for diffusion_fast.StableDiffusionInpaintPipeline"
-                    if unet_in == 2 * latent + 1 else "a UNet this pipeline cannot run")
+            kind = {2 * latent: "an InstructPix2Pix UNet, for diffusion_fast.StableDiffusionInstructPix2PixPipeline",
+                    2 * latent + 1: "an inpainting UNet, for diffusion_fast.StableDiffusionInpaintPipeline"}.get(
+                unet_in, "a UNet this pipeline cannot run")
             raise ValueError(f"unet has {unet_in} input channels and the VAE's latents {latent}: {kind}")
 
     # ---- construction -------------------------------------------------------------------------------------------
