@@ -383,3 +383,30 @@ def pag_pipeline(xl=False, seed=3, layers="mid"):
                                           requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ---- the x4 upscaler (tests/test_pipeline_upscale.py) -------------------------------------------------------------
+def upscale_unet_config():
+    """The tiny SD2 UNet shaped as stabilityai/stable-diffusion-x4-upscaler's: 7 input channels (the latents and the
+    RGB image), a class embedding of 1000 noise levels, and only-cross attention in its first (highest-resolution)
+    attention block and the last up block, beside ordinary ones (both kinds in one model)."""
+    return dict(tiny.unet_config("sd2"), in_channels=7, num_class_embeds=1000,
+                only_cross_attention=[True, False, False])
+
+
+def upscale_pipeline(seed=5):
+    """diffusers' StableDiffusionUpscalePipeline on the tiny SD2 components (its VAE's 3 blocks scale by 4, as the
+    upscaler's does; scaling factor 0.08333), DDIM (v-prediction) as the upscaler ships and its DDPM low-res
+    scheduler (beta 0.0001 to 0.02, scaled linear)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel
+
+    base = pipeline("sd2", seed=seed)
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(**upscale_unet_config())
+    vae = AutoencoderKL(**dict(tiny.vae_config(), scaling_factor=0.08333))
+    low_res = DDPMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    pipe = StableDiffusionUpscalePipeline(
+        vae=vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet, low_res_scheduler=low_res,
+        scheduler=base.scheduler, max_noise_level=350)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -127,6 +127,54 @@ def test_unet_bad_inputs_name_the_argument(saved):
         ours(sample, 10, context[..., :31])
 
 
+@pytest.fixture(scope="module")
+def saved_upscaler_unet(tmp_path_factory):
+    """diffusers' UNet shaped as the x4 upscaler's (7 input channels, a 1000-entry class embedding, only-cross
+    attention in the first down block and the last up block beside ordinary attention blocks), and its folder."""
+    from _tiny_diffusers import upscale_unet_config
+
+    torch.manual_seed(4)
+    theirs = diffusers.UNet2DConditionModel(**upscale_unet_config()).eval()
+    return theirs, _save(theirs, tmp_path_factory.mktemp("upscaler-unet"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_upscaler_unet_matches_diffusers(saved_upscaler_unet, backend):
+    """The class embedding of each sample's label added to the time embedding, and only-cross attention (the first
+    attention attends to the text, not to itself), against diffusers; the labels matter, per sample."""
+    theirs, folder = saved_upscaler_unet
+    ours = UNet2DConditionModel.from_pretrained(folder)
+    assert ours.down_blocks[0].attentions[0].transformer_blocks[0].attn1.is_cross  # (only-cross)
+    assert not ours.down_blocks[1].attentions[0].transformer_blocks[0].attn1.is_cross
+    g = torch.Generator().manual_seed(0)
+    sample, context = torch.randn(2, 7, 7, 9, generator=g), torch.randn(2, 77, 48, generator=g)
+    for labels in (torch.tensor([20, 350]), torch.tensor(20), 20):
+        with torch.no_grad(), diffusion_fast.backend(backend):
+            out = ours(sample, 500, context, class_labels=labels)
+        with torch.no_grad():
+            ref = theirs(sample, 500, context, class_labels=torch.as_tensor(labels).expand(2)).sample
+        assert rel_err(out, ref) <= REL, labels
+    with torch.no_grad():  # each sample's own label: another first label moves the first sample alone
+        base = ours(sample, 500, context, class_labels=torch.tensor([20, 350]))
+        other = ours(sample, 500, context, class_labels=torch.tensor([21, 350]))
+    assert (other[0] - base[0]).abs().max() > 1e-4
+    torch.testing.assert_close(other[1], base[1], rtol=1e-6, atol=1e-6)
+
+
+def test_class_labels_are_checked_by_name(saved_upscaler_unet, saved):
+    ours = UNet2DConditionModel.from_pretrained(saved_upscaler_unet[1])
+    sample, context = torch.randn(2, 7, 4, 4), torch.randn(2, 77, 48)
+    with pytest.raises(ValueError, match=r"class_labels: this UNet has a class embedding \(num_class_embeds=1000\)"):
+        ours(sample, 10, context)
+    for bad in (torch.tensor([0.5, 1.0]), torch.tensor([1, 2, 3]), "20", True):
+        with pytest.raises(ValueError, match="class_labels must be an int or an integer"):
+            ours(sample, 10, context, class_labels=bad)
+    plain = UNet2DConditionModel.from_pretrained(saved["sd1"][1])  # labels given to a UNet without a class
+    sample, context = unet_inputs("sd1", hw=(4, 4))  # embedding are ignored, as in diffusers
+    with torch.no_grad():
+        assert torch.equal(plain(sample, 10, context, class_labels=torch.tensor([3, 4])), plain(sample, 10, context))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_vae_matches_diffusers(saved, backend):
     theirs, folder = saved["vae"]
@@ -424,7 +472,8 @@ def test_missing_folder_and_missing_weights(saved, tmp_path):
     ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn", "mid_block_type"),
     ("class_embed_type", "timestep", "class_embed_type"),
     ("resnet_time_scale_shift", "scale_shift", "resnet_time_scale_shift"),
-    ("only_cross_attention", [True, False], "only_cross_attention"),
+    ("only_cross_attention", [True, False, True], "only_cross_attention"),  # 3 flags for 2 blocks
+    ("num_class_embeds", 0, "num_class_embeds"),
     ("attention_type", "gated", "attention_type"),
     ("addition_embed_type", "text_time", "addition_time_embed_dim"),  # text_time without its sizes
 ])

@@ -130,19 +130,21 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """LayerNorm -> self-attention -> LayerNorm -> cross-attention -> LayerNorm -> GEGLU feed-forward, residuals."""
+    """LayerNorm -> self-attention -> LayerNorm -> cross-attention -> LayerNorm -> GEGLU feed-forward, residuals.
+    ``only_cross``: the first attention attends to the text too (diffusers' only_cross_attention), not to itself."""
 
-    def __init__(self, dim, heads, dim_head, cross_attention_dim, upcast=False):
+    def __init__(self, dim, heads, dim_head, cross_attention_dim, upcast=False, only_cross=False):
         super().__init__()
+        self.only_cross = only_cross
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, dim_head, upcast=upcast)
+        self.attn1 = Attention(dim, heads, dim_head, cross_attention_dim if only_cross else None, upcast=upcast)
         self.norm2 = nn.LayerNorm(dim)
         self.attn2 = Attention(dim, heads, dim_head, cross_attention_dim=cross_attention_dim, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
     def forward(self, x, context):
-        x = self.attn1(self.norm1(x)) + x
+        x = self.attn1(self.norm1(x), context if self.only_cross else None) + x
         x = self.attn2(self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -151,14 +153,15 @@ class Transformer2DModel(nn.Module):
     """GroupNorm -> project in -> transformer blocks on H*W tokens -> project out, plus the input."""
 
     def __init__(self, heads, dim_head, in_channels, num_layers, cross_attention_dim, groups, use_linear_projection,
-                 upcast=False):
+                 upcast=False, only_cross=False):
         super().__init__()
         inner = heads * dim_head
         self.use_linear_projection = use_linear_projection
         self.norm = GroupNorm(groups, in_channels, eps=1e-6)
         self.proj_in = nn.Linear(in_channels, inner) if use_linear_projection else nn.Conv2d(in_channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, cross_attention_dim, upcast) for _ in range(num_layers)
+            BasicTransformerBlock(inner, heads, dim_head, cross_attention_dim, upcast, only_cross)
+            for _ in range(num_layers)
         )
         self.proj_out = nn.Linear(inner, in_channels) if use_linear_projection else nn.Conv2d(inner, in_channels, 1)
 

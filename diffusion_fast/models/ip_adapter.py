@@ -181,11 +181,12 @@ def downsample_mask(mask, batch, queries):
 
 def cross_attentions(unet) -> list:
     """The UNet's cross-attention modules with their diffusers names, in the order of diffusers' attn_processors
-    (down blocks, up blocks, then the mid block: the order IP-Adapter files number them by)."""
+    (down blocks, up blocks, then the mid block: the order IP-Adapter files number them by). An only-cross block's
+    first attention ("attn1", attending to the text) takes none, as in diffusers."""
     found = []
     for prefix in ("down_blocks", "up_blocks", "mid_block"):
         for name, module in getattr(unet, prefix).named_modules(prefix=prefix):
-            if isinstance(module, Attention) and module.is_cross:
+            if isinstance(module, Attention) and module.is_cross and not name.endswith("attn1"):
                 found.append((name, module))
     return found
 

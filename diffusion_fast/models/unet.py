@@ -27,15 +27,16 @@ DEFAULTS = dict(
     transformer_layers_per_block=1, attention_head_dim=8, num_attention_heads=None, use_linear_projection=False,
     upcast_attention=False, addition_embed_type=None, addition_time_embed_dim=None,
     projection_class_embeddings_input_dim=None, resnet_out_scale_factor=1.0, conv_in_kernel=3, conv_out_kernel=3,
-    time_cond_proj_dim=None,
+    time_cond_proj_dim=None, class_embed_type=None, num_class_embeds=None,
+    mid_block_only_cross_attention=None,  # (diffusers reads it for a SimpleCrossAttn mid block only: ignored here)
 )
 # Fields we accept only at diffusers' default (anything else is a clear error naming the field).
 UNSUPPORTED = dict(
-    class_embed_type=None, num_class_embeds=None, encoder_hid_dim=None, encoder_hid_dim_type=None,
+    encoder_hid_dim=None, encoder_hid_dim_type=None,
     dual_cross_attention=False, resnet_time_scale_shift="default", resnet_skip_time_act=False,
     time_embedding_type="positional", time_embedding_dim=None, time_embedding_act_fn=None, timestep_post_act=None,
     attention_type="default", class_embeddings_concat=False,
-    mid_block_only_cross_attention=None, cross_attention_norm=None, reverse_transformer_layers_per_block=None,
+    cross_attention_norm=None, reverse_transformer_layers_per_block=None,
     addition_embed_type_num_heads=64,
 )
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -110,13 +111,37 @@ def _checked_timestep_cond(model, timestep_cond, sample):
     return timestep_cond.to(sample.dtype)
 
 
-def embed_time(model, sample, timestep, added_cond_kwargs, timestep_cond=None):
+def _class_embedding(model, class_labels, sample):
+    """A UNet's class embedding of ``class_labels`` (an int or (B,) integer tensor: the x4 upscaler's noise level),
+    or None for a UNet without one (given labels are then ignored, as diffusers ignores them)."""
+    table = getattr(model, "class_embedding", None)
+    if table is None:
+        return None
+    if class_labels is None:
+        raise ValueError(f"class_labels: this UNet has a class embedding (num_class_embeds="
+                         f"{model.config.num_class_embeds}): pass its labels (an upscaler's noise level per sample)")
+    if isinstance(class_labels, int) and not isinstance(class_labels, bool):
+        class_labels = torch.tensor(class_labels)
+    if not torch.is_tensor(class_labels) or class_labels.is_floating_point() or class_labels.is_complex() or (
+            class_labels.dtype == torch.bool) or class_labels.numel() not in (1, sample.shape[0]) or class_labels.dim() > 1:
+        got = f"{class_labels.dtype} of shape {tuple(class_labels.shape)}" if torch.is_tensor(class_labels) else \
+            type(class_labels).__name__
+        raise ValueError(f"class_labels must be an int or an integer ({sample.shape[0]},) tensor, got {got}")
+    # (as the timestep: moved and broadcast without reading a value on the host)
+    return table(class_labels.to(sample.device).reshape(-1).expand(sample.shape[0])).to(sample.dtype)
+
+
+def embed_time(model, sample, timestep, added_cond_kwargs, timestep_cond=None, class_labels=None):
     """A UNet's or ControlNet's time embedding: the timestep's (plus an LCM-distilled UNet's guidance-scale
-    embedding ``timestep_cond``, projected), plus SDXL's added text-time embedding."""
+    embedding ``timestep_cond``, projected), plus a class embedding of ``class_labels`` where the UNet has one, plus
+    SDXL's added text-time embedding."""
     c = model.config
     t = broadcast_timestep(timestep, sample)
     emb = model.time_embedding(timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
                                .to(sample.dtype), _checked_timestep_cond(model, timestep_cond, sample))
+    class_emb = _class_embedding(model, class_labels, sample)
+    if class_emb is not None:
+        emb = emb + class_emb
     if c.addition_embed_type == "text_time":
         if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
             raise ValueError("added_cond_kwargs must hold 'text_embeds' and 'time_ids' (addition_embed_type='text_time')")
@@ -147,13 +172,13 @@ def _fitted(residual, shape):
 
 class DownBlock(nn.Module):
     def __init__(self, kind, in_ch, out_ch, temb, layers, groups, eps, downsample, pad, heads=None, depth=1,
-                 cross_dim=None, linear=False, upcast=False):
+                 cross_dim=None, linear=False, upcast=False, only_cross=False):
         super().__init__()
         self.resnets = nn.ModuleList(
             ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb, groups, eps) for i in range(layers))
         if kind == "CrossAttnDownBlock2D":
             self.attentions = nn.ModuleList(
-                Transformer2DModel(heads, out_ch // heads, out_ch, depth, cross_dim, groups, linear, upcast)
+                Transformer2DModel(heads, out_ch // heads, out_ch, depth, cross_dim, groups, linear, upcast, only_cross)
                 for _ in range(layers))
         self.downsamplers = nn.ModuleList([Downsample2D(out_ch, pad)]) if downsample else None
 
@@ -181,14 +206,14 @@ class DownBlock(nn.Module):
 
 class UpBlock(nn.Module):
     def __init__(self, kind, in_ch, out_ch, prev_ch, temb, layers, groups, eps, upsample, heads=None, depth=1,
-                 cross_dim=None, linear=False, upcast=False):
+                 cross_dim=None, linear=False, upcast=False, only_cross=False):
         super().__init__()
         self.resnets = nn.ModuleList(
             ResnetBlock2D((prev_ch if i == 0 else out_ch) + (in_ch if i == layers - 1 else out_ch), out_ch, temb,
                           groups, eps) for i in range(layers))
         if kind == "CrossAttnUpBlock2D":
             self.attentions = nn.ModuleList(
-                Transformer2DModel(heads, out_ch // heads, out_ch, depth, cross_dim, groups, linear, upcast)
+                Transformer2DModel(heads, out_ch // heads, out_ch, depth, cross_dim, groups, linear, upcast, only_cross)
                 for _ in range(layers))
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if upsample else None
 
@@ -224,13 +249,16 @@ class UNet2DConditionModel(loading.PretrainedMixin, nn.Module):
         c = self.config = loading.make_config("UNet2DConditionModel", DEFAULTS, UNSUPPORTED, config)
         for field, value, allowed in (("mid_block_type", c.mid_block_type, ("UNetMidBlock2DCrossAttn",)),
                                       ("act_fn", c.act_fn, ("silu",)),
-                                      ("addition_embed_type", c.addition_embed_type, (None, "text_time"))):
+                                      ("addition_embed_type", c.addition_embed_type, (None, "text_time")),
+                                      # (a class embedding: a table of num_class_embeds vectors, e.g. the x4
+                                      # upscaler's noise levels; diffusers' other kinds are not built)
+                                      ("class_embed_type", c.class_embed_type, (None,))):
             if value not in allowed:
                 raise ValueError(f"UNet2DConditionModel: config field {field}={value!r} is not supported ({allowed})")
-        flags = c.only_cross_attention if isinstance(c.only_cross_attention, (list, tuple)) else [c.only_cross_attention]
-        if any(flags):
-            raise ValueError(f"UNet2DConditionModel: config field only_cross_attention={c.only_cross_attention!r} "
-                             "is not supported (only False)")
+        if c.num_class_embeds is not None and (isinstance(c.num_class_embeds, bool) or not isinstance(
+                c.num_class_embeds, int) or c.num_class_embeds <= 0):
+            raise ValueError(f"UNet2DConditionModel: config field num_class_embeds must be a positive int or None, "
+                             f"got {c.num_class_embeds!r}")
         if c.time_cond_proj_dim is not None and (isinstance(c.time_cond_proj_dim, bool) or not isinstance(
                 c.time_cond_proj_dim, int) or c.time_cond_proj_dim < 4):
             raise ValueError(f"UNet2DConditionModel: config field time_cond_proj_dim (an LCM-distilled model's "
@@ -254,6 +282,9 @@ class UNet2DConditionModel(loading.PretrainedMixin, nn.Module):
             raise ValueError(f"UNet2DConditionModel: config field transformer_layers_per_block="
                              f"{c.transformer_layers_per_block!r} is not supported (an int or one int per block)")
         cross = _per_block(c.cross_attention_dim, n, "cross_attention_dim")
+        # only_cross_attention: the blocks whose transformers' first attention also attends to the text (the x4
+        # upscaler's high-resolution blocks: no self-attention over their many tokens)
+        only_cross = [bool(f) for f in _per_block(c.only_cross_attention, n, "only_cross_attention")]
         groups, eps, temb = c.norm_num_groups, c.norm_eps, chans[0] * 4
         kin, kout = c.conv_in_kernel, c.conv_out_kernel
 
@@ -262,16 +293,20 @@ class UNet2DConditionModel(loading.PretrainedMixin, nn.Module):
         self.encoder_hid_proj = None  # IP-Adapters' image projections, once loaded (models/ip_adapter.py)
         if c.addition_embed_type == "text_time":
             self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, temb)
+        self.class_embedding = nn.Embedding(c.num_class_embeds, temb) if c.num_class_embeds else None
         self.down_blocks = nn.ModuleList(
             DownBlock(kind, chans[max(i - 1, 0)], chans[i], temb, layers[i], groups, eps, i < n - 1,
-                      c.downsample_padding, heads[i], depth[i], cross[i], c.use_linear_projection, c.upcast_attention)
+                      c.downsample_padding, heads[i], depth[i], cross[i], c.use_linear_projection, c.upcast_attention,
+                      only_cross[i])
             for i, kind in enumerate(c.down_block_types))
         self.mid_block = MidBlock(chans[-1], temb, groups, eps, heads[-1], depth[-1], cross[-1],
                                   c.use_linear_projection, c.upcast_attention, c.mid_block_scale_factor)
-        rchans, rheads, rlayers, rdepth, rcross = (list(reversed(v)) for v in (chans, heads, layers, depth, cross))
+        rchans, rheads, rlayers, rdepth, rcross, ronly = (list(reversed(v)) for v in (chans, heads, layers, depth,
+                                                                                      cross, only_cross))
         self.up_blocks = nn.ModuleList(
             UpBlock(kind, rchans[min(i + 1, n - 1)], rchans[i], rchans[max(i - 1, 0)], temb, rlayers[i] + 1, groups,
-                    eps, i < n - 1, rheads[i], rdepth[i], rcross[i], c.use_linear_projection, c.upcast_attention)
+                    eps, i < n - 1, rheads[i], rdepth[i], rcross[i], c.use_linear_projection, c.upcast_attention,
+                    ronly[i])
             for i, kind in enumerate(c.up_block_types))
         self.conv_norm_out = GroupNorm(groups, chans[0], eps, silu=True)  # + conv_act (SiLU), fused
         self.conv_out = nn.Conv2d(chans[0], c.out_channels, kout, padding=(kout - 1) // 2)
@@ -334,7 +369,7 @@ class UNet2DConditionModel(loading.PretrainedMixin, nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None,
                 down_block_additional_residuals=None, mid_block_additional_residual=None,
-                down_intrablock_additional_residuals=None, timestep_cond=None):
+                down_intrablock_additional_residuals=None, timestep_cond=None, class_labels=None):
         """The noise (or v) prediction for ``sample`` at ``timestep``, conditioned on ``encoder_hidden_states``; a
         ControlNet's residuals, as diffusers takes them, are added to the skip connections and the mid block's output;
         a T2I-Adapter's feature maps (``down_intrablock_additional_residuals``) inside the down blocks and, when one
@@ -342,14 +377,15 @@ class UNet2DConditionModel(loading.PretrainedMixin, nn.Module):
         With IP-Adapters loaded, ``added_cond_kwargs["image_embeds"]`` (one tensor per adapter, as diffusers takes
         them) are projected here, or ``encoder_hidden_states`` is (text, [projected image tokens per adapter]).
         An LCM-distilled UNet (``time_cond_proj_dim``) takes its guidance-scale embedding as ``timestep_cond``
-        ((B, time_cond_proj_dim), ``layers.guidance_scale_embedding``); without it, none is added, as in diffusers."""
+        ((B, time_cond_proj_dim), ``layers.guidance_scale_embedding``); without it, none is added, as in diffusers.
+        A UNet with a class embedding (``num_class_embeds``: the x4 upscaler's noise levels) takes ``class_labels``."""
         c = self.config
         encoder_hidden_states, image_tokens, image_masks = _split_context(encoder_hidden_states)
         check_inputs(c, sample, encoder_hidden_states)
         context = self._context(sample, encoder_hidden_states, image_tokens, image_masks, added_cond_kwargs)
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
-        emb = embed_time(self, sample, timestep, added_cond_kwargs, timestep_cond)
+        emb = embed_time(self, sample, timestep, added_cond_kwargs, timestep_cond, class_labels)
 
         h = self.conv_in(sample)
         skips = (h,)
