@@ -168,6 +168,8 @@ def _check_pipeline(args, device, dtype):
                 cond.append(settings)
             if pipe._unet_takes_image:  # InstructPix2Pix's: the latents, then the image's latents beside them
                 x, cond = x[:, :pipe.vae.config.latent_channels], [x[:, pipe.vae.config.latent_channels:]]
+                if hasattr(pipe, "low_res_scheduler"):  # an x4 upscaler's: the image beside, noise level 20
+                    cond.append(torch.full((2,), 20, device=device))
             if hasattr(pipe, "_adapters"):  # each adapter's feature maps at scale 1
                 n = len(pipe._adapters)
                 cond = [*cond[:-n], *pipe._adapter_states(cond[-n:], [1.0] * n, x.shape, 1, False)]
@@ -220,6 +222,7 @@ def _db(value):
 
 def pipeline_kind(pipe):
     """"inpainting", "image-to-image" (an SDXL refiner's folder loads as such), "text-to-image", "InstructPix2Pix",
+    "x4 upscaler",
     one of the first three with PAG ("PAG text-to-image", ...: a PAG folder's), or one of them guided by the
     folder's ControlNets ("ControlNet", "ControlNet image-to-image", "ControlNet inpainting"), or text-to-image guided
     by its T2I-Adapters ("T2I-Adapter") or its ControlNet-Union net ("ControlNet-Union")."""
@@ -229,11 +232,14 @@ def pipeline_kind(pipe):
     from .pipeline_pag import PAGGuidance
     from .pipeline_pix2pix import StableDiffusionInstructPix2PixPipeline
     from .pipeline_t2i_adapter import AdapterGuidance
+    from .pipeline_upscale import StableDiffusionUpscalePipeline
 
     if isinstance(pipe, AdapterGuidance):
         return "T2I-Adapter"
     if isinstance(pipe, StableDiffusionInstructPix2PixPipeline):
         return "InstructPix2Pix"
+    if isinstance(pipe, StableDiffusionUpscalePipeline):
+        return "x4 upscaler"
     kind = "inpainting" if isinstance(pipe, _Inpainting) else "image-to-image" if isinstance(pipe, _ImageToImage) \
         else "text-to-image"
     if isinstance(pipe, PAGGuidance):
@@ -246,16 +252,18 @@ def pipeline_kind(pipe):
 
 def pipeline_inputs(pipe, seed, steps):
     """(kind, the call's inputs beyond the prompt): an inpainting pipeline's image and mask, an image-to-image one's
-    image (an SDXL refiner's folder), an InstructPix2Pix one's image to edit, a ControlNet or T2I-Adapter one's
-    conditioning image (as ``control_image`` beside an image), made from the seed at the UNet's default size, and a strength that leaves at least one of ``steps`` to run (half
-    the schedule for image-to-image, all of it for inpainting); none for text-to-image."""
+    image (an SDXL refiner's folder), an InstructPix2Pix one's image to edit, an x4 upscaler's image (at the
+    latents' size), a ControlNet or T2I-Adapter one's conditioning image (as ``control_image`` beside an image), made
+    from the seed at the UNet's default size, and a strength that leaves at least one of ``steps`` to run (half the
+    schedule for image-to-image, all of it for inpainting); none for text-to-image."""
     import numpy as np
     from PIL import Image
 
     kind = pipeline_kind(pipe)
     if kind in ("text-to-image", "PAG text-to-image"):  # (PAG at the pipeline's scale, 3 by default)
         return kind, {}
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    # (an upscaler's image is at the latents' size: it conditions the UNet beside them)
+    size = pipe.unet.config.sample_size * (1 if kind == "x4 upscaler" else pipe.vae_scale_factor)
     ramp = np.linspace(0, 255, size)
     rng = np.random.default_rng(seed)
     image = np.stack([np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, ramp[::-1]) / 2,
@@ -268,7 +276,7 @@ def pipeline_inputs(pipe, seed, steps):
         return kind, {"image": per_net}
     if kind == "ControlNet-Union":
         return kind, {"control_image": image, **union}
-    if kind == "InstructPix2Pix":  # the image to edit, its size the UNet's default
+    if kind in ("InstructPix2Pix", "x4 upscaler"):  # the image to edit or upscale, its size the UNet's default
         return kind, {"image": image}
     if kind == "T2I-Adapter":  # the image (grayscale for a sketch adapter) conditions each adapter
         images = [image.convert("L") if a.config.in_channels == 1 else image for a in pipe._adapters]

@@ -8,6 +8,7 @@
     diffusion-fast generate --model LCM_DIR --prompt "a cat"   # an LCM-distilled model: 4 steps, guidance 8.5
     diffusion-fast generate --model DIR --image in.png --strength 0.6             # image-to-image
     diffusion-fast generate --model PIX2PIX_DIR --image in.png --prompt "make it snowy"   # instruction editing
+    diffusion-fast generate --model X4_UPSCALER_DIR --image small.png --prompt "a cat"   # 4x super-resolution
     diffusion-fast generate --model DIR --pag-scale 3 --pag-layers mid          # perturbed-attention guidance
     diffusion-fast generate --model DIR --image in.png --mask mask.png            # inpainting
     diffusion-fast generate --model LCM_DIR --vae TAESD_DIR   # TAESD's fast decode instead of the model's VAE
@@ -182,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--steps", type=_positive_int, default=None,
-                   help="default: 50 (4 for an LCM-distilled model, 100 for an InstructPix2Pix one, as diffusers; 20 for "
-                        "the built-in one)")
+                   help="default: 50 (4 for an LCM-distilled model, 100 for an InstructPix2Pix one, 75 for an x4 "
+                        "upscaler, as diffusers; 20 for the built-in one)")
     g.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the pipeline's, 7.5 for SD 1.x/2.x, 5.0 for SDXL, "
                         "8.5 for an LCM-distilled model)")
@@ -213,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-guidance-scale", type=float, default=None, metavar="S",
                    help="an InstructPix2Pix model's image guidance (default: the pipeline's 1.5): how closely the "
                         "edit keeps to --image")
+    g.add_argument("--noise-level", type=_nonnegative_int, default=None, metavar="N",
+                   help="an x4 upscaler's noise level for --image (default: the pipeline's 20; at most the model's "
+                        "max_noise_level, 350): more frees the output from the image's artifacts and detail")
     g.add_argument("--pag-scale", type=float, default=None, metavar="S",
                    help="perturbed-attention guidance (text-to-image, SD or SDXL; diffusers' default 3): the image "
                         "guided away from one made with --pag-layers' self-attention perturbed")

@@ -1,7 +1,7 @@
 """``diffusion-fast generate``'s model flags: the components they give the folder's pipeline (``--vae``,
 ``--no-safety-checker``), the default step count for the model loaded (4 for an LCM), an InstructPix2Pix model's
-edit and perturbed-attention guidance (``--pag-*``). Bad values raise UsageError, which ``cli.main`` prints as one
-line."""
+edit, an x4 upscaler's image and noise level, and perturbed-attention guidance (``--pag-*``). Bad values raise
+UsageError, which ``cli.main`` prints as one line."""
 from __future__ import annotations
 
 import math
@@ -42,9 +42,22 @@ def default_steps(args, pipe):
                 raise UsageError(f"{args.model} is a latent consistency model (diffusers' LatentConsistencyModel"
                                  f"Pipeline): it takes no {flag} ({why})")
     from .pipeline_pix2pix import StableDiffusionInstructPix2PixPipeline
+    from .pipeline_upscale import StableDiffusionUpscalePipeline
 
     pix2pix = isinstance(pipe, StableDiffusionInstructPix2PixPipeline)
-    return args.steps or (4 if lcm else 100 if pix2pix else 50 if args.model else 20)
+    upscale = isinstance(pipe, StableDiffusionUpscalePipeline)
+    return args.steps or (4 if lcm else 100 if pix2pix else 75 if upscale else 50 if args.model else 20)
+
+
+def _refuse_image_run_flags(args, what, *extra):
+    """An image-conditioned model's run (editing, upscaling) takes none of the other runs' flags, nor ``extra``
+    (flag, value) pairs. (--height/--width with --image are refused for every run.)"""
+    flags = (("--mask", args.mask), ("--strength", args.strength),
+             ("--control-image", args.control_image), ("--adapter-image", args.adapter_image),
+             ("--ip-adapter-image", args.ip_adapter_image), ("--refiner", args.refiner), *extra)
+    refused = [flag for flag, value in flags if value not in (None, [])]
+    if refused:
+        raise UsageError(f"{args.model} is {what}: it takes no {', '.join(refused)}")
 
 
 def pix2pix_options(args, pipe, init_image):
@@ -60,17 +73,34 @@ def pix2pix_options(args, pipe, init_image):
         return None
     if init_image is None:
         raise UsageError(f"{args.model} is an InstructPix2Pix model: give --image to edit (and the edit as --prompt)")
-    refused = [flag for flag, value in (("--mask", args.mask), ("--strength", args.strength),
-                                        ("--control-image", args.control_image),
-                                        ("--adapter-image", args.adapter_image),
-                                        ("--ip-adapter-image", args.ip_adapter_image), ("--refiner", args.refiner),
-                                        ("--clip-skip", args.clip_skip)) if value not in (None, [])]
-    if refused:
-        raise UsageError(f"{args.model} is an InstructPix2Pix model (diffusers' StableDiffusionInstructPix2Pix"
-                         f"Pipeline): it takes no {', '.join(refused)}")
+    _refuse_image_run_flags(args, "an InstructPix2Pix model (diffusers' StableDiffusionInstructPix2PixPipeline)",
+                            ("--clip-skip", args.clip_skip))
     options = {"image": init_image}
     if args.image_guidance_scale is not None:
         options["image_guidance_scale"] = args.image_guidance_scale
+    return options
+
+
+def upscale_options(args, pipe, init_image):
+    """An x4 upscaler's call options (the image to upscale, --noise-level), its flags checked; None for any other
+    model, which takes no --noise-level."""
+    from .pipeline_upscale import StableDiffusionUpscalePipeline
+
+    if not isinstance(pipe, StableDiffusionUpscalePipeline):
+        if args.noise_level is not None:
+            raise UsageError(f"--noise-level is for an x4 upscaler; {args.model or 'the built-in model'} runs in "
+                             f"{type(pipe).__name__}")
+        return None
+    if init_image is None:
+        raise UsageError(f"{args.model} is an x4 upscaler: give --image to upscale (and what it shows as --prompt)")
+    _refuse_image_run_flags(args, "an x4 upscaler (diffusers' StableDiffusionUpscalePipeline; the output is 4x "
+                                  "--image)")
+    options = {"image": init_image}
+    if args.noise_level is not None:
+        if not 0 <= args.noise_level <= pipe.max_noise_level:
+            raise UsageError(f"--noise-level must be in [0, {pipe.max_noise_level}] (the model's max_noise_level), "
+                             f"got {args.noise_level}")
+        options["noise_level"] = args.noise_level
     return options
 
 
@@ -85,7 +115,8 @@ def pag_options(args, loaded, pipe):
     flags = args.pag_scale is not None or args.pag_layers or args.pag_adaptive_scale is not None
     if not flags and not isinstance(loaded, PAGGuidance):
         return pipe, {}
-    # the PAG pipeline for the run's (none for a ControlNet, T2I-Adapter, InstructPix2Pix, LCM or refiner run)
+    # the PAG pipeline for the run's (none for a ControlNet, T2I-Adapter, InstructPix2Pix, upscaler, LCM or refiner
+    # run)
     cls = type(pipe) if isinstance(pipe, PAGGuidance) else PAG_FOR.get(type(pipe))
     if cls is None or args.refiner is not None:
         if not flags:  # a PAG folder's ControlNet, T2I-Adapter ... run
@@ -93,7 +124,7 @@ def pag_options(args, loaded, pipe):
                   f"({type(pipe).__name__}), so it goes without it")
             return pipe, {}
         kind = "an LCM-distilled model (its guidance embedding)" if pipe.unet.config.time_cond_proj_dim else \
-            "--controlnet, --t2i-adapter, --refiner or an InstructPix2Pix model"
+            "--controlnet, --t2i-adapter, --refiner, an InstructPix2Pix model or an x4 upscaler"
         raise UsageError(f"--pag-*: perturbed-attention guidance runs text-to-image, image-to-image and inpainting "
                          f"with an SD or SDXL model here, not with {kind}")
     if args.pag_scale is None and not isinstance(loaded, PAGGuidance):

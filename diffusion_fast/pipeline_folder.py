@@ -72,7 +72,7 @@ class ComponentLoader:
             from transformers import CLIPTokenizer
 
             return CLIPTokenizer.from_pretrained(path)
-        if name == "scheduler":
+        if name in ("scheduler", "low_res_scheduler"):  # (the x4 upscaler's noises its image)
             return load_scheduler(path)
         if name == "safety_checker":
             from .safety_checker import StableDiffusionSafetyChecker

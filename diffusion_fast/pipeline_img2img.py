@@ -20,14 +20,15 @@ from .pipeline_xl import StableDiffusionXLPipeline, _size_pair
 from .schedulers.common import randn_tensor
 
 
-def preprocess_image(image, scale: int, latent_channels: int, size=None) -> torch.Tensor:
+def preprocess_image(image, scale: int, latent_channels: int | None, size=None, resample="lanczos") -> torch.Tensor:
     """diffusers' VaeImageProcessor.preprocess for RGB PIL images (one or a list) and (B, C, H, W) tensors: PIL images
     are resized down to a multiple of ``scale`` (Lanczos; an image already there is copied unchanged), stacked, and
     mapped from [0, 1] to [-1, 1]; a tensor whose values are all >= 0 is taken as [0, 1] and mapped too, one with
     negative values as [-1, 1] already, and one of ``latent_channels`` channels as latents (left as they are).
     With ``size`` (height, width), as inpainting asks, PIL images are resized to it and a tensor of another size is
     interpolated (nearest) to it, unless it is latents; without it a pixel tensor is cut to a multiple of ``scale``
-    the same way. Numpy arrays (``numpy_images``) take the tensor path, as pixels."""
+    the same way. Numpy arrays (``numpy_images``) take the tensor path, as pixels. ``resample``: the PIL filter,
+    diffusers' image processor's setting ("bicubic" for the x4 upscaler); ``latent_channels`` None: pixels only."""
     import PIL.Image
 
     pixels = numpy_images(image, "image")  # (numpy arrays are pixels, never latents, as in diffusers)
@@ -47,7 +48,8 @@ def preprocess_image(image, scale: int, latent_channels: int, size=None) -> torc
             width, height = (x - x % scale for x in images[0].size)
         if width == 0 or height == 0:
             raise ValueError(f"image is {images[0].size[0]}x{images[0].size[1]}: smaller than the VAE's scale {scale}")
-        arrays = [np.array(im.resize((width, height), resample=PIL.Image.LANCZOS)).astype(np.float32) / 255.0
+        filters = {"lanczos": PIL.Image.LANCZOS, "bicubic": PIL.Image.BICUBIC}
+        arrays = [np.array(im.resize((width, height), resample=filters[resample])).astype(np.float32) / 255.0
                   for im in images]
         return 2.0 * torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2)) - 1.0
     if torch.is_tensor(image):

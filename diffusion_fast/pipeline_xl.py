@@ -282,7 +282,8 @@ def load_pipeline(folder, **kwargs):
     (``StableDiffusionXLControlNetUnion...Pipeline`` for a ControlNet-Union one),
     ``StableDiffusion(XL)AdapterPipeline`` for one it saved a T2I-Adapter pipeline in,
     ``LatentConsistencyModel(Img2Img)Pipeline`` for an LCM's (diffusers' class name),
-    ``StableDiffusionInstructPix2PixPipeline`` for an InstructPix2Pix one, ``StableDiffusion(XL)PAG...Pipeline`` for
+    ``StableDiffusionInstructPix2PixPipeline`` for an InstructPix2Pix one, ``StableDiffusionUpscalePipeline`` for
+    an x4 upscaler's, ``StableDiffusion(XL)PAG...Pipeline`` for
     a perturbed-attention guidance one (its applied layers "mid", as diffusers loads it), else
     ``StableDiffusionPipeline``; ``kwargs`` go to its ``from_pretrained``. A class diffusers saved that is not
     mirrored here (a PAG ControlNet pipeline, say) loads as the pipeline its components run, with a warning."""
@@ -300,6 +301,7 @@ def load_pipeline(folder, **kwargs):
     from .pipeline_pag import PAG_PIPELINES
     from .pipeline_pix2pix import StableDiffusionInstructPix2PixPipeline
     from .pipeline_t2i_adapter import StableDiffusionAdapterPipeline, StableDiffusionXLAdapterPipeline
+    from .pipeline_upscale import StableDiffusionUpscalePipeline
 
     folder, components = read_model_index(folder)
     name = str(components.get("_class_name", ""))
@@ -333,6 +335,8 @@ def load_pipeline(folder, **kwargs):
         cls = LatentConsistencyModelImg2ImgPipeline if "Img2Img" in name else LatentConsistencyModelPipeline
     elif name == "StableDiffusionInstructPix2PixPipeline":
         cls = StableDiffusionInstructPix2PixPipeline
+    elif name == "StableDiffusionUpscalePipeline":
+        cls = StableDiffusionUpscalePipeline
     else:
         cls = StableDiffusionPipeline
     # diffusers' image-to-image classes are saved with the same components their text-to-image ones load
