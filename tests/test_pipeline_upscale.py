@@ -121,6 +121,27 @@ def test_other_schedulers_match_diffusers(upscale_pair, scheduler):
         _assert_as_diffusers(theirs, ours, **({"eta": 0.5} if scheduler == "DDIMScheduler" else {}))
 
 
+def test_clip_skip_and_a_lora_at_a_call_scale_as_diffusers(upscale_pair, tmp_path):
+    """clip_skip, and a kohya LoRA (on the only-cross attentions too) at cross_attention_kwargs' scale, as diffusers'
+    upscale pipeline takes them; each moves the image."""
+    from test_lora import _kohya_file
+
+    theirs, ours = upscale_pair
+    plain = _run(ours)
+    if not hasattr(theirs.text_encoder, "text_model"):  # (diffusers 0.42 with transformers 5: see test_clip_skip)
+        object.__setattr__(theirs.text_encoder, "text_model", theirs.text_encoder)
+    assert _moved(_assert_as_diffusers(theirs, ours, clip_skip=1), plain)
+    lora = _kohya_file(str(tmp_path / "upscaler-lora.safetensors"), theirs, rank=2)
+    for pipe in (theirs, ours):
+        pipe.load_lora_weights(lora)
+    try:
+        assert _moved(_assert_as_diffusers(theirs, ours, cross_attention_kwargs={"scale": 0.5}), plain)
+    finally:
+        for pipe in (theirs, ours):
+            pipe.unload_lora_weights()
+    assert np.array_equal(_run(ours), plain)
+
+
 def test_unet_sees_the_noised_image_and_the_level(upscale_pair):
     """What the UNet gets beside the latents: the image noised by the low-resolution scheduler to the level, the
     same in both CFG rows, with the level as each row's class label."""
