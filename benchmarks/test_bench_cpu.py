@@ -418,6 +418,28 @@ def test_pag_pipeline(benchmark, pag_pipelines, impl):
 
 
 @pytest.fixture(scope="module")
+def upscale_pipelines(tmp_path_factory):
+    """diffusers' StableDiffusionUpscalePipeline on the tests' tiny upscaler (7-channel UNet with a noise-level class
+    embedding and only-cross attention, a VAE that scales by 4, DDIM), a second one under accelerate, and ours loaded
+    from the folder diffusers saved."""
+    return _three_ways(tmp_path_factory, "bench-upscale", lambda tiny: tiny.upscale_pipeline())
+
+
+@pytest.mark.parametrize("impl", ["ours", "diffusers + accelerate", "diffusers"])
+def test_upscale_pipeline(benchmark, upscale_pipelines, impl):
+    """A whole x4 upscale: a 32x32 image noised to level 20, 10 DDIM steps with CFG (batch 2 through the UNet,
+    32x32 latents beside the image), the VAE's decode to 128x128 included, fp32."""
+    from PIL import Image
+
+    benchmark.group = "x4 upscaler pipeline, tiny (7-channel UNet), 10 DDIM steps, 32x32 to 128x128"
+    pipe = upscale_pipelines[impl]
+    image = Image.fromarray(torch.randint(0, 255, (32, 32, 3), generator=torch.Generator().manual_seed(0),
+                                          dtype=torch.uint8).numpy())
+    benchmark(lambda: pipe("a cat", image=image, num_inference_steps=10, generator=torch.Generator().manual_seed(0),
+                           output_type="np"))
+
+
+@pytest.fixture(scope="module")
 def sd_vae_decoders():
     """SD's VAE architecture (tiny.SD15_VAE) and TAESD's default one, random weights from one seed, as ours and as
     diffusers' (the same weights): {impl: decode function}."""
