@@ -41,7 +41,9 @@ _LAZY = {
     **{name: ("pipeline_pag", name) for name in (
         "StableDiffusionPAGPipeline", "StableDiffusionXLPAGPipeline", "StableDiffusionPAGImg2ImgPipeline",
         "StableDiffusionXLPAGImg2ImgPipeline", "StableDiffusionPAGInpaintPipeline",
-        "StableDiffusionXLPAGInpaintPipeline")},
+        "StableDiffusionXLPAGInpaintPipeline", "StableDiffusionControlNetPAGPipeline",
+        "StableDiffusionControlNetPAGInpaintPipeline", "StableDiffusionXLControlNetPAGPipeline",
+        "StableDiffusionXLControlNetPAGImg2ImgPipeline")},
     "AutoencoderKL": ("models", "AutoencoderKL"),
     "AutoencoderTiny": ("models", "AutoencoderTiny"),
     "ControlNetModel": ("models", "ControlNetModel"),

@@ -223,9 +223,9 @@ def _db(value):
 def pipeline_kind(pipe):
     """"inpainting", "image-to-image" (an SDXL refiner's folder loads as such), "text-to-image", "InstructPix2Pix",
     "x4 upscaler",
-    one of the first three with PAG ("PAG text-to-image", ...: a PAG folder's), or one of them guided by the
-    folder's ControlNets ("ControlNet", "ControlNet image-to-image", "ControlNet inpainting"), or text-to-image guided
-    by its T2I-Adapters ("T2I-Adapter") or its ControlNet-Union net ("ControlNet-Union")."""
+    or one of the first three guided by the folder's ControlNets ("ControlNet", "ControlNet image-to-image",
+    "ControlNet inpainting"), or text-to-image guided by its T2I-Adapters ("T2I-Adapter") or its ControlNet-Union net
+    ("ControlNet-Union"); with PAG (a PAG folder's) "PAG " before the kind ("PAG text-to-image", "PAG ControlNet")."""
     from .pipeline_controlnet import ControlNetGuidance
     from .pipeline_img2img import _ImageToImage
     from .pipeline_inpaint import _Inpainting
@@ -242,12 +242,10 @@ def pipeline_kind(pipe):
         return "x4 upscaler"
     kind = "inpainting" if isinstance(pipe, _Inpainting) else "image-to-image" if isinstance(pipe, _ImageToImage) \
         else "text-to-image"
-    if isinstance(pipe, PAGGuidance):
-        return f"PAG {kind}"
     if isinstance(pipe, ControlNetGuidance):
         union = "-Union" if hasattr(pipe, "_modes") else ""
-        return f"ControlNet{union}" if kind == "text-to-image" else f"ControlNet{union} {kind}"
-    return kind
+        kind = f"ControlNet{union}" if kind == "text-to-image" else f"ControlNet{union} {kind}"
+    return f"PAG {kind}" if isinstance(pipe, PAGGuidance) else kind
 
 
 def pipeline_inputs(pipe, seed, steps):
@@ -259,9 +257,10 @@ def pipeline_inputs(pipe, seed, steps):
     import numpy as np
     from PIL import Image
 
-    kind = pipeline_kind(pipe)
-    if kind in ("text-to-image", "PAG text-to-image"):  # (PAG at the pipeline's scale, 3 by default)
-        return kind, {}
+    pag_kind = pipeline_kind(pipe)
+    kind = pag_kind.removeprefix("PAG ")  # (PAG at the pipeline's scale, 3 by default: nothing more to give)
+    if kind == "text-to-image":
+        return pag_kind, {}
     # (an upscaler's image is at the latents' size: it conditions the UNet beside them)
     size = pipe.unet.config.sample_size * (1 if kind == "x4 upscaler" else pipe.vae_scale_factor)
     ramp = np.linspace(0, 255, size)
@@ -273,14 +272,14 @@ def pipeline_inputs(pipe, seed, steps):
     per_net = image if nets == 1 else [image] * nets  # (a ControlNet pipeline's conditioning image for each net)
     union = {"control_mode": 0} if hasattr(pipe, "_modes") else {}  # (a union net: the image in its first mode)
     if kind == "ControlNet":  # the image conditions each net; the size is the UNet's default
-        return kind, {"image": per_net}
+        return pag_kind, {"image": per_net}
     if kind == "ControlNet-Union":
-        return kind, {"control_image": image, **union}
+        return pag_kind, {"control_image": image, **union}
     if kind in ("InstructPix2Pix", "x4 upscaler"):  # the image to edit or upscale, its size the UNet's default
-        return kind, {"image": image}
+        return pag_kind, {"image": image}
     if kind == "T2I-Adapter":  # the image (grayscale for a sketch adapter) conditions each adapter
         images = [image.convert("L") if a.config.in_channels == 1 else image for a in pipe._adapters]
-        return kind, {"image": images[0] if len(images) == 1 else images}
+        return pag_kind, {"image": images[0] if len(images) == 1 else images}
     inputs = {"image": image, "strength": 1.0 if kind.endswith("inpainting") else max(0.5, 1 / steps)}
     if kind.startswith("ControlNet"):  # the same image as the start and each net's condition
         inputs.update(control_image=per_net, **union)
@@ -288,7 +287,7 @@ def pipeline_inputs(pipe, seed, steps):
         mask = np.zeros((size, size), np.uint8)
         mask[size // 4:3 * size // 4, size // 4:3 * size // 4] = 255
         inputs["mask_image"] = Image.fromarray(mask)
-    return kind, inputs
+    return pag_kind, inputs
 
 
 def run_check(args, device, dtype) -> int:

@@ -115,18 +115,23 @@ def pag_options(args, loaded, pipe):
     flags = args.pag_scale is not None or args.pag_layers or args.pag_adaptive_scale is not None
     if not flags and not isinstance(loaded, PAGGuidance):
         return pipe, {}
-    # the PAG pipeline for the run's (none for a ControlNet, T2I-Adapter, InstructPix2Pix, upscaler, LCM or refiner
-    # run)
+    # the PAG pipeline for the run's (none for a T2I-Adapter, InstructPix2Pix, upscaler, LCM or refiner run, nor
+    # for a ControlNet run of a kind diffusers has no PAG pipeline for)
     cls = type(pipe) if isinstance(pipe, PAGGuidance) else PAG_FOR.get(type(pipe))
     if cls is None or args.refiner is not None:
         if not flags:  # a PAG folder's ControlNet, T2I-Adapter ... run
             print(f"{args.model} is a PAG pipeline: perturbed-attention guidance does not run with this kind of run "
                   f"({type(pipe).__name__}), so it goes without it")
             return pipe, {}
-        kind = "an LCM-distilled model (its guidance embedding)" if pipe.unet.config.time_cond_proj_dim else \
-            "--controlnet, --t2i-adapter, --refiner, an InstructPix2Pix model or an x4 upscaler"
+        from .pipeline_controlnet import ControlNetGuidance
+
+        kind = ("an LCM-distilled model (its guidance embedding)" if pipe.unet.config.time_cond_proj_dim else
+                f"this --controlnet run ({type(pipe).__name__})" if isinstance(pipe, ControlNetGuidance) else
+                "--t2i-adapter, --refiner, an InstructPix2Pix model or an x4 upscaler")
         raise UsageError(f"--pag-*: perturbed-attention guidance runs text-to-image, image-to-image and inpainting "
-                         f"with an SD or SDXL model here, not with {kind}")
+                         f"with an SD or SDXL model here, and with --controlnet SD text-to-image and inpainting and "
+                         f"SDXL text-to-image and image-to-image (diffusers' PAG ControlNet pipelines), not with "
+                         f"{kind}")
     if args.pag_scale is None and not isinstance(loaded, PAGGuidance):
         raise UsageError("--pag-layers and --pag-adaptive-scale go with --pag-scale")
     layers = args.pag_layers or getattr(loaded, "pag_applied_layers", ["mid"])

@@ -1,6 +1,8 @@
 """Perturbed-attention guidance (PAG, "Self-Rectifying Diffusion Sampling with Perturbed-Attention Guidance"):
 diffusers' StableDiffusion(XL)PAGPipeline, its image-to-image and inpainting ones (...PAGImg2ImgPipeline,
-...PAGInpaintPipeline), the same image for the same seed, scales, applied layers and weights.
+...PAGInpaintPipeline) and its ControlNet ones (StableDiffusionControlNetPAG(Inpaint)Pipeline,
+StableDiffusionXLControlNetPAG(Img2Img)Pipeline), the same image for the same seed, scales, applied layers and
+weights.
 
 The UNet runs one more copy of the batch, conditioned on the prompt, in which the self-attentions of the applied
 layers (``pag_applied_layers``: regexes searched in the UNet's module names, "mid" by default) have an identity
@@ -9,6 +11,10 @@ from that perturbed one: with classifier-free guidance ``uncond + guidance_scale
 (text - perturbed)``, without it ``text + pag_scale * (text - perturbed)``; ``pag_adaptive_scale`` lowers the PAG
 scale by that much per timestep below 1000 (to no less than 0). The loop is the SD pipeline's: on CUDA the UNet call
 replays from a graph (one per applied-layer set), the three-way combine and the scheduler's step eager.
+
+With ControlNets the perturbed copy takes the prompt's rows of every UNet input, the conditioning images included, so
+the nets run on all three copies as diffusers runs them; only the UNet's applied self-attentions are perturbed, never
+a net's. Guess mode is refused with PAG: diffusers' PAG ControlNet pipelines fail on it (SD's) or ignore it (SDXL's).
 """
 from __future__ import annotations
 
@@ -22,6 +28,9 @@ import torch
 from .models.attention import Attention
 from .pipeline import StableDiffusionPipeline
 from .pipeline_common import rescale_noise_cfg
+from .pipeline_controlnet import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+from .pipeline_controlnet_image import (StableDiffusionControlNetInpaintPipeline,
+                                        StableDiffusionXLControlNetImg2ImgPipeline)
 from .pipeline_img2img import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
 from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 from .pipeline_xl import StableDiffusionXLPipeline
@@ -212,10 +221,43 @@ class StableDiffusionXLPAGInpaintPipeline(PAGGuidance, StableDiffusionXLInpaintP
     __call__ = pag_call(StableDiffusionXLInpaintPipeline.__call__)
 
 
-# each PAG pipeline for the plain one it adds PAG to (exact classes: an LCM, ControlNet, T2I-Adapter or
-# InstructPix2Pix pipeline has none), and by diffusers' class name (load_pipeline)
-PAG_FOR = {base: cls for cls in (StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline,
-                                  StableDiffusionPAGImg2ImgPipeline, StableDiffusionXLPAGImg2ImgPipeline,
-                                  StableDiffusionPAGInpaintPipeline, StableDiffusionXLPAGInpaintPipeline)
-           for base in cls.__bases__[1:]}
+class ControlNetPAGGuidance(PAGGuidance):
+    """PAG on a ControlNet pipeline: guess mode (given, or a net's global_pool_conditions) refused while PAG runs."""
+
+    def _control_cond(self, images, shape, num_images_per_prompt, do_cfg, guess_mode):
+        if guess_mode and self._pag_run is not None:
+            raise ValueError("guess_mode: not with perturbed-attention guidance (diffusers' PAG ControlNet pipelines "
+                             "fail on it or ignore it); pass guess_mode=False, or pag_scale=0 for guess mode without "
+                             "PAG")
+        return super()._control_cond(images, shape, num_images_per_prompt, do_cfg, guess_mode)
+
+
+class StableDiffusionControlNetPAGPipeline(ControlNetPAGGuidance, StableDiffusionControlNetPipeline):
+    """diffusers' StableDiffusionControlNetPAGPipeline: SD text-to-image guided by ControlNets and PAG."""
+    __call__ = pag_call(StableDiffusionControlNetPipeline.__call__)
+
+
+class StableDiffusionControlNetPAGInpaintPipeline(ControlNetPAGGuidance, StableDiffusionControlNetInpaintPipeline):
+    """diffusers' StableDiffusionControlNetPAGInpaintPipeline (an inpainting UNet, or a plain one blended)."""
+    __call__ = pag_call(StableDiffusionControlNetInpaintPipeline.__call__)
+
+
+class StableDiffusionXLControlNetPAGPipeline(ControlNetPAGGuidance, StableDiffusionXLControlNetPipeline):
+    """diffusers' StableDiffusionXLControlNetPAGPipeline: SDXL text-to-image guided by ControlNets and PAG."""
+    __call__ = pag_call(StableDiffusionXLControlNetPipeline.__call__)
+
+
+class StableDiffusionXLControlNetPAGImg2ImgPipeline(ControlNetPAGGuidance, StableDiffusionXLControlNetImg2ImgPipeline):
+    """diffusers' StableDiffusionXLControlNetPAGImg2ImgPipeline."""
+    __call__ = pag_call(StableDiffusionXLControlNetImg2ImgPipeline.__call__)
+
+
+# each PAG pipeline for the plain one it adds PAG to (exact classes: an LCM, T2I-Adapter, InstructPix2Pix or upscaler
+# pipeline has none, nor a ControlNet one of a kind diffusers has no PAG class for), and by diffusers' class name
+# (load_pipeline)
+PAG_FOR = {cls.__bases__[-1]: cls for cls in (
+    StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline, StableDiffusionPAGImg2ImgPipeline,
+    StableDiffusionXLPAGImg2ImgPipeline, StableDiffusionPAGInpaintPipeline, StableDiffusionXLPAGInpaintPipeline,
+    StableDiffusionControlNetPAGPipeline, StableDiffusionControlNetPAGInpaintPipeline,
+    StableDiffusionXLControlNetPAGPipeline, StableDiffusionXLControlNetPAGImg2ImgPipeline)}
 PAG_PIPELINES = {cls.__name__: cls for cls in PAG_FOR.values()}

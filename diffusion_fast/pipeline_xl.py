@@ -283,10 +283,9 @@ def load_pipeline(folder, **kwargs):
     ``StableDiffusion(XL)AdapterPipeline`` for one it saved a T2I-Adapter pipeline in,
     ``LatentConsistencyModel(Img2Img)Pipeline`` for an LCM's (diffusers' class name),
     ``StableDiffusionInstructPix2PixPipeline`` for an InstructPix2Pix one, ``StableDiffusionUpscalePipeline`` for
-    an x4 upscaler's, ``StableDiffusion(XL)PAG...Pipeline`` for
-    a perturbed-attention guidance one (its applied layers "mid", as diffusers loads it), else
-    ``StableDiffusionPipeline``; ``kwargs`` go to its ``from_pretrained``. A class diffusers saved that is not
-    mirrored here (a PAG ControlNet pipeline, say) loads as the pipeline its components run, with a warning."""
+    an x4 upscaler's, ``StableDiffusion(XL)(ControlNet)PAG...Pipeline`` for a perturbed-attention guidance one (its
+    applied layers "mid", as diffusers loads it), else ``StableDiffusionPipeline``; ``kwargs`` go to its ``from_pretrained``. A class diffusers saved that is not
+    mirrored here (an Attend-and-Excite pipeline, say) loads as the pipeline its components run, with a warning."""
     from .pipeline_controlnet import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
     from .pipeline_controlnet_image import (StableDiffusionControlNetImg2ImgPipeline,
                                             StableDiffusionControlNetInpaintPipeline,
@@ -306,7 +305,9 @@ def load_pipeline(folder, **kwargs):
     folder, components = read_model_index(folder)
     name = str(components.get("_class_name", ""))
     inpainting = "Inpaint" in name
-    if "adapter" in components and "AdapterPipeline" in name:
+    if name in PAG_PIPELINES:  # (ControlNet ones too)
+        cls = PAG_PIPELINES[name]
+    elif "adapter" in components and "AdapterPipeline" in name:
         cls = StableDiffusionXLAdapterPipeline if "text_encoder_2" in components else StableDiffusionAdapterPipeline
     elif "controlnet" in components and "ControlNetUnion" in name:
         cls = (StableDiffusionXLControlNetUnionInpaintPipeline if inpainting else
@@ -321,8 +322,6 @@ def load_pipeline(folder, **kwargs):
                ("image-to-image", True): StableDiffusionXLControlNetImg2ImgPipeline,
                ("inpainting", False): StableDiffusionControlNetInpaintPipeline,
                ("inpainting", True): StableDiffusionXLControlNetInpaintPipeline}[kind, xl]
-    elif name in PAG_PIPELINES:
-        cls = PAG_PIPELINES[name]
     elif "text_encoder_2" in components and inpainting:
         cls = StableDiffusionXLInpaintPipeline
     elif "text_encoder_2" in components and components.get("requires_aesthetics_score", False):
@@ -344,6 +343,6 @@ def load_pipeline(folder, **kwargs):
                        "StableDiffusionXLImg2ImgPipeline": StableDiffusionXLPipeline}
     if name and name != cls.__name__ and same_components.get(name) is not cls:
         warnings.warn(f"{folder}: diffusers saved a {name} there, which is not mirrored here; loaded as "
-                      f"{cls.__name__}, what its components run (e.g. a PAG ControlNet pipeline runs without PAG)",
+                      f"{cls.__name__}, what its components run (without what that class adds)",
                       stacklevel=2)
     return cls.from_pretrained(folder, **kwargs)

@@ -347,6 +347,8 @@ def test_generate_pag_bad_options_one_line(tmp_path, capsys, argv, message):
 
 
 def test_pag_folder_with_a_controlnet_says_it_runs_without_pag(pag_pair, tmp_path, capsys):
+    """A ControlNet image-to-image run (which diffusers has no PAG pipeline for) of a PAG folder goes without PAG,
+    and says so."""
     from PIL import Image
 
     from diffusion_fast.cli import main
@@ -355,8 +357,8 @@ def test_pag_folder_with_a_controlnet_says_it_runs_without_pag(pag_pair, tmp_pat
     _tiny_diffusers.random_controlnet(pag_pair[0].unet).save_pretrained(tmp_path / "net")
     Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "edges.png")
     assert main(["generate", "--model", pag_pair[0]._saved_to, "--controlnet", str(tmp_path / "net"),
-                 "--control-image", str(tmp_path / "edges.png"), "--steps", "2", "--no-progress", "--output",
-                 str(tmp_path / "o.png")]) == 0
+                 "--control-image", str(tmp_path / "edges.png"), "--image", str(tmp_path / "edges.png"),
+                 "--steps", "2", "--no-progress", "--output", str(tmp_path / "o.png")]) == 0
     assert "is a PAG pipeline: perturbed-attention guidance does not run with this kind of run" in \
         capsys.readouterr().out
 
@@ -393,17 +395,15 @@ def test_check_runs_pag_image_folders(kind, pag_pair, pag_xl_pair, tmp_path, cap
     assert f"{name} pipeline (2 DDIM steps" in text and "0 failed" in text, text
 
 
-def test_a_pag_controlnet_folder_loads_with_a_warning_not_silently(pag_pair, tmp_path):
-    """diffusers' PAG ControlNet pipeline is not mirrored: its folder loads as our ControlNet pipeline (what its
-    components run), and says so."""
+def test_an_unmirrored_pipeline_folder_loads_with_a_warning_not_silently(pag_pair, tmp_path):
+    """A pipeline class diffusers saved that is not mirrored here (Attend-and-Excite, on SD's components) loads as
+    our pipeline for its components, and says so."""
     import diffusers
 
-    theirs = pag_pair[0]
-    torch.manual_seed(0)
-    net = _tiny_diffusers.random_controlnet(theirs.unet)
-    diffusers.StableDiffusionControlNetPAGPipeline(**theirs.components, controlnet=net, pag_applied_layers="mid",
-                                                   requires_safety_checker=False).save_pretrained(tmp_path)
-    with pytest.warns(UserWarning, match="diffusers saved a StableDiffusionControlNetPAGPipeline there, which is not "
-                                         "mirrored here; loaded as StableDiffusionControlNetPipeline"):
+    components = {k: v for k, v in pag_pair[0].components.items() if k != "image_encoder"}
+    diffusers.StableDiffusionAttendAndExcitePipeline(**components, requires_safety_checker=False).save_pretrained(
+        tmp_path)
+    with pytest.warns(UserWarning, match="diffusers saved a StableDiffusionAttendAndExcitePipeline there, which is "
+                                         "not mirrored here; loaded as StableDiffusionPipeline"):
         ours = diffusion_fast.load_pipeline(str(tmp_path))
-    assert type(ours) is diffusion_fast.StableDiffusionControlNetPipeline
+    assert type(ours) is diffusion_fast.StableDiffusionPipeline
