@@ -73,6 +73,35 @@ def pytest_sessionstart(session):
                     "(3.8 works)", returncode=3)
 
 
+def _patch_language_once_per_launch():
+    """Triton's interpreter patches triton.language for the interpreter at each kernel launch (undone after it), and
+    again at every call of a @triton.jit helper inside the kernel: inspect.getmembers over the language modules,
+    thousands of times a launch, where the launch's patch is already in place and a repeat changes nothing (a
+    patched builtin is no longer a builtin). Profiled on GroupNorm's split path: half the time of an interpreted
+    launch. A helper's call now skips the repeat when every language module its globals hold is patched already:
+    the GroupNorm, attention and DDIM kernel tests took 63 s instead of 110 s under -n 2. Applied only to an
+    interpreter with these internals (Triton 3.9's); another runs as it ships, slower."""
+    from triton.runtime import interpreter
+    import triton.language as tl
+
+    real = getattr(interpreter, "_patch_lang", None)
+    scope = getattr(interpreter, "_LangPatchScope", None)
+    if real is None or scope is None or not callable(getattr(tl.core, "is_builtin", None)):
+        return
+
+    def patch_lang(fn):
+        langs = [v for v in fn.__globals__.values() if v is tl or v is tl.core]
+        if langs and all(not tl.core.is_builtin(getattr(lang, "load", None)) for lang in langs):
+            return scope()  # patched by the running launch: nothing to add, nothing to undo
+        return real(fn)
+
+    interpreter._patch_lang = patch_lang
+
+
+if not ON_GPU:
+    _patch_language_once_per_launch()
+
+
 @pytest.fixture
 def device():
     return DEVICE
