@@ -410,3 +410,16 @@ def upscale_pipeline(seed=5):
         scheduler=base.scheduler, max_noise_level=350)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ---- parametrizing the comparisons --------------------------------------------------------------------------------
+def fast_and_one_reference(cases, ids=None):
+    """pytest params (case, backend name): every case on the fast backend, and the first (the pipeline's defaults)
+    on the reference backend too. The backend swaps the ops, not the pipeline's logic, which the cases vary: their
+    cross product would run each case's logic twice for nothing more (and took a fifth of the suite's pipeline
+    comparisons)."""
+    import pytest
+
+    ids = ids or [str(c) if isinstance(c, str) else f"kwargs{i}" for i, c in enumerate(cases)]
+    return ([pytest.param(c, "fast", id=f"{i}-fast") for c, i in zip(cases, ids)]
+            + [pytest.param(cases[0], "reference", id=f"{ids[0]}-reference")])

@@ -60,8 +60,7 @@ def _images(pipe, nets, backend_name="fast", generators=None, **kwargs):
 _per_net = _tiny_diffusers.per_net
 
 
-@pytest.mark.parametrize("backend_name", ["fast", "reference"])
-@pytest.mark.parametrize("case", [
+@pytest.mark.parametrize("case, backend_name", _tiny_diffusers.fast_and_one_reference([
     "default",
     "guess_mode",  # the nets see the conditional half alone, with rising scales; the other half gets no residual
     "guess_mode_no_guidance",  # ... and without guidance, the whole batch
@@ -69,7 +68,7 @@ _per_net = _tiny_diffusers.per_net
     "scales_and_start",  # a scale per net, starting at 30% of the steps
     "two_prompts",  # one conditioning image per prompt, two images per prompt, a generator per image
     "tensor_at_another_size",  # a [0, 1] tensor resized (nearest) to an explicit height and width
-])
+]))
 def test_same_image_as_diffusers(pair, backend_name, case):
     theirs, ours, nets = pair
     rgb = torch.rand(1, 3, 24, 20, generator=torch.Generator().manual_seed(2))

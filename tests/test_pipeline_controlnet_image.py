@@ -59,15 +59,14 @@ def _img2img(pipe, nets, backend_name="fast", **kwargs):
         return pipe(generator=torch.Generator().manual_seed(3), **kwargs).images
 
 
-@pytest.mark.parametrize("backend_name", ["fast", "reference"])
-@pytest.mark.parametrize("kwargs", [
+@pytest.mark.parametrize("kwargs, backend_name", _tiny_diffusers.fast_and_one_reference([
     {},
     dict(guess_mode=True),
     # the nets' end is a fraction of the 4 steps that run (of 6 it would keep the net one step longer)
     dict(control_guidance_end=0.6),
     dict(height=32, width=40),  # the initial image resized to it, and the conditioning images too
     dict(strength=1.0, num_images_per_prompt=2, negative_prompt="blurry"),
-])
+]))
 def test_img2img_same_image_as_diffusers(img2img_pair, backend_name, kwargs):
     theirs, ours, nets = img2img_pair
     _tiny_diffusers.assert_as_diffusers_with_nets_that_matter(
@@ -170,14 +169,13 @@ def _inpaint(pipe, nets, backend_name="fast", **kwargs):
         else images
 
 
-@pytest.mark.parametrize("backend_name", ["fast", "reference"])
-@pytest.mark.parametrize("kwargs", [
+@pytest.mark.parametrize("kwargs, backend_name", _tiny_diffusers.fast_and_one_reference([
     {},  # the image's own size (not the UNet's default, unlike plain inpainting), strength 1, scale 0.5
     dict(guess_mode=True),
     # the nets' end is a fraction of the 3 steps that run (of 6 it would keep them three steps longer)
     dict(control_guidance_end=0.5, strength=0.6),
     dict(height=32, width=40, negative_prompt="blurry"),  # image, mask and conditioning images resized to it
-])
+]))
 def test_inpaint_same_image_as_diffusers(inpaint_pair, backend_name, kwargs):
     theirs, ours, nets = inpaint_pair
     _tiny_diffusers.assert_as_diffusers_with_nets_that_matter(

@@ -84,8 +84,7 @@ def test_model_loads_a_diffusers_folder_and_gives_its_residuals(tmp_path, modes,
 
 
 # ---- the pipeline -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend_name", ["fast", "reference"])
-@pytest.mark.parametrize("kwargs", [
+@pytest.mark.parametrize("kwargs, backend_name", _tiny_diffusers.fast_and_one_reference([
     {},
     dict(controlnet_conditioning_scale=0.7, negative_prompt="blurry", num_images_per_prompt=2),
     # two modes: one image each, a scale each; the depth mode ends after 2 of the 5 steps
@@ -98,7 +97,7 @@ def test_model_loads_a_diffusers_folder_and_gives_its_residuals(tmp_path, modes,
     # two prompts, each mode with one image per prompt: a list of lists is per mode (a ControlNet's is per prompt)
     dict(prompt=["a red cube", "a blue ball"], control_mode=[3, 1],
          control_image=[[CANNY, CANNY.transpose(Image.FLIP_LEFT_RIGHT)], [DEPTH, DEPTH.transpose(Image.ROTATE_180)]]),
-])
+]))
 def test_same_image_as_diffusers(pair, backend_name, kwargs):
     theirs, ours = pair
     tolerance = 1e-4 if kwargs.get("output_type") == "latent" else PIPELINE_FP32_MAX_ABS

@@ -55,8 +55,7 @@ def _inpaint(pipe, nets, backend_name="fast", **kwargs):
         else images
 
 
-@pytest.mark.parametrize("backend_name", ["fast", "reference"])
-@pytest.mark.parametrize("kwargs", [
+@pytest.mark.parametrize("kwargs, backend_name", _tiny_diffusers.fast_and_one_reference([
     {},  # diffusers' defaults: strength 0.9999, guidance 5, the nets at scale 1
     dict(guess_mode=True),
     # the nets' end is a fraction of the 3 steps of the strength's tail (of 6 it would keep them longer)
@@ -66,7 +65,7 @@ def _inpaint(pipe, nets, backend_name="fast", **kwargs):
     dict(denoising_start=0.4, control_guidance_start=0.3),  # a refiner's part: the image's latents not noised
     # resized to 32x40; the negative size ids take the positive crop corner, as diffusers builds them here
     dict(height=32, width=40, negative_prompt="blurry", crops_coords_top_left=(4, 8), original_size=(80, 96)),
-])
+]))
 def test_same_image_as_diffusers(pair, backend_name, kwargs):
     theirs, ours, nets = pair
     tolerance = 1e-4 if kwargs.get("output_type") == "latent" else PIPELINE_FP32_MAX_ABS
