@@ -150,7 +150,9 @@ class _ImageToImage:
             latents = torch.cat([self._encode_image(image[i:i + 1], generator[i]) for i in range(batch)])
         else:
             latents = self._encode_image(image, generator)
-        latents = torch.cat([latents] * (batch // latents.shape[0]))
+        # contiguous, as every later step's latents are: a channels_last VAE's layout would give the loop's first
+        # step its own graph signature (a second CUDA-graph capture)
+        latents = torch.cat([latents] * (batch // latents.shape[0])).contiguous()
         if not add_noise:
             return latents
         noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=dtype)
