@@ -38,6 +38,7 @@ _LAZY = {
     "LatentConsistencyModelImg2ImgPipeline": ("pipeline_lcm", "LatentConsistencyModelImg2ImgPipeline"),
     "StableDiffusionInstructPix2PixPipeline": ("pipeline_pix2pix", "StableDiffusionInstructPix2PixPipeline"),
     "StableDiffusionUpscalePipeline": ("pipeline_upscale", "StableDiffusionUpscalePipeline"),
+    "StableDiffusionDepth2ImgPipeline": ("pipeline_depth2img", "StableDiffusionDepth2ImgPipeline"),
     **{name: ("pipeline_pag", name) for name in (
         "StableDiffusionPAGPipeline", "StableDiffusionXLPAGPipeline", "StableDiffusionPAGImg2ImgPipeline",
         "StableDiffusionXLPAGImg2ImgPipeline", "StableDiffusionPAGInpaintPipeline",

@@ -111,7 +111,8 @@ def _check_pipeline(args, device, dtype):
         """(final latents, image, first noise prediction) of one pipeline run on one backend."""
         pipe.set_progress_bar_config(disable=True)
         kind, inputs = pipeline_inputs(pipe, args.seed, args.steps)
-        if not kind.endswith("image-to-image"):  # (image-to-image draws its noise itself: float32_draws below)
+        # (image-to-image and depth-to-image draw their noise themselves: float32_draws below)
+        if not kind.endswith(("image-to-image", "depth-to-image")):
             inputs["latents"] = seed_latents(pipe.unet.config, args.seed, channels=pipe.vae.config.latent_channels)
         # one noise for every dtype: the given latents (see seed_latents), and every draw a pipeline makes itself
         # (the image's latent sample and noise) in float32, rounded
@@ -222,7 +223,7 @@ def _db(value):
 
 def pipeline_kind(pipe):
     """"inpainting", "image-to-image" (an SDXL refiner's folder loads as such), "text-to-image", "InstructPix2Pix",
-    "x4 upscaler",
+    "x4 upscaler", "depth-to-image",
     or one of the first three guided by the folder's ControlNets ("ControlNet", "ControlNet image-to-image",
     "ControlNet inpainting"), or text-to-image guided by its T2I-Adapters ("T2I-Adapter") or its ControlNet-Union net
     ("ControlNet-Union"); with PAG (a PAG folder's) "PAG " before the kind ("PAG text-to-image", "PAG ControlNet")."""
@@ -232,8 +233,11 @@ def pipeline_kind(pipe):
     from .pipeline_pag import PAGGuidance
     from .pipeline_pix2pix import StableDiffusionInstructPix2PixPipeline
     from .pipeline_t2i_adapter import AdapterGuidance
+    from .pipeline_depth2img import StableDiffusionDepth2ImgPipeline
     from .pipeline_upscale import StableDiffusionUpscalePipeline
 
+    if isinstance(pipe, StableDiffusionDepth2ImgPipeline):
+        return "depth-to-image"
     if isinstance(pipe, AdapterGuidance):
         return "T2I-Adapter"
     if isinstance(pipe, StableDiffusionInstructPix2PixPipeline):
@@ -251,7 +255,8 @@ def pipeline_kind(pipe):
 def pipeline_inputs(pipe, seed, steps):
     """(kind, the call's inputs beyond the prompt): an inpainting pipeline's image and mask, an image-to-image one's
     image (an SDXL refiner's folder), an InstructPix2Pix one's image to edit, an x4 upscaler's image (at the
-    latents' size), a ControlNet or T2I-Adapter one's conditioning image (as ``control_image`` beside an image), made
+    latents' size), a depth-to-image one's image (its depth from the folder's estimator), a ControlNet or T2I-Adapter
+    one's conditioning image (as ``control_image`` beside an image), made
     from the seed at the UNet's default size, and a strength that leaves at least one of ``steps`` to run (half the
     schedule for image-to-image, all of it for inpainting); none for text-to-image."""
     import numpy as np

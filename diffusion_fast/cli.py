@@ -9,6 +9,7 @@
     diffusion-fast generate --model DIR --image in.png --strength 0.6             # image-to-image
     diffusion-fast generate --model PIX2PIX_DIR --image in.png --prompt "make it snowy"   # instruction editing
     diffusion-fast generate --model X4_UPSCALER_DIR --image small.png --prompt "a cat"   # 4x super-resolution
+    diffusion-fast generate --model DEPTH_DIR --image room.png --prompt "a castle hall"   # depth-to-image
     diffusion-fast generate --model DIR --pag-scale 3 --pag-layers mid          # perturbed-attention guidance
     diffusion-fast generate --model DIR --image in.png --mask mask.png            # inpainting
     diffusion-fast generate --model LCM_DIR --vae TAESD_DIR   # TAESD's fast decode instead of the model's VAE
@@ -214,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-guidance-scale", type=float, default=None, metavar="S",
                    help="an InstructPix2Pix model's image guidance (default: the pipeline's 1.5): how closely the "
                         "edit keeps to --image")
+    g.add_argument("--depth-map", default=None, metavar="FILE",
+                   help="a depth-to-image model's depth map for --image, a grayscale image (any size and range: "
+                        "scaled to [-1, 1]); default: the model's depth estimator's")
     g.add_argument("--noise-level", type=_nonnegative_int, default=None, metavar="N",
                    help="an x4 upscaler's noise level for --image (default: the pipeline's 20; at most the model's "
                         "max_noise_level, 350): more frees the output from the image's artifacts and detail")

@@ -13,7 +13,8 @@ import torch
 from .cli import KARRAS_SCHEDULERS, SCHEDULER_CHOICES, UsageError, _device, _dtype
 from .generate_guidance import (load_ip_adapters, open_image, read_adapter_images, read_control_images,
                                 read_ip_adapter_images, with_t2i_adapters)
-from .generate_model import default_steps, model_components, pag_options, pix2pix_options, upscale_options
+from .generate_model import (default_steps, depth_options, model_components, pag_options, pix2pix_options,
+                             upscale_options)
 
 
 def _check_scheduler_options(args, scheduler_name):
@@ -232,8 +233,9 @@ def generate(args) -> int:
         pipe = StableDiffusionPipeline.from_tiny("sd1", seed=args.seed, dtype=dtype, device=device)
     steps = default_steps(args, pipe)
     loaded = pipe  # (the folder's own pipeline; the run's may be another on its components)
-    # None but for an InstructPix2Pix model or an x4 upscaler
-    edit = pix2pix_options(args, pipe, init_image) or upscale_options(args, pipe, init_image)
+    # None but for an InstructPix2Pix model, an x4 upscaler or a depth-to-image model
+    edit = (pix2pix_options(args, pipe, init_image) or upscale_options(args, pipe, init_image)
+            or depth_options(args, pipe, init_image))
     for i, (path, scale) in enumerate(args.lora):
         pipe.load_lora_weights(path, adapter_name=f"lora_{i}")
     if args.lora:  # diffusers activates the last LoRA loaded; here every one given is active, at its scale
@@ -290,8 +292,9 @@ def generate(args) -> int:
     options = {} if args.guidance is None else {"guidance_scale": args.guidance}  # else the pipeline's default
     denoised = steps  # the steps that run: with --image, the schedule's last `strength` part
     options.update(pag)  # (perturbed-attention guidance's scales, or none)
-    if edit is not None:  # instruction editing, upscaling: the image's size (4x), the whole schedule
-        options.update(edit)
+    if edit is not None:  # instruction editing, upscaling, depth-to-image: the image's size (4x), the schedule
+        options.update(edit)  # (its `strength` part for depth-to-image)
+        denoised = min(int(steps * edit["strength"]), steps) if "strength" in edit else steps
     elif init_image is None:
         options.update(height=args.height, width=args.width)
     elif mask_image is not None:  # inpainting: the image's size, cut to a multiple of 8; the pipeline's strength

@@ -1,7 +1,7 @@
 """``diffusion-fast generate``'s model flags: the components they give the folder's pipeline (``--vae``,
 ``--no-safety-checker``), the default step count for the model loaded (4 for an LCM), an InstructPix2Pix model's
-edit, an x4 upscaler's image and noise level, and perturbed-attention guidance (``--pag-*``). Bad values raise
-UsageError, which ``cli.main`` prints as one line."""
+edit, an x4 upscaler's image and noise level, a depth-to-image model's depth map, and perturbed-attention guidance
+(``--pag-*``). Bad values raise UsageError, which ``cli.main`` prints as one line."""
 from __future__ import annotations
 
 import math
@@ -49,10 +49,11 @@ def default_steps(args, pipe):
     return args.steps or (4 if lcm else 100 if pix2pix else 75 if upscale else 50 if args.model else 20)
 
 
-def _refuse_image_run_flags(args, what, *extra):
-    """An image-conditioned model's run (editing, upscaling) takes none of the other runs' flags, nor ``extra``
-    (flag, value) pairs. (--height/--width with --image are refused for every run.)"""
-    flags = (("--mask", args.mask), ("--strength", args.strength),
+def _refuse_image_run_flags(args, what, *extra, strength=False):
+    """An image-conditioned model's run (editing, upscaling, depth-to-image) takes none of the other runs' flags
+    (--strength where it has none), nor ``extra`` (flag, value) pairs. (--height/--width with --image are refused
+    for every run.)"""
+    flags = (("--mask", args.mask), ("--strength", None if strength else args.strength),
              ("--control-image", args.control_image), ("--adapter-image", args.adapter_image),
              ("--ip-adapter-image", args.ip_adapter_image), ("--refiner", args.refiner), *extra)
     refused = [flag for flag, value in flags if value not in (None, [])]
@@ -103,6 +104,36 @@ def upscale_options(args, pipe, init_image):
         options["noise_level"] = args.noise_level
     return options
 
+
+
+def depth_options(args, pipe, init_image):
+    """A depth-to-image model's call options (the image, its strength, --depth-map read as a grayscale image), its
+    flags checked; None for any other model, which takes no --depth-map."""
+    from .pipeline_depth2img import StableDiffusionDepth2ImgPipeline
+
+    if not isinstance(pipe, StableDiffusionDepth2ImgPipeline):
+        if args.depth_map is not None:
+            raise UsageError(f"--depth-map is for a depth-to-image model; {args.model or 'the built-in model'} runs "
+                             f"in {type(pipe).__name__}")
+        return None
+    if init_image is None:
+        raise UsageError(f"{args.model} is a depth-to-image model: give --image to remake (its depth kept)")
+    _refuse_image_run_flags(args, "a depth-to-image model (diffusers' StableDiffusionDepth2ImgPipeline)",
+                            strength=True)
+    options = {"image": init_image, "strength": 0.8 if args.strength is None else args.strength}
+    if args.depth_map is not None:
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        try:
+            depth = Image.open(args.depth_map).convert("F")  # (32-bit float gray: 16-bit depth PNGs keep their range)
+        except OSError as exc:
+            raise UsageError(f"--depth-map {args.depth_map}: not an image ({exc})") from None
+        options["depth_map"] = torch.from_numpy(np.asarray(depth, dtype=np.float32).copy())[None]
+    elif pipe.depth_estimator is None:
+        raise UsageError(f"{args.model} has no depth estimator: give --depth-map")
+    return options
 
 
 def pag_options(args, loaded, pipe):

@@ -76,7 +76,9 @@ class StableDiffusionPipeline(GraphedLoop, TextEncoding, LoraLoaderMixin, Textua
         unet_in, latent = unet.config.in_channels, self.vae.config.latent_channels
         if unet_in != latent and not (self._unet_takes_mask or self._unet_takes_image):
             kind = {2 * latent: "an InstructPix2Pix UNet, for diffusion_fast.StableDiffusionInstructPix2PixPipeline",
-                    2 * latent + 1: "an inpainting UNet, for diffusion_fast.StableDiffusionInpaintPipeline"}.get(
+                    2 * latent + 1: "an inpainting UNet, for diffusion_fast.StableDiffusionInpaintPipeline",
+                    latent + 1: "a depth-to-image UNet, for diffusion_fast.StableDiffusionDepth2ImgPipeline",
+                    latent + 3: "an x4 upscaler UNet, for diffusion_fast.StableDiffusionUpscalePipeline"}.get(
                 unet_in, "a UNet this pipeline cannot run")
             raise ValueError(f"unet has {unet_in} input channels and the VAE's latents {latent}: {kind}")
 

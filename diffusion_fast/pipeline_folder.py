@@ -59,6 +59,8 @@ class ComponentLoader:
         self.dtype, self.device = resolve_dtype(dtype), device
 
     def __call__(self, name, text_model_cls=None):
+        """The component ``name``; ``text_model_cls``: the transformers class of a text encoder, a depth estimator
+        or a feature extractor."""
         if name in self.given:
             return self.given[name]
         if name in self.absent:
@@ -79,10 +81,10 @@ class ComponentLoader:
 
             return StableDiffusionSafetyChecker.from_pretrained(path, dtype=self.dtype, device=self.device,
                                                                 variant=self.variant)
-        if name == "feature_extractor":
-            from transformers import CLIPImageProcessor
+        if name == "feature_extractor":  # (the safety checker's CLIP processor, or the class given: a depth
+            from transformers import CLIPImageProcessor  # estimator's)
 
-            return CLIPImageProcessor.from_pretrained(path)
+            return (text_model_cls or CLIPImageProcessor).from_pretrained(path)
         encoder = text_model_cls.from_pretrained(path)
         return encoder.to(device=self.device, dtype=self.dtype or encoder.dtype).eval()
 

@@ -283,7 +283,8 @@ def load_pipeline(folder, **kwargs):
     ``StableDiffusion(XL)AdapterPipeline`` for one it saved a T2I-Adapter pipeline in,
     ``LatentConsistencyModel(Img2Img)Pipeline`` for an LCM's (diffusers' class name),
     ``StableDiffusionInstructPix2PixPipeline`` for an InstructPix2Pix one, ``StableDiffusionUpscalePipeline`` for
-    an x4 upscaler's, ``StableDiffusion(XL)(ControlNet)PAG...Pipeline`` for a perturbed-attention guidance one (its
+    an x4 upscaler's, ``StableDiffusionDepth2ImgPipeline`` for a depth-to-image one,
+    ``StableDiffusion(XL)(ControlNet)PAG...Pipeline`` for a perturbed-attention guidance one (its
     applied layers "mid", as diffusers loads it), else ``StableDiffusionPipeline``; ``kwargs`` go to its ``from_pretrained``. A class diffusers saved that is not
     mirrored here (an Attend-and-Excite pipeline, say) loads as the pipeline its components run, with a warning."""
     from .pipeline_controlnet import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
@@ -301,6 +302,7 @@ def load_pipeline(folder, **kwargs):
     from .pipeline_pix2pix import StableDiffusionInstructPix2PixPipeline
     from .pipeline_t2i_adapter import StableDiffusionAdapterPipeline, StableDiffusionXLAdapterPipeline
     from .pipeline_upscale import StableDiffusionUpscalePipeline
+    from .pipeline_depth2img import StableDiffusionDepth2ImgPipeline
 
     folder, components = read_model_index(folder)
     name = str(components.get("_class_name", ""))
@@ -336,6 +338,8 @@ def load_pipeline(folder, **kwargs):
         cls = StableDiffusionInstructPix2PixPipeline
     elif name == "StableDiffusionUpscalePipeline":
         cls = StableDiffusionUpscalePipeline
+    elif name == "StableDiffusionDepth2ImgPipeline":
+        cls = StableDiffusionDepth2ImgPipeline
     else:
         cls = StableDiffusionPipeline
     # diffusers' image-to-image classes are saved with the same components their text-to-image ones load

@@ -423,3 +423,42 @@ def fast_and_one_reference(cases, ids=None):
     ids = ids or [str(c) if isinstance(c, str) else f"kwargs{i}" for i, c in enumerate(cases)]
     return ([pytest.param(c, "fast", id=f"{i}-fast") for c, i in zip(cases, ids)]
             + [pytest.param(cases[0], "reference", id=f"{ids[0]}-reference")])
+
+
+# ---- depth-to-image (tests/test_pipeline_depth2img.py) -------------------------------------------------------------
+def tiny_depth_estimator(seed=7):
+    """transformers' DPTForDepthEstimation, tiny (a 4-layer ViT on 32x32 pixels, 8x8 patches) with its image
+    processor. Its weights are redrawn (variance-preserving, biases 0, the last one 1): at transformers' random init
+    the map barely depends on the image and is ~1e-9, mostly 0 (constant after resizing, which both pipelines scale
+    to NaN); here it varies with the image across the map."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    torch.manual_seed(seed)
+    model = DPTForDepthEstimation(DPTConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37, image_size=32, patch_size=8,
+        backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16)).eval()
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.ConvTranspose2d)):
+                fan_in = (layer.weight[:, 0] if isinstance(layer, torch.nn.ConvTranspose2d) else layer.weight[0]).numel()
+                layer.weight.normal_(std=fan_in ** -0.5)
+                if layer.bias is not None:
+                    layer.bias.zero_()
+        [m for m in model.head.modules() if isinstance(m, torch.nn.Conv2d)][-1].bias.fill_(1.0)  # (before a ReLU)
+    return model, DPTImageProcessor(size={"height": 32, "width": 32})
+
+
+def depth2img_pipeline(seed=8):
+    """diffusers' StableDiffusionDepth2ImgPipeline on the tiny SD2 components (v-prediction, as stabilityai's depth
+    model) with a 5-channel UNet (the latents beside the depth map) and the tiny depth estimator."""
+    from diffusers import StableDiffusionDepth2ImgPipeline, UNet2DConditionModel
+
+    base = pipeline("sd2", seed=seed)
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(**dict(tiny.unet_config("sd2"), in_channels=5))
+    estimator, processor = tiny_depth_estimator(seed + 2)
+    pipe = StableDiffusionDepth2ImgPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                            unet=unet, scheduler=base.scheduler, depth_estimator=estimator,
+                                            feature_extractor=processor)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

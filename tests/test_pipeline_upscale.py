@@ -275,7 +275,7 @@ def test_unets_and_schedulers_of_the_wrong_kind_are_refused_by_name(upscale_pair
         StableDiffusionUpscalePipeline(unlabelled, *parts, ours.low_res_scheduler)
     with pytest.raises(TypeError, match="low_res_scheduler must be a scheduler with add_noise"):
         StableDiffusionUpscalePipeline(ours.unet, *parts, None)
-    with pytest.raises(ValueError, match="unet has 7 input channels .* a UNet this pipeline cannot run"):
+    with pytest.raises(ValueError, match="unet has 7 input channels .* an x4 upscaler UNet, for diffusion_fast.StableDiffusionUpscalePipeline"):
         StableDiffusionPipeline(ours.unet, *parts)
 
 
