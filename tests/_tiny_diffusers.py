@@ -462,3 +462,38 @@ def depth2img_pipeline(seed=8):
                                             feature_extractor=processor)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class Comparison:
+    """A test file's comparison of our pipeline with diffusers' on the same call. ``run(pipe, backend_name="fast",
+    **kwargs)`` calls ``pipe`` with the file's ``defaults`` (a fresh generator seeded 3 and numpy output unless they
+    say otherwise) updated by ``kwargs``, on ``backend_name``, and returns numpy images; ``as_diffusers(theirs, ours,
+    backend_name="fast", **kwargs)`` runs both (diffusers' on the fast backend, which touches nothing of theirs),
+    asserts the fp32 tolerance and returns ours; ``moved(a, b)``: whether an image moved (past 0.005)."""
+
+    def __init__(self, **defaults):
+        self.defaults = dict(output_type="np", **defaults)
+
+    def run(self, pipe, backend_name="fast", **kwargs):
+        import diffusion_fast
+
+        kwargs = {**self.defaults, "generator": torch.Generator().manual_seed(3), **kwargs}
+        with diffusion_fast.backend(backend_name):
+            out = pipe(**kwargs).images
+        return out.numpy() if torch.is_tensor(out) else out
+
+    def as_diffusers(self, theirs, ours, backend_name="fast", **kwargs):
+        import numpy as np
+
+        from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
+
+        b = self.run(ours, backend_name, **kwargs)
+        a = self.run(theirs, **kwargs)
+        assert a.shape == b.shape and np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS, np.abs(a - b).max()
+        return b
+
+    @staticmethod
+    def moved(a, b):
+        import numpy as np
+
+        return np.abs(a - b).max() > 0.005

@@ -16,7 +16,6 @@ from conftest import DEVICE, ON_GPU
 from diffusion_fast import StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline, tiny
 from diffusion_fast.models import UNet2DConditionModel
 from diffusion_fast.models.attention import Attention
-from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
 
 STEPS = 4
 
@@ -38,19 +37,13 @@ def pag_xl_pair(tmp_path_factory):
                   StableDiffusionXLPAGPipeline)
 
 
-def _run(pipe, backend_name="fast", **kwargs):
-    kwargs = dict(dict(prompt="a red cube", num_inference_steps=STEPS, generator=torch.Generator().manual_seed(3),
-                       output_type="np"), **kwargs)
-    with diffusion_fast.backend(backend_name):
-        out = pipe(**kwargs).images
-    return out.numpy() if torch.is_tensor(out) else out
+CALL = _tiny_diffusers.Comparison(prompt="a red cube", num_inference_steps=STEPS)
+_run = CALL.run
 
 
 def _assert_as_diffusers(theirs, ours, backend_name="fast", **kwargs):
-    b = _run(ours, backend_name, **kwargs)
-    a = _run(theirs, **kwargs)
-    assert a.shape == b.shape and np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS, np.abs(a - b).max()
-    assert np.abs(_run(ours, backend_name, **dict(kwargs, pag_scale=0.0)) - b).max() > 0.005  # PAG matters
+    b = CALL.as_diffusers(theirs, ours, backend_name, **kwargs)
+    assert CALL.moved(_run(ours, backend_name, **dict(kwargs, pag_scale=0.0)), b)  # PAG matters
     return b
 
 

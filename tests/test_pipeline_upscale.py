@@ -38,23 +38,8 @@ def upscale_pair(tmp_path_factory):
     return theirs, ours
 
 
-def _run(pipe, backend_name="fast", **kwargs):
-    kwargs = dict(dict(prompt="a cat on a sofa", image=IMAGE, num_inference_steps=STEPS,
-                       generator=torch.Generator().manual_seed(3), output_type="np"), **kwargs)
-    with diffusion_fast.backend(backend_name):
-        out = pipe(**kwargs).images
-    return out.numpy() if torch.is_tensor(out) else out
-
-
-def _assert_as_diffusers(theirs, ours, backend_name="fast", **kwargs):
-    b = _run(ours, backend_name, **kwargs)
-    a = _run(theirs, **kwargs)
-    assert a.shape == b.shape and np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS, np.abs(a - b).max()
-    return b
-
-
-def _moved(a, b):
-    return np.abs(a - b).max() > 0.005
+CALL = _tiny_diffusers.Comparison(prompt="a cat on a sofa", image=IMAGE, num_inference_steps=STEPS)
+_run, _assert_as_diffusers, _moved = CALL.run, CALL.as_diffusers, CALL.moved
 
 
 # ---- the same images as diffusers ---------------------------------------------------------------------------------
