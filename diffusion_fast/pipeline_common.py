@@ -237,6 +237,19 @@ def _parameters(function):
     return frozenset(inspect.signature(function).parameters)
 
 
+_NO_OFFLOAD = ("{name}: our pipelines keep every model on one device (pipe.to(device)); CPU offloading is not "
+               "built here. For a GPU too small for the models, run diffusers' pipeline with its {name}() and "
+               "diffusion_fast.accelerate(pipe) after it: accelerate works through diffusers' offload hooks")
+
+
+def _nothing_to_change(name):
+    import warnings
+
+    warnings.warn(f"diffusion_fast: {name} changes nothing here: our attention is flash attention, which never "
+                  "holds the attention matrix (the memory that attention slicing and xFormers save)", UserWarning,
+                  stacklevel=3)
+
+
 def postprocess(image: torch.Tensor, output_type: str):
     """(B, 3, H, W) in [-1, 1] -> diffusers' output: [0, 1] floats (np/pt) or 8-bit PIL images (its rounding)."""
     image = (image / 2 + 0.5).clamp(0, 1)
@@ -252,7 +265,33 @@ def postprocess(image: torch.Tensor, output_type: str):
 
 class ModelSwitches:
     """diffusers' pipeline switches that act on the models: FreeU on the UNet, slicing and tiling on the VAE, fused
-    q/k/v projections on both."""
+    q/k/v projections on both; its attention-memory switches, which change nothing here (said so), and its CPU
+    offloading, refused by name."""
+
+    def enable_attention_slicing(self, slice_size="auto"):
+        """diffusers' attention slicing saves the memory of the attention matrix, which our flash attention never
+        holds: nothing to change, and a warning says so (a script written for diffusers runs unchanged)."""
+        if not (slice_size in ("auto", "max", None) or (isinstance(slice_size, int) and not isinstance(
+                slice_size, bool) and slice_size > 0)):
+            raise ValueError(f"slice_size must be 'auto', 'max', None or a positive int, got {slice_size!r}")
+        _nothing_to_change("enable_attention_slicing")
+
+    def disable_attention_slicing(self):
+        _nothing_to_change("disable_attention_slicing")
+
+    def enable_xformers_memory_efficient_attention(self, attention_op=None):
+        """diffusers' switch to xFormers' memory-efficient attention: ours already is one (flash attention), so
+        nothing changes, and a warning says so."""
+        _nothing_to_change("enable_xformers_memory_efficient_attention")
+
+    def disable_xformers_memory_efficient_attention(self):
+        _nothing_to_change("disable_xformers_memory_efficient_attention")
+
+    def enable_model_cpu_offload(self, gpu_id=None, device=None):
+        raise NotImplementedError(_NO_OFFLOAD.format(name="enable_model_cpu_offload"))
+
+    def enable_sequential_cpu_offload(self, gpu_id=None, device=None):
+        raise NotImplementedError(_NO_OFFLOAD.format(name="enable_sequential_cpu_offload"))
 
     def fuse_qkv_projections(self, unet=True, vae=True):
         """diffusers' ``fuse_qkv_projections``: one q/k/v GEMM per self-attention of the UNet and the VAE (their

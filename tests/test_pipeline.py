@@ -191,6 +191,27 @@ def test_vae_tiling_and_slicing_same_image_as_diffusers(pair):
     assert np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS and np.abs(b - plain).max() > PIPELINE_FP32_MAX_ABS
 
 
+def test_diffusers_attention_switches_change_nothing_and_say_so(pair):
+    """enable_attention_slicing / enable_xformers_memory_efficient_attention (and their disable_ pairs), common in
+    scripts written for diffusers: our attention is flash attention already, so the image stays bit for bit the
+    same, and a warning says why; a slice size diffusers would refuse is refused. CPU offloading, not built here, is
+    a NotImplementedError naming the switch and what to do instead (not an AttributeError)."""
+    _, ours = pair
+    plain = _both(pair, prompt="a red cube")[1]
+    for switch, args in (("enable_attention_slicing", ()), ("enable_attention_slicing", ("max",)),
+                         ("enable_attention_slicing", (2,)), ("enable_xformers_memory_efficient_attention", ()),
+                         ("disable_attention_slicing", ()), ("disable_xformers_memory_efficient_attention", ())):
+        with pytest.warns(UserWarning, match=f"{switch} changes nothing here: our attention is flash attention"):
+            getattr(ours, switch)(*args)
+    assert np.array_equal(_both(pair, prompt="a red cube")[1], plain)
+    with pytest.raises(ValueError, match="slice_size must be 'auto', 'max', None or a positive int"):
+        ours.enable_attention_slicing(0)
+    for switch in ("enable_model_cpu_offload", "enable_sequential_cpu_offload"):
+        with pytest.raises(NotImplementedError, match=f"{switch}: our pipelines keep every model on one device.*"
+                                                      "diffusion_fast.accelerate"):
+            getattr(ours, switch)()
+
+
 # Custom schedules, as diffusers' retrieve_timesteps passes them: "Align Your Steps"-style timesteps with DPM-Solver++
 # (diffusers' own example), Euler and Heun, Euler with custom sigmas, LCM's and DDPM's timesteps
 AYS_TIMESTEPS = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]
