@@ -440,6 +440,27 @@ def test_upscale_pipeline(benchmark, upscale_pipelines, impl):
 
 
 @pytest.fixture(scope="module")
+def depth2img_pipelines(tmp_path_factory):
+    """diffusers' StableDiffusionDepth2ImgPipeline on the tests' tiny model (5-channel UNet, a tiny DPT depth
+    estimator), a second one under accelerate, and ours loaded from the folder diffusers saved."""
+    return _three_ways(tmp_path_factory, "bench-depth2img", lambda tiny: tiny.depth2img_pipeline())
+
+
+@pytest.mark.parametrize("impl", ["ours", "diffusers + accelerate", "diffusers"])
+def test_depth2img_pipeline(benchmark, depth2img_pipelines, impl):
+    """A whole depth-to-image call: the depth estimator on a 128x128 image, its encode, 8 of 10 DDIM steps (strength
+    0.8) with CFG (batch 2 through the UNet, 32x32 latents beside the depth map), VAE decode included, fp32."""
+    from PIL import Image
+
+    benchmark.group = "depth-to-image pipeline, tiny SD2 (5-channel UNet) + tiny DPT, 8 DDIM steps, 128x128"
+    pipe = depth2img_pipelines[impl]
+    image = Image.fromarray(torch.randint(0, 255, (128, 128, 3), generator=torch.Generator().manual_seed(0),
+                                          dtype=torch.uint8).numpy())
+    benchmark(lambda: pipe("a stone hall", image=image, num_inference_steps=10,
+                           generator=torch.Generator().manual_seed(0), output_type="np"))
+
+
+@pytest.fixture(scope="module")
 def sd_vae_decoders():
     """SD's VAE architecture (tiny.SD15_VAE) and TAESD's default one, random weights from one seed, as ours and as
     diffusers' (the same weights): {impl: decode function}."""
