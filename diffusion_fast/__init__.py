@@ -37,6 +37,7 @@ _LAZY = {
     "LatentConsistencyModelPipeline": ("pipeline_lcm", "LatentConsistencyModelPipeline"),
     "LatentConsistencyModelImg2ImgPipeline": ("pipeline_lcm", "LatentConsistencyModelImg2ImgPipeline"),
     "StableDiffusionInstructPix2PixPipeline": ("pipeline_pix2pix", "StableDiffusionInstructPix2PixPipeline"),
+    "StableDiffusionXLInstructPix2PixPipeline": ("pipeline_pix2pix", "StableDiffusionXLInstructPix2PixPipeline"),
     "StableDiffusionUpscalePipeline": ("pipeline_upscale", "StableDiffusionUpscalePipeline"),
     "StableDiffusionDepth2ImgPipeline": ("pipeline_depth2img", "StableDiffusionDepth2ImgPipeline"),
     **{name: ("pipeline_pag", name) for name in (

@@ -168,7 +168,8 @@ def _check_pipeline(args, device, dtype):
                     settings += ((0,),)
                 cond.append(settings)
             if pipe._unet_takes_image:  # InstructPix2Pix's: the latents, then the image's latents beside them
-                x, cond = x[:, :pipe.vae.config.latent_channels], [x[:, pipe.vae.config.latent_channels:]]
+                latent = pipe.vae.config.latent_channels  # (after SDXL's added conditioning)
+                x, cond = x[:, :latent], [*cond, x[:, latent:]]
                 if hasattr(pipe, "low_res_scheduler"):  # an x4 upscaler's: the image beside, noise level 20
                     cond.append(torch.full((2,), 20, device=device))
             if hasattr(pipe, "_adapters"):  # each adapter's feature maps at scale 1
@@ -231,7 +232,7 @@ def pipeline_kind(pipe):
     from .pipeline_img2img import _ImageToImage
     from .pipeline_inpaint import _Inpainting
     from .pipeline_pag import PAGGuidance
-    from .pipeline_pix2pix import StableDiffusionInstructPix2PixPipeline
+    from .pipeline_pix2pix import _InstructPix2Pix
     from .pipeline_t2i_adapter import AdapterGuidance
     from .pipeline_depth2img import StableDiffusionDepth2ImgPipeline
     from .pipeline_upscale import StableDiffusionUpscalePipeline
@@ -240,7 +241,7 @@ def pipeline_kind(pipe):
         return "depth-to-image"
     if isinstance(pipe, AdapterGuidance):
         return "T2I-Adapter"
-    if isinstance(pipe, StableDiffusionInstructPix2PixPipeline):
+    if isinstance(pipe, _InstructPix2Pix):  # (SD's or SDXL's)
         return "InstructPix2Pix"
     if isinstance(pipe, StableDiffusionUpscalePipeline):
         return "x4 upscaler"

@@ -41,10 +41,10 @@ def default_steps(args, pipe):
             if value != default:
                 raise UsageError(f"{args.model} is a latent consistency model (diffusers' LatentConsistencyModel"
                                  f"Pipeline): it takes no {flag} ({why})")
-    from .pipeline_pix2pix import StableDiffusionInstructPix2PixPipeline
+    from .pipeline_pix2pix import _InstructPix2Pix
     from .pipeline_upscale import StableDiffusionUpscalePipeline
 
-    pix2pix = isinstance(pipe, StableDiffusionInstructPix2PixPipeline)
+    pix2pix = isinstance(pipe, _InstructPix2Pix)
     upscale = isinstance(pipe, StableDiffusionUpscalePipeline)
     return args.steps or (4 if lcm else 100 if pix2pix else 75 if upscale else 50 if args.model else 20)
 
@@ -64,9 +64,9 @@ def _refuse_image_run_flags(args, what, *extra, strength=False):
 def pix2pix_options(args, pipe, init_image):
     """An InstructPix2Pix model's call options (the image to edit, --image-guidance-scale), its flags checked; None
     for any other model, which takes no --image-guidance-scale."""
-    from .pipeline_pix2pix import StableDiffusionInstructPix2PixPipeline
+    from .pipeline_pix2pix import StableDiffusionXLInstructPix2PixPipeline, _InstructPix2Pix
 
-    if not isinstance(pipe, StableDiffusionInstructPix2PixPipeline):
+    if not isinstance(pipe, _InstructPix2Pix):
         if args.image_guidance_scale is not None:
             model = args.model or "the built-in model"
             raise UsageError(f"--image-guidance-scale is for an InstructPix2Pix model; {model} runs in "
@@ -74,9 +74,15 @@ def pix2pix_options(args, pipe, init_image):
         return None
     if init_image is None:
         raise UsageError(f"{args.model} is an InstructPix2Pix model: give --image to edit (and the edit as --prompt)")
-    _refuse_image_run_flags(args, "an InstructPix2Pix model (diffusers' StableDiffusionInstructPix2PixPipeline)",
+    _refuse_image_run_flags(args, f"an InstructPix2Pix model (diffusers' {type(pipe).__name__})",
                             ("--clip-skip", args.clip_skip))
     options = {"image": init_image}
+    if isinstance(pipe, StableDiffusionXLInstructPix2PixPipeline):  # (its default is the UNet's size: the edit
+        scale = pipe.vae_scale_factor  # keeps the image's, cut to a multiple of the VAE's scale, as SD's does)
+        width, height = (x - x % scale for x in init_image.size)
+        if width == 0 or height == 0:
+            raise UsageError(f"--image is {init_image.size[0]}x{init_image.size[1]}: smaller than {scale} pixels")
+        options.update(height=height, width=width)
     if args.image_guidance_scale is not None:
         options["image_guidance_scale"] = args.image_guidance_scale
     return options

@@ -75,10 +75,12 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         if any(w != sum(widths) for w in per_block):
             raise ValueError(f"unet (cross_attention_dim={c.cross_attention_dim}) does not fit the text encoders "
                              f"(hidden sizes {' + '.join(map(str, widths))} = {sum(widths)})")
-        if c.in_channels != self.vae.config.latent_channels and not self._unet_takes_mask:
-            raise ValueError(f"unet has {c.in_channels} input channels and the VAE's latents "
-                             f"{self.vae.config.latent_channels}: an inpainting UNet, for "
-                             "diffusion_fast.StableDiffusionXLInpaintPipeline")
+        latent = self.vae.config.latent_channels
+        if c.in_channels != latent and not (self._unet_takes_mask or self._unet_takes_image):
+            kind = ("an InstructPix2Pix UNet, for diffusion_fast.StableDiffusionXLInstructPix2PixPipeline"
+                    if c.in_channels == 2 * latent else
+                    "an inpainting UNet, for diffusion_fast.StableDiffusionXLInpaintPipeline")
+            raise ValueError(f"unet has {c.in_channels} input channels and the VAE's latents {latent}: {kind}")
         if c.addition_embed_type != "text_time":
             raise ValueError(f"unet has addition_embed_type={c.addition_embed_type!r}: an SDXL UNet takes the pooled "
                              "text embedding and time ids ('text_time')")
@@ -148,8 +150,10 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         per image; the negative ones None without guidance. ``clip_skip`` skips layers for the prompt alone, as
         diffusers does."""
         if prompt_embeds is None:
-            prompt_embeds, pooled_prompt_embeds = self._encode_both(prompt, prompt_2 or prompt, device,
-                                                                    clip_skip=clip_skip)
+            texts_2 = prompt_2 or prompt
+            if len(texts_2) == 1 and len(prompt) > 1:  # one second prompt for every prompt (diffusers fails here)
+                texts_2 = list(texts_2) * len(prompt)
+            prompt_embeds, pooled_prompt_embeds = self._encode_both(prompt, texts_2, device, clip_skip=clip_skip)
         batch = prompt_embeds.shape[0]
         dtype = self.text_encoder_2.dtype
         if do_cfg and negative_prompt_embeds is None:
@@ -282,7 +286,7 @@ def load_pipeline(folder, **kwargs):
     (``StableDiffusionXLControlNetUnion...Pipeline`` for a ControlNet-Union one),
     ``StableDiffusion(XL)AdapterPipeline`` for one it saved a T2I-Adapter pipeline in,
     ``LatentConsistencyModel(Img2Img)Pipeline`` for an LCM's (diffusers' class name),
-    ``StableDiffusionInstructPix2PixPipeline`` for an InstructPix2Pix one, ``StableDiffusionUpscalePipeline`` for
+    ``StableDiffusion(XL)InstructPix2PixPipeline`` for an InstructPix2Pix one, ``StableDiffusionUpscalePipeline`` for
     an x4 upscaler's, ``StableDiffusionDepth2ImgPipeline`` for a depth-to-image one,
     ``StableDiffusion(XL)(ControlNet)PAG...Pipeline`` for a perturbed-attention guidance one (its
     applied layers "mid", as diffusers loads it), else ``StableDiffusionPipeline``; ``kwargs`` go to its ``from_pretrained``. A class diffusers saved that is not
@@ -299,7 +303,7 @@ def load_pipeline(folder, **kwargs):
     from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
     from .pipeline_lcm import LatentConsistencyModelImg2ImgPipeline, LatentConsistencyModelPipeline
     from .pipeline_pag import PAG_PIPELINES
-    from .pipeline_pix2pix import StableDiffusionInstructPix2PixPipeline
+    from .pipeline_pix2pix import StableDiffusionInstructPix2PixPipeline, StableDiffusionXLInstructPix2PixPipeline
     from .pipeline_t2i_adapter import StableDiffusionAdapterPipeline, StableDiffusionXLAdapterPipeline
     from .pipeline_upscale import StableDiffusionUpscalePipeline
     from .pipeline_depth2img import StableDiffusionDepth2ImgPipeline
@@ -324,6 +328,8 @@ def load_pipeline(folder, **kwargs):
                ("image-to-image", True): StableDiffusionXLControlNetImg2ImgPipeline,
                ("inpainting", False): StableDiffusionControlNetInpaintPipeline,
                ("inpainting", True): StableDiffusionXLControlNetInpaintPipeline}[kind, xl]
+    elif name == "StableDiffusionXLInstructPix2PixPipeline":
+        cls = StableDiffusionXLInstructPix2PixPipeline
     elif "text_encoder_2" in components and inpainting:
         cls = StableDiffusionXLInpaintPipeline
     elif "text_encoder_2" in components and components.get("requires_aesthetics_score", False):

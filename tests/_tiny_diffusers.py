@@ -371,6 +371,23 @@ def pix2pix_pipeline(seed=2):
     return pipe
 
 
+def sdxl_pix2pix_pipeline(seed=6, is_cosxl_edit=False):
+    """diffusers' StableDiffusionXLInstructPix2PixPipeline on the tiny SDXL components with an 8-channel UNet and
+    Euler ancestral (diffusers/sdxl-instructpix2pix-768's scheduler)."""
+    from diffusers import (EulerAncestralDiscreteScheduler, StableDiffusionXLInstructPix2PixPipeline,
+                           UNet2DConditionModel)
+
+    base = sdxl_pipeline(seed=seed)
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(**dict(SDXL_TINY, in_channels=8))
+    parts = {k: base.components[k] for k in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")}
+    pipe = StableDiffusionXLInstructPix2PixPipeline(
+        **parts, unet=unet, scheduler=EulerAncestralDiscreteScheduler.from_config(base.scheduler.config),
+        is_cosxl_edit=is_cosxl_edit)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 # ---- perturbed-attention guidance (tests/test_pipeline_pag.py) -----------------------------------------------------
 def pag_pipeline(xl=False, seed=3, layers="mid"):
     """diffusers' StableDiffusion(XL)PAGPipeline on the tiny SD1 (or SDXL) components."""

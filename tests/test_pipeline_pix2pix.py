@@ -299,3 +299,120 @@ def test_check_runs_a_pix2pix_folder(pix2pix_pair, capsys, monkeypatch):
 
     monkeypatch.setattr(StableDiffusionInstructPix2PixPipeline, "_unet_call", fast_without_image)
     assert main(["check", "--model", pix2pix_pair[0]._saved_to, "--steps", "2"]) == 1
+
+
+# ---- SDXL ----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def xl_pix2pix_pair(tmp_path_factory):
+    """diffusers' StableDiffusionXLInstructPix2PixPipeline on the tiny SDXL components, and ours from its folder."""
+    from diffusion_fast import StableDiffusionXLInstructPix2PixPipeline
+
+    theirs = _tiny_diffusers.sdxl_pix2pix_pipeline()
+    folder = tmp_path_factory.mktemp("tiny-xl-pix2pix")
+    theirs, ours = _tiny_diffusers.saved_pair(theirs, folder, StableDiffusionXLInstructPix2PixPipeline)
+    theirs._saved_to = str(folder)
+    return theirs, ours
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},  # diffusers' defaults: guidance 5, image guidance 1.5, the UNet's default size (the image resized to it)
+    # a negative prompt (no zeroed negative), another pair of scales, guidance rescale on the three-way prediction
+    {"guidance_scale": 3.0, "image_guidance_scale": 2.5, "negative_prompt": "blurry", "guidance_rescale": 0.7},
+    {"guidance_scale": 1.0},  # no guidance: the instruction with the image alone
+    # the image resized to 40x48, two prompts (a second one for the second encoder) with two images each
+    {"height": 40, "width": 48, "prompt": ["make it snowy", "make it a painting"],
+     "prompt_2": ["in winter", "in oil"], "num_images_per_prompt": 2},
+    {"original_size": (64, 64), "crops_coords_top_left": (4, 8), "target_size": (48, 48)},  # the time ids
+], ids=["defaults", "scales-negative-rescale", "no-guidance", "size-batch", "time-ids"])
+def test_sdxl_pix2pix_matches_diffusers(xl_pix2pix_pair, kwargs):
+    theirs, ours = xl_pix2pix_pair
+    b = _assert_as_diffusers(theirs, ours, **kwargs)
+    side = (kwargs.get("height", 32), kwargs.get("width", 32))  # (SDXL_TINY's 8 latents x the VAE's 4)
+    assert b.shape[1:3] == side
+    assert _moved(_run(ours, **dict(kwargs, image=OTHER)), b)  # the image reaches the UNet
+    if kwargs.get("guidance_scale", 5.0) > 1:
+        for scale in ("guidance_scale", "image_guidance_scale"):
+            assert _moved(_run(ours, **dict(kwargs, **{scale: kwargs.get(scale, 2.0) + 2.0})), b)
+
+
+def test_sdxl_pix2pix_reference_backend_and_ddim_match_diffusers(xl_pix2pix_pair):
+    theirs, ours = xl_pix2pix_pair
+    _assert_as_diffusers(theirs, ours, backend_name="reference")
+    with _tiny_diffusers.swapped_schedulers("DDIMScheduler", [theirs], [ours]):
+        _assert_as_diffusers(theirs, ours, eta=0.5)
+
+
+def test_cosxl_edit_scales_the_image_latents_as_diffusers(xl_pix2pix_pair):
+    """is_cosxl_edit (CosXL Edit): the image's latents times the VAE's scaling factor; given to from_pretrained, as
+    to diffusers' (its folder does not record it)."""
+    from diffusion_fast import StableDiffusionXLInstructPix2PixPipeline
+
+    theirs, plain = xl_pix2pix_pair
+    ours = StableDiffusionXLInstructPix2PixPipeline.from_pretrained(theirs._saved_to, is_cosxl_edit=True)
+    ours.set_progress_bar_config(disable=True)
+    theirs.is_cosxl_edit = True
+    try:
+        b = _assert_as_diffusers(theirs, ours)
+    finally:
+        theirs.is_cosxl_edit = False
+    assert _moved(_run(plain), b)
+
+
+def test_one_second_prompt_serves_every_prompt(xl_pix2pix_pair):
+    """A str prompt_2 with a list of prompts is every prompt's second prompt (diffusers' SDXL pipelines fail there:
+    their two encoders' batches differ)."""
+    _, ours = xl_pix2pix_pair
+    prompts = ["make it snowy", "make it a painting"]
+    assert np.array_equal(_run(ours, prompt=prompts, prompt_2="in winter"),
+                          _run(ours, prompt=prompts, prompt_2=["in winter", "in winter"]))
+
+
+def test_sdxl_pix2pix_refuses_bad_inputs_naming_them(xl_pix2pix_pair):
+    _, ours = xl_pix2pix_pair
+    with pytest.raises(ValueError, match="image: give the image to edit"):
+        ours("make it snowy")
+    with pytest.raises(ValueError, match="image_guidance_scale must be >= 0"):
+        _run(ours, image_guidance_scale=-1.0)
+    with pytest.raises(ValueError, match="prompt_embeds needs pooled_prompt_embeds too"):
+        _run(ours, prompt=None, prompt_embeds=torch.randn(1, 77, 40))
+    with pytest.raises(ValueError, match=r"latents must have shape \(1, 4, 8, 8\)"):
+        _run(ours, latents=torch.randn(1, 4, 10, 12))
+    with pytest.raises(ValueError, match="unet has 8 input channels .* an InstructPix2Pix UNet, for "
+                                         "diffusion_fast.StableDiffusionXLInstructPix2PixPipeline"):
+        diffusion_fast.StableDiffusionXLPipeline(ours.unet, ours.vae, ours.text_encoder, ours.text_encoder_2,
+                                                 ours.tokenizer, ours.tokenizer_2, ours.scheduler)
+
+
+def test_generate_and_check_take_an_sdxl_pix2pix_folder(xl_pix2pix_pair, tmp_path, capsys):
+    """``generate`` edits at the image's size (cut to the VAE's multiple; diffusers' call given that size) within one
+    8-bit level of diffusers; ``check`` edits an image both ways, the UNet probe with SDXL's conditioning and the
+    image's latents."""
+    from diffusion_fast.cli import main
+
+    theirs = xl_pix2pix_pair[0]
+    IMAGE.save(tmp_path / "in.png")
+    out = tmp_path / "out.png"
+    assert main(["generate", "--model", theirs._saved_to, "--image", str(tmp_path / "in.png"), "--prompt",
+                 "make it snowy", "--steps", str(STEPS), "--seed", "2", "--output", str(out), "--no-progress"]) == 0
+    expected = theirs("make it snowy", image=Image.open(tmp_path / "in.png").convert("RGB"), height=40, width=48,
+                      num_inference_steps=STEPS, generator=torch.Generator().manual_seed(2)).images[0]
+    got = np.asarray(Image.open(out), dtype=np.int16)
+    assert got.shape == (40, 48, 3) and np.abs(got - np.asarray(expected, dtype=np.int16)).max() <= 1
+    capsys.readouterr()
+    assert main(["check", "--model", theirs._saved_to, "--steps", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "InstructPix2Pix pipeline (2 EulerAncestral steps" in text and "0 failed" in text, text
+
+
+def test_accelerate_keeps_diffusers_sdxl_pix2pix_image(xl_pix2pix_pair, monkeypatch):
+    from _scheduler_parity import count_op_calls
+
+    theirs, _ = xl_pix2pix_pair
+    before = _run(theirs)
+    diffusion_fast.accelerate(theirs)
+    try:
+        steps = count_op_calls(monkeypatch, "euler_ancestral_step")
+        assert np.abs(_run(theirs) - before).max() <= PIPELINE_FP32_MAX_ABS and len(steps) == STEPS
+    finally:
+        diffusion_fast.restore(theirs)
+    assert np.array_equal(_run(theirs), before)
