@@ -17,7 +17,8 @@ from torch import nn
 
 from . import loading
 from .layers import TimestepEmbedding
-from .unet import DOWN_BLOCKS, DownBlock, MidBlock, _per_block, check_inputs, embed_time
+from .time_conditioning import embed_time
+from .unet import DOWN_BLOCKS, DownBlock, MidBlock, _per_block, check_inputs
 
 DEFAULTS = dict(
     in_channels=4, conditioning_channels=3, flip_sin_to_cos=True, freq_shift=0,

@@ -14,7 +14,8 @@ from torch import nn
 
 from .controlnet import DEFAULTS, ControlNetModel
 from .layers import TimestepEmbedding, timestep_embedding
-from .unet import check_inputs, embed_time
+from .time_conditioning import embed_time
+from .unet import check_inputs
 
 UNION_DEFAULTS = dict(DEFAULTS, num_control_type=6, num_trans_channel=320, num_trans_head=8, num_trans_layer=1,
                       num_proj_channel=320)
