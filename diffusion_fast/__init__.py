@@ -40,6 +40,7 @@ _LAZY = {
     "StableDiffusionXLInstructPix2PixPipeline": ("pipeline_pix2pix", "StableDiffusionXLInstructPix2PixPipeline"),
     "StableDiffusionUpscalePipeline": ("pipeline_upscale", "StableDiffusionUpscalePipeline"),
     "StableDiffusionDepth2ImgPipeline": ("pipeline_depth2img", "StableDiffusionDepth2ImgPipeline"),
+    "StableDiffusionImageVariationPipeline": ("pipeline_variation", "StableDiffusionImageVariationPipeline"),
     **{name: ("pipeline_pag", name) for name in (
         "StableDiffusionPAGPipeline", "StableDiffusionXLPAGPipeline", "StableDiffusionPAGImg2ImgPipeline",
         "StableDiffusionXLPAGImg2ImgPipeline", "StableDiffusionPAGInpaintPipeline",

@@ -117,9 +117,9 @@ def _check_pipeline(args, device, dtype):
         # one noise for every dtype: the given latents (see seed_latents), and every draw a pipeline makes itself
         # (the image's latent sample and noise) in float32, rounded
         with backend(name), float32_draws():
-            latents = pipe("a red cube on a table", num_inference_steps=args.steps, guidance_scale=7.5,
-                           generator=torch.Generator("cpu").manual_seed(args.seed), output_type="latent",
-                           **inputs).images
+            text = {} if kind == "image variation" else {"prompt": "a red cube on a table"}
+            latents = pipe(num_inference_steps=args.steps, guidance_scale=7.5, output_type="latent",
+                           generator=torch.Generator("cpu").manual_seed(args.seed), **text, **inputs).images
         return latents, decode(pipe, latents, name), first_noise_pred(pipe, name)
 
     def decode(pipe, latents, name):
@@ -224,7 +224,7 @@ def _db(value):
 
 def pipeline_kind(pipe):
     """"inpainting", "image-to-image" (an SDXL refiner's folder loads as such), "text-to-image", "InstructPix2Pix",
-    "x4 upscaler", "depth-to-image",
+    "x4 upscaler", "depth-to-image", "image variation",
     or one of the first three guided by the folder's ControlNets ("ControlNet", "ControlNet image-to-image",
     "ControlNet inpainting"), or text-to-image guided by its T2I-Adapters ("T2I-Adapter") or its ControlNet-Union net
     ("ControlNet-Union"); with PAG (a PAG folder's) "PAG " before the kind ("PAG text-to-image", "PAG ControlNet")."""
@@ -236,7 +236,10 @@ def pipeline_kind(pipe):
     from .pipeline_t2i_adapter import AdapterGuidance
     from .pipeline_depth2img import StableDiffusionDepth2ImgPipeline
     from .pipeline_upscale import StableDiffusionUpscalePipeline
+    from .pipeline_variation import StableDiffusionImageVariationPipeline
 
+    if isinstance(pipe, StableDiffusionImageVariationPipeline):
+        return "image variation"
     if isinstance(pipe, StableDiffusionDepth2ImgPipeline):
         return "depth-to-image"
     if isinstance(pipe, AdapterGuidance):
@@ -281,7 +284,8 @@ def pipeline_inputs(pipe, seed, steps):
         return pag_kind, {"image": per_net}
     if kind == "ControlNet-Union":
         return pag_kind, {"control_image": image, **union}
-    if kind in ("InstructPix2Pix", "x4 upscaler"):  # the image to edit or upscale, its size the UNet's default
+    # the image to edit, upscale or vary, its size the UNet's default
+    if kind in ("InstructPix2Pix", "x4 upscaler", "image variation"):
         return pag_kind, {"image": image}
     if kind == "T2I-Adapter":  # the image (grayscale for a sketch adapter) conditions each adapter
         images = [image.convert("L") if a.config.in_channels == 1 else image for a in pipe._adapters]

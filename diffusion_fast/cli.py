@@ -10,6 +10,7 @@
     diffusion-fast generate --model PIX2PIX_DIR --image in.png --prompt "make it snowy"   # instruction editing
     diffusion-fast generate --model X4_UPSCALER_DIR --image small.png --prompt "a cat"   # 4x super-resolution
     diffusion-fast generate --model DEPTH_DIR --image room.png --prompt "a castle hall"   # depth-to-image
+    diffusion-fast generate --model VARIATIONS_DIR --image photo.png                    # image variations
     diffusion-fast generate --model DIR --pag-scale 3 --pag-layers mid          # perturbed-attention guidance
     diffusion-fast generate --model DIR --image in.png --mask mask.png            # inpainting
     diffusion-fast generate --model LCM_DIR --vae TAESD_DIR   # TAESD's fast decode instead of the model's VAE
@@ -175,13 +176,16 @@ def _add_common(p, *, model=True):
     p.add_argument("--seed", type=int, default=0)
 
 
+DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusion-fast", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate images (and compare fast vs reference)")
     _add_common(g)
-    g.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
+    g.add_argument("--prompt", default=DEFAULT_PROMPT)
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--steps", type=_positive_int, default=None,
                    help="default: 50 (4 for an LCM-distilled model, 100 for an InstructPix2Pix one, 75 for an x4 "

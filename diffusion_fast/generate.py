@@ -14,7 +14,7 @@ from .cli import KARRAS_SCHEDULERS, SCHEDULER_CHOICES, UsageError, _device, _dty
 from .generate_guidance import (load_ip_adapters, open_image, read_adapter_images, read_control_images,
                                 read_ip_adapter_images, with_t2i_adapters)
 from .generate_model import (default_steps, depth_options, model_components, pag_options, pix2pix_options,
-                             upscale_options)
+                             upscale_options, variation_options)
 
 
 def _check_scheduler_options(args, scheduler_name):
@@ -211,6 +211,7 @@ def generate(args) -> int:
     from .pipeline import StableDiffusionPipeline
     from .pipeline_lcm import LatentConsistencyModelPipeline
     from .pipeline_t2i_adapter import AdapterGuidance
+    from .pipeline_variation import StableDiffusionImageVariationPipeline
     from .pipeline_xl import load_pipeline
     from .schedulers import SCHEDULERS
     from .textual_inversion import read_embedding
@@ -233,9 +234,9 @@ def generate(args) -> int:
         pipe = StableDiffusionPipeline.from_tiny("sd1", seed=args.seed, dtype=dtype, device=device)
     steps = default_steps(args, pipe)
     loaded = pipe  # (the folder's own pipeline; the run's may be another on its components)
-    # None but for an InstructPix2Pix model, an x4 upscaler or a depth-to-image model
+    # None but for an InstructPix2Pix model, an x4 upscaler, a depth-to-image or an image-variation model
     edit = (pix2pix_options(args, pipe, init_image) or upscale_options(args, pipe, init_image)
-            or depth_options(args, pipe, init_image))
+            or depth_options(args, pipe, init_image) or variation_options(args, pipe, init_image))
     for i, (path, scale) in enumerate(args.lora):
         pipe.load_lora_weights(path, adapter_name=f"lora_{i}")
     if args.lora:  # diffusers activates the last LoRA loaded; here every one given is active, at its scale
@@ -332,6 +333,8 @@ def generate(args) -> int:
     if ip_images is not None:
         options.update(ip_adapter_image=ip_images[0] if len(ip_images) == 1 else ip_images)
 
+    varies = isinstance(pipe, StableDiffusionImageVariationPipeline)  # (no prompt: it varies --image)
+
     def run(path_name, num_steps=steps):
         generator = torch.Generator("cpu").manual_seed(args.seed)
         extra = dict(options, strength=1.0) if num_steps != steps and "strength" in options else options
@@ -341,11 +344,11 @@ def generate(args) -> int:
         if args.clip_skip is not None:  # (InstructPix2Pix takes none: refused above)
             kwargs.update(clip_skip=args.clip_skip)
         if not isinstance(pipe, LatentConsistencyModelPipeline):  # (which takes neither: see default_steps)
-            kwargs.update(negative_prompt=args.negative_prompt, eta=args.eta)
+            kwargs.update(eta=args.eta, **({} if varies else {"negative_prompt": args.negative_prompt}))
         with backend(path_name):
             if refiner is not None:
                 return _ensemble(pipe, refiner, args.refiner_start or 0.8, args.prompt, **kwargs)
-            output = pipe(args.prompt, **kwargs)
+            output = pipe(**kwargs) if varies else pipe(args.prompt, **kwargs)
         if pasted:
             output.images = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in output.images])
         return output

@@ -142,6 +142,23 @@ def depth_options(args, pipe, init_image):
     return options
 
 
+def variation_options(args, pipe, init_image):
+    """An image-variation model's call options (the image to vary), its flags checked: it takes no prompt; None for
+    any other model."""
+    from .cli import DEFAULT_PROMPT
+    from .pipeline_variation import StableDiffusionImageVariationPipeline
+
+    if not isinstance(pipe, StableDiffusionImageVariationPipeline):
+        return None
+    if init_image is None:
+        raise UsageError(f"{args.model} is an image-variation model: give --image to vary")
+    _refuse_image_run_flags(args, "an image-variation model (diffusers' StableDiffusionImageVariationPipeline; it "
+                                  "varies --image, no text)", ("--prompt", None if args.prompt == DEFAULT_PROMPT
+                                                               else args.prompt),
+                            ("--negative-prompt", args.negative_prompt), ("--clip-skip", args.clip_skip))
+    return {"image": init_image}
+
+
 def pag_options(args, loaded, pipe):
     """Perturbed-attention guidance: with --pag-scale (or a folder diffusers saved a PAG pipeline in, ``loaded``),
     the run's pipeline ``pipe`` (text-to-image, image-to-image or inpainting; SD or SDXL) as our PAG one on its
@@ -164,7 +181,7 @@ def pag_options(args, loaded, pipe):
 
         kind = ("an LCM-distilled model (its guidance embedding)" if pipe.unet.config.time_cond_proj_dim else
                 f"this --controlnet run ({type(pipe).__name__})" if isinstance(pipe, ControlNetGuidance) else
-                "--t2i-adapter, --refiner, an InstructPix2Pix model or an x4 upscaler")
+                f"--t2i-adapter, --refiner, or this model's pipeline ({type(pipe).__name__})")
         raise UsageError(f"--pag-*: perturbed-attention guidance runs text-to-image, image-to-image and inpainting "
                          f"with an SD or SDXL model here, and with --controlnet SD text-to-image and inpainting and "
                          f"SDXL text-to-image and image-to-image (diffusers' PAG ControlNet pipelines), not with "

@@ -288,6 +288,7 @@ def load_pipeline(folder, **kwargs):
     ``LatentConsistencyModel(Img2Img)Pipeline`` for an LCM's (diffusers' class name),
     ``StableDiffusion(XL)InstructPix2PixPipeline`` for an InstructPix2Pix one, ``StableDiffusionUpscalePipeline`` for
     an x4 upscaler's, ``StableDiffusionDepth2ImgPipeline`` for a depth-to-image one,
+    ``StableDiffusionImageVariationPipeline`` for an image-variation one,
     ``StableDiffusion(XL)(ControlNet)PAG...Pipeline`` for a perturbed-attention guidance one (its
     applied layers "mid", as diffusers loads it), else ``StableDiffusionPipeline``; ``kwargs`` go to its ``from_pretrained``. A class diffusers saved that is not
     mirrored here (an Attend-and-Excite pipeline, say) loads as the pipeline its components run, with a warning."""
@@ -307,6 +308,7 @@ def load_pipeline(folder, **kwargs):
     from .pipeline_t2i_adapter import StableDiffusionAdapterPipeline, StableDiffusionXLAdapterPipeline
     from .pipeline_upscale import StableDiffusionUpscalePipeline
     from .pipeline_depth2img import StableDiffusionDepth2ImgPipeline
+    from .pipeline_variation import StableDiffusionImageVariationPipeline
 
     folder, components = read_model_index(folder)
     name = str(components.get("_class_name", ""))
@@ -346,6 +348,8 @@ def load_pipeline(folder, **kwargs):
         cls = StableDiffusionUpscalePipeline
     elif name == "StableDiffusionDepth2ImgPipeline":
         cls = StableDiffusionDepth2ImgPipeline
+    elif name == "StableDiffusionImageVariationPipeline":
+        cls = StableDiffusionImageVariationPipeline
     else:
         cls = StableDiffusionPipeline
     # diffusers' image-to-image classes are saved with the same components their text-to-image ones load

@@ -514,3 +514,23 @@ class Comparison:
         import numpy as np
 
         return np.abs(a - b).max() > 0.005
+
+
+# ---- image variations (tests/test_pipeline_variation.py) -----------------------------------------------------------
+def variation_pipeline(seed=9):
+    """diffusers' StableDiffusionImageVariationPipeline on the tiny SD1 UNet and VAE, with a tiny CLIP image encoder
+    (32x32 pixels, 8x8 patches) projecting to the UNet's cross-attention width (32) and its image processor."""
+    from diffusers import StableDiffusionImageVariationPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    base = pipeline("sd1", seed=seed)
+    torch.manual_seed(seed + 1)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=24, intermediate_size=37, num_attention_heads=2, num_hidden_layers=2, image_size=32,
+        patch_size=8, projection_dim=32)).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    pipe = StableDiffusionImageVariationPipeline(vae=base.vae, image_encoder=encoder, unet=base.unet,
+                                                 scheduler=base.scheduler, safety_checker=None,
+                                                 feature_extractor=processor, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

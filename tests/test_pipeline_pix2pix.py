@@ -260,7 +260,7 @@ def test_generate_edits_the_image_as_diffusers(pix2pix_pair, tmp_path, capsys):
     (["--image", "IN", "--strength", "0.5"], "is an InstructPix2Pix model .*: it takes no --strength"),
     (["--image", "IN", "--mask", "IN", "--clip-skip", "0"], "it takes no --mask, --clip-skip"),
     (["--image", "IN", "--pag-scale", "3"],
-     "perturbed-attention guidance runs .* not with .* an InstructPix2Pix model"),
+     "perturbed-attention guidance runs .* not with .*StableDiffusionInstructPix2PixPipeline"),
 ], ids=["no-image", "strength", "mask-and-clip-skip", "pag"])
 def test_generate_pix2pix_bad_options_one_line(pix2pix_pair, tmp_path, capsys, extra, message):
     import re

@@ -308,7 +308,7 @@ def test_generate_upscales_the_image_as_diffusers(upscale_pair, tmp_path, capsys
     ([], "is an x4 upscaler: give --image to upscale"),
     (["--image", "IN", "--strength", "0.5", "--mask", "IN"], r"is an x4 upscaler .*: it takes no --mask, --strength"),
     (["--image", "IN", "--noise-level", "351"], r"--noise-level must be in \[0, 350\]"),
-    (["--image", "IN", "--pag-scale", "3"], "perturbed-attention guidance runs .* an x4 upscaler"),
+    (["--image", "IN", "--pag-scale", "3"], "perturbed-attention guidance runs .* not with .*StableDiffusionUpscalePipeline"),
 ], ids=["no-image", "strength-mask", "level", "pag"])
 def test_generate_upscale_bad_options_one_line(upscale_pair, tmp_path, capsys, extra, message):
     import re
