@@ -461,6 +461,27 @@ def test_depth2img_pipeline(benchmark, depth2img_pipelines, impl):
 
 
 @pytest.fixture(scope="module")
+def variation_pipelines(tmp_path_factory):
+    """diffusers' StableDiffusionImageVariationPipeline on the tests' tiny model (SD1 UNet, a tiny CLIP image
+    encoder), a second one under accelerate, and ours loaded from the folder diffusers saved."""
+    return _three_ways(tmp_path_factory, "bench-variation", lambda tiny: tiny.variation_pipeline())
+
+
+@pytest.mark.parametrize("impl", ["ours", "diffusers + accelerate", "diffusers"])
+def test_variation_pipeline(benchmark, variation_pipelines, impl):
+    """A whole image-variation call: the image encoded by CLIP, 10 DDIM steps with CFG (batch 2 through the UNet) at
+    128x128 (32x32 latents), VAE decode included, fp32."""
+    from PIL import Image
+
+    benchmark.group = "image-variation pipeline, tiny SD1 + tiny CLIP image encoder, 10 DDIM steps, 128x128"
+    pipe = variation_pipelines[impl]
+    image = Image.fromarray(torch.randint(0, 255, (64, 64, 3), generator=torch.Generator().manual_seed(0),
+                                          dtype=torch.uint8).numpy())
+    benchmark(lambda: pipe(image, height=128, width=128, num_inference_steps=10,
+                           generator=torch.Generator().manual_seed(0), output_type="np"))
+
+
+@pytest.fixture(scope="module")
 def sd_vae_decoders():
     """SD's VAE architecture (tiny.SD15_VAE) and TAESD's default one, random weights from one seed, as ours and as
     diffusers' (the same weights): {impl: decode function}."""
