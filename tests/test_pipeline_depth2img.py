@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 import _tiny_diffusers
-from _fake_graphs import use_fake_graphs
+from _fake_graphs import assert_graphed_as_eager, use_fake_graphs
 import diffusion_fast
+from conftest import DEVICE, ON_GPU
 from diffusion_fast import StableDiffusionDepth2ImgPipeline, StableDiffusionPipeline, tiny
 from diffusion_fast.models import UNet2DConditionModel
 from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
@@ -145,6 +146,17 @@ def test_whole_step_graph_gives_the_eager_image(depth_pair, monkeypatch):
         assert graphed.captures == 1
     finally:
         ours._graphs = None
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_cuda_graph_depth2img_loop_matches_eager_on_gpu(depth_pair):
+    """fp16 on CUDA (the DPT estimator under autocast, as diffusers runs it): eager, capture and replay of the whole
+    DDIM step, the depth map a graph input."""
+    pipe = diffusion_fast.load_pipeline(depth_pair[0]._saved_to, dtype=torch.float16, device=DEVICE)
+    pipe.set_progress_bar_config(disable=True)
+    assert_graphed_as_eager(pipe, lambda p: p("a stone hall", image=IMAGE, num_inference_steps=STEPS,
+                                              output_type="latent",
+                                              generator=torch.Generator(DEVICE).manual_seed(3)).images, "step", 1)
 
 
 def test_accelerate_keeps_diffusers_depth2img_image(depth_pair, monkeypatch):

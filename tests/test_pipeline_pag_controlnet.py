@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import _tiny_diffusers
+from _fake_graphs import assert_graphed_as_eager
 import diffusion_fast
+from conftest import DEVICE, ON_GPU
 from diffusion_fast import pipeline_pag
 from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
 
@@ -138,6 +140,16 @@ def test_from_pipe_adds_pag_to_a_controlnet_pipeline_and_back(sd_pair):
     assert again.controlnet is ours.controlnet and again.unet is ours.unet
     assert np.array_equal(_run(again, **_inputs("sd")), _run(ours, **_inputs("sd")))
     assert np.array_equal(_run(plain, **_inputs("sd")), _run(ours, **_inputs("sd", pag_scale=0.0)))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_cuda_graph_pag_controlnet_loop_matches_eager_on_gpu(sd_pair):
+    """fp16 on CUDA: eager, capture and replay of the UNet call with the net and the mid block perturbed."""
+    pipe = diffusion_fast.load_pipeline(sd_pair[0]._saved_to, dtype=torch.float16, device=DEVICE)
+    pipe.set_progress_bar_config(disable=True)
+    assert_graphed_as_eager(pipe, lambda p: p("a red cube", image=CONTROL, num_inference_steps=STEPS,
+                                              output_type="latent",
+                                              generator=torch.Generator(DEVICE).manual_seed(3)).images, "unet", 1)
 
 
 def test_accelerate_keeps_diffusers_pag_controlnet_image(sd_pair, monkeypatch):

@@ -404,6 +404,17 @@ def test_generate_and_check_take_an_sdxl_pix2pix_folder(xl_pix2pix_pair, tmp_pat
     assert "InstructPix2Pix pipeline (2 EulerAncestral steps" in text and "0 failed" in text, text
 
 
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_cuda_graph_sdxl_pix2pix_loop_matches_eager_on_gpu(xl_pix2pix_pair):
+    """fp16 on CUDA (the VAE's encode upcast to fp32 where its config asks): eager, capture and replay of the UNet
+    call, SDXL's conditioning and the image's latents graph inputs."""
+    pipe = diffusion_fast.load_pipeline(xl_pix2pix_pair[0]._saved_to, dtype=torch.float16, device=DEVICE)
+    pipe.set_progress_bar_config(disable=True)
+    assert_graphed_as_eager(pipe, lambda p: p("make it snowy", image=IMAGE, num_inference_steps=STEPS,
+                                              output_type="latent",
+                                              generator=torch.Generator(DEVICE).manual_seed(3)).images, "unet", 1)
+
+
 def test_accelerate_keeps_diffusers_sdxl_pix2pix_image(xl_pix2pix_pair, monkeypatch):
     from _scheduler_parity import count_op_calls
 

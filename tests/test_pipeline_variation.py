@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 import _tiny_diffusers
-from _fake_graphs import use_fake_graphs
+from _fake_graphs import assert_graphed_as_eager, use_fake_graphs
 import diffusion_fast
+from conftest import DEVICE, ON_GPU
 from diffusion_fast import StableDiffusionImageVariationPipeline, tiny
 from diffusion_fast.models import UNet2DConditionModel
 from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
@@ -76,6 +77,15 @@ def test_whole_step_graph_gives_the_eager_image(variation_pair, monkeypatch):
         assert graphed.captures == 1
     finally:
         ours._graphs = None
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_cuda_graph_variation_loop_matches_eager_on_gpu(variation_pair):
+    """fp16 on CUDA: eager, capture and replay of the whole DDIM step, the image embeddings a graph input."""
+    pipe = diffusion_fast.load_pipeline(variation_pair[0]._saved_to, dtype=torch.float16, device=DEVICE)
+    pipe.set_progress_bar_config(disable=True)
+    assert_graphed_as_eager(pipe, lambda p: p(IMAGE, num_inference_steps=STEPS, output_type="latent",
+                                              generator=torch.Generator(DEVICE).manual_seed(3)).images, "step", 1)
 
 
 def test_accelerate_keeps_diffusers_variation_image(variation_pair, monkeypatch):
