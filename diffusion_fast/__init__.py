@@ -11,10 +11,12 @@
 from . import ops, reference
 from ._backend import BACKENDS, backend, current_backend
 from ._cpp import load_ops as _load_cpp_ops
+from ._source_tree import unshadow_hf_kernels as _unshadow_hf_kernels
 
 __version__ = "0.1.0"
 
 _load_cpp_ops()  # registers torch.ops.diffusion_fast.* (prebuilt, else JIT-built, else one warning)
+_unshadow_hf_kernels()  # (run from the source tree: our kernels/ folder must not stand in for Hugging Face's)
 
 _LAZY = {
     "StableDiffusionPipeline": ("pipeline", "StableDiffusionPipeline"),

@@ -24,6 +24,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from diffusion_fast._source_tree import unshadow_hf_kernels  # noqa: E402
+
+unshadow_hf_kernels()  # (before anything imports diffusers: from the source tree, Hugging Face's `kernels` first)
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
 # diffusers' LMSDiscreteScheduler (the reference for ours) integrates with scipy: the test extra installs it; the GPU
