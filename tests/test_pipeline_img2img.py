@@ -177,8 +177,7 @@ def xl_pair(tmp_path_factory):
     return theirs, ours
 
 
-@pytest.mark.parametrize("backend_name", ["fast", "reference"])
-@pytest.mark.parametrize("kwargs", [
+@pytest.mark.parametrize("kwargs, backend_name", _tiny_diffusers.fast_and_one_reference([
     {},  # SDXL's default strength, 0.3
     dict(strength=0.7, negative_prompt="blurry", negative_prompt_2="dark"),
     # two prompts of two images; every size id (the negative ones take the positive crop corner, as in diffusers)
@@ -186,7 +185,7 @@ def xl_pair(tmp_path_factory):
          crops_coords_top_left=(4, 8), negative_original_size=(16, 16), negative_target_size=(24, 24)),
     dict(guidance_scale=1.0, strength=1.0),
     dict(strength=0.9, guidance_scale=9.0, guidance_rescale=0.7),  # (diffusers' SD img2img takes no rescale)
-])
+]))
 def test_sdxl_same_image_as_diffusers(xl_pair, backend_name, kwargs):
     assert _both(xl_pair, backend_name, **kwargs) <= PIPELINE_FP32_MAX_ABS
 

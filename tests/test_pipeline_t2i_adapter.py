@@ -141,14 +141,13 @@ def test_unet_adds_feature_maps_where_diffusers_does(variant):
 
 
 # ---- the pipelines ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend_name", ["fast", "reference"])
-@pytest.mark.parametrize("kwargs", [
+@pytest.mark.parametrize("kwargs, backend_name", _tiny_diffusers.fast_and_one_reference([
     {},
     dict(adapter_conditioning_scale=0.6, negative_prompt="blurry", num_images_per_prompt=2),
     dict(height=32, width=40),  # the images resized to it
     # one image for both prompts (diffusers broadcasts its maps, which it can only without guidance)
     dict(prompt=["a red cube", "a blue ball"], guidance_scale=1.0),
-])
+]))
 def test_sd_same_image_as_diffusers(sd_pair, backend_name, kwargs):
     theirs, ours, image = sd_pair
     if _multi(ours) and "adapter_conditioning_scale" in kwargs:

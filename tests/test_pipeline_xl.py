@@ -50,8 +50,7 @@ def _both(pair, backend_name="fast", **kwargs):
     return np.abs(a - b).max()
 
 
-@pytest.mark.parametrize("backend_name", ["fast", "reference"])
-@pytest.mark.parametrize("kwargs", [
+@pytest.mark.parametrize("kwargs, backend_name", _tiny_diffusers.fast_and_one_reference([
     dict(prompt="a red cube"),  # no negative prompt: zero negative embeddings (force_zeros_for_empty_prompt)
     dict(prompt="a red cube", negative_prompt="blurry", negative_prompt_2="dark"),
     # two prompts, two images each, a second prompt per encoder; a non-square 48x64 image
@@ -61,7 +60,7 @@ def _both(pair, backend_name="fast", **kwargs):
     # the size conditioning: every time id, and a negative one of its own
     dict(prompt="a red cube", original_size=(96, 64), crops_coords_top_left=(8, 16), target_size=(40, 24),
          negative_original_size=(16, 16), negative_target_size=(64, 64), negative_crops_coords_top_left=(4, 0)),
-])
+]))
 def test_same_image_as_diffusers(pair, backend_name, kwargs):
     assert _both(pair, backend_name, **kwargs) <= PIPELINE_FP32_MAX_ABS
 

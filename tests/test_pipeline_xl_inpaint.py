@@ -58,13 +58,12 @@ def _both(pair, backend_name="fast", **kwargs):
     return np.abs(np.asarray(a) - np.asarray(b)).max()
 
 
-@pytest.mark.parametrize("backend_name", ["fast", "reference"])
-@pytest.mark.parametrize("kwargs", [
+@pytest.mark.parametrize("kwargs, backend_name", _tiny_diffusers.fast_and_one_reference([
     {},  # diffusers' default strength 0.9999: the schedule's first step skipped, the image's latents noised
     dict(strength=1.0, negative_prompt="blurry", negative_prompt_2="dark"),  # from pure noise
     dict(prompt=["a", "b"], num_images_per_prompt=2, strength=0.6),  # two prompts of two images
     dict(guidance_scale=1.0, original_size=(96, 64), crops_coords_top_left=(8, 4)),  # no guidance; size ids
-])
+]))
 def test_same_image_as_diffusers(pair, backend_name, kwargs):
     assert _both(pair, backend_name, **kwargs) <= PIPELINE_FP32_MAX_ABS
 
