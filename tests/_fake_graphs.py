@@ -1,6 +1,7 @@
 """A CPU stand-in for CUDA graph capture, so GraphedCallable's bookkeeping can be tested without a GPU."""
 import types
 
+import numpy as np
 import torch
 
 
@@ -45,3 +46,18 @@ def assert_graphed_as_eager(pipe, call, mode, graphs):
     torch.testing.assert_close(outs[1], outs[0], rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(outs[2], outs[1], rtol=0, atol=0)
     return outs[0]
+
+
+def assert_one_capture_for_new_inputs(pipe, mode, run, calls, monkeypatch):
+    """The CPU check of a pipeline's graphed loop: ``run(pipe, **kwargs)`` for each of ``calls`` eagerly, then with
+    the loop in ``mode`` ("step" or "unet") and capture stood in for; every graphed image equals its eager one bit
+    for bit, and the calls (new inputs of the same shapes) share one capture."""
+    eager = [run(pipe, **kwargs) for kwargs in calls]
+    monkeypatch.setattr(pipe, "_graph_mode", lambda device, eta: mode)
+    try:
+        graphed = use_fake_graphs(pipe._graphs_for_components()[mode])
+        for kwargs, image in zip(calls, eager):
+            assert np.array_equal(run(pipe, **kwargs), image), kwargs
+        assert graphed.captures == 1
+    finally:
+        pipe._graphs = None

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import _tiny_diffusers
-from _fake_graphs import assert_graphed_as_eager, use_fake_graphs
+from _fake_graphs import assert_graphed_as_eager, assert_one_capture_for_new_inputs
 import diffusion_fast
 from conftest import DEVICE, ON_GPU
 from diffusion_fast import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline, tiny
@@ -147,14 +147,7 @@ def test_graphed_unet_call_gives_the_eager_image(pix2pix_pair, monkeypatch):
     graphed whole: the three-way combine is not the fused CFG step); capture stood in for on the CPU. Another image
     is a new input, not a new graph."""
     _, ours = pix2pix_pair
-    eager = [_run(ours, image=im) for im in (IMAGE, OTHER)]
-    monkeypatch.setattr(ours, "_graph_mode", lambda device, eta: "unet")
-    try:
-        graphed = use_fake_graphs(ours._graphs_for_components()["unet"])
-        assert all(np.array_equal(_run(ours, image=im), e) for im, e in zip((IMAGE, OTHER), eager))
-        assert graphed.captures == 1
-    finally:
-        ours._graphs = None
+    assert_one_capture_for_new_inputs(ours, "unet", _run, [dict(image=IMAGE), dict(image=OTHER)], monkeypatch)
 
 
 def test_whole_step_graph_is_not_used(pix2pix_pair, monkeypatch):

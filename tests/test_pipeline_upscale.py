@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import _tiny_diffusers
-from _fake_graphs import assert_graphed_as_eager, use_fake_graphs
+from _fake_graphs import assert_graphed_as_eager, assert_one_capture_for_new_inputs
 import diffusion_fast
 from conftest import DEVICE, ON_GPU
 from diffusion_fast import StableDiffusionPipeline, StableDiffusionUpscalePipeline, tiny
@@ -175,14 +175,7 @@ def test_whole_step_graph_gives_the_eager_image(upscale_pair, monkeypatch):
     a new graph."""
     _, ours = upscale_pair
     cases = [dict(image=IMAGE), dict(image=OTHER), dict(image=IMAGE, noise_level=200)]
-    eager = [_run(ours, **c) for c in cases]
-    monkeypatch.setattr(ours, "_graph_mode", lambda device, eta: "step")
-    try:
-        graphed = use_fake_graphs(ours._graphs_for_components()["step"])
-        assert all(np.array_equal(_run(ours, **c), e) for c, e in zip(cases, eager))
-        assert graphed.captures == 1
-    finally:
-        ours._graphs = None
+    assert_one_capture_for_new_inputs(ours, "step", _run, cases, monkeypatch)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import _tiny_diffusers
-from _fake_graphs import assert_graphed_as_eager, use_fake_graphs
+from _fake_graphs import assert_graphed_as_eager, assert_one_capture_for_new_inputs
 import diffusion_fast
 from conftest import DEVICE, ON_GPU
 from diffusion_fast import StableDiffusionImageVariationPipeline, tiny
@@ -69,14 +69,7 @@ def test_whole_step_graph_gives_the_eager_image(variation_pair, monkeypatch):
     """On CUDA a DDIM step replays whole from one graph, the image embeddings an input (capture stood in for on the
     CPU): another image, the same graph."""
     _, ours = variation_pair
-    eager = [_run(ours, image=im) for im in (IMAGE, OTHER)]
-    monkeypatch.setattr(ours, "_graph_mode", lambda device, eta: "step")
-    try:
-        graphed = use_fake_graphs(ours._graphs_for_components()["step"])
-        assert all(np.array_equal(_run(ours, image=im), e) for im, e in zip((IMAGE, OTHER), eager))
-        assert graphed.captures == 1
-    finally:
-        ours._graphs = None
+    assert_one_capture_for_new_inputs(ours, "step", _run, [dict(image=IMAGE), dict(image=OTHER)], monkeypatch)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
