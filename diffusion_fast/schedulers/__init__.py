@@ -11,6 +11,7 @@ from .dpm_solver import DPMSolverMultistepScheduler
 from .edm import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
+from .flow_match_euler import FlowMatchEulerDiscreteScheduler
 from .heun import HeunDiscreteScheduler
 from .kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
 from .lcm import LCMScheduler, LCMSchedulerOutput
@@ -22,7 +23,8 @@ from .unipc import UniPCMultistepScheduler
 SCHEDULERS = {cls.__name__: cls for cls in (
     DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler,
     EDMDPMSolverMultistepScheduler, EDMEulerScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler,
-    HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, LCMScheduler, LMSDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler, HeunDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler,
+    LCMScheduler, LMSDiscreteScheduler,
     PNDMScheduler, TCDScheduler, UniPCMultistepScheduler)}
 
 
@@ -43,7 +45,8 @@ def load_scheduler(folder_or_config, default="DDIMScheduler"):
 
 __all__ = ["DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
            "DPMSolverSinglestepScheduler", "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler",
-           "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+           "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
+           "HeunDiscreteScheduler",
            "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "LCMScheduler", "LCMSchedulerOutput",
            "LMSDiscreteScheduler", "PNDMScheduler", "TCDScheduler", "TCDSchedulerOutput", "UniPCMultistepScheduler",
            "load_scheduler", "randn_tensor", "SchedulerOutput", "FrozenConfig", "SCHEDULERS"]
