@@ -43,6 +43,7 @@ _LAZY = {
     "StableDiffusionUpscalePipeline": ("pipeline_upscale", "StableDiffusionUpscalePipeline"),
     "StableDiffusionDepth2ImgPipeline": ("pipeline_depth2img", "StableDiffusionDepth2ImgPipeline"),
     "StableDiffusionImageVariationPipeline": ("pipeline_variation", "StableDiffusionImageVariationPipeline"),
+    "StableDiffusion3Pipeline": ("pipeline_sd3", "StableDiffusion3Pipeline"),
     **{name: ("pipeline_pag", name) for name in (
         "StableDiffusionPAGPipeline", "StableDiffusionXLPAGPipeline", "StableDiffusionPAGImg2ImgPipeline",
         "StableDiffusionXLPAGImg2ImgPipeline", "StableDiffusionPAGInpaintPipeline",
@@ -51,6 +52,7 @@ _LAZY = {
         "StableDiffusionXLControlNetPAGImg2ImgPipeline")},
     "AutoencoderKL": ("models", "AutoencoderKL"),
     "AutoencoderTiny": ("models", "AutoencoderTiny"),
+    "SD3Transformer2DModel": ("models", "SD3Transformer2DModel"),
     "ControlNetModel": ("models", "ControlNetModel"),
     "ControlNetUnionModel": ("models", "ControlNetUnionModel"),
     "T2IAdapter": ("models", "T2IAdapter"),

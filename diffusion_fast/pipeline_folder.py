@@ -37,7 +37,7 @@ def vae_class(folder, subfolder=None):
 
 
 class ComponentLoader:
-    """Loads a pipeline folder's components by name: the UNet and VAE as ours, text encoders as the given
+    """Loads a pipeline folder's components by name: the UNet (or SD3's transformer) and VAE as ours, text encoders as the given
     transformers class, tokenizers as CLIPTokenizer, the scheduler as ours. Checked up front: a required component
     neither passed (``given``) nor in the folder, and a passed name the pipeline does not take, are one error each.
     ``optional`` components may be null in model_index.json (an SDXL refiner's first text encoder) and load as None."""
@@ -55,7 +55,7 @@ class ComponentLoader:
                    and (not listed(c) or not os.path.isdir(os.path.join(folder, c)))]
         if missing:
             raise FileNotFoundError(f"{folder!r} lacks the pipeline components {missing}")
-        self.folder, self.given, self.variant = folder, given, variant
+        self.folder, self.index, self.given, self.variant = folder, index, given, variant
         self.dtype, self.device = resolve_dtype(dtype), device
 
     def __call__(self, name, text_model_cls=None):
@@ -66,16 +66,23 @@ class ComponentLoader:
         if name in self.absent:
             return None
         path = os.path.join(self.folder, name)
+        if name == "transformer":  # (SD3's MMDiT)
+            from .models.sd3_transformer import SD3Transformer2DModel
+
+            return SD3Transformer2DModel.from_pretrained(self.folder, subfolder=name, dtype=self.dtype,
+                                                         device=self.device, variant=self.variant)
         if name.startswith("unet") or name.startswith("vae"):
             model_cls = UNet2DConditionModel if name.startswith("unet") else vae_class(self.folder, name)
             return model_cls.from_pretrained(self.folder, subfolder=name, dtype=self.dtype, device=self.device,
                                              variant=self.variant)
-        if name.startswith("tokenizer"):
+        if name.startswith("tokenizer"):  # (CLIP's, or the class given: SD3's T5 tokenizer)
             from transformers import CLIPTokenizer
 
-            return CLIPTokenizer.from_pretrained(path)
+            return (text_model_cls or CLIPTokenizer).from_pretrained(path)
         if name in ("scheduler", "low_res_scheduler"):  # (the x4 upscaler's noises its image)
-            return load_scheduler(path)
+            # (a flow model's scheduler we don't mirror falls back to flow-matching Euler, with a warning)
+            flow = "transformer" in self.index
+            return load_scheduler(path, "FlowMatchEulerDiscreteScheduler" if flow else "DDIMScheduler")
         if name == "safety_checker":
             from .safety_checker import StableDiffusionSafetyChecker
 

@@ -534,3 +534,57 @@ def variation_pipeline(seed=9):
                                                  feature_extractor=processor, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ---- Stable Diffusion 3 (tests/test_pipeline_sd3.py) ---------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _t5_tokenizer_dir():
+    """A T5 tokenizer folder written offline: a unigram vocabulary of letters, word-initial letters and the specials."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in letters] + \
+        [("\u2581" + c, -1.5) for c in letters] + [("\u2581", -2.0)]
+    model = Tokenizer(models.Unigram(vocab, unk_id=2))
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    folder = os.path.join(tempfile.mkdtemp(prefix="df-t5tok-"), "tokenizer_3")
+    T5TokenizerFast(tokenizer_object=model, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                    extra_ids=0).save_pretrained(folder)
+    return folder
+
+
+SD3_TINY = dict(  # 4 heads of 8 (head dim 8), 3 blocks, 16 latent channels, a 12x12 position table
+    sample_size=8, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=8, num_attention_heads=4,
+    joint_attention_dim=48, caption_projection_dim=32, pooled_projection_dim=40, out_channels=16,
+    pos_embed_max_size=12,
+)
+SD35_TINY = dict(SD3_TINY, dual_attention_layers=(0, 1), qk_norm="rms_norm")  # SD3.5 Medium's shape
+
+
+def sd3_pipeline(seed=10, variant="sd3", t5=True):
+    """diffusers' StableDiffusion3Pipeline (fp32, CPU, shift 3): two CLIP encoders with projections (16 and 24 wide:
+    40 together, padded to T5's 48), a 2-layer T5 (or none), the SD3_TINY (``variant="sd3.5"``: SD35_TINY)
+    transformer and a 16-channel VAE without quant convs, with SD3's scaling and shift factors."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    base = tiny.text_encoder_config("sd1")
+    encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**dict(
+        base, hidden_size=width, intermediate_size=2 * width, num_attention_heads=2, projection_dim=width)))
+        for width in (16, 24)]
+    t5_encoder = T5EncoderModel(T5Config(vocab_size=60, d_model=48, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                         relative_attention_num_buckets=8)).eval() if t5 else None  # (no dropout)
+    vae = AutoencoderKL(**dict(tiny.vae_config(), latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                               scaling_factor=1.5305, shift_factor=0.0609))
+    transformer = SD3Transformer2DModel(**(SD35_TINY if variant == "sd3.5" else SD3_TINY))
+    for p in transformer.parameters():  # (diffusers zero-initialises the modulations: give every path a say)
+        torch.nn.init.normal_(p, std=0.1)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=encoders[0], tokenizer=tokenizer(), text_encoder_2=encoders[1], tokenizer_2=tokenizer(),
+        text_encoder_3=t5_encoder, tokenizer_3=AutoTokenizer.from_pretrained(_t5_tokenizer_dir()) if t5 else None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(torch.float32)

@@ -1,0 +1,335 @@
+"""Our Stable Diffusion 3 / 3.5 pipeline: three text encoders, the MMDiT transformer, flow-matching Euler, the VAE.
+
+Same seed and weights give the same image as diffusers' StableDiffusion3Pipeline: the prompt through both CLIP
+encoders (penultimate hidden states side by side, zero-padded to T5's width, pooled outputs concatenated) and T5
+(its hidden states after CLIP's tokens; zeros where the folder has no T5), the noise drawn as diffusers draws it,
+classifier-free guidance above scale 1, SD3.5's skip-layer guidance, and the latents decoded after un-scaling and
+un-shifting. What differs is how it runs: the attention of every block is our flash-attention op over the joint
+image + text sequence, the scheduler's update is one fused op whose coefficients come from a host copy of the sigmas
+(the loop never waits on the device), and on CUDA the transformer call is captured once per input shape as a CUDA
+graph and replayed every step (``cuda_graph``).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ._backend import current_backend
+from .cuda_graph import GraphedCallable, ModuleState
+from .pipeline_common import (OUTPUT_TYPES, StableDiffusionPipelineOutput, auto_or_bool_setting, check_size,
+                              postprocess)
+from .pipeline_folder import ComponentLoader, check_model_config, read_model_index, resolve_dtype
+from .schedulers import FlowMatchEulerDiscreteScheduler
+from .schedulers.common import randn_tensor
+
+
+def calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15):
+    """The dynamic shift's exponent mu for an image of ``image_seq_len`` tokens (diffusers' calculate_shift)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + base_shift - m * base_seq_len
+
+
+class StableDiffusion3Pipeline:
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "pooled_prompt_embeds")  # diffusers' names
+
+    def __init__(self, transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
+                 text_encoder_3=None, tokenizer_3=None, *, cuda_graph="auto"):
+        check_model_config("transformer", transformer, "joint_attention_dim", "an SD3Transformer2DModel")
+        for name, encoder in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+            check_model_config(name, encoder, "projection_dim", "a transformers CLIPTextModelWithProjection")
+        if (text_encoder_3 is None) != (tokenizer_3 is None):
+            raise ValueError("text_encoder_3 and tokenizer_3 (T5): give both or neither")
+        pooled = text_encoder.config.projection_dim + text_encoder_2.config.projection_dim
+        if pooled != transformer.config.pooled_projection_dim:
+            raise ValueError(f"the CLIP encoders' projections ({pooled} wide together) do not fit transformer "
+                             f"(pooled_projection_dim={transformer.config.pooled_projection_dim})")
+        if text_encoder_3 is not None and text_encoder_3.config.d_model != transformer.config.joint_attention_dim:
+            raise ValueError(f"text_encoder_3 (d_model={text_encoder_3.config.d_model}) does not fit transformer "
+                             f"(joint_attention_dim={transformer.config.joint_attention_dim})")
+        if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+            raise TypeError(f"scheduler must be a diffusion_fast FlowMatchEulerDiscreteScheduler (SD3 is a flow "
+                            f"model), got {type(scheduler).__name__}")
+        self.transformer, self.scheduler, self.vae = transformer, scheduler, vae
+        self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2 = (
+            text_encoder, tokenizer, text_encoder_2, tokenizer_2)
+        self.text_encoder_3, self.tokenizer_3 = text_encoder_3, tokenizer_3
+        self.cuda_graph = cuda_graph
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.default_sample_size = transformer.config.sample_size
+        self._progress = {}
+        self._graph = self._graphed_for = None
+        self._interrupt = False
+
+    cuda_graph = auto_or_bool_setting("cuda_graph", '"auto" (capture the transformer call on CUDA), True (CUDA '
+                                                     'required) or False.')
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype=None, device=None, *, variant=None, cuda_graph="auto", **components):
+        """Load a diffusers SD3 folder: model_index.json, transformer/, vae/, text_encoder(_2, _3)/,
+        tokenizer(_2, _3)/, scheduler/ (a folder saved without T5 loads without it, as diffusers). A component
+        passed by name is used as it is."""
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+        folder, index = read_model_index(folder)
+        names = ("transformer", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                 "text_encoder_3", "tokenizer_3")
+        load = ComponentLoader(folder, index, names, ("text_encoder_3", "tokenizer_3"), components, dtype, device,
+                               variant)
+        return cls(load("transformer"), load("scheduler"), load("vae"),
+                   load("text_encoder", CLIPTextModelWithProjection), load("tokenizer"),
+                   load("text_encoder_2", CLIPTextModelWithProjection), load("tokenizer_2"),
+                   load("text_encoder_3", T5EncoderModel), load("tokenizer_3", AutoTokenizer), cuda_graph=cuda_graph)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def to(self, device=None, dtype=None):
+        dtype = resolve_dtype(dtype)
+        for module in (self.transformer, self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3):
+            if module is not None:
+                module.to(device=device, dtype=dtype)
+        self._graph = self._graphed_for = None
+        return self
+
+    def set_progress_bar_config(self, **kwargs):
+        self._progress = kwargs
+
+    @property
+    def interrupt(self):
+        """Set ``pipe._interrupt = True`` in a step callback to skip the remaining steps, as in diffusers."""
+        return self._interrupt
+
+    # ---- text ---------------------------------------------------------------------------------------------------
+    def _clip_embeds(self, texts, index, device, clip_skip):
+        """(hidden states ``clip_skip`` + 2 from the end, pooled projection) of CLIP encoder ``index`` (0 or 1)."""
+        tokenizer, encoder = ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))[index]
+        ids = tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        out = encoder(ids.to(device), output_hidden_states=True)
+        hidden = out.hidden_states[-((clip_skip or 0) + 2)]
+        return hidden.to(dtype=self.text_encoder.dtype, device=device), out[0]
+
+    def _t5_embeds(self, texts, device, max_sequence_length):
+        if self.text_encoder_3 is None:
+            return torch.zeros((len(texts), max_sequence_length, self.transformer.config.joint_attention_dim),
+                               device=device, dtype=self.text_encoder.dtype)
+        ids = self.tokenizer_3(texts, padding="max_length", max_length=max_sequence_length, truncation=True,
+                               add_special_tokens=True, return_tensors="pt").input_ids
+        return self.text_encoder_3(ids.to(device))[0].to(dtype=self.text_encoder_3.dtype, device=device)
+
+    def _embed(self, texts, texts_2, texts_3, device, clip_skip, max_sequence_length):
+        """(the joint text sequence, the pooled embedding) for lists of prompts, as diffusers builds them."""
+        hidden, pooled = self._clip_embeds(texts, 0, device, clip_skip)
+        hidden_2, pooled_2 = self._clip_embeds(texts_2, 1, device, clip_skip)
+        t5 = self._t5_embeds(texts_3, device, max_sequence_length)
+        clip = torch.cat([hidden, hidden_2], dim=-1)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5], dim=-2), torch.cat([pooled, pooled_2], dim=-1)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt, prompt_2=None, prompt_3=None, device=None, num_images_per_prompt=1,
+                      do_classifier_free_guidance=True, negative_prompt=None, negative_prompt_2=None,
+                      negative_prompt_3=None, prompt_embeds=None, negative_prompt_embeds=None,
+                      pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, clip_skip=None,
+                      max_sequence_length=256):
+        """(prompt_embeds, negative_prompt_embeds, pooled, negative pooled) as diffusers computes them, repeated per
+        image; the negative ones None without guidance. ``prompt_2`` / ``prompt_3`` (the second CLIP's, T5's)
+        default to ``prompt``; ``clip_skip`` applies to the prompt alone, as in diffusers."""
+        device = device or self.device
+        listed = lambda p, n: [p] * n if isinstance(p, str) else list(p)  # noqa: E731
+        if prompt_embeds is None:
+            prompt = listed(prompt, 1)
+            prompt_embeds, pooled_prompt_embeds = self._embed(
+                prompt, listed(prompt_2 or prompt, len(prompt)), listed(prompt_3 or prompt, len(prompt)), device,
+                clip_skip, max_sequence_length)
+        batch = prompt_embeds.shape[0]
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            negative = negative_prompt or ""
+            negative_2, negative_3 = negative_prompt_2 or negative, negative_prompt_3 or negative
+            negative_prompt_embeds, negative_pooled_prompt_embeds = self._embed(
+                listed(negative, batch), listed(negative_2, batch), listed(negative_3, batch), device, None,
+                max_sequence_length)
+
+        def per_image(t):
+            return t.to(device=device).repeat_interleave(num_images_per_prompt, dim=0)
+
+        if not do_classifier_free_guidance:
+            return per_image(prompt_embeds), None, per_image(pooled_prompt_embeds), None
+        return tuple(per_image(t) for t in (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+                                            negative_pooled_prompt_embeds))
+
+    # ---- checks -------------------------------------------------------------------------------------------------
+    def _check_inputs(self, prompts, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
+                      negative_pooled_prompt_embeds, height, width, num_inference_steps, guidance_scale,
+                      num_images_per_prompt, output_type, max_sequence_length, skip_guidance_layers, callback_inputs):
+        prompt = prompts["prompt"]
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("prompt: give a prompt (str or list of str) or prompt_embeds, not both")
+        if prompt_embeds is not None and pooled_prompt_embeds is None:
+            raise ValueError("prompt_embeds needs pooled_prompt_embeds too (the CLIP encoders' pooled projections)")
+        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+            raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds too")
+        batch = (1 if isinstance(prompt, str) else len(prompt) if isinstance(prompt, (list, tuple)) else None) \
+            if prompt is not None else prompt_embeds.shape[0]
+        for name, value in prompts.items():
+            if value is None or isinstance(value, str):
+                continue
+            if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+                raise TypeError(f"{name} must be a str or a non-empty list of str, got {value!r}")
+            if len(value) != batch:
+                raise ValueError(f"{name} has {len(value)} entries but there are {batch} prompts")
+        for name in ("prompt_2", "prompt_3"):
+            if prompts[name] is not None and prompt_embeds is not None:
+                raise ValueError(f"{name} and prompt_embeds: give one, not both")
+        for name in ("negative_prompt", "negative_prompt_2", "negative_prompt_3"):
+            if prompts[name] is not None and negative_prompt_embeds is not None:
+                raise ValueError(f"{name} and negative_prompt_embeds: give one, not both")
+        if prompt_embeds is not None and negative_prompt_embeds is not None and (
+                prompt_embeds.shape != negative_prompt_embeds.shape):
+            raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+                             f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
+        check_size(self.vae_scale_factor * self.transformer.config.patch_size, height=height, width=width)
+        for name, value in (("num_inference_steps", num_inference_steps),
+                            ("num_images_per_prompt", num_images_per_prompt)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not np.isfinite(
+                guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or not (
+                0 < max_sequence_length <= 512):
+            raise ValueError(f"max_sequence_length must be an int in [1, 512] (T5's tokens), got "
+                             f"{max_sequence_length!r}")
+        layers = len(self.transformer.transformer_blocks)
+        if skip_guidance_layers is not None and (not isinstance(skip_guidance_layers, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers for i in skip_guidance_layers)):
+            raise ValueError(f"skip_guidance_layers must be a list of block indices in [0, {layers}), got "
+                             f"{skip_guidance_layers!r}")
+        unknown = [k for k in callback_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs has to be in {list(self._callback_tensor_inputs)}, "
+                             f"but found {unknown}")
+        return batch
+
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    def _transformer_call(self, latents, t, embeds, pooled, *skip):
+        return self.transformer(latents, embeds, pooled, t.expand(latents.shape[0]), skip_layers=skip or None)
+
+    def _graphs_on(self, device):
+        """Whether the transformer call replays from CUDA graphs: on CUDA unless ``cuda_graph=False``, and never on
+        the reference backend (plain PyTorch)."""
+        if self.cuda_graph is True and device.type != "cuda":
+            raise ValueError("cuda_graph=True needs the pipeline on a CUDA device")
+        return self.cuda_graph is not False and device.type == "cuda" and current_backend() != "reference"
+
+    def _model(self, device):
+        """The transformer call: a GraphedCallable where graphs are on (one graph per input shape and skip list,
+        recaptured when the weights change), else plain."""
+        if not self._graphs_on(device):
+            return self._transformer_call
+        if self._graph is None or self._graphed_for is not self.transformer:
+            self._graph = GraphedCallable(self._transformer_call, state=ModuleState(self.transformer),
+                                          clone_output=True)
+            self._graphed_for = self.transformer
+        return self._graph
+
+    def _set_timesteps(self, num_inference_steps, device, sigmas, mu, latent_shape):
+        c = self.scheduler.config
+        if c.use_dynamic_shifting and mu is None:
+            patch = self.transformer.config.patch_size
+            mu = calculate_shift((latent_shape[-2] // patch) * (latent_shape[-1] // patch), c.base_image_seq_len,
+                                 c.max_image_seq_len, c.base_shift, c.max_shift)
+        kwargs = {"mu": mu} if mu is not None else {}
+        if sigmas is not None:
+            self.scheduler.set_timesteps(sigmas=sigmas, device=device, **kwargs)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=device, **kwargs)
+        return len(self.scheduler.timesteps)
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, prompt_2=None, prompt_3=None, height=None, width=None, num_inference_steps=28,
+                 sigmas=None, guidance_scale=7.0, negative_prompt=None, negative_prompt_2=None,
+                 negative_prompt_3=None, num_images_per_prompt=1, generator=None, latents=None, prompt_embeds=None,
+                 negative_prompt_embeds=None, pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None,
+                 output_type="pil", return_dict=True, clip_skip=None, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",), max_sequence_length=256,
+                 skip_guidance_layers=None, skip_layer_guidance_scale=2.8, skip_layer_guidance_stop=0.2,
+                 skip_layer_guidance_start=0.01, mu=None):
+        height = height if height is not None else self.default_sample_size * self.vae_scale_factor
+        width = width if width is not None else self.default_sample_size * self.vae_scale_factor
+        prompts = dict(prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
+                       negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3)
+        batch = self._check_inputs(prompts, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
+                                   negative_pooled_prompt_embeds, height, width, num_inference_steps, guidance_scale,
+                                   num_images_per_prompt, output_type, max_sequence_length, skip_guidance_layers,
+                                   list(callback_on_step_end_tensor_inputs))
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(f"callback_on_step_end must be callable (pipe, step, timestep, tensors) -> dict, got "
+                            f"{type(callback_on_step_end).__name__}")
+        device = self.device
+        do_cfg = guidance_scale > 1
+        prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = self.encode_prompt(
+            prompt, prompt_2, prompt_3, device, num_images_per_prompt, do_cfg, negative_prompt, negative_prompt_2,
+            negative_prompt_3, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+            negative_pooled_prompt_embeds, clip_skip, max_sequence_length)
+        cond_embeds, cond_pooled = prompt_embeds, pooled  # (skip-layer guidance runs on the prompt alone)
+        if do_cfg:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+            pooled = torch.cat([negative_pooled, pooled])
+        shape = (batch * num_images_per_prompt, self.transformer.config.in_channels,
+                 height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}")
+        latents = latents.to(device=device, dtype=prompt_embeds.dtype)
+        steps = self._set_timesteps(num_inference_steps, device, sigmas, mu, shape)
+        model = self._model(device)
+        skip = tuple(skip_guidance_layers or ())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        self._interrupt = False
+        for i, t in enumerate(tqdm(self.scheduler.timesteps, **{"desc": "denoising", **self._progress})):
+            if self._interrupt:
+                continue
+            model_input = torch.cat([latents, latents]) if do_cfg else latents
+            pred = model(model_input, t, prompt_embeds, pooled)
+            if do_cfg:
+                uncond, text = pred.chunk(2)
+                pred = uncond + guidance_scale * (text - uncond)
+                if skip and steps * skip_layer_guidance_start < i < steps * skip_layer_guidance_stop:
+                    skipped = model(latents, t, cond_embeds, cond_pooled, *skip)
+                    pred = pred + (text - skipped) * skip_layer_guidance_scale
+            latents = self.scheduler.step(pred, t, latents, return_dict=False)[0]
+            if callback_on_step_end is not None:
+                named = {"latents": latents, "prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+                outputs = callback_on_step_end(self, i, t, {k: named[k] for k in callback_on_step_end_tensor_inputs})
+                if not isinstance(outputs, dict):
+                    raise TypeError(f"callback_on_step_end must return a dict (the tensors it replaces, or {{}}), "
+                                    f"got {type(outputs).__name__}")
+                latents = outputs.get("latents", latents)
+                prompt_embeds = outputs.get("prompt_embeds", prompt_embeds)
+                pooled = outputs.get("pooled_prompt_embeds", pooled)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        if output_type == "latent":
+            images = latents
+        else:
+            c = self.vae.config
+            images = postprocess(self.vae.decode(latents / c.scaling_factor + (c.shift_factor or 0.0)), output_type)
+        if not return_dict:
+            return (images,)
+        return StableDiffusionPipelineOutput(images=images, seconds=seconds)

@@ -1,0 +1,176 @@
+"""Stable Diffusion 3 and 3.5: our StableDiffusion3Pipeline against diffusers' on tiny models written by
+save_pretrained and loaded by load_pipeline (two CLIP encoders with projections, a T5 encoder, the MMDiT transformer
+with SD3's shape and with SD3.5 Medium's: RMSNorm on queries and keys, a second attention in the first blocks; a
+16-channel VAE with SD3's scaling and shift), and the transformer alone on every backend.
+
+Stated tolerance: fp32 images within 1e-3 max abs pixel difference (pixels in [0, 1]) of diffusers' for the same
+seed, prompt and weights. Each comparison also checks that what it varies moves the image.
+"""
+import numpy as np
+import pytest
+import torch
+
+import _tiny_diffusers
+from _fake_graphs import use_fake_graphs
+import diffusion_fast
+from conftest import ON_GPU
+from diffusion_fast import StableDiffusion3Pipeline
+from diffusion_fast.models import SD3Transformer2DModel
+from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
+
+CALL = _tiny_diffusers.Comparison(prompt="a cat on a mat", num_inference_steps=4)
+_run, _assert_as_diffusers, _moved = CALL.run, CALL.as_diffusers, CALL.moved
+
+
+@pytest.fixture(scope="module", params=["sd3", "sd3.5"])
+def sd3_pair(request, tmp_path_factory):
+    theirs = _tiny_diffusers.sd3_pipeline(variant=request.param)
+    return _tiny_diffusers.saved_pair(theirs, tmp_path_factory.mktemp("tiny-sd3"), StableDiffusion3Pipeline)
+
+
+@pytest.mark.parametrize("kwargs, other", [
+    ({}, {"prompt": "a dog"}),  # diffusers' defaults: guidance 7, shift 3, the transformer's default size
+    ({"guidance_scale": 1.0}, {"prompt": "a dog"}),  # no guidance: one transformer half
+    # two prompts, two images each, a non-square size (the position table cropped off-centre), a negative prompt
+    ({"prompt": ["a cat", "a hat"], "num_images_per_prompt": 2, "height": 48, "width": 32,
+      "negative_prompt": ["dull", "dark"]}, {"negative_prompt": ["bright", "sharp"]}),
+    # the second CLIP's and T5's own prompts, and their negatives
+    ({"prompt_2": "ink", "prompt_3": "a red box", "negative_prompt_3": "blue"}, {"prompt_3": "a green box"}),
+    # SD3.5's skip-layer guidance over most of the schedule (an extra transformer call without block 1)
+    ({"skip_guidance_layers": [1], "skip_layer_guidance_start": 0.0, "skip_layer_guidance_stop": 0.9},
+     {"skip_layer_guidance_scale": 6.0}),
+    ({"clip_skip": 1}, {"clip_skip": None}),  # the prompt's CLIP hidden states one layer earlier
+    ({"max_sequence_length": 20}, {"max_sequence_length": 40}),  # fewer T5 tokens: a shorter joint sequence
+    ({"sigmas": [1.0, 0.6, 0.3]}, {"sigmas": [1.0, 0.8, 0.3]}),  # a custom schedule, shifted
+], ids=["defaults", "no-guidance", "batch-size-negative", "prompt-2-3", "skip-layer-guidance", "clip-skip",
+        "max-sequence-length", "sigmas"])
+def test_sd3_matches_diffusers(sd3_pair, kwargs, other):
+    theirs, ours = sd3_pair
+    b = _assert_as_diffusers(theirs, ours, **kwargs)
+    assert _moved(_run(ours, **dict(kwargs, **other)), b)
+
+
+def test_sd3_embeds_latents_reference_backend_and_callback(sd3_pair):
+    theirs, ours = sd3_pair
+    embeds = ours.encode_prompt("a cat on a mat", do_classifier_free_guidance=True)
+    torch.testing.assert_close(embeds, theirs.encode_prompt("a cat on a mat", None, None), rtol=1e-5, atol=1e-5)
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    given = dict(zip(names, embeds), prompt=None)
+    _assert_as_diffusers(theirs, ours, **given)
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(5))
+    _assert_as_diffusers(theirs, ours, latents=latents)
+    _assert_as_diffusers(theirs, ours, backend_name="reference")
+    seen = []
+
+    def halve(pipe, i, t, tensors):  # diffusers' callback: read the named tensors, replace the latents
+        seen.append((i, sorted(tensors)))
+        return {"latents": tensors["latents"] * 0.5}
+
+    kwargs = dict(callback_on_step_end=halve, callback_on_step_end_tensor_inputs=["latents", "pooled_prompt_embeds"])
+    b = _assert_as_diffusers(theirs, ours, **kwargs)
+    assert seen[:4] == [(i, ["latents", "pooled_prompt_embeds"]) for i in range(4)]
+    assert _moved(_run(ours), b)
+
+
+def test_sd3_without_t5_matches_diffusers(tmp_path):
+    """A folder saved without T5 (diffusers' text_encoder_3=None): zeros in its place, as diffusers."""
+    theirs, ours = _tiny_diffusers.saved_pair(_tiny_diffusers.sd3_pipeline(t5=False), tmp_path,
+                                              StableDiffusion3Pipeline)
+    assert ours.text_encoder_3 is None and ours.tokenizer_3 is None
+    _assert_as_diffusers(theirs, ours)
+
+
+def test_transformer_matches_diffusers_on_every_backend():
+    """The transformer alone, SD3.5's shape with head dim 16 (the Triton kernel's smallest): diffusers' output on
+    the C++/torch path, the reference path and (interpreted) Triton kernels, 50 image tokens from a 10x10 latent plus
+    7 text tokens (57: no power of two), batch 3."""
+    import diffusers
+
+    config = dict(_tiny_diffusers.SD35_TINY, attention_head_dim=16, caption_projection_dim=64)
+    torch.manual_seed(0)
+    theirs = diffusers.SD3Transformer2DModel(**config).eval()
+    for p in theirs.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    ours = SD3Transformer2DModel(dict(theirs.config))
+    ours.load_state_dict(theirs.state_dict())
+    x, context = torch.randn(3, 16, 10, 10), torch.randn(3, 7, 48)
+    pooled, t = torch.randn(3, 40), torch.tensor([999.0, 500.5, 3.0])
+    with torch.no_grad():
+        expected = theirs(x, context, pooled, t).sample
+        for name in ("fast", "reference", "triton"):
+            with diffusion_fast.backend(name):
+                got = ours(x, context, pooled, t)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=name)
+        skipped = ours(x, context, pooled, t, skip_layers=[0, 2])
+    torch.testing.assert_close(skipped, theirs(x, context, pooled, t, skip_layers=[0, 2]).sample.detach(),
+                               rtol=1e-4, atol=1e-4)
+    assert (skipped - expected).abs().max() > 1e-2
+
+
+def test_transformer_errors():
+    model = SD3Transformer2DModel(dict(_tiny_diffusers.SD3_TINY))
+    x, context, pooled = torch.randn(1, 16, 8, 8), torch.randn(1, 5, 48), torch.randn(1, 40)
+    for bad, match in ((dict(hidden_states=torch.randn(1, 4, 8, 8)), "hidden_states must be a"),
+                       (dict(hidden_states=torch.randn(1, 16, 7, 8)), "multiples of 2"),
+                       (dict(hidden_states=torch.randn(1, 16, 26, 8)), "exceed the position table"),
+                       (dict(encoder_hidden_states=torch.randn(1, 5, 40)), "encoder_hidden_states must be a"),
+                       (dict(pooled_projections=torch.randn(2, 40)), "pooled_projections must be a")):
+        args = {**dict(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=1.0), **bad}
+        with pytest.raises(ValueError, match=match):
+            model(**args)
+    for field, value, match in (("qk_norm", "layer_norm", "qk_norm"), ("caption_projection_dim", 48, "must equal"),
+                                ("num_layers", 0, "positive int")):
+        with pytest.raises(ValueError, match=match):
+            SD3Transformer2DModel(dict(_tiny_diffusers.SD3_TINY, **{field: value}))
+
+
+def test_sd3_call_errors(sd3_pair):
+    _, ours = sd3_pair
+    for kwargs, error, match in (
+            (dict(prompt=None), ValueError, "give a prompt"),
+            (dict(height=36), ValueError, "height must be a"),  # not a multiple of 16 (VAE 8 x patch 2)
+            (dict(num_inference_steps=0), ValueError, "num_inference_steps"),
+            (dict(guidance_scale=-1), ValueError, "guidance_scale"),
+            (dict(prompt_2=["a", "b"]), ValueError, "prompt_2 has 2 entries"),
+            (dict(negative_prompt=3), TypeError, "negative_prompt must be a str"),
+            (dict(max_sequence_length=600), ValueError, "max_sequence_length"),
+            (dict(skip_guidance_layers=[7]), ValueError, "skip_guidance_layers"),
+            (dict(callback_on_step_end_tensor_inputs=["noise"]), ValueError, "callback_on_step_end_tensor_inputs"),
+            (dict(latents=torch.randn(1, 4, 8, 8)), ValueError, "latents must have shape"),
+            (dict(prompt=None, prompt_embeds=torch.randn(1, 333, 48)), ValueError, "needs pooled_prompt_embeds"),
+            (dict(output_type="jpeg"), ValueError, "output_type")):
+        with pytest.raises(error, match=match):
+            _run(ours, **kwargs)
+    with pytest.raises(TypeError, match="FlowMatchEulerDiscreteScheduler"):
+        StableDiffusion3Pipeline(ours.transformer, diffusion_fast.schedulers.DDIMScheduler(), ours.vae,
+                                 ours.text_encoder, ours.tokenizer, ours.text_encoder_2, ours.tokenizer_2)
+    if not ON_GPU:
+        ours.cuda_graph = True
+        try:
+            with pytest.raises(ValueError, match="needs the pipeline on a CUDA device"):
+                _run(ours)
+        finally:
+            ours.cuda_graph = "auto"
+
+
+def test_graphed_transformer_call_gives_the_eager_image(sd3_pair, monkeypatch):
+    """On CUDA the transformer call replays from one graph per shape (capture stood in for on the CPU): other
+    prompts, the same graph, the eager images bit for bit."""
+    _, ours = sd3_pair
+    calls = [dict(), dict(prompt="a dog", negative_prompt="a hat")]
+    eager = [_run(ours, **kwargs) for kwargs in calls]
+    monkeypatch.setattr(ours, "_graphs_on", lambda device: True)
+    try:
+        graphed = use_fake_graphs(ours._model(ours.device))
+        for kwargs, image in zip(calls, eager):
+            assert np.array_equal(_run(ours, **kwargs), image)
+        assert graphed.captures == 1
+    finally:
+        ours._graph = None
+
+
+def test_load_pipeline_refuses_other_transformer_pipelines(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline", "transformer": ["diffusers", '
+                                               '"FluxTransformer2DModel"]}')
+    with pytest.raises(ValueError, match="FluxPipeline .* not supported"):
+        diffusion_fast.load_pipeline(tmp_path)
