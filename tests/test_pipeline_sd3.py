@@ -16,7 +16,6 @@ import diffusion_fast
 from conftest import ON_GPU
 from diffusion_fast import StableDiffusion3Pipeline
 from diffusion_fast.models import SD3Transformer2DModel
-from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
 
 CALL = _tiny_diffusers.Comparison(prompt="a cat on a mat", num_inference_steps=4)
 _run, _assert_as_diffusers, _moved = CALL.run, CALL.as_diffusers, CALL.moved
