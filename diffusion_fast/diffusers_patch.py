@@ -1,4 +1,5 @@
-"""Drop-in acceleration of a diffusers Stable Diffusion pipeline, in place, with ``restore`` to undo it.
+"""Drop-in acceleration of a diffusers Stable Diffusion pipeline (SD 1.x/2.x, SDXL and their variants; SD3 and 3.5),
+in place, with ``restore`` to undo it.
 
 ``accelerate(pipe)`` patches instances, never classes, so other pipelines in the process are untouched (the pipeline
 itself gets a subclass of its own class, with the same name, only to catch a scheduler assigned later):
@@ -8,16 +9,17 @@ itself gets a subclass of its own class, with the same name, only to catch a sch
   alone);
 - the UNet's and VAE's ``conv_norm_out`` + ``conv_act`` become one fused op;
 - every ``Attention`` module without features we do not mirror (masks, added KV projections, spatial norm, q/k norms,
-  custom processors) gets our processor, which calls ``diffusion_fast.ops.attention`` with (B, H, L, D) views. With
+  custom processors) gets our processor (SD3's joint attention, image and text tokens at once, its own), which calls
+  ``diffusion_fast.ops.attention`` with (B, H, L, D) views. With
   ``attention="auto"`` that happens on CUDA only: on the CPU our attention is the same SDPA call diffusers' own
   processor makes, so patching it would add only Python overhead (``attention=True`` patches it anyway);
 - the scheduler's ``step`` becomes our fused step for DDIM, Euler, Euler ancestral, DPM-Solver++ (orders 1-3, ODE
-  and SDE), PNDM, UniPC and DDPM, noise drawn exactly as diffusers draws it; see ``diffusers_schedulers`` for what
+  and SDE), PNDM, UniPC, DDPM, flow-matching Euler and more, noise drawn exactly as diffusers draws it; see ``diffusers_schedulers`` for what
   each mirrors. A scheduler assigned to the pipeline afterwards (``pipe.scheduler = X.from_config(...)``, the usual
   way to change samplers) is fused at the assignment, or left alone and listed;
-- on CUDA (``cuda_graph="auto"``), the UNet's and each ControlNet's forward are replayed from CUDA graphs, one per
-  input signature, every tensor argument a graph input (SDXL's ``added_cond_kwargs``, ControlNet residuals); see
-  ``model_graphs``;
+- on CUDA (``cuda_graph="auto"``), the UNet's (SD3's transformer's) and each ControlNet's forward are replayed from
+  CUDA graphs, one per input signature, every tensor argument a graph input (SDXL's ``added_cond_kwargs``, ControlNet
+  residuals); see ``model_graphs``;
 - with ``channels_last="auto"``, the UNet, VAE and ControlNet weights go to channels_last on the CPU, where our
   pipeline measured it to pay (NCHW on CUDA until measured there); restore converts them back.
 
@@ -116,6 +118,43 @@ class DiffusionFastAttnProcessor:
         return out / attn.rescale_output_factor
 
 
+class DiffusionFastJointAttnProcessor:
+    """diffusers' JointAttnProcessor2_0 (SD3's: image and text tokens in one attention, each stream with its own
+    projections and q/k norms) with the attention itself on ``diffusion_fast.ops.attention``."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if attention_mask is not None:
+            return attn._diffusion_fast_original(attn, hidden_states, encoder_hidden_states, attention_mask)
+        batch, length = hidden_states.shape[:2]
+        head_dim = attn.to_k.out_features // attn.heads
+
+        def heads(x, projections, norms):  # (B, L, H, D) queries, keys, values; q and k normed per head
+            q, k, v = (p(x).view(batch, -1, attn.heads, head_dim) for p in projections)
+            return [t if norm is None else norm(t) for t, norm in zip((q, k), norms)] + [v]
+
+        q, k, v = heads(hidden_states, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k))
+        if encoder_hidden_states is not None:
+            cq, ck, cv = heads(encoder_hidden_states, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
+                               (attn.norm_added_q, attn.norm_added_k))
+            q, k, v = torch.cat([q, cq], dim=1), torch.cat([k, ck], dim=1), torch.cat([v, cv], dim=1)
+        out = ops._attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn.scale)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(q.dtype)
+        image = attn.to_out[1](attn.to_out[0](out[:, :length]))
+        if encoder_hidden_states is None:
+            return image
+        text = out[:, length:]
+        return image, (text if attn.context_pre_only else attn.to_add_out(text))
+
+
+def _processor_for(attn):
+    """Our processor for ``attn``, or None where its processor or features are not mirrored."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    if type(attn.processor) is JointAttnProcessor2_0 and attn.spatial_norm is None:
+        return DiffusionFastJointAttnProcessor()
+    return DiffusionFastAttnProcessor() if _attention_supported(attn) else None
+
+
 def _attention_supported(attn):
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
@@ -147,14 +186,14 @@ def _fuse_norm_out(module, report):
 
 def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, cuda_graph="auto",
                channels_last="auto"):
-    """Patch a diffusers StableDiffusion(XL)Pipeline in place to run on diffusion_fast's ops; returns ``pipe``.
+    """Patch a diffusers StableDiffusion(XL)(3)Pipeline in place to run on diffusion_fast's ops; returns ``pipe``.
 
     Accelerate after moving the pipeline to its device (or after ``enable_model_cpu_offload()``): ``"auto"`` settings
     (attention, CUDA graphs, channels_last) are decided for the device the UNet runs on then.
     """
-    if not all(hasattr(pipe, name) for name in ("unet", "vae", "scheduler")):
-        raise TypeError(f"pipe must be a diffusers Stable Diffusion pipeline (with unet, vae and scheduler), got "
-                        f"{type(pipe).__name__}")
+    if not (hasattr(pipe, "vae") and hasattr(pipe, "scheduler") and _denoiser(pipe)[1] is not None):
+        raise TypeError(f"pipe must be a diffusers Stable Diffusion pipeline (with a unet or an SD3 transformer, vae "
+                        f"and scheduler), got {type(pipe).__name__}")
     for name, value in (("attention", attention), ("cuda_graph", cuda_graph), ("channels_last", channels_last)):
         _validate.auto_or_bool(name, value)
     if getattr(pipe, _STATE, None) is not None:
@@ -172,7 +211,7 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
     state = {"resnets": [], "attention": [], "norm_out": [], "schedulers": [], "graphed": [],
              "channels_last": [], "class": type(pipe)}
     if channels_last is True or (channels_last == "auto" and not on_cuda):
-        for model in (pipe.unet, pipe.vae, *_controlnets(pipe)):
+        for model in (*_unet(pipe), pipe.vae, *_controlnets(pipe)):  # (not SD3's transformer: one conv)
             if _hooks_inside(model):
                 report["skipped"].append(f"channels_last for {type(model).__name__} (offload hooks hold its weights)")
                 continue
@@ -181,8 +220,8 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
                 model.to(memory_format=torch.channels_last)
                 state["channels_last"].append(model)
         report["channels_last"] = len(state["channels_last"])
-    models = [("unet", pipe.unet), ("vae", pipe.vae)] + [(f"controlnet{i or ''}", net)
-                                                        for i, net in enumerate(_controlnets(pipe))]
+    models = [_denoiser(pipe), ("vae", pipe.vae)] + [(f"controlnet{i or ''}", net)
+                                                   for i, net in enumerate(_controlnets(pipe))]
     for model_name, model in models:
         for name, module in model.named_modules():
             if group_norm_silu and isinstance(module, ResnetBlock2D):
@@ -196,9 +235,10 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
                 else:
                     report["skipped"].append(f"{model_name}.{name} (resnet settings not mirrored)")
             if attention and isinstance(module, Attention):
-                if _attention_supported(module):
+                processor = _processor_for(module)
+                if processor is not None:
                     module._diffusion_fast_original = module.processor
-                    module.set_processor(DiffusionFastAttnProcessor())
+                    module.set_processor(processor)
                     state["attention"].append(module)
                     report["attention"] += 1
                 else:
@@ -260,18 +300,31 @@ def _watching_class(cls):
     return _WATCHING[cls]
 
 
+def _denoiser(pipe):
+    """(its name, the model that denoises): the UNet, or SD3's transformer (None where the pipeline has neither)."""
+    unet = getattr(pipe, "unet", None)
+    return ("unet", unet) if unet is not None else ("transformer", getattr(pipe, "transformer", None))
+
+
+def _unet(pipe):
+    """[the UNet], or [] for a pipeline without one (SD3)."""
+    unet = getattr(pipe, "unet", None)
+    return [unet] if unet is not None else []
+
+
 def _execution_device(pipe) -> torch.device:
-    """Where the UNet runs: diffusers' ``_execution_device`` sees through CPU offload hooks, which keep the UNet on
+    """Where the UNet (or transformer) runs: diffusers' ``_execution_device`` sees through CPU offload hooks, which keep the UNet on
     the CPU between calls."""
     try:
         device = pipe._execution_device
     except (AttributeError, RuntimeError, ValueError):  # not a DiffusionPipeline, or hooks it cannot read
         device = None
-    return torch.device(device) if device is not None else pipe.unet.device
+    return torch.device(device) if device is not None else _denoiser(pipe)[1].device
 
 
 def _graph_models(pipe, report):
-    """Graph the UNet's call and each ControlNet's (one per net of a MultiControlNetModel), except models with hooks
+    """Graph the UNet's (or SD3 transformer's) call and each ControlNet's (one per net of a MultiControlNetModel),
+    except models with hooks
     that act during the call (offload or casting hooks on submodules move or cast weights; diffusers' caching hooks
     choose per step what to compute, which a replay would freeze); returns [(model, its instance forward or None)]
     for restore: a model-level offload hook is an instance forward, which the graph wraps and restore puts back."""
@@ -279,6 +332,11 @@ def _graph_models(pipe, report):
 
     def unet_output(out):
         return UNet2DConditionOutput(sample=out[0])
+
+    def transformer_output(out):
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=out[0])
 
     def controlnet_output(out):
         try:
@@ -288,7 +346,9 @@ def _graph_models(pipe, report):
         return ControlNetOutput(down_block_res_samples=out[0], mid_block_res_sample=out[1])
 
     graphed = []
-    for model, make_output in [(pipe.unet, unet_output)] + [(net, controlnet_output) for net in _controlnets(pipe)]:
+    name, denoiser = _denoiser(pipe)
+    first = [(denoiser, unet_output if name == "unet" else transformer_output)]
+    for model, make_output in first + [(net, controlnet_output) for net in _controlnets(pipe)]:
         if _hooks_inside(model) or hasattr(model, "_diffusers_hook"):  # diffusers' caching hooks decide per step
             report["skipped"].append(f"CUDA graph for {type(model).__name__} (hooks act during each call: offload, "
                                      "casting or step caching)")

@@ -1,6 +1,6 @@
 """Fused ``step`` methods for diffusers' DDIM, Euler, Euler ancestral, Heun, DPM2, DPM2 ancestral, LMS, DPM-Solver++
-multistep and single-step, EDM DPM-Solver++ and Euler, DEIS, PNDM, UniPC, LCM, TCD and DDPM schedulers, patched on
-the instance by ``accelerate``.
+multistep and single-step, EDM DPM-Solver++ and Euler, DEIS, PNDM, UniPC, LCM, TCD, DDPM and flow-matching Euler
+(SD3's) schedulers, patched on the instance by ``accelerate``.
 
 Each replacement computes what the scheduler's own ``step`` computes, as one fused op (``diffusion_fast.ops``),
 drawing its noise from the generator exactly as diffusers does. Whatever it does not mirror (thresholding, learned
@@ -13,9 +13,9 @@ Which schedulers are fused, and where:
 ``HeunDiscreteScheduler``, ``KDPM2DiscreteScheduler``, ``KDPM2AncestralDiscreteScheduler``, ``LMSDiscreteScheduler``,
 ``DPMSolverMultistepScheduler``, ``DPMSolverSinglestepScheduler``, ``EDMDPMSolverMultistepScheduler`` (Playground
 v2.5's), ``EDMEulerScheduler`` (CosXL's), ``DEISMultistepScheduler``, ``PNDMScheduler`` (SD1.5's default),
-``UniPCMultistepScheduler``, ``LCMScheduler`` (LCM-LoRA's), ``TCDScheduler`` (TCD-LoRA's) and ``DDPMScheduler``, on
-the CPU (C++ ops) and on CUDA (Triton kernels; all but DDIM, Euler, Euler ancestral and DDPM
-run ``linear_step``).
+``UniPCMultistepScheduler``, ``LCMScheduler`` (LCM-LoRA's), ``TCDScheduler`` (TCD-LoRA's), ``DDPMScheduler`` and
+``FlowMatchEulerDiscreteScheduler`` (SD3's), on the CPU (C++ ops) and on CUDA (Triton kernels; all but DDIM, Euler,
+Euler ancestral and DDPM run ``linear_step``).
 
 Those run the same update functions as our own schedulers, on the state diffusers' scheduler keeps: their fused
 steps are in ``diffusers_solver_steps``. This module has the ones that call an op of their own (DDIM, Euler, Euler
@@ -161,6 +161,34 @@ def _fused_ddpm_step(self, model_output, timestep, sample, generator=None, retur
     return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
 
 
+def _fused_flow_match_step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"),
+                           s_noise=1.0, generator=None, per_token_timesteps=None, return_dict=True):
+    """diffusers' FlowMatchEulerDiscreteScheduler.step (SD3's) as one fused ``linear_step``, in fp32 as diffusers
+    computes it: ``sample + (sigma_next - sigma) * v``, or with stochastic sampling ``(1 - sigma_next) * x0 +
+    sigma_next * noise``, the noise drawn as diffusers draws it; prev_sample in model_output's dtype. A timestep per
+    token keeps diffusers' own step."""
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
+
+    if (isinstance(timestep, (int, torch.IntTensor, torch.LongTensor))  # diffusers raises its own error
+            or per_token_timesteps is not None or _config_gap_now(self)):
+        return _original(self, model_output, timestep, sample, s_churn, s_tmin, s_tmax, s_noise, generator,
+                         per_token_timesteps, return_dict)
+    if self.step_index is None:
+        self._init_step_index(timestep)
+    i = self.step_index
+    sigmas, _ = _sigma_tables(self, sample.device)  # host floats (read once per schedule), exact float32 values
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    sample = sample.to(torch.float32)
+    if self.config.stochastic_sampling:
+        noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        prev, _ = ops.linear_step(model_output, sample, noise, cx=1.0, cm=-sigma, p0=1.0 - sigma_next, px=0.0,
+                                  pe=sigma_next)
+    else:
+        prev, _ = ops.linear_step(model_output, sample, cx=1.0, cm=-sigma, p0=0.0, px=1.0, pm=sigma_next - sigma)
+    self._step_index += 1
+    return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
 def _config_gap(scheduler):
     """What in the scheduler's config its fused step does not mirror (every step would be the scheduler's own), or
     None. ``fuse_step`` leaves such a scheduler alone and says why; each fused step checks again, in case the config
@@ -182,12 +210,14 @@ def _config_gap(scheduler):
                   "UniPCMultistepScheduler": ("epsilon", "v_prediction", "sample"),
                   "LCMScheduler": ("epsilon", "v_prediction", "sample"),
                   "TCDScheduler": ("epsilon", "v_prediction", "sample"),
-                  "DDPMScheduler": ("epsilon", "v_prediction", "sample")}[_fused_class(scheduler).__name__]
+                  "DDPMScheduler": ("epsilon", "v_prediction", "sample"),
+                  "FlowMatchEulerDiscreteScheduler": (None,)}[_fused_class(scheduler).__name__]  # (velocity)
+    predicts = getattr(c, "prediction_type", None)  # (a flow-matching scheduler's model predicts a velocity)
     variance = getattr(c, "variance_type", None)  # DDPM's and DPM-Solver's
     algorithm, solver = getattr(c, "algorithm_type", "dpmsolver++"), getattr(c, "solver_type", "midpoint")  # DPM's
     gaps = [
         (getattr(c, "thresholding", False), "thresholding"),
-        (c.prediction_type not in prediction, f"prediction_type {c.prediction_type!r}"),
+        (predicts not in prediction, f"prediction_type {predicts!r}"),
         (variance not in (None, "fixed_small", "fixed_small_log", "fixed_large"), f"variance_type {variance!r}"),
         (algorithm not in dpm_solver.ALGORITHMS + ("deis",), f"algorithm_type {algorithm!r}"),
         (solver not in ("midpoint", "heun", "bh1", "bh2", "logrho"), f"solver_type {solver!r}"),  # DPM, UniPC, DEIS
@@ -218,8 +248,8 @@ def _fusable():
     """[(diffusers scheduler class, its fused step)]."""
     from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
                            DPMSolverSinglestepScheduler, EDMDPMSolverMultistepScheduler, EDMEulerScheduler,
-                           EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
-                           KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, LMSDiscreteScheduler,
+                           EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
+                           HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, LMSDiscreteScheduler,
                            PNDMScheduler, TCDScheduler, UniPCMultistepScheduler)
 
     from .diffusers_solver_steps import (_fused_deis_step, _fused_dpm_multistep_step, _fused_dpm_singlestep_step,
@@ -238,7 +268,7 @@ def _fusable():
             (PNDMScheduler, _fused_pndm_step),
             (UniPCMultistepScheduler, _fused_unipc_step), (LCMScheduler, _fused_lcm_step),
             (TCDScheduler, _fused_tcd_step),
-            (DDPMScheduler, _fused_ddpm_step)]
+            (DDPMScheduler, _fused_ddpm_step), (FlowMatchEulerDiscreteScheduler, _fused_flow_match_step)]
 
 
 def fuse_step(scheduler):

@@ -325,7 +325,7 @@ def test_which_schedulers_are_left_alone_and_why():
              "KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, LMSDiscreteScheduler, "
              "DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, DEISMultistepScheduler, "
              "EDMDPMSolverMultistepScheduler, EDMEulerScheduler, PNDMScheduler, UniPCMultistepScheduler, "
-             "LCMScheduler, TCDScheduler, DDPMScheduler")
+             "LCMScheduler, TCDScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler")
     assert f"SASolverScheduler (fused: {names})" in diffusers_schedulers.fuse_step(unfused)
     assert "step" not in vars(unfused)
 

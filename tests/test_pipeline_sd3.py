@@ -173,3 +173,80 @@ def test_load_pipeline_refuses_other_transformer_pipelines(tmp_path):
                                                '"FluxTransformer2DModel"]}')
     with pytest.raises(ValueError, match="FluxPipeline .* not supported"):
         diffusion_fast.load_pipeline(tmp_path)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},  # diffusers' defaults: shift 3, CFG
+    # skip-layer guidance at steps 1-3 (0 < i < 0.9 * 4), a non-square size
+    {"skip_guidance_layers": [1], "skip_layer_guidance_start": 0.0, "skip_layer_guidance_stop": 0.9, "height": 48,
+     "width": 32},
+])
+def test_accelerate_sd3_same_images_exact_restore_and_our_ops(monkeypatch, kwargs):
+    """diffusers' own StableDiffusion3Pipeline under accelerate: the joint attention on our op (attention=True: on
+    the CPU "auto" leaves it to diffusers' SDPA), the VAE's GroupNorm+SiLU fused, flow-matching Euler as one fused
+    step; the same images, and restore puts diffusers' back bit for bit."""
+    from diffusion_fast import diffusers_patch, ops
+
+    pipe = _tiny_diffusers.sd3_pipeline(variant="sd3.5")
+    before = _run(pipe, **kwargs)
+    counts = {"_attention": 0, "linear_step": 0}
+    for name in counts:
+        real = getattr(ops, name)
+
+        def spy(*args, _real=real, _name=name, **kw):
+            counts[_name] += 1
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(ops, name, spy)
+    diffusion_fast.accelerate(pipe, attention=True)
+    report = pipe._diffusion_fast_report
+    joint = sum(isinstance(m.processor, diffusers_patch.DiffusionFastJointAttnProcessor)
+                for m in pipe.transformer.modules() if hasattr(m, "processor"))
+    assert joint == 3 + 2 and report["scheduler"] == 1 and report["resnets"] > 0  # 3 blocks, 2 second attentions
+    assert np.abs(_run(pipe, **kwargs) - before).max() <= 1e-3
+    # per step the joint attentions; a skip-layer call runs all but block 1's two; the VAE decoder's mid attention
+    slg_calls = 3 if kwargs else 0
+    assert counts["linear_step"] == 4 and counts["_attention"] == 4 * joint + slg_calls * (joint - 2) + 1
+    diffusion_fast.restore(pipe)
+    assert np.array_equal(_run(pipe, **kwargs), before)
+
+
+def test_accelerate_sd3_graphs_the_transformer_call(monkeypatch):
+    """On CUDA accelerate replays SD3's transformer from CUDA graphs (capture stood in for on the CPU): the pipeline's
+    keyword call, timestep and pooled projections as graph inputs, one capture for every step, the eager image."""
+    from diffusion_fast import diffusers_patch
+
+    pipe = _tiny_diffusers.sd3_pipeline()
+    before = _run(pipe)
+    diffusers_patch._graph_models(pipe, {"skipped": []})
+    graphed = use_fake_graphs(pipe.transformer.forward.graphed)
+    assert np.array_equal(_run(pipe), before) and graphed.captures == 1
+    del pipe.transformer.forward
+
+
+def test_accelerate_fuses_diffusers_flow_match_scheduler_exactly():
+    """accelerate's step for diffusers' FlowMatchEulerDiscreteScheduler against its own, step by step: SD3's shift,
+    stochastic sampling (noise from equal generators) and a dynamic shift."""
+    import diffusers
+
+    from diffusion_fast.diffusers_schedulers import fuse_step
+
+    for cfg, schedule in ((dict(shift=3.0), dict(num_inference_steps=6)),
+                          (dict(shift=3.0, stochastic_sampling=True), dict(num_inference_steps=4)),
+                          (dict(use_dynamic_shifting=True), dict(num_inference_steps=5, mu=0.8))):
+        plain, fused = (diffusers.FlowMatchEulerDiscreteScheduler(**cfg) for _ in range(2))
+        assert fuse_step(fused) is None
+        for sched in (plain, fused):
+            sched.set_timesteps(**schedule)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 16, 5, 7, generator=gen)
+        for t in plain.timesteps:
+            v = torch.randn(2, 16, 5, 7, generator=gen)
+            a = plain.step(v, t, x, generator=torch.Generator().manual_seed(1)).prev_sample
+            b = fused.step(v, t, x, generator=torch.Generator().manual_seed(1)).prev_sample
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+            fused._step_index -= 1  # a second look at the same step, with an fp16 model's velocity
+            half = fused.step(v.half(), t, x, generator=torch.Generator().manual_seed(1)).prev_sample
+            assert half.dtype == torch.float16  # prev in the model output's dtype, as diffusers
+            torch.testing.assert_close(half.float(), a, rtol=2e-3, atol=2e-3)
+            x = a
