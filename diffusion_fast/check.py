@@ -100,11 +100,12 @@ def _check_pipeline(args, device, dtype):
     """
     from .models.layers import guidance_scale_embedding
     from .pipeline import StableDiffusionPipeline
+    from .pipeline_sd3 import StableDiffusion3Pipeline
     from .pipeline_xl import load_pipeline
 
     def load(dt):
         if args.model:
-            return load_pipeline(args.model, dtype=dt, device=device)  # SD 1.x/2.x or SDXL, by the folder
+            return load_pipeline(args.model, dtype=dt, device=device)  # SD 1.x/2.x, SDXL or SD3, by the folder
         return StableDiffusionPipeline.from_tiny("sd1", seed=args.seed, dtype=dt, device=device)
 
     def run(pipe, name):
@@ -113,7 +114,8 @@ def _check_pipeline(args, device, dtype):
         kind, inputs = pipeline_inputs(pipe, args.seed, args.steps)
         # (image-to-image and depth-to-image draw their noise themselves: float32_draws below)
         if not kind.endswith(("image-to-image", "depth-to-image")):
-            inputs["latents"] = seed_latents(pipe.unet.config, args.seed, channels=pipe.vae.config.latent_channels)
+            inputs["latents"] = seed_latents(_denoiser(pipe).config, args.seed,
+                                             channels=pipe.vae.config.latent_channels)
         # one noise for every dtype: the given latents (see seed_latents), and every draw a pipeline makes itself
         # (the image's latent sample and noise) in float32, rounded
         with backend(name), float32_draws():
@@ -134,6 +136,15 @@ def _check_pipeline(args, device, dtype):
 
     def first_noise_pred(pipe, name):
         nonlocal probe
+        if isinstance(pipe, StableDiffusion3Pipeline):  # the transformer: latents, timestep, joint text, pooled
+            if probe is None:
+                cfg = pipe.transformer.config
+                probe = (torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen),
+                         torch.tensor(1000.0), torch.randn(2, 77 + 256, cfg.joint_attention_dim, generator=gen),
+                         torch.randn(2, cfg.pooled_projection_dim, generator=gen))
+            with backend(name), torch.no_grad():
+                x, t, emb, pooled = (v.to(device=device, dtype=pipe.dtype) for v in probe)
+                return pipe._transformer_call(x, t, emb, pooled).float().cpu()
         if probe is None:
             cfg = pipe.unet.config
             probe = (torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen),
@@ -189,13 +200,15 @@ def _check_pipeline(args, device, dtype):
     def rel(a, b):
         return ((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm()).item()
 
-    stages = {"unet_rel_err": rel(fast_eps, ref_eps), "latents_rel_err": rel(fast_latents, ref_latents),
+    model = "transformer velocity prediction" if hasattr(pipe, "transformer") else "UNet noise prediction"
+    stages = {"model": model, "unet_rel_err": rel(fast_eps, ref_eps),
+              "latents_rel_err": rel(fast_latents, ref_latents),
               "vae_psnr_db": psnr(decode(pipe, ref_latents, "fast"), ref_decoded)}
     diff = max_abs_err(torch.from_numpy(fast), torch.from_numpy(ref))
     quality = psnr(fast, ref)
     sampler = type(pipe.scheduler).__name__.replace("Scheduler", "").replace("Discrete", "").replace("Multistep", "")
     kind = pipeline_kind(pipe)
-    lcm = "LCM-distilled UNet, " if pipe.unet.config.time_cond_proj_dim is not None else ""
+    lcm = "LCM-distilled UNet, " if getattr(_denoiser(pipe).config, "time_cond_proj_dim", None) is not None else ""
     row = {"check": f"{kind} pipeline ({lcm}{args.steps} {sampler} steps, {str(dtype).replace('torch.', '')})",
            "max_abs_err": diff, "psnr_db": quality, "stages": stages}
     if dtype == torch.float32:
@@ -222,9 +235,15 @@ def _db(value):
     return "inf" if math.isinf(value) else f"{value:.1f}"
 
 
+def _denoiser(pipe):
+    """The pipeline's UNet, or SD3's transformer."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
+
+
 def pipeline_kind(pipe):
-    """"inpainting", "image-to-image" (an SDXL refiner's folder loads as such), "text-to-image", "InstructPix2Pix",
-    "x4 upscaler", "depth-to-image", "image variation",
+    """"inpainting", "image-to-image" (an SDXL refiner's folder loads as such), "text-to-image", "SD3 text-to-image",
+    "InstructPix2Pix", "x4 upscaler", "depth-to-image", "image variation",
     or one of the first three guided by the folder's ControlNets ("ControlNet", "ControlNet image-to-image",
     "ControlNet inpainting"), or text-to-image guided by its T2I-Adapters ("T2I-Adapter") or its ControlNet-Union net
     ("ControlNet-Union"); with PAG (a PAG folder's) "PAG " before the kind ("PAG text-to-image", "PAG ControlNet")."""
@@ -235,9 +254,12 @@ def pipeline_kind(pipe):
     from .pipeline_pix2pix import _InstructPix2Pix
     from .pipeline_t2i_adapter import AdapterGuidance
     from .pipeline_depth2img import StableDiffusionDepth2ImgPipeline
+    from .pipeline_sd3 import StableDiffusion3Pipeline
     from .pipeline_upscale import StableDiffusionUpscalePipeline
     from .pipeline_variation import StableDiffusionImageVariationPipeline
 
+    if isinstance(pipe, StableDiffusion3Pipeline):
+        return "SD3 text-to-image"
     if isinstance(pipe, StableDiffusionImageVariationPipeline):
         return "image variation"
     if isinstance(pipe, StableDiffusionDepth2ImgPipeline):
@@ -268,7 +290,7 @@ def pipeline_inputs(pipe, seed, steps):
 
     pag_kind = pipeline_kind(pipe)
     kind = pag_kind.removeprefix("PAG ")  # (PAG at the pipeline's scale, 3 by default: nothing more to give)
-    if kind == "text-to-image":
+    if kind.endswith("text-to-image"):  # (SD's, SDXL's or SD3's)
         return pag_kind, {}
     # (an upscaler's image is at the latents' size: it conditions the UNet beside them)
     size = pipe.unet.config.sample_size * (1 if kind == "x4 upscaler" else pipe.vae_scale_factor)
@@ -312,7 +334,7 @@ def run_check(args, device, dtype) -> int:
     print(f"{p['check']:40s} max abs pixel diff {p['max_abs_err']:.3e}, PSNR {_db(p['psnr_db'])} dB ({p['rule']})  "
           f"{'PASS' if p['passed'] else 'FAIL'}")
     st = p["stages"]
-    print(f"  stages vs fp32 reference: UNet noise prediction rel err {st['unet_rel_err']:.2e}, final latents rel "
+    print(f"  stages vs fp32 reference: {st['model']} rel err {st['unet_rel_err']:.2e}, final latents rel "
           f"err {st['latents_rel_err']:.2e}, VAE decode PSNR {_db(st['vae_psnr_db'])} dB")
     if "fast_without_graph" in p:
         g = p["fast_without_graph"]

@@ -14,8 +14,8 @@ itself gets a subclass of its own class, with the same name, only to catch a sch
   ``attention="auto"`` that happens on CUDA only: on the CPU our attention is the same SDPA call diffusers' own
   processor makes, so patching it would add only Python overhead (``attention=True`` patches it anyway);
 - the scheduler's ``step`` becomes our fused step for DDIM, Euler, Euler ancestral, DPM-Solver++ (orders 1-3, ODE
-  and SDE), PNDM, UniPC, DDPM, flow-matching Euler and more, noise drawn exactly as diffusers draws it; see ``diffusers_schedulers`` for what
-  each mirrors. A scheduler assigned to the pipeline afterwards (``pipe.scheduler = X.from_config(...)``, the usual
+  and SDE), PNDM, UniPC, DDPM, flow-matching Euler and more, noise drawn exactly as diffusers draws it; see
+  ``diffusers_schedulers`` for what each mirrors. A scheduler assigned to the pipeline afterwards (``pipe.scheduler = X.from_config(...)``, the usual
   way to change samplers) is fused at the assignment, or left alone and listed;
 - on CUDA (``cuda_graph="auto"``), the UNet's (SD3's transformer's) and each ControlNet's forward are replayed from
   CUDA graphs, one per input signature, every tensor argument a graph input (SDXL's ``added_cond_kwargs``, ControlNet

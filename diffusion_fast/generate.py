@@ -207,9 +207,10 @@ def _ensemble(base, refiner, fraction, prompt, **kwargs):
 
 def generate(args) -> int:
     from . import backend
-    from .numerics import max_abs_err, psnr
     from .pipeline import StableDiffusionPipeline
+    from .generate_sd3 import sd3_run
     from .pipeline_lcm import LatentConsistencyModelPipeline
+    from .pipeline_sd3 import StableDiffusion3Pipeline
     from .pipeline_t2i_adapter import AdapterGuidance
     from .pipeline_variation import StableDiffusionImageVariationPipeline
     from .pipeline_xl import load_pipeline
@@ -228,10 +229,16 @@ def generate(args) -> int:
     compare = args.compare or args.model is None
     t0 = time.perf_counter()
     components = model_components(args, dtype, device)
-    if args.model:  # SD 1.x/2.x or SDXL, by the folder
+    if args.model:  # SD 1.x/2.x, SDXL or SD3, by the folder
         pipe = load_pipeline(args.model, dtype=dtype, device=device, **components)
     else:
         pipe = StableDiffusionPipeline.from_tiny("sd1", seed=args.seed, dtype=dtype, device=device)
+    if isinstance(pipe, StableDiffusion3Pipeline):
+        run, steps = sd3_run(args, pipe)
+        print(f"loaded {args.model} on {device} in {dtype} in {time.perf_counter() - t0:.1f} s; scheduler "
+              f"{type(pipe.scheduler).__name__}")
+        pipe.set_progress_bar_config(disable=args.no_progress)
+        return _report_and_write(args, run, steps, compare)
     steps = default_steps(args, pipe)
     loaded = pipe  # (the folder's own pipeline; the run's may be another on its components)
     # None but for an InstructPix2Pix model, an x4 upscaler, a depth-to-image or an image-variation model
@@ -352,6 +359,14 @@ def generate(args) -> int:
         if pasted:
             output.images = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in output.images])
         return output
+
+    return _report_and_write(args, run, denoised, compare)
+
+
+def _report_and_write(args, run, denoised, compare) -> int:
+    """Run the fast path (and with ``compare`` the reference one, both warmed up first), print their speed and
+    difference, and write the fast path's images as PNGs."""
+    from .numerics import max_abs_err, psnr
 
     if compare:
         # Untimed one-step runs first, so the speedup compares sampling, not one-time costs that only the path run

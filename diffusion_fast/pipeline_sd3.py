@@ -223,6 +223,11 @@ class StableDiffusion3Pipeline:
         return batch
 
     # ---- the loop -----------------------------------------------------------------------------------------------
+    def _decode(self, latents):
+        """Images in [-1, 1] from latents: un-scaled and un-shifted (SD3's VAE centres its latents), decoded."""
+        c = self.vae.config
+        return self.vae.decode(latents / c.scaling_factor + (c.shift_factor or 0.0))
+
     def _transformer_call(self, latents, t, embeds, pooled, *skip):
         return self.transformer(latents, embeds, pooled, t.expand(latents.shape[0]), skip_layers=skip or None)
 
@@ -325,11 +330,7 @@ class StableDiffusion3Pipeline:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-        if output_type == "latent":
-            images = latents
-        else:
-            c = self.vae.config
-            images = postprocess(self.vae.decode(latents / c.scaling_factor + (c.shift_factor or 0.0)), output_type)
+        images = latents if output_type == "latent" else postprocess(self._decode(latents), output_type)
         if not return_dict:
             return (images,)
         return StableDiffusionPipelineOutput(images=images, seconds=seconds)

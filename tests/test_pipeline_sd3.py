@@ -24,7 +24,10 @@ _run, _assert_as_diffusers, _moved = CALL.run, CALL.as_diffusers, CALL.moved
 @pytest.fixture(scope="module", params=["sd3", "sd3.5"])
 def sd3_pair(request, tmp_path_factory):
     theirs = _tiny_diffusers.sd3_pipeline(variant=request.param)
-    return _tiny_diffusers.saved_pair(theirs, tmp_path_factory.mktemp("tiny-sd3"), StableDiffusion3Pipeline)
+    folder = tmp_path_factory.mktemp("tiny-sd3")
+    theirs, ours = _tiny_diffusers.saved_pair(theirs, folder, StableDiffusion3Pipeline)
+    theirs._saved_to = str(folder)
+    return theirs, ours
 
 
 @pytest.mark.parametrize("kwargs, other", [
@@ -250,3 +253,65 @@ def test_accelerate_fuses_diffusers_flow_match_scheduler_exactly():
             assert half.dtype == torch.float16  # prev in the model output's dtype, as diffusers
             torch.testing.assert_close(half.float(), a, rtol=2e-3, atol=2e-3)
             x = a
+
+
+def test_generate_sd3_folder_writes_diffusers_image(sd3_pair, tmp_path, capsys):
+    """``generate --model`` on an SD3 folder: both paths, the speed and their difference printed, and the PNG is
+    diffusers' image for the same seed (within one 8-bit level)."""
+    from PIL import Image
+
+    from diffusion_fast.cli import main
+
+    theirs, _ = sd3_pair
+    out = tmp_path / "sd3.png"
+    assert main(["generate", "--model", theirs._saved_to, "--prompt", "a cat", "--negative-prompt", "blur",
+                 "--steps", "3", "--guidance", "5", "--height", "48", "--width", "32", "--seed", "2", "--output",
+                 str(out), "--no-progress", "--compare"]) == 0
+    text = capsys.readouterr().out
+    assert "fast path:      3 steps" in text and "max abs pixel difference" in text, text
+    expected = theirs("a cat", negative_prompt="blur", num_inference_steps=3, guidance_scale=5.0, height=48,
+                      width=32, generator=torch.Generator().manual_seed(2)).images[0]
+    got = np.asarray(Image.open(out), dtype=np.int16)
+    assert got.shape == (48, 32, 3) and np.abs(got - np.asarray(expected, dtype=np.int16)).max() <= 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--image", "IN"], "Stable Diffusion 3 model .* takes no --image"),
+    (["--scheduler", "ddim", "--eta", "0.5"], "takes no --eta, --scheduler"),
+    (["--lora", "IN"], "takes no --lora"),
+], ids=["image", "scheduler-eta", "lora"])
+def test_generate_sd3_bad_options_one_line(sd3_pair, tmp_path, capsys, extra, message):
+    import re
+
+    from PIL import Image
+
+    from diffusion_fast.cli import main
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "in.png")
+    extra = [str(tmp_path / "in.png") if a == "IN" else a for a in extra]
+    assert main(["generate", "--model", sd3_pair[0]._saved_to, "--steps", "1", *extra, "--no-progress",
+                 "--output", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err, err
+
+
+def test_check_runs_an_sd3_folder(sd3_pair, capsys, monkeypatch):
+    """``check`` runs an SD3 folder both ways and compares the transformer's first prediction; a fast path whose
+    joint attention drops the text tokens fails."""
+    from diffusion_fast import current_backend
+    from diffusion_fast.cli import main
+    from diffusion_fast.models.sd3_transformer import JointAttention
+
+    assert main(["check", "--model", sd3_pair[0]._saved_to, "--steps", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "SD3 text-to-image pipeline (2 FlowMatchEuler steps" in text and "0 failed" in text, text
+    assert "transformer velocity prediction rel err" in text
+    real = JointAttention.forward
+
+    def fast_without_text(self, x, context=None):
+        if context is None or current_backend() == "reference":
+            return real(self, x, context)
+        return real(self, x), context  # (image tokens attend to themselves; the text stream passes through)
+
+    monkeypatch.setattr(JointAttention, "forward", fast_without_text)
+    assert main(["check", "--model", sd3_pair[0]._saved_to, "--steps", "2"]) == 1
