@@ -260,6 +260,8 @@ class StableDiffusion3Pipeline:
             self.scheduler.set_timesteps(sigmas=sigmas, device=device, **kwargs)
         else:
             self.scheduler.set_timesteps(num_inference_steps, device=device, **kwargs)
+        # the index diffusers' first step would look up from the timestep (a read of the device): it is the first
+        self.scheduler.set_begin_index(0)
         return len(self.scheduler.timesteps)
 
     @torch.no_grad()
