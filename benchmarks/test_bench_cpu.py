@@ -482,6 +482,24 @@ def test_variation_pipeline(benchmark, variation_pipelines, impl):
 
 
 @pytest.fixture(scope="module")
+def sd3_pipelines(tmp_path_factory):
+    """diffusers' StableDiffusion3Pipeline on the tests' tiny SD3.5 Medium-shaped model (RMSNorm on queries and
+    keys, a second attention in two of three blocks, two CLIP encoders and a T5), a second one under accelerate, and
+    ours loaded from the folder diffusers saved."""
+    return _three_ways(tmp_path_factory, "bench-sd3", lambda tiny: tiny.sd3_pipeline(variant="sd3.5"))
+
+
+@pytest.mark.parametrize("impl", ["ours", "diffusers + accelerate", "diffusers"])
+def test_sd3_pipeline(benchmark, sd3_pipelines, impl):
+    """A whole SD3 call: the three text encoders, 10 flow-matching Euler steps with CFG (batch 2 through the
+    transformer: 144 image tokens of a 24x24 latent beside 333 text tokens) at 96x96, VAE decode included, fp32."""
+    benchmark.group = "SD3 pipeline, tiny SD3.5 Medium-shaped transformer, 10 flow-matching Euler steps, 96x96"
+    pipe = sd3_pipelines[impl]
+    benchmark(lambda: pipe("a red cube on a table", height=96, width=96, num_inference_steps=10,
+                           generator=torch.Generator().manual_seed(0), output_type="np"))
+
+
+@pytest.fixture(scope="module")
 def sd_vae_decoders():
     """SD's VAE architecture (tiny.SD15_VAE) and TAESD's default one, random weights from one seed, as ours and as
     diffusers' (the same weights): {impl: decode function}."""

@@ -37,7 +37,7 @@ class StableDiffusion3Pipeline:
     _callback_tensor_inputs = ("latents", "prompt_embeds", "pooled_prompt_embeds")  # diffusers' names
 
     def __init__(self, transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
-                 text_encoder_3=None, tokenizer_3=None, *, cuda_graph="auto"):
+                 text_encoder_3=None, tokenizer_3=None, *, cuda_graph="auto", channels_last="auto"):
         check_model_config("transformer", transformer, "joint_attention_dim", "an SD3Transformer2DModel")
         for name, encoder in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
             check_model_config(name, encoder, "projection_dim", "a transformers CLIPTextModelWithProjection")
@@ -57,7 +57,8 @@ class StableDiffusion3Pipeline:
         self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2 = (
             text_encoder, tokenizer, text_encoder_2, tokenizer_2)
         self.text_encoder_3, self.tokenizer_3 = text_encoder_3, tokenizer_3
-        self.cuda_graph = cuda_graph
+        self.cuda_graph, self.channels_last = cuda_graph, channels_last
+        self._layout = torch.contiguous_format  # the VAE's current memory format
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.default_sample_size = transformer.config.sample_size
         self._progress = {}
@@ -66,9 +67,13 @@ class StableDiffusion3Pipeline:
 
     cuda_graph = auto_or_bool_setting("cuda_graph", '"auto" (capture the transformer call on CUDA), True (CUDA '
                                                      'required) or False.')
+    channels_last = auto_or_bool_setting("channels_last", '"auto" (channels_last on the CPU, NCHW on CUDA), True or '
+                                                           "False: the VAE's memory format (the transformer's convs "
+                                                           "are one patch embedding).")
 
     @classmethod
-    def from_pretrained(cls, folder, dtype=None, device=None, *, variant=None, cuda_graph="auto", **components):
+    def from_pretrained(cls, folder, dtype=None, device=None, *, variant=None, cuda_graph="auto", channels_last="auto",
+                        **components):
         """Load a diffusers SD3 folder: model_index.json, transformer/, vae/, text_encoder(_2, _3)/,
         tokenizer(_2, _3)/, scheduler/ (a folder saved without T5 loads without it, as diffusers). A component
         passed by name is used as it is."""
@@ -82,7 +87,8 @@ class StableDiffusion3Pipeline:
         return cls(load("transformer"), load("scheduler"), load("vae"),
                    load("text_encoder", CLIPTextModelWithProjection), load("tokenizer"),
                    load("text_encoder_2", CLIPTextModelWithProjection), load("tokenizer_2"),
-                   load("text_encoder_3", T5EncoderModel), load("tokenizer_3", AutoTokenizer), cuda_graph=cuda_graph)
+                   load("text_encoder_3", T5EncoderModel), load("tokenizer_3", AutoTokenizer), cuda_graph=cuda_graph,
+                   channels_last=channels_last)
 
     @property
     def device(self) -> torch.device:
@@ -224,7 +230,13 @@ class StableDiffusion3Pipeline:
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def _decode(self, latents):
-        """Images in [-1, 1] from latents: un-scaled and un-shifted (SD3's VAE centres its latents), decoded."""
+        """Images in [-1, 1] from latents: un-scaled and un-shifted (SD3's VAE centres its latents), decoded (in
+        channels_last where ``channels_last`` asks for it: on the CPU by default, as the SD pipelines measured)."""
+        wanted = self.channels_last is True or (self.channels_last == "auto" and latents.device.type == "cpu")
+        layout = torch.channels_last if wanted else torch.contiguous_format
+        if layout != self._layout:
+            self.vae.to(memory_format=layout)
+            self._layout = layout
         c = self.vae.config
         return self.vae.decode(latents / c.scaling_factor + (c.shift_factor or 0.0))
 

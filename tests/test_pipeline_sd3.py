@@ -315,3 +315,21 @@ def test_check_runs_an_sd3_folder(sd3_pair, capsys, monkeypatch):
 
     monkeypatch.setattr(JointAttention, "forward", fast_without_text)
     assert main(["check", "--model", sd3_pair[0]._saved_to, "--steps", "2"]) == 1
+
+
+def test_vae_layout_follows_channels_last(sd3_pair):
+    """channels_last="auto" decodes in channels_last on the CPU (as the SD pipelines measured it to pay), False in
+    NCHW; the same image either way."""
+    _, ours = sd3_pair
+    conv = ours.vae.decoder.conv_in.weight
+    try:
+        auto = _run(ours)
+        assert ours.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        ours.channels_last = False
+        plain = _run(ours)
+        assert ours.vae.decoder.conv_in.weight.is_contiguous() and np.abs(auto - plain).max() <= 1e-5
+        with pytest.raises(ValueError, match="channels_last"):
+            ours.channels_last = "yes"
+    finally:
+        ours.channels_last = "auto"
+    assert conv.shape == ours.vae.decoder.conv_in.weight.shape
