@@ -41,3 +41,16 @@ def test_every_results_table_row_is_rendered_from_its_files(heading, files, rows
         rendered.update(results_table.render(path).splitlines())
     missing = [row for row in rows if row not in rendered]
     assert not missing, f"under {heading!r}, rows not in {files} as results_table.py renders them: {missing[:3]}"
+
+
+def test_no_rendered_results_row_sits_under_a_heading_naming_no_file():
+    """A table pasted with results_table.py's own "### <file>" heading (no backticks: the file is not named the way
+    the check above reads) would escape that check: no row any committed results file renders may sit under a
+    heading that names no file."""
+    rendered = set()
+    for name in os.listdir(results_table.RESULTS):
+        if name.endswith((".json", ".jsonl")):
+            rows = results_table.render(os.path.join(results_table.RESULTS, name)).splitlines()
+            rendered.update(row for row in rows if row.startswith("|") and not row.startswith("|---"))
+    stray = [(heading, row) for heading, files, rows in _sections() if not files for row in rows if row in rendered]
+    assert not stray, stray[:3]
