@@ -2,8 +2,9 @@
 # One command on a CUDA machine: build the extension (CUDA kernels included), check that the C++ ops' argument errors
 # reach Python on this build (benchmarks/diagnose_op_errors.py), run the test suite on the GPU, then the kernel
 # benchmark and the end-to-end benchmark. Results append to benchmarks/results/*.jsonl.
-#   bash benchmarks/run_gpu.sh [diagnose] [tests] [kernels] [e2e] [tune]   (default: the first four; "tune" sweeps
-#   the attention tile sizes, benchmarks/tune_attention.py, a few minutes). On a lent machine with a per-command time
+#   bash benchmarks/run_gpu.sh [diagnose] [tests] [kernels] [e2e] [sd3] [tune]   (default: the first four; "sd3" is
+#   the SD3.5 Medium-shaped end-to-end benchmark, benchmarks/gpu_e2e_sd3.py; "tune" sweeps the attention tile sizes,
+#   benchmarks/tune_attention.py, a few minutes). On a lent machine with a per-command time
 #   limit, run the steps as separate commands.
 #   bash benchmarks/run_gpu.sh lease   one short lease (the device tool lends 15 minutes, machine start included): the
 #   most telling steps first, each cut off at LEASE_SECONDS (default 510) from the start: diagnose, the end-to-end
@@ -53,6 +54,7 @@ for step in "${steps[@]}"; do
     tests) python3 -m pytest tests -q -p no:cacheprovider -n 8 || status=1 ;;
     kernels) python3 benchmarks/gpu_kernels.py || status=1 ;;
     e2e) python3 benchmarks/gpu_e2e.py || status=1 ;;
+    sd3) python3 benchmarks/gpu_e2e_sd3.py || status=1 ;;
     tune) python3 benchmarks/tune_attention.py || status=1 ;;
     lease)
       bounded diagnose python3 benchmarks/diagnose_op_errors.py
@@ -60,7 +62,7 @@ for step in "${steps[@]}"; do
       bounded kernels python3 benchmarks/gpu_kernels.py --quick
       bounded tests python3 -m pytest tests -q -p no:cacheprovider -n 8 -rfE
       ;;
-    *) echo "unknown step '$step' (diagnose, tests, kernels, e2e, tune, lease)" >&2; exit 2 ;;
+    *) echo "unknown step '$step' (diagnose, tests, kernels, e2e, sd3, tune, lease)" >&2; exit 2 ;;
   esac
 done
 exit $status

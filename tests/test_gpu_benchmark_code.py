@@ -195,3 +195,25 @@ def test_e2e_dry_run_runs_every_system_and_is_left_out_of_the_tables(tmp_path):
     assert len(record["quality"]) == 6 and not any(math.isnan(v) for v in record["quality"].values())
     assert record["first_image_seconds"] is not None
     assert results_table.latest_record(str(out)) is None
+
+
+def test_sd3_e2e_dry_run_runs_every_system_and_is_left_out_of_the_tables(tmp_path):
+    """gpu_e2e_sd3.py --dry-run: its random SD3 folder, every system and quality comparison, on the CPU with a tiny
+    SD3.5-shaped model; no system may fail, and the record is marked so that the README's tables skip it."""
+    import json
+    import math
+
+    import gpu_e2e_sd3
+    import results_table
+
+    out = tmp_path / "gpu_e2e_sd3.jsonl"
+    gpu_e2e_sd3.main(["--dry-run", "--out", str(out)])
+    record = json.loads(out.read_text().splitlines()[-1])
+    assert record["dry_run"] is True and record["notes"] == [], record["notes"]
+    systems = [r["system"] for r in record["rows"]]
+    assert len(systems) == 5 and "diffusers + diffusion_fast.accelerate" in systems, systems
+    assert all(r["median_s"] > 0 and len(r["times_s"]) == 1 for r in record["rows"])
+    assert len(record["quality"]) == 4 and not any(math.isnan(v) for v in record["quality"].values())
+    assert record["quality"]["psnr_accelerated_vs_diffusers_fp16_db"] > 40  # (fp32 here: the same image)
+    assert "SD3.5" in results_table.gpu_e2e(record)
+    assert results_table.latest_record(str(out)) is None
