@@ -66,6 +66,17 @@ def timed(fn, repeats, device):
     return statistics.median(times), times
 
 
+def record_header(dry_run):
+    """What every end-to-end record starts with: its kind, the date, the GPU and the versions."""
+    import diffusers
+    import triton
+
+    return {"benchmark": "gpu_e2e", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "gpu": "none (--dry-run on the CPU)" if dry_run else torch.cuda.get_device_name(),
+            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+            "diffusers": diffusers.__version__}
+
+
 def first_image_seconds(folder, steps):
     """Seconds from starting a fresh process to its first image written, as a new user would see it."""
     with tempfile.TemporaryDirectory() as out:
@@ -96,7 +107,6 @@ def main(argv=None):
     elif not torch.cuda.is_available():
         sys.exit("gpu_e2e.py needs a CUDA GPU (--dry-run runs its code on the CPU)")
     import diffusers
-    import triton
 
     device, dtype = (torch.device("cpu"), torch.float32) if args.dry_run else (torch.device("cuda"), torch.float16)
     steps = args.steps
@@ -243,10 +253,7 @@ def main(argv=None):
         pag_rows[OURS_PAG]["speedup_vs_diffusers_pag"] = (pag_rows[OURS_PAG]["it_per_s"]
                                                           / pag_rows[DIFFUSERS_PAG]["it_per_s"])
     record = {
-        "benchmark": "gpu_e2e", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "gpu": "none (--dry-run on the CPU)" if args.dry_run else torch.cuda.get_device_name(),
-        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "diffusers": diffusers.__version__,
+        **record_header(args.dry_run),
         "config": (f"tiny SD1-shaped model, random weights, fp32, CFG 7.5, {steps} DDIM steps, batch 1 (dry run)"
                    if args.dry_run else
                    f"SD1.5 architecture, random weights, fp16, 512x512, CFG 7.5, {steps} DDIM steps, batch 1"),

@@ -19,7 +19,6 @@ record ``dry_run``: its figures mean nothing, but a slip in this script shows up
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -32,6 +31,9 @@ import diffusion_fast
 from diffusion_fast import backend, tiny
 from diffusion_fast.numerics import psnr, strict_fp32
 from diffusion_fast.pipeline_sd3 import StableDiffusion3Pipeline
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_e2e import free, record_header, timed  # noqa: E402  (the SD1.5 benchmark's timing and record fields)
 
 PROMPT = "a photograph of an astronaut riding a horse"
 SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
@@ -78,25 +80,6 @@ def write_random_sd3(folder, dry_run, device):
     pipe.to(torch.float32 if dry_run else torch.float16).save_pretrained(folder)
 
 
-def free(device):
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def timed(fn, repeats, device):
-    fn()  # warm-up: Triton compilation, graph capture, cuBLAS/cuDNN choices
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2], times
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=28)
@@ -110,7 +93,6 @@ def main(argv=None):
     elif not torch.cuda.is_available():
         sys.exit("gpu_e2e_sd3.py needs a CUDA GPU (--dry-run runs its code on the CPU)")
     import diffusers
-    import triton
 
     device, dtype = (torch.device("cpu"), torch.float32) if args.dry_run else (torch.device("cuda"), torch.float16)
     size = 32 if args.dry_run else 1024
@@ -196,10 +178,7 @@ def main(argv=None):
     for r in rows:
         r["speedup_vs_diffusers_eager"] = r["it_per_s"] / eager
     record = {
-        "benchmark": "gpu_e2e", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "gpu": "none (--dry-run on the CPU)" if args.dry_run else torch.cuda.get_device_name(),
-        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "diffusers": diffusers.__version__,
+        **record_header(args.dry_run),
         "config": (f"tiny SD3.5-shaped model, random weights, fp32, {size}x{size}, CFG 7, {steps} flow-matching Euler "
                    "steps, batch 1 (dry run)" if args.dry_run else
                    f"SD3.5 Medium architecture (no T5), random weights, fp16, {size}x{size}, CFG 7, {steps} "

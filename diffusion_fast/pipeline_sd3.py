@@ -109,6 +109,22 @@ class StableDiffusion3Pipeline:
     def set_progress_bar_config(self, **kwargs):
         self._progress = kwargs
 
+    _guidance_scale = 7.0  # the running call's (diffusers' attribute: a step callback may set it to 0)
+    _num_timesteps = None
+
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self):
+        return self._guidance_scale > 1
+
+    @property
+    def num_timesteps(self):
+        """The running (or last) call's number of steps, as diffusers' callbacks read it."""
+        return self._num_timesteps
+
     @property
     def interrupt(self):
         """Set ``pipe._interrupt = True`` in a step callback to skip the remaining steps, as in diffusers."""
@@ -289,15 +305,18 @@ class StableDiffusion3Pipeline:
         width = width if width is not None else self.default_sample_size * self.vae_scale_factor
         prompts = dict(prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
                        negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3)
+        # (a diffusers PipelineCallback names its own tensors, as diffusers reads them)
+        callback_inputs = list(getattr(callback_on_step_end, "tensor_inputs", callback_on_step_end_tensor_inputs))
         batch = self._check_inputs(prompts, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
                                    negative_pooled_prompt_embeds, height, width, num_inference_steps, guidance_scale,
                                    num_images_per_prompt, output_type, max_sequence_length, skip_guidance_layers,
-                                   list(callback_on_step_end_tensor_inputs))
+                                   callback_inputs)
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise TypeError(f"callback_on_step_end must be callable (pipe, step, timestep, tensors) -> dict, got "
                             f"{type(callback_on_step_end).__name__}")
         device = self.device
-        do_cfg = guidance_scale > 1
+        self._guidance_scale = guidance_scale  # (a step callback may change it: diffusers' SD3CFGCutoffCallback)
+        do_cfg = self.do_classifier_free_guidance
         prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = self.encode_prompt(
             prompt, prompt_2, prompt_3, device, num_images_per_prompt, do_cfg, negative_prompt, negative_prompt_2,
             negative_prompt_3, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
@@ -313,7 +332,7 @@ class StableDiffusion3Pipeline:
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}")
         latents = latents.to(device=device, dtype=prompt_embeds.dtype)
-        steps = self._set_timesteps(num_inference_steps, device, sigmas, mu, shape)
+        steps = self._num_timesteps = self._set_timesteps(num_inference_steps, device, sigmas, mu, shape)
         model = self._model(device)
         skip = tuple(skip_guidance_layers or ())
         if device.type == "cuda":
@@ -323,18 +342,19 @@ class StableDiffusion3Pipeline:
         for i, t in enumerate(tqdm(self.scheduler.timesteps, **{"desc": "denoising", **self._progress})):
             if self._interrupt:
                 continue
+            do_cfg = self.do_classifier_free_guidance  # (read every step, as diffusers does)
             model_input = torch.cat([latents, latents]) if do_cfg else latents
             pred = model(model_input, t, prompt_embeds, pooled)
             if do_cfg:
                 uncond, text = pred.chunk(2)
-                pred = uncond + guidance_scale * (text - uncond)
+                pred = uncond + self._guidance_scale * (text - uncond)
                 if skip and steps * skip_layer_guidance_start < i < steps * skip_layer_guidance_stop:
                     skipped = model(latents, t, cond_embeds, cond_pooled, *skip)
                     pred = pred + (text - skipped) * skip_layer_guidance_scale
             latents = self.scheduler.step(pred, t, latents, return_dict=False)[0]
             if callback_on_step_end is not None:
                 named = {"latents": latents, "prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
-                outputs = callback_on_step_end(self, i, t, {k: named[k] for k in callback_on_step_end_tensor_inputs})
+                outputs = callback_on_step_end(self, i, t, {k: named[k] for k in callback_inputs})
                 if not isinstance(outputs, dict):
                     raise TypeError(f"callback_on_step_end must return a dict (the tensors it replaces, or {{}}), "
                                     f"got {type(outputs).__name__}")

@@ -188,19 +188,12 @@ def test_accelerate_sd3_same_images_exact_restore_and_our_ops(monkeypatch, kwarg
     """diffusers' own StableDiffusion3Pipeline under accelerate: the joint attention on our op (attention=True: on
     the CPU "auto" leaves it to diffusers' SDPA), the VAE's GroupNorm+SiLU fused, flow-matching Euler as one fused
     step; the same images, and restore puts diffusers' back bit for bit."""
-    from diffusion_fast import diffusers_patch, ops
+    from _scheduler_parity import count_op_calls
+    from diffusion_fast import diffusers_patch
 
     pipe = _tiny_diffusers.sd3_pipeline(variant="sd3.5")
     before = _run(pipe, **kwargs)
-    counts = {"_attention": 0, "linear_step": 0}
-    for name in counts:
-        real = getattr(ops, name)
-
-        def spy(*args, _real=real, _name=name, **kw):
-            counts[_name] += 1
-            return _real(*args, **kw)
-
-        monkeypatch.setattr(ops, name, spy)
+    attention, steps = count_op_calls(monkeypatch, "_attention"), count_op_calls(monkeypatch, "linear_step")
     diffusion_fast.accelerate(pipe, attention=True)
     report = pipe._diffusion_fast_report
     joint = sum(isinstance(m.processor, diffusers_patch.DiffusionFastJointAttnProcessor)
@@ -209,7 +202,7 @@ def test_accelerate_sd3_same_images_exact_restore_and_our_ops(monkeypatch, kwarg
     assert np.abs(_run(pipe, **kwargs) - before).max() <= 1e-3
     # per step the joint attentions; a skip-layer call runs all but block 1's two; the VAE decoder's mid attention
     slg_calls = 3 if kwargs else 0
-    assert counts["linear_step"] == 4 and counts["_attention"] == 4 * joint + slg_calls * (joint - 2) + 1
+    assert len(steps) == 4 and len(attention) == 4 * joint + slg_calls * (joint - 2) + 1
     diffusion_fast.restore(pipe)
     assert np.array_equal(_run(pipe, **kwargs), before)
 
@@ -352,3 +345,18 @@ def test_cuda_graph_sd3_loop_matches_eager_on_gpu(sd3_pair):
     assert len(pipe._graph) == 1
     torch.testing.assert_close(outs[1], outs[0], rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(outs[2], outs[1], rtol=0, atol=0)
+
+
+def test_diffusers_cfg_cutoff_callback_and_embeds_per_image(sd3_pair):
+    """diffusers' SD3CFGCutoffCallback (guidance off after the first step: the pipeline's _guidance_scale set to 0,
+    the embeddings cut to the prompt's) works as in diffusers; given embeddings are repeated per image like a prompt's."""
+    from diffusers.callbacks import SD3CFGCutoffCallback
+
+    theirs, ours = sd3_pair
+    cutoff = SD3CFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=0)
+    b = _assert_as_diffusers(theirs, ours, callback_on_step_end=cutoff)
+    assert ours.num_timesteps == 4 and ours.guidance_scale == 0.0  # (what the callback read and set)
+    assert _moved(_run(ours), b)
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    given = dict(zip(names, ours.encode_prompt("a cat on a mat")), prompt=None)
+    assert np.array_equal(_run(ours, num_images_per_prompt=2, **given), _run(ours, num_images_per_prompt=2))
