@@ -253,6 +253,22 @@ class StableDiffusionPipeline(GraphedLoop, TextEncoding, LoraLoaderMixin, Textua
         """Set ``pipe._interrupt = True`` in a step callback to skip the remaining steps, as in diffusers."""
         return self._interrupt
 
+    _guidance_scale = 7.5  # the running call's, as diffusers keeps it: a step callback may set it to 0
+    _num_timesteps = None
+
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self):
+        return self._guided(self._guidance_scale)
+
+    @property
+    def num_timesteps(self):
+        """The running (or last) call's number of denoising steps, as diffusers' callbacks read it."""
+        return self._num_timesteps
+
     def _callback(self, fn, inputs):
         """The step callback, its tensor names checked (before any work); None without one."""
         return None if fn is None else StepCallback(fn, inputs, self._callback_tensor_inputs, {})
@@ -343,9 +359,13 @@ class StableDiffusionPipeline(GraphedLoop, TextEncoding, LoraLoaderMixin, Textua
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         self._interrupt = False
+        self._guidance_scale, self._num_timesteps = guidance_scale, len(timesteps)
         for i, t in enumerate(tqdm(timesteps, **{"desc": "denoising", **self._progress})):
             if self._interrupt:
                 continue
+            if self._guidance_scale != guidance_scale:  # a step callback set it: diffusers' CFG cutoff callbacks
+                guidance_scale = self._guidance_scale  # (which also cut the embeddings to the prompt's rows)
+                do_cfg = do_cfg and self._guided(guidance_scale)
             step_cond = (*self._step_cond(i, len(timesteps), cond), *call_inputs)
             if graphed:  # replays write a static buffer, which the next replay copies in as its input
                 latents = graphs["step"](latents, t, embeds, float(guidance_scale), do_cfg, num_inference_steps,

@@ -277,6 +277,35 @@ def test_step_callback_and_interrupt_as_diffusers(pair, backend_name):
     assert np.abs(images[1] - images[0]).max() <= PIPELINE_FP32_MAX_ABS
 
 
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler"])
+def test_diffusers_cfg_cutoff_callback_as_diffusers(pair, scheduler, monkeypatch):
+    """diffusers' SDCFGCutoffCallback (at its cutoff step: the pipeline's _guidance_scale set to 0 and the embeddings
+    cut to the prompt's rows) turns guidance off for the remaining steps as in diffusers, with DDIM's fused CFG step
+    and Euler's; with the whole step graphed (stood in for on the CPU) the loop takes a second graph for the batch of
+    one and gives the eager image."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    cutoff = SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=1)
+    with _tiny_diffusers.swapped_schedulers(scheduler, [pair[0]], [pair[1]]):
+        a, b = _both(pair, prompt="a red cube", num_inference_steps=5, callback_on_step_end=cutoff)
+        assert np.abs(a - b).max() <= PIPELINE_FP32_MAX_ABS
+        assert pair[1].num_timesteps == 5 and pair[1].guidance_scale == 0.0  # (what the callback read and set)
+        assert not pair[1].do_classifier_free_guidance
+        _, guided = _both(pair, prompt="a red cube", num_inference_steps=5)
+        assert np.abs(guided - b).max() > 0.005 and pair[1].guidance_scale == 7.5
+    if scheduler == "DDIMScheduler":
+        _, ours = pair
+        monkeypatch.setattr(ours, "_graph_mode", lambda device, eta: "step")
+        ours._graphs = None
+        try:
+            graphed = use_fake_graphs(ours._graphs_for_components()["step"])
+            assert np.array_equal(_both(pair, prompt="a red cube", num_inference_steps=5,
+                                        callback_on_step_end=cutoff)[1], b)
+            assert graphed.captures == 2  # CFG (batch 2), then the prompt alone (batch 1)
+        finally:
+            ours._graphs = None
+
+
 def test_step_callback_with_the_step_graphed(monkeypatch):
     """With the whole step graphed (stood in for on the CPU), the callback gets a copy of the graph's output, and the
     latents it returns are the next replay's input: the eager loop's image."""

@@ -124,6 +124,17 @@ def test_step_callback_sees_and_replaces_the_added_conditioning(pair):
                  callback_on_step_end_tensor_inputs=inputs) <= PIPELINE_FP32_MAX_ABS
 
 
+def test_diffusers_sdxl_cfg_cutoff_callback_as_diffusers(pair):
+    """diffusers' SDXLCFGCutoffCallback cuts the embeddings, pooled embeddings and time ids to the prompt's rows and
+    turns guidance off at its step: the same image as diffusers'."""
+    from diffusers.callbacks import SDXLCFGCutoffCallback
+
+    cutoff = SDXLCFGCutoffCallback(cutoff_step_ratio=0.4)
+    assert _both(pair, prompt="a red cube", negative_prompt="blur", num_inference_steps=5,
+                 callback_on_step_end=cutoff) <= PIPELINE_FP32_MAX_ABS
+    assert pair[1].guidance_scale == 0.0 and pair[1].num_timesteps == 5
+
+
 def test_the_run_begins_at_index_zero_as_diffusers_sdxl(pair, monkeypatch):
     # diffusers' SDXL pipeline calls set_begin_index(0) (its SD pipeline does not): the first step then reads no
     # timestep to find its index, which also matters where the first timestep appears twice in a schedule
