@@ -13,7 +13,7 @@ import torch
 from .cli import KARRAS_SCHEDULERS, SCHEDULER_CHOICES, UsageError, _device, _dtype
 from .generate_guidance import (load_ip_adapters, open_image, read_adapter_images, read_control_images,
                                 read_ip_adapter_images, with_t2i_adapters)
-from .generate_model import (default_steps, depth_options, model_components, pag_options, pix2pix_options,
+from .generate_model import (default_steps, depth_options, load_loras, model_components, pag_options, pix2pix_options,
                              upscale_options, variation_options)
 
 
@@ -244,12 +244,7 @@ def generate(args) -> int:
     # None but for an InstructPix2Pix model, an x4 upscaler, a depth-to-image or an image-variation model
     edit = (pix2pix_options(args, pipe, init_image) or upscale_options(args, pipe, init_image)
             or depth_options(args, pipe, init_image) or variation_options(args, pipe, init_image))
-    for i, (path, scale) in enumerate(args.lora):
-        pipe.load_lora_weights(path, adapter_name=f"lora_{i}")
-    if args.lora:  # diffusers activates the last LoRA loaded; here every one given is active, at its scale
-        pipe.set_adapters([f"lora_{i}" for i in range(len(args.lora))], [scale for _, scale in args.lora])
-        print(f"merged {len(args.lora)} LoRA{'s' if len(args.lora) > 1 else ''}: "
-              + ", ".join(f"{path} at {scale:g}" for path, scale in args.lora))
+    load_loras(args, pipe)
     embeddings = [(path, read_embedding(path), token) for path, token in args.embedding]  # (each file read once)
     for _, state, token in embeddings:
         pipe.load_textual_inversion(state, token=token)

@@ -28,6 +28,16 @@ def model_components(args, dtype, device):
     return components
 
 
+def load_loras(args, pipe):
+    """Merge every --lora at its scale, all of them active (diffusers activates the last one loaded)."""
+    for i, (path, _) in enumerate(args.lora):
+        pipe.load_lora_weights(path, adapter_name=f"lora_{i}")
+    if args.lora:
+        pipe.set_adapters([f"lora_{i}" for i in range(len(args.lora))], [scale for _, scale in args.lora])
+        print(f"merged {len(args.lora)} LoRA{'s' if len(args.lora) > 1 else ''}: "
+              + ", ".join(f"{path} at {scale:g}" for path, scale in args.lora))
+
+
 def default_steps(args, pipe):
     """--steps, or the default for the model: 4 for an LCM-distilled one (as diffusers' LCM pipelines), 50, or 20
     for the built-in tiny model. An LCM pipeline takes no negative prompt and no eta, as diffusers' does."""

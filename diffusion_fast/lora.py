@@ -1,4 +1,5 @@
-"""LoRA weights merged into our pipelines' models: diffusers/PEFT, older diffusers and kohya files, SD and SDXL.
+"""LoRA weights merged into our pipelines' models: diffusers/PEFT, older diffusers and kohya files, SD and SDXL;
+diffusers/PEFT files for SD3's transformer and text encoders.
 
 A LoRA adds ``scale * up @ down`` to a weight (a Linear's, or a Conv2d's with the kernel in ``down``: LoCon). diffusers
 keeps the factors beside the weight and adds their product's output at every call, until ``fuse_lora``; here the
@@ -29,16 +30,20 @@ import torch
 from .lora_files import COMPONENTS, lora_factors, read_lora
 from .models.attention import Attention
 
-def lora_call_scale(call):
-    """A pipeline ``__call__`` that takes diffusers' ``cross_attention_kwargs={"scale": s}``: the active LoRAs run at
-    ``s`` times their weights for this call (UNet and text encoders, as in diffusers), and are put back after it."""
+def lora_call_scale(call=None, *, name="cross_attention_kwargs"):
+    """A pipeline ``__call__`` that takes diffusers' ``cross_attention_kwargs={"scale": s}`` (SD3's pipeline:
+    ``joint_attention_kwargs``, as ``name``): the active LoRAs run at ``s`` times their weights for this call (the
+    UNet or transformer and the text encoders, as in diffusers), and are put back after it."""
+    if call is None:
+        return functools.partial(lora_call_scale, name=name)
+
     @functools.wraps(call)
-    def with_scale(self, *args, cross_attention_kwargs=None, **kwargs):
-        with self._lora_call_scale(cross_attention_kwargs):
+    def with_scale(self, *args, **kwargs):
+        with self._lora_call_scale(kwargs.pop(name, None), name):
             return call(self, *args, **kwargs)
 
     signature = inspect.signature(call)
-    extra = inspect.Parameter("cross_attention_kwargs", inspect.Parameter.KEYWORD_ONLY, default=None)
+    extra = inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
     with_scale.__signature__ = signature.replace(parameters=[*signature.parameters.values(), extra])
     return with_scale
 
@@ -62,7 +67,8 @@ class LoraLoaderMixin:
         return self._lora
 
     def load_lora_weights(self, lora, adapter_name=None, *, weight_name=None, scale=1.0):
-        """Merge a LoRA (a file, a folder or a state dict) into the UNet and text encoders, at ``scale``.
+        """Merge a LoRA (a file, a folder or a state dict) into the UNet (or transformer) and text encoders, at
+        ``scale``.
 
         The image is diffusers' after its ``load_lora_weights`` (then ``fuse_lora(lora_scale=scale)``), within the fp32
         pipeline tolerance. As in diffusers, the LoRA just loaded is the active one: earlier ones stay loaded, inactive,
@@ -151,16 +157,16 @@ class LoraLoaderMixin:
         self._merge_loras()
 
     @contextlib.contextmanager
-    def _lora_call_scale(self, cross_attention_kwargs):
-        if cross_attention_kwargs is None:
+    def _lora_call_scale(self, call_kwargs, name="cross_attention_kwargs"):
+        if call_kwargs is None:
             yield
             return
-        if not isinstance(cross_attention_kwargs, dict):
-            raise TypeError(f"cross_attention_kwargs must be a dict, got {type(cross_attention_kwargs).__name__}")
-        unknown = sorted(set(cross_attention_kwargs) - {"scale"})
+        if not isinstance(call_kwargs, dict):
+            raise TypeError(f"{name} must be a dict, got {type(call_kwargs).__name__}")
+        unknown = sorted(set(call_kwargs) - {"scale"})
         if unknown:
-            raise ValueError(f"cross_attention_kwargs: only 'scale' (the LoRA scale) is taken here, got {unknown}")
-        scale = _check_weight("cross_attention_kwargs['scale']", cross_attention_kwargs.get("scale", 1.0))
+            raise ValueError(f"{name}: only 'scale' (the LoRA scale) is taken here, got {unknown}")
+        scale = _check_weight(f"{name}['scale']", call_kwargs.get("scale", 1.0))
         state = self._lora_state()
         if scale == 1.0 or not state["weights"]:  # (diffusers ignores the scale without a LoRA)
             yield

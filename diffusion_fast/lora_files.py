@@ -1,5 +1,5 @@
 """Reading LoRA files: the formats diffusers reads for SD and SDXL (diffusers/PEFT, older diffusers, kohya with
-diffusers' or SGM's UNet names), each key mapped to the module it adapts, and each module's (down, up, scale) checked
+diffusers' or SGM's UNet names) and SD3's diffusers/PEFT files, each key mapped to the module it adapts, and each module's (down, up, scale) checked
 against the module's weight; what cannot be merged refused with every offending key named. ``lora`` merges them."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_weights name
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")  # (transformer: SD3's, diffusers' format)
 _KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                    "lora_te2_": "text_encoder_2"}
 _UNSUPPORTED = {"dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "hada_": "LoHa", "lokr_": "LoKr",
@@ -30,7 +30,7 @@ _SGM_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embe
 
 @dataclass(frozen=True)
 class LoraFactor:
-    component: str  # "unet", "text_encoder" or "text_encoder_2"
+    component: str  # "unet" (or SD3's "transformer"), "text_encoder" or "text_encoder_2"
     module: str  # the adapted module's name in that component, e.g. "down_blocks.0.attentions.0.proj_in"
     up: torch.Tensor  # (out, r) or (out, r, 1, 1)
     down: torch.Tensor  # (r, in) or (r, in, kh, kw)
@@ -88,6 +88,8 @@ def lora_factors(state: dict, metadata: dict | None, models: dict) -> list[LoraF
             unmatched.append(key)
             continue
         component, name, role = parsed
+        if component == "denoiser":
+            component = "transformer" if "transformer" in models else "unet"
         if component not in models or models[component] is None:
             unmatched.append(f"{key} (this pipeline has no {component})")
             continue
@@ -137,7 +139,7 @@ def _parse_key(key):
             name, _, suffix = key[len(prefix):].partition(".")
             role = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(suffix)
             return (component, name, role) if role else None
-    component = "unet"  # diffusers reads unprefixed keys as the UNet's
+    component = "denoiser"  # diffusers reads unprefixed keys as the UNet's (SD3's: the transformer's)
     for c in COMPONENTS:
         if key.startswith(c + "."):
             component, key = c, key[len(c) + 1:]
@@ -148,7 +150,7 @@ def _parse_key(key):
                          (".alpha", "alpha")):
         if key.endswith(suffix):
             name = key[:-len(suffix)]
-            kind = "unet" if component == "unet" else "text"
+            kind = "text" if component.startswith("text_encoder") else "unet"
             head, _, last = name.rpartition(".")
             if last in _PROCESSOR_NAMES[kind]:  # an older attention-processor LoRA
                 name = head.removesuffix(".processor") + "." + _PROCESSOR_NAMES[kind][last]

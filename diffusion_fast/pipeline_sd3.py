@@ -4,10 +4,12 @@ Same seed and weights give the same image as diffusers' StableDiffusion3Pipeline
 encoders (penultimate hidden states side by side, zero-padded to T5's width, pooled outputs concatenated) and T5
 (its hidden states after CLIP's tokens; zeros where the folder has no T5), the noise drawn as diffusers draws it,
 classifier-free guidance above scale 1, SD3.5's skip-layer guidance, and the latents decoded after un-scaling and
-un-shifting. What differs is how it runs: the attention of every block is our flash-attention op over the joint
-image + text sequence, the scheduler's update is one fused op whose coefficients come from a host copy of the sigmas
-(the loop never waits on the device), and on CUDA the transformer call is captured once per input shape as a CUDA
-graph and replayed every step (``cuda_graph``).
+un-shifting; LoRAs (diffusers' format, on the transformer and the CLIP encoders) at a call's
+``joint_attention_kwargs={"scale": s}``. What differs is how it runs: the attention of every block is our
+flash-attention op over the joint image + text sequence, the scheduler's update is one fused op whose coefficients
+come from a host copy of the sigmas (the loop never waits on the device), LoRAs are merged into the weights (nothing
+extra per step), and on CUDA the transformer call is captured once per input shape as a CUDA graph and replayed
+every step (``cuda_graph``).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ._backend import current_backend
 from .cuda_graph import GraphedCallable, ModuleState
+from .lora import LoraLoaderMixin, lora_call_scale
 from .pipeline_common import (OUTPUT_TYPES, StableDiffusionPipelineOutput, auto_or_bool_setting, check_size,
                               postprocess)
 from .pipeline_folder import ComponentLoader, check_model_config, read_model_index, resolve_dtype
@@ -33,7 +36,7 @@ def calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shif
     return image_seq_len * m + base_shift - m * base_seq_len
 
 
-class StableDiffusion3Pipeline:
+class StableDiffusion3Pipeline(LoraLoaderMixin):
     _callback_tensor_inputs = ("latents", "prompt_embeds", "pooled_prompt_embeds")  # diffusers' names
 
     def __init__(self, transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
@@ -292,6 +295,7 @@ class StableDiffusion3Pipeline:
         self.scheduler.set_begin_index(0)
         return len(self.scheduler.timesteps)
 
+    @lora_call_scale(name="joint_attention_kwargs")
     @torch.no_grad()
     def __call__(self, prompt=None, prompt_2=None, prompt_3=None, height=None, width=None, num_inference_steps=28,
                  sigmas=None, guidance_scale=7.0, negative_prompt=None, negative_prompt_2=None,

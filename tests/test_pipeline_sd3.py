@@ -271,8 +271,8 @@ def test_generate_sd3_folder_writes_diffusers_image(sd3_pair, tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--image", "IN"], "Stable Diffusion 3 model .* takes no --image"),
     (["--scheduler", "ddim", "--eta", "0.5"], "takes no --eta, --scheduler"),
-    (["--lora", "IN"], "takes no --lora"),
-], ids=["image", "scheduler-eta", "lora"])
+    (["--embedding", "IN"], "takes no --embedding"),
+], ids=["image", "scheduler-eta", "embedding"])
 def test_generate_sd3_bad_options_one_line(sd3_pair, tmp_path, capsys, extra, message):
     import re
 
@@ -360,3 +360,75 @@ def test_diffusers_cfg_cutoff_callback_and_embeds_per_image(sd3_pair):
     names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
     given = dict(zip(names, ours.encode_prompt("a cat on a mat")), prompt=None)
     assert np.array_equal(_run(ours, num_images_per_prompt=2, **given), _run(ours, num_images_per_prompt=2))
+
+
+def _sd3_lora(folder, theirs, rank=4, alpha=8, seed=0):
+    """A LoRA as diffusers' SD3 training script saves it: a PEFT adapter on the transformer (attention in and out of
+    both streams, SD3.5's second attention, the feed-forwards), and factors for both CLIP encoders' attention, through
+    save_lora_weights with the adapter's config as metadata."""
+    import copy
+
+    import diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from test_lora import _factors, _targets
+
+    transformer = copy.deepcopy(theirs.transformer)
+    torch.manual_seed(seed)
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+               "ff.net.0.proj", "ff.net.2"]
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False, target_modules=targets))
+    generator, text = torch.Generator().manual_seed(seed), [{}, {}]
+    for layers, encoder in zip(text, (theirs.text_encoder, theirs.text_encoder_2)):
+        for name, weight in _targets(encoder, ("q_proj", "v_proj")):
+            layers[f"{name}.lora_A.weight"], layers[f"{name}.lora_B.weight"] = _factors(weight, rank, generator)
+    text_metadata = dict(r=rank, lora_alpha=alpha // 2, target_modules=["q_proj", "v_proj"])
+    diffusers.StableDiffusion3Pipeline.save_lora_weights(
+        folder, transformer_lora_layers=get_peft_model_state_dict(transformer), text_encoder_lora_layers=text[0],
+        text_encoder_2_lora_layers=text[1], transformer_lora_adapter_metadata=transformer.peft_config[
+            "default"].to_dict(), text_encoder_lora_adapter_metadata=text_metadata,
+        text_encoder_2_lora_adapter_metadata=text_metadata)
+    return str(folder)
+
+
+def test_sd3_lora_as_diffusers_at_a_call_scale_and_unloaded_exactly(tmp_path):
+    """A diffusers-format SD3 LoRA (transformer and both CLIP encoders), merged: diffusers' image after its
+    load_lora_weights, at joint_attention_kwargs' scale too; unload gives back the weights bit for bit."""
+    theirs, ours = _tiny_diffusers.saved_pair(_tiny_diffusers.sd3_pipeline(variant="sd3.5"), tmp_path / "model",
+                                              StableDiffusion3Pipeline)
+    before = _run(ours)
+    weights = {k: v.clone() for k, v in ours.transformer.state_dict().items()}
+    lora = _sd3_lora(tmp_path / "lora", theirs)
+    for pipe in (theirs, ours):
+        pipe.load_lora_weights(lora)
+    with_lora = _assert_as_diffusers(theirs, ours)
+    assert _moved(with_lora, before)
+    assert _moved(_assert_as_diffusers(theirs, ours, joint_attention_kwargs={"scale": 0.5}), with_lora)
+    with pytest.raises(ValueError, match=r"joint_attention_kwargs: only 'scale'"):
+        _run(ours, joint_attention_kwargs={"ip_adapter_image_embeds": None})
+    ours.unload_lora_weights()
+    assert all(torch.equal(v, weights[k]) for k, v in ours.transformer.state_dict().items())
+    assert np.array_equal(_run(ours), before)
+
+
+def test_generate_sd3_with_a_lora(sd3_pair, tmp_path, capsys):
+    """``generate --lora`` on an SD3 folder merges it at its scale: diffusers' image with the LoRA at that scale."""
+    from PIL import Image
+
+    from diffusion_fast.cli import main
+
+    theirs, _ = sd3_pair
+    lora = _sd3_lora(tmp_path / "lora", theirs)
+    out = tmp_path / "lora.png"
+    assert main(["generate", "--model", theirs._saved_to, "--lora", f"{lora}:0.7", "--steps", "3", "--seed", "2",
+                 "--output", str(out), "--no-progress"]) == 0
+    assert "merged 1 LoRA" in capsys.readouterr().out
+    theirs.load_lora_weights(lora, adapter_name="cli")
+    theirs.set_adapters(["cli"], [0.7])
+    try:
+        expected = theirs(num_inference_steps=3, prompt=diffusion_fast.cli.DEFAULT_PROMPT,
+                          generator=torch.Generator().manual_seed(2)).images[0]
+    finally:
+        theirs.unload_lora_weights()
+    got = np.asarray(Image.open(out), dtype=np.int16)
+    assert np.abs(got - np.asarray(expected, dtype=np.int16)).max() <= 1
