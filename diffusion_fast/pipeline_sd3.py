@@ -309,56 +309,81 @@ class StableDiffusion3Pipeline(LoraLoaderMixin):
         width = width if width is not None else self.default_sample_size * self.vae_scale_factor
         prompts = dict(prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
                        negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3)
-        # (a diffusers PipelineCallback names its own tensors, as diffusers reads them)
-        callback_inputs = list(getattr(callback_on_step_end, "tensor_inputs", callback_on_step_end_tensor_inputs))
-        batch = self._check_inputs(prompts, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
-                                   negative_pooled_prompt_embeds, height, width, num_inference_steps, guidance_scale,
-                                   num_images_per_prompt, output_type, max_sequence_length, skip_guidance_layers,
-                                   callback_inputs)
-        if callback_on_step_end is not None and not callable(callback_on_step_end):
-            raise TypeError(f"callback_on_step_end must be callable (pipe, step, timestep, tensors) -> dict, got "
-                            f"{type(callback_on_step_end).__name__}")
+        given = dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                     pooled_prompt_embeds=pooled_prompt_embeds,
+                     negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+        batch, text, cond, callback_inputs = self._prepare_text(
+            prompts, given, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type,
+            clip_skip, max_sequence_length, skip_guidance_layers, callback_on_step_end,
+            callback_on_step_end_tensor_inputs)
         device = self.device
-        self._guidance_scale = guidance_scale  # (a step callback may change it: diffusers' SD3CFGCutoffCallback)
-        do_cfg = self.do_classifier_free_guidance
-        prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = self.encode_prompt(
-            prompt, prompt_2, prompt_3, device, num_images_per_prompt, do_cfg, negative_prompt, negative_prompt_2,
-            negative_prompt_3, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
-            negative_pooled_prompt_embeds, clip_skip, max_sequence_length)
-        cond_embeds, cond_pooled = prompt_embeds, pooled  # (skip-layer guidance runs on the prompt alone)
-        if do_cfg:
-            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
-            pooled = torch.cat([negative_pooled, pooled])
         shape = (batch * num_images_per_prompt, self.transformer.config.in_channels,
                  height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=text[0].dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}")
-        latents = latents.to(device=device, dtype=prompt_embeds.dtype)
-        steps = self._num_timesteps = self._set_timesteps(num_inference_steps, device, sigmas, mu, shape)
+        latents = latents.to(device=device, dtype=text[0].dtype)
+        self._set_timesteps(num_inference_steps, device, sigmas, mu, shape)
+        slg = (tuple(skip_guidance_layers or ()), skip_layer_guidance_scale, skip_layer_guidance_start,
+               skip_layer_guidance_stop)
+        return self._denoise(latents, self.scheduler.timesteps, text, cond, slg, callback_on_step_end,
+                             callback_inputs, output_type, return_dict)
+
+    def _prepare_text(self, prompts, given, height, width, num_inference_steps, guidance_scale,
+                      num_images_per_prompt, output_type, clip_skip, max_sequence_length, skip_guidance_layers,
+                      callback, callback_inputs):
+        """A call's checks and text: (the batch of prompts, the loop's (embeddings, pooled) with the negative ones
+        first under guidance, the prompt's own (skip-layer guidance runs on them), the callback's tensor names)."""
+        # (a diffusers PipelineCallback names its own tensors, as diffusers reads them)
+        callback_inputs = list(getattr(callback, "tensor_inputs", callback_inputs))
+        batch = self._check_inputs(prompts, given["prompt_embeds"], given["pooled_prompt_embeds"],
+                                   given["negative_prompt_embeds"], given["negative_pooled_prompt_embeds"], height,
+                                   width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type,
+                                   max_sequence_length, skip_guidance_layers, callback_inputs)
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback_on_step_end must be callable (pipe, step, timestep, tensors) -> dict, got "
+                            f"{type(callback).__name__}")
+        self._guidance_scale = guidance_scale  # (a step callback may change it: diffusers' SD3CFGCutoffCallback)
+        do_cfg = self.do_classifier_free_guidance
+        prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = self.encode_prompt(
+            prompts["prompt"], prompts["prompt_2"], prompts["prompt_3"], self.device, num_images_per_prompt, do_cfg,
+            prompts["negative_prompt"], prompts["negative_prompt_2"], prompts["negative_prompt_3"],
+            given["prompt_embeds"], given["negative_prompt_embeds"], given["pooled_prompt_embeds"],
+            given["negative_pooled_prompt_embeds"], clip_skip, max_sequence_length)
+        cond = (prompt_embeds, pooled)
+        if not do_cfg:
+            return batch, cond, cond, callback_inputs
+        text = (torch.cat([negative_prompt_embeds, prompt_embeds]), torch.cat([negative_pooled, pooled]))
+        return batch, text, cond, callback_inputs
+
+    def _denoise(self, latents, timesteps, text, cond, slg, callback, callback_inputs, output_type, return_dict):
+        """The loop over ``timesteps`` and the decode. ``text``: the loop's (embeddings, pooled); ``cond``: the
+        prompt's alone; ``slg``: skip-layer guidance's (layers, scale, start, stop)."""
+        device = self.device
+        steps = self._num_timesteps = len(timesteps)
         model = self._model(device)
-        skip = tuple(skip_guidance_layers or ())
+        (prompt_embeds, pooled), (skip, slg_scale, slg_start, slg_stop) = text, slg
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         self._interrupt = False
-        for i, t in enumerate(tqdm(self.scheduler.timesteps, **{"desc": "denoising", **self._progress})):
+        for i, t in enumerate(tqdm(timesteps, **{"desc": "denoising", **self._progress})):
             if self._interrupt:
                 continue
             do_cfg = self.do_classifier_free_guidance  # (read every step, as diffusers does)
             model_input = torch.cat([latents, latents]) if do_cfg else latents
             pred = model(model_input, t, prompt_embeds, pooled)
             if do_cfg:
-                uncond, text = pred.chunk(2)
-                pred = uncond + self._guidance_scale * (text - uncond)
-                if skip and steps * skip_layer_guidance_start < i < steps * skip_layer_guidance_stop:
-                    skipped = model(latents, t, cond_embeds, cond_pooled, *skip)
-                    pred = pred + (text - skipped) * skip_layer_guidance_scale
+                uncond, text_pred = pred.chunk(2)
+                pred = uncond + self._guidance_scale * (text_pred - uncond)
+                if skip and steps * slg_start < i < steps * slg_stop:
+                    skipped = model(latents, t, *cond, *skip)
+                    pred = pred + (text_pred - skipped) * slg_scale
             latents = self.scheduler.step(pred, t, latents, return_dict=False)[0]
-            if callback_on_step_end is not None:
+            if callback is not None:
                 named = {"latents": latents, "prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
-                outputs = callback_on_step_end(self, i, t, {k: named[k] for k in callback_inputs})
+                outputs = callback(self, i, t, {k: named[k] for k in callback_inputs})
                 if not isinstance(outputs, dict):
                     raise TypeError(f"callback_on_step_end must return a dict (the tensors it replaces, or {{}}), "
                                     f"got {type(outputs).__name__}")
