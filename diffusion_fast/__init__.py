@@ -44,6 +44,7 @@ _LAZY = {
     "StableDiffusionDepth2ImgPipeline": ("pipeline_depth2img", "StableDiffusionDepth2ImgPipeline"),
     "StableDiffusionImageVariationPipeline": ("pipeline_variation", "StableDiffusionImageVariationPipeline"),
     "StableDiffusion3Pipeline": ("pipeline_sd3", "StableDiffusion3Pipeline"),
+    "StableDiffusion3Img2ImgPipeline": ("pipeline_sd3_img2img", "StableDiffusion3Img2ImgPipeline"),
     **{name: ("pipeline_pag", name) for name in (
         "StableDiffusionPAGPipeline", "StableDiffusionXLPAGPipeline", "StableDiffusionPAGImg2ImgPipeline",
         "StableDiffusionXLPAGImg2ImgPipeline", "StableDiffusionPAGInpaintPipeline",

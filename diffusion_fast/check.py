@@ -243,6 +243,7 @@ def _denoiser(pipe):
 
 def pipeline_kind(pipe):
     """"inpainting", "image-to-image" (an SDXL refiner's folder loads as such), "text-to-image", "SD3 text-to-image",
+    "SD3 image-to-image",
     "InstructPix2Pix", "x4 upscaler", "depth-to-image", "image variation",
     or one of the first three guided by the folder's ControlNets ("ControlNet", "ControlNet image-to-image",
     "ControlNet inpainting"), or text-to-image guided by its T2I-Adapters ("T2I-Adapter") or its ControlNet-Union net
@@ -259,7 +260,7 @@ def pipeline_kind(pipe):
     from .pipeline_variation import StableDiffusionImageVariationPipeline
 
     if isinstance(pipe, StableDiffusion3Pipeline):
-        return "SD3 text-to-image"
+        return "SD3 image-to-image" if isinstance(pipe, _ImageToImage) else "SD3 text-to-image"
     if isinstance(pipe, StableDiffusionImageVariationPipeline):
         return "image variation"
     if isinstance(pipe, StableDiffusionDepth2ImgPipeline):
@@ -293,7 +294,7 @@ def pipeline_inputs(pipe, seed, steps):
     if kind.endswith("text-to-image"):  # (SD's, SDXL's or SD3's)
         return pag_kind, {}
     # (an upscaler's image is at the latents' size: it conditions the UNet beside them)
-    size = pipe.unet.config.sample_size * (1 if kind == "x4 upscaler" else pipe.vae_scale_factor)
+    size = _denoiser(pipe).config.sample_size * (1 if kind == "x4 upscaler" else pipe.vae_scale_factor)
     ramp = np.linspace(0, 255, size)
     rng = np.random.default_rng(seed)
     image = np.stack([np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, ramp[::-1]) / 2,

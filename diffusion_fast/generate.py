@@ -234,10 +234,9 @@ def generate(args) -> int:
     else:
         pipe = StableDiffusionPipeline.from_tiny("sd1", seed=args.seed, dtype=dtype, device=device)
     if isinstance(pipe, StableDiffusion3Pipeline):
-        run, steps = sd3_run(args, pipe)
+        run, steps = sd3_run(args, pipe, init_image)
         print(f"loaded {args.model} on {device} in {dtype} in {time.perf_counter() - t0:.1f} s; scheduler "
               f"{type(pipe.scheduler).__name__}")
-        pipe.set_progress_bar_config(disable=args.no_progress)
         return _report_and_write(args, run, steps, compare)
     steps = default_steps(args, pipe)
     loaded = pipe  # (the folder's own pipeline; the run's may be another on its components)

@@ -2,8 +2,8 @@
 
 Our SD3 pipeline takes a prompt (for all three text encoders), a negative prompt, steps (28 by default, as
 diffusers), guidance (7.0), size (the transformer's default: 1024 for SD3), batch, seed, clip skip and LoRAs
-(diffusers' format). The UNet models' extras (image inputs, ControlNets, adapters, embeddings, a refiner, PAG, other
-schedulers, eta) are refused by name, not ignored.
+(diffusers' format); with --image it runs image-to-image at --strength. The UNet models' extras (masks, ControlNets,
+adapters, embeddings, a refiner, PAG, other schedulers, eta) are refused by name, not ignored.
 """
 from __future__ import annotations
 
@@ -13,27 +13,43 @@ from .cli import UsageError
 from .generate_model import load_loras
 
 
-def sd3_run(args, pipe):
-    """(run(path_name, num_steps) -> the pipeline's output, the number of steps) for ``generate``."""
-    flags = (("--image", args.image), ("--mask", args.mask), ("--control-image", args.control_image),
+def sd3_run(args, pipe, init_image=None):
+    """(run(path_name, num_steps) -> the pipeline's output, the number of steps that run) for ``generate``: text to
+    image, or with ``init_image`` (--image) image to image at --strength (0.6 by default, as diffusers), the output
+    the image's size cut to a multiple of what the model takes."""
+    from .pipeline_sd3_img2img import StableDiffusion3Img2ImgPipeline
+
+    flags = (("--mask", args.mask), ("--control-image", args.control_image),
              ("--controlnet", args.controlnet), ("--t2i-adapter", args.t2i_adapter),
              ("--adapter-image", args.adapter_image), ("--ip-adapter", args.ip_adapter),
              ("--ip-adapter-image", args.ip_adapter_image), ("--embedding", args.embedding),
-             ("--refiner", args.refiner), ("--pag-scale", args.pag_scale), ("--strength", args.strength),
+             ("--refiner", args.refiner), ("--pag-scale", args.pag_scale),
              ("--image-guidance-scale", args.image_guidance_scale), ("--noise-level", args.noise_level),
              ("--depth-map", args.depth_map), ("--padding-mask-crop", args.padding_mask_crop),
              ("--no-safety-checker", args.no_safety_checker or None), ("--karras", args.karras or None),
              ("--eta", args.eta or None), ("--scheduler", None if args.scheduler == "model" else args.scheduler))
     refused = [flag for flag, value in flags if value not in (None, [])]
     if refused:
-        raise UsageError(f"{args.model} is a Stable Diffusion 3 model (diffusers' StableDiffusion3Pipeline): its "
-                         f"text-to-image run takes no {', '.join(refused)}")
+        raise UsageError(f"{args.model} is a Stable Diffusion 3 model (diffusers' StableDiffusion3Pipeline): it "
+                         f"takes no {', '.join(refused)}")
     load_loras(args, pipe)  # (diffusers' SD3 LoRAs: the transformer's and the CLIP encoders')
-    steps = args.steps or 28
+    steps = args.steps or (50 if init_image is not None else 28)  # (diffusers' defaults)
     options = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                    num_images_per_prompt=args.batch, clip_skip=args.clip_skip, output_type="np")
     if args.guidance is not None:
         options["guidance_scale"] = args.guidance
+    denoised = steps
+    if init_image is not None:
+        if not isinstance(pipe, StableDiffusion3Img2ImgPipeline):
+            pipe = StableDiffusion3Img2ImgPipeline.from_pipe(pipe)
+        multiple = pipe.vae_scale_factor * pipe.transformer.config.patch_size
+        width, height = (x - x % multiple for x in init_image.size)
+        if width == 0 or height == 0:
+            raise UsageError(f"--image is {init_image.size[0]}x{init_image.size[1]}: smaller than {multiple} pixels")
+        strength = 0.6 if args.strength is None else args.strength
+        options.update(image=init_image, strength=strength, height=height, width=width)
+        denoised = steps - int(max(steps - steps * strength, 0))  # (diffusers' SD3 tail: see pipeline_sd3_img2img)
+    pipe.set_progress_bar_config(disable=args.no_progress)
 
     def run(path_name, num_steps=steps):
         from . import backend
@@ -42,4 +58,4 @@ def sd3_run(args, pipe):
             return pipe(args.prompt, num_inference_steps=num_steps,
                         generator=torch.Generator("cpu").manual_seed(args.seed), **options)
 
-    return run, steps
+    return run, denoised

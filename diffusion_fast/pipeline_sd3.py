@@ -93,6 +93,17 @@ class StableDiffusion3Pipeline(LoraLoaderMixin):
                    load("text_encoder_3", T5EncoderModel), load("tokenizer_3", AutoTokenizer), cuda_graph=cuda_graph,
                    channels_last=channels_last)
 
+    @classmethod
+    def from_pipe(cls, pipe, **components):
+        """This class of pipeline on ``pipe``'s components (shared, not copied), as diffusers' ``from_pipe``:
+        ``StableDiffusion3Img2ImgPipeline.from_pipe(pipe)``; ``components`` replace some by name."""
+        names = ("transformer", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                 "text_encoder_3", "tokenizer_3", "cuda_graph", "channels_last")
+        unknown = sorted(set(components) - set(names))
+        if unknown:
+            raise TypeError(f"from_pipe got components it does not take: {unknown} (it takes {list(names)})")
+        return cls(**{name: components.get(name, getattr(pipe, name)) for name in names})
+
     @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device

@@ -288,8 +288,9 @@ def load_pipeline(folder, **kwargs):
     ``LatentConsistencyModel(Img2Img)Pipeline`` for an LCM's (diffusers' class name),
     ``StableDiffusion(XL)InstructPix2PixPipeline`` for an InstructPix2Pix one, ``StableDiffusionUpscalePipeline`` for
     an x4 upscaler's, ``StableDiffusionDepth2ImgPipeline`` for a depth-to-image one,
-    ``StableDiffusionImageVariationPipeline`` for an image-variation one, ``StableDiffusion3Pipeline`` for an SD3 or
-    SD3.5 one (a transformer, three text encoders; another transformer pipeline, Flux or PixArt, is refused by name),
+    ``StableDiffusionImageVariationPipeline`` for an image-variation one, ``StableDiffusion3(Img2Img)Pipeline`` for an
+    SD3 or SD3.5 one (a transformer, three text encoders; another transformer pipeline, Flux or PixArt, is refused by
+    name),
     ``StableDiffusion(XL)(ControlNet)PAG...Pipeline`` for a perturbed-attention guidance one (its
     applied layers "mid", as diffusers loads it), else ``StableDiffusionPipeline``; ``kwargs`` go to its ``from_pretrained``. A class diffusers saved that is not
     mirrored here (an Attend-and-Excite pipeline, say) loads as the pipeline its components run, with a warning."""
@@ -316,11 +317,13 @@ def load_pipeline(folder, **kwargs):
     inpainting = "Inpaint" in name
     if "transformer" in components:
         from .pipeline_sd3 import StableDiffusion3Pipeline
+        from .pipeline_sd3_img2img import StableDiffusion3Img2ImgPipeline
 
-        if name != "StableDiffusion3Pipeline":
+        cls = {c.__name__: c for c in (StableDiffusion3Pipeline, StableDiffusion3Img2ImgPipeline)}.get(name)
+        if cls is None:
             raise ValueError(f"{folder!r} holds a {name or 'pipeline'} (a diffusion transformer), which is not "
-                             "supported: of the transformer pipelines, StableDiffusion3Pipeline (SD3, SD3.5) is")
-        cls = StableDiffusion3Pipeline
+                             "supported: of the transformer pipelines, StableDiffusion3Pipeline and its "
+                             "image-to-image one (SD3, SD3.5) are")
     elif name in PAG_PIPELINES:  # (ControlNet ones too)
         cls = PAG_PIPELINES[name]
     elif "adapter" in components and "AdapterPipeline" in name:
