@@ -17,7 +17,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ._backend import current_backend
@@ -26,6 +25,7 @@ from .lora import LoraLoaderMixin, lora_call_scale
 from .pipeline_common import (OUTPUT_TYPES, StableDiffusionPipelineOutput, auto_or_bool_setting, check_size,
                               postprocess)
 from .pipeline_folder import ComponentLoader, check_model_config, read_model_index, resolve_dtype
+from .pipeline_sd3_text import SD3TextEncoding
 from .schedulers import FlowMatchEulerDiscreteScheduler
 from .schedulers.common import randn_tensor
 
@@ -36,7 +36,7 @@ def calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shif
     return image_seq_len * m + base_shift - m * base_seq_len
 
 
-class StableDiffusion3Pipeline(LoraLoaderMixin):
+class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin):
     _callback_tensor_inputs = ("latents", "prompt_embeds", "pooled_prompt_embeds")  # diffusers' names
 
     def __init__(self, transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
@@ -143,65 +143,6 @@ class StableDiffusion3Pipeline(LoraLoaderMixin):
     def interrupt(self):
         """Set ``pipe._interrupt = True`` in a step callback to skip the remaining steps, as in diffusers."""
         return self._interrupt
-
-    # ---- text ---------------------------------------------------------------------------------------------------
-    def _clip_embeds(self, texts, index, device, clip_skip):
-        """(hidden states ``clip_skip`` + 2 from the end, pooled projection) of CLIP encoder ``index`` (0 or 1)."""
-        tokenizer, encoder = ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))[index]
-        ids = tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
-        out = encoder(ids.to(device), output_hidden_states=True)
-        hidden = out.hidden_states[-((clip_skip or 0) + 2)]
-        return hidden.to(dtype=self.text_encoder.dtype, device=device), out[0]
-
-    def _t5_embeds(self, texts, device, max_sequence_length):
-        if self.text_encoder_3 is None:
-            return torch.zeros((len(texts), max_sequence_length, self.transformer.config.joint_attention_dim),
-                               device=device, dtype=self.text_encoder.dtype)
-        ids = self.tokenizer_3(texts, padding="max_length", max_length=max_sequence_length, truncation=True,
-                               add_special_tokens=True, return_tensors="pt").input_ids
-        return self.text_encoder_3(ids.to(device))[0].to(dtype=self.text_encoder_3.dtype, device=device)
-
-    def _embed(self, texts, texts_2, texts_3, device, clip_skip, max_sequence_length):
-        """(the joint text sequence, the pooled embedding) for lists of prompts, as diffusers builds them."""
-        hidden, pooled = self._clip_embeds(texts, 0, device, clip_skip)
-        hidden_2, pooled_2 = self._clip_embeds(texts_2, 1, device, clip_skip)
-        t5 = self._t5_embeds(texts_3, device, max_sequence_length)
-        clip = torch.cat([hidden, hidden_2], dim=-1)
-        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        return torch.cat([clip, t5], dim=-2), torch.cat([pooled, pooled_2], dim=-1)
-
-    @torch.no_grad()
-    def encode_prompt(self, prompt, prompt_2=None, prompt_3=None, device=None, num_images_per_prompt=1,
-                      do_classifier_free_guidance=True, negative_prompt=None, negative_prompt_2=None,
-                      negative_prompt_3=None, prompt_embeds=None, negative_prompt_embeds=None,
-                      pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, clip_skip=None,
-                      max_sequence_length=256):
-        """(prompt_embeds, negative_prompt_embeds, pooled, negative pooled) as diffusers computes them, repeated per
-        image; the negative ones None without guidance. ``prompt_2`` / ``prompt_3`` (the second CLIP's, T5's)
-        default to ``prompt``; ``clip_skip`` applies to the prompt alone, as in diffusers."""
-        device = device or self.device
-        listed = lambda p, n: [p] * n if isinstance(p, str) else list(p)  # noqa: E731
-        if prompt_embeds is None:
-            prompt = listed(prompt, 1)
-            prompt_embeds, pooled_prompt_embeds = self._embed(
-                prompt, listed(prompt_2 or prompt, len(prompt)), listed(prompt_3 or prompt, len(prompt)), device,
-                clip_skip, max_sequence_length)
-        batch = prompt_embeds.shape[0]
-        if do_classifier_free_guidance and negative_prompt_embeds is None:
-            negative = negative_prompt or ""
-            negative_2, negative_3 = negative_prompt_2 or negative, negative_prompt_3 or negative
-            negative_prompt_embeds, negative_pooled_prompt_embeds = self._embed(
-                listed(negative, batch), listed(negative_2, batch), listed(negative_3, batch), device, None,
-                max_sequence_length)
-
-        def per_image(t):
-            return t.to(device=device).repeat_interleave(num_images_per_prompt, dim=0)
-
-        if not do_classifier_free_guidance:
-            return per_image(prompt_embeds), None, per_image(pooled_prompt_embeds), None
-        return tuple(per_image(t) for t in (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
-                                            negative_pooled_prompt_embeds))
 
     # ---- checks -------------------------------------------------------------------------------------------------
     def _check_inputs(self, prompts, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
