@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .ip_adapter import IPAdapterMixin, ip_adapter_call
 from .lora import LoraLoaderMixin, lora_call_scale
 from .models.layers import guidance_scale_embedding
-from .pipeline_common import (OUTPUT_TYPES, ModelSwitches, StableDiffusionPipelineOutput, StepCallback,
+from .pipeline_common import (OUTPUT_TYPES, CallState, ModelSwitches, StableDiffusionPipelineOutput, StepCallback,
                               auto_or_bool_setting, check_size, from_pipe, postprocess, rescale_noise_cfg, takes)
 from .pipeline_folder import ComponentLoader, check_model_config, read_model_index, resolve_dtype
 from .pipeline_graphs import GraphedLoop
@@ -39,7 +39,7 @@ from .textual_inversion import TextualInversionLoaderMixin
 
 
 class StableDiffusionPipeline(GraphedLoop, TextEncoding, LoraLoaderMixin, TextualInversionLoaderMixin, IPAdapterMixin,
-                              ModelSwitches):
+                              ModelSwitches, CallState):
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")  # diffusers' names
     safety_checker = None  # diffusers' StableDiffusionSafetyChecker where the folder has one (safety_checker.py)
     _guidance_rescale = 0.0  # set by each call that takes it, as diffusers keeps it (SD img2img takes none)
@@ -249,25 +249,8 @@ class StableDiffusionPipeline(GraphedLoop, TextEncoding, LoraLoaderMixin, Textua
         self._guidance_rescale = float(value)
 
     @property
-    def interrupt(self):
-        """Set ``pipe._interrupt = True`` in a step callback to skip the remaining steps, as in diffusers."""
-        return self._interrupt
-
-    _guidance_scale = 7.5  # the running call's, as diffusers keeps it: a step callback may set it to 0
-    _num_timesteps = None
-
-    @property
-    def guidance_scale(self):
-        return self._guidance_scale
-
-    @property
     def do_classifier_free_guidance(self):
-        return self._guided(self._guidance_scale)
-
-    @property
-    def num_timesteps(self):
-        """The running (or last) call's number of denoising steps, as diffusers' callbacks read it."""
-        return self._num_timesteps
+        return self._guidance_scale is not None and self._guided(self._guidance_scale)
 
     def _callback(self, fn, inputs):
         """The step callback, its tensor names checked (before any work); None without one."""

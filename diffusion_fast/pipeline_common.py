@@ -75,6 +75,29 @@ class GuidedComponents:
         return cls.from_pipeline(base, model, cuda_graph=cuda_graph, channels_last=channels_last)
 
 
+class CallState:
+    """The running call's state as diffusers' pipelines keep it for step callbacks: ``guidance_scale`` (a callback
+    that sets ``pipe._guidance_scale``, as diffusers' CFG cutoff callbacks do, changes the steps after it; the
+    pipeline's ``do_classifier_free_guidance`` reads it), ``num_timesteps`` and ``interrupt``."""
+    _guidance_scale = None  # (set by each call)
+    _num_timesteps = None
+    _interrupt = False
+
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self):
+        """The running (or last) call's number of denoising steps."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self):
+        """Set ``pipe._interrupt = True`` in a step callback to skip the remaining steps, as in diffusers."""
+        return self._interrupt
+
+
 class StepCallback:
     """diffusers' ``callback_on_step_end``, run after each step: ``fn(pipe, step, timestep, tensors)`` with the named
     tensors; the ones it returns replace the loop's (the latents, the text embeddings, SDXL's added conditioning)."""

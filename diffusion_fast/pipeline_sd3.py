@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from ._backend import current_backend
 from .cuda_graph import GraphedCallable, ModuleState
 from .lora import LoraLoaderMixin, lora_call_scale
-from .pipeline_common import (OUTPUT_TYPES, StableDiffusionPipelineOutput, auto_or_bool_setting, check_size,
-                              postprocess)
+from .pipeline_common import (OUTPUT_TYPES, CallState, StableDiffusionPipelineOutput, auto_or_bool_setting,
+                              check_size, postprocess)
 from .pipeline_folder import ComponentLoader, check_model_config, read_model_index, resolve_dtype
 from .pipeline_sd3_text import SD3TextEncoding
 from .schedulers import FlowMatchEulerDiscreteScheduler
@@ -36,7 +36,7 @@ def calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shif
     return image_seq_len * m + base_shift - m * base_seq_len
 
 
-class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin):
+class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
     _callback_tensor_inputs = ("latents", "prompt_embeds", "pooled_prompt_embeds")  # diffusers' names
 
     def __init__(self, transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
@@ -123,26 +123,9 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin):
     def set_progress_bar_config(self, **kwargs):
         self._progress = kwargs
 
-    _guidance_scale = 7.0  # the running call's (diffusers' attribute: a step callback may set it to 0)
-    _num_timesteps = None
-
-    @property
-    def guidance_scale(self):
-        return self._guidance_scale
-
     @property
     def do_classifier_free_guidance(self):
-        return self._guidance_scale > 1
-
-    @property
-    def num_timesteps(self):
-        """The running (or last) call's number of steps, as diffusers' callbacks read it."""
-        return self._num_timesteps
-
-    @property
-    def interrupt(self):
-        """Set ``pipe._interrupt = True`` in a step callback to skip the remaining steps, as in diffusers."""
-        return self._interrupt
+        return self._guidance_scale is not None and self._guidance_scale > 1
 
     # ---- checks -------------------------------------------------------------------------------------------------
     def _check_inputs(self, prompts, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
