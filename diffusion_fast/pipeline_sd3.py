@@ -96,13 +96,17 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
     @classmethod
     def from_pipe(cls, pipe, **components):
         """This class of pipeline on ``pipe``'s components (shared, not copied), as diffusers' ``from_pipe``:
-        ``StableDiffusion3Img2ImgPipeline.from_pipe(pipe)``; ``components`` replace some by name."""
+        ``StableDiffusion3Img2ImgPipeline.from_pipe(pipe)``; ``components`` replace some by name. LoRAs merged into
+        the shared weights come along (and unload from either)."""
         names = ("transformer", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
                  "text_encoder_3", "tokenizer_3", "cuda_graph", "channels_last")
         unknown = sorted(set(components) - set(names))
         if unknown:
             raise TypeError(f"from_pipe got components it does not take: {unknown} (it takes {list(names)})")
-        return cls(**{name: components.get(name, getattr(pipe, name)) for name in names})
+        new = cls(**{name: components.get(name, getattr(pipe, name)) for name in names})
+        if hasattr(pipe, "_lora") and new.transformer is pipe.transformer:  # the same merged LoRAs to undo
+            new._lora = pipe._lora
+        return new
 
     @property
     def device(self) -> torch.device:

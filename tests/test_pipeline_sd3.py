@@ -406,7 +406,9 @@ def test_sd3_lora_as_diffusers_at_a_call_scale_and_unloaded_exactly(tmp_path):
     assert _moved(_assert_as_diffusers(theirs, ours, joint_attention_kwargs={"scale": 0.5}), with_lora)
     with pytest.raises(ValueError, match=r"joint_attention_kwargs: only 'scale'"):
         _run(ours, joint_attention_kwargs={"ip_adapter_image_embeds": None})
-    ours.unload_lora_weights()
+    img2img = diffusion_fast.StableDiffusion3Img2ImgPipeline.from_pipe(ours)  # the same weights, the same LoRAs
+    assert img2img.get_active_adapters() == ours.get_active_adapters() == ["default_0"]
+    img2img.unload_lora_weights()
     assert all(torch.equal(v, weights[k]) for k, v in ours.transformer.state_dict().items())
     assert np.array_equal(_run(ours), before)
 
