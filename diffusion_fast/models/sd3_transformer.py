@@ -225,23 +225,23 @@ class SD3Transformer2DModel(loading.PretrainedMixin, nn.Module):
         self.proj_out = nn.Linear(dim, c.patch_size * c.patch_size * self.out_channels)
 
     def _check(self, hidden_states, encoder_hidden_states, pooled_projections):
-        c = self.config
+        """The inputs, by shape only (no value is read on the host: the forward can be captured in a CUDA graph)."""
+        c, p = self.config, self.config.patch_size
         b = hidden_states.shape[0] if torch.is_tensor(hidden_states) else None
-        for name, value, shape in (
-                ("hidden_states", hidden_states, f"(B, {c.in_channels}, H, W)"),
-                ("encoder_hidden_states", encoder_hidden_states, f"({b}, L, {c.joint_attention_dim})"),
-                ("pooled_projections", pooled_projections, f"({b}, {c.pooled_projection_dim})")):
-            good = torch.is_tensor(value) and (
-                (name == "hidden_states" and value.dim() == 4 and value.shape[1] == c.in_channels
-                 and value.shape[-2] % c.patch_size == 0 and value.shape[-1] % c.patch_size == 0)
-                or (name == "encoder_hidden_states" and value.dim() == 3 and value.shape[0] == b
-                    and value.shape[2] == c.joint_attention_dim)
-                or (name == "pooled_projections" and value.dim() == 2 and value.shape[0] == b
-                    and value.shape[1] == c.pooled_projection_dim))
-            if not good:
+        for name, value, shape, what in (
+                ("hidden_states", hidden_states, (None, c.in_channels, None, None),
+                 f"(B, {c.in_channels}, H, W) tensor, H and W multiples of {p}"),
+                ("encoder_hidden_states", encoder_hidden_states, (b, None, c.joint_attention_dim),
+                 f"({b}, L, {c.joint_attention_dim}) tensor"),
+                ("pooled_projections", pooled_projections, (b, c.pooled_projection_dim),
+                 f"({b}, {c.pooled_projection_dim}) tensor")):
+            fits = torch.is_tensor(value) and value.dim() == len(shape) and all(
+                want is None or got == want for got, want in zip(value.shape, shape))
+            if fits and name == "hidden_states":
+                fits = value.shape[-2] % p == 0 and value.shape[-1] % p == 0
+            if not fits:
                 got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-                extra = f", H and W multiples of {c.patch_size}" if name == "hidden_states" else ""
-                raise ValueError(f"{name} must be a {shape} tensor{extra}, got {got}")
+                raise ValueError(f"{name} must be a {what}, got {got}")
 
     def forward(self, hidden_states, encoder_hidden_states=None, pooled_projections=None, timestep=None,
                 skip_layers=None):
