@@ -79,7 +79,9 @@ def machine_code_summary(compiled) -> dict:
 
 ATTENTION_SHAPES = {"SD1.5 64x64 self": (2, 8, 4096, 4096, 40), "SD1.5 64x64 cross": (2, 8, 4096, 77, 40),
                     "SD1.5 32x32 self": (2, 8, 1024, 1024, 80), "SD1.5 16x16 self": (2, 8, 256, 256, 160),
-                    "SDXL 64x64 self": (2, 10, 4096, 4096, 64)}
+                    "SDXL 64x64 self": (2, 10, 4096, 4096, 64),
+                    # SD3.5 Medium at 1024x1024: 4096 image + 333 text tokens in one attention (no block multiple)
+                    "SD3 joint 1024px": (2, 24, 4429, 4429, 64)}
 
 
 def attention_fp32_cases():
