@@ -21,9 +21,11 @@ CALL = _tiny_diffusers.Comparison(prompt="a cat on a mat", num_inference_steps=4
 _run, _assert_as_diffusers, _moved = CALL.run, CALL.as_diffusers, CALL.moved
 
 
-@pytest.fixture(scope="module", params=["sd3", "sd3.5"])
-def sd3_pair(request, tmp_path_factory):
-    theirs = _tiny_diffusers.sd3_pipeline(variant=request.param)
+@pytest.fixture(scope="module")
+def sd3_pair(tmp_path_factory):
+    """SD3.5 Medium's shape: every block kind SD3's has, plus RMSNorm q/k norms and the second attention (plain
+    SD3's shape is compared once, below)."""
+    theirs = _tiny_diffusers.sd3_pipeline(variant="sd3.5")
     folder = tmp_path_factory.mktemp("tiny-sd3")
     theirs, ours = _tiny_diffusers.saved_pair(theirs, folder, StableDiffusion3Pipeline)
     theirs._saved_to = str(folder)
@@ -50,6 +52,15 @@ def test_sd3_matches_diffusers(sd3_pair, kwargs, other):
     theirs, ours = sd3_pair
     b = _assert_as_diffusers(theirs, ours, **kwargs)
     assert _moved(_run(ours, **dict(kwargs, **other)), b)
+
+
+def test_plain_sd3_shape_matches_diffusers(tmp_path):
+    """SD3's own shape (no q/k norms, no second attention): the defaults and skip-layer guidance as diffusers'."""
+    theirs, ours = _tiny_diffusers.saved_pair(_tiny_diffusers.sd3_pipeline(variant="sd3"), tmp_path,
+                                              StableDiffusion3Pipeline)
+    b = _assert_as_diffusers(theirs, ours)
+    slg = dict(skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=0.9)
+    assert _moved(_assert_as_diffusers(theirs, ours, **slg), b)
 
 
 def test_sd3_embeds_latents_reference_backend_and_callback(sd3_pair):
