@@ -98,6 +98,9 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
         """This class of pipeline on ``pipe``'s components (shared, not copied), as diffusers' ``from_pipe``:
         ``StableDiffusion3Img2ImgPipeline.from_pipe(pipe)``; ``components`` replace some by name. LoRAs merged into
         the shared weights come along (and unload from either)."""
+        if not isinstance(pipe, StableDiffusion3Pipeline):
+            raise TypeError(f"pipe must be one of diffusion_fast's SD3 pipelines, got {type(pipe).__name__} (an SD "
+                            "or SDXL pipeline's from_pipe takes those)")
         names = ("transformer", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
                  "text_encoder_3", "tokenizer_3", "cuda_graph", "channels_last")
         unknown = sorted(set(components) - set(names))

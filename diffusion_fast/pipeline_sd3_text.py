@@ -46,6 +46,11 @@ class SD3TextEncoding:
         default to ``prompt``; ``clip_skip`` applies to the prompt alone, as in diffusers."""
         device = device or self.device
         listed = lambda p, n: [p] * n if isinstance(p, str) else list(p)  # noqa: E731
+        if prompt_embeds is None and not (isinstance(prompt, str) or (
+                isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt))):
+            raise TypeError(f"prompt must be a str or a non-empty list of str (or give prompt_embeds), got {prompt!r}")
+        if prompt_embeds is not None and pooled_prompt_embeds is None:
+            raise ValueError("prompt_embeds needs pooled_prompt_embeds too (the CLIP encoders' pooled projections)")
         if prompt_embeds is None:
             prompt = listed(prompt, 1)
             prompt_embeds, pooled_prompt_embeds = self._embed(

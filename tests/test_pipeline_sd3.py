@@ -154,6 +154,12 @@ def test_sd3_call_errors(sd3_pair):
             (dict(output_type="jpeg"), ValueError, "output_type")):
         with pytest.raises(error, match=match):
             _run(ours, **kwargs)
+    with pytest.raises(TypeError, match="prompt must be a str"):
+        ours.encode_prompt(None)
+    with pytest.raises(ValueError, match="needs pooled_prompt_embeds"):
+        ours.encode_prompt(None, prompt_embeds=torch.randn(1, 333, 48))
+    with pytest.raises(TypeError, match="pipe must be one of diffusion_fast's SD3 pipelines"):
+        StableDiffusion3Pipeline.from_pipe(diffusion_fast.StableDiffusionPipeline.from_tiny())
     with pytest.raises(TypeError, match="FlowMatchEulerDiscreteScheduler"):
         StableDiffusion3Pipeline(ours.transformer, diffusion_fast.schedulers.DDIMScheduler(), ours.vae,
                                  ours.text_encoder, ours.tokenizer, ours.text_encoder_2, ours.tokenizer_2)

@@ -92,6 +92,10 @@ def test_flow_match_config_and_errors(tmp_path):
     sched.set_timesteps(2)
     with pytest.raises(ValueError, match="not an index"):
         sched.step(x, 0, x)
+    with pytest.raises(TypeError, match="noise"):
+        sched.scale_noise(x, sched.timesteps[:1], None)  # (diffusers fails inside the arithmetic)
+    with pytest.raises(ValueError, match="noise has shape"):
+        sched.scale_noise(x, sched.timesteps[:1], x[:1])
     sched.step(x, sched.timesteps[0], x)
     sched.step(x, sched.timesteps[1], x)
     with pytest.raises(ValueError, match="step called 3 times"):

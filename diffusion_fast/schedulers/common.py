@@ -186,10 +186,10 @@ def timesteps_for_sigmas(sigmas, log_sigmas, rounded):
     timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
     return timesteps.round() if rounded else timesteps
 
-def check_step_inputs(model_output, sample):
+def check_step_inputs(model_output, sample, names=("model_output", "sample")):
     """A step's two tensors checked by name before the step reads them: a None, a list or an integer tensor is a
     TypeError naming it, not an AttributeError from inside the update."""
-    for name, value in (("model_output", model_output), ("sample", sample)):
+    for name, value in zip(names, (model_output, sample)):
         _validate.tensor(name, value, min_dim=1)
 
 

@@ -131,9 +131,12 @@ class FlowMatchEulerDiscreteScheduler(SigmaScheduleBase):
     def scale_model_input(self, sample, timestep=None):
         return sample
 
-    def scale_noise(self, sample, timestep, noise=None):
+    def scale_noise(self, sample, timestep, noise):
         """Forward flow to ``timestep``'s sigma (per sample): ``sigma * noise + (1 - sigma) * sample`` (image-to-image
         starts from it; the indices as diffusers finds them, see _step_indices)."""
+        check_step_inputs(noise, sample, names=("noise", "sample"))
+        if noise.shape != sample.shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, sample {tuple(sample.shape)}: they must match")
         ts = timestep if torch.is_tensor(timestep) else torch.tensor([timestep], dtype=torch.float32)
         sigma = self.sigmas[self._step_indices(ts)].to(sample.device, sample.dtype)
         sigma = sigma.view(-1, *([1] * (sample.dim() - 1)))
