@@ -173,47 +173,45 @@ def test_group_norm_a_b_columns_render(tmp_path):
     assert "NCHW (output pass in launch order, no cache hints: 0.1200 ms, in a graph 0.1100 ms)" in text
 
 
+def _dry_run(script, tmp_path, systems, qualities):
+    """Run an end-to-end script's --dry-run; check what every dry run must hold (no failing system, every system
+    timed once, finite quality figures, a record the README's tables skip) and return the record."""
+    import json
+    import math
+
+    import results_table
+
+    out = tmp_path / "dry_run.jsonl"
+    script.main(["--dry-run", "--out", str(out)])
+    record = json.loads(out.read_text().splitlines()[-1])
+    assert record["dry_run"] is True and record["notes"] == [], record["notes"]
+    names = [r["system"] for r in record["rows"]]
+    assert len(names) == systems and "diffusers + diffusion_fast.accelerate" in names, names
+    assert all(r["median_s"] > 0 and len(r["times_s"]) == 1 for r in record["rows"])
+    assert len(record["quality"]) == qualities and not any(math.isnan(v) for v in record["quality"].values())
+    assert results_table.latest_record(str(out)) is None
+    return record
+
+
 def test_e2e_dry_run_runs_every_system_and_is_left_out_of_the_tables(tmp_path):
     """gpu_e2e.py --dry-run: the script's every system, quality comparison and first-image subprocess, on the CPU
     with the tiny model; no system may fail (a failing one is a note), and the record is marked so that the README's
     tables skip it."""
-    import json
-    import math
-
     import gpu_e2e
     import results_table
 
-    out = tmp_path / "gpu_e2e.jsonl"
-    gpu_e2e.main(["--dry-run", "--out", str(out)])
-    record = json.loads(out.read_text().splitlines()[-1])
-    assert record["dry_run"] is True and record["notes"] == [], record["notes"]
-    systems = [r["system"] for r in record["rows"]]
-    assert len(systems) == 9 and "diffusers + diffusion_fast.accelerate" in systems, systems
+    record = _dry_run(gpu_e2e, tmp_path, systems=9, qualities=6)
     pag = next(r for r in record["rows"] if r["system"] == gpu_e2e.OURS_PAG)
     assert pag["speedup_vs_diffusers_pag"] > 0 and "vs diffusers PAG" in results_table.gpu_e2e(record)
-    assert all(r["median_s"] > 0 and len(r["times_s"]) == 1 for r in record["rows"])
-    assert len(record["quality"]) == 6 and not any(math.isnan(v) for v in record["quality"].values())
     assert record["first_image_seconds"] is not None
-    assert results_table.latest_record(str(out)) is None
 
 
 def test_sd3_e2e_dry_run_runs_every_system_and_is_left_out_of_the_tables(tmp_path):
     """gpu_e2e_sd3.py --dry-run: its random SD3 folder, every system and quality comparison, on the CPU with a tiny
     SD3.5-shaped model; no system may fail, and the record is marked so that the README's tables skip it."""
-    import json
-    import math
-
     import gpu_e2e_sd3
     import results_table
 
-    out = tmp_path / "gpu_e2e_sd3.jsonl"
-    gpu_e2e_sd3.main(["--dry-run", "--out", str(out)])
-    record = json.loads(out.read_text().splitlines()[-1])
-    assert record["dry_run"] is True and record["notes"] == [], record["notes"]
-    systems = [r["system"] for r in record["rows"]]
-    assert len(systems) == 5 and "diffusers + diffusion_fast.accelerate" in systems, systems
-    assert all(r["median_s"] > 0 and len(r["times_s"]) == 1 for r in record["rows"])
-    assert len(record["quality"]) == 4 and not any(math.isnan(v) for v in record["quality"].values())
+    record = _dry_run(gpu_e2e_sd3, tmp_path, systems=5, qualities=4)
     assert record["quality"]["psnr_accelerated_vs_diffusers_fp16_db"] > 40  # (fp32 here: the same image)
     assert "SD3.5" in results_table.gpu_e2e(record)
-    assert results_table.latest_record(str(out)) is None
