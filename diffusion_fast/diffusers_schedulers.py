@@ -178,12 +178,12 @@ def _fused_flow_match_step(self, model_output, timestep, sample, s_churn=0.0, s_
     i = self.step_index
     sigmas, _ = _sigma_tables(self, sample.device)  # host floats (read once per schedule), exact float32 values
     sigma, sigma_next = sigmas[i], sigmas[i + 1]
-    sample = sample.to(torch.float32)
-    if self.config.stochastic_sampling:
+    if self.config.stochastic_sampling:  # (diffusers draws the noise in the upcast sample's fp32)
+        sample = sample.to(torch.float32)
         noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
         prev, _ = ops.linear_step(model_output, sample, noise, cx=1.0, cm=-sigma, p0=1.0 - sigma_next, px=0.0,
                                   pe=sigma_next)
-    else:
+    else:  # (the op computes in fp32 whatever the storage: no copy of the sample to fp32 first)
         prev, _ = ops.linear_step(model_output, sample, cx=1.0, cm=-sigma, p0=0.0, px=1.0, pm=sigma_next - sigma)
     self._step_index += 1
     return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev) if return_dict else (prev,)

@@ -262,6 +262,12 @@ def test_accelerate_fuses_diffusers_flow_match_scheduler_exactly():
             half = fused.step(v.half(), t, x, generator=torch.Generator().manual_seed(1)).prev_sample
             assert half.dtype == torch.float16  # prev in the model output's dtype, as diffusers
             torch.testing.assert_close(half.float(), a, rtol=2e-3, atol=2e-3)
+            fused._step_index -= 1  # and an fp16 sample too (an fp16 pipeline's latents), not copied to fp32 first
+            plain._step_index -= 1
+            kw = dict(generator=torch.Generator().manual_seed(1))
+            torch.testing.assert_close(fused.step(v.half(), t, x.half(), **kw).prev_sample,
+                                       plain.step(v.half(), t, x.half(), generator=torch.Generator().manual_seed(1))
+                                       .prev_sample, rtol=0, atol=2e-3)
             x = a
 
 

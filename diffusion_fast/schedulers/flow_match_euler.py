@@ -160,7 +160,8 @@ class FlowMatchEulerDiscreteScheduler(SigmaScheduleBase):
                                        p0=float(1.0 - sigma_next), px=0.0, pe=float(sigma_next))
         else:
             # (sigma_next - sigma in float32, as diffusers subtracts its float32 sigmas)
-            prev, x0 = ops.linear_step(model_output, sample.float(), cx=1.0, cm=-float(sigma), p0=0.0, px=1.0,
+            # (the op computes in fp32 whatever the storage, as diffusers' upcast sample: no copy to fp32 first)
+            prev, x0 = ops.linear_step(model_output, sample, cx=1.0, cm=-float(sigma), p0=0.0, px=1.0,
                                        pm=float(sigma_next - sigma))
         self._step_index += 1
         return SchedulerOutput(prev, x0) if return_dict else (prev, x0)
