@@ -158,13 +158,14 @@ def check_denoising_bounds(denoising_start=None, denoising_end=None):
         raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
 
 
-def check_size(vae_scale_factor, **sizes):
-    """Output sizes by name (height, width): positive multiples of 8 and of the VAE's scale factor."""
+def check_size(vae_scale_factor, factor_name="the VAE scale factor", **sizes):
+    """Output sizes by name (height, width): positive multiples of 8 and of the VAE's scale factor (SD3's: the VAE's
+    times the transformer's patch size, ``factor_name`` saying so)."""
     for name, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % 8 != 0:
             raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
         if value % vae_scale_factor != 0:
-            raise ValueError(f"{name} must be a multiple of the VAE scale factor {vae_scale_factor}, got {value}")
+            raise ValueError(f"{name} must be a multiple of {factor_name} {vae_scale_factor}, got {value}")
 
 
 def check_given_size(vae_scale_factor, height, width):

@@ -164,7 +164,8 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
                 prompt_embeds.shape != negative_prompt_embeds.shape):
             raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
                              f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
-        check_size(self.vae_scale_factor * self.transformer.config.patch_size, height=height, width=width)
+        check_size(self.vae_scale_factor * self.transformer.config.patch_size,
+                   "the VAE scale factor times the patch size", height=height, width=width)
         for name, value in (("num_inference_steps", num_inference_steps),
                             ("num_images_per_prompt", num_images_per_prompt)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

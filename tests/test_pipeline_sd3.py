@@ -141,7 +141,7 @@ def test_sd3_call_errors(sd3_pair):
     _, ours = sd3_pair
     for kwargs, error, match in (
             (dict(prompt=None), ValueError, "give a prompt"),
-            (dict(height=36), ValueError, "height must be a"),  # not a multiple of 16 (VAE 8 x patch 2)
+            (dict(height=36), ValueError, "height must be a"),  # not a multiple of 8
             (dict(num_inference_steps=0), ValueError, "num_inference_steps"),
             (dict(guidance_scale=-1), ValueError, "guidance_scale"),
             (dict(prompt_2=["a", "b"]), ValueError, "prompt_2 has 2 entries"),
@@ -154,6 +154,10 @@ def test_sd3_call_errors(sd3_pair):
             (dict(output_type="jpeg"), ValueError, "output_type")):
         with pytest.raises(error, match=match):
             _run(ours, **kwargs)
+    from diffusion_fast.pipeline_common import check_size
+
+    with pytest.raises(ValueError, match="height must be a multiple of the VAE scale factor times the patch size 16"):
+        check_size(16, "the VAE scale factor times the patch size", height=40)  # (SD3's factor: the tiny's is 8)
     with pytest.raises(TypeError, match="prompt must be a str"):
         ours.encode_prompt(None)
     with pytest.raises(ValueError, match="needs pooled_prompt_embeds"):
