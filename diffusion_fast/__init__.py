@@ -45,6 +45,7 @@ _LAZY = {
     "StableDiffusionImageVariationPipeline": ("pipeline_variation", "StableDiffusionImageVariationPipeline"),
     "StableDiffusion3Pipeline": ("pipeline_sd3", "StableDiffusion3Pipeline"),
     "StableDiffusion3Img2ImgPipeline": ("pipeline_sd3_img2img", "StableDiffusion3Img2ImgPipeline"),
+    "StableDiffusion3InpaintPipeline": ("pipeline_sd3_inpaint", "StableDiffusion3InpaintPipeline"),
     **{name: ("pipeline_pag", name) for name in (
         "StableDiffusionPAGPipeline", "StableDiffusionXLPAGPipeline", "StableDiffusionPAGImg2ImgPipeline",
         "StableDiffusionXLPAGImg2ImgPipeline", "StableDiffusionPAGInpaintPipeline",

@@ -42,6 +42,22 @@ def _resized(images, height, width, what):
                     f"{type(images[0]).__name__}")
 
 
+def image_and_mask(image, mask_image, vae_config, scale, latent_size):
+    """(the image at the output size, pixels or latents; the binarized mask) for latents of ``latent_size`` (h, w),
+    VAE scale ``scale``: the image's channels (the VAE's pixels or its latents) and a latent image's size checked."""
+    height, width = latent_size[0] * scale, latent_size[1] * scale
+    latent_channels = vae_config.latent_channels
+    init_image = preprocess_image(image, scale, latent_channels, size=(height, width)).float()
+    mask_condition = preprocess_mask(mask_image, height, width)
+    if init_image.shape[1] not in (latent_channels, vae_config.in_channels):
+        raise ValueError(f"image has {init_image.shape[1]} channels: {vae_config.in_channels} (pixels) or "
+                         f"{latent_channels} (latents)")
+    if init_image.shape[1] == latent_channels and tuple(init_image.shape[2:]) != tuple(latent_size):
+        raise ValueError(f"image: latents of size {tuple(init_image.shape[2:])} for a {height}x{width} output "
+                         f"(latents {tuple(latent_size)})")
+    return init_image, mask_condition
+
+
 def preprocess_mask(mask, height, width) -> torch.Tensor:
     """diffusers' mask processor: resized, grayscale (PIL's "L"), in [0, 1], binarized at 0.5: (B, 1, H, W). Numpy
     masks take the tensor path, by diffusers' grayscale rules (``numpy_images``)."""
@@ -127,15 +143,8 @@ class _Inpainting(_ImageToImage):
         batch, latent_channels = shape[0], self.vae.config.latent_channels
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}")
-        height, width = shape[2] * self.vae_scale_factor, shape[3] * self.vae_scale_factor
-        init_image = preprocess_image(image, self.vae_scale_factor, latent_channels, size=(height, width)).float()
-        mask_condition = preprocess_mask(mask_image, height, width)
-        if init_image.shape[1] not in (latent_channels, self.vae.config.in_channels):
-            raise ValueError(f"image has {init_image.shape[1]} channels: {self.vae.config.in_channels} (pixels) or "
-                             f"{latent_channels} (latents)")
-        if init_image.shape[1] == latent_channels and tuple(init_image.shape[2:]) != tuple(shape[2:]):
-            raise ValueError(f"image: latents of size {tuple(init_image.shape[2:])} for a {height}x{width} output "
-                             f"(latents {tuple(shape[2:])})")
+        init_image, mask_condition = image_and_mask(image, mask_image, self.vae.config, self.vae_scale_factor,
+                                                    shape[2:])
         if (init_image.shape[1] == latent_channels and masked_image_latents is None
                 and self.unet.config.in_channels != latent_channels):
             raise ValueError("image: given as latents, it cannot be masked (as in diffusers); an inpainting UNet "

@@ -67,6 +67,7 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
         self._progress = {}
         self._graph = self._graphed_for = None
         self._interrupt = False
+        self._call_tensors = {}  # a call's tensors beyond the text that a callback may read or replace (inpainting's)
 
     cuda_graph = auto_or_bool_setting("cuda_graph", '"auto" (capture the transformer call on CUDA), True (CUDA '
                                                      'required) or False.')
@@ -202,6 +203,16 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
         c = self.vae.config
         return self.vae.decode(latents / c.scaling_factor + (c.shift_factor or 0.0))
 
+    def _model_input(self, model_input):
+        """The transformer's input for the loop's latents (doubled under guidance): the latents themselves; an
+        inpainting transformer's takes the mask and the masked image's latents beside them."""
+        return model_input
+
+    def _after_step(self, i, timesteps, latents):
+        """The latents after step ``i``'s update: as they are; inpainting with a plain transformer puts the image's
+        back outside the mask."""
+        return latents
+
     def _transformer_call(self, latents, t, embeds, pooled, *skip):
         return self.transformer(latents, embeds, pooled, t.expand(latents.shape[0]), skip_layers=skip or None)
 
@@ -316,16 +327,17 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
                 continue
             do_cfg = self.do_classifier_free_guidance  # (read every step, as diffusers does)
             model_input = torch.cat([latents, latents]) if do_cfg else latents
-            pred = model(model_input, t, prompt_embeds, pooled)
+            pred = model(self._model_input(model_input), t, prompt_embeds, pooled)
             if do_cfg:
                 uncond, text_pred = pred.chunk(2)
                 pred = uncond + self._guidance_scale * (text_pred - uncond)
                 if skip and steps * slg_start < i < steps * slg_stop:
                     skipped = model(latents, t, *cond, *skip)
                     pred = pred + (text_pred - skipped) * slg_scale
-            latents = self.scheduler.step(pred, t, latents, return_dict=False)[0]
+            latents = self._after_step(i, timesteps, self.scheduler.step(pred, t, latents, return_dict=False)[0])
             if callback is not None:
-                named = {"latents": latents, "prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+                named = {"latents": latents, "prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled,
+                         **self._call_tensors}
                 outputs = callback(self, i, t, {k: named[k] for k in callback_inputs})
                 if not isinstance(outputs, dict):
                     raise TypeError(f"callback_on_step_end must return a dict (the tensors it replaces, or {{}}), "
@@ -333,6 +345,7 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
                 latents = outputs.get("latents", latents)
                 prompt_embeds = outputs.get("prompt_embeds", prompt_embeds)
                 pooled = outputs.get("pooled_prompt_embeds", pooled)
+                self._call_tensors.update((k, outputs[k]) for k in self._call_tensors if k in outputs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start

@@ -516,6 +516,23 @@ class Comparison:
         return np.abs(a - b).max() > 0.005
 
 
+def assert_accelerate_keeps_images(pipe, run, **kwargs):
+    """``accelerate(pipe)`` (its attention too, on the CPU) fuses the scheduler's step and keeps ``run(pipe,
+    **kwargs)``'s images within the fp32 tolerance; ``restore`` gives them back bit for bit."""
+    import numpy as np
+
+    import diffusion_fast
+    from diffusion_fast.numerics import PIPELINE_FP32_MAX_ABS
+
+    pipe.set_progress_bar_config(disable=True)
+    before = run(pipe, **kwargs)
+    diffusion_fast.accelerate(pipe, attention=True)
+    assert pipe._diffusion_fast_report["scheduler"] == 1
+    assert np.abs(run(pipe, **kwargs) - before).max() <= PIPELINE_FP32_MAX_ABS
+    diffusion_fast.restore(pipe)
+    assert np.array_equal(run(pipe, **kwargs), before)
+
+
 # ---- image variations (tests/test_pipeline_variation.py) -----------------------------------------------------------
 def variation_pipeline(seed=9):
     """diffusers' StableDiffusionImageVariationPipeline on the tiny SD1 UNet and VAE, with a tiny CLIP image encoder
@@ -562,10 +579,11 @@ SD3_TINY = dict(  # 4 heads of 8 (head dim 8), 3 blocks, 16 latent channels, a 1
 SD35_TINY = dict(SD3_TINY, dual_attention_layers=(0, 1), qk_norm="rms_norm")  # SD3.5 Medium's shape
 
 
-def sd3_pipeline(seed=10, variant="sd3", t5=True):
+def sd3_pipeline(seed=10, variant="sd3", t5=True, in_channels=16):
     """diffusers' StableDiffusion3Pipeline (fp32, CPU, shift 3): two CLIP encoders with projections (16 and 24 wide:
     40 together, padded to T5's 48), a 2-layer T5 (or none), the SD3_TINY (``variant="sd3.5"``: SD35_TINY)
-    transformer and a 16-channel VAE without quant convs, with SD3's scaling and shift factors."""
+    transformer and a 16-channel VAE without quant convs, with SD3's scaling and shift factors. ``in_channels=33``:
+    an inpainting transformer (the latents, the mask and the masked image's latents in, 16 channels out)."""
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)
     from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
@@ -579,7 +597,8 @@ def sd3_pipeline(seed=10, variant="sd3", t5=True):
                                          relative_attention_num_buckets=8)).eval() if t5 else None  # (no dropout)
     vae = AutoencoderKL(**dict(tiny.vae_config(), latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
                                scaling_factor=1.5305, shift_factor=0.0609))
-    transformer = SD3Transformer2DModel(**(SD35_TINY if variant == "sd3.5" else SD3_TINY))
+    transformer = SD3Transformer2DModel(**dict(SD35_TINY if variant == "sd3.5" else SD3_TINY,
+                                               in_channels=in_channels))
     for p in transformer.parameters():  # (diffusers zero-initialises the modulations: give every path a say)
         torch.nn.init.normal_(p, std=0.1)
     pipe = StableDiffusion3Pipeline(

@@ -91,14 +91,8 @@ def test_sd3_img2img_from_pipe_load_and_errors(img2img_pair):
 def test_accelerate_sd3_img2img_keeps_its_images():
     from diffusers import StableDiffusion3Img2ImgPipeline as Theirs
 
-    pipe = Theirs(**_tiny_diffusers.sd3_pipeline().components)
-    pipe.set_progress_bar_config(disable=True)
-    before = _run(pipe, strength=0.7)
-    diffusion_fast.accelerate(pipe, attention=True)
-    assert pipe._diffusion_fast_report["scheduler"] == 1
-    assert np.abs(_run(pipe, strength=0.7) - before).max() <= 1e-3
-    diffusion_fast.restore(pipe)
-    assert np.array_equal(_run(pipe, strength=0.7), before)
+    _tiny_diffusers.assert_accelerate_keeps_images(Theirs(**_tiny_diffusers.sd3_pipeline().components), _run,
+                                                   strength=0.7)
 
 
 def test_generate_and_check_sd3_image_to_image(img2img_pair, tmp_path, capsys):
