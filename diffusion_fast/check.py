@@ -243,7 +243,7 @@ def _denoiser(pipe):
 
 def pipeline_kind(pipe):
     """"inpainting", "image-to-image" (an SDXL refiner's folder loads as such), "text-to-image", "SD3 text-to-image",
-    "SD3 image-to-image",
+    "SD3 image-to-image", "SD3 inpainting",
     "InstructPix2Pix", "x4 upscaler", "depth-to-image", "image variation",
     or one of the first three guided by the folder's ControlNets ("ControlNet", "ControlNet image-to-image",
     "ControlNet inpainting"), or text-to-image guided by its T2I-Adapters ("T2I-Adapter") or its ControlNet-Union net
@@ -256,9 +256,12 @@ def pipeline_kind(pipe):
     from .pipeline_t2i_adapter import AdapterGuidance
     from .pipeline_depth2img import StableDiffusionDepth2ImgPipeline
     from .pipeline_sd3 import StableDiffusion3Pipeline
+    from .pipeline_sd3_inpaint import StableDiffusion3InpaintPipeline
     from .pipeline_upscale import StableDiffusionUpscalePipeline
     from .pipeline_variation import StableDiffusionImageVariationPipeline
 
+    if isinstance(pipe, StableDiffusion3InpaintPipeline):
+        return "SD3 inpainting"
     if isinstance(pipe, StableDiffusion3Pipeline):
         return "SD3 image-to-image" if isinstance(pipe, _ImageToImage) else "SD3 text-to-image"
     if isinstance(pipe, StableDiffusionImageVariationPipeline):

@@ -296,10 +296,10 @@ def test_generate_sd3_folder_writes_diffusers_image(sd3_pair, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--image", "IN", "--mask", "IN"], "Stable Diffusion 3 model .* takes no --mask"),
+    (["--image", "IN", "--control-image", "IN"], "Stable Diffusion 3 model .* takes no --control-image"),
     (["--scheduler", "ddim", "--eta", "0.5"], "takes no --eta, --scheduler"),
     (["--embedding", "IN"], "takes no --embedding"),
-], ids=["mask", "scheduler-eta", "embedding"])
+], ids=["control-image", "scheduler-eta", "embedding"])
 def test_generate_sd3_bad_options_one_line(sd3_pair, tmp_path, capsys, extra, message):
     import re
 
