@@ -46,6 +46,7 @@ _LAZY = {
     "StableDiffusion3Pipeline": ("pipeline_sd3", "StableDiffusion3Pipeline"),
     "StableDiffusion3Img2ImgPipeline": ("pipeline_sd3_img2img", "StableDiffusion3Img2ImgPipeline"),
     "StableDiffusion3InpaintPipeline": ("pipeline_sd3_inpaint", "StableDiffusion3InpaintPipeline"),
+    "StableDiffusion3ControlNetPipeline": ("pipeline_sd3_controlnet", "StableDiffusion3ControlNetPipeline"),
     **{name: ("pipeline_pag", name) for name in (
         "StableDiffusionPAGPipeline", "StableDiffusionXLPAGPipeline", "StableDiffusionPAGImg2ImgPipeline",
         "StableDiffusionXLPAGImg2ImgPipeline", "StableDiffusionPAGInpaintPipeline",
@@ -55,6 +56,7 @@ _LAZY = {
     "AutoencoderKL": ("models", "AutoencoderKL"),
     "AutoencoderTiny": ("models", "AutoencoderTiny"),
     "SD3Transformer2DModel": ("models", "SD3Transformer2DModel"),
+    "SD3ControlNetModel": ("models", "SD3ControlNetModel"),
     "ControlNetModel": ("models", "ControlNetModel"),
     "ControlNetUnionModel": ("models", "ControlNetUnionModel"),
     "T2IAdapter": ("models", "T2IAdapter"),

@@ -36,8 +36,18 @@ def calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shif
     return image_seq_len * m + base_shift - m * base_seq_len
 
 
+def text_arguments(call):
+    """(the prompts, the given embeddings) among a pipeline call's arguments ``call`` (its ``locals()``), as
+    ``_prepare_text`` takes them."""
+    prompts = ("prompt", "prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3")
+    given = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    return {k: call[k] for k in prompts}, {k: call[k] for k in given}
+
+
 class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
     _callback_tensor_inputs = ("latents", "prompt_embeds", "pooled_prompt_embeds")  # diffusers' names
+    _component_names = ("transformer", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2",
+                        "tokenizer_2", "text_encoder_3", "tokenizer_3", "cuda_graph", "channels_last")  # (from_pipe)
 
     def __init__(self, transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
                  text_encoder_3=None, tokenizer_3=None, *, cuda_graph="auto", channels_last="auto"):
@@ -102,12 +112,11 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
         if not isinstance(pipe, StableDiffusion3Pipeline):
             raise TypeError(f"pipe must be one of diffusion_fast's SD3 pipelines, got {type(pipe).__name__} (an SD "
                             "or SDXL pipeline's from_pipe takes those)")
-        names = ("transformer", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
-                 "text_encoder_3", "tokenizer_3", "cuda_graph", "channels_last")
+        names = cls._component_names
         unknown = sorted(set(components) - set(names))
         if unknown:
             raise TypeError(f"from_pipe got components it does not take: {unknown} (it takes {list(names)})")
-        new = cls(**{name: components.get(name, getattr(pipe, name)) for name in names})
+        new = cls(**{name: components[name] if name in components else getattr(pipe, name, None) for name in names})
         if hasattr(pipe, "_lora") and new.transformer is pipe.transformer:  # the same merged LoRAs to undo
             new._lora = pipe._lora
         return new
@@ -122,7 +131,8 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
 
     def to(self, device=None, dtype=None):
         dtype = resolve_dtype(dtype)
-        for module in (self.transformer, self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3):
+        for module in (self.transformer, self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3,
+                       getattr(self, "controlnet", None)):
             if module is not None:
                 module.to(device=device, dtype=dtype)
         self._graph = self._graphed_for = None
@@ -208,6 +218,11 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
         inpainting transformer's takes the mask and the masked image's latents beside them."""
         return model_input
 
+    def _step_inputs(self, i, steps, batch):
+        """The transformer call's inputs at step ``i`` of ``steps`` beyond the latents and text, for a model input of
+        ``batch`` rows: none; a ControlNet pipeline's control latents and this step's scales."""
+        return ()
+
     def _after_step(self, i, timesteps, latents):
         """The latents after step ``i``'s update: as they are; inpainting with a plain transformer puts the image's
         back outside the mask."""
@@ -223,15 +238,22 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
             raise ValueError("cuda_graph=True needs the pipeline on a CUDA device")
         return self.cuda_graph is not False and device.type == "cuda" and current_backend() != "reference"
 
+    def _graph_modules(self):
+        """What the transformer call reads besides its inputs: the transformer (and a ControlNet pipeline's nets)."""
+        return (self.transformer,)
+
     def _model(self, device):
         """The transformer call: a GraphedCallable where graphs are on (one graph per input shape and skip list,
         recaptured when the weights change), else plain."""
         if not self._graphs_on(device):
             return self._transformer_call
-        if self._graph is None or self._graphed_for is not self.transformer:
-            self._graph = GraphedCallable(self._transformer_call, state=ModuleState(self.transformer),
+        modules = self._graph_modules()
+        if self._graph is None or len(modules) != len(self._graphed_for) or any(
+                a is not b for a, b in zip(modules, self._graphed_for)):
+            states = [ModuleState(m) for m in modules]
+            self._graph = GraphedCallable(self._transformer_call, state=lambda: tuple(s() for s in states),
                                           clone_output=True)
-            self._graphed_for = self.transformer
+            self._graphed_for = modules
         return self._graph
 
     def _set_timesteps(self, num_inference_steps, device, sigmas, mu, latent_shape):
@@ -261,13 +283,9 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
                  skip_layer_guidance_start=0.01, mu=None):
         height = height if height is not None else self.default_sample_size * self.vae_scale_factor
         width = width if width is not None else self.default_sample_size * self.vae_scale_factor
-        prompts = dict(prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
-                       negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3)
-        given = dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                     pooled_prompt_embeds=pooled_prompt_embeds,
-                     negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+        text_args = text_arguments(locals())
         batch, text, cond, callback_inputs = self._prepare_text(
-            prompts, given, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type,
+            *text_args, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type,
             clip_skip, max_sequence_length, skip_guidance_layers, callback_on_step_end,
             callback_on_step_end_tensor_inputs)
         device = self.device
@@ -327,7 +345,8 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
                 continue
             do_cfg = self.do_classifier_free_guidance  # (read every step, as diffusers does)
             model_input = torch.cat([latents, latents]) if do_cfg else latents
-            pred = model(self._model_input(model_input), t, prompt_embeds, pooled)
+            pred = model(self._model_input(model_input), t, prompt_embeds, pooled,
+                         *self._step_inputs(i, steps, model_input.shape[0]))
             if do_cfg:
                 uncond, text_pred = pred.chunk(2)
                 pred = uncond + self._guidance_scale * (text_pred - uncond)

@@ -14,7 +14,7 @@ import torch
 
 from .lora import lora_call_scale
 from .pipeline_img2img import _ImageToImage, preprocess_image
-from .pipeline_sd3 import StableDiffusion3Pipeline
+from .pipeline_sd3 import StableDiffusion3Pipeline, text_arguments
 from .schedulers.common import randn_tensor
 
 
@@ -36,11 +36,7 @@ class StableDiffusion3Img2ImgPipeline(_ImageToImage, StableDiffusion3Pipeline):
             raise ValueError(f"strength must be in [0, 1], got {strength!r}")
         if image is None:
             raise ValueError("image: give the initial image (an RGB PIL image, a list of them or a tensor)")
-        prompts = dict(prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
-                       negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3)
-        given = dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                     pooled_prompt_embeds=pooled_prompt_embeds,
-                     negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+        text_args = text_arguments(locals())
         latent_channels = self.transformer.config.in_channels
         image = preprocess_image(image, self.vae_scale_factor, latent_channels, (height, width))
         latent_input = image.shape[1] == latent_channels  # latents given instead of pixels, as diffusers takes them
@@ -48,7 +44,7 @@ class StableDiffusion3Img2ImgPipeline(_ImageToImage, StableDiffusion3Pipeline):
             raise ValueError(f"image has {image.shape[1]} channels: {self.vae.config.in_channels} (pixels) or "
                              f"{latent_channels} (latents)")
         batch, text, cond, callback_inputs = self._prepare_text(
-            prompts, given, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type,
+            *text_args, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type,
             clip_skip, max_sequence_length, skip_guidance_layers, callback_on_step_end,
             callback_on_step_end_tensor_inputs)
         shape = (batch * num_images_per_prompt, latent_channels, height // self.vae_scale_factor,

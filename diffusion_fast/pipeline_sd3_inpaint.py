@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .lora import lora_call_scale
 from .pipeline_inpaint import _Inpainting, image_and_mask
+from .pipeline_sd3 import text_arguments
 from .pipeline_sd3_img2img import StableDiffusion3Img2ImgPipeline
 from .schedulers.common import randn_tensor
 
@@ -72,13 +73,9 @@ class StableDiffusion3InpaintPipeline(StableDiffusion3Img2ImgPipeline):
         if not plain and masked_image_latents is None and init_image.shape[1] == latent_channels:
             raise ValueError("image: given as latents, it cannot be masked; an inpainting transformer then needs "
                              "masked_image_latents too")
-        prompts = dict(prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
-                       negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3)
-        given = dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-                     pooled_prompt_embeds=pooled_prompt_embeds,
-                     negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+        text_args = text_arguments(locals())
         batch, text, cond, callback_inputs = self._prepare_text(
-            prompts, given, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type,
+            *text_args, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type,
             clip_skip, max_sequence_length, None, callback_on_step_end, callback_on_step_end_tensor_inputs)
         shape = (batch * num_images_per_prompt, *shape[1:])
         for name, value in (("image", init_image), ("mask_image", mask_condition),

@@ -516,6 +516,24 @@ class Comparison:
         return np.abs(a - b).max() > 0.005
 
 
+def sd3_controlnet(kind="instantx", seed=20, layers=2):
+    """diffusers' SD3ControlNetModel on the SD35_TINY shape, ``layers`` blocks, every weight drawn (diffusers
+    zero-initialises the output maps): ``kind="instantx"`` (InstantX's SD3 nets: joint blocks with the text, their own
+    patch embedding, zeros for the pooled text) or ``"large"`` (SD3.5 Large's: image-only blocks, the transformer's
+    patch embedding, the pooled text)."""
+    from diffusers import SD3ControlNetModel
+
+    torch.manual_seed(seed)
+    config = dict(SD35_TINY, num_layers=layers)
+    if kind == "large":
+        config.update(joint_attention_dim=None, use_pos_embed=False, pos_embed_type=None, dual_attention_layers=(),
+                      qk_norm=None, force_zeros_for_pooled_projection=False)
+    net = SD3ControlNetModel(**config)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    return net.eval()
+
+
 def assert_accelerate_keeps_images(pipe, run, **kwargs):
     """``accelerate(pipe)`` (its attention too, on the CPU) fuses the scheduler's step and keeps ``run(pipe,
     **kwargs)``'s images within the fp32 tolerance; ``restore`` gives them back bit for bit."""

@@ -95,8 +95,9 @@ def test_sd3_without_t5_matches_diffusers(tmp_path):
 
 def test_transformer_matches_diffusers_on_every_backend():
     """The transformer alone, SD3.5's shape with head dim 16 (the Triton kernel's smallest): diffusers' output on
-    the C++/torch path, the reference path and (interpreted) Triton kernels, 50 image tokens from a 10x10 latent plus
-    7 text tokens (57: no power of two), batch 3."""
+    the C++/torch path, the reference path and (interpreted) Triton kernels, 50 image tokens from a 10x20 latent plus
+    7 text tokens (57: no power of two), batch 3; skipped blocks, and an SD3 ControlNet's residuals (two spread over
+    three blocks, added after a skipped one too)."""
     import diffusers
 
     config = dict(_tiny_diffusers.SD35_TINY, attention_head_dim=16, caption_projection_dim=64)
@@ -106,7 +107,7 @@ def test_transformer_matches_diffusers_on_every_backend():
         torch.nn.init.normal_(p, std=0.1)
     ours = SD3Transformer2DModel(dict(theirs.config))
     ours.load_state_dict(theirs.state_dict())
-    x, context = torch.randn(3, 16, 10, 10), torch.randn(3, 7, 48)
+    x, context = torch.randn(3, 16, 10, 20), torch.randn(3, 7, 48)
     pooled, t = torch.randn(3, 40), torch.tensor([999.0, 500.5, 3.0])
     with torch.no_grad():
         expected = theirs(x, context, pooled, t).sample
@@ -115,9 +116,14 @@ def test_transformer_matches_diffusers_on_every_backend():
                 got = ours(x, context, pooled, t)
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=name)
         skipped = ours(x, context, pooled, t, skip_layers=[0, 2])
+        residuals = [torch.randn(3, 50, 64) for _ in range(2)]
+        guided = ours(x, context, pooled, t, skip_layers=[0], block_controlnet_hidden_states=residuals)
+        theirs_guided = theirs(x, context, pooled, t, skip_layers=[0], block_controlnet_hidden_states=residuals)
     torch.testing.assert_close(skipped, theirs(x, context, pooled, t, skip_layers=[0, 2]).sample.detach(),
                                rtol=1e-4, atol=1e-4)
     assert (skipped - expected).abs().max() > 1e-2
+    torch.testing.assert_close(guided, theirs_guided.sample, rtol=1e-4, atol=1e-4)
+    assert (guided - ours(x, context, pooled, t, skip_layers=[0]).detach()).abs().max() > 1e-2
 
 
 def test_transformer_errors():
@@ -127,7 +133,8 @@ def test_transformer_errors():
                        (dict(hidden_states=torch.randn(1, 16, 7, 8)), "multiples of 2"),
                        (dict(hidden_states=torch.randn(1, 16, 26, 8)), "exceed the position table"),
                        (dict(encoder_hidden_states=torch.randn(1, 5, 40)), "encoder_hidden_states must be a"),
-                       (dict(pooled_projections=torch.randn(2, 40)), "pooled_projections must be a")):
+                       (dict(pooled_projections=torch.randn(2, 40)), "pooled_projections must be a"),
+                       (dict(block_controlnet_hidden_states=[]), "block_controlnet_hidden_states must be a non-empty")):
         args = {**dict(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=1.0), **bad}
         with pytest.raises(ValueError, match=match):
             model(**args)
@@ -296,10 +303,10 @@ def test_generate_sd3_folder_writes_diffusers_image(sd3_pair, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--image", "IN", "--control-image", "IN"], "Stable Diffusion 3 model .* takes no --control-image"),
+    (["--image", "IN", "--pag-scale", "3"], "Stable Diffusion 3 model .* takes no --pag-scale"),
     (["--scheduler", "ddim", "--eta", "0.5"], "takes no --eta, --scheduler"),
     (["--embedding", "IN"], "takes no --embedding"),
-], ids=["control-image", "scheduler-eta", "embedding"])
+], ids=["pag", "scheduler-eta", "embedding"])
 def test_generate_sd3_bad_options_one_line(sd3_pair, tmp_path, capsys, extra, message):
     import re
 

@@ -244,18 +244,26 @@ class SD3Transformer2DModel(loading.PretrainedMixin, nn.Module):
                 raise ValueError(f"{name} must be a {what}, got {got}")
 
     def forward(self, hidden_states, encoder_hidden_states=None, pooled_projections=None, timestep=None,
-                skip_layers=None):
+                skip_layers=None, block_controlnet_hidden_states=None):
         """The velocity prediction (B, out_channels, H, W) as a tensor (diffusers' output's ``sample``).
-        ``skip_layers``: block indices to skip (SD3.5's skip-layer guidance)."""
+        ``skip_layers``: block indices to skip (SD3.5's skip-layer guidance). ``block_controlnet_hidden_states``: an
+        SD3 ControlNet's residuals, added to the image stream after each block but the last (skipped ones too), the
+        residual of block i the one at ``int(i / (blocks / residuals))``, as diffusers spreads fewer over more."""
         self._check(hidden_states, encoder_hidden_states, pooled_projections)
         height, width = hidden_states.shape[-2:]
         skip = set(skip_layers or ())
+        residuals = block_controlnet_hidden_states
+        if residuals is not None and (not isinstance(residuals, (list, tuple)) or not residuals):
+            raise ValueError("block_controlnet_hidden_states must be a non-empty list of (B, tokens, width) tensors "
+                             f"(an SD3ControlNetModel's output), got {type(residuals).__name__}")
         x = self.pos_embed(hidden_states).contiguous()
         temb = self.time_text_embed(broadcast_timestep(timestep, hidden_states), pooled_projections)
         context = self.context_embedder(encoder_hidden_states)
         for i, block in enumerate(self.transformer_blocks):
             if i not in skip:
                 context, x = block(x, context, temb)
+            if residuals is not None and not block.context_pre_only:
+                x = x + residuals[int(i / (len(self.transformer_blocks) / len(residuals)))]
         x = self.proj_out(self.norm_out(x, temb))
         p, c = self.config.patch_size, self.out_channels
         x = x.reshape(x.shape[0], height // p, width // p, p, p, c)
