@@ -118,6 +118,7 @@ def _check_pipeline(args, device, dtype):
                                              channels=pipe.vae.config.latent_channels)
         # one noise for every dtype: the given latents (see seed_latents), and every draw a pipeline makes itself
         # (the image's latent sample and noise) in float32, rounded
+        torch.manual_seed(args.seed)  # (the same draws from the global generator in every run: SD3 ControlNets')
         with backend(name), float32_draws():
             text = {} if kind == "image variation" else {"prompt": "a red cube on a table"}
             latents = pipe(num_inference_steps=args.steps, guidance_scale=7.5, output_type="latent",
@@ -137,14 +138,22 @@ def _check_pipeline(args, device, dtype):
     def first_noise_pred(pipe, name):
         nonlocal probe
         if isinstance(pipe, StableDiffusion3Pipeline):  # the transformer: latents, timestep, joint text, pooled
-            if probe is None:
+            if probe is None:  # (and an SD3 ControlNet pipeline's nets at scale 1: control latents each)
                 cfg = pipe.transformer.config
                 probe = (torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen),
                          torch.tensor(1000.0), torch.randn(2, 77 + 256, cfg.joint_attention_dim, generator=gen),
                          torch.randn(2, cfg.pooled_projection_dim, generator=gen))
+                probe += tuple(torch.randn(2, net.config.in_channels + net.config.extra_conditioning_channels,
+                                           cfg.sample_size, cfg.sample_size, generator=gen)
+                               for net in getattr(pipe, "_nets", ()))
             with backend(name), torch.no_grad():
-                x, t, emb, pooled = (v.to(device=device, dtype=pipe.dtype) for v in probe)
-                return pipe._transformer_call(x, t, emb, pooled).float().cpu()
+                x, t, emb, pooled, *control = (v.to(device=device, dtype=pipe.dtype) for v in probe)
+                nets = getattr(pipe, "_nets", ())
+                inputs = () if not nets else (
+                    emb if nets[0].config.joint_attention_dim is not None else None,
+                    torch.zeros_like(pooled) if nets[0].config.force_zeros_for_pooled_projection else pooled,
+                    *control, (1.0,) * len(nets))
+                return pipe._transformer_call(x, t, emb, pooled, *inputs).float().cpu()
         if probe is None:
             cfg = pipe.unet.config
             probe = (torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen),
@@ -243,7 +252,7 @@ def _denoiser(pipe):
 
 def pipeline_kind(pipe):
     """"inpainting", "image-to-image" (an SDXL refiner's folder loads as such), "text-to-image", "SD3 text-to-image",
-    "SD3 image-to-image", "SD3 inpainting",
+    "SD3 image-to-image", "SD3 inpainting", "SD3 ControlNet",
     "InstructPix2Pix", "x4 upscaler", "depth-to-image", "image variation",
     or one of the first three guided by the folder's ControlNets ("ControlNet", "ControlNet image-to-image",
     "ControlNet inpainting"), or text-to-image guided by its T2I-Adapters ("T2I-Adapter") or its ControlNet-Union net
@@ -256,12 +265,15 @@ def pipeline_kind(pipe):
     from .pipeline_t2i_adapter import AdapterGuidance
     from .pipeline_depth2img import StableDiffusionDepth2ImgPipeline
     from .pipeline_sd3 import StableDiffusion3Pipeline
+    from .pipeline_sd3_controlnet import StableDiffusion3ControlNetPipeline
     from .pipeline_sd3_inpaint import StableDiffusion3InpaintPipeline
     from .pipeline_upscale import StableDiffusionUpscalePipeline
     from .pipeline_variation import StableDiffusionImageVariationPipeline
 
     if isinstance(pipe, StableDiffusion3InpaintPipeline):
         return "SD3 inpainting"
+    if isinstance(pipe, StableDiffusion3ControlNetPipeline):
+        return "SD3 ControlNet"
     if isinstance(pipe, StableDiffusion3Pipeline):
         return "SD3 image-to-image" if isinstance(pipe, _ImageToImage) else "SD3 text-to-image"
     if isinstance(pipe, StableDiffusionImageVariationPipeline):
@@ -306,6 +318,8 @@ def pipeline_inputs(pipe, seed, steps):
     nets = len(getattr(pipe, "_nets", ()))
     per_net = image if nets == 1 else [image] * nets  # (a ControlNet pipeline's conditioning image for each net)
     union = {"control_mode": 0} if hasattr(pipe, "_modes") else {}  # (a union net: the image in its first mode)
+    if kind == "SD3 ControlNet":  # (encoded by the VAE: its posterior sampled with the global generator)
+        return pag_kind, {"control_image": per_net}
     if kind == "ControlNet":  # the image conditions each net; the size is the UNet's default
         return pag_kind, {"image": per_net}
     if kind == "ControlNet-Union":

@@ -3,8 +3,9 @@
 Our SD3 pipeline takes a prompt (for all three text encoders), a negative prompt, steps (28 by default, as
 diffusers), guidance (7.0), size (the transformer's default: 1024 for SD3), batch, seed, clip skip and LoRAs
 (diffusers' format); with --image it runs image-to-image at --strength, and with --mask too inpainting (an
-inpainting folder's transformer, or SD3's own, blended), with --padding-mask-crop if asked. The UNet models' extras
-(ControlNets, adapters, embeddings, a refiner, PAG, other schedulers, eta) are refused by name, not ignored.
+inpainting folder's transformer, or SD3's own, blended), with --padding-mask-crop if asked; with --controlnet (SD3
+ControlNets) and --control-image, text-to-image guided by them. The UNet models' extras (adapters, embeddings, a
+refiner, PAG, other schedulers, eta) are refused by name, not ignored.
 """
 from __future__ import annotations
 
@@ -15,17 +16,47 @@ from .cli import UsageError
 from .generate_model import load_loras
 
 
-def sd3_run(args, pipe, init_image=None, mask_image=None):
+def _with_sd3_controlnets(args, pipe, images):
+    """The SD3 ControlNet pipeline on ``pipe``'s components with the --controlnet folders (or the model folder's own
+    net); ``images``: one --control-image per net."""
+    from .models.controlnet_sd3 import SD3ControlNetModel
+    from .models.loading import read_config
+    from .pipeline_sd3_controlnet import StableDiffusion3ControlNetPipeline
+
+    if args.controlnet:
+        nets = []
+        for path in args.controlnet:
+            kind = read_config(path).get("_class_name")
+            if kind != "SD3ControlNetModel":
+                raise UsageError(f"--controlnet {path} holds a {kind}, not an SD3 ControlNet (SD3ControlNetModel): "
+                                 f"{args.model} is a Stable Diffusion 3 model")
+            nets.append(SD3ControlNetModel.from_pretrained(path, dtype=pipe.dtype, device=pipe.device))
+        try:
+            pipe = StableDiffusion3ControlNetPipeline.from_pipe(pipe, controlnet=nets[0] if len(nets) == 1 else nets)
+        except ValueError as err:
+            raise UsageError(f"--controlnet: {err}") from None
+    elif not isinstance(pipe, StableDiffusion3ControlNetPipeline):
+        raise UsageError("--control-image is for ControlNet: give --controlnet too (or a --model folder diffusers "
+                         "saved an SD3 ControlNet pipeline in)")
+    if len(images) != len(pipe._nets):
+        raise UsageError(f"--control-image: give one per ControlNet ({len(pipe._nets)}), got {len(images)}")
+    if len(args.controlnet_scale) not in (0, 1, len(pipe._nets)):
+        raise UsageError(f"--controlnet-scale: one for all or one per ControlNet ({len(pipe._nets)}), got "
+                         f"{len(args.controlnet_scale)}")
+    return pipe
+
+
+def sd3_run(args, pipe, init_image=None, mask_image=None, control_images=None):
     """(run(path_name, num_steps) -> the pipeline's output, the number of steps that run) for ``generate``: text to
     image, or with ``init_image`` (--image) image to image at --strength (0.6 by default, as diffusers), and with
     ``mask_image`` (--mask) inpainting at --strength (0.6 too); the output the image's size cut to a multiple of what
     the model takes (with --padding-mask-crop the model's size or --height/--width, pasted into the image)."""
     from .pipeline_sd3 import StableDiffusion3Pipeline
+    from .pipeline_sd3_controlnet import StableDiffusion3ControlNetPipeline
     from .pipeline_sd3_img2img import StableDiffusion3Img2ImgPipeline
     from .pipeline_sd3_inpaint import StableDiffusion3InpaintPipeline
 
-    flags = (("--control-image", args.control_image),
-             ("--controlnet", args.controlnet), ("--t2i-adapter", args.t2i_adapter),
+    flags = (("--control-mode", args.control_mode), ("--t2i-adapter", args.t2i_adapter),
              ("--adapter-image", args.adapter_image), ("--ip-adapter", args.ip_adapter),
              ("--ip-adapter-image", args.ip_adapter_image), ("--embedding", args.embedding),
              ("--refiner", args.refiner), ("--pag-scale", args.pag_scale),
@@ -48,7 +79,20 @@ def sd3_run(args, pipe, init_image=None, mask_image=None):
     if args.guidance is not None:
         options["guidance_scale"] = args.guidance
     denoised = steps
-    if init_image is None and type(pipe) is not StableDiffusion3Pipeline:  # (an image-to-image or inpainting folder)
+    if control_images is not None:  # (the first image sets the size, unless --height/--width do)
+        if init_image is not None:
+            raise UsageError("--controlnet with an SD3 model guides text-to-image only here: leave out --image")
+        pipe = _with_sd3_controlnets(args, pipe, control_images)
+        multiple = pipe.vae_scale_factor * pipe.transformer.config.patch_size
+        size = control_images[0].size
+        width, height = (given or x - x % multiple for given, x in zip((args.width, args.height), size))
+        scales = args.controlnet_scale or [1.0]
+        options.update(control_image=control_images[0] if len(control_images) == 1 else control_images,
+                       controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales, height=height,
+                       width=width)
+    elif isinstance(pipe, StableDiffusion3ControlNetPipeline):
+        raise UsageError(f"{args.model} is an SD3 ControlNet pipeline: give --control-image")
+    elif init_image is None and type(pipe) is not StableDiffusion3Pipeline:  # (image-to-image or inpainting folder)
         pipe = StableDiffusion3Pipeline.from_pipe(pipe)
     if init_image is not None:
         cls = StableDiffusion3Img2ImgPipeline if mask_image is None else StableDiffusion3InpaintPipeline

@@ -195,8 +195,8 @@ def test_accelerate_sd3_inpaint_keeps_its_images():
 
 def test_generate_and_check_sd3_inpainting(plain_pair, inpainting_pair, tmp_path, capsys):
     """``generate --image --mask`` on an SD3 folder (SD3's transformer, blended) and on an inpainting one: the
-    image's size cut to what the model takes, diffusers' PNG; text-to-image refused for the inpainting model;
-    ``check`` runs the folder's inpainting both ways."""
+    image's size cut to what the model takes, diffusers' PNG; text-to-image refused for the inpainting model (and
+    run for the other); ``check`` runs the folder's inpainting both ways."""
     from diffusion_fast.cli import main
 
     IMAGE.save(tmp_path / "in.png")
@@ -219,3 +219,7 @@ def test_generate_and_check_sd3_inpainting(plain_pair, inpainting_pair, tmp_path
     assert main(["generate", "--model", inpainting_pair[0]._saved_to, "--steps", "2", "--output",
                  str(tmp_path / "t2i.png"), "--no-progress"]) == 2
     assert "is an inpainting model" in capsys.readouterr().err
+    # (a folder diffusers saved SD3's inpainting pipeline in, on SD3's own transformer, still runs text-to-image)
+    assert main(["generate", "--model", plain_pair[0]._saved_to, "--steps", "2", "--output",
+                 str(tmp_path / "t2i.png"), "--no-progress"]) == 0
+    assert Image.open(tmp_path / "t2i.png").size == (32, 32)
