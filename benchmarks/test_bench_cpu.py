@@ -21,6 +21,7 @@ import ctypes.util
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -497,6 +498,68 @@ def test_sd3_pipeline(benchmark, sd3_pipelines, impl):
     pipe = sd3_pipelines[impl]
     benchmark(lambda: pipe("a red cube on a table", height=96, width=96, num_inference_steps=10,
                            generator=torch.Generator().manual_seed(0), output_type="np"))
+
+
+def _sd3_kind(pipeline_class, **extra):
+    """A maker for _three_ways: diffusers' SD3 ``pipeline_class`` on the tests' tiny SD3.5 Medium-shaped model,
+    ``extra`` components made from the tests' helper module."""
+    def make(tiny):
+        import diffusers
+
+        return getattr(diffusers, pipeline_class)(**tiny.sd3_pipeline(variant="sd3.5").components,
+                                                  **{name: made(tiny) for name, made in extra.items()})
+    return make
+
+
+@pytest.fixture(scope="module")
+def sd3_inpaint_pipelines(tmp_path_factory):
+    """diffusers' SD3 inpainting pipeline on SD3's own (16-channel) tiny transformer, a second one to accelerate,
+    and ours loaded from the folder diffusers saved."""
+    return _three_ways(tmp_path_factory, "bench-sd3-inpaint", _sd3_kind("StableDiffusion3InpaintPipeline"))
+
+
+@pytest.mark.parametrize("impl", ["ours", "diffusers + accelerate", "diffusers"])
+def test_sd3_inpaint_pipeline(benchmark, sd3_inpaint_pipelines, impl):
+    """A whole SD3 inpainting call at diffusers' default strength 0.6 (6 of 10 flow-matching Euler steps, CFG), the
+    image encoded, blended back after every step, 96x96, fp32 (diffusers also encodes the masked image, which a
+    16-channel transformer never reads; ours does not)."""
+    from PIL import Image
+
+    benchmark.group = "SD3 inpainting, tiny SD3.5 Medium-shaped transformer, strength 0.6 of 10 steps, 96x96"
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8))
+    mask = Image.fromarray(np.pad(np.full((48, 48), 255, np.uint8), 24))
+    pipe = sd3_inpaint_pipelines[impl]
+    benchmark(lambda: pipe("a red cube on a table", image=image, mask_image=mask, height=96, width=96,
+                           num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="np"))
+
+
+@pytest.fixture(scope="module")
+def sd3_controlnet_pipelines(tmp_path_factory):
+    """diffusers' SD3 ControlNet pipeline on the tiny SD3.5 Medium-shaped model with a two-block InstantX-kind net,
+    a second one to accelerate, and ours loaded from the folder diffusers saved."""
+    return _three_ways(tmp_path_factory, "bench-sd3-controlnet",
+                       _sd3_kind("StableDiffusion3ControlNetPipeline", controlnet=lambda tiny: tiny.sd3_controlnet()))
+
+
+@pytest.mark.parametrize("guidance_end", [1.0, 0.5])
+@pytest.mark.parametrize("impl", ["ours", "diffusers + accelerate", "diffusers"])
+def test_sd3_controlnet_pipeline(benchmark, sd3_controlnet_pipelines, impl, guidance_end):
+    """A whole SD3 ControlNet call: the control image encoded (once for both guidance halves in ours, doubled in
+    diffusers'), 10 flow-matching Euler steps with CFG, the net over the first ``guidance_end`` of them (ours does
+    not run it after; diffusers runs it at scale 0), 96x96, fp32."""
+    from PIL import Image
+
+    benchmark.group = (f"SD3 ControlNet pipeline, tiny SD3.5 Medium-shaped transformer + a 2-block net, 10 steps, "
+                       f"96x96, control_guidance_end {guidance_end}")
+    control = Image.fromarray(np.random.default_rng(1).integers(0, 255, (96, 96, 3), dtype=np.uint8))
+    pipe = sd3_controlnet_pipelines[impl]
+
+    def call():
+        torch.manual_seed(0)  # (the control image's posterior sample: the global generator, as diffusers)
+        return pipe("a red cube on a table", control_image=control, height=96, width=96, num_inference_steps=10,
+                    control_guidance_end=guidance_end, generator=torch.Generator().manual_seed(0), output_type="np")
+    benchmark(call)
 
 
 @pytest.fixture(scope="module")
