@@ -47,6 +47,8 @@ _LAZY = {
     "StableDiffusion3Img2ImgPipeline": ("pipeline_sd3_img2img", "StableDiffusion3Img2ImgPipeline"),
     "StableDiffusion3InpaintPipeline": ("pipeline_sd3_inpaint", "StableDiffusion3InpaintPipeline"),
     "StableDiffusion3ControlNetPipeline": ("pipeline_sd3_controlnet", "StableDiffusion3ControlNetPipeline"),
+    "StableDiffusion3ControlNetInpaintingPipeline": ("pipeline_sd3_controlnet_inpaint",
+                                                     "StableDiffusion3ControlNetInpaintingPipeline"),
     **{name: ("pipeline_pag", name) for name in (
         "StableDiffusionPAGPipeline", "StableDiffusionXLPAGPipeline", "StableDiffusionPAGImg2ImgPipeline",
         "StableDiffusionXLPAGImg2ImgPipeline", "StableDiffusionPAGInpaintPipeline",

@@ -45,6 +45,7 @@ class StableDiffusion3ControlNetPipeline(StableDiffusion3Pipeline):
     _callback_tensor_inputs = ("latents", "prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds",
                                "negative_pooled_prompt_embeds")
     _component_names = StableDiffusion3Pipeline._component_names + ("controlnet",)
+    _inpainting = False  # (the inpainting ControlNet pipeline's: a control_mask, nets with its extra channel)
 
     def __init__(self, transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
                  text_encoder_3=None, tokenizer_3=None, controlnet=None, *, cuda_graph="auto", channels_last="auto"):
@@ -70,6 +71,11 @@ class StableDiffusion3ControlNetPipeline(StableDiffusion3Pipeline):
                                  f"{width}, patch {t.patch_size}, pooled {t.pooled_projection_dim}, in_channels "
                                  f"{t.in_channels}, joint_attention_dim {t.joint_attention_dim}): a ControlNet "
                                  "trained for another model")
+            if n.extra_conditioning_channels != (1 if self._inpainting else 0):
+                raise ValueError(
+                    f"controlnet {i} takes {n.extra_conditioning_channels} extra conditioning channels: " + (
+                        "an inpainting ControlNet takes 1 (the mask)" if self._inpainting else
+                        "an inpainting ControlNet (its mask): StableDiffusion3ControlNetInpaintingPipeline runs it"))
             if not n.use_pos_embed:  # (SD3.5 Large's nets patch with the transformer's embedding, as diffusers')
                 net.pos_embed = transformer.pos_embed
         kinds = {(bool(net.config.force_zeros_for_pooled_projection), net.config.joint_attention_dim is None)
@@ -102,13 +108,15 @@ class StableDiffusion3ControlNetPipeline(StableDiffusion3Pipeline):
     @torch.no_grad()
     def __call__(self, prompt=None, prompt_2=None, prompt_3=None, height=None, width=None, num_inference_steps=28,
                  sigmas=None, guidance_scale=7.0, control_guidance_start=0.0, control_guidance_end=1.0,
-                 control_image=None, controlnet_conditioning_scale=1.0, controlnet_pooled_projections=None,
+                 control_image=None, control_mask=None, controlnet_conditioning_scale=1.0,
+                 controlnet_pooled_projections=None,
                  negative_prompt=None, negative_prompt_2=None, negative_prompt_3=None, num_images_per_prompt=1,
                  generator=None, latents=None, prompt_embeds=None, negative_prompt_embeds=None,
                  pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None, output_type="pil", return_dict=True,
                  clip_skip=None, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
                  max_sequence_length=256, mu=None):
-        """diffusers' call, with its defaults (28 steps, guidance 7.0, each net at scale 1 over the whole schedule)."""
+        """diffusers' call, with its defaults (28 steps, guidance 7.0, each net at scale 1 over the whole schedule);
+        ``control_mask`` is the inpainting pipeline's (white: repainted)."""
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         nets = len(self._nets)
@@ -119,6 +127,10 @@ class StableDiffusion3ControlNetPipeline(StableDiffusion3Pipeline):
             if not 0.0 <= start < end <= 1.0:
                 raise ValueError(f"control_guidance_start {start} and control_guidance_end {end}: fractions of the "
                                  "schedule with 0 <= start < end <= 1")
+        if (control_mask is None) == self._inpainting:
+            raise ValueError("control_mask: " + ("give the mask (white: repainted) beside control_image" if
+                                                 self._inpainting else "for an inpainting ControlNet "
+                                                 "(StableDiffusion3ControlNetInpaintingPipeline)"))
         images = [control_image] if nets == 1 else control_image
         if not isinstance(images, (list, tuple)) or len(images) != nets or any(im is None for im in images):
             raise ValueError(f"control_image: give a conditioning image per ControlNet ({nets}: a list for several)")
@@ -127,7 +139,7 @@ class StableDiffusion3ControlNetPipeline(StableDiffusion3Pipeline):
             *text_args, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type,
             clip_skip, max_sequence_length, None, callback_on_step_end, callback_on_step_end_tensor_inputs)
         do_cfg = self.do_classifier_free_guidance
-        control = [self._control_latents(im, height, width, batch, num_images_per_prompt, do_cfg, i)
+        control = [self._control_latents(im, control_mask, height, width, batch, num_images_per_prompt, do_cfg, i)
                    for i, im in enumerate(images)]
         if nets == 1:  # (one net's image sets the size, as diffusers)
             height, width = (x * self.vae_scale_factor for x in control[0].shape[2:])
@@ -142,18 +154,13 @@ class StableDiffusion3ControlNetPipeline(StableDiffusion3Pipeline):
             raise ValueError(f"latents must have shape {shape} for this batch and size, got {tuple(latents.shape)}")
         latents = latents.to(device=self.device, dtype=text[0].dtype)
         self._set_timesteps(num_inference_steps, self.device, sigmas, mu, shape)
-        first = self._nets[0].config
-        if first.force_zeros_for_pooled_projection:
-            net_pooled = torch.zeros_like(text[1])
-        elif controlnet_pooled_projections is not None:
-            if tuple(controlnet_pooled_projections.shape) != tuple(text[1].shape):
-                raise ValueError(f"controlnet_pooled_projections must have the loop's pooled shape "
-                                 f"{tuple(text[1].shape)} (doubled under guidance), got "
-                                 f"{tuple(controlnet_pooled_projections.shape)}")
-            net_pooled = controlnet_pooled_projections.to(device=self.device, dtype=text[1].dtype)
-        else:
-            net_pooled = text[1]
-        net_text = text[0] if first.joint_attention_dim is not None else None  # (as bound before the loop)
+        given = controlnet_pooled_projections
+        if given is not None and tuple(given.shape) != tuple(text[1].shape):
+            raise ValueError(f"controlnet_pooled_projections must have the loop's pooled shape {tuple(text[1].shape)} "
+                             f"(doubled under guidance), got {tuple(given.shape)}")
+        net_pooled = self._net_pooled(text[1], None if given is None else given.to(self.device, text[1].dtype))
+        # (as bound before the loop: a callback's new prompt embeddings do not reach the nets, as in diffusers)
+        net_text = text[0] if self._nets[0].config.joint_attention_dim is not None else None
         self._control = (net_text, net_pooled, control, scales, starts, ends)
         self._call_tensors = {"negative_prompt_embeds": text[0].chunk(2)[0] if do_cfg else None,
                               "negative_pooled_prompt_embeds": text[1].chunk(2)[0] if do_cfg else None}
@@ -163,7 +170,14 @@ class StableDiffusion3ControlNetPipeline(StableDiffusion3Pipeline):
         finally:
             self._control, self._call_tensors = None, {}
 
-    def _control_latents(self, image, height, width, batch, num_images_per_prompt, do_cfg, i):
+    def _net_pooled(self, pooled, given):
+        """The pooled text the nets see: zeros for nets that take none (force_zeros_for_pooled_projection), else the
+        given projections or the prompt's."""
+        if self._nets[0].config.force_zeros_for_pooled_projection:
+            return torch.zeros_like(pooled)
+        return given if given is not None else pooled
+
+    def _control_latents(self, image, mask, height, width, batch, num_images_per_prompt, do_cfg, i):
         """diffusers' prepare_image and encode for net ``i``'s image: a tensor as it is, else resized to (height,
         width) and mapped to [-1, 1]; repeated to the batch (one image, or one per prompt), doubled under guidance,
         encoded and sampled with the global generator, shifted (nets that see the pooled text) and scaled."""

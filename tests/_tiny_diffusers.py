@@ -519,12 +519,14 @@ class Comparison:
 def sd3_controlnet(kind="instantx", seed=20, layers=2):
     """diffusers' SD3ControlNetModel on the SD35_TINY shape, ``layers`` blocks, every weight drawn (diffusers
     zero-initialises the output maps): ``kind="instantx"`` (InstantX's SD3 nets: joint blocks with the text, their own
-    patch embedding, zeros for the pooled text) or ``"large"`` (SD3.5 Large's: image-only blocks, the transformer's
-    patch embedding, the pooled text)."""
+    patch embedding, zeros for the pooled text), ``"inpaint"`` (that kind with the mask as an extra channel) or
+    ``"large"`` (SD3.5 Large's: image-only blocks, the transformer's patch embedding, the pooled text)."""
     from diffusers import SD3ControlNetModel
 
     torch.manual_seed(seed)
     config = dict(SD35_TINY, num_layers=layers)
+    if kind == "inpaint":  # (alimama's SD3 inpainting net: the mask as one extra conditioning channel)
+        config.update(extra_conditioning_channels=1)
     if kind == "large":
         config.update(joint_attention_dim=None, use_pos_embed=False, pos_embed_type=None, dual_attention_layers=(),
                       qk_norm=None, force_zeros_for_pooled_projection=False)

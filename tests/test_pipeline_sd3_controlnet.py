@@ -161,6 +161,11 @@ def test_accelerate_sd3_controlnet_keeps_its_images():
     for kind in ("instantx", "large"):
         pipe = Theirs(**_tiny_diffusers.sd3_pipeline().components, controlnet=_tiny_diffusers.sd3_controlnet(kind))
         _tiny_diffusers.assert_accelerate_keeps_images(pipe, _run)
+    from diffusers import StableDiffusion3ControlNetInpaintingPipeline
+
+    pipe = StableDiffusion3ControlNetInpaintingPipeline(**_tiny_diffusers.sd3_pipeline().components,
+                                                        controlnet=_tiny_diffusers.sd3_controlnet("inpaint"))
+    _tiny_diffusers.assert_accelerate_keeps_images(pipe, _run, control_mask=MASK)
 
 
 def test_generate_and_check_sd3_controlnet(instantx_pair, large_pair, tmp_path, capsys):
@@ -201,3 +206,80 @@ def test_generate_and_check_sd3_controlnet(instantx_pair, large_pair, tmp_path, 
         assert main(["check", "--model", pair[0]._saved_to, "--steps", "2"]) == 0
         text = capsys.readouterr().out
         assert "SD3 ControlNet pipeline (2 FlowMatchEuler steps" in text and "0 failed" in text, text
+
+
+# ---- inpainting by an inpainting ControlNet (diffusers' StableDiffusion3ControlNetInpaintingPipeline) ------------
+_mask = np.zeros((40, 52), np.uint8)
+_mask[10:30, 12:40] = 255  # white: repainted
+MASK = Image.fromarray(_mask)
+
+
+@pytest.fixture(scope="module")
+def inpainting_pair(tmp_path_factory):
+    """A net with the mask as its extra conditioning channel (alimama's kind), on SD3's own transformer."""
+    from diffusers import StableDiffusion3ControlNetInpaintingPipeline as Theirs
+
+    theirs = Theirs(**_tiny_diffusers.sd3_pipeline(variant="sd3.5").components,
+                    controlnet=_tiny_diffusers.sd3_controlnet("inpaint"))
+    folder = tmp_path_factory.mktemp("tiny-sd3-controlnet-inpainting")
+    theirs, ours = _tiny_diffusers.saved_pair(theirs, folder, diffusion_fast.StableDiffusion3ControlNetInpaintingPipeline)
+    theirs._saved_to = str(folder)
+    return theirs, ours
+
+
+@pytest.mark.parametrize("kwargs, other", [
+    ({}, {"control_mask": OTHER.convert("L")}),  # diffusers' defaults: the net at scale 1 over every step
+    ({"controlnet_conditioning_scale": 0.5, "control_guidance_end": 0.6}, {"controlnet_conditioning_scale": 1.0}),
+    ({"guidance_scale": 1.0}, {"control_image": OTHER}),  # one half: the masked image's draw not doubled
+    ({"prompt": ["a cat", "a hat"], "num_images_per_prompt": 2, "height": 48, "width": 32,
+      "negative_prompt": ["dull", "dark"]}, {"control_image": OTHER}),
+    # a tensor image and mask, taken as they are (the mask's grey values go to the net as 1 - mask)
+    ({"control_image": torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1,
+      "control_mask": torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(3))},
+     {"controlnet_conditioning_scale": 0.3}),
+], ids=["defaults", "scale-end", "no-guidance", "batch-size-negative", "tensors"])
+def test_sd3_controlnet_inpainting_matches_diffusers(inpainting_pair, kwargs, other):
+    theirs, ours = inpainting_pair
+    kwargs = {"control_mask": MASK, **kwargs}
+    assert _moved(_run(ours, **dict(kwargs, **other)), _compare(theirs, ours, **kwargs))
+
+
+def test_sd3_controlnet_inpainting_errors_cli_and_check(inpainting_pair, instantx_pair, tmp_path, capsys):
+    """The mask is the inpainting pipeline's alone and its nets take it as an extra channel (either pipeline refuses
+    the other's nets); ``generate --image --mask`` on a folder diffusers saved the pipeline in (diffusers' PNG) and
+    ``check`` on it."""
+    from diffusion_fast.cli import main
+
+    theirs, ours = inpainting_pair
+    _, plain_nets = instantx_pair
+    with pytest.raises(ValueError, match="give the mask"):
+        _run(ours)
+    with pytest.raises(ValueError, match="control_mask: for an inpainting ControlNet"):
+        _run(plain_nets, control_mask=MASK)
+    with pytest.raises(ValueError, match="an inpainting ControlNet takes 1"):
+        diffusion_fast.StableDiffusion3ControlNetInpaintingPipeline.from_pipe(ours, controlnet=plain_nets.controlnet)
+    with pytest.raises(ValueError, match="StableDiffusion3ControlNetInpaintingPipeline runs it"):
+        StableDiffusion3ControlNetPipeline.from_pipe(ours)
+    with pytest.raises(ValueError, match="control_mask must be .B, 1, H, W. masks"):
+        _run(ours, control_mask=torch.rand(1, 3, 32, 32))
+    # tensors of another size than the call's set it (diffusers' mask goes to the call's size and fails)
+    assert _run(ours, control_image=torch.rand(1, 3, 32, 40) * 2 - 1,
+                control_mask=torch.rand(1, 1, 32, 40)).shape == (1, 32, 40, 3)
+    CONTROL.save(tmp_path / "in.png")
+    MASK.save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    torch.manual_seed(11)
+    assert main(["generate", "--model", theirs._saved_to, "--image", str(tmp_path / "in.png"), "--mask",
+                 str(tmp_path / "mask.png"), "--steps", "3", "--seed", "2", "--output", str(out),
+                 "--no-progress"]) == 0
+    torch.manual_seed(11)
+    expected = theirs(diffusion_fast.cli.DEFAULT_PROMPT, control_image=CONTROL, control_mask=MASK,
+                      num_inference_steps=3, height=40, width=48, generator=torch.Generator().manual_seed(2)).images[0]
+    got = np.asarray(Image.open(out), dtype=np.int16)
+    assert got.shape == (40, 48, 3) and np.abs(got - np.asarray(expected, dtype=np.int16)).max() <= 1
+    assert main(["generate", "--model", theirs._saved_to, "--image", str(tmp_path / "in.png"), "--mask",
+                 str(tmp_path / "mask.png"), "--strength", "0.5", "--output", str(out), "--no-progress"]) == 2
+    assert "ControlNet inpainting pipeline: give --image and --mask" in capsys.readouterr().err
+    assert main(["check", "--model", theirs._saved_to, "--steps", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "SD3 ControlNet inpainting pipeline (2 FlowMatchEuler steps" in text and "0 failed" in text, text
