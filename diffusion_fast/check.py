@@ -252,7 +252,7 @@ def _denoiser(pipe):
 
 def pipeline_kind(pipe):
     """"inpainting", "image-to-image" (an SDXL refiner's folder loads as such), "text-to-image", "SD3 text-to-image",
-    "SD3 image-to-image", "SD3 inpainting", "SD3 ControlNet",
+    "SD3 image-to-image", "SD3 inpainting", "SD3 ControlNet", "SD3 ControlNet inpainting",
     "InstructPix2Pix", "x4 upscaler", "depth-to-image", "image variation",
     or one of the first three guided by the folder's ControlNets ("ControlNet", "ControlNet image-to-image",
     "ControlNet inpainting"), or text-to-image guided by its T2I-Adapters ("T2I-Adapter") or its ControlNet-Union net
@@ -273,7 +273,7 @@ def pipeline_kind(pipe):
     if isinstance(pipe, StableDiffusion3InpaintPipeline):
         return "SD3 inpainting"
     if isinstance(pipe, StableDiffusion3ControlNetPipeline):
-        return "SD3 ControlNet"
+        return "SD3 ControlNet inpainting" if pipe._inpainting else "SD3 ControlNet"
     if isinstance(pipe, StableDiffusion3Pipeline):
         return "SD3 image-to-image" if isinstance(pipe, _ImageToImage) else "SD3 text-to-image"
     if isinstance(pipe, StableDiffusionImageVariationPipeline):
@@ -320,6 +320,8 @@ def pipeline_inputs(pipe, seed, steps):
     union = {"control_mode": 0} if hasattr(pipe, "_modes") else {}  # (a union net: the image in its first mode)
     if kind == "SD3 ControlNet":  # (encoded by the VAE: its posterior sampled with the global generator)
         return pag_kind, {"control_image": per_net}
+    if kind == "SD3 ControlNet inpainting":  # the image to inpaint is each net's, with the mask
+        return pag_kind, {"control_image": per_net, "control_mask": _middle_mask(size)}
     if kind == "ControlNet":  # the image conditions each net; the size is the UNet's default
         return pag_kind, {"image": per_net}
     if kind == "ControlNet-Union":
@@ -333,11 +335,19 @@ def pipeline_inputs(pipe, seed, steps):
     inputs = {"image": image, "strength": 1.0 if kind.endswith("inpainting") else max(0.5, 1 / steps)}
     if kind.startswith("ControlNet"):  # the same image as the start and each net's condition
         inputs.update(control_image=per_net, **union)
-    if kind.endswith("inpainting"):  # white (repainted) in the middle half of each side
-        mask = np.zeros((size, size), np.uint8)
-        mask[size // 4:3 * size // 4, size // 4:3 * size // 4] = 255
-        inputs["mask_image"] = Image.fromarray(mask)
+    if kind.endswith("inpainting"):
+        inputs["mask_image"] = _middle_mask(size)
     return pag_kind, inputs
+
+
+def _middle_mask(size):
+    """A size x size mask, white (repainted) in the middle half of each side."""
+    import numpy as np
+    from PIL import Image
+
+    mask = np.zeros((size, size), np.uint8)
+    mask[size // 4:3 * size // 4, size // 4:3 * size // 4] = 255
+    return Image.fromarray(mask)
 
 
 def run_check(args, device, dtype) -> int:

@@ -53,6 +53,7 @@ def sd3_run(args, pipe, init_image=None, mask_image=None, control_images=None):
     the model takes (with --padding-mask-crop the model's size or --height/--width, pasted into the image)."""
     from .pipeline_sd3 import StableDiffusion3Pipeline
     from .pipeline_sd3_controlnet import StableDiffusion3ControlNetPipeline
+    from .pipeline_sd3_controlnet_inpaint import StableDiffusion3ControlNetInpaintingPipeline
     from .pipeline_sd3_img2img import StableDiffusion3Img2ImgPipeline
     from .pipeline_sd3_inpaint import StableDiffusion3InpaintPipeline
 
@@ -72,13 +73,21 @@ def sd3_run(args, pipe, init_image=None, mask_image=None, control_images=None):
     if inpainting_model and mask_image is None:
         raise UsageError(f"{args.model} is an inpainting model (its transformer takes the mask): give --image and "
                          "--mask")
+    net_inpainting = isinstance(pipe, StableDiffusion3ControlNetInpaintingPipeline)  # (a folder of that pipeline)
+    if net_inpainting and (init_image is None or mask_image is None or control_images is not None or args.controlnet
+                           or args.strength is not None or args.padding_mask_crop is not None):
+        raise UsageError(f"{args.model} is an SD3 ControlNet inpainting pipeline: give --image and --mask (the image "
+                         "its nets inpaint and the mask), and no --control-image, --controlnet, --strength or "
+                         "--padding-mask-crop")
     load_loras(args, pipe)  # (diffusers' SD3 LoRAs: the transformer's and the CLIP encoders')
-    steps = args.steps or (50 if init_image is not None else 28)  # (diffusers' defaults)
+    steps = args.steps or (50 if init_image is not None and not net_inpainting else 28)  # (diffusers' defaults)
     options = dict(negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                    num_images_per_prompt=args.batch, clip_skip=args.clip_skip, output_type="np")
     if args.guidance is not None:
         options["guidance_scale"] = args.guidance
     denoised = steps
+    if net_inpainting:  # (the image and mask go to the nets; the transformer samples from noise)
+        control_images, options["control_mask"], init_image = [init_image], mask_image, None
     if control_images is not None:  # (the first image sets the size, unless --height/--width do)
         if init_image is not None:
             raise UsageError("--controlnet with an SD3 model guides text-to-image only here: leave out --image")
