@@ -8,7 +8,10 @@ and keys and the second attention in blocks 0-12, CLIP-L- and CLIP-G-shaped text
 no T5, whose zeros take its place as diffusers does for a folder saved without it: the loop is what is timed), fp16,
 1024x1024, CFG 7.0, 28 flow-matching Euler steps, batch 1. Measured side by side in one run, medians of --repeats
 whole calls (text encoding and the loop, latents out): diffusers eager (SDPA), diffusers + diffusion_fast.accelerate,
-and our pipeline (fast with the transformer call CUDA-graphed, fast without graphs, reference). Quality: PSNR of our
+and our pipeline (fast with the transformer call CUDA-graphed, fast without graphs, reference); then the same with an
+SD3 ControlNet (InstantX's kind, 6 joint blocks, random weights) guiding every step: our ControlNet pipeline (nets
+and transformer in one CUDA graph), diffusers' eager and under accelerate, their speedup against diffusers' ControlNet
+pipeline (``--no-controlnet`` leaves them out). Quality: PSNR of our
 fp16 image and of diffusers' fp16 image against our fp32 reference-path image from one float32 noise (TF32 off), and
 of the accelerated image against diffusers'. Appends one JSON record to --out and prints a table.
 
@@ -30,12 +33,17 @@ import torch
 import diffusion_fast
 from diffusion_fast import backend, tiny
 from diffusion_fast.numerics import psnr, strict_fp32
+from diffusion_fast.models import SD3ControlNetModel
 from diffusion_fast.pipeline_sd3 import StableDiffusion3Pipeline
+from diffusion_fast.pipeline_sd3_controlnet import StableDiffusion3ControlNetPipeline
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_e2e import free, record_header, timed  # noqa: E402  (the SD1.5 benchmark's timing and record fields)
 
 PROMPT = "a photograph of an astronaut riding a horse"
+OURS_CONTROLNET = "diffusion_fast SD3 ControlNet pipeline (fast, CUDA graph)"
+DIFFUSERS_CONTROLNET = "diffusers SD3 ControlNet eager (SDPA)"
+ACCELERATED_CONTROLNET = "diffusers SD3 ControlNet + diffusion_fast.accelerate"
 SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
                    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
                    pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
@@ -80,11 +88,70 @@ def write_random_sd3(folder, dry_run, device):
     pipe.to(torch.float32 if dry_run else torch.float16).save_pretrained(folder)
 
 
+def write_random_controlnet(folder, dry_run, device):
+    """An SD3 ControlNet folder with random weights (InstantX's kind: joint blocks on the transformer's shapes, 6 of
+    them; the dry run's 2)."""
+    import diffusers
+
+    torch.manual_seed(1)
+    config = {k: v for k, v in (TINY if dry_run else SD35_MEDIUM).items() if k != "dual_attention_layers"}
+    with torch.device(device):
+        net = diffusers.SD3ControlNetModel(**dict(config, num_layers=2 if dry_run else 6))
+    for p in net.parameters():  # (diffusers zero-initialises its output maps: give them a say)
+        torch.nn.init.normal_(p, std=0.02)
+    net.to(torch.float32 if dry_run else torch.float16).save_pretrained(folder)
+
+
+def control_image(size):
+    """A size x size RGB control image (diagonal ramps: edges for a canny-like net to follow)."""
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, size)
+    return Image.fromarray(np.stack([np.add.outer(ramp, ramp) / 2] * 3, axis=-1).astype(np.uint8))
+
+
+def controlnet_rows(folder, args, call, device, dtype, add, attempt):
+    """Our SD3 ControlNet pipeline and diffusers' (eager, and under accelerate) with one random net: their rows."""
+    import diffusers
+
+    net_folder = os.path.join(folder, "controlnet-random")
+    write_random_controlnet(net_folder, args.dry_run, device)
+    image = control_image(call["height"])
+    ours = StableDiffusion3ControlNetPipeline.from_pretrained(
+        folder, dtype=dtype, device=device, controlnet=SD3ControlNetModel.from_pretrained(net_folder, dtype, device))
+    ours.set_progress_bar_config(disable=True)
+
+    def run(pipe):
+        torch.manual_seed(0)  # (the control image's posterior sample: the global generator, in both)
+        return pipe(PROMPT, control_image=image, generator=torch.Generator().manual_seed(0), output_type="latent",
+                    **call).images
+
+    attempt(OURS_CONTROLNET, lambda: add(OURS_CONTROLNET, *timed(lambda: run(ours), args.repeats, device)))
+    ours = None
+    free(device)
+    pipe = diffusers.StableDiffusion3ControlNetPipeline.from_pretrained(
+        folder, torch_dtype=dtype, text_encoder_3=None, tokenizer_3=None,
+        controlnet=diffusers.SD3ControlNetModel.from_pretrained(net_folder, torch_dtype=dtype)).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    add(DIFFUSERS_CONTROLNET, *timed(lambda: run(pipe), args.repeats, device))
+
+    def accelerated():
+        diffusion_fast.accelerate(pipe)
+        add(ACCELERATED_CONTROLNET, *timed(lambda: run(pipe), args.repeats, device),
+            report=str(getattr(pipe, "_diffusion_fast_report", "")))
+        diffusion_fast.restore(pipe)
+
+    attempt(ACCELERATED_CONTROLNET, accelerated)
+    free(device)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "gpu_e2e_sd3.jsonl"))
+    parser.add_argument("--no-controlnet", action="store_true", help="leave out the SD3 ControlNet rows")
     parser.add_argument("--dry-run", action="store_true",
                         help="this script's code on the CPU with a tiny model (fp32, 2 steps): no figures")
     args = parser.parse_args(argv)
@@ -167,6 +234,9 @@ def main(argv=None):
 
     attempt("accelerate", accelerated)
     pipe = None
+    free(device)
+    if not args.no_controlnet:
+        attempt("SD3 ControlNet rows", lambda: controlnet_rows(folder, args, call, device, dtype, add, attempt))
 
     quality = {"psnr_diffusers_fp16_vs_our_fp32_reference_db": psnr(img_diffusers, img_ref32)}
     if img_fast is not None:
@@ -177,6 +247,10 @@ def main(argv=None):
     eager = next(r["it_per_s"] for r in rows if r["system"].startswith("diffusers eager"))
     for r in rows:
         r["speedup_vs_diffusers_eager"] = r["it_per_s"] / eager
+    controlnet_eager = next((r["it_per_s"] for r in rows if r["system"] == DIFFUSERS_CONTROLNET), None)
+    for r in rows:
+        if controlnet_eager and r["system"] in (OURS_CONTROLNET, ACCELERATED_CONTROLNET):
+            r["speedup_vs_diffusers_controlnet"] = r["it_per_s"] / controlnet_eager
     record = {
         **record_header(args.dry_run),
         "config": (f"tiny SD3.5-shaped model, random weights, fp32, {size}x{size}, CFG 7, {steps} flow-matching Euler "

@@ -105,7 +105,9 @@ def gpu_e2e(record):
     body = [[r.get("system"), fmt(r.get("it_per_s"), ".2f"), fmt(r.get("median_s"), ".3f"),
              (fmt(r.get("speedup_vs_diffusers_eager"), ".2f") + "x" if "speedup_vs_diffusers_eager" in r else "")
              + (f" ({fmt(r['speedup_vs_diffusers_pag'], '.2f')}x vs diffusers PAG)"
-                if "speedup_vs_diffusers_pag" in r else "")]
+                if "speedup_vs_diffusers_pag" in r else "")
+             + (f" ({fmt(r['speedup_vs_diffusers_controlnet'], '.2f')}x vs diffusers ControlNet)"
+                if "speedup_vs_diffusers_controlnet" in r else "")]
             for r in record.get("rows", [])]
     out.append(table(["system", "it/s", "median s", "vs diffusers eager"], body))
     if record.get("quality"):

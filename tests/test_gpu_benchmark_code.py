@@ -207,11 +207,13 @@ def test_e2e_dry_run_runs_every_system_and_is_left_out_of_the_tables(tmp_path):
 
 
 def test_sd3_e2e_dry_run_runs_every_system_and_is_left_out_of_the_tables(tmp_path):
-    """gpu_e2e_sd3.py --dry-run: its random SD3 folder, every system and quality comparison, on the CPU with a tiny
-    SD3.5-shaped model; no system may fail, and the record is marked so that the README's tables skip it."""
+    """gpu_e2e_sd3.py --dry-run: its random SD3 folder, every system (the ControlNet rows too) and quality comparison,
+    on the CPU with a tiny SD3.5-shaped model; no system may fail, and the record is marked so that the README's tables skip it."""
     import gpu_e2e_sd3
     import results_table
 
-    record = _dry_run(gpu_e2e_sd3, tmp_path, systems=5, qualities=4)
+    record = _dry_run(gpu_e2e_sd3, tmp_path, systems=8, qualities=4)
     assert record["quality"]["psnr_accelerated_vs_diffusers_fp16_db"] > 40  # (fp32 here: the same image)
     assert "SD3.5" in results_table.gpu_e2e(record)
+    ours = next(r for r in record["rows"] if r["system"] == gpu_e2e_sd3.OURS_CONTROLNET)
+    assert ours["speedup_vs_diffusers_controlnet"] > 0 and "vs diffusers ControlNet" in results_table.gpu_e2e(record)
