@@ -124,6 +124,7 @@ def sd3_run(args, pipe, init_image=None, mask_image=None, control_images=None):
     def run(path_name, num_steps=steps):
         from . import backend
 
+        torch.manual_seed(args.seed)  # (the global generator too: an SD3 ControlNet's control image is sampled from it)
         with backend(path_name):
             output = pipe(args.prompt, num_inference_steps=num_steps,
                           generator=torch.Generator("cpu").manual_seed(args.seed), **options)
