@@ -85,6 +85,29 @@ def test_sd3_embeds_latents_reference_backend_and_callback(sd3_pair):
     assert _moved(_run(ours), b)
 
 
+def test_sd3_with_a_tiny_vae_matches_diffusers(tmp_path):
+    """A TAESD3-shaped AutoencoderTiny (16 channels, SD3's scaling and shift) in place of the VAE, saved in the folder:
+    text-to-image and image-to-image (its encoder: latents without a posterior) as diffusers."""
+    import diffusers
+    from PIL import Image
+
+    from diffusion_fast import StableDiffusion3Img2ImgPipeline
+
+    torch.manual_seed(0)
+    tiny_vae = diffusers.AutoencoderTiny(
+        latent_channels=16, encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
+        num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1), scaling_factor=1.5305, shift_factor=0.0609)
+    base = _tiny_diffusers.sd3_pipeline(variant="sd3.5").components
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 52, 3), dtype=np.uint8))
+    for theirs_cls, ours_cls, extra in ((diffusers.StableDiffusion3Pipeline, StableDiffusion3Pipeline, {}),
+                                        (diffusers.StableDiffusion3Img2ImgPipeline, StableDiffusion3Img2ImgPipeline,
+                                         {"image": image})):
+        theirs, ours = _tiny_diffusers.saved_pair(theirs_cls(**{**base, "vae": tiny_vae.eval()}),
+                                                  tmp_path / theirs_cls.__name__, ours_cls)
+        assert type(ours.vae).__name__ == "AutoencoderTiny"
+        _assert_as_diffusers(theirs, ours, **extra)
+
+
 def test_sd3_without_t5_matches_diffusers(tmp_path):
     """A folder saved without T5 (diffusers' text_encoder_3=None): zeros in its place, as diffusers."""
     theirs, ours = _tiny_diffusers.saved_pair(_tiny_diffusers.sd3_pipeline(t5=False), tmp_path,
