@@ -285,6 +285,14 @@ def test_sd3_controlnet_inpainting_errors_cli_and_check(inpainting_pair, instant
     assert main(["check", "--model", theirs._saved_to, "--steps", "2"]) == 0
     text = capsys.readouterr().out
     assert "SD3 ControlNet inpainting pipeline (2 FlowMatchEuler steps" in text and "0 failed" in text, text
+    # an inpainting net given with --controlnet to a plain SD3 folder: refused, naming the pipeline that runs it
+    theirs.controlnet.save_pretrained(tmp_path / "inpainting-net")
+    _tiny_diffusers.sd3_pipeline(variant="sd3.5").save_pretrained(tmp_path / "sd3")
+    assert main(["generate", "--model", str(tmp_path / "sd3"), "--controlnet", str(tmp_path / "inpainting-net"),
+                 "--control-image", str(tmp_path / "in.png"), "--steps", "1", "--output", str(out),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "StableDiffusion3ControlNetInpaintingPipeline runs it" in err and "Traceback" not in err, err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
