@@ -345,10 +345,17 @@ def _graph_models(pipe, report):
             from diffusers.models.controlnet import ControlNetOutput
         return ControlNetOutput(down_block_res_samples=out[0], mid_block_res_sample=out[1])
 
+    def sd3_controlnet_output(out):  # (an SD3ControlNetModel's: one list of per-block residuals)
+        from diffusers.models.controlnets.controlnet_sd3 import SD3ControlNetOutput
+
+        return SD3ControlNetOutput(controlnet_block_samples=out[0])
+
     graphed = []
     name, denoiser = _denoiser(pipe)
     first = [(denoiser, unet_output if name == "unet" else transformer_output)]
-    for model, make_output in first + [(net, controlnet_output) for net in _controlnets(pipe)]:
+    nets = [(net, sd3_controlnet_output if type(net).__name__ == "SD3ControlNetModel" else controlnet_output)
+            for net in _controlnets(pipe)]
+    for model, make_output in first + nets:
         if _hooks_inside(model) or hasattr(model, "_diffusers_hook"):  # diffusers' caching hooks decide per step
             report["skipped"].append(f"CUDA graph for {type(model).__name__} (hooks act during each call: offload, "
                                      "casting or step caching)")

@@ -312,3 +312,41 @@ def test_cuda_graph_sd3_controlnet_loop_matches_eager_on_gpu(instantx_pair):
     assert len(pipe._graph) == 2
     torch.testing.assert_close(outs[1], outs[0], rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(outs[2], outs[1], rtol=0, atol=0)
+
+
+def test_graphed_controlnet_calls_give_the_eager_images(instantx_pair, large_pair, monkeypatch):
+    """Capture stood in for on the CPU: our nets + transformer call replays from one graph per scale (the net on for
+    the first step, off after: two captures; the SD3.5 Large kind's None text a signature value), and accelerate's
+    graphs of diffusers' transformer and net (the residual list a graph output; a direct call with return_dict=True
+    gets diffusers' SD3ControlNetOutput): the eager images bit for bit."""
+    from _fake_graphs import use_fake_graphs
+
+    from diffusion_fast import diffusers_patch
+
+    for _, ours in (instantx_pair, large_pair):
+        _run(ours)  # (the first call's decode puts the VAE in channels_last, which the next encodes run in)
+        eager = _run(ours, control_guidance_end=0.5)
+        monkeypatch.setattr(ours, "_graphs_on", lambda device: True)
+        try:
+            graphed = use_fake_graphs(ours._model(ours.device))
+            assert np.array_equal(_run(ours, control_guidance_end=0.5), eager) and graphed.captures == 2
+            assert np.array_equal(_run(ours, control_guidance_end=0.5), eager) and graphed.captures == 2
+        finally:
+            monkeypatch.undo()
+            ours._graph = None
+    from diffusers import StableDiffusion3ControlNetPipeline as Theirs
+
+    pipe = Theirs(**_tiny_diffusers.sd3_pipeline().components, controlnet=_tiny_diffusers.sd3_controlnet())
+    pipe.set_progress_bar_config(disable=True)
+    _run(pipe)
+    before = _run(pipe)
+    graphed = [use_fake_graphs(model.forward.graphed)
+               for model, _ in diffusers_patch._graph_models(pipe, {"skipped": []})]
+    assert len(graphed) == 2 and np.array_equal(_run(pipe), before)
+    assert [g.captures for g in graphed] == [1, 1]
+    with torch.no_grad():
+        out = pipe.controlnet(hidden_states=torch.randn(2, 16, 8, 8), controlnet_cond=torch.randn(2, 16, 8, 8),
+                              encoder_hidden_states=torch.randn(2, 5, 48), pooled_projections=torch.randn(2, 40),
+                              timestep=torch.tensor([1.0, 1.0]))
+    assert type(out).__name__ == "SD3ControlNetOutput" and len(out.controlnet_block_samples) == 2
+    del pipe.transformer.forward, pipe.controlnet.forward
