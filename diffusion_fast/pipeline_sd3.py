@@ -202,14 +202,20 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
         return batch
 
     # ---- the loop -----------------------------------------------------------------------------------------------
-    def _decode(self, latents):
-        """Images in [-1, 1] from latents: un-scaled and un-shifted (SD3's VAE centres its latents), decoded (in
-        channels_last where ``channels_last`` asks for it: on the CPU by default, as the SD pipelines measured)."""
-        wanted = self.channels_last is True or (self.channels_last == "auto" and latents.device.type == "cpu")
+    def _vae(self, device):
+        """The VAE in the memory format ``channels_last`` asks for on ``device`` (on the CPU by default, as the SD
+        pipelines measured), set before its first encode or decode so that every call runs it the same way."""
+        wanted = self.channels_last is True or (self.channels_last == "auto" and device.type == "cpu")
         layout = torch.channels_last if wanted else torch.contiguous_format
         if layout != self._layout:
             self.vae.to(memory_format=layout)
             self._layout = layout
+        return self.vae
+
+    def _decode(self, latents):
+        """Images in [-1, 1] from latents: un-scaled and un-shifted (SD3's VAE centres its latents), decoded (see
+        ``_vae``)."""
+        self._vae(latents.device)
         c = self.vae.config
         return self.vae.decode(latents / c.scaling_factor + (c.shift_factor or 0.0))
 

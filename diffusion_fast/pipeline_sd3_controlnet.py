@@ -192,7 +192,7 @@ class StableDiffusion3ControlNetPipeline(StableDiffusion3Pipeline):
         pixels = pixels.repeat_interleave(batch * num_images_per_prompt if pixels.shape[0] == 1 else
                                           num_images_per_prompt, dim=0)
         pixels = pixels.to(device=self.device, dtype=self.transformer.dtype)
-        posterior = self.vae.encode(pixels).latent_dist.parameters
+        posterior = self._vae(pixels.device).encode(pixels).latent_dist.parameters
         posterior = DiagonalGaussianDistribution(torch.cat([posterior] * 2) if do_cfg else posterior)
         c = self.vae.config
         shift = 0.0 if self._nets[0].config.force_zeros_for_pooled_projection else (c.shift_factor or 0.0)

@@ -49,7 +49,8 @@ class StableDiffusion3ControlNetInpaintingPipeline(StableDiffusion3ControlNetPip
                          .to(device=self.device, dtype=self.transformer.dtype)) for x in (pixels, mask))
         masked = torch.where(mask > 0.5, -1.0, pixels)
         c = self.vae.config
-        latents = (self.vae.encode(masked).latent_dist.sample() - (c.shift_factor or 0.0)) * c.scaling_factor
+        latents = (self._vae(masked.device).encode(masked).latent_dist.sample() - (c.shift_factor or 0.0)) \
+            * c.scaling_factor
         mask = 1 - F.interpolate(mask, size=latents.shape[2:])  # (nearest, to the latents' size)
         control = torch.cat([latents.to(self.transformer.dtype), mask], dim=1)
         return torch.cat([control] * 2) if do_cfg else control

@@ -77,4 +77,5 @@ class StableDiffusion3Img2ImgPipeline(_ImageToImage, StableDiffusion3Pipeline):
     def _encode_image(self, pixels, generator):
         """The image's latents, sampled from the VAE posterior with ``generator``, shifted and scaled as SD3's."""
         c = self.vae.config
-        return (self.vae.encode(pixels).latent_dist.sample(generator) - (c.shift_factor or 0.0)) * c.scaling_factor
+        posterior = self._vae(pixels.device).encode(pixels).latent_dist
+        return (posterior.sample(generator) - (c.shift_factor or 0.0)) * c.scaling_factor

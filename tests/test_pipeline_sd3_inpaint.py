@@ -231,7 +231,6 @@ def test_graphed_inpainting_calls_give_the_eager_images(plain_pair, inpainting_p
     from _fake_graphs import use_fake_graphs
 
     for _, ours in (plain_pair, inpainting_pair):
-        _run(ours)  # (the first call's decode puts the VAE in channels_last, which the next encodes run in)
         eager = _run(ours)
         monkeypatch.setattr(ours, "_graphs_on", lambda device: True)
         try:
