@@ -157,7 +157,9 @@ def test_transformer_errors():
                        (dict(hidden_states=torch.randn(1, 16, 26, 8)), "exceed the position table"),
                        (dict(encoder_hidden_states=torch.randn(1, 5, 40)), "encoder_hidden_states must be a"),
                        (dict(pooled_projections=torch.randn(2, 40)), "pooled_projections must be a"),
-                       (dict(block_controlnet_hidden_states=[]), "block_controlnet_hidden_states must be a non-empty")):
+                       (dict(block_controlnet_hidden_states=[]), "block_controlnet_hidden_states must be a non-empty"),
+                       # (16 tokens of width 32 in this model)
+                       (dict(block_controlnet_hidden_states=[torch.randn(1, 7, 32)]), r"list of \(1, 16, 32\) tens")):
         args = {**dict(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=1.0), **bad}
         with pytest.raises(ValueError, match=match):
             model(**args)

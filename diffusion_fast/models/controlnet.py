@@ -165,16 +165,17 @@ class ControlNetModel(loading.PretrainedMixin, nn.Module):
         return down, mid
 
 
-class MultiControlNetModel(nn.Module):
-    """Several ControlNets whose residuals add up (diffusers' MultiControlNetModel): one conditioning image and one
-    scale per net."""
+class NetList(nn.Module):
+    """Several nets of one class (``net_class``) as diffusers' Multi...Model wrappers hold them, in ``nets``: their
+    dtype and device, and the check of the per-net lists a call takes."""
+    net_class = None  # (each subclass's)
 
     def __init__(self, nets):
         super().__init__()
         nets = list(nets)
-        if not nets or not all(isinstance(net, ControlNetModel) for net in nets):
-            raise TypeError("MultiControlNetModel takes a non-empty list of diffusion_fast ControlNetModels, got "
-                            f"{[type(net).__name__ for net in nets]}")
+        if not nets or not all(isinstance(net, self.net_class) for net in nets):
+            raise TypeError(f"{type(self).__name__} takes a non-empty list of diffusion_fast "
+                            f"{self.net_class.__name__}s, got {[type(net).__name__ for net in nets]}")
         self.nets = nn.ModuleList(nets)
 
     @property
@@ -185,15 +186,24 @@ class MultiControlNetModel(nn.Module):
     def device(self):
         return self.nets[0].device
 
-    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, guess_mode=False,
-                added_cond_kwargs=None):
+    def _check_per_net(self, controlnet_cond, conditioning_scale):
         for name, value in (("controlnet_cond", controlnet_cond), ("conditioning_scale", conditioning_scale)):
             if not isinstance(value, (list, tuple)):
-                raise TypeError(f"MultiControlNetModel: {name} must be a list (one per net), got "
+                raise TypeError(f"{type(self).__name__}: {name} must be a list (one per net), got "
                                 f"{type(value).__name__}")
         if len(controlnet_cond) != len(self.nets) or len(conditioning_scale) != len(self.nets):
-            raise ValueError(f"MultiControlNetModel: {len(self.nets)} nets, {len(controlnet_cond)} conditioning "
+            raise ValueError(f"{type(self).__name__}: {len(self.nets)} nets, {len(controlnet_cond)} conditioning "
                              f"images and {len(conditioning_scale)} scales (one of each per net)")
+
+
+class MultiControlNetModel(NetList):
+    """Several ControlNets whose residuals add up (diffusers' MultiControlNetModel): one conditioning image and one
+    scale per net."""
+    net_class = ControlNetModel
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, guess_mode=False,
+                added_cond_kwargs=None):
+        self._check_per_net(controlnet_cond, conditioning_scale)
         down = mid = None
         for net, image, scale in zip(self.nets, controlnet_cond, conditioning_scale):
             d, m = net(sample, timestep, encoder_hidden_states, image, scale, guess_mode, added_cond_kwargs)

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from . import loading
+from .controlnet import NetList
 from .sd3_transformer import (AdaNorm, FeedForward, JointAttention, JointTransformerBlock, PatchEmbed,
-                              TimeTextEmbedding, _layer_norm, _modulate)
+                              TimeTextEmbedding, _layer_norm, _modulate, check_inputs)
 from .time_conditioning import broadcast_timestep
 
 DEFAULTS = dict(
@@ -112,15 +113,14 @@ class SD3ControlNetModel(loading.PretrainedMixin, nn.Module):
                 "this ControlNet's blocks attend to the text: give the prompt embeddings"
                 if self.context_embedder is not None else
                 "this ControlNet (joint_attention_dim None) has image-only blocks: give None"))
-        for name, value, channels in (("hidden_states", hidden_states, c.in_channels),
-                                      ("controlnet_cond", controlnet_cond,
-                                       c.in_channels + c.extra_conditioning_channels)):
-            if not torch.is_tensor(value) or value.dim() != 4 or value.shape[1] != channels:
-                got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-                raise ValueError(f"{name} must be a (B, {channels}, H, W) tensor, got {got}")
-        if controlnet_cond.shape[0] != hidden_states.shape[0] or controlnet_cond.shape[2:] != hidden_states.shape[2:]:
-            raise ValueError(f"controlnet_cond {tuple(controlnet_cond.shape)} must match hidden_states "
-                             f"{tuple(hidden_states.shape)} in batch and size")
+        check_inputs(c, hidden_states, encoder_hidden_states, pooled_projections)
+        want = (hidden_states.shape[0], c.in_channels + c.extra_conditioning_channels, *hidden_states.shape[2:])
+        if not torch.is_tensor(controlnet_cond) or tuple(controlnet_cond.shape) != want:
+            got = tuple(controlnet_cond.shape) if torch.is_tensor(controlnet_cond) else type(controlnet_cond).__name__
+            raise ValueError(f"controlnet_cond must be a {want} tensor (the control latents, hidden_states' batch and "
+                             f"size), got {got}")
+        if isinstance(conditioning_scale, bool) or not isinstance(conditioning_scale, (int, float)):
+            raise TypeError(f"conditioning_scale must be a number, got {type(conditioning_scale).__name__}")
         x = self.pos_embed(hidden_states)
         temb = self.time_text_embed(broadcast_timestep(timestep, hidden_states), pooled_projections)
         context = self.context_embedder(encoder_hidden_states) if self.context_embedder is not None else None
@@ -135,32 +135,14 @@ class SD3ControlNetModel(loading.PretrainedMixin, nn.Module):
         return residuals
 
 
-class SD3MultiControlNetModel(nn.Module):
+class SD3MultiControlNetModel(NetList):
     """Several SD3 ControlNets whose residuals add up (diffusers' SD3MultiControlNetModel): one control image's
     latents and one scale per net."""
-
-    def __init__(self, nets):
-        super().__init__()
-        nets = list(nets)
-        if not nets or not all(isinstance(net, SD3ControlNetModel) for net in nets):
-            raise TypeError("SD3MultiControlNetModel takes a non-empty list of diffusion_fast SD3ControlNetModels, "
-                            f"got {[type(net).__name__ for net in nets]}")
-        self.nets = nn.ModuleList(nets)
-
-    @property
-    def dtype(self):
-        return self.nets[0].dtype
-
-    @property
-    def device(self):
-        return self.nets[0].device
+    net_class = SD3ControlNetModel
 
     def forward(self, hidden_states, controlnet_cond, conditioning_scale, pooled_projections,
                 encoder_hidden_states=None, timestep=None):
-        for name, value in (("controlnet_cond", controlnet_cond), ("conditioning_scale", conditioning_scale)):
-            if not isinstance(value, (list, tuple)) or len(value) != len(self.nets):
-                raise ValueError(f"SD3MultiControlNetModel: {name} must be a list of {len(self.nets)} (one per net), "
-                                 f"got {value!r:.80}")
+        self._check_per_net(controlnet_cond, conditioning_scale)
         total = None
         for net, cond, scale in zip(self.nets, controlnet_cond, conditioning_scale):
             residuals = net(hidden_states, cond, scale, encoder_hidden_states, pooled_projections, timestep)

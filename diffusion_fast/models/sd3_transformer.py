@@ -195,6 +195,29 @@ class TimeTextEmbedding(nn.Module):
         return self.timestep_embedder(t.to(pooled.dtype)) + self.text_embedder(pooled)
 
 
+def check_inputs(c, hidden_states, encoder_hidden_states, pooled_projections):
+    """A transformer's (or SD3 ControlNet's) inputs against its config ``c``, by shape only (no value is read on the
+    host: the forward can be captured in a CUDA graph); no text to check where ``c.joint_attention_dim`` is None."""
+    p = c.patch_size
+    b = hidden_states.shape[0] if torch.is_tensor(hidden_states) else None
+    for name, value, shape, what in (
+            ("hidden_states", hidden_states, (None, c.in_channels, None, None),
+             f"(B, {c.in_channels}, H, W) tensor, H and W multiples of {p}"),
+            ("encoder_hidden_states", encoder_hidden_states, (b, None, c.joint_attention_dim),
+             f"({b}, L, {c.joint_attention_dim}) tensor"),
+            ("pooled_projections", pooled_projections, (b, c.pooled_projection_dim),
+             f"({b}, {c.pooled_projection_dim}) tensor")):
+        if name == "encoder_hidden_states" and c.joint_attention_dim is None:
+            continue
+        fits = torch.is_tensor(value) and value.dim() == len(shape) and all(
+            want is None or got == want for got, want in zip(value.shape, shape))
+        if fits and name == "hidden_states":
+            fits = value.shape[-2] % p == 0 and value.shape[-1] % p == 0
+        if not fits:
+            got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise ValueError(f"{name} must be a {what}, got {got}")
+
+
 class SD3Transformer2DModel(loading.PretrainedMixin, nn.Module):
     def __init__(self, config: dict):
         super().__init__()
@@ -224,38 +247,25 @@ class SD3Transformer2DModel(loading.PretrainedMixin, nn.Module):
         self.norm_out = AdaNorm(dim, 2)
         self.proj_out = nn.Linear(dim, c.patch_size * c.patch_size * self.out_channels)
 
-    def _check(self, hidden_states, encoder_hidden_states, pooled_projections):
-        """The inputs, by shape only (no value is read on the host: the forward can be captured in a CUDA graph)."""
-        c, p = self.config, self.config.patch_size
-        b = hidden_states.shape[0] if torch.is_tensor(hidden_states) else None
-        for name, value, shape, what in (
-                ("hidden_states", hidden_states, (None, c.in_channels, None, None),
-                 f"(B, {c.in_channels}, H, W) tensor, H and W multiples of {p}"),
-                ("encoder_hidden_states", encoder_hidden_states, (b, None, c.joint_attention_dim),
-                 f"({b}, L, {c.joint_attention_dim}) tensor"),
-                ("pooled_projections", pooled_projections, (b, c.pooled_projection_dim),
-                 f"({b}, {c.pooled_projection_dim}) tensor")):
-            fits = torch.is_tensor(value) and value.dim() == len(shape) and all(
-                want is None or got == want for got, want in zip(value.shape, shape))
-            if fits and name == "hidden_states":
-                fits = value.shape[-2] % p == 0 and value.shape[-1] % p == 0
-            if not fits:
-                got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-                raise ValueError(f"{name} must be a {what}, got {got}")
-
     def forward(self, hidden_states, encoder_hidden_states=None, pooled_projections=None, timestep=None,
                 skip_layers=None, block_controlnet_hidden_states=None):
         """The velocity prediction (B, out_channels, H, W) as a tensor (diffusers' output's ``sample``).
         ``skip_layers``: block indices to skip (SD3.5's skip-layer guidance). ``block_controlnet_hidden_states``: an
         SD3 ControlNet's residuals, added to the image stream after each block but the last (skipped ones too), the
         residual of block i the one at ``int(i / (blocks / residuals))``, as diffusers spreads fewer over more."""
-        self._check(hidden_states, encoder_hidden_states, pooled_projections)
+        check_inputs(self.config, hidden_states, encoder_hidden_states, pooled_projections)
         height, width = hidden_states.shape[-2:]
         skip = set(skip_layers or ())
         residuals = block_controlnet_hidden_states
-        if residuals is not None and (not isinstance(residuals, (list, tuple)) or not residuals):
-            raise ValueError("block_controlnet_hidden_states must be a non-empty list of (B, tokens, width) tensors "
-                             f"(an SD3ControlNetModel's output), got {type(residuals).__name__}")
+        if residuals is not None:
+            p, c = self.config.patch_size, self.config
+            want = (hidden_states.shape[0], (height // p) * (width // p), c.num_attention_heads * c.attention_head_dim)
+            if not isinstance(residuals, (list, tuple)) or not residuals or not all(
+                    torch.is_tensor(r) and tuple(r.shape) == want for r in residuals):
+                got = ([tuple(r.shape) if torch.is_tensor(r) else type(r).__name__ for r in residuals]
+                       if isinstance(residuals, (list, tuple)) else type(residuals).__name__)
+                raise ValueError(f"block_controlnet_hidden_states must be a non-empty list of {want} tensors (B, "
+                                 f"tokens, width: an SD3ControlNetModel's output), got {got}")
         x = self.pos_embed(hidden_states).contiguous()
         temb = self.time_text_embed(broadcast_timestep(timestep, hidden_states), pooled_projections)
         context = self.context_embedder(encoder_hidden_states)
