@@ -155,6 +155,8 @@ class StableDiffusion3ControlNetPipeline(StableDiffusion3Pipeline):
         latents = latents.to(device=self.device, dtype=text[0].dtype)
         self._set_timesteps(num_inference_steps, self.device, sigmas, mu, shape)
         given = controlnet_pooled_projections
+        if given is not None and not torch.is_tensor(given):
+            raise TypeError(f"controlnet_pooled_projections must be a tensor, got {type(given).__name__}")
         if given is not None and tuple(given.shape) != tuple(text[1].shape):
             raise ValueError(f"controlnet_pooled_projections must have the loop's pooled shape {tuple(text[1].shape)} "
                              f"(doubled under guidance), got {tuple(given.shape)}")

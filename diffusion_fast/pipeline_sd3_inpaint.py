@@ -64,6 +64,10 @@ class StableDiffusion3InpaintPipeline(StableDiffusion3Img2ImgPipeline):
             raise ValueError(f"strength must be in [0, 1], got {strength!r}")
         if image is None or mask_image is None:
             raise ValueError("image and mask_image: give both (PIL images, lists of them or tensors)")
+        if masked_image_latents is not None and (not torch.is_tensor(masked_image_latents)
+                                                 or masked_image_latents.dim() != 4):
+            raise TypeError("masked_image_latents must be a (B, C, H, W) tensor (the VAE's latents, or pixels), got "
+                            f"{type(masked_image_latents).__name__}")
         latent_channels = self.vae.config.latent_channels
         shape = (None, latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         crop_image, crop_mask, box = self._crop_to_mask(image, mask_image, padding_mask_crop, output_type, shape)

@@ -152,6 +152,21 @@ def test_sd3_controlnet_from_pipe_load_and_errors(instantx_pair, large_pair, tmp
     _, large = large_pair
     with pytest.raises(ValueError, match="controlnet_pooled_projections must have the loop's pooled shape"):
         _run(large, controlnet_pooled_projections=torch.zeros(1, 40))
+    with pytest.raises(TypeError, match="controlnet_pooled_projections must be a tensor, got list"):
+        _run(large, controlnet_pooled_projections=[0.0] * 40)
+    # the net alone: its inputs checked by shape, each named
+    x, cond, text, pooled, t = (torch.randn(1, 16, 8, 8), torch.randn(1, 16, 8, 8), torch.randn(1, 5, 48),
+                                torch.randn(1, 40), torch.tensor([1.0]))
+    for args, error, match in (((x, cond, 1.0, text, None, t), ValueError, "pooled_projections must be a .1, 40."),
+                               ((x, cond, 1.0, text[..., :40], pooled, t), ValueError,
+                                "encoder_hidden_states must be a .1, L, 48."),
+                               ((x, cond[:, :8], 1.0, text, pooled, t), ValueError, "controlnet_cond must be a"),
+                               ((x, cond, "1", text, pooled, t), TypeError, "conditioning_scale must be a number"),
+                               ((x, cond, 1.0, None, pooled, t), ValueError, "give the prompt embeddings")):
+        with pytest.raises(error, match=match):
+            ours.controlnet(*args)
+    with pytest.raises(ValueError, match="SD3MultiControlNetModel: 1 nets, 2 conditioning images and 1 scales"):
+        diffusion_fast.models.SD3MultiControlNetModel([ours.controlnet])(x, [cond, cond], [1.0], pooled, text, t)
     with pytest.raises(ValueError, match="transformer's patch embedding"):  # a bare SD3.5 Large net, no pipeline
         SD3ControlNetModel(dict(large.controlnet.config, use_pos_embed=False))(
             torch.randn(1, 16, 8, 8), torch.randn(1, 16, 8, 8), 1.0, None, torch.randn(1, 40), torch.tensor([1.0]))

@@ -184,6 +184,8 @@ def test_sd3_inpaint_from_pipe_load_and_errors(plain_pair, inpainting_pair):
             (inpainting, dict(image=torch.randn(1, 16, 8, 8)), "needs masked_image_latents too")):
         with pytest.raises(ValueError, match=match):
             _run(pipe, **kwargs)
+    with pytest.raises(TypeError, match="masked_image_latents must be a .B, C, H, W. tensor"):
+        _run(inpainting, masked_image_latents=[0.0])
 
 
 def test_accelerate_sd3_inpaint_keeps_its_images():
