@@ -372,3 +372,14 @@ def test_first_call_is_the_same_as_the_next(instantx_pair):
     ours = diffusion_fast.load_pipeline(instantx_pair[0]._saved_to)
     ours.set_progress_bar_config(disable=True)
     assert np.array_equal(_run(ours), _run(ours))
+
+
+def test_the_control_image_is_encoded_once_for_both_guidance_halves(instantx_pair, monkeypatch):
+    """The README's claim: one VAE encode of the batch's control images (diffusers encodes the doubled batch), a
+    posterior draw for both halves (the diffusers comparisons above hold the draws equal)."""
+    _, ours = instantx_pair
+    calls = []
+    encode = ours.vae.encode
+    monkeypatch.setattr(ours.vae, "encode", lambda x: calls.append(x.shape[0]) or encode(x))
+    _run(ours, prompt=["a", "b"])
+    assert calls == [2], calls  # two prompts' images, not four

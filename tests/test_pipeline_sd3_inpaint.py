@@ -241,3 +241,15 @@ def test_graphed_inpainting_calls_give_the_eager_images(plain_pair, inpainting_p
         finally:
             monkeypatch.undo()
             ours._graph = None
+
+
+def test_plain_transformer_encodes_only_the_image(plain_pair, inpainting_pair, monkeypatch):
+    """The README's claim: with SD3's own transformer the masked image (which only a 33-channel transformer reads)
+    is not encoded: one VAE encode of the image; the inpainting transformer's call encodes both."""
+    for (_, ours), encodes in ((plain_pair, 1), (inpainting_pair, 2)):
+        calls = []
+        encode = ours.vae.encode
+        monkeypatch.setattr(ours.vae, "encode", lambda x: calls.append(x.shape[0]) or encode(x))
+        _run(ours)
+        monkeypatch.undo()
+        assert calls == [1] * encodes, calls
