@@ -90,6 +90,7 @@ class FeedForward(nn.Module):
 class JointAttention(nn.Module):
     """Attention over the image tokens and (``joint``) the text tokens at once: each stream has its own q/k/v and
     output projections, the attention itself is one ``ops._attention`` over the concatenated sequence."""
+    is_cross = False  # (a self-attention for perturbed-attention guidance, pipeline_sd3_pag.py: diffusers' rule)
 
     def __init__(self, dim, heads, dim_head, qk_norm, joint=True, context_out=True):
         super().__init__()
@@ -104,6 +105,8 @@ class JointAttention(nn.Module):
             self.to_add_out = nn.Linear(inner, dim) if context_out else None
             self.norm_added_q = RMSNorm(dim_head) if qk_norm else None
             self.norm_added_k = RMSNorm(dim_head) if qk_norm else None
+        # perturbed-attention guidance: the batch's last ``perturbed_rows`` samples attend as ``_perturbed`` says
+        self.perturbed_rows = 0
 
     def _qkv(self, x, to_q, to_k, to_v, norm_q, norm_k):
         """(B, L, H, D) queries, keys and values of one stream, queries and keys normed per head."""
@@ -111,19 +114,49 @@ class JointAttention(nn.Module):
         q, k, v = (proj(x).view(b, length, self.heads, self.dim_head) for proj in (to_q, to_k, to_v))
         return (norm_q(q) if norm_q is not None else q), (norm_k(k) if norm_k is not None else k), v
 
+    def _attend(self, q, k, v):
+        """(B, Lq, H, D) from (B, L, H, D) queries, keys and values: every query over every key."""
+        return ops._attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                              self.dim_head**-0.5).transpose(1, 2)
+
+    def _perturbed(self, image, text):
+        """PAG's perturbed attention, as diffusers' PAG joint processors mask it: each image token attends to itself
+        and to the text tokens only (no other image token), each text token to every token. ``image``, ``text``:
+        (q, k, v) of each stream, (B, L, H, D); with no text stream (SD3.5 Medium's second attention) each image
+        token's output is its own value (diffusers' identity self-attention). The image queries' scores over their
+        own key and the text's keys are formed and softmaxed in fp32 at least (B x H x Li x (1 + Lt), never Li x
+        Li); the text queries run the attention op."""
+        q, k, v = image
+        if text is None:
+            return v
+        cq, ck, cv = text
+        scale, acc = self.dim_head**-0.5, torch.promote_types(q.dtype, torch.float32)
+        own = (q.to(acc) * k.to(acc)).sum(-1, keepdim=True) * scale  # (B, Li, H, 1)
+        to_text = torch.einsum("bihd,bjhd->bihj", q.to(acc), ck.to(acc)) * scale  # (B, Li, H, Lt)
+        weights = torch.softmax(torch.cat([own, to_text], dim=-1), dim=-1)
+        out = weights[..., :1] * v.to(acc) + torch.einsum("bihj,bjhd->bihd", weights[..., 1:], cv.to(acc))
+        return torch.cat([out.to(v.dtype), self._attend(cq, torch.cat([k, ck], dim=1), torch.cat([v, cv], dim=1))],
+                         dim=1)
+
     def forward(self, x, context=None):
-        q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
-        if context is not None:
-            cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
-                                   self.norm_added_q, self.norm_added_k)
-            q, k, v = torch.cat([q, cq], dim=1), torch.cat([k, ck], dim=1), torch.cat([v, cv], dim=1)
-        out = ops._attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.dim_head**-0.5)
-        out = out.transpose(1, 2).reshape(x.shape[0], -1, self.heads * self.dim_head).to(q.dtype)
-        image = self.to_out[0](out[:, :x.shape[1]])
+        image = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
+        text = None if context is None else self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
+                                                      self.norm_added_q, self.norm_added_k)
+        streams = [image] if text is None else [image, text]
+        b, n = x.shape[0], min(self.perturbed_rows, x.shape[0])
+        outs = []
+        if n < b:  # (the rows that attend as usual: all of them but under PAG)
+            outs.append(self._attend(*(torch.cat([s[j][:b - n] for s in streams], dim=1) for j in range(3))))
+        if n:
+            outs.append(self._perturbed(tuple(t[b - n:] for t in image),
+                                        None if text is None else tuple(t[b - n:] for t in text)))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        out = out.reshape(b, -1, self.heads * self.dim_head).to(image[0].dtype)
+        image_out = self.to_out[0](out[:, :x.shape[1]])
         if context is None:
-            return image
-        text = out[:, x.shape[1]:]
-        return image, (self.to_add_out(text) if self.to_add_out is not None else text)
+            return image_out
+        text_out = out[:, x.shape[1]:]
+        return image_out, (self.to_add_out(text_out) if self.to_add_out is not None else text_out)
 
 
 class JointTransformerBlock(nn.Module):
