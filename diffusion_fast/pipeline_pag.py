@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .models.attention import Attention
+from .models.sd3_transformer import JointAttention
 from .pipeline import StableDiffusionPipeline
 from .pipeline_common import rescale_noise_cfg
 from .pipeline_controlnet import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
@@ -36,12 +37,17 @@ from .pipeline_inpaint import StableDiffusionInpaintPipeline, StableDiffusionXLI
 from .pipeline_xl import StableDiffusionXLPipeline
 
 
-def pag_layers(unet, layers) -> dict:
-    """{name: module} of the UNet's self-attentions PAG perturbs for ``layers``, matched as diffusers matches them:
-    ``re.search`` in the module's name. (diffusers also skips a name whose last part is the same number as the layer
-    id's; a UNet's self-attention names end in "attn1", so that never applies.) A layer id that matches none is
-    refused by name."""
-    self_attentions = {name: m for name, m in unet.named_modules() if isinstance(m, Attention) and not m.is_cross}
+def pag_layers(model, layers) -> dict:
+    """{name: module} of the self-attentions PAG perturbs in ``model`` (a UNet, or an SD3 transformer: its joint
+    attentions and SD3.5 Medium's image-only ones) for ``layers``, matched as diffusers matches them: ``re.search`` in
+    the module's name. (diffusers also skips a name whose last part is the same number as the layer id's; the
+    self-attentions' names end in "attn1", "attn" or "attn2", so that never applies. Its search does let "blocks.1"
+    match "transformer_blocks.10.attn" too.) A layer id that matches none is refused by name."""
+    self_attentions = {name: m for name, m in model.named_modules()
+                       if isinstance(m, (Attention, JointAttention)) and not m.is_cross}
+    what = "transformer" if hasattr(model, "transformer_blocks") else "UNet"
+    examples = ("'blocks.1', 'transformer_blocks.13', r'blocks\\.1\\.'" if what == "transformer" else
+                "'mid', 'down_blocks.2', 'up_blocks.0.attentions.1'")
     found = {}
     for layer in layers:
         try:
@@ -50,8 +56,8 @@ def pag_layers(unet, layers) -> dict:
             raise ValueError(f"pag_applied_layers: {layer!r} is not a regular expression ({exc})") from None
         if not matched:
             example = next(iter(self_attentions), "none")
-            raise ValueError(f"pag_applied_layers: {layer!r} matches no self-attention of the UNet (names such as "
-                             f"{example!r}; e.g. 'mid', 'down_blocks.2', 'up_blocks.0.attentions.1')")
+            raise ValueError(f"pag_applied_layers: {layer!r} matches no self-attention of the {what} (names such as "
+                             f"{example!r}; e.g. {examples})")
         found.update(matched)
     return found
 
@@ -72,7 +78,7 @@ def pag_call(call):
         scale = _check_scale("pag_scale", pag_scale)
         adaptive = _check_scale("pag_adaptive_scale", pag_adaptive_scale)
         on = scale > 0 and len(self.pag_applied_layers) > 0
-        self._pag_run = (pag_layers(self.unet, self.pag_applied_layers), scale, adaptive) if on else None
+        self._pag_run = (pag_layers(self._pag_denoiser, self.pag_applied_layers), scale, adaptive) if on else None
         try:
             return call(self, *args, **kwargs)
         finally:
@@ -85,42 +91,62 @@ def pag_call(call):
     return with_pag
 
 
-class PAGGuidance:
-    """Mixed into our SD and SDXL pipelines: the applied layers, the perturbed copy of the batch (text embeddings,
-    SDXL's added conditioning, IP-Adapter tokens: the prompt's rows once more) and the PAG combine."""
+class PAGSettings:
+    """Mixed into every PAG pipeline: the applied layers (set at construction, ``from_pretrained`` or
+    ``set_pag_applied_layers``; ``_pag_default`` unless given), whether the running call guides with PAG, and its
+    scale at a timestep. ``_pag_denoiser``: the model whose self-attentions are perturbed."""
+    _pag_default = "mid"
     pag_applied_layers = ("mid",)
     _pag_run = None  # the running call's ({name: module} perturbed, pag_scale, pag_adaptive_scale), while PAG is on
-    _pag_rows = None  # the running call's batch: the UNet batch's last rows, which are perturbed
-    _graphed_pag = None  # (module names, rows) the current graphs were captured with
 
-    def __init__(self, *args, pag_applied_layers="mid", **kwargs):
+    def __init__(self, *args, pag_applied_layers=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.set_pag_applied_layers(pag_applied_layers)
+        self.set_pag_applied_layers(self._pag_default if pag_applied_layers is None else pag_applied_layers)
 
     @classmethod
-    def from_pretrained(cls, folder, *args, pag_applied_layers="mid", **kwargs):
+    def from_pretrained(cls, folder, *args, pag_applied_layers=None, **kwargs):
         pipe = super().from_pretrained(folder, *args, **kwargs)
-        pipe.set_pag_applied_layers(pag_applied_layers)
+        pipe.set_pag_applied_layers(cls._pag_default if pag_applied_layers is None else pag_applied_layers)
         return pipe
+
+    @property
+    def _pag_denoiser(self):
+        return self.unet
+
+    def set_pag_applied_layers(self, pag_applied_layers):
+        """The self-attention layers PAG perturbs: a regex or a list of them, searched in the denoiser's module names
+        (a UNet's "mid", "down_blocks.2", "up_blocks.0.attentions.1"; an SD3 transformer's "blocks.1"); each must
+        match one at least."""
+        layers = [pag_applied_layers] if isinstance(pag_applied_layers, str) else pag_applied_layers
+        if not isinstance(layers, (list, tuple)) or not all(isinstance(layer, str) for layer in layers):
+            raise TypeError(f"pag_applied_layers must be a str or a list of str, got {pag_applied_layers!r}")
+        pag_layers(self._pag_denoiser, layers)
+        self.pag_applied_layers = list(layers)
+
+    @property
+    def do_perturbed_attention_guidance(self) -> bool:
+        return self._pag_run is not None
+
+    def _pag_scale_at(self, t):
+        """diffusers' _get_pag_scale: with an adaptive scale, pag_scale - adaptive * (1000 - t), at least 0 (a
+        tensor like ``t``: no host sync)."""
+        _, scale, adaptive = self._pag_run
+        if adaptive > 0 and scale > 0:
+            return torch.clamp(scale - adaptive * (1000 - t), min=0)
+        return scale
+
+
+class PAGGuidance(PAGSettings):
+    """Mixed into our SD and SDXL pipelines: the perturbed copy of the batch (text embeddings, SDXL's added
+    conditioning, IP-Adapter tokens: the prompt's rows once more) and the PAG combine."""
+    _pag_rows = None  # the running call's batch: the UNet batch's last rows, which are perturbed
+    _graphed_pag = None  # (module names, rows) the current graphs were captured with
 
     def _check_components(self):
         super()._check_components()
         if self.unet.config.time_cond_proj_dim is not None:
             raise ValueError("unet has a time_cond_proj_dim (an LCM-distilled UNet): PAG's perturbed copy of the batch "
                              "does not take its guidance embedding (diffusers' PAG pipelines fail on it)")
-
-    def set_pag_applied_layers(self, pag_applied_layers):
-        """The self-attention layers PAG perturbs: a regex or a list of them, searched in the UNet's module names
-        ("mid", "down_blocks.2", "up_blocks.0.attentions.1"); each must match one at least."""
-        layers = [pag_applied_layers] if isinstance(pag_applied_layers, str) else pag_applied_layers
-        if not isinstance(layers, (list, tuple)) or not all(isinstance(layer, str) for layer in layers):
-            raise TypeError(f"pag_applied_layers must be a str or a list of str, got {pag_applied_layers!r}")
-        pag_layers(self.unet, layers)
-        self.pag_applied_layers = list(layers)
-
-    @property
-    def do_perturbed_attention_guidance(self) -> bool:
-        return self._pag_run is not None
 
     def _denoise(self, latents, timesteps, embeds, cond, *args, **kwargs):
         """With PAG, the prompt's rows of the text embeddings and of the UNet's added inputs (SDXL's pooled
@@ -165,14 +191,6 @@ class PAGGuidance:
         finally:
             for m in modules:
                 m.perturbed_rows = 0
-
-    def _pag_scale_at(self, t):
-        """diffusers' _get_pag_scale: with an adaptive scale, pag_scale - adaptive * (1000 - t), at least 0 (a
-        tensor like ``t``: no host sync)."""
-        _, scale, adaptive = self._pag_run
-        if adaptive > 0 and scale > 0:
-            return torch.clamp(scale - adaptive * (1000 - t), min=0)
-        return scale
 
     def _denoise_step(self, latents, t, embeds, cond, guidance_scale, do_cfg, eta, generator, unet=None):
         if self._pag_run is None:

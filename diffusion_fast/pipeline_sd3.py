@@ -335,13 +335,36 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
         text = (torch.cat([negative_prompt_embeds, prompt_embeds]), torch.cat([negative_pooled, pooled]))
         return batch, text, cond, callback_inputs
 
+    def _predict(self, model, latents, t, i, steps, text, cond, slg):
+        """Step ``i``'s guided velocity: the transformer (``model``) on the latents, doubled under guidance (read
+        every step, as diffusers does: a callback may turn it off) with ``text`` (the loop's embeddings and pooled
+        ones), the classifier-free combine, and skip-layer guidance's."""
+        do_cfg = self.do_classifier_free_guidance
+        model_input = torch.cat([latents, latents]) if do_cfg else latents
+        pred = model(self._model_input(model_input), t, *text, *self._step_inputs(i, steps, model_input.shape[0]))
+        if not do_cfg:
+            return pred
+        uncond, text_pred = pred.chunk(2)
+        return self._skip_layer_guidance(uncond + self._guidance_scale * (text_pred - uncond), text_pred, model,
+                                         latents, t, i, steps, cond, slg)
+
+    @staticmethod
+    def _skip_layer_guidance(pred, text_pred, model, latents, t, i, steps, cond, slg):
+        """SD3.5's skip-layer guidance on the guided ``pred`` at step ``i``: the prompt's prediction ``text_pred``
+        against one with ``slg``'s layers skipped (a transformer call on the prompt's text ``cond`` alone), within
+        its start and stop fractions of the steps."""
+        skip, scale, start, stop = slg
+        if not skip or not steps * start < i < steps * stop:
+            return pred
+        return pred + (text_pred - model(latents, t, *cond, *skip)) * scale
+
     def _denoise(self, latents, timesteps, text, cond, slg, callback, callback_inputs, output_type, return_dict):
         """The loop over ``timesteps`` and the decode. ``text``: the loop's (embeddings, pooled); ``cond``: the
         prompt's alone; ``slg``: skip-layer guidance's (layers, scale, start, stop)."""
         device = self.device
         steps = self._num_timesteps = len(timesteps)
         model = self._model(device)
-        (prompt_embeds, pooled), (skip, slg_scale, slg_start, slg_stop) = text, slg
+        prompt_embeds, pooled = text
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -349,16 +372,7 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
         for i, t in enumerate(tqdm(timesteps, **{"desc": "denoising", **self._progress})):
             if self._interrupt:
                 continue
-            do_cfg = self.do_classifier_free_guidance  # (read every step, as diffusers does)
-            model_input = torch.cat([latents, latents]) if do_cfg else latents
-            pred = model(self._model_input(model_input), t, prompt_embeds, pooled,
-                         *self._step_inputs(i, steps, model_input.shape[0]))
-            if do_cfg:
-                uncond, text_pred = pred.chunk(2)
-                pred = uncond + self._guidance_scale * (text_pred - uncond)
-                if skip and steps * slg_start < i < steps * slg_stop:
-                    skipped = model(latents, t, *cond, *skip)
-                    pred = pred + (text_pred - skipped) * slg_scale
+            pred = self._predict(model, latents, t, i, steps, (prompt_embeds, pooled), cond, slg)
             latents = self._after_step(i, timesteps, self.scheduler.step(pred, t, latents, return_dict=False)[0])
             if callback is not None:
                 named = {"latents": latents, "prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled,
