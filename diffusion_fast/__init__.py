@@ -49,6 +49,8 @@ _LAZY = {
     "StableDiffusion3ControlNetPipeline": ("pipeline_sd3_controlnet", "StableDiffusion3ControlNetPipeline"),
     "StableDiffusion3ControlNetInpaintingPipeline": ("pipeline_sd3_controlnet_inpaint",
                                                      "StableDiffusion3ControlNetInpaintingPipeline"),
+    "StableDiffusion3PAGPipeline": ("pipeline_sd3_pag", "StableDiffusion3PAGPipeline"),
+    "StableDiffusion3PAGImg2ImgPipeline": ("pipeline_sd3_pag", "StableDiffusion3PAGImg2ImgPipeline"),
     **{name: ("pipeline_pag", name) for name in (
         "StableDiffusionPAGPipeline", "StableDiffusionXLPAGPipeline", "StableDiffusionPAGImg2ImgPipeline",
         "StableDiffusionXLPAGImg2ImgPipeline", "StableDiffusionPAGInpaintPipeline",

@@ -256,11 +256,12 @@ def pipeline_kind(pipe):
     "InstructPix2Pix", "x4 upscaler", "depth-to-image", "image variation",
     or one of the first three guided by the folder's ControlNets ("ControlNet", "ControlNet image-to-image",
     "ControlNet inpainting"), or text-to-image guided by its T2I-Adapters ("T2I-Adapter") or its ControlNet-Union net
-    ("ControlNet-Union"); with PAG (a PAG folder's) "PAG " before the kind ("PAG text-to-image", "PAG ControlNet")."""
+    ("ControlNet-Union"); with PAG (a PAG folder's) "PAG " before the kind ("PAG text-to-image", "PAG ControlNet",
+    "PAG SD3 image-to-image")."""
     from .pipeline_controlnet import ControlNetGuidance
     from .pipeline_img2img import _ImageToImage
     from .pipeline_inpaint import _Inpainting
-    from .pipeline_pag import PAGGuidance
+    from .pipeline_pag import PAGSettings
     from .pipeline_pix2pix import _InstructPix2Pix
     from .pipeline_t2i_adapter import AdapterGuidance
     from .pipeline_depth2img import StableDiffusionDepth2ImgPipeline
@@ -274,8 +275,9 @@ def pipeline_kind(pipe):
         return "SD3 inpainting"
     if isinstance(pipe, StableDiffusion3ControlNetPipeline):
         return "SD3 ControlNet inpainting" if pipe._inpainting else "SD3 ControlNet"
+    pag = "PAG " if isinstance(pipe, PAGSettings) else ""
     if isinstance(pipe, StableDiffusion3Pipeline):
-        return "SD3 image-to-image" if isinstance(pipe, _ImageToImage) else "SD3 text-to-image"
+        return pag + ("SD3 image-to-image" if isinstance(pipe, _ImageToImage) else "SD3 text-to-image")
     if isinstance(pipe, StableDiffusionImageVariationPipeline):
         return "image variation"
     if isinstance(pipe, StableDiffusionDepth2ImgPipeline):
@@ -291,7 +293,7 @@ def pipeline_kind(pipe):
     if isinstance(pipe, ControlNetGuidance):
         union = "-Union" if hasattr(pipe, "_modes") else ""
         kind = f"ControlNet{union}" if kind == "text-to-image" else f"ControlNet{union} {kind}"
-    return f"PAG {kind}" if isinstance(pipe, PAGGuidance) else kind
+    return pag + kind
 
 
 def pipeline_inputs(pipe, seed, steps):

@@ -226,12 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an x4 upscaler's noise level for --image (default: the pipeline's 20; at most the model's "
                         "max_noise_level, 350): more frees the output from the image's artifacts and detail")
     g.add_argument("--pag-scale", type=float, default=None, metavar="S",
-                   help="perturbed-attention guidance (text-to-image, SD or SDXL; diffusers' default 3): the image "
-                        "guided away from one made with --pag-layers' self-attention perturbed")
+                   help="perturbed-attention guidance (SD, SDXL or SD3; diffusers' default 3): the image guided away "
+                        "from one made with --pag-layers' self-attention perturbed")
     g.add_argument("--pag-layers", action="append", default=[], metavar="REGEX",
                    help="with --pag-scale: the self-attention layers PAG perturbs, regexes searched in the UNet's "
-                        "module names (default 'mid'; e.g. down_blocks.2, up_blocks.0.attentions.1); repeat for "
-                        "several")
+                        "module names (default 'mid'; e.g. down_blocks.2, up_blocks.0.attentions.1) or an SD3 "
+                        "transformer's (default 'blocks.1', which also matches blocks 10-19 as in diffusers; "
+                        "'blocks\\.1\\.' for block 1 alone); repeat for several")
     g.add_argument("--pag-adaptive-scale", type=float, default=None, metavar="A",
                    help="with --pag-scale: lower the PAG scale by A per timestep below 1000 (diffusers' "
                         "pag_adaptive_scale)")

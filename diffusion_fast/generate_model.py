@@ -171,22 +171,28 @@ def variation_options(args, pipe, init_image):
 
 def pag_options(args, loaded, pipe):
     """Perturbed-attention guidance: with --pag-scale (or a folder diffusers saved a PAG pipeline in, ``loaded``),
-    the run's pipeline ``pipe`` (text-to-image, image-to-image or inpainting; SD or SDXL) as our PAG one on its
-    components, with --pag-layers; and the call's PAG options. With another kind of run the flags are refused, and
-    a PAG folder's run is said to go without it."""
-    from .pipeline_pag import PAG_FOR, PAGGuidance
+    the run's pipeline ``pipe`` (text-to-image, image-to-image or inpainting with SD or SDXL; text-to-image or
+    image-to-image with SD3) as our PAG one on its components, with --pag-layers; and the call's PAG options. With
+    another kind of run the flags are refused, and a PAG folder's run is said to go without it."""
+    from .pipeline_pag import PAG_FOR, PAGSettings
+    from .pipeline_sd3_pag import PAG_FOR_SD3
 
     flags = args.pag_scale is not None or args.pag_layers or args.pag_adaptive_scale is not None
-    if not flags and not isinstance(loaded, PAGGuidance):
+    if not flags and not isinstance(loaded, PAGSettings):
         return pipe, {}
     # the PAG pipeline for the run's (none for a T2I-Adapter, InstructPix2Pix, upscaler, LCM or refiner run, nor
-    # for a ControlNet run of a kind diffusers has no PAG pipeline for)
-    cls = type(pipe) if isinstance(pipe, PAGGuidance) else PAG_FOR.get(type(pipe))
+    # for a ControlNet run of a kind diffusers has no PAG pipeline for, nor SD3 inpainting or ControlNets)
+    sd3 = hasattr(pipe, "transformer")
+    cls = type(pipe) if isinstance(pipe, PAGSettings) else (PAG_FOR_SD3 if sd3 else PAG_FOR).get(type(pipe))
     if cls is None or args.refiner is not None:
         if not flags:  # a PAG folder's ControlNet, T2I-Adapter ... run
             print(f"{args.model} is a PAG pipeline: perturbed-attention guidance does not run with this kind of run "
                   f"({type(pipe).__name__}), so it goes without it")
             return pipe, {}
+        if sd3:
+            raise UsageError(f"--pag-*: with a Stable Diffusion 3 model perturbed-attention guidance runs "
+                             f"text-to-image and image-to-image (diffusers' StableDiffusion3PAG(Img2Img)Pipeline), "
+                             f"not this run ({type(pipe).__name__})")
         from .pipeline_controlnet import ControlNetGuidance
 
         kind = ("an LCM-distilled model (its guidance embedding)" if pipe.unet.config.time_cond_proj_dim else
@@ -196,9 +202,9 @@ def pag_options(args, loaded, pipe):
                          f"with an SD or SDXL model here, and with --controlnet SD text-to-image and inpainting and "
                          f"SDXL text-to-image and image-to-image (diffusers' PAG ControlNet pipelines), not with "
                          f"{kind}")
-    if args.pag_scale is None and not isinstance(loaded, PAGGuidance):
+    if args.pag_scale is None and not isinstance(loaded, PAGSettings):
         raise UsageError("--pag-layers and --pag-adaptive-scale go with --pag-scale")
-    layers = args.pag_layers or getattr(loaded, "pag_applied_layers", ["mid"])
+    layers = args.pag_layers or getattr(loaded, "pag_applied_layers", None)  # (else the class's: "mid", "blocks.1")
     try:
         pipe = cls.from_pipe(pipe, pag_applied_layers=layers)
     except ValueError as exc:

@@ -4,8 +4,9 @@ Our SD3 pipeline takes a prompt (for all three text encoders), a negative prompt
 diffusers), guidance (7.0), size (the transformer's default: 1024 for SD3), batch, seed, clip skip and LoRAs
 (diffusers' format); with --image it runs image-to-image at --strength, and with --mask too inpainting (an
 inpainting folder's transformer, or SD3's own, blended), with --padding-mask-crop if asked; with --controlnet (SD3
-ControlNets) and --control-image, text-to-image guided by them. The UNet models' extras (adapters, embeddings, a
-refiner, PAG, other schedulers, eta) are refused by name, not ignored.
+ControlNets) and --control-image, text-to-image guided by them; with --pag-scale (or a folder diffusers saved its SD3
+PAG pipeline in) text-to-image or image-to-image with perturbed-attention guidance. The UNet models' extras
+(adapters, embeddings, a refiner, other schedulers, eta) are refused by name, not ignored.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from .cli import UsageError
-from .generate_model import load_loras
+from .generate_model import load_loras, pag_options
 
 
 def _with_sd3_controlnets(args, pipe, images):
@@ -60,7 +61,7 @@ def sd3_run(args, pipe, init_image=None, mask_image=None, control_images=None):
     flags = (("--control-mode", args.control_mode), ("--t2i-adapter", args.t2i_adapter),
              ("--adapter-image", args.adapter_image), ("--ip-adapter", args.ip_adapter),
              ("--ip-adapter-image", args.ip_adapter_image), ("--embedding", args.embedding),
-             ("--refiner", args.refiner), ("--pag-scale", args.pag_scale),
+             ("--refiner", args.refiner),
              ("--image-guidance-scale", args.image_guidance_scale), ("--noise-level", args.noise_level),
              ("--depth-map", args.depth_map),
              ("--no-safety-checker", args.no_safety_checker or None), ("--karras", args.karras or None),
@@ -69,6 +70,7 @@ def sd3_run(args, pipe, init_image=None, mask_image=None, control_images=None):
     if refused:
         raise UsageError(f"{args.model} is a Stable Diffusion 3 model (diffusers' StableDiffusion3Pipeline): it "
                          f"takes no {', '.join(refused)}")
+    loaded = pipe  # (the folder's pipeline: a PAG one's layers and scale carry over to the run's)
     inpainting_model = pipe.transformer.config.in_channels != pipe.vae.config.latent_channels
     if inpainting_model and mask_image is None:
         raise UsageError(f"{args.model} is an inpainting model (its transformer takes the mask): give --image and "
@@ -119,6 +121,8 @@ def sd3_run(args, pipe, init_image=None, mask_image=None, control_images=None):
         strength = 0.6 if args.strength is None else args.strength
         options.update(image=init_image, strength=strength, height=height, width=width)
         denoised = steps - int(max(steps - steps * strength, 0))  # (diffusers' SD3 tail: see pipeline_sd3_img2img)
+    pipe, pag = pag_options(args, loaded, pipe)  # (text-to-image and image-to-image: diffusers' SD3 PAG pipelines)
+    options.update(pag)
     pipe.set_progress_bar_config(disable=args.no_progress)
 
     def run(path_name, num_steps=steps):

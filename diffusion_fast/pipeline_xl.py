@@ -288,7 +288,7 @@ def load_pipeline(folder, **kwargs):
     ``LatentConsistencyModel(Img2Img)Pipeline`` for an LCM's (diffusers' class name),
     ``StableDiffusion(XL)InstructPix2PixPipeline`` for an InstructPix2Pix one, ``StableDiffusionUpscalePipeline`` for
     an x4 upscaler's, ``StableDiffusionDepth2ImgPipeline`` for a depth-to-image one,
-    ``StableDiffusionImageVariationPipeline`` for an image-variation one, ``StableDiffusion3(Img2Img|Inpaint|ControlNet|ControlNetInpainting)Pipeline`` for an
+    ``StableDiffusionImageVariationPipeline`` for an image-variation one, ``StableDiffusion3(Img2Img|Inpaint|ControlNet|ControlNetInpainting|PAG|PAGImg2Img)Pipeline`` for an
     SD3 or SD3.5 one (a transformer, three text encoders; another transformer pipeline, Flux or PixArt, is refused by
     name),
     ``StableDiffusion(XL)(ControlNet)PAG...Pipeline`` for a perturbed-attention guidance one (its
@@ -321,14 +321,17 @@ def load_pipeline(folder, **kwargs):
         from .pipeline_sd3_controlnet import StableDiffusion3ControlNetPipeline
         from .pipeline_sd3_controlnet_inpaint import StableDiffusion3ControlNetInpaintingPipeline
         from .pipeline_sd3_inpaint import StableDiffusion3InpaintPipeline
+        from .pipeline_sd3_pag import StableDiffusion3PAGImg2ImgPipeline, StableDiffusion3PAGPipeline
 
         cls = {c.__name__: c for c in (StableDiffusion3Pipeline, StableDiffusion3Img2ImgPipeline,
                                        StableDiffusion3InpaintPipeline, StableDiffusion3ControlNetPipeline,
-                                       StableDiffusion3ControlNetInpaintingPipeline)}.get(name)
+                                       StableDiffusion3ControlNetInpaintingPipeline, StableDiffusion3PAGPipeline,
+                                       StableDiffusion3PAGImg2ImgPipeline)}.get(name)
         if cls is None:
             raise ValueError(f"{folder!r} holds a {name or 'pipeline'} (a diffusion transformer), which is not "
                              "supported: of the transformer pipelines, StableDiffusion3Pipeline and its "
-                             "image-to-image, inpainting and ControlNet (and ControlNet inpainting) ones (SD3, SD3.5) are")
+                             "image-to-image, inpainting, ControlNet (and ControlNet inpainting) and PAG ones (SD3, "
+                             "SD3.5) are")
     elif name in PAG_PIPELINES:  # (ControlNet ones too)
         cls = PAG_PIPELINES[name]
     elif "adapter" in components and "AdapterPipeline" in name:

@@ -328,10 +328,10 @@ def test_generate_sd3_folder_writes_diffusers_image(sd3_pair, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--image", "IN", "--pag-scale", "3"], "Stable Diffusion 3 model .* takes no --pag-scale"),
+    (["--image", "IN", "--karras"], "Stable Diffusion 3 model .* takes no --karras"),
     (["--scheduler", "ddim", "--eta", "0.5"], "takes no --eta, --scheduler"),
     (["--embedding", "IN"], "takes no --embedding"),
-], ids=["pag", "scheduler-eta", "embedding"])
+], ids=["karras", "scheduler-eta", "embedding"])
 def test_generate_sd3_bad_options_one_line(sd3_pair, tmp_path, capsys, extra, message):
     import re
 
