@@ -9,7 +9,7 @@ shapes in both memory layouts; fp16/bf16 storage for both at SD1.5's shapes; dif
 DPM-Solver++ 2M and 3M SDE, PNDM (PLMS), UniPC, DDPM, LCM, Heun, LMS, DPM2, DPM2 ancestral and DEIS scheduler steps as
 accelerate patches them vs their own, the Euler op alone; the weights key a graphed UNet call checks (ModuleState,
 SD1.5's UNet on the meta device); whole ControlNet, IP-Adapter Plus, T2I-Adapter, ControlNet-Union, LCM,
-InstructPix2Pix and PAG pipeline calls on the tiny models, ours vs diffusers' (plain and accelerated); and a decode by
+InstructPix2Pix and PAG (SD and SD3) pipeline calls on the tiny models, ours vs diffusers' (plain and accelerated); and a decode by
 SD's KL VAE vs TAESD. Each group's rows are the implementations side by side; compare medians.
 
 The allocator is pinned first (see ``_steady_allocator``): glibc otherwise moves between two regimes at random,
@@ -500,14 +500,19 @@ def test_sd3_pipeline(benchmark, sd3_pipelines, impl):
                            generator=torch.Generator().manual_seed(0), output_type="np"))
 
 
-def _sd3_kind(pipeline_class, **extra):
-    """A maker for _three_ways: diffusers' SD3 ``pipeline_class`` on the tests' tiny SD3.5 Medium-shaped model,
-    ``extra`` components made from the tests' helper module."""
+def _sd3_kind(pipeline_class, variant="sd3.5", **extra):
+    """A maker for _three_ways: diffusers' SD3 ``pipeline_class`` on the tests' tiny SD3.5 Medium-shaped model (or
+    SD3's, ``variant="sd3"``) with the components the class takes, ``extra`` ones made from the tests' helper
+    module."""
     def make(tiny):
+        import inspect
+
         import diffusers
 
-        return getattr(diffusers, pipeline_class)(**tiny.sd3_pipeline(variant="sd3.5").components,
-                                                  **{name: made(tiny) for name, made in extra.items()})
+        cls = getattr(diffusers, pipeline_class)
+        takes = inspect.signature(cls.__init__).parameters
+        components = {k: v for k, v in tiny.sd3_pipeline(variant=variant).components.items() if k in takes}
+        return cls(**components, **{name: made(tiny) for name, made in extra.items()})
     return make
 
 
@@ -560,6 +565,24 @@ def test_sd3_controlnet_pipeline(benchmark, sd3_controlnet_pipelines, impl, guid
         return pipe("a red cube on a table", control_image=control, height=96, width=96, num_inference_steps=10,
                     control_guidance_end=guidance_end, generator=torch.Generator().manual_seed(0), output_type="np")
     benchmark(call)
+
+
+@pytest.fixture(scope="module")
+def sd3_pag_pipelines(tmp_path_factory):
+    """diffusers' StableDiffusion3PAGPipeline (PAG on block 1) on the tests' tiny SD3-shaped model (no q/k norms, no
+    second attention: where diffusers' PAG processors compute what ours does), a second one to accelerate, and ours
+    loaded from the folder diffusers saved."""
+    return _three_ways(tmp_path_factory, "bench-sd3-pag", _sd3_kind("StableDiffusion3PAGPipeline", variant="sd3"))
+
+
+@pytest.mark.parametrize("impl", ["ours", "diffusers + accelerate", "diffusers"])
+def test_sd3_pag_pipeline(benchmark, sd3_pag_pipelines, impl):
+    """A whole SD3 call with PAG beside CFG (batch 3 through the transformer: uncond, text, perturbed; block 1's
+    attention perturbed for the last), 10 flow-matching Euler steps at 96x96, VAE decode included, fp32."""
+    benchmark.group = "SD3 PAG pipeline, tiny SD3-shaped transformer, PAG on block 1 + CFG, 10 steps, 96x96"
+    pipe = sd3_pag_pipelines[impl]
+    benchmark(lambda: pipe("a red cube on a table", height=96, width=96, num_inference_steps=10, pag_scale=3.0,
+                           generator=torch.Generator().manual_seed(0), output_type="np"))
 
 
 @pytest.fixture(scope="module")
