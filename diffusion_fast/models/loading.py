@@ -87,18 +87,24 @@ def read_state_dict(folder, subfolder=None, variant=None, device=None) -> dict:
     raise FileNotFoundError(f"no weights in {path!r} (looked for {looked})")
 
 
-def load_strict(model: torch.nn.Module, state: dict, name: str) -> None:
-    """Load ``state`` into ``model`` (built on the meta device) or raise one ValueError listing every problem."""
+def state_problems(model: torch.nn.Module, state: dict) -> list:
+    """What keeps ``state`` from loading into ``model``: its missing, unexpected and mis-shaped weights, one line
+    per kind (none: it loads)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
                         for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape))
-    if missing or unexpected or mismatched:
-        parts = [f"{label} ({len(items)}): {', '.join(items[:50])}{' ...' if len(items) > 50 else ''}"
-                 for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched))
-                 if items]
-        raise ValueError(f"{name}: the checkpoint does not match the config; " + "; ".join(parts))
+    return [f"{label} ({len(items)}): {', '.join(items[:50])}{' ...' if len(items) > 50 else ''}"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched))
+            if items]
+
+
+def load_strict(model: torch.nn.Module, state: dict, name: str) -> None:
+    """Load ``state`` into ``model`` (built on the meta device) or raise one ValueError listing every problem."""
+    problems = state_problems(model, state)
+    if problems:
+        raise ValueError(f"{name}: the checkpoint does not match the config; " + "; ".join(problems))
     model.load_state_dict(state, strict=True, assign=True)
 
 

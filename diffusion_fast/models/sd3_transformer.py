@@ -107,12 +107,14 @@ class JointAttention(nn.Module):
             self.norm_added_k = RMSNorm(dim_head) if qk_norm else None
         # perturbed-attention guidance: the batch's last ``perturbed_rows`` samples attend as ``_perturbed`` says
         self.perturbed_rows = 0
+        self.ip_adapter = None  # an SD3 IP-Adapter's image attention (ip_adapter_sd3.IPJointAttention), if loaded
 
     def _qkv(self, x, to_q, to_k, to_v, norm_q, norm_k):
-        """(B, L, H, D) queries, keys and values of one stream, queries and keys normed per head."""
+        """(B, L, H, D) queries, keys and values of one stream, queries and keys normed per head; and the queries
+        and keys before the norms (an IP-Adapter's attention norms them its own way)."""
         b, length, _ = x.shape
         q, k, v = (proj(x).view(b, length, self.heads, self.dim_head) for proj in (to_q, to_k, to_v))
-        return (norm_q(q) if norm_q is not None else q), (norm_k(k) if norm_k is not None else k), v
+        return ((norm_q(q) if norm_q is not None else q), (norm_k(k) if norm_k is not None else k), v), (q, k)
 
     def _attend(self, q, k, v):
         """(B, Lq, H, D) from (B, L, H, D) queries, keys and values: every query over every key."""
@@ -138,10 +140,12 @@ class JointAttention(nn.Module):
         return torch.cat([out.to(v.dtype), self._attend(cq, torch.cat([k, ck], dim=1), torch.cat([v, cv], dim=1))],
                          dim=1)
 
-    def forward(self, x, context=None):
-        image = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
+    def forward(self, x, context=None, ip=None):
+        """``ip``: an IP-Adapter's (image tokens, timestep embedding), which the loaded adapter's attention adds to
+        the image stream at its scale."""
+        image, (q_raw, k_raw) = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
         text = None if context is None else self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
-                                                      self.norm_added_q, self.norm_added_k)
+                                                      self.norm_added_q, self.norm_added_k)[0]
         streams = [image] if text is None else [image, text]
         b, n = x.shape[0], min(self.perturbed_rows, x.shape[0])
         outs = []
@@ -152,7 +156,10 @@ class JointAttention(nn.Module):
                                         None if text is None else tuple(t[b - n:] for t in text)))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         out = out.reshape(b, -1, self.heads * self.dim_head).to(image[0].dtype)
-        image_out = self.to_out[0](out[:, :x.shape[1]])
+        image_out = out[:, :x.shape[1]]
+        if ip is not None and self.ip_adapter is not None and self.ip_adapter.scale != 0:
+            image_out = image_out + self.ip_adapter(q_raw, k_raw, image[2], *ip) * self.ip_adapter.scale
+        image_out = self.to_out[0](image_out)
         if context is None:
             return image_out
         text_out = out[:, x.shape[1]:]
@@ -173,7 +180,7 @@ class JointTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.ff_context = None if context_pre_only else FeedForward(dim)
 
-    def forward(self, x, context, temb):
+    def forward(self, x, context, temb, ip=None):
         if self.dual_attention:
             normed, gate_msa, shift_mlp, scale_mlp, gate_mlp, normed2, gate_msa2 = self.norm1(x, temb)
         else:
@@ -182,7 +189,7 @@ class JointTransformerBlock(nn.Module):
             context_normed = self.norm1_context(context, temb)
         else:
             context_normed, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(context, temb)
-        attn_out, context_attn_out = self.attn(normed, context_normed)
+        attn_out, context_attn_out = self.attn(normed, context_normed, ip)
         x = x + gate_msa.unsqueeze(1) * attn_out
         if self.dual_attention:
             x = x + gate_msa2.unsqueeze(1) * self.attn2(normed2)
@@ -279,13 +286,16 @@ class SD3Transformer2DModel(loading.PretrainedMixin, nn.Module):
             for i in range(c.num_layers))
         self.norm_out = AdaNorm(dim, 2)
         self.proj_out = nn.Linear(dim, c.patch_size * c.patch_size * self.out_channels)
+        self.image_proj = None  # an SD3 IP-Adapter's time-conditioned image projection (ip_adapter_sd3), if loaded
 
     def forward(self, hidden_states, encoder_hidden_states=None, pooled_projections=None, timestep=None,
-                skip_layers=None, block_controlnet_hidden_states=None):
+                skip_layers=None, block_controlnet_hidden_states=None, ip_adapter_image_embeds=None):
         """The velocity prediction (B, out_channels, H, W) as a tensor (diffusers' output's ``sample``).
         ``skip_layers``: block indices to skip (SD3.5's skip-layer guidance). ``block_controlnet_hidden_states``: an
         SD3 ControlNet's residuals, added to the image stream after each block but the last (skipped ones too), the
-        residual of block i the one at ``int(i / (blocks / residuals))``, as diffusers spreads fewer over more."""
+        residual of block i the one at ``int(i / (blocks / residuals))``, as diffusers spreads fewer over more.
+        ``ip_adapter_image_embeds``: (B, N, E) image features for the loaded IP-Adapter (SigLIP's penultimate hidden
+        states), projected at this timestep and attended to by every joint block."""
         check_inputs(self.config, hidden_states, encoder_hidden_states, pooled_projections)
         height, width = hidden_states.shape[-2:]
         skip = set(skip_layers or ())
@@ -300,14 +310,30 @@ class SD3Transformer2DModel(loading.PretrainedMixin, nn.Module):
                 raise ValueError(f"block_controlnet_hidden_states must be a non-empty list of {want} tensors (B, "
                                  f"tokens, width: an SD3ControlNetModel's output), got {got}")
         x = self.pos_embed(hidden_states).contiguous()
-        temb = self.time_text_embed(broadcast_timestep(timestep, hidden_states), pooled_projections)
+        timesteps = broadcast_timestep(timestep, hidden_states)
+        temb = self.time_text_embed(timesteps, pooled_projections)
         context = self.context_embedder(encoder_hidden_states)
+        ip = self._ip_inputs(ip_adapter_image_embeds, timesteps, hidden_states.shape[0])
         for i, block in enumerate(self.transformer_blocks):
             if i not in skip:
-                context, x = block(x, context, temb)
+                context, x = block(x, context, temb, ip)
             if residuals is not None and not block.context_pre_only:
                 x = x + residuals[int(i / (len(self.transformer_blocks) / len(residuals)))]
         x = self.proj_out(self.norm_out(x, temb))
         p, c = self.config.patch_size, self.out_channels
         x = x.reshape(x.shape[0], height // p, width // p, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, height, width)
+
+    def _ip_inputs(self, embeds, timesteps, batch):
+        """The IP-Adapter's (image tokens, timestep embedding) for ``embeds`` at ``timesteps``, or None."""
+        if embeds is None:
+            return None
+        if self.image_proj is None:
+            raise ValueError("ip_adapter_image_embeds: this transformer has no IP-Adapter loaded "
+                             "(pipe.load_ip_adapter(...))")
+        dim = self.image_proj.proj_in.in_features
+        if not torch.is_tensor(embeds) or embeds.dim() != 3 or embeds.shape[0] != batch or embeds.shape[2] != dim:
+            got = tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__
+            raise ValueError(f"ip_adapter_image_embeds must be a ({batch}, N, {dim}) tensor (the image encoder's "
+                             f"features for each sample), got {got}")
+        return self.image_proj(embeds, timesteps)
