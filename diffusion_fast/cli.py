@@ -274,15 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --t2i-adapter: the first fraction of the steps it guides (default 1: all)")
     g.add_argument("--ip-adapter", type=_ip_adapter_file, action="append", default=[], metavar="FILE",
                    help="an IP-Adapter or IP-Adapter Plus weights file (e.g. h94/IP-Adapter's "
-                        "models/ip-adapter_sd15.safetensors), prompting with --ip-adapter-image; repeatable")
+                        "models/ip-adapter_sd15.safetensors; with an SD3 model InstantX's SD3.5-Large-IP-Adapter "
+                        "ip-adapter.bin), prompting with --ip-adapter-image; repeatable (SD3: one)")
     g.add_argument("--ip-adapter-image", action="append", default=[], metavar="FILE",
                    help="with --ip-adapter: its image prompt, one per --ip-adapter, in order")
     g.add_argument("--ip-adapter-scale", type=float, action="append", default=[], metavar="SCALE",
-                   help="with --ip-adapter: how strongly its image prompts (default 1; one for all, or one per "
-                        "--ip-adapter)")
+                   help="with --ip-adapter: how strongly its image prompts (default 1; an SD3 adapter's 0.5; one "
+                        "for all, or one per --ip-adapter)")
     g.add_argument("--image-encoder", type=_existing_folder, default=None, metavar="DIR",
-                   help="with --ip-adapter: the CLIP image encoder folder (default: image_encoder/ beside the first "
-                        "--ip-adapter file, as h94/IP-Adapter lays them out)")
+                   help="with --ip-adapter: the image encoder folder, CLIP's (SigLIP's for an SD3 adapter) "
+                        "(default: image_encoder/ beside the first --ip-adapter file, as h94/IP-Adapter lays them "
+                        "out, or an SD3 model folder's own)")
     g.add_argument("--output", default="diffusion_fast.png", help="PNG path (index appended for a batch)")
     g.add_argument("--compare", action="store_true",
                    help="also run the reference path and print the max difference (always on without --model)")

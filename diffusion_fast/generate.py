@@ -234,7 +234,7 @@ def generate(args) -> int:
     else:
         pipe = StableDiffusionPipeline.from_tiny("sd1", seed=args.seed, dtype=dtype, device=device)
     if isinstance(pipe, StableDiffusion3Pipeline):
-        run, steps = sd3_run(args, pipe, init_image, mask_image, control_images)
+        run, steps = sd3_run(args, pipe, init_image, mask_image, control_images, ip_images)
         print(f"loaded {args.model} on {device} in {dtype} in {time.perf_counter() - t0:.1f} s; scheduler "
               f"{type(pipe.scheduler).__name__}")
         return _report_and_write(args, run, steps, compare)

@@ -42,6 +42,20 @@ def read_control_images(args):
     return [open_image("--control-image", path) for path in args.control_image]
 
 
+def _has_image_encoder(model):
+    """Whether the --model folder holds an image encoder of its own (a folder diffusers saved an SD3 pipeline with an
+    IP-Adapter's SigLIP in)."""
+    import json
+
+    index = os.path.join(model, "model_index.json") if model else ""
+    if not os.path.isfile(index):
+        return False
+    with open(index) as f:
+        entry = json.load(f).get("image_encoder")
+    return isinstance(entry, list) and len(entry) == 2 and entry[0] is not None and os.path.isdir(
+        os.path.join(model, "image_encoder"))
+
+
 def read_ip_adapter_images(args):
     """--ip-adapter-image files (one per --ip-adapter), checked and read before anything loads; None without any."""
     if not args.ip_adapter:
@@ -58,8 +72,9 @@ def read_ip_adapter_images(args):
     if args.refiner is not None:
         raise UsageError("--ip-adapter: leave out --refiner (the refiner takes no image prompt)")
     encoder = args.image_encoder or os.path.join(os.path.dirname(os.path.abspath(args.ip_adapter[0])), "image_encoder")
-    if not os.path.isfile(os.path.join(encoder, "config.json")):
-        raise UsageError(f"--ip-adapter: no CLIP image encoder at {encoder} (give its folder with --image-encoder)")
+    if not os.path.isfile(os.path.join(encoder, "config.json")) and not _has_image_encoder(args.model):
+        raise UsageError(f"--ip-adapter: no image encoder at {encoder} (CLIP's for SD and SDXL, SigLIP's for SD3: give "
+                         "its folder with --image-encoder)")
     return [open_image("--ip-adapter-image", path).convert("RGB") for path in args.ip_adapter_image]
 
 

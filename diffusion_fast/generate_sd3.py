@@ -5,8 +5,9 @@ diffusers), guidance (7.0), size (the transformer's default: 1024 for SD3), batc
 (diffusers' format); with --image it runs image-to-image at --strength, and with --mask too inpainting (an
 inpainting folder's transformer, or SD3's own, blended), with --padding-mask-crop if asked; with --controlnet (SD3
 ControlNets) and --control-image, text-to-image guided by them; with --pag-scale (or a folder diffusers saved its SD3
-PAG pipeline in) text-to-image or image-to-image with perturbed-attention guidance. The UNet models' extras
-(adapters, embeddings, a refiner, other schedulers, eta) are refused by name, not ignored.
+PAG pipeline in) text-to-image or image-to-image with perturbed-attention guidance; with --ip-adapter (InstantX's
+SD3.5 Large kind) and --ip-adapter-image, prompted by the image too. The UNet models' extras (T2I-Adapters,
+embeddings, a refiner, other schedulers, eta) are refused by name, not ignored.
 """
 from __future__ import annotations
 
@@ -47,7 +48,36 @@ def _with_sd3_controlnets(args, pipe, images):
     return pipe
 
 
-def sd3_run(args, pipe, init_image=None, mask_image=None, control_images=None):
+def _with_sd3_ip_adapter(args, pipe):
+    """The --ip-adapter file (InstantX's SD3.5-Large-IP-Adapter kind) loaded into ``pipe``, its SigLIP image encoder
+    from --image-encoder, else image_encoder/ beside the file, else the model folder's own; at --ip-adapter-scale
+    (the adapter's 0.5 by default, as diffusers')."""
+    import os
+
+    from transformers import SiglipVisionModel
+
+    from .pipeline_sd3_controlnet import StableDiffusion3ControlNetPipeline
+
+    if len(args.ip_adapter) > 1 or len(args.ip_adapter_scale) > 1:
+        raise UsageError("--ip-adapter: an SD3 model takes one IP-Adapter (and one --ip-adapter-scale)")
+    if isinstance(pipe, StableDiffusion3ControlNetPipeline) or args.pag_scale is not None:
+        raise UsageError("--ip-adapter: with an SD3 model it prompts text-to-image, image-to-image and inpainting, "
+                         "not with --controlnet or --pag-scale (neither does diffusers)")
+    path = os.path.abspath(args.ip_adapter[0])
+    encoder = args.image_encoder or os.path.join(os.path.dirname(path), "image_encoder")
+    if os.path.isfile(os.path.join(encoder, "config.json")):
+        pipe.image_encoder = SiglipVisionModel.from_pretrained(encoder).to(pipe.device, pipe.dtype).eval()
+        pipe.feature_extractor = None  # (sized from the encoder's config by load_ip_adapter)
+    try:
+        pipe.load_ip_adapter(os.path.dirname(path), weight_name=os.path.basename(path), image_encoder_folder=None)
+    except ValueError as exc:
+        raise UsageError(f"--ip-adapter: {exc}") from None
+    if args.ip_adapter_scale:
+        pipe.set_ip_adapter_scale(args.ip_adapter_scale[0])
+    print(f"loaded the IP-Adapter {args.ip_adapter[0]}")
+
+
+def sd3_run(args, pipe, init_image=None, mask_image=None, control_images=None, ip_images=None):
     """(run(path_name, num_steps) -> the pipeline's output, the number of steps that run) for ``generate``: text to
     image, or with ``init_image`` (--image) image to image at --strength (0.6 by default, as diffusers), and with
     ``mask_image`` (--mask) inpainting at --strength (0.6 too); the output the image's size cut to a multiple of what
@@ -59,8 +89,7 @@ def sd3_run(args, pipe, init_image=None, mask_image=None, control_images=None):
     from .pipeline_sd3_inpaint import StableDiffusion3InpaintPipeline
 
     flags = (("--control-mode", args.control_mode), ("--t2i-adapter", args.t2i_adapter),
-             ("--adapter-image", args.adapter_image), ("--ip-adapter", args.ip_adapter),
-             ("--ip-adapter-image", args.ip_adapter_image), ("--embedding", args.embedding),
+             ("--adapter-image", args.adapter_image), ("--embedding", args.embedding),
              ("--refiner", args.refiner),
              ("--image-guidance-scale", args.image_guidance_scale), ("--noise-level", args.noise_level),
              ("--depth-map", args.depth_map),
@@ -121,6 +150,9 @@ def sd3_run(args, pipe, init_image=None, mask_image=None, control_images=None):
         strength = 0.6 if args.strength is None else args.strength
         options.update(image=init_image, strength=strength, height=height, width=width)
         denoised = steps - int(max(steps - steps * strength, 0))  # (diffusers' SD3 tail: see pipeline_sd3_img2img)
+    if ip_images is not None:
+        _with_sd3_ip_adapter(args, pipe)
+        options.update(ip_adapter_image=ip_images[0])
     pipe, pag = pag_options(args, loaded, pipe)  # (text-to-image and image-to-image: diffusers' SD3 PAG pipelines)
     options.update(pag)
     pipe.set_progress_bar_config(disable=args.no_progress)

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ._backend import current_backend
 from .cuda_graph import GraphedCallable, ModuleState
 from .lora import LoraLoaderMixin, lora_call_scale
-from .pipeline_common import (OUTPUT_TYPES, CallState, StableDiffusionPipelineOutput, auto_or_bool_setting,
-                              check_size, postprocess)
+from .pipeline_common import CallState, StableDiffusionPipelineOutput, auto_or_bool_setting, postprocess
 from .pipeline_folder import ComponentLoader, check_model_config, read_model_index, resolve_dtype
+from .pipeline_sd3_ip_adapter import SD3IPAdapterMixin
 from .pipeline_sd3_text import SD3TextEncoding
 from .schedulers import FlowMatchEulerDiscreteScheduler
 from .schedulers.common import randn_tensor
@@ -44,13 +43,15 @@ def text_arguments(call):
     return {k: call[k] for k in prompts}, {k: call[k] for k in given}
 
 
-class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
+class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, SD3IPAdapterMixin, CallState):
     _callback_tensor_inputs = ("latents", "prompt_embeds", "pooled_prompt_embeds")  # diffusers' names
     _component_names = ("transformer", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2",
-                        "tokenizer_2", "text_encoder_3", "tokenizer_3", "cuda_graph", "channels_last")  # (from_pipe)
+                        "tokenizer_2", "text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor",
+                        "cuda_graph", "channels_last")  # (from_pipe)
 
     def __init__(self, transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
-                 text_encoder_3=None, tokenizer_3=None, *, cuda_graph="auto", channels_last="auto"):
+                 text_encoder_3=None, tokenizer_3=None, *, image_encoder=None, feature_extractor=None,
+                 cuda_graph="auto", channels_last="auto"):
         check_model_config("transformer", transformer, "joint_attention_dim", "an SD3Transformer2DModel")
         for name, encoder in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
             check_model_config(name, encoder, "projection_dim", "a transformers CLIPTextModelWithProjection")
@@ -70,6 +71,7 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
         self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2 = (
             text_encoder, tokenizer, text_encoder_2, tokenizer_2)
         self.text_encoder_3, self.tokenizer_3 = text_encoder_3, tokenizer_3
+        self.image_encoder, self.feature_extractor = image_encoder, feature_extractor  # (an IP-Adapter's SigLIP)
         self.cuda_graph, self.channels_last = cuda_graph, channels_last
         self._layout = torch.contiguous_format  # the VAE's current memory format
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -89,20 +91,31 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
     def from_pretrained(cls, folder, dtype=None, device=None, *, variant=None, cuda_graph="auto", channels_last="auto",
                         **components):
         """Load a diffusers SD3 folder: model_index.json, transformer/, vae/, text_encoder(_2, _3)/,
-        tokenizer(_2, _3)/, scheduler/ (a folder saved without T5 loads without it, as diffusers). A component
-        passed by name is used as it is."""
+        tokenizer(_2, _3)/, scheduler/ (a folder saved without T5 loads without it, as diffusers), and an
+        IP-Adapter's image_encoder/ and feature_extractor/ where the folder has them. A component passed by name is
+        used as it is."""
+        import transformers
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
         folder, index = read_model_index(folder)
         names = ("transformer", "scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
-                 "text_encoder_3", "tokenizer_3")
-        load = ComponentLoader(folder, index, names, ("text_encoder_3", "tokenizer_3"), components, dtype, device,
-                               variant)
+                 "text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
+        optional = ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
+        load = ComponentLoader(folder, index, names, optional, components, dtype, device, variant)
+
+        def listed_class(name, default):  # (the transformers class model_index.json names: SigLIP's)
+            entry = index.get(name)
+            return getattr(transformers, entry[1], default) if isinstance(entry, list) and len(entry) == 2 and \
+                isinstance(entry[1], str) else default
+
         return cls(load("transformer"), load("scheduler"), load("vae"),
                    load("text_encoder", CLIPTextModelWithProjection), load("tokenizer"),
                    load("text_encoder_2", CLIPTextModelWithProjection), load("tokenizer_2"),
-                   load("text_encoder_3", T5EncoderModel), load("tokenizer_3", AutoTokenizer), cuda_graph=cuda_graph,
-                   channels_last=channels_last)
+                   load("text_encoder_3", T5EncoderModel), load("tokenizer_3", AutoTokenizer),
+                   image_encoder=load("image_encoder", listed_class("image_encoder", transformers.SiglipVisionModel)),
+                   feature_extractor=load("feature_extractor", listed_class("feature_extractor",
+                                                                            transformers.SiglipImageProcessor)),
+                   cuda_graph=cuda_graph, channels_last=channels_last)
 
     @classmethod
     def from_pipe(cls, pipe, **components):
@@ -132,7 +145,7 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
     def to(self, device=None, dtype=None):
         dtype = resolve_dtype(dtype)
         for module in (self.transformer, self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3,
-                       getattr(self, "controlnet", None)):
+                       self.image_encoder, getattr(self, "controlnet", None)):
             if module is not None:
                 module.to(device=device, dtype=dtype)
         self._graph = self._graphed_for = None
@@ -144,62 +157,6 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
     @property
     def do_classifier_free_guidance(self):
         return self._guidance_scale is not None and self._guidance_scale > 1
-
-    # ---- checks -------------------------------------------------------------------------------------------------
-    def _check_inputs(self, prompts, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
-                      negative_pooled_prompt_embeds, height, width, num_inference_steps, guidance_scale,
-                      num_images_per_prompt, output_type, max_sequence_length, skip_guidance_layers, callback_inputs):
-        prompt = prompts["prompt"]
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("prompt: give a prompt (str or list of str) or prompt_embeds, not both")
-        if prompt_embeds is not None and pooled_prompt_embeds is None:
-            raise ValueError("prompt_embeds needs pooled_prompt_embeds too (the CLIP encoders' pooled projections)")
-        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
-            raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds too")
-        batch = (1 if isinstance(prompt, str) else len(prompt) if isinstance(prompt, (list, tuple)) else None) \
-            if prompt is not None else prompt_embeds.shape[0]
-        for name, value in prompts.items():
-            if value is None or isinstance(value, str):
-                continue
-            if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
-                raise TypeError(f"{name} must be a str or a non-empty list of str, got {value!r}")
-            if len(value) != batch:
-                raise ValueError(f"{name} has {len(value)} entries but there are {batch} prompts")
-        for name in ("prompt_2", "prompt_3"):
-            if prompts[name] is not None and prompt_embeds is not None:
-                raise ValueError(f"{name} and prompt_embeds: give one, not both")
-        for name in ("negative_prompt", "negative_prompt_2", "negative_prompt_3"):
-            if prompts[name] is not None and negative_prompt_embeds is not None:
-                raise ValueError(f"{name} and negative_prompt_embeds: give one, not both")
-        if prompt_embeds is not None and negative_prompt_embeds is not None and (
-                prompt_embeds.shape != negative_prompt_embeds.shape):
-            raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
-                             f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
-        check_size(self.vae_scale_factor * self.transformer.config.patch_size,
-                   "the VAE scale factor times the patch size", height=height, width=width)
-        for name, value in (("num_inference_steps", num_inference_steps),
-                            ("num_images_per_prompt", num_images_per_prompt)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not np.isfinite(
-                guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or not (
-                0 < max_sequence_length <= 512):
-            raise ValueError(f"max_sequence_length must be an int in [1, 512] (T5's tokens), got "
-                             f"{max_sequence_length!r}")
-        layers = len(self.transformer.transformer_blocks)
-        if skip_guidance_layers is not None and (not isinstance(skip_guidance_layers, (list, tuple)) or not all(
-                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers for i in skip_guidance_layers)):
-            raise ValueError(f"skip_guidance_layers must be a list of block indices in [0, {layers}), got "
-                             f"{skip_guidance_layers!r}")
-        unknown = [k for k in callback_inputs if k not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs has to be in {list(self._callback_tensor_inputs)}, "
-                             f"but found {unknown}")
-        return batch
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def _vae(self, device):
@@ -234,8 +191,15 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
         back outside the mask."""
         return latents
 
-    def _transformer_call(self, latents, t, embeds, pooled, *skip):
-        return self.transformer(latents, embeds, pooled, t.expand(latents.shape[0]), skip_layers=skip or None)
+    def _transformer_call(self, latents, t, embeds, pooled, *extra):
+        """The transformer on the call's inputs; ``extra``: an IP-Adapter's image features (a tensor: its last rows
+        when a callback cut the batch to the prompt's), then the block indices skip-layer guidance skips."""
+        ip = next((e for e in extra if torch.is_tensor(e)), None)
+        skip = tuple(e for e in extra if not torch.is_tensor(e))
+        if ip is not None:
+            ip = ip[-latents.shape[0]:]
+        return self.transformer(latents, embeds, pooled, t.expand(latents.shape[0]), skip_layers=skip or None,
+                                ip_adapter_image_embeds=ip)
 
     def _graphs_on(self, device):
         """Whether the transformer call replays from CUDA graphs: on CUDA unless ``cuda_graph=False``, and never on
@@ -250,15 +214,21 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
 
     def _model(self, device):
         """The transformer call: a GraphedCallable where graphs are on (one graph per input shape and skip list,
-        recaptured when the weights change), else plain."""
+        recaptured when the weights change, or an IP-Adapter's modules or scale: a scale is baked into the kernels),
+        else plain."""
         if not self._graphs_on(device):
             return self._transformer_call
         modules = self._graph_modules()
         if self._graph is None or len(modules) != len(self._graphed_for) or any(
                 a is not b for a, b in zip(modules, self._graphed_for)):
             states = [ModuleState(m) for m in modules]
-            self._graph = GraphedCallable(self._transformer_call, state=lambda: tuple(s() for s in states),
-                                          clone_output=True)
+            blocks = self.transformer.transformer_blocks
+
+            def state():
+                adapters = tuple((id(b.attn.ip_adapter), getattr(b.attn.ip_adapter, "scale", None)) for b in blocks)
+                return tuple(s() for s in states), adapters
+
+            self._graph = GraphedCallable(self._transformer_call, state=state, clone_output=True)
             self._graphed_for = modules
         return self._graph
 
@@ -286,7 +256,7 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
                  output_type="pil", return_dict=True, clip_skip=None, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=("latents",), max_sequence_length=256,
                  skip_guidance_layers=None, skip_layer_guidance_scale=2.8, skip_layer_guidance_stop=0.2,
-                 skip_layer_guidance_start=0.01, mu=None):
+                 skip_layer_guidance_start=0.01, mu=None, ip_adapter_image=None, ip_adapter_image_embeds=None):
         height = height if height is not None else self.default_sample_size * self.vae_scale_factor
         width = width if width is not None else self.default_sample_size * self.vae_scale_factor
         text_args = text_arguments(locals())
@@ -294,6 +264,8 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
             *text_args, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type,
             clip_skip, max_sequence_length, skip_guidance_layers, callback_on_step_end,
             callback_on_step_end_tensor_inputs)
+        text, cond = self._with_ip_adapter(text, cond, ip_adapter_image, ip_adapter_image_embeds,
+                                           batch * num_images_per_prompt)
         device = self.device
         shape = (batch * num_images_per_prompt, self.transformer.config.in_channels,
                  height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -364,7 +336,7 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
         device = self.device
         steps = self._num_timesteps = len(timesteps)
         model = self._model(device)
-        prompt_embeds, pooled = text
+        prompt_embeds, pooled, *ip = text  # (ip: an IP-Adapter's image features, when it runs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -372,7 +344,7 @@ class StableDiffusion3Pipeline(SD3TextEncoding, LoraLoaderMixin, CallState):
         for i, t in enumerate(tqdm(timesteps, **{"desc": "denoising", **self._progress})):
             if self._interrupt:
                 continue
-            pred = self._predict(model, latents, t, i, steps, (prompt_embeds, pooled), cond, slg)
+            pred = self._predict(model, latents, t, i, steps, (prompt_embeds, pooled, *ip), cond, slg)
             latents = self._after_step(i, timesteps, self.scheduler.step(pred, t, latents, return_dict=False)[0])
             if callback is not None:
                 named = {"latents": latents, "prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled,

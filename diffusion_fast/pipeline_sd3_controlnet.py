@@ -48,9 +48,11 @@ class StableDiffusion3ControlNetPipeline(StableDiffusion3Pipeline):
     _inpainting = False  # (the inpainting ControlNet pipeline's: a control_mask, nets with its extra channel)
 
     def __init__(self, transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
-                 text_encoder_3=None, tokenizer_3=None, controlnet=None, *, cuda_graph="auto", channels_last="auto"):
+                 text_encoder_3=None, tokenizer_3=None, controlnet=None, *, image_encoder=None, feature_extractor=None,
+                 cuda_graph="auto", channels_last="auto"):
         super().__init__(transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2,
-                         text_encoder_3, tokenizer_3, cuda_graph=cuda_graph, channels_last=channels_last)
+                         text_encoder_3, tokenizer_3, image_encoder=image_encoder, feature_extractor=feature_extractor,
+                         cuda_graph=cuda_graph, channels_last=channels_last)
         if isinstance(controlnet, (list, tuple)):
             controlnet = SD3MultiControlNetModel(controlnet)
         if not isinstance(controlnet, (SD3ControlNetModel, SD3MultiControlNetModel)):
@@ -96,6 +98,10 @@ class StableDiffusion3ControlNetPipeline(StableDiffusion3Pipeline):
             controlnet = load_sd3_controlnet(*read_model_index(folder), resolve_dtype(dtype), device, variant)
         base = StableDiffusion3Pipeline.from_pretrained(folder, dtype, device, variant=variant, **components)
         return cls.from_pipe(base, controlnet=controlnet, cuda_graph=cuda_graph, channels_last=channels_last)
+
+    def load_ip_adapter(self, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} takes no IP-Adapter (neither does diffusers'); load it on the SD3 "
+                        "text-to-image, image-to-image or inpainting pipeline")
 
     @property
     def _nets(self):

@@ -28,7 +28,7 @@ class StableDiffusion3Img2ImgPipeline(_ImageToImage, StableDiffusion3Pipeline):
                  negative_pooled_prompt_embeds=None, output_type="pil", return_dict=True, clip_skip=None,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), max_sequence_length=256,
                  skip_guidance_layers=None, skip_layer_guidance_scale=2.8, skip_layer_guidance_stop=0.2,
-                 skip_layer_guidance_start=0.01, mu=None):
+                 skip_layer_guidance_start=0.01, mu=None, ip_adapter_image=None, ip_adapter_image_embeds=None):
         """diffusers' call, plus its text-to-image pipeline's skip-layer guidance (over the steps that run)."""
         height = height if height is not None else self.default_sample_size * self.vae_scale_factor
         width = width if width is not None else self.default_sample_size * self.vae_scale_factor
@@ -47,6 +47,8 @@ class StableDiffusion3Img2ImgPipeline(_ImageToImage, StableDiffusion3Pipeline):
             *text_args, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type,
             clip_skip, max_sequence_length, skip_guidance_layers, callback_on_step_end,
             callback_on_step_end_tensor_inputs)
+        text, cond = self._with_ip_adapter(text, cond, ip_adapter_image, ip_adapter_image_embeds,
+                                           batch * num_images_per_prompt)
         shape = (batch * num_images_per_prompt, latent_channels, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
         steps = self._set_timesteps(num_inference_steps, self.device, sigmas, mu, shape)

@@ -55,7 +55,7 @@ class StableDiffusion3InpaintPipeline(StableDiffusion3Img2ImgPipeline):
                  latents=None, prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
                  negative_pooled_prompt_embeds=None, output_type="pil", return_dict=True, clip_skip=None,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",), max_sequence_length=256,
-                 mu=None):
+                 mu=None, ip_adapter_image=None, ip_adapter_image_embeds=None):
         """diffusers' call, with its defaults (strength 0.6, 50 steps, guidance 7.0). ``masked_image_latents``, as
         diffusers takes them, are the VAE's own latents of the masked image (shifted and scaled here)."""
         height = height or self.default_sample_size * self.vae_scale_factor
@@ -82,6 +82,7 @@ class StableDiffusion3InpaintPipeline(StableDiffusion3Img2ImgPipeline):
             *text_args, height, width, num_inference_steps, guidance_scale, num_images_per_prompt, output_type,
             clip_skip, max_sequence_length, None, callback_on_step_end, callback_on_step_end_tensor_inputs)
         shape = (batch * num_images_per_prompt, *shape[1:])
+        text, cond = self._with_ip_adapter(text, cond, ip_adapter_image, ip_adapter_image_embeds, shape[0])
         for name, value in (("image", init_image), ("mask_image", mask_condition),
                             ("masked_image_latents", masked_image_latents)):
             if value is not None and shape[0] % value.shape[0] != 0:  # (each is repeated to the batch)

@@ -53,6 +53,12 @@ class SD3PAGGuidance(PAGSettings):
             text = tuple(torch.cat([t, c]) for t, c in zip(text, cond))
         return batch, text, cond, callback_inputs
 
+    def _with_ip_adapter(self, text, cond, ip_adapter_image, ip_adapter_image_embeds, rows):
+        if self._pag_run is not None and (ip_adapter_image is not None or ip_adapter_image_embeds is not None):
+            raise ValueError("ip_adapter_image: not with perturbed-attention guidance here (diffusers' SD3 PAG "
+                             "pipelines take no IP-Adapter); pass pag_scale=0, or use the plain SD3 pipeline")
+        return super()._with_ip_adapter(text, cond, ip_adapter_image, ip_adapter_image_embeds, rows)
+
     def _denoise(self, latents, *args):
         self._pag_rows = latents.shape[0]
         return super()._denoise(latents, *args)

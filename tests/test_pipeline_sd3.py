@@ -360,9 +360,9 @@ def test_check_runs_an_sd3_folder(sd3_pair, capsys, monkeypatch):
     assert "transformer velocity prediction rel err" in text
     real = JointAttention.forward
 
-    def fast_without_text(self, x, context=None):
+    def fast_without_text(self, x, context=None, ip=None):
         if context is None or current_backend() == "reference":
-            return real(self, x, context)
+            return real(self, x, context, ip)
         return real(self, x), context  # (image tokens attend to themselves; the text stream passes through)
 
     monkeypatch.setattr(JointAttention, "forward", fast_without_text)

@@ -248,9 +248,9 @@ def test_only_the_main_call_is_perturbed(sd3_pair, monkeypatch):
     _, ours = sd3_pair
     seen, real = [], JointAttention.forward
 
-    def spy(self, x, context=None):
+    def spy(self, x, context=None, ip=None):
         seen.append((x.shape[0], self.perturbed_rows))
-        return real(self, x, context)
+        return real(self, x, context, ip)
 
     monkeypatch.setattr(JointAttention, "forward", spy)
     slg = dict(skip_guidance_layers=[2], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
