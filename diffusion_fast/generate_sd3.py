@@ -54,7 +54,7 @@ def _with_sd3_ip_adapter(args, pipe):
     (the adapter's 0.5 by default, as diffusers')."""
     import os
 
-    from transformers import SiglipVisionModel
+    from transformers import SiglipImageProcessor, SiglipVisionModel
 
     from .pipeline_sd3_controlnet import StableDiffusion3ControlNetPipeline
 
@@ -67,7 +67,9 @@ def _with_sd3_ip_adapter(args, pipe):
     encoder = args.image_encoder or os.path.join(os.path.dirname(path), "image_encoder")
     if os.path.isfile(os.path.join(encoder, "config.json")):
         pipe.image_encoder = SiglipVisionModel.from_pretrained(encoder).to(pipe.device, pipe.dtype).eval()
-        pipe.feature_extractor = None  # (sized from the encoder's config by load_ip_adapter)
+        # the folder's processor, else one sized from the encoder's config (load_ip_adapter makes it)
+        pipe.feature_extractor = (SiglipImageProcessor.from_pretrained(encoder) if os.path.isfile(
+            os.path.join(encoder, "preprocessor_config.json")) else None)
     try:
         pipe.load_ip_adapter(os.path.dirname(path), weight_name=os.path.basename(path), image_encoder_folder=None)
     except ValueError as exc:

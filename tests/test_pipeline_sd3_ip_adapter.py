@@ -349,6 +349,7 @@ def test_generate_with_an_sd3_ip_adapter_gives_diffusers_image(ip_pair, tmp_path
         open(f"{folder}/model_index.json", "w").write(json.dumps(index))
         shutil.copytree(adapter, tmp_path / "adapter")
         theirs.image_encoder.save_pretrained(tmp_path / "adapter" / "image_encoder")
+        theirs.feature_extractor.save_pretrained(tmp_path / "adapter" / "image_encoder")  # (its processor read too)
     out = tmp_path / "ip.png"
     try:
         theirs.set_ip_adapter_scale(0.8)
