@@ -9,7 +9,8 @@ itself gets a subclass of its own class, with the same name, only to catch a sch
   alone);
 - the UNet's and VAE's ``conv_norm_out`` + ``conv_act`` become one fused op;
 - every ``Attention`` module without features we do not mirror (masks, added KV projections, spatial norm, q/k norms,
-  custom processors) gets our processor (SD3's joint attention, image and text tokens at once, its own), which calls
+  custom processors) gets our processor (SD3's joint attention, image and text tokens at once, and its IP-Adapter
+  one: their own, in ``diffusers_joint_attention``), which calls
   ``diffusion_fast.ops.attention`` with (B, H, L, D) views. With
   ``attention="auto"`` that happens on CUDA only: on the CPU our attention is the same SDPA call diffusers' own
   processor makes, so patching it would add only Python overhead (``attention=True`` patches it anyway);
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _validate, ops
+from .diffusers_joint_attention import DiffusionFastJointAttnProcessor, ip_processor_class
 from .diffusers_schedulers import fuse_step, unfuse_step
 from .model_graphs import graph_forward
 
@@ -118,40 +120,14 @@ class DiffusionFastAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-class DiffusionFastJointAttnProcessor:
-    """diffusers' JointAttnProcessor2_0 (SD3's: image and text tokens in one attention, each stream with its own
-    projections and q/k norms) with the attention itself on ``diffusion_fast.ops.attention``."""
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        if attention_mask is not None:
-            return attn._diffusion_fast_original(attn, hidden_states, encoder_hidden_states, attention_mask)
-        batch, length = hidden_states.shape[:2]
-        head_dim = attn.to_k.out_features // attn.heads
-
-        def heads(x, projections, norms):  # (B, L, H, D) queries, keys, values; q and k normed per head
-            q, k, v = (p(x).view(batch, -1, attn.heads, head_dim) for p in projections)
-            return [t if norm is None else norm(t) for t, norm in zip((q, k), norms)] + [v]
-
-        q, k, v = heads(hidden_states, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k))
-        if encoder_hidden_states is not None:
-            cq, ck, cv = heads(encoder_hidden_states, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
-                               (attn.norm_added_q, attn.norm_added_k))
-            q, k, v = torch.cat([q, cq], dim=1), torch.cat([k, ck], dim=1), torch.cat([v, cv], dim=1)
-        out = ops._attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn.scale)
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(q.dtype)
-        image = attn.to_out[1](attn.to_out[0](out[:, :length]))
-        if encoder_hidden_states is None:
-            return image
-        text = out[:, length:]
-        return image, (text if attn.context_pre_only else attn.to_add_out(text))
-
-
 def _processor_for(attn):
     """Our processor for ``attn``, or None where its processor or features are not mirrored."""
-    from diffusers.models.attention_processor import JointAttnProcessor2_0
+    from diffusers.models.attention_processor import JointAttnProcessor2_0, SD3IPAdapterJointAttnProcessor2_0
 
     if type(attn.processor) is JointAttnProcessor2_0 and attn.spatial_norm is None:
         return DiffusionFastJointAttnProcessor()
+    if type(attn.processor) is SD3IPAdapterJointAttnProcessor2_0 and attn.spatial_norm is None:
+        return ip_processor_class()(attn.processor)  # (the same weights; diffusers' scale setter still finds it)
     return DiffusionFastAttnProcessor() if _attention_supported(attn) else None
 
 

@@ -318,12 +318,36 @@ def test_cuda_graph_sd3_ip_adapter_loop_matches_eager_on_gpu(ip_pair):
     torch.testing.assert_close(outs[2], outs[1], rtol=0, atol=0)
 
 
-def test_accelerate_keeps_diffusers_images_with_an_ip_adapter(ip_pair):
-    """diffusers' SD3 pipeline with the adapter under accelerate: its IP-Adapter processors are left to it (the
-    other attention processors are ours), the same images, restored exactly."""
+def test_accelerate_runs_diffusers_ip_adapter_attention_on_our_op(ip_pair, monkeypatch):
+    """diffusers' SD3 pipeline with the adapter under accelerate: its IP-Adapter processors become ours (a subclass of
+    diffusers' holding the same weights, so its set_ip_adapter_scale still reaches them), both attentions of each
+    block on our op; the same images at the loaded scale and at a scale set afterwards; restore gives diffusers' back
+    bit for bit."""
+    from _scheduler_parity import count_op_calls
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+
     theirs = _sd35_large_pipeline()
     theirs.load_ip_adapter(ip_pair[2], weight_name="ip-adapter.bin")
-    _tiny_diffusers.assert_accelerate_keeps_images(theirs, _run, ip_adapter_image=STYLE)
+    before = {s: None for s in (0.5, 0.9)}
+    for scale in before:
+        theirs.set_ip_adapter_scale(scale)
+        before[scale] = _run(theirs, ip_adapter_image=STYLE)
+    theirs.set_ip_adapter_scale(0.5)
+    diffusion_fast.accelerate(theirs, attention=True)
+    processors = [block.attn.processor for block in theirs.transformer.transformer_blocks]
+    assert len(processors) == 3 and all(isinstance(p, SD3IPAdapterJointAttnProcessor2_0) and type(p).__name__ ==
+                                        "DiffusionFastSD3IPJointAttnProcessor" for p in processors)
+    assert not any("IPAdapter" in why for why in theirs._diffusion_fast_report["skipped"])
+    calls = count_op_calls(monkeypatch, "_attention")
+    assert np.abs(_run(theirs, ip_adapter_image=STYLE) - before[0.5]).max() <= 1e-3
+    assert len(calls) == 4 * 2 * 3 + 1  # (4 steps x 3 blocks x (joint + image), and the VAE's mid attention)
+    theirs.set_ip_adapter_scale(0.9)
+    assert np.abs(_run(theirs, ip_adapter_image=STYLE) - before[0.9]).max() <= 1e-3
+    theirs.set_ip_adapter_scale(0.5)
+    diffusion_fast.restore(theirs)
+    assert all(type(block.attn.processor) is SD3IPAdapterJointAttnProcessor2_0
+               for block in theirs.transformer.transformer_blocks)
+    assert np.array_equal(_run(theirs, ip_adapter_image=STYLE), before[0.5])
 
 
 # ---- the CLI -------------------------------------------------------------------------------------------------------
