@@ -9,7 +9,7 @@ shapes in both memory layouts; fp16/bf16 storage for both at SD1.5's shapes; dif
 DPM-Solver++ 2M and 3M SDE, PNDM (PLMS), UniPC, DDPM, LCM, Heun, LMS, DPM2, DPM2 ancestral and DEIS scheduler steps as
 accelerate patches them vs their own, the Euler op alone; the weights key a graphed UNet call checks (ModuleState,
 SD1.5's UNet on the meta device); whole ControlNet, IP-Adapter Plus, T2I-Adapter, ControlNet-Union, LCM,
-InstructPix2Pix and PAG (SD and SD3) pipeline calls on the tiny models, ours vs diffusers' (plain and accelerated); and a decode by
+InstructPix2Pix, PAG (SD and SD3) and SD3 IP-Adapter pipeline calls on the tiny models, ours vs diffusers' (plain and accelerated); and a decode by
 SD's KL VAE vs TAESD. Each group's rows are the implementations side by side; compare medians.
 
 The allocator is pinned first (see ``_steady_allocator``): glibc otherwise moves between two regimes at random,
@@ -583,6 +583,39 @@ def test_sd3_pag_pipeline(benchmark, sd3_pag_pipelines, impl):
     pipe = sd3_pag_pipelines[impl]
     benchmark(lambda: pipe("a red cube on a table", height=96, width=96, num_inference_steps=10, pag_scale=3.0,
                            generator=torch.Generator().manual_seed(0), output_type="np"))
+
+
+@pytest.fixture(scope="module")
+def sd3_ip_pipelines(tmp_path_factory):
+    """diffusers' StableDiffusion3Pipeline on the tests' tiny SD3.5 Large-shaped model (q/k norms, no second
+    attention) with a tiny SigLIP and a tiny InstantX-format SD3 IP-Adapter loaded, a second one (adapter loaded)
+    under accelerate, and ours loaded from the folder diffusers saved, the same adapter loaded."""
+    pytest.importorskip("diffusers")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    import _tiny_diffusers
+
+    theirs = _tiny_diffusers.sd3_ip_pipeline()
+    folder = tmp_path_factory.mktemp("bench-sd3-ip")
+    theirs.save_pretrained(folder)
+    adapter = _tiny_diffusers.sd3_ip_adapter_file(tmp_path_factory.mktemp("bench-sd3-ip-adapter"))
+    ours, accelerated = diffusion_fast.load_pipeline(folder), _tiny_diffusers.sd3_ip_pipeline()
+    for pipe in (theirs, ours, accelerated):
+        pipe.load_ip_adapter(adapter, weight_name="ip-adapter.bin")
+        pipe.set_progress_bar_config(disable=True)
+    return {"diffusers": theirs, "diffusers + accelerate": diffusion_fast.accelerate(accelerated), "ours": ours}
+
+
+@pytest.mark.parametrize("impl", ["ours", "diffusers + accelerate", "diffusers"])
+def test_sd3_ip_adapter_pipeline(benchmark, sd3_ip_pipelines, impl):
+    """A whole SD3 call with an image prompt: SigLIP on the image, 10 flow-matching Euler steps with CFG, the
+    adapter's time-conditioned projection and each block's image attention at every step, 96x96, fp32."""
+    from PIL import Image
+
+    benchmark.group = "SD3 IP-Adapter pipeline, tiny SD3.5 Large-shaped transformer + adapter, 10 steps, 96x96"
+    style = Image.fromarray(np.random.default_rng(2).integers(0, 255, (48, 48, 3), dtype=np.uint8))
+    pipe = sd3_ip_pipelines[impl]
+    benchmark(lambda: pipe("a red cube on a table", ip_adapter_image=style, height=96, width=96,
+                           num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="np"))
 
 
 @pytest.fixture(scope="module")

@@ -536,6 +536,68 @@ def sd3_controlnet(kind="instantx", seed=20, layers=2):
     return net.eval()
 
 
+# ---- SD3 IP-Adapters (tests/test_pipeline_sd3_ip_adapter.py, benchmarks/test_bench_cpu.py) --------------------
+_INSTANTX = (("ln0", "0.norm1"), ("ln1", "0.norm2"), ("attn.to_q", "0.to_q"), ("attn.to_kv", "0.to_kv"),
+             ("attn.to_out.0", "0.to_out"), ("adaln_norm", "1.0"), ("ff.net.0.proj", "1.1"), ("ff.net.2", "1.3"),
+             ("adaln_proj", "2.1"))
+
+
+def siglip(seed=5):
+    """A tiny SigLIP vision model (32x32 images, 8x8 patches: 16 tokens of width 16) and its processor."""
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(seed)
+    config = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=32, patch_size=8)
+    return SiglipVisionModel(config).eval(), SiglipImageProcessor(size={"height": 32, "width": 32})
+
+
+def sd3_ip_adapter_file(folder, layers=3, seed=6, width=32, head_dim=8):
+    """A random SD3 IP-Adapter written as InstantX ships SD3.5-Large-IP-Adapter's ip-adapter.bin: diffusers'
+    projection (1 head of 64, 4 queries, a 32-wide hidden state and timestep input) under InstantX's key names, and
+    one attention per joint block under "i."."""
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+    from diffusers.models.embeddings import IPAdapterTimeImageProjection
+
+    torch.manual_seed(seed)
+    projection = IPAdapterTimeImageProjection(embed_dim=16, output_dim=width, hidden_dim=32, heads=1, num_queries=4,
+                                              timestep_in_dim=32)
+    blocks = [SD3IPAdapterJointAttnProcessor2_0(hidden_size=width, ip_hidden_states_dim=width, head_dim=head_dim,
+                                                timesteps_emb_dim=32) for _ in range(layers)]
+    for module in (projection, *blocks):  # (norm weights around 1, everything else around 0)
+        for name, p in module.named_parameters():
+            torch.nn.init.normal_(p, mean=1.0 if "norm" in name and name.endswith("weight") else 0.0, std=0.2)
+    image_proj = {}
+    for key, value in projection.state_dict().items():
+        if key.startswith("layers."):
+            index, rest = key.split(".", 2)[1:]
+            for ours, theirs in _INSTANTX:
+                if rest.startswith(ours + "."):
+                    rest = theirs + rest[len(ours):]
+            key = f"layers.{index}.{rest}"
+        image_proj[key] = value.clone()
+    ip = {f"{i}.{k}": v.clone() for i, block in enumerate(blocks) for k, v in block.state_dict().items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"image_proj": image_proj, "ip_adapter": ip}, folder / "ip-adapter.bin")
+    return str(folder)
+
+
+def sd3_ip_pipeline():
+    """diffusers' tiny SD3 pipeline with SD3.5 Large's block kind (q/k RMSNorm, no second attention) and SigLIP."""
+    import diffusers
+
+    components = sd3_pipeline(variant="sd3").components
+    torch.manual_seed(12)
+    transformer = diffusers.SD3Transformer2DModel(**dict(SD3_TINY, qk_norm="rms_norm"))
+    for p in transformer.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    encoder, processor = siglip()
+    components.update(transformer=transformer, image_encoder=encoder, feature_extractor=processor)
+    pipe = diffusers.StableDiffusion3Pipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def assert_accelerate_keeps_images(pipe, run, **kwargs):
     """``accelerate(pipe)`` (its attention too, on the CPU) fuses the scheduler's step and keeps ``run(pipe,
     **kwargs)``'s images within the fp32 tolerance; ``restore`` gives them back bit for bit."""

@@ -21,77 +21,16 @@ _run, _moved = CALL.run, CALL.moved
 _rng = np.random.default_rng(0)
 STYLE = Image.fromarray(_rng.integers(0, 255, (40, 36, 3), dtype=np.uint8))  # the image prompt (not square)
 OTHER = Image.fromarray(_rng.integers(0, 255, (24, 24, 3), dtype=np.uint8))
-_INSTANTX = (("ln0", "0.norm1"), ("ln1", "0.norm2"), ("attn.to_q", "0.to_q"), ("attn.to_kv", "0.to_kv"),
-             ("attn.to_out.0", "0.to_out"), ("adaln_norm", "1.0"), ("ff.net.0.proj", "1.1"), ("ff.net.2", "1.3"),
-             ("adaln_proj", "2.1"))
-
-
-def _siglip(seed=5):
-    """A tiny SigLIP vision model (32x32 images, 8x8 patches: 16 tokens of width 16) and its processor."""
-    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
-
-    torch.manual_seed(seed)
-    config = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                image_size=32, patch_size=8)
-    return SiglipVisionModel(config).eval(), SiglipImageProcessor(size={"height": 32, "width": 32})
-
-
-def _adapter_file(folder, layers=3, seed=6, width=32, head_dim=8):
-    """A random SD3 IP-Adapter written as InstantX ships SD3.5-Large-IP-Adapter's ip-adapter.bin: diffusers'
-    projection (1 head of 64, 4 queries, a 32-wide hidden state and timestep input) under InstantX's key names, and
-    one attention per joint block under "i."."""
-    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
-    from diffusers.models.embeddings import IPAdapterTimeImageProjection
-
-    torch.manual_seed(seed)
-    projection = IPAdapterTimeImageProjection(embed_dim=16, output_dim=width, hidden_dim=32, heads=1, num_queries=4,
-                                              timestep_in_dim=32)
-    blocks = [SD3IPAdapterJointAttnProcessor2_0(hidden_size=width, ip_hidden_states_dim=width, head_dim=head_dim,
-                                                timesteps_emb_dim=32) for _ in range(layers)]
-    for module in (projection, *blocks):
-        for p in module.parameters():
-            torch.nn.init.normal_(p, mean=1.0 if p.dim() == 1 and "norm" in str(p.shape) else 0.0, std=0.2)
-    image_proj = {}
-    for key, value in projection.state_dict().items():
-        if key.startswith("layers."):
-            index, rest = key.split(".", 2)[1:]
-            for ours, theirs in _INSTANTX:
-                if rest.startswith(ours + "."):
-                    rest = theirs + rest[len(ours):]
-            key = f"layers.{index}.{rest}"
-        image_proj[key] = value.clone()
-    ip = {f"{i}.{k}": v.clone() for i, block in enumerate(blocks) for k, v in block.state_dict().items()}
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save({"image_proj": image_proj, "ip_adapter": ip}, folder / "ip-adapter.bin")
-    return str(folder)
-
-
-def _sd35_large_pipeline():
-    """diffusers' tiny SD3 pipeline with SD3.5 Large's block kind (q/k RMSNorm, no second attention) and SigLIP."""
-    import diffusers
-
-    components = _tiny_diffusers.sd3_pipeline(variant="sd3").components
-    torch.manual_seed(12)
-    transformer = diffusers.SD3Transformer2DModel(**dict(_tiny_diffusers.SD3_TINY, qk_norm="rms_norm"))
-    for p in transformer.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    encoder, processor = _siglip()
-    components.update(transformer=transformer, image_encoder=encoder, feature_extractor=processor)
-    pipe = diffusers.StableDiffusion3Pipeline(**components)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def ip_pair(tmp_path_factory):
     """(diffusers' pipeline with the adapter loaded, ours loaded from the folder diffusers saved (its SigLIP too)
     with the adapter loaded, the adapter's folder)."""
-    theirs = _sd35_large_pipeline()
+    theirs = _tiny_diffusers.sd3_ip_pipeline()
     folder = tmp_path_factory.mktemp("tiny-sd35-large")
     theirs.save_pretrained(folder)
     ours = diffusion_fast.load_pipeline(str(folder))
     ours.set_progress_bar_config(disable=True)
-    adapter = _adapter_file(tmp_path_factory.mktemp("tiny-sd3-ip-adapter"))
+    adapter = _tiny_diffusers.sd3_ip_adapter_file(tmp_path_factory.mktemp("tiny-sd3-ip-adapter"))
     for pipe in (theirs, ours):
         pipe.load_ip_adapter(adapter, weight_name="ip-adapter.bin")
     theirs._saved_to = str(folder)
@@ -164,7 +103,7 @@ def test_load_from_the_adapter_folder_and_unload(ip_pair, tmp_path):
 
     theirs, ours, adapter = ip_pair
     folder = tmp_path / "adapter"
-    encoder, _ = _siglip()
+    encoder, _ = _tiny_diffusers.siglip()
     encoder.save_pretrained(folder / "image_encoder")
     state = torch.load(f"{adapter}/ip-adapter.bin", weights_only=True)
     save_file({f"{part}.{k}": v for part, d in state.items() for k, v in d.items()}, folder / "ip.safetensors")
@@ -326,7 +265,7 @@ def test_accelerate_runs_diffusers_ip_adapter_attention_on_our_op(ip_pair, monke
     from _scheduler_parity import count_op_calls
     from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
 
-    theirs = _sd35_large_pipeline()
+    theirs = _tiny_diffusers.sd3_ip_pipeline()
     theirs.load_ip_adapter(ip_pair[2], weight_name="ip-adapter.bin")
     before = {s: None for s in (0.5, 0.9)}
     for scale in before:
