@@ -131,6 +131,11 @@ class SD3IPAdapterMixin:
         elif self.image_encoder is None:
             raise ValueError("ip_adapter_image: the pipeline has no image encoder (load_ip_adapter with an "
                              "image_encoder_folder, or give the pipeline one); or pass ip_adapter_image_embeds")
+        if ip_adapter_image is not None and (len(ip_adapter_image) if isinstance(ip_adapter_image, (list, tuple))
+                                             else ip_adapter_image.shape[0] if torch.is_tensor(ip_adapter_image)
+                                             and ip_adapter_image.dim() == 4 else 1) != 1:
+            raise ValueError("ip_adapter_image: give one image (the SD3 adapter takes one for the whole batch; "
+                             "diffusers folds a list's tokens into each sample's)")
         embeds = self.prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds, self.device, rows,
                                                       self.do_classifier_free_guidance)
         embeds = embeds.to(dtype=text[0].dtype)

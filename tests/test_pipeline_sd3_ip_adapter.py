@@ -135,6 +135,8 @@ def test_ip_adapter_errors_name_what_is_wrong(ip_pair, tmp_path):
                                                                                              torch.zeros(4, 4)}})
     with pytest.raises(ValueError, match="ip_adapter_image and ip_adapter_image_embeds: give one"):
         _run(ours, ip_adapter_image=STYLE, ip_adapter_image_embeds=torch.zeros(2, 16, 16))
+    with pytest.raises(ValueError, match="ip_adapter_image: give one image"):
+        _run(ours, ip_adapter_image=[STYLE, OTHER], prompt=["a", "b"])
     with pytest.raises(ValueError, match=r"ip_adapter_image_embeds must be a \(2, N, 16\) tensor"):
         _run(ours, ip_adapter_image_embeds=torch.zeros(2, 16, 8))
     with pytest.raises(TypeError, match="scale must be a finite number"):
