@@ -135,7 +135,7 @@ class SD3IPAdapterMixin:
                                              else ip_adapter_image.shape[0] if torch.is_tensor(ip_adapter_image)
                                              and ip_adapter_image.dim() == 4 else 1) != 1:
             raise ValueError("ip_adapter_image: give one image (the SD3 adapter takes one for the whole batch; "
-                             "diffusers folds a list's tokens into each sample's)")
+                             "diffusers fails on a list of several)")
         embeds = self.prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds, self.device, rows,
                                                       self.do_classifier_free_guidance)
         embeds = embeds.to(dtype=text[0].dtype)
