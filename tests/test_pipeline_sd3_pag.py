@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 import _tiny_diffusers
 from _fake_graphs import use_fake_graphs
+import diffusion_fast
+from conftest import ON_GPU
 from diffusion_fast import StableDiffusion3PAGImg2ImgPipeline, StableDiffusion3PAGPipeline, StableDiffusion3Pipeline
 from diffusion_fast.models.sd3_transformer import JointAttention, SD3Transformer2DModel
 
@@ -295,6 +297,26 @@ def test_graphed_transformer_call_follows_the_layers(sd3_pair, monkeypatch):
     finally:
         ours._graph = None
         ours.set_pag_applied_layers("blocks.1")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_cuda_graph_sd3_pag_loop_matches_eager_on_gpu(sd35_pair):
+    """fp16 on CUDA (our Triton attention for the guidance rows and the perturbed text queries): eager, then the
+    transformer call captured and replayed with block 1's perturbation in it; the capture within fp16's 2e-3 of
+    eager, the replay bit for bit, one graph held."""
+    from conftest import DEVICE
+
+    pipe = diffusion_fast.load_pipeline(sd35_pair[0]._saved_to, dtype=torch.float16, device=DEVICE)
+    pipe.set_progress_bar_config(disable=True)
+    outs = []
+    for graph in (False, "auto", "auto"):  # eager, capture, replay
+        pipe.cuda_graph = graph
+        with diffusion_fast.backend("fast"):
+            outs.append(pipe("a cat", num_inference_steps=3, output_type="latent",
+                             generator=torch.Generator().manual_seed(1)).images)
+    assert len(pipe._graph) == 1
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(outs[2], outs[1], rtol=0, atol=0)
 
 
 # ---- construction, errors, accelerate ------------------------------------------------------------------------------
