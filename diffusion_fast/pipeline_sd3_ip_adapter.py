@@ -19,6 +19,27 @@ from .ip_adapter import _read_adapter
 from .models import ip_adapter_sd3
 
 
+def _check_one_image(image):
+    """The SD3 adapter's image prompt: one PIL image, an (H, W, C) array, a (1, C, H, W) tensor of processed pixels,
+    or a list of one; anything else is refused by name (diffusers fails on a list of several, deep in its
+    projection)."""
+    import numpy as np
+    import PIL.Image
+
+    count = 0
+    for i in image if isinstance(image, (list, tuple)) else [image]:
+        if not isinstance(i, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+            raise TypeError(f"ip_adapter_image must be a PIL image, a numpy array or a tensor (or a list of one), got "
+                            f"{type(i).__name__}")
+        if torch.is_tensor(i) and i.dim() != 4:
+            raise ValueError(f"ip_adapter_image: a tensor is taken as processed pixels, (1, C, H, W); got "
+                             f"{tuple(i.shape)}")
+        count += i.shape[0] if not isinstance(i, PIL.Image.Image) and i.ndim == 4 else 1  # (a batch of images)
+    if count != 1:
+        raise ValueError(f"ip_adapter_image: give one image (the SD3 adapter takes one for the whole batch; "
+                         f"diffusers fails on several), got {count}")
+
+
 class SD3IPAdapterMixin:
     image_encoder = None  # SigLIP's vision model (transformers' SiglipVisionModel), if given or loaded
     feature_extractor = None  # its image processor
@@ -38,6 +59,9 @@ class SD3IPAdapterMixin:
         ``image_encoder_folder`` (under ``subfolder`` unless it holds a "/") unless the pipeline has one (InstantX's
         card passes google/siglip-so400m-patch14-384 to the pipeline); None skips it (then only
         ``ip_adapter_image_embeds`` can be given). A loaded adapter is replaced."""
+        for name, value in (("subfolder", subfolder), ("image_encoder_folder", image_encoder_folder)):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a str or None, got {type(value).__name__}")
         state = _read_adapter(pretrained_model_name_or_path_or_dict, subfolder, weight_name)
         encoder, processor = self.image_encoder, self.feature_extractor
         if encoder is None and image_encoder_folder is not None:
@@ -131,11 +155,8 @@ class SD3IPAdapterMixin:
         elif self.image_encoder is None:
             raise ValueError("ip_adapter_image: the pipeline has no image encoder (load_ip_adapter with an "
                              "image_encoder_folder, or give the pipeline one); or pass ip_adapter_image_embeds")
-        if ip_adapter_image is not None and (len(ip_adapter_image) if isinstance(ip_adapter_image, (list, tuple))
-                                             else ip_adapter_image.shape[0] if torch.is_tensor(ip_adapter_image)
-                                             and ip_adapter_image.dim() == 4 else 1) != 1:
-            raise ValueError("ip_adapter_image: give one image (the SD3 adapter takes one for the whole batch; "
-                             "diffusers fails on a list of several)")
+        if ip_adapter_image is not None:
+            _check_one_image(ip_adapter_image)
         embeds = self.prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds, self.device, rows,
                                                       self.do_classifier_free_guidance)
         embeds = embeds.to(dtype=text[0].dtype)

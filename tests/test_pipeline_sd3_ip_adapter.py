@@ -135,8 +135,14 @@ def test_ip_adapter_errors_name_what_is_wrong(ip_pair, tmp_path):
                                                                                              torch.zeros(4, 4)}})
     with pytest.raises(ValueError, match="ip_adapter_image and ip_adapter_image_embeds: give one"):
         _run(ours, ip_adapter_image=STYLE, ip_adapter_image_embeds=torch.zeros(2, 16, 16))
-    with pytest.raises(ValueError, match="ip_adapter_image: give one image"):
+    with pytest.raises(ValueError, match="ip_adapter_image: give one image .* got 2"):
         _run(ours, ip_adapter_image=[STYLE, OTHER], prompt=["a", "b"])
+    with pytest.raises(TypeError, match="ip_adapter_image must be a PIL image, a numpy array or a tensor .* got str"):
+        _run(ours, ip_adapter_image="style.png")
+    with pytest.raises(ValueError, match=r"processed pixels, \(1, C, H, W\); got \(3, 32, 32\)"):
+        _run(ours, ip_adapter_image=torch.rand(3, 32, 32))
+    with pytest.raises(TypeError, match="subfolder must be a str or None, got int"):
+        ours.load_ip_adapter(adapter, weight_name="ip-adapter.bin", subfolder=3)
     with pytest.raises(ValueError, match=r"ip_adapter_image_embeds must be a \(2, N, 16\) tensor"):
         _run(ours, ip_adapter_image_embeds=torch.zeros(2, 16, 8))
     with pytest.raises(TypeError, match="scale must be a finite number"):
