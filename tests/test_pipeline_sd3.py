@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import _tiny_diffusers
-from _fake_graphs import use_fake_graphs
+from _fake_graphs import assert_graphed_as_eager, assert_one_capture_for_new_inputs, use_fake_graphs
 import diffusion_fast
 from conftest import ON_GPU
 from diffusion_fast import StableDiffusion3Pipeline
@@ -211,17 +211,8 @@ def test_sd3_call_errors(sd3_pair):
 def test_graphed_transformer_call_gives_the_eager_image(sd3_pair, monkeypatch):
     """On CUDA the transformer call replays from one graph per shape (capture stood in for on the CPU): other
     prompts, the same graph, the eager images bit for bit."""
-    _, ours = sd3_pair
-    calls = [dict(), dict(prompt="a dog", negative_prompt="a hat")]
-    eager = [_run(ours, **kwargs) for kwargs in calls]
-    monkeypatch.setattr(ours, "_graphs_on", lambda device: True)
-    try:
-        graphed = use_fake_graphs(ours._model(ours.device))
-        for kwargs, image in zip(calls, eager):
-            assert np.array_equal(_run(ours, **kwargs), image)
-        assert graphed.captures == 1
-    finally:
-        ours._graph = None
+    assert_one_capture_for_new_inputs(sd3_pair[1], None, _run, [dict(), dict(prompt="a dog", negative_prompt="a hat")],
+                                      monkeypatch)
 
 
 def test_load_pipeline_refuses_other_transformer_pipelines(tmp_path):
@@ -395,15 +386,8 @@ def test_cuda_graph_sd3_loop_matches_eager_on_gpu(sd3_pair):
 
     pipe = diffusion_fast.load_pipeline(sd3_pair[0]._saved_to, dtype=torch.float16, device=DEVICE)
     pipe.set_progress_bar_config(disable=True)
-    outs = []
-    for graph in (False, "auto", "auto"):  # eager, capture, replay
-        pipe.cuda_graph = graph
-        with diffusion_fast.backend("fast"):
-            outs.append(pipe("a cat", num_inference_steps=3, output_type="latent",
-                             generator=torch.Generator().manual_seed(1)).images)
-    assert len(pipe._graph) == 1
-    torch.testing.assert_close(outs[1], outs[0], rtol=2e-3, atol=2e-3)
-    torch.testing.assert_close(outs[2], outs[1], rtol=0, atol=0)
+    assert_graphed_as_eager(pipe, lambda p: p("a cat", num_inference_steps=3, output_type="latent",
+                                              generator=torch.Generator().manual_seed(1)).images, None, 1)
 
 
 def test_diffusers_cfg_cutoff_callback_and_embeds_per_image(sd3_pair):

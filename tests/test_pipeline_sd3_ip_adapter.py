@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import _tiny_diffusers
-from _fake_graphs import use_fake_graphs
+from _fake_graphs import assert_graphed_as_eager, assert_one_capture_for_new_inputs, fake_graphed
 import diffusion_fast
 from conftest import ON_GPU
 from diffusion_fast import StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline, StableDiffusion3Pipeline
@@ -183,16 +183,14 @@ def test_graphed_call_with_an_image_prompt(ip_pair, monkeypatch):
     features as an input (capture stood in for on the CPU): the eager images bit for bit, another image through the
     same graph; a new scale (baked into the kernels) or an unloaded adapter gets a fresh capture."""
     _, ours, adapter = ip_pair
-    calls = [dict(ip_adapter_image=STYLE), dict(ip_adapter_image=OTHER)]
-    eager = [_run(ours, **kwargs) for kwargs in calls]
+    assert_one_capture_for_new_inputs(ours, None, _run, [dict(ip_adapter_image=STYLE), dict(ip_adapter_image=OTHER)],
+                                      monkeypatch)
     ours.set_ip_adapter_scale(0.9)
     rescaled = _run(ours, ip_adapter_image=STYLE)
     ours.set_ip_adapter_scale(0.5)
-    monkeypatch.setattr(ours, "_graphs_on", lambda device: True)
     try:
-        graphed = use_fake_graphs(ours._model(ours.device))
-        for kwargs, image in zip(calls, eager):
-            assert np.array_equal(_run(ours, **kwargs), image)
+        graphed = fake_graphed(ours, None, monkeypatch)
+        _run(ours, ip_adapter_image=STYLE)
         assert graphed.captures == 1
         ours.set_ip_adapter_scale(0.9)
         assert np.array_equal(_run(ours, ip_adapter_image=STYLE), rescaled) and graphed.captures == 2
@@ -254,15 +252,9 @@ def test_cuda_graph_sd3_ip_adapter_loop_matches_eager_on_gpu(ip_pair):
     pipe = diffusion_fast.load_pipeline(ip_pair[0]._saved_to, dtype=torch.float16, device=DEVICE)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_ip_adapter(ip_pair[2], weight_name="ip-adapter.bin")
-    outs = []
-    for graph in (False, "auto", "auto"):  # eager, capture, replay
-        pipe.cuda_graph = graph
-        with diffusion_fast.backend("fast"):
-            outs.append(pipe("a cat", num_inference_steps=3, output_type="latent", ip_adapter_image=STYLE,
-                             generator=torch.Generator().manual_seed(1)).images)
-    assert len(pipe._graph) == 1
-    torch.testing.assert_close(outs[1], outs[0], rtol=2e-3, atol=2e-3)
-    torch.testing.assert_close(outs[2], outs[1], rtol=0, atol=0)
+    assert_graphed_as_eager(pipe, lambda p: p("a cat", num_inference_steps=3, output_type="latent",
+                                              ip_adapter_image=STYLE,
+                                              generator=torch.Generator().manual_seed(1)).images, None, 1)
 
 
 def test_accelerate_runs_diffusers_ip_adapter_attention_on_our_op(ip_pair, monkeypatch):
