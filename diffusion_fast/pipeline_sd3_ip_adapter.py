@@ -117,6 +117,11 @@ class SD3IPAdapterMixin:
         (the call's whole batch), zeros (or the given embeddings' first half) before them under guidance."""
         device = device or self.device
         if ip_adapter_image_embeds is not None:
+            if not torch.is_tensor(ip_adapter_image_embeds) or ip_adapter_image_embeds.dim() != 3:
+                got = (tuple(ip_adapter_image_embeds.shape) if torch.is_tensor(ip_adapter_image_embeds)
+                       else type(ip_adapter_image_embeds).__name__)
+                raise ValueError(f"ip_adapter_image_embeds must be a (rows, N, E) tensor (the negative row first "
+                                 f"under guidance), got {got}")
             if do_classifier_free_guidance:
                 negative, positive = ip_adapter_image_embeds.chunk(2)
             else:

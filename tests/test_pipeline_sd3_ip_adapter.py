@@ -141,6 +141,8 @@ def test_ip_adapter_errors_name_what_is_wrong(ip_pair, tmp_path):
         _run(ours, ip_adapter_image="style.png")
     with pytest.raises(ValueError, match=r"processed pixels, \(1, C, H, W\); got \(3, 32, 32\)"):
         _run(ours, ip_adapter_image=torch.rand(3, 32, 32))
+    with pytest.raises(ValueError, match=r"ip_adapter_image_embeds must be a \(rows, N, E\) tensor .* got list"):
+        ours.prepare_ip_adapter_image_embeds(None, [torch.zeros(2, 16, 16)])
     with pytest.raises(TypeError, match="subfolder must be a str or None, got int"):
         ours.load_ip_adapter(adapter, weight_name="ip-adapter.bin", subfolder=3)
     with pytest.raises(ValueError, match=r"ip_adapter_image_embeds must be a \(2, N, 16\) tensor"):
