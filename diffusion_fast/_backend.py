@@ -10,12 +10,21 @@ from __future__ import annotations
 import contextlib
 import contextvars
 
+import torch
+
 BACKENDS = ("fast", "reference", "triton", "cpp")
 _current = contextvars.ContextVar("diffusion_fast_backend", default="fast")
+# The same selection as a module global, which torch.compile can read and guard on (it cannot trace a ContextVar).
+_traced = {"backend": "fast"}
 
 
 def current_backend() -> str:
-    """The backend selected by the innermost ``backend(...)`` block ("fast" outside any)."""
+    """The backend selected by the innermost ``backend(...)`` block ("fast" outside any).
+
+    Inside torch.compile'd code the selection is read from a process-wide copy instead, and the compiled graph is
+    guarded on it: a function compiled under one backend is recompiled when it runs under another."""
+    if torch.compiler.is_compiling():
+        return _traced["backend"]
     return _current.get()
 
 
@@ -25,7 +34,9 @@ def backend(name: str):
     if not isinstance(name, str) or name not in BACKENDS:
         raise ValueError(f"backend: name must be one of {BACKENDS}, got {name!r}")
     token = _current.set(name)
+    outer, _traced["backend"] = _traced["backend"], name
     try:
         yield name
     finally:
         _current.reset(token)
+        _traced["backend"] = outer
