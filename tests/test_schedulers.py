@@ -619,6 +619,16 @@ def test_step_does_not_sync_on_cuda(name, thresholding):
         torch.cuda.set_sync_debug_mode("default")
 
 
+def test_device_tables_key_cuda_and_its_current_index_alike(monkeypatch):
+    """set_timesteps(device="cuda") fills the table cache; the step looks it up by the sample's device, cuda:0. Both
+    must be one key, or the first step copies the table again: a host sync the test above caught on the H200."""
+    from diffusion_fast.schedulers import base
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert base._device_key("cuda") == base._device_key(torch.device("cuda:1")) == "cuda:1"
+    assert base._device_key("cuda:0") == "cuda:0" and base._device_key("cpu") == "cpu"
+
+
 @pytest.mark.parametrize("name, tables", [("DDIMScheduler", ("alphas_cumprod", "final_alpha_cumprod")),
                                           ("DDPMScheduler", ("alphas_cumprod", "_ext")),
                                           ("EulerDiscreteScheduler", ("sigmas",)),

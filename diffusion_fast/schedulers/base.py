@@ -12,6 +12,16 @@ from .._config import FrozenConfig
 from .common import as_timestep_tensor, karras_sigmas, make_betas, read_config, timesteps_for_sigmas
 
 
+def _device_key(device) -> str:
+    """A device as a table-cache key: "cuda" and "cuda:0" (the current device) are one device. set_timesteps is
+    usually given "cuda", the step a sample on "cuda:0"; two keys meant a second copy at the first step, a host
+    round trip inside the sampling loop (seen on the H200)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
 def _version_of(t: torch.Tensor):
     """t's in-place modification counter, or None for an inference-mode tensor (which has none: always re-copied)."""
     try:
@@ -88,7 +98,7 @@ class SchedulerBase:
         ``set_timesteps`` refreshes the cache (see ``_reset_tables``) and, given a device, fills it.
         """
         cache = self.__dict__.setdefault("_device_tables", {})
-        key = (name, str(torch.device(device)))
+        key = (name, _device_key(device))
         if key not in cache:
             source = getattr(self, name)
             # [the table's source, its version when copied, our own copy (updated in place later)]
