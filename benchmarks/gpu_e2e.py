@@ -182,7 +182,7 @@ def main(argv=None):
     ref32 = None
     free(device)
 
-    # ---- diffusers -----------------------------------------------------------------------------------------------
+    # ---- diffusers (from_pipe gets the dtype: its default, float32, would cast the shared UNet in place) ----------
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
     pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -194,7 +194,7 @@ def main(argv=None):
 
     add("diffusers eager (SDPA)", *timed(run_diffusers, args.repeats, device))
     try:
-        pag = diffusers.StableDiffusionPAGPipeline.from_pipe(pipe, pag_applied_layers="mid")
+        pag = diffusers.StableDiffusionPAGPipeline.from_pipe(pipe, pag_applied_layers="mid", torch_dtype=dtype)
         pag.set_progress_bar_config(disable=True)
         add(DIFFUSERS_PAG, *timed(lambda: pag(PROMPT, num_inference_steps=steps, generator=gen(), pag_scale=3.0,
                                               output_type="latent"), args.repeats, device))

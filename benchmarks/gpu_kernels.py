@@ -119,6 +119,23 @@ def graphed_ms(fn, calls=20):
     return median_ms(graph.replay) / calls
 
 
+def _syncs_with_host(fn) -> bool:
+    """Whether fn waits for the device (e.g. diffusers' scheduler step reading a tensor on the host): such a call
+    cannot be captured, and trying to leaves the CUDA context (its RNG offsets) broken for every row after it."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return False
+    except RuntimeError as exc:
+        if "synchronizing" not in str(exc):
+            raise
+        return True
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+
+
 def ceilings():
     big = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")  # 1 GiB: far past L2
     dst = torch.empty_like(big)
@@ -279,7 +296,10 @@ def measure(row, fns, ceiling):
         row["ours_graphed_fraction"] = row["amount"] / (row["ours_graphed_ms"] * 1e-3) / scale / ceiling
         if "copy_same_bytes_graphed_ms" in row:  # a 2.6 MB step cannot reach the 1 GiB copy rate: compare like sizes
             row["ours_fraction_of_same_size_copy"] = row["copy_same_bytes_graphed_ms"] / row["ours_graphed_ms"]
-        if baseline is not None:
+        if baseline is not None and _syncs_with_host(baseline):
+            row["baseline_graph_error"] = "syncs with the host (checked before capture: a failed capture leaves " \
+                                          "CUDA's RNG unusable for the rows after it)"
+        elif baseline is not None:
             try:
                 row["baseline_graphed_ms"] = graphed_ms(baseline)
                 row["graphed_speedup"] = row["baseline_graphed_ms"] / row["ours_graphed_ms"]

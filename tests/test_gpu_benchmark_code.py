@@ -33,6 +33,7 @@ def cpu_benchmark(monkeypatch):
 
     for name in ("median_ms", "graphed_ms", "wall_ms"):
         monkeypatch.setattr(gpu_kernels, name, timer)
+    monkeypatch.setattr(gpu_kernels, "_syncs_with_host", lambda fn: False)  # (CUDA's sync detector: no CPU form)
     for name in ("randn", "empty", "full"):
         factory = getattr(torch, name)
 
@@ -108,6 +109,17 @@ def test_step_kernel_rows(cpu_benchmark, with_diffusers, kernel, fns, make_sched
     assert row["ours_fraction_of_same_size_copy"] == 1.0
     assert ("baseline_wall_ms" in row) == with_diffusers
     assert gpu_kernels.format_row(row)  # the printed line renders every column it has
+
+
+def test_a_baseline_that_syncs_is_not_captured(cpu_benchmark, monkeypatch):
+    """A baseline that waits for the host (diffusers' step on the H200) is not captured: a failed capture broke CUDA's
+    RNG for every row after it ("Offset increment outside graph capture"), so that run lost 7 of its 28 rows."""
+    monkeypatch.setattr(gpu_kernels, "_syncs_with_host", lambda fn: True)
+    row = _row("cfg_ddim_step", "2x4x16x16", "fp16", "GB/s")
+    gpu_kernels.measure(row, lambda: gpu_kernels.cfg_ddim_fns(row, ops, _ddim_scheduler(pytest.importorskip(
+        "diffusers"))), 1000.0)
+    assert "error" not in row and "baseline_graphed_ms" not in row and "syncs" in row["baseline_graph_error"]
+    assert "not capturable" in gpu_kernels.format_row(row)
 
 
 def test_attention_tile_sweep_record_renders(tmp_path):
