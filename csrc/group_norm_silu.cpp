@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "group_norm_rows.h"
+#include "message.h"
 
 namespace diffusion_fast {
 namespace {
@@ -238,26 +239,28 @@ void channels_last(const scalar_t* x, scalar_t* y, const float* w, const float* 
 
 at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups, const c10::optional<at::Tensor>& weight,
                                const c10::optional<at::Tensor>& bias, double eps, bool apply_silu) {
-  TORCH_CHECK_TYPE(at::isFloatingType(x_in.scalar_type()), "x must be a floating-point tensor, got ", x_in.scalar_type());
-  TORCH_CHECK_VALUE(x_in.dim() >= 2 && x_in.numel() > 0, "x must be a non-empty (N, C, *spatial) tensor, got shape ",
-                    x_in.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(x_in.scalar_type()), message("x must be a floating-point tensor, got ",
+                                                                   x_in.scalar_type()));
+  TORCH_CHECK_VALUE(x_in.dim() >= 2 && x_in.numel() > 0,
+                    message("x must be a non-empty (N, C, *spatial) tensor, got shape ", x_in.sizes()));
   const int64_t N = x_in.size(0), C = x_in.size(1);
-  TORCH_CHECK_VALUE(num_groups > 0 && C % num_groups == 0, "num_groups=", num_groups,
-                    " must be positive and divide the channel count ", C, " of x");
-  TORCH_CHECK_VALUE(eps > 0, "eps must be > 0, got ", eps);
+  TORCH_CHECK_VALUE(num_groups > 0 && C % num_groups == 0, message("num_groups=", num_groups,
+                    " must be positive and divide the channel count ", C, " of x"));
+  TORCH_CHECK_VALUE(eps > 0, message("eps must be > 0, got ", eps));
   at::Tensor w, b;
   if (weight.has_value()) {
-    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == C, "weight must have ", C, " elements, got shape ",
-                      weight->sizes());
+    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == C,
+                      message("weight must have ", C, " elements, got shape ", weight->sizes()));
     // a meta weight (sequential CPU offload keeps weights there between calls) would be read as garbage
-    TORCH_CHECK_VALUE(weight->device() == x_in.device(), "weight is on ", weight->device(), " but x is on ",
-                      x_in.device());
+    TORCH_CHECK_VALUE(weight->device() == x_in.device(), message("weight is on ", weight->device(), " but x is on ",
+                      x_in.device()));
     w = weight->to(at::kFloat).contiguous();
   }
   if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == C, "bias must have ", C, " elements, got shape ",
-                      bias->sizes());
-    TORCH_CHECK_VALUE(bias->device() == x_in.device(), "bias is on ", bias->device(), " but x is on ", x_in.device());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == C, message("bias must have ", C, " elements, got shape ",
+                      bias->sizes()));
+    TORCH_CHECK_VALUE(bias->device() == x_in.device(), message("bias is on ", bias->device(), " but x is on ",
+                                                               x_in.device()));
     b = bias->to(at::kFloat).contiguous();
   }
   if (x_in.scalar_type() == at::kDouble) {  // fp64 keeps fp64 arithmetic: ATen's GroupNorm, then SiLU in place

@@ -15,6 +15,7 @@
 #include <string>
 
 #include "half.h"
+#include "message.h"
 #include "step_math.h"
 #include "vectorize.h"
 
@@ -24,18 +25,19 @@ int prediction_index(const std::string& prediction_type) {
   if (prediction_type == "epsilon") return kEpsilon;
   if (prediction_type == "v_prediction") return kVPrediction;
   if (prediction_type == "sample") return kSample;
-  TORCH_CHECK_VALUE(false, "prediction_type must be one of ('epsilon', 'v_prediction', 'sample'), got '",
-                    prediction_type, "'");
+  TORCH_CHECK_VALUE(false, message("prediction_type must be one of ('epsilon', 'v_prediction', 'sample'), got '",
+                    prediction_type, "'"));
   return -1;
 }
 
 void check_like(const at::Tensor& t, const char* name, const at::Tensor& sample, bool same_dtype = true) {
-  TORCH_CHECK_VALUE(t.sizes() == sample.sizes(), name, " has shape ", t.sizes(), " but sample has shape ",
-                    sample.sizes());
-  TORCH_CHECK_VALUE(t.device() == sample.device(), name, " is on ", t.device(), " but sample is on ", sample.device());
+  TORCH_CHECK_VALUE(t.sizes() == sample.sizes(), message(name, " has shape ", t.sizes(), " but sample has shape ",
+                    sample.sizes()));
+  TORCH_CHECK_VALUE(t.device() == sample.device(), message(name, " is on ", t.device(), " but sample is on ",
+                                                           sample.device()));
   if (same_dtype) {
-    TORCH_CHECK_TYPE(t.scalar_type() == sample.scalar_type(), name, " has dtype ", t.scalar_type(),
-                     " but sample has dtype ", sample.scalar_type());
+    TORCH_CHECK_TYPE(t.scalar_type() == sample.scalar_type(), message(name, " has dtype ", t.scalar_type(),
+                     " but sample has dtype ", sample.scalar_type()));
   }
 }
 
@@ -43,10 +45,11 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& sample,
 // contiguous float32 tensor of B or 1 elements (read with value_at); nothing is copied when it is float32 already.
 at::Tensor coeff_values(const at::Tensor& a, const char* name, const at::Tensor& sample) {
   const int64_t batch = sample.size(0);
-  TORCH_CHECK_VALUE((a.dim() <= 1 && a.numel() == 1) || (a.dim() == 1 && a.size(0) == batch), name, " must be a (",
-                    batch, ",) tensor (one value per sample) or a single value (0-d or (1,)), got shape ", a.sizes());
-  TORCH_CHECK_VALUE(a.device() == sample.device(), name, " is on ", a.device(), " but sample is on ",
-                    sample.device());
+  TORCH_CHECK_VALUE((a.dim() <= 1 && a.numel() == 1) || (a.dim() == 1 && a.size(0) == batch),
+                    message(name, " must be a (", batch, ",) tensor (one value per sample) or a single value (0-d or ",
+                            "(1,)), got shape ", a.sizes()));
+  TORCH_CHECK_VALUE(a.device() == sample.device(), message(name, " is on ", a.device(), " but sample is on ",
+                    sample.device()));
   return a.to(at::kFloat).contiguous();
 }
 
@@ -64,16 +67,17 @@ at::Tensor check_coeff(const at::Tensor& a, const char* name, const at::Tensor& 
   if (f.device().is_cpu()) {  // a plain loop: B values, far cheaper than isfinite().all().item()
     const float* p = f.data_ptr<float>();
     for (int64_t i = 0; i < f.numel(); ++i) {
-      TORCH_CHECK_VALUE(std::isfinite(p[i]), name, " contains NaN or inf (element ", i, " is ", p[i], ")");
+      TORCH_CHECK_VALUE(std::isfinite(p[i]), message(name, " contains NaN or inf (element ", i, " is ", p[i], ")"));
     }
   }
   return f;
 }
 
 void check_sample(const at::Tensor& sample) {
-  TORCH_CHECK_TYPE(at::isFloatingType(sample.scalar_type()), "sample must be a floating-point tensor, got ",
-                   sample.scalar_type());
-  TORCH_CHECK_VALUE(sample.dim() >= 1 && sample.numel() > 0, "sample must be a non-empty tensor with a batch dim");
+  TORCH_CHECK_TYPE(at::isFloatingType(sample.scalar_type()), message("sample must be a floating-point tensor, got ",
+                   sample.scalar_type()));
+  TORCH_CHECK_VALUE(sample.dim() >= 1 && sample.numel() > 0,
+                    message("sample must be a non-empty tensor with a batch dim"));
 }
 
 // One sample's stretch of a DDIM/DDPM step: apply_step per element (five FMAs, plus the CFG combine, the clamp and
@@ -181,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor> run_step(const at::Tensor& m_in, const c10::o
 #if defined(DIFFUSION_FAST_FP16)
     case at::kHalf: run(static_cast<fp16*>(nullptr)); break;
 #endif
-    default: TORCH_CHECK_TYPE(false, "sample must be fp16, bf16, fp32 or fp64, got ", x.scalar_type());
+    default: TORCH_CHECK_TYPE(false, message("sample must be fp16, bf16, fp32 or fp64, got ", x.scalar_type()));
   }
   return {prev, x0};
 }
@@ -205,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor> cfg_ddim_step_cpu(const at::Tensor& uncond, c
   check_like(uncond, text.has_value() ? "noise_pred_uncond" : "model_output", sample);
   if (text.has_value()) check_like(*text, "noise_pred_text", sample);
   if (noise.has_value()) check_like(*noise, "variance_noise", sample);
-  TORCH_CHECK_VALUE(eta == 0.0 || noise.has_value(), "variance_noise is required when eta > 0");
+  TORCH_CHECK_VALUE(eta == 0.0 || noise.has_value(), message("variance_noise is required when eta > 0"));
   const int pred = prediction_index(prediction_type);
   const at::Tensor a_t = check_coeff(alpha_t, "alpha_prod_t", sample);
   const at::Tensor a_p = check_coeff(alpha_prev, "alpha_prod_t_prev", sample);
@@ -272,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor> euler_step_cpu(const at::Tensor& model_output
   check_sample(sample);
   check_like(model_output, "model_output", sample, /*same_dtype=*/false);
   if (noise.has_value()) check_like(*noise, "noise", sample, false);
-  TORCH_CHECK_VALUE(gamma == 0.0 || noise.has_value(), "noise is required when gamma > 0");
+  TORCH_CHECK_VALUE(gamma == 0.0 || noise.has_value(), message("noise is required when gamma > 0"));
   const int pred = prediction_index(std::string(prediction_type));
   const at::Tensor sg = check_coeff(sigma, "sigma", sample), sn = check_coeff(sigma_next, "sigma_next", sample);
   const int64_t batch = sample.size(0);
@@ -317,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor> linear_step_cpu(const at::Tensor& model_outpu
   check_like(model_output, "model_output", sample, /*same_dtype=*/false);
   if (extra.has_value()) check_like(*extra, "extra", sample, false);
   for (const double v : {cx, cm, p0, px, pm, pe}) {
-    TORCH_CHECK_VALUE(std::isfinite(v), "linear_step: coefficients must be finite, got ", v);
+    TORCH_CHECK_VALUE(std::isfinite(v), message("linear_step: coefficients must be finite, got ", v));
   }
   const StepCoeffs c{static_cast<float>(cx), static_cast<float>(cm), static_cast<float>(p0),
                      static_cast<float>(px), static_cast<float>(pm), static_cast<float>(pe)};

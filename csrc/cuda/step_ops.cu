@@ -11,6 +11,7 @@
 #include <limits>
 #include <string>
 
+#include "../message.h"
 #include "../step_math.h"
 
 namespace diffusion_fast {
@@ -80,10 +81,12 @@ int blocks_for(int64_t numel) {
 }
 
 void check_cuda_like(const at::Tensor& t, const char* name, const at::Tensor& sample) {
-  TORCH_CHECK_VALUE(t.sizes() == sample.sizes(), name, " has shape ", t.sizes(), " but sample has shape ", sample.sizes());
-  TORCH_CHECK_VALUE(t.device() == sample.device(), name, " is on ", t.device(), " but sample is on ", sample.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == sample.scalar_type(), name, " has dtype ", t.scalar_type(),
-                   " but sample has dtype ", sample.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == sample.sizes(), message(name, " has shape ", t.sizes(), " but sample has shape ",
+                                                         sample.sizes()));
+  TORCH_CHECK_VALUE(t.device() == sample.device(), message(name, " is on ", t.device(), " but sample is on ",
+                                                           sample.device()));
+  TORCH_CHECK_TYPE(t.scalar_type() == sample.scalar_type(), message(name, " has dtype ", t.scalar_type(),
+                   " but sample has dtype ", sample.scalar_type()));
 }
 
 at::Tensor coeff(const at::Tensor& a, const char* name, const at::Tensor& sample) {
@@ -125,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cuda(const at::Tensor& model_output
                                                   const c10::optional<at::Tensor>& noise,
                                                   c10::string_view prediction_type, c10::optional<double> clip,
                                                   bool use_clipped) {
-  TORCH_CHECK_VALUE(eta == 0.0 || noise.has_value(), "variance_noise is required when eta > 0");
+  TORCH_CHECK_VALUE(eta == 0.0 || noise.has_value(), message("variance_noise is required when eta > 0"));
   return launch_step(kDDIM, model_output, c10::nullopt, sample, eta > 0 ? noise : c10::nullopt, a_t, a_prev, a_t,
                      0.0, eta, std::string(prediction_type), clip, use_clipped);
 }
@@ -136,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor> cfg_ddim_step_cuda(const at::Tensor& uncond, 
                                                       const c10::optional<at::Tensor>& noise,
                                                       c10::string_view prediction_type, c10::optional<double> clip,
                                                       bool use_clipped) {
-  TORCH_CHECK_VALUE(eta == 0.0 || noise.has_value(), "variance_noise is required when eta > 0");
+  TORCH_CHECK_VALUE(eta == 0.0 || noise.has_value(), message("variance_noise is required when eta > 0"));
   return launch_step(kDDIM, uncond, text, sample, eta > 0 ? noise : c10::nullopt, a_t, a_prev, a_t, guidance, eta,
                      std::string(prediction_type), clip, use_clipped);
 }
@@ -153,9 +156,9 @@ std::tuple<at::Tensor, at::Tensor> euler_step_cuda(const at::Tensor& model_outpu
                                                    const at::Tensor& sigma, const at::Tensor& sigma_next, double gamma,
                                                    double s_noise, const c10::optional<at::Tensor>& noise,
                                                    c10::string_view prediction_type) {
-  TORCH_CHECK_VALUE(model_output.sizes() == sample.sizes(), "model_output has shape ", model_output.sizes(),
-                    " but sample has shape ", sample.sizes());
-  TORCH_CHECK_VALUE(gamma == 0.0 || noise.has_value(), "noise is required when gamma > 0");
+  TORCH_CHECK_VALUE(model_output.sizes() == sample.sizes(), message("model_output has shape ", model_output.sizes(),
+                    " but sample has shape ", sample.sizes()));
+  TORCH_CHECK_VALUE(gamma == 0.0 || noise.has_value(), message("noise is required when gamma > 0"));
   const int pred = prediction_index(std::string(prediction_type));
   const at::Tensor m = model_output.to(at::kFloat).contiguous(), x = sample.to(at::kFloat).contiguous();
   const at::Tensor n = noise.has_value() ? noise->to(at::kFloat).contiguous() : x;
@@ -174,10 +177,10 @@ std::tuple<at::Tensor, at::Tensor> euler_ancestral_step_cuda(const at::Tensor& m
                                                              const at::Tensor& sigma, const at::Tensor& sigma_next,
                                                              const at::Tensor& noise,
                                                              c10::string_view prediction_type) {
-  TORCH_CHECK_VALUE(model_output.sizes() == sample.sizes(), "model_output has shape ", model_output.sizes(),
-                    " but sample has shape ", sample.sizes());
-  TORCH_CHECK_VALUE(noise.sizes() == sample.sizes(), "noise has shape ", noise.sizes(), " but sample has shape ",
-                    sample.sizes());
+  TORCH_CHECK_VALUE(model_output.sizes() == sample.sizes(), message("model_output has shape ", model_output.sizes(),
+                    " but sample has shape ", sample.sizes()));
+  TORCH_CHECK_VALUE(noise.sizes() == sample.sizes(), message("noise has shape ", noise.sizes(), " but sample has shape ",
+                                                             sample.sizes()));
   // named here, so a bad sigma's error names it; (B,) float32 on the device afterwards
   const at::Tensor s = coeff(sigma, "sigma", sample), sn = coeff(sigma_next, "sigma_next", sample);
   const bool fp32 = model_output.scalar_type() != sample.scalar_type() || noise.scalar_type() != sample.scalar_type();
@@ -190,14 +193,15 @@ std::tuple<at::Tensor, at::Tensor> euler_ancestral_step_cuda(const at::Tensor& m
 std::tuple<at::Tensor, at::Tensor> linear_step_cuda(const at::Tensor& model_output, const at::Tensor& sample,
                                                     const c10::optional<at::Tensor>& extra, double cx, double cm,
                                                     double p0, double px, double pm, double pe) {
-  TORCH_CHECK_VALUE(model_output.sizes() == sample.sizes(), "model_output has shape ", model_output.sizes(),
-                    " but sample has shape ", sample.sizes());
+  TORCH_CHECK_VALUE(model_output.sizes() == sample.sizes(), message("model_output has shape ", model_output.sizes(),
+                    " but sample has shape ", sample.sizes()));
   if (extra.has_value()) {
-    TORCH_CHECK_VALUE(extra->sizes() == sample.sizes(), "extra has shape ", extra->sizes(), " but sample has shape ",
-                      sample.sizes());
+    TORCH_CHECK_VALUE(extra->sizes() == sample.sizes(), message("extra has shape ", extra->sizes(),
+                                                                " but sample has shape ",
+                      sample.sizes()));
   }
   for (const double v : {cx, cm, p0, px, pm, pe}) {
-    TORCH_CHECK_VALUE(std::isfinite(v), "linear_step: coefficients must be finite, got ", v);
+    TORCH_CHECK_VALUE(std::isfinite(v), message("linear_step: coefficients must be finite, got ", v));
   }
   const bool fp32 = model_output.scalar_type() != sample.scalar_type() ||
                     (extra.has_value() && extra->scalar_type() != sample.scalar_type());
