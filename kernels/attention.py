@@ -205,6 +205,22 @@ def _launch(q, k, v, out, scale, config, split=None):
         )
 
 
+def _rows_16_byte_aligned(t):
+    """t itself when its base and its batch, head and row strides are 16-byte aligned, else a copy whose rows are
+    16 bytes apart (padded past the head dim when it is not a multiple of 16 bytes)."""
+    elems = 16 // t.element_size()
+    if t.data_ptr() % 16 == 0 and all(t.stride(i) % elems == 0 for i in range(3) if t.shape[i] > 1):
+        return t
+    return _empty_aligned(t.shape, t).copy_(t)
+
+
+def _empty_aligned(shape, like):
+    """An uninitialised (B, H, L, D) tensor like ``like`` whose rows are 16 bytes apart: contiguous when D allows."""
+    elems = 16 // like.element_size()
+    padded = -(-shape[-1] // elems) * elems
+    return torch.empty(*shape[:-1], padded, device=like.device, dtype=like.dtype)[..., :shape[-1]]
+
+
 def attention(q, k, v, *, scale=None):
     """Flash attention of q (B, H, Lq, D) against k, v (B, H, Lk, D); returns (B, H, Lq, D) contiguous."""
     _validate.attention_args(q, k, v, scale)
@@ -215,7 +231,11 @@ def attention(q, k, v, *, scale=None):
         raise RuntimeError("q is on the CPU: the Triton kernel needs CUDA tensors or TRITON_INTERPRET=1")
     # unit last stride, and row offsets inside one head that fit the kernel's int32 arithmetic: else a copy
     q, k, v = (t if t.stride(-1) == 1 and t.stride(2) * t.shape[2] < 2**31 else t.contiguous() for t in (q, k, v))
-    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    # Rows not 16 bytes apart are copied first: compiled for sm_90, the kernel read views with a row stride of 41
+    # fp16 elements wrongly (error 0.97 on the H200; the interpreter was right). SD's head dims (40, 64, 80, 160 in
+    # 16-bit) never need the copy; a row stride like 41, a head dim like 12 in fp16 or an offset base does.
+    q, k, v = (_rows_16_byte_aligned(t) for t in (q, k, v))
+    out = _empty_aligned(q.shape, q)
     block_d = max(16, triton.next_power_of_2(q.shape[-1]))
     _launch(q, k, v, out, scale, _config(block_d, k.shape[2], q.dtype))
-    return out
+    return out if out.is_contiguous() else out.contiguous()

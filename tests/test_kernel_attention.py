@@ -106,16 +106,36 @@ def test_alignment_is_the_largest_power_of_two_dividing_every_stride(strides, el
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_odd_row_stride_views(dtype):
-    """Rows 41 elements apart (a slice of a wider tensor): ALIGN drops to 1 and the answer is still right."""
+@pytest.mark.parametrize("width, head_dim, offset", [
+    (41, 40, 0),  # rows 41 elements apart (a slice of a wider tensor): the H200 got these wrong before the copy
+    (12, 12, 0),  # head dim 12 contiguous: 24-byte rows in fp16, padded to 32 bytes by the copy
+    (41, 40, 1),  # a base one element past the allocation's: no row is 16-byte aligned
+])
+def test_rows_not_16_bytes_apart(dtype, width, head_dim, offset, monkeypatch):
+    """Views whose rows are not 16 bytes apart are copied into aligned rows before the launch, and the answer holds."""
+    launched, real_launch = [], kernel._launch
+    monkeypatch.setattr(kernel, "_launch", lambda *args, **kw: (launched.extend(args[:4]), real_launch(*args, **kw)))
     gen = torch.Generator().manual_seed(7)
-    wide = [torch.randn(2, 3, n, 41, generator=gen).to(DEVICE, dtype) for n in (19, 23, 23)]
-    q, k, v = (t[..., :40] for t in wide)
-    assert q.stride(2) == 41
+    wide = [torch.randn(2, 3, n, width + offset, generator=gen).to(DEVICE, dtype) for n in (19, 23, 23)]
+    q, k, v = (t[..., offset:offset + head_dim] for t in wide)
+    aligned = kernel._rows_16_byte_aligned(q)
+    misaligned = q.stride(2) * q.element_size() % 16 or q.data_ptr() % 16  # (fp32's 12 is 48 bytes: aligned)
+    assert (aligned is not q) == bool(misaligned) and torch.equal(aligned, q)
+    assert aligned.stride(2) * aligned.element_size() % 16 == 0 and aligned.data_ptr() % 16 == 0
     with poisoned_allocations():
         out = kernel.attention(q, k, v)
+    assert out.is_contiguous() and out.shape == q.shape
+    assert all(t.stride(2) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0 for t in launched)  # q, k, v, out
     assert_2x_rule(out, reference.attention(q.double(), k.double(), v.double()), reference.attention(q, k, v),
                    floor=FLOOR[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_the_models_views_are_not_copied(dtype):
+    """SD1.5's (B, L, H*D) projections viewed as (B, H, L, D) at head dim 40, fused q/k/v included: no copy."""
+    x = torch.randn(2, 77, 3, 8, 40, dtype=dtype, device=DEVICE)  # (B, L, 3, H, D): the fused projection's view
+    for t in (x[:, :, 0].transpose(1, 2), x.view(2, 77, 3 * 8 * 40)[..., :320].view(2, 77, 8, 40).transpose(1, 2)):
+        assert kernel._rows_16_byte_aligned(t) is t
 
 
 def test_batches_past_the_grid_limit_launch_in_chunks(monkeypatch):
