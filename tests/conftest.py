@@ -111,6 +111,27 @@ def device():
     return DEVICE
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cli_on_gpu: the CLI's --device auto keeps its meaning (cuda on a GPU machine)")
+
+
+@pytest.fixture(autouse=True)
+def _cli_auto_device_is_the_cpu(request, monkeypatch):
+    """The CLI's ``--device auto`` means the CPU in tests, on a GPU machine too, unless a test is marked cli_on_gpu.
+
+    The CLI tests hold its images to diffusers' made in float32 on the CPU, within one 8-bit level. On the H200 auto
+    picked cuda in float16, where the noise is drawn in float16 (as diffusers draws it there): another image, off by
+    up to 255 levels in 40 tests. The CLI's own GPU runs are the tests marked cli_on_gpu (check's fp16 rules against
+    the fp32 reference)."""
+    if not ON_GPU or request.node.get_closest_marker("cli_on_gpu"):
+        return
+    from diffusion_fast import cli, generate
+
+    real = cli._device
+    monkeypatch.setattr(cli, "_device", lambda name: real("cpu" if name == "auto" else name))
+    monkeypatch.setattr(generate, "_device", cli._device)
+
+
 def pytest_report_header(config):
     import triton
 

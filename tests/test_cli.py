@@ -208,6 +208,7 @@ def test_error_inside_command_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and "lacks the pipeline components" in err[0]
 
 
+@pytest.mark.cli_on_gpu  # (check on the GPU in fp16: its rules hold there too)
 def test_check_passes_on_default_model(capsys):
     assert main(["check", "--steps", "2"]) == 0
     text = capsys.readouterr().out
@@ -215,12 +216,14 @@ def test_check_passes_on_default_model(capsys):
     assert "stages vs fp32 reference: UNet noise prediction rel err" in text  # where a difference would come from
 
 
+@pytest.mark.cli_on_gpu  # (check on the GPU in fp16: its rules hold there too)
 def test_check_reports_the_plain_pytorch_baseline_in_half_precision(capsys):
     assert main(["check", "--steps", "1", "--dtype", "fp16"]) == 0
     text = capsys.readouterr().out
     assert "plain PyTorch in float16 (reference path) for comparison" in text and "0 failed" in text
 
 
+@pytest.mark.cli_on_gpu  # (check on the GPU in fp16: its rules hold there too)
 def test_check_compares_dtypes_from_one_noise(monkeypatch, capsys):
     """In torch 2.11 (the GPU image's version) a float16 randn is not the float32 one rounded. Simulate that: the
     pipeline's own draw depends on the dtype. check must still compare the float16 image with the float32 one from the

@@ -13,9 +13,10 @@ import torch
 import _tiny_diffusers
 from _fake_graphs import assert_graphed_as_eager, assert_one_capture_for_new_inputs, use_fake_graphs
 import diffusion_fast
-from conftest import ON_GPU
+from conftest import DEVICE, ON_GPU
 from diffusion_fast import StableDiffusion3Pipeline
 from diffusion_fast.models import SD3Transformer2DModel
+from diffusion_fast.numerics import strict_fp32
 
 CALL = _tiny_diffusers.Comparison(prompt="a cat on a mat", num_inference_steps=4)
 _run, _assert_as_diffusers, _moved = CALL.run, CALL.as_diffusers, CALL.moved
@@ -135,9 +136,11 @@ def test_transformer_matches_diffusers_on_every_backend():
     with torch.no_grad():
         expected = theirs(x, context, pooled, t).sample
         for name in ("fast", "reference", "triton"):
-            with diffusion_fast.backend(name):
-                got = ours(x, context, pooled, t)
+            on = DEVICE if name == "triton" else torch.device("cpu")  # (compiled Triton takes CUDA tensors)
+            with diffusion_fast.backend(name), strict_fp32():
+                got = ours.to(on)(*(a.to(on) for a in (x, context, pooled, t))).cpu()
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=name)
+        ours.to("cpu")
         skipped = ours(x, context, pooled, t, skip_layers=[0, 2])
         residuals = [torch.randn(3, 50, 64) for _ in range(2)]
         guided = ours(x, context, pooled, t, skip_layers=[0], block_controlnet_hidden_states=residuals)
