@@ -7,7 +7,12 @@ On the H200 (triton 3.6) tests/test_kernel_attention.py's fp16 views with a row 
 now copies such views into aligned rows first; this launches the kernel directly (kernel._launch, no copy) on
 unaligned views, one variable changed at a time (row stride, base offset, dtype, tiles, pipeline stages, head-dim
 split), and prints each case's error against the float64 reference beside PyTorch's own, to say where it breaks.
+Its first H200 run: the 16-byte-aligned control right, then the test's view (stride 41) faulted with an illegal memory
+access, which ends the CUDA context; so each case runs in its own process.
 """
+import subprocess
+import sys
+
 import torch
 import triton
 
@@ -35,22 +40,34 @@ def case(name, dtype, width, head_dim, offset=0, config=None, split=None, lens=(
     print(f"{name:58s} config {config} error {err:.2e} (PyTorch {base:.2e}) {verdict}", flush=True)
 
 
+CASES = {  # name: (dtype, row stride, head dim, case()'s other arguments)
+    "fp16 row stride 48, head dim 40 (16-byte rows: control)": ("float16", 48, 40, {}),
+    "fp16 row stride 41, head dim 40 (the test's view)": ("float16", 41, 40, {}),
+    "fp16 row stride 42 (4-byte rows)": ("float16", 42, 40, {}),
+    "fp16 row stride 44 (8-byte rows)": ("float16", 44, 40, {}),
+    "fp16 head dim 12 contiguous (24-byte rows)": ("float16", 12, 12, {}),
+    "fp16 row stride 40, base one element in": ("float16", 40, 40, {"offset": 1}),
+    "fp16 row stride 41, head dim 32 (no tail block)": ("float16", 41, 32, {}),
+    "fp16 row stride 41, padded head dim (no split)": ("float16", 41, 40, {"split": False}),
+    "fp16 row stride 41, one pipeline stage": ("float16", 41, 40, {"config": (128, 128, 8, 1)}),
+    "fp16 row stride 41, 64x32 tiles, 4 warps, 1 stage": ("float16", 41, 40, {"config": (64, 32, 4, 1)}),
+    "fp16 row stride 41, lengths 128 (no row/key masks)": ("float16", 41, 40, {"lens": (128, 128)}),
+    "bf16 row stride 41": ("bfloat16", 41, 40, {}),
+    "fp32 row stride 41 (control: right before)": ("float32", 41, 40, {}),
+}
+
+
 def main():
-    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
-    half = torch.float16
-    case("fp16 row stride 48, head dim 40 (16-byte rows: control)", half, 48, 40)
-    case("fp16 row stride 41, head dim 40 (the test's view)", half, 41, 40)
-    case("fp16 row stride 42 (4-byte rows)", half, 42, 40)
-    case("fp16 row stride 44 (8-byte rows)", half, 44, 40)
-    case("fp16 head dim 12 contiguous (24-byte rows)", half, 12, 12)
-    case("fp16 row stride 40, base one element in", half, 40, 40, offset=1)
-    case("fp16 row stride 41, head dim 32 (no tail block)", half, 41, 32)
-    case("fp16 row stride 41, padded head dim (no split)", half, 41, 40, split=False)
-    case("fp16 row stride 41, one pipeline stage", half, 41, 40, config=(128, 128, 8, 1))
-    case("fp16 row stride 41, 64x32 tiles, 4 warps, 1 stage", half, 41, 40, config=(64, 32, 4, 1))
-    case("fp16 row stride 41, lengths 128 (no row/key masks)", half, 41, 40, lens=(128, 128))
-    case("bf16 row stride 41", torch.bfloat16, 41, 40)
-    case("fp32 row stride 41 (control: right before)", torch.float32, 41, 40)
+    if len(sys.argv) == 2:  # one case, in this process
+        dtype, width, head_dim, extra = CASES[sys.argv[1]]
+        case(sys.argv[1], getattr(torch, dtype), width, head_dim, **extra)
+        return
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
+    for name in CASES:
+        result = subprocess.run([sys.executable, __file__, name], capture_output=True, text=True, timeout=300)
+        lines = [line for line in result.stdout.splitlines() if line.startswith(name)]
+        print(lines[-1] if lines else f"{name:58s} died (exit {result.returncode}): "
+              f"{(result.stderr.strip().splitlines() or [''])[-1][:120]}", flush=True)
 
 
 if __name__ == "__main__":

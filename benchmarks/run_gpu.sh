@@ -4,7 +4,8 @@
 # benchmark and the end-to-end benchmark. Results append to benchmarks/results/*.jsonl.
 #   bash benchmarks/run_gpu.sh [diagnose] [tests] [kernels] [e2e] [sd3] [tune]   (default: the first four; "sd3" is
 #   the SD3.5 Medium-shaped end-to-end benchmark, benchmarks/gpu_e2e_sd3.py; "tune" sweeps the attention tile sizes,
-#   benchmarks/tune_attention.py, a few minutes). On a lent machine with a per-command time
+#   benchmarks/tune_attention.py, a few minutes; "alignment" launches the attention kernel on views whose rows are not
+#   16 bytes apart, benchmarks/diagnose_attention_alignment.py, a minute). On a lent machine with a per-command time
 #   limit, run the steps as separate commands.
 #   bash benchmarks/run_gpu.sh lease   one short lease (the device tool lends 15 minutes, machine start included): the
 #   most telling steps first, each cut off at LEASE_SECONDS (default 510) from the start: diagnose, the end-to-end
@@ -56,13 +57,14 @@ for step in "${steps[@]}"; do
     e2e) python3 benchmarks/gpu_e2e.py || status=1 ;;
     sd3) python3 benchmarks/gpu_e2e_sd3.py || status=1 ;;
     tune) python3 benchmarks/tune_attention.py || status=1 ;;
+    alignment) python3 benchmarks/diagnose_attention_alignment.py || status=1 ;;
     lease)
       bounded diagnose python3 benchmarks/diagnose_op_errors.py
       bounded e2e python3 benchmarks/gpu_e2e.py --no-compile --repeats 2
       bounded kernels python3 benchmarks/gpu_kernels.py --quick
       bounded tests python3 -m pytest tests -q -p no:cacheprovider -n 8 -rfE
       ;;
-    *) echo "unknown step '$step' (diagnose, tests, kernels, e2e, sd3, tune, lease)" >&2; exit 2 ;;
+    *) echo "unknown step '$step' (diagnose, tests, kernels, e2e, sd3, tune, alignment, lease)" >&2; exit 2 ;;
   esac
 done
 exit $status
