@@ -12,9 +12,9 @@ pipeline, ``pipeline_xl.py``, runs this loop with its own text conditioning.) Wh
   fresh noise (a non-DDIM scheduler, ``eta > 0``), the UNet call alone is graphed and the scheduler runs eagerly; on
   the CPU and on the reference backend the loop runs eagerly;
 - ``channels_last="auto"`` runs the UNet and VAE in channels_last where it was measured to pay: on the CPU
-  (``diffusion-fast bench`` times both layouts). On CUDA "auto" keeps NCHW until the GPU benchmark
-  (``benchmarks/gpu_e2e.py`` times both) has shown which is faster; ``True`` forces channels_last. The conv weights
-  are converted once, and the activations follow them.
+  (``diffusion-fast bench`` times both layouts). On CUDA "auto" keeps NCHW for now, though the H200 run of
+  ``benchmarks/gpu_e2e.py`` timed channels_last at 1.37x NCHW (its image comparison did not complete): pass
+  ``True`` there. The conv weights are converted once, and the activations follow them.
 """
 from __future__ import annotations
 
