@@ -15,7 +15,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from . import _cpp, _validate, reference
+from . import _cpp, _triton_compiled, _validate, reference
 from ._backend import current_backend
 
 IMPLEMENTATIONS = ("auto", "triton", "cpp", "reference")
@@ -97,6 +97,8 @@ def _group_norm_silu(x, num_groups, weight, bias, eps, silu=True, backend="auto"
     C++ op, F.group_norm) still refuses input it cannot run."""
     impl = _resolve("group_norm_silu", backend, x.device)
     if impl == "triton":
+        if torch.compiler.is_compiling():  # one opaque node for torch.compile (diffusion_fast/_triton_compiled.py)
+            return _triton_compiled.group_norm_silu(x, num_groups, weight, bias, float(eps), bool(silu))
         from .kernels.group_norm_silu import group_norm_silu as kernel
 
         return kernel(x, num_groups, weight, bias, eps, silu=silu)
@@ -125,6 +127,8 @@ def _attention(q, k, v, scale=None, backend="auto"):
                 f"(head dim <= {kernel.MAX_HEAD_DIM}); using torch scaled_dot_product_attention",
             )
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        if torch.compiler.is_compiling():
+            return _triton_compiled.attention(q, k, v, None if scale is None else float(scale))
         return kernel.attention(q, k, v, scale=scale)
     if impl == "torch":
         return F.scaled_dot_product_attention(q, k, v, scale=scale)

@@ -9,11 +9,11 @@ import torch._dynamo
 import torch._dynamo.testing
 
 import diffusion_fast
-from conftest import ON_GPU
+from conftest import DEVICE, ON_GPU
 from diffusion_fast import tiny
 from diffusion_fast.models import UNet2DConditionModel
 
-pytestmark = pytest.mark.skipif(ON_GPU, reason="the CPU path (C++ ops) is what this traces; on a GPU, Triton's")
+CPU_PATH = pytest.mark.skipif(ON_GPU, reason="the CPU path (C++ ops) is what this traces; on a GPU, Triton's")
 
 
 @pytest.fixture
@@ -27,6 +27,7 @@ def unet_and_inputs():
     return unet, (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500, 20]), torch.randn(2, 77, cross, generator=g))
 
 
+@CPU_PATH
 def test_the_unet_traces_as_one_graph(unet_and_inputs):
     unet, inputs = unet_and_inputs
     torch._dynamo.reset()
@@ -36,6 +37,7 @@ def test_the_unet_traces_as_one_graph(unet_and_inputs):
     assert explained.graph_count == 1
 
 
+@CPU_PATH
 def test_compiled_unet_matches_eager_and_recompiles_for_another_backend(unet_and_inputs, monkeypatch):
     unet, inputs = unet_and_inputs
     torch._dynamo.reset()
@@ -59,3 +61,46 @@ def test_compiled_unet_matches_eager_and_recompiles_for_another_backend(unet_and
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         compiled(*inputs)  # back outside the block: the first graph again, no third compile
         assert counter.frame_count == 2
+
+
+def test_the_triton_path_compiles_with_each_kernel_call_one_opaque_op(unet_and_inputs, monkeypatch):
+    """The Triton kernels under torch.compile (interpreted here, compiled on a GPU): one graph, each GroupNorm and
+    attention call an opaque op whose kernel really runs, eager's output bit for bit. Before, dynamo traced into the
+    launchers and failed inside Triton's interpreter."""
+    from diffusion_fast.kernels import attention as attention_kernel
+    from diffusion_fast.kernels import group_norm_silu as group_norm_kernel
+
+    unet, (sample, t, context) = unet_and_inputs
+    unet.to(DEVICE)
+    inputs = (sample[:1].to(DEVICE), t[:1].to(DEVICE), context[:1].to(DEVICE))  # (one sample: interpreted kernels)
+    calls = []
+    for module, name in ((attention_kernel, "attention"), (group_norm_kernel, "group_norm_silu")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(unet, backend=counter, fullgraph=True)
+    with torch.no_grad(), diffusion_fast.backend("triton"):
+        eager = unet(*inputs)
+        eager_calls = list(calls)
+        got = compiled(*inputs)
+    assert counter.frame_count == 1 and {"attention", "group_norm_silu"} <= set(eager_calls)
+    assert calls == eager_calls * 2  # the compiled run launched every kernel the eager one did, in order
+    torch.testing.assert_close(got, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last", "permuted"])
+def test_the_opaque_triton_ops_pass_opcheck(layout):
+    """The fakes torch.compile plans with give the real outputs' shapes and strides (a permuted input is read as a
+    contiguous copy, channels_last is kept), and the ops' schemas hold."""
+    from diffusion_fast import _triton_compiled
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 5, 3, generator=g).to(DEVICE)
+    x = {"NCHW": x, "channels_last": x.to(memory_format=torch.channels_last),
+         "permuted": x.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)}[layout]
+    weight, bias = torch.randn(6, generator=g).to(DEVICE), torch.randn(6, generator=g).to(DEVICE)
+    torch.library.opcheck(_triton_compiled.group_norm_silu, (x, 3, weight, bias, 1e-5, True))
+    q, k, v = (torch.randn(2, 3, n, 12, generator=g).to(DEVICE).transpose(1, 2).contiguous().transpose(1, 2)
+               for n in (7, 9, 9))  # (B, H, L, D) views of (B, L, H, D) storage, as the models pass them
+    torch.library.opcheck(_triton_compiled.attention, (q, k, v, None))
