@@ -31,7 +31,11 @@ _registrations = [0]  # parameters, buffers and submodules registered on any mod
 
 
 def _count_registration(module, name, value):
-    _registrations[0] += 1  # returns None: the registered value is kept as it is
+    # Inside code torch.compile traces, registrations are the forward's own temporary containers (diffusers' mid
+    # block slices ``self.resnets[1:]``, a new ModuleList): counting them there made dynamo guard on the count, which
+    # changes at every call, so a compiled diffusers UNet recompiled until its limit and then ran eagerly.
+    if not torch.compiler.is_compiling():
+        _registrations[0] += 1  # returns None: the registered value is kept as it is
 
 
 class ModuleState:

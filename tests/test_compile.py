@@ -104,3 +104,26 @@ def test_the_opaque_triton_ops_pass_opcheck(layout):
     q, k, v = (torch.randn(2, 3, n, 12, generator=g).to(DEVICE).transpose(1, 2).contiguous().transpose(1, 2)
                for n in (7, 9, 9))  # (B, H, L, D) views of (B, L, H, D) storage, as the models pass them
     torch.library.opcheck(_triton_compiled.attention, (q, k, v, None))
+
+
+def test_a_compiled_diffusers_unet_does_not_recompile_once_our_graphs_watch_modules():
+    """Our CUDA graphs count module registrations process-wide (cuda_graph.ModuleState installs torch's global
+    hooks). diffusers' mid block slices ``self.resnets[1:]`` in its forward, which registers modules into a new
+    ModuleList: traced, the count became a guard that failed at every call, and on an H200 a diffusers UNet compiled
+    in the same process as our pipeline recompiled to dynamo's limit and ran eagerly (1.02x eager)."""
+    import diffusers
+
+    from diffusion_fast.cuda_graph import ModuleState
+
+    unet = diffusers.UNet2DConditionModel(**tiny.unet_config("sd1")).eval()
+    ModuleState(unet)  # (what our pipeline and accelerate(pipe) create for their CUDA graphs: the hooks go in)
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 8, 8, generator=g)
+    context = torch.randn(1, 77, tiny.unet_config("sd1")["cross_attention_dim"], generator=g)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(unet, backend=counter)
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(sample, 10, context)
+    assert counter.frame_count == 1
