@@ -4,6 +4,8 @@ with it as their VAE against diffusers' with theirs.
 Stated tolerance: the model within 1e-5 of diffusers' (fp32; the same convolutions in the same order); pipeline images
 within 1e-3 max abs pixel difference (pixels in [0, 1]).
 """
+import copy
+
 import diffusers
 import numpy as np
 import pytest
@@ -100,18 +102,16 @@ def test_low_precision_decode_on_gpu_meets_the_2x_rule(pair, dtype):
     decode: within 2x diffusers' decode in the same dtype, plus a floor."""
     from _numerics import assert_2x_rule
 
-    theirs, ours, _ = pair
+    # copies: the fixture is shared, and a round trip through fp16 rounds the weights (on an H200 the fp32 image
+    # comparison that ran after this on the same worker was then 3 levels off)
+    theirs, ours = (copy.deepcopy(model) for model in pair[:2])
     z = torch.randn(3, 4, 9, 7, generator=torch.Generator().manual_seed(2)) * 2
     with torch.no_grad():
         ref64 = ours.to(DEVICE, torch.float64).decode(z.to(DEVICE, torch.float64))
         torch_out = theirs.to(DEVICE, dtype).decode(z.to(DEVICE, dtype)).sample
         ours.to(DEVICE, dtype).to(memory_format=torch.channels_last)
         out = ours.decode(z.to(DEVICE, dtype))
-    try:
-        assert_2x_rule(out.double(), ref64, torch_out.double(), floor=1e-2, what=f"TAESD decode {dtype}")
-    finally:
-        ours.to("cpu", torch.float32).to(memory_format=torch.contiguous_format)
-        theirs.to("cpu", torch.float32)
+    assert_2x_rule(out.double(), ref64, torch_out.double(), floor=1e-2, what=f"TAESD decode {dtype}")
 
 
 def test_loading_refuses_the_wrong_class_by_name(pair, tmp_path):
