@@ -171,6 +171,10 @@ def main(argv=None):
     pag = None  # (its graphs freed)
     with backend("fast"):
         img_fast = ours(PROMPT, num_inference_steps=steps, latents=noise, output_type="np").images
+        # channels_last's image too: "auto" picks channels_last on CUDA only once this image has been compared
+        ours.channels_last = True
+        img_fast_cl = ours(PROMPT, num_inference_steps=steps, latents=noise, output_type="np").images
+        ours.channels_last = "auto"
     ours = None  # (freed before the next pipeline loads)
     free(device)
     ref32 = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, device=device)
@@ -244,6 +248,7 @@ def main(argv=None):
 
     first_s, first_log = first_image_seconds(folder, steps)
     quality = {"psnr_ours_fp16_vs_fp32_reference_db": psnr(img_fast, img_ref32),
+               "psnr_ours_fp16_channels_last_vs_fp32_reference_db": psnr(img_fast_cl, img_ref32),
                "psnr_diffusers_fp32_vs_our_fp32_reference_db": psnr(img_diffusers32, img_ref32),
                "psnr_our_fp32_reference_with_tf32_vs_without_db": psnr(img_ref32_tf32, img_ref32)}
     if img_diffusers is not None:

@@ -12,8 +12,8 @@ pipeline, ``pipeline_xl.py``, runs this loop with its own text conditioning.) Wh
   fresh noise (a non-DDIM scheduler, ``eta > 0``), the UNet call alone is graphed and the scheduler runs eagerly; on
   the CPU and on the reference backend the loop runs eagerly;
 - ``channels_last="auto"`` runs the UNet and VAE in channels_last where it was measured to pay: on the CPU
-  (``diffusion-fast bench`` times both layouts). On CUDA "auto" keeps NCHW for now, though the H200 run of
-  ``benchmarks/gpu_e2e.py`` timed channels_last at 1.37x NCHW (its image comparison did not complete): pass
+  (``diffusion-fast bench`` times both layouts). On CUDA "auto" keeps NCHW for now, though three H200 runs of
+  ``benchmarks/gpu_e2e.py`` timed channels_last at 1.34x to 1.37x NCHW (their images were compared in NCHW only): pass
   ``True`` there. The conv weights are converted once, and the activations follow them.
 """
 from __future__ import annotations

@@ -212,7 +212,8 @@ def test_e2e_dry_run_runs_every_system_and_is_left_out_of_the_tables(tmp_path):
     import gpu_e2e
     import results_table
 
-    record = _dry_run(gpu_e2e, tmp_path, systems=9, qualities=6)
+    record = _dry_run(gpu_e2e, tmp_path, systems=9, qualities=7)
+    assert record["quality"]["psnr_ours_fp16_channels_last_vs_fp32_reference_db"] > 40  # (fp32 here: the same image)
     pag = next(r for r in record["rows"] if r["system"] == gpu_e2e.OURS_PAG)
     assert pag["speedup_vs_diffusers_pag"] > 0 and "vs diffusers PAG" in results_table.gpu_e2e(record)
     assert record["first_image_seconds"] is not None
