@@ -199,17 +199,19 @@ def write_random_pipeline(folder, unet_cfg, vae_cfg, text_cfg, sched_cfg, seed=0
 
     from .models import AutoencoderKL, UNet2DConditionModel
 
-    torch.manual_seed(seed)
-    for name, cls, config in (
-        ("unet", UNet2DConditionModel, dict(unet_cfg, _class_name="UNet2DConditionModel")),
-        ("vae", AutoencoderKL, dict(vae_cfg, _class_name="AutoencoderKL")),
-    ):
-        model = cls.from_config(config)
-        _write_json(os.path.join(folder, name, "config.json"), config)
-        state = {k: v.to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
-        save_file(state, os.path.join(folder, name, "diffusion_pytorch_model.safetensors"))
-        del model, state
-    CLIPTextModel(CLIPTextConfig(**text_cfg)).save_pretrained(os.path.join(folder, "text_encoder"))
+    # seeded weights, without reseeding the caller's global generator (fork_rng restores it)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name, cls, config in (
+            ("unet", UNet2DConditionModel, dict(unet_cfg, _class_name="UNet2DConditionModel")),
+            ("vae", AutoencoderKL, dict(vae_cfg, _class_name="AutoencoderKL")),
+        ):
+            model = cls.from_config(config)
+            _write_json(os.path.join(folder, name, "config.json"), config)
+            state = {k: v.to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+            save_file(state, os.path.join(folder, name, "diffusion_pytorch_model.safetensors"))
+            del model, state
+        CLIPTextModel(CLIPTextConfig(**text_cfg)).save_pretrained(os.path.join(folder, "text_encoder"))
     write_tokenizer(os.path.join(folder, "tokenizer"))
     _write_json(
         os.path.join(folder, "scheduler", "scheduler_config.json"), dict(sched_cfg, _class_name="DDIMScheduler")

@@ -3,6 +3,8 @@
 Stated tolerance: fp32 images within 1e-3 max abs pixel difference (pixels in [0, 1]) of diffusers' for the same seed
 and weights, on both the fast and the reference path.
 """
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -377,6 +379,23 @@ def test_bad_input_is_a_clear_error(pair, kwargs, message):
     _, ours = pair
     with pytest.raises((ValueError, TypeError), match=message):
         ours(**{"num_inference_steps": 1, **kwargs})
+
+
+def test_writing_a_tiny_folder_leaves_the_callers_random_state_alone(tmp_path):
+    """tiny.write_tiny_pipeline seeds its own weights (the same files for the same seed) without reseeding the
+    caller's global generator: before, a user's torch.rand after it repeated the draws of torch.manual_seed(0)."""
+    from diffusion_fast import tiny
+
+    def files(folder):
+        return {name: open(os.path.join(folder, name, "diffusion_pytorch_model.safetensors"), "rb").read()
+                for name in ("unet", "vae")}
+
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    first = files(tiny.write_tiny_pipeline(str(tmp_path / "a"), "sd1", seed=0))
+    assert torch.equal(torch.rand(4), expected)
+    assert files(tiny.write_tiny_pipeline(str(tmp_path / "b"), "sd1", seed=0)) == first
 
 
 def test_missing_folder_and_components(tmp_path):
