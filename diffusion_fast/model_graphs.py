@@ -72,6 +72,8 @@ def graph_forward(model, make_output):
     graphed = GraphedCallable(tensor_forward, state=ModuleState(model), clone_output=True)
 
     def forward(*args, return_dict=True, **kwargs):
+        if torch.compiler.is_compiling():  # torch.compile(model): traced as the model itself (our ops, no replay);
+            return original(*args, return_dict=return_dict, **kwargs)  # mode="reduce-overhead" brings its own graphs
         if len(args) > 1:  # pipelines pass t as 0-d or (1,): one graph for both
             args = (args[0], _zero_dim(args[1]), *args[2:])
         elif "timestep" in kwargs:  # diffusers' MultiControlNetModel calls its nets with keywords only

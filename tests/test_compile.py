@@ -127,3 +127,59 @@ def test_a_compiled_diffusers_unet_does_not_recompile_once_our_graphs_watch_modu
         for _ in range(3):
             compiled(sample, 10, context)
     assert counter.frame_count == 1
+
+
+def test_an_accelerated_diffusers_unet_compiles_as_one_graph():
+    """accelerate(pipe) then torch.compile(pipe.unet) (a CPU pipeline: the C++ ops): one graph, no breaks, and the
+    accelerated eager output bit for bit. (On CUDA, accelerate's CUDA graphs replace the forward: compile with
+    cuda_graph=False there.)"""
+    import _tiny_diffusers
+
+    pipe = _tiny_diffusers.pipeline("sd1", seed=1)
+    diffusion_fast.accelerate(pipe, cuda_graph=False)
+    unet = pipe.unet
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=g)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    graphs = []
+
+    def keep(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(unet, backend=keep, fullgraph=True)
+    with torch.no_grad():
+        eager = unet(sample, 10, context).sample
+        torch.testing.assert_close(compiled(sample, 10, context).sample, eager, rtol=0, atol=0)
+    assert len(graphs) == 1
+    targets = {node.target for node in graphs[0].graph.nodes if node.op == "call_function"}
+    ours = torch.ops.diffusion_fast.group_norm_silu
+    assert {ours, ours.default} & targets  # our fused op, not F.group_norm + F.silu
+
+
+def test_a_model_whose_forward_we_graph_compiles_as_the_model_itself(monkeypatch):
+    """torch.compile on a model accelerate gave CUDA graphs (model_graphs.graph_forward): compiled code must not
+    trace into our capture and replay (streams, torch.cuda.graph), so there the patched forward is the model's own.
+    Here on CPU tensors, with the graphs made to believe the inputs capturable: before, dynamo traced into the
+    capture and failed."""
+    import diffusers
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    from diffusion_fast.cuda_graph import GraphedCallable
+    from diffusion_fast.model_graphs import graph_forward
+
+    unet = diffusers.UNet2DConditionModel(**tiny.unet_config("sd1")).eval()
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 8, 8, generator=g)
+    context = torch.randn(1, 77, tiny.unet_config("sd1")["cross_attention_dim"], generator=g)
+    with torch.no_grad():
+        expected = unet(sample, torch.tensor(10), context).sample
+    graph_forward(unet, lambda out: UNet2DConditionOutput(sample=out[0]))
+    monkeypatch.setattr(GraphedCallable, "_capturable", staticmethod(lambda tensors: True))
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(unet, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(sample, torch.tensor(10), context).sample, expected, rtol=0, atol=0)
+    assert counter.frame_count == 1
