@@ -29,6 +29,20 @@ def unet_and_inputs():
     return unet, (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500, 20]), torch.randn(2, 77, cross, generator=g))
 
 
+def _diffusers_inputs(unet, batch=1):
+    """(sample, encoder hidden states) for a tiny diffusers-format UNet: fresh random values."""
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(batch, 4, 8, 8, generator=g),
+            torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g))
+
+
+@pytest.fixture
+def diffusers_unet():
+    import diffusers
+
+    return diffusers.UNet2DConditionModel(**tiny.unet_config("sd1")).eval()
+
+
 @CPU_PATH
 def test_the_unet_traces_as_one_graph(unet_and_inputs):
     unet, inputs = unet_and_inputs
@@ -108,20 +122,16 @@ def test_the_opaque_triton_ops_pass_opcheck(layout):
     torch.library.opcheck(_triton_compiled.attention, (q, k, v, None))
 
 
-def test_a_compiled_diffusers_unet_does_not_recompile_once_our_graphs_watch_modules():
+def test_a_compiled_diffusers_unet_does_not_recompile_once_our_graphs_watch_modules(diffusers_unet):
     """Our CUDA graphs count module registrations process-wide (cuda_graph.ModuleState installs torch's global
     hooks). diffusers' mid block slices ``self.resnets[1:]`` in its forward, which registers modules into a new
     ModuleList: traced, the count became a guard that failed at every call, and on an H200 a diffusers UNet compiled
     in the same process as our pipeline recompiled to dynamo's limit and ran eagerly (1.02x eager)."""
-    import diffusers
-
     from diffusion_fast.cuda_graph import ModuleState
 
-    unet = diffusers.UNet2DConditionModel(**tiny.unet_config("sd1")).eval()
+    unet = diffusers_unet
     ModuleState(unet)  # (what our pipeline and accelerate(pipe) create for their CUDA graphs: the hooks go in)
-    g = torch.Generator().manual_seed(0)
-    sample = torch.randn(1, 4, 8, 8, generator=g)
-    context = torch.randn(1, 77, tiny.unet_config("sd1")["cross_attention_dim"], generator=g)
+    sample, context = _diffusers_inputs(unet)
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounter()
     compiled = torch.compile(unet, backend=counter)
@@ -132,17 +142,15 @@ def test_a_compiled_diffusers_unet_does_not_recompile_once_our_graphs_watch_modu
 
 
 def test_an_accelerated_diffusers_unet_compiles_as_one_graph():
-    """accelerate(pipe) then torch.compile(pipe.unet) (a CPU pipeline: the C++ ops): one graph, no breaks, and the
-    accelerated eager output bit for bit. (On CUDA, accelerate's CUDA graphs replace the forward: compile with
-    cuda_graph=False there.)"""
+    """accelerate(pipe) then torch.compile(pipe.unet) (a CPU pipeline: the C++ ops): one graph, no breaks, our fused
+    op in it, and the accelerated eager output bit for bit. (Where accelerate gave the UNet CUDA graphs, compiled code
+    calls the model's own forward: the next test.)"""
     import _tiny_diffusers
 
     pipe = _tiny_diffusers.pipeline("sd1", seed=1)
-    diffusion_fast.accelerate(pipe, cuda_graph=False)
+    diffusion_fast.accelerate(pipe)
     unet = pipe.unet
-    g = torch.Generator().manual_seed(0)
-    sample = torch.randn(2, 4, 8, 8, generator=g)
-    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    sample, context = _diffusers_inputs(unet, batch=2)
     graphs = []
 
     def keep(graph_module, example_inputs):
@@ -160,21 +168,18 @@ def test_an_accelerated_diffusers_unet_compiles_as_one_graph():
     assert {ours, ours.default} & targets  # our fused op, not F.group_norm + F.silu
 
 
-def test_a_model_whose_forward_we_graph_compiles_as_the_model_itself(monkeypatch):
+def test_a_model_whose_forward_we_graph_compiles_as_the_model_itself(diffusers_unet, monkeypatch):
     """torch.compile on a model accelerate gave CUDA graphs (model_graphs.graph_forward): compiled code must not
     trace into our capture and replay (streams, torch.cuda.graph), so there the patched forward is the model's own.
     Here on CPU tensors, with the graphs made to believe the inputs capturable: before, dynamo traced into the
     capture and failed."""
-    import diffusers
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
     from diffusion_fast.cuda_graph import GraphedCallable
     from diffusion_fast.model_graphs import graph_forward
 
-    unet = diffusers.UNet2DConditionModel(**tiny.unet_config("sd1")).eval()
-    g = torch.Generator().manual_seed(0)
-    sample = torch.randn(1, 4, 8, 8, generator=g)
-    context = torch.randn(1, 77, tiny.unet_config("sd1")["cross_attention_dim"], generator=g)
+    unet = diffusers_unet
+    sample, context = _diffusers_inputs(unet)
     with torch.no_grad():
         expected = unet(sample, torch.tensor(10), context).sample
     graph_forward(unet, lambda out: UNet2DConditionOutput(sample=out[0]))
@@ -207,3 +212,11 @@ def test_inductor_compiles_our_blocks_around_the_fused_ops(unet_and_inputs):
         got, code = run_and_get_code(torch.compile(unet.mid_block, fullgraph=True), *args)
     assert "diffusion_fast.group_norm_silu" in "\n".join(code)
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input_in_compiled_code_is_the_same_clear_error():
+    """A public op's argument check inside compiled code: the same ValueError naming the argument as eager, not an
+    error from dynamo's tracing."""
+    compiled = torch.compile(lambda x: diffusion_fast.ops.group_norm_silu(x, 4), backend="eager")
+    with pytest.raises(ValueError, match="num_groups=4 must be positive and divide the channel count 6 of x"):
+        compiled(torch.randn(2, 6, 3, 3))
