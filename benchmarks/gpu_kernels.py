@@ -8,8 +8,8 @@ each row is a cold-cache time: small tensors that would stay in L2 inside a real
   (b) group_norm_silu (ours, Triton) vs F.group_norm + F.silu, fp16, NCHW and channels_last, SD1.5 and SDXL UNet and
       VAE-decoder shapes: time, GB/s (ideal bytes: read once + write once), fraction of copy bandwidth, speedup; for
       tensors that take the one-launch plan, the split two-launch plan too (an A/B for ONE_PASS_MAX_ELEMENTS, which
-      was chosen against eager launch costs, not graphed ones); for larger ones, the output pass in launch order
-      without cache hints (an A/B for APPLY_L2_REUSE);
+      was chosen against eager launch costs, not graphed ones); for every shape, the statistics reduced block by
+      block as they are loaded (an A/B for LANE_STATISTICS);
   (c) attention (ours) vs F.scaled_dot_product_attention, fp16, SD1.5 and SDXL shapes: TFLOP/s (4*B*H*Lq*Lk*D) and
       fraction of the fp16 matmul rate; at head dims 40, 80 and 160 also the same kernel with the head dim padded to
       a power of two instead of split (kernels/attention.py, SPLIT_HEAD_DIM), an A/B in the same run;
@@ -163,23 +163,27 @@ def group_norm_fns(row, ops):
     x = torch.randn(shape, device="cuda", dtype=torch.float16).contiguous(memory_format=fmt)
     w, b = (torch.randn(shape[1], device="cuda", dtype=torch.float16) for _ in range(2))
 
-    def other_plan():
-        """A/B: a tensor small enough for the one-launch plan, timed with the split plan too; a larger one, timed
-        with its output pass in launch order and without cache hints (APPLY_L2_REUSE off)."""
+    def other_plans():
+        """A/B: every tensor timed with its statistics reduced block by block (LANE_STATISTICS off); one small
+        enough for the one-launch plan, with the split plan too."""
         from diffusion_fast.kernels import group_norm_silu as kernel
 
-        one_launch = x.numel() <= kernel.ONE_PASS_MAX_ELEMENTS
-        setting, variant = ("ONE_PASS_MAX_ELEMENTS", "two_launch") if one_launch else ("APPLY_L2_REUSE", "launch_order")
-        saved = getattr(kernel, setting)
-        setattr(kernel, setting, 0 if one_launch else False)
-        try:
-            fn = lambda: kernel.group_norm_silu(x, 32, w, b)  # noqa: E731
-            fn()
-            return {f"{variant}_ms": median_ms(fn), f"{variant}_graphed_ms": graphed_ms(fn)}
-        finally:
-            setattr(kernel, setting, saved)
+        variants = {"per_block_stats": ("LANE_STATISTICS", False)}
+        if x.numel() <= kernel.ONE_PASS_MAX_ELEMENTS:
+            variants["two_launch"] = ("ONE_PASS_MAX_ELEMENTS", 0)
+        times = {}
+        for variant, (setting, value) in variants.items():
+            saved = getattr(kernel, setting)
+            setattr(kernel, setting, value)
+            try:
+                fn = lambda: kernel.group_norm_silu(x, 32, w, b)  # noqa: E731
+                fn()
+                times.update({f"{variant}_ms": median_ms(fn), f"{variant}_graphed_ms": graphed_ms(fn)})
+            finally:
+                setattr(kernel, setting, saved)
+        return times
 
-    return lambda: ops.group_norm_silu(x, 32, w, b), lambda: F.silu(F.group_norm(x, 32, w, b)), other_plan
+    return lambda: ops.group_norm_silu(x, 32, w, b), lambda: F.silu(F.group_norm(x, 32, w, b)), other_plans
 
 
 def attention_fns(row, ops):
@@ -324,7 +328,8 @@ def _num(row, key, fmt):
 
 
 A_B_VARIANTS = {"two_launch": "split two-launch plan instead", "padded": "head dim padded instead of split",
-                "launch_order": "output pass in launch order, no evict-first hints"}
+                "per_block_stats": "statistics reduced block by block",
+                "launch_order": "output pass in launch order, no evict-first hints"}  # (records before 2026-12-04)
 
 
 def format_row(row):

@@ -80,6 +80,9 @@ def gpu_kernels(record):
             if "two_launch_ms" in r:
                 layout += (f" (two-launch plan: {fmt(r['two_launch_ms'], '.4f')} ms, in a graph "
                            f"{fmt(r.get('two_launch_graphed_ms'), '.4f')} ms)")
+            if "per_block_stats_ms" in r:
+                layout += (f" (statistics reduced block by block: {fmt(r['per_block_stats_ms'], '.4f')} ms, in a "
+                           f"graph {fmt(r.get('per_block_stats_graphed_ms'), '.4f')} ms)")
             if "launch_order_ms" in r:
                 layout += (f" (output pass in launch order, no cache hints: {fmt(r['launch_order_ms'], '.4f')} ms, "
                            f"in a graph {fmt(r.get('launch_order_graphed_ms'), '.4f')} ms)")

@@ -114,30 +114,34 @@ def attention_cases(dtype=torch.float16, shapes=ATTENTION_SHAPES):
                    args, constexprs, warps, stages)
 
 
-def _cl_split_cases(x, groups, label, has_affine=True, silu=True, l2_reuse=None):
-    """The three kernels of the large channels_last plan, as group_norm_silu launches them for x (l2_reuse: the
-    output pass's APPLY_L2_REUSE, the module's setting by default)."""
+def _cl_split_cases(x, groups, label, has_affine=True, silu=True, lanes=None):
+    """The three kernels of the large channels_last plan, as group_norm_silu launches them for x (lanes: the
+    statistics pass's LANE_STATISTICS, the module's setting by default)."""
     from diffusion_fast.kernels import group_norm_silu as G
 
     n, c = x.shape[:2]
     hw, cpg = x.shape[2] * x.shape[3], c // groups
     block_c = min(G.CL_BLOCK_C, triton.next_power_of_2(c))
     partials, stats = torch.empty(64, device="meta"), torch.empty(2 * n * groups, device="meta")
-    sizes = dict(hw=hw, channels=c, chunk=8 * (G.BLOCK // block_c), split=3)
+    sizes = dict(hw=hw, channels=c, chunk=8 * (G.BLOCK // block_c))
     tiles = dict(BLOCK_P=G.BLOCK // block_c, BLOCK_C=block_c)
-    yield (f"group_norm_silu cl-stats {label}", G._cl_channel_stats_kernel,
-           dict(sizes, x_ptr=x, mean_ptr=partials, m2_ptr=partials), tiles, G.NUM_WARPS, 3)
+    lanes = G.LANE_STATISTICS if lanes is None else lanes
+    yield (f"group_norm_silu cl-stats {label}{'' if lanes else ' per-block'}", G._cl_channel_stats_kernel,
+           dict(sizes, x_ptr=x, mean_ptr=partials, m2_ptr=partials, c_tiles=triton.cdiv(c, block_c)),
+           dict(tiles, IN_LANES=lanes), G.NUM_WARPS, 3)
     yield (f"group_norm_silu cl-groups {label}", G._cl_group_stats_kernel,
-           dict(sizes, mean_ptr=partials, m2_ptr=partials, stats_ptr=stats, cpg=cpg, num_groups=groups, eps=1e-5),
+           dict(sizes, split=3, mean_ptr=partials, m2_ptr=partials, stats_ptr=stats, cpg=cpg, num_groups=groups,
+                eps=1e-5),
            dict(SPLIT_BLOCK=4, CPG_BLOCK=triton.next_power_of_2(cpg)), 8, 3)
     # the largest chunks x C/G tile the launcher allows (4096 values)
     yield (f"group_norm_silu cl-groups {label} largest tile", G._cl_group_stats_kernel,
-           dict(sizes, mean_ptr=partials, m2_ptr=partials, stats_ptr=stats, cpg=cpg, num_groups=groups, eps=1e-5),
+           dict(sizes, split=3, mean_ptr=partials, m2_ptr=partials, stats_ptr=stats, cpg=cpg, num_groups=groups,
+                eps=1e-5),
            dict(SPLIT_BLOCK=4096 // triton.next_power_of_2(cpg), CPG_BLOCK=triton.next_power_of_2(cpg)), 8, 3)
     yield (f"group_norm_silu cl-apply {label}", G._cl_apply_kernel,
-           dict(sizes, x_ptr=x, y_ptr=x, w_ptr=x, b_ptr=x, stats_ptr=stats, cpg=cpg, num_groups=groups),
-           dict(tiles, HAS_WEIGHT=has_affine, HAS_BIAS=has_affine, SILU=silu,
-                L2_REUSE=G.APPLY_L2_REUSE if l2_reuse is None else l2_reuse), G.NUM_WARPS, 3)
+           dict(sizes, x_ptr=x, y_ptr=x, w_ptr=x, b_ptr=x, stats_ptr=stats, cpg=cpg, num_groups=groups,
+                c_tiles=triton.cdiv(c, block_c)),
+           dict(tiles, HAS_WEIGHT=has_affine, HAS_BIAS=has_affine, SILU=silu), G.NUM_WARPS, 3)
 
 
 def group_norm_cases():
@@ -156,14 +160,19 @@ def group_norm_cases():
             common = dict(x_ptr=x, y_ptr=x, w_ptr=x, b_ptr=x, hw=hw, cpg=cpg, channels=c, group_len=cpg * hw,
                           num_groups=groups, eps=1e-5)
             if x.numel() <= G.ONE_PASS_MAX_ELEMENTS:
-                yield f"group_norm_silu one-pass {label}", G._group_norm_one_pass_kernel, common, flags, G.NUM_WARPS, 3
+                yield (f"group_norm_silu one-pass {label}", G._group_norm_one_pass_kernel, common,
+                       dict(flags, IN_LANES=G.LANE_STATISTICS), G.NUM_WARPS, 3)
             elif channels_last:
                 yield from _cl_split_cases(x, groups, label)
             else:
                 del flags["CPG"], flags["CHANNELS_LAST"]
+                yield (f"group_norm_silu stats {label}", G._group_stats_kernel,
+                       dict(x_ptr=x, mean_ptr=x.float(), m2_ptr=x.float(), count_ptr=x.float(), hw=hw, cpg=cpg,
+                            channels=c, group_len=cpg * hw, chunk_len=4096, split=16, num_groups=groups),
+                       dict(BLOCK=G.BLOCK, IN_LANES=G.LANE_STATISTICS), G.NUM_WARPS, 3)
                 yield (f"group_norm_silu apply {label}", G._group_apply_kernel,
                        dict(common, mean_ptr=x.float(), m2_ptr=x.float(), count_ptr=x.float(), chunk_len=4096,
-                            split=16), dict(flags, SPLIT_BLOCK=16, L2_REUSE=G.APPLY_L2_REUSE), G.NUM_WARPS, 3)
+                            split=16), dict(flags, SPLIT_BLOCK=16), G.NUM_WARPS, 3)
 
 
 def cfg_ddim_cases():
@@ -251,20 +260,22 @@ def variant_cases():
                 common = dict(x_ptr=x, y_ptr=x, w_ptr=x, b_ptr=x, hw=hw, cpg=cpg, channels=c, group_len=cpg * hw,
                               num_groups=groups, eps=1e-5)
                 label = f"{'x'.join(map(str, shape))} {'channels_last' if channels_last else 'NCHW'} {dtype}"
-                yield (f"group_norm_silu one-pass {label}", G._group_norm_one_pass_kernel, common, flags,
-                       G.NUM_WARPS, 3)
+                # the statistics design the launcher does not use compiles too (the GPU benchmark's A/B runs it)
+                for lanes in (True, False):
+                    yield (f"group_norm_silu one-pass {label}{'' if lanes else ' per-block'}",
+                           G._group_norm_one_pass_kernel, common, dict(flags, IN_LANES=lanes), G.NUM_WARPS, 3)
                 if channels_last:
-                    yield from _cl_split_cases(x, groups, label, affine, silu, l2_reuse=not G.APPLY_L2_REUSE)
+                    yield from _cl_split_cases(x, groups, label, affine, silu, lanes=not G.LANE_STATISTICS)
                     continue
                 partials = torch.empty(16, device="meta")
                 del flags["CPG"], flags["CHANNELS_LAST"]
                 yield (f"group_norm_silu stats {label}", G._group_stats_kernel,
                        dict(x_ptr=x, mean_ptr=partials, m2_ptr=partials, count_ptr=partials, hw=hw, cpg=cpg,
                             channels=c, group_len=cpg * hw, chunk_len=4096, split=3, num_groups=groups),
-                       dict(BLOCK=G.BLOCK), G.NUM_WARPS, 3)
+                       dict(BLOCK=G.BLOCK, IN_LANES=not G.LANE_STATISTICS), G.NUM_WARPS, 3)
                 yield (f"group_norm_silu apply {label}", G._group_apply_kernel,
                        dict(common, mean_ptr=partials, m2_ptr=partials, count_ptr=partials, chunk_len=4096,
-                            split=3), dict(flags, SPLIT_BLOCK=4, L2_REUSE=not G.APPLY_L2_REUSE), G.NUM_WARPS, 3)
+                            split=3), dict(flags, SPLIT_BLOCK=4), G.NUM_WARPS, 3)
         alphas = torch.empty(3, device="meta")
         for pred in (0, 1, 2):
             for shape in ((3, 4, 7, 9), (3, 4, 16, 32)):

@@ -9,11 +9,13 @@ at batch 2 has only 64 (sample, group) pairs for 132 SMs):
 2. ``_group_apply_kernel``: program (group, chunk) combines its group's partials into mean and 1/std, then
    normalizes its chunk, applies weight and bias, and SiLU, writing the input's dtype.
 
-With ``APPLY_L2_REUSE`` (the default) the output pass of both large-tensor plans runs its programs in the reverse of
-the statistics pass's order and marks its loads and stores evict-first. The statistics pass leaves the last chunks it
-read in L2 (50 MB on an H100); reversed, the output pass re-reads those first, and its own traffic, which is never
-read again, is the first to leave L2, so more of that second read comes from L2 rather than HBM. The GPU benchmark
-times the launch-order variant beside it (an A/B not yet run on a GPU).
+The statistics are kept per lane (``LANE_STATISTICS``): each of a program's BLOCK lanes runs Welford's update over
+the elements it loads, every lane having seen the same number of elements, so the loop has no reduction across
+threads (no shared memory, no barrier between one block's loads and the next); the lanes are merged with Chan's
+formula once, at the end, and a short last block is merged the same way. Reducing every block as it was loaded put
+a cross-warp reduction between consecutive loads. The output passes run in launch order: the H200 measured reversing
+them (to re-read from L2 what the statistics pass left there) with evict-first hints slower in 15 of 16 graphed
+rows of two runs (benchmarks/results/gpu_kernels_h200.jsonl), so that was taken out.
 
 Tensors of at most ``ONE_PASS_MAX_ELEMENTS`` (SD's 8x8 to 32x32 UNet levels) are launch-bound rather than
 bandwidth-bound: ``_group_norm_one_pass_kernel`` has one program per group compute the statistics and then normalize,
@@ -23,7 +25,8 @@ Large channels_last tensors take three launches instead (``_cl_*`` below). A gro
 inside each position's C contiguous channels (10 elements at SD's 320 channels), too short and too unaligned for
 16-byte loads; so programs tile (positions x 64 channels) across groups, reduce per-channel partials over chunks of
 positions, a small kernel turns them into each group's mean and 1/std, and the output pass reads whole aligned
-rows again.
+rows again. The channel tile is the fastest-varying program index, so the programs resident at one time read whole
+rows of memory between them, not one 128-byte column of many rows each.
 
 No program waits on another. Element addresses are computed in int64. A group's elements are walked in memory order:
 in NCHW a group is one contiguous run of (C/G)*H*W elements; in channels_last it is C/G contiguous channels at each of
@@ -46,7 +49,7 @@ NUM_WARPS = 8
 # tests' multi-chunk shapes still get several chunks a group in both layouts, some with a short last one)
 TARGET_PROGRAMS = 32 if INTERPRET else 4 * 132
 ONE_PASS_MAX_ELEMENTS = 1 << 20  # up to this size: one launch, one program per group (not yet timed on a GPU)
-APPLY_L2_REUSE = True  # large tensors: output pass in reverse order with evict-first hints (module docstring)
+LANE_STATISTICS = True  # Welford per lane, lanes merged once (module docstring); False: each block reduced as loaded
 CL_BLOCK_C = 64  # channels_last, large tensors: channels per tile (128 bytes of fp16 a row)
 
 
@@ -83,13 +86,36 @@ def _chan_merge(count, mean, m2, n_b, b_mean, b_m2):
 
 
 @triton.jit
+def _lanes_merged(count, mean, m2, AXIS: tl.constexpr):
+    """(count, mean, M2) of lanes merged along AXIS (None: all), each lane's (count, mean, M2) given (Chan)."""
+    total = tl.sum(count, axis=AXIS)
+    merged = tl.sum(count * mean, axis=AXIS) / tl.maximum(total, 1.0)
+    d = mean - (merged if AXIS is None else tl.expand_dims(merged, AXIS))
+    return total, merged, tl.sum(m2 + count * d * d, axis=AXIS)
+
+
+@triton.jit
 def _chunk_moments(x_ptr, base, start, end, hw, CPG: tl.constexpr, channels, CHANNELS_LAST: tl.constexpr,
-                   BLOCK: tl.constexpr):
-    """(count, mean, M2) of a group's elements [start, end), merged block by block with Chan's formula."""
+                   BLOCK: tl.constexpr, IN_LANES: tl.constexpr):
+    """(count, mean, M2) of a group's elements [start, end) (end > start). IN_LANES: Welford per lane over the full
+    blocks, the lanes merged once, then the short last block merged (Chan); else every block reduced and merged."""
     count = 0.0
     mean = 0.0
     m2 = 0.0
-    for block_start in range(start, end, BLOCK):
+    full_end = start
+    if IN_LANES:
+        full_end = start + (end - start) // BLOCK * BLOCK
+        lane_mean = tl.zeros([BLOCK], dtype=tl.float32)
+        lane_m2 = tl.zeros([BLOCK], dtype=tl.float32)
+        for block_start in range(start, full_end, BLOCK):  # no masks, no reductions: loads run back to back
+            offs, _ = _element_offsets(block_start + tl.arange(0, BLOCK), hw, CPG, channels, CHANNELS_LAST)
+            x = tl.load(x_ptr + base + offs).to(tl.float32)
+            count += 1.0  # elements per lane so far, the same in every lane
+            delta = x - lane_mean
+            lane_mean += delta * (1.0 / count)
+            lane_m2 += delta * (x - lane_mean)
+        count, mean, m2 = _lanes_merged(count + tl.zeros([BLOCK], dtype=tl.float32), lane_mean, lane_m2, None)
+    for block_start in range(full_end, end, BLOCK):  # IN_LANES: the short last block, if any
         e = block_start + tl.arange(0, BLOCK)
         mask = e < end
         offs, _ = _element_offsets(e, hw, CPG, channels, CHANNELS_LAST)
@@ -105,10 +131,8 @@ def _chunk_moments(x_ptr, base, start, end, hw, CPG: tl.constexpr, channels, CHA
 @triton.jit
 def _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, cpg, CPG: tl.constexpr, channels,
                      CHANNELS_LAST: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     SILU: tl.constexpr, CHANNEL_PER_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
-                     EVICT: tl.constexpr):
-    """y = f((x - mean) * rstd * w + b) over a group's elements [start, end), f = SiLU or identity. EVICT: the L2
-    eviction policy of the x loads and y stores ("" or "evict_first": the last touch of both).
+                     SILU: tl.constexpr, CHANNEL_PER_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+    """y = f((x - mean) * rstd * w + b) over a group's elements [start, end), f = SiLU or identity.
 
     CHANNEL_PER_BLOCK (NCHW with H*W a multiple of BLOCK, blocks starting at multiples of BLOCK): every block lies in
     one channel, so weight and bias are one scalar load per block instead of a per-element divide and gather."""
@@ -116,7 +140,7 @@ def _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd
         e = block_start + tl.arange(0, BLOCK)
         mask = e < end
         offs, c_local = _element_offsets(e, hw, CPG, channels, CHANNELS_LAST)
-        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         y = (x - mean) * rstd
         if CHANNEL_PER_BLOCK:
             channel = g * cpg + block_start // hw
@@ -135,7 +159,7 @@ def _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd
                 y = y + tl.load(b_ptr + channel, mask=mask, other=0.0).to(tl.float32)
         if SILU:
             y = y / (1.0 + tl.exp(-y))
-        tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask, eviction_policy=EVICT)
+        tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -145,12 +169,13 @@ def _group_stats_kernel(
     hw, cpg, channels, group_len, chunk_len, split,  # H*W, C/G, C, (C/G)*H*W, elements per chunk, chunks per group
     num_groups,  # G
     BLOCK: tl.constexpr,
+    IN_LANES: tl.constexpr,  # LANE_STATISTICS
 ):
     pid_group = tl.program_id(0).to(tl.int64)  # n * G + g
     pid_chunk = tl.program_id(1)
     _, base, start, end = _group_chunk(pid_group, pid_chunk, hw, cpg, 0, channels, group_len, chunk_len, num_groups,
                                        False)
-    count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, 0, channels, False, BLOCK)
+    count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, 0, channels, False, BLOCK, IN_LANES)
     out = pid_group * split + pid_chunk
     tl.store(mean_ptr + out, mean)
     tl.store(m2_ptr + out, m2)
@@ -169,14 +194,9 @@ def _group_apply_kernel(
     CHANNEL_PER_BLOCK: tl.constexpr,  # H*W % BLOCK == 0 (see _normalize_chunk)
     SPLIT_BLOCK: tl.constexpr,  # next power of two >= split
     BLOCK: tl.constexpr,
-    L2_REUSE: tl.constexpr,  # programs in reverse launch order, evict-first traffic (module docstring)
 ):
     pid_group = tl.program_id(0).to(tl.int64)
     pid_chunk = tl.program_id(1)
-    if L2_REUSE:  # the statistics pass ran (group, chunk) in launch order: start where it ended
-        pid_group = tl.num_programs(0) - 1 - pid_group
-        pid_chunk = tl.num_programs(1) - 1 - pid_chunk
-    evict: tl.constexpr = "evict_first" if L2_REUSE else ""
     g, base, start, end = _group_chunk(pid_group, pid_chunk, hw, cpg, 0, channels, group_len, chunk_len, num_groups,
                                        False)
     # Combine the group's partials (Chan): mean = sum(c_i m_i) / sum(c_i), M2 = sum(M2_i) + sum(c_i (m_i - mean)^2).
@@ -191,7 +211,7 @@ def _group_apply_kernel(
     var = (tl.sum(m2s, axis=0) + tl.sum(counts * d * d, axis=0)) / total
     rstd = 1.0 / tl.sqrt(var + eps)
     _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, cpg, 0, channels, False,
-                     HAS_WEIGHT, HAS_BIAS, SILU, CHANNEL_PER_BLOCK, BLOCK, evict)
+                     HAS_WEIGHT, HAS_BIAS, SILU, CHANNEL_PER_BLOCK, BLOCK)
 
 
 @triton.jit
@@ -206,25 +226,26 @@ def _group_norm_one_pass_kernel(
     SILU: tl.constexpr,
     CHANNEL_PER_BLOCK: tl.constexpr,  # NCHW and H*W % BLOCK == 0 (see _normalize_chunk)
     BLOCK: tl.constexpr,
+    IN_LANES: tl.constexpr,  # LANE_STATISTICS
 ):
     pid_group = tl.program_id(0).to(tl.int64)  # n * G + g: one program per group, statistics then output
     g, base, start, end = _group_chunk(pid_group, 0, hw, cpg, CPG, channels, group_len, group_len, num_groups,
                                        CHANNELS_LAST)
-    count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, CPG, channels, CHANNELS_LAST, BLOCK)
+    count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, CPG, channels, CHANNELS_LAST, BLOCK, IN_LANES)
     rstd = 1.0 / tl.sqrt(m2 / count + eps)
     _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, cpg, CPG, channels,
-                     CHANNELS_LAST, HAS_WEIGHT, HAS_BIAS, SILU, CHANNEL_PER_BLOCK, BLOCK, "")
+                     CHANNELS_LAST, HAS_WEIGHT, HAS_BIAS, SILU, CHANNEL_PER_BLOCK, BLOCK)
 
 
 @triton.jit
-def _cl_tile(hw, channels, chunk, split, BLOCK_C: tl.constexpr, REVERSE: tl.constexpr):
-    """Program (n * split + s, channel tile): its index, sample n, positions [p_start, p_end), channels c, c < C.
-    REVERSE: the programs take their tiles in the reverse of launch order."""
+def _cl_tile(hw, channels, chunk, c_tiles, BLOCK_C: tl.constexpr):
+    """Program (n * split + s) * c_tiles + channel tile: sample n, positions [p_start, p_end) of chunk s, channels c
+    (c < C). The channel tile varies fastest, so programs running side by side read neighbouring parts of the same
+    rows of memory. Returns the program's (sample, chunk) index too."""
     pid = tl.program_id(0).to(tl.int64)
-    tile_c = tl.program_id(1)
-    if REVERSE:
-        pid = tl.num_programs(0) - 1 - pid
-        tile_c = tl.num_programs(1) - 1 - tile_c
+    tile_c = pid % c_tiles
+    pid = pid // c_tiles
+    split = tl.cdiv(hw, chunk)
     n = pid // split
     p_start = (pid % split) * chunk
     p_end = tl.minimum(p_start + chunk, hw)
@@ -236,16 +257,32 @@ def _cl_tile(hw, channels, chunk, split, BLOCK_C: tl.constexpr, REVERSE: tl.cons
 def _cl_channel_stats_kernel(
     x_ptr,  # (N, C, H, W) channels_last: element (n, c, position p) at n*HW*C + p*C + c
     mean_ptr, m2_ptr,  # fp32 (N, SPLIT, C) out: each channel's mean and M2 over one chunk of positions
-    hw, channels, chunk, split,  # H*W, C, positions per chunk (a multiple of BLOCK_P), chunks per sample
+    hw, channels, chunk, c_tiles,  # H*W, C, positions per chunk (a multiple of BLOCK_P), channel tiles
     BLOCK_P: tl.constexpr,  # positions per tile
     BLOCK_C: tl.constexpr,  # channels per tile
+    IN_LANES: tl.constexpr,  # LANE_STATISTICS: Welford per (position lane, channel), merged once (module docstring)
 ):
-    pid, n, p_start, p_end, c, c_ok = _cl_tile(hw, channels, chunk, split, BLOCK_C, False)
+    pid, n, p_start, p_end, c, c_ok = _cl_tile(hw, channels, chunk, c_tiles, BLOCK_C)
     x_ptr += n * hw * channels
     count = 0.0
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for p0 in range(p_start, p_end, BLOCK_P):  # Chan's formula per channel, tile by tile
+    full_end = p_start
+    if IN_LANES:
+        full_end = p_start + (p_end - p_start) // BLOCK_P * BLOCK_P
+        lane_mean = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        lane_m2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        for p0 in range(p_start, full_end, BLOCK_P):  # no reductions inside the loop
+            p = p0 + tl.arange(0, BLOCK_P)
+            x = tl.load(x_ptr + p[:, None] * channels + c[None, :], mask=c_ok[None, :], other=0.0).to(tl.float32)
+            count += 1.0
+            delta = x - lane_mean
+            lane_mean += delta * (1.0 / count)
+            lane_m2 += delta * (x - lane_mean)
+        count, mean, m2 = _lanes_merged(count + tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32), lane_mean, lane_m2,
+                                        0)
+        count = tl.max(count, axis=0)  # (the same for every channel)
+    for p0 in range(full_end, p_end, BLOCK_P):  # Chan's formula per channel, tile by tile (IN_LANES: the last one)
         p = p0 + tl.arange(0, BLOCK_P)
         p_ok = p < p_end
         x = tl.load(x_ptr + p[:, None] * channels + c[None, :], mask=p_ok[:, None] & c_ok[None, :],
@@ -291,16 +328,14 @@ def _cl_apply_kernel(
     x_ptr, y_ptr,  # (N, C, H, W) channels_last, input and output
     w_ptr, b_ptr,  # (C,) weight and bias (ignored unless HAS_WEIGHT / HAS_BIAS)
     stats_ptr,  # fp32 (N * G, 2): each group's mean and 1/std
-    hw, channels, chunk, split, cpg, num_groups,  # H*W, C, positions per chunk, chunks per sample, C/G, G
+    hw, channels, chunk, c_tiles, cpg, num_groups,  # H*W, C, positions per chunk, channel tiles, C/G, G
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SILU: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    L2_REUSE: tl.constexpr,  # tiles in reverse launch order, evict-first traffic (module docstring)
 ):
-    pid, n, p_start, p_end, c, c_ok = _cl_tile(hw, channels, chunk, split, BLOCK_C, L2_REUSE)
-    evict: tl.constexpr = "evict_first" if L2_REUSE else ""
+    _, n, p_start, p_end, c, c_ok = _cl_tile(hw, channels, chunk, c_tiles, BLOCK_C)
     group = n * num_groups + c // cpg  # per channel, once per program
     mean = tl.load(stats_ptr + group * 2, mask=c_ok, other=0.0)
     scale = tl.load(stats_ptr + group * 2 + 1, mask=c_ok, other=0.0)
@@ -315,11 +350,11 @@ def _cl_apply_kernel(
         p = p0 + tl.arange(0, BLOCK_P)
         mask = (p < p_end)[:, None] & c_ok[None, :]
         offs = p[:, None] * channels + c[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy=evict).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         y = (x - mean[None, :]) * scale[None, :] + shift[None, :]  # x - mean first: no cancellation at large means
         if SILU:
             y = y / (1.0 + tl.exp(-y))
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask, eviction_policy=evict)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _channels_last_split(x, y, w, b, num_groups, eps, output):
@@ -339,14 +374,14 @@ def _channels_last_split(x, y, w, b, num_groups, eps, output):
     split = triton.cdiv(hw, chunk)
     partials = torch.empty((2, n * split * c), device=x.device, dtype=torch.float32)
     stats = torch.empty((n * num_groups, 2), device=x.device, dtype=torch.float32)
-    grid = (n * split, c_tiles)
-    _cl_channel_stats_kernel[grid](x, partials[0], partials[1], hw, c, chunk, split, BLOCK_P=block_p,
-                                   BLOCK_C=block_c, num_warps=NUM_WARPS)
+    grid = (n * split * c_tiles,)
+    _cl_channel_stats_kernel[grid](x, partials[0], partials[1], hw, c, chunk, c_tiles, BLOCK_P=block_p,
+                                   BLOCK_C=block_c, IN_LANES=LANE_STATISTICS, num_warps=NUM_WARPS)
     _cl_group_stats_kernel[(n * num_groups,)](partials[0], partials[1], stats, hw, c, chunk, split, cpg, num_groups,
                                               float(eps), SPLIT_BLOCK=triton.next_power_of_2(split),
                                               CPG_BLOCK=cpg_block, num_warps=8)
-    _cl_apply_kernel[grid](x, y, w, b, stats, hw, c, chunk, split, cpg, num_groups, **output, BLOCK_P=block_p,
-                           BLOCK_C=block_c, L2_REUSE=APPLY_L2_REUSE, num_warps=NUM_WARPS)
+    _cl_apply_kernel[grid](x, y, w, b, stats, hw, c, chunk, c_tiles, cpg, num_groups, **output, BLOCK_P=block_p,
+                           BLOCK_C=block_c, num_warps=NUM_WARPS)
     return y
 
 
@@ -382,7 +417,7 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=Tru
     if x.numel() <= ONE_PASS_MAX_ELEMENTS:
         _group_norm_one_pass_kernel[(n * num_groups,)](x, y, w, b, hw, cpg, c, group_len, num_groups, float(eps),
                                                        CPG=cpg if channels_last else 0, CHANNELS_LAST=channels_last,
-                                                       **flags)
+                                                       IN_LANES=LANE_STATISTICS, **flags)
         return y
     if channels_last:
         return _channels_last_split(x, y, w, b, num_groups, eps, output)
@@ -392,8 +427,8 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=Tru
     partials = torch.empty((3, n * num_groups * split), device=x.device, dtype=torch.float32)
     grid = (n * num_groups, split)
     _group_stats_kernel[grid](x, partials[0], partials[1], partials[2], hw, cpg, c, group_len, chunk_len, split,
-                              num_groups, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                              num_groups, BLOCK=BLOCK, IN_LANES=LANE_STATISTICS, num_warps=NUM_WARPS)
     _group_apply_kernel[grid](x, y, w, b, partials[0], partials[1], partials[2], hw, cpg, c, group_len, chunk_len,
                               split, num_groups, float(eps), SPLIT_BLOCK=triton.next_power_of_2(split),
-                              L2_REUSE=APPLY_L2_REUSE, **flags)
+                              **flags)
     return y
