@@ -6,7 +6,8 @@
 SD1.5's architecture with random weights (nothing is downloaded), fp16, 512x512, CFG 7.5, DDIM, batch 1. Measured
 side by side in one run, medians of --repeats whole calls (text encoding and the loop, latents out, no VAE decode):
 diffusers eager (SDPA), diffusers + torch.compile (default mode; skipped with --no-compile), diffusers +
-diffusion_fast.accelerate, and our pipeline (fast with CUDA graphs in both memory formats, fast with only the UNet
+diffusion_fast.accelerate (its default channels_last, and NCHW), and our pipeline (fast with CUDA graphs in both
+memory formats, fast with only the UNet
 graphed as for a non-DDIM scheduler, fast without graphs, reference); and perturbed-attention guidance on the mid
 block beside CFG, diffusers' PAG pipeline and ours (its speedup against diffusers' PAG row too). Quality: PSNR of our
 fp16 image (and diffusers' fp16 image) against our fp32 reference-path image from the same float32 noise (in torch
@@ -143,8 +144,9 @@ def main(argv=None):
             return ours(PROMPT, num_inference_steps=steps, generator=gen(), output_type="latent", eta=eta)
 
     for label, name, graph, layout, eta in (
-            ("diffusion_fast pipeline (fast, CUDA graph)", "fast", True, "auto", 0.0),
-            ("diffusion_fast pipeline (fast, CUDA graph, channels_last)", "fast", True, True, 0.0),
+            # "auto" is channels_last on CUDA (records before 2026-12-04: NCHW, then labelled "(fast, CUDA graph)")
+            ("diffusion_fast pipeline (fast, CUDA graph, channels_last)", "fast", True, "auto", 0.0),
+            ("diffusion_fast pipeline (fast, CUDA graph, NCHW)", "fast", True, False, 0.0),
             # eta > 0 draws fresh noise each step, so only the UNet call is graphed: the speed a non-DDIM
             # scheduler (Euler, DDPM) gets, on the same UNet and step count
             ("diffusion_fast pipeline (fast, UNet-only graph: DDIM eta 0.5)", "fast", True, "auto", 0.5),
@@ -170,10 +172,9 @@ def main(argv=None):
         print(notes[-1], flush=True)
     pag = None  # (its graphs freed)
     with backend("fast"):
-        img_fast = ours(PROMPT, num_inference_steps=steps, latents=noise, output_type="np").images
-        # channels_last's image too: "auto" picks channels_last on CUDA only once this image has been compared
-        ours.channels_last = True
-        img_fast_cl = ours(PROMPT, num_inference_steps=steps, latents=noise, output_type="np").images
+        img_fast = ours(PROMPT, num_inference_steps=steps, latents=noise, output_type="np").images  # channels_last
+        ours.channels_last = False  # NCHW's image too, the layout "auto" picked on CUDA before
+        img_fast_nchw = ours(PROMPT, num_inference_steps=steps, latents=noise, output_type="np").images
         ours.channels_last = "auto"
     ours = None  # (freed before the next pipeline loads)
     free(device)
@@ -212,16 +213,18 @@ def main(argv=None):
         notes.append(f"diffusers fp16 image: {type(exc).__name__}: {str(exc)[:300]}")
         print(notes[-1], flush=True)
         img_diffusers = None
-    try:
-        diffusion_fast.accelerate(pipe)
-        add("diffusers + diffusion_fast.accelerate", *timed(run_diffusers, args.repeats, device),
-            report=str(getattr(pipe, "_diffusion_fast_report", "")))
-        img_accel = run_diffusers("np")
-        diffusion_fast.restore(pipe)
-    except Exception as exc:
-        notes.append(f"accelerate: {type(exc).__name__}: {exc}")
-        print(notes[-1], flush=True)
-        img_accel = None
+    img_accel = {}
+    for label, layout in (("diffusers + diffusion_fast.accelerate", "auto"),  # channels_last on CUDA
+                          ("diffusers + diffusion_fast.accelerate (NCHW)", False)):
+        try:
+            diffusion_fast.accelerate(pipe, channels_last=layout)
+            add(label, *timed(run_diffusers, args.repeats, device),
+                report=str(getattr(pipe, "_diffusion_fast_report", "")))
+            img_accel[layout] = run_diffusers("np")
+            diffusion_fast.restore(pipe)
+        except Exception as exc:
+            notes.append(f"{label}: {type(exc).__name__}: {exc}")
+            print(notes[-1], flush=True)
     if not args.no_compile:
         try:
             original = pipe.unet
@@ -247,15 +250,18 @@ def main(argv=None):
     free(device)
 
     first_s, first_log = first_image_seconds(folder, steps)
-    quality = {"psnr_ours_fp16_vs_fp32_reference_db": psnr(img_fast, img_ref32),
-               "psnr_ours_fp16_channels_last_vs_fp32_reference_db": psnr(img_fast_cl, img_ref32),
+    quality = {"psnr_ours_fp16_vs_fp32_reference_db": psnr(img_fast, img_ref32),  # the default layout
+               "psnr_ours_fp16_channels_last_vs_fp32_reference_db": psnr(img_fast, img_ref32),
+               "psnr_ours_fp16_nchw_vs_fp32_reference_db": psnr(img_fast_nchw, img_ref32),
                "psnr_diffusers_fp32_vs_our_fp32_reference_db": psnr(img_diffusers32, img_ref32),
                "psnr_our_fp32_reference_with_tf32_vs_without_db": psnr(img_ref32_tf32, img_ref32)}
     if img_diffusers is not None:
         quality["psnr_diffusers_fp16_vs_our_fp32_reference_db"] = psnr(img_diffusers, img_ref32)
         quality["psnr_ours_fp16_vs_diffusers_fp16_db"] = psnr(img_fast, img_diffusers)
-        if img_accel is not None:
-            quality["psnr_accelerated_vs_diffusers_fp16_db"] = psnr(img_accel, img_diffusers)
+        if "auto" in img_accel:
+            quality["psnr_accelerated_vs_diffusers_fp16_db"] = psnr(img_accel["auto"], img_diffusers)
+        if False in img_accel:
+            quality["psnr_accelerated_nchw_vs_diffusers_fp16_db"] = psnr(img_accel[False], img_diffusers)
     eager = next(r["it_per_s"] for r in rows if r["system"].startswith("diffusers eager"))
     for r in rows:
         r["speedup_vs_diffusers_eager"] = r["it_per_s"] / eager

@@ -9,8 +9,9 @@
 #   limit, run the steps as separate commands.
 #   bash benchmarks/run_gpu.sh lease   one short lease (the device tool lends 15 minutes, machine start included): the
 #   most telling steps first, each cut off at LEASE_SECONDS (default 510) from the start: the end-to-end benchmark
-#   without torch.compile, the quick kernel benchmark, the test files in LEASE_FIRST_TESTS (default
-#   tests/test_compile.py: the newest, not yet run on a GPU), then the rest of the GPU tests in whatever time is left.
+#   (with LEASE_E2E_ARGS, default "--repeats 2": torch.compile included; add --no-compile to save its ~80 s), the
+#   quick kernel benchmark, the test files in LEASE_FIRST_TESTS (default tests/test_compile.py), then the rest of the
+#   GPU tests in whatever time is left.
 #   Results (in /tmp/lease_results) and logs are copied to $OUT (the device tool brings that folder back) after
 #   every step.
 # Offline machines: pure-Python wheels in .whl/ (diffusers, importlib_metadata, ...) are installed into /tmp/site;
@@ -41,6 +42,7 @@ save() {  # lease: copy the results and logs written so far to $OUT
 }
 left() { echo $((deadline - SECONDS)); }
 read -ra first_tests <<<"${LEASE_FIRST_TESTS:-tests/test_compile.py}"  # lease: the files run before the rest
+read -ra e2e_args <<<"${LEASE_E2E_ARGS:---repeats 2}"  # lease: gpu_e2e.py's options
 bounded() {  # bounded NAME CMD...: run under the time left, log to /tmp/lease_NAME.log, then save
   local name=$1; shift
   if (($(left) < 30)); then echo "lease: no time left for $name" | tee -a /tmp/lease_skipped.log; status=1; return; fi
@@ -63,7 +65,7 @@ for step in "${steps[@]}"; do
     alignment) python3 benchmarks/diagnose_attention_alignment.py || status=1 ;;
     lease)
       mkdir -p /tmp/lease_results  # (not the committed files, which the README renders and the tests check)
-      bounded e2e python3 benchmarks/gpu_e2e.py --no-compile --repeats 2 --out /tmp/lease_results/gpu_e2e.jsonl
+      bounded e2e python3 benchmarks/gpu_e2e.py "${e2e_args[@]}" --out /tmp/lease_results/gpu_e2e.jsonl
       bounded kernels python3 benchmarks/gpu_kernels.py --quick --out /tmp/lease_results/gpu_kernels.jsonl
       bounded tests_first python3 -m pytest "${first_tests[@]}" -q -p no:cacheprovider -rfE
       bounded tests python3 -m pytest tests "${first_tests[@]/#/--ignore=}" -q -p no:cacheprovider -n 8 -rfE

@@ -111,7 +111,7 @@ def e2e_rows(config, device, dtype, steps, repeats, seed=0):
         _write_random_folder(config, folder, seed)
         # one pipeline per memory format, so the round robin never converts weights (or recaptures graphs) between runs
         layouts = {"NCHW": False, "channels_last": True}
-        auto = "channels_last" if device.type == "cpu" else "NCHW"  # what channels_last="auto" picks on this device
+        auto = "channels_last" if device.type in ("cpu", "cuda") else "NCHW"  # what channels_last="auto" picks here
         pipes = {name: StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, device=device,
                                                                channels_last=flag) for name, flag in layouts.items()}
         for p in pipes.values():

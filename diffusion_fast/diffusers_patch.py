@@ -21,8 +21,8 @@ itself gets a subclass of its own class, with the same name, only to catch a sch
 - on CUDA (``cuda_graph="auto"``), the UNet's (SD3's transformer's) and each ControlNet's forward are replayed from
   CUDA graphs, one per input signature, every tensor argument a graph input (SDXL's ``added_cond_kwargs``, ControlNet
   residuals); see ``model_graphs``;
-- with ``channels_last="auto"``, the UNet, VAE and ControlNet weights go to channels_last on the CPU, where our
-  pipeline measured it to pay (NCHW on CUDA until measured there); restore converts them back.
+- with ``channels_last="auto"``, the UNet, VAE and ControlNet weights go to channels_last on the CPU and on CUDA,
+  where our pipeline measured it to pay (NCHW elsewhere); restore converts them back.
 
 No compile step: any resolution that is a multiple of 8 works at once. What it leaves alone is logged in one line and
 kept in ``pipe._diffusion_fast_report``.
@@ -186,7 +186,7 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
             "attention (on CPU ours is the same SDPA call as diffusers'; attention=True patches it)")
     state = {"resnets": [], "attention": [], "norm_out": [], "schedulers": [], "graphed": [],
              "channels_last": [], "class": type(pipe)}
-    if channels_last is True or (channels_last == "auto" and not on_cuda):
+    if channels_last is True or (channels_last == "auto" and _execution_device(pipe).type in ("cpu", "cuda")):
         for model in (*_unet(pipe), pipe.vae, *_controlnets(pipe)):  # (not SD3's transformer: one conv)
             if _hooks_inside(model):
                 report["skipped"].append(f"channels_last for {type(model).__name__} (offload hooks hold its weights)")

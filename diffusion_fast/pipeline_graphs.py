@@ -24,7 +24,7 @@ class GraphedLoop:
 
     def _apply_layout(self, device):
         """Put the UNet's and VAE's weights in the memory format ``channels_last`` asks for on ``device`` (once)."""
-        wanted = self.channels_last is True or (self.channels_last == "auto" and device.type == "cpu")
+        wanted = self.channels_last is True or (self.channels_last == "auto" and device.type in ("cpu", "cuda"))
         layout = torch.channels_last if wanted else torch.contiguous_format
         if layout != self._layout:
             for module in self._models()["converted"]:

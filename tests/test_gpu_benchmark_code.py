@@ -217,8 +217,10 @@ def test_e2e_dry_run_runs_every_system_and_is_left_out_of_the_tables(tmp_path):
     import gpu_e2e
     import results_table
 
-    record = _dry_run(gpu_e2e, tmp_path, systems=9, qualities=7)
-    assert record["quality"]["psnr_ours_fp16_channels_last_vs_fp32_reference_db"] > 40  # (fp32 here: the same image)
+    record = _dry_run(gpu_e2e, tmp_path, systems=10, qualities=9)
+    for layout in ("channels_last", "nchw"):  # (fp32 here: the same image)
+        assert record["quality"][f"psnr_ours_fp16_{layout}_vs_fp32_reference_db"] > 40
+    assert record["quality"]["psnr_accelerated_nchw_vs_diffusers_fp16_db"] > 40
     pag = next(r for r in record["rows"] if r["system"] == gpu_e2e.OURS_PAG)
     assert pag["speedup_vs_diffusers_pag"] > 0 and "vs diffusers PAG" in results_table.gpu_e2e(record)
     assert record["first_image_seconds"] is not None
