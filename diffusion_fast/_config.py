@@ -14,3 +14,8 @@ class FrozenConfig(dict):
         raise TypeError("configs are read-only; build a new object with from_config(config, **changes)")
 
     __setitem__ = __delitem__ = update = pop = setdefault = _readonly
+
+    def __reduce__(self):
+        """copy.deepcopy and pickle rebuild the config whole: dict's default protocol sets items one by one, which
+        the read-only config refuses (so ``copy.deepcopy(model)`` failed)."""
+        return type(self), (dict(self),)

@@ -5,8 +5,10 @@ built from the tiny configs in ``diffusion_fast.tiny`` with a fixed seed, writte
 back by our ``from_pretrained``. fp32 outputs must agree to a relative error (||ours - theirs|| / ||theirs||) of 1e-5
 under the "reference" backend (plain PyTorch ops) and the default "fast" one (C++ GroupNorm, SDPA on CPU).
 """
+import copy
 import json
 import os
+import pickle
 
 import pytest
 import torch
@@ -388,6 +390,13 @@ def test_config_and_properties(saved):
     assert changed.config.cross_attention_dim == 16
     vae = AutoencoderKL.from_pretrained(saved["vae"][1], dtype=torch.float16)
     assert vae.dtype == torch.float16 and vae.config.force_upcast is True
+    # models copy and pickle with their read-only configs (deepcopy failed: dict's protocol sets items one by one)
+    for model in (ours, vae):
+        for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert twin.config == model.config and type(twin.config) is type(model.config)
+            assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), model.state_dict().values()))
+            with pytest.raises(TypeError, match="read-only"):
+                twin.config["in_channels"] = 3
     with pytest.raises(TypeError, match="dtype"):
         AutoencoderKL.from_pretrained(saved["vae"][1], dtype="fp16")
 

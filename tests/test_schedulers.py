@@ -770,5 +770,7 @@ def test_config_is_read_only_and_unknown_fields_rejected():
     sched = S.DDIMScheduler()
     with pytest.raises(TypeError, match="read-only"):
         sched.config["beta_start"] = 0.5
+    import copy
+    assert copy.deepcopy(sched).config == sched.config  # (a copy rebuilds the read-only config whole)
     with pytest.raises(TypeError, match="unknown config fields"):
         S.DDIMScheduler(betastart=0.1)
