@@ -233,20 +233,41 @@ def test_layerwise_casting_keeps_the_model_out_of_graphs(monkeypatch):
     assert np.array_equal(_images(pipe), before)
 
 
+def test_model_level_offload_hooks_keep_channels_last():
+    """The hooks enable_model_cpu_offload puts on each model (accelerate's cpu_offload_with_hook; here with the CPU
+    as the execution device) move a model whole before its forward, in its memory format: the UNet and VAE still go
+    to channels_last (on CUDA too, since "auto" picks it there), the image is unchanged, restore converts back."""
+    from accelerate import cpu_offload_with_hook
+
+    pipe = _tiny_diffusers.pipeline("sd1", seed=2)
+    before = _images(pipe)
+    for model in (pipe.unet, pipe.vae):
+        cpu_offload_with_hook(model, execution_device=torch.device("cpu"))
+    diffusion_fast.accelerate(pipe)
+    assert pipe._diffusion_fast_report["channels_last"] == 2
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert np.abs(_images(pipe) - before).max() <= PIPELINE_FP32_MAX_ABS
+    diffusion_fast.restore(pipe)
+    assert pipe.unet.conv_in.weight.is_contiguous() and pipe.vae.decoder.conv_in.weight.is_contiguous()
+
+
 @pytest.mark.skipif(not ON_GPU, reason="CPU offload hooks need a GPU")
 def test_model_cpu_offload_then_accelerate_graphs_and_keeps_images():
     """enable_model_cpu_offload keeps the UNet on the CPU between calls: accelerate must see the GPU it runs on (our
-    attention, a graph), and the UNet's return to the GPU for each image (new addresses) must not replay stale ones."""
+    attention, a graph, channels_last for the UNet and VAE: the hook on each model moves it whole, in its layout), and
+    the UNet's return to the GPU for each image (new addresses) must not replay stale ones."""
     pytest.importorskip("accelerate", reason="enable_model_cpu_offload needs Hugging Face accelerate")
     pipe = _tiny_diffusers.pipeline("sd1", seed=2).to(torch.float16)
     pipe.enable_model_cpu_offload()
     before = _images(pipe)
     diffusion_fast.accelerate(pipe)
     report = pipe._diffusion_fast_report
-    assert report["cuda_graph"] == 1 and report["attention"] > 0 and report["channels_last"] == 0
+    assert report["cuda_graph"] == 1 and report["attention"] > 0 and report["channels_last"] == 2
     first, second = _images(pipe), _images(pipe)
     assert np.abs(first - before).max() < 2e-2 and np.abs(second - first).max() < 2e-2
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     diffusion_fast.restore(pipe)
+    assert pipe.unet.conv_in.weight.is_contiguous()
 
 
 @torch.no_grad()  # as diffusers' pipelines call the UNet: with autograd on, it runs eagerly
