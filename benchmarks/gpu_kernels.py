@@ -8,11 +8,10 @@ each row is a cold-cache time: small tensors that would stay in L2 inside a real
   (b) group_norm_silu (ours, Triton) vs F.group_norm + F.silu, fp16, NCHW and channels_last, SD1.5 and SDXL UNet and
       VAE-decoder shapes: time, GB/s (ideal bytes: read once + write once), fraction of copy bandwidth, speedup; for
       tensors that take the one-launch plan, the split two-launch plan too (an A/B for ONE_PASS_MAX_ELEMENTS, which
-      was chosen against eager launch costs, not graphed ones); for every shape, the statistics reduced block by
-      block as they are loaded (an A/B for LANE_STATISTICS);
+      was chosen against eager launch costs, not graphed ones);
   (c) attention (ours) vs F.scaled_dot_product_attention, fp16, SD1.5 and SDXL shapes: TFLOP/s (4*B*H*Lq*Lk*D) and
-      fraction of the fp16 matmul rate; at head dims 40, 80 and 160 also the same kernel with the head dim padded to
-      a power of two instead of split (kernels/attention.py, SPLIT_HEAD_DIM), an A/B in the same run;
+      fraction of the fp16 matmul rate; at head dims 80 and 160 also the same kernel with the head dim padded to a
+      power of two instead of split (kernels/attention.py, SPLIT_HEAD_DIM), an A/B in the same run;
   (d) cfg_ddim_step (ours, one launch) vs diffusers' CFG combine + DDIMScheduler.step, fp16 latents: GPU time, GB/s
       (read uncond, text, sample; write prev and x0), fraction of copy bandwidth, speedup; plus the wall time per
       call with Python launch cost (what an ungraphed loop pays), and a device copy of the same bytes in a CUDA
@@ -67,8 +66,8 @@ def plan(quick=False):
             for layout in ("NCHW", "channels_last"):
                 rows.append(dict(kernel="group_norm_silu", model=model, shape=shape, layout=layout, unit="GB/s",
                                  amount=2 * numel * FP16_BYTES, baseline="F.group_norm + F.silu"))
-    for model, shapes in ATTN.items():
-        for bsz, heads, lq, lk, d in shapes[:2] if quick else shapes:
+    for model, shapes in ATTN.items():  # (quick: SD1.5's head dim 80 too, the split head dim's A/B)
+        for bsz, heads, lq, lk, d in shapes[:3 if model.startswith("SD1.5") else 2] if quick else shapes:
             rows.append(dict(kernel="attention", model=model, shape=(bsz, heads, lq, lk, d), layout="fp16",
                              unit="TFLOP/s", amount=4 * bsz * heads * lq * lk * d, baseline="F.sdpa"))
     for model, shapes in LATENTS.items():
@@ -163,27 +162,22 @@ def group_norm_fns(row, ops):
     x = torch.randn(shape, device="cuda", dtype=torch.float16).contiguous(memory_format=fmt)
     w, b = (torch.randn(shape[1], device="cuda", dtype=torch.float16) for _ in range(2))
 
-    def other_plans():
-        """A/B: every tensor timed with its statistics reduced block by block (LANE_STATISTICS off); one small
-        enough for the one-launch plan, with the split plan too."""
+    def other_plan():
+        """A/B: a tensor small enough for the one-launch plan, timed with the split plan too."""
         from diffusion_fast.kernels import group_norm_silu as kernel
 
-        variants = {"per_block_stats": ("LANE_STATISTICS", False)}
-        if x.numel() <= kernel.ONE_PASS_MAX_ELEMENTS:
-            variants["two_launch"] = ("ONE_PASS_MAX_ELEMENTS", 0)
-        times = {}
-        for variant, (setting, value) in variants.items():
-            saved = getattr(kernel, setting)
-            setattr(kernel, setting, value)
-            try:
-                fn = lambda: kernel.group_norm_silu(x, 32, w, b)  # noqa: E731
-                fn()
-                times.update({f"{variant}_ms": median_ms(fn), f"{variant}_graphed_ms": graphed_ms(fn)})
-            finally:
-                setattr(kernel, setting, saved)
-        return times
+        if x.numel() > kernel.ONE_PASS_MAX_ELEMENTS:
+            return {}
+        saved = kernel.ONE_PASS_MAX_ELEMENTS
+        kernel.ONE_PASS_MAX_ELEMENTS = 0
+        try:
+            fn = lambda: kernel.group_norm_silu(x, 32, w, b)  # noqa: E731
+            fn()
+            return {"two_launch_ms": median_ms(fn), "two_launch_graphed_ms": graphed_ms(fn)}
+        finally:
+            kernel.ONE_PASS_MAX_ELEMENTS = saved
 
-    return lambda: ops.group_norm_silu(x, 32, w, b), lambda: F.silu(F.group_norm(x, 32, w, b)), other_plans
+    return lambda: ops.group_norm_silu(x, 32, w, b), lambda: F.silu(F.group_norm(x, 32, w, b)), other_plan
 
 
 def attention_fns(row, ops):
@@ -328,8 +322,9 @@ def _num(row, key, fmt):
 
 
 A_B_VARIANTS = {"two_launch": "split two-launch plan instead", "padded": "head dim padded instead of split",
+                # (in records of 2026-12-04: A/Bs of designs since decided)
                 "per_block_stats": "statistics reduced block by block",
-                "launch_order": "output pass in launch order, no evict-first hints"}  # (records before 2026-12-04)
+                "launch_order": "output pass in launch order, no evict-first hints"}
 
 
 def format_row(row):
@@ -409,7 +404,7 @@ def main(argv=None):
         description="Time our Triton kernels against PyTorch eager and diffusers on SD1.5/SDXL shapes (CUDA).")
     parser.add_argument("--out", default=None,
                         help="JSON-lines file to append the record to (default benchmarks/results/gpu_kernels.jsonl)")
-    parser.add_argument("--quick", action="store_true", help="two shapes per model in (b) and (c)")
+    parser.add_argument("--quick", action="store_true", help="two shapes per model in (b) and (c), three for SD1.5's attention")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the planned rows without CUDA; writes a record only when --out is given")
     args = parser.parse_args(argv)

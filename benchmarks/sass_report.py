@@ -104,9 +104,9 @@ def attention_cases(dtype=torch.float16, shapes=ATTENTION_SHAPES):
         names = [f"stride_{t}{s}" for t in "qkvo" for s in ("b", "h", "m" if t in "qo" else "n")]
         args = dict(zip(names, (s // align for s in strides)), q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=out, heads=h,
                     len_q=lq, len_k=lk, qk_scale=0.5)
-        variants = {"split": True, "padded": False} if A._head_dim_blocks(d, True)[1] else {"": False}
+        variants = {"split": True, "padded": False} if A._head_dim_blocks(d, True, dtype)[1] else {"": False}
         for label, split in variants.items():
-            d_main, d_tail = A._head_dim_blocks(d, split)
+            d_main, d_tail = A._head_dim_blocks(d, split, dtype)
             constexprs = dict(HEAD_DIM=d, ALIGN=align, BLOCK_M=block_m, BLOCK_N=block_n, D_MAIN=d_main,
                               D_TAIL=d_tail, EVEN_M=lq % block_m == 0, EVEN_N=lk % block_n == 0,
                               PRECISION="ieee" if dtype == torch.float32 else "tf32")
@@ -114,9 +114,8 @@ def attention_cases(dtype=torch.float16, shapes=ATTENTION_SHAPES):
                    args, constexprs, warps, stages)
 
 
-def _cl_split_cases(x, groups, label, has_affine=True, silu=True, lanes=None):
-    """The three kernels of the large channels_last plan, as group_norm_silu launches them for x (lanes: the
-    statistics pass's LANE_STATISTICS, the module's setting by default)."""
+def _cl_split_cases(x, groups, label, has_affine=True, silu=True):
+    """The three kernels of the large channels_last plan, as group_norm_silu launches them for x."""
     from diffusion_fast.kernels import group_norm_silu as G
 
     n, c = x.shape[:2]
@@ -125,10 +124,9 @@ def _cl_split_cases(x, groups, label, has_affine=True, silu=True, lanes=None):
     partials, stats = torch.empty(64, device="meta"), torch.empty(2 * n * groups, device="meta")
     sizes = dict(hw=hw, channels=c, chunk=8 * (G.BLOCK // block_c))
     tiles = dict(BLOCK_P=G.BLOCK // block_c, BLOCK_C=block_c)
-    lanes = G.LANE_STATISTICS if lanes is None else lanes
-    yield (f"group_norm_silu cl-stats {label}{'' if lanes else ' per-block'}", G._cl_channel_stats_kernel,
-           dict(sizes, x_ptr=x, mean_ptr=partials, m2_ptr=partials, c_tiles=triton.cdiv(c, block_c)),
-           dict(tiles, IN_LANES=lanes), G.NUM_WARPS, 3)
+    yield (f"group_norm_silu cl-stats {label}", G._cl_channel_stats_kernel,
+           dict(sizes, x_ptr=x, mean_ptr=partials, m2_ptr=partials, c_tiles=triton.cdiv(c, block_c)), tiles,
+           G.NUM_WARPS, 3)
     yield (f"group_norm_silu cl-groups {label}", G._cl_group_stats_kernel,
            dict(sizes, split=3, mean_ptr=partials, m2_ptr=partials, stats_ptr=stats, cpg=cpg, num_groups=groups,
                 eps=1e-5),
@@ -160,8 +158,7 @@ def group_norm_cases():
             common = dict(x_ptr=x, y_ptr=x, w_ptr=x, b_ptr=x, hw=hw, cpg=cpg, channels=c, group_len=cpg * hw,
                           num_groups=groups, eps=1e-5)
             if x.numel() <= G.ONE_PASS_MAX_ELEMENTS:
-                yield (f"group_norm_silu one-pass {label}", G._group_norm_one_pass_kernel, common,
-                       dict(flags, IN_LANES=G.LANE_STATISTICS), G.NUM_WARPS, 3)
+                yield f"group_norm_silu one-pass {label}", G._group_norm_one_pass_kernel, common, flags, G.NUM_WARPS, 3
             elif channels_last:
                 yield from _cl_split_cases(x, groups, label)
             else:
@@ -169,7 +166,7 @@ def group_norm_cases():
                 yield (f"group_norm_silu stats {label}", G._group_stats_kernel,
                        dict(x_ptr=x, mean_ptr=x.float(), m2_ptr=x.float(), count_ptr=x.float(), hw=hw, cpg=cpg,
                             channels=c, group_len=cpg * hw, chunk_len=4096, split=16, num_groups=groups),
-                       dict(BLOCK=G.BLOCK, IN_LANES=G.LANE_STATISTICS), G.NUM_WARPS, 3)
+                       dict(BLOCK=G.BLOCK), G.NUM_WARPS, 3)
                 yield (f"group_norm_silu apply {label}", G._group_apply_kernel,
                        dict(common, mean_ptr=x.float(), m2_ptr=x.float(), count_ptr=x.float(), chunk_len=4096,
                             split=16), dict(flags, SPLIT_BLOCK=16), G.NUM_WARPS, 3)
@@ -260,19 +257,17 @@ def variant_cases():
                 common = dict(x_ptr=x, y_ptr=x, w_ptr=x, b_ptr=x, hw=hw, cpg=cpg, channels=c, group_len=cpg * hw,
                               num_groups=groups, eps=1e-5)
                 label = f"{'x'.join(map(str, shape))} {'channels_last' if channels_last else 'NCHW'} {dtype}"
-                # the statistics design the launcher does not use compiles too (the GPU benchmark's A/B runs it)
-                for lanes in (True, False):
-                    yield (f"group_norm_silu one-pass {label}{'' if lanes else ' per-block'}",
-                           G._group_norm_one_pass_kernel, common, dict(flags, IN_LANES=lanes), G.NUM_WARPS, 3)
+                yield (f"group_norm_silu one-pass {label}", G._group_norm_one_pass_kernel, common, flags,
+                       G.NUM_WARPS, 3)
                 if channels_last:
-                    yield from _cl_split_cases(x, groups, label, affine, silu, lanes=not G.LANE_STATISTICS)
+                    yield from _cl_split_cases(x, groups, label, affine, silu)
                     continue
                 partials = torch.empty(16, device="meta")
                 del flags["CPG"], flags["CHANNELS_LAST"]
                 yield (f"group_norm_silu stats {label}", G._group_stats_kernel,
                        dict(x_ptr=x, mean_ptr=partials, m2_ptr=partials, count_ptr=partials, hw=hw, cpg=cpg,
                             channels=c, group_len=cpg * hw, chunk_len=4096, split=3, num_groups=groups),
-                       dict(BLOCK=G.BLOCK, IN_LANES=not G.LANE_STATISTICS), G.NUM_WARPS, 3)
+                       dict(BLOCK=G.BLOCK), G.NUM_WARPS, 3)
                 yield (f"group_norm_silu apply {label}", G._group_apply_kernel,
                        dict(common, mean_ptr=partials, m2_ptr=partials, count_ptr=partials, chunk_len=4096,
                             split=3), dict(flags, SPLIT_BLOCK=4), G.NUM_WARPS, 3)

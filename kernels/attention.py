@@ -4,11 +4,12 @@ One program computes a BLOCK_M tile of query rows for one (batch, head): it stre
 tiles, keeping a running row maximum and row sum (the online softmax), and rescales its fp32 accumulator as the
 maximum grows. Scores use exp2 with log2(e) folded into the scale.
 
-Head dims that are not powers of two (SD1.5's 40, 80, 160) are split into a power-of-two main block and a
-power-of-two tail of at least 16 lanes: 40 = 32 + 16 (8 masked), 80 = 64 + 16, 160 = 128 + 32. Each product is then
-two tl.dots, and the padded work is 17% at head dim 40 and none at 80 and 160, against 37.5% for all three when
-padded to the next power of two (masked lanes load zeros, which contribute nothing to q k^T or to p v).
-``SPLIT_HEAD_DIM = False`` pads instead; benchmarks/gpu_kernels.py times both. Key and query lengths that are not
+Head dims that are not powers of two are split into a power-of-two main block and a power-of-two tail of at least
+16 lanes where that saves more than a quarter of the padded lanes: 80 = 64 + 16, 160 = 128 + 32 (SD1.5's deeper
+levels), none of it padding, against 37.5% when padded to the next power of two (masked lanes load zeros, which
+contribute nothing to q k^T or to p v). Each product is then two tl.dots. SD1.5's head dim 40 is padded to 64 in
+16-bit: split as 32 + 16 it saves 16 of 64 lanes, and the H200 ran it 7% slower than padded in three runs (the
+16-wide tail dots cost more than they save). fp32, on the FMA units, splits it. ``SPLIT_HEAD_DIM = False`` pads every head dim; benchmarks/gpu_kernels.py times both. Key and query lengths that are not
 block multiples (77 text tokens) are masked, masked scores set to -inf before the row maximum. q, k and v may be any strided views with a unit last
 stride, so the models pass (B, L, H*D) projections viewed as (B, H, L, D) without a copy. fp32 inputs use IEEE fp32
 dot products (no tf32), so an fp32 caller gets fp32 accuracy.
@@ -165,12 +166,16 @@ def _alignment(strides, element_size: int) -> int:
     return align
 
 
-def _head_dim_blocks(head_dim: int, split: bool):
+def _head_dim_blocks(head_dim: int, split: bool, dtype: torch.dtype = torch.float16):
     """(D_MAIN, D_TAIL): a power-of-two main block and tail covering head_dim (tail 0 when one block does)."""
     padded = max(16, triton.next_power_of_2(head_dim))
     main = padded // 2
     tail = max(16, triton.next_power_of_2(head_dim - main)) if head_dim > main else 0
-    if not split or head_dim <= main or main + tail >= padded:  # the split would not save lanes (e.g. 24 = 16 + 16)
+    # 16-bit (tensor cores): a split must save more than a quarter of the padded lanes (40 = 32 + 16 saves 16 of 64
+    # and measured slower). fp32's IEEE dots run on the FMA units, where any saved lane is saved work (and its padded
+    # 64-wide tiles spilled registers at head dim 40, compiled for sm_90). 24 = 16 + 16 saves nothing either way.
+    needed = padded if dtype == torch.float32 else 3 * padded / 4
+    if not split or head_dim <= main or main + tail >= needed:
         return padded, 0
     return main, tail
 
@@ -183,7 +188,7 @@ def _launch(q, k, v, out, scale, config, split=None):
     batch, heads, len_q, head_dim = q.shape
     len_k = k.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    d_main, d_tail = _head_dim_blocks(head_dim, SPLIT_HEAD_DIM if split is None else split)
+    d_main, d_tail = _head_dim_blocks(head_dim, SPLIT_HEAD_DIM if split is None else split, q.dtype)
     # a size-1 dim's stride never multiplies a nonzero index: 0, so it cannot lower the alignment
     strides = [t.stride(i) if t.shape[i] > 1 else 0 for t in (q, k, v, out) for i in range(3)]
     align = _alignment(strides, q.element_size())

@@ -9,13 +9,14 @@ at batch 2 has only 64 (sample, group) pairs for 132 SMs):
 2. ``_group_apply_kernel``: program (group, chunk) combines its group's partials into mean and 1/std, then
    normalizes its chunk, applies weight and bias, and SiLU, writing the input's dtype.
 
-The statistics are kept per lane (``LANE_STATISTICS``): each of a program's BLOCK lanes runs Welford's update over
-the elements it loads, every lane having seen the same number of elements, so the loop has no reduction across
-threads (no shared memory, no barrier between one block's loads and the next); the lanes are merged with Chan's
-formula once, at the end, and a short last block is merged the same way. Reducing every block as it was loaded put
-a cross-warp reduction between consecutive loads. The output passes run in launch order: the H200 measured reversing
-them (to re-read from L2 what the statistics pass left there) with evict-first hints slower in 15 of 16 graphed
-rows of two runs (benchmarks/results/gpu_kernels_h200.jsonl), so that was taken out.
+The statistics are kept per lane: each of a program's BLOCK lanes runs Welford's update over the elements it loads,
+every lane having seen the same number of elements, so the loop has no reduction across threads (no shared memory,
+no barrier between one block's loads and the next); the lanes are merged with Chan's formula once, at the end, and a
+short last block is merged the same way. Reducing every block as it was loaded, as this kernel did before, put a
+cross-warp reduction between consecutive loads: in a CUDA graph on the H200 the per-lane design took 0.37-0.41x its
+time in channels_last on the large maps and 0.82-0.87x in NCHW (benchmarks/results/gpu_kernels_h200.jsonl, third
+record). The output passes run in launch order: reversing them (to re-read from L2 what the statistics pass left
+there) with evict-first hints measured slower in 15 of 16 graphed rows of two runs, so that was taken out.
 
 Tensors of at most ``ONE_PASS_MAX_ELEMENTS`` (SD's 8x8 to 32x32 UNet levels) are launch-bound rather than
 bandwidth-bound: ``_group_norm_one_pass_kernel`` has one program per group compute the statistics and then normalize,
@@ -26,7 +27,7 @@ inside each position's C contiguous channels (10 elements at SD's 320 channels),
 16-byte loads; so programs tile (positions x 64 channels) across groups, reduce per-channel partials over chunks of
 positions, a small kernel turns them into each group's mean and 1/std, and the output pass reads whole aligned
 rows again. The channel tile is the fastest-varying program index, so the programs resident at one time read whole
-rows of memory between them, not one 128-byte column of many rows each.
+rows of memory between them, not one 128-byte column of many rows each (no measurable change on the H200).
 
 No program waits on another. Element addresses are computed in int64. A group's elements are walked in memory order:
 in NCHW a group is one contiguous run of (C/G)*H*W elements; in channels_last it is C/G contiguous channels at each of
@@ -49,7 +50,6 @@ NUM_WARPS = 8
 # tests' multi-chunk shapes still get several chunks a group in both layouts, some with a short last one)
 TARGET_PROGRAMS = 32 if INTERPRET else 4 * 132
 ONE_PASS_MAX_ELEMENTS = 1 << 20  # up to this size: one launch, one program per group (not yet timed on a GPU)
-LANE_STATISTICS = True  # Welford per lane, lanes merged once (module docstring); False: each block reduced as loaded
 CL_BLOCK_C = 64  # channels_last, large tensors: channels per tile (128 bytes of fp16 a row)
 
 
@@ -96,26 +96,22 @@ def _lanes_merged(count, mean, m2, AXIS: tl.constexpr):
 
 @triton.jit
 def _chunk_moments(x_ptr, base, start, end, hw, CPG: tl.constexpr, channels, CHANNELS_LAST: tl.constexpr,
-                   BLOCK: tl.constexpr, IN_LANES: tl.constexpr):
-    """(count, mean, M2) of a group's elements [start, end) (end > start). IN_LANES: Welford per lane over the full
-    blocks, the lanes merged once, then the short last block merged (Chan); else every block reduced and merged."""
+                   BLOCK: tl.constexpr):
+    """(count, mean, M2) of a group's elements [start, end) (end > start): Welford per lane over the whole blocks,
+    the lanes merged once, then the short last block, if any, merged (Chan)."""
+    full_end = start + (end - start) // BLOCK * BLOCK
     count = 0.0
-    mean = 0.0
-    m2 = 0.0
-    full_end = start
-    if IN_LANES:
-        full_end = start + (end - start) // BLOCK * BLOCK
-        lane_mean = tl.zeros([BLOCK], dtype=tl.float32)
-        lane_m2 = tl.zeros([BLOCK], dtype=tl.float32)
-        for block_start in range(start, full_end, BLOCK):  # no masks, no reductions: loads run back to back
-            offs, _ = _element_offsets(block_start + tl.arange(0, BLOCK), hw, CPG, channels, CHANNELS_LAST)
-            x = tl.load(x_ptr + base + offs).to(tl.float32)
-            count += 1.0  # elements per lane so far, the same in every lane
-            delta = x - lane_mean
-            lane_mean += delta * (1.0 / count)
-            lane_m2 += delta * (x - lane_mean)
-        count, mean, m2 = _lanes_merged(count + tl.zeros([BLOCK], dtype=tl.float32), lane_mean, lane_m2, None)
-    for block_start in range(full_end, end, BLOCK):  # IN_LANES: the short last block, if any
+    lane_mean = tl.zeros([BLOCK], dtype=tl.float32)
+    lane_m2 = tl.zeros([BLOCK], dtype=tl.float32)
+    for block_start in range(start, full_end, BLOCK):  # no masks, no reductions: loads run back to back
+        offs, _ = _element_offsets(block_start + tl.arange(0, BLOCK), hw, CPG, channels, CHANNELS_LAST)
+        x = tl.load(x_ptr + base + offs).to(tl.float32)
+        count += 1.0  # elements per lane so far, the same in every lane
+        delta = x - lane_mean
+        lane_mean += delta * (1.0 / count)
+        lane_m2 += delta * (x - lane_mean)
+    count, mean, m2 = _lanes_merged(count + tl.zeros([BLOCK], dtype=tl.float32), lane_mean, lane_m2, None)
+    for block_start in range(full_end, end, BLOCK):  # the short last block, if any
         e = block_start + tl.arange(0, BLOCK)
         mask = e < end
         offs, _ = _element_offsets(e, hw, CPG, channels, CHANNELS_LAST)
@@ -169,13 +165,12 @@ def _group_stats_kernel(
     hw, cpg, channels, group_len, chunk_len, split,  # H*W, C/G, C, (C/G)*H*W, elements per chunk, chunks per group
     num_groups,  # G
     BLOCK: tl.constexpr,
-    IN_LANES: tl.constexpr,  # LANE_STATISTICS
 ):
     pid_group = tl.program_id(0).to(tl.int64)  # n * G + g
     pid_chunk = tl.program_id(1)
     _, base, start, end = _group_chunk(pid_group, pid_chunk, hw, cpg, 0, channels, group_len, chunk_len, num_groups,
                                        False)
-    count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, 0, channels, False, BLOCK, IN_LANES)
+    count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, 0, channels, False, BLOCK)
     out = pid_group * split + pid_chunk
     tl.store(mean_ptr + out, mean)
     tl.store(m2_ptr + out, m2)
@@ -226,12 +221,11 @@ def _group_norm_one_pass_kernel(
     SILU: tl.constexpr,
     CHANNEL_PER_BLOCK: tl.constexpr,  # NCHW and H*W % BLOCK == 0 (see _normalize_chunk)
     BLOCK: tl.constexpr,
-    IN_LANES: tl.constexpr,  # LANE_STATISTICS
 ):
     pid_group = tl.program_id(0).to(tl.int64)  # n * G + g: one program per group, statistics then output
     g, base, start, end = _group_chunk(pid_group, 0, hw, cpg, CPG, channels, group_len, group_len, num_groups,
                                        CHANNELS_LAST)
-    count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, CPG, channels, CHANNELS_LAST, BLOCK, IN_LANES)
+    count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, CPG, channels, CHANNELS_LAST, BLOCK)
     rstd = 1.0 / tl.sqrt(m2 / count + eps)
     _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, cpg, CPG, channels,
                      CHANNELS_LAST, HAS_WEIGHT, HAS_BIAS, SILU, CHANNEL_PER_BLOCK, BLOCK)
@@ -260,29 +254,23 @@ def _cl_channel_stats_kernel(
     hw, channels, chunk, c_tiles,  # H*W, C, positions per chunk (a multiple of BLOCK_P), channel tiles
     BLOCK_P: tl.constexpr,  # positions per tile
     BLOCK_C: tl.constexpr,  # channels per tile
-    IN_LANES: tl.constexpr,  # LANE_STATISTICS: Welford per (position lane, channel), merged once (module docstring)
 ):
     pid, n, p_start, p_end, c, c_ok = _cl_tile(hw, channels, chunk, c_tiles, BLOCK_C)
     x_ptr += n * hw * channels
+    full_end = p_start + (p_end - p_start) // BLOCK_P * BLOCK_P
     count = 0.0
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    full_end = p_start
-    if IN_LANES:
-        full_end = p_start + (p_end - p_start) // BLOCK_P * BLOCK_P
-        lane_mean = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-        lane_m2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-        for p0 in range(p_start, full_end, BLOCK_P):  # no reductions inside the loop
-            p = p0 + tl.arange(0, BLOCK_P)
-            x = tl.load(x_ptr + p[:, None] * channels + c[None, :], mask=c_ok[None, :], other=0.0).to(tl.float32)
-            count += 1.0
-            delta = x - lane_mean
-            lane_mean += delta * (1.0 / count)
-            lane_m2 += delta * (x - lane_mean)
-        count, mean, m2 = _lanes_merged(count + tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32), lane_mean, lane_m2,
-                                        0)
-        count = tl.max(count, axis=0)  # (the same for every channel)
-    for p0 in range(full_end, p_end, BLOCK_P):  # Chan's formula per channel, tile by tile (IN_LANES: the last one)
+    lane_mean = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    lane_m2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for p0 in range(p_start, full_end, BLOCK_P):  # Welford per (position lane, channel): no reductions in the loop
+        p = p0 + tl.arange(0, BLOCK_P)
+        x = tl.load(x_ptr + p[:, None] * channels + c[None, :], mask=c_ok[None, :], other=0.0).to(tl.float32)
+        count += 1.0
+        delta = x - lane_mean
+        lane_mean += delta * (1.0 / count)
+        lane_m2 += delta * (x - lane_mean)
+    count, mean, m2 = _lanes_merged(count + tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32), lane_mean, lane_m2, 0)
+    count = tl.max(count, axis=0)  # (the same for every channel)
+    for p0 in range(full_end, p_end, BLOCK_P):  # the short last tile, if any: Chan's formula per channel
         p = p0 + tl.arange(0, BLOCK_P)
         p_ok = p < p_end
         x = tl.load(x_ptr + p[:, None] * channels + c[None, :], mask=p_ok[:, None] & c_ok[None, :],
@@ -376,7 +364,7 @@ def _channels_last_split(x, y, w, b, num_groups, eps, output):
     stats = torch.empty((n * num_groups, 2), device=x.device, dtype=torch.float32)
     grid = (n * split * c_tiles,)
     _cl_channel_stats_kernel[grid](x, partials[0], partials[1], hw, c, chunk, c_tiles, BLOCK_P=block_p,
-                                   BLOCK_C=block_c, IN_LANES=LANE_STATISTICS, num_warps=NUM_WARPS)
+                                   BLOCK_C=block_c, num_warps=NUM_WARPS)
     _cl_group_stats_kernel[(n * num_groups,)](partials[0], partials[1], stats, hw, c, chunk, split, cpg, num_groups,
                                               float(eps), SPLIT_BLOCK=triton.next_power_of_2(split),
                                               CPG_BLOCK=cpg_block, num_warps=8)
@@ -417,7 +405,7 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=Tru
     if x.numel() <= ONE_PASS_MAX_ELEMENTS:
         _group_norm_one_pass_kernel[(n * num_groups,)](x, y, w, b, hw, cpg, c, group_len, num_groups, float(eps),
                                                        CPG=cpg if channels_last else 0, CHANNELS_LAST=channels_last,
-                                                       IN_LANES=LANE_STATISTICS, **flags)
+                                                       **flags)
         return y
     if channels_last:
         return _channels_last_split(x, y, w, b, num_groups, eps, output)
@@ -427,7 +415,7 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=Tru
     partials = torch.empty((3, n * num_groups * split), device=x.device, dtype=torch.float32)
     grid = (n * num_groups, split)
     _group_stats_kernel[grid](x, partials[0], partials[1], partials[2], hw, cpg, c, group_len, chunk_len, split,
-                              num_groups, BLOCK=BLOCK, IN_LANES=LANE_STATISTICS, num_warps=NUM_WARPS)
+                              num_groups, BLOCK=BLOCK, num_warps=NUM_WARPS)
     _group_apply_kernel[grid](x, y, w, b, partials[0], partials[1], partials[2], hw, cpg, c, group_len, chunk_len,
                               split, num_groups, float(eps), SPLIT_BLOCK=triton.next_power_of_2(split),
                               **flags)

@@ -21,8 +21,9 @@ CASES = [  # (B, H, Lq, Lk, D)
     (2, 1, 1, 77, 40),  # a single query row
     (1, 2, 20, 20, 8),  # head dim below the 16-wide minimum of a dot: padded up
     # lengths that are multiples of the blocks (32 interpreted; SD's 4096/1024/256 compiled): the unmasked
-    # EVEN_M/EVEN_N path, at a split head dim (40) and at a padded one (24)
-    (2, 2, 64, 64, 40),
+    # EVEN_M/EVEN_N path, at a split head dim (80), a padded one (24) and SD1.5's 40 (padded to 64)
+    (2, 2, 64, 64, 80),
+    (1, 2, 64, 32, 40),
     (1, 3, 32, 96, 24),
 ]
 if ON_GPU:
@@ -173,8 +174,13 @@ def test_padded_head_dim_variant_matches_reference(shape, monkeypatch):
                    floor=FLOOR[torch.float16])
 
 
-@pytest.mark.parametrize("head_dim, blocks", [(40, (32, 16)), (80, (64, 16)), (160, (128, 32)), (64, (64, 0)),
-                                              (24, (32, 0)), (8, (16, 0))])
+@pytest.mark.parametrize("head_dim, blocks", [(40, (64, 0)), (80, (64, 16)), (160, (128, 32)), (64, (64, 0)),
+                                              (24, (32, 0)), (8, (16, 0)), (72, (64, 16)), (96, (128, 0))])
 def test_head_dim_blocks(head_dim, blocks):
-    """A split only where it saves lanes: 24 would be 16 + 16, no better than padding to 32."""
+    """16-bit: a split only where it saves more than a quarter of the padded lanes: 24 would be 16 + 16, no better
+    than padding to 32; 40 = 32 + 16 and 96 = 64 + 32 save exactly a quarter (40 measured slower split on the H200).
+    fp32 (no tensor cores) splits wherever a lane is saved."""
     assert kernel._head_dim_blocks(head_dim, True) == blocks
+    assert kernel._head_dim_blocks(head_dim, True, torch.bfloat16) == blocks
+    fp32 = {40: (32, 16), 96: (64, 32)}.get(head_dim, blocks)
+    assert kernel._head_dim_blocks(head_dim, True, torch.float32) == fp32
