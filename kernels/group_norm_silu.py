@@ -14,8 +14,8 @@ every lane having seen the same number of elements, so the loop has no reduction
 no barrier between one block's loads and the next); the lanes are merged with Chan's formula once, at the end, and a
 short last block is merged the same way. Reducing every block as it was loaded, as this kernel did before, put a
 cross-warp reduction between consecutive loads: in a CUDA graph on the H200 the per-lane design took 0.37-0.41x its
-time in channels_last on the large maps and 0.82-0.87x in NCHW (benchmarks/results/gpu_kernels_h200.jsonl, third
-record). The output passes run in launch order: reversing them (to re-read from L2 what the statistics pass left
+time in channels_last and 0.85-0.88x in NCHW on maps of 16 MB and more (benchmarks/results/gpu_kernels_h200.jsonl,
+third record). The output passes run in launch order: reversing them (to re-read from L2 what the statistics pass left
 there) with evict-first hints measured slower in 15 of 16 graphed rows of two runs, so that was taken out.
 
 Tensors of at most ``ONE_PASS_MAX_ELEMENTS`` (SD's 8x8 to 32x32 UNet levels) are launch-bound rather than
