@@ -7,9 +7,8 @@ SD1.5's architecture with random weights (nothing is downloaded), fp16, 512x512,
 side by side in one run, medians of --repeats whole calls (text encoding and the loop, latents out, no VAE decode):
 diffusers eager (SDPA), diffusers + torch.compile (default mode; skipped with --no-compile), diffusers +
 diffusion_fast.accelerate (its default channels_last, and NCHW), and our pipeline (fast with CUDA graphs in both
-memory formats, fast with only the UNet
-graphed as for a non-DDIM scheduler, fast without graphs, reference); and perturbed-attention guidance on the mid
-block beside CFG, diffusers' PAG pipeline and ours (its speedup against diffusers' PAG row too). Quality: PSNR of our
+memory formats, fast with only the UNet graphed as for a non-DDIM scheduler, fast without graphs, reference); and
+perturbed-attention guidance on the mid block beside CFG, diffusers' PAG pipeline and ours (its speedup against diffusers' PAG row too). Quality: PSNR of our
 fp16 image (and diffusers' fp16 image) against our fp32 reference-path image from the same float32 noise (in torch
 2.11 a float16 randn is not the float32 one rounded, so a shared seed alone would compare different images),
 computed with TF32 off (and how far TF32, PyTorch's default for fp32 convolutions, moves that image). Also the time

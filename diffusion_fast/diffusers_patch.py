@@ -22,7 +22,8 @@ itself gets a subclass of its own class, with the same name, only to catch a sch
   CUDA graphs, one per input signature, every tensor argument a graph input (SDXL's ``added_cond_kwargs``, ControlNet
   residuals); see ``model_graphs``;
 - with ``channels_last="auto"``, the UNet, VAE and ControlNet weights go to channels_last on the CPU and on CUDA,
-  where our pipeline measured it to pay (NCHW elsewhere); restore converts them back.
+  where it measured faster (on the H200, SD1.5 fp16: 2.94x diffusers eager against 2.29x in NCHW); NCHW elsewhere.
+  restore converts them back.
 
 No compile step: any resolution that is a multiple of 8 works at once. What it leaves alone is logged in one line and
 kept in ``pipe._diffusion_fast_report``.
