@@ -8,12 +8,12 @@ side by side in one run, medians of --repeats whole calls (text encoding and the
 diffusers eager (SDPA), diffusers + torch.compile (default mode; skipped with --no-compile), diffusers +
 diffusion_fast.accelerate (its default channels_last, and NCHW), and our pipeline (fast with CUDA graphs in both
 memory formats, fast with only the UNet graphed as for a non-DDIM scheduler, fast without graphs, reference); and
-perturbed-attention guidance on the mid block beside CFG, diffusers' PAG pipeline and ours (its speedup against diffusers' PAG row too). Quality: PSNR of our
-fp16 image (and diffusers' fp16 image) against our fp32 reference-path image from the same float32 noise (in torch
-2.11 a float16 randn is not the float32 one rounded, so a shared seed alone would compare different images),
-computed with TF32 off (and how far TF32, PyTorch's default for fp32 convolutions, moves that image). Also the time
-from a fresh process start to its first image (``diffusion-fast generate`` in a subprocess, cold Triton cache or not as
-found). Appends one JSON record to --out and prints a table.
+perturbed-attention guidance on the mid block beside CFG, diffusers' PAG pipeline and ours (its speedup against
+diffusers' PAG row too). Quality: PSNR of our fp16 image (and diffusers' fp16 image) against our fp32 reference-path
+image from the same float32 noise (in torch 2.11 a float16 randn is not the float32 one rounded, so a shared seed
+alone would compare different images), computed with TF32 off (and how far TF32, PyTorch's default for fp32
+convolutions, moves that image). Also the time from a fresh process start to its first image (``diffusion-fast
+generate`` in a subprocess, cold Triton cache or not as found). Appends one JSON record to --out and prints a table.
 
 --dry-run runs the same code on the CPU with the built-in tiny model (fp32, 2 steps, 1 repeat, no torch.compile) and
 marks its record ``dry_run`` (the results tables skip it): its figures mean nothing, but a slip in this script shows
