@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from diffusion_fast import _validate
+from ._host import cdiv, next_power_of_2
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_HEAD_DIM = 256
@@ -168,9 +169,9 @@ def _alignment(strides, element_size: int) -> int:
 
 def _head_dim_blocks(head_dim: int, split: bool, dtype: torch.dtype = torch.float16):
     """(D_MAIN, D_TAIL): a power-of-two main block and tail covering head_dim (tail 0 when one block does)."""
-    padded = max(16, triton.next_power_of_2(head_dim))
+    padded = max(16, next_power_of_2(head_dim))
     main = padded // 2
-    tail = max(16, triton.next_power_of_2(head_dim - main)) if head_dim > main else 0
+    tail = max(16, next_power_of_2(head_dim - main)) if head_dim > main else 0
     # 16-bit (tensor cores): a split must save more than a quarter of the padded lanes (40 = 32 + 16 saves 16 of 64
     # and measured slower). fp32's IEEE dots run on the FMA units, where any saved lane is saved work (and its padded
     # 64-wide tiles spilled registers at head dim 40, compiled for sm_90). 24 = 16 + 16 saves nothing either way.
@@ -190,7 +191,7 @@ def _launch(q, k, v, out, scale, config, split=None):
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     d_main, d_tail = _head_dim_blocks(head_dim, SPLIT_HEAD_DIM if split is None else split, q.dtype)
     # a size-1 dim's stride never multiplies a nonzero index: 0, so it cannot lower the alignment
-    strides = [t.stride(i) if t.shape[i] > 1 else 0 for t in (q, k, v, out) for i in range(3)]
+    strides = [st if n > 1 else 0 for t in (q, k, v, out) for st, n in zip(t.stride()[:3], t.shape[:3])]
     align = _alignment(strides, q.element_size())
     # the grid's second axis (one program column per (batch, head)) stops at MAX_GRID_Y: launch batch chunks beyond
     if heads > MAX_GRID_Y:
@@ -198,7 +199,7 @@ def _launch(q, k, v, out, scale, config, split=None):
     chunk = MAX_GRID_Y // heads
     for b0 in range(0, batch, chunk):
         tensors = (q, k, v, out) if batch <= chunk else (t[b0:b0 + chunk] for t in (q, k, v, out))
-        grid = (triton.cdiv(len_q, block_m), min(chunk, batch - b0) * heads)
+        grid = (cdiv(len_q, block_m), min(chunk, batch - b0) * heads)
         _flash_attention_kernel[grid](
             *tensors,
             *(s // align for s in strides),
@@ -214,7 +215,7 @@ def _rows_16_byte_aligned(t):
     """t itself when its base and its batch, head and row strides are 16-byte aligned, else a copy whose rows are
     16 bytes apart (padded past the head dim when it is not a multiple of 16 bytes)."""
     elems = 16 // t.element_size()
-    if t.data_ptr() % 16 == 0 and all(t.stride(i) % elems == 0 for i in range(3) if t.shape[i] > 1):
+    if t.data_ptr() % 16 == 0 and all(st % elems == 0 for st, n in zip(t.stride()[:3], t.shape[:3]) if n > 1):
         return t
     return _empty_aligned(t.shape, t).copy_(t)
 
@@ -222,7 +223,9 @@ def _rows_16_byte_aligned(t):
 def _empty_aligned(shape, like):
     """An uninitialised (B, H, L, D) tensor like ``like`` whose rows are 16 bytes apart: contiguous when D allows."""
     elems = 16 // like.element_size()
-    padded = -(-shape[-1] // elems) * elems
+    padded = cdiv(shape[-1], elems) * elems
+    if padded == shape[-1]:
+        return torch.empty(shape, device=like.device, dtype=like.dtype)
     return torch.empty(*shape[:-1], padded, device=like.device, dtype=like.dtype)[..., :shape[-1]]
 
 
@@ -235,12 +238,12 @@ def attention(q, k, v, *, scale=None):
     if q.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("q is on the CPU: the Triton kernel needs CUDA tensors or TRITON_INTERPRET=1")
     # unit last stride, and row offsets inside one head that fit the kernel's int32 arithmetic: else a copy
-    q, k, v = (t if t.stride(-1) == 1 and t.stride(2) * t.shape[2] < 2**31 else t.contiguous() for t in (q, k, v))
+    q, k, v = (t if t.stride()[3] == 1 and t.stride()[2] * t.shape[2] < 2**31 else t.contiguous() for t in (q, k, v))
     # Rows not 16 bytes apart are copied first: compiled for sm_90, the kernel read views with a row stride of 41
     # fp16 elements wrongly (error 0.97 on the H200; the interpreter was right). SD's head dims (40, 64, 80, 160 in
     # 16-bit) never need the copy; a row stride like 41, a head dim like 12 in fp16 or an offset base does.
     q, k, v = (_rows_16_byte_aligned(t) for t in (q, k, v))
     out = _empty_aligned(q.shape, q)
-    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+    block_d = max(16, next_power_of_2(q.shape[-1]))
     _launch(q, k, v, out, scale, _config(block_d, k.shape[2], q.dtype))
     return out if out.is_contiguous() else out.contiguous()

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv
 from ._per_sample import per_sample_value
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -86,7 +87,7 @@ def _launch(first, text, sample, alpha_t, alpha_prev, guidance_scale, eta, varia
     prev = torch.empty_like(sample)
     x0 = torch.empty_like(sample)
     numel = sample.numel()
-    _cfg_ddim_kernel[(triton.cdiv(numel, BLOCK),)](
+    _cfg_ddim_kernel[(cdiv(numel, BLOCK),)](
         first, text, sample, noise, prev, x0, alpha_t, alpha_prev,
         float(guidance_scale), float(eta), float(clip_sample_range or 0.0), numel // sample.shape[0], numel,
         CFG=text is not first, PRED=PREDICTION[prediction_type], CLIP=clip_sample_range is not None,

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv
 from ._per_sample import per_sample_value
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -78,7 +79,7 @@ def ddpm_step(model_output, sample, alpha_t, alpha_prev, std, variance_noise=Non
     prev, x0 = torch.empty_like(x), torch.empty_like(x)
     numel = x.numel()
     per_sample = numel // x.shape[0]
-    _ddpm_kernel[(triton.cdiv(numel, BLOCK),)](
+    _ddpm_kernel[(cdiv(numel, BLOCK),)](
         mo, x, noise, prev, x0, a_t, a_prev, std, float(clip_sample_range or 0.0), per_sample, numel,
         PRED=PREDICTION[prediction_type], CLIP=clip_sample_range is not None, HAS_NOISE=variance_noise is not None,
         SAMPLE_PER_BLOCK=per_sample % BLOCK == 0, BLOCK=BLOCK, num_warps=4,

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv
 from ._per_sample import per_sample_value
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -86,7 +87,7 @@ def _launch(model_output, sample, sigma, sigma_next, noise, gamma, s_noise, pred
     x0 = torch.empty(sample.shape, dtype=model_output.dtype, device=sample.device)
     numel = sample.numel()
     per_sample = numel // sample.shape[0]
-    _euler_kernel[(triton.cdiv(numel, BLOCK),)](
+    _euler_kernel[(cdiv(numel, BLOCK),)](
         mo, x, n, prev, x0, sigma, sigma_next, float(gamma), float(s_noise), per_sample, numel,
         PRED=PREDICTION[prediction_type], ANCESTRAL=ancestral, HAS_NOISE=noise is not None,
         SAMPLE_PER_BLOCK=per_sample % BLOCK == 0, BLOCK=BLOCK, num_warps=4,

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from diffusion_fast import _validate
+from ._host import cdiv, next_power_of_2
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 256 if INTERPRET else 2048  # elements per loop iteration
@@ -351,22 +352,22 @@ def _channels_last_split(x, y, w, b, num_groups, eps, output):
     n, c = x.shape[:2]
     hw = x.shape[2] * x.shape[3]
     cpg = c // num_groups
-    block_c = min(CL_BLOCK_C, triton.next_power_of_2(c))
+    block_c = min(CL_BLOCK_C, next_power_of_2(c))
     block_p = BLOCK // block_c
-    c_tiles = triton.cdiv(c, block_c)
+    c_tiles = cdiv(c, block_c)
     # enough programs to fill the GPU, and few enough chunks that the group kernel's (chunks x C/G) tile stays at
     # 4096 values or fewer (8 warps hold that without spilling, compiled for sm_90)
-    cpg_block = triton.next_power_of_2(cpg)
-    split = max(1, min(triton.cdiv(TARGET_PROGRAMS, n * c_tiles), triton.cdiv(hw, block_p), 4096 // cpg_block))
-    chunk = triton.cdiv(triton.cdiv(hw, split), block_p) * block_p
-    split = triton.cdiv(hw, chunk)
+    cpg_block = next_power_of_2(cpg)
+    split = max(1, min(cdiv(TARGET_PROGRAMS, n * c_tiles), cdiv(hw, block_p), 4096 // cpg_block))
+    chunk = cdiv(cdiv(hw, split), block_p) * block_p
+    split = cdiv(hw, chunk)
     partials = torch.empty((2, n * split * c), device=x.device, dtype=torch.float32)
     stats = torch.empty((n * num_groups, 2), device=x.device, dtype=torch.float32)
     grid = (n * split * c_tiles,)
     _cl_channel_stats_kernel[grid](x, partials[0], partials[1], hw, c, chunk, c_tiles, BLOCK_P=block_p,
                                    BLOCK_C=block_c, num_warps=NUM_WARPS)
     _cl_group_stats_kernel[(n * num_groups,)](partials[0], partials[1], stats, hw, c, chunk, split, cpg, num_groups,
-                                              float(eps), SPLIT_BLOCK=triton.next_power_of_2(split),
+                                              float(eps), SPLIT_BLOCK=next_power_of_2(split),
                                               CPG_BLOCK=cpg_block, num_warps=8)
     _cl_apply_kernel[grid](x, y, w, b, stats, hw, c, chunk, c_tiles, cpg, num_groups, **output, BLOCK_P=block_p,
                            BLOCK_C=block_c, num_warps=NUM_WARPS)
@@ -409,14 +410,14 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=Tru
         return y
     if channels_last:
         return _channels_last_split(x, y, w, b, num_groups, eps, output)
-    split = max(1, min(triton.cdiv(TARGET_PROGRAMS, n * num_groups), triton.cdiv(group_len, BLOCK)))
-    chunk_len = triton.cdiv(triton.cdiv(group_len, split), BLOCK) * BLOCK
-    split = triton.cdiv(group_len, chunk_len)
+    split = max(1, min(cdiv(TARGET_PROGRAMS, n * num_groups), cdiv(group_len, BLOCK)))
+    chunk_len = cdiv(cdiv(group_len, split), BLOCK) * BLOCK
+    split = cdiv(group_len, chunk_len)
     partials = torch.empty((3, n * num_groups * split), device=x.device, dtype=torch.float32)
     grid = (n * num_groups, split)
     _group_stats_kernel[grid](x, partials[0], partials[1], partials[2], hw, cpg, c, group_len, chunk_len, split,
                               num_groups, BLOCK=BLOCK, num_warps=NUM_WARPS)
     _group_apply_kernel[grid](x, y, w, b, partials[0], partials[1], partials[2], hw, cpg, c, group_len, chunk_len,
-                              split, num_groups, float(eps), SPLIT_BLOCK=triton.next_power_of_2(split),
+                              split, num_groups, float(eps), SPLIT_BLOCK=next_power_of_2(split),
                               **flags)
     return y

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._host import cdiv
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 1024
 
@@ -55,7 +57,7 @@ def linear_step(model_output, sample, extra=None, *, cx, cm, p0, px, pm=0.0, pe=
     x0 = torch.empty(sample.shape, dtype=model_output.dtype, device=sample.device)
     numel = sample.numel()
     if numel:
-        _linear_step_kernel[(triton.cdiv(numel, BLOCK),)](
+        _linear_step_kernel[(cdiv(numel, BLOCK),)](
             mo, x, e, prev, x0, float(cx), float(cm), float(p0), float(px), float(pm), float(pe), numel,
             HAS_EXTRA=extra is not None, BLOCK=BLOCK, num_warps=4,
         )

@@ -234,3 +234,16 @@ def test_sd3_e2e_dry_run_runs_every_system_and_is_left_out_of_the_tables(tmp_pat
     assert "SD3.5" in results_table.gpu_e2e(record)
     ours = next(r for r in record["rows"] if r["system"] == gpu_e2e_sd3.OURS_CONTROLNET)
     assert ours["speedup_vs_diffusers_controlnet"] > 0 and "vs diffusers ControlNet" in results_table.gpu_e2e(record)
+
+
+def test_launcher_host_cost_script_runs():
+    """benchmarks/launcher_host_cost.py (no GPU needed) in its own process, since it replaces the kernels' launches:
+    a time per call for each launcher it names."""
+    import re
+    import subprocess
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                          "launcher_host_cost.py")
+    out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300, check=True).stdout
+    times = re.findall(r"^(attention|group_norm_silu|cfg_ddim_step) .* ([\d.]+) us per call$", out, re.M)
+    assert len(times) == 4 and all(0 < float(t) < 10_000 for _, t in times), out
