@@ -8,7 +8,8 @@ each row is a cold-cache time: small tensors that would stay in L2 inside a real
   (b) group_norm_silu (ours, Triton) vs F.group_norm + F.silu, fp16, NCHW and channels_last, SD1.5 and SDXL UNet and
       VAE-decoder shapes: time, GB/s (ideal bytes: read once + write once), fraction of copy bandwidth, speedup; for
       tensors that take the one-launch plan, the split two-launch plan too (an A/B for ONE_PASS_MAX_ELEMENTS, which
-      was chosen against eager launch costs, not graphed ones);
+      was chosen against eager launch costs, not graphed ones); for larger ones, four times the programs (an A/B for
+      TARGET_PROGRAMS: are enough loads in flight to cover HBM's latency?);
   (c) attention (ours) vs F.scaled_dot_product_attention, fp16, SD1.5 and SDXL shapes: TFLOP/s (4*B*H*Lq*Lk*D) and
       fraction of the fp16 matmul rate; at head dims 80 and 160 also the same kernel with the head dim padded to a
       power of two instead of split (kernels/attention.py, SPLIT_HEAD_DIM), an A/B in the same run;
@@ -163,19 +164,22 @@ def group_norm_fns(row, ops):
     w, b = (torch.randn(shape[1], device="cuda", dtype=torch.float16) for _ in range(2))
 
     def other_plan():
-        """A/B: a tensor small enough for the one-launch plan, timed with the split plan too."""
+        """A/B: a tensor small enough for the one-launch plan, timed with the split plan too; a larger one with
+        four times the programs (TARGET_PROGRAMS): 4 x 132 programs of 8 warps keep 32 warps an SM busy with one
+        16-byte load a thread in flight, which may be too few loads in flight to cover HBM's latency."""
         from diffusion_fast.kernels import group_norm_silu as kernel
 
-        if x.numel() > kernel.ONE_PASS_MAX_ELEMENTS:
-            return {}
-        saved = kernel.ONE_PASS_MAX_ELEMENTS
-        kernel.ONE_PASS_MAX_ELEMENTS = 0
+        one_launch = x.numel() <= kernel.ONE_PASS_MAX_ELEMENTS
+        setting, value, variant = (("ONE_PASS_MAX_ELEMENTS", 0, "two_launch") if one_launch else
+                                   ("TARGET_PROGRAMS", 4 * kernel.TARGET_PROGRAMS, "more_programs"))
+        saved = getattr(kernel, setting)
+        setattr(kernel, setting, value)
         try:
             fn = lambda: kernel.group_norm_silu(x, 32, w, b)  # noqa: E731
             fn()
-            return {"two_launch_ms": median_ms(fn), "two_launch_graphed_ms": graphed_ms(fn)}
+            return {f"{variant}_ms": median_ms(fn), f"{variant}_graphed_ms": graphed_ms(fn)}
         finally:
-            kernel.ONE_PASS_MAX_ELEMENTS = saved
+            setattr(kernel, setting, saved)
 
     return lambda: ops.group_norm_silu(x, 32, w, b), lambda: F.silu(F.group_norm(x, 32, w, b)), other_plan
 
@@ -322,6 +326,7 @@ def _num(row, key, fmt):
 
 
 A_B_VARIANTS = {"two_launch": "split two-launch plan instead", "padded": "head dim padded instead of split",
+                "more_programs": "four times the programs",
                 # (in records of 2026-12-04: A/Bs of designs since decided)
                 "per_block_stats": "statistics reduced block by block",
                 "launch_order": "output pass in launch order, no evict-first hints"}

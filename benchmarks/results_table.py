@@ -80,6 +80,9 @@ def gpu_kernels(record):
             if "two_launch_ms" in r:
                 layout += (f" (two-launch plan: {fmt(r['two_launch_ms'], '.4f')} ms, in a graph "
                            f"{fmt(r.get('two_launch_graphed_ms'), '.4f')} ms)")
+            if "more_programs_ms" in r:
+                layout += (f" (four times the programs: {fmt(r['more_programs_ms'], '.4f')} ms, in a graph "
+                           f"{fmt(r.get('more_programs_graphed_ms'), '.4f')} ms)")
             if "per_block_stats_ms" in r:
                 layout += (f" (statistics reduced block by block: {fmt(r['per_block_stats_ms'], '.4f')} ms, in a "
                            f"graph {fmt(r.get('per_block_stats_graphed_ms'), '.4f')} ms)")

@@ -63,16 +63,17 @@ def test_group_norm_row(cpu_benchmark, layout):
     assert row["two_launch_ms"] == 1.0 and row["two_launch_graphed_ms"] == 1.0  # the one-launch shape's A/B ran
 
 
-def test_large_group_norm_row_has_no_a_b(cpu_benchmark, monkeypatch):
-    """A tensor past the one-launch size already runs the split plan: nothing else to time beside it."""
+def test_large_group_norm_row_times_four_times_the_programs(cpu_benchmark, monkeypatch):
+    """A tensor past the one-launch size: its A/B is four times the programs, and the setting comes back."""
     from diffusion_fast.kernels import group_norm_silu as kernel
 
     monkeypatch.setattr(kernel, "ONE_PASS_MAX_ELEMENTS", 0)
+    target = kernel.TARGET_PROGRAMS
     row = _row("group_norm_silu", "1x64x8x8", "NCHW", "GB/s")
     gpu_kernels.measure(row, lambda: gpu_kernels.group_norm_fns(row, ops), 1000.0)
     assert "error" not in row, row.get("error")
-    assert row["speedup"] == 1.0 and not any(key.endswith("_ms") and key.split("_")[0] in ("two", "per", "launch")
-                                             for key in row)
+    assert row["more_programs_ms"] == 1.0 and row["more_programs_graphed_ms"] == 1.0 and "two_launch_ms" not in row
+    assert kernel.TARGET_PROGRAMS == target and "four times the programs" in gpu_kernels.format_row(row)
 
 
 def test_attention_row_with_the_padded_variant(cpu_benchmark):
@@ -178,13 +179,15 @@ def test_group_norm_a_b_columns_render(tmp_path):
     record = {"benchmark": "gpu_kernels", "date": "2026-12-01", "gpu": "H100", "ceilings": {"copy_GBps": 3000.0},
               "rows": [row("1x512x64x64", two_launch_ms=0.05, two_launch_graphed_ms=0.04),
                        row("1x128x512x512", launch_order_ms=0.12, launch_order_graphed_ms=0.11),
-                       row("1x256x512x512", per_block_stats_ms=0.13, per_block_stats_graphed_ms=0.12)]}
+                       row("1x256x512x512", per_block_stats_ms=0.13, per_block_stats_graphed_ms=0.12),
+                       row("1x256x256x256", more_programs_ms=0.14, more_programs_graphed_ms=0.13)]}
     path = tmp_path / "gpu_kernels.jsonl"
     path.write_text(json.dumps(record) + "\n")
     text = results_table.render(str(path))
     assert "NCHW (two-launch plan: 0.0500 ms, in a graph 0.0400 ms)" in text
     assert "NCHW (output pass in launch order, no cache hints: 0.1200 ms, in a graph 0.1100 ms)" in text
     assert "NCHW (statistics reduced block by block: 0.1300 ms, in a graph 0.1200 ms)" in text
+    assert "NCHW (four times the programs: 0.1400 ms, in a graph 0.1300 ms)" in text
 
 
 def _dry_run(script, tmp_path, systems, qualities):
