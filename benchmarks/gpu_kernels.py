@@ -40,6 +40,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from results_table import A_B_VARIANTS  # (this script's folder is on sys.path, run or imported by the tests)
 
 GN = {  # (N, C, H, W): UNet shapes carry the CFG batch of 2, VAE decoder shapes batch 1
     "SD1.5 UNet 512px": [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 1280, 8, 8)],
@@ -325,13 +326,6 @@ def _num(row, key, fmt):
     return format(value, fmt) if isinstance(value, (int, float)) else "-"
 
 
-A_B_VARIANTS = {"two_launch": "split two-launch plan instead", "padded": "head dim padded instead of split",
-                "more_programs": "four times the programs",
-                # (in records of 2026-12-04: A/Bs of designs since decided)
-                "per_block_stats": "statistics reduced block by block",
-                "launch_order": "output pass in launch order, no evict-first hints"}
-
-
 def format_row(row):
     notes = []
     if "error" in row:
@@ -345,7 +339,7 @@ def format_row(row):
     if row.get("ours_fraction_of_same_size_copy") is not None:
         notes.append(f"a same-size copy in a graph {row['copy_same_bytes_graphed_ms']:.4f} ms: ours at "
                      f"{row['ours_fraction_of_same_size_copy']:.0%} of it")
-    for variant, what in A_B_VARIANTS.items():
+    for variant, what in A_B_VARIANTS.items():  # (the README tables' names for them)
         if row.get(f"{variant}_ms") is not None:
             notes.append(f"{what}: {row[f'{variant}_ms']:.4f} ms, in a CUDA graph "
                          f"{_num(row, f'{variant}_graphed_ms', '.4f')} ms")
