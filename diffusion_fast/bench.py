@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import backend, ops, reference
+from .pipeline_graphs import wants_channels_last
 
 CONFIGS = {
     # (group-norm shapes, attention (B, H, Lq, Lk, D) shapes, latent shapes); GroupNorm groups in GROUPS
@@ -111,7 +112,7 @@ def e2e_rows(config, device, dtype, steps, repeats, seed=0):
         _write_random_folder(config, folder, seed)
         # one pipeline per memory format, so the round robin never converts weights (or recaptures graphs) between runs
         layouts = {"NCHW": False, "channels_last": True}
-        auto = "channels_last" if device.type in ("cpu", "cuda") else "NCHW"  # what channels_last="auto" picks here
+        auto = "channels_last" if wants_channels_last("auto", device) else "NCHW"  # what "auto" picks here
         pipes = {name: StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, device=device,
                                                                channels_last=flag) for name, flag in layouts.items()}
         for p in pipes.values():

@@ -40,6 +40,7 @@ from . import _validate, ops
 from .diffusers_joint_attention import DiffusionFastJointAttnProcessor, ip_processor_class
 from .diffusers_schedulers import fuse_step, unfuse_step
 from .model_graphs import graph_forward
+from .pipeline_graphs import wants_channels_last
 
 log = logging.getLogger("diffusion_fast")
 _STATE = "_diffusion_fast_state"
@@ -180,14 +181,15 @@ def accelerate(pipe, *, group_norm_silu=True, attention="auto", scheduler=True, 
 
     report = {"resnets": 0, "norm_out": 0, "attention": 0, "scheduler": 0, "cuda_graph": 0, "channels_last": 0,
               "skipped": []}
-    on_cuda = _execution_device(pipe).type == "cuda"
+    device = _execution_device(pipe)
+    on_cuda = device.type == "cuda"
     if attention == "auto" and not on_cuda:
         attention = False
         report["skipped"].append(
             "attention (on CPU ours is the same SDPA call as diffusers'; attention=True patches it)")
     state = {"resnets": [], "attention": [], "norm_out": [], "schedulers": [], "graphed": [],
              "channels_last": [], "class": type(pipe)}
-    if channels_last is True or (channels_last == "auto" and _execution_device(pipe).type in ("cpu", "cuda")):
+    if wants_channels_last(channels_last, device):
         for model in (*_unet(pipe), pipe.vae, *_controlnets(pipe)):  # (not SD3's transformer: one conv)
             if _hooks_inside(model):
                 report["skipped"].append(f"channels_last for {type(model).__name__} (offload hooks hold its weights)")

@@ -9,6 +9,12 @@ from .cuda_graph import GraphedCallable, ModuleState
 from .schedulers import DDIMScheduler
 
 
+def wants_channels_last(setting, device: torch.device) -> bool:
+    """Whether a ``channels_last`` setting ("auto", True or False) means channels_last on ``device``: "auto" picks it
+    where it measured faster end to end, the CPU (``diffusion-fast bench``) and CUDA (the H200's gpu_e2e.py runs)."""
+    return setting is True or (setting == "auto" and device.type in ("cpu", "cuda"))
+
+
 class GraphedLoop:
     """Mixed into StableDiffusionPipeline: ``_models()`` names what a graph reads and what ``channels_last``
     converts; ``_denoise_step`` and ``_model_call`` (the UNet call) are what the graphs capture."""
@@ -24,8 +30,7 @@ class GraphedLoop:
 
     def _apply_layout(self, device):
         """Put the UNet's and VAE's weights in the memory format ``channels_last`` asks for on ``device`` (once)."""
-        wanted = self.channels_last is True or (self.channels_last == "auto" and device.type in ("cpu", "cuda"))
-        layout = torch.channels_last if wanted else torch.contiguous_format
+        layout = torch.channels_last if wants_channels_last(self.channels_last, device) else torch.contiguous_format
         if layout != self._layout:
             for module in self._models()["converted"]:
                 module.to(memory_format=layout)
