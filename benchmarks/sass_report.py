@@ -125,15 +125,15 @@ def _cl_split_cases(x, groups, label, has_affine=True, silu=True):
     sizes = dict(hw=hw, channels=c, chunk=8 * (G.BLOCK // block_c))
     tiles = dict(BLOCK_P=G.BLOCK // block_c, BLOCK_C=block_c)
     yield (f"group_norm_silu cl-stats {label}", G._cl_channel_stats_kernel,
-           dict(sizes, x_ptr=x, mean_ptr=partials, m2_ptr=partials, c_tiles=triton.cdiv(c, block_c)), tiles,
+           dict(sizes, x_ptr=x, partials_ptr=partials, c_tiles=triton.cdiv(c, block_c)), tiles,
            G.NUM_WARPS, 3)
     yield (f"group_norm_silu cl-groups {label}", G._cl_group_stats_kernel,
-           dict(sizes, split=3, mean_ptr=partials, m2_ptr=partials, stats_ptr=stats, cpg=cpg, num_groups=groups,
+           dict(sizes, split=3, partials_ptr=partials, stats_ptr=stats, cpg=cpg, num_groups=groups,
                 eps=1e-5),
            dict(SPLIT_BLOCK=4, CPG_BLOCK=triton.next_power_of_2(cpg)), 8, 3)
     # the largest chunks x C/G tile the launcher allows (4096 values)
     yield (f"group_norm_silu cl-groups {label} largest tile", G._cl_group_stats_kernel,
-           dict(sizes, split=3, mean_ptr=partials, m2_ptr=partials, stats_ptr=stats, cpg=cpg, num_groups=groups,
+           dict(sizes, split=3, partials_ptr=partials, stats_ptr=stats, cpg=cpg, num_groups=groups,
                 eps=1e-5),
            dict(SPLIT_BLOCK=4096 // triton.next_power_of_2(cpg), CPG_BLOCK=triton.next_power_of_2(cpg)), 8, 3)
     yield (f"group_norm_silu cl-apply {label}", G._cl_apply_kernel,
@@ -164,11 +164,11 @@ def group_norm_cases():
             else:
                 del flags["CPG"], flags["CHANNELS_LAST"]
                 yield (f"group_norm_silu stats {label}", G._group_stats_kernel,
-                       dict(x_ptr=x, mean_ptr=x.float(), m2_ptr=x.float(), count_ptr=x.float(), hw=hw, cpg=cpg,
+                       dict(x_ptr=x, partials_ptr=x.float(), hw=hw, cpg=cpg,
                             channels=c, group_len=cpg * hw, chunk_len=4096, split=16, num_groups=groups),
                        dict(BLOCK=G.BLOCK), G.NUM_WARPS, 3)
                 yield (f"group_norm_silu apply {label}", G._group_apply_kernel,
-                       dict(common, mean_ptr=x.float(), m2_ptr=x.float(), count_ptr=x.float(), chunk_len=4096,
+                       dict(common, partials_ptr=x.float(), chunk_len=4096,
                             split=16), dict(flags, SPLIT_BLOCK=16), G.NUM_WARPS, 3)
 
 
@@ -265,11 +265,11 @@ def variant_cases():
                 partials = torch.empty(16, device="meta")
                 del flags["CPG"], flags["CHANNELS_LAST"]
                 yield (f"group_norm_silu stats {label}", G._group_stats_kernel,
-                       dict(x_ptr=x, mean_ptr=partials, m2_ptr=partials, count_ptr=partials, hw=hw, cpg=cpg,
+                       dict(x_ptr=x, partials_ptr=partials, hw=hw, cpg=cpg,
                             channels=c, group_len=cpg * hw, chunk_len=4096, split=3, num_groups=groups),
                        dict(BLOCK=G.BLOCK), G.NUM_WARPS, 3)
                 yield (f"group_norm_silu apply {label}", G._group_apply_kernel,
-                       dict(common, mean_ptr=partials, m2_ptr=partials, count_ptr=partials, chunk_len=4096,
+                       dict(common, partials_ptr=partials, chunk_len=4096,
                             split=3), dict(flags, SPLIT_BLOCK=4), G.NUM_WARPS, 3)
         alphas = torch.empty(3, device="meta")
         for pred in (0, 1, 2):

@@ -93,15 +93,15 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=Tru
 def _group_norm_silu(x, num_groups, weight, bias, eps, silu=True, backend="auto"):
     """``group_norm_silu`` without the Python argument checks, for callers whose arguments are valid by construction
     (a GroupNorm module's own parameters: our models, the accelerate patches). In a model this Python runs cold
-    between convolutions, where the checks cost as much as a small GroupNorm; each implementation (Triton launcher,
-    C++ op, F.group_norm) still refuses input it cannot run."""
+    between convolutions, where the checks cost as much as a small GroupNorm. The C++ op and F.group_norm still
+    check their arguments; the Triton launcher's unchecked entry refuses only a dtype or device it cannot run."""
     impl = _resolve("group_norm_silu", backend, x.device)
     if impl == "triton":
         if torch.compiler.is_compiling():  # one opaque node for torch.compile (diffusion_fast/_triton_compiled.py)
             return _triton_compiled.group_norm_silu(x, num_groups, weight, bias, float(eps), bool(silu))
-        from .kernels.group_norm_silu import group_norm_silu as kernel
+        from .kernels.group_norm_silu import group_norm_silu_unchecked as kernel
 
-        return kernel(x, num_groups, weight, bias, eps, silu=silu)
+        return kernel(x, num_groups, weight, bias, eps, silu)
     if impl == "cpp":
         return _cpp_ops().group_norm_silu(x, num_groups, weight, bias, float(eps), bool(silu))
     return reference.group_norm_silu(x, num_groups, weight, bias, eps, silu=silu, upcast=True)
@@ -129,7 +129,7 @@ def _attention(q, k, v, scale=None, backend="auto"):
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
         if torch.compiler.is_compiling():
             return _triton_compiled.attention(q, k, v, None if scale is None else float(scale))
-        return kernel.attention(q, k, v, scale=scale)
+        return kernel.attention_unchecked(q, k, v, scale)
     if impl == "torch":
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     return reference.attention(q, k, v, scale=scale, upcast=True)

@@ -160,11 +160,12 @@ def _config(block_d: int, len_k: int, dtype: torch.dtype = torch.float16):
 
 
 def _alignment(strides, element_size: int) -> int:
-    """The largest power of two, at most 16 bytes' worth of elements, that divides every stride."""
-    align = 16 // element_size
-    while align > 1 and any(s % align for s in strides):
-        align //= 2
-    return align
+    """The largest power of two, at most 16 bytes' worth of elements, that divides every stride: the lowest set bit
+    of their bitwise OR with that bound (zero strides add no bits)."""
+    bits = 16 // element_size
+    for s in strides:
+        bits |= s
+    return bits & -bits
 
 
 def _head_dim_blocks(head_dim: int, split: bool, dtype: torch.dtype = torch.float16):
@@ -211,13 +212,20 @@ def _launch(q, k, v, out, scale, config, split=None):
         )
 
 
-def _rows_16_byte_aligned(t):
-    """t itself when its base and its batch, head and row strides are 16-byte aligned, else a copy whose rows are
-    16 bytes apart (padded past the head dim when it is not a multiple of 16 bytes)."""
+def _kernel_ready(t):
+    """t itself when its last stride is 1, its row offsets inside one head fit the kernel's int32 arithmetic, and its
+    base and its batch, head and row strides are 16-byte aligned; else a copy that is (contiguous, its rows padded to
+    16 bytes past a head dim that is not a multiple of 16 bytes).
+
+    Rows not 16 bytes apart are copied because, compiled for sm_90, the kernel read views with a row stride of 41 fp16
+    elements wrongly (error 0.97 on the H200; the interpreter was right). SD's head dims (40, 64, 80, 160 in 16-bit)
+    never need the copy; a row stride like 41, a head dim like 12 in fp16 or an offset base does."""
+    stride, shape = t.stride(), t.shape
     elems = 16 // t.element_size()
-    if t.data_ptr() % 16 == 0 and all(st % elems == 0 for st, n in zip(t.stride()[:3], t.shape[:3]) if n > 1):
+    if (stride[3] == 1 and stride[2] * shape[2] < 2**31 and t.data_ptr() % 16 == 0
+            and all(st % elems == 0 for st, n in zip(stride[:3], shape[:3]) if n > 1)):
         return t
-    return _empty_aligned(t.shape, t).copy_(t)
+    return _empty_aligned(shape, t).copy_(t)
 
 
 def _empty_aligned(shape, like):
@@ -232,18 +240,21 @@ def _empty_aligned(shape, like):
 def attention(q, k, v, *, scale=None):
     """Flash attention of q (B, H, Lq, D) against k, v (B, H, Lk, D); returns (B, H, Lq, D) contiguous."""
     _validate.attention_args(q, k, v, scale)
+    return attention_unchecked(q, k, v, scale)
+
+
+def attention_unchecked(q, k, v, scale=None):
+    """``attention`` for arguments its caller has validated: ``diffusion_fast.ops`` checks the public call's once,
+    and its internal entry passes the q, k and v our models and the accelerate processor build. Outside a CUDA graph
+    this host code runs before every launch (benchmarks/launcher_host_cost.py). It still refuses a head dim, dtype or
+    device the kernel cannot run."""
     if not supports(q):
         raise ValueError(f"q: head dim {q.shape[-1]} / dtype {q.dtype} is outside the kernel's range "
                          f"(head dim <= {MAX_HEAD_DIM}, dtype in {DTYPES}); use diffusion_fast.ops.attention")
     if q.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("q is on the CPU: the Triton kernel needs CUDA tensors or TRITON_INTERPRET=1")
-    # unit last stride, and row offsets inside one head that fit the kernel's int32 arithmetic: else a copy
-    q, k, v = (t if t.stride()[3] == 1 and t.stride()[2] * t.shape[2] < 2**31 else t.contiguous() for t in (q, k, v))
-    # Rows not 16 bytes apart are copied first: compiled for sm_90, the kernel read views with a row stride of 41
-    # fp16 elements wrongly (error 0.97 on the H200; the interpreter was right). SD's head dims (40, 64, 80, 160 in
-    # 16-bit) never need the copy; a row stride like 41, a head dim like 12 in fp16 or an offset base does.
-    q, k, v = (_rows_16_byte_aligned(t) for t in (q, k, v))
+    q, k, v = _kernel_ready(q), _kernel_ready(k), _kernel_ready(v)
     out = _empty_aligned(q.shape, q)
-    block_d = max(16, next_power_of_2(q.shape[-1]))
-    _launch(q, k, v, out, scale, _config(block_d, k.shape[2], q.dtype))
+    head_dim = q.shape[-1]
+    _launch(q, k, v, out, scale, _config(max(16, next_power_of_2(head_dim)), k.shape[2], q.dtype))
     return out if out.is_contiguous() else out.contiguous()

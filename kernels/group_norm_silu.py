@@ -35,6 +35,7 @@ the H*W positions (stride C).
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -162,7 +163,7 @@ def _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd
 @triton.jit
 def _group_stats_kernel(
     x_ptr,  # input, (N, C, *spatial) NCHW-contiguous (large channels_last tensors take the _cl_* kernels)
-    mean_ptr, m2_ptr, count_ptr,  # fp32 partials, (N * G * SPLIT,)
+    partials_ptr,  # fp32 (3, N * G * SPLIT) out: each chunk's mean, M2 and count
     hw, cpg, channels, group_len, chunk_len, split,  # H*W, C/G, C, (C/G)*H*W, elements per chunk, chunks per group
     num_groups,  # G
     BLOCK: tl.constexpr,
@@ -173,16 +174,17 @@ def _group_stats_kernel(
                                        False)
     count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, 0, channels, False, BLOCK)
     out = pid_group * split + pid_chunk
-    tl.store(mean_ptr + out, mean)
-    tl.store(m2_ptr + out, m2)
-    tl.store(count_ptr + out, count)
+    row = tl.num_programs(0).to(tl.int64) * split  # N * G * SPLIT: one row of partials
+    tl.store(partials_ptr + out, mean)
+    tl.store(partials_ptr + row + out, m2)
+    tl.store(partials_ptr + 2 * row + out, count)
 
 
 @triton.jit
 def _group_apply_kernel(
     x_ptr, y_ptr,  # input and output, (N, C, *spatial) NCHW-contiguous
     w_ptr, b_ptr,  # (C,) weight and bias (ignored unless HAS_WEIGHT / HAS_BIAS)
-    mean_ptr, m2_ptr, count_ptr,  # fp32 partials from _group_stats_kernel, (N * G * SPLIT,)
+    partials_ptr,  # fp32 (3, N * G * SPLIT): each chunk's mean, M2 and count, from _group_stats_kernel
     hw, cpg, channels, group_len, chunk_len, split, num_groups, eps,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -198,9 +200,10 @@ def _group_apply_kernel(
     # Combine the group's partials (Chan): mean = sum(c_i m_i) / sum(c_i), M2 = sum(M2_i) + sum(c_i (m_i - mean)^2).
     s = tl.arange(0, SPLIT_BLOCK)
     smask = s < split
-    counts = tl.load(count_ptr + pid_group * split + s, mask=smask, other=0.0)
-    means = tl.load(mean_ptr + pid_group * split + s, mask=smask, other=0.0)
-    m2s = tl.load(m2_ptr + pid_group * split + s, mask=smask, other=0.0)
+    row = tl.num_programs(0).to(tl.int64) * split  # the same grid as _group_stats_kernel's
+    means = tl.load(partials_ptr + pid_group * split + s, mask=smask, other=0.0)
+    m2s = tl.load(partials_ptr + row + pid_group * split + s, mask=smask, other=0.0)
+    counts = tl.load(partials_ptr + 2 * row + pid_group * split + s, mask=smask, other=0.0)
     total = tl.sum(counts, axis=0)
     mean = tl.sum(counts * means, axis=0) / total
     d = tl.where(smask, means - mean, 0.0)
@@ -251,7 +254,7 @@ def _cl_tile(hw, channels, chunk, c_tiles, BLOCK_C: tl.constexpr):
 @triton.jit
 def _cl_channel_stats_kernel(
     x_ptr,  # (N, C, H, W) channels_last: element (n, c, position p) at n*HW*C + p*C + c
-    mean_ptr, m2_ptr,  # fp32 (N, SPLIT, C) out: each channel's mean and M2 over one chunk of positions
+    partials_ptr,  # fp32 (2, N, SPLIT, C) out: each channel's mean and M2 over one chunk of positions
     hw, channels, chunk, c_tiles,  # H*W, C, positions per chunk (a multiple of BLOCK_P), channel tiles
     BLOCK_P: tl.constexpr,  # positions per tile
     BLOCK_C: tl.constexpr,  # channels per tile
@@ -281,13 +284,14 @@ def _cl_channel_stats_kernel(
         diff = tl.where(p_ok[:, None], x - b_mean[None, :], 0.0)
         b_m2 = tl.sum(diff * diff, axis=0)
         count, mean, m2 = _chan_merge(count, mean, m2, n_b, b_mean, b_m2)
-    tl.store(mean_ptr + pid * channels + c, mean, mask=c_ok)
-    tl.store(m2_ptr + pid * channels + c, m2, mask=c_ok)
+    row = tl.num_programs(0).to(tl.int64) // c_tiles * channels  # N * SPLIT * C: one row of partials
+    tl.store(partials_ptr + pid * channels + c, mean, mask=c_ok)
+    tl.store(partials_ptr + row + pid * channels + c, m2, mask=c_ok)
 
 
 @triton.jit
 def _cl_group_stats_kernel(
-    mean_ptr, m2_ptr,  # fp32 (N, SPLIT, C): per-channel partials from _cl_channel_stats_kernel
+    partials_ptr,  # fp32 (2, N, SPLIT, C): per-channel means and M2s from _cl_channel_stats_kernel
     stats_ptr,  # fp32 (N * G, 2) out: each group's mean and 1/std
     hw, channels, chunk, split, cpg, num_groups, eps,  # H*W, C, positions per chunk, chunks, C/G, G, epsilon
     SPLIT_BLOCK: tl.constexpr,  # next power of two >= split
@@ -300,8 +304,9 @@ def _cl_group_stats_kernel(
     j = tl.arange(0, CPG_BLOCK)
     ok = (s[:, None] < split) & (j[None, :] < cpg)
     offs = (n * split + s[:, None]) * channels + g * cpg + j[None, :]
-    means = tl.load(mean_ptr + offs, mask=ok, other=0.0)
-    m2s = tl.load(m2_ptr + offs, mask=ok, other=0.0)
+    row = tl.num_programs(0).to(tl.int64) // num_groups * split * channels  # N * SPLIT * C
+    means = tl.load(partials_ptr + offs, mask=ok, other=0.0)
+    m2s = tl.load(partials_ptr + row + offs, mask=ok, other=0.0)
     # Chan over (chunk, channel) pairs: a pair's count is its chunk's number of positions
     counts = tl.where(ok, tl.minimum(hw - s * chunk, chunk).to(tl.float32)[:, None], 0.0)
     total = tl.sum(tl.sum(counts, axis=1), axis=0)
@@ -364,9 +369,9 @@ def _channels_last_split(x, y, w, b, num_groups, eps, output):
     partials = torch.empty((2, n * split * c), device=x.device, dtype=torch.float32)
     stats = torch.empty((n * num_groups, 2), device=x.device, dtype=torch.float32)
     grid = (n * split * c_tiles,)
-    _cl_channel_stats_kernel[grid](x, partials[0], partials[1], hw, c, chunk, c_tiles, BLOCK_P=block_p,
-                                   BLOCK_C=block_c, num_warps=NUM_WARPS)
-    _cl_group_stats_kernel[(n * num_groups,)](partials[0], partials[1], stats, hw, c, chunk, split, cpg, num_groups,
+    _cl_channel_stats_kernel[grid](x, partials, hw, c, chunk, c_tiles, BLOCK_P=block_p, BLOCK_C=block_c,
+                                   num_warps=NUM_WARPS)
+    _cl_group_stats_kernel[(n * num_groups,)](partials, stats, hw, c, chunk, split, cpg, num_groups,
                                               float(eps), SPLIT_BLOCK=next_power_of_2(split),
                                               CPG_BLOCK=cpg_block, num_warps=8)
     _cl_apply_kernel[grid](x, y, w, b, stats, hw, c, chunk, c_tiles, cpg, num_groups, **output, BLOCK_P=block_p,
@@ -386,13 +391,20 @@ def _layout(x: torch.Tensor):
 def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=True):
     """GroupNorm (+ SiLU) of ``x`` (N, C, *spatial); statistics in fp32, output in x's dtype and memory format."""
     _validate.group_norm_args(x, num_groups, weight, bias, eps)
+    return group_norm_silu_unchecked(x, num_groups, weight, bias, eps, silu)
+
+
+def group_norm_silu_unchecked(x, num_groups, weight, bias, eps, silu=True):
+    """``group_norm_silu`` for arguments its caller has validated: ``diffusion_fast.ops`` checks the public call's
+    once, and its internal entry passes a GroupNorm module's own parameters. Outside a CUDA graph this host code runs
+    before every launch, and the checks cost as much as the rest of it (benchmarks/launcher_host_cost.py)."""
     if x.dtype == torch.float64:
         raise TypeError("x: the Triton group_norm_silu kernel takes float16, bfloat16 or float32, got float64")
     if x.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("x is on the CPU: the Triton kernel needs CUDA tensors or TRITON_INTERPRET=1")
     x, channels_last = _layout(x)
     n, c = x.shape[:2]
-    hw = x[0, 0].numel()
+    hw = math.prod(x.shape[2:])
     cpg = c // num_groups
     group_len = cpg * hw
     y = torch.empty_like(x)  # same memory format as x
@@ -415,9 +427,8 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=Tru
     split = cdiv(group_len, chunk_len)
     partials = torch.empty((3, n * num_groups * split), device=x.device, dtype=torch.float32)
     grid = (n * num_groups, split)
-    _group_stats_kernel[grid](x, partials[0], partials[1], partials[2], hw, cpg, c, group_len, chunk_len, split,
-                              num_groups, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    _group_apply_kernel[grid](x, y, w, b, partials[0], partials[1], partials[2], hw, cpg, c, group_len, chunk_len,
-                              split, num_groups, float(eps), SPLIT_BLOCK=next_power_of_2(split),
-                              **flags)
+    _group_stats_kernel[grid](x, partials, hw, cpg, c, group_len, chunk_len, split, num_groups, BLOCK=BLOCK,
+                              num_warps=NUM_WARPS)
+    _group_apply_kernel[grid](x, y, w, b, partials, hw, cpg, c, group_len, chunk_len, split, num_groups, float(eps),
+                              SPLIT_BLOCK=next_power_of_2(split), **flags)
     return y

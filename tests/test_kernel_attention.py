@@ -119,7 +119,7 @@ def test_rows_not_16_bytes_apart(dtype, width, head_dim, offset, monkeypatch):
     gen = torch.Generator().manual_seed(7)
     wide = [torch.randn(2, 3, n, width + offset, generator=gen).to(DEVICE, dtype) for n in (19, 23, 23)]
     q, k, v = (t[..., offset:offset + head_dim] for t in wide)
-    aligned = kernel._rows_16_byte_aligned(q)
+    aligned = kernel._kernel_ready(q)
     misaligned = q.stride(2) * q.element_size() % 16 or q.data_ptr() % 16  # (fp32's 12 is 48 bytes: aligned)
     assert (aligned is not q) == bool(misaligned) and torch.equal(aligned, q)
     assert aligned.stride(2) * aligned.element_size() % 16 == 0 and aligned.data_ptr() % 16 == 0
@@ -131,12 +131,23 @@ def test_rows_not_16_bytes_apart(dtype, width, head_dim, offset, monkeypatch):
                    floor=FLOOR[dtype])
 
 
+def test_a_last_stride_other_than_one_is_copied_first():
+    """q, k, v with head-dim elements strided (a (B, H, D, L) tensor transposed): copied into aligned rows, right."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 40, n, generator=gen).to(DEVICE).transpose(2, 3) for n in (19, 23, 23))
+    assert q.stride(3) != 1
+    with poisoned_allocations():
+        out = kernel.attention(q, k, v)
+    assert_2x_rule(out, reference.attention(q.double(), k.double(), v.double()), reference.attention(q, k, v),
+                   floor=FLOOR[torch.float32])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_the_models_views_are_not_copied(dtype):
     """SD1.5's (B, L, H*D) projections viewed as (B, H, L, D) at head dim 40, fused q/k/v included: no copy."""
     x = torch.randn(2, 77, 3, 8, 40, dtype=dtype, device=DEVICE)  # (B, L, 3, H, D): the fused projection's view
     for t in (x[:, :, 0].transpose(1, 2), x.view(2, 77, 3 * 8 * 40)[..., :320].view(2, 77, 8, 40).transpose(1, 2)):
-        assert kernel._rows_16_byte_aligned(t) is t
+        assert kernel._kernel_ready(t) is t
 
 
 def test_batches_past_the_grid_limit_launch_in_chunks(monkeypatch):
