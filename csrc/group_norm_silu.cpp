@@ -12,10 +12,11 @@
 // L1). So the memory-bound reads overlap the compute-bound output, and memory sees one read and one write. Maps under
 // kSmallMap positions skip the pipelining, where per-row costs would dominate. With fewer runs than threads (a
 // batch-1 model with few groups), the chunks and the output elements are spread over the threads instead.
-// channels_last: per sample, the H*W positions are split over the threads. Each thread accumulates per-channel block
-// statistics: its first block in two passes, later blocks in one pass of sums shifted by the running means (close
-// to the mean, so they do not cancel). Channels are merged into groups, then the output pass runs over the
-// positions again with the channels contiguous.
+// channels_last: the blocks of positions of all samples are split over the threads (a block never spans two samples).
+// Each thread accumulates per-channel statistics per sample, block by block, as sums shifted by its running means
+// (close to the mean, so they do not cancel; a thread's first block of a sample is shifted by its own means, from a
+// first pass over the L2-resident block), the sums of 64 channels at a time held in registers across the block's
+// rows. Channels are merged into groups, then one output pass runs over all positions with the channels contiguous.
 #include <ATen/Parallel.h>
 #include <torch/torch.h>
 
@@ -117,47 +118,52 @@ void nchw(const scalar_t* x, scalar_t* y, const float* w, const float* b, int64_
   });
 }
 
-// Per-channel mean and M2 of `rows` channels_last rows (C wide, fp32). With k (per-channel values near the means:
-// the running means of the earlier blocks) it is one pass of shifted sums, sum(x - k) and sum((x - k)^2), which do
-// not cancel because k is close to the mean; without k (a thread's first block) the squared deviations from the
-// block means take a second pass over the L2-resident block.
-template <typename scalar_t>
-__attribute__((always_inline)) inline void cl_block_moments_native(const scalar_t* __restrict__ x, int64_t rows,
-                                                                  int64_t C, const float* __restrict__ k,
-                                                                  float* __restrict__ mu, float* __restrict__ m2) {
-  std::fill(mu, mu + C, 0.0f);
-  std::fill(m2, m2 + C, 0.0f);
+// Per-channel mean and M2 of channels [c0, c0 + T) over `rows` channels_last rows (C wide, fp32), as shifted sums,
+// sum(x - k) and sum((x - k)^2), that do not cancel because k is close to the mean: k is the running means of the
+// thread's earlier blocks, or for its first block (k null) the block's own means, from a first pass over the
+// L2-resident block. The tile's 2 * T sums stay in registers across the rows, so each element costs one load.
+template <int T, typename scalar_t>
+__attribute__((always_inline)) inline void cl_tile_moments(const scalar_t* __restrict__ x, int64_t rows, int64_t C,
+                                                           int64_t c0, const float* __restrict__ k,
+                                                           float* __restrict__ mu, float* __restrict__ m2) {
+  float s[T] = {}, q[T] = {}, shift[T];
   if (k != nullptr) {
+    for (int j = 0; j < T; ++j) shift[j] = k[c0 + j];
+  } else {
     for (int64_t p = 0; p < rows; ++p) {
-      const scalar_t* __restrict__ row = x + p * C;
+      const scalar_t* __restrict__ row = x + p * C + c0;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const float d = static_cast<float>(row[c]) - k[c];
-        mu[c] += d;
-        m2[c] += d * d;
-      }
+      for (int j = 0; j < T; ++j) s[j] += static_cast<float>(row[j]);
     }
-    for (int64_t c = 0; c < C; ++c) {
-      const float d = mu[c] / static_cast<float>(rows);
-      m2[c] = std::max(0.0f, m2[c] - mu[c] * d);
-      mu[c] = k[c] + d;
+    for (int j = 0; j < T; ++j) {
+      shift[j] = s[j] / static_cast<float>(rows);
+      s[j] = 0.0f;
     }
-    return;
   }
   for (int64_t p = 0; p < rows; ++p) {
-    const scalar_t* __restrict__ row = x + p * C;
+    const scalar_t* __restrict__ row = x + p * C + c0;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) mu[c] += static_cast<float>(row[c]);
-  }
-  for (int64_t c = 0; c < C; ++c) mu[c] /= static_cast<float>(rows);
-  for (int64_t p = 0; p < rows; ++p) {
-    const scalar_t* __restrict__ row = x + p * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const float d = static_cast<float>(row[c]) - mu[c];
-      m2[c] += d * d;
+    for (int j = 0; j < T; ++j) {
+      const float d = static_cast<float>(row[j]) - shift[j];
+      s[j] += d;
+      q[j] += d * d;
     }
   }
+  for (int j = 0; j < T; ++j) {
+    const float d = s[j] / static_cast<float>(rows);
+    m2[c0 + j] = std::max(0.0f, q[j] - s[j] * d);
+    mu[c0 + j] = shift[j] + d;
+  }
+}
+
+// Per-channel mean and M2 of `rows` channels_last rows: tiles of 64 channels, then of 16, then one at a time.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void cl_block_moments_native(const scalar_t* x, int64_t rows, int64_t C,
+                                                                  const float* k, float* mu, float* m2) {
+  int64_t c0 = 0;
+  for (; c0 + 64 <= C; c0 += 64) cl_tile_moments<64>(x, rows, C, c0, k, mu, m2);
+  for (; c0 + 16 <= C; c0 += 16) cl_tile_moments<16>(x, rows, C, c0, k, mu, m2);
+  for (; c0 < C; ++c0) cl_tile_moments<1>(x, rows, C, c0, k, mu, m2);
 }
 
 
@@ -201,38 +207,47 @@ void channels_last(const scalar_t* x, scalar_t* y, const float* w, const float* 
   // enough; merging a block is one vectorised loop over the channels
   const int64_t block = std::max<int64_t>(1, 8 * kChunk / C);
   const int threads = at::get_num_threads();
-  Affine af(C);
-  const float *mean = af.mean.data(), *scale = af.scale.data(), *shift = af.shift.data();
+  // Two parallel passes over all samples at once (one wake-up and one barrier each, not two per sample): per-channel
+  // statistics of blocks of positions, each thread keeping one running ChannelMoments per sample it meets, then the
+  // output pass. A block never spans two samples.
+  const int64_t blocks = (HW + block - 1) / block;  // per sample
+  std::vector<ChannelMoments> per_thread(static_cast<size_t>(threads * N), ChannelMoments(C));
+  // at least ~32K elements per task, as in NCHW: a small tensor runs inline, without waking the thread pool
+  at::parallel_for(0, N * blocks, std::max<int64_t>(1, (1 << 15) / (block * C)), [&](int64_t begin, int64_t end) {
+    std::vector<float> mu(C), m2(C), k(C);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / blocks, p0 = (i % blocks) * block, rows = std::min(HW - p0, block);
+      ChannelMoments& acc = per_thread[at::get_thread_num() * N + n];
+      const bool shifted = acc.n > 0;  // the running means so far shift this block's sums
+      if (shifted)
+        for (int64_t c = 0; c < C; ++c) k[c] = static_cast<float>(acc.mean[c]);
+      widest([&]() DIFFUSION_FAST_INLINE_LAMBDA {
+        cl_block_moments_body(x + (n * HW + p0) * C, rows, C, shifted ? k.data() : nullptr, mu.data(), m2.data());
+      });
+      acc.merge(static_cast<double>(rows), mu.data(), m2.data(), C);
+    }
+  });
+  Affine af(N * C);
   for (int64_t n = 0; n < N; ++n) {
-    const scalar_t* xn = x + n * HW * C;
-    scalar_t* yn = y + n * HW * C;
-    std::vector<ChannelMoments> per_thread(static_cast<size_t>(threads), ChannelMoments(C));
-    at::parallel_for(0, HW, block, [&](int64_t begin, int64_t end) {
-      ChannelMoments& acc = per_thread[at::get_thread_num()];
-      std::vector<float> mu(C), m2(C), k(C);
-      for (int64_t p0 = begin; p0 < end; p0 += block) {
-        const int64_t rows = std::min(end, p0 + block) - p0;
-        const bool shifted = acc.n > 0;  // the running means so far shift this block's sums
-        if (shifted)
-          for (int64_t c = 0; c < C; ++c) k[c] = static_cast<float>(acc.mean[c]);
-        widest([&]() DIFFUSION_FAST_INLINE_LAMBDA {
-          cl_block_moments_body(xn + p0 * C, rows, C, shifted ? k.data() : nullptr, mu.data(), m2.data());
-        });
-        acc.merge(static_cast<double>(rows), mu.data(), m2.data(), C);
-      }
-    });
     for (int64_t g = 0; g < G; ++g) {
       Moments m;
-      for (const ChannelMoments& part : per_thread)
+      for (int t = 0; t < threads; ++t) {
+        const ChannelMoments& part = per_thread[t * N + n];
         for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) m.merge(part.n, part.mean[c], part.m2[c]);
-      af.set_group(m, g, cpg, eps, w, b, 0);
+      }
+      af.set_group(m, g, cpg, eps, w, b, n * C);
     }
-    at::parallel_for(0, HW, block, [&](int64_t begin, int64_t end) {
-      widest([&]() DIFFUSION_FAST_INLINE_LAMBDA {
-        for (int64_t p = begin; p < end; ++p) affine_row<scalar_t, SILU, 1>(xn + p * C, yn + p * C, C, mean, scale, shift);
-      });
-    });
   }
+  // positions of all samples in one range: position P (sample P / HW) is the C values at x + P * C
+  at::parallel_for(0, N * HW, block, [&](int64_t begin, int64_t end) {
+    widest([&]() DIFFUSION_FAST_INLINE_LAMBDA {
+      for (int64_t p = begin; p < end;) {
+        const int64_t n = p / HW, stop = std::min(end, (n + 1) * HW);
+        const float *mean = &af.mean[n * C], *scale = &af.scale[n * C], *shift = &af.shift[n * C];
+        for (; p < stop; ++p) affine_row<scalar_t, SILU, 1>(x + p * C, y + p * C, C, mean, scale, shift);
+      }
+    });
+  });
 }
 
 }  // namespace
