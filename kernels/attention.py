@@ -214,8 +214,8 @@ def _launch(q, k, v, out, scale, config, split=None):
 
 def _kernel_ready(t):
     """t itself when its last stride is 1, its row offsets inside one head fit the kernel's int32 arithmetic, and its
-    base and its batch, head and row strides are 16-byte aligned; else a copy that is (contiguous, its rows padded to
-    16 bytes past a head dim that is not a multiple of 16 bytes).
+    base and its batch, head and row strides are 16-byte aligned; else a copy whose rows are 16 bytes apart
+    (contiguous when the head dim is a multiple of 16 bytes, padded past it otherwise).
 
     Rows not 16 bytes apart are copied because, compiled for sm_90, the kernel read views with a row stride of 41 fp16
     elements wrongly (error 0.97 on the H200; the interpreter was right). SD's head dims (40, 64, 80, 160 in 16-bit)
