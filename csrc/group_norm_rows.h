@@ -55,26 +55,28 @@ __attribute__((always_inline)) inline void affine_body(const scalar_t* __restric
 }
 
 // The output pass over one row, for use inside widest(): fp32 SiLU takes the AVX-512 intrinsics where the CPU has
-// them, else the AVX2 ones where the build targets AVX2.
-template <typename scalar_t, bool SILU, int STRIDE>
+// them, else the AVX2 ones where the build targets AVX2. STREAM: those write y with streaming stores (silu.h), for
+// outputs too large to stay in cache anyway; the caller fences before the output is read.
+template <typename scalar_t, bool SILU, int STRIDE, bool STREAM = false>
 __attribute__((always_inline)) inline void affine_row_native(const scalar_t* x, scalar_t* y, int64_t len,
                                                               const float* mean, const float* scale,
                                                               const float* shift) {
 #if defined(DIFFUSION_FAST_SILU_AVX512) && defined(DIFFUSION_FAST_AVX512_BUILDS)
   if constexpr (SILU && std::is_same<scalar_t, float>::value) {
-    if (has_avx512()) return silu_affine_avx512<STRIDE>(x, y, len, mean, scale, shift);
+    if (has_avx512()) return silu_affine_avx512<STRIDE, STREAM>(x, y, len, mean, scale, shift);
   }
 #endif
 #if defined(DIFFUSION_FAST_SILU_AVX2)
   if constexpr (SILU && std::is_same<scalar_t, float>::value) {
-    return silu_affine_avx2<STRIDE>(x, y, len, mean, scale, shift);
+    return silu_affine_avx2<STRIDE, STREAM>(x, y, len, mean, scale, shift);
   }
 #endif
   affine_body<scalar_t, SILU, STRIDE>(x, y, len, mean, scale, shift);
 }
 
-// The output pass over one row; fp16/bf16 rows run the fp32 code on converted chunks that stay in L1 (half.h).
-template <typename scalar_t, bool SILU, int STRIDE>
+// The output pass over one row; fp16/bf16 rows run the fp32 code on converted chunks that stay in L1 (half.h), so
+// STREAM applies to fp32 only.
+template <typename scalar_t, bool SILU, int STRIDE, bool STREAM = false>
 __attribute__((always_inline)) inline void affine_row(const scalar_t* x, scalar_t* y, int64_t len, const float* mean,
                                                        const float* scale, const float* shift) {
   if constexpr (is_half_v<scalar_t>) {
@@ -86,7 +88,7 @@ __attribute__((always_inline)) inline void affine_row(const scalar_t* x, scalar_
       from_float(out, y + s, n);
     }
   } else {
-    affine_row_native<scalar_t, SILU, STRIDE>(x, y, len, mean, scale, shift);
+    affine_row_native<scalar_t, SILU, STRIDE, STREAM>(x, y, len, mean, scale, shift);
   }
 }
 
@@ -108,8 +110,8 @@ __attribute__((always_inline)) inline float lane_sum(const scalar_t* __restrict_
 
 // Mean and M2 of a chunk of `next` (fp32; its mean, then the squared deviations in a second pass over the now
 // L1-resident chunk), fused with the output pass over as many elements of x -> y (skipped when x is null): one
-// stream is compute-bound, the other memory-bound, so they overlap.
-template <typename scalar_t, bool SILU>
+// stream is compute-bound, the other memory-bound, so they overlap. STREAM as in affine_row_native.
+template <typename scalar_t, bool SILU, bool STREAM = false>
 __attribute__((always_inline)) inline void affine_and_moments_native(const scalar_t* __restrict__ x,
                                                                     scalar_t* __restrict__ y, int64_t len,
                                                                     float mean, float scale, float shift,
@@ -120,7 +122,7 @@ __attribute__((always_inline)) inline void affine_and_moments_native(const scala
 #if defined(DIFFUSION_FAST_SILU_AVX512) && defined(DIFFUSION_FAST_AVX512_BUILDS)
   if constexpr (SILU && std::is_same<scalar_t, float>::value) {
     if (x != nullptr && has_avx512()) {
-      s = silu_affine_and_sum_avx512(x, y, len, mean, scale, shift, next);
+      s = silu_affine_and_sum_avx512<STREAM>(x, y, len, mean, scale, shift, next);
       summed = true;
     }
   }
@@ -128,7 +130,7 @@ __attribute__((always_inline)) inline void affine_and_moments_native(const scala
 #if defined(DIFFUSION_FAST_SILU_AVX2)
   if constexpr (SILU && std::is_same<scalar_t, float>::value) {
     if (x != nullptr && !summed) {
-      s = silu_affine_and_sum_avx2(x, y, len, mean, scale, shift, next);
+      s = silu_affine_and_sum_avx2<STREAM>(x, y, len, mean, scale, shift, next);
       summed = true;
     }
   }
@@ -148,7 +150,7 @@ __attribute__((always_inline)) inline void affine_and_moments_native(const scala
 }
 
 // affine_and_moments_native for any storage; fp16/bf16 chunks (len <= kChunk at every call) are converted first.
-template <typename scalar_t, bool SILU>
+template <typename scalar_t, bool SILU, bool STREAM = false>
 __attribute__((always_inline)) inline void affine_and_moments_body(const scalar_t* x, scalar_t* y, int64_t len,
                                                                     float mean, float scale, float shift,
                                                                     const scalar_t* next, float* mu_out,
@@ -161,7 +163,7 @@ __attribute__((always_inline)) inline void affine_and_moments_body(const scalar_
                                            m2_out);
     if (x != nullptr) from_float(out, y, len);
   } else {
-    affine_and_moments_native<scalar_t, SILU>(x, y, len, mean, scale, shift, next, mu_out, m2_out);
+    affine_and_moments_native<scalar_t, SILU, STREAM>(x, y, len, mean, scale, shift, next, mu_out, m2_out);
   }
 }
 

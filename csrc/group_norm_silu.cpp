@@ -17,6 +17,7 @@
 // (close to the mean, so they do not cancel; a thread's first block of a sample is shifted by its own means, from a
 // first pass over the L2-resident block), the sums of 64 channels at a time held in registers across the block's
 // rows. Channels are merged into groups, then one output pass runs over all positions with the channels contiguous.
+// In both layouts, fp32 SiLU outputs of kStreamBytes and more are written with streaming stores (silu.h).
 #include <ATen/Parallel.h>
 #include <torch/torch.h>
 
@@ -32,10 +33,14 @@ namespace diffusion_fast {
 namespace {
 
 constexpr int64_t kSmallMap = 512;  // NCHW maps with fewer positions take the unpipelined path
+// fp32 SiLU outputs of at least this many bytes are written with streaming stores (silu.h), which skip reading the
+// output's lines into the cache before writing them: a third of the memory traffic when the input comes from memory.
+// Smaller outputs may still be in cache when the next op reads them.
+constexpr int64_t kStreamBytes = 4 << 20;
 
 using namespace gn;  // the row-level blocks: group_norm_rows.h
 
-template <typename scalar_t, bool SILU>
+template <typename scalar_t, bool SILU, bool STREAM>
 void nchw(const scalar_t* x, scalar_t* y, const float* w, const float* b, int64_t N, int64_t C, int64_t HW, int64_t G,
           double eps) {
   const int64_t cpg = C / G, len = cpg * HW;
@@ -53,12 +58,12 @@ void nchw(const scalar_t* x, scalar_t* y, const float* w, const float* b, int64_
           for (int64_t s = 0; s < HW; s += kChunk) {
             const int64_t n = std::min(kChunk, HW - s), off = c * HW + s;
             if (in >= end) {
-              affine_row<scalar_t, SILU, 0>(x + out * len + off, y + out * len + off, n, &af.mean[row],
-                                            &af.scale[row], &af.shift[row]);
+              affine_row<scalar_t, SILU, 0, STREAM>(x + out * len + off, y + out * len + off, n, &af.mean[row],
+                                                    &af.scale[row], &af.shift[row]);
               continue;
             }
             float mu, q;
-            affine_and_moments_body<scalar_t, SILU>(
+            affine_and_moments_body<scalar_t, SILU, STREAM>(
                 out >= 0 ? x + out * len + off : nullptr, out >= 0 ? y + out * len + off : nullptr, n,
                 out >= 0 ? af.mean[row] : 0.0f, out >= 0 ? af.scale[row] : 0.0f, out >= 0 ? af.shift[row] : 0.0f,
                 x + in * len + off, &mu, &q);
@@ -80,7 +85,8 @@ void nchw(const scalar_t* x, scalar_t* y, const float* w, const float* b, int64_
           }
           af.set_group(m, ng % G, cpg, eps, w, b, (ng / G) * C);
           for (int64_t r = ng * cpg; r < (ng + 1) * cpg; ++r)
-            affine_row<scalar_t, SILU, 0>(x + r * HW, y + r * HW, HW, &af.mean[r], &af.scale[r], &af.shift[r]);
+            affine_row<scalar_t, SILU, 0, STREAM>(x + r * HW, y + r * HW, HW, &af.mean[r], &af.scale[r],
+                                                  &af.shift[r]);
         }
       };
       widest([&]() DIFFUSION_FAST_INLINE_LAMBDA {  // one dispatch per task: the passes inline into it
@@ -88,6 +94,7 @@ void nchw(const scalar_t* x, scalar_t* y, const float* w, const float* b, int64_
         pass(-1, begin);
         for (int64_t ng = begin; ng < end; ++ng) pass(ng, ng + 1);
       });
+      if (STREAM) streaming_stores_done();
     });
     return;
   }
@@ -111,10 +118,12 @@ void nchw(const scalar_t* x, scalar_t* y, const float* w, const float* b, int64_
     widest([&]() DIFFUSION_FAST_INLINE_LAMBDA {
       for (int64_t i = begin; i < end;) {
         const int64_t row = i / HW, stop = std::min(end, (row + 1) * HW);
-        affine_row<scalar_t, SILU, 0>(x + i, y + i, stop - i, &af.mean[row], &af.scale[row], &af.shift[row]);
+        affine_row<scalar_t, SILU, 0, STREAM>(x + i, y + i, stop - i, &af.mean[row], &af.scale[row],
+                                              &af.shift[row]);
         i = stop;
       }
     });
+    if (STREAM) streaming_stores_done();
   });
 }
 
@@ -199,7 +208,7 @@ struct ChannelMoments {
   }
 };
 
-template <typename scalar_t, bool SILU>
+template <typename scalar_t, bool SILU, bool STREAM>
 void channels_last(const scalar_t* x, scalar_t* y, const float* w, const float* b, int64_t N, int64_t C, int64_t HW,
                    int64_t G, double eps) {
   const int64_t cpg = C / G;
@@ -244,9 +253,10 @@ void channels_last(const scalar_t* x, scalar_t* y, const float* w, const float* 
       for (int64_t p = begin; p < end;) {
         const int64_t n = p / HW, stop = std::min(end, (n + 1) * HW);
         const float *mean = &af.mean[n * C], *scale = &af.scale[n * C], *shift = &af.shift[n * C];
-        for (; p < stop; ++p) affine_row<scalar_t, SILU, 1>(x + p * C, y + p * C, C, mean, scale, shift);
+        for (; p < stop; ++p) affine_row<scalar_t, SILU, 1, STREAM>(x + p * C, y + p * C, C, mean, scale, shift);
       }
     });
+    if (STREAM) streaming_stores_done();
   });
 }
 
@@ -304,10 +314,13 @@ at::Tensor group_norm_silu_cpu(const at::Tensor& x_in, int64_t num_groups, const
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
     const auto* xp = static_cast<const scalar_t*>(x.data_ptr());
     auto* yp = static_cast<scalar_t*>(y.data_ptr());
-    if (cl && apply_silu) channels_last<scalar_t, true>(xp, yp, wp, bp, N, C, HW, num_groups, eps);
-    else if (cl) channels_last<scalar_t, false>(xp, yp, wp, bp, N, C, HW, num_groups, eps);
-    else if (apply_silu) nchw<scalar_t, true>(xp, yp, wp, bp, N, C, HW, num_groups, eps);
-    else nchw<scalar_t, false>(xp, yp, wp, bp, N, C, HW, num_groups, eps);
+    const bool stream = std::is_same_v<scalar_t, float> && y.nbytes() >= kStreamBytes;
+    if (cl && apply_silu && stream) channels_last<scalar_t, true, true>(xp, yp, wp, bp, N, C, HW, num_groups, eps);
+    else if (cl && apply_silu) channels_last<scalar_t, true, false>(xp, yp, wp, bp, N, C, HW, num_groups, eps);
+    else if (cl) channels_last<scalar_t, false, false>(xp, yp, wp, bp, N, C, HW, num_groups, eps);
+    else if (apply_silu && stream) nchw<scalar_t, true, true>(xp, yp, wp, bp, N, C, HW, num_groups, eps);
+    else if (apply_silu) nchw<scalar_t, true, false>(xp, yp, wp, bp, N, C, HW, num_groups, eps);
+    else nchw<scalar_t, false, false>(xp, yp, wp, bp, N, C, HW, num_groups, eps);
   };
   if (x.scalar_type() == at::kBFloat16) run(static_cast<bf16*>(nullptr));
 #if defined(DIFFUSION_FAST_FP16)

@@ -56,6 +56,18 @@ constexpr float kExp2Taylor[7] = {1.5403530393381609954e-4f, 1.33335581464284434
 #include <immintrin.h>
 
 namespace diffusion_fast {
+// Streaming stores are weakly ordered: a thread that made them fences before its output is handed on.
+inline void streaming_stores_done() { _mm_sfence(); }
+}  // namespace diffusion_fast
+#else
+namespace diffusion_fast {
+inline void streaming_stores_done() {}
+}  // namespace diffusion_fast
+#endif
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+
+namespace diffusion_fast {
 
 __attribute__((target("avx512f"), always_inline)) inline __m512 silu16(__m512 v) {
   const __m512 t = _mm512_min_ps(_mm512_set1_ps(200.0f),
@@ -72,37 +84,60 @@ __attribute__((target("avx512f"), always_inline)) inline __mmask16 tail_mask(int
   return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
 }
 
-// y[i] = silu((x[i] - mean) * scale + shift) with one (mean, scale, shift) for the row (STRIDE 0) or one per element
-// (STRIDE 1: the channels of a channels_last row).
+// Lanes of y before its first `bytes`-aligned address (streaming stores write whole aligned vectors), at most len.
+inline int64_t lanes_to_alignment(const float* y, int64_t len, int64_t bytes) {
+  const int64_t misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(y) % static_cast<uintptr_t>(bytes));
+  return std::min(len, misaligned == 0 ? 0 : (bytes - misaligned) / static_cast<int64_t>(sizeof(float)));
+}
+
+// The lanes k of y[i..i+16) = silu((x - mean) * scale + shift); STRIDE 1 loads the per-element parameters. A
+// streaming store (stream: all 16 lanes, y + i 64-byte aligned) writes past the caches, saving the read of y's lines.
 template <int STRIDE>
+__attribute__((target("avx512f"), always_inline)) inline void silu_affine16(const float* x, float* y, int64_t i,
+                                                                            __mmask16 k, const float* mean,
+                                                                            const float* scale, const float* shift,
+                                                                            bool stream) {
+  const __m512 m = STRIDE ? _mm512_maskz_loadu_ps(k, mean + i) : _mm512_set1_ps(mean[0]);
+  const __m512 s = STRIDE ? _mm512_maskz_loadu_ps(k, scale + i) : _mm512_set1_ps(scale[0]);
+  const __m512 b = STRIDE ? _mm512_maskz_loadu_ps(k, shift + i) : _mm512_set1_ps(shift[0]);
+  const __m512 v = silu16(_mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), m), s, b));
+  if (stream) _mm512_stream_ps(y + i, v);
+  else _mm512_mask_storeu_ps(y + i, k, v);
+}
+
+// y[i] = silu((x[i] - mean) * scale + shift) with one (mean, scale, shift) for the row (STRIDE 0) or one per element
+// (STRIDE 1: the channels of a channels_last row). STREAM: the whole vectors from y's first 64-byte boundary on are
+// written with streaming stores (the caller fences before the output is read: group_norm_silu.cpp).
+template <int STRIDE, bool STREAM>
 __attribute__((target("avx512f"), noinline)) void silu_affine_avx512(const float* x, float* y, int64_t len,
                                                                       const float* mean, const float* scale,
                                                                       const float* shift) {
-  __m512 m = _mm512_set1_ps(mean[0]), s = _mm512_set1_ps(scale[0]), b = _mm512_set1_ps(shift[0]);
-  for (int64_t i = 0; i < len; i += 16) {
+  const float m0 = mean[0], s0 = scale[0], b0 = shift[0];  // STRIDE 0: read once (y's stores could alias them)
+  if (!STRIDE) mean = &m0, scale = &s0, shift = &b0;
+  int64_t i = STREAM ? lanes_to_alignment(y, len, 64) : 0;
+  if (i > 0) silu_affine16<STRIDE>(x, y, 0, tail_mask(i), mean, scale, shift, false);
+  for (; i < len; i += 16) {
     const __mmask16 k = tail_mask(len - i);
-    if (STRIDE) {
-      m = _mm512_maskz_loadu_ps(k, mean + i);
-      s = _mm512_maskz_loadu_ps(k, scale + i);
-      b = _mm512_maskz_loadu_ps(k, shift + i);
-    }
-    const __m512 v = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), m), s, b);
-    _mm512_mask_storeu_ps(y + i, k, silu16(v));
+    silu_affine16<STRIDE>(x, y, i, k, mean, scale, shift, STREAM && k == static_cast<__mmask16>(0xFFFF));
   }
 }
 
 // The NCHW output pass of one run fused with the sum of the next run's elements (its statistics pass): returns
-// sum(next[0..len)), accumulated in four vectors.
+// sum(next[0..len)), accumulated in four vectors. STREAM as in silu_affine_avx512.
+template <bool STREAM>
 __attribute__((target("avx512f"), noinline)) inline float silu_affine_and_sum_avx512(const float* x, float* y,
                                                                                       int64_t len, float mean,
                                                                                       float scale, float shift,
                                                                                       const float* next) {
-  const __m512 m = _mm512_set1_ps(mean), s = _mm512_set1_ps(scale), b = _mm512_set1_ps(shift);
   __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  for (int64_t i = 0, j = 0; i < len; i += 16, j = (j + 1) & 3) {
+  int64_t i = STREAM ? lanes_to_alignment(y, len, 64) : 0;
+  if (i > 0) {
+    silu_affine16<0>(x, y, 0, tail_mask(i), &mean, &scale, &shift, false);
+    acc[3] = _mm512_maskz_loadu_ps(tail_mask(i), next);
+  }
+  for (int64_t j = 0; i < len; i += 16, j = (j + 1) & 3) {
     const __mmask16 k = tail_mask(len - i);
-    const __m512 v = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), m), s, b);
-    _mm512_mask_storeu_ps(y + i, k, silu16(v));
+    silu_affine16<0>(x, y, i, k, &mean, &scale, &shift, STREAM && k == static_cast<__mmask16>(0xFFFF));
     acc[j] = _mm512_add_ps(acc[j], _mm512_maskz_loadu_ps(k, next + i));
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
@@ -141,39 +176,52 @@ __attribute__((always_inline)) inline __m256i tail_mask8(int64_t left) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-// silu_affine_avx512 in 8 lanes.
+// The lanes [0, left) of y[i..i+8) = silu((x - mean) * scale + shift) (left >= 8: all, unmasked); as silu_affine16.
 template <int STRIDE>
+__attribute__((always_inline)) inline void silu_affine8(const float* x, float* y, int64_t i, int64_t left,
+                                                        const float* mean, const float* scale, const float* shift,
+                                                        bool stream) {
+  if (left >= 8) {
+    const __m256 m = STRIDE ? _mm256_loadu_ps(mean + i) : _mm256_set1_ps(mean[0]);
+    const __m256 s = STRIDE ? _mm256_loadu_ps(scale + i) : _mm256_set1_ps(scale[0]);
+    const __m256 b = STRIDE ? _mm256_loadu_ps(shift + i) : _mm256_set1_ps(shift[0]);
+    const __m256 v = silu8(_mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), m), s, b));
+    if (stream) _mm256_stream_ps(y + i, v);
+    else _mm256_storeu_ps(y + i, v);
+    return;
+  }
+  const __m256i k = tail_mask8(left);
+  const __m256 m = STRIDE ? _mm256_maskload_ps(mean + i, k) : _mm256_set1_ps(mean[0]);
+  const __m256 s = STRIDE ? _mm256_maskload_ps(scale + i, k) : _mm256_set1_ps(scale[0]);
+  const __m256 b = STRIDE ? _mm256_maskload_ps(shift + i, k) : _mm256_set1_ps(shift[0]);
+  _mm256_maskstore_ps(y + i, k, silu8(_mm256_fmadd_ps(_mm256_sub_ps(_mm256_maskload_ps(x + i, k), m), s, b)));
+}
+
+// silu_affine_avx512 in 8 lanes (streaming from y's first 32-byte boundary on).
+template <int STRIDE, bool STREAM>
 __attribute__((noinline)) void silu_affine_avx2(const float* x, float* y, int64_t len, const float* mean,
                                                 const float* scale, const float* shift) {
-  const __m256 m0 = _mm256_set1_ps(mean[0]), s0 = _mm256_set1_ps(scale[0]), b0 = _mm256_set1_ps(shift[0]);
-  int64_t i = 0;
-  for (; i + 8 <= len; i += 8) {
-    const __m256 m = STRIDE ? _mm256_loadu_ps(mean + i) : m0, s = STRIDE ? _mm256_loadu_ps(scale + i) : s0,
-                 b = STRIDE ? _mm256_loadu_ps(shift + i) : b0;
-    _mm256_storeu_ps(y + i, silu8(_mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), m), s, b)));
-  }
-  if (i < len) {
-    const __m256i k = tail_mask8(len - i);
-    const __m256 m = STRIDE ? _mm256_maskload_ps(mean + i, k) : m0, s = STRIDE ? _mm256_maskload_ps(scale + i, k) : s0,
-                 b = STRIDE ? _mm256_maskload_ps(shift + i, k) : b0;
-    _mm256_maskstore_ps(y + i, k, silu8(_mm256_fmadd_ps(_mm256_sub_ps(_mm256_maskload_ps(x + i, k), m), s, b)));
-  }
+  const float m0 = mean[0], s0 = scale[0], b0 = shift[0];  // STRIDE 0: read once (y's stores could alias them)
+  if (!STRIDE) mean = &m0, scale = &s0, shift = &b0;
+  int64_t i = STREAM ? lanes_to_alignment(y, len, 32) : 0;
+  if (i > 0) silu_affine8<STRIDE>(x, y, 0, i, mean, scale, shift, false);
+  for (; i < len; i += 8) silu_affine8<STRIDE>(x, y, i, len - i, mean, scale, shift, STREAM && len - i >= 8);
 }
 
 // silu_affine_and_sum_avx512 in 8 lanes: returns sum(next[0..len)).
+template <bool STREAM>
 __attribute__((noinline)) inline float silu_affine_and_sum_avx2(const float* x, float* y, int64_t len, float mean,
                                                                 float scale, float shift, const float* next) {
-  const __m256 m = _mm256_set1_ps(mean), s = _mm256_set1_ps(scale), b = _mm256_set1_ps(shift);
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-  int64_t i = 0;
-  for (int64_t j = 0; i + 8 <= len; i += 8, j = (j + 1) & 3) {
-    _mm256_storeu_ps(y + i, silu8(_mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), m), s, b)));
-    acc[j] = _mm256_add_ps(acc[j], _mm256_loadu_ps(next + i));
+  int64_t i = STREAM ? lanes_to_alignment(y, len, 32) : 0;
+  if (i > 0) {
+    silu_affine8<0>(x, y, 0, i, &mean, &scale, &shift, false);
+    acc[3] = _mm256_maskload_ps(next, tail_mask8(i));
   }
-  if (i < len) {
-    const __m256i k = tail_mask8(len - i);
-    _mm256_maskstore_ps(y + i, k, silu8(_mm256_fmadd_ps(_mm256_sub_ps(_mm256_maskload_ps(x + i, k), m), s, b)));
-    acc[0] = _mm256_add_ps(acc[0], _mm256_maskload_ps(next + i, k));
+  for (int64_t j = 0; i < len; i += 8, j = (j + 1) & 3) {
+    silu_affine8<0>(x, y, i, len - i, &mean, &scale, &shift, STREAM && len - i >= 8);
+    acc[j] = _mm256_add_ps(acc[j], len - i >= 8 ? _mm256_loadu_ps(next + i)
+                                                : _mm256_maskload_ps(next + i, tail_mask8(len - i)));
   }
   const __m256 a = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
   const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));

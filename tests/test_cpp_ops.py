@@ -168,6 +168,29 @@ def test_group_norm_half_storage_is_the_fp32_kernel_rounded_once(shape, groups, 
         assert out.isfinite().float().mean() > 0.5  # most of the comparison is on finite values
 
 
+# fp32 SiLU outputs of 4 MiB and more are written with streaming stores from each row's first 64-byte boundary on
+# (csrc/silu.h); rows whose starts are not aligned take masked ordinary stores up to it, and tails after it.
+STREAMED_SHAPES = [
+    ((1, 64, 129, 129), 32, False),  # the pipelined NCHW pass; 129 x 129 runs start anywhere in a cache line
+    ((1, 8, 363, 363), 1, False),  # one run for two threads: chunk statistics, output spread over the threads
+    ((64, 512, 7, 9), 32, False),  # maps under kSmallMap positions: rows of 63 values
+    ((1, 68, 125, 125), 4, True),  # channels_last rows of 68 channels (272 bytes: most start mid-line)
+]
+
+
+@pytest.mark.parametrize("shape, groups, channels_last", STREAMED_SHAPES)
+def test_group_norm_streamed_outputs(shape, groups, channels_last):
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(shape, generator=gen) * 2 + 0.3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert x.numel() * 4 >= 4 << 20  # kStreamBytes
+    w, b = torch.randn(shape[1], generator=gen), torch.randn(shape[1], generator=gen)
+    out = ops.group_norm_silu(x, groups, w, b, backend="cpp")
+    ref64 = reference.group_norm_silu(x.double(), groups, w.double(), b.double())
+    assert_2x_rule(out, ref64, reference.group_norm_silu(x, groups, w, b), floor=FLOOR[torch.float32])
+
+
 def test_non_contiguous_inputs():
     base = torch.randn(3, 4, 9, 7)
     m, x = base.transpose(2, 3), torch.randn(6, 4, 7, 9)[::2]  # a transposed view and a strided slice
@@ -513,6 +536,12 @@ for shape, groups in (((3, 96, 7, 9), 32), ((2, 64, 16, 16), 32), ((1, 17, 5, 5)
             ref = reference.group_norm_silu(x.double(), groups, w.double(), b.double())
             err = (out.double() - ref).abs().max().item()
             assert err < (1e-5 if dtype == torch.float32 else 5e-2), (shape, layout, dtype, err)
+for shape, groups, layout in (((1, 64, 129, 129), 32, torch.contiguous_format),  # streamed outputs (>= 4 MiB)
+                              ((1, 68, 125, 125), 4, torch.channels_last)):
+    x = torch.randn(shape, generator=gen).contiguous(memory_format=layout)
+    out = torch.ops.diffusion_fast.group_norm_silu(x, groups, None, None, 1e-5, True)
+    err = (out.double() - reference.group_norm_silu(x.double(), groups)).abs().max().item()
+    assert err < 1e-5, (shape, err)
 for layout in (torch.contiguous_format, torch.channels_last):
     for batch in (1, 3):
         exec(SILU_EXTREMES_CHECK)
