@@ -10,8 +10,9 @@
 #   bash benchmarks/run_gpu.sh lease   one short lease (the device tool lends 15 minutes, machine start included): the
 #   most telling steps first, each cut off at LEASE_SECONDS (default 510) from the start: the end-to-end benchmark
 #   (with LEASE_E2E_ARGS, default "--repeats 2": torch.compile included; add --no-compile to save its ~80 s), the
-#   quick kernel benchmark, the test files in LEASE_FIRST_TESTS (default tests/test_compile.py), then the rest of the
-#   GPU tests in whatever time is left.
+#   quick kernel benchmark, the test files in LEASE_FIRST_TESTS (default: torch.compile's and the kernel files whose
+#   code changed since the last GPU run, tests/test_compile.py, test_kernel_group_norm_silu.py,
+#   test_kernel_attention.py, test_kernel_host.py), then the rest of the GPU tests in whatever time is left.
 #   Results (in /tmp/lease_results) and logs are copied to $OUT (the device tool brings that folder back) after
 #   every step.
 # Offline machines: pure-Python wheels in .whl/ (diffusers, importlib_metadata, ...) are installed into /tmp/site;
@@ -41,7 +42,9 @@ save() {  # lease: copy the results and logs written so far to $OUT
   return 0
 }
 left() { echo $((deadline - SECONDS)); }
-read -ra first_tests <<<"${LEASE_FIRST_TESTS:-tests/test_compile.py}"  # lease: the files run before the rest
+first_default="tests/test_compile.py tests/test_kernel_group_norm_silu.py tests/test_kernel_attention.py"
+first_default+=" tests/test_kernel_host.py"
+read -ra first_tests <<<"${LEASE_FIRST_TESTS:-$first_default}"  # lease: the files run before the rest
 read -ra e2e_args <<<"${LEASE_E2E_ARGS:---repeats 2}"  # lease: gpu_e2e.py's options
 bounded() {  # bounded NAME CMD...: run under the time left, log to /tmp/lease_NAME.log, then save
   local name=$1; shift
