@@ -99,7 +99,7 @@ def _group_norm_silu(x, num_groups, weight, bias, eps, silu=True, backend="auto"
     if impl == "triton":
         if torch.compiler.is_compiling():  # one opaque node for torch.compile (diffusion_fast/_triton_compiled.py)
             return _triton_compiled.group_norm_silu(x, num_groups, weight, bias, float(eps), bool(silu))
-        from .kernels.group_norm_silu import group_norm_silu_unchecked as kernel
+        from .kernels.group_norm_silu import _group_norm_silu_unchecked as kernel
 
         return kernel(x, num_groups, weight, bias, eps, silu)
     if impl == "cpp":
@@ -129,7 +129,7 @@ def _attention(q, k, v, scale=None, backend="auto"):
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
         if torch.compiler.is_compiling():
             return _triton_compiled.attention(q, k, v, None if scale is None else float(scale))
-        return kernel.attention_unchecked(q, k, v, scale)
+        return kernel._attention_unchecked(q, k, v, scale)
     if impl == "torch":
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     return reference.attention(q, k, v, scale=scale, upcast=True)

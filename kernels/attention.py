@@ -9,10 +9,11 @@ Head dims that are not powers of two are split into a power-of-two main block an
 levels), none of it padding, against 37.5% when padded to the next power of two (masked lanes load zeros, which
 contribute nothing to q k^T or to p v). Each product is then two tl.dots. SD1.5's head dim 40 is padded to 64 in
 16-bit: split as 32 + 16 it saves 16 of 64 lanes, and the H200 ran it 7% slower than padded in three runs (the
-16-wide tail dots cost more than they save). fp32, on the FMA units, splits it. ``SPLIT_HEAD_DIM = False`` pads every head dim; benchmarks/gpu_kernels.py times both. Key and query lengths that are not
-block multiples (77 text tokens) are masked, masked scores set to -inf before the row maximum. q, k and v may be any strided views with a unit last
-stride, so the models pass (B, L, H*D) projections viewed as (B, H, L, D) without a copy. fp32 inputs use IEEE fp32
-dot products (no tf32), so an fp32 caller gets fp32 accuracy.
+16-wide tail dots cost more than they save). fp32, on the FMA units, splits it. ``SPLIT_HEAD_DIM = False`` pads
+every head dim; benchmarks/gpu_kernels.py times both. Key and query lengths that are not block multiples (77 text
+tokens) are masked, masked scores set to -inf before the row maximum. q, k and v may be any strided views with a
+unit last stride, so the models pass (B, L, H*D) projections viewed as (B, H, L, D) without a copy. fp32 inputs use
+IEEE fp32 dot products (no tf32), so an fp32 caller gets fp32 accuracy.
 
 Alignment. Triton vectorises a load (and pipelines it through shared memory with 16-byte async copies) only when it
 can prove each row starts 16 bytes apart. It learns that from integer arguments divisible by 16, which head dim 40's
@@ -240,10 +241,10 @@ def _empty_aligned(shape, like):
 def attention(q, k, v, *, scale=None):
     """Flash attention of q (B, H, Lq, D) against k, v (B, H, Lk, D); returns (B, H, Lq, D) contiguous."""
     _validate.attention_args(q, k, v, scale)
-    return attention_unchecked(q, k, v, scale)
+    return _attention_unchecked(q, k, v, scale)
 
 
-def attention_unchecked(q, k, v, scale=None):
+def _attention_unchecked(q, k, v, scale=None):
     """``attention`` for arguments its caller has validated: ``diffusion_fast.ops`` checks the public call's once,
     and its internal entry passes the q, k and v our models and the accelerate processor build. Outside a CUDA graph
     this host code runs before every launch (benchmarks/launcher_host_cost.py). It still refuses a head dim, dtype or

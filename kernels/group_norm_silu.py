@@ -391,10 +391,10 @@ def _layout(x: torch.Tensor):
 def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, *, silu=True):
     """GroupNorm (+ SiLU) of ``x`` (N, C, *spatial); statistics in fp32, output in x's dtype and memory format."""
     _validate.group_norm_args(x, num_groups, weight, bias, eps)
-    return group_norm_silu_unchecked(x, num_groups, weight, bias, eps, silu)
+    return _group_norm_silu_unchecked(x, num_groups, weight, bias, eps, silu)
 
 
-def group_norm_silu_unchecked(x, num_groups, weight, bias, eps, silu=True):
+def _group_norm_silu_unchecked(x, num_groups, weight, bias, eps, silu=True):
     """``group_norm_silu`` for arguments its caller has validated: ``diffusion_fast.ops`` checks the public call's
     once, and its internal entry passes a GroupNorm module's own parameters. Outside a CUDA graph this host code runs
     before every launch, and the checks cost as much as the rest of it (benchmarks/launcher_host_cost.py)."""

@@ -92,8 +92,8 @@ def test_the_triton_path_compiles_with_each_kernel_call_one_opaque_op(unet_and_i
     calls = []
     # the launchers' unchecked entries: eager ops call them directly, the opaque ops through the checked launchers
     for module, name in ((attention_kernel, "attention"), (group_norm_kernel, "group_norm_silu")):
-        real = getattr(module, f"{name}_unchecked")
-        monkeypatch.setattr(module, f"{name}_unchecked",
+        real = getattr(module, f"_{name}_unchecked")
+        monkeypatch.setattr(module, f"_{name}_unchecked",
                             lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounter()
