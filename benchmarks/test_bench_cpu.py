@@ -52,17 +52,22 @@ def _latents(shape):
     return tuple(torch.randn(shape, generator=gen) for _ in range(3))
 
 
+def _diffusers_cfg_ddim_step(uncond, text, sample):
+    """diffusers' per-step work as its SD pipeline does it: the CFG combine, then DDIMScheduler.step (step 10 of 50)."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)
+    sched.set_timesteps(50)
+    t = sched.timesteps[10]
+    return lambda: sched.step(uncond + 7.5 * (text - uncond), t, sample).prev_sample
+
+
 @pytest.mark.parametrize("shape", LATENTS, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("impl", ["cpp fused", "reference", "diffusers"])
 def test_cfg_ddim_step(benchmark, shape, impl):
     benchmark.group = f"cfg_ddim_step {'x'.join(map(str, shape))} fp32"
     uncond, text, sample = _latents(shape)
     if impl == "diffusers":
-        diffusers = pytest.importorskip("diffusers")
-        sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)
-        sched.set_timesteps(50)
-        t = sched.timesteps[10]
-        benchmark(lambda: sched.step(uncond + 7.5 * (text - uncond), t, sample).prev_sample)
+        benchmark(_diffusers_cfg_ddim_step(uncond, text, sample))
         return
     a_t, a_prev = torch.tensor(0.3), torch.tensor(0.4)
     backend = "cpp" if impl == "cpp fused" else "reference"
@@ -90,14 +95,10 @@ PAIRED_ROUNDS = 400
 def _paired_calls(case):
     """(ours, the eager baseline) for one of the issue's two CPU targets, on the inputs their groups above use."""
     if case.startswith("cfg_ddim_step"):
-        diffusers = pytest.importorskip("diffusers")
         uncond, text, sample = _latents((2, 4, 128, 128))
-        sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False)
-        sched.set_timesteps(50)
-        t = sched.timesteps[10]
         a_t, a_prev = torch.tensor(0.3), torch.tensor(0.4)
         return (lambda: ops.cfg_ddim_step(uncond, text, 7.5, sample, a_t, a_prev, backend="cpp"),
-                lambda: sched.step(uncond + 7.5 * (text - uncond), t, sample).prev_sample, "diffusers")
+                _diffusers_cfg_ddim_step(uncond, text, sample), "diffusers")
     x = torch.randn(2, 320, 64, 64)
     if case.endswith("channels_last"):
         x = x.contiguous(memory_format=torch.channels_last)
