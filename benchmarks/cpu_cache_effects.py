@@ -65,7 +65,10 @@ def median_us(fn, before=None, calls=CALLS):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jsonl", help="append the record to this file")
+    parser.add_argument("--calls", type=int, default=CALLS, help="timed calls per GroupNorm row (the step's: twice "
+                        "as many; the 1x512x128x128 rows': a seventh)")
     args = parser.parse_args(argv)
+    calls = args.calls
     rows = []
 
     def row(case, what, us):
@@ -75,28 +78,29 @@ def main(argv=None):
     ours, eager, _ = bench._paired_calls("group_norm_silu 2x320x64x64 NCHW fp32")
     case = "group_norm_silu 2x320x64x64 NCHW fp32"
     flush = _copy(64)
-    row(case, "ours, back to back", median_us(ours))
-    row(case, "ours, after eager's call", median_us(ours, eager))
-    row(case, "ours, after a 64 MB copy", median_us(ours, flush))
-    row(case, "eager, back to back", median_us(eager))
-    row(case, "eager, after ours", median_us(eager, ours))
-    row(case, "eager, after a 64 MB copy", median_us(eager, flush))
+    row(case, "ours, back to back", median_us(ours, calls=calls))
+    row(case, "ours, after eager's call", median_us(ours, eager, calls=calls))
+    row(case, "ours, after a 64 MB copy", median_us(ours, flush, calls=calls))
+    row(case, "eager, back to back", median_us(eager, calls=calls))
+    row(case, "eager, after ours", median_us(eager, ours, calls=calls))
+    row(case, "eager, after a 64 MB copy", median_us(eager, flush, calls=calls))
 
     ours, diffusers_step, _ = bench._paired_calls("cfg_ddim_step 2x4x128x128 fp32")
     case = "cfg_ddim_step 2x4x128x128 fp32"
-    row(case, "ours, back to back", median_us(ours, calls=2 * CALLS))
-    row(case, "ours, after diffusers' step", median_us(ours, diffusers_step, calls=2 * CALLS))
-    row(case, "ours, after an 8 MB copy", median_us(ours, _copy(8), calls=2 * CALLS))
-    row(case, "ours, after 150 us of Python", median_us(ours, _busy(150e-6), calls=2 * CALLS))
+    row(case, "ours, back to back", median_us(ours, calls=2 * calls))
+    row(case, "ours, after diffusers' step", median_us(ours, diffusers_step, calls=2 * calls))
+    row(case, "ours, after an 8 MB copy", median_us(ours, _copy(8), calls=2 * calls))
+    row(case, "ours, after 150 us of Python", median_us(ours, _busy(150e-6), calls=2 * calls))
 
     x, w, b = torch.randn(1, 512, 128, 128), torch.randn(512), torch.randn(512)
     case = "group_norm_silu 1x512x128x128 NCHW fp32"
-    row(case, "ours, back to back", median_us(lambda: ops.group_norm_silu(x, 32, w, b, backend="cpp"), calls=30))
-    row(case, "eager, back to back", median_us(lambda: F.silu(F.group_norm(x, 32, w, b)), calls=30))
+    row(case, "ours, back to back", median_us(lambda: ops.group_norm_silu(x, 32, w, b, backend="cpp"),
+                                                   calls=max(2, calls // 7)))
+    row(case, "eager, back to back", median_us(lambda: F.silu(F.group_norm(x, 32, w, b)), calls=max(2, calls // 7)))
 
     record = {"benchmark": "cpu_cache_effects", "cpu": _cpu_name(), "cores": os.cpu_count(),
               "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+              "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"), "calls": calls,
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "rows": rows}
     print(f"{record['cpu']}, {record['cores']} cores, torch {record['torch']}, "
           f"THP_MEM_ALLOC_ENABLE={record['THP_MEM_ALLOC_ENABLE']}")

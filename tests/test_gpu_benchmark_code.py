@@ -250,3 +250,20 @@ def test_launcher_host_cost_script_runs():
     out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300, check=True).stdout
     times = re.findall(r"^(attention|group_norm_silu|cfg_ddim_step) .* ([\d.]+) us per call$", out, re.M)
     assert len(times) == 4 and all(0 < float(t) < 10_000 for _, t in times), out
+
+
+def test_cpu_cache_effects_script_runs(tmp_path):
+    """benchmarks/cpu_cache_effects.py in its own process (it pins the allocator, as the CPU benchmark does), two
+    calls a row: every row it names, a positive time each, and the record it appends."""
+    import json
+    import subprocess
+
+    pytest.importorskip("diffusers")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                          "cpu_cache_effects.py")
+    out = tmp_path / "effects.jsonl"
+    subprocess.run([sys.executable, script, "--calls", "2", "--jsonl", str(out)], capture_output=True, text=True,
+                   timeout=300, check=True)
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["calls"] == 2 and len(record["rows"]) == 12
+    assert all(r["median_us"] > 0 for r in record["rows"]), record["rows"]
