@@ -32,7 +32,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-INSTRUCTION = re.compile(r"\b((?:LDGSTS|LDG|STG|UTMALDG|HGMMA|HMMA|MUFU\.EX2)\b(?:\.\w+)*)")
+INSTRUCTION = re.compile(r"\b((?:LDGSTS|LDG|STG|UTMALDG|HGMMA|HMMA|MUFU\.EX2|MUFU\.RCP)\b(?:\.\w+)*)")
 
 
 def compile_case(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int):
@@ -176,13 +176,12 @@ def cfg_ddim_cases():
     from diffusion_fast.kernels import ddim as K
 
     alphas = torch.empty(4, device="meta")
-    for shape in ((2, 4, 64, 64), (4, 4, 128, 128), (3, 4, 7, 9)):  # the last: a block spans samples
+    for shape in ((2, 4, 64, 64), (4, 4, 128, 128), (3, 4, 7, 9)):  # the last: a sample of 252, no 16-byte rows
         x = torch.empty(shape, device="meta", dtype=torch.float16)
         args = dict(out_ptr=x, text_ptr=x, sample_ptr=x, noise_ptr=x, prev_ptr=x, x0_ptr=x, alpha_t_ptr=alphas,
                     alpha_prev_ptr=alphas, guidance_scale=7.5, eta=0.0, clip_range=0.0, per_sample=x[0].numel(),
-                    numel=x.numel())
-        constexprs = dict(CFG=True, PRED=0, CLIP=False, USE_CLIPPED=False, HAS_NOISE=False,
-                          SAMPLE_PER_BLOCK=x[0].numel() % K.BLOCK == 0, BLOCK=K.BLOCK)
+                    blocks_per_sample=-(-x[0].numel() // K.BLOCK))
+        constexprs = dict(CFG=True, PRED=0, CLIP=False, USE_CLIPPED=False, HAS_NOISE=False, BLOCK=K.BLOCK)
         yield f"cfg_ddim_step {'x'.join(map(str, shape))} fp16", K._cfg_ddim_kernel, args, constexprs, 4, 3
 
 
@@ -203,14 +202,14 @@ def euler_cases():
     from diffusion_fast.kernels import euler as E
 
     sigmas = torch.empty(4, device="meta")
-    for shape in ((2, 4, 128, 128), (3, 4, 7, 9)):  # SDXL's latents with CFG; a block spanning samples
+    for shape in ((2, 4, 128, 128), (3, 4, 7, 9)):  # SDXL's latents with CFG; 252-element samples (a masked block)
         mo = torch.empty(shape, device="meta", dtype=torch.float16)
         x = torch.empty(shape, device="meta", dtype=torch.float32)  # the schedulers pass an fp32 sample
         args = dict(mo_ptr=mo, x_ptr=x, noise_ptr=mo, prev_ptr=mo, x0_ptr=mo, sigma_ptr=sigmas,
-                    sigma_next_ptr=sigmas, gamma=0.0, s_noise=1.0, per_sample=mo[0].numel(), numel=mo.numel())
+                    sigma_next_ptr=sigmas, gamma=0.0, s_noise=1.0, per_sample=mo[0].numel(),
+                    blocks_per_sample=-(-mo[0].numel() // E.BLOCK))
         for ancestral in (False, True):
-            constexprs = dict(PRED=0, ANCESTRAL=ancestral, HAS_NOISE=ancestral,
-                              SAMPLE_PER_BLOCK=mo[0].numel() % E.BLOCK == 0, BLOCK=E.BLOCK)
+            constexprs = dict(PRED=0, ANCESTRAL=ancestral, HAS_NOISE=ancestral, BLOCK=E.BLOCK)
             yield (f"{'euler_ancestral_step' if ancestral else 'euler_step'} {'x'.join(map(str, shape))} fp16",
                    E._euler_kernel, args, constexprs, 4, 3)
 
@@ -219,13 +218,12 @@ def ddpm_cases():
     from diffusion_fast.kernels import ddpm as D
 
     coefficients = torch.empty(4, device="meta")
-    for shape in ((2, 4, 64, 64), (3, 4, 7, 9)):  # whole blocks per sample; a block spanning samples
+    for shape in ((2, 4, 64, 64), (3, 4, 7, 9)):  # whole blocks per sample; 252-element samples (a masked block)
         x = torch.empty(shape, device="meta", dtype=torch.float16)
         args = dict(mo_ptr=x, x_ptr=x, noise_ptr=x, prev_ptr=x, x0_ptr=x, alpha_t_ptr=coefficients,
                     alpha_prev_ptr=coefficients, std_ptr=coefficients, clip_range=1.0, per_sample=x[0].numel(),
-                    numel=x.numel())
-        constexprs = dict(PRED=0, CLIP=True, HAS_NOISE=True, SAMPLE_PER_BLOCK=x[0].numel() % D.BLOCK == 0,
-                          BLOCK=D.BLOCK)
+                    blocks_per_sample=-(-x[0].numel() // D.BLOCK))
+        constexprs = dict(PRED=0, CLIP=True, HAS_NOISE=True, BLOCK=D.BLOCK)
         yield f"ddpm_step {'x'.join(map(str, shape))} fp16", D._ddpm_kernel, args, constexprs, 4, 3
 
 
@@ -248,7 +246,7 @@ def variant_cases():
         shapes = (((3, 96, 7, 9), 32), ((2, 64, 1, 1), 32), ((2, 320, 64, 64), 32))
         for shape, groups in shapes if dtype == torch.float16 else shapes[:1]:
             x = torch.empty(shape, device="meta", dtype=dtype)
-            n, c, hw = shape[0], shape[1], shape[2] * shape[3]
+            c, hw = shape[1], shape[2] * shape[3]
             cpg = c // groups
             for channels_last, affine, silu in ((False, True, True), (True, False, False), (True, True, False)):
                 flags = dict(CPG=cpg if channels_last else 0, CHANNELS_LAST=channels_last, HAS_WEIGHT=affine,
@@ -277,9 +275,9 @@ def variant_cases():
                 x = torch.empty(shape, device="meta", dtype=dtype)
                 args = dict(out_ptr=x, text_ptr=x, sample_ptr=x, noise_ptr=x, prev_ptr=x, x0_ptr=x,
                             alpha_t_ptr=alphas, alpha_prev_ptr=alphas, guidance_scale=7.5, eta=0.5, clip_range=1.5,
-                            per_sample=x[0].numel(), numel=x.numel())
+                            per_sample=x[0].numel(), blocks_per_sample=-(-x[0].numel() // K.BLOCK))
                 constexprs = dict(CFG=pred == 0, PRED=pred, CLIP=pred != 1, USE_CLIPPED=pred == 2, HAS_NOISE=True,
-                                  SAMPLE_PER_BLOCK=x[0].numel() % K.BLOCK == 0, BLOCK=K.BLOCK)
+                                  BLOCK=K.BLOCK)
                 yield (f"cfg_ddim_step pred {pred} {'x'.join(map(str, shape))} {dtype}", K._cfg_ddim_kernel, args,
                        constexprs, 4, 3)
         x = torch.empty((3, 4, 16, 32), device="meta", dtype=dtype)
@@ -287,14 +285,14 @@ def variant_cases():
         for pred in (0, 1, 2):  # Euler with churn (noise), every prediction type
             yield (f"euler_step churn pred {pred} 3x4x16x32 {dtype}", E._euler_kernel,
                    dict(mo_ptr=x, x_ptr=x, noise_ptr=x, prev_ptr=x, x0_ptr=x, sigma_ptr=values, sigma_next_ptr=values,
-                        gamma=0.3, s_noise=1.0, per_sample=x[0].numel(), numel=x.numel()),
-                   dict(PRED=pred, ANCESTRAL=False, HAS_NOISE=True, SAMPLE_PER_BLOCK=True, BLOCK=E.BLOCK), 4, 3)
+                        gamma=0.3, s_noise=1.0, per_sample=x[0].numel(), blocks_per_sample=2),
+                   dict(PRED=pred, ANCESTRAL=False, HAS_NOISE=True, BLOCK=E.BLOCK), 4, 3)
         for pred in (1, 2):  # DDPM's other prediction types, without clipping or noise (the last step)
             yield (f"ddpm_step pred {pred} 3x4x16x32 {dtype}", D._ddpm_kernel,
                    dict(mo_ptr=x, x_ptr=x, noise_ptr=x, prev_ptr=x, x0_ptr=x, alpha_t_ptr=values,
                         alpha_prev_ptr=values, std_ptr=values, clip_range=0.0, per_sample=x[0].numel(),
-                        numel=x.numel()),
-                   dict(PRED=pred, CLIP=False, HAS_NOISE=False, SAMPLE_PER_BLOCK=True, BLOCK=D.BLOCK), 4, 3)
+                        blocks_per_sample=2),
+                   dict(PRED=pred, CLIP=False, HAS_NOISE=False, BLOCK=D.BLOCK), 4, 3)
         x = torch.empty((3, 4, 7, 9), device="meta", dtype=dtype)  # a partial last block
         yield (f"linear_step 3x4x7x9 {dtype}", L._linear_step_kernel,
                dict(mo_ptr=x, x_ptr=x, extra_ptr=x, prev_ptr=x, x0_ptr=x, cx=1.0, cm=-1.0, p0=0.5, px=0.5, pm=0.0,

@@ -1,20 +1,22 @@
-"""What the scheduler-step kernels share: a per-sample coefficient (one value per sample of the batch) for a block."""
+"""What the scheduler-step kernels share: which sample a program works on, and its block of that sample's elements.
+
+The grid is flat, ``blocks_per_sample * B`` programs, and no block spans two samples (a sample's last block is
+masked), so a per-sample value (an alpha, a sigma) is one scalar load a program and every coefficient derived from
+it is computed once a program, not per element. The sample index is an inline 32-bit divide of the program id; the
+element offsets are int64 (a batch of latents can pass 2^31 elements)."""
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def per_sample_value(
-    ptr,  # fp32 (B,): one value per sample
-    block_start, offs, mask,  # this program's first element, its element offsets and their mask
+def sample_block(
     per_sample,  # elements per sample
-    other,  # the value for masked-off elements (any that keeps the arithmetic finite)
-    SAMPLE_PER_BLOCK: tl.constexpr,  # per_sample % BLOCK == 0: the block lies in one sample
+    blocks_per_sample,  # cdiv(per_sample, BLOCK)
+    BLOCK: tl.constexpr,
 ):
-    """The block's value as a scalar, read once, when the block lies in one sample (so every coefficient derived
-    from it is computed once, not per element); else each element's own."""
-    if SAMPLE_PER_BLOCK:
-        value = tl.load(ptr + block_start // per_sample)
-    else:
-        value = tl.load(ptr + offs // per_sample, mask=mask, other=other)
-    return value
+    """(n, offs, mask): this program's sample, its block's element offsets in the (B, *latent) tensor and their
+    mask (False past the sample's end)."""
+    pid = tl.program_id(0)
+    n = pid // blocks_per_sample
+    within = (pid % blocks_per_sample).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return n, n.to(tl.int64) * per_sample + within, within < per_sample

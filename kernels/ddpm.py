@@ -1,12 +1,13 @@
 """The DDPM ancestral update (diffusers' DDPMScheduler.step, fixed variances) in one launch.
 
-Each program reads a block of latent elements (model output, sample[, noise]) and its sample's alphas and noise scale
-(one per sample; device tensors, so nothing is read on the host), computes in fp32 — x0 for the prediction type, the
-optional clamp, the posterior mean and the noise — and writes prev_sample and pred_original_sample in the sample's
-dtype. Semantics are diffusion_fast.reference.ddpm_step's.
+Each program reads a block of one sample's latent elements (model output, sample[, noise]) and that sample's alphas
+and noise scale as scalars (one per sample; device tensors, so nothing is read on the host; kernels/_per_sample.py),
+computes in fp32 — x0 for the prediction type, the optional clamp, the posterior mean and the noise — and writes
+prev_sample and pred_original_sample in the sample's dtype. Semantics are diffusion_fast.reference.ddpm_step's.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -14,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._host import cdiv
-from ._per_sample import per_sample_value
+from ._per_sample import sample_block
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 1024
@@ -29,25 +30,22 @@ def _ddpm_kernel(
     prev_ptr, x0_ptr,  # outputs: x_{t-1} and predicted x_0, like x_ptr
     alpha_t_ptr, alpha_prev_ptr, std_ptr,  # fp32 (B,): alphas_cumprod at t and at the previous timestep; noise scale
     clip_range,  # float
-    per_sample, numel,  # elements per sample, total elements
+    per_sample, blocks_per_sample,  # elements per sample, cdiv(per_sample, BLOCK)
     PRED: tl.constexpr,  # 0 epsilon, 1 v_prediction, 2 sample
     CLIP: tl.constexpr,
     HAS_NOISE: tl.constexpr,
-    SAMPLE_PER_BLOCK: tl.constexpr,  # per_sample % BLOCK == 0: each block lies in one sample
     BLOCK: tl.constexpr,
 ):
-    block_start = tl.program_id(0).to(tl.int64) * BLOCK
-    offs = block_start + tl.arange(0, BLOCK)
-    mask = offs < numel
-    a_t = per_sample_value(alpha_t_ptr, block_start, offs, mask, per_sample, 0.5, SAMPLE_PER_BLOCK)
-    a_prev = per_sample_value(alpha_prev_ptr, block_start, offs, mask, per_sample, 0.5, SAMPLE_PER_BLOCK)
-    std = per_sample_value(std_ptr, block_start, offs, mask, per_sample, 0.0, SAMPLE_PER_BLOCK)
+    n, offs, mask = sample_block(per_sample, blocks_per_sample, BLOCK)  # no block spans two samples
+    a_t = tl.load(alpha_t_ptr + n)
+    a_prev = tl.load(alpha_prev_ptr + n)
+    std = tl.load(std_ptr + n)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     mo = tl.load(mo_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     sqrt_a = tl.sqrt_rn(a_t)
     sqrt_b = tl.sqrt_rn(1.0 - a_t)
     if PRED == 0:
-        x0 = tl.div_rn(x - sqrt_b * mo, sqrt_a)
+        x0 = (x - sqrt_b * mo) * tl.div_rn(1.0, sqrt_a)  # a reciprocal once, a multiply per element
     elif PRED == 1:
         x0 = sqrt_a * x - sqrt_b * mo
     else:
@@ -77,11 +75,11 @@ def ddpm_step(model_output, sample, alpha_t, alpha_prev, std, variance_noise=Non
     # (B,) fp32 coefficients; an expanded (stride 0) tensor is materialised so that each sample's entry can be indexed
     a_t, a_prev, std = (t.float().contiguous() for t in (alpha_t, alpha_prev, std))
     prev, x0 = torch.empty_like(x), torch.empty_like(x)
-    numel = x.numel()
-    per_sample = numel // x.shape[0]
-    _ddpm_kernel[(cdiv(numel, BLOCK),)](
-        mo, x, noise, prev, x0, a_t, a_prev, std, float(clip_sample_range or 0.0), per_sample, numel,
+    per_sample = math.prod(x.shape[1:])
+    blocks_per_sample = cdiv(per_sample, BLOCK)
+    _ddpm_kernel[(blocks_per_sample * x.shape[0],)](
+        mo, x, noise, prev, x0, a_t, a_prev, std, float(clip_sample_range or 0.0), per_sample, blocks_per_sample,
         PRED=PREDICTION[prediction_type], CLIP=clip_sample_range is not None, HAS_NOISE=variance_noise is not None,
-        SAMPLE_PER_BLOCK=per_sample % BLOCK == 0, BLOCK=BLOCK, num_warps=4,
+        BLOCK=BLOCK, num_warps=4,
     )
     return prev, x0

@@ -1,16 +1,18 @@
 """The Euler and ancestral Euler updates (diffusers' EulerDiscreteScheduler and EulerAncestralDiscreteScheduler
 steps: SDXL's default sampler and "Euler a") in one launch each.
 
-Each program reads a block of latent elements (model output, sample[, noise]) and its sample's sigmas (one per
-sample; device tensors, so nothing is read on the host), computes in fp32 — the churned sample (Euler with
-gamma > 0), x0 for the prediction type, the step — and writes prev_sample and pred_original_sample in the model
-output's dtype. The arithmetic is the C++ ops' (csrc/step_math.h): x0 = cx * x + cm * m, prev = (1 + k) x - k x0
-with k = (sigma_next - sigma_hat) / sigma_hat; the ancestral step goes down to sigma_down = sigma_next^2 / sigma
-(exact, where diffusers' sqrt(sigma_next^2 - sigma_up^2) cancels) and adds sigma_up * noise.
+Each program reads a block of one sample's latent elements (model output, sample[, noise]) and that sample's sigmas
+as scalars (one per sample; device tensors, so nothing is read on the host; kernels/_per_sample.py), computes in
+fp32 — the churned sample (Euler with gamma > 0), x0 for the prediction type, the step — and writes prev_sample and
+pred_original_sample in the model output's dtype. The arithmetic is the C++ ops' (csrc/step_math.h):
+x0 = cx * x + cm * m, prev = (1 + k) x - k x0 with k = (sigma_next - sigma_hat) / sigma_hat; the ancestral step goes
+down to sigma_down = sigma_next^2 / sigma (exact, where diffusers' sqrt(sigma_next^2 - sigma_up^2) cancels) and adds
+sigma_up * noise.
 Semantics are diffusion_fast.reference.euler_step's and euler_ancestral_step's.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -18,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._host import cdiv
-from ._per_sample import per_sample_value
+from ._per_sample import sample_block
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 1024
@@ -33,18 +35,15 @@ def _euler_kernel(
     prev_ptr, x0_ptr,  # outputs, like mo_ptr, in the model output's dtype
     sigma_ptr, sigma_next_ptr,  # fp32 (B,): this step's sigma and the next one
     gamma, s_noise,  # floats: Euler's churn (0 for none) and its noise scale
-    per_sample, numel,  # elements per sample, total elements
+    per_sample, blocks_per_sample,  # elements per sample, cdiv(per_sample, BLOCK)
     PRED: tl.constexpr,  # 0 epsilon, 1 v_prediction, 2 sample
     ANCESTRAL: tl.constexpr,  # the ancestral step (noise always), else Euler (noise only with churn)
     HAS_NOISE: tl.constexpr,
-    SAMPLE_PER_BLOCK: tl.constexpr,  # per_sample % BLOCK == 0: each block lies in one sample
     BLOCK: tl.constexpr,
 ):
-    block_start = tl.program_id(0).to(tl.int64) * BLOCK
-    offs = block_start + tl.arange(0, BLOCK)
-    mask = offs < numel
-    sigma = per_sample_value(sigma_ptr, block_start, offs, mask, per_sample, 1.0, SAMPLE_PER_BLOCK)
-    sigma_next = per_sample_value(sigma_next_ptr, block_start, offs, mask, per_sample, 1.0, SAMPLE_PER_BLOCK)
+    n, offs, mask = sample_block(per_sample, blocks_per_sample, BLOCK)  # no block spans two samples
+    sigma = tl.load(sigma_ptr + n)
+    sigma_next = tl.load(sigma_next_ptr + n)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     mo = tl.load(mo_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_NOISE:
@@ -62,7 +61,8 @@ def _euler_kernel(
     if PRED == 0:
         x0 = x - sigma_hat * mo  # diffusers uses sigma_hat here...
     elif PRED == 1:
-        x0 = tl.div_rn(x, sigma * sigma + 1.0) - tl.div_rn(sigma, tl.sqrt_rn(sigma * sigma + 1.0)) * mo  # ...sigma
+        c_skip = tl.div_rn(1.0, sigma * sigma + 1.0)  # ...sigma; scalars, so no divide per element
+        x0 = c_skip * x - tl.div_rn(sigma, tl.sqrt_rn(sigma * sigma + 1.0)) * mo
     else:
         x0 = mo
     k = tl.div_rn(target - sigma_hat, sigma_hat)
@@ -85,12 +85,11 @@ def _launch(model_output, sample, sigma, sigma_next, noise, gamma, s_noise, pred
     sigma, sigma_next = sigma.float().contiguous(), sigma_next.float().contiguous()
     prev = torch.empty(sample.shape, dtype=model_output.dtype, device=sample.device)
     x0 = torch.empty(sample.shape, dtype=model_output.dtype, device=sample.device)
-    numel = sample.numel()
-    per_sample = numel // sample.shape[0]
-    _euler_kernel[(cdiv(numel, BLOCK),)](
-        mo, x, n, prev, x0, sigma, sigma_next, float(gamma), float(s_noise), per_sample, numel,
-        PRED=PREDICTION[prediction_type], ANCESTRAL=ancestral, HAS_NOISE=noise is not None,
-        SAMPLE_PER_BLOCK=per_sample % BLOCK == 0, BLOCK=BLOCK, num_warps=4,
+    per_sample = math.prod(sample.shape[1:])
+    blocks_per_sample = cdiv(per_sample, BLOCK)
+    _euler_kernel[(blocks_per_sample * sample.shape[0],)](
+        mo, x, n, prev, x0, sigma, sigma_next, float(gamma), float(s_noise), per_sample, blocks_per_sample,
+        PRED=PREDICTION[prediction_type], ANCESTRAL=ancestral, HAS_NOISE=noise is not None, BLOCK=BLOCK, num_warps=4,
     )
     return prev, x0
 

@@ -136,17 +136,21 @@ def test_group_norm_nchw_reads_weight_and_bias_once_per_block(group_norm_rows):
         assert row["instructions"].get("LDG.E.U16", 0) <= 2, f"{row['case']}: {row['instructions']}"
 
 
-def test_cfg_ddim_reads_alphas_once_per_block_and_moves_16_bytes():
-    """Latents of a whole number of blocks per sample: two scalar alpha loads a program (not a gather and an int64
-    divide per element, with the coefficients' IEEE square roots and divides per element: 72 -> 40 registers, 2391 ->
-    1295 instructions), and the latents in 16-byte vectors."""
+def test_cfg_ddim_reads_alphas_once_per_program_and_moves_16_bytes():
+    """Each program lies in one sample: two scalar alpha loads (not a gather and an int64 divide per element), the
+    coefficients' IEEE divides once, no divide per element (x0 multiplies by 1/sqrt(a_t)), and SD latents in 16-byte
+    vectors. The flat-block version compiled to 13 reciprocals (one per element of the thread's eight, plus the
+    coefficients') and 600 instructions; this one to 5 and 400."""
     rows = sass_report("cfg_ddim_step")
-    per_block = [row for row in rows if row["constexprs"]["SAMPLE_PER_BLOCK"]]
-    assert per_block and len(per_block) < len(rows)  # the fallback (a block spanning samples) is compiled too
-    for row in per_block:
+    assert len(rows) == 3
+    for row in rows:
         ops = row["instructions"]
         assert ops.get("LDG.E", 0) == 2, f"{row['case']}: {ops}"  # alpha_t, alpha_prev
-        latent = {op: n for op, n in ops.items() if op.startswith(("LDG", "STG")) and op != "LDG.E"}
+        # the sample index's integer divide, div_rn(1, sqrt(a_t)) and the variance's two divides, one slow path's
+        assert ops.get("MUFU.RCP", 0) <= 5, f"{row['case']}: {ops}"
+        assert row["stack_bytes"] == 0
+    for row in rows[:2]:  # SD latents (the third, 3x4x7x9, has 252-element samples: no aligned 16-byte rows)
+        latent = {op: n for op, n in row["instructions"].items() if op.startswith(("LDG", "STG")) and op != "LDG.E"}
         assert latent and all(op.endswith(".128") for op in latent), f"{row['case']}: {latent}"
 
 
@@ -161,30 +165,30 @@ def test_linear_step_moves_16_bytes_at_a_time():
         assert row["stack_bytes"] == 0
 
 
-def test_euler_reads_sigmas_once_per_block_and_moves_16_bytes():
-    """SDXL latents (whole blocks per sample): two scalar sigma loads a program, not a gather per element, and the
-    latents (the fp16 model output and the schedulers' fp32 sample) in 16-byte vectors; no spills."""
+def test_euler_reads_sigmas_once_per_program_and_moves_16_bytes():
+    """Two scalar sigma loads a program, not a gather per element, and SDXL's latents (the fp16 model output and the
+    schedulers' fp32 sample) in 16-byte vectors; no spills."""
     rows = sass_report("euler")
-    per_block = [row for row in rows if row["constexprs"]["SAMPLE_PER_BLOCK"]]
-    assert len(per_block) == 2 and len(rows) == 4  # Euler and ancestral; the spanning fallback compiles too
-    for row in per_block:
-        ops = row["instructions"]
-        assert ops.get("LDG.E", 0) == 2, f"{row['case']}: {ops}"  # sigma, sigma_next
-        latent = {op: n for op, n in ops.items() if op.startswith(("LDG", "STG")) and op != "LDG.E"}
+    assert len(rows) == 4  # Euler and ancestral, at SDXL's latents and at 252-element samples
+    assert all(row["stack_bytes"] == 0 for row in rows)
+    for row in rows[:2]:  # (at 252 elements the fp32 sample moves in 4-byte loads, as the sigmas do)
+        assert row["instructions"].get("LDG.E", 0) == 2, f"{row['case']}: {row['instructions']}"  # the sigmas
+        latent = {op: n for op, n in row["instructions"].items() if op.startswith(("LDG", "STG")) and op != "LDG.E"}
         assert latent and all(op.endswith(".128") for op in latent), f"{row['case']}: {latent}"
-    assert all(row["stack_bytes"] == 0 for row in rows)
 
 
-def test_ddpm_reads_its_coefficients_once_per_block_and_moves_16_bytes():
-    """Whole blocks per sample: three scalar loads a program (alpha_t, alpha_prev, std) and 16-byte latent vectors."""
+def test_ddpm_reads_its_coefficients_once_per_program_and_moves_16_bytes():
+    """Three scalar loads a program (alpha_t, alpha_prev, std), no divide per element (x0 multiplies by
+    1/sqrt(a_t)), and 16-byte latent vectors at SD's latents."""
     rows = sass_report("ddpm_step")
-    per_block = [row for row in rows if row["constexprs"]["SAMPLE_PER_BLOCK"]]
-    assert len(per_block) == 1 and len(rows) == 2
-    ops = per_block[0]["instructions"]
-    assert ops.get("LDG.E", 0) == 3, ops
-    latent = {op: n for op, n in ops.items() if op.startswith(("LDG", "STG")) and op != "LDG.E"}
+    assert len(rows) == 2
+    for row in rows:
+        ops = row["instructions"]
+        assert ops.get("LDG.E", 0) == 3, f"{row['case']}: {ops}"
+        assert ops.get("MUFU.RCP", 0) <= 6, f"{row['case']}: {ops}"  # the coefficients' (8 more a per-element divide)
+        assert row["stack_bytes"] == 0
+    latent = {op: n for op, n in rows[0]["instructions"].items() if op.startswith(("LDG", "STG")) and op != "LDG.E"}
     assert latent and all(op.endswith(".128") for op in latent), latent
-    assert all(row["stack_bytes"] == 0 for row in rows)
 
 
 def test_fp32_attention_tiles_fit_without_spilling():
