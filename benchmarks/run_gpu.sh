@@ -12,7 +12,8 @@
 #   (with LEASE_E2E_ARGS, default "--repeats 2": torch.compile included; add --no-compile to save its ~80 s), the
 #   quick kernel benchmark, the test files in LEASE_FIRST_TESTS (default: torch.compile's and the kernel files whose
 #   code changed since the last GPU run, tests/test_compile.py, test_kernel_group_norm_silu.py,
-#   test_kernel_attention.py, test_kernel_host.py), then the rest of the GPU tests in whatever time is left.
+#   test_kernel_attention.py, test_kernel_host.py and the step kernels' test_kernel_ddim.py, test_kernel_ddpm.py,
+#   test_kernel_euler.py), then the rest of the GPU tests in whatever time is left.
 #   Results (in /tmp/lease_results) and logs are copied to $OUT (the device tool brings that folder back) after
 #   every step.
 # Offline machines: pure-Python wheels in .whl/ (diffusers, importlib_metadata, ...) are installed into /tmp/site;
@@ -43,7 +44,7 @@ save() {  # lease: copy the results and logs written so far to $OUT
 }
 left() { echo $((deadline - SECONDS)); }
 first_default="tests/test_compile.py tests/test_kernel_group_norm_silu.py tests/test_kernel_attention.py"
-first_default+=" tests/test_kernel_host.py"
+first_default+=" tests/test_kernel_host.py tests/test_kernel_ddim.py tests/test_kernel_ddpm.py tests/test_kernel_euler.py"
 read -ra first_tests <<<"${LEASE_FIRST_TESTS:-$first_default}"  # lease: the files run before the rest
 read -ra e2e_args <<<"${LEASE_E2E_ARGS:---repeats 2}"  # lease: gpu_e2e.py's options
 bounded() {  # bounded NAME CMD...: run under the time left, log to /tmp/lease_NAME.log, then save

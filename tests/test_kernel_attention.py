@@ -28,7 +28,8 @@ CASES = [  # (B, H, Lq, Lk, D)
 ]
 if ON_GPU:
     CASES += [(2, 8, 4096, 4096, 40), (2, 8, 4096, 77, 40), (2, 8, 1024, 1024, 80), (2, 8, 256, 256, 160),
-              (1, 10, 4096, 4096, 64)]  # real SD1.5 / SDXL shapes
+              (1, 10, 4096, 4096, 64),  # real SD1.5 / SDXL shapes
+              (1, 2, 16384, 16384, 40)]  # SD1.5 at 1024 px (a 128x128 latent's first level): the longest length
 
 
 def _qkv(shape, dtype, gen, as_views):
