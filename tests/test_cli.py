@@ -277,6 +277,17 @@ def test_console_script_is_installed():
     assert proc.returncode == 0 and "generate" in proc.stdout and "check" in proc.stdout
 
 
+def test_python_dash_m_runs_the_command():
+    """``python -m diffusion_fast``, for an environment whose console scripts are not on PATH: the same parser, the
+    same exit codes (2 for a bad argument, naming it)."""
+    run = lambda *argv: subprocess.run([sys.executable, "-m", "diffusion_fast", *argv], capture_output=True,  # noqa
+                                       text=True, timeout=120)
+    ok = run("--help")
+    assert ok.returncode == 0 and ok.stdout.startswith("usage: diffusion-fast") and "check" in ok.stdout
+    bad = run("check", "--dtype", "fp8")
+    assert bad.returncode == 2 and "--dtype" in bad.stderr
+
+
 def _kohya_lora(path, folder, seed):
     """A small kohya LoRA on the tiny UNet's attention projections."""
     from safetensors.torch import save_file
