@@ -167,20 +167,27 @@ def group_norm_fns(row, ops):
     def other_plan():
         """A/B: a tensor small enough for the one-launch plan, timed with the split plan too; a larger one with
         four times the programs (TARGET_PROGRAMS): 4 x 132 programs of 8 warps keep 32 warps an SM busy with one
-        16-byte load a thread in flight, which may be too few loads in flight to cover HBM's latency."""
+        16-byte load a thread in flight, which may be too few loads in flight to cover HBM's latency; and, in NCHW,
+        with two loads a thread in flight (LOADS_IN_FLIGHT = 2), the other way to the same end."""
         from diffusion_fast.kernels import group_norm_silu as kernel
 
-        one_launch = x.numel() <= kernel.ONE_PASS_MAX_ELEMENTS
-        setting, value, variant = (("ONE_PASS_MAX_ELEMENTS", 0, "two_launch") if one_launch else
-                                   ("TARGET_PROGRAMS", 4 * kernel.TARGET_PROGRAMS, "more_programs"))
-        saved = getattr(kernel, setting)
-        setattr(kernel, setting, value)
-        try:
-            fn = lambda: kernel.group_norm_silu(x, 32, w, b)  # noqa: E731
-            fn()
-            return {f"{variant}_ms": median_ms(fn), f"{variant}_graphed_ms": graphed_ms(fn)}
-        finally:
-            setattr(kernel, setting, saved)
+        if x.numel() <= kernel.ONE_PASS_MAX_ELEMENTS:
+            variants = [("two_launch", "ONE_PASS_MAX_ELEMENTS", 0)]
+        else:
+            variants = [("more_programs", "TARGET_PROGRAMS", 4 * kernel.TARGET_PROGRAMS)]
+            if row["layout"] == "NCHW":
+                variants.append(("two_loads", "LOADS_IN_FLIGHT", 2))
+        times = {}
+        for variant, setting, value in variants:
+            saved = getattr(kernel, setting)
+            setattr(kernel, setting, value)
+            try:
+                fn = lambda: kernel.group_norm_silu(x, 32, w, b)  # noqa: E731
+                fn()
+                times.update({f"{variant}_ms": median_ms(fn), f"{variant}_graphed_ms": graphed_ms(fn)})
+            finally:
+                setattr(kernel, setting, saved)
+        return times
 
     return lambda: ops.group_norm_silu(x, 32, w, b), lambda: F.silu(F.group_norm(x, 32, w, b)), other_plan
 

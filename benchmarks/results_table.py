@@ -20,6 +20,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 A_B_VARIANTS = {
     "two_launch": "two-launch plan",
     "more_programs": "four times the programs",
+    "two_loads": "two loads a thread in flight",
     "per_block_stats": "statistics reduced block by block",
     "launch_order": "output pass in launch order, no cache hints",
     "padded": "head dim padded, not split",

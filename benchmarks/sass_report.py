@@ -71,8 +71,13 @@ def machine_code_summary(compiled) -> dict:
         sass = subprocess.run([os.path.join(TOOLS, "nvdisasm"), "-c", "-ndf", path], capture_output=True, text=True,
                               check=True).stdout
     field = lambda name: int(re.search(rf"{name}:(\d+)", usage).group(1))  # noqa: E731
-    counts = collections.Counter(m.group(1) for line in sass.splitlines() if (m := INSTRUCTION.search(line)))
-    return {"registers": field("REG"), "stack_bytes": field("STACK"), "instructions": dict(sorted(counts.items()))}
+    code = [line for line in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/", line)]  # one instruction a line
+    sequence = [[i, m.group(1)] for i, line in enumerate(code) if (m := INSTRUCTION.search(line))]
+    counts = collections.Counter(name for _, name in sequence)
+    # sequence: [position among all instructions, name] of the counted ones, in program order (what is issued before
+    # what: loads ahead of the arithmetic that does not need them, for instance)
+    return {"registers": field("REG"), "stack_bytes": field("STACK"), "instructions": dict(sorted(counts.items())),
+            "sequence": sequence}
 
 
 # ---- the cases: each builds (kernel, args, constexprs, warps, stages) the way its launcher would -----------------
@@ -163,13 +168,15 @@ def group_norm_cases():
                 yield from _cl_split_cases(x, groups, label)
             else:
                 del flags["CPG"], flags["CHANNELS_LAST"]
-                yield (f"group_norm_silu stats {label}", G._group_stats_kernel,
-                       dict(x_ptr=x, partials_ptr=x.float(), hw=hw, cpg=cpg,
-                            channels=c, group_len=cpg * hw, chunk_len=4096, split=16, num_groups=groups),
-                       dict(BLOCK=G.BLOCK), G.NUM_WARPS, 3)
-                yield (f"group_norm_silu apply {label}", G._group_apply_kernel,
-                       dict(common, partials_ptr=x.float(), chunk_len=4096,
-                            split=16), dict(flags, SPLIT_BLOCK=16), G.NUM_WARPS, 3)
+                for loads in (1, 2):  # LOADS_IN_FLIGHT: the default, and the GPU benchmark's A/B
+                    tag = "" if loads == 1 else ", 2 loads"
+                    yield (f"group_norm_silu stats {label}{tag}", G._group_stats_kernel,
+                           dict(x_ptr=x, partials_ptr=x.float(), hw=hw, cpg=cpg,
+                                channels=c, group_len=cpg * hw, chunk_len=4096, split=16, num_groups=groups),
+                           dict(BLOCK=G.BLOCK, LOADS=loads), G.NUM_WARPS, 3)
+                    yield (f"group_norm_silu apply {label}{tag}", G._group_apply_kernel,
+                           dict(common, partials_ptr=x.float(), chunk_len=4096, split=16),
+                           dict(flags, SPLIT_BLOCK=16, LOADS=loads), G.NUM_WARPS, 3)
 
 
 def cfg_ddim_cases():
@@ -262,13 +269,14 @@ def variant_cases():
                     continue
                 partials = torch.empty(16, device="meta")
                 del flags["CPG"], flags["CHANNELS_LAST"]
-                yield (f"group_norm_silu stats {label}", G._group_stats_kernel,
-                       dict(x_ptr=x, partials_ptr=partials, hw=hw, cpg=cpg,
-                            channels=c, group_len=cpg * hw, chunk_len=4096, split=3, num_groups=groups),
-                       dict(BLOCK=G.BLOCK), G.NUM_WARPS, 3)
-                yield (f"group_norm_silu apply {label}", G._group_apply_kernel,
-                       dict(common, partials_ptr=partials, chunk_len=4096,
-                            split=3), dict(flags, SPLIT_BLOCK=4), G.NUM_WARPS, 3)
+                for loads in (1, 2):
+                    yield (f"group_norm_silu stats {label} loads {loads}", G._group_stats_kernel,
+                           dict(x_ptr=x, partials_ptr=partials, hw=hw, cpg=cpg,
+                                channels=c, group_len=cpg * hw, chunk_len=4096, split=3, num_groups=groups),
+                           dict(BLOCK=G.BLOCK, LOADS=loads), G.NUM_WARPS, 3)
+                    yield (f"group_norm_silu apply {label} loads {loads}", G._group_apply_kernel,
+                           dict(common, partials_ptr=partials, chunk_len=4096, split=3),
+                           dict(flags, SPLIT_BLOCK=4, LOADS=loads), G.NUM_WARPS, 3)
         alphas = torch.empty(3, device="meta")
         for pred in (0, 1, 2):
             for shape in ((3, 4, 7, 9), (3, 4, 16, 32)):

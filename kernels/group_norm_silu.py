@@ -53,6 +53,13 @@ NUM_WARPS = 8
 TARGET_PROGRAMS = 32 if INTERPRET else 4 * 132
 ONE_PASS_MAX_ELEMENTS = 1 << 20  # up to this size: one launch, one program per group (not yet timed on a GPU)
 CL_BLOCK_C = 64  # channels_last, large tensors: channels per tile (128 bytes of fp16 a row)
+# NCHW, large tensors: 16-byte loads a thread of the two passes keeps in flight. At 1 a thread waits for each block's
+# load and then computes with nothing in flight, and 4 x 132 programs of 8 warps hold ~16 KB an SM in flight, short
+# of what HBM's latency needs at full bandwidth. At 2 the statistics pass issues two blocks' loads before updating
+# from either, and the output pass issues each block's load one block ahead (sm_90 machine code: the two loads
+# adjacent; the next block's load ahead of this one's arithmetic and store). Not yet timed on a GPU:
+# benchmarks/gpu_kernels.py times 2 beside this default.
+LOADS_IN_FLIGHT = 1
 
 
 @triton.jit
@@ -97,21 +104,36 @@ def _lanes_merged(count, mean, m2, AXIS: tl.constexpr):
 
 
 @triton.jit
+def _welford_lanes(x, count, lane_mean, lane_m2):
+    """One block's update of the per-lane Welford state (count: elements per lane so far, the same in every lane)."""
+    count += 1.0
+    delta = x - lane_mean
+    lane_mean += delta * (1.0 / count)
+    return count, lane_mean, lane_m2 + delta * (x - lane_mean)
+
+
+@triton.jit
 def _chunk_moments(x_ptr, base, start, end, hw, CPG: tl.constexpr, channels, CHANNELS_LAST: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   BLOCK: tl.constexpr, LOADS: tl.constexpr):
     """(count, mean, M2) of a group's elements [start, end) (end > start): Welford per lane over the whole blocks,
-    the lanes merged once, then the short last block, if any, merged (Chan)."""
+    the lanes merged once, then the short last block, if any, merged (Chan). LOADS=2: whole blocks two at a time,
+    both loads issued before either is used."""
     full_end = start + (end - start) // BLOCK * BLOCK
+    pair_end = start + (end - start) // (2 * BLOCK) * (2 * BLOCK) if LOADS == 2 else start
     count = 0.0
     lane_mean = tl.zeros([BLOCK], dtype=tl.float32)
     lane_m2 = tl.zeros([BLOCK], dtype=tl.float32)
-    for block_start in range(start, full_end, BLOCK):  # no masks, no reductions: loads run back to back
+    for block_start in range(start, pair_end, 2 * BLOCK):  # LOADS=2: two 16-byte loads a thread in flight
+        offs_a, _ = _element_offsets(block_start + tl.arange(0, BLOCK), hw, CPG, channels, CHANNELS_LAST)
+        offs_b, _ = _element_offsets(block_start + BLOCK + tl.arange(0, BLOCK), hw, CPG, channels, CHANNELS_LAST)
+        x_a = tl.load(x_ptr + base + offs_a).to(tl.float32)
+        x_b = tl.load(x_ptr + base + offs_b).to(tl.float32)
+        count, lane_mean, lane_m2 = _welford_lanes(x_a, count, lane_mean, lane_m2)
+        count, lane_mean, lane_m2 = _welford_lanes(x_b, count, lane_mean, lane_m2)
+    for block_start in range(pair_end, full_end, BLOCK):  # no masks, no reductions: loads run back to back
         offs, _ = _element_offsets(block_start + tl.arange(0, BLOCK), hw, CPG, channels, CHANNELS_LAST)
         x = tl.load(x_ptr + base + offs).to(tl.float32)
-        count += 1.0  # elements per lane so far, the same in every lane
-        delta = x - lane_mean
-        lane_mean += delta * (1.0 / count)
-        lane_m2 += delta * (x - lane_mean)
+        count, lane_mean, lane_m2 = _welford_lanes(x, count, lane_mean, lane_m2)
     count, mean, m2 = _lanes_merged(count + tl.zeros([BLOCK], dtype=tl.float32), lane_mean, lane_m2, None)
     for block_start in range(full_end, end, BLOCK):  # the short last block, if any
         e = block_start + tl.arange(0, BLOCK)
@@ -129,16 +151,29 @@ def _chunk_moments(x_ptr, base, start, end, hw, CPG: tl.constexpr, channels, CHA
 @triton.jit
 def _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, cpg, CPG: tl.constexpr, channels,
                      CHANNELS_LAST: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     SILU: tl.constexpr, CHANNEL_PER_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+                     SILU: tl.constexpr, CHANNEL_PER_BLOCK: tl.constexpr, BLOCK: tl.constexpr, LOADS: tl.constexpr):
     """y = f((x - mean) * rstd * w + b) over a group's elements [start, end), f = SiLU or identity.
 
     CHANNEL_PER_BLOCK (NCHW with H*W a multiple of BLOCK, blocks starting at multiples of BLOCK): every block lies in
-    one channel, so weight and bias are one scalar load per block instead of a per-element divide and gather."""
+    one channel, so weight and bias are one scalar load per block instead of a per-element divide and gather.
+    LOADS=2: each block's load is issued one block ahead, before the previous block's arithmetic and store. At 1 a
+    thread has nothing in flight while it computes: the compiler cannot move the next load above a store to memory
+    that may alias it."""
+    if LOADS == 2:
+        e = start + tl.arange(0, BLOCK)
+        offs, _ = _element_offsets(e, hw, CPG, channels, CHANNELS_LAST)
+        x_next = tl.load(x_ptr + base + offs, mask=e < end, other=0.0)
     for block_start in range(start, end, BLOCK):
         e = block_start + tl.arange(0, BLOCK)
         mask = e < end
         offs, c_local = _element_offsets(e, hw, CPG, channels, CHANNELS_LAST)
-        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        if LOADS == 2:
+            x = x_next.to(tl.float32)
+            e_next = e + BLOCK  # (past the chunk on the last block: masked off, no memory read)
+            offs_next, _ = _element_offsets(e_next, hw, CPG, channels, CHANNELS_LAST)
+            x_next = tl.load(x_ptr + base + offs_next, mask=e_next < end, other=0.0)
+        else:
+            x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         y = (x - mean) * rstd
         if CHANNEL_PER_BLOCK:
             channel = g * cpg + block_start // hw
@@ -167,12 +202,13 @@ def _group_stats_kernel(
     hw, cpg, channels, group_len, chunk_len, split,  # H*W, C/G, C, (C/G)*H*W, elements per chunk, chunks per group
     num_groups,  # G
     BLOCK: tl.constexpr,
+    LOADS: tl.constexpr,  # blocks a thread loads before using them: 1, or 2 (LOADS_IN_FLIGHT)
 ):
     pid_group = tl.program_id(0).to(tl.int64)  # n * G + g
     pid_chunk = tl.program_id(1)
     _, base, start, end = _group_chunk(pid_group, pid_chunk, hw, cpg, 0, channels, group_len, chunk_len, num_groups,
                                        False)
-    count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, 0, channels, False, BLOCK)
+    count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, 0, channels, False, BLOCK, LOADS)
     out = pid_group * split + pid_chunk
     row = tl.num_programs(0).to(tl.int64) * split  # N * G * SPLIT: one row of partials
     tl.store(partials_ptr + out, mean)
@@ -192,6 +228,7 @@ def _group_apply_kernel(
     CHANNEL_PER_BLOCK: tl.constexpr,  # H*W % BLOCK == 0 (see _normalize_chunk)
     SPLIT_BLOCK: tl.constexpr,  # next power of two >= split
     BLOCK: tl.constexpr,
+    LOADS: tl.constexpr,  # 1, or 2: each block's load issued a block ahead (LOADS_IN_FLIGHT)
 ):
     pid_group = tl.program_id(0).to(tl.int64)
     pid_chunk = tl.program_id(1)
@@ -210,7 +247,7 @@ def _group_apply_kernel(
     var = (tl.sum(m2s, axis=0) + tl.sum(counts * d * d, axis=0)) / total
     rstd = 1.0 / tl.sqrt(var + eps)
     _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, cpg, 0, channels, False,
-                     HAS_WEIGHT, HAS_BIAS, SILU, CHANNEL_PER_BLOCK, BLOCK)
+                     HAS_WEIGHT, HAS_BIAS, SILU, CHANNEL_PER_BLOCK, BLOCK, LOADS)
 
 
 @triton.jit
@@ -229,10 +266,10 @@ def _group_norm_one_pass_kernel(
     pid_group = tl.program_id(0).to(tl.int64)  # n * G + g: one program per group, statistics then output
     g, base, start, end = _group_chunk(pid_group, 0, hw, cpg, CPG, channels, group_len, group_len, num_groups,
                                        CHANNELS_LAST)
-    count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, CPG, channels, CHANNELS_LAST, BLOCK)
+    count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, CPG, channels, CHANNELS_LAST, BLOCK, 1)
     rstd = 1.0 / tl.sqrt(m2 / count + eps)
     _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, cpg, CPG, channels,
-                     CHANNELS_LAST, HAS_WEIGHT, HAS_BIAS, SILU, CHANNEL_PER_BLOCK, BLOCK)
+                     CHANNELS_LAST, HAS_WEIGHT, HAS_BIAS, SILU, CHANNEL_PER_BLOCK, BLOCK, 1)
 
 
 @triton.jit
@@ -428,7 +465,7 @@ def _group_norm_silu_unchecked(x, num_groups, weight, bias, eps, silu=True):
     partials = torch.empty((3, n * num_groups * split), device=x.device, dtype=torch.float32)
     grid = (n * num_groups, split)
     _group_stats_kernel[grid](x, partials, hw, cpg, c, group_len, chunk_len, split, num_groups, BLOCK=BLOCK,
-                              num_warps=NUM_WARPS)
+                              LOADS=LOADS_IN_FLIGHT, num_warps=NUM_WARPS)
     _group_apply_kernel[grid](x, y, w, b, partials, hw, cpg, c, group_len, chunk_len, split, num_groups, float(eps),
-                              SPLIT_BLOCK=next_power_of_2(split), **flags)
+                              SPLIT_BLOCK=next_power_of_2(split), LOADS=LOADS_IN_FLIGHT, **flags)
     return y

@@ -63,17 +63,24 @@ def test_group_norm_row(cpu_benchmark, layout):
     assert row["two_launch_ms"] == 1.0 and row["two_launch_graphed_ms"] == 1.0  # the one-launch shape's A/B ran
 
 
-def test_large_group_norm_row_times_four_times_the_programs(cpu_benchmark, monkeypatch):
-    """A tensor past the one-launch size: its A/B is four times the programs, and the setting comes back."""
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
+def test_large_group_norm_row_times_more_programs_and_two_loads(cpu_benchmark, monkeypatch, layout):
+    """A tensor past the one-launch size: its A/Bs are four times the programs and, in NCHW (the plan that has it),
+    two loads a thread in flight; the settings come back."""
     from diffusion_fast.kernels import group_norm_silu as kernel
 
     monkeypatch.setattr(kernel, "ONE_PASS_MAX_ELEMENTS", 0)
-    target = kernel.TARGET_PROGRAMS
-    row = _row("group_norm_silu", "1x64x8x8", "NCHW", "GB/s")
+    target, loads = kernel.TARGET_PROGRAMS, kernel.LOADS_IN_FLIGHT
+    row = _row("group_norm_silu", "1x64x8x8", layout, "GB/s")
     gpu_kernels.measure(row, lambda: gpu_kernels.group_norm_fns(row, ops), 1000.0)
     assert "error" not in row, row.get("error")
     assert row["more_programs_ms"] == 1.0 and row["more_programs_graphed_ms"] == 1.0 and "two_launch_ms" not in row
-    assert kernel.TARGET_PROGRAMS == target and "four times the programs" in gpu_kernels.format_row(row)
+    assert ("two_loads_ms" in row) == (layout == "NCHW")
+    if layout == "NCHW":
+        assert row["two_loads_ms"] == 1.0 and row["two_loads_graphed_ms"] == 1.0
+        assert "two loads a thread in flight" in gpu_kernels.format_row(row)
+    assert kernel.TARGET_PROGRAMS == target and kernel.LOADS_IN_FLIGHT == loads
+    assert "four times the programs" in gpu_kernels.format_row(row)
 
 
 def test_attention_row_with_the_padded_variant(cpu_benchmark):
@@ -180,14 +187,16 @@ def test_group_norm_a_b_columns_render(tmp_path):
               "rows": [row("1x512x64x64", two_launch_ms=0.05, two_launch_graphed_ms=0.04),
                        row("1x128x512x512", launch_order_ms=0.12, launch_order_graphed_ms=0.11),
                        row("1x256x512x512", per_block_stats_ms=0.13, per_block_stats_graphed_ms=0.12),
-                       row("1x256x256x256", more_programs_ms=0.14, more_programs_graphed_ms=0.13)]}
+                       row("1x256x256x256", more_programs_ms=0.14, more_programs_graphed_ms=0.13,
+                           two_loads_ms=0.15, two_loads_graphed_ms=0.14)]}
     path = tmp_path / "gpu_kernels.jsonl"
     path.write_text(json.dumps(record) + "\n")
     text = results_table.render(str(path))
     assert "NCHW (two-launch plan: 0.0500 ms, in a graph 0.0400 ms)" in text
     assert "NCHW (output pass in launch order, no cache hints: 0.1200 ms, in a graph 0.1100 ms)" in text
     assert "NCHW (statistics reduced block by block: 0.1300 ms, in a graph 0.1200 ms)" in text
-    assert "NCHW (four times the programs: 0.1400 ms, in a graph 0.1300 ms)" in text
+    assert ("NCHW (four times the programs: 0.1400 ms, in a graph 0.1300 ms) (two loads a thread in flight: 0.1500 ms, "
+            "in a graph 0.1400 ms)") in text
 
 
 def _dry_run(script, tmp_path, systems, qualities):

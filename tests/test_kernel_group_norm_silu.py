@@ -39,15 +39,26 @@ def _inputs(shape, dtype, channels_last, gen):
     return x, w, b
 
 
-@pytest.fixture(params=["one pass", "split"])
+@pytest.fixture(params=["one pass", "split", "split, 2 loads"])
 def path(request, monkeypatch):
-    """Both launch plans on every shape: one program per group (small tensors), and the split two-launch reduction
-    (large tensors), forced here by moving the size threshold."""
-    if request.param == "split":
-        monkeypatch.setattr(gn_module, "ONE_PASS_MAX_ELEMENTS", 0)
-    else:
+    """Every launch plan on every shape: one program per group (small tensors), and the split two-launch reduction
+    (large tensors), forced here by moving the size threshold; the NCHW split plan also with two blocks loaded at a
+    time (LOADS_IN_FLIGHT = 2, the GPU benchmark's A/B; channels_last's split plan has its own kernels, so that
+    path skips channels_last)."""
+    if request.param == "one pass":
         monkeypatch.setattr(gn_module, "ONE_PASS_MAX_ELEMENTS", 1 << 62)
+    else:
+        monkeypatch.setattr(gn_module, "ONE_PASS_MAX_ELEMENTS", 0)
+    if request.param == "split, 2 loads":
+        monkeypatch.setattr(gn_module, "LOADS_IN_FLIGHT", 2)
     return request.param
+
+
+def _skip_unused(path, channels_last, shape):
+    if channels_last and len(shape) != 4:
+        pytest.skip("channels_last is a 4-d memory format")
+    if channels_last and path == "split, 2 loads":
+        pytest.skip("LOADS_IN_FLIGHT is the NCHW split plan's")
 
 
 def _affine_kinds(shape_index, w, b):
@@ -63,8 +74,7 @@ def _affine_kinds(shape_index, w, b):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_matches_reference(shape_index, dtype, channels_last, path):
     shape, groups = SHAPES[shape_index]
-    if channels_last and len(shape) != 4:
-        pytest.skip("channels_last is a 4-d memory format")
+    _skip_unused(path, channels_last, shape)
     gen = torch.Generator().manual_seed(hash((shape, groups)) % 2**31)
     x, w, b = _inputs(shape, dtype, channels_last, gen)
     for weight, bias, silu in _affine_kinds(shape_index, w, b):
@@ -121,8 +131,7 @@ def test_bad_eps():
 ])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_statistics_hold_a_large_mean(shape, groups, channels_last, path):
-    if channels_last and len(shape) != 4:
-        pytest.skip("channels_last is a 4-d memory format")
+    _skip_unused(path, channels_last, shape)
     gen = torch.Generator().manual_seed(5)
     x, w, b = _inputs(shape, torch.float32, channels_last, gen)
     x = x / 3 + 1000  # (3: _inputs' scale)
@@ -141,6 +150,7 @@ def test_large_mean_keeps_fp32_accuracy(channels_last, path):
     """|mean| = 500 x std: the variance by Chan's formula keeps fp32 accuracy, where E[x^2] - E[x]^2 would leave
     about 2 of fp32's 7 digits (E[x^2] ~ 250001, its ulp 0.03 against a variance of 1). 8 groups of 3840 elements,
     so the split plans combine several chunks a group (interpreted: two in NCHW, the last one short)."""
+    _skip_unused(path, channels_last, (2, 64, 24, 20))
     gen = torch.Generator().manual_seed(5)
     x = (torch.randn(2, 64, 24, 20, generator=gen) + 500.0).to(DEVICE)
     if channels_last:

@@ -128,6 +128,22 @@ def test_group_norm_statistics_passes_stream_16_bytes_without_spills(group_norm_
         assert row["stack_bytes"] == 0, f"{row['case']}: {row['stack_bytes']} bytes of stack"
 
 
+def test_group_norm_two_loads_in_flight_variant(group_norm_rows):
+    """LOADS_IN_FLIGHT = 2, the GPU benchmark's A/B for the NCHW split plan: the statistics pass issues two 16-byte
+    loads back to back, and the output pass issues the next block's load before this block's SiLU (at 1 a thread
+    has no load in flight while it computes). No spills."""
+    rows = [row for row in group_norm_rows if row["case"].endswith(", 2 loads")]
+    assert any(" stats " in row["case"] for row in rows) and any(" apply " in row["case"] for row in rows)
+    for row in rows:
+        loads = [i for i, name in row["sequence"] if name == "LDG.E.128"]
+        if " stats " in row["case"]:
+            assert any(b - a <= 8 for a, b in zip(loads, loads[1:])), f"{row['case']}: loads at {loads}"
+        else:  # the first load is the prologue's (the chunk's first block); the second, the loop's, is issued ahead
+            exps = [i for i, name in row["sequence"] if name == "MUFU.EX2"]
+            assert len(loads) == 2 and loads[1] < min(exps), f"{row['case']}: loads at {loads}, exp at {exps}"
+        assert row["stack_bytes"] == 0
+
+
 def test_group_norm_nchw_reads_weight_and_bias_once_per_block(group_norm_rows):
     """NCHW with H*W a multiple of the block: two scalar loads (weight, bias) a block, not a gather per element."""
     per_block = [row for row in group_norm_rows if row["constexprs"].get("CHANNEL_PER_BLOCK")]
