@@ -121,27 +121,28 @@ def attention_cases(dtype=torch.float16, shapes=ATTENTION_SHAPES):
 
 def _cl_split_cases(x, groups, label, has_affine=True, silu=True):
     """The three kernels of the large channels_last plan, as group_norm_silu launches them for x."""
+    from diffusion_fast.kernels import _group_norm_channels_last as C
     from diffusion_fast.kernels import group_norm_silu as G
 
     n, c = x.shape[:2]
     hw, cpg = x.shape[2] * x.shape[3], c // groups
-    block_c = min(G.CL_BLOCK_C, triton.next_power_of_2(c))
+    block_c = min(C.CL_BLOCK_C, triton.next_power_of_2(c))
     partials, stats = torch.empty(64, device="meta"), torch.empty(2 * n * groups, device="meta")
     sizes = dict(hw=hw, channels=c, chunk=8 * (G.BLOCK // block_c))
     tiles = dict(BLOCK_P=G.BLOCK // block_c, BLOCK_C=block_c)
-    yield (f"group_norm_silu cl-stats {label}", G._cl_channel_stats_kernel,
+    yield (f"group_norm_silu cl-stats {label}", C._cl_channel_stats_kernel,
            dict(sizes, x_ptr=x, partials_ptr=partials, c_tiles=triton.cdiv(c, block_c)), tiles,
            G.NUM_WARPS, 3)
-    yield (f"group_norm_silu cl-groups {label}", G._cl_group_stats_kernel,
+    yield (f"group_norm_silu cl-groups {label}", C._cl_group_stats_kernel,
            dict(sizes, split=3, partials_ptr=partials, stats_ptr=stats, cpg=cpg, num_groups=groups,
                 eps=1e-5),
            dict(SPLIT_BLOCK=4, CPG_BLOCK=triton.next_power_of_2(cpg)), 8, 3)
     # the largest chunks x C/G tile the launcher allows (4096 values)
-    yield (f"group_norm_silu cl-groups {label} largest tile", G._cl_group_stats_kernel,
+    yield (f"group_norm_silu cl-groups {label} largest tile", C._cl_group_stats_kernel,
            dict(sizes, split=3, partials_ptr=partials, stats_ptr=stats, cpg=cpg, num_groups=groups,
                 eps=1e-5),
            dict(SPLIT_BLOCK=4096 // triton.next_power_of_2(cpg), CPG_BLOCK=triton.next_power_of_2(cpg)), 8, 3)
-    yield (f"group_norm_silu cl-apply {label}", G._cl_apply_kernel,
+    yield (f"group_norm_silu cl-apply {label}", C._cl_apply_kernel,
            dict(sizes, x_ptr=x, y_ptr=x, w_ptr=x, b_ptr=x, stats_ptr=stats, cpg=cpg, num_groups=groups,
                 c_tiles=triton.cdiv(c, block_c)),
            dict(tiles, HAS_WEIGHT=has_affine, HAS_BIAS=has_affine, SILU=silu), G.NUM_WARPS, 3)

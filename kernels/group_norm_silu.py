@@ -22,12 +22,9 @@ Tensors of at most ``ONE_PASS_MAX_ELEMENTS`` (SD's 8x8 to 32x32 UNet levels) are
 bandwidth-bound: ``_group_norm_one_pass_kernel`` has one program per group compute the statistics and then normalize,
 in a single launch with no partials buffer (its second read of the group comes from L2).
 
-Large channels_last tensors take three launches instead (``_cl_*`` below). A group's C/G channels are a short run
-inside each position's C contiguous channels (10 elements at SD's 320 channels), too short and too unaligned for
-16-byte loads; so programs tile (positions x 64 channels) across groups, reduce per-channel partials over chunks of
-positions, a small kernel turns them into each group's mean and 1/std, and the output pass reads whole aligned
-rows again. The channel tile is the fastest-varying program index, so the programs resident at one time read whole
-rows of memory between them, not one 128-byte column of many rows each (no measurable change on the H200).
+Large channels_last tensors take three launches instead (kernels/_group_norm_channels_last.py): programs tile
+(positions x 64 channels) across groups, so they load whole aligned rows, where a group's own C/G channels are a short
+unaligned run at each position.
 
 No program waits on another. Element addresses are computed in int64. A group's elements are walked in memory order:
 in NCHW a group is one contiguous run of (C/G)*H*W elements; in channels_last it is C/G contiguous channels at each of
@@ -43,7 +40,9 @@ import triton
 import triton.language as tl
 
 from diffusion_fast import _validate
+from ._group_norm_channels_last import channels_last_split
 from ._host import cdiv, next_power_of_2
+from ._welford import _chan_merge, _lanes_merged, _welford_lanes
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 256 if INTERPRET else 2048  # elements per loop iteration
@@ -52,7 +51,6 @@ NUM_WARPS = 8
 # tests' multi-chunk shapes still get several chunks a group in both layouts, some with a short last one)
 TARGET_PROGRAMS = 32 if INTERPRET else 4 * 132
 ONE_PASS_MAX_ELEMENTS = 1 << 20  # up to this size: one launch, one program per group (not yet timed on a GPU)
-CL_BLOCK_C = 64  # channels_last, large tensors: channels per tile (128 bytes of fp16 a row)
 # NCHW, large tensors: 16-byte loads a thread of the two passes keeps in flight. At 1 a thread waits for each block's
 # load and then computes with nothing in flight, and 4 x 132 programs of 8 warps hold ~16 KB an SM in flight, short
 # of what HBM's latency needs at full bandwidth. At 2 the statistics pass issues two blocks' loads before updating
@@ -84,32 +82,6 @@ def _group_chunk(pid_group, pid_chunk, hw, cpg, CPG: tl.constexpr, channels, gro
         base = n * hw * channels + g * cpg * hw
     start = pid_chunk * chunk_len
     return g, base, start, tl.minimum(start + chunk_len, group_len)
-
-
-@triton.jit
-def _chan_merge(count, mean, m2, n_b, b_mean, b_m2):
-    """Chan's parallel formula: (count, mean, M2) of a set merged with a block's (n_b, b_mean, b_m2)."""
-    total = count + n_b
-    delta = b_mean - mean
-    return total, mean + delta * (n_b / total), m2 + b_m2 + delta * delta * (count * n_b / total)
-
-
-@triton.jit
-def _lanes_merged(count, mean, m2, AXIS: tl.constexpr):
-    """(count, mean, M2) of lanes merged along AXIS (None: all), each lane's (count, mean, M2) given (Chan)."""
-    total = tl.sum(count, axis=AXIS)
-    merged = tl.sum(count * mean, axis=AXIS) / tl.maximum(total, 1.0)
-    d = mean - (merged if AXIS is None else tl.expand_dims(merged, AXIS))
-    return total, merged, tl.sum(m2 + count * d * d, axis=AXIS)
-
-
-@triton.jit
-def _welford_lanes(x, count, lane_mean, lane_m2):
-    """One block's update of the per-lane Welford state (count: elements per lane so far, the same in every lane)."""
-    count += 1.0
-    delta = x - lane_mean
-    lane_mean += delta * (1.0 / count)
-    return count, lane_mean, lane_m2 + delta * (x - lane_mean)
 
 
 @triton.jit
@@ -272,150 +244,6 @@ def _group_norm_one_pass_kernel(
                      CHANNELS_LAST, HAS_WEIGHT, HAS_BIAS, SILU, CHANNEL_PER_BLOCK, BLOCK, 1)
 
 
-@triton.jit
-def _cl_tile(hw, channels, chunk, c_tiles, BLOCK_C: tl.constexpr):
-    """Program (n * split + s) * c_tiles + channel tile: sample n, positions [p_start, p_end) of chunk s, channels c
-    (c < C). The channel tile varies fastest, so programs running side by side read neighbouring parts of the same
-    rows of memory. Returns the program's (sample, chunk) index too."""
-    pid = tl.program_id(0).to(tl.int64)
-    tile_c = pid % c_tiles
-    pid = pid // c_tiles
-    split = tl.cdiv(hw, chunk)
-    n = pid // split
-    p_start = (pid % split) * chunk
-    p_end = tl.minimum(p_start + chunk, hw)
-    c = tile_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    return pid, n, p_start, p_end, c, c < channels
-
-
-@triton.jit
-def _cl_channel_stats_kernel(
-    x_ptr,  # (N, C, H, W) channels_last: element (n, c, position p) at n*HW*C + p*C + c
-    partials_ptr,  # fp32 (2, N, SPLIT, C) out: each channel's mean and M2 over one chunk of positions
-    hw, channels, chunk, c_tiles,  # H*W, C, positions per chunk (a multiple of BLOCK_P), channel tiles
-    BLOCK_P: tl.constexpr,  # positions per tile
-    BLOCK_C: tl.constexpr,  # channels per tile
-):
-    pid, n, p_start, p_end, c, c_ok = _cl_tile(hw, channels, chunk, c_tiles, BLOCK_C)
-    x_ptr += n * hw * channels
-    full_end = p_start + (p_end - p_start) // BLOCK_P * BLOCK_P
-    count = 0.0
-    lane_mean = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    lane_m2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    for p0 in range(p_start, full_end, BLOCK_P):  # Welford per (position lane, channel): no reductions in the loop
-        p = p0 + tl.arange(0, BLOCK_P)
-        x = tl.load(x_ptr + p[:, None] * channels + c[None, :], mask=c_ok[None, :], other=0.0).to(tl.float32)
-        count += 1.0
-        delta = x - lane_mean
-        lane_mean += delta * (1.0 / count)
-        lane_m2 += delta * (x - lane_mean)
-    count, mean, m2 = _lanes_merged(count + tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32), lane_mean, lane_m2, 0)
-    count = tl.max(count, axis=0)  # (the same for every channel)
-    for p0 in range(full_end, p_end, BLOCK_P):  # the short last tile, if any: Chan's formula per channel
-        p = p0 + tl.arange(0, BLOCK_P)
-        p_ok = p < p_end
-        x = tl.load(x_ptr + p[:, None] * channels + c[None, :], mask=p_ok[:, None] & c_ok[None, :],
-                    other=0.0).to(tl.float32)
-        n_b = tl.minimum(p_end - p0, BLOCK_P).to(tl.float32)
-        b_mean = tl.sum(x, axis=0) / n_b
-        diff = tl.where(p_ok[:, None], x - b_mean[None, :], 0.0)
-        b_m2 = tl.sum(diff * diff, axis=0)
-        count, mean, m2 = _chan_merge(count, mean, m2, n_b, b_mean, b_m2)
-    row = tl.num_programs(0).to(tl.int64) // c_tiles * channels  # N * SPLIT * C: one row of partials
-    tl.store(partials_ptr + pid * channels + c, mean, mask=c_ok)
-    tl.store(partials_ptr + row + pid * channels + c, m2, mask=c_ok)
-
-
-@triton.jit
-def _cl_group_stats_kernel(
-    partials_ptr,  # fp32 (2, N, SPLIT, C): per-channel means and M2s from _cl_channel_stats_kernel
-    stats_ptr,  # fp32 (N * G, 2) out: each group's mean and 1/std
-    hw, channels, chunk, split, cpg, num_groups, eps,  # H*W, C, positions per chunk, chunks, C/G, G, epsilon
-    SPLIT_BLOCK: tl.constexpr,  # next power of two >= split
-    CPG_BLOCK: tl.constexpr,  # next power of two >= C/G
-):
-    pid = tl.program_id(0).to(tl.int64)  # n * G + g
-    n = pid // num_groups
-    g = pid % num_groups
-    s = tl.arange(0, SPLIT_BLOCK)
-    j = tl.arange(0, CPG_BLOCK)
-    ok = (s[:, None] < split) & (j[None, :] < cpg)
-    offs = (n * split + s[:, None]) * channels + g * cpg + j[None, :]
-    row = tl.num_programs(0).to(tl.int64) // num_groups * split * channels  # N * SPLIT * C
-    means = tl.load(partials_ptr + offs, mask=ok, other=0.0)
-    m2s = tl.load(partials_ptr + row + offs, mask=ok, other=0.0)
-    # Chan over (chunk, channel) pairs: a pair's count is its chunk's number of positions
-    counts = tl.where(ok, tl.minimum(hw - s * chunk, chunk).to(tl.float32)[:, None], 0.0)
-    total = tl.sum(tl.sum(counts, axis=1), axis=0)
-    mean = tl.sum(tl.sum(counts * means, axis=1), axis=0) / total
-    d = tl.where(ok, means - mean, 0.0)
-    var = tl.sum(tl.sum(m2s + counts * d * d, axis=1), axis=0) / total
-    tl.store(stats_ptr + pid * 2, mean)
-    tl.store(stats_ptr + pid * 2 + 1, 1.0 / tl.sqrt(var + eps))
-
-
-@triton.jit
-def _cl_apply_kernel(
-    x_ptr, y_ptr,  # (N, C, H, W) channels_last, input and output
-    w_ptr, b_ptr,  # (C,) weight and bias (ignored unless HAS_WEIGHT / HAS_BIAS)
-    stats_ptr,  # fp32 (N * G, 2): each group's mean and 1/std
-    hw, channels, chunk, c_tiles, cpg, num_groups,  # H*W, C, positions per chunk, channel tiles, C/G, G
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    SILU: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    _, n, p_start, p_end, c, c_ok = _cl_tile(hw, channels, chunk, c_tiles, BLOCK_C)
-    group = n * num_groups + c // cpg  # per channel, once per program
-    mean = tl.load(stats_ptr + group * 2, mask=c_ok, other=0.0)
-    scale = tl.load(stats_ptr + group * 2 + 1, mask=c_ok, other=0.0)
-    if HAS_WEIGHT:
-        scale = scale * tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-    shift = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_BIAS:
-        shift = tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-    x_ptr += n * hw * channels
-    y_ptr += n * hw * channels
-    for p0 in range(p_start, p_end, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        mask = (p < p_end)[:, None] & c_ok[None, :]
-        offs = p[:, None] * channels + c[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = (x - mean[None, :]) * scale[None, :] + shift[None, :]  # x - mean first: no cancellation at large means
-        if SILU:
-            y = y / (1.0 + tl.exp(-y))
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def _channels_last_split(x, y, w, b, num_groups, eps, output):
-    """The three-launch channels_last plan for large tensors (see the module docstring); output: the HAS_WEIGHT,
-    HAS_BIAS and SILU constexprs."""
-    n, c = x.shape[:2]
-    hw = x.shape[2] * x.shape[3]
-    cpg = c // num_groups
-    block_c = min(CL_BLOCK_C, next_power_of_2(c))
-    block_p = BLOCK // block_c
-    c_tiles = cdiv(c, block_c)
-    # enough programs to fill the GPU, and few enough chunks that the group kernel's (chunks x C/G) tile stays at
-    # 4096 values or fewer (8 warps hold that without spilling, compiled for sm_90)
-    cpg_block = next_power_of_2(cpg)
-    split = max(1, min(cdiv(TARGET_PROGRAMS, n * c_tiles), cdiv(hw, block_p), 4096 // cpg_block))
-    chunk = cdiv(cdiv(hw, split), block_p) * block_p
-    split = cdiv(hw, chunk)
-    partials = torch.empty((2, n * split * c), device=x.device, dtype=torch.float32)
-    stats = torch.empty((n * num_groups, 2), device=x.device, dtype=torch.float32)
-    grid = (n * split * c_tiles,)
-    _cl_channel_stats_kernel[grid](x, partials, hw, c, chunk, c_tiles, BLOCK_P=block_p, BLOCK_C=block_c,
-                                   num_warps=NUM_WARPS)
-    _cl_group_stats_kernel[(n * num_groups,)](partials, stats, hw, c, chunk, split, cpg, num_groups,
-                                              float(eps), SPLIT_BLOCK=next_power_of_2(split),
-                                              CPG_BLOCK=cpg_block, num_warps=8)
-    _cl_apply_kernel[grid](x, y, w, b, stats, hw, c, chunk, c_tiles, cpg, num_groups, **output, BLOCK_P=block_p,
-                           BLOCK_C=block_c, num_warps=NUM_WARPS)
-    return y
-
-
 def _layout(x: torch.Tensor):
     """(tensor to read, channels_last?) — NCHW-contiguous and channels_last are read in place; others are copied."""
     if x.is_contiguous():
@@ -458,7 +286,7 @@ def _group_norm_silu_unchecked(x, num_groups, weight, bias, eps, silu=True):
                                                        **flags)
         return y
     if channels_last:
-        return _channels_last_split(x, y, w, b, num_groups, eps, output)
+        return channels_last_split(x, y, w, b, num_groups, eps, output, BLOCK, TARGET_PROGRAMS, NUM_WARPS)
     split = max(1, min(cdiv(TARGET_PROGRAMS, n * num_groups), cdiv(group_len, BLOCK)))
     chunk_len = cdiv(cdiv(group_len, split), BLOCK) * BLOCK
     split = cdiv(group_len, chunk_len)
