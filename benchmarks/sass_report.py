@@ -30,6 +30,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from diffusion_fast.kernels._per_sample import sample_blocks  # noqa: E402
+
 TARGET = GPUTarget("cuda", 90, 32)  # H100
 TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 INSTRUCTION = re.compile(r"\b((?:LDGSTS|LDG|STG|UTMALDG|HGMMA|HMMA|MUFU\.EX2|MUFU\.RCP)\b(?:\.\w+)*)")
@@ -188,7 +190,7 @@ def cfg_ddim_cases():
         x = torch.empty(shape, device="meta", dtype=torch.float16)
         args = dict(out_ptr=x, text_ptr=x, sample_ptr=x, noise_ptr=x, prev_ptr=x, x0_ptr=x, alpha_t_ptr=alphas,
                     alpha_prev_ptr=alphas, guidance_scale=7.5, eta=0.0, clip_range=0.0, per_sample=x[0].numel(),
-                    blocks_per_sample=-(-x[0].numel() // K.BLOCK))
+                    blocks_per_sample=sample_blocks(x.shape, K.BLOCK)[2])
         constexprs = dict(CFG=True, PRED=0, CLIP=False, USE_CLIPPED=False, HAS_NOISE=False, BLOCK=K.BLOCK)
         yield f"cfg_ddim_step {'x'.join(map(str, shape))} fp16", K._cfg_ddim_kernel, args, constexprs, 4, 3
 
@@ -215,7 +217,7 @@ def euler_cases():
         x = torch.empty(shape, device="meta", dtype=torch.float32)  # the schedulers pass an fp32 sample
         args = dict(mo_ptr=mo, x_ptr=x, noise_ptr=mo, prev_ptr=mo, x0_ptr=mo, sigma_ptr=sigmas,
                     sigma_next_ptr=sigmas, gamma=0.0, s_noise=1.0, per_sample=mo[0].numel(),
-                    blocks_per_sample=-(-mo[0].numel() // E.BLOCK))
+                    blocks_per_sample=sample_blocks(mo.shape, E.BLOCK)[2])
         for ancestral in (False, True):
             constexprs = dict(PRED=0, ANCESTRAL=ancestral, HAS_NOISE=ancestral, BLOCK=E.BLOCK)
             yield (f"{'euler_ancestral_step' if ancestral else 'euler_step'} {'x'.join(map(str, shape))} fp16",
@@ -230,7 +232,7 @@ def ddpm_cases():
         x = torch.empty(shape, device="meta", dtype=torch.float16)
         args = dict(mo_ptr=x, x_ptr=x, noise_ptr=x, prev_ptr=x, x0_ptr=x, alpha_t_ptr=coefficients,
                     alpha_prev_ptr=coefficients, std_ptr=coefficients, clip_range=1.0, per_sample=x[0].numel(),
-                    blocks_per_sample=-(-x[0].numel() // D.BLOCK))
+                    blocks_per_sample=sample_blocks(x.shape, D.BLOCK)[2])
         constexprs = dict(PRED=0, CLIP=True, HAS_NOISE=True, BLOCK=D.BLOCK)
         yield f"ddpm_step {'x'.join(map(str, shape))} fp16", D._ddpm_kernel, args, constexprs, 4, 3
 
@@ -284,7 +286,7 @@ def variant_cases():
                 x = torch.empty(shape, device="meta", dtype=dtype)
                 args = dict(out_ptr=x, text_ptr=x, sample_ptr=x, noise_ptr=x, prev_ptr=x, x0_ptr=x,
                             alpha_t_ptr=alphas, alpha_prev_ptr=alphas, guidance_scale=7.5, eta=0.5, clip_range=1.5,
-                            per_sample=x[0].numel(), blocks_per_sample=-(-x[0].numel() // K.BLOCK))
+                            per_sample=x[0].numel(), blocks_per_sample=sample_blocks(x.shape, K.BLOCK)[2])
                 constexprs = dict(CFG=pred == 0, PRED=pred, CLIP=pred != 1, USE_CLIPPED=pred == 2, HAS_NOISE=True,
                                   BLOCK=K.BLOCK)
                 yield (f"cfg_ddim_step pred {pred} {'x'.join(map(str, shape))} {dtype}", K._cfg_ddim_kernel, args,

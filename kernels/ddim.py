@@ -19,15 +19,13 @@ Semantics are diffusers' DDIMScheduler.step (see diffusion_fast.reference.ddim_s
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv
-from ._per_sample import sample_block
+from ._per_sample import sample_block, sample_blocks
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 1024
@@ -95,9 +93,8 @@ def _launch(first, text, sample, alpha_t, alpha_prev, guidance_scale, eta, varia
     noise = variance_noise.contiguous() if variance_noise is not None else sample
     prev = torch.empty_like(sample)
     x0 = torch.empty_like(sample)
-    per_sample = math.prod(sample.shape[1:])
-    blocks_per_sample = cdiv(per_sample, BLOCK)
-    _cfg_ddim_kernel[(blocks_per_sample * sample.shape[0],)](
+    grid, per_sample, blocks_per_sample = sample_blocks(sample.shape, BLOCK)
+    _cfg_ddim_kernel[grid](
         first, text, sample, noise, prev, x0, alpha_t, alpha_prev,
         float(guidance_scale), float(eta), float(clip_sample_range or 0.0), per_sample, blocks_per_sample,
         CFG=text is not first, PRED=PREDICTION[prediction_type], CLIP=clip_sample_range is not None,

@@ -7,15 +7,13 @@ prev_sample and pred_original_sample in the sample's dtype. Semantics are diffus
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv
-from ._per_sample import sample_block
+from ._per_sample import sample_block, sample_blocks
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 1024
@@ -75,9 +73,8 @@ def ddpm_step(model_output, sample, alpha_t, alpha_prev, std, variance_noise=Non
     # (B,) fp32 coefficients; an expanded (stride 0) tensor is materialised so that each sample's entry can be indexed
     a_t, a_prev, std = (t.float().contiguous() for t in (alpha_t, alpha_prev, std))
     prev, x0 = torch.empty_like(x), torch.empty_like(x)
-    per_sample = math.prod(x.shape[1:])
-    blocks_per_sample = cdiv(per_sample, BLOCK)
-    _ddpm_kernel[(blocks_per_sample * x.shape[0],)](
+    grid, per_sample, blocks_per_sample = sample_blocks(x.shape, BLOCK)
+    _ddpm_kernel[grid](
         mo, x, noise, prev, x0, a_t, a_prev, std, float(clip_sample_range or 0.0), per_sample, blocks_per_sample,
         PRED=PREDICTION[prediction_type], CLIP=clip_sample_range is not None, HAS_NOISE=variance_noise is not None,
         BLOCK=BLOCK, num_warps=4,

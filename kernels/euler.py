@@ -12,15 +12,13 @@ Semantics are diffusion_fast.reference.euler_step's and euler_ancestral_step's.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._host import cdiv
-from ._per_sample import sample_block
+from ._per_sample import sample_block, sample_blocks
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 1024
@@ -85,9 +83,8 @@ def _launch(model_output, sample, sigma, sigma_next, noise, gamma, s_noise, pred
     sigma, sigma_next = sigma.float().contiguous(), sigma_next.float().contiguous()
     prev = torch.empty(sample.shape, dtype=model_output.dtype, device=sample.device)
     x0 = torch.empty(sample.shape, dtype=model_output.dtype, device=sample.device)
-    per_sample = math.prod(sample.shape[1:])
-    blocks_per_sample = cdiv(per_sample, BLOCK)
-    _euler_kernel[(blocks_per_sample * sample.shape[0],)](
+    grid, per_sample, blocks_per_sample = sample_blocks(sample.shape, BLOCK)
+    _euler_kernel[grid](
         mo, x, n, prev, x0, sigma, sigma_next, float(gamma), float(s_noise), per_sample, blocks_per_sample,
         PRED=PREDICTION[prediction_type], ANCESTRAL=ancestral, HAS_NOISE=noise is not None, BLOCK=BLOCK, num_warps=4,
     )
