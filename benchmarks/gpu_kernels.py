@@ -217,7 +217,7 @@ def attention_fns(row, ops):
 
 
 def cfg_ddim_fns(row, ops, sched):
-    from diffusion_fast.kernels.ddim import cfg_ddim_step as kernel
+    from diffusion_fast.kernels.ddim import _cfg_ddim_step_unchecked as kernel
 
     shape = _shape(row)
     u, t, x = (torch.randn(shape, device="cuda", dtype=torch.float16) for _ in range(3))
@@ -229,7 +229,7 @@ def cfg_ddim_fns(row, ops, sched):
         return ops.cfg_ddim_step(u, t, 7.5, x, a_t, a_prev)
 
     def launcher_only():  # the Triton launcher without ops' validation: splits the host cost in two
-        return kernel(u, t, 7.5, x, a_t, a_prev, 0.0, None, "epsilon", None, False)
+        return kernel(u, t, x, a_t, a_prev, 7.5, 0.0, None, "epsilon", None, False)
 
     src = torch.empty(row["amount"] // 2, dtype=torch.uint8, device="cuda")  # reads + writes = the step's bytes
     dst = torch.empty_like(src)
@@ -251,7 +251,7 @@ def cfg_ddim_fns(row, ops, sched):
 
 
 def linear_step_fns(row, ops, dpm):
-    from diffusion_fast.kernels.linear_step import linear_step as kernel
+    from diffusion_fast.kernels.linear_step import _linear_step_unchecked as kernel
     from diffusion_fast.schedulers import dpm_solver
 
     shape = _shape(row)
@@ -264,7 +264,7 @@ def linear_step_fns(row, ops, dpm):
         return ops.linear_step(mo, x, earlier, **coefficients)
 
     def launcher_only():
-        return kernel(mo, x, earlier, **coefficients)
+        return kernel(mo, x, earlier, pm=0.0, **coefficients)
 
     src = torch.empty(row["amount"] // 2, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)

@@ -174,9 +174,9 @@ def ddim_step(
     )
     args = (eta, variance_noise if eta > 0 else None, prediction_type, clip, bool(use_clipped_model_output))
     if impl == "triton":
-        from .kernels.ddim import ddim_step as kernel
+        from .kernels.ddim import _cfg_ddim_step_unchecked as kernel
 
-        return kernel(model_output, sample, a_t, a_prev, *args)
+        return kernel(model_output, None, sample, a_t, a_prev, 1.0, *args)
     if impl == "cpp":
         return tuple(_cpp_ops().ddim_step(model_output, sample, a_t, a_prev, *args))
     return reference.ddim_step(
@@ -212,9 +212,9 @@ def cfg_ddim_step(
     guidance_scale = _validate.finite_float("guidance_scale", guidance_scale)
     args = (eta, variance_noise if eta > 0 else None, prediction_type, clip, bool(use_clipped_model_output))
     if impl == "triton":
-        from .kernels.ddim import cfg_ddim_step as kernel
+        from .kernels.ddim import _cfg_ddim_step_unchecked as kernel
 
-        return kernel(noise_pred_uncond, noise_pred_text, guidance_scale, sample, a_t, a_prev, *args)
+        return kernel(noise_pred_uncond, noise_pred_text, sample, a_t, a_prev, guidance_scale, *args)
     if impl == "cpp":
         return tuple(
             _cpp_ops().cfg_ddim_step(noise_pred_uncond, noise_pred_text, guidance_scale, sample, a_t, a_prev, *args)
@@ -248,7 +248,7 @@ def ddpm_step(
         raise ValueError("variance_noise is required when std is non-zero or a tensor (a tensor shaped like sample)")
     std_t = _validate.per_sample_coefficient("std", std, sample, op_checks=impl == "cpp")
     if impl == "triton":
-        from .kernels.ddpm import ddpm_step as kernel
+        from .kernels.ddpm import _ddpm_step_unchecked as kernel
 
         return kernel(model_output, sample, a_t, a_prev, std_t, variance_noise, prediction_type, clip)
     if impl == "cpp":
@@ -286,9 +286,10 @@ def euler_step(
     if gamma > 0 and noise is None:
         raise ValueError("noise is required when gamma > 0 (a tensor shaped like sample)")
     if impl == "triton":
-        from .kernels.euler import euler_step as kernel
+        from .kernels.euler import _euler_step_unchecked as kernel
 
-        return kernel(model_output, sample, sigma_t, sigma_next_t, gamma, s_noise, noise, prediction_type)
+        return kernel(model_output, sample, sigma_t, sigma_next_t, noise if gamma > 0 else None, gamma, s_noise,
+                      prediction_type, ancestral=False)
     if impl == "cpp":
         return tuple(
             _cpp_ops().euler_step(model_output, sample, sigma_t, sigma_next_t, gamma, s_noise, noise, prediction_type)
@@ -312,9 +313,9 @@ def euler_ancestral_step(model_output, sample, sigma, sigma_next, noise, *, pred
     sigma_next_t = _validate.per_sample_coefficient("sigma_next", sigma_next, sample, op_checks=impl == "cpp")
     _validate.prediction_type(prediction_type)
     if impl == "triton":
-        from .kernels.euler import euler_ancestral_step as kernel
+        from .kernels.euler import _euler_step_unchecked as kernel
 
-        return kernel(model_output, sample, sigma_t, sigma_next_t, noise, prediction_type)
+        return kernel(model_output, sample, sigma_t, sigma_next_t, noise, 0.0, 1.0, prediction_type, ancestral=True)
     if impl == "cpp":
         return tuple(_cpp_ops().euler_ancestral_step(model_output, sample, sigma_t, sigma_next_t, noise,
                                                      prediction_type))
@@ -335,7 +336,7 @@ def linear_step(model_output, sample, extra=None, *, cx, cm, p0, px, pm=0.0, pe=
                     for name, value in (("cx", cx), ("cm", cm), ("p0", p0), ("px", px), ("pm", pm), ("pe", pe))}
     impl = _resolve("linear_step", backend, sample.device)
     if impl == "triton":
-        from .kernels.linear_step import linear_step as kernel
+        from .kernels.linear_step import _linear_step_unchecked as kernel
 
         return kernel(model_output, sample, extra, **coefficients)
     if impl == "cpp":

@@ -81,8 +81,10 @@ def _cfg_ddim_kernel(
     tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(first, text, sample, alpha_t, alpha_prev, guidance_scale, eta, variance_noise, prediction_type,
-            clip_sample_range, use_clipped_model_output):
+def _cfg_ddim_step_unchecked(first, text, sample, alpha_t, alpha_prev, guidance_scale, eta, variance_noise,
+                             prediction_type, clip_sample_range, use_clipped_model_output):
+    """The launch, for arguments ``diffusion_fast.ops`` has checked and prepared (alphas as fp32 (B,) tensors on
+    sample's device; text None: no guidance). It still refuses a device or dtype the kernel cannot run."""
     if sample.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("sample is on the CPU: the Triton kernel needs CUDA tensors or TRITON_INTERPRET=1")
     if sample.dtype == torch.float64:
@@ -105,13 +107,22 @@ def _launch(first, text, sample, alpha_t, alpha_prev, guidance_scale, eta, varia
 
 def ddim_step(model_output, sample, alpha_t, alpha_prev, eta=0.0, variance_noise=None, prediction_type="epsilon",
               clip_sample_range=None, use_clipped_model_output=False):
-    """One DDIM update. alpha_t/alpha_prev: fp32 (B,) tensors on sample's device (diffusion_fast.ops prepares them)."""
-    return _launch(model_output, None, sample, alpha_t, alpha_prev, 1.0, eta, variance_noise, prediction_type,
-                   clip_sample_range, use_clipped_model_output)
+    """One DDIM update on this kernel: ``diffusion_fast.ops.ddim_step`` with backend "triton", whose checks name the
+    argument at fault (shapes, dtypes, alphas as floats, 0-d or (B,) tensors, eta and its noise)."""
+    from diffusion_fast import ops
+
+    return ops.ddim_step(model_output, sample, alpha_t, alpha_prev, eta=eta, variance_noise=variance_noise,
+                         prediction_type=prediction_type, clip_sample_range=clip_sample_range,
+                         use_clipped_model_output=use_clipped_model_output, backend="triton")
 
 
 def cfg_ddim_step(noise_pred_uncond, noise_pred_text, guidance_scale, sample, alpha_t, alpha_prev, eta=0.0,
                   variance_noise=None, prediction_type="epsilon", clip_sample_range=None, use_clipped_model_output=False):
-    """uncond + s * (text - uncond), then one DDIM update: one launch, one pass over the latents."""
-    return _launch(noise_pred_uncond, noise_pred_text, sample, alpha_t, alpha_prev, guidance_scale, eta,
-                   variance_noise, prediction_type, clip_sample_range, use_clipped_model_output)
+    """uncond + s * (text - uncond), then one DDIM update: one launch, one pass over the latents.
+    ``diffusion_fast.ops.cfg_ddim_step`` with backend "triton", whose checks name the argument at fault."""
+    from diffusion_fast import ops
+
+    return ops.cfg_ddim_step(noise_pred_uncond, noise_pred_text, guidance_scale, sample, alpha_t, alpha_prev,
+                             eta=eta, variance_noise=variance_noise, prediction_type=prediction_type,
+                             clip_sample_range=clip_sample_range, use_clipped_model_output=use_clipped_model_output,
+                             backend="triton")

@@ -60,10 +60,21 @@ def _ddpm_kernel(
     tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
-def ddpm_step(model_output, sample, alpha_t, alpha_prev, std, variance_noise=None, prediction_type="epsilon",
+def ddpm_step(model_output, sample, alpha_t, alpha_prev, std=0.0, variance_noise=None, prediction_type="epsilon",
               clip_sample_range=None):
-    """One DDPM update. alpha_t/alpha_prev/std: fp32 (B,) tensors on sample's device (diffusion_fast.ops prepares
-    them); ``variance_noise`` None means no noise term (the last step)."""
+    """One DDPM update on this kernel: ``diffusion_fast.ops.ddpm_step`` with backend "triton", whose checks name the
+    argument at fault (shapes, dtypes, the coefficients as floats, 0-d or (B,) tensors, std and its noise)."""
+    from diffusion_fast import ops
+
+    return ops.ddpm_step(model_output, sample, alpha_t, alpha_prev, std=std, variance_noise=variance_noise,
+                         prediction_type=prediction_type, clip_sample_range=clip_sample_range, backend="triton")
+
+
+def _ddpm_step_unchecked(model_output, sample, alpha_t, alpha_prev, std, variance_noise, prediction_type,
+                         clip_sample_range):
+    """The launch, for arguments ``diffusion_fast.ops`` has checked and prepared (alpha_t, alpha_prev, std: fp32
+    (B,) tensors on sample's device; variance_noise None: no noise term, the last step). It still refuses a device
+    or dtype the kernel cannot run."""
     if sample.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("sample is on the CPU: the Triton kernel needs CUDA tensors or TRITON_INTERPRET=1")
     if sample.dtype == torch.float64:

@@ -71,7 +71,10 @@ def _euler_kernel(
     tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(model_output, sample, sigma, sigma_next, noise, gamma, s_noise, prediction_type, ancestral):
+def _euler_step_unchecked(model_output, sample, sigma, sigma_next, noise, gamma, s_noise, prediction_type, ancestral):
+    """The launch, for arguments ``diffusion_fast.ops`` has checked and prepared (sigmas as fp32 (B,) tensors on
+    sample's device; noise only with churn or the ancestral step). It still refuses a device or dtype the kernel
+    cannot run."""
     if sample.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("sample is on the CPU: the Triton kernel needs CUDA tensors or TRITON_INTERPRET=1")
     for name, t in (("model_output", model_output), ("sample", sample), ("noise", noise)):
@@ -92,12 +95,18 @@ def _launch(model_output, sample, sigma, sigma_next, noise, gamma, s_noise, pred
 
 
 def euler_step(model_output, sample, sigma, sigma_next, gamma=0.0, s_noise=1.0, noise=None, prediction_type="epsilon"):
-    """One Euler update; sigma/sigma_next: fp32 (B,) tensors on sample's device (diffusion_fast.ops prepares them);
-    ``noise`` only with ``gamma > 0`` (the churn)."""
-    return _launch(model_output, sample, sigma, sigma_next, noise if gamma > 0 else None, gamma, s_noise,
-                   prediction_type, ancestral=False)
+    """One Euler update on this kernel (``noise`` only with ``gamma > 0``, the churn): ``diffusion_fast.ops.euler_step``
+    with backend "triton", whose checks name the argument at fault."""
+    from diffusion_fast import ops
+
+    return ops.euler_step(model_output, sample, sigma, sigma_next, gamma=gamma, s_noise=s_noise, noise=noise,
+                          prediction_type=prediction_type, backend="triton")
 
 
 def euler_ancestral_step(model_output, sample, sigma, sigma_next, noise, prediction_type="epsilon"):
-    """One ancestral Euler update: the step down to sigma_down plus sigma_up * noise."""
-    return _launch(model_output, sample, sigma, sigma_next, noise, 0.0, 1.0, prediction_type, ancestral=True)
+    """One ancestral Euler update (the step down to sigma_down plus sigma_up * noise) on this kernel:
+    ``diffusion_fast.ops.euler_ancestral_step`` with backend "triton", whose checks name the argument at fault."""
+    from diffusion_fast import ops
+
+    return ops.euler_ancestral_step(model_output, sample, sigma, sigma_next, noise, prediction_type=prediction_type,
+                                    backend="triton")

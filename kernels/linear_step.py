@@ -44,8 +44,17 @@ def _linear_step_kernel(
 
 
 def linear_step(model_output, sample, extra=None, *, cx, cm, p0, px, pm=0.0, pe=0.0):
-    """(prev, x0) of the update above, contiguous, in model_output's dtype. Inputs of the same shape on the same
-    device (``diffusion_fast.ops.linear_step`` checks them); any layout is read through one contiguous copy."""
+    """(prev, x0) of the update above on this kernel: ``diffusion_fast.ops.linear_step`` with backend "triton", whose
+    checks name the argument at fault (shapes, dtypes, non-finite coefficients)."""
+    from diffusion_fast import ops
+
+    return ops.linear_step(model_output, sample, extra, cx=cx, cm=cm, p0=p0, px=px, pm=pm, pe=pe, backend="triton")
+
+
+def _linear_step_unchecked(model_output, sample, extra, *, cx, cm, p0, px, pm, pe):
+    """(prev, x0), contiguous, in model_output's dtype, for inputs ``diffusion_fast.ops.linear_step`` has checked (the
+    same shape on the same device); any layout is read through one contiguous copy. It still refuses a device or
+    dtype the kernel cannot run."""
     if sample.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("sample is on the CPU: the Triton kernel needs CUDA tensors or TRITON_INTERPRET=1")
     for name, t in (("model_output", model_output), ("sample", sample), ("extra", extra)):

@@ -69,4 +69,4 @@ def test_matches_diffusers_step_and_bad_input():
 
     one = torch.ones(2, device=DEVICE)
     with pytest.raises(TypeError, match="sample: the Triton DDPM kernel takes float16, bfloat16 or float32"):
-        kernel(m.double().to(DEVICE), x.double().to(DEVICE), one, one, one)
+        kernel(m.double().to(DEVICE), x.double().to(DEVICE), one, one, one, x.double().to(DEVICE))
