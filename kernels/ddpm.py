@@ -72,21 +72,20 @@ def ddpm_step(model_output, sample, alpha_t, alpha_prev, std=0.0, variance_noise
 
 def _ddpm_step_unchecked(model_output, sample, alpha_t, alpha_prev, std, variance_noise, prediction_type,
                          clip_sample_range):
-    """The launch, for arguments ``diffusion_fast.ops`` has checked and prepared (alpha_t, alpha_prev, std: fp32
-    (B,) tensors on sample's device; variance_noise None: no noise term, the last step). It still refuses a device
-    or dtype the kernel cannot run."""
+    """The launch, for arguments ``diffusion_fast.ops`` has checked and prepared (alpha_t, alpha_prev, std:
+    contiguous fp32 (B,) tensors on sample's device; variance_noise None: no noise term, the last step). It still
+    refuses a device or dtype the kernel cannot run."""
     if sample.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("sample is on the CPU: the Triton kernel needs CUDA tensors or TRITON_INTERPRET=1")
     if sample.dtype == torch.float64:
         raise TypeError("sample: the Triton DDPM kernel takes float16, bfloat16 or float32, got float64")
     mo, x = model_output.contiguous(), sample.contiguous()
     noise = variance_noise.contiguous() if variance_noise is not None else x
-    # (B,) fp32 coefficients; an expanded (stride 0) tensor is materialised so that each sample's entry can be indexed
-    a_t, a_prev, std = (t.float().contiguous() for t in (alpha_t, alpha_prev, std))
     prev, x0 = torch.empty_like(x), torch.empty_like(x)
     grid, per_sample, blocks_per_sample = sample_blocks(x.shape, BLOCK)
     _ddpm_kernel[grid](
-        mo, x, noise, prev, x0, a_t, a_prev, std, float(clip_sample_range or 0.0), per_sample, blocks_per_sample,
+        mo, x, noise, prev, x0, alpha_t, alpha_prev, std, float(clip_sample_range or 0.0), per_sample,
+        blocks_per_sample,
         PRED=PREDICTION[prediction_type], CLIP=clip_sample_range is not None, HAS_NOISE=variance_noise is not None,
         BLOCK=BLOCK, num_warps=4,
     )

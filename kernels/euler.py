@@ -72,9 +72,9 @@ def _euler_kernel(
 
 
 def _euler_step_unchecked(model_output, sample, sigma, sigma_next, noise, gamma, s_noise, prediction_type, ancestral):
-    """The launch, for arguments ``diffusion_fast.ops`` has checked and prepared (sigmas as fp32 (B,) tensors on
-    sample's device; noise only with churn or the ancestral step). It still refuses a device or dtype the kernel
-    cannot run."""
+    """The launch, for arguments ``diffusion_fast.ops`` has checked and prepared (sigmas as contiguous fp32 (B,)
+    tensors on sample's device; noise only with churn or the ancestral step). It still refuses a device or dtype the
+    kernel cannot run."""
     if sample.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("sample is on the CPU: the Triton kernel needs CUDA tensors or TRITON_INTERPRET=1")
     for name, t in (("model_output", model_output), ("sample", sample), ("noise", noise)):
@@ -82,8 +82,6 @@ def _euler_step_unchecked(model_output, sample, sigma, sigma_next, noise, gamma,
             raise TypeError(f"{name}: the Triton Euler kernels take float16, bfloat16 or float32, got {t.dtype}")
     mo, x = model_output.contiguous(), sample.contiguous()
     n = noise.contiguous() if noise is not None else mo
-    # (B,) fp32 sigmas; an expanded (stride 0) tensor is materialised so that each sample's entry can be indexed
-    sigma, sigma_next = sigma.float().contiguous(), sigma_next.float().contiguous()
     prev = torch.empty(sample.shape, dtype=model_output.dtype, device=sample.device)
     x0 = torch.empty(sample.shape, dtype=model_output.dtype, device=sample.device)
     grid, per_sample, blocks_per_sample = sample_blocks(sample.shape, BLOCK)
