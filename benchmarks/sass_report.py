@@ -176,7 +176,7 @@ def group_norm_cases():
                     yield (f"group_norm_silu stats {label}{tag}", G._group_stats_kernel,
                            dict(x_ptr=x, partials_ptr=x.float(), hw=hw, cpg=cpg,
                                 channels=c, group_len=cpg * hw, chunk_len=4096, split=16, num_groups=groups),
-                           dict(BLOCK=G.BLOCK, LOADS=loads), G.NUM_WARPS, 3)
+                           dict(BLOCK=G.BLOCK * loads), G.NUM_WARPS, 3)
                     yield (f"group_norm_silu apply {label}{tag}", G._group_apply_kernel,
                            dict(common, partials_ptr=x.float(), chunk_len=4096, split=16),
                            dict(flags, SPLIT_BLOCK=16, LOADS=loads), G.NUM_WARPS, 3)
@@ -276,7 +276,7 @@ def variant_cases():
                     yield (f"group_norm_silu stats {label} loads {loads}", G._group_stats_kernel,
                            dict(x_ptr=x, partials_ptr=partials, hw=hw, cpg=cpg,
                                 channels=c, group_len=cpg * hw, chunk_len=4096, split=3, num_groups=groups),
-                           dict(BLOCK=G.BLOCK, LOADS=loads), G.NUM_WARPS, 3)
+                           dict(BLOCK=G.BLOCK * loads), G.NUM_WARPS, 3)
                     yield (f"group_norm_silu apply {label} loads {loads}", G._group_apply_kernel,
                            dict(common, partials_ptr=partials, chunk_len=4096, split=3),
                            dict(flags, SPLIT_BLOCK=4, LOADS=loads), G.NUM_WARPS, 3)

@@ -20,12 +20,3 @@ def _lanes_merged(count, mean, m2, AXIS: tl.constexpr):
     merged = tl.sum(count * mean, axis=AXIS) / tl.maximum(total, 1.0)
     d = mean - (merged if AXIS is None else tl.expand_dims(merged, AXIS))
     return total, merged, tl.sum(m2 + count * d * d, axis=AXIS)
-
-
-@triton.jit
-def _welford_lanes(x, count, lane_mean, lane_m2):
-    """One block's update of the per-lane Welford state (count: elements per lane so far, the same in every lane)."""
-    count += 1.0
-    delta = x - lane_mean
-    lane_mean += delta * (1.0 / count)
-    return count, lane_mean, lane_m2 + delta * (x - lane_mean)

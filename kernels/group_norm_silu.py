@@ -42,7 +42,7 @@ import triton.language as tl
 from diffusion_fast import _validate
 from ._group_norm_channels_last import channels_last_split
 from ._host import cdiv, next_power_of_2
-from ._welford import _chan_merge, _lanes_merged, _welford_lanes
+from ._welford import _chan_merge, _lanes_merged
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 256 if INTERPRET else 2048  # elements per loop iteration
@@ -53,10 +53,11 @@ TARGET_PROGRAMS = 32 if INTERPRET else 4 * 132
 ONE_PASS_MAX_ELEMENTS = 1 << 20  # up to this size: one launch, one program per group (not yet timed on a GPU)
 # NCHW, large tensors: 16-byte loads a thread of the two passes keeps in flight. At 1 a thread waits for each block's
 # load and then computes with nothing in flight, and 4 x 132 programs of 8 warps hold ~16 KB an SM in flight, short
-# of what HBM's latency needs at full bandwidth. At 2 the statistics pass issues two blocks' loads before updating
-# from either, and the output pass issues each block's load one block ahead (sm_90 machine code: the two loads
-# adjacent; the next block's load ahead of this one's arithmetic and store). Not yet timed on a GPU:
-# benchmarks/gpu_kernels.py times 2 beside this default.
+# of what HBM's latency needs at full bandwidth. At 2 the statistics pass keeps a Welford state for twice the lanes
+# (two adjacent loads a thread an iteration, 32 -> 60 registers, compiled for sm_90 by Triton 3.6 and 3.9; two
+# blocks an iteration with BLOCK lanes had Triton 3.6 issue the second load after using the first) and the output
+# pass issues each block's load one block ahead of the previous block's arithmetic and store. Not yet timed on a
+# GPU: benchmarks/gpu_kernels.py times 2 beside this default.
 LOADS_IN_FLIGHT = 1
 
 
@@ -86,26 +87,20 @@ def _group_chunk(pid_group, pid_chunk, hw, cpg, CPG: tl.constexpr, channels, gro
 
 @triton.jit
 def _chunk_moments(x_ptr, base, start, end, hw, CPG: tl.constexpr, channels, CHANNELS_LAST: tl.constexpr,
-                   BLOCK: tl.constexpr, LOADS: tl.constexpr):
+                   BLOCK: tl.constexpr):
     """(count, mean, M2) of a group's elements [start, end) (end > start): Welford per lane over the whole blocks,
-    the lanes merged once, then the short last block, if any, merged (Chan). LOADS=2: whole blocks two at a time,
-    both loads issued before either is used."""
+    the lanes merged once, then the short last block, if any, merged (Chan)."""
     full_end = start + (end - start) // BLOCK * BLOCK
-    pair_end = start + (end - start) // (2 * BLOCK) * (2 * BLOCK) if LOADS == 2 else start
     count = 0.0
     lane_mean = tl.zeros([BLOCK], dtype=tl.float32)
     lane_m2 = tl.zeros([BLOCK], dtype=tl.float32)
-    for block_start in range(start, pair_end, 2 * BLOCK):  # LOADS=2: two 16-byte loads a thread in flight
-        offs_a, _ = _element_offsets(block_start + tl.arange(0, BLOCK), hw, CPG, channels, CHANNELS_LAST)
-        offs_b, _ = _element_offsets(block_start + BLOCK + tl.arange(0, BLOCK), hw, CPG, channels, CHANNELS_LAST)
-        x_a = tl.load(x_ptr + base + offs_a).to(tl.float32)
-        x_b = tl.load(x_ptr + base + offs_b).to(tl.float32)
-        count, lane_mean, lane_m2 = _welford_lanes(x_a, count, lane_mean, lane_m2)
-        count, lane_mean, lane_m2 = _welford_lanes(x_b, count, lane_mean, lane_m2)
-    for block_start in range(pair_end, full_end, BLOCK):  # no masks, no reductions: loads run back to back
+    for block_start in range(start, full_end, BLOCK):  # no masks, no reductions: loads run back to back
         offs, _ = _element_offsets(block_start + tl.arange(0, BLOCK), hw, CPG, channels, CHANNELS_LAST)
         x = tl.load(x_ptr + base + offs).to(tl.float32)
-        count, lane_mean, lane_m2 = _welford_lanes(x, count, lane_mean, lane_m2)
+        count += 1.0  # elements per lane so far, the same in every lane
+        delta = x - lane_mean
+        lane_mean += delta * (1.0 / count)
+        lane_m2 += delta * (x - lane_mean)
     count, mean, m2 = _lanes_merged(count + tl.zeros([BLOCK], dtype=tl.float32), lane_mean, lane_m2, None)
     for block_start in range(full_end, end, BLOCK):  # the short last block, if any
         e = block_start + tl.arange(0, BLOCK)
@@ -173,14 +168,13 @@ def _group_stats_kernel(
     partials_ptr,  # fp32 (3, N * G * SPLIT) out: each chunk's mean, M2 and count
     hw, cpg, channels, group_len, chunk_len, split,  # H*W, C/G, C, (C/G)*H*W, elements per chunk, chunks per group
     num_groups,  # G
-    BLOCK: tl.constexpr,
-    LOADS: tl.constexpr,  # blocks a thread loads before using them: 1, or 2 (LOADS_IN_FLIGHT)
+    BLOCK: tl.constexpr,  # BLOCK * LOADS_IN_FLIGHT lanes: that many 16-byte loads a thread an iteration
 ):
     pid_group = tl.program_id(0).to(tl.int64)  # n * G + g
     pid_chunk = tl.program_id(1)
     _, base, start, end = _group_chunk(pid_group, pid_chunk, hw, cpg, 0, channels, group_len, chunk_len, num_groups,
                                        False)
-    count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, 0, channels, False, BLOCK, LOADS)
+    count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, 0, channels, False, BLOCK)
     out = pid_group * split + pid_chunk
     row = tl.num_programs(0).to(tl.int64) * split  # N * G * SPLIT: one row of partials
     tl.store(partials_ptr + out, mean)
@@ -238,7 +232,7 @@ def _group_norm_one_pass_kernel(
     pid_group = tl.program_id(0).to(tl.int64)  # n * G + g: one program per group, statistics then output
     g, base, start, end = _group_chunk(pid_group, 0, hw, cpg, CPG, channels, group_len, group_len, num_groups,
                                        CHANNELS_LAST)
-    count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, CPG, channels, CHANNELS_LAST, BLOCK, 1)
+    count, mean, m2 = _chunk_moments(x_ptr, base, start, end, hw, CPG, channels, CHANNELS_LAST, BLOCK)
     rstd = 1.0 / tl.sqrt(m2 / count + eps)
     _normalize_chunk(x_ptr, y_ptr, w_ptr, b_ptr, base, start, end, g, mean, rstd, hw, cpg, CPG, channels,
                      CHANNELS_LAST, HAS_WEIGHT, HAS_BIAS, SILU, CHANNEL_PER_BLOCK, BLOCK, 1)
@@ -287,13 +281,14 @@ def _group_norm_silu_unchecked(x, num_groups, weight, bias, eps, silu=True):
         return y
     if channels_last:
         return channels_last_split(x, y, w, b, num_groups, eps, output, BLOCK, TARGET_PROGRAMS, NUM_WARPS)
-    split = max(1, min(cdiv(TARGET_PROGRAMS, n * num_groups), cdiv(group_len, BLOCK)))
-    chunk_len = cdiv(cdiv(group_len, split), BLOCK) * BLOCK
+    stats_block = BLOCK * LOADS_IN_FLIGHT  # chunks are whole statistics blocks (and so whole output blocks)
+    split = max(1, min(cdiv(TARGET_PROGRAMS, n * num_groups), cdiv(group_len, stats_block)))
+    chunk_len = cdiv(cdiv(group_len, split), stats_block) * stats_block
     split = cdiv(group_len, chunk_len)
     partials = torch.empty((3, n * num_groups * split), device=x.device, dtype=torch.float32)
     grid = (n * num_groups, split)
-    _group_stats_kernel[grid](x, partials, hw, cpg, c, group_len, chunk_len, split, num_groups, BLOCK=BLOCK,
-                              LOADS=LOADS_IN_FLIGHT, num_warps=NUM_WARPS)
+    _group_stats_kernel[grid](x, partials, hw, cpg, c, group_len, chunk_len, split, num_groups, BLOCK=stats_block,
+                              num_warps=NUM_WARPS)
     _group_apply_kernel[grid](x, y, w, b, partials, hw, cpg, c, group_len, chunk_len, split, num_groups, float(eps),
                               SPLIT_BLOCK=next_power_of_2(split), LOADS=LOADS_IN_FLIGHT, **flags)
     return y

@@ -160,3 +160,28 @@ def test_large_mean_keeps_fp32_accuracy(channels_last, path):
         out = group_norm_silu(x, 8, w, b, 1e-5)
     ref64 = reference.group_norm_silu(x.double(), 8, w.double(), b.double(), 1e-5)
     assert_2x_rule(out, ref64, reference.group_norm_silu(x, 8, w, b, 1e-5), floor=FLOOR[torch.float32])
+
+
+def test_two_loads_in_flight_doubles_the_statistics_block(monkeypatch):
+    """LOADS_IN_FLIGHT = 2 gives the NCHW statistics pass twice the lanes (two adjacent 16-byte loads a thread,
+    compiled for sm_90: tests/test_sass.py); the output pass keeps BLOCK and loads a block ahead instead."""
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    class Record:  # stands in for a kernel: records its launch's constexprs, then stops the call
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.update(kwargs)
+                raise Stop
+
+            return launch
+
+    monkeypatch.setattr(gn_module, "ONE_PASS_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(gn_module, "_group_stats_kernel", Record())
+    for loads in (1, 2):
+        monkeypatch.setattr(gn_module, "LOADS_IN_FLIGHT", loads)
+        with pytest.raises(Stop):
+            group_norm_silu(torch.randn(1, 32, 24, 40, device=DEVICE), 4)
+        assert seen["BLOCK"] == gn_module.BLOCK * loads

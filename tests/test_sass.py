@@ -130,8 +130,9 @@ def test_group_norm_statistics_passes_stream_16_bytes_without_spills(group_norm_
 
 def test_group_norm_two_loads_in_flight_variant(group_norm_rows):
     """LOADS_IN_FLIGHT = 2, the GPU benchmark's A/B for the NCHW split plan: the statistics pass issues two 16-byte
-    loads back to back, and the output pass issues the next block's load before this block's SiLU (at 1 a thread
-    has no load in flight while it computes). No spills."""
+    loads back to back (its Welford state covers twice the lanes: with two blocks an iteration over BLOCK lanes,
+    Triton 3.6 issued the second load after using the first), and the output pass issues the next block's load
+    before this block's SiLU (at 1 a thread has no load in flight while it computes). No spills."""
     rows = [row for row in group_norm_rows if row["case"].endswith(", 2 loads")]
     assert any(" stats " in row["case"] for row in rows) and any(" apply " in row["case"] for row in rows)
     for row in rows:
